@@ -1,0 +1,71 @@
+//! Listings: tags (`/tags/list`), the catalog (`/_catalog`) and referrers, with the spec's
+//! `n`/`last` pagination and `Link` header.
+
+use axum::http::{header, HeaderName, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::{hv, ApiResult, Ctx, FILTERS_APPLIED_HEADER};
+use crate::digest::Digest;
+use crate::error::{ApiError, ErrorCode};
+use crate::manifest::OCI_INDEX;
+use crate::name::RepoName;
+use crate::store::Page;
+
+/// Page size when the client gives no `n`; clients that want everything get it in a few pages.
+const DEFAULT_PAGE: usize = 10_000;
+
+fn page_params(ctx: &Ctx) -> Result<(usize, Option<String>), ApiError> {
+    let n = match ctx.query.get("n") {
+        None => DEFAULT_PAGE,
+        Some(n) => n
+            .parse::<usize>()
+            .map_err(|_| {
+                ApiError::new(ErrorCode::Unsupported, "n must be a non-negative integer")
+                    .with_status(StatusCode::BAD_REQUEST)
+            })?
+            .min(DEFAULT_PAGE),
+    };
+    Ok((n, ctx.query.get("last").cloned()))
+}
+
+fn paged(base: &str, key: &str, head: serde_json::Value, page: Page, n: usize) -> Response {
+    let next = page.more.then(|| page.items.last().cloned()).flatten();
+    let mut body = head;
+    body[key] = json!(page.items);
+    let mut response =
+        (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+    if let Some(last) = next {
+        let link = format!("<{base}?n={n}&last={last}>; rel=\"next\"");
+        response.headers_mut().insert(header::LINK, hv(link));
+    }
+    response
+}
+
+pub(super) async fn tags(ctx: &mut Ctx, name: &RepoName) -> ApiResult {
+    let (n, last) = page_params(ctx)?;
+    let page = ctx.store.tags(name, last.as_deref(), n).await?;
+    Ok(paged(&format!("/v2/{name}/tags/list"), "tags", json!({ "name": name.to_string() }), page, n))
+}
+
+pub(super) async fn catalog(ctx: &mut Ctx) -> ApiResult {
+    let (n, last) = page_params(ctx)?;
+    let page = ctx.store.repositories(last.as_deref(), n).await?;
+    Ok(paged("/v2/_catalog", "repositories", json!({}), page, n))
+}
+
+pub(super) async fn referrers(ctx: &mut Ctx, name: &RepoName, digest: &str) -> ApiResult {
+    let digest: Digest = digest.parse()?;
+    let mut found = ctx.store.referrers(name, &digest).await?;
+    let filter = ctx.query.get("artifactType").cloned();
+    if let Some(filter) = &filter {
+        found.retain(|d| d.artifact_type.as_deref() == Some(filter.as_str()));
+    }
+    let body = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found });
+    let mut response =
+        (StatusCode::OK, [(header::CONTENT_TYPE, OCI_INDEX)], body.to_string()).into_response();
+    if filter.is_some() {
+        response.headers_mut().insert(HeaderName::from_static(FILTERS_APPLIED_HEADER), hv("artifactType"));
+    }
+    Ok(response)
+}

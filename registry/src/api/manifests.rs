@@ -1,0 +1,104 @@
+//! `GET`/`HEAD`/`PUT`/`DELETE /v2/<name>/manifests/<reference>`.
+
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+
+use super::{hv, ApiResult, Ctx, DIGEST_HEADER, SUBJECT_HEADER};
+use crate::digest::{Algorithm, Digest};
+use crate::error::{ApiError, ErrorCode};
+use crate::manifest::parse_manifest;
+use crate::name::RepoName;
+use crate::store::{NewManifest, Reference};
+
+/// A reference is a digest when it contains `:` (tags cannot), otherwise a tag.
+pub(crate) fn parse_reference(reference: &str) -> Result<Reference, ApiError> {
+    if reference.contains(':') {
+        Ok(Reference::Digest(reference.parse()?))
+    } else {
+        Ok(Reference::Tag(reference.parse()?))
+    }
+}
+
+fn manifest_unknown() -> ApiError {
+    ApiError::new(ErrorCode::ManifestUnknown, "manifest unknown to registry")
+}
+
+pub(super) async fn get(ctx: &mut Ctx, name: &RepoName, reference: &str) -> ApiResult {
+    let reference = parse_reference(reference)?;
+    let manifest = ctx.store.manifest_get(name, &reference).await?.ok_or_else(manifest_unknown)?;
+    let mut response = Response::new(axum::body::Body::from(manifest.bytes.clone()));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, hv(&manifest.media_type));
+    headers.insert(header::CONTENT_LENGTH, hv(manifest.bytes.len().to_string()));
+    headers.insert(header::ETAG, hv(format!("\"{}\"", manifest.digest)));
+    headers.insert(HeaderName::from_static(DIGEST_HEADER), hv(manifest.digest.to_string()));
+    Ok(response)
+}
+
+/// Read the body, refusing anything over `limit` bytes with 413 before it is buffered whole.
+async fn read_limited(ctx: &mut Ctx, limit: u64) -> Result<Bytes, ApiError> {
+    let too_big = || {
+        ApiError::new(ErrorCode::SizeInvalid, format!("manifest exceeds the {limit}-byte limit"))
+            .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+    };
+    if ctx.content_length()?.is_some_and(|l| l > limit) {
+        return Err(too_big());
+    }
+    let mut body = ctx.take_body();
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::new(ErrorCode::ManifestInvalid, format!("reading body: {e}")))?;
+        if buf.len() as u64 + chunk.len() as u64 > limit {
+            return Err(too_big());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+pub(super) async fn put(ctx: &mut Ctx, name: &RepoName, reference: &str) -> ApiResult {
+    let reference = parse_reference(reference)?;
+    let bytes = read_limited(ctx, ctx.config.max_manifest_size).await?;
+    let parsed = parse_manifest(ctx.header(header::CONTENT_TYPE), &bytes)
+        .map_err(|e| ApiError::new(ErrorCode::ManifestInvalid, e.to_string()))?;
+    let (digest, tag) = match &reference {
+        Reference::Digest(expected) => {
+            let actual = Digest::of(expected.algorithm(), &bytes);
+            if &actual != expected {
+                return Err(ApiError::new(
+                    ErrorCode::DigestInvalid,
+                    format!("manifest digest is {actual}, not {expected}"),
+                ));
+            }
+            (actual, None)
+        }
+        Reference::Tag(tag) => (Digest::of(Algorithm::Sha256, &bytes), Some(tag)),
+    };
+    let subject = parsed.subject.clone();
+    ctx.store.manifest_put(name, tag, NewManifest { digest: digest.clone(), bytes, parsed }).await?;
+    let mut response = (
+        StatusCode::CREATED,
+        [
+            (header::LOCATION, hv(format!("/v2/{name}/manifests/{digest}"))),
+            (HeaderName::from_static(DIGEST_HEADER), hv(digest.to_string())),
+            (header::CONTENT_LENGTH, HeaderValue::from_static("0")),
+        ],
+    )
+        .into_response();
+    if let Some(subject) = subject {
+        response.headers_mut().insert(HeaderName::from_static(SUBJECT_HEADER), hv(subject.to_string()));
+    }
+    Ok(response)
+}
+
+pub(super) async fn delete(ctx: &mut Ctx, name: &RepoName, reference: &str) -> ApiResult {
+    let reference = parse_reference(reference)?;
+    if ctx.store.manifest_delete(name, &reference).await? {
+        Ok(StatusCode::ACCEPTED.into_response())
+    } else {
+        Err(manifest_unknown())
+    }
+}

@@ -1,0 +1,240 @@
+//! The OCI Distribution v1.1 HTTP API as an axum router over a [`RegistryStore`].
+//!
+//! One dispatcher matches the path (names contain slashes, so axum's path patterns do not fit),
+//! checks access and the request limit, and hands off to one small handler per endpoint.
+
+mod blobs;
+mod listing;
+mod manifests;
+pub mod route;
+mod uploads;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use futures_util::TryStreamExt;
+use tokio::sync::Semaphore;
+
+use crate::access::{Access, AuthConfig};
+use crate::error::{ApiError, ErrorCode};
+use crate::name::RepoName;
+use crate::store::{ByteStream, RegistryStore};
+use route::{parse_route, Route};
+
+/// Header every `/v2/` response carries so Docker clients recognise the API.
+pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
+pub const DIGEST_HEADER: &str = "docker-content-digest";
+pub const UPLOAD_UUID_HEADER: &str = "docker-upload-uuid";
+pub const SUBJECT_HEADER: &str = "oci-subject";
+pub const FILTERS_APPLIED_HEADER: &str = "oci-filters-applied";
+
+/// How a registry router behaves; the origin and the agent differ only here and in the store.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Answer every write with 405 `UNSUPPORTED` (the agent's mode).
+    pub read_only: bool,
+    /// Largest manifest accepted, in bytes.
+    pub max_manifest_size: u64,
+    /// Requests served at once before new ones get 429 `TOOMANYREQUESTS`.
+    pub max_concurrent_requests: usize,
+    pub auth: AuthConfig,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            read_only: false,
+            max_manifest_size: crate::manifest::DEFAULT_MAX_MANIFEST_SIZE,
+            max_concurrent_requests: 1024,
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+/// Shared state of the router.
+struct App {
+    store: Arc<dyn RegistryStore>,
+    config: ApiConfig,
+    in_flight: Arc<Semaphore>,
+}
+
+/// Build the `/v2/` router over `store`.
+pub fn router(store: Arc<dyn RegistryStore>, config: ApiConfig) -> Router {
+    let in_flight = Arc::new(Semaphore::new(config.max_concurrent_requests.max(1)));
+    let app = Arc::new(App { store, config, in_flight });
+    Router::new()
+        .route("/v2", axum::routing::any(dispatch))
+        .route("/v2/", axum::routing::any(dispatch))
+        .route("/v2/{*rest}", axum::routing::any(dispatch))
+        .with_state(app)
+}
+
+/// What a handler needs from the request, already separated from the body.
+pub(crate) struct Ctx {
+    pub store: Arc<dyn RegistryStore>,
+    pub config: ApiConfig,
+    pub method: Method,
+    pub headers: HeaderMap,
+    pub query: HashMap<String, String>,
+    pub body: Body,
+}
+
+impl Ctx {
+    pub fn header(&self, name: impl header::AsHeaderName) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The request body as a stream of byte chunks.
+    pub fn take_body(&mut self) -> ByteStream {
+        let body = std::mem::take(&mut self.body);
+        Box::pin(body.into_data_stream().map_err(std::io::Error::other))
+    }
+
+    /// The declared `Content-Length`, if any.
+    pub fn content_length(&self) -> Result<Option<u64>, ApiError> {
+        match self.header(header::CONTENT_LENGTH) {
+            None => Ok(None),
+            Some(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| ApiError::new(ErrorCode::SizeInvalid, "Content-Length is not a number")),
+        }
+    }
+}
+
+pub(crate) type ApiResult = Result<Response, ApiError>;
+
+async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let Some(route) = parse_route(parts.uri.path()) else {
+        return with_version(StatusCode::NOT_FOUND.into_response());
+    };
+    let Ok(_permit) = app.in_flight.clone().try_acquire_owned() else {
+        let err = ApiError::new(ErrorCode::TooManyRequests, "too many requests in flight; retry shortly")
+            .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return with_version(err.into_response());
+    };
+    let is_read = parts.method == Method::GET || parts.method == Method::HEAD;
+    let need = if is_read { Access::Pull } else { Access::Push };
+    let authorization = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if let Err(e) = app.config.auth.check(authorization, need) {
+        return with_version(e.into_response());
+    }
+    let query = Query::<HashMap<String, String>>::try_from_uri(&parts.uri).map(|q| q.0).unwrap_or_default();
+    let mut ctx = Ctx {
+        store: app.store.clone(),
+        config: app.config.clone(),
+        method: parts.method.clone(),
+        headers: parts.headers,
+        query,
+        body,
+    };
+    let result = if !is_read && app.config.read_only {
+        Err(ApiError::new(ErrorCode::Unsupported, "this registry is read-only; push to an origin"))
+    } else {
+        handle(route, &mut ctx).await
+    };
+    let mut response = result.unwrap_or_else(IntoResponse::into_response);
+    if parts.method == Method::HEAD {
+        // HEAD answers carry the headers of GET but never a body.
+        let (p, _) = response.into_parts();
+        response = Response::from_parts(p, Body::empty());
+    }
+    with_version(response)
+}
+
+async fn handle(route: Route<'_>, ctx: &mut Ctx) -> ApiResult {
+    let method = ctx.method.clone();
+    match route {
+        Route::Base => match method {
+            Method::GET | Method::HEAD => {
+                Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response())
+            }
+            _ => Err(method_not_allowed()),
+        },
+        Route::Catalog => match method {
+            Method::GET | Method::HEAD => listing::catalog(ctx).await,
+            _ => Err(method_not_allowed()),
+        },
+        Route::Tags { name } => {
+            let name = repo(name)?;
+            match method {
+                Method::GET | Method::HEAD => listing::tags(ctx, &name).await,
+                _ => Err(method_not_allowed()),
+            }
+        }
+        Route::Referrers { name, digest } => {
+            let name = repo(name)?;
+            match method {
+                Method::GET | Method::HEAD => listing::referrers(ctx, &name, digest).await,
+                _ => Err(method_not_allowed()),
+            }
+        }
+        Route::Blob { name, digest } => {
+            let name = repo(name)?;
+            let digest = digest.parse()?;
+            match method {
+                Method::GET | Method::HEAD => blobs::get(ctx, &name, &digest).await,
+                Method::DELETE => blobs::delete(ctx, &name, &digest).await,
+                _ => Err(method_not_allowed()),
+            }
+        }
+        Route::UploadStart { name } => {
+            let name = repo(name)?;
+            match method {
+                Method::POST => uploads::start(ctx, &name).await,
+                _ => Err(method_not_allowed()),
+            }
+        }
+        Route::Upload { name, id } => {
+            let name = repo(name)?;
+            match method {
+                Method::GET | Method::HEAD => uploads::status(ctx, &name, id).await,
+                Method::PATCH => uploads::patch(ctx, &name, id).await,
+                Method::PUT => uploads::finish(ctx, &name, id).await,
+                Method::DELETE => uploads::cancel(ctx, &name, id).await,
+                _ => Err(method_not_allowed()),
+            }
+        }
+        Route::Manifest { name, reference } => {
+            let name = repo(name)?;
+            match method {
+                Method::GET | Method::HEAD => manifests::get(ctx, &name, reference).await,
+                Method::PUT => manifests::put(ctx, &name, reference).await,
+                Method::DELETE => manifests::delete(ctx, &name, reference).await,
+                _ => Err(method_not_allowed()),
+            }
+        }
+    }
+}
+
+fn repo(name: &str) -> Result<RepoName, ApiError> {
+    Ok(name.parse()?)
+}
+
+fn method_not_allowed() -> ApiError {
+    ApiError::new(ErrorCode::Unsupported, "method not supported on this endpoint")
+}
+
+fn with_version(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(HeaderName::from_static(API_VERSION_HEADER), HeaderValue::from_static("registry/2.0"));
+    response
+}
+
+/// A header value from text that was validated upstream (digests, names, numbers).
+pub(crate) fn hv(s: impl AsRef<str>) -> HeaderValue {
+    HeaderValue::from_str(s.as_ref()).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// `Range` value for an upload holding `offset` bytes (`0-0` when empty, as
+/// docker/distribution answers and clients expect).
+pub(crate) fn upload_range(offset: u64) -> HeaderValue {
+    hv(format!("0-{}", offset.saturating_sub(1)))
+}

@@ -1,0 +1,129 @@
+//! Blob uploads: `POST` (session, monolithic, or mount), `PATCH` (chunks), `PUT` (finish),
+//! `GET` (status) and `DELETE` (cancel) under `/v2/<name>/blobs/uploads/`.
+
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::{hv, upload_range, ApiResult, Ctx, DIGEST_HEADER, UPLOAD_UUID_HEADER};
+use crate::digest::Digest;
+use crate::error::{ApiError, ErrorCode};
+use crate::name::RepoName;
+use crate::range::parse_content_range;
+use crate::store::UploadState;
+
+fn session_response(status: StatusCode, name: &RepoName, state: &UploadState) -> Response {
+    let location = format!("/v2/{name}/blobs/uploads/{}", state.id);
+    (
+        status,
+        [
+            (header::LOCATION, hv(location)),
+            (header::RANGE, upload_range(state.offset)),
+            (HeaderName::from_static(UPLOAD_UUID_HEADER), hv(&state.id)),
+            (header::CONTENT_LENGTH, HeaderValue::from_static("0")),
+        ],
+    )
+        .into_response()
+}
+
+fn created_response(name: &RepoName, digest: &Digest) -> Response {
+    (
+        StatusCode::CREATED,
+        [
+            (header::LOCATION, hv(format!("/v2/{name}/blobs/{digest}"))),
+            (HeaderName::from_static(DIGEST_HEADER), hv(digest.to_string())),
+            (header::CONTENT_LENGTH, HeaderValue::from_static("0")),
+        ],
+    )
+        .into_response()
+}
+
+fn digest_param(ctx: &Ctx) -> Result<Option<Digest>, ApiError> {
+    ctx.query.get("digest").map(|d| d.parse().map_err(ApiError::from)).transpose()
+}
+
+pub(super) async fn start(ctx: &mut Ctx, name: &RepoName) -> ApiResult {
+    if let Some(mount) = ctx.query.get("mount") {
+        let digest: Digest = mount.parse()?;
+        // A missing or invalid `from`, or a source without the blob, falls back to a session
+        // as the spec requires.
+        if let Some(from) = ctx.query.get("from").and_then(|f| f.parse::<RepoName>().ok()) {
+            if ctx.store.blob_mount(name, &from, &digest).await? {
+                return Ok(created_response(name, &digest));
+            }
+        }
+        let state = ctx.store.upload_start(name).await?;
+        return Ok(session_response(StatusCode::ACCEPTED, name, &state));
+    }
+    let digest = digest_param(ctx)?;
+    let state = ctx.store.upload_start(name).await?;
+    let Some(digest) = digest else {
+        return Ok(session_response(StatusCode::ACCEPTED, name, &state));
+    };
+    // Monolithic upload: the whole blob is this request's body.
+    let len = ctx.content_length()?;
+    let body = ctx.take_body();
+    let result = async {
+        ctx.store.upload_append(name, &state.id, Some(0), len, body).await?;
+        ctx.store.upload_complete(name, &state.id, &digest).await
+    }
+    .await;
+    match result {
+        Ok(_) => Ok(created_response(name, &digest)),
+        Err(e) => {
+            // Nothing of a failed monolithic upload is worth keeping.
+            let _ = ctx.store.upload_cancel(name, &state.id).await;
+            Err(e.into())
+        }
+    }
+}
+
+pub(super) async fn status(ctx: &mut Ctx, name: &RepoName, id: &str) -> ApiResult {
+    let state = ctx.store.upload_status(name, id).await?;
+    Ok(session_response(StatusCode::NO_CONTENT, name, &state))
+}
+
+/// Start and length of the chunk a request carries, from `Content-Range` when present.
+fn chunk_bounds(ctx: &Ctx) -> Result<(Option<u64>, Option<u64>), ApiError> {
+    let declared = ctx.content_length()?;
+    match ctx.header(header::CONTENT_RANGE) {
+        None => Ok((None, declared)),
+        Some(cr) => {
+            let range = parse_content_range(cr).map_err(|e| {
+                ApiError::new(ErrorCode::BlobUploadInvalid, e.to_string())
+                    .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
+            })?;
+            if declared.is_some_and(|l| l != range.len()) {
+                return Err(ApiError::new(
+                    ErrorCode::SizeInvalid,
+                    "Content-Length does not match Content-Range",
+                ));
+            }
+            Ok((Some(range.start), Some(range.len())))
+        }
+    }
+}
+
+pub(super) async fn patch(ctx: &mut Ctx, name: &RepoName, id: &str) -> ApiResult {
+    let (start, len) = chunk_bounds(ctx)?;
+    let body = ctx.take_body();
+    let state = ctx.store.upload_append(name, id, start, len, body).await?;
+    Ok(session_response(StatusCode::ACCEPTED, name, &state))
+}
+
+pub(super) async fn finish(ctx: &mut Ctx, name: &RepoName, id: &str) -> ApiResult {
+    let digest = digest_param(ctx)?
+        .ok_or_else(|| ApiError::new(ErrorCode::DigestInvalid, "the digest query parameter is required"))?;
+    let (start, len) = chunk_bounds(ctx)?;
+    if len != Some(0) {
+        // The final chunk may ride on the PUT; an empty body appends nothing.
+        let body = ctx.take_body();
+        ctx.store.upload_append(name, id, start, len, body).await?;
+    }
+    ctx.store.upload_complete(name, id, &digest).await?;
+    Ok(created_response(name, &digest))
+}
+
+pub(super) async fn cancel(ctx: &mut Ctx, name: &RepoName, id: &str) -> ApiResult {
+    ctx.store.upload_cancel(name, id).await?;
+    Ok((StatusCode::NO_CONTENT, [(header::CONTENT_LENGTH, HeaderValue::from_static("0"))]).into_response())
+}

@@ -1,0 +1,17 @@
+//! The OCI Distribution v1.1 API and content model shared by Shoal's origins and agents:
+//! digests, names, ranges, manifests, spec errors, the storage trait, and the axum router.
+
+pub mod access;
+pub mod api;
+pub mod digest;
+pub mod error;
+pub mod manifest;
+pub mod name;
+pub mod range;
+pub mod store;
+
+pub use api::{router, ApiConfig};
+pub use digest::{Algorithm, Digest};
+pub use error::{ApiError, ErrorCode, StoreError};
+pub use name::{RepoName, Tag};
+pub use store::{ByteStream, Reference, RegistryStore};

@@ -1,0 +1,249 @@
+//! Manifest parsing and validation: what a pushed manifest is, what it references, and what
+//! the referrers API needs to know about it. The stored bytes are never re-serialized.
+
+use std::collections::HashMap;
+
+use oci_spec::image::{Descriptor as OciDescriptor, ImageIndex, ImageManifest};
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+json";
+const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+
+/// Default size limit for a manifest, the 4 MiB the spec suggests registries accept.
+pub const DEFAULT_MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
+
+/// Why a manifest is refused (`MANIFEST_INVALID`).
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("Docker schema 1 manifests are not supported; push with a client that writes schema 2 or OCI")]
+    Schema1,
+    #[error("unsupported manifest media type {0:?}")]
+    UnsupportedMediaType(String),
+    #[error("Content-Type {header:?} does not match the manifest's mediaType {body:?}")]
+    MediaTypeMismatch { header: String, body: String },
+    #[error("manifest is not valid JSON of its media type: {0}")]
+    Malformed(String),
+    #[error("schemaVersion must be 2")]
+    SchemaVersion,
+    #[error("descriptor digest {0:?} is invalid or uses an unsupported algorithm")]
+    BadDigest(String),
+}
+
+/// The kind of manifest, which decides what its references are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Image,
+    Index,
+}
+
+/// A descriptor of a manifest as the referrers API lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReferrerDescriptor {
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<HashMap<String, String>>,
+}
+
+/// What the registry must know about a manifest to store it.
+#[derive(Clone, Debug)]
+pub struct ParsedManifest {
+    /// The media type it is stored and served with.
+    pub media_type: String,
+    /// Blobs (config, layers) that must already be in the repository.
+    pub blobs: Vec<Digest>,
+    /// Manifests (index entries) that must already be in the repository.
+    pub children: Vec<Digest>,
+    /// The manifest this one refers to (referrers API), if any.
+    pub subject: Option<Digest>,
+    pub artifact_type: Option<String>,
+    pub annotations: Option<HashMap<String, String>>,
+}
+
+impl ParsedManifest {
+    /// The descriptor listed by the referrers API for this manifest.
+    pub fn referrer_descriptor(&self, digest: &Digest, size: u64) -> ReferrerDescriptor {
+        ReferrerDescriptor {
+            media_type: self.media_type.clone(),
+            digest: digest.clone(),
+            size,
+            artifact_type: self.artifact_type.clone(),
+            annotations: self.annotations.clone(),
+        }
+    }
+}
+
+/// Just the fields needed to tell manifest kinds apart before full parsing.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Probe {
+    media_type: Option<String>,
+    manifests: Option<serde_json::Value>,
+    config: Option<serde_json::Value>,
+}
+
+fn kind_of(media_type: &str) -> Result<Kind, ManifestError> {
+    match media_type {
+        OCI_MANIFEST | DOCKER_MANIFEST => Ok(Kind::Image),
+        OCI_INDEX | DOCKER_MANIFEST_LIST => Ok(Kind::Index),
+        DOCKER_SCHEMA1 | DOCKER_SCHEMA1_SIGNED => Err(ManifestError::Schema1),
+        other => Err(ManifestError::UnsupportedMediaType(other.to_string())),
+    }
+}
+
+fn digest_of(d: &OciDescriptor) -> Result<Digest, ManifestError> {
+    let s = d.digest().to_string();
+    s.parse().map_err(|_| ManifestError::BadDigest(s))
+}
+
+/// Parse and validate a pushed manifest. `content_type` is the request's Content-Type, if any.
+pub fn parse_manifest(content_type: Option<&str>, bytes: &[u8]) -> Result<ParsedManifest, ManifestError> {
+    let header_type = content_type
+        .map(|c| c.split(';').next().unwrap_or("").trim().to_string())
+        .filter(|c| !c.is_empty() && c != "application/json" && c != "application/octet-stream");
+    if let Some(h) = &header_type {
+        if h == DOCKER_SCHEMA1 || h == DOCKER_SCHEMA1_SIGNED {
+            return Err(ManifestError::Schema1);
+        }
+    }
+    let probe: Probe = serde_json::from_slice(bytes).map_err(|e| ManifestError::Malformed(e.to_string()))?;
+    if let (Some(h), Some(b)) = (&header_type, &probe.media_type) {
+        if h != b {
+            return Err(ManifestError::MediaTypeMismatch { header: h.clone(), body: b.clone() });
+        }
+    }
+    let media_type = match (header_type, probe.media_type) {
+        (Some(t), _) | (None, Some(t)) => t,
+        (None, None) if probe.manifests.is_some() => OCI_INDEX.to_string(),
+        (None, None) if probe.config.is_some() => OCI_MANIFEST.to_string(),
+        (None, None) => {
+            return Err(ManifestError::Malformed("no mediaType and no config or manifests".into()))
+        }
+    };
+    match kind_of(&media_type)? {
+        Kind::Image => {
+            let m: ImageManifest =
+                serde_json::from_slice(bytes).map_err(|e| ManifestError::Malformed(e.to_string()))?;
+            if m.schema_version() != 2 {
+                return Err(ManifestError::SchemaVersion);
+            }
+            let mut blobs = vec![digest_of(m.config())?];
+            for layer in m.layers() {
+                blobs.push(digest_of(layer)?);
+            }
+            let artifact_type = m
+                .artifact_type()
+                .as_ref()
+                .map(|a| a.to_string())
+                .or_else(|| Some(m.config().media_type().to_string()));
+            Ok(ParsedManifest {
+                media_type,
+                blobs,
+                children: Vec::new(),
+                subject: m.subject().as_ref().map(digest_of).transpose()?,
+                artifact_type,
+                annotations: m.annotations().clone(),
+            })
+        }
+        Kind::Index => {
+            let i: ImageIndex =
+                serde_json::from_slice(bytes).map_err(|e| ManifestError::Malformed(e.to_string()))?;
+            if i.schema_version() != 2 {
+                return Err(ManifestError::SchemaVersion);
+            }
+            let children = i.manifests().iter().map(digest_of).collect::<Result<Vec<_>, _>>()?;
+            Ok(ParsedManifest {
+                media_type,
+                blobs: Vec::new(),
+                children,
+                subject: i.subject().as_ref().map(digest_of).transpose()?,
+                artifact_type: i.artifact_type().as_ref().map(|a| a.to_string()),
+                annotations: i.annotations().clone(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::Algorithm;
+
+    fn d(s: &str) -> String {
+        Digest::of(Algorithm::Sha256, s.as_bytes()).to_string()
+    }
+
+    fn image(media_type: Option<&str>) -> String {
+        let mt = media_type.map(|m| format!(r#""mediaType":"{m}","#)).unwrap_or_default();
+        format!(
+            r#"{{"schemaVersion":2,{mt}"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":3}}]}}"#,
+            d("c"),
+            d("l")
+        )
+    }
+
+    #[test]
+    fn parses_image_manifest_references() {
+        let m = parse_manifest(Some(OCI_MANIFEST), image(Some(OCI_MANIFEST)).as_bytes()).unwrap();
+        assert_eq!(m.media_type, OCI_MANIFEST);
+        assert_eq!(m.blobs.len(), 2);
+        assert_eq!(m.artifact_type.as_deref(), Some("application/vnd.oci.image.config.v1+json"));
+        assert!(m.subject.is_none());
+    }
+
+    #[test]
+    fn media_type_from_body_when_no_header() {
+        let m = parse_manifest(None, image(Some(DOCKER_MANIFEST)).as_bytes()).unwrap();
+        assert_eq!(m.media_type, DOCKER_MANIFEST);
+        let m = parse_manifest(None, image(None).as_bytes()).unwrap();
+        assert_eq!(m.media_type, OCI_MANIFEST);
+    }
+
+    #[test]
+    fn parses_index_children_and_subject() {
+        let body = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","artifactType":"application/x.sig","manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{}","size":5,"platform":{{"architecture":"arm64","os":"linux"}}}}],"subject":{{"mediaType":"{OCI_MANIFEST}","digest":"{}","size":9}}}}"#,
+            d("a"),
+            d("s")
+        );
+        let m = parse_manifest(Some(OCI_INDEX), body.as_bytes()).unwrap();
+        assert_eq!(m.children, vec![d("a").parse().unwrap()]);
+        assert_eq!(m.subject, Some(d("s").parse().unwrap()));
+        assert_eq!(m.artifact_type.as_deref(), Some("application/x.sig"));
+    }
+
+    #[test]
+    fn rejects_bad_manifests() {
+        assert!(matches!(parse_manifest(Some(OCI_MANIFEST), b"{not json"), Err(ManifestError::Malformed(_))));
+        assert!(matches!(parse_manifest(Some(DOCKER_SCHEMA1_SIGNED), b"{}"), Err(ManifestError::Schema1)));
+        assert!(matches!(
+            parse_manifest(
+                None,
+                br#"{"schemaVersion":1,"mediaType":"application/vnd.docker.distribution.manifest.v1+json"}"#
+            ),
+            Err(ManifestError::Schema1)
+        ));
+        assert!(matches!(
+            parse_manifest(Some(OCI_INDEX), image(Some(OCI_MANIFEST)).as_bytes()),
+            Err(ManifestError::MediaTypeMismatch { .. })
+        ));
+        assert!(matches!(
+            parse_manifest(Some("text/plain"), image(None).as_bytes()),
+            Err(ManifestError::UnsupportedMediaType(_))
+        ));
+        let bad_digest = image(None).replace(&d("l"), "md5:abc");
+        assert!(parse_manifest(None, bad_digest.as_bytes()).is_err());
+        let v1 = image(None).replace("\"schemaVersion\":2", "\"schemaVersion\":3");
+        assert!(matches!(parse_manifest(None, v1.as_bytes()), Err(ManifestError::SchemaVersion)));
+    }
+}

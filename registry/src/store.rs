@@ -1,0 +1,135 @@
+//! The storage interface the API is written against. The origin implements it over files and
+//! redb; the agent (later) over the swarm. The API layer owns protocol rules, the store owns
+//! durability and atomicity.
+
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::Stream;
+
+use crate::digest::Digest;
+use crate::error::StoreError;
+use crate::manifest::{ParsedManifest, ReferrerDescriptor};
+use crate::name::{RepoName, Tag};
+use crate::range::ByteRange;
+
+/// A body of bytes arriving from, or going to, the network.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
+
+/// A tag or a digest, as in `/manifests/<reference>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reference {
+    Tag(Tag),
+    Digest(Digest),
+}
+
+/// Where an upload session stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UploadState {
+    pub id: String,
+    /// Bytes received so far.
+    pub offset: u64,
+}
+
+/// A stored manifest, exactly as it was pushed.
+#[derive(Clone, Debug)]
+pub struct StoredManifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+/// A manifest ready to be stored: validated and hashed by the API layer.
+#[derive(Clone, Debug)]
+pub struct NewManifest {
+    pub digest: Digest,
+    pub bytes: Bytes,
+    pub parsed: ParsedManifest,
+}
+
+/// One page of a sorted listing, and whether more follow it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Page {
+    pub items: Vec<String>,
+    pub more: bool,
+}
+
+/// Storage behind the registry API. Every method is repository-scoped where the spec is.
+#[async_trait]
+pub trait RegistryStore: Send + Sync + 'static {
+    /// Size of a blob linked into `repo`, or `None`.
+    async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, StoreError>;
+
+    /// Bytes of a blob linked into `repo` (a part of it with `range`).
+    async fn blob_read(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<ByteStream, StoreError>;
+
+    /// Unlink a blob from `repo`; `false` if it was not linked.
+    async fn blob_delete(&self, repo: &RepoName, digest: &Digest) -> Result<bool, StoreError>;
+
+    /// Link a blob of `from` into `repo`; `false` if `from` does not have it.
+    async fn blob_mount(&self, repo: &RepoName, from: &RepoName, digest: &Digest)
+        -> Result<bool, StoreError>;
+
+    /// Open an upload session.
+    async fn upload_start(&self, repo: &RepoName) -> Result<UploadState, StoreError>;
+
+    /// Where a session stands.
+    async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<UploadState, StoreError>;
+
+    /// Append a chunk. `start`, when given, must equal the current offset; `len`, when given, is
+    /// the exact chunk length and the chunk is applied whole or not at all. Without `len` the
+    /// bytes that arrived are kept even if the stream fails, so the client can resume.
+    async fn upload_append(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        start: Option<u64>,
+        len: Option<u64>,
+        body: ByteStream,
+    ) -> Result<UploadState, StoreError>;
+
+    /// Verify the upload's content against `digest` and commit it as a blob of `repo`. On a
+    /// digest mismatch the session is discarded and nothing is stored.
+    async fn upload_complete(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError>;
+
+    /// Abandon a session and its data.
+    async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError>;
+
+    /// A manifest of `repo` by tag or digest.
+    async fn manifest_get(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<StoredManifest>, StoreError>;
+
+    /// Store a manifest (and point `tag` at it). Fails with `ManifestBlobUnknown` if a blob or
+    /// child manifest it references is not in `repo`.
+    async fn manifest_put(
+        &self,
+        repo: &RepoName,
+        tag: Option<&Tag>,
+        manifest: NewManifest,
+    ) -> Result<(), StoreError>;
+
+    /// Delete a manifest by digest (and every tag pointing at it), or just a tag.
+    async fn manifest_delete(&self, repo: &RepoName, reference: &Reference) -> Result<bool, StoreError>;
+
+    /// Tags of `repo` after `last`, at most `limit`; `NameUnknown` for an unknown repository.
+    async fn tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> Result<Page, StoreError>;
+
+    /// Repository names after `last`, at most `limit`.
+    async fn repositories(&self, last: Option<&str>, limit: usize) -> Result<Page, StoreError>;
+
+    /// Manifests of `repo` whose subject is `digest`.
+    async fn referrers(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Vec<ReferrerDescriptor>, StoreError>;
+}
