@@ -1,0 +1,11 @@
+//! Shoal's origin: the durable copy of every blob and tag, behind the registry API.
+
+mod fsutil;
+mod layout;
+mod meta;
+mod recovery;
+mod store;
+mod uploads;
+
+pub use layout::Layout;
+pub use store::{OriginStore, StoreConfig};

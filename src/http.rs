@@ -1,0 +1,102 @@
+//! What every Shoal HTTP server has around its API: `/healthz`, `/readyz`, `/metrics`, one log
+//! line per request, and request counts, latencies and bytes in Prometheus.
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures_util::StreamExt;
+use prometheus::{Encoder, HistogramVec, IntCounter, IntCounterVec, Registry, TextEncoder};
+
+/// HTTP metrics of one component, named `shoal_<component>_http_*`.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    bytes_in: IntCounter,
+    bytes_out: IntCounter,
+}
+
+impl HttpMetrics {
+    pub fn new(component: &str) -> anyhow::Result<HttpMetrics> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            prometheus::Opts::new(format!("shoal_{component}_http_requests_total"), "HTTP requests by method and status"),
+            &["method", "status"],
+        )?;
+        let duration = HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                format!("shoal_{component}_http_request_duration_seconds"),
+                "Time to the response head, by method",
+            )
+            .buckets(prometheus::exponential_buckets(0.0005, 2.5, 14)?),
+            &["method"],
+        )?;
+        let bytes_in = IntCounter::new(format!("shoal_{component}_http_received_bytes_total"), "Request body bytes")?;
+        let bytes_out = IntCounter::new(format!("shoal_{component}_http_sent_bytes_total"), "Response body bytes")?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(bytes_in.clone()))?;
+        registry.register(Box::new(bytes_out.clone()))?;
+        Ok(HttpMetrics { registry, requests, duration, bytes_in, bytes_out })
+    }
+}
+
+/// Count body bytes as they pass, without buffering.
+fn counted(body: Body, counter: IntCounter) -> Body {
+    Body::from_stream(body.into_data_stream().inspect(move |chunk| {
+        if let Ok(c) = chunk {
+            counter.inc_by(c.len() as u64);
+        }
+    }))
+}
+
+async fn observe(State(metrics): State<HttpMetrics>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let request = request.map(|b| counted(b, metrics.bytes_in.clone()));
+    let response = next.run(request).await;
+    let elapsed = started.elapsed();
+    let status = response.status();
+    let bytes = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+    metrics.requests.with_label_values(&[method.as_str(), status.as_str()]).inc();
+    metrics.duration.with_label_values(&[method.as_str()]).observe(elapsed.as_secs_f64());
+    tracing::info!(
+        method = %method,
+        path = %path,
+        status = status.as_u16(),
+        bytes = %bytes,
+        ms = format!("{:.1}", elapsed.as_secs_f64() * 1000.0),
+        "request"
+    );
+    let counter = metrics.bytes_out.clone();
+    let (mut parts, body) = response.into_parts();
+    // Wrapping the body hides its size from hyper; keep the length explicit.
+    if let Some(len) = axum::body::HttpBody::size_hint(&body).exact() {
+        parts.headers.entry(header::CONTENT_LENGTH).or_insert_with(|| len.into());
+    }
+    Response::from_parts(parts, counted(body, counter))
+}
+
+async fn metrics_text(State(metrics): State<HttpMetrics>) -> Response {
+    let mut buf = Vec::new();
+    match TextEncoder::new().encode(&metrics.registry.gather(), &mut buf) {
+        Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], buf).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Wrap `api` with health, readiness, metrics and request logging.
+pub fn with_basics(api: Router, metrics: HttpMetrics) -> Router {
+    api.route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ready\n" }))
+        .route("/metrics", get(metrics_text).with_state(metrics.clone()))
+        .layer(axum::middleware::from_fn_with_state(metrics, observe))
+}

@@ -1,0 +1,66 @@
+//! `shoal`: one binary for every Shoal role. This file only parses the command line, sets up
+//! logging and hands over to the role's module.
+
+mod config;
+mod http;
+mod origin;
+mod up;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(name = "shoal", version, about = "Peer-to-peer container registry")]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax)
+    #[arg(long, global = true, env = "SHOAL_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run an origin: the registry CI pushes to
+    Origin(origin::OriginArgs),
+    /// Run a whole local Shoal with embedded defaults
+    Up(up::UpArgs),
+}
+
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&cli.log)?)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match cli.command {
+        Command::Origin(args) => {
+            let origin = origin::Origin::bind(args.resolve()?).await?;
+            origin.serve(shutdown_signal()).await
+        }
+        Command::Up(args) => up::run(args, shutdown_signal()).await,
+    }
+}
