@@ -110,7 +110,13 @@ impl Meta {
     }
 
     /// Record a committed blob file and link it into `repo`; returns whether the file is new.
-    pub fn commit_blob(&self, repo: &str, digest: &Digest, size: u64, upload: Option<&str>) -> Result<bool, StoreError> {
+    pub fn commit_blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        size: u64,
+        upload: Option<&str>,
+    ) -> Result<bool, StoreError> {
         let d = digest.to_string();
         let txn = self.db.begin_write().map_err(db_err)?;
         let new = {
@@ -150,7 +156,8 @@ impl Meta {
     pub fn unlink_blob(&self, repo: &str, digest: &Digest) -> Result<bool, StoreError> {
         let d = digest.to_string();
         let txn = self.db.begin_write().map_err(db_err)?;
-        let removed = txn.open_table(BLOB_LINKS).map_err(db_err)?.remove((repo, d.as_str())).map_err(db_err)?.is_some();
+        let removed =
+            txn.open_table(BLOB_LINKS).map_err(db_err)?.remove((repo, d.as_str())).map_err(db_err)?.is_some();
         txn.commit().map_err(db_err)?;
         Ok(removed)
     }
@@ -199,7 +206,9 @@ impl Meta {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(TAGS).map_err(db_err)?;
         let value = table.get((repo, tag)).map_err(db_err)?;
-        value.map(|v| v.value().parse().map_err(|e| StoreError::Internal(format!("stored digest: {e}")))).transpose()
+        value
+            .map(|v| v.value().parse().map_err(|e| StoreError::Internal(format!("stored digest: {e}"))))
+            .transpose()
     }
 
     pub fn manifest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>, StoreError> {
@@ -239,7 +248,10 @@ impl Meta {
                 }
                 if let Some(subject) = &record.subject {
                     let s = subject.to_string();
-                    txn.open_table(REFERRERS).map_err(db_err)?.remove((repo, s.as_str(), d.as_str())).map_err(db_err)?;
+                    txn.open_table(REFERRERS)
+                        .map_err(db_err)?
+                        .remove((repo, s.as_str(), d.as_str()))
+                        .map_err(db_err)?;
                 }
                 txn.open_table(BLOB_LINKS).map_err(db_err)?.remove((repo, d.as_str())).map_err(db_err)?;
             }

@@ -36,7 +36,10 @@ pub fn recover(layout: &Layout) -> Result<(Meta, Sessions), StoreError> {
             continue;
         };
         // The running hash is lost with the process; it is recomputed from the file at commit.
-        sessions.insert(id.clone(), Session { repo, path, offset: md.len(), hasher: None, touched: Instant::now() });
+        sessions.insert(
+            id.clone(),
+            Session { repo, path, offset: md.len(), hasher: None, touched: Instant::now() },
+        );
         live.insert(id);
     }
     let mut orphans = 0;

@@ -136,7 +136,8 @@ impl RegistryStore for OriginStore {
     ) -> Result<ByteStream, StoreError> {
         let size = self.blob_size(repo, digest).await?.ok_or(StoreError::BlobUnknown)?;
         let range = range.unwrap_or(ByteRange { start: 0, end: size.saturating_sub(1) });
-        let mut file = tokio::fs::File::open(self.inner.layout.blob(digest)).await.map_err(StoreError::from_io)?;
+        let mut file =
+            tokio::fs::File::open(self.inner.layout.blob(digest)).await.map_err(StoreError::from_io)?;
         file.seek(SeekFrom::Start(range.start)).await.map_err(StoreError::from_io)?;
         let len = if size == 0 { 0 } else { range.len() };
         Ok(Box::pin(ReaderStream::with_capacity(file.take(len), READ_CHUNK)))
@@ -148,7 +149,12 @@ impl RegistryStore for OriginStore {
         blocking(move || inner.meta.unlink_blob(&repo, &digest)).await
     }
 
-    async fn blob_mount(&self, repo: &RepoName, from: &RepoName, digest: &Digest) -> Result<bool, StoreError> {
+    async fn blob_mount(
+        &self,
+        repo: &RepoName,
+        from: &RepoName,
+        digest: &Digest,
+    ) -> Result<bool, StoreError> {
         let inner = self.inner.clone();
         let (repo, from, digest) = (repo.to_string(), from.to_string(), digest.clone());
         blocking(move || inner.meta.mount(&repo, &from, &digest)).await
@@ -209,7 +215,8 @@ impl RegistryStore for OriginStore {
         }
         let size = session.offset;
         let inner = self.inner.clone();
-        let (repo_s, id_s, digest_c, src) = (repo.to_string(), id.to_string(), digest.clone(), session.path.clone());
+        let (repo_s, id_s, digest_c, src) =
+            (repo.to_string(), id.to_string(), digest.clone(), session.path.clone());
         let new = blocking(move || {
             let dest = inner.layout.blob(&digest_c);
             std::fs::File::open(&src).and_then(|f| f.sync_all()).map_err(StoreError::from_io)?;
@@ -232,7 +239,11 @@ impl RegistryStore for OriginStore {
         self.discard_session(id).await
     }
 
-    async fn manifest_get(&self, repo: &RepoName, reference: &Reference) -> Result<Option<StoredManifest>, StoreError> {
+    async fn manifest_get(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<StoredManifest>, StoreError> {
         let inner = self.inner.clone();
         let repo = repo.to_string();
         let reference = reference.clone();
@@ -251,7 +262,12 @@ impl RegistryStore for OriginStore {
         .await
     }
 
-    async fn manifest_put(&self, repo: &RepoName, tag: Option<&Tag>, manifest: NewManifest) -> Result<(), StoreError> {
+    async fn manifest_put(
+        &self,
+        repo: &RepoName,
+        tag: Option<&Tag>,
+        manifest: NewManifest,
+    ) -> Result<(), StoreError> {
         let inner = self.inner.clone();
         let repo = repo.to_string();
         let tag = tag.map(|t| t.to_string());
@@ -265,7 +281,11 @@ impl RegistryStore for OriginStore {
             inner.meta.put_manifest(ManifestInsert {
                 repo: &repo,
                 digest: &digest,
-                record: ManifestRecord { media_type: parsed.media_type.clone(), size, subject: parsed.subject.clone() },
+                record: ManifestRecord {
+                    media_type: parsed.media_type.clone(),
+                    size,
+                    subject: parsed.subject.clone(),
+                },
                 blobs: &parsed.blobs,
                 children: &parsed.children,
                 tag: tag.as_deref(),
@@ -302,7 +322,11 @@ impl RegistryStore for OriginStore {
         blocking(move || inner.meta.repositories(last.as_deref(), limit)).await
     }
 
-    async fn referrers(&self, repo: &RepoName, digest: &Digest) -> Result<Vec<ReferrerDescriptor>, StoreError> {
+    async fn referrers(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Vec<ReferrerDescriptor>, StoreError> {
         let inner = self.inner.clone();
         let (repo, digest) = (repo.to_string(), digest.clone());
         blocking(move || inner.meta.referrers(&repo, &digest)).await

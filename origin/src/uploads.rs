@@ -143,7 +143,9 @@ pub async fn append(
     session.touched = Instant::now();
     let failure = match (written.error, stop) {
         (Some(io), _) => Some(StoreError::from_io(io)),
-        (None, Some(Stop::TooLong)) => Some(StoreError::SizeMismatch { expected: len.unwrap_or(0), actual: received }),
+        (None, Some(Stop::TooLong)) => {
+            Some(StoreError::SizeMismatch { expected: len.unwrap_or(0), actual: received })
+        }
         (None, Some(Stop::Client(e))) if len.is_some() => Some(StoreError::Io(e)),
         (None, Some(Stop::Client(e))) => {
             // A streamed chunk keeps what arrived, so the client can resume from the offset.

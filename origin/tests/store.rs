@@ -1,0 +1,251 @@
+//! Tests of the origin store through the storage trait, on a real data directory.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{stream, StreamExt};
+use shoal_origin::{OriginStore, StoreConfig};
+use shoal_registry::manifest::parse_manifest;
+use shoal_registry::store::{NewManifest, Reference};
+use shoal_registry::{Algorithm, ByteStream, Digest, RegistryStore, RepoName, StoreError};
+
+fn config(dir: &std::path::Path) -> StoreConfig {
+    StoreConfig { data_dir: dir.to_path_buf(), upload_idle_timeout: Duration::from_secs(3600) }
+}
+
+fn repo(s: &str) -> RepoName {
+    s.parse().unwrap()
+}
+
+fn body(data: &[u8]) -> ByteStream {
+    let chunks: Vec<Result<Bytes, std::io::Error>> =
+        data.chunks(7000).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+    Box::pin(stream::iter(chunks))
+}
+
+/// A body that delivers `data` and then fails, like a client that drops the connection.
+fn broken_body(data: &[u8]) -> ByteStream {
+    let head = stream::iter(vec![Ok(Bytes::copy_from_slice(data))]);
+    Box::pin(head.chain(stream::iter(vec![Err(std::io::Error::other("connection reset"))])))
+}
+
+async fn read_all(store: &OriginStore, r: &RepoName, d: &Digest) -> Vec<u8> {
+    let mut s = store.blob_read(r, d, None).await.unwrap();
+    let mut out = Vec::new();
+    while let Some(c) = s.next().await {
+        out.extend_from_slice(&c.unwrap());
+    }
+    out
+}
+
+fn data(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+async fn push(store: &OriginStore, r: &RepoName, content: &[u8]) -> Digest {
+    let digest = Digest::of(Algorithm::Sha256, content);
+    let up = store.upload_start(r).await.unwrap();
+    store.upload_append(r, &up.id, Some(0), None, body(content)).await.unwrap();
+    store.upload_complete(r, &up.id, &digest).await.unwrap();
+    digest
+}
+
+fn blob_files(dir: &std::path::Path) -> usize {
+    fn walk(p: &std::path::Path) -> usize {
+        std::fs::read_dir(p)
+            .map_or(0, |rd| rd.flatten().map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 }).sum())
+    }
+    walk(&dir.join("blobs"))
+}
+
+#[tokio::test]
+async fn chunked_upload_commits_and_is_scoped_to_its_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = OriginStore::open(config(dir.path())).await.unwrap();
+    let (a, b) = (repo("team/a"), repo("team/b"));
+    let content = data(100_000);
+    let digest = Digest::of(Algorithm::Sha256, &content);
+    let up = store.upload_start(&a).await.unwrap();
+    store.upload_append(&a, &up.id, Some(0), Some(40_000), body(&content[..40_000])).await.unwrap();
+    let err = store.upload_append(&a, &up.id, Some(0), Some(10), body(&content[..10])).await.unwrap_err();
+    assert!(matches!(err, StoreError::UploadOutOfOrder { offset: 40_000 }));
+    store.upload_append(&a, &up.id, None, None, body(&content[40_000..])).await.unwrap();
+    assert_eq!(store.upload_status(&a, &up.id).await.unwrap().offset, 100_000);
+    // The session is invisible from another repository.
+    assert!(matches!(store.upload_status(&b, &up.id).await, Err(StoreError::UploadUnknown)));
+    assert_eq!(store.upload_complete(&a, &up.id, &digest).await.unwrap(), 100_000);
+    assert_eq!(read_all(&store, &a, &digest).await, content);
+    assert_eq!(store.blob_size(&b, &digest).await.unwrap(), None);
+    assert!(store.blob_mount(&b, &a, &digest).await.unwrap());
+    assert_eq!(store.blob_size(&b, &digest).await.unwrap(), Some(100_000));
+    assert_eq!(store.stored_bytes(), 100_000);
+}
+
+#[tokio::test]
+async fn digest_mismatch_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = OriginStore::open(config(dir.path())).await.unwrap();
+    let r = repo("x");
+    let up = store.upload_start(&r).await.unwrap();
+    store.upload_append(&r, &up.id, None, None, body(b"hello")).await.unwrap();
+    let wrong = Digest::of(Algorithm::Sha256, b"other");
+    let err = store.upload_complete(&r, &up.id, &wrong).await.unwrap_err();
+    assert!(matches!(err, StoreError::DigestMismatch { .. }));
+    assert_eq!(store.blob_size(&r, &wrong).await.unwrap(), None);
+    assert!(matches!(store.upload_status(&r, &up.id).await, Err(StoreError::UploadUnknown)));
+    assert_eq!(blob_files(dir.path()), 0);
+    assert_eq!(std::fs::read_dir(dir.path().join("uploads")).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn declared_chunk_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = OriginStore::open(config(dir.path())).await.unwrap();
+    let r = repo("x");
+    let up = store.upload_start(&r).await.unwrap();
+    store.upload_append(&r, &up.id, None, None, body(b"abc")).await.unwrap();
+    // Short chunk, long chunk, and a dropped connection: each leaves the offset at 3.
+    let short = store.upload_append(&r, &up.id, Some(3), Some(10), body(b"def")).await.unwrap_err();
+    assert!(matches!(short, StoreError::SizeMismatch { .. }));
+    let long = store.upload_append(&r, &up.id, Some(3), Some(2), body(b"defgh")).await.unwrap_err();
+    assert!(matches!(long, StoreError::SizeMismatch { .. }));
+    store.upload_append(&r, &up.id, Some(3), Some(10), broken_body(b"def")).await.unwrap_err();
+    assert_eq!(store.upload_status(&r, &up.id).await.unwrap().offset, 3);
+    store.upload_append(&r, &up.id, Some(3), Some(3), body(b"def")).await.unwrap();
+    let digest = Digest::of(Algorithm::Sha256, b"abcdef");
+    store.upload_complete(&r, &up.id, &digest).await.unwrap();
+    assert_eq!(read_all(&store, &r, &digest).await, b"abcdef");
+}
+
+#[tokio::test]
+async fn dropped_stream_keeps_progress_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = OriginStore::open(config(dir.path())).await.unwrap();
+    let r = repo("x");
+    let content = data(50_000);
+    let up = store.upload_start(&r).await.unwrap();
+    store.upload_append(&r, &up.id, None, None, broken_body(&content[..20_000])).await.unwrap_err();
+    let offset = store.upload_status(&r, &up.id).await.unwrap().offset;
+    assert_eq!(offset, 20_000);
+    store.upload_append(&r, &up.id, Some(offset), None, body(&content[20_000..])).await.unwrap();
+    let digest = Digest::of(Algorithm::Sha256, &content);
+    store.upload_complete(&r, &up.id, &digest).await.unwrap();
+    assert_eq!(read_all(&store, &r, &digest).await, content);
+}
+
+#[tokio::test]
+async fn sessions_and_blobs_survive_restart_and_leftovers_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = repo("x");
+    let content = data(30_000);
+    let (id, kept) = {
+        let store = OriginStore::open(config(dir.path())).await.unwrap();
+        let kept = push(&store, &r, b"committed before the crash").await;
+        let up = store.upload_start(&r).await.unwrap();
+        store.upload_append(&r, &up.id, None, None, body(&content[..10_000])).await.unwrap();
+        (up.id, kept)
+    };
+    // Debris a crash could leave: a scratch file and upload data without a session.
+    std::fs::write(dir.path().join("tmp/partial"), b"x").unwrap();
+    std::fs::write(dir.path().join("uploads/orphan"), b"x").unwrap();
+    let store = OriginStore::open(config(dir.path())).await.unwrap();
+    assert!(!dir.path().join("tmp/partial").exists());
+    assert!(!dir.path().join("uploads/orphan").exists());
+    assert_eq!(read_all(&store, &r, &kept).await, b"committed before the crash");
+    assert_eq!(store.upload_status(&r, &id).await.unwrap().offset, 10_000);
+    store.upload_append(&r, &id, Some(10_000), None, body(&content[10_000..])).await.unwrap();
+    // sha512 forces the reread path too.
+    let digest = Digest::of(Algorithm::Sha512, &content);
+    store.upload_complete(&r, &id, &digest).await.unwrap();
+    assert_eq!(read_all(&store, &r, &digest).await, content);
+}
+
+#[tokio::test]
+async fn concurrent_pushes_of_one_blob_both_succeed_with_one_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = OriginStore::open(config(dir.path())).await.unwrap();
+    let r = repo("x");
+    let content = data(200_000);
+    let (d1, d2) = tokio::join!(push(&store, &r, &content), push(&store, &r, &content));
+    assert_eq!(d1, d2);
+    assert_eq!(blob_files(dir.path()), 1);
+    assert_eq!(read_all(&store, &r, &d1).await, content);
+    assert_eq!(store.stored_bytes(), 200_000);
+}
+
+#[tokio::test]
+async fn idle_sessions_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = OriginStore::open(StoreConfig {
+        data_dir: dir.path().to_path_buf(),
+        upload_idle_timeout: Duration::from_millis(300),
+    })
+    .await
+    .unwrap();
+    let r = repo("x");
+    let up = store.upload_start(&r).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(matches!(store.upload_status(&r, &up.id).await, Err(StoreError::UploadUnknown)));
+    assert!(!dir.path().join("uploads").join(&up.id).exists());
+}
+
+fn manifest_json(config: &Digest, layer: &Digest, subject: Option<&Digest>) -> Vec<u8> {
+    let subject = subject
+        .map(|s| {
+            format!(r#","subject":{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{s}","size":1}}"#)
+        })
+        .unwrap_or_default();
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}","size":3}}]{subject}}}"#
+    )
+    .into_bytes()
+}
+
+fn new_manifest(bytes: Vec<u8>) -> NewManifest {
+    let parsed = parse_manifest(None, &bytes).unwrap();
+    NewManifest { digest: Digest::of(Algorithm::Sha256, &bytes), bytes: bytes.into(), parsed }
+}
+
+#[tokio::test]
+async fn manifests_tags_and_referrers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = OriginStore::open(config(dir.path())).await.unwrap();
+    let r = repo("app");
+    let config_d = push(&store, &r, b"{}").await;
+    let missing = Digest::of(Algorithm::Sha256, b"missing layer");
+    let v1 = "v1".parse().unwrap();
+    let refused =
+        store.manifest_put(&r, Some(&v1), new_manifest(manifest_json(&config_d, &missing, None))).await;
+    assert!(matches!(refused, Err(StoreError::ManifestBlobUnknown(d)) if d == missing));
+    assert!(store.manifest_get(&r, &Reference::Tag("v1".parse().unwrap())).await.unwrap().is_none());
+
+    let layer = push(&store, &r, b"abc").await;
+    let image = new_manifest(manifest_json(&config_d, &layer, None));
+    let image_digest = image.digest.clone();
+    for tag in ["v1", "v2", "v3"] {
+        store.manifest_put(&r, Some(&tag.parse().unwrap()), image.clone()).await.unwrap();
+    }
+    let got = store.manifest_get(&r, &Reference::Tag("v2".parse().unwrap())).await.unwrap().unwrap();
+    assert_eq!(got.digest, image_digest);
+    assert_eq!(got.bytes, image.bytes);
+    let page = store.tags(&r, None, 2).await.unwrap();
+    assert_eq!((page.items.clone(), page.more), (vec!["v1".to_string(), "v2".to_string()], true));
+    let page = store.tags(&r, Some("v2"), 2).await.unwrap();
+    assert_eq!((page.items, page.more), (vec!["v3".to_string()], false));
+    assert!(matches!(store.tags(&repo("nope"), None, 10).await, Err(StoreError::NameUnknown)));
+
+    let sig = new_manifest(manifest_json(&config_d, &layer, Some(&image_digest)));
+    store.manifest_put(&r, None, sig.clone()).await.unwrap();
+    let refs = store.referrers(&r, &image_digest).await.unwrap();
+    assert_eq!(refs.len(), 1);
+    assert_eq!(refs[0].digest, sig.digest);
+
+    assert!(store.manifest_delete(&r, &Reference::Tag("v1".parse().unwrap())).await.unwrap());
+    assert!(store.manifest_delete(&r, &Reference::Digest(sig.digest.clone())).await.unwrap());
+    assert!(store.referrers(&r, &image_digest).await.unwrap().is_empty());
+    assert!(store.manifest_delete(&r, &Reference::Digest(image_digest.clone())).await.unwrap());
+    assert!(store.tags(&r, None, 10).await.unwrap().items.is_empty());
+    assert!(store.manifest_get(&r, &Reference::Digest(image_digest)).await.unwrap().is_none());
+    let repos = store.repositories(None, 10).await.unwrap();
+    assert_eq!(repos.items, vec!["app".to_string()]);
+}
