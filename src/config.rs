@@ -71,7 +71,8 @@ impl OriginConfig {
     /// Read a config file; a missing `path` gives the defaults.
     pub fn load(path: Option<&Path>) -> anyhow::Result<OriginConfig> {
         let Some(path) = path else { return Ok(OriginConfig::default()) };
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
     }
 

@@ -27,7 +27,10 @@ impl HttpMetrics {
     pub fn new(component: &str) -> anyhow::Result<HttpMetrics> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            prometheus::Opts::new(format!("shoal_{component}_http_requests_total"), "HTTP requests by method and status"),
+            prometheus::Opts::new(
+                format!("shoal_{component}_http_requests_total"),
+                "HTTP requests by method and status",
+            ),
             &["method", "status"],
         )?;
         let duration = HistogramVec::new(
@@ -38,8 +41,10 @@ impl HttpMetrics {
             .buckets(prometheus::exponential_buckets(0.0005, 2.5, 14)?),
             &["method"],
         )?;
-        let bytes_in = IntCounter::new(format!("shoal_{component}_http_received_bytes_total"), "Request body bytes")?;
-        let bytes_out = IntCounter::new(format!("shoal_{component}_http_sent_bytes_total"), "Response body bytes")?;
+        let bytes_in =
+            IntCounter::new(format!("shoal_{component}_http_received_bytes_total"), "Request body bytes")?;
+        let bytes_out =
+            IntCounter::new(format!("shoal_{component}_http_sent_bytes_total"), "Response body bytes")?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(bytes_in.clone()))?;
@@ -65,7 +70,12 @@ async fn observe(State(metrics): State<HttpMetrics>, request: Request, next: Nex
     let response = next.run(request).await;
     let elapsed = started.elapsed();
     let status = response.status();
-    let bytes = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+    let bytes = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
     metrics.requests.with_label_values(&[method.as_str(), status.as_str()]).inc();
     metrics.duration.with_label_values(&[method.as_str()]).observe(elapsed.as_secs_f64());
     tracing::info!(

@@ -89,7 +89,10 @@ impl Origin {
         self.listener.local_addr()
     }
 
-    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         axum::serve(self.listener, self.app).with_graceful_shutdown(shutdown).await?;
         Ok(())
     }

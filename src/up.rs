@@ -17,8 +17,15 @@ pub struct UpArgs {
     pub listen: SocketAddr,
 }
 
-pub async fn run(args: UpArgs, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let config = OriginConfig { listen: args.listen, data_dir: args.data_dir.join("origin"), ..OriginConfig::default() };
+pub async fn run(
+    args: UpArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = OriginConfig {
+        listen: args.listen,
+        data_dir: args.data_dir.join("origin"),
+        ..OriginConfig::default()
+    };
     let origin = Origin::bind(config).await?;
     let addr = origin.local_addr()?;
     println!(

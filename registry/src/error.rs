@@ -78,9 +78,15 @@ impl ErrorCode {
 pub struct ApiError {
     pub code: ErrorCode,
     pub status: StatusCode,
-    pub message: String,
-    pub detail: Option<serde_json::Value>,
-    pub headers: HeaderMap,
+    /// Boxed so `Result<_, ApiError>` stays small on the happy path.
+    extra: Box<Extra>,
+}
+
+#[derive(Debug)]
+struct Extra {
+    message: String,
+    detail: Option<serde_json::Value>,
+    headers: HeaderMap,
 }
 
 impl ApiError {
@@ -88,10 +94,12 @@ impl ApiError {
         ApiError {
             code,
             status: code.status(),
-            message: message.into(),
-            detail: None,
-            headers: HeaderMap::new(),
+            extra: Box::new(Extra { message: message.into(), detail: None, headers: HeaderMap::new() }),
         }
+    }
+
+    pub fn message(&self) -> &str {
+        &self.extra.message
     }
 
     pub fn with_status(mut self, status: StatusCode) -> Self {
@@ -100,12 +108,12 @@ impl ApiError {
     }
 
     pub fn with_detail(mut self, detail: serde_json::Value) -> Self {
-        self.detail = Some(detail);
+        self.extra.detail = Some(detail);
         self
     }
 
     pub fn with_header(mut self, name: header::HeaderName, value: HeaderValue) -> Self {
-        self.headers.insert(name, value);
+        self.extra.headers.insert(name, value);
         self
     }
 }
@@ -125,18 +133,15 @@ struct ErrorEntry<'a> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let Extra { message, detail, headers: extra_headers } = *self.extra;
         let body = ErrorBody {
-            errors: [ErrorEntry {
-                code: self.code.as_str(),
-                message: &self.message,
-                detail: self.detail.as_ref(),
-            }],
+            errors: [ErrorEntry { code: self.code.as_str(), message: &message, detail: detail.as_ref() }],
         };
         let json = serde_json::to_vec(&body).unwrap_or_default();
         let mut response = (self.status, json).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.extend(self.headers);
+        headers.extend(extra_headers);
         response
     }
 }
