@@ -1,0 +1,376 @@
+# shellcheck shell=bash
+# Shared helpers for the client integration tests and benchmarks. Source it, then call
+# `lib_init NAME` once. Everything a script starts (daemons, mounts, temp dirs) is
+# registered with `on_exit` and undone in reverse order when the script exits, however
+# it exits. Daemons are stopped by the PID we started, never by name.
+#
+# Environment:
+#   SHOAL_BIN          shoal binary (default: $REPO/target/debug/shoal)
+#   SHOAL_UNDER_TEST   "shoal" (default) or "docker-registry": what start_registry_under_test runs
+#   SHOAL_ARGS         extra arguments appended to `shoal origin ...`
+#   KEEP_TMP=1         keep the temp dir (logs, layouts) after the run, for debugging
+#   SKOPEO_DEBUG=1     run skopeo with --debug (prints every HTTP request it makes)
+#   IT_TMP_BASE        where temp dirs are created (default /tmp; keep it short, unix
+#                      socket paths must stay under 108 bytes)
+
+set -euo pipefail
+
+LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$LIB_DIR/../.." && pwd)
+SHOAL_BIN=${SHOAL_BIN:-$REPO/target/debug/shoal}
+SHOAL_UNDER_TEST=${SHOAL_UNDER_TEST:-shoal}
+MKIMAGE="python3 $LIB_DIR/mkimage.py"
+# The Debian docker client matches the Debian daemon; /usr/local/bin/docker is newer and first on PATH.
+DOCKER_CLI=/usr/bin/docker
+DOCKERD=/usr/sbin/dockerd
+DOCKER_REGISTRY=/usr/bin/docker-registry
+
+# ---------------------------------------------------------------------------------------
+# logging, failure, cleanup
+
+log() { printf '[%s %s] %s\n' "$(date +%T)" "${TEST_NAME:-lib}" "$*" >&2; }
+die() {
+  printf '[%s %s] FAIL: %s\n' "$(date +%T)" "${TEST_NAME:-lib}" "$*" >&2
+  exit 1
+}
+
+_CLEANUPS=()
+_LOGS=() # daemon logs worth showing when a test fails
+on_exit() { _CLEANUPS+=("$1"); }
+register_log() { _LOGS+=("$1"); }
+
+_run_cleanups() {
+  local rc=$? i
+  trap - EXIT
+  set +e
+  if [[ $rc -ne 0 && ${#_LOGS[@]} -gt 0 ]]; then
+    for i in "${_LOGS[@]}"; do
+      [[ -s $i ]] || continue
+      printf '\n----- last 40 lines of %s -----\n' "$i" >&2
+      tail -n 40 "$i" >&2
+    done
+  fi
+  for ((i = ${#_CLEANUPS[@]} - 1; i >= 0; i--)); do
+    eval "${_CLEANUPS[i]}"
+  done
+  exit "$rc"
+}
+
+lib_init() {
+  TEST_NAME=$1
+  trap _run_cleanups EXIT
+  # Turn signals into a normal exit so the EXIT trap does the cleanup.
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  [[ $(id -u) -eq 0 ]] || die "must run as root (daemons, mounts)"
+  make_tmpdir
+}
+
+# T: the script's private temp dir. Removed at exit (unless KEEP_TMP=1), after anything
+# still mounted below it has been unmounted, so rm -rf never descends into a live mount.
+make_tmpdir() {
+  T=$(mktemp -d "${IT_TMP_BASE:-/tmp}/shoal-it.XXXXXX")
+  on_exit "_remove_tmpdir '$T'"
+}
+
+_remove_tmpdir() {
+  local dir=$1 m
+  # Deepest mounts first.
+  for m in $(findmnt -rn -o TARGET | grep -F "$dir/" | sort -r); do
+    umount "$m" 2>/dev/null || umount -l "$m"
+  done
+  if findmnt -rn -o TARGET | grep -qF "$dir/"; then
+    log "not removing $dir: something is still mounted below it"
+    return
+  fi
+  if [[ ${KEEP_TMP:-0} == 1 ]]; then
+    log "kept $dir"
+  else
+    rm -rf "$dir"
+  fi
+}
+
+# ---------------------------------------------------------------------------------------
+# processes and waiting
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# wait_until TIMEOUT_S DESCRIPTION CMD...: poll CMD every 0.1 s until it succeeds.
+wait_until() {
+  local timeout=$1 what=$2
+  shift 2
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || die "timed out after ${timeout}s waiting for $what"
+    sleep 0.1
+  done
+}
+
+# start_bg NAME LOGFILE CMD...: start CMD in the background, write $T/NAME.pid, register
+# its stop at exit. Sets BG_PID.
+start_bg() {
+  local name=$1 logf=$2
+  shift 2
+  "$@" >"$logf" 2>&1 &
+  BG_PID=$!
+  echo "$BG_PID" >"$T/$name.pid"
+  register_log "$logf"
+  on_exit "stop_pid $BG_PID $name"
+}
+
+# stop_pid PID NAME [TIMEOUT_S]: SIGTERM, then SIGKILL after the timeout. Only for PIDs we started.
+stop_pid() {
+  local pid=$1 name=$2 timeout=${3:-15} i
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for ((i = 0; i < timeout * 10; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "$name (pid $pid) ignored SIGTERM for ${timeout}s; SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+}
+
+alive() { kill -0 "$1" 2>/dev/null; }
+
+# wait_ready TIMEOUT PID NAME CMD...: like wait_until, but give up at once if PID (our
+# child) dies. Sets WAIT_ERR and returns 1 on failure; callers decide whether to die.
+wait_ready() {
+  local timeout=$1 pid=$2 name=$3 rc
+  shift 3
+  local deadline=$((SECONDS + timeout))
+  WAIT_ERR=
+  until "$@" >/dev/null 2>&1; do
+    if ! alive "$pid"; then
+      rc=0
+      wait "$pid" 2>/dev/null || rc=$?
+      WAIT_ERR="$name (pid $pid) exited with status $rc before it was ready"
+      return 1
+    fi
+    if ((SECONDS >= deadline)); then
+      WAIT_ERR="timed out after ${timeout}s waiting for $name to be ready"
+      return 1
+    fi
+    sleep 0.1
+  done
+}
+
+# peak_rss_kib PID: VmHWM (peak resident set) of a live process, in KiB.
+peak_rss_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+
+# ---------------------------------------------------------------------------------------
+# the registry under test
+
+http_code() { curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$@"; }
+is_200() { [[ $(http_code "$1") == 200 ]]; }
+
+# start_registry KIND DATA_DIR: KIND is shoal or docker-registry. Sets REG (host:port),
+# REG_URL, REG_PID, REG_LOG, REG_KIND. Dies if it does not come up, unless REG_SOFT=1:
+# then it logs why and returns 1 (the benchmark skips a broken shoal that way).
+start_registry() {
+  local kind=$1 data=$2 port
+  mkdir -p "$data"
+  port=$(free_port)
+  REG=127.0.0.1:$port
+  REG_URL=http://$REG
+  REG_KIND=$kind
+  REG_LOG=$T/$kind-$port.log
+  case $kind in
+  shoal)
+    [[ -x $SHOAL_BIN ]] || die "shoal binary not found at SHOAL_BIN=$SHOAL_BIN (build it with cargo build, or run with SHOAL_UNDER_TEST=docker-registry)"
+    # shellcheck disable=SC2086 # SHOAL_ARGS is a word list on purpose
+    start_bg "shoal-$port" "$REG_LOG" "$SHOAL_BIN" origin --listen "$REG" --data-dir "$data" ${SHOAL_ARGS:-}
+    REG_PID=$BG_PID
+    wait_ready 30 "$REG_PID" "shoal origin on $REG" is_200 "$REG_URL/healthz" || {
+      _registry_failed
+      return 1
+    }
+    ;;
+  docker-registry)
+    [[ -x $DOCKER_REGISTRY ]] || die "$DOCKER_REGISTRY missing (apt-get install docker-registry)"
+    local cfg=$T/docker-registry-$port.yml
+    cat >"$cfg" <<EOF
+version: 0.1
+log:
+  level: info
+storage:
+  filesystem:
+    rootdirectory: $data
+  delete:
+    enabled: true
+http:
+  addr: $REG
+EOF
+    start_bg "docker-registry-$port" "$REG_LOG" "$DOCKER_REGISTRY" serve "$cfg"
+    REG_PID=$BG_PID
+    wait_ready 30 "$REG_PID" "docker-registry on $REG" is_200 "$REG_URL/v2/" || {
+      _registry_failed
+      return 1
+    }
+    ;;
+  *) die "unknown registry kind '$kind' (shoal or docker-registry)" ;;
+  esac
+  log "$kind listening on $REG (pid $REG_PID, data $data, log $REG_LOG)"
+}
+
+_registry_failed() {
+  [[ ${REG_SOFT:-0} == 1 ]] || die "$WAIT_ERR (log: $REG_LOG)"
+  log "$WAIT_ERR; last lines of $REG_LOG:"
+  tail -n 20 "$REG_LOG" >&2
+  stop_pid "$REG_PID" "$REG_KIND"
+}
+
+# start_registry_under_test [DATA_DIR]: shoal, or docker-registry if SHOAL_UNDER_TEST says so.
+# shellcheck disable=SC2120 # DATA_DIR is optional
+start_registry_under_test() {
+  start_registry "$SHOAL_UNDER_TEST" "${1:-$T/registry-data}"
+}
+
+# ---------------------------------------------------------------------------------------
+# containerd and dockerd, each with all state under $T
+
+start_containerd() {
+  local d=$T/ctrd
+  mkdir -p "$d"
+  CONTAINERD_SOCK=$d/containerd.sock
+  # Own config: the system one points plugins at /var/lib and /opt, and CRI is not needed.
+  cat >"$d/config.toml" <<EOF
+version = 2
+root = "$d/root"
+state = "$d/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt", "io.containerd.tracing.processor.v1.otlp"]
+[grpc]
+  address = "$CONTAINERD_SOCK"
+[ttrpc]
+  address = "$CONTAINERD_SOCK.ttrpc"
+# Each namespace must download its own blobs; with the default "shared" policy a blob
+# pulled in one namespace silently appears in the next and hides missing transfers.
+[plugins."io.containerd.metadata.v1.bolt"]
+  content_sharing_policy = "isolated"
+EOF
+  start_bg containerd "$d/containerd.log" containerd --config "$d/config.toml" \
+    --root "$d/root" --state "$d/state" --address "$CONTAINERD_SOCK"
+  CONTAINERD_PID=$BG_PID
+  wait_ready 30 "$CONTAINERD_PID" containerd ctr --address "$CONTAINERD_SOCK" version || die "$WAIT_ERR"
+  log "containerd up (pid $CONTAINERD_PID, $CONTAINERD_SOCK)"
+}
+
+ctr_() { ctr --address "$CONTAINERD_SOCK" "$@"; }
+
+# start_dockerd: needs start_containerd first (dockerd uses it, namespace "moby").
+start_dockerd() {
+  [[ -n ${CONTAINERD_SOCK:-} ]] || start_containerd
+  local d=$T/dkr
+  mkdir -p "$d/data" "$d/exec" "$d/cli"
+  DOCKER_SOCK=$d/docker.sock
+  DOCKER_CONFIG=$d/cli # private client config (no stray auths or proxies)
+  export DOCKER_CONFIG
+  cat >"$d/daemon.json" <<EOF
+{ "insecure-registries": ["127.0.0.0/8"] }
+EOF
+  # --ip-forward=false / --iptables=false / --bridge=none: leave the host's networking alone.
+  start_bg dockerd "$d/dockerd.log" "$DOCKERD" --data-root "$d/data" --exec-root "$d/exec" \
+    -H "unix://$DOCKER_SOCK" --pidfile "$d/dockerd.pid" --containerd "$CONTAINERD_SOCK" \
+    --config-file "$d/daemon.json" --iptables=false --ip-forward=false --ip-masq=false --bridge=none
+  DOCKERD_PID=$BG_PID
+  wait_ready 60 "$DOCKERD_PID" dockerd "$DOCKER_CLI" -H "unix://$DOCKER_SOCK" version || die "$WAIT_ERR"
+  log "dockerd up (pid $DOCKERD_PID, $DOCKER_SOCK)"
+}
+
+dk() { "$DOCKER_CLI" -H "unix://$DOCKER_SOCK" "$@"; }
+
+# ---------------------------------------------------------------------------------------
+# skopeo, isolated from the machine-wide blob-info cache
+#
+# skopeo (as root) records "blob X exists in registry R / repo P" in
+# /var/lib/containers/cache/blob-info-cache-v1.boltdb and later mounts or skips blobs based on
+# it. skopeo 1.9 has no flag or env var for that path, so each call runs in a private mount
+# namespace with $SKOPEO_CACHE bind-mounted over that directory: the cache lives only as
+# long as the script's temp dir and nothing leaks into (or out of) the host's cache.
+# `skopeo_clear_cache` empties it (benchmark rounds). The one global side effect is the
+# empty mount point /var/lib/containers/cache, which skopeo itself would create anyway.
+
+skopeo_() {
+  SKOPEO_CACHE=$T/skopeo-cache
+  mkdir -p "$SKOPEO_CACHE" "$T/skopeo-tmp" /var/lib/containers/cache
+  local dbg=()
+  [[ ${SKOPEO_DEBUG:-0} == 1 ]] && dbg=(--debug)
+  # shellcheck disable=SC2016 # $0/$@ are for the inner sh
+  unshare --mount --propagation private -- /bin/sh -c \
+    'mount --bind "$0" /var/lib/containers/cache && shift && exec skopeo "$@"' \
+    "$SKOPEO_CACHE" _ "${dbg[@]}" --insecure-policy --tmpdir "$T/skopeo-tmp" "$@"
+}
+
+skopeo_clear_cache() { rm -rf "${T:?}/skopeo-cache"/*; }
+
+# ---------------------------------------------------------------------------------------
+# images, built offline
+
+# build_busybox_rootfs_tar OUT.tar: /bin/busybox (static) and /bin/sh -> busybox.
+build_busybox_rootfs_tar() {
+  local out=$1 r
+  r=$(mktemp -d "$T/rootfs.XXXXXX")
+  mkdir -p "$r/bin" "$r/etc" "$r/tmp"
+  cp /bin/busybox "$r/bin/busybox"
+  ln -s busybox "$r/bin/sh"
+  echo "shoal test image" >"$r/etc/motd"
+  tar --numeric-owner --owner=0 --group=0 -C "$r" -cf "$out" .
+  rm -rf "$r"
+}
+
+# docker_import_busybox NAME:TAG: a runnable image in the test dockerd.
+docker_import_busybox() {
+  local tarf=$T/busybox-rootfs.tar
+  [[ -f $tarf ]] || build_busybox_rootfs_tar "$tarf"
+  dk import --change 'CMD ["/bin/sh"]' --change 'ENV PATH=/bin' "$tarf" "$1" >/dev/null
+}
+
+# oci_random_image LAYOUT TAG SIZE[,SIZE...] [--raw]: prints the manifest digest.
+oci_random_image() { $MKIMAGE random "$@"; }
+# oci_busybox_image LAYOUT TAG: prints the manifest digest.
+oci_busybox_image() { $MKIMAGE busybox "$@"; }
+# oci_multiarch_image LAYOUT TAG: linux/amd64 + linux/arm64 index; prints the index digest.
+oci_multiarch_image() { $MKIMAGE multiarch "$@"; }
+
+# layout_blobs LAYOUT: every blob digest under the layout, sorted.
+layout_blobs() { find "$1/blobs/sha256" -maxdepth 1 -type f -name '[0-9a-f]*' -printf 'sha256:%f\n' | sort; }
+
+sha256_of() { echo "sha256:$(sha256sum "$1" | cut -d' ' -f1)"; }
+
+# ---------------------------------------------------------------------------------------
+# assertions
+
+assert_eq() { # assert_eq EXPECTED ACTUAL WHAT
+  [[ $1 == "$2" ]] || die "$3: expected '$1', got '$2'"
+}
+
+# ---------------------------------------------------------------------------------------
+# raw Distribution API calls with curl (for tests that need exact status codes)
+
+# start_upload REPO: POST /v2/REPO/blobs/uploads/, expects 202; prints the absolute Location.
+start_upload() {
+  local hdr=$T/post-headers code loc
+  code=$(curl -sS -o /dev/null -D "$hdr" -w '%{http_code}' --max-time 30 -X POST "$REG_URL/v2/$1/blobs/uploads/")
+  [[ $code == 202 ]] || die "POST /v2/$1/blobs/uploads/ answered $code (want 202): $(cat "$hdr")"
+  loc=$(tr -d '\r' <"$hdr" | awk 'tolower($1)=="location:" {print $2}')
+  [[ -n $loc ]] || die "POST /v2/$1/blobs/uploads/ gave no Location header"
+  [[ $loc == /* ]] && loc=$REG_URL$loc
+  echo "$loc"
+}
+
+# with_query URL K=V: append a query parameter.
+with_query() { if [[ $1 == *\?* ]]; then echo "$1&$2"; else echo "$1?$2"; fi; }
+
+# push_blob_monolithic REPO FILE: POST + PUT ?digest= with the body; prints the status code.
+push_blob_monolithic() {
+  local loc digest
+  loc=$(start_upload "$1")
+  digest=$(sha256_of "$2")
+  curl -sS -o "$T/put-body" -w '%{http_code}' --max-time 60 -H 'Expect:' \
+    -H 'Content-Type: application/octet-stream' -T "$2" "$(with_query "$loc" "digest=$digest")" || true
+}
