@@ -4,6 +4,7 @@
 mod config;
 mod http;
 mod origin;
+mod tracker;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Run an origin: the registry CI pushes to
     Origin(origin::OriginArgs),
+    /// Run a tracker: peer lists per blob for the agents' swarms
+    Tracker(tracker::TrackerArgs),
     /// Run a whole local Shoal with embedded defaults
     Up(up::UpArgs),
 }
@@ -61,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
             let origin = origin::Origin::bind(args.resolve()?).await?;
             origin.serve(shutdown_signal()).await
         }
+        Command::Tracker(args) => tracker::Tracker::bind(args).await?.serve(shutdown_signal()).await,
         Command::Up(args) => up::run(args, shutdown_signal()).await,
     }
 }

@@ -1,0 +1,59 @@
+//! `shoal tracker`: peer lists per blob digest for the agents' swarms.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use shoal_tracker::TrackerConfig;
+
+use crate::http::{with_basics, HttpMetrics};
+
+/// Flags of `shoal tracker`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrackerArgs {
+    /// Address for the announce API, /healthz and /metrics
+    #[arg(long, env = "SHOAL_LISTEN", default_value = "127.0.0.1:7000")]
+    pub listen: SocketAddr,
+    /// Origin base URL(s), comma-separated, asked for metainfo and seeders
+    #[arg(long, env = "SHOAL_ORIGIN", value_delimiter = ',', required = true)]
+    pub origin: Vec<String>,
+    /// How often agents re-announce
+    #[arg(long, env = "SHOAL_ANNOUNCE_INTERVAL", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub announce_interval: Duration,
+    /// Peers handed out per announce
+    #[arg(long, env = "SHOAL_HANDOUT_LIMIT", default_value_t = 50)]
+    pub handout_limit: usize,
+}
+
+/// A bound tracker; `serve` runs it until shutdown.
+pub struct Tracker {
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+}
+
+impl Tracker {
+    pub async fn bind(args: TrackerArgs) -> anyhow::Result<Tracker> {
+        let metrics = HttpMetrics::new("tracker")?;
+        let config = TrackerConfig {
+            origins: args.origin.clone(),
+            announce_interval: args.announce_interval,
+            handout_limit: args.handout_limit,
+            ..TrackerConfig::default()
+        };
+        let api = shoal_tracker::router(config, &metrics.registry)?;
+        let app = with_basics(api, metrics);
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        tracing::info!(listen = %listener.local_addr()?, origins = ?args.origin, "tracker ready");
+        Ok(Tracker { listener, app })
+    }
+
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        axum::serve(self.listener, self.app).with_graceful_shutdown(shutdown).await?;
+        Ok(())
+    }
+}
