@@ -37,24 +37,28 @@ pub(super) async fn get(ctx: &mut Ctx, name: &RepoName, reference: &str) -> ApiR
     Ok(response)
 }
 
-/// Read the body, refusing anything over `limit` bytes with 413 before it is buffered whole.
+/// How much of an oversized body is read and dropped before answering 413, so the client
+/// (still sending) sees the answer instead of a reset connection.
+const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// Read the body, refusing anything over `limit` bytes with 413 without buffering it.
 async fn read_limited(ctx: &mut Ctx, limit: u64) -> Result<Bytes, ApiError> {
-    let too_big = || {
-        ApiError::new(ErrorCode::SizeInvalid, format!("manifest exceeds the {limit}-byte limit"))
-            .with_status(StatusCode::PAYLOAD_TOO_LARGE)
-    };
-    if ctx.content_length()?.is_some_and(|l| l > limit) {
-        return Err(too_big());
-    }
     let mut body = ctx.take_body();
     let mut buf = BytesMut::new();
+    let mut seen = 0u64;
     while let Some(chunk) = body.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::new(ErrorCode::ManifestInvalid, format!("reading body: {e}")))?;
-        if buf.len() as u64 + chunk.len() as u64 > limit {
-            return Err(too_big());
+        let chunk = chunk.map_err(|e| ApiError::new(ErrorCode::ManifestInvalid, format!("reading body: {e}")))?;
+        seen += chunk.len() as u64;
+        if seen > DRAIN_LIMIT {
+            break;
         }
-        buf.extend_from_slice(&chunk);
+        if seen <= limit {
+            buf.extend_from_slice(&chunk);
+        }
+    }
+    if seen > limit {
+        return Err(ApiError::new(ErrorCode::SizeInvalid, format!("manifest exceeds the {limit}-byte limit"))
+            .with_status(StatusCode::PAYLOAD_TOO_LARGE));
     }
     Ok(buf.freeze())
 }
