@@ -47,7 +47,8 @@ async fn read_limited(ctx: &mut Ctx, limit: u64) -> Result<Bytes, ApiError> {
     let mut buf = BytesMut::new();
     let mut seen = 0u64;
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| ApiError::new(ErrorCode::ManifestInvalid, format!("reading body: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::new(ErrorCode::ManifestInvalid, format!("reading body: {e}")))?;
         seen += chunk.len() as u64;
         if seen > DRAIN_LIMIT {
             break;
@@ -57,8 +58,11 @@ async fn read_limited(ctx: &mut Ctx, limit: u64) -> Result<Bytes, ApiError> {
         }
     }
     if seen > limit {
-        return Err(ApiError::new(ErrorCode::SizeInvalid, format!("manifest exceeds the {limit}-byte limit"))
-            .with_status(StatusCode::PAYLOAD_TOO_LARGE));
+        return Err(ApiError::new(
+            ErrorCode::SizeInvalid,
+            format!("manifest exceeds the {limit}-byte limit"),
+        )
+        .with_status(StatusCode::PAYLOAD_TOO_LARGE));
     }
     Ok(buf.freeze())
 }
