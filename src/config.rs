@@ -18,6 +18,8 @@ pub struct OriginConfig {
     pub listen: SocketAddr,
     /// Peer-protocol address for seeding blobs into the swarm.
     pub peer_listen: Option<SocketAddr>,
+    /// Peer address announced to others, when `peer_listen` is a wildcard address.
+    pub peer_advertise: Option<SocketAddr>,
     /// Where blobs, upload sessions and metadata live.
     pub data_dir: PathBuf,
     /// An upload session idle this long is discarded with its data.
@@ -58,6 +60,7 @@ impl Default for OriginConfig {
         OriginConfig {
             listen: default_listen(),
             peer_listen: None,
+            peer_advertise: None,
             data_dir: PathBuf::from("shoal-data/origin"),
             upload_idle_timeout: default_upload_idle_timeout(),
             max_manifest_size: ByteSize::b(shoal_registry::manifest::DEFAULT_MAX_MANIFEST_SIZE),

@@ -4,6 +4,7 @@
 mod config;
 mod http;
 mod origin;
+mod peer_addr;
 mod tracker;
 mod up;
 

@@ -1,11 +1,21 @@
 //! `shoal origin`: the registry CI pushes to, over durable local storage.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use prometheus::IntGauge;
 use shoal_origin::{OriginStore, StoreConfig};
+use shoal_p2p::server::PeerServer;
+use shoal_p2p::tracker_client::{Locations, Seeder};
+use shoal_p2p::{PeerId, SwarmMetrics};
+use shoal_registry::Digest;
 
 use crate::config::OriginConfig;
 use crate::http::{with_basics, HttpMetrics};
@@ -22,6 +32,9 @@ pub struct OriginArgs {
     /// Address for peer connections (seeding into the swarm)
     #[arg(long, env = "SHOAL_PEER_LISTEN")]
     pub peer_listen: Option<std::net::SocketAddr>,
+    /// Peer address announced to others when --peer-listen is 0.0.0.0 or [::]
+    #[arg(long, env = "SHOAL_PEER_ADVERTISE")]
+    pub peer_advertise: Option<std::net::SocketAddr>,
     /// Directory for blobs, uploads and metadata [default: shoal-data/origin]
     #[arg(long, env = "SHOAL_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -39,6 +52,9 @@ impl OriginArgs {
         }
         if let Some(peer) = self.peer_listen {
             config.peer_listen = Some(peer);
+        }
+        if let Some(peer) = self.peer_advertise {
+            config.peer_advertise = Some(peer);
         }
         if let Some(dir) = &self.data_dir {
             config.data_dir = dir.clone();
@@ -73,14 +89,16 @@ impl Origin {
                 }
             }
         });
-        let api = shoal_registry::router(std::sync::Arc::new(store), config.api());
+        let seeder = match config.peer_listen {
+            Some(addr) => Some(start_seeding(&store, addr, config.peer_advertise, &metrics).await?),
+            None => None,
+        };
+        let api = shoal_registry::router(Arc::new(store.clone()), config.api())
+            .merge(seeding_routes(store, seeder));
         let app = with_basics(api, metrics);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
-        if let Some(peer) = config.peer_listen {
-            tracing::info!(%peer, "peer listener reserved for seeding (used once the swarm lands)");
-        }
         tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "origin ready");
         Ok(Origin { listener, app })
     }
@@ -96,4 +114,72 @@ impl Origin {
         axum::serve(self.listener, self.app).with_graceful_shutdown(shutdown).await?;
         Ok(())
     }
+}
+
+/// The origin's identity in the swarm.
+#[derive(Clone, Copy)]
+struct SeederIdentity {
+    peer_id: PeerId,
+    advertise: SocketAddr,
+}
+
+/// Bind the peer listener and serve every blob this origin holds to the swarm.
+async fn start_seeding(
+    store: &OriginStore,
+    listen: SocketAddr,
+    advertise: Option<SocketAddr>,
+    metrics: &HttpMetrics,
+) -> anyhow::Result<SeederIdentity> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding peer listener {listen}"))?;
+    let bound = listener.local_addr()?;
+    let advertise = crate::peer_addr::advertised(bound, advertise)?;
+    let peer_id = PeerId::random();
+    let server = Arc::new(PeerServer {
+        peer_id,
+        lookup: Arc::new(store.clone()),
+        egress: Arc::new(shoal_p2p::limiter::RateLimiter::unlimited()),
+        metrics: SwarmMetrics::new("origin", &metrics.registry)?,
+        max_connections: 1024,
+    });
+    tokio::spawn(server.serve(listener));
+    tracing::info!(peer_listen = %bound, %advertise, %peer_id, "seeding blobs to the swarm");
+    Ok(SeederIdentity { peer_id, advertise })
+}
+
+#[derive(Clone)]
+struct SeedingState {
+    store: OriginStore,
+    seeder: Option<SeederIdentity>,
+}
+
+/// `/shoal/v1/blobs/<digest>/{metainfo,locations}`: what trackers and agents ask an origin.
+fn seeding_routes(store: OriginStore, seeder: Option<SeederIdentity>) -> axum::Router {
+    axum::Router::new()
+        .route("/shoal/v1/blobs/{digest}/metainfo", get(metainfo))
+        .route("/shoal/v1/blobs/{digest}/locations", get(locations))
+        .with_state(SeedingState { store, seeder })
+}
+
+async fn metainfo(State(s): State<SeedingState>, Path(digest): Path<String>) -> Response {
+    let Ok(digest) = digest.parse::<Digest>() else {
+        return (StatusCode::BAD_REQUEST, "invalid digest").into_response();
+    };
+    match s.store.metainfo(&digest).await {
+        Ok(Some(m)) => axum::Json(&*m).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, "blob unknown").into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn locations(State(s): State<SeedingState>, Path(digest): Path<String>) -> Response {
+    let Ok(digest) = digest.parse::<Digest>() else {
+        return (StatusCode::BAD_REQUEST, "invalid digest").into_response();
+    };
+    let mut found = Locations::default();
+    if let (Some(seeder), Ok(true)) = (s.seeder, s.store.has_blob(&digest).await) {
+        found.seeders.push(Seeder { peer_id: seeder.peer_id.to_string(), addr: seeder.advertise });
+    }
+    axum::Json(found).into_response()
 }

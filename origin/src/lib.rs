@@ -4,6 +4,7 @@ mod fsutil;
 mod layout;
 mod meta;
 mod recovery;
+mod seeding;
 mod store;
 mod uploads;
 

@@ -25,6 +25,8 @@ const REFERRERS: TableDefinition<(&str, &str, &str), &str> = TableDefinition::ne
 const REPOS: TableDefinition<&str, u8> = TableDefinition::new("repos");
 /// upload id → JSON [`UploadRecord`].
 const UPLOADS: TableDefinition<&str, &str> = TableDefinition::new("uploads");
+/// digest → metainfo JSON (piece length and piece hashes), computed once per blob.
+const METAINFO: TableDefinition<&str, &[u8]> = TableDefinition::new("metainfo");
 
 /// What is kept about a manifest besides its bytes (which live in the blob store).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -80,6 +82,7 @@ impl Meta {
             txn.open_table(REFERRERS).map_err(db_err)?;
             txn.open_table(REPOS).map_err(db_err)?;
             txn.open_table(UPLOADS).map_err(db_err)?;
+            txn.open_table(METAINFO).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         Ok(Meta { db })
@@ -94,6 +97,28 @@ impl Meta {
             total += entry.map_err(db_err)?.1.value();
         }
         Ok(total)
+    }
+
+    /// Size of a blob file present on this origin, whichever repository links it.
+    pub fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(BLOBS).map_err(db_err)?;
+        let d = digest.to_string();
+        Ok(table.get(d.as_str()).map_err(db_err)?.map(|v| v.value()))
+    }
+
+    pub fn metainfo(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(METAINFO).map_err(db_err)?;
+        let d = digest.to_string();
+        Ok(table.get(d.as_str()).map_err(db_err)?.map(|v| v.value().to_vec()))
+    }
+
+    pub fn put_metainfo(&self, digest: &Digest, json: &[u8]) -> Result<(), StoreError> {
+        let d = digest.to_string();
+        let txn = self.db.begin_write().map_err(db_err)?;
+        txn.open_table(METAINFO).map_err(db_err)?.insert(d.as_str(), json).map_err(db_err)?;
+        txn.commit().map_err(db_err)
     }
 
     pub fn blob_count(&self) -> Result<u64, StoreError> {

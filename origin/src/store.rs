@@ -32,9 +32,9 @@ pub struct StoreConfig {
     pub upload_idle_timeout: Duration,
 }
 
-struct Inner {
-    layout: Layout,
-    meta: Meta,
+pub(crate) struct Inner {
+    pub(crate) layout: Layout,
+    pub(crate) meta: Meta,
     sessions: Sessions,
     blob_bytes: AtomicU64,
     config: StoreConfig,
@@ -43,7 +43,7 @@ struct Inner {
 /// The origin's storage: blob files plus redb metadata under one data directory.
 #[derive(Clone)]
 pub struct OriginStore {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 /// Run blocking work (redb, file system) off the async runtime.
@@ -226,6 +226,7 @@ impl RegistryStore for OriginStore {
         .await?;
         if new {
             self.inner.blob_bytes.fetch_add(size, Ordering::Relaxed);
+            self.precompute_metainfo(digest);
         }
         drop(session);
         self.inner.sessions.remove(id);

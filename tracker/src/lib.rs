@@ -4,6 +4,7 @@
 pub mod api;
 pub mod origins;
 pub mod peers;
-pub mod proto;
+/// The tracker protocol lives in `shoal-p2p`, next to its client.
+pub use shoal_p2p::tracker_client as proto;
 
 pub use api::{router, TrackerConfig};

@@ -7,21 +7,8 @@ use std::time::{Duration, Instant};
 
 use rand::seq::SliceRandom;
 use rand::Rng;
-use serde::{Deserialize, Serialize};
+use shoal_p2p::tracker_client::PeerInfo;
 use shoal_registry::Digest;
-
-/// A peer as the tracker hands it out.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PeerInfo {
-    /// Hex peer id (20 bytes).
-    pub peer_id: String,
-    pub addr: SocketAddr,
-    /// Holds the whole blob.
-    pub complete: bool,
-    /// An origin that owns the blob (a seeder of last resort before the HTTP fallback).
-    #[serde(default)]
-    pub origin: bool,
-}
 
 struct Entry {
     addr: SocketAddr,

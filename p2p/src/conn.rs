@@ -1,0 +1,141 @@
+//! One outbound peer connection of a download: handshake, then requests out and pieces in.
+//! It owns no swarm state; it reports to the swarm's event loop and obeys its commands.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+
+use crate::bitfield::Bitfield;
+use crate::blob::BlobPieces;
+use crate::limiter::RateLimiter;
+use crate::peer::PeerId;
+use crate::wire::{Message, PeerCodec, PROTOCOL_VERSION};
+
+/// Commands from the event loop to a connection.
+#[derive(Debug)]
+pub enum Command {
+    Request(u32),
+    Cancel(u32),
+}
+
+/// What a connection reports to the event loop.
+#[derive(Debug)]
+pub enum ConnEvent {
+    Connected { peer: PeerId, addr: SocketAddr, bitfield: Bitfield, commands: mpsc::Sender<Command> },
+    ConnectFailed { addr: SocketAddr, reason: String },
+    Have { peer: PeerId, index: u32 },
+    Piece { peer: PeerId, index: u32, data: Bytes },
+    Closed { peer: PeerId, reason: String },
+}
+
+/// Timeouts of a connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnTimeouts {
+    pub connect: Duration,
+    pub handshake: Duration,
+    /// Silence after which the connection is considered dead.
+    pub idle: Duration,
+}
+
+/// Connect to `addr` and run the connection until it closes or `commands` is dropped.
+pub async fn run(
+    addr: SocketAddr,
+    me: PeerId,
+    pieces: Arc<BlobPieces>,
+    ingress: Arc<RateLimiter>,
+    timeouts: ConnTimeouts,
+    events: mpsc::Sender<ConnEvent>,
+) {
+    let (peer, bitfield, framed) = match handshake(addr, me, &pieces, timeouts).await {
+        Ok(ok) => ok,
+        Err(reason) => {
+            let _ = events.send(ConnEvent::ConnectFailed { addr, reason }).await;
+            return;
+        }
+    };
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
+    if events.send(ConnEvent::Connected { peer, addr, bitfield, commands: cmd_tx }).await.is_err() {
+        return;
+    }
+    let (mut sink, mut stream) = framed.split();
+    let reason = loop {
+        tokio::select! {
+            cmd = cmd_rx.recv() => {
+                let msg = match cmd {
+                    None => break "swarm closed the connection".to_string(),
+                    Some(Command::Request(index)) => Message::Request { index },
+                    Some(Command::Cancel(index)) => Message::Cancel(index),
+                };
+                if let Err(e) = sink.send(msg).await {
+                    break e.to_string();
+                }
+            }
+            incoming = tokio::time::timeout(timeouts.idle, stream.next()) => match incoming {
+                Err(_) => break "idle timeout".to_string(),
+                Ok(None) => break "closed by peer".to_string(),
+                Ok(Some(Err(e))) => break format!("protocol error: {e}"),
+                Ok(Some(Ok(Message::Piece { index, data }))) => {
+                    // Waiting here stops reading the socket, so TCP pushes back on the sender.
+                    ingress.acquire(data.len() as u64).await;
+                    if events.send(ConnEvent::Piece { peer, index, data }).await.is_err() {
+                        break "swarm gone".to_string();
+                    }
+                }
+                Ok(Some(Ok(Message::Have(index)))) => {
+                    if events.send(ConnEvent::Have { peer, index }).await.is_err() {
+                        break "swarm gone".to_string();
+                    }
+                }
+                Ok(Some(Ok(Message::Error { code, message }))) => break format!("peer error {code}: {message}"),
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    };
+    let _ = events.send(ConnEvent::Closed { peer, reason }).await;
+}
+
+type PeerFramed = Framed<TcpStream, PeerCodec>;
+
+async fn handshake(
+    addr: SocketAddr,
+    me: PeerId,
+    pieces: &BlobPieces,
+    timeouts: ConnTimeouts,
+) -> Result<(PeerId, Bitfield, PeerFramed), String> {
+    let stream = tokio::time::timeout(timeouts.connect, TcpStream::connect(addr))
+        .await
+        .map_err(|_| "connect timeout".to_string())?
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let mut framed = Framed::new(stream, PeerCodec::default());
+    let digest = pieces.metainfo().digest().clone();
+    let hello = Message::Handshake {
+        version: PROTOCOL_VERSION,
+        digest: digest.clone(),
+        peer_id: me,
+        bitfield: pieces.have().to_bytes().into(),
+    };
+    framed.send(hello).await.map_err(|e| e.to_string())?;
+    let reply =
+        tokio::time::timeout(timeouts.handshake, framed.next()).await.map_err(|_| "handshake timeout")?;
+    match reply {
+        Some(Ok(Message::Handshake { version, digest: theirs, peer_id, bitfield })) => {
+            if version != PROTOCOL_VERSION || theirs != digest {
+                return Err("handshake for another blob or version".into());
+            }
+            let bitfield = Bitfield::from_bytes(pieces.metainfo().piece_count(), &bitfield)
+                .map_err(|e| format!("bad bitfield: {e}"))?;
+            Ok((peer_id, bitfield, framed))
+        }
+        Some(Ok(Message::Error { code, message })) => Err(format!("peer refused ({code}): {message}")),
+        Some(Ok(other)) => Err(format!("expected handshake, got {}", other.name())),
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err("closed during handshake".into()),
+    }
+}

@@ -1,0 +1,43 @@
+//! Shoal's data plane: everything needed to move a blob between peers as verified pieces.
+//!
+//! The swarm's event loop (in the agent and origin) is built from these small parts, each of
+//! which is pure or blocking-only and tested on its own:
+//!
+//! - [`metainfo`]: how a blob is cut into pieces and the SHA-256 of each, so every piece from
+//!   an untrusted peer can be checked before it is stored or served.
+//! - [`bitfield`]: which pieces a peer has, in BitTorrent's bit order.
+//! - [`peer`]: random peer ids.
+//! - [`wire`]: the peer protocol's frames, as a `tokio_util` codec.
+//! - [`piece_store`]: the preallocated file and crash-safe bitfield a download is assembled in.
+//! - [`picker`]: which pieces to request from whom (readers first, rarest first, endgame,
+//!   deadlines), with no I/O and time passed in.
+//! - [`blacklist`]: strikes and expiring bans for peers that misbehave or stall.
+//! - [`blob`]: a blob as the swarm sees it, partial or complete, readable while it fills.
+//! - [`swarm`]: one blob's download: the event loop that owns the picker and the connections
+//!   ([`conn`]), announces to the tracker ([`tracker_client`]) and falls back to an origin.
+//! - [`server`]: serves pieces to other peers; [`limiter`]: node-wide bandwidth limits;
+//!   [`metrics`]: what proves the swarm works.
+
+pub mod bitfield;
+pub mod blacklist;
+pub mod blob;
+pub mod conn;
+pub mod limiter;
+pub mod metainfo;
+pub mod metrics;
+pub mod peer;
+pub mod picker;
+pub mod piece_store;
+pub mod server;
+pub mod swarm;
+pub mod tracker_client;
+pub mod wire;
+
+pub use bitfield::{Bitfield, BitfieldError};
+pub use blacklist::{Blacklist, BlacklistConfig};
+pub use metainfo::{piece_length_for, Metainfo, MetainfoError};
+pub use metrics::SwarmMetrics;
+pub use peer::{PeerId, PeerIdError};
+pub use picker::{request_timeout, PickerConfig, PickerError, PiecePicker};
+pub use piece_store::{PieceError, PieceFile};
+pub use wire::{Message, PeerCodec, WireError, PROTOCOL_VERSION};

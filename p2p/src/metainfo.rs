@@ -1,0 +1,459 @@
+//! Metainfo: how a blob is cut into pieces and the SHA-256 of each piece.
+//!
+//! Peers are untrusted, so every piece must be checkable on its own before it is stored or
+//! served; the origin computes this once per blob and the tracker hands it out. Its JSON form
+//! is untrusted input too, so decoding validates every field instead of trusting it.
+
+use std::io::{self, Read};
+use std::path::Path;
+
+use sha2::{Digest as _, Sha256};
+use shoal_registry::{Algorithm, Digest};
+
+/// Smallest piece length: below this, per-piece overhead (requests, hashes, bitfield bits)
+/// dominates the transfer.
+pub const MIN_PIECE_LENGTH: u64 = 64 * 1024;
+
+/// Largest piece length: a piece is the unit of retry and of buffering on the wire, so it stays
+/// a few MiB; this also bounds the wire protocol's frame size.
+pub const MAX_PIECE_LENGTH: u64 = 4 * 1024 * 1024;
+
+/// Pieces we aim for per blob, so even a mid-sized layer can be fetched from many peers at once.
+pub const TARGET_PIECES: u64 = 16;
+
+/// Length of one piece hash (SHA-256).
+pub const PIECE_HASH_LEN: usize = 32;
+
+/// How much `compute` reads at a time.
+const READ_CHUNK: usize = 1024 * 1024;
+
+/// The piece length for a blob of `size` bytes.
+///
+/// The rule: the largest power of two not above `size / 16`, clamped to
+/// [`MIN_PIECE_LENGTH`] (64 KiB) ..= [`MAX_PIECE_LENGTH`] (4 MiB). So blobs between 1 MiB and
+/// 64 MiB get 16 to 32 pieces, smaller blobs get 64 KiB pieces (fewer than 16, down to one),
+/// and larger blobs get 4 MiB pieces (more than 16). Rounding down rather than up is what
+/// guarantees "at least 16 pieces when possible".
+pub fn piece_length_for(size: u64) -> u64 {
+    let target = size / TARGET_PIECES;
+    if target <= MIN_PIECE_LENGTH {
+        return MIN_PIECE_LENGTH;
+    }
+    // `target > 0` here, so `ilog2` is defined.
+    let floor_pow2 = 1u64 << target.ilog2();
+    floor_pow2.clamp(MIN_PIECE_LENGTH, MAX_PIECE_LENGTH)
+}
+
+/// Why a metainfo is inconsistent (decoding untrusted JSON or building one by hand).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MetainfoError {
+    #[error("piece length {0} is not a power of two between 64 KiB and 4 MiB")]
+    PieceLength(u64),
+    #[error(
+        "a blob of {size} bytes in pieces of {piece_length} needs {expected} piece hashes, got {actual}"
+    )]
+    PieceCount { size: u64, piece_length: u64, expected: u64, actual: u64 },
+    #[error("piece hashes must be lowercase hex, {PIECE_HASH_LEN} bytes per piece")]
+    PieceHex,
+}
+
+/// How a blob is cut into pieces, and the hash of each piece. Always internally consistent: the
+/// only ways to get one are [`Metainfo::new`], [`Metainfo::compute`] and validated JSON.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "MetainfoJson", into = "MetainfoJson")]
+pub struct Metainfo {
+    digest: Digest,
+    size: u64,
+    piece_length: u64,
+    pieces: Vec<[u8; PIECE_HASH_LEN]>,
+}
+
+impl Metainfo {
+    /// Build a metainfo from parts, checking that they agree with each other.
+    pub fn new(
+        digest: Digest,
+        size: u64,
+        piece_length: u64,
+        pieces: Vec<[u8; PIECE_HASH_LEN]>,
+    ) -> Result<Metainfo, MetainfoError> {
+        if !piece_length.is_power_of_two() || !(MIN_PIECE_LENGTH..=MAX_PIECE_LENGTH).contains(&piece_length) {
+            return Err(MetainfoError::PieceLength(piece_length));
+        }
+        let expected = size.div_ceil(piece_length);
+        let actual = pieces.len() as u64;
+        // Piece indices are u32 on the wire; a blob that needs more is not representable.
+        if expected != actual || expected > u64::from(u32::MAX) {
+            return Err(MetainfoError::PieceCount { size, piece_length, expected, actual });
+        }
+        Ok(Metainfo { digest, size, piece_length, pieces })
+    }
+
+    /// Compute the metainfo of `size` bytes read from `reader`, hashing the blob digest (with
+    /// `algorithm`) and every piece in one pass of 1 MiB reads.
+    ///
+    /// `size` is needed up front because it decides the piece length; a reader that yields a
+    /// different number of bytes is an `InvalidData` error. Blocking: call it from
+    /// `spawn_blocking`.
+    pub fn compute(reader: impl Read, size: u64, algorithm: Algorithm) -> io::Result<Metainfo> {
+        let piece_length = piece_length_for(size);
+        let (digest, read, pieces) = hash_pieces(reader, piece_length, algorithm)?;
+        if read != size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("expected {size} bytes, read {read}"),
+            ));
+        }
+        Metainfo::new(digest, size, piece_length, pieces)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Compute the metainfo of the file at `path`, taking the size from its metadata.
+    /// Blocking: call it from `spawn_blocking`.
+    pub fn compute_file(path: &Path, algorithm: Algorithm) -> io::Result<Metainfo> {
+        let file = std::fs::File::open(path)?;
+        let size = file.metadata()?.len();
+        Metainfo::compute(file, size, algorithm)
+    }
+
+    /// The whole blob's digest, checked once all pieces are in.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// The blob's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Length of every piece but the last.
+    pub fn piece_length(&self) -> u64 {
+        self.piece_length
+    }
+
+    /// The SHA-256 of each piece, in order.
+    pub fn pieces(&self) -> &[[u8; PIECE_HASH_LEN]] {
+        &self.pieces
+    }
+
+    /// Number of pieces (zero for an empty blob).
+    pub fn piece_count(&self) -> u32 {
+        // `new` guarantees the count fits.
+        u32::try_from(self.pieces.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Byte offset and length of piece `index`; the last piece may be shorter. `None` when the
+    /// index is out of range.
+    pub fn piece_range(&self, index: u32) -> Option<(u64, u64)> {
+        if index >= self.piece_count() {
+            return None;
+        }
+        let offset = u64::from(index) * self.piece_length;
+        let len = self.piece_length.min(self.size - offset);
+        Some((offset, len))
+    }
+
+    /// Length of piece `index`, or `None` when out of range.
+    pub fn piece_len(&self, index: u32) -> Option<u64> {
+        self.piece_range(index).map(|(_, len)| len)
+    }
+
+    /// The piece holding byte `offset`, or `None` at or past the end of the blob.
+    pub fn piece_index_at(&self, offset: u64) -> Option<u32> {
+        if offset >= self.size {
+            return None;
+        }
+        u32::try_from(offset / self.piece_length).ok()
+    }
+
+    /// Whether `data` is exactly piece `index` (right length and hash).
+    pub fn verify_piece(&self, index: u32, data: &[u8]) -> bool {
+        let (Some(len), Some(expected)) = (self.piece_len(index), self.pieces.get(index as usize)) else {
+            return false;
+        };
+        data.len() as u64 == len && Sha256::digest(data).as_slice() == expected
+    }
+}
+
+/// Read everything from `reader`, returning the blob digest, byte count and piece hashes.
+fn hash_pieces(
+    mut reader: impl Read,
+    piece_length: u64,
+    algorithm: Algorithm,
+) -> io::Result<(Digest, u64, Vec<[u8; PIECE_HASH_LEN]>)> {
+    let mut blob = algorithm.hasher();
+    let mut piece = Sha256::new();
+    let mut in_piece = 0u64;
+    let mut total = 0u64;
+    let mut pieces = Vec::new();
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let mut chunk = &buf[..n];
+        blob.update(chunk);
+        total += n as u64;
+        while !chunk.is_empty() {
+            let room = piece_length - in_piece;
+            let take = chunk.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+            piece.update(&chunk[..take]);
+            in_piece += take as u64;
+            chunk = &chunk[take..];
+            if in_piece == piece_length {
+                pieces.push(piece.finalize_reset().into());
+                in_piece = 0;
+            }
+        }
+    }
+    if in_piece > 0 {
+        pieces.push(piece.finalize().into());
+    }
+    Ok((blob.finish(), total, pieces))
+}
+
+/// The JSON form exchanged over HTTP: piece hashes as one hex string, which is compact and
+/// trivial to produce from any language.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MetainfoJson {
+    digest: Digest,
+    size: u64,
+    piece_length: u64,
+    pieces: String,
+}
+
+impl From<Metainfo> for MetainfoJson {
+    fn from(m: Metainfo) -> Self {
+        MetainfoJson {
+            digest: m.digest,
+            size: m.size,
+            piece_length: m.piece_length,
+            pieces: hex::encode(m.pieces.concat()),
+        }
+    }
+}
+
+impl TryFrom<MetainfoJson> for Metainfo {
+    type Error = MetainfoError;
+
+    fn try_from(j: MetainfoJson) -> Result<Self, Self::Error> {
+        let hex = j.pieces.as_bytes();
+        let chunks = hex.chunks_exact(PIECE_HASH_LEN * 2);
+        if !chunks.remainder().is_empty()
+            || !hex.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+        {
+            return Err(MetainfoError::PieceHex);
+        }
+        let mut pieces = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            let mut hash = [0u8; PIECE_HASH_LEN];
+            hex::decode_to_slice(chunk, &mut hash).map_err(|_| MetainfoError::PieceHex)?;
+            pieces.push(hash);
+        }
+        Metainfo::new(j.digest, j.size, j.piece_length, pieces)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KIB: u64 = 1024;
+    const MIB: u64 = 1024 * 1024;
+
+    /// Deterministic non-repeating test content.
+    fn blob(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    /// A reader that returns at most `step` bytes per call, to exercise piece boundaries that
+    /// fall inside reads.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.data.len().min(self.step).min(buf.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn piece_length_rule() {
+        assert_eq!(piece_length_for(0), 64 * KIB);
+        assert_eq!(piece_length_for(1), 64 * KIB);
+        assert_eq!(piece_length_for(MIB), 64 * KIB);
+        assert_eq!(piece_length_for(2 * MIB - 1), 64 * KIB);
+        assert_eq!(piece_length_for(2 * MIB), 128 * KIB);
+        assert_eq!(piece_length_for(17 * MIB), MIB);
+        assert_eq!(piece_length_for(64 * MIB), 4 * MIB);
+        assert_eq!(piece_length_for(10 * 1024 * MIB), 4 * MIB);
+        assert_eq!(piece_length_for(u64::MAX), 4 * MIB);
+        for size in [MIB, 3 * MIB + 7, 17 * MIB, 33 * MIB, 64 * MIB - 1, 64 * MIB] {
+            let pl = piece_length_for(size);
+            let pieces = size.div_ceil(pl);
+            assert!((16..=32).contains(&pieces), "size {size}: {pieces} pieces of {pl}");
+        }
+    }
+
+    #[test]
+    fn compute_hashes_blob_and_pieces() {
+        let data = blob(3 * MIB as usize + 12345);
+        let m = Metainfo::compute(&data[..], data.len() as u64, Algorithm::Sha256).unwrap();
+        assert_eq!(m.digest(), &Digest::of(Algorithm::Sha256, &data));
+        assert_eq!(m.size(), data.len() as u64);
+        assert_eq!(m.piece_length(), 128 * KIB);
+        assert_eq!(m.piece_count(), 25);
+        for (i, chunk) in data.chunks(m.piece_length() as usize).enumerate() {
+            let expected: [u8; 32] = Sha256::digest(chunk).into();
+            assert_eq!(m.pieces()[i], expected);
+            assert!(m.verify_piece(i as u32, chunk));
+        }
+    }
+
+    #[test]
+    fn compute_is_independent_of_read_sizes() {
+        let data = blob(300 * KIB as usize + 1);
+        let whole = Metainfo::compute(&data[..], data.len() as u64, Algorithm::Sha512).unwrap();
+        let trickled =
+            Metainfo::compute(Trickle { data: &data, step: 7777 }, data.len() as u64, Algorithm::Sha512)
+                .unwrap();
+        assert_eq!(whole, trickled);
+        assert_eq!(whole.digest().algorithm(), Algorithm::Sha512);
+        assert_eq!(whole.piece_count(), 5);
+    }
+
+    #[test]
+    fn compute_rejects_a_size_mismatch() {
+        let data = blob(1000);
+        let err = Metainfo::compute(&data[..], 999, Algorithm::Sha256).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let err = Metainfo::compute(&data[..], 1001, Algorithm::Sha256).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn compute_file_reads_the_size_from_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let data = blob(200 * KIB as usize);
+        std::fs::write(&path, &data).unwrap();
+        let m = Metainfo::compute_file(&path, Algorithm::Sha256).unwrap();
+        assert_eq!(m, Metainfo::compute(&data[..], data.len() as u64, Algorithm::Sha256).unwrap());
+    }
+
+    #[test]
+    fn empty_blob_has_no_pieces() {
+        let m = Metainfo::compute(&[][..], 0, Algorithm::Sha256).unwrap();
+        assert_eq!(m.piece_count(), 0);
+        assert_eq!(m.piece_range(0), None);
+        assert_eq!(m.piece_index_at(0), None);
+        assert!(!m.verify_piece(0, &[]));
+    }
+
+    #[test]
+    fn piece_ranges_and_lookup() {
+        let data = blob(150 * KIB as usize);
+        let m = Metainfo::compute(&data[..], data.len() as u64, Algorithm::Sha256).unwrap();
+        assert_eq!(m.piece_count(), 3);
+        assert_eq!(m.piece_range(0), Some((0, 64 * KIB)));
+        assert_eq!(m.piece_range(1), Some((64 * KIB, 64 * KIB)));
+        assert_eq!(m.piece_range(2), Some((128 * KIB, 22 * KIB)));
+        assert_eq!(m.piece_range(3), None);
+        assert_eq!(m.piece_range(u32::MAX), None);
+        assert_eq!(m.piece_index_at(0), Some(0));
+        assert_eq!(m.piece_index_at(64 * KIB - 1), Some(0));
+        assert_eq!(m.piece_index_at(64 * KIB), Some(1));
+        assert_eq!(m.piece_index_at(150 * KIB - 1), Some(2));
+        assert_eq!(m.piece_index_at(150 * KIB), None);
+        assert_eq!(m.piece_index_at(u64::MAX), None);
+    }
+
+    #[test]
+    fn exact_multiple_has_a_full_last_piece() {
+        let data = blob(128 * KIB as usize);
+        let m = Metainfo::compute(&data[..], data.len() as u64, Algorithm::Sha256).unwrap();
+        assert_eq!(m.piece_count(), 2);
+        assert_eq!(m.piece_range(1), Some((64 * KIB, 64 * KIB)));
+    }
+
+    #[test]
+    fn verify_piece_checks_length_and_hash() {
+        let data = blob(100 * KIB as usize);
+        let m = Metainfo::compute(&data[..], data.len() as u64, Algorithm::Sha256).unwrap();
+        let last = &data[64 * KIB as usize..];
+        assert!(m.verify_piece(1, last));
+        assert!(!m.verify_piece(1, &last[1..]));
+        assert!(!m.verify_piece(0, last));
+        let mut flipped = last.to_vec();
+        flipped[10] ^= 1;
+        assert!(!m.verify_piece(1, &flipped));
+        assert!(!m.verify_piece(2, last));
+    }
+
+    #[test]
+    fn json_round_trip_and_shape() {
+        let data = blob(130 * KIB as usize);
+        let m = Metainfo::compute(&data[..], data.len() as u64, Algorithm::Sha256).unwrap();
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(json["digest"], m.digest().to_string());
+        assert_eq!(json["size"], 130 * KIB);
+        assert_eq!(json["piece_length"], 64 * KIB);
+        assert_eq!(json["pieces"].as_str().unwrap().len(), 3 * 64);
+        assert_eq!(json["pieces"].as_str().unwrap(), hex::encode(m.pieces().concat()));
+        let back: Metainfo = serde_json::from_value(json).unwrap();
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn json_validation_rejects_inconsistent_input() {
+        let digest = Digest::of(Algorithm::Sha256, b"x");
+        let hash = "ab".repeat(32);
+        let doc = |size: u64, piece_length: u64, pieces: &str| serde_json::json!({"digest": digest, "size": size, "piece_length": piece_length, "pieces": pieces});
+        let ok = doc(64 * KIB + 1, 64 * KIB, &hash.repeat(2));
+        assert!(serde_json::from_value::<Metainfo>(ok).is_ok());
+        let bad = [
+            doc(100, 64 * KIB, ""),                            // too few hashes
+            doc(100, 64 * KIB, &hash.repeat(2)),               // too many hashes
+            doc(0, 64 * KIB, &hash),                           // empty blob has no pieces
+            doc(100, 0, &hash),                                // zero piece length
+            doc(100, 100_000, &hash),                          // not a power of two
+            doc(100, 32 * KIB, &hash),                         // below the minimum
+            doc(100, 8 * MIB, &hash),                          // above the maximum
+            doc(100, 64 * KIB, &hash[..63]),                   // odd hex
+            doc(100, 64 * KIB, &"AB".repeat(32)),              // uppercase
+            doc(100, 64 * KIB, &format!("{}zz", &hash[..62])), // not hex
+            doc(100, 64 * KIB, &format!("{}é", &hash[..62])),  // multibyte, 64 bytes
+            doc(u64::MAX, 4 * MIB, &hash),                     // huge size, no overflow
+            doc(u64::MAX, 64 * KIB, &hash),                    // more pieces than u32
+        ];
+        for (i, b) in bad.into_iter().enumerate() {
+            assert!(serde_json::from_value::<Metainfo>(b).is_err(), "case {i} accepted");
+        }
+        let bad_digest =
+            serde_json::json!({"digest": "md5:x", "size": 0, "piece_length": 65536, "pieces": ""});
+        assert!(serde_json::from_value::<Metainfo>(bad_digest).is_err());
+        let missing = serde_json::json!({"digest": digest, "size": 0, "piece_length": 65536});
+        assert!(serde_json::from_value::<Metainfo>(missing).is_err());
+    }
+
+    #[test]
+    fn new_validates_like_json() {
+        let digest = Digest::of(Algorithm::Sha256, b"x");
+        assert_eq!(
+            Metainfo::new(digest.clone(), 10, 1000, vec![[0; 32]]),
+            Err(MetainfoError::PieceLength(1000))
+        );
+        assert_eq!(
+            Metainfo::new(digest.clone(), 10, 64 * KIB, vec![]),
+            Err(MetainfoError::PieceCount { size: 10, piece_length: 64 * KIB, expected: 1, actual: 0 })
+        );
+        assert!(Metainfo::new(digest, 0, 64 * KIB, vec![]).is_ok());
+    }
+}

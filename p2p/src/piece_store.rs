@@ -1,0 +1,617 @@
+//! The on-disk form of a blob being downloaded: one preallocated file plus a bitfield file.
+//!
+//! Pieces arrive out of order from many peers, so each is written at its offset into a file of
+//! the blob's final size. The bitfield beside it records which pieces are on disk so a restarted
+//! agent resumes instead of starting over. The invariant that makes resuming safe: the persisted
+//! bitfield never claims a piece whose data is not verified, fully written and fsynced (data is
+//! synced before the bitfield is replaced, and the bitfield is replaced atomically). It may lag
+//! behind, which only costs a re-download.
+//!
+//! All of this is blocking file I/O: async callers use `spawn_blocking`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use shoal_registry::Digest;
+
+use crate::bitfield::Bitfield;
+use crate::metainfo::Metainfo;
+
+/// First bytes of a bitfield file, so a foreign or older format is discarded, not misread.
+const BITFIELD_MAGIC: &[u8; 8] = b"SHOALBF1";
+
+/// How much `finish` reads at a time while hashing the whole blob.
+const HASH_CHUNK: usize = 1024 * 1024;
+
+/// Why a piece could not be stored or read, or the blob could not be finished.
+#[derive(Debug, thiserror::Error)]
+pub enum PieceError {
+    #[error("piece file i/o error: {0}")]
+    Io(#[from] io::Error),
+    #[error("piece {index} is out of range (blob has {count} pieces)")]
+    OutOfRange { index: u32, count: u32 },
+    #[error("piece {index} does not match its hash in the metainfo")]
+    HashMismatch { index: u32 },
+    #[error("piece {index} is not downloaded yet")]
+    Missing { index: u32 },
+    #[error("offset {offset} is past the end of the blob ({size} bytes)")]
+    OffsetOutOfRange { offset: u64, size: u64 },
+    #[error("blob is incomplete: {missing} pieces missing")]
+    Incomplete { missing: u32 },
+    #[error("blob digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+}
+
+/// A blob being assembled from pieces; see the module docs for the crash-safety invariant.
+#[derive(Debug)]
+pub struct PieceFile {
+    file: File,
+    path: PathBuf,
+    bitfield_path: PathBuf,
+    metainfo: Metainfo,
+    have: Bitfield,
+    /// Pieces set in `have` since the bitfield file was last written.
+    unpersisted: u32,
+    /// Persist after this many new pieces (1 = after every piece).
+    persist_every: u32,
+}
+
+/// Where the bitfield of the data file at `path` lives: `<path>.bitfield`.
+pub fn bitfield_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".bitfield");
+    PathBuf::from(name)
+}
+
+impl PieceFile {
+    /// Create the data file at `path` (preallocated to the blob's size) or reopen it after a
+    /// restart, loading the persisted bitfield. A bitfield that does not decode, or belongs to a
+    /// different metainfo, or a data file of the wrong size, means starting from no pieces.
+    pub fn open(path: &Path, metainfo: Metainfo) -> Result<PieceFile, PieceError> {
+        if let Some(parent) = path.parent() {
+            if !parent.as_os_str().is_empty() {
+                fs::create_dir_all(parent)?;
+            }
+        }
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let size_ok = file.metadata()?.len() == metainfo.size();
+        if !size_ok {
+            file.set_len(metainfo.size())?;
+        }
+        let bitfield_path = bitfield_path(path);
+        let have = if size_ok { load_bitfield(&bitfield_path, &metainfo) } else { None };
+        let have = have.unwrap_or_else(|| Bitfield::new(metainfo.piece_count()));
+        tracing::debug!(path = %path.display(), have = have.count(), pieces = have.len(), "opened piece file");
+        Ok(PieceFile {
+            file,
+            path: path.to_path_buf(),
+            bitfield_path,
+            metainfo,
+            have,
+            unpersisted: 0,
+            persist_every: 1,
+        })
+    }
+
+    /// Persist the bitfield only every `n` new pieces (at least 1) instead of after each one,
+    /// trading a little re-download after a crash for fewer fsyncs. Call [`PieceFile::flush`]
+    /// before dropping to keep the rest.
+    pub fn with_persist_every(mut self, n: u32) -> PieceFile {
+        self.persist_every = n.max(1);
+        self
+    }
+
+    /// The metainfo this file is assembled against.
+    pub fn metainfo(&self) -> &Metainfo {
+        &self.metainfo
+    }
+
+    /// Path of the data file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The pieces that are verified and written (some perhaps not yet persisted).
+    pub fn have(&self) -> &Bitfield {
+        &self.have
+    }
+
+    /// Whether every piece is here.
+    pub fn is_complete(&self) -> bool {
+        self.have.is_complete()
+    }
+
+    /// Verify `data` against piece `index`'s hash and write it. A piece that fails verification
+    /// is not written or marked; writing a piece we already have is a no-op.
+    pub fn write_piece(&mut self, index: u32, data: &[u8]) -> Result<(), PieceError> {
+        let (offset, _) = self.range(index)?;
+        if !self.metainfo.verify_piece(index, data) {
+            return Err(PieceError::HashMismatch { index });
+        }
+        if self.have.get(index) {
+            return Ok(());
+        }
+        self.file.write_all_at(data, offset)?;
+        self.have.set(index).map_err(|_| self.out_of_range(index))?;
+        self.unpersisted += 1;
+        if self.unpersisted >= self.persist_every {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Make every piece written so far durable: fsync the data, then atomically replace the
+    /// bitfield file.
+    pub fn flush(&mut self) -> Result<(), PieceError> {
+        if self.unpersisted == 0 {
+            return Ok(());
+        }
+        self.file.sync_data()?;
+        write_bitfield(&self.bitfield_path, &self.metainfo, &self.have)?;
+        self.unpersisted = 0;
+        Ok(())
+    }
+
+    /// Read a whole piece we have, e.g. to answer a peer's request.
+    pub fn read_piece(&self, index: u32) -> Result<Vec<u8>, PieceError> {
+        let (offset, len) = self.range(index)?;
+        if !self.have.get(index) {
+            return Err(PieceError::Missing { index });
+        }
+        let mut buf = vec![0u8; usize::try_from(len).map_err(|_| self.out_of_range(index))?];
+        self.file.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+
+    /// Read bytes starting at `offset` for streaming to a client, stopping at the first piece we
+    /// do not have. Returns how many bytes were read: 0 at the end of the blob, and
+    /// `Missing` if the piece at `offset` itself is not here yet (wait for it, then retry).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, PieceError> {
+        let size = self.metainfo.size();
+        if offset > size {
+            return Err(PieceError::OffsetOutOfRange { offset, size });
+        }
+        if offset == size || buf.is_empty() {
+            return Ok(0);
+        }
+        let mut end = offset.saturating_add(buf.len() as u64).min(size);
+        let Some(first) = self.metainfo.piece_index_at(offset) else {
+            return Ok(0);
+        };
+        let mut index = first;
+        while let Some((start, len)) = self.metainfo.piece_range(index) {
+            if start >= end {
+                break;
+            }
+            if !self.have.get(index) {
+                if index == first {
+                    return Err(PieceError::Missing { index });
+                }
+                end = start;
+                break;
+            }
+            if start + len >= end {
+                break;
+            }
+            index += 1;
+        }
+        let n = usize::try_from(end - offset).unwrap_or(buf.len()).min(buf.len());
+        self.file.read_exact_at(&mut buf[..n], offset)?;
+        Ok(n)
+    }
+
+    /// Turn the complete download into the final blob: check the whole-blob digest by reading
+    /// the file once, fsync, rename it to `dest` (creating its directory) and drop the bitfield.
+    /// Blocking and proportional to the blob size.
+    pub fn finish(self, dest: &Path) -> Result<(), PieceError> {
+        let missing = self.have.len() - self.have.count();
+        if missing > 0 {
+            return Err(PieceError::Incomplete { missing });
+        }
+        let actual = self.hash_file()?;
+        let expected = self.metainfo.digest();
+        if &actual != expected {
+            return Err(PieceError::DigestMismatch { expected: expected.clone(), actual });
+        }
+        self.file.sync_all()?;
+        if let Some(parent) = dest.parent() {
+            if !parent.as_os_str().is_empty() {
+                fs::create_dir_all(parent)?;
+            }
+        }
+        fs::rename(&self.path, dest)?;
+        if let Some(parent) = dest.parent() {
+            sync_dir(parent)?;
+        }
+        remove_if_exists(&self.bitfield_path)?;
+        Ok(())
+    }
+
+    /// Delete the partial download and its bitfield (e.g. the blob was found elsewhere).
+    pub fn discard(self) -> Result<(), PieceError> {
+        remove_if_exists(&self.path)?;
+        remove_if_exists(&self.bitfield_path)?;
+        Ok(())
+    }
+
+    fn hash_file(&self) -> io::Result<Digest> {
+        let mut hasher = self.metainfo.digest().algorithm().hasher();
+        let mut buf = vec![0u8; HASH_CHUNK];
+        // Positional reads: all writes are positional too, so the file cursor means nothing.
+        let mut offset = 0u64;
+        loop {
+            match self.file.read_at(&mut buf, offset) {
+                Ok(0) => break,
+                Ok(n) => {
+                    hasher.update(&buf[..n]);
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(hasher.finish())
+    }
+
+    fn range(&self, index: u32) -> Result<(u64, u64), PieceError> {
+        self.metainfo.piece_range(index).ok_or_else(|| self.out_of_range(index))
+    }
+
+    fn out_of_range(&self, index: u32) -> PieceError {
+        PieceError::OutOfRange { index, count: self.metainfo.piece_count() }
+    }
+}
+
+/// The bitfield file: magic, blob size (u64), piece length (u64), digest (u16 length + text),
+/// then the bitfield bytes. The header ties the bitfield to one exact metainfo.
+fn encode_bitfield(metainfo: &Metainfo, have: &Bitfield) -> Vec<u8> {
+    let digest = metainfo.digest().to_string();
+    let mut out = Vec::with_capacity(8 + 8 + 8 + 2 + digest.len() + have.as_bytes().len());
+    out.extend_from_slice(BITFIELD_MAGIC);
+    out.extend_from_slice(&metainfo.size().to_be_bytes());
+    out.extend_from_slice(&metainfo.piece_length().to_be_bytes());
+    // A digest string is at most ~135 bytes.
+    out.extend_from_slice(&u16::try_from(digest.len()).unwrap_or(u16::MAX).to_be_bytes());
+    out.extend_from_slice(digest.as_bytes());
+    out.extend_from_slice(have.as_bytes());
+    out
+}
+
+/// Decode a bitfield file, or `None` if it does not belong to `metainfo` or is malformed.
+fn decode_bitfield(bytes: &[u8], metainfo: &Metainfo) -> Option<Bitfield> {
+    let rest = bytes.strip_prefix(BITFIELD_MAGIC)?;
+    let (size, rest) = rest.split_first_chunk::<8>()?;
+    let (piece_length, rest) = rest.split_first_chunk::<8>()?;
+    let (digest_len, rest) = rest.split_first_chunk::<2>()?;
+    let (digest, rest) = rest.split_at_checked(usize::from(u16::from_be_bytes(*digest_len)))?;
+    let matches = u64::from_be_bytes(*size) == metainfo.size()
+        && u64::from_be_bytes(*piece_length) == metainfo.piece_length()
+        && digest == metainfo.digest().to_string().as_bytes();
+    if !matches {
+        return None;
+    }
+    Bitfield::from_bytes(metainfo.piece_count(), rest).ok()
+}
+
+fn load_bitfield(path: &Path, metainfo: &Metainfo) -> Option<Bitfield> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read bitfield; starting from no pieces");
+            return None;
+        }
+    };
+    let decoded = decode_bitfield(&bytes, metainfo);
+    if decoded.is_none() {
+        tracing::warn!(path = %path.display(), "bitfield file does not match the metainfo; starting from no pieces");
+    }
+    decoded
+}
+
+/// Atomically replace the bitfield file: write a temp file, fsync it, rename it over, fsync the
+/// directory.
+fn write_bitfield(path: &Path, metainfo: &Metainfo, have: &Bitfield) -> io::Result<()> {
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let mut file = File::create(&tmp)?;
+    file.write_all(&encode_bitfield(metainfo, have))?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// Fsync a directory so a rename in it survives a crash.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    File::open(dir)?.sync_all()
+}
+
+fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_registry::Algorithm;
+
+    const KIB: usize = 1024;
+
+    fn blob(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 % 253) as u8).collect()
+    }
+
+    fn metainfo(data: &[u8]) -> Metainfo {
+        Metainfo::compute(data, data.len() as u64, Algorithm::Sha256).unwrap()
+    }
+
+    fn piece<'a>(m: &Metainfo, data: &'a [u8], i: u32) -> &'a [u8] {
+        let (off, len) = m.piece_range(i).unwrap();
+        &data[off as usize..(off + len) as usize]
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        data: Vec<u8>,
+        meta: Metainfo,
+    }
+
+    /// A 5-piece blob (4 × 64 KiB + 10 KiB) and a path for its piece file.
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("downloads").join("blob.part");
+        let data = blob(4 * 64 * KIB + 10 * KIB);
+        let meta = metainfo(&data);
+        assert_eq!(meta.piece_count(), 5);
+        Fixture { _dir: dir, path, data, meta }
+    }
+
+    #[test]
+    fn open_preallocates_and_starts_empty() {
+        let f = fixture();
+        let pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        assert_eq!(fs::metadata(&f.path).unwrap().len(), f.data.len() as u64);
+        assert_eq!(pf.have().count(), 0);
+        assert!(!pf.is_complete());
+        assert_eq!(pf.path(), f.path);
+    }
+
+    #[test]
+    fn out_of_order_writes_then_finish() {
+        let f = fixture();
+        let mut pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        for i in [3, 0, 4, 2, 1] {
+            pf.write_piece(i, piece(&f.meta, &f.data, i)).unwrap();
+            assert!(pf.have().get(i));
+        }
+        assert!(pf.is_complete());
+        for i in 0..5 {
+            assert_eq!(pf.read_piece(i).unwrap(), piece(&f.meta, &f.data, i));
+        }
+        let dest = f.path.parent().unwrap().join("blobs/sha256/ab/final");
+        pf.finish(&dest).unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), f.data);
+        assert!(!f.path.exists());
+        assert!(!bitfield_path(&f.path).exists());
+    }
+
+    #[test]
+    fn duplicate_write_is_a_noop() {
+        let f = fixture();
+        let mut pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        pf.write_piece(1, piece(&f.meta, &f.data, 1)).unwrap();
+        pf.write_piece(1, piece(&f.meta, &f.data, 1)).unwrap();
+        assert_eq!(pf.have().count(), 1);
+    }
+
+    #[test]
+    fn hash_mismatch_is_rejected_and_nothing_marked() {
+        let f = fixture();
+        let mut pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        let mut bad = piece(&f.meta, &f.data, 2).to_vec();
+        bad[0] ^= 0xff;
+        assert!(matches!(pf.write_piece(2, &bad), Err(PieceError::HashMismatch { index: 2 })));
+        // Right bytes for another piece, or a wrong length, are mismatches too.
+        assert!(matches!(
+            pf.write_piece(2, piece(&f.meta, &f.data, 1)),
+            Err(PieceError::HashMismatch { index: 2 })
+        ));
+        assert!(matches!(pf.write_piece(4, &[]), Err(PieceError::HashMismatch { index: 4 })));
+        assert!(matches!(pf.write_piece(5, &[]), Err(PieceError::OutOfRange { index: 5, count: 5 })));
+        assert_eq!(pf.have().count(), 0);
+        assert!(!bitfield_path(&f.path).exists());
+        // Nothing was written either.
+        assert!(fs::read(&f.path).unwrap().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn reopen_after_crash_keeps_persisted_pieces() {
+        let f = fixture();
+        let mut pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        pf.write_piece(0, piece(&f.meta, &f.data, 0)).unwrap();
+        pf.write_piece(3, piece(&f.meta, &f.data, 3)).unwrap();
+        // A crash: no destructor, no flush.
+        std::mem::forget(pf);
+        let pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        assert_eq!(pf.have().iter_set().collect::<Vec<_>>(), vec![0, 3]);
+        assert_eq!(pf.read_piece(3).unwrap(), piece(&f.meta, &f.data, 3));
+    }
+
+    #[test]
+    fn batched_persistence_lags_but_never_lies() {
+        let f = fixture();
+        let mut pf = PieceFile::open(&f.path, f.meta.clone()).unwrap().with_persist_every(2);
+        pf.write_piece(0, piece(&f.meta, &f.data, 0)).unwrap();
+        assert!(!bitfield_path(&f.path).exists());
+        pf.write_piece(1, piece(&f.meta, &f.data, 1)).unwrap();
+        pf.write_piece(2, piece(&f.meta, &f.data, 2)).unwrap();
+        drop(pf);
+        let mut pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        assert_eq!(pf.have().iter_set().collect::<Vec<_>>(), vec![0, 1]);
+        pf = pf.with_persist_every(10);
+        pf.write_piece(4, piece(&f.meta, &f.data, 4)).unwrap();
+        pf.flush().unwrap();
+        drop(pf);
+        let pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        assert_eq!(pf.have().iter_set().collect::<Vec<_>>(), vec![0, 1, 4]);
+    }
+
+    #[test]
+    fn undecodable_or_foreign_bitfield_is_discarded() {
+        let f = fixture();
+        let mut pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        pf.write_piece(0, piece(&f.meta, &f.data, 0)).unwrap();
+        drop(pf);
+        let bf = bitfield_path(&f.path);
+        let good = fs::read(&bf).unwrap();
+        for bad in [
+            Vec::new(),
+            b"garbage".to_vec(),
+            good[..good.len() - 1].to_vec(),
+            [&good[..], &[0][..]].concat(),
+            [&b"SHOALBF0"[..], &good[8..]].concat(),
+        ] {
+            fs::write(&bf, &bad).unwrap();
+            let pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+            assert_eq!(pf.have().count(), 0);
+        }
+        // A bitfield written for another blob is not trusted either.
+        let other_data = blob(5 * 64 * KIB);
+        let other = metainfo(&other_data);
+        fs::write(&bf, encode_bitfield(&other, &Bitfield::full(other.piece_count()))).unwrap();
+        let pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        assert_eq!(pf.have().count(), 0);
+        // And the intact one still loads.
+        fs::write(&bf, &good).unwrap();
+        let pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        assert_eq!(pf.have().count(), 1);
+    }
+
+    #[test]
+    fn wrong_size_data_file_starts_over() {
+        let f = fixture();
+        let mut pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        pf.write_piece(0, piece(&f.meta, &f.data, 0)).unwrap();
+        drop(pf);
+        fs::OpenOptions::new().write(true).open(&f.path).unwrap().set_len(10).unwrap();
+        let pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        assert_eq!(pf.have().count(), 0);
+        assert_eq!(fs::metadata(&f.path).unwrap().len(), f.data.len() as u64);
+    }
+
+    #[test]
+    fn read_piece_only_serves_what_we_have() {
+        let f = fixture();
+        let mut pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        pf.write_piece(4, piece(&f.meta, &f.data, 4)).unwrap();
+        assert_eq!(pf.read_piece(4).unwrap().len(), 10 * KIB);
+        assert!(matches!(pf.read_piece(0), Err(PieceError::Missing { index: 0 })));
+        assert!(matches!(pf.read_piece(9), Err(PieceError::OutOfRange { index: 9, .. })));
+    }
+
+    #[test]
+    fn read_at_stops_at_the_first_missing_piece() {
+        let f = fixture();
+        let mut pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        for i in [1, 2, 4] {
+            pf.write_piece(i, piece(&f.meta, &f.data, i)).unwrap();
+        }
+        let p = 64 * KIB;
+        let mut buf = vec![0u8; 10 * p];
+        assert!(matches!(pf.read_at(0, &mut buf), Err(PieceError::Missing { index: 0 })));
+        // From inside piece 1: through piece 2, stopping before missing piece 3.
+        let n = pf.read_at(p as u64 + 5, &mut buf).unwrap();
+        assert_eq!(n, 2 * p - 5);
+        assert_eq!(&buf[..n], &f.data[p + 5..3 * p]);
+        // A small buffer inside one piece.
+        let mut small = [0u8; 100];
+        assert_eq!(pf.read_at(2 * p as u64, &mut small).unwrap(), 100);
+        assert_eq!(&small[..], &f.data[2 * p..2 * p + 100]);
+        // The tail piece, up to EOF.
+        let n = pf.read_at(4 * p as u64 + 1, &mut buf).unwrap();
+        assert_eq!(&buf[..n], &f.data[4 * p + 1..]);
+        let size = f.data.len() as u64;
+        assert_eq!(pf.read_at(size, &mut buf).unwrap(), 0);
+        assert!(matches!(pf.read_at(size + 1, &mut buf), Err(PieceError::OffsetOutOfRange { .. })));
+        assert_eq!(pf.read_at(p as u64, &mut []).unwrap(), 0);
+    }
+
+    #[test]
+    fn finish_requires_completion() {
+        let f = fixture();
+        let mut pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        pf.write_piece(0, piece(&f.meta, &f.data, 0)).unwrap();
+        let dest = f.path.with_file_name("final");
+        assert!(matches!(pf.finish(&dest), Err(PieceError::Incomplete { missing: 4 })));
+        assert!(!dest.exists());
+    }
+
+    #[test]
+    fn finish_verifies_the_whole_blob_digest() {
+        let f = fixture();
+        let mut pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        for i in 0..5 {
+            pf.write_piece(i, piece(&f.meta, &f.data, i)).unwrap();
+        }
+        // Corrupt the data behind the store's back.
+        let file = fs::OpenOptions::new().write(true).open(&f.path).unwrap();
+        file.write_all_at(b"evil", 1000).unwrap();
+        let dest = f.path.with_file_name("final");
+        match pf.finish(&dest) {
+            Err(PieceError::DigestMismatch { expected, actual }) => {
+                assert_eq!(&expected, f.meta.digest());
+                assert_ne!(actual, expected);
+            }
+            other => panic!("expected a digest mismatch, got {other:?}"),
+        }
+        assert!(!dest.exists());
+        assert!(f.path.exists());
+    }
+
+    #[test]
+    fn zero_size_blob_is_complete_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty.part");
+        let meta = metainfo(&[]);
+        let pf = PieceFile::open(&path, meta).unwrap();
+        assert!(pf.is_complete());
+        let dest = dir.path().join("out/empty");
+        pf.finish(&dest).unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn discard_removes_everything() {
+        let f = fixture();
+        let mut pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        pf.write_piece(0, piece(&f.meta, &f.data, 0)).unwrap();
+        pf.discard().unwrap();
+        assert!(!f.path.exists());
+        assert!(!bitfield_path(&f.path).exists());
+    }
+
+    #[test]
+    fn sha512_blobs_finish_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.part");
+        let data = blob(70 * KIB);
+        let meta = Metainfo::compute(&data[..], data.len() as u64, Algorithm::Sha512).unwrap();
+        let mut pf = PieceFile::open(&path, meta.clone()).unwrap();
+        for i in 0..meta.piece_count() {
+            pf.write_piece(i, piece(&meta, &data, i)).unwrap();
+        }
+        pf.finish(&dir.path().join("b")).unwrap();
+    }
+}

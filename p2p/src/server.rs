@@ -1,0 +1,180 @@
+//! The peer server: answers other peers' requests for pieces of the blobs this node holds
+//! (complete or still downloading) and tells them about new pieces as they arrive.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::{SinkExt, StreamExt};
+use shoal_registry::Digest;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::codec::Framed;
+
+use crate::blob::BlobPieces;
+use crate::limiter::RateLimiter;
+use crate::metrics::SwarmMetrics;
+use crate::peer::PeerId;
+use crate::wire::{Message, PeerCodec, PROTOCOL_VERSION};
+
+/// How long a new connection may take to say which blob it wants.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection silent this long is closed (peers send keep-alives).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Requests queued per connection; more is a protocol violation.
+const MAX_QUEUED_REQUESTS: usize = 64;
+/// Error code sent when the blob is unknown here.
+pub const ERROR_UNKNOWN_BLOB: u16 = 404;
+/// Error code sent for protocol violations.
+pub const ERROR_PROTOCOL: u16 = 400;
+
+/// Finds the blobs this node can serve.
+#[async_trait]
+pub trait PieceLookup: Send + Sync + 'static {
+    async fn lookup(&self, digest: &Digest) -> Option<Arc<BlobPieces>>;
+}
+
+/// Serves pieces to peers, under a node-wide egress limit and a connection limit.
+pub struct PeerServer {
+    pub peer_id: PeerId,
+    pub lookup: Arc<dyn PieceLookup>,
+    pub egress: Arc<RateLimiter>,
+    pub metrics: SwarmMetrics,
+    pub max_connections: usize,
+}
+
+impl PeerServer {
+    /// Accept connections until the listener fails.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let slots = Arc::new(Semaphore::new(self.max_connections.max(1)));
+        loop {
+            let (stream, remote) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "peer listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                tracing::debug!(%remote, "peer connection refused: too many connections");
+                continue;
+            };
+            let server = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let gauge = server.metrics.connections.with_label_values(&["in"]);
+                gauge.inc();
+                if let Err(e) = server.handle(stream).await {
+                    tracing::debug!(%remote, error = %e, "peer connection ended");
+                }
+                gauge.dec();
+            });
+        }
+    }
+
+    async fn handle(&self, stream: TcpStream) -> Result<(), String> {
+        let _ = stream.set_nodelay(true);
+        let mut framed = Framed::new(stream, PeerCodec::default());
+        let first =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, framed.next()).await.map_err(|_| "handshake timeout")?;
+        let Some(Ok(Message::Handshake { version, digest, .. })) = first else {
+            return Err("expected a handshake".into());
+        };
+        if version != PROTOCOL_VERSION {
+            let _ = framed.send(error(ERROR_PROTOCOL, "unsupported protocol version")).await;
+            return Err(format!("peer speaks version {version}"));
+        }
+        let Some(pieces) = self.lookup.lookup(&digest).await else {
+            let _ = framed.send(error(ERROR_UNKNOWN_BLOB, "blob not here")).await;
+            return Err(format!("unknown blob {digest}"));
+        };
+        let mut advertised = pieces.have();
+        let hello = Message::Handshake {
+            version: PROTOCOL_VERSION,
+            digest,
+            peer_id: self.peer_id,
+            bitfield: advertised.to_bytes().into(),
+        };
+        framed.send(hello).await.map_err(|e| e.to_string())?;
+        let (mut sink, mut stream) = framed.split();
+        // Incoming messages go through a small queue so requests keep arriving (and cancels
+        // take effect) while a piece is being sent.
+        let (in_tx, mut in_rx) = mpsc::channel::<Message>(MAX_QUEUED_REQUESTS);
+        let reader = tokio::spawn(async move {
+            loop {
+                match tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await {
+                    Ok(Some(Ok(m))) => {
+                        if in_tx.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ => return,
+                }
+            }
+        });
+        let mut progress = pieces.subscribe();
+        let mut queue: VecDeque<u32> = VecDeque::new();
+        let result = loop {
+            tokio::select! {
+                biased;
+                incoming = in_rx.recv() => match incoming {
+                    None => break Ok(()),
+                    Some(Message::Request { index }) => {
+                        if queue.len() >= MAX_QUEUED_REQUESTS {
+                            let _ = sink.send(error(ERROR_PROTOCOL, "too many requests queued")).await;
+                            break Err("request flood".to_string());
+                        }
+                        queue.push_back(index);
+                    }
+                    Some(Message::Cancel(index)) => queue.retain(|&i| i != index),
+                    Some(Message::Error { code, message }) => break Err(format!("peer error {code}: {message}")),
+                    Some(_) => {}
+                },
+                changed = progress.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let now = pieces.have();
+                    let new: Vec<u32> = now.iter_set().filter(|&i| !advertised.get(i)).collect();
+                    advertised = now;
+                    let mut sent = Ok(());
+                    for index in new {
+                        sent = sink.send(Message::Have(index)).await;
+                        if sent.is_err() {
+                            break;
+                        }
+                    }
+                    if let Err(e) = sent {
+                        break Err(e.to_string());
+                    }
+                },
+                _ = std::future::ready(()), if !queue.is_empty() => {
+                    let Some(index) = queue.pop_front() else { continue };
+                    if !pieces.has(index) {
+                        let _ = sink.send(error(ERROR_PROTOCOL, "piece not held")).await;
+                        continue;
+                    }
+                    let len = pieces.metainfo().piece_len(index).unwrap_or(0);
+                    self.egress.acquire(len).await;
+                    let source = pieces.clone();
+                    let data = tokio::task::spawn_blocking(move || source.read_piece(index)).await;
+                    let Ok(Ok(data)) = data else {
+                        break Err(format!("reading piece {index} failed"));
+                    };
+                    if let Err(e) = sink.send(Message::Piece { index, data: data.into() }).await {
+                        break Err(e.to_string());
+                    }
+                    self.metrics.sent_bytes.inc_by(len);
+                },
+            }
+        };
+        reader.abort();
+        result
+    }
+}
+
+fn error(code: u16, message: &str) -> Message {
+    Message::Error { code, message: message.to_string() }
+}

@@ -1,0 +1,421 @@
+//! The download of one blob: a single event loop owns the swarm's state (picker, blacklist,
+//! connections) while connections, the tracker and origin fetches run as tasks that report
+//! back. When the swarm makes no progress, an origin joins as a pseudo-peer over HTTP ranges,
+//! so a pull never waits on the swarm alone.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+use crate::bitfield::Bitfield;
+use crate::blacklist::{Blacklist, BlacklistConfig};
+use crate::blob::BlobPieces;
+use crate::conn::{self, Command, ConnEvent, ConnTimeouts};
+use crate::limiter::RateLimiter;
+use crate::metrics::SwarmMetrics;
+use crate::peer::PeerId;
+use crate::picker::{PickerConfig, PiecePicker};
+use crate::piece_store::PieceError;
+use crate::tracker_client::{AnnounceRequest, PeerInfo, TrackerClient};
+
+/// The pseudo-peer id of the HTTP origin fallback inside the picker.
+const ORIGIN_PEER: PeerId = PeerId([0xff; 20]);
+/// Event loop housekeeping period.
+const TICK: Duration = Duration::from_millis(200);
+
+/// Fetches byte ranges of the blob from an origin: the fallback when the swarm stalls.
+#[async_trait]
+pub trait Fallback: Send + Sync + 'static {
+    async fn fetch(&self, offset: u64, len: u64) -> Result<Bytes, String>;
+}
+
+/// Tunables of a download; defaults suit a datacenter network.
+#[derive(Clone, Debug)]
+pub struct SwarmConfig {
+    pub peer_id: PeerId,
+    /// The address announced to the tracker for our peer listener.
+    pub advertise: SocketAddr,
+    /// Outbound connections per blob.
+    pub max_connections: usize,
+    /// Requests in flight per peer.
+    pub pipeline: usize,
+    /// No new piece for this long (or no peers at all) brings in the origin fallback.
+    pub fallback_after: Duration,
+    /// Ranges fetched from the origin at once.
+    pub fallback_parallel: usize,
+    /// No new piece from anywhere for this long fails the download.
+    pub stall_timeout: Duration,
+    pub timeouts: ConnTimeouts,
+    pub picker: PickerConfig,
+    pub blacklist: BlacklistConfig,
+}
+
+impl SwarmConfig {
+    pub fn new(peer_id: PeerId, advertise: SocketAddr) -> SwarmConfig {
+        SwarmConfig {
+            peer_id,
+            advertise,
+            max_connections: 10,
+            pipeline: 4,
+            fallback_after: Duration::from_secs(3),
+            fallback_parallel: 4,
+            stall_timeout: Duration::from_secs(60),
+            timeouts: ConnTimeouts {
+                connect: Duration::from_secs(3),
+                handshake: Duration::from_secs(5),
+                idle: Duration::from_secs(30),
+            },
+            picker: PickerConfig::default(),
+            blacklist: BlacklistConfig::default(),
+        }
+    }
+}
+
+/// What every download of a node shares.
+#[derive(Clone)]
+pub struct SwarmDeps {
+    pub tracker: Arc<TrackerClient>,
+    pub ingress: Arc<RateLimiter>,
+    pub metrics: SwarmMetrics,
+}
+
+/// Why a download failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmError {
+    #[error("no progress for {0:?} from peers or origin")]
+    Stalled(Duration),
+    #[error("origin fallback failed: {0}")]
+    Fallback(String),
+    #[error("piece storage failed: {0}")]
+    Storage(String),
+}
+
+enum Event {
+    Conn(ConnEvent),
+    Written { from: PeerId, index: u32, result: Result<bool, PieceError>, len: u64 },
+    Announced(Result<Vec<PeerInfo>, String>, Duration),
+    Fetched { index: u32, result: Result<Bytes, String> },
+}
+
+struct Peer {
+    commands: mpsc::Sender<Command>,
+}
+
+struct Swarm {
+    cfg: SwarmConfig,
+    deps: SwarmDeps,
+    pieces: Arc<BlobPieces>,
+    fallback: Arc<dyn Fallback>,
+    picker: PiecePicker,
+    blacklist: Blacklist,
+    peers: HashMap<PeerId, Peer>,
+    connecting: HashSet<SocketAddr>,
+    candidates: Vec<PeerInfo>,
+    fallback_active: bool,
+    fallback_failures: u32,
+    announced_once: bool,
+    last_progress: Instant,
+    events_tx: mpsc::Sender<Event>,
+}
+
+/// Download every missing piece of `pieces`, from peers and, if they stall, from the origin.
+/// `readers` carries the piece indexes local readers wait on, which are fetched first.
+pub async fn download(
+    pieces: Arc<BlobPieces>,
+    cfg: SwarmConfig,
+    deps: SwarmDeps,
+    fallback: Arc<dyn Fallback>,
+    mut readers: watch::Receiver<Vec<u32>>,
+) -> Result<(), SwarmError> {
+    if pieces.is_complete() {
+        return Ok(());
+    }
+    let picker = PiecePicker::new(pieces.metainfo(), pieces.have(), cfg.picker.clone())
+        .map_err(|e| SwarmError::Storage(e.to_string()))?;
+    let (events_tx, mut events) = mpsc::channel::<Event>(256);
+    let blacklist = Blacklist::new(cfg.blacklist.clone());
+    let mut swarm = Swarm {
+        cfg,
+        deps,
+        pieces,
+        fallback,
+        picker,
+        blacklist,
+        peers: HashMap::new(),
+        connecting: HashSet::new(),
+        candidates: Vec::new(),
+        fallback_active: false,
+        fallback_failures: 0,
+        announced_once: false,
+        last_progress: Instant::now(),
+        events_tx,
+    };
+    swarm.deps.metrics.active_swarms.inc();
+    swarm.announce(Duration::ZERO);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
+        if swarm.pieces.is_complete() {
+            break Ok(());
+        }
+        tokio::select! {
+            Some(event) = events.recv() => {
+                if let Err(e) = swarm.handle(event) {
+                    break Err(e);
+                }
+            }
+            changed = readers.changed() => {
+                if changed.is_ok() {
+                    let positions = readers.borrow_and_update().clone();
+                    swarm.picker.set_reader_positions(positions);
+                }
+            }
+            _ = tick.tick() => {
+                if let Err(e) = swarm.housekeeping() {
+                    break Err(e);
+                }
+            }
+        }
+        swarm.fill_requests();
+    };
+    swarm.deps.metrics.active_swarms.dec();
+    // Dropping the command senders closes every connection.
+    swarm.peers.clear();
+    if result.is_ok() {
+        swarm.announce_final();
+    }
+    result
+}
+
+impl Swarm {
+    fn announce(&self, after: Duration) {
+        let tracker = self.deps.tracker.clone();
+        let req = AnnounceRequest {
+            digest: self.pieces.metainfo().digest().clone(),
+            peer_id: self.cfg.peer_id.to_string(),
+            addr: self.cfg.advertise,
+            complete: false,
+            stopped: false,
+        };
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let (result, interval) = match tracker.announce(&req).await {
+                Ok(r) => (Ok(r.peers), Duration::from_secs(r.interval_secs.clamp(1, 300))),
+                Err(e) => (Err(e.to_string()), Duration::from_secs(3)),
+            };
+            let _ = events.send(Event::Announced(result, interval)).await;
+        });
+    }
+
+    /// Tell the tracker we are a seeder now (best effort, in the background).
+    fn announce_final(&self) {
+        let tracker = self.deps.tracker.clone();
+        let req = AnnounceRequest {
+            digest: self.pieces.metainfo().digest().clone(),
+            peer_id: self.cfg.peer_id.to_string(),
+            addr: self.cfg.advertise,
+            complete: true,
+            stopped: false,
+        };
+        tokio::spawn(async move {
+            let _ = tracker.announce(&req).await;
+        });
+    }
+
+    fn handle(&mut self, event: Event) -> Result<(), SwarmError> {
+        let now = Instant::now();
+        match event {
+            Event::Conn(ConnEvent::Connected { peer, addr, bitfield, commands }) => {
+                self.connecting.remove(&addr);
+                if self.blacklist.is_banned(&peer, now)
+                    || self.peers.contains_key(&peer)
+                    || peer == self.cfg.peer_id
+                {
+                    return Ok(()); // dropping `commands` closes it
+                }
+                if self.picker.add_peer(peer, bitfield).is_ok() {
+                    self.deps.metrics.connections.with_label_values(&["out"]).inc();
+                    self.peers.insert(peer, Peer { commands });
+                }
+            }
+            Event::Conn(ConnEvent::ConnectFailed { addr, reason }) => {
+                tracing::debug!(%addr, %reason, "peer connect failed");
+                self.connecting.remove(&addr);
+                self.candidates.retain(|c| c.addr != addr);
+            }
+            Event::Conn(ConnEvent::Have { peer, index }) => {
+                let _ = self.picker.peer_has(&peer, index);
+            }
+            Event::Conn(ConnEvent::Piece { peer, index, data }) => self.store(peer, index, data),
+            Event::Conn(ConnEvent::Closed { peer, reason }) => {
+                tracing::debug!(%peer, %reason, "peer connection closed");
+                self.drop_peer(&peer);
+            }
+            Event::Written { from, index, result, len } => match result {
+                Ok(_) => {
+                    self.last_progress = now;
+                    self.deps.metrics.pieces_verified.inc();
+                    let source = if from == ORIGIN_PEER { "origin" } else { "peer" };
+                    self.deps.metrics.received_bytes.with_label_values(&[source]).inc_by(len);
+                    for other in self.picker.received(&from, index) {
+                        if let Some(p) = self.peers.get(&other) {
+                            let _ = p.commands.try_send(Command::Cancel(index));
+                        }
+                    }
+                    if from == ORIGIN_PEER {
+                        self.fallback_failures = 0;
+                    }
+                }
+                Err(PieceError::HashMismatch { .. }) => {
+                    self.deps.metrics.pieces_rejected.inc();
+                    self.picker.failed(&from, index);
+                    if from != ORIGIN_PEER {
+                        tracing::warn!(peer = %from, index, "peer sent a bad piece; blacklisted");
+                        self.blacklist.bad_piece(from, now);
+                        self.drop_peer(&from);
+                    } else {
+                        return Err(SwarmError::Fallback(format!("origin sent a bad piece {index}")));
+                    }
+                }
+                Err(e) => return Err(SwarmError::Storage(e.to_string())),
+            },
+            Event::Announced(result, interval) => {
+                self.announced_once = true;
+                match result {
+                    Ok(peers) => {
+                        for p in peers {
+                            if !self.candidates.iter().any(|c| c.addr == p.addr) {
+                                self.candidates.push(p);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "announce failed"),
+                }
+                self.announce(interval);
+            }
+            Event::Fetched { index, result } => match result {
+                Ok(data) => self.store(ORIGIN_PEER, index, data),
+                Err(e) => {
+                    self.picker.failed(&ORIGIN_PEER, index);
+                    self.fallback_failures += 1;
+                    tracing::warn!(index, error = %e, "origin fallback fetch failed");
+                    if self.fallback_failures >= 5 && self.peers.is_empty() {
+                        return Err(SwarmError::Fallback(e));
+                    }
+                }
+            },
+        }
+        Ok(())
+    }
+
+    /// Verify and write a piece on the blocking pool; the result comes back as an event.
+    fn store(&self, from: PeerId, index: u32, data: Bytes) {
+        let pieces = self.pieces.clone();
+        let events = self.events_tx.clone();
+        let len = data.len() as u64;
+        tokio::spawn(async move {
+            let result = tokio::task::spawn_blocking(move || pieces.write_piece(index, &data))
+                .await
+                .unwrap_or_else(|e| Err(PieceError::Io(std::io::Error::other(e.to_string()))));
+            let _ = events.send(Event::Written { from, index, result, len }).await;
+        });
+    }
+
+    fn drop_peer(&mut self, peer: &PeerId) {
+        if self.peers.remove(peer).is_some() {
+            self.deps.metrics.connections.with_label_values(&["out"]).dec();
+        }
+        self.picker.remove_peer(peer);
+    }
+
+    fn housekeeping(&mut self) -> Result<(), SwarmError> {
+        let now = Instant::now();
+        for (peer, index) in self.picker.expired(now) {
+            if peer == ORIGIN_PEER {
+                continue;
+            }
+            tracing::debug!(%peer, index, "piece request timed out");
+            if self.blacklist.timeout(peer, now) {
+                self.drop_peer(&peer);
+            }
+        }
+        self.blacklist.prune(now);
+        // Connect to more candidates, best first (the tracker orders them).
+        let mut i = 0;
+        while self.peers.len() + self.connecting.len() < self.cfg.max_connections && i < self.candidates.len()
+        {
+            let c = &self.candidates[i];
+            i += 1;
+            let id = c.peer_id.parse::<PeerId>().ok();
+            if c.addr == self.cfg.advertise
+                || self.connecting.contains(&c.addr)
+                || id.is_some_and(|id| {
+                    id == self.cfg.peer_id
+                        || self.peers.contains_key(&id)
+                        || self.blacklist.is_banned(&id, now)
+                })
+            {
+                continue;
+            }
+            self.connecting.insert(c.addr);
+            let events = self.events_tx.clone();
+            let (addr, me, pieces, ingress, timeouts) =
+                (c.addr, self.cfg.peer_id, self.pieces.clone(), self.deps.ingress.clone(), self.cfg.timeouts);
+            tokio::spawn(async move {
+                let (tx, mut rx) = mpsc::channel(64);
+                let forward = async {
+                    while let Some(e) = rx.recv().await {
+                        if events.send(Event::Conn(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                tokio::join!(conn::run(addr, me, pieces, ingress, timeouts, tx), forward);
+            });
+        }
+        // Bring in the origin when the swarm cannot deliver.
+        let idle = now.duration_since(self.last_progress);
+        let no_peers = self.announced_once && self.peers.is_empty() && self.connecting.is_empty();
+        if !self.fallback_active && (idle >= self.cfg.fallback_after || no_peers) {
+            tracing::info!(digest = %self.pieces.metainfo().digest(), ?idle, no_peers, "swarm stalled; fetching from origin");
+            let full = Bitfield::full(self.pieces.metainfo().piece_count());
+            if self.picker.add_peer(ORIGIN_PEER, full).is_ok() {
+                self.fallback_active = true;
+            }
+        }
+        if idle >= self.cfg.stall_timeout {
+            return Err(SwarmError::Stalled(self.cfg.stall_timeout));
+        }
+        Ok(())
+    }
+
+    fn fill_requests(&mut self) {
+        let now = Instant::now();
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        for peer in ids {
+            for index in self.picker.pick(&peer, now, self.cfg.pipeline) {
+                let sent = self.peers.get(&peer).map(|p| p.commands.try_send(Command::Request(index)));
+                if !matches!(sent, Some(Ok(()))) {
+                    self.picker.failed(&peer, index);
+                }
+            }
+        }
+        if self.fallback_active {
+            for index in self.picker.pick(&ORIGIN_PEER, now, self.cfg.fallback_parallel) {
+                let Some((offset, len)) = self.pieces.metainfo().piece_range(index) else { continue };
+                let fallback = self.fallback.clone();
+                let events = self.events_tx.clone();
+                tokio::spawn(async move {
+                    let result = fallback.fetch(offset, len).await;
+                    let _ = events.send(Event::Fetched { index, result }).await;
+                });
+            }
+        }
+    }
+}
