@@ -1,6 +1,7 @@
 //! `shoal`: one binary for every Shoal role. This file only parses the command line, sets up
 //! logging and hands over to the role's module.
 
+mod agent;
 mod config;
 mod http;
 mod origin;
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Run an origin: the registry CI pushes to
     Origin(origin::OriginArgs),
+    /// Run an agent: the read-only registry on every node, fed by the swarm
+    Agent(agent::AgentArgs),
     /// Run a tracker: peer lists per blob for the agents' swarms
     Tracker(tracker::TrackerArgs),
     /// Run a whole local Shoal with embedded defaults
@@ -64,6 +67,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Origin(args) => {
             let origin = origin::Origin::bind(args.resolve()?).await?;
             origin.serve(shutdown_signal()).await
+        }
+        Command::Agent(args) => {
+            agent::AgentServer::bind(args.resolve()?).await?.serve(shutdown_signal()).await
         }
         Command::Tracker(args) => tracker::Tracker::bind(args).await?.serve(shutdown_signal()).await,
         Command::Up(args) => up::run(args, shutdown_signal()).await,

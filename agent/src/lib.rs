@@ -1,0 +1,117 @@
+//! Shoal's agent: a read-only registry on every node. Blobs come from the local cache or from
+//! a swarm of peers as verified pieces, streamed to the client while they arrive; the origin
+//! is the fallback. The cache is only a cache: losing it loses nothing.
+
+pub mod cache;
+pub mod downloads;
+pub mod origin_client;
+pub mod preheat;
+pub mod seeding;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_p2p::limiter::RateLimiter;
+use shoal_p2p::server::PeerServer;
+use shoal_p2p::swarm::{SwarmConfig, SwarmDeps};
+use shoal_p2p::tracker_client::TrackerClient;
+use shoal_p2p::{PeerId, SwarmMetrics};
+
+use crate::cache::{BlobCache, CacheLimits, CacheMetrics};
+use crate::downloads::Downloads;
+use crate::origin_client::OriginClient;
+use crate::seeding::{AgentPieces, Seeding};
+use crate::store::AgentStore;
+
+/// Everything an agent needs to start; the binary fills it from flags and the config file.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub origin: String,
+    pub trackers: Vec<String>,
+    pub data_dir: PathBuf,
+    /// Address other peers reach this agent's peer listener at.
+    pub advertise: SocketAddr,
+    pub cache: CacheLimits,
+    /// How long a tag's resolution may be reused.
+    pub tag_ttl: Duration,
+    /// Timeout of each call to the origin or a tracker.
+    pub http_timeout: Duration,
+    /// Node-wide peer traffic limits in bytes per second (None: unlimited).
+    pub egress_rate: Option<u64>,
+    pub ingress_rate: Option<u64>,
+    /// Keep announcing a blob as seeded this long after its last use.
+    pub seed_window: Duration,
+    pub announce_interval: Duration,
+    pub max_connections_per_blob: usize,
+    pub fallback_after: Duration,
+    pub max_peer_connections: usize,
+}
+
+/// Why an agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cache directory: {0}")]
+    Cache(#[from] std::io::Error),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("http client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// A running agent's parts: the registry store (for the API router) and the peer server.
+pub struct Agent {
+    pub store: Arc<AgentStore>,
+    pub peer_server: Arc<PeerServer>,
+    pub peer_id: PeerId,
+}
+
+impl Agent {
+    /// Build the agent and start its background work (seeding announcements).
+    pub fn start(config: &AgentConfig, registry: &prometheus::Registry) -> Result<Agent, AgentError> {
+        let cache_metrics = CacheMetrics::new(registry)?;
+        let cache = Arc::new(BlobCache::open(&config.data_dir.join("cache"), config.cache, cache_metrics)?);
+        let origin = OriginClient::new(&config.origin, config.http_timeout)?;
+        let tracker = Arc::new(TrackerClient::new(config.trackers.clone(), config.http_timeout)?);
+        let metrics = SwarmMetrics::new("agent", registry)?;
+        let peer_id = PeerId::random();
+        let burst = 8 * 1024 * 1024;
+        let deps = SwarmDeps {
+            tracker: tracker.clone(),
+            ingress: Arc::new(RateLimiter::new(config.ingress_rate, burst)),
+            metrics: metrics.clone(),
+        };
+        let mut swarm = SwarmConfig::new(peer_id, config.advertise);
+        swarm.max_connections = config.max_connections_per_blob;
+        swarm.fallback_after = config.fallback_after;
+        let downloads =
+            Arc::new(Downloads::new(cache, origin.clone(), deps, swarm, config.data_dir.join("partial")));
+        let seeding = Arc::new(Seeding::new(config.seed_window));
+        downloads.set_seeding(seeding.clone());
+        tokio::spawn(seeding.clone().announce_loop(
+            tracker,
+            downloads.clone(),
+            peer_id,
+            config.advertise,
+            config.announce_interval,
+        ));
+        let peer_server = Arc::new(PeerServer {
+            peer_id,
+            lookup: Arc::new(AgentPieces { downloads: downloads.clone(), seeding }),
+            egress: Arc::new(RateLimiter::new(config.egress_rate, burst)),
+            metrics,
+            max_connections: config.max_peer_connections,
+        });
+        let store = Arc::new(AgentStore::new(origin, downloads, config.tag_ttl));
+        Ok(Agent { store, peer_server, peer_id })
+    }
+
+    /// The agent's HTTP routes beyond the registry API (`/v1/preheat`).
+    pub fn routes(&self) -> axum::Router {
+        axum::Router::new()
+            .route("/v1/preheat", axum::routing::post(preheat::preheat))
+            .with_state(self.store.clone())
+    }
+}

@@ -1,0 +1,210 @@
+//! `POST /v1/preheat`: download every blob of an image (all platforms, or one) so later pulls
+//! are local. The answer streams one JSON line per event, so `shoal preheat` can show progress.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use shoal_registry::manifest::parse_manifest;
+use shoal_registry::store::Reference;
+use shoal_registry::{Digest, RegistryStore, RepoName};
+use tokio::sync::mpsc;
+
+use crate::store::AgentStore;
+
+/// A preheat request: `image` is `repo:tag` or `repo@digest`; `platform` is `os/arch[/variant]`.
+#[derive(Debug, Deserialize)]
+pub struct PreheatRequest {
+    pub image: String,
+    #[serde(default)]
+    pub platform: Option<String>,
+}
+
+/// One line of the progress stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum PreheatEvent {
+    /// The blobs to fetch, with their total size.
+    Plan {
+        blobs: usize,
+        bytes: u64,
+    },
+    BlobDone {
+        digest: String,
+        size: u64,
+    },
+    Failed {
+        message: String,
+    },
+    Done {
+        blobs: usize,
+        bytes: u64,
+    },
+}
+
+fn parse_image(image: &str) -> Result<(RepoName, Reference), String> {
+    let (name, reference) = if let Some((n, d)) = image.split_once('@') {
+        (n, Reference::Digest(d.parse().map_err(|e| format!("{e}"))?))
+    } else {
+        match image.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n, Reference::Tag(t.parse().map_err(|e| format!("{e}"))?)),
+            _ => (image, Reference::Tag("latest".parse().map_err(|e| format!("{e}"))?)),
+        }
+    };
+    Ok((name.parse().map_err(|e| format!("{e}"))?, reference))
+}
+
+#[derive(Deserialize)]
+struct IndexEntries {
+    manifests: Vec<IndexEntry>,
+}
+
+#[derive(Deserialize)]
+struct IndexEntry {
+    digest: Digest,
+    #[serde(default)]
+    platform: Option<PlatformJson>,
+}
+
+#[derive(Deserialize)]
+struct PlatformJson {
+    os: String,
+    architecture: String,
+    #[serde(default)]
+    variant: Option<String>,
+}
+
+fn platform_matches(p: &Option<PlatformJson>, want: &str) -> bool {
+    let Some(p) = p else { return false };
+    let full = match &p.variant {
+        Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+        None => format!("{}/{}", p.os, p.architecture),
+    };
+    full == want || format!("{}/{}", p.os, p.architecture) == want
+}
+
+/// Every blob (with size) of the image, following an index into its (matching) manifests.
+async fn plan(
+    store: &AgentStore,
+    repo: &RepoName,
+    reference: &Reference,
+    platform: Option<&str>,
+) -> Result<Vec<(Digest, u64)>, String> {
+    let top =
+        store.manifest_get(repo, reference).await.map_err(|e| e.to_string())?.ok_or("manifest unknown")?;
+    let parsed = parse_manifest(Some(&top.media_type), &top.bytes).map_err(|e| e.to_string())?;
+    let mut manifests = Vec::new();
+    if parsed.children.is_empty() {
+        manifests.push(top);
+    } else {
+        let index: IndexEntries = serde_json::from_slice(&top.bytes).map_err(|e| e.to_string())?;
+        for entry in index.manifests {
+            if platform.is_some_and(|p| !platform_matches(&entry.platform, p)) {
+                continue;
+            }
+            let child = store
+                .manifest_get(repo, &Reference::Digest(entry.digest.clone()))
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("child manifest {} unknown", entry.digest))?;
+            manifests.push(child);
+        }
+        if manifests.is_empty() {
+            return Err(format!("no manifest for platform {}", platform.unwrap_or("")));
+        }
+    }
+    let mut digests = BTreeSet::new();
+    for m in &manifests {
+        let p = parse_manifest(Some(&m.media_type), &m.bytes).map_err(|e| e.to_string())?;
+        digests.extend(p.blobs);
+    }
+    let mut blobs = Vec::new();
+    for d in digests {
+        let size = store
+            .blob_size(repo, &d)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("blob {d} unknown"))?;
+        blobs.push((d, size));
+    }
+    Ok(blobs)
+}
+
+/// The preheat handler.
+pub async fn preheat(State(store): State<Arc<AgentStore>>, Json(req): Json<PreheatRequest>) -> Response {
+    let (repo, reference) = match parse_image(&req.image) {
+        Ok(x) => x,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, format!("invalid image reference: {e}\n")).into_response()
+        }
+    };
+    let (tx, rx) = mpsc::channel::<PreheatEvent>(64);
+    tokio::spawn(async move {
+        let blobs = match plan(&store, &repo, &reference, req.platform.as_deref()).await {
+            Ok(b) => b,
+            Err(message) => {
+                let _ = tx.send(PreheatEvent::Failed { message }).await;
+                return;
+            }
+        };
+        let bytes = blobs.iter().map(|(_, s)| s).sum();
+        let _ = tx.send(PreheatEvent::Plan { blobs: blobs.len(), bytes }).await;
+        let mut joins = Vec::new();
+        for (digest, size) in blobs.clone() {
+            let store = store.clone();
+            let repo = repo.clone();
+            joins.push(tokio::spawn(async move {
+                if store.downloads().cache.get(&digest).is_some() || size == 0 {
+                    return Ok((digest, size));
+                }
+                let download = store.downloads().join(&repo, &digest).await.map_err(|e| e.to_string())?;
+                download.wait().await?;
+                Ok::<_, String>((digest, size))
+            }));
+        }
+        for j in joins {
+            let event = match j.await {
+                Ok(Ok((digest, size))) => PreheatEvent::BlobDone { digest: digest.to_string(), size },
+                Ok(Err(message)) => PreheatEvent::Failed { message },
+                Err(e) => PreheatEvent::Failed { message: e.to_string() },
+            };
+            let failed = matches!(event, PreheatEvent::Failed { .. });
+            let _ = tx.send(event).await;
+            if failed {
+                return;
+            }
+        }
+        let _ = tx.send(PreheatEvent::Done { blobs: blobs.len(), bytes }).await;
+    });
+    let lines = futures_util::stream::unfold(rx, |mut rx| async move {
+        let event = rx.recv().await?;
+        let mut line = serde_json::to_vec(&event).unwrap_or_default();
+        line.push(b'\n');
+        Some((Ok::<_, std::io::Error>(bytes::Bytes::from(line)), rx))
+    });
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(lines)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_image_references() {
+        let (r, t) = parse_image("team/app:1.2").unwrap();
+        assert_eq!(r.as_str(), "team/app");
+        assert_eq!(t, Reference::Tag("1.2".parse().unwrap()));
+        let (r, t) = parse_image("app").unwrap();
+        assert_eq!(r.as_str(), "app");
+        assert_eq!(t, Reference::Tag("latest".parse().unwrap()));
+        let d = Digest::of(shoal_registry::Algorithm::Sha256, b"x");
+        let (_, t) = parse_image(&format!("app@{d}")).unwrap();
+        assert_eq!(t, Reference::Digest(d));
+        assert!(parse_image("App:1").is_err());
+    }
+}

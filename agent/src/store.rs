@@ -1,0 +1,264 @@
+//! [`AgentStore`]: the agent's read-only registry storage. Tags are resolved at the origin
+//! (cached a few seconds at most), manifests are cached by digest, blobs come from the local
+//! cache or the swarm. Writes never reach it: the agent's router is read-only.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use shoal_registry::manifest::ReferrerDescriptor;
+use shoal_registry::range::ByteRange;
+use shoal_registry::store::{NewManifest, Page, Reference, StoredManifest, UploadState};
+use shoal_registry::{ByteStream, Digest, RegistryStore, RepoName, StoreError, Tag};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
+
+use crate::downloads::Downloads;
+use crate::origin_client::OriginClient;
+
+/// Manifests kept in memory (they are small and content-addressed).
+const MAX_MANIFESTS: usize = 10_000;
+/// (repository, blob) pairs the origin confirmed, so cached blobs need no round trip.
+const MAX_CONFIRMED: usize = 100_000;
+
+/// The agent's storage behind the read-only registry API.
+pub struct AgentStore {
+    origin: OriginClient,
+    downloads: Arc<Downloads>,
+    tag_ttl: Duration,
+    tags: Mutex<HashMap<(RepoName, Tag), (Instant, StoredManifest)>>,
+    manifests: Mutex<HashMap<(RepoName, Digest), StoredManifest>>,
+    confirmed: Mutex<HashMap<(RepoName, Digest), u64>>,
+}
+
+fn read_only() -> StoreError {
+    StoreError::Internal("the agent is read-only".into())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Insert into a bounded map, clearing it when full (entries are cheap to refetch).
+fn bounded_insert<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, max: usize, k: K, v: V) {
+    if map.len() >= max {
+        map.clear();
+    }
+    map.insert(k, v);
+}
+
+impl AgentStore {
+    pub fn new(origin: OriginClient, downloads: Arc<Downloads>, tag_ttl: Duration) -> AgentStore {
+        AgentStore {
+            origin,
+            downloads,
+            tag_ttl,
+            tags: Mutex::new(HashMap::new()),
+            manifests: Mutex::new(HashMap::new()),
+            confirmed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn downloads(&self) -> &Arc<Downloads> {
+        &self.downloads
+    }
+
+    async fn cached_file(
+        &self,
+        digest: &Digest,
+        range: ByteRange,
+        size: u64,
+    ) -> Result<Option<ByteStream>, StoreError> {
+        let Some(pin) = self.downloads.cache.pin(digest) else { return Ok(None) };
+        let path = self.downloads.cache.blob_path(digest);
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::Io(e)),
+        };
+        file.seek(std::io::SeekFrom::Start(range.start)).await?;
+        let len = if size == 0 { 0 } else { range.len() };
+        let stream = ReaderStream::with_capacity(file.take(len), 256 * 1024);
+        // The pin travels with the stream so the blob is not evicted while it is read.
+        let pinned = futures_util::StreamExt::map(stream, move |chunk| {
+            let _ = &pin;
+            chunk
+        });
+        Ok(Some(Box::pin(pinned)))
+    }
+}
+
+#[async_trait]
+impl RegistryStore for AgentStore {
+    async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let key = (repo.clone(), digest.clone());
+        if let Some(size) = lock(&self.confirmed).get(&key) {
+            return Ok(Some(*size));
+        }
+        match self.origin.blob_size(repo, digest).await {
+            Ok(Some(size)) => {
+                bounded_insert(&mut lock(&self.confirmed), MAX_CONFIRMED, key, size);
+                Ok(Some(size))
+            }
+            Ok(None) => Ok(None),
+            // The origin is unreachable: a blob already here is still served.
+            Err(e) => match self.downloads.cache.get(digest) {
+                Some(size) => {
+                    tracing::warn!(%digest, error = %e, "origin unreachable; serving the cached blob");
+                    Ok(Some(size))
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    async fn blob_read(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<ByteStream, StoreError> {
+        let size = self.blob_size(repo, digest).await?.ok_or(StoreError::BlobUnknown)?;
+        let range = range.unwrap_or(ByteRange { start: 0, end: size.saturating_sub(1) });
+        if let Some(stream) = self.cached_file(digest, range, size).await? {
+            return Ok(stream);
+        }
+        if size == 0 {
+            return Ok(Box::pin(futures_util::stream::empty()));
+        }
+        let download = self.downloads.join(repo, digest).await?;
+        Ok(self.downloads.stream(download, range))
+    }
+
+    async fn blob_delete(&self, _: &RepoName, _: &Digest) -> Result<bool, StoreError> {
+        Err(read_only())
+    }
+
+    async fn blob_mount(&self, _: &RepoName, _: &RepoName, _: &Digest) -> Result<bool, StoreError> {
+        Err(read_only())
+    }
+
+    async fn upload_start(&self, _: &RepoName) -> Result<UploadState, StoreError> {
+        Err(read_only())
+    }
+
+    async fn upload_status(&self, _: &RepoName, _: &str) -> Result<UploadState, StoreError> {
+        Err(read_only())
+    }
+
+    async fn upload_append(
+        &self,
+        _: &RepoName,
+        _: &str,
+        _: Option<u64>,
+        _: Option<u64>,
+        _: ByteStream,
+    ) -> Result<UploadState, StoreError> {
+        Err(read_only())
+    }
+
+    async fn upload_complete(&self, _: &RepoName, _: &str, _: &Digest) -> Result<u64, StoreError> {
+        Err(read_only())
+    }
+
+    async fn upload_cancel(&self, _: &RepoName, _: &str) -> Result<(), StoreError> {
+        Err(read_only())
+    }
+
+    async fn manifest_get(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<StoredManifest>, StoreError> {
+        match reference {
+            Reference::Digest(d) => {
+                let key = (repo.clone(), d.clone());
+                if let Some(m) = lock(&self.manifests).get(&key) {
+                    return Ok(Some(m.clone()));
+                }
+                let found = self.origin.manifest(repo, &d.to_string()).await?;
+                if let Some(m) = &found {
+                    bounded_insert(&mut lock(&self.manifests), MAX_MANIFESTS, key, m.clone());
+                }
+                Ok(found)
+            }
+            Reference::Tag(t) => {
+                let key = (repo.clone(), t.clone());
+                if let Some((at, m)) = lock(&self.tags).get(&key) {
+                    if at.elapsed() < self.tag_ttl {
+                        return Ok(Some(m.clone()));
+                    }
+                }
+                let found = self.origin.manifest(repo, t.as_str()).await?;
+                if let Some(m) = &found {
+                    bounded_insert(&mut lock(&self.tags), MAX_MANIFESTS, key, (Instant::now(), m.clone()));
+                    let by_digest = (repo.clone(), m.digest.clone());
+                    bounded_insert(&mut lock(&self.manifests), MAX_MANIFESTS, by_digest, m.clone());
+                }
+                Ok(found)
+            }
+        }
+    }
+
+    async fn manifest_put(&self, _: &RepoName, _: Option<&Tag>, _: NewManifest) -> Result<(), StoreError> {
+        Err(read_only())
+    }
+
+    async fn manifest_delete(&self, _: &RepoName, _: &Reference) -> Result<bool, StoreError> {
+        Err(read_only())
+    }
+
+    async fn tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> Result<Page, StoreError> {
+        let mut path = format!("/v2/{repo}/tags/list?n={}", limit + 1);
+        if let Some(last) = last {
+            path.push_str(&format!("&last={last}"));
+        }
+        let body = self.origin.listing(&path).await?.ok_or(StoreError::NameUnknown)?;
+        page_of(&body, "tags", limit)
+    }
+
+    async fn repositories(&self, last: Option<&str>, limit: usize) -> Result<Page, StoreError> {
+        let mut path = format!("/v2/_catalog?n={}", limit + 1);
+        if let Some(last) = last {
+            path.push_str(&format!("&last={last}"));
+        }
+        let body = self.origin.listing(&path).await?.unwrap_or_default();
+        page_of(&body, "repositories", limit)
+    }
+
+    async fn referrers(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Vec<ReferrerDescriptor>, StoreError> {
+        let Some(body) = self.origin.listing(&format!("/v2/{repo}/referrers/{digest}")).await? else {
+            return Ok(Vec::new());
+        };
+        #[derive(serde::Deserialize)]
+        struct Index {
+            #[serde(default)]
+            manifests: Vec<ReferrerDescriptor>,
+        }
+        let index: Index = serde_json::from_slice(&body)
+            .map_err(|e| StoreError::Internal(format!("origin referrers: {e}")))?;
+        Ok(index.manifests)
+    }
+}
+
+/// One page of a listing the origin returned with one extra item (to know whether more follow).
+fn page_of(body: &[u8], key: &str, limit: usize) -> Result<Page, StoreError> {
+    let value: serde_json::Value = if body.is_empty() {
+        serde_json::json!({})
+    } else {
+        serde_json::from_slice(body).map_err(|e| StoreError::Internal(format!("origin listing: {e}")))?
+    };
+    let mut items: Vec<String> = value
+        .get(key)
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    let more = items.len() > limit;
+    items.truncate(limit);
+    Ok(Page { items, more })
+}

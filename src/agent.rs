@@ -1,0 +1,203 @@
+//! `shoal agent`: the read-only registry on every node, backed by the swarm.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytesize::ByteSize;
+use serde::Deserialize;
+use shoal_agent::cache::CacheLimits;
+use shoal_agent::{Agent, AgentConfig};
+
+use crate::http::{with_basics, HttpMetrics};
+
+/// Flags of `shoal agent`; each overrides the config file.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct AgentArgs {
+    /// Address of the read-only registry API, /healthz and /metrics [default: 127.0.0.1:5000]
+    #[arg(long, env = "SHOAL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address for peer connections [default: 127.0.0.1:7001]
+    #[arg(long, env = "SHOAL_PEER_LISTEN")]
+    pub peer_listen: Option<SocketAddr>,
+    /// Peer address announced to others when --peer-listen is 0.0.0.0 or [::]
+    #[arg(long, env = "SHOAL_PEER_ADVERTISE")]
+    pub peer_advertise: Option<SocketAddr>,
+    /// Origin base URL
+    #[arg(long, env = "SHOAL_ORIGIN")]
+    pub origin: Option<String>,
+    /// Tracker base URL(s), comma-separated
+    #[arg(long, env = "SHOAL_TRACKER", value_delimiter = ',')]
+    pub tracker: Vec<String>,
+    /// Directory for the blob cache and partial downloads [default: shoal-data/agent]
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// TOML config file (see docs/configuration.md)
+    #[arg(long, env = "SHOAL_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// The `shoal agent` config file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentFile {
+    pub listen: SocketAddr,
+    pub peer_listen: SocketAddr,
+    pub peer_advertise: Option<SocketAddr>,
+    pub origin: Option<String>,
+    pub trackers: Vec<String>,
+    pub data_dir: PathBuf,
+    /// Eviction starts above this much cached data...
+    pub cache_high_watermark: ByteSize,
+    /// ...and stops at this much.
+    pub cache_low_watermark: ByteSize,
+    /// How long a tag resolution is reused.
+    #[serde(with = "humantime_serde")]
+    pub tag_ttl: Duration,
+    /// Timeout of each call to the origin or a tracker.
+    #[serde(with = "humantime_serde")]
+    pub http_timeout: Duration,
+    /// Node-wide peer upload limit per second (unset: unlimited).
+    pub egress_rate: Option<ByteSize>,
+    /// Node-wide peer download limit per second (unset: unlimited).
+    pub ingress_rate: Option<ByteSize>,
+    /// Keep seeding a blob this long after its last use.
+    #[serde(with = "humantime_serde")]
+    pub seed_window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub announce_interval: Duration,
+    /// Outbound peer connections per blob.
+    pub max_connections_per_blob: usize,
+    /// Inbound peer connections in all.
+    pub max_peer_connections: usize,
+    /// No progress from peers for this long brings in the origin.
+    #[serde(with = "humantime_serde")]
+    pub fallback_after: Duration,
+    pub limits: crate::config::Limits,
+}
+
+impl Default for AgentFile {
+    fn default() -> Self {
+        AgentFile {
+            listen: crate::config::default_listen(),
+            peer_listen: SocketAddr::from(([127, 0, 0, 1], 7001)),
+            peer_advertise: None,
+            origin: None,
+            trackers: Vec::new(),
+            data_dir: PathBuf::from("shoal-data/agent"),
+            cache_high_watermark: ByteSize::gib(20),
+            cache_low_watermark: ByteSize::gib(16),
+            tag_ttl: Duration::from_secs(2),
+            http_timeout: Duration::from_secs(10),
+            egress_rate: None,
+            ingress_rate: None,
+            seed_window: Duration::from_secs(600),
+            announce_interval: Duration::from_secs(3),
+            max_connections_per_blob: 10,
+            max_peer_connections: 512,
+            fallback_after: Duration::from_secs(3),
+            limits: crate::config::Limits::default(),
+        }
+    }
+}
+
+impl AgentFile {
+    fn load(path: Option<&Path>) -> anyhow::Result<AgentFile> {
+        let Some(path) = path else { return Ok(AgentFile::default()) };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    }
+}
+
+impl AgentArgs {
+    /// The effective config: file, then flags and environment on top.
+    pub fn resolve(&self) -> anyhow::Result<AgentFile> {
+        let mut c = AgentFile::load(self.config.as_deref())?;
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(v) = self.peer_listen {
+            c.peer_listen = v;
+        }
+        if let Some(v) = self.peer_advertise {
+            c.peer_advertise = Some(v);
+        }
+        if let Some(v) = &self.origin {
+            c.origin = Some(v.clone());
+        }
+        if !self.tracker.is_empty() {
+            c.trackers = self.tracker.clone();
+        }
+        if let Some(v) = &self.data_dir {
+            c.data_dir = v.clone();
+        }
+        Ok(c)
+    }
+}
+
+/// A bound agent; `serve` runs it until shutdown.
+pub struct AgentServer {
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+}
+
+impl AgentServer {
+    pub async fn bind(file: AgentFile) -> anyhow::Result<AgentServer> {
+        let origin = file.origin.clone().context("an agent needs --origin URL")?;
+        anyhow::ensure!(!file.trackers.is_empty(), "an agent needs --tracker URL");
+        let peer_listener = tokio::net::TcpListener::bind(file.peer_listen)
+            .await
+            .with_context(|| format!("binding peer listener {}", file.peer_listen))?;
+        let advertise = crate::peer_addr::advertised(peer_listener.local_addr()?, file.peer_advertise)?;
+        let metrics = HttpMetrics::new("agent")?;
+        let config = AgentConfig {
+            origin,
+            trackers: file.trackers.clone(),
+            data_dir: file.data_dir.clone(),
+            advertise,
+            cache: CacheLimits {
+                high_watermark: file.cache_high_watermark.as_u64(),
+                low_watermark: file.cache_low_watermark.as_u64().min(file.cache_high_watermark.as_u64()),
+            },
+            tag_ttl: file.tag_ttl,
+            http_timeout: file.http_timeout,
+            egress_rate: file.egress_rate.map(|r| r.as_u64()),
+            ingress_rate: file.ingress_rate.map(|r| r.as_u64()),
+            seed_window: file.seed_window,
+            announce_interval: file.announce_interval,
+            max_connections_per_blob: file.max_connections_per_blob,
+            fallback_after: file.fallback_after,
+            max_peer_connections: file.max_peer_connections,
+        };
+        let agent = tokio::task::block_in_place(|| Agent::start(&config, &metrics.registry))?;
+        tokio::spawn(agent.peer_server.clone().serve(peer_listener));
+        let api_config = shoal_registry::ApiConfig {
+            read_only: true,
+            max_concurrent_requests: file.limits.max_concurrent_requests,
+            ..shoal_registry::ApiConfig::default()
+        };
+        let api =
+            shoal_registry::router(agent.store.clone() as Arc<dyn shoal_registry::RegistryStore>, api_config)
+                .merge(agent.routes());
+        let app = with_basics(api, metrics);
+        let listener = tokio::net::TcpListener::bind(file.listen)
+            .await
+            .with_context(|| format!("binding {}", file.listen))?;
+        tracing::info!(
+            listen = %listener.local_addr()?, %advertise, peer_id = %agent.peer_id,
+            origin = %config.origin, trackers = ?config.trackers, "agent ready"
+        );
+        Ok(AgentServer { listener, app })
+    }
+
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        axum::serve(self.listener, self.app).with_graceful_shutdown(shutdown).await?;
+        Ok(())
+    }
+}
