@@ -65,7 +65,9 @@ fn counted(body: Body, counter: IntCounter) -> Body {
 async fn observe(State(metrics): State<HttpMetrics>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
-    let path = request.uri().path().to_string();
+    // The query matters in the log: containerd's mirror requests carry `?ns=<upstream>`.
+    let path =
+        request.uri().path_and_query().map_or_else(|| request.uri().path().to_string(), |p| p.to_string());
     let request = request.map(|b| counted(b, metrics.bytes_in.clone()));
     let response = next.run(request).await;
     let elapsed = started.elapsed();

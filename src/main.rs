@@ -6,6 +6,7 @@ mod config;
 mod http;
 mod origin;
 mod peer_addr;
+mod preheat;
 mod tracker;
 mod up;
 
@@ -32,6 +33,8 @@ enum Command {
     Tracker(tracker::TrackerArgs),
     /// Run a whole local Shoal with embedded defaults
     Up(up::UpArgs),
+    /// Warm an agent's cache with every blob of an image, showing progress
+    Preheat(preheat::PreheatArgs),
 }
 
 /// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
@@ -73,5 +76,6 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Tracker(args) => tracker::Tracker::bind(args).await?.serve(shutdown_signal()).await,
         Command::Up(args) => up::run(args, shutdown_signal()).await,
+        Command::Preheat(args) => preheat::run(args).await,
     }
 }

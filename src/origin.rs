@@ -103,10 +103,6 @@ impl Origin {
         Ok(Origin { listener, app })
     }
 
-    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.listener.local_addr()
-    }
-
     pub async fn serve(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,

@@ -44,6 +44,9 @@ pub struct SwarmConfig {
     pub max_connections: usize,
     /// Requests in flight per peer.
     pub pipeline: usize,
+    /// Requests in flight to an origin while other peers are connected too: origins are the
+    /// seeders of last resort, so the swarm should carry most of the load.
+    pub origin_pipeline: usize,
     /// No new piece for this long (or no peers at all) brings in the origin fallback.
     pub fallback_after: Duration,
     /// Ranges fetched from the origin at once.
@@ -62,6 +65,7 @@ impl SwarmConfig {
             advertise,
             max_connections: 10,
             pipeline: 4,
+            origin_pipeline: 1,
             fallback_after: Duration::from_secs(3),
             fallback_parallel: 4,
             stall_timeout: Duration::from_secs(60),
@@ -114,6 +118,8 @@ struct Swarm {
     picker: PiecePicker,
     blacklist: Blacklist,
     peers: HashMap<PeerId, Peer>,
+    /// Connected peers that are origins (from the tracker's handout).
+    origins: HashSet<PeerId>,
     connecting: HashSet<SocketAddr>,
     candidates: Vec<PeerInfo>,
     fallback_active: bool,
@@ -147,6 +153,7 @@ pub async fn download(
         picker,
         blacklist,
         peers: HashMap::new(),
+        origins: HashSet::new(),
         connecting: HashSet::new(),
         candidates: Vec::new(),
         fallback_active: false,
@@ -242,6 +249,9 @@ impl Swarm {
                 if self.picker.add_peer(peer, bitfield).is_ok() {
                     self.deps.metrics.connections.with_label_values(&["out"]).inc();
                     self.peers.insert(peer, Peer { commands });
+                    if self.candidates.iter().any(|c| c.addr == addr && c.origin) {
+                        self.origins.insert(peer);
+                    }
                 }
             }
             Event::Conn(ConnEvent::ConnectFailed { addr, reason }) => {
@@ -328,6 +338,7 @@ impl Swarm {
     }
 
     fn drop_peer(&mut self, peer: &PeerId) {
+        self.origins.remove(peer);
         if self.peers.remove(peer).is_some() {
             self.deps.metrics.connections.with_label_values(&["out"]).dec();
         }
@@ -398,8 +409,14 @@ impl Swarm {
     fn fill_requests(&mut self) {
         let now = Instant::now();
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        let others_connected = self.peers.len() > self.origins.len();
         for peer in ids {
-            for index in self.picker.pick(&peer, now, self.cfg.pipeline) {
+            let pipeline = if others_connected && self.origins.contains(&peer) {
+                self.cfg.origin_pipeline
+            } else {
+                self.cfg.pipeline
+            };
+            for index in self.picker.pick(&peer, now, pipeline) {
                 let sent = self.peers.get(&peer).map(|p| p.commands.try_send(Command::Request(index)));
                 if !matches!(sent, Some(Ok(()))) {
                     self.picker.failed(&peer, index);
