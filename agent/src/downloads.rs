@@ -232,6 +232,7 @@ impl Downloads {
         if let Some(seeding) = self.seeding.get() {
             seeding.touch(digest);
         }
+        self.deps.metrics.download_seconds.observe(started.elapsed().as_secs_f64());
         tracing::info!(%digest, secs = started.elapsed().as_secs_f64(), "blob downloaded and verified");
         Ok(())
     }

@@ -15,6 +15,8 @@ pub struct SwarmMetrics {
     pub active_swarms: IntGauge,
     /// Open peer connections, by direction (`in`, `out`).
     pub connections: prometheus::IntGaugeVec,
+    /// Time from the start of a blob's download to its verified completion.
+    pub download_seconds: prometheus::Histogram,
 }
 
 impl SwarmMetrics {
@@ -51,8 +53,16 @@ impl SwarmMetrics {
                 ),
                 &["direction"],
             )?,
+            download_seconds: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new(
+                    format!("shoal_{component}_blob_download_seconds"),
+                    "Time to download and verify a whole blob",
+                )
+                .buckets(prometheus::exponential_buckets(0.01, 2.0, 16)?),
+            )?,
         };
         registry.register(Box::new(m.received_bytes.clone()))?;
+        registry.register(Box::new(m.download_seconds.clone()))?;
         registry.register(Box::new(m.sent_bytes.clone()))?;
         registry.register(Box::new(m.pieces_verified.clone()))?;
         registry.register(Box::new(m.pieces_rejected.clone()))?;

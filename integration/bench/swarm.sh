@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Swarm benchmarks (not tests): what the agents and tracker deliver, measured against a
+# baseline in the same run.
+#   1. one seeder (the origin) to one cold agent over loopback, unshaped: a 1 GiB blob through
+#      the swarm vs. curl fetching the same blob from Debian's docker-registry (ratio);
+#   2. time to first byte and total time of 1 MiB blobs through a cold agent (median);
+#   3. N agents (N = 2, 4, 8, 16) pulling one blob at once, each agent's ingress and egress
+#      limited to RATE by Shoal's own limiter: p50/p99 completion time ÷ (size ÷ rate), and
+#      origin egress ÷ size;
+#   4. an agent's peak RSS while it moves a 2 GiB blob.
+#
+#   cargo build --release --bin shoal
+#   SHOAL_BIN=target/release/shoal bash integration/bench/swarm.sh
+# Environment: BENCH_BIG_MIB (1024), BENCH_SMALL_ROUNDS (11), BENCH_FLEET ("2 4 8 16"),
+# BENCH_FLEET_MIB (512), BENCH_RATE_MIB (25, per agent, MiB/s), BENCH_RSS_MIB (2048),
+# BENCH_PARTS ("1 2 3 4").
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=../clients/lib.sh
+source "$here/../clients/lib.sh"
+lib_init swarm-bench
+
+BIG_MIB=${BENCH_BIG_MIB:-1024}
+SMALL_ROUNDS=${BENCH_SMALL_ROUNDS:-11}
+FLEET=${BENCH_FLEET:-2 4 8 16}
+FLEET_MIB=${BENCH_FLEET_MIB:-512}
+RATE_MIB=${BENCH_RATE_MIB:-25}
+RSS_MIB=${BENCH_RSS_MIB:-2048}
+PARTS=${BENCH_PARTS:-1 2 3 4}
+[[ -x $SHOAL_BIN ]] || die "no shoal binary at SHOAL_BIN=$SHOAL_BIN"
+[[ $SHOAL_BIN == */debug/* ]] && log "WARNING: $SHOAL_BIN looks like a debug build; figures will be meaningless"
+
+median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) {print "nan"; exit} m=(NR+1)/2; print (NR%2) ? a[int(m)] : (a[m-0.5]+a[m+0.5])/2}'; }
+pct() { sort -g | awk -v p="$1" '{a[NR]=$1} END {i=int((NR-1)*p/100+0.5)+1; if (i>NR) i=NR; print a[i]}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b == 0) ? 0 : a / b}'; }
+report=$T/report.txt
+say() { echo "$*" | tee -a "$report"; }
+say "== swarm benchmarks, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ)"
+
+# A random blob of N MiB, in a file; prints its path.
+random_blob() {
+  local f=$T/blob-$1-$RANDOM
+  head -c "$(($1 * 1024 * 1024))" /dev/urandom >"$f"
+  echo "$f"
+}
+
+# push FILE REPO to the registry at REG_URL; dies unless 201.
+push() {
+  local code
+  code=$(push_blob_monolithic "$2" "$1")
+  [[ $code == 201 ]] || die "push of $1 to $REG_URL answered $code"
+}
+
+agent_config() { # agent_config FILE [RATE_MIB]
+  {
+    echo 'announce_interval = "1s"'
+    echo 'fallback_after = "5s"'
+    echo 'cache_high_watermark = "64GiB"'
+    echo 'cache_low_watermark = "48GiB"'
+    if [[ -n ${2:-} ]]; then
+      echo "ingress_rate = \"${2}MiB\""
+      echo "egress_rate = \"${2}MiB\""
+    fi
+  } >"$1"
+}
+
+part1() {
+  say ""
+  say "-- 1. one seeder -> one cold agent, ${BIG_MIB} MiB, loopback, unshaped"
+  local f d cfg reg_url t_swarm t_base
+  f=$(random_blob "$BIG_MIB")
+  d=$(sha256_of "$f")
+  cfg=$T/agent1.toml
+  agent_config "$cfg"
+  SHOAL_AGENT_ARGS="--config $cfg" start_shoal_cluster 1
+  push "$f" bench/big
+  start_registry docker-registry "$T/dr"
+  reg_url=$REG_URL
+  push "$f" bench/big
+  sleep 1 # let the origin finish its metainfo
+  t_base=$(curl -sf -o /dev/null -w '%{time_total}' "$reg_url/v2/bench/big/blobs/$d")
+  t_swarm=$(curl -sf -o /dev/null -w '%{time_total}' "$AGENT_URL/v2/bench/big/blobs/$d")
+  local mbs_swarm mbs_base
+  mbs_swarm=$(awk -v s="$BIG_MIB" -v t="$t_swarm" 'BEGIN {printf "%.0f", s*1.048576/t}')
+  mbs_base=$(awk -v s="$BIG_MIB" -v t="$t_base" 'BEGIN {printf "%.0f", s*1.048576/t}')
+  say "agent (swarm, cold):   ${t_swarm}s  ${mbs_swarm} MB/s"
+  say "docker-registry curl:  ${t_base}s  ${mbs_base} MB/s"
+  say "throughput ratio swarm/registry: $(ratio "$mbs_swarm" "$mbs_base")  (goal >= 1)"
+  stop_cluster
+  rm -f "$f"
+}
+
+part2() {
+  say ""
+  say "-- 2. 1 MiB blobs through a cold agent, $SMALL_ROUNDS rounds (fresh blob each round)"
+  local cfg i f d ttfb=() total=()
+  cfg=$T/agent2.toml
+  agent_config "$cfg"
+  SHOAL_AGENT_ARGS="--config $cfg" start_shoal_cluster 1
+  for ((i = 0; i < SMALL_ROUNDS; i++)); do
+    f=$(random_blob 1)
+    d=$(sha256_of "$f")
+    push "$f" bench/small
+    sleep 0.3
+    read -r a b < <(curl -sf -o /dev/null -w '%{time_starttransfer} %{time_total}\n' "$AGENT_URL/v2/bench/small/blobs/$d")
+    ttfb+=("$a") total+=("$b")
+    rm -f "$f"
+  done
+  say "time to first byte: median $(printf '%s\n' "${ttfb[@]}" | median)s  (all: ${ttfb[*]})"
+  say "total time:         median $(printf '%s\n' "${total[@]}" | median)s"
+  stop_cluster
+}
+
+part3() {
+  say ""
+  say "-- 3. N agents pull one ${FLEET_MIB} MiB blob at once, each limited to ${RATE_MIB} MiB/s in and out"
+  say "N    p50/ideal  p99/ideal  origin-egress/size  (ideal = size/rate = $(awk -v s="$FLEET_MIB" -v r="$RATE_MIB" 'BEGIN {printf "%.1f", s/r}')s)"
+  local n cfg f d i ideal times egress
+  ideal=$(awk -v s="$FLEET_MIB" -v r="$RATE_MIB" 'BEGIN {print s/r}')
+  for n in $FLEET; do
+    cfg=$T/agent3.toml
+    agent_config "$cfg" "$RATE_MIB"
+    SHOAL_AGENT_ARGS="--config $cfg" start_shoal_cluster "$n"
+    f=$(random_blob "$FLEET_MIB")
+    d=$(sha256_of "$f")
+    push "$f" bench/fleet
+    sleep 1
+    : >"$T/times"
+    for ((i = 0; i < n; i++)); do
+      curl -sf -o /dev/null -w '%{time_total}\n' "${AGENT_URLS[i]}/v2/bench/fleet/blobs/$d" >>"$T/times" &
+    done
+    wait
+    [[ $(wc -l <"$T/times") -eq $n ]] || die "some pulls failed"
+    egress=$(($(metric "$ORIGIN_URL" shoal_origin_peer_sent_bytes_total) + $(metric "$ORIGIN_URL" shoal_origin_http_sent_bytes_total)))
+    times=$(cat "$T/times")
+    say "$(printf '%-4s %-10s %-10s %s' "$n" \
+      "$(ratio "$(echo "$times" | median)" "$ideal")" \
+      "$(ratio "$(echo "$times" | pct 99)" "$ideal")" \
+      "$(ratio "$egress" "$((FLEET_MIB * 1024 * 1024))")")"
+    stop_cluster
+    rm -f "$f"
+  done
+  say "(goal: p99/ideal <= 1.3 and origin egress/size <= 1.5, flat as N grows)"
+}
+
+part4() {
+  say ""
+  say "-- 4. agent peak RSS while moving a ${RSS_MIB} MiB blob"
+  local cfg f d
+  cfg=$T/agent4.toml
+  agent_config "$cfg"
+  SHOAL_AGENT_ARGS="--config $cfg" start_shoal_cluster 1
+  f=$(random_blob "$RSS_MIB")
+  d=$(sha256_of "$f")
+  push "$f" bench/rss
+  rm -f "$f"
+  sleep 2
+  curl -sf -o /dev/null "$AGENT_URL/v2/bench/rss/blobs/$d"
+  say "agent peak RSS: $(($(peak_rss_kib "$AGENT_PID") / 1024)) MiB  (goal <= 100 MiB); origin peak RSS: $(($(peak_rss_kib "$ORIGIN_PID") / 1024)) MiB"
+  stop_cluster
+}
+
+# stop_cluster: stop the current cluster's processes now (they are also registered at exit).
+stop_cluster() {
+  local p
+  for p in "${AGENT_PIDS[@]}" "$TRACKER_PID" "$ORIGIN_PID" ${REG_PID:+"$REG_PID"}; do
+    kill "$p" 2>/dev/null || true
+  done
+  sleep 1
+  rm -rf "$T/cluster"
+}
+
+for p in $PARTS; do "part$p"; done
+say ""
+say "load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+cp "$report" "${BENCH_REPORT:-/tmp/shoal-swarm-bench.txt}"
