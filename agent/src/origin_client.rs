@@ -24,11 +24,15 @@ pub struct OriginClient {
 }
 
 fn unreachable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Internal(format!("origin unreachable: {e}"))
+    StoreError::Unavailable(format!("origin unreachable: {e}"))
 }
 
 fn unexpected(status: StatusCode) -> StoreError {
-    StoreError::Internal(format!("origin answered {status}"))
+    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+        StoreError::Unavailable(format!("origin answered {status}"))
+    } else {
+        StoreError::Internal(format!("origin answered {status}"))
+    }
 }
 
 impl OriginClient {

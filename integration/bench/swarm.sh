@@ -126,10 +126,13 @@ part3() {
     push "$f" bench/fleet
     sleep 1
     : >"$T/times"
+    local pulls=()
     for ((i = 0; i < n; i++)); do
       curl -sf -o /dev/null -w '%{time_total}\n' "${AGENT_URLS[i]}/v2/bench/fleet/blobs/$d" >>"$T/times" &
+      pulls+=($!)
     done
-    wait
+    # Wait for the pulls only: the daemons are children of this shell too.
+    wait "${pulls[@]}" || true
     [[ $(wc -l <"$T/times") -eq $n ]] || die "some pulls failed"
     egress=$(($(metric "$ORIGIN_URL" shoal_origin_peer_sent_bytes_total) + $(metric "$ORIGIN_URL" shoal_origin_http_sent_bytes_total)))
     times=$(cat "$T/times")

@@ -120,7 +120,7 @@ impl BlobPieces {
         if file.have().get(index) {
             return Ok(false);
         }
-        file.write_piece(index, data)?;
+        file.write_verified_piece(index, data)?;
         if flushed.elapsed() >= FLUSH_INTERVAL {
             file.flush()?;
             *flushed = std::time::Instant::now();

@@ -126,10 +126,18 @@ impl PieceFile {
     /// Verify `data` against piece `index`'s hash and write it. A piece that fails verification
     /// is not written or marked; writing a piece we already have is a no-op.
     pub fn write_piece(&mut self, index: u32, data: &[u8]) -> Result<(), PieceError> {
-        let (offset, _) = self.range(index)?;
+        self.range(index)?;
         if !self.metainfo.verify_piece(index, data) {
             return Err(PieceError::HashMismatch { index });
         }
+        self.write_verified_piece(index, data)
+    }
+
+    /// Write a piece the caller has already checked with [`Metainfo::verify_piece`], so the
+    /// hashing can happen outside whatever lock guards this file. Writing an unverified piece
+    /// here would break the "have means verified" invariant.
+    pub fn write_verified_piece(&mut self, index: u32, data: &[u8]) -> Result<(), PieceError> {
+        let (offset, _) = self.range(index)?;
         if self.have.get(index) {
             return Ok(());
         }

@@ -101,7 +101,7 @@ pub enum SwarmError {
 
 enum Event {
     Conn(ConnEvent),
-    Written { from: PeerId, index: u32, result: Result<bool, PieceError>, len: u64 },
+    Written { from: PeerId, index: u32, result: Result<bool, PieceError> },
     Announced(Result<Vec<PeerInfo>, String>, Duration),
     Fetched { index: u32, result: Result<Bytes, String> },
 }
@@ -267,12 +267,9 @@ impl Swarm {
                 tracing::debug!(%peer, %reason, "peer connection closed");
                 self.drop_peer(&peer);
             }
-            Event::Written { from, index, result, len } => match result {
+            Event::Written { from, index, result } => match result {
                 Ok(_) => {
                     self.last_progress = now;
-                    self.deps.metrics.pieces_verified.inc();
-                    let source = if from == ORIGIN_PEER { "origin" } else { "peer" };
-                    self.deps.metrics.received_bytes.with_label_values(&[source]).inc_by(len);
                     for other in self.picker.received(&from, index) {
                         if let Some(p) = self.peers.get(&other) {
                             let _ = p.commands.try_send(Command::Cancel(index));
@@ -283,7 +280,6 @@ impl Swarm {
                     }
                 }
                 Err(PieceError::HashMismatch { .. }) => {
-                    self.deps.metrics.pieces_rejected.inc();
                     self.picker.failed(&from, index);
                     if from != ORIGIN_PEER {
                         tracing::warn!(peer = %from, index, "peer sent a bad piece; blacklisted");
@@ -308,6 +304,7 @@ impl Swarm {
                     Err(e) => tracing::debug!(error = %e, "announce failed"),
                 }
                 self.announce(interval);
+                self.connect_more();
             }
             Event::Fetched { index, result } => match result {
                 Ok(data) => self.store(ORIGIN_PEER, index, data),
@@ -325,15 +322,27 @@ impl Swarm {
     }
 
     /// Verify and write a piece on the blocking pool; the result comes back as an event.
+    /// Metrics are counted here, not in the event loop, which may already have finished when
+    /// the last piece's event arrives.
     fn store(&self, from: PeerId, index: u32, data: Bytes) {
         let pieces = self.pieces.clone();
         let events = self.events_tx.clone();
+        let metrics = self.deps.metrics.clone();
         let len = data.len() as u64;
         tokio::spawn(async move {
             let result = tokio::task::spawn_blocking(move || pieces.write_piece(index, &data))
                 .await
                 .unwrap_or_else(|e| Err(PieceError::Io(std::io::Error::other(e.to_string()))));
-            let _ = events.send(Event::Written { from, index, result, len }).await;
+            match &result {
+                Ok(_) => {
+                    metrics.pieces_verified.inc();
+                    let source = if from == ORIGIN_PEER { "origin" } else { "peer" };
+                    metrics.received_bytes.with_label_values(&[source]).inc_by(len);
+                }
+                Err(PieceError::HashMismatch { .. }) => metrics.pieces_rejected.inc(),
+                Err(_) => {}
+            }
+            let _ = events.send(Event::Written { from, index, result }).await;
         });
     }
 
@@ -357,7 +366,13 @@ impl Swarm {
             }
         }
         self.blacklist.prune(now);
-        // Connect to more candidates, best first (the tracker orders them).
+        self.connect_more();
+        self.consider_fallback(now)
+    }
+
+    /// Open connections to candidates until the limit, best first (the tracker orders them).
+    fn connect_more(&mut self) {
+        let now = Instant::now();
         let mut i = 0;
         while self.peers.len() + self.connecting.len() < self.cfg.max_connections && i < self.candidates.len()
         {
@@ -390,7 +405,10 @@ impl Swarm {
                 tokio::join!(conn::run(addr, me, pieces, ingress, timeouts, tx), forward);
             });
         }
-        // Bring in the origin when the swarm cannot deliver.
+    }
+
+    /// Bring in the origin when the swarm cannot deliver; fail when nothing delivers at all.
+    fn consider_fallback(&mut self, now: Instant) -> Result<(), SwarmError> {
         let idle = now.duration_since(self.last_progress);
         let no_peers = self.announced_once && self.peers.is_empty() && self.connecting.is_empty();
         if !self.fallback_active && (idle >= self.cfg.fallback_after || no_peers) {

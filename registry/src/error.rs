@@ -182,6 +182,9 @@ pub enum StoreError {
     NameUnknown,
     #[error("storage is full")]
     StorageFull,
+    /// A service the store depends on (an agent's origin) cannot answer now; clients retry.
+    #[error("upstream unavailable: {0}")]
+    Unavailable(String),
     #[error("storage I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("internal error: {0}")]
@@ -220,6 +223,9 @@ impl From<StoreError> for ApiError {
                 .with_detail(serde_json::json!({ "digest": d.to_string() })),
             StoreError::ManifestUnknown => ApiError::new(ErrorCode::ManifestUnknown, message),
             StoreError::NameUnknown => ApiError::new(ErrorCode::NameUnknown, message),
+            StoreError::Unavailable(_) => {
+                ApiError::new(ErrorCode::Unknown, message).with_status(StatusCode::SERVICE_UNAVAILABLE)
+            }
             StoreError::StorageFull => {
                 ApiError::new(ErrorCode::Unknown, message).with_status(StatusCode::INSUFFICIENT_STORAGE)
             }
