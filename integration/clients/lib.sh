@@ -374,3 +374,132 @@ push_blob_monolithic() {
   curl -sS -o "$T/put-body" -w '%{http_code}' --max-time 60 -H 'Expect:' \
     -H 'Content-Type: application/octet-stream' -T "$2" "$(with_query "$loc" "digest=$digest")" || true
 }
+
+# ---------------------------------------------------------------------------------------
+# a small Shoal cluster: one origin (seeding pieces), one tracker, K agents
+
+# shoal_bg NAME LOGFILE ARGS...: start `$SHOAL_BIN ARGS...` like start_bg (sets BG_PID).
+shoal_bg() {
+  local name=$1 logf=$2
+  shift 2
+  [[ -x $SHOAL_BIN ]] || die "shoal binary not found at SHOAL_BIN=$SHOAL_BIN (build it with cargo build)"
+  # shellcheck disable=SC2086 # SHOAL_CLUSTER_ARGS is a word list on purpose
+  start_bg "$name" "$logf" "$SHOAL_BIN" "$@" ${SHOAL_CLUSTER_ARGS:-}
+}
+
+# start_shoal_cluster [K]: an origin with a peer listener, a tracker and K agents (default 1),
+# each on free 127.0.0.1 ports, data under $T/cluster, logs in $T, all stopped at exit.
+# Sets:
+#   ORIGIN ORIGIN_URL ORIGIN_PEER ORIGIN_PID ORIGIN_LOG ORIGIN_DATA
+#   TRACKER TRACKER_URL TRACKER_PID TRACKER_LOG
+#   AGENTS[i] AGENT_URLS[i] AGENT_PEERS[i] AGENT_PIDS[i] AGENT_LOGS[i] AGENT_DATAS[i] (i < K)
+#   AGENT AGENT_URL AGENT_PID AGENT_LOG AGENT_DATA: the first agent
+#   REG REG_URL REG_PID REG_LOG REG_KIND=shoal: the origin, so registry helpers push there
+# Environment: SHOAL_CLUSTER_ARGS is appended to every shoal command (e.g. --log debug);
+# SHOAL_AGENT_ARGS only to the agents'.
+start_shoal_cluster() {
+  local k=${1:-1} i port peer d
+  local root=$T/cluster
+  mkdir -p "$root"
+
+  port=$(free_port)
+  peer=$(free_port)
+  ORIGIN=127.0.0.1:$port
+  ORIGIN_URL=http://$ORIGIN
+  ORIGIN_PEER=127.0.0.1:$peer
+  ORIGIN_DATA=$root/origin
+  ORIGIN_LOG=$T/origin-$port.log
+  mkdir -p "$ORIGIN_DATA"
+  shoal_bg "origin-$port" "$ORIGIN_LOG" origin --listen "$ORIGIN" --peer-listen "$ORIGIN_PEER" --data-dir "$ORIGIN_DATA"
+  ORIGIN_PID=$BG_PID
+  wait_ready 30 "$ORIGIN_PID" "shoal origin on $ORIGIN" is_200 "$ORIGIN_URL/healthz" || die "$WAIT_ERR (log: $ORIGIN_LOG)"
+  log "origin on $ORIGIN, peers $ORIGIN_PEER (pid $ORIGIN_PID, log $ORIGIN_LOG)"
+  REG=$ORIGIN REG_URL=$ORIGIN_URL REG_PID=$ORIGIN_PID REG_LOG=$ORIGIN_LOG REG_KIND=shoal
+
+  port=$(free_port)
+  TRACKER=127.0.0.1:$port
+  TRACKER_URL=http://$TRACKER
+  TRACKER_LOG=$T/tracker-$port.log
+  shoal_bg "tracker-$port" "$TRACKER_LOG" tracker --listen "$TRACKER" --origin "$ORIGIN_URL"
+  TRACKER_PID=$BG_PID
+  wait_ready 30 "$TRACKER_PID" "shoal tracker on $TRACKER" is_200 "$TRACKER_URL/healthz" || die "$WAIT_ERR (log: $TRACKER_LOG)"
+  log "tracker on $TRACKER (pid $TRACKER_PID, log $TRACKER_LOG)"
+
+  AGENTS=() AGENT_URLS=() AGENT_PEERS=() AGENT_PIDS=() AGENT_LOGS=() AGENT_DATAS=()
+  for ((i = 0; i < k; i++)); do
+    port=$(free_port)
+    peer=$(free_port)
+    d=$root/agent$i
+    mkdir -p "$d"
+    AGENTS[i]=127.0.0.1:$port
+    AGENT_URLS[i]=http://127.0.0.1:$port
+    AGENT_PEERS[i]=127.0.0.1:$peer
+    AGENT_DATAS[i]=$d
+    AGENT_LOGS[i]=$T/agent$i-$port.log
+    # shellcheck disable=SC2086 # SHOAL_AGENT_ARGS is a word list on purpose
+    shoal_bg "agent$i-$port" "${AGENT_LOGS[i]}" agent --listen "${AGENTS[i]}" --peer-listen "${AGENT_PEERS[i]}" \
+      --origin "$ORIGIN_URL" --tracker "$TRACKER_URL" --data-dir "$d" ${SHOAL_AGENT_ARGS:-}
+    AGENT_PIDS[i]=$BG_PID
+  done
+  # Start them all, then wait: agents come up in parallel.
+  for ((i = 0; i < k; i++)); do
+    wait_ready 30 "${AGENT_PIDS[i]}" "shoal agent $i on ${AGENTS[i]}" is_200 "${AGENT_URLS[i]}/healthz" ||
+      die "$WAIT_ERR (log: ${AGENT_LOGS[i]})"
+    log "agent $i on ${AGENTS[i]}, peers ${AGENT_PEERS[i]} (pid ${AGENT_PIDS[i]}, log ${AGENT_LOGS[i]})"
+  done
+  # shellcheck disable=SC2034 # for the scripts that source this file
+  AGENT=${AGENTS[0]:-} AGENT_URL=${AGENT_URLS[0]:-} AGENT_PID=${AGENT_PIDS[0]:-}
+  # shellcheck disable=SC2034
+  AGENT_LOG=${AGENT_LOGS[0]:-} AGENT_DATA=${AGENT_DATAS[0]:-}
+}
+
+# require_shoal_under_test: the agent tests need shoal's origin (metainfo, seeding); with
+# SHOAL_UNDER_TEST=docker-registry they skip (exit 0) instead of testing nothing useful.
+require_shoal_under_test() {
+  if [[ $SHOAL_UNDER_TEST != shoal ]]; then
+    log "SKIP: needs SHOAL_UNDER_TEST=shoal (agent, tracker and a seeding origin)"
+    exit 0
+  fi
+}
+
+# metric URL NAME [LABEL_MATCH]: the sum of every sample of metric NAME at URL/metrics whose
+# label set contains LABEL_MATCH (e.g. 'source="origin"'); 0 if there is none.
+metric() {
+  local url=$1 name=$2 match=${3:-}
+  curl -sf --max-time 5 "$url/metrics" | awk -v n="$name" -v m="$match" '
+    /^#/ { next }
+    { key = $1; base = key; sub(/\{.*/, "", base) }
+    base == n && (m == "" || index(key, m) > 0) { s += $2 }
+    END { printf "%d\n", s }'
+}
+
+# agent_received AGENT_URL: piece bytes the agent received, from peers and origins together.
+agent_received() { metric "$1" shoal_agent_received_bytes_total; }
+
+# agent_requests AGENT_URL [LABEL_MATCH]: registry requests the agent answered.
+agent_requests() { metric "$1" shoal_agent_http_requests_total "${2:-}"; }
+
+# preheat AGENT_URL IMAGE [PLATFORM] > NDJSON: POST /v1/preheat and print the event lines.
+preheat() {
+  local body
+  if [[ -n ${3:-} ]]; then
+    body=$(jq -cn --arg i "$2" --arg p "$3" '{image: $i, platform: $p}')
+  else
+    body=$(jq -cn --arg i "$2" '{image: $i}')
+  fi
+  curl -sS -N --max-time 300 -X POST -H 'Content-Type: application/json' --data "$body" "$1/v1/preheat"
+}
+
+# ctr_hosts_dir DIR UPSTREAM MIRROR_URL: a containerd hosts dir where UPSTREAM (host:port)
+# has a closed port as its server (nothing but the mirror can answer) and MIRROR_URL
+# as a pull/resolve mirror.
+ctr_hosts_dir() {
+  local dir=$1 upstream=$2 mirror=$3
+  mkdir -p "$dir/$upstream"
+  cat >"$dir/$upstream/hosts.toml" <<EOF
+server = "http://127.0.0.1:9"
+
+[host."$mirror"]
+  capabilities = ["pull", "resolve"]
+EOF
+}

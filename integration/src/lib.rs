@@ -4,6 +4,9 @@
 //! - [`origin`]: spawn `shoal origin` on a free loopback port with its own data
 //!   directory (or point at an already running registry through
 //!   `SHOAL_TEST_REGISTRY_URL`), restart it, kill it on drop.
+//! - [`cluster`]: an origin, a tracker and N agents on loopback for the swarm
+//!   tests: kill and restart processes, push random blobs, pull them through
+//!   agents (hashed while streamed) and read Prometheus metrics.
 //! - [`api`]: a thin HTTP client with the OCI flows the tests repeat (start an
 //!   upload, push a blob, push a manifest) and [`api::Reply`], a fully read
 //!   response with assertion helpers for statuses, headers and spec error bodies.
@@ -15,6 +18,7 @@
 //!   deliberately slow upload).
 
 pub mod api;
+pub mod cluster;
 pub mod content;
 pub mod oci;
 pub mod origin;

@@ -167,13 +167,6 @@ impl Drop for Origin {
 impl Server {
     /// Spawns the child and waits until `GET /healthz` answers 200.
     async fn launch(&mut self, url: &str) -> Result<(), String> {
-        let log_path = self.root.path().join("server.log");
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| format!("open {}: {e}", log_path.display()))?;
-        let log_err = log.try_clone().map_err(|e| e.to_string())?;
         let mut command = Command::new(&self.bin);
         command
             .arg("origin")
@@ -184,42 +177,12 @@ impl Server {
         if let Some(config) = &self.config {
             command.arg("--config").arg(config);
         }
-        // The harness's own variables are not Shoal settings.
-        let child = command
-            .env_remove(BIN_ENV)
-            .env_remove(REGISTRY_URL_ENV)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", self.bin.display()))?;
-        self.child = Some(child);
-        let result = self.wait_healthy(url).await;
+        let child = self.child.insert(spawn_logged(command, &self.root.path().join("server.log"))?);
+        let result = wait_healthy(child, url).await;
         if result.is_err() {
             self.kill();
         }
         result
-    }
-
-    async fn wait_healthy(&mut self, url: &str) -> Result<(), String> {
-        let http =
-            reqwest::Client::builder().timeout(Duration::from_secs(2)).build().map_err(|e| e.to_string())?;
-        let deadline = Instant::now() + HEALTH_TIMEOUT;
-        let mut last = String::from("no answer yet");
-        while Instant::now() < deadline {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Err(format!("shoal exited early with {status}"));
-                }
-            }
-            match http.get(format!("{url}/healthz")).send().await {
-                Ok(resp) if resp.status() == reqwest::StatusCode::OK => return Ok(()),
-                Ok(resp) => last = format!("/healthz answered {}", resp.status()),
-                Err(e) => last = e.to_string(),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Err(format!("not healthy after {HEALTH_TIMEOUT:?}: {last}"))
     }
 
     fn kill(&mut self) {
@@ -230,21 +193,65 @@ impl Server {
     }
 
     fn log_tail(&self) -> String {
-        let path = self.root.path().join("server.log");
-        let Ok(mut file) = File::open(&path) else {
-            return String::from("(no log)");
-        };
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let _ = file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)));
-        let mut buf = Vec::new();
-        let _ = file.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
+        log_tail(&self.root.path().join("server.log"))
     }
+}
+
+/// Spawns `command` with its stdout and stderr appended to `log_path`, without
+/// the harness's own environment variables (they are not Shoal settings).
+pub(crate) fn spawn_logged(mut command: Command, log_path: &Path) -> Result<Child, String> {
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(|e| format!("open {}: {e}", log_path.display()))?;
+    let log_err = log.try_clone().map_err(|e| e.to_string())?;
+    let program = command.get_program().to_owned();
+    command
+        .env_remove(BIN_ENV)
+        .env_remove(REGISTRY_URL_ENV)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .spawn()
+        .map_err(|e| format!("spawn {}: {e}", Path::new(&program).display()))
+}
+
+/// Waits until `GET <url>/healthz` answers 200, failing early if `child` exits.
+pub(crate) async fn wait_healthy(child: &mut Child, url: &str) -> Result<(), String> {
+    let http =
+        reqwest::Client::builder().timeout(Duration::from_secs(2)).build().map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + HEALTH_TIMEOUT;
+    let mut last = String::from("no answer yet");
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("shoal exited early with {status}"));
+        }
+        match http.get(format!("{url}/healthz")).send().await {
+            Ok(resp) if resp.status() == reqwest::StatusCode::OK => return Ok(()),
+            Ok(resp) => last = format!("/healthz answered {}", resp.status()),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(format!("not healthy after {HEALTH_TIMEOUT:?}: {last}"))
+}
+
+/// The last few KiB of a server log, for a failing test's output.
+pub(crate) fn log_tail(path: &Path) -> String {
+    let Ok(mut file) = File::open(path) else {
+        return String::from("(no log)");
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)));
+    let mut buf = Vec::new();
+    let _ = file.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 /// The `shoal` binary: `$SHOAL_BIN`, else `target/debug/shoal` next to the test
 /// executable (`target/debug/deps/<test>`), else the workspace's `target/debug`.
-fn shoal_binary() -> PathBuf {
+pub(crate) fn shoal_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os(BIN_ENV) {
         return PathBuf::from(bin);
     }
@@ -259,7 +266,7 @@ fn shoal_binary() -> PathBuf {
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())

@@ -273,6 +273,18 @@ impl<R: Rng> PiecePicker<R> {
     /// requests outstanding to it, and record them as in flight with their deadlines.
     /// Returns nothing for an unknown peer.
     pub fn pick(&mut self, peer: &PeerId, now: Instant, max_in_flight_for_peer: usize) -> Vec<u32> {
+        self.pick_where(peer, now, max_in_flight_for_peer, |_, _| true)
+    }
+
+    /// [`pick`](Self::pick), restricted to pieces for which `allowed(index, availability)` holds,
+    /// e.g. to ask an origin only for pieces no other peer can supply.
+    pub fn pick_where(
+        &mut self,
+        peer: &PeerId,
+        now: Instant,
+        max_in_flight_for_peer: usize,
+        allowed: impl Fn(u32, u32) -> bool,
+    ) -> Vec<u32> {
         let budget = max_in_flight_for_peer.saturating_sub(self.in_flight_for(peer));
         let Some(bf) = self.peers.get(peer) else {
             return Vec::new();
@@ -285,6 +297,7 @@ impl<R: Rng> PiecePicker<R> {
         let eligible = |i: u32| {
             bf.get(i)
                 && !self.have.get(i)
+                && allowed(i, self.availability[i as usize])
                 && self
                     .in_flight
                     .get(&i)

@@ -91,8 +91,8 @@ pub struct SwarmDeps {
 /// Why a download failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SwarmError {
-    #[error("no progress for {0:?} from peers or origin")]
-    Stalled(Duration),
+    #[error("no progress for {0:?} from peers or origin ({1})")]
+    Stalled(Duration, String),
     #[error("origin fallback failed: {0}")]
     Fallback(String),
     #[error("piece storage failed: {0}")]
@@ -360,7 +360,7 @@ impl Swarm {
             if peer == ORIGIN_PEER {
                 continue;
             }
-            tracing::debug!(%peer, index, "piece request timed out");
+            tracing::info!(%peer, index, "piece request timed out");
             if self.blacklist.timeout(peer, now) {
                 self.drop_peer(&peer);
             }
@@ -419,7 +419,16 @@ impl Swarm {
             }
         }
         if idle >= self.cfg.stall_timeout {
-            return Err(SwarmError::Stalled(self.cfg.stall_timeout));
+            let state = format!(
+                "{} of {} pieces, {} peers connected, {} connecting, {} candidates, origin fallback {}",
+                self.picker.have().count(),
+                self.picker.piece_count(),
+                self.peers.len(),
+                self.connecting.len(),
+                self.candidates.len(),
+                if self.fallback_active { "active" } else { "off" },
+            );
+            return Err(SwarmError::Stalled(self.cfg.stall_timeout, state));
         }
         Ok(())
     }
@@ -428,13 +437,18 @@ impl Swarm {
         let now = Instant::now();
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
         let others_connected = self.peers.len() > self.origins.len();
+        let origins = self.origins.len() as u32;
         for peer in ids {
-            let pipeline = if others_connected && self.origins.contains(&peer) {
-                self.cfg.origin_pipeline
+            let picked = if others_connected && self.origins.contains(&peer) {
+                // Ask an origin only for pieces no other connected peer has: the swarm
+                // should carry everything it can.
+                self.picker.pick_where(&peer, now, self.cfg.origin_pipeline, |_, availability| {
+                    availability <= origins
+                })
             } else {
-                self.cfg.pipeline
+                self.picker.pick(&peer, now, self.cfg.pipeline)
             };
-            for index in self.picker.pick(&peer, now, pipeline) {
+            for index in picked {
                 let sent = self.peers.get(&peer).map(|p| p.commands.try_send(Command::Request(index)));
                 if !matches!(sent, Some(Ok(()))) {
                     self.picker.failed(&peer, index);

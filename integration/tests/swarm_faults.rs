@@ -1,0 +1,293 @@
+//! The swarm under faults: an agent dies mid-transfer, a peer serves corrupt
+//! pieces, the tracker is down, an agent crashes and restarts on its data.
+//! Every pull still ends with the exact blob.
+//!
+//! Each test starts its own origin, tracker and agents ([`Cluster`]) on
+//! loopback.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use shoal_integration::cluster::{Cluster, TestBlob};
+use shoal_integration::skip_if_external;
+use shoal_p2p::blob::BlobPieces;
+use shoal_p2p::limiter::RateLimiter;
+use shoal_p2p::server::{PeerServer, PieceLookup};
+use shoal_p2p::tracker_client::{metainfo_path, AnnounceRequest, TrackerClient};
+use shoal_p2p::{Metainfo, PeerId, SwarmMetrics};
+use shoal_registry::Digest;
+
+const MIB: u64 = 1024 * 1024;
+const SKIP: &str = "the swarm tests start their own origin, tracker and agents";
+
+/// Polls `probe` every 50 ms until it returns `Some`, panicking after `limit`.
+async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Verified bytes an agent has received so far (peers and origin), or `None`
+/// if its `/metrics` does not answer.
+async fn received(cluster: &Cluster, agent: usize) -> Option<u64> {
+    cluster
+        .try_metric(&cluster.agent_url(agent), "shoal_agent_received_bytes_total", &[])
+        .await
+        .ok()
+        .map(|v| v as u64)
+}
+
+/// Four agents (ingress limited to 24 MiB/s so the transfer lasts seconds)
+/// pull one 96 MiB blob; one is SIGKILLed once it has received 16 MiB and
+/// served pieces to the others (so they lose a source mid-transfer). The three
+/// survivors finish with the exact blob.
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_killed_mid_transfer_others_finish() {
+    skip_if_external!(SKIP);
+    const AGENTS: usize = 4;
+    const VICTIM: usize = 0;
+    let size = 96 * MIB;
+    let mut cluster = Cluster::start_with(AGENTS, "ingress_rate = \"24MiB\"\n").await;
+    let blob = cluster.push_random_blob(size).await;
+
+    let pulls: Vec<_> = (0..AGENTS).map(|i| tokio::spawn(cluster.fetch(i, &blob))).collect();
+    // Kill it while it is both downloading and serving the others.
+    let (at_kill, served) =
+        wait_for("the victim to receive 16 MiB and serve a piece", Duration::from_secs(60), || async {
+            let got = received(&cluster, VICTIM).await?;
+            let sent = cluster
+                .try_metric(&cluster.agent_url(VICTIM), "shoal_agent_peer_sent_bytes_total", &[])
+                .await
+                .ok()?;
+            (got >= 16 * MIB && sent > 0.0).then_some((got, sent))
+        })
+        .await;
+    assert!(at_kill < size, "the victim finished before it could be killed mid-transfer");
+    cluster.kill_agent(VICTIM);
+    println!(
+        "killed agent {VICTIM} after it received {:.1} MiB and sent {:.1} MiB to peers",
+        at_kill as f64 / MIB as f64,
+        served / MIB as f64
+    );
+
+    for (i, pull) in pulls.into_iter().enumerate() {
+        let result = tokio::time::timeout(Duration::from_secs(120), pull)
+            .await
+            .unwrap_or_else(|_| panic!("agent {i}: the pull did not finish in 120 s"))
+            .expect("pull task");
+        if i == VICTIM {
+            assert!(result.is_err(), "the killed agent's pull cannot have finished: {result:?}");
+            continue;
+        }
+        let fetched = result.unwrap_or_else(|e| panic!("agent {i}: {e}"));
+        let from = cluster.agent_received(i).await;
+        println!(
+            "agent {i}: {:.1} s, {:.1} MiB from peers, {:.1} MiB from origin HTTP",
+            fetched.elapsed.as_secs_f64(),
+            from.peer as f64 / MIB as f64,
+            from.origin as f64 / MIB as f64
+        );
+        assert_eq!(fetched.bytes, size, "agent {i}: length");
+        assert_eq!(fetched.digest, blob.digest, "agent {i}: digest");
+    }
+}
+
+/// A peer that serves a blob whose every piece is corrupted: the real peer
+/// server over a damaged copy, announced to the tracker as a complete seeder
+/// every second.
+struct CorruptPeer {
+    addr: SocketAddr,
+    metrics: SwarmMetrics,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for CorruptPeer {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Serves one blob, whatever its file holds.
+struct OneBlob {
+    digest: Digest,
+    pieces: Arc<BlobPieces>,
+}
+
+#[async_trait]
+impl PieceLookup for OneBlob {
+    async fn lookup(&self, digest: &Digest) -> Option<Arc<BlobPieces>> {
+        (digest == &self.digest).then(|| self.pieces.clone())
+    }
+}
+
+impl CorruptPeer {
+    async fn start(cluster: &Cluster, blob: &TestBlob, dir: &Path) -> CorruptPeer {
+        let digest: Digest = blob.digest.parse().expect("a valid digest");
+        let url = format!("{}{}", cluster.origin.url(), metainfo_path(&digest));
+        let json = reqwest::get(&url).await.and_then(|r| r.error_for_status()).expect("GET metainfo");
+        let metainfo: Metainfo = serde_json::from_slice(&json.bytes().await.expect("metainfo body"))
+            .expect("the origin's metainfo parses");
+
+        // Flip one byte in every piece, so no piece of this copy verifies.
+        let mut data = std::fs::read(&blob.path).expect("read the blob");
+        for index in 0..metainfo.piece_count() {
+            let (offset, len) = metainfo.piece_range(index).expect("piece in range");
+            data[usize::try_from(offset + len / 2).expect("offset fits")] ^= 0xff;
+        }
+        let path = dir.join("corrupt-blob");
+        std::fs::write(&path, &data).expect("write the corrupt copy");
+        drop(data);
+        let pieces =
+            Arc::new(BlobPieces::complete(&path, Arc::new(metainfo)).expect("open the corrupt copy"));
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the corrupt peer");
+        let addr = listener.local_addr().expect("its address");
+        let peer_id = PeerId::random();
+        let metrics = SwarmMetrics::unregistered();
+        let server = Arc::new(PeerServer {
+            peer_id,
+            lookup: Arc::new(OneBlob { digest: digest.clone(), pieces }),
+            egress: Arc::new(RateLimiter::unlimited()),
+            metrics: metrics.clone(),
+            max_connections: 16,
+        });
+        let serve = tokio::spawn(server.serve(listener));
+
+        let tracker =
+            TrackerClient::new(vec![cluster.tracker.url()], Duration::from_secs(2)).expect("tracker client");
+        let request =
+            AnnounceRequest { digest, peer_id: peer_id.to_string(), addr, complete: true, stopped: false };
+        // The first announce must land before any agent asks for peers.
+        tracker.announce(&request).await.expect("announce the corrupt peer");
+        let announce = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = tracker.announce(&request).await;
+            }
+        });
+        CorruptPeer { addr, metrics, tasks: vec![serve, announce] }
+    }
+}
+
+/// A peer announced as a complete seeder serves nothing but corrupt pieces.
+/// The agent (its ingress limited, so the transfer lasts long enough to use
+/// every peer it is handed) rejects them, drops the peer and still delivers
+/// the exact blob.
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupt_peer_is_detected_and_blacklisted() {
+    skip_if_external!(SKIP);
+    let size = 32 * MIB;
+    let cluster = Cluster::start_with(1, "ingress_rate = \"16MiB\"\n").await;
+    let blob = cluster.push_random_blob(size).await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let corrupt = CorruptPeer::start(&cluster, &blob, dir.path()).await;
+
+    let fetched = tokio::time::timeout(Duration::from_secs(120), cluster.fetch(0, &blob))
+        .await
+        .expect("the pull did not finish in 120 s")
+        .unwrap_or_else(|e| panic!("pull: {e}"));
+    let rejected = cluster.agent_metric(0, "shoal_agent_pieces_rejected_total", &[]).await;
+    let verified = cluster.agent_metric(0, "shoal_agent_pieces_verified_total", &[]).await;
+    let served = corrupt.metrics.sent_bytes.get();
+    println!(
+        "pull {:.1} s; corrupt peer {} sent {:.1} MiB; agent rejected {rejected} pieces, verified {verified}",
+        fetched.elapsed.as_secs_f64(),
+        corrupt.addr,
+        served as f64 / MIB as f64
+    );
+    assert_eq!(fetched.digest, blob.digest, "digest");
+    assert!(served > 0, "the agent never asked the corrupt peer for a piece");
+    assert!(rejected > 0.0, "the corrupt peer's pieces were not rejected");
+    // Blacklisted after its first bad piece: it cannot have fed the agent all
+    // along (it has every piece and is listed first).
+    assert!(served < size, "the corrupt peer sent {served} bytes: it was never dropped");
+}
+
+/// With the tracker down, a pull through an agent still completes: metainfo
+/// and bytes come straight from the origin.
+#[tokio::test(flavor = "multi_thread")]
+async fn tracker_down_pull_finishes_through_origin() {
+    skip_if_external!(SKIP);
+    let size = 24 * MIB;
+    let mut cluster = Cluster::start(1).await;
+    let blob = cluster.push_random_blob(size).await;
+    cluster.kill_tracker();
+
+    let fetched = tokio::time::timeout(Duration::from_secs(60), cluster.fetch(0, &blob))
+        .await
+        .expect("the pull did not finish in 60 s: it hangs on the dead tracker")
+        .unwrap_or_else(|e| panic!("pull: {e}"));
+    let from = cluster.agent_received(0).await;
+    println!(
+        "tracker down: pull {:.1} s, {:.1} MiB from origin HTTP, {:.1} MiB from peers",
+        fetched.elapsed.as_secs_f64(),
+        from.origin as f64 / MIB as f64,
+        from.peer as f64 / MIB as f64
+    );
+    assert_eq!(fetched.digest, blob.digest, "digest");
+    assert!(from.origin > 0, "no bytes came from the origin fallback");
+}
+
+/// An agent (ingress limited to 20 MiB/s) is SIGKILLed while pulling a 64 MiB
+/// blob, after it has verified more than 30% of it, and restarted on the same
+/// data directory. The second pull is exact, and the restarted agent receives
+/// at most what it had not verified before the crash (plus one piece):
+/// verified pieces survive a crash.
+///
+/// Download bitfields are persisted at most every 500 ms (on a piece write),
+/// so the agent runs 700 ms past the 30% mark before the kill: everything
+/// counted at the mark is on disk by then.
+#[tokio::test(flavor = "multi_thread")]
+async fn restarted_agent_keeps_verified_pieces() {
+    skip_if_external!(SKIP);
+    let size = 64 * MIB;
+    let mut cluster = Cluster::start_with(1, "ingress_rate = \"20MiB\"\n").await;
+    let blob = cluster.push_random_blob(size).await;
+    let piece = shoal_p2p::piece_length_for(size);
+
+    let first = tokio::spawn(cluster.fetch(0, &blob));
+    let mark = wait_for("the agent to verify 30% of the blob", Duration::from_secs(60), || async {
+        received(&cluster, 0).await.filter(|&n| n * 10 > size * 3)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let at_kill = received(&cluster, 0).await.unwrap_or(mark);
+    assert!(at_kill < size, "the pull finished before the kill: the throttle did not hold ({at_kill} bytes)");
+    cluster.kill_agent(0);
+    let first = first.await.expect("pull task");
+    assert!(first.is_err(), "the killed agent's pull cannot have finished: {first:?}");
+
+    cluster.restart_agent(0).await;
+    let fetched = tokio::time::timeout(Duration::from_secs(60), cluster.fetch(0, &blob))
+        .await
+        .expect("the pull after the restart did not finish in 60 s")
+        .unwrap_or_else(|e| panic!("pull after the restart: {e}"));
+    let after = cluster.agent_received(0).await.total();
+    println!(
+        "verified {:.1} MiB at the 30% mark, {:.1} MiB at the kill; received {:.1} MiB after the restart ({:.1} s)",
+        mark as f64 / MIB as f64,
+        at_kill as f64 / MIB as f64,
+        after as f64 / MIB as f64,
+        fetched.elapsed.as_secs_f64()
+    );
+    assert_eq!(fetched.digest, blob.digest, "digest after the restart");
+    assert!(
+        after <= size - mark + piece,
+        "the restarted agent received {after} bytes of a {size}-byte blob, though {mark} bytes were \
+         verified (and persisted) before the crash: verified pieces were fetched again"
+    );
+}
