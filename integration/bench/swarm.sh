@@ -79,13 +79,20 @@ part1() {
   push "$f" bench/big
   sleep 1 # let the origin finish its metainfo
   t_base=$(curl -sf -o /dev/null -w '%{time_total}' "$reg_url/v2/bench/big/blobs/$d")
+  # The agent must also write the blob to its cache; curl into a file on the same
+  # filesystem is the like-for-like baseline, curl into /dev/null the one the issue names.
+  local t_file
+  t_file=$(curl -sf -o "$T/curl-out" -w '%{time_total}' "$reg_url/v2/bench/big/blobs/$d")
+  rm -f "$T/curl-out"
   t_swarm=$(curl -sf -o /dev/null -w '%{time_total}' "$AGENT_URL/v2/bench/big/blobs/$d")
-  local mbs_swarm mbs_base
+  local mbs_swarm mbs_base mbs_file
   mbs_swarm=$(awk -v s="$BIG_MIB" -v t="$t_swarm" 'BEGIN {printf "%.0f", s*1.048576/t}')
   mbs_base=$(awk -v s="$BIG_MIB" -v t="$t_base" 'BEGIN {printf "%.0f", s*1.048576/t}')
-  say "agent (swarm, cold):   ${t_swarm}s  ${mbs_swarm} MB/s"
-  say "docker-registry curl:  ${t_base}s  ${mbs_base} MB/s"
-  say "throughput ratio swarm/registry: $(ratio "$mbs_swarm" "$mbs_base")  (goal >= 1)"
+  mbs_file=$(awk -v s="$BIG_MIB" -v t="$t_file" 'BEGIN {printf "%.0f", s*1.048576/t}')
+  say "agent (swarm, cold):             ${t_swarm}s  ${mbs_swarm} MB/s"
+  say "docker-registry curl > /dev/null: ${t_base}s  ${mbs_base} MB/s"
+  say "docker-registry curl > file:      ${t_file}s  ${mbs_file} MB/s  (same filesystem as the agent's cache)"
+  say "throughput ratio swarm/registry: $(ratio "$mbs_swarm" "$mbs_base") (to /dev/null), $(ratio "$mbs_swarm" "$mbs_file") (to a file)  (goal >= 1)"
   stop_cluster
   rm -f "$f"
 }
