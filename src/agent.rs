@@ -1,7 +1,7 @@
 //! `shoal agent`: the read-only registry on every node, backed by the swarm.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use serde::Deserialize;
 use shoal_agent::cache::CacheLimits;
 use shoal_agent::{Agent, AgentConfig};
 
-use crate::http::{with_basics, HttpMetrics};
+use crate::http::{with_basics, BoundServer, HttpMetrics};
 
 /// Flags of `shoal agent`; each overrides the config file.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -103,19 +103,10 @@ impl Default for AgentFile {
     }
 }
 
-impl AgentFile {
-    fn load(path: Option<&Path>) -> anyhow::Result<AgentFile> {
-        let Some(path) = path else { return Ok(AgentFile::default()) };
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
-    }
-}
-
 impl AgentArgs {
     /// The effective config: file, then flags and environment on top.
     pub fn resolve(&self) -> anyhow::Result<AgentFile> {
-        let mut c = AgentFile::load(self.config.as_deref())?;
+        let mut c: AgentFile = crate::config::load_toml(self.config.as_deref())?;
         if let Some(v) = self.listen {
             c.listen = v;
         }
@@ -138,66 +129,48 @@ impl AgentArgs {
     }
 }
 
-/// A bound agent; `serve` runs it until shutdown.
-pub struct AgentServer {
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-}
-
-impl AgentServer {
-    pub async fn bind(file: AgentFile) -> anyhow::Result<AgentServer> {
-        let origin = file.origin.clone().context("an agent needs --origin URL")?;
-        anyhow::ensure!(!file.trackers.is_empty(), "an agent needs --tracker URL");
-        let peer_listener = tokio::net::TcpListener::bind(file.peer_listen)
-            .await
-            .with_context(|| format!("binding peer listener {}", file.peer_listen))?;
-        let advertise = crate::peer_addr::advertised(peer_listener.local_addr()?, file.peer_advertise)?;
-        let metrics = HttpMetrics::new("agent")?;
-        let config = AgentConfig {
-            origin,
-            trackers: file.trackers.clone(),
-            data_dir: file.data_dir.clone(),
-            advertise,
-            cache: CacheLimits {
-                high_watermark: file.cache_high_watermark.as_u64(),
-                low_watermark: file.cache_low_watermark.as_u64().min(file.cache_high_watermark.as_u64()),
-            },
-            tag_ttl: file.tag_ttl,
-            http_timeout: file.http_timeout,
-            egress_rate: file.egress_rate.map(|r| r.as_u64()),
-            ingress_rate: file.ingress_rate.map(|r| r.as_u64()),
-            seed_window: file.seed_window,
-            announce_interval: file.announce_interval,
-            max_connections_per_blob: file.max_connections_per_blob,
-            fallback_after: file.fallback_after,
-            max_peer_connections: file.max_peer_connections,
-        };
-        let agent = tokio::task::block_in_place(|| Agent::start(&config, &metrics.registry))?;
-        tokio::spawn(agent.peer_server.clone().serve(peer_listener));
-        let api_config = shoal_registry::ApiConfig {
-            read_only: true,
-            max_concurrent_requests: file.limits.max_concurrent_requests,
-            ..shoal_registry::ApiConfig::default()
-        };
-        let api =
-            shoal_registry::router(agent.store.clone() as Arc<dyn shoal_registry::RegistryStore>, api_config)
-                .merge(agent.routes());
-        let app = with_basics(api, metrics);
-        let listener = tokio::net::TcpListener::bind(file.listen)
-            .await
-            .with_context(|| format!("binding {}", file.listen))?;
-        tracing::info!(
-            listen = %listener.local_addr()?, %advertise, peer_id = %agent.peer_id,
-            origin = %config.origin, trackers = ?config.trackers, "agent ready"
-        );
-        Ok(AgentServer { listener, app })
-    }
-
-    pub async fn serve(
-        self,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        axum::serve(self.listener, self.app).with_graceful_shutdown(shutdown).await?;
-        Ok(())
-    }
+/// Start the agent (cache, swarm, peer server) and bind its HTTP server.
+pub async fn bind(file: AgentFile) -> anyhow::Result<BoundServer> {
+    let origin = file.origin.clone().context("an agent needs --origin URL")?;
+    anyhow::ensure!(!file.trackers.is_empty(), "an agent needs --tracker URL");
+    let peer_listener = tokio::net::TcpListener::bind(file.peer_listen)
+        .await
+        .with_context(|| format!("binding peer listener {}", file.peer_listen))?;
+    let advertise = crate::peer_addr::advertised(peer_listener.local_addr()?, file.peer_advertise)?;
+    let metrics = HttpMetrics::new("agent")?;
+    let config = AgentConfig {
+        origin,
+        trackers: file.trackers.clone(),
+        data_dir: file.data_dir.clone(),
+        advertise,
+        cache: CacheLimits {
+            high_watermark: file.cache_high_watermark.as_u64(),
+            low_watermark: file.cache_low_watermark.as_u64().min(file.cache_high_watermark.as_u64()),
+        },
+        tag_ttl: file.tag_ttl,
+        http_timeout: file.http_timeout,
+        egress_rate: file.egress_rate.map(|r| r.as_u64()),
+        ingress_rate: file.ingress_rate.map(|r| r.as_u64()),
+        seed_window: file.seed_window,
+        announce_interval: file.announce_interval,
+        max_connections_per_blob: file.max_connections_per_blob,
+        fallback_after: file.fallback_after,
+        max_peer_connections: file.max_peer_connections,
+    };
+    let agent = tokio::task::block_in_place(|| Agent::start(&config, &metrics.registry))?;
+    tokio::spawn(agent.peer_server.clone().serve(peer_listener));
+    let api_config = shoal_registry::ApiConfig {
+        read_only: true,
+        max_concurrent_requests: file.limits.max_concurrent_requests,
+        ..shoal_registry::ApiConfig::default()
+    };
+    let api =
+        shoal_registry::router(agent.store.clone() as Arc<dyn shoal_registry::RegistryStore>, api_config)
+            .merge(agent.routes());
+    let server = BoundServer::bind(file.listen, with_basics(api, metrics)).await?;
+    tracing::info!(
+        listen = %server.local_addr()?, %advertise, peer_id = %agent.peer_id,
+        origin = %config.origin, trackers = ?config.trackers, "agent ready"
+    );
+    Ok(server)
 }

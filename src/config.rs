@@ -70,15 +70,14 @@ impl Default for OriginConfig {
     }
 }
 
-impl OriginConfig {
-    /// Read a config file; a missing `path` gives the defaults.
-    pub fn load(path: Option<&Path>) -> anyhow::Result<OriginConfig> {
-        let Some(path) = path else { return Ok(OriginConfig::default()) };
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
-    }
+/// Read a component's TOML config file; no `path` gives the defaults.
+pub fn load_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> anyhow::Result<T> {
+    let Some(path) = path else { return Ok(T::default()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+}
 
+impl OriginConfig {
     /// The registry API settings derived from this config.
     pub fn api(&self) -> shoal_registry::ApiConfig {
         shoal_registry::ApiConfig {

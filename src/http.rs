@@ -112,3 +112,31 @@ pub fn with_basics(api: Router, metrics: HttpMetrics) -> Router {
         .route("/metrics", get(metrics_text).with_state(metrics.clone()))
         .layer(axum::middleware::from_fn_with_state(metrics, observe))
 }
+
+/// A component's HTTP server, bound and ready; `serve` runs it until `shutdown` resolves.
+pub struct BoundServer {
+    listener: tokio::net::TcpListener,
+    app: Router,
+}
+
+impl BoundServer {
+    /// Bind `addr` for `app` (already wrapped with [`with_basics`]).
+    pub async fn bind(addr: std::net::SocketAddr, app: Router) -> anyhow::Result<BoundServer> {
+        use anyhow::Context;
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        Ok(BoundServer { listener, app })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        axum::serve(self.listener, self.app).with_graceful_shutdown(shutdown).await?;
+        Ok(())
+    }
+}

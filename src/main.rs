@@ -67,14 +67,9 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Origin(args) => {
-            let origin = origin::Origin::bind(args.resolve()?).await?;
-            origin.serve(shutdown_signal()).await
-        }
-        Command::Agent(args) => {
-            agent::AgentServer::bind(args.resolve()?).await?.serve(shutdown_signal()).await
-        }
-        Command::Tracker(args) => tracker::Tracker::bind(args).await?.serve(shutdown_signal()).await,
+        Command::Origin(args) => origin::bind(args.resolve()?).await?.serve(shutdown_signal()).await,
+        Command::Agent(args) => agent::bind(args.resolve()?).await?.serve(shutdown_signal()).await,
+        Command::Tracker(args) => tracker::bind(args).await?.serve(shutdown_signal()).await,
         Command::Up(args) => up::run(args, shutdown_signal()).await,
         Command::Preheat(args) => preheat::run(args).await,
     }

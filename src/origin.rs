@@ -18,7 +18,7 @@ use shoal_p2p::{PeerId, SwarmMetrics};
 use shoal_registry::Digest;
 
 use crate::config::OriginConfig;
-use crate::http::{with_basics, HttpMetrics};
+use crate::http::{with_basics, BoundServer, HttpMetrics};
 
 /// How often the storage gauges are refreshed.
 const GAUGE_PERIOD: Duration = Duration::from_secs(2);
@@ -46,7 +46,7 @@ pub struct OriginArgs {
 impl OriginArgs {
     /// The effective config: file, then flags and environment on top.
     pub fn resolve(&self) -> anyhow::Result<OriginConfig> {
-        let mut config = OriginConfig::load(self.config.as_deref())?;
+        let mut config: OriginConfig = crate::config::load_toml(self.config.as_deref())?;
         if let Some(listen) = self.listen {
             config.listen = listen;
         }
@@ -63,53 +63,35 @@ impl OriginArgs {
     }
 }
 
-/// A bound, ready origin; `serve` runs it until shutdown.
-pub struct Origin {
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-}
-
-impl Origin {
-    pub async fn bind(config: OriginConfig) -> anyhow::Result<Origin> {
-        let store = OriginStore::open(StoreConfig {
-            data_dir: config.data_dir.clone(),
-            upload_idle_timeout: config.upload_idle_timeout,
-        })
-        .await
-        .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
-        let metrics = HttpMetrics::new("origin")?;
-        let stored = IntGauge::new("shoal_origin_storage_bytes", "Bytes of blob content stored")?;
-        metrics.registry.register(Box::new(stored.clone()))?;
-        tokio::spawn({
-            let store = store.clone();
-            async move {
-                loop {
-                    stored.set(i64::try_from(store.stored_bytes()).unwrap_or(i64::MAX));
-                    tokio::time::sleep(GAUGE_PERIOD).await;
-                }
+/// Open the origin's storage, start seeding, and bind its HTTP server.
+pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
+    let store = OriginStore::open(StoreConfig {
+        data_dir: config.data_dir.clone(),
+        upload_idle_timeout: config.upload_idle_timeout,
+    })
+    .await
+    .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+    let metrics = HttpMetrics::new("origin")?;
+    let stored = IntGauge::new("shoal_origin_storage_bytes", "Bytes of blob content stored")?;
+    metrics.registry.register(Box::new(stored.clone()))?;
+    tokio::spawn({
+        let store = store.clone();
+        async move {
+            loop {
+                stored.set(i64::try_from(store.stored_bytes()).unwrap_or(i64::MAX));
+                tokio::time::sleep(GAUGE_PERIOD).await;
             }
-        });
-        let seeder = match config.peer_listen {
-            Some(addr) => Some(start_seeding(&store, addr, config.peer_advertise, &metrics).await?),
-            None => None,
-        };
-        let api = shoal_registry::router(Arc::new(store.clone()), config.api())
-            .merge(seeding_routes(store, seeder));
-        let app = with_basics(api, metrics);
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
-        tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "origin ready");
-        Ok(Origin { listener, app })
-    }
-
-    pub async fn serve(
-        self,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        axum::serve(self.listener, self.app).with_graceful_shutdown(shutdown).await?;
-        Ok(())
-    }
+        }
+    });
+    let seeder = match config.peer_listen {
+        Some(addr) => Some(start_seeding(&store, addr, config.peer_advertise, &metrics).await?),
+        None => None,
+    };
+    let api =
+        shoal_registry::router(Arc::new(store.clone()), config.api()).merge(seeding_routes(store, seeder));
+    let server = BoundServer::bind(config.listen, with_basics(api, metrics)).await?;
+    tracing::info!(listen = %server.local_addr()?, data_dir = %config.data_dir.display(), "origin ready");
+    Ok(server)
 }
 
 /// The origin's identity in the swarm.

@@ -3,10 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Context;
 use shoal_tracker::TrackerConfig;
 
-use crate::http::{with_basics, HttpMetrics};
+use crate::http::{with_basics, BoundServer, HttpMetrics};
 
 /// Flags of `shoal tracker`.
 #[derive(clap::Args, Debug, Clone)]
@@ -25,35 +24,17 @@ pub struct TrackerArgs {
     pub handout_limit: usize,
 }
 
-/// A bound tracker; `serve` runs it until shutdown.
-pub struct Tracker {
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-}
-
-impl Tracker {
-    pub async fn bind(args: TrackerArgs) -> anyhow::Result<Tracker> {
-        let metrics = HttpMetrics::new("tracker")?;
-        let config = TrackerConfig {
-            origins: args.origin.clone(),
-            announce_interval: args.announce_interval,
-            handout_limit: args.handout_limit,
-            ..TrackerConfig::default()
-        };
-        let api = shoal_tracker::router(config, &metrics.registry)?;
-        let app = with_basics(api, metrics);
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("binding {}", args.listen))?;
-        tracing::info!(listen = %listener.local_addr()?, origins = ?args.origin, "tracker ready");
-        Ok(Tracker { listener, app })
-    }
-
-    pub async fn serve(
-        self,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        axum::serve(self.listener, self.app).with_graceful_shutdown(shutdown).await?;
-        Ok(())
-    }
+/// Bind the tracker's HTTP server.
+pub async fn bind(args: TrackerArgs) -> anyhow::Result<BoundServer> {
+    let metrics = HttpMetrics::new("tracker")?;
+    let config = TrackerConfig {
+        origins: args.origin.clone(),
+        announce_interval: args.announce_interval,
+        handout_limit: args.handout_limit,
+        ..TrackerConfig::default()
+    };
+    let api = shoal_tracker::router(config, &metrics.registry)?;
+    let server = BoundServer::bind(args.listen, with_basics(api, metrics)).await?;
+    tracing::info!(listen = %server.local_addr()?, origins = ?args.origin, "tracker ready");
+    Ok(server)
 }

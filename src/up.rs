@@ -5,10 +5,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::agent::{AgentFile, AgentServer};
+use crate::agent::{self, AgentFile};
 use crate::config::OriginConfig;
-use crate::origin::Origin;
-use crate::tracker::{Tracker, TrackerArgs};
+use crate::origin;
+use crate::tracker::{self, TrackerArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
@@ -34,14 +34,14 @@ pub async fn run(
     let base = args.listen;
     let origin_url = format!("http://{base}");
     let tracker_addr = port(base, 100);
-    let origin = Origin::bind(OriginConfig {
+    let origin = origin::bind(OriginConfig {
         listen: base,
         peer_listen: Some(port(base, 200)),
         data_dir: args.data_dir.join("origin"),
         ..OriginConfig::default()
     })
     .await?;
-    let tracker = Tracker::bind(TrackerArgs {
+    let tracker = tracker::bind(TrackerArgs {
         listen: tracker_addr,
         origin: vec![origin_url.clone()],
         announce_interval: std::time::Duration::from_secs(3),
@@ -58,7 +58,7 @@ pub async fn run(
             data_dir: args.data_dir.join(format!("agent{i}")),
             ..AgentFile::default()
         };
-        agents.push((file.listen, AgentServer::bind(file).await?));
+        agents.push((file.listen, agent::bind(file).await?));
     }
     let first_agent = port(base, 1);
     println!("Shoal is up (data in {}).", args.data_dir.display());
