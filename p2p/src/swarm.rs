@@ -125,6 +125,9 @@ struct Swarm {
     fallback_active: bool,
     fallback_failures: u32,
     announced_once: bool,
+    /// Announces answered so far; the first few come quicker so a fleet that starts together
+    /// finds each other before leaning on the origin.
+    announces: u32,
     last_progress: Instant,
     events_tx: mpsc::Sender<Event>,
 }
@@ -159,6 +162,7 @@ pub async fn download(
         fallback_active: false,
         fallback_failures: 0,
         announced_once: false,
+        announces: 0,
         last_progress: Instant::now(),
         events_tx,
     };
@@ -303,7 +307,9 @@ impl Swarm {
                     }
                     Err(e) => tracing::debug!(error = %e, "announce failed"),
                 }
-                self.announce(interval);
+                let quick = Duration::from_millis(250 << self.announces.min(3));
+                self.announces += 1;
+                self.announce(if self.announces <= 3 { quick.min(interval) } else { interval });
                 self.connect_more();
             }
             Event::Fetched { index, result } => match result {
