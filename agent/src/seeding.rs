@@ -29,7 +29,8 @@ impl PieceLookup for AgentPieces {
         if let Some(d) = self.downloads.running(digest) {
             return Some(d.pieces.clone());
         }
-        self.downloads.cache.get(digest)?;
+        // Pinned for as long as a peer is being served from it: never evicted while seeded.
+        let pin = self.downloads.cache.pin(digest)?;
         let cache = self.downloads.cache.clone();
         let digest = digest.clone();
         let pieces = tokio::task::spawn_blocking(move || {
@@ -38,7 +39,9 @@ impl PieceLookup for AgentPieces {
             if metainfo.digest() != &digest {
                 return None;
             }
-            BlobPieces::complete(&cache.blob_path(&digest), Arc::new(metainfo)).ok()
+            BlobPieces::complete(&cache.blob_path(&digest), Arc::new(metainfo))
+                .ok()
+                .map(|b| b.with_guard(pin))
         })
         .await
         .ok()??;

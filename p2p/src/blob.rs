@@ -39,6 +39,8 @@ pub struct BlobPieces {
     state: RwLock<State>,
     /// Number of pieces held; changes whenever a piece arrives.
     progress: watch::Sender<u32>,
+    /// Whatever must live as long as this blob is served (e.g. a cache pin against eviction).
+    _guard: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl BlobPieces {
@@ -50,7 +52,14 @@ impl BlobPieces {
             metainfo,
             state: RwLock::new(State::Complete { file, path: path.to_path_buf() }),
             progress: watch::Sender::new(count),
+            _guard: None,
         })
+    }
+
+    /// Keep `guard` alive for as long as this blob is (e.g. a cache pin while seeding).
+    pub fn with_guard(mut self, guard: impl std::any::Any + Send + Sync) -> BlobPieces {
+        self._guard = Some(Box::new(guard));
+        self
     }
 
     /// A blob being downloaded into the piece file at `path` (resumed if it exists). Blocking.
@@ -59,7 +68,12 @@ impl BlobPieces {
         let file = PieceFile::open(path, (*metainfo).clone())?.with_persist_every(u32::MAX);
         let count = file.have().count();
         let state = State::Partial(file, std::time::Instant::now());
-        Ok(BlobPieces { metainfo, state: RwLock::new(state), progress: watch::Sender::new(count) })
+        Ok(BlobPieces {
+            metainfo,
+            state: RwLock::new(state),
+            progress: watch::Sender::new(count),
+            _guard: None,
+        })
     }
 
     pub fn metainfo(&self) -> &Arc<Metainfo> {
