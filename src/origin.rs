@@ -120,6 +120,8 @@ async fn start_seeding(
         egress: Arc::new(shoal_p2p::limiter::RateLimiter::unlimited()),
         metrics: SwarmMetrics::new("origin", &metrics.registry)?,
         max_connections: 1024,
+        // Send each piece to one agent and let the swarm spread it.
+        super_seed: Some(shoal_p2p::server::SuperSeed::new(Duration::from_secs(3))),
     });
     tokio::spawn(server.serve(listener));
     tracing::info!(peer_listen = %bound, %advertise, %peer_id, "seeding blobs to the swarm");

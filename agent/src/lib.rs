@@ -103,6 +103,7 @@ impl Agent {
             egress: Arc::new(RateLimiter::new(config.egress_rate, burst)),
             metrics,
             max_connections: config.max_peer_connections,
+            super_seed: None,
         });
         let store = Arc::new(AgentStore::new(origin, downloads, config.tag_ttl));
         Ok(Agent { store, peer_server, peer_id })

@@ -27,11 +27,34 @@ pub enum Command {
 /// What a connection reports to the event loop.
 #[derive(Debug)]
 pub enum ConnEvent {
-    Connected { peer: PeerId, addr: SocketAddr, bitfield: Bitfield, commands: mpsc::Sender<Command> },
-    ConnectFailed { addr: SocketAddr, reason: String },
-    Have { peer: PeerId, index: u32 },
-    Piece { peer: PeerId, index: u32, data: Bytes },
-    Closed { peer: PeerId, reason: String },
+    Connected {
+        peer: PeerId,
+        addr: SocketAddr,
+        bitfield: Bitfield,
+        commands: mpsc::Sender<Command>,
+    },
+    ConnectFailed {
+        addr: SocketAddr,
+        reason: String,
+    },
+    Have {
+        peer: PeerId,
+        index: u32,
+    },
+    /// The peer declined a request (a super-seeding origin that sent the piece elsewhere).
+    Declined {
+        peer: PeerId,
+        index: u32,
+    },
+    Piece {
+        peer: PeerId,
+        index: u32,
+        data: Bytes,
+    },
+    Closed {
+        peer: PeerId,
+        reason: String,
+    },
 }
 
 /// Timeouts of a connection.
@@ -89,6 +112,11 @@ pub async fn run(
                 }
                 Ok(Some(Ok(Message::Have(index)))) => {
                     if events.send(ConnEvent::Have { peer, index }).await.is_err() {
+                        break "swarm gone".to_string();
+                    }
+                }
+                Ok(Some(Ok(Message::Cancel(index)))) => {
+                    if events.send(ConnEvent::Declined { peer, index }).await.is_err() {
                         break "swarm gone".to_string();
                     }
                 }

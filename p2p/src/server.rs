@@ -42,6 +42,37 @@ pub struct PeerServer {
     pub egress: Arc<RateLimiter>,
     pub metrics: SwarmMetrics,
     pub max_connections: usize,
+    /// Super-seeding (origins): a piece sent to one peer is declined to others for this
+    /// long, so they fetch it from that peer and the seeder sends each piece about once.
+    pub super_seed: Option<SuperSeed>,
+}
+
+/// Which pieces a super-seeding server sent recently, and to whom.
+pub struct SuperSeed {
+    window: Duration,
+    sent: std::sync::Mutex<std::collections::HashMap<(Digest, u32), (std::time::Instant, PeerId)>>,
+}
+
+impl SuperSeed {
+    pub fn new(window: Duration) -> SuperSeed {
+        SuperSeed { window, sent: std::sync::Mutex::new(std::collections::HashMap::new()) }
+    }
+
+    /// Whether `peer` may have piece `index` now; if so, it is recorded as sent to `peer`.
+    fn claim(&self, digest: &Digest, index: u32, peer: PeerId) -> bool {
+        let now = std::time::Instant::now();
+        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        if sent.len() > 100_000 {
+            sent.retain(|_, (at, _)| now.duration_since(*at) < self.window);
+        }
+        match sent.get(&(digest.clone(), index)) {
+            Some((at, to)) if *to != peer && now.duration_since(*at) < self.window => false,
+            _ => {
+                sent.insert((digest.clone(), index), (now, peer));
+                true
+            }
+        }
+    }
 }
 
 impl PeerServer {
@@ -79,7 +110,7 @@ impl PeerServer {
         let mut framed = Framed::new(stream, PeerCodec::default());
         let first =
             tokio::time::timeout(HANDSHAKE_TIMEOUT, framed.next()).await.map_err(|_| "handshake timeout")?;
-        let Some(Ok(Message::Handshake { version, digest, .. })) = first else {
+        let Some(Ok(Message::Handshake { version, digest, peer_id: remote, .. })) = first else {
             return Err("expected a handshake".into());
         };
         if version != PROTOCOL_VERSION {
@@ -154,6 +185,14 @@ impl PeerServer {
                     let Some(index) = queue.pop_front() else { continue };
                     if !pieces.has(index) {
                         let _ = sink.send(error(ERROR_PROTOCOL, "piece not held")).await;
+                        continue;
+                    }
+                    let digest = pieces.metainfo().digest();
+                    if self.super_seed.as_ref().is_some_and(|s| !s.claim(digest, index, remote)) {
+                        // Declined: another peer just got it and can pass it on.
+                        if let Err(e) = sink.send(Message::Cancel(index)).await {
+                            break Err(e.to_string());
+                        }
                         continue;
                     }
                     let len = pieces.metainfo().piece_len(index).unwrap_or(0);

@@ -27,6 +27,8 @@ use crate::tracker_client::{AnnounceRequest, PeerInfo, TrackerClient};
 const ORIGIN_PEER: PeerId = PeerId([0xff; 20]);
 /// Event loop housekeeping period.
 const TICK: Duration = Duration::from_millis(200);
+/// How long a piece an origin declined is not asked of an origin again.
+const DECLINE_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Fetches byte ranges of the blob from an origin: the fallback when the swarm stalls.
 #[async_trait]
@@ -120,6 +122,9 @@ struct Swarm {
     peers: HashMap<PeerId, Peer>,
     /// Connected peers that are origins (from the tracker's handout).
     origins: HashSet<PeerId>,
+    /// Pieces an origin declined recently (it sent them to another peer); not asked again
+    /// of an origin until the swarm had a chance to pass them on.
+    declined: HashMap<u32, Instant>,
     connecting: HashSet<SocketAddr>,
     candidates: Vec<PeerInfo>,
     fallback_active: bool,
@@ -157,6 +162,7 @@ pub async fn download(
         blacklist,
         peers: HashMap::new(),
         origins: HashSet::new(),
+        declined: HashMap::new(),
         connecting: HashSet::new(),
         candidates: Vec::new(),
         fallback_active: false,
@@ -265,6 +271,10 @@ impl Swarm {
             }
             Event::Conn(ConnEvent::Have { peer, index }) => {
                 let _ = self.picker.peer_has(&peer, index);
+            }
+            Event::Conn(ConnEvent::Declined { peer, index }) => {
+                self.picker.failed(&peer, index);
+                self.declined.insert(index, now);
             }
             Event::Conn(ConnEvent::Piece { peer, index, data }) => self.store(peer, index, data),
             Event::Conn(ConnEvent::Closed { peer, reason }) => {
@@ -444,12 +454,14 @@ impl Swarm {
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
         let others_connected = self.peers.len() > self.origins.len();
         let origins = self.origins.len() as u32;
+        self.declined.retain(|_, at| now.duration_since(*at) < DECLINE_BACKOFF);
+        let declined = &self.declined;
         for peer in ids {
             let picked = if others_connected && self.origins.contains(&peer) {
-                // Ask an origin only for pieces no other connected peer has: the swarm
-                // should carry everything it can.
-                self.picker.pick_where(&peer, now, self.cfg.origin_pipeline, |_, availability| {
-                    availability <= origins
+                // Ask an origin only for pieces no other connected peer has and it did not
+                // just decline (super-seeding): the swarm should carry everything it can.
+                self.picker.pick_where(&peer, now, self.cfg.origin_pipeline, |index, availability| {
+                    availability <= origins && !declined.contains_key(&index)
                 })
             } else {
                 self.picker.pick(&peer, now, self.cfg.pipeline)
