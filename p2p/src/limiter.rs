@@ -10,6 +10,8 @@ pub struct RateLimiter {
     rate: Option<u64>,
     burst: u64,
     state: Mutex<Bucket>,
+    /// Bytes promised (admitted) but not yet sent, across every connection.
+    backlog: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -22,7 +24,12 @@ impl RateLimiter {
     /// `rate` bytes per second (None: unlimited), allowing bursts of `burst` bytes.
     pub fn new(rate: Option<u64>, burst: u64) -> RateLimiter {
         let burst = burst.max(1);
-        RateLimiter { rate, burst, state: Mutex::new(Bucket { tokens: burst as f64, last: Instant::now() }) }
+        RateLimiter {
+            rate,
+            burst,
+            state: Mutex::new(Bucket { tokens: burst as f64, last: Instant::now() }),
+            backlog: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 
     pub fn unlimited() -> RateLimiter {
@@ -49,6 +56,36 @@ impl RateLimiter {
         }
     }
 
+    /// Promise to send `n` more bytes, unless the bytes already promised would keep them
+    /// waiting longer than `max_wait` at this rate: a peer is better told "no" at once than
+    /// left to time out. Always admits when unlimited. Pair with [`release`](Self::release).
+    pub fn admit(&self, n: u64, max_wait: Duration) -> bool {
+        use std::sync::atomic::Ordering;
+        let Some(rate) = self.rate.filter(|r| *r > 0) else { return true };
+        let budget = (max_wait.as_secs_f64() * rate as f64) as u64;
+        let mut current = self.backlog.load(Ordering::Relaxed);
+        loop {
+            // A single request larger than the budget is still admitted into an empty backlog.
+            if current > 0 && current.saturating_add(n) > budget {
+                return false;
+            }
+            match self.backlog.compare_exchange(current, current + n, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Forget `n` admitted bytes (sent, or no longer wanted).
+    pub fn release(&self, n: u64) {
+        use std::sync::atomic::Ordering;
+        if self.rate.filter(|r| *r > 0).is_none() {
+            return;
+        }
+        let _ =
+            self.backlog.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some(b.saturating_sub(n)));
+    }
+
     /// Wait until `n` bytes may pass.
     pub async fn acquire(&self, n: u64) {
         let wait = self.reserve(n, Instant::now());
@@ -66,6 +103,16 @@ mod tests {
     fn unlimited_never_waits() {
         let l = RateLimiter::unlimited();
         assert_eq!(l.reserve(u64::MAX / 2, Instant::now()), Duration::ZERO);
+    }
+
+    #[test]
+    fn admits_only_what_can_be_sent_in_time() {
+        let l = RateLimiter::new(Some(1000), 1000);
+        assert!(l.admit(1500, Duration::from_secs(2)));
+        assert!(!l.admit(1000, Duration::from_secs(2)), "2500 bytes would wait 2.5 s");
+        l.release(1500);
+        assert!(l.admit(5000, Duration::from_secs(2)), "an empty backlog admits one big request");
+        assert!(RateLimiter::unlimited().admit(u64::MAX / 2, Duration::ZERO));
     }
 
     #[test]

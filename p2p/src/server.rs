@@ -24,6 +24,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Requests queued per connection; more is a protocol violation.
 const MAX_QUEUED_REQUESTS: usize = 64;
+/// A request that would wait longer than this behind the node's egress limit is declined at
+/// once (a `Cancel` frame), well inside the requester's deadline, so it asks someone else.
+const MAX_EGRESS_WAIT: Duration = Duration::from_secs(2);
 /// Error code sent when the blob is unknown here.
 pub const ERROR_UNKNOWN_BLOB: u16 = 404;
 /// Error code sent for protocol violations.
@@ -157,9 +160,22 @@ impl PeerServer {
                             let _ = sink.send(error(ERROR_PROTOCOL, "too many requests queued")).await;
                             break Err("request flood".to_string());
                         }
+                        let len = pieces.metainfo().piece_len(index).unwrap_or(0);
+                        if !self.egress.admit(len, MAX_EGRESS_WAIT) {
+                            if let Err(e) = sink.send(Message::Cancel(index)).await {
+                                break Err(e.to_string());
+                            }
+                            continue;
+                        }
                         queue.push_back(index);
                     }
-                    Some(Message::Cancel(index)) => queue.retain(|&i| i != index),
+                    Some(Message::Cancel(index)) => {
+                        let before = queue.len();
+                        queue.retain(|&i| i != index);
+                        if queue.len() < before {
+                            self.egress.release(pieces.metainfo().piece_len(index).unwrap_or(0));
+                        }
+                    }
                     Some(Message::Error { code, message }) => break Err(format!("peer error {code}: {message}")),
                     Some(_) => {}
                 },
@@ -183,6 +199,7 @@ impl PeerServer {
                 },
                 _ = std::future::ready(()), if !queue.is_empty() => {
                     let Some(index) = queue.pop_front() else { continue };
+                    self.egress.release(pieces.metainfo().piece_len(index).unwrap_or(0));
                     if !pieces.has(index) {
                         let _ = sink.send(error(ERROR_PROTOCOL, "piece not held")).await;
                         continue;
@@ -210,6 +227,9 @@ impl PeerServer {
             }
         };
         reader.abort();
+        for index in queue {
+            self.egress.release(pieces.metainfo().piece_len(index).unwrap_or(0));
+        }
         result
     }
 }

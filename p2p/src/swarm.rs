@@ -125,6 +125,8 @@ struct Swarm {
     /// Pieces an origin declined recently (it sent them to another peer); not asked again
     /// of an origin until the swarm had a chance to pass them on.
     declined: HashMap<u32, Instant>,
+    /// Pieces a peer declined recently (busy or super-seeding), not asked of it again yet.
+    declined_by: HashMap<(PeerId, u32), Instant>,
     connecting: HashSet<SocketAddr>,
     candidates: Vec<PeerInfo>,
     fallback_active: bool,
@@ -163,6 +165,7 @@ pub async fn download(
         peers: HashMap::new(),
         origins: HashSet::new(),
         declined: HashMap::new(),
+        declined_by: HashMap::new(),
         connecting: HashSet::new(),
         candidates: Vec::new(),
         fallback_active: false,
@@ -275,6 +278,7 @@ impl Swarm {
             Event::Conn(ConnEvent::Declined { peer, index }) => {
                 self.picker.failed(&peer, index);
                 self.declined.insert(index, now);
+                self.declined_by.insert((peer, index), now);
             }
             Event::Conn(ConnEvent::Piece { peer, index, data }) => self.store(peer, index, data),
             Event::Conn(ConnEvent::Closed { peer, reason }) => {
@@ -455,7 +459,9 @@ impl Swarm {
         let others_connected = self.peers.len() > self.origins.len();
         let origins = self.origins.len() as u32;
         self.declined.retain(|_, at| now.duration_since(*at) < DECLINE_BACKOFF);
+        self.declined_by.retain(|_, at| now.duration_since(*at) < DECLINE_BACKOFF);
         let declined = &self.declined;
+        let declined_by = &self.declined_by;
         for peer in ids {
             let picked = if others_connected && self.origins.contains(&peer) {
                 // Ask an origin only for pieces no other connected peer has and it did not
@@ -464,7 +470,9 @@ impl Swarm {
                     availability <= origins && !declined.contains_key(&index)
                 })
             } else {
-                self.picker.pick(&peer, now, self.cfg.pipeline)
+                self.picker.pick_where(&peer, now, self.cfg.pipeline, |index, _| {
+                    !declined_by.contains_key(&(peer, index))
+                })
             };
             for index in picked {
                 let sent = self.peers.get(&peer).map(|p| p.commands.try_send(Command::Request(index)));
@@ -474,7 +482,22 @@ impl Swarm {
             }
         }
         if self.fallback_active {
-            for index in self.picker.pick(&ORIGIN_PEER, now, self.cfg.fallback_parallel) {
+            // While peers deliver, the HTTP fallback only tops up what none of them has (the
+            // fallback pseudo-peer counts in the availability itself); when nothing arrives,
+            // it fetches anything missing.
+            let stalled = now.duration_since(self.last_progress) >= self.cfg.fallback_after;
+            let picked = if others_connected && !stalled {
+                let declined = &self.declined;
+                self.picker.pick_where(
+                    &ORIGIN_PEER,
+                    now,
+                    self.cfg.fallback_parallel,
+                    |index, availability| availability <= origins + 1 && !declined.contains_key(&index),
+                )
+            } else {
+                self.picker.pick(&ORIGIN_PEER, now, self.cfg.fallback_parallel)
+            };
+            for index in picked {
                 let Some((offset, len)) = self.pieces.metainfo().piece_range(index) else { continue };
                 let fallback = self.fallback.clone();
                 let events = self.events_tx.clone();
