@@ -21,8 +21,9 @@ use crate::layout::Layout;
 use crate::meta::{ManifestInsert, ManifestRecord, Meta, UploadRecord};
 use crate::uploads::{self, Session, Sessions};
 
-/// Read size when streaming a blob to a client.
-const READ_CHUNK: usize = 256 * 1024;
+/// Read size when streaming a blob to a client: each read is a hop to the blocking pool,
+/// and 1 MiB made pulls ~10% faster than 256 KiB (see docs/benchmarks.md).
+const READ_CHUNK: usize = 1024 * 1024;
 
 /// Settings of the origin store.
 #[derive(Clone, Debug)]
