@@ -9,10 +9,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use shoal_registry::manifest::ReferrerDescriptor;
 use shoal_registry::range::ByteRange;
-use shoal_registry::store::{NewManifest, Page, Reference, StoredManifest, UploadState};
+use shoal_registry::store::{file_range_stream, NewManifest, Page, Reference, StoredManifest, UploadState};
 use shoal_registry::{ByteStream, Digest, RegistryStore, RepoName, StoreError, Tag};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio_util::io::ReaderStream;
 
 use crate::downloads::Downloads;
 use crate::origin_client::OriginClient;
@@ -72,14 +70,11 @@ impl AgentStore {
     ) -> Result<Option<ByteStream>, StoreError> {
         let Some(pin) = self.downloads.cache.pin(digest) else { return Ok(None) };
         let path = self.downloads.cache.blob_path(digest);
-        let mut file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
+        let stream = match file_range_stream(&path, range, size).await {
+            Ok(s) => s,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StoreError::Io(e)),
         };
-        file.seek(std::io::SeekFrom::Start(range.start)).await?;
-        let len = if size == 0 { 0 } else { range.len() };
-        let stream = ReaderStream::with_capacity(file.take(len), 256 * 1024);
         // The pin travels with the stream so the blob is not evicted while it is read.
         let pinned = futures_util::StreamExt::map(stream, move |chunk| {
             let _ = &pin;

@@ -17,6 +17,23 @@ use crate::range::ByteRange;
 /// A body of bytes arriving from, or going to, the network.
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
 
+/// Read size when streaming a stored file: each read is a hop to the blocking pool, and
+/// 1 MiB made pulls ~10% faster than 256 KiB (see docs/benchmarks.md).
+pub const FILE_READ_CHUNK: usize = 1024 * 1024;
+
+/// Stream `range` of a blob file of `size` bytes to a client (origin storage, agent cache).
+pub async fn file_range_stream(
+    path: &std::path::Path,
+    range: ByteRange,
+    size: u64,
+) -> std::io::Result<ByteStream> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut file = tokio::fs::File::open(path).await?;
+    file.seek(std::io::SeekFrom::Start(range.start)).await?;
+    let len = if size == 0 { 0 } else { range.len() };
+    Ok(Box::pin(tokio_util::io::ReaderStream::with_capacity(file.take(len), FILE_READ_CHUNK)))
+}
+
 /// A tag or a digest, as in `/manifests/<reference>`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reference {
