@@ -179,11 +179,18 @@ impl BlobPieces {
 
     /// Verify the whole blob and move it to `dest`; readers continue from there. On failure
     /// the blob is unusable (its pieces matched but the whole did not) and reads fail. Blocking.
+    /// The whole-file hash runs under the shared lock, so readers (including async tasks that
+    /// check `has`) are never held up for it; the exclusive lock covers only the rename.
     pub fn finish(&self, dest: &Path) -> Result<(), PieceError> {
+        let verified = match &*self.read_state() {
+            State::Partial(pieces, _) => pieces.verify(),
+            _ => return Ok(()),
+        };
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         match std::mem::replace(&mut *state, State::Failed) {
             State::Partial(pieces, _) => {
-                pieces.finish(dest)?;
+                verified?;
+                pieces.publish_verified(dest)?;
                 *state = State::Complete { file: File::open(dest)?, path: dest.to_path_buf() };
                 Ok(())
             }

@@ -214,6 +214,13 @@ impl PieceFile {
     /// the file once, fsync, rename it to `dest` (creating its directory) and drop the bitfield.
     /// Blocking and proportional to the blob size.
     pub fn finish(self, dest: &Path) -> Result<(), PieceError> {
+        self.verify()?;
+        self.publish_verified(dest)
+    }
+
+    /// Check that every piece is here and the whole file has the blob's digest. Takes `&self`
+    /// so callers can run it without excluding readers.
+    pub fn verify(&self) -> Result<(), PieceError> {
         let missing = self.have.len() - self.have.count();
         if missing > 0 {
             return Err(PieceError::Incomplete { missing });
@@ -223,6 +230,12 @@ impl PieceFile {
         if &actual != expected {
             return Err(PieceError::DigestMismatch { expected: expected.clone(), actual });
         }
+        Ok(())
+    }
+
+    /// The second half of [`finish`](Self::finish) for a file [`verify`](Self::verify) passed:
+    /// fsync, rename into place, drop the bitfield.
+    pub fn publish_verified(self, dest: &Path) -> Result<(), PieceError> {
         self.file.sync_all()?;
         if let Some(parent) = dest.parent() {
             if !parent.as_os_str().is_empty() {
