@@ -1,5 +1,6 @@
 //! Shoal's origin: the durable copy of every blob and tag, behind the registry API.
 
+pub mod cluster;
 mod fsutil;
 mod layout;
 mod meta;

@@ -1,0 +1,85 @@
+//! [`Node`]: what one origin can do for the cluster, whether it is this process
+//! ([`crate::cluster::local::LocalNode`]) or another origin over the internal API
+//! ([`crate::cluster::remote::RemoteNode`]). The cluster logic is written once against it.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use shoal_registry::range::ByteRange;
+use shoal_registry::{ByteStream, Digest};
+
+use crate::cluster::record::{Record, RecordKey, RecordKind};
+
+/// Why a node could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The node did not answer (down, partitioned, timed out): try another replica.
+    #[error("origin {node} unreachable: {reason}")]
+    Unreachable { node: String, reason: String },
+    /// The node answered with a refusal that another replica would repeat.
+    #[error("origin {node} refused: {reason}")]
+    Refused { node: String, reason: String },
+    /// Content did not match its digest or declared size.
+    #[error("content does not match {0}")]
+    Corrupt(Digest),
+    #[error("origin storage is full")]
+    StorageFull,
+    #[error("storage failure on {node}: {reason}")]
+    Storage { node: String, reason: String },
+}
+
+/// A blob file held by a node, as listed for repair and garbage collection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobEntry {
+    pub digest: Digest,
+    pub size: u64,
+    /// When this node stored it (ms since the epoch); garbage collection's grace starts here.
+    pub stored_millis: u64,
+}
+
+/// How this origin reaches itself and the other origins.
+#[async_trait]
+pub trait Node: Send + Sync + 'static {
+    /// The node's cluster id (its advertised `host:port`).
+    fn id(&self) -> &str;
+
+    /// Size of the blob file if this node holds it.
+    async fn blob_stat(&self, digest: &Digest) -> Result<Option<u64>, NodeError>;
+
+    /// The blob's bytes (or a range of them) if this node holds it.
+    async fn blob_get(&self, digest: &Digest, range: Option<ByteRange>)
+        -> Result<Option<ByteStream>, NodeError>;
+
+    /// Store a blob of `size` bytes. The node verifies digest and size before the blob becomes
+    /// visible, and makes it durable before answering.
+    async fn blob_put(&self, digest: &Digest, size: u64, body: ByteStream) -> Result<(), NodeError>;
+
+    /// Drop this node's copy; `false` if it had none.
+    async fn blob_remove(&self, digest: &Digest) -> Result<bool, NodeError>;
+
+    /// Blobs held, in digest order, after `after`, at most `limit`.
+    async fn blob_list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<BlobEntry>, NodeError>;
+
+    /// The records for `keys` of `repo` (same order; `None` where the node has none).
+    async fn records_get(&self, repo: &str, keys: &[RecordKey]) -> Result<Vec<Option<Record>>, NodeError>;
+
+    /// Every record of one kind in `repo`, tombstones included; `subject` keeps only manifests
+    /// that refer to it. `None` when the node has no record of the repository at all.
+    async fn records_scan(
+        &self,
+        repo: &str,
+        kind: RecordKind,
+        subject: Option<&Digest>,
+    ) -> Result<Option<Vec<Record>>, NodeError>;
+
+    /// Merge records into `repo`: each replaces the stored one only if its version is newer.
+    async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<(), NodeError>;
+
+    /// Forget every record of `repo` (after its owners confirmed their copies).
+    async fn records_drop(&self, repo: &str) -> Result<(), NodeError>;
+
+    /// Repository names this node holds records for, in order, after `after`, at most `limit`.
+    async fn repos(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, NodeError>;
+
+    /// The blob's metainfo JSON (piece hashes) if this node holds the blob.
+    async fn metainfo(&self, digest: &Digest) -> Result<Option<bytes::Bytes>, NodeError>;
+}

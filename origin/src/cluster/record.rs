@@ -1,0 +1,237 @@
+//! Repository metadata as last-writer-wins records. Each repository's links, manifests and
+//! tags are stored on the origins that own the repository name; every change is a record with
+//! a version, and replicas converge by keeping the highest version of each key. Deletes are
+//! records too (tombstones), so a stale replica cannot bring a deleted tag back.
+
+use std::cmp::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use shoal_registry::manifest::ReferrerDescriptor;
+use shoal_registry::Digest;
+
+/// When and where a record was written. Conflicts resolve by the later timestamp, then by the
+/// greater origin id; the same write seen twice compares equal and changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    /// Milliseconds since the Unix epoch on the writing origin.
+    pub millis: u64,
+    /// Id of the writing origin (its cluster address).
+    pub node: String,
+}
+
+impl Ord for Version {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.millis, &self.node).cmp(&(other.millis, &other.node))
+    }
+}
+
+impl PartialOrd for Version {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Milliseconds since the Unix epoch, for versions and ages.
+pub fn now_millis() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// What a record is about, within one repository.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "key", rename_all = "lowercase")]
+pub enum RecordKey {
+    /// A blob readable through the repository.
+    Link(Digest),
+    /// A manifest of the repository.
+    Manifest(Digest),
+    /// A tag of the repository.
+    Tag(String),
+}
+
+/// The kinds of [`RecordKey`], for scans.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordKind {
+    Link,
+    Manifest,
+    Tag,
+}
+
+impl RecordKey {
+    pub fn kind(&self) -> RecordKind {
+        match self {
+            RecordKey::Link(_) => RecordKind::Link,
+            RecordKey::Manifest(_) => RecordKind::Manifest,
+            RecordKey::Tag(_) => RecordKind::Tag,
+        }
+    }
+
+    /// The key inside its kind: a digest or a tag name.
+    pub fn name(&self) -> String {
+        match self {
+            RecordKey::Link(d) | RecordKey::Manifest(d) => d.to_string(),
+            RecordKey::Tag(t) => t.clone(),
+        }
+    }
+}
+
+impl RecordKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Link => "link",
+            RecordKind::Manifest => "manifest",
+            RecordKind::Tag => "tag",
+        }
+    }
+}
+
+/// A stored manifest with what the API needs without parsing it again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestValue {
+    pub media_type: String,
+    /// The manifest exactly as pushed (manifests are JSON, so UTF-8).
+    pub bytes: String,
+    /// Blobs (config, layers) it references: what garbage collection keeps.
+    #[serde(default)]
+    pub blobs: Vec<Digest>,
+    /// Child manifests (of an index).
+    #[serde(default)]
+    pub children: Vec<Digest>,
+    /// The referrers API entry, for a manifest with a subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Digest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referrer: Option<ReferrerDescriptor>,
+}
+
+/// The value of a live record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordValue {
+    Link { size: u64 },
+    Manifest(Box<ManifestValue>),
+    Tag { digest: Digest },
+}
+
+/// One versioned fact about a repository; `value: None` is a tombstone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub key: RecordKey,
+    pub version: Version,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<RecordValue>,
+}
+
+impl Record {
+    /// Whether this record should replace `existing` (last writer wins).
+    pub fn supersedes(&self, existing: Option<&Record>) -> bool {
+        existing.is_none_or(|e| self.version > e.version)
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.value.is_some()
+    }
+
+    /// The blob size of a live link.
+    pub fn link_size(&self) -> Option<u64> {
+        match &self.value {
+            Some(RecordValue::Link { size }) => Some(*size),
+            _ => None,
+        }
+    }
+
+    pub fn manifest(&self) -> Option<&ManifestValue> {
+        match &self.value {
+            Some(RecordValue::Manifest(m)) => Some(m),
+            _ => None,
+        }
+    }
+
+    pub fn tag_target(&self) -> Option<&Digest> {
+        match &self.value {
+            Some(RecordValue::Tag { digest }) => Some(digest),
+            _ => None,
+        }
+    }
+}
+
+/// The winner among the copies of one record that several replicas returned.
+pub fn newest<'a>(copies: impl IntoIterator<Item = &'a Record>) -> Option<&'a Record> {
+    copies.into_iter().max_by(|a, b| a.version.cmp(&b.version))
+}
+
+/// A clock for versions that never goes backwards on one origin, even if the wall clock does.
+#[derive(Debug)]
+pub struct VersionClock {
+    node: String,
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl VersionClock {
+    pub fn new(node: impl Into<String>) -> VersionClock {
+        VersionClock { node: node.into(), last: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// A version later than every one this clock handed out before.
+    pub fn next(&self) -> Version {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = now_millis();
+        let prev = self.last.fetch_max(now, SeqCst);
+        let millis = if prev >= now { self.last.fetch_add(1, SeqCst) + 1 } else { now };
+        Version { millis, node: self.node.clone() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(millis: u64, node: &str) -> Version {
+        Version { millis, node: node.into() }
+    }
+
+    fn tag(version: Version, target: Option<&str>) -> Record {
+        Record {
+            key: RecordKey::Tag("latest".into()),
+            version,
+            value: target.map(|d| RecordValue::Tag { digest: format!("sha256:{}", d.repeat(64)).parse().unwrap() }),
+        }
+    }
+
+    #[test]
+    fn later_timestamp_wins_then_greater_node() {
+        let a = tag(v(10, "a"), Some("a"));
+        let b = tag(v(11, "a"), Some("b"));
+        let c = tag(v(11, "b"), None);
+        assert!(b.supersedes(Some(&a)));
+        assert!(!a.supersedes(Some(&b)));
+        assert!(c.supersedes(Some(&b)), "same millisecond: greater node id wins");
+        assert!(!b.supersedes(Some(&b)), "the same write twice changes nothing");
+        assert_eq!(newest([&a, &c, &b]), Some(&c));
+    }
+
+    #[test]
+    fn clock_is_strictly_increasing() {
+        let clock = VersionClock::new("n");
+        let mut prev = clock.next();
+        for _ in 0..10_000 {
+            let next = clock.next();
+            assert!(next > prev);
+            prev = next;
+        }
+    }
+
+    #[test]
+    fn records_round_trip_as_json() {
+        let r = tag(v(1, "x"), Some("c"));
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Record>(&json).unwrap(), r);
+        let t = tag(v(1, "x"), None);
+        assert_eq!(serde_json::from_str::<Record>(&serde_json::to_string(&t).unwrap()).unwrap(), t);
+    }
+}
