@@ -11,6 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus::IntGauge;
+use shoal_origin::cluster::store::ClusterStore;
 use shoal_origin::{OriginStore, StoreConfig};
 use shoal_p2p::server::PeerServer;
 use shoal_p2p::tracker_client::{Locations, Seeder};
@@ -87,8 +88,8 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         Some(addr) => Some(start_seeding(&store, addr, config.peer_advertise, &metrics).await?),
         None => None,
     };
-    let api =
-        shoal_registry::router(Arc::new(store.clone()), config.api()).merge(seeding_routes(store, seeder));
+    let registry = ClusterStore::single(store.clone(), &config.listen.to_string())?;
+    let api = shoal_registry::router(Arc::new(registry), config.api()).merge(seeding_routes(store, seeder));
     let server = BoundServer::bind(config.listen, with_basics(api, metrics)).await?;
     tracing::info!(listen = %server.local_addr()?, data_dir = %config.data_dir.display(), "origin ready");
     Ok(server)

@@ -1,41 +1,33 @@
-//! Metadata in redb: which blobs exist, which repository links which blob, manifests, tags,
-//! referrers, repositories and open upload sessions. Every change is one redb transaction, so
-//! a crash leaves each record either fully written or absent. All calls block: run them on
-//! the blocking pool.
+//! Metadata in redb: which blob files exist here, the repository records this origin holds
+//! (links, manifests, tags; see `cluster::record`), the referrers index, and open upload
+//! sessions. Every change is one redb transaction, so a crash leaves each record either fully
+//! written or absent. All calls block: run them on the blocking pool.
 
 use std::path::Path;
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
-use shoal_registry::manifest::ReferrerDescriptor;
-use shoal_registry::store::Page;
 use shoal_registry::{Digest, StoreError};
 
-/// digest → size of every blob file present.
-const BLOBS: TableDefinition<&str, u64> = TableDefinition::new("blobs");
-/// (repo, digest) → size: blobs readable through a repository.
-const BLOB_LINKS: TableDefinition<(&str, &str), u64> = TableDefinition::new("blob_links");
-/// (repo, digest) → JSON [`ManifestRecord`].
-const MANIFESTS: TableDefinition<(&str, &str), &str> = TableDefinition::new("manifests");
-/// (repo, tag) → digest.
-const TAGS: TableDefinition<(&str, &str), &str> = TableDefinition::new("tags");
-/// (repo, subject, referrer digest) → JSON [`ReferrerDescriptor`].
-const REFERRERS: TableDefinition<(&str, &str, &str), &str> = TableDefinition::new("referrers");
-/// repository name → unused.
+use crate::cluster::node::BlobEntry;
+use crate::cluster::record::{now_millis, Record, RecordKey, RecordKind};
+
+/// digest → (size, ms since the epoch when stored) of every blob file present.
+const BLOBS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("blob_files");
+/// (repo, kind, key) → JSON [`Record`]: links, manifests and tags of the repositories this
+/// origin holds (see `cluster::record`).
+const RECORDS: TableDefinition<(&str, &str, &str), &str> = TableDefinition::new("records");
+/// (repo, subject, manifest digest) → unused: the referrers index over manifest records.
+const SUBJECTS: TableDefinition<(&str, &str, &str), u8> = TableDefinition::new("subjects");
+/// repository name → unused: repositories with at least one record here.
 const REPOS: TableDefinition<&str, u8> = TableDefinition::new("repos");
 /// upload id → JSON [`UploadRecord`].
 const UPLOADS: TableDefinition<&str, &str> = TableDefinition::new("uploads");
+/// "blob:<digest>" or "repo:<name>" → ms since the epoch when queued: copies a write could
+/// not place on an owner, kept until repair has placed them.
+const REPAIR: TableDefinition<&str, u64> = TableDefinition::new("repair_queue");
 /// digest → metainfo JSON (piece length and piece hashes), computed once per blob.
 const METAINFO: TableDefinition<&str, &[u8]> = TableDefinition::new("metainfo");
-
-/// What is kept about a manifest besides its bytes (which live in the blob store).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ManifestRecord {
-    pub media_type: String,
-    pub size: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subject: Option<Digest>,
-}
 
 /// A persisted upload session; its byte count is the length of its data file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -43,17 +35,6 @@ pub struct UploadRecord {
     pub repo: String,
     /// Unix seconds of the session's start.
     pub created: u64,
-}
-
-/// A manifest to record, with what the checks and the referrers index need.
-pub struct ManifestInsert<'a> {
-    pub repo: &'a str,
-    pub digest: &'a Digest,
-    pub record: ManifestRecord,
-    pub blobs: &'a [Digest],
-    pub children: &'a [Digest],
-    pub tag: Option<&'a str>,
-    pub referrer: Option<ReferrerDescriptor>,
 }
 
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
@@ -76,13 +57,12 @@ impl Meta {
         let txn = db.begin_write().map_err(db_err)?;
         {
             txn.open_table(BLOBS).map_err(db_err)?;
-            txn.open_table(BLOB_LINKS).map_err(db_err)?;
-            txn.open_table(MANIFESTS).map_err(db_err)?;
-            txn.open_table(TAGS).map_err(db_err)?;
-            txn.open_table(REFERRERS).map_err(db_err)?;
+            txn.open_table(RECORDS).map_err(db_err)?;
+            txn.open_table(SUBJECTS).map_err(db_err)?;
             txn.open_table(REPOS).map_err(db_err)?;
             txn.open_table(UPLOADS).map_err(db_err)?;
             txn.open_table(METAINFO).map_err(db_err)?;
+            txn.open_table(REPAIR).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         Ok(Meta { db })
@@ -94,17 +74,17 @@ impl Meta {
         let table = txn.open_table(BLOBS).map_err(db_err)?;
         let mut total = 0u64;
         for entry in table.iter().map_err(db_err)? {
-            total += entry.map_err(db_err)?.1.value();
+            total += entry.map_err(db_err)?.1.value().0;
         }
         Ok(total)
     }
 
-    /// Size of a blob file present on this origin, whichever repository links it.
+    /// Size of a blob file present on this origin.
     pub fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(BLOBS).map_err(db_err)?;
         let d = digest.to_string();
-        Ok(table.get(d.as_str()).map_err(db_err)?.map(|v| v.value()))
+        Ok(table.get(d.as_str()).map_err(db_err)?.map(|v| v.value().0))
     }
 
     pub fn metainfo(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
@@ -126,29 +106,17 @@ impl Meta {
         txn.open_table(BLOBS).map_err(db_err)?.len().map_err(db_err)
     }
 
-    /// Size of a blob linked into `repo`.
-    pub fn linked_size(&self, repo: &str, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(BLOB_LINKS).map_err(db_err)?;
-        let d = digest.to_string();
-        Ok(table.get((repo, d.as_str())).map_err(db_err)?.map(|v| v.value()))
-    }
-
-    /// Record a committed blob file and link it into `repo`; returns whether the file is new.
-    pub fn commit_blob(
-        &self,
-        repo: &str,
-        digest: &Digest,
-        size: u64,
-        upload: Option<&str>,
-    ) -> Result<bool, StoreError> {
+    /// Record a blob file that was just published (and end its upload session, if any, in the
+    /// same transaction); returns whether the file is new here.
+    pub fn commit_blob(&self, digest: &Digest, size: u64, upload: Option<&str>) -> Result<bool, StoreError> {
         let d = digest.to_string();
         let txn = self.db.begin_write().map_err(db_err)?;
         let new = {
             let mut blobs = txn.open_table(BLOBS).map_err(db_err)?;
-            let new = blobs.insert(d.as_str(), size).map_err(db_err)?.is_none();
-            txn.open_table(BLOB_LINKS).map_err(db_err)?.insert((repo, d.as_str()), size).map_err(db_err)?;
-            txn.open_table(REPOS).map_err(db_err)?.insert(repo, 0).map_err(db_err)?;
+            let new = blobs.get(d.as_str()).map_err(db_err)?.is_none();
+            if new {
+                blobs.insert(d.as_str(), (size, now_millis())).map_err(db_err)?;
+            }
             if let Some(id) = upload {
                 txn.open_table(UPLOADS).map_err(db_err)?.remove(id).map_err(db_err)?;
             }
@@ -158,202 +126,226 @@ impl Meta {
         Ok(new)
     }
 
-    /// Link a blob that `from` has into `repo`.
-    pub fn mount(&self, repo: &str, from: &str, digest: &Digest) -> Result<bool, StoreError> {
+    /// Forget a blob file (before it is unlinked); returns its size if it was recorded.
+    pub fn remove_blob(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
         let d = digest.to_string();
         let txn = self.db.begin_write().map_err(db_err)?;
-        let mounted = {
-            let mut links = txn.open_table(BLOB_LINKS).map_err(db_err)?;
-            let size = links.get((from, d.as_str())).map_err(db_err)?.map(|v| v.value());
-            match size {
-                Some(size) => {
-                    links.insert((repo, d.as_str()), size).map_err(db_err)?;
-                    txn.open_table(REPOS).map_err(db_err)?.insert(repo, 0).map_err(db_err)?;
-                    true
-                }
-                None => false,
-            }
+        let size = {
+            let mut blobs = txn.open_table(BLOBS).map_err(db_err)?;
+            let size = blobs.remove(d.as_str()).map_err(db_err)?.map(|v| v.value().0);
+            txn.open_table(METAINFO).map_err(db_err)?.remove(d.as_str()).map_err(db_err)?;
+            size
         };
         txn.commit().map_err(db_err)?;
-        Ok(mounted)
+        Ok(size)
     }
 
-    pub fn unlink_blob(&self, repo: &str, digest: &Digest) -> Result<bool, StoreError> {
-        let d = digest.to_string();
+    /// Blob files in digest order after `after`, at most `limit`.
+    pub fn blob_list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<BlobEntry>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(BLOBS).map_err(db_err)?;
+        let after = after.map(|d| d.to_string());
+        let mut out = Vec::new();
+        for entry in table.range(after.as_deref().unwrap_or("")..).map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            if after.as_deref() == Some(k.value()) {
+                continue;
+            }
+            if out.len() == limit {
+                break;
+            }
+            let Ok(digest) = k.value().parse::<Digest>() else { continue };
+            let (size, stored_millis) = v.value();
+            out.push(BlobEntry { digest, size, stored_millis });
+        }
+        Ok(out)
+    }
+
+    /// The records for `keys` of `repo`, in the same order.
+    pub fn records_get(&self, repo: &str, keys: &[RecordKey]) -> Result<Vec<Option<Record>>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(RECORDS).map_err(db_err)?;
+        keys.iter()
+            .map(|k| {
+                let name = k.name();
+                let value = table.get((repo, k.kind().as_str(), name.as_str())).map_err(db_err)?;
+                value.map(|v| serde_json::from_str(v.value()).map_err(json_err)).transpose()
+            })
+            .collect()
+    }
+
+    /// Every record of `kind` in `repo` (only manifests referring to `subject` if given);
+    /// `None` if no record of the repository is held here.
+    pub fn records_scan(
+        &self,
+        repo: &str,
+        kind: RecordKind,
+        subject: Option<&Digest>,
+    ) -> Result<Option<Vec<Record>>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        if txn.open_table(REPOS).map_err(db_err)?.get(repo).map_err(db_err)?.is_none() {
+            return Ok(None);
+        }
+        let table = txn.open_table(RECORDS).map_err(db_err)?;
+        let mut out = Vec::new();
+        match subject {
+            Some(subject) => {
+                let s = subject.to_string();
+                let index = txn.open_table(SUBJECTS).map_err(db_err)?;
+                for entry in index.range((repo, s.as_str(), "")..).map_err(db_err)? {
+                    let (k, _) = entry.map_err(db_err)?;
+                    let (r, subj, digest) = k.value();
+                    if r != repo || subj != s {
+                        break;
+                    }
+                    if let Some(v) =
+                        table.get((repo, RecordKind::Manifest.as_str(), digest)).map_err(db_err)?
+                    {
+                        out.push(serde_json::from_str(v.value()).map_err(json_err)?);
+                    }
+                }
+            }
+            None => {
+                let kind = kind.as_str();
+                for entry in table.range((repo, kind, "")..).map_err(db_err)? {
+                    let (k, v) = entry.map_err(db_err)?;
+                    let (r, kd, _) = k.value();
+                    if r != repo || kd != kind {
+                        break;
+                    }
+                    out.push(serde_json::from_str(v.value()).map_err(json_err)?);
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Merge records into `repo`, keeping the newer version of each key; returns how many
+    /// changed something here.
+    pub fn records_apply(&self, repo: &str, records: &[Record]) -> Result<usize, StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
-        let removed =
-            txn.open_table(BLOB_LINKS).map_err(db_err)?.remove((repo, d.as_str())).map_err(db_err)?.is_some();
+        let mut changed = 0;
+        {
+            let mut table = txn.open_table(RECORDS).map_err(db_err)?;
+            let mut subjects = txn.open_table(SUBJECTS).map_err(db_err)?;
+            for record in records {
+                let (kind, name) = (record.key.kind().as_str(), record.key.name());
+                let key = (repo, kind, name.as_str());
+                let existing: Option<Record> = table
+                    .get(key)
+                    .map_err(db_err)?
+                    .map(|v| serde_json::from_str(v.value()).map_err(json_err))
+                    .transpose()?;
+                if !record.supersedes(existing.as_ref()) {
+                    continue;
+                }
+                let json = serde_json::to_string(record).map_err(json_err)?;
+                table.insert(key, json.as_str()).map_err(db_err)?;
+                let old_subject =
+                    existing.as_ref().and_then(|r| r.manifest()).and_then(|m| m.subject.clone());
+                let new_subject = record.manifest().and_then(|m| m.subject.clone());
+                if let Some(s) = old_subject {
+                    subjects.remove((repo, s.to_string().as_str(), name.as_str())).map_err(db_err)?;
+                }
+                if let Some(s) = new_subject {
+                    subjects.insert((repo, s.to_string().as_str(), name.as_str()), 0).map_err(db_err)?;
+                }
+                changed += 1;
+            }
+            if !records.is_empty() {
+                txn.open_table(REPOS).map_err(db_err)?.insert(repo, 0).map_err(db_err)?;
+            }
+        }
         txn.commit().map_err(db_err)?;
-        Ok(removed)
+        Ok(changed)
     }
 
-    /// Record a manifest after checking, in the same transaction, that everything it references
-    /// is in the repository.
-    pub fn put_manifest(&self, m: ManifestInsert<'_>) -> Result<(), StoreError> {
-        let d = m.digest.to_string();
-        let record = serde_json::to_string(&m.record).map_err(json_err)?;
+    /// Forget every record of `repo` here.
+    pub fn records_drop(&self, repo: &str) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
-            let mut links = txn.open_table(BLOB_LINKS).map_err(db_err)?;
-            let mut manifests = txn.open_table(MANIFESTS).map_err(db_err)?;
-            for blob in m.blobs {
-                if links.get((m.repo, blob.to_string().as_str())).map_err(db_err)?.is_none() {
-                    return Err(StoreError::ManifestBlobUnknown(blob.clone()));
+            let mut table = txn.open_table(RECORDS).map_err(db_err)?;
+            let mut doomed = Vec::new();
+            for entry in table.range((repo, "", "")..).map_err(db_err)? {
+                let (k, _) = entry.map_err(db_err)?;
+                let (r, kind, name) = k.value();
+                if r != repo {
+                    break;
                 }
+                doomed.push((kind.to_string(), name.to_string()));
             }
-            for child in m.children {
-                if manifests.get((m.repo, child.to_string().as_str())).map_err(db_err)?.is_none() {
-                    return Err(StoreError::ManifestBlobUnknown(child.clone()));
+            for (kind, name) in &doomed {
+                table.remove((repo, kind.as_str(), name.as_str())).map_err(db_err)?;
+            }
+            let mut subjects = txn.open_table(SUBJECTS).map_err(db_err)?;
+            let mut doomed = Vec::new();
+            for entry in subjects.range((repo, "", "")..).map_err(db_err)? {
+                let (k, _) = entry.map_err(db_err)?;
+                let (r, subject, digest) = k.value();
+                if r != repo {
+                    break;
                 }
+                doomed.push((subject.to_string(), digest.to_string()));
             }
-            manifests.insert((m.repo, d.as_str()), record.as_str()).map_err(db_err)?;
-            // The manifest is content too: readable through the blobs endpoint like any blob.
-            links.insert((m.repo, d.as_str()), m.record.size).map_err(db_err)?;
-            txn.open_table(BLOBS).map_err(db_err)?.insert(d.as_str(), m.record.size).map_err(db_err)?;
-            txn.open_table(REPOS).map_err(db_err)?.insert(m.repo, 0).map_err(db_err)?;
-            if let Some(tag) = m.tag {
-                txn.open_table(TAGS).map_err(db_err)?.insert((m.repo, tag), d.as_str()).map_err(db_err)?;
+            for (subject, digest) in &doomed {
+                subjects.remove((repo, subject.as_str(), digest.as_str())).map_err(db_err)?;
             }
-            if let (Some(subject), Some(desc)) = (&m.record.subject, &m.referrer) {
-                let json = serde_json::to_string(desc).map_err(json_err)?;
-                let s = subject.to_string();
-                txn.open_table(REFERRERS)
-                    .map_err(db_err)?
-                    .insert((m.repo, s.as_str(), d.as_str()), json.as_str())
-                    .map_err(db_err)?;
+            txn.open_table(REPOS).map_err(db_err)?.remove(repo).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    /// Repositories with records here, in order, after `after`, at most `limit`.
+    pub fn repos(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(REPOS).map_err(db_err)?;
+        let mut items = Vec::new();
+        for entry in table.range(after.unwrap_or("")..).map_err(db_err)? {
+            let (k, _) = entry.map_err(db_err)?;
+            let name = k.value();
+            if after == Some(name) {
+                continue;
+            }
+            if items.len() == limit {
+                break;
+            }
+            items.push(name.to_string());
+        }
+        Ok(items)
+    }
+
+    /// Queue an item for repair (idempotent).
+    pub fn repair_enqueue(&self, item: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = txn.open_table(REPAIR).map_err(db_err)?;
+            if table.get(item).map_err(db_err)?.is_none() {
+                table.insert(item, now_millis()).map_err(db_err)?;
             }
         }
         txn.commit().map_err(db_err)
     }
 
-    /// Resolve a tag to a digest.
-    pub fn tag(&self, repo: &str, tag: &str) -> Result<Option<Digest>, StoreError> {
+    /// Up to `limit` queued items, oldest key order.
+    pub fn repair_pending(&self, limit: usize) -> Result<Vec<String>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(TAGS).map_err(db_err)?;
-        let value = table.get((repo, tag)).map_err(db_err)?;
-        value
-            .map(|v| v.value().parse().map_err(|e| StoreError::Internal(format!("stored digest: {e}"))))
-            .transpose()
-    }
-
-    pub fn manifest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(MANIFESTS).map_err(db_err)?;
-        let d = digest.to_string();
-        let value = table.get((repo, d.as_str())).map_err(db_err)?;
-        value.map(|v| serde_json::from_str(v.value()).map_err(json_err)).transpose()
-    }
-
-    /// Delete a manifest with its tags and referrer entry; `false` if it was not there.
-    pub fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool, StoreError> {
-        let d = digest.to_string();
-        let txn = self.db.begin_write().map_err(db_err)?;
-        let existed = {
-            let mut manifests = txn.open_table(MANIFESTS).map_err(db_err)?;
-            let record: Option<ManifestRecord> = manifests
-                .remove((repo, d.as_str()))
-                .map_err(db_err)?
-                .map(|v| serde_json::from_str(v.value()).map_err(json_err))
-                .transpose()?;
-            if let Some(record) = &record {
-                let mut tags = txn.open_table(TAGS).map_err(db_err)?;
-                let mut doomed = Vec::new();
-                for entry in tags.range((repo, "")..).map_err(db_err)? {
-                    let (k, v) = entry.map_err(db_err)?;
-                    let (r, tag) = k.value();
-                    if r != repo {
-                        break;
-                    }
-                    if v.value() == d {
-                        doomed.push(tag.to_string());
-                    }
-                }
-                for tag in doomed {
-                    tags.remove((repo, tag.as_str())).map_err(db_err)?;
-                }
-                if let Some(subject) = &record.subject {
-                    let s = subject.to_string();
-                    txn.open_table(REFERRERS)
-                        .map_err(db_err)?
-                        .remove((repo, s.as_str(), d.as_str()))
-                        .map_err(db_err)?;
-                }
-                txn.open_table(BLOB_LINKS).map_err(db_err)?.remove((repo, d.as_str())).map_err(db_err)?;
-            }
-            record.is_some()
-        };
-        txn.commit().map_err(db_err)?;
-        Ok(existed)
-    }
-
-    pub fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool, StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
-        let removed = txn.open_table(TAGS).map_err(db_err)?.remove((repo, tag)).map_err(db_err)?.is_some();
-        txn.commit().map_err(db_err)?;
-        Ok(removed)
-    }
-
-    /// Tags of `repo` in order, after `last`; `NameUnknown` if the repository does not exist.
-    pub fn tags(&self, repo: &str, last: Option<&str>, limit: usize) -> Result<Page, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        if txn.open_table(REPOS).map_err(db_err)?.get(repo).map_err(db_err)?.is_none() {
-            return Err(StoreError::NameUnknown);
-        }
-        let table = txn.open_table(TAGS).map_err(db_err)?;
-        let mut items = Vec::new();
-        let mut more = false;
-        for entry in table.range((repo, last.unwrap_or(""))..).map_err(db_err)? {
-            let (k, _) = entry.map_err(db_err)?;
-            let (r, tag) = k.value();
-            if r != repo {
-                break;
-            }
-            if last == Some(tag) {
-                continue;
-            }
-            if items.len() == limit {
-                more = true;
-                break;
-            }
-            items.push(tag.to_string());
-        }
-        Ok(Page { items, more })
-    }
-
-    pub fn repositories(&self, last: Option<&str>, limit: usize) -> Result<Page, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(REPOS).map_err(db_err)?;
-        let mut items = Vec::new();
-        let mut more = false;
-        for entry in table.range(last.unwrap_or("")..).map_err(db_err)? {
-            let (k, _) = entry.map_err(db_err)?;
-            let name = k.value();
-            if last == Some(name) {
-                continue;
-            }
-            if items.len() == limit {
-                more = true;
-                break;
-            }
-            items.push(name.to_string());
-        }
-        Ok(Page { items, more })
-    }
-
-    pub fn referrers(&self, repo: &str, subject: &Digest) -> Result<Vec<ReferrerDescriptor>, StoreError> {
-        let s = subject.to_string();
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(REFERRERS).map_err(db_err)?;
+        let table = txn.open_table(REPAIR).map_err(db_err)?;
         let mut out = Vec::new();
-        for entry in table.range((repo, s.as_str(), "")..).map_err(db_err)? {
-            let (k, v) = entry.map_err(db_err)?;
-            let (r, subj, _) = k.value();
-            if r != repo || subj != s {
-                break;
-            }
-            out.push(serde_json::from_str(v.value()).map_err(json_err)?);
+        for entry in table.iter().map_err(db_err)?.take(limit) {
+            out.push(entry.map_err(db_err)?.0.value().to_string());
         }
         Ok(out)
+    }
+
+    pub fn repair_len(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        txn.open_table(REPAIR).map_err(db_err)?.len().map_err(db_err)
+    }
+
+    pub fn repair_done(&self, item: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        txn.open_table(REPAIR).map_err(db_err)?.remove(item).map_err(db_err)?;
+        txn.commit().map_err(db_err)
     }
 
     pub fn add_upload(&self, id: &str, record: &UploadRecord) -> Result<(), StoreError> {

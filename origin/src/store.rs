@@ -1,21 +1,22 @@
-//! [`OriginStore`]: the origin's durable implementation of the registry storage interface.
-//! Blob files are immutable and content-addressed; a blob becomes visible only when its
-//! metadata transaction commits, after the file is fsynced and renamed into place.
+//! [`OriginStore`]: what one origin keeps on its own disk: upload sessions, blob files and
+//! the repository records it holds. Blob files are immutable and content-addressed; a blob
+//! becomes visible only when its metadata transaction commits, after the file is fsynced and
+//! renamed into place. The cluster layer (`cluster::store`) builds the registry on top.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
-use shoal_registry::manifest::ReferrerDescriptor;
 use shoal_registry::range::ByteRange;
-use shoal_registry::store::{file_range_stream, NewManifest, Page, Reference, StoredManifest, UploadState};
-use shoal_registry::{Algorithm, ByteStream, Digest, RegistryStore, RepoName, StoreError, Tag};
+use shoal_registry::store::{file_range_stream, UploadState};
+use shoal_registry::{Algorithm, ByteStream, Digest, RepoName, StoreError};
 
+use crate::cluster::node::BlobEntry;
+use crate::cluster::record::{Record, RecordKey, RecordKind};
 use crate::fsutil;
 use crate::layout::Layout;
-use crate::meta::{ManifestInsert, ManifestRecord, Meta, UploadRecord};
+use crate::meta::{Meta, UploadRecord};
 use crate::uploads::{self, Session, Sessions};
 
 /// Settings of the origin store.
@@ -114,43 +115,9 @@ async fn expire_sessions(inner: Weak<Inner>) {
     }
 }
 
-#[async_trait]
-impl RegistryStore for OriginStore {
-    async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        let inner = self.inner.clone();
-        let (repo, digest) = (repo.to_string(), digest.clone());
-        blocking(move || inner.meta.linked_size(&repo, &digest)).await
-    }
-
-    async fn blob_read(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        range: Option<ByteRange>,
-    ) -> Result<ByteStream, StoreError> {
-        let size = self.blob_size(repo, digest).await?.ok_or(StoreError::BlobUnknown)?;
-        let range = range.unwrap_or(ByteRange { start: 0, end: size.saturating_sub(1) });
-        file_range_stream(&self.inner.layout.blob(digest), range, size).await.map_err(StoreError::from_io)
-    }
-
-    async fn blob_delete(&self, repo: &RepoName, digest: &Digest) -> Result<bool, StoreError> {
-        let inner = self.inner.clone();
-        let (repo, digest) = (repo.to_string(), digest.clone());
-        blocking(move || inner.meta.unlink_blob(&repo, &digest)).await
-    }
-
-    async fn blob_mount(
-        &self,
-        repo: &RepoName,
-        from: &RepoName,
-        digest: &Digest,
-    ) -> Result<bool, StoreError> {
-        let inner = self.inner.clone();
-        let (repo, from, digest) = (repo.to_string(), from.to_string(), digest.clone());
-        blocking(move || inner.meta.mount(&repo, &from, &digest)).await
-    }
-
-    async fn upload_start(&self, repo: &RepoName) -> Result<UploadState, StoreError> {
+/// Upload sessions: bytes from the client, kept on the origin that opened the session.
+impl OriginStore {
+    pub async fn upload_start(&self, repo: &RepoName) -> Result<UploadState, StoreError> {
         let id = uuid::Uuid::new_v4().to_string();
         let path = self.inner.layout.upload(&id);
         let inner = self.inner.clone();
@@ -174,13 +141,14 @@ impl RegistryStore for OriginStore {
         Ok(UploadState { id, offset: 0 })
     }
 
-    async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<UploadState, StoreError> {
+    pub async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<UploadState, StoreError> {
         let session = self.session(repo, id)?;
         let session = session.lock().await;
         Ok(UploadState { id: id.to_string(), offset: session.offset })
     }
 
-    async fn upload_append(
+    /// Append a chunk; see `RegistryStore::upload_append` for the contract.
+    pub async fn upload_append(
         &self,
         repo: &RepoName,
         id: &str,
@@ -194,7 +162,9 @@ impl RegistryStore for OriginStore {
         Ok(UploadState { id: id.to_string(), offset: session.offset })
     }
 
-    async fn upload_complete(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError> {
+    /// Verify the session's content against `digest` and publish it as a blob file here; the
+    /// session ends either way. Returns the blob's size.
+    pub async fn upload_finish(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError> {
         let session = self.session(repo, id)?;
         let session = session.lock().await;
         let actual = uploads::digest_of(&session, digest.algorithm()).await?;
@@ -204,122 +174,205 @@ impl RegistryStore for OriginStore {
             return Err(StoreError::DigestMismatch { expected: digest.clone(), actual });
         }
         let size = session.offset;
-        let inner = self.inner.clone();
-        let (repo_s, id_s, digest_c, src) =
-            (repo.to_string(), id.to_string(), digest.clone(), session.path.clone());
-        let new = blocking(move || {
-            let dest = inner.layout.blob(&digest_c);
-            std::fs::File::open(&src).and_then(|f| f.sync_all()).map_err(StoreError::from_io)?;
-            fsutil::publish(&src, &dest).map_err(StoreError::from_io)?;
-            inner.meta.commit_blob(&repo_s, &digest_c, size, Some(&id_s))
-        })
-        .await?;
-        if new {
-            self.inner.blob_bytes.fetch_add(size, Ordering::Relaxed);
-            self.precompute_metainfo(digest);
-        }
+        self.publish(session.path.clone(), digest, size, Some(id.to_string())).await?;
         drop(session);
         self.inner.sessions.remove(id);
         Ok(size)
     }
 
-    async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {
+    pub async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {
         let session = self.session(repo, id)?;
         let guard = session.lock().await;
         drop(guard);
         self.discard_session(id).await
     }
 
-    async fn manifest_get(
+    /// fsync a verified file, rename it into the blob store and record it.
+    async fn publish(
         &self,
-        repo: &RepoName,
-        reference: &Reference,
-    ) -> Result<Option<StoredManifest>, StoreError> {
-        let inner = self.inner.clone();
-        let repo = repo.to_string();
-        let reference = reference.clone();
-        blocking(move || {
-            let digest = match reference {
-                Reference::Digest(d) => d,
-                Reference::Tag(t) => match inner.meta.tag(&repo, t.as_str())? {
-                    Some(d) => d,
-                    None => return Ok(None),
-                },
-            };
-            let Some(record) = inner.meta.manifest(&repo, &digest)? else { return Ok(None) };
-            let bytes = std::fs::read(inner.layout.blob(&digest)).map_err(StoreError::from_io)?;
-            Ok(Some(StoredManifest { digest, media_type: record.media_type, bytes: bytes.into() }))
-        })
-        .await
-    }
-
-    async fn manifest_put(
-        &self,
-        repo: &RepoName,
-        tag: Option<&Tag>,
-        manifest: NewManifest,
+        src: PathBuf,
+        digest: &Digest,
+        size: u64,
+        upload: Option<String>,
     ) -> Result<(), StoreError> {
         let inner = self.inner.clone();
-        let repo = repo.to_string();
-        let tag = tag.map(|t| t.to_string());
-        let size = manifest.bytes.len() as u64;
-        blocking(move || {
-            let NewManifest { digest, bytes, parsed } = manifest;
-            let dest = inner.layout.blob(&digest);
-            let existed = dest.exists();
-            fsutil::write_atomic(&inner.layout.tmp(), &dest, &bytes).map_err(StoreError::from_io)?;
-            let referrer = parsed.subject.as_ref().map(|_| parsed.referrer_descriptor(&digest, size));
-            inner.meta.put_manifest(ManifestInsert {
-                repo: &repo,
-                digest: &digest,
-                record: ManifestRecord {
-                    media_type: parsed.media_type.clone(),
-                    size,
-                    subject: parsed.subject.clone(),
-                },
-                blobs: &parsed.blobs,
-                children: &parsed.children,
-                tag: tag.as_deref(),
-                referrer,
-            })?;
-            if !existed {
-                inner.blob_bytes.fetch_add(size, Ordering::Relaxed);
-            }
-            Ok(())
+        let d = digest.clone();
+        let new = blocking(move || {
+            let dest = inner.layout.blob(&d);
+            std::fs::File::open(&src).and_then(|f| f.sync_all()).map_err(StoreError::from_io)?;
+            fsutil::publish(&src, &dest).map_err(StoreError::from_io)?;
+            inner.meta.commit_blob(&d, size, upload.as_deref())
         })
-        .await
+        .await?;
+        if new {
+            self.inner.blob_bytes.fetch_add(size, Ordering::Relaxed);
+            self.precompute_metainfo(digest);
+        }
+        Ok(())
+    }
+}
+
+/// The blob files this origin holds, content-addressed and shared by every repository.
+impl OriginStore {
+    /// Where a blob's file lives (whether or not it is here).
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.inner.layout.blob(digest)
     }
 
-    async fn manifest_delete(&self, repo: &RepoName, reference: &Reference) -> Result<bool, StoreError> {
+    /// Size of the blob's file if this origin holds it.
+    pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
         let inner = self.inner.clone();
-        let repo = repo.to_string();
-        let reference = reference.clone();
-        blocking(move || match reference {
-            Reference::Digest(d) => inner.meta.delete_manifest(&repo, &d),
-            Reference::Tag(t) => inner.meta.delete_tag(&repo, t.as_str()),
-        })
-        .await
+        let digest = digest.clone();
+        blocking(move || inner.meta.blob_size(&digest)).await
     }
 
-    async fn tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> Result<Page, StoreError> {
-        let inner = self.inner.clone();
-        let (repo, last) = (repo.to_string(), last.map(str::to_string));
-        blocking(move || inner.meta.tags(&repo, last.as_deref(), limit)).await
-    }
-
-    async fn repositories(&self, last: Option<&str>, limit: usize) -> Result<Page, StoreError> {
-        let inner = self.inner.clone();
-        let last = last.map(str::to_string);
-        blocking(move || inner.meta.repositories(last.as_deref(), limit)).await
-    }
-
-    async fn referrers(
+    /// The blob's bytes (a range of them) if this origin holds it.
+    pub async fn blob_read(
         &self,
-        repo: &RepoName,
         digest: &Digest,
-    ) -> Result<Vec<ReferrerDescriptor>, StoreError> {
+        range: Option<ByteRange>,
+    ) -> Result<Option<ByteStream>, StoreError> {
+        let Some(size) = self.blob_size(digest).await? else { return Ok(None) };
+        let range = range.unwrap_or(ByteRange { start: 0, end: size.saturating_sub(1) });
+        match file_range_stream(&self.inner.layout.blob(digest), range, size).await {
+            Ok(stream) => Ok(Some(stream)),
+            // Removed between the lookup and the open (garbage collection, repair).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::from_io(e)),
+        }
+    }
+
+    /// Store a blob sent by another origin: written to scratch space while hashed, checked
+    /// against `digest` and `size`, then published like a committed upload.
+    pub async fn blob_put(&self, digest: &Digest, size: u64, body: ByteStream) -> Result<(), StoreError> {
+        if self.blob_size(digest).await?.is_some() {
+            // Content addressing: the copy here is already this content. Drain nothing; the
+            // sender sees success and stops.
+            return Ok(());
+        }
+        let path = self.inner.layout.tmp().join(uuid::Uuid::new_v4().to_string());
+        {
+            let path = path.clone();
+            blocking(move || std::fs::File::create(&path).map(|_| ()).map_err(StoreError::from_io)).await?;
+        }
+        let mut session = Session {
+            repo: "shoal/replica".parse().map_err(|_| StoreError::Internal("replica repo name".into()))?,
+            path: path.clone(),
+            offset: 0,
+            hasher: Some(digest.algorithm().hasher()),
+            touched: Instant::now(),
+        };
+        let result = async {
+            uploads::append(&mut session, Some(0), Some(size), body).await?;
+            let actual = uploads::digest_of(&session, digest.algorithm()).await?;
+            if &actual != digest {
+                return Err(StoreError::DigestMismatch { expected: digest.clone(), actual });
+            }
+            self.publish(path.clone(), digest, size, None).await
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+        result
+    }
+
+    /// Drop this origin's copy of a blob; `false` if it had none.
+    pub async fn blob_remove(&self, digest: &Digest) -> Result<bool, StoreError> {
         let inner = self.inner.clone();
-        let (repo, digest) = (repo.to_string(), digest.clone());
-        blocking(move || inner.meta.referrers(&repo, &digest)).await
+        let digest = digest.clone();
+        let removed = blocking(move || {
+            let Some(size) = inner.meta.remove_blob(&digest)? else { return Ok(None) };
+            let path = inner.layout.blob(&digest);
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(StoreError::from_io(e)),
+                _ => {}
+            }
+            if let Some(parent) = path.parent() {
+                fsutil::sync_dir(parent).map_err(StoreError::from_io)?;
+            }
+            Ok(Some(size))
+        })
+        .await?;
+        if let Some(size) = removed {
+            self.inner.blob_bytes.fetch_sub(size.min(self.stored_bytes()), Ordering::Relaxed);
+        }
+        Ok(removed.is_some())
+    }
+
+    /// Blob files held here, in digest order.
+    pub async fn blob_list(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<BlobEntry>, StoreError> {
+        let inner = self.inner.clone();
+        let after = after.cloned();
+        blocking(move || inner.meta.blob_list(after.as_ref(), limit)).await
+    }
+}
+
+/// The repository records this origin holds (see `cluster::record`).
+impl OriginStore {
+    pub async fn records_get(
+        &self,
+        repo: &str,
+        keys: &[RecordKey],
+    ) -> Result<Vec<Option<Record>>, StoreError> {
+        let inner = self.inner.clone();
+        let (repo, keys) = (repo.to_string(), keys.to_vec());
+        blocking(move || inner.meta.records_get(&repo, &keys)).await
+    }
+
+    pub async fn records_scan(
+        &self,
+        repo: &str,
+        kind: RecordKind,
+        subject: Option<&Digest>,
+    ) -> Result<Option<Vec<Record>>, StoreError> {
+        let inner = self.inner.clone();
+        let (repo, subject) = (repo.to_string(), subject.cloned());
+        blocking(move || inner.meta.records_scan(&repo, kind, subject.as_ref())).await
+    }
+
+    pub async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<usize, StoreError> {
+        let inner = self.inner.clone();
+        let (repo, records) = (repo.to_string(), records.to_vec());
+        blocking(move || inner.meta.records_apply(&repo, &records)).await
+    }
+
+    pub async fn records_drop(&self, repo: &str) -> Result<(), StoreError> {
+        let inner = self.inner.clone();
+        let repo = repo.to_string();
+        blocking(move || inner.meta.records_drop(&repo)).await
+    }
+
+    pub async fn repos(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        let inner = self.inner.clone();
+        let after = after.map(str::to_string);
+        blocking(move || inner.meta.repos(after.as_deref(), limit)).await
+    }
+}
+
+/// The persistent queue of items whose copies a write could not place (see `cluster::repair`).
+impl OriginStore {
+    pub async fn repair_enqueue(&self, item: String) -> Result<(), StoreError> {
+        let inner = self.inner.clone();
+        blocking(move || inner.meta.repair_enqueue(&item)).await
+    }
+
+    pub async fn repair_pending(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        let inner = self.inner.clone();
+        blocking(move || inner.meta.repair_pending(limit)).await
+    }
+
+    pub async fn repair_len(&self) -> Result<u64, StoreError> {
+        let inner = self.inner.clone();
+        blocking(move || inner.meta.repair_len()).await
+    }
+
+    pub async fn repair_done(&self, item: String) -> Result<(), StoreError> {
+        let inner = self.inner.clone();
+        blocking(move || inner.meta.repair_done(&item)).await
     }
 }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{stream, StreamExt};
+use shoal_origin::cluster::store::ClusterStore;
 use shoal_origin::{OriginStore, StoreConfig};
 use shoal_registry::manifest::parse_manifest;
 use shoal_registry::store::{NewManifest, Reference};
@@ -11,6 +12,10 @@ use shoal_registry::{Algorithm, ByteStream, Digest, RegistryStore, RepoName, Sto
 
 fn config(dir: &std::path::Path) -> StoreConfig {
     StoreConfig { data_dir: dir.to_path_buf(), upload_idle_timeout: Duration::from_secs(3600) }
+}
+
+async fn open_single(config: StoreConfig) -> Result<ClusterStore, StoreError> {
+    ClusterStore::single(OriginStore::open(config).await?, "local")
 }
 
 fn repo(s: &str) -> RepoName {
@@ -29,7 +34,7 @@ fn broken_body(data: &[u8]) -> ByteStream {
     Box::pin(head.chain(stream::iter(vec![Err(std::io::Error::other("connection reset"))])))
 }
 
-async fn read_all(store: &OriginStore, r: &RepoName, d: &Digest) -> Vec<u8> {
+async fn read_all(store: &ClusterStore, r: &RepoName, d: &Digest) -> Vec<u8> {
     let mut s = store.blob_read(r, d, None).await.unwrap();
     let mut out = Vec::new();
     while let Some(c) = s.next().await {
@@ -42,7 +47,7 @@ fn data(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 31 % 251) as u8).collect()
 }
 
-async fn push(store: &OriginStore, r: &RepoName, content: &[u8]) -> Digest {
+async fn push(store: &ClusterStore, r: &RepoName, content: &[u8]) -> Digest {
     let digest = Digest::of(Algorithm::Sha256, content);
     let up = store.upload_start(r).await.unwrap();
     store.upload_append(r, &up.id, Some(0), None, body(content)).await.unwrap();
@@ -61,7 +66,7 @@ fn blob_files(dir: &std::path::Path) -> usize {
 #[tokio::test]
 async fn chunked_upload_commits_and_is_scoped_to_its_repository() {
     let dir = tempfile::tempdir().unwrap();
-    let store = OriginStore::open(config(dir.path())).await.unwrap();
+    let store = open_single(config(dir.path())).await.unwrap();
     let (a, b) = (repo("team/a"), repo("team/b"));
     let content = data(100_000);
     let digest = Digest::of(Algorithm::Sha256, &content);
@@ -78,13 +83,13 @@ async fn chunked_upload_commits_and_is_scoped_to_its_repository() {
     assert_eq!(store.blob_size(&b, &digest).await.unwrap(), None);
     assert!(store.blob_mount(&b, &a, &digest).await.unwrap());
     assert_eq!(store.blob_size(&b, &digest).await.unwrap(), Some(100_000));
-    assert_eq!(store.stored_bytes(), 100_000);
+    assert_eq!(store.local().stored_bytes(), 100_000);
 }
 
 #[tokio::test]
 async fn digest_mismatch_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let store = OriginStore::open(config(dir.path())).await.unwrap();
+    let store = open_single(config(dir.path())).await.unwrap();
     let r = repo("x");
     let up = store.upload_start(&r).await.unwrap();
     store.upload_append(&r, &up.id, None, None, body(b"hello")).await.unwrap();
@@ -100,7 +105,7 @@ async fn digest_mismatch_stores_nothing() {
 #[tokio::test]
 async fn declared_chunk_is_all_or_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let store = OriginStore::open(config(dir.path())).await.unwrap();
+    let store = open_single(config(dir.path())).await.unwrap();
     let r = repo("x");
     let up = store.upload_start(&r).await.unwrap();
     store.upload_append(&r, &up.id, None, None, body(b"abc")).await.unwrap();
@@ -120,7 +125,7 @@ async fn declared_chunk_is_all_or_nothing() {
 #[tokio::test]
 async fn dropped_stream_keeps_progress_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let store = OriginStore::open(config(dir.path())).await.unwrap();
+    let store = open_single(config(dir.path())).await.unwrap();
     let r = repo("x");
     let content = data(50_000);
     let up = store.upload_start(&r).await.unwrap();
@@ -139,7 +144,7 @@ async fn sessions_and_blobs_survive_restart_and_leftovers_are_removed() {
     let r = repo("x");
     let content = data(30_000);
     let (id, kept) = {
-        let store = OriginStore::open(config(dir.path())).await.unwrap();
+        let store = open_single(config(dir.path())).await.unwrap();
         let kept = push(&store, &r, b"committed before the crash").await;
         let up = store.upload_start(&r).await.unwrap();
         store.upload_append(&r, &up.id, None, None, body(&content[..10_000])).await.unwrap();
@@ -151,7 +156,7 @@ async fn sessions_and_blobs_survive_restart_and_leftovers_are_removed() {
     // Debris a crash could leave: a scratch file and upload data without a session.
     std::fs::write(dir.path().join("tmp/partial"), b"x").unwrap();
     std::fs::write(dir.path().join("uploads/orphan"), b"x").unwrap();
-    let store = OriginStore::open(config(dir.path())).await.unwrap();
+    let store = open_single(config(dir.path())).await.unwrap();
     assert!(!dir.path().join("tmp/partial").exists());
     assert!(!dir.path().join("uploads/orphan").exists());
     assert_eq!(read_all(&store, &r, &kept).await, b"committed before the crash");
@@ -166,20 +171,20 @@ async fn sessions_and_blobs_survive_restart_and_leftovers_are_removed() {
 #[tokio::test]
 async fn concurrent_pushes_of_one_blob_both_succeed_with_one_copy() {
     let dir = tempfile::tempdir().unwrap();
-    let store = OriginStore::open(config(dir.path())).await.unwrap();
+    let store = open_single(config(dir.path())).await.unwrap();
     let r = repo("x");
     let content = data(200_000);
     let (d1, d2) = tokio::join!(push(&store, &r, &content), push(&store, &r, &content));
     assert_eq!(d1, d2);
     assert_eq!(blob_files(dir.path()), 1);
     assert_eq!(read_all(&store, &r, &d1).await, content);
-    assert_eq!(store.stored_bytes(), 200_000);
+    assert_eq!(store.local().stored_bytes(), 200_000);
 }
 
 #[tokio::test]
 async fn idle_sessions_expire() {
     let dir = tempfile::tempdir().unwrap();
-    let store = OriginStore::open(StoreConfig {
+    let store = open_single(StoreConfig {
         data_dir: dir.path().to_path_buf(),
         upload_idle_timeout: Duration::from_millis(300),
     })
@@ -212,7 +217,7 @@ fn new_manifest(bytes: Vec<u8>) -> NewManifest {
 #[tokio::test]
 async fn manifests_tags_and_referrers() {
     let dir = tempfile::tempdir().unwrap();
-    let store = OriginStore::open(config(dir.path())).await.unwrap();
+    let store = open_single(config(dir.path())).await.unwrap();
     let r = repo("app");
     let config_d = push(&store, &r, b"{}").await;
     let missing = Digest::of(Algorithm::Sha256, b"missing layer");

@@ -2,9 +2,14 @@
 //! synchronous replication, repair and garbage collection. A single origin is a cluster of
 //! one, so there is one code path.
 
+pub mod coordinator;
+pub mod local;
+pub mod metrics;
 pub mod node;
 pub mod placement;
 pub mod record;
+pub mod store;
+pub mod topology;
 
 use std::time::Duration;
 

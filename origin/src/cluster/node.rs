@@ -46,8 +46,11 @@ pub trait Node: Send + Sync + 'static {
     async fn blob_stat(&self, digest: &Digest) -> Result<Option<u64>, NodeError>;
 
     /// The blob's bytes (or a range of them) if this node holds it.
-    async fn blob_get(&self, digest: &Digest, range: Option<ByteRange>)
-        -> Result<Option<ByteStream>, NodeError>;
+    async fn blob_get(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<ByteStream>, NodeError>;
 
     /// Store a blob of `size` bytes. The node verifies digest and size before the blob becomes
     /// visible, and makes it durable before answering.

@@ -199,7 +199,8 @@ mod tests {
         Record {
             key: RecordKey::Tag("latest".into()),
             version,
-            value: target.map(|d| RecordValue::Tag { digest: format!("sha256:{}", d.repeat(64)).parse().unwrap() }),
+            value: target
+                .map(|d| RecordValue::Tag { digest: format!("sha256:{}", d.repeat(64)).parse().unwrap() }),
         }
     }
 

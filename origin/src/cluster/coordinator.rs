@@ -1,0 +1,393 @@
+//! [`Coordinator`]: replicated reads and writes over the live origins. Writes go to the top R
+//! origins for their key and fall back down the rendezvous ranking when an owner cannot take
+//! them (a sloppy quorum), so a dead owner does not block pushes; whatever did not land on its
+//! rightful owner is queued for repair. Reads merge the owners' answers, newest version wins,
+//! and push the winner back to owners that were stale (read repair).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use shoal_registry::range::ByteRange;
+use shoal_registry::store::file_range_stream;
+use shoal_registry::{ByteStream, Digest, StoreError};
+
+use crate::cluster::local::LocalNode;
+use crate::cluster::metrics::ClusterMetrics;
+use crate::cluster::node::{Node, NodeError};
+use crate::cluster::placement;
+use crate::cluster::record::{Record, RecordKey, RecordKind, VersionClock};
+use crate::cluster::topology::Topology;
+
+/// One origin's answer to a question asked of several.
+type Answer<T> = (String, Result<T, NodeError>);
+
+/// Settings the coordinator needs.
+#[derive(Clone, Copy, Debug)]
+pub struct Replication {
+    /// Copies of every blob and repository.
+    pub replicas: usize,
+    /// Copies that must be durable before a write succeeds.
+    pub write_quorum: usize,
+}
+
+/// Where a write landed.
+#[derive(Debug, Default)]
+pub struct Placed {
+    /// Origins that hold the write now.
+    pub ok: Vec<String>,
+    /// Whether every rightful owner has it (else repair has work to do).
+    pub all_owners: bool,
+    /// The last failure seen, for the error message.
+    pub last_error: Option<String>,
+}
+
+/// Replicated operations over the cluster.
+pub struct Coordinator {
+    pub topology: Arc<dyn Topology>,
+    pub local: Arc<LocalNode>,
+    pub clock: VersionClock,
+    pub replication: Replication,
+    pub metrics: ClusterMetrics,
+}
+
+fn unavailable(what: &str, why: Option<String>) -> StoreError {
+    StoreError::Unavailable(format!("{what}: {}", why.unwrap_or_else(|| "no origin answered".into())))
+}
+
+fn node_to_store(e: NodeError) -> StoreError {
+    match e {
+        NodeError::StorageFull => StoreError::StorageFull,
+        NodeError::Corrupt(d) => StoreError::Internal(format!("a copy of {d} is corrupt")),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+impl Coordinator {
+    pub fn me(&self) -> &str {
+        self.topology.me()
+    }
+
+    /// Live origins ranked for `key`; the first R are its owners.
+    pub fn ranked(&self, key: &str) -> Vec<String> {
+        placement::ranked(key, &self.topology.live())
+    }
+
+    /// The owners of `key` among the live origins.
+    pub fn owners(&self, key: &str) -> Vec<String> {
+        let mut ranked = self.ranked(key);
+        ranked.truncate(self.replication.replicas);
+        ranked
+    }
+
+    pub fn node(&self, id: &str) -> Option<Arc<dyn Node>> {
+        if id == self.me() {
+            return Some(self.local.clone());
+        }
+        self.topology.node(id)
+    }
+
+    /// Run `op` on the owners of `key`, falling back to the next origins in the ranking for
+    /// each owner that fails, until R origins took it or none is left.
+    pub async fn place<F, Fut>(&self, key: &str, op: F) -> Result<Placed, StoreError>
+    where
+        F: Fn(Arc<dyn Node>) -> Fut,
+        Fut: Future<Output = Result<(), NodeError>>,
+    {
+        let ranked = self.ranked(key);
+        let r = self.replication.replicas.min(ranked.len());
+        let mut placed = Placed { all_owners: true, ..Placed::default() };
+        let attempts = ranked[..r].iter().map(|id| {
+            let node = self.node(id);
+            let op = &op;
+            async move {
+                match node {
+                    Some(n) => op(n).await,
+                    None => Err(NodeError::Unreachable { node: id.clone(), reason: "not a member".into() }),
+                }
+            }
+        });
+        let mut failed = 0;
+        for (id, result) in ranked[..r].iter().zip(join_all(attempts).await) {
+            match result {
+                Ok(()) => placed.ok.push(id.clone()),
+                Err(NodeError::Corrupt(d)) => return Err(node_to_store(NodeError::Corrupt(d))),
+                Err(e) => {
+                    tracing::warn!(origin = %id, %key, error = %e, "owner could not take a write");
+                    self.metrics.replication_failures.inc();
+                    placed.all_owners = false;
+                    placed.last_error = Some(e.to_string());
+                    failed += 1;
+                }
+            }
+        }
+        for id in ranked[r..].iter() {
+            if failed == 0 {
+                break;
+            }
+            let Some(node) = self.node(id) else { continue };
+            match op(node).await {
+                Ok(()) => {
+                    placed.ok.push(id.clone());
+                    failed -= 1;
+                }
+                Err(NodeError::Corrupt(d)) => return Err(node_to_store(NodeError::Corrupt(d))),
+                Err(e) => placed.last_error = Some(e.to_string()),
+            }
+        }
+        Ok(placed)
+    }
+
+    /// Queue `item` for repair on this origin; losing the entry would lose a copy, so a
+    /// failure to queue fails the write.
+    async fn enqueue(&self, item: String) -> Result<(), StoreError> {
+        self.local.store().repair_enqueue(item).await?;
+        self.metrics.repair_queue_length.inc();
+        Ok(())
+    }
+
+    /// Write records to the owners of `repo` with the write quorum.
+    pub async fn write_records(&self, repo: &str, records: Vec<Record>) -> Result<(), StoreError> {
+        let records = Arc::new(records);
+        let placed = self
+            .place(repo, |node| {
+                let records = records.clone();
+                let repo = repo.to_string();
+                async move { node.records_apply(&repo, &records).await }
+            })
+            .await?;
+        if placed.ok.len() < self.replication.write_quorum {
+            return Err(unavailable(
+                &format!("metadata of {repo} reached too few origins"),
+                placed.last_error,
+            ));
+        }
+        if !placed.all_owners {
+            // A copy of the records is on this origin only if it took part; make sure one is,
+            // so repair has a source.
+            if !placed.ok.iter().any(|id| id == self.me()) {
+                self.local.records_apply(repo, &records).await.map_err(node_to_store)?;
+            }
+            self.enqueue(format!("repo:{repo}")).await?;
+        }
+        Ok(())
+    }
+
+    /// Copy the blob this origin holds to the owners of its digest; drop the local copy when
+    /// this origin is not an owner and every owner confirmed.
+    pub async fn replicate_blob(&self, digest: &Digest, size: u64) -> Result<(), StoreError> {
+        let path = self.local.store().blob_path(digest);
+        let me = self.me().to_string();
+        let placed = self
+            .place(&digest.to_string(), |node| {
+                let path = path.clone();
+                let me = me.clone();
+                async move {
+                    if node.id() == me || node.blob_stat(digest).await?.is_some() {
+                        return Ok(());
+                    }
+                    let body = open_file(&path, size).await?;
+                    node.blob_put(digest, size, body).await
+                }
+            })
+            .await?;
+        if placed.ok.len() < self.replication.write_quorum {
+            self.enqueue(format!("blob:{digest}")).await?;
+            return Err(unavailable(&format!("blob {digest} reached too few origins"), placed.last_error));
+        }
+        let here = placed.ok.iter().any(|id| id == &me);
+        if !placed.all_owners {
+            self.enqueue(format!("blob:{digest}")).await?;
+        } else if !here {
+            self.local.blob_remove(digest).await.map_err(node_to_store)?;
+        }
+        Ok(())
+    }
+
+    /// Stream a blob from wherever a copy is: here, its owners, then any live origin.
+    pub async fn open_blob(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<ByteStream>, StoreError> {
+        if let Some(s) = self.local.blob_get(digest, range).await.map_err(node_to_store)? {
+            return Ok(Some(s));
+        }
+        let mut last_error = None;
+        for id in self.ranked(&digest.to_string()) {
+            if id == self.me() {
+                continue;
+            }
+            let Some(node) = self.node(&id) else { continue };
+            match node.blob_get(digest, range).await {
+                Ok(Some(s)) => return Ok(Some(s)),
+                Ok(None) => {}
+                Err(e) => last_error = Some(e.to_string()),
+            }
+        }
+        match last_error {
+            Some(e) => Err(unavailable(&format!("blob {digest}"), Some(e))),
+            None => Ok(None),
+        }
+    }
+
+    /// Records for `keys` of `repo`, newest copy of each across its owners (and across the
+    /// other live origins for keys no owner has: ownership may have just moved).
+    pub async fn read_records(
+        &self,
+        repo: &str,
+        keys: &[RecordKey],
+    ) -> Result<Vec<Option<Record>>, StoreError> {
+        let ranked = self.ranked(repo);
+        let r = self.replication.replicas.min(ranked.len());
+        let answers = self.ask(&ranked[..r], |n| async move { n.records_get(repo, keys).await }).await;
+        let mut merged: Vec<Option<Record>> = vec![None; keys.len()];
+        let mut answered = 0;
+        for (_, answer) in &answers {
+            if let Ok(records) = answer {
+                answered += 1;
+                merge_into(&mut merged, records);
+            }
+        }
+        if merged.iter().any(Option::is_none) || answered == 0 {
+            let more = self.ask(&ranked[r..], |n| async move { n.records_get(repo, keys).await }).await;
+            for (_, answer) in &more {
+                if let Ok(records) = answer {
+                    answered += 1;
+                    merge_into(&mut merged, records);
+                }
+            }
+        }
+        if answered == 0 {
+            let why = answers.into_iter().find_map(|(_, a)| a.err()).map(|e| e.to_string());
+            return Err(unavailable(&format!("metadata of {repo}"), why));
+        }
+        self.repair_on_read(repo, &answers, |i| merged.get(i).cloned().flatten());
+        Ok(merged)
+    }
+
+    /// Every record of `kind` in `repo` across its owners, newest copy of each key; `None`
+    /// when no origin knows the repository.
+    pub async fn scan_records(
+        &self,
+        repo: &str,
+        kind: RecordKind,
+        subject: Option<&Digest>,
+    ) -> Result<Option<Vec<Record>>, StoreError> {
+        let ranked = self.ranked(repo);
+        let r = self.replication.replicas.min(ranked.len());
+        let scan = |n: Arc<dyn Node>| async move { n.records_scan(repo, kind, subject).await };
+        let mut answers = self.ask(&ranked[..r], scan).await;
+        let known =
+            |answers: &[Answer<Option<Vec<Record>>>]| answers.iter().any(|(_, a)| matches!(a, Ok(Some(_))));
+        if !known(&answers) {
+            answers.extend(self.ask(&ranked[r..], scan).await);
+        }
+        if answers.iter().all(|(_, a)| a.is_err()) {
+            let why = answers.into_iter().find_map(|(_, a)| a.err()).map(|e| e.to_string());
+            return Err(unavailable(&format!("metadata of {repo}"), why));
+        }
+        if !known(&answers) {
+            return Ok(None);
+        }
+        let mut by_key: BTreeMap<RecordKey, Record> = BTreeMap::new();
+        for (_, answer) in &answers {
+            if let Ok(Some(records)) = answer {
+                for rec in records {
+                    if rec.supersedes(by_key.get(&rec.key)) {
+                        by_key.insert(rec.key.clone(), rec.clone());
+                    }
+                }
+            }
+        }
+        Ok(Some(by_key.into_values().collect()))
+    }
+
+    /// Repository names across every live origin, sorted, after `after`, at most `limit`.
+    pub async fn repos(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        let live = self.topology.live();
+        let answers = self.ask(&live, |n| async move { n.repos(after, limit).await }).await;
+        let mut all = std::collections::BTreeSet::new();
+        let mut answered = false;
+        for (_, answer) in answers {
+            if let Ok(names) = answer {
+                answered = true;
+                all.extend(names);
+            }
+        }
+        if !answered {
+            return Err(unavailable("repository list", None));
+        }
+        Ok(all.into_iter().take(limit).collect())
+    }
+
+    /// Ask each of `ids` concurrently.
+    async fn ask<'a, T, F, Fut>(&self, ids: &[String], op: F) -> Vec<Answer<T>>
+    where
+        F: Fn(Arc<dyn Node>) -> Fut,
+        Fut: Future<Output = Result<T, NodeError>> + 'a,
+    {
+        let calls = ids.iter().map(|id| {
+            let node = self.node(id);
+            let call = node.map(&op);
+            async move {
+                let result = match call {
+                    Some(call) => call.await,
+                    None => Err(NodeError::Unreachable { node: id.clone(), reason: "not a member".into() }),
+                };
+                (id.clone(), result)
+            }
+        });
+        join_all(calls).await
+    }
+
+    /// Send the winning copies to owners whose answer was older or missing (best effort).
+    fn repair_on_read(
+        &self,
+        repo: &str,
+        answers: &[Answer<Vec<Option<Record>>>],
+        winner: impl Fn(usize) -> Option<Record>,
+    ) {
+        for (id, answer) in answers {
+            let Ok(records) = answer else { continue };
+            let stale: Vec<Record> = records
+                .iter()
+                .enumerate()
+                .filter_map(|(i, have)| {
+                    let best = winner(i)?;
+                    best.supersedes(have.as_ref()).then_some(best)
+                })
+                .collect();
+            if stale.is_empty() {
+                continue;
+            }
+            let Some(node) = self.node(id) else { continue };
+            let repo = repo.to_string();
+            tracing::info!(origin = %id, %repo, records = stale.len(), "read repair");
+            tokio::spawn(async move {
+                if let Err(e) = node.records_apply(&repo, &stale).await {
+                    tracing::warn!(%repo, error = %e, "read repair failed");
+                }
+            });
+        }
+    }
+}
+
+fn merge_into(merged: &mut [Option<Record>], records: &[Option<Record>]) {
+    for (slot, rec) in merged.iter_mut().zip(records) {
+        if let Some(rec) = rec {
+            if rec.supersedes(slot.as_ref()) {
+                *slot = Some(rec.clone());
+            }
+        }
+    }
+}
+
+/// A stream of a whole local blob file.
+pub async fn open_file(path: &std::path::Path, size: u64) -> Result<ByteStream, NodeError> {
+    let range = ByteRange { start: 0, end: size.saturating_sub(1) };
+    file_range_stream(path, range, size)
+        .await
+        .map_err(|e| NodeError::Storage { node: "local".into(), reason: e.to_string() })
+}

@@ -1,0 +1,305 @@
+//! [`ClusterStore`]: the registry API's storage over the whole cluster. Upload sessions live
+//! on the origin that opened them; a finished blob is copied to the owners of its digest
+//! before the client hears `201 Created`; a repository's links, manifests and tags are
+//! records on the owners of its name. Whichever origin is asked gives the same answer.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use shoal_registry::manifest::ReferrerDescriptor;
+use shoal_registry::range::ByteRange;
+use shoal_registry::store::{NewManifest, Page, Reference, StoredManifest, UploadState};
+use shoal_registry::{ByteStream, Digest, RegistryStore, RepoName, StoreError, Tag};
+
+use crate::cluster::coordinator::{Coordinator, Replication};
+use crate::cluster::local::LocalNode;
+use crate::cluster::metrics::ClusterMetrics;
+use crate::cluster::record::{ManifestValue, Record, RecordKey, RecordKind, RecordValue, VersionClock};
+use crate::cluster::topology::SingleTopology;
+use crate::store::OriginStore;
+
+/// The registry storage of an origin that is part of a cluster (possibly of one).
+#[derive(Clone)]
+pub struct ClusterStore {
+    pub coordinator: Arc<Coordinator>,
+}
+
+impl ClusterStore {
+    pub fn new(coordinator: Arc<Coordinator>) -> ClusterStore {
+        ClusterStore { coordinator }
+    }
+
+    /// A lone origin: a cluster of one, with one copy of everything.
+    pub fn single(store: OriginStore, id: &str) -> Result<ClusterStore, StoreError> {
+        let local = LocalNode::new(id, store);
+        let metrics = ClusterMetrics::unregistered().map_err(|e| StoreError::Internal(e.to_string()))?;
+        Ok(ClusterStore::new(Arc::new(Coordinator {
+            topology: Arc::new(SingleTopology::new(local.clone())),
+            local,
+            clock: VersionClock::new(id),
+            replication: Replication { replicas: 1, write_quorum: 1 },
+            metrics,
+        })))
+    }
+
+    /// This origin's own storage.
+    pub fn local(&self) -> &OriginStore {
+        self.coordinator.local.store()
+    }
+
+    fn c(&self) -> &Coordinator {
+        &self.coordinator
+    }
+
+    fn record(&self, key: RecordKey, value: Option<RecordValue>) -> Record {
+        Record { key, version: self.c().clock.next(), value }
+    }
+
+    /// The live link of `digest` in `repo`.
+    async fn link(&self, repo: &RepoName, digest: &Digest) -> Result<Option<Record>, StoreError> {
+        let found = self.c().read_records(repo.as_str(), &[RecordKey::Link(digest.clone())]).await?;
+        Ok(found.into_iter().next().flatten().filter(Record::is_live))
+    }
+
+    /// The live manifest record of `digest` in `repo`.
+    async fn manifest_record(&self, repo: &RepoName, digest: &Digest) -> Result<Option<Record>, StoreError> {
+        let found = self.c().read_records(repo.as_str(), &[RecordKey::Manifest(digest.clone())]).await?;
+        Ok(found.into_iter().next().flatten().filter(Record::is_live))
+    }
+}
+
+/// Sort, skip to after `last`, and cut a page of `limit` names.
+fn page(mut names: Vec<String>, last: Option<&str>, limit: usize) -> Page {
+    names.sort();
+    names.dedup();
+    let mut items: Vec<String> = names.into_iter().filter(|n| last.is_none_or(|l| n.as_str() > l)).collect();
+    let more = items.len() > limit;
+    items.truncate(limit);
+    Page { items, more }
+}
+
+#[async_trait]
+impl RegistryStore for ClusterStore {
+    async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        Ok(self.link(repo, digest).await?.and_then(|r| r.link_size()))
+    }
+
+    async fn blob_read(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<ByteStream, StoreError> {
+        if self.link(repo, digest).await?.is_none() {
+            return Err(StoreError::BlobUnknown);
+        }
+        if let Some(stream) = self.c().open_blob(digest, range).await? {
+            return Ok(stream);
+        }
+        // A manifest is content too, readable through the blobs endpoint; its bytes live in
+        // the repository's records.
+        if let Some(m) = self.manifest_record(repo, digest).await?.as_ref().and_then(Record::manifest) {
+            let bytes = bytes::Bytes::from(m.bytes.clone().into_bytes());
+            let bytes = match range {
+                Some(r) => {
+                    bytes.slice((r.start as usize).min(bytes.len())..(r.end as usize + 1).min(bytes.len()))
+                }
+                None => bytes,
+            };
+            return Ok(Box::pin(futures_util::stream::once(async move { Ok(bytes) })));
+        }
+        Err(StoreError::Unavailable(format!("no live origin holds a copy of {digest}")))
+    }
+
+    async fn blob_delete(&self, repo: &RepoName, digest: &Digest) -> Result<bool, StoreError> {
+        if self.link(repo, digest).await?.is_none() {
+            return Ok(false);
+        }
+        let tombstone = self.record(RecordKey::Link(digest.clone()), None);
+        self.c().write_records(repo.as_str(), vec![tombstone]).await?;
+        Ok(true)
+    }
+
+    async fn blob_mount(
+        &self,
+        repo: &RepoName,
+        from: &RepoName,
+        digest: &Digest,
+    ) -> Result<bool, StoreError> {
+        let Some(size) = self.link(from, digest).await?.and_then(|r| r.link_size()) else {
+            return Ok(false);
+        };
+        let link = self.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size }));
+        self.c().write_records(repo.as_str(), vec![link]).await?;
+        Ok(true)
+    }
+
+    async fn upload_start(&self, repo: &RepoName) -> Result<UploadState, StoreError> {
+        self.c().local.store().upload_start(repo).await
+    }
+
+    async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<UploadState, StoreError> {
+        self.c().local.store().upload_status(repo, id).await
+    }
+
+    async fn upload_append(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        start: Option<u64>,
+        len: Option<u64>,
+        body: ByteStream,
+    ) -> Result<UploadState, StoreError> {
+        self.c().local.store().upload_append(repo, id, start, len, body).await
+    }
+
+    async fn upload_complete(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError> {
+        let size = self.c().local.store().upload_finish(repo, id, digest).await?;
+        self.c().replicate_blob(digest, size).await?;
+        let link = self.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size }));
+        self.c().write_records(repo.as_str(), vec![link]).await?;
+        Ok(size)
+    }
+
+    async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {
+        self.c().local.store().upload_cancel(repo, id).await
+    }
+
+    async fn manifest_get(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<StoredManifest>, StoreError> {
+        let digest = match reference {
+            Reference::Digest(d) => d.clone(),
+            Reference::Tag(t) => {
+                let found = self.c().read_records(repo.as_str(), &[RecordKey::Tag(t.to_string())]).await?;
+                match found.into_iter().next().flatten().as_ref().and_then(Record::tag_target) {
+                    Some(d) => d.clone(),
+                    None => return Ok(None),
+                }
+            }
+        };
+        let Some(record) = self.manifest_record(repo, &digest).await? else { return Ok(None) };
+        let Some(m) = record.manifest() else { return Ok(None) };
+        Ok(Some(StoredManifest {
+            digest,
+            media_type: m.media_type.clone(),
+            bytes: bytes::Bytes::from(m.bytes.clone().into_bytes()),
+        }))
+    }
+
+    async fn manifest_put(
+        &self,
+        repo: &RepoName,
+        tag: Option<&Tag>,
+        manifest: NewManifest,
+    ) -> Result<(), StoreError> {
+        let NewManifest { digest, bytes, parsed } = manifest;
+        let text = String::from_utf8(bytes.to_vec())
+            .map_err(|_| StoreError::Internal("a parsed manifest is not UTF-8".into()))?;
+        let size = bytes.len() as u64;
+        // Everything it references must be in the repository.
+        let mut keys: Vec<RecordKey> = parsed.blobs.iter().cloned().map(RecordKey::Link).collect();
+        keys.extend(parsed.children.iter().cloned().map(RecordKey::Manifest));
+        let found = self.c().read_records(repo.as_str(), &keys).await?;
+        let mut refreshed = Vec::new();
+        for (key, rec) in keys.iter().zip(&found) {
+            let live = rec.as_ref().filter(|r| r.is_live());
+            match (key, live) {
+                (RecordKey::Link(d), None) | (RecordKey::Manifest(d), None) => {
+                    return Err(StoreError::ManifestBlobUnknown(d.clone()))
+                }
+                // Rewriting the link with a new version tells garbage collection the blob is
+                // in use from now on, even if it runs before this manifest is visible to it.
+                (RecordKey::Link(d), Some(r)) => refreshed.push(self.record(
+                    RecordKey::Link(d.clone()),
+                    Some(RecordValue::Link { size: r.link_size().unwrap_or(0) }),
+                )),
+                _ => {}
+            }
+        }
+        let referrer = parsed.subject.as_ref().map(|_| parsed.referrer_descriptor(&digest, size));
+        let value = ManifestValue {
+            media_type: parsed.media_type.clone(),
+            bytes: text,
+            blobs: parsed.blobs.clone(),
+            children: parsed.children.clone(),
+            subject: parsed.subject.clone(),
+            referrer,
+        };
+        let mut records = refreshed;
+        records.push(
+            self.record(RecordKey::Manifest(digest.clone()), Some(RecordValue::Manifest(Box::new(value)))),
+        );
+        records.push(self.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size })));
+        if let Some(tag) = tag {
+            records.push(self.record(RecordKey::Tag(tag.to_string()), Some(RecordValue::Tag { digest })));
+        }
+        self.c().write_records(repo.as_str(), records).await
+    }
+
+    async fn manifest_delete(&self, repo: &RepoName, reference: &Reference) -> Result<bool, StoreError> {
+        match reference {
+            Reference::Tag(t) => {
+                let key = RecordKey::Tag(t.to_string());
+                let found = self.c().read_records(repo.as_str(), std::slice::from_ref(&key)).await?;
+                if !found.into_iter().next().flatten().is_some_and(|r| r.is_live()) {
+                    return Ok(false);
+                }
+                self.c().write_records(repo.as_str(), vec![self.record(key, None)]).await?;
+                Ok(true)
+            }
+            Reference::Digest(d) => {
+                if self.manifest_record(repo, d).await?.is_none() {
+                    return Ok(false);
+                }
+                let tags =
+                    self.c().scan_records(repo.as_str(), RecordKind::Tag, None).await?.unwrap_or_default();
+                let mut records: Vec<Record> = tags
+                    .into_iter()
+                    .filter(|r| r.tag_target() == Some(d))
+                    .map(|r| self.record(r.key, None))
+                    .collect();
+                records.push(self.record(RecordKey::Manifest(d.clone()), None));
+                records.push(self.record(RecordKey::Link(d.clone()), None));
+                self.c().write_records(repo.as_str(), records).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> Result<Page, StoreError> {
+        let Some(records) = self.c().scan_records(repo.as_str(), RecordKind::Tag, None).await? else {
+            return Err(StoreError::NameUnknown);
+        };
+        let names = records.into_iter().filter(Record::is_live).map(|r| r.key.name()).collect();
+        Ok(page(names, last, limit))
+    }
+
+    async fn repositories(&self, last: Option<&str>, limit: usize) -> Result<Page, StoreError> {
+        let names = self.c().repos(last, limit.saturating_add(1)).await?;
+        Ok(page(names, last, limit))
+    }
+
+    async fn referrers(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Vec<ReferrerDescriptor>, StoreError> {
+        let records = self
+            .c()
+            .scan_records(repo.as_str(), RecordKind::Manifest, Some(digest))
+            .await?
+            .unwrap_or_default();
+        let mut seen = HashSet::new();
+        Ok(records
+            .iter()
+            .filter_map(|r| r.manifest())
+            .filter(|m| m.subject.as_ref() == Some(digest))
+            .filter_map(|m| m.referrer.clone())
+            .filter(|d| seen.insert(d.digest.clone()))
+            .collect())
+    }
+}
