@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod node;
 pub mod placement;
 pub mod record;
+pub mod repair;
 pub mod store;
 pub mod topology;
 

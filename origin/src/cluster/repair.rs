@@ -1,0 +1,315 @@
+//! The repair loop: after a membership change or a write that missed an owner, copy each blob
+//! and each repository's records to their current owners, and only then remove the copies
+//! held by origins that are no longer owners, so the last copy is never dropped. Copies go
+//! through a token bucket so repair does not starve client traffic.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde::Serialize;
+use shoal_p2p::limiter::RateLimiter;
+use shoal_registry::{ByteStream, Digest};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::cluster::coordinator::{open_file, Coordinator};
+use crate::cluster::node::{BlobEntry, Node, NodeError};
+use crate::cluster::record::{Record, RecordKind};
+
+/// Blobs or repositories read from the local store per page.
+const PAGE: usize = 1000;
+/// Queue items handled per queue pass.
+const QUEUE_BATCH: usize = 10_000;
+/// A full pass runs at least this many repair intervals apart when nothing changes.
+const FULL_PASS_EVERY: u32 = 10;
+/// How often the loop looks at the membership generation.
+const TICK: Duration = Duration::from_secs(1);
+/// Admin requests for a pass waiting at once.
+const REQUEST_QUEUE: usize = 8;
+
+/// What one repair pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RepairReport {
+    pub copied_blobs: u64,
+    pub copied_bytes: u64,
+    pub removed_blobs: u64,
+    pub synced_repos: u64,
+    pub removed_repos: u64,
+    pub failures: u64,
+}
+
+/// Asks the repair loop for a full pass now (the admin endpoint, tests).
+#[derive(Clone)]
+pub struct RepairHandle {
+    requests: mpsc::Sender<oneshot::Sender<RepairReport>>,
+}
+
+impl RepairHandle {
+    /// Run a full pass and wait for its report; `None` if the loop has stopped.
+    pub async fn run_now(&self) -> Option<RepairReport> {
+        let (tx, rx) = oneshot::channel();
+        self.requests.send(tx).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+/// The repair worker of one origin.
+pub struct Repairer {
+    coordinator: Arc<Coordinator>,
+    limiter: Arc<RateLimiter>,
+    interval: Duration,
+}
+
+impl Repairer {
+    /// Start the loop; `rate` bytes per second bound what it copies.
+    pub fn start(coordinator: Arc<Coordinator>, rate: u64, interval: Duration) -> RepairHandle {
+        let limiter = Arc::new(RateLimiter::new(Some(rate.max(1)), rate.max(1 << 20)));
+        let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
+        let repairer = Repairer { coordinator, limiter, interval };
+        tokio::spawn(repairer.run(rx));
+        RepairHandle { requests: tx }
+    }
+
+    async fn run(self, mut requests: mpsc::Receiver<oneshot::Sender<RepairReport>>) {
+        let mut seen = self.coordinator.topology.generation();
+        let mut changed_at: Option<Instant> = None;
+        // The first full pass runs soon after startup: this origin may have been down while
+        // the others took writes meant for it, or may hold copies it no longer owns.
+        let mut last_full = Instant::now() - self.interval * FULL_PASS_EVERY + self.interval;
+        let mut last_queue = Instant::now();
+        loop {
+            tokio::select! {
+                request = requests.recv() => {
+                    let Some(reply) = request else { return };
+                    let report = self.full_pass().await;
+                    last_full = Instant::now();
+                    let _ = reply.send(report);
+                }
+                _ = tokio::time::sleep(TICK) => {
+                    let generation = self.coordinator.topology.generation();
+                    if generation != seen {
+                        seen = generation;
+                        changed_at = Some(Instant::now());
+                    }
+                    // Wait for membership to settle for a tick before moving data around.
+                    let settled = changed_at.is_some_and(|t| t.elapsed() >= TICK);
+                    if settled || last_full.elapsed() >= self.interval * FULL_PASS_EVERY {
+                        changed_at = None;
+                        let report = self.full_pass().await;
+                        last_full = Instant::now();
+                        if report != RepairReport::default() {
+                            tracing::info!(?report, "repair pass");
+                        }
+                    } else if last_queue.elapsed() >= self.interval {
+                        let mut report = RepairReport::default();
+                        self.queue_pass(&mut report).await;
+                        last_queue = Instant::now();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Check every blob and repository held here, then the queue.
+    pub async fn full_pass(&self) -> RepairReport {
+        let mut report = RepairReport::default();
+        let local = self.coordinator.local.clone();
+        let mut after: Option<Digest> = None;
+        loop {
+            let page = match local.blob_list(after.as_ref(), PAGE).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "repair could not list blobs");
+                    report.failures += 1;
+                    break;
+                }
+            };
+            for entry in &page {
+                self.reconcile_blob(entry, &mut report).await;
+            }
+            match page.last() {
+                Some(last) if page.len() == PAGE => after = Some(last.digest.clone()),
+                _ => break,
+            }
+        }
+        let mut after: Option<String> = None;
+        loop {
+            let page = match local.repos(after.as_deref(), PAGE).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "repair could not list repositories");
+                    report.failures += 1;
+                    break;
+                }
+            };
+            for repo in &page {
+                self.reconcile_repo(repo, &mut report).await;
+            }
+            match page.last() {
+                Some(last) if page.len() == PAGE => after = Some(last.clone()),
+                _ => break,
+            }
+        }
+        self.queue_pass(&mut report).await;
+        self.coordinator.metrics.repair_passes.inc();
+        report
+    }
+
+    /// Work through the persistent queue; items that still fail stay queued.
+    async fn queue_pass(&self, report: &mut RepairReport) {
+        let store = self.coordinator.local.store().clone();
+        let items = match store.repair_pending(QUEUE_BATCH).await {
+            Ok(items) => items,
+            Err(e) => {
+                tracing::warn!(error = %e, "repair could not read its queue");
+                return;
+            }
+        };
+        for item in items {
+            let before = report.failures;
+            if let Some(digest) = item.strip_prefix("blob:") {
+                if let Ok(digest) = digest.parse::<Digest>() {
+                    match self.coordinator.local.blob_stat(&digest).await {
+                        Ok(Some(size)) => {
+                            let entry = BlobEntry { digest, size, stored_millis: 0 };
+                            self.reconcile_blob(&entry, report).await;
+                        }
+                        Ok(None) => {} // gone (collected): nothing left to place
+                        Err(_) => report.failures += 1,
+                    }
+                }
+            } else if let Some(repo) = item.strip_prefix("repo:") {
+                self.reconcile_repo(repo, report).await;
+            }
+            if report.failures == before {
+                if let Err(e) = store.repair_done(item).await {
+                    tracing::warn!(error = %e, "repair could not update its queue");
+                }
+            }
+        }
+        if let Ok(len) = store.repair_len().await {
+            self.coordinator.metrics.repair_queue_length.set(i64::try_from(len).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Make sure every owner of a blob held here has it; drop the copy here if this origin is
+    /// not an owner and all owners confirmed theirs.
+    async fn reconcile_blob(&self, entry: &BlobEntry, report: &mut RepairReport) {
+        let c = &self.coordinator;
+        let owners = c.owners(&entry.digest.to_string());
+        let mut confirmed = 0;
+        for id in &owners {
+            if id == c.me() {
+                confirmed += 1;
+                continue;
+            }
+            let Some(node) = c.node(id) else {
+                report.failures += 1;
+                continue;
+            };
+            match self.ensure_blob(node.as_ref(), entry).await {
+                Ok(copied) => {
+                    confirmed += 1;
+                    if copied {
+                        report.copied_blobs += 1;
+                        report.copied_bytes += entry.size;
+                        c.metrics.repair_copied_blobs.inc();
+                        c.metrics.repair_copied_bytes.inc_by(entry.size);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(digest = %entry.digest, origin = %id, error = %e, "repair copy failed");
+                    report.failures += 1;
+                    c.metrics.repair_failures.inc();
+                }
+            }
+        }
+        let owner_here = owners.iter().any(|id| id == c.me());
+        if !owner_here && confirmed == owners.len() && !owners.is_empty() {
+            match c.local.blob_remove(&entry.digest).await {
+                Ok(true) => {
+                    report.removed_blobs += 1;
+                    c.metrics.repair_removed_blobs.inc();
+                }
+                Ok(false) => {}
+                Err(_) => report.failures += 1,
+            }
+        }
+    }
+
+    /// Copy the local blob to `node` unless it has it; `true` if bytes were sent.
+    async fn ensure_blob(&self, node: &dyn Node, entry: &BlobEntry) -> Result<bool, NodeError> {
+        if node.blob_stat(&entry.digest).await?.is_some() {
+            return Ok(false);
+        }
+        let path = self.coordinator.local.store().blob_path(&entry.digest);
+        let body = throttled(open_file(&path, entry.size).await?, self.limiter.clone());
+        node.blob_put(&entry.digest, entry.size, body).await?;
+        Ok(true)
+    }
+
+    /// Send this origin's records of `repo` (merged with the owners') to every owner; drop
+    /// them here once the owners have them, if this origin is not an owner.
+    async fn reconcile_repo(&self, repo: &str, report: &mut RepairReport) {
+        let c = &self.coordinator;
+        let mut records: Vec<Record> = Vec::new();
+        for kind in [RecordKind::Link, RecordKind::Manifest, RecordKind::Tag] {
+            match c.local.records_scan(repo, kind, None).await {
+                Ok(Some(found)) => records.extend(found),
+                Ok(None) => {}
+                Err(_) => {
+                    report.failures += 1;
+                    return;
+                }
+            }
+        }
+        let owners = c.owners(repo);
+        let mut confirmed = 0;
+        for id in &owners {
+            if id == c.me() {
+                confirmed += 1;
+                continue;
+            }
+            let Some(node) = c.node(id) else {
+                report.failures += 1;
+                continue;
+            };
+            if records.is_empty() {
+                confirmed += 1;
+                continue;
+            }
+            match node.records_apply(repo, &records).await {
+                Ok(()) => confirmed += 1,
+                Err(e) => {
+                    tracing::warn!(%repo, origin = %id, error = %e, "repair of records failed");
+                    report.failures += 1;
+                    c.metrics.repair_failures.inc();
+                }
+            }
+        }
+        if !records.is_empty() && owners.iter().any(|id| id != c.me()) {
+            report.synced_repos += 1;
+            c.metrics.repair_synced_repos.inc();
+        }
+        let owner_here = owners.iter().any(|id| id == c.me());
+        if !owner_here && confirmed == owners.len() && !owners.is_empty() {
+            match c.local.records_drop(repo).await {
+                Ok(()) => report.removed_repos += 1,
+                Err(_) => report.failures += 1,
+            }
+        }
+    }
+}
+
+/// A stream that waits for the bucket's tokens before each chunk.
+fn throttled(body: ByteStream, limiter: Arc<RateLimiter>) -> ByteStream {
+    Box::pin(body.then(move |chunk| {
+        let limiter = limiter.clone();
+        async move {
+            if let Ok(bytes) = &chunk {
+                limiter.acquire(bytes.len() as u64).await;
+            }
+            chunk
+        }
+    }))
+}
