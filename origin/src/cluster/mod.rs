@@ -4,6 +4,7 @@
 
 pub mod coordinator;
 pub mod local;
+pub mod membership;
 pub mod metrics;
 pub mod node;
 pub mod placement;
