@@ -257,3 +257,38 @@ async fn manifests_tags_and_referrers() {
     let repos = store.repositories(None, 10).await.unwrap();
     assert_eq!(repos.items, vec!["app".to_string()]);
 }
+
+#[tokio::test]
+async fn gc_sweeps_only_unreferenced_blobs_past_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_single(config(dir.path())).await.unwrap();
+    let r = repo("app");
+    let config_d = push(&store, &r, b"{}").await;
+    let (l1, l2, l3) =
+        (push(&store, &r, b"one").await, push(&store, &r, b"two").await, push(&store, &r, b"three").await);
+    let a = new_manifest(manifest_json(&config_d, &l1, None));
+    let b = new_manifest(manifest_json(&config_d, &l3, None));
+    store.manifest_put(&r, Some(&"a".parse().unwrap()), a.clone()).await.unwrap();
+    store.manifest_put(&r, Some(&"b".parse().unwrap()), b.clone()).await.unwrap();
+    assert!(store.manifest_delete(&r, &Reference::Digest(a.digest.clone())).await.unwrap());
+    let c = &store.coordinator;
+
+    // Within the grace period nothing goes, referenced or not.
+    let report = shoal_origin::cluster::gc::collect(c, Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(report.swept_blobs, 0);
+    assert_eq!(report.young_blobs, 2, "{report:?}"); // l1 (no longer referenced) and l2 (never)
+    assert_eq!(blob_files(dir.path()), 4); // config and three layers; manifests are records
+
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let report = shoal_origin::cluster::gc::collect(c, Duration::from_millis(1)).await.unwrap();
+    assert_eq!(report.swept_blobs, 2, "{report:?}");
+    assert_eq!(report.swept_bytes, 6);
+    assert_eq!(blob_files(dir.path()), 2);
+    for gone in [&l1, &l2] {
+        assert_eq!(store.blob_size(&r, gone).await.unwrap(), None, "swept blobs are unlinked");
+    }
+    assert_eq!(read_all(&store, &r, &l3).await, b"three");
+    assert_eq!(read_all(&store, &r, &config_d).await, b"{}");
+    let got = store.manifest_get(&r, &Reference::Tag("b".parse().unwrap())).await.unwrap().unwrap();
+    assert_eq!(got.digest, b.digest);
+}

@@ -3,6 +3,7 @@
 //! one, so there is one code path.
 
 pub mod coordinator;
+pub mod gc;
 pub mod local;
 pub mod membership;
 pub mod metrics;
