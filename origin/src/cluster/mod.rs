@@ -2,9 +2,14 @@
 //! synchronous replication, repair and garbage collection. A single origin is a cluster of
 //! one, so there is one code path.
 
+pub mod internal_api;
 pub mod node;
 pub mod placement;
 pub mod record;
+pub mod remote;
+#[cfg(test)]
+pub(crate) mod testing;
+pub mod wire;
 
 use std::time::Duration;
 
