@@ -4,15 +4,20 @@
 
 pub mod coordinator;
 pub mod gc;
+pub mod internal_api;
 pub mod local;
 pub mod membership;
 pub mod metrics;
 pub mod node;
 pub mod placement;
 pub mod record;
+pub mod remote;
 pub mod repair;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod topology;
+pub mod wire;
 
 use std::time::Duration;
 

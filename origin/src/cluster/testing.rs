@@ -1,0 +1,182 @@
+//! Test support: [`MemNode`], a [`Node`] in memory that verifies content like a real one, and
+//! [`serve`], which puts the internal API over any node on a local port.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use shoal_registry::range::ByteRange;
+use shoal_registry::{ByteStream, Digest};
+
+use crate::cluster::internal_api::router;
+use crate::cluster::node::{BlobEntry, Node, NodeError};
+use crate::cluster::record::{Record, RecordKey, RecordKind};
+use crate::cluster::wire::HealthReply;
+
+/// Builds the error a failing `blob_put` returns, from the node's id.
+type PutFailure = fn(&str) -> NodeError;
+
+#[derive(Default)]
+struct State {
+    blobs: BTreeMap<Digest, (Bytes, u64)>,
+    metainfo: BTreeMap<Digest, Bytes>,
+    repos: BTreeMap<String, BTreeMap<RecordKey, Record>>,
+}
+
+/// A node holding everything in maps; `blob_put` checks size and digest like a real node.
+pub struct MemNode {
+    id: String,
+    state: Mutex<State>,
+    /// When set, every `blob_put` fails with this error (after reading the body).
+    put_failure: Mutex<Option<PutFailure>>,
+}
+
+impl MemNode {
+    pub fn new(id: &str) -> Arc<MemNode> {
+        Arc::new(MemNode {
+            id: id.to_string(),
+            state: Mutex::new(State::default()),
+            put_failure: Mutex::new(None),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap()
+    }
+
+    pub fn set_metainfo(&self, digest: &Digest, json: &[u8]) {
+        self.state().metainfo.insert(digest.clone(), Bytes::copy_from_slice(json));
+    }
+
+    pub fn fail_puts(&self, failure: PutFailure) {
+        *self.put_failure.lock().unwrap() = Some(failure);
+    }
+
+    pub fn blob_count(&self) -> usize {
+        self.state().blobs.len()
+    }
+}
+
+#[async_trait]
+impl Node for MemNode {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    async fn blob_stat(&self, digest: &Digest) -> Result<Option<u64>, NodeError> {
+        Ok(self.state().blobs.get(digest).map(|(b, _)| b.len() as u64))
+    }
+
+    async fn blob_get(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<ByteStream>, NodeError> {
+        let Some((bytes, _)) = self.state().blobs.get(digest).cloned() else { return Ok(None) };
+        let part = match range {
+            Some(r) => bytes.slice(r.start as usize..=r.end as usize),
+            None => bytes,
+        };
+        // Several chunks, so streaming is exercised.
+        let chunks: Vec<Result<Bytes, std::io::Error>> =
+            part.chunks(1000).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        Ok(Some(Box::pin(futures_util::stream::iter(chunks))))
+    }
+
+    async fn blob_put(&self, digest: &Digest, size: u64, mut body: ByteStream) -> Result<(), NodeError> {
+        let mut hasher = digest.algorithm().hasher();
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = body.next().await {
+            let chunk =
+                chunk.map_err(|e| NodeError::Storage { node: self.id.clone(), reason: e.to_string() })?;
+            hasher.update(&chunk);
+            buf.extend_from_slice(&chunk);
+        }
+        if let Some(fail) = *self.put_failure.lock().unwrap() {
+            return Err(fail(&self.id));
+        }
+        if buf.len() as u64 != size || &hasher.finish() != digest {
+            return Err(NodeError::Corrupt(digest.clone()));
+        }
+        self.state().blobs.insert(digest.clone(), (buf.freeze(), 1234));
+        Ok(())
+    }
+
+    async fn blob_remove(&self, digest: &Digest) -> Result<bool, NodeError> {
+        Ok(self.state().blobs.remove(digest).is_some())
+    }
+
+    async fn blob_list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<BlobEntry>, NodeError> {
+        let state = self.state();
+        Ok(state
+            .blobs
+            .iter()
+            .filter(|(d, _)| after.is_none_or(|a| *d > a))
+            .take(limit)
+            .map(|(d, (b, t))| BlobEntry { digest: d.clone(), size: b.len() as u64, stored_millis: *t })
+            .collect())
+    }
+
+    async fn records_get(&self, repo: &str, keys: &[RecordKey]) -> Result<Vec<Option<Record>>, NodeError> {
+        let state = self.state();
+        let records = state.repos.get(repo);
+        Ok(keys.iter().map(|k| records.and_then(|r| r.get(k)).cloned()).collect())
+    }
+
+    async fn records_scan(
+        &self,
+        repo: &str,
+        kind: RecordKind,
+        subject: Option<&Digest>,
+    ) -> Result<Option<Vec<Record>>, NodeError> {
+        let state = self.state();
+        Ok(state.repos.get(repo).map(|records| {
+            records
+                .values()
+                .filter(|r| r.key.kind() == kind)
+                .filter(|r| subject.is_none_or(|s| r.manifest().and_then(|m| m.subject.as_ref()) == Some(s)))
+                .cloned()
+                .collect()
+        }))
+    }
+
+    async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<(), NodeError> {
+        let mut state = self.state();
+        let stored = state.repos.entry(repo.to_string()).or_default();
+        for r in records {
+            if r.supersedes(stored.get(&r.key)) {
+                stored.insert(r.key.clone(), r.clone());
+            }
+        }
+        Ok(())
+    }
+
+    async fn records_drop(&self, repo: &str) -> Result<(), NodeError> {
+        self.state().repos.remove(repo);
+        Ok(())
+    }
+
+    async fn repos(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, NodeError> {
+        let state = self.state();
+        Ok(state.repos.keys().filter(|r| after.is_none_or(|a| r.as_str() > a)).take(limit).cloned().collect())
+    }
+
+    async fn metainfo(&self, digest: &Digest) -> Result<Option<Bytes>, NodeError> {
+        Ok(self.state().metainfo.get(digest).cloned())
+    }
+}
+
+/// Serve the internal API over `node` on a free local port; the server lives until the test's
+/// runtime ends.
+pub async fn serve(node: Arc<dyn Node>, secret: Option<&str>) -> SocketAddr {
+    let id = node.id().to_string();
+    let health = Arc::new(move || HealthReply { id: id.clone(), peer: None });
+    let app = router(node, secret.map(str::to_string), health);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}

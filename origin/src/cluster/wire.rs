@@ -1,0 +1,119 @@
+//! The internal API's contract: paths, query and reply types, and limits. The server
+//! ([`crate::cluster::internal_api`]) and the client ([`crate::cluster::remote`]) both build on
+//! this module, so the two ends cannot drift apart.
+
+use serde::{Deserialize, Serialize};
+use shoal_registry::Digest;
+
+use crate::cluster::record::RecordKind;
+
+/// Every internal route lives under this prefix, so it can never collide with `/v2/`.
+pub const PREFIX: &str = "/shoal/internal/v1";
+/// `GET`: [`HealthReply`].
+pub const HEALTH: &str = "/shoal/internal/v1/health";
+/// `GET ?after=&n=`: the node's blobs, as `[BlobEntry]`.
+pub const BLOBS: &str = "/shoal/internal/v1/blobs";
+/// `HEAD|GET|PUT|DELETE`: one blob (route pattern; see [`blob_path`]).
+pub const BLOB_ROUTE: &str = "/shoal/internal/v1/blobs/{digest}";
+/// `GET`: one blob's metainfo JSON (route pattern; see [`metainfo_path`]).
+pub const METAINFO_ROUTE: &str = "/shoal/internal/v1/blobs/{digest}/metainfo";
+/// `POST ?repo=` with `[RecordKey]`: `[Option<Record>]`.
+pub const RECORDS_GET: &str = "/shoal/internal/v1/records/get";
+/// `GET ?repo=&kind=[&subject=]`: `[Record]`, 404 for an unknown repository.
+pub const RECORDS_SCAN: &str = "/shoal/internal/v1/records/scan";
+/// `POST ?repo=` with `[Record]`: 204.
+pub const RECORDS_APPLY: &str = "/shoal/internal/v1/records/apply";
+/// `DELETE ?repo=`: 204.
+pub const RECORDS: &str = "/shoal/internal/v1/records";
+/// `GET ?after=&n=`: repository names, as `[String]`.
+pub const REPOS: &str = "/shoal/internal/v1/repos";
+
+/// Listing page size when the caller names none.
+pub const DEFAULT_LIST_LIMIT: usize = 1000;
+/// Largest listing page, so one call's answer stays small.
+pub const MAX_LIST_LIMIT: usize = 10_000;
+/// Most record keys one `records/get` call may ask for.
+pub const MAX_RECORD_KEYS: usize = 10_000;
+/// Largest JSON request body (`records/get`, `records/apply`): 64 MiB.
+pub const MAX_RECORDS_BODY: usize = 64 * 1024 * 1024;
+/// Largest JSON answer the client reads (a scan of a repository with many manifests): 256 MiB.
+pub const MAX_JSON_RESPONSE: usize = 256 * 1024 * 1024;
+/// Longest error text the client keeps from a refusal.
+pub const MAX_ERROR_TEXT: usize = 1024;
+
+/// The path of one blob.
+pub fn blob_path(digest: &Digest) -> String {
+    format!("{BLOBS}/{digest}")
+}
+
+/// The path of one blob's metainfo.
+pub fn metainfo_path(digest: &Digest) -> String {
+    format!("{BLOBS}/{digest}/metainfo")
+}
+
+/// What `GET /health` answers; defined beside the membership checks that read it.
+pub use crate::cluster::membership::{HealthReply, PeerIdentity};
+
+/// Query of `GET /blobs`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BlobListQuery {
+    /// List only digests after this one (the previous page's last).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Digest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<usize>,
+}
+
+/// Query of `GET /repos`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RepoListQuery {
+    /// List only names after this one (the previous page's last).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<usize>,
+}
+
+/// Query naming the repository of a records call.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RepoQuery {
+    pub repo: String,
+}
+
+/// Query of `GET /records/scan`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ScanQuery {
+    pub repo: String,
+    pub kind: RecordKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Digest>,
+}
+
+/// The listing page size to use for a requested `n`: the default when absent, capped.
+pub fn list_limit(n: Option<usize>) -> usize {
+    n.unwrap_or(DEFAULT_LIST_LIMIT).min(MAX_LIST_LIMIT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_reply_field_names_are_stable() {
+        let reply = HealthReply {
+            id: "a:1".into(),
+            peer: Some(PeerIdentity { peer_id: "p".into(), addr: "127.0.0.1:7".parse().unwrap() }),
+        };
+        let json = serde_json::to_value(&reply).unwrap();
+        assert_eq!(json, serde_json::json!({"id": "a:1", "peer": {"peer_id": "p", "addr": "127.0.0.1:7"}}));
+        let bare: HealthReply = serde_json::from_str(r#"{"id":"b:2"}"#).unwrap();
+        assert_eq!(bare, HealthReply { id: "b:2".into(), peer: None });
+    }
+
+    #[test]
+    fn limits() {
+        assert_eq!(list_limit(None), DEFAULT_LIST_LIMIT);
+        assert_eq!(list_limit(Some(5)), 5);
+        assert_eq!(list_limit(Some(usize::MAX)), MAX_LIST_LIMIT);
+    }
+}
