@@ -29,6 +29,70 @@ pub struct OriginConfig {
     pub max_manifest_size: ByteSize,
     pub limits: Limits,
     pub auth: AuthConfig,
+    pub cluster: ClusterSection,
+}
+
+/// The `[cluster]` section: the other origins and how data is spread over them.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// Every origin's `host:port` (this one included), `dns+name:port` or
+    /// `srv+_service._tcp.name`. Empty: a lone origin.
+    pub members: Vec<String>,
+    /// This origin's `host:port` as the others reach it; defaults to `listen`.
+    pub advertise: Option<String>,
+    /// Copies of every blob and of every repository's metadata.
+    pub replicas: usize,
+    /// Copies that must be durable before a push is acknowledged; defaults to `replicas`.
+    pub write_quorum: Option<usize>,
+    /// Shared secret of the internal and admin APIs (or `SHOAL_CLUSTER_SECRET`).
+    pub secret: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub health_timeout: Duration,
+    /// Failed checks in a row before an origin counts as down.
+    pub health_fails: u32,
+    /// Passed checks in a row before it counts as up again.
+    pub health_passes: u32,
+    #[serde(with = "humantime_serde")]
+    pub dns_refresh: Duration,
+    /// Timeout of internal calls that move no bulk data.
+    #[serde(with = "humantime_serde")]
+    pub call_timeout: Duration,
+    /// How often the repair queue is worked (a full pass every ten).
+    #[serde(with = "humantime_serde")]
+    pub repair_interval: Duration,
+    /// Bytes per second repair may copy.
+    pub repair_rate: ByteSize,
+    /// Unreferenced blobs younger than this survive garbage collection.
+    #[serde(with = "humantime_serde")]
+    pub gc_grace: Duration,
+    /// Run garbage collection this often; unset: only when asked (`POST /shoal/v1/admin/gc`).
+    #[serde(default, with = "humantime_serde")]
+    pub gc_interval: Option<Duration>,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            members: Vec::new(),
+            advertise: None,
+            replicas: 2,
+            write_quorum: None,
+            secret: None,
+            health_interval: Duration::from_secs(1),
+            health_timeout: Duration::from_secs(1),
+            health_fails: 3,
+            health_passes: 2,
+            dns_refresh: Duration::from_secs(30),
+            call_timeout: Duration::from_secs(5),
+            repair_interval: Duration::from_secs(30),
+            repair_rate: ByteSize::mib(200),
+            gc_grace: Duration::from_secs(60 * 60),
+            gc_interval: None,
+        }
+    }
 }
 
 /// The `[limits]` section.
@@ -66,6 +130,7 @@ impl Default for OriginConfig {
             max_manifest_size: ByteSize::b(shoal_registry::manifest::DEFAULT_MAX_MANIFEST_SIZE),
             limits: Limits::default(),
             auth: AuthConfig::default(),
+            cluster: ClusterSection::default(),
         }
     }
 }
@@ -78,6 +143,47 @@ pub fn load_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) 
 }
 
 impl OriginConfig {
+    /// The cluster settings, checked: a cluster of more than one needs a secret, and this
+    /// origin needs an address the others can reach.
+    pub fn cluster(&self) -> anyhow::Result<shoal_origin::cluster::ClusterConfig> {
+        let c = &self.cluster;
+        let advertise = match &c.advertise {
+            Some(a) => a.clone(),
+            None if self.listen.ip().is_unspecified() && !c.members.is_empty() => {
+                anyhow::bail!("cluster.advertise (--advertise) is required when listening on {}", self.listen)
+            }
+            None => self.listen.to_string(),
+        };
+        let members = if c.members.is_empty() { vec![advertise.clone()] } else { c.members.clone() };
+        let secret = c.secret.clone().filter(|s| !s.is_empty());
+        if members.len() > 1 && secret.is_none() {
+            anyhow::bail!(
+                "a cluster of origins needs a shared secret: set SHOAL_CLUSTER_SECRET or cluster.secret"
+            );
+        }
+        let replicas = c.replicas.max(1);
+        let write_quorum = c.write_quorum.unwrap_or(replicas);
+        if write_quorum == 0 || write_quorum > replicas {
+            anyhow::bail!("cluster.write_quorum must be between 1 and replicas ({replicas})");
+        }
+        Ok(shoal_origin::cluster::ClusterConfig {
+            advertise,
+            members,
+            replicas,
+            write_quorum,
+            secret,
+            health_interval: c.health_interval,
+            health_timeout: c.health_timeout,
+            health_fails: c.health_fails,
+            health_passes: c.health_passes,
+            dns_refresh: c.dns_refresh,
+            call_timeout: c.call_timeout,
+            repair_interval: c.repair_interval,
+            repair_rate: c.repair_rate.as_u64(),
+            gc_grace: c.gc_grace,
+        })
+    }
+
     /// The registry API settings derived from this config.
     pub fn api(&self) -> shoal_registry::ApiConfig {
         shoal_registry::ApiConfig {

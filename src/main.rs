@@ -5,6 +5,7 @@ mod agent;
 mod config;
 mod http;
 mod origin;
+mod origin_admin;
 mod peer_addr;
 mod preheat;
 mod tracker;

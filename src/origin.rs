@@ -1,4 +1,5 @@
-//! `shoal origin`: the registry CI pushes to, over durable local storage.
+//! `shoal origin`: the registry CI pushes to: durable local storage, joined with the other
+//! origins into one registry.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,7 +12,16 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus::IntGauge;
+use shoal_origin::cluster::coordinator::{Coordinator, Replication};
+use shoal_origin::cluster::internal_api;
+use shoal_origin::cluster::local::LocalNode;
+use shoal_origin::cluster::membership::{HealthReply, Membership, PeerIdentity};
+use shoal_origin::cluster::metrics::ClusterMetrics;
+use shoal_origin::cluster::node::Node;
+use shoal_origin::cluster::record::VersionClock;
+use shoal_origin::cluster::repair::Repairer;
 use shoal_origin::cluster::store::ClusterStore;
+use shoal_origin::cluster::topology::MemberTopology;
 use shoal_origin::{OriginStore, StoreConfig};
 use shoal_p2p::server::PeerServer;
 use shoal_p2p::tracker_client::{Locations, Seeder};
@@ -39,6 +49,19 @@ pub struct OriginArgs {
     /// Directory for blobs, uploads and metadata [default: shoal-data/origin]
     #[arg(long, env = "SHOAL_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Every origin of the cluster, this one included: host:port, dns+name:port or
+    /// srv+_service._tcp.name, comma separated
+    #[arg(long, env = "SHOAL_CLUSTER", value_delimiter = ',')]
+    pub cluster: Option<Vec<String>>,
+    /// Copies of every blob and repository [default: 2]
+    #[arg(long, env = "SHOAL_REPLICAS")]
+    pub replicas: Option<usize>,
+    /// This origin's host:port as the other origins reach it [default: --listen]
+    #[arg(long, env = "SHOAL_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Shared secret of the internal and admin APIs
+    #[arg(long = "cluster-secret", env = "SHOAL_CLUSTER_SECRET", hide_env_values = true, hide = true)]
+    pub cluster_secret: Option<String>,
     /// TOML config file (see docs/configuration.md)
     #[arg(long, env = "SHOAL_CONFIG")]
     pub config: Option<PathBuf>,
@@ -60,12 +83,26 @@ impl OriginArgs {
         if let Some(dir) = &self.data_dir {
             config.data_dir = dir.clone();
         }
+        if let Some(members) = &self.cluster {
+            config.cluster.members =
+                members.iter().map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect();
+        }
+        if let Some(r) = self.replicas {
+            config.cluster.replicas = r;
+        }
+        if let Some(a) = &self.advertise {
+            config.cluster.advertise = Some(a.clone());
+        }
+        if let Some(secret) = &self.cluster_secret {
+            config.cluster.secret = Some(secret.clone());
+        }
         Ok(config)
     }
 }
 
-/// Open the origin's storage, start seeding, and bind its HTTP server.
+/// Open the origin's storage, join the cluster, start seeding, and bind its HTTP server.
 pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
+    let cluster = config.cluster()?;
     let store = OriginStore::open(StoreConfig {
         data_dir: config.data_dir.clone(),
         upload_idle_timeout: config.upload_idle_timeout,
@@ -73,26 +110,102 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
     .await
     .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
     let metrics = HttpMetrics::new("origin")?;
-    let stored = IntGauge::new("shoal_origin_storage_bytes", "Bytes of blob content stored")?;
-    metrics.registry.register(Box::new(stored.clone()))?;
-    tokio::spawn({
-        let store = store.clone();
-        async move {
-            loop {
-                stored.set(i64::try_from(store.stored_bytes()).unwrap_or(i64::MAX));
-                tokio::time::sleep(GAUGE_PERIOD).await;
-            }
-        }
-    });
     let seeder = match config.peer_listen {
         Some(addr) => Some(start_seeding(&store, addr, config.peer_advertise, &metrics).await?),
         None => None,
     };
-    let registry = ClusterStore::single(store.clone(), &config.listen.to_string())?;
-    let api = shoal_registry::router(Arc::new(registry), config.api()).merge(seeding_routes(store, seeder));
+    let self_peer = seeder.map(|s| PeerIdentity { peer_id: s.peer_id.to_string(), addr: s.advertise });
+    let http = reqwest::Client::builder()
+        .timeout(cluster.health_timeout)
+        .connect_timeout(cluster.health_timeout)
+        .build()?;
+    let membership = Membership::start(cluster.clone(), self_peer.clone(), http).await?;
+    let me = membership.me().to_string();
+    let local = LocalNode::new(me.clone(), store.clone());
+    let topology =
+        MemberTopology::new(membership.clone(), local.clone(), cluster.secret.clone(), cluster.call_timeout);
+    let coordinator = Arc::new(Coordinator {
+        topology: Arc::new(topology),
+        local: local.clone(),
+        clock: VersionClock::new(me.clone()),
+        replication: Replication { replicas: cluster.replicas, write_quorum: cluster.write_quorum },
+        metrics: ClusterMetrics::new(&metrics.registry)?,
+    });
+    spawn_gauges(&store, &membership, &coordinator, &metrics)?;
+    let repair = Repairer::start(coordinator.clone(), cluster.repair_rate, cluster.repair_interval);
+    if let Some(every) = config.cluster.gc_interval {
+        spawn_periodic_gc(coordinator.clone(), cluster.gc_grace, every);
+    }
+    let registry = ClusterStore::new(coordinator.clone());
+    let mut api = shoal_registry::router(Arc::new(registry), config.api()).merge(seeding_routes(
+        coordinator.clone(),
+        membership.clone(),
+        seeder,
+    ));
+    match &cluster.secret {
+        Some(secret) => {
+            let health = {
+                let (me, peer) = (me.clone(), self_peer.clone());
+                Arc::new(move || HealthReply { id: me.clone(), peer: peer.clone() })
+            };
+            api = api.merge(internal_api::router(local.clone(), Some(secret.clone()), health)).merge(
+                crate::origin_admin::routes(crate::origin_admin::Admin {
+                    coordinator: coordinator.clone(),
+                    membership: membership.clone(),
+                    repair,
+                    secret: secret.clone(),
+                    gc_grace: cluster.gc_grace,
+                }),
+            );
+        }
+        None => tracing::info!("no cluster secret: internal and admin APIs disabled (a lone origin)"),
+    }
     let server = BoundServer::bind(config.listen, with_basics(api, metrics)).await?;
-    tracing::info!(listen = %server.local_addr()?, data_dir = %config.data_dir.display(), "origin ready");
+    tracing::info!(
+        listen = %server.local_addr()?,
+        id = %me,
+        members = cluster.members.len(),
+        replicas = cluster.replicas,
+        data_dir = %config.data_dir.display(),
+        "origin ready"
+    );
     Ok(server)
+}
+
+/// Refresh the storage and membership gauges; ends when the store closes.
+fn spawn_gauges(
+    store: &OriginStore,
+    membership: &Arc<Membership>,
+    coordinator: &Arc<Coordinator>,
+    metrics: &HttpMetrics,
+) -> anyhow::Result<()> {
+    let stored = IntGauge::new("shoal_origin_storage_bytes", "Bytes of blob content stored")?;
+    metrics.registry.register(Box::new(stored.clone()))?;
+    let store = store.downgrade();
+    let membership = Arc::downgrade(membership);
+    let live = coordinator.metrics.live_members.clone();
+    tokio::spawn(async move {
+        loop {
+            let (Some(store), Some(membership)) = (store.upgrade(), membership.upgrade()) else { return };
+            stored.set(i64::try_from(store.stored_bytes()).unwrap_or(i64::MAX));
+            live.set(i64::try_from(membership.live_count()).unwrap_or(i64::MAX));
+            drop((store, membership));
+            tokio::time::sleep(GAUGE_PERIOD).await;
+        }
+    });
+    Ok(())
+}
+
+/// Collect garbage every `every`; a failed run is logged and retried next time.
+fn spawn_periodic_gc(coordinator: Arc<Coordinator>, grace: Duration, every: Duration) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = shoal_origin::cluster::gc::collect(&coordinator, grace).await {
+                tracing::warn!(error = %e, "periodic garbage collection failed");
+            }
+        }
+    });
 }
 
 /// The origin's identity in the swarm.
@@ -131,36 +244,67 @@ async fn start_seeding(
 
 #[derive(Clone)]
 struct SeedingState {
-    store: OriginStore,
+    coordinator: Arc<Coordinator>,
+    membership: Arc<Membership>,
     seeder: Option<SeederIdentity>,
 }
 
 /// `/shoal/v1/blobs/<digest>/{metainfo,locations}`: what trackers and agents ask an origin.
-fn seeding_routes(store: OriginStore, seeder: Option<SeederIdentity>) -> axum::Router {
+fn seeding_routes(
+    coordinator: Arc<Coordinator>,
+    membership: Arc<Membership>,
+    seeder: Option<SeederIdentity>,
+) -> axum::Router {
     axum::Router::new()
         .route("/shoal/v1/blobs/{digest}/metainfo", get(metainfo))
         .route("/shoal/v1/blobs/{digest}/locations", get(locations))
-        .with_state(SeedingState { store, seeder })
+        .with_state(SeedingState { coordinator, membership, seeder })
 }
 
+/// The metainfo from this origin's copy, or from an owner's.
 async fn metainfo(State(s): State<SeedingState>, Path(digest): Path<String>) -> Response {
     let Ok(digest) = digest.parse::<Digest>() else {
         return (StatusCode::BAD_REQUEST, "invalid digest").into_response();
     };
-    match s.store.metainfo(&digest).await {
-        Ok(Some(m)) => axum::Json(&*m).into_response(),
-        Ok(None) => (StatusCode::NOT_FOUND, "blob unknown").into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    let c = &s.coordinator;
+    let mut last_error = None;
+    let mut candidates = vec![c.me().to_string()];
+    candidates.extend(c.ranked(&digest.to_string()).into_iter().filter(|id| id != c.me()));
+    for id in candidates {
+        let Some(node) = c.node(&id) else { continue };
+        match node.metainfo(&digest).await {
+            Ok(Some(json)) => {
+                return ([(axum::http::header::CONTENT_TYPE, "application/json")], json).into_response()
+            }
+            Ok(None) => {}
+            Err(e) => last_error = Some(e.to_string()),
+        }
+    }
+    match last_error {
+        Some(e) => (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
+        None => (StatusCode::NOT_FOUND, "blob unknown").into_response(),
     }
 }
 
+/// The peer listeners of the live owners of a blob (and of this origin if it holds a copy):
+/// the seeders a tracker hands out.
 async fn locations(State(s): State<SeedingState>, Path(digest): Path<String>) -> Response {
     let Ok(digest) = digest.parse::<Digest>() else {
         return (StatusCode::BAD_REQUEST, "invalid digest").into_response();
     };
+    let c = &s.coordinator;
     let mut found = Locations::default();
-    if let (Some(seeder), Ok(true)) = (s.seeder, s.store.has_blob(&digest).await) {
+    let here = matches!(c.local.blob_stat(&digest).await, Ok(Some(_)));
+    if let (Some(seeder), true) = (s.seeder, here) {
         found.seeders.push(Seeder { peer_id: seeder.peer_id.to_string(), addr: seeder.advertise });
+    }
+    for id in c.owners(&digest.to_string()) {
+        if id == c.me() {
+            continue;
+        }
+        if let Some(peer) = s.membership.peer(&id) {
+            found.seeders.push(Seeder { peer_id: peer.peer_id, addr: peer.addr });
+        }
     }
     axum::Json(found).into_response()
 }

@@ -41,6 +41,15 @@ pub struct OriginStore {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// An [`OriginStore`] that may have closed.
+pub struct WeakOriginStore(Weak<Inner>);
+
+impl WeakOriginStore {
+    pub fn upgrade(&self) -> Option<OriginStore> {
+        self.0.upgrade().map(|inner| OriginStore { inner })
+    }
+}
+
 /// Run blocking work (redb, file system) off the async runtime.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
@@ -65,6 +74,11 @@ impl OriginStore {
         let inner = Arc::new(Inner { layout, meta, sessions, blob_bytes, config });
         tokio::spawn(expire_sessions(Arc::downgrade(&inner)));
         Ok(OriginStore { inner })
+    }
+
+    /// A handle that does not keep the store open (for background gauges).
+    pub fn downgrade(&self) -> WeakOriginStore {
+        WeakOriginStore(Arc::downgrade(&self.inner))
     }
 
     /// Bytes of blob content stored, for the storage metric.

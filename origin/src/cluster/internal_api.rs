@@ -44,9 +44,8 @@ pub type HealthFn = Arc<dyn Fn() -> HealthReply + Send + Sync>;
 /// `Authorization: Bearer <secret>`. Without one, **every caller is trusted**: only for a
 /// single origin, or an internal listener no untrusted client can reach.
 pub fn router(node: Arc<dyn Node>, secret: Option<String>, health: HealthFn) -> Router {
-    let auth = Arc::new(Auth { secret: secret.map(|s| Sha256::digest(s.as_bytes()).into()) });
     let state = ApiState { node, health };
-    Router::new()
+    let routes = Router::new()
         .route(HEALTH, get(health_reply))
         .route(BLOBS, get(blob_list))
         .route(BLOB_ROUTE, get(blob_get).put(blob_put).delete(blob_remove))
@@ -56,8 +55,15 @@ pub fn router(node: Arc<dyn Node>, secret: Option<String>, health: HealthFn) -> 
         .route(RECORDS_APPLY, post(records_apply))
         .route(RECORDS, delete(records_drop))
         .route(REPOS, get(repos))
-        .with_state(state)
-        .layer(middleware::from_fn_with_state(auth, authenticate))
+        .with_state(state);
+    guard(routes, secret)
+}
+
+/// Require `Authorization: Bearer <secret>` on every route of `routes` (the internal API,
+/// the admin API); without a secret, every caller is trusted.
+pub fn guard(routes: Router, secret: Option<String>) -> Router {
+    let auth = Arc::new(Auth { secret: secret.map(|s| Sha256::digest(s.as_bytes()).into()) });
+    routes.layer(middleware::from_fn_with_state(auth, authenticate))
 }
 
 #[derive(Clone)]

@@ -197,6 +197,10 @@ impl Repairer {
     async fn reconcile_blob(&self, entry: &BlobEntry, report: &mut RepairReport) {
         let c = &self.coordinator;
         let owners = c.owners(&entry.digest.to_string());
+        let owner_here = owners.iter().any(|id| id == c.me());
+        // Find out who has it first: a copy held by a non-owner is sent only when no owner has
+        // one, so that an owner (which repairs too) and a former owner do not both send it.
+        let mut missing = Vec::new();
         let mut confirmed = 0;
         for id in &owners {
             if id == c.me() {
@@ -207,6 +211,20 @@ impl Repairer {
                 report.failures += 1;
                 continue;
             };
+            match node.blob_stat(&entry.digest).await {
+                Ok(Some(_)) => confirmed += 1,
+                Ok(None) => missing.push(node),
+                Err(e) => {
+                    tracing::warn!(digest = %entry.digest, origin = %id, error = %e, "repair check failed");
+                    report.failures += 1;
+                }
+            }
+        }
+        if !owner_here && confirmed > 0 {
+            missing.clear();
+        }
+        for node in missing {
+            let id = node.id().to_string();
             match self.ensure_blob(node.as_ref(), entry).await {
                 Ok(copied) => {
                     confirmed += 1;
@@ -224,7 +242,6 @@ impl Repairer {
                 }
             }
         }
-        let owner_here = owners.iter().any(|id| id == c.me());
         if !owner_here && confirmed == owners.len() && !owners.is_empty() {
             match c.local.blob_remove(&entry.digest).await {
                 Ok(true) => {

@@ -46,3 +46,64 @@ impl Topology for SingleTopology {
         0
     }
 }
+
+/// The cluster as membership sees it: live origins from health checks, each reached over the
+/// internal API through a client created on first use.
+pub struct MemberTopology {
+    membership: Arc<crate::cluster::membership::Membership>,
+    local: Arc<dyn Node>,
+    secret: Option<String>,
+    call_timeout: std::time::Duration,
+    remotes: std::sync::Mutex<std::collections::HashMap<String, Arc<dyn Node>>>,
+}
+
+impl MemberTopology {
+    pub fn new(
+        membership: Arc<crate::cluster::membership::Membership>,
+        local: Arc<dyn Node>,
+        secret: Option<String>,
+        call_timeout: std::time::Duration,
+    ) -> MemberTopology {
+        MemberTopology { membership, local, secret, call_timeout, remotes: Default::default() }
+    }
+
+    pub fn membership(&self) -> &Arc<crate::cluster::membership::Membership> {
+        &self.membership
+    }
+}
+
+impl Topology for MemberTopology {
+    fn me(&self) -> &str {
+        self.membership.me()
+    }
+
+    fn live(&self) -> Vec<String> {
+        self.membership.live()
+    }
+
+    fn node(&self, id: &str) -> Option<Arc<dyn Node>> {
+        if id == self.me() {
+            return Some(self.local.clone());
+        }
+        let url = self.membership.url(id)?;
+        let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(node) = remotes.get(id) {
+            return Some(node.clone());
+        }
+        let node = crate::cluster::remote::RemoteNode::new(
+            id.to_string(),
+            url,
+            self.secret.clone(),
+            self.call_timeout,
+        )
+        .map_err(|e| tracing::warn!(origin = %id, error = %e, "cannot build a client"))
+        .ok()?;
+        let node: Arc<dyn Node> = Arc::new(node);
+        remotes.insert(id.to_string(), node.clone());
+        Some(node)
+    }
+
+    fn generation(&self) -> u64 {
+        *self.membership.changes().borrow()
+    }
+}
