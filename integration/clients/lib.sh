@@ -503,3 +503,103 @@ server = "http://127.0.0.1:9"
   capabilities = ["pull", "resolve"]
 EOF
 }
+
+# ---------------------------------------------------------------------------------------
+# an origin cluster: N `shoal origin`s that place every blob and repository on R of them
+#
+# Every origin's id is its --listen address as written in --cluster, so all addresses are
+# fixed before the first one starts. The shared secret is exported as SHOAL_CLUSTER_SECRET
+# (random per script). Config: a [cluster] section with fast health checks (a dead origin is
+# noticed in ~0.4 s), plus the lines in ORIGIN_CLUSTER_TOML (a key given there replaces the
+# default one).
+
+# origin_cluster_config FILE: write the config every cluster origin of this script uses.
+origin_cluster_config() {
+  local file=$1 key
+  local -A defaults=([health_interval]='"200ms"' [health_fails]=2 [health_passes]=1 [repair_interval]='"1s"')
+  {
+    echo "[cluster]"
+    for key in "${!defaults[@]}"; do
+      grep -qE "^[[:space:]]*${key}[[:space:]]*=" <<<"${ORIGIN_CLUSTER_TOML:-}" || echo "$key = ${defaults[$key]}"
+    done
+    [[ -z ${ORIGIN_CLUSTER_TOML:-} ]] || printf '%s\n' "$ORIGIN_CLUSTER_TOML"
+  } >"$file"
+}
+
+# start_origin_cluster N [R] [RUNNING]: N origins on free 127.0.0.1 ports, all listed in each
+# one's --cluster, --replicas R (default 2); only the first RUNNING (default N) are started
+# (the others are down for the rest until `start_cluster_origin I`). Data under $T/oc/I, or
+# $OC_DATA_BASE/I when that is set (benchmarks keep data off /tmp).
+# Sets OC_N OC_R OC_LIST OC_IDS[] OC_URLS[] OC_DATAS[] OC_PIDS[] OC_LOGS[]; REG/REG_URL point
+# at origin 0 so the registry helpers push there.
+start_origin_cluster() {
+  local n=$1 running=${3:-$1} i port
+  OC_N=$n OC_R=${2:-2}
+  SHOAL_CLUSTER_SECRET=it-secret-$RANDOM$RANDOM$RANDOM
+  export SHOAL_CLUSTER_SECRET
+  OC_IDS=() OC_URLS=() OC_DATAS=() OC_PIDS=() OC_LOGS=()
+  for ((i = 0; i < n; i++)); do
+    port=$(free_port)
+    while [[ " ${OC_IDS[*]} " == *" 127.0.0.1:$port "* ]]; do port=$(free_port); done
+    OC_IDS[i]=127.0.0.1:$port
+    OC_URLS[i]=http://127.0.0.1:$port
+    OC_DATAS[i]=${OC_DATA_BASE:-$T/oc}/$i
+  done
+  OC_LIST=$(IFS=,; echo "${OC_IDS[*]}")
+  mkdir -p "$T/oc"
+  origin_cluster_config "$T/oc/config.toml"
+  for ((i = 0; i < running; i++)); do _spawn_cluster_origin "$i"; done
+  for ((i = 0; i < running; i++)); do _wait_cluster_origin "$i"; done
+  wait_cluster_up "$running"
+  REG=${OC_IDS[0]} REG_URL=${OC_URLS[0]} REG_PID=${OC_PIDS[0]} REG_LOG=${OC_LOGS[0]} REG_KIND=shoal
+}
+
+_spawn_cluster_origin() {
+  local i=$1 id=${OC_IDS[$1]}
+  mkdir -p "${OC_DATAS[i]}"
+  OC_LOGS[i]=$T/oc/origin$i-$((${#_LOGS[@]})).log # a new log per start: restarts keep the old one
+  shoal_bg "origin$i-${id##*:}" "${OC_LOGS[i]}" origin --listen "$id" --peer-listen 127.0.0.1:0 \
+    --data-dir "${OC_DATAS[i]}" --config "$T/oc/config.toml" --cluster "$OC_LIST" --replicas "$OC_R"
+  OC_PIDS[i]=$BG_PID
+}
+
+_wait_cluster_origin() {
+  local i=$1
+  wait_ready 30 "${OC_PIDS[i]}" "cluster origin $i on ${OC_IDS[i]}" is_200 "${OC_URLS[i]}/healthz" ||
+    die "$WAIT_ERR (log: ${OC_LOGS[i]})"
+  log "cluster origin $i on ${OC_IDS[i]} (pid ${OC_PIDS[i]}, data ${OC_DATAS[i]}, log ${OC_LOGS[i]})"
+}
+
+# start_cluster_origin I: start (again) origin I of the cluster on its address, data and config.
+start_cluster_origin() {
+  _spawn_cluster_origin "$1"
+  _wait_cluster_origin "$1"
+}
+
+# oc_admin METHOD URL PATH: an admin API call (/shoal/v1/admin/PATH) with the bearer secret;
+# prints the JSON answer, fails on a non-2xx status.
+oc_admin() {
+  curl -sSf --max-time 600 -X "$1" -H "Authorization: Bearer $SHOAL_CLUSTER_SECRET" "$2/shoal/v1/admin/$3"
+}
+
+# oc_up_count URL: how many members origin URL sees up.
+oc_up_count() { oc_admin GET "$1" members | jq '[.[] | select(.up)] | length'; }
+
+# wait_cluster_up COUNT: every running origin of the cluster sees COUNT members up.
+wait_cluster_up() {
+  local want=$1 i
+  for ((i = 0; i < OC_N; i++)); do
+    if [[ -z ${OC_PIDS[i]:-} ]] || ! alive "${OC_PIDS[i]}"; then continue; fi
+    wait_until 30 "origin $i to see $want members up" _sees_up "${OC_URLS[i]}" "$want"
+  done
+}
+_sees_up() { [[ $(oc_up_count "$1") == "$2" ]]; }
+
+# oc_blob_copies DIGEST: how many cluster origins hold the blob as a file.
+oc_blob_copies() {
+  local hex=${1#sha256:} i n=0
+  for ((i = 0; i < OC_N; i++)); do
+    [[ -f ${OC_DATAS[i]}/blobs/sha256/${hex:0:2}/$hex ]] && n=$((n + 1))
+  done
+  echo "$n"
+}

@@ -3,6 +3,7 @@
 #   integration/clients/run.sh                 # all test_*.sh against shoal
 #   SHOAL_UNDER_TEST=docker-registry integration/clients/run.sh
 #   integration/clients/run.sh docker skopeo   # a subset, by name
+#   integration/clients/run.sh cluster_skopeo cluster_partition   # the origin cluster tests
 # Each test's output goes to a log; logs are kept (and their directory printed) only if
 # something failed. Exits non-zero if any test failed.
 set -euo pipefail
@@ -30,8 +31,8 @@ failed=0
 for t in "${tests[@]}"; do
   name=$(basename "$t" .sh)
   name=${name#test_}
-  [[ -x $t ]] || { results+=("$(printf '%-12s MISSING  %s' "$name" "$t")"); failed=$((failed + 1)); continue; }
-  printf '%-12s ... ' "$name"
+  [[ -x $t ]] || { results+=("$(printf '%-18s MISSING  %s' "$name" "$t")"); failed=$((failed + 1)); continue; }
+  printf '%-18s ... ' "$name"
   start=$SECONDS
   if "$t" >"$logs/$name.log" 2>&1; then
     status=PASS
@@ -45,7 +46,7 @@ for t in "${tests[@]}"; do
     # CI keeps only what is printed: show the end of the log, not just the verdict.
     tail -n 60 "$logs/$name.log" | sed 's/^/    /'
   fi
-  results+=("$(printf '%-12s %-5s %4ss' "$name" "$status" "$secs")")
+  results+=("$(printf '%-18s %-5s %4ss' "$name" "$status" "$secs")")
 done
 
 echo

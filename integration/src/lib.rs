@@ -7,6 +7,9 @@
 //! - [`cluster`]: an origin, a tracker and N agents on loopback for the swarm
 //!   tests: kill and restart processes, push random blobs, pull them through
 //!   agents (hashed while streamed) and read Prometheus metrics.
+//! - [`origins`]: an origin cluster (N `shoal origin` processes that replicate to each
+//!   other): crash, stop, restart, admin repair and GC, where each blob is on disk, and
+//!   fallible image push/pull helpers for tests that restart origins under load.
 //! - [`api`]: a thin HTTP client with the OCI flows the tests repeat (start an
 //!   upload, push a blob, push a manifest) and [`api::Reply`], a fully read
 //!   response with assertion helpers for statuses, headers and spec error bodies.
@@ -22,6 +25,7 @@ pub mod cluster;
 pub mod content;
 pub mod oci;
 pub mod origin;
+pub mod origins;
 pub mod raw;
 
 pub use api::{Client, Reply, SendExt};
