@@ -161,8 +161,10 @@ impl OriginConfig {
                 "a cluster of origins needs a shared secret: set SHOAL_CLUSTER_SECRET or cluster.secret"
             );
         }
-        let replicas = c.replicas.max(1);
-        let write_quorum = c.write_quorum.unwrap_or(replicas);
+        // A lone origin keeps one copy; asking for more could never succeed.
+        let lone = members.len() == 1 && !members[0].contains('+');
+        let replicas = if lone { 1 } else { c.replicas.max(1) };
+        let write_quorum = if lone { 1 } else { c.write_quorum.unwrap_or(replicas) };
         if write_quorum == 0 || write_quorum > replicas {
             anyhow::bail!("cluster.write_quorum must be between 1 and replicas ({replicas})");
         }
