@@ -6,6 +6,7 @@ mod config;
 mod http;
 mod origin;
 mod origin_admin;
+mod origin_forward;
 mod peer_addr;
 mod preheat;
 mod tracker;

@@ -137,11 +137,10 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         spawn_periodic_gc(coordinator.clone(), cluster.gc_grace, every);
     }
     let registry = ClusterStore::new(coordinator.clone());
-    let mut api = shoal_registry::router(Arc::new(registry), config.api()).merge(seeding_routes(
-        coordinator.clone(),
-        membership.clone(),
-        seeder,
-    ));
+    let forwarder = crate::origin_forward::Forwarder::new(membership.clone(), cluster.call_timeout)?;
+    let mut api = shoal_registry::router(Arc::new(registry), config.api())
+        .layer(axum::middleware::from_fn_with_state(forwarder, crate::origin_forward::forward_uploads))
+        .merge(seeding_routes(coordinator.clone(), membership.clone(), seeder));
     match &cluster.secret {
         Some(secret) => {
             let health = {

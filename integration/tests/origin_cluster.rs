@@ -577,3 +577,34 @@ async fn internal_api_refuses_bad_input() {
     let through_v2 = cluster.authed(0, Method::GET, &format!("/v2{INTERNAL_PREFIX}/health")).reply().await;
     assert_ne!(through_v2.status, StatusCode::OK, "{}", through_v2.describe());
 }
+
+/// A chunked upload whose requests reach a different origin each time, as behind a load
+/// balancer without session affinity: POST through origin 0, PATCH through 1 and 2, status
+/// through 1, PUT through 2. The session's id names its home origin, and the others forward
+/// to it; the blob ends up on its two owners and every origin serves it.
+#[tokio::test(flavor = "multi_thread")]
+async fn upload_session_spans_origins() {
+    skip_if_external!(SKIP);
+    let cluster = OriginCluster::start_n(3).await;
+    let all = [0, 1, 2];
+    let repo = unique_repo("spread");
+    let data = random_bytes(3 * MIB + 123);
+    let digest = sha256(&data);
+    let absolute = cluster.client(0).start_upload(&repo).await;
+    let location = absolute.strip_prefix(&cluster.url(0)).unwrap_or(&absolute).to_string();
+    let (first, second) = data.split_at(MIB);
+    cluster.client(1).patch_chunk(&location, 0, first).await.expect(StatusCode::ACCEPTED);
+    let status = cluster.client(2).upload_status(&location).await;
+    status.expect(StatusCode::NO_CONTENT);
+    assert_eq!(status.must_header("range"), format!("0-{}", MIB - 1));
+    cluster.client(2).patch_chunk(&location, MIB, second).await.expect(StatusCode::ACCEPTED);
+    let done = cluster.client(2).finish_upload(&location, &digest, &[]).await;
+    done.expect(StatusCode::CREATED);
+    cluster.assert_placed(std::slice::from_ref(&digest), &all, "after a spread upload");
+    for origin in all {
+        let result = try_pull_blob(&cluster.client(origin), &repo, &digest).await;
+        cluster.check(result, &format!("blob through origin {origin}"));
+    }
+    // The session is gone once committed, whichever origin is asked.
+    cluster.client(1).upload_status(&location).await.expect(StatusCode::NOT_FOUND);
+}

@@ -10,4 +10,4 @@ mod store;
 mod uploads;
 
 pub use layout::Layout;
-pub use store::{OriginStore, StoreConfig};
+pub use store::{upload_home, OriginStore, StoreConfig};

@@ -129,10 +129,18 @@ async fn expire_sessions(inner: Weak<Inner>) {
     }
 }
 
+/// The origin a session id names as its home (see [`OriginStore::upload_start`]).
+pub fn upload_home(id: &str) -> Option<String> {
+    let (_, home) = id.rsplit_once('.')?;
+    String::from_utf8(hex::decode(home).ok()?).ok()
+}
+
 /// Upload sessions: bytes from the client, kept on the origin that opened the session.
 impl OriginStore {
-    pub async fn upload_start(&self, repo: &RepoName) -> Result<UploadState, StoreError> {
-        let id = uuid::Uuid::new_v4().to_string();
+    /// Open a session. `home` (this origin's cluster id) is written into the session id, so
+    /// that any other origin that receives a request for the session knows where it lives.
+    pub async fn upload_start(&self, repo: &RepoName, home: &str) -> Result<UploadState, StoreError> {
+        let id = format!("{}.{}", uuid::Uuid::new_v4(), hex::encode(home));
         let path = self.inner.layout.upload(&id);
         let inner = self.inner.clone();
         let record = UploadRecord { repo: repo.to_string(), created: now_unix() };

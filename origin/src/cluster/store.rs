@@ -136,7 +136,7 @@ impl RegistryStore for ClusterStore {
     }
 
     async fn upload_start(&self, repo: &RepoName) -> Result<UploadState, StoreError> {
-        self.c().local.store().upload_start(repo).await
+        self.c().local.store().upload_start(repo, self.c().me()).await
     }
 
     async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<UploadState, StoreError> {

@@ -1,0 +1,90 @@
+//! Upload sessions live on the origin that opened them (their bytes are in its upload file),
+//! but behind a load balancer a client's next PATCH or PUT may reach another origin. The
+//! session id names its home origin, so this layer forwards such requests there, unchanged
+//! (credentials included), and streams the answer back. Requests are forwarded at most once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures_util::TryStreamExt;
+use shoal_origin::cluster::membership::Membership;
+
+/// Marks a forwarded request so it is never forwarded again.
+const FORWARDED: HeaderName = HeaderName::from_static("x-shoal-forwarded-by");
+
+/// Headers that belong to one hop and are not passed on.
+const HOP_BY_HOP: [&str; 5] = ["connection", "host", "keep-alive", "transfer-encoding", "upgrade"];
+
+/// Where to forward and how.
+#[derive(Clone)]
+pub struct Forwarder {
+    membership: Arc<Membership>,
+    client: reqwest::Client,
+}
+
+impl Forwarder {
+    /// The client only bounds connecting: an upload body may stream for as long as the
+    /// client keeps sending, exactly as it could to the home origin itself.
+    pub fn new(membership: Arc<Membership>, connect_timeout: Duration) -> anyhow::Result<Forwarder> {
+        let client = reqwest::Client::builder().connect_timeout(connect_timeout).no_proxy().build()?;
+        Ok(Forwarder { membership, client })
+    }
+
+    /// The base URL of the live origin, other than this one, that holds the session `path`
+    /// names, if it names one.
+    fn home_url(&self, path: &str) -> Option<String> {
+        let (_, id) = path.strip_prefix("/v2/")?.split_once("/blobs/uploads/")?;
+        let id = id.rsplit('/').next()?;
+        let home = shoal_origin::upload_home(id)?;
+        if home == self.membership.me() || !self.membership.live().contains(&home) {
+            return None;
+        }
+        self.membership.url(&home)
+    }
+
+    async fn forward(&self, base: &str, req: Request) -> Result<Response, reqwest::Error> {
+        let (parts, body) = req.into_parts();
+        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let mut out = self.client.request(parts.method.clone(), format!("{base}{path}"));
+        for (name, value) in &parts.headers {
+            if !HOP_BY_HOP.contains(&name.as_str()) {
+                out = out.header(name, value);
+            }
+        }
+        if let Ok(me) = HeaderValue::from_str(self.membership.me()) {
+            out = out.header(FORWARDED, me);
+        }
+        let stream = body.into_data_stream().map_err(std::io::Error::other);
+        let answer = out.body(reqwest::Body::wrap_stream(stream)).send().await?;
+        let mut response = Response::builder().status(answer.status());
+        for (name, value) in answer.headers() {
+            if !HOP_BY_HOP.contains(&name.as_str()) && name != reqwest::header::CONTENT_LENGTH {
+                response = response.header(name, value);
+            }
+        }
+        let body = Body::from_stream(answer.bytes_stream());
+        Ok(response.body(body).unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response()))
+    }
+}
+
+/// Middleware: send requests for another origin's upload session to that origin.
+pub async fn forward_uploads(State(f): State<Forwarder>, req: Request, next: Next) -> Response {
+    if req.headers().contains_key(&FORWARDED) {
+        return next.run(req).await;
+    }
+    let Some(base) = f.home_url(req.uri().path()) else { return next.run(req).await };
+    match f.forward(&base, req).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::warn!(home = %base, error = %e, "forwarding an upload request failed");
+            let body = serde_json::json!({"errors": [{"code": "UNKNOWN",
+                "message": format!("the origin holding this upload session is unreachable: {e}")}]});
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+        }
+    }
+}
