@@ -37,6 +37,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct Client {
     http: reqwest::Client,
     base: String,
+    /// Every registry URL requests rotate over (one, unless `base` listed several).
+    bases: std::sync::Arc<Vec<String>>,
+    next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     auth: Option<(String, String)>,
 }
 
@@ -92,7 +95,20 @@ impl Client {
             .timeout(REQUEST_TIMEOUT)
             .build()
             .expect("build an HTTP client");
-        Client { http, base: base.trim_end_matches('/').to_string(), auth: None }
+        // A comma-separated list (several origins of one cluster) makes every request go to
+        // the next one, as a load balancer without session affinity would.
+        let bases: Vec<String> = base
+            .split(',')
+            .map(|b| b.trim().trim_end_matches('/').to_string())
+            .filter(|b| !b.is_empty())
+            .collect();
+        Client {
+            http,
+            base: bases.first().cloned().unwrap_or_default(),
+            bases: std::sync::Arc::new(bases),
+            next: Default::default(),
+            auth: None,
+        }
     }
 
     /// The same client, sending `Authorization: Basic` with every request.
@@ -107,11 +123,17 @@ impl Client {
     /// An absolute URL for a path (`/v2/...`) or for a `Location` header
     /// value, which the spec allows to be absolute or relative.
     pub fn url(&self, path_or_location: &str) -> String {
-        if path_or_location.starts_with("http://") || path_or_location.starts_with("https://") {
-            path_or_location.to_string()
-        } else {
-            format!("{}{}", self.base, path_or_location)
+        let mut path = path_or_location;
+        if self.bases.len() > 1 {
+            if let Some(rest) = self.bases.iter().find_map(|b| path_or_location.strip_prefix(b.as_str())) {
+                path = rest;
+            }
         }
+        if path.starts_with("http://") || path.starts_with("https://") {
+            return path.to_string();
+        }
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.bases.len().max(1);
+        format!("{}{}", self.bases.get(i).unwrap_or(&self.base), path)
     }
 
     pub fn request(&self, method: Method, path_or_location: &str) -> RequestBuilder {
