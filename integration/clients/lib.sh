@@ -526,7 +526,8 @@ origin_cluster_config() {
   } >"$file"
 }
 
-# start_origin_cluster N [R] [RUNNING]: N origins on free 127.0.0.1 ports, all listed in each
+# start_origin_cluster N [R] [RUNNING]: N origins on free ports of $OC_HOST (default 127.0.0.1;
+# '[::1]' for IPv6), all listed in each
 # one's --cluster, --replicas R (default 2); only the first RUNNING (default N) are started
 # (the others are down for the rest until `start_cluster_origin I`). Data under $T/oc/I, or
 # $OC_DATA_BASE/I when that is set (benchmarks keep data off /tmp).
@@ -540,9 +541,9 @@ start_origin_cluster() {
   OC_IDS=() OC_URLS=() OC_DATAS=() OC_PIDS=() OC_LOGS=()
   for ((i = 0; i < n; i++)); do
     port=$(free_port)
-    while [[ " ${OC_IDS[*]} " == *" 127.0.0.1:$port "* ]]; do port=$(free_port); done
-    OC_IDS[i]=127.0.0.1:$port
-    OC_URLS[i]=http://127.0.0.1:$port
+    while [[ " ${OC_IDS[*]} " == *":$port "* ]]; do port=$(free_port); done
+    OC_IDS[i]=${OC_HOST:-127.0.0.1}:$port
+    OC_URLS[i]=http://${OC_HOST:-127.0.0.1}:$port
     OC_DATAS[i]=${OC_DATA_BASE:-$T/oc}/$i
   done
   OC_LIST=$(IFS=,; echo "${OC_IDS[*]}")
@@ -558,7 +559,7 @@ _spawn_cluster_origin() {
   local i=$1 id=${OC_IDS[$1]}
   mkdir -p "${OC_DATAS[i]}"
   OC_LOGS[i]=$T/oc/origin$i-$((${#_LOGS[@]})).log # a new log per start: restarts keep the old one
-  shoal_bg "origin$i-${id##*:}" "${OC_LOGS[i]}" origin --listen "$id" --peer-listen 127.0.0.1:0 \
+  shoal_bg "origin$i-${id##*:}" "${OC_LOGS[i]}" origin --listen "$id" --peer-listen "${OC_HOST:-127.0.0.1}:0" \
     --data-dir "${OC_DATAS[i]}" --config "$T/oc/config.toml" --cluster "$OC_LIST" --replicas "$OC_R"
   OC_PIDS[i]=$BG_PID
 }
