@@ -167,12 +167,13 @@ impl Repairer {
         };
         for item in items {
             let before = report.failures;
+            let mut settled = true;
             if let Some(digest) = item.strip_prefix("blob:") {
                 if let Ok(digest) = digest.parse::<Digest>() {
                     match self.coordinator.local.blob_stat(&digest).await {
                         Ok(Some(size)) => {
                             let entry = BlobEntry { digest, size, stored_millis: 0 };
-                            self.reconcile_blob(&entry, report).await;
+                            settled = self.reconcile_blob(&entry, report).await;
                         }
                         Ok(None) => {} // gone (collected): nothing left to place
                         Err(_) => report.failures += 1,
@@ -181,7 +182,7 @@ impl Repairer {
             } else if let Some(repo) = item.strip_prefix("repo:") {
                 self.reconcile_repo(repo, report).await;
             }
-            if report.failures == before {
+            if settled && report.failures == before {
                 if let Err(e) = store.repair_done(item).await {
                     tracing::warn!(error = %e, "repair could not update its queue");
                 }
@@ -193,8 +194,9 @@ impl Repairer {
     }
 
     /// Make sure every owner of a blob held here has it; drop the copy here if this origin is
-    /// not an owner and all owners confirmed theirs.
-    async fn reconcile_blob(&self, entry: &BlobEntry, report: &mut RepairReport) {
+    /// not an owner and all owners confirmed theirs. Returns whether the blob is where it
+    /// belongs now (else a queued item stays queued).
+    async fn reconcile_blob(&self, entry: &BlobEntry, report: &mut RepairReport) -> bool {
         let c = &self.coordinator;
         let owners = c.owners(&entry.digest.to_string());
         let owner_here = owners.iter().any(|id| id == c.me());
@@ -242,14 +244,20 @@ impl Repairer {
                 }
             }
         }
-        if !owner_here && confirmed == owners.len() && !owners.is_empty() {
-            match c.local.blob_remove(&entry.digest).await {
-                Ok(true) => {
-                    report.removed_blobs += 1;
-                    c.metrics.repair_removed_blobs.inc();
-                }
-                Ok(false) => {}
-                Err(_) => report.failures += 1,
+        let all_confirmed = confirmed == owners.len() && !owners.is_empty();
+        if owner_here || !all_confirmed {
+            return all_confirmed;
+        }
+        match c.local.blob_remove(&entry.digest).await {
+            Ok(true) => {
+                report.removed_blobs += 1;
+                c.metrics.repair_removed_blobs.inc();
+                true
+            }
+            Ok(false) => true,
+            Err(_) => {
+                report.failures += 1;
+                false
             }
         }
     }

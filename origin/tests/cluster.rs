@@ -1,0 +1,312 @@
+//! The cluster logic in one process: three origins, each a real `OriginStore` on its own data
+//! directory, joined by a topology whose members can be switched off (they then answer like
+//! an unreachable origin). Covers what the process tests cannot pin down exactly: read
+//! repair of a stale tag, writes falling back past a dead owner into the repair queue, repair
+//! moving those copies home, and a write that cannot reach its quorum.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::stream;
+use shoal_origin::cluster::coordinator::{Coordinator, Replication};
+use shoal_origin::cluster::local::LocalNode;
+use shoal_origin::cluster::metrics::ClusterMetrics;
+use shoal_origin::cluster::node::{BlobEntry, Node, NodeError};
+use shoal_origin::cluster::record::{Record, RecordKey, RecordKind, RecordValue, Version, VersionClock};
+use shoal_origin::cluster::repair::Repairer;
+use shoal_origin::cluster::store::ClusterStore;
+use shoal_origin::cluster::topology::Topology;
+use shoal_origin::{OriginStore, StoreConfig};
+use shoal_registry::range::ByteRange;
+use shoal_registry::store::Reference;
+use shoal_registry::{Algorithm, ByteStream, Digest, RegistryStore, RepoName, StoreError};
+
+/// A member that can be switched off: then every call fails as if it were unreachable.
+struct Switchable {
+    inner: Arc<LocalNode>,
+    down: AtomicBool,
+}
+
+impl Switchable {
+    fn check(&self) -> Result<(), NodeError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(NodeError::Unreachable {
+                node: self.inner.id().to_string(),
+                reason: "switched off".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Node for Switchable {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+    async fn blob_stat(&self, d: &Digest) -> Result<Option<u64>, NodeError> {
+        self.check()?;
+        self.inner.blob_stat(d).await
+    }
+    async fn blob_get(&self, d: &Digest, r: Option<ByteRange>) -> Result<Option<ByteStream>, NodeError> {
+        self.check()?;
+        self.inner.blob_get(d, r).await
+    }
+    async fn blob_put(&self, d: &Digest, size: u64, body: ByteStream) -> Result<(), NodeError> {
+        self.check()?;
+        self.inner.blob_put(d, size, body).await
+    }
+    async fn blob_remove(&self, d: &Digest) -> Result<bool, NodeError> {
+        self.check()?;
+        self.inner.blob_remove(d).await
+    }
+    async fn blob_list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<BlobEntry>, NodeError> {
+        self.check()?;
+        self.inner.blob_list(after, limit).await
+    }
+    async fn records_get(&self, repo: &str, keys: &[RecordKey]) -> Result<Vec<Option<Record>>, NodeError> {
+        self.check()?;
+        self.inner.records_get(repo, keys).await
+    }
+    async fn records_scan(
+        &self,
+        repo: &str,
+        kind: RecordKind,
+        subject: Option<&Digest>,
+    ) -> Result<Option<Vec<Record>>, NodeError> {
+        self.check()?;
+        self.inner.records_scan(repo, kind, subject).await
+    }
+    async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<(), NodeError> {
+        self.check()?;
+        self.inner.records_apply(repo, records).await
+    }
+    async fn records_drop(&self, repo: &str) -> Result<(), NodeError> {
+        self.check()?;
+        self.inner.records_drop(repo).await
+    }
+    async fn repos(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, NodeError> {
+        self.check()?;
+        self.inner.repos(after, limit).await
+    }
+    async fn metainfo(&self, d: &Digest) -> Result<Option<Bytes>, NodeError> {
+        self.check()?;
+        self.inner.metainfo(d).await
+    }
+}
+
+/// Three origins; `live` is what health checks would report (all members, unless a test
+/// says an origin is known to be down).
+struct World {
+    _dirs: Vec<tempfile::TempDir>,
+    nodes: HashMap<String, Arc<Switchable>>,
+    live: Mutex<Vec<String>>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+/// One origin's view of the world.
+struct View {
+    me: String,
+    world: Arc<World>,
+}
+
+impl Topology for View {
+    fn me(&self) -> &str {
+        &self.me
+    }
+    fn live(&self) -> Vec<String> {
+        self.world.live.lock().unwrap().clone()
+    }
+    fn node(&self, id: &str) -> Option<Arc<dyn Node>> {
+        self.world.nodes.get(id).map(|n| n.clone() as Arc<dyn Node>)
+    }
+    fn generation(&self) -> u64 {
+        self.world.generation.load(Ordering::SeqCst)
+    }
+}
+
+const IDS: [&str; 3] = ["o0:5000", "o1:5000", "o2:5000"];
+
+async fn world() -> (Arc<World>, Vec<Arc<Coordinator>>) {
+    let mut dirs = Vec::new();
+    let mut nodes = HashMap::new();
+    let mut locals = Vec::new();
+    for id in IDS {
+        let dir = tempfile::tempdir().unwrap();
+        let store = OriginStore::open(StoreConfig {
+            data_dir: dir.path().to_path_buf(),
+            upload_idle_timeout: Duration::from_secs(3600),
+        })
+        .await
+        .unwrap();
+        let local = LocalNode::new(id, store);
+        nodes.insert(
+            id.to_string(),
+            Arc::new(Switchable { inner: local.clone(), down: AtomicBool::new(false) }),
+        );
+        locals.push(local);
+        dirs.push(dir);
+    }
+    let world = Arc::new(World {
+        _dirs: dirs,
+        nodes,
+        live: Mutex::new(IDS.iter().map(|s| s.to_string()).collect()),
+        generation: Default::default(),
+    });
+    let coordinators = locals
+        .into_iter()
+        .map(|local| {
+            Arc::new(Coordinator {
+                topology: Arc::new(View { me: local.id().to_string(), world: world.clone() }),
+                clock: VersionClock::new(local.id()),
+                local,
+                replication: Replication { replicas: 2, write_quorum: 2 },
+                metrics: ClusterMetrics::unregistered().unwrap(),
+            })
+        })
+        .collect();
+    (world, coordinators)
+}
+
+fn switch(world: &World, id: &str, down: bool) {
+    world.nodes[id].down.store(down, Ordering::SeqCst);
+}
+
+fn body(data: &[u8]) -> ByteStream {
+    let chunk = Bytes::copy_from_slice(data);
+    Box::pin(stream::iter(vec![Ok(chunk)]))
+}
+
+async fn push(store: &ClusterStore, repo: &RepoName, data: &[u8]) -> Result<Digest, StoreError> {
+    let digest = Digest::of(Algorithm::Sha256, data);
+    let up = store.upload_start(repo).await?;
+    store.upload_append(repo, &up.id, Some(0), None, body(data)).await?;
+    store.upload_complete(repo, &up.id, &digest).await?;
+    Ok(digest)
+}
+
+async fn holders(world: &World, digest: &Digest) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (id, node) in &world.nodes {
+        if node.inner.blob_stat(digest).await.unwrap().is_some() {
+            out.insert(id.clone());
+        }
+    }
+    out
+}
+
+fn owners(key: &str) -> BTreeSet<String> {
+    let all: Vec<String> = IDS.iter().map(|s| s.to_string()).collect();
+    shoal_origin::cluster::placement::owners(key, &all, 2).into_iter().collect()
+}
+
+#[tokio::test]
+async fn a_push_lands_on_exactly_the_owners_whichever_origin_takes_it() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/app".parse().unwrap();
+    for (i, c) in cs.iter().enumerate() {
+        let d = push(&ClusterStore::new(c.clone()), &repo, format!("blob {i}").as_bytes()).await.unwrap();
+        assert_eq!(holders(&world, &d).await, owners(&d.to_string()), "pushed through {}", IDS[i]);
+        for other in &cs {
+            let size = ClusterStore::new(other.clone()).blob_size(&repo, &d).await.unwrap();
+            assert_eq!(size, Some(6), "visible from every origin");
+        }
+    }
+}
+
+#[tokio::test]
+async fn reads_return_the_newest_tag_and_repair_the_stale_owner() {
+    let (world, cs) = world().await;
+    let repo = "team/app";
+    let target = |c: char| -> Digest { format!("sha256:{}", c.to_string().repeat(64)).parse().unwrap() };
+    let record = |millis, node: &str, d| Record {
+        key: RecordKey::Tag("latest".into()),
+        version: Version { millis, node: node.into() },
+        value: Some(RecordValue::Tag { digest: d }),
+    };
+    let repo_owners: Vec<String> = owners(repo).into_iter().collect();
+    let (fresh, stale) = (&world.nodes[&repo_owners[0]], &world.nodes[&repo_owners[1]]);
+    fresh.inner.records_apply(repo, &[record(20, "o0:5000", target('b'))]).await.unwrap();
+    stale.inner.records_apply(repo, &[record(10, "o2:5000", target('a'))]).await.unwrap();
+
+    let got = cs[0].read_records(repo, &[RecordKey::Tag("latest".into())]).await.unwrap();
+    assert_eq!(got[0].as_ref().and_then(|r| r.tag_target()), Some(&target('b')));
+    // Read repair runs in the background; poll the stale owner.
+    for _ in 0..100 {
+        let now = stale.inner.records_get(repo, &[RecordKey::Tag("latest".into())]).await.unwrap();
+        if now[0].as_ref().and_then(|r| r.tag_target()) == Some(&target('b')) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the stale owner was not repaired");
+}
+
+#[tokio::test]
+async fn a_dead_owner_is_skipped_queued_and_repaired_when_it_returns() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/app".parse().unwrap();
+    // Find content whose owners include o2, and push it through o0 while o2 is down but not
+    // yet known to be (health checks have not caught up): the write falls back to the third
+    // origin and is queued for repair.
+    let mut data = Vec::new();
+    for i in 0.. {
+        data = format!("payload {i}").into_bytes();
+        if owners(&Digest::of(Algorithm::Sha256, &data).to_string()).contains("o2:5000") {
+            break;
+        }
+    }
+    switch(&world, "o2:5000", true);
+    let store0 = ClusterStore::new(cs[0].clone());
+    let d = push(&store0, &repo, &data).await.unwrap();
+    let all: BTreeSet<String> = IDS.iter().map(|s| s.to_string()).collect();
+    let expected_now: BTreeSet<String> = all.iter().filter(|id| *id != "o2:5000").cloned().collect();
+    assert_eq!(holders(&world, &d).await, expected_now, "two copies, on the live origins");
+    let queued = cs.iter().map(|c| c.local.store().clone());
+    let mut total = 0;
+    for s in queued {
+        total += s.repair_len().await.unwrap();
+    }
+    assert!(total >= 1, "the missed copy is queued");
+    assert!(cs[0].metrics.replication_failures.get() >= 1);
+
+    // o2 comes back; a full repair pass on every origin moves the copy home and removes the
+    // extra one.
+    switch(&world, "o2:5000", false);
+    let handles: Vec<_> =
+        cs.iter().map(|c| Repairer::start(c.clone(), 1 << 30, Duration::from_secs(3600))).collect();
+    // An owner copies to the owner that missed it; the origin holding the surplus copy drops
+    // it once both owners confirm, which may take it a second pass.
+    for _round in 0..2 {
+        for handle in &handles {
+            handle.run_now().await.unwrap();
+        }
+    }
+    assert_eq!(holders(&world, &d).await, owners(&d.to_string()));
+    for c in &cs {
+        assert_eq!(c.local.store().repair_len().await.unwrap(), 0, "{}: queue drained", c.me());
+    }
+    let got = ClusterStore::new(cs[2].clone()).blob_size(&repo, &d).await.unwrap();
+    assert_eq!(got, Some(data.len() as u64));
+}
+
+#[tokio::test]
+async fn a_write_that_cannot_reach_its_quorum_fails_and_links_nothing() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/app".parse().unwrap();
+    switch(&world, "o1:5000", true);
+    switch(&world, "o2:5000", true);
+    let store0 = ClusterStore::new(cs[0].clone());
+    let err = push(&store0, &repo, b"lonely").await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    switch(&world, "o1:5000", false);
+    switch(&world, "o2:5000", false);
+    let d = Digest::of(Algorithm::Sha256, b"lonely");
+    assert_eq!(store0.blob_size(&repo, &d).await.unwrap(), None, "a failed push is not visible");
+    let tag = store0.manifest_get(&repo, &Reference::Tag("latest".parse().unwrap())).await.unwrap();
+    assert!(tag.is_none());
+}
