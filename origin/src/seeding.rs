@@ -42,13 +42,18 @@ impl OriginStore {
             .map_err(|e| StoreError::Internal(format!("lookup task: {e}")))?
     }
 
-    /// Compute a new blob's metainfo in the background so the first pull does not wait for it.
+    /// Compute a blob's metainfo in the background (unless known) so the first pull does not
+    /// wait for it.
     /// Holds the store only weakly, so a closing store is not kept open by the hashing.
-    pub(crate) fn precompute_metainfo(&self, digest: &Digest) {
+    pub fn precompute_metainfo(&self, digest: &Digest) {
         let weak = Arc::downgrade(&self.inner);
         let path = self.inner.layout.blob(digest);
         let digest = digest.clone();
         tokio::task::spawn_blocking(move || {
+            let known = weak.upgrade().map(|inner| inner.meta.metainfo(&digest));
+            if matches!(known, Some(Ok(Some(_))) | None) {
+                return; // already computed, or the store closed
+            }
             let result = compute(&path, &digest).and_then(|(_, json)| match weak.upgrade() {
                 Some(inner) => inner.meta.put_metainfo(&digest, &json),
                 None => Ok(()),

@@ -209,14 +209,16 @@ impl OriginStore {
         self.discard_session(id).await
     }
 
-    /// fsync a verified file, rename it into the blob store and record it.
+    /// fsync a verified file, rename it into the blob store and record it; `true` if the blob
+    /// is new here. Metainfo is left to the caller: a copy about to move to its owners does
+    /// not need it.
     async fn publish(
         &self,
         src: PathBuf,
         digest: &Digest,
         size: u64,
         upload: Option<String>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let inner = self.inner.clone();
         let d = digest.clone();
         let new = blocking(move || {
@@ -228,9 +230,8 @@ impl OriginStore {
         .await?;
         if new {
             self.inner.blob_bytes.fetch_add(size, Ordering::Relaxed);
-            self.precompute_metainfo(digest);
         }
-        Ok(())
+        Ok(new)
     }
 }
 
@@ -290,7 +291,11 @@ impl OriginStore {
             if &actual != digest {
                 return Err(StoreError::DigestMismatch { expected: digest.clone(), actual });
             }
-            self.publish(path.clone(), digest, size, None).await
+            if self.publish(path.clone(), digest, size, None).await? {
+                // A replica is kept to be seeded: hash its pieces now, not at the first pull.
+                self.precompute_metainfo(digest);
+            }
+            Ok(())
         }
         .await;
         if result.is_err() {

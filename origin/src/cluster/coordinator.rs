@@ -202,6 +202,10 @@ impl Coordinator {
         } else if !here {
             self.local.blob_remove(digest).await.map_err(node_to_store)?;
         }
+        if here || !placed.all_owners {
+            // This copy stays and will be seeded: hash its pieces now, not at the first pull.
+            self.local.store().precompute_metainfo(digest);
+        }
         Ok(())
     }
 
