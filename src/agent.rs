@@ -25,7 +25,8 @@ pub struct AgentArgs {
     /// Peer address announced to others when --peer-listen is 0.0.0.0 or [::]
     #[arg(long, env = "SHOAL_PEER_ADVERTISE")]
     pub peer_advertise: Option<SocketAddr>,
-    /// Origin base URL
+    /// Origin base URL(s), comma-separated, all of one origin cluster: requests go to one and
+    /// fail over to the next on a connection error, timeout, 5xx or 429
     #[arg(long, env = "SHOAL_ORIGIN")]
     pub origin: Option<String>,
     /// Tracker base URL(s), comma-separated
@@ -46,6 +47,7 @@ pub struct AgentFile {
     pub listen: SocketAddr,
     pub peer_listen: SocketAddr,
     pub peer_advertise: Option<SocketAddr>,
+    /// Origin base URL(s), comma-separated.
     pub origin: Option<String>,
     pub trackers: Vec<String>,
     pub data_dir: PathBuf,
@@ -131,7 +133,8 @@ impl AgentArgs {
 
 /// Start the agent (cache, swarm, peer server) and bind its HTTP server.
 pub async fn bind(file: AgentFile) -> anyhow::Result<BoundServer> {
-    let origin = file.origin.clone().context("an agent needs --origin URL")?;
+    let origins = shoal_p2p::failover::split_urls(file.origin.as_deref().unwrap_or_default());
+    anyhow::ensure!(!origins.is_empty(), "an agent needs --origin URL[,URL...]");
     anyhow::ensure!(!file.trackers.is_empty(), "an agent needs --tracker URL");
     let peer_listener = tokio::net::TcpListener::bind(file.peer_listen)
         .await
@@ -139,7 +142,7 @@ pub async fn bind(file: AgentFile) -> anyhow::Result<BoundServer> {
     let advertise = crate::peer_addr::advertised(peer_listener.local_addr()?, file.peer_advertise)?;
     let metrics = HttpMetrics::new("agent")?;
     let config = AgentConfig {
-        origin,
+        origins,
         trackers: file.trackers.clone(),
         data_dir: file.data_dir.clone(),
         advertise,
@@ -170,7 +173,7 @@ pub async fn bind(file: AgentFile) -> anyhow::Result<BoundServer> {
     let server = BoundServer::bind(file.listen, with_basics(api, metrics)).await?;
     tracing::info!(
         listen = %server.local_addr()?, %advertise, peer_id = %agent.peer_id,
-        origin = %config.origin, trackers = ?config.trackers, "agent ready"
+        origins = ?config.origins, trackers = ?config.trackers, "agent ready"
     );
     Ok(server)
 }

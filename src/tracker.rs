@@ -13,7 +13,8 @@ pub struct TrackerArgs {
     /// Address for the announce API, /healthz and /metrics
     #[arg(long, env = "SHOAL_LISTEN", default_value = "127.0.0.1:7000")]
     pub listen: SocketAddr,
-    /// Origin base URL(s), comma-separated, asked for metainfo and seeders
+    /// Origin base URL(s), comma-separated (list every origin of the cluster): asked for metainfo
+    /// and seeders, failing over to the next on a connection error, timeout, 5xx or 429
     #[arg(long, env = "SHOAL_ORIGIN", value_delimiter = ',', required = true)]
     pub origin: Vec<String>,
     /// How often agents re-announce

@@ -29,7 +29,8 @@ use crate::store::AgentStore;
 /// Everything an agent needs to start; the binary fills it from flags and the config file.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    pub origin: String,
+    /// Origin base URLs, all of one cluster: requests go to one, failing over to the next.
+    pub origins: Vec<String>,
     pub trackers: Vec<String>,
     pub data_dir: PathBuf,
     /// Address other peers reach this agent's peer listener at.
@@ -59,6 +60,8 @@ pub enum AgentError {
     Metrics(#[from] prometheus::Error),
     #[error("http client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("origin client: {0}")]
+    Origin(#[from] crate::origin_client::OriginClientError),
 }
 
 /// A running agent's parts: the registry store (for the API router) and the peer server.
@@ -73,7 +76,7 @@ impl Agent {
     pub fn start(config: &AgentConfig, registry: &prometheus::Registry) -> Result<Agent, AgentError> {
         let cache_metrics = CacheMetrics::new(registry)?;
         let cache = Arc::new(BlobCache::open(&config.data_dir.join("cache"), config.cache, cache_metrics)?);
-        let origin = OriginClient::new(&config.origin, config.http_timeout)?;
+        let origin = OriginClient::new(config.origins.clone(), config.http_timeout, registry)?;
         let tracker = Arc::new(TrackerClient::new(config.trackers.clone(), config.http_timeout)?);
         let metrics = SwarmMetrics::new("agent", registry)?;
         let peer_id = PeerId::random();

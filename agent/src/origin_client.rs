@@ -1,11 +1,17 @@
 //! The agent's HTTP client of the origins: tags, manifests, listings and blob ranges. Every
-//! call has a timeout; every manifest fetched is checked against its digest.
+//! call has a timeout; every manifest fetched is checked against its digest. Origins form a
+//! cluster that answers every request the same way, so the client holds all the configured
+//! origins and fails over between them ([`Failover`]): a dead origin costs one failed attempt,
+//! after which the origin that answered is asked first.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use prometheus::{IntCounterVec, Opts, Registry};
 use reqwest::header::{ACCEPT, CONTENT_TYPE, RANGE};
 use reqwest::StatusCode;
+use shoal_p2p::failover::{Failover, FailoverError};
 use shoal_registry::manifest::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
 use shoal_registry::store::StoredManifest;
 use shoal_registry::{Algorithm, Digest, RepoName, StoreError};
@@ -14,10 +20,21 @@ use shoal_registry::{Algorithm, Digest, RepoName, StoreError};
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
-/// Client of one origin's registry API.
+/// Why the origin client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginClientError {
+    #[error("no origin URL configured")]
+    NoOrigins,
+    #[error("http client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Client of the origins' registry API; clones share the origin preference.
 #[derive(Clone)]
 pub struct OriginClient {
-    base: String,
+    origins: Arc<Failover>,
     http: reqwest::Client,
     /// Budget for one blob range, on top of `timeout`, per MiB requested.
     per_mib: Duration,
@@ -27,26 +44,54 @@ fn unreachable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("origin unreachable: {e}"))
 }
 
+/// No origin answered: every one was down, timed out, or answered 5xx/429.
+fn all_failed(e: FailoverError) -> StoreError {
+    StoreError::Unavailable(format!("origins unavailable: {e}"))
+}
+
 fn unexpected(status: StatusCode) -> StoreError {
-    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-        StoreError::Unavailable(format!("origin answered {status}"))
-    } else {
-        StoreError::Internal(format!("origin answered {status}"))
-    }
+    StoreError::Internal(format!("origin answered {status}"))
 }
 
 impl OriginClient {
-    pub fn new(base: &str, timeout: Duration) -> Result<OriginClient, reqwest::Error> {
-        let http = reqwest::Client::builder().connect_timeout(timeout).read_timeout(timeout).build()?;
-        Ok(OriginClient {
-            base: base.trim_end_matches('/').to_string(),
-            http,
-            per_mib: Duration::from_millis(200),
-        })
+    /// A client of `urls` (base URLs, tried in this order until one answers), with `timeout` for
+    /// connecting and for each read. Failed attempts are counted in
+    /// `shoal_agent_origin_failures_total{origin}` in `registry`.
+    pub fn new(
+        urls: Vec<String>,
+        timeout: Duration,
+        registry: &Registry,
+    ) -> Result<OriginClient, OriginClientError> {
+        let failures = IntCounterVec::new(
+            Opts::new(
+                "shoal_agent_origin_failures_total",
+                "Requests to an origin that failed (connection error, timeout, 5xx, 429) and moved on",
+            ),
+            &["origin"],
+        )?;
+        registry.register(Box::new(failures.clone()))?;
+        OriginClient::with_failures(urls, timeout, failures)
     }
 
-    pub fn base(&self) -> &str {
-        &self.base
+    /// [`new`](Self::new) with the failure counter supplied (unregistered in tests).
+    pub fn with_failures(
+        urls: Vec<String>,
+        timeout: Duration,
+        failures: IntCounterVec,
+    ) -> Result<OriginClient, OriginClientError> {
+        let origins = Failover::new(urls).map_err(|_| OriginClientError::NoOrigins)?.count_failures(failures);
+        let http = reqwest::Client::builder().connect_timeout(timeout).read_timeout(timeout).build()?;
+        Ok(OriginClient { origins: Arc::new(origins), http, per_mib: Duration::from_millis(200) })
+    }
+
+    /// The origin requests go to first: the one that answered last.
+    pub fn preferred(&self) -> &str {
+        self.origins.preferred()
+    }
+
+    /// Every configured origin, in configuration order.
+    pub fn origins(&self) -> &[String] {
+        self.origins.urls()
     }
 
     /// A manifest by tag or digest; the digest of what arrives is verified.
@@ -55,8 +100,15 @@ impl OriginClient {
         repo: &RepoName,
         reference: &str,
     ) -> Result<Option<StoredManifest>, StoreError> {
-        let url = format!("{}/v2/{repo}/manifests/{reference}", self.base);
-        let r = self.http.get(url).header(ACCEPT, MANIFEST_ACCEPT).send().await.map_err(unreachable)?;
+        let r = self
+            .origins
+            .send(|base| {
+                self.http
+                    .get(format!("{base}/v2/{repo}/manifests/{reference}"))
+                    .header(ACCEPT, MANIFEST_ACCEPT)
+            })
+            .await
+            .map_err(all_failed)?;
         match r.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => return Ok(None),
@@ -90,8 +142,11 @@ impl OriginClient {
 
     /// Size of a blob as the origin serves it through `repo` (which enforces repository links).
     pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
-        let r = self.http.head(url).send().await.map_err(unreachable)?;
+        let r = self
+            .origins
+            .send(|base| self.http.head(format!("{base}/v2/{repo}/blobs/{digest}")))
+            .await
+            .map_err(all_failed)?;
         match r.status() {
             // Read the header itself: for HEAD, reqwest's content_length() is the (empty) body's.
             StatusCode::OK => r
@@ -106,7 +161,8 @@ impl OriginClient {
         }
     }
 
-    /// `len` bytes of a blob from `offset`, in full or an error.
+    /// `len` bytes of a blob from `offset`, in full or an error. Failover covers starting the
+    /// request; a body that breaks midway is an error for the caller (the swarm retries).
     pub async fn blob_range(
         &self,
         repo: &RepoName,
@@ -114,10 +170,16 @@ impl OriginClient {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, StoreError> {
-        let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
         let budget = Duration::from_secs(10) + self.per_mib * (len / (1 << 20)) as u32;
         let range = format!("bytes={}-{}", offset, offset + len - 1);
-        let r = self.http.get(url).header(RANGE, range).timeout(budget).send().await.map_err(unreachable)?;
+        let r = self
+            .origins
+            .send(|base| {
+                let url = format!("{base}/v2/{repo}/blobs/{digest}");
+                self.http.get(url).header(RANGE, range.as_str()).timeout(budget)
+            })
+            .await
+            .map_err(all_failed)?;
         let status = r.status();
         if status != StatusCode::PARTIAL_CONTENT && !(status == StatusCode::OK && offset == 0) {
             return Err(if status == StatusCode::NOT_FOUND {
@@ -135,7 +197,11 @@ impl OriginClient {
 
     /// A listing endpoint (tags, catalog, referrers) as raw JSON, `None` on 404.
     pub async fn listing(&self, path_and_query: &str) -> Result<Option<Bytes>, StoreError> {
-        let r = self.http.get(format!("{}{path_and_query}", self.base)).send().await.map_err(unreachable)?;
+        let r = self
+            .origins
+            .send(|base| self.http.get(format!("{base}{path_and_query}")))
+            .await
+            .map_err(all_failed)?;
         match r.status() {
             StatusCode::OK => Ok(Some(r.bytes().await.map_err(unreachable)?)),
             StatusCode::NOT_FOUND => Ok(None),

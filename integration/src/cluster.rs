@@ -205,6 +205,13 @@ impl Cluster {
 
     /// Starts one more agent with `extra_toml` appended to its config; returns its index.
     pub async fn add_agent(&mut self, extra_toml: &str) -> usize {
+        let origin = self.origin.url().to_string();
+        self.add_agent_with_origins(extra_toml, &origin).await
+    }
+
+    /// [`add_agent`](Self::add_agent) with `origins` as the agent's `--origin` value (a
+    /// comma-separated list), e.g. a dead origin before the cluster's to test failover.
+    pub async fn add_agent_with_origins(&mut self, extra_toml: &str, origins: &str) -> usize {
         let index = self.agents.len();
         let dir = self.root.path().join(format!("agent-{index}"));
         std::fs::create_dir_all(dir.join("data")).expect("create the agent's data directory");
@@ -216,7 +223,7 @@ impl Cluster {
             "--peer-listen".into(),
             "127.0.0.1:0".into(),
             "--origin".into(),
-            self.origin.url().into(),
+            origins.into(),
             "--tracker".into(),
             self.tracker.url().into(),
             "--data-dir".into(),

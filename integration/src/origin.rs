@@ -265,8 +265,8 @@ pub(crate) fn shoal_binary() -> PathBuf {
         .unwrap_or_else(|| panic!("no shoal binary found: build it (cargo build) or set {BIN_ENV}"))
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
-pub(crate) fn free_port() -> u16 {
+/// A port that was free a moment ago on 127.0.0.1 (also: a port where nothing listens).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())

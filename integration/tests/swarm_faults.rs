@@ -1,5 +1,6 @@
 //! The swarm under faults: an agent dies mid-transfer, a peer serves corrupt
-//! pieces, the tracker is down, an agent crashes and restarts on its data.
+//! pieces, the tracker is down, an agent crashes and restarts on its data, an
+//! agent's first origin is dead.
 //! Every pull still ends with the exact blob.
 //!
 //! Each test starts its own origin, tracker and agents ([`Cluster`]) on
@@ -11,8 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use shoal_integration::api::ImageKind;
 use shoal_integration::cluster::{Cluster, TestBlob};
-use shoal_integration::skip_if_external;
+use shoal_integration::origin::free_port;
+use shoal_integration::{sha256, skip_if_external, unique_repo, Client, StatusCode};
 use shoal_p2p::blob::BlobPieces;
 use shoal_p2p::limiter::RateLimiter;
 use shoal_p2p::server::{PeerServer, PieceLookup};
@@ -291,4 +294,46 @@ async fn restarted_agent_keeps_verified_pieces() {
         "the restarted agent received {after} bytes of a {size}-byte blob, though {mark} bytes were \
          verified (and persisted) before the crash: verified pieces were fetched again"
     );
+}
+
+/// The agent lists a dead origin (a port nothing listens on) before the real
+/// one. A pull through it (manifest by tag, then its config and layer) is
+/// exact; the dead origin was tried, and only once: the agent sticks to the
+/// origin that answered instead of paying for the dead one on every request.
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_fails_over_from_a_dead_origin() {
+    skip_if_external!(SKIP);
+    let mut cluster = Cluster::start(0).await;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let origins = format!("{dead},{}", cluster.origin.url());
+    let agent = cluster.add_agent_with_origins("", &origins).await;
+
+    let repo = unique_repo("failover");
+    let image = cluster.origin.client().push_image(&repo, ImageKind::Oci, Some("v1"), 3 * MIB as usize).await;
+    let through_agent = Client::new(&cluster.agent_url(agent));
+
+    let manifest = through_agent.get_manifest(&repo, "v1").await;
+    manifest.expect(StatusCode::OK);
+    assert_eq!(sha256(&manifest.body), image.manifest.digest, "manifest digest");
+    for blob in std::iter::once(&image.config).chain(&image.layers) {
+        let reply = through_agent.get_blob(&repo, &blob.digest).await;
+        reply.expect(StatusCode::OK);
+        assert_eq!(sha256(&reply.body), blob.digest, "blob digest");
+    }
+    // Again, now from the agent's caches and the tag lookup at the origin.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    through_agent.get_manifest(&repo, "v1").await.expect(StatusCode::OK);
+
+    let name = "shoal_agent_origin_failures_total";
+    let dead_failures = cluster.agent_metric(agent, name, &[("origin", dead.as_str())]).await;
+    let live_failures = cluster.agent_metric(agent, name, &[("origin", cluster.origin.url())]).await;
+    let log = std::fs::read_to_string(cluster.agent(agent).log_path()).expect("read the agent's log");
+    let logged = log.lines().filter(|l| l.contains("trying the next origin") && l.contains(&dead)).count();
+    println!("dead origin {dead}: {dead_failures} failed attempts, {logged} log lines");
+    assert_eq!(
+        dead_failures, 1.0,
+        "the dead origin must be tried exactly once (then the live one is sticky)"
+    );
+    assert_eq!(live_failures, 0.0, "the live origin never failed");
+    assert_eq!(logged, 1, "the agent logs the failed attempt");
 }

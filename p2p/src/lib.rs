@@ -15,6 +15,7 @@
 //! - [`blob`]: a blob as the swarm sees it, partial or complete, readable while it fills.
 //! - [`swarm`]: one blob's download: the event loop that owns the picker and the connections
 //!   ([`conn`]), announces to the tracker ([`tracker_client`]) and falls back to an origin.
+//! - [`failover`]: which of several equivalent origins to ask, moving on from dead ones.
 //! - [`server`]: serves pieces to other peers; [`limiter`]: node-wide bandwidth limits;
 //!   [`metrics`]: what proves the swarm works.
 
@@ -22,6 +23,7 @@ pub mod bitfield;
 pub mod blacklist;
 pub mod blob;
 pub mod conn;
+pub mod failover;
 pub mod limiter;
 pub mod metainfo;
 pub mod metrics;
@@ -35,6 +37,7 @@ pub mod wire;
 
 pub use bitfield::{Bitfield, BitfieldError};
 pub use blacklist::{Blacklist, BlacklistConfig};
+pub use failover::{Failover, FailoverError};
 pub use metainfo::{piece_length_for, Metainfo, MetainfoError};
 pub use metrics::SwarmMetrics;
 pub use peer::{PeerId, PeerIdError};

@@ -18,7 +18,8 @@ use crate::proto::{valid_peer_id, AnnounceRequest, AnnounceResponse};
 /// Tracker settings.
 #[derive(Clone, Debug)]
 pub struct TrackerConfig {
-    /// Origin base URLs, asked for metainfo and seeders.
+    /// Origin base URLs (every origin of the cluster may be listed), asked for metainfo and
+    /// seeders one at a time, failing over to the next.
     pub origins: Vec<String>,
     /// How often agents should announce.
     pub announce_interval: Duration,
@@ -44,8 +45,8 @@ impl Default for TrackerConfig {
 pub enum BuildError {
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    #[error("http client: {0}")]
-    Http(#[from] reqwest::Error),
+    #[error("origins: {0}")]
+    Origins(#[from] crate::origins::OriginsBuildError),
 }
 
 struct Tracker {

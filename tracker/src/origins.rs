@@ -1,11 +1,18 @@
 //! What the tracker asks the origins: a blob's metainfo (content-addressed, cached until
 //! evicted) and which origins seed it (cached briefly). Every call has a timeout.
+//!
+//! The origins listed are one cluster, and any origin answers both questions for the whole
+//! cluster (metainfo from an owner's copy, locations as every live owner's peer listener), so
+//! each question goes to one origin, failing over to the next on a connection error, timeout,
+//! 5xx or 429 ([`Failover`]), and the origin that answered is asked first next time.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use reqwest::StatusCode;
+use shoal_p2p::failover::Failover;
 use shoal_registry::Digest;
 
 use crate::proto::{locations_path, metainfo_path, Locations, PeerInfo};
@@ -19,9 +26,18 @@ pub enum OriginError {
     Unreachable(String),
 }
 
+/// Why the origin client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginsBuildError {
+    #[error("no origin URL configured")]
+    NoOrigins,
+    #[error("http client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
 /// Client of the origins with small bounded caches.
 pub struct Origins {
-    urls: Vec<String>,
+    origins: Failover,
     http: reqwest::Client,
     metainfo: Mutex<HashMap<Digest, Bytes>>,
     seeders: Mutex<HashMap<Digest, (Instant, Vec<PeerInfo>)>>,
@@ -30,11 +46,12 @@ pub struct Origins {
 }
 
 impl Origins {
-    pub fn new(urls: Vec<String>, timeout: Duration) -> Result<Origins, reqwest::Error> {
+    /// A client of `urls` (one cluster's origins, tried in this order), `timeout` per call.
+    pub fn new(urls: Vec<String>, timeout: Duration) -> Result<Origins, OriginsBuildError> {
         let http = reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).build()?;
-        let urls = urls.into_iter().map(|u| u.trim_end_matches('/').to_string()).collect();
+        let origins = Failover::new(urls).map_err(|_| OriginsBuildError::NoOrigins)?;
         Ok(Origins {
-            urls,
+            origins,
             http,
             metainfo: Mutex::new(HashMap::new()),
             seeders: Mutex::new(HashMap::new()),
@@ -43,62 +60,46 @@ impl Origins {
         })
     }
 
-    /// The blob's metainfo JSON, from the cache or the first origin that has it.
+    /// The blob's metainfo JSON, from the cache or the first origin that answers.
     pub async fn metainfo(&self, digest: &Digest) -> Result<Bytes, OriginError> {
         if let Some(m) = lock(&self.metainfo).get(digest) {
             return Ok(m.clone());
         }
-        let mut last_error = None;
-        for url in &self.urls {
-            match self.http.get(format!("{url}{}", metainfo_path(digest))).send().await {
-                Ok(r) if r.status().is_success() => match r.bytes().await {
-                    Ok(body) => {
-                        let mut cache = lock(&self.metainfo);
-                        if cache.len() >= self.max_cached {
-                            cache.clear(); // crude but bounded; metainfo is cheap to refetch
-                        }
-                        cache.insert(digest.clone(), body.clone());
-                        return Ok(body);
-                    }
-                    Err(e) => last_error = Some(e.to_string()),
-                },
-                Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {}
-                Ok(r) => last_error = Some(format!("{url}: status {}", r.status())),
-                Err(e) => last_error = Some(format!("{url}: {e}")),
-            }
+        let path = metainfo_path(digest);
+        let r = self
+            .origins
+            .send(|base| self.http.get(format!("{base}{path}")))
+            .await
+            .map_err(|e| OriginError::Unreachable(e.to_string()))?;
+        match r.status() {
+            s if s.is_success() => {}
+            StatusCode::NOT_FOUND => return Err(OriginError::Unknown(digest.clone())),
+            s => return Err(OriginError::Unreachable(format!("origin answered {s}"))),
         }
-        match last_error {
-            Some(e) => Err(OriginError::Unreachable(e)),
-            None => Err(OriginError::Unknown(digest.clone())),
+        let body = r.bytes().await.map_err(|e| OriginError::Unreachable(e.to_string()))?;
+        let mut cache = lock(&self.metainfo);
+        if cache.len() >= self.max_cached {
+            cache.clear(); // crude but bounded; metainfo is cheap to refetch
         }
+        cache.insert(digest.clone(), body.clone());
+        Ok(body)
     }
 
-    /// Origins' peer listeners that hold the blob; empty when none answer.
+    /// Origins' peer listeners that hold the blob, as the first origin that answers lists them;
+    /// empty when none answers.
     pub async fn seeders(&self, digest: &Digest) -> Vec<PeerInfo> {
         if let Some((at, s)) = lock(&self.seeders).get(digest) {
             if at.elapsed() < self.seeder_ttl {
                 return s.clone();
             }
         }
-        let mut found = Vec::new();
-        for url in &self.urls {
-            let response = self.http.get(format!("{url}{}", locations_path(digest))).send().await;
-            let Ok(r) = response else { continue };
-            if !r.status().is_success() {
-                continue;
+        let found = match self.fetch_seeders(digest).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "no origin listed the blob's seeders");
+                Vec::new()
             }
-            let Ok(body) = r.bytes().await else { continue };
-            if let Ok(loc) = serde_json::from_slice::<Locations>(&body) {
-                found.extend(loc.seeders.into_iter().map(|s| PeerInfo {
-                    peer_id: s.peer_id,
-                    addr: s.addr,
-                    complete: true,
-                    origin: true,
-                }));
-            }
-        }
-        found.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
-        found.dedup_by(|a, b| a.peer_id == b.peer_id);
+        };
         let mut cache = lock(&self.seeders);
         if cache.len() >= self.max_cached {
             cache.clear();
@@ -106,8 +107,93 @@ impl Origins {
         cache.insert(digest.clone(), (Instant::now(), found.clone()));
         found
     }
+
+    async fn fetch_seeders(&self, digest: &Digest) -> Result<Vec<PeerInfo>, OriginError> {
+        let path = locations_path(digest);
+        let r = self
+            .origins
+            .send(|base| self.http.get(format!("{base}{path}")))
+            .await
+            .map_err(|e| OriginError::Unreachable(e.to_string()))?;
+        if !r.status().is_success() {
+            return Err(OriginError::Unreachable(format!("origin answered {}", r.status())));
+        }
+        let body = r.bytes().await.map_err(|e| OriginError::Unreachable(e.to_string()))?;
+        let loc = serde_json::from_slice::<Locations>(&body)
+            .map_err(|e| OriginError::Unreachable(format!("origin locations: {e}")))?;
+        let mut found: Vec<PeerInfo> = loc
+            .seeders
+            .into_iter()
+            .map(|s| PeerInfo { peer_id: s.peer_id, addr: s.addr, complete: true, origin: true })
+            .collect();
+        found.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        found.dedup_by(|a, b| a.peer_id == b.peer_id);
+        Ok(found)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode as Http;
+    use axum::routing::get;
+
+    /// A fake origin that lists one seeder for every blob and answers metainfo with `status`.
+    async fn fake_origin(status: Http) -> String {
+        let locations = axum::Json(serde_json::json!({
+            "seeders": [{"peer_id": "a".repeat(40), "addr": "127.0.0.1:7001"}]
+        }));
+        let app = axum::Router::new()
+            .route("/shoal/v1/blobs/{digest}/locations", get(move || async move { locations.clone() }))
+            .route("/shoal/v1/blobs/{digest}/metainfo", get(move || async move { (status, "{}") }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        url
+    }
+
+    fn closed_port() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    }
+
+    fn digest(s: &str) -> Digest {
+        Digest::of(shoal_registry::Algorithm::Sha256, s.as_bytes())
+    }
+
+    #[tokio::test]
+    async fn seeders_and_metainfo_fail_over_past_a_dead_origin() {
+        let live = fake_origin(Http::OK).await;
+        let origins = Origins::new(vec![closed_port(), live.clone()], Duration::from_secs(5)).unwrap();
+        let seeders = origins.seeders(&digest("x")).await;
+        assert_eq!(seeders.len(), 1);
+        assert!(seeders[0].origin && seeders[0].complete);
+        assert_eq!(origins.origins.preferred(), live, "the origin that answered is asked first");
+        assert_eq!(&origins.metainfo(&digest("y")).await.unwrap()[..], b"{}");
+    }
+
+    #[tokio::test]
+    async fn a_5xx_fails_over_and_a_404_is_an_answer() {
+        let broken = fake_origin(Http::SERVICE_UNAVAILABLE).await;
+        let live = fake_origin(Http::OK).await;
+        let origins = Origins::new(vec![broken, live.clone()], Duration::from_secs(5)).unwrap();
+        assert!(origins.metainfo(&digest("x")).await.is_ok());
+        assert_eq!(origins.origins.preferred(), live);
+
+        let missing = fake_origin(Http::NOT_FOUND).await;
+        let origins = Origins::new(vec![missing, live], Duration::from_secs(5)).unwrap();
+        assert!(matches!(origins.metainfo(&digest("x")).await, Err(OriginError::Unknown(_))));
+    }
+
+    #[tokio::test]
+    async fn no_live_origin_means_no_seeders_and_unreachable_metainfo() {
+        let origins = Origins::new(vec![closed_port(), closed_port()], Duration::from_secs(5)).unwrap();
+        assert!(origins.seeders(&digest("x")).await.is_empty());
+        assert!(matches!(origins.metainfo(&digest("x")).await, Err(OriginError::Unreachable(_))));
+        assert!(matches!(Origins::new(vec![], Duration::from_secs(1)), Err(OriginsBuildError::NoOrigins)));
+    }
 }

@@ -1,0 +1,251 @@
+//! [`Failover`]: one request, several equivalent origins. Origins form a cluster in which any
+//! origin answers any request the same way, so a client (agent or tracker) that lists several
+//! can survive the loss of one: a request that meets a connection error, a timeout, or a 5xx/429
+//! answer is sent to the next origin, each origin at most once per request. The origin that
+//! answered becomes the preferred one for later requests (sticky), so a dead origin costs one
+//! failed attempt, not one per request. Any other answer, 404 included, is the answer.
+//!
+//! The ordering and stickiness ([`Failover::order`], [`Failover::answered`]) are pure and tested
+//! here without a network; [`Failover::send`] drives them with `reqwest`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use prometheus::IntCounterVec;
+use reqwest::{RequestBuilder, Response, StatusCode};
+
+/// Why a request reached no origin.
+#[derive(Debug, thiserror::Error)]
+pub enum FailoverError {
+    /// The list was empty (after dropping blank entries): nothing to ask.
+    #[error("no origin URL given")]
+    NoUrls,
+    /// Every origin was tried once and none answered; the last failure, for the operator.
+    #[error("every origin failed; last: {0}")]
+    AllFailed(String),
+}
+
+/// Whether an origin's answer means "ask another origin" rather than "this is the answer":
+/// the origin is broken or overloaded (5xx) or shedding load (429).
+pub fn fails_over(status: StatusCode) -> bool {
+    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
+}
+
+/// Splits a comma-separated origin list (a flag or config value) into base URLs, dropping blank
+/// entries and trailing slashes, so `a,b/` and `a, b` both mean two origins.
+pub fn split_urls(list: &str) -> Vec<String> {
+    list.split(',').map(str::trim).filter(|u| !u.is_empty()).map(normalize).collect()
+}
+
+/// A base URL without trailing slashes, so paths can be appended with `format!`.
+fn normalize(url: &str) -> String {
+    url.trim().trim_end_matches('/').to_string()
+}
+
+/// A list of equivalent origin base URLs and which one to ask first.
+#[derive(Debug)]
+pub struct Failover {
+    urls: Vec<String>,
+    /// Index into `urls` of the origin that answered last.
+    preferred: AtomicUsize,
+    /// Failed attempts by origin URL, if the owner exports them.
+    failures: Option<IntCounterVec>,
+}
+
+impl Failover {
+    /// Starts with the first URL preferred, as a single-origin client always did.
+    pub fn new(urls: Vec<String>) -> Result<Failover, FailoverError> {
+        let urls: Vec<String> = urls.iter().map(|u| normalize(u)).filter(|u| !u.is_empty()).collect();
+        if urls.is_empty() {
+            return Err(FailoverError::NoUrls);
+        }
+        Ok(Failover { urls, preferred: AtomicUsize::new(0), failures: None })
+    }
+
+    /// Counts each failed attempt in `counter` (one label: the origin URL), so operators and
+    /// tests can see a dead origin being tried and then left alone.
+    pub fn count_failures(mut self, counter: IntCounterVec) -> Failover {
+        self.failures = Some(counter);
+        self
+    }
+
+    /// Every origin, in configuration order.
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// The origin the next request goes to first.
+    pub fn preferred(&self) -> &str {
+        &self.urls[self.preferred_index()]
+    }
+
+    fn preferred_index(&self) -> usize {
+        self.preferred.load(Ordering::Relaxed) % self.urls.len()
+    }
+
+    /// Indices into [`urls`](Self::urls) in the order one request tries them: the preferred
+    /// origin, then the following ones, wrapping around; each exactly once.
+    pub fn order(&self) -> Vec<usize> {
+        let n = self.urls.len();
+        let first = self.preferred_index();
+        (0..n).map(|i| (first + i) % n).collect()
+    }
+
+    /// Records that the origin at `index` answered: later requests start there.
+    pub fn answered(&self, index: usize) {
+        if index < self.urls.len() {
+            self.preferred.store(index, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends the request `build` makes for a base URL to each origin in [`order`](Self::order)
+    /// until one answers (anything but a connection error, timeout, 5xx or 429), and returns
+    /// that answer. Only the start of the request is covered: a body that breaks later is the
+    /// caller's to handle. `build` must set any timeout the request needs beyond the client's.
+    pub async fn send<B>(&self, build: B) -> Result<Response, FailoverError>
+    where
+        B: Fn(&str) -> RequestBuilder,
+    {
+        let mut last = String::new();
+        for index in self.order() {
+            let url = &self.urls[index];
+            let why = match build(url).send().await {
+                Ok(r) if fails_over(r.status()) => format!("{url} answered {}", r.status()),
+                Ok(r) => {
+                    self.answered(index);
+                    return Ok(r);
+                }
+                Err(e) => format!("{url}: {}", error_chain(&e)),
+            };
+            if let Some(failures) = &self.failures {
+                failures.with_label_values(&[url.as_str()]).inc();
+            }
+            if self.urls.len() > 1 {
+                tracing::warn!(origin = %url, error = %why, "origin request failed; trying the next origin");
+            }
+            last = why;
+        }
+        Err(FailoverError::AllFailed(last))
+    }
+}
+
+/// An error with its sources, which is where reqwest puts "connection refused".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn three() -> Failover {
+        Failover::new(vec!["http://a/".into(), "http://b".into(), "http://c".into()]).unwrap()
+    }
+
+    #[test]
+    fn starts_with_the_first_origin_and_tries_each_once() {
+        let f = three();
+        assert_eq!(f.order(), vec![0, 1, 2]);
+        assert_eq!(f.preferred(), "http://a");
+        assert_eq!(f.urls(), ["http://a", "http://b", "http://c"]);
+    }
+
+    #[test]
+    fn the_origin_that_answered_is_asked_first_next_time() {
+        let f = three();
+        // `a` failed, `b` answered: later requests skip `a` until `b` fails too.
+        f.answered(1);
+        assert_eq!(f.preferred(), "http://b");
+        assert_eq!(f.order(), vec![1, 2, 0]);
+        assert_eq!(f.order(), vec![1, 2, 0], "stays sticky without new answers");
+        // `b` and `c` fail, `a` is back: it answers and becomes preferred again.
+        f.answered(0);
+        assert_eq!(f.order(), vec![0, 1, 2]);
+        f.answered(2);
+        assert_eq!(f.order(), vec![2, 0, 1]);
+    }
+
+    #[test]
+    fn out_of_range_answers_are_ignored() {
+        let f = three();
+        f.answered(7);
+        assert_eq!(f.order(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn a_single_origin_is_always_first() {
+        let f = Failover::new(vec!["http://only".into()]).unwrap();
+        f.answered(0);
+        assert_eq!(f.order(), vec![0]);
+        assert_eq!(f.preferred(), "http://only");
+    }
+
+    #[test]
+    fn an_empty_list_is_an_error() {
+        assert!(matches!(Failover::new(vec![]), Err(FailoverError::NoUrls)));
+        assert!(matches!(Failover::new(vec![" ".into(), "/".into()]), Err(FailoverError::NoUrls)));
+    }
+
+    #[test]
+    fn splits_comma_separated_lists() {
+        assert_eq!(split_urls("http://a:5000"), ["http://a:5000"]);
+        assert_eq!(split_urls("http://a/, http://b:5000/ ,,"), ["http://a", "http://b:5000"]);
+        assert!(split_urls(" , ").is_empty());
+    }
+
+    #[test]
+    fn server_errors_and_429_fail_over_other_answers_do_not() {
+        for s in [500, 502, 503, 504, 429] {
+            assert!(fails_over(StatusCode::from_u16(s).unwrap()), "{s}");
+        }
+        for s in [200, 206, 304, 400, 401, 403, 404, 416] {
+            assert!(!fails_over(StatusCode::from_u16(s).unwrap()), "{s}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_moves_on_and_sticks_to_the_origin_that_answered() {
+        // A real listener that answers 404, and a port nothing listens on.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else { return };
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = [0u8; 1024];
+                    let _ = sock.read(&mut buf).await;
+                    let _ = sock
+                        .write_all(
+                            b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        )
+                        .await;
+                });
+            }
+        });
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        let counter = IntCounterVec::new(prometheus::Opts::new("f", "f"), &["origin"]).unwrap();
+        let f = Failover::new(vec![dead.clone(), live.clone()]).unwrap().count_failures(counter.clone());
+        let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build().unwrap();
+        for _ in 0..3 {
+            let r = f.send(|base| http.get(format!("{base}/x"))).await.unwrap();
+            assert_eq!(r.status(), StatusCode::NOT_FOUND, "a 404 is an answer");
+        }
+        assert_eq!(f.preferred(), live);
+        assert_eq!(counter.with_label_values(&[dead.as_str()]).get(), 1, "the dead origin is tried once");
+        assert_eq!(counter.with_label_values(&[live.as_str()]).get(), 0);
+
+        let none = Failover::new(vec![dead.clone()]).unwrap();
+        let err = none.send(|base| http.get(format!("{base}/x"))).await.unwrap_err();
+        assert!(matches!(err, FailoverError::AllFailed(ref e) if e.contains(&dead)), "{err}");
+    }
+}
