@@ -141,12 +141,17 @@ part3() {
     # Wait for the pulls only: the daemons are children of this shell too.
     wait "${pulls[@]}" || true
     [[ $(wc -l <"$T/times") -eq $n ]] || die "some pulls failed"
-    egress=$(($(metric "$ORIGIN_URL" shoal_origin_peer_sent_bytes_total) + $(metric "$ORIGIN_URL" shoal_origin_http_sent_bytes_total)))
+    local peer_egress http_egress
+    peer_egress=$(metric "$ORIGIN_URL" shoal_origin_peer_sent_bytes_total)
+    http_egress=$(metric "$ORIGIN_URL" shoal_origin_http_sent_bytes_total)
+    egress=$((peer_egress + http_egress))
     times=$(cat "$T/times")
-    say "$(printf '%-4s %-10s %-10s %s' "$n" \
+    say "$(printf '%-4s %-10s %-10s %-19s (peer protocol %s, HTTP fallback %s)' "$n" \
       "$(ratio "$(echo "$times" | median)" "$ideal")" \
       "$(ratio "$(echo "$times" | pct 99)" "$ideal")" \
-      "$(ratio "$egress" "$((FLEET_MIB * 1024 * 1024))")")"
+      "$(ratio "$egress" "$((FLEET_MIB * 1024 * 1024))")" \
+      "$(ratio "$peer_egress" "$((FLEET_MIB * 1024 * 1024))")" \
+      "$(ratio "$http_egress" "$((FLEET_MIB * 1024 * 1024))")")"
     stop_cluster
     rm -f "$f"
   done

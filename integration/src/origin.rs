@@ -267,6 +267,20 @@ pub(crate) fn shoal_binary() -> PathBuf {
 
 /// A port that was free a moment ago on 127.0.0.1 (also: a port where nothing listens).
 pub fn free_port() -> u16 {
+    // Below the kernel's ephemeral range (32768-60999 by default): ports handed out for
+    // `--peer-listen 127.0.0.1:0` and for outgoing connections come from that range, and
+    // one of them could take a port picked here before the process that needs it binds it.
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let span = 12_000u16;
+    let start = (std::process::id() as u16).wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed) % span) % span;
+        let port = 20_000 + offset;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())

@@ -265,6 +265,19 @@ impl OriginCluster {
                 return Err(format!("origin {i} ({url}): {why}"));
             }
         }
+        // Another test's process may have taken a port between the probe and the bind, and
+        // answered /healthz for an origin that then failed to start. The admin API needs this
+        // cluster's secret, so only our own origins answer it.
+        for i in 0..running {
+            let url = self.nodes[i].url();
+            if let Err(why) = self.try_members(i).await {
+                return Err(format!("origin {i} ({url}) is not ours: {why}"));
+            }
+            let child = self.nodes[i].child.as_mut().expect("just spawned");
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("origin {i} ({url}) exited: {status}"));
+            }
+        }
         Ok(())
     }
 
