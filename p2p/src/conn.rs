@@ -87,8 +87,31 @@ pub async fn run(
         return;
     }
     let (mut sink, mut stream) = framed.split();
+    // Tell the server which pieces this side gains: a super-seeding origin declines pieces
+    // that a connected peer can pass on instead.
+    let mut progress = pieces.subscribe();
+    let mut advertised = pieces.have();
     let reason = loop {
         tokio::select! {
+            changed = progress.changed() => {
+                if changed.is_err() {
+                    // Cannot happen while this connection holds the piece store.
+                    break "piece store closed".to_string();
+                }
+                let now = pieces.have();
+                let new: Vec<u32> = now.iter_set().filter(|&i| !advertised.get(i)).collect();
+                advertised = now;
+                let mut sent = Ok(());
+                for index in new {
+                    sent = sink.send(Message::Have(index)).await;
+                    if sent.is_err() {
+                        break;
+                    }
+                }
+                if let Err(e) = sent {
+                    break e.to_string();
+                }
+            }
             cmd = cmd_rx.recv() => {
                 let msg = match cmd {
                     None => break "swarm closed the connection".to_string(),
