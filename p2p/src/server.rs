@@ -55,11 +55,22 @@ pub struct PeerServer {
 /// connected peers already hold (from their handshakes and `have` messages).
 pub struct SuperSeed {
     window: Duration,
+    reask_after: Duration,
+    linger: Duration,
     sent: std::sync::Mutex<std::collections::HashMap<(Digest, u32), (std::time::Instant, PeerId)>>,
     holders: std::sync::Mutex<std::collections::HashMap<Digest, Holders>>,
     /// When each peer was first told to fetch a piece elsewhere.
     declined: std::sync::Mutex<std::collections::HashMap<(Digest, u32, PeerId), std::time::Instant>>,
+    /// Peers that disconnected, whose pieces still count for [`HOLDER_LINGER`].
+    departed: std::sync::Mutex<VecDeque<(std::time::Instant, Digest, Bitfield)>>,
 }
+
+/// An agent closes its connection to the origin when its download completes, but it keeps
+/// seeding the blob (and the tracker hands it out first), so its pieces still count as held
+/// for this long after it left.
+pub const HOLDER_LINGER: Duration = Duration::from_secs(60);
+/// Departed peers remembered at most (oldest forgotten first).
+const MAX_DEPARTED: usize = 10_000;
 
 /// A peer that asks again for a piece it was told to fetch elsewhere at least this long ago
 /// gets it: none of its own peers had it in the meantime (agents back off 2 s after a
@@ -67,7 +78,7 @@ pub struct SuperSeed {
 /// bandwidth on the agents that are actually starved. Shorter re-ask times buy tail latency
 /// with origin egress: with 16 agents at 10 MiB/s, 1.5 s gave p99 1.07 × ideal but 2.4 × the
 /// blob from the origin; 6 s gave 1.15 and 1.59; 10 s gave 1.28 and 1.47 (docs/benchmarks.md).
-const REASK_AFTER: Duration = Duration::from_secs(10);
+pub const REASK_AFTER: Duration = Duration::from_secs(10);
 /// Decline records older than this are forgotten.
 const DECLINE_MEMORY: Duration = Duration::from_secs(30);
 
@@ -78,12 +89,22 @@ struct Holders {
 }
 
 impl SuperSeed {
+    /// Super-seeding with a `window` after each piece sent and the default re-ask and
+    /// linger times ([`REASK_AFTER`], [`HOLDER_LINGER`]).
     pub fn new(window: Duration) -> SuperSeed {
+        SuperSeed::with_timing(window, REASK_AFTER, HOLDER_LINGER)
+    }
+
+    /// Super-seeding with every time set (tests use short ones).
+    pub fn with_timing(window: Duration, reask_after: Duration, linger: Duration) -> SuperSeed {
         SuperSeed {
             window,
+            reask_after,
+            linger,
             sent: Default::default(),
             holders: Default::default(),
             declined: Default::default(),
+            departed: Default::default(),
         }
     }
 
@@ -112,8 +133,44 @@ impl SuperSeed {
         }
     }
 
-    /// A peer holding `have` disconnected.
+    /// A peer holding `have` disconnected: its pieces stop counting after [`HOLDER_LINGER`].
     fn leave(&self, digest: &Digest, have: &Bitfield) {
+        let now = std::time::Instant::now();
+        let mut departed = self.departed.lock().unwrap_or_else(|p| p.into_inner());
+        departed.push_back((now, digest.clone(), have.clone()));
+        let mut expired = Vec::new();
+        while let Some((at, _, _)) = departed.front() {
+            if now.duration_since(*at) < self.linger && departed.len() <= MAX_DEPARTED {
+                break;
+            }
+            if let Some(d) = departed.pop_front() {
+                expired.push(d);
+            }
+        }
+        drop(departed);
+        for (_, digest, have) in expired {
+            self.forget(&digest, &have);
+        }
+    }
+
+    /// Age out departed peers whose linger time is over.
+    fn expire_departed(&self) {
+        let now = std::time::Instant::now();
+        let mut departed = self.departed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut expired = Vec::new();
+        while departed.front().is_some_and(|(at, _, _)| now.duration_since(*at) >= self.linger) {
+            if let Some(d) = departed.pop_front() {
+                expired.push(d);
+            }
+        }
+        drop(departed);
+        for (_, digest, have) in expired {
+            self.forget(&digest, &have);
+        }
+    }
+
+    /// Stop counting a departed peer's pieces.
+    fn forget(&self, digest: &Digest, have: &Bitfield) {
         let mut all = self.holders();
         let Some(h) = all.get_mut(digest) else { return };
         h.connections = h.connections.saturating_sub(1);
@@ -132,6 +189,7 @@ impl SuperSeed {
     /// peer was already sent away for it [`REASK_AFTER`] ago, or one sent to another peer
     /// within the window (it is on its way there).
     fn claim(&self, digest: &Digest, index: u32, peer: PeerId) -> bool {
+        self.expire_departed();
         let now = std::time::Instant::now();
         let held_elsewhere =
             self.holders().get(digest).and_then(|h| h.counts.get(index as usize)).is_some_and(|&c| c > 0);
@@ -142,7 +200,7 @@ impl SuperSeed {
             }
             let first = *declined.entry((digest.clone(), index, peer)).or_insert(now);
             let elapsed = now.duration_since(first);
-            if elapsed < REASK_AFTER || elapsed >= DECLINE_MEMORY {
+            if elapsed < self.reask_after || elapsed >= DECLINE_MEMORY {
                 if elapsed >= DECLINE_MEMORY {
                     declined.insert((digest.clone(), index, peer), now);
                 }
@@ -386,7 +444,9 @@ mod tests {
         s.gained(&d, 2);
         assert!(!s.claim(&d, 2, b), "announced with have");
         s.leave(&d, &holder);
-        assert!(s.claim(&d, 1, b), "the only holder of piece 1 left");
+        assert!(!s.claim(&d, 1, b), "a peer that just left still seeds what it has");
+        s.forget(&d, &holder);
+        assert!(s.claim(&d, 1, b), "the only holder of piece 1 is gone");
         s.gained(&d, 9); // out of range: ignored, no panic
         assert!(!s.claim(&d, 2, a), "the other peer still holds piece 2");
     }
@@ -404,12 +464,26 @@ mod tests {
 
     #[test]
     fn a_peer_that_asks_again_after_a_decline_is_served() {
-        let s = SuperSeed::new(Duration::from_secs(3));
+        let reask = Duration::from_millis(100);
+        let s = SuperSeed::with_timing(Duration::from_secs(3), reask, HOLDER_LINGER);
         let (d, a) = (digest(), PeerId::random());
         s.join(&d, &bits(4, &[2]));
         assert!(!s.claim(&d, 2, a));
-        std::thread::sleep(REASK_AFTER + Duration::from_millis(50));
+        std::thread::sleep(reask + Duration::from_millis(50));
         assert!(s.claim(&d, 2, a), "none of its peers had it for a while: it is starved");
         assert!(!s.claim(&d, 2, PeerId::random()), "a first ask from another peer is still declined");
+    }
+
+    #[test]
+    fn a_departed_peer_counts_as_a_holder_for_the_linger_time() {
+        let linger = Duration::from_millis(100);
+        let s = SuperSeed::with_timing(Duration::from_secs(3), REASK_AFTER, linger);
+        let (d, a) = (digest(), PeerId::random());
+        let holder = bits(4, &[0, 1]);
+        s.join(&d, &holder);
+        s.leave(&d, &holder);
+        assert!(!s.claim(&d, 0, a), "it just finished and still seeds");
+        std::thread::sleep(linger + Duration::from_millis(50));
+        assert!(s.claim(&d, 1, a), "long gone: the origin serves it");
     }
 }
