@@ -33,10 +33,20 @@ fn failed() -> PieceError {
     PieceError::Io(std::io::Error::other("blob failed verification and was discarded"))
 }
 
+/// The whole-blob hash of a download, carried along its contiguous prefix of pieces as they
+/// arrive, so finishing does not read and hash the whole file again.
+struct PrefixHash {
+    hasher: shoal_registry::digest::Hasher,
+    /// The first piece not hashed yet.
+    next: u32,
+}
+
 /// A blob this node has all or some pieces of.
 pub struct BlobPieces {
     metainfo: Arc<Metainfo>,
     state: RwLock<State>,
+    /// For a download: the running whole-blob hash (see [`BlobPieces::advance_hash`]).
+    prefix: Option<std::sync::Mutex<PrefixHash>>,
     /// Number of pieces held; changes whenever a piece arrives.
     progress: watch::Sender<u32>,
     /// Whatever must live as long as this blob is served (e.g. a cache pin against eviction).
@@ -51,6 +61,7 @@ impl BlobPieces {
         Ok(BlobPieces {
             metainfo,
             state: RwLock::new(State::Complete { file, path: path.to_path_buf() }),
+            prefix: None,
             progress: watch::Sender::new(count),
             _guard: None,
         })
@@ -68,9 +79,11 @@ impl BlobPieces {
         let file = PieceFile::open(path, (*metainfo).clone())?.with_persist_every(u32::MAX);
         let count = file.have().count();
         let state = State::Partial(file, std::time::Instant::now());
+        let prefix = PrefixHash { hasher: metainfo.digest().algorithm().hasher(), next: 0 };
         Ok(BlobPieces {
             metainfo,
             state: RwLock::new(state),
+            prefix: Some(std::sync::Mutex::new(prefix)),
             progress: watch::Sender::new(count),
             _guard: None,
         })
@@ -177,13 +190,52 @@ impl BlobPieces {
         Ok(buf)
     }
 
+    /// Hash piece `index` (its `data`, just written) into the running whole-blob hash if it
+    /// is the first piece not hashed yet. Blocking but short: one piece, no I/O.
+    pub fn extend_hash(&self, index: u32, data: &[u8]) {
+        let Some(Ok(mut prefix)) = self.prefix.as_ref().map(|m| m.try_lock()) else { return };
+        if prefix.next == index {
+            prefix.hasher.update(data);
+            prefix.next += 1;
+        }
+    }
+
+    /// Whether the piece after the hashed prefix is already held, so
+    /// [`advance_hash`](Self::advance_hash) has work to do.
+    pub fn hash_can_advance(&self) -> bool {
+        let next = self.prefix.as_ref().and_then(|m| m.try_lock().ok()).map(|p| p.next);
+        next.is_some_and(|n| n < self.metainfo.piece_count() && self.has(n))
+    }
+
+    /// Hash the pieces held right after the hashed prefix, in order, until a missing one.
+    /// Each piece is read under the shared lock, so downloads and readers go on meanwhile.
+    /// Blocking; returns at once if another thread is already advancing.
+    pub fn advance_hash(&self) {
+        let Some(Ok(mut prefix)) = self.prefix.as_ref().map(|m| m.try_lock()) else { return };
+        while prefix.next < self.metainfo.piece_count() && self.has(prefix.next) {
+            let Ok(data) = self.read_piece(prefix.next) else { return };
+            prefix.hasher.update(&data);
+            prefix.next += 1;
+        }
+    }
+
     /// Verify the whole blob and move it to `dest`; readers continue from there. On failure
     /// the blob is unusable (its pieces matched but the whole did not) and reads fail. Blocking.
     /// The whole-file hash runs under the shared lock, so readers (including async tasks that
     /// check `has`) are never held up for it; the exclusive lock covers only the rename.
     pub fn finish(&self, dest: &Path) -> Result<(), PieceError> {
+        // Snapshot the running hash before taking the state lock: `advance_hash` holds the
+        // prefix while it takes the state lock, so the other order could deadlock.
+        let prefix = self.prefix.as_ref().and_then(|m| m.lock().ok()).map(|p| (p.hasher.clone(), p.next));
         let verified = match &*self.read_state() {
-            State::Partial(pieces, _) => pieces.verify(),
+            State::Partial(pieces, _) => match prefix {
+                // Continue the running hash from where it stopped (usually the end).
+                Some((hasher, next)) => {
+                    let offset = self.metainfo.piece_range(next).map_or(self.metainfo.size(), |r| r.0);
+                    pieces.verify_from(hasher, offset)
+                }
+                None => pieces.verify(),
+            },
             _ => return Ok(()),
         };
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
@@ -199,5 +251,81 @@ impl BlobPieces {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_registry::{Algorithm, Digest};
+
+    fn setup(pieces: usize) -> (tempfile::TempDir, Vec<u8>, Arc<Metainfo>) {
+        let data: Vec<u8> = (0..pieces * 64 * 1024 + 999).map(|i| (i * 7 % 253) as u8).collect();
+        let meta = Metainfo::compute(&data[..], data.len() as u64, Algorithm::Sha256).unwrap();
+        (tempfile::tempdir().unwrap(), data, Arc::new(meta))
+    }
+
+    fn piece<'a>(meta: &Metainfo, data: &'a [u8], i: u32) -> &'a [u8] {
+        let (start, len) = meta.piece_range(i).unwrap();
+        &data[start as usize..(start + len) as usize]
+    }
+
+    /// Write pieces in `order` as the swarm does (extend, then catch up when possible).
+    fn download(blob: &BlobPieces, meta: &Metainfo, data: &[u8], order: &[u32]) {
+        for &i in order {
+            assert!(blob.write_piece(i, piece(meta, data, i)).unwrap());
+            blob.extend_hash(i, piece(meta, data, i));
+            if blob.hash_can_advance() {
+                blob.advance_hash();
+            }
+        }
+    }
+
+    fn hashed_upto(blob: &BlobPieces) -> u32 {
+        blob.prefix.as_ref().unwrap().lock().unwrap().next
+    }
+
+    #[test]
+    fn the_running_hash_follows_the_contiguous_prefix_and_finish_uses_it() {
+        let (dir, data, meta) = setup(6);
+        let count = meta.piece_count();
+        let blob = BlobPieces::partial(&dir.path().join("b.part"), meta.clone()).unwrap();
+        download(&blob, &meta, &data, &[2, 3, 1]);
+        assert_eq!(hashed_upto(&blob), 0, "piece 0 is missing: nothing hashed yet");
+        download(&blob, &meta, &data, &[0]);
+        assert_eq!(hashed_upto(&blob), 4, "0 from memory, then 1-3 caught up");
+        let rest: Vec<u32> = (4..count).rev().collect();
+        download(&blob, &meta, &data, &rest);
+        assert_eq!(hashed_upto(&blob), count, "the whole blob is hashed before finish");
+        let dest = dir.path().join("final");
+        blob.finish(&dest).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), data);
+    }
+
+    #[test]
+    fn finish_hashes_what_the_running_hash_did_not_reach() {
+        let (dir, data, meta) = setup(5);
+        let blob = BlobPieces::partial(&dir.path().join("b.part"), meta.clone()).unwrap();
+        // Written without the hash helpers (as after a restart): finish reads it all.
+        for i in (0..meta.piece_count()).rev() {
+            blob.write_piece(i, piece(&meta, &data, i)).unwrap();
+        }
+        assert_eq!(hashed_upto(&blob), 0);
+        let dest = dir.path().join("final");
+        blob.finish(&dest).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), data);
+    }
+
+    #[test]
+    fn a_blob_whose_pieces_match_but_whole_does_not_fails_to_finish() {
+        // Pieces of one blob under a metainfo that names another digest.
+        let (dir, data, meta) = setup(3);
+        let wrong = Digest::of(Algorithm::Sha256, b"something else");
+        let mut json = serde_json::to_value(&*meta).unwrap();
+        json["digest"] = serde_json::Value::String(wrong.to_string());
+        let bad = Arc::new(serde_json::from_value::<Metainfo>(json).unwrap());
+        let blob = BlobPieces::partial(&dir.path().join("b.part"), bad.clone()).unwrap();
+        download(&blob, &bad, &data, &(0..bad.piece_count()).collect::<Vec<_>>());
+        assert!(matches!(blob.finish(&dir.path().join("final")), Err(PieceError::DigestMismatch { .. })));
     }
 }

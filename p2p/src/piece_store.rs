@@ -221,11 +221,17 @@ impl PieceFile {
     /// Check that every piece is here and the whole file has the blob's digest. Takes `&self`
     /// so callers can run it without excluding readers.
     pub fn verify(&self) -> Result<(), PieceError> {
+        self.verify_from(self.metainfo.digest().algorithm().hasher(), 0)
+    }
+
+    /// [`verify`](Self::verify) for a caller that already hashed the first `offset` bytes
+    /// into `hasher` (from verified pieces, as they arrived): only the rest is read.
+    pub fn verify_from(&self, hasher: shoal_registry::digest::Hasher, offset: u64) -> Result<(), PieceError> {
         let missing = self.have.len() - self.have.count();
         if missing > 0 {
             return Err(PieceError::Incomplete { missing });
         }
-        let actual = self.hash_file()?;
+        let actual = self.hash_file_from(hasher, offset)?;
         let expected = self.metainfo.digest();
         if &actual != expected {
             return Err(PieceError::DigestMismatch { expected: expected.clone(), actual });
@@ -257,11 +263,13 @@ impl PieceFile {
         Ok(())
     }
 
-    fn hash_file(&self) -> io::Result<Digest> {
-        let mut hasher = self.metainfo.digest().algorithm().hasher();
+    fn hash_file_from(
+        &self,
+        mut hasher: shoal_registry::digest::Hasher,
+        mut offset: u64,
+    ) -> io::Result<Digest> {
         let mut buf = vec![0u8; HASH_CHUNK];
         // Positional reads: all writes are positional too, so the file cursor means nothing.
-        let mut offset = 0u64;
         loop {
             match self.file.read_at(&mut buf, offset) {
                 Ok(0) => break,
