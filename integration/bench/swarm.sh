@@ -64,6 +64,11 @@ agent_config() { # agent_config FILE [RATE_MIB]
   } >"$1"
 }
 
+# cpu_seconds PID: user + system CPU seconds the process has used so far.
+cpu_seconds() {
+  awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"
+}
+
 part1() {
   say ""
   say "-- 1. one seeder -> one cold agent, ${BIG_MIB} MiB, loopback, unshaped"
@@ -84,7 +89,10 @@ part1() {
   local t_file
   t_file=$(curl -sf -o "$T/curl-out" -w '%{time_total}' "$reg_url/v2/bench/big/blobs/$d")
   rm -f "$T/curl-out"
+  local cpu_before cpu_after
+  cpu_before=$(cpu_seconds "$AGENT_PID")
   t_swarm=$(curl -sf -o /dev/null -w '%{time_total}' "$AGENT_URL/v2/bench/big/blobs/$d")
+  cpu_after=$(cpu_seconds "$AGENT_PID")
   local mbs_swarm mbs_base mbs_file
   mbs_swarm=$(awk -v s="$BIG_MIB" -v t="$t_swarm" 'BEGIN {printf "%.0f", s*1.048576/t}')
   mbs_base=$(awk -v s="$BIG_MIB" -v t="$t_base" 'BEGIN {printf "%.0f", s*1.048576/t}')
@@ -92,6 +100,7 @@ part1() {
   say "agent (swarm, cold):             ${t_swarm}s  ${mbs_swarm} MB/s"
   say "docker-registry curl > /dev/null: ${t_base}s  ${mbs_base} MB/s"
   say "docker-registry curl > file:      ${t_file}s  ${mbs_file} MB/s  (same filesystem as the agent's cache)"
+  say "agent CPU for the pull:          $(awk -v a="$cpu_before" -v b="$cpu_after" 'BEGIN {printf "%.2f", b - a}') s (user + system; steadier than wall time on a shared machine)"
   say "throughput ratio swarm/registry: $(ratio "$mbs_swarm" "$mbs_base") (to /dev/null), $(ratio "$mbs_swarm" "$mbs_file") (to a file)  (goal >= 1)"
   stop_cluster
   rm -f "$f"
