@@ -154,8 +154,22 @@ impl BlobPieces {
         }
         let count = file.have().count();
         drop(state);
-        self.progress.send_replace(count);
+        self.publish_count(count);
         Ok(true)
+    }
+
+    /// Announce `count` pieces held. Two writers can get here in either order after releasing
+    /// the state lock, so only an increase is published; otherwise the later of them could set
+    /// the count back, and a finished download would never look complete (its swarm then
+    /// stalled for 60 s with every piece held, as seen in the preheat test).
+    fn publish_count(&self, count: u32) {
+        self.progress.send_if_modified(|held| {
+            let newer = count > *held;
+            if newer {
+                *held = count;
+            }
+            newer
+        });
     }
 
     /// Read bytes at `offset`, up to the first missing piece; `Missing` if the piece at
@@ -327,5 +341,17 @@ mod tests {
         let blob = BlobPieces::partial(&dir.path().join("b.part"), bad.clone()).unwrap();
         download(&blob, &bad, &data, &(0..bad.piece_count()).collect::<Vec<_>>());
         assert!(matches!(blob.finish(&dir.path().join("final")), Err(PieceError::DigestMismatch { .. })));
+    }
+
+    #[test]
+    fn a_late_writer_cannot_set_the_progress_count_back() {
+        let (dir, _data, meta) = setup(3);
+        let blob = BlobPieces::partial(&dir.path().join("b.part"), meta.clone()).unwrap();
+        let count = meta.piece_count();
+        // The writer of the last piece publishes first, the one before it second.
+        blob.publish_count(count);
+        blob.publish_count(count - 1);
+        assert!(blob.is_complete());
+        assert_eq!(*blob.subscribe().borrow(), count);
     }
 }
