@@ -15,7 +15,7 @@ use crate::bitfield::Bitfield;
 use crate::blob::BlobPieces;
 use crate::limiter::RateLimiter;
 use crate::peer::PeerId;
-use crate::wire::{Message, PeerCodec, PROTOCOL_VERSION};
+use crate::wire::{send_new_haves, Message, PeerCodec, PROTOCOL_VERSION};
 
 /// Commands from the event loop to a connection.
 #[derive(Debug)]
@@ -98,17 +98,7 @@ pub async fn run(
                     // Cannot happen while this connection holds the piece store.
                     break "piece store closed".to_string();
                 }
-                let now = pieces.have();
-                let new: Vec<u32> = now.iter_set().filter(|&i| !advertised.get(i)).collect();
-                advertised = now;
-                let mut sent = Ok(());
-                for index in new {
-                    sent = sink.send(Message::Have(index)).await;
-                    if sent.is_err() {
-                        break;
-                    }
-                }
-                if let Err(e) = sent {
+                if let Err(e) = send_new_haves(&mut sink, &mut advertised, pieces.have()).await {
                     break e.to_string();
                 }
             }

@@ -17,7 +17,7 @@ use crate::blob::BlobPieces;
 use crate::limiter::RateLimiter;
 use crate::metrics::SwarmMetrics;
 use crate::peer::PeerId;
-use crate::wire::{Message, PeerCodec, PROTOCOL_VERSION};
+use crate::wire::{send_new_haves, Message, PeerCodec, PROTOCOL_VERSION};
 
 /// How long a new connection may take to say which blob it wants.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -359,17 +359,7 @@ impl PeerServer {
                     if changed.is_err() {
                         continue;
                     }
-                    let now = pieces.have();
-                    let new: Vec<u32> = now.iter_set().filter(|&i| !advertised.get(i)).collect();
-                    advertised = now;
-                    let mut sent = Ok(());
-                    for index in new {
-                        sent = sink.send(Message::Have(index)).await;
-                        if sent.is_err() {
-                            break;
-                        }
-                    }
-                    if let Err(e) = sent {
+                    if let Err(e) = send_new_haves(&mut sink, &mut advertised, pieces.have()).await {
                         break Err(e.to_string());
                     }
                 },

@@ -307,6 +307,25 @@ impl Encoder<Message> for PeerCodec {
     }
 }
 
+/// Send `have` for every piece in `now` that `advertised` lacks, then remember `now` as
+/// advertised: how each side of a connection keeps the other up to date.
+pub async fn send_new_haves<S>(
+    sink: &mut S,
+    advertised: &mut crate::bitfield::Bitfield,
+    now: crate::bitfield::Bitfield,
+) -> Result<(), S::Error>
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    use futures_util::SinkExt;
+    let new: Vec<u32> = now.iter_set().filter(|&i| !advertised.get(i)).collect();
+    *advertised = now;
+    for index in new {
+        sink.send(Message::Have(index)).await?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
