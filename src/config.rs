@@ -101,11 +101,16 @@ impl Default for ClusterSection {
 pub struct Limits {
     /// Registry requests served at once; more get 429 `TOOMANYREQUESTS`.
     pub max_concurrent_requests: usize,
+    /// Upload sessions open at once; more get 429 `TOOMANYREQUESTS`.
+    pub max_upload_sessions: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_concurrent_requests: 1024 }
+        Limits {
+            max_concurrent_requests: 1024,
+            max_upload_sessions: shoal_origin::DEFAULT_MAX_UPLOAD_SESSIONS,
+        }
     }
 }
 

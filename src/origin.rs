@@ -106,6 +106,7 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
     let store = OriginStore::open(StoreConfig {
         data_dir: config.data_dir.clone(),
         upload_idle_timeout: config.upload_idle_timeout,
+        max_upload_sessions: config.limits.max_upload_sessions,
     })
     .await
     .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;

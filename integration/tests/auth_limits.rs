@@ -185,3 +185,22 @@ async fn limits_concurrent_requests_over_limit_return_429() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// TOOMANYREQUESTS for upload sessions: with `max_upload_sessions = 2`, a third open
+/// session is refused with 429 and `Retry-After`, nothing is created for it, and cancelling
+/// one session makes room again.
+#[tokio::test]
+async fn limits_open_upload_sessions_over_limit_return_429() {
+    skip_if_external!("needs a Shoal config");
+    let origin = Origin::start_with_config("[limits]\nmax_upload_sessions = 2\n").await;
+    let client = origin.client();
+    let repo = unique_repo("sessions");
+    let first = client.start_upload(&repo).await;
+    client.start_upload(&repo).await;
+    let refused =
+        client.post(&format!("/v2/{repo}/blobs/uploads/")).header("Content-Length", "0").reply().await;
+    refused.expect_error(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS");
+    assert!(refused.headers.contains_key("retry-after"), "{}", refused.describe());
+    client.delete(&first).reply().await.expect(StatusCode::NO_CONTENT);
+    client.start_upload(&repo).await;
+}

@@ -10,4 +10,4 @@ mod store;
 mod uploads;
 
 pub use layout::Layout;
-pub use store::{upload_home, OriginStore, StoreConfig};
+pub use store::{upload_home, OriginStore, StoreConfig, DEFAULT_MAX_UPLOAD_SESSIONS};

@@ -25,7 +25,13 @@ pub struct StoreConfig {
     pub data_dir: PathBuf,
     /// An upload session untouched this long is discarded.
     pub upload_idle_timeout: Duration,
+    /// Upload sessions open at once; more get `TooManyUploads` (each holds a file and disk).
+    pub max_upload_sessions: usize,
 }
+
+/// Default cap on open upload sessions: far above what a CI fleet keeps open, low enough
+/// that a misbehaving client cannot exhaust file handles and disk with empty sessions.
+pub const DEFAULT_MAX_UPLOAD_SESSIONS: usize = 10_000;
 
 pub(crate) struct Inner {
     pub(crate) layout: Layout,
@@ -140,6 +146,10 @@ impl OriginStore {
     /// Open a session. `home` (this origin's cluster id) is written into the session id, so
     /// that any other origin that receives a request for the session knows where it lives.
     pub async fn upload_start(&self, repo: &RepoName, home: &str) -> Result<UploadState, StoreError> {
+        let max = self.inner.config.max_upload_sessions;
+        if self.inner.sessions.len() >= max {
+            return Err(StoreError::TooManyUploads(max));
+        }
         let id = format!("{}.{}", uuid::Uuid::new_v4(), hex::encode(home));
         let path = self.inner.layout.upload(&id);
         let inner = self.inner.clone();

@@ -37,6 +37,11 @@ pub struct Sessions {
 }
 
 impl Sessions {
+    /// Sessions open now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
     pub fn insert(&self, id: String, session: Session) {
         self.lock().insert(id, Arc::new(Mutex::new(session)));
     }

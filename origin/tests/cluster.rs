@@ -140,6 +140,7 @@ async fn world() -> (Arc<World>, Vec<Arc<Coordinator>>) {
         let store = OriginStore::open(StoreConfig {
             data_dir: dir.path().to_path_buf(),
             upload_idle_timeout: Duration::from_secs(3600),
+            max_upload_sessions: 100,
         })
         .await
         .unwrap();

@@ -11,7 +11,11 @@ use shoal_registry::store::{NewManifest, Reference};
 use shoal_registry::{Algorithm, ByteStream, Digest, RegistryStore, RepoName, StoreError};
 
 fn config(dir: &std::path::Path) -> StoreConfig {
-    StoreConfig { data_dir: dir.to_path_buf(), upload_idle_timeout: Duration::from_secs(3600) }
+    StoreConfig {
+        data_dir: dir.to_path_buf(),
+        upload_idle_timeout: Duration::from_secs(3600),
+        max_upload_sessions: 100,
+    }
 }
 
 async fn open_single(config: StoreConfig) -> Result<ClusterStore, StoreError> {
@@ -187,6 +191,7 @@ async fn idle_sessions_expire() {
     let store = open_single(StoreConfig {
         data_dir: dir.path().to_path_buf(),
         upload_idle_timeout: Duration::from_millis(300),
+        max_upload_sessions: 100,
     })
     .await
     .unwrap();
@@ -291,4 +296,16 @@ async fn gc_sweeps_only_unreferenced_blobs_past_the_grace_period() {
     assert_eq!(read_all(&store, &r, &config_d).await, b"{}");
     let got = store.manifest_get(&r, &Reference::Tag("b".parse().unwrap())).await.unwrap().unwrap();
     assert_eq!(got.digest, b.digest);
+}
+
+#[tokio::test]
+async fn upload_sessions_are_capped_and_a_finished_one_frees_a_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_single(StoreConfig { max_upload_sessions: 2, ..config(dir.path()) }).await.unwrap();
+    let r = repo("x");
+    let first = store.upload_start(&r).await.unwrap();
+    store.upload_start(&r).await.unwrap();
+    assert!(matches!(store.upload_start(&r).await, Err(StoreError::TooManyUploads(2))));
+    store.upload_cancel(&r, &first.id).await.unwrap();
+    store.upload_start(&r).await.unwrap();
 }

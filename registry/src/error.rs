@@ -182,6 +182,9 @@ pub enum StoreError {
     NameUnknown,
     #[error("storage is full")]
     StorageFull,
+    /// Too many upload sessions are open; the client should retry after others finish.
+    #[error("too many upload sessions are open ({0}); finish or cancel some")]
+    TooManyUploads(usize),
     /// A service the store depends on (an agent's origin) cannot answer now; clients retry.
     #[error("upstream unavailable: {0}")]
     Unavailable(String),
@@ -226,6 +229,8 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(_) => {
                 ApiError::new(ErrorCode::Unknown, message).with_status(StatusCode::SERVICE_UNAVAILABLE)
             }
+            StoreError::TooManyUploads(_) => ApiError::new(ErrorCode::TooManyRequests, message)
+                .with_header(header::RETRY_AFTER, HeaderValue::from_static("10")),
             StoreError::StorageFull => {
                 ApiError::new(ErrorCode::Unknown, message).with_status(StatusCode::INSUFFICIENT_STORAGE)
             }
