@@ -6,6 +6,7 @@ pub mod coordinator;
 pub mod gc;
 pub mod internal_api;
 pub mod local;
+pub mod member_entry;
 pub mod membership;
 pub mod metrics;
 pub mod node;
