@@ -124,24 +124,10 @@ impl ClusterSpec {
     }
 }
 
-/// `POST /shoal/v1/admin/repair`: what one full repair pass on one origin did.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-pub struct RepairReport {
-    pub copied_blobs: u64,
-    pub copied_bytes: u64,
-    pub removed_blobs: u64,
-    pub synced_repos: u64,
-    pub removed_repos: u64,
-    pub failures: u64,
-}
-
-/// `POST /shoal/v1/admin/gc`: what one cluster-wide mark-and-sweep did.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-pub struct GcReport {
-    pub marked_blobs: u64,
-    pub swept_blobs: u64,
-    pub swept_bytes: u64,
-}
+/// What `POST /shoal/v1/admin/repair` and `POST /shoal/v1/admin/gc` answer: the origin's
+/// own report types, so the tests read exactly what the origin writes.
+pub use shoal_origin::cluster::gc::GcReport;
+pub use shoal_origin::cluster::repair::RepairReport;
 
 /// One entry of `GET /shoal/v1/admin/members`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shoal_registry::{Digest, StoreError};
 
 use crate::cluster::coordinator::Coordinator;
@@ -20,7 +20,7 @@ use crate::cluster::record::{now_millis, Record, RecordKind};
 const PAGE: usize = 1000;
 
 /// What one collection did.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcReport {
     /// Distinct blobs some live manifest references.
     pub marked_blobs: u64,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shoal_p2p::limiter::RateLimiter;
 use shoal_registry::{ByteStream, Digest};
 use tokio::sync::{mpsc, oneshot};
@@ -28,7 +28,7 @@ const TICK: Duration = Duration::from_secs(1);
 const REQUEST_QUEUE: usize = 8;
 
 /// What one repair pass did.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepairReport {
     pub copied_blobs: u64,
     pub copied_bytes: u64,
@@ -227,15 +227,13 @@ impl Repairer {
         }
         for node in missing {
             let id = node.id().to_string();
-            match self.ensure_blob(node.as_ref(), entry).await {
-                Ok(copied) => {
+            match self.send_blob(node.as_ref(), entry).await {
+                Ok(()) => {
                     confirmed += 1;
-                    if copied {
-                        report.copied_blobs += 1;
-                        report.copied_bytes += entry.size;
-                        c.metrics.repair_copied_blobs.inc();
-                        c.metrics.repair_copied_bytes.inc_by(entry.size);
-                    }
+                    report.copied_blobs += 1;
+                    report.copied_bytes += entry.size;
+                    c.metrics.repair_copied_blobs.inc();
+                    c.metrics.repair_copied_bytes.inc_by(entry.size);
                 }
                 Err(e) => {
                     tracing::warn!(digest = %entry.digest, origin = %id, error = %e, "repair copy failed");
@@ -262,15 +260,11 @@ impl Repairer {
         }
     }
 
-    /// Copy the local blob to `node` unless it has it; `true` if bytes were sent.
-    async fn ensure_blob(&self, node: &dyn Node, entry: &BlobEntry) -> Result<bool, NodeError> {
-        if node.blob_stat(&entry.digest).await?.is_some() {
-            return Ok(false);
-        }
+    /// Send the local blob to `node` (which was just found without it).
+    async fn send_blob(&self, node: &dyn Node, entry: &BlobEntry) -> Result<(), NodeError> {
         let path = self.coordinator.local.store().blob_path(&entry.digest);
         let body = throttled(open_file(&path, entry.size).await?, self.limiter.clone());
-        node.blob_put(&entry.digest, entry.size, body).await?;
-        Ok(true)
+        node.blob_put(&entry.digest, entry.size, body).await
     }
 
     /// Send this origin's records of `repo` (merged with the owners') to every owner; drop
