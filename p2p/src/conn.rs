@@ -6,16 +6,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_util::codec::Framed;
+use tokio_util::codec::FramedRead;
 
 use crate::bitfield::Bitfield;
 use crate::blob::BlobPieces;
 use crate::limiter::RateLimiter;
 use crate::peer::PeerId;
 use crate::wire::{send_new_haves, Message, PeerCodec, PROTOCOL_VERSION};
+use crate::writer::PeerWriter;
 
 /// Commands from the event loop to a connection.
 #[derive(Debug)]
@@ -75,7 +77,7 @@ pub async fn run(
     timeouts: ConnTimeouts,
     events: mpsc::Sender<ConnEvent>,
 ) {
-    let (peer, bitfield, framed) = match handshake(addr, me, &pieces, timeouts).await {
+    let (peer, bitfield, mut stream, mut sink) = match handshake(addr, me, &pieces, timeouts).await {
         Ok(ok) => ok,
         Err(reason) => {
             let _ = events.send(ConnEvent::ConnectFailed { addr, reason }).await;
@@ -86,7 +88,6 @@ pub async fn run(
     if events.send(ConnEvent::Connected { peer, addr, bitfield, commands: cmd_tx }).await.is_err() {
         return;
     }
-    let (mut sink, mut stream) = framed.split();
     // Tell the server which pieces this side gains: a super-seeding origin declines pieces
     // that a connected peer can pass on instead.
     let mut progress = pieces.subscribe();
@@ -141,20 +142,22 @@ pub async fn run(
     let _ = events.send(ConnEvent::Closed { peer, reason }).await;
 }
 
-type PeerFramed = Framed<TcpStream, PeerCodec>;
+type PeerReader = FramedRead<OwnedReadHalf, PeerCodec>;
 
 async fn handshake(
     addr: SocketAddr,
     me: PeerId,
     pieces: &BlobPieces,
     timeouts: ConnTimeouts,
-) -> Result<(PeerId, Bitfield, PeerFramed), String> {
+) -> Result<(PeerId, Bitfield, PeerReader, PeerWriter<OwnedWriteHalf>), String> {
     let stream = tokio::time::timeout(timeouts.connect, TcpStream::connect(addr))
         .await
         .map_err(|_| "connect timeout".to_string())?
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
-    let mut framed = Framed::new(stream, PeerCodec::default());
+    let (read, write) = stream.into_split();
+    let mut reader = FramedRead::new(read, PeerCodec::default());
+    let mut writer = PeerWriter::new(write, PeerCodec::default());
     let digest = pieces.metainfo().digest().clone();
     let hello = Message::Handshake {
         version: PROTOCOL_VERSION,
@@ -162,9 +165,9 @@ async fn handshake(
         peer_id: me,
         bitfield: pieces.have().to_bytes().into(),
     };
-    framed.send(hello).await.map_err(|e| e.to_string())?;
+    writer.send(hello).await.map_err(|e| e.to_string())?;
     let reply =
-        tokio::time::timeout(timeouts.handshake, framed.next()).await.map_err(|_| "handshake timeout")?;
+        tokio::time::timeout(timeouts.handshake, reader.next()).await.map_err(|_| "handshake timeout")?;
     match reply {
         Some(Ok(Message::Handshake { version, digest: theirs, peer_id, bitfield })) => {
             if version != PROTOCOL_VERSION || theirs != digest {
@@ -172,7 +175,7 @@ async fn handshake(
             }
             let bitfield = Bitfield::from_bytes(pieces.metainfo().piece_count(), &bitfield)
                 .map_err(|e| format!("bad bitfield: {e}"))?;
-            Ok((peer_id, bitfield, framed))
+            Ok((peer_id, bitfield, reader, writer))
         }
         Some(Ok(Message::Error { code, message })) => Err(format!("peer refused ({code}): {message}")),
         Some(Ok(other)) => Err(format!("expected handshake, got {}", other.name())),

@@ -34,6 +34,7 @@ pub mod server;
 pub mod swarm;
 pub mod tracker_client;
 pub mod wire;
+pub mod writer;
 
 pub use bitfield::{Bitfield, BitfieldError};
 pub use blacklist::{Blacklist, BlacklistConfig};

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use shoal_registry::Digest;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
-use tokio_util::codec::Framed;
+use tokio_util::codec::FramedRead;
 
 use crate::bitfield::Bitfield;
 use crate::blob::BlobPieces;
@@ -18,6 +19,7 @@ use crate::limiter::RateLimiter;
 use crate::metrics::SwarmMetrics;
 use crate::peer::PeerId;
 use crate::wire::{send_new_haves, Message, PeerCodec, PROTOCOL_VERSION};
+use crate::writer::PeerWriter;
 
 /// How long a new connection may take to say which blob it wants.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -254,19 +256,21 @@ impl PeerServer {
 
     async fn handle(&self, stream: TcpStream) -> Result<(), String> {
         let _ = stream.set_nodelay(true);
-        let mut framed = Framed::new(stream, PeerCodec::default());
+        let (read, write) = stream.into_split();
+        let mut reader = FramedRead::new(read, PeerCodec::default());
+        let mut writer = PeerWriter::new(write, PeerCodec::default());
         let first =
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, framed.next()).await.map_err(|_| "handshake timeout")?;
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await.map_err(|_| "handshake timeout")?;
         let Some(Ok(Message::Handshake { version, digest, peer_id: remote, bitfield: theirs })) = first
         else {
             return Err("expected a handshake".into());
         };
         if version != PROTOCOL_VERSION {
-            let _ = framed.send(error(ERROR_PROTOCOL, "unsupported protocol version")).await;
+            let _ = writer.send(error(ERROR_PROTOCOL, "unsupported protocol version")).await;
             return Err(format!("peer speaks version {version}"));
         }
         let Some(pieces) = self.lookup.lookup(&digest).await else {
-            let _ = framed.send(error(ERROR_UNKNOWN_BLOB, "blob not here")).await;
+            let _ = writer.send(error(ERROR_UNKNOWN_BLOB, "blob not here")).await;
             return Err(format!("unknown blob {digest}"));
         };
         let advertised = pieces.have();
@@ -276,7 +280,7 @@ impl PeerServer {
             peer_id: self.peer_id,
             bitfield: advertised.to_bytes().into(),
         };
-        framed.send(hello).await.map_err(|e| e.to_string())?;
+        writer.send(hello).await.map_err(|e| e.to_string())?;
         let piece_count = pieces.metainfo().piece_count();
         let mut remote_have =
             Bitfield::from_bytes(piece_count, &theirs).unwrap_or_else(|_| Bitfield::new(piece_count));
@@ -284,7 +288,7 @@ impl PeerServer {
         if let Some(s) = &self.super_seed {
             s.join(&digest, &remote_have);
         }
-        let result = self.exchange(framed, &pieces, remote, advertised, &mut remote_have).await;
+        let result = self.exchange(reader, writer, &pieces, remote, advertised, &mut remote_have).await;
         if let Some(s) = &self.super_seed {
             s.leave(&digest, &remote_have);
         }
@@ -294,13 +298,13 @@ impl PeerServer {
     /// Serve requests on an established connection until it ends.
     async fn exchange(
         &self,
-        framed: Framed<TcpStream, PeerCodec>,
+        mut stream: FramedRead<OwnedReadHalf, PeerCodec>,
+        mut sink: PeerWriter<OwnedWriteHalf>,
         pieces: &Arc<BlobPieces>,
         remote: PeerId,
         mut advertised: Bitfield,
         remote_have: &mut Bitfield,
     ) -> Result<(), String> {
-        let (mut sink, mut stream) = framed.split();
         // Incoming messages go through a small queue so requests keep arriving (and cancels
         // take effect) while a piece is being sent.
         let (in_tx, mut in_rx) = mpsc::channel::<Message>(MAX_QUEUED_REQUESTS);

@@ -97,8 +97,9 @@ pub enum WireError {
     ErrorMessageTooLong(usize),
 }
 
-/// The `tokio_util` codec for peer connections: wrap a `TcpStream` in `Framed::new(stream,
-/// PeerCodec::default())` to get a `Stream` of messages and a `Sink` for them.
+/// The `tokio_util` codec for peer connections. Peers read with `FramedRead::new(read_half,
+/// PeerCodec::default())` and send with [`crate::writer::PeerWriter`], which frames pieces
+/// without copying them; `Framed` works too (the tests use it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerCodec {
     /// Largest frame accepted or sent (length prefix excluded).
@@ -293,8 +294,7 @@ impl Encoder<Message> for PeerCodec {
                 dst.put_u32(index);
             }
             Message::Piece { index, data } => {
-                dst.put_u8(TYPE_PIECE);
-                dst.put_u32(index);
+                put_piece_header(dst, index);
                 dst.put_slice(&data);
             }
             Message::Error { code, message } => {
@@ -307,17 +307,38 @@ impl Encoder<Message> for PeerCodec {
     }
 }
 
+impl PeerCodec {
+    /// Frame the header of a piece message carrying `len` bytes into `dst`, for a writer that
+    /// sends the data itself straight from its buffer (see [`crate::writer::PeerWriter`]).
+    pub fn encode_piece_header(&self, index: u32, len: usize, dst: &mut BytesMut) -> Result<(), WireError> {
+        let body_len = 1 + 4 + len;
+        if body_len > self.max_frame {
+            return Err(WireError::FrameTooLarge { len: body_len, max: self.max_frame });
+        }
+        let prefix = u32::try_from(body_len)
+            .map_err(|_| WireError::FrameTooLarge { len: body_len, max: self.max_frame })?;
+        dst.reserve(LEN_PREFIX + 1 + 4);
+        dst.put_u32(prefix);
+        put_piece_header(dst, index);
+        Ok(())
+    }
+}
+
+fn put_piece_header(dst: &mut BytesMut, index: u32) {
+    dst.put_u8(TYPE_PIECE);
+    dst.put_u32(index);
+}
+
 /// Send `have` for every piece in `now` that `advertised` lacks, then remember `now` as
 /// advertised: how each side of a connection keeps the other up to date.
-pub async fn send_new_haves<S>(
-    sink: &mut S,
+pub async fn send_new_haves<W>(
+    sink: &mut crate::writer::PeerWriter<W>,
     advertised: &mut crate::bitfield::Bitfield,
     now: crate::bitfield::Bitfield,
-) -> Result<(), S::Error>
+) -> Result<(), WireError>
 where
-    S: futures_util::Sink<Message> + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
 {
-    use futures_util::SinkExt;
     let new: Vec<u32> = now.iter_set().filter(|&i| !advertised.get(i)).collect();
     *advertised = now;
     for index in new {
