@@ -288,14 +288,7 @@ impl Reader {
         let want = usize::try_from(self.end - self.pos).unwrap_or(READ_CHUNK).min(READ_CHUNK);
         let pieces = self.download.pieces.clone();
         let pos = self.pos;
-        let read = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; want];
-            pieces.read_at(pos, &mut buf).map(|n| {
-                buf.truncate(n);
-                buf
-            })
-        })
-        .await;
+        let read = tokio::task::spawn_blocking(move || pieces.read_new_at(pos, want)).await;
         match read {
             Ok(Ok(buf)) if !buf.is_empty() => {
                 self.pos += buf.len() as u64;

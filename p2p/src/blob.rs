@@ -4,7 +4,6 @@
 //! to finished blob.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -12,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::bitfield::Bitfield;
 use crate::metainfo::Metainfo;
-use crate::piece_store::{PieceError, PieceFile};
+use crate::piece_store::{read_new_at, PieceError, PieceFile};
 
 /// How often the bitfield is persisted (after an fdatasync of the data). Persisting after every
 /// piece costs several fsyncs per piece and capped a download at ~100 MB/s; a crash now loses
@@ -172,19 +171,19 @@ impl BlobPieces {
         });
     }
 
-    /// Read bytes at `offset`, up to the first missing piece; `Missing` if the piece at
-    /// `offset` is not held. Blocking.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, PieceError> {
+    /// Read up to `max` bytes at `offset` into a new buffer, stopping at the first missing
+    /// piece (empty at the end of the blob); `Missing` if the piece at `offset` is not held.
+    /// Blocking.
+    pub fn read_new_at(&self, offset: u64, max: usize) -> Result<Vec<u8>, PieceError> {
         match &*self.read_state() {
-            State::Partial(f, _) => f.read_at(offset, buf),
+            State::Partial(f, _) => f.read_new_at(offset, max),
             State::Complete { file, .. } => {
                 let size = self.metainfo.size();
                 if offset >= size {
-                    return Ok(0);
+                    return Ok(Vec::new());
                 }
-                let n = buf.len().min(usize::try_from(size - offset).unwrap_or(usize::MAX));
-                file.read_exact_at(&mut buf[..n], offset)?;
-                Ok(n)
+                let n = max.min(usize::try_from(size - offset).unwrap_or(usize::MAX));
+                Ok(read_new_at(file, offset, n)?)
             }
             State::Failed => Err(failed()),
         }
@@ -195,13 +194,12 @@ impl BlobPieces {
         let count = self.metainfo.piece_count();
         let (offset, len) =
             self.metainfo.piece_range(index).ok_or(PieceError::OutOfRange { index, count })?;
-        let mut buf = vec![0u8; usize::try_from(len).map_err(|_| PieceError::OutOfRange { index, count })?];
+        let len = usize::try_from(len).map_err(|_| PieceError::OutOfRange { index, count })?;
         match &*self.read_state() {
-            State::Partial(f, _) => return f.read_piece(index),
-            State::Complete { file, .. } => file.read_exact_at(&mut buf, offset)?,
-            State::Failed => return Err(failed()),
+            State::Partial(f, _) => f.read_piece(index),
+            State::Complete { file, .. } => Ok(read_new_at(file, offset, len)?),
+            State::Failed => Err(failed()),
         }
-        Ok(buf)
     }
 
     /// Hash piece `index` (its `data`, just written) into the running whole-blob hash if it
