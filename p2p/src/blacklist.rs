@@ -90,6 +90,15 @@ impl Blacklist {
         false
     }
 
+    /// `peer` delivered a verified piece: its timeouts so far are forgiven. "Times out
+    /// repeatedly" means in a row; a busy peer under a rate limit misses a deadline now and then
+    /// but keeps delivering, and banning it would starve a swarm that needs every uploader.
+    pub fn delivered(&mut self, peer: &PeerId) {
+        if self.peers.get(peer).is_some_and(|s| s.banned_until.is_none()) {
+            self.peers.remove(peer);
+        }
+    }
+
     /// Whether `peer` is banned at `now`.
     pub fn is_banned(&self, peer: &PeerId, now: Instant) -> bool {
         self.peers.get(peer).is_some_and(|s| s.banned_at(now))
@@ -158,6 +167,20 @@ mod tests {
             bl.banned_until(&peer(1), t0 + Duration::from_secs(2)),
             Some(t0 + Duration::from_secs(61))
         );
+    }
+
+    #[test]
+    fn a_delivered_piece_forgives_earlier_timeouts_but_not_a_ban() {
+        let mut bl = list();
+        let t0 = Instant::now();
+        assert!(!bl.timeout(peer(1), t0));
+        assert!(!bl.timeout(peer(1), t0));
+        bl.delivered(&peer(1));
+        assert!(!bl.timeout(peer(1), t0), "strikes start over");
+        assert!(!bl.timeout(peer(1), t0));
+        assert!(bl.timeout(peer(1), t0), "three in a row ban");
+        bl.delivered(&peer(1));
+        assert!(bl.is_banned(&peer(1), t0), "a late piece does not lift a ban");
     }
 
     #[test]

@@ -244,6 +244,11 @@ impl<R: Rng> PiecePicker<R> {
         self.in_flight.values().flatten().filter(|r| r.peer == *peer).count()
     }
 
+    /// Outstanding requests to every peer together.
+    pub fn in_flight_total(&self) -> usize {
+        self.in_flight.values().map(Vec::len).sum()
+    }
+
     /// Outstanding requests for piece `index`.
     pub fn in_flight(&self, index: u32) -> usize {
         self.in_flight.get(&index).map_or(0, Vec::len)

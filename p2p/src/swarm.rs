@@ -82,6 +82,23 @@ impl SwarmConfig {
     }
 }
 
+/// Requests in flight may add up to this much of the node's ingress limit. More would wait
+/// behind the node's own limit and outlive their deadlines, which looks like slow peers: with
+/// 16 agents at 10 MiB/s, 4 requests to each of 10 peers queued 4 s of data, hundreds of
+/// requests timed out, good peers were dropped and downloads fell back to the origin.
+pub const IN_FLIGHT_HORIZON: Duration = Duration::from_secs(1);
+
+/// The most requests a download keeps in flight across all its peers: enough pieces to
+/// fill [`IN_FLIGHT_HORIZON`] of the ingress `rate` (bytes/s), at least 2; no cap without a
+/// limit.
+pub fn in_flight_cap(rate: Option<u64>, piece_length: u64) -> usize {
+    let Some(rate) = rate.filter(|r| *r > 0) else { return usize::MAX };
+    let bytes = rate as f64 * IN_FLIGHT_HORIZON.as_secs_f64();
+    let pieces = (bytes / piece_length.max(1) as f64).ceil();
+    // Bounded by the line above for any sane rate; `as` saturates for absurd ones.
+    (pieces as usize).max(2)
+}
+
 /// What every download of a node shares.
 #[derive(Clone)]
 pub struct SwarmDeps {
@@ -118,6 +135,8 @@ struct Swarm {
     pieces: Arc<BlobPieces>,
     fallback: Arc<dyn Fallback>,
     picker: PiecePicker,
+    /// Requests in flight at most, across peers (see [`in_flight_cap`]).
+    max_in_flight: usize,
     blacklist: Blacklist,
     peers: HashMap<PeerId, Peer>,
     /// Connected peers that are origins (from the tracker's handout).
@@ -151,7 +170,13 @@ pub async fn download(
     if pieces.is_complete() {
         return Ok(());
     }
-    let picker = PiecePicker::new(pieces.metainfo(), pieces.have(), cfg.picker.clone())
+    let max_in_flight = in_flight_cap(deps.ingress.rate(), pieces.metainfo().piece_length());
+    let mut picker_cfg = cfg.picker.clone();
+    if max_in_flight != usize::MAX {
+        // A piece may arrive up to the horizon late because of this node's own limit.
+        picker_cfg.request_timeout_base = picker_cfg.request_timeout_base.saturating_add(IN_FLIGHT_HORIZON);
+    }
+    let picker = PiecePicker::new(pieces.metainfo(), pieces.have(), picker_cfg)
         .map_err(|e| SwarmError::Storage(e.to_string()))?;
     let (events_tx, mut events) = mpsc::channel::<Event>(256);
     let blacklist = Blacklist::new(cfg.blacklist.clone());
@@ -161,6 +186,7 @@ pub async fn download(
         pieces,
         fallback,
         picker,
+        max_in_flight,
         blacklist,
         peers: HashMap::new(),
         origins: HashSet::new(),
@@ -295,6 +321,8 @@ impl Swarm {
                     }
                     if from == ORIGIN_PEER {
                         self.fallback_failures = 0;
+                    } else {
+                        self.blacklist.delivered(&from);
                     }
                 }
                 Err(PieceError::HashMismatch { .. }) => {
@@ -468,7 +496,10 @@ impl Swarm {
 
     fn fill_requests(&mut self) {
         let now = Instant::now();
-        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        let mut ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        // Under the in-flight cap, the first peers asked get the requests: take turns.
+        rand::seq::SliceRandom::shuffle(&mut ids[..], &mut rand::rng());
+        let mut room = self.max_in_flight.saturating_sub(self.picker.in_flight_total());
         let others_connected = self.peers.len() > self.origins.len();
         let origins = self.origins.len() as u32;
         self.declined.retain(|_, at| now.duration_since(*at) < DECLINE_BACKOFF);
@@ -476,17 +507,23 @@ impl Swarm {
         let declined = &self.declined;
         let declined_by = &self.declined_by;
         for peer in ids {
+            if room == 0 {
+                break;
+            }
+            let limit = |pipeline: usize| pipeline.min(self.picker.in_flight_for(&peer).saturating_add(room));
             let picked = if others_connected && self.origins.contains(&peer) {
                 // Ask an origin only for pieces no other connected peer has and it did not
                 // just decline (super-seeding): the swarm should carry everything it can.
-                self.picker.pick_where(&peer, now, self.cfg.origin_pipeline, |index, availability| {
+                let limit = limit(self.cfg.origin_pipeline);
+                self.picker.pick_where(&peer, now, limit, |index, availability| {
                     availability <= origins && !declined.contains_key(&index)
                 })
             } else {
-                self.picker.pick_where(&peer, now, self.cfg.pipeline, |index, _| {
-                    !declined_by.contains_key(&(peer, index))
-                })
+                let limit = limit(self.cfg.pipeline);
+                self.picker
+                    .pick_where(&peer, now, limit, |index, _| !declined_by.contains_key(&(peer, index)))
             };
+            room = room.saturating_sub(picked.len());
             for index in picked {
                 let sent = self.peers.get(&peer).map(|p| p.commands.try_send(Command::Request(index)));
                 if !matches!(sent, Some(Ok(()))) {
@@ -514,11 +551,31 @@ impl Swarm {
                 let Some((offset, len)) = self.pieces.metainfo().piece_range(index) else { continue };
                 let fallback = self.fallback.clone();
                 let events = self.events_tx.clone();
+                let ingress = self.deps.ingress.clone();
                 tokio::spawn(async move {
+                    // Bytes from the origin count against the node's ingress limit too.
+                    ingress.acquire(len).await;
                     let result = fallback.fetch(offset, len).await;
                     let _ = events.send(Event::Fetched { index, result }).await;
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+
+    #[test]
+    fn requests_in_flight_fill_one_horizon_of_the_ingress_limit() {
+        assert_eq!(in_flight_cap(Some(10 * MIB), MIB), 10);
+        assert_eq!(in_flight_cap(Some(25 * MIB), 4 * MIB), 7, "rounded up");
+        assert_eq!(in_flight_cap(Some(MIB), 4 * MIB), 2, "never fewer than 2");
+        assert_eq!(in_flight_cap(None, MIB), usize::MAX, "no limit, no cap");
+        assert_eq!(in_flight_cap(Some(0), MIB), usize::MAX, "a zero rate means unlimited");
+        assert_eq!(in_flight_cap(Some(u64::MAX), 1), usize::MAX, "saturates");
     }
 }
