@@ -48,6 +48,13 @@ pub struct BlobPieces {
     prefix: Option<std::sync::Mutex<PrefixHash>>,
     /// Number of pieces held; changes whenever a piece arrives.
     progress: watch::Sender<u32>,
+    /// Held while writing a piece's bytes. The kernel writes to one file one at a time anyway
+    /// (ext4 takes the inode lock), and writers left to race there spin on it: 8% of an
+    /// agent's CPU in a profile. Waiting here sleeps instead, and readers are not involved.
+    writing: std::sync::Mutex<()>,
+    /// Taken while persisting the bitfield and while finishing: snapshots share a temporary
+    /// file, and none may land after `finish` removed the bitfield.
+    persisting: std::sync::Mutex<()>,
     /// Whatever must live as long as this blob is served (e.g. a cache pin against eviction).
     _guard: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
@@ -62,6 +69,8 @@ impl BlobPieces {
             state: RwLock::new(State::Complete { file, path: path.to_path_buf() }),
             prefix: None,
             progress: watch::Sender::new(count),
+            writing: std::sync::Mutex::new(()),
+            persisting: std::sync::Mutex::new(()),
             _guard: None,
         })
     }
@@ -84,6 +93,8 @@ impl BlobPieces {
             state: RwLock::new(state),
             prefix: Some(std::sync::Mutex::new(prefix)),
             progress: watch::Sender::new(count),
+            writing: std::sync::Mutex::new(()),
+            persisting: std::sync::Mutex::new(()),
             _guard: None,
         })
     }
@@ -137,23 +148,42 @@ impl BlobPieces {
         if !self.metainfo.verify_piece(index, data) {
             return Err(PieceError::HashMismatch { index });
         }
+        // The bytes go in under the shared lock, so readers carry on meanwhile (writing fresh
+        // page cache can take a millisecond per piece); writers take turns (see `writing`).
+        {
+            let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+            match &*self.read_state() {
+                State::Partial(file, _) if file.have().get(index) => return Ok(false),
+                State::Partial(file, _) => file.write_data(index, data)?,
+                State::Complete { .. } => return Ok(false),
+                State::Failed => return Err(failed()),
+            }
+        }
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         let (file, flushed) = match &mut *state {
             State::Partial(file, flushed) => (file, flushed),
             State::Complete { .. } => return Ok(false),
             State::Failed => return Err(failed()),
         };
-        if file.have().get(index) {
+        if !file.mark_written(index)? {
             return Ok(false);
         }
-        file.write_verified_piece(index, data)?;
-        if flushed.elapsed() >= FLUSH_INTERVAL {
-            file.flush()?;
+        let snapshot = if flushed.elapsed() >= FLUSH_INTERVAL {
             *flushed = std::time::Instant::now();
-        }
+            file.take_snapshot()?
+        } else {
+            None
+        };
         let count = file.have().count();
         drop(state);
         self.publish_count(count);
+        if let Some(snapshot) = snapshot {
+            // The fsyncs happen outside the state lock, one snapshot at a time.
+            let _persisting = self.persisting.lock().unwrap_or_else(|p| p.into_inner());
+            if matches!(&*self.read_state(), State::Partial(..)) {
+                snapshot.persist()?;
+            }
+        }
         Ok(true)
     }
 
@@ -239,6 +269,8 @@ impl BlobPieces {
         // Snapshot the running hash before taking the state lock: `advance_hash` holds the
         // prefix while it takes the state lock, so the other order could deadlock.
         let prefix = self.prefix.as_ref().and_then(|m| m.lock().ok()).map(|p| (p.hasher.clone(), p.next));
+        // No bitfield snapshot may be written once the download has become the finished blob.
+        let _persisting = self.persisting.lock().unwrap_or_else(|p| p.into_inner());
         let verified = match &*self.read_state() {
             State::Partial(pieces, _) => match prefix {
                 // Continue the running hash from where it stopped (usually the end).
@@ -270,6 +302,7 @@ impl BlobPieces {
 mod tests {
     use super::*;
     use shoal_registry::{Algorithm, Digest};
+    use std::time::Duration;
 
     fn setup(pieces: usize) -> (tempfile::TempDir, Vec<u8>, Arc<Metainfo>) {
         let data: Vec<u8> = (0..pieces * 64 * 1024 + 999).map(|i| (i * 7 % 253) as u8).collect();
@@ -339,6 +372,21 @@ mod tests {
         let blob = BlobPieces::partial(&dir.path().join("b.part"), bad.clone()).unwrap();
         download(&blob, &bad, &data, &(0..bad.piece_count()).collect::<Vec<_>>());
         assert!(matches!(blob.finish(&dir.path().join("final")), Err(PieceError::DigestMismatch { .. })));
+    }
+
+    #[test]
+    fn a_restarted_download_keeps_the_pieces_persisted_on_the_way() {
+        let (dir, data, meta) = setup(6);
+        let path = dir.path().join("b.part");
+        let blob = BlobPieces::partial(&path, meta.clone()).unwrap();
+        blob.write_piece(4, piece(&meta, &data, 4)).unwrap();
+        std::thread::sleep(FLUSH_INTERVAL + Duration::from_millis(20));
+        // This write is due to persist, and does so after releasing the state lock.
+        blob.write_piece(2, piece(&meta, &data, 2)).unwrap();
+        drop(blob);
+        let again = BlobPieces::partial(&path, meta.clone()).unwrap();
+        assert_eq!(again.have().iter_set().collect::<Vec<_>>(), [2, 4]);
+        assert_eq!(again.read_piece(4).unwrap(), piece(&meta, &data, 4));
     }
 
     #[test]

@@ -78,6 +78,26 @@ pub fn read_new_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> 
     Ok(buf)
 }
 
+/// The bitfield of a moment, with a handle on the data file, persisted later (see
+/// [`PieceFile::take_snapshot`]). Every piece it claims was written before it was taken, so
+/// syncing the data first keeps the crash-safety invariant. Persist snapshots one at a time:
+/// they share a temporary file name.
+#[derive(Debug)]
+pub struct BitfieldSnapshot {
+    data: File,
+    path: PathBuf,
+    encoded: Vec<u8>,
+}
+
+impl BitfieldSnapshot {
+    /// Fsync the data, then atomically replace the bitfield file. Blocking.
+    pub fn persist(self) -> Result<(), PieceError> {
+        self.data.sync_data()?;
+        write_bitfield_bytes(&self.path, &self.encoded)?;
+        Ok(())
+    }
+}
+
 /// Where the bitfield of the data file at `path` lives: `<path>.bitfield`.
 pub fn bitfield_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -168,6 +188,41 @@ impl PieceFile {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// Write the bytes of a verified piece at its offset without marking it held. It takes
+    /// `&self`, so pieces can be written side by side under a shared lock; the caller then
+    /// marks the piece with [`PieceFile::mark_written`] (the "have means verified and written"
+    /// invariant holds because only written pieces get marked).
+    pub fn write_data(&self, index: u32, data: &[u8]) -> Result<(), PieceError> {
+        let (offset, _) = self.range(index)?;
+        self.file.write_all_at(data, offset)?;
+        Ok(())
+    }
+
+    /// Mark a piece that [`PieceFile::write_data`] wrote as held; `false` if it already was.
+    pub fn mark_written(&mut self, index: u32) -> Result<bool, PieceError> {
+        let newly = self.have.set(index).map_err(|_| self.out_of_range(index))?;
+        if newly {
+            self.unpersisted += 1;
+        }
+        Ok(newly)
+    }
+
+    /// What persisting the pieces held now takes, to be done after releasing whatever lock
+    /// guards this file: fsyncs take milliseconds to seconds, and readers should not wait for
+    /// them. `None` if nothing changed since the last snapshot or flush.
+    pub fn take_snapshot(&mut self) -> Result<Option<BitfieldSnapshot>, PieceError> {
+        if self.unpersisted == 0 {
+            return Ok(None);
+        }
+        let snapshot = BitfieldSnapshot {
+            data: self.file.try_clone()?,
+            path: self.bitfield_path.clone(),
+            encoded: encode_bitfield(&self.metainfo, &self.have),
+        };
+        self.unpersisted = 0;
+        Ok(Some(snapshot))
     }
 
     /// Make every piece written so far durable: fsync the data, then atomically replace the
@@ -374,11 +429,15 @@ fn load_bitfield(path: &Path, metainfo: &Metainfo) -> Option<Bitfield> {
 /// Atomically replace the bitfield file: write a temp file, fsync it, rename it over, fsync the
 /// directory.
 fn write_bitfield(path: &Path, metainfo: &Metainfo, have: &Bitfield) -> io::Result<()> {
+    write_bitfield_bytes(path, &encode_bitfield(metainfo, have))
+}
+
+fn write_bitfield_bytes(path: &Path, encoded: &[u8]) -> io::Result<()> {
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
     let mut file = File::create(&tmp)?;
-    file.write_all(&encode_bitfield(metainfo, have))?;
+    file.write_all(encoded)?;
     file.sync_all()?;
     drop(file);
     fs::rename(&tmp, path)?;
@@ -465,6 +524,29 @@ mod tests {
         assert_eq!(fs::read(&dest).unwrap(), f.data);
         assert!(!f.path.exists());
         assert!(!bitfield_path(&f.path).exists());
+    }
+
+    #[test]
+    fn a_snapshot_persists_what_was_marked_when_it_was_taken() {
+        let f = fixture();
+        let mut pf = PieceFile::open(&f.path, f.meta.clone()).unwrap().with_persist_every(u32::MAX);
+        for i in [1, 3] {
+            pf.write_data(i, piece(&f.meta, &f.data, i)).unwrap();
+            assert!(pf.mark_written(i).unwrap());
+        }
+        assert!(!pf.mark_written(3).unwrap(), "marking twice is not new");
+        let snapshot = pf.take_snapshot().unwrap().expect("two new pieces");
+        assert!(pf.take_snapshot().unwrap().is_none(), "nothing new since");
+        // Written after the snapshot: not claimed by it.
+        pf.write_data(0, piece(&f.meta, &f.data, 0)).unwrap();
+        pf.mark_written(0).unwrap();
+        snapshot.persist().unwrap();
+        drop(pf);
+        let reopened = PieceFile::open(&f.path, f.meta.clone()).unwrap();
+        assert_eq!(reopened.have().iter_set().collect::<Vec<_>>(), [1, 3]);
+        for i in [1, 3] {
+            assert_eq!(reopened.read_piece(i).unwrap(), piece(&f.meta, &f.data, i));
+        }
     }
 
     #[test]
