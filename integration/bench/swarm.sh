@@ -88,11 +88,16 @@ part1() {
   local t_swarm=() t_null=() t_file=() t_verify=() cpu=()
   cfg=$T/agent1.toml
   agent_config "$cfg"
-  SHOAL_AGENT_ARGS="--config $cfg" start_shoal_cluster 1
-  local origin_url=$REG_URL
-  start_registry docker-registry "$T/dr"
-  reg_url=$REG_URL
+  command -v openssl >/dev/null || die "openssl is needed for the verify baseline"
+  # Every round starts from scratch (new processes, empty data dirs), so each finds the
+  # machine's memory in the same state: on this kind of VM writing page cache is fast while
+  # it reuses recently freed memory and falls to a fifth of that once ~3 GiB more is held
+  # (docs/benchmarks.md), which made later rounds of one long-lived setup 2x slower.
   for ((round = 0; round < BIG_ROUNDS; round++)); do
+    SHOAL_AGENT_ARGS="--config $cfg" start_shoal_cluster 1
+    local origin_url=$REG_URL
+    start_registry docker-registry "$T/dr"
+    reg_url=$REG_URL
     f=$(random_blob "$BIG_MIB")
     d=$(sha256_of "$f")
     REG_URL=$origin_url push "$f" bench/big
@@ -102,19 +107,22 @@ part1() {
     # Baselines: the registry's bytes into /dev/null (the issue's baseline), into a file on the
     # agent's filesystem, and into a file while checking the digest: the work a `docker pull`
     # from a central registry does, and the least an agent must do (it also hashes every piece).
-  command -v openssl >/dev/null || die "openssl is needed for the verify baseline"
     t_null+=("$(curl -sf -o /dev/null -w '%{time_total}' "$reg_url/v2/bench/big/blobs/$d")")
     t_file+=("$(curl -sf -o "$T/curl-out" -w '%{time_total}' "$reg_url/v2/bench/big/blobs/$d")")
     rm -f "$T/curl-out"
     t0=$(date +%s.%N)
-    # openssl, not coreutils' sha256sum: it uses the CPU's SHA instructions, as Shoal does.
-    curl -sf "$reg_url/v2/bench/big/blobs/$d" | tee "$T/curl-out" | openssl dgst -sha256 >/dev/null
+    # Download, then check the digest. openssl, not coreutils' sha256sum: it uses the CPU's
+    # SHA instructions, as Shoal does. (A pipe through tee was slower still: 3.1 s per GiB.)
+    curl -sf -o "$T/curl-out" "$reg_url/v2/bench/big/blobs/$d"
+    openssl dgst -sha256 "$T/curl-out" >/dev/null
     t_verify+=("$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.6f", b - a}')")
     rm -f "$T/curl-out"
     local cpu_before
     cpu_before=$(cpu_seconds "$AGENT_PID")
     t_swarm+=("$(curl -sf -o /dev/null -w '%{time_total}' "$AGENT_URL/v2/bench/big/blobs/$d")")
     cpu+=("$(awk -v a="$cpu_before" -v b="$(cpu_seconds "$AGENT_PID")" 'BEGIN {printf "%.2f", b - a}')")
+    stop_cluster
+    rm -rf "$T/dr"
   done
   local m_swarm m_null m_file m_verify
   m_swarm=$(printf '%s\n' "${t_swarm[@]}" | median)
@@ -125,11 +133,10 @@ part1() {
   say "agent (swarm, cold):                 median ${m_swarm}s  $(mbs "$m_swarm") MB/s  (all: ${t_swarm[*]})"
   say "docker-registry, curl > /dev/null:   median ${m_null}s  $(mbs "$m_null") MB/s  (all: ${t_null[*]})"
   say "docker-registry, curl > file:        median ${m_file}s  $(mbs "$m_file") MB/s  (all: ${t_file[*]})"
-  say "docker-registry, curl | tee file | openssl dgst -sha256 (fetch, store, verify):"
+  say "docker-registry, curl > file, then openssl dgst -sha256 file (fetch, store, verify):"
   say "                                     median ${m_verify}s  $(mbs "$m_verify") MB/s  (all: ${t_verify[*]})"
   say "agent CPU per pull: median $(printf '%s\n' "${cpu[@]}" | median) s  (all: ${cpu[*]}; user + system)"
   say "throughput ratio agent/registry: $(ratio "$m_null" "$m_swarm") (to /dev/null), $(ratio "$m_file" "$m_swarm") (to a file), $(ratio "$m_verify" "$m_swarm") (stored and verified)  (goal >= 1)"
-  stop_cluster
 }
 
 part2() {
