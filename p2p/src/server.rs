@@ -55,6 +55,13 @@ pub struct PeerServer {
 
 /// Which pieces a super-seeding server sent recently and to whom, and which pieces its
 /// connected peers already hold (from their handshakes and `have` messages).
+///
+/// A peer's claim to hold a piece counts only if this server has sent that piece to someone
+/// before: every piece of a blob enters the swarm from a seeder, so a claim to a piece never
+/// sent out is a lie (or left from before a restart). Without that rule one peer claiming
+/// every piece made the origin decline every piece to everyone, and the whole fleet fell
+/// back to fetching the blob over HTTP. With several origins seeding one blob, each knows
+/// only its own sends, so the blob may leave the origins up to once per origin.
 pub struct SuperSeed {
     window: Duration,
     reask_after: Duration,
@@ -65,7 +72,13 @@ pub struct SuperSeed {
     declined: std::sync::Mutex<std::collections::HashMap<(Digest, u32, PeerId), std::time::Instant>>,
     /// Peers that disconnected, whose pieces still count for [`HOLDER_LINGER`].
     departed: std::sync::Mutex<VecDeque<(std::time::Instant, Digest, Bitfield)>>,
+    /// The pieces of each blob this server has sent at least once.
+    sent_once: std::sync::Mutex<std::collections::HashMap<Digest, Bitfield>>,
 }
+
+/// Blobs whose sent pieces are remembered; past this, blobs no peer is connected for are
+/// forgotten first.
+const MAX_REMEMBERED_BLOBS: usize = 10_000;
 
 /// An agent closes its connection to the origin when its download completes, but it keeps
 /// seeding the blob (and the tracker hands it out first), so its pieces still count as held
@@ -107,6 +120,7 @@ impl SuperSeed {
             holders: Default::default(),
             declined: Default::default(),
             departed: Default::default(),
+            sent_once: Default::default(),
         }
     }
 
@@ -114,28 +128,61 @@ impl SuperSeed {
         self.holders.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A peer connected holding `have`.
-    fn join(&self, digest: &Digest, have: &Bitfield) {
+    /// Whether piece `index` of `digest` has been sent out by this server.
+    fn was_sent(&self, digest: &Digest, index: u32) -> bool {
+        let sent = self.sent_once.lock().unwrap_or_else(|p| p.into_inner());
+        sent.get(digest).is_some_and(|b| b.get(index))
+    }
+
+    fn record_sent(&self, digest: &Digest, index: u32, piece_count: u32) {
+        let mut sent = self.sent_once.lock().unwrap_or_else(|p| p.into_inner());
+        if !sent.contains_key(digest) && sent.len() >= MAX_REMEMBERED_BLOBS {
+            let holders = self.holders();
+            sent.retain(|d, _| holders.contains_key(d));
+            if sent.len() >= MAX_REMEMBERED_BLOBS {
+                return;
+            }
+        }
+        let bits = sent.entry(digest.clone()).or_insert_with(|| Bitfield::new(piece_count));
+        let _ = bits.set(index);
+    }
+
+    /// A peer connected claiming `have`; returns the pieces that count as held by it (see
+    /// [`SuperSeed`]), which [`SuperSeed::leave`] gets back.
+    fn join(&self, digest: &Digest, have: &Bitfield) -> Bitfield {
+        let mut counted = Bitfield::new(have.len());
+        for i in have.iter_set().filter(|&i| self.was_sent(digest, i)) {
+            let _ = counted.set(i);
+        }
         let mut all = self.holders();
         let h = all
             .entry(digest.clone())
             .or_insert_with(|| Holders { connections: 0, counts: vec![0; have.len() as usize] });
         h.connections += 1;
-        for i in have.iter_set() {
+        for i in counted.iter_set() {
             if let Some(c) = h.counts.get_mut(i as usize) {
                 *c += 1;
             }
         }
+        counted
     }
 
-    /// A connected peer announced a new piece.
-    fn gained(&self, digest: &Digest, index: u32) {
-        if let Some(c) = self.holders().get_mut(digest).and_then(|h| h.counts.get_mut(index as usize)) {
-            *c += 1;
+    /// A connected peer announced a new piece; whether it counts (the caller then adds it to
+    /// what that peer's [`SuperSeed::leave`] gives back).
+    fn gained(&self, digest: &Digest, index: u32) -> bool {
+        if !self.was_sent(digest, index) {
+            return false;
         }
+        let mut all = self.holders();
+        let Some(c) = all.get_mut(digest).and_then(|h| h.counts.get_mut(index as usize)) else {
+            return false;
+        };
+        *c += 1;
+        true
     }
 
-    /// A peer holding `have` disconnected: its pieces stop counting after [`HOLDER_LINGER`].
+    /// A peer whose counted pieces are `have` disconnected: they stop counting after
+    /// [`HOLDER_LINGER`].
     fn leave(&self, digest: &Digest, have: &Bitfield) {
         let now = std::time::Instant::now();
         let mut departed = self.departed.lock().unwrap_or_else(|p| p.into_inner());
@@ -190,7 +237,7 @@ impl SuperSeed {
     /// Declined: a piece another connected peer holds (take it from that peer) unless this
     /// peer was already sent away for it [`REASK_AFTER`] ago, or one sent to another peer
     /// within the window (it is on its way there).
-    fn claim(&self, digest: &Digest, index: u32, peer: PeerId) -> bool {
+    fn claim(&self, digest: &Digest, index: u32, peer: PeerId, piece_count: u32) -> bool {
         self.expire_departed();
         let now = std::time::Instant::now();
         let held_elsewhere =
@@ -218,6 +265,8 @@ impl SuperSeed {
             Some((at, to)) if *to != peer && now.duration_since(*at) < self.window => false,
             _ => {
                 sent.insert((digest.clone(), index), (now, peer));
+                drop(sent);
+                self.record_sent(digest, index, piece_count);
                 true
             }
         }
@@ -282,15 +331,17 @@ impl PeerServer {
         };
         writer.send(hello).await.map_err(|e| e.to_string())?;
         let piece_count = pieces.metainfo().piece_count();
-        let mut remote_have =
+        let claimed =
             Bitfield::from_bytes(piece_count, &theirs).unwrap_or_else(|_| Bitfield::new(piece_count));
         let digest = pieces.metainfo().digest().clone();
+        // The pieces this peer counts as holding, for super-seeding.
+        let mut counted = match &self.super_seed {
+            Some(s) => s.join(&digest, &claimed),
+            None => Bitfield::new(piece_count),
+        };
+        let result = self.exchange(reader, writer, &pieces, remote, advertised, &mut counted).await;
         if let Some(s) = &self.super_seed {
-            s.join(&digest, &remote_have);
-        }
-        let result = self.exchange(reader, writer, &pieces, remote, advertised, &mut remote_have).await;
-        if let Some(s) = &self.super_seed {
-            s.leave(&digest, &remote_have);
+            s.leave(&digest, &counted);
         }
         result
     }
@@ -303,7 +354,7 @@ impl PeerServer {
         pieces: &Arc<BlobPieces>,
         remote: PeerId,
         mut advertised: Bitfield,
-        remote_have: &mut Bitfield,
+        counted: &mut Bitfield,
     ) -> Result<(), String> {
         // Incoming messages go through a small queue so requests keep arriving (and cancels
         // take effect) while a piece is being sent.
@@ -349,11 +400,11 @@ impl PeerServer {
                         }
                     }
                     Some(Message::Have(index)) => {
-                        // `set` is Ok(true) only for a valid index not set before.
-                        if matches!(remote_have.set(index), Ok(true)) {
-                            if let Some(s) = &self.super_seed {
-                                s.gained(pieces.metainfo().digest(), index);
-                            }
+                        let fresh = index < counted.len() && !counted.get(index);
+                        if fresh
+                            && self.super_seed.as_ref().is_some_and(|s| s.gained(pieces.metainfo().digest(), index))
+                        {
+                            let _ = counted.set(index);
                         }
                     }
                     Some(Message::Error { code, message }) => break Err(format!("peer error {code}: {message}")),
@@ -375,7 +426,8 @@ impl PeerServer {
                         continue;
                     }
                     let digest = pieces.metainfo().digest();
-                    if self.super_seed.as_ref().is_some_and(|s| !s.claim(digest, index, remote)) {
+                    let count = pieces.metainfo().piece_count();
+                    if self.super_seed.as_ref().is_some_and(|s| !s.claim(digest, index, remote, count)) {
                         // Declined: another peer just got it and can pass it on.
                         if let Err(e) = sink.send(Message::Cancel(index)).await {
                             break Err(e.to_string());
@@ -424,60 +476,91 @@ mod tests {
         b
     }
 
+    const N: u32 = 4;
+
+    /// Send `pieces` out (to a throwaway peer), as a seeder does before anyone can hold them.
+    fn send_out(s: &SuperSeed, d: &Digest, pieces: &[u32]) {
+        let first = PeerId::random();
+        for &i in pieces {
+            assert!(s.claim(d, i, first, N), "piece {i} is free to send");
+        }
+    }
+
     #[test]
     fn a_piece_a_connected_peer_holds_is_declined_until_that_peer_leaves() {
-        let s = SuperSeed::new(Duration::from_secs(3));
+        let s = SuperSeed::new(Duration::from_millis(1));
         let (d, a, b) = (digest(), PeerId::random(), PeerId::random());
-        let holder = bits(4, &[1]);
-        s.join(&d, &holder);
-        s.join(&d, &bits(4, &[]));
-        assert!(!s.claim(&d, 1, a), "peer holding piece 1 is connected");
-        assert!(!s.claim(&d, 1, a), "asking again at once changes nothing");
-        assert!(s.claim(&d, 0, a), "nobody holds piece 0");
-        assert!(!s.claim(&d, 0, b), "piece 0 was just sent to a");
-        s.gained(&d, 2);
-        assert!(!s.claim(&d, 2, b), "announced with have");
+        send_out(&s, &d, &[1, 2]);
+        std::thread::sleep(Duration::from_millis(5));
+        let holder = s.join(&d, &bits(N, &[1]));
+        let mut other = s.join(&d, &bits(N, &[]));
+        assert!(!s.claim(&d, 1, a, N), "peer holding piece 1 is connected");
+        assert!(!s.claim(&d, 1, a, N), "asking again at once changes nothing");
+        assert!(s.claim(&d, 0, a, N), "nobody holds piece 0");
+        assert!(s.gained(&d, 2));
+        other.set(2).unwrap();
+        assert!(!s.claim(&d, 2, b, N), "announced with have");
         s.leave(&d, &holder);
-        assert!(!s.claim(&d, 1, b), "a peer that just left still seeds what it has");
+        assert!(!s.claim(&d, 1, b, N), "a peer that just left still seeds what it has");
         s.forget(&d, &holder);
-        assert!(s.claim(&d, 1, b), "the only holder of piece 1 is gone");
-        s.gained(&d, 9); // out of range: ignored, no panic
-        assert!(!s.claim(&d, 2, a), "the other peer still holds piece 2");
+        assert!(s.claim(&d, 1, b, N), "the only holder of piece 1 is gone");
+        assert!(!s.gained(&d, 9), "out of range: ignored, no panic");
+        assert!(!s.claim(&d, 2, a, N), "the other peer still holds piece 2");
+    }
+
+    #[test]
+    fn claims_to_pieces_never_sent_out_do_not_count() {
+        let s = SuperSeed::new(Duration::from_millis(1));
+        let (d, a) = (digest(), PeerId::random());
+        // A liar claims the whole blob before anything was sent.
+        let counted = s.join(&d, &bits(N, &[0, 1, 2, 3]));
+        assert_eq!(counted.count(), 0);
+        assert!(!s.gained(&d, 3), "a have for a piece never sent out is ignored too");
+        for i in 0..N {
+            assert!(s.claim(&d, i, a, N), "piece {i} is served: nobody can hold it yet");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        // Once a piece is out, a holder's claim to it counts.
+        let honest = s.join(&d, &bits(N, &[2]));
+        assert_eq!(honest.iter_set().collect::<Vec<_>>(), [2]);
+        assert!(!s.claim(&d, 2, PeerId::random(), N));
     }
 
     #[test]
     fn the_window_lets_the_recipient_ask_again_but_not_others() {
         let s = SuperSeed::new(Duration::from_millis(50));
         let (d, a, b) = (digest(), PeerId::random(), PeerId::random());
-        assert!(s.claim(&d, 3, a));
-        assert!(s.claim(&d, 3, a), "the same peer may ask again (a retry)");
-        assert!(!s.claim(&d, 3, b));
+        assert!(s.claim(&d, 3, a, N));
+        assert!(s.claim(&d, 3, a, N), "the same peer may ask again (a retry)");
+        assert!(!s.claim(&d, 3, b, N));
         std::thread::sleep(Duration::from_millis(80));
-        assert!(s.claim(&d, 3, b), "after the window nobody is known to hold it");
+        assert!(s.claim(&d, 3, b, N), "after the window nobody is known to hold it");
     }
 
     #[test]
     fn a_peer_that_asks_again_after_a_decline_is_served() {
         let reask = Duration::from_millis(100);
-        let s = SuperSeed::with_timing(Duration::from_secs(3), reask, HOLDER_LINGER);
+        let s = SuperSeed::with_timing(Duration::from_millis(1), reask, HOLDER_LINGER);
         let (d, a) = (digest(), PeerId::random());
-        s.join(&d, &bits(4, &[2]));
-        assert!(!s.claim(&d, 2, a));
+        send_out(&s, &d, &[2]);
+        s.join(&d, &bits(N, &[2]));
+        assert!(!s.claim(&d, 2, a, N));
         std::thread::sleep(reask + Duration::from_millis(50));
-        assert!(s.claim(&d, 2, a), "none of its peers had it for a while: it is starved");
-        assert!(!s.claim(&d, 2, PeerId::random()), "a first ask from another peer is still declined");
+        assert!(s.claim(&d, 2, a, N), "none of its peers had it for a while: it is starved");
+        assert!(!s.claim(&d, 2, PeerId::random(), N), "a first ask from another peer is still declined");
     }
 
     #[test]
     fn a_departed_peer_counts_as_a_holder_for_the_linger_time() {
         let linger = Duration::from_millis(100);
-        let s = SuperSeed::with_timing(Duration::from_secs(3), REASK_AFTER, linger);
+        let s = SuperSeed::with_timing(Duration::from_millis(1), REASK_AFTER, linger);
         let (d, a) = (digest(), PeerId::random());
-        let holder = bits(4, &[0, 1]);
-        s.join(&d, &holder);
+        send_out(&s, &d, &[0, 1]);
+        std::thread::sleep(Duration::from_millis(5));
+        let holder = s.join(&d, &bits(N, &[0, 1]));
         s.leave(&d, &holder);
-        assert!(!s.claim(&d, 0, a), "it just finished and still seeds");
+        assert!(!s.claim(&d, 0, a, N), "it just finished and still seeds");
         std::thread::sleep(linger + Duration::from_millis(50));
-        assert!(s.claim(&d, 1, a), "long gone: the origin serves it");
+        assert!(s.claim(&d, 1, a, N), "long gone: the origin serves it");
     }
 }
