@@ -62,11 +62,15 @@ impl RateLimiter {
     pub fn admit(&self, n: u64, max_wait: Duration) -> bool {
         use std::sync::atomic::Ordering;
         let Some(rate) = self.rate.filter(|r| *r > 0) else { return true };
-        let budget = (max_wait.as_secs_f64() * rate as f64) as u64;
+        // Bytes already being sent (reserved past the tokens at hand) wait ahead of these too:
+        // with a dozen connections each sending a piece, that alone was over a second, and
+        // admitted requests timed out at their requesters.
+        let debt = self.debt(Instant::now());
+        let budget = ((max_wait.as_secs_f64() * rate as f64) as u64).saturating_sub(debt);
         let mut current = self.backlog.load(Ordering::Relaxed);
         loop {
-            // A single request larger than the budget is still admitted into an empty backlog.
-            if current > 0 && current.saturating_add(n) > budget {
+            // A single request larger than the budget is still admitted when nothing waits.
+            if (current > 0 || debt > 0) && current.saturating_add(n) > budget {
                 return false;
             }
             match self.backlog.compare_exchange(current, current + n, Ordering::Relaxed, Ordering::Relaxed) {
@@ -74,6 +78,16 @@ impl RateLimiter {
                 Err(actual) => current = actual,
             }
         }
+    }
+
+    /// Bytes reserved beyond the tokens available at `now` (what current senders still owe).
+    fn debt(&self, now: Instant) -> u64 {
+        let Some(rate) = self.rate.filter(|r| *r > 0) else { return 0 };
+        let b = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
+        let tokens = (b.tokens + elapsed * rate as f64).min(self.burst as f64);
+        // `as` saturates; a negative balance is the debt.
+        (-tokens).max(0.0) as u64
     }
 
     /// Forget `n` admitted bytes (sent, or no longer wanted).
@@ -113,6 +127,16 @@ mod tests {
         l.release(1500);
         assert!(l.admit(5000, Duration::from_secs(2)), "an empty backlog admits one big request");
         assert!(RateLimiter::unlimited().admit(u64::MAX / 2, Duration::ZERO));
+    }
+
+    #[test]
+    fn bytes_being_sent_count_against_admission() {
+        let l = RateLimiter::new(Some(1000), 1000);
+        let t0 = Instant::now();
+        // Connections already sending 2500 bytes: 1500 more than the burst covers.
+        assert_eq!(l.reserve(2500, t0), Duration::from_millis(1500));
+        assert!(!l.admit(600, Duration::from_secs(2)), "1.5 s of debt + 0.6 s > 2 s");
+        assert!(l.admit(400, Duration::from_secs(2)), "1.5 s of debt + 0.4 s fits");
     }
 
     #[test]
