@@ -424,6 +424,10 @@ impl Swarm {
             tracing::info!(%peer, index, "piece request timed out");
             if self.blacklist.timeout(peer, now) {
                 self.drop_peer(&peer);
+            } else if let Some(p) = self.peers.get(&peer) {
+                // The piece is asked of someone else now; a peer slow because it is in demand
+                // should not still spend its upload on it.
+                let _ = p.commands.try_send(Command::Cancel(index));
             }
         }
         self.blacklist.prune(now);
