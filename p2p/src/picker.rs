@@ -32,6 +32,9 @@ pub const DEFAULT_READER_WINDOW: u32 = 4;
 /// Default cap on simultaneous requests for one piece in endgame.
 pub const DEFAULT_ENDGAME_MAX_REQUESTS: usize = 2;
 
+/// No request deadline is further out than this (a day).
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// Default fixed part of a request deadline (connection latency, peer scheduling).
 pub const DEFAULT_REQUEST_TIMEOUT_BASE: Duration = Duration::from_secs(2);
 
@@ -333,7 +336,9 @@ impl<R: Rng> PiecePicker<R> {
         }
 
         for &i in &picked {
-            let deadline = now + self.config.request_timeout(self.piece_len(i));
+            // An absurd timeout (huge piece, tiny rate) must not overflow the clock.
+            let timeout = self.config.request_timeout(self.piece_len(i)).min(MAX_REQUEST_TIMEOUT);
+            let deadline = now + timeout;
             self.in_flight.entry(i).or_default().push(Request { peer: *peer, deadline });
         }
         picked

@@ -99,6 +99,16 @@ pub fn in_flight_cap(rate: Option<u64>, piece_length: u64) -> usize {
     (pieces as usize).max(2)
 }
 
+/// How long the requests a download keeps in flight take to pass the node's own ingress
+/// limit: a piece may arrive that much later than it would unlimited, so deadlines get it on
+/// top. About [`IN_FLIGHT_HORIZON`], more where the 2-piece minimum exceeds it (large pieces
+/// at a low rate); zero without a limit.
+pub fn in_flight_window(rate: Option<u64>, piece_length: u64) -> Duration {
+    let Some(rate) = rate.filter(|r| *r > 0) else { return Duration::ZERO };
+    let pieces = in_flight_cap(Some(rate), piece_length) as f64;
+    Duration::try_from_secs_f64(pieces * piece_length as f64 / rate as f64).unwrap_or(Duration::MAX)
+}
+
 /// What every download of a node shares.
 #[derive(Clone)]
 pub struct SwarmDeps {
@@ -170,12 +180,11 @@ pub async fn download(
     if pieces.is_complete() {
         return Ok(());
     }
-    let max_in_flight = in_flight_cap(deps.ingress.rate(), pieces.metainfo().piece_length());
+    let (rate, piece_length) = (deps.ingress.rate(), pieces.metainfo().piece_length());
+    let max_in_flight = in_flight_cap(rate, piece_length);
     let mut picker_cfg = cfg.picker.clone();
-    if max_in_flight != usize::MAX {
-        // A piece may arrive up to the horizon late because of this node's own limit.
-        picker_cfg.request_timeout_base = picker_cfg.request_timeout_base.saturating_add(IN_FLIGHT_HORIZON);
-    }
+    picker_cfg.request_timeout_base =
+        picker_cfg.request_timeout_base.saturating_add(in_flight_window(rate, piece_length));
     let picker = PiecePicker::new(pieces.metainfo(), pieces.have(), picker_cfg)
         .map_err(|e| SwarmError::Storage(e.to_string()))?;
     let (events_tx, mut events) = mpsc::channel::<Event>(256);
@@ -581,5 +590,15 @@ mod tests {
         assert_eq!(in_flight_cap(None, MIB), usize::MAX, "no limit, no cap");
         assert_eq!(in_flight_cap(Some(0), MIB), usize::MAX, "a zero rate means unlimited");
         assert_eq!(in_flight_cap(Some(u64::MAX), 1), usize::MAX, "saturates");
+    }
+
+    #[test]
+    fn deadlines_cover_the_whole_window_in_flight() {
+        let secs = |rate, piece| in_flight_window(rate, piece).as_secs_f64();
+        assert!((secs(Some(10 * MIB), MIB) - 1.0).abs() < 1e-9, "10 pieces at 10 MiB/s");
+        assert!((secs(Some(MIB), 4 * MIB) - 8.0).abs() < 1e-9, "2 pieces of 4 MiB at 1 MiB/s");
+        assert_eq!(in_flight_window(None, MIB), Duration::ZERO);
+        assert_eq!(in_flight_window(Some(0), MIB), Duration::ZERO);
+        assert!(in_flight_window(Some(1), u64::MAX) > Duration::from_secs(1 << 40), "no panic");
     }
 }
