@@ -20,6 +20,7 @@
 //!   [`metrics`]: what proves the swarm works.
 
 pub mod bitfield;
+pub mod bitfield_file;
 pub mod blacklist;
 pub mod blob;
 pub mod conn;

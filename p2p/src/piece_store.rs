@@ -10,17 +10,16 @@
 //! All of this is blocking file I/O: async callers use `spawn_blocking`.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use shoal_registry::Digest;
 
 use crate::bitfield::Bitfield;
+pub use crate::bitfield_file::bitfield_path;
+use crate::bitfield_file::{encode_bitfield, load_bitfield, sync_dir, write_bitfield, BitfieldSnapshot};
 use crate::metainfo::Metainfo;
-
-/// First bytes of a bitfield file, so a foreign or older format is discarded, not misread.
-const BITFIELD_MAGIC: &[u8; 8] = b"SHOALBF1";
 
 /// How much `finish` reads at a time while hashing the whole blob.
 const HASH_CHUNK: usize = 1024 * 1024;
@@ -76,33 +75,6 @@ pub fn read_new_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> 
     // The allocation may be larger than asked for, and a read may have filled it.
     buf.truncate(len);
     Ok(buf)
-}
-
-/// The bitfield of a moment, with a handle on the data file, persisted later (see
-/// [`PieceFile::take_snapshot`]). Every piece it claims was written before it was taken, so
-/// syncing the data first keeps the crash-safety invariant. Persist snapshots one at a time:
-/// they share a temporary file name.
-#[derive(Debug)]
-pub struct BitfieldSnapshot {
-    data: File,
-    path: PathBuf,
-    encoded: Vec<u8>,
-}
-
-impl BitfieldSnapshot {
-    /// Fsync the data, then atomically replace the bitfield file. Blocking.
-    pub fn persist(self) -> Result<(), PieceError> {
-        self.data.sync_data()?;
-        write_bitfield_bytes(&self.path, &self.encoded)?;
-        Ok(())
-    }
-}
-
-/// Where the bitfield of the data file at `path` lives: `<path>.bitfield`.
-pub fn bitfield_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".bitfield");
-    PathBuf::from(name)
 }
 
 impl PieceFile {
@@ -377,80 +349,6 @@ impl PieceFile {
     fn out_of_range(&self, index: u32) -> PieceError {
         PieceError::OutOfRange { index, count: self.metainfo.piece_count() }
     }
-}
-
-/// The bitfield file: magic, blob size (u64), piece length (u64), digest (u16 length + text),
-/// then the bitfield bytes. The header ties the bitfield to one exact metainfo.
-fn encode_bitfield(metainfo: &Metainfo, have: &Bitfield) -> Vec<u8> {
-    let digest = metainfo.digest().to_string();
-    let mut out = Vec::with_capacity(8 + 8 + 8 + 2 + digest.len() + have.as_bytes().len());
-    out.extend_from_slice(BITFIELD_MAGIC);
-    out.extend_from_slice(&metainfo.size().to_be_bytes());
-    out.extend_from_slice(&metainfo.piece_length().to_be_bytes());
-    // A digest string is at most ~135 bytes.
-    out.extend_from_slice(&u16::try_from(digest.len()).unwrap_or(u16::MAX).to_be_bytes());
-    out.extend_from_slice(digest.as_bytes());
-    out.extend_from_slice(have.as_bytes());
-    out
-}
-
-/// Decode a bitfield file, or `None` if it does not belong to `metainfo` or is malformed.
-fn decode_bitfield(bytes: &[u8], metainfo: &Metainfo) -> Option<Bitfield> {
-    let rest = bytes.strip_prefix(BITFIELD_MAGIC)?;
-    let (size, rest) = rest.split_first_chunk::<8>()?;
-    let (piece_length, rest) = rest.split_first_chunk::<8>()?;
-    let (digest_len, rest) = rest.split_first_chunk::<2>()?;
-    let (digest, rest) = rest.split_at_checked(usize::from(u16::from_be_bytes(*digest_len)))?;
-    let matches = u64::from_be_bytes(*size) == metainfo.size()
-        && u64::from_be_bytes(*piece_length) == metainfo.piece_length()
-        && digest == metainfo.digest().to_string().as_bytes();
-    if !matches {
-        return None;
-    }
-    Bitfield::from_bytes(metainfo.piece_count(), rest).ok()
-}
-
-fn load_bitfield(path: &Path, metainfo: &Metainfo) -> Option<Bitfield> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot read bitfield; starting from no pieces");
-            return None;
-        }
-    };
-    let decoded = decode_bitfield(&bytes, metainfo);
-    if decoded.is_none() {
-        tracing::warn!(path = %path.display(), "bitfield file does not match the metainfo; starting from no pieces");
-    }
-    decoded
-}
-
-/// Atomically replace the bitfield file: write a temp file, fsync it, rename it over, fsync the
-/// directory.
-fn write_bitfield(path: &Path, metainfo: &Metainfo, have: &Bitfield) -> io::Result<()> {
-    write_bitfield_bytes(path, &encode_bitfield(metainfo, have))
-}
-
-fn write_bitfield_bytes(path: &Path, encoded: &[u8]) -> io::Result<()> {
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    let mut file = File::create(&tmp)?;
-    file.write_all(encoded)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp, path)?;
-    if let Some(parent) = path.parent() {
-        sync_dir(parent)?;
-    }
-    Ok(())
-}
-
-/// Fsync a directory so a rename in it survives a crash.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-    File::open(dir)?.sync_all()
 }
 
 fn remove_if_exists(path: &Path) -> io::Result<()> {
