@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 
 use crate::bitfield::Bitfield;
 use crate::metainfo::Metainfo;
-use crate::piece_store::PieceError;
 
 /// First bytes of a bitfield file, so a foreign or older format is discarded, not misread.
 const BITFIELD_MAGIC: &[u8; 8] = b"SHOALBF1";
@@ -19,26 +18,6 @@ pub fn bitfield_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".bitfield");
     PathBuf::from(name)
-}
-
-/// The bitfield of a moment, with a handle on the data file, persisted later (see
-/// [`crate::piece_store::PieceFile::take_snapshot`]). Every piece it claims was written before it was taken, so
-/// syncing the data first keeps the crash-safety invariant. Persist snapshots one at a time:
-/// they share a temporary file name.
-#[derive(Debug)]
-pub struct BitfieldSnapshot {
-    pub(crate) data: File,
-    pub(crate) path: PathBuf,
-    pub(crate) encoded: Vec<u8>,
-}
-
-impl BitfieldSnapshot {
-    /// Fsync the data, then atomically replace the bitfield file. Blocking.
-    pub fn persist(self) -> Result<(), PieceError> {
-        self.data.sync_data()?;
-        write_bitfield_bytes(&self.path, &self.encoded)?;
-        Ok(())
-    }
 }
 
 /// The bitfield file: magic, blob size (u64), piece length (u64), digest (u16 length + text),
@@ -91,15 +70,12 @@ pub(crate) fn load_bitfield(path: &Path, metainfo: &Metainfo) -> Option<Bitfield
 /// Atomically replace the bitfield file: write a temp file, fsync it, rename it over, fsync the
 /// directory.
 pub(crate) fn write_bitfield(path: &Path, metainfo: &Metainfo, have: &Bitfield) -> io::Result<()> {
-    write_bitfield_bytes(path, &encode_bitfield(metainfo, have))
-}
-
-fn write_bitfield_bytes(path: &Path, encoded: &[u8]) -> io::Result<()> {
+    let encoded = encode_bitfield(metainfo, have);
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
     let mut file = File::create(&tmp)?;
-    file.write_all(encoded)?;
+    file.write_all(&encoded)?;
     file.sync_all()?;
     drop(file);
     fs::rename(&tmp, path)?;

@@ -52,9 +52,6 @@ pub struct BlobPieces {
     /// (ext4 takes the inode lock), and writers left to race there spin on it: 8% of an
     /// agent's CPU in a profile. Waiting here sleeps instead, and readers are not involved.
     writing: std::sync::Mutex<()>,
-    /// Taken while persisting the bitfield and while finishing: snapshots share a temporary
-    /// file, and none may land after `finish` removed the bitfield.
-    persisting: std::sync::Mutex<()>,
     /// Whatever must live as long as this blob is served (e.g. a cache pin against eviction).
     _guard: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
@@ -70,7 +67,6 @@ impl BlobPieces {
             prefix: None,
             progress: watch::Sender::new(count),
             writing: std::sync::Mutex::new(()),
-            persisting: std::sync::Mutex::new(()),
             _guard: None,
         })
     }
@@ -94,7 +90,6 @@ impl BlobPieces {
             prefix: Some(std::sync::Mutex::new(prefix)),
             progress: watch::Sender::new(count),
             writing: std::sync::Mutex::new(()),
-            persisting: std::sync::Mutex::new(()),
             _guard: None,
         })
     }
@@ -168,22 +163,17 @@ impl BlobPieces {
         if !file.mark_written(index)? {
             return Ok(false);
         }
-        let snapshot = if flushed.elapsed() >= FLUSH_INTERVAL {
+        // Persisting stays under the exclusive lock: a download then cannot run ahead of its
+        // last persisted bitfield by more than FLUSH_INTERVAL, whatever the disk's fsync takes.
+        // (Persisting a snapshot outside the lock let a slow disk leave a crashed agent with
+        // nothing persisted after seconds of verified pieces.)
+        if flushed.elapsed() >= FLUSH_INTERVAL {
+            file.flush()?;
             *flushed = std::time::Instant::now();
-            file.take_snapshot()?
-        } else {
-            None
-        };
+        }
         let count = file.have().count();
         drop(state);
         self.publish_count(count);
-        if let Some(snapshot) = snapshot {
-            // The fsyncs happen outside the state lock, one snapshot at a time.
-            let _persisting = self.persisting.lock().unwrap_or_else(|p| p.into_inner());
-            if matches!(&*self.read_state(), State::Partial(..)) {
-                snapshot.persist()?;
-            }
-        }
         Ok(true)
     }
 
@@ -269,8 +259,6 @@ impl BlobPieces {
         // Snapshot the running hash before taking the state lock: `advance_hash` holds the
         // prefix while it takes the state lock, so the other order could deadlock.
         let prefix = self.prefix.as_ref().and_then(|m| m.lock().ok()).map(|p| (p.hasher.clone(), p.next));
-        // No bitfield snapshot may be written once the download has become the finished blob.
-        let _persisting = self.persisting.lock().unwrap_or_else(|p| p.into_inner());
         let verified = match &*self.read_state() {
             State::Partial(pieces, _) => match prefix {
                 // Continue the running hash from where it stopped (usually the end).
@@ -381,7 +369,7 @@ mod tests {
         let blob = BlobPieces::partial(&path, meta.clone()).unwrap();
         blob.write_piece(4, piece(&meta, &data, 4)).unwrap();
         std::thread::sleep(FLUSH_INTERVAL + Duration::from_millis(20));
-        // This write is due to persist, and does so after releasing the state lock.
+        // This write is due to persist the bitfield.
         blob.write_piece(2, piece(&meta, &data, 2)).unwrap();
         drop(blob);
         let again = BlobPieces::partial(&path, meta.clone()).unwrap();

@@ -18,7 +18,7 @@ use shoal_registry::Digest;
 
 use crate::bitfield::Bitfield;
 pub use crate::bitfield_file::bitfield_path;
-use crate::bitfield_file::{encode_bitfield, load_bitfield, sync_dir, write_bitfield, BitfieldSnapshot};
+use crate::bitfield_file::{load_bitfield, sync_dir, write_bitfield};
 use crate::metainfo::Metainfo;
 
 /// How much `finish` reads at a time while hashing the whole blob.
@@ -179,22 +179,6 @@ impl PieceFile {
             self.unpersisted += 1;
         }
         Ok(newly)
-    }
-
-    /// What persisting the pieces held now takes, to be done after releasing whatever lock
-    /// guards this file: fsyncs take milliseconds to seconds, and readers should not wait for
-    /// them. `None` if nothing changed since the last snapshot or flush.
-    pub fn take_snapshot(&mut self) -> Result<Option<BitfieldSnapshot>, PieceError> {
-        if self.unpersisted == 0 {
-            return Ok(None);
-        }
-        let snapshot = BitfieldSnapshot {
-            data: self.file.try_clone()?,
-            path: self.bitfield_path.clone(),
-            encoded: encode_bitfield(&self.metainfo, &self.have),
-        };
-        self.unpersisted = 0;
-        Ok(Some(snapshot))
     }
 
     /// Make every piece written so far durable: fsync the data, then atomically replace the
@@ -361,6 +345,7 @@ fn remove_if_exists(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bitfield_file::encode_bitfield;
     use shoal_registry::Algorithm;
 
     const KIB: usize = 1024;
@@ -425,7 +410,7 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_persists_what_was_marked_when_it_was_taken() {
+    fn pieces_written_and_marked_separately_persist_on_flush() {
         let f = fixture();
         let mut pf = PieceFile::open(&f.path, f.meta.clone()).unwrap().with_persist_every(u32::MAX);
         for i in [1, 3] {
@@ -433,12 +418,7 @@ mod tests {
             assert!(pf.mark_written(i).unwrap());
         }
         assert!(!pf.mark_written(3).unwrap(), "marking twice is not new");
-        let snapshot = pf.take_snapshot().unwrap().expect("two new pieces");
-        assert!(pf.take_snapshot().unwrap().is_none(), "nothing new since");
-        // Written after the snapshot: not claimed by it.
-        pf.write_data(0, piece(&f.meta, &f.data, 0)).unwrap();
-        pf.mark_written(0).unwrap();
-        snapshot.persist().unwrap();
+        pf.flush().unwrap();
         drop(pf);
         let reopened = PieceFile::open(&f.path, f.meta.clone()).unwrap();
         assert_eq!(reopened.have().iter_set().collect::<Vec<_>>(), [1, 3]);
