@@ -149,13 +149,12 @@ impl PieceFile {
     /// hashing can happen outside whatever lock guards this file. Writing an unverified piece
     /// here would break the "have means verified" invariant.
     pub fn write_verified_piece(&mut self, index: u32, data: &[u8]) -> Result<(), PieceError> {
-        let (offset, _) = self.range(index)?;
+        self.range(index)?;
         if self.have.get(index) {
             return Ok(());
         }
-        self.file.write_all_at(data, offset)?;
-        self.have.set(index).map_err(|_| self.out_of_range(index))?;
-        self.unpersisted += 1;
+        self.write_data(index, data)?;
+        self.mark_written(index)?;
         if self.unpersisted >= self.persist_every {
             self.flush()?;
         }
