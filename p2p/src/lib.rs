@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod peer;
 pub mod picker;
 pub mod piece_store;
+pub mod rendezvous;
 pub mod server;
 pub mod swarm;
 pub mod tracker_client;

@@ -5,9 +5,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rendezvous_hash::{IdNode, Node, RendezvousNodes};
 use serde::{Deserialize, Serialize};
 use shoal_registry::Digest;
+
+use crate::rendezvous;
 
 /// `POST /v1/announce`: "I am in the swarm of `digest`".
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -95,14 +96,11 @@ impl TrackerClient {
         Ok(TrackerClient { urls, http })
     }
 
-    /// Trackers in the order to try for `digest`: the rendezvous winner first.
+    /// Trackers in the order to try for `digest`: the rendezvous winner first. The ranking's
+    /// hash is pinned (see [`rendezvous`]), so agents of every build pick the same tracker for
+    /// a digest and its swarm is not split.
     pub fn order_for(&self, digest: &Digest) -> Vec<String> {
-        let mut nodes = RendezvousNodes::default();
-        for url in &self.urls {
-            nodes.insert(IdNode::new(url.clone()));
-        }
-        let key = digest.to_string();
-        nodes.calc_candidates(&key).map(|n| n.node_id().clone()).collect()
+        rendezvous::ranked(&digest.to_string(), &self.urls)
     }
 
     /// Announce to the digest's tracker, failing over to the next ones.

@@ -2,48 +2,13 @@
 //! placed by digest, repository metadata by repository name. Rendezvous hashing moves only
 //! the keys whose owners changed when an origin joins or leaves (about 1/N of them).
 
-use std::hash::{Hash, Hasher};
-
-use rendezvous_hash::{IdNode, NodeHasher, RendezvousNodes};
-use sha2::{Digest as _, Sha256};
-
-/// A hasher whose output is the same in every build and on every machine (unlike std's
-/// `DefaultHasher`), so origins running different builds agree on placement.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct StableHasher;
-
-struct Sha256Hasher(Sha256);
-
-impl Hasher for Sha256Hasher {
-    fn write(&mut self, bytes: &[u8]) {
-        self.0.update(bytes);
-    }
-
-    fn finish(&self) -> u64 {
-        let out = self.0.clone().finalize();
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&out[..8]);
-        u64::from_be_bytes(first)
-    }
-}
-
-impl NodeHasher<String> for StableHasher {
-    fn hash<T: Hash>(&self, node: &String, item: &T) -> u64 {
-        let mut h = Sha256Hasher(Sha256::new());
-        item.hash(&mut h);
-        node.hash(&mut h);
-        h.finish()
-    }
-}
+use shoal_p2p::rendezvous;
 
 /// Every node ordered by preference for `key`: the first R are its owners, the rest are the
-/// fallbacks used when an owner cannot take a write.
+/// fallbacks used when an owner cannot take a write. The hash is the pinned one of
+/// [`rendezvous`], so origins running different builds agree on placement.
 pub fn ranked(key: &str, nodes: &[String]) -> Vec<String> {
-    let mut set = RendezvousNodes::new(StableHasher);
-    for n in nodes {
-        set.insert(IdNode::new(n.clone()));
-    }
-    set.calc_candidates(&key).map(|n| (**n).clone()).collect()
+    rendezvous::ranked(key, nodes)
 }
 
 /// The owners of `key` among `nodes`: the first `replicas` of [`ranked`].
