@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_p2p::limiter::RateLimiter;
+use shoal_p2p::node::NodeFlow;
 use shoal_p2p::server::PeerServer;
 use shoal_p2p::swarm::{SwarmConfig, SwarmDeps};
 use shoal_p2p::tracker_client::TrackerClient;
@@ -85,10 +86,11 @@ impl Agent {
             tracker: tracker.clone(),
             ingress: Arc::new(RateLimiter::new(config.ingress_rate, burst)),
             metrics: metrics.clone(),
+            node: NodeFlow::default(),
         };
         let mut swarm = SwarmConfig::new(peer_id, config.advertise);
-        swarm.max_connections = config.max_connections_per_blob;
-        swarm.fallback_after = config.fallback_after;
+        swarm.scheduler.max_connections = config.max_connections_per_blob;
+        swarm.scheduler.fallback_after = config.fallback_after;
         let downloads =
             Arc::new(Downloads::new(cache, origin.clone(), deps, swarm, config.data_dir.join("partial")));
         let seeding = Arc::new(Seeding::new(config.seed_window));

@@ -2,11 +2,15 @@
 //! It owns no swarm state; it reports to the swarm's event loop and obeys its commands.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -34,6 +38,9 @@ pub enum ConnEvent {
         addr: SocketAddr,
         bitfield: Bitfield,
         commands: mpsc::Sender<Command>,
+        /// Bytes read from this connection so far, counted as they arrive (not per piece),
+        /// so the swarm sees a piece in transit as progress.
+        received: Arc<AtomicU64>,
     },
     ConnectFailed {
         addr: SocketAddr,
@@ -68,16 +75,46 @@ pub struct ConnTimeouts {
     pub idle: Duration,
 }
 
+/// The read half of a connection, counting the bytes it reads into this connection's counter
+/// and the node's.
+pub struct CountingReader<R> {
+    inner: R,
+    conn: Arc<AtomicU64>,
+    node: Arc<AtomicU64>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for CountingReader<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.conn.fetch_add(n, Ordering::Relaxed);
+            self.node.fetch_add(n, Ordering::Relaxed);
+        }
+        poll
+    }
+}
+
 /// Connect to `addr` and run the connection until it closes or `commands` is dropped.
+/// `node_received` counts the bytes read into the node's total.
 pub async fn run(
     addr: SocketAddr,
     me: PeerId,
     pieces: Arc<BlobPieces>,
     ingress: Arc<RateLimiter>,
+    node_received: Arc<AtomicU64>,
     timeouts: ConnTimeouts,
     events: mpsc::Sender<ConnEvent>,
 ) {
-    let (peer, bitfield, mut stream, mut sink) = match handshake(addr, me, &pieces, timeouts).await {
+    let received = Arc::new(AtomicU64::new(0));
+    let counters = (received.clone(), node_received);
+    let (peer, bitfield, mut stream, mut sink) = match handshake(addr, me, &pieces, timeouts, counters).await
+    {
         Ok(ok) => ok,
         Err(reason) => {
             let _ = events.send(ConnEvent::ConnectFailed { addr, reason }).await;
@@ -85,7 +122,7 @@ pub async fn run(
         }
     };
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
-    if events.send(ConnEvent::Connected { peer, addr, bitfield, commands: cmd_tx }).await.is_err() {
+    if events.send(ConnEvent::Connected { peer, addr, bitfield, commands: cmd_tx, received }).await.is_err() {
         return;
     }
     // Tell the server which pieces this side gains: a super-seeding origin declines pieces
@@ -142,13 +179,14 @@ pub async fn run(
     let _ = events.send(ConnEvent::Closed { peer, reason }).await;
 }
 
-type PeerReader = FramedRead<OwnedReadHalf, PeerCodec>;
+type PeerReader = FramedRead<CountingReader<OwnedReadHalf>, PeerCodec>;
 
 async fn handshake(
     addr: SocketAddr,
     me: PeerId,
     pieces: &BlobPieces,
     timeouts: ConnTimeouts,
+    (conn, node): (Arc<AtomicU64>, Arc<AtomicU64>),
 ) -> Result<(PeerId, Bitfield, PeerReader, PeerWriter<OwnedWriteHalf>), String> {
     let stream = tokio::time::timeout(timeouts.connect, TcpStream::connect(addr))
         .await
@@ -156,7 +194,7 @@ async fn handshake(
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
     let (read, write) = stream.into_split();
-    let mut reader = FramedRead::new(read, PeerCodec::default());
+    let mut reader = FramedRead::new(CountingReader { inner: read, conn, node }, PeerCodec::default());
     let mut writer = PeerWriter::new(write, PeerCodec::default());
     let digest = pieces.metainfo().digest().clone();
     let hello = Message::Handshake {

@@ -9,11 +9,16 @@
 //! - [`peer`]: random peer ids.
 //! - [`wire`]: the peer protocol's frames, as a `tokio_util` codec.
 //! - [`piece_store`]: the preallocated file and crash-safe bitfield a download is assembled in.
-//! - [`picker`]: which pieces to request from whom (readers first, rarest first, endgame,
-//!   deadlines), with no I/O and time passed in.
+//! - [`picker`]: which pieces to request from whom (readers first, rarest first, endgame),
+//!   with no I/O and time passed in.
+//! - [`flow`]: delivery rates measured from arriving bytes, and the pipelining depths,
+//!   in-flight budget and stall rule derived from them; [`node`]: what a node's downloads
+//!   share (its measured ingress and its bytes in flight).
+//! - [`swarm_state`]: one download's decisions as a pure state machine (requests, cancels,
+//!   connects, stalls, fallback, announces), given events and a clock.
 //! - [`blacklist`]: strikes and expiring bans for peers that misbehave or stall.
 //! - [`blob`]: a blob as the swarm sees it, partial or complete, readable while it fills.
-//! - [`swarm`]: one blob's download: the event loop that owns the picker and the connections
+//! - [`swarm`]: one blob's download: the event loop that runs the state machine and the connections
 //!   ([`conn`]), announces to the tracker ([`tracker_client`]) and falls back to an origin.
 //! - [`failover`]: which of several equivalent origins to ask, moving on from dead ones.
 //! - [`server`]: serves pieces to other peers; [`limiter`]: node-wide bandwidth limits;
@@ -25,15 +30,18 @@ pub mod blacklist;
 pub mod blob;
 pub mod conn;
 pub mod failover;
+pub mod flow;
 pub mod limiter;
 pub mod metainfo;
 pub mod metrics;
+pub mod node;
 pub mod peer;
 pub mod picker;
 pub mod piece_store;
 pub mod rendezvous;
 pub mod server;
 pub mod swarm;
+pub mod swarm_state;
 pub mod tracker_client;
 pub mod wire;
 pub mod writer;
@@ -44,6 +52,6 @@ pub use failover::{Failover, FailoverError};
 pub use metainfo::{piece_length_for, Metainfo, MetainfoError};
 pub use metrics::SwarmMetrics;
 pub use peer::{PeerId, PeerIdError};
-pub use picker::{request_timeout, PickerConfig, PickerError, PiecePicker};
+pub use picker::{PickerConfig, PickerError, PiecePicker};
 pub use piece_store::{PieceError, PieceFile};
 pub use wire::{Message, PeerCodec, WireError, PROTOCOL_VERSION};

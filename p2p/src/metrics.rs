@@ -17,6 +17,11 @@ pub struct SwarmMetrics {
     pub connections: prometheus::IntGaugeVec,
     /// Time from the start of a blob's download to its verified completion.
     pub download_seconds: prometheus::Histogram,
+    /// Piece requests withdrawn because their peer stalled (no bytes for a while).
+    pub piece_timeouts: IntCounter,
+    /// Verified piece bytes that arrived after another copy of the piece (endgame, late
+    /// deliveries): received but not needed.
+    pub duplicate_bytes: IntCounter,
 }
 
 impl SwarmMetrics {
@@ -60,7 +65,17 @@ impl SwarmMetrics {
                 )
                 .buckets(prometheus::exponential_buckets(0.01, 2.0, 16)?),
             )?,
+            piece_timeouts: IntCounter::new(
+                format!("shoal_{component}_piece_timeouts_total"),
+                "Piece requests withdrawn because their peer sent no bytes for too long",
+            )?,
+            duplicate_bytes: IntCounter::new(
+                format!("shoal_{component}_duplicate_bytes_total"),
+                "Verified piece bytes received for pieces already held",
+            )?,
         };
+        registry.register(Box::new(m.piece_timeouts.clone()))?;
+        registry.register(Box::new(m.duplicate_bytes.clone()))?;
         registry.register(Box::new(m.received_bytes.clone()))?;
         registry.register(Box::new(m.download_seconds.clone()))?;
         registry.register(Box::new(m.sent_bytes.clone()))?;

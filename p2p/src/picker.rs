@@ -12,11 +12,12 @@
 //! - **One request per piece**, except in **endgame** (every missing piece some connected peer
 //!   has is already requested): then a piece may be requested from a few peers at once, so one
 //!   slow peer cannot hold up the end of the download; the losers get a `Cancel`.
-//! - **Deadlines** scaled by piece size; expired requests are handed back and the piece is free
-//!   to request again.
+//! - **No deadlines here.** Each request records when it was sent; whether a peer is too slow
+//!   is decided from what its connection delivers (see `flow`), and its requests are then
+//!   withdrawn ([`PiecePicker::withdraw`]) so the pieces are free to request again.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -32,15 +33,6 @@ pub const DEFAULT_READER_WINDOW: u32 = 4;
 /// Default cap on simultaneous requests for one piece in endgame.
 pub const DEFAULT_ENDGAME_MAX_REQUESTS: usize = 2;
 
-/// No request deadline is further out than this (a day).
-const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
-
-/// Default fixed part of a request deadline (connection latency, peer scheduling).
-pub const DEFAULT_REQUEST_TIMEOUT_BASE: Duration = Duration::from_secs(2);
-
-/// Default slowest acceptable transfer rate for a piece, in bytes per second (1 MiB/s).
-pub const DEFAULT_REQUEST_MIN_RATE: u64 = 1024 * 1024;
-
 /// Tunables of the picker; every field has a documented default (see the `DEFAULT_*` consts).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PickerConfig {
@@ -48,11 +40,6 @@ pub struct PickerConfig {
     pub reader_window: u32,
     /// Most simultaneous requests for one piece in endgame (default 2).
     pub endgame_max_requests: usize,
-    /// Fixed part of each request's deadline (default 2 s).
-    pub request_timeout_base: Duration,
-    /// Slowest acceptable rate in bytes/s; the deadline grows by `piece_len / rate` (default
-    /// 1 MiB/s).
-    pub request_min_rate: u64,
 }
 
 impl Default for PickerConfig {
@@ -60,28 +47,8 @@ impl Default for PickerConfig {
         PickerConfig {
             reader_window: DEFAULT_READER_WINDOW,
             endgame_max_requests: DEFAULT_ENDGAME_MAX_REQUESTS,
-            request_timeout_base: DEFAULT_REQUEST_TIMEOUT_BASE,
-            request_min_rate: DEFAULT_REQUEST_MIN_RATE,
         }
     }
-}
-
-impl PickerConfig {
-    /// How long a request for a piece of `piece_len` bytes may take:
-    /// `request_timeout_base + piece_len / request_min_rate` (a zero rate counts as 1 B/s).
-    pub fn request_timeout(&self, piece_len: u64) -> Duration {
-        let rate = self.request_min_rate.max(1);
-        // `rem < rate`, so the nanosecond part is below 1e9 and the product fits in u128.
-        let nanos = u128::from(piece_len % rate) * 1_000_000_000 / u128::from(rate);
-        let transfer = Duration::new(piece_len / rate, u32::try_from(nanos).unwrap_or(999_999_999));
-        self.request_timeout_base.saturating_add(transfer)
-    }
-}
-
-/// The request deadline for a piece of `piece_len` bytes with the default configuration:
-/// 2 s + `piece_len` / (1 MiB/s), e.g. 6 s for a 4 MiB piece.
-pub fn request_timeout(piece_len: u64) -> Duration {
-    PickerConfig::default().request_timeout(piece_len)
 }
 
 /// Why an event does not fit the picker's blob.
@@ -99,7 +66,7 @@ pub enum PickerError {
 #[derive(Clone, Copy, Debug)]
 struct Request {
     peer: PeerId,
-    deadline: Instant,
+    sent_at: Instant,
 }
 
 /// The scheduler state for one blob; see the module docs for the policies.
@@ -207,16 +174,7 @@ impl<R: Rng> PiecePicker<R> {
         if let Some(old) = self.peers.remove(peer) {
             self.uncount(&old);
         }
-        let mut freed = Vec::new();
-        self.in_flight.retain(|&index, reqs| {
-            let before = reqs.len();
-            reqs.retain(|r| r.peer != *peer);
-            if reqs.len() != before {
-                freed.push(index);
-            }
-            !reqs.is_empty()
-        });
-        freed
+        self.withdraw(peer)
     }
 
     fn uncount(&mut self, bitfield: &Bitfield) {
@@ -257,9 +215,33 @@ impl<R: Rng> PiecePicker<R> {
         self.in_flight.get(&index).map_or(0, Vec::len)
     }
 
-    /// The earliest request deadline, so the event loop knows when to call [`Self::expired`].
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.in_flight.values().flatten().map(|r| r.deadline).min()
+    /// When the oldest outstanding request to `peer` was sent, if any.
+    pub fn oldest_request_to(&self, peer: &PeerId) -> Option<Instant> {
+        self.in_flight.values().flatten().filter(|r| r.peer == *peer).map(|r| r.sent_at).min()
+    }
+
+    /// The pieces requested from `peer` and not yet received, oldest request first.
+    pub fn requests_to(&self, peer: &PeerId) -> Vec<u32> {
+        let mut reqs: Vec<(Instant, u32)> = self
+            .in_flight
+            .iter()
+            .flat_map(|(&i, reqs)| reqs.iter().filter(|r| r.peer == *peer).map(move |r| (r.sent_at, i)))
+            .collect();
+        reqs.sort_unstable();
+        reqs.into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// Bytes requested from `peer` and not yet received.
+    pub fn in_flight_bytes_for(&self, peer: &PeerId) -> u64 {
+        self.in_flight
+            .iter()
+            .map(|(&i, reqs)| reqs.iter().filter(|r| r.peer == *peer).count() as u64 * self.piece_len(i))
+            .sum()
+    }
+
+    /// Bytes requested from every peer together and not yet received.
+    pub fn in_flight_bytes(&self) -> u64 {
+        self.in_flight.iter().map(|(&i, reqs)| reqs.len() as u64 * self.piece_len(i)).sum()
     }
 
     /// Whether every missing piece that some connected peer has is already requested, which
@@ -278,7 +260,7 @@ impl<R: Rng> PiecePicker<R> {
     }
 
     /// Choose pieces to request from `peer` now, keeping at most `max_in_flight_for_peer`
-    /// requests outstanding to it, and record them as in flight with their deadlines.
+    /// requests outstanding to it, and record them as in flight with the time they were sent.
     /// Returns nothing for an unknown peer.
     pub fn pick(&mut self, peer: &PeerId, now: Instant, max_in_flight_for_peer: usize) -> Vec<u32> {
         self.pick_where(peer, now, max_in_flight_for_peer, |_, _| true)
@@ -336,10 +318,7 @@ impl<R: Rng> PiecePicker<R> {
         }
 
         for &i in &picked {
-            // An absurd timeout (huge piece, tiny rate) must not overflow the clock.
-            let timeout = self.config.request_timeout(self.piece_len(i)).min(MAX_REQUEST_TIMEOUT);
-            let deadline = now + timeout;
-            self.in_flight.entry(i).or_default().push(Request { peer: *peer, deadline });
+            self.in_flight.entry(i).or_default().push(Request { peer: *peer, sent_at: now });
         }
         picked
     }
@@ -376,18 +355,16 @@ impl<R: Rng> PiecePicker<R> {
         }
     }
 
-    /// Requests whose deadline is at or before `now`, removed so the pieces can be requested
-    /// again. In piece order.
-    pub fn expired(&mut self, now: Instant) -> Vec<(PeerId, u32)> {
+    /// Withdraw every outstanding request to `peer` (it stalled): the pieces are free to
+    /// request again. Returns them in piece order, to send the peer `Cancel`s.
+    pub fn withdraw(&mut self, peer: &PeerId) -> Vec<u32> {
         let mut out = Vec::new();
         self.in_flight.retain(|&index, reqs| {
-            reqs.retain(|r| {
-                let late = r.deadline <= now;
-                if late {
-                    out.push((r.peer, index));
-                }
-                !late
-            });
+            let before = reqs.len();
+            reqs.retain(|r| r.peer != *peer);
+            if reqs.len() != before {
+                out.push(index);
+            }
             !reqs.is_empty()
         });
         out
@@ -398,6 +375,7 @@ impl<R: Rng> PiecePicker<R> {
 mod tests {
     use super::*;
     use shoal_registry::{Algorithm, Digest};
+    use std::time::Duration;
 
     const PIECE: u64 = 64 * 1024;
 
@@ -427,16 +405,6 @@ mod tests {
             bf.set(i).unwrap();
         }
         bf
-    }
-
-    #[test]
-    fn timeout_scales_with_piece_size() {
-        assert_eq!(request_timeout(0), Duration::from_secs(2));
-        assert_eq!(request_timeout(1024 * 1024), Duration::from_secs(3));
-        assert_eq!(request_timeout(4 * 1024 * 1024), Duration::from_secs(6));
-        assert_eq!(request_timeout(512 * 1024), Duration::from_millis(2500));
-        let cfg = PickerConfig { request_min_rate: 0, ..PickerConfig::default() };
-        assert!(cfg.request_timeout(u64::MAX) > Duration::from_secs(1 << 40));
     }
 
     #[test]
@@ -576,27 +544,26 @@ mod tests {
     }
 
     #[test]
-    fn timeouts_are_returned_and_re_requestable() {
+    fn withdrawn_requests_are_re_requestable_and_remember_when_they_were_sent() {
         let mut p = picker(2, 1);
         p.add_peer(peer(1), Bitfield::full(2)).unwrap();
         p.add_peer(peer(2), Bitfield::full(2)).unwrap();
         let t0 = Instant::now();
         assert_eq!(p.pick(&peer(1), t0, 1).len(), 1);
         let later = t0 + Duration::from_secs(1);
-        let b = p.pick(&peer(2), later, 1);
-        assert_eq!(b.len(), 1);
-        let timeout = request_timeout(PIECE);
-        assert_eq!(p.next_deadline(), Some(t0 + timeout));
-        assert!(p.expired(t0 + timeout - Duration::from_millis(1)).is_empty());
-        let expired = p.expired(t0 + timeout);
-        assert_eq!(expired.len(), 1);
-        assert_eq!(expired[0].0, peer(1));
-        let freed = expired[0].1;
-        assert_eq!(p.in_flight(freed), 0);
-        assert_eq!(p.next_deadline(), Some(later + timeout));
+        assert_eq!(p.pick(&peer(2), later, 1).len(), 1);
+        assert_eq!(p.oldest_request_to(&peer(1)), Some(t0));
+        assert_eq!(p.oldest_request_to(&peer(2)), Some(later));
+        assert_eq!(p.in_flight_bytes(), 2 * PIECE);
+        assert_eq!(p.in_flight_bytes_for(&peer(1)), PIECE);
+        let freed = p.withdraw(&peer(1));
+        assert_eq!(freed.len(), 1);
+        assert_eq!(p.in_flight(freed[0]), 0);
+        assert_eq!(p.oldest_request_to(&peer(1)), None);
+        assert!(p.peer_bitfield(&peer(1)).is_some(), "the peer stays connected");
         // The freed piece goes to the next peer that asks, not as a duplicate.
         assert!(!p.is_endgame());
-        assert_eq!(p.pick(&peer(2), t0 + timeout, 2), vec![freed]);
+        assert_eq!(p.pick(&peer(2), later, 2), freed);
     }
 
     #[test]
@@ -677,15 +644,14 @@ mod tests {
     }
 
     #[test]
-    fn deadlines_use_each_pieces_length() {
+    fn bytes_in_flight_use_each_pieces_length() {
         // 2 full pieces and a 1-byte tail.
         let m = Metainfo::new(Digest::of(Algorithm::Sha256, b"x"), 2 * PIECE + 1, PIECE, vec![[0; 32]; 3])
             .unwrap();
-        let cfg = PickerConfig { request_min_rate: 1, ..PickerConfig::default() };
+        let cfg = PickerConfig::default();
         let mut p = PiecePicker::with_rng(&m, Bitfield::new(3), cfg, StdRng::seed_from_u64(1)).unwrap();
-        p.add_peer(peer(1), bits(3, &[2])).unwrap();
-        let now = Instant::now();
-        assert_eq!(p.pick(&peer(1), now, 1), vec![2]);
-        assert_eq!(p.next_deadline(), Some(now + Duration::from_secs(3)));
+        p.add_peer(peer(1), bits(3, &[0, 2])).unwrap();
+        assert_eq!(p.pick(&peer(1), Instant::now(), 2).len(), 2);
+        assert_eq!(p.in_flight_bytes(), PIECE + 1);
     }
 }
