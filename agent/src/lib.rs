@@ -7,6 +7,7 @@ pub mod downloads;
 pub mod origin_client;
 pub mod preheat;
 pub mod seeding;
+pub mod serving;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -24,7 +25,8 @@ use shoal_p2p::{PeerId, SwarmMetrics};
 use crate::cache::{BlobCache, CacheLimits, CacheMetrics};
 use crate::downloads::Downloads;
 use crate::origin_client::OriginClient;
-use crate::seeding::{AgentPieces, Seeding};
+use crate::seeding::Seeding;
+use crate::serving::AgentPieces;
 use crate::store::AgentStore;
 
 /// Everything an agent needs to start; the binary fills it from flags and the config file.
@@ -97,7 +99,7 @@ impl Agent {
         downloads.set_seeding(seeding.clone());
         tokio::spawn(seeding.clone().announce_loop(
             tracker,
-            downloads.clone(),
+            downloads.cache.clone(),
             peer_id,
             config.advertise,
             config.announce_interval,

@@ -1,54 +1,19 @@
-//! The agent as a seeder: the pieces it can serve (running downloads and cached blobs) and
-//! the announcements that keep it listed at the tracker for blobs it recently pulled.
+//! The agent as a seeder: which blobs it recently pulled or served, and the announcements
+//! that keep it listed at the tracker as a complete peer for them. Downloads report finished
+//! blobs here; what the peer server can serve is in `serving`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use shoal_p2p::blob::BlobPieces;
-use shoal_p2p::server::PieceLookup;
 use shoal_p2p::tracker_client::{AnnounceRequest, TrackerClient};
-use shoal_p2p::{Metainfo, PeerId};
+use shoal_p2p::PeerId;
 use shoal_registry::Digest;
 
-use crate::downloads::Downloads;
+use crate::cache::BlobCache;
 
 /// Blobs announced as seeded at once, most recent first.
 const MAX_SEEDED: usize = 1000;
-
-/// Finds pieces for the peer server.
-pub struct AgentPieces {
-    pub downloads: Arc<Downloads>,
-    pub seeding: Arc<Seeding>,
-}
-
-#[async_trait]
-impl PieceLookup for AgentPieces {
-    async fn lookup(&self, digest: &Digest) -> Option<Arc<BlobPieces>> {
-        if let Some(d) = self.downloads.running(digest) {
-            return Some(d.pieces.clone());
-        }
-        // Pinned for as long as a peer is being served from it: never evicted while seeded.
-        let pin = self.downloads.cache.pin(digest)?;
-        let cache = self.downloads.cache.clone();
-        let digest = digest.clone();
-        let pieces = tokio::task::spawn_blocking(move || {
-            let json = std::fs::read(cache.metainfo_path(&digest)).ok()?;
-            let metainfo: Metainfo = serde_json::from_slice(&json).ok()?;
-            if metainfo.digest() != &digest {
-                return None;
-            }
-            BlobPieces::complete(&cache.blob_path(&digest), Arc::new(metainfo))
-                .ok()
-                .map(|b| b.with_guard(pin))
-        })
-        .await
-        .ok()??;
-        self.seeding.touch(pieces.metainfo().digest());
-        Some(Arc::new(pieces))
-    }
-}
 
 /// Blobs this agent keeps announcing as a complete seeder, for `window` after their last use.
 pub struct Seeding {
@@ -89,7 +54,7 @@ impl Seeding {
     pub async fn announce_loop(
         self: Arc<Self>,
         tracker: Arc<TrackerClient>,
-        downloads: Arc<Downloads>,
+        cache: Arc<BlobCache>,
         peer_id: PeerId,
         advertise: std::net::SocketAddr,
         interval: Duration,
@@ -97,7 +62,7 @@ impl Seeding {
         loop {
             tokio::time::sleep(interval).await;
             for digest in self.current() {
-                if downloads.cache.get(&digest).is_none() {
+                if cache.get(&digest).is_none() {
                     continue;
                 }
                 let req = AnnounceRequest {

@@ -20,8 +20,8 @@ use crate::bitfield::Bitfield;
 use crate::blob::BlobPieces;
 use crate::limiter::RateLimiter;
 use crate::peer::PeerId;
-use crate::wire::{send_new_haves, Message, PeerCodec, PROTOCOL_VERSION};
-use crate::writer::PeerWriter;
+use crate::wire::{Message, PeerCodec, PROTOCOL_VERSION};
+use crate::writer::{send_new_haves, PeerWriter};
 
 /// Commands from the event loop to a connection.
 #[derive(Debug)]

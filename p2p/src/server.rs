@@ -18,8 +18,8 @@ use crate::blob::BlobPieces;
 use crate::limiter::RateLimiter;
 use crate::metrics::SwarmMetrics;
 use crate::peer::PeerId;
-use crate::wire::{send_new_haves, Message, PeerCodec, PROTOCOL_VERSION};
-use crate::writer::PeerWriter;
+use crate::wire::{Message, PeerCodec, PROTOCOL_VERSION};
+use crate::writer::{send_new_haves, PeerWriter};
 
 /// How long a new connection may take to say which blob it wants.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -98,8 +98,8 @@ pub enum WireError {
 }
 
 /// The `tokio_util` codec for peer connections. Peers read with `FramedRead::new(read_half,
-/// PeerCodec::default())` and send with [`crate::writer::PeerWriter`], which frames pieces
-/// without copying them; `Framed` works too (the tests use it).
+/// PeerCodec::default())` and send with the `writer` module's `PeerWriter`, which frames
+/// pieces without copying them; `Framed` works too (the tests use it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerCodec {
     /// Largest frame accepted or sent (length prefix excluded).
@@ -309,7 +309,8 @@ impl Encoder<Message> for PeerCodec {
 
 impl PeerCodec {
     /// Frame the header of a piece message carrying `len` bytes into `dst`, for a writer that
-    /// sends the data itself straight from its buffer (see [`crate::writer::PeerWriter`]).
+    /// sends the data itself straight from its buffer (as the `writer` module's `PeerWriter`
+    /// does).
     pub fn encode_piece_header(&self, index: u32, len: usize, dst: &mut BytesMut) -> Result<(), WireError> {
         let body_len = 1 + 4 + len;
         if body_len > self.max_frame {
@@ -327,24 +328,6 @@ impl PeerCodec {
 fn put_piece_header(dst: &mut BytesMut, index: u32) {
     dst.put_u8(TYPE_PIECE);
     dst.put_u32(index);
-}
-
-/// Send `have` for every piece in `now` that `advertised` lacks, then remember `now` as
-/// advertised: how each side of a connection keeps the other up to date.
-pub async fn send_new_haves<W>(
-    sink: &mut crate::writer::PeerWriter<W>,
-    advertised: &mut crate::bitfield::Bitfield,
-    now: crate::bitfield::Bitfield,
-) -> Result<(), WireError>
-where
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    let new: Vec<u32> = now.iter_set().filter(|&i| !advertised.get(i)).collect();
-    *advertised = now;
-    for index in new {
-        sink.send(Message::Have(index)).await?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

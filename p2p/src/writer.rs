@@ -10,6 +10,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Encoder;
 
+use crate::bitfield::Bitfield;
 use crate::wire::{Message, PeerCodec, WireError};
 
 /// How long one message may take to leave: a peer that stops reading must not hold a
@@ -59,6 +60,24 @@ impl<W: AsyncWrite + Unpin> PeerWriter<W> {
     }
 }
 
+/// Send `have` for every piece in `now` that `advertised` lacks, then remember `now` as
+/// advertised: how each side of a connection keeps the other up to date.
+pub async fn send_new_haves<W>(
+    sink: &mut PeerWriter<W>,
+    advertised: &mut Bitfield,
+    now: Bitfield,
+) -> Result<(), WireError>
+where
+    W: AsyncWrite + Unpin,
+{
+    let new: Vec<u32> = now.iter_set().filter(|&i| !advertised.get(i)).collect();
+    *advertised = now;
+    for index in new {
+        sink.send(Message::Have(index)).await?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +117,22 @@ mod tests {
         let mut rest = Vec::new();
         tokio::io::AsyncReadExt::read_to_end(&mut b, &mut rest).await.unwrap();
         assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn new_haves_are_sent_once() {
+        let (a, b) = tokio::io::duplex(1024);
+        let mut w = PeerWriter::new(a, PeerCodec::default());
+        let mut advertised = Bitfield::new(8);
+        advertised.set(1).unwrap();
+        let mut now = advertised.clone();
+        now.set(3).unwrap();
+        now.set(6).unwrap();
+        send_new_haves(&mut w, &mut advertised, now.clone()).await.unwrap();
+        assert_eq!(advertised, now);
+        send_new_haves(&mut w, &mut advertised, now).await.unwrap();
+        drop(w);
+        let got: Vec<Message> = FramedRead::new(b, PeerCodec::default()).map(|m| m.unwrap()).collect().await;
+        assert_eq!(got, [Message::Have(3), Message::Have(6)]);
     }
 }
