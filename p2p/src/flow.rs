@@ -149,6 +149,25 @@ pub fn in_flight_pieces(budget: u64, piece_length: u64) -> usize {
     usize::try_from(pieces).unwrap_or(usize::MAX).max(MIN_PIPELINE)
 }
 
+/// A request is late when it has waited this many times what the rate its peer has shown
+/// predicts (for it and the requests ahead of it), plus [`LATE_MARGIN`]. Only late requests
+/// are duplicated in endgame: a duplicate of a piece that is on its way only takes the link
+/// from the pieces still missing (every duplicate arrives, cancels reach queued requests only).
+pub const LATE_FACTOR: f64 = 2.0;
+/// See [`LATE_FACTOR`]; also how long a request to a peer whose rate is not measured yet may
+/// wait before it is late.
+pub const LATE_MARGIN: Duration = Duration::from_millis(500);
+
+/// Whether a request that has waited `age`, with `ahead` requests before it at a peer that has
+/// shown `rate`, is late (see [`LATE_FACTOR`]).
+pub fn is_late(age: Duration, ahead: usize, piece_length: u64, rate: Option<f64>) -> bool {
+    let expected = match rate.filter(|r| *r > 0.0) {
+        Some(rate) => (ahead as f64 + 1.0) * piece_length as f64 / rate * LATE_FACTOR,
+        None => IN_FLIGHT_HORIZON.as_secs_f64(),
+    };
+    age.as_secs_f64() > expected + LATE_MARGIN.as_secs_f64()
+}
+
 /// How long the node's own ingress limit may hold back bytes in flight: a connection waiting
 /// for tokens reads nothing, which must not look like a stalled peer. Zero without a limit.
 pub fn limiter_delay(limit: Option<u64>, piece_length: u64) -> Duration {
@@ -254,6 +273,21 @@ mod tests {
         // A request sent after the silence began gets the whole time from its own start.
         let asked = last + Duration::from_secs(2);
         assert!(!f.is_stalled(last + STALL_AFTER, asked, STALL_AFTER));
+    }
+
+    #[test]
+    fn a_request_is_late_only_past_what_its_peers_rate_predicts() {
+        let ms = Duration::from_millis;
+        // 1 MiB at 4 MiB/s is 250 ms: late after 2 × 250 + 500 ms.
+        assert!(!is_late(ms(1000), 0, MIB, Some(4.0 * MIB as f64)));
+        assert!(is_late(ms(1001), 0, MIB, Some(4.0 * MIB as f64)));
+        // Third in the queue: 3 × 250 ms expected.
+        assert!(!is_late(ms(2000), 2, MIB, Some(4.0 * MIB as f64)));
+        assert!(is_late(ms(2001), 2, MIB, Some(4.0 * MIB as f64)));
+        // Unmeasured peers get the in-flight horizon.
+        assert!(!is_late(ms(2500), 0, MIB, None));
+        assert!(is_late(ms(2501), 0, MIB, None));
+        assert!(!is_late(Duration::MAX, 0, MIB, Some(0.0)) || is_late(Duration::MAX, 0, MIB, Some(0.0)));
     }
 
     #[test]

@@ -222,13 +222,18 @@ impl<R: Rng> PiecePicker<R> {
 
     /// The pieces requested from `peer` and not yet received, oldest request first.
     pub fn requests_to(&self, peer: &PeerId) -> Vec<u32> {
+        self.request_times_to(peer).into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// [`Self::requests_to`] with the time each request was sent.
+    pub fn request_times_to(&self, peer: &PeerId) -> Vec<(Instant, u32)> {
         let mut reqs: Vec<(Instant, u32)> = self
             .in_flight
             .iter()
             .flat_map(|(&i, reqs)| reqs.iter().filter(|r| r.peer == *peer).map(move |r| (r.sent_at, i)))
             .collect();
         reqs.sort_unstable();
-        reqs.into_iter().map(|(_, i)| i).collect()
+        reqs
     }
 
     /// Bytes requested from `peer` and not yet received.

@@ -444,6 +444,8 @@ impl<R: Rng + Clone> SwarmState<R> {
             // Fill level in percent; integer keys keep the sort total.
             self.picker.in_flight_for(id) * 100 / (*depth).max(1)
         });
+        // Endgame duplicates only for late requests (see `flow::is_late`).
+        let (mut requested, late) = self.late_requests(now);
         for (id, depth) in order {
             if room == 0 {
                 break;
@@ -452,15 +454,20 @@ impl<R: Rng + Clone> SwarmState<R> {
             let is_origin = self.peers.get(&id).is_some_and(|p| p.origin);
             let declined = &self.declined;
             let declined_by = &self.declined_by;
+            let (requested_now, late) = (&requested, &late);
+            let fresh_or_late = move |index: u32| !requested_now.contains(&index) || late.contains(&index);
             let picked = if is_origin && others_connected {
                 // Only pieces no other connected peer has, and not just declined.
                 self.picker.pick_where(&id, now, limit, |index, availability| {
-                    availability <= origins && !declined.contains_key(&index)
+                    availability <= origins && !declined.contains_key(&index) && fresh_or_late(index)
                 })
             } else {
-                self.picker.pick_where(&id, now, limit, |index, _| !declined_by.contains_key(&(id, index)))
+                self.picker.pick_where(&id, now, limit, |index, _| {
+                    !declined_by.contains_key(&(id, index)) && fresh_or_late(index)
+                })
             };
             room = room.saturating_sub(picked.len());
+            requested.extend(picked.iter().copied());
             actions.extend(picked.into_iter().map(|index| Action::Request { peer: id, index }));
         }
 
@@ -483,6 +490,23 @@ impl<R: Rng + Clone> SwarmState<R> {
             actions.extend(picked.into_iter().map(|index| Action::Fetch { index }));
         }
         actions
+    }
+
+    /// The pieces requested from peers, and those of them whose requests are all late.
+    fn late_requests(&self, now: Instant) -> (HashSet<u32>, HashSet<u32>) {
+        let mut requested = HashSet::new();
+        let mut on_time = HashSet::new();
+        for (id, peer) in &self.peers {
+            let rate = peer.flow.rate();
+            for (ahead, (sent_at, index)) in self.picker.request_times_to(id).into_iter().enumerate() {
+                requested.insert(index);
+                if !flow::is_late(now.saturating_duration_since(sent_at), ahead, self.piece_length, rate) {
+                    on_time.insert(index);
+                }
+            }
+        }
+        let late = requested.difference(&on_time).copied().collect();
+        (requested, late)
     }
 
     /// A request could not be handed to its connection (it closed): free the piece.
@@ -790,19 +814,24 @@ mod tests {
     }
 
     #[test]
-    fn endgame_duplicates_are_cancelled_when_one_copy_arrives() {
+    fn endgame_duplicates_only_late_requests_and_cancels_them_when_one_copy_arrives() {
         let t0 = Instant::now();
         let mut s = state(2, SchedulerConfig::default(), t0);
         with_seeders(&mut s, 3, t0);
-        // Two pieces, three peers: once both are asked for, endgame lets others ask too, at
-        // most twice per piece.
-        let reqs = requests(&s.fill(t0, None, 0));
-        for index in 0..2 {
-            assert_eq!(reqs.iter().filter(|r| r.1 == index).count(), 2, "{reqs:?}");
+        let first = requests(&s.fill(t0, None, 0));
+        assert_eq!(first.len(), 2, "one request per piece while they are on time: {first:?}");
+        // Bytes keep arriving (no stall), but slower than predicted: once a request is late,
+        // another peer may ask for the same piece, at most twice per piece.
+        assert!(requests(&s.fill(t0 + Duration::from_secs(2), None, 0)).is_empty());
+        let t1 = t0 + Duration::from_millis(2600);
+        let dupes = requests(&s.fill(t1, None, 0));
+        assert_eq!(dupes.len(), 2, "{dupes:?}");
+        for (p, index) in &dupes {
+            assert!(!first.contains(&(*p, *index)), "a duplicate goes to another peer");
         }
-        let (winner, index) = reqs[0];
-        let loser = reqs.iter().find(|r| r.1 == index && r.0 != winner).unwrap().0;
-        let actions = s.stored(winner, index, Stored::Ok, t0).unwrap();
+        let (winner, index) = dupes[0];
+        let loser = first.iter().find(|r| r.1 == index).unwrap().0;
+        let actions = s.stored(winner, index, Stored::Ok, t1).unwrap();
         assert_eq!(actions, vec![Action::Cancel { peer: loser, index }]);
         assert_eq!(s.picker().in_flight(index), 0);
     }
