@@ -1,0 +1,272 @@
+#!/usr/bin/env bash
+# Fleet benchmark (not a test) over real kernel TCP on shaped links. Each of N hosts is a
+# network namespace behind a veth shaped with tbf at HOST Mbit/s in both directions; an
+# "origin" namespace sits behind a link of ORIGIN Mbit/s (integration/bench/netns.sh). At
+# one absolute instant every host fetches the same fresh random blob with curl into a tmpfs:
+#   shoal     through its own `shoal agent` (default settings: no rate limit of Shoal's own,
+#             so the kernel's links set the pace, as in production), with `shoal origin` and
+#             `shoal tracker` in the origin namespace;
+#   registry  straight from Debian's docker-registry in the origin namespace (storage on
+#             disk): the central registry a fleet pulls from without Shoal (the baseline).
+# After the timed window every host's file is hashed and compared with the digest.
+#
+#   cargo build --release --bin shoal
+#   SHOAL_BIN=target/release/shoal bash integration/bench/fleet.sh
+#   SHOAL_BIN=target/release/shoal BENCH_PLOT=docs/fleet.svg bash integration/bench/fleet.sh
+#
+# Environment:
+#   BENCH_FLEET="5 10 20"      numbers of hosts; each N gets fresh namespaces
+#   BENCH_SIZE_MIB=128         blob size
+#   BENCH_HOST_MBIT=50         each host's link (Mbit/s = 10^6 bit/s, as tc counts)
+#   BENCH_ORIGIN_MBIT=500      the origin namespace's link
+#   BENCH_REPEATS=1            runs per system and N (each: fresh processes, data dirs, blob)
+#   BENCH_STRAGGLERS=0         1: a quarter of the hosts (the last ones) at a fifth of HOST
+#   BENCH_SYSTEMS="shoal registry"
+#   BENCH_RESULTS=/tmp/shoal-fleet-results.txt   machine-readable `fleet: ...` lines appended here
+#   BENCH_PLOT=                e.g. docs/fleet.svg: draw this run's rows there
+#                              (integration/bench/plot_fleet.py); unset, nothing is drawn
+#
+# Figures, per system × N × repeat:
+#   p50 p90 max   each host's completion time (from the common start to its last byte on disk)
+#                 ÷ the time its own link needs for the blob (size ÷ link rate); percentiles over
+#                 the hosts by nearest rank. tbf counts whole frames, so ~1.05 is the floor.
+#                 A central registry behind ORIGIN cannot do better than N × HOST ÷ ORIGIN.
+#   fast_max      (stragglers only) max over the full-rate hosts ÷ their own link's time
+#   origin        bytes out of the origin namespace's veth during the window ÷ size (frames and
+#                 headers included; veth counts a GSO packet's headers once, so one copy is ~1.01)
+#   received      bytes into the hosts' veths ÷ (N × size)
+#   timeouts      Σ shoal_agent_piece_timeouts_total over the agents ("n/a" if no agent has it)
+#   log_timeouts  Σ agent log lines with "timed out" (piece requests given up)
+#   fallback_mib  Σ shoal_agent_received_bytes_total{source="origin"} over the agents, MiB
+#   cpu           busy share of the whole machine during the window (/proc/stat); above 0.85
+#                 the run measures the machine, not the network: "SATURATED (not counted)"
+#   cpu_s_per_gib the agents' user+system CPU seconds ÷ GiB they received (shoal only)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=../clients/lib.sh
+source "$here/../clients/lib.sh"
+# shellcheck source=netns.sh
+source "$here/netns.sh"
+lib_init fleet-bench
+
+FLEET=${BENCH_FLEET:-5 10 20}
+SIZE_MIB=${BENCH_SIZE_MIB:-128}
+HOST_MBIT=${BENCH_HOST_MBIT:-50}
+ORIGIN_MBIT=${BENCH_ORIGIN_MBIT:-500}
+REPEATS=${BENCH_REPEATS:-1}
+STRAGGLERS=${BENCH_STRAGGLERS:-0}
+SYSTEMS=${BENCH_SYSTEMS:-shoal registry}
+RESULTS=${BENCH_RESULTS:-/tmp/shoal-fleet-results.txt}
+PLOT=${BENCH_PLOT:-}
+SATURATED=0.85
+BLOB_REPO=bench/fleet
+REGISTRY_URL=http://$FLEET_ORIGIN_ADDR:5001
+RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)-$$
+SIZE=$((SIZE_MIB * 1024 * 1024))
+
+for s in $SYSTEMS; do
+  case $s in
+  shoal)
+    [[ -x $SHOAL_BIN ]] || die "no shoal binary at SHOAL_BIN=$SHOAL_BIN"
+    [[ $SHOAL_BIN == */debug/* ]] && log "WARNING: $SHOAL_BIN looks like a debug build; figures will be meaningless"
+    ;;
+  registry) [[ -x $DOCKER_REGISTRY ]] || die "$DOCKER_REGISTRY missing (apt-get install docker-registry)" ;;
+  *) die "unknown system '$s' in BENCH_SYSTEMS (shoal, registry)" ;;
+  esac
+done
+for c in curl jq sha256sum awk python3; do command -v "$c" >/dev/null || die "$c missing"; done
+netns_init
+
+# Downloads go to a private tmpfs: writing them costs the hosts no disk, and hashing happens
+# after the window, not inline.
+max_n=0
+for n in $FLEET; do ((n > max_n)) && max_n=$n; done
+DL=$T/dl
+mkdir -p "$DL"
+mount -t tmpfs -o size=$((max_n * SIZE_MIB + 64))m shoal-fleet "$DL"
+on_exit "umount '$DL' 2>/dev/null || umount -l '$DL'"
+
+report=$T/report.txt
+say() { echo "$*" | tee -a "$report"; }
+pct() { sort -g | awk -v p="$1" '{a[NR]=$1} END {if (NR==0) {print "nan"; exit} i=int((NR-1)*p/100+0.5)+1; if (i>NR) i=NR; printf "%.2f", a[i]}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b == 0) ? 0 : a / b}'; }
+# cpu_ticks: "busy total" jiffies of the whole machine so far (busy: all but idle and iowait).
+cpu_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t}' /proc/stat; }
+busy_share() {
+  awk -v a="$1" -v b="$2" 'BEGIN {split(a, x, " "); split(b, y, " "); t = y[2] - x[2];
+    printf "%.2f", (t > 0) ? (y[1] - x[1]) / t : 0}'
+}
+# cpu_seconds PID...: user + system CPU seconds the processes have used so far, summed.
+cpu_seconds() {
+  local p hz
+  hz=$(getconf CLK_TCK)
+  for p in "$@"; do cat "/proc/$p/stat"; done | awk -v hz="$hz" '{s += $14 + $15} END {printf "%.2f", s / hz}'
+}
+# sleep_until EPOCH (fractional seconds)
+sleep_until() { sleep "$(awk -v s="$1" -v n="$EPOCHREALTIME" 'BEGIN {d = s - n; printf "%.6f", (d > 0) ? d : 0}')"; }
+
+# random_blob: a fresh random blob of SIZE_MIB in $T (on disk); sets BLOB BLOB_DIGEST.
+random_blob() {
+  BLOB=$T/blob-$RANDOM$RANDOM
+  head -c "$SIZE" /dev/urandom >"$BLOB"
+  BLOB_DIGEST=$(sha256_of "$BLOB")
+}
+
+# ideal_secs I: host I's link time for the blob.
+ideal_secs() { awk -v s="$SIZE" -v m="${FLEET_MBIT[$1]}" 'BEGIN {print s * 8 / (m * 1e6)}'; }
+
+# timed_pull URL SAMPLE_PIDS...: every host fetches URL at one instant; measures the window.
+# Sets WIN_CPU WIN_PROC_CPU (Σ CPU seconds of SAMPLE_PIDS) WIN_ORIGIN_TX WIN_HOSTS_RX.
+timed_pull() {
+  local url=$1 i start tx0 rx0=0 rx1=0 proc0=0
+  shift
+  for ((i = 0; i < FLEET_N; i++)); do rx0=$((rx0 + $(link_bytes "${FLEET_NS[i]}" "${FLEET_DEV[i]}" rx))); done
+  tx0=$(link_bytes "$FLEET_ORIGIN_NS" "$FLEET_ORIGIN_DEV" tx)
+  # The pulls are launched first and wait for START; the window's samples are taken at START.
+  start=$(awk -v n="$EPOCHREALTIME" -v k="$FLEET_N" 'BEGIN {printf "%.6f", n + 1 + 0.05 * k}')
+  (
+    sleep_until "$start"
+    cpu_ticks >"$T/ticks0"
+    if (($# > 0)); then cpu_seconds "$@" >"$T/proc0"; else echo 0 >"$T/proc0"; fi
+  ) &
+  local sampler=$!
+  fleet_pull "$url" "$DL" "$start"
+  wait "$sampler"
+  WIN_CPU=$(busy_share "$(cat "$T/ticks0")" "$(cpu_ticks)")
+  proc0=$(cat "$T/proc0")
+  WIN_PROC_CPU=0
+  (($# > 0)) && WIN_PROC_CPU=$(awk -v a="$proc0" -v b="$(cpu_seconds "$@")" 'BEGIN {printf "%.2f", b - a}')
+  WIN_ORIGIN_TX=$(($(link_bytes "$FLEET_ORIGIN_NS" "$FLEET_ORIGIN_DEV" tx) - tx0))
+  for ((i = 0; i < FLEET_N; i++)); do rx1=$((rx1 + $(link_bytes "${FLEET_NS[i]}" "${FLEET_DEV[i]}" rx))); done
+  WIN_HOSTS_RX=$((rx1 - rx0))
+  if awk -v l="$FLEET_LATE" 'BEGIN {exit !(l > 0.2)}'; then
+    log "WARNING: a host started its pull ${FLEET_LATE}s after the common start"
+  fi
+}
+
+# record SYSTEM N REPEAT DIGEST TIMEOUTS LOG_TIMEOUTS FALLBACK_MIB CPU_S_PER_GIB: the figures
+# of the run just measured (FLEET_SECS, FLEET_RC, WIN_*): verify, print, append to RESULTS.
+ROWS=()
+record() {
+  local sys=$1 n=$2 rep=$3 digest=$4 timeouts=$5 logto=$6 fallback=$7 cpugib=$8
+  local i ok good=0 all=() fast=() r p50 p90 max fast_max=n/a note='' sat=no
+  for ((i = 0; i < n; i++)); do
+    [[ ${FLEET_RC[i]} == 0 ]] || { log "$sys host $i: curl failed (status ${FLEET_RC[i]}; $T/pull-$i.log)"; continue; }
+    good=$((good + 1))
+    r=$(awk -v t="${FLEET_SECS[i]}" -v i="$(ideal_secs "$i")" 'BEGIN {printf "%.4f", t / i}')
+    all+=("$r")
+    [[ ${FLEET_SLOW[i]} == 1 ]] || fast+=("$r")
+  done
+  fleet_verify "$DL" "$digest"
+  ok=$FLEET_OK
+  ((${#FLEET_BAD[@]} == 0)) || log "$sys: hosts ${FLEET_BAD[*]} do not hold $digest"
+  rm -f "$DL"/h*
+  p50=$(printf '%s\n' "${all[@]}" | pct 50)
+  p90=$(printf '%s\n' "${all[@]}" | pct 90)
+  max=$(printf '%s\n' "${all[@]}" | pct 100)
+  ((STRAGGLERS)) && fast_max=$(printf '%s\n' "${fast[@]}" | pct 100)
+  if awk -v c="$WIN_CPU" -v s="$SATURATED" 'BEGIN {exit !(c > s)}'; then
+    sat=yes note="SATURATED (not counted)"
+  fi
+  if ((ok < n || good < n)); then note="FAILED ($ok/$n verified, $good/$n curl ok)${note:+; $note}"; fi
+  local origin received
+  origin=$(ratio "$WIN_ORIGIN_TX" "$SIZE")
+  received=$(ratio "$WIN_HOSTS_RX" "$((n * SIZE))")
+  ROWS+=("$(printf '%-8s %3s %3s  %5s %5s %5s %8s  %6s %8s  %8s %6s %8s  %4s %7s  %s' "$sys" "$n" "$rep" \
+    "$p50" "$p90" "$max" "$fast_max" "$origin" "$received" "$timeouts" "$logto" "$fallback" "$WIN_CPU" "$cpugib" "$note")")
+  say "${ROWS[-1]}"
+  echo "fleet: system=$sys n=$n p50=$p50 p90=$p90 max=$max origin=$origin received=$received" \
+    "timeouts=$timeouts fallback_mib=$fallback cpu=$WIN_CPU cpu_s_per_gib=$cpugib fast_max=$fast_max" \
+    "log_timeouts=$logto saturated=$sat ok=$ok/$n repeat=$rep size_mib=$SIZE_MIB host_mbit=$HOST_MBIT" \
+    "origin_mbit=$ORIGIN_MBIT stragglers=$STRAGGLERS run=$RUN_ID" >>"$RESULTS"
+}
+
+run_shoal() {
+  local n=$1 rep=$2 dir=$T/shoal-$1-$2 i timeouts logto=0 fallback received gib
+  fleet_start_shoal "$dir"
+  random_blob
+  ns_push "$FLEET_ORIGIN_NS" "$FLEET_ORIGIN_URL" "$BLOB_REPO" "$BLOB" "$BLOB_DIGEST"
+  rm -f "$BLOB"
+  fleet_wait_metainfo "$BLOB_DIGEST"
+  sync # the blob on disk, not in dirty pages written back during the window
+  timed_pull "$FLEET_AGENT_URL/v2/$BLOB_REPO/blobs/$BLOB_DIGEST" "${FLEET_AGENT_PIDS[@]}"
+  timeouts=$(fleet_agents_metric shoal_agent_piece_timeouts_total)
+  fallback=$(fleet_agents_metric shoal_agent_received_bytes_total 'source="origin"')
+  [[ $fallback == n/a ]] && fallback=0
+  fallback=$(awk -v b="$fallback" 'BEGIN {printf "%.1f", b / 1048576}')
+  received=$(fleet_agents_metric shoal_agent_received_bytes_total)
+  [[ $received == n/a ]] && received=0
+  gib=n/a
+  ((received > 0)) && gib=$(awk -v c="$WIN_PROC_CPU" -v b="$received" 'BEGIN {printf "%.2f", c / (b / 1073741824)}')
+  for ((i = 0; i < n; i++)); do
+    logto=$((logto + $(grep -c 'timed out' "${FLEET_AGENT_LOGS[i]}" || true)))
+  done
+  record shoal "$n" "$rep" "$BLOB_DIGEST" "$timeouts" "$logto" "$fallback" "$gib"
+  fleet_stop_shoal
+  rm -rf "$dir/origin" "$dir"/agent*/ # the data; the logs stay (with KEEP_TMP=1, after the run too)
+}
+
+run_registry() {
+  local n=$1 rep=$2 dir=$T/registry-$1-$2 pid
+  mkdir -p "$dir/data"
+  cat >"$dir/config.yml" <<EOF
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $dir/data
+  delete:
+    enabled: true
+http:
+  addr: ${REGISTRY_URL#http://}
+EOF
+  ns_bg "$FLEET_ORIGIN_NS" "$dir/registry.log" "$DOCKER_REGISTRY" serve "$dir/config.yml"
+  pid=$NS_PID
+  wait_ready 30 "$pid" docker-registry in_ns "$FLEET_ORIGIN_NS" curl -sf --max-time 2 -o /dev/null "$REGISTRY_URL/v2/" ||
+    die "$WAIT_ERR (log: $dir/registry.log)"
+  random_blob
+  ns_push "$FLEET_ORIGIN_NS" "$REGISTRY_URL" "$BLOB_REPO" "$BLOB" "$BLOB_DIGEST"
+  rm -f "$BLOB"
+  sync # the blob on disk, not in dirty pages written back during the window
+  timed_pull "$REGISTRY_URL/v2/$BLOB_REPO/blobs/$BLOB_DIGEST"
+  record registry "$n" "$rep" "$BLOB_DIGEST" n/a n/a n/a n/a
+  ns_stop "$pid"
+  rm -rf "$dir/data"
+}
+
+header() {
+  printf '%-8s %3s %3s  %5s %5s %5s %8s  %6s %8s  %8s %6s %8s  %4s %7s  %s' system N rep p50 p90 max fast_max \
+    origin received timeouts tmo_log fb_MiB cpu cpu_s/G note
+}
+
+say "== fleet benchmark over shaped links, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ), run $RUN_ID"
+say "blob ${SIZE_MIB} MiB, hosts ${HOST_MBIT} Mbit/s, origin ${ORIGIN_MBIT} Mbit/s, stragglers $STRAGGLERS," \
+  "repeats $REPEATS, systems: $SYSTEMS; shoal: $SHOAL_BIN"
+say "times ÷ (size ÷ host link) = $(awk -v s="$SIZE" -v m="$HOST_MBIT" 'BEGIN {printf "%.1f", s * 8 / (m * 1e6)}')s" \
+  "at $HOST_MBIT Mbit/s; a central registry's floor is N × $HOST_MBIT ÷ $ORIGIN_MBIT when that exceeds 1"
+say "$(header)"
+for n in $FLEET; do
+  slow=0
+  ((STRAGGLERS)) && slow=$((n / 4))
+  fleet_setup "$n" "$HOST_MBIT" "$ORIGIN_MBIT" "$slow"
+  for ((rep = 1; rep <= REPEATS; rep++)); do
+    for s in $SYSTEMS; do
+      "run_$s" "$n" "$rep"
+    done
+  done
+  netns_del_all
+done
+
+say ""
+say "== summary (run $RUN_ID; results appended to $RESULTS)"
+say "$(header)"
+for r in "${ROWS[@]}"; do say "$r"; done
+say "(p50/p90/max: completion ÷ the host link's time for the blob; origin: origin-link bytes ÷ size;"
+say " received: host-link bytes ÷ (N × size); cpu: machine busy share, > $SATURATED = not counted)"
+say "load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+cp "$report" "${BENCH_REPORT:-/tmp/shoal-fleet-bench.txt}"
+if [[ -n $PLOT ]]; then
+  python3 "$here/plot_fleet.py" "$RESULTS" "$PLOT" --run "$RUN_ID"
+  log "plot written to $PLOT"
+fi
