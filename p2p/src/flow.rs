@@ -121,11 +121,17 @@ impl PeerFlow {
 }
 
 /// How many requests to keep at a peer: the piece it is sending plus [`PEER_HORIZON`] of the
-/// rate it has shown, between [`MIN_PIPELINE`] and `max`.
+/// rate it has shown, between [`MIN_PIPELINE`] and `max`; a single one at a peer too slow to
+/// send a piece within the horizon, so a straggler holds as few pieces as possible (a round
+/// trip of idle link is nothing against its piece time).
 pub fn pipeline_depth(rate: Option<f64>, piece_length: u64, max: usize) -> usize {
     let max = max.max(1);
     let Some(rate) = rate else { return MIN_PIPELINE.min(max) };
-    let queued = (rate * PEER_HORIZON.as_secs_f64() / piece_length.max(1) as f64).ceil();
+    let per_horizon = rate * PEER_HORIZON.as_secs_f64() / piece_length.max(1) as f64;
+    if per_horizon < 1.0 {
+        return 1;
+    }
+    let queued = per_horizon.ceil();
     // `as` saturates for absurd rates; the clamp bounds it anyway.
     (queued as usize).saturating_add(1).clamp(MIN_PIPELINE.min(max), max)
 }
@@ -166,6 +172,25 @@ pub fn is_late(age: Duration, ahead: usize, piece_length: u64, rate: Option<f64>
         None => IN_FLIGHT_HORIZON.as_secs_f64(),
     };
     age.as_secs_f64() > expected + LATE_MARGIN.as_secs_f64()
+}
+
+/// How long until a request that has waited `age`, with `ahead` requests before it at a peer
+/// that has shown `rate`, is expected to be done (zero once it is overdue); `None` when the
+/// peer's rate is not measured yet.
+pub fn time_left(age: Duration, ahead: usize, piece_length: u64, rate: Option<f64>) -> Option<Duration> {
+    let rate = rate.filter(|r| *r > 0.0)?;
+    let total = (ahead as f64 + 1.0) * piece_length as f64 / rate;
+    Some(Duration::try_from_secs_f64((total - age.as_secs_f64()).max(0.0)).unwrap_or(Duration::MAX))
+}
+
+/// Whether a request expected to take `time_left` more at its peer is worth asking of another
+/// peer that has shown `rate` (bytes/s) too: only if that peer would deliver it in well under
+/// the time left ([`LATE_FACTOR`] times faster, plus [`LATE_MARGIN`]). This is what gets a
+/// fast host's last pieces away from a straggler before it is done with them.
+pub fn worth_duplicating(time_left: Duration, piece_length: u64, rate: Option<f64>) -> bool {
+    let Some(rate) = rate.filter(|r| *r > 0.0) else { return false };
+    let there = piece_length as f64 / rate;
+    time_left.as_secs_f64() > there * LATE_FACTOR + LATE_MARGIN.as_secs_f64()
 }
 
 /// How long the node's own ingress limit may hold back bytes in flight: a connection waiting
@@ -229,7 +254,8 @@ mod tests {
         // 6 MB/s (a 50 Mbit/s link) with 1 MiB pieces: 1 s is 6 pieces, plus the one in transit.
         assert_eq!(pipeline_depth(Some(6e6), MIB, 16), 7);
         assert_eq!(pipeline_depth(Some(60e6), MIB, 16), 16, "capped");
-        assert_eq!(pipeline_depth(Some(300e3), MIB, 16), 2, "a slow peer keeps the minimum");
+        assert_eq!(pipeline_depth(Some(300e3), MIB, 16), 1, "a straggler holds one piece");
+        assert_eq!(pipeline_depth(Some(1e6 * 1.1), MIB, 16), 3, "just over a piece a second");
         assert_eq!(pipeline_depth(Some(1e6), 4 * MIB, 1), 1, "the cap wins over the minimum");
         assert_eq!(pipeline_depth(Some(f64::MAX), 1, 8), 8, "no overflow");
         // The same peer measured faster, then slower.
@@ -238,9 +264,9 @@ mod tests {
         m.sample(t0, 0, true);
         let (t, total) = feed(&mut m, t0, 0, 12e6, 3.0, true);
         let fast = pipeline_depth(m.rate(), MIB, 16);
-        feed(&mut m, t, total, 1e6, 5.0, true);
+        feed(&mut m, t, total, 0.5e6, 5.0, true);
         let slow = pipeline_depth(m.rate(), MIB, 16);
-        assert!(fast >= 12 && slow <= 3, "fast {fast}, slow {slow}");
+        assert!(fast >= 12 && slow <= 2, "fast {fast}, slow {slow}");
     }
 
     #[test]
@@ -288,6 +314,22 @@ mod tests {
         assert!(!is_late(ms(2500), 0, MIB, None));
         assert!(is_late(ms(2501), 0, MIB, None));
         assert!(!is_late(Duration::MAX, 0, MIB, Some(0.0)) || is_late(Duration::MAX, 0, MIB, Some(0.0)));
+    }
+
+    #[test]
+    fn a_piece_on_a_straggler_is_worth_asking_of_a_fast_peer() {
+        let secs = Duration::from_secs_f64;
+        // 1 MiB at 125 KB/s: about 8.4 s in all; 2 s spent, about 6.4 s left.
+        let left = time_left(secs(2.0), 0, MIB, Some(125e3)).unwrap();
+        assert!((left.as_secs_f64() - 6.39).abs() < 0.01, "{left:?}");
+        assert_eq!(time_left(secs(20.0), 0, MIB, Some(125e3)), Some(Duration::ZERO), "overdue");
+        assert_eq!(time_left(secs(1.0), 0, MIB, None), None);
+        // A peer at 3 MB/s delivers it in 0.35 s: worth it (2 × 0.35 + 0.5 < 6.4).
+        assert!(worth_duplicating(left, MIB, Some(3e6)));
+        // A peer no faster than the straggler is not.
+        assert!(!worth_duplicating(left, MIB, Some(125e3)));
+        assert!(!worth_duplicating(left, MIB, None), "unmeasured peers are not asked");
+        assert!(!worth_duplicating(secs(1.0), MIB, Some(3e6)), "almost done: let it finish");
     }
 
     #[test]

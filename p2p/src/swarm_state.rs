@@ -444,8 +444,8 @@ impl<R: Rng + Clone> SwarmState<R> {
             // Fill level in percent; integer keys keep the sort total.
             self.picker.in_flight_for(id) * 100 / (*depth).max(1)
         });
-        // Endgame duplicates only for late requests (see `flow::is_late`).
-        let (mut requested, late) = self.late_requests(now);
+        // Endgame duplicates only where they help (see `flow::is_late`, `worth_duplicating`).
+        let (mut requested, late, left) = self.request_outlook(now);
         for (id, depth) in order {
             if room == 0 {
                 break;
@@ -454,8 +454,13 @@ impl<R: Rng + Clone> SwarmState<R> {
             let is_origin = self.peers.get(&id).is_some_and(|p| p.origin);
             let declined = &self.declined;
             let declined_by = &self.declined_by;
-            let (requested_now, late) = (&requested, &late);
-            let fresh_or_late = move |index: u32| !requested_now.contains(&index) || late.contains(&index);
+            let rate = self.peers.get(&id).and_then(|p| p.flow.rate());
+            let (requested_now, late, left, piece_length) = (&requested, &late, &left, self.piece_length);
+            let fresh_or_late = move |index: u32| {
+                !requested_now.contains(&index)
+                    || late.contains(&index)
+                    || left.get(&index).is_some_and(|&l| flow::worth_duplicating(l, piece_length, rate))
+            };
             let picked = if is_origin && others_connected {
                 // Only pieces no other connected peer has, and not just declined.
                 self.picker.pick_where(&id, now, limit, |index, availability| {
@@ -492,21 +497,28 @@ impl<R: Rng + Clone> SwarmState<R> {
         actions
     }
 
-    /// The pieces requested from peers, and those of them whose requests are all late.
-    fn late_requests(&self, now: Instant) -> (HashSet<u32>, HashSet<u32>) {
+    /// The pieces requested from peers; those whose requests are all late; and for the
+    /// others, the least time left until one of their requests is expected to be done.
+    fn request_outlook(&self, now: Instant) -> (HashSet<u32>, HashSet<u32>, HashMap<u32, Duration>) {
         let mut requested = HashSet::new();
         let mut on_time = HashSet::new();
+        let mut left: HashMap<u32, Duration> = HashMap::new();
         for (id, peer) in &self.peers {
             let rate = peer.flow.rate();
             for (ahead, (sent_at, index)) in self.picker.request_times_to(id).into_iter().enumerate() {
                 requested.insert(index);
-                if !flow::is_late(now.saturating_duration_since(sent_at), ahead, self.piece_length, rate) {
-                    on_time.insert(index);
+                let age = now.saturating_duration_since(sent_at);
+                if flow::is_late(age, ahead, self.piece_length, rate) {
+                    continue;
                 }
+                on_time.insert(index);
+                // Unmeasured peers count as about to deliver: nothing is known against them.
+                let t = flow::time_left(age, ahead, self.piece_length, rate).unwrap_or(Duration::ZERO);
+                left.entry(index).and_modify(|l| *l = (*l).min(t)).or_insert(t);
             }
         }
         let late = requested.difference(&on_time).copied().collect();
-        (requested, late)
+        (requested, late, left)
     }
 
     /// A request could not be handed to its connection (it closed): free the piece.
@@ -834,6 +846,33 @@ mod tests {
         let actions = s.stored(winner, index, Stored::Ok, t1).unwrap();
         assert_eq!(actions, vec![Action::Cancel { peer: loser, index }]);
         assert_eq!(s.picker().in_flight(index), 0);
+    }
+
+    #[test]
+    fn a_fast_peer_takes_over_the_last_pieces_from_a_straggler() {
+        let t0 = Instant::now();
+        let mut s = state(16, SchedulerConfig::default(), t0);
+        with_seeders(&mut s, 2, t0);
+        s.fill(t0, None, 0);
+        let mut counters = HashMap::new();
+        // Peer 1 delivers 6 MB/s, peer 2 (a straggler) 150 KB/s: a piece takes it 7 s.
+        let rates = HashMap::from([(peer(1), 6_000_000), (peer(2), 150_000)]);
+        let (t, _) = run(&mut s, t0, &mut counters, &rates, 20, Some(6.15e6));
+        assert!(
+            s.picker().in_flight_for(&peer(2)) <= 1,
+            "the fast peer took over what waited behind the straggler"
+        );
+        let held = s.picker().requests_to(&peer(2));
+        // By now peer 1 has fetched everything else; the straggler's piece is asked of it too,
+        // long before the straggler is late.
+        assert!(s.picker().have().count() >= 14, "{}", s.describe());
+        let (_, actions) = run(&mut s, t, &mut counters, &rates, 5, Some(6.15e6));
+        for index in held {
+            let asked =
+                actions.contains(&Action::Request { peer: peer(1), index }) || s.picker().have().get(index);
+            assert!(asked, "piece {index} stays with the straggler: {}", s.describe());
+        }
+        assert!(s.is_complete() || s.picker().in_flight_for(&peer(1)) > 0);
     }
 
     #[test]
