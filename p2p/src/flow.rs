@@ -28,9 +28,13 @@ pub const PEER_HORIZON: Duration = Duration::from_secs(1);
 /// out; 1 s left uploaders idle (p99 1.21-1.31 × ideal against 1.12-1.18 with 2 s).
 pub const IN_FLIGHT_HORIZON: Duration = Duration::from_secs(2);
 
-/// The in-flight budget before any rate is measured (and its floor): 8 MiB, a few pieces.
-/// From there it grows with the measured rate, like TCP's slow start.
-pub const MIN_IN_FLIGHT_BYTES: u64 = 8 * 1024 * 1024;
+/// The in-flight budget before any rate is measured: 8 MiB, a few pieces. From there it
+/// follows the measured rate, like TCP's slow start.
+pub const INITIAL_IN_FLIGHT_BYTES: u64 = 8 * 1024 * 1024;
+
+/// The least in-flight budget once the rate is measured (2 MiB): on a slow link more only
+/// spreads the link over more pieces at once, so none of them completes for seconds.
+pub const MIN_IN_FLIGHT_BYTES: u64 = 2 * 1024 * 1024;
 
 /// Requests kept at a peer whose rate is not known yet, and the least at any peer: one
 /// being sent, one waiting, so the link does not idle for a round trip between pieces.
@@ -100,12 +104,15 @@ impl PeerFlow {
     }
 
     /// The connection's cumulative received bytes at `now`; `busy` as in [`RateMeter::sample`].
-    pub fn sample(&mut self, now: Instant, received: u64, busy: bool) {
+    /// Returns whether bytes arrived since the last sample.
+    pub fn sample(&mut self, now: Instant, received: u64, busy: bool) -> bool {
+        self.meter.sample(now, received, busy);
         if received > self.received {
             self.received = received;
             self.last_byte = now;
+            return true;
         }
-        self.meter.sample(now, received, busy);
+        false
     }
 
     /// Bytes per second this peer has shown, if measured.
@@ -137,12 +144,12 @@ pub fn pipeline_depth(rate: Option<f64>, piece_length: u64, max: usize) -> usize
 }
 
 /// The bytes a node keeps in flight across its peers: [`IN_FLIGHT_HORIZON`] of its measured
-/// ingress `rate` (at least [`MIN_IN_FLIGHT_BYTES`]), and no more than the same horizon of a
-/// configured ingress `limit`.
+/// ingress `rate` (at least [`MIN_IN_FLIGHT_BYTES`]; [`INITIAL_IN_FLIGHT_BYTES`] until it is
+/// measured), and no more than the same horizon of a configured ingress `limit`.
 pub fn in_flight_budget(rate: Option<f64>, limit: Option<u64>) -> u64 {
     let horizon = IN_FLIGHT_HORIZON.as_secs_f64();
     // `as` saturates for absurd rates.
-    let measured = rate.map_or(MIN_IN_FLIGHT_BYTES, |r| ((r * horizon) as u64).max(MIN_IN_FLIGHT_BYTES));
+    let measured = rate.map_or(INITIAL_IN_FLIGHT_BYTES, |r| ((r * horizon) as u64).max(MIN_IN_FLIGHT_BYTES));
     match limit.filter(|l| *l > 0) {
         Some(limit) => measured.min((limit as f64 * horizon) as u64),
         None => measured,
@@ -271,7 +278,7 @@ mod tests {
 
     #[test]
     fn the_budget_follows_the_measured_rate_within_a_configured_limit() {
-        assert_eq!(in_flight_budget(None, None), MIN_IN_FLIGHT_BYTES, "slow start");
+        assert_eq!(in_flight_budget(None, None), INITIAL_IN_FLIGHT_BYTES, "slow start");
         assert_eq!(in_flight_budget(Some(6e6), None), 12_000_000);
         assert_eq!(in_flight_budget(Some(1e3), None), MIN_IN_FLIGHT_BYTES, "floor");
         assert_eq!(in_flight_budget(Some(100e6), Some(10 * MIB)), 20 * MIB, "the limit caps it");

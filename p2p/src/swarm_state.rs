@@ -50,11 +50,12 @@ pub struct SchedulerConfig {
     /// Requests in flight to an origin while other peers are connected too (default 1):
     /// origins are the seeders of last resort, so the swarm should carry most of the load.
     pub origin_pipeline: usize,
-    /// No new piece for this long (or no peers at all) brings in the HTTP fallback (default 3 s).
+    /// No bytes of requested pieces for this long (or no peers at all) brings in the HTTP
+    /// fallback (default 3 s).
     pub fallback_after: Duration,
     /// Ranges fetched from the origin at once (default 4).
     pub fallback_parallel: usize,
-    /// No new piece from anywhere for this long fails the download (default 60 s).
+    /// No progress from anywhere for this long fails the download (default 60 s).
     pub stall_timeout: Duration,
     /// A connection silent this long with requests outstanding is stalled (default
     /// [`flow::STALL_AFTER`]); the node's own ingress limit, if any, adds its delay.
@@ -341,7 +342,11 @@ impl<R: Rng + Clone> SwarmState<R> {
         for &(id, bytes) in received {
             let busy = self.picker.in_flight_for(&id) > 0;
             let Some(peer) = self.peers.get_mut(&id) else { continue };
-            peer.flow.sample(now, bytes, busy);
+            if peer.flow.sample(now, bytes, busy) && busy {
+                // Bytes of requested pieces arriving are progress, whether or not a piece is
+                // complete yet: on a slow link several pieces arrive at once, each for seconds.
+                self.last_progress = now;
+            }
             let Some(oldest) = self.picker.oldest_request_to(&id) else { continue };
             if !peer.flow.is_stalled(now, oldest, stall_after) {
                 continue;
@@ -787,40 +792,32 @@ mod tests {
     #[test]
     fn fallback_only_for_pieces_no_peer_has_until_a_real_stall() {
         let t0 = Instant::now();
+        let secs = Duration::from_secs;
         let mut s = state(4, SchedulerConfig::default(), t0);
-        s.announced(Some(vec![info(1, false)]), Duration::from_secs(5), t0);
+        s.announced(Some(vec![info(1, false)]), secs(5), t0);
         let mut bf = Bitfield::new(4);
         bf.set(0).unwrap();
         bf.set(1).unwrap();
         assert!(s.connected(peer(1), addr(1), bf, t0));
-        assert!(s.fill(t0, None, 0).iter().all(|a| !matches!(a, Action::Fetch { .. })), "no fallback yet");
-        // Peer 1 delivers piece 0 at 2.5 s, but nobody has pieces 2 and 3: after 3 s without
-        // progress... here progress continues, so only the pieces no peer has are fetched.
-        let t1 = t0 + Duration::from_millis(2500);
-        s.stored(peer(1), 0, Stored::Ok, t1).unwrap();
-        let t2 = t0 + Duration::from_secs(4);
-        // No progress for 3 s since t0 would have been reached; progress at t1 resets it. Make
-        // the fallback come in through the idle rule later.
-        let t3 = t1 + Duration::from_secs(3);
-        s.tick(t2, &[(peer(1), PIECE)]).unwrap();
-        assert!(!s.fallback_active());
-        s.tick(t3, &[(peer(1), PIECE)]).unwrap();
+        assert_eq!(requests(&s.fill(t0, None, 0)).len(), 2);
+        // Bytes arrive for 2.5 s without completing a piece: that is progress.
+        s.tick(t0 + Duration::from_millis(2500), &[(peer(1), 900_000)]).unwrap();
+        s.tick(t0 + secs(5), &[(peer(1), 900_000)]).unwrap();
+        assert!(!s.fallback_active(), "2.5 s since the last byte");
+        // Then nothing for 3 s: the origin comes in.
+        s.tick(t0 + Duration::from_millis(5500), &[(peer(1), 900_000)]).unwrap();
         assert!(s.fallback_active());
-        // A piece arrives from the peer just now: the swarm delivers, so the fallback tops up
-        // only pieces 2 and 3.
-        let in_flight_to_peer = s.picker().requests_to(&peer(1));
-        if let Some(&i) = in_flight_to_peer.first() {
-            s.stored(peer(1), i, Stored::Ok, t3).unwrap();
-        }
-        let fetched: Vec<u32> = s
-            .fill(t3, None, 0)
+        // The peer delivers again: the fallback tops up only what no peer has, pieces 2 and 3.
+        let t = t0 + secs(6);
+        s.stored(peer(1), 0, Stored::Ok, t).unwrap();
+        let mut fetched: Vec<u32> = s
+            .fill(t, None, 0)
             .iter()
             .filter_map(|a| match a {
                 Action::Fetch { index } => Some(*index),
                 _ => None,
             })
             .collect();
-        let mut fetched = fetched;
         fetched.sort_unstable();
         assert_eq!(fetched, vec![2, 3]);
     }
