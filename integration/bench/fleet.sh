@@ -38,6 +38,7 @@
 #   timeouts      Σ shoal_agent_piece_timeouts_total over the agents ("n/a" if no agent has it)
 #   log_timeouts  Σ agent log lines with "timed out" (piece requests given up)
 #   fallback_mib  Σ shoal_agent_received_bytes_total{source="origin"} over the agents, MiB
+#   dup_mib       Σ shoal_agent_duplicate_bytes_total: verified pieces that arrived twice, MiB
 #   cpu           busy share of the whole machine during the window (/proc/stat); above 0.85
 #                 the run measures the machine, not the network: "SATURATED (not counted)"
 #   cpu_s_per_gib the agents' user+system CPU seconds ÷ GiB they received (shoal only)
@@ -148,7 +149,7 @@ timed_pull() {
 # of the run just measured (FLEET_SECS, FLEET_RC, WIN_*): verify, print, append to RESULTS.
 ROWS=()
 record() {
-  local sys=$1 n=$2 rep=$3 digest=$4 timeouts=$5 logto=$6 fallback=$7 cpugib=$8
+  local sys=$1 n=$2 rep=$3 digest=$4 timeouts=$5 logto=$6 fallback=$7 cpugib=$8 dup=${9:-n/a}
   local i ok good=0 all=() fast=() r p50 p90 max fast_max=n/a note='' sat=no
   for ((i = 0; i < n; i++)); do
     [[ ${FLEET_RC[i]} == 0 ]] || { log "$sys host $i: curl failed (status ${FLEET_RC[i]}; $T/pull-$i.log)"; continue; }
@@ -172,17 +173,17 @@ record() {
   local origin received
   origin=$(ratio "$WIN_ORIGIN_TX" "$SIZE")
   received=$(ratio "$WIN_HOSTS_RX" "$((n * SIZE))")
-  ROWS+=("$(printf '%-8s %3s %3s  %5s %5s %5s %8s  %6s %8s  %8s %6s %8s  %4s %7s  %s' "$sys" "$n" "$rep" \
-    "$p50" "$p90" "$max" "$fast_max" "$origin" "$received" "$timeouts" "$logto" "$fallback" "$WIN_CPU" "$cpugib" "$note")")
+  ROWS+=("$(printf '%-8s %3s %3s  %5s %5s %5s %8s  %6s %8s  %8s %6s %8s %7s  %4s %7s  %s' "$sys" "$n" "$rep" \
+    "$p50" "$p90" "$max" "$fast_max" "$origin" "$received" "$timeouts" "$logto" "$fallback" "$dup" "$WIN_CPU" "$cpugib" "$note")")
   say "${ROWS[-1]}"
   echo "fleet: system=$sys n=$n p50=$p50 p90=$p90 max=$max origin=$origin received=$received" \
-    "timeouts=$timeouts fallback_mib=$fallback cpu=$WIN_CPU cpu_s_per_gib=$cpugib fast_max=$fast_max" \
+    "timeouts=$timeouts fallback_mib=$fallback dup_mib=$dup cpu=$WIN_CPU cpu_s_per_gib=$cpugib fast_max=$fast_max" \
     "log_timeouts=$logto saturated=$sat ok=$ok/$n repeat=$rep size_mib=$SIZE_MIB host_mbit=$HOST_MBIT" \
     "origin_mbit=$ORIGIN_MBIT stragglers=$STRAGGLERS run=$RUN_ID" >>"$RESULTS"
 }
 
 run_shoal() {
-  local n=$1 rep=$2 dir=$T/shoal-$1-$2 i timeouts logto=0 fallback received gib
+  local n=$1 rep=$2 dir=$T/shoal-$1-$2 i timeouts logto=0 fallback received gib dup
   fleet_start_shoal "$dir"
   random_blob
   ns_push "$FLEET_ORIGIN_NS" "$FLEET_ORIGIN_URL" "$BLOB_REPO" "$BLOB" "$BLOB_DIGEST"
@@ -194,6 +195,8 @@ run_shoal() {
   fallback=$(fleet_agents_metric shoal_agent_received_bytes_total 'source="origin"')
   [[ $fallback == n/a ]] && fallback=0
   fallback=$(awk -v b="$fallback" 'BEGIN {printf "%.1f", b / 1048576}')
+  dup=$(fleet_agents_metric shoal_agent_duplicate_bytes_total)
+  [[ $dup == n/a ]] || dup=$(awk -v b="$dup" 'BEGIN {printf "%.1f", b / 1048576}')
   received=$(fleet_agents_metric shoal_agent_received_bytes_total)
   [[ $received == n/a ]] && received=0
   gib=n/a
@@ -201,7 +204,7 @@ run_shoal() {
   for ((i = 0; i < n; i++)); do
     logto=$((logto + $(grep -c 'timed out' "${FLEET_AGENT_LOGS[i]}" || true)))
   done
-  record shoal "$n" "$rep" "$BLOB_DIGEST" "$timeouts" "$logto" "$fallback" "$gib"
+  record shoal "$n" "$rep" "$BLOB_DIGEST" "$timeouts" "$logto" "$fallback" "$gib" "$dup"
   fleet_stop_shoal
   rm -rf "$dir/origin" "$dir"/agent*/ # the data; the logs stay (with KEEP_TMP=1, after the run too)
 }
@@ -236,8 +239,8 @@ EOF
 }
 
 header() {
-  printf '%-8s %3s %3s  %5s %5s %5s %8s  %6s %8s  %8s %6s %8s  %4s %7s  %s' system N rep p50 p90 max fast_max \
-    origin received timeouts tmo_log fb_MiB cpu cpu_s/G note
+  printf '%-8s %3s %3s  %5s %5s %5s %8s  %6s %8s  %8s %6s %8s %7s  %4s %7s  %s' system N rep p50 p90 max fast_max \
+    origin received timeouts tmo_log fb_MiB dup_MiB cpu cpu_s/G note
 }
 
 say "== fleet benchmark over shaped links, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ), run $RUN_ID"
