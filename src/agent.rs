@@ -74,6 +74,8 @@ pub struct AgentFile {
     pub max_connections_per_blob: usize,
     /// Inbound peer connections in all.
     pub max_peer_connections: usize,
+    /// Outbound peer connections in all, across every download.
+    pub max_outbound_connections: usize,
     /// No progress from peers for this long brings in the origin.
     #[serde(with = "humantime_serde")]
     pub fallback_after: Duration,
@@ -99,6 +101,7 @@ impl Default for AgentFile {
             announce_interval: Duration::from_secs(3),
             max_connections_per_blob: 10,
             max_peer_connections: 512,
+            max_outbound_connections: shoal_p2p::node::DEFAULT_MAX_OUTBOUND_CONNECTIONS,
             fallback_after: Duration::from_secs(3),
             limits: crate::config::Limits::default(),
         }
@@ -159,6 +162,7 @@ pub async fn bind(file: AgentFile) -> anyhow::Result<BoundServer> {
         max_connections_per_blob: file.max_connections_per_blob,
         fallback_after: file.fallback_after,
         max_peer_connections: file.max_peer_connections,
+        max_outbound_connections: file.max_outbound_connections,
     };
     let agent = tokio::task::block_in_place(|| Agent::start(&config, &metrics.registry))?;
     tokio::spawn(agent.peer_server.clone().serve(peer_listener));

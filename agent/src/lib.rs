@@ -52,6 +52,8 @@ pub struct AgentConfig {
     pub max_connections_per_blob: usize,
     pub fallback_after: Duration,
     pub max_peer_connections: usize,
+    /// Outbound peer connections in all, across every download (the node's budget).
+    pub max_outbound_connections: usize,
 }
 
 /// Why an agent could not start.
@@ -88,7 +90,7 @@ impl Agent {
             tracker: tracker.clone(),
             ingress: Arc::new(RateLimiter::new(config.ingress_rate, burst)),
             metrics: metrics.clone(),
-            node: NodeFlow::default(),
+            node: NodeFlow::new(config.max_outbound_connections),
         };
         let mut swarm = SwarmConfig::new(peer_id, config.advertise);
         swarm.scheduler.max_connections = config.max_connections_per_blob;

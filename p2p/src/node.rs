@@ -1,20 +1,43 @@
 //! What every download of one node shares: the bytes its connections receive (from which the
-//! node's ingress rate is measured) and the bytes each download has in flight, so that the
-//! in-flight budget of `flow` is the node's, not one per blob. A node pulling five layers at
-//! once has one link, and five budgets of two seconds each would queue ten.
+//! node's ingress rate is measured), the bytes each download has in flight, and one budget of
+//! outbound peer connections. A node pulling five layers at once has one link, and five
+//! in-flight budgets of two seconds each would queue ten; twenty layers with ten connections
+//! each would open two hundred.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::flow::RateMeter;
 
+/// Default outbound peer connections per node, across all its downloads.
+pub const DEFAULT_MAX_OUTBOUND_CONNECTIONS: usize = 128;
+
 /// A node's shared ingress state; cheap to clone.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct NodeFlow {
     received: Arc<AtomicU64>,
     inner: Arc<Mutex<Inner>>,
+    connections: Arc<AtomicUsize>,
+    max_connections: usize,
+}
+
+impl Default for NodeFlow {
+    fn default() -> Self {
+        NodeFlow::new(DEFAULT_MAX_OUTBOUND_CONNECTIONS)
+    }
+}
+
+/// One outbound connection (or attempt) counted against the node's budget until dropped.
+pub struct ConnectionSlot {
+    connections: Arc<AtomicUsize>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Default)]
@@ -31,6 +54,30 @@ pub struct DownloadSlot {
 }
 
 impl NodeFlow {
+    /// Shared state for a node that opens at most `max_connections` outbound peer connections.
+    pub fn new(max_connections: usize) -> NodeFlow {
+        NodeFlow {
+            received: Arc::default(),
+            inner: Arc::default(),
+            connections: Arc::default(),
+            max_connections: max_connections.max(1),
+        }
+    }
+
+    /// Outbound connections the node may still open.
+    pub fn connection_room(&self) -> usize {
+        self.max_connections.saturating_sub(self.connections.load(Ordering::Acquire))
+    }
+
+    /// Take one outbound connection from the budget, if any is left.
+    pub fn connection_slot(&self) -> Option<ConnectionSlot> {
+        let max = self.max_connections;
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| ConnectionSlot { connections: self.connections.clone() })
+    }
+
     /// The counter every connection adds the bytes it reads to.
     pub fn counter(&self) -> Arc<AtomicU64> {
         self.received.clone()
@@ -74,6 +121,19 @@ impl Drop for DownloadSlot {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn outbound_connections_share_one_budget() {
+        let node = NodeFlow::new(2);
+        let a = node.connection_slot().unwrap();
+        let b = node.clone().connection_slot().unwrap();
+        assert_eq!(node.connection_room(), 0);
+        assert!(node.connection_slot().is_none(), "the budget is the node's");
+        drop(a);
+        assert_eq!(node.connection_room(), 1);
+        assert!(node.connection_slot().is_some());
+        drop(b);
+    }
 
     #[test]
     fn downloads_see_each_others_bytes_in_flight_and_one_node_rate() {

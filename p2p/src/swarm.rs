@@ -140,6 +140,7 @@ pub async fn download(
         if swarm.pieces.is_complete() {
             break Ok(());
         }
+        swarm.state.set_node_room(swarm.deps.node.connection_room());
         let now = tokio::select! {
             Some(event) = events.recv() => {
                 let now = Instant::now();
@@ -284,12 +285,18 @@ impl Swarm {
         }
     }
 
-    fn connect(&self, addr: SocketAddr) {
+    fn connect(&mut self, addr: SocketAddr) {
+        // The slot is held for the attempt and the connection's whole life (the task's).
+        let Some(slot) = self.deps.node.connection_slot() else {
+            self.state.connect_abandoned(addr);
+            return;
+        };
         let events = self.events_tx.clone();
         let (me, pieces, ingress, timeouts) =
             (self.cfg.peer_id, self.pieces.clone(), self.deps.ingress.clone(), self.cfg.timeouts);
         let node_received = self.deps.node.counter();
         tokio::spawn(async move {
+            let _slot = slot;
             let (tx, mut rx) = mpsc::channel(64);
             let forward = async {
                 while let Some(e) = rx.recv().await {

@@ -146,6 +146,8 @@ pub struct SwarmState<R = StdRng> {
     announced_once: bool,
     announces: u32,
     last_progress: Instant,
+    /// Outbound connections the node's budget still allows (set by the I/O side).
+    node_room: usize,
     rng: R,
 }
 
@@ -193,6 +195,7 @@ impl<R: Rng + Clone> SwarmState<R> {
             announced_once: false,
             announces: 0,
             last_progress: now,
+            node_room: usize::MAX,
             rng,
         })
     }
@@ -235,6 +238,17 @@ impl<R: Rng + Clone> SwarmState<R> {
         let origin = self.candidates.iter().any(|c| c.addr == addr && c.origin);
         self.peers.insert(peer, Peer { addr, origin, flow: PeerFlow::new(now) });
         true
+    }
+
+    /// How many more outbound connections the node's shared budget allows right now.
+    pub fn set_node_room(&mut self, room: usize) {
+        self.node_room = room;
+    }
+
+    /// A connection attempt was not made after all (the node's budget ran out meanwhile):
+    /// the candidate stays for later.
+    pub fn connect_abandoned(&mut self, addr: SocketAddr) {
+        self.connecting.remove(&addr);
     }
 
     /// A connection attempt failed: forget the candidate.
@@ -371,7 +385,7 @@ impl<R: Rng + Clone> SwarmState<R> {
     fn connect_more(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         for c in &self.candidates {
-            if self.peers.len() + self.connecting.len() >= self.cfg.max_connections {
+            if self.peers.len() + self.connecting.len() >= self.cfg.max_connections || self.node_room == 0 {
                 break;
             }
             let id = c.peer_id.parse::<PeerId>().ok();
@@ -383,6 +397,7 @@ impl<R: Rng + Clone> SwarmState<R> {
                 continue;
             }
             self.connecting.insert(c.addr);
+            self.node_room -= 1;
             actions.push(Action::Connect(c.addr));
         }
         actions
@@ -870,6 +885,23 @@ mod tests {
             assert!(asked, "piece {index} stays with the straggler: {}", s.describe());
         }
         assert!(s.is_complete() || s.picker().in_flight_for(&peer(1)) > 0);
+    }
+
+    #[test]
+    fn connects_stop_at_the_nodes_budget_and_resume_when_it_allows() {
+        let t0 = Instant::now();
+        let mut s = state(4, SchedulerConfig::default(), t0);
+        s.set_node_room(2);
+        let peers = (1..=5).map(|i| info(i, false)).collect();
+        let connects = s.announced(Some(peers), Duration::from_secs(5), t0);
+        assert_eq!(connects.iter().filter(|a| matches!(a, Action::Connect(_))).count(), 2);
+        // One attempt could not get a slot after all: it stays a candidate.
+        s.connect_abandoned(addr(2));
+        s.set_node_room(10);
+        let more = s.tick(t0 + Duration::from_millis(200), &[]).unwrap();
+        let addrs: Vec<&Action> = more.iter().filter(|a| matches!(a, Action::Connect(_))).collect();
+        assert_eq!(addrs.len(), 4, "{more:?}");
+        assert!(more.contains(&Action::Connect(addr(2))));
     }
 
     #[test]
