@@ -37,6 +37,8 @@ use crate::tracker_client::PeerInfo;
 pub const ORIGIN_PEER: PeerId = PeerId([0xff; 20]);
 /// How long a piece an origin declined is not asked of an origin again.
 pub const DECLINE_BACKOFF: Duration = Duration::from_secs(2);
+/// A peer is traded for a seeder (see `SwarmState::rotate`) only after this long connected.
+pub const ROTATE_AFTER: Duration = Duration::from_secs(2);
 /// Consecutive failed fallback fetches, with no peer connected, that fail the download.
 pub const MAX_FALLBACK_FAILURES: u32 = 5;
 
@@ -123,6 +125,7 @@ struct Peer {
     addr: SocketAddr,
     origin: bool,
     flow: PeerFlow,
+    connected_at: Instant,
 }
 
 /// One download's decisions; see the module docs.
@@ -236,7 +239,7 @@ impl<R: Rng + Clone> SwarmState<R> {
             return false;
         }
         let origin = self.candidates.iter().any(|c| c.addr == addr && c.origin);
-        self.peers.insert(peer, Peer { addr, origin, flow: PeerFlow::new(now) });
+        self.peers.insert(peer, Peer { addr, origin, flow: PeerFlow::new(now), connected_at: now });
         true
     }
 
@@ -332,10 +335,14 @@ impl<R: Rng + Clone> SwarmState<R> {
     ) -> Vec<Action> {
         self.announced_once = true;
         for p in peers.into_iter().flatten() {
-            if !self.candidates.iter().any(|c| c.addr == p.addr) {
-                self.candidates.push(p);
+            // A peer seen before may have completed since: keep what the tracker says now.
+            match self.candidates.iter_mut().find(|c| c.addr == p.addr) {
+                Some(c) => *c = p,
+                None => self.candidates.push(p),
             }
         }
+        // Seeders first, then origins, then the rest, as the tracker orders a handout.
+        self.candidates.sort_by_key(|c| (!c.complete, !c.origin));
         let quick = Duration::from_millis(250 << self.announces.min(3));
         self.announces += 1;
         let after = if self.announces <= 3 { quick.min(interval) } else { interval };
@@ -377,6 +384,7 @@ impl<R: Rng + Clone> SwarmState<R> {
         self.declined.retain(|_, at| now.duration_since(*at) < DECLINE_BACKOFF);
         self.declined_by.retain(|_, at| now.duration_since(*at) < DECLINE_BACKOFF);
         actions.extend(self.connect_more(now));
+        actions.extend(self.rotate(now));
         self.consider_fallback(now)?;
         Ok(actions)
     }
@@ -401,6 +409,51 @@ impl<R: Rng + Clone> SwarmState<R> {
             actions.push(Action::Connect(c.addr));
         }
         actions
+    }
+
+    /// With every connection in use, trade the least useful peer for a seeder the tracker
+    /// handed out that we are not connected to: a peer that has nothing we lack, else the
+    /// slowest incomplete one. Without this a download stays with the ten peers it met first;
+    /// in a 20-host swarm the hosts whose first peers were slow took twice as long as the
+    /// rest, and went on crawling after the others had finished and become seeders. One
+    /// trade per tick, and only for peers connected [`ROTATE_AFTER`] or longer, so their
+    /// rates are measured.
+    fn rotate(&mut self, now: Instant) -> Vec<Action> {
+        if self.peers.len() < self.cfg.max_connections || !self.connecting.is_empty() || self.node_room == 0 {
+            return Vec::new();
+        }
+        let seeder = self.candidates.iter().find(|c| {
+            let id = c.peer_id.parse::<PeerId>().ok();
+            c.complete
+                && !c.origin
+                && c.addr != self.advertise
+                && !self.peers.values().any(|p| p.addr == c.addr)
+                && id.is_none_or(|id| {
+                    id != self.me && !self.peers.contains_key(&id) && !self.blacklist.is_banned(&id, now)
+                })
+        });
+        let Some(seeder) = seeder.map(|c| c.addr) else { return Vec::new() };
+        let count = self.picker.piece_count();
+        let victim = self
+            .peers
+            .iter()
+            .filter(|(id, p)| {
+                !p.origin
+                    && now.saturating_duration_since(p.connected_at) >= ROTATE_AFTER
+                    && self.picker.peer_bitfield(id).is_some_and(|b| b.count() < count)
+            })
+            .min_by(|(a, pa), (b, pb)| {
+                let key =
+                    |id: &PeerId, p: &Peer| (self.picker.is_interesting(id), p.flow.rate().unwrap_or(0.0));
+                let (ka, kb) = (key(a, pa), key(b, pb));
+                ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1))
+            })
+            .map(|(id, _)| *id);
+        let Some(victim) = victim else { return Vec::new() };
+        self.closed(&victim);
+        self.connecting.insert(seeder);
+        self.node_room -= 1;
+        vec![Action::Disconnect(victim), Action::Connect(seeder)]
     }
 
     fn consider_fallback(&mut self, now: Instant) -> Result<(), Fatal> {
@@ -902,6 +955,41 @@ mod tests {
         let addrs: Vec<&Action> = more.iter().filter(|a| matches!(a, Action::Connect(_))).collect();
         assert_eq!(addrs.len(), 4, "{more:?}");
         assert!(more.contains(&Action::Connect(addr(2))));
+    }
+
+    #[test]
+    fn a_full_download_trades_its_least_useful_peer_for_a_new_seeder() {
+        let t0 = Instant::now();
+        let cfg = SchedulerConfig { max_connections: 2, ..SchedulerConfig::default() };
+        let mut s = state(4, cfg, t0);
+        s.announced(Some(vec![info(1, false), info(2, false)]), Duration::from_secs(5), t0);
+        let half = |set: &[u32]| {
+            let mut b = Bitfield::new(4);
+            for &i in set {
+                b.set(i).unwrap();
+            }
+            b
+        };
+        assert!(s.connected(peer(1), addr(1), half(&[0, 1]), t0));
+        assert!(s.connected(peer(2), addr(2), half(&[2]), t0));
+        // Peer 3 completes and the tracker hands it out as a seeder.
+        let mut seeder = info(3, false);
+        seeder.complete = true;
+        let t1 = t0 + Duration::from_secs(1);
+        s.announced(Some(vec![seeder.clone()]), Duration::from_secs(5), t1);
+        assert!(s.tick(t1, &[]).unwrap().is_empty(), "too early: rates not measured yet");
+        // Both peers deliver; peer 2 is the slower.
+        let t2 = t0 + Duration::from_millis(2600);
+        s.fill(t0, None, 0);
+        s.tick(t0 + Duration::from_millis(1600), &[(peer(1), 3_000_000), (peer(2), 100_000)]).unwrap();
+        let actions = s.tick(t2, &[(peer(1), 6_000_000), (peer(2), 200_000)]).unwrap();
+        assert!(actions.contains(&Action::Disconnect(peer(2))), "{actions:?}");
+        assert!(actions.contains(&Action::Connect(addr(3))), "{actions:?}");
+        assert_eq!(s.peer_count(), 1);
+        // Once the seeder is connected there is nothing better to trade for.
+        assert!(s.connected(peer(3), addr(3), Bitfield::full(4), t2));
+        let later = s.tick(t2 + Duration::from_secs(3), &[(peer(1), 6_000_000), (peer(3), 0)]).unwrap();
+        assert!(!later.iter().any(|a| matches!(a, Action::Disconnect(_))), "{later:?}");
     }
 
     #[test]
