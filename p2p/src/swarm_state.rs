@@ -519,11 +519,30 @@ impl<R: Rng + Clone> SwarmState<R> {
         });
         // Endgame duplicates only where they help (see `flow::is_late`, `worth_duplicating`).
         let (mut requested, late, left) = self.request_outlook(now);
-        for (id, depth) in order {
-            if room == 0 {
-                break;
-            }
-            let limit = depth.min(self.picker.in_flight_for(&id).saturating_add(room));
+        // Without a configured limit, every peer may have one request whatever the budget:
+        // the budget keeps requests from queueing behind our own link, but when each peer's
+        // upload is shared by many downloaders the link fills only with many peers sending at
+        // once. Without this floor a host that measured a low rate got a 2-piece budget, so
+        // only 2 peers sent to it, so it measured a low rate: 3-7 Mbit/s of a 25 Mbit/s link
+        // for 30 s while the rest of a 20-host fleet ran at full speed. A first pass gives
+        // the idle peers their one request; the second fills depths within the budget.
+        let floor = usize::from(self.cfg.ingress_limit.is_none());
+        let passes = [(floor, true), (usize::MAX, false)];
+        for (id, depth, first) in
+            passes.iter().flat_map(|&(cap, first)| order.iter().map(move |&(id, d)| (id, d.min(cap), first)))
+        {
+            let in_flight = self.picker.in_flight_for(&id);
+            let limit = if first {
+                if in_flight > 0 {
+                    continue;
+                }
+                depth
+            } else {
+                if room == 0 {
+                    break;
+                }
+                depth.min(in_flight.saturating_add(room))
+            };
             let is_origin = self.peers.get(&id).is_some_and(|p| p.origin);
             let declined = &self.declined;
             let declined_by = &self.declined_by;
@@ -721,8 +740,8 @@ mod tests {
         assert_eq!(s.start(), vec![Action::Announce { after: Duration::ZERO }]);
         with_seeders(&mut s, 10, t0);
         let reqs = requests(&s.fill(t0, None, 0));
-        // 8 MiB of 1 MiB pieces, at most 2 per peer.
-        assert_eq!(reqs.len(), 8);
+        // An 8 MiB budget of 1 MiB pieces, but one request for every peer first.
+        assert_eq!(reqs.len(), 10);
         let mut per_peer: HashMap<PeerId, usize> = HashMap::new();
         for (p, _) in &reqs {
             *per_peer.entry(*p).or_default() += 1;
@@ -731,7 +750,11 @@ mod tests {
         let mut pieces: Vec<u32> = reqs.iter().map(|r| r.1).collect();
         pieces.sort_unstable();
         pieces.dedup();
-        assert_eq!(pieces.len(), 8, "no piece asked twice outside endgame");
+        assert_eq!(pieces.len(), 10, "no piece asked twice outside endgame");
+        // With 3 peers the budget is what limits: 8 pieces, 2 per peer at most.
+        let mut s = state(64, SchedulerConfig::default(), t0);
+        with_seeders(&mut s, 3, t0);
+        assert_eq!(requests(&s.fill(t0, None, 0)).len(), 3 * flow::MIN_PIPELINE);
     }
 
     #[test]
@@ -743,10 +766,16 @@ mod tests {
         assert_eq!(requests(&s.fill(t0, Some(20e6), 0)).len(), 20);
         let mut s = state(128, SchedulerConfig::default(), t0);
         with_seeders(&mut s, 10, t0);
-        // Another download of the node already has 36 MB in flight: 4 MB left, 4 pieces.
-        assert_eq!(requests(&s.fill(t0, Some(20e6), 36_000_000)).len(), 4);
-        // Less than a piece left still allows the minimum of two.
+        // Another download of the node already has 26 MB in flight: 14 MB left, 14 pieces
+        // (10 first requests, then 4 more).
+        assert_eq!(requests(&s.fill(t0, Some(20e6), 26_000_000)).len(), 14);
+        // With the budget spent elsewhere, each peer still gets its one request.
         let mut s = state(128, SchedulerConfig::default(), t0);
+        with_seeders(&mut s, 10, t0);
+        assert_eq!(requests(&s.fill(t0, Some(20e6), 40_000_000)).len(), 10);
+        // A configured limit is a hard cap: then the two-piece minimum is all there is.
+        let cfg = SchedulerConfig { ingress_limit: Some(1), ..SchedulerConfig::default() };
+        let mut s = state(128, cfg, t0);
         with_seeders(&mut s, 10, t0);
         assert_eq!(requests(&s.fill(t0, Some(20e6), 40_000_000)).len(), flow::MIN_PIPELINE);
     }
