@@ -72,10 +72,9 @@ pub struct SwarmDeps {
 /// Why a download failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SwarmError {
-    #[error("no progress for {0:?} from peers or origin ({1})")]
-    Stalled(Duration, String),
-    #[error("origin fallback failed: {0}")]
-    Fallback(String),
+    /// The state machine gave up (a long stall, a failing or lying origin fallback).
+    #[error(transparent)]
+    Gave(#[from] Fatal),
     #[error("piece storage failed: {0}")]
     Storage(String),
 }
@@ -163,7 +162,7 @@ pub async fn download(
                     swarm.peers.iter().map(|(id, p)| (*id, p.received.load(Ordering::Relaxed))).collect();
                 match swarm.state.tick(now, &received) {
                     Ok(actions) => swarm.act(actions),
-                    Err(e) => break Err(fatal(e)),
+                    Err(e) => break Err(e.into()),
                 }
                 now
             }
@@ -182,13 +181,6 @@ pub async fn download(
         swarm.announce_final();
     }
     result
-}
-
-fn fatal(e: Fatal) -> SwarmError {
-    match e {
-        Fatal::Stalled(after, state) => SwarmError::Stalled(after, state),
-        Fatal::Fallback(e) => SwarmError::Fallback(e),
-    }
 }
 
 impl Swarm {
@@ -225,7 +217,7 @@ impl Swarm {
                     }
                     Err(e) => return Err(SwarmError::Storage(e.to_string())),
                 };
-                return self.state.stored(from, index, outcome, now).map_err(fatal);
+                return Ok(self.state.stored(from, index, outcome, now)?);
             }
             Event::Announced(result, interval) => {
                 let peers = match result {
@@ -241,7 +233,7 @@ impl Swarm {
                 Ok(data) => self.store(ORIGIN_PEER, index, data),
                 Err(e) => {
                     tracing::warn!(index, error = %e, "origin fallback fetch failed");
-                    self.state.fetch_failed(index, &e).map_err(fatal)?;
+                    self.state.fetch_failed(index, &e)?;
                 }
             },
         }
