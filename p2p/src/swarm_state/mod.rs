@@ -1,0 +1,450 @@
+//! The decisions of one blob's download, as a pure state machine: given events and a clock,
+//! which pieces to request from whom, which requests to cancel, which peers to connect to or
+//! drop, when to announce, and when to fetch from an origin over HTTP. `swarm` does the I/O
+//! and feeds the results back; nothing here touches a socket, a file or the system clock, so
+//! every policy is tested with hand-made events (as Kraken's scheduler keeps its state).
+//!
+//! The policies:
+//! - **Closed-loop pipelining** (`flow`): each peer gets requests for the rate it has shown,
+//!   and the download keeps [`flow::IN_FLIGHT_HORIZON`] of the node's measured ingress in
+//!   flight; neither depends on a configured rate, which only caps them.
+//! - **Stalls, not deadlines**: a peer's requests are withdrawn only when its connection
+//!   delivered no byte for [`flow::STALL_AFTER`]; bytes that keep arriving are never timed
+//!   out. Stalls in a row get a peer banned (`blacklist`).
+//! - **Super-seeding origins** are asked only for pieces no other connected peer has, and not
+//!   again soon after they declined one.
+//! - **HTTP fallback** only for pieces no connected peer has (while the swarm delivers), or
+//!   for anything after a real stall.
+//! - **Endgame** duplicates only where they help, cancelled as soon as one copy is stored.
+//! - **Peers**: candidates up to the per-blob and node limits; a full download trades its
+//!   least useful peer for a new seeder.
+//!
+//! Requests are decided in `requests`, connections in `peers`.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::bitfield::Bitfield;
+use crate::blacklist::{Blacklist, BlacklistConfig};
+use crate::flow::{self, PeerFlow};
+use crate::metainfo::Metainfo;
+use crate::peer::PeerId;
+use crate::picker::{PickerConfig, PickerError, PiecePicker};
+use crate::tracker_client::PeerInfo;
+
+mod peers;
+mod requests;
+
+/// The pseudo-peer id of the HTTP origin fallback inside the picker.
+pub const ORIGIN_PEER: PeerId = PeerId([0xff; 20]);
+/// How long a piece an origin declined is not asked of an origin again.
+pub const DECLINE_BACKOFF: Duration = Duration::from_secs(2);
+/// A peer is traded for a seeder (see `SwarmState::rotate`) only after this long connected.
+pub const ROTATE_AFTER: Duration = Duration::from_secs(2);
+/// Consecutive failed fallback fetches, with no peer connected, that fail the download.
+pub const MAX_FALLBACK_FAILURES: u32 = 5;
+
+/// Tunables of the decisions; [`SchedulerConfig::default`] documents each default.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Outbound connections per blob (default 10).
+    pub max_connections: usize,
+    /// Most requests in flight to one peer, however fast it is (default 16).
+    pub max_pipeline: usize,
+    /// Requests in flight to an origin while other peers are connected too (default 1):
+    /// origins are the seeders of last resort, so the swarm should carry most of the load.
+    pub origin_pipeline: usize,
+    /// No bytes of requested pieces for this long (or no peers at all) brings in the HTTP
+    /// fallback (default 3 s).
+    pub fallback_after: Duration,
+    /// Ranges fetched from the origin at once (default 4).
+    pub fallback_parallel: usize,
+    /// No progress from anywhere for this long fails the download (default 60 s).
+    pub stall_timeout: Duration,
+    /// A connection silent this long with requests outstanding is stalled (default
+    /// [`flow::STALL_AFTER`]); the node's own ingress limit, if any, adds its delay.
+    pub peer_stall: Duration,
+    /// The node's configured ingress limit in bytes/s: an upper bound on what is in flight.
+    pub ingress_limit: Option<u64>,
+    pub picker: PickerConfig,
+    pub blacklist: BlacklistConfig,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_connections: 10,
+            max_pipeline: 16,
+            origin_pipeline: 1,
+            fallback_after: Duration::from_secs(3),
+            fallback_parallel: 4,
+            stall_timeout: Duration::from_secs(60),
+            peer_stall: flow::STALL_AFTER,
+            ingress_limit: None,
+            picker: PickerConfig::default(),
+            blacklist: BlacklistConfig::default(),
+        }
+    }
+}
+
+/// What the I/O side is to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Open a connection to this candidate.
+    Connect(SocketAddr),
+    /// Send a request for a piece.
+    Request { peer: PeerId, index: u32 },
+    /// Tell a peer we no longer want a piece (another copy arrived).
+    Cancel { peer: PeerId, index: u32 },
+    /// A request was withdrawn because the peer stalled: cancel it there (and count it).
+    TimedOut { peer: PeerId, index: u32 },
+    /// Close the connection to a peer.
+    Disconnect(PeerId),
+    /// Fetch a piece from an origin over HTTP.
+    Fetch { index: u32 },
+    /// Announce to the tracker after this delay.
+    Announce { after: Duration },
+}
+
+/// How storing a received piece ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    Ok,
+    /// The piece failed its hash.
+    BadPiece,
+}
+
+/// Why the download cannot go on.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Fatal {
+    #[error("no progress for {0:?} from peers or origin ({1})")]
+    Stalled(Duration, String),
+    #[error("origin fallback failed: {0}")]
+    Fallback(String),
+}
+
+struct Peer {
+    addr: SocketAddr,
+    origin: bool,
+    flow: PeerFlow,
+    connected_at: Instant,
+}
+
+/// One download's decisions; see the module docs.
+pub struct SwarmState<R = StdRng> {
+    cfg: SchedulerConfig,
+    me: PeerId,
+    advertise: SocketAddr,
+    piece_length: u64,
+    picker: PiecePicker<R>,
+    blacklist: Blacklist,
+    peers: HashMap<PeerId, Peer>,
+    /// Pieces an origin declined recently; not asked of an origin again until the swarm had
+    /// a chance to pass them on.
+    declined: HashMap<u32, Instant>,
+    /// Pieces a peer declined recently, not asked of it again yet.
+    declined_by: HashMap<(PeerId, u32), Instant>,
+    connecting: HashSet<SocketAddr>,
+    candidates: Vec<PeerInfo>,
+    fallback_active: bool,
+    fallback_failures: u32,
+    announced_once: bool,
+    announces: u32,
+    last_progress: Instant,
+    /// Outbound connections the node's budget still allows (set by the I/O side).
+    node_room: usize,
+    rng: R,
+}
+
+impl SwarmState<StdRng> {
+    /// The state of a download of `metainfo`'s blob that holds `have` so far, started at `now`.
+    pub fn new(
+        cfg: SchedulerConfig,
+        me: PeerId,
+        advertise: SocketAddr,
+        metainfo: &Metainfo,
+        have: Bitfield,
+        now: Instant,
+    ) -> Result<Self, PickerError> {
+        SwarmState::with_rng(cfg, me, advertise, metainfo, have, now, StdRng::from_os_rng())
+    }
+}
+
+impl<R: Rng + Clone> SwarmState<R> {
+    /// Like [`SwarmState::new`] with a given RNG, so tests are deterministic.
+    pub fn with_rng(
+        cfg: SchedulerConfig,
+        me: PeerId,
+        advertise: SocketAddr,
+        metainfo: &Metainfo,
+        have: Bitfield,
+        now: Instant,
+        rng: R,
+    ) -> Result<Self, PickerError> {
+        let picker = PiecePicker::with_rng(metainfo, have, cfg.picker.clone(), rng.clone())?;
+        let blacklist = Blacklist::new(cfg.blacklist.clone());
+        Ok(SwarmState {
+            piece_length: metainfo.piece_length(),
+            cfg,
+            me,
+            advertise,
+            picker,
+            blacklist,
+            peers: HashMap::new(),
+            declined: HashMap::new(),
+            declined_by: HashMap::new(),
+            connecting: HashSet::new(),
+            candidates: Vec::new(),
+            fallback_active: false,
+            fallback_failures: 0,
+            announced_once: false,
+            announces: 0,
+            last_progress: now,
+            node_room: usize::MAX,
+            rng,
+        })
+    }
+
+    /// The first actions: announce at once.
+    pub fn start(&self) -> Vec<Action> {
+        vec![Action::Announce { after: Duration::ZERO }]
+    }
+
+    /// Whether every piece is here.
+    pub fn is_complete(&self) -> bool {
+        self.picker.is_complete()
+    }
+
+    /// The picker, for inspection.
+    pub fn picker(&self) -> &PiecePicker<R> {
+        &self.picker
+    }
+
+    /// Connected peers.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// The pieces local readers wait on, which go first.
+    pub fn set_readers(&mut self, positions: Vec<u32>) {
+        self.picker.set_reader_positions(positions);
+    }
+
+    /// A connection's handshake succeeded. Returns whether to keep it (not banned, not a
+    /// duplicate, not ourselves, a bitfield of the right length).
+    pub fn connected(&mut self, peer: PeerId, addr: SocketAddr, bitfield: Bitfield, now: Instant) -> bool {
+        self.connecting.remove(&addr);
+        if self.blacklist.is_banned(&peer, now) || self.peers.contains_key(&peer) || peer == self.me {
+            return false;
+        }
+        if self.picker.add_peer(peer, bitfield).is_err() {
+            return false;
+        }
+        let origin = self.candidates.iter().any(|c| c.addr == addr && c.origin);
+        self.peers.insert(peer, Peer { addr, origin, flow: PeerFlow::new(now), connected_at: now });
+        true
+    }
+
+    /// How many more outbound connections the node's shared budget allows right now.
+    pub fn set_node_room(&mut self, room: usize) {
+        self.node_room = room;
+    }
+
+    /// A connection attempt was not made after all (the node's budget ran out meanwhile):
+    /// the candidate stays for later.
+    pub fn connect_abandoned(&mut self, addr: SocketAddr) {
+        self.connecting.remove(&addr);
+    }
+
+    /// A connection attempt failed: forget the candidate.
+    pub fn connect_failed(&mut self, addr: SocketAddr) {
+        self.connecting.remove(&addr);
+        self.candidates.retain(|c| c.addr != addr);
+    }
+
+    /// A peer announced a new piece.
+    pub fn have(&mut self, peer: &PeerId, index: u32) {
+        let _ = self.picker.peer_has(peer, index);
+    }
+
+    /// A peer declined a request (a super-seeding origin sent the piece elsewhere).
+    pub fn declined(&mut self, peer: PeerId, index: u32, now: Instant) {
+        self.picker.failed(&peer, index);
+        self.declined.insert(index, now);
+        self.declined_by.insert((peer, index), now);
+    }
+
+    /// A connection closed.
+    pub fn closed(&mut self, peer: &PeerId) {
+        self.peers.remove(peer);
+        self.picker.remove_peer(peer);
+    }
+
+    /// A piece from `from` (or [`ORIGIN_PEER`]) was verified and stored, or failed its hash.
+    pub fn stored(
+        &mut self,
+        from: PeerId,
+        index: u32,
+        outcome: Stored,
+        now: Instant,
+    ) -> Result<Vec<Action>, Fatal> {
+        let mut actions = Vec::new();
+        match outcome {
+            Stored::Ok => {
+                self.last_progress = now;
+                for other in self.picker.received(&from, index) {
+                    if self.peers.contains_key(&other) {
+                        actions.push(Action::Cancel { peer: other, index });
+                    }
+                }
+                if from == ORIGIN_PEER {
+                    self.fallback_failures = 0;
+                } else {
+                    self.blacklist.delivered(&from);
+                }
+            }
+            Stored::BadPiece => {
+                self.picker.failed(&from, index);
+                if from == ORIGIN_PEER {
+                    return Err(Fatal::Fallback(format!("origin sent a bad piece {index}")));
+                }
+                self.blacklist.bad_piece(from, now);
+                self.closed(&from);
+                actions.push(Action::Disconnect(from));
+            }
+        }
+        Ok(actions)
+    }
+
+    /// A fallback fetch failed. Fatal after [`MAX_FALLBACK_FAILURES`] in a row with no peer.
+    pub fn fetch_failed(&mut self, index: u32, error: &str) -> Result<(), Fatal> {
+        self.picker.failed(&ORIGIN_PEER, index);
+        self.fallback_failures += 1;
+        if self.fallback_failures >= MAX_FALLBACK_FAILURES && self.peers.is_empty() {
+            return Err(Fatal::Fallback(error.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The tracker answered (`None`: the announce failed); `interval` is when to announce
+    /// again. The first few announces come quicker, so a fleet that starts together finds
+    /// each other before leaning on the origin.
+    pub fn announced(
+        &mut self,
+        peers: Option<Vec<PeerInfo>>,
+        interval: Duration,
+        now: Instant,
+    ) -> Vec<Action> {
+        self.announced_once = true;
+        for p in peers.into_iter().flatten() {
+            // A peer seen before may have completed since: keep what the tracker says now.
+            match self.candidates.iter_mut().find(|c| c.addr == p.addr) {
+                Some(c) => *c = p,
+                None => self.candidates.push(p),
+            }
+        }
+        // Seeders first, then origins, then the rest, as the tracker orders a handout.
+        self.candidates.sort_by_key(|c| (!c.complete, !c.origin));
+        let quick = Duration::from_millis(250 << self.announces.min(3));
+        self.announces += 1;
+        let after = if self.announces <= 3 { quick.min(interval) } else { interval };
+        let mut actions = vec![Action::Announce { after }];
+        actions.extend(self.connect_more(now));
+        actions
+    }
+
+    /// Housekeeping on a timer: `received` holds each connection's cumulative bytes read.
+    /// Withdraws the requests of stalled peers, connects to more candidates, brings in the
+    /// HTTP fallback, and fails the download after a long stall.
+    pub fn tick(&mut self, now: Instant, received: &[(PeerId, u64)]) -> Result<Vec<Action>, Fatal> {
+        let mut actions = Vec::new();
+        let stall_after = self
+            .cfg
+            .peer_stall
+            .saturating_add(flow::limiter_delay(self.cfg.ingress_limit, self.piece_length));
+        for &(id, bytes) in received {
+            let busy = self.picker.in_flight_for(&id) > 0;
+            let Some(peer) = self.peers.get_mut(&id) else { continue };
+            if peer.flow.sample(now, bytes, busy) && busy {
+                // Bytes of requested pieces arriving are progress, whether or not a piece is
+                // complete yet: on a slow link several pieces arrive at once, each for seconds.
+                self.last_progress = now;
+            }
+            let Some(oldest) = self.picker.oldest_request_to(&id) else { continue };
+            if !peer.flow.is_stalled(now, oldest, stall_after) {
+                continue;
+            }
+            for index in self.picker.withdraw(&id) {
+                actions.push(Action::TimedOut { peer: id, index });
+            }
+            if self.blacklist.timeout(id, now) {
+                self.closed(&id);
+                actions.push(Action::Disconnect(id));
+            }
+        }
+        self.blacklist.prune(now);
+        self.declined.retain(|_, at| now.duration_since(*at) < DECLINE_BACKOFF);
+        self.declined_by.retain(|_, at| now.duration_since(*at) < DECLINE_BACKOFF);
+        actions.extend(self.connect_more(now));
+        actions.extend(self.rotate(now));
+        self.consider_fallback(now)?;
+        Ok(actions)
+    }
+
+    fn consider_fallback(&mut self, now: Instant) -> Result<(), Fatal> {
+        let idle = now.duration_since(self.last_progress);
+        let no_peers = self.announced_once && self.peers.is_empty() && self.connecting.is_empty();
+        if !self.fallback_active && (idle >= self.cfg.fallback_after || no_peers) {
+            let full = Bitfield::full(self.picker.piece_count());
+            if self.picker.add_peer(ORIGIN_PEER, full).is_ok() {
+                self.fallback_active = true;
+            }
+        }
+        if idle >= self.cfg.stall_timeout {
+            let state = format!(
+                "{} of {} pieces, {} peers connected, {} connecting, {} candidates, origin fallback {}",
+                self.picker.have().count(),
+                self.picker.piece_count(),
+                self.peers.len(),
+                self.connecting.len(),
+                self.candidates.len(),
+                if self.fallback_active { "active" } else { "off" },
+            );
+            return Err(Fatal::Stalled(self.cfg.stall_timeout, state));
+        }
+        Ok(())
+    }
+
+    /// Whether the HTTP fallback has been brought in.
+    pub fn fallback_active(&self) -> bool {
+        self.fallback_active
+    }
+
+    /// A request could not be handed to its connection (it closed): free the piece.
+    pub fn request_failed(&mut self, peer: &PeerId, index: u32) {
+        self.picker.failed(peer, index);
+    }
+
+    /// Bytes this download has requested from peers and not yet received.
+    pub fn in_flight_bytes(&self) -> u64 {
+        self.picker.in_flight_bytes().saturating_sub(self.picker.in_flight_bytes_for(&ORIGIN_PEER))
+    }
+
+    /// A one-line summary for logs.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} of {} pieces, {} peers, {} in flight",
+            self.picker.have().count(),
+            self.picker.piece_count(),
+            self.peers.len(),
+            self.picker.in_flight_total()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

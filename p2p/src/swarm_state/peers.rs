@@ -1,0 +1,80 @@
+//! Which peers a download connects to: candidates from the tracker up to the per-blob and
+//! node limits, and trading the least useful peer for a seeder once every connection is used.
+
+use std::time::Instant;
+
+use super::{Action, Peer, SwarmState, ROTATE_AFTER};
+use crate::peer::PeerId;
+use crate::tracker_client::PeerInfo;
+
+impl<R: rand::Rng + Clone> SwarmState<R> {
+    /// Whether `c` is someone we could connect to now: not ourselves, not banned, not
+    /// connected or being connected to already.
+    fn is_new_candidate(&self, c: &PeerInfo, now: Instant) -> bool {
+        let known = c.peer_id.parse::<PeerId>().ok().is_some_and(|id| {
+            id == self.me || self.peers.contains_key(&id) || self.blacklist.is_banned(&id, now)
+        });
+        c.addr != self.advertise
+            && !known
+            && !self.connecting.contains(&c.addr)
+            && !self.peers.values().any(|p| p.addr == c.addr)
+    }
+
+    fn start_connecting(&mut self, addr: std::net::SocketAddr) -> Action {
+        self.connecting.insert(addr);
+        self.node_room -= 1;
+        Action::Connect(addr)
+    }
+
+    /// Connect to candidates until the limit, best first (the tracker orders them).
+    pub(super) fn connect_more(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let mut i = 0;
+        while i < self.candidates.len()
+            && self.peers.len() + self.connecting.len() < self.cfg.max_connections
+            && self.node_room > 0
+        {
+            let c = &self.candidates[i];
+            i += 1;
+            if self.is_new_candidate(c, now) {
+                let addr = c.addr;
+                actions.push(self.start_connecting(addr));
+            }
+        }
+        actions
+    }
+
+    /// With every connection in use, trade the least useful peer for a seeder the tracker
+    /// handed out that we are not connected to: a peer that has nothing we lack, else the
+    /// slowest incomplete one. Without this a download stays with the ten peers it met first;
+    /// in a 20-host swarm the hosts whose first peers were slow took twice as long as the
+    /// rest, and went on crawling after the others had finished and become seeders. One
+    /// trade per tick, and only for peers connected [`ROTATE_AFTER`] or longer, so their
+    /// rates are measured.
+    pub(super) fn rotate(&mut self, now: Instant) -> Vec<Action> {
+        if self.peers.len() < self.cfg.max_connections || !self.connecting.is_empty() || self.node_room == 0 {
+            return Vec::new();
+        }
+        let seeder =
+            self.candidates.iter().find(|c| c.complete && !c.origin && self.is_new_candidate(c, now));
+        let Some(seeder) = seeder.map(|c| c.addr) else { return Vec::new() };
+        let count = self.picker.piece_count();
+        // Least useful first: nothing we lack, then the lowest rate shown.
+        let usefulness =
+            |id: &PeerId, p: &Peer| (self.picker.is_interesting(id), p.flow.rate().unwrap_or(0.0));
+        let victim = self
+            .peers
+            .iter()
+            .filter(|(id, p)| {
+                !p.origin
+                    && now.saturating_duration_since(p.connected_at) >= ROTATE_AFTER
+                    && self.picker.peer_bitfield(id).is_some_and(|b| b.count() < count)
+            })
+            .map(|(id, p)| (*id, usefulness(id, p)))
+            .min_by(|(_, a), (_, b)| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)))
+            .map(|(id, _)| id);
+        let Some(victim) = victim else { return Vec::new() };
+        self.closed(&victim);
+        vec![Action::Disconnect(victim), self.start_connecting(seeder)]
+    }
+}

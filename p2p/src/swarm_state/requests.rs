@@ -1,0 +1,166 @@
+//! Which pieces a download asks of whom now: the node's in-flight budget, each peer's
+//! pipelining depth, the origin's narrow share, endgame duplicates only where they help, and
+//! the HTTP fallback's top-up.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+
+use super::{Action, SwarmState, ORIGIN_PEER};
+use crate::flow;
+use crate::peer::PeerId;
+
+/// What one `fill` knows about the requests already out.
+struct Outlook {
+    /// Pieces requested from some peer (grows as this fill requests more).
+    requested: HashSet<u32>,
+    /// Requested pieces whose every request is late (`flow::is_late`).
+    late: HashSet<u32>,
+    /// For the others, the least time left until one of their requests is expected done.
+    left: HashMap<u32, Duration>,
+    /// Connected origins, and whether any other peer is connected.
+    origins: u32,
+    others_connected: bool,
+}
+
+impl<R: rand::Rng + Clone> SwarmState<R> {
+    /// The requests to send now. `node_rate` is the node's measured ingress (bytes/s) and
+    /// `elsewhere` the bytes the node's other downloads have in flight: the budget is the
+    /// node's, shared by all of them.
+    pub fn fill(&mut self, now: Instant, node_rate: Option<f64>, elsewhere: u64) -> Vec<Action> {
+        let budget = flow::in_flight_budget(node_rate, self.cfg.ingress_limit).saturating_sub(elsewhere);
+        let cap = flow::in_flight_pieces(budget, self.piece_length);
+        let mut room =
+            cap.saturating_sub(self.picker.in_flight_total() - self.picker.in_flight_for(&ORIGIN_PEER));
+        let mut outlook = self.outlook(now);
+        let order = self.peer_order(outlook.others_connected);
+        let mut actions = Vec::new();
+
+        // Without a configured limit, every idle peer first gets one request whatever the
+        // budget: the budget keeps requests from queueing behind our own link, but when each
+        // peer's upload is shared by many downloaders the link fills only with many peers
+        // sending at once. Without this a host that measured a low rate got a 2-piece budget,
+        // so only 2 peers sent to it, so it measured a low rate: 3-7 Mbit/s of a 25 Mbit/s
+        // link for 30 s while the rest of a 20-host fleet ran at full speed.
+        if self.cfg.ingress_limit.is_none() {
+            for &(id, _) in &order {
+                if self.picker.in_flight_for(&id) == 0 {
+                    let picked = self.request_from(id, 1, now, &mut outlook, &mut actions);
+                    room = room.saturating_sub(picked);
+                }
+            }
+        }
+        // Then the pipelining depths, within the budget.
+        for &(id, depth) in &order {
+            if room == 0 {
+                break;
+            }
+            let limit = depth.min(self.picker.in_flight_for(&id).saturating_add(room));
+            room = room.saturating_sub(self.request_from(id, limit, now, &mut outlook, &mut actions));
+        }
+
+        if self.fallback_active {
+            // While peers deliver, the fallback only tops up what none of them has (the
+            // fallback pseudo-peer counts in the availability itself); after a stall it
+            // fetches anything missing.
+            let stalled = now.duration_since(self.last_progress) >= self.cfg.fallback_after;
+            let origins = outlook.origins;
+            let picked = if outlook.others_connected && !stalled {
+                self.picker.pick_where(
+                    &ORIGIN_PEER,
+                    now,
+                    self.cfg.fallback_parallel,
+                    |index, availability| availability <= origins + 1 && !self.declined.contains_key(&index),
+                )
+            } else {
+                self.picker.pick(&ORIGIN_PEER, now, self.cfg.fallback_parallel)
+            };
+            actions.extend(picked.into_iter().map(|index| Action::Fetch { index }));
+        }
+        actions
+    }
+
+    /// Connected peers with their pipelining depths, those furthest below their depth first
+    /// (ties at random): a fast peer whose queue drained is refilled before a slow one that
+    /// still has work.
+    fn peer_order(&mut self, others_connected: bool) -> Vec<(PeerId, usize)> {
+        let mut order: Vec<(PeerId, usize)> = self
+            .peers
+            .iter()
+            .map(|(id, p)| {
+                let depth = if p.origin && others_connected {
+                    self.cfg.origin_pipeline
+                } else {
+                    flow::pipeline_depth(p.flow.rate(), self.piece_length, self.cfg.max_pipeline)
+                };
+                (*id, depth)
+            })
+            .collect();
+        order.sort_unstable_by_key(|(id, _)| id.0);
+        order.shuffle(&mut self.rng);
+        // Fill level in percent; integer keys keep the sort total.
+        order.sort_by_key(|(id, depth)| self.picker.in_flight_for(id) * 100 / (*depth).max(1));
+        order
+    }
+
+    /// Ask `id` for pieces until it has `limit` requests in flight; returns how many. An
+    /// origin among other peers gets only pieces none of them has and it did not just
+    /// decline; anyone gets a piece already requested only if that request is late, or this
+    /// peer would deliver it much sooner (`flow::worth_duplicating`).
+    fn request_from(
+        &mut self,
+        id: PeerId,
+        limit: usize,
+        now: Instant,
+        outlook: &mut Outlook,
+        actions: &mut Vec<Action>,
+    ) -> usize {
+        let Some(peer) = self.peers.get(&id) else { return 0 };
+        let (rate, origin_only) = (peer.flow.rate(), peer.origin && outlook.others_connected);
+        let piece_length = self.piece_length;
+        let (origins, o) = (outlook.origins, &*outlook);
+        let fresh_or_late = |index: u32| {
+            !o.requested.contains(&index)
+                || o.late.contains(&index)
+                || o.left.get(&index).is_some_and(|&l| flow::worth_duplicating(l, piece_length, rate))
+        };
+        let picked = if origin_only {
+            self.picker.pick_where(&id, now, limit, |index, availability| {
+                availability <= origins && !self.declined.contains_key(&index) && fresh_or_late(index)
+            })
+        } else {
+            self.picker.pick_where(&id, now, limit, |index, _| {
+                !self.declined_by.contains_key(&(id, index)) && fresh_or_late(index)
+            })
+        };
+        outlook.requested.extend(picked.iter().copied());
+        actions.extend(picked.iter().map(|&index| Action::Request { peer: id, index }));
+        picked.len()
+    }
+
+    /// The requests already out, for endgame decisions (see [`Outlook`]).
+    fn outlook(&self, now: Instant) -> Outlook {
+        let mut requested = HashSet::new();
+        let mut on_time = HashSet::new();
+        let mut left: HashMap<u32, Duration> = HashMap::new();
+        for (id, peer) in &self.peers {
+            let rate = peer.flow.rate();
+            for (ahead, (sent_at, index)) in self.picker.request_times_to(id).into_iter().enumerate() {
+                requested.insert(index);
+                let age = now.saturating_duration_since(sent_at);
+                if flow::is_late(age, ahead, self.piece_length, rate) {
+                    continue;
+                }
+                on_time.insert(index);
+                // Unmeasured peers count as about to deliver: nothing is known against them.
+                let t = flow::time_left(age, ahead, self.piece_length, rate).unwrap_or(Duration::ZERO);
+                left.entry(index).and_modify(|l| *l = (*l).min(t)).or_insert(t);
+            }
+        }
+        let late = requested.difference(&on_time).copied().collect();
+        let origins = self.peers.values().filter(|p| p.origin).count() as u32;
+        let others_connected = self.peers.len() > origins as usize;
+        Outlook { requested, late, left, origins, others_connected }
+    }
+}

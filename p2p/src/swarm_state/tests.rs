@@ -1,0 +1,412 @@
+//! The state machine driven by hand-made events: every policy of the module docs.
+
+use super::*;
+use shoal_registry::{Algorithm, Digest};
+
+const PIECE: u64 = 1024 * 1024;
+
+fn meta(pieces: u32) -> Metainfo {
+    let size = u64::from(pieces) * PIECE;
+    Metainfo::new(Digest::of(Algorithm::Sha256, b"blob"), size, PIECE, vec![[0; 32]; pieces as usize])
+        .unwrap()
+}
+
+fn peer(n: u8) -> PeerId {
+    PeerId([n; 20])
+}
+
+fn addr(n: u8) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, n], 4000))
+}
+
+fn info(n: u8, origin: bool) -> PeerInfo {
+    PeerInfo { peer_id: peer(n).to_string(), addr: addr(n), complete: origin, origin }
+}
+
+fn state(pieces: u32, cfg: SchedulerConfig, t0: Instant) -> SwarmState {
+    let me = peer(0);
+    SwarmState::with_rng(cfg, me, addr(0), &meta(pieces), Bitfield::new(pieces), t0, StdRng::seed_from_u64(7))
+        .unwrap()
+}
+
+fn requests(actions: &[Action]) -> Vec<(PeerId, u32)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Request { peer, index } => Some((*peer, *index)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Connect peers 1..=n, each holding every piece, through an announce.
+fn with_seeders(s: &mut SwarmState, n: u8, t: Instant) {
+    let peers = (1..=n).map(|i| info(i, false)).collect();
+    let connects = s.announced(Some(peers), Duration::from_secs(5), t);
+    assert_eq!(connects.iter().filter(|a| matches!(a, Action::Connect(_))).count(), n as usize);
+    for i in 1..=n {
+        assert!(s.connected(peer(i), addr(i), Bitfield::full(s.picker().piece_count()), t));
+    }
+}
+
+/// Let `bytes_per_tick` arrive from each of `peers` per 200 ms tick, storing whole pieces as
+/// they complete, for `ticks` ticks; returns the time and the per-peer byte counters.
+fn run(
+    s: &mut SwarmState,
+    mut t: Instant,
+    counters: &mut HashMap<PeerId, u64>,
+    rates: &HashMap<PeerId, u64>,
+    ticks: u32,
+    node_rate: Option<f64>,
+) -> (Instant, Vec<Action>) {
+    let mut all = Vec::new();
+    let mut progress: HashMap<PeerId, u64> = HashMap::new();
+    for _ in 0..ticks {
+        t += Duration::from_millis(200);
+        let mut samples = Vec::new();
+        for (id, rate) in rates {
+            if s.picker().in_flight_for(id) == 0 {
+                samples.push((*id, counters.get(id).copied().unwrap_or(0)));
+                continue;
+            }
+            let c = counters.entry(*id).or_default();
+            *c += rate / 5;
+            let p = progress.entry(*id).or_default();
+            *p += rate / 5;
+            samples.push((*id, *c));
+            // Deliver whole pieces in request order.
+            while *p >= PIECE {
+                let next = s.picker().requests_to(id).first().copied();
+                let Some(index) = next else { break };
+                *p -= PIECE;
+                all.extend(s.stored(*id, index, Stored::Ok, t).unwrap());
+            }
+        }
+        all.extend(s.tick(t, &samples).unwrap());
+        all.extend(s.fill(t, node_rate, 0));
+    }
+    (t, all)
+}
+
+#[test]
+fn the_first_requests_fit_the_slow_start_budget_and_the_unknown_peer_depth() {
+    let t0 = Instant::now();
+    let mut s = state(64, SchedulerConfig::default(), t0);
+    assert_eq!(s.start(), vec![Action::Announce { after: Duration::ZERO }]);
+    with_seeders(&mut s, 10, t0);
+    let reqs = requests(&s.fill(t0, None, 0));
+    // An 8 MiB budget of 1 MiB pieces, but one request for every peer first.
+    assert_eq!(reqs.len(), 10);
+    let mut per_peer: HashMap<PeerId, usize> = HashMap::new();
+    for (p, _) in &reqs {
+        *per_peer.entry(*p).or_default() += 1;
+    }
+    assert!(per_peer.values().all(|&n| n <= flow::MIN_PIPELINE), "{per_peer:?}");
+    let mut pieces: Vec<u32> = reqs.iter().map(|r| r.1).collect();
+    pieces.sort_unstable();
+    pieces.dedup();
+    assert_eq!(pieces.len(), 10, "no piece asked twice outside endgame");
+    // With 3 peers the budget is what limits: 8 pieces, 2 per peer at most.
+    let mut s = state(64, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 3, t0);
+    assert_eq!(requests(&s.fill(t0, None, 0)).len(), 3 * flow::MIN_PIPELINE);
+}
+
+#[test]
+fn the_budget_grows_with_the_measured_node_rate_and_is_shared_with_other_downloads() {
+    let t0 = Instant::now();
+    let mut s = state(128, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 10, t0);
+    // 20 MB/s measured: 40 MB in flight, but 2 requests a peer until peers are measured.
+    assert_eq!(requests(&s.fill(t0, Some(20e6), 0)).len(), 20);
+    let mut s = state(128, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 10, t0);
+    // Another download of the node already has 26 MB in flight: 14 MB left, 14 pieces
+    // (10 first requests, then 4 more).
+    assert_eq!(requests(&s.fill(t0, Some(20e6), 26_000_000)).len(), 14);
+    // With the budget spent elsewhere, each peer still gets its one request.
+    let mut s = state(128, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 10, t0);
+    assert_eq!(requests(&s.fill(t0, Some(20e6), 40_000_000)).len(), 10);
+    // A configured limit is a hard cap: then the two-piece minimum is all there is.
+    let cfg = SchedulerConfig { ingress_limit: Some(1), ..SchedulerConfig::default() };
+    let mut s = state(128, cfg, t0);
+    with_seeders(&mut s, 10, t0);
+    assert_eq!(requests(&s.fill(t0, Some(20e6), 40_000_000)).len(), flow::MIN_PIPELINE);
+}
+
+#[test]
+fn a_configured_ingress_limit_caps_what_is_in_flight() {
+    let t0 = Instant::now();
+    let cfg = SchedulerConfig { ingress_limit: Some(2 * PIECE), ..SchedulerConfig::default() };
+    let mut s = state(64, cfg, t0);
+    with_seeders(&mut s, 10, t0);
+    assert_eq!(requests(&s.fill(t0, Some(100e6), 0)).len(), 4, "2 s of 2 MiB/s");
+}
+
+#[test]
+fn a_peer_is_never_timed_out_while_its_bytes_arrive_however_slowly() {
+    let t0 = Instant::now();
+    let mut s = state(64, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 2, t0);
+    s.fill(t0, None, 0);
+    let mut counters = HashMap::new();
+    // Peer 1 delivers 6 MB/s; peer 2 trickles 100 KB/s: a piece takes it 10 s.
+    let rates = HashMap::from([(peer(1), 6_000_000), (peer(2), 100_000)]);
+    let (_, actions) = run(&mut s, t0, &mut counters, &rates, 60, None);
+    let timeouts = actions.iter().filter(|a| matches!(a, Action::TimedOut { .. })).count();
+    assert_eq!(timeouts, 0, "{actions:?}");
+    assert!(s.picker().in_flight_for(&peer(2)) <= flow::MIN_PIPELINE);
+}
+
+#[test]
+fn a_silent_peer_is_timed_out_and_its_pieces_go_elsewhere() {
+    let t0 = Instant::now();
+    let mut s = state(64, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 2, t0);
+    let first = requests(&s.fill(t0, None, 0));
+    let silent: Vec<u32> = first.iter().filter(|r| r.0 == peer(2)).map(|r| r.1).collect();
+    assert!(!silent.is_empty());
+    let mut counters = HashMap::new();
+    let rates = HashMap::from([(peer(1), 6_000_000), (peer(2), 0)]);
+    // Just before the stall time nothing is withdrawn.
+    let (t, actions) = run(&mut s, t0, &mut counters, &rates, 14, None);
+    assert!(!actions.iter().any(|a| matches!(a, Action::TimedOut { .. })));
+    let (_, actions) = run(&mut s, t, &mut counters, &rates, 1, None);
+    let timed_out: Vec<u32> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::TimedOut { peer: p, index } if *p == peer(2) => Some(*index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(timed_out, silent);
+    // The withdrawn pieces are asked of the peer that delivers (it has room once measured).
+    let asked_again: Vec<u32> = requests(&actions).iter().filter(|r| r.0 == peer(1)).map(|r| r.1).collect();
+    assert!(silent.iter().any(|i| asked_again.contains(i)) || s.picker().in_flight_for(&peer(1)) > 0);
+    assert!(!actions.contains(&Action::Disconnect(peer(2))), "one stall is not a ban");
+}
+
+#[test]
+fn stalls_in_a_row_ban_a_peer_and_a_delivery_forgives_them() {
+    let t0 = Instant::now();
+    let mut s = state(64, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 2, t0);
+    let mut counters = HashMap::new();
+    let rates = HashMap::from([(peer(1), 6_000_000), (peer(2), 0)]);
+    s.fill(t0, None, 0);
+    let (_, actions) = run(&mut s, t0, &mut counters, &rates, 60, None);
+    assert!(actions.contains(&Action::Disconnect(peer(2))), "3 stalls in a row ban");
+    assert_eq!(s.peer_count(), 1);
+    // A banned peer handed out again is not reconnected.
+    let again = s.announced(Some(vec![info(2, false)]), Duration::from_secs(5), t0 + Duration::from_secs(13));
+    assert!(!again.contains(&Action::Connect(addr(2))));
+}
+
+#[test]
+fn pipelining_follows_each_peers_measured_rate() {
+    let t0 = Instant::now();
+    let mut s = state(256, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 2, t0);
+    s.fill(t0, None, 0);
+    let mut counters = HashMap::new();
+    let rates = HashMap::from([(peer(1), 8_000_000), (peer(2), 400_000)]);
+    let (_, _) = run(&mut s, t0, &mut counters, &rates, 15, Some(8.4e6));
+    let fast = s.picker().in_flight_for(&peer(1));
+    let slow = s.picker().in_flight_for(&peer(2));
+    assert!(fast >= 6, "fast peer has {fast} in flight");
+    assert!(slow <= 2, "slow peer has {slow} in flight");
+}
+
+#[test]
+fn an_origin_is_asked_only_for_what_no_other_peer_has() {
+    let t0 = Instant::now();
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    let connects = s.announced(Some(vec![info(9, true), info(1, false)]), Duration::from_secs(5), t0);
+    assert_eq!(connects.len(), 3);
+    assert!(s.connected(peer(9), addr(9), Bitfield::full(4), t0));
+    let mut bf = Bitfield::new(4);
+    bf.set(0).unwrap();
+    bf.set(1).unwrap();
+    assert!(s.connected(peer(1), addr(1), bf, t0));
+    let reqs = requests(&s.fill(t0, None, 0));
+    let from_origin: Vec<u32> = reqs.iter().filter(|r| r.0 == peer(9)).map(|r| r.1).collect();
+    assert_eq!(from_origin.len(), 1, "one at a time from an origin");
+    assert!(from_origin[0] >= 2, "only pieces the other peer lacks: {from_origin:?}");
+    // A declined piece is not asked of the origin again within the backoff.
+    s.declined(peer(9), from_origin[0], t0);
+    let again = requests(&s.fill(t0, None, 0));
+    assert!(!again.contains(&(peer(9), from_origin[0])), "{again:?}");
+}
+
+#[test]
+fn fallback_only_for_pieces_no_peer_has_until_a_real_stall() {
+    let t0 = Instant::now();
+    let secs = Duration::from_secs;
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    s.announced(Some(vec![info(1, false)]), secs(5), t0);
+    let mut bf = Bitfield::new(4);
+    bf.set(0).unwrap();
+    bf.set(1).unwrap();
+    assert!(s.connected(peer(1), addr(1), bf, t0));
+    assert_eq!(requests(&s.fill(t0, None, 0)).len(), 2);
+    // Bytes arrive for 2.5 s without completing a piece: that is progress.
+    s.tick(t0 + Duration::from_millis(2500), &[(peer(1), 900_000)]).unwrap();
+    s.tick(t0 + secs(5), &[(peer(1), 900_000)]).unwrap();
+    assert!(!s.fallback_active(), "2.5 s since the last byte");
+    // Then nothing for 3 s: the origin comes in.
+    s.tick(t0 + Duration::from_millis(5500), &[(peer(1), 900_000)]).unwrap();
+    assert!(s.fallback_active());
+    // The peer delivers again: the fallback tops up only what no peer has, pieces 2 and 3.
+    let t = t0 + secs(6);
+    s.stored(peer(1), 0, Stored::Ok, t).unwrap();
+    let mut fetched: Vec<u32> = s
+        .fill(t, None, 0)
+        .iter()
+        .filter_map(|a| match a {
+            Action::Fetch { index } => Some(*index),
+            _ => None,
+        })
+        .collect();
+    fetched.sort_unstable();
+    assert_eq!(fetched, vec![2, 3]);
+}
+
+#[test]
+fn endgame_duplicates_only_late_requests_and_cancels_them_when_one_copy_arrives() {
+    let t0 = Instant::now();
+    let mut s = state(2, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 3, t0);
+    let first = requests(&s.fill(t0, None, 0));
+    assert_eq!(first.len(), 2, "one request per piece while they are on time: {first:?}");
+    // Bytes keep arriving (no stall), but slower than predicted: once a request is late,
+    // another peer may ask for the same piece, at most twice per piece.
+    assert!(requests(&s.fill(t0 + Duration::from_secs(2), None, 0)).is_empty());
+    let t1 = t0 + Duration::from_millis(2600);
+    let dupes = requests(&s.fill(t1, None, 0));
+    assert_eq!(dupes.len(), 2, "{dupes:?}");
+    for (p, index) in &dupes {
+        assert!(!first.contains(&(*p, *index)), "a duplicate goes to another peer");
+    }
+    let (winner, index) = dupes[0];
+    let loser = first.iter().find(|r| r.1 == index).unwrap().0;
+    let actions = s.stored(winner, index, Stored::Ok, t1).unwrap();
+    assert_eq!(actions, vec![Action::Cancel { peer: loser, index }]);
+    assert_eq!(s.picker().in_flight(index), 0);
+}
+
+#[test]
+fn a_fast_peer_takes_over_the_last_pieces_from_a_straggler() {
+    let t0 = Instant::now();
+    let mut s = state(16, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 2, t0);
+    s.fill(t0, None, 0);
+    let mut counters = HashMap::new();
+    // Peer 1 delivers 6 MB/s, peer 2 (a straggler) 150 KB/s: a piece takes it 7 s.
+    let rates = HashMap::from([(peer(1), 6_000_000), (peer(2), 150_000)]);
+    let (t, _) = run(&mut s, t0, &mut counters, &rates, 20, Some(6.15e6));
+    assert!(
+        s.picker().in_flight_for(&peer(2)) <= 1,
+        "the fast peer took over what waited behind the straggler"
+    );
+    let held = s.picker().requests_to(&peer(2));
+    // By now peer 1 has fetched everything else; the straggler's piece is asked of it too,
+    // long before the straggler is late.
+    assert!(s.picker().have().count() >= 14, "{}", s.describe());
+    let (_, actions) = run(&mut s, t, &mut counters, &rates, 5, Some(6.15e6));
+    for index in held {
+        let asked =
+            actions.contains(&Action::Request { peer: peer(1), index }) || s.picker().have().get(index);
+        assert!(asked, "piece {index} stays with the straggler: {}", s.describe());
+    }
+    assert!(s.is_complete() || s.picker().in_flight_for(&peer(1)) > 0);
+}
+
+#[test]
+fn connects_stop_at_the_nodes_budget_and_resume_when_it_allows() {
+    let t0 = Instant::now();
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    s.set_node_room(2);
+    let peers = (1..=5).map(|i| info(i, false)).collect();
+    let connects = s.announced(Some(peers), Duration::from_secs(5), t0);
+    assert_eq!(connects.iter().filter(|a| matches!(a, Action::Connect(_))).count(), 2);
+    // One attempt could not get a slot after all: it stays a candidate.
+    s.connect_abandoned(addr(2));
+    s.set_node_room(10);
+    let more = s.tick(t0 + Duration::from_millis(200), &[]).unwrap();
+    let addrs: Vec<&Action> = more.iter().filter(|a| matches!(a, Action::Connect(_))).collect();
+    assert_eq!(addrs.len(), 4, "{more:?}");
+    assert!(more.contains(&Action::Connect(addr(2))));
+}
+
+#[test]
+fn a_full_download_trades_its_least_useful_peer_for_a_new_seeder() {
+    let t0 = Instant::now();
+    let cfg = SchedulerConfig { max_connections: 2, ..SchedulerConfig::default() };
+    let mut s = state(4, cfg, t0);
+    s.announced(Some(vec![info(1, false), info(2, false)]), Duration::from_secs(5), t0);
+    let half = |set: &[u32]| {
+        let mut b = Bitfield::new(4);
+        for &i in set {
+            b.set(i).unwrap();
+        }
+        b
+    };
+    assert!(s.connected(peer(1), addr(1), half(&[0, 1]), t0));
+    assert!(s.connected(peer(2), addr(2), half(&[2]), t0));
+    // Peer 3 completes and the tracker hands it out as a seeder.
+    let mut seeder = info(3, false);
+    seeder.complete = true;
+    let t1 = t0 + Duration::from_secs(1);
+    s.announced(Some(vec![seeder.clone()]), Duration::from_secs(5), t1);
+    assert!(s.tick(t1, &[]).unwrap().is_empty(), "too early: rates not measured yet");
+    // Both peers deliver; peer 2 is the slower.
+    let t2 = t0 + Duration::from_millis(2600);
+    s.fill(t0, None, 0);
+    s.tick(t0 + Duration::from_millis(1600), &[(peer(1), 3_000_000), (peer(2), 100_000)]).unwrap();
+    let actions = s.tick(t2, &[(peer(1), 6_000_000), (peer(2), 200_000)]).unwrap();
+    assert!(actions.contains(&Action::Disconnect(peer(2))), "{actions:?}");
+    assert!(actions.contains(&Action::Connect(addr(3))), "{actions:?}");
+    assert_eq!(s.peer_count(), 1);
+    // Once the seeder is connected there is nothing better to trade for.
+    assert!(s.connected(peer(3), addr(3), Bitfield::full(4), t2));
+    let later = s.tick(t2 + Duration::from_secs(3), &[(peer(1), 6_000_000), (peer(3), 0)]).unwrap();
+    assert!(!later.iter().any(|a| matches!(a, Action::Disconnect(_))), "{later:?}");
+}
+
+#[test]
+fn a_bad_piece_bans_and_drops_the_peer_and_a_bad_origin_piece_is_fatal() {
+    let t0 = Instant::now();
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 1, t0);
+    let reqs = requests(&s.fill(t0, None, 0));
+    let actions = s.stored(peer(1), reqs[0].1, Stored::BadPiece, t0).unwrap();
+    assert_eq!(actions, vec![Action::Disconnect(peer(1))]);
+    assert!(!s.connected(peer(1), addr(1), Bitfield::full(4), t0), "banned");
+    assert!(s.stored(ORIGIN_PEER, 0, Stored::BadPiece, t0).is_err());
+}
+
+#[test]
+fn a_download_with_no_progress_fails_after_the_stall_timeout() {
+    let t0 = Instant::now();
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    s.announced(Some(vec![]), Duration::from_secs(5), t0);
+    s.tick(t0 + Duration::from_millis(200), &[]).unwrap();
+    assert!(s.fallback_active(), "no peers at all: the origin at once");
+    let err = s.tick(t0 + Duration::from_secs(60), &[]).unwrap_err();
+    assert!(matches!(err, Fatal::Stalled(..)), "{err}");
+}
+
+#[test]
+fn the_first_announces_come_quickly() {
+    let t0 = Instant::now();
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    let afters: Vec<Duration> = (0..5)
+        .map(|_| match s.announced(None, Duration::from_secs(5), t0)[0] {
+            Action::Announce { after } => after,
+            ref other => panic!("{other:?}"),
+        })
+        .collect();
+    let ms = |n| Duration::from_millis(n);
+    assert_eq!(afters, vec![ms(250), ms(500), ms(1000), Duration::from_secs(5), Duration::from_secs(5)]);
+}
