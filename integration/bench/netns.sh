@@ -114,22 +114,15 @@ ns_bg() {
 # ns_stop PID...: stop processes started with ns_bg (only those: a PID not in the table is
 # ignored, so a PID the kernel has since given to someone else is never signalled).
 ns_stop() {
-  local pid i
+  local pid
+  # TERM them all first, so they shut down together; then wait for each (lib.sh's stop_pid).
   for pid in "$@"; do
     [[ -n ${NETNS_PIDS[$pid]:-} ]] || continue
     kill -TERM "$pid" 2>/dev/null || true
   done
   for pid in "$@"; do
     [[ -n ${NETNS_PIDS[$pid]:-} ]] || continue
-    for ((i = 0; i < 100; i++)); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-      log "pid $pid (${NETNS_PIDS[$pid]}) ignored SIGTERM for 10s; SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
+    stop_pid "$pid" "pid $pid (${NETNS_PIDS[$pid]})" 10
     unset "NETNS_PIDS[$pid]"
   done
 }
