@@ -405,16 +405,7 @@ impl<R: Rng + Clone> SwarmState<R> {
             }
         }
         if idle >= self.cfg.stall_timeout {
-            let state = format!(
-                "{} of {} pieces, {} peers connected, {} connecting, {} candidates, origin fallback {}",
-                self.picker.have().count(),
-                self.picker.piece_count(),
-                self.peers.len(),
-                self.connecting.len(),
-                self.candidates.len(),
-                if self.fallback_active { "active" } else { "off" },
-            );
-            return Err(Fatal::Stalled(self.cfg.stall_timeout, state));
+            return Err(Fatal::Stalled(self.cfg.stall_timeout, self.describe()));
         }
         Ok(())
     }
@@ -434,14 +425,17 @@ impl<R: Rng + Clone> SwarmState<R> {
         self.picker.in_flight_bytes().saturating_sub(self.picker.in_flight_bytes_for(&ORIGIN_PEER))
     }
 
-    /// A one-line summary for logs.
+    /// A one-line summary for errors and logs.
     pub fn describe(&self) -> String {
         format!(
-            "{} of {} pieces, {} peers, {} in flight",
+            "{} of {} pieces, {} peers connected, {} connecting, {} candidates, {} requests in flight, origin fallback {}",
             self.picker.have().count(),
             self.picker.piece_count(),
             self.peers.len(),
-            self.picker.in_flight_total()
+            self.connecting.len(),
+            self.candidates.len(),
+            self.picker.in_flight_total(),
+            if self.fallback_active { "active" } else { "off" },
         )
     }
 }
