@@ -4,6 +4,7 @@
 mod agent;
 mod config;
 mod http;
+mod node;
 mod origin;
 mod origin_admin;
 mod origin_forward;
@@ -37,10 +38,12 @@ enum Command {
     Up(up::UpArgs),
     /// Warm an agent's cache with every blob of an image, showing progress
     Preheat(preheat::PreheatArgs),
+    /// Prepare a Kubernetes node for the agent (containerd mirror config), undo it, or wait for that
+    Node(node::NodeArgs),
 }
 
 /// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -74,5 +77,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Tracker(args) => tracker::bind(args).await?.serve(shutdown_signal()).await,
         Command::Up(args) => up::run(args, shutdown_signal()).await,
         Command::Preheat(args) => preheat::run(args).await,
+        Command::Node(args) => node::run(args).await,
     }
 }

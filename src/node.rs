@@ -1,0 +1,829 @@
+//! `shoal node`: prepares a Kubernetes node for the Shoal agent and undoes it.
+//!
+//! containerd only sends pulls to a mirror when it finds a `hosts.toml` for the registry under its
+//! `config_path`, a directory on the node. The Helm chart cannot write there itself, so its pods
+//! run this command: an init container of the agent DaemonSet runs `setup` (write the mirror
+//! config, back up what the user had, create the agent's cache directory); after `helm
+//! uninstall`, a hook DaemonSet runs `restore` on every node (put back the user's files, remove
+//! ours) and a hook Job runs `wait` until that DaemonSet is ready everywhere, so the uninstall
+//! ends only once no node still points at an agent that is gone.
+//!
+//! The decisions (what to do with one registry directory, when `wait` may stop) are pure
+//! functions with tests beside them; the file system is touched in blocking functions run on
+//! tokio's blocking pool.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+/// The first line of every `hosts.toml` we write: `restore` only touches files that start with it.
+pub const MARKER_LINE: &str =
+    "# Written by `shoal node setup`; `shoal node restore` puts back what was here.";
+/// The file containerd reads in each registry's directory.
+const HOSTS_FILE: &str = "hosts.toml";
+/// Where `setup` keeps the user's own `hosts.toml` until `restore` puts it back.
+const BACKUP_FILE: &str = "hosts.toml.shoal-backup";
+/// Temporary file of the atomic write; containerd ignores it.
+const TEMP_FILE: &str = ".hosts.toml.shoal-tmp";
+/// containerd's usual `config_path`.
+const DEFAULT_HOSTS_DIR: &str = "/etc/containerd/certs.d";
+/// Docker Hub's registry API: what containerd itself uses for `docker.io`.
+const DOCKER_HUB_SERVER: &str = "https://registry-1.docker.io";
+/// How long containerd waits to connect to the mirror before falling back to the registry.
+const DEFAULT_DIAL_TIMEOUT_MS: u64 = 200;
+/// How long `wait` waits for every node in all.
+const DEFAULT_WAIT_TIMEOUT_SECS: u64 = 600;
+/// How long `wait` wants every address ready, with no address coming or going, before it stops.
+const DEFAULT_SETTLE_SECS: u64 = 10;
+/// Time between two rounds of `wait`.
+const WAIT_POLL_INTERVAL_SECS: u64 = 1;
+/// Timeout of one `/readyz` probe (and of one name resolution).
+const PROBE_TIMEOUT_SECS: u64 = 2;
+
+#[derive(clap::Args, Debug)]
+pub struct NodeArgs {
+    #[command(subcommand)]
+    pub command: NodeCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum NodeCommand {
+    /// Point containerd at the node's agent (backing up the user's hosts.toml files) and create
+    /// the agent's data directory
+    Setup(SetupArgs),
+    /// Put back the hosts.toml files `setup` replaced and remove the ones it wrote
+    Restore(RestoreArgs),
+    /// Wait until every address behind a headless Service answers GET /readyz with 200
+    Wait(WaitArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SetupArgs {
+    /// containerd's registry config_path: one directory per registry host
+    #[arg(long, env = "SHOAL_NODE_HOSTS_DIR", default_value = DEFAULT_HOSTS_DIR)]
+    pub hosts_dir: PathBuf,
+    /// Registry hosts as clients pull by them (docker.io, ghcr.io, host:port), comma-separated;
+    /// =SERVER_URL sets the upstream containerd falls back to (https://registry-1.docker.io for
+    /// docker.io, else https://NAME)
+    #[arg(
+        long,
+        env = "SHOAL_NODE_REGISTRY",
+        value_delimiter = ',',
+        required = true,
+        value_name = "NAME[=SERVER_URL]",
+        value_parser = parse_registry
+    )]
+    pub registry: Vec<Registry>,
+    /// The node's agent, e.g. http://127.0.0.1:5000
+    #[arg(long, env = "SHOAL_NODE_MIRROR", value_name = "URL", value_parser = parse_url)]
+    pub mirror: String,
+    /// containerd's connect timeout to the mirror (dial_timeout), so a dead agent costs little
+    #[arg(
+        long,
+        env = "SHOAL_NODE_DIAL_TIMEOUT",
+        default_value_t = Duration::from_millis(DEFAULT_DIAL_TIMEOUT_MS).into()
+    )]
+    pub dial_timeout: humantime::Duration,
+    /// Create the agent's data directory here
+    #[arg(long, env = "SHOAL_NODE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Owner of --data-dir, as numeric UID:GID, for an agent that does not run as root
+    #[arg(long, env = "SHOAL_NODE_OWNER", requires = "data_dir", value_name = "UID:GID", value_parser = parse_owner)]
+    pub owner: Option<(u32, u32)>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RestoreArgs {
+    /// containerd's registry config_path: one directory per registry host
+    #[arg(long, env = "SHOAL_NODE_HOSTS_DIR", default_value = DEFAULT_HOSTS_DIR)]
+    pub hosts_dir: PathBuf,
+    /// After restoring, answer GET /readyz and /healthz with 200 on this address until stopped
+    #[arg(long, env = "SHOAL_NODE_SERVE", value_name = "ADDR")]
+    pub serve: Option<SocketAddr>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct WaitArgs {
+    /// HOST:PORT of a headless Service: one address per pod
+    #[arg(long, env = "SHOAL_NODE_ENDPOINT", value_name = "HOST:PORT")]
+    pub endpoint: String,
+    /// Give up after this long
+    #[arg(
+        long,
+        env = "SHOAL_NODE_TIMEOUT",
+        default_value_t = Duration::from_secs(DEFAULT_WAIT_TIMEOUT_SECS).into()
+    )]
+    pub timeout: humantime::Duration,
+    /// Every address must stay ready, with none coming or going, this long
+    #[arg(
+        long,
+        env = "SHOAL_NODE_SETTLE",
+        default_value_t = Duration::from_secs(DEFAULT_SETTLE_SECS).into()
+    )]
+    pub settle: humantime::Duration,
+}
+
+/// One `--registry` value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registry {
+    /// The host clients pull by; the name of its directory under the hosts dir.
+    pub name: String,
+    /// The upstream containerd falls back to.
+    pub server: String,
+}
+
+fn parse_registry(value: &str) -> Result<Registry, String> {
+    let (name, server) = match value.split_once('=') {
+        Some((name, server)) => (name.trim(), Some(server.trim())),
+        None => (value.trim(), None),
+    };
+    check_registry_name(name)?;
+    let server = match server {
+        Some(url) => parse_url(url)?,
+        None if name == "docker.io" => DOCKER_HUB_SERVER.to_string(),
+        None => parse_url(&format!("https://{name}"))?,
+    };
+    Ok(Registry { name: name.to_string(), server })
+}
+
+/// The name becomes a directory under the hosts dir, so it must stay one plain path component.
+fn check_registry_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("empty registry name".into());
+    }
+    if name == "." || name.contains("..") {
+        return Err(format!("registry name {name:?} must not contain \"..\" or be \".\""));
+    }
+    if name.contains('/') || name.contains('\\') {
+        return Err(format!("registry name {name:?} must be a host, without '/'"));
+    }
+    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("registry name {name:?} must not contain whitespace"));
+    }
+    Ok(())
+}
+
+/// An http(s) URL that can be written inside a TOML basic string as it is.
+fn parse_url(value: &str) -> Result<String, String> {
+    let value = value.trim().trim_end_matches('/');
+    let url = reqwest::Url::parse(value).map_err(|e| format!("{value:?} is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!("{value:?} must be an http:// or https:// URL"));
+    }
+    if value.chars().any(|c| c == '"' || c == '\\' || c.is_whitespace() || c.is_control()) {
+        return Err(format!("{value:?} must not contain quotes, backslashes or whitespace"));
+    }
+    Ok(value.to_string())
+}
+
+fn parse_owner(value: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("{value:?} is not a numeric UID:GID");
+    let (uid, gid) = value.split_once(':').ok_or_else(bad)?;
+    Ok((uid.parse().map_err(|_| bad())?, gid.parse().map_err(|_| bad())?))
+}
+
+/// Go's `time.ParseDuration` (containerd) reads whole milliseconds; humantime's spaced output it
+/// would not.
+fn go_duration(d: Duration) -> anyhow::Result<String> {
+    anyhow::ensure!(d >= Duration::from_millis(1), "--dial-timeout must be at least 1ms");
+    Ok(format!("{}ms", d.as_millis()))
+}
+
+/// The `hosts.toml` we write for one registry.
+fn hosts_toml(server: &str, mirror: &str, dial_timeout: &str) -> String {
+    format!(
+        "{MARKER_LINE}\nserver = \"{server}\"\n\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  dial_timeout = \"{dial_timeout}\"\n"
+    )
+}
+
+/// Whether a file's first line is our marker.
+fn is_ours(content: &[u8]) -> bool {
+    let first = content.split(|b| *b == b'\n').next().unwrap_or_default();
+    first.strip_suffix(b"\r").unwrap_or(first) == MARKER_LINE.as_bytes()
+}
+
+/// What `setup` does in one registry directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SetupAction {
+    /// Our file, with the wanted content, is already there.
+    Unchanged,
+    /// Write ours: there is no hosts.toml, or it is ours with other content.
+    Write,
+    /// The user's hosts.toml becomes the backup, then ours is written.
+    BackUpThenWrite,
+    /// The user's hosts.toml is there and so is a backup from an earlier setup: replacing the
+    /// file would lose one of the two, so stop and let a person choose.
+    Conflict,
+}
+
+fn plan_setup(current: Option<&[u8]>, backup_exists: bool, wanted: &[u8]) -> SetupAction {
+    match current {
+        None => SetupAction::Write,
+        Some(c) if c == wanted => SetupAction::Unchanged,
+        Some(c) if is_ours(c) => SetupAction::Write,
+        Some(_) if backup_exists => SetupAction::Conflict,
+        Some(_) => SetupAction::BackUpThenWrite,
+    }
+}
+
+/// What `restore` does in one registry directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RestoreAction {
+    /// No hosts.toml, or one that is not ours: nothing to do.
+    Nothing,
+    /// Not ours, but a backup is there too: left alone, worth saying.
+    ForeignWithBackup,
+    /// Ours, with the user's original beside it: put the original back.
+    PutBack,
+    /// Ours, with nothing to put back: delete it, and the directory if that empties it.
+    Remove,
+}
+
+fn plan_restore(current: Option<&[u8]>, backup_exists: bool) -> RestoreAction {
+    match current {
+        None => RestoreAction::Nothing,
+        Some(c) if !is_ours(c) && backup_exists => RestoreAction::ForeignWithBackup,
+        Some(c) if !is_ours(c) => RestoreAction::Nothing,
+        Some(_) if backup_exists => RestoreAction::PutBack,
+        Some(_) => RestoreAction::Remove,
+    }
+}
+
+/// The file's bytes, or `None` when it does not exist.
+fn read_if_exists(path: &Path) -> anyhow::Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn exists(path: &Path) -> anyhow::Result<bool> {
+    path.try_exists().with_context(|| format!("checking {}", path.display()))
+}
+
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing directory {}", dir.display()))
+}
+
+/// Write `dir/hosts.toml` so containerd sees the old file or the new one, never half of one.
+fn write_atomically(dir: &Path, content: &[u8]) -> anyhow::Result<()> {
+    let temp = dir.join(TEMP_FILE);
+    let mut file = std::fs::File::create(&temp).with_context(|| format!("creating {}", temp.display()))?;
+    file.write_all(content)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", temp.display()))?;
+    drop(file);
+    let target = dir.join(HOSTS_FILE);
+    std::fs::rename(&temp, &target)
+        .with_context(|| format!("renaming {} to {}", temp.display(), target.display()))?;
+    sync_dir(dir)
+}
+
+/// Everything `setup` needs, checked.
+struct SetupPlan {
+    hosts_dir: PathBuf,
+    registries: Vec<Registry>,
+    mirror: String,
+    dial_timeout: String,
+    data_dir: Option<PathBuf>,
+    owner: Option<(u32, u32)>,
+}
+
+impl SetupPlan {
+    fn new(args: SetupArgs) -> anyhow::Result<SetupPlan> {
+        let mut seen = BTreeSet::new();
+        for r in &args.registry {
+            anyhow::ensure!(seen.insert(r.name.as_str()), "--registry {} is given twice", r.name);
+        }
+        Ok(SetupPlan {
+            dial_timeout: go_duration(*args.dial_timeout)?,
+            hosts_dir: args.hosts_dir,
+            registries: args.registry,
+            mirror: args.mirror,
+            data_dir: args.data_dir,
+            owner: args.owner,
+        })
+    }
+}
+
+/// Do `setup`; returns one line per thing done.
+fn setup_blocking(plan: &SetupPlan) -> anyhow::Result<Vec<String>> {
+    let mut report = Vec::new();
+    if let Some(data_dir) = &plan.data_dir {
+        std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        match plan.owner {
+            Some((uid, gid)) => {
+                std::os::unix::fs::chown(data_dir, Some(uid), Some(gid))
+                    .with_context(|| format!("chown {uid}:{gid} {}", data_dir.display()))?;
+                report.push(format!("data dir {}: ready, owned by {uid}:{gid}", data_dir.display()));
+            }
+            None => report.push(format!("data dir {}: ready", data_dir.display())),
+        }
+    }
+    for registry in &plan.registries {
+        let dir = plan.hosts_dir.join(&registry.name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let hosts = dir.join(HOSTS_FILE);
+        let backup = dir.join(BACKUP_FILE);
+        let wanted = hosts_toml(&registry.server, &plan.mirror, &plan.dial_timeout);
+        let current = read_if_exists(&hosts)?;
+        let wrote = format!("wrote {} (mirror {}, then {})", hosts.display(), plan.mirror, registry.server);
+        let line = match plan_setup(current.as_deref(), exists(&backup)?, wanted.as_bytes()) {
+            SetupAction::Unchanged => format!("unchanged {}", hosts.display()),
+            SetupAction::Write => {
+                write_atomically(&dir, wanted.as_bytes())?;
+                wrote
+            }
+            SetupAction::BackUpThenWrite => {
+                std::fs::rename(&hosts, &backup)
+                    .with_context(|| format!("renaming {} to {}", hosts.display(), backup.display()))?;
+                write_atomically(&dir, wanted.as_bytes())?;
+                format!("backed up {} to {BACKUP_FILE}; {wrote}", hosts.display())
+            }
+            SetupAction::Conflict => anyhow::bail!(
+                "{} was not written by shoal, and {} already holds an earlier original; \
+                 move one of them away and run setup again",
+                hosts.display(),
+                backup.display()
+            ),
+        };
+        report.push(format!("{}: {line}", registry.name));
+    }
+    Ok(report)
+}
+
+/// Do `restore` in every directory of `hosts_dir`; returns one line per thing done.
+fn restore_blocking(hosts_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let entries = match std::fs::read_dir(hosts_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(vec![format!("{} does not exist: nothing to restore", hosts_dir.display())])
+        }
+        Err(e) => return Err(e).with_context(|| format!("listing {}", hosts_dir.display())),
+    };
+    let mut dirs = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", hosts_dir.display()))?;
+        // file_type does not follow symlinks: a link to elsewhere is not ours to walk into.
+        if entry.file_type().with_context(|| format!("inspecting {}", entry.path().display()))?.is_dir() {
+            dirs.push(entry.path());
+        }
+    }
+    dirs.sort();
+    let mut report = Vec::new();
+    for dir in dirs {
+        let hosts = dir.join(HOSTS_FILE);
+        let backup = dir.join(BACKUP_FILE);
+        let current = read_if_exists(&hosts)?;
+        match plan_restore(current.as_deref(), exists(&backup)?) {
+            RestoreAction::Nothing => {}
+            RestoreAction::ForeignWithBackup => report.push(format!(
+                "left alone {}: not written by shoal (and {BACKUP_FILE} kept beside it)",
+                hosts.display()
+            )),
+            RestoreAction::PutBack => {
+                std::fs::rename(&backup, &hosts)
+                    .with_context(|| format!("renaming {} to {}", backup.display(), hosts.display()))?;
+                sync_dir(&dir)?;
+                report.push(format!("restored {} from {BACKUP_FILE}", hosts.display()));
+            }
+            RestoreAction::Remove => {
+                std::fs::remove_file(&hosts).with_context(|| format!("removing {}", hosts.display()))?;
+                // A setup that died mid-write leaves its temporary file behind.
+                let temp = dir.join(TEMP_FILE);
+                if let Err(e) = std::fs::remove_file(&temp) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        return Err(e).with_context(|| format!("removing {}", temp.display()));
+                    }
+                }
+                match std::fs::remove_dir(&dir) {
+                    Ok(()) => report.push(format!("removed {} and its directory", hosts.display())),
+                    Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+                        sync_dir(&dir)?;
+                        report.push(format!("removed {} (other files kept)", hosts.display()));
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
+                }
+            }
+        }
+    }
+    if report.is_empty() {
+        report.push(format!("nothing of shoal's in {}", hosts_dir.display()));
+    }
+    Ok(report)
+}
+
+/// Whether `wait` may stop: every address ready, and the same addresses, for `settle`.
+#[derive(Debug)]
+struct SettleTracker {
+    settle: Duration,
+    addrs: BTreeSet<SocketAddr>,
+    /// Since when the current set of addresses has been all ready.
+    ready_since: Option<Instant>,
+}
+
+impl SettleTracker {
+    fn new(settle: Duration) -> SettleTracker {
+        SettleTracker { settle, addrs: BTreeSet::new(), ready_since: None }
+    }
+
+    /// Record one round of probes (address → answered 200); true when waiting is over.
+    fn observe(&mut self, now: Instant, round: &BTreeMap<SocketAddr, bool>) -> bool {
+        let addrs: BTreeSet<SocketAddr> = round.keys().copied().collect();
+        let all_ready = !round.is_empty() && round.values().all(|ready| *ready);
+        if addrs != self.addrs || !all_ready {
+            self.ready_since = None;
+        }
+        self.addrs = addrs;
+        if all_ready && self.ready_since.is_none() {
+            self.ready_since = Some(now);
+        }
+        self.ready_since.is_some_and(|since| now.duration_since(since) >= self.settle)
+    }
+}
+
+/// Timing of `wait`, apart so tests can poll faster.
+struct WaitTiming {
+    timeout: Duration,
+    settle: Duration,
+    poll_interval: Duration,
+    probe_timeout: Duration,
+}
+
+/// One round: resolve the endpoint, probe each address.
+async fn probe_round(
+    client: &reqwest::Client,
+    endpoint: &str,
+    probe_timeout: Duration,
+) -> anyhow::Result<BTreeMap<SocketAddr, bool>> {
+    let addrs: BTreeSet<SocketAddr> = tokio::time::timeout(probe_timeout, tokio::net::lookup_host(endpoint))
+        .await
+        .map_err(|_| anyhow::anyhow!("resolving {endpoint} timed out"))?
+        .with_context(|| format!("resolving {endpoint}"))?
+        .collect();
+    let probes = addrs.iter().map(|addr| async move {
+        let ready = match client.get(format!("http://{addr}/readyz")).send().await {
+            Ok(response) => response.status() == reqwest::StatusCode::OK,
+            Err(_) => false,
+        };
+        (*addr, ready)
+    });
+    Ok(futures_util::future::join_all(probes).await.into_iter().collect())
+}
+
+async fn wait_for(endpoint: &str, timing: WaitTiming) -> anyhow::Result<()> {
+    // Pod addresses are reached directly, never through a proxy from the environment.
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(timing.probe_timeout)
+        .timeout(timing.probe_timeout)
+        .build()?;
+    let started = Instant::now();
+    let mut tracker = SettleTracker::new(timing.settle);
+    let mut shown: Option<(usize, usize)> = None;
+    loop {
+        let problem = match probe_round(&client, endpoint, timing.probe_timeout).await {
+            Ok(round) => {
+                let ready = round.values().filter(|r| **r).count();
+                if shown != Some((ready, round.len())) {
+                    println!("{endpoint}: {ready}/{} ready", round.len());
+                    shown = Some((ready, round.len()));
+                }
+                if tracker.observe(Instant::now(), &round) {
+                    println!(
+                        "{endpoint}: all {} ready and unchanged for {}",
+                        round.len(),
+                        humantime::format_duration(timing.settle)
+                    );
+                    return Ok(());
+                }
+                let not_ready: Vec<String> =
+                    round.iter().filter(|(_, r)| !**r).map(|(a, _)| a.to_string()).collect();
+                if round.is_empty() {
+                    format!("{endpoint} resolved to no addresses")
+                } else if not_ready.is_empty() {
+                    format!("all {} addresses ready, but not yet for the settle time", round.len())
+                } else {
+                    format!("not ready: {}", not_ready.join(", "))
+                }
+            }
+            Err(e) => {
+                tracker.observe(Instant::now(), &BTreeMap::new());
+                format!("{e:#}")
+            }
+        };
+        if started.elapsed() + timing.poll_interval > timing.timeout {
+            anyhow::bail!(
+                "{endpoint} not ready after {}: {problem}",
+                humantime::format_duration(timing.timeout)
+            );
+        }
+        tokio::time::sleep(timing.poll_interval).await;
+    }
+}
+
+/// What `restore --serve` answers: the Job that runs `wait` reads it.
+fn restored_router() -> axum::Router {
+    axum::Router::new()
+        .route("/readyz", axum::routing::get(|| async { "restored\n" }))
+        .route("/healthz", axum::routing::get(|| async { "restored\n" }))
+}
+
+pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+    match args.command {
+        NodeCommand::Setup(args) => {
+            let plan = SetupPlan::new(args)?;
+            for line in tokio::task::spawn_blocking(move || setup_blocking(&plan)).await?? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        NodeCommand::Restore(args) => {
+            let hosts_dir = args.hosts_dir.clone();
+            for line in tokio::task::spawn_blocking(move || restore_blocking(&hosts_dir)).await?? {
+                println!("{line}");
+            }
+            if let Some(addr) = args.serve {
+                let listener =
+                    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+                println!("serving /readyz on {addr} until stopped");
+                axum::serve(listener, restored_router())
+                    .with_graceful_shutdown(crate::shutdown_signal())
+                    .await?;
+            }
+            Ok(())
+        }
+        NodeCommand::Wait(args) => {
+            wait_for(
+                &args.endpoint,
+                WaitTiming {
+                    timeout: *args.timeout,
+                    settle: *args.settle,
+                    poll_interval: Duration::from_secs(WAIT_POLL_INTERVAL_SECS),
+                    probe_timeout: Duration::from_secs(PROBE_TIMEOUT_SECS),
+                },
+            )
+            .await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(subcommand)]
+        command: NodeCommand,
+    }
+
+    fn parse(args: &[&str]) -> Result<NodeCommand, clap::Error> {
+        Cli::try_parse_from(std::iter::once("shoal-node").chain(args.iter().copied())).map(|c| c.command)
+    }
+
+    fn setup_plan(hosts_dir: &Path, registries: &str) -> SetupPlan {
+        let dir = hosts_dir.to_str().unwrap();
+        match parse(&[
+            "setup",
+            "--hosts-dir",
+            dir,
+            "--registry",
+            registries,
+            "--mirror",
+            "http://127.0.0.1:5000",
+        ])
+        .unwrap()
+        {
+            NodeCommand::Setup(args) => SetupPlan::new(args).unwrap(),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    const FOREIGN: &[u8] = b"server = \"https://mirror.example\"\r\n\n[host.\"https://x\"]\n";
+
+    #[test]
+    fn registry_defaults_and_names() {
+        assert_eq!(parse_registry("docker.io").unwrap().server, "https://registry-1.docker.io");
+        assert_eq!(parse_registry("ghcr.io").unwrap().server, "https://ghcr.io");
+        assert_eq!(
+            parse_registry("foo:5000").unwrap(),
+            Registry { name: "foo:5000".into(), server: "https://foo:5000".into() }
+        );
+        assert_eq!(
+            parse_registry("foo:5000=http://foo:5000/").unwrap().server,
+            "http://foo:5000",
+            "an explicit server, trailing slash dropped"
+        );
+        for bad in ["", "..", ".", "a/b", "../etc", "a b", "a\tb", "docker.io=ftp://x", "x=http://a\"b"] {
+            assert!(parse_registry(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse(&["setup", "--registry", "a/b", "--mirror", "http://m"]).is_err());
+        assert!(parse(&["setup", "--mirror", "http://m"]).is_err(), "--registry is required");
+        assert!(parse(&["setup", "--registry", "x", "--mirror", "m"]).is_err(), "mirror is a URL");
+        assert!(parse(&["setup", "--registry", "x", "--mirror", "http://m", "--owner", "1:1"]).is_err());
+    }
+
+    #[test]
+    fn flags_and_defaults() {
+        let NodeCommand::Setup(args) =
+            parse(&["setup", "--registry", "docker.io,foo:5000", "--mirror", "http://127.0.0.1:5000"])
+                .unwrap()
+        else {
+            panic!("not setup")
+        };
+        assert_eq!(args.hosts_dir, PathBuf::from("/etc/containerd/certs.d"));
+        assert_eq!(args.registry.len(), 2);
+        assert_eq!(*args.dial_timeout, Duration::from_millis(200));
+        let plan = SetupPlan::new(args).unwrap();
+        assert_eq!(plan.dial_timeout, "200ms");
+        let NodeCommand::Wait(args) = parse(&["wait", "--endpoint", "x:1"]).unwrap() else {
+            panic!("not wait")
+        };
+        assert_eq!((*args.timeout, *args.settle), (Duration::from_secs(600), Duration::from_secs(10)));
+        assert_eq!(parse_owner("65532:65533").unwrap(), (65532, 65533));
+        assert!(parse_owner("nobody:nogroup").is_err());
+        assert_eq!(go_duration(Duration::from_millis(1500)).unwrap(), "1500ms");
+        assert!(go_duration(Duration::from_micros(10)).is_err());
+    }
+
+    #[test]
+    fn plans() {
+        let ours = hosts_toml("https://s", "http://m", "200ms");
+        let other_ours = hosts_toml("https://s", "http://other", "200ms");
+        assert_eq!(plan_setup(None, false, ours.as_bytes()), SetupAction::Write);
+        assert_eq!(plan_setup(Some(ours.as_bytes()), false, ours.as_bytes()), SetupAction::Unchanged);
+        assert_eq!(plan_setup(Some(other_ours.as_bytes()), true, ours.as_bytes()), SetupAction::Write);
+        assert_eq!(plan_setup(Some(FOREIGN), false, ours.as_bytes()), SetupAction::BackUpThenWrite);
+        assert_eq!(plan_setup(Some(FOREIGN), true, ours.as_bytes()), SetupAction::Conflict);
+        assert_eq!(plan_restore(None, true), RestoreAction::Nothing);
+        assert_eq!(plan_restore(Some(FOREIGN), false), RestoreAction::Nothing);
+        assert_eq!(plan_restore(Some(FOREIGN), true), RestoreAction::ForeignWithBackup);
+        assert_eq!(plan_restore(Some(ours.as_bytes()), true), RestoreAction::PutBack);
+        assert_eq!(plan_restore(Some(ours.as_bytes()), false), RestoreAction::Remove);
+        // The marker must be the whole first line.
+        assert!(!is_ours(format!("{MARKER_LINE} and more\n").as_bytes()));
+        assert!(is_ours(format!("{MARKER_LINE}\r\nserver = \"x\"\n").as_bytes()));
+    }
+
+    #[test]
+    fn setup_backs_up_once_and_restore_puts_back_the_original() {
+        let tmp = tempfile::tempdir().unwrap();
+        let hosts_dir = tmp.path().join("certs.d");
+        std::fs::create_dir_all(hosts_dir.join("docker.io")).unwrap();
+        std::fs::write(hosts_dir.join("docker.io/hosts.toml"), FOREIGN).unwrap();
+        std::fs::write(hosts_dir.join("docker.io/ca.crt"), b"cert").unwrap();
+        let plan = setup_plan(&hosts_dir, "docker.io,foo:5000");
+
+        let report = setup_blocking(&plan).unwrap();
+        assert!(report[0].starts_with("docker.io: backed up"), "{report:?}");
+        assert!(report[1].starts_with("foo:5000: wrote"), "{report:?}");
+        assert_eq!(std::fs::read(hosts_dir.join("docker.io/hosts.toml.shoal-backup")).unwrap(), FOREIGN);
+        let written = std::fs::read_to_string(hosts_dir.join("docker.io/hosts.toml")).unwrap();
+        assert_eq!(
+            written,
+            format!(
+                "{MARKER_LINE}\nserver = \"https://registry-1.docker.io\"\n\n[host.\"http://127.0.0.1:5000\"]\n  capabilities = [\"pull\", \"resolve\"]\n  dial_timeout = \"200ms\"\n"
+            )
+        );
+        let foo = std::fs::read_to_string(hosts_dir.join("foo:5000/hosts.toml")).unwrap();
+        assert!(foo.contains("server = \"https://foo:5000\""), "{foo}");
+        assert!(!hosts_dir.join("docker.io").join(TEMP_FILE).exists());
+
+        // A pod restart runs setup again: nothing changes, the backup keeps the user's bytes.
+        let report = setup_blocking(&plan).unwrap();
+        assert!(report.iter().all(|l| l.contains("unchanged")), "{report:?}");
+        assert_eq!(std::fs::read(hosts_dir.join("docker.io/hosts.toml.shoal-backup")).unwrap(), FOREIGN);
+        // A new mirror rewrites ours, still without touching the backup.
+        let mut moved = setup_plan(&hosts_dir, "docker.io");
+        moved.mirror = "http://127.0.0.1:6000".into();
+        let report = setup_blocking(&moved).unwrap();
+        assert!(report[0].starts_with("docker.io: wrote"), "{report:?}");
+        assert_eq!(std::fs::read(hosts_dir.join("docker.io/hosts.toml.shoal-backup")).unwrap(), FOREIGN);
+
+        let report = restore_blocking(&hosts_dir).unwrap();
+        assert_eq!(report.len(), 2, "{report:?}");
+        assert_eq!(std::fs::read(hosts_dir.join("docker.io/hosts.toml")).unwrap(), FOREIGN);
+        assert!(!hosts_dir.join("docker.io/hosts.toml.shoal-backup").exists());
+        assert_eq!(std::fs::read(hosts_dir.join("docker.io/ca.crt")).unwrap(), b"cert");
+        assert!(!hosts_dir.join("foo:5000").exists(), "our emptied directory is removed");
+        assert!(hosts_dir.exists());
+
+        // Restoring again changes nothing.
+        assert_eq!(
+            restore_blocking(&hosts_dir).unwrap(),
+            vec![format!("nothing of shoal's in {}", hosts_dir.display())]
+        );
+        assert_eq!(std::fs::read(hosts_dir.join("docker.io/hosts.toml")).unwrap(), FOREIGN);
+    }
+
+    #[test]
+    fn restore_leaves_foreign_files_and_dirs_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let hosts_dir = tmp.path();
+        for name in ["ghcr.io", "quay.io", "empty"] {
+            std::fs::create_dir(hosts_dir.join(name)).unwrap();
+        }
+        std::fs::write(hosts_dir.join("ghcr.io/hosts.toml"), FOREIGN).unwrap();
+        std::fs::write(hosts_dir.join("quay.io/hosts.toml"), FOREIGN).unwrap();
+        std::fs::write(hosts_dir.join("quay.io/hosts.toml.shoal-backup"), b"older").unwrap();
+        std::fs::write(hosts_dir.join("stray-file"), b"x").unwrap();
+        // Ours beside a user's certificate: the file goes, the directory stays.
+        setup_blocking(&setup_plan(hosts_dir, "reg:5000")).unwrap();
+        std::fs::write(hosts_dir.join("reg:5000/client.cert"), b"c").unwrap();
+
+        let report = restore_blocking(hosts_dir).unwrap();
+        assert_eq!(report.len(), 2, "{report:?}");
+        assert!(report[0].contains("left alone"), "{report:?}");
+        assert!(report[1].contains("other files kept"), "{report:?}");
+        assert_eq!(std::fs::read(hosts_dir.join("ghcr.io/hosts.toml")).unwrap(), FOREIGN);
+        assert_eq!(std::fs::read(hosts_dir.join("quay.io/hosts.toml")).unwrap(), FOREIGN);
+        assert_eq!(std::fs::read(hosts_dir.join("quay.io/hosts.toml.shoal-backup")).unwrap(), b"older");
+        assert!(hosts_dir.join("empty").is_dir(), "an empty directory not ours stays");
+        assert!(hosts_dir.join("stray-file").exists());
+        assert!(!hosts_dir.join("reg:5000/hosts.toml").exists());
+        assert!(hosts_dir.join("reg:5000/client.cert").exists());
+
+        // Setup refuses to replace a user's file when a backup is already there.
+        let err = setup_blocking(&setup_plan(hosts_dir, "quay.io")).unwrap_err();
+        assert!(err.to_string().contains("already holds an earlier original"), "{err:#}");
+        assert_eq!(std::fs::read(hosts_dir.join("quay.io/hosts.toml")).unwrap(), FOREIGN);
+
+        // A hosts dir that is not there is nothing to do.
+        assert!(restore_blocking(&hosts_dir.join("missing")).unwrap()[0].contains("does not exist"));
+    }
+
+    #[test]
+    fn setup_creates_the_data_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut plan = setup_plan(&tmp.path().join("certs.d"), "x:1");
+        plan.data_dir = Some(tmp.path().join("data/agent"));
+        setup_blocking(&plan).unwrap();
+        assert!(tmp.path().join("data/agent").is_dir());
+        // Chown to ourselves works without root.
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(tmp.path()).unwrap();
+        plan.owner = Some((meta.uid(), meta.gid()));
+        let report = setup_blocking(&plan).unwrap();
+        assert!(report[0].contains(&format!("owned by {}:{}", meta.uid(), meta.gid())), "{report:?}");
+    }
+
+    #[test]
+    fn settle_tracker() {
+        let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let round = |entries: &[(SocketAddr, bool)]| entries.iter().copied().collect::<BTreeMap<_, _>>();
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut t = SettleTracker::new(Duration::from_secs(10));
+        assert!(!t.observe(at(0), &round(&[])), "no addresses is never done");
+        assert!(!t.observe(at(20), &round(&[])));
+        assert!(!t.observe(at(21), &round(&[(a, true), (b, false)])));
+        assert!(!t.observe(at(22), &round(&[(a, true), (b, true)])));
+        assert!(!t.observe(at(31), &round(&[(a, true), (b, true)])));
+        // A new pod (a node joined) restarts the settle time...
+        assert!(!t.observe(at(32), &round(&[(a, true)])));
+        assert!(!t.observe(at(41), &round(&[(a, true)])));
+        // ...and so does one that stops answering.
+        assert!(!t.observe(at(41), &round(&[(a, false)])));
+        assert!(!t.observe(at(42), &round(&[(a, true)])));
+        assert!(t.observe(at(52), &round(&[(a, true)])));
+        let mut t = SettleTracker::new(Duration::ZERO);
+        assert!(t.observe(at(0), &round(&[(a, true)])), "no settle time: done at once");
+    }
+
+    fn fast(timeout_ms: u64, settle_ms: u64) -> WaitTiming {
+        WaitTiming {
+            timeout: Duration::from_millis(timeout_ms),
+            settle: Duration::from_millis(settle_ms),
+            poll_interval: Duration::from_millis(50),
+            probe_timeout: Duration::from_millis(500),
+        }
+    }
+
+    #[tokio::test]
+    async fn wait_for_a_real_server() {
+        let ready = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ready_addr = ready.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(ready, restored_router()).await });
+        wait_for(&ready_addr.to_string(), fast(5_000, 200)).await.unwrap();
+
+        let busy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let busy_addr = busy.local_addr().unwrap();
+        let unready = axum::Router::new().route(
+            "/readyz",
+            axum::routing::get(|| async { (reqwest::StatusCode::SERVICE_UNAVAILABLE, "no\n") }),
+        );
+        tokio::spawn(async move { axum::serve(busy, unready).await });
+        let err = wait_for(&busy_addr.to_string(), fast(400, 0)).await.unwrap_err().to_string();
+        assert!(err.contains(&format!("not ready: {busy_addr}")), "{err}");
+    }
+}
