@@ -73,14 +73,14 @@ pub struct SetupArgs {
         long,
         env = "SHOAL_NODE_REGISTRY",
         value_delimiter = ',',
-        required = true,
+        requires = "mirror",
         value_name = "NAME[=SERVER_URL]",
         value_parser = parse_registry
     )]
     pub registry: Vec<Registry>,
-    /// The node's agent, e.g. http://127.0.0.1:5000
+    /// The node's agent, e.g. http://127.0.0.1:5000 (needed with --registry)
     #[arg(long, env = "SHOAL_NODE_MIRROR", value_name = "URL", value_parser = parse_url)]
-    pub mirror: String,
+    pub mirror: Option<String>,
     /// containerd's connect timeout to the mirror (dial_timeout), so a dead agent costs little
     #[arg(
         long,
@@ -302,11 +302,15 @@ impl SetupPlan {
         for r in &args.registry {
             anyhow::ensure!(seen.insert(r.name.as_str()), "--registry {} is given twice", r.name);
         }
+        anyhow::ensure!(
+            !args.registry.is_empty() || args.data_dir.is_some(),
+            "nothing to set up: give --registry NAME (with --mirror URL) and/or --data-dir DIR"
+        );
         Ok(SetupPlan {
             dial_timeout: go_duration(*args.dial_timeout)?,
             hosts_dir: args.hosts_dir,
             registries: args.registry,
-            mirror: args.mirror,
+            mirror: args.mirror.unwrap_or_default(),
             data_dir: args.data_dir,
             owner: args.owner,
         })
@@ -627,7 +631,16 @@ mod tests {
             assert!(parse_registry(bad).is_err(), "{bad:?} accepted");
         }
         assert!(parse(&["setup", "--registry", "a/b", "--mirror", "http://m"]).is_err());
-        assert!(parse(&["setup", "--mirror", "http://m"]).is_err(), "--registry is required");
+        assert!(parse(&["setup", "--registry", "x"]).is_err(), "--registry needs --mirror");
+        let NodeCommand::Setup(args) = parse(&["setup", "--mirror", "http://m"]).unwrap() else {
+            panic!("not setup")
+        };
+        assert!(SetupPlan::new(args).is_err(), "neither --registry nor --data-dir: nothing to do");
+        let NodeCommand::Setup(args) = parse(&["setup", "--data-dir", "/d", "--owner", "1:2"]).unwrap()
+        else {
+            panic!("not setup")
+        };
+        assert!(SetupPlan::new(args).is_ok(), "only the data dir (containerd.enabled=false)");
         assert!(parse(&["setup", "--registry", "x", "--mirror", "m"]).is_err(), "mirror is a URL");
         assert!(parse(&["setup", "--registry", "x", "--mirror", "http://m", "--owner", "1:1"]).is_err());
     }
