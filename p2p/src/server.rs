@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
@@ -62,6 +62,9 @@ pub struct PeerServer {
 /// every piece made the origin decline every piece to everyone, and the whole fleet fell
 /// back to fetching the blob over HTTP. With several origins seeding one blob, each knows
 /// only its own sends, so the blob may leave the origins up to once per origin.
+///
+/// No I/O and no clock of its own: the time is passed in, so the server gives it the wall
+/// clock and `shoal-sim` runs the same rule on simulated time.
 pub struct SuperSeed {
     window: Duration,
     reask_after: Duration,
@@ -149,7 +152,7 @@ impl SuperSeed {
 
     /// A peer connected claiming `have`; returns the pieces that count as held by it (see
     /// [`SuperSeed`]), which [`SuperSeed::leave`] gets back.
-    fn join(&self, digest: &Digest, have: &Bitfield) -> Bitfield {
+    pub fn join(&self, digest: &Digest, have: &Bitfield) -> Bitfield {
         let mut counted = Bitfield::new(have.len());
         for i in have.iter_set().filter(|&i| self.was_sent(digest, i)) {
             let _ = counted.set(i);
@@ -169,7 +172,7 @@ impl SuperSeed {
 
     /// A connected peer announced a new piece; whether it counts (the caller then adds it to
     /// what that peer's [`SuperSeed::leave`] gives back).
-    fn gained(&self, digest: &Digest, index: u32) -> bool {
+    pub fn gained(&self, digest: &Digest, index: u32) -> bool {
         if !self.was_sent(digest, index) {
             return false;
         }
@@ -182,9 +185,8 @@ impl SuperSeed {
     }
 
     /// A peer whose counted pieces are `have` disconnected: they stop counting after
-    /// [`HOLDER_LINGER`].
-    fn leave(&self, digest: &Digest, have: &Bitfield) {
-        let now = std::time::Instant::now();
+    /// [`HOLDER_LINGER`]. `now` is the current time.
+    pub fn leave(&self, digest: &Digest, have: &Bitfield, now: Instant) {
         let mut departed = self.departed.lock().unwrap_or_else(|p| p.into_inner());
         departed.push_back((now, digest.clone(), have.clone()));
         let mut expired = Vec::new();
@@ -203,8 +205,7 @@ impl SuperSeed {
     }
 
     /// Age out departed peers whose linger time is over.
-    fn expire_departed(&self) {
-        let now = std::time::Instant::now();
+    fn expire_departed(&self, now: Instant) {
         let mut departed = self.departed.lock().unwrap_or_else(|p| p.into_inner());
         let mut expired = Vec::new();
         while departed.front().is_some_and(|(at, _, _)| now.duration_since(*at) >= self.linger) {
@@ -237,9 +238,8 @@ impl SuperSeed {
     /// Declined: a piece another connected peer holds (take it from that peer) unless this
     /// peer was already sent away for it [`REASK_AFTER`] ago, or one sent to another peer
     /// within the window (it is on its way there).
-    fn claim(&self, digest: &Digest, index: u32, peer: PeerId, piece_count: u32) -> bool {
-        self.expire_departed();
-        let now = std::time::Instant::now();
+    pub fn claim(&self, digest: &Digest, index: u32, peer: PeerId, piece_count: u32, now: Instant) -> bool {
+        self.expire_departed(now);
         let held_elsewhere =
             self.holders().get(digest).and_then(|h| h.counts.get(index as usize)).is_some_and(|&c| c > 0);
         if held_elsewhere {
@@ -279,11 +279,11 @@ impl SuperSeed {
     /// ran out while a slow transfer was still under way (1 MiB at a 25 Mbit/s host's share of
     /// its link takes longer than the 3 s window), nobody held the piece yet, and the origin
     /// sent it again: 1.15-1.30 x the blob from the origin at 25 Mbit/s against 1.02-1.11 at 50.
-    fn sent_in_full(&self, digest: &Digest, index: u32, peer: PeerId) {
+    pub fn sent_in_full(&self, digest: &Digest, index: u32, peer: PeerId, now: Instant) {
         let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(entry) = sent.get_mut(&(digest.clone(), index)) {
             if entry.1 == peer {
-                entry.0 = std::time::Instant::now();
+                entry.0 = now;
             }
         }
     }
@@ -357,7 +357,7 @@ impl PeerServer {
         };
         let result = self.exchange(reader, writer, &pieces, remote, advertised, &mut counted).await;
         if let Some(s) = &self.super_seed {
-            s.leave(&digest, &counted);
+            s.leave(&digest, &counted, Instant::now());
         }
         result
     }
@@ -443,7 +443,7 @@ impl PeerServer {
                     }
                     let digest = pieces.metainfo().digest();
                     let count = pieces.metainfo().piece_count();
-                    if self.super_seed.as_ref().is_some_and(|s| !s.claim(digest, index, remote, count)) {
+                    if self.super_seed.as_ref().is_some_and(|s| !s.claim(digest, index, remote, count, Instant::now())) {
                         // Declined: another peer just got it and can pass it on.
                         if let Err(e) = sink.send(Message::Cancel(index)).await {
                             break Err(e.to_string());
@@ -461,7 +461,7 @@ impl PeerServer {
                         break Err(e.to_string());
                     }
                     if let Some(s) = &self.super_seed {
-                        s.sent_in_full(digest, index, remote);
+                        s.sent_in_full(digest, index, remote, Instant::now());
                     }
                     self.metrics.sent_bytes.inc_by(len);
                 },
@@ -501,7 +501,7 @@ mod tests {
     fn send_out(s: &SuperSeed, d: &Digest, pieces: &[u32]) {
         let first = PeerId::random();
         for &i in pieces {
-            assert!(s.claim(d, i, first, N), "piece {i} is free to send");
+            assert!(s.claim(d, i, first, N, Instant::now()), "piece {i} is free to send");
         }
     }
 
@@ -513,33 +513,33 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         let holder = s.join(&d, &bits(N, &[1]));
         let mut other = s.join(&d, &bits(N, &[]));
-        assert!(!s.claim(&d, 1, a, N), "peer holding piece 1 is connected");
-        assert!(!s.claim(&d, 1, a, N), "asking again at once changes nothing");
-        assert!(s.claim(&d, 0, a, N), "nobody holds piece 0");
+        assert!(!s.claim(&d, 1, a, N, Instant::now()), "peer holding piece 1 is connected");
+        assert!(!s.claim(&d, 1, a, N, Instant::now()), "asking again at once changes nothing");
+        assert!(s.claim(&d, 0, a, N, Instant::now()), "nobody holds piece 0");
         assert!(s.gained(&d, 2));
         other.set(2).unwrap();
-        assert!(!s.claim(&d, 2, b, N), "announced with have");
-        s.leave(&d, &holder);
-        assert!(!s.claim(&d, 1, b, N), "a peer that just left still seeds what it has");
+        assert!(!s.claim(&d, 2, b, N, Instant::now()), "announced with have");
+        s.leave(&d, &holder, Instant::now());
+        assert!(!s.claim(&d, 1, b, N, Instant::now()), "a peer that just left still seeds what it has");
         s.forget(&d, &holder);
-        assert!(s.claim(&d, 1, b, N), "the only holder of piece 1 is gone");
+        assert!(s.claim(&d, 1, b, N, Instant::now()), "the only holder of piece 1 is gone");
         assert!(!s.gained(&d, 9), "out of range: ignored, no panic");
-        assert!(!s.claim(&d, 2, a, N), "the other peer still holds piece 2");
+        assert!(!s.claim(&d, 2, a, N, Instant::now()), "the other peer still holds piece 2");
     }
 
     #[test]
     fn the_window_starts_again_when_the_piece_has_been_sent_in_full() {
         let s = SuperSeed::with_timing(Duration::from_millis(50), REASK_AFTER, HOLDER_LINGER);
         let (d, a, b) = (digest(), PeerId::random(), PeerId::random());
-        assert!(s.claim(&d, 0, a, N));
+        assert!(s.claim(&d, 0, a, N, Instant::now()));
         // The transfer to `a` takes longer than the window.
         std::thread::sleep(Duration::from_millis(60));
-        s.sent_in_full(&d, 0, a);
-        assert!(!s.claim(&d, 0, b, N), "declined: `a` only just got it");
+        s.sent_in_full(&d, 0, a, Instant::now());
+        assert!(!s.claim(&d, 0, b, N, Instant::now()), "declined: `a` only just got it");
         std::thread::sleep(Duration::from_millis(60));
-        assert!(s.claim(&d, 0, b, N), "served once the window after the send has passed");
-        s.sent_in_full(&d, 0, a);
-        assert!(s.claim(&d, 0, b, N), "a stale completion by another peer changes nothing");
+        assert!(s.claim(&d, 0, b, N, Instant::now()), "served once the window after the send has passed");
+        s.sent_in_full(&d, 0, a, Instant::now());
+        assert!(s.claim(&d, 0, b, N, Instant::now()), "a stale completion by another peer changes nothing");
     }
 
     #[test]
@@ -551,24 +551,24 @@ mod tests {
         assert_eq!(counted.count(), 0);
         assert!(!s.gained(&d, 3), "a have for a piece never sent out is ignored too");
         for i in 0..N {
-            assert!(s.claim(&d, i, a, N), "piece {i} is served: nobody can hold it yet");
+            assert!(s.claim(&d, i, a, N, Instant::now()), "piece {i} is served: nobody can hold it yet");
         }
         std::thread::sleep(Duration::from_millis(5));
         // Once a piece is out, a holder's claim to it counts.
         let honest = s.join(&d, &bits(N, &[2]));
         assert_eq!(honest.iter_set().collect::<Vec<_>>(), [2]);
-        assert!(!s.claim(&d, 2, PeerId::random(), N));
+        assert!(!s.claim(&d, 2, PeerId::random(), N, Instant::now()));
     }
 
     #[test]
     fn the_window_lets_the_recipient_ask_again_but_not_others() {
         let s = SuperSeed::new(Duration::from_millis(50));
         let (d, a, b) = (digest(), PeerId::random(), PeerId::random());
-        assert!(s.claim(&d, 3, a, N));
-        assert!(s.claim(&d, 3, a, N), "the same peer may ask again (a retry)");
-        assert!(!s.claim(&d, 3, b, N));
+        assert!(s.claim(&d, 3, a, N, Instant::now()));
+        assert!(s.claim(&d, 3, a, N, Instant::now()), "the same peer may ask again (a retry)");
+        assert!(!s.claim(&d, 3, b, N, Instant::now()));
         std::thread::sleep(Duration::from_millis(80));
-        assert!(s.claim(&d, 3, b, N), "after the window nobody is known to hold it");
+        assert!(s.claim(&d, 3, b, N, Instant::now()), "after the window nobody is known to hold it");
     }
 
     #[test]
@@ -578,10 +578,13 @@ mod tests {
         let (d, a) = (digest(), PeerId::random());
         send_out(&s, &d, &[2]);
         s.join(&d, &bits(N, &[2]));
-        assert!(!s.claim(&d, 2, a, N));
+        assert!(!s.claim(&d, 2, a, N, Instant::now()));
         std::thread::sleep(reask + Duration::from_millis(50));
-        assert!(s.claim(&d, 2, a, N), "none of its peers had it for a while: it is starved");
-        assert!(!s.claim(&d, 2, PeerId::random(), N), "a first ask from another peer is still declined");
+        assert!(s.claim(&d, 2, a, N, Instant::now()), "none of its peers had it for a while: it is starved");
+        assert!(
+            !s.claim(&d, 2, PeerId::random(), N, Instant::now()),
+            "a first ask from another peer is still declined"
+        );
     }
 
     #[test]
@@ -592,9 +595,9 @@ mod tests {
         send_out(&s, &d, &[0, 1]);
         std::thread::sleep(Duration::from_millis(5));
         let holder = s.join(&d, &bits(N, &[0, 1]));
-        s.leave(&d, &holder);
-        assert!(!s.claim(&d, 0, a, N), "it just finished and still seeds");
+        s.leave(&d, &holder, Instant::now());
+        assert!(!s.claim(&d, 0, a, N, Instant::now()), "it just finished and still seeds");
         std::thread::sleep(linger + Duration::from_millis(50));
-        assert!(s.claim(&d, 1, a, N), "long gone: the origin serves it");
+        assert!(s.claim(&d, 1, a, N, Instant::now()), "long gone: the origin serves it");
     }
 }

@@ -1,7 +1,9 @@
 //! The tracker's soft state: per blob digest, the peers that announced it, with a TTL, and the
-//! handout policy. Pure and synchronous (time is an argument) so the policy is unit-tested.
+//! handout policy. Pure and synchronous (time is an argument) so the policy is unit-tested,
+//! and deterministic for a seeded RNG (peers are kept in id order, not a hash map's random
+//! order), so `shoal-sim` replays a fleet's handouts exactly.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -36,7 +38,8 @@ impl Default for PeerStoreLimits {
 /// Announced peers per digest.
 pub struct PeerStore {
     limits: PeerStoreLimits,
-    swarms: HashMap<Digest, HashMap<String, Entry>>,
+    /// Per digest, peers by id: a `BTreeMap`, so handouts from a seeded RNG are reproducible.
+    swarms: HashMap<Digest, BTreeMap<String, Entry>>,
 }
 
 impl PeerStore {
@@ -117,20 +120,29 @@ impl PeerStore {
                 if id == requester || e.expires <= now {
                     continue;
                 }
-                let info =
-                    PeerInfo { peer_id: id.clone(), addr: e.addr, complete: e.complete, origin: false };
                 if e.complete {
-                    complete.push(info);
+                    complete.push((id, e));
                 } else {
-                    incomplete.push(info);
+                    incomplete.push((id, e));
                 }
             }
         }
-        complete.shuffle(rng);
-        incomplete.shuffle(rng);
+        let info = |(id, e): &(&String, &Entry)| PeerInfo {
+            peer_id: (*id).clone(),
+            addr: e.addr,
+            complete: e.complete,
+            origin: false,
+        };
+        // A random `limit` of each class in random order, as a whole shuffle would give, but
+        // without shuffling (or cloning) all of a 5,000-peer swarm for every announce.
+        let (complete, _) = complete.partial_shuffle(rng, limit);
+        let mut out: Vec<PeerInfo> = complete.iter().map(info).collect();
         let mut origins: Vec<PeerInfo> = origins.iter().filter(|o| o.peer_id != requester).cloned().collect();
         origins.shuffle(rng);
-        complete.into_iter().chain(origins).chain(incomplete).take(limit).collect()
+        out.extend(origins.into_iter().take(limit - out.len()));
+        let (incomplete, _) = incomplete.partial_shuffle(rng, limit - out.len());
+        out.extend(incomplete.iter().map(info));
+        out
     }
 
     /// Number of digests with live announcements (a metric).
@@ -140,7 +152,7 @@ impl PeerStore {
 
     /// Total announcements held (a metric).
     pub fn peers(&self) -> usize {
-        self.swarms.values().map(HashMap::len).sum()
+        self.swarms.values().map(BTreeMap::len).sum()
     }
 }
 

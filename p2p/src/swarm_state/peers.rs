@@ -71,7 +71,8 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
                     && self.picker.peer_bitfield(id).is_some_and(|b| b.count() < count)
             })
             .map(|(id, p)| (*id, usefulness(id, p)))
-            .min_by(|(_, a), (_, b)| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)))
+            // Ties go to the lowest id, not to the hash map's order: a seeded run is replayable.
+            .min_by(|(ia, a), (ib, b)| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(ia.0.cmp(&ib.0)))
             .map(|(id, _)| id);
         let Some(victim) = victim else { return Vec::new() };
         self.closed(&victim);
