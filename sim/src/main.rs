@@ -1,0 +1,149 @@
+//! `shoal-sim`: run a simulated fleet and print what it shows. The last line is always
+//! `sim: peers=N p50=X p99=Y max=Z (x limit) origin=E xS duplicates=D xS wall=Ws`, so
+//! anyone can reproduce a figure from the command that made it.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use shoal_sim::scenario::{self, Params, Scenario};
+use shoal_sim::svg::{self, Series};
+
+#[derive(Parser, Debug)]
+#[command(name = "shoal-sim", about = "Simulate a Shoal fleet pulling an image, with Shoal's own scheduler")]
+struct Args {
+    /// Hosts pulling (ignored with --sweep).
+    #[arg(long, default_value_t = 10)]
+    peers: usize,
+    /// Image size in MiB (split into --layers blobs).
+    #[arg(long, default_value_t = 128.0)]
+    blob_mib: f64,
+    /// Each host's link rate, Mbit/s (both directions).
+    #[arg(long, default_value_t = 50.0)]
+    host_mbit: f64,
+    /// The origin's link rate, Mbit/s.
+    #[arg(long, default_value_t = 500.0)]
+    origin_mbit: f64,
+    /// Share of hosts at a fifth of the rate.
+    #[arg(long)]
+    stragglers: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// all-at-once, staggered, stragglers, churn, layers, dead-tracker, origin-lost.
+    #[arg(long, default_value = "all-at-once")]
+    scenario: Scenario,
+    /// Blobs the image is split into (the layers scenario defaults to 2).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Staggered: starts spread over this many seconds (default: the link time).
+    #[arg(long)]
+    stagger_secs: Option<f64>,
+    /// Churn: share of hosts that die mid-pull (default 0.1).
+    #[arg(long)]
+    churn: Option<f64>,
+    /// Round trip between hosts in ms, queueing included (default 25.2).
+    #[arg(long)]
+    rtt_ms: Option<f64>,
+    /// Recompute rates at most every this many ms (0: exact; default 0 up to 200 peers, else 20).
+    #[arg(long)]
+    rate_epoch_ms: Option<f64>,
+    /// Run each of these fleet sizes (e.g. 10,100,1000) and plot completion against size.
+    #[arg(long, value_delimiter = ',')]
+    sweep: Vec<usize>,
+    /// Where the sweep's plot goes.
+    #[arg(long, default_value = "sim-sweep.svg")]
+    plot: String,
+}
+
+fn millis(ms: f64) -> Duration {
+    Duration::from_secs_f64(ms.max(0.0) / 1000.0)
+}
+
+fn params(a: &Args, peers: usize) -> Params {
+    Params {
+        peers,
+        blob_bytes: (a.blob_mib * 1024.0 * 1024.0).round() as u64,
+        host_mbit: a.host_mbit,
+        origin_mbit: a.origin_mbit,
+        stragglers: a.stragglers,
+        seed: a.seed,
+        layers: a.layers,
+        stagger: a.stagger_secs.map(Duration::from_secs_f64),
+        churn: a.churn,
+        rtt: a.rtt_ms.map(millis),
+        rate_epoch: a.rate_epoch_ms.map(millis),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let sizes = if args.sweep.is_empty() { vec![args.peers] } else { args.sweep.clone() };
+    let mut points = Vec::new();
+    let mut last = None;
+    for &peers in &sizes {
+        let cfg = scenario::build(args.scenario, &params(&args, peers));
+        let started = Instant::now();
+        let outcome = match shoal_sim::run(cfg) {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("shoal-sim: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let wall = started.elapsed().as_secs_f64();
+        println!("{}", outcome.details());
+        let line = outcome.summary(wall);
+        if !args.sweep.is_empty() {
+            println!("{line}");
+        }
+        points.push((peers as f64, outcome.spread(|_| true), outcome.origin_x()));
+        last = Some(line);
+    }
+    if !args.sweep.is_empty() {
+        let series = vec![
+            Series {
+                name: "p50".into(),
+                color: "#1f77b4",
+                points: points.iter().map(|(n, s, _)| (*n, s.p50)).collect(),
+            },
+            Series {
+                name: "p99".into(),
+                color: "#d62728",
+                points: points.iter().map(|(n, s, _)| (*n, s.p99)).collect(),
+            },
+            Series {
+                name: "max".into(),
+                color: "#9467bd",
+                points: points.iter().map(|(n, s, _)| (*n, s.max)).collect(),
+            },
+            Series {
+                name: "origin ÷ size".into(),
+                color: "#2ca02c",
+                points: points.iter().map(|(n, _, o)| (*n, *o)).collect(),
+            },
+        ];
+        let title = format!(
+            "shoal-sim {}: {} MiB, {} Mbit/s hosts, {} Mbit/s origin",
+            args.scenario.name(),
+            args.blob_mib,
+            args.host_mbit,
+            args.origin_mbit
+        );
+        let chart = svg::chart(
+            &title,
+            "hosts",
+            "completion ÷ (size ÷ host rate)",
+            &series,
+            &[(1.0, "link time"), (1.3, "goal p99")],
+        );
+        if let Err(e) = std::fs::write(&args.plot, chart) {
+            eprintln!("shoal-sim: writing {}: {e}", args.plot);
+            return ExitCode::FAILURE;
+        }
+        eprintln!("shoal-sim: plot written to {}", args.plot);
+    }
+    if let Some(line) = last {
+        println!("{line}");
+    }
+    ExitCode::SUCCESS
+}
