@@ -10,6 +10,8 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 use shoal_registry::access::AuthConfig;
 
+/// How long garbage collection keeps unreferenced files aside by default.
+const DEFAULT_GC_QUARANTINE: Duration = Duration::from_secs(60);
 /// The `shoal origin` config file.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -71,6 +73,10 @@ pub struct ClusterSection {
     /// Run garbage collection this often; unset: only when asked (`POST /shoal/v1/admin/gc`).
     #[serde(default, with = "humantime_serde")]
     pub gc_interval: Option<Duration>,
+    /// Unreferenced files are set aside this long before a last check deletes them (at least
+    /// `shoal_origin::cluster::gc::MIN_QUARANTINE`).
+    #[serde(with = "humantime_serde")]
+    pub gc_quarantine: Duration,
 }
 
 impl Default for ClusterSection {
@@ -91,6 +97,7 @@ impl Default for ClusterSection {
             repair_rate: ByteSize::mib(200),
             gc_grace: Duration::from_secs(60 * 60),
             gc_interval: None,
+            gc_quarantine: DEFAULT_GC_QUARANTINE,
         }
     }
 }
@@ -188,6 +195,13 @@ impl OriginConfig {
             repair_interval: c.repair_interval,
             repair_rate: c.repair_rate.as_u64(),
             gc_grace: c.gc_grace,
+        let min_quarantine = shoal_origin::cluster::gc::MIN_QUARANTINE;
+        if c.gc_quarantine < min_quarantine {
+            anyhow::bail!(
+                "cluster.gc_quarantine must be at least {} (twice the deadline of a write that read a link)",
+                humantime::format_duration(min_quarantine)
+            );
+        }
         })
     }
 
@@ -217,6 +231,7 @@ mod tests {
             [limits]
             max_concurrent_requests = 3
             [auth]
+            gc_quarantine: c.gc_quarantine,
             anonymous = "pull"
             users = [{ name = "ci", password = "p", access = "push" }]
             "#,

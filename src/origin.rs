@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus::IntGauge;
 use shoal_origin::cluster::coordinator::{Coordinator, Replication};
+use shoal_origin::cluster::gc::{GcError, GcSettings};
 use shoal_origin::cluster::internal_api;
 use shoal_origin::cluster::local::LocalNode;
 use shoal_origin::cluster::membership::{HealthReply, Membership, PeerIdentity};
@@ -131,11 +132,12 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         clock: VersionClock::new(me.clone()),
         replication: Replication { replicas: cluster.replicas, write_quorum: cluster.write_quorum },
         metrics: ClusterMetrics::new(&metrics.registry)?,
+        gc_lock: Default::default(),
     });
     spawn_gauges(&store, &membership, &coordinator, &metrics)?;
     let repair = Repairer::start(coordinator.clone(), cluster.repair_rate, cluster.repair_interval);
     if let Some(every) = config.cluster.gc_interval {
-        spawn_periodic_gc(coordinator.clone(), cluster.gc_grace, every);
+        spawn_periodic_gc(coordinator.clone(), gc_settings(&cluster), every);
     }
     let registry = ClusterStore::new(coordinator.clone());
     let forwarder = crate::origin_forward::Forwarder::new(membership.clone(), cluster.call_timeout)?;
@@ -154,7 +156,9 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
                     membership: membership.clone(),
                     repair,
                     secret: secret.clone(),
-                    gc_grace: cluster.gc_grace,
+                    gc: gc_settings(&cluster),
+                    // A collection waits out the quarantine: no overall timeout, only connect.
+                    http: reqwest::Client::builder().connect_timeout(cluster.call_timeout).build()?,
                 }),
             );
         }
@@ -196,13 +200,22 @@ fn spawn_gauges(
     Ok(())
 }
 
-/// Collect garbage every `every`; a failed run is logged and retried next time.
-fn spawn_periodic_gc(coordinator: Arc<Coordinator>, grace: Duration, every: Duration) {
+fn gc_settings(cluster: &shoal_origin::cluster::ClusterConfig) -> GcSettings {
+    GcSettings { grace: cluster.gc_grace, quarantine: cluster.gc_quarantine }
+}
+
+/// Collect garbage every `every` (every origin runs the timer; only the leader collects); a
+/// failed run is logged and retried next time.
+fn spawn_periodic_gc(coordinator: Arc<Coordinator>, settings: GcSettings, every: Duration) {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(every).await;
-            if let Err(e) = shoal_origin::cluster::gc::collect(&coordinator, grace).await {
-                tracing::warn!(error = %e, "periodic garbage collection failed");
+            match shoal_origin::cluster::gc::collect(&coordinator, settings).await {
+                Ok(_) => {}
+                Err(GcError::NotLeader { leader }) => {
+                    tracing::debug!(%leader, "periodic garbage collection runs on another origin")
+                }
+                Err(e) => tracing::warn!(error = %e, "periodic garbage collection did not run"),
             }
         }
     });

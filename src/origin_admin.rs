@@ -3,16 +3,15 @@
 //! secret like the internal API.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use shoal_origin::cluster::coordinator::Coordinator;
+use shoal_origin::cluster::gc::{GcError, GcSettings};
 use shoal_origin::cluster::membership::Membership;
 use shoal_origin::cluster::repair::RepairHandle;
-use tokio::sync::Mutex;
 
 /// What the admin routes act on.
 #[derive(Clone)]
@@ -21,14 +20,14 @@ pub struct Admin {
     pub membership: Arc<Membership>,
     pub repair: RepairHandle,
     pub secret: String,
-    pub gc_grace: Duration,
+    pub gc: GcSettings,
+    /// For handing a collection to the origin that runs it.
+    pub http: reqwest::Client,
 }
 
 #[derive(Clone)]
 struct AdminState {
     admin: Admin,
-    /// One collection at a time per origin.
-    gc_running: Arc<Mutex<()>>,
 }
 
 /// The admin routes, behind the cluster secret.
@@ -38,7 +37,7 @@ pub fn routes(admin: Admin) -> axum::Router {
         .route("/shoal/v1/admin/repair", post(repair))
         .route("/shoal/v1/admin/gc", post(gc))
         .route("/shoal/v1/admin/members", get(members))
-        .with_state(AdminState { admin, gc_running: Arc::new(Mutex::new(())) });
+        .with_state(AdminState { admin });
     shoal_origin::cluster::internal_api::guard(router, Some(secret))
 }
 
@@ -49,13 +48,42 @@ async fn repair(State(s): State<AdminState>) -> Response {
     }
 }
 
+/// Collect now. Only one origin collects (see `cluster::gc`): any other hands the request to
+/// it and relays its answer, so the caller may ask any origin.
 async fn gc(State(s): State<AdminState>) -> Response {
-    let Ok(_running) = s.gc_running.try_lock() else {
-        return (StatusCode::CONFLICT, "a garbage collection is already running").into_response();
-    };
-    match shoal_origin::cluster::gc::collect(&s.admin.coordinator, s.admin.gc_grace).await {
+    match shoal_origin::cluster::gc::collect(&s.admin.coordinator, s.admin.gc).await {
         Ok(report) => axum::Json(report).into_response(),
+        Err(GcError::NotLeader { leader }) => forward_gc(&s.admin, &leader).await,
+        Err(e @ GcError::Running) => (StatusCode::CONFLICT, e.to_string()).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}
+
+async fn forward_gc(admin: &Admin, leader: &str) -> Response {
+    let Some(url) = admin.membership.url(leader) else {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("gc leader {leader} is not a known member"))
+            .into_response();
+    };
+    let sent = admin.http.post(format!("{url}/shoal/v1/admin/gc")).bearer_auth(&admin.secret).send().await;
+    let answer = match sent {
+        Ok(resp) => {
+            let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let content_type = resp.headers().get(reqwest::header::CONTENT_TYPE).cloned();
+            resp.bytes().await.map(|body| (status, content_type, body))
+        }
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok((status, content_type, body)) => {
+            let mut response = (status, body).into_response();
+            if let Some(ct) =
+                content_type.and_then(|v| axum::http::HeaderValue::from_bytes(v.as_bytes()).ok())
+            {
+                response.headers_mut().insert(axum::http::header::CONTENT_TYPE, ct);
+            }
+            response
+        }
+        Err(e) => (StatusCode::BAD_GATEWAY, format!("gc leader {leader}: {e}")).into_response(),
     }
 }
 

@@ -430,7 +430,10 @@ async fn delete_manifest(cluster: &OriginCluster, origin: usize, image: &TestIma
 #[tokio::test(flavor = "multi_thread")]
 async fn gc_removes_unreferenced_blobs() {
     skip_if_external!(SKIP);
-    let cluster = OriginCluster::start_cluster(ClusterSpec::new(3).cluster("gc_grace = \"0s\"")).await;
+    let cluster = OriginCluster::start_cluster(
+        ClusterSpec::new(3).cluster("gc_grace = \"0s\"\ngc_quarantine = \"10s\""),
+    )
+    .await;
     let all = [0, 1, 2];
     let repo = unique_repo("gc");
     let layer = || Blob::random_layer(oci::OCI_LAYER, random_size(64 * KIB, 512 * KIB));
@@ -477,7 +480,10 @@ async fn gc_removes_unreferenced_blobs() {
 async fn gc_spares_a_racing_push() {
     skip_if_external!(SKIP);
     const GRACE: Duration = Duration::from_secs(5);
-    let cluster = OriginCluster::start_cluster(ClusterSpec::new(3).cluster("gc_grace = \"5s\"")).await;
+    let cluster = OriginCluster::start_cluster(
+        ClusterSpec::new(3).cluster("gc_grace = \"5s\"\ngc_quarantine = \"10s\""),
+    )
+    .await;
     let all = [0, 1, 2];
     let repo = unique_repo("gcrace");
     let old = TestImage::random(&repo, "old", &[random_size(64 * KIB, 512 * KIB)]);

@@ -31,6 +31,15 @@ impl Layout {
         self.root.join("blobs").join(digest.algorithm().name()).join(&hex[..2]).join(hex)
     }
 
+    /// `quarantine/<alg>-<hex>`: blob files garbage collection has set aside (see `cluster::gc`).
+    pub fn quarantine(&self) -> PathBuf {
+        self.root.join("quarantine")
+    }
+
+    pub fn quarantined(&self, digest: &Digest) -> PathBuf {
+        self.quarantine().join(format!("{}-{}", digest.algorithm().name(), digest.hex()))
+    }
+
     /// Data of upload sessions, one file per session, kept across restarts.
     pub fn uploads(&self) -> PathBuf {
         self.root.join("uploads")

@@ -28,6 +28,10 @@ const UPLOADS: TableDefinition<&str, &str> = TableDefinition::new("uploads");
 const REPAIR: TableDefinition<&str, u64> = TableDefinition::new("repair_queue");
 /// digest → metainfo JSON (piece length and piece hashes), computed once per blob.
 const METAINFO: TableDefinition<&str, &[u8]> = TableDefinition::new("metainfo");
+/// digest → (size, ms since the epoch when set aside): blob files garbage collection moved to
+/// `quarantine/`. Brought back when anything asks for them; deleted only by a later pass that
+/// finds them still unreferenced (see `cluster::gc`).
+const QUARANTINE: TableDefinition<&str, (u64, u64)> = TableDefinition::new("blob_quarantine");
 
 /// A persisted upload session; its byte count is the length of its data file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -63,6 +67,7 @@ impl Meta {
             txn.open_table(UPLOADS).map_err(db_err)?;
             txn.open_table(METAINFO).map_err(db_err)?;
             txn.open_table(REPAIR).map_err(db_err)?;
+            txn.open_table(QUARANTINE).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         Ok(Meta { db })
@@ -138,6 +143,106 @@ impl Meta {
         };
         txn.commit().map_err(db_err)?;
         Ok(size)
+    }
+
+    /// Move a blob's entry to the quarantine (before its file moves); returns its size if it
+    /// was recorded here.
+    pub fn quarantine_blob(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let d = digest.to_string();
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let size = {
+            let mut blobs = txn.open_table(BLOBS).map_err(db_err)?;
+            let size = blobs.remove(d.as_str()).map_err(db_err)?.map(|v| v.value().0);
+            if let Some(size) = size {
+                txn.open_table(METAINFO).map_err(db_err)?.remove(d.as_str()).map_err(db_err)?;
+                txn.open_table(QUARANTINE)
+                    .map_err(db_err)?
+                    .insert(d.as_str(), (size, now_millis()))
+                    .map_err(db_err)?;
+            }
+            size
+        };
+        txn.commit().map_err(db_err)?;
+        Ok(size)
+    }
+
+    /// A quarantined blob's (size, ms when set aside).
+    pub fn quarantined(&self, digest: &Digest) -> Result<Option<(u64, u64)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(QUARANTINE).map_err(db_err)?;
+        let d = digest.to_string();
+        Ok(table.get(d.as_str()).map_err(db_err)?.map(|v| v.value()))
+    }
+
+    /// Take a blob out of quarantine (after its file is back, or because a new copy was
+    /// published meanwhile): its entry is a stored blob again, young, so the grace period
+    /// starts over. Returns its size if it was quarantined.
+    pub fn unquarantine_blob(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let d = digest.to_string();
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let size = {
+            let size = txn
+                .open_table(QUARANTINE)
+                .map_err(db_err)?
+                .remove(d.as_str())
+                .map_err(db_err)?
+                .map(|v| v.value().0);
+            if let Some(size) = size {
+                let mut blobs = txn.open_table(BLOBS).map_err(db_err)?;
+                if blobs.get(d.as_str()).map_err(db_err)?.is_none() {
+                    blobs.insert(d.as_str(), (size, now_millis())).map_err(db_err)?;
+                }
+            }
+            size
+        };
+        txn.commit().map_err(db_err)?;
+        Ok(size)
+    }
+
+    /// Forget a quarantined blob if it was set aside exactly at `since` (so one that came back
+    /// and was set aside again later is not forgotten early); returns its size.
+    pub fn purge_quarantined(&self, digest: &Digest, since: u64) -> Result<Option<u64>, StoreError> {
+        let d = digest.to_string();
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let size = {
+            let mut table = txn.open_table(QUARANTINE).map_err(db_err)?;
+            let found = table.get(d.as_str()).map_err(db_err)?.map(|v| v.value());
+            match found {
+                Some((size, at)) if at == since => {
+                    table.remove(d.as_str()).map_err(db_err)?;
+                    Some(size)
+                }
+                _ => None,
+            }
+        };
+        txn.commit().map_err(db_err)?;
+        Ok(size)
+    }
+
+    /// Quarantined blobs in digest order after `after`, at most `limit`; `stored_millis` is when
+    /// each was set aside.
+    pub fn quarantine_list(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<BlobEntry>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(QUARANTINE).map_err(db_err)?;
+        let after = after.map(|d| d.to_string());
+        let mut out = Vec::new();
+        for entry in table.range(after.as_deref().unwrap_or("")..).map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            if after.as_deref() == Some(k.value()) {
+                continue;
+            }
+            if out.len() == limit {
+                break;
+            }
+            let Ok(digest) = k.value().parse::<Digest>() else { continue };
+            let (size, stored_millis) = v.value();
+            out.push(BlobEntry { digest, size, stored_millis });
+        }
+        Ok(out)
     }
 
     /// Blob files in digest order after `after`, at most `limit`.
@@ -236,10 +341,10 @@ impl Meta {
                     .map_err(db_err)?
                     .map(|v| serde_json::from_str(v.value()).map_err(json_err))
                     .transpose()?;
-                if !record.supersedes(existing.as_ref()) {
+                if !record.applies_over(existing.as_ref()) {
                     continue;
                 }
-                let json = serde_json::to_string(record).map_err(json_err)?;
+                let json = serde_json::to_string(&record.stored()).map_err(json_err)?;
                 table.insert(key, json.as_str()).map_err(db_err)?;
                 let old_subject =
                     existing.as_ref().and_then(|r| r.manifest()).and_then(|m| m.subject.clone());

@@ -18,7 +18,7 @@ fn io(e: std::io::Error) -> StoreError {
 
 /// Prepare the data directory and return the metadata and the surviving upload sessions.
 pub fn recover(layout: &Layout) -> Result<(Meta, Sessions), StoreError> {
-    for dir in [layout.root().to_path_buf(), layout.uploads(), layout.tmp()] {
+    for dir in [layout.root().to_path_buf(), layout.uploads(), layout.tmp(), layout.quarantine()] {
         fs::create_dir_all(&dir).map_err(io)?;
     }
     let mut scratch = 0;

@@ -39,6 +39,10 @@ pub(crate) struct Inner {
     sessions: Sessions,
     blob_bytes: AtomicU64,
     config: StoreConfig,
+    /// Held (on blocking threads only, never across an await) while a blob file and its
+    /// metadata change together: publish, remove, quarantine, restore, purge. Without it a
+    /// publish that reuses an existing file could interleave with its removal.
+    blob_files: std::sync::Mutex<()>,
 }
 
 /// The origin's storage: blob files plus redb metadata under one data directory.
@@ -77,7 +81,14 @@ impl OriginStore {
             blocking(move || crate::recovery::recover(&layout)).await?
         };
         let blob_bytes = AtomicU64::new(meta.total_blob_bytes()?);
-        let inner = Arc::new(Inner { layout, meta, sessions, blob_bytes, config });
+        let inner = Arc::new(Inner {
+            layout,
+            meta,
+            sessions,
+            blob_bytes,
+            config,
+            blob_files: std::sync::Mutex::new(()),
+        });
         tokio::spawn(expire_sessions(Arc::downgrade(&inner)));
         Ok(OriginStore { inner })
     }
@@ -234,6 +245,7 @@ impl OriginStore {
         let new = blocking(move || {
             let dest = inner.layout.blob(&d);
             std::fs::File::open(&src).and_then(|f| f.sync_all()).map_err(StoreError::from_io)?;
+            let _files = inner.lock_blob_files();
             fsutil::publish(&src, &dest).map_err(StoreError::from_io)?;
             inner.meta.commit_blob(&d, size, upload.as_deref())
         })
@@ -252,11 +264,20 @@ impl OriginStore {
         self.inner.layout.blob(digest)
     }
 
-    /// Size of the blob's file if this origin holds it.
+    /// Size of the blob's file if this origin holds it. A blob in quarantine is brought back:
+    /// whoever asks for it (a read through a live link, a copy being placed) needs it.
     pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
         let inner = self.inner.clone();
-        let digest = digest.clone();
-        blocking(move || inner.meta.blob_size(&digest)).await
+        let d = digest.clone();
+        if let Some(size) = blocking(move || inner.meta.blob_size(&d)).await? {
+            return Ok(Some(size));
+        }
+        if self.blob_restore(digest).await? {
+            let inner = self.inner.clone();
+            let d = digest.clone();
+            return blocking(move || inner.meta.blob_size(&d)).await;
+        }
+        Ok(None)
     }
 
     /// The blob's bytes (a range of them) if this origin holds it.
@@ -319,6 +340,7 @@ impl OriginStore {
         let inner = self.inner.clone();
         let digest = digest.clone();
         let removed = blocking(move || {
+            let _files = inner.lock_blob_files();
             let Some(size) = inner.meta.remove_blob(&digest)? else { return Ok(None) };
             let path = inner.layout.blob(&digest);
             match std::fs::remove_file(&path) {
@@ -335,6 +357,103 @@ impl OriginStore {
             self.inner.blob_bytes.fetch_sub(size.min(self.stored_bytes()), Ordering::Relaxed);
         }
         Ok(removed.is_some())
+    }
+
+    /// Set this origin's copy of a blob aside (garbage collection's first step): it is no
+    /// longer listed or served, but comes back if anything asks for it (`blob_size`), until a
+    /// later [`OriginStore::blob_purge`]. `false` if this origin had no copy.
+    pub async fn blob_quarantine(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let inner = self.inner.clone();
+        let digest = digest.clone();
+        let moved = blocking(move || {
+            let _files = inner.lock_blob_files();
+            let Some(size) = inner.meta.quarantine_blob(&digest)? else { return Ok(None) };
+            let (from, to) = (inner.layout.blob(&digest), inner.layout.quarantined(&digest));
+            match std::fs::rename(&from, &to) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(StoreError::from_io(e)),
+                _ => {}
+            }
+            fsutil::sync_dir(&inner.layout.quarantine()).map_err(StoreError::from_io)?;
+            if let Some(parent) = from.parent() {
+                fsutil::sync_dir(parent).map_err(StoreError::from_io)?;
+            }
+            Ok(Some(size))
+        })
+        .await?;
+        if let Some(size) = moved {
+            self.inner.blob_bytes.fetch_sub(size.min(self.stored_bytes()), Ordering::Relaxed);
+        }
+        Ok(moved.is_some())
+    }
+
+    /// Bring a quarantined blob back (its file to its place, its entry young again); `true` if
+    /// it was quarantined here.
+    pub async fn blob_restore(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let inner = self.inner.clone();
+        let d = digest.clone();
+        let restored = blocking(move || {
+            let _files = inner.lock_blob_files();
+            if inner.meta.quarantined(&d)?.is_none() {
+                return Ok(None);
+            }
+            let (from, to) = (inner.layout.quarantined(&d), inner.layout.blob(&d));
+            if inner.meta.blob_size(&d)?.is_some() {
+                // A new copy was published meanwhile: the set-aside one is not needed.
+                remove_if_present(&from)?;
+            } else {
+                if let Some(parent) = to.parent() {
+                    std::fs::create_dir_all(parent).map_err(StoreError::from_io)?;
+                }
+                match std::fs::rename(&from, &to) {
+                    // A crash between the quarantine's metadata and its rename leaves the file
+                    // where it was.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && to.exists() => {}
+                    Err(e) => return Err(StoreError::from_io(e)),
+                    Ok(()) => {}
+                }
+                if let Some(parent) = to.parent() {
+                    fsutil::sync_dir(parent).map_err(StoreError::from_io)?;
+                }
+            }
+            let had = inner.meta.blob_size(&d)?.is_some();
+            let size = inner.meta.unquarantine_blob(&d)?;
+            Ok(size.map(|s| if had { 0 } else { s }))
+        })
+        .await?;
+        if let Some(size) = restored {
+            self.inner.blob_bytes.fetch_add(size, Ordering::Relaxed);
+            tracing::info!(%digest, "blob brought back from quarantine");
+        }
+        Ok(restored.is_some())
+    }
+
+    /// Delete a quarantined blob for good if it was set aside exactly at `since`; returns its
+    /// size if it was deleted.
+    pub async fn blob_purge(&self, digest: &Digest, since: u64) -> Result<Option<u64>, StoreError> {
+        let inner = self.inner.clone();
+        let digest = digest.clone();
+        blocking(move || {
+            let _files = inner.lock_blob_files();
+            let Some(size) = inner.meta.purge_quarantined(&digest, since)? else { return Ok(None) };
+            remove_if_present(&inner.layout.quarantined(&digest))?;
+            if inner.meta.blob_size(&digest)?.is_none() {
+                // A crash may have left the file in place when its entry moved.
+                remove_if_present(&inner.layout.blob(&digest))?;
+            }
+            Ok(Some(size))
+        })
+        .await
+    }
+
+    /// Quarantined blobs in digest order; `stored_millis` is when each was set aside.
+    pub async fn quarantine_list(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<BlobEntry>, StoreError> {
+        let inner = self.inner.clone();
+        let after = after.cloned();
+        blocking(move || inner.meta.quarantine_list(after.as_ref(), limit)).await
     }
 
     /// Blob files held here, in digest order.
@@ -411,5 +530,26 @@ impl OriginStore {
     pub async fn repair_done(&self, item: String) -> Result<(), StoreError> {
         let inner = self.inner.clone();
         blocking(move || inner.meta.repair_done(&item)).await
+    }
+}
+
+impl Inner {
+    /// The blob-files lock; a panic elsewhere while holding it leaves nothing half-done that
+    /// the next holder could not handle, so a poisoned lock is taken as is.
+    fn lock_blob_files(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.blob_files.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Remove a file, and sync its directory; a file already gone is fine.
+fn remove_if_present(path: &std::path::Path) -> Result<(), StoreError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::from_io(e)),
+        _ => {
+            if let Some(parent) = path.parent() {
+                fsutil::sync_dir(parent).map_err(StoreError::from_io)?;
+            }
+            Ok(())
+        }
     }
 }

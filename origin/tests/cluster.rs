@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::stream;
 use shoal_origin::cluster::coordinator::{Coordinator, Replication};
+use shoal_origin::cluster::gc::{GcError, GcSettings};
 use shoal_origin::cluster::local::LocalNode;
 use shoal_origin::cluster::metrics::ClusterMetrics;
 use shoal_origin::cluster::node::{BlobEntry, Node, NodeError};
@@ -21,14 +22,35 @@ use shoal_origin::cluster::repair::Repairer;
 use shoal_origin::cluster::store::ClusterStore;
 use shoal_origin::cluster::topology::Topology;
 use shoal_origin::{OriginStore, StoreConfig};
+use shoal_registry::manifest::parse_manifest;
 use shoal_registry::range::ByteRange;
-use shoal_registry::store::Reference;
+use shoal_registry::store::{NewManifest, Reference};
 use shoal_registry::{Algorithm, ByteStream, Digest, RegistryStore, RepoName, StoreError};
 
 /// A member that can be switched off: then every call fails as if it were unreachable.
 struct Switchable {
     inner: Arc<LocalNode>,
     down: AtomicBool,
+    /// Holds one call (the first that matches, on any member) back until the test has done
+    /// something in the middle of it; shared by all members.
+    gate: Arc<Mutex<Option<Gate>>>,
+}
+
+/// Where a [`Gate`] stops: garbage collection's first link tombstone, or its quarantine of a
+/// blob.
+#[derive(Clone, PartialEq, Eq)]
+enum GateOn {
+    /// The first link tombstone of a collection (none has applied yet).
+    Tombstone,
+    Quarantine(Digest),
+}
+
+/// Stops the first matching call on any gated member: `reached` fires, then the call waits for
+/// `release`.
+struct Gate {
+    on: GateOn,
+    reached: Arc<tokio::sync::Notify>,
+    release: Arc<tokio::sync::Notify>,
 }
 
 impl Switchable {
@@ -40,6 +62,22 @@ impl Switchable {
             });
         }
         Ok(())
+    }
+
+    /// Wait at the gate if `call` is what it stops.
+    async fn pass(&self, call: GateOn) {
+        let taken = {
+            let mut gate = self.gate.lock().unwrap();
+            if gate.as_ref().is_some_and(|g| g.on == call) {
+                gate.take()
+            } else {
+                None
+            }
+        };
+        if let Some(g) = taken {
+            g.reached.notify_one();
+            g.release.notified().await;
+        }
     }
 }
 
@@ -68,6 +106,31 @@ impl Node for Switchable {
         self.check()?;
         self.inner.blob_list(after, limit).await
     }
+    async fn blob_quarantine(&self, d: &Digest) -> Result<bool, NodeError> {
+        self.check()?;
+        self.pass(GateOn::Quarantine(d.clone())).await;
+        self.inner.blob_quarantine(d).await
+    }
+    async fn blob_restore(&self, d: &Digest) -> Result<bool, NodeError> {
+        self.check()?;
+        self.inner.blob_restore(d).await
+    }
+    async fn quarantine_list(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<BlobEntry>, NodeError> {
+        self.check()?;
+        self.inner.quarantine_list(after, limit).await
+    }
+    async fn blob_purge(&self, d: &Digest, since: u64) -> Result<Option<u64>, NodeError> {
+        self.check()?;
+        self.inner.blob_purge(d, since).await
+    }
+    async fn repair_pending(&self) -> Result<u64, NodeError> {
+        self.check()?;
+        self.inner.repair_pending().await
+    }
     async fn records_get(&self, repo: &str, keys: &[RecordKey]) -> Result<Vec<Option<Record>>, NodeError> {
         self.check()?;
         self.inner.records_get(repo, keys).await
@@ -83,6 +146,9 @@ impl Node for Switchable {
     }
     async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<(), NodeError> {
         self.check()?;
+        if records.iter().any(|r| r.value.is_none() && matches!(r.key, RecordKey::Link(_))) {
+            self.pass(GateOn::Tombstone).await;
+        }
         self.inner.records_apply(repo, records).await
     }
     async fn records_drop(&self, repo: &str) -> Result<(), NodeError> {
@@ -103,6 +169,7 @@ impl Node for Switchable {
 /// says an origin is known to be down).
 struct World {
     _dirs: Vec<tempfile::TempDir>,
+    gate: Arc<Mutex<Option<Gate>>>,
     nodes: HashMap<String, Arc<Switchable>>,
     live: Mutex<Vec<String>>,
     generation: std::sync::atomic::AtomicU64,
@@ -121,6 +188,9 @@ impl Topology for View {
     fn live(&self) -> Vec<String> {
         self.world.live.lock().unwrap().clone()
     }
+    fn members(&self) -> Vec<String> {
+        self.world.nodes.keys().cloned().collect()
+    }
     fn node(&self, id: &str) -> Option<Arc<dyn Node>> {
         self.world.nodes.get(id).map(|n| n.clone() as Arc<dyn Node>)
     }
@@ -134,6 +204,7 @@ const IDS: [&str; 3] = ["o0:5000", "o1:5000", "o2:5000"];
 async fn world() -> (Arc<World>, Vec<Arc<Coordinator>>) {
     let mut dirs = Vec::new();
     let mut nodes = HashMap::new();
+    let gate = Arc::new(Mutex::new(None));
     let mut locals = Vec::new();
     for id in IDS {
         let dir = tempfile::tempdir().unwrap();
@@ -147,13 +218,14 @@ async fn world() -> (Arc<World>, Vec<Arc<Coordinator>>) {
         let local = LocalNode::new(id, store);
         nodes.insert(
             id.to_string(),
-            Arc::new(Switchable { inner: local.clone(), down: AtomicBool::new(false) }),
+            Arc::new(Switchable { inner: local.clone(), down: AtomicBool::new(false), gate: gate.clone() }),
         );
         locals.push(local);
         dirs.push(dir);
     }
     let world = Arc::new(World {
         _dirs: dirs,
+        gate,
         nodes,
         live: Mutex::new(IDS.iter().map(|s| s.to_string()).collect()),
         generation: Default::default(),
@@ -167,6 +239,7 @@ async fn world() -> (Arc<World>, Vec<Arc<Coordinator>>) {
                 local,
                 replication: Replication { replicas: 2, write_quorum: 2 },
                 metrics: ClusterMetrics::unregistered().unwrap(),
+                gc_lock: Default::default(),
             })
         })
         .collect();
@@ -228,6 +301,7 @@ async fn reads_return_the_newest_tag_and_repair_the_stale_owner() {
         key: RecordKey::Tag("latest".into()),
         version: Version { millis, node: node.into() },
         value: Some(RecordValue::Tag { digest: d }),
+        expect: None,
     };
     let repo_owners: Vec<String> = owners(repo).into_iter().collect();
     let (fresh, stale) = (&world.nodes[&repo_owners[0]], &world.nodes[&repo_owners[1]]);
@@ -310,4 +384,180 @@ async fn a_write_that_cannot_reach_its_quorum_fails_and_links_nothing() {
     assert_eq!(store0.blob_size(&repo, &d).await.unwrap(), None, "a failed push is not visible");
     let tag = store0.manifest_get(&repo, &Reference::Tag("latest".parse().unwrap())).await.unwrap();
     assert!(tag.is_none());
+}
+
+fn manifest(config: &Digest, layer: &Digest) -> NewManifest {
+    let bytes = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}","size":5}}]}}"#
+    )
+    .into_bytes();
+    let parsed = parse_manifest(None, &bytes).unwrap();
+    NewManifest { digest: Digest::of(Algorithm::Sha256, &bytes), bytes: bytes.into(), parsed }
+}
+
+/// Close the gate at `on` (the first such call on any member stops); returns (reached, release).
+fn gate(world: &World, on: GateOn) -> (Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>) {
+    let (reached, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    *world.gate.lock().unwrap() = Some(Gate { on, reached: reached.clone(), release: release.clone() });
+    (reached, release)
+}
+
+/// An image whose manifest was deleted: its layer and config are garbage, old enough for any
+/// grace period.
+async fn garbage_image(cs: &[Arc<Coordinator>], repo: &RepoName, layer: &[u8]) -> (Digest, Digest) {
+    let store = ClusterStore::new(cs[0].clone());
+    let config = push(&store, repo, b"{}").await.unwrap();
+    let layer = push(&store, repo, layer).await.unwrap();
+    let m = manifest(&config, &layer);
+    store.manifest_put(repo, Some(&"v1".parse().unwrap()), m.clone()).await.unwrap();
+    assert!(store.manifest_delete(repo, &Reference::Digest(m.digest)).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    (config, layer)
+}
+
+/// The coordinator of the origin that leads garbage collection.
+fn leading(cs: &[Arc<Coordinator>]) -> Arc<Coordinator> {
+    let leader = shoal_origin::cluster::gc::leader(&cs[0]).unwrap();
+    cs.iter().find(|c| c.me() == leader).unwrap().clone()
+}
+
+fn quick_gc() -> GcSettings {
+    GcSettings { grace: Duration::from_millis(1), quarantine: Duration::from_millis(300) }
+}
+
+/// The race users hit: GC marks a layer unreferenced, then `docker push` of a new image that
+/// reuses it (HEAD says the layer exists, so only the manifest is put) refreshes the layer's
+/// link before GC's tombstone lands. The tombstone is conditional on the marked version, so it
+/// does not apply; the new image stays whole, on every origin.
+#[tokio::test]
+async fn gc_keeps_a_layer_a_manifest_reused_between_mark_and_unlink() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/app".parse().unwrap();
+    let (config, layer) = garbage_image(&cs, &repo, b"layer").await;
+    let (reached, release) = gate(&world, GateOn::Tombstone);
+    let gc = tokio::spawn({
+        let c = leading(&cs);
+        async move { shoal_origin::cluster::gc::collect(&c, quick_gc()).await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), reached.notified()).await.expect("gc reached the gate");
+    // GC has marked and is about to unlink the layer: a manifest reusing it is put now.
+    let again = manifest(&config, &layer);
+    ClusterStore::new(cs[1].clone())
+        .manifest_put(&repo, Some(&"v2".parse().unwrap()), again.clone())
+        .await
+        .unwrap();
+    release.notify_one();
+    let report = gc.await.unwrap().unwrap();
+    assert!(report.links_refreshed >= 1, "{report:?}");
+    for c in &cs {
+        let store = ClusterStore::new(c.clone());
+        let got = store.manifest_get(&repo, &Reference::Tag("v2".parse().unwrap())).await.unwrap().unwrap();
+        assert_eq!(got.digest, again.digest);
+        assert_eq!(read_blob(&store, &repo, &layer).await, b"layer", "through {}", c.me());
+        assert_eq!(read_blob(&store, &repo, &config).await, b"{}");
+    }
+    assert_eq!(holders(&world, &layer).await, owners(&layer.to_string()));
+}
+
+/// The later window: GC has unlinked a layer and is setting its files aside when the layer is
+/// uploaded again and a manifest using it is put (`201`). The files go to quarantine, but
+/// reading the image brings them back at once, and GC's last mark restores rather than
+/// deletes anything a live manifest uses.
+#[tokio::test]
+async fn gc_restores_a_layer_pushed_again_while_it_was_being_set_aside() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/app".parse().unwrap();
+    // A layer the leader does not hold, so the gate (on the remote members) stops GC before
+    // it sets aside the first copy, and the push below finds every copy still in place.
+    let lead = leading(&cs);
+    let content = (0..)
+        .map(|i| format!("layer {i}").into_bytes())
+        .find(|c| !owners(&Digest::of(Algorithm::Sha256, c).to_string()).contains(lead.me()))
+        .unwrap();
+    let (config, layer) = garbage_image(&cs, &repo, &content).await;
+    let (reached, release) = gate(&world, GateOn::Quarantine(layer.clone()));
+    let gc = tokio::spawn({
+        let c = lead.clone();
+        async move { shoal_origin::cluster::gc::collect(&c, quick_gc()).await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), reached.notified()).await.expect("gc reached the gate");
+    // The layer's link is a tombstone now: a client pushes it again, then the manifest.
+    let store = ClusterStore::new(cs[2].clone());
+    assert_eq!(push(&store, &repo, &content).await.unwrap(), layer);
+    assert_eq!(push(&store, &repo, b"{}").await.unwrap(), config);
+    let again = manifest(&config, &layer);
+    store.manifest_put(&repo, Some(&"v2".parse().unwrap()), again.clone()).await.unwrap();
+    release.notify_one();
+    // Every copy is set aside now; while GC waits out the quarantine, the acknowledged image
+    // is readable everywhere (a read brings the files back).
+    let aside = || async {
+        let mut n = 0;
+        for node in world.nodes.values() {
+            n += node
+                .inner
+                .quarantine_list(None, 10)
+                .await
+                .unwrap()
+                .iter()
+                .filter(|e| e.digest == layer)
+                .count();
+        }
+        n
+    };
+    while aside().await < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for c in &cs {
+        let store = ClusterStore::new(c.clone());
+        assert_eq!(read_blob(&store, &repo, &layer).await, content, "during gc, through {}", c.me());
+    }
+    let report = gc.await.unwrap().unwrap();
+    println!("{report:?}");
+    for c in &cs {
+        let store = ClusterStore::new(c.clone());
+        let got = store.manifest_get(&repo, &Reference::Tag("v2".parse().unwrap())).await.unwrap().unwrap();
+        assert_eq!(got.digest, again.digest);
+        assert_eq!(read_blob(&store, &repo, &layer).await, content, "after gc, through {}", c.me());
+        assert_eq!(read_blob(&store, &repo, &config).await, b"{}");
+    }
+    // Nothing was lost, and nothing is left aside.
+    for node in world.nodes.values() {
+        assert!(node.inner.quarantine_list(None, 10).await.unwrap().is_empty());
+    }
+}
+
+/// Garbage that nothing races is deleted, only after the quarantine, and GC refuses to run
+/// with a member down or from an origin that does not lead.
+#[tokio::test]
+async fn gc_deletes_garbage_after_quarantine_and_only_on_a_whole_cluster() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/app".parse().unwrap();
+    let (config, layer) = garbage_image(&cs, &repo, b"layer").await;
+    let leader = shoal_origin::cluster::gc::leader(&cs[0]).unwrap();
+    let (lead, follower) = {
+        let i = IDS.iter().position(|id| *id == leader).unwrap();
+        (cs[i].clone(), cs[(i + 1) % 3].clone())
+    };
+    match shoal_origin::cluster::gc::collect(&follower, quick_gc()).await {
+        Err(GcError::NotLeader { leader: l }) => assert_eq!(l, leader),
+        other => panic!("a follower collected: {other:?}"),
+    }
+    switch(&world, IDS[0], true);
+    world.live.lock().unwrap().retain(|id| id != IDS[0]);
+    assert!(matches!(
+        shoal_origin::cluster::gc::collect(&lead, quick_gc()).await,
+        Err(GcError::MemberDown(_)) | Err(GcError::NotLeader { .. })
+    ));
+    switch(&world, IDS[0], false);
+    *world.live.lock().unwrap() = IDS.iter().map(|s| s.to_string()).collect();
+    let report = shoal_origin::cluster::gc::collect(&lead, quick_gc()).await.unwrap();
+    assert_eq!((report.quarantined_blobs, report.swept_blobs), (2, 2), "{report:?}");
+    assert!(holders(&world, &layer).await.is_empty() && holders(&world, &config).await.is_empty());
+}
+
+async fn read_blob(store: &ClusterStore, repo: &RepoName, d: &Digest) -> Vec<u8> {
+    use futures_util::TryStreamExt;
+    let s = store.blob_read(repo, d, None).await.unwrap_or_else(|e| panic!("read {d}: {e}"));
+    let chunks: Vec<Bytes> = s.try_collect().await.unwrap();
+    chunks.concat()
 }

@@ -279,13 +279,13 @@ async fn gc_sweeps_only_unreferenced_blobs_past_the_grace_period() {
     let c = &store.coordinator;
 
     // Within the grace period nothing goes, referenced or not.
-    let report = shoal_origin::cluster::gc::collect(c, Duration::from_secs(3600)).await.unwrap();
+    let report = shoal_origin::cluster::gc::collect(c, gc_settings(Duration::from_secs(3600))).await.unwrap();
     assert_eq!(report.swept_blobs, 0);
     assert_eq!(report.young_blobs, 2, "{report:?}"); // l1 (no longer referenced) and l2 (never)
     assert_eq!(blob_files(dir.path()), 4); // config and three layers; manifests are records
 
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let report = shoal_origin::cluster::gc::collect(c, Duration::from_millis(1)).await.unwrap();
+    let report = shoal_origin::cluster::gc::collect(c, gc_settings(Duration::from_millis(1))).await.unwrap();
     assert_eq!(report.swept_blobs, 2, "{report:?}");
     assert_eq!(report.swept_bytes, 6);
     assert_eq!(blob_files(dir.path()), 2);
@@ -308,4 +308,9 @@ async fn upload_sessions_are_capped_and_a_finished_one_frees_a_slot() {
     assert!(matches!(store.upload_start(&r).await, Err(StoreError::TooManyUploads(2))));
     store.upload_cancel(&r, &first.id).await.unwrap();
     store.upload_start(&r).await.unwrap();
+}
+
+/// GC settings with a short quarantine: nothing races these collections.
+fn gc_settings(grace: Duration) -> shoal_origin::cluster::gc::GcSettings {
+    shoal_origin::cluster::gc::GcSettings { grace, quarantine: Duration::from_millis(50) }
 }

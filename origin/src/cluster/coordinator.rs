@@ -50,6 +50,8 @@ pub struct Coordinator {
     pub clock: VersionClock,
     pub replication: Replication,
     pub metrics: ClusterMetrics,
+    /// Held while garbage collection runs here (one at a time).
+    pub gc_lock: crate::cluster::gc::GcLock,
 }
 
 fn unavailable(what: &str, why: Option<String>) -> StoreError {

@@ -1,11 +1,24 @@
-//! Cluster-wide garbage collection, mark and sweep. Mark: every live manifest of every
-//! repository (merged across its owners) names the blobs it uses. Sweep: a blob no manifest
-//! names goes from every origin, unless it is younger than the grace period, counted from
-//! when its file was stored and from the newest version of any link to it. A push racing
-//! with GC is safe: its blobs are young, and putting a manifest rewrites the links of the
-//! blobs it references (see `ClusterStore::manifest_put`), which makes them young again.
-//! The mark runs twice, before and after listing the candidates, to narrow the window of a
-//! manifest put that lands in between.
+//! Cluster-wide garbage collection. A blob no manifest references and no repository links
+//! goes, but only by steps that a racing push can always undo, because a `201 Created` must
+//! never be followed by a 404:
+//!
+//! 1. **Mark** every live manifest and link of every repository (merged across owners).
+//! 2. **Unlink** each unreferenced blob with *conditional* tombstones: a link's tombstone
+//!    applies only where the link still has the version the mark saw (compare-and-set in the
+//!    record store), so a link a manifest put refreshed meanwhile survives.
+//! 3. **Mark again**; a blob that is referenced or linked anywhere now is kept.
+//! 4. **Quarantine** the rest: the files move aside, unlisted and unserved, but any request
+//!    for the blob (a read through a link refreshed after step 3, a copy being placed)
+//!    brings its file back.
+//! 5. After [`GcSettings::quarantine`], **mark again** and restore what is referenced or
+//!    linked; only what is still garbage is deleted. A write that read a live link before
+//!    step 2 finishes within [`READ_TO_WRITE_DEADLINE`] or fails, and the quarantine lasts
+//!    longer than that, so the last mark sees every link such a write made.
+//!
+//! GC runs only when every member is up and no repair queue holds anything (records written
+//! to fallback origins are then on their owners, where the mark looks), and only on one
+//! origin: the first of the full member list by rendezvous hash of [`LEADER_KEY`]. With all
+//! members up, every origin agrees on which one that is; it runs one collection at a time.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -14,40 +27,144 @@ use serde::{Deserialize, Serialize};
 use shoal_registry::{Digest, StoreError};
 
 use crate::cluster::coordinator::Coordinator;
-use crate::cluster::record::{now_millis, Record, RecordKind};
+use crate::cluster::record::{now_millis, Record, RecordKey, RecordKind, Version};
 
 /// Names read per page when listing repositories and blobs.
 const PAGE: usize = 1000;
+/// The key whose rendezvous ranking over the members picks the origin that runs GC.
+pub const LEADER_KEY: &str = "shoal-gc-leader";
+/// A write that read a live link (a manifest put, a cross-repository mount) must write within
+/// this long of the read, or it fails and the client retries; see the module doc.
+pub const READ_TO_WRITE_DEADLINE: Duration = Duration::from_secs(5);
+/// The shortest quarantine: twice the read-to-write deadline.
+pub const MIN_QUARANTINE: Duration = Duration::from_secs(10);
+
+/// How a collection runs.
+#[derive(Clone, Copy, Debug)]
+pub struct GcSettings {
+    /// Blobs stored or linked more recently than this are kept (uploads waiting for their
+    /// manifest).
+    pub grace: Duration,
+    /// How long quarantined files wait before the last mark decides. Configurations keep it
+    /// at least [`MIN_QUARANTINE`]; only tests that race nothing go lower.
+    pub quarantine: Duration,
+}
+
+impl GcSettings {
+    pub fn new(grace: Duration) -> GcSettings {
+        GcSettings { grace, quarantine: MIN_QUARANTINE }
+    }
+}
 
 /// What one collection did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcReport {
     /// Distinct blobs some live manifest references.
     pub marked_blobs: u64,
-    /// Distinct blobs removed.
+    /// Distinct blobs deleted.
     pub swept_blobs: u64,
-    /// Bytes freed, summed over every copy removed.
+    /// Bytes freed, summed over every copy deleted.
     pub swept_bytes: u64,
     /// Unreferenced blobs kept because they are within the grace period.
     pub young_blobs: u64,
+    /// Blobs set aside by this run.
+    #[serde(default)]
+    pub quarantined_blobs: u64,
+    /// Quarantined blobs brought back because something references or links them again.
+    #[serde(default)]
+    pub restored_blobs: u64,
+    /// Link tombstones that did not apply because the link changed since the mark.
+    #[serde(default)]
+    pub links_refreshed: u64,
 }
+
+/// Why a collection did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    #[error("garbage collection needs every origin up; {0} is down")]
+    MemberDown(String),
+    #[error("garbage collection waits for repair: origin {origin} has {pending} items queued")]
+    RepairPending { origin: String, pending: u64 },
+    #[error("garbage collection runs on origin {leader}, not here")]
+    NotLeader { leader: String },
+    #[error("a garbage collection is already running")]
+    Running,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Held while a collection runs on this origin.
+#[derive(Debug, Default)]
+pub struct GcLock(tokio::sync::Mutex<()>);
 
 /// Everything the mark phase learns.
 #[derive(Default)]
 struct Marks {
     referenced: HashSet<Digest>,
-    /// Newest link version (ms) of each blob, and the repositories linking it.
-    links: HashMap<Digest, (u64, Vec<String>)>,
+    /// Newest link version (ms) of each blob, live or not.
+    newest_link: HashMap<Digest, u64>,
+    /// The live links of each blob: (repository, the link's version).
+    live_links: HashMap<Digest, Vec<(String, Version)>>,
 }
 
-/// Collect garbage across the cluster now.
-pub async fn collect(c: &Coordinator, grace: Duration) -> Result<GcReport, StoreError> {
+impl Marks {
+    /// Whether anything keeps `digest` now: a live manifest references it or a repository
+    /// links it. (Tombstones, this run's own included, keep nothing.)
+    fn keeps(&self, digest: &Digest) -> bool {
+        self.referenced.contains(digest) || self.live_links.get(digest).is_some_and(|l| !l.is_empty())
+    }
+}
+
+/// The origin that runs garbage collection: the first member by rendezvous hash of
+/// [`LEADER_KEY`] (all members are up whenever GC runs).
+pub fn leader(c: &Coordinator) -> Option<String> {
+    c.ranked(LEADER_KEY).into_iter().next()
+}
+
+/// Whether this origin may collect now: every member up, no repair pending, and it leads.
+async fn precheck(c: &Coordinator) -> Result<(), GcError> {
+    let live: HashSet<String> = c.topology.live().into_iter().collect();
+    if let Some(down) = c.topology.members().into_iter().find(|m| !live.contains(m)) {
+        return Err(GcError::MemberDown(down));
+    }
+    let leader = leader(c).unwrap_or_else(|| c.me().to_string());
+    if leader != c.me() {
+        return Err(GcError::NotLeader { leader });
+    }
+    for id in &live {
+        let Some(node) = c.node(id) else { return Err(GcError::MemberDown(id.clone())) };
+        let pending = node.repair_pending().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        if pending > 0 {
+            return Err(GcError::RepairPending { origin: id.clone(), pending });
+        }
+    }
+    Ok(())
+}
+
+/// Collect garbage across the cluster now (see the module doc).
+pub async fn collect(c: &Coordinator, settings: GcSettings) -> Result<GcReport, GcError> {
+    precheck(c).await?;
+    let _running = c.gc_lock.0.try_lock().map_err(|_| GcError::Running)?;
+    let quarantine = settings.quarantine;
+    let mut report = GcReport::default();
+    // Leftovers of an earlier run that stopped halfway.
+    settle_quarantine(c, &mut report, Some(quarantine)).await?;
+    set_aside(c, settings.grace, &mut report).await?;
+    if report.quarantined_blobs > 0 {
+        tokio::time::sleep(quarantine).await;
+        precheck(c).await?;
+        settle_quarantine(c, &mut report, Some(quarantine)).await?;
+    }
+    tracing::info!(?report, "garbage collection done");
+    Ok(report)
+}
+
+/// Steps 1-4: mark, unlink with conditional tombstones, mark again, quarantine.
+async fn set_aside(c: &Coordinator, grace: Duration, report: &mut GcReport) -> Result<(), GcError> {
     let started = now_millis();
     let cutoff = started.saturating_sub(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
-    let repos = all_repos(c).await?;
-    let first = mark(c, &repos).await?;
-    let mut candidates: HashMap<Digest, Vec<(String, u64)>> = HashMap::new();
-    let mut report = GcReport::default();
+    let first = mark(c).await?;
+    let mut candidates: HashMap<Digest, Vec<String>> = HashMap::new();
     let mut young = HashSet::new();
     for id in c.topology.live() {
         let Some(node) = c.node(&id) else { continue };
@@ -61,12 +178,12 @@ pub async fn collect(c: &Coordinator, grace: Duration) -> Result<GcReport, Store
                 if first.referenced.contains(&entry.digest) {
                     continue;
                 }
-                let linked_at = first.links.get(&entry.digest).map_or(0, |(m, _)| *m);
+                let linked_at = first.newest_link.get(&entry.digest).copied().unwrap_or(0);
                 if entry.stored_millis >= cutoff || linked_at >= cutoff {
                     young.insert(entry.digest.clone());
                     continue;
                 }
-                candidates.entry(entry.digest.clone()).or_default().push((id.clone(), entry.size));
+                candidates.entry(entry.digest.clone()).or_default().push(id.clone());
             }
             match page.last() {
                 Some(last) if page.len() == PAGE => after = Some(last.digest.clone()),
@@ -74,46 +191,100 @@ pub async fn collect(c: &Coordinator, grace: Duration) -> Result<GcReport, Store
             }
         }
     }
-    // Mark again: a manifest put since the first mark keeps what it references.
-    let second = mark(c, &all_repos(c).await?).await?;
-    candidates.retain(|d, _| {
-        let relinked = second.links.get(d).is_some_and(|(m, _)| *m >= cutoff);
-        !second.referenced.contains(d) && !relinked && !young.contains(d)
-    });
-    report.marked_blobs = second.referenced.len() as u64;
     report.young_blobs = young.len() as u64;
-    for (digest, holders) in candidates {
-        // Unlink first, so no repository offers a blob that is about to vanish.
-        if let Some((_, repos)) = second.links.get(&digest) {
-            for repo in repos {
-                let tombstone = Record {
-                    key: crate::cluster::record::RecordKey::Link(digest.clone()),
-                    version: c.clock.next(),
-                    value: None,
-                };
-                c.write_records(repo, vec![tombstone]).await?;
-            }
-        }
-        let mut removed_any = false;
-        for (id, size) in holders {
-            let Some(node) = c.node(&id) else { continue };
-            match node.blob_remove(&digest).await {
-                Ok(true) => {
-                    removed_any = true;
-                    report.swept_bytes += size;
-                    c.metrics.gc_swept_bytes.inc_by(size);
-                }
-                Ok(false) => {}
-                Err(e) => tracing::warn!(%digest, origin = %id, error = %e, "gc could not remove a copy"),
-            }
-        }
-        if removed_any {
-            report.swept_blobs += 1;
-            c.metrics.gc_swept_blobs.inc();
+    // Unlink: each live link goes only if it still has the version the mark saw.
+    for digest in candidates.keys() {
+        for (repo, version) in first.live_links.get(digest).into_iter().flatten() {
+            let tombstone = Record {
+                key: RecordKey::Link(digest.clone()),
+                version: c.clock.next(),
+                value: None,
+                expect: Some(version.clone()),
+            };
+            c.write_records(repo, vec![tombstone]).await?;
         }
     }
-    tracing::info!(?report, "garbage collection done");
-    Ok(report)
+    // Mark again: a manifest put or a mount since the first mark keeps what it uses.
+    let second = mark(c).await?;
+    report.marked_blobs = second.referenced.len() as u64;
+    for (digest, holders) in candidates {
+        if second.keeps(&digest) {
+            report.links_refreshed += 1;
+            continue;
+        }
+        let mut moved = false;
+        for id in holders {
+            let Some(node) = c.node(&id) else { continue };
+            match node.blob_quarantine(&digest).await {
+                Ok(true) => moved = true,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(%digest, origin = %id, error = %e, "gc could not set a copy aside"),
+            }
+        }
+        if moved {
+            report.quarantined_blobs += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Step 5: every quarantined copy set aside at least `older_than` ago is restored if
+/// anything references or links its blob, and deleted otherwise.
+async fn settle_quarantine(
+    c: &Coordinator,
+    report: &mut GcReport,
+    older_than: Option<Duration>,
+) -> Result<(), GcError> {
+    let marks = mark(c).await?;
+    let now = now_millis();
+    let hold = older_than.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let mut swept = HashSet::new();
+    let mut restored = HashSet::new();
+    for id in c.topology.live() {
+        let Some(node) = c.node(&id) else { continue };
+        let mut after: Option<Digest> = None;
+        loop {
+            let page = node
+                .quarantine_list(after.as_ref(), PAGE)
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            for entry in &page {
+                if marks.keeps(&entry.digest) {
+                    match node.blob_restore(&entry.digest).await {
+                        Ok(_) => {
+                            restored.insert(entry.digest.clone());
+                        }
+                        Err(e) => {
+                            tracing::warn!(digest = %entry.digest, origin = %id, error = %e, "gc could not restore a copy")
+                        }
+                    }
+                    continue;
+                }
+                if now.saturating_sub(entry.stored_millis) < hold {
+                    continue;
+                }
+                match node.blob_purge(&entry.digest, entry.stored_millis).await {
+                    Ok(Some(size)) => {
+                        swept.insert(entry.digest.clone());
+                        report.swept_bytes += size;
+                        c.metrics.gc_swept_bytes.inc_by(size);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(digest = %entry.digest, origin = %id, error = %e, "gc could not delete a copy")
+                    }
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() == PAGE => after = Some(last.digest.clone()),
+                _ => break,
+            }
+        }
+    }
+    report.swept_blobs += swept.len() as u64;
+    c.metrics.gc_swept_blobs.inc_by(swept.len() as u64);
+    report.restored_blobs += restored.len() as u64;
+    Ok(())
 }
 
 async fn all_repos(c: &Coordinator) -> Result<Vec<String>, StoreError> {
@@ -129,21 +300,25 @@ async fn all_repos(c: &Coordinator) -> Result<Vec<String>, StoreError> {
     }
 }
 
-/// Blobs referenced by live manifests, and the live links of every blob.
-async fn mark(c: &Coordinator, repos: &[String]) -> Result<Marks, StoreError> {
+/// Blobs referenced by live manifests, and the links of every blob, across all repositories.
+async fn mark(c: &Coordinator) -> Result<Marks, StoreError> {
     let mut marks = Marks::default();
-    for repo in repos {
-        let manifests = c.scan_records(repo, RecordKind::Manifest, None).await?.unwrap_or_default();
+    for repo in all_repos(c).await? {
+        let manifests = c.scan_records(&repo, RecordKind::Manifest, None).await?.unwrap_or_default();
         for m in manifests.iter().filter_map(Record::manifest) {
             marks.referenced.extend(m.blobs.iter().cloned());
         }
-        let links = c.scan_records(repo, RecordKind::Link, None).await?.unwrap_or_default();
+        let links = c.scan_records(&repo, RecordKind::Link, None).await?.unwrap_or_default();
         for link in links {
-            let crate::cluster::record::RecordKey::Link(digest) = &link.key else { continue };
-            let entry = marks.links.entry(digest.clone()).or_default();
-            entry.0 = entry.0.max(link.version.millis);
+            let RecordKey::Link(digest) = &link.key else { continue };
+            let newest = marks.newest_link.entry(digest.clone()).or_default();
+            *newest = (*newest).max(link.version.millis);
             if link.is_live() {
-                entry.1.push(repo.clone());
+                marks
+                    .live_links
+                    .entry(digest.clone())
+                    .or_default()
+                    .push((repo.clone(), link.version.clone()));
             }
         }
     }

@@ -30,10 +30,11 @@ use shoal_registry::{ByteStream, Digest, RepoName};
 
 use crate::cluster::node::{BlobEntry, Node, NodeError};
 use crate::cluster::record::{Record, RecordKey};
+use crate::cluster::wire::PurgeQuery;
 use crate::cluster::wire::{
     list_limit, BlobListQuery, HealthReply, RepoListQuery, RepoQuery, ScanQuery, BLOBS, BLOB_ROUTE, HEALTH,
-    MAX_RECORDS_BODY, MAX_RECORD_KEYS, METAINFO_ROUTE, RECORDS, RECORDS_APPLY, RECORDS_GET, RECORDS_SCAN,
-    REPOS,
+    MAX_RECORDS_BODY, MAX_RECORD_KEYS, METAINFO_ROUTE, QUARANTINE, QUARANTINE_BLOB_ROUTE, QUARANTINE_ROUTE,
+    RECORDS, RECORDS_APPLY, RECORDS_GET, RECORDS_SCAN, REPAIR_PENDING, REPOS, RESTORE_BLOB_ROUTE,
 };
 
 /// What `GET /health` answers, asked fresh on every call so it reflects the current state.
@@ -50,6 +51,11 @@ pub fn router(node: Arc<dyn Node>, secret: Option<String>, health: HealthFn) -> 
         .route(BLOBS, get(blob_list))
         .route(BLOB_ROUTE, get(blob_get).put(blob_put).delete(blob_remove))
         .route(METAINFO_ROUTE, get(metainfo))
+        .route(QUARANTINE_BLOB_ROUTE, post(blob_quarantine))
+        .route(RESTORE_BLOB_ROUTE, post(blob_restore))
+        .route(QUARANTINE, get(quarantine_list))
+        .route(QUARANTINE_ROUTE, delete(blob_purge))
+        .route(REPAIR_PENDING, get(repair_pending))
         .route(RECORDS_GET, post(records_get))
         .route(RECORDS_SCAN, get(records_scan))
         .route(RECORDS_APPLY, post(records_apply))
@@ -270,6 +276,44 @@ async fn blob_remove(State(s): State<ApiState>, Path(raw): Path<String>) -> Answ
     } else {
         Err(Failure::not_found())
     }
+}
+
+async fn blob_quarantine(State(s): State<ApiState>, Path(raw): Path<String>) -> Answer<StatusCode> {
+    let digest = parse_digest(&raw)?;
+    if s.node.blob_quarantine(&digest).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(Failure::not_found())
+    }
+}
+
+async fn blob_restore(State(s): State<ApiState>, Path(raw): Path<String>) -> Answer<StatusCode> {
+    let digest = parse_digest(&raw)?;
+    if s.node.blob_restore(&digest).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(Failure::not_found())
+    }
+}
+
+async fn quarantine_list(
+    State(s): State<ApiState>,
+    Query(q): Query<BlobListQuery>,
+) -> Answer<Json<Vec<BlobEntry>>> {
+    Ok(Json(s.node.quarantine_list(q.after.as_ref(), list_limit(q.n)).await?))
+}
+
+async fn blob_purge(
+    State(s): State<ApiState>,
+    Path(raw): Path<String>,
+    Query(q): Query<PurgeQuery>,
+) -> Answer<Json<u64>> {
+    let digest = parse_digest(&raw)?;
+    s.node.blob_purge(&digest, q.since).await?.map(Json).ok_or_else(Failure::not_found)
+}
+
+async fn repair_pending(State(s): State<ApiState>) -> Answer<Json<u64>> {
+    Ok(Json(s.node.repair_pending().await?))
 }
 
 async fn metainfo(State(s): State<ApiState>, Path(raw): Path<String>) -> Answer<Response> {

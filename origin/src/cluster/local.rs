@@ -72,6 +72,30 @@ impl Node for LocalNode {
         self.store.blob_list(after, limit).await.map_err(|e| self.err(e))
     }
 
+    async fn blob_quarantine(&self, digest: &Digest) -> Result<bool, NodeError> {
+        self.store.blob_quarantine(digest).await.map_err(|e| self.err(e))
+    }
+
+    async fn blob_restore(&self, digest: &Digest) -> Result<bool, NodeError> {
+        self.store.blob_restore(digest).await.map_err(|e| self.err(e))
+    }
+
+    async fn quarantine_list(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<BlobEntry>, NodeError> {
+        self.store.quarantine_list(after, limit).await.map_err(|e| self.err(e))
+    }
+
+    async fn blob_purge(&self, digest: &Digest, since: u64) -> Result<Option<u64>, NodeError> {
+        self.store.blob_purge(digest, since).await.map_err(|e| self.err(e))
+    }
+
+    async fn repair_pending(&self) -> Result<u64, NodeError> {
+        self.store.repair_len().await.map_err(|e| self.err(e))
+    }
+
     async fn records_get(&self, repo: &str, keys: &[RecordKey]) -> Result<Vec<Option<Record>>, NodeError> {
         self.store.records_get(repo, keys).await.map_err(|e| self.err(e))
     }

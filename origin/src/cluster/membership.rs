@@ -540,6 +540,7 @@ mod tests {
             repair_interval: Duration::from_secs(60),
             repair_rate: 1 << 20,
             gc_grace: Duration::from_secs(3600),
+            gc_quarantine: Duration::from_secs(60),
         }
     }
 

@@ -51,4 +51,6 @@ pub struct ClusterConfig {
     pub repair_rate: u64,
     /// A blob no manifest references is kept at least this long after it was stored.
     pub gc_grace: Duration,
+    /// How long garbage collection keeps unreferenced files aside before deleting them.
+    pub gc_quarantine: Duration,
 }

@@ -62,6 +62,27 @@ pub trait Node: Send + Sync + 'static {
     /// Blobs held, in digest order, after `after`, at most `limit`.
     async fn blob_list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<BlobEntry>, NodeError>;
 
+    /// Set this node's copy aside for garbage collection: unlisted and unserved, but brought
+    /// back by anything that asks for the blob; `false` if it had no copy.
+    async fn blob_quarantine(&self, digest: &Digest) -> Result<bool, NodeError>;
+
+    /// Bring a quarantined copy back; `false` if none was quarantined.
+    async fn blob_restore(&self, digest: &Digest) -> Result<bool, NodeError>;
+
+    /// Quarantined blobs, in digest order, after `after`, at most `limit`; `stored_millis` is
+    /// when each was set aside.
+    async fn quarantine_list(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<BlobEntry>, NodeError>;
+
+    /// Delete a quarantined copy set aside exactly at `since`; its size if it was deleted.
+    async fn blob_purge(&self, digest: &Digest, since: u64) -> Result<Option<u64>, NodeError>;
+
+    /// Items in this node's repair queue (copies it could not place yet).
+    async fn repair_pending(&self) -> Result<u64, NodeError>;
+
     /// The records for `keys` of `repo` (same order; `None` where the node has none).
     async fn records_get(&self, repo: &str, keys: &[RecordKey]) -> Result<Vec<Option<Record>>, NodeError>;
 

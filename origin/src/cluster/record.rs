@@ -121,12 +121,38 @@ pub struct Record {
     pub version: Version,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<RecordValue>,
+    /// Compare-and-set: apply this record only where the stored record of `key` has exactly
+    /// this version. Garbage collection's tombstones carry the version of the link it marked,
+    /// so a link refreshed since (a manifest put reusing the blob) is not removed. A condition,
+    /// never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<Version>,
 }
 
 impl Record {
+    /// An unconditional record.
+    pub fn new(key: RecordKey, version: Version, value: Option<RecordValue>) -> Record {
+        Record { key, version, value, expect: None }
+    }
+
     /// Whether this record should replace `existing` (last writer wins).
     pub fn supersedes(&self, existing: Option<&Record>) -> bool {
         existing.is_none_or(|e| self.version > e.version)
+    }
+
+    /// Whether a store holding `existing` takes this record: it is newer and, if it is
+    /// conditional, `existing` is exactly the version it expects.
+    pub fn applies_over(&self, existing: Option<&Record>) -> bool {
+        let condition_holds = match &self.expect {
+            None => true,
+            Some(expected) => existing.is_some_and(|e| &e.version == expected),
+        };
+        condition_holds && self.supersedes(existing)
+    }
+
+    /// The record as stored: without its condition.
+    pub fn stored(&self) -> Record {
+        Record { expect: None, ..self.clone() }
     }
 
     pub fn is_live(&self) -> bool {
@@ -196,12 +222,11 @@ mod tests {
     }
 
     fn tag(version: Version, target: Option<&str>) -> Record {
-        Record {
-            key: RecordKey::Tag("latest".into()),
+        Record::new(
+            RecordKey::Tag("latest".into()),
             version,
-            value: target
-                .map(|d| RecordValue::Tag { digest: format!("sha256:{}", d.repeat(64)).parse().unwrap() }),
-        }
+            target.map(|d| RecordValue::Tag { digest: format!("sha256:{}", d.repeat(64)).parse().unwrap() }),
+        )
     }
 
     #[test]
@@ -214,6 +239,21 @@ mod tests {
         assert!(c.supersedes(Some(&b)), "same millisecond: greater node id wins");
         assert!(!b.supersedes(Some(&b)), "the same write twice changes nothing");
         assert_eq!(newest([&a, &c, &b]), Some(&c));
+    }
+
+    #[test]
+    fn conditional_records_apply_only_over_the_expected_version() {
+        let marked = tag(v(10, "a"), Some("a"));
+        let refreshed = tag(v(12, "b"), Some("a"));
+        let tombstone = Record { expect: Some(v(10, "a")), ..tag(v(20, "a"), None) };
+        assert!(tombstone.applies_over(Some(&marked)), "the link is still as marked");
+        assert!(!tombstone.applies_over(Some(&refreshed)), "refreshed since the mark: kept");
+        assert!(!tombstone.applies_over(None), "nothing stored: nothing to remove");
+        let stale = Record { expect: Some(v(10, "a")), ..tag(v(5, "a"), None) };
+        assert!(!stale.applies_over(Some(&marked)), "a condition never makes an older record win");
+        assert!(tombstone.stored().expect.is_none());
+        let plain = tag(v(11, "a"), None);
+        assert!(plain.applies_over(Some(&marked)) && plain.applies_over(None));
     }
 
     #[test]

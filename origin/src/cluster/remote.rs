@@ -28,9 +28,9 @@ use shoal_registry::{ByteStream, Digest};
 use crate::cluster::node::{BlobEntry, Node, NodeError};
 use crate::cluster::record::{Record, RecordKey, RecordKind};
 use crate::cluster::wire::{
-    blob_path, metainfo_path, BlobListQuery, HealthReply, RepoListQuery, RepoQuery, ScanQuery, BLOBS, HEALTH,
-    MAX_ERROR_TEXT, MAX_JSON_RESPONSE, MAX_RECORDS_BODY, MAX_RECORD_KEYS, RECORDS, RECORDS_APPLY,
-    RECORDS_GET, RECORDS_SCAN, REPOS,
+    blob_path, metainfo_path, BlobListQuery, HealthReply, PurgeQuery, RepoListQuery, RepoQuery, ScanQuery,
+    BLOBS, HEALTH, MAX_ERROR_TEXT, MAX_JSON_RESPONSE, MAX_RECORDS_BODY, MAX_RECORD_KEYS, QUARANTINE, RECORDS,
+    RECORDS_APPLY, RECORDS_GET, RECORDS_SCAN, REPAIR_PENDING, REPOS,
 };
 
 /// The shortest wait for a blob write's answer after its last byte: the remote verifies and
@@ -352,6 +352,58 @@ impl Node for RemoteNode {
         }
     }
 
+    async fn blob_quarantine(&self, digest: &Digest) -> Result<bool, NodeError> {
+        let path = format!("{}/quarantine", blob_path(digest));
+        let resp = self.send(self.request(&self.http, Method::POST, &path)).await?;
+        match resp.status() {
+            StatusCode::NO_CONTENT | StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Err(self.refusal(resp).await),
+        }
+    }
+
+    async fn blob_restore(&self, digest: &Digest) -> Result<bool, NodeError> {
+        let path = format!("{}/restore", blob_path(digest));
+        let resp = self.send(self.request(&self.http, Method::POST, &path)).await?;
+        match resp.status() {
+            StatusCode::NO_CONTENT | StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Err(self.refusal(resp).await),
+        }
+    }
+
+    async fn quarantine_list(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<BlobEntry>, NodeError> {
+        let query = BlobListQuery { after: after.cloned(), n: Some(limit) };
+        let resp = self.send(self.request(&self.http, Method::GET, QUARANTINE).query(&query)).await?;
+        match resp.status() {
+            StatusCode::OK => self.json(resp).await,
+            _ => Err(self.refusal(resp).await),
+        }
+    }
+
+    async fn blob_purge(&self, digest: &Digest, since: u64) -> Result<Option<u64>, NodeError> {
+        let path = format!("{QUARANTINE}/{digest}");
+        let resp =
+            self.send(self.request(&self.http, Method::DELETE, &path).query(&PurgeQuery { since })).await?;
+        match resp.status() {
+            StatusCode::OK => self.json(resp).await.map(Some),
+            StatusCode::NOT_FOUND => Ok(None),
+            _ => Err(self.refusal(resp).await),
+        }
+    }
+
+    async fn repair_pending(&self) -> Result<u64, NodeError> {
+        let resp = self.send(self.request(&self.http, Method::GET, REPAIR_PENDING)).await?;
+        match resp.status() {
+            StatusCode::OK => self.json(resp).await,
+            _ => Err(self.refusal(resp).await),
+        }
+    }
+
     async fn records_get(&self, repo: &str, keys: &[RecordKey]) -> Result<Vec<Option<Record>>, NodeError> {
         let mut out = Vec::with_capacity(keys.len());
         for batch in keys.chunks(MAX_RECORD_KEYS) {
@@ -530,6 +582,7 @@ mod tests {
             key: RecordKey::Manifest(digest.clone()),
             version: v(millis),
             value: Some(RecordValue::Manifest(Box::new(value))),
+            expect: None,
         }
     }
 
@@ -542,13 +595,15 @@ mod tests {
             key: RecordKey::Link(layer.clone()),
             version: v(1),
             value: Some(RecordValue::Link { size: 5 }),
+            expect: None,
         };
         let tag = Record {
             key: RecordKey::Tag("latest".into()),
             version: v(2),
             value: Some(RecordValue::Tag { digest: m1.clone() }),
+            expect: None,
         };
-        let gone = Record { key: RecordKey::Tag("old".into()), version: v(3), value: None };
+        let gone = Record::new(RecordKey::Tag("old".into()), v(3), None);
         let (base, referrer) = (manifest(&m1, None, 4), manifest(&m2, Some(&m1), 5));
         let all = [link.clone(), tag.clone(), gone.clone(), base.clone(), referrer.clone()];
 
@@ -594,6 +649,7 @@ mod tests {
             key: RecordKey::Tag("t5".into()),
             version: v(1),
             value: Some(RecordValue::Tag { digest: digest_of(b"x") }),
+            expect: None,
         };
         remote.records_apply("r", std::slice::from_ref(&tag)).await.unwrap();
         let keys: Vec<RecordKey> =

@@ -40,6 +40,7 @@ impl ClusterStore {
             clock: VersionClock::new(id),
             replication: Replication { replicas: 1, write_quorum: 1 },
             metrics,
+            gc_lock: Default::default(),
         })))
     }
 
@@ -53,7 +54,7 @@ impl ClusterStore {
     }
 
     fn record(&self, key: RecordKey, value: Option<RecordValue>) -> Record {
-        Record { key, version: self.c().clock.next(), value }
+        Record::new(key, self.c().clock.next(), value)
     }
 
     /// The live link of `digest` in `repo`.
@@ -67,6 +68,17 @@ impl ClusterStore {
         let found = self.c().read_records(repo.as_str(), &[RecordKey::Manifest(digest.clone())]).await?;
         Ok(found.into_iter().next().flatten().filter(Record::is_live))
     }
+}
+
+/// A write that read a live link must land within garbage collection's deadline of the read,
+/// or GC may already have decided the blob is garbage (see `cluster::gc`); the client retries.
+fn within_gc_deadline(read_at: std::time::Instant) -> Result<(), StoreError> {
+    if read_at.elapsed() > crate::cluster::gc::READ_TO_WRITE_DEADLINE {
+        return Err(StoreError::Unavailable(
+            "the blobs this write references were checked too long ago; retry".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Sort, skip to after `last`, and cut a page of `limit` names.
@@ -127,9 +139,11 @@ impl RegistryStore for ClusterStore {
         from: &RepoName,
         digest: &Digest,
     ) -> Result<bool, StoreError> {
+        let read_at = std::time::Instant::now();
         let Some(size) = self.link(from, digest).await?.and_then(|r| r.link_size()) else {
             return Ok(false);
         };
+        within_gc_deadline(read_at)?;
         let link = self.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size }));
         self.c().write_records(repo.as_str(), vec![link]).await?;
         Ok(true)
@@ -197,6 +211,7 @@ impl RegistryStore for ClusterStore {
         manifest: NewManifest,
     ) -> Result<(), StoreError> {
         let NewManifest { digest, bytes, parsed } = manifest;
+        let read_at = std::time::Instant::now();
         let text = String::from_utf8(bytes.to_vec())
             .map_err(|_| StoreError::Internal("a parsed manifest is not UTF-8".into()))?;
         let size = bytes.len() as u64;
@@ -237,6 +252,7 @@ impl RegistryStore for ClusterStore {
         if let Some(tag) = tag {
             records.push(self.record(RecordKey::Tag(tag.to_string()), Some(RecordValue::Tag { digest })));
         }
+        within_gc_deadline(read_at)?;
         self.c().write_records(repo.as_str(), records).await
     }
 

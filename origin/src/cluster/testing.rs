@@ -22,6 +22,8 @@ type PutFailure = fn(&str) -> NodeError;
 #[derive(Default)]
 struct State {
     blobs: BTreeMap<Digest, (Bytes, u64)>,
+    /// Blobs set aside by garbage collection, with when.
+    quarantine: BTreeMap<Digest, (Bytes, u64)>,
     metainfo: BTreeMap<Digest, Bytes>,
     repos: BTreeMap<String, BTreeMap<RecordKey, Record>>,
 }
@@ -120,6 +122,51 @@ impl Node for MemNode {
             .collect())
     }
 
+    async fn blob_quarantine(&self, digest: &Digest) -> Result<bool, NodeError> {
+        let mut state = self.state();
+        let Some((bytes, _)) = state.blobs.remove(digest) else { return Ok(false) };
+        state.quarantine.insert(digest.clone(), (bytes, crate::cluster::record::now_millis()));
+        Ok(true)
+    }
+
+    async fn blob_restore(&self, digest: &Digest) -> Result<bool, NodeError> {
+        let mut state = self.state();
+        let Some((bytes, _)) = state.quarantine.remove(digest) else { return Ok(false) };
+        state.blobs.entry(digest.clone()).or_insert((bytes, crate::cluster::record::now_millis()));
+        Ok(true)
+    }
+
+    async fn quarantine_list(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<BlobEntry>, NodeError> {
+        let state = self.state();
+        Ok(state
+            .quarantine
+            .iter()
+            .filter(|(d, _)| after.is_none_or(|a| *d > a))
+            .take(limit)
+            .map(|(d, (b, t))| BlobEntry { digest: d.clone(), size: b.len() as u64, stored_millis: *t })
+            .collect())
+    }
+
+    async fn blob_purge(&self, digest: &Digest, since: u64) -> Result<Option<u64>, NodeError> {
+        let mut state = self.state();
+        match state.quarantine.get(digest) {
+            Some((b, t)) if *t == since => {
+                let size = b.len() as u64;
+                state.quarantine.remove(digest);
+                Ok(Some(size))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn repair_pending(&self) -> Result<u64, NodeError> {
+        Ok(0)
+    }
+
     async fn records_get(&self, repo: &str, keys: &[RecordKey]) -> Result<Vec<Option<Record>>, NodeError> {
         let state = self.state();
         let records = state.repos.get(repo);
@@ -147,8 +194,8 @@ impl Node for MemNode {
         let mut state = self.state();
         let stored = state.repos.entry(repo.to_string()).or_default();
         for r in records {
-            if r.supersedes(stored.get(&r.key)) {
-                stored.insert(r.key.clone(), r.clone());
+            if r.applies_over(stored.get(&r.key)) {
+                stored.insert(r.key.clone(), r.stored());
             }
         }
         Ok(())

@@ -11,6 +11,8 @@ pub trait Topology: Send + Sync + 'static {
     fn me(&self) -> &str;
     /// Ids of the origins currently up, this one included.
     fn live(&self) -> Vec<String>;
+    /// Ids of every known member, up or down, this one included.
+    fn members(&self) -> Vec<String>;
     /// A handle on an origin (this one included), if it is a member.
     fn node(&self, id: &str) -> Option<Arc<dyn Node>>;
     /// A counter that changes whenever the live set does (repair watches it).
@@ -35,6 +37,10 @@ impl Topology for SingleTopology {
     }
 
     fn live(&self) -> Vec<String> {
+        vec![self.id.clone()]
+    }
+
+    fn members(&self) -> Vec<String> {
         vec![self.id.clone()]
     }
 
@@ -79,6 +85,10 @@ impl Topology for MemberTopology {
 
     fn live(&self) -> Vec<String> {
         self.membership.live()
+    }
+
+    fn members(&self) -> Vec<String> {
+        self.membership.members().into_iter().map(|m| m.id).collect()
     }
 
     fn node(&self, id: &str) -> Option<Arc<dyn Node>> {

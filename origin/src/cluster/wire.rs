@@ -46,6 +46,24 @@ pub fn blob_path(digest: &Digest) -> String {
     format!("{BLOBS}/{digest}")
 }
 
+/// `GET`: quarantined blobs (`?after=&n=`).
+pub const QUARANTINE: &str = "/shoal/internal/v1/quarantine";
+/// `DELETE ?since=MS`: purge one quarantined blob.
+pub const QUARANTINE_ROUTE: &str = "/shoal/internal/v1/quarantine/{digest}";
+/// `POST`: set a blob aside for garbage collection.
+pub const QUARANTINE_BLOB_ROUTE: &str = "/shoal/internal/v1/blobs/{digest}/quarantine";
+/// `POST`: bring a quarantined blob back.
+pub const RESTORE_BLOB_ROUTE: &str = "/shoal/internal/v1/blobs/{digest}/restore";
+/// `GET`: the length of the node's repair queue (JSON number).
+pub const REPAIR_PENDING: &str = "/shoal/internal/v1/repair-queue";
+
+/// Query of `DELETE /quarantine/{digest}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PurgeQuery {
+    /// When the copy was set aside (ms since the epoch), as listed.
+    pub since: u64,
+}
+
 /// The path of one blob's metainfo.
 pub fn metainfo_path(digest: &Digest) -> String {
     format!("{BLOBS}/{digest}/metainfo")
