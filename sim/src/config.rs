@@ -89,6 +89,8 @@ pub struct FleetConfig {
     pub max_outbound: usize,
     /// Simulated time after which the run stops, whatever is unfinished.
     pub time_limit: Duration,
+    /// Print a line a simulated second to stderr (progress, connections, requests).
+    pub trace: bool,
 }
 
 impl FleetConfig {
@@ -111,6 +113,7 @@ impl FleetConfig {
             scheduler: SchedulerConfig::default(),
             max_outbound: shoal_p2p::node::DEFAULT_MAX_OUTBOUND_CONNECTIONS,
             time_limit: Duration::from_secs_f64((limit * 50.0).max(600.0)),
+            trace: false,
         }
     }
 

@@ -50,6 +50,8 @@ struct Flow<T> {
     /// Moves on whenever the rate or the unit changes, so a completion event computed
     /// before is recognised as stale.
     version: u64,
+    /// The version whose completion was last handed out, so none is handed out twice.
+    scheduled: u64,
 }
 
 /// A completion to schedule: `flow`'s current unit ends at `at` unless its `version` moves on.
@@ -161,6 +163,7 @@ impl<T: Copy> Network<T> {
                     unit: 0.0,
                     since: now,
                     version: 0,
+                    scheduled: 0,
                 });
                 (self.flows.len() - 1) as u32
             }
@@ -218,14 +221,21 @@ impl<T: Copy> Network<T> {
     }
 
     /// Give a flow its next unit of `bytes` (the previous one is done); returns when it
-    /// ends at the current rate, to schedule.
-    pub fn next_unit(&mut self, id: FlowId, bytes: f64, now: SimTime) -> Option<Completion> {
+    /// ends at the current rate, to schedule, if that is before `horizon` (see
+    /// [`Network::recompute`]).
+    pub fn next_unit(
+        &mut self,
+        id: FlowId,
+        bytes: f64,
+        now: SimTime,
+        horizon: Option<SimTime>,
+    ) -> Option<Completion> {
         let f = self.get_mut(id)?;
         f.unit = bytes.max(0.0);
         f.remaining = f.unit;
         f.since = now;
         f.version += 1;
-        completion(id, f)
+        hand_out(id, f, horizon)
     }
 
     /// Whether `version` is still the flow's current one (its completion event is valid).
@@ -233,9 +243,26 @@ impl<T: Copy> Network<T> {
         self.get(id).is_some_and(|f| f.version == version)
     }
 
-    /// Share every link max-min fairly among the flows crossing it, from `now` on. Returns
-    /// the completions of flows whose rate changed (the others' stand).
-    pub fn recompute(&mut self, now: SimTime) -> Vec<Completion> {
+    /// Share every link max-min fairly among the flows crossing it, from `now` on (only if
+    /// flows came or went), and return the completions to schedule: every flow's whose
+    /// rate or unit changed since its last one was handed out, and that ends by `horizon`.
+    ///
+    /// Without a horizon (exact mode) this runs after every change. With one (stepped
+    /// mode) it runs every step, rates change only at steps, and only completions within
+    /// the next step are scheduled: a hundred thousand flows whose rates all shift a little
+    /// at every step would otherwise flood the event queue with stale completions.
+    pub fn recompute(&mut self, now: SimTime, horizon: Option<SimTime>) -> Vec<Completion> {
+        if !self.dirty {
+            let mut out = Vec::new();
+            for (i, f) in self.flows.iter_mut().enumerate().filter(|(_, f)| f.live) {
+                let elapsed = now.saturating_sub(f.since) as f64 / NANOS;
+                f.remaining = (f.remaining - f.rate * elapsed).max(0.0);
+                f.since = now;
+                let id = FlowId { slot: i as u32, generation: f.generation };
+                out.extend(hand_out(id, f, horizon));
+            }
+            return out;
+        }
         self.dirty = false;
         let links = self.capacity.len();
         self.rem.clear();
@@ -305,12 +332,25 @@ impl<T: Copy> Network<T> {
             if rate != f.rate {
                 f.rate = rate;
                 f.version += 1;
-                let id = FlowId { slot: i as u32, generation: f.generation };
-                changed.extend(completion(id, f));
             }
+            let id = FlowId { slot: i as u32, generation: f.generation };
+            changed.extend(hand_out(id, f, horizon));
         }
         changed
     }
+}
+
+/// The flow's completion, if not handed out yet and due by `horizon`; marks it handed out.
+fn hand_out<T>(id: FlowId, f: &mut Flow<T>, horizon: Option<SimTime>) -> Option<Completion> {
+    if f.scheduled == f.version {
+        return None;
+    }
+    let c = completion(id, f)?;
+    if horizon.is_some_and(|h| c.at > h) {
+        return None;
+    }
+    f.scheduled = f.version;
+    Some(c)
 }
 
 /// When the flow's current unit ends at its rate (none while it has no rate).
@@ -341,7 +381,7 @@ mod tests {
         let mut n: Network<u8> = Network::new();
         let (up, down) = (n.add_link(10.0 * MB), n.add_link(5.0 * MB));
         let f = n.add_flow(&[(up, 1.0), (down, 1.0)], 10.0 * MB, 0, 0);
-        let done = n.recompute(0);
+        let done = n.recompute(0, None);
         assert_eq!(n.rate(f), 5.0 * MB);
         assert_eq!(done.len(), 1);
         assert!((secs(done[0].at) - 2.0).abs() < 1e-9, "10 MB at 5 MB/s: {}", secs(done[0].at));
@@ -354,13 +394,13 @@ mod tests {
         let (up_a, up_b, down) = (n.add_link(100.0 * MB), n.add_link(100.0 * MB), n.add_link(6.0 * MB));
         let a = n.add_flow(&[(up_a, 1.0), (down, 1.0)], 3.0 * MB, 0, 0);
         let b = n.add_flow(&[(up_b, 1.0), (down, 1.0)], 6.0 * MB, 1, 0);
-        let done = n.recompute(0);
+        let done = n.recompute(0, None);
         assert_eq!((n.rate(a), n.rate(b)), (3.0 * MB, 3.0 * MB));
         // a: 3 MB at 3 MB/s ends at 1 s; b then has 3 MB left at 6 MB/s: ends at 1.5 s.
         let end_a = done.iter().find(|c| c.flow == a).unwrap().at;
         assert!((secs(end_a) - 1.0).abs() < 1e-9);
         n.remove_flow(a);
-        let done = n.recompute(end_a);
+        let done = n.recompute(end_a, None);
         assert_eq!(n.rate(b), 6.0 * MB);
         assert!((secs(done[0].at) - 1.5).abs() < 1e-9, "{}", secs(done[0].at));
     }
@@ -372,7 +412,7 @@ mod tests {
         let up = n.add_link(12.0 * MB);
         let downs: Vec<_> = [2.0, 100.0, 100.0].iter().map(|c| n.add_link(c * MB)).collect();
         let flows: Vec<_> = downs.iter().map(|&d| n.add_flow(&[(up, 1.0), (d, 1.0)], MB, 0, 0)).collect();
-        n.recompute(0);
+        n.recompute(0, None);
         let rates: Vec<f64> = flows.iter().map(|&f| n.rate(f) / MB).collect();
         assert_eq!(rates, vec![2.0, 5.0, 5.0]);
     }
@@ -386,7 +426,7 @@ mod tests {
             (n.add_link(10.0 * MB), n.add_link(10.0 * MB), n.add_link(100.0 * MB), n.add_link(100.0 * MB));
         let down = n.add_flow(&[(s_up, 1.0), (h_down, 1.0), (s_down, 0.02), (h_up, 0.02)], MB, 0, 0);
         let up = n.add_flow(&[(h_up, 1.0), (s_down, 1.0), (h_down, 0.02), (s_up, 0.02)], MB, 1, 0);
-        n.recompute(0);
+        n.recompute(0, None);
         let expect = 10.0 * MB / 1.02;
         assert!((n.rate(down) - expect).abs() < 1.0 && (n.rate(up) - expect).abs() < 1.0);
     }
@@ -396,9 +436,9 @@ mod tests {
         let mut n: Network<u8> = Network::new();
         let l = n.add_link(MB);
         let f = n.add_flow(&[(l, 1.0)], MB, 7, 0);
-        let first = n.recompute(0)[0];
+        let first = n.recompute(0, None)[0];
         assert_eq!(n.tag(f), Some(7));
-        let next = n.next_unit(f, 2.0 * MB, first.at).unwrap();
+        let next = n.next_unit(f, 2.0 * MB, first.at, None).unwrap();
         assert!(!n.is_current(f, first.version));
         assert!((secs(next.at) - 3.0).abs() < 1e-9);
         n.remove_flow(f);

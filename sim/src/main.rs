@@ -50,6 +50,9 @@ struct Args {
     /// Run each of these fleet sizes (e.g. 10,100,1000) and plot completion against size.
     #[arg(long, value_delimiter = ',')]
     sweep: Vec<usize>,
+    /// Print a line per simulated second to stderr: progress, connections, requests.
+    #[arg(long)]
+    trace: bool,
     /// Where the sweep's plot goes.
     #[arg(long, default_value = "sim-sweep.svg")]
     plot: String,
@@ -72,6 +75,7 @@ fn params(a: &Args, peers: usize) -> Params {
         churn: a.churn,
         rtt: a.rtt_ms.map(millis),
         rate_epoch: a.rate_epoch_ms.map(millis),
+        trace: a.trace,
     }
 }
 

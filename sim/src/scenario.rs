@@ -86,12 +86,14 @@ pub struct Params {
     pub churn: Option<f64>,
     pub rtt: Option<Duration>,
     pub rate_epoch: Option<Duration>,
+    pub trace: bool,
 }
 
 /// The fleet for `scenario` with `p`.
 pub fn build(scenario: Scenario, p: &Params) -> FleetConfig {
     let mut cfg = FleetConfig::new(p.peers, p.blob_bytes, p.host_mbit * 1e6, p.origin_mbit * 1e6);
     cfg.seed = p.seed;
+    cfg.trace = p.trace;
     if let Some(rtt) = p.rtt {
         cfg.rtt = rtt;
     }
@@ -170,6 +172,7 @@ mod tests {
             churn: None,
             rtt: None,
             rate_epoch: None,
+            trace: false,
         }
     }
 

@@ -82,6 +82,7 @@ enum Ev {
     FetchFailed(usize, usize, u32),
     FlowDone(Completion),
     Recompute,
+    Trace,
 }
 
 struct Scheduled {
@@ -287,6 +288,9 @@ impl Sim {
                 sim.schedule(nanos(leave), Ev::Leave(node));
             }
         }
+        if sim.cfg.trace {
+            sim.schedule(0, Ev::Trace);
+        }
         if let Some(at) = sim.cfg.origin_lost_at {
             sim.schedule(nanos(at), Ev::Leave(0));
         }
@@ -341,12 +345,25 @@ impl Sim {
         self.schedule(at, Ev::Recompute);
     }
 
+    /// Until when completions are scheduled: the next step in stepped mode, any time in
+    /// exact mode (see [`Network::recompute`]).
+    fn horizon(&self) -> Option<SimTime> {
+        let epoch = nanos(self.cfg.rate_epoch);
+        (epoch > 0).then(|| self.last_recompute + epoch)
+    }
+
     fn recompute(&mut self) {
         self.recompute_pending = false;
         self.last_recompute = self.now;
         self.counters.rate_recomputes += 1;
-        for c in self.net.recompute(self.now) {
+        let horizon = self.horizon();
+        for c in self.net.recompute(self.now, horizon) {
             self.schedule(c.at, Ev::FlowDone(c));
+        }
+        // Stepped mode: step on while anything flows, to hand out the next completions.
+        if let Some(next) = horizon.filter(|_| self.net.flow_count() > 0) {
+            self.recompute_pending = true;
+            self.schedule(next, Ev::Recompute);
         }
     }
 
@@ -424,6 +441,7 @@ impl Sim {
                 }
             }
             Ev::Recompute => self.recompute(),
+            Ev::Trace => self.trace(),
         }
     }
 
@@ -800,7 +818,8 @@ impl Sim {
             let len = self.piece_len(blob, index) as f64;
             match flow {
                 Some(f) => {
-                    if let Some(done) = self.net.next_unit(f, len, self.now) {
+                    let horizon = self.horizon();
+                    if let Some(done) = self.net.next_unit(f, len, self.now, horizon) {
                         self.schedule(done.at, Ev::FlowDone(done));
                     }
                 }
@@ -991,6 +1010,45 @@ impl Sim {
                 self.after(self.half_rtt, Ev::FetchFailed(client, blob, index));
             }
         }
+    }
+
+    /// One line a simulated second to stderr: where the fleet's time goes.
+    fn trace(&mut self) {
+        let origins = self.origins();
+        let (mut pieces, mut total, mut conns, mut sending, mut done) = (0u64, 0u64, 0usize, 0usize, 0usize);
+        for n in &self.nodes[origins..] {
+            for (b, h) in n.have.iter().enumerate() {
+                pieces += h.as_ref().map_or(0, |h| u64::from(h.count()));
+                total += u64::from(self.metas[b].piece_count());
+            }
+            for d in n.downloads.iter().flatten() {
+                conns += d.outbound.len();
+                sending +=
+                    d.outbound.iter().filter(|&&c| self.conn(c).is_some_and(|k| k.sending.is_some())).count();
+            }
+        }
+        for f in &self.finished_at {
+            done += usize::from(f.is_some());
+        }
+        let in_flight: u64 = self.nodes[origins..]
+            .iter()
+            .flat_map(|n| n.downloads.iter().flatten())
+            .map(|d| d.state.picker().in_flight_total() as u64)
+            .sum();
+        eprintln!(
+            "trace t={:.1}s pieces={:.3} done={} conns={} sending={} flows={} requests={} origin={:.2}xS declines={} timeouts={}",
+            self.now as f64 / NANOS,
+            pieces as f64 / total.max(1) as f64,
+            done,
+            conns,
+            sending,
+            self.net.flow_count(),
+            in_flight,
+            self.counters.origin_bytes as f64 / self.cfg.image_bytes() as f64,
+            self.counters.declines,
+            self.counters.piece_timeouts,
+        );
+        self.after(1_000_000_000, Ev::Trace);
     }
 
     fn outcome(&self) -> Outcome {
