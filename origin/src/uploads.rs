@@ -1,23 +1,22 @@
 //! Upload sessions: bytes appended to one file per session, hashed while they stream so the
-//! commit needs no second pass over the data, on a blocking thread fed by a bounded channel.
+//! commit needs no second pass over the data. The body is read on the runtime; only bounded
+//! batches of file writes and hashing go to the blocking pool.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Instant;
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 use shoal_registry::digest::Hasher;
 use shoal_registry::{Algorithm, ByteStream, Digest, RepoName, StoreError};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::Mutex;
 
-/// Chunks buffered between the network and the writer thread; bounds memory per upload.
-const WRITE_QUEUE: usize = 32;
-/// Write buffer of the writer thread: fewer, larger writes.
-const WRITE_BUFFER: usize = 1 << 20;
+/// Bytes gathered from the network before they go to the blocking pool as one write (and
+/// hash): fewer, larger writes. An upload holds at most two such batches in memory.
+const WRITE_BATCH: usize = 1 << 20;
 
 /// One open upload session.
 pub struct Session {
@@ -71,31 +70,147 @@ impl Sessions {
     }
 }
 
-/// Outcome of the writer thread.
+/// What an append wrote: bytes, the running hash after them, and the first write error.
 struct Written {
     bytes: u64,
     hasher: Option<Hasher>,
     error: Option<std::io::Error>,
 }
 
-fn write_chunks(path: &Path, mut hasher: Option<Hasher>, mut rx: mpsc::Receiver<Bytes>) -> Written {
-    let mut bytes = 0u64;
-    let file = match OpenOptions::new().append(true).open(path) {
-        Ok(f) => f,
-        Err(error) => return Written { bytes, hasher, error: Some(error) },
+/// The session file and the running hash, between writes.
+struct Target {
+    /// Opened by the first write (a body may carry no bytes at all).
+    file: Option<File>,
+    hasher: Option<Hasher>,
+}
+
+/// One batch written (or not) on the blocking pool; the buffer comes back for reuse.
+struct BatchDone {
+    target: Box<Target>,
+    buf: Vec<u8>,
+    error: Option<std::io::Error>,
+}
+
+fn write_batch(path: &Path, mut target: Box<Target>, mut buf: Vec<u8>) -> BatchDone {
+    let file = match target.file.take() {
+        Some(f) => Ok(f),
+        None => OpenOptions::new().append(true).open(path),
     };
-    let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
-    while let Some(chunk) = rx.blocking_recv() {
-        if let Err(error) = out.write_all(&chunk) {
-            return Written { bytes, hasher, error: Some(error) };
+    let error = match file {
+        Ok(mut file) => {
+            let result = file.write_all(&buf);
+            target.file = Some(file);
+            result.err()
         }
-        if let Some(h) = hasher.as_mut() {
-            h.update(&chunk);
+        Err(e) => Some(e),
+    };
+    if error.is_none() {
+        if let Some(h) = target.hasher.as_mut() {
+            h.update(&buf);
         }
-        bytes += chunk.len() as u64;
     }
-    let error = out.flush().err();
-    Written { bytes, hasher, error }
+    buf.clear();
+    BatchDone { target, buf, error }
+}
+
+enum Slot {
+    /// Boxed: the hasher's state makes a target large.
+    Idle(Box<Target>),
+    Writing(tokio::task::JoinHandle<BatchDone>),
+    /// A write failed or its task died: nothing more is written.
+    Failed,
+}
+
+/// Appends a request body to a session file. Bytes are gathered from the network on the
+/// runtime and handed to the blocking pool a batch at a time (file write and hash), one
+/// batch in flight while the next one fills: a blocking thread never waits for the
+/// network, so slow clients cannot take the pool that every file and database operation
+/// shares.
+struct Appender {
+    path: PathBuf,
+    slot: Slot,
+    /// The batch being gathered.
+    buf: Vec<u8>,
+    /// A buffer back from the last write, for the next batch.
+    spare: Vec<u8>,
+    /// Bytes in batches written successfully.
+    written: u64,
+    /// Bytes in the batch in flight.
+    in_flight: u64,
+    error: Option<std::io::Error>,
+}
+
+impl Appender {
+    fn new(path: PathBuf, hasher: Option<Hasher>) -> Appender {
+        Appender {
+            path,
+            slot: Slot::Idle(Box::new(Target { file: None, hasher })),
+            buf: Vec::new(),
+            spare: Vec::new(),
+            written: 0,
+            in_flight: 0,
+            error: None,
+        }
+    }
+
+    /// Whether a write has failed (the body need not be read further).
+    fn failed(&self) -> bool {
+        self.error.is_some()
+    }
+
+    /// Add a chunk; once a batch is full it goes to the blocking pool (after the one before
+    /// it is done, so at most two batches are held per upload).
+    async fn push(&mut self, chunk: &[u8]) {
+        if self.buf.capacity() == 0 {
+            self.buf = std::mem::take(&mut self.spare);
+        }
+        self.buf.extend_from_slice(chunk);
+        if self.buf.len() >= WRITE_BATCH {
+            self.flush().await;
+        }
+    }
+
+    /// Wait for the batch in flight, if any.
+    async fn settle(&mut self) {
+        if !matches!(self.slot, Slot::Writing(_)) {
+            return;
+        }
+        let Slot::Writing(task) = std::mem::replace(&mut self.slot, Slot::Failed) else { return };
+        let in_flight = std::mem::take(&mut self.in_flight);
+        match task.await {
+            Ok(BatchDone { target, buf, error: None }) => {
+                self.written += in_flight;
+                self.spare = buf;
+                self.slot = Slot::Idle(target);
+            }
+            Ok(BatchDone { error: Some(e), .. }) => self.error = Some(e),
+            Err(e) => self.error = Some(std::io::Error::other(format!("upload writer: {e}"))),
+        }
+    }
+
+    /// Send the gathered bytes to the blocking pool.
+    async fn flush(&mut self) {
+        self.settle().await;
+        if self.buf.is_empty() || self.failed() {
+            return;
+        }
+        let Slot::Idle(target) = std::mem::replace(&mut self.slot, Slot::Failed) else { return };
+        let buf = std::mem::take(&mut self.buf);
+        self.in_flight = buf.len() as u64;
+        let path = self.path.clone();
+        self.slot = Slot::Writing(tokio::task::spawn_blocking(move || write_batch(&path, target, buf)));
+    }
+
+    /// Write what is left and report.
+    async fn finish(mut self) -> Written {
+        self.flush().await;
+        self.settle().await;
+        let hasher = match self.slot {
+            Slot::Idle(target) => target.hasher,
+            _ => None,
+        };
+        Written { bytes: self.written, hasher, error: self.error }
+    }
 }
 
 /// Why an append stopped early.
@@ -117,12 +232,7 @@ pub async fn append(
         }
     }
     let before = (session.offset, session.hasher.clone());
-    let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-    let path = session.path.clone();
-    let writer = tokio::task::spawn_blocking({
-        let hasher = session.hasher.take();
-        move || write_chunks(&path, hasher, rx)
-    });
+    let mut appender = Appender::new(session.path.clone(), session.hasher.take());
     let mut received = 0u64;
     let mut stop = None;
     while let Some(chunk) = body.next().await {
@@ -133,8 +243,9 @@ pub async fn append(
                     stop = Some(Stop::TooLong);
                     break;
                 }
-                if tx.send(chunk).await.is_err() {
-                    break; // the writer failed; its error is reported below
+                appender.push(&chunk).await;
+                if appender.failed() {
+                    break; // the write error is reported below
                 }
             }
             Err(e) => {
@@ -143,20 +254,20 @@ pub async fn append(
             }
         }
     }
-    drop(tx);
-    let written = writer.await.map_err(|e| StoreError::Internal(format!("upload writer: {e}")))?;
+    drop(body);
+    let written = appender.finish().await;
     session.touched = Instant::now();
     let failure = match (written.error, stop) {
         (Some(io), _) => Some(StoreError::from_io(io)),
         (None, Some(Stop::TooLong)) => {
             Some(StoreError::SizeMismatch { expected: len.unwrap_or(0), actual: received })
         }
-        (None, Some(Stop::Client(e))) if len.is_some() => Some(StoreError::Io(e)),
+        (None, Some(Stop::Client(e))) if len.is_some() => Some(StoreError::BodyRead(e)),
         (None, Some(Stop::Client(e))) => {
             // A streamed chunk keeps what arrived, so the client can resume from the offset.
             session.offset += written.bytes;
             session.hasher = written.hasher;
-            return Err(StoreError::Io(e));
+            return Err(StoreError::BodyRead(e));
         }
         (None, None) if len.is_some_and(|l| l != received) => {
             Some(StoreError::SizeMismatch { expected: len.unwrap_or(0), actual: received })
@@ -214,5 +325,89 @@ fn hash_file(path: &Path, algorithm: Algorithm) -> std::io::Result<Digest> {
             return Ok(hasher.finish());
         }
         hasher.update(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::time::Duration;
+
+    type Sender = tokio::sync::mpsc::Sender<std::io::Result<Bytes>>;
+
+    /// A body stream fed by the test, standing in for a client that sends when it likes.
+    fn body() -> (Sender, ByteStream) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+        let stream =
+            futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+        (tx, Box::pin(stream))
+    }
+
+    /// With one blocking thread in the pool, an upload whose client has gone quiet leaves it
+    /// free: a slow client never holds a thread the file and database operations need.
+    #[test]
+    fn a_waiting_upload_holds_no_blocking_thread() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("session");
+            std::fs::write(&path, b"").unwrap();
+            let mut session = Session {
+                repo: "a/b".parse().unwrap(),
+                path,
+                offset: 0,
+                hasher: Some(Algorithm::Sha256.hasher()),
+                touched: Instant::now(),
+            };
+            let (tx, body) = body();
+            let upload =
+                tokio::spawn(async move { append(&mut session, None, None, body).await.map(|()| session) });
+            tx.send(Ok(Bytes::from_static(b"abc"))).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let other = tokio::task::spawn_blocking(|| 42);
+            let answer = tokio::time::timeout(Duration::from_secs(5), other).await;
+            assert_eq!(answer.expect("the blocking pool is held by a waiting upload").unwrap(), 42);
+            tx.send(Ok(Bytes::from_static(b"def"))).await.unwrap();
+            drop(tx);
+            let session = upload.await.unwrap().unwrap();
+            assert_eq!(session.offset, 6);
+            assert_eq!(std::fs::read(&session.path).unwrap(), b"abcdef");
+            let digest = digest_of(&session, Algorithm::Sha256).await.unwrap();
+            assert_eq!(digest, Digest::of(Algorithm::Sha256, b"abcdef"));
+        });
+    }
+
+    /// A body that fails keeps, without a declared length, every byte that arrived before
+    /// (the client resumes from the offset), and with one, none of them.
+    #[tokio::test]
+    async fn a_failed_body_keeps_what_arrived_only_without_a_length() {
+        let dir = tempfile::tempdir().unwrap();
+        for (len, kept) in [(None, 5u64), (Some(10), 0)] {
+            let path = dir.path().join(format!("session-{kept}"));
+            std::fs::write(&path, b"").unwrap();
+            let mut session = Session {
+                repo: "a/b".parse().unwrap(),
+                path,
+                offset: 0,
+                hasher: Some(Algorithm::Sha256.hasher()),
+                touched: Instant::now(),
+            };
+            let (tx, body) = body();
+            tx.send(Ok(Bytes::from_static(b"hello"))).await.unwrap();
+            let timeout = std::io::Error::new(std::io::ErrorKind::TimedOut, "too slow");
+            tx.send(Err(timeout)).await.unwrap();
+            let err = append(&mut session, Some(0), len, body).await.unwrap_err();
+            assert!(matches!(err, StoreError::BodyRead(ref e) if e.kind() == std::io::ErrorKind::TimedOut));
+            assert_eq!(session.offset, kept);
+            assert_eq!(std::fs::metadata(&session.path).unwrap().len(), kept);
+            let expected = Digest::of(Algorithm::Sha256, &b"hello"[..kept as usize]);
+            assert_eq!(digest_of(&session, Algorithm::Sha256).await.unwrap(), expected);
+        }
     }
 }

@@ -188,6 +188,11 @@ pub enum StoreError {
     /// A service the store depends on (an agent's origin) cannot answer now; clients retry.
     #[error("upstream unavailable: {0}")]
     Unavailable(String),
+    /// The request body failed while it was read: the client went away, or sent too slowly
+    /// (the HTTP server's body timeout, an error of kind `TimedOut`). The client's fault, not
+    /// the storage's; an upload session stays where it was (see `upload_append`).
+    #[error("reading the request body failed: {0}")]
+    BodyRead(std::io::Error),
     #[error("storage I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("internal error: {0}")]
@@ -234,6 +239,10 @@ impl From<StoreError> for ApiError {
             StoreError::StorageFull => {
                 ApiError::new(ErrorCode::Unknown, message).with_status(StatusCode::INSUFFICIENT_STORAGE)
             }
+            StoreError::BodyRead(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                ApiError::new(ErrorCode::BlobUploadInvalid, message).with_status(StatusCode::REQUEST_TIMEOUT)
+            }
+            StoreError::BodyRead(_) => ApiError::new(ErrorCode::BlobUploadInvalid, message),
             StoreError::Io(_) | StoreError::Internal(_) => {
                 tracing::error!(error = %message, "storage failure");
                 ApiError::new(ErrorCode::Unknown, message)

@@ -92,7 +92,7 @@ impl Ctx {
     /// The request body as a stream of byte chunks.
     pub fn take_body(&mut self) -> ByteStream {
         let body = std::mem::take(&mut self.body);
-        Box::pin(body.into_data_stream().map_err(std::io::Error::other))
+        Box::pin(body.into_data_stream().map_err(body_error))
     }
 
     /// The declared `Content-Length`, if any.
@@ -104,6 +104,22 @@ impl Ctx {
                 .map(Some)
                 .map_err(|_| ApiError::new(ErrorCode::SizeInvalid, "Content-Length is not a number")),
         }
+    }
+}
+
+/// A request body's error as an `io::Error`, keeping the kind of an I/O error inside it (the
+/// HTTP server's body timeout is `TimedOut`), so the store and the client see why.
+fn body_error(e: axum::Error) -> std::io::Error {
+    let mut inner = e.into_inner();
+    loop {
+        inner = match inner.downcast::<std::io::Error>() {
+            Ok(io) => return *io,
+            Err(other) => other,
+        };
+        inner = match inner.downcast::<axum::Error>() {
+            Ok(wrapped) => wrapped.into_inner(),
+            Err(other) => return std::io::Error::other(other),
+        };
     }
 }
 
