@@ -163,6 +163,7 @@ pub async fn bind(file: AgentFile) -> anyhow::Result<BoundServer> {
         fallback_after: file.fallback_after,
         max_peer_connections: file.max_peer_connections,
         max_outbound_connections: file.max_outbound_connections,
+        max_peer_connections_per_address: file.limits.max_peer_connections_per_address,
     };
     let agent = tokio::task::block_in_place(|| Agent::start(&config, &metrics.registry))?;
     tokio::spawn(agent.peer_server.clone().serve(peer_listener));
@@ -174,7 +175,7 @@ pub async fn bind(file: AgentFile) -> anyhow::Result<BoundServer> {
     let api =
         shoal_registry::router(agent.store.clone() as Arc<dyn shoal_registry::RegistryStore>, api_config)
             .merge(agent.routes());
-    let server = BoundServer::bind(file.listen, with_basics(api, metrics)).await?;
+    let server = BoundServer::bind(file.listen, with_basics(api, metrics), file.limits.http()).await?;
     tracing::info!(
         listen = %server.local_addr()?, %advertise, peer_id = %agent.peer_id,
         origins = ?config.origins, trackers = ?config.trackers, "agent ready"

@@ -102,7 +102,7 @@ impl Default for ClusterSection {
     }
 }
 
-/// The `[limits]` section.
+/// The `[limits]` section: what one client may take (origins and agents).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
@@ -110,6 +110,18 @@ pub struct Limits {
     pub max_concurrent_requests: usize,
     /// Upload sessions open at once; more get 429 `TOOMANYREQUESTS`.
     pub max_upload_sessions: usize,
+    /// HTTP connections open at once; at the cap, accepting waits for one to close.
+    pub max_connections: usize,
+    /// Time to send a whole request head (and the idle time of a keep-alive connection).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Window over which a request body must bring `body_min_rate` (and at least a byte).
+    #[serde(with = "humantime_serde")]
+    pub body_idle_timeout: Duration,
+    /// Slowest accepted request body, bytes per second averaged over `body_idle_timeout`.
+    pub body_min_rate: ByteSize,
+    /// Peer connections from one IP address at once; more are closed at once.
+    pub max_peer_connections_per_address: usize,
 }
 
 impl Default for Limits {
@@ -117,6 +129,23 @@ impl Default for Limits {
         Limits {
             max_concurrent_requests: 1024,
             max_upload_sessions: shoal_origin::DEFAULT_MAX_UPLOAD_SESSIONS,
+            max_connections: crate::http_server::DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: crate::http_server::DEFAULT_HEADER_READ_TIMEOUT,
+            body_idle_timeout: crate::http_server::DEFAULT_BODY_IDLE_TIMEOUT,
+            body_min_rate: ByteSize::b(crate::http_server::DEFAULT_BODY_MIN_RATE),
+            max_peer_connections_per_address: shoal_p2p::server::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+        }
+    }
+}
+
+impl Limits {
+    /// The HTTP server's share of these limits.
+    pub fn http(&self) -> crate::http_server::HttpLimits {
+        crate::http_server::HttpLimits {
+            max_connections: self.max_connections,
+            header_read_timeout: self.header_read_timeout,
+            body_idle_timeout: self.body_idle_timeout,
+            body_min_rate: self.body_min_rate.as_u64(),
         }
     }
 }
@@ -166,6 +195,13 @@ impl OriginConfig {
             }
             None => self.listen.to_string(),
         };
+        let min_quarantine = shoal_origin::cluster::gc::MIN_QUARANTINE;
+        if c.gc_quarantine < min_quarantine {
+            anyhow::bail!(
+                "cluster.gc_quarantine must be at least {} (twice the deadline of a write that read a link)",
+                humantime::format_duration(min_quarantine)
+            );
+        }
         let members = if c.members.is_empty() { vec![advertise.clone()] } else { c.members.clone() };
         let secret = c.secret.clone().filter(|s| !s.is_empty());
         if members.len() > 1 && secret.is_none() {
@@ -195,13 +231,7 @@ impl OriginConfig {
             repair_interval: c.repair_interval,
             repair_rate: c.repair_rate.as_u64(),
             gc_grace: c.gc_grace,
-        let min_quarantine = shoal_origin::cluster::gc::MIN_QUARANTINE;
-        if c.gc_quarantine < min_quarantine {
-            anyhow::bail!(
-                "cluster.gc_quarantine must be at least {} (twice the deadline of a write that read a link)",
-                humantime::format_duration(min_quarantine)
-            );
-        }
+            gc_quarantine: c.gc_quarantine,
         })
     }
 
@@ -230,8 +260,12 @@ mod tests {
             max_manifest_size = "1MiB"
             [limits]
             max_concurrent_requests = 3
+            header_read_timeout = "5s"
+            body_idle_timeout = "10s"
+            body_min_rate = "2KiB"
+            max_connections = 100
+            max_peer_connections_per_address = 8
             [auth]
-            gc_quarantine: c.gc_quarantine,
             anonymous = "pull"
             users = [{ name = "ci", password = "p", access = "push" }]
             "#,
@@ -240,6 +274,12 @@ mod tests {
         assert_eq!(c.upload_idle_timeout, Duration::from_secs(2));
         assert_eq!(c.max_manifest_size.as_u64(), 1024 * 1024);
         assert_eq!(c.limits.max_concurrent_requests, 3);
+        let http = c.limits.http();
+        assert_eq!(http.header_read_timeout, Duration::from_secs(5));
+        assert_eq!(http.body_idle_timeout, Duration::from_secs(10));
+        assert_eq!(http.body_min_rate, 2048);
+        assert_eq!(http.max_connections, 100);
+        assert_eq!(c.limits.max_peer_connections_per_address, 8);
         assert_eq!(c.auth.users.len(), 1);
     }
 

@@ -13,6 +13,8 @@ use axum::Router;
 use futures_util::StreamExt;
 use prometheus::{Encoder, HistogramVec, IntCounter, IntCounterVec, Registry, TextEncoder};
 
+use crate::http_server::HttpLimits;
+
 /// HTTP metrics of one component, named `shoal_<component>_http_*`.
 #[derive(Clone)]
 pub struct HttpMetrics {
@@ -117,15 +119,20 @@ pub fn with_basics(api: Router, metrics: HttpMetrics) -> Router {
 pub struct BoundServer {
     listener: tokio::net::TcpListener,
     app: Router,
+    limits: HttpLimits,
 }
 
 impl BoundServer {
-    /// Bind `addr` for `app` (already wrapped with [`with_basics`]).
-    pub async fn bind(addr: std::net::SocketAddr, app: Router) -> anyhow::Result<BoundServer> {
+    /// Bind `addr` for `app` (already wrapped with [`with_basics`]), served within `limits`.
+    pub async fn bind(
+        addr: std::net::SocketAddr,
+        app: Router,
+        limits: HttpLimits,
+    ) -> anyhow::Result<BoundServer> {
         use anyhow::Context;
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-        Ok(BoundServer { listener, app })
+        Ok(BoundServer { listener, app, limits })
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
@@ -136,7 +143,7 @@ impl BoundServer {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        axum::serve(self.listener, self.app).with_graceful_shutdown(shutdown).await?;
+        crate::http_server::serve(self.listener, self.app, self.limits, shutdown).await;
         Ok(())
     }
 }

@@ -4,6 +4,7 @@
 mod agent;
 mod config;
 mod http;
+mod http_server;
 mod node;
 mod origin;
 mod origin_admin;

@@ -558,9 +558,9 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                 let listener =
                     tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
                 println!("serving /readyz on {addr} until stopped");
-                axum::serve(listener, restored_router())
-                    .with_graceful_shutdown(crate::shutdown_signal())
-                    .await?;
+                let limits = crate::http_server::HttpLimits::default();
+                crate::http_server::serve(listener, restored_router(), limits, crate::shutdown_signal())
+                    .await;
             }
             Ok(())
         }

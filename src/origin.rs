@@ -113,7 +113,7 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
     .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
     let metrics = HttpMetrics::new("origin")?;
     let seeder = match config.peer_listen {
-        Some(addr) => Some(start_seeding(&store, addr, config.peer_advertise, &metrics).await?),
+        Some(addr) => Some(start_seeding(&store, addr, &config, &metrics).await?),
         None => None,
     };
     let self_peer = seeder.map(|s| PeerIdentity { peer_id: s.peer_id.to_string(), addr: s.advertise });
@@ -164,7 +164,7 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         }
         None => tracing::info!("no cluster secret: internal and admin APIs disabled (a lone origin)"),
     }
-    let server = BoundServer::bind(config.listen, with_basics(api, metrics)).await?;
+    let server = BoundServer::bind(config.listen, with_basics(api, metrics), config.limits.http()).await?;
     tracing::info!(
         listen = %server.local_addr()?,
         id = %me,
@@ -232,14 +232,14 @@ struct SeederIdentity {
 async fn start_seeding(
     store: &OriginStore,
     listen: SocketAddr,
-    advertise: Option<SocketAddr>,
+    config: &OriginConfig,
     metrics: &HttpMetrics,
 ) -> anyhow::Result<SeederIdentity> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding peer listener {listen}"))?;
     let bound = listener.local_addr()?;
-    let advertise = crate::peer_addr::advertised(bound, advertise)?;
+    let advertise = crate::peer_addr::advertised(bound, config.peer_advertise)?;
     let peer_id = PeerId::random();
     let server = Arc::new(PeerServer {
         peer_id,
@@ -247,6 +247,7 @@ async fn start_seeding(
         egress: Arc::new(shoal_p2p::limiter::RateLimiter::unlimited()),
         metrics: SwarmMetrics::new("origin", &metrics.registry)?,
         max_connections: 1024,
+        max_connections_per_address: config.limits.max_peer_connections_per_address,
         // Send each piece to one agent and let the swarm spread it.
         super_seed: Some(shoal_p2p::server::SuperSeed::new(Duration::from_secs(3))),
     });

@@ -35,7 +35,9 @@ pub async fn bind(args: TrackerArgs) -> anyhow::Result<BoundServer> {
         ..TrackerConfig::default()
     };
     let api = shoal_tracker::router(config, &metrics.registry)?;
-    let server = BoundServer::bind(args.listen, with_basics(api, metrics)).await?;
+    // No config file: the default limits.
+    let limits = crate::http_server::HttpLimits::default();
+    let server = BoundServer::bind(args.listen, with_basics(api, metrics), limits).await?;
     tracing::info!(listen = %server.local_addr()?, origins = ?args.origin, "tracker ready");
     Ok(server)
 }

@@ -54,6 +54,8 @@ pub struct AgentConfig {
     pub max_peer_connections: usize,
     /// Outbound peer connections in all, across every download (the node's budget).
     pub max_outbound_connections: usize,
+    /// Inbound peer connections from one IP address at once.
+    pub max_peer_connections_per_address: usize,
 }
 
 /// Why an agent could not start.
@@ -112,6 +114,7 @@ impl Agent {
             egress: Arc::new(RateLimiter::new(config.egress_rate, burst)),
             metrics,
             max_connections: config.max_peer_connections,
+            max_connections_per_address: config.max_peer_connections_per_address,
             super_seed: None,
         });
         let store = Arc::new(AgentStore::new(origin, downloads, config.tag_ttl));

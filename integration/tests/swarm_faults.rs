@@ -167,6 +167,7 @@ impl CorruptPeer {
             egress: Arc::new(RateLimiter::unlimited()),
             metrics: metrics.clone(),
             max_connections: 16,
+            max_connections_per_address: 16,
             super_seed: None,
         });
         let serve = tokio::spawn(server.serve(listener));

@@ -18,6 +18,7 @@ use tokio_util::codec::FramedRead;
 
 use crate::bitfield::Bitfield;
 use crate::blob::BlobPieces;
+use crate::inbound::InboundCodec;
 use crate::limiter::RateLimiter;
 use crate::peer::PeerId;
 use crate::wire::{Message, PeerCodec, PROTOCOL_VERSION};
@@ -143,7 +144,11 @@ pub async fn run(
             cmd = cmd_rx.recv() => {
                 let msg = match cmd {
                     None => break "swarm closed the connection".to_string(),
-                    Some(Command::Request(index)) => Message::Request { index },
+                    Some(Command::Request(index)) => {
+                        stream.decoder_mut().expect(index);
+                        Message::Request { index }
+                    }
+                    // A piece already on its way is still taken: it may be the first to arrive.
                     Some(Command::Cancel(index)) => Message::Cancel(index),
                 };
                 if let Err(e) = sink.send(msg).await {
@@ -167,6 +172,7 @@ pub async fn run(
                     }
                 }
                 Ok(Some(Ok(Message::Cancel(index)))) => {
+                    stream.decoder_mut().forget(index);
                     if events.send(ConnEvent::Declined { peer, index }).await.is_err() {
                         break "swarm gone".to_string();
                     }
@@ -176,10 +182,14 @@ pub async fn run(
             }
         }
     };
+    let dropped = stream.decoder().dropped_bytes();
+    if dropped > 0 {
+        tracing::debug!(%peer, %addr, dropped, "peer sent bytes of pieces that were not requested");
+    }
     let _ = events.send(ConnEvent::Closed { peer, reason }).await;
 }
 
-type PeerReader = FramedRead<CountingReader<OwnedReadHalf>, PeerCodec>;
+type PeerReader = FramedRead<CountingReader<OwnedReadHalf>, InboundCodec>;
 
 async fn handshake(
     addr: SocketAddr,
@@ -194,7 +204,8 @@ async fn handshake(
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
     let (read, write) = stream.into_split();
-    let mut reader = FramedRead::new(CountingReader { inner: read, conn, node }, PeerCodec::default());
+    // Small frames until the handshake is done; then whole pieces, but only requested ones.
+    let mut reader = FramedRead::new(CountingReader { inner: read, conn, node }, InboundCodec::new());
     let mut writer = PeerWriter::new(write, PeerCodec::default());
     let digest = pieces.metainfo().digest().clone();
     let hello = Message::Handshake {
@@ -213,6 +224,7 @@ async fn handshake(
             }
             let bitfield = Bitfield::from_bytes(pieces.metainfo().piece_count(), &bitfield)
                 .map_err(|e| format!("bad bitfield: {e}"))?;
+            reader.decoder_mut().allow_pieces();
             Ok((peer_id, bitfield, reader, writer))
         }
         Some(Ok(Message::Error { code, message })) => Err(format!("peer refused ({code}): {message}")),

@@ -21,6 +21,8 @@
 //! - [`swarm`]: one blob's download: the event loop that runs the state machine and the connections
 //!   ([`conn`]), announces to the tracker ([`tracker_client`]) and falls back to an origin.
 //! - [`failover`]: which of several equivalent origins to ask, moving on from dead ones.
+//! - [`inbound`]: what an untrusted peer can make a node hold (connections per address, frame
+//!   size before the handshake, pieces nobody requested).
 //! - [`server`]: serves pieces to other peers; [`limiter`]: node-wide bandwidth limits;
 //!   [`metrics`]: what proves the swarm works.
 
@@ -31,6 +33,7 @@ pub mod blob;
 pub mod conn;
 pub mod failover;
 pub mod flow;
+pub mod inbound;
 pub mod limiter;
 pub mod metainfo;
 pub mod metrics;

@@ -16,6 +16,7 @@ use tokio_util::codec::FramedRead;
 
 use crate::bitfield::Bitfield;
 use crate::blob::BlobPieces;
+use crate::inbound::{AddressSlots, InboundCodec};
 use crate::limiter::RateLimiter;
 use crate::metrics::SwarmMetrics;
 use crate::peer::PeerId;
@@ -31,6 +32,10 @@ const MAX_QUEUED_REQUESTS: usize = 64;
 /// A request that would wait longer than this behind the node's egress limit is declined at
 /// once (a `Cancel` frame), well inside the requester's deadline, so it asks someone else.
 const MAX_EGRESS_WAIT: Duration = Duration::from_secs(2);
+/// Default cap on connections from one IP address: a node opens one connection per download
+/// to a peer, and pulls a few dozen blobs at once at most; one host cannot take the whole
+/// connection budget.
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
 /// Error code sent when the blob is unknown here.
 pub const ERROR_UNKNOWN_BLOB: u16 = 404;
 /// Error code sent for protocol violations.
@@ -49,6 +54,8 @@ pub struct PeerServer {
     pub egress: Arc<RateLimiter>,
     pub metrics: SwarmMetrics,
     pub max_connections: usize,
+    /// Connections from one IP address at once; more are closed as soon as accepted.
+    pub max_connections_per_address: usize,
     /// Super-seeding (origins): a piece sent to one peer is declined to others for this
     /// long, so they fetch it from that peer and the seeder sends each piece about once.
     pub super_seed: Option<SuperSeed>,
@@ -307,6 +314,7 @@ impl PeerServer {
     /// Accept connections until the listener fails.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let slots = Arc::new(Semaphore::new(self.max_connections.max(1)));
+        let per_address = AddressSlots::new(self.max_connections_per_address);
         loop {
             let (stream, remote) = match listener.accept().await {
                 Ok(c) => c,
@@ -320,9 +328,13 @@ impl PeerServer {
                 tracing::debug!(%remote, "peer connection refused: too many connections");
                 continue;
             };
+            let Some(address_slot) = per_address.take(remote.ip()) else {
+                tracing::debug!(%remote, "peer connection refused: too many from this address");
+                continue;
+            };
             let server = self.clone();
             tokio::spawn(async move {
-                let _permit = permit;
+                let _permit = (permit, address_slot);
                 let gauge = server.metrics.connections.with_label_values(&["in"]);
                 gauge.inc();
                 if let Err(e) = server.handle(stream).await {
@@ -336,7 +348,9 @@ impl PeerServer {
     async fn handle(&self, stream: TcpStream) -> Result<(), String> {
         let _ = stream.set_nodelay(true);
         let (read, write) = stream.into_split();
-        let mut reader = FramedRead::new(read, PeerCodec::default());
+        // Small frames only, for good: a downloader sends handshakes and control messages,
+        // and the pieces it has no business sending are skipped unread.
+        let mut reader = FramedRead::new(read, InboundCodec::new());
         let mut writer = PeerWriter::new(write, PeerCodec::default());
         let first =
             tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await.map_err(|_| "handshake timeout")?;
@@ -379,7 +393,7 @@ impl PeerServer {
     /// Serve requests on an established connection until it ends.
     async fn exchange(
         &self,
-        mut stream: FramedRead<OwnedReadHalf, PeerCodec>,
+        mut stream: FramedRead<OwnedReadHalf, InboundCodec>,
         mut sink: PeerWriter<OwnedWriteHalf>,
         pieces: &Arc<BlobPieces>,
         remote: PeerId,

@@ -33,12 +33,12 @@ pub const MAX_ERROR_MESSAGE: usize = 1024;
 pub const DEFAULT_MAX_FRAME: usize = MAX_PIECE_LENGTH as usize + 64;
 
 /// Bytes in the length prefix.
-const LEN_PREFIX: usize = 4;
+pub(crate) const LEN_PREFIX: usize = 4;
 
 const TYPE_HANDSHAKE: u8 = 0;
 const TYPE_HAVE: u8 = 1;
 const TYPE_REQUEST: u8 = 2;
-const TYPE_PIECE: u8 = 3;
+pub(crate) const TYPE_PIECE: u8 = 3;
 const TYPE_CANCEL: u8 = 4;
 const TYPE_ERROR: u8 = 5;
 

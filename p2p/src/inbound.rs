@@ -1,0 +1,278 @@
+//! Limits on what untrusted peers may make a node hold: how many connections one address
+//! may open to a peer server ([`AddressSlots`]), and how frames are read ([`InboundCodec`]):
+//! small until the handshake is done, and a piece nobody asked for is skipped as its bytes
+//! arrive instead of being buffered whole.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Buf, BytesMut};
+use tokio_util::codec::Decoder;
+
+use crate::wire::{Message, PeerCodec, WireError, DEFAULT_MAX_FRAME, LEN_PREFIX, TYPE_PIECE};
+
+/// Largest frame read before the handshake is done, and all the serving side ever reads
+/// (a downloader sends only small control messages). The handshake's bitfield fits for
+/// blobs of up to 512 Ki pieces (512 GiB in 1 MiB pieces); a whole piece (up to 4 MiB)
+/// does not, so a connection cannot make a node buffer that much before it says who it is.
+pub const MAX_HANDSHAKE_FRAME: usize = 64 * 1024 + 256;
+
+/// Bytes of a piece frame before its data: length prefix, type and index.
+const PIECE_HEAD: usize = LEN_PREFIX + 1 + 4;
+
+/// Decodes what a peer sends: [`PeerCodec`] with a frame limit that starts at
+/// [`MAX_HANDSHAKE_FRAME`], and a filter that lets through only the pieces this side
+/// requested. Any other piece frame is skipped from its header on: its data is counted and
+/// discarded as it arrives, never held.
+#[derive(Debug)]
+pub struct InboundCodec {
+    codec: PeerCodec,
+    requested: HashSet<u32>,
+    /// Bytes of an unrequested piece still to be skipped.
+    skipping: usize,
+    dropped: u64,
+}
+
+impl Default for InboundCodec {
+    fn default() -> Self {
+        InboundCodec::new()
+    }
+}
+
+impl InboundCodec {
+    /// A codec for a connection whose handshake is still to come.
+    pub fn new() -> InboundCodec {
+        InboundCodec {
+            codec: PeerCodec::new(MAX_HANDSHAKE_FRAME),
+            requested: HashSet::new(),
+            skipping: 0,
+            dropped: 0,
+        }
+    }
+
+    /// The handshake is done and this side downloads: whole pieces may come now.
+    pub fn allow_pieces(&mut self) {
+        self.codec.max_frame = DEFAULT_MAX_FRAME;
+    }
+
+    /// Piece `index` was requested: let it through once.
+    pub fn expect(&mut self, index: u32) {
+        self.requested.insert(index);
+    }
+
+    /// Piece `index` will not come (the peer declined it).
+    pub fn forget(&mut self, index: u32) {
+        self.requested.remove(&index);
+    }
+
+    /// Bytes of unrequested pieces skipped so far.
+    pub fn dropped_bytes(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Skip what is buffered of an unrequested piece; whether it is all gone.
+    fn skip(&mut self, src: &mut BytesMut) -> bool {
+        let n = self.skipping.min(src.len());
+        src.advance(n);
+        self.skipping -= n;
+        self.dropped += n as u64;
+        self.skipping == 0
+    }
+}
+
+impl Decoder for InboundCodec {
+    type Item = Message;
+    type Error = WireError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, WireError> {
+        loop {
+            if !self.skip(src) {
+                return Ok(None);
+            }
+            if let Some(prefix) = src.get(..LEN_PREFIX) {
+                let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
+                if len > self.codec.max_frame {
+                    return Err(WireError::FrameTooLarge { len, max: self.codec.max_frame });
+                }
+                // A keep-alive has no type byte; a piece frame too short for its index is
+                // left to the codec, which reports it as truncated.
+                if len >= PIECE_HEAD - LEN_PREFIX && src.get(LEN_PREFIX) == Some(&TYPE_PIECE) {
+                    let Some(head) = src.get(..PIECE_HEAD) else { return Ok(None) };
+                    let index = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+                    if !self.requested.contains(&index) {
+                        src.advance(LEN_PREFIX);
+                        self.skipping = len;
+                        continue;
+                    }
+                }
+            }
+            let message = self.codec.decode(src)?;
+            if let Some(Message::Piece { index, .. }) = &message {
+                self.requested.remove(index);
+            }
+            return Ok(message);
+        }
+    }
+}
+
+/// Open connections per remote IP address, each at most `max`; one address cannot take a
+/// server's whole connection budget.
+#[derive(Debug)]
+pub struct AddressSlots {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection counted against its address until dropped.
+#[derive(Debug)]
+pub struct AddressSlot {
+    slots: Arc<AddressSlots>,
+    ip: IpAddr,
+}
+
+impl AddressSlots {
+    pub fn new(max: usize) -> Arc<AddressSlots> {
+        Arc::new(AddressSlots { max: max.max(1), open: Mutex::default() })
+    }
+
+    /// A slot for a connection from `ip`, unless that address is at its cap. IPv4 addresses
+    /// mapped into IPv6 count as the IPv4 address.
+    pub fn take(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot { slots: self.clone(), ip })
+    }
+
+    /// Connections open from `ip`.
+    pub fn open(&self, ip: IpAddr) -> usize {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.get(&ip.to_canonical()).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::{BufMut, Bytes};
+    use tokio_util::codec::Encoder;
+
+    fn frame(msg: Message) -> BytesMut {
+        let mut buf = BytesMut::new();
+        PeerCodec::default().encode(msg, &mut buf).unwrap();
+        buf
+    }
+
+    fn piece(index: u32, len: usize) -> Message {
+        Message::Piece { index, data: Bytes::from(vec![7u8; len]) }
+    }
+
+    /// Feed `bytes` in `step`-sized parts, as a socket would, collecting the messages and the
+    /// most bytes the decoder ever held.
+    fn feed(codec: &mut InboundCodec, bytes: &[u8], step: usize) -> (Vec<Message>, usize) {
+        let (mut out, mut held, mut buf) = (Vec::new(), 0, BytesMut::new());
+        for part in bytes.chunks(step) {
+            buf.put_slice(part);
+            held = held.max(buf.len());
+            while let Some(m) = codec.decode(&mut buf).unwrap() {
+                out.push(m);
+            }
+        }
+        (out, held)
+    }
+
+    #[test]
+    fn an_unrequested_piece_is_skipped_without_being_held() {
+        let mut codec = InboundCodec::new();
+        codec.allow_pieces();
+        codec.expect(2);
+        let mut stream = frame(Message::KeepAlive);
+        stream.extend_from_slice(&frame(piece(1, 1 << 20)));
+        stream.extend_from_slice(&frame(Message::Have(5)));
+        stream.extend_from_slice(&frame(piece(2, 1000)));
+        stream.extend_from_slice(&frame(piece(2, 1000)));
+        stream.extend_from_slice(&frame(Message::KeepAlive));
+        let (messages, held) = feed(&mut codec, &stream, 4096);
+        assert_eq!(messages, vec![Message::KeepAlive, Message::Have(5), piece(2, 1000), Message::KeepAlive]);
+        assert!(held < 8192, "held {held} bytes of a piece nobody asked for");
+        assert_eq!(codec.dropped_bytes(), (1 + 4 + (1 << 20)) + (1 + 4 + 1000));
+    }
+
+    #[test]
+    fn a_requested_piece_split_at_every_byte_still_comes_through() {
+        let mut codec = InboundCodec::new();
+        codec.allow_pieces();
+        codec.expect(9);
+        let (messages, _) = feed(&mut codec, &frame(piece(9, 300)), 1);
+        assert_eq!(messages, vec![piece(9, 300)]);
+        codec.expect(3);
+        codec.forget(3);
+        let (messages, _) = feed(&mut codec, &frame(piece(3, 10)), 1);
+        assert!(messages.is_empty(), "a declined piece is not expected any more");
+    }
+
+    #[test]
+    fn before_the_handshake_a_piece_sized_frame_is_refused_from_its_length() {
+        let mut codec = InboundCodec::new();
+        let mut buf = BytesMut::new();
+        buf.put_u32(4 * 1024 * 1024);
+        assert!(matches!(codec.decode(&mut buf), Err(WireError::FrameTooLarge { .. })));
+        // A piece header says the same even for a requested piece.
+        let mut codec = InboundCodec::new();
+        codec.expect(0);
+        let mut buf = frame(piece(0, 100 * 1024));
+        assert!(matches!(codec.decode(&mut buf), Err(WireError::FrameTooLarge { .. })));
+        // A handshake fits.
+        let hello = Message::Handshake {
+            version: crate::PROTOCOL_VERSION,
+            digest: shoal_registry::Digest::of(shoal_registry::Algorithm::Sha256, b"x"),
+            peer_id: crate::PeerId::random(),
+            bitfield: Bytes::from(vec![0u8; 16 * 1024]),
+        };
+        let (messages, _) = feed(&mut InboundCodec::new(), &frame(hello.clone()), 1000);
+        assert_eq!(messages, vec![hello]);
+    }
+
+    #[test]
+    fn a_short_piece_frame_is_still_an_error() {
+        let mut codec = InboundCodec::new();
+        let mut buf = BytesMut::new();
+        buf.put_u32(3);
+        buf.put_u8(TYPE_PIECE);
+        buf.put_u16(0);
+        assert!(matches!(codec.decode(&mut buf), Err(WireError::Truncated { .. })));
+    }
+
+    #[test]
+    fn address_slots_cap_each_address_and_free_on_drop() {
+        let slots = AddressSlots::new(2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let first = slots.take(a).unwrap();
+        let _second = slots.take(mapped).unwrap();
+        assert!(slots.take(a).is_none(), "a third from one address");
+        let _other = slots.take(b).unwrap();
+        drop(first);
+        assert_eq!(slots.open(a), 1);
+        assert!(slots.take(a).is_some());
+    }
+}

@@ -1,0 +1,270 @@
+//! The accept loop of every Shoal HTTP server, with its limits against slow and hostile
+//! clients: a cap on open connections, a deadline for each request head, and a body that
+//! must keep arriving. `axum::serve` offers none of these (it sets no timer, so hyper's
+//! header timeout is off), so connections are served with hyper's HTTP/1 builder directly.
+//!
+//! Together with uploads that never wait for the network on a blocking thread, these keep a
+//! server answering while clients trickle bytes: a trickling body fails after one window
+//! (its upload session stays resumable), a half-sent head is dropped after
+//! `header_read_timeout`, and a connection flood queues in the kernel's backlog instead of
+//! exhausting file descriptors.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::Router;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tower::ServiceExt;
+
+/// Default cap on open connections per listener. Far above the requests served at once
+/// (`max_concurrent_requests`, 1024) so idle keep-alive connections do not count against
+/// them; at the cap the server stops accepting until a connection closes.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default time a client has to send a whole request head, also how long an idle
+/// keep-alive connection stays open (hyper's own default).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default window over which a request body's progress is judged.
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default slowest accepted request body, in bytes per second averaged over a window: far
+/// below any real link, far above a byte a second.
+pub const DEFAULT_BODY_MIN_RATE: u64 = 1024;
+
+/// How long the accept loop pauses after an error that is not one connection's (out of file
+/// descriptors, say), so it does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// Limits of one HTTP server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connections open at once; at the cap, accepting waits for one to close.
+    pub max_connections: usize,
+    /// A request head not complete this long after its first byte (or after the previous
+    /// response, on a keep-alive connection) closes the connection. Zero: no limit.
+    pub header_read_timeout: Duration,
+    /// A request body must bring at least `body_min_rate` bytes per second, and at least one
+    /// byte, in every window of this length while the server waits for it; otherwise the
+    /// request fails with a `TimedOut` error. Zero: no limit.
+    pub body_idle_timeout: Duration,
+    /// Bytes per second; see `body_idle_timeout`.
+    pub body_min_rate: u64,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
+            body_min_rate: DEFAULT_BODY_MIN_RATE,
+        }
+    }
+}
+
+impl HttpLimits {
+    /// Bytes a body must bring in each window.
+    fn min_window_bytes(&self) -> u64 {
+        let per_window = (self.body_min_rate as f64 * self.body_idle_timeout.as_secs_f64()) as u64;
+        per_window.max(1)
+    }
+}
+
+/// Serve `app` on `listener` until `shutdown` resolves; then stop accepting, let every open
+/// connection finish its request in flight, and return.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    // `true` asks every connection to finish; each holds a `done` receiver until it ends.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (done_tx, done_rx) = watch::channel(());
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit,
+            () = &mut shutdown => break,
+        };
+        // The semaphore is never closed.
+        let Ok(permit) = permit else { break };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let (app, stop, done) = (app.clone(), stop_rx.clone(), done_rx.clone());
+        tokio::spawn(async move {
+            serve_connection(stream, app, limits, stop).await;
+            drop((permit, done));
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(done_rx);
+    done_tx.closed().await;
+}
+
+/// An accept error: one connection's (reset before it was accepted) is skipped; anything
+/// else (no file descriptors left) pauses the loop.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(e.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset) {
+        return;
+    }
+    tracing::error!(error = %e, "accepting a connection failed; pausing");
+    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    app: Router,
+    limits: HttpLimits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        let request = request.map(|body| Body::new(BodyGuard::new(body, &limits)));
+        app.clone().oneshot(request)
+    });
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new());
+    builder.header_read_timeout(nonzero(limits.header_read_timeout));
+    let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(stream), service));
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "HTTP connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.wait_for(|stop| *stop), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+/// A request body that fails with `TimedOut` when the client sends it too slowly: fewer than
+/// `min_bytes` in a window of `window` during which the server was waiting for it. The first
+/// window starts when the server first waits, so a handler that reads the body late is not
+/// charged for its own delay.
+struct BodyGuard {
+    inner: Incoming,
+    window: Option<Duration>,
+    min_bytes: u64,
+    window_bytes: u64,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    failed: bool,
+}
+
+impl BodyGuard {
+    fn new(inner: Incoming, limits: &HttpLimits) -> BodyGuard {
+        BodyGuard {
+            inner,
+            window: nonzero(limits.body_idle_timeout),
+            min_bytes: limits.min_window_bytes(),
+            window_bytes: 0,
+            deadline: None,
+            failed: false,
+        }
+    }
+
+    fn too_slow(&self, window: Duration) -> std::io::Error {
+        let message = if self.window_bytes == 0 {
+            format!("no bytes of the request body arrived for {}s", window.as_secs_f64())
+        } else {
+            format!(
+                "the request body brought {} bytes in {}s, fewer than the {} required",
+                self.window_bytes,
+                window.as_secs_f64(),
+                self.min_bytes
+            )
+        };
+        std::io::Error::new(std::io::ErrorKind::TimedOut, message)
+    }
+}
+
+impl hyper::body::Body for BodyGuard {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.failed {
+            return Poll::Ready(None);
+        }
+        loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        this.window_bytes += data.len() as u64;
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {}
+            }
+            let Some(window) = this.window else { return Poll::Pending };
+            let deadline = this.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(window)));
+            if deadline.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if this.window_bytes < this.min_bytes {
+                this.failed = true;
+                return Poll::Ready(Some(Err(this.too_slow(window).into())));
+            }
+            // Enough in this window: judge the next one (polling again registers its timer).
+            this.window_bytes = 0;
+            deadline.as_mut().reset(tokio::time::Instant::now() + window);
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_asks_for_at_least_one_byte() {
+        let limits = HttpLimits { body_min_rate: 0, ..HttpLimits::default() };
+        assert_eq!(limits.min_window_bytes(), 1);
+        let limits = HttpLimits {
+            body_min_rate: 1024,
+            body_idle_timeout: Duration::from_millis(1500),
+            ..HttpLimits::default()
+        };
+        assert_eq!(limits.min_window_bytes(), 1536);
+    }
+}
