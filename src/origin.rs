@@ -134,6 +134,7 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         metrics: ClusterMetrics::new(&metrics.registry)?,
         gc_lock: Default::default(),
     });
+    membership.on_reply(shoal_origin::cluster::clock_sync::reply_hook(Arc::downgrade(&coordinator)));
     spawn_gauges(&store, &membership, &coordinator, &metrics)?;
     let repair = Repairer::start(coordinator.clone(), cluster.repair_rate, cluster.repair_interval);
     if let Some(every) = config.cluster.gc_interval {
@@ -147,8 +148,13 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
     match &cluster.secret {
         Some(secret) => {
             let health = {
-                let (me, peer) = (me.clone(), self_peer.clone());
-                Arc::new(move || HealthReply { id: me.clone(), peer: peer.clone() })
+                let (me, peer, c) = (me.clone(), self_peer.clone(), Arc::downgrade(&coordinator));
+                Arc::new(move || HealthReply {
+                    id: me.clone(),
+                    peer: peer.clone(),
+                    clock: c.upgrade().map(|c| c.clock.reading()),
+                    wall_millis: Some(shoal_origin::cluster::record::now_millis()),
+                })
             };
             api = api.merge(internal_api::router(local.clone(), Some(secret.clone()), health)).merge(
                 crate::origin_admin::routes(crate::origin_admin::Admin {

@@ -78,11 +78,13 @@ pub struct ClusterSpec {
     /// `key = value` lines for the `[cluster]` section; a key given here replaces the
     /// same key of [`TEST_CLUSTER_DEFAULTS`].
     pub cluster_toml: String,
+    /// Extra environment of one member's process: (member, name, value).
+    pub env: Vec<(usize, String, String)>,
 }
 
 impl Default for ClusterSpec {
     fn default() -> ClusterSpec {
-        ClusterSpec { members: 3, running: 3, replicas: 2, cluster_toml: String::new() }
+        ClusterSpec { members: 3, running: 3, replicas: 2, cluster_toml: String::new(), env: Vec::new() }
     }
 }
 
@@ -96,6 +98,12 @@ impl ClusterSpec {
     pub fn cluster(mut self, toml: &str) -> ClusterSpec {
         self.cluster_toml.push_str(toml);
         self.cluster_toml.push('\n');
+        self
+    }
+
+    /// Sets `name=value` in member `i`'s environment (e.g. libfaketime's, to skew its clock).
+    pub fn member_env(mut self, i: usize, name: &str, value: &str) -> ClusterSpec {
+        self.env.push((i, name.to_string(), value.to_string()));
         self
     }
 
@@ -144,6 +152,8 @@ struct Member {
     dir: PathBuf,
     /// The ids in this origin's `--cluster` (changed by `restart_with_members`).
     members: Vec<String>,
+    /// Extra environment of its process.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -200,6 +210,9 @@ impl OriginCluster {
         for attempt in 1..=START_ATTEMPTS {
             cluster.kill_all();
             cluster.nodes = cluster.fresh_members(spec.members, &config);
+            for (i, name, value) in &spec.env {
+                cluster.nodes[*i].env.push((name.clone(), value.clone()));
+            }
             match cluster.launch_first(spec.running).await {
                 Ok(()) => {
                     cluster.wait_converged().await;
@@ -234,7 +247,7 @@ impl OriginCluster {
                 let _ = std::fs::remove_dir_all(&dir);
                 std::fs::create_dir_all(dir.join("data")).expect("create an origin's data directory");
                 std::fs::write(dir.join("config.toml"), config).expect("write an origin's config");
-                Member { port, dir, members: ids.clone(), child: None }
+                Member { port, dir, members: ids.clone(), env: Vec::new(), child: None }
             })
             .collect()
     }
@@ -284,7 +297,8 @@ impl OriginCluster {
             .arg(node.members.join(","))
             .arg("--replicas")
             .arg(self.replicas.to_string())
-            .env(SECRET_ENV, &self.secret);
+            .env(SECRET_ENV, &self.secret)
+            .envs(node.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let child = spawn_logged(command, &node.log())?;
         self.nodes[i].child = Some(child);
         Ok(())

@@ -614,3 +614,60 @@ async fn upload_session_spans_origins() {
     // The session is gone once committed, whichever origin is asked.
     cluster.client(1).upload_status(&location).await.expect(StatusCode::NOT_FOUND);
 }
+
+/// libfaketime, which shifts one process's wall clock (Debian package `faketime`).
+const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// Clock skew: origin 1's wall clock runs 5 minutes ahead, origin 2's 3 seconds ahead
+/// (libfaketime; timers keep the real monotonic clock). One tag is pushed again and again,
+/// through each origin in turn, each push a new image. After every `201`, every origin serves
+/// that push for the tag: a later push wins everywhere, whichever clock is ahead. The origin
+/// minutes ahead may not write at all (its versions are refused as too far in the future); its
+/// pushes then fail cleanly, and never win over a later one.
+#[tokio::test(flavor = "multi_thread")]
+async fn later_pushes_win_whatever_the_clocks_say() {
+    skip_if_external!(SKIP);
+    assert!(
+        std::path::Path::new(FAKETIME_LIB).exists(),
+        "{FAKETIME_LIB} is missing: apt-get install faketime"
+    );
+    let skewed = |spec: ClusterSpec, i: usize, offset: &str| {
+        spec.member_env(i, "LD_PRELOAD", FAKETIME_LIB).member_env(i, "FAKETIME", offset).member_env(
+            i,
+            "FAKETIME_DONT_FAKE_MONOTONIC",
+            "1",
+        )
+    };
+    let spec = skewed(skewed(ClusterSpec::new(3), 1, "+5m"), 2, "+3s");
+    let cluster = OriginCluster::start_cluster(spec).await;
+    let repo = unique_repo("skew");
+    let (mut acknowledged, mut refused) = (0, 0);
+    for round in 0..12 {
+        let origin = round % 3;
+        let image = TestImage::random(&repo, "t", &[random_size(1024, 8 * KIB)]);
+        match try_push_image(&cluster.client(origin), &image).await {
+            Ok(()) => acknowledged += 1,
+            Err(why) if origin == 1 => {
+                refused += 1;
+                println!("push {round} through origin 1 (5 min ahead) refused: {why}");
+                continue;
+            }
+            Err(why) => cluster.fail(&format!("push {round} through origin {origin}: {why}")),
+        }
+        for reader in 0..3 {
+            let reply = cluster.client(reader).get(&format!("/v2/{repo}/manifests/t")).try_reply().await;
+            let served =
+                reply.as_ref().ok().and_then(|r| r.header("docker-content-digest")).map(str::to_string);
+            if served.as_deref() != Some(image.manifest_digest()) {
+                cluster.fail(&format!(
+                    "after push {round} through origin {origin}, origin {reader} serves {served:?} for the tag, not {}",
+                    image.manifest_digest()
+                ));
+            }
+        }
+    }
+    println!("{acknowledged} pushes acknowledged, {refused} refused");
+    assert!(acknowledged >= 8, "the origins with sane clocks took every push");
+    let skew = cluster.metric_sum(&[0], "shoal_origin_clock_skew_seconds").await;
+    assert!(skew >= 250.0, "origin 0 reports the 5-minute skew: {skew}");
+}

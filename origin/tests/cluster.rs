@@ -299,7 +299,7 @@ async fn reads_return_the_newest_tag_and_repair_the_stale_owner() {
     let target = |c: char| -> Digest { format!("sha256:{}", c.to_string().repeat(64)).parse().unwrap() };
     let record = |millis, node: &str, d| Record {
         key: RecordKey::Tag("latest".into()),
-        version: Version { millis, node: node.into() },
+        version: Version::new(millis, node),
         value: Some(RecordValue::Tag { digest: d }),
         expect: None,
     };

@@ -270,6 +270,7 @@ impl Coordinator {
             return Err(unavailable(&format!("metadata of {repo}"), why));
         }
         self.repair_on_read(repo, &answers, |i| merged.get(i).cloned().flatten());
+        self.observe(merged.iter().flatten());
         Ok(merged)
     }
 
@@ -307,7 +308,18 @@ impl Coordinator {
                 }
             }
         }
+        self.observe(by_key.values());
         Ok(Some(by_key.into_values().collect()))
+    }
+
+    /// Move the version clock past the versions of records read, so a write that follows
+    /// gets a later version (see `VersionClock`).
+    fn observe<'a>(&self, records: impl IntoIterator<Item = &'a Record>) {
+        for r in records {
+            if !self.clock.observe(&r.version) {
+                tracing::warn!(node = %r.version.node, millis = r.version.millis, "record version far ahead of this origin's clock: not followed");
+            }
+        }
     }
 
     /// Repository names across every live origin, sorted, after `after`, at most `limit`.

@@ -350,6 +350,19 @@ async fn records_apply(
 ) -> Answer<StatusCode> {
     let repo = parse_repo(&q.repo)?;
     let records: Vec<Record> = json_body(&headers, body, MAX_RECORDS_BODY).await?;
+    // A writer whose clock is far ahead would make its records win over every later write.
+    if let Some(r) = records.iter().find(|r| crate::cluster::record::too_far_ahead(&r.version)) {
+        let ahead = r.version.millis.saturating_sub(crate::cluster::record::now_millis());
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "record version from {} is {} ms ahead of this origin's clock (at most {} ms allowed): fix the clocks",
+                r.version.node,
+                ahead,
+                crate::cluster::record::MAX_CLOCK_AHEAD.as_millis()
+            ),
+        ));
+    }
     s.node.records_apply(repo.as_str(), &records).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -52,6 +52,12 @@ pub struct HealthReply {
     /// Its peer-protocol identity; absent when it does not seed.
     #[serde(default)]
     pub peer: Option<PeerIdentity>,
+    /// Its version clock's reading: the receiver's clock moves past it (see `VersionClock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<crate::cluster::record::Version>,
+    /// Its wall clock (ms since the epoch) when it answered, for the skew metric.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall_millis: Option<u64>,
 }
 
 /// One member as seen by this origin, for status pages and the tracker's seeder list.
@@ -163,7 +169,13 @@ pub struct Membership {
     srv: Option<TokioResolver>,
     table: Mutex<Table>,
     generation: watch::Sender<u64>,
+    /// Called with every member's health reply (the origin moves its version clock and
+    /// measures clock skew there).
+    on_reply: std::sync::OnceLock<ReplyHook>,
 }
+
+/// See [`Membership::on_reply`].
+pub type ReplyHook = Box<dyn Fn(&str, &HealthReply) + Send + Sync>;
 
 impl std::fmt::Debug for Membership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -220,6 +232,7 @@ impl Membership {
             srv,
             table: Mutex::new(Table::default()),
             generation,
+            on_reply: std::sync::OnceLock::new(),
         });
         membership.refresh().await;
         info!(me = %membership.me, members = ?membership.live(), "cluster membership started");
@@ -231,6 +244,12 @@ impl Membership {
             tokio::spawn(every(weak, config.dns_refresh, |m| async move { m.refresh().await }));
         }
         Ok(membership)
+    }
+
+    /// Have `hook` called with every health reply from now on (set once; later calls are
+    /// ignored).
+    pub fn on_reply(&self, hook: ReplyHook) {
+        let _ = self.on_reply.set(hook);
     }
 
     /// This origin's id (its normalised advertise address).
@@ -358,6 +377,9 @@ impl Membership {
         let was_live = member.live();
         match result {
             Ok(reply) => {
+                if let Some(hook) = self.on_reply.get() {
+                    hook(id, &reply);
+                }
                 if reply.id == self.me {
                     info!(member = id, "cluster member is this origin under another name; ignoring it");
                     member.is_self = true;
@@ -569,7 +591,7 @@ mod tests {
             return StatusCode::SERVICE_UNAVAILABLE.into_response();
         }
         let id = fake.id.lock().expect("id").clone();
-        Json(HealthReply { id, peer: fake.peer.clone() }).into_response()
+        Json(HealthReply { id, peer: fake.peer.clone(), clock: None, wall_millis: None }).into_response()
     }
 
     fn fake(id: &str, secret: Option<&str>) -> Arc<Fake> {

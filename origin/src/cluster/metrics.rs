@@ -1,7 +1,7 @@
 //! Cluster metrics: replication failures, repair progress and garbage collection, the numbers
 //! an operator watches after a node dies or joins.
 
-use prometheus::{IntCounter, IntGauge, Registry};
+use prometheus::{Gauge, IntCounter, IntGauge, Registry};
 
 /// Counters and gauges of the cluster layer.
 #[derive(Clone)]
@@ -17,6 +17,8 @@ pub struct ClusterMetrics {
     pub repair_passes: IntCounter,
     pub gc_swept_blobs: IntCounter,
     pub gc_swept_bytes: IntCounter,
+    /// Largest clock difference to another member seen in health replies, in seconds.
+    pub clock_skew_seconds: Gauge,
 }
 
 impl ClusterMetrics {
@@ -34,6 +36,7 @@ impl ClusterMetrics {
         registry.register(Box::new(m.repair_passes.clone()))?;
         registry.register(Box::new(m.gc_swept_blobs.clone()))?;
         registry.register(Box::new(m.gc_swept_bytes.clone()))?;
+        registry.register(Box::new(m.clock_skew_seconds.clone()))?;
         Ok(m)
     }
 
@@ -62,6 +65,10 @@ impl ClusterMetrics {
             repair_passes: c("repair_passes_total", "Full repair passes completed")?,
             gc_swept_blobs: c("gc_swept_blobs_total", "Blob copies removed by garbage collection")?,
             gc_swept_bytes: c("gc_swept_bytes_total", "Bytes removed by garbage collection")?,
+            clock_skew_seconds: Gauge::new(
+                "shoal_origin_clock_skew_seconds",
+                "Largest wall-clock difference to another origin, from health replies",
+            )?,
         })
     }
 }

@@ -2,6 +2,7 @@
 //! synchronous replication, repair and garbage collection. A single origin is a cluster of
 //! one, so there is one code path.
 
+pub mod clock_sync;
 pub mod coordinator;
 pub mod gc;
 pub mod internal_api;

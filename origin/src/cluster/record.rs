@@ -4,25 +4,41 @@
 //! records too (tombstones), so a stale replica cannot bring a deleted tag back.
 
 use std::cmp::Ordering;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use shoal_registry::manifest::ReferrerDescriptor;
 use shoal_registry::Digest;
 
-/// When and where a record was written. Conflicts resolve by the later timestamp, then by the
-/// greater origin id; the same write seen twice compares equal and changes nothing.
+/// When and where a record was written: a hybrid logical clock reading (see
+/// [`VersionClock`]). Conflicts resolve by the later reading (milliseconds, then the logical
+/// counter), then by the greater origin id; the same write seen twice compares equal and
+/// changes nothing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Version {
-    /// Milliseconds since the Unix epoch on the writing origin.
+    /// Milliseconds since the Unix epoch: the writing origin's clock, or a later version it
+    /// had seen.
     pub millis: u64,
+    /// Orders versions within one millisecond (and after a version from a clock ahead).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub logical: u32,
     /// Id of the writing origin (its cluster address).
     pub node: String,
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl Version {
+    pub fn new(millis: u64, node: impl Into<String>) -> Version {
+        Version { millis, logical: 0, node: node.into() }
+    }
+}
+
 impl Ord for Version {
     fn cmp(&self, other: &Self) -> Ordering {
-        (self.millis, &self.node).cmp(&(other.millis, &other.node))
+        (self.millis, self.logical, &self.node).cmp(&(other.millis, other.logical, &other.node))
     }
 }
 
@@ -187,29 +203,74 @@ pub fn newest<'a>(copies: impl IntoIterator<Item = &'a Record>) -> Option<&'a Re
     copies.into_iter().max_by(|a, b| a.version.cmp(&b.version))
 }
 
-/// A clock for versions that never goes backwards on one origin, even if the wall clock does.
+/// How far ahead of this origin's wall clock a version may be. Further ahead, it is refused
+/// on the internal API and not observed: one origin with a clock far in the future must not
+/// drag every version of the cluster there.
+pub const MAX_CLOCK_AHEAD: Duration = Duration::from_secs(60);
+
+/// Whether `v` is further ahead of this origin's wall clock than [`MAX_CLOCK_AHEAD`].
+pub fn too_far_ahead(v: &Version) -> bool {
+    v.millis > now_millis().saturating_add(MAX_CLOCK_AHEAD.as_millis() as u64)
+}
+
+/// A hybrid logical clock: physical time in milliseconds with a logical counter, moved past
+/// every version this origin reads or receives ([`VersionClock::observe`]). A write through
+/// any origin therefore gets a version later than every version it read first, so a push
+/// that follows another one's `201` (and reads its record) wins, whatever the origins' clocks
+/// say; where no record links them, the later wall clock wins as before.
 #[derive(Debug)]
 pub struct VersionClock {
     node: String,
-    last: std::sync::atomic::AtomicU64,
+    /// The latest (millis, logical) handed out or observed.
+    last: std::sync::Mutex<(u64, u32)>,
 }
 
 impl VersionClock {
     pub fn new(node: impl Into<String>) -> VersionClock {
-        VersionClock { node: node.into(), last: std::sync::atomic::AtomicU64::new(0) }
+        VersionClock { node: node.into(), last: std::sync::Mutex::new((0, 0)) }
     }
 
     pub fn node(&self) -> &str {
         &self.node
     }
 
-    /// A version later than every one this clock handed out before.
+    fn last(&self) -> std::sync::MutexGuard<'_, (u64, u32)> {
+        // Two integers: a panic while holding the lock cannot leave them torn.
+        self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A version later than every one this clock handed out or observed before.
     pub fn next(&self) -> Version {
-        use std::sync::atomic::Ordering::SeqCst;
         let now = now_millis();
-        let prev = self.last.fetch_max(now, SeqCst);
-        let millis = if prev >= now { self.last.fetch_add(1, SeqCst) + 1 } else { now };
-        Version { millis, node: self.node.clone() }
+        let mut last = self.last();
+        *last = if now > last.0 {
+            (now, 0)
+        } else if last.1 < u32::MAX {
+            (last.0, last.1 + 1)
+        } else {
+            (last.0 + 1, 0)
+        };
+        Version { millis: last.0, logical: last.1, node: self.node.clone() }
+    }
+
+    /// Move past `v` (a version read or received), unless it is too far ahead (then `false`).
+    pub fn observe(&self, v: &Version) -> bool {
+        if too_far_ahead(v) {
+            return false;
+        }
+        let mut last = self.last();
+        if (v.millis, v.logical) > *last {
+            *last = (v.millis, v.logical);
+        }
+        true
+    }
+
+    /// The clock's reading without advancing it: the later of the wall clock and the last
+    /// version handed out or observed.
+    pub fn reading(&self) -> Version {
+        let last = *self.last();
+        let (millis, logical) = last.max((now_millis(), 0));
+        Version { millis, logical, node: self.node.clone() }
     }
 }
 
@@ -218,7 +279,7 @@ mod tests {
     use super::*;
 
     fn v(millis: u64, node: &str) -> Version {
-        Version { millis, node: node.into() }
+        Version::new(millis, node)
     }
 
     fn tag(version: Version, target: Option<&str>) -> Record {
@@ -265,6 +326,30 @@ mod tests {
             assert!(next > prev);
             prev = next;
         }
+    }
+
+    #[test]
+    fn observing_moves_the_clock_past_what_was_seen_but_not_far_into_the_future() {
+        let clock = VersionClock::new("b");
+        let ahead = Version { millis: now_millis() + 5_000, logical: 7, node: "a".into() };
+        assert!(clock.observe(&ahead));
+        let next = clock.next();
+        assert!(next > ahead, "a write after reading a version from a clock ahead wins: {next:?}");
+        assert_eq!((next.millis, next.logical), (ahead.millis, 8));
+        let far = Version::new(now_millis() + 10 * 60_000, "c");
+        assert!(too_far_ahead(&far));
+        assert!(!clock.observe(&far), "ten minutes ahead is refused");
+        assert!(clock.next() < far, "and does not drag the clock along");
+        assert!(clock.reading() >= next);
+    }
+
+    #[test]
+    fn versions_without_a_logical_counter_still_parse_and_order() {
+        let old: Version = serde_json::from_str(r#"{"millis":5,"node":"a"}"#).unwrap();
+        assert_eq!(old, Version::new(5, "a"));
+        assert_eq!(serde_json::to_string(&old).unwrap(), r#"{"millis":5,"node":"a"}"#);
+        let later = Version { logical: 1, ..old.clone() };
+        assert!(later > old && Version::new(6, "a") > later);
     }
 
     #[test]

@@ -566,7 +566,7 @@ mod tests {
     }
 
     fn v(millis: u64) -> Version {
-        Version { millis, node: "a:1".into() }
+        Version::new(millis, "a:1")
     }
 
     fn manifest(digest: &Digest, subject: Option<&Digest>, millis: u64) -> Record {

@@ -218,9 +218,16 @@ impl RegistryStore for ClusterStore {
         // Everything it references must be in the repository.
         let mut keys: Vec<RecordKey> = parsed.blobs.iter().cloned().map(RecordKey::Link).collect();
         keys.extend(parsed.children.iter().cloned().map(RecordKey::Manifest));
+        let checked = keys.len();
+        // The tag's current record is read too: reading moves the version clock past it, so
+        // this write wins over the one a client saw acknowledged before.
+        if let Some(tag) = tag {
+            keys.push(RecordKey::Tag(tag.to_string()));
+        }
         let found = self.c().read_records(repo.as_str(), &keys).await?;
+        let (keys, found) = (&keys[..checked], &found[..checked]);
         let mut refreshed = Vec::new();
-        for (key, rec) in keys.iter().zip(&found) {
+        for (key, rec) in keys.iter().zip(found) {
             let live = rec.as_ref().filter(|r| r.is_live());
             match (key, live) {
                 (RecordKey::Link(d), None) | (RecordKey::Manifest(d), None) => {

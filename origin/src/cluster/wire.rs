@@ -121,11 +121,13 @@ mod tests {
         let reply = HealthReply {
             id: "a:1".into(),
             peer: Some(PeerIdentity { peer_id: "p".into(), addr: "127.0.0.1:7".parse().unwrap() }),
+            clock: None,
+            wall_millis: None,
         };
         let json = serde_json::to_value(&reply).unwrap();
         assert_eq!(json, serde_json::json!({"id": "a:1", "peer": {"peer_id": "p", "addr": "127.0.0.1:7"}}));
         let bare: HealthReply = serde_json::from_str(r#"{"id":"b:2"}"#).unwrap();
-        assert_eq!(bare, HealthReply { id: "b:2".into(), peer: None });
+        assert_eq!(bare, HealthReply { id: "b:2".into(), peer: None, clock: None, wall_millis: None });
     }
 
     #[test]
