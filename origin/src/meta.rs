@@ -365,37 +365,35 @@ impl Meta {
         Ok(changed)
     }
 
-    /// Forget every record of `repo` here.
-    pub fn records_drop(&self, repo: &str) -> Result<(), StoreError> {
+    /// Forget exactly the `confirmed` records of `repo` (same key and version) in one
+    /// transaction; a record that changed since is kept, and so is the repository while any of
+    /// its records remains.
+    pub fn records_forget(&self, repo: &str, confirmed: &[Record]) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
             let mut table = txn.open_table(RECORDS).map_err(db_err)?;
-            let mut doomed = Vec::new();
-            for entry in table.range((repo, "", "")..).map_err(db_err)? {
-                let (k, _) = entry.map_err(db_err)?;
-                let (r, kind, name) = k.value();
-                if r != repo {
-                    break;
-                }
-                doomed.push((kind.to_string(), name.to_string()));
-            }
-            for (kind, name) in &doomed {
-                table.remove((repo, kind.as_str(), name.as_str())).map_err(db_err)?;
-            }
             let mut subjects = txn.open_table(SUBJECTS).map_err(db_err)?;
-            let mut doomed = Vec::new();
-            for entry in subjects.range((repo, "", "")..).map_err(db_err)? {
-                let (k, _) = entry.map_err(db_err)?;
-                let (r, subject, digest) = k.value();
-                if r != repo {
-                    break;
+            for record in confirmed {
+                let (kind, name) = (record.key.kind().as_str(), record.key.name());
+                let key = (repo, kind, name.as_str());
+                let stored: Option<Record> = table
+                    .get(key)
+                    .map_err(db_err)?
+                    .map(|v| serde_json::from_str(v.value()).map_err(json_err))
+                    .transpose()?;
+                let Some(stored) = stored.filter(|s| s.version == record.version) else { continue };
+                table.remove(key).map_err(db_err)?;
+                if let Some(subject) = stored.manifest().and_then(|m| m.subject.clone()) {
+                    subjects.remove((repo, subject.to_string().as_str(), name.as_str())).map_err(db_err)?;
                 }
-                doomed.push((subject.to_string(), digest.to_string()));
             }
-            for (subject, digest) in &doomed {
-                subjects.remove((repo, subject.as_str(), digest.as_str())).map_err(db_err)?;
+            let remaining = match table.range((repo, "", "")..).map_err(db_err)?.next() {
+                Some(entry) => entry.map_err(db_err)?.0.value().0 == repo,
+                None => false,
+            };
+            if !remaining {
+                txn.open_table(REPOS).map_err(db_err)?.remove(repo).map_err(db_err)?;
             }
-            txn.open_table(REPOS).map_err(db_err)?.remove(repo).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)
     }

@@ -497,10 +497,10 @@ impl OriginStore {
         blocking(move || inner.meta.records_apply(&repo, &records)).await
     }
 
-    pub async fn records_drop(&self, repo: &str) -> Result<(), StoreError> {
+    pub async fn records_forget(&self, repo: &str, confirmed: &[Record]) -> Result<(), StoreError> {
         let inner = self.inner.clone();
-        let repo = repo.to_string();
-        blocking(move || inner.meta.records_drop(&repo)).await
+        let (repo, confirmed) = (repo.to_string(), confirmed.to_vec());
+        blocking(move || inner.meta.records_forget(&repo, &confirmed)).await
     }
 
     pub async fn repos(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {

@@ -42,6 +42,8 @@ struct Switchable {
 enum GateOn {
     /// The first link tombstone of a collection (none has applied yet).
     Tombstone,
+    /// The first batch of records with a live tag in it (repair handing records over).
+    TagApply,
     Quarantine(Digest),
 }
 
@@ -149,11 +151,14 @@ impl Node for Switchable {
         if records.iter().any(|r| r.value.is_none() && matches!(r.key, RecordKey::Link(_))) {
             self.pass(GateOn::Tombstone).await;
         }
+        if records.iter().any(|r| r.is_live() && matches!(r.key, RecordKey::Tag(_))) {
+            self.pass(GateOn::TagApply).await;
+        }
         self.inner.records_apply(repo, records).await
     }
-    async fn records_drop(&self, repo: &str) -> Result<(), NodeError> {
+    async fn records_forget(&self, repo: &str, confirmed: &[Record]) -> Result<(), NodeError> {
         self.check()?;
-        self.inner.records_drop(repo).await
+        self.inner.records_forget(repo, confirmed).await
     }
     async fn repos(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, NodeError> {
         self.check()?;
@@ -560,4 +565,51 @@ async fn read_blob(store: &ClusterStore, repo: &RepoName, d: &Digest) -> Vec<u8>
     let s = store.blob_read(repo, d, None).await.unwrap_or_else(|e| panic!("read {d}: {e}"));
     let chunks: Vec<Bytes> = s.try_collect().await.unwrap();
     chunks.concat()
+}
+
+/// Repair racing a write: a non-owner holds a repository's records (written while an owner was
+/// unreachable); while its repair hands them to the owners, another write lands on it the same
+/// way. Repair then forgets exactly the records the owners confirmed: the new one stays here
+/// (repair hands it over next time) instead of being dropped with the rest.
+#[tokio::test]
+async fn repair_forgets_only_what_the_owners_confirmed() {
+    let (world, cs) = world().await;
+    let x = "o2:5000";
+    let repo = (0..).map(|i| format!("team/app{i}")).find(|r| !owners(r).contains(x)).unwrap();
+    let down = owners(&repo).into_iter().nth(1).unwrap();
+    let digest = Digest::of(Algorithm::Sha256, b"m");
+    let tag = |name: &str, c: &Coordinator| {
+        Record::new(
+            RecordKey::Tag(name.into()),
+            c.clock.next(),
+            Some(RecordValue::Tag { digest: digest.clone() }),
+        )
+    };
+    // Written while an owner is unreachable: the records fall back to x.
+    switch(&world, &down, true);
+    cs[0].write_records(&repo, vec![tag("t1", &cs[0])]).await.unwrap();
+    switch(&world, &down, false);
+    let x_node = &world.nodes[x].inner;
+    assert!(x_node.records_get(&repo, &[RecordKey::Tag("t1".into())]).await.unwrap()[0].is_some());
+
+    let (reached, release) = gate(&world, GateOn::TagApply);
+    let i = IDS.iter().position(|id| *id == x).unwrap();
+    let repairer = Repairer::start(cs[i].clone(), 1 << 30, Duration::from_secs(3600));
+    let run = tokio::spawn(async move { repairer.run_now().await });
+    tokio::time::timeout(Duration::from_secs(20), reached.notified()).await.expect("repair reached the gate");
+    // While repair hands t1 over, t2 is written the same way.
+    switch(&world, &down, true);
+    cs[0].write_records(&repo, vec![tag("t2", &cs[0])]).await.unwrap();
+    switch(&world, &down, false);
+    release.notify_one();
+    run.await.unwrap().unwrap();
+
+    let held =
+        x_node.records_get(&repo, &[RecordKey::Tag("t1".into()), RecordKey::Tag("t2".into())]).await.unwrap();
+    assert!(held[0].is_none(), "t1 went to the owners and was forgotten here");
+    assert!(held[1].is_some(), "t2, which the owners had not confirmed, is still here");
+    for owner in owners(&repo) {
+        let got = world.nodes[&owner].inner.records_get(&repo, &[RecordKey::Tag("t1".into())]).await.unwrap();
+        assert!(got[0].is_some(), "{owner} has t1");
+    }
 }

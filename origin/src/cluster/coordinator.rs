@@ -160,6 +160,14 @@ impl Coordinator {
             })
             .await?;
         if placed.ok.len() < self.replication.write_quorum {
+            // Some origins may hold the records already (readers see them): queue the
+            // repository so repair brings every owner to the same state.
+            if !placed.ok.is_empty() {
+                if !placed.ok.iter().any(|id| id == self.me()) {
+                    let _ = self.local.records_apply(repo, &records).await;
+                }
+                let _ = self.enqueue(format!("repo:{repo}")).await;
+            }
             return Err(unavailable(
                 &format!("metadata of {repo} reached too few origins"),
                 placed.last_error,

@@ -34,7 +34,7 @@ use crate::cluster::wire::PurgeQuery;
 use crate::cluster::wire::{
     list_limit, BlobListQuery, HealthReply, RepoListQuery, RepoQuery, ScanQuery, BLOBS, BLOB_ROUTE, HEALTH,
     MAX_RECORDS_BODY, MAX_RECORD_KEYS, METAINFO_ROUTE, QUARANTINE, QUARANTINE_BLOB_ROUTE, QUARANTINE_ROUTE,
-    RECORDS, RECORDS_APPLY, RECORDS_GET, RECORDS_SCAN, REPAIR_PENDING, REPOS, RESTORE_BLOB_ROUTE,
+    RECORDS_APPLY, RECORDS_FORGET, RECORDS_GET, RECORDS_SCAN, REPAIR_PENDING, REPOS, RESTORE_BLOB_ROUTE,
 };
 
 /// What `GET /health` answers, asked fresh on every call so it reflects the current state.
@@ -59,7 +59,7 @@ pub fn router(node: Arc<dyn Node>, secret: Option<String>, health: HealthFn) -> 
         .route(RECORDS_GET, post(records_get))
         .route(RECORDS_SCAN, get(records_scan))
         .route(RECORDS_APPLY, post(records_apply))
-        .route(RECORDS, delete(records_drop))
+        .route(RECORDS_FORGET, post(records_forget))
         .route(REPOS, get(repos))
         .with_state(state);
     guard(routes, secret)
@@ -367,9 +367,15 @@ async fn records_apply(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn records_drop(State(s): State<ApiState>, Query(q): Query<RepoQuery>) -> Answer<StatusCode> {
+async fn records_forget(
+    State(s): State<ApiState>,
+    Query(q): Query<RepoQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Answer<StatusCode> {
     let repo = parse_repo(&q.repo)?;
-    s.node.records_drop(repo.as_str()).await?;
+    let records: Vec<Record> = json_body(&headers, body, MAX_RECORDS_BODY).await?;
+    s.node.records_forget(repo.as_str(), &records).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -446,7 +452,7 @@ mod tests {
             (reqwest::Method::GET, metainfo_path(&d)),
             (reqwest::Method::GET, BLOBS.to_string()),
             (reqwest::Method::GET, format!("{RECORDS_SCAN}?repo=a&kind=tag")),
-            (reqwest::Method::DELETE, format!("{RECORDS}?repo=a")),
+            (reqwest::Method::POST, format!("{RECORDS_FORGET}?repo=a")),
             (reqwest::Method::GET, REPOS.to_string()),
             (reqwest::Method::GET, format!("{PREFIX}/no/such/route")),
         ];
@@ -534,10 +540,10 @@ mod tests {
             assert_eq!(f.status(apply).await, 400, "apply {bad:?}");
             let scan = f.req(reqwest::Method::GET, &format!("{RECORDS_SCAN}?{q}&kind=tag"));
             assert_eq!(f.status(scan).await, 400, "scan {bad:?}");
-            let drop = f.req(reqwest::Method::DELETE, &format!("{RECORDS}?{q}"));
-            assert_eq!(f.status(drop).await, 400, "drop {bad:?}");
+            let forget = f.req(reqwest::Method::POST, &format!("{RECORDS_FORGET}?{q}")).body("[]");
+            assert_eq!(f.status(forget).await, 400, "forget {bad:?}");
         }
-        let missing = f.req(reqwest::Method::DELETE, RECORDS);
+        let missing = f.req(reqwest::Method::POST, RECORDS_FORGET).body("[]");
         assert_eq!(f.status(missing).await, 400);
     }
 

@@ -113,8 +113,8 @@ impl Node for LocalNode {
         self.store.records_apply(repo, records).await.map(|_| ()).map_err(|e| self.err(e))
     }
 
-    async fn records_drop(&self, repo: &str) -> Result<(), NodeError> {
-        self.store.records_drop(repo).await.map_err(|e| self.err(e))
+    async fn records_forget(&self, repo: &str, confirmed: &[Record]) -> Result<(), NodeError> {
+        self.store.records_forget(repo, confirmed).await.map_err(|e| self.err(e))
     }
 
     async fn repos(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, NodeError> {

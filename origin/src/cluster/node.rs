@@ -98,8 +98,10 @@ pub trait Node: Send + Sync + 'static {
     /// Merge records into `repo`: each replaces the stored one only if its version is newer.
     async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<(), NodeError>;
 
-    /// Forget every record of `repo` (after its owners confirmed their copies).
-    async fn records_drop(&self, repo: &str) -> Result<(), NodeError>;
+    /// Forget exactly these records of `repo` (key and version; after its owners confirmed
+    /// their copies): a record that changed since is kept, as is the repository if any record
+    /// remains.
+    async fn records_forget(&self, repo: &str, confirmed: &[Record]) -> Result<(), NodeError>;
 
     /// Repository names this node holds records for, in order, after `after`, at most `limit`.
     async fn repos(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, NodeError>;

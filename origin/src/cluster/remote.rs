@@ -29,8 +29,8 @@ use crate::cluster::node::{BlobEntry, Node, NodeError};
 use crate::cluster::record::{Record, RecordKey, RecordKind};
 use crate::cluster::wire::{
     blob_path, metainfo_path, BlobListQuery, HealthReply, PurgeQuery, RepoListQuery, RepoQuery, ScanQuery,
-    BLOBS, HEALTH, MAX_ERROR_TEXT, MAX_JSON_RESPONSE, MAX_RECORDS_BODY, MAX_RECORD_KEYS, QUARANTINE, RECORDS,
-    RECORDS_APPLY, RECORDS_GET, RECORDS_SCAN, REPAIR_PENDING, REPOS,
+    BLOBS, HEALTH, MAX_ERROR_TEXT, MAX_JSON_RESPONSE, MAX_RECORDS_BODY, MAX_RECORD_KEYS, QUARANTINE,
+    RECORDS_APPLY, RECORDS_FORGET, RECORDS_GET, RECORDS_SCAN, REPAIR_PENDING, REPOS,
 };
 
 /// The shortest wait for a blob write's answer after its last byte: the remote verifies and
@@ -179,9 +179,32 @@ impl RemoteNode {
     }
 
     /// One `records/apply` call with an already serialised JSON array.
-    async fn apply_batch(&self, repo: &str, body: Vec<u8>) -> Result<(), NodeError> {
+    /// POST `records` to `path` as JSON arrays, each within the body limit.
+    async fn post_records(&self, path: &str, repo: &str, records: &[Record]) -> Result<(), NodeError> {
+        let mut batch = Vec::new();
+        for record in records {
+            let json =
+                serde_json::to_vec(record).map_err(|e| self.refused(format!("encoding record: {e}")))?;
+            if json.len() + 2 > MAX_RECORDS_BODY {
+                return Err(self.refused(format!("record {:?} is too large to send", record.key)));
+            }
+            if !batch.is_empty() && batch.len() + json.len() + 2 > MAX_RECORDS_BODY {
+                batch.push(b']');
+                self.post_batch(path, repo, std::mem::take(&mut batch)).await?;
+            }
+            batch.push(if batch.is_empty() { b'[' } else { b',' });
+            batch.extend_from_slice(&json);
+        }
+        if !batch.is_empty() {
+            batch.push(b']');
+            self.post_batch(path, repo, batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn post_batch(&self, path: &str, repo: &str, body: Vec<u8>) -> Result<(), NodeError> {
         let rb = self
-            .request(&self.http, Method::POST, RECORDS_APPLY)
+            .request(&self.http, Method::POST, path)
             .query(&RepoQuery { repo: repo.to_string() })
             .header(header::CONTENT_TYPE, "application/json")
             .body(body);
@@ -442,34 +465,11 @@ impl Node for RemoteNode {
     /// Sent in batches that each fit the server's body limit; merging is idempotent, so a
     /// failure part-way leaves nothing a retry cannot complete.
     async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<(), NodeError> {
-        let mut batch = Vec::new();
-        for record in records {
-            let json =
-                serde_json::to_vec(record).map_err(|e| self.refused(format!("encoding record: {e}")))?;
-            if json.len() + 2 > MAX_RECORDS_BODY {
-                return Err(self.refused(format!("record {:?} is too large to send", record.key)));
-            }
-            if !batch.is_empty() && batch.len() + json.len() + 2 > MAX_RECORDS_BODY {
-                batch.push(b']');
-                self.apply_batch(repo, std::mem::take(&mut batch)).await?;
-            }
-            batch.push(if batch.is_empty() { b'[' } else { b',' });
-            batch.extend_from_slice(&json);
-        }
-        if !batch.is_empty() {
-            batch.push(b']');
-            self.apply_batch(repo, batch).await?;
-        }
-        Ok(())
+        self.post_records(RECORDS_APPLY, repo, records).await
     }
 
-    async fn records_drop(&self, repo: &str) -> Result<(), NodeError> {
-        let query = RepoQuery { repo: repo.to_string() };
-        let resp = self.send(self.request(&self.http, Method::DELETE, RECORDS).query(&query)).await?;
-        match resp.status() {
-            StatusCode::NO_CONTENT | StatusCode::OK => Ok(()),
-            _ => Err(self.refusal(resp).await),
-        }
+    async fn records_forget(&self, repo: &str, confirmed: &[Record]) -> Result<(), NodeError> {
+        self.post_records(RECORDS_FORGET, repo, confirmed).await
     }
 
     async fn repos(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, NodeError> {
@@ -636,7 +636,19 @@ mod tests {
         assert_eq!(remote.repos(None, 1).await.unwrap(), vec!["other".to_string()]);
         assert_eq!(remote.repos(Some("other"), 10).await.unwrap(), vec!["team/app".to_string()]);
 
-        remote.records_drop("team/app").await.unwrap();
+        let mut all: Vec<Record> = Vec::new();
+        for kind in [RecordKind::Link, RecordKind::Manifest, RecordKind::Tag] {
+            all.extend(remote.records_scan("team/app", kind, None).await.unwrap().unwrap());
+        }
+        // A record that changed since it was confirmed is kept.
+        let (changed, rest) = all.split_first().unwrap();
+        let newer = Record { version: Version::new(changed.version.millis + 1, "z:9"), ..changed.clone() };
+        remote.records_apply("team/app", std::slice::from_ref(&newer)).await.unwrap();
+        remote.records_forget("team/app", &all).await.unwrap();
+        let kept = remote.records_get("team/app", std::slice::from_ref(&changed.key)).await.unwrap();
+        assert_eq!(kept, vec![Some(newer.clone())]);
+        assert!(!rest.is_empty());
+        remote.records_forget("team/app", std::slice::from_ref(&newer)).await.unwrap();
         assert_eq!(remote.records_scan("team/app", RecordKind::Tag, None).await.unwrap(), None);
         assert_eq!(remote.repos(None, 10).await.unwrap(), vec!["other".to_string()]);
     }

@@ -312,7 +312,8 @@ impl Repairer {
         }
         let owner_here = owners.iter().any(|id| id == c.me());
         if !owner_here && confirmed == owners.len() && !owners.is_empty() {
-            match c.local.records_drop(repo).await {
+            // Exactly what the owners took: a record that landed here since the scan stays.
+            match c.local.records_forget(repo, &records).await {
                 Ok(()) => report.removed_repos += 1,
                 Err(_) => report.failures += 1,
             }

@@ -201,8 +201,18 @@ impl Node for MemNode {
         Ok(())
     }
 
-    async fn records_drop(&self, repo: &str) -> Result<(), NodeError> {
-        self.state().repos.remove(repo);
+    async fn records_forget(&self, repo: &str, confirmed: &[Record]) -> Result<(), NodeError> {
+        let mut state = self.state();
+        if let Some(stored) = state.repos.get_mut(repo) {
+            for r in confirmed {
+                if stored.get(&r.key).is_some_and(|s| s.version == r.version) {
+                    stored.remove(&r.key);
+                }
+            }
+            if stored.is_empty() {
+                state.repos.remove(repo);
+            }
+        }
         Ok(())
     }
 

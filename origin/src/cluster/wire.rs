@@ -24,7 +24,7 @@ pub const RECORDS_SCAN: &str = "/shoal/internal/v1/records/scan";
 /// `POST ?repo=` with `[Record]`: 204.
 pub const RECORDS_APPLY: &str = "/shoal/internal/v1/records/apply";
 /// `DELETE ?repo=`: 204.
-pub const RECORDS: &str = "/shoal/internal/v1/records";
+pub const RECORDS_FORGET: &str = "/shoal/internal/v1/records/forget";
 /// `GET ?after=&n=`: repository names, as `[String]`.
 pub const REPOS: &str = "/shoal/internal/v1/repos";
 
