@@ -20,9 +20,9 @@ const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500
 
 enum State {
     Partial(PieceFile, std::time::Instant),
+    /// The finished blob (its path is in `BlobPieces::finished`).
     Complete {
         file: File,
-        path: PathBuf,
     },
     /// The assembled blob did not match its digest.
     Failed,
@@ -40,10 +40,71 @@ struct PrefixHash {
     next: u32,
 }
 
+/// Which pieces are held, readable without any lock: async tasks ask `has`/`have` all the
+/// time, and must never wait on the state lock while a writer holds it across an fsync. A bit
+/// is set only after its piece's bytes are written (under the state lock), so a reader that
+/// sees it can read the piece.
+struct HeldPieces {
+    words: Vec<std::sync::atomic::AtomicU64>,
+    len: u32,
+    /// The blob failed verification: nothing is held any more.
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl HeldPieces {
+    fn from(have: &Bitfield) -> HeldPieces {
+        let words = (0..have.len().div_ceil(64))
+            .map(|w| {
+                let bits = (0..64u32)
+                    .filter(|b| {
+                        let i = w * 64 + b;
+                        i < have.len() && have.get(i)
+                    })
+                    .fold(0u64, |acc, b| acc | (1 << b));
+                std::sync::atomic::AtomicU64::new(bits)
+            })
+            .collect();
+        HeldPieces { words, len: have.len(), failed: std::sync::atomic::AtomicBool::new(false) }
+    }
+
+    fn get(&self, index: u32) -> bool {
+        use std::sync::atomic::Ordering::Acquire;
+        if index >= self.len || self.failed.load(Acquire) {
+            return false;
+        }
+        let word = self.words[(index / 64) as usize].load(Acquire);
+        word & (1 << (index % 64)) != 0
+    }
+
+    fn set(&self, index: u32) {
+        if index < self.len {
+            self.words[(index / 64) as usize]
+                .fetch_or(1 << (index % 64), std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    fn fail(&self) {
+        self.failed.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn snapshot(&self) -> Bitfield {
+        let mut out = Bitfield::new(self.len);
+        for i in (0..self.len).filter(|&i| self.get(i)) {
+            let _ = out.set(i);
+        }
+        out
+    }
+}
+
 /// A blob this node has all or some pieces of.
 pub struct BlobPieces {
     metainfo: Arc<Metainfo>,
+    /// The file and its persistence; writers and readers of bytes take it, never async code.
     state: RwLock<State>,
+    /// What async code asks: which pieces are held (see [`HeldPieces`]).
+    held: HeldPieces,
+    /// Where the finished blob lives, once it does.
+    finished: std::sync::OnceLock<PathBuf>,
     /// For a download: the running whole-blob hash (see [`BlobPieces::advance_hash`]).
     prefix: Option<std::sync::Mutex<PrefixHash>>,
     /// Number of pieces held; changes whenever a piece arrives.
@@ -61,9 +122,13 @@ impl BlobPieces {
     pub fn complete(path: &Path, metainfo: Arc<Metainfo>) -> Result<BlobPieces, PieceError> {
         let file = File::open(path)?;
         let count = metainfo.piece_count();
+        let finished = std::sync::OnceLock::new();
+        let _ = finished.set(path.to_path_buf());
         Ok(BlobPieces {
+            held: HeldPieces::from(&Bitfield::full(count)),
+            finished,
             metainfo,
-            state: RwLock::new(State::Complete { file, path: path.to_path_buf() }),
+            state: RwLock::new(State::Complete { file }),
             prefix: None,
             progress: watch::Sender::new(count),
             writing: std::sync::Mutex::new(()),
@@ -82,9 +147,12 @@ impl BlobPieces {
         // Persistence is driven by time here (see FLUSH_INTERVAL), not by the piece count.
         let file = PieceFile::open(path, (*metainfo).clone())?.with_persist_every(u32::MAX);
         let count = file.have().count();
+        let held = HeldPieces::from(file.have());
         let state = State::Partial(file, std::time::Instant::now());
         let prefix = PrefixHash { hasher: metainfo.digest().algorithm().hasher(), next: 0 };
         Ok(BlobPieces {
+            held,
+            finished: std::sync::OnceLock::new(),
             metainfo,
             state: RwLock::new(state),
             prefix: Some(std::sync::Mutex::new(prefix)),
@@ -102,21 +170,14 @@ impl BlobPieces {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The pieces held now.
+    /// The pieces held now. Takes no lock a writer holds (async code calls it).
     pub fn have(&self) -> Bitfield {
-        match &*self.read_state() {
-            State::Partial(f, _) => f.have().clone(),
-            State::Complete { .. } => Bitfield::full(self.metainfo.piece_count()),
-            State::Failed => Bitfield::new(self.metainfo.piece_count()),
-        }
+        self.held.snapshot()
     }
 
+    /// Whether piece `index` is held. Takes no lock a writer holds (async code calls it).
     pub fn has(&self, index: u32) -> bool {
-        match &*self.read_state() {
-            State::Partial(f, _) => f.have().get(index),
-            State::Complete { .. } => index < self.metainfo.piece_count(),
-            State::Failed => false,
-        }
+        self.held.get(index)
     }
 
     /// Every piece is held (the blob may not be finished into its final place yet).
@@ -124,12 +185,9 @@ impl BlobPieces {
         *self.progress.borrow() == self.metainfo.piece_count()
     }
 
-    /// Where the finished blob lives, once it does.
+    /// Where the finished blob lives, once it does. Takes no lock a writer holds.
     pub fn finished_path(&self) -> Option<PathBuf> {
-        match &*self.read_state() {
-            State::Complete { path, .. } => Some(path.clone()),
-            State::Partial(..) | State::Failed => None,
-        }
+        self.finished.get().cloned()
     }
 
     /// Watch the number of pieces held.
@@ -163,6 +221,7 @@ impl BlobPieces {
         if !file.mark_written(index)? {
             return Ok(false);
         }
+        self.held.set(index);
         // Persisting stays under the exclusive lock: a download then cannot run ahead of its
         // last persisted bitfield by more than FLUSH_INTERVAL, whatever the disk's fsync takes.
         // (Persisting a snapshot outside the lock let a slow disk leave a crashed agent with
@@ -273,9 +332,17 @@ impl BlobPieces {
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         match std::mem::replace(&mut *state, State::Failed) {
             State::Partial(pieces, _) => {
-                verified?;
-                pieces.publish_verified(dest)?;
-                *state = State::Complete { file: File::open(dest)?, path: dest.to_path_buf() };
+                if let Err(e) = verified {
+                    self.held.fail();
+                    return Err(e);
+                }
+                if let Err(e) = pieces.publish_verified(dest) {
+                    self.held.fail();
+                    return Err(e);
+                }
+                let file = File::open(dest).inspect_err(|_| self.held.fail())?;
+                *state = State::Complete { file };
+                let _ = self.finished.set(dest.to_path_buf());
                 Ok(())
             }
             other => {
@@ -375,6 +442,43 @@ mod tests {
         let again = BlobPieces::partial(&path, meta.clone()).unwrap();
         assert_eq!(again.have().iter_set().collect::<Vec<_>>(), [2, 4]);
         assert_eq!(again.read_piece(4).unwrap(), piece(&meta, &data, 4));
+    }
+
+    #[test]
+    fn readers_of_held_pieces_never_wait_for_a_writer() {
+        let (dir, data, meta) = setup(3);
+        let blob = Arc::new(BlobPieces::partial(&dir.path().join("b.part"), meta.clone()).unwrap());
+        blob.write_piece(1, piece(&meta, &data, 1)).unwrap();
+        // A writer persisting the bitfield (an fsync) holds the state lock exclusively.
+        let persisting = blob.state.write().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let b = blob.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send((b.has(1), b.has(0), b.have().count(), b.finished_path()));
+        });
+        let got = rx.recv_timeout(Duration::from_secs(2)).expect("has/have waited for the state lock");
+        drop(persisting);
+        assert_eq!(got, (true, false, 1, None));
+    }
+
+    #[test]
+    fn a_failed_blob_holds_nothing_and_a_finished_one_everything() {
+        let (dir, data, meta) = setup(3);
+        let blob = BlobPieces::partial(&dir.path().join("b.part"), meta.clone()).unwrap();
+        download(&blob, &meta, &data, &(0..meta.piece_count()).collect::<Vec<_>>());
+        let dest = dir.path().join("final");
+        blob.finish(&dest).unwrap();
+        assert_eq!(blob.finished_path(), Some(dest));
+        assert!(blob.have().is_complete());
+
+        let wrong = Digest::of(Algorithm::Sha256, b"other");
+        let mut json = serde_json::to_value(&*meta).unwrap();
+        json["digest"] = serde_json::Value::String(wrong.to_string());
+        let bad = Arc::new(serde_json::from_value::<Metainfo>(json).unwrap());
+        let blob = BlobPieces::partial(&dir.path().join("c.part"), bad.clone()).unwrap();
+        download(&blob, &bad, &data, &(0..bad.piece_count()).collect::<Vec<_>>());
+        assert!(blob.finish(&dir.path().join("c")).is_err());
+        assert!(!blob.has(0) && blob.have().count() == 0 && blob.finished_path().is_none());
     }
 
     #[test]
