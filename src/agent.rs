@@ -175,10 +175,20 @@ pub async fn bind(file: AgentFile) -> anyhow::Result<BoundServer> {
     let api =
         shoal_registry::router(agent.store.clone() as Arc<dyn shoal_registry::RegistryStore>, api_config)
             .merge(agent.routes());
-    let server = BoundServer::bind(file.listen, with_basics(api, metrics), file.limits.http()).await?;
+    let readiness = crate::readiness::Readiness::new(vec![]);
+    let server = BoundServer::bind(
+        file.listen,
+        with_basics(api, metrics, readiness.clone()),
+        file.limits.http(),
+        readiness,
+    )
+    .await?;
     tracing::info!(
         listen = %server.local_addr()?, %advertise, peer_id = %agent.peer_id,
         origins = ?config.origins, trackers = ?config.trackers, "agent ready"
     );
-    Ok(server)
+    Ok(server.after_stop(async move { agent.leave(LEAVE_TIMEOUT).await }))
 }
+
+/// How long a stopping agent may spend persisting partial downloads and leaving its swarms.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -122,6 +122,12 @@ pub struct Limits {
     pub body_min_rate: ByteSize,
     /// Peer connections from one IP address at once; more are closed at once.
     pub max_peer_connections_per_address: usize,
+    /// On SIGTERM, `/readyz` answers 503 this long before the listener closes.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// Then requests in flight get this long to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -134,6 +140,8 @@ impl Default for Limits {
             body_idle_timeout: crate::http_server::DEFAULT_BODY_IDLE_TIMEOUT,
             body_min_rate: ByteSize::b(crate::http_server::DEFAULT_BODY_MIN_RATE),
             max_peer_connections_per_address: shoal_p2p::server::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            drain_delay: crate::http_server::DEFAULT_DRAIN_DELAY,
+            shutdown_timeout: crate::http_server::DEFAULT_SHUTDOWN_TIMEOUT,
         }
     }
 }
@@ -146,6 +154,8 @@ impl Limits {
             header_read_timeout: self.header_read_timeout,
             body_idle_timeout: self.body_idle_timeout,
             body_min_rate: self.body_min_rate.as_u64(),
+            drain_delay: self.drain_delay,
+            shutdown_timeout: self.shutdown_timeout,
         }
     }
 }

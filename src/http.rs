@@ -1,6 +1,7 @@
 //! What every Shoal HTTP server has around its API: `/healthz`, `/readyz`, `/metrics`, one log
 //! line per request, and request counts, latencies and bytes in Prometheus.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -14,6 +15,7 @@ use futures_util::StreamExt;
 use prometheus::{Encoder, HistogramVec, IntCounter, IntCounterVec, Registry, TextEncoder};
 
 use crate::http_server::HttpLimits;
+use crate::readiness::Readiness;
 
 /// HTTP metrics of one component, named `shoal_<component>_http_*`.
 #[derive(Clone)]
@@ -99,6 +101,14 @@ async fn observe(State(metrics): State<HttpMetrics>, request: Request, next: Nex
     Response::from_parts(parts, counted(body, counter))
 }
 
+/// 200 while ready; 503 with the reason otherwise (draining, disk nearly full).
+async fn ready(State(readiness): State<Arc<Readiness>>) -> Response {
+    match readiness.status() {
+        Ok(()) => "ready\n".into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response(),
+    }
+}
+
 async fn metrics_text(State(metrics): State<HttpMetrics>) -> Response {
     let mut buf = Vec::new();
     match TextEncoder::new().encode(&metrics.registry.gather(), &mut buf) {
@@ -108,42 +118,67 @@ async fn metrics_text(State(metrics): State<HttpMetrics>) -> Response {
 }
 
 /// Wrap `api` with health, readiness, metrics and request logging.
-pub fn with_basics(api: Router, metrics: HttpMetrics) -> Router {
+pub fn with_basics(api: Router, metrics: HttpMetrics, readiness: Arc<Readiness>) -> Router {
     api.route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ready\n" }))
+        .route("/readyz", get(ready).with_state(readiness))
         .route("/metrics", get(metrics_text).with_state(metrics.clone()))
         .layer(axum::middleware::from_fn_with_state(metrics, observe))
 }
 
-/// A component's HTTP server, bound and ready; `serve` runs it until `shutdown` resolves.
+/// A component's HTTP server, bound and ready; `serve` runs it until `shutdown` resolves,
+/// then drains (see `readiness`).
 pub struct BoundServer {
     listener: tokio::net::TcpListener,
     app: Router,
     limits: HttpLimits,
+    readiness: Arc<Readiness>,
+    /// Run once the server has stopped (an agent leaving its swarms).
+    after_stop: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
 
 impl BoundServer {
-    /// Bind `addr` for `app` (already wrapped with [`with_basics`]), served within `limits`.
+    /// Bind `addr` for `app` (already wrapped with [`with_basics`] around `readiness`), served
+    /// within `limits`.
     pub async fn bind(
         addr: std::net::SocketAddr,
         app: Router,
         limits: HttpLimits,
+        readiness: Arc<Readiness>,
     ) -> anyhow::Result<BoundServer> {
         use anyhow::Context;
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-        Ok(BoundServer { listener, app, limits })
+        Ok(BoundServer { listener, app, limits, readiness, after_stop: None })
+    }
+
+    /// Run `work` after the server has stopped serving, before `serve` returns.
+    pub fn after_stop(mut self, work: impl std::future::Future<Output = ()> + Send + 'static) -> BoundServer {
+        self.after_stop = Some(Box::pin(work));
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
         self.listener.local_addr()
     }
 
+    /// Serve until `shutdown` resolves; then answer `/readyz` with 503 for `drain_delay`
+    /// (so load balancers stop sending), stop accepting, and give requests in flight
+    /// `shutdown_timeout` to finish.
     pub async fn serve(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        crate::http_server::serve(self.listener, self.app, self.limits, shutdown).await;
+        let (readiness, delay) = (self.readiness.clone(), self.limits.drain_delay);
+        let draining = async move {
+            shutdown.await;
+            readiness.drain();
+            tracing::info!(delay = ?delay, "draining: /readyz answers 503 until the listener closes");
+            tokio::time::sleep(delay).await;
+        };
+        crate::http_server::serve(self.listener, self.app, self.limits, draining).await;
+        if let Some(work) = self.after_stop {
+            work.await;
+        }
         Ok(())
     }
 }

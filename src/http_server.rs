@@ -37,6 +37,13 @@ pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// below any real link, far above a byte a second.
 pub const DEFAULT_BODY_MIN_RATE: u64 = 1024;
 
+/// Default time `/readyz` answers 503 before the listener closes. Zero: a process outside
+/// Kubernetes stops at once; the Helm chart sets a few seconds.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::ZERO;
+/// Default time requests in flight get to finish once the listener is closed: below
+/// Kubernetes' default 30 s grace period, so the process exits before it is killed.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// How long the accept loop pauses after an error that is not one connection's (out of file
 /// descriptors, say), so it does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_secs(1);
@@ -55,6 +62,12 @@ pub struct HttpLimits {
     pub body_idle_timeout: Duration,
     /// Bytes per second; see `body_idle_timeout`.
     pub body_min_rate: u64,
+    /// After the process is asked to stop, `/readyz` answers 503 this long before the listener
+    /// closes (time for load balancers and Kubernetes endpoints to stop sending).
+    pub drain_delay: Duration,
+    /// Then requests in flight get this long to finish; connections still open after it are
+    /// dropped.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for HttpLimits {
@@ -64,6 +77,8 @@ impl Default for HttpLimits {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
             body_min_rate: DEFAULT_BODY_MIN_RATE,
+            drain_delay: DEFAULT_DRAIN_DELAY,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
         }
     }
 }
@@ -77,7 +92,7 @@ impl HttpLimits {
 }
 
 /// Serve `app` on `listener` until `shutdown` resolves; then stop accepting, let every open
-/// connection finish its request in flight, and return.
+/// connection finish its request in flight (within `shutdown_timeout`), and return.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -115,7 +130,13 @@ pub async fn serve(
     drop(listener);
     let _ = stop_tx.send(true);
     drop(done_rx);
-    done_tx.closed().await;
+    if tokio::time::timeout(limits.shutdown_timeout, done_tx.closed()).await.is_err() {
+        tracing::warn!(
+            open = done_tx.receiver_count(),
+            timeout = ?limits.shutdown_timeout,
+            "requests still in flight at the shutdown deadline: dropping their connections"
+        );
+    }
 }
 
 /// An accept error: one connection's (reset before it was accepted) is skipped; anything

@@ -11,6 +11,7 @@ mod origin_admin;
 mod origin_forward;
 mod peer_addr;
 mod preheat;
+mod readiness;
 mod tracker;
 mod up;
 

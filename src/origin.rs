@@ -135,6 +135,11 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         gc_lock: Default::default(),
     });
     membership.on_reply(shoal_origin::cluster::clock_sync::reply_hook(Arc::downgrade(&coordinator)));
+    // Not ready, and no new copies, while the data disk is nearly full.
+    let disk =
+        crate::readiness::disk_check(config.data_dir.clone(), crate::readiness::DISK_NEARLY_FULL_SHARE);
+    let readiness = crate::readiness::Readiness::new(vec![disk]);
+    spawn_disk_watch(membership.clone(), readiness.clone());
     spawn_gauges(&store, &membership, &coordinator, &metrics)?;
     let repair = Repairer::start(coordinator.clone(), cluster.repair_rate, cluster.repair_interval);
     if let Some(every) = config.cluster.gc_interval {
@@ -149,11 +154,13 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         Some(secret) => {
             let health = {
                 let (me, peer, c) = (me.clone(), self_peer.clone(), Arc::downgrade(&coordinator));
+                let m = membership.clone();
                 Arc::new(move || HealthReply {
                     id: me.clone(),
                     peer: peer.clone(),
                     clock: c.upgrade().map(|c| c.clock.reading()),
                     wall_millis: Some(shoal_origin::cluster::record::now_millis()),
+                    disk_full: m.self_disk_full(),
                 })
             };
             api = api.merge(internal_api::router(local.clone(), Some(secret.clone()), health)).merge(
@@ -170,7 +177,13 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         }
         None => tracing::info!("no cluster secret: internal and admin APIs disabled (a lone origin)"),
     }
-    let server = BoundServer::bind(config.listen, with_basics(api, metrics), config.limits.http()).await?;
+    let server = BoundServer::bind(
+        config.listen,
+        with_basics(api, metrics, readiness.clone()),
+        config.limits.http(),
+        readiness,
+    )
+    .await?;
     tracing::info!(
         listen = %server.local_addr()?,
         id = %me,
@@ -204,6 +217,25 @@ fn spawn_gauges(
         }
     });
     Ok(())
+}
+
+/// How often an origin checks whether its data disk is nearly full (it then tells the others
+/// in its health replies, and placement skips it).
+const DISK_WATCH_PERIOD: Duration = Duration::from_secs(5);
+
+fn spawn_disk_watch(membership: Arc<Membership>, readiness: Arc<crate::readiness::Readiness>) {
+    tokio::spawn(async move {
+        loop {
+            let r = readiness.clone();
+            let status = tokio::task::spawn_blocking(move || r.status()).await;
+            let full = matches!(&status, Ok(Err(why)) if why.contains("disk"));
+            if full != membership.self_disk_full() {
+                tracing::warn!(full, "data disk nearly-full state changed");
+                membership.set_self_disk_full(full);
+            }
+            tokio::time::sleep(DISK_WATCH_PERIOD).await;
+        }
+    });
 }
 
 fn gc_settings(cluster: &shoal_origin::cluster::ClusterConfig) -> GcSettings {

@@ -37,7 +37,10 @@ pub async fn bind(args: TrackerArgs) -> anyhow::Result<BoundServer> {
     let api = shoal_tracker::router(config, &metrics.registry)?;
     // No config file: the default limits.
     let limits = crate::http_server::HttpLimits::default();
-    let server = BoundServer::bind(args.listen, with_basics(api, metrics), limits).await?;
+    let readiness = crate::readiness::Readiness::new(vec![]);
+    let server =
+        BoundServer::bind(args.listen, with_basics(api, metrics, readiness.clone()), limits, readiness)
+            .await?;
     tracing::info!(listen = %server.local_addr()?, origins = ?args.origin, "tracker ready");
     Ok(server)
 }

@@ -121,6 +121,11 @@ impl Downloads {
     }
 
     /// The download of `digest` if one is running (for the peer server).
+    /// Every download in progress.
+    pub fn all_running(&self) -> Vec<(Digest, Arc<Download>)> {
+        self.active().iter().filter_map(|(d, cell)| cell.get().map(|dl| (d.clone(), dl.clone()))).collect()
+    }
+
     pub fn running(&self, digest: &Digest) -> Option<Arc<Download>> {
         self.active().get(digest).and_then(|cell| cell.get().cloned())
     }

@@ -19,8 +19,9 @@ use shoal_p2p::limiter::RateLimiter;
 use shoal_p2p::node::NodeFlow;
 use shoal_p2p::server::PeerServer;
 use shoal_p2p::swarm::{SwarmConfig, SwarmDeps};
-use shoal_p2p::tracker_client::TrackerClient;
+use shoal_p2p::tracker_client::{AnnounceRequest, TrackerClient};
 use shoal_p2p::{PeerId, SwarmMetrics};
+use shoal_registry::Digest;
 
 use crate::cache::{BlobCache, CacheLimits, CacheMetrics};
 use crate::downloads::Downloads;
@@ -76,6 +77,10 @@ pub struct Agent {
     pub store: Arc<AgentStore>,
     pub peer_server: Arc<PeerServer>,
     pub peer_id: PeerId,
+    downloads: Arc<Downloads>,
+    seeding: Arc<Seeding>,
+    tracker: Arc<TrackerClient>,
+    advertise: std::net::SocketAddr,
 }
 
 impl Agent {
@@ -102,7 +107,7 @@ impl Agent {
         let seeding = Arc::new(Seeding::new(config.seed_window));
         downloads.set_seeding(seeding.clone());
         tokio::spawn(seeding.clone().announce_loop(
-            tracker,
+            tracker.clone(),
             downloads.cache.clone(),
             peer_id,
             config.advertise,
@@ -110,15 +115,51 @@ impl Agent {
         ));
         let peer_server = Arc::new(PeerServer {
             peer_id,
-            lookup: Arc::new(AgentPieces { downloads: downloads.clone(), seeding }),
+            lookup: Arc::new(AgentPieces { downloads: downloads.clone(), seeding: seeding.clone() }),
             egress: Arc::new(RateLimiter::new(config.egress_rate, burst)),
             metrics,
             max_connections: config.max_peer_connections,
             max_connections_per_address: config.max_peer_connections_per_address,
             super_seed: None,
         });
-        let store = Arc::new(AgentStore::new(origin, downloads, config.tag_ttl));
-        Ok(Agent { store, peer_server, peer_id })
+        let store = Arc::new(AgentStore::new(origin, downloads.clone(), config.tag_ttl));
+        Ok(Agent { store, peer_server, peer_id, downloads, seeding, tracker, advertise: config.advertise })
+    }
+
+    /// Leave cleanly (the process is stopping): persist every partial download's bitfield, so
+    /// a restart resumes with every verified piece, and tell the trackers this peer is gone,
+    /// so nobody is sent to a closed port. Bounded by `within`.
+    pub async fn leave(&self, within: std::time::Duration) {
+        let work = async {
+            let running = self.downloads.all_running();
+            for (digest, download) in &running {
+                let pieces = download.pieces.clone();
+                match tokio::task::spawn_blocking(move || pieces.persist()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(%digest, error = %e, "could not persist a partial download"),
+                    Err(e) => tracing::warn!(%digest, error = %e, "persisting a partial download panicked"),
+                }
+            }
+            let mut digests: Vec<Digest> = running.into_iter().map(|(d, _)| d).collect();
+            digests.extend(self.seeding.current());
+            digests.sort();
+            digests.dedup();
+            let leaving = digests.iter().map(|digest| {
+                let req = AnnounceRequest {
+                    digest: digest.clone(),
+                    peer_id: self.peer_id.to_string(),
+                    addr: self.advertise,
+                    complete: false,
+                    stopped: true,
+                };
+                async move { self.tracker.announce(&req).await.is_ok() }
+            });
+            let told = futures_util::future::join_all(leaving).await.into_iter().filter(|ok| *ok).count();
+            tracing::info!(swarms = digests.len(), told, "left the swarms");
+        };
+        if tokio::time::timeout(within, work).await.is_err() {
+            tracing::warn!(?within, "leaving the swarms took too long; stopping anyway");
+        }
     }
 
     /// The agent's HTTP routes beyond the registry API (`/v1/preheat`).

@@ -43,7 +43,8 @@ impl Seeding {
         }
     }
 
-    fn current(&self) -> Vec<Digest> {
+    /// The blobs seeded now (used within the seed window).
+    pub fn current(&self) -> Vec<Digest> {
         let mut recent = self.lock();
         let window = self.window;
         recent.retain(|_, t| t.elapsed() < window);

@@ -537,10 +537,14 @@ def scenario(args, cluster, objects, installed, hooks, workdir):
         raise Failure(f"the chart's alerts or dashboard use metrics nobody exports: {missing}")
     log(f"all {len(used)} metric names the alerts and dashboard use are exported")
 
-    # Uninstall: the release's pods go away, then the post-delete hook runs.
-    for p in all_pods:
-        for _, proc in p.procs:
-            cluster.stop(proc)
+    # Uninstall: the release's pods go away (all at once, as Kubernetes deletes them; each
+    # drains for its drain_delay), then the post-delete hook runs.
+    procs = [proc for p in all_pods for _, proc in p.procs]
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        cluster.stop(proc, timeout=30)
     log("uninstall: pods stopped; running the post-delete hook")
     hook_ds = [h for h in hooks if h["kind"] == "DaemonSet"]
     hook_svc = [h for h in hooks if h["kind"] == "Service"]

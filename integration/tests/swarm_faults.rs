@@ -338,3 +338,62 @@ async fn agent_fails_over_from_a_dead_origin() {
     assert_eq!(live_failures, 0.0, "the live origin never failed");
     assert_eq!(logged, 1, "the agent logs the failed attempt");
 }
+
+/// SIGTERM (a Kubernetes rollout) in the middle of a pull through an agent: `/readyz` answers
+/// 503 at once while the agent drains; the pull in flight finishes within the shutdown
+/// deadline or fails cleanly (never a wrong byte); the agent persists what it verified, tells
+/// the tracker it left, and exits 0. Restarted, it resumes from its verified pieces.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_an_agent_and_keeps_its_verified_pieces() {
+    skip_if_external!(SKIP);
+    let size = 64 * MIB;
+    let toml = "ingress_rate = \"16MiB\"\n[limits]\ndrain_delay = \"1s\"\nshutdown_timeout = \"1s\"\n";
+    let mut cluster = Cluster::start_with(1, toml).await;
+    let blob = cluster.push_random_blob(size).await;
+    let piece = shoal_p2p::piece_length_for(size);
+    let first = tokio::spawn(cluster.fetch(0, &blob));
+    wait_for("the agent to verify 30% of the blob", Duration::from_secs(60), || async {
+        received(&cluster, 0).await.filter(|&n| n * 10 > size * 3)
+    })
+    .await;
+    let stopped_before = cluster
+        .metric(&cluster.tracker.url(), "shoal_tracker_announces_total", &[("outcome", "stopped")])
+        .await;
+    cluster.agent_mut(0).terminate();
+    // The signal is handled asynchronously: within the 1 s drain delay /readyz turns 503.
+    let readyz = format!("{}/readyz", cluster.agent_url(0));
+    let mut statuses = Vec::new();
+    for _ in 0..18 {
+        let status = reqwest::get(&readyz).await.map(|r| r.status().as_u16());
+        statuses.push(status.as_ref().map_or(0, |s| *s));
+        if status.is_ok_and(|s| s == 503) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(statuses.last(), Some(&503), "a draining agent answers /readyz with 503: {statuses:?}");
+    let at_term = received(&cluster, 0).await.unwrap_or(0);
+    let exit = cluster.agent_mut(0).wait_exit(Duration::from_secs(15)).await;
+    assert!(exit.is_some_and(|s| s.success()), "the agent exits 0 after draining: {exit:?}");
+    match first.await.expect("pull task") {
+        Ok(fetched) => assert_eq!(fetched.digest, blob.digest, "a pull that finished is exact"),
+        Err(why) => println!("the pull in flight failed cleanly: {why}"),
+    }
+    let stopped = cluster
+        .metric(&cluster.tracker.url(), "shoal_tracker_announces_total", &[("outcome", "stopped")])
+        .await;
+    assert!(stopped > stopped_before, "the agent told the tracker it left");
+
+    cluster.restart_agent(0).await;
+    let fetched = tokio::time::timeout(Duration::from_secs(60), cluster.fetch(0, &blob))
+        .await
+        .expect("the pull after the restart did not finish in 60 s")
+        .unwrap_or_else(|e| panic!("pull after the restart: {e}"));
+    assert_eq!(fetched.digest, blob.digest);
+    let after = cluster.agent_received(0).await.total();
+    println!("verified {at_term} bytes at SIGTERM; received {after} after the restart");
+    assert!(
+        after <= size - at_term + piece,
+        "pieces verified before SIGTERM were fetched again ({after} bytes)"
+    );
+}

@@ -236,6 +236,17 @@ impl BlobPieces {
         Ok(true)
     }
 
+    /// Persist the bitfield of a partial download now (on shutdown), so a restart resumes
+    /// with every verified piece. Blocking (an fsync).
+    pub fn persist(&self) -> Result<(), PieceError> {
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if let State::Partial(file, flushed) = &mut *state {
+            file.flush()?;
+            *flushed = std::time::Instant::now();
+        }
+        Ok(())
+    }
+
     /// Announce `count` pieces held. Two writers can get here in either order after releasing
     /// the state lock, so only an increase is published; otherwise the later of them could set
     /// the count back, and a finished download would never look complete (its swarm then

@@ -101,12 +101,15 @@ impl Coordinator {
         let r = self.replication.replicas.min(ranked.len());
         let mut placed = Placed { all_owners: true, ..Placed::default() };
         let attempts = ranked[..r].iter().map(|id| {
-            let node = self.node(id);
+            let node = self.node(id).filter(|_| self.topology.accepts_writes(id));
             let op = &op;
             async move {
                 match node {
                     Some(n) => op(n).await,
-                    None => Err(NodeError::Unreachable { node: id.clone(), reason: "not a member".into() }),
+                    None => Err(NodeError::Unreachable {
+                        node: id.clone(),
+                        reason: "not a member, or its disk is nearly full".into(),
+                    }),
                 }
             }
         });
@@ -128,7 +131,7 @@ impl Coordinator {
             if failed == 0 {
                 break;
             }
-            let Some(node) = self.node(id) else { continue };
+            let Some(node) = self.node(id).filter(|_| self.topology.accepts_writes(id)) else { continue };
             match op(node).await {
                 Ok(()) => {
                     placed.ok.push(id.clone());

@@ -58,6 +58,9 @@ pub struct HealthReply {
     /// Its wall clock (ms since the epoch) when it answered, for the skew metric.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wall_millis: Option<u64>,
+    /// Its data disk is nearly full: placement gives it no new copies.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disk_full: bool,
 }
 
 /// One member as seen by this origin, for status pages and the tracker's seeder list.
@@ -127,6 +130,8 @@ impl Health {
 struct Member {
     health: Health,
     peer: Option<PeerIdentity>,
+    /// Its last health reply said its disk is nearly full.
+    disk_full: bool,
     /// It answered with this origin's own id: another name for us, so not a member.
     is_self: bool,
     /// It answered with an id other than the one we know it by (warned once).
@@ -135,7 +140,7 @@ struct Member {
 
 impl Member {
     fn new() -> Member {
-        Member { health: Health::new(), peer: None, is_self: false, warned_id: false }
+        Member { health: Health::new(), peer: None, disk_full: false, is_self: false, warned_id: false }
     }
 
     fn live(&self) -> bool {
@@ -172,6 +177,8 @@ pub struct Membership {
     /// Called with every member's health reply (the origin moves its version clock and
     /// measures clock skew there).
     on_reply: std::sync::OnceLock<ReplyHook>,
+    /// This origin's own data disk is nearly full (set by the origin's disk watch).
+    self_disk_full: std::sync::atomic::AtomicBool,
 }
 
 /// See [`Membership::on_reply`].
@@ -233,6 +240,7 @@ impl Membership {
             table: Mutex::new(Table::default()),
             generation,
             on_reply: std::sync::OnceLock::new(),
+            self_disk_full: std::sync::atomic::AtomicBool::new(false),
         });
         membership.refresh().await;
         info!(me = %membership.me, members = ?membership.live(), "cluster membership started");
@@ -250,6 +258,24 @@ impl Membership {
     /// ignored).
     pub fn on_reply(&self, hook: ReplyHook) {
         let _ = self.on_reply.set(hook);
+    }
+
+    /// Whether this origin's data disk is nearly full.
+    pub fn self_disk_full(&self) -> bool {
+        self.self_disk_full.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_self_disk_full(&self, full: bool) {
+        self.self_disk_full.store(full, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether member `id` (this origin included) takes new copies: its disk is not nearly
+    /// full, as far as its last health reply said.
+    pub fn accepts_writes(&self, id: &str) -> bool {
+        if id == self.me {
+            return !self.self_disk_full();
+        }
+        !self.lock().others.get(id).is_some_and(|m| m.disk_full)
     }
 
     /// This origin's id (its normalised advertise address).
@@ -388,6 +414,7 @@ impl Membership {
                     member.warned_id = true;
                 }
                 member.peer = reply.peer;
+                member.disk_full = reply.disk_full;
                 if member.health.record(true, self.health_fails, self.health_passes) {
                     info!(member = id, "cluster member up");
                 }
@@ -591,7 +618,8 @@ mod tests {
             return StatusCode::SERVICE_UNAVAILABLE.into_response();
         }
         let id = fake.id.lock().expect("id").clone();
-        Json(HealthReply { id, peer: fake.peer.clone(), clock: None, wall_millis: None }).into_response()
+        Json(HealthReply { id, peer: fake.peer.clone(), clock: None, wall_millis: None, disk_full: false })
+            .into_response()
     }
 
     fn fake(id: &str, secret: Option<&str>) -> Arc<Fake> {

@@ -230,7 +230,13 @@ impl Node for MemNode {
 /// runtime ends.
 pub async fn serve(node: Arc<dyn Node>, secret: Option<&str>) -> SocketAddr {
     let id = node.id().to_string();
-    let health = Arc::new(move || HealthReply { id: id.clone(), peer: None, clock: None, wall_millis: None });
+    let health = Arc::new(move || HealthReply {
+        id: id.clone(),
+        peer: None,
+        clock: None,
+        wall_millis: None,
+        disk_full: false,
+    });
     let app = router(node, secret.map(str::to_string), health);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -13,6 +13,10 @@ pub trait Topology: Send + Sync + 'static {
     fn live(&self) -> Vec<String>;
     /// Ids of every known member, up or down, this one included.
     fn members(&self) -> Vec<String>;
+    /// Whether member `id` takes new copies (its disk is not nearly full).
+    fn accepts_writes(&self, _id: &str) -> bool {
+        true
+    }
     /// A handle on an origin (this one included), if it is a member.
     fn node(&self, id: &str) -> Option<Arc<dyn Node>>;
     /// A counter that changes whenever the live set does (repair watches it).
@@ -89,6 +93,10 @@ impl Topology for MemberTopology {
 
     fn members(&self) -> Vec<String> {
         self.membership.members().into_iter().map(|m| m.id).collect()
+    }
+
+    fn accepts_writes(&self, id: &str) -> bool {
+        self.membership.accepts_writes(id)
     }
 
     fn node(&self, id: &str) -> Option<Arc<dyn Node>> {

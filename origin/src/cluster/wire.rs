@@ -123,11 +123,15 @@ mod tests {
             peer: Some(PeerIdentity { peer_id: "p".into(), addr: "127.0.0.1:7".parse().unwrap() }),
             clock: None,
             wall_millis: None,
+            disk_full: false,
         };
         let json = serde_json::to_value(&reply).unwrap();
         assert_eq!(json, serde_json::json!({"id": "a:1", "peer": {"peer_id": "p", "addr": "127.0.0.1:7"}}));
         let bare: HealthReply = serde_json::from_str(r#"{"id":"b:2"}"#).unwrap();
-        assert_eq!(bare, HealthReply { id: "b:2".into(), peer: None, clock: None, wall_millis: None });
+        assert_eq!(
+            bare,
+            HealthReply { id: "b:2".into(), peer: None, clock: None, wall_millis: None, disk_full: false }
+        );
     }
 
     #[test]
