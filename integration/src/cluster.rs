@@ -49,7 +49,7 @@ pub struct Process {
 
 impl Process {
     /// Starts `shoal <args> --listen 127.0.0.1:<free port>` and waits for `/healthz`.
-    async fn spawn(name: String, args: Vec<OsString>, log: PathBuf) -> Process {
+    pub async fn spawn(name: String, args: Vec<OsString>, log: PathBuf) -> Process {
         let mut process = Process { name, bin: shoal_binary(), args, port: 0, log, child: None };
         for attempt in 1..=SPAWN_ATTEMPTS {
             process.port = free_port();
