@@ -74,7 +74,7 @@ async fn pusher(me: usize, client: Client, ledger: Ledger, counters: Arc<Counter
     while !stop.load(Ordering::SeqCst) {
         round += 1;
         let tag = format!("r{round}");
-        let reuse = round % 4 == 0 && !deleted.is_empty();
+        let reuse = round.is_multiple_of(4) && !deleted.is_empty();
         let image = if reuse {
             let layers = deleted.remove(0);
             TestImage::from_blobs(&repo, &tag, Blob::config(oci::OCI_CONFIG), layers)
@@ -96,7 +96,7 @@ async fn pusher(me: usize, client: Client, ledger: Ledger, counters: Arc<Counter
                 ledger.lock().unwrap().insert(digest.clone(), Some(image));
                 // Every third image is deleted again: its layers become garbage that a later
                 // re-push (and GC) race over.
-                if round % 3 == 0 {
+                if round.is_multiple_of(3) {
                     ledger.lock().unwrap().insert(digest.clone(), None);
                     let path = format!("/v2/{repo}/manifests/{digest}");
                     if client.delete(&path).try_reply().await.is_ok_and(|r| r.status == StatusCode::ACCEPTED)
