@@ -198,7 +198,7 @@ impl Swarm {
                 tracing::debug!(%addr, %reason, "peer connect failed");
                 self.state.connect_failed(addr);
             }
-            Event::Conn(ConnEvent::Have { peer, index }) => self.state.have(&peer, index),
+            Event::Conn(ConnEvent::Have { peer, index }) => self.state.have(&peer, index, now),
             Event::Conn(ConnEvent::Declined { peer, index }) => self.state.declined(peer, index, now),
             Event::Conn(ConnEvent::Piece { peer, index, data }) => self.store(peer, index, data),
             Event::Conn(ConnEvent::Closed { peer, reason }) => {

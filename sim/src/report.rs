@@ -84,12 +84,13 @@ impl Outcome {
         let c = &self.counters;
         let n = self.hosts.len().max(1) as f64;
         let mut s = format!(
-            "sim-detail: finished={} unfinished={} left={} duplicates={:.2}% of N×size fallback={:.2} xS \
+            "sim-detail: finished={} unfinished={} left={} duplicates={:.2}% wasted={:.2}% of N×size fallback={:.2} xS \
              timeouts={} declines={} connects={} events={} recomputes={} simulated={:.1}s",
             self.spread(|_| true).finished,
             self.unfinished(),
             self.hosts.iter().filter(|h| h.left).count(),
             100.0 * self.duplicates_x() / n,
+            100.0 * self.per_size(c.wasted_bytes) / n,
             self.per_size(c.fallback_bytes),
             c.piece_timeouts,
             c.declines,

@@ -162,6 +162,9 @@ pub struct Counters {
     pub origin_bytes: u64,
     pub fallback_bytes: u64,
     pub duplicate_bytes: u64,
+    /// Bytes of pieces cut off mid-transfer when their connection closed (a peer traded
+    /// away, a host that finished or left): sent, but never a whole piece.
+    pub wasted_bytes: u64,
     pub piece_timeouts: u64,
     pub declines: u64,
     pub connects: u64,
@@ -753,6 +756,7 @@ impl Sim {
             (conn.client, conn.server, conn.blob, conn.established, conn.flow);
         let bytes = self.conn_bytes(c);
         if let Some(f) = flow {
+            self.counters.wasted_bytes += self.net.sent(f, self.now) as u64;
             self.net.remove_flow(f);
         }
         let counted = self.conn_mut(c).and_then(|k| k.counted.take());
@@ -909,11 +913,12 @@ impl Sim {
     /// origins it is connected to, whose super-seeding counts holders.
     fn spread_have(&mut self, node: usize, blob: usize, index: u32) {
         let peer = self.nodes[node].peer_id;
+        let now = self.instant();
         let inbound = self.nodes[node].inbound[blob].clone();
         for c in inbound {
             let Some(client) = self.conn(c).map(|k| k.client) else { continue };
             let Some(d) = self.download(client, blob) else { continue };
-            d.state.have(&peer, index);
+            d.state.have(&peer, index, now);
             // The loop runs `fill` after every event; only a `have` that opens a request
             // can change what it decides.
             let picker = d.state.picker();
@@ -1035,8 +1040,25 @@ impl Sim {
             .flat_map(|n| n.downloads.iter().flatten())
             .map(|d| d.state.picker().in_flight_total() as u64)
             .sum();
+        // How busy the hosts' links are (of their goodput), and how many uplinks idle.
+        let (mut up, mut down) = (vec![0.0f64; self.nodes.len()], vec![0.0f64; self.nodes.len()]);
+        for k in self.conns.iter().filter(|k| k.live) {
+            if let Some(f) = k.flow {
+                let r = self.net.rate(f);
+                up[k.server] += r;
+                down[k.client] += r;
+            }
+        }
+        let cap = self.cfg.host_bps / 8.0 * self.cfg.efficiency;
+        let hosts = (self.nodes.len() - origins).max(1) as f64;
+        let up_use: f64 = up[origins..].iter().sum::<f64>() / (cap * hosts);
+        let active: Vec<usize> = (origins..self.nodes.len())
+            .filter(|&n| self.nodes[n].downloads.iter().any(Option::is_some))
+            .collect();
+        let down_use = active.iter().map(|&n| down[n]).sum::<f64>() / (cap * active.len().max(1) as f64);
+        let idle_up = up[origins..].iter().filter(|&&r| r < cap * 0.05).count();
         eprintln!(
-            "trace t={:.1}s pieces={:.3} done={} conns={} sending={} flows={} requests={} origin={:.2}xS declines={} timeouts={}",
+            "trace t={:.1}s pieces={:.3} done={} conns={} sending={} flows={} requests={} origin={:.2}xS declines={} timeouts={} up={:.2} down(active)={:.2} idle_up={}",
             self.now as f64 / NANOS,
             pieces as f64 / total.max(1) as f64,
             done,
@@ -1047,6 +1069,9 @@ impl Sim {
             self.counters.origin_bytes as f64 / self.cfg.image_bytes() as f64,
             self.counters.declines,
             self.counters.piece_timeouts,
+            up_use,
+            down_use,
+            idle_up,
         );
         self.after(1_000_000_000, Ev::Trace);
     }

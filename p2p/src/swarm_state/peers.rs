@@ -1,9 +1,12 @@
 //! Which peers a download connects to: candidates from the tracker up to the per-blob and
 //! node limits, and trading the least useful peer for a seeder once every connection is used.
 
+use std::net::SocketAddr;
 use std::time::Instant;
 
-use super::{Action, Peer, SwarmState, ROTATE_AFTER};
+use rand::seq::IndexedRandom;
+
+use super::{Action, SwarmState, ROTATE_AFTER, ROTATE_SLOW_SHARE};
 use crate::peer::PeerId;
 use crate::tracker_client::PeerInfo;
 
@@ -20,7 +23,7 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
             && !self.peers.values().any(|p| p.addr == c.addr)
     }
 
-    fn start_connecting(&mut self, addr: std::net::SocketAddr) -> Action {
+    fn start_connecting(&mut self, addr: SocketAddr) -> Action {
         self.connecting.insert(addr);
         self.node_room -= 1;
         Action::Connect(addr)
@@ -44,38 +47,47 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
         actions
     }
 
-    /// With every connection in use, trade the least useful peer for a seeder the tracker
-    /// handed out that we are not connected to: a peer that has nothing we lack, else the
-    /// slowest incomplete one. Without this a download stays with the ten peers it met first;
-    /// in a 20-host swarm the hosts whose first peers were slow took twice as long as the
-    /// rest, and went on crawling after the others had finished and become seeders. One
-    /// trade per tick, and only for peers connected [`ROTATE_AFTER`] or longer, so their
-    /// rates are measured.
+    /// With every connection in use, trade the least useful peer for a candidate we are not
+    /// connected to: a peer that has nothing we lack, or one whose measured rate is below
+    /// [`ROTATE_SLOW_SHARE`] of the mean over our measured peers (its upload is shared by more
+    /// downloaders than the others'). The replacement is a seeder if the tracker named one,
+    /// else any candidate, chosen at random. Without rotation a download stays with the ten
+    /// peers it met first; in a 20-host swarm the hosts whose first peers were slow took
+    /// twice as long as the rest. Trading the slowest peer for the first seeder in the list
+    /// whatever its rate, as this did before, sent every host of a 300-host simulated fleet
+    /// to the first host that finished, while the others' uplinks idled. One trade per tick,
+    /// and only for peers connected [`ROTATE_AFTER`] or longer, so their rates are measured.
     pub(super) fn rotate(&mut self, now: Instant) -> Vec<Action> {
         if self.peers.len() < self.cfg.max_connections || !self.connecting.is_empty() || self.node_room == 0 {
             return Vec::new();
         }
-        let seeder =
-            self.candidates.iter().find(|c| c.complete && !c.origin && self.is_new_candidate(c, now));
-        let Some(seeder) = seeder.map(|c| c.addr) else { return Vec::new() };
-        let count = self.picker.piece_count();
+        let measured: Vec<f64> =
+            self.peers.values().filter(|p| !p.origin).filter_map(|p| p.flow.rate()).collect();
+        let mean = measured.iter().sum::<f64>() / measured.len().max(1) as f64;
         // Least useful first: nothing we lack, then the lowest rate shown.
-        let usefulness =
-            |id: &PeerId, p: &Peer| (self.picker.is_interesting(id), p.flow.rate().unwrap_or(0.0));
         let victim = self
             .peers
             .iter()
-            .filter(|(id, p)| {
-                !p.origin
-                    && now.saturating_duration_since(p.connected_at) >= ROTATE_AFTER
-                    && self.picker.peer_bitfield(id).is_some_and(|b| b.count() < count)
+            .filter(|(_, p)| !p.origin && now.saturating_duration_since(p.connected_at) >= ROTATE_AFTER)
+            .filter_map(|(id, p)| {
+                let useless = !self.picker.is_interesting(id);
+                let slow = p.flow.rate().is_some_and(|r| r < mean * ROTATE_SLOW_SHARE);
+                (useless || slow).then(|| (*id, (!useless, p.flow.rate().unwrap_or(0.0))))
             })
-            .map(|(id, p)| (*id, usefulness(id, p)))
             // Ties go to the lowest id, not to the hash map's order: a seeded run is replayable.
             .min_by(|(ia, a), (ib, b)| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(ia.0.cmp(&ib.0)))
             .map(|(id, _)| id);
         let Some(victim) = victim else { return Vec::new() };
+        let fresh = |c: &&PeerInfo| !c.origin && self.is_new_candidate(c, now);
+        let seeders: Vec<SocketAddr> =
+            self.candidates.iter().filter(fresh).filter(|c| c.complete).map(|c| c.addr).collect();
+        let pool = if seeders.is_empty() {
+            self.candidates.iter().filter(fresh).map(|c| c.addr).collect()
+        } else {
+            seeders
+        };
+        let Some(&next) = pool.choose(&mut self.rng) else { return Vec::new() };
         self.closed(&victim);
-        vec![Action::Disconnect(victim), self.start_connecting(seeder)]
+        vec![Action::Disconnect(victim), self.start_connecting(next)]
     }
 }

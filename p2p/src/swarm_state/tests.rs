@@ -410,3 +410,153 @@ fn the_first_announces_come_quickly() {
     let ms = |n| Duration::from_millis(n);
     assert_eq!(afters, vec![ms(250), ms(500), ms(1000), Duration::from_secs(5), Duration::from_secs(5)]);
 }
+
+#[test]
+fn pieces_reaching_our_peers_hold_the_fallback_back() {
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    s.announced(Some(vec![info(1, false)]), Duration::from_secs(5), t0);
+    assert!(s.connected(peer(1), addr(1), Bitfield::new(4), t0));
+    // Nothing to ask for yet, but at 2 s our peer gains a piece: the swarm is warming up.
+    s.have(&peer(1), 0, t0 + ms(2000));
+    s.tick(t0 + ms(4500), &[]).unwrap();
+    assert!(!s.fallback_active(), "2.5 s after the swarm showed life");
+    // The same news again is no news.
+    s.have(&peer(1), 0, t0 + ms(4600));
+    s.tick(t0 + ms(5100), &[]).unwrap();
+    assert!(s.fallback_active(), "3 s without bytes or news: the origin comes in");
+}
+
+#[test]
+fn an_origins_declines_hold_the_fallback_back_until_its_patience_runs_out() {
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    s.announced(Some(vec![info(9, true), info(1, false)]), Duration::from_secs(5), t0);
+    assert!(s.connected(peer(9), addr(9), Bitfield::full(4), t0));
+    assert!(s.connected(peer(1), addr(1), Bitfield::new(4), t0));
+    // The origin declines a request every 2 s: an agent holds the piece, the swarm is alive.
+    let mut t = t0;
+    while t + ms(2000) < t0 + FALLBACK_PATIENCE {
+        t += ms(2000);
+        s.declined(peer(9), 0, t);
+        s.tick(t + ms(200), &[]).unwrap();
+        assert!(!s.fallback_active(), "{:?} after the start", t - t0);
+    }
+    // A decline from a peer that is not an origin says nothing about the swarm.
+    s.declined(peer(1), 1, t0 + FALLBACK_PATIENCE - ms(500));
+    s.tick(t0 + FALLBACK_PATIENCE, &[]).unwrap();
+    assert!(s.fallback_active(), "no bytes for the whole patience: the origin comes in anyway");
+}
+
+#[test]
+fn the_latest_handout_comes_first() {
+    let t0 = Instant::now();
+    let cfg = SchedulerConfig { max_connections: 2, ..SchedulerConfig::default() };
+    let mut s = state(4, cfg, t0);
+    let first =
+        s.announced(Some(vec![info(1, false), info(2, false), info(3, false)]), Duration::from_secs(5), t0);
+    assert!(first.contains(&Action::Connect(addr(1))) && first.contains(&Action::Connect(addr(2))));
+    s.connect_failed(addr(2));
+    // The next handout names 4 and 5: the tracker's latest (random) choice wins over
+    // candidate 3, which only an earlier handout named.
+    let next = s.announced(Some(vec![info(4, false), info(5, false)]), Duration::from_secs(5), t0);
+    assert!(next.contains(&Action::Connect(addr(4))), "{next:?}");
+    assert!(!next.contains(&Action::Connect(addr(3))), "{next:?}");
+}
+
+#[test]
+fn candidates_stay_bounded() {
+    let t0 = Instant::now();
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    s.set_node_room(0);
+    for round in 0..3u32 {
+        let peers = (0..100u32)
+            .map(|i| {
+                let n = round * 100 + i;
+                PeerInfo {
+                    peer_id: PeerId([1; 20]).to_string() + &n.to_string(),
+                    addr: SocketAddr::from(([10, 1, (n >> 8) as u8, n as u8], 4000)),
+                    complete: false,
+                    origin: false,
+                }
+            })
+            .collect();
+        s.announced(Some(peers), Duration::from_secs(5), t0);
+    }
+    assert!(s.describe().contains(&format!("{MAX_CANDIDATES} candidates")), "{}", s.describe());
+}
+
+/// Two connected peers that both have pieces we lack (peer 1 all, peer 2 half), measured
+/// at `rate1` and `rate2` bytes/s by `t0` + 2.6 s, with `candidates` handed out as well.
+fn two_measured_peers(
+    rng_seed: u64,
+    rate1: u64,
+    rate2: u64,
+    candidates: Vec<PeerInfo>,
+) -> (SwarmState, Instant) {
+    let t0 = Instant::now();
+    let cfg = SchedulerConfig { max_connections: 2, ..SchedulerConfig::default() };
+    let mut s = SwarmState::with_rng(
+        cfg,
+        peer(0),
+        addr(0),
+        &meta(4),
+        Bitfield::new(4),
+        t0,
+        StdRng::seed_from_u64(rng_seed),
+    )
+    .unwrap();
+    s.announced(Some(vec![info(1, false), info(2, false)]), Duration::from_secs(5), t0);
+    let mut half = Bitfield::new(4);
+    half.set(2).unwrap();
+    half.set(3).unwrap();
+    assert!(s.connected(peer(1), addr(1), Bitfield::full(4), t0));
+    assert!(s.connected(peer(2), addr(2), half, t0));
+    s.announced(Some(candidates), Duration::from_secs(5), t0);
+    s.tick(t0 + Duration::from_millis(1600), &[(peer(1), rate1 * 16 / 10), (peer(2), rate2 * 16 / 10)])
+        .unwrap();
+    (s, t0 + Duration::from_millis(2600))
+}
+
+fn seeder(n: u8) -> PeerInfo {
+    PeerInfo { complete: true, ..info(n, false) }
+}
+
+#[test]
+fn a_slow_peer_is_traded_even_when_no_seeder_is_known() {
+    let (mut s, t) = two_measured_peers(7, 3_000_000, 500_000, vec![info(3, false)]);
+    let actions = s.tick(t, &[(peer(1), 7_800_000), (peer(2), 1_300_000)]).unwrap();
+    assert!(actions.contains(&Action::Disconnect(peer(2))), "{actions:?}");
+    assert!(actions.contains(&Action::Connect(addr(3))), "{actions:?}");
+}
+
+#[test]
+fn peers_near_the_mean_rate_are_kept_even_for_a_seeder() {
+    // 3 MB/s and 2.8 MB/s: both busy uplinks shared alike; trading one buys nothing, and
+    // every host doing so would crowd onto the few seeders.
+    let (mut s, t) = two_measured_peers(7, 3_000_000, 2_800_000, vec![seeder(3)]);
+    let actions = s.tick(t, &[(peer(1), 7_800_000), (peer(2), 7_280_000)]).unwrap();
+    assert!(!actions.iter().any(|a| matches!(a, Action::Disconnect(_))), "{actions:?}");
+}
+
+#[test]
+fn a_slow_seeder_is_traded_too_and_the_replacement_is_drawn_at_random() {
+    // Peer 1 holds everything but its upload is shared by many: it is the slow one.
+    let chosen = |seed: u64| {
+        let candidates = (3..=10).map(seeder).collect();
+        let (mut s, t) = two_measured_peers(seed, 500_000, 3_000_000, candidates);
+        let actions = s.tick(t, &[(peer(1), 1_300_000), (peer(2), 7_800_000)]).unwrap();
+        assert!(actions.contains(&Action::Disconnect(peer(1))), "{actions:?}");
+        actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Connect(addr) => Some(*addr),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let picks: HashSet<SocketAddr> = (0..8).map(chosen).collect();
+    assert!(picks.len() > 1, "every host would pick the same seeder: {picks:?}");
+}
