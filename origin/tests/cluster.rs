@@ -613,3 +613,20 @@ async fn repair_forgets_only_what_the_owners_confirmed() {
         assert!(got[0].is_some(), "{owner} has t1");
     }
 }
+
+/// Two collections asked of the leader at once: one runs, the other is refused while it does.
+#[tokio::test]
+async fn only_one_collection_runs_at_a_time() {
+    let (_world, cs) = world().await;
+    let repo: RepoName = "team/app".parse().unwrap();
+    garbage_image(&cs, &repo, b"layer").await;
+    let lead = leading(&cs);
+    let settings = GcSettings { grace: Duration::from_millis(1), quarantine: Duration::from_millis(500) };
+    let (a, b) = tokio::join!(
+        shoal_origin::cluster::gc::collect(&lead, settings),
+        shoal_origin::cluster::gc::collect(&lead, settings)
+    );
+    let refused = [&a, &b].iter().filter(|r| matches!(r, Err(GcError::Running))).count();
+    let ran = [&a, &b].iter().filter(|r| r.is_ok()).count();
+    assert_eq!((ran, refused), (1, 1), "{a:?} {b:?}");
+}
