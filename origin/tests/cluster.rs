@@ -177,6 +177,8 @@ struct World {
     gate: Arc<Mutex<Option<Gate>>>,
     nodes: HashMap<String, Arc<Switchable>>,
     live: Mutex<Vec<String>>,
+    /// Members whose health replies say their disk is nearly full.
+    full: Mutex<BTreeSet<String>>,
     generation: std::sync::atomic::AtomicU64,
 }
 
@@ -195,6 +197,9 @@ impl Topology for View {
     }
     fn members(&self) -> Vec<String> {
         self.world.nodes.keys().cloned().collect()
+    }
+    fn accepts_writes(&self, id: &str) -> bool {
+        !self.world.full.lock().unwrap().contains(id)
     }
     fn node(&self, id: &str) -> Option<Arc<dyn Node>> {
         self.world.nodes.get(id).map(|n| n.clone() as Arc<dyn Node>)
@@ -233,6 +238,7 @@ async fn world() -> (Arc<World>, Vec<Arc<Coordinator>>) {
         gate,
         nodes,
         live: Mutex::new(IDS.iter().map(|s| s.to_string()).collect()),
+        full: Mutex::new(BTreeSet::new()),
         generation: Default::default(),
     });
     let coordinators = locals
@@ -629,4 +635,28 @@ async fn only_one_collection_runs_at_a_time() {
     let refused = [&a, &b].iter().filter(|r| matches!(r, Err(GcError::Running))).count();
     let ran = [&a, &b].iter().filter(|r| r.is_ok()).count();
     assert_eq!((ran, refused), (1, 1), "{a:?} {b:?}");
+}
+
+/// An owner whose disk is nearly full gets no new copies: the write lands on the next origin
+/// of the ranking (queued for repair), and is readable everywhere.
+#[tokio::test]
+async fn placement_skips_an_origin_whose_disk_is_nearly_full() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/app".parse().unwrap();
+    let data = b"a blob while a disk is full".to_vec();
+    let d = Digest::of(Algorithm::Sha256, &data);
+    let full = owners(&d.to_string()).into_iter().next().unwrap();
+    world.full.lock().unwrap().insert(full.clone());
+    // Pushed through another origin (the full one is not ready, so clients are not sent to it).
+    let through = cs.iter().find(|c| c.me() != full).unwrap();
+    let pushed = push(&ClusterStore::new(through.clone()), &repo, &data).await.unwrap();
+    let held = holders(&world, &pushed).await;
+    assert!(!held.contains(&full), "the full origin took a copy: {held:?}");
+    assert_eq!(held.len(), 2, "two copies on the others: {held:?}");
+    for c in &cs {
+        assert_eq!(
+            ClusterStore::new(c.clone()).blob_size(&repo, &pushed).await.unwrap(),
+            Some(data.len() as u64)
+        );
+    }
 }
