@@ -64,7 +64,11 @@ pub const MAX_FALLBACK_FAILURES: u32 = 5;
 /// the HTTP fallback comes in anyway. A big fleet that starts at once has little to give
 /// for its first seconds: the origin super-seeds each piece to one agent, and the pieces
 /// reach most hosts only a few hand-offs later. With the fallback after 3 s of no bytes,
-/// 1,000 simulated hosts fetched 8.5 × the blob from the origin over HTTP.
+/// 1,000 simulated hosts fetched 8.5 × the blob from the origin over HTTP; at 10,000 hosts,
+/// 9,000 of which cannot connect to the origin (it takes 1,024), every host with only empty
+/// peers and nothing to ask for opened 4 HTTP fetches after 3 s, and the origin's link,
+/// shared by 25,000 of them, no longer fed the swarm. So with nothing to ask for, this is
+/// how long a download waits.
 pub const FALLBACK_PATIENCE: Duration = Duration::from_secs(15);
 
 /// Tunables of the decisions; [`SchedulerConfig::default`] documents each default.
@@ -405,6 +409,8 @@ impl<R: Rng + Clone> SwarmState<R> {
     /// HTTP fallback, and fails the download after a long stall.
     pub fn tick(&mut self, now: Instant, received: &[(PeerId, u64)]) -> Result<Vec<Action>, Fatal> {
         let mut actions = Vec::new();
+        // Whether we are waiting for bytes, before this tick withdraws a stalled peer's requests.
+        let waiting = self.in_flight_bytes() > 0;
         let stall_after = self
             .cfg
             .peer_stall
@@ -434,18 +440,19 @@ impl<R: Rng + Clone> SwarmState<R> {
         self.declined_by.retain(|_, at| now.duration_since(*at) < DECLINE_BACKOFF);
         actions.extend(self.connect_more(now));
         actions.extend(self.rotate(now));
-        self.consider_fallback(now)?;
+        self.consider_fallback(now, waiting)?;
         Ok(actions)
     }
 
-    /// Brings in the HTTP fallback after `fallback_after` with neither bytes for us nor a sign
-    /// that the swarm is alive, after [`FALLBACK_PATIENCE`] without bytes whatever the swarm
-    /// shows, or at once without peers.
-    fn consider_fallback(&mut self, now: Instant) -> Result<(), Fatal> {
+    /// Brings in the HTTP fallback after `fallback_after` with requests outstanding and
+    /// neither bytes for us nor a sign that the swarm is alive, after [`FALLBACK_PATIENCE`]
+    /// without bytes whatever the swarm shows (with nothing to ask for, too: our peers have
+    /// nothing yet), or at once without peers.
+    fn consider_fallback(&mut self, now: Instant, waiting: bool) -> Result<(), Fatal> {
         let idle = now.duration_since(self.last_progress);
         let quiet = now.duration_since(self.last_progress.max(self.last_sign_of_life));
         let no_peers = self.announced_once && self.peers.is_empty() && self.connecting.is_empty();
-        let stalled = quiet >= self.cfg.fallback_after || idle >= FALLBACK_PATIENCE;
+        let stalled = (waiting && quiet >= self.cfg.fallback_after) || idle >= FALLBACK_PATIENCE;
         if !self.fallback_active && (stalled || no_peers) {
             let full = Bitfield::full(self.picker.piece_count());
             if self.picker.add_peer(ORIGIN_PEER, full).is_ok() {

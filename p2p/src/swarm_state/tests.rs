@@ -418,14 +418,33 @@ fn pieces_reaching_our_peers_hold_the_fallback_back() {
     let mut s = state(4, SchedulerConfig::default(), t0);
     s.announced(Some(vec![info(1, false)]), Duration::from_secs(5), t0);
     assert!(s.connected(peer(1), addr(1), Bitfield::new(4), t0));
-    // Nothing to ask for yet, but at 2 s our peer gains a piece: the swarm is warming up.
-    s.have(&peer(1), 0, t0 + ms(2000));
-    s.tick(t0 + ms(4500), &[]).unwrap();
+    // Nothing to ask for: our only peer has nothing yet. That is no stall.
+    s.tick(t0 + ms(4000), &[]).unwrap();
+    assert!(!s.fallback_active(), "nothing to ask for");
+    // At 4 s our peer gains a piece: the swarm is warming up. We ask for it.
+    s.have(&peer(1), 0, t0 + ms(4000));
+    assert_eq!(requests(&s.fill(t0 + ms(4000), None, 0)), vec![(peer(1), 0)]);
+    s.tick(t0 + ms(6500), &[]).unwrap();
     assert!(!s.fallback_active(), "2.5 s after the swarm showed life");
     // The same news again is no news.
-    s.have(&peer(1), 0, t0 + ms(4600));
-    s.tick(t0 + ms(5100), &[]).unwrap();
-    assert!(s.fallback_active(), "3 s without bytes or news: the origin comes in");
+    s.have(&peer(1), 0, t0 + ms(6600));
+    s.tick(t0 + ms(7100), &[]).unwrap();
+    assert!(s.fallback_active(), "3 s of a request without bytes or news: the origin comes in");
+}
+
+#[test]
+fn with_nothing_to_ask_for_the_fallback_waits_its_patience() {
+    let t0 = Instant::now();
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    s.announced(Some(vec![info(1, false), info(2, false)]), Duration::from_secs(5), t0);
+    assert!(s.connected(peer(1), addr(1), Bitfield::new(4), t0));
+    assert!(s.connected(peer(2), addr(2), Bitfield::new(4), t0));
+    // Our peers are as new as we are: in a big fleet the pieces reach them a few hand-offs
+    // after the origin sent them out.
+    s.tick(t0 + FALLBACK_PATIENCE - Duration::from_millis(200), &[]).unwrap();
+    assert!(!s.fallback_active());
+    s.tick(t0 + FALLBACK_PATIENCE, &[]).unwrap();
+    assert!(s.fallback_active());
 }
 
 #[test]
