@@ -11,12 +11,24 @@ use tokio::sync::watch;
 
 use crate::bitfield::Bitfield;
 use crate::metainfo::Metainfo;
-use crate::piece_store::{read_new_at, PieceError, PieceFile};
+use crate::piece_store::{is_disk_full, read_new_at, PieceError, PieceFile};
 
 /// How often the bitfield is persisted (after an fdatasync of the data). Persisting after every
 /// piece costs several fsyncs per piece and capped a download at ~100 MB/s; a crash now loses
 /// at most this much of verified work.
 const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How many times one write that finds the disk full asks for room and tries again.
+const DISK_FULL_RETRIES: u32 = 3;
+
+/// Frees disk space for a download that found the disk full: given the bytes the download
+/// still has to write, deletes what it may (e.g. evicts cached blobs) and says whether it freed
+/// anything. Called from the blocking pool, possibly with this blob's state lock held.
+pub type Reclaim = Arc<dyn Fn(u64) -> bool + Send + Sync>;
+
+/// Told the index of a piece of a complete blob whose bytes on disk do not match its hash (or
+/// that could not be read whole): the file went bad after it was verified.
+pub type OnCorrupt = Box<dyn Fn(u32) + Send + Sync>;
 
 enum State {
     Partial(PieceFile, std::time::Instant),
@@ -115,6 +127,11 @@ pub struct BlobPieces {
     writing: std::sync::Mutex<()>,
     /// Whatever must live as long as this blob is served (e.g. a cache pin against eviction).
     _guard: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// Where a write that finds the disk full asks for room (see [`BlobPieces::reclaiming`]).
+    reclaim: Option<Reclaim>,
+    /// For a complete blob: every piece read is checked against its hash, and a mismatch is
+    /// reported here (see [`BlobPieces::verifying_reads`]).
+    on_corrupt: Option<OnCorrupt>,
 }
 
 impl BlobPieces {
@@ -133,6 +150,8 @@ impl BlobPieces {
             progress: watch::Sender::new(count),
             writing: std::sync::Mutex::new(()),
             _guard: None,
+            reclaim: None,
+            on_corrupt: None,
         })
     }
 
@@ -142,14 +161,59 @@ impl BlobPieces {
         self
     }
 
+    /// Check every piece of a complete blob as it is read (for peers or local clients) against
+    /// its hash: a piece whose bytes on disk changed since the blob was verified (a bad sector,
+    /// a truncated file) is never served; the read fails and `on_corrupt` is told, so the owner
+    /// can drop the file and fetch the blob again. Costs one SHA-256 pass over what is read.
+    pub fn verifying_reads(mut self, on_corrupt: impl Fn(u32) + Send + Sync + 'static) -> BlobPieces {
+        self.on_corrupt = Some(Box::new(on_corrupt));
+        self
+    }
+
+    /// When a write of this download finds the disk full, ask `reclaim` for room and try again
+    /// (up to [`DISK_FULL_RETRIES`] times) before failing.
+    pub fn reclaiming(mut self, reclaim: Reclaim) -> BlobPieces {
+        self.reclaim = Some(reclaim);
+        self
+    }
+
     /// A blob being downloaded into the piece file at `path` (resumed if it exists). Blocking.
+    ///
+    /// A resumed file's held pieces are read back and checked against their hashes first: the
+    /// bitfield says they were verified when written, but the disk may have lost them since (a
+    /// bad sector, a crash that kept the bitfield but not the data). A piece that fails is
+    /// fetched again instead of failing the whole blob's digest at the end, every time. The
+    /// same pass carries the whole-blob hash along the held prefix, so finishing does not read
+    /// those bytes again: resuming costs one read of what is held, up front instead of at the end.
     pub fn partial(path: &Path, metainfo: Arc<Metainfo>) -> Result<BlobPieces, PieceError> {
         // Persistence is driven by time here (see FLUSH_INTERVAL), not by the piece count.
-        let file = PieceFile::open(path, (*metainfo).clone())?.with_persist_every(u32::MAX);
+        let mut file = PieceFile::open(path, (*metainfo).clone())?.with_persist_every(u32::MAX);
+        let mut prefix = PrefixHash { hasher: metainfo.digest().algorithm().hasher(), next: 0 };
+        let held: Vec<u32> = file.have().iter_set().collect();
+        let mut dropped = 0u32;
+        for index in held {
+            match file.read_piece(index) {
+                Ok(data) if metainfo.verify_piece(index, &data) => {
+                    if prefix.next == index {
+                        prefix.hasher.update(&data);
+                        prefix.next += 1;
+                    }
+                }
+                _ => {
+                    file.forget(index)?;
+                    dropped += 1;
+                }
+            }
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                path = %path.display(), dropped,
+                "held pieces of a resumed download no longer match their hashes; fetching them again"
+            );
+        }
         let count = file.have().count();
         let held = HeldPieces::from(file.have());
         let state = State::Partial(file, std::time::Instant::now());
-        let prefix = PrefixHash { hasher: metainfo.digest().algorithm().hasher(), next: 0 };
         Ok(BlobPieces {
             held,
             finished: std::sync::OnceLock::new(),
@@ -159,6 +223,8 @@ impl BlobPieces {
             progress: watch::Sender::new(count),
             writing: std::sync::Mutex::new(()),
             _guard: None,
+            reclaim: None,
+            on_corrupt: None,
         })
     }
 
@@ -207,7 +273,7 @@ impl BlobPieces {
             let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
             match &*self.read_state() {
                 State::Partial(file, _) if file.have().get(index) => return Ok(false),
-                State::Partial(file, _) => file.write_data(index, data)?,
+                State::Partial(file, _) => self.retry_when_full(|| file.write_data(index, data))?,
                 State::Complete { .. } => return Ok(false),
                 State::Failed => return Err(failed()),
             }
@@ -227,7 +293,7 @@ impl BlobPieces {
         // (Persisting a snapshot outside the lock let a slow disk leave a crashed agent with
         // nothing persisted after seconds of verified pieces.)
         if flushed.elapsed() >= FLUSH_INTERVAL {
-            file.flush()?;
+            self.retry_when_full(|| file.flush())?;
             *flushed = std::time::Instant::now();
         }
         let count = file.have().count();
@@ -241,10 +307,56 @@ impl BlobPieces {
     pub fn persist(&self) -> Result<(), PieceError> {
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         if let State::Partial(file, flushed) = &mut *state {
-            file.flush()?;
+            self.retry_when_full(|| file.flush())?;
             *flushed = std::time::Instant::now();
         }
         Ok(())
+    }
+
+    /// Run `write`; when it finds the disk full, ask the reclaimer (if any) for room for the
+    /// rest of the download and run it again, a few times at most.
+    fn retry_when_full<T>(&self, mut write: impl FnMut() -> Result<T, PieceError>) -> Result<T, PieceError> {
+        let mut attempts = 0;
+        loop {
+            match write() {
+                Err(PieceError::Io(e)) if is_disk_full(&e) && attempts < DISK_FULL_RETRIES => {
+                    let Some(reclaim) = &self.reclaim else { return Err(PieceError::Io(e)) };
+                    attempts += 1;
+                    let missing = self.bytes_missing();
+                    tracing::warn!(
+                        digest = %self.metainfo.digest(), missing, attempt = attempts,
+                        "disk full while writing a download; making room"
+                    );
+                    if !reclaim(missing) {
+                        return Err(PieceError::Io(e));
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// About how many bytes this download has still to write (whole pieces missing).
+    fn bytes_missing(&self) -> u64 {
+        let missing = u64::from(self.metainfo.piece_count().saturating_sub(*self.progress.borrow()));
+        missing.saturating_mul(self.metainfo.piece_length()).min(self.metainfo.size())
+    }
+
+    /// Give up on a partial download: its piece file and bitfield are deleted and every read
+    /// fails from now on (a complete blob is left alone). Blocking.
+    pub fn discard(&self) -> Result<(), PieceError> {
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        match std::mem::replace(&mut *state, State::Failed) {
+            State::Partial(file, _) => {
+                self.held.fail();
+                file.discard()
+            }
+            State::Failed => Ok(()),
+            complete => {
+                *state = complete;
+                Ok(())
+            }
+        }
     }
 
     /// Announce `count` pieces held. Two writers can get here in either order after releasing
@@ -279,16 +391,31 @@ impl BlobPieces {
         }
     }
 
-    /// One whole piece. Blocking.
+    /// One whole piece. Blocking. For a complete blob opened with
+    /// [`verifying_reads`](Self::verifying_reads), the piece is checked against its hash.
     pub fn read_piece(&self, index: u32) -> Result<Vec<u8>, PieceError> {
         let count = self.metainfo.piece_count();
         let (offset, len) =
             self.metainfo.piece_range(index).ok_or(PieceError::OutOfRange { index, count })?;
         let len = usize::try_from(len).map_err(|_| PieceError::OutOfRange { index, count })?;
-        match &*self.read_state() {
-            State::Partial(f, _) => f.read_piece(index),
-            State::Complete { file, .. } => Ok(read_new_at(file, offset, len)?),
-            State::Failed => Err(failed()),
+        let read = match &*self.read_state() {
+            State::Partial(f, _) => return f.read_piece(index),
+            State::Complete { file, .. } => read_new_at(file, offset, len),
+            State::Failed => return Err(failed()),
+        };
+        let Some(on_corrupt) = &self.on_corrupt else { return Ok(read?) };
+        match read {
+            Ok(data) if self.metainfo.verify_piece(index, &data) => Ok(data),
+            Ok(_) => {
+                on_corrupt(index);
+                Err(PieceError::HashMismatch { index })
+            }
+            // Shorter than its metainfo says: truncated since it was verified.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                on_corrupt(index);
+                Err(PieceError::HashMismatch { index })
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -322,7 +449,8 @@ impl BlobPieces {
     }
 
     /// Verify the whole blob and move it to `dest`; readers continue from there. On failure
-    /// the blob is unusable (its pieces matched but the whole did not) and reads fail. Blocking.
+    /// the blob is unusable and reads fail; if its pieces matched but the whole did not, the
+    /// piece file and its bitfield are deleted, so a new download starts from nothing. Blocking.
     /// The whole-file hash runs under the shared lock, so readers (including async tasks that
     /// check `has`) are never held up for it; the exclusive lock covers only the rename.
     pub fn finish(&self, dest: &Path) -> Result<(), PieceError> {
@@ -345,6 +473,13 @@ impl BlobPieces {
             State::Partial(pieces, _) => {
                 if let Err(e) = verified {
                     self.held.fail();
+                    if matches!(e, PieceError::DigestMismatch { .. }) {
+                        // Every piece matched its hash but the whole did not: which piece is
+                        // wrong cannot be known, so nothing of it can be resumed.
+                        if let Err(d) = pieces.discard() {
+                            tracing::warn!(error = %d, "could not delete a download that failed its digest");
+                        }
+                    }
                     return Err(e);
                 }
                 if let Err(e) = pieces.publish_verified(dest) {
@@ -435,9 +570,113 @@ mod tests {
         let mut json = serde_json::to_value(&*meta).unwrap();
         json["digest"] = serde_json::Value::String(wrong.to_string());
         let bad = Arc::new(serde_json::from_value::<Metainfo>(json).unwrap());
-        let blob = BlobPieces::partial(&dir.path().join("b.part"), bad.clone()).unwrap();
+        let path = dir.path().join("b.part");
+        let blob = BlobPieces::partial(&path, bad.clone()).unwrap();
         download(&blob, &bad, &data, &(0..bad.piece_count()).collect::<Vec<_>>());
+        blob.persist().unwrap();
+        assert!(crate::piece_store::bitfield_path(&path).exists());
         assert!(matches!(blob.finish(&dir.path().join("final")), Err(PieceError::DigestMismatch { .. })));
+        // Nothing of it is resumed: the next download starts from no pieces.
+        assert!(!path.exists() && !crate::piece_store::bitfield_path(&path).exists());
+        assert_eq!(BlobPieces::partial(&path, bad).unwrap().have().count(), 0);
+    }
+
+    #[test]
+    fn a_resumed_download_drops_held_pieces_whose_bytes_went_bad() {
+        use std::os::unix::fs::FileExt;
+        let (dir, data, meta) = setup(5);
+        let path = dir.path().join("b.part");
+        let blob = BlobPieces::partial(&path, meta.clone()).unwrap();
+        for i in [0, 1, 2, 4, 5] {
+            blob.write_piece(i, piece(&meta, &data, i)).unwrap();
+        }
+        blob.persist().unwrap();
+        drop(blob);
+        // A bad sector in piece 1, which the bitfield still claims.
+        let (start, _) = meta.piece_range(1).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(b"rot", start + 9).unwrap();
+        let again = BlobPieces::partial(&path, meta.clone()).unwrap();
+        assert_eq!(again.have().iter_set().collect::<Vec<_>>(), [0, 2, 4, 5]);
+        assert_eq!(hashed_upto(&again), 1, "the good held prefix is hashed while checking");
+        download(&again, &meta, &data, &[3, 1]);
+        let dest = dir.path().join("final");
+        again.finish(&dest).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), data);
+    }
+
+    #[test]
+    fn verifying_reads_of_a_complete_blob_catch_a_bad_sector_and_a_truncation() {
+        use std::os::unix::fs::FileExt;
+        let (dir, data, meta) = setup(4);
+        let path = dir.path().join("blob");
+        std::fs::write(&path, &data).unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let open = |seen: &Arc<std::sync::Mutex<Vec<u32>>>| {
+            let seen = seen.clone();
+            BlobPieces::complete(&path, meta.clone())
+                .unwrap()
+                .verifying_reads(move |i| seen.lock().unwrap().push(i))
+        };
+        let blob = open(&seen);
+        assert_eq!(blob.read_piece(2).unwrap(), piece(&meta, &data, 2));
+        let (start, _) = meta.piece_range(2).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(b"x", start).unwrap();
+        assert!(matches!(blob.read_piece(2), Err(PieceError::HashMismatch { index: 2 })));
+        // Unverified reads (a download's own, just-verified file) do not look.
+        let plain = BlobPieces::complete(&path, meta.clone()).unwrap();
+        assert_eq!(plain.read_piece(2).unwrap().len(), piece(&meta, &data, 2).len());
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(start).unwrap();
+        assert!(matches!(open(&seen).read_piece(3), Err(PieceError::HashMismatch { index: 3 })));
+        assert_eq!(*seen.lock().unwrap(), [2, 3]);
+        assert_eq!(blob.read_piece(0).unwrap(), piece(&meta, &data, 0), "good pieces still serve");
+    }
+
+    #[test]
+    fn a_write_that_finds_the_disk_full_makes_room_and_tries_again() {
+        let (dir, _data, meta) = setup(3);
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let frees = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (a, f) = (asked.clone(), frees.clone());
+        let blob = BlobPieces::partial(&dir.path().join("b.part"), meta.clone()).unwrap().reclaiming(
+            Arc::new(move |need| {
+                a.lock().unwrap().push(need);
+                f.load(std::sync::atomic::Ordering::SeqCst)
+            }),
+        );
+        let full = || PieceError::Io(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        let mut fails = 2;
+        let wrote = blob.retry_when_full(|| {
+            if fails > 0 {
+                fails -= 1;
+                return Err(full());
+            }
+            Ok(7)
+        });
+        assert_eq!(wrote.unwrap(), 7);
+        assert_eq!(*asked.lock().unwrap(), [meta.size(), meta.size()], "room for the rest of the download");
+        // Nothing more to free: the error stands.
+        frees.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(blob.retry_when_full(|| Err::<(), _>(full())), Err(PieceError::Io(_))));
+        // Always full: a few attempts, then the error.
+        frees.store(true, std::sync::atomic::Ordering::SeqCst);
+        asked.lock().unwrap().clear();
+        assert!(blob.retry_when_full(|| Err::<(), _>(full())).is_err());
+        assert_eq!(asked.lock().unwrap().len(), DISK_FULL_RETRIES as usize);
+        // Other errors are not retried.
+        let other = blob.retry_when_full(|| Err::<(), _>(PieceError::Io(std::io::Error::other("eio"))));
+        assert!(other.is_err() && asked.lock().unwrap().len() == DISK_FULL_RETRIES as usize);
+    }
+
+    #[test]
+    fn discard_deletes_a_partial_download() {
+        let (dir, data, meta) = setup(3);
+        let path = dir.path().join("b.part");
+        let blob = BlobPieces::partial(&path, meta.clone()).unwrap();
+        blob.write_piece(0, piece(&meta, &data, 0)).unwrap();
+        blob.persist().unwrap();
+        blob.discard().unwrap();
+        assert!(!path.exists() && !crate::piece_store::bitfield_path(&path).exists());
+        assert!(!blob.has(0) && blob.read_piece(0).is_err());
     }
 
     #[test]

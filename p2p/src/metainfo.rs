@@ -122,6 +122,13 @@ impl Metainfo {
         Metainfo::compute(file, size, algorithm)
     }
 
+    /// Whether `reader` yields exactly the blob this metainfo describes: its size, every piece
+    /// hash and the whole digest, checked in one pass. Blocking: call it from `spawn_blocking`.
+    pub fn describes(&self, reader: impl Read) -> io::Result<bool> {
+        let (digest, read, pieces) = hash_pieces(reader, self.piece_length, self.digest.algorithm())?;
+        Ok(read == self.size && digest == self.digest && pieces == self.pieces)
+    }
+
     /// The whole blob's digest, checked once all pieces are in.
     pub fn digest(&self) -> &Digest {
         &self.digest
@@ -389,6 +396,22 @@ mod tests {
         let m = Metainfo::compute(&data[..], data.len() as u64, Algorithm::Sha256).unwrap();
         assert_eq!(m.piece_count(), 2);
         assert_eq!(m.piece_range(1), Some((64 * KIB, 64 * KIB)));
+    }
+
+    #[test]
+    fn describes_checks_size_pieces_and_digest_in_one_pass() {
+        let data: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
+        let m = Metainfo::compute(&data[..], data.len() as u64, Algorithm::Sha256).unwrap();
+        assert!(m.describes(&data[..]).unwrap());
+        assert!(!m.describes(&data[..data.len() - 1]).unwrap(), "shorter");
+        let mut flipped = data.clone();
+        flipped[70_000] ^= 1;
+        assert!(!m.describes(&flipped[..]).unwrap(), "one byte off");
+        // Right bytes, wrong piece list.
+        let mut pieces = m.pieces().to_vec();
+        pieces[1][0] ^= 1;
+        let lying = Metainfo::new(m.digest().clone(), m.size(), m.piece_length(), pieces).unwrap();
+        assert!(!lying.describes(&data[..]).unwrap());
     }
 
     #[test]

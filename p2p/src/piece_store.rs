@@ -180,6 +180,15 @@ impl PieceFile {
         Ok(newly)
     }
 
+    /// Stop claiming piece `index` (its bytes on disk turned out not to match its hash): it is
+    /// fetched again, and the bitfield persisted next no longer lists it.
+    pub fn forget(&mut self, index: u32) -> Result<(), PieceError> {
+        if self.have.clear(index).map_err(|_| self.out_of_range(index))? {
+            self.unpersisted += 1;
+        }
+        Ok(())
+    }
+
     /// Make every piece written so far durable: fsync the data, then atomically replace the
     /// bitfield file.
     pub fn flush(&mut self) -> Result<(), PieceError> {
@@ -332,6 +341,13 @@ impl PieceFile {
     fn out_of_range(&self, index: u32) -> PieceError {
         PieceError::OutOfRange { index, count: self.metainfo.piece_count() }
     }
+}
+
+/// Whether an I/O error means the disk (or the user's quota) is full: room can be made by
+/// deleting something, and the write tried again.
+pub fn is_disk_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull
+        || e.raw_os_error() == Some(rustix::io::Errno::DQUOT.raw_os_error())
 }
 
 fn remove_if_exists(path: &Path) -> io::Result<()> {
