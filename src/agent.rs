@@ -8,8 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bytesize::ByteSize;
 use serde::Deserialize;
-use shoal_agent::cache::CacheLimits;
-use shoal_agent::{Agent, AgentConfig};
+use shoal_agent::{Agent, AgentConfig, CacheLimits, Watermark};
 
 use crate::http::{with_basics, BoundServer, HttpMetrics};
 
@@ -51,10 +50,14 @@ pub struct AgentFile {
     pub origin: Option<String>,
     pub trackers: Vec<String>,
     pub data_dir: PathBuf,
-    /// Eviction starts above this much cached data...
-    pub cache_high_watermark: ByteSize,
-    /// ...and stops at this much.
-    pub cache_low_watermark: ByteSize,
+    /// Eviction starts above this much cached data (complete blobs and partial downloads), or
+    /// above this share of the filesystem in use ("90%")...
+    pub cache_high_watermark: Watermark,
+    /// ...and stops at this much (of the same kind).
+    pub cache_low_watermark: Watermark,
+    /// A partial download idle for longer than this is removed.
+    #[serde(with = "humantime_serde")]
+    pub partial_max_age: Duration,
     /// How long a tag resolution is reused.
     #[serde(with = "humantime_serde")]
     pub tag_ttl: Duration,
@@ -91,8 +94,9 @@ impl Default for AgentFile {
             origin: None,
             trackers: Vec::new(),
             data_dir: PathBuf::from("shoal-data/agent"),
-            cache_high_watermark: ByteSize::gib(20),
-            cache_low_watermark: ByteSize::gib(16),
+            cache_high_watermark: Watermark::Bytes(ByteSize::gib(20).as_u64()),
+            cache_low_watermark: Watermark::Bytes(ByteSize::gib(16).as_u64()),
+            partial_max_age: shoal_agent::disk::DEFAULT_PARTIAL_MAX_AGE,
             tag_ttl: Duration::from_secs(2),
             http_timeout: Duration::from_secs(10),
             egress_rate: None,
@@ -149,10 +153,8 @@ pub async fn bind(file: AgentFile) -> anyhow::Result<BoundServer> {
         trackers: file.trackers.clone(),
         data_dir: file.data_dir.clone(),
         advertise,
-        cache: CacheLimits {
-            high_watermark: file.cache_high_watermark.as_u64(),
-            low_watermark: file.cache_low_watermark.as_u64().min(file.cache_high_watermark.as_u64()),
-        },
+        cache: CacheLimits::new(file.cache_high_watermark, file.cache_low_watermark, file.partial_max_age)
+            .context("cache_high_watermark / cache_low_watermark")?,
         tag_ttl: file.tag_ttl,
         http_timeout: file.http_timeout,
         egress_rate: file.egress_rate.map(|r| r.as_u64()),

@@ -1,55 +1,122 @@
-//! The agent's blob cache: complete, verified blobs on disk, bounded by size with high and low
-//! watermarks and least-recently-used eviction. A pinned blob (being read or seeded) is never
-//! evicted. Losing the cache loses nothing: blobs come back from the swarm.
+//! The agent's disk: complete, verified blobs under `cache/` (with their metainfo beside them)
+//! and partial downloads under `partial/`, bounded together by the watermarks of
+//! [`crate::disk`] (which decides; this module does the I/O). A pinned blob (being read or
+//! seeded) and a running download are never removed. Losing any of it loses nothing: blobs
+//! come back from the swarm.
+//!
+//! What is checked, when:
+//! - At start: `partial/` is scanned; temp files, bitfields without data, and partial downloads
+//!   idle for longer than `partial_max_age` are removed, the rest is counted. Leftovers of
+//!   evictions and metainfo without a blob are removed from `cache/`. Blobs are not read.
+//! - When a cached blob is opened to be served (to a local client or a peer): its metainfo
+//!   must decode, name the blob and give the file's size; a file of the wrong size is removed.
+//!   A missing or bad metainfo is fetched again and the whole file checked against it once
+//!   ([`BlobCache::adopt_metainfo`]) before it is rewritten.
+//! - Every piece read from a cached blob is checked against its hash before it is sent
+//!   ([`BlobPieces::verifying_reads`]); a mismatch removes the blob, and the reader goes on
+//!   from a new download of it.
+//! - Every 60 s ([`BlobCache::maintain`]): idle partials are re-measured and the stale ones
+//!   removed, and the watermarks applied (a share watermark follows the whole filesystem,
+//!   which other programs fill too).
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
+use shoal_p2p::blob::BlobPieces;
+use shoal_p2p::piece_store::{bitfield_path, is_disk_full};
+use shoal_p2p::Metainfo;
 use shoal_registry::Digest;
 
-/// Size bounds of the cache.
-#[derive(Clone, Copy, Debug)]
-pub struct CacheLimits {
-    /// Eviction starts when the cache holds more than this many bytes.
-    pub high_watermark: u64,
-    /// Eviction stops once the cache is at or below this many bytes.
-    pub low_watermark: u64,
-}
+pub use crate::disk::CacheLimits;
+use crate::disk::{self, BlobUse, FsUsage, PartialUse, Victim};
+
+/// How often idle partials are re-measured, stale ones removed and the watermarks applied.
+pub const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The directory of metainfo files inside the cache root.
+const METAINFO_DIR: &str = "metainfo";
+/// Suffix of a file set aside for deletion (renamed under the lock, unlinked after it).
+const EVICTED_SUFFIX: &str = ".evicted";
+/// Suffix of a temp file being written (a metainfo; bitfields use `.bitfield.tmp`).
+const TMP_SUFFIX: &str = ".tmp";
 
 struct Entry {
     size: u64,
     last_used: u64,
     pins: u32,
+    /// Tells this file apart from a later copy of the same blob (see `remove_corrupt`).
+    generation: u64,
 }
 
-/// Cache metrics (`shoal_agent_cache_*`).
+struct Partial {
+    /// Counted bytes: the blob's size while its download runs, then what it holds on disk.
+    bytes: u64,
+    /// Downloads running into it (0 or 1).
+    active: u32,
+    idle_since: SystemTime,
+}
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<Digest, Entry>,
+    partials: HashMap<Digest, Partial>,
+}
+
+/// Cache metrics (`shoal_agent_cache_*`, `shoal_agent_partial_bytes`, `shoal_agent_disk_full_total`).
 #[derive(Clone)]
 pub struct CacheMetrics {
     pub bytes: prometheus::IntGauge,
+    pub partial_bytes: prometheus::IntGauge,
     pub evictions: prometheus::IntCounter,
+    pub corrupt: prometheus::IntCounter,
+    pub disk_full: prometheus::IntCounter,
 }
 
 impl CacheMetrics {
     pub fn new(registry: &prometheus::Registry) -> Result<CacheMetrics, prometheus::Error> {
         let m = CacheMetrics {
             bytes: prometheus::IntGauge::new("shoal_agent_cache_bytes", "Bytes of complete blobs cached")?,
+            partial_bytes: prometheus::IntGauge::new(
+                "shoal_agent_partial_bytes",
+                "Bytes of partial downloads counted against the cache limits (running: the blob's size)",
+            )?,
             evictions: prometheus::IntCounter::new("shoal_agent_cache_evictions_total", "Blobs evicted")?,
+            corrupt: prometheus::IntCounter::new(
+                "shoal_agent_cache_corrupt_total",
+                "Cached blobs removed because their file no longer matched their digest or size",
+            )?,
+            disk_full: prometheus::IntCounter::new(
+                "shoal_agent_disk_full_total",
+                "Writes that found the disk full and evicted to make room",
+            )?,
         };
         registry.register(Box::new(m.bytes.clone()))?;
+        registry.register(Box::new(m.partial_bytes.clone()))?;
         registry.register(Box::new(m.evictions.clone()))?;
+        registry.register(Box::new(m.corrupt.clone()))?;
+        registry.register(Box::new(m.disk_full.clone()))?;
         Ok(m)
     }
 }
 
-/// Complete blobs under `<root>/<alg>/<hex>`, with their metainfo beside them.
+/// Reads the usage of the cache's filesystem (statvfs; replaceable in tests).
+pub type UsageProbe = Box<dyn Fn() -> Option<FsUsage> + Send + Sync>;
+
+/// Complete blobs under `<root>/<alg>/<hex>`, their metainfo under `<root>/metainfo/<alg>/<hex>`,
+/// partial downloads under `<partial_root>/<alg>/<hex>` (with `.bitfield` beside).
 pub struct BlobCache {
     root: PathBuf,
+    partial_root: PathBuf,
     limits: CacheLimits,
-    entries: Mutex<HashMap<Digest, Entry>>,
+    state: Mutex<State>,
     clock: AtomicU64,
+    generation: AtomicU64,
     metrics: CacheMetrics,
+    usage: UsageProbe,
 }
 
 /// Keeps a blob from being evicted while it lives.
@@ -60,44 +127,168 @@ pub struct Pin {
 
 impl Drop for Pin {
     fn drop(&mut self) {
-        if let Some(e) = self.cache.lock().get_mut(&self.digest) {
+        if let Some(e) = self.cache.lock().entries.get_mut(&self.digest) {
             e.pins = e.pins.saturating_sub(1);
         }
     }
 }
 
-impl BlobCache {
-    /// Open the cache directory, indexing the blobs already there. Blocking.
-    pub fn open(root: &Path, limits: CacheLimits, metrics: CacheMetrics) -> std::io::Result<BlobCache> {
-        std::fs::create_dir_all(root)?;
-        let mut entries = HashMap::new();
-        for alg_dir in std::fs::read_dir(root)? {
-            let alg_dir = alg_dir?;
-            let alg = alg_dir.file_name().to_string_lossy().to_string();
-            if !alg_dir.file_type()?.is_dir() {
-                continue;
-            }
-            for file in std::fs::read_dir(alg_dir.path())? {
-                let file = file?;
-                let name = file.file_name().to_string_lossy().to_string();
-                let Ok(digest) = format!("{alg}:{name}").parse::<Digest>() else { continue };
-                let size = file.metadata()?.len();
-                entries.insert(digest, Entry { size, last_used: 0, pins: 0 });
+/// A running download's claim on its partial file: counted at the blob's full size and never
+/// removed while it lives. Dropped, the partial is idle (kept for a retry to resume, counted at
+/// what it holds, removed when stale or for room); [`PartialClaim::finished`] forgets it (the
+/// file became a cached blob or was discarded). Dropping does no I/O.
+pub struct PartialClaim {
+    cache: Arc<BlobCache>,
+    digest: Digest,
+    finished: std::sync::atomic::AtomicBool,
+}
+
+impl PartialClaim {
+    /// The partial file is gone (moved into the cache, or discarded): stop counting it.
+    pub fn finished(&self) {
+        if self.finished.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut state = self.cache.lock();
+        state.partials.remove(&self.digest);
+        self.cache.publish(&state);
+    }
+}
+
+impl Drop for PartialClaim {
+    fn drop(&mut self) {
+        if *self.finished.get_mut() {
+            return;
+        }
+        let mut state = self.cache.lock();
+        if let Some(p) = state.partials.get_mut(&self.digest) {
+            p.active = p.active.saturating_sub(1);
+            if p.active == 0 {
+                p.idle_since = SystemTime::now();
             }
         }
-        let total: u64 = entries.values().map(|e| e.size).sum();
-        metrics.bytes.set(i64::try_from(total).unwrap_or(i64::MAX));
-        Ok(BlobCache {
-            root: root.to_path_buf(),
-            limits,
-            entries: Mutex::new(entries),
-            clock: AtomicU64::new(1),
-            metrics,
-        })
+    }
+}
+
+/// A cached blob, opened to be served.
+pub enum Cached {
+    /// Not in the cache (or just removed as corrupt).
+    Missing,
+    /// Its metainfo is missing or bad: fetch it and [`BlobCache::adopt_metainfo`].
+    NeedsMetainfo,
+    /// Pinned while it lives; every piece read is checked against its hash.
+    Ready(Arc<BlobPieces>),
+}
+
+impl BlobCache {
+    /// Open the cache (`root`) and partial (`partial_root`) directories: index the blobs, clean
+    /// and count `partial/` (see the module docs). Blocking.
+    pub fn open(
+        root: &Path,
+        partial_root: &Path,
+        limits: CacheLimits,
+        metrics: CacheMetrics,
+    ) -> std::io::Result<BlobCache> {
+        let usage_root = root.to_path_buf();
+        let usage: UsageProbe = Box::new(move || match disk::fs_usage(&usage_root) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the cache filesystem's usage");
+                None
+            }
+        });
+        BlobCache::open_with_usage(root, partial_root, limits, metrics, usage)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Entry>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    /// [`open`](Self::open) with the filesystem's usage read by `usage` (tests).
+    pub fn open_with_usage(
+        root: &Path,
+        partial_root: &Path,
+        limits: CacheLimits,
+        metrics: CacheMetrics,
+        usage: UsageProbe,
+    ) -> std::io::Result<BlobCache> {
+        std::fs::create_dir_all(root)?;
+        std::fs::create_dir_all(partial_root)?;
+        let generation = AtomicU64::new(1);
+        let mut state = State::default();
+        for (alg, dir) in subdirs(root)? {
+            if alg == METAINFO_DIR {
+                continue;
+            }
+            for (name, path) in files(&dir)? {
+                if name.ends_with(EVICTED_SUFFIX) {
+                    remove_logged(&path);
+                    continue;
+                }
+                let Ok(digest) = format!("{alg}:{name}").parse::<Digest>() else { continue };
+                let size = std::fs::metadata(&path)?.len();
+                let generation = generation.fetch_add(1, Ordering::Relaxed);
+                state.entries.insert(digest, Entry { size, last_used: 0, pins: 0, generation });
+            }
+        }
+        // Metainfo without its blob (a crash between the two), temp files of metainfo writes.
+        for (alg, dir) in subdirs(&root.join(METAINFO_DIR))? {
+            for (name, path) in files(&dir)? {
+                let blob = format!("{alg}:{name}").parse::<Digest>().ok();
+                if !blob.is_some_and(|d| state.entries.contains_key(&d)) {
+                    remove_logged(&path);
+                }
+            }
+        }
+        let now = SystemTime::now();
+        for (alg, dir) in subdirs(partial_root)? {
+            for (name, path) in files(&dir)? {
+                let digest = format!("{alg}:{name}").parse::<Digest>().ok();
+                let data = name.strip_suffix(".bitfield").map(|n| dir.join(n));
+                let keep = match (&digest, data) {
+                    (Some(_), _) => true,
+                    // A bitfield is kept with its data file, which decides below.
+                    (None, Some(data)) => data.exists(),
+                    // Temp files, leftovers of evictions, anything else.
+                    (None, None) => false,
+                };
+                if !keep {
+                    remove_logged(&path);
+                    continue;
+                }
+                let Some(digest) = digest else { continue };
+                let meta = std::fs::metadata(&path)?;
+                let modified = meta.modified().unwrap_or(now);
+                if now.duration_since(modified).unwrap_or(Duration::ZERO) > limits.partial_max_age {
+                    tracing::info!(path = %path.display(), "removing a stale partial download");
+                    remove_logged(&path);
+                    remove_logged(&bitfield_path(&path));
+                    continue;
+                }
+                let bytes = on_disk(&meta);
+                state.partials.insert(digest, Partial { bytes, active: 0, idle_since: modified });
+            }
+        }
+        let cache = BlobCache {
+            root: root.to_path_buf(),
+            partial_root: partial_root.to_path_buf(),
+            limits,
+            state: Mutex::new(state),
+            clock: AtomicU64::new(1),
+            generation,
+            metrics,
+            usage,
+        };
+        cache.publish(&cache.lock());
+        cache.make_room(0);
+        Ok(cache)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, state: &State) {
+        let cached: u64 = state.entries.values().map(|e| e.size).sum();
+        let partial: u64 = state.partials.values().map(|p| p.bytes).sum();
+        self.metrics.bytes.set(i64::try_from(cached).unwrap_or(i64::MAX));
+        self.metrics.partial_bytes.set(i64::try_from(partial).unwrap_or(i64::MAX));
     }
 
     /// Where a complete blob lives.
@@ -107,88 +298,439 @@ impl BlobCache {
 
     /// Where a cached blob's metainfo lives (JSON), for seeding after a restart.
     pub fn metainfo_path(&self, digest: &Digest) -> PathBuf {
-        self.root.join("metainfo").join(digest.algorithm().name()).join(digest.hex())
+        self.root.join(METAINFO_DIR).join(digest.algorithm().name()).join(digest.hex())
+    }
+
+    /// Where a download of `digest` assembles its pieces.
+    pub fn partial_path(&self, digest: &Digest) -> PathBuf {
+        self.partial_root.join(digest.algorithm().name()).join(digest.hex())
     }
 
     /// Size of a cached blob; counts as a use.
     pub fn get(&self, digest: &Digest) -> Option<u64> {
         let tick = self.clock.fetch_add(1, Ordering::Relaxed);
-        let mut entries = self.lock();
-        let e = entries.get_mut(digest)?;
+        let mut state = self.lock();
+        let e = state.entries.get_mut(digest)?;
         e.last_used = tick;
         Some(e.size)
     }
 
     /// Pin a cached blob for the life of the returned guard.
     pub fn pin(self: &Arc<Self>, digest: &Digest) -> Option<Pin> {
+        self.pin_with_generation(digest).map(|(pin, _)| pin)
+    }
+
+    fn pin_with_generation(self: &Arc<Self>, digest: &Digest) -> Option<(Pin, u64)> {
         let tick = self.clock.fetch_add(1, Ordering::Relaxed);
-        let mut entries = self.lock();
-        let e = entries.get_mut(digest)?;
+        let mut state = self.lock();
+        let e = state.entries.get_mut(digest)?;
         e.pins += 1;
         e.last_used = tick;
-        Some(Pin { cache: self.clone(), digest: digest.clone() })
+        Some((Pin { cache: self.clone(), digest: digest.clone() }, e.generation))
     }
 
-    /// Record a blob just finished into `blob_path`, then evict if over the high watermark.
-    /// Blocking (eviction removes files).
+    /// Claim the partial file of a download of `digest` (`size` bytes) that starts now. Call
+    /// [`make_room`](Self::make_room) with `size` next, from the blocking pool.
+    pub fn claim_partial(self: &Arc<Self>, digest: &Digest, size: u64) -> PartialClaim {
+        let mut state = self.lock();
+        let p = state.partials.entry(digest.clone()).or_insert(Partial {
+            bytes: size,
+            active: 0,
+            idle_since: SystemTime::now(),
+        });
+        p.active += 1;
+        p.bytes = size;
+        self.publish(&state);
+        PartialClaim { cache: self.clone(), digest: digest.clone(), finished: Default::default() }
+    }
+
+    /// Record a blob just finished into `blob_path`, then apply the watermarks. Blocking.
     pub fn insert(&self, digest: &Digest, size: u64) {
         let tick = self.clock.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(digest.clone(), Entry { size, last_used: tick, pins: 0 });
-        self.evict();
-    }
-
-    /// Bytes held.
-    pub fn total(&self) -> u64 {
-        self.lock().values().map(|e| e.size).sum()
-    }
-
-    /// Evict least-recently-used, unpinned blobs while over the high watermark, down to the
-    /// low one. Blocking.
-    pub fn evict(&self) {
-        let mut victims = Vec::new();
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         {
-            let mut entries = self.lock();
-            let mut total: u64 = entries.values().map(|e| e.size).sum();
-            if total > self.limits.high_watermark {
-                let mut order: Vec<(u64, Digest)> = entries
-                    .iter()
-                    .filter(|(_, e)| e.pins == 0)
-                    .map(|(d, e)| (e.last_used, d.clone()))
-                    .collect();
-                order.sort();
-                for (_, digest) in order {
-                    if total <= self.limits.low_watermark {
-                        break;
+            let mut state = self.lock();
+            state.entries.insert(digest.clone(), Entry { size, last_used: tick, pins: 0, generation });
+            self.publish(&state);
+        }
+        self.make_room(0);
+    }
+
+    /// Bytes of complete blobs held.
+    pub fn total(&self) -> u64 {
+        self.lock().entries.values().map(|e| e.size).sum()
+    }
+
+    /// Bytes of partial downloads counted.
+    pub fn partial_total(&self) -> u64 {
+        self.lock().partials.values().map(|p| p.bytes).sum()
+    }
+
+    /// Apply the watermarks, with `incoming` bytes about to be written (a download starting),
+    /// and remove stale idle partials. Returns the bytes removed. Blocking.
+    pub fn make_room(&self, incoming: u64) -> u64 {
+        let fs = self.fs_usage_if_needed();
+        self.evict(|held| disk::bytes_to_free(&self.limits, held, fs, incoming))
+    }
+
+    /// A write found the disk full: remove at least `need` bytes (what the download still has
+    /// to write), or what the watermarks ask if more. Whether anything was removed. Blocking.
+    pub fn reclaim(&self, need: u64) -> bool {
+        self.metrics.disk_full.inc();
+        let fs = self.fs_usage_if_needed();
+        let freed = self.evict(|held| need.max(disk::bytes_to_free(&self.limits, held, fs, 0)));
+        if freed == 0 {
+            tracing::warn!(need, "disk full and nothing left to evict");
+        }
+        freed > 0
+    }
+
+    fn fs_usage_if_needed(&self) -> Option<FsUsage> {
+        match self.limits.high {
+            disk::Watermark::Share(_) => (self.usage)(),
+            disk::Watermark::Bytes(_) => None,
+        }
+    }
+
+    /// Remove what [`disk::plan_eviction`] picks for `need(held)` bytes. Victims are renamed
+    /// aside under the lock (so a new download or copy of the same blob cannot be caught by
+    /// the removal) and unlinked after it.
+    fn evict(&self, need: impl FnOnce(u64) -> u64) -> u64 {
+        let mut doomed = Vec::new();
+        let mut freed = 0u64;
+        let mut evicted = 0u64;
+        {
+            let mut state = self.lock();
+            let blobs: Vec<BlobUse> = state
+                .entries
+                .iter()
+                .map(|(d, e)| BlobUse {
+                    digest: d.clone(),
+                    size: e.size,
+                    last_used: e.last_used,
+                    pinned: e.pins > 0,
+                })
+                .collect();
+            let partials: Vec<PartialUse> = state
+                .partials
+                .iter()
+                .map(|(d, p)| PartialUse {
+                    digest: d.clone(),
+                    bytes: p.bytes,
+                    idle_since: (p.active == 0).then_some(p.idle_since),
+                })
+                .collect();
+            let held = blobs.iter().map(|b| b.size).chain(partials.iter().map(|p| p.bytes)).sum();
+            let need = need(held);
+            let victims =
+                disk::plan_eviction(need, &blobs, &partials, SystemTime::now(), self.limits.partial_max_age);
+            for victim in victims {
+                match victim {
+                    Victim::Partial(digest) => {
+                        let Some(p) = state.partials.remove(&digest) else { continue };
+                        freed += p.bytes;
+                        let path = self.partial_path(&digest);
+                        tracing::info!(%digest, bytes = p.bytes, "removing an idle partial download");
+                        doomed.extend(set_aside(&path));
+                        doomed.extend(set_aside(&bitfield_path(&path)));
                     }
-                    if let Some(e) = entries.remove(&digest) {
-                        total -= e.size;
-                        victims.push(digest);
+                    Victim::Blob(digest) => {
+                        let Some(e) = state.entries.remove(&digest) else { continue };
+                        freed += e.size;
+                        evicted += 1;
+                        tracing::info!(%digest, size = e.size, "evicting blob from cache");
+                        doomed.extend(set_aside(&self.blob_path(&digest)));
+                        doomed.extend(set_aside(&self.metainfo_path(&digest)));
                     }
                 }
             }
-            self.metrics.bytes.set(i64::try_from(total).unwrap_or(i64::MAX));
+            self.publish(&state);
         }
-        for digest in victims {
-            tracing::info!(%digest, "evicting blob from cache");
-            self.metrics.evictions.inc();
-            let _ = std::fs::remove_file(self.blob_path(&digest));
-            let _ = std::fs::remove_file(self.metainfo_path(&digest));
+        self.metrics.evictions.inc_by(evicted);
+        for path in doomed {
+            remove_logged(&path);
+        }
+        freed
+    }
+
+    /// Re-measure idle partials (forgetting those gone from disk), then apply the watermarks
+    /// and remove stale partials. Blocking.
+    pub fn sweep(&self) {
+        let idle: Vec<Digest> =
+            self.lock().partials.iter().filter(|(_, p)| p.active == 0).map(|(d, _)| d.clone()).collect();
+        let measured: Vec<(Digest, Option<u64>)> = idle
+            .into_iter()
+            .map(|d| {
+                let bytes = std::fs::metadata(self.partial_path(&d)).ok().map(|m| on_disk(&m));
+                (d, bytes)
+            })
+            .collect();
+        {
+            let mut state = self.lock();
+            for (digest, bytes) in measured {
+                let Some(p) = state.partials.get_mut(&digest) else { continue };
+                if p.active > 0 {
+                    continue;
+                }
+                match bytes {
+                    Some(b) => p.bytes = b,
+                    None => {
+                        state.partials.remove(&digest);
+                    }
+                }
+            }
+            self.publish(&state);
+        }
+        self.make_room(0);
+    }
+
+    /// Sweep every `every`, for as long as the process runs.
+    pub async fn maintain(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            let cache = self.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || cache.sweep()).await {
+                tracing::warn!(error = %e, "cache maintenance failed");
+            }
         }
     }
+
+    /// Remove the cached copy of `digest` whose piece `index` did not match (if it is still
+    /// the copy of `generation`: a newer one is left alone). Blocking.
+    fn remove_corrupt(&self, digest: &Digest, generation: u64, index: Option<u32>) {
+        let mut doomed = Vec::new();
+        {
+            let mut state = self.lock();
+            if state.entries.get(digest).is_none_or(|e| e.generation != generation) {
+                return;
+            }
+            state.entries.remove(digest);
+            doomed.extend(set_aside(&self.blob_path(digest)));
+            doomed.extend(set_aside(&self.metainfo_path(digest)));
+            self.publish(&state);
+        }
+        self.metrics.corrupt.inc();
+        tracing::warn!(%digest, ?index, "cached blob does not match its digest; removed, it will be fetched again");
+        for path in doomed {
+            remove_logged(&path);
+        }
+    }
+
+    /// Open a cached blob to serve it (see the module docs for what is checked). Blocking.
+    pub fn open_blob(self: &Arc<Self>, digest: &Digest) -> Cached {
+        let Some((pin, generation)) = self.pin_with_generation(digest) else { return Cached::Missing };
+        let metainfo = std::fs::read(self.metainfo_path(digest))
+            .ok()
+            .and_then(|json| serde_json::from_slice::<Metainfo>(&json).ok())
+            .filter(|m| m.digest() == digest);
+        let Some(metainfo) = metainfo else {
+            tracing::warn!(%digest, "the metainfo beside a cached blob is missing or bad");
+            return Cached::NeedsMetainfo;
+        };
+        self.open_checked(digest, Arc::new(metainfo), pin, generation)
+    }
+
+    /// The blob's file against `metainfo`: the right size, then opened with verifying reads.
+    fn open_checked(
+        self: &Arc<Self>,
+        digest: &Digest,
+        metainfo: Arc<Metainfo>,
+        pin: Pin,
+        generation: u64,
+    ) -> Cached {
+        let path = self.blob_path(digest);
+        let size = match std::fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "a cached blob's file is gone");
+                drop(pin);
+                self.forget(digest, generation);
+                return Cached::Missing;
+            }
+        };
+        if size != metainfo.size() {
+            tracing::warn!(%digest, size, expected = metainfo.size(), "cached blob has the wrong size");
+            drop(pin);
+            self.remove_corrupt(digest, generation, None);
+            return Cached::Missing;
+        }
+        let pieces = match BlobPieces::complete(&path, metainfo) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "cannot open a cached blob");
+                return Cached::Missing;
+            }
+        };
+        let cache = self.clone();
+        let d = digest.clone();
+        let pieces = pieces
+            .verifying_reads(move |index| cache.remove_corrupt(&d, generation, Some(index)))
+            .with_guard(pin);
+        Cached::Ready(Arc::new(pieces))
+    }
+
+    /// Forget an entry whose file vanished (someone else deleted it).
+    fn forget(&self, digest: &Digest, generation: u64) {
+        let mut state = self.lock();
+        if state.entries.get(digest).is_some_and(|e| e.generation == generation) {
+            state.entries.remove(digest);
+            self.publish(&state);
+        }
+    }
+
+    /// A metainfo fetched for a cached blob whose own was missing or bad: if the whole file
+    /// matches it (size, every piece, digest; one read), write it beside the blob and open the
+    /// blob; otherwise the file is bad and removed. Blocking.
+    pub fn adopt_metainfo(self: &Arc<Self>, digest: &Digest, metainfo: Metainfo) -> Cached {
+        let Some((pin, generation)) = self.pin_with_generation(digest) else { return Cached::Missing };
+        let good = std::fs::File::open(self.blob_path(digest)).and_then(|f| metainfo.describes(f));
+        match good {
+            Ok(true) => {}
+            Ok(false) => {
+                drop(pin);
+                self.remove_corrupt(digest, generation, None);
+                return Cached::Missing;
+            }
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "cannot check a cached blob against its metainfo");
+                return Cached::Missing;
+            }
+        }
+        if let Err(e) = self.write_metainfo(&metainfo) {
+            tracing::warn!(%digest, error = %e, "cannot rewrite the metainfo beside a cached blob");
+        } else {
+            tracing::info!(%digest, "rewrote the metainfo beside a cached blob");
+        }
+        self.open_checked(digest, Arc::new(metainfo), pin, generation)
+    }
+
+    /// Write the metainfo of a blob beside it: a temp file, fsynced, renamed over, the
+    /// directory fsynced, so a crash leaves the old file or the new one, never a torn one. A
+    /// full disk evicts and tries again. Blocking.
+    pub fn write_metainfo(&self, metainfo: &Metainfo) -> std::io::Result<()> {
+        let json = serde_json::to_vec(metainfo).map_err(std::io::Error::other)?;
+        let path = self.metainfo_path(metainfo.digest());
+        let mut attempts = 0;
+        loop {
+            match write_atomically(&path, &json) {
+                Err(e) if is_disk_full(&e) && attempts < 2 => {
+                    attempts += 1;
+                    if !self.reclaim(json.len() as u64) {
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Remove a metainfo written for a blob that did not make it into the cache. Blocking.
+    pub fn remove_metainfo(&self, digest: &Digest) {
+        if !self.lock().entries.contains_key(digest) {
+            remove_logged(&self.metainfo_path(digest));
+        }
+    }
+}
+
+/// Temp file, fsync, rename over `path`, fsync the directory.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = path.parent().ok_or_else(|| std::io::Error::other("a metainfo path has a parent"))?;
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.{}{TMP_SUFFIX}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+    let tmp = PathBuf::from(tmp);
+    let written = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Bytes a file occupies on disk (a partial download is sparse until filled).
+fn on_disk(meta: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.blocks().saturating_mul(512)
+}
+
+/// Rename `path` aside for deletion; the new name, if it existed.
+fn set_aside(path: &Path) -> Option<PathBuf> {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(EVICTED_SUFFIX);
+    let aside = PathBuf::from(aside);
+    match std::fs::rename(path, &aside) {
+        Ok(()) => Some(aside),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot set a file aside for deletion");
+            None
+        }
+    }
+}
+
+fn remove_logged(path: &Path) {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove a file");
+        }
+        _ => {}
+    }
+}
+
+/// `(name, path)` of each directory in `dir` (none if `dir` does not exist).
+fn subdirs(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    entries(dir, true)
+}
+
+/// `(name, path)` of each file in `dir`.
+fn files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    entries(dir, false)
+}
+
+fn entries(dir: &Path, dirs: bool) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let read = match std::fs::read_dir(dir) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in read {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() == dirs {
+            out.push((entry.file_name().to_string_lossy().to_string(), entry.path()));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk::Watermark;
 
     fn digest(i: u32) -> Digest {
         Digest::of(shoal_registry::Algorithm::Sha256, &i.to_be_bytes())
     }
 
+    fn metrics() -> CacheMetrics {
+        CacheMetrics::new(&prometheus::Registry::new()).unwrap()
+    }
+
     fn cache(dir: &Path, high: u64, low: u64) -> Arc<BlobCache> {
-        let metrics = CacheMetrics::new(&prometheus::Registry::new()).unwrap();
         Arc::new(
-            BlobCache::open(dir, CacheLimits { high_watermark: high, low_watermark: low }, metrics).unwrap(),
+            BlobCache::open(
+                &dir.join("cache"),
+                &dir.join("partial"),
+                CacheLimits::bytes(high, low),
+                metrics(),
+            )
+            .unwrap(),
         )
     }
 
@@ -198,6 +740,19 @@ mod tests {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, vec![0u8; size]).unwrap();
         c.insert(&d, size as u64);
+    }
+
+    /// A real blob of `size` bytes in the cache, with its metainfo; its bytes.
+    fn put_real(c: &BlobCache, size: usize) -> (Digest, Vec<u8>) {
+        let data: Vec<u8> = (0..size).map(|i| (i * 13 % 251) as u8).collect();
+        let meta = Metainfo::compute(&data[..], size as u64, shoal_registry::Algorithm::Sha256).unwrap();
+        let d = meta.digest().clone();
+        let path = c.blob_path(&d);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &data).unwrap();
+        c.write_metainfo(&meta).unwrap();
+        c.insert(&d, size as u64);
+        (d, data)
     }
 
     #[test]
@@ -218,6 +773,12 @@ mod tests {
         drop(pinned);
         put(&c, 5, 200);
         assert!(c.total() <= 300);
+        let leftovers: Vec<_> = std::fs::read_dir(c.blob_path(&digest(1)).parent().unwrap())
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.ends_with(EVICTED_SUFFIX))
+            .collect();
+        assert!(leftovers.is_empty(), "set-aside files are unlinked: {leftovers:?}");
     }
 
     #[test]
@@ -229,5 +790,213 @@ mod tests {
         }
         let c = cache(dir.path(), 1000, 500);
         assert_eq!(c.get(&digest(1)), Some(10));
+    }
+
+    #[test]
+    fn running_downloads_count_and_idle_partials_go_before_cached_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cache(dir.path(), 300, 200);
+        put(&c, 1, 100);
+        put(&c, 2, 100);
+        // An idle partial left by a failed download: 50 bytes on disk.
+        let idle = c.claim_partial(&digest(7), 50);
+        std::fs::create_dir_all(c.partial_path(&digest(7)).parent().unwrap()).unwrap();
+        std::fs::write(c.partial_path(&digest(7)), [1u8; 50]).unwrap();
+        drop(idle);
+        assert_eq!(c.partial_total(), 50);
+        // A download of 100 bytes starts: 350 held > 300, down to 200.
+        let running = c.claim_partial(&digest(8), 100);
+        assert_eq!(c.make_room(100), 150);
+        assert!(!c.partial_path(&digest(7)).exists(), "the idle partial goes first");
+        assert!(c.get(&digest(1)).is_none() && c.get(&digest(2)).is_some(), "then the LRU blob");
+        // The running download is never a victim, however short the room.
+        assert!(c.reclaim(1000));
+        assert_eq!(c.partial_total(), 100);
+        assert!(!c.reclaim(1000), "nothing left to evict");
+        running.finished();
+        assert_eq!(c.partial_total(), 0);
+    }
+
+    #[test]
+    fn share_watermarks_follow_the_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let used = Arc::new(AtomicU64::new(0));
+        let u = used.clone();
+        let limits =
+            CacheLimits::new(Watermark::Share(0.9), Watermark::Share(0.5), Duration::from_secs(3600))
+                .unwrap();
+        let c = Arc::new(
+            BlobCache::open_with_usage(
+                &dir.path().join("cache"),
+                &dir.path().join("partial"),
+                limits,
+                metrics(),
+                Box::new(move || Some(FsUsage { total: 1000, used: u.load(Ordering::SeqCst) })),
+            )
+            .unwrap(),
+        );
+        used.store(300, Ordering::SeqCst);
+        put(&c, 1, 100);
+        put(&c, 2, 100);
+        assert_eq!(c.total(), 200, "30% used: nothing to do");
+        // Another program fills the disk to 95%: down to 50% means 450 bytes, all the cache has.
+        used.store(950, Ordering::SeqCst);
+        c.sweep();
+        assert_eq!(c.total(), 0);
+        // A download about to write 700 bytes onto a 30% full disk makes room first.
+        used.store(300, Ordering::SeqCst);
+        put(&c, 3, 100);
+        let _running = c.claim_partial(&digest(4), 700);
+        assert_eq!(c.make_room(700), 100);
+    }
+
+    #[test]
+    fn open_cleans_partial_leftovers_by_age_and_counts_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let partial = dir.path().join("partial").join("sha256");
+        std::fs::create_dir_all(&partial).unwrap();
+        let old = partial.join(digest(1).hex());
+        let recent = partial.join(digest(2).hex());
+        for p in [&old, &recent] {
+            std::fs::write(p, vec![7u8; 8192]).unwrap();
+            std::fs::write(bitfield_path(p), b"bits").unwrap();
+        }
+        let stray_tmp = partial.join(format!("{}.bitfield.tmp", digest(2).hex()));
+        let orphan_bitfield = partial.join(format!("{}.bitfield", digest(3).hex()));
+        std::fs::write(&stray_tmp, b"torn").unwrap();
+        std::fs::write(&orphan_bitfield, b"bits").unwrap();
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+        std::fs::File::options().write(true).open(&old).unwrap().set_modified(two_hours_ago).unwrap();
+        // A metainfo without its blob, and a blob set aside by an eviction that a crash cut short.
+        let meta = dir.path().join("cache").join(METAINFO_DIR).join("sha256");
+        std::fs::create_dir_all(&meta).unwrap();
+        std::fs::write(meta.join(digest(5).hex()), b"{}").unwrap();
+        let blobs = dir.path().join("cache").join("sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        std::fs::write(blobs.join(format!("{}{EVICTED_SUFFIX}", digest(6).hex())), b"x").unwrap();
+
+        let c = cache(dir.path(), 1 << 30, 1 << 29);
+        assert!(!old.exists() && !bitfield_path(&old).exists(), "stale partial removed with its bitfield");
+        assert!(!stray_tmp.exists() && !orphan_bitfield.exists());
+        assert!(recent.exists() && bitfield_path(&recent).exists(), "a recent partial is kept to resume");
+        assert!(!meta.join(digest(5).hex()).exists());
+        assert_eq!(std::fs::read_dir(&blobs).unwrap().count(), 0);
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(c.partial_total(), std::fs::metadata(&recent).unwrap().blocks() * 512);
+        assert_eq!(c.metrics.partial_bytes.get() as u64, c.partial_total());
+    }
+
+    #[test]
+    fn sweep_removes_partials_that_went_stale_while_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = CacheLimits {
+            partial_max_age: Duration::from_millis(50),
+            ..CacheLimits::bytes(1 << 30, 1 << 29)
+        };
+        let c = Arc::new(
+            BlobCache::open(&dir.path().join("cache"), &dir.path().join("partial"), limits, metrics())
+                .unwrap(),
+        );
+        let path = c.partial_path(&digest(1));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"some pieces").unwrap();
+        let claim = c.claim_partial(&digest(1), 11);
+        std::thread::sleep(Duration::from_millis(80));
+        c.sweep();
+        assert!(path.exists(), "a running download's file is never removed");
+        drop(claim);
+        c.sweep();
+        assert!(path.exists(), "just went idle");
+        std::thread::sleep(Duration::from_millis(80));
+        c.sweep();
+        assert!(!path.exists() && c.partial_total() == 0, "idle longer than partial_max_age");
+    }
+
+    #[test]
+    fn a_corrupt_piece_removes_the_blob_but_not_a_newer_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cache(dir.path(), 1 << 30, 1 << 29);
+        let (d, data) = put_real(&c, 300 * 1024);
+        let Cached::Ready(pieces) = c.open_blob(&d) else { panic!("a good blob opens") };
+        assert_eq!(pieces.read_piece(0).unwrap(), data[..64 * 1024]);
+        use std::os::unix::fs::FileExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.blob_path(&d))
+            .unwrap()
+            .write_all_at(b"!", 70_000)
+            .unwrap();
+        // A newer copy lands before the old reader notices: it is kept.
+        let fresh_generation = {
+            c.insert(&d, data.len() as u64);
+            c.lock().entries[&d].generation
+        };
+        assert!(pieces.read_piece(1).is_err());
+        assert!(c.get(&d).is_some() && c.lock().entries[&d].generation == fresh_generation);
+        drop(pieces);
+        // The copy the reader opened is the one that is bad.
+        let Cached::Ready(pieces) = c.open_blob(&d) else { panic!("opens") };
+        assert!(matches!(pieces.read_piece(1), Err(shoal_p2p::PieceError::HashMismatch { index: 1 })));
+        assert!(c.get(&d).is_none() && !c.blob_path(&d).exists() && !c.metainfo_path(&d).exists());
+        assert_eq!(c.metrics.corrupt.get(), 1);
+        assert!(matches!(c.open_blob(&d), Cached::Missing));
+    }
+
+    #[test]
+    fn a_cached_blob_of_the_wrong_size_is_removed_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cache(dir.path(), 1 << 30, 1 << 29);
+        let (d, _) = put_real(&c, 100 * 1024);
+        std::fs::OpenOptions::new().write(true).open(c.blob_path(&d)).unwrap().set_len(10).unwrap();
+        assert!(matches!(c.open_blob(&d), Cached::Missing));
+        assert!(!c.blob_path(&d).exists());
+        assert_eq!(c.metrics.corrupt.get(), 1);
+    }
+
+    #[test]
+    fn a_bad_metainfo_is_replaced_once_the_file_is_checked_against_a_fetched_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cache(dir.path(), 1 << 30, 1 << 29);
+        let (d, data) = put_real(&c, 200 * 1024);
+        let good =
+            Metainfo::compute(&data[..], data.len() as u64, shoal_registry::Algorithm::Sha256).unwrap();
+        std::fs::write(c.metainfo_path(&d), b"{\"digest\": tor").unwrap();
+        assert!(matches!(c.open_blob(&d), Cached::NeedsMetainfo));
+        let Cached::Ready(pieces) = c.adopt_metainfo(&d, good.clone()) else { panic!("adopted") };
+        assert_eq!(pieces.read_piece(2).unwrap(), data[128 * 1024..192 * 1024]);
+        let written: Metainfo = serde_json::from_slice(&std::fs::read(c.metainfo_path(&d)).unwrap()).unwrap();
+        assert_eq!(written, good);
+        drop(pieces);
+        assert!(matches!(c.open_blob(&d), Cached::Ready(_)));
+        // A metainfo the file does not match: the file is the suspect, and goes.
+        let mut other = data.clone();
+        other[5] ^= 1;
+        let wrong =
+            Metainfo::compute(&other[..], other.len() as u64, shoal_registry::Algorithm::Sha256).unwrap();
+        let wrong =
+            Metainfo::new(d.clone(), wrong.size(), wrong.piece_length(), wrong.pieces().to_vec()).unwrap();
+        assert!(matches!(c.adopt_metainfo(&d, wrong), Cached::Missing));
+        assert!(c.get(&d).is_none() && !c.blob_path(&d).exists());
+    }
+
+    #[test]
+    fn metainfo_is_written_by_temp_file_and_rename() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cache(dir.path(), 1 << 30, 1 << 29);
+        let (d, data) = put_real(&c, 1000);
+        let meta = Metainfo::compute(&data[..], 1000, shoal_registry::Algorithm::Sha256).unwrap();
+        c.write_metainfo(&meta).unwrap();
+        let meta_dir = c.metainfo_path(&d).parent().unwrap().to_path_buf();
+        let names: Vec<String> = std::fs::read_dir(&meta_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, [d.hex().to_string()], "no temp file left behind");
+        // A temp file a crash left is not mistaken for anything, and goes at the next start.
+        std::fs::write(meta_dir.join(format!("{}.1.2{TMP_SUFFIX}", d.hex())), b"{\"dig").unwrap();
+        drop(c);
+        let c = cache(dir.path(), 1 << 30, 1 << 29);
+        assert!(matches!(c.open_blob(&d), Cached::Ready(_)));
+        assert_eq!(std::fs::read_dir(&meta_dir).unwrap().count(), 1);
     }
 }

@@ -1,11 +1,24 @@
 //! Blob downloads on an agent: one shared download per digest however many clients ask, each
 //! a swarm (with origin fallback) filling a piece file that clients read while it fills. A
 //! finished blob is verified, moved into the cache and announced as seeded.
+//!
+//! A download that fails in a way a bad metainfo or bad bytes on disk explain starts again,
+//! once, from the origin's own metainfo with an empty piece file: when its whole-blob digest
+//! does not match (the partial file and bitfield are discarded: which piece is wrong cannot be
+//! known), or when the swarm gave up with a metainfo from the tracker that differs from the
+//! origin's (a bad piece list makes every good piece fail). A reader carries on with the new
+//! attempt if what it was sent still holds: nothing yet, or pieces whose hashes the new
+//! metainfo repeats, after a failure that was not the bytes on disk. Any other reader gets an
+//! error (what it was sent may be wrong) and the client's retry starts clean. So one bad piece
+//! list or bad sector never wedges a digest.
+//!
+//! Cached blobs are streamed to clients piece by piece, each checked against its hash
+//! ([`BlobCache`]); a piece that fails removes the cached file, and the same reader goes on
+//! from a new download of the blob, so the client still gets the exact blob.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,32 +26,73 @@ use bytes::Bytes;
 use futures_util::stream;
 use shoal_p2p::blob::BlobPieces;
 use shoal_p2p::swarm::{self, Fallback, SwarmConfig, SwarmDeps};
-use shoal_p2p::Metainfo;
+use shoal_p2p::{Metainfo, PieceError};
 use shoal_registry::range::ByteRange;
 use shoal_registry::{ByteStream, Digest, RepoName, StoreError};
 use tokio::sync::{watch, OnceCell};
 
-use crate::cache::BlobCache;
+use crate::cache::{BlobCache, Cached, PartialClaim};
 use crate::origin_client::OriginClient;
 use crate::seeding::Seeding;
 
-/// Bytes handed to a client per read.
+/// Bytes handed to a client per read of a download (a cached blob is read a piece at a time).
 const READ_CHUNK: usize = 256 * 1024;
 /// A reader waiting this long for the next piece gets an error instead of hanging.
 const READER_STALL: Duration = Duration::from_secs(120);
+/// Attempts of one download: the first, and one from the origin's metainfo (see the module docs).
+const DOWNLOAD_ATTEMPTS: u32 = 2;
 
 /// The outcome of a download, once it has one.
 type Outcome = Option<Result<(), String>>;
 
+/// Where a download's metainfo came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MetainfoSource {
+    Tracker,
+    Origin,
+}
+
+/// Which attempt of a download runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Attempt {
+    /// 1, then 2 after a restart.
+    number: u32,
+    /// The previous attempt failed its whole-blob digest: any byte read from it is suspect.
+    after_bad_bytes: bool,
+}
+
 /// One blob being downloaded.
 pub struct Download {
-    pub pieces: Arc<BlobPieces>,
+    /// The piece file of the current attempt.
+    pieces: RwLock<Arc<BlobPieces>>,
+    attempt: watch::Sender<Attempt>,
     readers: Mutex<HashMap<u64, u32>>,
     positions: watch::Sender<Vec<u32>>,
     outcome: watch::Sender<Outcome>,
 }
 
 impl Download {
+    fn new(pieces: Arc<BlobPieces>) -> Download {
+        Download {
+            pieces: RwLock::new(pieces),
+            attempt: watch::Sender::new(Attempt { number: 1, after_bad_bytes: false }),
+            readers: Mutex::new(HashMap::new()),
+            positions: watch::Sender::new(Vec::new()),
+            outcome: watch::Sender::new(None),
+        }
+    }
+
+    /// The pieces of the current attempt (to serve peers, persist on shutdown, read).
+    pub fn pieces(&self) -> Arc<BlobPieces> {
+        self.pieces.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Start the next attempt on `pieces`.
+    fn restart(&self, pieces: Arc<BlobPieces>, after_bad_bytes: bool) {
+        *self.pieces.write().unwrap_or_else(|p| p.into_inner()) = pieces;
+        self.attempt.send_modify(|a| *a = Attempt { number: a.number + 1, after_bad_bytes });
+    }
+
     fn set_reader(&self, id: u64, piece: Option<u32>) {
         let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
         match piece {
@@ -79,13 +133,24 @@ impl Fallback for OriginFallback {
     }
 }
 
+/// Why one attempt of a download failed.
+enum Failure {
+    /// Every piece matched but the whole blob did not: the metainfo or the bytes on disk.
+    Content(String),
+    /// The swarm gave up (a stall, a failing or "lying" origin: maybe a bad piece list).
+    Swarm(String),
+}
+
+fn join_error(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Internal(e.to_string())
+}
+
 /// Everything a node's downloads share.
 pub struct Downloads {
     pub cache: Arc<BlobCache>,
     origin: OriginClient,
     deps: SwarmDeps,
     swarm: SwarmConfig,
-    partial_dir: PathBuf,
     active: Mutex<HashMap<Digest, Arc<OnceCell<Arc<Download>>>>>,
     next_reader: AtomicU64,
     seeding: std::sync::OnceLock<Arc<Seeding>>,
@@ -97,14 +162,12 @@ impl Downloads {
         origin: OriginClient,
         deps: SwarmDeps,
         swarm: SwarmConfig,
-        partial_dir: PathBuf,
     ) -> Downloads {
         Downloads {
             cache,
             origin,
             deps,
             swarm,
-            partial_dir,
             active: Mutex::new(HashMap::new()),
             next_reader: AtomicU64::new(1),
             seeding: std::sync::OnceLock::new(),
@@ -120,32 +183,64 @@ impl Downloads {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The download of `digest` if one is running (for the peer server).
     /// Every download in progress.
     pub fn all_running(&self) -> Vec<(Digest, Arc<Download>)> {
         self.active().iter().filter_map(|(d, cell)| cell.get().map(|dl| (d.clone(), dl.clone()))).collect()
     }
 
+    /// The download of `digest` if one is running (for the peer server).
     pub fn running(&self, digest: &Digest) -> Option<Arc<Download>> {
         self.active().get(digest).and_then(|cell| cell.get().cloned())
     }
 
     /// The metainfo of a blob: from the trackers, else straight from the origin.
     pub async fn metainfo(&self, digest: &Digest) -> Result<Metainfo, StoreError> {
-        let json = match self.deps.tracker.metainfo(digest).await {
-            Ok(Some(json)) => json,
-            Ok(None) => return Err(StoreError::BlobUnknown),
+        Ok(self.metainfo_with_source(digest).await?.0)
+    }
+
+    async fn metainfo_with_source(&self, digest: &Digest) -> Result<(Metainfo, MetainfoSource), StoreError> {
+        match self.deps.tracker.metainfo(digest).await {
+            Ok(Some(json)) => Ok((decode_metainfo(&json, digest)?, MetainfoSource::Tracker)),
+            Ok(None) => Err(StoreError::BlobUnknown),
             Err(e) => {
                 tracing::debug!(%digest, error = %e, "tracker metainfo failed; asking the origin");
-                self.origin.metainfo(digest).await?.ok_or(StoreError::BlobUnknown)?
+                Ok((self.origin_metainfo(digest).await?, MetainfoSource::Origin))
             }
-        };
-        let m: Metainfo = serde_json::from_slice(&json)
-            .map_err(|e| StoreError::Internal(format!("invalid metainfo for {digest}: {e}")))?;
-        if m.digest() != digest {
-            return Err(StoreError::Internal(format!("metainfo for another blob than {digest}")));
         }
-        Ok(m)
+    }
+
+    /// The metainfo of a blob straight from the origin (trackers hand out copies of it).
+    async fn origin_metainfo(&self, digest: &Digest) -> Result<Metainfo, StoreError> {
+        let json = self.origin.metainfo(digest).await?.ok_or(StoreError::BlobUnknown)?;
+        decode_metainfo(&json, digest)
+    }
+
+    /// A cached blob, opened to be served (to a client or a peer): pinned, every piece read
+    /// checked. A missing or bad metainfo beside it is fetched again and the blob checked
+    /// against it. `None` if it is not cached (or was just found bad and removed).
+    pub async fn open_cached(&self, digest: &Digest) -> Option<Arc<BlobPieces>> {
+        let cache = self.cache.clone();
+        let d = digest.clone();
+        let opened = tokio::task::spawn_blocking(move || cache.open_blob(&d)).await.ok()?;
+        let opened = match opened {
+            Cached::NeedsMetainfo => {
+                let metainfo = match self.metainfo(digest).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(%digest, error = %e, "cannot fetch the metainfo of a cached blob");
+                        return None;
+                    }
+                };
+                let cache = self.cache.clone();
+                let d = digest.clone();
+                tokio::task::spawn_blocking(move || cache.adopt_metainfo(&d, metainfo)).await.ok()?
+            }
+            other => other,
+        };
+        match opened {
+            Cached::Ready(pieces) => Some(pieces),
+            Cached::Missing | Cached::NeedsMetainfo => None,
+        }
     }
 
     /// Join (or start) the download of `digest`, falling back to the origin via `repo`.
@@ -170,21 +265,10 @@ impl Downloads {
     }
 
     async fn start(self: &Arc<Self>, repo: &RepoName, digest: &Digest) -> Result<Arc<Download>, StoreError> {
-        let metainfo = Arc::new(self.metainfo(digest).await?);
-        let path = self.partial_dir.join(digest.algorithm().name()).join(digest.hex());
-        let pieces = {
-            let metainfo = metainfo.clone();
-            tokio::task::spawn_blocking(move || BlobPieces::partial(&path, metainfo))
-                .await
-                .map_err(|e| StoreError::Internal(e.to_string()))?
-                .map_err(|e| StoreError::Internal(format!("piece file: {e}")))?
-        };
-        let download = Arc::new(Download {
-            pieces: Arc::new(pieces),
-            readers: Mutex::new(HashMap::new()),
-            positions: watch::Sender::new(Vec::new()),
-            outcome: watch::Sender::new(None),
-        });
+        let (metainfo, source) = self.metainfo_with_source(digest).await?;
+        let claim = Arc::new(self.cache.claim_partial(digest, metainfo.size()));
+        let pieces = self.open_partial(digest, metainfo, None).await?;
+        let download = Arc::new(Download::new(pieces));
         let fallback = Arc::new(OriginFallback {
             origin: self.origin.clone(),
             repo: repo.clone(),
@@ -194,7 +278,7 @@ impl Downloads {
         let task = download.clone();
         let digest = digest.clone();
         tokio::spawn(async move {
-            let result = this.run(&task, fallback, &digest).await;
+            let result = this.run(&task, fallback, &digest, source, &claim).await;
             if let Err(e) = &result {
                 tracing::warn!(%digest, error = %e, "download failed");
             }
@@ -205,35 +289,91 @@ impl Downloads {
         Ok(download)
     }
 
+    /// Make room for a download of `metainfo` and open its piece file (resumed if it exists),
+    /// after discarding `previous` (a failed attempt's). Full-disk writes evict and retry.
+    async fn open_partial(
+        &self,
+        digest: &Digest,
+        metainfo: Metainfo,
+        previous: Option<Arc<BlobPieces>>,
+    ) -> Result<Arc<BlobPieces>, StoreError> {
+        let cache = self.cache.clone();
+        let path = cache.partial_path(digest);
+        tokio::task::spawn_blocking(move || {
+            if let Some(previous) = previous {
+                if let Err(e) = previous.discard() {
+                    tracing::warn!(error = %e, "could not delete a failed download's piece file");
+                }
+            }
+            cache.make_room(metainfo.size());
+            let reclaim = cache.clone();
+            BlobPieces::partial(&path, Arc::new(metainfo))
+                .map(|p| Arc::new(p.reclaiming(Arc::new(move |need| reclaim.reclaim(need)))))
+        })
+        .await
+        .map_err(join_error)?
+        .map_err(|e| StoreError::Internal(format!("piece file: {e}")))
+    }
+
     async fn run(
         &self,
         download: &Arc<Download>,
         fallback: Arc<OriginFallback>,
         digest: &Digest,
+        mut source: MetainfoSource,
+        claim: &Arc<PartialClaim>,
     ) -> Result<(), String> {
         let started = std::time::Instant::now();
-        let readers = download.positions.subscribe();
-        swarm::download(download.pieces.clone(), self.swarm.clone(), self.deps.clone(), fallback, readers)
-            .await
-            .map_err(|e| e.to_string())?;
-        let pieces = download.pieces.clone();
-        let cache = self.cache.clone();
-        let digest_c = digest.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let dest = cache.blob_path(&digest_c);
-            pieces.finish(&dest).map_err(|e| e.to_string())?;
-            let meta_path = cache.metainfo_path(&digest_c);
-            if let Some(parent) = meta_path.parent() {
-                let _ = std::fs::create_dir_all(parent);
+        let mut attempt = 1;
+        loop {
+            let pieces = download.pieces();
+            let readers = download.positions.subscribe();
+            let swarmed = swarm::download(
+                pieces.clone(),
+                self.swarm.clone(),
+                self.deps.clone(),
+                fallback.clone(),
+                readers,
+            )
+            .await;
+            let failure = match swarmed {
+                Ok(()) => match self.finish(&pieces, digest, claim).await {
+                    Ok(()) => break,
+                    Err(e @ PieceError::DigestMismatch { .. }) => Failure::Content(e.to_string()),
+                    Err(e) => return Err(e.to_string()),
+                },
+                Err(e) => Failure::Swarm(e.to_string()),
+            };
+            let (content, why) = match failure {
+                Failure::Content(why) => (true, why),
+                Failure::Swarm(why) => (false, why),
+            };
+            let suspect = content || source == MetainfoSource::Tracker;
+            if !suspect || attempt >= DOWNLOAD_ATTEMPTS {
+                if content {
+                    // Its piece file was discarded: nothing left to count or resume.
+                    claim.finished();
+                }
+                return Err(why);
             }
-            if let Ok(json) = serde_json::to_vec(&**pieces.metainfo()) {
-                let _ = std::fs::write(&meta_path, json);
+            let origin = match self.origin_metainfo(digest).await {
+                Ok(m) => m,
+                Err(e) => return Err(format!("{why} (and the origin's metainfo: {e})")),
+            };
+            if !content && origin == **pieces.metainfo() {
+                // The metainfo was right: a swarm failure of another kind, not ours to retry.
+                return Err(why);
             }
-            cache.insert(&digest_c, pieces.metainfo().size());
-            Ok(())
-        })
-        .await
-        .map_err(|e| e.to_string())??;
+            tracing::warn!(
+                %digest, error = %why, attempt,
+                "download failed in a way a bad metainfo or bad bytes on disk explain; \
+                 starting again from the origin's metainfo"
+            );
+            let fresh = self.open_partial(digest, origin, Some(pieces)).await.map_err(|e| e.to_string())?;
+            download.restart(fresh, content);
+            source = MetainfoSource::Origin;
+            attempt += 1;
+        }
         if let Some(seeding) = self.seeding.get() {
             seeding.touch(digest);
         }
@@ -242,10 +382,74 @@ impl Downloads {
         Ok(())
     }
 
+    /// Move a complete download into the cache: its metainfo first (temp file and rename), then
+    /// the blob, verified against its digest. On a digest mismatch the piece file is gone.
+    async fn finish(
+        &self,
+        pieces: &Arc<BlobPieces>,
+        digest: &Digest,
+        claim: &Arc<PartialClaim>,
+    ) -> Result<(), PieceError> {
+        let pieces = pieces.clone();
+        let cache = self.cache.clone();
+        let digest = digest.clone();
+        let claim = claim.clone();
+        tokio::task::spawn_blocking(move || {
+            cache.write_metainfo(pieces.metainfo())?;
+            if let Err(e) = pieces.finish(&cache.blob_path(&digest)) {
+                cache.remove_metainfo(&digest);
+                return Err(e);
+            }
+            // Counted as a cached blob from here on, not as a partial download too.
+            claim.finished();
+            cache.insert(&digest, pieces.metainfo().size());
+            Ok(())
+        })
+        .await
+        .map_err(|e| PieceError::Io(std::io::Error::other(e.to_string())))?
+    }
+
     /// Stream `range` of a download to a client as its pieces arrive.
-    pub fn stream(self: &Arc<Self>, download: Arc<Download>, range: ByteRange) -> ByteStream {
-        let id = self.next_reader.fetch_add(1, Ordering::Relaxed);
-        let reader = Reader { download, id, pos: range.start, end: range.end + 1 };
+    pub fn stream(
+        self: &Arc<Self>,
+        repo: &RepoName,
+        download: Arc<Download>,
+        range: ByteRange,
+    ) -> ByteStream {
+        let digest = download.pieces().metainfo().digest().clone();
+        self.reader(repo, &digest, Source::Download(download), range)
+    }
+
+    /// Stream `range` of a cached blob (from [`open_cached`](Self::open_cached)) to a client,
+    /// checking each piece; from a new download of it if the file turns out bad.
+    pub fn stream_cached(
+        self: &Arc<Self>,
+        repo: &RepoName,
+        pieces: Arc<BlobPieces>,
+        range: ByteRange,
+    ) -> ByteStream {
+        let digest = pieces.metainfo().digest().clone();
+        self.reader(repo, &digest, Source::Cached(pieces), range)
+    }
+
+    fn reader(
+        self: &Arc<Self>,
+        repo: &RepoName,
+        digest: &Digest,
+        source: Source,
+        range: ByteRange,
+    ) -> ByteStream {
+        let reader = Reader {
+            downloads: self.clone(),
+            repo: repo.clone(),
+            digest: digest.clone(),
+            source,
+            id: self.next_reader.fetch_add(1, Ordering::Relaxed),
+            pos: range.start,
+            end: range.end + 1,
+            sent: None,
+            ahead: None,
+        };
         Box::pin(stream::unfold(reader, |mut r| async move {
             let item = r.next().await?;
             Some((item, r))
@@ -253,18 +457,74 @@ impl Downloads {
     }
 }
 
-/// A client's read position in a download; unregisters itself when dropped.
+fn decode_metainfo(json: &[u8], digest: &Digest) -> Result<Metainfo, StoreError> {
+    let m: Metainfo = serde_json::from_slice(json)
+        .map_err(|e| StoreError::Internal(format!("invalid metainfo for {digest}: {e}")))?;
+    if m.digest() != digest {
+        return Err(StoreError::Internal(format!("metainfo for another blob than {digest}")));
+    }
+    Ok(m)
+}
+
+/// A piece being read (and checked) on the blocking pool.
+type PieceRead = tokio::task::JoinHandle<Result<Vec<u8>, PieceError>>;
+
+/// What a client's reader reads from.
+#[derive(Clone)]
+enum Source {
+    /// A cached blob, every piece checked as it is read.
+    Cached(Arc<BlobPieces>),
+    Download(Arc<Download>),
+}
+
+/// A client's read position; unregisters itself from its download when dropped.
 struct Reader {
-    download: Arc<Download>,
+    downloads: Arc<Downloads>,
+    repo: RepoName,
+    digest: Digest,
+    source: Source,
     id: u64,
     pos: u64,
     end: u64,
+    /// What this reader has sent of a download, to tell whether it still holds if the
+    /// download starts over.
+    sent: Option<Sent>,
+    /// The next piece of a cached blob, being read and checked while this one is sent.
+    ahead: Option<(u32, PieceRead)>,
+}
+
+/// The pieces a reader has sent bytes of, and the attempt and metainfo they were checked by.
+struct Sent {
+    attempt: u32,
+    metainfo: Arc<Metainfo>,
+    first: u32,
+    last: u32,
+}
+
+impl Sent {
+    /// Whether the bytes sent still hold under `attempt`, whose pieces are checked by `now`.
+    fn still_holds(&self, attempt: Attempt, now: &Metainfo) -> bool {
+        if attempt.number == self.attempt {
+            return true;
+        }
+        let (old, new) = (self.metainfo.pieces(), now.pieces());
+        let range = self.first as usize..=self.last as usize;
+        !attempt.after_bad_bytes
+            && self.metainfo.piece_length() == now.piece_length()
+            && old.get(range.clone()).is_some_and(|o| new.get(range).is_some_and(|n| o == n))
+    }
 }
 
 impl Drop for Reader {
     fn drop(&mut self) {
-        self.download.set_reader(self.id, None);
+        if let Source::Download(download) = &self.source {
+            download.set_reader(self.id, None);
+        }
     }
+}
+
+fn io_error(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
 }
 
 impl Reader {
@@ -272,36 +532,133 @@ impl Reader {
         if self.pos >= self.end {
             return None;
         }
-        let meta = self.download.pieces.metainfo().clone();
-        let index = meta.piece_index_at(self.pos)?;
-        self.download.set_reader(self.id, Some(index));
-        let mut progress = self.download.pieces.subscribe();
-        let mut outcome = self.download.outcome.subscribe();
-        let deadline = tokio::time::Instant::now() + READER_STALL;
-        while !self.download.pieces.has(index) {
-            if let Some(Err(e)) = outcome.borrow_and_update().clone() {
-                return Some(Err(std::io::Error::other(format!("download failed: {e}"))));
-            }
-            tokio::select! {
-                _ = progress.changed() => {}
-                _ = outcome.changed() => {}
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Some(Err(std::io::Error::other("download stalled")));
+        let result = match self.source.clone() {
+            Source::Cached(pieces) => match self.read_cached(pieces).await {
+                Err(PieceError::HashMismatch { index }) => {
+                    // The cache has dropped the file: go on from a download of the blob.
+                    tracing::warn!(digest = %self.digest, index, "a cached blob went bad while read; fetching it again");
+                    match self.downloads.join(&self.repo, &self.digest).await {
+                        Ok(download) => {
+                            self.ahead = None;
+                            self.source = Source::Download(download.clone());
+                            self.read_download(download).await
+                        }
+                        Err(e) => Err(io_error(format!("refetching a bad cached blob: {e}"))),
+                    }
                 }
-            }
+                other => other.map_err(io_error),
+            },
+            Source::Download(download) => self.read_download(download).await,
+        };
+        Some(result)
+    }
+
+    /// The rest of the piece at `pos`, checked against its hash, read (and hashed) on the
+    /// blocking pool one piece ahead of what is sent.
+    async fn read_cached(&mut self, pieces: Arc<BlobPieces>) -> Result<Bytes, PieceError> {
+        let meta = pieces.metainfo().clone();
+        let eof = || PieceError::Io(std::io::ErrorKind::UnexpectedEof.into());
+        let index = meta.piece_index_at(self.pos).ok_or_else(eof)?;
+        let (start, len) = meta.piece_range(index).ok_or_else(eof)?;
+        let read = |i: u32| {
+            let pieces = pieces.clone();
+            tokio::task::spawn_blocking(move || pieces.read_piece(i))
+        };
+        let this = match self.ahead.take() {
+            Some((i, handle)) if i == index => handle,
+            _ => read(index),
+        };
+        if start + len < self.end && index + 1 < meta.piece_count() {
+            self.ahead = Some((index + 1, read(index + 1)));
         }
-        let want = usize::try_from(self.end - self.pos).unwrap_or(READ_CHUNK).min(READ_CHUNK);
-        let pieces = self.download.pieces.clone();
-        let pos = self.pos;
-        let read = tokio::task::spawn_blocking(move || pieces.read_new_at(pos, want)).await;
-        match read {
-            Ok(Ok(buf)) if !buf.is_empty() => {
-                self.pos += buf.len() as u64;
-                Some(Ok(Bytes::from(buf)))
+        let data = this.await.map_err(|e| PieceError::Io(io_error(e)))??;
+        let from = usize::try_from(self.pos - start).map_err(|_| eof())?;
+        let to = usize::try_from(self.end.min(start + len) - start).map_err(|_| eof())?;
+        let bytes = Bytes::from(data).slice(from..to);
+        self.pos += bytes.len() as u64;
+        Ok(bytes)
+    }
+
+    /// The next bytes at `pos` of a download, waiting for its piece to arrive.
+    async fn read_download(&mut self, download: Arc<Download>) -> Result<Bytes, std::io::Error> {
+        let deadline = tokio::time::Instant::now() + READER_STALL;
+        loop {
+            let mut attempts = download.attempt.subscribe();
+            let attempt = *attempts.borrow_and_update();
+            let pieces = download.pieces();
+            if let Some(sent) = &mut self.sent {
+                if !sent.still_holds(attempt, pieces.metainfo()) {
+                    return Err(io_error(
+                        "the download started over (its metainfo or bytes on disk were bad); retry the pull",
+                    ));
+                }
+                sent.attempt = attempt.number;
+                sent.metainfo = pieces.metainfo().clone();
             }
-            Ok(Ok(_)) => Some(Err(std::io::Error::other("blob ended early"))),
-            Ok(Err(e)) => Some(Err(std::io::Error::other(e.to_string()))),
-            Err(e) => Some(Err(std::io::Error::other(e.to_string()))),
+            let index =
+                pieces.metainfo().piece_index_at(self.pos).ok_or_else(|| io_error("blob ended early"))?;
+            download.set_reader(self.id, Some(index));
+            let mut progress = pieces.subscribe();
+            let mut outcome = download.outcome.subscribe();
+            if !pieces.has(index) {
+                if let Some(Err(e)) = outcome.borrow_and_update().clone() {
+                    return Err(io_error(format!("download failed: {e}")));
+                }
+                tokio::select! {
+                    _ = progress.changed() => {}
+                    _ = outcome.changed() => {}
+                    _ = attempts.changed() => {}
+                    _ = tokio::time::sleep_until(deadline) => return Err(io_error("download stalled")),
+                }
+                continue;
+            }
+            let want = usize::try_from(self.end - self.pos).unwrap_or(READ_CHUNK).min(READ_CHUNK);
+            let pos = self.pos;
+            let metainfo = pieces.metainfo().clone();
+            let buf = tokio::task::spawn_blocking(move || pieces.read_new_at(pos, want))
+                .await
+                .map_err(io_error)?
+                .map_err(io_error)?;
+            if buf.is_empty() {
+                return Err(io_error("blob ended early"));
+            }
+            let last = metainfo.piece_index_at(pos + buf.len() as u64 - 1).unwrap_or(index);
+            let first = self.sent.as_ref().map_or(index, |s| s.first.min(index));
+            self.sent = Some(Sent {
+                attempt: attempt.number,
+                metainfo,
+                first,
+                last: last.max(self.sent.as_ref().map_or(0, |s| s.last)),
+            });
+            self.pos += buf.len() as u64;
+            return Ok(Bytes::from(buf));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(pieces: Vec<[u8; 32]>) -> Arc<Metainfo> {
+        let digest = Digest::of(shoal_registry::Algorithm::Sha256, b"blob");
+        let size = pieces.len() as u64 * 65536;
+        Arc::new(Metainfo::new(digest, size, 65536, pieces).unwrap())
+    }
+
+    #[test]
+    fn a_reader_goes_on_after_a_restart_only_if_what_it_was_sent_still_holds() {
+        let old = meta(vec![[1; 32], [2; 32], [3; 32], [4; 32]]);
+        let sent = Sent { attempt: 1, metainfo: old.clone(), first: 0, last: 1 };
+        let next = Attempt { number: 2, after_bad_bytes: false };
+        assert!(sent.still_holds(Attempt { number: 1, after_bad_bytes: false }, &old), "same attempt");
+        // The bad piece list lied about piece 3 only: pieces 0-1 were checked by the same hashes.
+        let fixed = meta(vec![[1; 32], [2; 32], [3; 32], [9; 32]]);
+        assert!(sent.still_holds(next, &fixed));
+        // It lied about a piece the reader was sent: that piece may be wrong.
+        let fixed = meta(vec![[1; 32], [8; 32], [3; 32], [4; 32]]);
+        assert!(!sent.still_holds(next, &fixed));
+        // The whole blob failed its digest: bytes read from disk are suspect, whatever the hashes.
+        assert!(!sent.still_holds(Attempt { number: 2, after_bad_bytes: true }, &old));
     }
 }

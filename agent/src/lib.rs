@@ -3,6 +3,7 @@
 //! is the fallback. The cache is only a cache: losing it loses nothing.
 
 pub mod cache;
+pub mod disk;
 pub mod downloads;
 pub mod origin_client;
 pub mod preheat;
@@ -23,7 +24,8 @@ use shoal_p2p::tracker_client::{AnnounceRequest, TrackerClient};
 use shoal_p2p::{PeerId, SwarmMetrics};
 use shoal_registry::Digest;
 
-use crate::cache::{BlobCache, CacheLimits, CacheMetrics};
+use crate::cache::{BlobCache, CacheMetrics};
+pub use crate::disk::{CacheLimits, Watermark};
 use crate::downloads::Downloads;
 use crate::origin_client::OriginClient;
 use crate::seeding::Seeding;
@@ -87,7 +89,13 @@ impl Agent {
     /// Build the agent and start its background work (seeding announcements).
     pub fn start(config: &AgentConfig, registry: &prometheus::Registry) -> Result<Agent, AgentError> {
         let cache_metrics = CacheMetrics::new(registry)?;
-        let cache = Arc::new(BlobCache::open(&config.data_dir.join("cache"), config.cache, cache_metrics)?);
+        let cache = Arc::new(BlobCache::open(
+            &config.data_dir.join("cache"),
+            &config.data_dir.join("partial"),
+            config.cache,
+            cache_metrics,
+        )?);
+        tokio::spawn(cache.clone().maintain(cache::MAINTENANCE_INTERVAL));
         let origin = OriginClient::new(config.origins.clone(), config.http_timeout, registry)?;
         let tracker = Arc::new(TrackerClient::new(config.trackers.clone(), config.http_timeout)?);
         let metrics = SwarmMetrics::new("agent", registry)?;
@@ -102,8 +110,7 @@ impl Agent {
         let mut swarm = SwarmConfig::new(peer_id, config.advertise);
         swarm.scheduler.max_connections = config.max_connections_per_blob;
         swarm.scheduler.fallback_after = config.fallback_after;
-        let downloads =
-            Arc::new(Downloads::new(cache, origin.clone(), deps, swarm, config.data_dir.join("partial")));
+        let downloads = Arc::new(Downloads::new(cache, origin.clone(), deps, swarm));
         let seeding = Arc::new(Seeding::new(config.seed_window));
         downloads.set_seeding(seeding.clone());
         tokio::spawn(seeding.clone().announce_loop(
@@ -133,7 +140,7 @@ impl Agent {
         let work = async {
             let running = self.downloads.all_running();
             for (digest, download) in &running {
-                let pieces = download.pieces.clone();
+                let pieces = download.pieces();
                 match tokio::task::spawn_blocking(move || pieces.persist()).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::warn!(%digest, error = %e, "could not persist a partial download"),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use shoal_registry::manifest::ReferrerDescriptor;
 use shoal_registry::range::ByteRange;
-use shoal_registry::store::{file_range_stream, NewManifest, Page, Reference, StoredManifest, UploadState};
+use shoal_registry::store::{NewManifest, Page, Reference, StoredManifest, UploadState};
 use shoal_registry::{ByteStream, Digest, RegistryStore, RepoName, StoreError, Tag};
 
 use crate::downloads::Downloads;
@@ -62,25 +62,10 @@ impl AgentStore {
         &self.downloads
     }
 
-    async fn cached_file(
-        &self,
-        digest: &Digest,
-        range: ByteRange,
-        size: u64,
-    ) -> Result<Option<ByteStream>, StoreError> {
-        let Some(pin) = self.downloads.cache.pin(digest) else { return Ok(None) };
-        let path = self.downloads.cache.blob_path(digest);
-        let stream = match file_range_stream(&path, range, size).await {
-            Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StoreError::Io(e)),
-        };
-        // The pin travels with the stream so the blob is not evicted while it is read.
-        let pinned = futures_util::StreamExt::map(stream, move |chunk| {
-            let _ = &pin;
-            chunk
-        });
-        Ok(Some(Box::pin(pinned)))
+    /// A cached blob, streamed with every piece checked (see `Downloads::stream_cached`).
+    async fn cached_blob(&self, repo: &RepoName, digest: &Digest, range: ByteRange) -> Option<ByteStream> {
+        let pieces = self.downloads.open_cached(digest).await?;
+        Some(self.downloads.stream_cached(repo, pieces, range))
     }
 }
 
@@ -116,14 +101,14 @@ impl RegistryStore for AgentStore {
     ) -> Result<ByteStream, StoreError> {
         let size = self.blob_size(repo, digest).await?.ok_or(StoreError::BlobUnknown)?;
         let range = range.unwrap_or(ByteRange { start: 0, end: size.saturating_sub(1) });
-        if let Some(stream) = self.cached_file(digest, range, size).await? {
-            return Ok(stream);
-        }
         if size == 0 {
             return Ok(Box::pin(futures_util::stream::empty()));
         }
+        if let Some(stream) = self.cached_blob(repo, digest, range).await {
+            return Ok(stream);
+        }
         let download = self.downloads.join(repo, digest).await?;
-        Ok(self.downloads.stream(download, range))
+        Ok(self.downloads.stream(repo, download, range))
     }
 
     async fn blob_delete(&self, _: &RepoName, _: &Digest) -> Result<bool, StoreError> {
