@@ -136,10 +136,12 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
     });
     membership.on_reply(shoal_origin::cluster::clock_sync::reply_hook(Arc::downgrade(&coordinator)));
     // Not ready, and no new copies, while the data disk is nearly full.
-    let disk =
-        crate::readiness::disk_check(config.data_dir.clone(), crate::readiness::DISK_NEARLY_FULL_SHARE);
-    let readiness = crate::readiness::Readiness::new(vec![disk]);
-    spawn_disk_watch(membership.clone(), readiness.clone());
+    spawn_disk_watch(membership.clone(), config.data_dir.clone());
+    let disk_full = {
+        let m = membership.clone();
+        Box::new(move || m.self_disk_full().then(|| "data disk nearly full".to_string()))
+    };
+    let readiness = crate::readiness::Readiness::new(vec![disk_full]);
     spawn_gauges(&store, &membership, &coordinator, &metrics)?;
     let repair = Repairer::start(coordinator.clone(), cluster.repair_rate, cluster.repair_interval);
     if let Some(every) = config.cluster.gc_interval {
@@ -223,15 +225,17 @@ fn spawn_gauges(
 /// in its health replies, and placement skips it).
 const DISK_WATCH_PERIOD: Duration = Duration::from_secs(5);
 
-fn spawn_disk_watch(membership: Arc<Membership>, readiness: Arc<crate::readiness::Readiness>) {
+fn spawn_disk_watch(membership: Arc<Membership>, data_dir: PathBuf) {
     tokio::spawn(async move {
         loop {
-            let r = readiness.clone();
-            let status = tokio::task::spawn_blocking(move || r.status()).await;
-            let full = matches!(&status, Ok(Err(why)) if why.contains("disk"));
-            if full != membership.self_disk_full() {
-                tracing::warn!(full, "data disk nearly-full state changed");
-                membership.set_self_disk_full(full);
+            let dir = data_dir.clone();
+            let share = crate::readiness::DISK_NEARLY_FULL_SHARE;
+            let full = tokio::task::spawn_blocking(move || crate::readiness::disk_nearly_full(&dir, share))
+                .await
+                .unwrap_or_else(|e| Some(format!("disk check failed: {e}")));
+            if full.is_some() != membership.self_disk_full() {
+                tracing::warn!(reason = ?full, "data disk nearly-full state changed");
+                membership.set_self_disk_full(full.is_some());
             }
             tokio::time::sleep(DISK_WATCH_PERIOD).await;
         }

@@ -2,11 +2,12 @@
 //! sends SIGTERM on every rollout, so a server must stop looking ready before it stops
 //! serving: draining starts when the process is asked to stop, then the listener closes after
 //! `drain_delay` and in-flight requests get `shutdown_timeout` to finish. Checks such as "the
-//! data disk is nearly full" make a server not ready while they fail. (A server is not
+//! data disk is nearly full" make a server not ready while they fail; they read state kept
+//! current elsewhere (a check runs on the async runtime, so it does no I/O). (A server is not
 //! reachable at all before it is bound, which is after recovery and the first membership
 //! view, so "starting" needs no state of its own.)
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -55,9 +56,10 @@ pub fn used_share(path: &std::path::Path) -> std::io::Result<f64> {
     Ok(1.0 - st.f_bavail as f64 / total)
 }
 
-/// A check that fails while the filesystem of `dir` is more than `max_share` full.
-pub fn disk_check(dir: PathBuf, max_share: f64) -> Check {
-    Box::new(move || match used_share(&dir) {
+/// Why the filesystem of `dir` counts as nearly full (more than `max_share` in use, or its
+/// usage unreadable); `None` while it is not. Blocking (statvfs): call it off the runtime.
+pub fn disk_nearly_full(dir: &Path, max_share: f64) -> Option<String> {
+    match used_share(dir) {
         Ok(used) if used > max_share => Some(format!(
             "data disk nearly full: {:.1}% of the filesystem of {} used (limit {:.0}%)",
             used * 100.0,
@@ -66,7 +68,7 @@ pub fn disk_check(dir: PathBuf, max_share: f64) -> Check {
         )),
         Ok(_) => None,
         Err(e) => Some(format!("cannot read the usage of {}: {e}", dir.display())),
-    })
+    }
 }
 
 #[cfg(test)]
@@ -88,8 +90,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let used = used_share(dir.path()).unwrap();
         assert!((0.0..=1.0).contains(&used));
-        assert!(disk_check(dir.path().to_path_buf(), 1.0)().is_none(), "never more than 100% full");
-        assert!(disk_check(dir.path().to_path_buf(), -0.1)().unwrap().contains("nearly full"));
-        assert!(disk_check(dir.path().join("missing"), 0.9)().unwrap().contains("cannot read"));
+        assert!(disk_nearly_full(dir.path(), 1.0).is_none(), "never more than 100% full");
+        assert!(disk_nearly_full(dir.path(), -0.1).unwrap().contains("nearly full"));
+        assert!(disk_nearly_full(&dir.path().join("missing"), 0.9).unwrap().contains("cannot read"));
     }
 }

@@ -226,29 +226,23 @@ impl Meta {
         after: Option<&Digest>,
         limit: usize,
     ) -> Result<Vec<BlobEntry>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(QUARANTINE).map_err(db_err)?;
-        let after = after.map(|d| d.to_string());
-        let mut out = Vec::new();
-        for entry in table.range(after.as_deref().unwrap_or("")..).map_err(db_err)? {
-            let (k, v) = entry.map_err(db_err)?;
-            if after.as_deref() == Some(k.value()) {
-                continue;
-            }
-            if out.len() == limit {
-                break;
-            }
-            let Ok(digest) = k.value().parse::<Digest>() else { continue };
-            let (size, stored_millis) = v.value();
-            out.push(BlobEntry { digest, size, stored_millis });
-        }
-        Ok(out)
+        self.list_blob_table(QUARANTINE, after, limit)
     }
 
     /// Blob files in digest order after `after`, at most `limit`.
     pub fn blob_list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<BlobEntry>, StoreError> {
+        self.list_blob_table(BLOBS, after, limit)
+    }
+
+    /// A page of a digest → (size, ms) table, in digest order after `after`.
+    fn list_blob_table(
+        &self,
+        table: TableDefinition<&str, (u64, u64)>,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<BlobEntry>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(BLOBS).map_err(db_err)?;
+        let table = txn.open_table(table).map_err(db_err)?;
         let after = after.map(|d| d.to_string());
         let mut out = Vec::new();
         for entry in table.range(after.as_deref().unwrap_or("")..).map_err(db_err)? {

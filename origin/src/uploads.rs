@@ -358,13 +358,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("session");
             std::fs::write(&path, b"").unwrap();
-            let mut session = Session {
-                repo: "a/b".parse().unwrap(),
-                path,
-                offset: 0,
-                hasher: Some(Algorithm::Sha256.hasher()),
-                touched: Instant::now(),
-            };
+            let mut session = empty_session(path);
             let (tx, body) = body();
             let upload =
                 tokio::spawn(async move { append(&mut session, None, None, body).await.map(|()| session) });
@@ -383,6 +377,17 @@ mod tests {
         });
     }
 
+    /// A fresh session over the (empty) file at `path`.
+    fn empty_session(path: std::path::PathBuf) -> Session {
+        Session {
+            repo: "a/b".parse().unwrap(),
+            path,
+            offset: 0,
+            hasher: Some(Algorithm::Sha256.hasher()),
+            touched: Instant::now(),
+        }
+    }
+
     /// A body that fails keeps, without a declared length, every byte that arrived before
     /// (the client resumes from the offset), and with one, none of them.
     #[tokio::test]
@@ -391,13 +396,7 @@ mod tests {
         for (len, kept) in [(None, 5u64), (Some(10), 0)] {
             let path = dir.path().join(format!("session-{kept}"));
             std::fs::write(&path, b"").unwrap();
-            let mut session = Session {
-                repo: "a/b".parse().unwrap(),
-                path,
-                offset: 0,
-                hasher: Some(Algorithm::Sha256.hasher()),
-                touched: Instant::now(),
-            };
+            let mut session = empty_session(path);
             let (tx, body) = body();
             tx.send(Ok(Bytes::from_static(b"hello"))).await.unwrap();
             let timeout = std::io::Error::new(std::io::ErrorKind::TimedOut, "too slow");
