@@ -1,0 +1,241 @@
+use super::*;
+use shoal_registry::{Algorithm, Digest};
+use std::time::Duration;
+
+fn setup(pieces: usize) -> (tempfile::TempDir, Vec<u8>, Arc<Metainfo>) {
+    let data: Vec<u8> = (0..pieces * 64 * 1024 + 999).map(|i| (i * 7 % 253) as u8).collect();
+    let meta = Metainfo::compute(&data[..], data.len() as u64, Algorithm::Sha256).unwrap();
+    (tempfile::tempdir().unwrap(), data, Arc::new(meta))
+}
+
+fn piece<'a>(meta: &Metainfo, data: &'a [u8], i: u32) -> &'a [u8] {
+    let (start, len) = meta.piece_range(i).unwrap();
+    &data[start as usize..(start + len) as usize]
+}
+
+/// Write pieces in `order` as the swarm does (extend, then catch up when possible).
+fn download(blob: &BlobPieces, meta: &Metainfo, data: &[u8], order: &[u32]) {
+    for &i in order {
+        assert!(blob.write_piece(i, piece(meta, data, i)).unwrap());
+        blob.extend_hash(i, piece(meta, data, i));
+        if blob.hash_can_advance() {
+            blob.advance_hash();
+        }
+    }
+}
+
+fn hashed_upto(blob: &BlobPieces) -> u32 {
+    blob.prefix.as_ref().unwrap().lock().unwrap().next
+}
+
+#[test]
+fn the_running_hash_follows_the_contiguous_prefix_and_finish_uses_it() {
+    let (dir, data, meta) = setup(6);
+    let count = meta.piece_count();
+    let blob = BlobPieces::partial(&dir.path().join("b.part"), meta.clone()).unwrap();
+    download(&blob, &meta, &data, &[2, 3, 1]);
+    assert_eq!(hashed_upto(&blob), 0, "piece 0 is missing: nothing hashed yet");
+    download(&blob, &meta, &data, &[0]);
+    assert_eq!(hashed_upto(&blob), 4, "0 from memory, then 1-3 caught up");
+    let rest: Vec<u32> = (4..count).rev().collect();
+    download(&blob, &meta, &data, &rest);
+    assert_eq!(hashed_upto(&blob), count, "the whole blob is hashed before finish");
+    let dest = dir.path().join("final");
+    blob.finish(&dest).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+}
+
+#[test]
+fn finish_hashes_what_the_running_hash_did_not_reach() {
+    let (dir, data, meta) = setup(5);
+    let blob = BlobPieces::partial(&dir.path().join("b.part"), meta.clone()).unwrap();
+    // Written without the hash helpers (as after a restart): finish reads it all.
+    for i in (0..meta.piece_count()).rev() {
+        blob.write_piece(i, piece(&meta, &data, i)).unwrap();
+    }
+    assert_eq!(hashed_upto(&blob), 0);
+    let dest = dir.path().join("final");
+    blob.finish(&dest).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+}
+
+#[test]
+fn a_blob_whose_pieces_match_but_whole_does_not_fails_to_finish() {
+    // Pieces of one blob under a metainfo that names another digest.
+    let (dir, data, meta) = setup(3);
+    let wrong = Digest::of(Algorithm::Sha256, b"something else");
+    let mut json = serde_json::to_value(&*meta).unwrap();
+    json["digest"] = serde_json::Value::String(wrong.to_string());
+    let bad = Arc::new(serde_json::from_value::<Metainfo>(json).unwrap());
+    let path = dir.path().join("b.part");
+    let blob = BlobPieces::partial(&path, bad.clone()).unwrap();
+    download(&blob, &bad, &data, &(0..bad.piece_count()).collect::<Vec<_>>());
+    blob.persist().unwrap();
+    assert!(crate::piece_store::bitfield_path(&path).exists());
+    assert!(matches!(blob.finish(&dir.path().join("final")), Err(PieceError::DigestMismatch { .. })));
+    // Nothing of it is resumed: the next download starts from no pieces.
+    assert!(!path.exists() && !crate::piece_store::bitfield_path(&path).exists());
+    assert_eq!(BlobPieces::partial(&path, bad).unwrap().have().count(), 0);
+}
+
+#[test]
+fn a_resumed_download_drops_held_pieces_whose_bytes_went_bad() {
+    use std::os::unix::fs::FileExt;
+    let (dir, data, meta) = setup(5);
+    let path = dir.path().join("b.part");
+    let blob = BlobPieces::partial(&path, meta.clone()).unwrap();
+    for i in [0, 1, 2, 4, 5] {
+        blob.write_piece(i, piece(&meta, &data, i)).unwrap();
+    }
+    blob.persist().unwrap();
+    drop(blob);
+    // A bad sector in piece 1, which the bitfield still claims.
+    let (start, _) = meta.piece_range(1).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(b"rot", start + 9).unwrap();
+    let again = BlobPieces::partial(&path, meta.clone()).unwrap();
+    assert_eq!(again.have().iter_set().collect::<Vec<_>>(), [0, 2, 4, 5]);
+    assert_eq!(hashed_upto(&again), 1, "the good held prefix is hashed while checking");
+    download(&again, &meta, &data, &[3, 1]);
+    let dest = dir.path().join("final");
+    again.finish(&dest).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+}
+
+#[test]
+fn verifying_reads_of_a_complete_blob_catch_a_bad_sector_and_a_truncation() {
+    use std::os::unix::fs::FileExt;
+    let (dir, data, meta) = setup(4);
+    let path = dir.path().join("blob");
+    std::fs::write(&path, &data).unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let open = |seen: &Arc<std::sync::Mutex<Vec<u32>>>| {
+        let seen = seen.clone();
+        BlobPieces::complete(&path, meta.clone())
+            .unwrap()
+            .verifying_reads(move |i| seen.lock().unwrap().push(i))
+    };
+    let blob = open(&seen);
+    assert_eq!(blob.read_piece(2).unwrap(), piece(&meta, &data, 2));
+    let (start, _) = meta.piece_range(2).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(b"x", start).unwrap();
+    assert!(matches!(blob.read_piece(2), Err(PieceError::HashMismatch { index: 2 })));
+    // Unverified reads (a download's own, just-verified file) do not look.
+    let plain = BlobPieces::complete(&path, meta.clone()).unwrap();
+    assert_eq!(plain.read_piece(2).unwrap().len(), piece(&meta, &data, 2).len());
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(start).unwrap();
+    assert!(matches!(open(&seen).read_piece(3), Err(PieceError::HashMismatch { index: 3 })));
+    assert_eq!(*seen.lock().unwrap(), [2, 3]);
+    assert_eq!(blob.read_piece(0).unwrap(), piece(&meta, &data, 0), "good pieces still serve");
+}
+
+#[test]
+fn a_write_that_finds_the_disk_full_makes_room_and_tries_again() {
+    let (dir, _data, meta) = setup(3);
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let frees = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (a, f) = (asked.clone(), frees.clone());
+    let blob = BlobPieces::partial(&dir.path().join("b.part"), meta.clone()).unwrap().reclaiming(Arc::new(
+        move |need| {
+            a.lock().unwrap().push(need);
+            f.load(std::sync::atomic::Ordering::SeqCst)
+        },
+    ));
+    let full = || PieceError::Io(std::io::Error::from(std::io::ErrorKind::StorageFull));
+    let mut fails = 2;
+    let wrote = blob.retry_when_full(|| {
+        if fails > 0 {
+            fails -= 1;
+            return Err(full());
+        }
+        Ok(7)
+    });
+    assert_eq!(wrote.unwrap(), 7);
+    assert_eq!(*asked.lock().unwrap(), [meta.size(), meta.size()], "room for the rest of the download");
+    // Nothing more to free: the error stands.
+    frees.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(blob.retry_when_full(|| Err::<(), _>(full())), Err(PieceError::Io(_))));
+    // Always full: a few attempts, then the error.
+    frees.store(true, std::sync::atomic::Ordering::SeqCst);
+    asked.lock().unwrap().clear();
+    assert!(blob.retry_when_full(|| Err::<(), _>(full())).is_err());
+    assert_eq!(asked.lock().unwrap().len(), DISK_FULL_RETRIES as usize);
+    // Other errors are not retried.
+    let other = blob.retry_when_full(|| Err::<(), _>(PieceError::Io(std::io::Error::other("eio"))));
+    assert!(other.is_err() && asked.lock().unwrap().len() == DISK_FULL_RETRIES as usize);
+}
+
+#[test]
+fn discard_deletes_a_partial_download() {
+    let (dir, data, meta) = setup(3);
+    let path = dir.path().join("b.part");
+    let blob = BlobPieces::partial(&path, meta.clone()).unwrap();
+    blob.write_piece(0, piece(&meta, &data, 0)).unwrap();
+    blob.persist().unwrap();
+    blob.discard().unwrap();
+    assert!(!path.exists() && !crate::piece_store::bitfield_path(&path).exists());
+    assert!(!blob.has(0) && blob.read_piece(0).is_err());
+}
+
+#[test]
+fn a_restarted_download_keeps_the_pieces_persisted_on_the_way() {
+    let (dir, data, meta) = setup(6);
+    let path = dir.path().join("b.part");
+    let blob = BlobPieces::partial(&path, meta.clone()).unwrap();
+    blob.write_piece(4, piece(&meta, &data, 4)).unwrap();
+    std::thread::sleep(FLUSH_INTERVAL + Duration::from_millis(20));
+    // This write is due to persist the bitfield.
+    blob.write_piece(2, piece(&meta, &data, 2)).unwrap();
+    drop(blob);
+    let again = BlobPieces::partial(&path, meta.clone()).unwrap();
+    assert_eq!(again.have().iter_set().collect::<Vec<_>>(), [2, 4]);
+    assert_eq!(again.read_piece(4).unwrap(), piece(&meta, &data, 4));
+}
+
+#[test]
+fn readers_of_held_pieces_never_wait_for_a_writer() {
+    let (dir, data, meta) = setup(3);
+    let blob = Arc::new(BlobPieces::partial(&dir.path().join("b.part"), meta.clone()).unwrap());
+    blob.write_piece(1, piece(&meta, &data, 1)).unwrap();
+    // A writer persisting the bitfield (an fsync) holds the state lock exclusively.
+    let persisting = blob.state.write().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b = blob.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send((b.has(1), b.has(0), b.have().count(), b.finished_path()));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(2)).expect("has/have waited for the state lock");
+    drop(persisting);
+    assert_eq!(got, (true, false, 1, None));
+}
+
+#[test]
+fn a_failed_blob_holds_nothing_and_a_finished_one_everything() {
+    let (dir, data, meta) = setup(3);
+    let blob = BlobPieces::partial(&dir.path().join("b.part"), meta.clone()).unwrap();
+    download(&blob, &meta, &data, &(0..meta.piece_count()).collect::<Vec<_>>());
+    let dest = dir.path().join("final");
+    blob.finish(&dest).unwrap();
+    assert_eq!(blob.finished_path(), Some(dest));
+    assert!(blob.have().is_complete());
+
+    let wrong = Digest::of(Algorithm::Sha256, b"other");
+    let mut json = serde_json::to_value(&*meta).unwrap();
+    json["digest"] = serde_json::Value::String(wrong.to_string());
+    let bad = Arc::new(serde_json::from_value::<Metainfo>(json).unwrap());
+    let blob = BlobPieces::partial(&dir.path().join("c.part"), bad.clone()).unwrap();
+    download(&blob, &bad, &data, &(0..bad.piece_count()).collect::<Vec<_>>());
+    assert!(blob.finish(&dir.path().join("c")).is_err());
+    assert!(!blob.has(0) && blob.have().count() == 0 && blob.finished_path().is_none());
+}
+
+#[test]
+fn a_late_writer_cannot_set_the_progress_count_back() {
+    let (dir, _data, meta) = setup(3);
+    let blob = BlobPieces::partial(&dir.path().join("b.part"), meta.clone()).unwrap();
+    let count = meta.piece_count();
+    // The writer of the last piece publishes first, the one before it second.
+    blob.publish_count(count);
+    blob.publish_count(count - 1);
+    assert!(blob.is_complete());
+    assert_eq!(*blob.subscribe().borrow(), count);
+}
