@@ -5,6 +5,7 @@ pub mod access;
 pub mod api;
 pub mod digest;
 pub mod error;
+pub mod identity;
 pub mod manifest;
 pub mod name;
 pub mod range;
