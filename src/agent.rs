@@ -37,6 +37,8 @@ pub struct AgentArgs {
     /// TOML config file (see docs/configuration.md)
     #[arg(long, env = "SHOAL_CONFIG")]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 /// The `shoal agent` config file.
@@ -83,6 +85,8 @@ pub struct AgentFile {
     #[serde(with = "humantime_serde")]
     pub fallback_after: Duration,
     pub limits: crate::config::Limits,
+    /// Certificates: TLS on the listeners, node identity, peer mutual TLS.
+    pub tls: shoal_tls::TlsSettings,
 }
 
 impl Default for AgentFile {
@@ -108,6 +112,7 @@ impl Default for AgentFile {
             max_outbound_connections: shoal_p2p::node::DEFAULT_MAX_OUTBOUND_CONNECTIONS,
             fallback_after: Duration::from_secs(3),
             limits: crate::config::Limits::default(),
+            tls: shoal_tls::TlsSettings::default(),
         }
     }
 }
@@ -134,6 +139,7 @@ impl AgentArgs {
         if let Some(v) = &self.data_dir {
             c.data_dir = v.clone();
         }
+        c.tls = c.tls.overridden_by(&self.tls.settings());
         Ok(c)
     }
 }

@@ -32,6 +32,8 @@ pub struct OriginConfig {
     pub limits: Limits,
     pub auth: AuthConfig,
     pub cluster: ClusterSection,
+    /// Certificates: TLS on the listeners, node identity, peer mutual TLS.
+    pub tls: shoal_tls::TlsSettings,
 }
 
 /// The `[cluster]` section: the other origins and how data is spread over them.
@@ -181,6 +183,7 @@ impl Default for OriginConfig {
             max_manifest_size: ByteSize::b(shoal_registry::manifest::DEFAULT_MAX_MANIFEST_SIZE),
             limits: Limits::default(),
             auth: AuthConfig::default(),
+            tls: shoal_tls::TlsSettings::default(),
             cluster: ClusterSection::default(),
         }
     }

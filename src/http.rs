@@ -175,7 +175,10 @@ impl BoundServer {
             tracing::info!(delay = ?delay, "draining: /readyz answers 503 until the listener closes");
             tokio::time::sleep(delay).await;
         };
-        crate::http_server::serve(self.listener, self.app, self.limits, draining).await;
+        // The process's TLS context (installed at start): TLS on every listener when it has
+        // a certificate.
+        let tls = shoal_tls::current().acceptor();
+        crate::http_server::serve(self.listener, self.app, self.limits, tls, draining).await;
         if let Some(work) = self.after_stop {
             work.await;
         }

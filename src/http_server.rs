@@ -20,6 +20,8 @@ use axum::Router;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use shoal_registry::identity::TransportIdentity;
+use shoal_tls::TlsAcceptor;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tower::ServiceExt;
@@ -43,6 +45,9 @@ pub const DEFAULT_DRAIN_DELAY: Duration = Duration::ZERO;
 /// Default time requests in flight get to finish once the listener is closed: below
 /// Kubernetes' default 30 s grace period, so the process exits before it is killed.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a TLS handshake may take when requests heads have no deadline.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long the accept loop pauses after an error that is not one connection's (out of file
 /// descriptors, say), so it does not spin.
@@ -97,6 +102,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: HttpLimits,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -121,9 +127,25 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let (app, stop, done) = (app.clone(), stop_rx.clone(), done_rx.clone());
+        let (app, stop, done, tls) = (app.clone(), stop_rx.clone(), done_rx.clone(), tls.clone());
         tokio::spawn(async move {
-            serve_connection(stream, app, limits, stop).await;
+            match tls {
+                None => serve_connection(stream, None, app, limits, stop).await,
+                Some(acceptor) => {
+                    // The handshake counts against the head's deadline: a client that opens
+                    // a connection and says nothing holds a slot no longer than one that
+                    // sends half a request head.
+                    let deadline = nonzero(limits.header_read_timeout).unwrap_or(TLS_HANDSHAKE_TIMEOUT);
+                    match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let identity = shoal_tls::identity_of(stream.get_ref().1);
+                            serve_connection(stream, identity, app, limits, stop).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+            }
             drop((permit, done));
         });
     }
@@ -150,14 +172,22 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
 }
 
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
+/// Serve one connection; `identity` is what its TLS client certificate proved, if anything,
+/// and goes on every request as an extension.
+async fn serve_connection<S>(
+    stream: S,
+    identity: Option<TransportIdentity>,
     app: Router,
     limits: HttpLimits,
     mut stop: watch::Receiver<bool>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-        let request = request.map(|body| Body::new(BodyGuard::new(body, &limits)));
+        let mut request = request.map(|body| Body::new(BodyGuard::new(body, &limits)));
+        if let Some(id) = &identity {
+            request.extensions_mut().insert(id.clone());
+        }
         app.clone().oneshot(request)
     });
     let mut builder = http1::Builder::new();

@@ -2,6 +2,7 @@
 //! logging and hands over to the role's module.
 
 mod agent;
+mod certs;
 mod config;
 mod http;
 mod http_server;
@@ -12,6 +13,7 @@ mod origin_forward;
 mod peer_addr;
 mod preheat;
 mod readiness;
+mod tls;
 mod tracker;
 mod up;
 
@@ -42,6 +44,8 @@ enum Command {
     Preheat(preheat::PreheatArgs),
     /// Prepare a Kubernetes node for the agent (containerd mirror config), undo it, or wait for that
     Node(node::NodeArgs),
+    /// Make a cluster CA and issue certificates for origins, trackers, agents and operators
+    Certs(certs::CertsArgs),
 }
 
 /// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
@@ -74,11 +78,23 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Origin(args) => origin::bind(args.resolve()?).await?.serve(shutdown_signal()).await,
-        Command::Agent(args) => agent::bind(args.resolve()?).await?.serve(shutdown_signal()).await,
-        Command::Tracker(args) => tracker::bind(args).await?.serve(shutdown_signal()).await,
+        Command::Origin(args) => {
+            let config = args.resolve()?;
+            tls::install(&config.tls)?;
+            origin::bind(config).await?.serve(shutdown_signal()).await
+        }
+        Command::Agent(args) => {
+            let config = args.resolve()?;
+            tls::install(&config.tls)?;
+            agent::bind(config).await?.serve(shutdown_signal()).await
+        }
+        Command::Tracker(args) => {
+            tls::install(&args.tls.settings())?;
+            tracker::bind(args).await?.serve(shutdown_signal()).await
+        }
         Command::Up(args) => up::run(args, shutdown_signal()).await,
         Command::Preheat(args) => preheat::run(args).await,
         Command::Node(args) => node::run(args).await,
+        Command::Certs(args) => certs::run(args),
     }
 }

@@ -484,7 +484,7 @@ async fn probe_round(
 
 async fn wait_for(endpoint: &str, timing: WaitTiming) -> anyhow::Result<()> {
     // Pod addresses are reached directly, never through a proxy from the environment.
-    let client = reqwest::Client::builder()
+    let client = shoal_tls::http_client()
         .no_proxy()
         .connect_timeout(timing.probe_timeout)
         .timeout(timing.probe_timeout)
@@ -559,8 +559,14 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                     tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
                 println!("serving /readyz on {addr} until stopped");
                 let limits = crate::http_server::HttpLimits::default();
-                crate::http_server::serve(listener, restored_router(), limits, crate::shutdown_signal())
-                    .await;
+                crate::http_server::serve(
+                    listener,
+                    restored_router(),
+                    limits,
+                    None,
+                    crate::shutdown_signal(),
+                )
+                .await;
             }
             Ok(())
         }

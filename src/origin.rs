@@ -66,6 +66,8 @@ pub struct OriginArgs {
     /// TOML config file (see docs/configuration.md)
     #[arg(long, env = "SHOAL_CONFIG")]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 impl OriginArgs {
@@ -97,6 +99,7 @@ impl OriginArgs {
         if let Some(secret) = &self.cluster_secret {
             config.cluster.secret = Some(secret.clone());
         }
+        config.tls = config.tls.overridden_by(&self.tls.settings());
         Ok(config)
     }
 }
@@ -117,7 +120,7 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         None => None,
     };
     let self_peer = seeder.map(|s| PeerIdentity { peer_id: s.peer_id.to_string(), addr: s.advertise });
-    let http = reqwest::Client::builder()
+    let http = shoal_tls::http_client()
         .timeout(cluster.health_timeout)
         .connect_timeout(cluster.health_timeout)
         .build()?;
@@ -173,7 +176,7 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
                     secret: secret.clone(),
                     gc: gc_settings(&cluster),
                     // A collection waits out the quarantine: no overall timeout, only connect.
-                    http: reqwest::Client::builder().connect_timeout(cluster.call_timeout).build()?,
+                    http: shoal_tls::http_client().connect_timeout(cluster.call_timeout).build()?,
                 }),
             );
         }

@@ -31,7 +31,7 @@ impl Forwarder {
     /// The client only bounds connecting: an upload body may stream for as long as the
     /// client keeps sending, exactly as it could to the home origin itself.
     pub fn new(membership: Arc<Membership>, connect_timeout: Duration) -> anyhow::Result<Forwarder> {
-        let client = reqwest::Client::builder().connect_timeout(connect_timeout).no_proxy().build()?;
+        let client = shoal_tls::http_client().connect_timeout(connect_timeout).build()?;
         Ok(Forwarder { membership, client })
     }
 

@@ -30,7 +30,7 @@ fn bar(done: u64, total: u64) -> String {
 
 pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
     let client =
-        reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).timeout(args.timeout).build()?;
+        shoal_tls::http_client().connect_timeout(Duration::from_secs(10)).timeout(args.timeout).build()?;
     let url = format!("{}/v1/preheat", args.agent.trim_end_matches('/'));
     let body = serde_json::json!({ "image": args.image, "platform": args.platform });
     let response = client.post(&url).json(&body).send().await.with_context(|| format!("POST {url}"))?;

@@ -23,6 +23,8 @@ pub struct TrackerArgs {
     /// Peers handed out per announce
     #[arg(long, env = "SHOAL_HANDOUT_LIMIT", default_value_t = 50)]
     pub handout_limit: usize,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 /// Bind the tracker's HTTP server.

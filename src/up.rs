@@ -46,6 +46,7 @@ pub async fn run(
         origin: vec![origin_url.clone()],
         announce_interval: std::time::Duration::from_secs(3),
         handout_limit: 50,
+        tls: Default::default(),
     })
     .await?;
     let mut agents = Vec::new();

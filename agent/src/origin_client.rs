@@ -80,7 +80,7 @@ impl OriginClient {
         failures: IntCounterVec,
     ) -> Result<OriginClient, OriginClientError> {
         let origins = Failover::new(urls).map_err(|_| OriginClientError::NoOrigins)?.count_failures(failures);
-        let http = reqwest::Client::builder().connect_timeout(timeout).read_timeout(timeout).build()?;
+        let http = shoal_tls::http_client().connect_timeout(timeout).read_timeout(timeout).build()?;
         Ok(OriginClient { origins: Arc::new(origins), http, per_mib: Duration::from_millis(200) })
     }
 

@@ -80,9 +80,10 @@ impl Process {
         result
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>`, or `https://` for a process started with `--tls-cert`.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let tls = self.args.iter().any(|a| a == "--tls-cert");
+        format!("{}://127.0.0.1:{}", if tls { "https" } else { "http" }, self.port)
     }
 
     /// The file that receives the process's stdout and stderr.
@@ -185,6 +186,8 @@ pub struct Cluster {
     agents: Vec<Process>,
     root: TempDir,
     http: reqwest::Client,
+    /// Every process has a certificate from the test PKI: TLS listeners, mutual TLS peers.
+    tls: bool,
 }
 
 impl Cluster {
@@ -197,11 +200,29 @@ impl Cluster {
     /// A cluster whose agents all get `agent_toml` appended to their config
     /// file (which already sets `announce_interval`).
     pub async fn start_with(agents: usize, agent_toml: &str) -> Cluster {
+        Cluster::start_opts(agents, agent_toml, false).await
+    }
+
+    /// A cluster where every process has a certificate from the binary's test PKI
+    /// ([`crate::tls::pki`]): HTTPS on every listener, node identity on every connection,
+    /// the peer protocol over mutual TLS.
+    pub async fn start_tls(agents: usize) -> Cluster {
+        Cluster::start_opts(agents, "", true).await
+    }
+
+    async fn start_opts(agents: usize, agent_toml: &str, tls: bool) -> Cluster {
+        use shoal_registry::identity::Role;
         assert!(
             crate::external_registry().is_none(),
             "a swarm test starts its own origin: skip_if_external! first"
         );
-        let origin = Origin::start_with_config("peer_listen = \"127.0.0.1:0\"\n").await;
+        let mut origin_toml = "peer_listen = \"127.0.0.1:0\"\n".to_string();
+        let mut tracker_tls = Vec::new();
+        if tls {
+            origin_toml.push_str(&crate::tls::pki().toml("origin", Role::Origin));
+            tracker_tls = crate::tls::pki().flags("tracker", Role::Tracker);
+        }
+        let origin = Origin::start_with_config(&origin_toml).await;
         let root =
             tempfile::Builder::new().prefix("shoal-swarm-").tempdir().expect("create a temporary directory");
         let tracker = Process::spawn(
@@ -212,16 +233,19 @@ impl Cluster {
                 origin.url().into(),
                 "--announce-interval".into(),
                 ANNOUNCE_INTERVAL.into(),
-            ],
+            ]
+            .into_iter()
+            .chain(tracker_tls)
+            .collect(),
             root.path().join("tracker.log"),
         )
         .await;
-        let http = reqwest::Client::builder()
+        let http = shoal_tls::http_client()
             .connect_timeout(Duration::from_secs(5))
             .read_timeout(READ_TIMEOUT)
             .build()
             .expect("build an HTTP client");
-        let mut cluster = Cluster { origin, tracker, agents: Vec::new(), root, http };
+        let mut cluster = Cluster { origin, tracker, agents: Vec::new(), root, http, tls };
         for _ in 0..agents {
             cluster.add_agent(agent_toml).await;
         }
@@ -243,7 +267,7 @@ impl Cluster {
         let config = dir.join("config.toml");
         std::fs::write(&config, format!("announce_interval = \"{ANNOUNCE_INTERVAL}\"\n{extra_toml}\n"))
             .expect("write the agent's config");
-        let args: Vec<OsString> = vec![
+        let mut args: Vec<OsString> = vec![
             "agent".into(),
             "--peer-listen".into(),
             "127.0.0.1:0".into(),
@@ -256,6 +280,10 @@ impl Cluster {
             "--config".into(),
             config.into(),
         ];
+        if self.tls {
+            let role = shoal_registry::identity::Role::Agent;
+            args.extend(crate::tls::pki().flags(&format!("agent-{index}"), role));
+        }
         let agent = Process::spawn(format!("shoal agent {index}"), args, dir.join("server.log")).await;
         self.agents.push(agent);
         index

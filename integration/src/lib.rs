@@ -27,6 +27,7 @@ pub mod oci;
 pub mod origin;
 pub mod origins;
 pub mod raw;
+pub mod tls;
 
 pub use api::{Client, Reply, SendExt};
 pub use content::{random_bytes, sha256, sha512, unique_repo, unique_token};

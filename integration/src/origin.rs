@@ -73,6 +73,7 @@ impl Origin {
     }
 
     async fn spawn(config: Option<&str>) -> Origin {
+        let config_text = config.map(str::to_string);
         let root =
             tempfile::Builder::new().prefix("shoal-it-").tempdir().expect("create a temporary directory");
         std::fs::create_dir_all(root.path().join("data")).expect("create the data directory");
@@ -86,7 +87,7 @@ impl Origin {
         // it; such a child exits at once, so try again on a new port.
         for attempt in 1..=SPAWN_ATTEMPTS {
             server.port = free_port();
-            let url = format!("http://127.0.0.1:{}", server.port);
+            let url = format!("{}://127.0.0.1:{}", scheme_of(config_text.as_deref()), server.port);
             match server.launch(&url).await {
                 Ok(()) => return Origin { url, server: Some(server) },
                 Err(why) if attempt < SPAWN_ATTEMPTS => {
@@ -197,6 +198,19 @@ impl Server {
     }
 }
 
+/// `https` for a config with a `[tls]` section that names a certificate (see
+/// [`crate::tls::TestPki::toml`]), else `http`.
+pub(crate) fn scheme_of(config: Option<&str>) -> &'static str {
+    let has_tls = config.is_some_and(|c| {
+        c.lines().any(|l| l.trim() == "[tls]") && c.lines().any(|l| l.trim_start().starts_with("cert ="))
+    });
+    if has_tls {
+        "https"
+    } else {
+        "http"
+    }
+}
+
 /// Spawns `command` with its stdout and stderr appended to `log_path`, without
 /// the harness's own environment variables (they are not Shoal settings).
 pub(crate) fn spawn_logged(mut command: Command, log_path: &Path) -> Result<Child, String> {
@@ -219,8 +233,7 @@ pub(crate) fn spawn_logged(mut command: Command, log_path: &Path) -> Result<Chil
 
 /// Waits until `GET <url>/healthz` answers 200, failing early if `child` exits.
 pub(crate) async fn wait_healthy(child: &mut Child, url: &str) -> Result<(), String> {
-    let http =
-        reqwest::Client::builder().timeout(Duration::from_secs(2)).build().map_err(|e| e.to_string())?;
+    let http = shoal_tls::http_client().timeout(Duration::from_secs(2)).build().map_err(|e| e.to_string())?;
     let deadline = Instant::now() + HEALTH_TIMEOUT;
     let mut last = String::from("no answer yet");
     while Instant::now() < deadline {

@@ -196,7 +196,7 @@ impl OriginCluster {
             .prefix("shoal-origins-")
             .tempdir()
             .expect("create a temporary directory");
-        let http = reqwest::Client::builder().timeout(ADMIN_TIMEOUT).build().expect("build an HTTP client");
+        let http = shoal_tls::http_client().timeout(ADMIN_TIMEOUT).build().expect("build an HTTP client");
         let mut cluster = OriginCluster {
             root,
             bin: shoal_binary(),

@@ -11,8 +11,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, ReadBuf};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 
@@ -21,6 +19,7 @@ use crate::blob::BlobPieces;
 use crate::inbound::InboundCodec;
 use crate::limiter::RateLimiter;
 use crate::peer::PeerId;
+use crate::transport::{self, ReadHalf, WriteHalf};
 use crate::wire::{Message, PeerCodec, PROTOCOL_VERSION};
 use crate::writer::{send_new_haves, PeerWriter};
 
@@ -189,7 +188,7 @@ pub async fn run(
     let _ = events.send(ConnEvent::Closed { peer, reason }).await;
 }
 
-type PeerReader = FramedRead<CountingReader<OwnedReadHalf>, InboundCodec>;
+type PeerReader = FramedRead<CountingReader<ReadHalf>, InboundCodec>;
 
 async fn handshake(
     addr: SocketAddr,
@@ -197,13 +196,8 @@ async fn handshake(
     pieces: &BlobPieces,
     timeouts: ConnTimeouts,
     (conn, node): (Arc<AtomicU64>, Arc<AtomicU64>),
-) -> Result<(PeerId, Bitfield, PeerReader, PeerWriter<OwnedWriteHalf>), String> {
-    let stream = tokio::time::timeout(timeouts.connect, TcpStream::connect(addr))
-        .await
-        .map_err(|_| "connect timeout".to_string())?
-        .map_err(|e| format!("connect: {e}"))?;
-    let _ = stream.set_nodelay(true);
-    let (read, write) = stream.into_split();
+) -> Result<(PeerId, Bitfield, PeerReader, PeerWriter<WriteHalf>), String> {
+    let (read, write) = transport::connect(addr, timeouts.connect, timeouts.handshake).await?;
     // Small frames until the handshake is done; then whole pieces, but only requested ones.
     let mut reader = FramedRead::new(CountingReader { inner: read, conn, node }, InboundCodec::new());
     let mut writer = PeerWriter::new(write, PeerCodec::default());

@@ -46,6 +46,7 @@ pub mod server;
 pub mod swarm;
 pub mod swarm_state;
 pub mod tracker_client;
+pub mod transport;
 pub mod wire;
 pub mod writer;
 

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use shoal_registry::Digest;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::FramedRead;
@@ -20,6 +19,7 @@ use crate::inbound::{AddressSlots, InboundCodec};
 use crate::limiter::RateLimiter;
 use crate::metrics::SwarmMetrics;
 use crate::peer::PeerId;
+use crate::transport::{self, ReadHalf, WriteHalf};
 use crate::wire::{Message, PeerCodec, PROTOCOL_VERSION};
 use crate::writer::{send_new_haves, PeerWriter};
 
@@ -359,8 +359,7 @@ impl PeerServer {
     }
 
     async fn handle(&self, stream: TcpStream) -> Result<(), String> {
-        let _ = stream.set_nodelay(true);
-        let (read, write) = stream.into_split();
+        let (read, write) = transport::accept(stream, HANDSHAKE_TIMEOUT).await?;
         // Small frames only, for good: a downloader sends handshakes and control messages,
         // and the pieces it has no business sending are skipped unread.
         let mut reader = FramedRead::new(read, InboundCodec::new());
@@ -406,8 +405,8 @@ impl PeerServer {
     /// Serve requests on an established connection until it ends.
     async fn exchange(
         &self,
-        mut stream: FramedRead<OwnedReadHalf, InboundCodec>,
-        mut sink: PeerWriter<OwnedWriteHalf>,
+        mut stream: FramedRead<ReadHalf, InboundCodec>,
+        mut sink: PeerWriter<WriteHalf>,
         pieces: &Arc<BlobPieces>,
         remote: PeerId,
         mut advertised: Bitfield,

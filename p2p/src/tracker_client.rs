@@ -91,7 +91,7 @@ pub struct TrackerClient {
 
 impl TrackerClient {
     pub fn new(urls: Vec<String>, timeout: Duration) -> Result<TrackerClient, reqwest::Error> {
-        let http = reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).build()?;
+        let http = shoal_tls::http_client().timeout(timeout).connect_timeout(timeout).build()?;
         let urls = urls.into_iter().map(|u| u.trim_end_matches('/').to_string()).collect();
         Ok(TrackerClient { urls, http })
     }

@@ -48,7 +48,7 @@ pub struct Origins {
 impl Origins {
     /// A client of `urls` (one cluster's origins, tried in this order), `timeout` per call.
     pub fn new(urls: Vec<String>, timeout: Duration) -> Result<Origins, OriginsBuildError> {
-        let http = reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).build()?;
+        let http = shoal_tls::http_client().timeout(timeout).connect_timeout(timeout).build()?;
         let origins = Failover::new(urls).map_err(|_| OriginsBuildError::NoOrigins)?;
         Ok(Origins {
             origins,

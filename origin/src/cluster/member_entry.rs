@@ -72,9 +72,9 @@ fn check_host_name(host: &str) -> Result<String, String> {
     Ok(host.to_ascii_lowercase())
 }
 
-/// `http://` + id: ids are already `host:port` with IPv6 bracketed.
+/// The scheme of this cluster + id: ids are already `host:port` with IPv6 bracketed.
 pub fn url_of(id: &str) -> String {
-    format!("http://{id}")
+    format!("{}://{id}", shoal_tls::scheme())
 }
 
 #[cfg(test)]

@@ -96,10 +96,9 @@ impl RemoteNode {
         let build = |b: reqwest::ClientBuilder| {
             b.no_proxy().build().map_err(|e| refused(format!("building HTTP client: {e}")))
         };
-        let http = build(reqwest::Client::builder().timeout(call_timeout))?;
-        let bulk =
-            build(reqwest::Client::builder().connect_timeout(call_timeout).read_timeout(call_timeout))?;
-        let upload = build(reqwest::Client::builder().connect_timeout(call_timeout))?;
+        let http = build(shoal_tls::http_client().timeout(call_timeout))?;
+        let bulk = build(shoal_tls::http_client().connect_timeout(call_timeout).read_timeout(call_timeout))?;
+        let upload = build(shoal_tls::http_client().connect_timeout(call_timeout))?;
         let base_url = base_url.trim_end_matches('/').to_string();
         Ok(RemoteNode { id, base_url, auth, http, bulk, upload, call_timeout })
     }

@@ -1,0 +1,141 @@
+//! TLS on every listener, node identity, and the peer protocol over mutual TLS, with real
+//! `shoal` processes whose certificates come from a CA made by the test.
+
+use std::time::{Duration, Instant};
+
+use shoal_integration::cluster::Cluster;
+use shoal_integration::tls::pki;
+use shoal_integration::{skip_if_external, Origin};
+use shoal_registry::identity::Role;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The certificate a TLS server at `addr` presents to a client that trusts the test CA.
+async fn served_certificate(addr: &str) -> Vec<u8> {
+    let connector = shoal_tls::TlsConnector::from(shoal_tls::current().client_config());
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = shoal_tls::ServerName::try_from("localhost").expect("a server name");
+    let tls = connector.connect(name, tcp).await.expect("TLS handshake");
+    tls.get_ref().1.peer_certificates().expect("a server certificate")[0].as_ref().to_vec()
+}
+
+fn host_port(url: &str) -> &str {
+    url.split_once("://").map_or(url, |(_, rest)| rest).trim_end_matches('/')
+}
+
+/// The origin's peer listener, from the line it logs when it starts seeding.
+fn origin_peer_addr(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).expect("read the origin's log");
+    let line = text.lines().find(|l| l.contains("seeding blobs to the swarm")).expect("the seeding line");
+    let start = line.find("peer_listen=").expect("peer_listen in the line") + "peer_listen=".len();
+    line[start..].split_whitespace().next().expect("an address").to_string()
+}
+
+#[tokio::test]
+async fn a_blob_crosses_a_tls_cluster_and_its_peers_use_mutual_tls() {
+    skip_if_external!("starts its own cluster");
+    let cluster = Cluster::start_tls(2).await;
+    assert!(cluster.origin.url().starts_with("https://"));
+    let blob = cluster.push_random_blob(12 << 20).await;
+    let first = cluster.fetch(0, &blob).await.expect("pull through agent 0");
+    assert_eq!(first.digest, blob.digest);
+    let second = cluster.fetch(1, &blob).await.expect("pull through agent 1");
+    assert_eq!(second.digest, blob.digest);
+    // The swarm worked over mutual TLS: the agents received pieces from peers (the origin's
+    // seeder or each other), not only from the origin's HTTP fallback.
+    let received = cluster.agent_received(0).await.peer + cluster.agent_received(1).await.peer;
+    assert!(
+        received >= blob.size,
+        "agents received {received} bytes from peers for a {} byte blob",
+        blob.size
+    );
+    for i in 0..2 {
+        let log = std::fs::read_to_string(cluster.agent(i).log_path()).expect("read an agent's log");
+        assert!(log.contains("peer_tls=true"), "agent {i} did not turn peer TLS on:\n{log}");
+    }
+}
+
+#[tokio::test]
+async fn plain_http_gets_no_answer_where_tls_is_on() {
+    skip_if_external!("starts its own origin");
+    let origin = Origin::start_with_config(&pki().toml("plain-refused", Role::Origin)).await;
+    let plain = format!("http://{}/v2/", host_port(origin.url()));
+    let result = reqwest::Client::new().get(&plain).timeout(Duration::from_secs(5)).send().await;
+    match result {
+        Err(_) => {}
+        Ok(resp) => panic!("plain HTTP to a TLS listener answered {}", resp.status()),
+    }
+    // The same request over TLS works.
+    let resp =
+        shoal_tls::http_client().build().unwrap().get(format!("{}/v2/", origin.url())).send().await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_client_without_a_node_certificate_gets_no_piece() {
+    skip_if_external!("starts its own cluster");
+    let cluster = Cluster::start_tls(0).await;
+    let blob = cluster.push_random_blob(1 << 20).await;
+    let seeder = origin_peer_addr(&cluster.origin.log_path());
+
+    // Plain TCP speaking the peer protocol's first bytes: the seeder expects a TLS
+    // handshake, so nothing of the blob comes back.
+    let mut tcp = TcpStream::connect(&seeder).await.expect("connect to the seeder");
+    let _ = tcp.write_all(format!("\0\0\0\x50\x01{}", blob.digest).as_bytes()).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), tcp.read_to_end(&mut got)).await;
+    assert!(got.len() < 64, "a plain client read {} bytes from the seeder", got.len());
+
+    // TLS that trusts the CA but presents no certificate: the seeder ends the handshake.
+    let connector = shoal_tls::TlsConnector::from(shoal_tls::current().client_config());
+    let tcp = TcpStream::connect(&seeder).await.expect("connect to the seeder");
+    let name = shoal_tls::ServerName::try_from("localhost").unwrap();
+    let mut got = Vec::new();
+    if let Ok(mut tls) = connector.connect(name, tcp).await {
+        let _ = tls.write_all(b"hello").await;
+        let _ = tokio::time::timeout(Duration::from_secs(15), tls.read_to_end(&mut got)).await;
+    }
+    assert!(got.is_empty(), "a client without a certificate read {} bytes", got.len());
+
+    // An operator's certificate is signed by the cluster CA, but it is not a node's.
+    let (cert, key) = pki().issue("alice", Role::Admin);
+    let admin = shoal_tls::Tls::load(&shoal_tls::TlsSettings {
+        cert: Some(cert),
+        key: Some(key),
+        cluster_ca: Some(pki().ca_path()),
+        ..Default::default()
+    })
+    .unwrap();
+    let tcp = TcpStream::connect(&seeder).await.expect("connect to the seeder");
+    let name = shoal_tls::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
+    let mut got = Vec::new();
+    if let Ok(mut tls) = admin.peer().unwrap().connector.connect(name, tcp).await {
+        let _ = tls.write_all(b"hello").await;
+        let _ = tokio::time::timeout(Duration::from_secs(15), tls.read_to_end(&mut got)).await;
+    }
+    assert!(got.is_empty(), "an admin certificate read {} bytes from the peer port", got.len());
+}
+
+#[tokio::test]
+async fn a_replaced_certificate_is_served_without_a_restart() {
+    skip_if_external!("starts its own origin");
+    let origin = Origin::start_with_config(&pki().toml("rotating", Role::Origin)).await;
+    let addr = host_port(origin.url()).to_string();
+    let before = served_certificate(&addr).await;
+    pki().issue("rotating", Role::Origin);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = served_certificate(&addr).await;
+        if now != before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the origin still serves the old certificate");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Still the same process, still serving.
+    let resp =
+        shoal_tls::http_client().build().unwrap().get(format!("{}/v2/", origin.url())).send().await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    let log = std::fs::read_to_string(origin.log_path()).unwrap();
+    assert!(log.contains("TLS certificate reloaded"), "{log}");
+}

@@ -1,0 +1,93 @@
+//! A cluster CA and the certificates it issues (`shoal certs`, `shoal up --tls`, the
+//! tests). A node certificate names its node in the common name and its role in the
+//! organizational unit (see [`shoal_registry::identity::Role`]) and is good for both server
+//! and client authentication, since every Shoal process is both.
+
+use std::net::IpAddr;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    SanType, SerialNumber,
+};
+use shoal_registry::identity::Role;
+
+/// A certificate and its private key, both PEM.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertsError {
+    #[error("{0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Validity starts a little in the past, so a node whose clock is slightly behind the
+/// issuer's accepts a fresh certificate.
+const BACKDATE: time::Duration = time::Duration::hours(1);
+
+fn validity(params: &mut CertificateParams, days: u32) -> Result<(), CertsError> {
+    if days == 0 {
+        return Err(CertsError::Invalid("a certificate must be valid for at least one day".into()));
+    }
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - BACKDATE;
+    params.not_after = now + time::Duration::days(i64::from(days));
+    let serial: [u8; 16] = rand::random();
+    // Positive, as X.509 requires.
+    let mut serial = serial.to_vec();
+    serial[0] &= 0x7f;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    Ok(())
+}
+
+/// A new self-signed CA named `name`, valid for `days`.
+pub fn new_ca(name: &str, days: u32) -> Result<Issued, CertsError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    validity(&mut params, days)?;
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+/// A certificate for node (or operator) `name` with `role`, signed by the CA, valid for
+/// `days`, for the DNS names and IP addresses given (its server names).
+pub fn issue(
+    ca: &Issued,
+    name: &str,
+    role: Role,
+    dns: &[String],
+    ips: &[IpAddr],
+    days: u32,
+) -> Result<Issued, CertsError> {
+    if name.is_empty() {
+        return Err(CertsError::Invalid("a certificate needs a name".into()));
+    }
+    let ca_key = KeyPair::from_pem(&ca.key_pem)?;
+    let ca_cert = CertificateParams::from_ca_cert_pem(&ca.cert_pem)?.self_signed(&ca_key)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.distinguished_name.push(DnType::OrganizationalUnitName, role.unit());
+    for d in dns {
+        let name = d.clone().try_into().map_err(|_| CertsError::Invalid(format!("not a DNS name: {d}")))?;
+        params.subject_alt_names.push(SanType::DnsName(name));
+    }
+    params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages =
+        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    validity(&mut params, days)?;
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
+    Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}

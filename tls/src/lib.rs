@@ -1,0 +1,238 @@
+//! TLS for every Shoal listener and client.
+//!
+//! One process is one node, so one [`Tls`] context per process holds everything: the
+//! node's certificate and key (served on its listeners, presented as its client identity,
+//! reloaded when the files change so cert-manager can rotate them), the CAs outgoing
+//! connections trust besides the system's roots, and the cluster CA whose certificates
+//! identify the cluster's own processes ([`shoal_registry::identity`]). The binary installs
+//! it once at start ([`install`]); every HTTP client in the workspace comes from
+//! [`http_client`], and the peer protocol takes its connector and acceptor from
+//! [`Tls::peer`].
+
+mod certs;
+mod config;
+mod identity;
+mod pem;
+mod reload;
+mod verify;
+
+use std::sync::{Arc, OnceLock};
+
+use rustls::pki_types::CertificateDer;
+use rustls::RootCertStore;
+use shoal_registry::identity::TransportIdentity;
+
+pub use certs::{issue, new_ca, CertsError, Issued};
+pub use config::{TlsSettings, DEFAULT_RELOAD_INTERVAL};
+pub use identity::identity_of;
+pub use reload::ReloadingKey;
+pub use rustls::pki_types::ServerName;
+pub use tokio_rustls::{client::TlsStream as ClientTlsStream, server::TlsStream as ServerTlsStream};
+pub use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// What can go wrong loading TLS material.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {what}")]
+    Pem { path: String, what: String },
+    #[error("{0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The TLS context of one process.
+pub struct Tls {
+    settings: TlsSettings,
+    /// This node's certificate and key, when it has them.
+    key: Option<Arc<ReloadingKey>>,
+    /// The cluster CA, when node identity is on.
+    cluster_roots: Option<Arc<RootCertStore>>,
+    /// For outgoing HTTPS: system roots, `ca` and the cluster CA; presents the node's key.
+    client: Arc<rustls::ClientConfig>,
+    /// For the HTTP listeners: the node's key; asks for (does not require) a client
+    /// certificate from the cluster CA.
+    server: Option<Arc<rustls::ServerConfig>>,
+    peer: Option<PeerTls>,
+}
+
+/// The peer protocol's mutual TLS: both sides present a certificate the cluster CA signed.
+#[derive(Clone)]
+pub struct PeerTls {
+    pub connector: TlsConnector,
+    pub acceptor: TlsAcceptor,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("settings", &self.settings)
+            .field("listeners", &self.server.is_some())
+            .field("peer", &self.peer.is_some())
+            .finish()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Tls {
+    /// Plain listeners, plain peer protocol; outgoing HTTPS trusts the system's roots.
+    pub fn plain() -> Tls {
+        // Without files to read, loading cannot fail.
+        match Tls::load(&TlsSettings::default()) {
+            Ok(tls) => tls,
+            Err(e) => unreachable!("plain TLS settings failed to load: {e}"),
+        }
+    }
+
+    /// Load the files `settings` names (blocking: call before the runtime serves, or on a
+    /// blocking thread).
+    pub fn load(settings: &TlsSettings) -> Result<Tls, TlsError> {
+        settings.check()?;
+        let provider = provider();
+        let key = match (&settings.cert, &settings.key) {
+            (Some(cert), Some(key)) => Some(Arc::new(ReloadingKey::load(cert, key, provider.clone())?)),
+            _ => None,
+        };
+        let cluster_roots = match &settings.cluster_ca {
+            Some(path) => Some(Arc::new(pem::roots(path)?)),
+            None => None,
+        };
+        let mut trusted = RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        let (added, _) = trusted.add_parsable_certificates(native.certs);
+        tracing::debug!(added, errors = native.errors.len(), "system CA certificates");
+        for path in settings.ca.iter() {
+            trusted.add_parsable_certificates(pem::certs(path)?);
+        }
+        if let Some(roots) = &cluster_roots {
+            trusted.roots.extend(roots.roots.iter().cloned());
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(trusted);
+        let mut client = match &key {
+            Some(k) => builder.with_client_cert_resolver(k.clone()),
+            None => builder.with_no_client_auth(),
+        };
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let server = match &key {
+            None => None,
+            Some(k) => {
+                let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+                    .with_safe_default_protocol_versions()?;
+                let builder = match &cluster_roots {
+                    Some(roots) => builder.with_client_cert_verifier(
+                        rustls::server::WebPkiClientVerifier::builder_with_provider(
+                            roots.clone(),
+                            provider.clone(),
+                        )
+                        .allow_unauthenticated()
+                        .build()?,
+                    ),
+                    None => builder.with_no_client_auth(),
+                };
+                let mut config = builder.with_cert_resolver(k.clone());
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Some(Arc::new(config))
+            }
+        };
+        let peer = match (&key, &cluster_roots) {
+            (Some(k), Some(roots)) if settings.peer_enabled() => {
+                Some(verify::peer_tls(k.clone(), roots.clone(), provider.clone())?)
+            }
+            _ => None,
+        };
+        Ok(Tls { settings: settings.clone(), key, cluster_roots, client: Arc::new(client), server, peer })
+    }
+
+    /// The settings this context was loaded from.
+    pub fn settings(&self) -> &TlsSettings {
+        &self.settings
+    }
+
+    /// The acceptor for HTTP listeners, when this node has a certificate.
+    pub fn acceptor(&self) -> Option<TlsAcceptor> {
+        self.server.clone().map(TlsAcceptor::from)
+    }
+
+    /// The peer protocol's mutual TLS, when on.
+    pub fn peer(&self) -> Option<&PeerTls> {
+        self.peer.as_ref()
+    }
+
+    /// Whether clients can prove node identity to this process's listeners.
+    pub fn verifies_nodes(&self) -> bool {
+        self.cluster_roots.is_some() && self.server.is_some()
+    }
+
+    /// This node's own identity, read from its certificate.
+    pub fn own_identity(&self) -> Option<TransportIdentity> {
+        let key = self.key.as_ref()?.current();
+        identity::from_der(key.cert.first()?)
+    }
+
+    /// The rustls client configuration every outgoing HTTPS connection uses.
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        self.client.clone()
+    }
+
+    /// Reload the certificate and key whenever their files change, until the runtime stops.
+    pub fn spawn_reload(&self) {
+        if let Some(key) = &self.key {
+            key.clone().spawn_watch(self.settings.reload_interval());
+        }
+    }
+}
+
+static CURRENT: OnceLock<Arc<Tls>> = OnceLock::new();
+
+/// Make `tls` this process's context. Only the first call counts; later ones return false.
+pub fn install(tls: Arc<Tls>) -> bool {
+    CURRENT.set(tls).is_ok()
+}
+
+/// This process's context: the installed one, or plain.
+pub fn current() -> Arc<Tls> {
+    CURRENT.get_or_init(|| Arc::new(Tls::plain())).clone()
+}
+
+/// The one HTTP client builder of the workspace: TLS from this process's context (trusted
+/// roots, the node's client certificate), HTTP/1.1, no proxy from the environment (every
+/// peer of a Shoal process is named in its configuration). Callers add their timeouts.
+pub fn http_client() -> reqwest::ClientBuilder {
+    http_client_with(&current())
+}
+
+/// [`http_client`] with an explicit context (tests, tools).
+pub fn http_client_with(tls: &Tls) -> reqwest::ClientBuilder {
+    reqwest::Client::builder().use_preconfigured_tls((*tls.client).clone()).no_proxy()
+}
+
+/// The certificates of a PEM file (for tests and tools).
+pub fn read_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    pem::certs(path)
+}
+
+impl Tls {
+    /// Check the certificate files now (blocking); whether a new pair is in use.
+    pub fn reload_now(&self) -> bool {
+        self.key.as_ref().is_some_and(|k| k.reload_if_changed())
+    }
+}
+
+/// The URL scheme of this process's listeners, and so of its cluster's: every origin of a
+/// cluster serves TLS or none does.
+pub fn scheme() -> &'static str {
+    if current().settings().serves_tls() {
+        "https"
+    } else {
+        "http"
+    }
+}
