@@ -117,9 +117,9 @@ pub async fn serve(
         };
         // The semaphore is never closed.
         let Ok(permit) = permit else { break };
-        let stream = tokio::select! {
+        let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     accept_failed(e).await;
                     continue;
@@ -130,7 +130,7 @@ pub async fn serve(
         let (app, stop, done, tls) = (app.clone(), stop_rx.clone(), done_rx.clone(), tls.clone());
         tokio::spawn(async move {
             match tls {
-                None => serve_connection(stream, None, app, limits, stop).await,
+                None => serve_connection(stream, remote, None, app, limits, stop).await,
                 Some(acceptor) => {
                     // The handshake counts against the head's deadline: a client that opens
                     // a connection and says nothing holds a slot no longer than one that
@@ -139,7 +139,7 @@ pub async fn serve(
                     match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             let identity = shoal_tls::identity_of(stream.get_ref().1);
-                            serve_connection(stream, identity, app, limits, stop).await;
+                            serve_connection(stream, remote, identity, app, limits, stop).await;
                         }
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -172,10 +172,11 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
 }
 
-/// Serve one connection; `identity` is what its TLS client certificate proved, if anything,
-/// and goes on every request as an extension.
+/// Serve one connection. Every request carries the client's address (axum's
+/// `ConnectInfo`) and `identity`, what its TLS client certificate proved, if anything.
 async fn serve_connection<S>(
     stream: S,
+    remote: std::net::SocketAddr,
     identity: Option<TransportIdentity>,
     app: Router,
     limits: HttpLimits,
@@ -185,6 +186,7 @@ async fn serve_connection<S>(
 {
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let mut request = request.map(|body| Body::new(BodyGuard::new(body, &limits)));
+        request.extensions_mut().insert(axum::extract::ConnectInfo(remote));
         if let Some(id) = &identity {
             request.extensions_mut().insert(id.clone());
         }

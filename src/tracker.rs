@@ -34,6 +34,8 @@ pub async fn bind(args: TrackerArgs) -> anyhow::Result<BoundServer> {
         origins: args.origin.clone(),
         announce_interval: args.announce_interval,
         handout_limit: args.handout_limit,
+        // With a cluster CA on its listener, the tracker serves the cluster's nodes only.
+        require_node_identity: shoal_tls::current().verifies_nodes(),
         ..TrackerConfig::default()
     };
     let api = shoal_tracker::router(config, &metrics.registry)?;

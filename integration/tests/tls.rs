@@ -139,3 +139,54 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
     let log = std::fs::read_to_string(origin.log_path()).unwrap();
     assert!(log.contains("TLS certificate reloaded"), "{log}");
 }
+
+#[tokio::test]
+async fn the_tracker_takes_announces_only_from_the_clusters_nodes() {
+    skip_if_external!("starts its own cluster");
+    let cluster = Cluster::start_tls(0).await;
+    let blob = cluster.push_random_blob(64 << 10).await;
+    let url = format!("{}/v1/announce", cluster.tracker.url());
+    let fake = serde_json::json!({
+        "digest": blob.digest,
+        "peer_id": "ab".repeat(20),
+        "addr": "192.0.2.1:7001",
+        "complete": true,
+    });
+    // Over TLS, but without a certificate: refused before anything is recorded.
+    let anonymous = shoal_tls::http_client().build().unwrap();
+    let resp = anonymous.post(&url).json(&fake).send().await.expect("announce");
+    assert_eq!(resp.status(), reqwest::StatusCode::FORBIDDEN);
+    let resp =
+        anonymous.get(format!("{}/v1/metainfo/{}", cluster.tracker.url(), blob.digest)).send().await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::FORBIDDEN);
+
+    // An operator's certificate is not a node's either.
+    let client_with = |name: &str, role: Role| {
+        let (cert, key) = pki().issue(name, role);
+        let tls = shoal_tls::Tls::load(&shoal_tls::TlsSettings {
+            cert: Some(cert),
+            key: Some(key),
+            cluster_ca: Some(pki().ca_path()),
+            ..Default::default()
+        })
+        .unwrap();
+        shoal_tls::http_client_with(&tls).build().unwrap()
+    };
+    let resp = client_with("bob", Role::Admin).post(&url).json(&fake).send().await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::FORBIDDEN);
+
+    // A node's certificate: accepted, and the peer list names the origin's seeder.
+    let node = client_with("node-x", Role::Agent);
+    let mut real = fake.clone();
+    real["addr"] = "127.0.0.1:9".into();
+    real["complete"] = false.into();
+    let resp = node.post(&url).json(&real).send().await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert!(body["peers"].as_array().is_some_and(|p| !p.is_empty()), "{body}");
+
+    // Another node cannot take over that peer id while it is live.
+    let other = client_with("node-y", Role::Agent);
+    let resp = other.post(&url).json(&fake).send().await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::FORBIDDEN);
+}

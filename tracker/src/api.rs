@@ -3,16 +3,21 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, State};
+use std::net::SocketAddr;
+
+use axum::extract::FromRequestParts;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use shoal_registry::identity::TransportIdentity;
 use shoal_registry::Digest;
 
 use crate::origins::{OriginError, Origins};
-use crate::peers::{PeerStore, PeerStoreLimits};
+use crate::peers::{PeerStore, PeerStoreLimits, Refused};
 use crate::proto::{valid_peer_id, AnnounceRequest, AnnounceResponse};
 
 /// Tracker settings.
@@ -27,6 +32,11 @@ pub struct TrackerConfig {
     pub handout_limit: usize,
     /// Timeout of every call to an origin.
     pub origin_timeout: Duration,
+    /// Accept announces and metainfo requests only from clients whose TLS certificate the
+    /// cluster CA signed for a node (set when the tracker's listener verifies them).
+    pub require_node_identity: bool,
+    /// Live announcements one announcer (node identity, or client address) may hold.
+    pub max_entries_per_announcer: usize,
 }
 
 impl Default for TrackerConfig {
@@ -36,6 +46,8 @@ impl Default for TrackerConfig {
             announce_interval: Duration::from_secs(3),
             handout_limit: 50,
             origin_timeout: Duration::from_secs(5),
+            require_node_identity: false,
+            max_entries_per_announcer: crate::peers::DEFAULT_MAX_ENTRIES_PER_ANNOUNCER,
         }
     }
 }
@@ -67,7 +79,11 @@ pub fn router(config: TrackerConfig, registry: &Registry) -> Result<Router, Buil
     registry.register(Box::new(announces.clone()))?;
     registry.register(Box::new(digests.clone()))?;
     registry.register(Box::new(peer_count.clone()))?;
-    let limits = PeerStoreLimits { ttl: config.announce_interval * 3, ..PeerStoreLimits::default() };
+    let limits = PeerStoreLimits {
+        ttl: config.announce_interval * 3,
+        max_entries_per_announcer: config.max_entries_per_announcer,
+        ..PeerStoreLimits::default()
+    };
     let origins = Origins::new(config.origins.clone(), config.origin_timeout)?;
     let tracker = Arc::new(Tracker {
         config,
@@ -107,7 +123,46 @@ fn bad_request(msg: &str) -> Response {
     (StatusCode::BAD_REQUEST, msg.to_string()).into_response()
 }
 
-async fn announce(State(t): State<Arc<Tracker>>, body: axum::body::Bytes) -> Response {
+/// What the HTTP server knows of the client: the node identity its TLS certificate proved,
+/// and its address.
+struct Client {
+    identity: Option<TransportIdentity>,
+    remote: Option<SocketAddr>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Client {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Client, Self::Rejection> {
+        Ok(Client {
+            identity: parts.extensions.get::<TransportIdentity>().cloned(),
+            remote: parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0),
+        })
+    }
+}
+
+/// The answer to a client without the node identity this tracker requires.
+fn not_a_node() -> Response {
+    (StatusCode::FORBIDDEN, "this tracker serves only the cluster's nodes: present a node certificate")
+        .into_response()
+}
+
+/// Who is calling: its node identity, or without one its address. `None` when the tracker
+/// needs an identity and there is none.
+fn caller(t: &Tracker, client: &Client) -> Option<String> {
+    let Client { identity, remote } = client;
+    match identity {
+        Some(id) if id.role.is_node() => Some(id.to_string()),
+        _ if t.config.require_node_identity => None,
+        _ => Some(remote.map_or_else(|| "unknown".to_string(), |a| a.ip().to_string())),
+    }
+}
+
+async fn announce(State(t): State<Arc<Tracker>>, client: Client, body: axum::body::Bytes) -> Response {
+    let Some(announcer) = caller(&t, &client) else {
+        t.announces.with_label_values(&["refused"]).inc();
+        return not_a_node();
+    };
     let Ok(req) = serde_json::from_slice::<AnnounceRequest>(&body) else {
         t.announces.with_label_values(&["invalid"]).inc();
         return bad_request("announce body must be JSON {digest, peer_id, addr, complete}");
@@ -118,7 +173,7 @@ async fn announce(State(t): State<Arc<Tracker>>, body: axum::body::Bytes) -> Res
     }
     let now = Instant::now();
     if req.stopped {
-        lock(&t.peers).remove(&req.digest, &req.peer_id);
+        lock(&t.peers).remove_by(&announcer, &req.digest, &req.peer_id);
         t.announces.with_label_values(&["stopped"]).inc();
         return Json(AnnounceResponse {
             interval_secs: t.config.announce_interval.as_secs(),
@@ -126,21 +181,42 @@ async fn announce(State(t): State<Arc<Tracker>>, body: axum::body::Bytes) -> Res
         })
         .into_response();
     }
-    let seeders = t.origins.seeders(&req.digest).await;
-    let peers = {
-        let mut store = lock(&t.peers);
-        if !store.announce(&req.digest, &req.peer_id, req.addr, req.complete, now) {
+    // Admission first: a refused announce never makes the tracker call an origin.
+    let admitted =
+        lock(&t.peers).announce_by(&announcer, &req.digest, &req.peer_id, req.addr, req.complete, now);
+    match admitted {
+        Ok(()) => {}
+        Err(why @ Refused::StoreFull) => {
             t.announces.with_label_values(&["full"]).inc();
-            return (StatusCode::SERVICE_UNAVAILABLE, "tracker is full").into_response();
+            return (StatusCode::SERVICE_UNAVAILABLE, why.to_string()).into_response();
         }
-        store.handout(&req.digest, &req.peer_id, &seeders, t.config.handout_limit, now, &mut rand::rng())
-    };
+        Err(why @ Refused::AnnouncerFull) => {
+            t.announces.with_label_values(&["quota"]).inc();
+            return (StatusCode::TOO_MANY_REQUESTS, why.to_string()).into_response();
+        }
+        Err(why @ Refused::NotOwner) => {
+            t.announces.with_label_values(&["refused"]).inc();
+            return (StatusCode::FORBIDDEN, why.to_string()).into_response();
+        }
+    }
+    let seeders = t.origins.seeders(&req.digest).await;
+    let peers = lock(&t.peers).handout(
+        &req.digest,
+        &req.peer_id,
+        &seeders,
+        t.config.handout_limit,
+        Instant::now(),
+        &mut rand::rng(),
+    );
     t.announces.with_label_values(&["ok"]).inc();
     Json(AnnounceResponse { interval_secs: t.config.announce_interval.as_secs().max(1), peers })
         .into_response()
 }
 
-async fn metainfo(State(t): State<Arc<Tracker>>, Path(digest): Path<String>) -> Response {
+async fn metainfo(State(t): State<Arc<Tracker>>, client: Client, Path(digest): Path<String>) -> Response {
+    if caller(&t, &client).is_none() {
+        return not_a_node();
+    }
     let Ok(digest) = digest.parse::<Digest>() else {
         return bad_request("invalid digest");
     };

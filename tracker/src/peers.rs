@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::seq::SliceRandom;
@@ -16,6 +17,23 @@ struct Entry {
     addr: SocketAddr,
     complete: bool,
     expires: Instant,
+    /// Who announced it (a node identity, or an address without TLS): its quota is charged.
+    announcer: Arc<str>,
+}
+
+/// Default cap on live announcements from one announcer: an agent holding ten thousand
+/// blobs at once is far past any real node, and one client cannot fill the store.
+pub const DEFAULT_MAX_ENTRIES_PER_ANNOUNCER: usize = 10_000;
+
+/// Why an announcement was not recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the tracker is full")]
+    StoreFull,
+    #[error("this announcer holds too many announcements")]
+    AnnouncerFull,
+    #[error("another announcer holds this peer id for this blob")]
+    NotOwner,
 }
 
 /// Limits that keep the store bounded whatever clients send.
@@ -27,11 +45,18 @@ pub struct PeerStoreLimits {
     pub max_peers_per_digest: usize,
     /// Digests tracked at once; new digests are refused past it until entries expire.
     pub max_digests: usize,
+    /// Live announcements one announcer may hold.
+    pub max_entries_per_announcer: usize,
 }
 
 impl Default for PeerStoreLimits {
     fn default() -> Self {
-        PeerStoreLimits { ttl: Duration::from_secs(30), max_peers_per_digest: 5000, max_digests: 100_000 }
+        PeerStoreLimits {
+            ttl: Duration::from_secs(30),
+            max_peers_per_digest: 5000,
+            max_digests: 100_000,
+            max_entries_per_announcer: DEFAULT_MAX_ENTRIES_PER_ANNOUNCER,
+        }
     }
 }
 
@@ -40,14 +65,26 @@ pub struct PeerStore {
     limits: PeerStoreLimits,
     /// Per digest, peers by id: a `BTreeMap`, so handouts from a seeded RNG are reproducible.
     swarms: HashMap<Digest, BTreeMap<String, Entry>>,
+    /// Live announcements per announcer.
+    held: HashMap<Arc<str>, usize>,
+}
+
+/// One fewer announcement held by `announcer`.
+fn release(held: &mut HashMap<Arc<str>, usize>, announcer: &Arc<str>) {
+    if let Some(n) = held.get_mut(announcer) {
+        *n -= 1;
+        if *n == 0 {
+            held.remove(announcer);
+        }
+    }
 }
 
 impl PeerStore {
     pub fn new(limits: PeerStoreLimits) -> PeerStore {
-        PeerStore { limits, swarms: HashMap::new() }
+        PeerStore { limits, swarms: HashMap::new(), held: HashMap::new() }
     }
 
-    /// Record (or refresh) an announcement; `false` if the store is full.
+    /// Record (or refresh) an announcement, charged to the peer itself; `false` if refused.
     pub fn announce(
         &mut self,
         digest: &Digest,
@@ -56,15 +93,49 @@ impl PeerStore {
         complete: bool,
         now: Instant,
     ) -> bool {
+        self.announce_by(peer_id, digest, peer_id, addr, complete, now).is_ok()
+    }
+
+    /// Record (or refresh) an announcement from `announcer`. Nothing here calls out: the
+    /// tracker checks capacity with this before it asks an origin anything.
+    pub fn announce_by(
+        &mut self,
+        announcer: &str,
+        digest: &Digest,
+        peer_id: &str,
+        addr: SocketAddr,
+        complete: bool,
+        now: Instant,
+    ) -> Result<(), Refused> {
+        let existing = self.swarms.get(digest).and_then(|s| s.get(peer_id));
+        let refresh = match existing {
+            Some(e) if e.expires > now && &*e.announcer != announcer => return Err(Refused::NotOwner),
+            Some(e) => &*e.announcer == announcer,
+            None => false,
+        };
+        if !refresh && self.held.get(announcer).copied().unwrap_or(0) >= self.limits.max_entries_per_announcer
+        {
+            self.expire(now);
+            if self.held.get(announcer).copied().unwrap_or(0) >= self.limits.max_entries_per_announcer {
+                return Err(Refused::AnnouncerFull);
+            }
+        }
         if !self.swarms.contains_key(digest) && self.swarms.len() >= self.limits.max_digests {
             self.expire(now);
             if self.swarms.len() >= self.limits.max_digests {
-                return false;
+                return Err(Refused::StoreFull);
             }
         }
+        let held = &mut self.held;
         let swarm = self.swarms.entry(digest.clone()).or_default();
         if !swarm.contains_key(peer_id) && swarm.len() >= self.limits.max_peers_per_digest {
-            swarm.retain(|_, e| e.expires > now);
+            swarm.retain(|_, e| {
+                let live = e.expires > now;
+                if !live {
+                    release(held, &e.announcer);
+                }
+                live
+            });
             if swarm.len() >= self.limits.max_peers_per_digest {
                 // Make room by dropping the incomplete peer closest to expiry.
                 let victim = swarm
@@ -72,32 +143,56 @@ impl PeerStore {
                     .filter(|(_, e)| !e.complete)
                     .min_by_key(|(_, e)| e.expires)
                     .map(|(k, _)| k.clone());
-                match victim {
-                    Some(v) => {
-                        swarm.remove(&v);
-                    }
-                    None => return false,
+                match victim.and_then(|v| swarm.remove(&v)) {
+                    Some(gone) => release(held, &gone.announcer),
+                    None => return Err(Refused::StoreFull),
                 }
             }
         }
-        swarm.insert(peer_id.to_string(), Entry { addr, complete, expires: now + self.limits.ttl });
-        true
+        let announcer: Arc<str> = match held.get_key_value(announcer) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(announcer),
+        };
+        let entry = Entry { addr, complete, expires: now + self.limits.ttl, announcer: announcer.clone() };
+        if let Some(old) = swarm.insert(peer_id.to_string(), entry) {
+            release(held, &old.announcer);
+        }
+        *held.entry(announcer).or_insert(0) += 1;
+        Ok(())
     }
 
     /// Forget a peer (it said it stopped).
     pub fn remove(&mut self, digest: &Digest, peer_id: &str) {
         if let Some(swarm) = self.swarms.get_mut(digest) {
-            swarm.remove(peer_id);
+            if let Some(gone) = swarm.remove(peer_id) {
+                release(&mut self.held, &gone.announcer);
+            }
             if swarm.is_empty() {
                 self.swarms.remove(digest);
             }
         }
     }
 
+    /// Forget a peer if `announcer` holds its entry (a `stopped` announce).
+    pub fn remove_by(&mut self, announcer: &str, digest: &Digest, peer_id: &str) {
+        let owned =
+            self.swarms.get(digest).and_then(|s| s.get(peer_id)).is_some_and(|e| &*e.announcer == announcer);
+        if owned {
+            self.remove(digest, peer_id);
+        }
+    }
+
     /// Drop expired announcements.
     pub fn expire(&mut self, now: Instant) {
+        let held = &mut self.held;
         self.swarms.retain(|_, swarm| {
-            swarm.retain(|_, e| e.expires > now);
+            swarm.retain(|_, e| {
+                let live = e.expires > now;
+                if !live {
+                    release(held, &e.announcer);
+                }
+                live
+            });
             !swarm.is_empty()
         });
     }
@@ -211,8 +306,12 @@ mod tests {
     #[test]
     fn store_stays_bounded() {
         let now = Instant::now();
-        let limits =
-            PeerStoreLimits { ttl: Duration::from_secs(10), max_peers_per_digest: 2, max_digests: 1 };
+        let limits = PeerStoreLimits {
+            ttl: Duration::from_secs(10),
+            max_peers_per_digest: 2,
+            max_digests: 1,
+            ..Default::default()
+        };
         let mut store = PeerStore::new(limits);
         let d = digest("a");
         assert!(store.announce(&d, "seed", addr(1), true, now));
@@ -222,5 +321,51 @@ mod tests {
         assert_eq!(store.peers(), 2);
         assert!(!store.announce(&digest("other"), "c", addr(4), false, now));
         assert!(store.announce(&digest("other"), "c", addr(4), false, now + Duration::from_secs(20)));
+    }
+
+    #[test]
+    fn one_announcer_cannot_fill_the_store() {
+        let now = Instant::now();
+        let limits = PeerStoreLimits { max_entries_per_announcer: 3, ..PeerStoreLimits::default() };
+        let mut store = PeerStore::new(limits);
+        for i in 0..3 {
+            assert_eq!(store.announce_by("node-a", &digest(&i.to_string()), "p", addr(1), true, now), Ok(()));
+        }
+        // Refreshing what it holds is fine; a fourth entry is not, whatever the digest.
+        assert_eq!(store.announce_by("node-a", &digest("0"), "p", addr(1), true, now), Ok(()));
+        assert_eq!(
+            store.announce_by("node-a", &digest("3"), "p", addr(1), true, now),
+            Err(Refused::AnnouncerFull)
+        );
+        assert_eq!(
+            store.announce_by("node-a", &digest("0"), "q", addr(1), true, now),
+            Err(Refused::AnnouncerFull)
+        );
+        // Others are not charged for it.
+        assert_eq!(store.announce_by("node-b", &digest("3"), "p", addr(2), true, now), Ok(()));
+        // A stopped entry or an expired one frees the quota.
+        store.remove_by("node-a", &digest("1"), "p");
+        assert_eq!(store.announce_by("node-a", &digest("4"), "p", addr(1), true, now), Ok(()));
+        let later = now + store.limits.ttl + Duration::from_secs(1);
+        assert_eq!(store.announce_by("node-a", &digest("5"), "p", addr(1), true, later), Ok(()));
+        assert_eq!(store.peers(), 1);
+    }
+
+    #[test]
+    fn a_live_entry_belongs_to_its_announcer() {
+        let now = Instant::now();
+        let mut store = PeerStore::new(PeerStoreLimits::default());
+        let d = digest("a");
+        assert_eq!(store.announce_by("node-a", &d, "p", addr(1), true, now), Ok(()));
+        // Another node cannot point peer p elsewhere, nor make it stop.
+        assert_eq!(store.announce_by("intruder", &d, "p", addr(66), true, now), Err(Refused::NotOwner));
+        store.remove_by("intruder", &d, "p");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let peers = store.handout(&d, "x", &[], 10, now, &mut rng);
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].addr, addr(1));
+        // Once it has expired, the id is free again.
+        let later = now + store.limits.ttl + Duration::from_secs(1);
+        assert_eq!(store.announce_by("intruder", &d, "p", addr(66), true, later), Ok(()));
     }
 }
