@@ -49,8 +49,12 @@ pub struct ClusterSection {
     pub replicas: usize,
     /// Copies that must be durable before a push is acknowledged; defaults to `replicas`.
     pub write_quorum: Option<usize>,
-    /// Shared secret of the internal and admin APIs (or `SHOAL_CLUSTER_SECRET`).
+    /// Shared secret of the internal and admin APIs (or `SHOAL_CLUSTER_SECRET`): sent on
+    /// calls to other origins, and accepted.
     pub secret: Option<String>,
+    /// More secrets accepted from callers (not sent): to rotate the secret an origin at a
+    /// time, add the new one here everywhere, then make it `secret`, then drop the old.
+    pub accepted_secrets: Vec<String>,
     #[serde(with = "humantime_serde")]
     pub health_interval: Duration,
     #[serde(with = "humantime_serde")]
@@ -89,6 +93,7 @@ impl Default for ClusterSection {
             replicas: 2,
             write_quorum: None,
             secret: None,
+            accepted_secrets: Vec::new(),
             health_interval: Duration::from_secs(1),
             health_timeout: Duration::from_secs(1),
             health_fails: 3,
@@ -217,9 +222,12 @@ impl OriginConfig {
         }
         let members = if c.members.is_empty() { vec![advertise.clone()] } else { c.members.clone() };
         let secret = c.secret.clone().filter(|s| !s.is_empty());
-        if members.len() > 1 && secret.is_none() {
+        // Origins prove who they are to each other with a certificate or the secret.
+        let node_identity = self.tls.serves_tls() && self.tls.cluster_ca.is_some();
+        if members.len() > 1 && secret.is_none() && !node_identity {
             anyhow::bail!(
-                "a cluster of origins needs a shared secret: set SHOAL_CLUSTER_SECRET or cluster.secret"
+                "a cluster of origins needs node certificates ([tls] cert, key and cluster_ca) or a \
+                 shared secret (SHOAL_CLUSTER_SECRET or cluster.secret)"
             );
         }
         // A lone origin keeps one copy; asking for more could never succeed.
@@ -246,6 +254,26 @@ impl OriginConfig {
             gc_grace: c.gc_grace,
             gc_quarantine: c.gc_quarantine,
         })
+    }
+
+    /// Who may call this origin's internal API (other origins: their certificate or a
+    /// secret) and its admin API (operators' certificates, origins relaying, or a secret).
+    /// `None` when there is nothing to check them with (a lone origin without TLS): the
+    /// APIs are then not served at all.
+    pub fn guards(
+        &self,
+    ) -> Option<(shoal_origin::cluster::internal_api::Guard, shoal_origin::cluster::internal_api::Guard)>
+    {
+        use shoal_origin::cluster::internal_api::Guard;
+        use shoal_registry::identity::Role;
+        let c = &self.cluster;
+        let secrets: Vec<String> =
+            c.secret.iter().chain(&c.accepted_secrets).filter(|s| !s.is_empty()).cloned().collect();
+        let node_identity = self.tls.serves_tls() && self.tls.cluster_ca.is_some();
+        let roles = |r: &[Role]| if node_identity { r.to_vec() } else { Vec::new() };
+        let internal = Guard { secrets: secrets.clone(), roles: roles(&[Role::Origin]) };
+        let admin = Guard { secrets, roles: roles(&[Role::Admin, Role::Origin]) };
+        (!internal.is_open()).then_some((internal, admin))
     }
 
     /// The registry API settings derived from this config.

@@ -155,8 +155,8 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
     let mut api = shoal_registry::router(Arc::new(registry), config.api())
         .layer(axum::middleware::from_fn_with_state(forwarder, crate::origin_forward::forward_uploads))
         .merge(seeding_routes(coordinator.clone(), membership.clone(), seeder));
-    match &cluster.secret {
-        Some(secret) => {
+    match config.guards() {
+        Some((internal, admin)) => {
             let health = {
                 let (me, peer, c) = (me.clone(), self_peer.clone(), Arc::downgrade(&coordinator));
                 let m = membership.clone();
@@ -168,19 +168,22 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
                     disk_full: m.self_disk_full(),
                 })
             };
-            api = api.merge(internal_api::router(local.clone(), Some(secret.clone()), health)).merge(
+            api = api.merge(internal_api::router(local.clone(), internal, health)).merge(
                 crate::origin_admin::routes(crate::origin_admin::Admin {
                     coordinator: coordinator.clone(),
                     membership: membership.clone(),
                     repair,
-                    secret: secret.clone(),
+                    guard: admin,
+                    secret: cluster.secret.clone(),
                     gc: gc_settings(&cluster),
                     // A collection waits out the quarantine: no overall timeout, only connect.
                     http: shoal_tls::http_client().connect_timeout(cluster.call_timeout).build()?,
                 }),
             );
         }
-        None => tracing::info!("no cluster secret: internal and admin APIs disabled (a lone origin)"),
+        None => tracing::info!(
+            "no cluster secret or node certificates: internal and admin APIs disabled (a lone origin)"
+        ),
     }
     let server = BoundServer::bind(
         config.listen,

@@ -1,6 +1,7 @@
 //! The origin's admin API under `/shoal/v1/admin`: run a repair pass or a garbage collection
 //! now, and see the cluster's members. It moves or deletes data, so it requires the cluster
-//! secret like the internal API.
+//! secret or a certificate: an operator's (role admin) or an origin's, relaying a
+//! collection to the origin that runs it. A node that is not an origin cannot call it.
 
 use std::sync::Arc;
 
@@ -19,7 +20,10 @@ pub struct Admin {
     pub coordinator: Arc<Coordinator>,
     pub membership: Arc<Membership>,
     pub repair: RepairHandle,
-    pub secret: String,
+    /// Who may call: operators' certificates, origins relaying, or the cluster secret.
+    pub guard: shoal_origin::cluster::internal_api::Guard,
+    /// The secret this origin sends when it relays a collection (its certificate goes too).
+    pub secret: Option<String>,
     pub gc: GcSettings,
     /// For handing a collection to the origin that runs it.
     pub http: reqwest::Client,
@@ -30,15 +34,15 @@ struct AdminState {
     admin: Admin,
 }
 
-/// The admin routes, behind the cluster secret.
+/// The admin routes, behind `admin.guard`.
 pub fn routes(admin: Admin) -> axum::Router {
-    let secret = admin.secret.clone();
+    let guard = admin.guard.clone();
     let router = axum::Router::new()
         .route("/shoal/v1/admin/repair", post(repair))
         .route("/shoal/v1/admin/gc", post(gc))
         .route("/shoal/v1/admin/members", get(members))
         .with_state(AdminState { admin });
-    shoal_origin::cluster::internal_api::guard(router, Some(secret))
+    shoal_origin::cluster::internal_api::guard(router, guard)
 }
 
 async fn repair(State(s): State<AdminState>) -> Response {
@@ -64,7 +68,11 @@ async fn forward_gc(admin: &Admin, leader: &str) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("gc leader {leader} is not a known member"))
             .into_response();
     };
-    let sent = admin.http.post(format!("{url}/shoal/v1/admin/gc")).bearer_auth(&admin.secret).send().await;
+    let mut request = admin.http.post(format!("{url}/shoal/v1/admin/gc"));
+    if let Some(secret) = &admin.secret {
+        request = request.bearer_auth(secret);
+    }
+    let sent = request.send().await;
     let answer = match sent {
         Ok(resp) => {
             let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);

@@ -188,6 +188,8 @@ pub struct Cluster {
     http: reqwest::Client,
     /// Every process has a certificate from the test PKI: TLS listeners, mutual TLS peers.
     tls: bool,
+    /// Makes this cluster's certificate names its own (clusters start in parallel).
+    token: String,
 }
 
 impl Cluster {
@@ -218,9 +220,10 @@ impl Cluster {
         );
         let mut origin_toml = "peer_listen = \"127.0.0.1:0\"\n".to_string();
         let mut tracker_tls = Vec::new();
+        let token = crate::unique_token();
         if tls {
-            origin_toml.push_str(&crate::tls::pki().toml("origin", Role::Origin));
-            tracker_tls = crate::tls::pki().flags("tracker", Role::Tracker);
+            origin_toml.push_str(&crate::tls::pki().toml(&format!("origin-{token}"), Role::Origin));
+            tracker_tls = crate::tls::pki().flags(&format!("tracker-{token}"), Role::Tracker);
         }
         let origin = Origin::start_with_config(&origin_toml).await;
         let root =
@@ -245,7 +248,7 @@ impl Cluster {
             .read_timeout(READ_TIMEOUT)
             .build()
             .expect("build an HTTP client");
-        let mut cluster = Cluster { origin, tracker, agents: Vec::new(), root, http, tls };
+        let mut cluster = Cluster { origin, tracker, agents: Vec::new(), root, http, tls, token };
         for _ in 0..agents {
             cluster.add_agent(agent_toml).await;
         }
@@ -282,7 +285,7 @@ impl Cluster {
         ];
         if self.tls {
             let role = shoal_registry::identity::Role::Agent;
-            args.extend(crate::tls::pki().flags(&format!("agent-{index}"), role));
+            args.extend(crate::tls::pki().flags(&format!("agent-{index}-{}", self.token), role));
         }
         let agent = Process::spawn(format!("shoal agent {index}"), args, dir.join("server.log")).await;
         self.agents.push(agent);

@@ -80,11 +80,25 @@ pub struct ClusterSpec {
     pub cluster_toml: String,
     /// Extra environment of one member's process: (member, name, value).
     pub env: Vec<(usize, String, String)>,
+    /// Node certificates from the test PKI instead of a shared secret: HTTPS listeners,
+    /// origins proving who they are to each other, and an operator's certificate for the
+    /// harness's admin calls.
+    pub tls: bool,
+    /// The shared secret (default: a random one).
+    pub secret: Option<String>,
 }
 
 impl Default for ClusterSpec {
     fn default() -> ClusterSpec {
-        ClusterSpec { members: 3, running: 3, replicas: 2, cluster_toml: String::new(), env: Vec::new() }
+        ClusterSpec {
+            members: 3,
+            running: 3,
+            replicas: 2,
+            cluster_toml: String::new(),
+            env: Vec::new(),
+            tls: false,
+            secret: None,
+        }
     }
 }
 
@@ -104,6 +118,18 @@ impl ClusterSpec {
     /// Sets `name=value` in member `i`'s environment (e.g. libfaketime's, to skew its clock).
     pub fn member_env(mut self, i: usize, name: &str, value: &str) -> ClusterSpec {
         self.env.push((i, name.to_string(), value.to_string()));
+        self
+    }
+
+    /// Node certificates instead of a shared secret (see [`ClusterSpec::tls`]).
+    pub fn with_tls(mut self) -> ClusterSpec {
+        self.tls = true;
+        self
+    }
+
+    /// `secret` as the shared secret, instead of a random one.
+    pub fn secret(mut self, secret: &str) -> ClusterSpec {
+        self.secret = Some(secret.to_string());
         self
     }
 
@@ -155,6 +181,8 @@ struct Member {
     /// Extra environment of its process.
     env: Vec<(String, String)>,
     child: Option<Child>,
+    /// `https` with node certificates, else `http`.
+    scheme: &'static str,
 }
 
 impl Member {
@@ -163,7 +191,7 @@ impl Member {
     }
 
     fn url(&self) -> String {
-        format!("http://{}", self.id())
+        format!("{}://{}", self.scheme, self.id())
     }
 
     fn log(&self) -> PathBuf {
@@ -177,6 +205,7 @@ pub struct OriginCluster {
     bin: PathBuf,
     secret: String,
     replicas: usize,
+    tls: bool,
     nodes: Vec<Member>,
     http: reqwest::Client,
     /// Set once a failure message has quoted the logs, so `Drop` does not print them again.
@@ -196,12 +225,28 @@ impl OriginCluster {
             .prefix("shoal-origins-")
             .tempdir()
             .expect("create a temporary directory");
-        let http = shoal_tls::http_client().timeout(ADMIN_TIMEOUT).build().expect("build an HTTP client");
+        let http = if spec.tls {
+            // The PKI first: it installs the harness's TLS context, which every client uses.
+            let pki = crate::tls::pki();
+            let (cert, key) = pki.issue("operator", shoal_registry::identity::Role::Admin);
+            let settings = shoal_tls::TlsSettings {
+                cert: Some(cert),
+                key: Some(key),
+                cluster_ca: Some(pki.ca_path()),
+                ..Default::default()
+            };
+            let operator = shoal_tls::Tls::load(&settings).expect("load the operator's certificate");
+            shoal_tls::http_client_with(&operator)
+        } else {
+            shoal_tls::http_client()
+        };
+        let http = http.timeout(ADMIN_TIMEOUT).build().expect("build an HTTP client");
         let mut cluster = OriginCluster {
             root,
             bin: shoal_binary(),
-            secret: format!("it-secret-{}", unique_token()),
+            secret: spec.secret.clone().unwrap_or_else(|| format!("it-secret-{}", unique_token())),
             replicas: spec.replicas,
+            tls: spec.tls,
             nodes: Vec::new(),
             http,
             logs_shown: AtomicBool::new(false),
@@ -246,8 +291,14 @@ impl OriginCluster {
                 let dir = self.root.path().join(format!("origin-{i}"));
                 let _ = std::fs::remove_dir_all(&dir);
                 std::fs::create_dir_all(dir.join("data")).expect("create an origin's data directory");
+                let mut config = config.to_string();
+                if self.tls {
+                    let role = shoal_registry::identity::Role::Origin;
+                    config.push_str(&crate::tls::pki().toml(&format!("origin-{port}"), role));
+                }
                 std::fs::write(dir.join("config.toml"), config).expect("write an origin's config");
-                Member { port, dir, members: ids.clone(), env: Vec::new(), child: None }
+                let scheme = if self.tls { "https" } else { "http" };
+                Member { port, dir, members: ids.clone(), env: Vec::new(), child: None, scheme }
             })
             .collect()
     }
@@ -297,7 +348,7 @@ impl OriginCluster {
             .arg(node.members.join(","))
             .arg("--replicas")
             .arg(self.replicas.to_string())
-            .env(SECRET_ENV, &self.secret)
+            .envs((!self.tls).then_some((SECRET_ENV, &self.secret)))
             .envs(node.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let child = spawn_logged(command, &node.log())?;
         self.nodes[i].child = Some(child);
@@ -424,7 +475,8 @@ impl OriginCluster {
 
     // ---- admin API -------------------------------------------------------------------
 
-    /// A request to origin `i` carrying the cluster's bearer secret.
+    /// A request to origin `i` carrying the cluster's bearer secret (and, with node
+    /// certificates, the operator's certificate, which is what counts there).
     pub fn authed(&self, i: usize, method: Method, path: &str) -> RequestBuilder {
         self.http
             .request(method, format!("{}{path}", self.url(i)))

@@ -92,7 +92,8 @@ impl TestPki {
 }
 
 fn write_atomically(path: &Path, contents: &str) {
-    let tmp = path.with_extension("tmp");
+    // A name of its own: tests issue certificates in parallel.
+    let tmp = path.with_extension(format!("tmp-{}", crate::unique_token()));
     std::fs::write(&tmp, contents).expect("write a certificate file");
     std::fs::rename(&tmp, path).expect("rename a certificate file");
 }

@@ -190,3 +190,79 @@ async fn the_tracker_takes_announces_only_from_the_clusters_nodes() {
     let resp = other.post(&url).json(&fake).send().await.unwrap();
     assert_eq!(resp.status(), reqwest::StatusCode::FORBIDDEN);
 }
+
+/// A client presenting a certificate of `role` from the test PKI.
+fn client_as(name: &str, role: Role) -> reqwest::Client {
+    let (cert, key) = pki().issue(name, role);
+    let tls = shoal_tls::Tls::load(&shoal_tls::TlsSettings {
+        cert: Some(cert),
+        key: Some(key),
+        cluster_ca: Some(pki().ca_path()),
+        ..Default::default()
+    })
+    .expect("load a client certificate");
+    shoal_tls::http_client_with(&tls).build().expect("a client")
+}
+
+#[tokio::test]
+async fn an_origin_cluster_runs_on_node_certificates_without_a_secret() {
+    use shoal_integration::origins::{try_pull_image, try_push_image, ClusterSpec, OriginCluster, TestImage};
+    skip_if_external!("starts its own origins");
+    let cluster = OriginCluster::start_cluster(ClusterSpec::new(3).with_tls()).await;
+    let image = TestImage::random(&shoal_integration::unique_repo("tls"), "v1", &[300_000, 40_000]);
+    cluster.check(try_push_image(&cluster.client(0), &image).await, "push to origin 0");
+    for i in 0..3 {
+        cluster.check(try_pull_image(&cluster.client(i), &image).await, &format!("pull from origin {i}"));
+    }
+    for digest in image.blob_digests() {
+        assert_eq!(cluster.holders(&digest).len(), 2, "{digest} is not on two origins");
+    }
+    // The harness's admin calls carry an operator's certificate, and no secret is set.
+    cluster.repair(1).await;
+
+    // The internal API takes origins' certificates only.
+    let health = format!("{}/shoal/internal/v1/health", cluster.url(1));
+    let status = |c: reqwest::Client| {
+        let url = health.clone();
+        async move { c.get(url).send().await.expect("reach origin 1").status() }
+    };
+    assert_eq!(status(shoal_tls::http_client().build().unwrap()).await, reqwest::StatusCode::UNAUTHORIZED);
+    assert_eq!(status(client_as("node-q", Role::Agent)).await, reqwest::StatusCode::UNAUTHORIZED);
+    assert_eq!(status(client_as("carol", Role::Admin)).await, reqwest::StatusCode::UNAUTHORIZED);
+    assert_eq!(status(client_as("origin-x", Role::Origin)).await, reqwest::StatusCode::OK);
+    // The admin API takes an operator's certificate, not a node's.
+    let members = format!("{}/shoal/v1/admin/members", cluster.url(2));
+    let resp = client_as("node-q", Role::Agent).get(&members).send().await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let resp = client_as("carol", Role::Admin).get(&members).send().await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_cluster_secret_rotates_one_origin_at_a_time() {
+    use shoal_integration::origins::{
+        try_pull_image, try_push_image, ClusterSpec, OriginCluster, TestImage, SECRET_ENV,
+    };
+    skip_if_external!("starts its own origins");
+    // Mid-rotation: origin 1 already sends the new secret, the others still the old one;
+    // every origin accepts both.
+    let spec = ClusterSpec::new(3)
+        .secret("old-secret")
+        .cluster("accepted_secrets = [\"old-secret\", \"rotated-secret\"]")
+        .member_env(1, SECRET_ENV, "rotated-secret");
+    let cluster = OriginCluster::start_cluster(spec).await;
+    let image = TestImage::random(&shoal_integration::unique_repo("rotate"), "v1", &[200_000]);
+    cluster.check(try_push_image(&cluster.client(1), &image).await, "push to origin 1");
+    cluster.check(try_pull_image(&cluster.client(0), &image).await, "pull from origin 0");
+    cluster.check(try_pull_image(&cluster.client(2), &image).await, "pull from origin 2");
+    let health = format!("{}/shoal/internal/v1/health", cluster.url(0));
+    let http = reqwest::Client::new();
+    for (secret, expected) in [
+        ("rotated-secret", reqwest::StatusCode::OK),
+        ("old-secret", reqwest::StatusCode::OK),
+        ("some-other-secret", reqwest::StatusCode::UNAUTHORIZED),
+    ] {
+        let resp = http.get(&health).bearer_auth(secret).send().await.unwrap();
+        assert_eq!(resp.status(), expected, "secret {secret}");
+    }
+}

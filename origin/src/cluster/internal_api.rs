@@ -5,7 +5,7 @@
 //! Status codes, which [`crate::cluster::remote::RemoteNode`] maps back to [`NodeError`]:
 //! - 400: a malformed digest, repository name, query or JSON body; on `PUT /blobs/{digest}`
 //!   also content that does not match its digest or size ([`NodeError::Corrupt`]).
-//! - 401: missing or wrong secret. 411: a blob `PUT` without `Content-Length`.
+//! - 401: missing or wrong secret (and no certificate of an allowed role). 411: a blob `PUT` without `Content-Length`.
 //! - 413: a JSON body over [`MAX_RECORDS_BODY`] or more than [`MAX_RECORD_KEYS`] keys.
 //! - 422: the node refused ([`NodeError::Refused`]): another replica would refuse too.
 //! - 500: a storage failure ([`NodeError::Storage`]). 507: storage full.
@@ -25,6 +25,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 use sha2::{Digest as _, Sha256};
+use shoal_registry::identity::{Role, TransportIdentity};
 use shoal_registry::range::{parse_range, RangeRequest};
 use shoal_registry::{ByteStream, Digest, RepoName};
 
@@ -41,10 +42,26 @@ use crate::cluster::wire::{
 /// It runs on the async executor, so it must only read state, never block.
 pub type HealthFn = Arc<dyn Fn() -> HealthReply + Send + Sync>;
 
-/// The internal API over `node`. With `secret`, every route (health included) requires
-/// `Authorization: Bearer <secret>`. Without one, **every caller is trusted**: only for a
-/// single origin, or an internal listener no untrusted client can reach.
-pub fn router(node: Arc<dyn Node>, secret: Option<String>, health: HealthFn) -> Router {
+/// Who may call a guarded API (the internal API, the admin API): a client whose TLS
+/// certificate names one of `roles` (checked by the HTTP server against the cluster CA),
+/// or one that sends `Authorization: Bearer <s>` for any `s` in `secrets`. Several secrets
+/// let an operator rotate the shared one an origin at a time. With neither, **every caller
+/// is trusted**: only for a single origin, or a listener no untrusted client can reach.
+#[derive(Clone, Debug, Default)]
+pub struct Guard {
+    pub secrets: Vec<String>,
+    pub roles: Vec<Role>,
+}
+
+impl Guard {
+    /// Nothing to check: every caller is trusted.
+    pub fn is_open(&self) -> bool {
+        self.secrets.is_empty() && self.roles.is_empty()
+    }
+}
+
+/// The internal API over `node`, behind `guard` (health included).
+pub fn router(node: Arc<dyn Node>, policy: Guard, health: HealthFn) -> Router {
     let state = ApiState { node, health };
     let routes = Router::new()
         .route(HEALTH, get(health_reply))
@@ -62,13 +79,17 @@ pub fn router(node: Arc<dyn Node>, secret: Option<String>, health: HealthFn) -> 
         .route(RECORDS_FORGET, post(records_forget))
         .route(REPOS, get(repos))
         .with_state(state);
-    guard(routes, secret)
+    guard(routes, policy)
 }
 
 /// Require `Authorization: Bearer <secret>` on every route of `routes` (the internal API,
 /// the admin API); without a secret, every caller is trusted.
-pub fn guard(routes: Router, secret: Option<String>) -> Router {
-    let auth = Arc::new(Auth { secret: secret.map(|s| Sha256::digest(s.as_bytes()).into()) });
+/// `routes`, answering 401 to callers `policy` does not allow.
+pub fn guard(routes: Router, policy: Guard) -> Router {
+    let auth = Arc::new(Auth {
+        secrets: policy.secrets.iter().map(|s| Sha256::digest(s.as_bytes()).into()).collect(),
+        roles: policy.roles,
+    });
     routes.layer(middleware::from_fn_with_state(auth, authenticate))
 }
 
@@ -78,21 +99,29 @@ struct ApiState {
     health: HealthFn,
 }
 
-/// The expected secret, kept as its SHA-256 so comparison takes the same time for any input.
+/// The accepted secrets, kept as their SHA-256 so comparison takes the same time for any
+/// input, and the accepted certificate roles.
 struct Auth {
-    secret: Option<[u8; 32]>,
+    secrets: Vec<[u8; 32]>,
+    roles: Vec<Role>,
 }
 
 impl Auth {
-    fn allows(&self, headers: &HeaderMap) -> bool {
-        let Some(expected) = &self.secret else { return true };
+    fn allows(&self, req: &Request) -> bool {
+        if self.secrets.is_empty() && self.roles.is_empty() {
+            return true;
+        }
+        if req.extensions().get::<TransportIdentity>().is_some_and(|id| self.roles.contains(&id.role)) {
+            return true;
+        }
         let Some(given) =
-            headers.get(header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            req.headers().get(header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
         else {
             return false;
         };
         let given: [u8; 32] = Sha256::digest(given).into();
-        constant_time_eq(&given, expected)
+        // Every accepted secret is compared, so timing does not tell which one matched.
+        self.secrets.iter().fold(false, |ok, expected| constant_time_eq(&given, expected) | ok)
     }
 }
 
@@ -102,11 +131,14 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 async fn authenticate(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
-    if auth.allows(req.headers()) {
+    if auth.allows(&req) {
         next.run(req).await
     } else {
-        let mut response =
-            Failure::new(StatusCode::UNAUTHORIZED, "missing or wrong internal API secret").into_response();
+        let mut response = Failure::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong internal API secret, and no certificate of a role allowed here",
+        )
+        .into_response();
         response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         response
     }
@@ -392,19 +424,29 @@ mod tests {
     use crate::cluster::wire::{blob_path, metainfo_path, PREFIX};
 
     #[test]
-    fn secret_comparison() {
-        let auth = Auth { secret: Some(Sha256::digest(b"s3cret").into()) };
-        let with = |v: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
-            h
+    fn secrets_and_roles() {
+        let hashed = |s: &[u8]| -> [u8; 32] { Sha256::digest(s).into() };
+        let auth = Auth { secrets: vec![hashed(b"s3cret"), hashed(b"next")], roles: vec![Role::Origin] };
+        let request = |authorization: Option<&str>, role: Option<Role>| {
+            let mut r = Request::new(Body::empty());
+            if let Some(v) = authorization {
+                r.headers_mut().insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+            }
+            if let Some(role) = role {
+                r.extensions_mut().insert(TransportIdentity { name: "n".into(), role });
+            }
+            r
         };
-        assert!(auth.allows(&with("Bearer s3cret")));
-        assert!(!auth.allows(&with("Bearer s3cre")));
-        assert!(!auth.allows(&with("Bearer s3cret ")));
-        assert!(!auth.allows(&with("Basic s3cret")));
-        assert!(!auth.allows(&HeaderMap::new()));
-        assert!(Auth { secret: None }.allows(&HeaderMap::new()));
+        assert!(auth.allows(&request(Some("Bearer s3cret"), None)));
+        assert!(auth.allows(&request(Some("Bearer next"), None)));
+        assert!(!auth.allows(&request(Some("Bearer s3cre"), None)));
+        assert!(!auth.allows(&request(Some("Bearer s3cret "), None)));
+        assert!(!auth.allows(&request(Some("Basic s3cret"), None)));
+        assert!(!auth.allows(&request(None, None)));
+        assert!(auth.allows(&request(None, Some(Role::Origin))));
+        assert!(!auth.allows(&request(None, Some(Role::Agent))));
+        assert!(!auth.allows(&request(None, Some(Role::Admin))));
+        assert!(Auth { secrets: Vec::new(), roles: Vec::new() }.allows(&request(None, None)));
     }
 
     /// A served node with one blob, and a raw client for it.

@@ -237,7 +237,11 @@ pub async fn serve(node: Arc<dyn Node>, secret: Option<&str>) -> SocketAddr {
         wall_millis: None,
         disk_full: false,
     });
-    let app = router(node, secret.map(str::to_string), health);
+    let guard = crate::cluster::internal_api::Guard {
+        secrets: secret.map(str::to_string).into_iter().collect(),
+        roles: Vec::new(),
+    };
+    let app = router(node, guard, health);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
