@@ -180,7 +180,9 @@ peak_rss_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 # ---------------------------------------------------------------------------------------
 # the registry under test
 
-http_code() { curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$@"; }
+# CURL_TLS: extra curl flags for Shoal's own servers (make_tls_pki sets --cacert).
+CURL_TLS=()
+http_code() { curl -s -o /dev/null -w '%{http_code}' --max-time 5 "${CURL_TLS[@]}" "$@"; }
 is_200() { [[ $(http_code "$1") == 200 ]]; }
 
 # start_registry KIND DATA_DIR: KIND is shoal or docker-registry. Sets REG (host:port),
@@ -393,6 +395,44 @@ push_blob_monolithic() {
 # a small Shoal cluster: one origin (seeding pieces), one tracker, K agents
 
 # shoal_bg NAME LOGFILE ARGS...: start `$SHOAL_BIN ARGS...` like start_bg (sets BG_PID).
+# make_tls_pki DIR: a cluster CA made with openssl (as an operator's own CA would be), and
+# from then on every process start_shoal_cluster starts gets a certificate: the origin's
+# issued with openssl too (role in the OU, names in the SAN), the tracker's and agents'
+# with `shoal certs issue`. Sets TLS_DIR and CURL_TLS (trust the CA).
+make_tls_pki() {
+  TLS_DIR=$1
+  mkdir -p "$TLS_DIR"
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$TLS_DIR/ca-key.pem" 2>/dev/null
+  openssl req -x509 -new -key "$TLS_DIR/ca-key.pem" -subj "/CN=Shoal test CA" -days 2 -out "$TLS_DIR/ca.pem" \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null ||
+    die "openssl could not make a CA"
+  CURL_TLS=(--cacert "$TLS_DIR/ca.pem")
+  log "cluster CA in $TLS_DIR"
+}
+
+# tls_issue_openssl NAME ROLE: NAME.pem and NAME-key.pem in TLS_DIR, signed with openssl.
+tls_issue_openssl() {
+  local name=$1 role=$2 ext
+  ext=$TLS_DIR/$name.ext
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\n' >"$ext"
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$TLS_DIR/$name-key.pem" \
+    -subj "/OU=shoal-$role/CN=$name" -out "$TLS_DIR/$name.csr" 2>/dev/null &&
+    openssl x509 -req -in "$TLS_DIR/$name.csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca-key.pem" \
+      -CAcreateserial -days 1 -extfile "$ext" -out "$TLS_DIR/$name.pem" 2>/dev/null ||
+    die "openssl could not issue $name's certificate"
+}
+
+# tls_issue NAME ROLE: NAME.pem and NAME-key.pem in TLS_DIR, from `shoal certs issue`.
+tls_issue() {
+  "$SHOAL_BIN" certs issue --ca "$TLS_DIR" --name "$1" --role "$2" --dns localhost --ip 127.0.0.1 >/dev/null ||
+    die "shoal certs issue $1 failed"
+}
+
+# tls_flags NAME: the flags that give a process NAME's certificate and the cluster CA.
+tls_flags() {
+  echo --tls-cert "$TLS_DIR/$1.pem" --tls-key "$TLS_DIR/$1-key.pem" --cluster-ca "$TLS_DIR/ca.pem"
+}
+
 shoal_bg() {
   local name=$1 logf=$2
   shift 2
@@ -412,19 +452,27 @@ shoal_bg() {
 # Environment: SHOAL_CLUSTER_ARGS is appended to every shoal command (e.g. --log debug);
 # SHOAL_AGENT_ARGS only to the agents'.
 start_shoal_cluster() {
-  local k=${1:-1} i port peer d
-  local root=$T/cluster
+  local k=${1:-1} i port peer d scheme=http
+  local root=$T/cluster tls_origin=() tls_tracker=() tls_agent=()
   mkdir -p "$root"
+  if [[ -n ${TLS_DIR:-} ]]; then
+    scheme=https
+    tls_issue_openssl origin origin
+    tls_issue tracker tracker
+    read -ra tls_origin <<<"$(tls_flags origin)"
+    read -ra tls_tracker <<<"$(tls_flags tracker)"
+  fi
 
   port=$(free_port)
   peer=$(free_port)
   ORIGIN=127.0.0.1:$port
-  ORIGIN_URL=http://$ORIGIN
+  ORIGIN_URL=$scheme://$ORIGIN
   ORIGIN_PEER=127.0.0.1:$peer
   ORIGIN_DATA=$root/origin
   ORIGIN_LOG=$T/origin-$port.log
   mkdir -p "$ORIGIN_DATA"
-  shoal_bg "origin-$port" "$ORIGIN_LOG" origin --listen "$ORIGIN" --peer-listen "$ORIGIN_PEER" --data-dir "$ORIGIN_DATA"
+  shoal_bg "origin-$port" "$ORIGIN_LOG" origin --listen "$ORIGIN" --peer-listen "$ORIGIN_PEER" --data-dir "$ORIGIN_DATA" \
+    "${tls_origin[@]}"
   ORIGIN_PID=$BG_PID
   wait_ready 30 "$ORIGIN_PID" "shoal origin on $ORIGIN" is_200 "$ORIGIN_URL/healthz" || die "$WAIT_ERR (log: $ORIGIN_LOG)"
   log "origin on $ORIGIN, peers $ORIGIN_PEER (pid $ORIGIN_PID, log $ORIGIN_LOG)"
@@ -432,9 +480,9 @@ start_shoal_cluster() {
 
   port=$(free_port)
   TRACKER=127.0.0.1:$port
-  TRACKER_URL=http://$TRACKER
+  TRACKER_URL=$scheme://$TRACKER
   TRACKER_LOG=$T/tracker-$port.log
-  shoal_bg "tracker-$port" "$TRACKER_LOG" tracker --listen "$TRACKER" --origin "$ORIGIN_URL"
+  shoal_bg "tracker-$port" "$TRACKER_LOG" tracker --listen "$TRACKER" --origin "$ORIGIN_URL" "${tls_tracker[@]}"
   TRACKER_PID=$BG_PID
   wait_ready 30 "$TRACKER_PID" "shoal tracker on $TRACKER" is_200 "$TRACKER_URL/healthz" || die "$WAIT_ERR (log: $TRACKER_LOG)"
   log "tracker on $TRACKER (pid $TRACKER_PID, log $TRACKER_LOG)"
@@ -446,13 +494,17 @@ start_shoal_cluster() {
     d=$root/agent$i
     mkdir -p "$d"
     AGENTS[i]=127.0.0.1:$port
-    AGENT_URLS[i]=http://127.0.0.1:$port
+    AGENT_URLS[i]=$scheme://127.0.0.1:$port
     AGENT_PEERS[i]=127.0.0.1:$peer
     AGENT_DATAS[i]=$d
     AGENT_LOGS[i]=$T/agent$i-$port.log
+    if [[ -n ${TLS_DIR:-} ]]; then
+      tls_issue "agent$i" agent
+      read -ra tls_agent <<<"$(tls_flags "agent$i")"
+    fi
     # shellcheck disable=SC2086 # SHOAL_AGENT_ARGS is a word list on purpose
     shoal_bg "agent$i-$port" "${AGENT_LOGS[i]}" agent --listen "${AGENTS[i]}" --peer-listen "${AGENT_PEERS[i]}" \
-      --origin "$ORIGIN_URL" --tracker "$TRACKER_URL" --data-dir "$d" ${SHOAL_AGENT_ARGS:-}
+      --origin "$ORIGIN_URL" --tracker "$TRACKER_URL" --data-dir "$d" "${tls_agent[@]}" ${SHOAL_AGENT_ARGS:-}
     AGENT_PIDS[i]=$BG_PID
   done
   # Start them all, then wait: agents come up in parallel.
@@ -480,7 +532,7 @@ require_shoal_under_test() {
 # label set contains LABEL_MATCH (e.g. 'source="origin"'); 0 if there is none.
 metric() {
   local url=$1 name=$2 match=${3:-}
-  curl -sf --max-time 5 "$url/metrics" | awk -v n="$name" -v m="$match" '
+  curl -sf --max-time 5 "${CURL_TLS[@]}" "$url/metrics" | awk -v n="$name" -v m="$match" '
     /^#/ { next }
     { key = $1; base = key; sub(/\{.*/, "", base) }
     base == n && (m == "" || index(key, m) > 0) { s += $2 }
@@ -501,7 +553,7 @@ preheat() {
   else
     body=$(jq -cn --arg i "$2" '{image: $i}')
   fi
-  curl -sS -N --max-time 300 -X POST -H 'Content-Type: application/json' --data "$body" "$1/v1/preheat"
+  curl -sS -N --max-time 300 "${CURL_TLS[@]}" -X POST -H 'Content-Type: application/json' --data "$body" "$1/v1/preheat"
 }
 
 # ctr_hosts_dir DIR UPSTREAM MIRROR_URL: a containerd hosts dir where UPSTREAM (host:port)
