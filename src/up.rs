@@ -21,6 +21,40 @@ pub struct UpArgs {
     /// Number of agents
     #[arg(long, default_value_t = 3)]
     pub agents: u16,
+    /// TLS everywhere: a cluster CA and a certificate in DATA_DIR/pki (made once, kept),
+    /// HTTPS listeners and mutual TLS between peers
+    #[arg(long)]
+    pub tls: bool,
+}
+
+/// Validity of the certificate `shoal up --tls` issues, in days (it is re-issued at every
+/// start).
+const UP_CERT_DAYS: u32 = 30;
+
+/// Make (or reuse) the local CA in `dir`, issue this run's certificate for `listen`'s
+/// address and localhost, and install TLS with them. One process runs every role, so it
+/// has one identity: an origin's, which every role accepts from a node.
+fn install_tls(dir: &std::path::Path, listen: SocketAddr) -> anyhow::Result<()> {
+    let ca = if dir.join("ca.pem").exists() {
+        crate::certs::read_ca(dir)?
+    } else {
+        crate::certs::write_ca(dir, "Shoal local CA (shoal up)", 3650)?
+    };
+    let mut ips = vec![std::net::IpAddr::from([127, 0, 0, 1])];
+    if !listen.ip().is_unspecified() && !ips.contains(&listen.ip()) {
+        ips.push(listen.ip());
+    }
+    let role = shoal_registry::identity::Role::Origin;
+    let (cert, key) =
+        crate::certs::write_issued(&ca, dir, "shoal-up", role, &["localhost".into()], &ips, UP_CERT_DAYS)?;
+    let settings = shoal_tls::TlsSettings {
+        cert: Some(cert),
+        key: Some(key),
+        cluster_ca: Some(dir.join("ca.pem")),
+        ..Default::default()
+    };
+    crate::tls::install(&settings)?;
+    Ok(())
 }
 
 fn port(base: SocketAddr, offset: u16) -> SocketAddr {
@@ -32,7 +66,12 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let base = args.listen;
-    let origin_url = format!("http://{base}");
+    let pki = args.data_dir.join("pki");
+    if args.tls {
+        install_tls(&pki, base)?;
+    }
+    let scheme = if args.tls { "https" } else { "http" };
+    let origin_url = format!("{scheme}://{base}");
     let tracker_addr = port(base, 100);
     let origin = origin::bind(OriginConfig {
         listen: base,
@@ -55,7 +94,7 @@ pub async fn run(
             listen: port(base, i),
             peer_listen: port(base, 200 + i),
             origin: Some(origin_url.clone()),
-            trackers: vec![format!("http://{tracker_addr}")],
+            trackers: vec![format!("{scheme}://{tracker_addr}")],
             data_dir: args.data_dir.join(format!("agent{i}")),
             ..AgentFile::default()
         };
@@ -63,16 +102,23 @@ pub async fn run(
     }
     let first_agent = port(base, 1);
     println!("Shoal is up (data in {}).", args.data_dir.display());
-    println!("  origin   http://{base}/v2/   push here (docker push, skopeo, buildx)");
-    println!("  tracker  http://{tracker_addr}/");
+    println!("  origin   {scheme}://{base}/v2/   push here (docker push, skopeo, buildx)");
+    println!("  tracker  {scheme}://{tracker_addr}/");
     for (addr, _) in &agents {
-        println!("  agent    http://{addr}/v2/   pull here (read-only, fed by the swarm)");
+        println!("  agent    {scheme}://{addr}/v2/   pull here (read-only, fed by the swarm)");
+    }
+    if args.tls {
+        let ca = pki.join("ca.pem");
+        println!("TLS everywhere; clients trust the CA {}:", ca.display());
+        println!("  curl --cacert {} {scheme}://{base}/v2/", ca.display());
+        println!("  skopeo: --dest-cert-dir / --src-cert-dir DIR with the CA as DIR/ca.crt");
+        println!("  docker: /etc/docker/certs.d/{base}/ca.crt");
     }
     println!("Every server has /healthz and /metrics.\n");
     println!("Try it:");
     println!("  docker tag busybox {base}/demo/busybox:1 && docker push {base}/demo/busybox:1");
     println!("  docker pull {first_agent}/demo/busybox:1");
-    println!("  shoal preheat http://{first_agent} demo/busybox:1");
+    println!("  shoal preheat {scheme}://{first_agent} demo/busybox:1");
     println!("Press Ctrl-C to stop.");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -213,7 +213,7 @@ pub(crate) fn scheme_of(config: Option<&str>) -> &'static str {
 
 /// Spawns `command` with its stdout and stderr appended to `log_path`, without
 /// the harness's own environment variables (they are not Shoal settings).
-pub(crate) fn spawn_logged(mut command: Command, log_path: &Path) -> Result<Child, String> {
+pub fn spawn_logged(mut command: Command, log_path: &Path) -> Result<Child, String> {
     let log = File::options()
         .create(true)
         .append(true)
@@ -264,7 +264,7 @@ pub(crate) fn log_tail(path: &Path) -> String {
 
 /// The `shoal` binary: `$SHOAL_BIN`, else `target/debug/shoal` next to the test
 /// executable (`target/debug/deps/<test>`), else the workspace's `target/debug`.
-pub(crate) fn shoal_binary() -> PathBuf {
+pub fn shoal_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os(BIN_ENV) {
         return PathBuf::from(bin);
     }
