@@ -21,7 +21,8 @@
 #   BENCH_ORIGIN_MBIT=500      the origin namespace's link
 #   BENCH_REPEATS=1            runs per system and N (each: fresh processes, data dirs, blob)
 #   BENCH_STRAGGLERS=0         1: a quarter of the hosts (the last ones) at a fifth of HOST
-#   BENCH_SYSTEMS="shoal registry"
+#   BENCH_SYSTEMS="shoal registry"  (also shoal_tls: Shoal with TLS everywhere and mutual TLS
+#                              between peers, certificates from a CA made for the run)
 #   BENCH_RESULTS=/tmp/shoal-fleet-results.txt   machine-readable `fleet: ...` lines appended here
 #   BENCH_PLOT=                e.g. docs/fleet.svg: draw this run's rows there
 #                              (integration/bench/plot_fleet.py); unset, nothing is drawn
@@ -67,12 +68,12 @@ SIZE=$((SIZE_MIB * 1024 * 1024))
 
 for s in $SYSTEMS; do
   case $s in
-  shoal)
+  shoal | shoal_tls)
     [[ -x $SHOAL_BIN ]] || die "no shoal binary at SHOAL_BIN=$SHOAL_BIN"
     [[ $SHOAL_BIN == */debug/* ]] && log "WARNING: $SHOAL_BIN looks like a debug build; figures will be meaningless"
     ;;
   registry) [[ -x $DOCKER_REGISTRY ]] || die "$DOCKER_REGISTRY missing (apt-get install docker-registry)" ;;
-  *) die "unknown system '$s' in BENCH_SYSTEMS (shoal, registry)" ;;
+  *) die "unknown system '$s' in BENCH_SYSTEMS (shoal, shoal_tls, registry)" ;;
   esac
 done
 for c in curl jq sha256sum awk python3; do command -v "$c" >/dev/null || die "$c missing"; done
@@ -183,7 +184,7 @@ record() {
 }
 
 run_shoal() {
-  local n=$1 rep=$2 dir=$T/shoal-$1-$2 i timeouts logto=0 fallback received gib dup
+  local n=$1 rep=$2 label=${3:-shoal} dir=$T/${3:-shoal}-$1-$2 i timeouts logto=0 fallback received gib dup
   fleet_start_shoal "$dir"
   random_blob
   ns_push "$FLEET_ORIGIN_NS" "$FLEET_ORIGIN_URL" "$BLOB_REPO" "$BLOB" "$BLOB_DIGEST"
@@ -204,9 +205,18 @@ run_shoal() {
   for ((i = 0; i < n; i++)); do
     logto=$((logto + $(grep -c 'timed out' "${FLEET_AGENT_LOGS[i]}" || true)))
   done
-  record shoal "$n" "$rep" "$BLOB_DIGEST" "$timeouts" "$logto" "$fallback" "$gib" "$dup"
+  record "$label" "$n" "$rep" "$BLOB_DIGEST" "$timeouts" "$logto" "$fallback" "$gib" "$dup"
   fleet_stop_shoal
   rm -rf "$dir/origin" "$dir"/agent*/ # the data; the logs stay (with KEEP_TMP=1, after the run too)
+}
+
+# run_shoal_tls N REP: run_shoal with TLS everywhere: certificates from a CA made for the run,
+# https listeners, the peer protocol over mutual TLS (the cost of TLS, against run_shoal).
+run_shoal_tls() {
+  FLEET_TLS=1
+  run_shoal "$1" "$2" shoal_tls
+  FLEET_TLS=0
+  _fleet_tls "$T/unused"
 }
 
 run_registry() {

@@ -153,13 +153,13 @@ link_bytes() {
 ns_push() {
   local ns=$1 base=$2 repo=$3 file=$4 digest=$5 hdr loc code
   hdr=$(mktemp "$T/push-hdr.XXXXXX")
-  code=$(in_ns "$ns" curl -sS -o /dev/null -D "$hdr" -w '%{http_code}' --max-time 30 -X POST "$base/v2/$repo/blobs/uploads/")
+  code=$(in_ns "$ns" curl "${CURL_TLS[@]}" -sS -o /dev/null -D "$hdr" -w '%{http_code}' --max-time 30 -X POST "$base/v2/$repo/blobs/uploads/")
   [[ $code == 202 ]] || die "POST $base/v2/$repo/blobs/uploads/ answered $code"
   loc=$(tr -d '\r' <"$hdr" | awk 'tolower($1)=="location:" {print $2}')
   [[ -n $loc ]] || die "POST $base/v2/$repo/blobs/uploads/ gave no Location"
   [[ $loc == /* ]] && loc=$base$loc
   if [[ $loc == *\?* ]]; then loc="$loc&digest=$digest"; else loc="$loc?digest=$digest"; fi
-  code=$(in_ns "$ns" curl -sS -o "$hdr" -w '%{http_code}' --max-time 300 -H 'Expect:' \
+  code=$(in_ns "$ns" curl "${CURL_TLS[@]}" -sS -o "$hdr" -w '%{http_code}' --max-time 300 -H 'Expect:' \
     -H 'Content-Type: application/octet-stream' -T "$file" "$loc")
   [[ $code == 201 ]] || die "PUT of $file to $base answered $code: $(cat "$hdr")"
   rm -f "$hdr"
@@ -168,7 +168,7 @@ ns_push() {
 # ns_metric NS URL NAME [LABEL_MATCH]: like lib.sh's metric, read from inside NS; prints the sum
 # of matching samples, or "n/a" when /metrics has no sample of NAME at all.
 ns_metric() {
-  in_ns "$1" curl -sf --max-time 5 "$2/metrics" | awk -v n="$3" -v m="${4:-}" '
+  in_ns "$1" curl "${CURL_TLS[@]}" -sf --max-time 5 "$2/metrics" | awk -v n="$3" -v m="${4:-}" '
     /^#/ { next }
     { key = $1; base = key; sub(/\{.*/, "", base) }
     base == n && (m == "" || index(key, m) > 0) { s += $2; seen = 1 }
@@ -226,34 +226,43 @@ fleet_setup() {
 # default settings in every host namespace, data under DIR. Sets FLEET_ORIGIN_PID
 # FLEET_TRACKER_PID FLEET_AGENT_PIDS[i] FLEET_AGENT_LOGS[i] FLEET_SHOAL_PIDS (all of them).
 fleet_start_shoal() {
-  local dir=$1 i
+  local dir=$1 i tls_o=() tls_t=() tls_a=()
   [[ -x $SHOAL_BIN ]] || die "shoal binary not found at SHOAL_BIN=$SHOAL_BIN"
   mkdir -p "$dir"
+  _fleet_tls "$dir/pki"
+  if ((${FLEET_TLS:-0})); then
+    tls_o=(--tls-cert "$dir/pki/origin.pem" --tls-key "$dir/pki/origin-key.pem" --cluster-ca "$dir/pki/ca.pem")
+    tls_t=(--tls-cert "$dir/pki/tracker.pem" --tls-key "$dir/pki/tracker-key.pem" --cluster-ca "$dir/pki/ca.pem")
+  fi
   FLEET_ORIGIN_LOG=$dir/origin.log
-  ns_bg "$FLEET_ORIGIN_NS" "$FLEET_ORIGIN_LOG" "$SHOAL_BIN" origin --listen "${FLEET_ORIGIN_URL#http://}" \
-    --peer-listen "$FLEET_ORIGIN_PEER" --data-dir "$dir/origin"
+  ns_bg "$FLEET_ORIGIN_NS" "$FLEET_ORIGIN_LOG" "$SHOAL_BIN" origin --listen "${FLEET_ORIGIN_URL#*://}" \
+    --peer-listen "$FLEET_ORIGIN_PEER" --data-dir "$dir/origin" "${tls_o[@]}"
   FLEET_ORIGIN_PID=$NS_PID
-  wait_ready 30 "$FLEET_ORIGIN_PID" "shoal origin" in_ns "$FLEET_ORIGIN_NS" curl -sf --max-time 2 "$FLEET_ORIGIN_URL/healthz" ||
+  wait_ready 30 "$FLEET_ORIGIN_PID" "shoal origin" in_ns "$FLEET_ORIGIN_NS" curl "${CURL_TLS[@]}" -sf --max-time 2 "$FLEET_ORIGIN_URL/healthz" ||
     die "$WAIT_ERR (log: $FLEET_ORIGIN_LOG)"
   FLEET_TRACKER_LOG=$dir/tracker.log
-  ns_bg "$FLEET_ORIGIN_NS" "$FLEET_TRACKER_LOG" "$SHOAL_BIN" tracker --listen "${FLEET_TRACKER_URL#http://}" \
-    --origin "$FLEET_ORIGIN_URL"
+  ns_bg "$FLEET_ORIGIN_NS" "$FLEET_TRACKER_LOG" "$SHOAL_BIN" tracker --listen "${FLEET_TRACKER_URL#*://}" \
+    --origin "$FLEET_ORIGIN_URL" "${tls_t[@]}"
   FLEET_TRACKER_PID=$NS_PID
   FLEET_AGENT_PIDS=() FLEET_AGENT_LOGS=()
   for ((i = 0; i < FLEET_N; i++)); do
     FLEET_AGENT_LOGS[i]=$dir/agent$i.log
-    ns_bg "${FLEET_NS[i]}" "${FLEET_AGENT_LOGS[i]}" "$SHOAL_BIN" agent --listen "${FLEET_AGENT_URL#http://}" \
+    if ((${FLEET_TLS:-0})); then
+      "$SHOAL_BIN" certs issue --ca "$dir/pki" --name "agent$i" --role agent --ip 127.0.0.1 --ip "${FLEET_ADDR[i]}" >/dev/null
+      tls_a=(--tls-cert "$dir/pki/agent$i.pem" --tls-key "$dir/pki/agent$i-key.pem" --cluster-ca "$dir/pki/ca.pem")
+    fi
+    ns_bg "${FLEET_NS[i]}" "${FLEET_AGENT_LOGS[i]}" "$SHOAL_BIN" agent --listen "${FLEET_AGENT_URL#*://}" \
       --peer-listen "0.0.0.0:$FLEET_AGENT_PEER_PORT" --peer-advertise "${FLEET_ADDR[i]}:$FLEET_AGENT_PEER_PORT" \
-      --origin "$FLEET_ORIGIN_URL" --tracker "$FLEET_TRACKER_URL" --data-dir "$dir/agent$i"
+      --origin "$FLEET_ORIGIN_URL" --tracker "$FLEET_TRACKER_URL" --data-dir "$dir/agent$i" "${tls_a[@]}"
     FLEET_AGENT_PIDS[i]=$NS_PID
   done
-  wait_ready 30 "$FLEET_TRACKER_PID" "shoal tracker" in_ns "$FLEET_ORIGIN_NS" curl -sf --max-time 2 "$FLEET_TRACKER_URL/healthz" ||
+  wait_ready 30 "$FLEET_TRACKER_PID" "shoal tracker" in_ns "$FLEET_ORIGIN_NS" curl "${CURL_TLS[@]}" -sf --max-time 2 "$FLEET_TRACKER_URL/healthz" ||
     die "$WAIT_ERR (log: $FLEET_TRACKER_LOG)"
   for ((i = 0; i < FLEET_N; i++)); do
-    wait_ready 30 "${FLEET_AGENT_PIDS[i]}" "shoal agent $i" in_ns "${FLEET_NS[i]}" curl -sf --max-time 2 "$FLEET_AGENT_URL/healthz" ||
+    wait_ready 30 "${FLEET_AGENT_PIDS[i]}" "shoal agent $i" in_ns "${FLEET_NS[i]}" curl "${CURL_TLS[@]}" -sf --max-time 2 "$FLEET_AGENT_URL/healthz" ||
       die "$WAIT_ERR (log: ${FLEET_AGENT_LOGS[i]})"
     # The link, end to end: every host reaches the origin through the bridge.
-    in_ns "${FLEET_NS[i]}" curl -sf --max-time 5 -o /dev/null "$FLEET_ORIGIN_URL/healthz" ||
+    in_ns "${FLEET_NS[i]}" curl "${CURL_TLS[@]}" -sf --max-time 5 -o /dev/null "$FLEET_ORIGIN_URL/healthz" ||
       die "host $i (${FLEET_ADDR[i]}) cannot reach the origin at $FLEET_ORIGIN_URL"
   done
   FLEET_SHOAL_PIDS=("${FLEET_AGENT_PIDS[@]}" "$FLEET_TRACKER_PID" "$FLEET_ORIGIN_PID")
@@ -263,10 +272,29 @@ fleet_start_shoal() {
 
 fleet_stop_shoal() { ns_stop "${FLEET_SHOAL_PIDS[@]}"; }
 
+# _fleet_tls DIR: with FLEET_TLS=1, a cluster CA and the origin's and tracker's certificates
+# in DIR (shoal certs), https URLs, and curl trusting the CA (CURL_TLS, FLEET_CA); without
+# it, the plain URLs. The agents' certificates are issued as they start.
+_fleet_tls() {
+  local dir=$1 scheme=http
+  CURL_TLS=() FLEET_CA=
+  if ((${FLEET_TLS:-0})); then
+    scheme=https
+    "$SHOAL_BIN" certs ca --out "$dir" >/dev/null
+    for role in origin tracker; do
+      "$SHOAL_BIN" certs issue --ca "$dir" --name "$role" --role "$role" --ip "$FLEET_ORIGIN_ADDR" >/dev/null
+    done
+    CURL_TLS=(--cacert "$dir/ca.pem") FLEET_CA=$dir/ca.pem
+  fi
+  FLEET_ORIGIN_URL=$scheme://$FLEET_ORIGIN_ADDR:5000
+  FLEET_TRACKER_URL=$scheme://$FLEET_ORIGIN_ADDR:5100
+  FLEET_AGENT_URL=$scheme://127.0.0.1:5000
+}
+
 # fleet_wait_metainfo DIGEST: until the origin serves the blob's metainfo (computed after commit).
 fleet_wait_metainfo() {
   wait_until 60 "the origin's metainfo of $1" \
-    in_ns "$FLEET_ORIGIN_NS" curl -sf --max-time 5 -o /dev/null "$FLEET_ORIGIN_URL/shoal/v1/blobs/$1/metainfo"
+    in_ns "$FLEET_ORIGIN_NS" curl "${CURL_TLS[@]}" -sf --max-time 5 -o /dev/null "$FLEET_ORIGIN_URL/shoal/v1/blobs/$1/metainfo"
 }
 
 # fleet_agents_metric NAME [LABEL_MATCH]: the sum over all agents; a missing sample counts as 0
@@ -290,7 +318,7 @@ fleet_pull() {
   _fleet_pull_script
   for ((i = 0; i < FLEET_N; i++)); do
     rm -f "$T/pull-result-$i"
-    ns_bg "${FLEET_NS[i]}" "$T/pull-$i.log" bash "$T/fleet-pull.sh" "$start" "$url" "$out/h$i" "$T/pull-result-$i"
+    ns_bg "${FLEET_NS[i]}" "$T/pull-$i.log" bash "$T/fleet-pull.sh" "$start" "$url" "$out/h$i" "$T/pull-result-$i" "${FLEET_CA:-}"
     pids[i]=$NS_PID
   done
   for ((i = 0; i < FLEET_N; i++)); do ns_wait "${pids[i]}" || true; done
@@ -324,10 +352,10 @@ fleet_verify() {
 # RESULT. A TERM stops its curl too.
 _fleet_pull_script() {
   cat >"$T/fleet-pull.sh" <<'EOF'
-start=$1 url=$2 out=$3 result=$4
+start=$1 url=$2 out=$3 result=$4 ca=${5:-}
 sleep "$(awk -v s="$start" -v n="$EPOCHREALTIME" 'BEGIN {d = s - n; printf "%.6f", (d > 0) ? d : 0}')"
 began=$EPOCHREALTIME
-curl -sS -o "$out" -w '%{http_code}' --max-time 900 "$url" >"$result.code" &
+curl ${ca:+--cacert "$ca"} -sS -o "$out" -w '%{http_code}' --max-time 900 "$url" >"$result.code" &
 cpid=$!
 trap 'kill "$cpid" 2>/dev/null; exit 143' TERM INT
 rc=0

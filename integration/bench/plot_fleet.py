@@ -17,8 +17,12 @@ import sys
 from collections import defaultdict
 from xml.sax.saxutils import escape
 
-LABELS = {"shoal": "Shoal (agents, peer swarm)", "registry": "central registry (docker-registry)"}
-COLORS = {"shoal": "#1f77b4", "registry": "#d62728"}
+LABELS = {
+    "shoal": "Shoal (agents, peer swarm)",
+    "shoal_tls": "Shoal, TLS and mutual-TLS peers",
+    "registry": "central registry (docker-registry)",
+}
+COLORS = {"shoal": "#1f77b4", "shoal_tls": "#2ca02c", "registry": "#d62728"}
 PARAMS = ("size_mib", "host_mbit", "origin_mbit", "stragglers")
 
 

@@ -371,7 +371,7 @@ assert_eq() { # assert_eq EXPECTED ACTUAL WHAT
 # start_upload REPO: POST /v2/REPO/blobs/uploads/, expects 202; prints the absolute Location.
 start_upload() {
   local hdr=$T/post-headers code loc
-  code=$(curl -sS -o /dev/null -D "$hdr" -w '%{http_code}' --max-time 30 -X POST "$REG_URL/v2/$1/blobs/uploads/")
+  code=$(curl -sS -o /dev/null -D "$hdr" -w '%{http_code}' --max-time 30 "${CURL_TLS[@]}" -X POST "$REG_URL/v2/$1/blobs/uploads/")
   [[ $code == 202 ]] || die "POST /v2/$1/blobs/uploads/ answered $code (want 202): $(cat "$hdr")"
   loc=$(tr -d '\r' <"$hdr" | awk 'tolower($1)=="location:" {print $2}')
   [[ -n $loc ]] || die "POST /v2/$1/blobs/uploads/ gave no Location header"
@@ -387,7 +387,7 @@ push_blob_monolithic() {
   local loc digest
   loc=$(start_upload "$1")
   digest=$(sha256_of "$2")
-  curl -sS -o "$T/put-body" -w '%{http_code}' --max-time 60 -H 'Expect:' \
+  curl -sS -o "$T/put-body" -w '%{http_code}' --max-time 60 "${CURL_TLS[@]}" -H 'Expect:' \
     -H 'Content-Type: application/octet-stream' -T "$2" "$(with_query "$loc" "digest=$digest")" || true
 }
 
