@@ -37,7 +37,9 @@ printf 'announce_interval = "1s"\ncache_high_watermark = "64GiB"\ncache_low_wate
 stop_cluster() {
   local p
   for p in "${AGENT_PIDS[@]}" "$TRACKER_PID" "$ORIGIN_PID"; do kill "$p" 2>/dev/null || true; done
-  for p in "${AGENT_PIDS[@]}" "$TRACKER_PID" "$ORIGIN_PID"; do wait "$p" 2>/dev/null || true; done
+  for p in "${AGENT_PIDS[@]}" "$TRACKER_PID" "$ORIGIN_PID"; do
+    while kill -0 "$p" 2>/dev/null; do sleep 0.1; done
+  done
   rm -rf "$T/cluster"
 }
 
