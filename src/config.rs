@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bytesize::ByteSize;
 use serde::Deserialize;
-use shoal_registry::access::AuthConfig;
+use shoal_registry::auth::AuthConfig;
 
 /// How long garbage collection keeps unreferenced files aside by default.
 const DEFAULT_GC_QUARANTINE: Duration = Duration::from_secs(60);
@@ -245,13 +245,13 @@ impl OriginConfig {
         })
     }
 
-    /// The registry API settings derived from this config.
-    pub fn api(&self) -> shoal_registry::ApiConfig {
+    /// The registry API settings derived from this config, deciding access with `auth`.
+    pub fn api(&self, auth: shoal_registry::auth::AuthGate) -> shoal_registry::ApiConfig {
         shoal_registry::ApiConfig {
             read_only: false,
             max_manifest_size: self.max_manifest_size.as_u64(),
             max_concurrent_requests: self.limits.max_concurrent_requests,
-            auth: self.auth.clone(),
+            auth,
         }
     }
 }

@@ -9,6 +9,7 @@ mod node;
 mod origin;
 mod origin_admin;
 mod origin_forward;
+mod passwd;
 mod peer_addr;
 mod preheat;
 mod readiness;
@@ -40,6 +41,8 @@ enum Command {
     Up(up::UpArgs),
     /// Warm an agent's cache with every blob of an image, showing progress
     Preheat(preheat::PreheatArgs),
+    /// Print the argon2 hash of a password (stdin or a prompt) for `[[auth.users]] password_argon2`
+    Passwd(passwd::PasswdArgs),
     /// Prepare a Kubernetes node for the agent (containerd mirror config), undo it, or wait for that
     Node(node::NodeArgs),
 }
@@ -80,5 +83,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Up(args) => up::run(args, shutdown_signal()).await,
         Command::Preheat(args) => preheat::run(args).await,
         Command::Node(args) => node::run(args).await,
+        Command::Passwd(args) => passwd::run(args),
     }
 }

@@ -147,11 +147,29 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
     if let Some(every) = config.cluster.gc_interval {
         spawn_periodic_gc(coordinator.clone(), gc_settings(&cluster), every);
     }
+    let authority = Arc::new(
+        shoal_registry::auth::authority::Authority::new(
+            config.auth.clone(),
+            &config.data_dir,
+            cluster.secret.as_deref(),
+        )
+        .context("[auth]")?,
+    );
+    if authority.enabled() {
+        tracing::info!(
+            tokens = config.auth.tokens,
+            rules = config.auth.rules.len(),
+            users = config.auth.users.len(),
+            "access control on"
+        );
+    }
     let registry = ClusterStore::new(coordinator.clone());
     let forwarder = crate::origin_forward::Forwarder::new(membership.clone(), cluster.call_timeout)?;
-    let mut api = shoal_registry::router(Arc::new(registry), config.api())
+    let gate = shoal_registry::auth::AuthGate(authority.clone());
+    let mut api = shoal_registry::router(Arc::new(registry), config.api(gate))
         .layer(axum::middleware::from_fn_with_state(forwarder, crate::origin_forward::forward_uploads))
-        .merge(seeding_routes(coordinator.clone(), membership.clone(), seeder));
+        .merge(authority.guard_node_api(seeding_routes(coordinator.clone(), membership.clone(), seeder)))
+        .merge(authority.clone().routes());
     match &cluster.secret {
         Some(secret) => {
             let health = {
