@@ -41,7 +41,12 @@ pub struct OriginClient {
     /// A client's bearer token captured for work that outlives its request (a download's
     /// origin fallback); otherwise the token of the request being handled is sent, if any.
     forward: Option<HeaderValue>,
+    /// Anonymous tokens by repository, with when they stop being used (see `anonymous_token`).
+    anonymous: Arc<std::sync::Mutex<std::collections::HashMap<String, (HeaderValue, std::time::Instant)>>>,
 }
+
+/// Most anonymous tokens kept (cleared when full).
+const MAX_ANONYMOUS_TOKENS: usize = 10_000;
 
 fn unreachable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("origin unreachable: {e}"))
@@ -89,6 +94,7 @@ impl OriginClient {
             http,
             per_mib: Duration::from_millis(200),
             forward: None,
+            anonymous: Default::default(),
         })
     }
 
@@ -104,6 +110,51 @@ impl OriginClient {
             Some(token) => request.header(AUTHORIZATION, token),
             None => request,
         }
+    }
+
+    /// An anonymous token for pulling `repo`, from the token endpoint at `realm`, as a Docker
+    /// client would get one: what an agent without a transport identity shows the origins'
+    /// node API (`/shoal/v1/blobs/*`) when it fetches a public blob for an anonymous client.
+    /// Kept until shortly before it expires.
+    pub async fn anonymous_token(&self, realm: &str, service: &str, repo: &RepoName) -> Option<HeaderValue> {
+        let now = std::time::Instant::now();
+        let key = repo.to_string();
+        {
+            let cache = self.anonymous.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((token, until)) = cache.get(&key) {
+                if now < *until {
+                    return Some(token.clone());
+                }
+            }
+        }
+        let scope = format!("repository:{repo}:pull");
+        let r = self
+            .http
+            .get(realm)
+            .query(&[("service", service), ("scope", scope.as_str())])
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .ok()?;
+        if r.status() != StatusCode::OK {
+            tracing::debug!(status = %r.status(), %repo, "no anonymous token");
+            return None;
+        }
+        #[derive(serde::Deserialize)]
+        struct Reply {
+            token: String,
+            #[serde(default)]
+            expires_in: Option<u64>,
+        }
+        let reply: Reply = serde_json::from_slice(&r.bytes().await.ok()?).ok()?;
+        let value = HeaderValue::from_str(&format!("Bearer {}", reply.token)).ok()?;
+        let life = Duration::from_secs(reply.expires_in.unwrap_or(60).saturating_sub(30).max(1));
+        let mut cache = self.anonymous.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_ANONYMOUS_TOKENS {
+            cache.clear();
+        }
+        cache.insert(key, (value.clone(), now + life));
+        Some(value)
     }
 
     /// Every origin's published authorization policy, merged; `None` if none answered. An

@@ -187,7 +187,7 @@ pub async fn preheat(
                 if store.downloads().cache.get(&digest).is_some() || size == 0 {
                     return Ok((digest, size));
                 }
-                let download = store.downloads().join(&repo, &digest).await.map_err(|e| e.to_string())?;
+                let download = store.join(&repo, &digest).await.map_err(|e| e.to_string())?;
                 download.wait().await?;
                 Ok::<_, String>((digest, size))
             };

@@ -13,6 +13,7 @@ use shoal_registry::store::{NewManifest, Page, Reference, StoredManifest, Upload
 use shoal_registry::{ByteStream, Digest, RegistryStore, RepoName, StoreError, Tag};
 
 use shoal_registry::auth::remote::RemoteAuth;
+use shoal_registry::auth::{forwarded_authorization, FORWARD_AUTHORIZATION};
 
 use crate::downloads::Downloads;
 use crate::origin_client::OriginClient;
@@ -73,6 +74,23 @@ impl AgentStore {
         &self.downloads
     }
 
+    /// Join (or start) the download of `digest` through `repo`, with the client's token, or
+    /// without one an anonymous token where the origins want one (plain HTTP, access control
+    /// on: their node API then asks for a token).
+    pub async fn join(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Arc<crate::downloads::Download>, StoreError> {
+        let mut credentials = forwarded_authorization();
+        if credentials.is_none() {
+            if let Some(policy) = self.auth.policy().filter(|p| p.tokens) {
+                credentials = self.origin.anonymous_token(&policy.realm, &policy.service, repo).await;
+            }
+        }
+        FORWARD_AUTHORIZATION.scope(credentials, self.downloads.join(repo, digest)).await
+    }
+
     /// A cached blob, streamed with every piece checked (see `Downloads::stream_cached`).
     async fn cached_blob(&self, repo: &RepoName, digest: &Digest, range: ByteRange) -> Option<ByteStream> {
         let pieces = self.downloads.open_cached(digest).await?;
@@ -120,7 +138,7 @@ impl RegistryStore for AgentStore {
         if let Some(stream) = self.cached_blob(repo, digest, range).await {
             return Ok(stream);
         }
-        let download = self.downloads.join(repo, digest).await?;
+        let download = self.join(repo, digest).await?;
         Ok(self.downloads.stream(repo, download, range))
     }
 

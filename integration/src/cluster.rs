@@ -197,11 +197,18 @@ impl Cluster {
     /// A cluster whose agents all get `agent_toml` appended to their config
     /// file (which already sets `announce_interval`).
     pub async fn start_with(agents: usize, agent_toml: &str) -> Cluster {
+        Cluster::start_with_origin(agents, "", agent_toml).await
+    }
+
+    /// [`start_with`](Self::start_with), the origin's config file also getting `origin_toml`
+    /// (e.g. an `[auth]` section).
+    pub async fn start_with_origin(agents: usize, origin_toml: &str, agent_toml: &str) -> Cluster {
         assert!(
             crate::external_registry().is_none(),
             "a swarm test starts its own origin: skip_if_external! first"
         );
-        let origin = Origin::start_with_config("peer_listen = \"127.0.0.1:0\"\n").await;
+        let origin =
+            Origin::start_with_config(&format!("peer_listen = \"127.0.0.1:0\"\n{origin_toml}")).await;
         let root =
             tempfile::Builder::new().prefix("shoal-swarm-").tempdir().expect("create a temporary directory");
         let tracker = Process::spawn(

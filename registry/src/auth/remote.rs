@@ -138,6 +138,11 @@ impl RemoteAuth {
         });
     }
 
+    /// The policy in force, if known.
+    pub fn policy(&self) -> Option<Policy> {
+        self.current().filter(|k| k.published.enabled).map(|k| k.published.policy.clone())
+    }
+
     /// Whether access control is on (`None`: not known yet).
     pub fn enabled(&self) -> Option<bool> {
         self.current().map(|k| k.published.enabled)
