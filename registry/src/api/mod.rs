@@ -4,6 +4,8 @@
 //! checks access and the request limit, and hands off to one small handler per endpoint.
 
 mod blobs;
+#[cfg(test)]
+mod identity_tests;
 mod listing;
 mod manifests;
 pub mod route;
