@@ -163,6 +163,9 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
             "access control on"
         );
     }
+    if config.auth.tokens && cluster.members.len() > 1 {
+        authority.follow_peers(peer_keys(membership.clone(), cluster.call_timeout)?, PEER_KEYS_REFRESH);
+    }
     let registry = ClusterStore::new(coordinator.clone());
     let forwarder = crate::origin_forward::Forwarder::new(membership.clone(), cluster.call_timeout)?;
     let gate = shoal_registry::auth::AuthGate(authority.clone());
@@ -213,6 +216,37 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         "origin ready"
     );
     Ok(server)
+}
+
+/// How often an origin fetches the other origins' token keys.
+const PEER_KEYS_REFRESH: Duration = Duration::from_secs(30);
+
+/// Fetch the public keys every other live origin publishes, so a token from any of them is
+/// accepted here (a cluster whose origins generated their own keys).
+fn peer_keys(
+    membership: Arc<Membership>,
+    timeout: Duration,
+) -> anyhow::Result<shoal_registry::auth::authority::FetchKeys> {
+    let http = reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).build()?;
+    Ok(Arc::new(move || {
+        let (membership, http) = (membership.clone(), http.clone());
+        Box::pin(async move {
+            let me = membership.me().to_string();
+            let asks = membership.live().into_iter().filter(|id| *id != me).map(|id| {
+                let request =
+                    http.get(format!("http://{id}{}", shoal_registry::auth::authority::PUBLISHED_PATH));
+                async move {
+                    let reply = request.send().await.ok()?;
+                    if !reply.status().is_success() {
+                        return None;
+                    }
+                    reply.json::<shoal_registry::auth::remote::Published>().await.ok().map(|p| p.keys)
+                }
+            });
+            let answers: Vec<_> = futures_util::future::join_all(asks).await.into_iter().flatten().collect();
+            (!answers.is_empty()).then(|| answers.into_iter().flatten().collect())
+        })
+    }))
 }
 
 /// Refresh the storage and membership gauges; ends when the store closes.

@@ -362,3 +362,29 @@ async fn private_image_on_an_agent_stays_private() {
     let text = r.text().await.unwrap();
     assert!(text.contains("\"done\""), "preheat stream: {text}");
 }
+
+/// Origins of a cluster that each generated their own key accept each other's tokens: a
+/// client gets its token from one origin and its next request lands on another.
+#[tokio::test]
+async fn origins_accept_each_others_tokens() {
+    skip_if_external!("starts its own origins");
+    use shoal_integration::origins::{ClusterSpec, OriginCluster};
+    let cluster = OriginCluster::start_cluster(ClusterSpec::new(2).cluster(&auth_toml())).await;
+    let repo = unique_repo("private");
+    let scope = format!("repository:{repo}:pull,push");
+    let from_first = token(&cluster.url(0), Some(("ci", "ci-pass")), &scope).await;
+    let image =
+        cluster.client(1).with_bearer(&from_first).push_image(&repo, ImageKind::Oci, Some("v1"), 64).await;
+    let pull =
+        token(&cluster.url(1), Some(("alice", "alice-pass")), &format!("repository:{repo}:pull")).await;
+    let m = cluster.client(0).with_bearer(&pull).get_manifest(&repo, "v1").await;
+    m.expect(StatusCode::OK);
+    assert_eq!(m.body, image.manifest.bytes);
+    // A key no origin published is still refused.
+    let (stranger, _) = SigningKey::generate().unwrap();
+    let foreign = stranger.sign(&claims(&repo, &["pull"], 300)).unwrap();
+    assert_bearer_refusal(
+        &cluster.client(0).with_bearer(&foreign).get_manifest(&repo, "v1").await,
+        Some("invalid_token"),
+    );
+}

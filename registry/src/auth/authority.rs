@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -40,12 +40,21 @@ const LOGIN_CACHE_TTL: Duration = Duration::from_secs(60);
 /// Remembered logins at most (cleared when full).
 const LOGIN_CACHE_MAX: usize = 10_000;
 
+/// Fetches the other origins' published keys; `None` if none answered.
+pub type FetchKeys =
+    Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, Option<Vec<super::tokens::Jwk>>> + Send + Sync>;
+
 /// An origin's authentication and authorization.
 pub struct Authority {
     config: AuthConfig,
     policy: Policy,
     signing: Option<SigningKey>,
-    keys: KeySet,
+    /// This origin's own keys (signing key, `token_verify_keys`).
+    own: Vec<super::tokens::Jwk>,
+    /// Those and the other origins' published keys.
+    keys: RwLock<KeySet>,
+    peers: OnceLock<FetchKeys>,
+    last_peer_refresh: Mutex<Option<Instant>>,
     failures: FailedLogins,
     recent: Mutex<HashMap<[u8; 32], Instant>>,
     cluster_secret: Option<[u8; 32]>,
@@ -53,7 +62,7 @@ pub struct Authority {
 
 impl std::fmt::Debug for Authority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authority").field("policy", &self.policy).field("keys", &self.keys).finish()
+        f.debug_struct("Authority").field("policy", &self.policy).field("keys", &self.keys()).finish()
     }
 }
 
@@ -116,7 +125,10 @@ impl Authority {
             config,
             policy,
             signing,
-            keys: KeySet::new(public),
+            keys: RwLock::new(KeySet::new(public.clone())),
+            own: public,
+            peers: OnceLock::new(),
+            last_peer_refresh: Mutex::new(None),
             recent: Mutex::new(HashMap::new()),
             cluster_secret: cluster_secret
                 .filter(|s| !s.is_empty())
@@ -132,8 +144,63 @@ impl Authority {
         &self.policy
     }
 
-    pub fn keys(&self) -> &KeySet {
-        &self.keys
+    /// Every key tokens are accepted from: this origin's and the other origins'.
+    pub fn keys(&self) -> KeySet {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Accept tokens signed by the other origins' `keys` too (a client may get its token
+    /// from one origin and send the next request to another).
+    pub fn set_peer_keys(&self, keys: Vec<super::tokens::Jwk>) {
+        let set = KeySet::new(self.own.iter().cloned().chain(keys));
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = set;
+    }
+
+    /// How to fetch the other origins' keys: every `every`, and at most every
+    /// [`super::remote::MIN_REFRESH`] when a token names a key this origin does not know.
+    pub fn follow_peers(self: &Arc<Self>, fetch: FetchKeys, every: Duration) {
+        if self.peers.set(fetch).is_err() {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(auth) = me.upgrade() else { return };
+                auth.refresh_peers(false).await;
+                drop(auth);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+
+    /// Fetch the other origins' keys; `on_demand` (an unknown key) counts against the rate
+    /// limit, the periodic refresh does not.
+    async fn refresh_peers(&self, on_demand: bool) {
+        let Some(fetch) = self.peers.get() else { return };
+        if on_demand {
+            *self.last_peer_refresh.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+        if let Some(keys) = fetch().await {
+            self.set_peer_keys(keys);
+        }
+    }
+
+    /// Verify a token, fetching the other origins' keys first if it names an unknown one.
+    async fn verify(&self, token: &str) -> Result<Claims, super::tokens::TokenError> {
+        let first = self.keys().verify(token, &self.policy.service);
+        if first != Err(super::tokens::TokenError::UnknownKey) || self.peers.get().is_none() {
+            return first;
+        }
+        let recent = self
+            .last_peer_refresh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at.elapsed() < super::remote::MIN_REFRESH);
+        if recent {
+            return first;
+        }
+        self.refresh_peers(true).await;
+        self.keys().verify(token, &self.policy.service)
     }
 
     fn user(&self, name: &str) -> Option<&User> {
@@ -269,7 +336,7 @@ impl Authority {
                 ..Rule::default()
             })
             .collect();
-        Published { enabled: self.enabled(), policy, keys: self.keys.jwks().to_vec() }
+        Published { enabled: self.enabled(), policy, keys: self.own.clone() }
     }
 
     /// `/token` (GET with Basic credentials or none; POST `grant_type=password`) when token
@@ -300,7 +367,7 @@ impl Authority {
                 return true;
             }
         }
-        self.keys.verify(&token, &self.policy.service).is_ok_and(|c| !c.access.is_empty())
+        self.keys().verify(&token, &self.policy.service).is_ok_and(|c| !c.access.is_empty())
     }
 
     /// Wrap `routes` (the node API) with [`node_api_allows`](Self::node_api_allows).
@@ -329,7 +396,7 @@ impl Authorize for Authority {
         }
         let (headers, needs) = (check.headers, check.needs);
         match parse_authorization(check.authorization()) {
-            Credentials::Bearer(token) => match self.keys.verify(&token, &self.policy.service) {
+            Credentials::Bearer(token) => match self.verify(&token).await {
                 Ok(claims) => self.policy.check_claims(headers, &claims, needs),
                 Err(e) => Err(self.policy.challenge(headers, needs, Some("invalid_token"), &e.to_string())),
             },

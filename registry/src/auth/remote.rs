@@ -101,7 +101,6 @@ impl RemoteAuth {
     /// Fetch the policy now; `false` if no origin answered (the old one stays).
     pub async fn refresh(&self) -> bool {
         let _one = self.refreshing.lock().await;
-        *self.last_refresh.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         match (self.fetch)().await {
             Some(p) => {
                 self.set(p);
@@ -119,6 +118,7 @@ impl RemoteAuth {
             .unwrap_or_else(|p| p.into_inner())
             .is_some_and(|at| at.elapsed() < MIN_REFRESH);
         if !recent {
+            *self.last_refresh.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
             self.refresh().await;
         }
     }
