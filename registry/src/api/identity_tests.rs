@@ -115,10 +115,12 @@ async fn a_node_identity_pulls_private_repositories_and_nothing_more() {
     let uploads = "/v2/private/app/blobs/uploads/";
     // Without an identity: a challenge.
     assert_eq!(status(router(None), Method::GET, manifest).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status(router(None), Method::GET, "/v2/_catalog").await, StatusCode::UNAUTHORIZED);
     for role in [Role::Agent, Role::Origin, Role::Tracker] {
         let id = TransportIdentity { name: "node-1".into(), role };
         // Allowed through to the (empty) store.
         assert_eq!(status(router(Some(id.clone())), Method::GET, manifest).await, StatusCode::NOT_FOUND);
+        assert_eq!(status(router(Some(id.clone())), Method::GET, "/v2/_catalog").await, StatusCode::OK);
         assert_eq!(status(router(Some(id.clone())), Method::POST, uploads).await, StatusCode::UNAUTHORIZED);
         assert_eq!(status(router(Some(id)), Method::DELETE, manifest).await, StatusCode::UNAUTHORIZED);
     }

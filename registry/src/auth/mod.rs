@@ -163,10 +163,14 @@ impl AccessCheck<'_> {
         self.headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok())
     }
 
-    /// A cluster process the transport vouched for, asking only to read.
+    /// A cluster process the transport vouched for, asking only to read (listing repository
+    /// names included: a node may pull every repository anyway).
     pub fn is_node_pull(&self) -> bool {
         self.identity.is_some_and(|i| i.role.is_node())
-            && self.needs.iter().all(|n| matches!(n, Need::Base | Need::Repo(_, Action::Pull)))
+            && self
+                .needs
+                .iter()
+                .all(|n| matches!(n, Need::Base | Need::Catalog | Need::Repo(_, Action::Pull)))
     }
 }
 
