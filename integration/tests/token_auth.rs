@@ -293,7 +293,7 @@ async fn token_endpoint_password_grant_rate_limit_and_published_keys() {
 #[tokio::test]
 async fn private_image_on_an_agent_stays_private() {
     skip_if_external!("starts its own cluster");
-    let cluster = Cluster::start_with_origin(1, &auth_toml(), "").await;
+    let mut cluster = Cluster::start_with_origin(1, &auth_toml(), "").await;
     let url = cluster.origin.url().to_string();
     let private = unique_repo("private");
     let public = unique_repo("public");
@@ -361,6 +361,24 @@ async fn private_image_on_an_agent_stays_private() {
     assert_eq!(r.status(), StatusCode::OK);
     let text = r.text().await.unwrap();
     assert!(text.contains("\"done\""), "preheat stream: {text}");
+
+    // The agent decides alone: with the origin down, the cached private manifest (by digest)
+    // and blob still go to the token holder and still not to anyone else.
+    let key = origin_key(&cluster.origin);
+    cluster.origin.kill();
+    alice.get_manifest(&private, &image.manifest.digest).await.expect(StatusCode::OK);
+    let b = alice.get_blob(&private, &layer.digest).await;
+    b.expect(StatusCode::OK);
+    assert_eq!(b.body, layer.data, "the cached private layer with the origin down");
+    assert_bearer_refusal(&agent.get_blob(&private, &layer.digest).await, None);
+    assert_bearer_refusal(&agent.with_bearer(&other).get_blob(&private, &layer.digest).await, None);
+    // A fresh token signed by the origin's key (issued before it went down) is enough.
+    let fresh = key.sign(&claims(&private, &["pull"], 120)).unwrap();
+    agent.with_bearer(&fresh).get_blob(&private, &layer.digest).await.expect(StatusCode::OK);
+    // And a public repository's name still does not unlock the private blob: unconfirmed
+    // pairs are not served from the cache while the origin is unreachable.
+    let r = agent.get_blob(&public, &layer.digest).await;
+    assert_ne!(r.status, StatusCode::OK, "{}", r.describe());
 }
 
 /// Origins of a cluster that each generated their own key accept each other's tokens: a
