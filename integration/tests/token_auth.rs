@@ -232,6 +232,17 @@ async fn anonymous_pull_of_public_pattern_works_private_refused() {
     let anon = origin.client().with_bearer(&anon);
     anon.get_manifest(&public, "v1").await.expect(StatusCode::OK);
     assert_bearer_refusal(&anon.get_manifest(&private, "v1").await, Some("insufficient_scope"));
+    // The catalog shows each client only what it may pull.
+    let names = |reply: shoal_integration::api::Reply| -> Vec<String> {
+        reply.expect(StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        v["repositories"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_string()).collect()
+    };
+    let seen = names(anonymous.get("/v2/_catalog?n=1000").reply().await);
+    assert!(seen.contains(&public) && !seen.contains(&private), "anonymous catalog: {seen:?}");
+    let alice = origin.client().with_basic_auth("alice", "alice-pass");
+    let seen = names(alice.get("/v2/_catalog?n=1000").reply().await);
+    assert!(seen.contains(&public) && seen.contains(&private), "alice's catalog: {seen:?}");
     // Anonymous clients cannot push to the public pattern.
     let push =
         anonymous.post(&format!("/v2/{public}/blobs/uploads/")).header("content-length", "0").reply().await;

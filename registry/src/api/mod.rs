@@ -85,6 +85,8 @@ pub(crate) struct Ctx {
     pub headers: HeaderMap,
     pub query: HashMap<String, String>,
     pub body: Body,
+    /// Which repositories the catalog may show this client (`None`: all).
+    pub visible: Option<crate::auth::Visible>,
 }
 
 impl Ctx {
@@ -160,6 +162,7 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
         headers: parts.headers,
         query,
         body,
+        visible: if matches!(route, Route::Catalog) { app.config.auth.0.visible(&principal) } else { None },
     };
     let result = if !is_read && app.config.read_only {
         Err(ApiError::new(ErrorCode::Unsupported, "this registry is read-only; push to an origin"))

@@ -412,6 +412,28 @@ impl Authorize for Authority {
             Credentials::Bad => Err(self.policy.challenge(headers, needs, None, "unsupported credentials")),
         }
     }
+
+    fn visible(&self, principal: &Principal) -> Option<super::Visible> {
+        self.visibility(principal)
+    }
+}
+
+impl Authority {
+    /// Where rules apply, the catalog shows a user (or an anonymous client) only the
+    /// repositories it may pull; nodes and registries without rules show every name.
+    fn visibility(&self, principal: &Principal) -> Option<super::Visible> {
+        if !self.enabled() || self.policy.rules.is_empty() || matches!(principal, Principal::Node(_)) {
+            return None;
+        }
+        let default = match principal {
+            Principal::User(name) => self.user(name).map_or(Access::None, |u| u.access),
+            _ => self.policy.anonymous,
+        };
+        let (rules, principal) = (self.policy.rules.clone(), principal.clone());
+        Some(Arc::new(move |repo: &str| {
+            allowed(&rules, &principal, default, repo).contains(&super::Action::Pull)
+        }))
+    }
 }
 
 async fn published(State(auth): State<Arc<Authority>>, headers: HeaderMap) -> Response {
@@ -609,6 +631,16 @@ mod tests {
         assert!(published.policy.rules.iter().all(|r| r.pull.is_empty() && r.push.is_empty()));
         assert!(a.node_api_allows(&headers, None));
         assert!(!a.node_api_allows(&HeaderMap::new(), None));
+    }
+
+    #[test]
+    fn catalog_shows_what_the_principal_may_pull() {
+        let (a, _d) = authority();
+        let alice = a.visibility(&Principal::User("alice".into())).unwrap();
+        assert!(alice("priv/app") && alice("pub/app") && !alice("other"));
+        let anonymous = a.visibility(&Principal::Anonymous).unwrap();
+        assert!(!anonymous("priv/app") && anonymous("pub/app"));
+        assert!(a.visibility(&Principal::Node("n".into())).is_none());
     }
 
     #[tokio::test]

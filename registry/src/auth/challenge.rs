@@ -136,10 +136,11 @@ impl Policy {
         for need in needs {
             let ok = match need {
                 Need::Base => !anonymous || (!self.tokens && self.anonymous_may_pull_something()),
+                // With rules, the origin shows each client only what it may pull.
                 Need::Catalog => match &principal {
                     Principal::Node(_) => true,
-                    Principal::User(_) => default >= Access::Pull,
-                    Principal::Anonymous => self.rules.is_empty() && default >= Access::Pull,
+                    Principal::User(_) => default >= Access::Pull || !self.rules.is_empty(),
+                    Principal::Anonymous => self.anonymous_may_pull_something(),
                 },
                 Need::Repo(repo, action) => allowed(&self.rules, &principal, default, repo).contains(action),
             };

@@ -174,10 +174,18 @@ impl AccessCheck<'_> {
     }
 }
 
+/// Whether a repository name may be shown (in the catalog) to a principal.
+pub type Visible = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// Decides whether a request may go ahead; the principal it acts as, or the error to answer.
 #[async_trait]
 pub trait Authorize: Send + Sync + 'static {
     async fn authorize(&self, check: &AccessCheck<'_>) -> Result<Principal, ApiError>;
+
+    /// Which repositories the catalog shows `principal`; `None`: every one.
+    fn visible(&self, _principal: &Principal) -> Option<Visible> {
+        None
+    }
 }
 
 /// Everything allowed (no `[auth]`): the registry as it was.
