@@ -294,6 +294,36 @@ mod tests {
     }
 
     #[test]
+    fn parses_token_auth_with_rules() {
+        let c: OriginConfig = toml::from_str(
+            r#"
+            [auth]
+            tokens = true
+            realm = "https://registry.example.com/token"
+            token_ttl = "2m"
+            login_failures = 3
+            users = [{ name = "alice", password_argon2 = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA", access = "none" }]
+            [[auth.rules]]
+            repositories = "team/*"
+            pull = ["alice"]
+            push = ["ci"]
+            delete = ["ci"]
+            [[auth.rules]]
+            repositories = "*"
+            anonymous_pull = true
+            "#,
+        )
+        .unwrap();
+        assert!(c.auth.tokens && c.auth.enabled());
+        assert_eq!(c.auth.token_ttl, Duration::from_secs(120));
+        assert_eq!(c.auth.rules.len(), 2);
+        assert_eq!(c.auth.rules[0].pull, vec!["alice".to_string()]);
+        assert!(c.auth.rules[1].anonymous_pull);
+        assert!(!OriginConfig::default().auth.enabled());
+        assert!(toml::from_str::<OriginConfig>("[[auth.rules]]\nrepositories = \"*\"\npul = []").is_err());
+    }
+
+    #[test]
     fn rejects_unknown_fields() {
         assert!(toml::from_str::<OriginConfig>("lisen = \"127.0.0.1:1\"").is_err());
     }
