@@ -217,6 +217,10 @@ impl Authority {
                 .with_header(header::RETRY_AFTER, axum::http::HeaderValue::from_static("60")));
         }
         let Some(user) = self.user(name).cloned() else {
+            // As slow as a wrong password, so response times do not tell which names exist.
+            let decoy = decoy_user();
+            let p = password.to_string();
+            let _ = tokio::task::spawn_blocking(move || decoy.verify(&p)).await;
             self.failures.failed(name, now);
             return Ok(None);
         };
@@ -373,6 +377,23 @@ impl Authority {
     /// Wrap `routes` (the node API) with [`node_api_allows`](Self::node_api_allows).
     pub fn guard_node_api(self: &Arc<Self>, routes: Router) -> Router {
         routes.layer(axum::middleware::from_fn_with_state(self.clone(), node_api_guard))
+    }
+}
+
+/// A user with an argon2 hash of a random password: checked for unknown names.
+fn decoy_user() -> User {
+    static DECOY: OnceLock<Option<String>> = OnceLock::new();
+    let hash = DECOY.get_or_init(|| {
+        let mut secret = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).ok()?;
+        super::users::hash_password(&hex::encode(secret)).ok()
+    });
+    User {
+        name: String::new(),
+        password: None,
+        password_sha256: None,
+        password_argon2: hash.clone(),
+        access: Access::None,
     }
 }
 
