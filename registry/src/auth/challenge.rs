@@ -166,7 +166,11 @@ impl Policy {
             let ok = match need {
                 Need::Base => true,
                 Need::Catalog => claims.grants_catalog(),
-                Need::Repo(repo, action) => claims.grants(repo, *action),
+                // A token never takes away what anonymous clients may do.
+                Need::Repo(repo, action) => {
+                    claims.grants(repo, *action)
+                        || allowed(&self.rules, &Principal::Anonymous, self.anonymous, repo).contains(action)
+                }
             };
             if !ok {
                 return Err(self.challenge(
@@ -234,6 +238,27 @@ mod tests {
         let denied = p.check_rights(&host(), user, Access::None, &pull("priv/x")).unwrap_err();
         assert_eq!(denied.code, ErrorCode::Denied);
         assert!(p.anonymous_pull("pub/a") && !p.anonymous_pull("priv/a"));
+    }
+
+    #[test]
+    fn a_token_for_another_repository_still_pulls_public_ones() {
+        let p = policy(true);
+        let claims = crate::auth::tokens::Claims {
+            iss: "shoal".into(),
+            sub: "u".into(),
+            aud: "shoal".into(),
+            exp: 0,
+            nbf: 0,
+            iat: 0,
+            jti: String::new(),
+            access: vec![],
+        };
+        let pull = |r: &str| [Need::Repo(r.into(), Action::Pull)];
+        assert!(p.check_claims(&host(), &claims, &pull("pub/x")).is_ok());
+        assert_eq!(
+            p.check_claims(&host(), &claims, &pull("priv/x")).unwrap_err().code,
+            ErrorCode::Unauthorized
+        );
     }
 
     #[test]
