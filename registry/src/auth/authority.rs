@@ -399,7 +399,12 @@ fn decoy_user() -> User {
 
 async fn node_api_guard(State(auth): State<Arc<Authority>>, req: Request, next: Next) -> Response {
     if auth.node_api_allows(req.headers(), req.extensions().get::<TransportIdentity>()) {
-        return next.run(req).await;
+        let node = req.extensions().get::<TransportIdentity>().map(|i| Principal::Node(i.name.clone()));
+        let mut resp = next.run(req).await;
+        if let Some(p) = node {
+            resp.extensions_mut().insert(ServedPrincipal(p));
+        }
+        return resp;
     }
     let mut resp = (StatusCode::UNAUTHORIZED, "this API is for cluster nodes\n").into_response();
     resp.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
