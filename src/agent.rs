@@ -178,6 +178,7 @@ pub async fn bind(file: AgentFile) -> anyhow::Result<BoundServer> {
     let api_config = shoal_registry::ApiConfig {
         read_only: true,
         max_concurrent_requests: file.limits.max_concurrent_requests,
+        auth: shoal_registry::auth::AuthGate(agent.auth.clone()),
         ..shoal_registry::ApiConfig::default()
     };
     let api =

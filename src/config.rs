@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bytesize::ByteSize;
 use serde::Deserialize;
-use shoal_registry::access::AuthConfig;
+use shoal_registry::auth::AuthConfig;
 
 /// How long garbage collection keeps unreferenced files aside by default.
 const DEFAULT_GC_QUARANTINE: Duration = Duration::from_secs(60);
@@ -276,13 +276,13 @@ impl OriginConfig {
         (!internal.is_open()).then_some((internal, admin))
     }
 
-    /// The registry API settings derived from this config.
-    pub fn api(&self) -> shoal_registry::ApiConfig {
+    /// The registry API settings derived from this config, deciding access with `auth`.
+    pub fn api(&self, auth: shoal_registry::auth::AuthGate) -> shoal_registry::ApiConfig {
         shoal_registry::ApiConfig {
             read_only: false,
             max_manifest_size: self.max_manifest_size.as_u64(),
             max_concurrent_requests: self.limits.max_concurrent_requests,
-            auth: self.auth.clone(),
+            auth,
         }
     }
 }
@@ -322,6 +322,36 @@ mod tests {
         assert_eq!(http.max_connections, 100);
         assert_eq!(c.limits.max_peer_connections_per_address, 8);
         assert_eq!(c.auth.users.len(), 1);
+    }
+
+    #[test]
+    fn parses_token_auth_with_rules() {
+        let c: OriginConfig = toml::from_str(
+            r#"
+            [auth]
+            tokens = true
+            realm = "https://registry.example.com/token"
+            token_ttl = "2m"
+            login_failures = 3
+            users = [{ name = "alice", password_argon2 = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA", access = "none" }]
+            [[auth.rules]]
+            repositories = "team/*"
+            pull = ["alice"]
+            push = ["ci"]
+            delete = ["ci"]
+            [[auth.rules]]
+            repositories = "*"
+            anonymous_pull = true
+            "#,
+        )
+        .unwrap();
+        assert!(c.auth.tokens && c.auth.enabled());
+        assert_eq!(c.auth.token_ttl, Duration::from_secs(120));
+        assert_eq!(c.auth.rules.len(), 2);
+        assert_eq!(c.auth.rules[0].pull, vec!["alice".to_string()]);
+        assert!(c.auth.rules[1].anonymous_pull);
+        assert!(!OriginConfig::default().auth.enabled());
+        assert!(toml::from_str::<OriginConfig>("[[auth.rules]]\nrepositories = \"*\"\npul = []").is_err());
     }
 
     #[test]

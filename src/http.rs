@@ -82,6 +82,10 @@ async fn observe(State(metrics): State<HttpMetrics>, request: Request, next: Nex
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .to_string();
+    let principal = response
+        .extensions()
+        .get::<shoal_registry::auth::ServedPrincipal>()
+        .map_or_else(|| "-".to_string(), |p| p.0.to_string());
     metrics.requests.with_label_values(&[method.as_str(), status.as_str()]).inc();
     metrics.duration.with_label_values(&[method.as_str()]).observe(elapsed.as_secs_f64());
     tracing::info!(
@@ -89,6 +93,7 @@ async fn observe(State(metrics): State<HttpMetrics>, request: Request, next: Nex
         path = %path,
         status = status.as_u16(),
         bytes = %bytes,
+        principal = %principal,
         ms = format!("{:.1}", elapsed.as_secs_f64() * 1000.0),
         "request"
     );

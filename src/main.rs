@@ -10,6 +10,7 @@ mod node;
 mod origin;
 mod origin_admin;
 mod origin_forward;
+mod passwd;
 mod peer_addr;
 mod preheat;
 mod readiness;
@@ -42,6 +43,8 @@ enum Command {
     Up(up::UpArgs),
     /// Warm an agent's cache with every blob of an image, showing progress
     Preheat(preheat::PreheatArgs),
+    /// Print the argon2 hash of a password (stdin or a prompt) for `[[auth.users]] password_argon2`
+    Passwd(passwd::PasswdArgs),
     /// Prepare a Kubernetes node for the agent (containerd mirror config), undo it, or wait for that
     Node(node::NodeArgs),
     /// Make a cluster CA and issue certificates for origins, trackers, agents and operators
@@ -96,5 +99,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Preheat(args) => preheat::run(args).await,
         Command::Node(args) => node::run(args).await,
         Command::Certs(args) => certs::run(args),
+        Command::Passwd(args) => passwd::run(args),
     }
 }

@@ -150,11 +150,32 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
     if let Some(every) = config.cluster.gc_interval {
         spawn_periodic_gc(coordinator.clone(), gc_settings(&cluster), every);
     }
+    let authority = Arc::new(
+        shoal_registry::auth::authority::Authority::new(
+            config.auth.clone(),
+            &config.data_dir,
+            cluster.secret.as_deref(),
+        )
+        .context("[auth]")?,
+    );
+    if authority.enabled() {
+        tracing::info!(
+            tokens = config.auth.tokens,
+            rules = config.auth.rules.len(),
+            users = config.auth.users.len(),
+            "access control on"
+        );
+    }
+    if config.auth.tokens && cluster.members.len() > 1 {
+        authority.follow_peers(peer_keys(membership.clone(), cluster.call_timeout)?, PEER_KEYS_REFRESH);
+    }
     let registry = ClusterStore::new(coordinator.clone());
     let forwarder = crate::origin_forward::Forwarder::new(membership.clone(), cluster.call_timeout)?;
-    let mut api = shoal_registry::router(Arc::new(registry), config.api())
+    let gate = shoal_registry::auth::AuthGate(authority.clone());
+    let mut api = shoal_registry::router(Arc::new(registry), config.api(gate))
         .layer(axum::middleware::from_fn_with_state(forwarder, crate::origin_forward::forward_uploads))
-        .merge(seeding_routes(coordinator.clone(), membership.clone(), seeder));
+        .merge(authority.guard_node_api(seeding_routes(coordinator.clone(), membership.clone(), seeder)))
+        .merge(authority.clone().routes());
     match config.guards() {
         Some((internal, admin)) => {
             let health = {
@@ -201,6 +222,39 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         "origin ready"
     );
     Ok(server)
+}
+
+/// How often an origin fetches the other origins' token keys.
+const PEER_KEYS_REFRESH: Duration = Duration::from_secs(30);
+
+/// Fetch the public keys every other live origin publishes, so a token from any of them is
+/// accepted here (a cluster whose origins generated their own keys).
+fn peer_keys(
+    membership: Arc<Membership>,
+    timeout: Duration,
+) -> anyhow::Result<shoal_registry::auth::authority::FetchKeys> {
+    let http = shoal_tls::http_client().timeout(timeout).connect_timeout(timeout).build()?;
+    Ok(Arc::new(move || {
+        let (membership, http) = (membership.clone(), http.clone());
+        Box::pin(async move {
+            let me = membership.me().to_string();
+            let asks = membership.live().into_iter().filter(|id| *id != me).map(|id| {
+                // The member's URL: https when the cluster serves TLS, so the keys come from
+                // an origin whose certificate the cluster CA signed.
+                let path = shoal_registry::auth::authority::PUBLISHED_PATH;
+                let request = http.get(format!("{}{path}", shoal_origin::cluster::member_entry::url_of(&id)));
+                async move {
+                    let reply = request.send().await.ok()?;
+                    if !reply.status().is_success() {
+                        return None;
+                    }
+                    reply.json::<shoal_registry::auth::remote::Published>().await.ok().map(|p| p.keys)
+                }
+            });
+            let answers: Vec<_> = futures_util::future::join_all(asks).await.into_iter().flatten().collect();
+            (!answers.is_empty()).then(|| answers.into_iter().flatten().collect())
+        })
+    }))
 }
 
 /// Refresh the storage and membership gauges; ends when the store closes.

@@ -17,6 +17,9 @@ pub struct PreheatArgs {
     /// Only this platform of a multi-platform image (os/arch[/variant])
     #[arg(long)]
     pub platform: Option<String>,
+    /// Bearer token for a private repository (from the origin's /token, pull scope)
+    #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Give up after this long
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -33,7 +36,11 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
         shoal_tls::http_client().connect_timeout(Duration::from_secs(10)).timeout(args.timeout).build()?;
     let url = format!("{}/v1/preheat", args.agent.trim_end_matches('/'));
     let body = serde_json::json!({ "image": args.image, "platform": args.platform });
-    let response = client.post(&url).json(&body).send().await.with_context(|| format!("POST {url}"))?;
+    let mut request = client.post(&url).json(&body);
+    if let Some(token) = &args.token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.with_context(|| format!("POST {url}"))?;
     anyhow::ensure!(
         response.status().is_success(),
         "agent answered {}: {}",

@@ -270,7 +270,8 @@ impl Downloads {
         let pieces = self.open_partial(digest, metainfo, None).await?;
         let download = Arc::new(Download::new(pieces));
         let fallback = Arc::new(OriginFallback {
-            origin: self.origin.clone(),
+            // The token of the client that started the download, for a private repository.
+            origin: self.origin.with_current_credentials(),
             repo: repo.clone(),
             digest: digest.clone(),
         });

@@ -22,7 +22,12 @@ use shoal_p2p::server::PeerServer;
 use shoal_p2p::swarm::{SwarmConfig, SwarmDeps};
 use shoal_p2p::tracker_client::{AnnounceRequest, TrackerClient};
 use shoal_p2p::{PeerId, SwarmMetrics};
+use shoal_registry::auth::remote::RemoteAuth;
 use shoal_registry::Digest;
+
+/// How often an agent fetches the origins' authorization policy and public keys (also at
+/// most every few seconds when a token names a key it does not know).
+pub const AUTH_REFRESH: Duration = Duration::from_secs(30);
 
 use crate::cache::{BlobCache, CacheMetrics};
 pub use crate::disk::{CacheLimits, Watermark};
@@ -77,6 +82,8 @@ pub enum AgentError {
 /// A running agent's parts: the registry store (for the API router) and the peer server.
 pub struct Agent {
     pub store: Arc<AgentStore>,
+    /// Decides access from the origins' published policy and keys (registry API, preheat).
+    pub auth: Arc<RemoteAuth>,
     pub peer_server: Arc<PeerServer>,
     pub peer_id: PeerId,
     downloads: Arc<Downloads>,
@@ -129,8 +136,25 @@ impl Agent {
             max_connections_per_address: config.max_peer_connections_per_address,
             super_seed: None,
         });
-        let store = Arc::new(AgentStore::new(origin, downloads.clone(), config.tag_ttl));
-        Ok(Agent { store, peer_server, peer_id, downloads, seeding, tracker, advertise: config.advertise })
+        let auth = {
+            let origin = origin.clone();
+            RemoteAuth::new(Arc::new(move || {
+                let origin = origin.clone();
+                Box::pin(async move { origin.auth_policy().await })
+            }))
+        };
+        auth.spawn_refresh(AUTH_REFRESH);
+        let store = Arc::new(AgentStore::new(origin, downloads.clone(), config.tag_ttl, auth.clone()));
+        Ok(Agent {
+            store,
+            auth,
+            peer_server,
+            peer_id,
+            downloads,
+            seeding,
+            tracker,
+            advertise: config.advertise,
+        })
     }
 
     /// Leave cleanly (the process is stopping): persist every partial download's bitfield, so
@@ -173,6 +197,6 @@ impl Agent {
     pub fn routes(&self) -> axum::Router {
         axum::Router::new()
             .route("/v1/preheat", axum::routing::post(preheat::preheat))
-            .with_state(self.store.clone())
+            .with_state(preheat::PreheatState { store: self.store.clone(), auth: self.auth.clone() })
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prometheus::{IntCounterVec, Opts, Registry};
-use reqwest::header::{ACCEPT, CONTENT_TYPE, RANGE};
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RANGE};
 use reqwest::StatusCode;
 use shoal_p2p::failover::{Failover, FailoverError};
 use shoal_registry::manifest::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
@@ -38,7 +38,15 @@ pub struct OriginClient {
     http: reqwest::Client,
     /// Budget for one blob range, on top of `timeout`, per MiB requested.
     per_mib: Duration,
+    /// A client's bearer token captured for work that outlives its request (a download's
+    /// origin fallback); otherwise the token of the request being handled is sent, if any.
+    forward: Option<HeaderValue>,
+    /// Anonymous tokens by repository, with when they stop being used (see `anonymous_token`).
+    anonymous: Arc<std::sync::Mutex<std::collections::HashMap<String, (HeaderValue, std::time::Instant)>>>,
 }
+
+/// Most anonymous tokens kept (cleared when full).
+const MAX_ANONYMOUS_TOKENS: usize = 10_000;
 
 fn unreachable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("origin unreachable: {e}"))
@@ -81,7 +89,92 @@ impl OriginClient {
     ) -> Result<OriginClient, OriginClientError> {
         let origins = Failover::new(urls).map_err(|_| OriginClientError::NoOrigins)?.count_failures(failures);
         let http = shoal_tls::http_client().connect_timeout(timeout).read_timeout(timeout).build()?;
-        Ok(OriginClient { origins: Arc::new(origins), http, per_mib: Duration::from_millis(200) })
+        Ok(OriginClient {
+            origins: Arc::new(origins),
+            http,
+            per_mib: Duration::from_millis(200),
+            forward: None,
+            anonymous: Default::default(),
+        })
+    }
+
+    /// This client with the current request's bearer token (if any) kept for later calls.
+    pub fn with_current_credentials(&self) -> OriginClient {
+        OriginClient { forward: shoal_registry::auth::forwarded_authorization(), ..self.clone() }
+    }
+
+    /// `request` with the client's bearer token: an agent without a transport identity reads
+    /// a private repository at the origin with the token it has already verified.
+    fn authed(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.forward.clone().or_else(shoal_registry::auth::forwarded_authorization) {
+            Some(token) => request.header(AUTHORIZATION, token),
+            None => request,
+        }
+    }
+
+    /// An anonymous token for pulling `repo`, from the token endpoint at `realm`, as a Docker
+    /// client would get one: what an agent without a transport identity shows the origins'
+    /// node API (`/shoal/v1/blobs/*`) when it fetches a public blob for an anonymous client.
+    /// Kept until shortly before it expires.
+    pub async fn anonymous_token(&self, realm: &str, service: &str, repo: &RepoName) -> Option<HeaderValue> {
+        let now = std::time::Instant::now();
+        let key = repo.to_string();
+        {
+            let cache = self.anonymous.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((token, until)) = cache.get(&key) {
+                if now < *until {
+                    return Some(token.clone());
+                }
+            }
+        }
+        let scope = format!("repository:{repo}:pull");
+        let r = self
+            .http
+            .get(realm)
+            .query(&[("service", service), ("scope", scope.as_str())])
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .ok()?;
+        if r.status() != StatusCode::OK {
+            tracing::debug!(status = %r.status(), %repo, "no anonymous token");
+            return None;
+        }
+        #[derive(serde::Deserialize)]
+        struct Reply {
+            token: String,
+            #[serde(default)]
+            expires_in: Option<u64>,
+        }
+        let reply: Reply = serde_json::from_slice(&r.bytes().await.ok()?).ok()?;
+        let value = HeaderValue::from_str(&format!("Bearer {}", reply.token)).ok()?;
+        let life = Duration::from_secs(reply.expires_in.unwrap_or(60).saturating_sub(30).max(1));
+        let mut cache = self.anonymous.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_ANONYMOUS_TOKENS {
+            cache.clear();
+        }
+        cache.insert(key, (value.clone(), now + life));
+        Some(value)
+    }
+
+    /// Every origin's published authorization policy, merged; `None` if none answered. An
+    /// origin that does not publish one (404) has no access control.
+    pub async fn auth_policy(&self) -> Option<shoal_registry::auth::remote::Published> {
+        use shoal_registry::auth::remote::Published;
+        let path = shoal_registry::auth::authority::PUBLISHED_PATH;
+        let asks = self.origins.urls().iter().map(|base| {
+            let request = self.http.get(format!("{base}{path}")).timeout(Duration::from_secs(5));
+            async move {
+                let r = request.send().await.ok()?;
+                match r.status() {
+                    StatusCode::OK => serde_json::from_slice(&r.bytes().await.ok()?).ok(),
+                    StatusCode::NOT_FOUND => Some(Published::open()),
+                    _ => None,
+                }
+            }
+        });
+        let answers = futures_util::future::join_all(asks).await.into_iter().flatten().collect();
+        Published::merge(answers)
     }
 
     /// The origin requests go to first: the one that answered last.
@@ -103,8 +196,7 @@ impl OriginClient {
         let r = self
             .origins
             .send(|base| {
-                self.http
-                    .get(format!("{base}/v2/{repo}/manifests/{reference}"))
+                self.authed(self.http.get(format!("{base}/v2/{repo}/manifests/{reference}")))
                     .header(ACCEPT, MANIFEST_ACCEPT)
             })
             .await
@@ -144,7 +236,7 @@ impl OriginClient {
     pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, StoreError> {
         let r = self
             .origins
-            .send(|base| self.http.head(format!("{base}/v2/{repo}/blobs/{digest}")))
+            .send(|base| self.authed(self.http.head(format!("{base}/v2/{repo}/blobs/{digest}"))))
             .await
             .map_err(all_failed)?;
         match r.status() {
@@ -176,7 +268,7 @@ impl OriginClient {
             .origins
             .send(|base| {
                 let url = format!("{base}/v2/{repo}/blobs/{digest}");
-                self.http.get(url).header(RANGE, range.as_str()).timeout(budget)
+                self.authed(self.http.get(url)).header(RANGE, range.as_str()).timeout(budget)
             })
             .await
             .map_err(all_failed)?;
@@ -199,7 +291,7 @@ impl OriginClient {
     pub async fn listing(&self, path_and_query: &str) -> Result<Option<Bytes>, StoreError> {
         let r = self
             .origins
-            .send(|base| self.http.get(format!("{base}{path_and_query}")))
+            .send(|base| self.authed(self.http.get(format!("{base}{path_and_query}"))))
             .await
             .map_err(all_failed)?;
         match r.status() {

@@ -15,6 +15,11 @@ use shoal_registry::store::Reference;
 use shoal_registry::{Digest, RegistryStore, RepoName};
 use tokio::sync::mpsc;
 
+use shoal_registry::auth::{
+    forwarded_authorization as forwarded, AccessCheck, Action, Authorize, Need, FORWARD_AUTHORIZATION,
+};
+use shoal_registry::identity::TransportIdentity;
+
 use crate::store::AgentStore;
 
 /// A preheat request: `image` is `repo:tag` or `repo@digest`; `platform` is `os/arch[/variant]`.
@@ -135,16 +140,36 @@ async fn plan(
     Ok(blobs)
 }
 
-/// The preheat handler.
-pub async fn preheat(State(store): State<Arc<AgentStore>>, Json(req): Json<PreheatRequest>) -> Response {
+/// What the preheat handler needs: the store, and who decides access.
+#[derive(Clone)]
+pub struct PreheatState {
+    pub store: Arc<AgentStore>,
+    pub auth: Arc<dyn Authorize>,
+}
+
+/// The preheat handler. It needs what a pull of the image needs: a token with pull scope for a
+/// private repository (or a node identity), which then goes along to the origin.
+pub async fn preheat(
+    State(state): State<PreheatState>,
+    parts: axum::http::request::Parts,
+    Json(req): Json<PreheatRequest>,
+) -> Response {
     let (repo, reference) = match parse_image(&req.image) {
         Ok(x) => x,
         Err(e) => {
             return (StatusCode::BAD_REQUEST, format!("invalid image reference: {e}\n")).into_response()
         }
     };
+    let needs = [Need::Repo(repo.to_string(), Action::Pull)];
+    let identity = parts.extensions.get::<TransportIdentity>();
+    let check = AccessCheck { headers: &parts.headers, identity, needs: &needs };
+    if let Err(e) = state.auth.authorize(&check).await {
+        return e.into_response();
+    }
+    let forward = parts.headers.get(header::AUTHORIZATION).cloned();
+    let store = state.store;
     let (tx, rx) = mpsc::channel::<PreheatEvent>(64);
-    tokio::spawn(async move {
+    let work = async move {
         let blobs = match plan(&store, &repo, &reference, req.platform.as_deref()).await {
             Ok(b) => b,
             Err(message) => {
@@ -158,14 +183,15 @@ pub async fn preheat(State(store): State<Arc<AgentStore>>, Json(req): Json<Prehe
         for (digest, size) in blobs.clone() {
             let store = store.clone();
             let repo = repo.clone();
-            joins.push(tokio::spawn(async move {
+            let blob = async move {
                 if store.downloads().cache.get(&digest).is_some() || size == 0 {
                     return Ok((digest, size));
                 }
-                let download = store.downloads().join(&repo, &digest).await.map_err(|e| e.to_string())?;
+                let download = store.join(&repo, &digest).await.map_err(|e| e.to_string())?;
                 download.wait().await?;
                 Ok::<_, String>((digest, size))
-            }));
+            };
+            joins.push(tokio::spawn(FORWARD_AUTHORIZATION.scope(forwarded(), blob)));
         }
         for j in joins {
             let event = match j.await {
@@ -180,7 +206,8 @@ pub async fn preheat(State(store): State<Arc<AgentStore>>, Json(req): Json<Prehe
             }
         }
         let _ = tx.send(PreheatEvent::Done { blobs: blobs.len(), bytes }).await;
-    });
+    };
+    tokio::spawn(FORWARD_AUTHORIZATION.scope(forward, work));
     let lines = futures_util::stream::unfold(rx, |mut rx| async move {
         let event = rx.recv().await?;
         let mut line = serde_json::to_vec(&event).unwrap_or_default();

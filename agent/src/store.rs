@@ -12,6 +12,9 @@ use shoal_registry::range::ByteRange;
 use shoal_registry::store::{NewManifest, Page, Reference, StoredManifest, UploadState};
 use shoal_registry::{ByteStream, Digest, RegistryStore, RepoName, StoreError, Tag};
 
+use shoal_registry::auth::remote::RemoteAuth;
+use shoal_registry::auth::{forwarded_authorization, FORWARD_AUTHORIZATION};
+
 use crate::downloads::Downloads;
 use crate::origin_client::OriginClient;
 
@@ -28,6 +31,9 @@ pub struct AgentStore {
     tags: Mutex<HashMap<(RepoName, Tag), (Instant, StoredManifest)>>,
     manifests: Mutex<HashMap<(RepoName, Digest), StoredManifest>>,
     confirmed: Mutex<HashMap<(RepoName, Digest), u64>>,
+    /// With access control on, a blob is served through a repository only once the origin
+    /// confirmed it belongs there (see `blob_size`).
+    auth: Arc<RemoteAuth>,
 }
 
 fn read_only() -> StoreError {
@@ -47,7 +53,12 @@ fn bounded_insert<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, max: usiz
 }
 
 impl AgentStore {
-    pub fn new(origin: OriginClient, downloads: Arc<Downloads>, tag_ttl: Duration) -> AgentStore {
+    pub fn new(
+        origin: OriginClient,
+        downloads: Arc<Downloads>,
+        tag_ttl: Duration,
+        auth: Arc<RemoteAuth>,
+    ) -> AgentStore {
         AgentStore {
             origin,
             downloads,
@@ -55,11 +66,29 @@ impl AgentStore {
             tags: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
             confirmed: Mutex::new(HashMap::new()),
+            auth,
         }
     }
 
     pub fn downloads(&self) -> &Arc<Downloads> {
         &self.downloads
+    }
+
+    /// Join (or start) the download of `digest` through `repo`, with the client's token, or
+    /// without one an anonymous token where the origins want one (plain HTTP, access control
+    /// on: their node API then asks for a token).
+    pub async fn join(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Arc<crate::downloads::Download>, StoreError> {
+        let mut credentials = forwarded_authorization();
+        if credentials.is_none() {
+            if let Some(policy) = self.auth.policy().filter(|p| p.tokens) {
+                credentials = self.origin.anonymous_token(&policy.realm, &policy.service, repo).await;
+            }
+        }
+        FORWARD_AUTHORIZATION.scope(credentials, self.downloads.join(repo, digest)).await
     }
 
     /// A cached blob, streamed with every piece checked (see `Downloads::stream_cached`).
@@ -82,8 +111,10 @@ impl RegistryStore for AgentStore {
                 Ok(Some(size))
             }
             Ok(None) => Ok(None),
-            // The origin is unreachable: a blob already here is still served.
-            Err(e) => match self.downloads.cache.get(digest) {
+            // The origin is unreachable: a blob already here is still served, unless access
+            // is controlled: then only through a repository the origin confirmed it in (above),
+            // or a private blob could be read through a public repository's name.
+            Err(e) => match self.downloads.cache.get(digest).filter(|_| self.auth.enabled() == Some(false)) {
                 Some(size) => {
                     tracing::warn!(%digest, error = %e, "origin unreachable; serving the cached blob");
                     Ok(Some(size))
@@ -107,7 +138,7 @@ impl RegistryStore for AgentStore {
         if let Some(stream) = self.cached_blob(repo, digest, range).await {
             return Ok(stream);
         }
-        let download = self.downloads.join(repo, digest).await?;
+        let download = self.join(repo, digest).await?;
         Ok(self.downloads.stream(repo, download, range))
     }
 

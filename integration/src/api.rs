@@ -41,6 +41,7 @@ pub struct Client {
     bases: std::sync::Arc<Vec<String>>,
     next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     auth: Option<(String, String)>,
+    bearer: Option<String>,
 }
 
 /// Which manifest family [`Client::push_image`] builds.
@@ -108,12 +109,18 @@ impl Client {
             bases: std::sync::Arc::new(bases),
             next: Default::default(),
             auth: None,
+            bearer: None,
         }
     }
 
     /// The same client, sending `Authorization: Basic` with every request.
     pub fn with_basic_auth(&self, user: &str, password: &str) -> Client {
         Client { auth: Some((user.to_string(), password.to_string())), ..self.clone() }
+    }
+
+    /// The same client, sending `Authorization: Bearer <token>` with every request.
+    pub fn with_bearer(&self, token: &str) -> Client {
+        Client { bearer: Some(token.to_string()), auth: None, ..self.clone() }
     }
 
     pub fn base(&self) -> &str {
@@ -138,9 +145,10 @@ impl Client {
 
     pub fn request(&self, method: Method, path_or_location: &str) -> RequestBuilder {
         let builder = self.http.request(method, self.url(path_or_location));
-        match &self.auth {
-            Some((user, password)) => builder.basic_auth(user, Some(password)),
-            None => builder,
+        match (&self.auth, &self.bearer) {
+            (Some((user, password)), _) => builder.basic_auth(user, Some(password)),
+            (None, Some(token)) => builder.bearer_auth(token),
+            (None, None) => builder,
         }
     }
 

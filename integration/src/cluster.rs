@@ -202,23 +202,29 @@ impl Cluster {
     /// A cluster whose agents all get `agent_toml` appended to their config
     /// file (which already sets `announce_interval`).
     pub async fn start_with(agents: usize, agent_toml: &str) -> Cluster {
-        Cluster::start_opts(agents, agent_toml, false).await
+        Cluster::start_opts(agents, "", agent_toml, false).await
+    }
+
+    /// [`start_with`](Self::start_with), the origin's config file also getting `origin_toml`
+    /// (e.g. an `[auth]` section).
+    pub async fn start_with_origin(agents: usize, origin_toml: &str, agent_toml: &str) -> Cluster {
+        Cluster::start_opts(agents, origin_toml, agent_toml, false).await
     }
 
     /// A cluster where every process has a certificate from the binary's test PKI
     /// ([`crate::tls::pki`]): HTTPS on every listener, node identity on every connection,
     /// the peer protocol over mutual TLS.
     pub async fn start_tls(agents: usize) -> Cluster {
-        Cluster::start_opts(agents, "", true).await
+        Cluster::start_opts(agents, "", "", true).await
     }
 
-    async fn start_opts(agents: usize, agent_toml: &str, tls: bool) -> Cluster {
+    async fn start_opts(agents: usize, extra_origin_toml: &str, agent_toml: &str, tls: bool) -> Cluster {
         use shoal_registry::identity::Role;
         assert!(
             crate::external_registry().is_none(),
             "a swarm test starts its own origin: skip_if_external! first"
         );
-        let mut origin_toml = "peer_listen = \"127.0.0.1:0\"\n".to_string();
+        let mut origin_toml = format!("peer_listen = \"127.0.0.1:0\"\n{extra_origin_toml}");
         let mut tracker_tls = Vec::new();
         let token = crate::unique_token();
         if tls {

@@ -149,6 +149,11 @@ impl Origin {
         );
     }
 
+    /// Kills the origin (SIGKILL) and leaves it down. Panics for an external registry.
+    pub fn kill(&mut self) {
+        self.server.as_mut().expect("kill needs a spawned origin: skip_if_external! first").kill();
+    }
+
     fn spawned(&self) -> &Server {
         self.server.as_ref().expect("only a spawned origin has this: skip_if_external! first")
     }

@@ -1,8 +1,8 @@
 //! The OCI Distribution v1.1 API and content model shared by Shoal's origins and agents:
 //! digests, names, ranges, manifests, spec errors, the storage trait, and the axum router.
 
-pub mod access;
 pub mod api;
+pub mod auth;
 pub mod digest;
 pub mod error;
 pub mod identity;

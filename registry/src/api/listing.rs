@@ -31,6 +31,18 @@ fn page_params(ctx: &Ctx) -> Result<(usize, Option<String>), ApiError> {
 
 fn paged(base: &str, key: &str, head: serde_json::Value, page: Page, n: usize) -> Response {
     let next = page.more.then(|| page.items.last().cloned()).flatten();
+    paged_after(base, key, head, page, n, next)
+}
+
+/// [`paged`] with the next page's `last` given (a filtered page may hide its own last item).
+fn paged_after(
+    base: &str,
+    key: &str,
+    head: serde_json::Value,
+    page: Page,
+    n: usize,
+    next: Option<String>,
+) -> Response {
     let mut body = head;
     body[key] = json!(page.items);
     let mut response =
@@ -50,8 +62,13 @@ pub(super) async fn tags(ctx: &mut Ctx, name: &RepoName) -> ApiResult {
 
 pub(super) async fn catalog(ctx: &mut Ctx) -> ApiResult {
     let (n, last) = page_params(ctx)?;
-    let page = ctx.store.repositories(last.as_deref(), n).await?;
-    Ok(paged("/v2/_catalog", "repositories", json!({}), page, n))
+    let mut page = ctx.store.repositories(last.as_deref(), n).await?;
+    let next = page.more.then(|| page.items.last().cloned()).flatten();
+    // Only the repositories the client may pull (a page may come out short; the link goes on).
+    if let Some(visible) = &ctx.visible {
+        page.items.retain(|name| visible(name));
+    }
+    Ok(paged_after("/v2/_catalog", "repositories", json!({}), page, n, next))
 }
 
 pub(super) async fn referrers(ctx: &mut Ctx, name: &RepoName, digest: &str) -> ApiResult {

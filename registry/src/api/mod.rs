@@ -4,6 +4,8 @@
 //! checks access and the request limit, and hands off to one small handler per endpoint.
 
 mod blobs;
+#[cfg(test)]
+mod identity_tests;
 mod listing;
 mod manifests;
 pub mod route;
@@ -20,7 +22,7 @@ use axum::Router;
 use futures_util::TryStreamExt;
 use tokio::sync::Semaphore;
 
-use crate::access::{Access, AuthConfig};
+use crate::auth::{AccessCheck, Action, AuthGate, Need, ServedPrincipal, FORWARD_AUTHORIZATION};
 use crate::error::{ApiError, ErrorCode};
 use crate::name::RepoName;
 use crate::store::{ByteStream, RegistryStore};
@@ -42,7 +44,8 @@ pub struct ApiConfig {
     pub max_manifest_size: u64,
     /// Requests served at once before new ones get 429 `TOOMANYREQUESTS`.
     pub max_concurrent_requests: usize,
-    pub auth: AuthConfig,
+    /// Who may do what; the default allows everything.
+    pub auth: AuthGate,
 }
 
 impl Default for ApiConfig {
@@ -51,7 +54,7 @@ impl Default for ApiConfig {
             read_only: false,
             max_manifest_size: crate::manifest::DEFAULT_MAX_MANIFEST_SIZE,
             max_concurrent_requests: 1024,
-            auth: AuthConfig::default(),
+            auth: AuthGate::default(),
         }
     }
 }
@@ -82,6 +85,8 @@ pub(crate) struct Ctx {
     pub headers: HeaderMap,
     pub query: HashMap<String, String>,
     pub body: Body,
+    /// Which repositories the catalog may show this client (`None`: all).
+    pub visible: Option<crate::auth::Visible>,
 }
 
 impl Ctx {
@@ -136,12 +141,20 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
         return with_version(err.into_response());
     };
     let is_read = parts.method == Method::GET || parts.method == Method::HEAD;
-    let need = if is_read { Access::Pull } else { Access::Push };
-    let authorization = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    if let Err(e) = app.config.auth.check(authorization, need) {
-        return with_version(e.into_response());
-    }
     let query = Query::<HashMap<String, String>>::try_from_uri(&parts.uri).map(|q| q.0).unwrap_or_default();
+    let needs = needs(&route, &parts.method, &query);
+    let identity = parts.extensions.get::<crate::identity::TransportIdentity>();
+    let check = AccessCheck { headers: &parts.headers, identity, needs: &needs };
+    let principal = match app.config.auth.0.authorize(&check).await {
+        Ok(p) => p,
+        Err(e) => return with_version(e.into_response()),
+    };
+    // A bearer token that authorized this request goes along to the origin (agents, plain HTTP).
+    let forward = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .filter(|v| v.as_bytes().len() > 7 && v.as_bytes()[..7].eq_ignore_ascii_case(b"bearer "))
+        .cloned();
     let mut ctx = Ctx {
         store: app.store.clone(),
         config: app.config.clone(),
@@ -149,11 +162,12 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
         headers: parts.headers,
         query,
         body,
+        visible: if matches!(route, Route::Catalog) { app.config.auth.0.visible(&principal) } else { None },
     };
     let result = if !is_read && app.config.read_only {
         Err(ApiError::new(ErrorCode::Unsupported, "this registry is read-only; push to an origin"))
     } else {
-        handle(route, &mut ctx).await
+        FORWARD_AUTHORIZATION.scope(forward, handle(route, &mut ctx)).await
     };
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
     if parts.method == Method::HEAD {
@@ -161,7 +175,33 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
         let (p, _) = response.into_parts();
         response = Response::from_parts(p, Body::empty());
     }
+    response.extensions_mut().insert(ServedPrincipal(principal));
     with_version(response)
+}
+
+/// What a request needs, by endpoint and method.
+fn needs(route: &Route<'_>, method: &Method, query: &HashMap<String, String>) -> Vec<Need> {
+    let read = *method == Method::GET || *method == Method::HEAD;
+    let repo = |name: &str, action| vec![Need::Repo(name.to_string(), action)];
+    match route {
+        Route::Base => vec![Need::Base],
+        Route::Catalog => vec![Need::Catalog],
+        Route::Tags { name } | Route::Referrers { name, .. } => repo(name, Action::Pull),
+        Route::Blob { name, .. } | Route::Manifest { name, .. } => match *method {
+            _ if read => repo(name, Action::Pull),
+            Method::DELETE => repo(name, Action::Delete),
+            _ => repo(name, Action::Push),
+        },
+        Route::Upload { name, .. } => repo(name, Action::Push),
+        Route::UploadStart { name } => {
+            let mut needs = repo(name, Action::Push);
+            // A cross-repository mount reads the source.
+            if let (Some(_), Some(from)) = (query.get("mount"), query.get("from")) {
+                needs.push(Need::Repo(from.clone(), Action::Pull));
+            }
+            needs
+        }
+    }
 }
 
 async fn handle(route: Route<'_>, ctx: &mut Ctx) -> ApiResult {

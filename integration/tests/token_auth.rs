@@ -1,0 +1,419 @@
+//! Docker token auth on the origin (issue 12 part 3) and private images on agents (part 4):
+//! the `/token` endpoint, the spec's refusals for missing, expired, tampered, wrong-scope and
+//! wrong-key tokens, per-repository rules, anonymous pull per pattern, rate-limited logins,
+//! the published keys, and an agent that verifies tokens itself, also for what it cached.
+
+use shoal_integration::api::{Client, ImageKind};
+use shoal_integration::cluster::Cluster;
+use shoal_integration::{skip_if_external, unique_repo, Origin, SendExt, StatusCode};
+use shoal_registry::auth::tokens::{now_secs, Claims, ResourceActions, SigningKey};
+
+/// Rules by pattern: `private-*` readable by alice, written by ci; `public-*` readable by
+/// anyone. ci's password is an argon2 hash, as `shoal passwd` prints.
+fn auth_toml() -> String {
+    let ci_hash = shoal_registry::auth::hash_password("ci-pass").expect("hash a password");
+    format!(
+        r#"
+[auth]
+tokens = true
+users = [
+  {{ name = "alice", password = "alice-pass", access = "none" }},
+  {{ name = "ci", password_argon2 = "{ci_hash}", access = "none" }},
+  {{ name = "mallory", password = "m", access = "none" }},
+]
+[[auth.rules]]
+repositories = "conformance/private-*"
+pull = ["alice"]
+push = ["ci"]
+delete = ["ci"]
+[[auth.rules]]
+repositories = "conformance/public-*"
+push = ["ci"]
+anonymous_pull = true
+"#
+    )
+}
+
+/// A token from `origin`'s `/token` for `scope`, as `user` (None: anonymous).
+async fn token(origin: &str, user: Option<(&str, &str)>, scope: &str) -> String {
+    let http = reqwest::Client::new();
+    let mut req = http.get(format!("{origin}/token")).query(&[("service", "shoal"), ("scope", scope)]);
+    if let Some((u, p)) = user {
+        req = req.basic_auth(u, Some(p));
+    }
+    let reply = req.send().await.expect("token request");
+    assert_eq!(reply.status(), StatusCode::OK, "token for {user:?} {scope}");
+    let body: serde_json::Value = reply.json().await.expect("token JSON");
+    for field in ["token", "access_token", "expires_in", "issued_at"] {
+        assert!(body.get(field).is_some(), "no {field} in {body}");
+    }
+    body["token"].as_str().expect("token string").to_string()
+}
+
+fn claims(repo: &str, actions: &[&str], exp_in: i64) -> Claims {
+    let now = now_secs();
+    Claims {
+        iss: "shoal".into(),
+        sub: "alice".into(),
+        aud: "shoal".into(),
+        exp: (now as i64 + exp_in) as u64,
+        nbf: now - 1,
+        iat: now - 1,
+        jti: "test".into(),
+        access: vec![ResourceActions {
+            kind: "repository".into(),
+            name: repo.into(),
+            actions: actions.iter().map(|a| a.to_string()).collect(),
+        }],
+    }
+}
+
+/// The origin's own signing key, read from its data directory.
+fn origin_key(origin: &Origin) -> SigningKey {
+    let pem = std::fs::read_to_string(origin.data_dir().join("auth/token-key.pem")).expect("origin key file");
+    SigningKey::from_pem(&pem).expect("parse the origin's key")
+}
+
+fn assert_bearer_refusal(reply: &shoal_integration::api::Reply, error: Option<&str>) {
+    if reply.method == shoal_integration::Method::HEAD {
+        reply.expect(StatusCode::UNAUTHORIZED); // no body to carry the code
+    } else {
+        reply.expect_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+    }
+    let challenge = reply.must_header("www-authenticate");
+    assert!(challenge.starts_with("Bearer realm=\"http://"), "challenge {challenge:?}");
+    assert!(challenge.contains("service=\"shoal\""), "challenge {challenge:?}");
+    if let Some(e) = error {
+        assert!(challenge.contains(&format!("error=\"{e}\"")), "challenge {challenge:?}");
+    }
+}
+
+#[tokio::test]
+async fn token_flow_refuses_missing_expired_tampered_wrong_scope_and_wrong_key_tokens() {
+    skip_if_external!("needs a Shoal config");
+    let origin = Origin::start_with_config(&auth_toml()).await;
+    let url = origin.url().to_string();
+    let repo = unique_repo("private");
+    let ci = origin
+        .client()
+        .with_bearer(&token(&url, Some(("ci", "ci-pass")), &format!("repository:{repo}:pull,push")).await);
+    let image = ci.push_image(&repo, ImageKind::Oci, Some("v1"), 64).await;
+
+    // Missing: 401 with the challenge that names realm, service and scope.
+    let anonymous = origin.client();
+    let reply = anonymous.get_manifest(&repo, "v1").await;
+    assert_bearer_refusal(&reply, None);
+    let challenge = reply.must_header("www-authenticate");
+    assert!(challenge.contains(&format!("realm=\"{url}/token\"")), "{challenge}");
+    assert!(challenge.contains(&format!("scope=\"repository:{repo}:pull\"")), "{challenge}");
+    // `/v2/` challenges too, so clients discover the realm.
+    assert_bearer_refusal(&anonymous.get("/v2/").reply().await, None);
+
+    // A good token works.
+    let alice_token = token(&url, Some(("alice", "alice-pass")), &format!("repository:{repo}:pull")).await;
+    let alice = origin.client().with_bearer(&alice_token);
+    alice.get_manifest(&repo, "v1").await.expect(StatusCode::OK);
+    alice.get("/v2/").reply().await.expect(StatusCode::OK);
+
+    // Wrong scope: a token for another repository.
+    let other = token(&url, Some(("alice", "alice-pass")), &format!("repository:{repo}-other:pull")).await;
+    assert_bearer_refusal(
+        &origin.client().with_bearer(&other).get_manifest(&repo, "v1").await,
+        Some("insufficient_scope"),
+    );
+
+    // Expired, signed by the origin's own key.
+    let key = origin_key(&origin);
+    let expired = key.sign(&claims(&repo, &["pull"], -60)).unwrap();
+    assert_bearer_refusal(
+        &origin.client().with_bearer(&expired).get_manifest(&repo, "v1").await,
+        Some("invalid_token"),
+    );
+
+    // Tampered: alice's token with its claims widened to push, signature kept.
+    let parts: Vec<&str> = alice_token.split('.').collect();
+    use base64::Engine as _;
+    let widened = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(serde_json::to_vec(&claims(&repo, &["pull", "push", "delete"], 300)).unwrap());
+    let tampered = format!("{}.{}.{}", parts[0], widened, parts[2]);
+    let t = origin.client().with_bearer(&tampered);
+    assert_bearer_refusal(&t.get_manifest(&repo, "v1").await, Some("invalid_token"));
+    assert_bearer_refusal(
+        &t.delete(&format!("/v2/{repo}/manifests/{}", image.manifest.digest)).reply().await,
+        Some("invalid_token"),
+    );
+
+    // Wrong key: a well-formed token signed by a key the origin never published.
+    let (stranger, _) = SigningKey::generate().unwrap();
+    let foreign = stranger.sign(&claims(&repo, &["pull"], 300)).unwrap();
+    assert_bearer_refusal(
+        &origin.client().with_bearer(&foreign).get_manifest(&repo, "v1").await,
+        Some("invalid_token"),
+    );
+
+    // Garbage in the header.
+    assert_bearer_refusal(
+        &origin.client().with_bearer("not.a.jwt").get_manifest(&repo, "v1").await,
+        Some("invalid_token"),
+    );
+
+    // The request log names the principal.
+    let log = std::fs::read_to_string(origin.log_path()).unwrap_or_default();
+    assert!(log.contains("principal=alice"), "no principal=alice in the origin's request log");
+    assert!(log.contains("principal=ci"), "no principal=ci in the origin's request log");
+}
+
+#[tokio::test]
+async fn pull_only_user_cannot_push_or_delete() {
+    skip_if_external!("needs a Shoal config");
+    let origin = Origin::start_with_config(&auth_toml()).await;
+    let url = origin.url().to_string();
+    let repo = unique_repo("private");
+    let ci = origin
+        .client()
+        .with_bearer(&token(&url, Some(("ci", "ci-pass")), &format!("repository:{repo}:pull,push")).await);
+    let image = ci.push_image(&repo, ImageKind::Oci, Some("v1"), 64).await;
+
+    // alice asks for everything; the token server grants only what the rules allow (pull).
+    let wide =
+        token(&url, Some(("alice", "alice-pass")), &format!("repository:{repo}:pull,push,delete")).await;
+    let alice = origin.client().with_bearer(&wide);
+    alice.get_manifest(&repo, "v1").await.expect(StatusCode::OK);
+    let push = alice.post(&format!("/v2/{repo}/blobs/uploads/")).header("content-length", "0").reply().await;
+    assert_bearer_refusal(&push, Some("insufficient_scope"));
+    let delete = alice.delete(&format!("/v2/{repo}/manifests/{}", image.manifest.digest)).reply().await;
+    assert_bearer_refusal(&delete, Some("insufficient_scope"));
+    let put = alice.put_manifest(&repo, "v2", &image.manifest).await;
+    assert_bearer_refusal(&put, Some("insufficient_scope"));
+
+    // The same with Basic credentials: a known user without the right is 403 DENIED.
+    let basic = origin.client().with_basic_auth("alice", "alice-pass");
+    basic.get_manifest(&repo, "v1").await.expect(StatusCode::OK);
+    basic
+        .post(&format!("/v2/{repo}/blobs/uploads/"))
+        .header("content-length", "0")
+        .reply()
+        .await
+        .expect_error(StatusCode::FORBIDDEN, "DENIED");
+    basic
+        .delete(&format!("/v2/{repo}/manifests/{}", image.manifest.digest))
+        .reply()
+        .await
+        .expect_error(StatusCode::FORBIDDEN, "DENIED");
+
+    // ci may delete.
+    let ci_del = token(&url, Some(("ci", "ci-pass")), &format!("repository:{repo}:delete")).await;
+    origin
+        .client()
+        .with_bearer(&ci_del)
+        .delete(&format!("/v2/{repo}/manifests/{}", image.manifest.digest))
+        .reply()
+        .await
+        .expect(StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
+async fn anonymous_pull_of_public_pattern_works_private_refused() {
+    skip_if_external!("needs a Shoal config");
+    let origin = Origin::start_with_config(&auth_toml()).await;
+    let url = origin.url().to_string();
+    let public = unique_repo("public");
+    let private = unique_repo("private");
+    let scope = format!("repository:{public}:pull,push repository:{private}:pull,push");
+    let ci = origin.client().with_bearer(&token(&url, Some(("ci", "ci-pass")), &scope).await);
+    ci.push_image(&public, ImageKind::Oci, Some("v1"), 64).await;
+    ci.push_image(&private, ImageKind::Oci, Some("v1"), 64).await;
+
+    let anonymous = origin.client();
+    anonymous.get_manifest(&public, "v1").await.expect(StatusCode::OK);
+    assert_bearer_refusal(&anonymous.get_manifest(&private, "v1").await, None);
+    // An anonymous token carries anonymous rights: the public pull, not the private one.
+    let anon = token(&url, None, &format!("repository:{public}:pull repository:{private}:pull")).await;
+    let anon = origin.client().with_bearer(&anon);
+    anon.get_manifest(&public, "v1").await.expect(StatusCode::OK);
+    assert_bearer_refusal(&anon.get_manifest(&private, "v1").await, Some("insufficient_scope"));
+    // The catalog shows each client only what it may pull.
+    let names = |reply: shoal_integration::api::Reply| -> Vec<String> {
+        reply.expect(StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        v["repositories"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_string()).collect()
+    };
+    let seen = names(anonymous.get("/v2/_catalog?n=1000").reply().await);
+    assert!(seen.contains(&public) && !seen.contains(&private), "anonymous catalog: {seen:?}");
+    let alice = origin.client().with_basic_auth("alice", "alice-pass");
+    let seen = names(alice.get("/v2/_catalog?n=1000").reply().await);
+    assert!(seen.contains(&public) && seen.contains(&private), "alice's catalog: {seen:?}");
+    // Anonymous clients cannot push to the public pattern.
+    let push =
+        anonymous.post(&format!("/v2/{public}/blobs/uploads/")).header("content-length", "0").reply().await;
+    assert_bearer_refusal(&push, None);
+}
+
+#[tokio::test]
+async fn token_endpoint_password_grant_rate_limit_and_published_keys() {
+    skip_if_external!("needs a Shoal config");
+    let origin = Origin::start_with_config(&auth_toml()).await;
+    let url = origin.url().to_string();
+    let http = reqwest::Client::new();
+    let repo = unique_repo("private");
+
+    // containerd's OAuth form.
+    let form = [
+        ("grant_type", "password"),
+        ("username", "alice"),
+        ("password", "alice-pass"),
+        ("service", "shoal"),
+        ("client_id", "test"),
+        ("scope", &format!("repository:{repo}:pull")),
+    ];
+    let reply = http.post(format!("{url}/token")).form(&form).send().await.unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+    let body: serde_json::Value = reply.json().await.unwrap();
+    assert!(body["access_token"].as_str().is_some_and(|t| t.split('.').count() == 3));
+
+    // Wrong passwords: 401, then 429 once the name used up its attempts (5 by default).
+    for _ in 0..5 {
+        let r = http.get(format!("{url}/token")).basic_auth("mallory", Some("guess")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
+    let r = http.get(format!("{url}/token")).basic_auth("mallory", Some("m")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "the right password is refused while locked out");
+    // Other users are not affected.
+    token(&url, Some(("alice", "alice-pass")), &format!("repository:{repo}:pull")).await;
+
+    // Published: keys, absolute realm, rules without user names; no credentials needed.
+    let published: serde_json::Value =
+        http.get(format!("{url}/shoal/v1/auth")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(published["enabled"], true);
+    assert_eq!(published["policy"]["realm"], format!("{url}/token"));
+    assert_eq!(published["keys"][0]["kid"], origin_key(&origin).public.kid);
+    assert!(!published.to_string().contains("alice"), "user names published: {published}");
+
+    // The node API needs a node identity, the cluster secret or a token.
+    let digest = shoal_integration::sha256(b"x");
+    let metainfo = format!("{url}/shoal/v1/blobs/{digest}/metainfo");
+    assert_eq!(http.get(&metainfo).send().await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    let t = token(&url, Some(("alice", "alice-pass")), &format!("repository:{repo}:pull")).await;
+    assert_eq!(http.get(&metainfo).bearer_auth(&t).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+}
+
+/// A private image pulled through an agent once with a token stays private there: the agent
+/// answers 401 with the origin's realm to anonymous clients and to tokens without the scope,
+/// for the manifest and for the blobs it has cached, and a public repository's name does not
+/// unlock a private blob.
+#[tokio::test]
+async fn private_image_on_an_agent_stays_private() {
+    skip_if_external!("starts its own cluster");
+    let mut cluster = Cluster::start_with_origin(1, &auth_toml(), "").await;
+    let url = cluster.origin.url().to_string();
+    let private = unique_repo("private");
+    let public = unique_repo("public");
+    let scope = format!("repository:{private}:pull,push repository:{public}:pull,push");
+    let ci = cluster.origin.client().with_bearer(&token(&url, Some(("ci", "ci-pass")), &scope).await);
+    let image = ci.push_image(&private, ImageKind::Oci, Some("v1"), 300_000).await;
+    let public_image = ci.push_image(&public, ImageKind::Oci, Some("v1"), 1000).await;
+    let layer = &image.layers[0];
+
+    let agent = Client::new(&cluster.agent_url(0));
+    // Anonymous: 401 pointing at the origin's token endpoint.
+    let reply = agent.get_manifest(&private, "v1").await;
+    assert_bearer_refusal(&reply, None);
+    assert!(reply.must_header("www-authenticate").contains(&format!("realm=\"{url}/token\"")));
+
+    // One authorized pull caches the image on the agent.
+    let alice_token = token(&url, Some(("alice", "alice-pass")), &format!("repository:{private}:pull")).await;
+    let alice = agent.with_bearer(&alice_token);
+    let m = alice.get_manifest(&private, "v1").await;
+    m.expect(StatusCode::OK);
+    assert_eq!(m.body, image.manifest.bytes);
+    let b = alice.get_blob(&private, &layer.digest).await;
+    b.expect(StatusCode::OK);
+    assert_eq!(b.body, layer.data, "the private layer through the agent");
+
+    // Then: anonymous and a token without the scope are refused, manifest and cached blob.
+    let other = token(&url, Some(("alice", "alice-pass")), &format!("repository:{public}:pull")).await;
+    for client in [agent.clone(), agent.with_bearer(&other)] {
+        assert_bearer_refusal(&client.get_manifest(&private, "v1").await, None);
+        assert_bearer_refusal(&client.get_manifest(&private, &image.manifest.digest).await, None);
+        assert_bearer_refusal(&client.get_blob(&private, &layer.digest).await, None);
+        assert_bearer_refusal(&client.head_blob(&private, &layer.digest).await, None);
+    }
+    // Forged and expired tokens too, checked by the agent with the origin's published keys.
+    let (stranger, _) = SigningKey::generate().unwrap();
+    let foreign = stranger.sign(&claims(&private, &["pull"], 300)).unwrap();
+    assert_bearer_refusal(
+        &agent.with_bearer(&foreign).get_blob(&private, &layer.digest).await,
+        Some("invalid_token"),
+    );
+    let expired = origin_key(&cluster.origin).sign(&claims(&private, &["pull"], -60)).unwrap();
+    assert_bearer_refusal(
+        &agent.with_bearer(&expired).get_blob(&private, &layer.digest).await,
+        Some("invalid_token"),
+    );
+
+    // A public repository's name does not unlock the private blob the agent has cached.
+    let through_public = agent.get_blob(&public, &layer.digest).await;
+    assert_eq!(through_public.status, StatusCode::NOT_FOUND, "{}", through_public.describe());
+    // The public image itself is served anonymously.
+    agent.get_manifest(&public, "v1").await.expect(StatusCode::OK);
+    let pb = agent.get_blob(&public, &public_image.layers[0].digest).await;
+    pb.expect(StatusCode::OK);
+    assert_eq!(pb.body, public_image.layers[0].data);
+
+    // Preheat needs the same authorization.
+    let http = reqwest::Client::new();
+    let body = serde_json::json!({ "image": format!("{private}:v1") });
+    let preheat = format!("{}/v1/preheat", cluster.agent_url(0));
+    let r = http.post(&preheat).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = http.post(&preheat).bearer_auth(&other).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = http.post(&preheat).bearer_auth(&alice_token).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("\"done\""), "preheat stream: {text}");
+
+    // The agent decides alone: with the origin down, the cached private manifest (by digest)
+    // and blob still go to the token holder and still not to anyone else.
+    let key = origin_key(&cluster.origin);
+    cluster.origin.kill();
+    alice.get_manifest(&private, &image.manifest.digest).await.expect(StatusCode::OK);
+    let b = alice.get_blob(&private, &layer.digest).await;
+    b.expect(StatusCode::OK);
+    assert_eq!(b.body, layer.data, "the cached private layer with the origin down");
+    assert_bearer_refusal(&agent.get_blob(&private, &layer.digest).await, None);
+    assert_bearer_refusal(&agent.with_bearer(&other).get_blob(&private, &layer.digest).await, None);
+    // A fresh token signed by the origin's key (issued before it went down) is enough.
+    let fresh = key.sign(&claims(&private, &["pull"], 120)).unwrap();
+    agent.with_bearer(&fresh).get_blob(&private, &layer.digest).await.expect(StatusCode::OK);
+    // And a public repository's name still does not unlock the private blob: unconfirmed
+    // pairs are not served from the cache while the origin is unreachable.
+    let r = agent.get_blob(&public, &layer.digest).await;
+    assert_ne!(r.status, StatusCode::OK, "{}", r.describe());
+}
+
+/// Origins of a cluster that each generated their own key accept each other's tokens: a
+/// client gets its token from one origin and its next request lands on another.
+#[tokio::test]
+async fn origins_accept_each_others_tokens() {
+    skip_if_external!("starts its own origins");
+    use shoal_integration::origins::{ClusterSpec, OriginCluster};
+    let cluster = OriginCluster::start_cluster(ClusterSpec::new(2).cluster(&auth_toml())).await;
+    let repo = unique_repo("private");
+    let scope = format!("repository:{repo}:pull,push");
+    let from_first = token(&cluster.url(0), Some(("ci", "ci-pass")), &scope).await;
+    let image =
+        cluster.client(1).with_bearer(&from_first).push_image(&repo, ImageKind::Oci, Some("v1"), 64).await;
+    let pull =
+        token(&cluster.url(1), Some(("alice", "alice-pass")), &format!("repository:{repo}:pull")).await;
+    let m = cluster.client(0).with_bearer(&pull).get_manifest(&repo, "v1").await;
+    m.expect(StatusCode::OK);
+    assert_eq!(m.body, image.manifest.bytes);
+    // A key no origin published is still refused.
+    let (stranger, _) = SigningKey::generate().unwrap();
+    let foreign = stranger.sign(&claims(&repo, &["pull"], 300)).unwrap();
+    assert_bearer_refusal(
+        &cluster.client(0).with_bearer(&foreign).get_manifest(&repo, "v1").await,
+        Some("invalid_token"),
+    );
+}

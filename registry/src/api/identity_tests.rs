@@ -1,0 +1,155 @@
+//! The router with a transport identity on the request, as the TLS layer will put it there
+//! (simulated here by a layer that inserts the extension): a node may pull a private
+//! repository without credentials, and nothing more.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use tower::ServiceExt as _;
+
+use crate::auth::authority::Authority;
+use crate::auth::{AuthConfig, AuthGate, Rule};
+use crate::identity::{Role, TransportIdentity};
+use crate::manifest::ReferrerDescriptor;
+use crate::range::ByteRange;
+use crate::store::{NewManifest, Page, Reference, StoredManifest, UploadState};
+use crate::{ApiConfig, ByteStream, Digest, RegistryStore, RepoName, StoreError, Tag};
+
+/// A store with nothing in it: every read is "unknown", every write refused.
+struct Empty;
+
+#[async_trait]
+impl RegistryStore for Empty {
+    async fn blob_size(&self, _: &RepoName, _: &Digest) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
+    async fn blob_read(
+        &self,
+        _: &RepoName,
+        _: &Digest,
+        _: Option<ByteRange>,
+    ) -> Result<ByteStream, StoreError> {
+        Err(StoreError::BlobUnknown)
+    }
+    async fn blob_delete(&self, _: &RepoName, _: &Digest) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+    async fn blob_mount(&self, _: &RepoName, _: &RepoName, _: &Digest) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+    async fn upload_start(&self, _: &RepoName) -> Result<UploadState, StoreError> {
+        Ok(UploadState { id: "u".into(), offset: 0 })
+    }
+    async fn upload_status(&self, _: &RepoName, _: &str) -> Result<UploadState, StoreError> {
+        Err(StoreError::UploadUnknown)
+    }
+    async fn upload_append(
+        &self,
+        _: &RepoName,
+        _: &str,
+        _: Option<u64>,
+        _: Option<u64>,
+        _: ByteStream,
+    ) -> Result<UploadState, StoreError> {
+        Err(StoreError::UploadUnknown)
+    }
+    async fn upload_complete(&self, _: &RepoName, _: &str, _: &Digest) -> Result<u64, StoreError> {
+        Err(StoreError::UploadUnknown)
+    }
+    async fn upload_cancel(&self, _: &RepoName, _: &str) -> Result<(), StoreError> {
+        Err(StoreError::UploadUnknown)
+    }
+    async fn manifest_get(&self, _: &RepoName, _: &Reference) -> Result<Option<StoredManifest>, StoreError> {
+        Ok(None)
+    }
+    async fn manifest_put(&self, _: &RepoName, _: Option<&Tag>, _: NewManifest) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn manifest_delete(&self, _: &RepoName, _: &Reference) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+    async fn tags(&self, _: &RepoName, _: Option<&str>, _: usize) -> Result<Page, StoreError> {
+        Err(StoreError::NameUnknown)
+    }
+    async fn repositories(&self, _: Option<&str>, _: usize) -> Result<Page, StoreError> {
+        Ok(Page::default())
+    }
+    async fn referrers(&self, _: &RepoName, _: &Digest) -> Result<Vec<ReferrerDescriptor>, StoreError> {
+        Ok(Vec::new())
+    }
+}
+
+fn router(identity: Option<TransportIdentity>) -> axum::Router {
+    let config = AuthConfig {
+        tokens: true,
+        rules: vec![Rule { repositories: "private/*".into(), ..Rule::default() }],
+        anonymous: Some(crate::auth::Access::None),
+        ..AuthConfig::default()
+    };
+    let dir = std::env::temp_dir().join(format!("shoal-identity-test-{}", std::process::id()));
+    let authority = Authority::new(config, &dir, None).unwrap();
+    let api = ApiConfig { auth: AuthGate(Arc::new(authority)), ..ApiConfig::default() };
+    let router = crate::router(Arc::new(Empty), api);
+    match identity {
+        // What the TLS layer does for a client certificate the cluster CA signed.
+        Some(id) => router.layer(axum::middleware::from_fn(
+            move |mut req: axum::extract::Request, next: axum::middleware::Next| {
+                req.extensions_mut().insert(id.clone());
+                next.run(req)
+            },
+        )),
+        None => router,
+    }
+}
+
+async fn status(router: axum::Router, method: Method, path: &str) -> StatusCode {
+    let req = Request::builder().method(method).uri(path).body(Body::empty()).unwrap();
+    router.oneshot(req).await.unwrap().status()
+}
+
+#[tokio::test]
+async fn a_node_identity_pulls_private_repositories_and_nothing_more() {
+    let manifest = "/v2/private/app/manifests/v1";
+    let uploads = "/v2/private/app/blobs/uploads/";
+    // Without an identity: a challenge.
+    assert_eq!(status(router(None), Method::GET, manifest).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status(router(None), Method::GET, "/v2/_catalog").await, StatusCode::UNAUTHORIZED);
+    for role in [Role::Agent, Role::Origin, Role::Tracker] {
+        let id = TransportIdentity { name: "node-1".into(), role };
+        // Allowed through to the (empty) store.
+        assert_eq!(status(router(Some(id.clone())), Method::GET, manifest).await, StatusCode::NOT_FOUND);
+        assert_eq!(status(router(Some(id.clone())), Method::GET, "/v2/_catalog").await, StatusCode::OK);
+        assert_eq!(status(router(Some(id.clone())), Method::POST, uploads).await, StatusCode::UNAUTHORIZED);
+        assert_eq!(status(router(Some(id)), Method::DELETE, manifest).await, StatusCode::UNAUTHORIZED);
+    }
+    // An operator's certificate is not a node.
+    let admin = TransportIdentity { name: "ops".into(), role: Role::Admin };
+    assert_eq!(status(router(Some(admin)), Method::GET, manifest).await, StatusCode::UNAUTHORIZED);
+}
+
+#[test]
+fn what_each_endpoint_needs() {
+    use super::needs;
+    use crate::api::route::parse_route;
+    use crate::auth::{Action, Need};
+    use std::collections::HashMap;
+    let need = |method: Method, path: &str, query: &[(&str, &str)]| {
+        let q: HashMap<String, String> = query.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        needs(&parse_route(path).unwrap(), &method, &q)
+    };
+    let repo = |a| vec![Need::Repo("a/b".into(), a)];
+    assert_eq!(need(Method::GET, "/v2/", &[]), vec![Need::Base]);
+    assert_eq!(need(Method::GET, "/v2/_catalog", &[]), vec![Need::Catalog]);
+    assert_eq!(need(Method::HEAD, "/v2/a/b/manifests/v1", &[]), repo(Action::Pull));
+    assert_eq!(need(Method::PUT, "/v2/a/b/manifests/v1", &[]), repo(Action::Push));
+    assert_eq!(need(Method::DELETE, "/v2/a/b/manifests/v1", &[]), repo(Action::Delete));
+    assert_eq!(need(Method::DELETE, "/v2/a/b/blobs/sha256:00", &[]), repo(Action::Delete));
+    assert_eq!(need(Method::GET, "/v2/a/b/tags/list", &[]), repo(Action::Pull));
+    assert_eq!(need(Method::GET, "/v2/a/b/blobs/uploads/x", &[]), repo(Action::Push));
+    assert_eq!(
+        need(Method::POST, "/v2/a/b/blobs/uploads/", &[("mount", "sha256:00"), ("from", "c/d")]),
+        vec![Need::Repo("a/b".into(), Action::Push), Need::Repo("c/d".into(), Action::Pull)]
+    );
+}

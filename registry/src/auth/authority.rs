@@ -1,0 +1,696 @@
+//! The origin's side of authentication: users and Basic logins (rate-limited), tokens it
+//! signs at `/token`, the public keys and anonymous rules it publishes at
+//! [`PUBLISHED_PATH`] for agents, and the guard of the node API (`/shoal/v1/blobs/*`).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+
+use super::challenge::Policy;
+use super::limiter::FailedLogins;
+use super::remote::Published;
+use super::rules::{allowed, Access, Principal, Rule};
+use super::tokens::{now_secs, rfc3339, Claims, KeySet, ResourceActions, Scope, SigningKey};
+use super::users::{constant_time_eq, User};
+use super::{
+    parse_authorization, AccessCheck, AuthConfig, AuthError, Authorize, Credentials, Need, ServedPrincipal,
+};
+use crate::error::{ApiError, ErrorCode};
+use crate::identity::TransportIdentity;
+
+/// Where every origin publishes its public keys, realm, service and anonymous rules.
+pub const PUBLISHED_PATH: &str = "/shoal/v1/auth";
+/// The token endpoint's path (the default realm is this path on the client's host).
+pub const TOKEN_PATH: &str = "/token";
+/// How long a successful argon2 check is remembered, so a Basic client (which sends its
+/// password on every request) costs one slow hash per this period, not per request.
+const LOGIN_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Remembered logins at most (cleared when full).
+const LOGIN_CACHE_MAX: usize = 10_000;
+
+/// Fetches the other origins' published keys; `None` if none answered.
+pub type FetchKeys =
+    Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, Option<Vec<super::tokens::Jwk>>> + Send + Sync>;
+
+/// An origin's authentication and authorization.
+pub struct Authority {
+    config: AuthConfig,
+    policy: Policy,
+    signing: Option<SigningKey>,
+    /// This origin's own keys (signing key, `token_verify_keys`).
+    own: Vec<super::tokens::Jwk>,
+    /// Those and the other origins' published keys.
+    keys: RwLock<KeySet>,
+    peers: OnceLock<FetchKeys>,
+    last_peer_refresh: Mutex<Option<Instant>>,
+    failures: FailedLogins,
+    recent: Mutex<HashMap<[u8; 32], Instant>>,
+    cluster_secret: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority").field("policy", &self.policy).field("keys", &self.keys()).finish()
+    }
+}
+
+/// The token endpoint's answer.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct TokenReply {
+    pub token: String,
+    pub access_token: String,
+    pub expires_in: u64,
+    pub issued_at: String,
+}
+
+impl Authority {
+    /// From the `[auth]` section; with `tokens`, the signing key comes from `token_key_file`
+    /// or `<data_dir>/auth/token-key.pem` (created if missing). `cluster_secret` is also
+    /// accepted on the node API.
+    pub fn new(
+        config: AuthConfig,
+        data_dir: &Path,
+        cluster_secret: Option<&str>,
+    ) -> Result<Authority, AuthError> {
+        let signing = if config.tokens {
+            Some(match &config.token_key_file {
+                Some(path) => SigningKey::from_pem(
+                    &std::fs::read_to_string(path)
+                        .map_err(|e| AuthError::Config(format!("token_key_file {}: {e}", path.display())))?,
+                )?,
+                None => SigningKey::load_or_create(&data_dir.join("auth").join("token-key.pem"))?,
+            })
+        } else {
+            None
+        };
+        let mut public = Vec::new();
+        public.extend(signing.as_ref().map(|k| k.public.clone()));
+        for path in &config.token_verify_keys {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| AuthError::Config(format!("token_verify_keys {}: {e}", path.display())))?;
+            public.push(super::tokens::public_key_from_pem(&text)?);
+        }
+        if config.tokens
+            && !config.realm.is_empty()
+            && !config.realm.contains("://")
+            && config.realm != "shoal"
+        {
+            return Err(AuthError::Config("auth.realm must be an absolute URL with tokens = true".into()));
+        }
+        let policy = Policy {
+            tokens: config.tokens,
+            realm: if config.tokens && !config.realm.contains("://") {
+                String::new()
+            } else {
+                config.realm.clone()
+            },
+            service: config.service.clone(),
+            rules: config.rules.clone(),
+            anonymous: config.anonymous_access(),
+        };
+        Ok(Authority {
+            failures: FailedLogins::new(config.login_failures, config.login_window),
+            config,
+            policy,
+            signing,
+            keys: RwLock::new(KeySet::new(public.clone())),
+            own: public,
+            peers: OnceLock::new(),
+            last_peer_refresh: Mutex::new(None),
+            recent: Mutex::new(HashMap::new()),
+            cluster_secret: cluster_secret
+                .filter(|s| !s.is_empty())
+                .map(|s| Sha256::digest(s.as_bytes()).into()),
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.config.enabled()
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Every key tokens are accepted from: this origin's and the other origins'.
+    pub fn keys(&self) -> KeySet {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Accept tokens signed by the other origins' `keys` too (a client may get its token
+    /// from one origin and send the next request to another).
+    pub fn set_peer_keys(&self, keys: Vec<super::tokens::Jwk>) {
+        let set = KeySet::new(self.own.iter().cloned().chain(keys));
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = set;
+    }
+
+    /// How to fetch the other origins' keys: every `every`, and at most every
+    /// [`super::remote::MIN_REFRESH`] when a token names a key this origin does not know.
+    pub fn follow_peers(self: &Arc<Self>, fetch: FetchKeys, every: Duration) {
+        if self.peers.set(fetch).is_err() {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(auth) = me.upgrade() else { return };
+                auth.refresh_peers(false).await;
+                drop(auth);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+
+    /// Fetch the other origins' keys; `on_demand` (an unknown key) counts against the rate
+    /// limit, the periodic refresh does not.
+    async fn refresh_peers(&self, on_demand: bool) {
+        let Some(fetch) = self.peers.get() else { return };
+        if on_demand {
+            *self.last_peer_refresh.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+        if let Some(keys) = fetch().await {
+            self.set_peer_keys(keys);
+        }
+    }
+
+    /// Verify a token, fetching the other origins' keys first if it names an unknown one.
+    async fn verify(&self, token: &str) -> Result<Claims, super::tokens::TokenError> {
+        let first = self.keys().verify(token, &self.policy.service);
+        if first != Err(super::tokens::TokenError::UnknownKey) || self.peers.get().is_none() {
+            return first;
+        }
+        let recent = self
+            .last_peer_refresh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at.elapsed() < super::remote::MIN_REFRESH);
+        if recent {
+            return first;
+        }
+        self.refresh_peers(true).await;
+        self.keys().verify(token, &self.policy.service)
+    }
+
+    fn user(&self, name: &str) -> Option<&User> {
+        self.config.users.iter().find(|u| u.name == name)
+    }
+
+    /// Check a user's password: `Ok(Some(user))`, `Ok(None)` for wrong credentials, or 429
+    /// once the name has used up its failed attempts.
+    pub async fn login(&self, name: &str, password: &str) -> Result<Option<User>, ApiError> {
+        let now = Instant::now();
+        if self.failures.blocked(name, now) {
+            tracing::warn!(user = %name, "login refused: too many failed attempts");
+            return Err(ApiError::new(ErrorCode::TooManyRequests, "too many failed logins; try again later")
+                .with_header(header::RETRY_AFTER, axum::http::HeaderValue::from_static("60")));
+        }
+        let Some(user) = self.user(name).cloned() else {
+            // As slow as a wrong password, so response times do not tell which names exist.
+            let decoy = decoy_user();
+            let p = password.to_string();
+            let _ = tokio::task::spawn_blocking(move || decoy.verify(&p)).await;
+            self.failures.failed(name, now);
+            return Ok(None);
+        };
+        let key: [u8; 32] = Sha256::digest(format!("{name}\0{password}").as_bytes()).into();
+        let cached = {
+            let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            recent.get(&key).is_some_and(|at| at.elapsed() < LOGIN_CACHE_TTL)
+        };
+        let ok = if cached {
+            true
+        } else if user.slow_hash() {
+            let (u, p) = (user.clone(), password.to_string());
+            tokio::task::spawn_blocking(move || u.verify(&p)).await.unwrap_or(false)
+        } else {
+            user.verify(password)
+        };
+        if !ok {
+            self.failures.failed(name, now);
+            tracing::info!(user = %name, "failed login");
+            return Ok(None);
+        }
+        self.failures.succeeded(name);
+        if user.slow_hash() && !cached {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.len() >= LOGIN_CACHE_MAX {
+                recent.clear();
+            }
+            recent.insert(key, Instant::now());
+        }
+        Ok(Some(user))
+    }
+
+    /// The access a token for `principal` gets: what was asked, narrowed to what the rules allow.
+    pub fn grant(&self, principal: &Principal, default: Access, scopes: &[Scope]) -> Vec<ResourceActions> {
+        let mut out: Vec<ResourceActions> = Vec::new();
+        for scope in scopes {
+            match scope {
+                Scope::Repository { name, actions } => {
+                    if name.parse::<crate::RepoName>().is_err() {
+                        continue;
+                    }
+                    let may = allowed(&self.policy.rules, principal, default, name);
+                    let granted: Vec<String> =
+                        actions.iter().filter(|a| may.contains(a)).map(|a| a.as_str().to_string()).collect();
+                    if granted.is_empty() {
+                        continue;
+                    }
+                    match out.iter_mut().find(|r| r.kind == "repository" && &r.name == name) {
+                        Some(r) => {
+                            for g in granted {
+                                if !r.actions.contains(&g) {
+                                    r.actions.push(g);
+                                }
+                            }
+                        }
+                        None => out.push(ResourceActions {
+                            kind: "repository".into(),
+                            name: name.clone(),
+                            actions: granted,
+                        }),
+                    }
+                }
+                Scope::Catalog => {
+                    let ok = self
+                        .policy
+                        .check_rights(&HeaderMap::new(), principal.clone(), default, &[Need::Catalog])
+                        .is_ok();
+                    if ok && !out.iter().any(|r| r.kind == "registry") {
+                        out.push(ResourceActions {
+                            kind: "registry".into(),
+                            name: "catalog".into(),
+                            actions: vec!["*".into()],
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Sign a token for `subject` (empty: anonymous) carrying `access`.
+    pub fn issue(&self, subject: &str, access: Vec<ResourceActions>) -> Result<TokenReply, AuthError> {
+        let key =
+            self.signing.as_ref().ok_or_else(|| AuthError::Config("token auth is not enabled".into()))?;
+        let now = now_secs();
+        let ttl = self.config.token_ttl.as_secs().max(1);
+        let mut jti = [0u8; 12];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut jti)
+            .map_err(|_| AuthError::Random)?;
+        let claims = Claims {
+            iss: self.config.service.clone(),
+            sub: subject.to_string(),
+            aud: self.config.service.clone(),
+            exp: now + ttl,
+            nbf: now.saturating_sub(1),
+            iat: now,
+            jti: hex::encode(jti),
+            access,
+        };
+        let token = key.sign(&claims)?;
+        Ok(TokenReply { access_token: token.clone(), token, expires_in: ttl, issued_at: rfc3339(now) })
+    }
+
+    /// What agents fetch: keys, realm (absolute, as the caller reached this origin), service,
+    /// and the rules with their user lists left out (only anonymous pull matters there).
+    pub fn published(&self, headers: &HeaderMap) -> Published {
+        let mut policy = self.policy.clone();
+        if policy.tokens {
+            policy.realm = self.policy.realm_url(headers);
+        }
+        policy.rules = policy
+            .rules
+            .iter()
+            .map(|r| Rule {
+                repositories: r.repositories.clone(),
+                anonymous_pull: r.anonymous_pull,
+                ..Rule::default()
+            })
+            .collect();
+        Published { enabled: self.enabled(), policy, keys: self.own.clone() }
+    }
+
+    /// `/token` (GET with Basic credentials or none; POST `grant_type=password`) when token
+    /// auth is on, and [`PUBLISHED_PATH`] always.
+    pub fn routes(self: Arc<Self>) -> Router {
+        let mut router = Router::new().route(PUBLISHED_PATH, get(published));
+        if self.signing.is_some() {
+            router = router.route(TOKEN_PATH, get(token_get).post(token_post));
+        }
+        router.with_state(self)
+    }
+
+    /// Whether a node-API request may go ahead: a cluster node by transport identity, the
+    /// cluster secret, or a valid token that grants something (an agent forwarding its
+    /// client's token in plain-HTTP setups).
+    pub fn node_api_allows(&self, headers: &HeaderMap, identity: Option<&TransportIdentity>) -> bool {
+        if !self.enabled() || identity.is_some_and(|i| i.role.is_node()) {
+            return true;
+        }
+        let Credentials::Bearer(token) =
+            parse_authorization(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()))
+        else {
+            return false;
+        };
+        if let Some(secret) = &self.cluster_secret {
+            let given: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+            if constant_time_eq(&given, secret) {
+                return true;
+            }
+        }
+        self.keys().verify(&token, &self.policy.service).is_ok_and(|c| !c.access.is_empty())
+    }
+
+    /// Wrap `routes` (the node API) with [`node_api_allows`](Self::node_api_allows).
+    pub fn guard_node_api(self: &Arc<Self>, routes: Router) -> Router {
+        routes.layer(axum::middleware::from_fn_with_state(self.clone(), node_api_guard))
+    }
+}
+
+/// A user with an argon2 hash of a random password: checked for unknown names.
+fn decoy_user() -> User {
+    static DECOY: OnceLock<Option<String>> = OnceLock::new();
+    let hash = DECOY.get_or_init(|| {
+        let mut secret = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).ok()?;
+        super::users::hash_password(&hex::encode(secret)).ok()
+    });
+    User {
+        name: String::new(),
+        password: None,
+        password_sha256: None,
+        password_argon2: hash.clone(),
+        access: Access::None,
+    }
+}
+
+async fn node_api_guard(State(auth): State<Arc<Authority>>, req: Request, next: Next) -> Response {
+    if auth.node_api_allows(req.headers(), req.extensions().get::<TransportIdentity>()) {
+        let node = req.extensions().get::<TransportIdentity>().map(|i| Principal::Node(i.name.clone()));
+        let mut resp = next.run(req).await;
+        if let Some(p) = node {
+            resp.extensions_mut().insert(ServedPrincipal(p));
+        }
+        return resp;
+    }
+    let mut resp = (StatusCode::UNAUTHORIZED, "this API is for cluster nodes\n").into_response();
+    resp.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+    resp
+}
+
+#[async_trait]
+impl Authorize for Authority {
+    async fn authorize(&self, check: &AccessCheck<'_>) -> Result<Principal, ApiError> {
+        if !self.enabled() {
+            return super::Open.authorize(check).await;
+        }
+        if check.is_node_pull() {
+            return Ok(Principal::Node(check.identity.map(|i| i.name.clone()).unwrap_or_default()));
+        }
+        let (headers, needs) = (check.headers, check.needs);
+        match parse_authorization(check.authorization()) {
+            Credentials::Bearer(token) => match self.verify(&token).await {
+                Ok(claims) => self.policy.check_claims(headers, &claims, needs),
+                Err(e) => Err(self.policy.challenge(headers, needs, Some("invalid_token"), &e.to_string())),
+            },
+            Credentials::Basic(name, password) => match self.login(&name, &password).await? {
+                Some(user) => {
+                    self.policy.check_rights(headers, Principal::User(user.name.clone()), user.access, needs)
+                }
+                None => Err(self.policy.challenge(headers, needs, None, "invalid username or password")),
+            },
+            Credentials::None => {
+                self.policy.check_rights(headers, Principal::Anonymous, self.policy.anonymous, needs)
+            }
+            Credentials::Bad => Err(self.policy.challenge(headers, needs, None, "unsupported credentials")),
+        }
+    }
+
+    fn visible(&self, principal: &Principal) -> Option<super::Visible> {
+        self.visibility(principal)
+    }
+}
+
+impl Authority {
+    /// Where rules apply, the catalog shows a user (or an anonymous client) only the
+    /// repositories it may pull; nodes and registries without rules show every name.
+    fn visibility(&self, principal: &Principal) -> Option<super::Visible> {
+        if !self.enabled() || self.policy.rules.is_empty() || matches!(principal, Principal::Node(_)) {
+            return None;
+        }
+        let default = match principal {
+            Principal::User(name) => self.user(name).map_or(Access::None, |u| u.access),
+            _ => self.policy.anonymous,
+        };
+        let (rules, principal) = (self.policy.rules.clone(), principal.clone());
+        Some(Arc::new(move |repo: &str| {
+            allowed(&rules, &principal, default, repo).contains(&super::Action::Pull)
+        }))
+    }
+}
+
+async fn published(State(auth): State<Arc<Authority>>, headers: HeaderMap) -> Response {
+    Json(auth.published(&headers)).into_response()
+}
+
+/// Every `scope` parameter (repeatable; each may hold several scopes separated by spaces).
+fn scopes_of(pairs: &[(String, String)]) -> Vec<Scope> {
+    pairs
+        .iter()
+        .filter(|(k, _)| k == "scope")
+        .flat_map(|(_, v)| v.split(' ').filter_map(Scope::parse).collect::<Vec<_>>())
+        .collect()
+}
+
+fn token_error(err: ApiError, basic_realm: &str) -> Response {
+    let mut resp = err.into_response();
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        if let Ok(v) =
+            axum::http::HeaderValue::from_str(&format!("Basic realm=\"{}\"", basic_realm.replace('"', "")))
+        {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+    }
+    resp
+}
+
+/// Issue a token for `who` (None: anonymous) with the scopes asked, as JSON.
+fn reply(auth: &Authority, who: Option<User>, scopes: &[Scope]) -> Response {
+    let (principal, default) = match &who {
+        Some(u) => (Principal::User(u.name.clone()), u.access),
+        None => (Principal::Anonymous, auth.policy.anonymous),
+    };
+    let access = auth.grant(&principal, default, scopes);
+    let subject = who.map(|u| u.name).unwrap_or_default();
+    match auth.issue(&subject, access) {
+        Ok(t) => {
+            let mut resp = Json(t).into_response();
+            resp.extensions_mut().insert(ServedPrincipal(principal));
+            resp
+        }
+        Err(e) => ApiError::new(ErrorCode::Unknown, e.to_string()).into_response(),
+    }
+}
+
+async fn token_get(State(auth): State<Arc<Authority>>, request: Request) -> Response {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(request.uri().query().unwrap_or("")).unwrap_or_default();
+    let scopes = scopes_of(&pairs);
+    let header = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match parse_authorization(header) {
+        Credentials::None => reply(&auth, None, &scopes),
+        Credentials::Basic(name, password) => match auth.login(&name, &password).await {
+            Ok(Some(user)) => reply(&auth, Some(user), &scopes),
+            Ok(None) => token_error(
+                ApiError::new(ErrorCode::Unauthorized, "invalid username or password"),
+                &auth.config.realm,
+            ),
+            Err(e) => e.into_response(),
+        },
+        _ => token_error(
+            ApiError::new(ErrorCode::Unauthorized, "send Basic credentials or none"),
+            &auth.config.realm,
+        ),
+    }
+}
+
+/// containerd's OAuth path: `grant_type=password` with `username`, `password`, `scope`.
+async fn token_post(State(auth): State<Arc<Authority>>, body: Bytes) -> Response {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
+    let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    if get("grant_type") != Some("password") {
+        return (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": "unsupported_grant_type"})))
+            .into_response();
+    }
+    let scopes = scopes_of(&pairs);
+    match auth.login(get("username").unwrap_or(""), get("password").unwrap_or("")).await {
+        Ok(Some(user)) => reply(&auth, Some(user), &scopes),
+        Ok(None) => {
+            (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": "invalid_grant"}))).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::rules::Action;
+
+    fn config() -> AuthConfig {
+        AuthConfig {
+            tokens: true,
+            users: vec![
+                User {
+                    name: "alice".into(),
+                    password: Some("a".into()),
+                    password_sha256: None,
+                    password_argon2: None,
+                    access: Access::None,
+                },
+                User {
+                    name: "ci".into(),
+                    password: Some("c".into()),
+                    password_sha256: None,
+                    password_argon2: None,
+                    access: Access::None,
+                },
+            ],
+            rules: vec![
+                Rule {
+                    repositories: "priv/*".into(),
+                    pull: vec!["alice".into()],
+                    push: vec!["ci".into()],
+                    delete: vec!["ci".into()],
+                    anonymous_pull: false,
+                },
+                Rule {
+                    repositories: "pub/*".into(),
+                    push: vec!["ci".into()],
+                    anonymous_pull: true,
+                    ..Rule::default()
+                },
+            ],
+            login_failures: 2,
+            ..AuthConfig::default()
+        }
+    }
+
+    fn authority() -> (Authority, tempfile_dir::Dir) {
+        let dir = tempfile_dir::Dir::new();
+        (Authority::new(config(), &dir.0, None).unwrap(), dir)
+    }
+
+    mod tempfile_dir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Dir {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Dir(std::env::temp_dir().join(format!("shoal-authority-{}-{n}", std::process::id())))
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn grants_the_intersection_of_asked_and_allowed() {
+        let (a, _d) = authority();
+        let asked = vec![Scope::Repository {
+            name: "priv/app".into(),
+            actions: vec![Action::Pull, Action::Push, Action::Delete],
+        }];
+        let alice = a.grant(&Principal::User("alice".into()), Access::None, &asked);
+        assert_eq!(
+            alice,
+            vec![ResourceActions {
+                kind: "repository".into(),
+                name: "priv/app".into(),
+                actions: vec!["pull".into()]
+            }]
+        );
+        assert!(a.grant(&Principal::Anonymous, Access::None, &asked).is_empty());
+        let public =
+            vec![Scope::Repository { name: "pub/x".into(), actions: vec![Action::Pull, Action::Push] }];
+        let anon = a.grant(&Principal::Anonymous, Access::None, &public);
+        assert_eq!(anon[0].actions, vec!["pull".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn tokens_round_trip_through_the_checks() {
+        let (a, _d) = authority();
+        let access = a.grant(
+            &Principal::User("alice".into()),
+            Access::None,
+            &[Scope::Repository { name: "priv/app".into(), actions: vec![Action::Pull] }],
+        );
+        let t = a.issue("alice", access).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, format!("Bearer {}", t.token).parse().unwrap());
+        let pull = [Need::Repo("priv/app".into(), Action::Pull)];
+        let check = AccessCheck { headers: &headers, identity: None, needs: &pull };
+        assert_eq!(a.authorize(&check).await.unwrap(), Principal::User("alice".into()));
+        let push = [Need::Repo("priv/app".into(), Action::Push)];
+        let check = AccessCheck { headers: &headers, identity: None, needs: &push };
+        let err = a.authorize(&check).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unauthorized);
+        // Published keys verify the token elsewhere.
+        let published = a.published(&HeaderMap::new());
+        assert!(KeySet::new(published.keys).verify(&t.token, "shoal").is_ok());
+        assert!(published.policy.rules.iter().all(|r| r.pull.is_empty() && r.push.is_empty()));
+        assert!(a.node_api_allows(&headers, None));
+        assert!(!a.node_api_allows(&HeaderMap::new(), None));
+    }
+
+    #[test]
+    fn catalog_shows_what_the_principal_may_pull() {
+        let (a, _d) = authority();
+        let alice = a.visibility(&Principal::User("alice".into())).unwrap();
+        assert!(alice("priv/app") && alice("pub/app") && !alice("other"));
+        let anonymous = a.visibility(&Principal::Anonymous).unwrap();
+        assert!(!anonymous("priv/app") && anonymous("pub/app"));
+        assert!(a.visibility(&Principal::Node("n".into())).is_none());
+    }
+
+    #[tokio::test]
+    async fn failed_logins_are_rate_limited() {
+        let (a, _d) = authority();
+        assert!(a.login("alice", "a").await.unwrap().is_some());
+        assert!(a.login("alice", "x").await.unwrap().is_none());
+        assert!(a.login("alice", "y").await.unwrap().is_none());
+        let err = a.login("alice", "a").await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::TooManyRequests);
+        assert!(a.login("ci", "c").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn node_identity_pulls_everything_but_pushes_nothing() {
+        let (a, _d) = authority();
+        let id = TransportIdentity { name: "n1".into(), role: crate::identity::Role::Agent };
+        let headers = HeaderMap::new();
+        let pull = [Need::Repo("priv/app".into(), Action::Pull)];
+        let check = AccessCheck { headers: &headers, identity: Some(&id), needs: &pull };
+        assert_eq!(a.authorize(&check).await.unwrap(), Principal::Node("n1".into()));
+        let push = [Need::Repo("priv/app".into(), Action::Push)];
+        let check = AccessCheck { headers: &headers, identity: Some(&id), needs: &push };
+        assert!(a.authorize(&check).await.is_err());
+        assert!(a.node_api_allows(&headers, Some(&id)));
+    }
+}
