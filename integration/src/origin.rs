@@ -23,6 +23,16 @@ use tempfile::TempDir;
 pub const BIN_ENV: &str = "SHOAL_BIN";
 /// Environment variable naming an already running registry to test instead.
 pub const REGISTRY_URL_ENV: &str = "SHOAL_TEST_REGISTRY_URL";
+/// `user:password` the tests send (HTTP Basic) to the external registry, for one that
+/// requires authentication (the conformance tests with auth on).
+pub const REGISTRY_CREDS_ENV: &str = "SHOAL_TEST_REGISTRY_CREDS";
+
+/// The external registry's credentials, from [`REGISTRY_CREDS_ENV`].
+pub fn external_credentials() -> Option<(String, String)> {
+    let creds = std::env::var(REGISTRY_CREDS_ENV).ok()?;
+    let (user, password) = creds.split_once(':')?;
+    Some((user.to_string(), password.to_string()))
+}
 
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(20);
 const SPAWN_ATTEMPTS: usize = 3;
@@ -109,7 +119,11 @@ impl Origin {
 
     /// An HTTP client for this registry, without credentials.
     pub fn client(&self) -> Client {
-        Client::new(&self.url)
+        let client = Client::new(&self.url);
+        match external_credentials().filter(|_| self.is_external()) {
+            Some((user, password)) => client.with_basic_auth(&user, &password),
+            None => client,
+        }
     }
 
     /// Whether this is an external registry (`SHOAL_TEST_REGISTRY_URL`).
@@ -229,6 +243,7 @@ pub fn spawn_logged(mut command: Command, log_path: &Path) -> Result<Child, Stri
     command
         .env_remove(BIN_ENV)
         .env_remove(REGISTRY_URL_ENV)
+        .env_remove(REGISTRY_CREDS_ENV)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)

@@ -38,6 +38,13 @@ impl RawConnection {
         for (name, value) in headers {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
+        // Against an external registry that needs them, the credentials every client sends.
+        let has_auth = headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("authorization"));
+        if let Some((user, password)) = crate::origin::external_credentials().filter(|_| !has_auth) {
+            use base64::Engine as _;
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            head.push_str(&format!("Authorization: Basic {token}\r\n"));
+        }
         head.push_str("Connection: close\r\n\r\n");
         let mut connection =
             RawConnection { stream, method, url: format!("{}{target}", base.trim_end_matches('/')) };
