@@ -130,7 +130,7 @@ pub async fn serve(
         let (app, stop, done, tls) = (app.clone(), stop_rx.clone(), done_rx.clone(), tls.clone());
         tokio::spawn(async move {
             match tls {
-                None => serve_connection(stream, remote, None, app, limits, stop).await,
+                None => serve_connection(stream, remote, false, None, app, limits, stop).await,
                 Some(acceptor) => {
                     // The handshake counts against the head's deadline: a client that opens
                     // a connection and says nothing holds a slot no longer than one that
@@ -139,7 +139,7 @@ pub async fn serve(
                     match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             let identity = shoal_tls::identity_of(stream.get_ref().1);
-                            serve_connection(stream, remote, identity, app, limits, stop).await;
+                            serve_connection(stream, remote, true, identity, app, limits, stop).await;
                         }
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -173,10 +173,14 @@ async fn accept_failed(e: std::io::Error) {
 }
 
 /// Serve one connection. Every request carries the client's address (axum's
-/// `ConnectInfo`) and `identity`, what its TLS client certificate proved, if anything.
+/// `ConnectInfo`) and `identity`, what its TLS client certificate proved, if anything. On a
+/// TLS connection `X-Forwarded-Proto` is set to `https`: this server is where TLS ends, and
+/// URLs it builds for the client (the token realm) must say so; on a plain one a proxy in
+/// front that ended TLS may have set it.
 async fn serve_connection<S>(
     stream: S,
     remote: std::net::SocketAddr,
+    tls: bool,
     identity: Option<TransportIdentity>,
     app: Router,
     limits: HttpLimits,
@@ -187,6 +191,9 @@ async fn serve_connection<S>(
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let mut request = request.map(|body| Body::new(BodyGuard::new(body, &limits)));
         request.extensions_mut().insert(axum::extract::ConnectInfo(remote));
+        if tls {
+            request.headers_mut().insert("x-forwarded-proto", axum::http::HeaderValue::from_static("https"));
+        }
         if let Some(id) = &identity {
             request.extensions_mut().insert(id.clone());
         }

@@ -450,7 +450,7 @@ shoal_bg() {
 #   AGENT AGENT_URL AGENT_PID AGENT_LOG AGENT_DATA: the first agent
 #   REG REG_URL REG_PID REG_LOG REG_KIND=shoal: the origin, so registry helpers push there
 # Environment: SHOAL_CLUSTER_ARGS is appended to every shoal command (e.g. --log debug);
-# SHOAL_AGENT_ARGS only to the agents'.
+# SHOAL_AGENT_ARGS only to the agents', SHOAL_ORIGIN_ARGS only to the origin's.
 start_shoal_cluster() {
   local k=${1:-1} i port peer d scheme=http
   local root=$T/cluster tls_origin=() tls_tracker=() tls_agent=()
@@ -471,8 +471,9 @@ start_shoal_cluster() {
   ORIGIN_DATA=$root/origin
   ORIGIN_LOG=$T/origin-$port.log
   mkdir -p "$ORIGIN_DATA"
+  # shellcheck disable=SC2086 # SHOAL_ORIGIN_ARGS is a word list on purpose
   shoal_bg "origin-$port" "$ORIGIN_LOG" origin --listen "$ORIGIN" --peer-listen "$ORIGIN_PEER" --data-dir "$ORIGIN_DATA" \
-    "${tls_origin[@]}"
+    "${tls_origin[@]}" ${SHOAL_ORIGIN_ARGS:-}
   ORIGIN_PID=$BG_PID
   wait_ready 30 "$ORIGIN_PID" "shoal origin on $ORIGIN" is_200 "$ORIGIN_URL/healthz" || die "$WAIT_ERR (log: $ORIGIN_LOG)"
   log "origin on $ORIGIN, peers $ORIGIN_PEER (pid $ORIGIN_PID, log $ORIGIN_LOG)"
