@@ -96,7 +96,10 @@ async fn main() -> anyhow::Result<()> {
             tracker::bind(args).await?.serve(shutdown_signal()).await
         }
         Command::Up(args) => up::run(args, shutdown_signal()).await,
-        Command::Preheat(args) => preheat::run(args).await,
+        Command::Preheat(args) => {
+            tls::install(&args.tls.settings())?;
+            preheat::run(args).await
+        }
         Command::Node(args) => node::run(args).await,
         Command::Certs(args) => certs::run(args),
         Command::Passwd(args) => passwd::run(args),

@@ -23,6 +23,9 @@ pub struct PreheatArgs {
     /// Give up after this long
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Trust a CA (--tls-ca) for an https agent, or present a certificate
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 fn bar(done: u64, total: u64) -> String {

@@ -46,6 +46,15 @@ got=$(skopeo_ inspect --cert-dir "$certs" --format '{{.Digest}}' "docker://${AGE
   die "skopeo inspect through agent 1 failed"
 assert_eq "$bb_digest" "$got" "digest skopeo reads through agent 1"
 
+# shoal preheat over https, trusting the CA (and refused without it).
+if "$SHOAL_BIN" preheat "$AGENT_URL" tls/busybox:v1 >"$T/preheat-noca.out" 2>&1; then
+  die "shoal preheat trusted the agent without the CA"
+fi
+"$SHOAL_BIN" preheat --tls-ca "$TLS_DIR/ca.pem" "$AGENT_URL" tls/busybox:v1 >"$T/preheat.out" 2>&1 || {
+  cat "$T/preheat.out" >&2
+  die "shoal preheat --tls-ca failed"
+}
+
 # containerd: the agent as a TLS mirror, trusted through hosts.toml's ca.
 hosts=$T/hosts.d
 mkdir -p "$hosts/$ORIGIN"
