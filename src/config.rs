@@ -43,8 +43,14 @@ pub struct ClusterSection {
     /// Every origin's `host:port` (this one included), `dns+name:port` or
     /// `srv+_service._tcp.name`. Empty: a lone origin.
     pub members: Vec<String>,
-    /// This origin's `host:port` as the others reach it; defaults to `listen`.
+    /// This origin's `host:port` as the others reach it; defaults to `internal_listen`, else
+    /// `listen`.
     pub advertise: Option<String>,
+    /// A second listener for what only the cluster's processes call: the internal and admin
+    /// APIs (then not served on `listen`) and requests other origins forward. With node
+    /// certificates it requires one at the handshake. Members are then listed (and
+    /// advertised) by this address.
+    pub internal_listen: Option<SocketAddr>,
     /// Copies of every blob and of every repository's metadata.
     pub replicas: usize,
     /// Copies that must be durable before a push is acknowledged; defaults to `replicas`.
@@ -90,6 +96,7 @@ impl Default for ClusterSection {
         ClusterSection {
             members: Vec::new(),
             advertise: None,
+            internal_listen: None,
             replicas: 2,
             write_quorum: None,
             secret: None,
@@ -206,12 +213,13 @@ impl OriginConfig {
     /// origin needs an address the others can reach.
     pub fn cluster(&self) -> anyhow::Result<shoal_origin::cluster::ClusterConfig> {
         let c = &self.cluster;
+        let reached_at = c.internal_listen.unwrap_or(self.listen);
         let advertise = match &c.advertise {
             Some(a) => a.clone(),
-            None if self.listen.ip().is_unspecified() && !c.members.is_empty() => {
-                anyhow::bail!("cluster.advertise (--advertise) is required when listening on {}", self.listen)
+            None if reached_at.ip().is_unspecified() && !c.members.is_empty() => {
+                anyhow::bail!("cluster.advertise (--advertise) is required when listening on {reached_at}")
             }
-            None => self.listen.to_string(),
+            None => reached_at.to_string(),
         };
         let min_quarantine = shoal_origin::cluster::gc::MIN_QUARANTINE;
         if c.gc_quarantine < min_quarantine {

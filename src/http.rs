@@ -139,6 +139,8 @@ pub struct BoundServer {
     readiness: Arc<Readiness>,
     /// Run once the server has stopped (an agent leaving its swarms).
     after_stop: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    /// TLS for this listener instead of the process's default (`Some(None)`: plain).
+    tls: Option<Option<shoal_tls::TlsAcceptor>>,
 }
 
 impl BoundServer {
@@ -153,7 +155,13 @@ impl BoundServer {
         use anyhow::Context;
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-        Ok(BoundServer { listener, app, limits, readiness, after_stop: None })
+        Ok(BoundServer { listener, app, limits, readiness, after_stop: None, tls: None })
+    }
+
+    /// Serve this listener with `acceptor` (or plain), not the process's default TLS.
+    pub fn with_tls(mut self, acceptor: Option<shoal_tls::TlsAcceptor>) -> BoundServer {
+        self.tls = Some(acceptor);
+        self
     }
 
     /// Run `work` after the server has stopped serving, before `serve` returns.
@@ -182,7 +190,7 @@ impl BoundServer {
         };
         // The process's TLS context (installed at start): TLS on every listener when it has
         // a certificate.
-        let tls = shoal_tls::current().acceptor();
+        let tls = self.tls.unwrap_or_else(|| shoal_tls::current().acceptor());
         crate::http_server::serve(self.listener, self.app, self.limits, tls, draining).await;
         if let Some(work) = self.after_stop {
             work.await;

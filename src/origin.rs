@@ -57,9 +57,13 @@ pub struct OriginArgs {
     /// Copies of every blob and repository [default: 2]
     #[arg(long, env = "SHOAL_REPLICAS")]
     pub replicas: Option<usize>,
-    /// This origin's host:port as the other origins reach it [default: --listen]
+    /// This origin's host:port as the other origins reach it [default: --internal-listen, else --listen]
     #[arg(long, env = "SHOAL_ADVERTISE")]
     pub advertise: Option<String>,
+    /// A listener for the internal and admin APIs only the cluster's processes may call
+    /// (mutual TLS with node certificates); members are then listed by this address
+    #[arg(long, env = "SHOAL_INTERNAL_LISTEN")]
+    pub internal_listen: Option<std::net::SocketAddr>,
     /// Shared secret of the internal and admin APIs
     #[arg(long = "cluster-secret", env = "SHOAL_CLUSTER_SECRET", hide_env_values = true, hide = true)]
     pub cluster_secret: Option<String>,
@@ -95,6 +99,9 @@ impl OriginArgs {
         }
         if let Some(a) = &self.advertise {
             config.cluster.advertise = Some(a.clone());
+        }
+        if let Some(a) = self.internal_listen {
+            config.cluster.internal_listen = Some(a);
         }
         if let Some(secret) = &self.cluster_secret {
             config.cluster.secret = Some(secret.clone());
@@ -176,6 +183,8 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         .layer(axum::middleware::from_fn_with_state(forwarder, crate::origin_forward::forward_uploads))
         .merge(authority.guard_node_api(seeding_routes(coordinator.clone(), membership.clone(), seeder)))
         .merge(authority.clone().routes());
+    // What only the cluster's processes call: the internal and admin APIs.
+    let mut cluster_only = None;
     match config.guards() {
         Some((internal, admin)) => {
             let health = {
@@ -189,7 +198,7 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
                     disk_full: m.self_disk_full(),
                 })
             };
-            api = api.merge(internal_api::router(local.clone(), internal, health)).merge(
+            cluster_only = Some(internal_api::router(local.clone(), internal, health).merge(
                 crate::origin_admin::routes(crate::origin_admin::Admin {
                     coordinator: coordinator.clone(),
                     membership: membership.clone(),
@@ -200,19 +209,53 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
                     // A collection waits out the quarantine: no overall timeout, only connect.
                     http: shoal_tls::http_client().connect_timeout(cluster.call_timeout).build()?,
                 }),
-            );
+            ));
         }
         None => tracing::info!(
             "no cluster secret or node certificates: internal and admin APIs disabled (a lone origin)"
         ),
     }
-    let server = BoundServer::bind(
+    let internal = match (config.cluster.internal_listen, cluster_only.clone()) {
+        (Some(addr), Some(routes)) => {
+            // The public API too: other origins forward clients' requests here.
+            let app = with_basics(api.clone().merge(routes), metrics.clone(), readiness.clone());
+            let acceptor = shoal_tls::current().mutual_acceptor().context("internal listener TLS")?;
+            let mutual = acceptor.is_some();
+            let server = BoundServer::bind(addr, app, config.limits.http(), readiness.clone())
+                .await?
+                .with_tls(acceptor);
+            tracing::info!(internal_listen = %server.local_addr()?, mutual_tls = mutual, "internal listener");
+            Some(server)
+        }
+        (Some(_), None) => {
+            anyhow::bail!("cluster.internal_listen needs node certificates or a cluster secret")
+        }
+        (None, routes) => {
+            if let Some(routes) = routes {
+                api = api.merge(routes);
+            }
+            None
+        }
+    };
+    let mut server = BoundServer::bind(
         config.listen,
         with_basics(api, metrics, readiness.clone()),
         config.limits.http(),
         readiness,
     )
     .await?;
+    if let Some(internal) = internal {
+        // The internal listener stops after the public one has drained: requests that
+        // other origins forward keep arriving until then.
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(internal.serve(async move {
+            let _ = stop_rx.await;
+        }));
+        server = server.after_stop(async move {
+            let _ = stop_tx.send(());
+            let _ = task.await;
+        });
+    }
     tracing::info!(
         listen = %server.local_addr()?,
         id = %me,

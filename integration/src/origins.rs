@@ -86,6 +86,9 @@ pub struct ClusterSpec {
     pub tls: bool,
     /// The shared secret (default: a random one).
     pub secret: Option<String>,
+    /// Each origin also gets an internal listener (`--internal-listen`), and the members
+    /// are listed by it.
+    pub internal_listeners: bool,
 }
 
 impl Default for ClusterSpec {
@@ -98,6 +101,7 @@ impl Default for ClusterSpec {
             env: Vec::new(),
             tls: false,
             secret: None,
+            internal_listeners: false,
         }
     }
 }
@@ -124,6 +128,12 @@ impl ClusterSpec {
     /// Node certificates instead of a shared secret (see [`ClusterSpec::tls`]).
     pub fn with_tls(mut self) -> ClusterSpec {
         self.tls = true;
+        self
+    }
+
+    /// An internal listener on every origin (see [`ClusterSpec::internal_listeners`]).
+    pub fn with_internal_listeners(mut self) -> ClusterSpec {
+        self.internal_listeners = true;
         self
     }
 
@@ -183,14 +193,23 @@ struct Member {
     child: Option<Child>,
     /// `https` with node certificates, else `http`.
     scheme: &'static str,
+    /// The internal listener's port, if it has one: then its id.
+    internal_port: Option<u16>,
 }
 
 impl Member {
+    /// As listed in `--cluster`: the internal listener if there is one.
     fn id(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.internal_port.unwrap_or(self.port))
     }
 
+    /// The public listener (registry API, metrics).
     fn url(&self) -> String {
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
+    }
+
+    /// Where the admin API is: the internal listener if there is one.
+    fn admin_url(&self) -> String {
         format!("{}://{}", self.scheme, self.id())
     }
 
@@ -206,6 +225,7 @@ pub struct OriginCluster {
     secret: String,
     replicas: usize,
     tls: bool,
+    internal_listeners: bool,
     nodes: Vec<Member>,
     http: reqwest::Client,
     /// Set once a failure message has quoted the logs, so `Drop` does not print them again.
@@ -247,6 +267,7 @@ impl OriginCluster {
             secret: spec.secret.clone().unwrap_or_else(|| format!("it-secret-{}", unique_token())),
             replicas: spec.replicas,
             tls: spec.tls,
+            internal_listeners: spec.internal_listeners,
             nodes: Vec::new(),
             http,
             logs_shown: AtomicBool::new(false),
@@ -283,11 +304,28 @@ impl OriginCluster {
         while ports.len() < count {
             ports.insert(free_port());
         }
-        let ids: Vec<String> = ports.iter().map(|port| format!("127.0.0.1:{port}")).collect();
+        // One more port each for the internal listeners; they are the ids then.
+        let mut internal: Vec<Option<u16>> = vec![None; count];
+        if self.internal_listeners {
+            let mut taken = ports.clone();
+            for slot in internal.iter_mut() {
+                let mut p = free_port();
+                while !taken.insert(p) {
+                    p = free_port();
+                }
+                *slot = Some(p);
+            }
+        }
+        let ids: Vec<String> = ports
+            .iter()
+            .zip(&internal)
+            .map(|(port, internal)| format!("127.0.0.1:{}", internal.unwrap_or(*port)))
+            .collect();
         ports
             .into_iter()
+            .zip(internal)
             .enumerate()
-            .map(|(i, port)| {
+            .map(|(i, (port, internal_port))| {
                 let dir = self.root.path().join(format!("origin-{i}"));
                 let _ = std::fs::remove_dir_all(&dir);
                 std::fs::create_dir_all(dir.join("data")).expect("create an origin's data directory");
@@ -298,7 +336,15 @@ impl OriginCluster {
                 }
                 std::fs::write(dir.join("config.toml"), config).expect("write an origin's config");
                 let scheme = if self.tls { "https" } else { "http" };
-                Member { port, dir, members: ids.clone(), env: Vec::new(), child: None, scheme }
+                Member {
+                    port,
+                    dir,
+                    members: ids.clone(),
+                    env: Vec::new(),
+                    child: None,
+                    scheme,
+                    internal_port,
+                }
             })
             .collect()
     }
@@ -337,7 +383,7 @@ impl OriginCluster {
         command
             .arg("origin")
             .arg("--listen")
-            .arg(node.id())
+            .arg(format!("127.0.0.1:{}", node.port))
             .arg("--peer-listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
@@ -350,6 +396,9 @@ impl OriginCluster {
             .arg(self.replicas.to_string())
             .envs((!self.tls).then_some((SECRET_ENV, &self.secret)))
             .envs(node.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        if let Some(port) = node.internal_port {
+            command.arg("--internal-listen").arg(format!("127.0.0.1:{port}"));
+        }
         let child = spawn_logged(command, &node.log())?;
         self.nodes[i].child = Some(child);
         Ok(())
@@ -479,7 +528,7 @@ impl OriginCluster {
     /// certificates, the operator's certificate, which is what counts there).
     pub fn authed(&self, i: usize, method: Method, path: &str) -> RequestBuilder {
         self.http
-            .request(method, format!("{}{path}", self.url(i)))
+            .request(method, format!("{}{path}", self.nodes[i].admin_url()))
             .header(AUTHORIZATION, format!("Bearer {}", self.secret))
     }
 

@@ -266,3 +266,38 @@ async fn the_cluster_secret_rotates_one_origin_at_a_time() {
         assert_eq!(resp.status(), expected, "secret {secret}");
     }
 }
+
+#[tokio::test]
+async fn internal_and_admin_apis_live_on_their_own_mutual_tls_listener() {
+    use shoal_integration::origins::{try_pull_image, try_push_image, ClusterSpec, OriginCluster, TestImage};
+    skip_if_external!("starts its own origins");
+    let spec = ClusterSpec::new(3).with_tls().with_internal_listeners();
+    let cluster = OriginCluster::start_cluster(spec).await;
+    // Replication and reads across origins go through the internal listeners.
+    let image = TestImage::random(&shoal_integration::unique_repo("internal"), "v1", &[200_000, 30_000]);
+    cluster.check(try_push_image(&cluster.client(0), &image).await, "push to origin 0");
+    for i in 0..3 {
+        cluster.check(try_pull_image(&cluster.client(i), &image).await, &format!("pull from origin {i}"));
+    }
+    for digest in image.blob_digests() {
+        assert_eq!(cluster.holders(&digest).len(), 2, "{digest} is not on two origins");
+    }
+    cluster.repair(0).await; // the operator's certificate, on the internal listener
+
+    // The public listener no longer serves the internal or admin API, to anyone.
+    let origin = client_as("origin-y", Role::Origin);
+    for path in ["/shoal/internal/v1/health", "/shoal/v1/admin/members"] {
+        let resp = origin.get(format!("{}{path}", cluster.url(1))).send().await.unwrap();
+        assert_eq!(resp.status(), reqwest::StatusCode::NOT_FOUND, "{path} on the public listener");
+    }
+    // The internal listener ends the handshake of a client without a certificate...
+    let internal = format!("https://{}", cluster.id(1));
+    let anonymous = shoal_tls::http_client().build().unwrap();
+    assert!(anonymous.get(format!("{internal}/shoal/internal/v1/health")).send().await.is_err());
+    // ...lets a node's certificate through the handshake, but the API still wants an origin.
+    let agent = client_as("node-z", Role::Agent);
+    let resp = agent.get(format!("{internal}/shoal/internal/v1/health")).send().await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let resp = origin.get(format!("{internal}/shoal/internal/v1/health")).send().await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+}

@@ -169,6 +169,23 @@ impl Tls {
         self.server.clone().map(TlsAcceptor::from)
     }
 
+    /// The acceptor for a listener only the cluster's processes may use (the origins'
+    /// internal listener): a client certificate the cluster CA signed is required at the
+    /// handshake. `None` without a certificate or a cluster CA.
+    pub fn mutual_acceptor(&self) -> Result<Option<TlsAcceptor>, TlsError> {
+        let (Some(key), Some(roots)) = (&self.key, &self.cluster_roots) else { return Ok(None) };
+        let provider = provider();
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(key.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Some(TlsAcceptor::from(Arc::new(config))))
+    }
+
     /// The peer protocol's mutual TLS, when on.
     pub fn peer(&self) -> Option<&PeerTls> {
         self.peer.as_ref()
