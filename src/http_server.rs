@@ -136,7 +136,7 @@ pub async fn serve(
                     // a connection and says nothing holds a slot no longer than one that
                     // sends half a request head.
                     let deadline = nonzero(limits.header_read_timeout).unwrap_or(TLS_HANDSHAKE_TIMEOUT);
-                    match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                    match tokio::time::timeout(deadline, acceptor.accept(shoal_tls::buffered(stream))).await {
                         Ok(Ok(stream)) => {
                             let identity = shoal_tls::identity_of(stream.get_ref().1);
                             serve_connection(stream, remote, true, identity, app, limits, stop).await;

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The cost of TLS (not a test): one seeder (the origin) to one cold agent over loopback,
-# unshaped, a fresh blob each round, alternating a plain cluster and one with TLS
-# everywhere (certificates from a CA made here, HTTPS listeners, the peer protocol over
-# mutual TLS), so both see the same machine. Prints the median time and throughput of each,
-# the agent's CPU seconds per pull, and the ratio TLS ÷ plain (goal ≥ 0.9).
+# unshaped, a fresh blob each round, rounds of three setups alternating so all see the same
+# machine:
+#   plain     no TLS anywhere;
+#   https     HTTPS listeners (certificates from a CA made here), the peer protocol plain
+#             ([tls] peer = false on the origin and the agent);
+#   tls       HTTPS listeners and the peer protocol over mutual TLS.
+# Prints the median time and throughput of each, the agent's CPU seconds per pull, and the
+# ratios: peer TLS on ÷ off (tls ÷ https, the issue's measure, goal ≥ 0.9) and TLS
+# everywhere ÷ none (tls ÷ plain).
 #
 #   cargo build --release --bin shoal
 #   SHOAL_BIN=target/release/shoal bash integration/bench/tls.sh
@@ -33,6 +38,11 @@ say "== TLS cost: one seeder -> one cold agent, ${MIB} MiB, loopback, $ROUNDS ro
 
 cfg=$T/agent.toml
 printf 'announce_interval = "1s"\ncache_high_watermark = "64GiB"\ncache_low_watermark = "48GiB"\n' >"$cfg"
+# The https setup: the same, with the peer protocol left plain.
+nopeer_agent=$T/agent-nopeer.toml
+nopeer_origin=$T/origin-nopeer.toml
+{ cat "$cfg"; printf '[tls]\npeer = false\n'; } >"$nopeer_agent"
+printf '[tls]\npeer = false\n' >"$nopeer_origin"
 
 stop_cluster() {
   local p
@@ -45,9 +55,18 @@ stop_cluster() {
 
 # one_round MODE: prints "seconds agent_cpu_seconds machine_busy_share".
 one_round() {
-  local mode=$1 f d secs cpu0 ticks0
-  if [[ $mode == tls ]]; then make_tls_pki "$T/pki-$RANDOM" >/dev/null 2>&1; else TLS_DIR= CURL_TLS=(); fi
-  SHOAL_AGENT_ARGS="--config $cfg" start_shoal_cluster 1 2>/dev/null
+  local mode=$1 f d secs cpu0 ticks0 agent_cfg=$cfg origin_args=
+  case $mode in
+  plain) TLS_DIR= CURL_TLS=() ;;
+  https)
+    make_tls_pki "$T/pki-$RANDOM" >/dev/null 2>&1
+    agent_cfg=$nopeer_agent origin_args="--config $nopeer_origin"
+    ;;
+  tls) make_tls_pki "$T/pki-$RANDOM" >/dev/null 2>&1 ;;
+  esac
+  SHOAL_ORIGIN_ARGS=$origin_args SHOAL_AGENT_ARGS="--config $agent_cfg" start_shoal_cluster 1 2>/dev/null
+  if [[ $mode == https ]]; then grep -q 'peer_tls=false' "$AGENT_LOG" || die "the https setup runs peer TLS"; fi
+  if [[ $mode == tls ]]; then grep -q 'peer_tls=true' "$AGENT_LOG" || die "the tls setup has no peer TLS"; fi
   f=$T/blob
   head -c "$((MIB * 1024 * 1024))" /dev/urandom >"$f"
   d=$(sha256_of "$f")
@@ -62,20 +81,26 @@ one_round() {
   TLS_DIR= CURL_TLS=()
 }
 
-plain=() tls=() plain_cpu=() tls_cpu=() busy=()
+declare -A times cpus
+busy=()
 for ((r = 0; r < ROUNDS; r++)); do
-  for mode in plain tls; do
+  for mode in plain https tls; do
     read -r s c b < <(one_round "$mode")
     log "round $r $mode: ${s}s, agent ${c} CPU-s, machine busy $b"
     busy+=("$b")
-    if [[ $mode == tls ]]; then tls+=("$s") tls_cpu+=("$c"); else plain+=("$s") plain_cpu+=("$c"); fi
+    times[$mode]+="$s " cpus[$mode]+="$c "
   done
 done
-mp=$(printf '%s\n' "${plain[@]}" | median)
-mt=$(printf '%s\n' "${tls[@]}" | median)
 mbs() { awk -v s="$MIB" -v t="$1" 'BEGIN {printf "%.0f", s * 1.048576 / t}'; }
-say "plain: median ${mp}s  $(mbs "$mp") MB/s  agent CPU $(printf '%s\n' "${plain_cpu[@]}" | median) s  (all: ${plain[*]})"
-say "TLS:   median ${mt}s  $(mbs "$mt") MB/s  agent CPU $(printf '%s\n' "${tls_cpu[@]}" | median) s  (all: ${tls[*]})"
-say "throughput ratio TLS / plain: $(awk -v a="$mp" -v b="$mt" 'BEGIN {printf "%.2f", a / b}') (goal >= 0.9);" \
-  "machine busy during the pulls: ${busy[*]} (2 cores: 0.50 = one core)"
+declare -A med
+for mode in plain https tls; do
+  # shellcheck disable=SC2086 # word lists on purpose
+  med[$mode]=$(printf '%s\n' ${times[$mode]} | median)
+  # shellcheck disable=SC2086
+  say "$(printf '%-6s' "$mode") median ${med[$mode]}s  $(mbs "${med[$mode]}") MB/s  agent CPU $(printf '%s\n' ${cpus[$mode]} | median) s  (all: ${times[$mode]})"
+done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
+say "peer TLS on / off (tls / https): $(ratio "${med[https]}" "${med[tls]}") (goal >= 0.9);" \
+  "TLS everywhere / none (tls / plain): $(ratio "${med[plain]}" "${med[tls]}")"
+say "machine busy during the pulls: ${busy[*]} (2 cores: 0.50 = one core)"
 cp "$report" "${BENCH_REPORT:-/tmp/shoal-tls-bench.txt}"

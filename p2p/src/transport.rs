@@ -38,7 +38,7 @@ pub async fn connect(
     let tls = shoal_tls::current();
     let Some(peer) = tls.peer() else { return Ok(tcp_halves(stream)) };
     let name = shoal_tls::ServerName::IpAddress(addr.ip().into());
-    let stream = tokio::time::timeout(handshake, peer.connector.connect(name, stream))
+    let stream = tokio::time::timeout(handshake, peer.connector.connect(name, shoal_tls::buffered(stream)))
         .await
         .map_err(|_| "TLS handshake timeout".to_string())?
         .map_err(|e| format!("TLS handshake: {e}"))?;
@@ -51,7 +51,7 @@ pub async fn accept(stream: TcpStream, handshake: Duration) -> Result<(ReadHalf,
     let _ = stream.set_nodelay(true);
     let tls = shoal_tls::current();
     let Some(peer) = tls.peer() else { return Ok(tcp_halves(stream)) };
-    let stream = tokio::time::timeout(handshake, peer.acceptor.accept(stream))
+    let stream = tokio::time::timeout(handshake, peer.acceptor.accept(shoal_tls::buffered(stream)))
         .await
         .map_err(|_| "TLS handshake timeout".to_string())?
         .map_err(|e| format!("TLS handshake: {e}"))?;

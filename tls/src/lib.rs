@@ -251,6 +251,18 @@ impl Tls {
     }
 }
 
+/// Size of the read buffer under a TLS stream that carries bulk data. rustls reads the
+/// socket 4 KiB at a time (a 16 KiB record takes four reads, and its buffer shrinks back
+/// whenever it drains); reading the socket in large pieces underneath turns those system
+/// calls into copies.
+pub const TLS_READ_BUFFER: usize = 256 * 1024;
+
+/// `stream` with [`TLS_READ_BUFFER`] of read buffering, for a TLS layer on top. Writes pass
+/// straight through (no flush is ever needed).
+pub fn buffered<S: tokio::io::AsyncRead + tokio::io::AsyncWrite>(stream: S) -> tokio::io::BufReader<S> {
+    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, stream)
+}
+
 /// The URL scheme of this process's listeners, and so of its cluster's: every origin of a
 /// cluster serves TLS or none does.
 pub fn scheme() -> &'static str {
