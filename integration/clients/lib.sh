@@ -557,11 +557,11 @@ preheat() {
   curl -sS -N --max-time 300 "${CURL_TLS[@]}" -X POST -H 'Content-Type: application/json' --data "$body" "$1/v1/preheat"
 }
 
-# ctr_hosts_dir DIR UPSTREAM MIRROR_URL: a containerd hosts dir where UPSTREAM (host:port)
-# has a closed port as its server (nothing but the mirror can answer) and MIRROR_URL
-# as a pull/resolve mirror.
+# ctr_hosts_dir DIR UPSTREAM MIRROR_URL [CA_FILE]: a containerd hosts dir where UPSTREAM
+# (host:port) has a closed port as its server (nothing but the mirror can answer) and
+# MIRROR_URL as a pull/resolve mirror, trusted through CA_FILE if given.
 ctr_hosts_dir() {
-  local dir=$1 upstream=$2 mirror=$3
+  local dir=$1 upstream=$2 mirror=$3 ca=${4:-}
   mkdir -p "$dir/$upstream"
   cat >"$dir/$upstream/hosts.toml" <<EOF
 server = "http://127.0.0.1:9"
@@ -569,6 +569,7 @@ server = "http://127.0.0.1:9"
 [host."$mirror"]
   capabilities = ["pull", "resolve"]
 EOF
+  if [[ -n $ca ]]; then echo "  ca = \"$ca\"" >>"$dir/$upstream/hosts.toml"; fi
 }
 
 # ---------------------------------------------------------------------------------------

@@ -57,14 +57,7 @@ fi
 
 # containerd: the agent as a TLS mirror, trusted through hosts.toml's ca.
 hosts=$T/hosts.d
-mkdir -p "$hosts/$ORIGIN"
-cat >"$hosts/$ORIGIN/hosts.toml" <<TOML
-server = "http://127.0.0.1:9"
-
-[host."$AGENT_URL"]
-  capabilities = ["pull", "resolve"]
-  ca = "$TLS_DIR/ca.pem"
-TOML
+ctr_hosts_dir "$hosts" "$ORIGIN" "$AGENT_URL" "$TLS_DIR/ca.pem"
 ref=$ORIGIN/tls/busybox:v1
 ctr_ -n tls images pull --hosts-dir "$hosts" "$ref" >"$T/ctr.out" 2>&1 || {
   cat "$T/ctr.out" >&2
@@ -80,8 +73,7 @@ grep -Eq "path=/v2/tls/busybox/manifests/v1\?ns=.* status=200" "$AGENT_LOG" ||
   die "agent 0's log has no mirror request for the manifest"
 
 # A hosts.toml without the CA: containerd refuses the agent's certificate.
-mkdir -p "$T/hosts-noca/$ORIGIN"
-sed '/ca = /d' "$hosts/$ORIGIN/hosts.toml" >"$T/hosts-noca/$ORIGIN/hosts.toml"
+ctr_hosts_dir "$T/hosts-noca" "$ORIGIN" "$AGENT_URL"
 if ctr_ -n noca images pull --hosts-dir "$T/hosts-noca" "$ref" >"$T/noca.out" 2>&1; then
   die "ctr pulled through the agent without trusting its CA"
 fi

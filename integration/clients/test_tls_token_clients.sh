@@ -64,14 +64,7 @@ assert_eq ok "$(dk run --rm --network none "$ref" /bin/sh -c 'echo ok')" "docker
 
 # --- containerd through agent 1 as a TLS mirror ---------------------------------------
 hosts=$T/hosts.d
-mkdir -p "$hosts/$ORIGIN"
-cat >"$hosts/$ORIGIN/hosts.toml" <<TOML
-server = "http://127.0.0.1:9"
-
-[host."${AGENT_URLS[1]}"]
-  capabilities = ["pull", "resolve"]
-  ca = "$TLS_DIR/ca.pem"
-TOML
+ctr_hosts_dir "$hosts" "$ORIGIN" "${AGENT_URLS[1]}" "$TLS_DIR/ca.pem"
 if ctr_ -n anon images pull --hosts-dir "$hosts" "$ORIGIN/private/app:1" >"$T/ctr-anon.out" 2>&1; then
   die "ctr pulled the private image without credentials"
 fi

@@ -247,15 +247,7 @@ impl OriginCluster {
             .expect("create a temporary directory");
         let http = if spec.tls {
             // The PKI first: it installs the harness's TLS context, which every client uses.
-            let pki = crate::tls::pki();
-            let (cert, key) = pki.issue("operator", shoal_registry::identity::Role::Admin);
-            let settings = shoal_tls::TlsSettings {
-                cert: Some(cert),
-                key: Some(key),
-                cluster_ca: Some(pki.ca_path()),
-                ..Default::default()
-            };
-            let operator = shoal_tls::Tls::load(&settings).expect("load the operator's certificate");
+            let operator = crate::tls::pki().identity("operator", shoal_registry::identity::Role::Admin);
             shoal_tls::http_client_with(&operator)
         } else {
             shoal_tls::http_client()

@@ -66,6 +66,24 @@ impl TestPki {
         (cert, key)
     }
 
+    /// A TLS context holding `name`'s certificate with `role`, trusting the cluster CA: what
+    /// a node or an operator of the cluster presents.
+    pub fn identity(&self, name: &str, role: Role) -> Tls {
+        let (cert, key) = self.issue(name, role);
+        let settings = TlsSettings {
+            cert: Some(cert),
+            key: Some(key),
+            cluster_ca: Some(self.ca_path()),
+            ..TlsSettings::default()
+        };
+        Tls::load(&settings).expect("load a certificate of the test PKI")
+    }
+
+    /// An HTTP client presenting `name`'s certificate with `role`.
+    pub fn client(&self, name: &str, role: Role) -> reqwest::Client {
+        shoal_tls::http_client_with(&self.identity(name, role)).build().expect("build an HTTP client")
+    }
+
     /// `--tls-cert`, `--tls-key` and `--cluster-ca` flags for a process named `name`.
     pub fn flags(&self, name: &str, role: Role) -> Vec<OsString> {
         let (cert, key) = self.issue(name, role);

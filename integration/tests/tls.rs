@@ -98,14 +98,7 @@ async fn a_client_without_a_node_certificate_gets_no_piece() {
     assert!(got.is_empty(), "a client without a certificate read {} bytes", got.len());
 
     // An operator's certificate is signed by the cluster CA, but it is not a node's.
-    let (cert, key) = pki().issue("alice", Role::Admin);
-    let admin = shoal_tls::Tls::load(&shoal_tls::TlsSettings {
-        cert: Some(cert),
-        key: Some(key),
-        cluster_ca: Some(pki().ca_path()),
-        ..Default::default()
-    })
-    .unwrap();
+    let admin = pki().identity("alice", Role::Admin);
     let tcp = TcpStream::connect(&seeder).await.expect("connect to the seeder");
     let name = shoal_tls::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
     let mut got = Vec::new();
@@ -161,22 +154,11 @@ async fn the_tracker_takes_announces_only_from_the_clusters_nodes() {
     assert_eq!(resp.status(), reqwest::StatusCode::FORBIDDEN);
 
     // An operator's certificate is not a node's either.
-    let client_with = |name: &str, role: Role| {
-        let (cert, key) = pki().issue(name, role);
-        let tls = shoal_tls::Tls::load(&shoal_tls::TlsSettings {
-            cert: Some(cert),
-            key: Some(key),
-            cluster_ca: Some(pki().ca_path()),
-            ..Default::default()
-        })
-        .unwrap();
-        shoal_tls::http_client_with(&tls).build().unwrap()
-    };
-    let resp = client_with("bob", Role::Admin).post(&url).json(&fake).send().await.unwrap();
+    let resp = client_as("bob", Role::Admin).post(&url).json(&fake).send().await.unwrap();
     assert_eq!(resp.status(), reqwest::StatusCode::FORBIDDEN);
 
     // A node's certificate: accepted, and the peer list names the origin's seeder.
-    let node = client_with("node-x", Role::Agent);
+    let node = client_as("node-x", Role::Agent);
     let mut real = fake.clone();
     real["addr"] = "127.0.0.1:9".into();
     real["complete"] = false.into();
@@ -186,22 +168,14 @@ async fn the_tracker_takes_announces_only_from_the_clusters_nodes() {
     assert!(body["peers"].as_array().is_some_and(|p| !p.is_empty()), "{body}");
 
     // Another node cannot take over that peer id while it is live.
-    let other = client_with("node-y", Role::Agent);
+    let other = client_as("node-y", Role::Agent);
     let resp = other.post(&url).json(&fake).send().await.unwrap();
     assert_eq!(resp.status(), reqwest::StatusCode::FORBIDDEN);
 }
 
 /// A client presenting a certificate of `role` from the test PKI.
 fn client_as(name: &str, role: Role) -> reqwest::Client {
-    let (cert, key) = pki().issue(name, role);
-    let tls = shoal_tls::Tls::load(&shoal_tls::TlsSettings {
-        cert: Some(cert),
-        key: Some(key),
-        cluster_ca: Some(pki().ca_path()),
-        ..Default::default()
-    })
-    .expect("load a client certificate");
-    shoal_tls::http_client_with(&tls).build().expect("a client")
+    pki().client(name, role)
 }
 
 #[tokio::test]
