@@ -94,7 +94,18 @@ pub struct SetupArgs {
     /// Owner of --data-dir, as numeric UID:GID, for an agent that does not run as root
     #[arg(long, env = "SHOAL_NODE_OWNER", requires = "data_dir", value_name = "UID:GID", value_parser = parse_owner)]
     pub owner: Option<(u32, u32)>,
+    /// The CA (PEM) of an https mirror: copied into --data-dir as mirror-ca.pem, which each
+    /// hosts.toml names as the mirror's `ca`
+    #[arg(long, env = "SHOAL_NODE_MIRROR_CA", requires = "data_dir", value_name = "FILE")]
+    pub mirror_ca: Option<PathBuf>,
+    /// Where --data-dir is on the node, as containerd sees it, when this process sees it
+    /// elsewhere (a container's mount) [default: --data-dir]
+    #[arg(long, env = "SHOAL_NODE_HOST_DATA_DIR", requires = "mirror_ca", value_name = "DIR")]
+    pub host_data_dir: Option<PathBuf>,
 }
+
+/// Name of the mirror's CA in the agent's data directory.
+const MIRROR_CA_FILE: &str = "mirror-ca.pem";
 
 #[derive(clap::Args, Debug)]
 pub struct RestoreArgs {
@@ -193,10 +204,17 @@ fn go_duration(d: Duration) -> anyhow::Result<String> {
     Ok(format!("{}ms", d.as_millis()))
 }
 
-/// The `hosts.toml` we write for one registry.
-fn hosts_toml(server: &str, mirror: &str, dial_timeout: &str) -> String {
+/// The `hosts.toml` we write for one registry; `ca` is the mirror's CA as containerd finds it.
+/// It is named for the fallback server too: the origins' certificates come from the same
+/// cluster CA, and containerd adds a host's `ca` to the system roots rather than replacing
+/// them, so public registries still verify.
+fn hosts_toml(server: &str, mirror: &str, dial_timeout: &str, ca: Option<&Path>) -> String {
+    let ca_line =
+        |indent: &str| ca.map(|c| format!("{indent}ca = \"{}\"\n", c.display())).unwrap_or_default();
     format!(
-        "{MARKER_LINE}\nserver = \"{server}\"\n\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  dial_timeout = \"{dial_timeout}\"\n"
+        "{MARKER_LINE}\nserver = \"{server}\"\n{}\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  dial_timeout = \"{dial_timeout}\"\n{}",
+        ca_line(""),
+        ca_line("  ")
     )
 }
 
@@ -294,6 +312,8 @@ struct SetupPlan {
     dial_timeout: String,
     data_dir: Option<PathBuf>,
     owner: Option<(u32, u32)>,
+    /// The mirror's CA to copy into the data directory, and where containerd finds the copy.
+    mirror_ca: Option<(PathBuf, PathBuf)>,
 }
 
 impl SetupPlan {
@@ -306,7 +326,16 @@ impl SetupPlan {
             !args.registry.is_empty() || args.data_dir.is_some(),
             "nothing to set up: give --registry NAME (with --mirror URL) and/or --data-dir DIR"
         );
+        let mirror_ca = match (&args.mirror_ca, &args.data_dir) {
+            (Some(ca), Some(data_dir)) => {
+                let seen_by_containerd = args.host_data_dir.as_ref().unwrap_or(data_dir).join(MIRROR_CA_FILE);
+                anyhow::ensure!(seen_by_containerd.is_absolute(), "--host-data-dir must be an absolute path");
+                Some((ca.clone(), seen_by_containerd))
+            }
+            _ => None,
+        };
         Ok(SetupPlan {
+            mirror_ca,
             dial_timeout: go_duration(*args.dial_timeout)?,
             hosts_dir: args.hosts_dir,
             registries: args.registry,
@@ -330,13 +359,27 @@ fn setup_blocking(plan: &SetupPlan) -> anyhow::Result<Vec<String>> {
             }
             None => report.push(format!("data dir {}: ready", data_dir.display())),
         }
+        if let Some((source, _)) = &plan.mirror_ca {
+            let pem = std::fs::read(source).with_context(|| format!("reading {}", source.display()))?;
+            anyhow::ensure!(
+                String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----"),
+                "{} holds no PEM certificate",
+                source.display()
+            );
+            let target = data_dir.join(MIRROR_CA_FILE);
+            let tmp = data_dir.join(format!("{MIRROR_CA_FILE}.tmp"));
+            std::fs::write(&tmp, &pem).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &target).with_context(|| format!("renaming to {}", target.display()))?;
+            report.push(format!("mirror CA: {}", target.display()));
+        }
     }
     for registry in &plan.registries {
         let dir = plan.hosts_dir.join(&registry.name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let hosts = dir.join(HOSTS_FILE);
         let backup = dir.join(BACKUP_FILE);
-        let wanted = hosts_toml(&registry.server, &plan.mirror, &plan.dial_timeout);
+        let ca = plan.mirror_ca.as_ref().map(|(_, seen)| seen.as_path());
+        let wanted = hosts_toml(&registry.server, &plan.mirror, &plan.dial_timeout, ca);
         let current = read_if_exists(&hosts)?;
         let wrote = format!("wrote {} (mirror {}, then {})", hosts.display(), plan.mirror, registry.server);
         let line = match plan_setup(current.as_deref(), exists(&backup)?, wanted.as_bytes()) {

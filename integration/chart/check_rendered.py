@@ -140,6 +140,24 @@ def main():
                     problems.append(f"ServiceMonitor: Service/{s['metadata']['name']} has no port named {ep.get('port')}")
         if not spec.get("endpoints"):
             problems.append("ServiceMonitor: no endpoints")
+    # cert-manager Certificates: a role Shoal reads, both usages, and a Secret some workload mounts.
+    mounted = {
+        v["secret"]["secretName"]
+        for w in workloads
+        for v in w["spec"]["template"]["spec"].get("volumes", [])
+        if "secret" in v
+    }
+    for cert in by_kind.get("Certificate", []):
+        spec, cname = cert["spec"], f"Certificate/{cert['metadata']['name']}"
+        units = spec.get("subject", {}).get("organizationalUnits", [])
+        if not any(u in ("shoal-origin", "shoal-tracker", "shoal-agent") for u in units):
+            problems.append(f"{cname}: no Shoal role in organizationalUnits {units}")
+        if not {"server auth", "client auth"} <= set(spec.get("usages", [])):
+            problems.append(f"{cname}: needs both server auth and client auth usages")
+        if spec.get("secretName") not in mounted:
+            problems.append(f"{cname}: Secret {spec.get('secretName')} is mounted by no workload")
+        if not spec.get("issuerRef", {}).get("name"):
+            problems.append(f"{cname}: no issuer")
     for pr in by_kind.get("PrometheusRule", []):
         groups = pr["spec"].get("groups", [])
         if not groups:

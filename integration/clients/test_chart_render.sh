@@ -29,8 +29,9 @@ render() { # NAME [helm args...]: lint and render into $T/NAME.yaml, validate, c
     cat "$T/$name.validate" >&2
     die "kubernetes-validate --strict refused the $name rendering"
   fi
-  # The only objects without a bundled schema are the two prometheus-operator CRDs.
-  if grep WARN "$T/$name.validate" | grep -vE 'kind (ServiceMonitor|PrometheusRule) ' >&2; then
+  # The only objects without a bundled schema are the two prometheus-operator CRDs and
+  # cert-manager's Certificate (check_rendered.py checks their shape).
+  if grep WARN "$T/$name.validate" | grep -vE 'kind (ServiceMonitor|PrometheusRule|Certificate) ' >&2; then
     die "objects of the $name rendering were not validated"
   fi
   PYTHONPATH=$CHART_PYTHONPATH python3 "$checker" "$T/$name.yaml" --existing-secret shoal-cluster-secret >"$T/$name.check" ||
@@ -68,4 +69,21 @@ refuse "R above the origin count" "replicationFactor" --set origin.replicas=1
 refuse "a relative hostPath" "hostPath" --set agent.hostPath=var/lib
 refuse "a port out of range" "port" --set agent.port=70000
 refuse "a bad registry name" "registryName" --set containerd.registryName=http://x/y
+refuse "cert-manager without an issuer" "name" --set tls.enabled=true
+
+# TLS: certificates from cert-manager where no Secret is named, https everywhere, the
+# origins' internal listener as their member address, containerd trusting the agent's CA.
+t=$T/tls.yaml
+[[ $(grep -c '^kind: Certificate' "$t") == 2 ]] || die "tls: want Certificates for the origin and the tracker only"
+grep -q 'organizationalUnits: \[shoal-origin\]' "$t" || die "tls: the origin certificate has no role"
+grep -q 'secretName: shoal-agent-tls-made-by-hand' "$t" || die "tls: the agents' own Secret is not mounted"
+grep -q -- '--internal-listen=0.0.0.0:6443' "$t" || die "tls: no internal listener"
+grep -q -- '--cluster=shoal-origin-0.shoal-origin-headless.shoal.svc.cluster.local:6443,' "$t" ||
+  die "tls: members are not listed by their internal port"
+grep -q -- '--origin=https://shoal-origin-0.shoal-origin-headless.shoal.svc.cluster.local:5000,' "$t" ||
+  die "tls: agents and trackers do not reach origins over https"
+grep -q -- '--mirror=https://127.0.0.1:5000' "$t" || die "tls: containerd's mirror is not https"
+grep -q -- '--mirror-ca=/etc/shoal-tls/ca.crt' "$t" || die "tls: containerd is not given the CA"
+grep -q 'scheme: HTTPS' "$t" || die "tls: probes do not use https"
+if grep -q -- '--tls-cert' "$T/defaults.yaml"; then die "TLS flags without tls.enabled"; fi
 log "schema refuses bad values"

@@ -75,8 +75,8 @@ fn flags_and_defaults() {
 
 #[test]
 fn plans() {
-    let ours = hosts_toml("https://s", "http://m", "200ms");
-    let other_ours = hosts_toml("https://s", "http://other", "200ms");
+    let ours = hosts_toml("https://s", "http://m", "200ms", None);
+    let other_ours = hosts_toml("https://s", "http://other", "200ms", None);
     assert_eq!(plan_setup(None, false, ours.as_bytes()), SetupAction::Write);
     assert_eq!(plan_setup(Some(ours.as_bytes()), false, ours.as_bytes()), SetupAction::Unchanged);
     assert_eq!(plan_setup(Some(other_ours.as_bytes()), true, ours.as_bytes()), SetupAction::Write);
@@ -243,4 +243,39 @@ async fn wait_for_a_real_server() {
     tokio::spawn(async move { axum::serve(busy, unready).await });
     let err = wait_for(&busy_addr.to_string(), fast(400, 0)).await.unwrap_err().to_string();
     assert!(err.contains(&format!("not ready: {busy_addr}")), "{err}");
+}
+
+#[test]
+fn an_https_mirror_gets_its_ca_copied_into_the_data_dir_and_named_in_hosts_toml() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hosts_dir = tmp.path().join("certs.d");
+    let data_dir = tmp.path().join("agent");
+    let ca = tmp.path().join("ca.crt");
+    std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").unwrap();
+    let args = [
+        "setup",
+        "--hosts-dir",
+        hosts_dir.to_str().unwrap(),
+        "--registry",
+        "reg:5000",
+        "--mirror",
+        "https://127.0.0.1:5000",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--mirror-ca",
+        ca.to_str().unwrap(),
+        "--host-data-dir",
+        "/var/lib/shoal/agent",
+    ];
+    let NodeCommand::Setup(setup) = parse(&args).unwrap() else { panic!("not setup") };
+    setup_blocking(&SetupPlan::new(setup).unwrap()).unwrap();
+    assert_eq!(std::fs::read(data_dir.join(MIRROR_CA_FILE)).unwrap(), std::fs::read(&ca).unwrap());
+    let hosts = std::fs::read_to_string(hosts_dir.join("reg:5000/hosts.toml")).unwrap();
+    assert!(hosts.contains("[host.\"https://127.0.0.1:5000\"]"), "{hosts}");
+    assert!(hosts.contains("  ca = \"/var/lib/shoal/agent/mirror-ca.pem\""), "{hosts}");
+    // Something that is not a certificate is refused, and --mirror-ca needs --data-dir.
+    std::fs::write(&ca, "not a certificate").unwrap();
+    let NodeCommand::Setup(setup) = parse(&args).unwrap() else { panic!("not setup") };
+    assert!(setup_blocking(&SetupPlan::new(setup).unwrap()).is_err());
+    assert!(parse(&["setup", "--registry", "r", "--mirror", "https://m", "--mirror-ca", "/x"]).is_err());
 }

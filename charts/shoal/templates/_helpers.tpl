@@ -63,11 +63,26 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* The DNS suffix of the release's namespace: NS.svc.DOMAIN */}}
 {{- define "shoal.svcSuffix" -}}{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}{{- end -}}
 
-{{/* Every origin's stable host:port (the StatefulSet's pod names): the cluster's member ids. */}}
+{{/* http, or https with tls.enabled. */}}
+{{- define "shoal.scheme" -}}{{ ternary "https" "http" .Values.tls.enabled }}{{- end -}}
+
+{{/* Every origin's stable host name (the StatefulSet's pod names). */}}
+{{- define "shoal.origin.hosts" -}}
+{{- $hosts := list -}}
+{{- range $i := until (int .Values.origin.replicas) -}}
+{{- $hosts = append $hosts (printf "%s-origin-%d.%s.%s" (include "shoal.fullname" $) $i (include "shoal.origin.headless" $) (include "shoal.svcSuffix" $)) -}}
+{{- end -}}
+{{- join "," $hosts -}}
+{{- end -}}
+
+{{/* The port origins reach each other on: the internal listener's with TLS, else the API's. */}}
+{{- define "shoal.origin.memberPort" -}}{{ ternary .Values.tls.internalPort .Values.origin.port .Values.tls.enabled }}{{- end -}}
+
+{{/* Every origin's host:port as the others reach it: the cluster's member ids. */}}
 {{- define "shoal.origin.members" -}}
 {{- $members := list -}}
-{{- range $i := until (int .Values.origin.replicas) -}}
-{{- $members = append $members (printf "%s-origin-%d.%s.%s:%d" (include "shoal.fullname" $) $i (include "shoal.origin.headless" $) (include "shoal.svcSuffix" $) (int $.Values.origin.port)) -}}
+{{- range $h := splitList "," (include "shoal.origin.hosts" .) -}}
+{{- $members = append $members (printf "%s:%s" $h (include "shoal.origin.memberPort" $)) -}}
 {{- end -}}
 {{- join "," $members -}}
 {{- end -}}
@@ -75,17 +90,32 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* Every origin's URL, for trackers and agents (they fail over from one to the next). */}}
 {{- define "shoal.origin.urls" -}}
 {{- $urls := list -}}
-{{- range $m := splitList "," (include "shoal.origin.members" .) -}}
-{{- $urls = append $urls (printf "http://%s" $m) -}}
+{{- range $h := splitList "," (include "shoal.origin.hosts" .) -}}
+{{- $urls = append $urls (printf "%s://%s:%d" (include "shoal.scheme" $) $h (int $.Values.origin.port)) -}}
 {{- end -}}
 {{- join "," $urls -}}
+{{- end -}}
+
+{{/* The Secret holding COMPONENT's certificate (tls.crt, tls.key, ca.crt). */}}
+{{- define "shoal.tls.secret" -}}
+{{- $ctx := index . 0 -}}{{- $component := index . 1 -}}
+{{- default (printf "%s-%s-tls" (include "shoal.fullname" $ctx) $component) (index $ctx.Values.tls.existingSecrets $component) -}}
+{{- end -}}
+
+{{/* The flags that give a process its certificate and the cluster CA. */}}
+{{- define "shoal.tls.args" -}}
+{{- if .Values.tls.enabled }}
+- --tls-cert=/etc/shoal-tls/tls.crt
+- --tls-key=/etc/shoal-tls/tls.key
+- --cluster-ca=/etc/shoal-tls/ca.crt
+{{- end }}
 {{- end -}}
 
 {{/* Every tracker's URL: agents hash each digest to one of them. */}}
 {{- define "shoal.tracker.urls" -}}
 {{- $urls := list -}}
 {{- range $i := until (int .Values.tracker.replicas) -}}
-{{- $urls = append $urls (printf "http://%s-tracker-%d.%s.%s:%d" (include "shoal.fullname" $) $i (include "shoal.tracker.headless" $) (include "shoal.svcSuffix" $) (int $.Values.tracker.port)) -}}
+{{- $urls = append $urls (printf "%s://%s-tracker-%d.%s.%s:%d" (include "shoal.scheme" $) (include "shoal.fullname" $) $i (include "shoal.tracker.headless" $) (include "shoal.svcSuffix" $) (int $.Values.tracker.port)) -}}
 {{- end -}}
 {{- join "," $urls -}}
 {{- end -}}
@@ -102,7 +132,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if .Values.containerd.registryName -}}
 {{- $regs = append $regs .Values.containerd.registryName -}}
 {{- else -}}
-{{- $regs = append $regs (printf "%s=http://%s" (include "shoal.registryName" .) (include "shoal.registryName" .)) -}}
+{{- $regs = append $regs (printf "%s=%s://%s" (include "shoal.registryName" .) (include "shoal.scheme" .) (include "shoal.registryName" .)) -}}
 {{- end -}}
 {{- end -}}
 {{- range .Values.containerd.extraRegistries -}}
