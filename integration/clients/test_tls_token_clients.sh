@@ -89,4 +89,11 @@ assert_eq "$pushed" "$got" "digest skopeo reads through agent 1"
 if skopeo_ inspect --cert-dir "$certs" "docker://${AGENTS[1]}/private/app:1" >/dev/null 2>&1; then
   die "anonymous skopeo inspect of the private image succeeded"
 fi
+# skopeo copy with credentials on both ends: out of the agent as alice, into the origin as ci.
+skopeo_ copy -q --src-cert-dir "$certs" --src-creds alice:alice-pass --dest-cert-dir "$certs" \
+  --dest-creds ci:ci-pass --preserve-digests "docker://${AGENTS[1]}/private/app:1" \
+  "docker://$ORIGIN/private/copy:1" || die "skopeo copy with credentials over TLS failed"
+got=$(skopeo_ inspect --cert-dir "$certs" --creds alice:alice-pass --format '{{.Digest}}' \
+  "docker://$ORIGIN/private/copy:1") || die "skopeo inspect of the copy failed"
+assert_eq "$pushed" "$got" "digest of the copy skopeo made"
 log "PASS"
