@@ -81,6 +81,43 @@ impl std::fmt::Debug for Tls {
 /// (seeder and downloader), and with AES instructions 128-bit keys take 10 rounds to
 /// 256-bit keys' 14, at a security margin far beyond a layer's lifetime. Both ends are
 /// rustls with this order, and a rustls server follows the client's preference.
+/// ALPN of Shoal's HTTP listeners and clients.
+const HTTP_ALPN: &[u8] = b"http/1.1";
+
+/// What a server asks of its clients' certificates.
+enum ClientCerts {
+    /// Nothing.
+    None,
+    /// One the cluster CA signed, if the client has one (registry clients have none).
+    Optional(Arc<RootCertStore>),
+    /// One the cluster CA signed, or no handshake.
+    Required(Arc<RootCertStore>),
+}
+
+/// The one way a server configuration is made: the node's reloading key, `clients`, `alpn`.
+fn server_config(
+    key: Arc<ReloadingKey>,
+    clients: ClientCerts,
+    alpn: &[u8],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let verifier = |roots: Arc<RootCertStore>| {
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+    };
+    let builder = match clients {
+        ClientCerts::None => builder.with_no_client_auth(),
+        ClientCerts::Optional(roots) => {
+            builder.with_client_cert_verifier(verifier(roots).allow_unauthenticated().build()?)
+        }
+        ClientCerts::Required(roots) => builder.with_client_cert_verifier(verifier(roots).build()?),
+    };
+    let mut config = builder.with_cert_resolver(key);
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(config))
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     let mut provider = rustls::crypto::ring::default_provider();
     let fast = rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
@@ -128,26 +165,15 @@ impl Tls {
             Some(k) => builder.with_client_cert_resolver(k.clone()),
             None => builder.with_no_client_auth(),
         };
-        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        client.alpn_protocols = vec![HTTP_ALPN.to_vec()];
         let server = match &key {
             None => None,
             Some(k) => {
-                let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-                    .with_safe_default_protocol_versions()?;
-                let builder = match &cluster_roots {
-                    Some(roots) => builder.with_client_cert_verifier(
-                        rustls::server::WebPkiClientVerifier::builder_with_provider(
-                            roots.clone(),
-                            provider.clone(),
-                        )
-                        .allow_unauthenticated()
-                        .build()?,
-                    ),
-                    None => builder.with_no_client_auth(),
+                let clients = match &cluster_roots {
+                    Some(roots) => ClientCerts::Optional(roots.clone()),
+                    None => ClientCerts::None,
                 };
-                let mut config = builder.with_cert_resolver(k.clone());
-                config.alpn_protocols = vec![b"http/1.1".to_vec()];
-                Some(Arc::new(config))
+                Some(server_config(k.clone(), clients, HTTP_ALPN, provider.clone())?)
             }
         };
         let peer = match (&key, &cluster_roots) {
@@ -174,16 +200,13 @@ impl Tls {
     /// handshake. `None` without a certificate or a cluster CA.
     pub fn mutual_acceptor(&self) -> Result<Option<TlsAcceptor>, TlsError> {
         let (Some(key), Some(roots)) = (&self.key, &self.cluster_roots) else { return Ok(None) };
-        let provider = provider();
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-                .build()?;
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(verifier)
-            .with_cert_resolver(key.clone());
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Some(TlsAcceptor::from(Arc::new(config))))
+        let config = server_config(key.clone(), ClientCerts::Required(roots.clone()), HTTP_ALPN, provider())?;
+        Ok(Some(TlsAcceptor::from(config)))
+    }
+
+    /// Check the certificate files now (blocking); whether a new pair is in use.
+    pub fn reload_now(&self) -> bool {
+        self.key.as_ref().is_some_and(|k| k.reload_if_changed())
     }
 
     /// The peer protocol's mutual TLS, when on.
@@ -242,13 +265,6 @@ pub fn http_client_with(tls: &Tls) -> reqwest::ClientBuilder {
 /// The certificates of a PEM file (for tests and tools).
 pub fn read_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     pem::certs(path)
-}
-
-impl Tls {
-    /// Check the certificate files now (blocking); whether a new pair is in use.
-    pub fn reload_now(&self) -> bool {
-        self.key.as_ref().is_some_and(|k| k.reload_if_changed())
-    }
 }
 
 /// Size of the read buffer under a TLS stream that carries bulk data. rustls reads the

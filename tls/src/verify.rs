@@ -83,15 +83,9 @@ pub fn peer_tls(
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(key.clone());
     client.alpn_protocols = vec![PEER_ALPN.to_vec()];
-    let client_verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone()).build()?;
-    let mut server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(client_verifier)
-        .with_cert_resolver(key);
-    server.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    let server = crate::server_config(key, crate::ClientCerts::Required(roots), PEER_ALPN, provider)?;
     Ok(PeerTls {
         connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
-        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        acceptor: tokio_rustls::TlsAcceptor::from(server),
     })
 }
