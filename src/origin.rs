@@ -281,11 +281,12 @@ fn peer_keys(
         let (membership, http) = (membership.clone(), http.clone());
         Box::pin(async move {
             let me = membership.me().to_string();
-            let asks = membership.live().into_iter().filter(|id| *id != me).map(|id| {
-                // The member's URL: https when the cluster serves TLS, so the keys come from
-                // an origin whose certificate the cluster CA signed.
-                let path = shoal_registry::auth::authority::PUBLISHED_PATH;
-                let request = http.get(format!("{}{path}", shoal_origin::cluster::member_entry::url_of(&id)));
+            // Each member at its cluster URL (https when the cluster serves TLS, so the keys
+            // come from an origin whose certificate the cluster CA signed).
+            let urls =
+                membership.live().into_iter().filter(|id| *id != me).filter_map(|id| membership.url(&id));
+            let asks = urls.map(|url| {
+                let request = http.get(format!("{url}{}", shoal_registry::auth::authority::PUBLISHED_PATH));
                 async move {
                     let reply = request.send().await.ok()?;
                     if !reply.status().is_success() {

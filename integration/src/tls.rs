@@ -38,14 +38,6 @@ impl TestPki {
         self.dir.join("ca.pem")
     }
 
-    pub fn ca(&self) -> &Issued {
-        &self.ca
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Issue (or re-issue, replacing the files) `name`'s certificate for localhost and
     /// 127.0.0.1; returns the certificate and key paths.
     pub fn issue(&self, name: &str, role: Role) -> (PathBuf, PathBuf) {
