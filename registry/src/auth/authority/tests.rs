@@ -1,0 +1,145 @@
+use super::*;
+use crate::auth::rules::Action;
+
+fn config() -> AuthConfig {
+    AuthConfig {
+        tokens: true,
+        users: vec![
+            User {
+                name: "alice".into(),
+                password: Some("a".into()),
+                password_sha256: None,
+                password_argon2: None,
+                access: Access::None,
+            },
+            User {
+                name: "ci".into(),
+                password: Some("c".into()),
+                password_sha256: None,
+                password_argon2: None,
+                access: Access::None,
+            },
+        ],
+        rules: vec![
+            Rule {
+                repositories: "priv/*".into(),
+                pull: vec!["alice".into()],
+                push: vec!["ci".into()],
+                delete: vec!["ci".into()],
+                anonymous_pull: false,
+            },
+            Rule {
+                repositories: "pub/*".into(),
+                push: vec!["ci".into()],
+                anonymous_pull: true,
+                ..Rule::default()
+            },
+        ],
+        login_failures: 2,
+        ..AuthConfig::default()
+    }
+}
+
+fn authority() -> (Authority, tempfile_dir::Dir) {
+    let dir = tempfile_dir::Dir::new();
+    (Authority::new(config(), &dir.0, None).unwrap(), dir)
+}
+
+mod tempfile_dir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new() -> Dir {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Dir(std::env::temp_dir().join(format!("shoal-authority-{}-{n}", std::process::id())))
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[test]
+fn grants_the_intersection_of_asked_and_allowed() {
+    let (a, _d) = authority();
+    let asked = vec![Scope::Repository {
+        name: "priv/app".into(),
+        actions: vec![Action::Pull, Action::Push, Action::Delete],
+    }];
+    let alice = a.grant(&Principal::User("alice".into()), Access::None, &asked);
+    assert_eq!(
+        alice,
+        vec![ResourceActions {
+            kind: "repository".into(),
+            name: "priv/app".into(),
+            actions: vec!["pull".into()]
+        }]
+    );
+    assert!(a.grant(&Principal::Anonymous, Access::None, &asked).is_empty());
+    let public = vec![Scope::Repository { name: "pub/x".into(), actions: vec![Action::Pull, Action::Push] }];
+    let anon = a.grant(&Principal::Anonymous, Access::None, &public);
+    assert_eq!(anon[0].actions, vec!["pull".to_string()]);
+}
+
+#[tokio::test]
+async fn tokens_round_trip_through_the_checks() {
+    let (a, _d) = authority();
+    let access = a.grant(
+        &Principal::User("alice".into()),
+        Access::None,
+        &[Scope::Repository { name: "priv/app".into(), actions: vec![Action::Pull] }],
+    );
+    let t = a.issue("alice", access).unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert(header::AUTHORIZATION, format!("Bearer {}", t.token).parse().unwrap());
+    let pull = [Need::Repo("priv/app".into(), Action::Pull)];
+    let check = AccessCheck { headers: &headers, identity: None, needs: &pull };
+    assert_eq!(a.authorize(&check).await.unwrap(), Principal::User("alice".into()));
+    let push = [Need::Repo("priv/app".into(), Action::Push)];
+    let check = AccessCheck { headers: &headers, identity: None, needs: &push };
+    let err = a.authorize(&check).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unauthorized);
+    // Published keys verify the token elsewhere.
+    let published = a.published(&HeaderMap::new());
+    assert!(KeySet::new(published.keys).verify(&t.token, "shoal").is_ok());
+    assert!(published.policy.rules.iter().all(|r| r.pull.is_empty() && r.push.is_empty()));
+    assert!(a.node_api_allows(&headers, None));
+    assert!(!a.node_api_allows(&HeaderMap::new(), None));
+}
+
+#[test]
+fn catalog_shows_what_the_principal_may_pull() {
+    let (a, _d) = authority();
+    let alice = a.visibility(&Principal::User("alice".into())).unwrap();
+    assert!(alice("priv/app") && alice("pub/app") && !alice("other"));
+    let anonymous = a.visibility(&Principal::Anonymous).unwrap();
+    assert!(!anonymous("priv/app") && anonymous("pub/app"));
+    assert!(a.visibility(&Principal::Node("n".into())).is_none());
+}
+
+#[tokio::test]
+async fn failed_logins_are_rate_limited() {
+    let (a, _d) = authority();
+    assert!(a.login("alice", "a").await.unwrap().is_some());
+    assert!(a.login("alice", "x").await.unwrap().is_none());
+    assert!(a.login("alice", "y").await.unwrap().is_none());
+    let err = a.login("alice", "a").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::TooManyRequests);
+    assert!(a.login("ci", "c").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn node_identity_pulls_everything_but_pushes_nothing() {
+    let (a, _d) = authority();
+    let id = TransportIdentity { name: "n1".into(), role: crate::identity::Role::Agent };
+    let headers = HeaderMap::new();
+    let pull = [Need::Repo("priv/app".into(), Action::Pull)];
+    let check = AccessCheck { headers: &headers, identity: Some(&id), needs: &pull };
+    assert_eq!(a.authorize(&check).await.unwrap(), Principal::Node("n1".into()));
+    let push = [Need::Repo("priv/app".into(), Action::Push)];
+    let check = AccessCheck { headers: &headers, identity: Some(&id), needs: &push };
+    assert!(a.authorize(&check).await.is_err());
+    assert!(a.node_api_allows(&headers, Some(&id)));
+}
