@@ -306,6 +306,12 @@ impl BlobCache {
         self.partial_root.join(digest.algorithm().name()).join(digest.hex())
     }
 
+    /// Whether a blob is cached; unlike [`get`](Self::get), not a use (background checks
+    /// must not reorder eviction).
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.lock().entries.contains_key(digest)
+    }
+
     /// Size of a cached blob; counts as a use.
     pub fn get(&self, digest: &Digest) -> Option<u64> {
         let tick = self.clock.fetch_add(1, Ordering::Relaxed);

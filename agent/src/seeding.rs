@@ -63,7 +63,10 @@ impl Seeding {
         loop {
             tokio::time::sleep(interval).await;
             for digest in self.current() {
-                if cache.get(&digest).is_none() {
+                // Still held? Asking must not count as a use: every recently used blob is
+                // checked each interval, in no particular order, which would scramble the
+                // least-recently-used order eviction relies on.
+                if !cache.contains(&digest) {
                     continue;
                 }
                 let req = AnnounceRequest {

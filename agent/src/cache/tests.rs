@@ -64,6 +64,23 @@ fn evicts_lru_down_to_low_watermark_but_never_pinned() {
 }
 
 #[test]
+fn asking_whether_a_blob_is_held_is_not_a_use() {
+    let dir = tempfile::tempdir().unwrap();
+    // Over 300 bytes, evict down to 300: one 100-byte blob at a time.
+    let c = cache(dir.path(), 300, 300);
+    put(&c, 1, 100);
+    put(&c, 2, 100);
+    put(&c, 3, 100);
+    // The seeding loop checks every held blob each interval: that must not make blob 1
+    // look recently used.
+    assert!(c.contains(&digest(1)));
+    assert!(!c.contains(&digest(9)));
+    put(&c, 4, 100);
+    assert!(!c.contains(&digest(1)), "the least recently used blob goes first");
+    assert!(c.contains(&digest(2)) && c.contains(&digest(3)) && c.contains(&digest(4)));
+}
+
+#[test]
 fn reopens_with_existing_blobs() {
     let dir = tempfile::tempdir().unwrap();
     {
