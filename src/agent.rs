@@ -181,8 +181,11 @@ pub async fn bind(file: AgentFile) -> anyhow::Result<BoundServer> {
         auth: shoal_registry::auth::AuthGate(agent.auth.clone()),
         ..shoal_registry::ApiConfig::default()
     };
+    let mirror =
+        shoal_agent::mirror::MirrorState { registries: agent.registries.clone(), auth: agent.auth.clone() };
     let api =
         shoal_registry::router(agent.store.clone() as Arc<dyn shoal_registry::RegistryStore>, api_config)
+            .layer(axum::middleware::from_fn_with_state(mirror, shoal_agent::mirror::map_names))
             .merge(agent.routes());
     let readiness = crate::readiness::Readiness::new(vec![]);
     let server = BoundServer::bind(

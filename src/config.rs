@@ -34,6 +34,8 @@ pub struct OriginConfig {
     pub cluster: ClusterSection,
     /// Certificates: TLS on the listeners, node identity, peer mutual TLS.
     pub tls: shoal_tls::TlsSettings,
+    /// Upstream registries pulled through (`[[upstream]]`, one section each).
+    pub upstream: Vec<shoal_upstream::UpstreamConfig>,
 }
 
 /// The `[cluster]` section: the other origins and how data is spread over them.
@@ -197,6 +199,7 @@ impl Default for OriginConfig {
             auth: AuthConfig::default(),
             tls: shoal_tls::TlsSettings::default(),
             cluster: ClusterSection::default(),
+            upstream: Vec::new(),
         }
     }
 }

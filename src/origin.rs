@@ -23,11 +23,13 @@ use shoal_origin::cluster::record::VersionClock;
 use shoal_origin::cluster::repair::Repairer;
 use shoal_origin::cluster::store::ClusterStore;
 use shoal_origin::cluster::topology::MemberTopology;
+use shoal_origin::pullthrough::{self, Peers, PullThrough};
 use shoal_origin::{OriginStore, StoreConfig};
 use shoal_p2p::server::PeerServer;
 use shoal_p2p::tracker_client::{Locations, Seeder};
 use shoal_p2p::{PeerId, SwarmMetrics};
 use shoal_registry::Digest;
+use shoal_upstream::{Upstream, UpstreamMetrics};
 
 use crate::config::OriginConfig;
 use crate::http::{with_basics, BoundServer, HttpMetrics};
@@ -67,11 +69,28 @@ pub struct OriginArgs {
     /// Shared secret of the internal and admin APIs
     #[arg(long = "cluster-secret", env = "SHOAL_CLUSTER_SECRET", hide_env_values = true, hide = true)]
     pub cluster_secret: Option<String>,
+    /// Pull through an upstream registry: REGISTRY=URL (e.g.
+    /// docker.io=https://registry-1.docker.io), repeatable; added to the config's [[upstream]]
+    #[arg(long, env = "SHOAL_UPSTREAM", value_delimiter = ',')]
+    pub upstream: Vec<String>,
     /// TOML config file (see docs/configuration.md)
     #[arg(long, env = "SHOAL_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
+}
+
+/// `REGISTRY=URL` as an `[[upstream]]` section with every other setting at its default.
+pub fn upstream_flag(flag: &str) -> anyhow::Result<shoal_upstream::UpstreamConfig> {
+    let (registry, url) =
+        flag.split_once('=').ok_or_else(|| anyhow::anyhow!("--upstream {flag:?}: expected REGISTRY=URL"))?;
+    let mut section = toml::Table::new();
+    section.insert("registry".into(), registry.trim().into());
+    section.insert("url".into(), url.trim().into());
+    let config: shoal_upstream::UpstreamConfig =
+        toml::Value::Table(section).try_into().with_context(|| format!("--upstream {flag:?}"))?;
+    config.validate().with_context(|| format!("--upstream {flag:?}"))?;
+    Ok(config)
 }
 
 impl OriginArgs {
@@ -107,6 +126,9 @@ impl OriginArgs {
             config.cluster.secret = Some(secret.clone());
         }
         config.tls = config.tls.overridden_by(&self.tls.settings());
+        for flag in &self.upstream {
+            config.upstream.push(upstream_flag(flag)?);
+        }
         Ok(config)
     }
 }
@@ -176,12 +198,18 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
     if config.auth.tokens && cluster.members.len() > 1 {
         authority.follow_peers(peer_keys(membership.clone(), cluster.call_timeout)?, PEER_KEYS_REFRESH);
     }
-    let registry = ClusterStore::new(coordinator.clone());
+    let registry =
+        Arc::new(pull_through(&config, &coordinator, &membership, &metrics, cluster.call_timeout)?);
     let forwarder = crate::origin_forward::Forwarder::new(membership.clone(), cluster.call_timeout)?;
     let gate = shoal_registry::auth::AuthGate(authority.clone());
-    let mut api = shoal_registry::router(Arc::new(registry), config.api(gate))
+    let credentials =
+        axum::middleware::from_fn_with_state(authority.enabled(), pullthrough::routes::pass_credentials);
+    let node_api = seeding_routes(coordinator.clone(), membership.clone(), seeder)
+        .merge(pullthrough::routes::routes(registry.clone()).layer(credentials.clone()));
+    let mut api = shoal_registry::router(registry, config.api(gate))
+        .layer(credentials)
         .layer(axum::middleware::from_fn_with_state(forwarder, crate::origin_forward::forward_uploads))
-        .merge(authority.guard_node_api(seeding_routes(coordinator.clone(), membership.clone(), seeder)))
+        .merge(authority.guard_node_api(node_api))
         .merge(authority.clone().routes());
     // What only the cluster's processes call: the internal and admin APIs.
     let mut cluster_only = None;
@@ -265,6 +293,30 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         "origin ready"
     );
     Ok(server)
+}
+
+/// The registry storage: the cluster's, pulling through the configured upstreams.
+fn pull_through(
+    config: &OriginConfig,
+    coordinator: &Arc<Coordinator>,
+    membership: &Arc<Membership>,
+    metrics: &HttpMetrics,
+    call_timeout: Duration,
+) -> anyhow::Result<PullThrough> {
+    let upstream_metrics = UpstreamMetrics::new(&metrics.registry)?;
+    let mut upstreams = Vec::new();
+    for u in &config.upstream {
+        // Reads the password and CA files and the system's roots.
+        let up = tokio::task::block_in_place(|| Upstream::new(u.clone(), upstream_metrics.clone()))
+            .with_context(|| format!("[[upstream]] registry = {:?}", u.registry))?;
+        tracing::info!(registry = %u.registry, url = %u.url, "pulling through upstream");
+        upstreams.push(Arc::new(up));
+    }
+    let peers = Peers {
+        membership: membership.clone(),
+        http: shoal_tls::http_client().connect_timeout(call_timeout).build()?,
+    };
+    Ok(PullThrough::new(ClusterStore::new(coordinator.clone()), upstreams, Some(peers), upstream_metrics))
 }
 
 /// How often an origin fetches the other origins' token keys.

@@ -25,6 +25,10 @@ pub struct UpArgs {
     /// HTTPS listeners and mutual TLS between peers
     #[arg(long)]
     pub tls: bool,
+    /// Pull through an upstream registry: REGISTRY=URL (e.g.
+    /// docker.io=https://registry-1.docker.io), repeatable
+    #[arg(long, value_delimiter = ',')]
+    pub upstream: Vec<String>,
 }
 
 /// Validity of the certificate `shoal up --tls` issues, in days (it is re-issued at every
@@ -77,6 +81,7 @@ pub async fn run(
         listen: base,
         peer_listen: Some(port(base, 200)),
         data_dir: args.data_dir.join("origin"),
+        upstream: args.upstream.iter().map(|f| origin::upstream_flag(f)).collect::<anyhow::Result<_>>()?,
         ..OriginConfig::default()
     })
     .await?;

@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod disk;
 pub mod downloads;
+pub mod mirror;
 pub mod origin_client;
 pub mod preheat;
 pub mod seeding;
@@ -82,6 +83,8 @@ pub enum AgentError {
 /// A running agent's parts: the registry store (for the API router) and the peer server.
 pub struct Agent {
     pub store: Arc<AgentStore>,
+    /// The upstream registries the origins pull through (for [`mirror::map_names`]).
+    pub registries: Arc<mirror::Registries>,
     /// Decides access from the origins' published policy and keys (registry API, preheat).
     pub auth: Arc<RemoteAuth>,
     pub peer_server: Arc<PeerServer>,
@@ -144,9 +147,18 @@ impl Agent {
             }))
         };
         auth.spawn_refresh(AUTH_REFRESH);
-        let store = Arc::new(AgentStore::new(origin, downloads.clone(), config.tag_ttl, auth.clone()));
+        let registries = mirror::Registries::new(origin.clone());
+        registries.spawn_refresh();
+        let store = Arc::new(AgentStore::new(
+            origin,
+            downloads.clone(),
+            config.tag_ttl,
+            auth.clone(),
+            registries.clone(),
+        ));
         Ok(Agent {
             store,
+            registries,
             auth,
             peer_server,
             peer_id,

@@ -61,6 +61,38 @@ fn unexpected(status: StatusCode) -> StoreError {
     StoreError::Internal(format!("origin answered {status}"))
 }
 
+/// Header that carries a client's upstream credentials to the origins (the origins read it
+/// in `shoal_origin::pullthrough`).
+const UPSTREAM_AUTHORIZATION: &str = "x-shoal-upstream-authorization";
+
+/// An origin's refusal that the client must see as such (an upstream's 401 asks the client for
+/// credentials; 403 and 429 pass through), else [`unexpected`].
+fn refusal(r: &reqwest::Response) -> StoreError {
+    match r.status() {
+        StatusCode::UNAUTHORIZED => {
+            let realm = r
+                .headers()
+                .get(reqwest::header::WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| {
+                    v.split_once("realm=\"").map(|(_, rest)| rest.trim_end_matches('"').to_string())
+                })
+                .unwrap_or_else(|| "upstream".to_string());
+            StoreError::UpstreamUnauthorized { registry: realm }
+        }
+        StatusCode::FORBIDDEN => StoreError::Denied("the origin refused this repository".into()),
+        StatusCode::TOO_MANY_REQUESTS => StoreError::Throttled {
+            retry_after_secs: r
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(10),
+        },
+        s => unexpected(s),
+    }
+}
+
 impl OriginClient {
     /// A client of `urls` (base URLs, tried in this order until one answers), with `timeout` for
     /// connecting and for each read. Failed attempts are counted in
@@ -106,6 +138,10 @@ impl OriginClient {
     /// `request` with the client's bearer token: an agent without a transport identity reads
     /// a private repository at the origin with the token it has already verified.
     fn authed(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let request = match crate::mirror::upstream_credentials() {
+            Some(basic) => request.header(UPSTREAM_AUTHORIZATION, basic),
+            None => request,
+        };
         match self.forward.clone().or_else(shoal_registry::auth::forwarded_authorization) {
             Some(token) => request.header(AUTHORIZATION, token),
             None => request,
@@ -204,7 +240,7 @@ impl OriginClient {
         match r.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => return Ok(None),
-            s => return Err(unexpected(s)),
+            _ => return Err(refusal(&r)),
         }
         let media_type = r
             .headers()
@@ -249,7 +285,7 @@ impl OriginClient {
                 .map(Some)
                 .ok_or_else(|| StoreError::Internal("origin sent no Content-Length for a blob".into())),
             StatusCode::NOT_FOUND => Ok(None),
-            s => Err(unexpected(s)),
+            _ => Err(refusal(&r)),
         }
     }
 
@@ -299,6 +335,37 @@ impl OriginClient {
             StatusCode::NOT_FOUND => Ok(None),
             s => Err(unexpected(s)),
         }
+    }
+
+    /// The upstream registries the origins pull through (none from origins that predate it).
+    pub async fn upstream_registries(&self) -> Result<Vec<String>, StoreError> {
+        let Some(body) = self.listing(shoal_registry::mirror::REGISTRIES_PATH).await? else {
+            return Ok(Vec::new());
+        };
+        let list: shoal_registry::mirror::Registries = serde_json::from_slice(&body)
+            .map_err(|e| StoreError::Internal(format!("origin registries: {e}")))?;
+        Ok(list.registries)
+    }
+
+    /// Where the origins' fetch of an upstream blob stands, starting it if none runs.
+    pub async fn upstream_progress(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<shoal_registry::mirror::Progress, StoreError> {
+        let path = shoal_registry::mirror::progress_path(digest);
+        let r = self
+            .origins
+            .send(|base| {
+                self.authed(self.http.get(format!("{base}{path}")).query(&[("repo", repo.as_str())]))
+            })
+            .await
+            .map_err(all_failed)?;
+        if r.status() != StatusCode::OK {
+            return Err(refusal(&r));
+        }
+        let body = r.bytes().await.map_err(unreachable)?;
+        serde_json::from_slice(&body).map_err(|e| StoreError::Internal(format!("origin progress: {e}")))
     }
 
     /// A blob's metainfo JSON, straight from the origin.

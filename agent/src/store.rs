@@ -16,12 +16,17 @@ use shoal_registry::auth::remote::RemoteAuth;
 use shoal_registry::auth::{forwarded_authorization, FORWARD_AUTHORIZATION};
 
 use crate::downloads::Downloads;
+use crate::mirror::{upstream_credentials, Registries};
 use crate::origin_client::OriginClient;
 
 /// Manifests kept in memory (they are small and content-addressed).
 const MAX_MANIFESTS: usize = 10_000;
 /// (repository, blob) pairs the origin confirmed, so cached blobs need no round trip.
 const MAX_CONFIRMED: usize = 100_000;
+/// How often the progress of an upstream blob's fetch at the origins is asked.
+const UPSTREAM_POLL: Duration = Duration::from_millis(200);
+/// An upstream fetch whose bytes do not grow for this long fails the pull.
+const UPSTREAM_STALL: Duration = Duration::from_secs(60);
 
 /// The agent's storage behind the read-only registry API.
 pub struct AgentStore {
@@ -34,6 +39,8 @@ pub struct AgentStore {
     /// With access control on, a blob is served through a repository only once the origin
     /// confirmed it belongs there (see `blob_size`).
     auth: Arc<RemoteAuth>,
+    /// The upstream registries the origins pull through.
+    registries: Arc<Registries>,
 }
 
 fn read_only() -> StoreError {
@@ -58,6 +65,7 @@ impl AgentStore {
         downloads: Arc<Downloads>,
         tag_ttl: Duration,
         auth: Arc<RemoteAuth>,
+        registries: Arc<Registries>,
     ) -> AgentStore {
         AgentStore {
             origin,
@@ -67,6 +75,45 @@ impl AgentStore {
             manifests: Mutex::new(HashMap::new()),
             confirmed: Mutex::new(HashMap::new()),
             auth,
+            registries,
+        }
+    }
+
+    /// Whether this request's answers for `repo` may come from (and go into) the caches: not
+    /// for a client that sent upstream credentials for upstream content, so what an upstream
+    /// allows one client is never served to another; the origins check those every time
+    /// (and keep the upstream's decision briefly).
+    fn cacheable(&self, repo: &RepoName) -> bool {
+        upstream_credentials().is_none() || !self.registries.is_upstream(repo)
+    }
+
+    /// Wait until the origins hold an upstream blob (starting its fetch there), polling its
+    /// progress; `None` if the upstream has no such blob in that repository.
+    async fn fetch_upstream(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let mut last = (0, Instant::now());
+        loop {
+            let p = self.origin.upstream_progress(repo, digest).await?;
+            if p.complete {
+                return Ok(p.size);
+            }
+            if let Some(e) = p.error {
+                return match p.status {
+                    Some(404) => Ok(None),
+                    Some(401) | Some(403) => {
+                        Err(StoreError::UpstreamUnauthorized { registry: repo.to_string() })
+                    }
+                    _ => Err(StoreError::Unavailable(e)),
+                };
+            }
+            if p.received > last.0 {
+                last = (p.received, Instant::now());
+            } else if last.1.elapsed() > UPSTREAM_STALL {
+                return Err(StoreError::Unavailable(format!(
+                    "the origins' upstream fetch of {digest} made no progress for {} s",
+                    UPSTREAM_STALL.as_secs()
+                )));
+            }
+            tokio::time::sleep(UPSTREAM_POLL).await;
         }
     }
 
@@ -102,15 +149,26 @@ impl AgentStore {
 impl RegistryStore for AgentStore {
     async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, StoreError> {
         let key = (repo.clone(), digest.clone());
-        if let Some(size) = lock(&self.confirmed).get(&key) {
+        let cacheable = self.cacheable(repo);
+        if let Some(size) = lock(&self.confirmed).get(&key).filter(|_| cacheable) {
             return Ok(Some(*size));
         }
-        match self.origin.blob_size(repo, digest).await {
+        let mut asked = self.origin.blob_size(repo, digest).await;
+        if matches!(asked, Ok(None)) && self.registries.is_upstream(repo) {
+            asked = match self.fetch_upstream(repo, digest).await {
+                Ok(Some(_)) => self.origin.blob_size(repo, digest).await,
+                other => other,
+            };
+        }
+        match asked {
             Ok(Some(size)) => {
-                bounded_insert(&mut lock(&self.confirmed), MAX_CONFIRMED, key, size);
+                if cacheable {
+                    bounded_insert(&mut lock(&self.confirmed), MAX_CONFIRMED, key, size);
+                }
                 Ok(Some(size))
             }
             Ok(None) => Ok(None),
+            Err(e @ (StoreError::UpstreamUnauthorized { .. } | StoreError::Denied(_))) => Err(e),
             // The origin is unreachable: a blob already here is still served, unless access
             // is controlled: then only through a repository the origin confirmed it in (above),
             // or a private blob could be read through a public repository's name.
@@ -182,6 +240,13 @@ impl RegistryStore for AgentStore {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<Option<StoredManifest>, StoreError> {
+        if !self.cacheable(repo) {
+            let reference = match reference {
+                Reference::Digest(d) => d.to_string(),
+                Reference::Tag(t) => t.to_string(),
+            };
+            return self.origin.manifest(repo, &reference).await;
+        }
         match reference {
             Reference::Digest(d) => {
                 let key = (repo.clone(), d.clone());

@@ -66,14 +66,14 @@ impl ImageKind {
         }
     }
 
-    fn config_type(self) -> &'static str {
+    pub fn config_type(self) -> &'static str {
         match self {
             ImageKind::Oci => oci::OCI_CONFIG,
             ImageKind::Docker => oci::DOCKER_CONFIG,
         }
     }
 
-    fn layer_type(self) -> &'static str {
+    pub fn layer_type(self) -> &'static str {
         match self {
             ImageKind::Oci => oci::OCI_LAYER,
             ImageKind::Docker => oci::DOCKER_LAYER,

@@ -28,6 +28,7 @@ pub mod origin;
 pub mod origins;
 pub mod raw;
 pub mod tls;
+pub mod upstream;
 
 pub use api::{Client, Reply, SendExt};
 pub use content::{random_bytes, sha256, sha512, unique_repo, unique_token};

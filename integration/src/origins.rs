@@ -89,6 +89,8 @@ pub struct ClusterSpec {
     /// Each origin also gets an internal listener (`--internal-listen`), and the members
     /// are listed by it.
     pub internal_listeners: bool,
+    /// Top-level TOML put before `[cluster]` (e.g. `[[upstream]]` sections).
+    pub top_toml: String,
 }
 
 impl Default for ClusterSpec {
@@ -102,6 +104,7 @@ impl Default for ClusterSpec {
             tls: false,
             secret: None,
             internal_listeners: false,
+            top_toml: String::new(),
         }
     }
 }
@@ -116,6 +119,13 @@ impl ClusterSpec {
     pub fn cluster(mut self, toml: &str) -> ClusterSpec {
         self.cluster_toml.push_str(toml);
         self.cluster_toml.push('\n');
+        self
+    }
+
+    /// Adds TOML outside `[cluster]` (e.g. `[[upstream]]` sections) to every origin's config.
+    pub fn config(mut self, toml: &str) -> ClusterSpec {
+        self.top_toml.push_str(toml);
+        self.top_toml.push('\n');
         self
     }
 
@@ -157,7 +167,8 @@ impl ClusterSpec {
             .filter_map(|line| line.split_once('='))
             .map(|(key, _)| key.trim())
             .collect();
-        let mut toml = String::from("[cluster]\n");
+        let mut toml = self.top_toml.clone();
+        toml.push_str("[cluster]\n");
         for (key, value) in TEST_CLUSTER_DEFAULTS {
             if !overridden.contains(key) {
                 toml.push_str(&format!("{key} = {value}\n"));

@@ -4,6 +4,7 @@ pub mod cluster;
 mod fsutil;
 mod layout;
 mod meta;
+pub mod pullthrough;
 mod recovery;
 mod seeding;
 mod store;

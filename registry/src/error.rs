@@ -197,6 +197,17 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The request is understood but not allowed here (e.g. a push into a repository that
+    /// mirrors an upstream registry).
+    #[error("{0}")]
+    Denied(String),
+    /// An upstream registry wants credentials this client did not give (or gave wrong ones):
+    /// the client is asked for Basic credentials, which are passed on to the upstream.
+    #[error("{registry} requires credentials for this repository")]
+    UpstreamUnauthorized { registry: String },
+    /// An upstream registry asked us to slow down; the client should retry after this long.
+    #[error("upstream registry is throttling requests; retry in {retry_after_secs} s")]
+    Throttled { retry_after_secs: u64 },
 }
 
 impl StoreError {
@@ -243,6 +254,22 @@ impl From<StoreError> for ApiError {
                 ApiError::new(ErrorCode::BlobUploadInvalid, message).with_status(StatusCode::REQUEST_TIMEOUT)
             }
             StoreError::BodyRead(_) => ApiError::new(ErrorCode::BlobUploadInvalid, message),
+            StoreError::Denied(_) => ApiError::new(ErrorCode::Denied, message),
+            StoreError::UpstreamUnauthorized { registry } => {
+                let mut err = ApiError::new(ErrorCode::Unauthorized, message);
+                let challenge = format!("Basic realm=\"{}\"", registry.replace('"', ""));
+                if let Ok(v) = HeaderValue::from_str(&challenge) {
+                    err = err.with_header(header::WWW_AUTHENTICATE, v);
+                }
+                err
+            }
+            StoreError::Throttled { retry_after_secs } => {
+                let mut err = ApiError::new(ErrorCode::TooManyRequests, message);
+                if let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string()) {
+                    err = err.with_header(header::RETRY_AFTER, v);
+                }
+                err
+            }
             StoreError::Io(_) | StoreError::Internal(_) => {
                 tracing::error!(error = %message, "storage failure");
                 ApiError::new(ErrorCode::Unknown, message)

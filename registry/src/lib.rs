@@ -7,6 +7,7 @@ pub mod digest;
 pub mod error;
 pub mod identity;
 pub mod manifest;
+pub mod mirror;
 pub mod name;
 pub mod range;
 pub mod store;

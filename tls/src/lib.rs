@@ -125,6 +125,19 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(provider)
 }
 
+/// The system's CA certificates and the extra ones `settings.ca` names: what connections
+/// outside the cluster trust.
+fn public_roots(settings: &TlsSettings) -> Result<RootCertStore, TlsError> {
+    let mut trusted = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    let (added, _) = trusted.add_parsable_certificates(native.certs);
+    tracing::debug!(added, errors = native.errors.len(), "system CA certificates");
+    for path in settings.ca.iter() {
+        trusted.add_parsable_certificates(pem::certs(path)?);
+    }
+    Ok(trusted)
+}
+
 impl Tls {
     /// Plain listeners, plain peer protocol; outgoing HTTPS trusts the system's roots.
     pub fn plain() -> Tls {
@@ -148,13 +161,7 @@ impl Tls {
             Some(path) => Some(Arc::new(pem::roots(path)?)),
             None => None,
         };
-        let mut trusted = RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        let (added, _) = trusted.add_parsable_certificates(native.certs);
-        tracing::debug!(added, errors = native.errors.len(), "system CA certificates");
-        for path in settings.ca.iter() {
-            trusted.add_parsable_certificates(pem::certs(path)?);
-        }
+        let mut trusted = public_roots(settings)?;
         if let Some(roots) = &cluster_roots {
             trusted.roots.extend(roots.roots.iter().cloned());
         }
@@ -260,6 +267,26 @@ pub fn http_client() -> reqwest::ClientBuilder {
 /// [`http_client`] with an explicit context (tests, tools).
 pub fn http_client_with(tls: &Tls) -> reqwest::ClientBuilder {
     reqwest::Client::builder().use_preconfigured_tls((*tls.client).clone()).no_proxy()
+}
+
+/// A builder for clients of registries outside the cluster (pull-through upstreams): the
+/// system's roots, `--tls-ca`, and `extra_ca` (a PEM file) trusted; no client certificate
+/// (a node's identity is for its cluster); proxies from the environment (`HTTPS_PROXY`,
+/// `NO_PROXY`), which the cluster's own client ignores. Reads files: call at start.
+pub fn upstream_http_client(extra_ca: Option<&std::path::Path>) -> Result<reqwest::ClientBuilder, TlsError> {
+    let mut roots = public_roots(current().settings())?;
+    if let Some(path) = extra_ca {
+        let (added, _) = roots.add_parsable_certificates(pem::certs(path)?);
+        if added == 0 {
+            return Err(TlsError::Config(format!("{}: no CA certificate in it", path.display())));
+        }
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![HTTP_ALPN.to_vec()];
+    Ok(reqwest::Client::builder().use_preconfigured_tls(config))
 }
 
 /// The certificates of a PEM file (for tests and tools).

@@ -19,6 +19,15 @@ use crate::cluster::record::{ManifestValue, Record, RecordKey, RecordKind, Recor
 use crate::cluster::topology::SingleTopology;
 use crate::store::OriginStore;
 
+/// Whether a stored manifest's references must already be in the repository.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum References {
+    /// A push: every blob and child manifest it names must be there.
+    Required,
+    /// Mirrored from an upstream: its blobs are fetched when first asked for.
+    Fetched,
+}
+
 /// The registry storage of an origin that is part of a cluster (possibly of one).
 #[derive(Clone)]
 pub struct ClusterStore {
@@ -67,6 +76,91 @@ impl ClusterStore {
     async fn manifest_record(&self, repo: &RepoName, digest: &Digest) -> Result<Option<Record>, StoreError> {
         let found = self.c().read_records(repo.as_str(), &[RecordKey::Manifest(digest.clone())]).await?;
         Ok(found.into_iter().next().flatten().filter(Record::is_live))
+    }
+
+    /// Store a manifest (and point `tag` at it). With [`References::Required`] everything it
+    /// references must be in `repo` (a push); a mirrored upstream manifest is stored before
+    /// its blobs are fetched ([`References::Fetched`]).
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        tag: Option<&Tag>,
+        manifest: NewManifest,
+        references: References,
+    ) -> Result<(), StoreError> {
+        let NewManifest { digest, bytes, parsed } = manifest;
+        let read_at = std::time::Instant::now();
+        let text = String::from_utf8(bytes.to_vec())
+            .map_err(|_| StoreError::Internal("a parsed manifest is not UTF-8".into()))?;
+        let size = bytes.len() as u64;
+        // What it references, checked to be in the repository when that is required.
+        let mut keys: Vec<RecordKey> = parsed.blobs.iter().cloned().map(RecordKey::Link).collect();
+        keys.extend(parsed.children.iter().cloned().map(RecordKey::Manifest));
+        let checked = keys.len();
+        // The tag's current record is read too: reading moves the version clock past it, so
+        // this write wins over the one a client saw acknowledged before.
+        if let Some(tag) = tag {
+            keys.push(RecordKey::Tag(tag.to_string()));
+        }
+        let found = self.c().read_records(repo.as_str(), &keys).await?;
+        let (keys, found) = (&keys[..checked], &found[..checked]);
+        let mut refreshed = Vec::new();
+        for (key, rec) in keys.iter().zip(found) {
+            let live = rec.as_ref().filter(|r| r.is_live());
+            match (key, live) {
+                (RecordKey::Link(d), None) | (RecordKey::Manifest(d), None)
+                    if references == References::Required =>
+                {
+                    return Err(StoreError::ManifestBlobUnknown(d.clone()))
+                }
+                // Rewriting the link with a new version tells garbage collection the blob is
+                // in use from now on, even if it runs before this manifest is visible to it.
+                (RecordKey::Link(d), Some(r)) => refreshed.push(self.record(
+                    RecordKey::Link(d.clone()),
+                    Some(RecordValue::Link { size: r.link_size().unwrap_or(0) }),
+                )),
+                _ => {}
+            }
+        }
+        let referrer = parsed.subject.as_ref().map(|_| parsed.referrer_descriptor(&digest, size));
+        let value = ManifestValue {
+            media_type: parsed.media_type.clone(),
+            bytes: text,
+            blobs: parsed.blobs.clone(),
+            children: parsed.children.clone(),
+            subject: parsed.subject.clone(),
+            referrer,
+        };
+        let mut records = refreshed;
+        records.push(
+            self.record(RecordKey::Manifest(digest.clone()), Some(RecordValue::Manifest(Box::new(value)))),
+        );
+        records.push(self.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size })));
+        if let Some(tag) = tag {
+            records.push(self.record(RecordKey::Tag(tag.to_string()), Some(RecordValue::Tag { digest })));
+        }
+        within_gc_deadline(read_at)?;
+        self.c().write_records(repo.as_str(), records).await
+    }
+
+    /// A tag's target and when it was last written (milliseconds since the epoch).
+    pub async fn tag_written(&self, repo: &RepoName, tag: &Tag) -> Result<Option<(Digest, u64)>, StoreError> {
+        let found = self.c().read_records(repo.as_str(), &[RecordKey::Tag(tag.to_string())]).await?;
+        Ok(found
+            .into_iter()
+            .next()
+            .flatten()
+            .and_then(|r| r.tag_target().map(|d| (d.clone(), r.version.millis))))
+    }
+
+    /// Point `tag` at `digest` with a new version (also when it already does: the version's
+    /// time then records that the target was confirmed now).
+    pub async fn write_tag(&self, repo: &RepoName, tag: &Tag, digest: &Digest) -> Result<(), StoreError> {
+        let key = RecordKey::Tag(tag.to_string());
+        // Reading first moves the clock past the current version, so this write wins.
+        self.c().read_records(repo.as_str(), std::slice::from_ref(&key)).await?;
+        let record = self.record(key, Some(RecordValue::Tag { digest: digest.clone() }));
+        self.c().write_records(repo.as_str(), vec![record]).await
     }
 }
 
@@ -210,57 +304,7 @@ impl RegistryStore for ClusterStore {
         tag: Option<&Tag>,
         manifest: NewManifest,
     ) -> Result<(), StoreError> {
-        let NewManifest { digest, bytes, parsed } = manifest;
-        let read_at = std::time::Instant::now();
-        let text = String::from_utf8(bytes.to_vec())
-            .map_err(|_| StoreError::Internal("a parsed manifest is not UTF-8".into()))?;
-        let size = bytes.len() as u64;
-        // Everything it references must be in the repository.
-        let mut keys: Vec<RecordKey> = parsed.blobs.iter().cloned().map(RecordKey::Link).collect();
-        keys.extend(parsed.children.iter().cloned().map(RecordKey::Manifest));
-        let checked = keys.len();
-        // The tag's current record is read too: reading moves the version clock past it, so
-        // this write wins over the one a client saw acknowledged before.
-        if let Some(tag) = tag {
-            keys.push(RecordKey::Tag(tag.to_string()));
-        }
-        let found = self.c().read_records(repo.as_str(), &keys).await?;
-        let (keys, found) = (&keys[..checked], &found[..checked]);
-        let mut refreshed = Vec::new();
-        for (key, rec) in keys.iter().zip(found) {
-            let live = rec.as_ref().filter(|r| r.is_live());
-            match (key, live) {
-                (RecordKey::Link(d), None) | (RecordKey::Manifest(d), None) => {
-                    return Err(StoreError::ManifestBlobUnknown(d.clone()))
-                }
-                // Rewriting the link with a new version tells garbage collection the blob is
-                // in use from now on, even if it runs before this manifest is visible to it.
-                (RecordKey::Link(d), Some(r)) => refreshed.push(self.record(
-                    RecordKey::Link(d.clone()),
-                    Some(RecordValue::Link { size: r.link_size().unwrap_or(0) }),
-                )),
-                _ => {}
-            }
-        }
-        let referrer = parsed.subject.as_ref().map(|_| parsed.referrer_descriptor(&digest, size));
-        let value = ManifestValue {
-            media_type: parsed.media_type.clone(),
-            bytes: text,
-            blobs: parsed.blobs.clone(),
-            children: parsed.children.clone(),
-            subject: parsed.subject.clone(),
-            referrer,
-        };
-        let mut records = refreshed;
-        records.push(
-            self.record(RecordKey::Manifest(digest.clone()), Some(RecordValue::Manifest(Box::new(value)))),
-        );
-        records.push(self.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size })));
-        if let Some(tag) = tag {
-            records.push(self.record(RecordKey::Tag(tag.to_string()), Some(RecordValue::Tag { digest })));
-        }
-        within_gc_deadline(read_at)?;
-        self.c().write_records(repo.as_str(), records).await
+        self.put_manifest(repo, tag, manifest, References::Required).await
     }
 
     async fn manifest_delete(&self, repo: &RepoName, reference: &Reference) -> Result<bool, StoreError> {

@@ -1,0 +1,190 @@
+//! Upstream registries as the agent's clients name them. containerd mirrors send
+//! `/v2/library/alpine/...?ns=docker.io`, Docker Engine's `registry-mirrors` send Docker Hub
+//! pulls without `ns`, and a plain `docker pull node:5000/docker.io/library/alpine` uses the
+//! explicit form. This layer rewrites each request to the one repository the origins keep the
+//! content under ([`shoal_registry::mirror::target`]), from the registry names the origins
+//! publish, before the registry API (and its access checks) sees the request.
+//!
+//! It also carries a client's Basic credentials to the origins, for private upstream
+//! repositories, when Shoal itself does not use `Authorization` (no access control).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::Response;
+use shoal_registry::auth::remote::RemoteAuth;
+use shoal_registry::mirror::{self, Target};
+use shoal_registry::RepoName;
+
+use crate::origin_client::OriginClient;
+
+/// How often the registry names are asked of the origins once known.
+pub const REGISTRIES_REFRESH: Duration = Duration::from_secs(30);
+/// How often they are asked while no origin has answered yet.
+const REGISTRIES_RETRY: Duration = Duration::from_secs(2);
+
+tokio::task_local! {
+    /// The client's `Authorization: Basic` for upstreams while its request is handled.
+    pub static UPSTREAM_CREDENTIALS: Option<HeaderValue>;
+}
+
+/// The current request's upstream credentials, if it sent any.
+pub fn upstream_credentials() -> Option<HeaderValue> {
+    UPSTREAM_CREDENTIALS.try_with(Clone::clone).ok().flatten()
+}
+
+/// The upstream registry names the origins pull through, refreshed in the background.
+pub struct Registries {
+    names: Mutex<Vec<String>>,
+    origin: OriginClient,
+}
+
+impl Registries {
+    pub fn new(origin: OriginClient) -> Arc<Registries> {
+        Arc::new(Registries { names: Mutex::new(Vec::new()), origin })
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.names.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether `repo` is upstream content (explicit form).
+    pub fn is_upstream(&self, repo: &RepoName) -> bool {
+        mirror::split(repo.as_str(), &self.names()).is_some()
+    }
+
+    /// Ask the origins now; `false` if none answered.
+    pub async fn refresh(&self) -> bool {
+        match self.origin.upstream_registries().await {
+            Ok(names) => {
+                *self.names.lock().unwrap_or_else(|p| p.into_inner()) = names;
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "could not fetch the upstream registries");
+                false
+            }
+        }
+    }
+
+    /// Keep the names fresh (every [`REGISTRIES_REFRESH`], sooner until an origin answers).
+    pub fn spawn_refresh(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(r) = me.upgrade() else { return };
+                let ok = r.refresh().await;
+                drop(r);
+                tokio::time::sleep(if ok { REGISTRIES_REFRESH } else { REGISTRIES_RETRY }).await;
+            }
+        });
+    }
+}
+
+/// What the middleware needs.
+#[derive(Clone)]
+pub struct MirrorState {
+    pub registries: Arc<Registries>,
+    pub auth: Arc<RemoteAuth>,
+}
+
+/// The repository part of a `/v2/<name>/(manifests|blobs|tags|referrers)/...` path, and the
+/// rest after it.
+fn split_path(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix("/v2/")?;
+    ["/manifests/", "/blobs/", "/tags/", "/referrers/"]
+        .iter()
+        .filter_map(|m| rest.rfind(m).map(|i| (&rest[..i], &rest[i..])))
+        .max_by_key(|(name, _)| name.len())
+}
+
+/// `uri` with its repository replaced by `name`.
+fn with_name(uri: &Uri, name: &str, tail: &str) -> Option<Uri> {
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    format!("/v2/{name}{tail}{query}").parse().ok()
+}
+
+/// Middleware: map names to upstream content and pass on upstream credentials.
+pub async fn map_names(State(s): State<MirrorState>, mut req: Request, next: Next) -> Response {
+    let creds = if s.auth.enabled() == Some(true) {
+        None
+    } else {
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .filter(|v| v.as_bytes().len() > 6 && v.as_bytes()[..6].eq_ignore_ascii_case(b"basic "))
+            .cloned()
+    };
+    let Some((name, tail)) = split_path(req.uri().path()) else {
+        return UPSTREAM_CREDENTIALS.scope(creds, next.run(req)).await;
+    };
+    let ns = query_value(req.uri(), "ns");
+    let target = mirror::target(name, ns.as_deref(), &s.registries.names());
+    let tail = tail.to_string();
+    match target {
+        Target::AsIs => UPSTREAM_CREDENTIALS.scope(creds, next.run(req)).await,
+        Target::Upstream(full) => {
+            if let Some(uri) = with_name(req.uri(), &full, &tail) {
+                *req.uri_mut() = uri;
+            }
+            UPSTREAM_CREDENTIALS.scope(creds, next.run(req)).await
+        }
+        Target::PushedElse(full) => {
+            if req.method() != Method::GET && req.method() != Method::HEAD {
+                return UPSTREAM_CREDENTIALS.scope(creds, next.run(req)).await;
+            }
+            let (parts, _) = req.into_parts();
+            let first = Request::from_parts(parts.clone(), Body::empty());
+            let answer = UPSTREAM_CREDENTIALS.scope(creds.clone(), next.clone().run(first)).await;
+            if answer.status() != StatusCode::NOT_FOUND {
+                return answer;
+            }
+            let Some(uri) = with_name(&parts.uri, &full, &tail) else { return answer };
+            let mut second = Request::from_parts(parts, Body::empty());
+            *second.uri_mut() = uri;
+            UPSTREAM_CREDENTIALS.scope(creds, next.run(second)).await
+        }
+    }
+}
+
+/// The value of `key` in the URI's query (percent-decoded), if present.
+fn query_value(uri: &Uri, key: &str) -> Option<String> {
+    let q = axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(uri).ok()?;
+    q.0.get(key).cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_split_at_the_last_endpoint() {
+        assert_eq!(
+            split_path("/v2/library/alpine/manifests/3.20"),
+            Some(("library/alpine", "/manifests/3.20"))
+        );
+        assert_eq!(split_path("/v2/a/blobs/b/blobs/sha256:x"), Some(("a/blobs/b", "/blobs/sha256:x")));
+        assert_eq!(split_path("/v2/team/app/tags/list"), Some(("team/app", "/tags/list")));
+        assert_eq!(split_path("/v2/"), None);
+        assert_eq!(split_path("/v1/preheat"), None);
+    }
+
+    #[test]
+    fn names_are_replaced_and_queries_kept() {
+        let uri: Uri = "/v2/library/alpine/manifests/3.20?ns=docker.io".parse().unwrap();
+        let out = with_name(&uri, "docker.io/library/alpine", "/manifests/3.20").unwrap();
+        assert_eq!(out.to_string(), "/v2/docker.io/library/alpine/manifests/3.20?ns=docker.io");
+    }
+
+    #[test]
+    fn ns_is_read_from_the_query() {
+        let v = |u: &str| query_value(&u.parse::<Uri>().unwrap(), "ns");
+        assert_eq!(v("/v2/a/tags/list?ns=docker.io").as_deref(), Some("docker.io"));
+        assert_eq!(v("/v2/a/tags/list?a=1&ns=upstream.test%3A443").as_deref(), Some("upstream.test:443"));
+        assert_eq!(v("/v2/a/tags/list?a=1"), None);
+        assert_eq!(v("/v2/a/tags/list"), None);
+    }
+}

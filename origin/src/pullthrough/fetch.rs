@@ -1,0 +1,175 @@
+//! The blob fetches running on this origin: one per digest, however many clients and origins
+//! ask for it. A fetch streams the upstream's bytes into an upload session of the mirrored
+//! repository and commits it like a push (digest checked, R copies, linked, then seeded), so
+//! everything after it is the path pushed content takes. Callers poll [`Progress`] rather than
+//! wait on one long request: an agent's call to an origin has a short timeout, a large blob
+//! from a slow upstream does not.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use shoal_registry::mirror::Progress;
+use shoal_registry::Digest;
+
+/// Fetches that may run at once on one origin; more are refused until some finish.
+pub const MAX_RUNNING_FETCHES: usize = 256;
+/// How long a finished fetch's outcome stays visible to pollers.
+pub const OUTCOME_LINGER: Duration = Duration::from_secs(5);
+
+/// How a fetch ended: fine, or why not and the status a client should see (if the failure is
+/// about the blob or the client rather than the upstream's health).
+pub type Outcome = Result<(), (String, Option<u16>)>;
+
+/// One running (or just finished) fetch.
+#[derive(Default)]
+pub struct Fetch {
+    size: AtomicU64,
+    received: AtomicU64,
+    outcome: Mutex<Option<(Instant, Outcome)>>,
+}
+
+const UNKNOWN: u64 = u64::MAX;
+
+impl Fetch {
+    fn new() -> Fetch {
+        Fetch { size: AtomicU64::new(UNKNOWN), ..Fetch::default() }
+    }
+
+    pub fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::Relaxed);
+    }
+
+    pub fn add_received(&self, n: u64) {
+        self.received.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Record the outcome (`status`: the HTTP status a client should see for a failure that is
+    /// about the blob or the client, not the upstream's health).
+    pub fn finish(&self, outcome: Outcome) {
+        *lock(&self.outcome) = Some((Instant::now(), outcome));
+    }
+
+    pub fn progress(&self) -> Progress {
+        let size = self.size.load(Ordering::Relaxed);
+        let mut p = Progress {
+            size: (size != UNKNOWN).then_some(size),
+            received: self.received.load(Ordering::Relaxed),
+            ..Progress::default()
+        };
+        match &*lock(&self.outcome) {
+            Some((_, Ok(()))) => p.complete = true,
+            Some((_, Err((e, status)))) => {
+                p.error = Some(e.clone());
+                p.status = *status;
+            }
+            None => {}
+        }
+        p
+    }
+
+    fn finished_before(&self, cutoff: Instant) -> bool {
+        lock(&self.outcome).as_ref().is_some_and(|(at, _)| *at < cutoff)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The fetches of this origin, by digest.
+#[derive(Default)]
+pub struct Fetches {
+    running: Mutex<HashMap<Digest, Arc<Fetch>>>,
+}
+
+/// What [`Fetches::join`] found.
+pub enum Joined {
+    /// A fetch of the digest was running (or just finished): its state.
+    Existing(Arc<Fetch>),
+    /// None was: this new one is registered, and the caller must run it.
+    Started(Arc<Fetch>),
+}
+
+impl Fetches {
+    /// The fetch of `digest`, registering a new one if none runs. A finished fetch's outcome
+    /// stays visible for [`OUTCOME_LINGER`], so every poller sees how the fetch it waited on
+    /// ended (a failure included); after that, asking again starts a new one.
+    pub fn join(&self, digest: &Digest) -> Result<Joined, usize> {
+        let mut running = lock(&self.running);
+        let cutoff = Instant::now() - OUTCOME_LINGER;
+        running.retain(|_, f| !f.finished_before(cutoff));
+        if let Some(f) = running.get(digest) {
+            return Ok(Joined::Existing(f.clone()));
+        }
+        if running.len() >= MAX_RUNNING_FETCHES {
+            return Err(running.len());
+        }
+        let f = Arc::new(Fetch::new());
+        running.insert(digest.clone(), f.clone());
+        Ok(Joined::Started(f))
+    }
+
+    /// Fetches registered now (running or lingering).
+    pub fn len(&self) -> usize {
+        lock(&self.running).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(n: u8) -> Digest {
+        Digest::of(shoal_registry::Algorithm::Sha256, &[n])
+    }
+
+    #[test]
+    fn one_fetch_per_digest() {
+        let f = Fetches::default();
+        assert!(matches!(f.join(&d(1)), Ok(Joined::Started(_))));
+        assert!(matches!(f.join(&d(1)), Ok(Joined::Existing(_))));
+        assert!(matches!(f.join(&d(2)), Ok(Joined::Started(_))));
+        assert_eq!(f.len(), 2);
+    }
+
+    #[test]
+    fn progress_reports_size_bytes_and_outcome() {
+        let f = Fetches::default();
+        let Ok(Joined::Started(fetch)) = f.join(&d(1)) else { panic!("not started") };
+        assert_eq!(fetch.progress(), Progress::default());
+        fetch.set_size(10);
+        fetch.add_received(4);
+        assert_eq!(fetch.progress(), Progress { size: Some(10), received: 4, ..Progress::default() });
+        fetch.finish(Ok(()));
+        assert!(fetch.progress().complete);
+    }
+
+    #[test]
+    fn a_failed_fetch_is_seen_by_pollers_then_replaced() {
+        let f = Fetches::default();
+        let Ok(Joined::Started(fetch)) = f.join(&d(1)) else { panic!("not started") };
+        fetch.finish(Err(("upstream down".into(), None)));
+        let Ok(Joined::Existing(seen)) = f.join(&d(1)) else { panic!("a poller restarted it") };
+        assert_eq!(seen.progress().error.as_deref(), Some("upstream down"));
+        // Once the outcome's time is over, a new request starts a new fetch.
+        *lock(&seen.outcome) =
+            Some((Instant::now() - OUTCOME_LINGER - Duration::from_millis(1), Err(("x".into(), None))));
+        assert!(matches!(f.join(&d(1)), Ok(Joined::Started(_))));
+    }
+
+    #[test]
+    fn running_fetches_are_bounded() {
+        let f = Fetches::default();
+        for i in 0..MAX_RUNNING_FETCHES {
+            let digest = Digest::of(shoal_registry::Algorithm::Sha256, &(i as u64).to_le_bytes());
+            assert!(f.join(&digest).is_ok());
+        }
+        assert_eq!(f.join(&d(1)).err(), Some(MAX_RUNNING_FETCHES));
+    }
+}

@@ -1,0 +1,70 @@
+//! The HTTP side of pull-through on an origin: the progress endpoint agents and other origins
+//! poll while a blob is fetched, the list of configured registries agents map requests with,
+//! and the middleware that hands a client's upstream credentials to [`PullThrough`].
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use shoal_registry::mirror::Registries;
+use shoal_registry::{ApiError, Digest, RepoName};
+use shoal_upstream::Credentials;
+
+use super::{with_client_credentials, PullThrough, PROGRESS_ROUTE, REGISTRIES_ROUTE, UPSTREAM_AUTHORIZATION};
+
+#[derive(Deserialize)]
+struct ProgressQuery {
+    repo: String,
+    #[serde(default)]
+    here: Option<String>,
+}
+
+/// The node-API routes of pull-through (guard them like the other node routes).
+pub fn routes(pull: Arc<PullThrough>) -> Router {
+    Router::new()
+        .route(PROGRESS_ROUTE, get(progress))
+        .route(REGISTRIES_ROUTE, get(registries))
+        .with_state(pull)
+}
+
+async fn registries(State(pull): State<Arc<PullThrough>>) -> Json<Registries> {
+    Json(Registries { registries: pull.registries().to_vec() })
+}
+
+async fn progress(
+    State(pull): State<Arc<PullThrough>>,
+    Path(digest): Path<String>,
+    Query(q): Query<ProgressQuery>,
+) -> Response {
+    let (Ok(digest), Ok(repo)) = (digest.parse::<Digest>(), q.repo.parse::<RepoName>()) else {
+        return (StatusCode::BAD_REQUEST, "bad digest or repository name").into_response();
+    };
+    match pull.progress(&repo, &digest, q.here.is_some()).await {
+        Ok(p) => Json(p).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// The client's credentials for upstreams: Shoal's own header (set by agents and origins),
+/// else, when Shoal itself does not check credentials (`shoal_auth` false), a plain
+/// `Authorization: Basic` the client sent after an upstream's challenge.
+pub fn credentials_of(headers: &HeaderMap, shoal_auth: bool) -> Option<Credentials> {
+    if let Some(v) = headers.get(UPSTREAM_AUTHORIZATION) {
+        return Credentials::from_authorization(v);
+    }
+    if shoal_auth {
+        return None;
+    }
+    headers.get(header::AUTHORIZATION).and_then(Credentials::from_authorization)
+}
+
+/// Middleware: run the request with the client's upstream credentials (see [`credentials_of`]).
+pub async fn pass_credentials(State(shoal_auth): State<bool>, req: Request, next: Next) -> Response {
+    let creds = credentials_of(req.headers(), shoal_auth);
+    with_client_credentials(creds, next.run(req)).await
+}

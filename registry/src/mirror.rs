@@ -1,0 +1,168 @@
+//! Names of upstream (pull-through) content. An origin keeps what it pulled from an upstream
+//! registry such as `docker.io` under a repository whose first component is that registry's
+//! name (`docker.io/library/alpine`): the *explicit form*, which is also what a plain
+//! `docker pull node:5000/docker.io/library/alpine:3.20` asks for. Pushes into those names are
+//! refused, so pushed and pulled content never share a repository.
+//!
+//! Clients reach upstream content three ways, and [`target`] maps each to one repository:
+//! - containerd mirrors add `?ns=<registry>` to every request (`/v2/library/alpine/...?ns=docker.io`);
+//! - Docker Engine's `registry-mirrors` send Docker Hub pulls with no `ns` at all;
+//! - the explicit form names the registry in the path.
+//!
+//! Pure functions: no I/O, so the rules are tested here once for agents and origins.
+
+/// Path of the list of configured upstream registries an origin publishes to agents.
+pub const REGISTRIES_PATH: &str = "/shoal/v1/upstream/registries";
+
+/// Path of the progress of an upstream blob's fetch (`?repo=<explicit name>`).
+pub fn progress_path(digest: &crate::Digest) -> String {
+    format!("/shoal/v1/upstream/blobs/{digest}")
+}
+
+/// The list at [`REGISTRIES_PATH`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Registries {
+    pub registries: Vec<String>,
+}
+
+/// Where one upstream blob's fetch stands, as the progress endpoint answers it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// The blob's size, once the upstream answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Bytes received from the upstream so far.
+    #[serde(default)]
+    pub received: u64,
+    /// The blob is in the origins' cluster, linked into the repository.
+    #[serde(default)]
+    pub complete: bool,
+    /// The fetch failed; asking again starts a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// For a failure about the blob or the client rather than the upstream's health: the
+    /// status a client should see (404: not there; 401: credentials refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+}
+
+/// Docker Hub's name as containerd sends it in `ns`, and the one implicit-`library/` registry.
+pub const DOCKER_HUB: &str = "docker.io";
+
+/// Other spellings of Docker Hub that clients use.
+const DOCKER_HUB_ALIASES: [&str; 3] = ["index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"];
+
+/// Which repository a request is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Content pushed to the origins (or explicit upstream content): the name as given.
+    AsIs,
+    /// Upstream content, under this repository name (explicit form).
+    Upstream(String),
+    /// A request without `ns` while Docker Hub is configured: pushed content if the origins
+    /// have it, else Docker Hub's image of that name (Docker Engine's `registry-mirrors`).
+    PushedElse(String),
+}
+
+/// The configured registry `ns` names, if any (Docker Hub's aliases count as `docker.io`).
+fn canonical(ns: &str) -> &str {
+    if DOCKER_HUB_ALIASES.contains(&ns) {
+        DOCKER_HUB
+    } else {
+        ns
+    }
+}
+
+/// `name` at `registry` in the explicit form, adding Docker Hub's implicit `library/` to a
+/// one-component name (`docker.io` + `alpine` → `docker.io/library/alpine`).
+pub fn explicit(registry: &str, name: &str) -> String {
+    if registry == DOCKER_HUB && !name.contains('/') {
+        format!("{registry}/library/{name}")
+    } else {
+        format!("{registry}/{name}")
+    }
+}
+
+/// Split an explicit-form repository into (registry, path at the registry) when its first
+/// component is one of `upstreams`.
+pub fn split<'a>(repo: &'a str, upstreams: &[String]) -> Option<(&'a str, &'a str)> {
+    let (first, rest) = repo.split_once('/')?;
+    upstreams.iter().any(|u| u == first).then_some((first, rest))
+}
+
+/// Where a request for `name` (the path's repository) with containerd's `ns` goes, given the
+/// configured upstream registry names. A `ns` that names no configured upstream leaves the
+/// name alone: nothing is ever sent to a registry nobody configured.
+pub fn target(name: &str, ns: Option<&str>, upstreams: &[String]) -> Target {
+    let configured = |r: &str| upstreams.iter().any(|u| u == r);
+    if let Some(ns) = ns.map(canonical) {
+        return if configured(ns) { Target::Upstream(explicit(ns, name)) } else { Target::AsIs };
+    }
+    if let Some((first, rest)) = name.split_once('/') {
+        if configured(first) {
+            // Already explicit; only Docker Hub's `library/` may be missing.
+            let full = explicit(first, rest);
+            return if full == name { Target::AsIs } else { Target::Upstream(full) };
+        }
+    }
+    if configured(DOCKER_HUB) {
+        return Target::PushedElse(explicit(DOCKER_HUB, name));
+    }
+    Target::AsIs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ups(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn containerd_ns_maps_configured_registries_only() {
+        let u = ups(&["docker.io", "ghcr.io"]);
+        assert_eq!(
+            target("library/alpine", Some("docker.io"), &u),
+            Target::Upstream("docker.io/library/alpine".into())
+        );
+        assert_eq!(target("org/app", Some("ghcr.io"), &u), Target::Upstream("ghcr.io/org/app".into()));
+        assert_eq!(
+            target("alpine", Some("index.docker.io"), &u),
+            Target::Upstream("docker.io/library/alpine".into())
+        );
+        // A registry nobody configured (e.g. the origins' own address): the origins' content.
+        assert_eq!(target("team/app", Some("origin.example:5000"), &u), Target::AsIs);
+        assert_eq!(target("team/app", Some("quay.io"), &u), Target::AsIs);
+    }
+
+    #[test]
+    fn explicit_form_and_docker_hub_library() {
+        let u = ups(&["docker.io", "registry.k8s.io"]);
+        assert_eq!(target("docker.io/library/alpine", None, &u), Target::AsIs);
+        assert_eq!(target("docker.io/alpine", None, &u), Target::Upstream("docker.io/library/alpine".into()));
+        assert_eq!(target("registry.k8s.io/pause", None, &u), Target::AsIs);
+    }
+
+    #[test]
+    fn no_ns_falls_back_to_docker_hub_only_when_configured() {
+        assert_eq!(
+            target("library/alpine", None, &ups(&["docker.io"])),
+            Target::PushedElse("docker.io/library/alpine".into())
+        );
+        assert_eq!(
+            target("alpine", None, &ups(&["docker.io"])),
+            Target::PushedElse("docker.io/library/alpine".into())
+        );
+        assert_eq!(target("library/alpine", None, &ups(&["ghcr.io"])), Target::AsIs);
+        assert_eq!(target("library/alpine", None, &[]), Target::AsIs);
+    }
+
+    #[test]
+    fn split_finds_the_registry() {
+        let u = ups(&["docker.io"]);
+        assert_eq!(split("docker.io/library/alpine", &u), Some(("docker.io", "library/alpine")));
+        assert_eq!(split("team/app", &u), None);
+        assert_eq!(split("docker.io", &u), None);
+    }
+}

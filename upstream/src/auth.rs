@@ -1,0 +1,238 @@
+//! Credentials and the challenges upstream registries answer with: parsing
+//! `WWW-Authenticate`, and the bearer tokens of Docker's token flow, kept per repository and
+//! credentials until shortly before they expire, so a burst of requests fetches one token.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use http::HeaderValue;
+use sha2::{Digest as _, Sha256};
+
+/// Tokens kept (the map is cleared when full; tokens are cheap to fetch again).
+pub const MAX_TOKENS: usize = 10_000;
+/// A token's life when the token server does not say (Docker's spec default).
+pub const DEFAULT_TOKEN_LIFE: Duration = Duration::from_secs(60);
+/// A token is not used in the last part of its life (clock skew, request time).
+pub const TOKEN_MARGIN: Duration = Duration::from_secs(5);
+
+/// A user name and password: configured for an upstream, or sent by a client.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("username", &self.username).field("password", &"…").finish()
+    }
+}
+
+impl Credentials {
+    /// From an `Authorization: Basic ...` value; `None` for anything else.
+    pub fn from_authorization(value: &HeaderValue) -> Option<Credentials> {
+        let v = value.to_str().ok()?.trim();
+        let (scheme, rest) = v.split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return None;
+        }
+        let decoded = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+        let text = String::from_utf8(decoded).ok()?;
+        let (username, password) = text.split_once(':')?;
+        Some(Credentials { username: username.to_string(), password: password.to_string() })
+    }
+
+    /// As an `Authorization: Basic ...` value.
+    pub fn to_authorization(&self) -> HeaderValue {
+        let raw = format!("{}:{}", self.username, self.password);
+        let encoded = base64::engine::general_purpose::STANDARD.encode(raw);
+        // Base64 is always a valid header value.
+        HeaderValue::from_str(&format!("Basic {encoded}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("Basic"))
+    }
+
+    /// A stable, non-reversible key for decisions cached per client.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.username.as_bytes());
+        h.update([0]);
+        h.update(self.password.as_bytes());
+        h.finalize().into()
+    }
+}
+
+/// What a `401` asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Challenge {
+    Bearer { realm: String, service: Option<String>, scope: Option<String> },
+    Basic,
+}
+
+/// Parse a `WWW-Authenticate` value (`Bearer realm="...",service="...",scope="..."` or
+/// `Basic realm="..."`); `None` for anything else. Never panics.
+pub fn parse_challenge(value: &str) -> Option<Challenge> {
+    let value = value.trim();
+    let (scheme, params) = value.split_once(' ').unwrap_or((value, ""));
+    if scheme.eq_ignore_ascii_case("basic") {
+        return Some(Challenge::Basic);
+    }
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let params = parse_params(params);
+    let get = |k: &str| params.iter().find(|(key, _)| key.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
+    Some(Challenge::Bearer { realm: get("realm")?, service: get("service"), scope: get("scope") })
+}
+
+/// `key=value` or `key="quoted, value"` pairs separated by commas.
+fn parse_params(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=' && *c != ',')).collect();
+        if key.is_empty() {
+            return out;
+        }
+        if chars.next() != Some('=') {
+            continue;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            value =
+                std::iter::from_fn(|| chars.next_if(|c| *c != ',')).collect::<String>().trim().to_string();
+        }
+        out.push((key.trim().to_string(), value));
+    }
+}
+
+/// The answer of a token endpoint.
+#[derive(serde::Deserialize)]
+pub struct TokenAnswer {
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub access_token: Option<String>,
+    #[serde(default)]
+    pub expires_in: Option<u64>,
+}
+
+impl TokenAnswer {
+    pub fn bearer(&self) -> Option<HeaderValue> {
+        let t = self.token.as_deref().or(self.access_token.as_deref()).filter(|t| !t.is_empty())?;
+        HeaderValue::from_str(&format!("Bearer {t}")).ok()
+    }
+
+    pub fn life(&self) -> Duration {
+        self.expires_in.map(Duration::from_secs).unwrap_or(DEFAULT_TOKEN_LIFE)
+    }
+}
+
+/// A token's key: (repository, credentials fingerprint; zeros for anonymous).
+type TokenKey = (String, [u8; 32]);
+
+/// Bearer tokens with the instant they stop being used.
+#[derive(Default)]
+pub struct Tokens {
+    map: Mutex<HashMap<TokenKey, (HeaderValue, Instant)>>,
+}
+
+impl Tokens {
+    pub fn get(&self, repo: &str, key: [u8; 32]) -> Option<HeaderValue> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&(repo.to_string(), key)).filter(|(_, until)| Instant::now() < *until).map(|(v, _)| v.clone())
+    }
+
+    pub fn put(&self, repo: &str, key: [u8; 32], token: HeaderValue, life: Duration) {
+        let usable = life.saturating_sub(TOKEN_MARGIN.min(life / 2));
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_TOKENS {
+            map.clear();
+        }
+        map.insert((repo.to_string(), key), (token, Instant::now() + usable));
+    }
+
+    pub fn forget(&self, repo: &str, key: [u8; 32]) {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&(repo.to_string(), key));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges_parse() {
+        assert_eq!(
+            parse_challenge(
+                r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#
+            ),
+            Some(Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+                scope: Some("repository:library/alpine:pull".into()),
+            })
+        );
+        assert_eq!(
+            parse_challenge(r#"bearer realm="r", scope="repository:a:pull,push""#),
+            Some(Challenge::Bearer {
+                realm: "r".into(),
+                service: None,
+                scope: Some("repository:a:pull,push".into())
+            })
+        );
+        assert_eq!(parse_challenge("Basic realm=\"x\""), Some(Challenge::Basic));
+        assert_eq!(parse_challenge("Basic"), Some(Challenge::Basic));
+        assert_eq!(parse_challenge("Bearer service=\"x\""), None);
+        assert_eq!(parse_challenge("Negotiate abc"), None);
+        for junk in [
+            "",
+            "Bearer",
+            "Bearer realm",
+            "Bearer realm=\"unterminated",
+            "Bearer ,,,=,\"",
+            "Bearer realm=\"\\",
+        ] {
+            let _ = parse_challenge(junk);
+        }
+    }
+
+    #[test]
+    fn basic_credentials_round_trip_and_hide_the_password() {
+        let c = Credentials { username: "alice".into(), password: "s:e cret".into() };
+        assert_eq!(Credentials::from_authorization(&c.to_authorization()), Some(c.clone()));
+        assert!(!format!("{c:?}").contains("cret"));
+        assert_eq!(Credentials::from_authorization(&HeaderValue::from_static("Bearer abc")), None);
+        assert_eq!(Credentials::from_authorization(&HeaderValue::from_static("Basic !!!")), None);
+        assert_ne!(
+            c.fingerprint(),
+            Credentials { username: "alice".into(), password: "x".into() }.fingerprint()
+        );
+    }
+
+    #[test]
+    fn tokens_expire_before_their_end() {
+        let t = Tokens::default();
+        t.put("a", [0; 32], HeaderValue::from_static("Bearer x"), Duration::from_secs(60));
+        assert!(t.get("a", [0; 32]).is_some());
+        assert!(t.get("a", [1; 32]).is_none());
+        assert!(t.get("b", [0; 32]).is_none());
+        t.put("c", [0; 32], HeaderValue::from_static("Bearer y"), Duration::ZERO);
+        assert!(t.get("c", [0; 32]).is_none());
+        t.forget("a", [0; 32]);
+        assert!(t.get("a", [0; 32]).is_none());
+    }
+}

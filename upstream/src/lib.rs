@@ -1,0 +1,478 @@
+//! The client an origin pulls upstream registries through (pull-through caching of docker.io,
+//! ghcr.io, a vendor's registry). One [`Upstream`] per `[[upstream]]` section:
+//! - Docker's token flow (a `401` names a realm; a bearer token for the repository is fetched
+//!   with the credentials in use and reused until it expires) and Basic authentication;
+//! - the configured credentials, or a client's own passed in for a private repository;
+//! - a CA per upstream besides the system's, proxies from the environment;
+//! - `429` honoured: no request is sent before its `Retry-After` passes;
+//! - a timeout on every wait: connecting, the answer's headers, and each read of a body.
+//!
+//! Manifests are checked against the digest asked for; blob bodies are streamed to the caller,
+//! which checks them (the origin's upload path hashes what it stores).
+
+mod auth;
+mod config;
+mod metrics;
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{HeaderValue, StatusCode};
+use shoal_registry::{ByteStream, Digest};
+
+pub use auth::{parse_challenge, Challenge, Credentials};
+pub use config::{UpstreamConfig, DEFAULT_SERVE_STALE, DEFAULT_TAG_TTL};
+pub use metrics::UpstreamMetrics;
+
+/// Connecting to an upstream gives up after this long.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// An upstream's answer (its headers) must arrive within this long.
+pub const HEADERS_TIMEOUT: Duration = Duration::from_secs(30);
+/// A blob body with no new byte for this long fails.
+pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest manifest accepted from an upstream.
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+/// Waiting after a `429` without `Retry-After`.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(10);
+/// The longest `Retry-After` honoured.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// Every manifest type, as clients ask for them.
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json, \
+application/vnd.docker.distribution.manifest.v1+prettyjws, application/json;q=0.5";
+
+/// What went wrong at an upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("not found at the upstream")]
+    NotFound,
+    #[error("the upstream refused the credentials: {0}")]
+    Unauthorized(String),
+    #[error("the upstream is throttling requests; retry in {} s", retry_after.as_secs())]
+    TooManyRequests { retry_after: Duration },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// A manifest as the upstream sent it.
+#[derive(Clone, Debug)]
+pub struct UpstreamManifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+/// A blob's body, streaming, and its size from `Content-Length`.
+pub struct UpstreamBlob {
+    pub size: u64,
+    pub body: ByteStream,
+}
+
+/// A client of one upstream registry.
+pub struct Upstream {
+    config: UpstreamConfig,
+    configured: Option<Credentials>,
+    http: reqwest::Client,
+    tokens: auth::Tokens,
+    /// The upstream asked for Basic credentials: send them up front from now on.
+    basic: std::sync::atomic::AtomicBool,
+    /// No request before this instant (a `429`'s `Retry-After`).
+    throttled_until: Mutex<Option<Instant>>,
+    metrics: UpstreamMetrics,
+    idle_timeout: Duration,
+}
+
+impl Upstream {
+    /// Reads `password_file` and `ca_file` (blocking: call at start).
+    pub fn new(config: UpstreamConfig, metrics: UpstreamMetrics) -> Result<Upstream, UpstreamError> {
+        Upstream::with_idle_timeout(config, metrics, BODY_IDLE_TIMEOUT)
+    }
+
+    /// [`Upstream::new`] with another body idle timeout (tests).
+    pub fn with_idle_timeout(
+        config: UpstreamConfig,
+        metrics: UpstreamMetrics,
+        idle_timeout: Duration,
+    ) -> Result<Upstream, UpstreamError> {
+        config.validate()?;
+        let configured = match (&config.username, &config.password_file) {
+            (Some(username), Some(file)) => {
+                let password = std::fs::read_to_string(file)
+                    .map_err(|e| UpstreamError::Config(format!("password_file {}: {e}", file.display())))?;
+                Some(Credentials {
+                    username: username.clone(),
+                    password: password.trim_end_matches(['\r', '\n']).to_string(),
+                })
+            }
+            _ => None,
+        };
+        let http = shoal_tls::upstream_http_client(config.ca_file.as_deref())
+            .map_err(|e| UpstreamError::Config(format!("ca_file: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|e| UpstreamError::Config(format!("HTTP client: {e}")))?;
+        Ok(Upstream {
+            config,
+            configured,
+            http,
+            tokens: auth::Tokens::default(),
+            basic: Default::default(),
+            throttled_until: Mutex::new(None),
+            metrics,
+            idle_timeout,
+        })
+    }
+
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.config
+    }
+
+    pub fn registry(&self) -> &str {
+        &self.config.registry
+    }
+
+    /// The digest `tag` points at now: `HEAD` of the manifest (its `Docker-Content-Digest`),
+    /// else a `GET` hashed here.
+    pub async fn resolve_tag(
+        &self,
+        repo: &str,
+        tag: &str,
+        client: Option<&Credentials>,
+    ) -> Result<Digest, UpstreamError> {
+        let url = format!("{}/v2/{repo}/manifests/{tag}", self.config.base());
+        let r = self.send(reqwest::Method::HEAD, &url, repo, client, "tag").await?;
+        if let Some(d) = r.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()) {
+            if let Ok(d) = d.parse::<Digest>() {
+                return Ok(d);
+            }
+        }
+        Ok(self.manifest(repo, tag, client).await?.digest)
+    }
+
+    /// A manifest by tag or digest; by digest, the bytes must match it.
+    pub async fn manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        client: Option<&Credentials>,
+    ) -> Result<UpstreamManifest, UpstreamError> {
+        let url = format!("{}/v2/{repo}/manifests/{reference}", self.config.base());
+        let r = self.send(reqwest::Method::GET, &url, repo, client, "manifest").await?;
+        if r.content_length().is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
+            return Err(UpstreamError::Invalid(format!("manifest over {MAX_MANIFEST_BYTES} bytes")));
+        }
+        let content_type = r.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let bytes = self.read_limited(r, MAX_MANIFEST_BYTES).await?;
+        let expected = reference.parse::<Digest>().ok();
+        let digest = Digest::of(
+            expected.as_ref().map_or(shoal_registry::Algorithm::Sha256, |d| d.algorithm()),
+            &bytes,
+        );
+        if expected.as_ref().is_some_and(|e| e != &digest) {
+            return Err(UpstreamError::Invalid(format!("manifest {reference} arrived as {digest}")));
+        }
+        let media_type = content_type
+            .map(|c| c.split(';').next().unwrap_or("").trim().to_string())
+            .filter(|c| !c.is_empty() && c != "application/json" && c != "text/plain")
+            .or_else(|| {
+                serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()?
+                    .get("mediaType")?
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_string());
+        Ok(UpstreamManifest { digest, media_type, bytes })
+    }
+
+    /// A blob's body (redirects to object storage followed); returns when headers arrive.
+    pub async fn blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        client: Option<&Credentials>,
+    ) -> Result<UpstreamBlob, UpstreamError> {
+        let url = format!("{}/v2/{repo}/blobs/{digest}", self.config.base());
+        let r = self.send(reqwest::Method::GET, &url, repo, client, "blob").await?;
+        let size = r
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| UpstreamError::Invalid(format!("blob {digest} came without Content-Length")))?;
+        let (registry, metrics, idle) =
+            (self.registry().to_string(), self.metrics.clone(), self.idle_timeout);
+        let stream = r.bytes_stream();
+        let body = futures_util::stream::unfold(Some(Box::pin(stream)), move |state| {
+            let (registry, metrics) = (registry.clone(), metrics.clone());
+            async move {
+                let mut stream = state?;
+                match tokio::time::timeout(idle, stream.next()).await {
+                    Ok(Some(Ok(chunk))) => {
+                        metrics.bytes(&registry, chunk.len() as u64);
+                        Some((Ok(chunk), Some(stream)))
+                    }
+                    Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), None)),
+                    Ok(None) => None,
+                    Err(_) => Some((
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("upstream sent no byte for {} s", idle.as_secs()),
+                        )),
+                        None,
+                    )),
+                }
+            }
+        });
+        Ok(UpstreamBlob { size, body: Box::pin(body) })
+    }
+
+    /// `HEAD` of a blob: its size if this client may read it.
+    pub async fn blob_head(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        client: Option<&Credentials>,
+    ) -> Result<u64, UpstreamError> {
+        let url = format!("{}/v2/{repo}/blobs/{digest}", self.config.base());
+        let r = self.send(reqwest::Method::HEAD, &url, repo, client, "blob_head").await?;
+        Ok(r.headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0))
+    }
+
+    /// Read at most `limit` bytes of a body (each read bounded by the idle timeout).
+    async fn read_limited(&self, r: reqwest::Response, limit: usize) -> Result<Bytes, UpstreamError> {
+        let mut out = Vec::new();
+        let mut stream = r.bytes_stream();
+        loop {
+            match tokio::time::timeout(self.idle_timeout, stream.next()).await {
+                Ok(Some(Ok(chunk))) => {
+                    if out.len() + chunk.len() > limit {
+                        return Err(UpstreamError::Invalid(format!("answer over {limit} bytes")));
+                    }
+                    out.extend_from_slice(&chunk);
+                }
+                Ok(Some(Err(e))) => {
+                    return Err(UpstreamError::Unavailable(format!("reading the answer: {e}")))
+                }
+                Ok(None) => return Ok(Bytes::from(out)),
+                Err(_) => return Err(UpstreamError::Unavailable("the upstream stopped sending".into())),
+            }
+        }
+    }
+
+    /// The credentials of a request: the client's, else the configured ones.
+    fn credentials<'a>(&'a self, client: Option<&'a Credentials>) -> Option<&'a Credentials> {
+        client.or(self.configured.as_ref())
+    }
+
+    /// Send a request, answering the upstream's challenge once; a success status, or the
+    /// error it means.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        repo: &str,
+        client: Option<&Credentials>,
+        kind: &str,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let result = self.send_inner(method, url, repo, client).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(UpstreamError::NotFound) => "not_found",
+            Err(UpstreamError::Unauthorized(_)) => "unauthorized",
+            Err(UpstreamError::TooManyRequests { .. }) => "throttled",
+            Err(_) => "error",
+        };
+        self.metrics.request(self.registry(), kind, outcome);
+        result
+    }
+
+    async fn send_inner(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        repo: &str,
+        client: Option<&Credentials>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        self.check_throttle()?;
+        let creds = self.credentials(client);
+        let key = creds.map(Credentials::fingerprint).unwrap_or([0; 32]);
+        let authorization = self.tokens.get(repo, key).or_else(|| {
+            creds
+                .filter(|_| self.basic.load(std::sync::atomic::Ordering::Relaxed))
+                .map(Credentials::to_authorization)
+        });
+        let r = self.once(method.clone(), url, authorization).await?;
+        if r.status() != StatusCode::UNAUTHORIZED {
+            return self.checked(r);
+        }
+        let challenge =
+            r.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).and_then(parse_challenge);
+        let authorization = match challenge {
+            Some(Challenge::Bearer { realm, service, scope }) => {
+                self.tokens.forget(repo, key);
+                let token = self.token(&realm, service.as_deref(), scope.as_deref(), repo, creds).await?;
+                self.tokens.put(repo, key, token.0.clone(), token.1);
+                token.0
+            }
+            Some(Challenge::Basic) => match creds {
+                Some(c) => {
+                    self.basic.store(true, std::sync::atomic::Ordering::Relaxed);
+                    c.to_authorization()
+                }
+                None => return Err(UpstreamError::Unauthorized("the upstream wants credentials".into())),
+            },
+            None => return Err(UpstreamError::Unauthorized("401 without a usable challenge".into())),
+        };
+        let r = self.once(method, url, Some(authorization)).await?;
+        self.checked(r)
+    }
+
+    /// A bearer token for `repo` from the token endpoint `realm`, with its life.
+    async fn token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: Option<&str>,
+        repo: &str,
+        creds: Option<&Credentials>,
+    ) -> Result<(HeaderValue, Duration), UpstreamError> {
+        let pull = format!("repository:{repo}:pull");
+        let mut query = vec![("scope", scope.unwrap_or(&pull))];
+        if let Some(s) = service {
+            query.push(("service", s));
+        }
+        let mut req = self.http.get(realm).query(&query);
+        if let Some(c) = creds {
+            req = req.basic_auth(&c.username, Some(&c.password));
+        }
+        let sent = tokio::time::timeout(HEADERS_TIMEOUT, req.send()).await;
+        let r = match sent {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                self.metrics.request(self.registry(), "token", "error");
+                return Err(UpstreamError::Unavailable(format!("token endpoint {realm}: {e}")));
+            }
+            Err(_) => {
+                self.metrics.request(self.registry(), "token", "error");
+                return Err(UpstreamError::Unavailable(format!("token endpoint {realm} did not answer")));
+            }
+        };
+        let status = r.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            self.metrics.request(self.registry(), "token", "unauthorized");
+            return Err(UpstreamError::Unauthorized(format!("token endpoint answered {status}")));
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            self.metrics.request(self.registry(), "token", "throttled");
+            return Err(self.throttle(&r));
+        }
+        if !status.is_success() {
+            self.metrics.request(self.registry(), "token", "error");
+            return Err(UpstreamError::Unavailable(format!("token endpoint answered {status}")));
+        }
+        let body = self.read_limited(r, 1024 * 1024).await?;
+        let answer: auth::TokenAnswer = serde_json::from_slice(&body)
+            .map_err(|e| UpstreamError::Invalid(format!("token answer: {e}")))?;
+        let token =
+            answer.bearer().ok_or_else(|| UpstreamError::Invalid("token answer without a token".into()))?;
+        self.metrics.request(self.registry(), "token", "ok");
+        Ok((token, answer.life()))
+    }
+
+    /// One request, its headers within [`HEADERS_TIMEOUT`].
+    async fn once(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        authorization: Option<HeaderValue>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let mut req = self.http.request(method, url).header(ACCEPT, MANIFEST_ACCEPT);
+        if let Some(a) = authorization {
+            req = req.header(AUTHORIZATION, a);
+        }
+        match tokio::time::timeout(HEADERS_TIMEOUT, req.send()).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(UpstreamError::Unavailable(format!("{}: {e}", self.registry()))),
+            Err(_) => Err(UpstreamError::Unavailable(format!(
+                "{} did not answer within {} s",
+                self.registry(),
+                HEADERS_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// A success answer, or the error its status means.
+    fn checked(&self, r: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
+        let status = r.status();
+        match status {
+            s if s.is_success() => Ok(r),
+            StatusCode::NOT_FOUND => Err(UpstreamError::NotFound),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                Err(UpstreamError::Unauthorized(format!("{} answered {status}", self.registry())))
+            }
+            StatusCode::TOO_MANY_REQUESTS => Err(self.throttle(&r)),
+            s => Err(UpstreamError::Unavailable(format!("{} answered {s}", self.registry()))),
+        }
+    }
+
+    /// Remember a `429`'s `Retry-After`; the error to return.
+    fn throttle(&self, r: &reqwest::Response) -> UpstreamError {
+        let wait = r
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after)
+            .unwrap_or(DEFAULT_RETRY_AFTER)
+            .min(MAX_RETRY_AFTER);
+        self.metrics.throttled(self.registry());
+        tracing::warn!(registry = self.registry(), retry_after_s = wait.as_secs(), "upstream answered 429");
+        *self.throttled_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wait);
+        UpstreamError::TooManyRequests { retry_after: wait }
+    }
+
+    /// Within a `Retry-After` window: refuse without sending anything.
+    fn check_throttle(&self) -> Result<(), UpstreamError> {
+        let until = *self.throttled_until.lock().unwrap_or_else(|p| p.into_inner());
+        match until.map(|u| u.saturating_duration_since(Instant::now())) {
+            Some(left) if !left.is_zero() => Err(UpstreamError::TooManyRequests { retry_after: left }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    if let Ok(secs) = v.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(v.trim()).ok()?;
+    Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_and_dates() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+        let d = parse_retry_after(&later).unwrap();
+        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
+        assert_eq!(parse_retry_after(&httpdate::fmt_http_date(SystemTime::UNIX_EPOCH)), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}
