@@ -1,7 +1,6 @@
 //! `shoal preheat AGENT_URL IMAGE`: ask an agent to download every blob of an image, showing
 //! progress while it runs.
 
-use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -28,10 +27,57 @@ pub struct PreheatArgs {
     pub tls: crate::tls::TlsArgs,
 }
 
-fn bar(done: u64, total: u64) -> String {
-    const WIDTH: u64 = 30;
-    let filled = done.saturating_mul(WIDTH).checked_div(total).unwrap_or(WIDTH).min(WIDTH);
-    format!("[{}{}]", "#".repeat(filled as usize), ".".repeat((WIDTH - filled) as usize))
+/// Progress on a terminal: a bar of bytes with rate and time left.
+const BAR_TEMPLATE: &str = "{bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}";
+/// Progress in a log (stderr not a terminal): one line at most this often.
+const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Shows progress: indicatif's bar on a terminal, plain lines otherwise.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    terminal: bool,
+    last_line: std::time::Instant,
+    blobs: (usize, usize),
+}
+
+impl Progress {
+    fn new() -> Progress {
+        let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let bar = if terminal { indicatif::ProgressBar::new(0) } else { indicatif::ProgressBar::hidden() };
+        if let Ok(style) = indicatif::ProgressStyle::with_template(BAR_TEMPLATE) {
+            bar.set_style(style);
+        }
+        Progress { bar, terminal, last_line: std::time::Instant::now(), blobs: (0, 0) }
+    }
+
+    fn plan(&mut self, blobs: usize, bytes: u64) {
+        self.blobs = (0, blobs);
+        self.bar.set_length(bytes);
+        self.bar.set_message(format!("0/{blobs} blobs"));
+        if !self.terminal {
+            eprintln!("preheating {blobs} blobs, {}", bytesize::ByteSize::b(bytes));
+        }
+    }
+
+    fn bytes(&mut self, held: u64) {
+        self.bar.set_position(held);
+        if !self.terminal && self.last_line.elapsed() >= LOG_EVERY {
+            self.last_line = std::time::Instant::now();
+            let total = self.bar.length().unwrap_or(0);
+            eprintln!(
+                "{} / {} ({} of {} blobs done)",
+                bytesize::ByteSize::b(held),
+                bytesize::ByteSize::b(total),
+                self.blobs.0,
+                self.blobs.1
+            );
+        }
+    }
+
+    fn blob_done(&mut self) {
+        self.blobs.0 += 1;
+        self.bar.set_message(format!("{}/{} blobs", self.blobs.0, self.blobs.1));
+    }
 }
 
 pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
@@ -52,8 +98,7 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
     );
     let mut lines = response.bytes_stream();
     let mut buf = Vec::new();
-    let (mut total_blobs, mut total_bytes, mut done_blobs, mut done_bytes) = (0usize, 0u64, 0usize, 0u64);
-    let mut err = std::io::stderr();
+    let mut progress = Progress::new();
     while let Some(chunk) = lines.next().await {
         buf.extend_from_slice(&chunk?);
         while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
@@ -61,38 +106,22 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
             let event: PreheatEvent =
                 serde_json::from_slice(&line).context("reading the agent's progress")?;
             match event {
-                PreheatEvent::Plan { blobs, bytes } => {
-                    total_blobs = blobs;
-                    total_bytes = bytes;
-                }
-                PreheatEvent::BlobDone { size, .. } => {
-                    done_blobs += 1;
-                    done_bytes += size;
-                }
+                PreheatEvent::Plan { blobs, bytes } => progress.plan(blobs, bytes),
+                PreheatEvent::Progress { bytes } => progress.bytes(bytes),
+                PreheatEvent::BlobDone { .. } => progress.blob_done(),
                 PreheatEvent::Failed { message } => {
-                    writeln!(err)?;
+                    progress.bar.abandon();
                     anyhow::bail!("preheat failed: {message}");
                 }
                 PreheatEvent::Done { blobs, bytes } => {
-                    writeln!(
-                        err,
-                        "\r{} {blobs}/{blobs} blobs, {} ",
-                        bar(1, 1),
-                        bytesize::ByteSize::b(bytes)
-                    )?;
+                    progress.bar.set_position(bytes);
+                    progress.bar.finish_and_clear();
                     println!("preheated {} ({blobs} blobs, {})", args.image, bytesize::ByteSize::b(bytes));
                     return Ok(());
                 }
             }
-            write!(
-                err,
-                "\r{} {done_blobs}/{total_blobs} blobs, {} / {} ",
-                bar(done_bytes, total_bytes),
-                bytesize::ByteSize::b(done_bytes),
-                bytesize::ByteSize::b(total_bytes)
-            )?;
-            err.flush()?;
         }
     }
+    progress.bar.abandon();
     anyhow::bail!("the agent closed the progress stream before the preheat finished")
 }

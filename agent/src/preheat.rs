@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -50,6 +51,30 @@ pub enum PreheatEvent {
         blobs: usize,
         bytes: u64,
     },
+    /// Verified bytes of the plan held so far (cached blobs and pieces of running downloads),
+    /// every [`PROGRESS_EVERY`] while blobs are downloading.
+    Progress {
+        bytes: u64,
+    },
+}
+
+/// How often a running preheat reports the bytes it holds.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// Verified bytes of `digest` held here: all of a cached blob, the pieces of a running download.
+fn held_bytes(store: &AgentStore, digest: &Digest, size: u64) -> u64 {
+    if store.downloads().cache.contains(digest) {
+        return size;
+    }
+    match store.downloads().running(digest) {
+        Some(d) => {
+            let pieces = d.pieces();
+            let m = pieces.metainfo();
+            let have = pieces.have();
+            (0..have.len()).filter(|i| have.get(*i)).filter_map(|i| m.piece_len(i)).sum()
+        }
+        None => 0,
+    }
 }
 
 fn parse_image(image: &str) -> Result<(RepoName, Reference), String> {
@@ -179,6 +204,26 @@ pub async fn preheat(
         };
         let bytes = blobs.iter().map(|(_, s)| s).sum();
         let _ = tx.send(PreheatEvent::Plan { blobs: blobs.len(), bytes }).await;
+        let progress = {
+            let (store, blobs, tx) = (store.clone(), blobs.clone(), tx.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(PROGRESS_EVERY);
+                let mut last = None;
+                loop {
+                    tick.tick().await;
+                    let held: u64 = blobs.iter().map(|(d, s)| held_bytes(&store, d, *s)).sum();
+                    if last != Some(held) && tx.send(PreheatEvent::Progress { bytes: held }).await.is_err() {
+                        return;
+                    }
+                    last = Some(held);
+                }
+            })
+        };
+        // Stopped (and waited for) before the last event, so nothing follows it.
+        let stop_progress = || async {
+            progress.abort();
+            let _ = progress.await;
+        };
         let mut joins = Vec::new();
         for (digest, size) in blobs.clone() {
             let store = store.clone();
@@ -199,12 +244,14 @@ pub async fn preheat(
                 Ok(Err(message)) => PreheatEvent::Failed { message },
                 Err(e) => PreheatEvent::Failed { message: e.to_string() },
             };
-            let failed = matches!(event, PreheatEvent::Failed { .. });
-            let _ = tx.send(event).await;
-            if failed {
+            if matches!(event, PreheatEvent::Failed { .. }) {
+                stop_progress().await;
+                let _ = tx.send(event).await;
                 return;
             }
+            let _ = tx.send(event).await;
         }
+        stop_progress().await;
         let _ = tx.send(PreheatEvent::Done { blobs: blobs.len(), bytes }).await;
     };
     tokio::spawn(FORWARD_AUTHORIZATION.scope(forward, work));

@@ -153,13 +153,16 @@ impl RegistryStore for AgentStore {
         if let Some(size) = lock(&self.confirmed).get(&key).filter(|_| cacheable) {
             return Ok(Some(*size));
         }
-        let mut asked = self.origin.blob_size(repo, digest).await;
-        if matches!(asked, Ok(None)) && self.registries.is_upstream(repo) {
-            asked = match self.fetch_upstream(repo, digest).await {
+        // Upstream content: first make sure the origins hold it (their `HEAD` would wait for
+        // the whole fetch, longer than a call to them may take); then ask as for any blob.
+        let asked = if self.registries.is_upstream(repo) {
+            match self.fetch_upstream(repo, digest).await {
                 Ok(Some(_)) => self.origin.blob_size(repo, digest).await,
                 other => other,
-            };
-        }
+            }
+        } else {
+            self.origin.blob_size(repo, digest).await
+        };
         match asked {
             Ok(Some(size)) => {
                 if cacheable {

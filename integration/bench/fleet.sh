@@ -8,6 +8,13 @@
 #             `shoal tracker` in the origin namespace;
 #   registry  straight from Debian's docker-registry in the origin namespace (storage on
 #             disk): the central registry a fleet pulls from without Shoal (the baseline).
+#   shoal_upstream  pull-through: the blob is only in a docker-registry in an "upstream"
+#             namespace (10.77.0.2, its own link of BENCH_UPSTREAM_MBIT); the origin is
+#             started with --upstream upstream.test=<it>, and every host asks its agent for
+#             upstream.test/<repo>: the first byte needs the origin's fetch, then the swarm.
+#             Its row adds upstream= (bytes out of the upstream's link ÷ size) and
+#             upstream_gets= (GETs of the blob in the upstream's access log). Compare with
+#             `registry`, every host pulling from a registry behind the same link rate.
 # After the timed window every host's file is hashed and compared with the digest.
 #
 #   cargo build --release --bin shoal
@@ -22,7 +29,9 @@
 #   BENCH_REPEATS=1            runs per system and N (each: fresh processes, data dirs, blob)
 #   BENCH_STRAGGLERS=0         1: a quarter of the hosts (the last ones) at a fifth of HOST
 #   BENCH_SYSTEMS="shoal registry"  (also shoal_tls: Shoal with TLS everywhere and mutual TLS
-#                              between peers, certificates from a CA made for the run)
+#                              between peers, certificates from a CA made for the run;
+#                              shoal_upstream: pull-through, below)
+#   BENCH_UPSTREAM_MBIT=ORIGIN the upstream namespace's link (shoal_upstream)
 #   BENCH_RESULTS=/tmp/shoal-fleet-results.txt   machine-readable `fleet: ...` lines appended here
 #   BENCH_PLOT=                e.g. docs/fleet.svg: draw this run's rows there
 #                              (integration/bench/plot_fleet.py); unset, nothing is drawn
@@ -63,6 +72,10 @@ PLOT=${BENCH_PLOT:-}
 SATURATED=0.85
 BLOB_REPO=bench/fleet
 REGISTRY_URL=http://$FLEET_ORIGIN_ADDR:5001
+UPSTREAM_ADDR=10.77.0.2
+UPSTREAM_URL=http://$UPSTREAM_ADDR:5000
+UPSTREAM_MBIT=${BENCH_UPSTREAM_MBIT:-$ORIGIN_MBIT}
+RECORD_EXTRA= # more key=value figures for the next record (shoal_upstream)
 RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)-$$
 SIZE=$((SIZE_MIB * 1024 * 1024))
 
@@ -72,8 +85,11 @@ for s in $SYSTEMS; do
     [[ -x $SHOAL_BIN ]] || die "no shoal binary at SHOAL_BIN=$SHOAL_BIN"
     [[ $SHOAL_BIN == */debug/* ]] && log "WARNING: $SHOAL_BIN looks like a debug build; figures will be meaningless"
     ;;
+  shoal_upstream)
+    [[ -x $SHOAL_BIN && -x $DOCKER_REGISTRY ]] || die "shoal_upstream needs SHOAL_BIN and $DOCKER_REGISTRY"
+    ;;
   registry) [[ -x $DOCKER_REGISTRY ]] || die "$DOCKER_REGISTRY missing (apt-get install docker-registry)" ;;
-  *) die "unknown system '$s' in BENCH_SYSTEMS (shoal, shoal_tls, registry)" ;;
+  *) die "unknown system '$s' in BENCH_SYSTEMS (shoal, shoal_tls, shoal_upstream, registry)" ;;
   esac
 done
 for c in curl jq sha256sum awk python3; do command -v "$c" >/dev/null || die "$c missing"; done
@@ -171,6 +187,7 @@ record() {
     sat=yes note="SATURATED (not counted)"
   fi
   if ((ok < n || good < n)); then note="FAILED ($ok/$n verified, $good/$n curl ok)${note:+; $note}"; fi
+  [[ -n $RECORD_EXTRA ]] && note="$RECORD_EXTRA${note:+; $note}"
   local origin received
   origin=$(ratio "$WIN_ORIGIN_TX" "$SIZE")
   received=$(ratio "$WIN_HOSTS_RX" "$((n * SIZE))")
@@ -180,18 +197,30 @@ record() {
   echo "fleet: system=$sys n=$n p50=$p50 p90=$p90 max=$max origin=$origin received=$received" \
     "timeouts=$timeouts fallback_mib=$fallback dup_mib=$dup cpu=$WIN_CPU cpu_s_per_gib=$cpugib fast_max=$fast_max" \
     "log_timeouts=$logto saturated=$sat ok=$ok/$n repeat=$rep size_mib=$SIZE_MIB host_mbit=$HOST_MBIT" \
-    "origin_mbit=$ORIGIN_MBIT stragglers=$STRAGGLERS run=$RUN_ID" >>"$RESULTS"
+    "origin_mbit=$ORIGIN_MBIT stragglers=$STRAGGLERS run=$RUN_ID${RECORD_EXTRA:+ $RECORD_EXTRA}" >>"$RESULTS"
+  RECORD_EXTRA=
 }
 
+# run_shoal N REP [LABEL [DIGEST]]: with DIGEST, the blob is not pushed (it is upstream) and
+# hosts ask for it at SHOAL_PULL_PATH.
 run_shoal() {
   local n=$1 rep=$2 label=${3:-shoal} dir=$T/${3:-shoal}-$1-$2 i timeouts logto=0 fallback received gib dup
+  local path=${SHOAL_PULL_PATH:-$BLOB_REPO} up_tx0=0
   fleet_start_shoal "$dir"
-  random_blob
-  ns_push "$FLEET_ORIGIN_NS" "$FLEET_ORIGIN_URL" "$BLOB_REPO" "$BLOB" "$BLOB_DIGEST"
-  rm -f "$BLOB"
-  fleet_wait_metainfo "$BLOB_DIGEST"
+  if [[ -z ${4:-} ]]; then
+    random_blob
+    ns_push "$FLEET_ORIGIN_NS" "$FLEET_ORIGIN_URL" "$BLOB_REPO" "$BLOB" "$BLOB_DIGEST"
+    rm -f "$BLOB"
+    fleet_wait_metainfo "$BLOB_DIGEST"
+  else
+    up_tx0=$(link_bytes "$UPSTREAM_NS" "$UPSTREAM_DEV" tx)
+  fi
   sync # the blob on disk, not in dirty pages written back during the window
-  timed_pull "$FLEET_AGENT_URL/v2/$BLOB_REPO/blobs/$BLOB_DIGEST" "${FLEET_AGENT_PIDS[@]}"
+  timed_pull "$FLEET_AGENT_URL/v2/$path/blobs/$BLOB_DIGEST" "${FLEET_AGENT_PIDS[@]}"
+  if [[ -n ${4:-} ]]; then
+    RECORD_EXTRA="upstream=$(ratio "$(($(link_bytes "$UPSTREAM_NS" "$UPSTREAM_DEV" tx) - up_tx0))" "$SIZE")"
+    RECORD_EXTRA+=" upstream_gets=$(grep -c "\"GET /v2/$BLOB_REPO/blobs/$BLOB_DIGEST " "$T/shoal_upstream-$n-$rep/upstream.log" || true)"
+  fi
   timeouts=$(fleet_agents_metric shoal_agent_piece_timeouts_total)
   fallback=$(fleet_agents_metric shoal_agent_received_bytes_total 'source="origin"')
   [[ $fallback == n/a ]] && fallback=0
@@ -217,6 +246,45 @@ run_shoal_tls() {
   run_shoal "$1" "$2" shoal_tls
   FLEET_TLS=0
   _fleet_tls "$T/unused"
+}
+
+# registry_config DIR ADDR: a docker-registry config with storage in DIR/data and an access log.
+registry_config() {
+  mkdir -p "$1/data"
+  cat >"$1/config.yml" <<EOF
+version: 0.1
+log:
+  level: info
+  formatter: text
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: $1/data
+  delete:
+    enabled: true
+http:
+  addr: $2
+EOF
+}
+
+# run_shoal_upstream N REP: the blob only upstream; hosts pull it through their agents.
+run_shoal_upstream() {
+  local n=$1 rep=$2 dir=$T/shoal_upstream-$1-$2 pid
+  registry_config "$dir/upstream" "${UPSTREAM_URL#http://}"
+  ns_bg "$UPSTREAM_NS" "$dir/upstream.log" "$DOCKER_REGISTRY" serve "$dir/upstream/config.yml"
+  pid=$NS_PID
+  wait_ready 30 "$pid" docker-registry in_ns "$UPSTREAM_NS" curl -sf --max-time 2 -o /dev/null "$UPSTREAM_URL/v2/" ||
+    die "$WAIT_ERR (log: $dir/upstream.log)"
+  random_blob
+  ns_push "$UPSTREAM_NS" "$UPSTREAM_URL" "$BLOB_REPO" "$BLOB" "$BLOB_DIGEST"
+  rm -f "$BLOB"
+  sync
+  FLEET_ORIGIN_ARGS=(--upstream "upstream.test=$UPSTREAM_URL")
+  SHOAL_PULL_PATH="upstream.test/$BLOB_REPO" run_shoal "$n" "$rep" shoal_up "$BLOB_DIGEST"
+  FLEET_ORIGIN_ARGS=()
+  ns_stop "$pid"
+  rm -rf "$dir/upstream/data"
 }
 
 run_registry() {
@@ -263,6 +331,10 @@ for n in $FLEET; do
   slow=0
   ((STRAGGLERS)) && slow=$((n / 4))
   fleet_setup "$n" "$HOST_MBIT" "$ORIGIN_MBIT" "$slow"
+  if [[ " $SYSTEMS " == *" shoal_upstream "* ]]; then
+    netns_add_host u "$UPSTREAM_ADDR" "$UPSTREAM_MBIT"
+    UPSTREAM_NS=$NETNS_NS UPSTREAM_DEV=$NETNS_DEV
+  fi
   for ((rep = 1; rep <= REPEATS; rep++)); do
     for s in $SYSTEMS; do
       "run_$s" "$n" "$rep"

@@ -194,6 +194,7 @@ FLEET_TRACKER_URL=http://$FLEET_ORIGIN_ADDR:5100  # shoal tracker
 FLEET_ORIGIN_PEER=$FLEET_ORIGIN_ADDR:5200         # the origin's peer listener
 FLEET_AGENT_URL=http://127.0.0.1:5000             # every host's own agent, in its own namespace
 FLEET_AGENT_PEER_PORT=7001
+FLEET_ORIGIN_ARGS=() # more flags for the origin (e.g. --upstream)
 
 # fleet_setup N HOST_MBIT ORIGIN_MBIT [SLOW]: the origin namespace, its link at ORIGIN_MBIT, and
 # N hosts at HOST_MBIT, of which the last SLOW (default 0) are at HOST_MBIT / 5.
@@ -236,7 +237,7 @@ fleet_start_shoal() {
   fi
   FLEET_ORIGIN_LOG=$dir/origin.log
   ns_bg "$FLEET_ORIGIN_NS" "$FLEET_ORIGIN_LOG" "$SHOAL_BIN" origin --listen "${FLEET_ORIGIN_URL#*://}" \
-    --peer-listen "$FLEET_ORIGIN_PEER" --data-dir "$dir/origin" "${tls_o[@]}"
+    --peer-listen "$FLEET_ORIGIN_PEER" --data-dir "$dir/origin" "${tls_o[@]}" "${FLEET_ORIGIN_ARGS[@]}"
   FLEET_ORIGIN_PID=$NS_PID
   wait_ready 30 "$FLEET_ORIGIN_PID" "shoal origin" in_ns "$FLEET_ORIGIN_NS" curl "${CURL_TLS[@]}" -sf --max-time 2 "$FLEET_ORIGIN_URL/healthz" ||
     die "$WAIT_ERR (log: $FLEET_ORIGIN_LOG)"

@@ -286,8 +286,11 @@ start_dockerd() {
   DOCKER_SOCK=$d/docker.sock
   DOCKER_CONFIG=$d/cli # private client config (no stray auths or proxies)
   export DOCKER_CONFIG
+  # DOCKERD_MIRRORS (e.g. http://127.0.0.1:5000): Docker Hub pulls go there first.
+  local mirrors=''
+  [[ -n ${DOCKERD_MIRRORS:-} ]] && mirrors=", \"registry-mirrors\": [\"$DOCKERD_MIRRORS\"]"
   cat >"$d/daemon.json" <<EOF
-{ "insecure-registries": ["127.0.0.0/8"] }
+{ "insecure-registries": ["127.0.0.0/8"]$mirrors }
 EOF
   # --ip-forward=false / --iptables=false / --bridge=none: leave the host's networking alone.
   start_bg dockerd "$d/dockerd.log" "$DOCKERD" --data-root "$d/data" --exec-root "$d/exec" \

@@ -45,6 +45,10 @@ check_preheat() {
   assert_eq "$(printf '%s\n' "$@" | sort)" "$(jq -r 'select(.event=="blob_done") | .digest' "$out" | sort)" \
     "blob_done digests"
   assert_eq 0 "$(jq -r 'select(.event=="failed")' "$out" | wc -l)" "failed events"
+  # Bytes held are reported while it runs (at least once), never shrinking, never past the plan.
+  jq -s -e --argjson total "$bytes" '[.[] | select(.event=="progress") | .bytes] |
+    length >= 1 and . == sort and all(. <= $total)' "$out" >/dev/null ||
+    die "progress events missing, shrinking or past the plan: $(jq -c 'select(.event=="progress")' "$out" | tr '\n' ' ')"
   local d
   for d in "$@"; do
     assert_eq "$(stat -c %s "$(blob_file "$d")")" "$(jq -r --arg d "$d" 'select(.event=="blob_done" and .digest==$d) | .size' "$out")" \

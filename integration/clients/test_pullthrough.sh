@@ -32,7 +32,8 @@ if [[ -z ${PT_NETNS:-} ]]; then
   printf '127.0.0.1 localhost upstream.test\n::1 localhost\n' >"/etc/netns/$ns/hosts"
   printf '#!/bin/sh\nexec nsenter --net=/run/netns/%s %s "$@"\n' "$ns" "$DOCKERD" >"$T/dockerd-in-ns"
   chmod +x "$T/dockerd-in-ns"
-  DOCKERD=$T/dockerd-in-ns start_dockerd
+  # Docker Hub pulls go to the agent the test starts on 127.0.0.1:5000 (as on a node).
+  DOCKERD_MIRRORS=http://127.0.0.1:5000 DOCKERD=$T/dockerd-in-ns start_dockerd
   PT_NETNS=$ns DOCKER_SOCK=$DOCKER_SOCK DOCKER_CONFIG=$DOCKER_CONFIG ip netns exec "$ns" bash "$0" "$@"
   exit 0
 fi
@@ -113,9 +114,15 @@ mapfile -t private_blobs < <(layout_blobs "$T/private" | grep -v "sha256:$privat
 log "seeded upstream.test: library/app (sha256:$app_digest, ${#app_blobs[@]} blobs), library/multi, private/app"
 
 # --- Shoal, pulling through upstream.test --------------------------------------------------
+# The same upstream also plays Docker Hub (docker.io), for Docker Engine's registry-mirrors.
 cat >"$T/origin.toml" <<EOF
 [[upstream]]
 registry = "upstream.test"
+url = "https://upstream.test"
+ca_file = "$pki/ca.pem"
+
+[[upstream]]
+registry = "docker.io"
 url = "https://upstream.test"
 ca_file = "$pki/ca.pem"
 EOF
@@ -163,6 +170,22 @@ dk pull "${AGENTS[2]}/upstream.test/library/app:v1" >"$T/docker-pull.log" 2>&1 |
   { cat "$T/docker-pull.log" >&2; die "docker pull of the explicit form failed"; }
 for b in "${app_blobs[@]}"; do
   assert_eq 1 "$(upstream_blob_gets "$b")" "times the upstream sent $b (after docker)"
+done
+
+log "docker pulls library/app:v1 from \"Docker Hub\" through its registry-mirrors agent (127.0.0.1:5000)"
+shoal_bg mirror-agent "$T/mirror-agent.log" agent --listen 127.0.0.1:5000 --peer-listen "127.0.0.1:$(free_port)" \
+  --origin "$ORIGIN_URL" --tracker "$TRACKER_URL" --data-dir "$T/cluster/mirror-agent"
+wait_ready 30 "$BG_PID" "the mirror agent" is_200 http://127.0.0.1:5000/healthz || die "$WAIT_ERR"
+sleep 2.5 # its first list of upstream registries
+dk pull library/app:v1 >"$T/docker-hub-pull.log" 2>&1 ||
+  { cat "$T/docker-hub-pull.log" >&2; die "docker pull library/app:v1 through registry-mirrors failed"; }
+assert_eq "$(dk image inspect -f '{{.Id}}' "${AGENTS[2]}/upstream.test/library/app:v1")" \
+  "$(dk image inspect -f '{{.Id}}' library/app:v1)" "image ID through the mirror and the explicit form"
+grep -q 'GET /v2/library/app/manifests/\|path=/v2/library/app/manifests/' "$T/mirror-agent.log" ||
+  die "the mirror agent never served library/app's manifest"
+# Same blobs under another mirrored name: linked, not fetched again.
+for b in "${app_blobs[@]}"; do
+  assert_eq 1 "$(upstream_blob_gets "$b")" "times the upstream sent $b (after the Docker Hub pull)"
 done
 
 log "a private upstream repository"

@@ -457,3 +457,39 @@ async fn padded_manifest(client: &Client, repo: &str, size: usize) -> Manifest {
     assert_eq!(manifest.bytes.len(), size);
     manifest
 }
+
+/// Push: a manifest whose non-distributable ("foreign") layers were never uploaded is
+/// accepted (OCI `nondistributable` and Docker `foreign.diff` types, with `urls`), and pulled
+/// back byte for byte by tag and digest; its ordinary layers are still required.
+#[tokio::test]
+async fn manifest_with_absent_foreign_layers_is_accepted() {
+    let origin = Origin::start().await;
+    let client = origin.client();
+    for (kind, foreign_type) in [
+        (ImageKind::Oci, "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"),
+        (ImageKind::Docker, "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"),
+    ] {
+        let repo = unique_repo("manifests");
+        let config = Blob::config(kind.config_type());
+        let layer = Blob::random_layer(kind.layer_type(), 100);
+        client.push_blob(&repo, &config.data).await;
+        client.push_blob(&repo, &layer.data).await;
+        let foreign = Blob::random_layer(foreign_type, 1000);
+        let mut foreign_descriptor = foreign.descriptor();
+        foreign_descriptor["urls"] = json!(["https://example.com/foreign-layer.tar.gz"]);
+        let mut value =
+            oci::image_manifest_value(kind.manifest_type(), &config, std::slice::from_ref(&layer));
+        value["layers"].as_array_mut().expect("layers").insert(0, foreign_descriptor.clone());
+        let manifest = Manifest::from_value(kind.manifest_type(), &value);
+        let reply = client.put_manifest(&repo, "v1", &manifest).await;
+        assert_push_reply(&client, &reply, &manifest);
+        assert_served(&client, &repo, "v1", &manifest).await;
+        assert_served(&client, &repo, &manifest.digest, &manifest).await;
+        client.get_blob(&repo, &foreign.digest).await.expect(StatusCode::NOT_FOUND);
+
+        // The same manifest with its ordinary layer missing is still refused.
+        let other = unique_repo("manifests");
+        client.push_blob(&other, &config.data).await;
+        expect_manifest_blob_unknown(&client.put_manifest(&other, "v1", &manifest).await);
+    }
+}

@@ -15,6 +15,21 @@ pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.mani
 const DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+json";
 const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
 
+/// Layer media types the image spec calls non-distributable ("foreign"): such a layer may be
+/// absent from the registry (clients fetch it from its `urls`, or already have it), so a
+/// manifest that references it is accepted without it, and agents never fetch it.
+pub const NON_DISTRIBUTABLE: [&str; 4] = [
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+];
+
+/// Whether a layer of `media_type` is non-distributable.
+pub fn is_non_distributable(media_type: &str) -> bool {
+    NON_DISTRIBUTABLE.contains(&media_type)
+}
+
 /// Default size limit for a manifest, the 4 MiB the spec suggests registries accept.
 pub const DEFAULT_MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 
@@ -62,6 +77,8 @@ pub struct ParsedManifest {
     pub media_type: String,
     /// Blobs (config, layers) that must already be in the repository.
     pub blobs: Vec<Digest>,
+    /// Non-distributable layers: referenced, but not required to be in the repository.
+    pub foreign: Vec<Digest>,
     /// Manifests (index entries) that must already be in the repository.
     pub children: Vec<Digest>,
     /// The manifest this one refers to (referrers API), if any.
@@ -138,8 +155,13 @@ pub fn parse_manifest(content_type: Option<&str>, bytes: &[u8]) -> Result<Parsed
                 return Err(ManifestError::SchemaVersion);
             }
             let mut blobs = vec![digest_of(m.config())?];
+            let mut foreign = Vec::new();
             for layer in m.layers() {
-                blobs.push(digest_of(layer)?);
+                if is_non_distributable(&layer.media_type().to_string()) {
+                    foreign.push(digest_of(layer)?);
+                } else {
+                    blobs.push(digest_of(layer)?);
+                }
             }
             let artifact_type = m
                 .artifact_type()
@@ -149,6 +171,7 @@ pub fn parse_manifest(content_type: Option<&str>, bytes: &[u8]) -> Result<Parsed
             Ok(ParsedManifest {
                 media_type,
                 blobs,
+                foreign,
                 children: Vec::new(),
                 subject: m.subject().as_ref().map(digest_of).transpose()?,
                 artifact_type,
@@ -165,6 +188,7 @@ pub fn parse_manifest(content_type: Option<&str>, bytes: &[u8]) -> Result<Parsed
             Ok(ParsedManifest {
                 media_type,
                 blobs: Vec::new(),
+                foreign: Vec::new(),
                 children,
                 subject: i.subject().as_ref().map(digest_of).transpose()?,
                 artifact_type: i.artifact_type().as_ref().map(|a| a.to_string()),
@@ -190,6 +214,22 @@ mod tests {
             d("c"),
             d("l")
         )
+    }
+
+    #[test]
+    fn non_distributable_layers_are_referenced_but_not_required() {
+        for foreign_type in NON_DISTRIBUTABLE {
+            let body = format!(
+                r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":2}},"layers":[{{"mediaType":"{foreign_type}","digest":"{}","size":3,"urls":["https://example.com/layer"]}},{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":3}}]}}"#,
+                d("c"),
+                d("foreign"),
+                d("l")
+            );
+            let m = parse_manifest(Some(OCI_MANIFEST), body.as_bytes()).unwrap();
+            assert_eq!(m.blobs.iter().map(|b| b.to_string()).collect::<Vec<_>>(), vec![d("c"), d("l")]);
+            assert_eq!(m.foreign.iter().map(|b| b.to_string()).collect::<Vec<_>>(), vec![d("foreign")]);
+        }
+        assert!(!is_non_distributable("application/vnd.oci.image.layer.v1.tar+gzip"));
     }
 
     #[test]

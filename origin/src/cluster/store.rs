@@ -126,7 +126,8 @@ impl ClusterStore {
         let value = ManifestValue {
             media_type: parsed.media_type.clone(),
             bytes: text,
-            blobs: parsed.blobs.clone(),
+            // Foreign layers too: if one was pushed after all, garbage collection keeps it.
+            blobs: parsed.blobs.iter().chain(&parsed.foreign).cloned().collect(),
             children: parsed.children.clone(),
             subject: parsed.subject.clone(),
             referrer,
@@ -141,6 +142,23 @@ impl ClusterStore {
         }
         within_gc_deadline(read_at)?;
         self.c().write_records(repo.as_str(), records).await
+    }
+
+    /// Link a blob the cluster already holds (under any repository) into `repo`: its size, or
+    /// `None` if none of its owners holds it. For mirrored content, whose blobs many
+    /// repositories share (base layers): the bytes are not fetched again.
+    pub async fn link_held(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let read_at = std::time::Instant::now();
+        for id in self.c().owners(&digest.to_string()) {
+            let Some(node) = self.c().node(&id) else { continue };
+            if let Ok(Some(size)) = node.blob_stat(digest).await {
+                within_gc_deadline(read_at)?;
+                let link = self.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size }));
+                self.c().write_records(repo.as_str(), vec![link]).await?;
+                return Ok(Some(size));
+            }
+        }
+        Ok(None)
     }
 
     /// A tag's target and when it was last written (milliseconds since the epoch).

@@ -111,6 +111,11 @@ impl Fetches {
         Ok(Joined::Started(f))
     }
 
+    /// Whether a fetch of `digest` is registered (running or lingering).
+    pub fn running(&self, digest: &Digest) -> bool {
+        lock(&self.running).contains_key(digest)
+    }
+
     /// Fetches registered now (running or lingering).
     pub fn len(&self) -> usize {
         lock(&self.running).len()

@@ -358,6 +358,9 @@ impl PullThrough {
                 return Ok(p);
             }
         }
+        if let Some(size) = self.link_if_held(&up, repo, path, digest).await? {
+            return Ok(Progress { size: Some(size), received: size, complete: true, ..Progress::default() });
+        }
         let fetch = match self.fetches.join(digest) {
             Ok(Joined::Existing(f)) => f,
             Ok(Joined::Started(f)) => {
@@ -378,6 +381,41 @@ impl PullThrough {
             Err(n) => return Err(StoreError::Unavailable(format!("{n} upstream fetches running; retry"))),
         };
         Ok(fetch.progress())
+    }
+
+    /// A blob the cluster holds under another repository (a shared base layer) is linked into
+    /// `repo` once the upstream confirms that this client may read it there: no bytes move.
+    async fn link_if_held(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        path: &str,
+        digest: &Digest,
+    ) -> Result<Option<u64>, StoreError> {
+        if self.fetches.running(digest) {
+            return Ok(None);
+        }
+        let held = self.inner.coordinator.owners(&digest.to_string());
+        let mut any = false;
+        for id in held {
+            if let Some(node) = self.inner.coordinator.node(&id) {
+                if matches!(node.blob_stat(digest).await, Ok(Some(_))) {
+                    any = true;
+                    break;
+                }
+            }
+        }
+        if !any {
+            return Ok(None);
+        }
+        match self.call(up, repo, |c| async move { up.blob_head(path, digest, c.as_ref()).await }).await {
+            Ok(_) => {
+                self.metrics.cache(up.registry(), true);
+                self.inner.link_held(repo, digest).await
+            }
+            Err(UpstreamError::NotFound) => Ok(None),
+            Err(e) => Err(store_error(up.registry(), e)),
+        }
     }
 
     /// Ask the digest's primary owner, if that is another origin; `None`: fetch here.
