@@ -27,6 +27,38 @@ def pod_labels(obj):
     return obj["spec"]["template"]["metadata"].get("labels", {})
 
 
+def check_upstreams(by_kind):
+    """origin.toml parses as TOML; every [[upstream]]'s password_file and ca_file is under a
+    volume mounted into the origin container (which upstreams the nodes mirror is checked by
+    test_chart_render.sh, which knows the values)."""
+    import tomllib
+
+    problems = []
+    upstreams = []
+    for cm in by_kind.get("ConfigMap", []):
+        text = cm.get("data", {}).get("origin.toml")
+        if text is None:
+            continue
+        try:
+            upstreams = tomllib.loads(text).get("upstream", [])
+        except tomllib.TOMLDecodeError as e:
+            problems.append(f"ConfigMap/{cm['metadata']['name']}: origin.toml is not TOML: {e}")
+    origins = [s for s in by_kind.get("StatefulSet", []) if s["metadata"]["name"].endswith("origin")]
+    mounts = []
+    for o in origins:
+        for c in pod_spec(o)["containers"]:
+            if c["name"] == "origin":
+                mounts = [m["mountPath"] for m in c.get("volumeMounts", [])]
+    for u in upstreams:
+        for key in ("password_file", "ca_file"):
+            path = u.get(key)
+            if path and not any(path.startswith(m.rstrip("/") + "/") for m in mounts):
+                problems.append(f"upstream {u.get('registry')}: {key} {path} is on no volume of the origin")
+    if upstreams:
+        print(f"{len(upstreams)} upstreams, their files on the origin's volumes")
+    return problems
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("rendered")
@@ -185,6 +217,8 @@ def main():
                 for p in dash.get("panels", []):
                     if not p.get("targets"):
                         problems.append(f"dashboard panel {p.get('title')!r} has no queries")
+
+    problems += check_upstreams(by_kind)
 
     for p in problems:
         print(p)

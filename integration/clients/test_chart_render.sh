@@ -57,6 +57,19 @@ if grep -q -- '--hosts-dir' "$T/one-origin.yaml"; then die "containerd.enabled=f
 grep -q -- '--registry=registry.example.com,docker.io,ghcr.io=https://ghcr.io' "$T/all-on.yaml" ||
   die "the mirrored registries are not passed to shoal node setup"
 
+# Upstreams: the nodes mirror those with mirrorOnNodes (the default), with the upstream as
+# the fallback server, and not the others; no password in the ConfigMap.
+all_on=$T/all-on.yaml
+regs=$(grep -o -- '--registry=[^"]*' "$all_on" | head -n 1)
+# docker.io is in containerd.extraRegistries already (listed once); mirror.example.org is added.
+for want in docker.io mirror.example.org=https://mirror.example.org; do
+  [[ ,${regs#--registry=}, == *,$want,* ]] || die "nodes do not mirror $want: $regs"
+done
+[[ $(grep -o ',docker.io[,=]' <<<",${regs#--registry=}," | wc -l) == 1 ]] || die "docker.io listed twice: $regs"
+[[ $regs != *quay.io* ]] || die "quay.io has mirrorOnNodes: false but the nodes mirror it: $regs"
+grep -q 'password_file = "/var/run/shoal-upstream/0/password"' "$all_on" || die "no password_file for docker.io"
+if grep -q 'mirror-secret\|dockerhub-mirror.*password =' "$all_on"; then die "an upstream password in the ConfigMap"; fi
+
 # Values the schema (or the templates) must refuse, each with a message naming the problem.
 refuse() { # WHAT PATTERN helm-args...
   local what=$1 pattern=$2
@@ -69,6 +82,13 @@ refuse "R above the origin count" "replicationFactor" --set origin.replicas=1
 refuse "a relative hostPath" "hostPath" --set agent.hostPath=var/lib
 refuse "a port out of range" "port" --set agent.port=70000
 refuse "a bad registry name" "registryName" --set containerd.registryName=http://x/y
+refuse "an upstream with a port" "registry" --set 'upstreams[0].registry=host:5000' --set 'upstreams[0].url=https://h'
+refuse "an upstream in upper case" "registry" --set 'upstreams[0].registry=Docker.io' --set 'upstreams[0].url=https://h'
+refuse "an upstream without a url" "url" --set 'upstreams[0].registry=docker.io'
+refuse "an upstream url that is not http(s)" "url" --set 'upstreams[0].registry=docker.io' --set 'upstreams[0].url=ftp://h'
+refuse "an upstream user without a password" "passwordSecret" --set 'upstreams[0].registry=docker.io' \
+  --set 'upstreams[0].url=https://h' --set 'upstreams[0].username=u'
+refuse "upstreams inside origin.config" "upstreams" --set 'origin.config.upstream[0].registry=docker.io'
 refuse "cert-manager without an issuer" "name" --set tls.enabled=true
 
 # TLS: certificates from cert-manager where no Secret is named, https everywhere, the

@@ -157,7 +157,7 @@ pub fn parse_manifest(content_type: Option<&str>, bytes: &[u8]) -> Result<Parsed
             let mut blobs = vec![digest_of(m.config())?];
             let mut foreign = Vec::new();
             for layer in m.layers() {
-                if is_non_distributable(&layer.media_type().to_string()) {
+                if is_non_distributable(layer.media_type().as_ref()) {
                     foreign.push(digest_of(layer)?);
                 } else {
                     blobs.push(digest_of(layer)?);

@@ -135,11 +135,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $regs = append $regs (printf "%s=%s://%s" (include "shoal.registryName" .) (include "shoal.scheme" .) (include "shoal.registryName" .)) -}}
 {{- end -}}
 {{- end -}}
+{{- $named := list -}}
 {{- range .Values.containerd.extraRegistries -}}
+{{- $named = append $named .name -}}
 {{- if .server -}}
 {{- $regs = append $regs (printf "%s=%s" .name .server) -}}
 {{- else -}}
 {{- $regs = append $regs .name -}}
+{{- end -}}
+{{- end -}}
+{{- /* Upstreams the origins pull through: containerd on every node sends their pulls to the
+     agent (which maps ?ns= to them), falling back to the upstream itself. */ -}}
+{{- range .Values.upstreams -}}
+{{- if and (ne .mirrorOnNodes false) (not (has .registry $named)) -}}
+{{- $regs = append $regs (printf "%s=%s" .registry (trimSuffix "/" .url)) -}}
 {{- end -}}
 {{- end -}}
 {{- join "," $regs -}}
