@@ -252,6 +252,8 @@ pub async fn preheat(
             let _ = tx.send(event).await;
         }
         stop_progress().await;
+        // The last word on bytes: everything is held (also when it took less than one tick).
+        let _ = tx.send(PreheatEvent::Progress { bytes }).await;
         let _ = tx.send(PreheatEvent::Done { blobs: blobs.len(), bytes }).await;
     };
     tokio::spawn(FORWARD_AUTHORIZATION.scope(forward, work));

@@ -14,6 +14,7 @@ use shoal_registry::{ByteStream, Digest, RegistryStore, RepoName, StoreError, Ta
 
 use shoal_registry::auth::remote::RemoteAuth;
 use shoal_registry::auth::{forwarded_authorization, FORWARD_AUTHORIZATION};
+use shoal_registry::mirror::wait_for_fetch;
 
 use crate::downloads::Downloads;
 use crate::mirror::{upstream_credentials, Registries};
@@ -23,10 +24,6 @@ use crate::origin_client::OriginClient;
 const MAX_MANIFESTS: usize = 10_000;
 /// (repository, blob) pairs the origin confirmed, so cached blobs need no round trip.
 const MAX_CONFIRMED: usize = 100_000;
-/// How often the progress of an upstream blob's fetch at the origins is asked.
-const UPSTREAM_POLL: Duration = Duration::from_millis(200);
-/// An upstream fetch whose bytes do not grow for this long fails the pull.
-const UPSTREAM_STALL: Duration = Duration::from_secs(60);
 
 /// The agent's storage behind the read-only registry API.
 pub struct AgentStore {
@@ -90,31 +87,8 @@ impl AgentStore {
     /// Wait until the origins hold an upstream blob (starting its fetch there), polling its
     /// progress; `None` if the upstream has no such blob in that repository.
     async fn fetch_upstream(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        let mut last = (0, Instant::now());
-        loop {
-            let p = self.origin.upstream_progress(repo, digest).await?;
-            if p.complete {
-                return Ok(p.size);
-            }
-            if let Some(e) = p.error {
-                return match p.status {
-                    Some(404) => Ok(None),
-                    Some(401) | Some(403) => {
-                        Err(StoreError::UpstreamUnauthorized { registry: repo.to_string() })
-                    }
-                    _ => Err(StoreError::Unavailable(e)),
-                };
-            }
-            if p.received > last.0 {
-                last = (p.received, Instant::now());
-            } else if last.1.elapsed() > UPSTREAM_STALL {
-                return Err(StoreError::Unavailable(format!(
-                    "the origins' upstream fetch of {digest} made no progress for {} s",
-                    UPSTREAM_STALL.as_secs()
-                )));
-            }
-            tokio::time::sleep(UPSTREAM_POLL).await;
-        }
+        let registry = repo.as_str().split('/').next().unwrap_or_default();
+        wait_for_fetch(registry, digest, || self.origin.upstream_progress(repo, digest)).await
     }
 
     pub fn downloads(&self) -> &Arc<Downloads> {

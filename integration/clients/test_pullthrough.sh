@@ -120,6 +120,7 @@ cat >"$T/origin.toml" <<EOF
 registry = "upstream.test"
 url = "https://upstream.test"
 ca_file = "$pki/ca.pem"
+tag_ttl = "2s"
 
 [[upstream]]
 registry = "docker.io"
@@ -202,6 +203,36 @@ for b in "${private_blobs[@]}"; do
 done
 assert_eq 401 "$(curl -s -o /dev/null -w '%{http_code}' "${AGENT_URLS[1]}/v2/upstream.test/private/app/manifests/v1")" \
   "anonymous manifest of private/app at agent 1"
+# The origin forgets what it knew in memory: the cluster's record keeps private/app private.
+stop_pid "$ORIGIN_PID" origin
+shoal_bg origin-again "$T/origin-again.log" origin --listen "$ORIGIN" --peer-listen "$ORIGIN_PEER" \
+  --data-dir "$ORIGIN_DATA" --config "$T/origin.toml"
+ORIGIN_PID=$BG_PID
+wait_ready 30 "$ORIGIN_PID" "the restarted origin" is_200 "$ORIGIN_URL/healthz" || die "$WAIT_ERR"
+for b in "${private_blobs[@]}"; do
+  url="${AGENT_URLS[2]}/v2/private/app/blobs/$b?ns=upstream.test"
+  assert_eq 401 "$(curl -s -o /dev/null -w '%{http_code}' "$url")" "anonymous GET of $b after the origin restarted"
+  assert_eq 200 "$(curl -s -o /dev/null -w '%{http_code}' -u alice:alice-secret "$url")" "alice's GET of $b after the restart"
+done
+
+log "shoal preheat of an upstream image (explicit name) through agent 0"
+"$SHOAL_BIN" preheat "${AGENT_URLS[0]}" upstream.test/library/multi:v1 >"$T/preheat.log" 2>&1 ||
+  { cat "$T/preheat.log" >&2; die "preheat of upstream.test/library/multi:v1 failed"; }
+grep -q 'preheated upstream.test/library/multi:v1' "$T/preheat.log" || die "preheat said: $(cat "$T/preheat.log")"
+
+log "the tag moves upstream: agents serve the new target within the origin's and their tag_ttl"
+$MKIMAGE random "$T/app2" v1 1M >/dev/null
+push_up "$T/app2" v1 library/app
+new_digest=$(skopeo_ inspect --raw --cert-dir "$T/certs.d" docker://upstream.test/library/app:v1 | sha256sum | cut -d' ' -f1)
+[[ $new_digest != "$app_digest" ]] || die "the re-pushed tag did not move"
+# manifest_digest URL: the Docker-Content-Digest a HEAD of URL answers.
+manifest_digest() {
+  curl -sI -H 'Accept: application/vnd.oci.image.manifest.v1+json' "$1" | tr -d '\r' |
+    awk 'tolower($1) == "docker-content-digest:" {print $2}'
+}
+moved_at() { [[ $(manifest_digest "$1") == "sha256:$new_digest" ]]; }
+wait_until 10 "agent 1 to serve the moved tag" moved_at "${AGENT_URLS[1]}/v2/library/app/manifests/v1?ns=upstream.test"
+wait_until 10 "agent 0 to serve the moved tag" moved_at "${AGENT_URLS[0]}/v2/upstream.test/library/app/manifests/v1"
 
 log "mirrored repositories are read-only"
 assert_eq 403 "$(curl -s -o /dev/null -w '%{http_code}' -X POST "$ORIGIN_URL/v2/upstream.test/library/app/blobs/uploads/")" \

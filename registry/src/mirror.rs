@@ -46,6 +46,52 @@ pub struct Progress {
     pub status: Option<u16>,
 }
 
+/// How often a waiter asks a fetch's progress.
+pub const PROGRESS_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// A fetch whose received bytes do not grow for this long is given up by its waiters.
+pub const FETCH_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Poll `ask` (a fetch's [`Progress`]) every [`PROGRESS_POLL`] until the blob is held: its
+/// size; `None` if the upstream has no such blob there; an error if the upstream refused
+/// this client (`registry` names it in the challenge), the fetch failed, or its bytes stopped
+/// growing for [`FETCH_STALL`]. Origins and agents wait on an upstream fetch with it.
+pub async fn wait_for_fetch<F, Fut>(
+    registry: &str,
+    digest: &crate::Digest,
+    mut ask: F,
+) -> Result<Option<u64>, crate::StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Progress, crate::StoreError>>,
+{
+    use crate::StoreError;
+    let mut last = (0, std::time::Instant::now());
+    loop {
+        let p = ask().await?;
+        if p.complete {
+            return Ok(p.size);
+        }
+        if let Some(e) = p.error {
+            return match p.status {
+                Some(404) => Ok(None),
+                Some(401) | Some(403) => {
+                    Err(StoreError::UpstreamUnauthorized { registry: registry.to_string() })
+                }
+                _ => Err(StoreError::Unavailable(e)),
+            };
+        }
+        if p.received > last.0 {
+            last = (p.received, std::time::Instant::now());
+        } else if last.1.elapsed() > FETCH_STALL {
+            return Err(StoreError::Unavailable(format!(
+                "the upstream fetch of {digest} made no progress for {} s",
+                FETCH_STALL.as_secs()
+            )));
+        }
+        tokio::time::sleep(PROGRESS_POLL).await;
+    }
+}
+
 /// Docker Hub's name as containerd sends it in `ns`, and the one implicit-`library/` registry.
 pub const DOCKER_HUB: &str = "docker.io";
 

@@ -19,6 +19,12 @@ use crate::cluster::record::{ManifestValue, Record, RecordKey, RecordKind, Recor
 use crate::cluster::topology::SingleTopology;
 use crate::store::OriginStore;
 
+/// Tag records whose name starts with this are the store's own markers: no client can
+/// write or list them (tags must start with a letter, digit or `_`).
+const MARKER_PREFIX: &str = ".";
+/// Marks a mirrored repository the upstream keeps private (see [`ClusterStore::mark_private`]).
+const PRIVATE_MARKER: &str = ".shoal-private";
+
 /// Whether a stored manifest's references must already be in the repository.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum References {
@@ -169,6 +175,21 @@ impl ClusterStore {
             .next()
             .flatten()
             .and_then(|r| r.tag_target().map(|d| (d.clone(), r.version.millis))))
+    }
+
+    /// Record, for the whole cluster and for good, that `repo` is private at its upstream:
+    /// every read of it then needs credentials the upstream accepts. A tag record under a
+    /// name clients cannot use, so it is replicated, repaired and never collected.
+    pub async fn mark_private(&self, repo: &RepoName) -> Result<(), StoreError> {
+        let digest = Digest::of(shoal_registry::Algorithm::Sha256, PRIVATE_MARKER.as_bytes());
+        let record = self.record(RecordKey::Tag(PRIVATE_MARKER.into()), Some(RecordValue::Tag { digest }));
+        self.c().write_records(repo.as_str(), vec![record]).await
+    }
+
+    /// Whether [`mark_private`](Self::mark_private) was recorded for `repo`.
+    pub async fn marked_private(&self, repo: &RepoName) -> Result<bool, StoreError> {
+        let found = self.c().read_records(repo.as_str(), &[RecordKey::Tag(PRIVATE_MARKER.into())]).await?;
+        Ok(found.into_iter().next().flatten().is_some_and(|r| r.is_live()))
     }
 
     /// Point `tag` at `digest` with a new version (also when it already does: the version's
@@ -359,7 +380,12 @@ impl RegistryStore for ClusterStore {
         let Some(records) = self.c().scan_records(repo.as_str(), RecordKind::Tag, None).await? else {
             return Err(StoreError::NameUnknown);
         };
-        let names = records.into_iter().filter(Record::is_live).map(|r| r.key.name()).collect();
+        let names = records
+            .into_iter()
+            .filter(Record::is_live)
+            .map(|r| r.key.name())
+            .filter(|name| !name.starts_with(MARKER_PREFIX))
+            .collect();
         Ok(page(names, last, limit))
     }
 

@@ -14,8 +14,9 @@
 //!   many agents asking many origins at once still cost one upstream download ([`fetch`]).
 //! - Credentials: the upstream's configured ones, else anonymous; for a repository that
 //!   refuses those, the client's own Basic credentials are passed on and the upstream decides.
-//!   Such a repository is then private on this origin: every read of it, cached or not, needs
-//!   credentials the upstream accepted within [`ACCESS_TTL`].
+//!   Such a repository is then marked private in the cluster (a record every origin reads):
+//!   every read of it, cached or not, through any origin, needs credentials the upstream
+//!   accepted within [`ACCESS_TTL`].
 
 pub mod fetch;
 pub mod routes;
@@ -43,10 +44,6 @@ use fetch::{Fetch, Fetches, Joined, Progress};
 pub const ACCESS_TTL: Duration = Duration::from_secs(60);
 /// Access decisions kept (cleared when full).
 const MAX_ACCESS_DECISIONS: usize = 10_000;
-/// How often a waiting reader asks a fetch's progress.
-pub const PROGRESS_POLL: Duration = Duration::from_millis(200);
-/// A fetch whose received bytes do not grow for this long is given up by its waiters.
-pub const FETCH_STALL: Duration = Duration::from_secs(60);
 /// Timeout of one progress call to another origin.
 const PROGRESS_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Route of the progress endpoint ([`mirror::progress_path`]): `GET` with
@@ -94,7 +91,7 @@ pub struct PullThrough {
     fetches: Fetches,
     peers: Option<Peers>,
     metrics: UpstreamMetrics,
-    /// Repositories whose upstream refused the configured (or anonymous) credentials.
+    /// Repositories known private here (the cluster's markers, as read or written).
     private: Mutex<HashMap<String, Instant>>,
     /// (repository, client fingerprint) → (decided at, allowed).
     access: Mutex<HashMap<AccessKey, (Instant, bool)>>,
@@ -159,17 +156,33 @@ impl PullThrough {
         StoreError::Denied(format!("{repo} mirrors an upstream registry and is read-only"))
     }
 
-    fn is_private(&self, repo: &RepoName) -> bool {
-        lock(&self.private).contains_key(repo.as_str())
+    /// Whether the upstream keeps `repo` private: known here, else the cluster's marker (a
+    /// repository found private through any origin is private through all, also after
+    /// restarts). Fails closed: a marker that cannot be read is an error, not "public".
+    async fn is_private(&self, repo: &RepoName) -> Result<bool, StoreError> {
+        if lock(&self.private).contains_key(repo.as_str()) {
+            return Ok(true);
+        }
+        let marked = self.inner.marked_private(repo).await?;
+        if marked {
+            self.remember_private(repo);
+        }
+        Ok(marked)
     }
 
-    fn mark_private(&self, repo: &RepoName) {
+    fn remember_private(&self, repo: &RepoName) {
         let mut private = lock(&self.private);
         if private.len() >= MAX_ACCESS_DECISIONS {
-            // Forgetting makes the next read ask the upstream again, which refuses again.
+            // Forgetting only costs a read of the cluster's marker.
             private.clear();
         }
         private.insert(repo.as_str().to_string(), Instant::now());
+    }
+
+    async fn mark_private(&self, repo: &RepoName) -> Result<(), StoreError> {
+        self.inner.mark_private(repo).await?;
+        self.remember_private(repo);
+        Ok(())
     }
 
     /// Call the upstream with the configured credentials (or none), then, if it refuses and
@@ -181,7 +194,11 @@ impl PullThrough {
         Fut: std::future::Future<Output = Result<T, UpstreamError>>,
     {
         let client = client_credentials();
-        if self.is_private(repo) {
+        let private = match self.is_private(repo).await {
+            Ok(p) => p,
+            Err(e) => return Err(UpstreamError::Unavailable(format!("repository records: {e}"))),
+        };
+        if private {
             let Some(creds) = client else {
                 return Err(UpstreamError::Unauthorized("this repository needs credentials".into()));
             };
@@ -195,7 +212,12 @@ impl PullThrough {
                     let result = f(Some(creds.clone())).await;
                     if result.is_ok() {
                         tracing::info!(registry = up.registry(), %repo, "private upstream repository");
-                        self.mark_private(repo);
+                        if let Err(e) = self.mark_private(repo).await {
+                            // Not recorded: refuse rather than cache what could leak.
+                            return Err(UpstreamError::Unavailable(format!(
+                                "recording {repo} as private: {e}"
+                            )));
+                        }
                     }
                     self.remember_access(repo, &creds, &result);
                     result
@@ -228,7 +250,7 @@ impl PullThrough {
         path: &str,
         probe: &Digest,
     ) -> Result<(), StoreError> {
-        if !self.is_private(repo) {
+        if !self.is_private(repo).await? {
             return Ok(());
         }
         let unauthorized = || StoreError::UpstreamUnauthorized { registry: up.registry().to_string() };
@@ -367,7 +389,7 @@ impl PullThrough {
                 self.metrics.cache(up.registry(), false);
                 let (store, repo, path, digest) =
                     (self.inner.clone(), repo.clone(), path.to_string(), digest.clone());
-                let (creds, private) = (client_credentials(), self.is_private(&repo));
+                let (creds, private) = (client_credentials(), self.is_private(&repo).await.unwrap_or(true));
                 let fetch = f.clone();
                 tokio::spawn(async move {
                     let outcome = run_fetch(&store, &up, &repo, &path, &digest, creds, private, &fetch).await;
@@ -456,31 +478,7 @@ impl PullThrough {
     /// if the upstream has no such blob in that repository.
     async fn wait_for_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, StoreError> {
         let Some((up, _)) = self.upstream_of(repo) else { return Ok(None) };
-        let mut last = (0, Instant::now());
-        loop {
-            let p = self.progress(repo, digest, false).await?;
-            if p.complete {
-                return Ok(p.size);
-            }
-            if let Some(e) = p.error {
-                return match p.status {
-                    Some(404) => Ok(None),
-                    Some(401) | Some(403) => {
-                        Err(StoreError::UpstreamUnauthorized { registry: up.registry().to_string() })
-                    }
-                    _ => Err(StoreError::Unavailable(e)),
-                };
-            }
-            if p.received > last.0 {
-                last = (p.received, Instant::now());
-            } else if last.1.elapsed() > FETCH_STALL {
-                return Err(StoreError::Unavailable(format!(
-                    "upstream fetch of {digest} made no progress for {} s",
-                    FETCH_STALL.as_secs()
-                )));
-            }
-            tokio::time::sleep(PROGRESS_POLL).await;
-        }
+        mirror::wait_for_fetch(up.registry(), digest, || self.progress(repo, digest, false)).await
     }
 }
 
