@@ -14,6 +14,7 @@ use reqwest::StatusCode;
 use shoal_p2p::failover::{Failover, FailoverError};
 use shoal_registry::manifest::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
 use shoal_registry::store::StoredManifest;
+use shoal_registry::ByteStream;
 use shoal_registry::{Algorithm, Digest, RepoName, StoreError};
 
 /// Every manifest type clients may ask for; the origin returns what was pushed.
@@ -60,6 +61,10 @@ fn all_failed(e: FailoverError) -> StoreError {
 fn unexpected(status: StatusCode) -> StoreError {
     StoreError::Internal(format!("origin answered {status}"))
 }
+
+/// Longest a stream of an upstream fetch in progress may take (the origin's reader fails
+/// sooner, after a minute without bytes).
+const UPSTREAM_STREAM_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 /// Header that carries a client's upstream credentials to the origins (the origins read it
 /// in `shoal_origin::pullthrough`).
@@ -366,6 +371,34 @@ impl OriginClient {
         }
         let body = r.bytes().await.map_err(unreachable)?;
         serde_json::from_slice(&body).map_err(|e| StoreError::Internal(format!("origin progress: {e}")))
+    }
+
+    /// The bytes of an upstream blob as the origins' fetch receives them, if this agent is one
+    /// of its first requesters; `None` otherwise (wait for the blob, then read it as usual).
+    pub async fn upstream_stream(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<(u64, ByteStream)>, StoreError> {
+        let path = format!("{}/stream", shoal_registry::mirror::progress_path(digest));
+        let r = self
+            .origins
+            .send(|base| {
+                self.authed(self.http.get(format!("{base}{path}")).query(&[("repo", repo.as_str())]))
+                    .timeout(UPSTREAM_STREAM_TIMEOUT)
+            })
+            .await
+            .map_err(all_failed)?;
+        match r.status() {
+            StatusCode::OK => {
+                let Some(size) = r.content_length() else { return Ok(None) };
+                let body =
+                    futures_util::StreamExt::map(r.bytes_stream(), |c| c.map_err(std::io::Error::other));
+                Ok(Some((size, Box::pin(body))))
+            }
+            StatusCode::NOT_FOUND => Ok(None),
+            _ => Err(refusal(&r)),
+        }
     }
 
     /// A blob's metainfo JSON, straight from the origin.

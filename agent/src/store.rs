@@ -84,6 +84,27 @@ impl AgentStore {
         upstream_credentials().is_none() || !self.registries.is_upstream(repo)
     }
 
+    /// An upstream blob's size and whether the origins hold it yet, polling the progress of
+    /// their fetch (starting it) until the size is known; `None` if the upstream has no such
+    /// blob in that repository.
+    async fn upstream_size(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<(u64, bool)>, StoreError> {
+        let registry = repo.as_str().split('/').next().unwrap_or_default();
+        let held = std::sync::atomic::AtomicBool::new(false);
+        let size = wait_for_fetch(registry, digest, || async {
+            let mut p = self.origin.upstream_progress(repo, digest).await?;
+            held.store(p.complete, std::sync::atomic::Ordering::Relaxed);
+            // Knowing the size is enough here: readers stream or wait in `blob_read`.
+            p.complete |= p.error.is_none() && p.size.is_some();
+            Ok(p)
+        })
+        .await?;
+        Ok(size.map(|s| (s, held.load(std::sync::atomic::Ordering::Relaxed))))
+    }
+
     /// Wait until the origins hold an upstream blob (starting its fetch there), polling its
     /// progress; `None` if the upstream has no such blob in that repository.
     async fn fetch_upstream(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, StoreError> {
@@ -127,12 +148,14 @@ impl RegistryStore for AgentStore {
         if let Some(size) = lock(&self.confirmed).get(&key).filter(|_| cacheable) {
             return Ok(Some(*size));
         }
-        // Upstream content: first make sure the origins hold it (their `HEAD` would wait for
-        // the whole fetch, longer than a call to them may take); then ask as for any blob.
+        // Upstream content: the size as soon as the origins' fetch knows it (their `HEAD`
+        // would wait for the whole fetch, longer than a call to them may take); once they hold
+        // the blob, ask as for any blob.
         let asked = if self.registries.is_upstream(repo) {
-            match self.fetch_upstream(repo, digest).await {
-                Ok(Some(_)) => self.origin.blob_size(repo, digest).await,
-                other => other,
+            match self.upstream_size(repo, digest).await {
+                Ok(Some((size, false))) => return Ok(Some(size)),
+                Ok(Some((_, true))) => self.origin.blob_size(repo, digest).await,
+                other => other.map(|o| o.map(|(s, _)| s)),
             }
         } else {
             self.origin.blob_size(repo, digest).await
@@ -172,6 +195,22 @@ impl RegistryStore for AgentStore {
         }
         if let Some(stream) = self.cached_blob(repo, digest, range).await {
             return Ok(stream);
+        }
+        if self.registries.is_upstream(repo) && self.downloads.running(digest).is_none() {
+            // The origins may still be fetching it: the first requesters get the bytes as they
+            // arrive (checked against the digest at the end); the others wait, then swarm.
+            let full = range.start == 0 && range.end + 1 == size;
+            if full {
+                if let Some((len, body)) = self.origin.upstream_stream(repo, digest).await? {
+                    if len == size {
+                        tracing::info!(%repo, %digest, "streaming an upstream blob while the origins fetch it");
+                        return Ok(verified(body, digest.clone(), size));
+                    }
+                }
+            }
+            if self.fetch_upstream(repo, digest).await?.is_none() {
+                return Err(StoreError::BlobUnknown);
+            }
         }
         let download = self.join(repo, digest).await?;
         Ok(self.downloads.stream(repo, download, range))
@@ -297,6 +336,42 @@ impl RegistryStore for AgentStore {
             .map_err(|e| StoreError::Internal(format!("origin referrers: {e}")))?;
         Ok(index.manifests)
     }
+}
+
+/// `body` as it arrives, hashed on the way: if its bytes do not make `digest` (or are not
+/// `size` long), the stream ends with an error instead of its last chunk being the end, so a
+/// client never takes a wrong blob for a complete one.
+fn verified(body: ByteStream, digest: Digest, size: u64) -> ByteStream {
+    use futures_util::StreamExt;
+    let state = (body, digest.algorithm().hasher(), 0u64, Some(digest));
+    Box::pin(futures_util::stream::unfold(state, move |(mut body, mut hasher, seen, digest)| async move {
+        let want = digest?;
+        match body.next().await {
+            Some(Ok(chunk)) => {
+                hasher.update(&chunk);
+                let seen = seen + chunk.len() as u64;
+                if seen > size {
+                    let e = std::io::Error::other(format!("{want}: more than {size} bytes"));
+                    return Some((Err(e), (body, hasher, seen, None)));
+                }
+                if seen == size {
+                    let got = hasher.finish();
+                    if got != want {
+                        let e = std::io::Error::other(format!("the stream of {want} hashed to {got}"));
+                        return Some((Err(e), (body, want.algorithm().hasher(), seen, None)));
+                    }
+                    return Some((Ok(chunk), (body, want.algorithm().hasher(), seen, None)));
+                }
+                Some((Ok(chunk), (body, hasher, seen, Some(want))))
+            }
+            Some(Err(e)) => Some((Err(e), (body, hasher, seen, None))),
+            None => {
+                let e =
+                    std::io::Error::other(format!("the stream of {want} ended after {seen} of {size} bytes"));
+                Some((Err(e), (body, hasher, seen, None)))
+            }
+        }
+    }))
 }
 
 /// One page of a listing the origin returned with one extra item (to know whether more follow).

@@ -9,14 +9,18 @@
 //! Agents, containerd mirrors, Docker, TLS and token auth upstream are in
 //! `integration/clients/test_pullthrough.sh`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use shoal_integration::api::ImageKind;
+use shoal_integration::cluster::Cluster;
 use shoal_integration::oci::{self, Blob, Manifest};
 use shoal_integration::origins::{ClusterSpec, OriginCluster};
 use shoal_integration::upstream::UpstreamRegistry;
 use shoal_integration::{sha256, skip_if_external, unique_repo, Client, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SKIP: &str = "pull-through tests start their own origins and upstream";
 const MIB: usize = 1024 * 1024;
@@ -169,4 +173,139 @@ async fn tags_follow_the_upstream_and_survive_its_outage_for_serve_stale() {
     let r = cluster.client(0).get_manifest(&repo, "latest").await;
     r.expect(StatusCode::OK);
     assert_eq!(digest_of(&r), second.digest);
+}
+
+/// A slow upstream run by the test: `GET .../blobs/<digest>` of `data` trickles
+/// [`TRICKLE_CHUNK`] bytes every [`TRICKLE_EVERY`]; anything else is 404. Counts blob GETs.
+async fn slow_upstream(data: Vec<u8>, digest: String) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let gets = Arc::new(AtomicUsize::new(0));
+    let (data, counter) = (Arc::new(data), gets.clone());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (data, digest, counter) = (data.clone(), digest.clone(), counter.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if conn.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let line = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_string();
+                if !(line.starts_with("GET ") && line.contains(&format!("/blobs/{digest} "))) {
+                    let _ = conn
+                        .write_all(
+                            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        )
+                        .await;
+                    return;
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                let head =
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", data.len());
+                if conn.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for chunk in data.chunks(TRICKLE_CHUNK) {
+                    if conn.write_all(chunk).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(TRICKLE_EVERY).await;
+                }
+            });
+        }
+    });
+    (url, gets)
+}
+
+const TRICKLE_CHUNK: usize = 128 * 1024;
+const TRICKLE_EVERY: Duration = Duration::from_millis(100);
+
+/// The first requesters of an upstream blob get its bytes while the origin is still fetching
+/// it (here the upstream takes ~3 s); the others wait for it and take it from the swarm. Every
+/// reader gets the right bytes, and the upstream sends the blob once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_first_requesters_get_bytes_while_the_origin_fetches() {
+    skip_if_external!(SKIP);
+    let data = shoal_integration::random_bytes(4 * MIB);
+    let digest = sha256(&data);
+    let upstream_time = TRICKLE_EVERY * (data.len().div_ceil(TRICKLE_CHUNK) as u32);
+    let (url, gets) = slow_upstream(data.clone(), digest.clone()).await;
+    let cluster = Cluster::start_with_origin(
+        3,
+        &format!("[[upstream]]\nregistry = \"slow.test\"\nurl = \"{url}\"\n"),
+        "",
+    )
+    .await;
+    // Agents learn the upstream registries at start (every 2 s until an origin answers).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let reads = (0..3).map(|i| {
+        let (http, url) = (http.clone(), format!("{}/v2/slow.test/app/blobs/{digest}", cluster.agent_url(i)));
+        async move {
+            let mut r = http.get(url).send().await.expect("GET");
+            assert_eq!(r.status(), StatusCode::OK, "agent {i}");
+            let (mut body, mut first) = (Vec::new(), None);
+            while let Some(chunk) = r.chunk().await.expect("body") {
+                first.get_or_insert_with(|| started.elapsed());
+                body.extend_from_slice(&chunk);
+            }
+            (i, first.unwrap_or_default(), started.elapsed(), body)
+        }
+    });
+    let mut early = 0;
+    for (i, first, done, body) in join_all(reads).await {
+        assert!(sha256(&body) == digest, "agent {i} got other bytes");
+        eprintln!(
+            "agent {i}: first byte after {first:?}, last after {done:?}; upstream takes {upstream_time:?}"
+        );
+        if first < upstream_time / 2 {
+            early += 1;
+        }
+    }
+    assert!(early >= 1, "no reader got bytes before the upstream had sent half the blob");
+    assert_eq!(gets.load(Ordering::SeqCst), 1, "the upstream sent the blob more than once");
+}
+
+/// An upstream that sends other bytes than the digest names: a reader streaming them while the
+/// origin fetches never gets a complete body (the stream ends with an error before its last
+/// chunk), and the blob is not stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_streamed_blob_with_the_wrong_bytes_never_completes() {
+    skip_if_external!(SKIP);
+    let data = shoal_integration::random_bytes(MIB);
+    let claimed = sha256(b"something else entirely");
+    let (url, _) = slow_upstream(data.clone(), claimed.clone()).await;
+    let cluster = Cluster::start_with_origin(
+        1,
+        &format!("[[upstream]]\nregistry = \"slow.test\"\nurl = \"{url}\"\n"),
+        "",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut r = reqwest::get(format!("{}/v2/slow.test/app/blobs/{claimed}", cluster.agent_url(0)))
+        .await
+        .expect("GET");
+    if r.status() == StatusCode::OK {
+        let mut got = 0;
+        let ended = loop {
+            match r.chunk().await {
+                Ok(Some(c)) => got += c.len(),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        assert!(ended.is_err() && got < data.len(), "a wrong blob arrived whole ({got} bytes, {ended:?})");
+    }
+    // Not stored: asking again does not answer 200 with a body.
+    let again = reqwest::get(format!("{}/v2/slow.test/app/blobs/{claimed}", cluster.agent_url(0)))
+        .await
+        .expect("GET");
+    if again.status() == StatusCode::OK {
+        assert!(again.bytes().await.is_err(), "the wrong blob was served whole after the fetch");
+    }
 }

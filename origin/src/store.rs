@@ -184,6 +184,12 @@ impl OriginStore {
         Ok(UploadState { id, offset: 0 })
     }
 
+    /// The file an upload session's bytes go to (a pull-through fetch streams it to its first
+    /// readers while it grows).
+    pub fn upload_path(&self, id: &str) -> PathBuf {
+        self.inner.layout.upload(id)
+    }
+
     pub async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<UploadState, StoreError> {
         let session = self.session(repo, id)?;
         let session = session.lock().await;

@@ -22,12 +22,26 @@ pub const OUTCOME_LINGER: Duration = Duration::from_secs(5);
 /// about the blob or the client rather than the upstream's health).
 pub type Outcome = Result<(), (String, Option<u16>)>;
 
+/// Readers a fetch streams its bytes to while they arrive (the first requesters); the others
+/// wait for the blob to be committed and take it from the swarm.
+pub const STREAM_FIRST: u32 = 2;
+/// A streaming reader that sees no new byte for this long fails.
+pub const STREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+/// Bytes read from the growing file at once.
+const STREAM_CHUNK: u64 = 1024 * 1024;
+
 /// One running (or just finished) fetch.
 #[derive(Default)]
 pub struct Fetch {
     size: AtomicU64,
     received: AtomicU64,
     outcome: Mutex<Option<(Instant, Outcome)>>,
+    /// The upload session file the bytes go to, once it exists.
+    file: Mutex<Option<std::path::PathBuf>>,
+    /// Woken on every chunk received and when the fetch ends.
+    changed: tokio::sync::Notify,
+    /// Streams granted so far (at most [`STREAM_FIRST`]).
+    streams: std::sync::atomic::AtomicU32,
 }
 
 const UNKNOWN: u64 = u64::MAX;
@@ -42,13 +56,39 @@ impl Fetch {
     }
 
     pub fn add_received(&self, n: u64) {
-        self.received.fetch_add(n, Ordering::Relaxed);
+        self.received.fetch_add(n, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// Where the bytes are being written.
+    pub fn set_file(&self, path: std::path::PathBuf) {
+        *lock(&self.file) = Some(path);
+    }
+
+    /// A reader of the bytes as they arrive, if this fetch still streams (size and file known,
+    /// not finished) and fewer than [`STREAM_FIRST`] readers have one: the file opened now,
+    /// and the size.
+    pub async fn stream(self: &Arc<Self>) -> Option<(u64, shoal_registry::ByteStream)> {
+        let size = self.size.load(Ordering::Acquire);
+        let path = lock(&self.file).clone()?;
+        if size == UNKNOWN || lock(&self.outcome).is_some() {
+            return None;
+        }
+        let granted = self.streams.fetch_add(1, Ordering::AcqRel);
+        if granted >= STREAM_FIRST {
+            return None;
+        }
+        // Opened before the session is committed (renamed): the open file stays readable.
+        let file = tokio::fs::File::open(&path).await.ok()?;
+        let tail = Tail { fetch: self.clone(), file, offset: 0, size };
+        Some((size, Box::pin(futures_util::stream::unfold(tail, Tail::next))))
     }
 
     /// Record the outcome (`status`: the HTTP status a client should see for a failure that is
     /// about the blob or the client, not the upstream's health).
     pub fn finish(&self, outcome: Outcome) {
         *lock(&self.outcome) = Some((Instant::now(), outcome));
+        self.changed.notify_waiters();
     }
 
     pub fn progress(&self) -> Progress {
@@ -71,6 +111,67 @@ impl Fetch {
 
     fn finished_before(&self, cutoff: Instant) -> bool {
         lock(&self.outcome).as_ref().is_some_and(|(at, _)| *at < cutoff)
+    }
+}
+
+/// Reads a growing upload file up to what the fetch has received, waiting for more.
+struct Tail {
+    fetch: Arc<Fetch>,
+    file: tokio::fs::File,
+    offset: u64,
+    size: u64,
+}
+
+/// How often a reader looks again for bytes received but not yet written to the file (the
+/// upload path writes in batches).
+const STREAM_RECHECK: std::time::Duration = std::time::Duration::from_millis(20);
+
+impl Tail {
+    async fn next(mut self) -> Option<(std::io::Result<bytes::Bytes>, Tail)> {
+        use tokio::io::AsyncReadExt;
+        if self.offset >= self.size {
+            return None;
+        }
+        let idle_since = Instant::now();
+        loop {
+            let failed = match &*lock(&self.fetch.outcome) {
+                Some((_, Err((e, _)))) => Some(format!("the upstream fetch failed: {e}")),
+                _ => None,
+            };
+            if let Some(e) = failed {
+                self.offset = self.size;
+                return Some((Err(std::io::Error::other(e)), self));
+            }
+            if idle_since.elapsed() > STREAM_IDLE {
+                self.offset = self.size;
+                let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "the upstream fetch stalled");
+                return Some((Err(e), self));
+            }
+            let fetch = self.fetch.clone();
+            let changed = fetch.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let available = self.fetch.received.load(Ordering::Acquire).min(self.size);
+            if available > self.offset {
+                let want = (available - self.offset).min(STREAM_CHUNK) as usize;
+                let mut buf = vec![0u8; want];
+                match self.file.read(&mut buf).await {
+                    // Received, not yet written: the upload path writes in batches.
+                    Ok(0) => tokio::time::sleep(STREAM_RECHECK).await,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        self.offset += n as u64;
+                        return Some((Ok(bytes::Bytes::from(buf)), self));
+                    }
+                    Err(e) => {
+                        self.offset = self.size;
+                        return Some((Err(e), self));
+                    }
+                }
+                continue;
+            }
+            let _ = tokio::time::timeout(STREAM_RECHECK * 50, changed).await;
+        }
     }
 }
 
@@ -109,6 +210,11 @@ impl Fetches {
         let f = Arc::new(Fetch::new());
         running.insert(digest.clone(), f.clone());
         Ok(Joined::Started(f))
+    }
+
+    /// The fetch of `digest` registered here, if any.
+    pub fn get(&self, digest: &Digest) -> Option<Arc<Fetch>> {
+        lock(&self.running).get(digest).cloned()
     }
 
     /// Whether a fetch of `digest` is registered (running or lingering).

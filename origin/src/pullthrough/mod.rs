@@ -44,6 +44,9 @@ use fetch::{Fetch, Fetches, Joined, Progress};
 pub const ACCESS_TTL: Duration = Duration::from_secs(60);
 /// Access decisions kept (cleared when full).
 const MAX_ACCESS_DECISIONS: usize = 10_000;
+/// Longest a stream of a fetch in progress may take, proxied from another origin (its own
+/// reader fails sooner, after a minute without bytes).
+const STREAM_CALL_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 /// Timeout of one progress call to another origin.
 const PROGRESS_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Route of the progress endpoint ([`mirror::progress_path`]): `GET` with
@@ -440,6 +443,55 @@ impl PullThrough {
         }
     }
 
+    /// The bytes of an upstream blob while its fetch runs, for its first
+    /// [`fetch::STREAM_FIRST`] requesters: from this origin's fetch, or (not `here`) the
+    /// primary owner's. `None`: not streamed (not running, finished, granted to others, or a
+    /// private repository): wait for the blob to be committed instead.
+    pub async fn stream(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        here: bool,
+    ) -> Result<Option<(u64, ByteStream)>, StoreError> {
+        if self.upstream_of(repo).is_none() {
+            return Err(StoreError::NameUnknown);
+        }
+        if self.inner.blob_size(repo, digest).await?.is_some() || self.is_private(repo).await? {
+            return Ok(None);
+        }
+        if let Some(f) = self.fetches.get(digest) {
+            return Ok(f.stream().await);
+        }
+        if here {
+            return Ok(None);
+        }
+        let Some(peers) = self.peers.as_ref() else { return Ok(None) };
+        let Some(primary) = self.inner.coordinator.ranked(&digest.to_string()).into_iter().next() else {
+            return Ok(None);
+        };
+        if primary == self.inner.coordinator.me() {
+            return Ok(None);
+        }
+        let Some(base) = peers.membership.url(&primary) else { return Ok(None) };
+        let url = format!("{base}{}/stream", mirror::progress_path(digest));
+        let answer = peers
+            .http
+            .get(url)
+            .query(&[("repo", repo.as_str()), ("here", "1")])
+            .timeout(STREAM_CALL_TIMEOUT)
+            .send()
+            .await;
+        match answer {
+            Ok(r) if r.status() == reqwest::StatusCode::OK => {
+                let Some(size) = r.content_length() else { return Ok(None) };
+                let body =
+                    futures_util::StreamExt::map(r.bytes_stream(), |c| c.map_err(std::io::Error::other));
+                Ok(Some((size, Box::pin(body))))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Ask the digest's primary owner, if that is another origin; `None`: fetch here.
     async fn progress_at_primary(&self, repo: &RepoName, digest: &Digest) -> Option<Progress> {
         let peers = self.peers.as_ref()?;
@@ -518,6 +570,7 @@ async fn run_fetch(
     let body: ByteStream = Box::pin(blob.body.inspect_ok(move |b| counter.add_received(b.len() as u64)));
     let failed = |e: StoreError| (e.to_string(), None);
     let session = store.upload_start(repo).await.map_err(failed)?;
+    fetch.set_file(store.local().upload_path(&session.id));
     let committed = async {
         store.upload_append(repo, &session.id, Some(0), Some(blob.size), body).await?;
         store.upload_complete(repo, &session.id, digest).await

@@ -28,6 +28,7 @@ struct ProgressQuery {
 pub fn routes(pull: Arc<PullThrough>) -> Router {
     Router::new()
         .route(PROGRESS_ROUTE, get(progress))
+        .route(STREAM_ROUTE, get(stream))
         .route(REGISTRIES_ROUTE, get(registries))
         .with_state(pull)
 }
@@ -46,6 +47,29 @@ async fn progress(
     };
     match pull.progress(&repo, &digest, q.here.is_some()).await {
         Ok(p) => Json(p).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// Route of a fetch's bytes while they arrive (for its first requesters).
+pub const STREAM_ROUTE: &str = "/shoal/v1/upstream/blobs/{digest}/stream";
+
+/// `200` with the blob's bytes as the fetch receives them, or `404`: not streamed (wait for
+/// the blob, then read it as any other).
+async fn stream(
+    State(pull): State<Arc<PullThrough>>,
+    Path(digest): Path<String>,
+    Query(q): Query<ProgressQuery>,
+) -> Response {
+    let (Ok(digest), Ok(repo)) = (digest.parse::<Digest>(), q.repo.parse::<RepoName>()) else {
+        return (StatusCode::BAD_REQUEST, "bad digest or repository name").into_response();
+    };
+    match pull.stream(&repo, &digest, q.here.is_some()).await {
+        Ok(Some((size, body))) => {
+            ([(header::CONTENT_LENGTH, size.to_string())], axum::body::Body::from_stream(body))
+                .into_response()
+        }
+        Ok(None) => (StatusCode::NOT_FOUND, "not streamed; wait for the blob").into_response(),
         Err(e) => ApiError::from(e).into_response(),
     }
 }
