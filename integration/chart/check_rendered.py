@@ -4,7 +4,10 @@ objects (Service selectors match pods, named ports exist, referenced ConfigMaps 
 rendered), the security settings every container must have, and the shape of the two CRDs
 (ServiceMonitor, PrometheusRule) for which no schema is bundled.
 
-    check_rendered.py RENDERED.yaml [--existing-secret NAME]
+    check_rendered.py RENDERED.yaml [--existing-secret NAME] [--values VALUES.yaml ...]
+
+With --values (the chart's values.yaml, then the files the rendering used), the rendered
+origin.toml and node setup are checked against the `upstreams` value too.
 
 Prints one line per problem and exits 1 if there is any.
 """
@@ -27,35 +30,130 @@ def pod_labels(obj):
     return obj["spec"]["template"]["metadata"].get("labels", {})
 
 
-def check_upstreams(by_kind):
-    """origin.toml parses as TOML; every [[upstream]]'s password_file and ca_file is under a
-    volume mounted into the origin container (which upstreams the nodes mirror is checked by
-    test_chart_render.sh, which knows the values)."""
+def merge(base, over):
+    """Helm's merge of a values file over the chart's values: maps merge, the rest replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def floats(table, where):
+    """Float settings in a Shoal config: it has none, so each is an integer Helm made a float."""
+    for k, v in table.items():
+        if isinstance(v, float):
+            yield f"{where}{k} = {v!r}"
+        elif isinstance(v, dict):
+            yield from floats(v, f"{where}{k}.")
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                if isinstance(x, dict):
+                    yield from floats(x, f"{where}{k}[{i}].")
+                elif isinstance(x, float):
+                    yield f"{where}{k}[{i}] = {x!r}"
+
+
+def file_source(spec, container, path):
+    """The (Secret name, key) kubelet puts at `path` in `container`, or a problem (str)."""
+    mounts = sorted(container.get("volumeMounts", []), key=lambda m: -len(m["mountPath"]))
+    mount = next((m for m in mounts if path.startswith(m["mountPath"].rstrip("/") + "/")), None)
+    if mount is None:
+        return f"{path} is on no volume of the origin"
+    rel = path[len(mount["mountPath"].rstrip("/")) + 1:]
+    volume = next((v for v in spec.get("volumes", []) if v["name"] == mount["name"]), {})
+    secrets = [volume["secret"] | {"name": volume["secret"].get("secretName")}] if "secret" in volume else [
+        src["secret"] for src in volume.get("projected", {}).get("sources", []) if "secret" in src]
+    for sec in secrets:
+        for item in sec.get("items", []):
+            if item["path"] == rel:
+                return (sec["name"], item["key"])
+    return f"{path}: no Secret item of volume {mount['name']} is put there"
+
+
+def check_configs(by_kind, values):
+    """origin.toml and agent.toml parse as TOML without floats. Every [[upstream]] is one of
+    `upstreams`, its password_file and ca_file the Secret items named there, mounted into the
+    origin container (never a password in the ConfigMap), and the agents' node-setup init
+    container passes every upstream with mirrorOnNodes to `shoal node setup --registry`, with
+    the upstream as the fallback server, each registry once."""
     import tomllib
 
     problems = []
     upstreams = []
+    checked, values = values is not None, values or {}
     for cm in by_kind.get("ConfigMap", []):
-        text = cm.get("data", {}).get("origin.toml")
-        if text is None:
-            continue
-        try:
-            upstreams = tomllib.loads(text).get("upstream", [])
-        except tomllib.TOMLDecodeError as e:
-            problems.append(f"ConfigMap/{cm['metadata']['name']}: origin.toml is not TOML: {e}")
-    origins = [s for s in by_kind.get("StatefulSet", []) if s["metadata"]["name"].endswith("origin")]
-    mounts = []
-    for o in origins:
-        for c in pod_spec(o)["containers"]:
-            if c["name"] == "origin":
-                mounts = [m["mountPath"] for m in c.get("volumeMounts", [])]
+        for key in ("origin.toml", "agent.toml"):
+            text = cm.get("data", {}).get(key)
+            if text is None:
+                continue
+            try:
+                parsed = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as e:
+                problems.append(f"ConfigMap/{cm['metadata']['name']}: {key} is not TOML: {e}")
+                continue
+            problems += [f"{key}: {f} is a float (Shoal's settings are integers)" for f in floats(parsed, "")]
+            if key == "origin.toml":
+                upstreams = parsed.get("upstream", [])
+    origin = next((s for s in by_kind.get("StatefulSet", []) if s["metadata"]["name"].endswith("-origin")), None)
+    spec = pod_spec(origin) if origin else {}
+    container = next((c for c in spec.get("containers", []) if c["name"] == "origin"), {})
+    want = {u["registry"]: u for u in values.get("upstreams", [])}
+    if len({u.get("registry") for u in upstreams}) != len(upstreams):
+        problems.append("origin.toml: a registry in two [[upstream]] sections (the origin keeps the last)")
+    if checked and [u.get("registry") for u in upstreams] != list(want):
+        problems.append(f"origin.toml upstreams {[u.get('registry') for u in upstreams]}, values {list(want)}")
+    known = {"registry", "url", "username", "password_file", "ca_file", "tag_ttl", "serve_stale"}
     for u in upstreams:
-        for key in ("password_file", "ca_file"):
-            path = u.get(key)
-            if path and not any(path.startswith(m.rstrip("/") + "/") for m in mounts):
-                problems.append(f"upstream {u.get('registry')}: {key} {path} is on no volume of the origin")
+        name = u.get("registry")
+        if set(u) - known:
+            problems.append(f"upstream {name}: keys the origin refuses: {sorted(set(u) - known)}")
+        v = want.get(name, {})
+        if u.get("password"):
+            problems.append(f"upstream {name}: a password in the ConfigMap")
+        if not checked:
+            v = {"url": u.get("url"), "username": u.get("username"), "tagTtl": u.get("tag_ttl"),
+                 "serveStale": u.get("serve_stale")}
+        if u.get("url") != v.get("url"):
+            problems.append(f"upstream {name}: url {u.get('url')!r}, values {v.get('url')!r}")
+        for key, value in (("username", "username"), ("tag_ttl", "tagTtl"), ("serve_stale", "serveStale")):
+            if u.get(key) != v.get(value):
+                problems.append(f"upstream {name}: {key} {u.get(key)!r}, values {v.get(value)!r}")
+        for key, value in (("password_file", "passwordSecret"), ("ca_file", "caSecret")):
+            path, ref = u.get(key), v.get(value)
+            if checked and bool(path) != bool(ref):
+                problems.append(f"upstream {name}: {key} {path!r} but {value} {ref!r}")
+            if not path:
+                continue
+            source = file_source(spec, container, path)
+            if isinstance(source, str):
+                problems.append(f"upstream {name}: {key} {source}")
+            elif ref and source != (ref["name"], ref["key"]):
+                problems.append(f"upstream {name}: {key} {path} comes from {source}, not {value} {ref}")
+
+    # The registries the nodes' containerd sends to their agent.
+    containerd = values.get("containerd", {})
+    setup = [c for d in by_kind.get("DaemonSet", []) for c in pod_spec(d).get("initContainers", [])
+             if c["name"] == "node-setup"]
+    regs = [a.split("=", 1)[1] for c in setup for a in c.get("args", []) if a.startswith("--registry=")]
+    mirrored = {}
+    for r in ",".join(regs).split(",") if regs else []:
+        name, _, server = r.partition("=")
+        if name in mirrored:
+            problems.append(f"node-setup: registry {name} given twice (shoal node setup refuses it)")
+        mirrored[name] = server
+    if checked and containerd.get("enabled", True):
+        listed = {r["name"]: r.get("server") for r in containerd.get("extraRegistries", [])}
+        for name, v in want.items():
+            on_nodes = v.get("mirrorOnNodes", True)
+            if name in listed:
+                continue  # containerd.extraRegistries' entry, with its server
+            if on_nodes and mirrored.get(name) != v["url"].rstrip("/"):
+                problems.append(f"node-setup: upstream {name} mirrored as {mirrored.get(name)!r}, want {v['url'].rstrip('/')!r}")
+            if not on_nodes and name in mirrored:
+                problems.append(f"node-setup: upstream {name} has mirrorOnNodes false but the nodes mirror it")
     if upstreams:
-        print(f"{len(upstreams)} upstreams, their files on the origin's volumes")
+        print(f"{len(upstreams)} upstreams checked, "
+              f"{sum(1 for u in upstreams if u.get('registry') in mirrored)} mirrored on the nodes")
     return problems
 
 
@@ -63,7 +161,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("rendered")
     ap.add_argument("--existing-secret", default=None)
+    ap.add_argument("--values", action="append", default=[],
+                    help="the chart's values.yaml, then each -f file of the rendering (in order)")
     args = ap.parse_args()
+    values = None
+    for f in args.values:
+        values = merge(values or {}, yaml.safe_load(open(f)) or {})
     docs = [d for d in yaml.safe_load_all(open(args.rendered)) if d]
     problems = []
     by_kind = {}
@@ -218,7 +321,7 @@ def main():
                     if not p.get("targets"):
                         problems.append(f"dashboard panel {p.get('title')!r} has no queries")
 
-    problems += check_upstreams(by_kind)
+    problems += check_configs(by_kind, values)
 
     for p in problems:
         print(p)

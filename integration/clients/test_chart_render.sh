@@ -19,8 +19,12 @@ chart_tools || die "could not fetch helm and kubernetes-validate"
 log "helm $("$HELM" version --short)"
 
 render() { # NAME [helm args...]: lint and render into $T/NAME.yaml, validate, check wiring
-  local name=$1
+  local name=$1 values=(--values "$chart/values.yaml") a prev=
   shift
+  for a in "$@"; do # the checker compares the rendering with the values files (-f) too
+    [[ $prev == -f ]] && values+=(--values "$a")
+    prev=$a
+  done
   "$HELM" lint --strict "$chart" "$@" >"$T/$name.lint" 2>&1 || { cat "$T/$name.lint" >&2; die "helm lint ($name) failed"; }
   "$HELM" template shoal "$chart" --namespace shoal "$@" >"$T/$name.yaml" 2>"$T/$name.err" ||
     { cat "$T/$name.err" >&2; die "helm template ($name) failed"; }
@@ -34,7 +38,7 @@ render() { # NAME [helm args...]: lint and render into $T/NAME.yaml, validate, c
   if grep WARN "$T/$name.validate" | grep -vE 'kind (ServiceMonitor|PrometheusRule|Certificate) ' >&2; then
     die "objects of the $name rendering were not validated"
   fi
-  PYTHONPATH=$CHART_PYTHONPATH python3 "$checker" "$T/$name.yaml" --existing-secret shoal-cluster-secret >"$T/$name.check" ||
+  PYTHONPATH=$CHART_PYTHONPATH python3 "$checker" "$T/$name.yaml" --existing-secret shoal-cluster-secret "${values[@]}" >"$T/$name.check" ||
     { cat "$T/$name.check" >&2; die "wiring checks of the $name rendering failed"; }
   log "$name: $(grep -c '^kind:' "$T/$name.yaml") objects valid ($(tail -n1 "$T/$name.check"))"
 }
@@ -57,18 +61,20 @@ if grep -q -- '--hosts-dir' "$T/one-origin.yaml"; then die "containerd.enabled=f
 grep -q -- '--registry=registry.example.com,docker.io,ghcr.io=https://ghcr.io' "$T/all-on.yaml" ||
   die "the mirrored registries are not passed to shoal node setup"
 
-# Upstreams: the nodes mirror those with mirrorOnNodes (the default), with the upstream as
-# the fallback server, and not the others; no password in the ConfigMap.
-all_on=$T/all-on.yaml
-regs=$(grep -o -- '--registry=[^"]*' "$all_on" | head -n 1)
-# docker.io is in containerd.extraRegistries already (listed once); mirror.example.org is added.
-for want in docker.io mirror.example.org=https://mirror.example.org; do
-  [[ ,${regs#--registry=}, == *,$want,* ]] || die "nodes do not mirror $want: $regs"
-done
-[[ $(grep -o ',docker.io[,=]' <<<",${regs#--registry=}," | wc -l) == 1 ]] || die "docker.io listed twice: $regs"
-[[ $regs != *quay.io* ]] || die "quay.io has mirrorOnNodes: false but the nodes mirror it: $regs"
-grep -q 'password_file = "/var/run/shoal-upstream/0/password"' "$all_on" || die "no password_file for docker.io"
-if grep -q 'mirror-secret\|dockerhub-mirror.*password =' "$all_on"; then die "an upstream password in the ConfigMap"; fi
+# Upstreams (check_rendered.py compares each rendering with its values: [[upstream]]
+# sections, the password and CA files from the Secrets named, the registries the nodes mirror).
+# all-on: docker.io stays containerd.extraRegistries' entry (listed once), mirror.example.org
+# is added with its url as the fallback server, quay.io (mirrorOnNodes: false) is not.
+regs=$(grep -o -- '--registry=[^"]*' "$T/all-on.yaml" | head -n 1)
+[[ $regs == --registry=registry.example.com,docker.io,ghcr.io=https://ghcr.io,mirror.example.org=https://mirror.example.org ]] ||
+  die "all-on: the nodes mirror $regs"
+grep -q '^3 upstreams checked, 2 mirrored on the nodes' "$T/all-on.check" ||
+  die "all-on: the upstreams were not checked: $(cat "$T/all-on.check")"
+grep -q '^2 upstreams checked, 2 mirrored on the nodes' "$T/upstream.check" ||
+  die "upstream: the upstreams were not checked: $(cat "$T/upstream.check")"
+grep -q 'password_file = "/var/run/shoal-upstream/registry.corp.example/password"' "$T/upstream.yaml" ||
+  die "upstream: no password_file for registry.corp.example"
+grep -q '^      max_concurrent_requests = 512$' "$T/upstream.yaml" || die "upstream: origin.config's integer is not an integer"
 
 # Values the schema (or the templates) must refuse, each with a message naming the problem.
 refuse() { # WHAT PATTERN helm-args...
@@ -89,6 +95,22 @@ refuse "an upstream url that is not http(s)" "url" --set 'upstreams[0].registry=
 refuse "an upstream user without a password" "passwordSecret" --set 'upstreams[0].registry=docker.io' \
   --set 'upstreams[0].url=https://h' --set 'upstreams[0].username=u'
 refuse "upstreams inside origin.config" "upstreams" --set 'origin.config.upstream[0].registry=docker.io'
+refuse "an upstream url with a path" "url" --set 'upstreams[0].registry=docker.io' --set 'upstreams[0].url=https://h/v2'
+refuse "an upstream url with a comma" "url" --set-json 'upstreams=[{"registry":"docker.io","url":"https://h,i"}]'
+refuse "an upstream without a registry" "registry" --set 'upstreams[0].url=https://h'
+refuse "an upstream registry with a path" "registry" --set 'upstreams[0].registry=docker.io/library' --set 'upstreams[0].url=https://h'
+refuse "an upstream password Secret without a user" "username" --set 'upstreams[0].registry=docker.io' \
+  --set 'upstreams[0].url=https://h' --set 'upstreams[0].passwordSecret.name=s' --set 'upstreams[0].passwordSecret.key=p'
+refuse "an upstream CA Secret without a key" "key" --set 'upstreams[0].registry=docker.io' \
+  --set 'upstreams[0].url=https://h' --set 'upstreams[0].caSecret.name=corp-ca'
+refuse "an upstream's tag TTL without a unit" "tagTtl" --set 'upstreams[0].registry=docker.io' \
+  --set 'upstreams[0].url=https://h' --set 'upstreams[0].tagTtl=30'
+refuse "an upstream password inline" "password" --set 'upstreams[0].registry=docker.io' \
+  --set 'upstreams[0].url=https://h' --set 'upstreams[0].password=hunter2'
+refuse "an upstream listed twice" "docker.io.*twice" --set 'upstreams[0].registry=docker.io' \
+  --set 'upstreams[0].url=https://h' --set 'upstreams[1].registry=docker.io' --set 'upstreams[1].url=https://i'
+refuse "an upstream named like the origins' registry" "registryName" --set containerd.registryName=registry.example.com \
+  --set 'upstreams[0].registry=registry.example.com' --set 'upstreams[0].url=https://h'
 refuse "cert-manager without an issuer" "name" --set tls.enabled=true
 
 # TLS: certificates from cert-manager where no Secret is named, https everywhere, the

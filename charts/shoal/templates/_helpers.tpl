@@ -125,17 +125,19 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (printf "%s.%s:%d" (include "shoal.origin.service" .) (include "shoal.svcSuffix" .) (int .Values.origin.service.port)) .Values.containerd.registryName -}}
 {{- end -}}
 
-{{/* `--registry NAME=SERVER` values for `shoal node setup`. */}}
+{{/* `--registry NAME=SERVER` values for `shoal node setup` (each name once: it refuses a
+     name given twice). */}}
 {{- define "shoal.mirroredRegistries" -}}
 {{- $regs := list -}}
+{{- $named := list -}}
 {{- if .Values.containerd.mirrorOrigins -}}
+{{- $named = append $named (include "shoal.registryName" .) -}}
 {{- if .Values.containerd.registryName -}}
 {{- $regs = append $regs .Values.containerd.registryName -}}
 {{- else -}}
 {{- $regs = append $regs (printf "%s=%s://%s" (include "shoal.registryName" .) (include "shoal.scheme" .) (include "shoal.registryName" .)) -}}
 {{- end -}}
 {{- end -}}
-{{- $named := list -}}
 {{- range .Values.containerd.extraRegistries -}}
 {{- $named = append $named .name -}}
 {{- if .server -}}
@@ -145,13 +147,43 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 {{- /* Upstreams the origins pull through: containerd on every node sends their pulls to the
-     agent (which maps ?ns= to them), falling back to the upstream itself. */ -}}
+     agent (which maps ?ns= to them), falling back to the upstream itself. One already in
+     extraRegistries keeps that entry (and its server). */ -}}
 {{- range .Values.upstreams -}}
 {{- if and (ne .mirrorOnNodes false) (not (has .registry $named)) -}}
 {{- $regs = append $regs (printf "%s=%s" .registry (trimSuffix "/" .url)) -}}
 {{- end -}}
 {{- end -}}
 {{- join "," $regs -}}
+{{- end -}}
+
+{{/* The directory of upstream REGISTRY's password and CA files in the origin container. */}}
+{{- define "shoal.upstream.dir" -}}/var/run/shoal-upstream/{{ . }}{{- end -}}
+
+{{/* The `upstreams` value, checked where the schema cannot: each registry once (the origin
+     would keep only the last section, `shoal node setup` refuses a name twice), none named
+     like the origins' own registry, none also in origin.config. Renders nothing. */}}
+{{- define "shoal.upstreams.check" -}}
+{{- if hasKey (.Values.origin.config | default dict) "upstream" -}}
+{{- fail "origin.config.upstream: set upstream registries in the chart's `upstreams` value, not in origin.config (the chart mounts their password and CA files)" -}}
+{{- end -}}
+{{- $seen := list -}}
+{{- range $i, $u := .Values.upstreams -}}
+{{- if has $u.registry $seen -}}
+{{- fail (printf "upstreams[%d].registry %q is listed twice in upstreams" $i $u.registry) -}}
+{{- end -}}
+{{- $seen = append $seen $u.registry -}}
+{{- if and $.Values.containerd.mirrorOrigins (eq $u.registry (include "shoal.registryName" $)) -}}
+{{- fail (printf "upstreams[%d].registry %q is containerd.registryName, the origins' own registry: pulls by that name would go to the upstream" $i $u.registry) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* toToml, with YAML's integers as TOML integers: Helm reads every number in values as a
+     float, which toToml writes as `512.0`, and Shoal's integer settings refuse floats (Shoal
+     has no float settings). */}}
+{{- define "shoal.toToml" -}}
+{{- regexReplaceAll "(?m)^(\\s*[A-Za-z0-9_-]+ = -?[0-9]+)\\.0$" (toToml .) "${1}" -}}
 {{- end -}}
 
 {{/* Container security settings: no privilege, read-only root, every capability dropped. */}}
