@@ -57,8 +57,6 @@ enum MetainfoSource {
 struct Attempt {
     /// 1, then 2 after a restart.
     number: u32,
-    /// The previous attempt failed its whole-blob digest: any byte read from it is suspect.
-    after_bad_bytes: bool,
 }
 
 /// One blob being downloaded.
@@ -75,7 +73,7 @@ impl Download {
     fn new(pieces: Arc<BlobPieces>) -> Download {
         Download {
             pieces: RwLock::new(pieces),
-            attempt: watch::Sender::new(Attempt { number: 1, after_bad_bytes: false }),
+            attempt: watch::Sender::new(Attempt { number: 1 }),
             readers: Mutex::new(HashMap::new()),
             positions: watch::Sender::new(Vec::new()),
             outcome: watch::Sender::new(None),
@@ -88,9 +86,9 @@ impl Download {
     }
 
     /// Start the next attempt on `pieces`.
-    fn restart(&self, pieces: Arc<BlobPieces>, after_bad_bytes: bool) {
+    fn restart(&self, pieces: Arc<BlobPieces>) {
         *self.pieces.write().unwrap_or_else(|p| p.into_inner()) = pieces;
-        self.attempt.send_modify(|a| *a = Attempt { number: a.number + 1, after_bad_bytes });
+        self.attempt.send_modify(|a| *a = Attempt { number: a.number + 1 });
     }
 
     fn set_reader(&self, id: u64, piece: Option<u32>) {
@@ -134,13 +132,6 @@ impl Fallback for OriginFallback {
 }
 
 /// Why one attempt of a download failed.
-enum Failure {
-    /// Every piece matched but the whole blob did not: the metainfo or the bytes on disk.
-    Content(String),
-    /// The swarm gave up (a stall, a failing or "lying" origin: maybe a bad piece list).
-    Swarm(String),
-}
-
 fn join_error(e: tokio::task::JoinError) -> StoreError {
     StoreError::Internal(e.to_string())
 }
@@ -337,41 +328,34 @@ impl Downloads {
                 readers,
             )
             .await;
-            let failure = match swarmed {
+            // Every piece is checked against the digest's own chain (`shoal_p2p::chain`), so a
+            // finished download has its digest; what can fail is the swarm, and a metainfo
+            // from the tracker that lies about the chain makes it fail at the last piece.
+            let why = match swarmed {
                 Ok(()) => match self.finish(&pieces, digest, claim).await {
                     Ok(()) => break,
-                    Err(e @ PieceError::DigestMismatch { .. }) => Failure::Content(e.to_string()),
                     Err(e) => return Err(e.to_string()),
                 },
-                Err(e) => Failure::Swarm(e.to_string()),
+                Err(e) => e.to_string(),
             };
-            let (content, why) = match failure {
-                Failure::Content(why) => (true, why),
-                Failure::Swarm(why) => (false, why),
-            };
-            let suspect = content || source == MetainfoSource::Tracker;
-            if !suspect || attempt >= DOWNLOAD_ATTEMPTS {
-                if content {
-                    // Its piece file was discarded: nothing left to count or resume.
-                    claim.finished();
-                }
+            if source != MetainfoSource::Tracker || attempt >= DOWNLOAD_ATTEMPTS {
                 return Err(why);
             }
             let origin = match self.origin_metainfo(digest).await {
                 Ok(m) => m,
                 Err(e) => return Err(format!("{why} (and the origin's metainfo: {e})")),
             };
-            if !content && origin == **pieces.metainfo() {
+            if origin == **pieces.metainfo() {
                 // The metainfo was right: a swarm failure of another kind, not ours to retry.
                 return Err(why);
             }
             tracing::warn!(
                 %digest, error = %why, attempt,
-                "download failed in a way a bad metainfo or bad bytes on disk explain; \
+                "download failed in a way a bad metainfo explains; \
                  starting again from the origin's metainfo"
             );
             let fresh = self.open_partial(digest, origin, Some(pieces)).await.map_err(|e| e.to_string())?;
-            download.restart(fresh, content);
+            download.restart(fresh);
             source = MetainfoSource::Origin;
             attempt += 1;
         }
@@ -508,11 +492,7 @@ impl Sent {
         if attempt.number == self.attempt {
             return true;
         }
-        let (old, new) = (self.metainfo.pieces(), now.pieces());
-        let range = self.first as usize..=self.last as usize;
-        !attempt.after_bad_bytes
-            && self.metainfo.piece_length() == now.piece_length()
-            && old.get(range.clone()).is_some_and(|o| new.get(range).is_some_and(|n| o == n))
+        self.metainfo.checks_alike(now, self.first, self.last)
     }
 }
 
@@ -641,25 +621,24 @@ impl Reader {
 mod tests {
     use super::*;
 
-    fn meta(pieces: Vec<[u8; 32]>) -> Arc<Metainfo> {
+    fn meta(chain: &[u8]) -> Arc<Metainfo> {
         let digest = Digest::of(shoal_registry::Algorithm::Sha256, b"blob");
-        let size = pieces.len() as u64 * 65536;
-        Arc::new(Metainfo::new(digest, size, 65536, pieces).unwrap())
+        let size = (chain.len() as u64 + 1) * 65536;
+        let chain = chain.iter().flat_map(|&b| [b; 32]).collect();
+        Arc::new(Metainfo::new(digest, size, 65536, chain).unwrap())
     }
 
     #[test]
     fn a_reader_goes_on_after_a_restart_only_if_what_it_was_sent_still_holds() {
-        let old = meta(vec![[1; 32], [2; 32], [3; 32], [4; 32]]);
+        // Four pieces: states after pieces 0, 1 and 2 (the last is checked by the digest).
+        let old = meta(&[1, 2, 3]);
         let sent = Sent { attempt: 1, metainfo: old.clone(), first: 0, last: 1 };
-        let next = Attempt { number: 2, after_bad_bytes: false };
-        assert!(sent.still_holds(Attempt { number: 1, after_bad_bytes: false }, &old), "same attempt");
-        // The bad piece list lied about piece 3 only: pieces 0-1 were checked by the same hashes.
-        let fixed = meta(vec![[1; 32], [2; 32], [3; 32], [9; 32]]);
-        assert!(sent.still_holds(next, &fixed));
-        // It lied about a piece the reader was sent: that piece may be wrong.
-        let fixed = meta(vec![[1; 32], [8; 32], [3; 32], [4; 32]]);
-        assert!(!sent.still_holds(next, &fixed));
-        // The whole blob failed its digest: bytes read from disk are suspect, whatever the hashes.
-        assert!(!sent.still_holds(Attempt { number: 2, after_bad_bytes: true }, &old));
+        let next = Attempt { number: 2 };
+        assert!(sent.still_holds(Attempt { number: 1 }, &old), "same attempt");
+        // The bad chain lied after piece 2 only: pieces 0-1 were checked by the same states.
+        assert!(sent.still_holds(next, &meta(&[1, 2, 9])));
+        // It lied about a state a piece the reader was sent was checked against.
+        assert!(!sent.still_holds(next, &meta(&[1, 8, 3])));
+        assert!(!sent.still_holds(next, &meta(&[7, 2, 3])));
     }
 }

@@ -297,9 +297,10 @@ async fn a_partial_download_with_a_bad_sector_does_not_wedge_its_digest() {
     assert!(!path.exists(), "the partial file is gone once the blob is cached");
 }
 
-/// A tracker that hands out a bad piece list (one piece hash wrong) for every blob and no
-/// peers. The origin's pieces then fail verification against it; the agent fetches the
-/// origin's own metainfo, discards what it has and starts again, and the pull succeeds.
+/// A tracker that hands out a bad state list (one chaining value wrong) for every blob and no
+/// peers. The origin's pieces on either side of it then fail verification against it; the
+/// agent fetches the origin's own metainfo, re-checks what it holds and starts again, and the
+/// pull succeeds.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bad_piece_list_from_the_tracker_is_recovered_from_the_origin() {
     skip_if_external!(SKIP);
@@ -307,11 +308,11 @@ async fn a_bad_piece_list_from_the_tracker_is_recovered_from_the_origin() {
     let blob = cluster.push_random_blob(3 * MIB).await;
     let (_, good) = origin_metainfo(&cluster, &blob).await;
     let mut json: serde_json::Value = serde_json::from_slice(&good).expect("metainfo JSON");
-    let pieces = json["pieces"].as_str().expect("piece hashes").to_string();
-    // Piece 3's hash, changed: a metainfo that decodes but lies about one piece.
+    let chain = json["chain"].as_str().expect("chaining values").to_string();
+    // The state after piece 3, changed: a metainfo that decodes but lies about pieces 3 and 4.
     let at = 3 * 64 + 5;
-    let swapped = if &pieces[at..=at] == "0" { "1" } else { "0" };
-    json["pieces"] = serde_json::Value::String(format!("{}{swapped}{}", &pieces[..at], &pieces[at + 1..]));
+    let swapped = if &chain[at..=at] == "0" { "1" } else { "0" };
+    json["chain"] = serde_json::Value::String(format!("{}{swapped}{}", &chain[..at], &chain[at + 1..]));
     let tracker = FakeTracker::start(serde_json::to_vec(&json).expect("encode")).await;
 
     let dir = tempfile::tempdir().expect("temp dir");

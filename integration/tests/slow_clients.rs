@@ -9,7 +9,6 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use sha2::Digest as _;
 use shoal_integration::api::ImageKind;
 use shoal_integration::origin::free_port;
 use shoal_integration::raw::{request_target, RawConnection};
@@ -284,8 +283,7 @@ async fn fetch_piece(addr: SocketAddr, metainfo: &Metainfo, index: u32) -> Resul
     loop {
         match framed.next().await {
             Some(Ok(Message::Piece { index: got, data })) if got == index => {
-                let hash: [u8; 32] = sha2::Sha256::digest(&data).into();
-                let ok = metainfo.pieces().get(index as usize) == Some(&hash);
+                let ok = metainfo.verify_piece(index, &data);
                 return if ok { Ok(()) } else { Err(format!("piece {index} is corrupt")) };
             }
             Some(Ok(Message::Have(_) | Message::KeepAlive)) => {}

@@ -26,7 +26,8 @@ const UPLOADS: TableDefinition<&str, &str> = TableDefinition::new("uploads");
 /// "blob:<digest>" or "repo:<name>" → ms since the epoch when queued: copies a write could
 /// not place on an owner, kept until repair has placed them.
 const REPAIR: TableDefinition<&str, u64> = TableDefinition::new("repair_queue");
-/// digest → metainfo JSON (piece length and piece hashes), computed once per blob.
+/// digest → metainfo JSON (piece length and chaining values), computed once per blob; one
+/// stored by an older version (per-piece hashes) no longer decodes and is computed again.
 const METAINFO: TableDefinition<&str, &[u8]> = TableDefinition::new("metainfo");
 /// digest → (size, ms since the epoch when set aside): blob files garbage collection moved to
 /// `quarantine/`. Brought back when anything asks for them; deleted only by a later pass that

@@ -44,14 +44,6 @@ fn failed() -> PieceError {
     PieceError::Io(std::io::Error::other("blob failed verification and was discarded"))
 }
 
-/// The whole-blob hash of a download, carried along its contiguous prefix of pieces as they
-/// arrive, so finishing does not read and hash the whole file again.
-struct PrefixHash {
-    hasher: shoal_registry::digest::Hasher,
-    /// The first piece not hashed yet.
-    next: u32,
-}
-
 /// Which pieces are held, readable without any lock: async tasks ask `has`/`have` all the
 /// time, and must never wait on the state lock while a writer holds it across an fsync. A bit
 /// is set only after its piece's bytes are written (under the state lock), so a reader that
@@ -117,8 +109,6 @@ pub struct BlobPieces {
     held: HeldPieces,
     /// Where the finished blob lives, once it does.
     finished: std::sync::OnceLock<PathBuf>,
-    /// For a download: the running whole-blob hash (see [`BlobPieces::advance_hash`]).
-    prefix: Option<std::sync::Mutex<PrefixHash>>,
     /// Number of pieces held; changes whenever a piece arrives.
     progress: watch::Sender<u32>,
     /// Held while writing a piece's bytes. The kernel writes to one file one at a time anyway
@@ -146,7 +136,6 @@ impl BlobPieces {
             finished,
             metainfo,
             state: RwLock::new(State::Complete { file }),
-            prefix: None,
             progress: watch::Sender::new(count),
             writing: std::sync::Mutex::new(()),
             _guard: None,
@@ -182,23 +171,15 @@ impl BlobPieces {
     /// A resumed file's held pieces are read back and checked against their hashes first: the
     /// bitfield says they were verified when written, but the disk may have lost them since (a
     /// bad sector, a crash that kept the bitfield but not the data). A piece that fails is
-    /// fetched again instead of failing the whole blob's digest at the end, every time. The
-    /// same pass carries the whole-blob hash along the held prefix, so finishing does not read
-    /// those bytes again: resuming costs one read of what is held, up front instead of at the end.
+    /// fetched again: the blob is finished only with every piece checked.
     pub fn partial(path: &Path, metainfo: Arc<Metainfo>) -> Result<BlobPieces, PieceError> {
         // Persistence is driven by time here (see FLUSH_INTERVAL), not by the piece count.
         let mut file = PieceFile::open(path, (*metainfo).clone())?.with_persist_every(u32::MAX);
-        let mut prefix = PrefixHash { hasher: metainfo.digest().algorithm().hasher(), next: 0 };
         let held: Vec<u32> = file.have().iter_set().collect();
         let mut dropped = 0u32;
         for index in held {
             match file.read_piece(index) {
-                Ok(data) if metainfo.verify_piece(index, &data) => {
-                    if prefix.next == index {
-                        prefix.hasher.update(&data);
-                        prefix.next += 1;
-                    }
-                }
+                Ok(data) if metainfo.verify_piece(index, &data) => {}
                 _ => {
                     file.forget(index)?;
                     dropped += 1;
@@ -219,7 +200,6 @@ impl BlobPieces {
             finished: std::sync::OnceLock::new(),
             metainfo,
             state: RwLock::new(state),
-            prefix: Some(std::sync::Mutex::new(prefix)),
             progress: watch::Sender::new(count),
             writing: std::sync::Mutex::new(()),
             _guard: None,
@@ -419,70 +399,19 @@ impl BlobPieces {
         }
     }
 
-    /// Hash piece `index` (its `data`, just written) into the running whole-blob hash if it
-    /// is the first piece not hashed yet. Blocking but short: one piece, no I/O.
-    pub fn extend_hash(&self, index: u32, data: &[u8]) {
-        let Some(Ok(mut prefix)) = self.prefix.as_ref().map(|m| m.try_lock()) else { return };
-        if prefix.next == index {
-            prefix.hasher.update(data);
-            prefix.next += 1;
-        }
-    }
-
-    /// Whether the piece after the hashed prefix is already held, so
-    /// [`advance_hash`](Self::advance_hash) has work to do.
-    pub fn hash_can_advance(&self) -> bool {
-        let next = self.prefix.as_ref().and_then(|m| m.try_lock().ok()).map(|p| p.next);
-        next.is_some_and(|n| n < self.metainfo.piece_count() && self.has(n))
-    }
-
-    /// Hash the pieces held right after the hashed prefix, in order, until a missing one.
-    /// Each piece is read under the shared lock, so downloads and readers go on meanwhile.
-    /// Blocking; returns at once if another thread is already advancing.
-    pub fn advance_hash(&self) {
-        let Some(Ok(mut prefix)) = self.prefix.as_ref().map(|m| m.try_lock()) else { return };
-        while prefix.next < self.metainfo.piece_count() && self.has(prefix.next) {
-            let Ok(data) = self.read_piece(prefix.next) else { return };
-            prefix.hasher.update(&data);
-            prefix.next += 1;
-        }
-    }
-
-    /// Verify the whole blob and move it to `dest`; readers continue from there. On failure
-    /// the blob is unusable and reads fail; if its pieces matched but the whole did not, the
-    /// piece file and its bitfield are deleted, so a new download starts from nothing. Blocking.
-    /// The whole-file hash runs under the shared lock, so readers (including async tasks that
-    /// check `has`) are never held up for it; the exclusive lock covers only the rename.
+    /// Move the complete download to `dest`; readers continue from there. Every piece was
+    /// checked against the digest's chain as it was written, so the blob has its digest
+    /// without being read again (see [`crate::chain`]). On failure the blob is unusable and
+    /// reads fail. Blocking: the data's fsync runs under the shared lock, so readers go on;
+    /// the exclusive lock covers the rename.
     pub fn finish(&self, dest: &Path) -> Result<(), PieceError> {
-        // Snapshot the running hash before taking the state lock: `advance_hash` holds the
-        // prefix while it takes the state lock, so the other order could deadlock.
-        let prefix = self.prefix.as_ref().and_then(|m| m.lock().ok()).map(|p| (p.hasher.clone(), p.next));
-        let verified = match &*self.read_state() {
-            State::Partial(pieces, _) => match prefix {
-                // Continue the running hash from where it stopped (usually the end).
-                Some((hasher, next)) => {
-                    let offset = self.metainfo.piece_range(next).map_or(self.metainfo.size(), |r| r.0);
-                    pieces.verify_from(hasher, offset)
-                }
-                None => pieces.verify(),
-            },
-            _ => return Ok(()),
-        };
+        if let State::Partial(pieces, _) = &*self.read_state() {
+            pieces.sync()?;
+        }
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         match std::mem::replace(&mut *state, State::Failed) {
             State::Partial(pieces, _) => {
-                if let Err(e) = verified {
-                    self.held.fail();
-                    if matches!(e, PieceError::DigestMismatch { .. }) {
-                        // Every piece matched its hash but the whole did not: which piece is
-                        // wrong cannot be known, so nothing of it can be resumed.
-                        if let Err(d) = pieces.discard() {
-                            tracing::warn!(error = %d, "could not delete a download that failed its digest");
-                        }
-                    }
-                    return Err(e);
-                }
-                if let Err(e) = pieces.publish_verified(dest) {
+                if let Err(e) = pieces.finish(dest) {
                     self.held.fail();
                     return Err(e);
                 }

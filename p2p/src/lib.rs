@@ -3,8 +3,9 @@
 //! The swarm's event loop (in the agent and origin) is built from these small parts, each of
 //! which is pure or blocking-only and tested on its own:
 //!
-//! - [`metainfo`]: how a blob is cut into pieces and the SHA-256 of each, so every piece from
-//!   an untrusted peer can be checked before it is stored or served.
+//! - [`metainfo`]: how a blob is cut into pieces and the hash state after each ([`chain`]), so
+//!   every piece from an untrusted peer can be checked before it is stored or served, and the
+//!   checked pieces prove the blob's digest.
 //! - [`bitfield`]: which pieces a peer has, in BitTorrent's bit order.
 //! - [`peer`]: random peer ids.
 //! - [`wire`]: the peer protocol's frames, as a `tokio_util` codec.
@@ -30,6 +31,7 @@ pub mod bitfield;
 pub mod bitfield_file;
 pub mod blacklist;
 pub mod blob;
+pub mod chain;
 pub mod conn;
 pub mod failover;
 pub mod flow;

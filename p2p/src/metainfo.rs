@@ -1,14 +1,16 @@
-//! Metainfo: how a blob is cut into pieces and the SHA-256 of each piece.
+//! Metainfo: how a blob is cut into pieces, and the hash state at each piece boundary.
 //!
 //! Peers are untrusted, so every piece must be checkable on its own before it is stored or
-//! served; the origin computes this once per blob and the tracker hands it out. Its JSON form
+//! served; the origin computes this once per blob and the tracker hands it out. The states are
+//! the blob digest's own (see [`crate::chain`]), so checking every piece checks the digest. Its JSON form
 //! is untrusted input too, so decoding validates every field instead of trusting it.
 
 use std::io::{self, Read};
 use std::path::Path;
 
-use sha2::{Digest as _, Sha256};
 use shoal_registry::{Algorithm, Digest};
+
+use crate::chain::{self, ChainState};
 
 /// Smallest piece length: below this, per-piece overhead (requests, hashes, bitfield bits)
 /// dominates the transfer.
@@ -27,9 +29,6 @@ pub const LARGEST_CHOSEN_PIECE_LENGTH: u64 = 1024 * 1024;
 
 /// Pieces we aim for per blob, so even a mid-sized layer can be fetched from many peers at once.
 pub const TARGET_PIECES: u64 = 16;
-
-/// Length of one piece hash (SHA-256).
-pub const PIECE_HASH_LEN: usize = 32;
 
 /// How much `compute` reads at a time.
 const READ_CHUNK: usize = 1024 * 1024;
@@ -57,60 +56,68 @@ pub enum MetainfoError {
     #[error("piece length {0} is not a power of two between 64 KiB and 4 MiB")]
     PieceLength(u64),
     #[error(
-        "a blob of {size} bytes in pieces of {piece_length} needs {expected} piece hashes, got {actual}"
+        "a blob of {size} bytes in pieces of {piece_length} needs {expected} chaining values, got {actual}"
     )]
     PieceCount { size: u64, piece_length: u64, expected: u64, actual: u64 },
-    #[error("piece hashes must be lowercase hex, {PIECE_HASH_LEN} bytes per piece")]
-    PieceHex,
+    #[error("chaining values must be lowercase hex, {0} bytes each")]
+    ChainHex(usize),
 }
 
-/// How a blob is cut into pieces, and the hash of each piece. Always internally consistent: the
-/// only ways to get one are [`Metainfo::new`], [`Metainfo::compute`] and validated JSON.
+/// How a blob is cut into pieces, and the hash state after each piece but the last (see
+/// [`crate::chain`]). Always internally consistent: the only ways to get one are
+/// [`Metainfo::new`], [`Metainfo::compute`] and validated JSON.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "MetainfoJson", into = "MetainfoJson")]
 pub struct Metainfo {
     digest: Digest,
     size: u64,
     piece_length: u64,
-    pieces: Vec<[u8; PIECE_HASH_LEN]>,
+    /// The chaining value after each piece but the last, [`chain::state_len`] bytes each.
+    chain: Vec<u8>,
 }
 
 impl Metainfo {
-    /// Build a metainfo from parts, checking that they agree with each other.
+    /// Build a metainfo from parts, checking that they agree with each other. `chain` holds
+    /// the state after each piece but the last, back to back.
     pub fn new(
         digest: Digest,
         size: u64,
         piece_length: u64,
-        pieces: Vec<[u8; PIECE_HASH_LEN]>,
+        chain: Vec<u8>,
     ) -> Result<Metainfo, MetainfoError> {
         if !piece_length.is_power_of_two() || !(MIN_PIECE_LENGTH..=MAX_PIECE_LENGTH).contains(&piece_length) {
             return Err(MetainfoError::PieceLength(piece_length));
         }
-        let expected = size.div_ceil(piece_length);
-        let actual = pieces.len() as u64;
+        let pieces = size.div_ceil(piece_length);
+        let expected = pieces.saturating_sub(1);
+        let stride = chain::state_len(digest.algorithm());
+        if !chain.len().is_multiple_of(stride) {
+            return Err(MetainfoError::ChainHex(stride));
+        }
+        let actual = (chain.len() / stride) as u64;
         // Piece indices are u32 on the wire; a blob that needs more is not representable.
-        if expected != actual || expected > u64::from(u32::MAX) {
+        if expected != actual || pieces > u64::from(u32::MAX) {
             return Err(MetainfoError::PieceCount { size, piece_length, expected, actual });
         }
-        Ok(Metainfo { digest, size, piece_length, pieces })
+        Ok(Metainfo { digest, size, piece_length, chain })
     }
 
-    /// Compute the metainfo of `size` bytes read from `reader`, hashing the blob digest (with
-    /// `algorithm`) and every piece in one pass of 1 MiB reads.
+    /// Compute the metainfo of `size` bytes read from `reader`, hashing every byte once: the
+    /// chaining values are the blob digest's own hash states at piece boundaries.
     ///
     /// `size` is needed up front because it decides the piece length; a reader that yields a
     /// different number of bytes is an `InvalidData` error. Blocking: call it from
     /// `spawn_blocking`.
     pub fn compute(reader: impl Read, size: u64, algorithm: Algorithm) -> io::Result<Metainfo> {
         let piece_length = piece_length_for(size);
-        let (digest, read, pieces) = hash_pieces(reader, piece_length, algorithm)?;
+        let (digest, read, chain) = hash_chain(reader, piece_length, algorithm)?;
         if read != size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("expected {size} bytes, read {read}"),
             ));
         }
-        Metainfo::new(digest, size, piece_length, pieces)
+        Metainfo::new(digest, size, piece_length, chain)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
@@ -122,14 +129,16 @@ impl Metainfo {
         Metainfo::compute(file, size, algorithm)
     }
 
-    /// Whether `reader` yields exactly the blob this metainfo describes: its size, every piece
-    /// hash and the whole digest, checked in one pass. Blocking: call it from `spawn_blocking`.
+    /// Whether `reader` yields exactly the blob this metainfo describes: its size, every
+    /// chaining value and the whole digest, checked in one pass. Blocking: call it from
+    /// `spawn_blocking`.
     pub fn describes(&self, reader: impl Read) -> io::Result<bool> {
-        let (digest, read, pieces) = hash_pieces(reader, self.piece_length, self.digest.algorithm())?;
-        Ok(read == self.size && digest == self.digest && pieces == self.pieces)
+        let (digest, read, chain) = hash_chain(reader, self.piece_length, self.digest.algorithm())?;
+        Ok(read == self.size && digest == self.digest && chain == self.chain)
     }
 
-    /// The whole blob's digest, checked once all pieces are in.
+    /// The whole blob's digest: the last piece is checked against it, so a blob whose every
+    /// piece passed has it.
     pub fn digest(&self) -> &Digest {
         &self.digest
     }
@@ -144,15 +153,27 @@ impl Metainfo {
         self.piece_length
     }
 
-    /// The SHA-256 of each piece, in order.
-    pub fn pieces(&self) -> &[[u8; PIECE_HASH_LEN]] {
-        &self.pieces
+    /// The chaining values, back to back (the state after each piece but the last).
+    pub fn chain(&self) -> &[u8] {
+        &self.chain
+    }
+
+    /// Whether `other` checks pieces `first..=last` exactly as this one does: same blob, same
+    /// cut, and the same states around those pieces.
+    pub fn checks_alike(&self, other: &Metainfo, first: u32, last: u32) -> bool {
+        if self.digest != other.digest || self.size != other.size || self.piece_length != other.piece_length {
+            return false;
+        }
+        let stride = chain::state_len(self.digest.algorithm());
+        let from = first.saturating_sub(1) as usize * stride;
+        let to = (last as usize + 1).saturating_mul(stride).min(self.chain.len());
+        from >= to || self.chain.get(from..to) == other.chain.get(from..to)
     }
 
     /// Number of pieces (zero for an empty blob).
     pub fn piece_count(&self) -> u32 {
         // `new` guarantees the count fits.
-        u32::try_from(self.pieces.len()).unwrap_or(u32::MAX)
+        u32::try_from(self.size.div_ceil(self.piece_length)).unwrap_or(u32::MAX)
     }
 
     /// Byte offset and length of piece `index`; the last piece may be shorter. `None` when the
@@ -179,26 +200,48 @@ impl Metainfo {
         u32::try_from(offset / self.piece_length).ok()
     }
 
-    /// Whether `data` is exactly piece `index` (right length and hash).
+    /// The listed state after piece `index` (`None` for the last piece and beyond).
+    fn state_after(&self, index: u32) -> Option<&[u8]> {
+        let stride = chain::state_len(self.digest.algorithm());
+        let from = (index as usize).checked_mul(stride)?;
+        self.chain.get(from..from.checked_add(stride)?)
+    }
+
+    /// Whether `data` is exactly piece `index`: its length, and its hash from the state before
+    /// it to the state after it (to the blob's digest for the last piece).
     pub fn verify_piece(&self, index: u32, data: &[u8]) -> bool {
-        let (Some(len), Some(expected)) = (self.piece_len(index), self.pieces.get(index as usize)) else {
+        if self.piece_len(index) != Some(data.len() as u64) {
             return false;
+        }
+        let algorithm = self.digest.algorithm();
+        let before = match index.checked_sub(1) {
+            None => Some(ChainState::initial(algorithm)),
+            Some(prev) => self.state_after(prev).and_then(|b| ChainState::from_bytes(algorithm, b)),
         };
-        data.len() as u64 == len && Sha256::digest(data).as_slice() == expected
+        let Some(mut state) = before else { return false };
+        if index + 1 == self.piece_count() {
+            let got = state.finish(data, self.size);
+            return hex::decode(self.digest.hex()).is_ok_and(|want| want == got);
+        }
+        state.absorb(data);
+        self.state_after(index).is_some_and(|want| state.equals_bytes(want))
     }
 }
 
-/// Read everything from `reader`, returning the blob digest, byte count and piece hashes.
-fn hash_pieces(
+/// Read everything from `reader`, returning the blob digest, byte count and the chaining value
+/// at each piece boundary but the last.
+fn hash_chain(
     mut reader: impl Read,
     piece_length: u64,
     algorithm: Algorithm,
-) -> io::Result<(Digest, u64, Vec<[u8; PIECE_HASH_LEN]>)> {
-    let mut blob = algorithm.hasher();
-    let mut piece = Sha256::new();
-    let mut in_piece = 0u64;
+) -> io::Result<(Digest, u64, Vec<u8>)> {
+    let mut state = ChainState::initial(algorithm);
+    let block = chain::block_len(algorithm);
+    // What is not yet compressed: less than one block, or a whole block waiting to learn
+    // whether it ends the blob (the last piece's states are not listed).
+    let mut pending: Vec<u8> = Vec::with_capacity(READ_CHUNK + block);
     let mut total = 0u64;
-    let mut pieces = Vec::new();
+    let mut chain = Vec::new();
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
         let n = match reader.read(&mut buf) {
@@ -207,35 +250,49 @@ fn hash_pieces(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        let mut chunk = &buf[..n];
-        blob.update(chunk);
-        total += n as u64;
-        while !chunk.is_empty() {
-            let room = piece_length - in_piece;
-            let take = chunk.len().min(usize::try_from(room).unwrap_or(usize::MAX));
-            piece.update(&chunk[..take]);
-            in_piece += take as u64;
-            chunk = &chunk[take..];
-            if in_piece == piece_length {
-                pieces.push(piece.finalize_reset().into());
-                in_piece = 0;
+        pending.extend_from_slice(&buf[..n]);
+        // Compress what lies before the next boundary, record the boundary's state, and so on;
+        // keep the tail (it may be the end of the blob, which `finish` takes).
+        let mut done = 0usize;
+        loop {
+            let to_boundary = usize::try_from(piece_length - (total % piece_length)).unwrap_or(usize::MAX);
+            let available = pending.len() - done;
+            if available > to_boundary {
+                // The boundary is inside `pending` and more bytes follow it: not the end.
+                state.absorb(&pending[done..done + to_boundary]);
+                state.write_bytes(&mut chain);
+                done += to_boundary;
+                total += to_boundary as u64;
+            } else {
+                // Compress whole blocks but keep at least one byte back, so the end is not
+                // compressed before it is known to be the end.
+                let take = (available.saturating_sub(1) / block) * block;
+                state.absorb(&pending[done..done + take]);
+                done += take;
+                total += take as u64;
+                break;
             }
         }
+        pending.drain(..done);
     }
-    if in_piece > 0 {
-        pieces.push(piece.finalize().into());
-    }
-    Ok((blob.finish(), total, pieces))
+    let size = total + pending.len() as u64;
+    let hex = hex::encode(state.finish(&pending, size));
+    let digest: Digest = format!("{}:{hex}", algorithm.name())
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok((digest, size, chain))
 }
 
-/// The JSON form exchanged over HTTP: piece hashes as one hex string, which is compact and
-/// trivial to produce from any language.
+/// The JSON form exchanged over HTTP: the chaining values as one hex string, which is compact
+/// and trivial to produce from any language. The field is `chain`, not the `pieces` of per-piece
+/// hashes that versions before chaining used, so either version refuses the other's metainfo
+/// instead of misreading it (and an origin recomputes a stored one it cannot read).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct MetainfoJson {
     digest: Digest,
     size: u64,
     piece_length: u64,
-    pieces: String,
+    chain: String,
 }
 
 impl From<Metainfo> for MetainfoJson {
@@ -244,7 +301,7 @@ impl From<Metainfo> for MetainfoJson {
             digest: m.digest,
             size: m.size,
             piece_length: m.piece_length,
-            pieces: hex::encode(m.pieces.concat()),
+            chain: hex::encode(m.chain),
         }
     }
 }
@@ -253,20 +310,15 @@ impl TryFrom<MetainfoJson> for Metainfo {
     type Error = MetainfoError;
 
     fn try_from(j: MetainfoJson) -> Result<Self, Self::Error> {
-        let hex = j.pieces.as_bytes();
-        let chunks = hex.chunks_exact(PIECE_HASH_LEN * 2);
-        if !chunks.remainder().is_empty()
+        let stride = chain::state_len(j.digest.algorithm());
+        let hex = j.chain.as_bytes();
+        if !hex.len().is_multiple_of(2 * stride)
             || !hex.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
         {
-            return Err(MetainfoError::PieceHex);
+            return Err(MetainfoError::ChainHex(stride));
         }
-        let mut pieces = Vec::with_capacity(chunks.len());
-        for chunk in chunks {
-            let mut hash = [0u8; PIECE_HASH_LEN];
-            hex::decode_to_slice(chunk, &mut hash).map_err(|_| MetainfoError::PieceHex)?;
-            pieces.push(hash);
-        }
-        Metainfo::new(j.digest, j.size, j.piece_length, pieces)
+        let chain = hex::decode(hex).map_err(|_| MetainfoError::ChainHex(stride))?;
+        Metainfo::new(j.digest, j.size, j.piece_length, chain)
     }
 }
 
@@ -318,18 +370,46 @@ mod tests {
     }
 
     #[test]
-    fn compute_hashes_blob_and_pieces() {
+    fn compute_lists_the_digest_states_at_piece_boundaries() {
         let data = blob(3 * MIB as usize + 12345);
         let m = Metainfo::compute(&data[..], data.len() as u64, Algorithm::Sha256).unwrap();
         assert_eq!(m.digest(), &Digest::of(Algorithm::Sha256, &data));
         assert_eq!(m.size(), data.len() as u64);
         assert_eq!(m.piece_length(), 128 * KIB);
         assert_eq!(m.piece_count(), 25);
+        assert_eq!(m.chain().len(), 24 * 32);
+        let mut state = ChainState::initial(Algorithm::Sha256);
         for (i, chunk) in data.chunks(m.piece_length() as usize).enumerate() {
-            let expected: [u8; 32] = Sha256::digest(chunk).into();
-            assert_eq!(m.pieces()[i], expected);
-            assert!(m.verify_piece(i as u32, chunk));
+            assert!(m.verify_piece(i as u32, chunk), "piece {i}");
+            if i < 24 {
+                state.absorb(chunk);
+                assert!(state.equals_bytes(&m.chain()[i * 32..(i + 1) * 32]), "state after {i}");
+            }
         }
+        // Across every read size, including ones that end exactly on a boundary.
+        for step in [1000, 64 * 1024, 128 * 1024, 128 * 1024 + 1] {
+            let trickled =
+                Metainfo::compute(Trickle { data: &data, step }, data.len() as u64, Algorithm::Sha256);
+            assert_eq!(trickled.unwrap(), m, "reads of {step}");
+        }
+    }
+
+    /// Pieces verified one by one, in any order, prove the digest: a piece that is right on
+    /// its own terms but follows a forged state list fails at the last piece at the latest.
+    #[test]
+    fn a_forged_chain_cannot_reach_the_digest() {
+        let data = blob(4 * 64 * KIB as usize + 5);
+        let m = Metainfo::compute(&data[..], data.len() as u64, Algorithm::Sha256).unwrap();
+        let mut evil = data.clone();
+        evil[10] ^= 1;
+        let forged = Metainfo::compute(&evil[..], evil.len() as u64, Algorithm::Sha256).unwrap();
+        // The forger keeps the real digest but lists the states of the evil bytes.
+        let lying =
+            Metainfo::new(m.digest().clone(), m.size(), m.piece_length(), forged.chain().to_vec()).unwrap();
+        let pieces: Vec<_> = evil.chunks(64 * KIB as usize).collect();
+        assert!(lying.verify_piece(0, pieces[0]), "a lie about piece 0 holds on its own");
+        assert!(!lying.verify_piece(4, pieces[4]), "but the last piece must reach the real digest");
+        assert!(!m.verify_piece(0, pieces[0]));
     }
 
     #[test]
@@ -407,10 +487,10 @@ mod tests {
         let mut flipped = data.clone();
         flipped[70_000] ^= 1;
         assert!(!m.describes(&flipped[..]).unwrap(), "one byte off");
-        // Right bytes, wrong piece list.
-        let mut pieces = m.pieces().to_vec();
-        pieces[1][0] ^= 1;
-        let lying = Metainfo::new(m.digest().clone(), m.size(), m.piece_length(), pieces).unwrap();
+        // Right bytes, wrong chain.
+        let mut chain = m.chain().to_vec();
+        chain[33] ^= 1;
+        let lying = Metainfo::new(m.digest().clone(), m.size(), m.piece_length(), chain).unwrap();
         assert!(!lying.describes(&data[..]).unwrap());
     }
 
@@ -436,22 +516,27 @@ mod tests {
         assert_eq!(json["digest"], m.digest().to_string());
         assert_eq!(json["size"], 130 * KIB);
         assert_eq!(json["piece_length"], 64 * KIB);
-        assert_eq!(json["pieces"].as_str().unwrap().len(), 3 * 64);
-        assert_eq!(json["pieces"].as_str().unwrap(), hex::encode(m.pieces().concat()));
+        assert_eq!(json["chain"].as_str().unwrap().len(), 2 * 64);
+        assert_eq!(json["chain"].as_str().unwrap(), hex::encode(m.chain()));
         let back: Metainfo = serde_json::from_value(json).unwrap();
         assert_eq!(back, m);
+        // The per-piece hashes of earlier versions are refused, not misread.
+        let old = serde_json::json!({"digest": m.digest(), "size": m.size(), "piece_length": m.piece_length(),
+            "pieces": "ab".repeat(3 * 32)});
+        assert!(serde_json::from_value::<Metainfo>(old).is_err());
     }
 
     #[test]
     fn json_validation_rejects_inconsistent_input() {
         let digest = Digest::of(Algorithm::Sha256, b"x");
         let hash = "ab".repeat(32);
-        let doc = |size: u64, piece_length: u64, pieces: &str| serde_json::json!({"digest": digest, "size": size, "piece_length": piece_length, "pieces": pieces});
-        let ok = doc(64 * KIB + 1, 64 * KIB, &hash.repeat(2));
+        let doc = |size: u64, piece_length: u64, chain: &str| serde_json::json!({"digest": digest, "size": size, "piece_length": piece_length, "chain": chain});
+        let ok = doc(2 * 64 * KIB + 1, 64 * KIB, &hash.repeat(2));
         assert!(serde_json::from_value::<Metainfo>(ok).is_ok());
+        assert!(serde_json::from_value::<Metainfo>(doc(100, 64 * KIB, "")).is_ok(), "one piece, no states");
         let bad = [
-            doc(100, 64 * KIB, ""),                            // too few hashes
-            doc(100, 64 * KIB, &hash.repeat(2)),               // too many hashes
+            doc(64 * KIB + 1, 64 * KIB, ""),                   // too few states
+            doc(100, 64 * KIB, &hash),                         // too many states
             doc(0, 64 * KIB, &hash),                           // empty blob has no pieces
             doc(100, 0, &hash),                                // zero piece length
             doc(100, 100_000, &hash),                          // not a power of two
@@ -468,7 +553,7 @@ mod tests {
             assert!(serde_json::from_value::<Metainfo>(b).is_err(), "case {i} accepted");
         }
         let bad_digest =
-            serde_json::json!({"digest": "md5:x", "size": 0, "piece_length": 65536, "pieces": ""});
+            serde_json::json!({"digest": "md5:x", "size": 0, "piece_length": 65536, "chain": ""});
         assert!(serde_json::from_value::<Metainfo>(bad_digest).is_err());
         let missing = serde_json::json!({"digest": digest, "size": 0, "piece_length": 65536});
         assert!(serde_json::from_value::<Metainfo>(missing).is_err());
@@ -477,13 +562,19 @@ mod tests {
     #[test]
     fn new_validates_like_json() {
         let digest = Digest::of(Algorithm::Sha256, b"x");
+        assert_eq!(Metainfo::new(digest.clone(), 10, 1000, vec![]), Err(MetainfoError::PieceLength(1000)));
         assert_eq!(
-            Metainfo::new(digest.clone(), 10, 1000, vec![[0; 32]]),
-            Err(MetainfoError::PieceLength(1000))
+            Metainfo::new(digest.clone(), 64 * KIB + 10, 64 * KIB, vec![]),
+            Err(MetainfoError::PieceCount {
+                size: 64 * KIB + 10,
+                piece_length: 64 * KIB,
+                expected: 1,
+                actual: 0
+            })
         );
         assert_eq!(
-            Metainfo::new(digest.clone(), 10, 64 * KIB, vec![]),
-            Err(MetainfoError::PieceCount { size: 10, piece_length: 64 * KIB, expected: 1, actual: 0 })
+            Metainfo::new(digest.clone(), 10, 64 * KIB, vec![0; 31]),
+            Err(MetainfoError::ChainHex(32))
         );
         assert!(Metainfo::new(digest, 0, 64 * KIB, vec![]).is_ok());
     }

@@ -14,15 +14,10 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use shoal_registry::Digest;
-
 use crate::bitfield::Bitfield;
 pub use crate::bitfield_file::bitfield_path;
 use crate::bitfield_file::{load_bitfield, sync_dir, write_bitfield};
 use crate::metainfo::Metainfo;
-
-/// How much `finish` reads at a time while hashing the whole blob.
-const HASH_CHUNK: usize = 1024 * 1024;
 
 /// Why a piece could not be stored or read, or the blob could not be finished.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +34,6 @@ pub enum PieceError {
     OffsetOutOfRange { offset: u64, size: u64 },
     #[error("blob is incomplete: {missing} pieces missing")]
     Incomplete { missing: u32 },
-    #[error("blob digest mismatch: expected {expected}, got {actual}")]
-    DigestMismatch { expected: Digest, actual: Digest },
 }
 
 /// A blob being assembled from pieces; see the module docs for the crash-safety invariant.
@@ -260,38 +253,21 @@ impl PieceFile {
         Ok(usize::try_from(end - offset).unwrap_or(max).min(max))
     }
 
-    /// Turn the complete download into the final blob: check the whole-blob digest by reading
-    /// the file once, fsync, rename it to `dest` (creating its directory) and drop the bitfield.
-    /// Blocking and proportional to the blob size.
+    /// Write the file's data to disk (an fsync), e.g. before [`finish`](Self::finish) under
+    /// a lock readers would otherwise wait on.
+    pub fn sync(&self) -> Result<(), PieceError> {
+        Ok(self.file.sync_all()?)
+    }
+
+    /// Turn the complete download into the final blob: check that every piece is here (each
+    /// was checked against the digest's chain when written, so together they have the digest),
+    /// fsync, rename the file to `dest` (creating its directory) and drop the bitfield.
+    /// Blocking.
     pub fn finish(self, dest: &Path) -> Result<(), PieceError> {
-        self.verify()?;
-        self.publish_verified(dest)
-    }
-
-    /// Check that every piece is here and the whole file has the blob's digest. Takes `&self`
-    /// so callers can run it without excluding readers.
-    pub fn verify(&self) -> Result<(), PieceError> {
-        self.verify_from(self.metainfo.digest().algorithm().hasher(), 0)
-    }
-
-    /// [`verify`](Self::verify) for a caller that already hashed the first `offset` bytes
-    /// into `hasher` (from verified pieces, as they arrived): only the rest is read.
-    pub fn verify_from(&self, hasher: shoal_registry::digest::Hasher, offset: u64) -> Result<(), PieceError> {
         let missing = self.have.len() - self.have.count();
         if missing > 0 {
             return Err(PieceError::Incomplete { missing });
         }
-        let actual = self.hash_file_from(hasher, offset)?;
-        let expected = self.metainfo.digest();
-        if &actual != expected {
-            return Err(PieceError::DigestMismatch { expected: expected.clone(), actual });
-        }
-        Ok(())
-    }
-
-    /// The second half of [`finish`](Self::finish) for a file [`verify`](Self::verify) passed:
-    /// fsync, rename into place, drop the bitfield.
-    pub fn publish_verified(self, dest: &Path) -> Result<(), PieceError> {
         self.file.sync_all()?;
         if let Some(parent) = dest.parent() {
             if !parent.as_os_str().is_empty() {
@@ -311,27 +287,6 @@ impl PieceFile {
         remove_if_exists(&self.path)?;
         remove_if_exists(&self.bitfield_path)?;
         Ok(())
-    }
-
-    fn hash_file_from(
-        &self,
-        mut hasher: shoal_registry::digest::Hasher,
-        mut offset: u64,
-    ) -> io::Result<Digest> {
-        let mut buf = vec![0u8; HASH_CHUNK];
-        // Positional reads: all writes are positional too, so the file cursor means nothing.
-        loop {
-            match self.file.read_at(&mut buf, offset) {
-                Ok(0) => break,
-                Ok(n) => {
-                    hasher.update(&buf[..n]);
-                    offset += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(hasher.finish())
     }
 
     fn range(&self, index: u32) -> Result<(u64, u64), PieceError> {
@@ -591,28 +546,6 @@ mod tests {
         let dest = f.path.with_file_name("final");
         assert!(matches!(pf.finish(&dest), Err(PieceError::Incomplete { missing: 4 })));
         assert!(!dest.exists());
-    }
-
-    #[test]
-    fn finish_verifies_the_whole_blob_digest() {
-        let f = fixture();
-        let mut pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
-        for i in 0..5 {
-            pf.write_piece(i, piece(&f.meta, &f.data, i)).unwrap();
-        }
-        // Corrupt the data behind the store's back.
-        let file = fs::OpenOptions::new().write(true).open(&f.path).unwrap();
-        file.write_all_at(b"evil", 1000).unwrap();
-        let dest = f.path.with_file_name("final");
-        match pf.finish(&dest) {
-            Err(PieceError::DigestMismatch { expected, actual }) => {
-                assert_eq!(&expected, f.meta.digest());
-                assert_ne!(actual, expected);
-            }
-            other => panic!("expected a digest mismatch, got {other:?}"),
-        }
-        assert!(!dest.exists());
-        assert!(f.path.exists());
     }
 
     #[test]

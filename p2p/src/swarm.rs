@@ -358,22 +358,9 @@ impl Swarm {
         let metrics = self.deps.metrics.clone();
         let len = data.len() as u64;
         tokio::spawn(async move {
-            let writer = pieces.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                let written = writer.write_piece(index, &data);
-                // The piece that extends the whole-blob hash is hashed right here, from memory;
-                // pieces it makes contiguous are caught up on below.
-                if written.is_ok() {
-                    writer.extend_hash(index, &data);
-                }
-                written
-            })
-            .await
-            .unwrap_or_else(|e| Err(PieceError::Io(std::io::Error::other(e.to_string()))));
-            if result.is_ok() && pieces.hash_can_advance() {
-                // Catching up may hash many pieces; it must not hold up this piece's event.
-                tokio::task::spawn_blocking(move || pieces.advance_hash());
-            }
+            let result = tokio::task::spawn_blocking(move || pieces.write_piece(index, &data))
+                .await
+                .unwrap_or_else(|e| Err(PieceError::Io(std::io::Error::other(e.to_string()))));
             match &result {
                 Ok(true) => {
                     metrics.pieces_verified.inc();

@@ -266,8 +266,7 @@ fn a_bad_metainfo_is_replaced_once_the_file_is_checked_against_a_fetched_one() {
     let mut other = data.clone();
     other[5] ^= 1;
     let wrong = Metainfo::compute(&other[..], other.len() as u64, shoal_registry::Algorithm::Sha256).unwrap();
-    let wrong =
-        Metainfo::new(d.clone(), wrong.size(), wrong.piece_length(), wrong.pieces().to_vec()).unwrap();
+    let wrong = Metainfo::new(d.clone(), wrong.size(), wrong.piece_length(), wrong.chain().to_vec()).unwrap();
     assert!(matches!(c.adopt_metainfo(&d, wrong), Cached::Missing));
     assert!(c.get(&d).is_none() && !c.blob_path(&d).exists());
 }

@@ -106,6 +106,6 @@ pub trait Node: Send + Sync + 'static {
     /// Repository names this node holds records for, in order, after `after`, at most `limit`.
     async fn repos(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, NodeError>;
 
-    /// The blob's metainfo JSON (piece hashes) if this node holds the blob.
+    /// The blob's metainfo JSON (piece length and chaining values) if this node holds the blob.
     async fn metainfo(&self, digest: &Digest) -> Result<Option<bytes::Bytes>, NodeError>;
 }

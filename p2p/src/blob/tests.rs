@@ -13,69 +13,41 @@ fn piece<'a>(meta: &Metainfo, data: &'a [u8], i: u32) -> &'a [u8] {
     &data[start as usize..(start + len) as usize]
 }
 
-/// Write pieces in `order` as the swarm does (extend, then catch up when possible).
+/// Write pieces in `order` as the swarm does.
 fn download(blob: &BlobPieces, meta: &Metainfo, data: &[u8], order: &[u32]) {
     for &i in order {
         assert!(blob.write_piece(i, piece(meta, data, i)).unwrap());
-        blob.extend_hash(i, piece(meta, data, i));
-        if blob.hash_can_advance() {
-            blob.advance_hash();
-        }
     }
 }
 
-fn hashed_upto(blob: &BlobPieces) -> u32 {
-    blob.prefix.as_ref().unwrap().lock().unwrap().next
-}
-
 #[test]
-fn the_running_hash_follows_the_contiguous_prefix_and_finish_uses_it() {
+fn pieces_in_any_order_finish_into_the_blob() {
     let (dir, data, meta) = setup(6);
     let count = meta.piece_count();
     let blob = BlobPieces::partial(&dir.path().join("b.part"), meta.clone()).unwrap();
-    download(&blob, &meta, &data, &[2, 3, 1]);
-    assert_eq!(hashed_upto(&blob), 0, "piece 0 is missing: nothing hashed yet");
-    download(&blob, &meta, &data, &[0]);
-    assert_eq!(hashed_upto(&blob), 4, "0 from memory, then 1-3 caught up");
+    download(&blob, &meta, &data, &[2, 3, 1, 0]);
     let rest: Vec<u32> = (4..count).rev().collect();
     download(&blob, &meta, &data, &rest);
-    assert_eq!(hashed_upto(&blob), count, "the whole blob is hashed before finish");
     let dest = dir.path().join("final");
     blob.finish(&dest).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
+    assert_eq!(&Digest::of(Algorithm::Sha256, &std::fs::read(&dest).unwrap()), meta.digest());
 }
 
+/// A metainfo that names another digest over the same chain: every piece but the last passes,
+/// the last cannot, so the blob never finishes with the wrong digest.
 #[test]
-fn finish_hashes_what_the_running_hash_did_not_reach() {
-    let (dir, data, meta) = setup(5);
-    let blob = BlobPieces::partial(&dir.path().join("b.part"), meta.clone()).unwrap();
-    // Written without the hash helpers (as after a restart): finish reads it all.
-    for i in (0..meta.piece_count()).rev() {
-        blob.write_piece(i, piece(&meta, &data, i)).unwrap();
-    }
-    assert_eq!(hashed_upto(&blob), 0);
-    let dest = dir.path().join("final");
-    blob.finish(&dest).unwrap();
-    assert_eq!(std::fs::read(&dest).unwrap(), data);
-}
-
-#[test]
-fn a_blob_whose_pieces_match_but_whole_does_not_fails_to_finish() {
-    // Pieces of one blob under a metainfo that names another digest.
+fn a_chain_that_does_not_reach_the_digest_fails_the_last_piece() {
     let (dir, data, meta) = setup(3);
     let wrong = Digest::of(Algorithm::Sha256, b"something else");
     let mut json = serde_json::to_value(&*meta).unwrap();
     json["digest"] = serde_json::Value::String(wrong.to_string());
     let bad = Arc::new(serde_json::from_value::<Metainfo>(json).unwrap());
-    let path = dir.path().join("b.part");
-    let blob = BlobPieces::partial(&path, bad.clone()).unwrap();
-    download(&blob, &bad, &data, &(0..bad.piece_count()).collect::<Vec<_>>());
-    blob.persist().unwrap();
-    assert!(crate::piece_store::bitfield_path(&path).exists());
-    assert!(matches!(blob.finish(&dir.path().join("final")), Err(PieceError::DigestMismatch { .. })));
-    // Nothing of it is resumed: the next download starts from no pieces.
-    assert!(!path.exists() && !crate::piece_store::bitfield_path(&path).exists());
-    assert_eq!(BlobPieces::partial(&path, bad).unwrap().have().count(), 0);
+    let blob = BlobPieces::partial(&dir.path().join("b.part"), bad.clone()).unwrap();
+    let last = bad.piece_count() - 1;
+    download(&blob, &bad, &data, &(0..last).collect::<Vec<_>>());
+    assert!(matches!(blob.write_piece(last, piece(&bad, &data, last)), Err(PieceError::HashMismatch { .. })));
+    assert!(matches!(blob.finish(&dir.path().join("final")), Err(PieceError::Incomplete { missing: 1 })));
 }
 
 #[test]
@@ -94,7 +66,6 @@ fn a_resumed_download_drops_held_pieces_whose_bytes_went_bad() {
     std::fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(b"rot", start + 9).unwrap();
     let again = BlobPieces::partial(&path, meta.clone()).unwrap();
     assert_eq!(again.have().iter_set().collect::<Vec<_>>(), [0, 2, 4, 5]);
-    assert_eq!(hashed_upto(&again), 1, "the good held prefix is hashed while checking");
     download(&again, &meta, &data, &[3, 1]);
     let dest = dir.path().join("final");
     again.finish(&dest).unwrap();
@@ -218,13 +189,11 @@ fn a_failed_blob_holds_nothing_and_a_finished_one_everything() {
     assert_eq!(blob.finished_path(), Some(dest));
     assert!(blob.have().is_complete());
 
-    let wrong = Digest::of(Algorithm::Sha256, b"other");
-    let mut json = serde_json::to_value(&*meta).unwrap();
-    json["digest"] = serde_json::Value::String(wrong.to_string());
-    let bad = Arc::new(serde_json::from_value::<Metainfo>(json).unwrap());
-    let blob = BlobPieces::partial(&dir.path().join("c.part"), bad.clone()).unwrap();
-    download(&blob, &bad, &data, &(0..bad.piece_count()).collect::<Vec<_>>());
-    assert!(blob.finish(&dir.path().join("c")).is_err());
+    // A finish that fails (its destination's directory cannot be made: a file is in the way).
+    let blob = BlobPieces::partial(&dir.path().join("c.part"), meta.clone()).unwrap();
+    download(&blob, &meta, &data, &(0..meta.piece_count()).collect::<Vec<_>>());
+    std::fs::write(dir.path().join("blocker"), b"").unwrap();
+    assert!(blob.finish(&dir.path().join("blocker/c")).is_err());
     assert!(!blob.has(0) && blob.have().count() == 0 && blob.finished_path().is_none());
 }
 
