@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Instant;
@@ -97,8 +97,8 @@ fn write_batch(path: &Path, mut target: Box<Target>, mut buf: Vec<u8>) -> BatchD
         None => OpenOptions::new().append(true).open(path),
     };
     let error = match file {
-        Ok(mut file) => {
-            let result = file.write_all(&buf);
+        Ok(file) => {
+            let result = shoal_registry::file_write::write_all(&file, &buf);
             target.file = Some(file);
             result.err()
         }

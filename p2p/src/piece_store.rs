@@ -160,7 +160,7 @@ impl PieceFile {
     /// invariant holds because only written pieces get marked).
     pub fn write_data(&self, index: u32, data: &[u8]) -> Result<(), PieceError> {
         let (offset, _) = self.range(index)?;
-        self.file.write_all_at(data, offset)?;
+        shoal_registry::file_write::write_all_at(&self.file, data, offset)?;
         Ok(())
     }
 

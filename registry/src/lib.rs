@@ -1,10 +1,12 @@
 //! The OCI Distribution v1.1 API and content model shared by Shoal's origins and agents:
-//! digests, names, ranges, manifests, spec errors, the storage trait, and the axum router.
+//! digests, names, ranges, manifests, spec errors, the storage trait, the axum router, and
+//! how blob bytes are written to files ([`file_write`]).
 
 pub mod api;
 pub mod auth;
 pub mod digest;
 pub mod error;
+pub mod file_write;
 pub mod identity;
 pub mod manifest;
 pub mod mirror;
