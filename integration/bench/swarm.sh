@@ -13,7 +13,7 @@
 #   SHOAL_BIN=target/release/shoal bash integration/bench/swarm.sh
 # Environment: BENCH_BIG_MIB (1024), BENCH_BIG_ROUNDS (3), BENCH_SMALL_ROUNDS (11), BENCH_FLEET ("2 4 8 16"),
 # BENCH_FLEET_MIB (512), BENCH_RATE_MIB (25, per agent, MiB/s), BENCH_RSS_MIB (2048),
-# BENCH_PARTS ("1 2 3 4").
+# BENCH_PARTS ("1 2 3 4"), BENCH_SETTLE_SECS (8: see settle_memory).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../clients/lib.sh
@@ -81,11 +81,33 @@ cpu_seconds() {
   awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"
 }
 
+# settle_memory: let memory freed by earlier steps go back to the hypervisor before a measured
+# transfer. On the VMs this runs on, the balloon's free page reporting hands freed memory back
+# within seconds, and touching it again costs 2-3 CPU-s/GiB (dd of 1 GiB: 2.9 s of system time
+# into returned memory, 0.3 s right after a delete). A transfer that starts right after another
+# step deleted a file gets cheap page cache, one that starts later does not; before this, the
+# baselines' order gave them that luck (curl > file: 1.07 s after a delete, 3.0 s otherwise).
+# Now every transfer that writes pays the same, and the floor is printed beside the figures.
+settle_memory() {
+  sync
+  sleep "${BENCH_SETTLE_SECS:-8}"
+}
+
+# page_cache_floor MIB: system CPU seconds dd spends writing MIB MiB of zeros into a fresh file
+# after settle_memory: what any program pays on this machine to put that much into page cache.
+page_cache_floor() {
+  local out
+  settle_memory
+  out=$( { TIMEFORMAT=%S; time dd if=/dev/zero of="$T/floor" bs=1M count="$1" status=none; } 2>&1)
+  rm -f "$T/floor"
+  echo "$out"
+}
+
 part1() {
   say ""
   say "-- 1. one seeder -> one cold agent, ${BIG_MIB} MiB, loopback, unshaped, $BIG_ROUNDS rounds (fresh blob each)"
   local f d cfg reg_url round t0
-  local t_swarm=() t_null=() t_file=() t_verify=() cpu=()
+  local t_swarm=() t_null=() t_file=() t_verify=() cpu=() floor=()
   cfg=$T/agent1.toml
   agent_config "$cfg"
   command -v openssl >/dev/null || die "openssl is needed for the verify baseline"
@@ -108,8 +130,10 @@ part1() {
     # agent's filesystem, and into a file while checking the digest: the work a `docker pull`
     # from a central registry does, and the least an agent must do (it also hashes every piece).
     t_null+=("$(curl -sf -o /dev/null -w '%{time_total}' "$reg_url/v2/bench/big/blobs/$d")")
+    settle_memory
     t_file+=("$(curl -sf -o "$T/curl-out" -w '%{time_total}' "$reg_url/v2/bench/big/blobs/$d")")
     rm -f "$T/curl-out"
+    settle_memory
     t0=$(date +%s.%N)
     # Download, then check the digest. openssl, not coreutils' sha256sum: it uses the CPU's
     # SHA instructions, as Shoal does. (A pipe through tee was slower still: 3.1 s per GiB.)
@@ -117,12 +141,14 @@ part1() {
     openssl dgst -sha256 "$T/curl-out" >/dev/null
     t_verify+=("$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.6f", b - a}')")
     rm -f "$T/curl-out"
+    settle_memory
     local cpu_before
     cpu_before=$(cpu_seconds "$AGENT_PID")
     t_swarm+=("$(curl -sf -o /dev/null -w '%{time_total}' "$AGENT_URL/v2/bench/big/blobs/$d")")
     cpu+=("$(awk -v a="$cpu_before" -v b="$(cpu_seconds "$AGENT_PID")" 'BEGIN {printf "%.2f", b - a}')")
     stop_cluster
     rm -rf "$T/dr"
+    floor+=("$(page_cache_floor "$BIG_MIB")")
   done
   local m_swarm m_null m_file m_verify
   m_swarm=$(printf '%s\n' "${t_swarm[@]}" | median)
@@ -136,6 +162,7 @@ part1() {
   say "docker-registry, curl > file, then openssl dgst -sha256 file (fetch, store, verify):"
   say "                                     median ${m_verify}s  $(mbs "$m_verify") MB/s  (all: ${t_verify[*]})"
   say "agent CPU per pull: median $(printf '%s\n' "${cpu[@]}" | median) s  (all: ${cpu[*]}; user + system)"
+  say "page-cache floor: dd of ${BIG_MIB} MiB into a fresh file after the same settling: median $(printf '%s\n' "${floor[@]}" | median) system CPU-s  (all: ${floor[*]})"
   say "throughput ratio agent/registry: $(ratio "$m_null" "$m_swarm") (to /dev/null), $(ratio "$m_file" "$m_swarm") (to a file), $(ratio "$m_verify" "$m_swarm") (stored and verified)  (goal >= 1)"
 }
 
