@@ -93,12 +93,13 @@ settle_memory() {
   sleep "${BENCH_SETTLE_SECS:-8}"
 }
 
-# page_cache_floor MIB: system CPU seconds dd spends writing MIB MiB of zeros into a fresh file
+# page_cache_floor MIB: system CPU seconds dd spends writing MIB MiB of zeros into a fresh file,
+# 128 KiB at a time as Shoal writes (registry/src/file_write.rs),
 # after settle_memory: what any program pays on this machine to put that much into page cache.
 page_cache_floor() {
   local out
   settle_memory
-  out=$( { TIMEFORMAT=%S; time dd if=/dev/zero of="$T/floor" bs=1M count="$1" status=none; } 2>&1)
+  out=$( { TIMEFORMAT=%S; time dd if=/dev/zero of="$T/floor" bs=128k count="$(($1 * 8))" status=none; } 2>&1)
   rm -f "$T/floor"
   echo "$out"
 }
