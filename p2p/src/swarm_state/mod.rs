@@ -157,6 +157,22 @@ struct Peer {
     connected_at: Instant,
 }
 
+/// A peer the tracker handed out, its id parsed once: candidates are looked at on every tick
+/// (to connect, to rotate), and parsing hex ids there was 6 % of a 1,000-host simulation.
+struct Candidate {
+    /// `None` if the tracker sent an id that does not parse (then only the address is known).
+    id: Option<PeerId>,
+    addr: SocketAddr,
+    complete: bool,
+    origin: bool,
+}
+
+impl From<&PeerInfo> for Candidate {
+    fn from(p: &PeerInfo) -> Candidate {
+        Candidate { id: p.peer_id.parse().ok(), addr: p.addr, complete: p.complete, origin: p.origin }
+    }
+}
+
 /// One download's decisions; see the module docs.
 pub struct SwarmState<R = StdRng> {
     cfg: SchedulerConfig,
@@ -173,7 +189,7 @@ pub struct SwarmState<R = StdRng> {
     declined_by: HashMap<(PeerId, u32), Instant>,
     connecting: HashSet<SocketAddr>,
     /// Peers the tracker handed out, the latest handout first.
-    candidates: Vec<PeerInfo>,
+    candidates: Vec<Candidate>,
     /// Addresses the tracker named as origins, kept even when their candidate entry is gone.
     origin_addrs: HashSet<SocketAddr>,
     fallback_active: bool,
@@ -390,7 +406,8 @@ impl<R: Rng + Clone> SwarmState<R> {
             let fresh: HashSet<SocketAddr> = peers.iter().map(|p| p.addr).collect();
             let older = std::mem::take(&mut self.candidates).into_iter().filter(|c| !fresh.contains(&c.addr));
             let mut seen = HashSet::new();
-            self.candidates = peers.into_iter().filter(|p| seen.insert(p.addr)).chain(older).collect();
+            self.candidates =
+                peers.iter().filter(|p| seen.insert(p.addr)).map(Candidate::from).chain(older).collect();
             self.candidates.truncate(MAX_CANDIDATES);
             self.origin_addrs.extend(self.candidates.iter().filter(|c| c.origin).map(|c| c.addr));
         }

@@ -6,15 +6,13 @@ use std::time::Instant;
 
 use rand::seq::IndexedRandom;
 
-use super::{Action, SwarmState, ROTATE_AFTER, ROTATE_SLOW_SHARE};
-use crate::peer::PeerId;
-use crate::tracker_client::PeerInfo;
+use super::{Action, Candidate, SwarmState, ROTATE_AFTER, ROTATE_SLOW_SHARE};
 
 impl<R: rand::Rng + Clone> SwarmState<R> {
     /// Whether `c` is someone we could connect to now: not ourselves, not banned, not
     /// connected or being connected to already.
-    fn is_new_candidate(&self, c: &PeerInfo, now: Instant) -> bool {
-        let known = c.peer_id.parse::<PeerId>().ok().is_some_and(|id| {
+    fn is_new_candidate(&self, c: &Candidate, now: Instant) -> bool {
+        let known = c.id.is_some_and(|id| {
             id == self.me || self.peers.contains_key(&id) || self.blacklist.is_banned(&id, now)
         });
         c.addr != self.advertise
@@ -78,14 +76,10 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
             .min_by(|(ia, a), (ib, b)| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(ia.0.cmp(&ib.0)))
             .map(|(id, _)| id);
         let Some(victim) = victim else { return Vec::new() };
-        let fresh = |c: &&PeerInfo| !c.origin && self.is_new_candidate(c, now);
-        let seeders: Vec<SocketAddr> =
-            self.candidates.iter().filter(fresh).filter(|c| c.complete).map(|c| c.addr).collect();
-        let pool = if seeders.is_empty() {
-            self.candidates.iter().filter(fresh).map(|c| c.addr).collect()
-        } else {
-            seeders
-        };
+        let fresh: Vec<&Candidate> =
+            self.candidates.iter().filter(|c| !c.origin && self.is_new_candidate(c, now)).collect();
+        let seeders: Vec<SocketAddr> = fresh.iter().filter(|c| c.complete).map(|c| c.addr).collect();
+        let pool = if seeders.is_empty() { fresh.iter().map(|c| c.addr).collect() } else { seeders };
         let Some(&next) = pool.choose(&mut self.rng) else { return Vec::new() };
         self.closed(&victim);
         vec![Action::Disconnect(victim), self.start_connecting(next)]
