@@ -44,7 +44,7 @@ for b in $layers; do
     assert_eq 2 "$(jq length <<<"$seeders")" "seeders of $b according to origin $i"
     [[ -z $ref ]] && ref=$seeders
     assert_eq "$ref" "$seeders" "seeders of $b: origin $i agrees with origin 0"
-    curl -sf --max-time 10 "${OC_URLS[i]}/shoal/v1/blobs/$b/metainfo" | jq -e '.pieces | length > 0' >/dev/null ||
+    curl -sf --max-time 10 "${OC_URLS[i]}/shoal/v1/blobs/$b/metainfo" | jq -e '.piece_length > 0 and (.chain | type) == "string"' >/dev/null ||
       die "origin $i has no metainfo for $b"
   done
   assert_eq 2 "$(oc_blob_copies "$b")" "copies of $b"
