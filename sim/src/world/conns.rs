@@ -1,0 +1,217 @@
+//! Connections between simulated hosts: connecting under the real node budget, the
+//! handshake, closing, and the server side, which answers requests one after the other per
+//! connection (an origin's super-seeding may decline one), each piece a unit of the
+//! connection's fluid flow.
+
+use super::*;
+
+impl Sim {
+    pub(super) fn conn_to(&self, node: usize, blob: usize, peer: &PeerId) -> Option<ConnId> {
+        let d = self.nodes[node].downloads[blob].as_ref()?;
+        d.outbound
+            .iter()
+            .copied()
+            .find(|&c| self.conn(c).is_some_and(|k| self.nodes[k.server].peer_id == *peer))
+    }
+
+    pub(super) fn connect(&mut self, node: usize, blob: usize, addr: SocketAddr) {
+        let Some(slot) = self.nodes[node].flow.connection_slot() else {
+            if let Some(d) = self.download(node, blob) {
+                d.state.connect_abandoned(addr);
+            }
+            return;
+        };
+        let Some(&server) = self.by_addr.get(&addr) else {
+            if let Some(d) = self.download(node, blob) {
+                d.state.connect_failed(addr);
+            }
+            return;
+        };
+        self.counters.connects += 1;
+        let conn = Conn {
+            generation: 0,
+            live: true,
+            client: node,
+            server,
+            blob,
+            established: false,
+            queue: VecDeque::new(),
+            sending: None,
+            flow: None,
+            bytes_done: 0,
+            counted: None,
+            _slot: Some(slot),
+        };
+        let id = match self.free_conns.pop() {
+            Some(idx) => {
+                let generation = self.conns[idx as usize].generation.wrapping_add(1);
+                self.conns[idx as usize] = Conn { generation, ..conn };
+                ConnId { idx, generation }
+            }
+            None => {
+                self.conns.push(conn);
+                ConnId { idx: (self.conns.len() - 1) as u32, generation: 0 }
+            }
+        };
+        // TCP's handshake, then the protocol's (both ways).
+        self.after(2 * self.rtt, Ev::ConnectDone(id));
+    }
+
+    pub(super) fn connect_done(&mut self, c: ConnId) {
+        let Some(conn) = self.conn(c) else { return };
+        let (node, server, blob) = (conn.client, conn.server, conn.blob);
+        let now = self.instant();
+        if self.download(node, blob).is_none() {
+            self.free(c);
+            return;
+        }
+        let s = &self.nodes[server];
+        let max_inbound = if s.origin { ORIGIN_MAX_INBOUND } else { AGENT_MAX_INBOUND };
+        let Some(bitfield) = s.have[blob].clone().filter(|_| s.alive && s.inbound_count < max_inbound) else {
+            let addr = s.addr;
+            self.free(c);
+            if let Some(d) = self.download(node, blob) {
+                d.state.connect_failed(addr);
+            }
+            self.want_fill(node, blob);
+            return;
+        };
+        let (peer, addr) = (s.peer_id, s.addr);
+        let counted = match (&s.super_seed, &self.nodes[node].have[blob]) {
+            (Some(ss), Some(theirs)) => Some(ss.join(self.metas[blob].digest(), theirs)),
+            _ => None,
+        };
+        let s = &mut self.nodes[server];
+        s.inbound_count += 1;
+        s.inbound[blob].push(c);
+        if let Some(conn) = self.conn_mut(c) {
+            conn.established = true;
+            conn.counted = counted;
+        }
+        let Some(d) = self.download(node, blob) else { return };
+        if d.state.connected(peer, addr, bitfield, now) {
+            d.outbound.push(c);
+            self.want_fill(node, blob);
+        } else {
+            self.close(c, false);
+        }
+    }
+
+    /// Close a connection. `tell_client`: the server side went away, so the client's state
+    /// hears of it (a client that closes it itself already knows).
+    pub(super) fn close(&mut self, c: ConnId, tell_client: bool) {
+        let Some(conn) = self.conn(c) else { return };
+        let (node, server, blob, established, flow) =
+            (conn.client, conn.server, conn.blob, conn.established, conn.flow);
+        let bytes = self.conn_bytes(c);
+        if let Some(f) = flow {
+            self.counters.wasted_bytes += self.net.sent(f, self.now) as u64;
+            self.net.remove_flow(f);
+        }
+        let counted = self.conn_mut(c).and_then(|k| k.counted.take());
+        let now = self.instant();
+        if established {
+            let s = &mut self.nodes[server];
+            s.inbound_count -= 1;
+            s.inbound[blob].retain(|&x| x != c);
+            if let (Some(ss), Some(counted)) = (&s.super_seed, counted) {
+                ss.leave(self.metas[blob].digest(), &counted, now);
+            }
+        }
+        let peer = self.nodes[server].peer_id;
+        let n = &mut self.nodes[node];
+        n.closed_bytes += bytes;
+        if let Some(d) = n.downloads[blob].as_mut() {
+            d.outbound.retain(|&x| x != c);
+            if tell_client {
+                d.state.closed(&peer);
+                self.want_fill(node, blob);
+            }
+        }
+        self.free(c);
+    }
+
+    pub(super) fn free(&mut self, c: ConnId) {
+        if let Some(conn) = self.conn_mut(c) {
+            conn.live = false;
+            conn.queue.clear();
+            conn._slot = None;
+            conn.counted = None;
+            self.free_conns.push(c.idx);
+        }
+    }
+
+    /// The server side of a connection takes its next request: an origin may decline it
+    /// (super-seeding), else the piece streams on the connection's flow.
+    pub(super) fn serve_next(&mut self, c: ConnId) {
+        let now = self.instant();
+        loop {
+            let Some(conn) = self.conn_mut(c) else { return };
+            let Some(index) = conn.queue.pop_front() else {
+                conn.sending = None;
+                if let Some(f) = conn.flow.take() {
+                    self.net.remove_flow(f);
+                }
+                return;
+            };
+            let (server, client, blob, flow) = (conn.server, conn.client, conn.blob, conn.flow);
+            let s = &self.nodes[server];
+            if !s.have[blob].as_ref().is_some_and(|h| h.get(index)) {
+                continue;
+            }
+            if let Some(ss) = &s.super_seed {
+                let meta = &self.metas[blob];
+                let peer = self.nodes[client].peer_id;
+                if !ss.claim(meta.digest(), index, peer, meta.piece_count(), now) {
+                    self.counters.declines += 1;
+                    self.after(self.half_rtt, Ev::DeclineArrives(c, index));
+                    continue;
+                }
+            }
+            let len = self.piece_len(blob, index) as f64;
+            match flow {
+                Some(f) => {
+                    let horizon = self.horizon();
+                    if let Some(done) = self.net.next_unit(f, len, self.now, horizon) {
+                        self.schedule(done.at, Ev::FlowDone(done));
+                    }
+                }
+                None => {
+                    let uses = self.uses(server, client);
+                    let f = self.net.add_flow(&uses, len, Owner::Conn(c), self.now);
+                    if let Some(conn) = self.conn_mut(c) {
+                        conn.flow = Some(f);
+                    }
+                }
+            }
+            if let Some(conn) = self.conn_mut(c) {
+                conn.sending = Some(index);
+            }
+            return;
+        }
+    }
+
+    /// The links a transfer from `from` to `to` loads: data one way, ACKs the other.
+    pub(super) fn uses(&self, from: usize, to: usize) -> [(LinkId, f64); 4] {
+        let (f, t, a) = (&self.nodes[from], &self.nodes[to], self.cfg.ack_overhead);
+        [(f.up, 1.0), (t.down, 1.0), (t.up, a), (f.down, a)]
+    }
+
+    pub(super) fn piece_sent(&mut self, c: ConnId) {
+        let now = self.instant();
+        let Some(conn) = self.conn_mut(c) else { return };
+        let Some(index) = conn.sending.take() else { return };
+        let (server, client, blob) = (conn.server, conn.client, conn.blob);
+        let len = self.piece_len(blob, index);
+        if let Some(conn) = self.conn_mut(c) {
+            conn.bytes_done += len;
+        }
+        let s = &self.nodes[server];
+        if let Some(ss) = &s.super_seed {
+            self.counters.origin_bytes += len;
+            ss.sent_in_full(self.metas[blob].digest(), index, self.nodes[client].peer_id, now);
+        }
+        self.after(self.half_rtt, Ev::PieceArrives(c, index));
+        self.serve_next(c);
+    }
+}

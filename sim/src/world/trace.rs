@@ -1,0 +1,92 @@
+//! What a run shows: the per-second `--trace` line and the outcome the report prints.
+
+use super::*;
+
+impl Sim {
+    /// One line a simulated second to stderr: where the fleet's time goes.
+    pub(super) fn trace(&mut self) {
+        let origins = self.origins();
+        let (mut pieces, mut total, mut conns, mut sending, mut done) = (0u64, 0u64, 0usize, 0usize, 0usize);
+        for n in &self.nodes[origins..] {
+            for (b, h) in n.have.iter().enumerate() {
+                pieces += h.as_ref().map_or(0, |h| u64::from(h.count()));
+                total += u64::from(self.metas[b].piece_count());
+            }
+            for d in n.downloads.iter().flatten() {
+                conns += d.outbound.len();
+                sending +=
+                    d.outbound.iter().filter(|&&c| self.conn(c).is_some_and(|k| k.sending.is_some())).count();
+            }
+        }
+        for f in &self.finished_at {
+            done += usize::from(f.is_some());
+        }
+        let in_flight: u64 = self.nodes[origins..]
+            .iter()
+            .flat_map(|n| n.downloads.iter().flatten())
+            .map(|d| d.state.picker().in_flight_total() as u64)
+            .sum();
+        // How busy the hosts' links are (of their goodput), and how many uplinks idle.
+        let (mut up, mut down) = (vec![0.0f64; self.nodes.len()], vec![0.0f64; self.nodes.len()]);
+        for k in self.conns.iter().filter(|k| k.live) {
+            if let Some(f) = k.flow {
+                let r = self.net.rate(f);
+                up[k.server] += r;
+                down[k.client] += r;
+            }
+        }
+        let cap = self.cfg.host_bps / 8.0 * self.cfg.efficiency;
+        let hosts = (self.nodes.len() - origins).max(1) as f64;
+        let up_use: f64 = up[origins..].iter().sum::<f64>() / (cap * hosts);
+        let active: Vec<usize> = (origins..self.nodes.len())
+            .filter(|&n| self.nodes[n].downloads.iter().any(Option::is_some))
+            .collect();
+        let down_use = active.iter().map(|&n| down[n]).sum::<f64>() / (cap * active.len().max(1) as f64);
+        let idle_up = up[origins..].iter().filter(|&&r| r < cap * 0.05).count();
+        eprintln!(
+            "trace t={:.1}s pieces={:.3} done={} conns={} sending={} flows={} requests={} origin={:.2}xS declines={} timeouts={} up={:.2} down(active)={:.2} idle_up={}",
+            self.now as f64 / NANOS,
+            pieces as f64 / total.max(1) as f64,
+            done,
+            conns,
+            sending,
+            self.net.flow_count(),
+            in_flight,
+            self.counters.origin_bytes as f64 / self.cfg.image_bytes() as f64,
+            self.counters.declines,
+            self.counters.piece_timeouts,
+            up_use,
+            down_use,
+            idle_up,
+        );
+        self.after(1_000_000_000, Ev::Trace);
+    }
+
+    pub(super) fn outcome(&self) -> Outcome {
+        let origins = self.origins();
+        let hosts = self
+            .cfg
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(h, spec)| {
+                let secs = match (self.started_at[h], self.finished_at[h]) {
+                    (Some(s), Some(f)) => Some((f - s) as f64 / NANOS),
+                    _ => None,
+                };
+                HostResult {
+                    limit_secs: self.cfg.limit_secs(spec.rate_factor),
+                    secs,
+                    straggler: spec.rate_factor < 1.0,
+                    left: spec.leave_at.is_some() && !self.nodes[origins + h].alive,
+                }
+            })
+            .collect();
+        Outcome {
+            hosts,
+            image_bytes: self.cfg.image_bytes(),
+            counters: self.counters.clone(),
+            sim_secs: self.now as f64 / NANOS,
+        }
+    }
+}
