@@ -2,15 +2,14 @@
 //! a swarm (with origin fallback) filling a piece file that clients read while it fills. A
 //! finished blob is verified, moved into the cache and announced as seeded.
 //!
-//! A download that fails in a way a bad metainfo or bad bytes on disk explain starts again,
-//! once, from the origin's own metainfo with an empty piece file: when its whole-blob digest
-//! does not match (the partial file and bitfield are discarded: which piece is wrong cannot be
-//! known), or when the swarm gave up with a metainfo from the tracker that differs from the
-//! origin's (a bad piece list makes every good piece fail). A reader carries on with the new
-//! attempt if what it was sent still holds: nothing yet, or pieces whose hashes the new
-//! metainfo repeats, after a failure that was not the bytes on disk. Any other reader gets an
-//! error (what it was sent may be wrong) and the client's retry starts clean. So one bad piece
-//! list or bad sector never wedges a digest.
+//! Every piece is checked against the digest's own hash chain (`shoal_p2p::chain`), so a
+//! finished download has its digest. A download whose swarm gave up with a metainfo from the
+//! tracker that differs from the origin's (a bad state list: its last piece can never pass)
+//! starts again, once, from the origin's own metainfo with an empty piece file. A reader
+//! carries on with the new attempt if what it was sent still holds: nothing yet, or pieces the
+//! new metainfo checks with the same states. Any other reader gets an error (what it was sent
+//! may be wrong) and the client's retry starts clean. A resumed piece file's pieces are
+//! checked again first, so neither a bad state list nor a bad sector wedges a digest.
 //!
 //! Cached blobs are streamed to clients piece by piece, each checked against its hash
 //! ([`BlobCache`]); a piece that fails removes the cached file, and the same reader goes on
