@@ -94,19 +94,41 @@ impl ChainState {
         })
     }
 
-    /// Append the state's big-endian bytes to `out` (the digest's byte order).
-    pub fn write_bytes(&self, out: &mut Vec<u8>) {
+    /// The algorithm whose state this is.
+    pub fn algorithm(&self) -> Algorithm {
         match self {
-            ChainState::Sha256(s) => s.iter().for_each(|w| out.extend_from_slice(&w.to_be_bytes())),
-            ChainState::Sha512(s) => s.iter().for_each(|w| out.extend_from_slice(&w.to_be_bytes())),
+            ChainState::Sha256(_) => Algorithm::Sha256,
+            ChainState::Sha512(_) => Algorithm::Sha512,
         }
+    }
+
+    /// The state's big-endian bytes (the digest's byte order): the first [`state_len`] of the
+    /// array.
+    fn bytes(&self) -> [u8; 64] {
+        let mut out = [0u8; 64];
+        match self {
+            ChainState::Sha256(s) => {
+                for (o, w) in out.chunks_exact_mut(4).zip(s) {
+                    o.copy_from_slice(&w.to_be_bytes());
+                }
+            }
+            ChainState::Sha512(s) => {
+                for (o, w) in out.chunks_exact_mut(8).zip(s) {
+                    o.copy_from_slice(&w.to_be_bytes());
+                }
+            }
+        }
+        out
+    }
+
+    /// Append the state's big-endian bytes to `out`.
+    pub fn write_bytes(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.bytes()[..state_len(self.algorithm())]);
     }
 
     /// Whether the state's bytes are `bytes`.
     pub fn equals_bytes(&self, bytes: &[u8]) -> bool {
-        let mut mine = Vec::with_capacity(64);
-        self.write_bytes(&mut mine);
-        mine == bytes
+        self.bytes()[..state_len(self.algorithm())] == *bytes
     }
 
     /// Compress the whole blocks of `data` into the state. Only whole blocks: the caller keeps
@@ -132,10 +154,7 @@ impl ChainState {
     /// Finish the hash: compress `tail` (any length) with the padding for a message of
     /// `total_len` bytes, and return the digest's bytes.
     pub fn finish(mut self, tail: &[u8], total_len: u64) -> Vec<u8> {
-        let block = match self {
-            ChainState::Sha256(_) => 64,
-            ChainState::Sha512(_) => 128,
-        };
+        let block = block_len(self.algorithm());
         let whole = tail.len() - tail.len() % block;
         self.absorb(&tail[..whole]);
         // Padding (FIPS 180-4, 5.1): 0x80, zeros, then the length in bits, big-endian, in the
@@ -151,7 +170,7 @@ impl ChainState {
         let bits = u128::from(total_len) * 8;
         last.extend_from_slice(&bits.to_be_bytes()[16 - len_field..]);
         self.absorb(&last);
-        let mut out = Vec::with_capacity(block / 2);
+        let mut out = Vec::with_capacity(state_len(self.algorithm()));
         self.write_bytes(&mut out);
         out
     }
