@@ -102,6 +102,16 @@ impl Metainfo {
         Ok(Metainfo { digest, size, piece_length, chain })
     }
 
+    /// A metainfo whose chaining values are all zero: no piece passes `verify_piece` (bar a
+    /// hash collision). For code that schedules pieces and never checks bytes: the scheduler's
+    /// tests and the simulator.
+    pub fn unverifiable(digest: Digest, size: u64, piece_length: u64) -> Result<Metainfo, MetainfoError> {
+        let states =
+            usize::try_from(size.div_ceil(piece_length.max(1)).saturating_sub(1)).unwrap_or(usize::MAX);
+        let chain = vec![0; states.saturating_mul(chain::state_len(digest.algorithm()))];
+        Metainfo::new(digest, size, piece_length, chain)
+    }
+
     /// Compute the metainfo of `size` bytes read from `reader`, hashing every byte once: the
     /// chaining values are the blob digest's own hash states at piece boundaries.
     ///
@@ -237,46 +247,45 @@ fn hash_chain(
 ) -> io::Result<(Digest, u64, Vec<u8>)> {
     let mut state = ChainState::initial(algorithm);
     let block = chain::block_len(algorithm);
-    // What is not yet compressed: less than one block, or a whole block waiting to learn
-    // whether it ends the blob (the last piece's states are not listed).
-    let mut pending: Vec<u8> = Vec::with_capacity(READ_CHUNK + block);
+    // Reads land after `held`: the bytes not compressed yet, at most one block, kept back
+    // until it is known whether they end the blob (the last piece's state is not listed, and
+    // `finish` pads the end).
+    let mut buf = vec![0u8; block + READ_CHUNK];
+    let mut held = 0usize;
     let mut total = 0u64;
     let mut chain = Vec::new();
-    let mut buf = vec![0u8; READ_CHUNK];
     loop {
-        let n = match reader.read(&mut buf) {
+        let n = match reader.read(&mut buf[held..]) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        pending.extend_from_slice(&buf[..n]);
-        // Compress what lies before the next boundary, record the boundary's state, and so on;
-        // keep the tail (it may be the end of the blob, which `finish` takes).
+        let filled = held + n;
         let mut done = 0usize;
         loop {
             let to_boundary = usize::try_from(piece_length - (total % piece_length)).unwrap_or(usize::MAX);
-            let available = pending.len() - done;
+            let available = filled - done;
             if available > to_boundary {
-                // The boundary is inside `pending` and more bytes follow it: not the end.
-                state.absorb(&pending[done..done + to_boundary]);
+                // A boundary with bytes after it is not the end: compress to it, list its state.
+                state.absorb(&buf[done..done + to_boundary]);
                 state.write_bytes(&mut chain);
                 done += to_boundary;
                 total += to_boundary as u64;
             } else {
-                // Compress whole blocks but keep at least one byte back, so the end is not
-                // compressed before it is known to be the end.
+                // Whole blocks only, and at least one byte kept back.
                 let take = (available.saturating_sub(1) / block) * block;
-                state.absorb(&pending[done..done + take]);
+                state.absorb(&buf[done..done + take]);
                 done += take;
                 total += take as u64;
                 break;
             }
         }
-        pending.drain(..done);
+        buf.copy_within(done..filled, 0);
+        held = filled - done;
     }
-    let size = total + pending.len() as u64;
-    let hex = hex::encode(state.finish(&pending, size));
+    let size = total + held as u64;
+    let hex = hex::encode(state.finish(&buf[..held], size));
     let digest: Digest = format!("{}:{hex}", algorithm.name())
         .parse()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
@@ -557,6 +566,16 @@ mod tests {
         assert!(serde_json::from_value::<Metainfo>(bad_digest).is_err());
         let missing = serde_json::json!({"digest": digest, "size": 0, "piece_length": 65536});
         assert!(serde_json::from_value::<Metainfo>(missing).is_err());
+    }
+
+    #[test]
+    fn an_unverifiable_metainfo_has_the_cut_and_passes_no_piece() {
+        let data = blob(3 * 64 * KIB as usize + 1);
+        let digest = Digest::of(Algorithm::Sha256, &data);
+        let m = Metainfo::unverifiable(digest, data.len() as u64, 64 * KIB).unwrap();
+        assert_eq!((m.piece_count(), m.chain().len()), (4, 3 * 32));
+        assert!(!m.verify_piece(0, &data[..64 * KIB as usize]));
+        assert!(!m.verify_piece(3, &data[3 * 64 * KIB as usize..]), "the last starts from a zero state too");
     }
 
     #[test]

@@ -404,13 +404,7 @@ mod tests {
 
     fn meta(pieces: u32) -> Metainfo {
         let size = u64::from(pieces) * PIECE;
-        Metainfo::new(
-            Digest::of(Algorithm::Sha256, b"x"),
-            size,
-            PIECE,
-            vec![0; 32 * (pieces as usize).saturating_sub(1)],
-        )
-        .unwrap()
+        Metainfo::unverifiable(Digest::of(Algorithm::Sha256, b"x"), size, PIECE).unwrap()
     }
 
     fn picker(pieces: u32, seed: u64) -> PiecePicker {
@@ -674,8 +668,7 @@ mod tests {
     #[test]
     fn bytes_in_flight_use_each_pieces_length() {
         // 2 full pieces and a 1-byte tail.
-        let m = Metainfo::new(Digest::of(Algorithm::Sha256, b"x"), 2 * PIECE + 1, PIECE, vec![0; 2 * 32])
-            .unwrap();
+        let m = Metainfo::unverifiable(Digest::of(Algorithm::Sha256, b"x"), 2 * PIECE + 1, PIECE).unwrap();
         let cfg = PickerConfig::default();
         let mut p = PiecePicker::with_rng(&m, Bitfield::new(3), cfg, StdRng::seed_from_u64(1)).unwrap();
         p.add_peer(peer(1), bits(3, &[0, 2])).unwrap();

@@ -225,12 +225,7 @@ impl Sim {
             .map(|(i, &size)| {
                 let piece = piece_length_for(size);
                 let digest = Digest::of(Algorithm::Sha256, format!("shoal-sim layer {i}").as_bytes());
-                Metainfo::new(
-                    digest,
-                    size,
-                    piece,
-                    vec![0; 32 * (size.div_ceil(piece) as usize).saturating_sub(1)],
-                )
+                Metainfo::unverifiable(digest, size, piece)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut net = Network::new();
