@@ -32,6 +32,9 @@
 #                              between peers, certificates from a CA made for the run;
 #                              shoal_upstream: pull-through, below)
 #   BENCH_UPSTREAM_MBIT=ORIGIN the upstream namespace's link (shoal_upstream)
+#   BENCH_MTU=1500             every veth's MTU; 9000 (jumbo frames) sends a sixth of the
+#                              packets, which halves what the emulated links cost this
+#                              machine's kernel, so larger fleets stay below saturation
 #   BENCH_RESULTS=/tmp/shoal-fleet-results.txt   machine-readable `fleet: ...` lines appended here
 #   BENCH_PLOT=                e.g. docs/fleet.svg: draw this run's rows there
 #                              (integration/bench/plot_fleet.py); unset, nothing is drawn
@@ -69,6 +72,8 @@ STRAGGLERS=${BENCH_STRAGGLERS:-0}
 SYSTEMS=${BENCH_SYSTEMS:-shoal registry}
 RESULTS=${BENCH_RESULTS:-/tmp/shoal-fleet-results.txt}
 PLOT=${BENCH_PLOT:-}
+MTU=${BENCH_MTU:-1500}
+export NETNS_MTU=$MTU # read by netns_add_host
 SATURATED=0.85
 BLOB_REPO=bench/fleet
 REGISTRY_URL=http://$FLEET_ORIGIN_ADDR:5001
@@ -197,7 +202,7 @@ record() {
   echo "fleet: system=$sys n=$n p50=$p50 p90=$p90 max=$max origin=$origin received=$received" \
     "timeouts=$timeouts fallback_mib=$fallback dup_mib=$dup cpu=$WIN_CPU cpu_s_per_gib=$cpugib fast_max=$fast_max" \
     "log_timeouts=$logto saturated=$sat ok=$ok/$n repeat=$rep size_mib=$SIZE_MIB host_mbit=$HOST_MBIT" \
-    "origin_mbit=$ORIGIN_MBIT stragglers=$STRAGGLERS run=$RUN_ID${RECORD_EXTRA:+ $RECORD_EXTRA}" >>"$RESULTS"
+    "origin_mbit=$ORIGIN_MBIT mtu=$MTU stragglers=$STRAGGLERS run=$RUN_ID${RECORD_EXTRA:+ $RECORD_EXTRA}" >>"$RESULTS"
   RECORD_EXTRA=
 }
 
@@ -322,7 +327,7 @@ header() {
 }
 
 say "== fleet benchmark over shaped links, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ), run $RUN_ID"
-say "blob ${SIZE_MIB} MiB, hosts ${HOST_MBIT} Mbit/s, origin ${ORIGIN_MBIT} Mbit/s, stragglers $STRAGGLERS," \
+say "blob ${SIZE_MIB} MiB, hosts ${HOST_MBIT} Mbit/s, origin ${ORIGIN_MBIT} Mbit/s, MTU $MTU, stragglers $STRAGGLERS," \
   "repeats $REPEATS, systems: $SYSTEMS; shoal: $SHOAL_BIN"
 say "times ÷ (size ÷ host link) = $(awk -v s="$SIZE" -v m="$HOST_MBIT" 'BEGIN {printf "%.1f", s * 8 / (m * 1e6)}')s" \
   "at $HOST_MBIT Mbit/s; a central registry's floor is N × $HOST_MBIT ÷ $ORIGIN_MBIT when that exceeds 1"
