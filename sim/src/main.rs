@@ -47,6 +47,9 @@ struct Args {
     /// Recompute rates at most every this many ms (0: exact; default 0 up to 200 peers, else 20).
     #[arg(long)]
     rate_epoch_ms: Option<f64>,
+    /// Outbound connections per download (the agent's `max_connections_per_blob`, default 10).
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// Run each of these fleet sizes (e.g. 10,100,1000) and plot completion against size.
     #[arg(long, value_delimiter = ',')]
     sweep: Vec<usize>,
@@ -75,6 +78,7 @@ fn params(a: &Args, peers: usize) -> Params {
         churn: a.churn,
         rtt: a.rtt_ms.map(millis),
         rate_epoch: a.rate_epoch_ms.map(millis),
+        max_connections: a.max_connections,
         trace: a.trace,
     }
 }

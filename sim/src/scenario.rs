@@ -86,6 +86,9 @@ pub struct Params {
     pub churn: Option<f64>,
     pub rtt: Option<Duration>,
     pub rate_epoch: Option<Duration>,
+    /// Outbound connections per download (the agent's `max_connections_per_blob`); `None`:
+    /// the agent's default.
+    pub max_connections: Option<usize>,
     pub trace: bool,
 }
 
@@ -99,6 +102,9 @@ pub fn build(scenario: Scenario, p: &Params) -> FleetConfig {
     }
     if let Some(epoch) = p.rate_epoch {
         cfg.rate_epoch = epoch;
+    }
+    if let Some(n) = p.max_connections {
+        cfg.scheduler.max_connections = n;
     }
     let mut rng = StdRng::seed_from_u64(p.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let limit = cfg.limit_secs(1.0);
@@ -172,6 +178,7 @@ mod tests {
             churn: None,
             rtt: None,
             rate_epoch: None,
+            max_connections: None,
             trace: false,
         }
     }

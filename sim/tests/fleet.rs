@@ -22,6 +22,7 @@ fn params(peers: usize, mib: u64) -> Params {
         churn: None,
         rtt: None,
         rate_epoch: None,
+        max_connections: None,
         trace: false,
     }
 }
