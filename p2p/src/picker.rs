@@ -86,6 +86,8 @@ pub struct PiecePicker<R = StdRng> {
     /// Outstanding requests by piece; never holds an empty list or a piece we have.
     in_flight: BTreeMap<u32, Vec<Request>>,
     reader_positions: Vec<u32>,
+    /// The reader window in force: the configured one, or more (see `set_reader_window`).
+    reader_window: u32,
     rng: R,
 }
 
@@ -109,6 +111,7 @@ impl<R: Rng> PiecePicker<R> {
         if have.len() != count {
             return Err(PickerError::BitfieldLength { expected: count, actual: have.len() });
         }
+        let reader_window = config.reader_window;
         Ok(PiecePicker {
             config,
             piece_length: metainfo.piece_length(),
@@ -118,6 +121,7 @@ impl<R: Rng> PiecePicker<R> {
             peers: HashMap::new(),
             in_flight: BTreeMap::new(),
             reader_positions: Vec::new(),
+            reader_window,
             rng,
         })
     }
@@ -202,6 +206,17 @@ impl<R: Rng> PiecePicker<R> {
     /// positions in the list go first. Out-of-range positions are ignored.
     pub fn set_reader_positions(&mut self, positions: Vec<u32>) {
         self.reader_positions = positions;
+    }
+
+    /// Widen each reader's window to `pieces` (never below the configured `reader_window`):
+    /// the swarm sets it from the node's measured rate (`flow::reader_window`).
+    pub fn set_reader_window(&mut self, pieces: u32) {
+        self.reader_window = pieces.max(self.config.reader_window);
+    }
+
+    /// The reader window in force.
+    pub fn reader_window(&self) -> u32 {
+        self.reader_window
     }
 
     /// Outstanding requests to `peer`.
@@ -305,7 +320,7 @@ impl<R: Rng> PiecePicker<R> {
 
         let mut picked: Vec<u32> = Vec::with_capacity(budget);
         'readers: for &pos in &self.reader_positions {
-            let end = pos.saturating_add(self.config.reader_window).min(self.piece_count());
+            let end = pos.saturating_add(self.reader_window).min(self.piece_count());
             for i in pos..end {
                 if picked.len() == budget {
                     break 'readers;

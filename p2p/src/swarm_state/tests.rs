@@ -578,3 +578,28 @@ fn a_slow_seeder_is_traded_too_and_the_replacement_is_drawn_at_random() {
     let picks: HashSet<SocketAddr> = (0..8).map(chosen).collect();
     assert!(picks.len() > 1, "every host would pick the same seeder: {picks:?}");
 }
+
+#[test]
+fn a_reader_gets_what_the_node_receives_in_a_second_in_order_and_rarest_first_the_rest() {
+    let t0 = Instant::now();
+    let mut s = state(256, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 1, t0);
+    s.set_readers(vec![100]);
+    let mut counters = HashMap::new();
+    let rates: HashMap<PeerId, u64> = [(peer(1), 200 * PIECE)].into();
+    // A fast seeder: after a second the peer is measured and 16 pieces are in flight, and
+    // every piece asked for so far was the reader's next one.
+    let mut asked: Vec<u32> = requests(&s.fill(t0, None, 0)).into_iter().map(|r| r.1).collect();
+    let (t, actions) = run(&mut s, t0, &mut counters, &rates, 5, Some(200.0 * PIECE as f64));
+    asked.extend(requests(&actions).into_iter().map(|r| r.1));
+    assert!(s.picker().reader_window() >= 200, "{}", s.picker().reader_window());
+    assert!(asked.len() > 50, "{}", asked.len());
+    let mut sorted = asked.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (100..100 + asked.len() as u32).collect::<Vec<_>>());
+    // A slow node (50 Mbit/s) keeps a window of a few pieces: past it, rarest first.
+    let rate = 50e6 / 8.0;
+    assert_eq!(flow::reader_window(Some(rate), PIECE, 4), 6);
+    let _ = s.fill(t, Some(rate), 0);
+    assert_eq!(s.picker().reader_window(), 6);
+}
