@@ -99,7 +99,13 @@ impl Download {
         let mut positions: Vec<u32> = readers.values().copied().collect();
         positions.sort_unstable();
         positions.dedup();
-        self.positions.send_replace(positions);
+        self.pieces().set_reader_floor(positions.first().copied());
+        // Each read of a chunk lands here; the swarm is woken only when a position moved.
+        self.positions.send_if_modified(|old| {
+            let moved = *old != positions;
+            *old = positions;
+            moved
+        });
     }
 
     /// Wait for the download to end.
@@ -592,13 +598,19 @@ impl Reader {
                 }
                 continue;
             }
-            let want = usize::try_from(self.end - self.pos).unwrap_or(READ_CHUNK).min(READ_CHUNK);
             let pos = self.pos;
             let metainfo = pieces.metainfo().clone();
-            let buf = tokio::task::spawn_blocking(move || pieces.read_new_at(pos, want))
-                .await
-                .map_err(io_error)?
-                .map_err(io_error)?;
+            let left = usize::try_from(self.end - self.pos).unwrap_or(usize::MAX);
+            // A piece just verified for this reader is sent from memory, a whole piece at a
+            // time; anything else is read back from the file.
+            let buf = match pieces.fresh_at(pos) {
+                Some(fresh) => fresh.slice(..fresh.len().min(left)),
+                None => {
+                    let want = left.min(READ_CHUNK);
+                    let read = tokio::task::spawn_blocking(move || pieces.read_new_at(pos, want));
+                    Bytes::from(read.await.map_err(io_error)?.map_err(io_error)?)
+                }
+            };
             if buf.is_empty() {
                 return Err(io_error("blob ended early"));
             }
@@ -611,7 +623,7 @@ impl Reader {
                 last: last.max(self.sent.as_ref().map_or(0, |s| s.last)),
             });
             self.pos += buf.len() as u64;
-            return Ok(Bytes::from(buf));
+            return Ok(buf);
         }
     }
 }

@@ -7,11 +7,15 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::bitfield::Bitfield;
 use crate::metainfo::Metainfo;
 use crate::piece_store::{is_disk_full, read_new_at, PieceError, PieceFile};
+
+mod fresh;
+pub use fresh::FRESH_PIECES;
 
 /// How often the bitfield is persisted (after an fdatasync of the data). Persisting after every
 /// piece costs several fsyncs per piece and capped a download at ~100 MB/s; a crash now loses
@@ -122,6 +126,8 @@ pub struct BlobPieces {
     /// For a complete blob: every piece read is checked against its hash, and a mismatch is
     /// reported here (see [`BlobPieces::verifying_reads`]).
     on_corrupt: Option<OnCorrupt>,
+    /// Verified pieces just ahead of the slowest local reader (see [`fresh`]).
+    fresh: std::sync::Mutex<fresh::Fresh>,
 }
 
 impl BlobPieces {
@@ -141,6 +147,7 @@ impl BlobPieces {
             _guard: None,
             reclaim: None,
             on_corrupt: None,
+            fresh: Default::default(),
         })
     }
 
@@ -205,6 +212,7 @@ impl BlobPieces {
             _guard: None,
             reclaim: None,
             on_corrupt: None,
+            fresh: Default::default(),
         })
     }
 
@@ -224,6 +232,41 @@ impl BlobPieces {
     /// Whether piece `index` is held. Takes no lock a writer holds (async code calls it).
     pub fn has(&self, index: u32) -> bool {
         self.held.get(index)
+    }
+
+    fn fresh(&self) -> std::sync::MutexGuard<'_, fresh::Fresh> {
+        self.fresh.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Local readers are at piece `floor` or beyond (`None`: no reader is): verified pieces
+    /// from there on may be kept in memory for them (see [`BlobPieces::keep_for_readers`]).
+    /// Takes no lock a writer holds.
+    pub fn set_reader_floor(&self, floor: Option<u32>) {
+        self.fresh().set_floor(floor);
+    }
+
+    /// Piece `index`, just verified and stored, with the bytes it was verified from: kept in
+    /// memory if a local reader is within [`FRESH_PIECES`] of it, so the reader sends it
+    /// without reading it back from disk. Bytes of the wrong length are ignored.
+    pub fn keep_for_readers(&self, index: u32, data: Bytes) {
+        let fits = self.metainfo.piece_range(index).is_some_and(|(_, len)| len == data.len() as u64);
+        if fits && self.held.get(index) {
+            self.fresh().keep(index, data);
+        }
+    }
+
+    /// The bytes from `offset` to the end of its piece, if that piece is kept in memory for
+    /// readers. Never blocks on I/O (async code calls it).
+    pub fn fresh_at(&self, offset: u64) -> Option<Bytes> {
+        let index = self.metainfo.piece_index_at(offset)?;
+        let (start, _) = self.metainfo.piece_range(index)?;
+        if !self.held.get(index) {
+            return None;
+        }
+        let fresh = self.fresh();
+        let data = fresh.get(index)?;
+        let from = usize::try_from(offset - start).ok().filter(|&f| f < data.len())?;
+        Some(data.slice(from..))
     }
 
     /// Every piece is held (the blob may not be finished into its final place yet).
@@ -329,6 +372,7 @@ impl BlobPieces {
         match std::mem::replace(&mut *state, State::Failed) {
             State::Partial(file, _) => {
                 self.held.fail();
+                self.fresh().clear();
                 file.discard()
             }
             State::Failed => Ok(()),

@@ -131,6 +131,9 @@ pub async fn download(
     let slot = deps.node.join();
     let mut swarm = Swarm { cfg, deps, pieces, fallback, state, peers: HashMap::new(), events_tx };
     swarm.deps.metrics.active_swarms.inc();
+    // Readers that were waiting before this download started: `changed` reports only later
+    // moves.
+    swarm.state.set_readers(readers.borrow_and_update().clone());
     let start = swarm.state.start();
     swarm.act(start);
     let mut tick = tokio::time::interval(TICK);
@@ -358,9 +361,15 @@ impl Swarm {
         let metrics = self.deps.metrics.clone();
         let len = data.len() as u64;
         tokio::spawn(async move {
-            let result = tokio::task::spawn_blocking(move || pieces.write_piece(index, &data))
-                .await
-                .unwrap_or_else(|e| Err(PieceError::Io(std::io::Error::other(e.to_string()))));
+            let result = tokio::task::spawn_blocking(move || {
+                let result = pieces.write_piece(index, &data);
+                if let Ok(true) = result {
+                    pieces.keep_for_readers(index, data);
+                }
+                result
+            })
+            .await
+            .unwrap_or_else(|e| Err(PieceError::Io(std::io::Error::other(e.to_string()))));
             match &result {
                 Ok(true) => {
                     metrics.pieces_verified.inc();

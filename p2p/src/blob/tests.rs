@@ -208,3 +208,38 @@ fn a_late_writer_cannot_set_the_progress_count_back() {
     assert!(blob.is_complete());
     assert_eq!(*blob.subscribe().borrow(), count);
 }
+
+#[test]
+fn verified_pieces_ahead_of_a_reader_are_served_from_memory_until_it_passes_them() {
+    let (dir, data, meta) = setup(8);
+    let blob = BlobPieces::partial(&dir.path().join("b.part"), meta.clone()).unwrap();
+    let bytes = |i: u32| Bytes::copy_from_slice(piece(&meta, &data, i));
+    let (start2, len2) = meta.piece_range(2).unwrap();
+    // No reader: nothing is kept.
+    download(&blob, &meta, &data, &[0]);
+    blob.keep_for_readers(0, bytes(0));
+    assert!(blob.fresh_at(0).is_none());
+    // A reader at piece 1: pieces 1.. within the window are kept once held, not before.
+    blob.set_reader_floor(Some(1));
+    blob.keep_for_readers(2, bytes(2));
+    assert!(blob.fresh_at(start2).is_none(), "not held yet");
+    download(&blob, &meta, &data, &[2, 7]);
+    blob.keep_for_readers(2, bytes(2));
+    blob.keep_for_readers(7, bytes(7));
+    assert_eq!(blob.fresh_at(start2 + 10).unwrap(), piece(&meta, &data, 2)[10..]);
+    assert!(blob.fresh_at(meta.piece_range(7).unwrap().0).is_none(), "beyond the window");
+    assert!(blob.fresh_at(start2 + len2).is_none(), "piece 3 is not held");
+    // Bytes of the wrong length are not kept.
+    download(&blob, &meta, &data, &[3]);
+    blob.keep_for_readers(3, bytes(3).slice(1..));
+    assert!(blob.fresh_at(start2 + len2).is_none());
+    // The reader moved past piece 2.
+    blob.set_reader_floor(Some(3));
+    assert!(blob.fresh_at(start2).is_none());
+    // A discarded download serves nothing from memory either.
+    blob.set_reader_floor(Some(2));
+    blob.keep_for_readers(2, bytes(2));
+    assert!(blob.fresh_at(start2).is_some());
+    blob.discard().unwrap();
+    assert!(blob.fresh_at(start2).is_none());
+}
