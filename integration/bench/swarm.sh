@@ -13,7 +13,8 @@
 #   SHOAL_BIN=target/release/shoal bash integration/bench/swarm.sh
 # Environment: BENCH_BIG_MIB (1024), BENCH_BIG_ROUNDS (3), BENCH_SMALL_ROUNDS (11), BENCH_FLEET ("2 4 8 16"),
 # BENCH_FLEET_MIB (512), BENCH_RATE_MIB (25, per agent, MiB/s), BENCH_RSS_MIB (2048),
-# BENCH_PARTS ("1 2 3 4"), BENCH_SETTLE_SECS (8: see settle_memory).
+# BENCH_PARTS ("1 2 3 4"), BENCH_SETTLE_SECS (8: see settle_memory), BENCH_BIG_RATE_MIB (part 1's agent
+# ingress and egress limit in MiB/s, so the network sets the pace; unset: none).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../clients/lib.sh
@@ -22,6 +23,7 @@ lib_init swarm-bench
 
 BIG_MIB=${BENCH_BIG_MIB:-1024}
 BIG_ROUNDS=${BENCH_BIG_ROUNDS:-3}
+BIG_RATE_MIB=${BENCH_BIG_RATE_MIB:-}
 SMALL_ROUNDS=${BENCH_SMALL_ROUNDS:-11}
 FLEET=${BENCH_FLEET:-2 4 8 16}
 FLEET_MIB=${BENCH_FLEET_MIB:-512}
@@ -106,11 +108,11 @@ page_cache_floor() {
 
 part1() {
   say ""
-  say "-- 1. one seeder -> one cold agent, ${BIG_MIB} MiB, loopback, unshaped, $BIG_ROUNDS rounds (fresh blob each)"
+  say "-- 1. one seeder -> one cold agent, ${BIG_MIB} MiB, loopback, ${BIG_RATE_MIB:+agent paced at $BIG_RATE_MIB MiB/s, }unshaped, $BIG_ROUNDS rounds (fresh blob each)"
   local f d cfg reg_url round t0
   local t_swarm=() t_null=() t_file=() t_verify=() cpu=() floor=()
   cfg=$T/agent1.toml
-  agent_config "$cfg"
+  agent_config "$cfg" "$BIG_RATE_MIB"
   command -v openssl >/dev/null || die "openssl is needed for the verify baseline"
   # Every round starts from scratch (new processes, empty data dirs), so each finds the
   # machine's memory in the same state: on this kind of VM writing page cache is fast while
