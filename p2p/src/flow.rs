@@ -166,12 +166,11 @@ pub fn in_flight_budget(rate: Option<f64>, limit: Option<u64>) -> u64 {
 
 /// Pieces ahead of each streaming reader that go before rarest-first: what arrives in
 /// [`READER_HORIZON`] at the node's measured ingress `rate` ([`INITIAL_IN_FLIGHT_BYTES`]
-/// until it is measured), at least `min`.
-pub fn reader_window(rate: Option<f64>, piece_length: u64, min: u32) -> u32 {
+/// until it is measured). The picker never goes below its configured window.
+pub fn reader_window(rate: Option<f64>, piece_length: u64) -> u32 {
     let bytes = rate.map_or(INITIAL_IN_FLIGHT_BYTES as f64, |r| r * READER_HORIZON.as_secs_f64());
     // `as` saturates for absurd rates.
-    let pieces = (bytes / piece_length.max(1) as f64).ceil() as u32;
-    pieces.max(min)
+    (bytes / piece_length.max(1) as f64).ceil() as u32
 }
 
 /// [`in_flight_budget`] in requests of `piece_length` bytes, at least [`MIN_PIPELINE`].

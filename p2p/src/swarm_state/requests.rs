@@ -30,8 +30,7 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
     /// node's, shared by all of them.
     pub fn fill(&mut self, now: Instant, node_rate: Option<f64>, elsewhere: u64) -> Vec<Action> {
         let budget = flow::in_flight_budget(node_rate, self.cfg.ingress_limit).saturating_sub(elsewhere);
-        let window = flow::reader_window(node_rate, self.piece_length, self.cfg.picker.reader_window);
-        self.picker.set_reader_window(window);
+        self.picker.set_reader_window(flow::reader_window(node_rate, self.piece_length));
         let cap = flow::in_flight_pieces(budget, self.piece_length);
         let mut room =
             cap.saturating_sub(self.picker.in_flight_total() - self.picker.in_flight_for(&ORIGIN_PEER));
