@@ -4,11 +4,15 @@
 //! once; a peer that keeps timing out is only slow, so it gets a few strikes first. Bans expire
 //! because peers restart and networks heal, and a permanent ban list would only grow. Pure
 //! state with time passed in, like the picker.
+//!
+//! Peers are known by the address we connect to, not by their peer id: an agent picks a new
+//! random id every time it starts, so a broken agent that restarts (or a malicious one that
+//! changes its id) would otherwise be trusted again at once. One list covers one blob; the
+//! node keeps each blob's list between downloads ([`crate::node::NodeFlow::blacklist_for`]).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-
-use crate::peer::PeerId;
 
 /// Default number of request timeouts that get a peer banned.
 pub const DEFAULT_MAX_TIMEOUTS: u32 = 3;
@@ -35,6 +39,8 @@ impl Default for BlacklistConfig {
 #[derive(Clone, Copy, Debug, Default)]
 struct Strikes {
     timeouts: u32,
+    /// When the last timeout was counted: strikes older than a ban's duration are forgotten.
+    last_strike: Option<Instant>,
     banned_until: Option<Instant>,
 }
 
@@ -48,7 +54,7 @@ impl Strikes {
 #[derive(Clone, Debug, Default)]
 pub struct Blacklist {
     config: BlacklistConfig,
-    peers: HashMap<PeerId, Strikes>,
+    peers: HashMap<SocketAddr, Strikes>,
 }
 
 impl Blacklist {
@@ -58,23 +64,23 @@ impl Blacklist {
     }
 
     /// Ban `peer` from `now` for the configured duration (protocol violations, bad pieces).
-    pub fn ban(&mut self, peer: PeerId, now: Instant) {
+    pub fn ban(&mut self, peer: SocketAddr, now: Instant) {
         // A duration too large to represent is a ban for as long as we run.
         let until = now
             .checked_add(self.config.ban_duration)
             .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
             .unwrap_or(now);
-        self.peers.insert(peer, Strikes { timeouts: 0, banned_until: Some(until) });
+        self.peers.insert(peer, Strikes { timeouts: 0, last_strike: None, banned_until: Some(until) });
     }
 
     /// `peer` sent a piece that failed verification: ban it at once.
-    pub fn bad_piece(&mut self, peer: PeerId, now: Instant) {
+    pub fn bad_piece(&mut self, peer: SocketAddr, now: Instant) {
         self.ban(peer, now);
     }
 
     /// A request to `peer` timed out: add a strike, banning it at the limit. Returns whether
     /// the peer is now banned. Strikes from before an expired ban do not count.
-    pub fn timeout(&mut self, peer: PeerId, now: Instant) -> bool {
+    pub fn timeout(&mut self, peer: SocketAddr, now: Instant) -> bool {
         let entry = self.peers.entry(peer).or_default();
         if entry.banned_at(now) {
             return true;
@@ -83,6 +89,7 @@ impl Blacklist {
             *entry = Strikes::default();
         }
         entry.timeouts += 1;
+        entry.last_strike = Some(now);
         if entry.timeouts >= self.config.max_timeouts {
             self.ban(peer, now);
             return true;
@@ -93,25 +100,46 @@ impl Blacklist {
     /// `peer` delivered a verified piece: its timeouts so far are forgiven. "Times out
     /// repeatedly" means in a row; a busy peer under a rate limit misses a deadline now and then
     /// but keeps delivering, and banning it would starve a swarm that needs every uploader.
-    pub fn delivered(&mut self, peer: &PeerId) {
+    pub fn delivered(&mut self, peer: &SocketAddr) {
         if self.peers.get(peer).is_some_and(|s| s.banned_until.is_none()) {
             self.peers.remove(peer);
         }
     }
 
     /// Whether `peer` is banned at `now`.
-    pub fn is_banned(&self, peer: &PeerId, now: Instant) -> bool {
+    pub fn is_banned(&self, peer: &SocketAddr, now: Instant) -> bool {
         self.peers.get(peer).is_some_and(|s| s.banned_at(now))
     }
 
     /// When `peer`'s ban ends, if it is banned at `now`.
-    pub fn banned_until(&self, peer: &PeerId, now: Instant) -> Option<Instant> {
+    pub fn banned_until(&self, peer: &SocketAddr, now: Instant) -> Option<Instant> {
         self.peers.get(peer).filter(|s| s.banned_at(now)).and_then(|s| s.banned_until)
     }
 
-    /// Forget expired bans so the map does not grow without bound; call it now and then.
+    /// Forget expired bans, and strikes older than a ban would last, so the map does not grow
+    /// without bound; call it now and then.
     pub fn prune(&mut self, now: Instant) {
-        self.peers.retain(|_, s| s.banned_until.is_none_or(|until| now < until));
+        let keep = self.config.ban_duration;
+        self.peers.retain(|_, s| match s.banned_until {
+            Some(until) => now < until,
+            None => s.last_strike.is_some_and(|at| now.saturating_duration_since(at) < keep),
+        });
+    }
+
+    /// Take in what `other` (a later copy of this blob's list) holds: for each peer the
+    /// longer ban, and the later strikes.
+    pub fn merge(&mut self, other: Blacklist) {
+        for (peer, theirs) in other.peers {
+            let ours = self.peers.entry(peer).or_default();
+            let later = match (ours.banned_until, theirs.banned_until) {
+                (_, Some(t)) => ours.banned_until.is_none_or(|o| t > o),
+                (Some(_), None) => false,
+                (None, None) => theirs.last_strike > ours.last_strike,
+            };
+            if later {
+                *ours = theirs;
+            }
+        }
     }
 
     /// Number of peers with strikes or bans on record (for metrics).
@@ -129,8 +157,8 @@ impl Blacklist {
 mod tests {
     use super::*;
 
-    fn peer(n: u8) -> PeerId {
-        PeerId([n; 20])
+    fn peer(n: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, n], 7000))
     }
 
     fn list() -> Blacklist {
@@ -211,18 +239,40 @@ mod tests {
     }
 
     #[test]
-    fn prune_forgets_expired_bans_only() {
+    fn prune_forgets_expired_bans_and_old_strikes() {
         let mut bl = list();
         let t0 = Instant::now();
         bl.bad_piece(peer(1), t0);
         bl.bad_piece(peer(2), t0 + Duration::from_secs(30));
-        bl.timeout(peer(3), t0);
+        bl.timeout(peer(3), t0 + Duration::from_secs(40));
         assert_eq!(bl.len(), 3);
         bl.prune(t0 + Duration::from_secs(60));
         assert_eq!(bl.len(), 2);
         assert!(bl.is_banned(&peer(2), t0 + Duration::from_secs(60)));
         bl.prune(t0 + Duration::from_secs(90));
-        assert_eq!(bl.len(), 1, "strikes without a ban are kept");
+        assert_eq!(bl.len(), 1, "recent strikes without a ban are kept");
         assert!(!bl.is_empty());
+        bl.prune(t0 + Duration::from_secs(100));
+        assert!(bl.is_empty(), "strikes older than a ban's duration are forgotten");
+    }
+
+    #[test]
+    fn merging_keeps_the_longer_ban_and_the_later_strikes() {
+        let t0 = Instant::now();
+        let mut ours = list();
+        ours.bad_piece(peer(1), t0 + Duration::from_secs(10));
+        ours.timeout(peer(2), t0);
+        let mut theirs = list();
+        theirs.bad_piece(peer(1), t0);
+        theirs.timeout(peer(2), t0 + Duration::from_secs(1));
+        theirs.timeout(peer(2), t0 + Duration::from_secs(1));
+        theirs.bad_piece(peer(3), t0);
+        ours.bad_piece(peer(4), t0);
+        theirs.timeout(peer(4), t0 + Duration::from_secs(20));
+        ours.merge(theirs);
+        assert!(ours.is_banned(&peer(4), t0 + Duration::from_secs(30)), "a later strike does not lift a ban");
+        assert_eq!(ours.banned_until(&peer(1), t0), Some(t0 + Duration::from_secs(70)));
+        assert!(ours.timeout(peer(2), t0 + Duration::from_secs(2)), "the later strikes count");
+        assert!(ours.is_banned(&peer(3), t0));
     }
 }

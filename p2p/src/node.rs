@@ -1,18 +1,27 @@
 //! What every download of one node shares: the bytes its connections receive (from which the
-//! node's ingress rate is measured), the bytes each download has in flight, and one budget of
-//! outbound peer connections. A node pulling five layers at once has one link, and five
-//! in-flight budgets of two seconds each would queue ten; twenty layers with ten connections
-//! each would open two hundred.
+//! node's ingress rate is measured), the bytes each download has in flight, one budget of
+//! outbound peer connections, and the blacklist. A node pulling five layers at once has one
+//! link, and five in-flight budgets of two seconds each would queue ten; twenty layers with
+//! ten connections each would open two hundred. A peer that sent a bad piece of a blob is
+//! still banned when the blob's download starts again (a client retrying a failed pull, a
+//! blob pulled again after eviction).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use shoal_registry::Digest;
+
+use crate::blacklist::Blacklist;
 use crate::flow::RateMeter;
 
 /// Default outbound peer connections per node, across all its downloads.
 pub const DEFAULT_MAX_OUTBOUND_CONNECTIONS: usize = 128;
+
+/// Blobs whose blacklists a node keeps between downloads; past it the list kept longest ago
+/// goes. Lists hold only live bans and recent strikes, and most are empty and not kept.
+pub const MAX_KEPT_BLACKLISTS: usize = 1024;
 
 /// A node's shared ingress state; cheap to clone.
 #[derive(Clone)]
@@ -45,6 +54,8 @@ struct Inner {
     meter: RateMeter,
     next_id: u64,
     in_flight: HashMap<u64, u64>,
+    /// Each blob's blacklist while no download of it runs, and when it was put back.
+    blacklists: HashMap<Digest, (Instant, Blacklist)>,
 }
 
 /// One download's registration; its in-flight bytes are forgotten when it is dropped.
@@ -95,6 +106,38 @@ impl NodeFlow {
         inner.in_flight.insert(id, 0);
         DownloadSlot { node: self.clone(), id }
     }
+
+    /// The blacklist of `digest`'s peers kept from its earlier downloads, for a download that
+    /// starts at `now` (it owns the list until it gives it back with [`NodeFlow::keep_blacklist`]).
+    pub fn blacklist_for(&self, digest: &Digest, now: Instant) -> Option<Blacklist> {
+        let (_, mut list) = self.lock().blacklists.remove(digest)?;
+        list.prune(now);
+        (!list.is_empty()).then_some(list)
+    }
+
+    /// A download of `digest` ended: keep its blacklist for the next one, merged with any
+    /// another download of the blob gave back meanwhile.
+    pub fn keep_blacklist(&self, digest: &Digest, mut list: Blacklist, now: Instant) {
+        let mut inner = self.lock();
+        if let Some((_, kept)) = inner.blacklists.remove(digest) {
+            list.merge(kept);
+        }
+        list.prune(now);
+        inner.blacklists.retain(|_, (_, l)| {
+            l.prune(now);
+            !l.is_empty()
+        });
+        if list.is_empty() {
+            return;
+        }
+        if inner.blacklists.len() >= MAX_KEPT_BLACKLISTS {
+            let oldest = inner.blacklists.iter().min_by_key(|(_, (at, _))| *at).map(|(d, _)| d.clone());
+            if let Some(oldest) = oldest {
+                inner.blacklists.remove(&oldest);
+            }
+        }
+        inner.blacklists.insert(digest.clone(), (now, list));
+    }
 }
 
 impl DownloadSlot {
@@ -120,7 +163,46 @@ impl Drop for DownloadSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blacklist::BlacklistConfig;
+    use std::net::SocketAddr;
     use std::time::Duration;
+
+    #[test]
+    fn a_blobs_bans_outlive_its_download_and_stay_with_that_blob() {
+        let node = NodeFlow::default();
+        let (a, b) = (
+            Digest::of(shoal_registry::Algorithm::Sha256, b"a"),
+            Digest::of(shoal_registry::Algorithm::Sha256, b"b"),
+        );
+        let bad = SocketAddr::from(([10, 0, 0, 1], 7000));
+        let t0 = Instant::now();
+        assert!(node.blacklist_for(&a, t0).is_none());
+        let mut list = Blacklist::new(BlacklistConfig::default());
+        list.bad_piece(bad, t0);
+        node.keep_blacklist(&a, list, t0);
+        assert!(node.blacklist_for(&b, t0).is_none(), "another blob's download trusts the peer");
+        let list = node.blacklist_for(&a, t0 + Duration::from_secs(1)).expect("kept");
+        assert!(list.is_banned(&bad, t0 + Duration::from_secs(1)));
+        assert!(node.blacklist_for(&a, t0).is_none(), "one download owns the list at a time");
+        node.keep_blacklist(&a, list, t0 + Duration::from_secs(2));
+        let later = t0 + BlacklistConfig::default().ban_duration;
+        assert!(node.blacklist_for(&a, later).is_none(), "an expired ban is not kept");
+    }
+
+    #[test]
+    fn kept_blacklists_are_bounded() {
+        let node = NodeFlow::default();
+        let t0 = Instant::now();
+        for i in 0..MAX_KEPT_BLACKLISTS + 10 {
+            let mut list = Blacklist::new(BlacklistConfig::default());
+            list.bad_piece(SocketAddr::from(([10, 0, 0, 1], 7000)), t0);
+            let digest = Digest::of(shoal_registry::Algorithm::Sha256, i.to_string().as_bytes());
+            node.keep_blacklist(&digest, list, t0 + Duration::from_millis(i as u64));
+        }
+        assert_eq!(node.lock().blacklists.len(), MAX_KEPT_BLACKLISTS);
+        let first = Digest::of(shoal_registry::Algorithm::Sha256, b"0");
+        assert!(node.blacklist_for(&first, t0).is_none(), "the oldest went first");
+    }
 
     #[test]
     fn outbound_connections_share_one_budget() {

@@ -118,15 +118,14 @@ pub async fn download(
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    let state = SwarmState::new(
-        scheduler,
-        cfg.peer_id,
-        cfg.advertise,
-        pieces.metainfo(),
-        pieces.have(),
-        Instant::now(),
-    )
-    .map_err(|e| SwarmError::Storage(e.to_string()))?;
+    let digest = pieces.metainfo().digest().clone();
+    let started = Instant::now();
+    let mut state =
+        SwarmState::new(scheduler, cfg.peer_id, cfg.advertise, pieces.metainfo(), pieces.have(), started)
+            .map_err(|e| SwarmError::Storage(e.to_string()))?;
+    if let Some(blacklist) = deps.node.blacklist_for(&digest, started) {
+        state = state.with_blacklist(blacklist);
+    }
     let (events_tx, mut events) = mpsc::channel::<Event>(256);
     let slot = deps.node.join();
     let mut swarm = Swarm { cfg, deps, pieces, fallback, state, peers: HashMap::new(), events_tx };
@@ -175,6 +174,8 @@ pub async fn download(
         swarm.act(actions);
     };
     drop(slot);
+    let blacklist = swarm.state.take_blacklist();
+    swarm.deps.node.keep_blacklist(&digest, blacklist, Instant::now());
     swarm.deps.metrics.active_swarms.dec();
     // Dropping the command senders closes every connection.
     for _ in swarm.peers.drain() {

@@ -256,6 +256,18 @@ impl<R: Rng + Clone> SwarmState<R> {
         })
     }
 
+    /// Start with the bans and strikes earlier downloads of this blob left on the node
+    /// ([`crate::node::NodeFlow::blacklist_for`]) instead of an empty list.
+    pub fn with_blacklist(mut self, blacklist: Blacklist) -> Self {
+        self.blacklist = blacklist;
+        self
+    }
+
+    /// The blacklist, for the node to keep when the download ends (an empty one is left).
+    pub fn take_blacklist(&mut self) -> Blacklist {
+        std::mem::replace(&mut self.blacklist, Blacklist::new(self.cfg.blacklist.clone()))
+    }
+
     /// The first actions: announce at once.
     pub fn start(&self) -> Vec<Action> {
         vec![Action::Announce { after: Duration::ZERO }]
@@ -285,7 +297,7 @@ impl<R: Rng + Clone> SwarmState<R> {
     /// duplicate, not ourselves, a bitfield of the right length).
     pub fn connected(&mut self, peer: PeerId, addr: SocketAddr, bitfield: Bitfield, now: Instant) -> bool {
         self.connecting.remove(&addr);
-        if self.blacklist.is_banned(&peer, now) || self.peers.contains_key(&peer) || peer == self.me {
+        if self.blacklist.is_banned(&addr, now) || self.peers.contains_key(&peer) || peer == self.me {
             return false;
         }
         if self.picker.add_peer(peer, bitfield).is_err() {
@@ -360,8 +372,8 @@ impl<R: Rng + Clone> SwarmState<R> {
                 }
                 if from == ORIGIN_PEER {
                     self.fallback_failures = 0;
-                } else {
-                    self.blacklist.delivered(&from);
+                } else if let Some(p) = self.peers.get(&from) {
+                    self.blacklist.delivered(&p.addr);
                 }
             }
             Stored::BadPiece => {
@@ -369,7 +381,9 @@ impl<R: Rng + Clone> SwarmState<R> {
                 if from == ORIGIN_PEER {
                     return Err(Fatal::Fallback(format!("origin sent a bad piece {index}")));
                 }
-                self.blacklist.bad_piece(from, now);
+                if let Some(p) = self.peers.get(&from) {
+                    self.blacklist.bad_piece(p.addr, now);
+                }
                 self.closed(&from);
                 actions.push(Action::Disconnect(from));
             }
@@ -444,10 +458,11 @@ impl<R: Rng + Clone> SwarmState<R> {
             if !peer.flow.is_stalled(now, oldest, stall_after) {
                 continue;
             }
+            let addr = peer.addr;
             for index in self.picker.withdraw(&id) {
                 actions.push(Action::TimedOut { peer: id, index });
             }
-            if self.blacklist.timeout(id, now) {
+            if self.blacklist.timeout(addr, now) {
                 self.closed(&id);
                 actions.push(Action::Disconnect(id));
             }

@@ -12,11 +12,10 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
     /// Whether `c` is someone we could connect to now: not ourselves, not banned, not
     /// connected or being connected to already.
     fn is_new_candidate(&self, c: &Candidate, now: Instant) -> bool {
-        let known = c.id.is_some_and(|id| {
-            id == self.me || self.peers.contains_key(&id) || self.blacklist.is_banned(&id, now)
-        });
+        let known = c.id.is_some_and(|id| id == self.me || self.peers.contains_key(&id));
         c.addr != self.advertise
             && !known
+            && !self.blacklist.is_banned(&c.addr, now)
             && !self.connecting.contains(&c.addr)
             && !self.peers.values().any(|p| p.addr == c.addr)
     }

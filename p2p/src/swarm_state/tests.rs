@@ -386,6 +386,32 @@ fn a_bad_piece_bans_and_drops_the_peer_and_a_bad_origin_piece_is_fatal() {
 }
 
 #[test]
+fn a_ban_follows_the_peers_address_and_outlives_the_download_on_the_node() {
+    let t0 = Instant::now();
+    let node = crate::node::NodeFlow::default();
+    let digest = meta(4).digest().clone();
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 2, t0);
+    let reqs = requests(&s.fill(t0, None, 0));
+    let (bad, index) = reqs.iter().copied().find(|(p, _)| *p == peer(1)).expect("a request to peer 1");
+    s.stored(bad, index, Stored::BadPiece, t0).unwrap();
+    // The broken agent restarts with a new random id at the same address.
+    assert!(!s.connected(peer(7), addr(1), Bitfield::full(4), t0), "the address is banned, not the id");
+    node.keep_blacklist(&digest, s.take_blacklist(), t0);
+
+    // The client retries: a new download of the blob on this node, handed the same peers.
+    let t1 = t0 + Duration::from_secs(10);
+    let blacklist = node.blacklist_for(&digest, t1).expect("the node kept the ban");
+    let mut next = state(4, SchedulerConfig::default(), t1).with_blacklist(blacklist);
+    let connects = next.announced(Some(vec![info(1, false), info(2, false)]), Duration::from_secs(5), t1);
+    assert!(connects.contains(&Action::Connect(addr(2))));
+    assert!(!connects.contains(&Action::Connect(addr(1))), "not reconnected to the peer that lied");
+    // Another blob's download on the node trusts it.
+    let other = Digest::of(Algorithm::Sha256, b"other");
+    assert!(node.blacklist_for(&other, t1).is_none());
+}
+
+#[test]
 fn a_download_with_no_progress_fails_after_the_stall_timeout() {
     let t0 = Instant::now();
     let mut s = state(4, SchedulerConfig::default(), t0);

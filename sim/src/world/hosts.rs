@@ -17,7 +17,7 @@ impl Sim {
             let have = Bitfield::new(meta.piece_count());
             let n = &self.nodes[node];
             let rng = StdRng::seed_from_u64(self.cfg.seed ^ ((node as u64) << 20) ^ blob as u64);
-            let state = match SwarmState::with_rng(
+            let mut state = match SwarmState::with_rng(
                 self.cfg.scheduler.clone(),
                 n.peer_id,
                 n.addr,
@@ -32,6 +32,9 @@ impl Sim {
                     return;
                 }
             };
+            if let Some(blacklist) = n.flow.blacklist_for(meta.digest(), now) {
+                state = state.with_blacklist(blacklist);
+            }
             let actions = state.start();
             let slot = n.flow.join();
             let n = &mut self.nodes[node];
@@ -239,9 +242,12 @@ impl Sim {
         for c in outbound {
             self.close(c, false);
         }
-        self.nodes[node].downloads[blob] = None;
+        let now = self.instant();
+        if let Some(mut d) = self.nodes[node].downloads[blob].take() {
+            let blacklist = d.state.take_blacklist();
+            self.nodes[node].flow.keep_blacklist(self.metas[blob].digest(), blacklist, now);
+        }
         if !self.cfg.tracker_dead {
-            let now = self.instant();
             let n = &self.nodes[node];
             self.tracker.announce(self.metas[blob].digest(), &n.hex, n.addr, true, now);
         }
