@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use shoal_p2p::announcer::Announcer;
 use shoal_p2p::limiter::RateLimiter;
 use shoal_p2p::node::NodeFlow;
 use shoal_p2p::server::PeerServer;
@@ -113,6 +114,7 @@ impl Agent {
         let burst = 8 * 1024 * 1024;
         let deps = SwarmDeps {
             tracker: tracker.clone(),
+            announcer: Announcer::spawn(tracker.clone()),
             ingress: Arc::new(RateLimiter::new(config.ingress_rate, burst)),
             metrics: metrics.clone(),
             node: NodeFlow::new(config.max_outbound_connections),
@@ -187,17 +189,17 @@ impl Agent {
             digests.extend(self.seeding.current());
             digests.sort();
             digests.dedup();
-            let leaving = digests.iter().map(|digest| {
-                let req = AnnounceRequest {
+            let leaving: Vec<AnnounceRequest> = digests
+                .iter()
+                .map(|digest| AnnounceRequest {
                     digest: digest.clone(),
                     peer_id: self.peer_id.to_string(),
                     addr: self.advertise,
                     complete: false,
                     stopped: true,
-                };
-                async move { self.tracker.announce(&req).await.is_ok() }
-            });
-            let told = futures_util::future::join_all(leaving).await.into_iter().filter(|ok| *ok).count();
+                })
+                .collect();
+            let told = self.tracker.announce_many(&leaving).await.iter().filter(|r| r.is_ok()).count();
             tracing::info!(swarms = digests.len(), told, "left the swarms");
         };
         if tokio::time::timeout(within, work).await.is_err() {

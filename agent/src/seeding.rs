@@ -62,21 +62,24 @@ impl Seeding {
     ) {
         loop {
             tokio::time::sleep(interval).await;
-            for digest in self.current() {
-                // Still held? Asking must not count as a use: every recently used blob is
-                // checked each interval, in no particular order, which would scramble the
-                // least-recently-used order eviction relies on.
-                if !cache.contains(&digest) {
-                    continue;
-                }
-                let req = AnnounceRequest {
+            // Still held? Asking must not count as a use: every recently used blob is checked
+            // each interval, in no particular order, which would scramble the
+            // least-recently-used order eviction relies on.
+            let reqs: Vec<AnnounceRequest> = self
+                .current()
+                .into_iter()
+                .filter(|digest| cache.contains(digest))
+                .map(|digest| AnnounceRequest {
                     digest,
                     peer_id: peer_id.to_string(),
                     addr: advertise,
                     complete: true,
                     stopped: false,
-                };
-                if let Err(e) = tracker.announce(&req).await {
+                })
+                .collect();
+            // One request per tracker (per 256 blobs), not one per blob.
+            for result in tracker.announce_many(&reqs).await {
+                if let Err(e) = result {
                     tracing::debug!(error = %e, "seeding announce failed");
                 }
             }

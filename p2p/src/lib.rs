@@ -20,13 +20,15 @@
 //! - [`blacklist`]: strikes and expiring bans for peers that misbehave or stall.
 //! - [`blob`]: a blob as the swarm sees it, partial or complete, readable while it fills.
 //! - [`swarm`]: one blob's download: the event loop that runs the state machine and the connections
-//!   ([`conn`]), announces to the tracker ([`tracker_client`]) and falls back to an origin.
+//!   ([`conn`]), announces to the tracker ([`tracker_client`], batched per node by
+//!   [`announcer`]) and falls back to an origin.
 //! - [`failover`]: which of several equivalent origins to ask, moving on from dead ones.
 //! - [`inbound`]: what an untrusted peer can make a node hold (connections per address, frame
 //!   size before the handshake, pieces nobody requested).
 //! - [`server`]: serves pieces to other peers; [`limiter`]: node-wide bandwidth limits;
 //!   [`metrics`]: what proves the swarm works.
 
+pub mod announcer;
 pub mod bitfield;
 pub mod bitfield_file;
 pub mod blacklist;

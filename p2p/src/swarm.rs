@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
+use crate::announcer::Announcer;
 use crate::blob::BlobPieces;
 use crate::conn::{self, Command, ConnEvent, ConnTimeouts};
 use crate::limiter::RateLimiter;
@@ -62,7 +63,10 @@ impl SwarmConfig {
 /// What every download of a node shares.
 #[derive(Clone)]
 pub struct SwarmDeps {
+    /// For metainfo; announces go through `announcer`.
     pub tracker: Arc<TrackerClient>,
+    /// The node's announce queue, which batches every download's announces.
+    pub announcer: Announcer,
     pub ingress: Arc<RateLimiter>,
     pub metrics: SwarmMetrics,
     /// The node's measured ingress and bytes in flight, shared by its downloads.
@@ -319,7 +323,7 @@ impl Swarm {
     }
 
     fn announce(&self, after: Duration) {
-        let tracker = self.deps.tracker.clone();
+        let announcer = self.deps.announcer.clone();
         let req = AnnounceRequest {
             digest: self.pieces.metainfo().digest().clone(),
             peer_id: self.cfg.peer_id.to_string(),
@@ -330,7 +334,7 @@ impl Swarm {
         let events = self.events_tx.clone();
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            let (result, interval) = match tracker.announce(&req).await {
+            let (result, interval) = match announcer.announce(req).await {
                 Ok(r) => (Ok(r.peers), Duration::from_secs(r.interval_secs.clamp(1, 300))),
                 Err(e) => (Err(e.to_string()), Duration::from_secs(3)),
             };
@@ -340,7 +344,7 @@ impl Swarm {
 
     /// Tell the tracker we are a seeder now (best effort, in the background).
     fn announce_final(&self) {
-        let tracker = self.deps.tracker.clone();
+        let announcer = self.deps.announcer.clone();
         let req = AnnounceRequest {
             digest: self.pieces.metainfo().digest().clone(),
             peer_id: self.cfg.peer_id.to_string(),
@@ -349,7 +353,7 @@ impl Swarm {
             stopped: false,
         };
         tokio::spawn(async move {
-            let _ = tracker.announce(&req).await;
+            let _ = announcer.announce(req).await;
         });
     }
 

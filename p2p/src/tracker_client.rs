@@ -1,10 +1,13 @@
 //! The tracker protocol and its client. Several trackers can run; each digest is handled by
 //! the tracker that rendezvous hashing picks for it, and the next ones take over when it fails.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::{stream, StreamExt};
+use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use shoal_registry::Digest;
 
@@ -44,6 +47,39 @@ pub struct AnnounceResponse {
     /// Announce again after this many seconds.
     pub interval_secs: u64,
     pub peers: Vec<PeerInfo>,
+}
+
+/// Most announces in one `POST /v1/announces`; a tracker refuses a larger batch (400). A
+/// node seeding more blobs than this sends several batches.
+pub const MAX_ANNOUNCE_BATCH: usize = 256;
+
+/// Announces sent at once, one request each, to a tracker without the batch endpoint.
+const OLD_TRACKER_PARALLEL: usize = 8;
+
+/// `POST /v1/announces`: several announces of one node in one request (a node seeding
+/// hundreds of blobs, or pulling many layers at once, would otherwise send one request per
+/// blob every interval).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AnnounceBatch {
+    pub announces: Vec<AnnounceRequest>,
+}
+
+/// The answer to one announce of a batch: peers for a download (a complete peer or one that
+/// is leaving gets none), or why this announce was refused.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AnnounceResult {
+    #[serde(default)]
+    pub peers: Vec<PeerInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The answer to a batch: one result per announce, in the batch's order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AnnounceBatchResponse {
+    /// Announce again after this many seconds.
+    pub interval_secs: u64,
+    pub results: Vec<AnnounceResult>,
 }
 
 /// A seeder of a blob as its origin reports it (`GET /shoal/v1/blobs/<digest>/locations`).
@@ -107,17 +143,109 @@ impl TrackerClient {
     pub async fn announce(&self, req: &AnnounceRequest) -> Result<AnnounceResponse, TrackerError> {
         let mut last = None;
         for url in self.order_for(&req.digest) {
-            let sent = self.http.post(format!("{url}/v1/announce")).json(req).send().await;
-            match sent {
-                Ok(r) if r.status().is_success() => match r.json::<AnnounceResponse>().await {
-                    Ok(resp) => return Ok(resp),
-                    Err(e) => last = Some(format!("{url}: {e}")),
-                },
-                Ok(r) => last = Some(format!("{url}: status {}", r.status())),
-                Err(e) => last = Some(format!("{url}: {e}")),
+            match self.announce_at(&url, req).await {
+                Ok(resp) => return Ok(resp),
+                Err(e) => last = Some(e),
             }
         }
         Err(last.map_or(TrackerError::NoTracker, TrackerError::AllFailed))
+    }
+
+    async fn announce_at(&self, url: &str, req: &AnnounceRequest) -> Result<AnnounceResponse, String> {
+        let r = self.http.post(format!("{url}/v1/announce")).json(req).send().await;
+        match r {
+            Ok(r) if r.status().is_success() => r.json().await.map_err(|e| format!("{url}: {e}")),
+            Ok(r) => Err(format!("{url}: status {}", r.status())),
+            Err(e) => Err(format!("{url}: {e}")),
+        }
+    }
+
+    /// Announce many blobs at once: each goes to its digest's tracker, one request per
+    /// tracker (of at most [`MAX_ANNOUNCE_BATCH`]), and an announce its tracker did not take
+    /// goes to the next tracker for its digest, as [`TrackerClient::announce`] does. A
+    /// tracker without the batch endpoint (an older release) is sent the announces one by
+    /// one. The results are in `reqs`' order.
+    pub async fn announce_many(
+        &self,
+        reqs: &[AnnounceRequest],
+    ) -> Vec<Result<AnnounceResponse, TrackerError>> {
+        let orders: Vec<Vec<String>> = reqs.iter().map(|r| self.order_for(&r.digest)).collect();
+        let mut results: Vec<Option<Result<AnnounceResponse, TrackerError>>> =
+            (0..reqs.len()).map(|_| None).collect();
+        let mut last: Vec<Option<String>> = vec![None; reqs.len()];
+        for rank in 0..self.urls.len() {
+            let mut groups: HashMap<&str, Vec<usize>> = HashMap::new();
+            for (i, order) in orders.iter().enumerate() {
+                if results[i].is_none() {
+                    if let Some(url) = order.get(rank) {
+                        groups.entry(url.as_str()).or_default().push(i);
+                    }
+                }
+            }
+            let mut sends = Vec::new();
+            for (url, entries) in groups {
+                for chunk in entries.chunks(MAX_ANNOUNCE_BATCH) {
+                    let batch: Vec<AnnounceRequest> = chunk.iter().map(|&i| reqs[i].clone()).collect();
+                    let entries = chunk.to_vec();
+                    sends.push(async move { (entries, self.post_batch(url, batch).await) });
+                }
+            }
+            let answers = futures_util::future::join_all(sends).await;
+            for (entries, answer) in answers {
+                for (i, outcome) in entries.into_iter().zip(answer) {
+                    match outcome {
+                        Ok(resp) => results[i] = Some(Ok(resp)),
+                        Err(e) => last[i] = Some(e),
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .zip(last)
+            .map(|(r, last)| {
+                r.unwrap_or_else(|| Err(last.map_or(TrackerError::NoTracker, TrackerError::AllFailed)))
+            })
+            .collect()
+    }
+
+    /// One batch to one tracker: a result per announce, in order.
+    async fn post_batch(
+        &self,
+        url: &str,
+        batch: Vec<AnnounceRequest>,
+    ) -> Vec<Result<AnnounceResponse, String>> {
+        let n = batch.len();
+        let all_failed = |e: String| (0..n).map(|_| Err(e.clone())).collect::<Vec<_>>();
+        let body = AnnounceBatch { announces: batch };
+        let sent = self.http.post(format!("{url}/v1/announces")).json(&body).send().await;
+        let resp = match sent {
+            Ok(r) if r.status().is_success() => match r.json::<AnnounceBatchResponse>().await {
+                Ok(resp) if resp.results.len() == n => resp,
+                Ok(resp) => {
+                    return all_failed(format!("{url}: {} results for {n} announces", resp.results.len()))
+                }
+                Err(e) => return all_failed(format!("{url}: {e}")),
+            },
+            Ok(r) if matches!(r.status(), StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED) => {
+                // A tracker from before batches: one request per announce.
+                let mut one_by_one = Vec::with_capacity(n);
+                for req in &body.announces {
+                    one_by_one.push(self.announce_at(url, req));
+                }
+                return stream::iter(one_by_one).buffered(OLD_TRACKER_PARALLEL).collect().await;
+            }
+            Ok(r) => return all_failed(format!("{url}: status {}", r.status())),
+            Err(e) => return all_failed(format!("{url}: {e}")),
+        };
+        let interval_secs = resp.interval_secs;
+        resp.results
+            .into_iter()
+            .map(|r| match r.error {
+                Some(e) => Err(format!("{url}: {e}")),
+                None => Ok(AnnounceResponse { interval_secs, peers: r.peers }),
+            })
+            .collect()
     }
 
     /// A blob's metainfo JSON from the digest's tracker; `None` if no tracker knows it.

@@ -1,4 +1,5 @@
-//! The tracker's HTTP API: `POST /v1/announce` and `GET /v1/metainfo/<digest>`.
+//! The tracker's HTTP API: `POST /v1/announce`, `POST /v1/announces` (a node's announces in
+//! one request, each taken as if alone) and `GET /v1/metainfo/<digest>`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,13 +13,16 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use shoal_registry::identity::TransportIdentity;
 use shoal_registry::Digest;
 
 use crate::origins::{OriginError, Origins};
 use crate::peers::{PeerStore, PeerStoreLimits, Refused};
-use crate::proto::{valid_peer_id, AnnounceRequest, AnnounceResponse};
+use crate::proto::{
+    valid_peer_id, AnnounceBatch, AnnounceBatchResponse, AnnounceRequest, AnnounceResponse, AnnounceResult,
+    PeerInfo, MAX_ANNOUNCE_BATCH,
+};
 
 /// Tracker settings.
 #[derive(Clone, Debug)]
@@ -66,6 +70,7 @@ struct Tracker {
     peers: Mutex<PeerStore>,
     origins: Origins,
     announces: IntCounterVec,
+    batches: IntCounter,
     digests: IntGauge,
     peer_count: IntGauge,
 }
@@ -77,6 +82,11 @@ pub fn router(config: TrackerConfig, registry: &Registry) -> Result<Router, Buil
     let digests = IntGauge::new("shoal_tracker_swarms", "Digests with live announcements")?;
     let peer_count = IntGauge::new("shoal_tracker_peers", "Live announcements")?;
     registry.register(Box::new(announces.clone()))?;
+    let batches = IntCounter::new(
+        "shoal_tracker_announce_batches_total",
+        "Batches of announces received (POST /v1/announces); each announce also counts in shoal_tracker_announces_total",
+    )?;
+    registry.register(Box::new(batches.clone()))?;
     registry.register(Box::new(digests.clone()))?;
     registry.register(Box::new(peer_count.clone()))?;
     let limits = PeerStoreLimits {
@@ -90,12 +100,14 @@ pub fn router(config: TrackerConfig, registry: &Registry) -> Result<Router, Buil
         peers: Mutex::new(PeerStore::new(limits)),
         origins,
         announces,
+        batches,
         digests,
         peer_count,
     });
     tokio::spawn(expire_loop(Arc::downgrade(&tracker)));
     Ok(Router::new()
         .route("/v1/announce", post(announce))
+        .route("/v1/announces", post(announce_batch))
         .route("/v1/metainfo/{digest}", get(metainfo))
         .with_state(tracker))
 }
@@ -167,50 +179,104 @@ async fn announce(State(t): State<Arc<Tracker>>, client: Client, body: axum::bod
         t.announces.with_label_values(&["invalid"]).inc();
         return bad_request("announce body must be JSON {digest, peer_id, addr, complete}");
     };
+    let peers = match admit(&t, &announcer, &req) {
+        Ok(true) => handout(&t, &req).await,
+        Ok(false) => Vec::new(),
+        Err((status, why)) => return (status, why).into_response(),
+    };
+    Json(AnnounceResponse { interval_secs: interval_secs(&t), peers }).into_response()
+}
+
+/// `POST /v1/announces`: each announce of the batch is taken as if sent alone, and answered
+/// in order; one refused announce does not fail the others. A complete peer (a seeder) is
+/// handed no peers: it does not download. The origins are asked for the downloads' seeders
+/// at once, not one after another.
+async fn announce_batch(State(t): State<Arc<Tracker>>, client: Client, body: axum::body::Bytes) -> Response {
+    let Some(announcer) = caller(&t, &client) else {
+        t.announces.with_label_values(&["refused"]).inc();
+        return not_a_node();
+    };
+    let Ok(batch) = serde_json::from_slice::<AnnounceBatch>(&body) else {
+        t.announces.with_label_values(&["invalid"]).inc();
+        return bad_request("body must be JSON {announces: [{digest, peer_id, addr, complete}, ...]}");
+    };
+    if batch.announces.len() > MAX_ANNOUNCE_BATCH {
+        t.announces.with_label_values(&["invalid"]).inc();
+        return bad_request(&format!("at most {MAX_ANNOUNCE_BATCH} announces per batch"));
+    }
+    t.batches.inc();
+    let admitted: Vec<Result<bool, (StatusCode, String)>> =
+        batch.announces.iter().map(|req| admit(&t, &announcer, req)).collect();
+    let mut handouts = Vec::new();
+    for (req, admitted) in batch.announces.iter().zip(&admitted) {
+        if matches!(admitted, Ok(true)) && !req.complete {
+            handouts.push(handout(&t, req));
+        }
+    }
+    let mut handouts = futures_util::future::join_all(handouts).await.into_iter();
+    let results = batch
+        .announces
+        .iter()
+        .zip(admitted)
+        .map(|(req, admitted)| match admitted {
+            Ok(true) if !req.complete => {
+                AnnounceResult { peers: handouts.next().unwrap_or_default(), error: None }
+            }
+            Ok(_) => AnnounceResult::default(),
+            Err((status, why)) => {
+                AnnounceResult { peers: Vec::new(), error: Some(format!("{status}: {why}")) }
+            }
+        })
+        .collect();
+    Json(AnnounceBatchResponse { interval_secs: interval_secs(&t), results }).into_response()
+}
+
+fn interval_secs(t: &Tracker) -> u64 {
+    t.config.announce_interval.as_secs().max(1)
+}
+
+/// Take one announce from `announcer`: list (or forget, if it is leaving) the peer. `Ok(true)`
+/// if it is listed and may be handed peers.
+fn admit(t: &Tracker, announcer: &str, req: &AnnounceRequest) -> Result<bool, (StatusCode, String)> {
     if !valid_peer_id(&req.peer_id) {
         t.announces.with_label_values(&["invalid"]).inc();
-        return bad_request("peer_id must be 40 lowercase hex characters");
+        return Err((StatusCode::BAD_REQUEST, "peer_id must be 40 lowercase hex characters".into()));
     }
-    let now = Instant::now();
     if req.stopped {
-        lock(&t.peers).remove_by(&announcer, &req.digest, &req.peer_id);
+        lock(&t.peers).remove_by(announcer, &req.digest, &req.peer_id);
         t.announces.with_label_values(&["stopped"]).inc();
-        return Json(AnnounceResponse {
-            interval_secs: t.config.announce_interval.as_secs(),
-            peers: Vec::new(),
-        })
-        .into_response();
+        return Ok(false);
     }
     // Admission first: a refused announce never makes the tracker call an origin.
-    let admitted =
-        lock(&t.peers).announce_by(&announcer, &req.digest, &req.peer_id, req.addr, req.complete, now);
-    match admitted {
-        Ok(()) => {}
-        Err(why @ Refused::StoreFull) => {
-            t.announces.with_label_values(&["full"]).inc();
-            return (StatusCode::SERVICE_UNAVAILABLE, why.to_string()).into_response();
-        }
-        Err(why @ Refused::AnnouncerFull) => {
-            t.announces.with_label_values(&["quota"]).inc();
-            return (StatusCode::TOO_MANY_REQUESTS, why.to_string()).into_response();
-        }
-        Err(why @ Refused::NotOwner) => {
-            t.announces.with_label_values(&["refused"]).inc();
-            return (StatusCode::FORBIDDEN, why.to_string()).into_response();
-        }
-    }
+    let admitted = lock(&t.peers).announce_by(
+        announcer,
+        &req.digest,
+        &req.peer_id,
+        req.addr,
+        req.complete,
+        Instant::now(),
+    );
+    let (outcome, status) = match &admitted {
+        Ok(()) => ("ok", StatusCode::OK),
+        Err(Refused::StoreFull) => ("full", StatusCode::SERVICE_UNAVAILABLE),
+        Err(Refused::AnnouncerFull) => ("quota", StatusCode::TOO_MANY_REQUESTS),
+        Err(Refused::NotOwner) => ("refused", StatusCode::FORBIDDEN),
+    };
+    t.announces.with_label_values(&[outcome]).inc();
+    admitted.map(|()| true).map_err(|why| (status, why.to_string()))
+}
+
+/// Peers for an admitted announce: the origins' seeders of the blob and a share of its swarm.
+async fn handout(t: &Tracker, req: &AnnounceRequest) -> Vec<PeerInfo> {
     let seeders = t.origins.seeders(&req.digest).await;
-    let peers = lock(&t.peers).handout(
+    lock(&t.peers).handout(
         &req.digest,
         &req.peer_id,
         &seeders,
         t.config.handout_limit,
         Instant::now(),
         &mut rand::rng(),
-    );
-    t.announces.with_label_values(&["ok"]).inc();
-    Json(AnnounceResponse { interval_secs: t.config.announce_interval.as_secs().max(1), peers })
-        .into_response()
+    )
 }
 
 async fn metainfo(State(t): State<Arc<Tracker>>, client: Client, Path(digest): Path<String>) -> Response {

@@ -1,0 +1,152 @@
+//! A node's announces in batches, against the real tracker router on loopback: answered in
+//! order, refused one by one, coalesced by the node's queue, failed over between trackers,
+//! and sent one by one to a tracker from before batches.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::IntoResponse;
+use prometheus::Registry;
+use shoal_p2p::announcer::Announcer;
+use shoal_p2p::tracker_client::{AnnounceRequest, TrackerClient, MAX_ANNOUNCE_BATCH};
+use shoal_p2p::PeerId;
+use shoal_registry::{Algorithm, Digest};
+use shoal_tracker::{router, TrackerConfig};
+
+/// A loopback address nothing listens on.
+fn closed_port() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    format!("http://{}", listener.local_addr().expect("addr"))
+}
+
+/// A real tracker on an ephemeral loopback port; `old` makes it answer `/v1/announces` with
+/// 404, as a tracker from before batches does. Its origin is down (the seeders it would add
+/// to a handout are not what these tests are about).
+async fn tracker(old: bool) -> (String, Registry) {
+    let registry = Registry::new();
+    let config = TrackerConfig { origins: vec![closed_port()], ..TrackerConfig::default() };
+    let mut app = router(config, &registry).expect("router");
+    if old {
+        app = app.layer(middleware::from_fn(|req: Request, next: Next| async move {
+            if req.uri().path() == "/v1/announces" {
+                return StatusCode::NOT_FOUND.into_response();
+            }
+            next.run(req).await
+        }));
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await;
+    });
+    (url, registry)
+}
+
+fn counter(registry: &Registry, name: &str, label: Option<&str>) -> u64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric().to_vec())
+        .filter(|m| label.is_none_or(|l| m.get_label().iter().any(|p| p.value() == l)))
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+fn digest(i: usize) -> Digest {
+    Digest::of(Algorithm::Sha256, format!("blob {i}").as_bytes())
+}
+
+fn req(i: usize, peer: PeerId, port: u16, complete: bool) -> AnnounceRequest {
+    AnnounceRequest {
+        digest: digest(i),
+        peer_id: peer.to_string(),
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        complete,
+        stopped: false,
+    }
+}
+
+fn client(urls: Vec<String>) -> Arc<TrackerClient> {
+    Arc::new(TrackerClient::new(urls, Duration::from_secs(5)).expect("client"))
+}
+
+#[tokio::test]
+async fn a_batch_is_answered_in_order_and_a_refused_announce_fails_alone() {
+    let (url, registry) = tracker(false).await;
+    let tracker = client(vec![url]);
+    let (me, other) = (PeerId::random(), PeerId::random());
+    // Another node seeds every even blob.
+    let seeds: Vec<AnnounceRequest> = (0..300).step_by(2).map(|i| req(i, other, 7001, true)).collect();
+    assert!(tracker.announce_many(&seeds).await.iter().all(|r| r.is_ok()));
+    // This node downloads blobs 0..150 and seeds 150..300, in one call; one announce is bad.
+    let mut mine: Vec<AnnounceRequest> = (0..300).map(|i| req(i, me, 7002, i >= 150)).collect();
+    mine[7].peer_id = "not a peer id".into();
+    let results = tracker.announce_many(&mine).await;
+    assert_eq!(results.len(), 300);
+    for (i, result) in results.iter().enumerate() {
+        if i == 7 {
+            assert!(result.is_err(), "the bad announce is refused");
+            continue;
+        }
+        let peers = &result.as_ref().expect("announced").peers;
+        let seeded_by_other = i % 2 == 0;
+        if i < 150 && seeded_by_other {
+            assert_eq!(peers.len(), 1, "blob {i}: the download is handed the seeder");
+            assert_eq!(peers[0].peer_id, other.to_string());
+        } else {
+            assert!(peers.is_empty(), "blob {i}: no peers for a seeder, nor where nobody else is");
+        }
+    }
+    // 150 + 300 announces in 1 + 2 requests (at most 256 per batch).
+    assert_eq!(MAX_ANNOUNCE_BATCH, 256);
+    assert_eq!(counter(&registry, "shoal_tracker_announce_batches_total", None), 3);
+    assert_eq!(counter(&registry, "shoal_tracker_announces_total", Some("ok")), 449);
+    assert_eq!(counter(&registry, "shoal_tracker_announces_total", Some("invalid")), 1);
+}
+
+#[tokio::test]
+async fn announces_that_meet_in_the_queue_share_a_request() {
+    let (url, registry) = tracker(false).await;
+    let announcer = Announcer::spawn(client(vec![url]));
+    let me = PeerId::random();
+    let downloads: Vec<_> = (0..100)
+        .map(|i| {
+            let announcer = announcer.clone();
+            tokio::spawn(async move { announcer.announce(req(i, me, 7003, false)).await })
+        })
+        .collect();
+    for d in downloads {
+        assert!(d.await.expect("task").is_ok());
+    }
+    let batches = counter(&registry, "shoal_tracker_announce_batches_total", None);
+    assert!((1..=5).contains(&batches), "100 announces in {batches} requests");
+    assert_eq!(counter(&registry, "shoal_tracker_announces_total", Some("ok")), 100);
+    // An announce alone goes out at once.
+    tokio::time::timeout(Duration::from_secs(2), announcer.announce(req(100, me, 7003, false)))
+        .await
+        .expect("not held back")
+        .expect("announced");
+}
+
+#[tokio::test]
+async fn a_dead_tracker_is_failed_over_and_an_old_one_is_sent_announces_one_by_one() {
+    let (old, registry) = tracker(true).await;
+    let dead = closed_port();
+    let tracker = client(vec![old.clone(), dead.clone()]);
+    let mine: Vec<AnnounceRequest> = (0..40).map(|i| req(i, PeerId::random(), 7004, false)).collect();
+    let firsts: Vec<String> = mine.iter().map(|r| tracker.order_for(&r.digest)[0].clone()).collect();
+    assert!(firsts.contains(&dead) && firsts.contains(&old), "both trackers lead for some blobs");
+    let results = tracker.announce_many(&mine).await;
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    assert_eq!(counter(&registry, "shoal_tracker_announce_batches_total", None), 0);
+    assert_eq!(counter(&registry, "shoal_tracker_announces_total", Some("ok")), 40);
+    // With no tracker alive, each announce fails with the last error.
+    let none = client(vec![dead]);
+    let results = none.announce_many(&mine[..3]).await;
+    assert!(results.iter().all(|r| r.is_err()));
+}
