@@ -35,6 +35,11 @@
 #   BENCH_MTU=1500             every veth's MTU; 9000 (jumbo frames) sends a sixth of the
 #                              packets, which halves what the emulated links cost this
 #                              machine's kernel, so larger fleets stay below saturation
+#   BENCH_CC=cubic             TCP congestion control in every namespace: Linux's default,
+#                              what a stock node runs (this VM's own default is bbr, whose
+#                              probing overran the hosts' 50 ms queues: 17 % of the origin's
+#                              segments retransmitted at N = 5, MTU 9000); empty: what a new
+#                              namespace inherits from the machine. Recorded as cc=
 #   BENCH_RESULTS=/tmp/shoal-fleet-results.txt   machine-readable `fleet: ...` lines appended here
 #   BENCH_PLOT=                e.g. docs/fleet.svg: draw this run's rows there
 #                              (integration/bench/plot_fleet.py); unset, nothing is drawn
@@ -47,6 +52,9 @@
 #   fast_max      (stragglers only) max over the full-rate hosts ÷ their own link's time
 #   origin        bytes out of the origin namespace's veth during the window ÷ size (frames and
 #                 headers included; veth counts a GSO packet's headers once, so one copy is ~1.01)
+#   o_rtx         TCP segments the origin namespace retransmitted ÷ the segments it sent, in
+#                 the window (/proc/net/snmp): what of `origin` was sent twice by TCP, not
+#                 by the application (a frame dropped at a full host queue is sent again)
 #   received      bytes into the hosts' veths ÷ (N × size)
 #   timeouts      Σ shoal_agent_piece_timeouts_total over the agents ("n/a" if no agent has it)
 #   log_timeouts  Σ agent log lines with "timed out" (piece requests given up)
@@ -74,6 +82,8 @@ RESULTS=${BENCH_RESULTS:-/tmp/shoal-fleet-results.txt}
 PLOT=${BENCH_PLOT:-}
 MTU=${BENCH_MTU:-1500}
 export NETNS_MTU=$MTU # read by netns_add_host
+export NETNS_CC=${BENCH_CC-cubic} # read by _netns_add
+CC=$(netns_cc)
 SATURATED=0.85
 BLOB_REPO=bench/fleet
 REGISTRY_URL=http://$FLEET_ORIGIN_ADDR:5001
@@ -138,13 +148,20 @@ random_blob() {
 # ideal_secs I: host I's link time for the blob.
 ideal_secs() { awk -v s="$SIZE" -v m="${FLEET_MBIT[$1]}" 'BEGIN {print s * 8 / (m * 1e6)}'; }
 
+# tcp_segs NS: "OutSegs RetransSegs" of NS's TCP stack so far.
+tcp_segs() {
+  in_ns "$1" awk '$1 == "Tcp:" && $2 ~ /^[0-9]+$/ {print $12, $13}' /proc/net/snmp
+}
+
 # timed_pull URL SAMPLE_PIDS...: every host fetches URL at one instant; measures the window.
-# Sets WIN_CPU WIN_PROC_CPU (Σ CPU seconds of SAMPLE_PIDS) WIN_ORIGIN_TX WIN_HOSTS_RX.
+# Sets WIN_CPU WIN_PROC_CPU (Σ CPU seconds of SAMPLE_PIDS) WIN_ORIGIN_TX WIN_HOSTS_RX
+# WIN_ORIGIN_RTX.
 timed_pull() {
-  local url=$1 i start tx0 rx0=0 rx1=0 proc0=0
+  local url=$1 i start tx0 rx0=0 rx1=0 proc0=0 segs0
   shift
   for ((i = 0; i < FLEET_N; i++)); do rx0=$((rx0 + $(link_bytes "${FLEET_NS[i]}" "${FLEET_DEV[i]}" rx))); done
   tx0=$(link_bytes "$FLEET_ORIGIN_NS" "$FLEET_ORIGIN_DEV" tx)
+  segs0=$(tcp_segs "$FLEET_ORIGIN_NS")
   # The pulls are launched first and wait for START; the window's samples are taken at START.
   start=$(awk -v n="$EPOCHREALTIME" -v k="$FLEET_N" 'BEGIN {printf "%.6f", n + 1 + 0.05 * k}')
   (
@@ -162,6 +179,9 @@ timed_pull() {
   WIN_ORIGIN_TX=$(($(link_bytes "$FLEET_ORIGIN_NS" "$FLEET_ORIGIN_DEV" tx) - tx0))
   for ((i = 0; i < FLEET_N; i++)); do rx1=$((rx1 + $(link_bytes "${FLEET_NS[i]}" "${FLEET_DEV[i]}" rx))); done
   WIN_HOSTS_RX=$((rx1 - rx0))
+  WIN_ORIGIN_RTX=$(awk -v a="$segs0" -v b="$(tcp_segs "$FLEET_ORIGIN_NS")" 'BEGIN {
+    split(a, x, " "); split(b, y, " "); out = y[1] - x[1]
+    if (out > 0) printf "%.3f", (y[2] - x[2]) / out; else print "n/a" }')
   if awk -v l="$FLEET_LATE" 'BEGIN {exit !(l > 0.2)}'; then
     log "WARNING: a host started its pull ${FLEET_LATE}s after the common start"
   fi
@@ -196,13 +216,13 @@ record() {
   local origin received
   origin=$(ratio "$WIN_ORIGIN_TX" "$SIZE")
   received=$(ratio "$WIN_HOSTS_RX" "$((n * SIZE))")
-  ROWS+=("$(printf '%-8s %3s %3s  %5s %5s %5s %8s  %6s %8s  %8s %6s %8s %7s  %4s %7s  %s' "$sys" "$n" "$rep" \
-    "$p50" "$p90" "$max" "$fast_max" "$origin" "$received" "$timeouts" "$logto" "$fallback" "$dup" "$WIN_CPU" "$cpugib" "$note")")
+  ROWS+=("$(printf '%-8s %3s %3s  %5s %5s %5s %8s  %6s %5s %8s  %8s %6s %8s %7s  %4s %7s  %s' "$sys" "$n" "$rep" \
+    "$p50" "$p90" "$max" "$fast_max" "$origin" "$WIN_ORIGIN_RTX" "$received" "$timeouts" "$logto" "$fallback" "$dup" "$WIN_CPU" "$cpugib" "$note")")
   say "${ROWS[-1]}"
-  echo "fleet: system=$sys n=$n p50=$p50 p90=$p90 max=$max origin=$origin received=$received" \
+  echo "fleet: system=$sys n=$n p50=$p50 p90=$p90 max=$max origin=$origin origin_rtx=$WIN_ORIGIN_RTX received=$received" \
     "timeouts=$timeouts fallback_mib=$fallback dup_mib=$dup cpu=$WIN_CPU cpu_s_per_gib=$cpugib fast_max=$fast_max" \
     "log_timeouts=$logto saturated=$sat ok=$ok/$n repeat=$rep size_mib=$SIZE_MIB host_mbit=$HOST_MBIT" \
-    "origin_mbit=$ORIGIN_MBIT mtu=$MTU stragglers=$STRAGGLERS run=$RUN_ID${RECORD_EXTRA:+ $RECORD_EXTRA}" >>"$RESULTS"
+    "origin_mbit=$ORIGIN_MBIT mtu=$MTU cc=$CC stragglers=$STRAGGLERS run=$RUN_ID${RECORD_EXTRA:+ $RECORD_EXTRA}" >>"$RESULTS"
   RECORD_EXTRA=
 }
 
@@ -322,12 +342,12 @@ EOF
 }
 
 header() {
-  printf '%-8s %3s %3s  %5s %5s %5s %8s  %6s %8s  %8s %6s %8s %7s  %4s %7s  %s' system N rep p50 p90 max fast_max \
-    origin received timeouts tmo_log fb_MiB dup_MiB cpu cpu_s/G note
+  printf '%-8s %3s %3s  %5s %5s %5s %8s  %6s %5s %8s  %8s %6s %8s %7s  %4s %7s  %s' system N rep p50 p90 max fast_max \
+    origin o_rtx received timeouts tmo_log fb_MiB dup_MiB cpu cpu_s/G note
 }
 
 say "== fleet benchmark over shaped links, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ), run $RUN_ID"
-say "blob ${SIZE_MIB} MiB, hosts ${HOST_MBIT} Mbit/s, origin ${ORIGIN_MBIT} Mbit/s, MTU $MTU, stragglers $STRAGGLERS," \
+say "blob ${SIZE_MIB} MiB, hosts ${HOST_MBIT} Mbit/s, origin ${ORIGIN_MBIT} Mbit/s, MTU $MTU, TCP $CC, stragglers $STRAGGLERS," \
   "repeats $REPEATS, systems: $SYSTEMS; shoal: $SHOAL_BIN"
 say "times ÷ (size ÷ host link) = $(awk -v s="$SIZE" -v m="$HOST_MBIT" 'BEGIN {printf "%.1f", s * 8 / (m * 1e6)}')s" \
   "at $HOST_MBIT Mbit/s; a central registry's floor is N × $HOST_MBIT ÷ $ORIGIN_MBIT when that exceeds 1"

@@ -65,6 +65,23 @@ _netns_add() {
   ip netns add "$1"
   NETNS_ALL+=("$1")
   ip -n "$1" link set lo up
+  if [[ -n ${NETNS_CC:-} ]]; then
+    # A namespace other than the machine's may only pick an algorithm the machine allows.
+    local allowed
+    allowed=$(sysctl -n net.ipv4.tcp_allowed_congestion_control)
+    if [[ " $allowed " != *" $NETNS_CC "* ]]; then
+      log "allowing TCP congestion control $NETNS_CC in namespaces (net.ipv4.tcp_allowed_congestion_control)"
+      sysctl -qw net.ipv4.tcp_allowed_congestion_control="$allowed $NETNS_CC"
+    fi
+    ip netns exec "$1" sysctl -qw net.ipv4.tcp_congestion_control="$NETNS_CC" ||
+      die "congestion control $NETNS_CC is not available (modprobe tcp_$NETNS_CC?)"
+  fi
+}
+
+# netns_cc: the TCP congestion control new namespaces use ($NETNS_CC, else what a new
+# namespace inherits from the machine).
+netns_cc() {
+  if [[ -n ${NETNS_CC:-} ]]; then echo "$NETNS_CC"; else sysctl -n net.ipv4.tcp_congestion_control; fi
 }
 
 # netns_burst MBIT: tbf burst in bytes, max(rate × 4 ms, 32 KiB).
