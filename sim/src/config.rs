@@ -87,6 +87,8 @@ pub struct FleetConfig {
     pub scheduler: SchedulerConfig,
     /// Outbound connections per node (`max_outbound_connections`).
     pub max_outbound: usize,
+    /// Piece length of every blob; `None`: what the origins choose (`piece_length_for`).
+    pub piece_length: Option<u64>,
     /// Simulated time after which the run stops, whatever is unfinished.
     pub time_limit: Duration,
     /// Print a line a simulated second to stderr (progress, connections, requests).
@@ -112,6 +114,7 @@ impl FleetConfig {
             seed: 1,
             scheduler: SchedulerConfig::default(),
             max_outbound: shoal_p2p::node::DEFAULT_MAX_OUTBOUND_CONNECTIONS,
+            piece_length: None,
             time_limit: Duration::from_secs_f64((limit * 50.0).max(600.0)),
             trace: false,
         }

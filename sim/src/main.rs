@@ -50,6 +50,10 @@ struct Args {
     /// Outbound connections per download (the agent's `max_connections_per_blob`, default 10).
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Piece length in KiB, a power of two from 64 to 4096 (default: what the origins choose
+    /// for the blob's size, 1 MiB from 16 MiB up).
+    #[arg(long, value_parser = parse_piece_kib)]
+    piece_kib: Option<u64>,
     /// Run each of these fleet sizes (e.g. 10,100,1000) and plot completion against size.
     #[arg(long, value_delimiter = ',')]
     sweep: Vec<usize>,
@@ -79,7 +83,18 @@ fn params(a: &Args, peers: usize) -> Params {
         rtt: a.rtt_ms.map(millis),
         rate_epoch: a.rate_epoch_ms.map(millis),
         max_connections: a.max_connections,
+        piece_length: a.piece_kib.map(|k| k * 1024),
         trace: a.trace,
+    }
+}
+
+/// The piece lengths the wire format and the origins accept: powers of two, 64 KiB to 4 MiB.
+fn parse_piece_kib(s: &str) -> Result<u64, String> {
+    let kib: u64 = s.parse().map_err(|e| format!("{e}"))?;
+    if kib.is_power_of_two() && (64..=4096).contains(&kib) {
+        Ok(kib)
+    } else {
+        Err(format!("{kib} KiB is not a power of two from 64 to 4096"))
     }
 }
 

@@ -89,6 +89,8 @@ pub struct Params {
     /// Outbound connections per download (the agent's `max_connections_per_blob`); `None`:
     /// the agent's default.
     pub max_connections: Option<usize>,
+    /// Piece length in bytes; `None`: what the origins choose.
+    pub piece_length: Option<u64>,
     pub trace: bool,
 }
 
@@ -106,6 +108,7 @@ pub fn build(scenario: Scenario, p: &Params) -> FleetConfig {
     if let Some(n) = p.max_connections {
         cfg.scheduler.max_connections = n;
     }
+    cfg.piece_length = p.piece_length;
     let mut rng = StdRng::seed_from_u64(p.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let limit = cfg.limit_secs(1.0);
     let n = p.peers;
@@ -179,6 +182,7 @@ mod tests {
             rtt: None,
             rate_epoch: None,
             max_connections: None,
+            piece_length: None,
             trace: false,
         }
     }

@@ -23,6 +23,7 @@ fn params(peers: usize, mib: u64) -> Params {
         rtt: None,
         rate_epoch: None,
         max_connections: None,
+        piece_length: None,
         trace: false,
     }
 }

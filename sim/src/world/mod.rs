@@ -223,7 +223,7 @@ impl Sim {
             .iter()
             .enumerate()
             .map(|(i, &size)| {
-                let piece = piece_length_for(size);
+                let piece = cfg.piece_length.unwrap_or_else(|| piece_length_for(size));
                 let digest = Digest::of(Algorithm::Sha256, format!("shoal-sim layer {i}").as_bytes());
                 Metainfo::unverifiable(digest, size, piece)
             })
