@@ -1,5 +1,5 @@
-//! The persisted bitfield of a download, `<piece file>.bitfield`: which pieces are verified,
-//! written and fsynced, so a restarted agent resumes instead of starting over. It is written
+//! The persisted bitfield of a download, `<piece file>.bitfield`: which pieces were verified
+//! and written, so a restarted agent resumes instead of starting over. It is written
 //! by atomic replacement and tied to one exact metainfo; see [`crate::piece_store`] for the
 //! crash-safety invariant it keeps.
 

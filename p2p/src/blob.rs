@@ -17,9 +17,9 @@ use crate::piece_store::{is_disk_full, read_new_at, PieceError, PieceFile};
 mod fresh;
 pub use fresh::FRESH_PIECES;
 
-/// How often the bitfield is persisted (after an fdatasync of the data). Persisting after every
-/// piece costs several fsyncs per piece and capped a download at ~100 MB/s; a crash now loses
-/// at most this much of verified work.
+/// How often the bitfield is persisted. Persisting after every piece costs several fsyncs per
+/// piece and capped a download at ~100 MB/s; a killed agent now loses at most this much of
+/// verified work.
 const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How many times one write that finds the disk full asks for room and tries again.
