@@ -246,6 +246,11 @@ run_shoal() {
     RECORD_EXTRA="upstream=$(ratio "$(($(link_bytes "$UPSTREAM_NS" "$UPSTREAM_DEV" tx) - up_tx0))" "$SIZE")"
     RECORD_EXTRA+=" upstream_gets=$(grep -c "\"GET /v2/$BLOB_REPO/blobs/$BLOB_DIGEST " "$T/shoal_upstream-$n-$rep/upstream.log" || true)"
   fi
+  if [[ -n ${BENCH_DUMP_METRICS:-} ]]; then
+    for ((i = 0; i < n; i++)); do
+      ip netns exec "${FLEET_NS[i]}" curl -sf "$FLEET_AGENT_URL/metrics" >"$BENCH_DUMP_METRICS.h$i" || true
+    done
+  fi
   timeouts=$(fleet_agents_metric shoal_agent_piece_timeouts_total)
   fallback=$(fleet_agents_metric shoal_agent_received_bytes_total 'source="origin"')
   [[ $fallback == n/a ]] && fallback=0

@@ -155,6 +155,9 @@ struct Peer {
     origin: bool,
     flow: PeerFlow,
     connected_at: Instant,
+    /// Traded away by [`SwarmState::rotate`]: asked for nothing more, and disconnected once
+    /// the pieces it is sending have arrived (or it stalls), so their bytes are not wasted.
+    retiring: bool,
 }
 
 /// A peer the tracker handed out, its id parsed once: candidates are looked at on every tick
@@ -304,7 +307,10 @@ impl<R: Rng + Clone> SwarmState<R> {
             return false;
         }
         let origin = self.origin_addrs.contains(&addr);
-        self.peers.insert(peer, Peer { addr, origin, flow: PeerFlow::new(now), connected_at: now });
+        self.peers.insert(
+            peer,
+            Peer { addr, origin, flow: PeerFlow::new(now), connected_at: now, retiring: false },
+        );
         true
     }
 
@@ -375,6 +381,7 @@ impl<R: Rng + Clone> SwarmState<R> {
                 } else if let Some(p) = self.peers.get(&from) {
                     self.blacklist.delivered(&p.addr);
                 }
+                actions.extend(self.release_retired());
             }
             Stored::BadPiece => {
                 self.picker.failed(&from, index);
@@ -470,6 +477,7 @@ impl<R: Rng + Clone> SwarmState<R> {
         self.blacklist.prune(now);
         self.declined.retain(|_, at| now.duration_since(*at) < DECLINE_BACKOFF);
         self.declined_by.retain(|_, at| now.duration_since(*at) < DECLINE_BACKOFF);
+        actions.extend(self.release_retired());
         actions.extend(self.connect_more(now));
         actions.extend(self.rotate(now));
         self.consider_fallback(now, waiting)?;

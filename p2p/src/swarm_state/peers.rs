@@ -7,6 +7,7 @@ use std::time::Instant;
 use rand::seq::IndexedRandom;
 
 use super::{Action, Candidate, SwarmState, ROTATE_AFTER, ROTATE_SLOW_SHARE};
+use crate::peer::PeerId;
 
 impl<R: rand::Rng + Clone> SwarmState<R> {
     /// Whether `c` is someone we could connect to now: not ourselves, not banned, not
@@ -44,6 +45,23 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
         actions
     }
 
+    /// Disconnect the retiring peers (see [`rotate`](Self::rotate)) that have nothing in
+    /// flight any more.
+    pub(super) fn release_retired(&mut self) -> Vec<Action> {
+        let idle: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(id, p)| p.retiring && self.picker.in_flight_for(id) == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        idle.into_iter()
+            .map(|id| {
+                self.closed(&id);
+                Action::Disconnect(id)
+            })
+            .collect()
+    }
+
     /// With every connection in use, trade the least useful peer for a candidate we are not
     /// connected to: a peer that has nothing we lack, or one whose measured rate is below
     /// [`ROTATE_SLOW_SHARE`] of the mean over our measured peers (its upload is shared by more
@@ -54,8 +72,19 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
     /// whatever its rate, as this did before, sent every host of a 300-host simulated fleet
     /// to the first host that finished, while the others' uplinks idled. One trade per tick,
     /// and only for peers connected [`ROTATE_AFTER`] or longer, so their rates are measured.
+    ///
+    /// A victim with pieces on their way is not cut off: it retires (asked for nothing more,
+    /// disconnected once they arrive), while the replacement connects beside it. Cutting it
+    /// off threw away the bytes already on the wire and asked for them again elsewhere: in a
+    /// 20-host fleet on 50 Mbit/s links the hosts received 12 % more than the blob, none of it
+    /// counted as a duplicate piece.
     pub(super) fn rotate(&mut self, now: Instant) -> Vec<Action> {
-        if self.peers.len() < self.cfg.max_connections || !self.connecting.is_empty() || self.node_room == 0 {
+        let retiring = self.peers.values().any(|p| p.retiring);
+        if self.peers.len() < self.cfg.max_connections
+            || retiring
+            || !self.connecting.is_empty()
+            || self.node_room == 0
+        {
             return Vec::new();
         }
         let measured: Vec<f64> =
@@ -80,6 +109,12 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
         let seeders: Vec<SocketAddr> = fresh.iter().filter(|c| c.complete).map(|c| c.addr).collect();
         let pool = if seeders.is_empty() { fresh.iter().map(|c| c.addr).collect() } else { seeders };
         let Some(&next) = pool.choose(&mut self.rng) else { return Vec::new() };
+        if self.picker.in_flight_for(&victim) > 0 {
+            if let Some(p) = self.peers.get_mut(&victim) {
+                p.retiring = true;
+            }
+            return vec![self.start_connecting(next)];
+        }
         self.closed(&victim);
         vec![Action::Disconnect(victim), self.start_connecting(next)]
     }

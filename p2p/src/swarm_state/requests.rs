@@ -89,6 +89,7 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
         let mut order: Vec<(PeerId, usize)> = self
             .peers
             .iter()
+            .filter(|(_, p)| !p.retiring)
             .map(|(id, p)| {
                 let depth = if p.origin && others_connected {
                     self.cfg.origin_pipeline

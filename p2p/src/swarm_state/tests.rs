@@ -361,11 +361,25 @@ fn a_full_download_trades_its_least_useful_peer_for_a_new_seeder() {
     assert!(s.tick(t1, &[]).unwrap().is_empty(), "too early: rates not measured yet");
     // Both peers deliver; peer 2 is the slower.
     let t2 = t0 + Duration::from_millis(2600);
-    s.fill(t0, None, 0);
+    let asked = requests(&s.fill(t0, None, 0));
+    assert!(asked.contains(&(peer(2), 2)), "{asked:?}");
     s.tick(t0 + Duration::from_millis(1600), &[(peer(1), 3_000_000), (peer(2), 100_000)]).unwrap();
     let actions = s.tick(t2, &[(peer(1), 6_000_000), (peer(2), 200_000)]).unwrap();
-    assert!(actions.contains(&Action::Disconnect(peer(2))), "{actions:?}");
+    // Peer 2 still has piece 2 on its way: it retires rather than being cut off, and the
+    // seeder connects beside it.
+    assert!(!actions.iter().any(|a| matches!(a, Action::Disconnect(_))), "{actions:?}");
     assert!(actions.contains(&Action::Connect(addr(3))), "{actions:?}");
+    assert!(
+        !requests(&s.fill(t2, None, 0)).iter().any(|(p, _)| *p == peer(2)),
+        "a retiring peer is asked for nothing"
+    );
+    let more = s.tick(t2 + Duration::from_millis(100), &[(peer(1), 6_000_000), (peer(2), 300_000)]).unwrap();
+    assert!(
+        !more.iter().any(|a| matches!(a, Action::Disconnect(_) | Action::Connect(_))),
+        "one trade at a time: {more:?}"
+    );
+    let actions = s.stored(peer(2), 2, Stored::Ok, t2 + Duration::from_millis(200)).unwrap();
+    assert!(actions.contains(&Action::Disconnect(peer(2))), "its last piece arrived: {actions:?}");
     assert_eq!(s.peer_count(), 1);
     // Once the seeder is connected there is nothing better to trade for.
     assert!(s.connected(peer(3), addr(3), Bitfield::full(4), t2));
