@@ -41,6 +41,8 @@
 #                              segments retransmitted at N = 5, MTU 9000); empty: what a new
 #                              namespace inherits from the machine. Recorded as cc=
 #   BENCH_RESULTS=/tmp/shoal-fleet-results.txt   machine-readable `fleet: ...` lines appended here
+#   BENCH_DUMP_METRICS=        e.g. /tmp/m: each agent's /metrics after the window, saved to
+#                              /tmp/m.h<i> (the last run's; for finding where bytes went)
 #   BENCH_PLOT=                e.g. docs/fleet.svg: draw this run's rows there
 #                              (integration/bench/plot_fleet.py); unset, nothing is drawn
 #
