@@ -73,18 +73,15 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
     /// to the first host that finished, while the others' uplinks idled. One trade per tick,
     /// and only for peers connected [`ROTATE_AFTER`] or longer, so their rates are measured.
     ///
-    /// A victim with pieces on their way is not cut off: it retires (asked for nothing more,
-    /// disconnected once they arrive), while the replacement connects beside it. Cutting it
+    /// A victim with pieces on their way is not cut off: it retires (the piece on the wire
+    /// arrives, its queue is cancelled, it is disconnected after that piece) while the
+    /// replacement connects beside it; retiring peers do not count against the limit. Cutting it
     /// off threw away the bytes already on the wire and asked for them again elsewhere: in a
     /// 20-host fleet on 50 Mbit/s links the hosts received 12 % more than the blob, none of it
     /// counted as a duplicate piece.
     pub(super) fn rotate(&mut self, now: Instant) -> Vec<Action> {
-        let retiring = self.peers.values().any(|p| p.retiring);
-        if self.peers.len() < self.cfg.max_connections
-            || retiring
-            || !self.connecting.is_empty()
-            || self.node_room == 0
-        {
+        let active = self.peers.values().filter(|p| !p.retiring).count();
+        if active < self.cfg.max_connections || !self.connecting.is_empty() || self.node_room == 0 {
             return Vec::new();
         }
         let measured: Vec<f64> =
@@ -94,7 +91,9 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
         let victim = self
             .peers
             .iter()
-            .filter(|(_, p)| !p.origin && now.saturating_duration_since(p.connected_at) >= ROTATE_AFTER)
+            .filter(|(_, p)| {
+                !p.origin && !p.retiring && now.saturating_duration_since(p.connected_at) >= ROTATE_AFTER
+            })
             .filter_map(|(id, p)| {
                 let useless = !self.picker.is_interesting(id);
                 let slow = p.flow.rate().is_some_and(|r| r < mean * ROTATE_SLOW_SHARE);
@@ -113,7 +112,15 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
             if let Some(p) = self.peers.get_mut(&victim) {
                 p.retiring = true;
             }
-            return vec![self.start_connecting(next)];
+            // It sends one piece at a time: the oldest request is on the wire, the rest
+            // wait in its queue and go back to the pool, to be asked of faster peers.
+            let mut actions = Vec::new();
+            for (_, index) in self.picker.request_times_to(&victim).into_iter().skip(1) {
+                self.picker.failed(&victim, index);
+                actions.push(Action::Cancel { peer: victim, index });
+            }
+            actions.push(self.start_connecting(next));
+            return actions;
         }
         self.closed(&victim);
         vec![Action::Disconnect(victim), self.start_connecting(next)]

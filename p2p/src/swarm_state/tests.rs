@@ -643,3 +643,52 @@ fn a_reader_gets_what_the_node_receives_in_a_second_in_order_and_rarest_first_th
     let _ = s.fill(t, Some(rate), 0);
     assert_eq!(s.picker().reader_window(), 6);
 }
+
+#[test]
+fn a_retiring_peer_keeps_the_piece_on_the_wire_and_gives_back_its_queue() {
+    let t0 = Instant::now();
+    let cfg = SchedulerConfig { max_connections: 2, ..SchedulerConfig::default() };
+    let mut s = state(8, cfg, t0);
+    s.announced(Some(vec![info(1, false), info(2, false)]), Duration::from_secs(5), t0);
+    let mut upper = Bitfield::new(8);
+    for i in 4..8 {
+        upper.set(i).unwrap();
+    }
+    assert!(s.connected(peer(1), addr(1), Bitfield::full(8), t0));
+    assert!(s.connected(peer(2), addr(2), upper, t0));
+    // Everything peer 2 holds is asked of it (what peer 1 was asked goes back).
+    for _ in 0..4 {
+        for a in s.fill(t0, None, 0) {
+            if let Action::Request { peer: p, index } = a {
+                if p != peer(2) {
+                    s.request_failed(&p, index);
+                }
+            }
+        }
+    }
+    let times = s.picker().request_times_to(&peer(2));
+    assert!(times.len() >= 2, "peer 2 has a queue: {times:?}");
+    s.announced(Some(vec![info(3, false)]), Duration::from_secs(5), t0);
+    s.tick(t0 + Duration::from_millis(1600), &[(peer(1), 4_800_000), (peer(2), 800_000)]).unwrap();
+    let t = t0 + Duration::from_millis(2600);
+    let actions = s.tick(t, &[(peer(1), 7_800_000), (peer(2), 1_300_000)]).unwrap();
+    assert!(actions.contains(&Action::Connect(addr(3))), "{actions:?}");
+    assert!(!actions.iter().any(|a| matches!(a, Action::Disconnect(_))), "{actions:?}");
+    // The oldest request stays with it; the rest are cancelled and free to ask elsewhere.
+    let cancelled: Vec<u32> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Cancel { peer: p, index } if *p == peer(2) => Some(*index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(s.picker().requests_to(&peer(2)), vec![times[0].1], "{actions:?}");
+    assert_eq!(cancelled.len(), times.len() - 1, "{actions:?}");
+    assert!(cancelled.iter().all(|&i| s.picker().in_flight(i) == 0), "free to ask of peer 1 or 3");
+    // The server confirms a cancel with a Cancel of its own: not a refusal to remember.
+    for &index in &cancelled {
+        s.declined(peer(2), index, t);
+    }
+    let stored = s.stored(peer(2), times[0].1, Stored::Ok, t + Duration::from_millis(300)).unwrap();
+    assert!(stored.contains(&Action::Disconnect(peer(2))), "{stored:?}");
+}
