@@ -234,6 +234,11 @@ impl<R: Rng> PiecePicker<R> {
         self.in_flight.get(&index).map_or(0, Vec::len)
     }
 
+    /// Whether piece `index` is requested from `peer` and not yet received.
+    pub fn is_requested_from(&self, peer: &PeerId, index: u32) -> bool {
+        self.in_flight.get(&index).is_some_and(|reqs| reqs.iter().any(|r| r.peer == *peer))
+    }
+
     /// When the oldest outstanding request to `peer` was sent, if any.
     pub fn oldest_request_to(&self, peer: &PeerId) -> Option<Instant> {
         self.in_flight.values().flatten().filter(|r| r.peer == *peer).map(|r| r.sent_at).min()

@@ -88,13 +88,16 @@ fn params(a: &Args, peers: usize) -> Params {
     }
 }
 
-/// The piece lengths the wire format and the origins accept: powers of two, 64 KiB to 4 MiB.
+/// The piece lengths the wire format and the origins accept: powers of two from
+/// `MIN_PIECE_LENGTH` to `MAX_PIECE_LENGTH`.
 fn parse_piece_kib(s: &str) -> Result<u64, String> {
+    use shoal_p2p::metainfo::{MAX_PIECE_LENGTH, MIN_PIECE_LENGTH};
     let kib: u64 = s.parse().map_err(|e| format!("{e}"))?;
-    if kib.is_power_of_two() && (64..=4096).contains(&kib) {
+    let (min, max) = (MIN_PIECE_LENGTH / 1024, MAX_PIECE_LENGTH / 1024);
+    if kib.is_power_of_two() && (min..=max).contains(&kib) {
         Ok(kib)
     } else {
-        Err(format!("{kib} KiB is not a power of two from 64 to 4096"))
+        Err(format!("{kib} KiB is not a power of two from {min} to {max}"))
     }
 }
 

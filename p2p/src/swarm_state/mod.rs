@@ -345,7 +345,7 @@ impl<R: Rng + Clone> SwarmState<R> {
     /// A peer declined a request (a super-seeding origin sent the piece elsewhere). An
     /// origin's decline shows the swarm is alive: an agent holds the piece.
     pub fn declined(&mut self, peer: PeerId, index: u32, now: Instant) {
-        if !self.picker.requests_to(&peer).contains(&index) {
+        if !self.picker.is_requested_from(&peer, index) {
             // The answer to a cancel of ours (a stall, a retiring peer, endgame), not a refusal.
             return;
         }

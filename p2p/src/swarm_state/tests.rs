@@ -376,7 +376,7 @@ fn a_full_download_trades_its_least_useful_peer_for_a_new_seeder() {
     let more = s.tick(t2 + Duration::from_millis(100), &[(peer(1), 6_000_000), (peer(2), 300_000)]).unwrap();
     assert!(
         !more.iter().any(|a| matches!(a, Action::Disconnect(_) | Action::Connect(_))),
-        "one trade at a time: {more:?}"
+        "no other trade while the replacement connects, and the retiring peer stays: {more:?}"
     );
     let actions = s.stored(peer(2), 2, Stored::Ok, t2 + Duration::from_millis(200)).unwrap();
     assert!(actions.contains(&Action::Disconnect(peer(2))), "its last piece arrived: {actions:?}");
