@@ -22,6 +22,9 @@ pub struct SwarmMetrics {
     /// Verified piece bytes that arrived after another copy of the piece (endgame, late
     /// deliveries): received but not needed.
     pub duplicate_bytes: IntCounter,
+    /// Peers a download traded for a new one, by how (`immediate`: nothing in flight;
+    /// `retiring`: disconnected after the piece on the wire).
+    pub peer_rotations: IntCounterVec,
 }
 
 impl SwarmMetrics {
@@ -73,7 +76,15 @@ impl SwarmMetrics {
                 format!("shoal_{component}_duplicate_bytes_total"),
                 "Verified piece bytes received for pieces already held",
             )?,
+            peer_rotations: IntCounterVec::new(
+                Opts::new(
+                    format!("shoal_{component}_peer_rotations_total"),
+                    "Peers a download traded for another because they had nothing it lacked or were slow",
+                ),
+                &["how"],
+            )?,
         };
+        registry.register(Box::new(m.peer_rotations.clone()))?;
         registry.register(Box::new(m.piece_timeouts.clone()))?;
         registry.register(Box::new(m.duplicate_bytes.clone()))?;
         registry.register(Box::new(m.received_bytes.clone()))?;

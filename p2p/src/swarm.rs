@@ -166,10 +166,15 @@ pub async fn download(
                 let now = Instant::now();
                 let received: Vec<(PeerId, u64)> =
                     swarm.peers.iter().map(|(id, p)| (*id, p.received.load(Ordering::Relaxed))).collect();
+                let before = swarm.state.rotations();
                 match swarm.state.tick(now, &received) {
                     Ok(actions) => swarm.act(actions),
                     Err(e) => break Err(e.into()),
                 }
+                let after = swarm.state.rotations();
+                let rotations = &swarm.deps.metrics.peer_rotations;
+                rotations.with_label_values(&["immediate"]).inc_by(after.immediate - before.immediate);
+                rotations.with_label_values(&["retiring"]).inc_by(after.retiring - before.retiring);
                 now
             }
         };

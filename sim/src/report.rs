@@ -85,7 +85,7 @@ impl Outcome {
         let n = self.hosts.len().max(1) as f64;
         let mut s = format!(
             "sim-detail: finished={} unfinished={} left={} duplicates={:.2}% wasted={:.2}% of N×size fallback={:.2} xS \
-             timeouts={} declines={} connects={} events={} recomputes={} simulated={:.1}s",
+             timeouts={} rotations={}+{}retiring declines={} connects={} events={} recomputes={} simulated={:.1}s",
             self.spread(|_| true).finished,
             self.unfinished(),
             self.hosts.iter().filter(|h| h.left).count(),
@@ -93,6 +93,8 @@ impl Outcome {
             100.0 * self.per_size(c.wasted_bytes) / n,
             self.per_size(c.fallback_bytes),
             c.piece_timeouts,
+            c.rotations_immediate,
+            c.rotations_retiring,
             c.declines,
             c.connects,
             c.events,

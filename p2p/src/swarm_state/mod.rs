@@ -205,7 +205,18 @@ pub struct SwarmState<R = StdRng> {
     last_sign_of_life: Instant,
     /// Outbound connections the node's budget still allows (set by the I/O side).
     node_room: usize,
+    rotations: Rotations,
     rng: R,
+}
+
+/// Peers this download traded away for a new one ([`SwarmState::rotations`]): so a run can
+/// tell how often rotation fired, and how often it had to wait for a piece on the wire.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rotations {
+    /// Victims with nothing in flight, disconnected at once.
+    pub immediate: u64,
+    /// Victims with a piece on the wire, retired: disconnected after it arrives.
+    pub retiring: u64,
 }
 
 impl SwarmState<StdRng> {
@@ -255,6 +266,7 @@ impl<R: Rng + Clone> SwarmState<R> {
             last_progress: now,
             last_sign_of_life: now,
             node_room: usize::MAX,
+            rotations: Rotations::default(),
             rng,
         })
     }
@@ -269,6 +281,11 @@ impl<R: Rng + Clone> SwarmState<R> {
     /// The blacklist, for the node to keep when the download ends (an empty one is left).
     pub fn take_blacklist(&mut self) -> Blacklist {
         std::mem::replace(&mut self.blacklist, Blacklist::new(self.cfg.blacklist.clone()))
+    }
+
+    /// How many peers rotation has traded away so far.
+    pub fn rotations(&self) -> Rotations {
+        self.rotations
     }
 
     /// The first actions: announce at once.

@@ -109,6 +109,7 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
         let pool = if seeders.is_empty() { fresh.iter().map(|c| c.addr).collect() } else { seeders };
         let Some(&next) = pool.choose(&mut self.rng) else { return Vec::new() };
         if self.picker.in_flight_for(&victim) > 0 {
+            self.rotations.retiring += 1;
             if let Some(p) = self.peers.get_mut(&victim) {
                 p.retiring = true;
             }
@@ -122,6 +123,7 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
             actions.push(self.start_connecting(next));
             return actions;
         }
+        self.rotations.immediate += 1;
         self.closed(&victim);
         vec![Action::Disconnect(victim), self.start_connecting(next)]
     }

@@ -56,7 +56,12 @@ impl Sim {
             .collect();
         let now = self.instant();
         let Some(d) = self.download(node, blob) else { return };
-        match d.state.tick(now, &received) {
+        let before = d.state.rotations();
+        let result = d.state.tick(now, &received);
+        let after = d.state.rotations();
+        self.counters.rotations_immediate += after.immediate - before.immediate;
+        self.counters.rotations_retiring += after.retiring - before.retiring;
+        match result {
             Ok(actions) => {
                 self.act(node, blob, actions);
                 self.after(nanos(TICK), Ev::Tick(node, blob));

@@ -173,6 +173,9 @@ pub struct Counters {
     /// away, a host that finished or left): sent, but never a whole piece.
     pub wasted_bytes: u64,
     pub piece_timeouts: u64,
+    /// Peers traded away by rotation: at once (nothing in flight), or retired.
+    pub rotations_immediate: u64,
+    pub rotations_retiring: u64,
     pub declines: u64,
     pub connects: u64,
     pub events: u64,
