@@ -622,13 +622,14 @@ mod tests {
         let (d, a) = (digest(), PeerId::random());
         send_out(&s, &d, &[2]);
         s.join(&d, &bits(N, &[2]));
-        assert!(!s.claim(&d, 2, a, N, Instant::now()));
-        std::thread::sleep(reask + Duration::from_millis(50));
-        assert!(!s.claim(&d, 2, a, N, Instant::now()), "one holder: two waits, not one");
-        std::thread::sleep(reask);
-        assert!(s.claim(&d, 2, a, N, Instant::now()), "none of its peers had it for a while: it is starved");
+        let t = Instant::now();
+        assert!(!s.claim(&d, 2, a, N, t));
+        let later = t + reask + Duration::from_millis(50);
+        assert!(!s.claim(&d, 2, a, N, later), "one holder: two waits, not one");
+        let later = later + reask;
+        assert!(s.claim(&d, 2, a, N, later), "none of its peers had it for a while: it is starved");
         assert!(
-            !s.claim(&d, 2, PeerId::random(), N, Instant::now()),
+            !s.claim(&d, 2, PeerId::random(), N, later),
             "a first ask from another peer is still declined"
         );
     }

@@ -166,15 +166,14 @@ pub async fn download(
                 let now = Instant::now();
                 let received: Vec<(PeerId, u64)> =
                     swarm.peers.iter().map(|(id, p)| (*id, p.received.load(Ordering::Relaxed))).collect();
-                let before = swarm.state.rotations();
                 match swarm.state.tick(now, &received) {
                     Ok(actions) => swarm.act(actions),
                     Err(e) => break Err(e.into()),
                 }
-                let after = swarm.state.rotations();
+                let traded = swarm.state.take_rotations();
                 let rotations = &swarm.deps.metrics.peer_rotations;
-                rotations.with_label_values(&["immediate"]).inc_by(after.immediate - before.immediate);
-                rotations.with_label_values(&["retiring"]).inc_by(after.retiring - before.retiring);
+                rotations.with_label_values(&["immediate"]).inc_by(traded.immediate);
+                rotations.with_label_values(&["retiring"]).inc_by(traded.retiring);
                 now
             }
         };

@@ -209,7 +209,7 @@ pub struct SwarmState<R = StdRng> {
     rng: R,
 }
 
-/// Peers this download traded away for a new one ([`SwarmState::rotations`]): so a run can
+/// Peers this download traded away for a new one ([`SwarmState::take_rotations`]): so a run can
 /// tell how often rotation fired, and how often it had to wait for a piece on the wire.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Rotations {
@@ -283,9 +283,10 @@ impl<R: Rng + Clone> SwarmState<R> {
         std::mem::replace(&mut self.blacklist, Blacklist::new(self.cfg.blacklist.clone()))
     }
 
-    /// How many peers rotation has traded away so far.
-    pub fn rotations(&self) -> Rotations {
-        self.rotations
+    /// The peers rotation traded away since the last call (the I/O side adds them to its
+    /// counters).
+    pub fn take_rotations(&mut self) -> Rotations {
+        std::mem::take(&mut self.rotations)
     }
 
     /// The first actions: announce at once.

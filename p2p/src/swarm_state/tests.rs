@@ -674,7 +674,7 @@ fn a_retiring_peer_keeps_the_piece_on_the_wire_and_gives_back_its_queue() {
     let actions = s.tick(t, &[(peer(1), 7_800_000), (peer(2), 1_300_000)]).unwrap();
     assert!(actions.contains(&Action::Connect(addr(3))), "{actions:?}");
     assert!(!actions.iter().any(|a| matches!(a, Action::Disconnect(_))), "{actions:?}");
-    assert_eq!(s.rotations(), Rotations { immediate: 0, retiring: 1 });
+    assert_eq!(s.take_rotations(), Rotations { immediate: 0, retiring: 1 });
     // The oldest request stays with it; the rest are cancelled and free to ask elsewhere.
     let cancelled: Vec<u32> = actions
         .iter()

@@ -56,11 +56,10 @@ impl Sim {
             .collect();
         let now = self.instant();
         let Some(d) = self.download(node, blob) else { return };
-        let before = d.state.rotations();
         let result = d.state.tick(now, &received);
-        let after = d.state.rotations();
-        self.counters.rotations_immediate += after.immediate - before.immediate;
-        self.counters.rotations_retiring += after.retiring - before.retiring;
+        let traded = d.state.take_rotations();
+        self.counters.rotations.immediate += traded.immediate;
+        self.counters.rotations.retiring += traded.retiring;
         match result {
             Ok(actions) => {
                 self.act(node, blob, actions);

@@ -25,7 +25,7 @@ use rand::{Rng, SeedableRng};
 use shoal_p2p::metainfo::{piece_length_for, Metainfo};
 use shoal_p2p::node::{ConnectionSlot, DownloadSlot, NodeFlow};
 use shoal_p2p::server::SuperSeed;
-use shoal_p2p::swarm_state::{Action, Stored, SwarmState, ORIGIN_PEER};
+use shoal_p2p::swarm_state::{Action, Rotations, Stored, SwarmState, ORIGIN_PEER};
 use shoal_p2p::tracker_client::PeerInfo;
 use shoal_p2p::{Bitfield, PeerId};
 use shoal_registry::{Algorithm, Digest};
@@ -174,8 +174,7 @@ pub struct Counters {
     pub wasted_bytes: u64,
     pub piece_timeouts: u64,
     /// Peers traded away by rotation: at once (nothing in flight), or retired.
-    pub rotations_immediate: u64,
-    pub rotations_retiring: u64,
+    pub rotations: Rotations,
     pub declines: u64,
     pub connects: u64,
     pub events: u64,
