@@ -447,7 +447,7 @@ async fn start_seeding(
         max_connections: 1024,
         max_connections_per_address: config.limits.max_peer_connections_per_address,
         // Send each piece to one agent and let the swarm spread it.
-        super_seed: Some(shoal_p2p::server::SuperSeed::new(Duration::from_secs(3))),
+        super_seed: Some(shoal_p2p::super_seed::SuperSeed::new(Duration::from_secs(3))),
     });
     tokio::spawn(server.serve(listener));
     tracing::info!(peer_listen = %bound, %advertise, %peer_id, "seeding blobs to the swarm");

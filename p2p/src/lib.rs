@@ -25,7 +25,8 @@
 //! - [`failover`]: which of several equivalent origins to ask, moving on from dead ones.
 //! - [`inbound`]: what an untrusted peer can make a node hold (connections per address, frame
 //!   size before the handshake, pieces nobody requested).
-//! - [`server`]: serves pieces to other peers; [`limiter`]: node-wide bandwidth limits;
+//! - [`server`]: serves pieces to other peers; [`super_seed`]: the origins' rule for sending
+//!   each piece about once; [`limiter`]: node-wide bandwidth limits;
 //!   [`metrics`]: what proves the swarm works.
 
 pub mod announcer;
@@ -47,6 +48,7 @@ pub mod picker;
 pub mod piece_store;
 pub mod rendezvous;
 pub mod server;
+pub mod super_seed;
 pub mod swarm;
 pub mod swarm_state;
 pub mod tracker_client;

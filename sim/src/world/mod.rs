@@ -24,7 +24,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use shoal_p2p::metainfo::{piece_length_for, Metainfo};
 use shoal_p2p::node::{ConnectionSlot, DownloadSlot, NodeFlow};
-use shoal_p2p::server::SuperSeed;
+use shoal_p2p::super_seed::SuperSeed;
 use shoal_p2p::swarm_state::{Action, Rotations, Stored, SwarmState, ORIGIN_PEER};
 use shoal_p2p::tracker_client::PeerInfo;
 use shoal_p2p::{Bitfield, PeerId};
