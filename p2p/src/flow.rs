@@ -53,6 +53,15 @@ pub const READER_HORIZON: Duration = Duration::from_secs(1);
 /// however slowly it goes: it gets fewer requests instead (see [`pipeline_depth`]).
 pub const STALL_AFTER: Duration = Duration::from_secs(3);
 
+/// How many of its piece times (at the rate it has shown) a slow peer's connection may stay
+/// silent before it is stalled (see [`PeerFlow::stall_after`]).
+pub const STALL_PIECE_TIMES: f64 = 2.0;
+
+/// The longest a connection with requests outstanding may stay silent before it is stalled,
+/// however slowly its peer has delivered (see [`PeerFlow::stall_after`]): a slow peer that
+/// died is given up on within this.
+pub const MAX_STALL_AFTER: Duration = Duration::from_secs(15);
+
 /// A rate estimate from cumulative byte counts, decayed with [`RATE_HALF_LIFE`]. Only busy
 /// time counts (intervals in which requests were outstanding or bytes arrived), so a peer
 /// that had nothing to do does not look slow.
@@ -101,6 +110,9 @@ pub struct PeerFlow {
     received: u64,
     /// When a byte last arrived (or the connection opened).
     last_byte: Instant,
+    /// The measured rate when the last byte arrived: silence decays the meter's rate, and the
+    /// stall time must not grow while the connection is silent.
+    rate_at_last_byte: Option<f64>,
 }
 
 impl PeerFlow {
@@ -108,7 +120,7 @@ impl PeerFlow {
     pub fn new(now: Instant) -> PeerFlow {
         let mut meter = RateMeter::default();
         meter.sample(now, 0, false);
-        PeerFlow { meter, received: 0, last_byte: now }
+        PeerFlow { meter, received: 0, last_byte: now, rate_at_last_byte: None }
     }
 
     /// The connection's cumulative received bytes at `now`; `busy` as in [`RateMeter::sample`].
@@ -118,6 +130,7 @@ impl PeerFlow {
         if received > self.received {
             self.received = received;
             self.last_byte = now;
+            self.rate_at_last_byte = self.meter.rate();
             return true;
         }
         false
@@ -126,6 +139,24 @@ impl PeerFlow {
     /// Bytes per second this peer has shown, if measured.
     pub fn rate(&self) -> Option<f64> {
         self.meter.rate()
+    }
+
+    /// How long this connection may stay silent, with requests outstanding, before it is
+    /// stalled: `base`, or [`STALL_PIECE_TIMES`] the time a piece of `piece_length` takes at
+    /// the rate the peer had shown when its last byte arrived if that is longer, at most
+    /// [`MAX_STALL_AFTER`]. TCP shares a congested slow link in bursts: a straggler host at
+    /// 10 Mbit/s downloading from its 10 peers at once (an eighth of a 1 MiB piece per second
+    /// each) saw connections to healthy peers go 3 s without a byte dozens of times per pull
+    /// (the fleet benchmark with `BENCH_STRAGGLERS=1`: 36 timeouts at N = 10, 319-344 at
+    /// N = 20, every one of them a straggler's request), and each withdrawal threw away the
+    /// part of a piece already received. One piece time left 206-225 at N = 20, two 147-150.
+    pub fn stall_after(&self, base: Duration, piece_length: u64) -> Duration {
+        let piece_time = self
+            .rate_at_last_byte
+            .filter(|r| *r > 0.0)
+            .and_then(|r| Duration::try_from_secs_f64(STALL_PIECE_TIMES * piece_length as f64 / r).ok())
+            .unwrap_or(Duration::ZERO);
+        base.max(piece_time.min(MAX_STALL_AFTER))
     }
 
     /// Whether requests outstanding since `oldest_request` have seen no byte for `stall_after`.
@@ -323,6 +354,39 @@ mod tests {
         // A request sent after the silence began gets the whole time from its own start.
         let asked = last + Duration::from_secs(2);
         assert!(!f.is_stalled(last + STALL_AFTER, asked, STALL_AFTER));
+    }
+
+    #[test]
+    fn a_slow_peer_may_stay_silent_for_a_piece_time_but_not_forever() {
+        let t0 = Instant::now();
+        let mut f = PeerFlow::new(t0);
+        assert_eq!(f.stall_after(STALL_AFTER, MIB), STALL_AFTER, "unmeasured: the base");
+        // 250 KB/s for 10 s: a 1 MiB piece takes 4.2 s at that rate, two 8.4 s.
+        for i in 1..=50u64 {
+            f.sample(t0 + Duration::from_millis(200 * i), i * 50_000, true);
+        }
+        let window = f.stall_after(STALL_AFTER, MIB);
+        assert!(window > Duration::from_secs(8) && window < Duration::from_secs(9), "{window:?}");
+        let last = t0 + Duration::from_secs(10);
+        // Silence decays the meter but not the window.
+        for i in 1..=40u64 {
+            f.sample(last + Duration::from_millis(200 * i), 50 * 50_000, true);
+        }
+        assert_eq!(f.stall_after(STALL_AFTER, MIB), window);
+        assert!(!f.is_stalled(last + Duration::from_secs(5), t0, window), "5 s of silence is normal here");
+        assert!(f.is_stalled(last + window, t0, window));
+        // Slower still: the cap holds.
+        let mut g = PeerFlow::new(t0);
+        for i in 1..=50u64 {
+            g.sample(t0 + Duration::from_millis(200 * i), i * 100, true);
+        }
+        assert_eq!(g.stall_after(STALL_AFTER, MIB), MAX_STALL_AFTER);
+        // A fast peer keeps the base.
+        let mut h = PeerFlow::new(t0);
+        for i in 1..=50u64 {
+            h.sample(t0 + Duration::from_millis(200 * i), i * 1_250_000, true);
+        }
+        assert_eq!(h.stall_after(STALL_AFTER, MIB), STALL_AFTER);
     }
 
     #[test]

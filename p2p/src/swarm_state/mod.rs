@@ -9,8 +9,9 @@
 //!   and the download keeps [`flow::IN_FLIGHT_HORIZON`] of the node's measured ingress in
 //!   flight; neither depends on a configured rate, which only caps them.
 //! - **Stalls, not deadlines**: a peer's requests are withdrawn only when its connection
-//!   delivered no byte for [`flow::STALL_AFTER`]; bytes that keep arriving are never timed
-//!   out. Stalls in a row get a peer banned (`blacklist`).
+//!   delivered no byte for [`flow::STALL_AFTER`], or for as long as one piece takes at the
+//!   rate the peer has shown if that is longer ([`flow::PeerFlow::stall_after`]); bytes that
+//!   keep arriving are never timed out. Stalls in a row get a peer banned (`blacklist`).
 //! - **Super-seeding origins** are asked only for pieces no other connected peer has, and not
 //!   again soon after they declined one.
 //! - **HTTP fallback** only for pieces no connected peer has (while the swarm delivers), or
@@ -484,7 +485,7 @@ impl<R: Rng + Clone> SwarmState<R> {
                 self.last_progress = now;
             }
             let Some(oldest) = self.picker.oldest_request_to(&id) else { continue };
-            if !peer.flow.is_stalled(now, oldest, stall_after) {
+            if !peer.flow.is_stalled(now, oldest, peer.flow.stall_after(stall_after, self.piece_length)) {
                 continue;
             }
             let addr = peer.addr;

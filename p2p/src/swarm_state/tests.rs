@@ -187,6 +187,27 @@ fn a_silent_peer_is_timed_out_and_its_pieces_go_elsewhere() {
 }
 
 #[test]
+fn a_slow_peer_that_goes_quiet_for_less_than_two_piece_times_keeps_its_requests() {
+    let t0 = Instant::now();
+    let mut s = state(64, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 1, t0);
+    s.fill(t0, None, 0);
+    let mut counters = HashMap::new();
+    // 250 KB/s, as a straggler's share of its link: a 1 MiB piece takes 4.2 s.
+    let (t, actions) = run(&mut s, t0, &mut counters, &HashMap::from([(peer(1), 250_000)]), 25, None);
+    assert!(!actions.iter().any(|a| matches!(a, Action::TimedOut { .. })));
+    let asked = s.picker().requests_to(&peer(1)).to_vec();
+    assert!(!asked.is_empty());
+    // Then 5 s without a byte (TCP backing off on the congested link): no stall yet.
+    let (t, actions) = run(&mut s, t, &mut counters, &HashMap::from([(peer(1), 0)]), 25, None);
+    assert!(!actions.iter().any(|a| matches!(a, Action::TimedOut { .. })), "{actions:?}");
+    assert_eq!(s.picker().requests_to(&peer(1)), &asked[..]);
+    // Silent for longer than two pieces take at its rate: withdrawn.
+    let (_, actions) = run(&mut s, t, &mut counters, &HashMap::from([(peer(1), 0)]), 20, None);
+    assert!(actions.iter().any(|a| matches!(a, Action::TimedOut { peer: p, .. } if *p == peer(1))));
+}
+
+#[test]
 fn stalls_in_a_row_ban_a_peer_and_a_delivery_forgives_them() {
     let t0 = Instant::now();
     let mut s = state(64, SchedulerConfig::default(), t0);
