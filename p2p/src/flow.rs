@@ -366,7 +366,7 @@ mod tests {
     }
 
     #[test]
-    fn a_slow_peer_may_stay_silent_for_a_piece_time_but_not_forever() {
+    fn a_slow_peer_may_stay_silent_for_two_piece_times_but_not_forever() {
         let t0 = Instant::now();
         let mut f = PeerFlow::new(t0);
         assert_eq!(f.stall_after(STALL_AFTER, MIB), STALL_AFTER, "unmeasured: the base");

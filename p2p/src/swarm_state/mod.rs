@@ -9,7 +9,7 @@
 //!   and the download keeps [`flow::IN_FLIGHT_HORIZON`] of the node's measured ingress in
 //!   flight; neither depends on a configured rate, which only caps them.
 //! - **Stalls, not deadlines**: a peer's requests are withdrawn only when its connection
-//!   delivered no byte for [`flow::STALL_AFTER`], or for as long as one piece takes at the
+//!   delivered no byte for [`flow::STALL_AFTER`], or for twice the time a piece takes at the
 //!   rate the peer has shown if that is longer ([`flow::PeerFlow::stall_after`]); bytes that
 //!   keep arriving are never timed out. Stalls in a row get a peer banned (`blacklist`).
 //! - **Super-seeding origins** are asked only for pieces no other connected peer has, and not
@@ -218,6 +218,13 @@ pub struct Rotations {
     pub immediate: u64,
     /// Victims with a piece on the wire, retired: disconnected after it arrives.
     pub retiring: u64,
+}
+
+impl std::ops::AddAssign for Rotations {
+    fn add_assign(&mut self, other: Rotations) {
+        self.immediate += other.immediate;
+        self.retiring += other.retiring;
+    }
 }
 
 impl SwarmState<StdRng> {

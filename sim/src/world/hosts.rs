@@ -58,8 +58,7 @@ impl Sim {
         let Some(d) = self.download(node, blob) else { return };
         let result = d.state.tick(now, &received);
         let traded = d.state.take_rotations();
-        self.counters.rotations.immediate += traded.immediate;
-        self.counters.rotations.retiring += traded.retiring;
+        self.counters.rotations += traded;
         match result {
             Ok(actions) => {
                 self.act(node, blob, actions);
