@@ -77,6 +77,8 @@ pub struct AgentFile {
     pub announce_interval: Duration,
     /// Outbound peer connections per blob.
     pub max_connections_per_blob: usize,
+    /// Peers this agent serves one blob to at once; more are refused (busy).
+    pub max_peers_per_blob: usize,
     /// Inbound peer connections in all.
     pub max_peer_connections: usize,
     /// Outbound peer connections in all, across every download.
@@ -108,6 +110,7 @@ impl Default for AgentFile {
             seed_window: Duration::from_secs(600),
             announce_interval: Duration::from_secs(3),
             max_connections_per_blob: 10,
+            max_peers_per_blob: shoal_p2p::server::DEFAULT_MAX_PEERS_PER_BLOB,
             max_peer_connections: 512,
             max_outbound_connections: shoal_p2p::node::DEFAULT_MAX_OUTBOUND_CONNECTIONS,
             fallback_after: Duration::from_secs(3),
@@ -168,6 +171,7 @@ pub async fn bind(file: AgentFile) -> anyhow::Result<BoundServer> {
         seed_window: file.seed_window,
         announce_interval: file.announce_interval,
         max_connections_per_blob: file.max_connections_per_blob,
+        max_peers_per_blob: file.max_peers_per_blob,
         fallback_after: file.fallback_after,
         max_peer_connections: file.max_peer_connections,
         max_outbound_connections: file.max_outbound_connections,

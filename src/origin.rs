@@ -446,6 +446,8 @@ async fn start_seeding(
         metrics: SwarmMetrics::new("origin", &metrics.registry)?,
         max_connections: 1024,
         max_connections_per_address: config.limits.max_peer_connections_per_address,
+        // Super-seeding already spreads an origin's sends; a cap would only refuse agents.
+        max_peers_per_blob: None,
         // Send each piece to one agent and let the swarm spread it.
         super_seed: Some(shoal_p2p::super_seed::SuperSeed::new(Duration::from_secs(3))),
     });

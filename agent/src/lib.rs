@@ -60,6 +60,8 @@ pub struct AgentConfig {
     pub seed_window: Duration,
     pub announce_interval: Duration,
     pub max_connections_per_blob: usize,
+    /// Peers served one blob at once (inbound); more are refused as busy.
+    pub max_peers_per_blob: usize,
     pub fallback_after: Duration,
     pub max_peer_connections: usize,
     /// Outbound peer connections in all, across every download (the node's budget).
@@ -139,6 +141,7 @@ impl Agent {
             metrics,
             max_connections: config.max_peer_connections,
             max_connections_per_address: config.max_peer_connections_per_address,
+            max_peers_per_blob: Some(config.max_peers_per_blob),
             super_seed: None,
         });
         let auth = {

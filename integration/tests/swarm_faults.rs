@@ -168,6 +168,7 @@ impl CorruptPeer {
             metrics: metrics.clone(),
             max_connections: 16,
             max_connections_per_address: 16,
+            max_peers_per_blob: None,
             super_seed: None,
         });
         let serve = tokio::spawn(server.serve(listener));

@@ -1,13 +1,16 @@
 //! Limits on what untrusted peers may make a node hold: how many connections one address
-//! may open to a peer server ([`AddressSlots`]), and how frames are read ([`InboundCodec`]):
+//! may open to a peer server ([`AddressSlots`]) and how many peers one blob serves at once
+//! ([`BlobSlots`]), and how frames are read ([`InboundCodec`]):
 //! small until the handshake is done, and a piece nobody asked for is skipped as its bytes
 //! arrive instead of being buffered whole.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BytesMut};
+use shoal_registry::Digest;
 use tokio_util::codec::Decoder;
 
 use crate::wire::{Message, PeerCodec, WireError, DEFAULT_MAX_FRAME, LEN_PREFIX, TYPE_PIECE};
@@ -117,53 +120,65 @@ impl Decoder for InboundCodec {
     }
 }
 
-/// Open connections per remote IP address, each at most `max`; one address cannot take a
-/// server's whole connection budget.
+/// Open connections per key, each key at most `max`: per remote IP address, so one address
+/// cannot take a server's whole connection budget ([`AddressSlots`]), and per blob, so the
+/// first peers every downloader hears of are not asked by half the fleet at once
+/// ([`BlobSlots`]).
 #[derive(Debug)]
-pub struct AddressSlots {
+pub struct KeyedSlots<K> {
     max: usize,
-    open: Mutex<HashMap<IpAddr, usize>>,
+    open: Mutex<HashMap<K, usize>>,
 }
 
-/// One connection counted against its address until dropped.
+/// One connection counted against its key until dropped.
 #[derive(Debug)]
-pub struct AddressSlot {
-    slots: Arc<AddressSlots>,
-    ip: IpAddr,
+pub struct KeyedSlot<K: Eq + Hash + Clone> {
+    slots: Arc<KeyedSlots<K>>,
+    key: K,
 }
 
-impl AddressSlots {
-    pub fn new(max: usize) -> Arc<AddressSlots> {
-        Arc::new(AddressSlots { max: max.max(1), open: Mutex::default() })
+/// Connections per remote address; IPv4 addresses mapped into IPv6 count as the IPv4 address.
+pub type AddressSlots = KeyedSlots<IpAddr>;
+/// Peers served per blob.
+pub type BlobSlots = KeyedSlots<Digest>;
+
+impl<K: Eq + Hash + Clone> KeyedSlots<K> {
+    pub fn new(max: usize) -> Arc<KeyedSlots<K>> {
+        Arc::new(KeyedSlots { max: max.max(1), open: Mutex::default() })
     }
 
-    /// A slot for a connection from `ip`, unless that address is at its cap. IPv4 addresses
-    /// mapped into IPv6 count as the IPv4 address.
-    pub fn take(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
-        let ip = ip.to_canonical();
+    /// A slot for a connection counted against `key`, unless that key is at its cap.
+    pub fn take(self: &Arc<Self>, key: K) -> Option<KeyedSlot<K>> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(ip).or_insert(0);
+        let n = open.entry(key.clone()).or_insert(0);
         if *n >= self.max {
             return None;
         }
         *n += 1;
-        Some(AddressSlot { slots: self.clone(), ip })
+        Some(KeyedSlot { slots: self.clone(), key })
     }
 
-    /// Connections open from `ip`.
-    pub fn open(&self, ip: IpAddr) -> usize {
+    /// Connections open for `key`.
+    pub fn open(&self, key: &K) -> usize {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.get(&ip.to_canonical()).copied().unwrap_or(0)
+        open.get(key).copied().unwrap_or(0)
     }
 }
 
-impl Drop for AddressSlot {
+impl KeyedSlots<IpAddr> {
+    /// A slot for a connection from `ip` (IPv4-mapped IPv6 counts as IPv4).
+    pub fn take_address(self: &Arc<Self>, ip: IpAddr) -> Option<KeyedSlot<IpAddr>> {
+        self.take(ip.to_canonical())
+    }
+}
+
+impl<K: Eq + Hash + Clone> Drop for KeyedSlot<K> {
     fn drop(&mut self) {
         let mut open = self.slots.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.ip) {
+        if let Some(n) = open.get_mut(&self.key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                open.remove(&self.ip);
+                open.remove(&self.key);
             }
         }
     }
@@ -267,12 +282,25 @@ mod tests {
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let first = slots.take(a).unwrap();
-        let _second = slots.take(mapped).unwrap();
-        assert!(slots.take(a).is_none(), "a third from one address");
-        let _other = slots.take(b).unwrap();
+        let first = slots.take_address(a).unwrap();
+        let _second = slots.take_address(mapped).unwrap();
+        assert!(slots.take_address(a).is_none(), "a third from one address");
+        let _other = slots.take_address(b).unwrap();
         drop(first);
-        assert_eq!(slots.open(a), 1);
+        assert_eq!(slots.open(&a), 1);
+        assert!(slots.take_address(a).is_some());
+    }
+
+    #[test]
+    fn blob_slots_cap_each_blob_and_free_on_drop() {
+        let slots = BlobSlots::new(1);
+        let a: Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
+        let b: Digest = format!("sha256:{}", "b".repeat(64)).parse().unwrap();
+        let first = slots.take(a.clone()).unwrap();
+        assert!(slots.take(a.clone()).is_none(), "a second peer for one blob");
+        let _other = slots.take(b.clone()).unwrap();
+        drop(first);
+        assert_eq!(slots.open(&a), 0);
         assert!(slots.take(a).is_some());
     }
 }

@@ -25,6 +25,9 @@ pub struct SwarmMetrics {
     /// Peers a download traded for a new one, by how (`immediate`: nothing in flight;
     /// `retiring`: disconnected after the piece on the wire).
     pub peer_rotations: IntCounterVec,
+    /// Peer connections refused because this node already served their blob to as many
+    /// peers as it will (`max_peers_per_blob`).
+    pub refused_busy: IntCounter,
 }
 
 impl SwarmMetrics {
@@ -83,7 +86,12 @@ impl SwarmMetrics {
                 ),
                 &["how"],
             )?,
+            refused_busy: IntCounter::new(
+                format!("shoal_{component}_peer_refused_busy_total"),
+                "Peer connections refused because the blob already had as many peers as this node serves",
+            )?,
         };
+        registry.register(Box::new(m.refused_busy.clone()))?;
         registry.register(Box::new(m.peer_rotations.clone()))?;
         registry.register(Box::new(m.piece_timeouts.clone()))?;
         registry.register(Box::new(m.duplicate_bytes.clone()))?;

@@ -93,6 +93,8 @@ pub struct FleetConfig {
     pub time_limit: Duration,
     /// Print a line a simulated second to stderr (progress, connections, requests).
     pub trace: bool,
+    /// Peers an agent serves one blob to at once (`max_peers_per_blob`); `None`: no cap.
+    pub max_peers_per_blob: Option<usize>,
 }
 
 impl FleetConfig {
@@ -117,6 +119,7 @@ impl FleetConfig {
             piece_length: None,
             time_limit: Duration::from_secs_f64((limit * 50.0).max(600.0)),
             trace: false,
+            max_peers_per_blob: Some(shoal_p2p::server::DEFAULT_MAX_PEERS_PER_BLOB),
         }
     }
 

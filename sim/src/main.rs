@@ -50,6 +50,10 @@ struct Args {
     /// Outbound connections per download (the agent's `max_connections_per_blob`, default 10).
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Peers an agent serves one blob to at once (the agent's `max_peers_per_blob`, default
+    /// 12; 0: no cap).
+    #[arg(long)]
+    max_peers_per_blob: Option<usize>,
     /// Piece length in KiB, a power of two from 64 to 4096 (default: what the origins choose
     /// for the blob's size, 1 MiB from 16 MiB up).
     #[arg(long, value_parser = parse_piece_kib)]
@@ -83,6 +87,7 @@ fn params(a: &Args, peers: usize) -> Params {
         rtt: a.rtt_ms.map(millis),
         rate_epoch: a.rate_epoch_ms.map(millis),
         max_connections: a.max_connections,
+        max_peers_per_blob: a.max_peers_per_blob,
         piece_length: a.piece_kib.map(|k| k * 1024),
         trace: a.trace,
     }

@@ -89,6 +89,8 @@ pub struct Params {
     /// Outbound connections per download (the agent's `max_connections_per_blob`); `None`:
     /// the agent's default.
     pub max_connections: Option<usize>,
+    /// Peers an agent serves one blob to at once; `None`: the agent's default; 0: no cap.
+    pub max_peers_per_blob: Option<usize>,
     /// Piece length in bytes; `None`: what the origins choose.
     pub piece_length: Option<u64>,
     pub trace: bool,
@@ -107,6 +109,9 @@ pub fn build(scenario: Scenario, p: &Params) -> FleetConfig {
     }
     if let Some(n) = p.max_connections {
         cfg.scheduler.max_connections = n;
+    }
+    if let Some(n) = p.max_peers_per_blob {
+        cfg.max_peers_per_blob = (n > 0).then_some(n);
     }
     cfg.piece_length = p.piece_length;
     let mut rng = StdRng::seed_from_u64(p.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
@@ -182,6 +187,7 @@ mod tests {
             rtt: None,
             rate_epoch: None,
             max_connections: None,
+            max_peers_per_blob: None,
             piece_length: None,
             trace: false,
         }

@@ -23,6 +23,7 @@ fn params(peers: usize, mib: u64) -> Params {
         rtt: None,
         rate_epoch: None,
         max_connections: None,
+        max_peers_per_blob: None,
         piece_length: None,
         trace: false,
     }

@@ -41,6 +41,7 @@ impl Sim {
             bytes_done: 0,
             counted: None,
             _slot: Some(slot),
+            _blob_slot: None,
         };
         let id = match self.free_conns.pop() {
             Some(idx) => {
@@ -67,7 +68,10 @@ impl Sim {
         }
         let s = &self.nodes[server];
         let max_inbound = if s.origin { ORIGIN_MAX_INBOUND } else { AGENT_MAX_INBOUND };
-        let Some(bitfield) = s.have[blob].clone().filter(|_| s.alive && s.inbound_count < max_inbound) else {
+        let blob_slot = s.blob_peers.take(self.metas[blob].digest().clone());
+        let Some(bitfield) =
+            s.have[blob].clone().filter(|_| s.alive && s.inbound_count < max_inbound && blob_slot.is_some())
+        else {
             let addr = s.addr;
             self.free(c);
             if let Some(d) = self.download(node, blob) {
@@ -87,6 +91,7 @@ impl Sim {
         if let Some(conn) = self.conn_mut(c) {
             conn.established = true;
             conn.counted = counted;
+            conn._blob_slot = blob_slot;
         }
         let Some(d) = self.download(node, blob) else { return };
         if d.state.connected(peer, addr, bitfield, now) {
@@ -136,6 +141,7 @@ impl Sim {
             conn.live = false;
             conn.queue.clear();
             conn._slot = None;
+            conn._blob_slot = None;
             conn.counted = None;
             self.free_conns.push(c.idx);
         }

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use shoal_p2p::inbound::{BlobSlots, KeyedSlot};
 use shoal_p2p::metainfo::{piece_length_for, Metainfo};
 use shoal_p2p::node::{ConnectionSlot, DownloadSlot, NodeFlow};
 use shoal_p2p::super_seed::SuperSeed;
@@ -142,6 +143,8 @@ struct Node {
     inbound_count: usize,
     downloads: Vec<Option<Download>>,
     super_seed: Option<SuperSeed>,
+    /// Peers served per blob, under the agent's cap (the server's real rule).
+    blob_peers: Arc<BlobSlots>,
     lost_at: Option<SimTime>,
 }
 
@@ -161,6 +164,8 @@ struct Conn {
     /// The pieces the origin's super-seeding counts this client as holding.
     counted: Option<Bitfield>,
     _slot: Option<ConnectionSlot>,
+    /// The server's count of this blob's peers, held while the connection is up.
+    _blob_slot: Option<KeyedSlot<Digest>>,
 }
 
 /// Counters of the whole run.
@@ -261,6 +266,10 @@ impl Sim {
                 inbound_count: 0,
                 downloads: (0..blobs).map(|_| None).collect(),
                 super_seed: origin.then(|| SuperSeed::new(SUPER_SEED_WINDOW)),
+                blob_peers: BlobSlots::new(match cfg.max_peers_per_blob {
+                    Some(n) if !origin => n,
+                    _ => usize::MAX,
+                }),
                 lost_at: None,
             });
         }
