@@ -1,0 +1,132 @@
+//! Stalls, timeouts and bans: silence withdraws requests, bytes never do.
+
+use super::*;
+
+#[test]
+fn a_peer_is_never_timed_out_while_its_bytes_arrive_however_slowly() {
+    let t0 = Instant::now();
+    let mut s = state(64, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 2, t0);
+    s.fill(t0, None, 0);
+    let mut counters = HashMap::new();
+    // Peer 1 delivers 6 MB/s; peer 2 trickles 100 KB/s: a piece takes it 10 s.
+    let rates = HashMap::from([(peer(1), 6_000_000), (peer(2), 100_000)]);
+    let (_, actions) = run(&mut s, t0, &mut counters, &rates, 60, None);
+    let timeouts = actions.iter().filter(|a| matches!(a, Action::TimedOut { .. })).count();
+    assert_eq!(timeouts, 0, "{actions:?}");
+    assert!(s.picker().in_flight_for(&peer(2)) <= flow::MIN_PIPELINE);
+}
+
+#[test]
+fn a_silent_peer_is_timed_out_and_its_pieces_go_elsewhere() {
+    let t0 = Instant::now();
+    let mut s = state(64, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 2, t0);
+    let first = requests(&s.fill(t0, None, 0));
+    let silent: Vec<u32> = first.iter().filter(|r| r.0 == peer(2)).map(|r| r.1).collect();
+    assert!(!silent.is_empty());
+    let mut counters = HashMap::new();
+    let rates = HashMap::from([(peer(1), 6_000_000), (peer(2), 0)]);
+    // Just before the stall time nothing is withdrawn.
+    let (t, actions) = run(&mut s, t0, &mut counters, &rates, 14, None);
+    assert!(!actions.iter().any(|a| matches!(a, Action::TimedOut { .. })));
+    let (_, actions) = run(&mut s, t, &mut counters, &rates, 1, None);
+    let timed_out: Vec<u32> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::TimedOut { peer: p, index } if *p == peer(2) => Some(*index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(timed_out, silent);
+    // The withdrawn pieces are asked of the peer that delivers (it has room once measured).
+    let asked_again: Vec<u32> = requests(&actions).iter().filter(|r| r.0 == peer(1)).map(|r| r.1).collect();
+    assert!(silent.iter().any(|i| asked_again.contains(i)) || s.picker().in_flight_for(&peer(1)) > 0);
+    assert!(!actions.contains(&Action::Disconnect(peer(2))), "one stall is not a ban");
+}
+
+#[test]
+fn a_slow_peer_that_goes_quiet_for_less_than_two_piece_times_keeps_its_requests() {
+    let t0 = Instant::now();
+    let mut s = state(64, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 1, t0);
+    s.fill(t0, None, 0);
+    let mut counters = HashMap::new();
+    // 250 KB/s, as a straggler's share of its link: a 1 MiB piece takes 4.2 s.
+    let (t, actions) = run(&mut s, t0, &mut counters, &HashMap::from([(peer(1), 250_000)]), 25, None);
+    assert!(!actions.iter().any(|a| matches!(a, Action::TimedOut { .. })));
+    let asked = s.picker().requests_to(&peer(1)).to_vec();
+    assert!(!asked.is_empty());
+    // Then 5 s without a byte (TCP backing off on the congested link): no stall yet.
+    let (t, actions) = run(&mut s, t, &mut counters, &HashMap::from([(peer(1), 0)]), 25, None);
+    assert!(!actions.iter().any(|a| matches!(a, Action::TimedOut { .. })), "{actions:?}");
+    assert_eq!(s.picker().requests_to(&peer(1)), &asked[..]);
+    // Silent for longer than two pieces take at its rate: withdrawn.
+    let (_, actions) = run(&mut s, t, &mut counters, &HashMap::from([(peer(1), 0)]), 20, None);
+    assert!(actions.iter().any(|a| matches!(a, Action::TimedOut { peer: p, .. } if *p == peer(1))));
+}
+
+#[test]
+fn stalls_in_a_row_ban_a_peer_and_a_delivery_forgives_them() {
+    let t0 = Instant::now();
+    let mut s = state(64, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 2, t0);
+    let mut counters = HashMap::new();
+    let rates = HashMap::from([(peer(1), 6_000_000), (peer(2), 0)]);
+    s.fill(t0, None, 0);
+    let (_, actions) = run(&mut s, t0, &mut counters, &rates, 60, None);
+    assert!(actions.contains(&Action::Disconnect(peer(2))), "3 stalls in a row ban");
+    assert_eq!(s.peer_count(), 1);
+    // A banned peer handed out again is not reconnected.
+    let again = s.announced(Some(vec![info(2, false)]), Duration::from_secs(5), t0 + Duration::from_secs(13));
+    assert!(!again.contains(&Action::Connect(addr(2))));
+}
+
+#[test]
+fn a_bad_piece_bans_and_drops_the_peer_and_a_bad_origin_piece_is_fatal() {
+    let t0 = Instant::now();
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 1, t0);
+    let reqs = requests(&s.fill(t0, None, 0));
+    let actions = s.stored(peer(1), reqs[0].1, Stored::BadPiece, t0).unwrap();
+    assert_eq!(actions, vec![Action::Disconnect(peer(1))]);
+    assert!(!s.connected(peer(1), addr(1), Bitfield::full(4), t0), "banned");
+    assert!(s.stored(ORIGIN_PEER, 0, Stored::BadPiece, t0).is_err());
+}
+
+#[test]
+fn a_ban_follows_the_peers_address_and_outlives_the_download_on_the_node() {
+    let t0 = Instant::now();
+    let node = crate::node::NodeFlow::default();
+    let digest = meta(4).digest().clone();
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 2, t0);
+    let reqs = requests(&s.fill(t0, None, 0));
+    let (bad, index) = reqs.iter().copied().find(|(p, _)| *p == peer(1)).expect("a request to peer 1");
+    s.stored(bad, index, Stored::BadPiece, t0).unwrap();
+    // The broken agent restarts with a new random id at the same address.
+    assert!(!s.connected(peer(7), addr(1), Bitfield::full(4), t0), "the address is banned, not the id");
+    node.keep_blacklist(&digest, s.take_blacklist(), t0);
+
+    // The client retries: a new download of the blob on this node, handed the same peers.
+    let t1 = t0 + Duration::from_secs(10);
+    let blacklist = node.blacklist_for(&digest, t1).expect("the node kept the ban");
+    let mut next = state(4, SchedulerConfig::default(), t1).with_blacklist(blacklist);
+    let connects = next.announced(Some(vec![info(1, false), info(2, false)]), Duration::from_secs(5), t1);
+    assert!(connects.contains(&Action::Connect(addr(2))));
+    assert!(!connects.contains(&Action::Connect(addr(1))), "not reconnected to the peer that lied");
+    // Another blob's download on the node trusts it.
+    let other = Digest::of(Algorithm::Sha256, b"other");
+    assert!(node.blacklist_for(&other, t1).is_none());
+}
+
+#[test]
+fn a_download_with_no_progress_fails_after_the_stall_timeout() {
+    let t0 = Instant::now();
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    s.announced(Some(vec![]), Duration::from_secs(5), t0);
+    s.tick(t0 + Duration::from_millis(200), &[]).unwrap();
+    assert!(s.fallback_active(), "no peers at all: the origin at once");
+    let err = s.tick(t0 + Duration::from_secs(60), &[]).unwrap_err();
+    assert!(matches!(err, Fatal::Stalled(..)), "{err}");
+}
