@@ -29,6 +29,9 @@ pub struct OriginConfig {
     pub upload_idle_timeout: Duration,
     /// Largest manifest accepted.
     pub max_manifest_size: ByteSize,
+    /// Pieces the peer server sends at once over all connections; the others wait their
+    /// turn (`shoal_p2p::server::DEFAULT_ORIGIN_UPLOAD_SLOTS`). 0: no limit.
+    pub peer_upload_slots: usize,
     pub limits: Limits,
     pub auth: AuthConfig,
     pub cluster: ClusterSection,
@@ -195,6 +198,7 @@ impl Default for OriginConfig {
             data_dir: PathBuf::from("shoal-data/origin"),
             upload_idle_timeout: default_upload_idle_timeout(),
             max_manifest_size: ByteSize::b(shoal_registry::manifest::DEFAULT_MAX_MANIFEST_SIZE),
+            peer_upload_slots: shoal_p2p::server::DEFAULT_ORIGIN_UPLOAD_SLOTS,
             limits: Limits::default(),
             auth: AuthConfig::default(),
             tls: shoal_tls::TlsSettings::default(),
@@ -310,6 +314,7 @@ mod tests {
             data_dir = "/tmp/x"
             upload_idle_timeout = "2s"
             max_manifest_size = "1MiB"
+            peer_upload_slots = 4
             [limits]
             max_concurrent_requests = 3
             header_read_timeout = "5s"
@@ -325,6 +330,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.upload_idle_timeout, Duration::from_secs(2));
         assert_eq!(c.max_manifest_size.as_u64(), 1024 * 1024);
+        assert_eq!(c.peer_upload_slots, 4);
         assert_eq!(c.limits.max_concurrent_requests, 3);
         let http = c.limits.http();
         assert_eq!(http.header_read_timeout, Duration::from_secs(5));

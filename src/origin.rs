@@ -448,6 +448,8 @@ async fn start_seeding(
         max_connections_per_address: config.limits.max_peer_connections_per_address,
         // Super-seeding already spreads an origin's sends; a cap would only refuse agents.
         max_peers_per_blob: None,
+        upload_slots: (config.peer_upload_slots > 0)
+            .then(|| Arc::new(tokio::sync::Semaphore::new(config.peer_upload_slots))),
         // Send each piece to one agent and let the swarm spread it.
         super_seed: Some(shoal_p2p::super_seed::SuperSeed::new(Duration::from_secs(3))),
     });

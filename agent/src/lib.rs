@@ -142,6 +142,9 @@ impl Agent {
             max_connections: config.max_peer_connections,
             max_connections_per_address: config.max_peer_connections_per_address,
             max_peers_per_blob: Some(config.max_peers_per_blob),
+            // Agents send to every peer they serve at once: their uplinks are shared by a
+            // dozen downloaders at most (`max_peers_per_blob`).
+            upload_slots: None,
             super_seed: None,
         });
         let auth = {

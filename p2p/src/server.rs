@@ -2,6 +2,8 @@
 //! (complete or still downloading) and tells them about new pieces as they arrive.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,7 +11,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use shoal_registry::Digest;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
 
 use crate::bitfield::Bitfield;
@@ -44,6 +46,20 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
 /// and from 2.10 to 1.73 at 10,000 (docs/benchmarks.md). A refused downloader forgets this
 /// peer until the tracker names it again and connects to its next candidate.
 pub const DEFAULT_MAX_PEERS_PER_BLOB: usize = 12;
+/// Default number of pieces an origin sends at once, over all its connections (its
+/// `peer_upload_slots`). A fleet that starts together asks an origin for about one distinct
+/// first piece per agent: sent side by side, a thousand first pieces each went at a
+/// thousandth of the origin's link, none arrived for 17 s, and the fleet had nothing to pass
+/// on meanwhile (`shoal-sim`, 1 GiB, 1,000 hosts). Sixteen at a time, each goes at about a
+/// host's rate (an origin's link is typically ten or more hosts' wide), and the swarm starts
+/// spreading the first of them within a fraction of a second. See [`TURN_REMINDER`].
+pub const DEFAULT_ORIGIN_UPLOAD_SLOTS: usize = 16;
+/// While a connection's requests wait for a send slot, the server sends it a keep-alive this
+/// often: the requester counts any bytes on a connection as a sign that its requests are
+/// not stalled (`swarm_state`'s stall rule), so requests that wait their turn are not
+/// withdrawn and asked elsewhere. Well inside the requester's stall window
+/// (`flow::STALL_AFTER`, 3 s).
+pub const TURN_REMINDER: Duration = Duration::from_secs(1);
 /// Error code sent when the blob is unknown here.
 pub const ERROR_UNKNOWN_BLOB: u16 = 404;
 /// Error code sent when this node already serves the blob to as many peers as it will.
@@ -69,6 +85,10 @@ pub struct PeerServer {
     /// Peers served one blob at once; more are refused after the handshake
     /// ([`ERROR_BLOB_BUSY`]). `None`: no cap (origins, whose super-seeding spreads the load).
     pub max_peers_per_blob: Option<usize>,
+    /// Pieces sent at once over all connections; the others wait their turn, first come
+    /// first served, one piece per turn ([`DEFAULT_ORIGIN_UPLOAD_SLOTS`]). `None`: every
+    /// connection sends as soon as it has a request (agents).
+    pub upload_slots: Option<Arc<Semaphore>>,
     /// Super-seeding (origins): a piece sent to one peer is declined to others for this
     /// long, so they fetch it from that peer and the seeder sends each piece about once.
     pub super_seed: Option<SuperSeed>,
@@ -188,7 +208,25 @@ impl PeerServer {
         });
         let mut progress = pieces.subscribe();
         let mut queue: VecDeque<u32> = VecDeque::new();
+        // This connection's place in the line for a send slot, and its turn once it has one.
+        let mut waiting: Option<TurnWait> = None;
+        let mut turn: Option<OwnedSemaphorePermit> = None;
+        let mut reminder = tokio::time::interval(TURN_REMINDER);
+        reminder.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
+            match &self.upload_slots {
+                // A connection with nothing to send leaves the line (or gives its turn back).
+                _ if queue.is_empty() => {
+                    waiting = None;
+                    turn = None;
+                }
+                Some(slots) if turn.is_none() && waiting.is_none() => {
+                    waiting = Some(Box::pin(slots.clone().acquire_owned()));
+                    reminder.reset();
+                }
+                _ => {}
+            }
+            let may_send = !queue.is_empty() && (self.upload_slots.is_none() || turn.is_some());
             tokio::select! {
                 biased;
                 incoming = in_rx.recv() => match incoming {
@@ -233,7 +271,16 @@ impl PeerServer {
                         break Err(e.to_string());
                     }
                 },
-                _ = std::future::ready(()), if !queue.is_empty() => {
+                granted = wait_turn(&mut waiting), if waiting.is_some() => {
+                    waiting = None;
+                    match granted {
+                        Ok(permit) => turn = Some(permit),
+                        Err(_) => break Err("upload slots closed".to_string()),
+                    }
+                },
+                _ = std::future::ready(()), if may_send => {
+                    // One piece per turn: the next one waits at the back of the line.
+                    let _turn = turn.take();
                     let Some(index) = queue.pop_front() else { continue };
                     self.egress.release(pieces.metainfo().piece_len(index).unwrap_or(0));
                     if !pieces.has(index) {
@@ -264,6 +311,11 @@ impl PeerServer {
                     }
                     self.metrics.sent_bytes.inc_by(len);
                 },
+                _ = reminder.tick(), if waiting.is_some() => {
+                    if let Err(e) = sink.send(Message::KeepAlive).await {
+                        break Err(e.to_string());
+                    }
+                },
             }
         };
         reader.abort();
@@ -271,6 +323,18 @@ impl PeerServer {
             self.egress.release(pieces.metainfo().piece_len(index).unwrap_or(0));
         }
         result
+    }
+}
+
+/// A connection waiting in line for a send slot (tokio's semaphore serves waiters first
+/// come, first served).
+type TurnWait = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+
+/// The wait for a send slot, or never if this connection is not in line.
+async fn wait_turn(waiting: &mut Option<TurnWait>) -> Result<OwnedSemaphorePermit, AcquireError> {
+    match waiting.as_mut() {
+        Some(wait) => wait.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -314,6 +378,98 @@ mod tests {
         rx.recv().await.expect("the connection reports how it started")
     }
 
+    /// A downloader of `meta`'s blob holding nothing, handshaken with the server at `addr`.
+    async fn raw_peer(
+        addr: std::net::SocketAddr,
+        meta: &Metainfo,
+    ) -> tokio_util::codec::Framed<TcpStream, PeerCodec> {
+        use futures_util::SinkExt;
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let mut framed = tokio_util::codec::Framed::new(stream, PeerCodec::default());
+        let hello = Message::Handshake {
+            version: PROTOCOL_VERSION,
+            digest: meta.digest().clone(),
+            peer_id: PeerId::random(),
+            bitfield: Bitfield::new(meta.piece_count()).to_bytes().into(),
+        };
+        framed.send(hello).await.unwrap();
+        let reply = framed.next().await.unwrap().unwrap();
+        assert!(matches!(reply, Message::Handshake { .. }), "{reply:?}");
+        framed
+    }
+
+    #[tokio::test]
+    async fn requests_wait_their_turn_for_a_send_slot_hearing_keep_alives_and_are_served_in_arrival_order() {
+        use futures_util::SinkExt;
+        let dir = tempfile::tempdir().unwrap();
+        let seed = dir.path().join("seed");
+        std::fs::write(&seed, vec![7u8; 3 << 20]).unwrap();
+        let meta = Arc::new(Metainfo::compute_file(&seed, Algorithm::Sha256).unwrap());
+        let seeded = Arc::new(BlobPieces::complete(&seed, meta.clone()).unwrap());
+        let slots = Arc::new(Semaphore::new(1));
+        let server = Arc::new(PeerServer {
+            peer_id: PeerId::random(),
+            lookup: Arc::new(OneBlob(seeded)),
+            egress: Arc::new(RateLimiter::unlimited()),
+            metrics: SwarmMetrics::unregistered(),
+            max_connections: 16,
+            max_connections_per_address: 16,
+            max_peers_per_blob: None,
+            upload_slots: Some(slots.clone()),
+            super_seed: None,
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = tokio::spawn(server.serve(listener));
+
+        // The test holds the only slot, so both downloaders wait in line: `first` asks first.
+        let held = slots.clone().acquire_owned().await.unwrap();
+        let (mut first, mut second) = (raw_peer(addr, &meta).await, raw_peer(addr, &meta).await);
+        first.send(Message::Request { index: 0 }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        second.send(Message::Request { index: 1 }).await.unwrap();
+
+        // While they wait, the downloaders hear a keep-alive every `TURN_REMINDER`, no piece.
+        let waited = TURN_REMINDER * 5 / 2;
+        let end = tokio::time::Instant::now() + waited;
+        let mut heard = 0;
+        while let Ok(next) = tokio::time::timeout_at(end, second.next()).await {
+            match next {
+                Some(Ok(Message::KeepAlive)) => heard += 1,
+                other => panic!("waiting for a slot, the second downloader got {other:?}"),
+            }
+        }
+        assert!(heard >= 2, "{heard} keep-alives in {waited:?} of waiting");
+        heard = 0;
+        while let Ok(next) = tokio::time::timeout(Duration::from_millis(10), first.next()).await {
+            match next {
+                Some(Ok(Message::KeepAlive)) => heard += 1,
+                other => panic!("waiting for a slot, the first downloader got {other:?}"),
+            }
+        }
+        assert!(heard >= 2, "{heard} keep-alives in {waited:?} of waiting");
+
+        // The slot comes free: the downloaders get their pieces in the order they asked, one
+        // slot between them.
+        let (tx, mut order) = mpsc::unbounded_channel();
+        for (name, mut peer) in [("first", first), ("second", second)] {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(m)) = peer.next().await {
+                    if let Message::Piece { index, .. } = m {
+                        let _ = tx.send((name, index));
+                        return;
+                    }
+                }
+            });
+        }
+        drop(held);
+        let a = tokio::time::timeout(Duration::from_secs(5), order.recv()).await.unwrap().unwrap();
+        let b = tokio::time::timeout(Duration::from_secs(5), order.recv()).await.unwrap().unwrap();
+        assert_eq!((a.0, a.1, b.0, b.1), ("first", 0, "second", 1));
+        serving.abort();
+    }
+
     #[tokio::test]
     async fn a_blob_serves_at_most_its_cap_of_peers_and_frees_a_place_when_one_leaves() {
         let dir = tempfile::tempdir().unwrap();
@@ -331,6 +487,7 @@ mod tests {
             max_connections: 16,
             max_connections_per_address: 16,
             max_peers_per_blob: Some(2),
+            upload_slots: None,
             super_seed: None,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -95,6 +95,10 @@ pub struct FleetConfig {
     pub trace: bool,
     /// Peers an agent serves one blob to at once (`max_peers_per_blob`); `None`: no cap.
     pub max_peers_per_blob: Option<usize>,
+    /// Pieces an origin sends at once (its `peer_upload_slots`); `None`: no limit.
+    pub origin_upload_slots: Option<usize>,
+    /// Pieces an agent sends at once; `None`: no limit (the agent's rule).
+    pub agent_upload_slots: Option<usize>,
 }
 
 impl FleetConfig {
@@ -120,6 +124,8 @@ impl FleetConfig {
             time_limit: Duration::from_secs_f64((limit * 50.0).max(600.0)),
             trace: false,
             max_peers_per_blob: Some(shoal_p2p::server::DEFAULT_MAX_PEERS_PER_BLOB),
+            origin_upload_slots: Some(shoal_p2p::server::DEFAULT_ORIGIN_UPLOAD_SLOTS),
+            agent_upload_slots: None,
         }
     }
 

@@ -54,6 +54,13 @@ struct Args {
     /// 12; 0: no cap).
     #[arg(long)]
     max_peers_per_blob: Option<usize>,
+    /// Pieces an origin sends at once (the origin's `peer_upload_slots`, default 16; 0: no
+    /// limit).
+    #[arg(long)]
+    origin_upload_slots: Option<usize>,
+    /// Pieces an agent sends at once (default: no limit, as agents do).
+    #[arg(long)]
+    agent_upload_slots: Option<usize>,
     /// Piece length in KiB, a power of two from 64 to 4096 (default: what the origins choose
     /// for the blob's size, 1 MiB from 16 MiB up).
     #[arg(long, value_parser = parse_piece_kib)]
@@ -88,6 +95,8 @@ fn params(a: &Args, peers: usize) -> Params {
         rate_epoch: a.rate_epoch_ms.map(millis),
         max_connections: a.max_connections,
         max_peers_per_blob: a.max_peers_per_blob,
+        origin_upload_slots: a.origin_upload_slots,
+        agent_upload_slots: a.agent_upload_slots,
         piece_length: a.piece_kib.map(|k| k * 1024),
         trace: a.trace,
     }

@@ -91,6 +91,10 @@ pub struct Params {
     pub max_connections: Option<usize>,
     /// Peers an agent serves one blob to at once; `None`: the agent's default; 0: no cap.
     pub max_peers_per_blob: Option<usize>,
+    /// Pieces an origin sends at once; `None`: the origin's default; 0: no limit.
+    pub origin_upload_slots: Option<usize>,
+    /// Pieces an agent sends at once; `None` or 0: no limit.
+    pub agent_upload_slots: Option<usize>,
     /// Piece length in bytes; `None`: what the origins choose.
     pub piece_length: Option<u64>,
     pub trace: bool,
@@ -113,6 +117,10 @@ pub fn build(scenario: Scenario, p: &Params) -> FleetConfig {
     if let Some(n) = p.max_peers_per_blob {
         cfg.max_peers_per_blob = (n > 0).then_some(n);
     }
+    if let Some(n) = p.origin_upload_slots {
+        cfg.origin_upload_slots = (n > 0).then_some(n);
+    }
+    cfg.agent_upload_slots = p.agent_upload_slots.filter(|&n| n > 0);
     cfg.piece_length = p.piece_length;
     let mut rng = StdRng::seed_from_u64(p.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let limit = cfg.limit_secs(1.0);
@@ -188,6 +196,8 @@ mod tests {
             rate_epoch: None,
             max_connections: None,
             max_peers_per_blob: None,
+            origin_upload_slots: None,
+            agent_upload_slots: None,
             piece_length: None,
             trace: false,
         }

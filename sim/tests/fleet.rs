@@ -24,6 +24,8 @@ fn params(peers: usize, mib: u64) -> Params {
         rate_epoch: None,
         max_connections: None,
         max_peers_per_blob: None,
+        origin_upload_slots: None,
+        agent_upload_slots: None,
         piece_length: None,
         trace: false,
     }

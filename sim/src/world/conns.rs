@@ -1,7 +1,8 @@
 //! Connections between simulated hosts: connecting under the real node budget, the
 //! handshake, closing, and the server side, which answers requests one after the other per
 //! connection (an origin's super-seeding may decline one), each piece a unit of the
-//! connection's fluid flow.
+//! connection's fluid flow. An origin sends only as many pieces at once as it has send
+//! slots (`turns`); a connection waiting for one hears keep-alives.
 
 use super::*;
 
@@ -42,6 +43,9 @@ impl Sim {
             counted: None,
             _slot: Some(slot),
             _blob_slot: None,
+            turn: false,
+            waiting_since: None,
+            reminder_bytes: 0,
         };
         let id = match self.free_conns.pop() {
             Some(idx) => {
@@ -113,6 +117,10 @@ impl Sim {
             self.counters.wasted_bytes += self.net.sent(f, self.now) as u64;
             self.net.remove_flow(f);
         }
+        let mut work = VecDeque::new();
+        if established {
+            self.stop_waiting(c, &mut work);
+        }
         let counted = self.conn_mut(c).and_then(|k| k.counted.take());
         let now = self.instant();
         if established {
@@ -134,6 +142,7 @@ impl Sim {
             }
         }
         self.free(c);
+        self.serve_all(work);
     }
 
     pub(super) fn free(&mut self, c: ConnId) {
@@ -148,31 +157,69 @@ impl Sim {
     }
 
     /// The server side of a connection takes its next request: an origin may decline it
-    /// (super-seeding), else the piece streams on the connection's flow.
+    /// (super-seeding), else the piece streams on the connection's flow. At an origin with
+    /// send slots the connection first waits for one.
     pub(super) fn serve_next(&mut self, c: ConnId) {
+        self.serve_all(VecDeque::from([c]));
+    }
+
+    /// Serve connections in turn, and those a slot given back on the way goes to (a queue,
+    /// not recursion: a slot can pass through a thousand declines in one instant).
+    fn serve_all(&mut self, mut work: VecDeque<ConnId>) {
+        while let Some(c) = work.pop_front() {
+            self.serve_one(c, &mut work);
+        }
+    }
+
+    fn serve_one(&mut self, c: ConnId, work: &mut VecDeque<ConnId>) {
         let now = self.instant();
         loop {
+            let at = self.now;
             let Some(conn) = self.conn_mut(c) else { return };
-            let Some(index) = conn.queue.pop_front() else {
-                conn.sending = None;
+            if conn.sending.is_some() {
+                return;
+            }
+            let Some(&index) = conn.queue.front() else {
                 if let Some(f) = conn.flow.take() {
                     self.net.remove_flow(f);
                 }
+                self.stop_waiting(c, work);
                 return;
             };
-            let (server, client, blob, flow) = (conn.server, conn.client, conn.blob, conn.flow);
-            let s = &self.nodes[server];
-            if !s.have[blob].as_ref().is_some_and(|h| h.get(index)) {
-                continue;
+            let (server, client, blob, flow, turn, waiting) =
+                (conn.server, conn.client, conn.blob, conn.flow, conn.turn, conn.waiting_since.is_some());
+            if let Some(turns) = self.nodes[server].turns.as_mut().filter(|_| !turn) {
+                if waiting {
+                    return;
+                }
+                let granted = turns.ask(c);
+                let Some(conn) = self.conn_mut(c) else { return };
+                if !granted {
+                    conn.waiting_since = Some(at);
+                    if let Some(f) = conn.flow.take() {
+                        self.net.remove_flow(f);
+                    }
+                    return;
+                }
+                conn.turn = true;
             }
-            if let Some(ss) = &s.super_seed {
-                let meta = &self.metas[blob];
-                let peer = self.nodes[client].peer_id;
-                if !ss.claim(meta.digest(), index, peer, meta.piece_count(), now) {
+            if let Some(conn) = self.conn_mut(c) {
+                conn.queue.pop_front();
+            }
+            let s = &self.nodes[server];
+            let held = s.have[blob].as_ref().is_some_and(|h| h.get(index));
+            let claimed = held
+                && s.super_seed.as_ref().is_none_or(|ss| {
+                    let meta = &self.metas[blob];
+                    ss.claim(meta.digest(), index, self.nodes[client].peer_id, meta.piece_count(), now)
+                });
+            if !claimed {
+                if held {
                     self.counters.declines += 1;
                     self.after(self.half_rtt, Ev::DeclineArrives(c, index));
-                    continue;
                 }
+                self.give_back_turn(c, work);
+                continue;
             }
             let len = self.piece_len(blob, index) as f64;
             match flow {
@@ -197,6 +244,52 @@ impl Sim {
         }
     }
 
+    /// `c` gives its send slot back (a piece sent or declined): it goes to the first in
+    /// line, who is queued to be served.
+    fn give_back_turn(&mut self, c: ConnId, work: &mut VecDeque<ConnId>) {
+        let Some(conn) = self.conn_mut(c) else { return };
+        if !std::mem::take(&mut conn.turn) {
+            return;
+        }
+        let server = conn.server;
+        let Some(next) = self.nodes[server].turns.as_mut().and_then(|t| t.give_back()) else { return };
+        let at = self.now;
+        if let Some(conn) = self.conn_mut(next) {
+            conn.turn = true;
+            if let Some(since) = conn.waiting_since.take() {
+                conn.reminder_bytes += reminder_bytes(since, at);
+            }
+        }
+        work.push_back(next);
+    }
+
+    /// `c` has nothing to send any more (or closes): it leaves the line, or gives its slot
+    /// back.
+    fn stop_waiting(&mut self, c: ConnId, work: &mut VecDeque<ConnId>) {
+        let at = self.now;
+        let Some(conn) = self.conn_mut(c) else { return };
+        let server = conn.server;
+        if let Some(since) = conn.waiting_since.take() {
+            conn.reminder_bytes += reminder_bytes(since, at);
+            if let Some(t) = self.nodes[server].turns.as_mut() {
+                t.leave(c);
+            }
+        }
+        self.give_back_turn(c, work);
+    }
+
+    /// The client cancelled a request: it leaves the queue, and a connection with nothing
+    /// left to send leaves the line for a slot.
+    pub(super) fn cancel_arrives(&mut self, c: ConnId, index: u32) {
+        let Some(conn) = self.conn_mut(c) else { return };
+        conn.queue.retain(|&i| i != index);
+        if conn.queue.is_empty() && conn.sending.is_none() {
+            let mut work = VecDeque::new();
+            self.stop_waiting(c, &mut work);
+            self.serve_all(work);
+        }
+    }
+
     /// The links a transfer from `from` to `to` loads: data one way, ACKs the other.
     pub(super) fn uses(&self, from: usize, to: usize) -> [(LinkId, f64); 4] {
         let (f, t, a) = (&self.nodes[from], &self.nodes[to], self.cfg.ack_overhead);
@@ -218,6 +311,11 @@ impl Sim {
             ss.sent_in_full(self.metas[blob].digest(), index, self.nodes[client].peer_id, now);
         }
         self.after(self.half_rtt, Ev::PieceArrives(c, index));
-        self.serve_next(c);
+        // One piece per turn: the slot goes to the first in line, and this connection asks
+        // again behind it.
+        let mut work = VecDeque::new();
+        self.give_back_turn(c, &mut work);
+        work.push_back(c);
+        self.serve_all(work);
     }
 }

@@ -42,6 +42,7 @@ use crate::report::{HostResult, Outcome};
 mod conns;
 mod hosts;
 mod trace;
+mod turns;
 
 /// The port every simulated peer listens on.
 const PEER_PORT: u16 = 7000;
@@ -145,6 +146,9 @@ struct Node {
     super_seed: Option<SuperSeed>,
     /// Peers served per blob, under the agent's cap (the server's real rule).
     blob_peers: Arc<BlobSlots>,
+    /// An origin's send slots (`peer_upload_slots`, the server's real rule); `None`: every
+    /// connection sends at once.
+    turns: Option<turns::Turns>,
     lost_at: Option<SimTime>,
 }
 
@@ -166,6 +170,11 @@ struct Conn {
     _slot: Option<ConnectionSlot>,
     /// The server's count of this blob's peers, held while the connection is up.
     _blob_slot: Option<KeyedSlot<Digest>>,
+    /// Holds one of the server's send slots (`Node::turns`), or waits in line since then.
+    turn: bool,
+    waiting_since: Option<SimTime>,
+    /// Keep-alive bytes the server sent while this connection waited for a slot, past waits.
+    reminder_bytes: u64,
 }
 
 /// Counters of the whole run.
@@ -270,6 +279,8 @@ impl Sim {
                     Some(n) if !origin => n,
                     _ => usize::MAX,
                 }),
+                turns: if origin { cfg.origin_upload_slots } else { cfg.agent_upload_slots }
+                    .map(turns::Turns::new),
                 lost_at: None,
             });
         }
@@ -411,11 +422,7 @@ impl Sim {
                     self.serve_next(c);
                 }
             }
-            Ev::CancelArrives(c, index) => {
-                if let Some(conn) = self.conn_mut(c) {
-                    conn.queue.retain(|&i| i != index);
-                }
-            }
+            Ev::CancelArrives(c, index) => self.cancel_arrives(c, index),
             Ev::DeclineArrives(c, index) => {
                 let now = self.instant();
                 let Some((node, blob, server)) = self.conn(c).map(|k| (k.client, k.blob, k.server)) else {
@@ -515,7 +522,13 @@ impl Sim {
 
     /// Bytes a connection has delivered so far, counting the piece under way.
     fn conn_bytes(&self, c: ConnId) -> u64 {
-        self.conn(c).map_or(0, |k| k.bytes_done + k.flow.map_or(0, |f| self.net.sent(f, self.now) as u64))
+        self.conn(c).map_or(0, |k| {
+            let waiting = k.waiting_since.map_or(0, |since| reminder_bytes(since, self.now));
+            k.bytes_done
+                + k.flow.map_or(0, |f| self.net.sent(f, self.now) as u64)
+                + k.reminder_bytes
+                + waiting
+        })
     }
 
     fn node_received(&self, node: usize) -> u64 {
@@ -524,4 +537,11 @@ impl Sim {
             n.downloads.iter().flatten().flat_map(|d| &d.outbound).map(|&c| self.conn_bytes(c)).sum();
         n.closed_bytes + open
     }
+}
+
+/// The keep-alives a server sends a connection that waits for a send slot from `since` to
+/// `now` (`server::TURN_REMINDER`), in bytes: the client counts them as signs of life.
+fn reminder_bytes(since: SimTime, now: SimTime) -> u64 {
+    const KEEP_ALIVE_FRAME: u64 = 4;
+    KEEP_ALIVE_FRAME * (now.saturating_sub(since) / nanos(shoal_p2p::server::TURN_REMINDER))
 }

@@ -130,3 +130,36 @@ fn a_download_with_no_progress_fails_after_the_stall_timeout() {
     let err = s.tick(t0 + Duration::from_secs(60), &[]).unwrap_err();
     assert!(matches!(err, Fatal::Stalled(..)), "{err}");
 }
+
+#[test]
+fn requests_waiting_their_turn_at_a_server_that_sends_keep_alives_are_not_withdrawn() {
+    // A busy origin keeps our request in line for its upload slots (`server::TURN_REMINDER`)
+    // and says so with a keep-alive (4 bytes) a second: that is not a stall, and no reason
+    // to fetch over HTTP instead.
+    let t0 = Instant::now();
+    let mut s = state(64, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 1, t0);
+    assert!(!requests(&s.fill(t0, None, 0)).is_empty());
+    let (mut t, mut bytes) = (t0, 0);
+    let tick = |s: &mut SwarmState, t: &mut Instant, bytes: u64| {
+        *t += Duration::from_millis(200);
+        s.tick(*t, &[(peer(1), bytes)]).unwrap()
+    };
+    for n in 1..=150 {
+        if n % 5 == 0 {
+            bytes += 4;
+        }
+        let actions = tick(&mut s, &mut t, bytes);
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::TimedOut { .. })),
+            "after {n} ticks: {actions:?}"
+        );
+    }
+    assert!(!s.fallback_active(), "keep-alives from a server we wait on brought in the HTTP fallback");
+    // A server that falls silent is still caught.
+    let mut withdrawn = false;
+    for _ in 0..(flow::MAX_STALL_AFTER.as_millis() / 200 + 1) {
+        withdrawn |= tick(&mut s, &mut t, bytes).iter().any(|a| matches!(a, Action::TimedOut { .. }));
+    }
+    assert!(withdrawn, "requests to a silent server were never withdrawn");
+}
