@@ -42,9 +42,16 @@ impl Sim {
             .filter(|&n| self.nodes[n].downloads.iter().any(Option::is_some))
             .collect();
         let down_use = active.iter().map(|&n| down[n]).sum::<f64>() / (cap * active.len().max(1) as f64);
-        let idle_up = up[origins..].iter().filter(|&&r| r < cap * 0.05).count();
+        let idle: Vec<usize> = (origins..self.nodes.len()).filter(|&n| up[n] < cap * 0.05).collect();
+        let idle_up = idle.len();
+        // Why they idle: nobody connected, or connected peers ask them for nothing.
+        let unconnected = idle.iter().filter(|&&n| self.nodes[n].inbound_count == 0).count();
+        let idle_pieces: u64 = idle
+            .iter()
+            .map(|&n| self.nodes[n].have.iter().flatten().map(|h| u64::from(h.count())).sum::<u64>())
+            .sum();
         eprintln!(
-            "trace t={:.1}s pieces={:.3} done={} conns={} sending={} flows={} requests={} origin={:.2}xS declines={} timeouts={} up={:.2} down(active)={:.2} idle_up={}",
+            "trace t={:.1}s pieces={:.3} done={} conns={} sending={} flows={} requests={} origin={:.2}xS declines={} timeouts={} up={:.2} down(active)={:.2} idle_up={} (unconnected {}, {:.0} pieces each)",
             self.now as f64 / NANOS,
             pieces as f64 / total.max(1) as f64,
             done,
@@ -58,6 +65,8 @@ impl Sim {
             up_use,
             down_use,
             idle_up,
+            unconnected,
+            idle_pieces as f64 / idle_up.max(1) as f64,
         );
         self.after(1_000_000_000, Ev::Trace);
     }
