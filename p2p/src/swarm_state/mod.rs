@@ -202,7 +202,8 @@ pub struct SwarmState<R = StdRng> {
     announces: u32,
     last_progress: Instant,
     /// When the swarm last showed it is alive without delivering to us: a peer announced a
-    /// piece we lack, or an origin declined a request because an agent holds the piece.
+    /// piece we lack (or connected holding one), or an origin declined a request because an
+    /// agent holds the piece.
     last_sign_of_life: Instant,
     /// Outbound connections the node's budget still allows (set by the I/O side).
     node_room: usize,
@@ -329,8 +330,14 @@ impl<R: Rng + Clone> SwarmState<R> {
         if self.blacklist.is_banned(&addr, now) || self.peers.contains_key(&peer) || peer == self.me {
             return false;
         }
+        // A new peer holding pieces we lack shows the swarm is alive, as a `have` does: our
+        // request to it may wait for the peer's send slot before any byte comes.
+        let news = bitfield.iter_set().any(|i| !self.picker.have().get(i));
         if self.picker.add_peer(peer, bitfield).is_err() {
             return false;
+        }
+        if news {
+            self.last_sign_of_life = now;
         }
         let origin = self.origin_addrs.contains(&addr);
         self.peers.insert(

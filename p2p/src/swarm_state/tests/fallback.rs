@@ -57,6 +57,26 @@ fn pieces_reaching_our_peers_hold_the_fallback_back() {
 }
 
 #[test]
+fn a_peer_that_connects_holding_pieces_we_lack_holds_the_fallback_back_as_a_have_does() {
+    // The swarm warms up for 4 s; then a peer that already holds a piece connects (its
+    // handshake, not a `have`, says so), and our request waits for its send slot.
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    s.announced(Some(vec![info(1, false), info(2, false)]), Duration::from_secs(5), t0);
+    assert!(s.connected(peer(1), addr(1), Bitfield::new(4), t0));
+    s.tick(t0 + ms(4000), &[]).unwrap();
+    let mut bf = Bitfield::new(4);
+    bf.set(2).unwrap();
+    assert!(s.connected(peer(2), addr(2), bf, t0 + ms(4000)));
+    assert_eq!(requests(&s.fill(t0 + ms(4000), None, 0)), vec![(peer(2), 2)]);
+    s.tick(t0 + ms(6500), &[]).unwrap();
+    assert!(!s.fallback_active(), "2.5 s after a peer brought a piece we lack");
+    s.tick(t0 + ms(7100), &[]).unwrap();
+    assert!(s.fallback_active(), "3 s of a request without bytes or news: the origin comes in");
+}
+
+#[test]
 fn with_nothing_to_ask_for_the_fallback_waits_its_patience() {
     let t0 = Instant::now();
     let mut s = state(4, SchedulerConfig::default(), t0);
