@@ -79,6 +79,8 @@ pub struct AgentFile {
     pub max_connections_per_blob: usize,
     /// Peers this agent serves one blob to at once; more are refused (busy).
     pub max_peers_per_blob: usize,
+    /// Peers one piece is sent to at once (0: no limit).
+    pub max_sends_per_piece: usize,
     /// Inbound peer connections in all.
     pub max_peer_connections: usize,
     /// Outbound peer connections in all, across every download.
@@ -111,6 +113,7 @@ impl Default for AgentFile {
             announce_interval: Duration::from_secs(3),
             max_connections_per_blob: 10,
             max_peers_per_blob: shoal_p2p::server::DEFAULT_MAX_PEERS_PER_BLOB,
+            max_sends_per_piece: shoal_p2p::piece_sends::DEFAULT_SENDS_PER_PIECE,
             max_peer_connections: 512,
             max_outbound_connections: shoal_p2p::node::DEFAULT_MAX_OUTBOUND_CONNECTIONS,
             fallback_after: Duration::from_secs(3),
@@ -172,6 +175,7 @@ pub async fn bind(file: AgentFile) -> anyhow::Result<BoundServer> {
         announce_interval: file.announce_interval,
         max_connections_per_blob: file.max_connections_per_blob,
         max_peers_per_blob: file.max_peers_per_blob,
+        max_sends_per_piece: file.max_sends_per_piece,
         fallback_after: file.fallback_after,
         max_peer_connections: file.max_peer_connections,
         max_outbound_connections: file.max_outbound_connections,

@@ -450,6 +450,8 @@ async fn start_seeding(
         max_peers_per_blob: None,
         upload_slots: (config.peer_upload_slots > 0)
             .then(|| Arc::new(tokio::sync::Semaphore::new(config.peer_upload_slots))),
+        // Super-seeding sends each piece about once already.
+        piece_sends: None,
         // Send each piece to one agent and let the swarm spread it.
         super_seed: Some(shoal_p2p::super_seed::SuperSeed::new(Duration::from_secs(3))),
     });

@@ -62,6 +62,8 @@ pub struct AgentConfig {
     pub max_connections_per_blob: usize,
     /// Peers served one blob at once (inbound); more are refused as busy.
     pub max_peers_per_blob: usize,
+    /// Peers one piece is sent to at once (0: no limit).
+    pub max_sends_per_piece: usize,
     pub fallback_after: Duration,
     pub max_peer_connections: usize,
     /// Outbound peer connections in all, across every download (the node's budget).
@@ -142,9 +144,11 @@ impl Agent {
             max_connections: config.max_peer_connections,
             max_connections_per_address: config.max_peer_connections_per_address,
             max_peers_per_blob: Some(config.max_peers_per_blob),
-            // Agents send to every peer they serve at once: their uplinks are shared by a
-            // dozen downloaders at most (`max_peers_per_blob`).
+            // Agents send to every peer they serve at once, a piece to a few at a time: their
+            // uplinks are shared by a dozen downloaders at most (`max_peers_per_blob`).
             upload_slots: None,
+            piece_sends: (config.max_sends_per_piece > 0)
+                .then(|| shoal_p2p::piece_sends::PieceSendGate::new(config.max_sends_per_piece)),
             super_seed: None,
         });
         let auth = {

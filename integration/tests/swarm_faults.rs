@@ -170,6 +170,7 @@ impl CorruptPeer {
             max_connections_per_address: 16,
             max_peers_per_blob: None,
             upload_slots: None,
+            piece_sends: None,
             super_seed: None,
         });
         let serve = tokio::spawn(server.serve(listener));

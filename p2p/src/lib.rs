@@ -45,6 +45,7 @@ pub mod metrics;
 pub mod node;
 pub mod peer;
 pub mod picker;
+pub mod piece_sends;
 pub mod piece_store;
 pub mod rendezvous;
 pub mod server;

@@ -20,6 +20,7 @@ use crate::inbound::{AddressSlots, BlobSlots, InboundCodec};
 use crate::limiter::RateLimiter;
 use crate::metrics::SwarmMetrics;
 use crate::peer::PeerId;
+use crate::piece_sends::PieceSendGate;
 use crate::super_seed::SuperSeed;
 use crate::transport::{self, ReadHalf, WriteHalf};
 use crate::wire::{Message, PeerCodec, PROTOCOL_VERSION};
@@ -89,6 +90,10 @@ pub struct PeerServer {
     /// first served, one piece per turn ([`DEFAULT_ORIGIN_UPLOAD_SLOTS`]). `None`: every
     /// connection sends as soon as it has a request (agents).
     pub upload_slots: Option<Arc<Semaphore>>,
+    /// Peers one piece is sent to at once (agents: [`crate::piece_sends`]); a connection
+    /// whose requests are all for pieces at the limit waits, hearing keep-alives. `None`: no
+    /// limit (origins, whose super-seeding sends each piece about once anyway).
+    pub piece_sends: Option<Arc<PieceSendGate>>,
     /// Super-seeding (origins): a piece sent to one peer is declined to others for this
     /// long, so they fetch it from that peer and the seeder sends each piece about once.
     pub super_seed: Option<SuperSeed>,
@@ -213,6 +218,10 @@ impl PeerServer {
         let mut turn: Option<OwnedSemaphorePermit> = None;
         let mut reminder = tokio::time::interval(TURN_REMINDER);
         reminder.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Whether every queued request is for a piece already sent to as many peers as one
+        // piece may be; then this connection waits for one of those sends to end.
+        let mut freed = self.piece_sends.as_ref().map(|g| g.freed());
+        let mut blocked = false;
         let result = loop {
             match &self.upload_slots {
                 // A connection with nothing to send leaves the line (or gives its turn back).
@@ -226,7 +235,17 @@ impl PeerServer {
                 }
                 _ => {}
             }
-            let may_send = !queue.is_empty() && (self.upload_slots.is_none() || turn.is_some());
+            let ready = !queue.is_empty() && (self.upload_slots.is_none() || turn.is_some());
+            let was_blocked = blocked;
+            blocked = ready
+                && self
+                    .piece_sends
+                    .as_ref()
+                    .is_some_and(|g| !g.any_free(pieces.metainfo().digest(), queue.make_contiguous()));
+            if blocked && !was_blocked {
+                reminder.reset();
+            }
+            let may_send = ready && !blocked;
             tokio::select! {
                 biased;
                 incoming = in_rx.recv() => match incoming {
@@ -278,16 +297,30 @@ impl PeerServer {
                         Err(_) => break Err("upload slots closed".to_string()),
                     }
                 },
+                _ = wait_freed(&mut freed), if blocked => {},
                 _ = std::future::ready(()), if may_send => {
                     // One piece per turn: the next one waits at the back of the line.
                     let _turn = turn.take();
-                    let Some(index) = queue.pop_front() else { continue };
+                    let digest = pieces.metainfo().digest();
+                    let (index, _piece_send) = match &self.piece_sends {
+                        None => match queue.pop_front() {
+                            Some(index) => (index, None),
+                            None => continue,
+                        },
+                        // Another connection may have taken the last free send meanwhile.
+                        Some(gate) => match gate.take_first(digest, queue.make_contiguous()) {
+                            Some((pos, send)) => match queue.remove(pos) {
+                                Some(index) => (index, Some(send)),
+                                None => continue,
+                            },
+                            None => continue,
+                        },
+                    };
                     self.egress.release(pieces.metainfo().piece_len(index).unwrap_or(0));
                     if !pieces.has(index) {
                         let _ = sink.send(error(ERROR_PROTOCOL, "piece not held")).await;
                         continue;
                     }
-                    let digest = pieces.metainfo().digest();
                     let count = pieces.metainfo().piece_count();
                     if self.super_seed.as_ref().is_some_and(|s| !s.claim(digest, index, remote, count, Instant::now())) {
                         // Declined: another peer just got it and can pass it on.
@@ -311,7 +344,7 @@ impl PeerServer {
                     }
                     self.metrics.sent_bytes.inc_by(len);
                 },
-                _ = reminder.tick(), if waiting.is_some() => {
+                _ = reminder.tick(), if waiting.is_some() || blocked => {
                     if let Err(e) = sink.send(Message::KeepAlive).await {
                         break Err(e.to_string());
                     }
@@ -329,6 +362,19 @@ impl PeerServer {
 /// A connection waiting in line for a send slot (tokio's semaphore serves waiters first
 /// come, first served).
 type TurnWait = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+
+/// The next end of a send of a piece at its limit, or never without a limit.
+async fn wait_freed(freed: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    match freed.as_mut() {
+        // The sender lives in the gate, which outlives the server's connections.
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
 
 /// The wait for a send slot, or never if this connection is not in line.
 async fn wait_turn(waiting: &mut Option<TurnWait>) -> Result<OwnedSemaphorePermit, AcquireError> {
@@ -416,6 +462,7 @@ mod tests {
             max_connections_per_address: 16,
             max_peers_per_blob: None,
             upload_slots: Some(slots.clone()),
+            piece_sends: None,
             super_seed: None,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -471,6 +518,66 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_piece_at_its_limit_of_sends_waits_with_keep_alives_while_other_pieces_go() {
+        use futures_util::SinkExt;
+        let dir = tempfile::tempdir().unwrap();
+        let seed = dir.path().join("seed");
+        std::fs::write(&seed, vec![7u8; 3 << 20]).unwrap();
+        let meta = Arc::new(Metainfo::compute_file(&seed, Algorithm::Sha256).unwrap());
+        let seeded = Arc::new(BlobPieces::complete(&seed, meta.clone()).unwrap());
+        let gate = PieceSendGate::new(1);
+        let server = Arc::new(PeerServer {
+            peer_id: PeerId::random(),
+            lookup: Arc::new(OneBlob(seeded)),
+            egress: Arc::new(RateLimiter::unlimited()),
+            metrics: SwarmMetrics::unregistered(),
+            max_connections: 16,
+            max_connections_per_address: 16,
+            max_peers_per_blob: None,
+            upload_slots: None,
+            piece_sends: Some(gate.clone()),
+            super_seed: None,
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = tokio::spawn(server.serve(listener));
+
+        // Piece 0 is being sent to someone else (the test holds its only send).
+        let (_, held) = gate.take_first(meta.digest(), &[0]).unwrap();
+        let mut peer = raw_peer(addr, &meta).await;
+        peer.send(Message::Request { index: 0 }).await.unwrap();
+        peer.send(Message::Request { index: 1 }).await.unwrap();
+        // Piece 1 is not held up behind piece 0; piece 0 waits, with keep-alives.
+        let waited = TURN_REMINDER * 5 / 2;
+        let end = tokio::time::Instant::now() + waited;
+        let (mut keep_alives, mut got) = (0, Vec::new());
+        while let Ok(next) = tokio::time::timeout_at(end, peer.next()).await {
+            match next {
+                Some(Ok(Message::KeepAlive)) => keep_alives += 1,
+                Some(Ok(Message::Piece { index, .. })) => got.push(index),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, vec![1], "piece 1 should go at once and piece 0 wait for its send");
+        assert!(keep_alives >= 2, "{keep_alives} keep-alives in {waited:?} of waiting");
+        // The other send ends: piece 0 comes.
+        drop(held);
+        let piece = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match peer.next().await {
+                    Some(Ok(Message::Piece { index, .. })) => return index,
+                    Some(Ok(Message::KeepAlive)) => continue,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("a freed send was never taken");
+        assert_eq!(piece, 0);
+        serving.abort();
+    }
+
+    #[tokio::test]
     async fn a_blob_serves_at_most_its_cap_of_peers_and_frees_a_place_when_one_leaves() {
         let dir = tempfile::tempdir().unwrap();
         let (seed, want) = (dir.path().join("seed"), dir.path().join("want"));
@@ -488,6 +595,7 @@ mod tests {
             max_connections_per_address: 16,
             max_peers_per_blob: Some(2),
             upload_slots: None,
+            piece_sends: None,
             super_seed: None,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

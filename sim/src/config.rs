@@ -99,6 +99,8 @@ pub struct FleetConfig {
     pub origin_upload_slots: Option<usize>,
     /// Pieces an agent sends at once; `None`: no limit (the agent's rule).
     pub agent_upload_slots: Option<usize>,
+    /// Peers an agent sends one piece to at once (`max_sends_per_piece`); `None`: no limit.
+    pub max_sends_per_piece: Option<usize>,
 }
 
 impl FleetConfig {
@@ -126,6 +128,7 @@ impl FleetConfig {
             max_peers_per_blob: Some(shoal_p2p::server::DEFAULT_MAX_PEERS_PER_BLOB),
             origin_upload_slots: Some(shoal_p2p::server::DEFAULT_ORIGIN_UPLOAD_SLOTS),
             agent_upload_slots: None,
+            max_sends_per_piece: Some(shoal_p2p::piece_sends::DEFAULT_SENDS_PER_PIECE),
         }
     }
 

@@ -61,6 +61,10 @@ struct Args {
     /// Pieces an agent sends at once (default: no limit, as agents do).
     #[arg(long)]
     agent_upload_slots: Option<usize>,
+    /// Peers an agent sends one piece to at once (the agent's `max_sends_per_piece`, default
+    /// 4; 0: no limit).
+    #[arg(long)]
+    max_sends_per_piece: Option<usize>,
     /// Piece length in KiB, a power of two from 64 to 4096 (default: what the origins choose
     /// for the blob's size, 1 MiB from 16 MiB up).
     #[arg(long, value_parser = parse_piece_kib)]
@@ -97,6 +101,7 @@ fn params(a: &Args, peers: usize) -> Params {
         max_peers_per_blob: a.max_peers_per_blob,
         origin_upload_slots: a.origin_upload_slots,
         agent_upload_slots: a.agent_upload_slots,
+        max_sends_per_piece: a.max_sends_per_piece,
         piece_length: a.piece_kib.map(|k| k * 1024),
         trace: a.trace,
     }

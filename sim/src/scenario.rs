@@ -95,6 +95,8 @@ pub struct Params {
     pub origin_upload_slots: Option<usize>,
     /// Pieces an agent sends at once; `None` or 0: no limit.
     pub agent_upload_slots: Option<usize>,
+    /// Peers an agent sends one piece to at once; `None`: the agent's default; 0: no limit.
+    pub max_sends_per_piece: Option<usize>,
     /// Piece length in bytes; `None`: what the origins choose.
     pub piece_length: Option<u64>,
     pub trace: bool,
@@ -121,6 +123,9 @@ pub fn build(scenario: Scenario, p: &Params) -> FleetConfig {
         cfg.origin_upload_slots = (n > 0).then_some(n);
     }
     cfg.agent_upload_slots = p.agent_upload_slots.filter(|&n| n > 0);
+    if let Some(n) = p.max_sends_per_piece {
+        cfg.max_sends_per_piece = (n > 0).then_some(n);
+    }
     cfg.piece_length = p.piece_length;
     let mut rng = StdRng::seed_from_u64(p.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let limit = cfg.limit_secs(1.0);
@@ -198,6 +203,7 @@ mod tests {
             max_peers_per_blob: None,
             origin_upload_slots: None,
             agent_upload_slots: None,
+            max_sends_per_piece: None,
             piece_length: None,
             trace: false,
         }

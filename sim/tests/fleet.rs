@@ -26,6 +26,7 @@ fn params(peers: usize, mib: u64) -> Params {
         max_peers_per_blob: None,
         origin_upload_slots: None,
         agent_upload_slots: None,
+        max_sends_per_piece: None,
         piece_length: None,
         trace: false,
     }

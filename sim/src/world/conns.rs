@@ -119,6 +119,9 @@ impl Sim {
         }
         let mut work = VecDeque::new();
         if established {
+            if let Some(index) = self.conn(c).and_then(|k| k.sending) {
+                self.piece_send_ended(server, blob, index, &mut work);
+            }
             self.stop_waiting(c, &mut work);
         }
         let counted = self.conn_mut(c).and_then(|k| k.counted.take());
@@ -179,13 +182,13 @@ impl Sim {
             if conn.sending.is_some() {
                 return;
             }
-            let Some(&index) = conn.queue.front() else {
+            if conn.queue.is_empty() {
                 if let Some(f) = conn.flow.take() {
                     self.net.remove_flow(f);
                 }
                 self.stop_waiting(c, work);
                 return;
-            };
+            }
             let (server, client, blob, flow, turn, waiting) =
                 (conn.server, conn.client, conn.blob, conn.flow, conn.turn, conn.waiting_since.is_some());
             if let Some(turns) = self.nodes[server].turns.as_mut().filter(|_| !turn) {
@@ -203,9 +206,34 @@ impl Sim {
                 }
                 conn.turn = true;
             }
-            if let Some(conn) = self.conn_mut(c) {
-                conn.queue.pop_front();
+            // The first queued piece not already sent to as many peers as one piece may be.
+            let node = &self.nodes[server];
+            let pick = match (&node.piece_sends, self.conn(c)) {
+                (_, None) => return,
+                (None, Some(_)) => Some(0),
+                (Some(sends), Some(conn)) => conn.queue.iter().position(|&i| sends.is_free(&(blob, i))),
+            };
+            let Some(pos) = pick else {
+                if !waiting {
+                    self.nodes[server].piece_waiters.push(c);
+                    if let Some(conn) = self.conn_mut(c) {
+                        conn.waiting_since = Some(at);
+                        if let Some(f) = conn.flow.take() {
+                            self.net.remove_flow(f);
+                        }
+                    }
+                }
+                return;
+            };
+            if waiting && self.nodes[server].piece_sends.is_some() {
+                self.nodes[server].piece_waiters.retain(|&k| k != c);
+                if let Some(conn) = self.conn_mut(c) {
+                    if let Some(since) = conn.waiting_since.take() {
+                        conn.reminder_bytes += reminder_bytes(since, at);
+                    }
+                }
             }
+            let Some(index) = self.conn_mut(c).and_then(|conn| conn.queue.remove(pos)) else { return };
             let s = &self.nodes[server];
             let held = s.have[blob].as_ref().is_some_and(|h| h.get(index));
             let claimed = held
@@ -240,7 +268,24 @@ impl Sim {
             if let Some(conn) = self.conn_mut(c) {
                 conn.sending = Some(index);
             }
+            if let Some(sends) = self.nodes[server].piece_sends.as_mut() {
+                sends.start((blob, index));
+            }
             return;
+        }
+    }
+
+    /// A send of `index` at `server` ended (sent, or cut off): a connection waiting for a
+    /// free send of that piece may go on.
+    fn piece_send_ended(&mut self, server: usize, blob: usize, index: u32, work: &mut VecDeque<ConnId>) {
+        let node = &mut self.nodes[server];
+        let Some(sends) = node.piece_sends.as_mut() else { return };
+        sends.end(&(blob, index));
+        let waiters: Vec<ConnId> = node.piece_waiters.clone();
+        for w in waiters {
+            if self.conn(w).is_some_and(|k| k.blob == blob && k.queue.contains(&index)) {
+                work.push_back(w);
+            }
         }
     }
 
@@ -274,6 +319,7 @@ impl Sim {
             if let Some(t) = self.nodes[server].turns.as_mut() {
                 t.leave(c);
             }
+            self.nodes[server].piece_waiters.retain(|&k| k != c);
         }
         self.give_back_turn(c, work);
     }
@@ -314,6 +360,7 @@ impl Sim {
         // One piece per turn: the slot goes to the first in line, and this connection asks
         // again behind it.
         let mut work = VecDeque::new();
+        self.piece_send_ended(server, blob, index, &mut work);
         self.give_back_turn(c, &mut work);
         work.push_back(c);
         self.serve_all(work);

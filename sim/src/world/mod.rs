@@ -25,6 +25,7 @@ use rand::{Rng, SeedableRng};
 use shoal_p2p::inbound::{BlobSlots, KeyedSlot};
 use shoal_p2p::metainfo::{piece_length_for, Metainfo};
 use shoal_p2p::node::{ConnectionSlot, DownloadSlot, NodeFlow};
+use shoal_p2p::piece_sends::SendCounts;
 use shoal_p2p::super_seed::SuperSeed;
 use shoal_p2p::swarm_state::{Action, Rotations, Stored, SwarmState, ORIGIN_PEER};
 use shoal_p2p::tracker_client::PeerInfo;
@@ -149,6 +150,10 @@ struct Node {
     /// An origin's send slots (`peer_upload_slots`, the server's real rule); `None`: every
     /// connection sends at once.
     turns: Option<turns::Turns>,
+    /// Sends in progress per (blob, piece) under an agent's `max_sends_per_piece` (the
+    /// server's real rule), and the connections waiting for one to end; `None`: no limit.
+    piece_sends: Option<SendCounts<(usize, u32)>>,
+    piece_waiters: Vec<ConnId>,
     lost_at: Option<SimTime>,
 }
 
@@ -281,6 +286,8 @@ impl Sim {
                 }),
                 turns: if origin { cfg.origin_upload_slots } else { cfg.agent_upload_slots }
                     .map(turns::Turns::new),
+                piece_sends: cfg.max_sends_per_piece.filter(|_| !origin).map(SendCounts::new),
+                piece_waiters: Vec::new(),
                 lost_at: None,
             });
         }

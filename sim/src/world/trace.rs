@@ -21,6 +21,11 @@ impl Sim {
         for f in &self.finished_at {
             done += usize::from(f.is_some());
         }
+        let falling_back = self.nodes[origins..]
+            .iter()
+            .flat_map(|n| n.downloads.iter().flatten())
+            .filter(|d| d.state.fallback_active())
+            .count();
         let in_flight: u64 = self.nodes[origins..]
             .iter()
             .flat_map(|n| n.downloads.iter().flatten())
@@ -51,7 +56,7 @@ impl Sim {
             .map(|&n| self.nodes[n].have.iter().flatten().map(|h| u64::from(h.count())).sum::<u64>())
             .sum();
         eprintln!(
-            "trace t={:.1}s pieces={:.3} done={} conns={} sending={} flows={} requests={} origin={:.2}xS declines={} timeouts={} up={:.2} down(active)={:.2} idle_up={} (unconnected {}, {:.0} pieces each)",
+            "trace t={:.1}s pieces={:.3} done={} conns={} sending={} flows={} requests={} origin={:.2}xS declines={} timeouts={} up={:.2} down(active)={:.2} idle_up={} (unconnected {}, {:.0} pieces each) fallback={}",
             self.now as f64 / NANOS,
             pieces as f64 / total.max(1) as f64,
             done,
@@ -67,6 +72,7 @@ impl Sim {
             idle_up,
             unconnected,
             idle_pieces as f64 / idle_up.max(1) as f64,
+            falling_back,
         );
         self.after(1_000_000_000, Ev::Trace);
     }
