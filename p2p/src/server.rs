@@ -20,7 +20,7 @@ use crate::inbound::{AddressSlots, BlobSlots, InboundCodec};
 use crate::limiter::RateLimiter;
 use crate::metrics::SwarmMetrics;
 use crate::peer::PeerId;
-use crate::piece_sends::PieceSendGate;
+use crate::piece_sends::{PieceSendGate, SEND_HOLD};
 use crate::super_seed::SuperSeed;
 use crate::transport::{self, ReadHalf, WriteHalf};
 use crate::wire::{Message, PeerCodec, PROTOCOL_VERSION};
@@ -302,7 +302,7 @@ impl PeerServer {
                     // One piece per turn: the next one waits at the back of the line.
                     let _turn = turn.take();
                     let digest = pieces.metainfo().digest();
-                    let (index, _piece_send) = match &self.piece_sends {
+                    let (index, mut piece_send) = match &self.piece_sends {
                         None => match queue.pop_front() {
                             Some(index) => (index, None),
                             None => continue,
@@ -336,7 +336,21 @@ impl PeerServer {
                     let Ok(Ok(data)) = data else {
                         break Err(format!("reading piece {index} failed"));
                     };
-                    if let Err(e) = sink.send(Message::Piece { index, data: data.into() }).await {
+                    let sent = {
+                        let send = sink.send(Message::Piece { index, data: data.into() });
+                        tokio::pin!(send);
+                        // The send counts against its piece's limit for `SEND_HOLD` at most.
+                        let hold = tokio::time::sleep(SEND_HOLD);
+                        tokio::pin!(hold);
+                        loop {
+                            tokio::select! {
+                                sent = &mut send => break sent,
+                                _ = &mut hold, if piece_send.is_some() => piece_send = None,
+                            }
+                        }
+                    };
+                    drop(piece_send);
+                    if let Err(e) = sent {
                         break Err(e.to_string());
                     }
                     if let Some(s) = &self.super_seed {

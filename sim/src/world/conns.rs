@@ -5,6 +5,7 @@
 //! slots (`turns`); a connection waiting for one hears keep-alives.
 
 use super::*;
+use shoal_p2p::piece_sends::SEND_HOLD;
 
 impl Sim {
     pub(super) fn conn_to(&self, node: usize, blob: usize, peer: &PeerId) -> Option<ConnId> {
@@ -46,6 +47,7 @@ impl Sim {
             turn: false,
             waiting_since: None,
             reminder_bytes: 0,
+            held_send: None,
         };
         let id = match self.free_conns.pop() {
             Some(idx) => {
@@ -119,7 +121,8 @@ impl Sim {
         }
         let mut work = VecDeque::new();
         if established {
-            if let Some(index) = self.conn(c).and_then(|k| k.sending) {
+            let held = self.conn_mut(c).and_then(|k| k.held_send.take().and(k.sending));
+            if let Some(index) = held {
                 self.piece_send_ended(server, blob, index, &mut work);
             }
             self.stop_waiting(c, &mut work);
@@ -270,9 +273,30 @@ impl Sim {
             }
             if let Some(sends) = self.nodes[server].piece_sends.as_mut() {
                 sends.start((blob, index));
+                let id = self.next_send_id;
+                self.next_send_id += 1;
+                if let Some(conn) = self.conn_mut(c) {
+                    conn.held_send = Some(id);
+                }
+                self.after(nanos(SEND_HOLD), Ev::SendHoldOver(c, id));
             }
             return;
         }
+    }
+
+    /// A send has counted against its piece's limit for `SEND_HOLD`: it goes on outside it.
+    pub(super) fn send_hold_over(&mut self, c: ConnId, id: u64) {
+        let Some(conn) = self.conn_mut(c) else { return };
+        if conn.held_send != Some(id) {
+            return;
+        }
+        conn.held_send = None;
+        let (server, blob, sending) = (conn.server, conn.blob, conn.sending);
+        let mut work = VecDeque::new();
+        if let Some(index) = sending {
+            self.piece_send_ended(server, blob, index, &mut work);
+        }
+        self.serve_all(work);
     }
 
     /// A send of `index` at `server` ended (sent, or cut off): a connection waiting for a
@@ -360,7 +384,9 @@ impl Sim {
         // One piece per turn: the slot goes to the first in line, and this connection asks
         // again behind it.
         let mut work = VecDeque::new();
-        self.piece_send_ended(server, blob, index, &mut work);
+        if self.conn_mut(c).is_some_and(|k| k.held_send.take().is_some()) {
+            self.piece_send_ended(server, blob, index, &mut work);
+        }
         self.give_back_turn(c, &mut work);
         work.push_back(c);
         self.serve_all(work);

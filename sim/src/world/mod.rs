@@ -87,10 +87,17 @@ enum Ev {
     CancelArrives(ConnId, u32),
     DeclineArrives(ConnId, u32),
     PieceArrives(ConnId, u32),
-    FetchStart { node: usize, blob: usize, index: u32, origin: usize },
+    FetchStart {
+        node: usize,
+        blob: usize,
+        index: u32,
+        origin: usize,
+    },
     FetchArrives(usize, usize, u32),
     FetchFailed(usize, usize, u32),
     FlowDone(Completion),
+    /// A send has counted against its piece's limit for `SEND_HOLD` (its id).
+    SendHoldOver(ConnId, u64),
     Recompute,
     Trace,
 }
@@ -180,6 +187,8 @@ struct Conn {
     waiting_since: Option<SimTime>,
     /// Keep-alive bytes the server sent while this connection waited for a slot, past waits.
     reminder_bytes: u64,
+    /// The send in progress counts against its piece's limit (`max_sends_per_piece`): its id.
+    held_send: Option<u64>,
 }
 
 /// Counters of the whole run.
@@ -211,6 +220,8 @@ pub struct Sim {
     nodes: Vec<Node>,
     conns: Vec<Conn>,
     free_conns: Vec<u32>,
+    /// Ids of sends held against a piece's limit.
+    next_send_id: u64,
     metas: Vec<Metainfo>,
     tracker: PeerStore,
     tracker_rng: StdRng,
@@ -303,6 +314,7 @@ impl Sim {
             nodes,
             conns: Vec::new(),
             free_conns: Vec::new(),
+            next_send_id: 0,
             metas,
             tracker: PeerStore::new(limits),
             tracker_rng: StdRng::seed_from_u64(rng.random()),
@@ -477,6 +489,7 @@ impl Sim {
             }
             Ev::Recompute => self.recompute(),
             Ev::Trace => self.trace(),
+            Ev::SendHoldOver(c, id) => self.send_hold_over(c, id),
         }
     }
 
