@@ -62,6 +62,14 @@ pub const STALL_PIECE_TIMES: f64 = 2.0;
 /// died is given up on within this.
 pub const MAX_STALL_AFTER: Duration = Duration::from_secs(15);
 
+/// The longest a peer may keep our requests without completing a piece, whatever bytes it
+/// sends meanwhile: keep-alives count as progress (a request waiting for an origin's send
+/// slot, or for a piece's send at an agent, hears them), so a peer that sent nothing else
+/// would otherwise hold its requests until endgame. Honest waits are far shorter: at an
+/// origin, the line of its connections (about 17 s for 1,024 of them); at an agent, a piece
+/// time per send ahead; and a peer slower than a piece a minute is of no use anyway.
+pub const MAX_PIECE_WAIT: Duration = Duration::from_secs(60);
+
 /// A rate estimate from cumulative byte counts, decayed with [`RATE_HALF_LIFE`]. Only busy
 /// time counts (intervals in which requests were outstanding or bytes arrived), so a peer
 /// that had nothing to do does not look slow.

@@ -11,7 +11,9 @@
 //! - **Stalls, not deadlines**: a peer's requests are withdrawn only when its connection
 //!   delivered no byte for [`flow::STALL_AFTER`], or for twice the time a piece takes at the
 //!   rate the peer has shown if that is longer ([`flow::PeerFlow::stall_after`]); bytes that
-//!   keep arriving are never timed out. Stalls in a row get a peer banned (`blacklist`).
+//!   keep arriving are never timed out, unless no piece has come of them for
+//!   [`flow::MAX_PIECE_WAIT`] (a peer sending only keep-alives). Stalls in a row get a peer
+//!   banned (`blacklist`).
 //! - **Super-seeding origins** are asked only for pieces no other connected peer has, and not
 //!   again soon after they declined one.
 //! - **HTTP fallback** only for pieces no connected peer has (while the swarm delivers), or
@@ -156,6 +158,8 @@ struct Peer {
     origin: bool,
     flow: PeerFlow,
     connected_at: Instant,
+    /// When this peer last completed a piece for us (or connected).
+    last_piece: Instant,
     /// Traded away by [`SwarmState::rotate`]: asked for nothing more, and disconnected once
     /// the pieces it is sending have arrived (or it stalls), so their bytes are not wasted.
     retiring: bool,
@@ -342,7 +346,14 @@ impl<R: Rng + Clone> SwarmState<R> {
         let origin = self.origin_addrs.contains(&addr);
         self.peers.insert(
             peer,
-            Peer { addr, origin, flow: PeerFlow::new(now), connected_at: now, retiring: false },
+            Peer {
+                addr,
+                origin,
+                flow: PeerFlow::new(now),
+                connected_at: now,
+                last_piece: now,
+                retiring: false,
+            },
         );
         true
     }
@@ -415,7 +426,8 @@ impl<R: Rng + Clone> SwarmState<R> {
                 }
                 if from == ORIGIN_PEER {
                     self.fallback_failures = 0;
-                } else if let Some(p) = self.peers.get(&from) {
+                } else if let Some(p) = self.peers.get_mut(&from) {
+                    p.last_piece = now;
                     self.blacklist.delivered(&p.addr);
                 }
                 actions.extend(self.release_retired());
@@ -499,7 +511,10 @@ impl<R: Rng + Clone> SwarmState<R> {
                 self.last_progress = now;
             }
             let Some(oldest) = self.picker.oldest_request_to(&id) else { continue };
-            if !peer.flow.is_stalled(now, oldest, peer.flow.stall_after(stall_after, self.piece_length)) {
+            let stalled =
+                peer.flow.is_stalled(now, oldest, peer.flow.stall_after(stall_after, self.piece_length));
+            let starved = now.saturating_duration_since(oldest.max(peer.last_piece)) >= flow::MAX_PIECE_WAIT;
+            if !stalled && !starved {
                 continue;
             }
             let addr = peer.addr;

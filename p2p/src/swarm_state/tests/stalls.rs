@@ -163,3 +163,30 @@ fn requests_waiting_their_turn_at_a_server_that_sends_keep_alives_are_not_withdr
     }
     assert!(withdrawn, "requests to a silent server were never withdrawn");
 }
+
+#[test]
+fn a_peer_that_sends_only_keep_alives_loses_its_requests_after_the_longest_piece_wait() {
+    let t0 = Instant::now();
+    let mut s = state(64, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 1, t0);
+    let asked: Vec<u32> = requests(&s.fill(t0, None, 0)).iter().map(|r| r.1).collect();
+    assert!(!asked.is_empty());
+    let (mut t, mut bytes, mut withdrawn) = (t0, 0, Vec::new());
+    let ticks = flow::MAX_PIECE_WAIT.as_millis() / 200;
+    for n in 1..=ticks {
+        t += Duration::from_millis(200);
+        if n % 5 == 0 {
+            bytes += 4;
+        }
+        for a in s.tick(t, &[(peer(1), bytes)]).unwrap() {
+            if let Action::TimedOut { index, .. } = a {
+                assert!(n == ticks, "withdrawn after {n} ticks, before the longest piece wait");
+                withdrawn.push(index);
+            }
+        }
+    }
+    withdrawn.sort_unstable();
+    let mut asked = asked;
+    asked.sort_unstable();
+    assert_eq!(withdrawn, asked, "keep-alives alone held the requests past {:?}", flow::MAX_PIECE_WAIT);
+}
