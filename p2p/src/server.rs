@@ -491,7 +491,7 @@ mod tests {
         second.send(Message::Request { index: 1 }).await.unwrap();
 
         // While they wait, the downloaders hear a keep-alive every `TURN_REMINDER`, no piece.
-        let waited = TURN_REMINDER * 5 / 2;
+        let waited = TURN_REMINDER * 7 / 2;
         let end = tokio::time::Instant::now() + waited;
         let mut heard = 0;
         while let Ok(next) = tokio::time::timeout_at(end, second.next()).await {
@@ -562,7 +562,7 @@ mod tests {
         peer.send(Message::Request { index: 0 }).await.unwrap();
         peer.send(Message::Request { index: 1 }).await.unwrap();
         // Piece 1 is not held up behind piece 0; piece 0 waits, with keep-alives.
-        let waited = TURN_REMINDER * 5 / 2;
+        let waited = TURN_REMINDER * 7 / 2;
         let end = tokio::time::Instant::now() + waited;
         let (mut keep_alives, mut got) = (0, Vec::new());
         while let Ok(next) = tokio::time::timeout_at(end, peer.next()).await {
