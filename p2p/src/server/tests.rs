@@ -1,0 +1,217 @@
+//! The peer server over real TCP: the per-blob cap, an origin's send slots and an agent's
+//! per-piece sends, each against a real downloader's handshake or raw frames.
+
+use std::sync::atomic::AtomicU64;
+
+use futures_util::SinkExt;
+use shoal_registry::Algorithm;
+use tokio::task::JoinHandle;
+
+use super::*;
+use crate::conn::{self, ConnEvent, ConnTimeouts};
+use crate::metainfo::Metainfo;
+
+struct OneBlob(Arc<BlobPieces>);
+
+#[async_trait]
+impl PieceLookup for OneBlob {
+    async fn lookup(&self, digest: &Digest) -> Option<Arc<BlobPieces>> {
+        (digest == self.0.metainfo().digest()).then(|| self.0.clone())
+    }
+}
+
+/// A 3 MiB blob held complete in `dir`.
+fn seeded(dir: &tempfile::TempDir) -> (Arc<Metainfo>, Arc<BlobPieces>) {
+    let seed = dir.path().join("seed");
+    std::fs::write(&seed, vec![7u8; 3 << 20]).unwrap();
+    let meta = Arc::new(Metainfo::compute_file(&seed, Algorithm::Sha256).unwrap());
+    let pieces = Arc::new(BlobPieces::complete(&seed, meta.clone()).unwrap());
+    (meta, pieces)
+}
+
+/// A server of `pieces` with no limits but its connection counts; tests set the one they test.
+fn server_of(pieces: Arc<BlobPieces>) -> PeerServer {
+    PeerServer {
+        peer_id: PeerId::random(),
+        lookup: Arc::new(OneBlob(pieces)),
+        egress: Arc::new(RateLimiter::unlimited()),
+        metrics: SwarmMetrics::unregistered(),
+        max_connections: 16,
+        max_connections_per_address: 16,
+        max_peers_per_blob: None,
+        upload_slots: None,
+        piece_sends: None,
+        super_seed: None,
+    }
+}
+
+/// Serve on a loopback port: its address, and the task to abort.
+async fn start(server: PeerServer) -> (std::net::SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (addr, tokio::spawn(Arc::new(server).serve(listener)))
+}
+
+/// Connect a downloader of `want` to `addr`; its first event.
+async fn dial(addr: std::net::SocketAddr, want: &Arc<BlobPieces>) -> ConnEvent {
+    let (tx, mut rx) = mpsc::channel(16);
+    let timeouts = ConnTimeouts {
+        connect: Duration::from_secs(5),
+        handshake: Duration::from_secs(5),
+        idle: Duration::from_secs(30),
+    };
+    let pieces = want.clone();
+    tokio::spawn(async move {
+        let counter = Arc::new(AtomicU64::new(0));
+        let ingress = Arc::new(RateLimiter::unlimited());
+        conn::run(addr, PeerId::random(), pieces, ingress, counter, timeouts, tx).await;
+    });
+    rx.recv().await.expect("the connection reports how it started")
+}
+
+type RawPeer = tokio_util::codec::Framed<TcpStream, PeerCodec>;
+
+/// A downloader of `meta`'s blob holding nothing, handshaken with the server at `addr`.
+async fn raw_peer(addr: std::net::SocketAddr, meta: &Metainfo) -> RawPeer {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let mut framed = tokio_util::codec::Framed::new(stream, PeerCodec::default());
+    let hello = Message::Handshake {
+        version: PROTOCOL_VERSION,
+        digest: meta.digest().clone(),
+        peer_id: PeerId::random(),
+        bitfield: Bitfield::new(meta.piece_count()).to_bytes().into(),
+    };
+    framed.send(hello).await.unwrap();
+    let reply = framed.next().await.unwrap().unwrap();
+    assert!(matches!(reply, Message::Handshake { .. }), "{reply:?}");
+    framed
+}
+
+/// What `peer` hears until `end`: keep-alives counted, pieces by index; anything else fails.
+async fn hear_until(peer: &mut RawPeer, end: tokio::time::Instant) -> (usize, Vec<u32>) {
+    let (mut keep_alives, mut pieces) = (0, Vec::new());
+    while let Ok(next) = tokio::time::timeout_at(end, peer.next()).await {
+        match next {
+            Some(Ok(Message::KeepAlive)) => keep_alives += 1,
+            Some(Ok(Message::Piece { index, .. })) => pieces.push(index),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    (keep_alives, pieces)
+}
+
+#[tokio::test]
+async fn requests_wait_their_turn_for_a_send_slot_hearing_keep_alives_and_are_served_in_arrival_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (meta, seeded) = seeded(&dir);
+    let slots = Arc::new(Semaphore::new(1));
+    let (addr, serving) = start(PeerServer { upload_slots: Some(slots.clone()), ..server_of(seeded) }).await;
+
+    // The test holds the only slot, so both downloaders wait in line: `first` asks first.
+    let held = slots.clone().acquire_owned().await.unwrap();
+    let (mut first, mut second) = (raw_peer(addr, &meta).await, raw_peer(addr, &meta).await);
+    first.send(Message::Request { index: 0 }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    second.send(Message::Request { index: 1 }).await.unwrap();
+
+    // While they wait, the downloaders hear a keep-alive every `TURN_REMINDER`, no piece.
+    let waited = TURN_REMINDER * 7 / 2;
+    let (heard, got) = hear_until(&mut second, tokio::time::Instant::now() + waited).await;
+    assert!(got.is_empty(), "waiting for a slot, the second downloader got pieces {got:?}");
+    assert!(heard >= 2, "{heard} keep-alives in {waited:?} of waiting");
+    let (heard, got) = hear_until(&mut first, tokio::time::Instant::now() + Duration::from_millis(10)).await;
+    assert!(got.is_empty(), "waiting for a slot, the first downloader got pieces {got:?}");
+    assert!(heard >= 2, "{heard} keep-alives in {waited:?} of waiting");
+
+    // The slot comes free: the downloaders get their pieces in the order they asked, one
+    // slot between them.
+    let (tx, mut order) = mpsc::unbounded_channel();
+    for (name, mut peer) in [("first", first), ("second", second)] {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = peer.next().await {
+                if let Message::Piece { index, .. } = m {
+                    let _ = tx.send((name, index));
+                    return;
+                }
+            }
+        });
+    }
+    drop(held);
+    let a = tokio::time::timeout(Duration::from_secs(5), order.recv()).await.unwrap().unwrap();
+    let b = tokio::time::timeout(Duration::from_secs(5), order.recv()).await.unwrap().unwrap();
+    assert_eq!((a.0, a.1, b.0, b.1), ("first", 0, "second", 1));
+    serving.abort();
+}
+
+#[tokio::test]
+async fn a_piece_at_its_limit_of_sends_waits_with_keep_alives_while_other_pieces_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let (meta, seeded) = seeded(&dir);
+    let gate = PieceSendGate::new(1);
+    let (addr, serving) = start(PeerServer { piece_sends: Some(gate.clone()), ..server_of(seeded) }).await;
+
+    // Piece 0 is being sent to someone else (the test holds its only send).
+    let (_, held) = gate.take_first(meta.digest(), &[0]).unwrap();
+    let mut peer = raw_peer(addr, &meta).await;
+    peer.send(Message::Request { index: 0 }).await.unwrap();
+    peer.send(Message::Request { index: 1 }).await.unwrap();
+    // Piece 1 is not held up behind piece 0; piece 0 waits, with keep-alives.
+    let waited = TURN_REMINDER * 7 / 2;
+    let (keep_alives, got) = hear_until(&mut peer, tokio::time::Instant::now() + waited).await;
+    assert_eq!(got, vec![1], "piece 1 should go at once and piece 0 wait for its send");
+    assert!(keep_alives >= 2, "{keep_alives} keep-alives in {waited:?} of waiting");
+    // The other send ends: piece 0 comes.
+    drop(held);
+    let piece = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match peer.next().await {
+                Some(Ok(Message::Piece { index, .. })) => return index,
+                Some(Ok(Message::KeepAlive)) => continue,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a freed send was never taken");
+    assert_eq!(piece, 0);
+    serving.abort();
+}
+
+#[tokio::test]
+async fn a_blob_serves_at_most_its_cap_of_peers_and_frees_a_place_when_one_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (meta, seeded) = seeded(&dir);
+    let wanted = Arc::new(BlobPieces::partial(&dir.path().join("want"), meta).unwrap());
+    let metrics = SwarmMetrics::unregistered();
+    let (addr, serving) =
+        start(PeerServer { metrics: metrics.clone(), max_peers_per_blob: Some(2), ..server_of(seeded) })
+            .await;
+
+    let first = dial(addr, &wanted).await;
+    let second = dial(addr, &wanted).await;
+    assert!(matches!(first, ConnEvent::Connected { .. }), "{first:?}");
+    assert!(matches!(second, ConnEvent::Connected { .. }), "{second:?}");
+    match dial(addr, &wanted).await {
+        ConnEvent::ConnectFailed { reason, .. } => {
+            assert!(reason.contains(&ERROR_BLOB_BUSY.to_string()), "{reason}")
+        }
+        other => panic!("a third peer of a blob capped at two was let in: {other:?}"),
+    }
+    assert_eq!(metrics.refused_busy.get(), 1);
+
+    // The first downloader leaves (dropping its commands closes the connection): its
+    // place is free again once the server has seen it go.
+    drop(first);
+    let mut joined = false;
+    for _ in 0..50 {
+        if let ConnEvent::Connected { .. } = dial(addr, &wanted).await {
+            joined = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(joined, "a place freed by a leaving peer was never given to another");
+    drop(second);
+    serving.abort();
+}
