@@ -231,9 +231,7 @@ impl Sim {
             if waiting && self.nodes[server].piece_sends.is_some() {
                 self.nodes[server].piece_waiters.retain(|&k| k != c);
                 if let Some(conn) = self.conn_mut(c) {
-                    if let Some(since) = conn.waiting_since.take() {
-                        conn.reminder_bytes += reminder_bytes(since, at);
-                    }
+                    conn.end_wait(at);
                 }
             }
             let Some(index) = self.conn_mut(c).and_then(|conn| conn.queue.remove(pos)) else { return };
@@ -325,9 +323,7 @@ impl Sim {
         let at = self.now;
         if let Some(conn) = self.conn_mut(next) {
             conn.turn = true;
-            if let Some(since) = conn.waiting_since.take() {
-                conn.reminder_bytes += reminder_bytes(since, at);
-            }
+            conn.end_wait(at);
         }
         work.push_back(next);
     }
@@ -338,8 +334,7 @@ impl Sim {
         let at = self.now;
         let Some(conn) = self.conn_mut(c) else { return };
         let server = conn.server;
-        if let Some(since) = conn.waiting_since.take() {
-            conn.reminder_bytes += reminder_bytes(since, at);
+        if conn.end_wait(at) {
             if let Some(t) = self.nodes[server].turns.as_mut() {
                 t.leave(c);
             }

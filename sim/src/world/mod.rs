@@ -543,11 +543,9 @@ impl Sim {
     /// Bytes a connection has delivered so far, counting the piece under way.
     fn conn_bytes(&self, c: ConnId) -> u64 {
         self.conn(c).map_or(0, |k| {
-            let waiting = k.waiting_since.map_or(0, |since| reminder_bytes(since, self.now));
             k.bytes_done
                 + k.flow.map_or(0, |f| self.net.sent(f, self.now) as u64)
-                + k.reminder_bytes
-                + waiting
+                + k.keep_alive_bytes(self.now)
         })
     }
 
@@ -556,6 +554,21 @@ impl Sim {
         let open: u64 =
             n.downloads.iter().flatten().flat_map(|d| &d.outbound).map(|&c| self.conn_bytes(c)).sum();
         n.closed_bytes + open
+    }
+}
+
+impl Conn {
+    /// Keep-alive bytes the server has sent this connection by `now`, while it waited.
+    fn keep_alive_bytes(&self, now: SimTime) -> u64 {
+        self.reminder_bytes + self.waiting_since.map_or(0, |since| reminder_bytes(since, now))
+    }
+
+    /// The connection stops waiting at `now` (if it was): its keep-alives so far are kept.
+    /// Returns whether it was waiting.
+    fn end_wait(&mut self, now: SimTime) -> bool {
+        let Some(since) = self.waiting_since.take() else { return false };
+        self.reminder_bytes += reminder_bytes(since, now);
+        true
     }
 }
 
