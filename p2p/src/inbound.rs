@@ -158,6 +158,11 @@ impl<K: Eq + Hash + Clone> KeyedSlots<K> {
         Some(KeyedSlot { slots: self.clone(), key })
     }
 
+    /// Whether [`take`](Self::take) would give a slot for `key` now.
+    pub fn is_free(&self, key: &K) -> bool {
+        self.open(key) < self.max
+    }
+
     /// Connections open for `key`.
     pub fn open(&self, key: &K) -> usize {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());

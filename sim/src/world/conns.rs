@@ -269,12 +269,12 @@ impl Sim {
             if let Some(conn) = self.conn_mut(c) {
                 conn.sending = Some(index);
             }
-            if let Some(sends) = self.nodes[server].piece_sends.as_mut() {
-                sends.start((blob, index));
+            // Free: `pick` found it so, and nothing was sent since.
+            if let Some(slot) = self.nodes[server].piece_sends.as_ref().and_then(|s| s.take((blob, index))) {
                 let id = self.next_send_id;
                 self.next_send_id += 1;
                 if let Some(conn) = self.conn_mut(c) {
-                    conn.held_send = Some(id);
+                    conn.held_send = Some((id, slot));
                 }
                 self.after(nanos(SEND_HOLD), Ev::SendHoldOver(c, id));
             }
@@ -285,7 +285,7 @@ impl Sim {
     /// A send has counted against its piece's limit for `SEND_HOLD`: it goes on outside it.
     pub(super) fn send_hold_over(&mut self, c: ConnId, id: u64) {
         let Some(conn) = self.conn_mut(c) else { return };
-        if conn.held_send != Some(id) {
+        if conn.held_send.as_ref().map(|(held, _)| *held) != Some(id) {
             return;
         }
         conn.held_send = None;
@@ -297,13 +297,10 @@ impl Sim {
         self.serve_all(work);
     }
 
-    /// A send of `index` at `server` ended (sent, or cut off): a connection waiting for a
-    /// free send of that piece may go on.
+    /// A send of `index` at `server` ended (sent, or cut off; its caller dropped its place):
+    /// a connection waiting for a free send of that piece may go on.
     fn piece_send_ended(&mut self, server: usize, blob: usize, index: u32, work: &mut VecDeque<ConnId>) {
-        let node = &mut self.nodes[server];
-        let Some(sends) = node.piece_sends.as_mut() else { return };
-        sends.end(&(blob, index));
-        let waiters: Vec<ConnId> = node.piece_waiters.clone();
+        let waiters: Vec<ConnId> = self.nodes[server].piece_waiters.clone();
         for w in waiters {
             if self.conn(w).is_some_and(|k| k.blob == blob && k.queue.contains(&index)) {
                 work.push_back(w);

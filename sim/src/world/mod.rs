@@ -22,10 +22,9 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use shoal_p2p::inbound::{BlobSlots, KeyedSlot};
+use shoal_p2p::inbound::{BlobSlots, KeyedSlot, KeyedSlots};
 use shoal_p2p::metainfo::{piece_length_for, Metainfo};
 use shoal_p2p::node::{ConnectionSlot, DownloadSlot, NodeFlow};
-use shoal_p2p::piece_sends::SendCounts;
 use shoal_p2p::super_seed::SuperSeed;
 use shoal_p2p::swarm_state::{Action, Rotations, Stored, SwarmState, ORIGIN_PEER};
 use shoal_p2p::tracker_client::PeerInfo;
@@ -159,7 +158,7 @@ struct Node {
     turns: Option<turns::Turns>,
     /// Sends in progress per (blob, piece) under an agent's `max_sends_per_piece` (the
     /// server's real rule), and the connections waiting for one to end; `None`: no limit.
-    piece_sends: Option<SendCounts<(usize, u32)>>,
+    piece_sends: Option<Arc<KeyedSlots<(usize, u32)>>>,
     piece_waiters: Vec<ConnId>,
     lost_at: Option<SimTime>,
 }
@@ -187,8 +186,9 @@ struct Conn {
     waiting_since: Option<SimTime>,
     /// Keep-alive bytes the server sent while this connection waited for a slot, past waits.
     reminder_bytes: u64,
-    /// The send in progress counts against its piece's limit (`max_sends_per_piece`): its id.
-    held_send: Option<u64>,
+    /// The send in progress counts against its piece's limit (`max_sends_per_piece`): its
+    /// id, and its place among the piece's sends (freed when dropped).
+    held_send: Option<(u64, KeyedSlot<(usize, u32)>)>,
 }
 
 /// Counters of the whole run.
@@ -297,7 +297,7 @@ impl Sim {
                 }),
                 turns: if origin { cfg.origin_upload_slots } else { cfg.agent_upload_slots }
                     .map(turns::Turns::new),
-                piece_sends: cfg.max_sends_per_piece.filter(|_| !origin).map(SendCounts::new),
+                piece_sends: cfg.max_sends_per_piece.filter(|_| !origin).map(KeyedSlots::new),
                 piece_waiters: Vec::new(),
                 lost_at: None,
             });
