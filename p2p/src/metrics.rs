@@ -25,6 +25,7 @@ pub struct SwarmMetrics {
     /// Peers a download traded for a new one, by how (`immediate`: nothing in flight;
     /// `retiring`: disconnected after the piece on the wire).
     pub peer_rotations: IntCounterVec,
+    pub duplicate_requests: IntCounterVec,
     /// Peer connections refused because this node already served their blob to as many
     /// peers as it will (`max_peers_per_blob`).
     pub refused_busy: IntCounter,
@@ -86,6 +87,13 @@ impl SwarmMetrics {
                 ),
                 &["how"],
             )?,
+            duplicate_requests: IntCounterVec::new(
+                Opts::new(
+                    format!("shoal_{component}_duplicate_requests_total"),
+                    "Requests for a piece already asked of another peer, by why: the first was late, or this peer is much faster",
+                ),
+                &["why"],
+            )?,
             refused_busy: IntCounter::new(
                 format!("shoal_{component}_peer_refused_busy_total"),
                 "Peer connections refused because the blob already had as many peers as this node serves",
@@ -93,6 +101,7 @@ impl SwarmMetrics {
         };
         registry.register(Box::new(m.refused_busy.clone()))?;
         registry.register(Box::new(m.peer_rotations.clone()))?;
+        registry.register(Box::new(m.duplicate_requests.clone()))?;
         registry.register(Box::new(m.piece_timeouts.clone()))?;
         registry.register(Box::new(m.duplicate_bytes.clone()))?;
         registry.register(Box::new(m.received_bytes.clone()))?;

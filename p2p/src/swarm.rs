@@ -22,7 +22,9 @@ use crate::metrics::SwarmMetrics;
 use crate::node::NodeFlow;
 use crate::peer::PeerId;
 use crate::piece_store::PieceError;
-use crate::swarm_state::{Action, Fatal, SchedulerConfig, Stored, SwarmState, ORIGIN_PEER};
+use crate::swarm_state::{
+    Action, DuplicateRequests, Fatal, SchedulerConfig, Stored, SwarmState, ORIGIN_PEER,
+};
 use crate::tracker_client::{AnnounceRequest, PeerInfo, TrackerClient};
 
 /// Event loop housekeeping period: how often connections' byte counts are sampled.
@@ -180,6 +182,12 @@ pub async fn download(
         let (node_rate, elsewhere) = slot.update(now, swarm.state.in_flight_bytes());
         let actions = swarm.state.fill(now, node_rate, elsewhere);
         swarm.act(actions);
+        let duplicates = swarm.state.take_duplicate_requests();
+        if duplicates != DuplicateRequests::default() {
+            let requests = &swarm.deps.metrics.duplicate_requests;
+            requests.with_label_values(&["late"]).inc_by(duplicates.late);
+            requests.with_label_values(&["faster"]).inc_by(duplicates.faster);
+        }
     };
     drop(slot);
     let blacklist = swarm.state.take_blacklist();

@@ -85,7 +85,7 @@ impl Outcome {
         let n = self.hosts.len().max(1) as f64;
         let mut s = format!(
             "sim-detail: finished={} unfinished={} left={} duplicates={:.2}% wasted={:.2}% of N×size fallback={:.2} xS \
-             timeouts={} rotations={}+{}retiring declines={} connects={} events={} recomputes={} simulated={:.1}s",
+             timeouts={} rotations={}+{}retiring dup_requests={}late+{}faster declines={} connects={} events={} recomputes={} simulated={:.1}s",
             self.spread(|_| true).finished,
             self.unfinished(),
             self.hosts.iter().filter(|h| h.left).count(),
@@ -95,6 +95,8 @@ impl Outcome {
             c.piece_timeouts,
             c.rotations.immediate,
             c.rotations.retiring,
+            c.duplicate_requests.late,
+            c.duplicate_requests.faster,
             c.declines,
             c.connects,
             c.events,

@@ -212,6 +212,7 @@ pub struct SwarmState<R = StdRng> {
     /// Outbound connections the node's budget still allows (set by the I/O side).
     node_room: usize,
     rotations: Rotations,
+    duplicate_requests: DuplicateRequests,
     rng: R,
 }
 
@@ -223,6 +224,23 @@ pub struct Rotations {
     pub immediate: u64,
     /// Victims with a piece on the wire, retired: disconnected after it arrives.
     pub retiring: u64,
+}
+
+/// Requests this download sent for a piece it had already asked another peer for
+/// ([`SwarmState::take_duplicate_requests`]): the cause of duplicate bytes, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DuplicateRequests {
+    /// Every earlier request for the piece was late (`flow::is_late`).
+    pub late: u64,
+    /// This peer would deliver it much sooner than the request out (`flow::worth_duplicating`).
+    pub faster: u64,
+}
+
+impl std::ops::AddAssign for DuplicateRequests {
+    fn add_assign(&mut self, other: DuplicateRequests) {
+        self.late += other.late;
+        self.faster += other.faster;
+    }
 }
 
 impl std::ops::AddAssign for Rotations {
@@ -280,6 +298,7 @@ impl<R: Rng + Clone> SwarmState<R> {
             last_sign_of_life: now,
             node_room: usize::MAX,
             rotations: Rotations::default(),
+            duplicate_requests: DuplicateRequests::default(),
             rng,
         })
     }
@@ -300,6 +319,12 @@ impl<R: Rng + Clone> SwarmState<R> {
     /// counters).
     pub fn take_rotations(&mut self) -> Rotations {
         std::mem::take(&mut self.rotations)
+    }
+
+    /// The duplicate requests sent since the last call (the I/O side adds them to its
+    /// counters).
+    pub fn take_duplicate_requests(&mut self) -> DuplicateRequests {
+        std::mem::take(&mut self.duplicate_requests)
     }
 
     /// The first actions: announce at once.

@@ -136,6 +136,13 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
                 !self.declined_by.contains_key(&(id, index)) && fresh_or_late(index)
             })
         };
+        for index in &picked {
+            if outlook.late.contains(index) {
+                self.duplicate_requests.late += 1;
+            } else if outlook.requested.contains(index) {
+                self.duplicate_requests.faster += 1;
+            }
+        }
         outlook.requested.extend(picked.iter().copied());
         actions.extend(picked.iter().map(|&index| Action::Request { peer: id, index }));
         picked.len()

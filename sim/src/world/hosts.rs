@@ -185,6 +185,9 @@ impl Sim {
         let fresh = !have.get(index);
         if fresh {
             let _ = have.set(index);
+            let host = self.host(node);
+            let total: u32 = self.metas.iter().map(Metainfo::piece_count).sum();
+            self.progress[host].got(self.now, total);
             self.spread_have(node, blob, index);
         } else {
             self.counters.duplicate_bytes += len;

@@ -26,7 +26,7 @@ use shoal_p2p::inbound::{BlobSlots, KeyedSlot, KeyedSlots};
 use shoal_p2p::metainfo::{piece_length_for, Metainfo};
 use shoal_p2p::node::{ConnectionSlot, DownloadSlot, NodeFlow};
 use shoal_p2p::super_seed::SuperSeed;
-use shoal_p2p::swarm_state::{Action, Rotations, Stored, SwarmState, ORIGIN_PEER};
+use shoal_p2p::swarm_state::{Action, DuplicateRequests, Rotations, Stored, SwarmState, ORIGIN_PEER};
 use shoal_p2p::tracker_client::PeerInfo;
 use shoal_p2p::{Bitfield, PeerId};
 use shoal_registry::{Algorithm, Digest};
@@ -42,6 +42,7 @@ use crate::report::{HostResult, Outcome};
 mod conns;
 mod hosts;
 mod trace;
+use trace::Progress;
 mod turns;
 
 /// The port every simulated peer listens on.
@@ -203,6 +204,8 @@ pub struct Counters {
     pub piece_timeouts: u64,
     /// Peers traded away by rotation: at once (nothing in flight), or retired.
     pub rotations: Rotations,
+    /// Requests for a piece already asked of another peer, by why.
+    pub duplicate_requests: DuplicateRequests,
     pub declines: u64,
     pub connects: u64,
     pub events: u64,
@@ -233,6 +236,8 @@ pub struct Sim {
     half_rtt: SimTime,
     started_at: Vec<Option<SimTime>>,
     finished_at: Vec<Option<SimTime>>,
+    /// Per host: fresh pieces received, and when the first and the half arrived (`--trace`).
+    progress: Vec<Progress>,
     failed: Vec<bool>,
     blobs_left: Vec<usize>,
     running: usize,
@@ -326,6 +331,7 @@ impl Sim {
             half_rtt: rtt / 2,
             started_at: vec![None; hosts],
             finished_at: vec![None; hosts],
+            progress: vec![Progress::default(); hosts],
             failed: vec![false; hosts],
             blobs_left: vec![0; hosts],
             running: hosts,
@@ -377,6 +383,9 @@ impl Sim {
             self.handle(next.ev);
             self.flush_fills();
             self.maybe_recompute();
+        }
+        if self.cfg.trace {
+            self.trace_milestones();
         }
         self.outcome()
     }
@@ -536,6 +545,7 @@ impl Sim {
             d.state.set_node_room(room);
             let (rate, elsewhere) = d.slot.update(now, d.state.in_flight_bytes());
             let actions = d.state.fill(now, rate, elsewhere);
+            self.counters.duplicate_requests += d.state.take_duplicate_requests();
             self.act(node, blob, actions);
         }
     }

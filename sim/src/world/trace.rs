@@ -2,6 +2,25 @@
 
 use super::*;
 
+/// When a host's first piece and half its pieces arrived: whether the slowest hosts lost
+/// their time at the start or in the rest of the download.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Progress {
+    pieces: u32,
+    first: Option<SimTime>,
+    half: Option<SimTime>,
+}
+
+impl Progress {
+    pub(super) fn got(&mut self, now: SimTime, total: u32) {
+        self.pieces += 1;
+        self.first.get_or_insert(now);
+        if self.half.is_none() && 2 * self.pieces >= total {
+            self.half = Some(now);
+        }
+    }
+}
+
 impl Sim {
     /// One line a simulated second to stderr: where the fleet's time goes.
     pub(super) fn trace(&mut self) {
@@ -75,6 +94,41 @@ impl Sim {
             falling_back,
         );
         self.after(1_000_000_000, Ev::Trace);
+    }
+
+    /// To stderr: for the fastest, middle and slowest hosts (by completion), the mean seconds
+    /// from their start to their first piece, to half their pieces, and to the end.
+    pub(super) fn trace_milestones(&self) {
+        let secs = |at: Option<SimTime>, h: usize| match (self.started_at[h], at) {
+            (Some(s), Some(a)) => Some((a - s) as f64 / NANOS),
+            _ => None,
+        };
+        let mut order: Vec<(f64, usize)> = (0..self.finished_at.len())
+            .filter_map(|h| secs(self.finished_at[h], h).map(|f| (f, h)))
+            .collect();
+        order.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let n = order.len();
+        if n == 0 {
+            return;
+        }
+        let bands = [
+            ("fastest 10%", 0, n.div_ceil(10)),
+            ("middle 10%", n * 45 / 100, n * 55 / 100),
+            ("slowest 1%", n - n.div_ceil(100), n),
+        ];
+        for (name, from, to) in bands {
+            let band = &order[from..to.max(from + 1).min(n)];
+            let mean = |f: &dyn Fn(usize) -> Option<f64>| {
+                let v: Vec<f64> = band.iter().filter_map(|&(_, h)| f(h)).collect();
+                v.iter().sum::<f64>() / v.len().max(1) as f64
+            };
+            eprintln!(
+                "milestones {name}: first piece {:.2}s, half {:.2}s, end {:.2}s",
+                mean(&|h| secs(self.progress[h].first, h)),
+                mean(&|h| secs(self.progress[h].half, h)),
+                mean(&|h| secs(self.finished_at[h], h)),
+            );
+        }
     }
 
     pub(super) fn outcome(&self) -> Outcome {

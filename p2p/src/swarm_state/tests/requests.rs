@@ -101,12 +101,15 @@ fn endgame_duplicates_only_late_requests_and_cancels_them_when_one_copy_arrives(
     with_seeders(&mut s, 3, t0);
     let first = requests(&s.fill(t0, None, 0));
     assert_eq!(first.len(), 2, "one request per piece while they are on time: {first:?}");
+    assert_eq!(s.take_duplicate_requests(), DuplicateRequests::default());
     // Bytes keep arriving (no stall), but slower than predicted: once a request is late,
     // another peer may ask for the same piece, at most twice per piece.
     assert!(requests(&s.fill(t0 + Duration::from_secs(2), None, 0)).is_empty());
     let t1 = t0 + Duration::from_millis(2600);
     let dupes = requests(&s.fill(t1, None, 0));
     assert_eq!(dupes.len(), 2, "{dupes:?}");
+    assert_eq!(s.take_duplicate_requests(), DuplicateRequests { late: 2, faster: 0 });
+    assert_eq!(s.take_duplicate_requests(), DuplicateRequests::default(), "taken once");
     for (p, index) in &dupes {
         assert!(!first.contains(&(*p, *index)), "a duplicate goes to another peer");
     }
@@ -159,11 +162,16 @@ fn a_fast_peer_takes_over_the_last_pieces_from_a_straggler() {
     // long before the straggler is late.
     assert!(s.picker().have().count() >= 14, "{}", s.describe());
     let (_, actions) = run(&mut s, t, &mut counters, &rates, 5, Some(6.15e6));
-    for index in held {
-        let asked =
-            actions.contains(&Action::Request { peer: peer(1), index }) || s.picker().have().get(index);
+    for index in &held {
+        let asked = actions.contains(&Action::Request { peer: peer(1), index: *index })
+            || s.picker().have().get(*index);
         assert!(asked, "piece {index} stays with the straggler: {}", s.describe());
     }
+    let duplicates = s.take_duplicate_requests();
+    assert!(
+        duplicates.faster >= 1 && duplicates.late == 0,
+        "asked again for speed, not lateness: {duplicates:?}"
+    );
     assert!(s.is_complete() || s.picker().in_flight_for(&peer(1)) > 0);
 }
 
