@@ -157,7 +157,9 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
             let rate = peer.flow.rate();
             for (ahead, (sent_at, index)) in self.picker.request_times_to(id).into_iter().enumerate() {
                 requested.insert(index);
-                let age = now.saturating_duration_since(sent_at);
+                // Its own wait began when the piece before it at this peer arrived: a request
+                // that queued behind pieces since delivered is not late for having waited.
+                let age = now.saturating_duration_since(sent_at.max(peer.last_piece));
                 if flow::is_late(age, ahead, self.piece_length, rate) {
                     continue;
                 }

@@ -199,3 +199,21 @@ fn a_reader_gets_what_the_node_receives_in_a_second_in_order_and_rarest_first_th
     let _ = s.fill(t, Some(rate), 0);
     assert_eq!(s.picker().reader_window(), 6);
 }
+
+#[test]
+fn a_request_that_queued_behind_delivered_pieces_is_not_late() {
+    let t0 = Instant::now();
+    let mut s = state(24, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 2, t0);
+    s.fill(t0, None, 0);
+    let mut counters = HashMap::new();
+    // Both peers deliver steadily at 3 MB/s, 0.35 s a piece, so each is asked for about 4
+    // pieces at once. The last of them arrives 1.4 s after it was asked, past the 1.2 s a
+    // request that waits alone may take before it is late; but it waited behind pieces that
+    // arrived on time, and its own wait began when the one before it arrived.
+    let rates = HashMap::from([(peer(1), 3_000_000), (peer(2), 3_000_000)]);
+    run(&mut s, t0, &mut counters, &rates, 30, Some(6e6));
+    assert!(s.is_complete(), "{}", s.describe());
+    let duplicates = s.take_duplicate_requests();
+    assert_eq!(duplicates.late, 0, "no peer was slower than it showed: {duplicates:?}");
+}
