@@ -25,6 +25,8 @@ pub struct SwarmMetrics {
     /// Peers a download traded for a new one, by how (`immediate`: nothing in flight;
     /// `retiring`: disconnected after the piece on the wire).
     pub peer_rotations: IntCounterVec,
+    /// Requests for a piece already asked of another peer, by why (`late`: that request was
+    /// late; `faster`: this peer would deliver it much sooner).
     pub duplicate_requests: IntCounterVec,
     /// Peer connections refused because this node already served their blob to as many
     /// peers as it will (`max_peers_per_blob`).
