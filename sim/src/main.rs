@@ -66,7 +66,7 @@ struct Args {
     #[arg(long)]
     max_sends_per_piece: Option<usize>,
     /// Piece length in KiB, a power of two from 64 to 4096 (default: what the origins choose
-    /// for the blob's size, 1 MiB from 16 MiB up).
+    /// for the blob's size: 512 KiB for 128 MiB, 1 MiB from 256 MiB up).
     #[arg(long, value_parser = parse_piece_kib)]
     piece_kib: Option<u64>,
     /// Run each of these fleet sizes (e.g. 10,100,1000) and plot completion against size.

@@ -300,12 +300,10 @@ impl Sim {
     /// A send of `index` at `server` ended (sent, or cut off; its caller dropped its place):
     /// a connection waiting for a free send of that piece may go on.
     fn piece_send_ended(&mut self, server: usize, blob: usize, index: u32, work: &mut VecDeque<ConnId>) {
-        let waiters: Vec<ConnId> = self.nodes[server].piece_waiters.clone();
-        for w in waiters {
-            if self.conn(w).is_some_and(|k| k.blob == blob && k.queue.contains(&index)) {
-                work.push_back(w);
-            }
-        }
+        let waiters = self.nodes[server].piece_waiters.iter().copied();
+        work.extend(
+            waiters.filter(|&w| self.conn(w).is_some_and(|k| k.blob == blob && k.queue.contains(&index))),
+        );
     }
 
     /// `c` gives its send slot back (a piece sent or declined): it goes to the first in

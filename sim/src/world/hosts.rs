@@ -186,8 +186,7 @@ impl Sim {
         if fresh {
             let _ = have.set(index);
             let host = self.host(node);
-            let total: u32 = self.metas.iter().map(Metainfo::piece_count).sum();
-            self.progress[host].got(self.now, total);
+            self.progress[host].got(self.now, self.image_pieces);
             self.spread_have(node, blob, index);
         } else {
             self.counters.duplicate_bytes += len;

@@ -226,6 +226,8 @@ pub struct Sim {
     /// Ids of sends held against a piece's limit.
     next_send_id: u64,
     metas: Vec<Metainfo>,
+    /// Pieces of every blob of the image together.
+    image_pieces: u32,
     tracker: PeerStore,
     tracker_rng: StdRng,
     by_addr: HashMap<SocketAddr, usize>,
@@ -320,6 +322,7 @@ impl Sim {
             conns: Vec::new(),
             free_conns: Vec::new(),
             next_send_id: 0,
+            image_pieces: metas.iter().map(Metainfo::piece_count).sum(),
             metas,
             tracker: PeerStore::new(limits),
             tracker_rng: StdRng::seed_from_u64(rng.random()),
