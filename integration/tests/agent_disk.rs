@@ -126,7 +126,8 @@ async fn agent_on_small_disk(mib: u64, toml: &str) -> Option<(Cluster, Tmpfs)> {
 }
 
 /// A 40 MiB disk holds three 12 MiB blobs; the fourth pull runs into a full disk (the byte
-/// watermarks, 20 GiB by default, never trigger). The agent evicts the least recently used
+/// watermarks, 20 GiB by default, never trigger) when its piece file is allocated, or on a
+/// write where the filesystem cannot allocate ahead. The agent evicts the least recently used
 /// blob and goes on: the pull is exact, and the evicted blob is gone from the cache.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_during_a_pull_evicts_and_the_pull_succeeds() {

@@ -73,6 +73,24 @@ pub fn read_new_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> 
     Ok(buf)
 }
 
+/// Give the data file `size` bytes, allocated on disk at once where the file system can.
+///
+/// A download that cannot fit then fails here, with `ENOSPC`, rather than after it fetched most
+/// of the blob; and writes into allocated blocks skip ext4's delayed allocation of each page
+/// (a fifth of a 1 GiB write's system time here). File systems without `fallocate` get a
+/// sparse file, as before.
+fn allocate(file: &File, size: u64) -> io::Result<()> {
+    file.set_len(size)?;
+    if size == 0 {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 impl PieceFile {
     /// Create the data file at `path` (preallocated to the blob's size) or reopen it after a
     /// restart, loading the persisted bitfield. A bitfield that does not decode, or belongs to a
@@ -86,7 +104,7 @@ impl PieceFile {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         let size_ok = file.metadata()?.len() == metainfo.size();
         if !size_ok {
-            file.set_len(metainfo.size())?;
+            allocate(&file, metainfo.size())?;
         }
         let bitfield_path = bitfield_path(path);
         let have = if size_ok { load_bitfield(&bitfield_path, &metainfo) } else { None };
@@ -356,7 +374,11 @@ mod tests {
     fn open_preallocates_and_starts_empty() {
         let f = fixture();
         let pf = PieceFile::open(&f.path, f.meta.clone()).unwrap();
-        assert_eq!(fs::metadata(&f.path).unwrap().len(), f.data.len() as u64);
+        let meta = fs::metadata(&f.path).unwrap();
+        assert_eq!(meta.len(), f.data.len() as u64);
+        // Allocated on disk, not sparse (the test's temporary directory supports fallocate).
+        use std::os::unix::fs::MetadataExt;
+        assert!(meta.blocks() * 512 >= meta.len(), "{} blocks for {} bytes", meta.blocks(), meta.len());
         assert_eq!(pf.have().count(), 0);
         assert!(!pf.is_complete());
         assert_eq!(pf.path(), f.path);
