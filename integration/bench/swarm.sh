@@ -14,7 +14,8 @@
 # Environment: BENCH_BIG_MIB (1024), BENCH_BIG_ROUNDS (3), BENCH_SMALL_ROUNDS (11), BENCH_FLEET ("2 4 8 16"),
 # BENCH_FLEET_MIB (512), BENCH_RATE_MIB (25, per agent, MiB/s), BENCH_RSS_MIB (2048),
 # BENCH_PARTS ("1 2 3 4"), BENCH_SETTLE_SECS (8: see settle_memory), BENCH_BIG_RATE_MIB (part 1's agent
-# ingress and egress limit in MiB/s, so the network sets the pace; unset: none).
+# ingress and egress limit in MiB/s, so the network sets the pace; unset: none), BENCH_PERF (a path:
+# part 1 records the agent's pull with `perf record -g` into PATH.ROUND).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../clients/lib.sh
@@ -145,10 +146,19 @@ part1() {
     t_verify+=("$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.6f", b - a}')")
     rm -f "$T/curl-out"
     settle_memory
-    local cpu_before
+    local cpu_before perf_pid=
+    if [[ -n ${BENCH_PERF:-} ]]; then
+      perf record -q -F 1999 -g -p "$AGENT_PID" -o "$BENCH_PERF.$round" 2>/dev/null &
+      perf_pid=$!
+      sleep 0.5
+    fi
     cpu_before=$(cpu_seconds "$AGENT_PID")
     t_swarm+=("$(curl -sf -o /dev/null -w '%{time_total}' "$AGENT_URL/v2/bench/big/blobs/$d")")
     cpu+=("$(awk -v a="$cpu_before" -v b="$(cpu_seconds "$AGENT_PID")" 'BEGIN {printf "%.2f", b - a}')")
+    if [[ -n $perf_pid ]]; then
+      kill -INT "$perf_pid"
+      wait "$perf_pid" || true
+    fi
     stop_cluster
     rm -rf "$T/dr"
     floor+=("$(page_cache_floor "$BIG_MIB")")
