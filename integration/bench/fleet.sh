@@ -266,6 +266,18 @@ run_shoal() {
   for ((i = 0; i < n; i++)); do
     logto=$((logto + $(grep -c 'timed out' "${FLEET_AGENT_LOGS[i]}" || true)))
   done
+  # When each agent held every piece (its log's "blob downloaded and verified swarm_secs=",
+  # from the client's request; before the blob's fsync into the cache) ÷ the host's limit,
+  # beside the client's own time: a client reads in order while pieces arrive rarest first,
+  # so it can end well after the swarm, and this shows how much of its time is that tail.
+  local swarm=() secs swarm_max=n/a
+  for ((i = 0; i < n; i++)); do
+    secs=$(grep -h 'blob downloaded and verified' "${FLEET_AGENT_LOGS[i]}" | grep -o 'swarm_secs=[0-9.]*' | tail -1 | cut -d= -f2)
+    [[ -n $secs ]] && swarm+=("$(awk -v t="$secs" -v l="$(ideal_secs "$i")" 'BEGIN {printf "%.4f", t / l}')")
+  done
+  ((${#swarm[@]} > 0)) && swarm_max=$(printf '%s
+' "${swarm[@]}" | pct 100)
+  RECORD_EXTRA="${RECORD_EXTRA:+$RECORD_EXTRA }swarm_max=$swarm_max"
   record "$label" "$n" "$rep" "$BLOB_DIGEST" "$timeouts" "$logto" "$fallback" "$gib" "$dup"
   fleet_stop_shoal
   rm -rf "$dir/origin" "$dir"/agent*/ # the data; the logs stay (with KEEP_TMP=1, after the run too)
