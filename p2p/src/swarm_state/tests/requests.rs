@@ -193,11 +193,11 @@ fn a_reader_gets_what_the_node_receives_in_a_second_in_order_and_rarest_first_th
     let mut sorted = asked.clone();
     sorted.sort_unstable();
     assert_eq!(sorted, (100..100 + asked.len() as u32).collect::<Vec<_>>());
-    // A slow node (50 Mbit/s) keeps a window of a few pieces: past it, rarest first.
+    // A slow node (50 Mbit/s) keeps a window of four seconds' pieces: past it, rarest first.
     let rate = 50e6 / 8.0;
-    assert_eq!(flow::reader_window(Some(rate), PIECE), 6);
+    assert_eq!(flow::reader_window(Some(rate), PIECE), 24);
     let _ = s.fill(t, Some(rate), 0);
-    assert_eq!(s.picker().reader_window(), 6);
+    assert_eq!(s.picker().reader_window(), 24);
 }
 
 #[test]
