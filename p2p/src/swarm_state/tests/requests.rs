@@ -176,7 +176,7 @@ fn a_fast_peer_takes_over_the_last_pieces_from_a_straggler() {
 }
 
 #[test]
-fn a_reader_gets_what_the_node_receives_in_a_second_in_order_and_rarest_first_the_rest() {
+fn a_reader_gets_what_the_node_receives_in_its_window_in_order_and_rarest_first_the_rest() {
     let t0 = Instant::now();
     let mut s = state(256, SchedulerConfig::default(), t0);
     with_seeders(&mut s, 1, t0);
