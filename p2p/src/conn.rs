@@ -197,9 +197,10 @@ async fn handshake(
     timeouts: ConnTimeouts,
     (conn, node): (Arc<AtomicU64>, Arc<AtomicU64>),
 ) -> Result<(PeerId, Bitfield, PeerReader, PeerWriter<WriteHalf>), String> {
-    let (read, write) = transport::connect(addr, timeouts.connect, timeouts.handshake).await?;
     // Small frames until the handshake is done; then whole pieces, but only requested ones.
-    let mut reader = FramedRead::new(CountingReader { inner: read, conn, node }, InboundCodec::new());
+    let codec = InboundCodec::new();
+    let (read, write) = transport::connect(addr, timeouts.connect, timeouts.handshake, codec.need()).await?;
+    let mut reader = FramedRead::new(CountingReader { inner: read, conn, node }, codec);
     let mut writer = PeerWriter::new(write, PeerCodec::default());
     let digest = pieces.metainfo().digest().clone();
     let hello = Message::Handshake {

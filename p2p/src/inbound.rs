@@ -13,6 +13,7 @@ use bytes::{Buf, BytesMut};
 use shoal_registry::Digest;
 use tokio_util::codec::Decoder;
 
+use crate::transport::FrameNeed;
 use crate::wire::{Message, PeerCodec, WireError, DEFAULT_MAX_FRAME, LEN_PREFIX, TYPE_PIECE};
 
 /// Largest frame read before the handshake is done, and all the serving side ever reads
@@ -35,6 +36,8 @@ pub struct InboundCodec {
     /// Bytes of an unrequested piece still to be skipped.
     skipping: usize,
     dropped: u64,
+    /// Bytes still missing of the frame being read, for the socket's low-water mark.
+    need: FrameNeed,
 }
 
 impl Default for InboundCodec {
@@ -51,7 +54,13 @@ impl InboundCodec {
             requested: HashSet::new(),
             skipping: 0,
             dropped: 0,
+            need: FrameNeed::default(),
         }
+    }
+
+    /// Where this codec reports the bytes missing of the frame it is reading.
+    pub fn need(&self) -> FrameNeed {
+        self.need.clone()
     }
 
     /// The handshake is done and this side downloads: whole pieces may come now.
@@ -89,6 +98,26 @@ impl Decoder for InboundCodec {
     type Error = WireError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, WireError> {
+        let message = self.decode_frame(src);
+        let need = match &message {
+            Ok(None) if self.skipping > 0 => self.skipping,
+            Ok(None) => match src.get(..LEN_PREFIX) {
+                Some(p) => {
+                    let len = u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize;
+                    (LEN_PREFIX + len).saturating_sub(src.len())
+                }
+                None => 0,
+            },
+            _ => 0,
+        };
+        self.need.set(need);
+        message
+    }
+}
+
+impl InboundCodec {
+    /// One frame, or `None` until one is whole.
+    fn decode_frame(&mut self, src: &mut BytesMut) -> Result<Option<Message>, WireError> {
         loop {
             if !self.skip(src) {
                 return Ok(None);
@@ -234,6 +263,37 @@ mod tests {
         assert_eq!(messages, vec![Message::KeepAlive, Message::Have(5), piece(2, 1000), Message::KeepAlive]);
         assert!(held < 8192, "held {held} bytes of a piece nobody asked for");
         assert_eq!(codec.dropped_bytes(), (1 + 4 + (1 << 20)) + (1 + 4 + 1000));
+    }
+
+    /// What the decoder reports missing is exactly what the rest of the frame needs: a piece
+    /// being read, one being skipped, nothing between frames. (The socket's low-water mark
+    /// follows it; one byte too many would hold the frame's end.)
+    #[test]
+    fn the_bytes_missing_of_a_frame_are_reported_exactly() {
+        let mut codec = InboundCodec::new();
+        codec.allow_pieces();
+        codec.expect(2);
+        let need = codec.need();
+        let mut stream = frame(piece(2, 100_000));
+        stream.extend_from_slice(&frame(piece(1, 50_000)));
+        let total = stream.len();
+        let first = total - (LEN_PREFIX + 5 + 50_000);
+        let mut buf = BytesMut::new();
+        buf.put_slice(&stream[..3]);
+        assert_eq!(codec.decode(&mut buf).unwrap(), None);
+        assert_eq!(need.get(), 0, "the length is not known yet");
+        buf.put_slice(&stream[3..40_000]);
+        assert_eq!(codec.decode(&mut buf).unwrap(), None);
+        assert_eq!(need.get(), first - 40_000);
+        buf.put_slice(&stream[40_000..first + 20_000]);
+        assert_eq!(codec.decode(&mut buf).unwrap(), Some(piece(2, 100_000)));
+        assert_eq!(need.get(), 0);
+        assert_eq!(codec.decode(&mut buf).unwrap(), None);
+        assert_eq!(need.get(), total - first - 20_000, "the skipped piece's rest");
+        buf.put_slice(&stream[first + 20_000..]);
+        assert_eq!(codec.decode(&mut buf).unwrap(), None);
+        assert_eq!(need.get(), 0);
+        assert!(buf.is_empty());
     }
 
     #[test]

@@ -3,9 +3,15 @@
 //! for pieces or serve them. The rest of the protocol sees two boxed halves either way.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
 /// The receiving half of a peer connection.
@@ -27,6 +33,88 @@ fn tune(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_notsent_lowat(NOT_SENT_LOW_WATER);
 }
 
+/// Most bytes a downloading connection lets the kernel gather before waking its reader
+/// (`SO_RCVLOWAT`). A peer's share of a 50 Mbit/s link arrives a jumbo frame at a time; woken
+/// for each, the reader pays a wake-up, a `recv` and a decoder pass per 9 KB. 64 KiB is
+/// 10 ms at 50 Mbit/s and 200 ms on a 2.5 Mbit/s share, well inside any piece deadline.
+pub const RECV_LOW_WATER_MAX: usize = 64 * 1024;
+
+/// Below this many missing bytes the reader takes whatever arrives (low-water mark 1): a
+/// setting per few packets would cost more than the wake-ups it saves.
+pub const RECV_LOW_WATER_MIN: usize = 16 * 1024;
+
+/// Bytes the decoder of a connection still needs to finish the frame it is in (0 when it
+/// does not know: between frames, or before a frame's length arrived). The decoder sets it;
+/// the socket reads it before each read, so the low-water mark never asks for bytes the peer
+/// will not send.
+#[derive(Clone, Debug, Default)]
+pub struct FrameNeed(Arc<AtomicUsize>);
+
+impl FrameNeed {
+    pub fn set(&self, bytes: usize) {
+        self.0.store(bytes, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The low-water mark to hold while `need` bytes of the current frame are missing, given the
+/// mark set now and the socket's receive buffer; `None` keeps the current one.
+///
+/// Lowered at once when the current mark exceeds what is missing (or the peer's last bytes
+/// would wait for the idle timeout); raised only when that at least doubles it, to keep the
+/// `setsockopt`s to a few per piece. At most a quarter of the receive buffer: the kernel
+/// clamps the receive window to a mark it has to grow the buffer for.
+fn low_water(need: usize, current: usize, recv_buffer: usize) -> Option<usize> {
+    let want =
+        if need >= RECV_LOW_WATER_MIN { need.min(RECV_LOW_WATER_MAX).min(recv_buffer / 4).max(1) } else { 1 };
+    let too_high = current > need.max(1);
+    (too_high || want >= current.saturating_mul(2)).then_some(want).filter(|&w| w != current)
+}
+
+/// A plain TCP read half whose low-water mark follows its decoder's [`FrameNeed`].
+struct LowWaterReader {
+    inner: OwnedReadHalf,
+    need: FrameNeed,
+    current: usize,
+}
+
+impl LowWaterReader {
+    fn adjust(&mut self) {
+        let stream: &TcpStream = self.inner.as_ref();
+        let recv_buffer = socket2::SockRef::from(stream).recv_buffer_size().unwrap_or(0);
+        let Some(mark) = low_water(self.need.get(), self.current, recv_buffer) else { return };
+        let value = libc::c_int::try_from(mark).unwrap_or(1);
+        // SAFETY: a valid socket descriptor this half keeps open, and a pointer to a c_int
+        // that outlives the call, with its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            self.current = mark;
+        }
+    }
+}
+
+impl AsyncRead for LowWaterReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.adjust();
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
 fn halves<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> (ReadHalf, WriteHalf) {
     let (read, write) = tokio::io::split(stream);
     (Box::new(read), Box::new(write))
@@ -38,11 +126,13 @@ fn tcp_halves(stream: TcpStream) -> (ReadHalf, WriteHalf) {
 }
 
 /// Connect to a peer: TCP within `connect`, then the TLS handshake (if on) within
-/// `handshake`.
+/// `handshake`. Over plain TCP the read half's low-water mark follows `need` (over TLS the
+/// record layer's buffering hides what the socket still has to receive).
 pub async fn connect(
     addr: SocketAddr,
     connect: Duration,
     handshake: Duration,
+    need: FrameNeed,
 ) -> Result<(ReadHalf, WriteHalf), String> {
     let stream = tokio::time::timeout(connect, TcpStream::connect(addr))
         .await
@@ -50,7 +140,10 @@ pub async fn connect(
         .map_err(|e| format!("connect: {e}"))?;
     tune(&stream);
     let tls = shoal_tls::current();
-    let Some(peer) = tls.peer() else { return Ok(tcp_halves(stream)) };
+    let Some(peer) = tls.peer() else {
+        let (read, write) = stream.into_split();
+        return Ok((Box::new(LowWaterReader { inner: read, need, current: 1 }), Box::new(write)));
+    };
     let name = shoal_tls::ServerName::IpAddress(addr.ip().into());
     let stream = tokio::time::timeout(handshake, peer.connector.connect(name, shoal_tls::buffered(stream)))
         .await
@@ -95,5 +188,94 @@ mod tests {
             assert_eq!(socket2::SockRef::from(stream).tcp_notsent_lowat().unwrap(), NOT_SENT_LOW_WATER);
             assert!(stream.nodelay().unwrap());
         }
+    }
+
+    /// The mark rises to a share of the frame once its length is known, falls to what is
+    /// missing near its end, and is 1 between frames.
+    #[test]
+    fn the_low_water_mark_follows_the_frame() {
+        let buffer = 1 << 20;
+        assert_eq!(low_water(0, 1, buffer), None, "between frames: take what comes");
+        assert_eq!(low_water(1 << 20, 1, buffer), Some(RECV_LOW_WATER_MAX));
+        assert_eq!(low_water(1 << 20, 1, 128 * 1024), Some(32 * 1024), "a quarter of the buffer");
+        assert_eq!(low_water(1 << 20, RECV_LOW_WATER_MAX, buffer), None);
+        assert_eq!(low_water(40 * 1024, RECV_LOW_WATER_MAX, buffer), Some(40 * 1024), "never above the need");
+        assert_eq!(low_water(50 * 1024, 40 * 1024, buffer), None, "no setsockopt for a small rise");
+        assert_eq!(low_water(9000, 40 * 1024, buffer), Some(1), "the last packets: each as it comes");
+        assert_eq!(low_water(0, 40 * 1024, buffer), Some(1));
+    }
+
+    fn rcvlowat(fd: i32) -> i32 {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: an open socket and an out-pointer with its length.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        value
+    }
+
+    /// Over a real socket: while a piece's bytes trickle in, the reader sleeps until tens of
+    /// KiB are there; the piece's last bytes and a small frame after it still come through
+    /// at once (a mark above what the peer sends would hold them until the idle timeout).
+    #[tokio::test]
+    async fn a_piece_wakes_its_reader_in_big_steps_and_its_tail_is_not_held() {
+        use crate::inbound::InboundCodec;
+        use crate::wire::{Message, PeerCodec};
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        use tokio_util::codec::{Encoder, FramedRead};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (client, (mut server, _)) = (client.unwrap(), accepted.unwrap());
+        let fd = client.as_raw_fd();
+        let mut codec = InboundCodec::new();
+        codec.allow_pieces();
+        codec.expect(7);
+        let need = codec.need();
+        let (read, _write) = client.into_split();
+        let mut frames = FramedRead::new(LowWaterReader { inner: read, need, current: 1 }, codec);
+
+        let data = vec![5u8; 1 << 20];
+        let mut wire = bytes::BytesMut::new();
+        PeerCodec::default()
+            .encode(Message::Piece { index: 7, data: data.clone().into() }, &mut wire)
+            .unwrap();
+        PeerCodec::default().encode(Message::Have(3), &mut wire).unwrap();
+        let half = wire.len() / 2;
+        server.write_all(&wire[..half]).await.unwrap();
+        let reading = tokio::spawn(async move {
+            let piece = frames.next().await.unwrap().unwrap();
+            let have = frames.next().await.unwrap().unwrap();
+            (piece, have, frames)
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mark = rcvlowat(fd);
+        assert!(mark >= RECV_LOW_WATER_MIN as i32, "mid-piece mark {mark}");
+        // The rest in packet-sized writes, the last of them smaller than the mark.
+        for chunk in wire[half..].chunks(9000) {
+            server.write_all(chunk).await.unwrap();
+        }
+        let (piece, have, mut frames) =
+            tokio::time::timeout(Duration::from_secs(2), reading).await.expect("tail held").unwrap();
+        assert_eq!(piece, Message::Piece { index: 7, data: data.into() });
+        assert_eq!(have, Message::Have(3));
+        // A lone small frame later: the mark left from the piece must not hold it.
+        let mut have = bytes::BytesMut::new();
+        PeerCodec::default().encode(Message::Have(4), &mut have).unwrap();
+        server.write_all(&have).await.unwrap();
+        let next =
+            tokio::time::timeout(Duration::from_secs(2), frames.next()).await.expect("small frame held");
+        assert_eq!(next.unwrap().unwrap(), Message::Have(4));
+        assert_eq!(rcvlowat(fd), 1);
     }
 }
