@@ -2,7 +2,7 @@
 # Fleet benchmark (not a test) over real kernel TCP on shaped links. Each of N hosts is a
 # network namespace behind a veth shaped with tbf at HOST Mbit/s in both directions; an
 # "origin" namespace sits behind a link of ORIGIN Mbit/s (integration/bench/netns.sh). At
-# one absolute instant every host fetches the same fresh random blob with curl into a tmpfs:
+# one absolute instant every host fetches the same fresh random blob with curl into a hash:
 #   shoal     through its own `shoal agent` (default settings: no rate limit of Shoal's own,
 #             so the kernel's links set the pace, as in production), with `shoal origin` and
 #             `shoal tracker` in the origin namespace;
@@ -109,16 +109,15 @@ for s in $SYSTEMS; do
   *) die "unknown system '$s' in BENCH_SYSTEMS (shoal, shoal_tls, shoal_upstream, registry)" ;;
   esac
 done
-for c in curl jq sha256sum awk python3; do command -v "$c" >/dev/null || die "$c missing"; done
+for c in curl jq sha256sum openssl awk python3; do command -v "$c" >/dev/null || die "$c missing"; done
 netns_init
 
-# Downloads go to a private tmpfs: writing them costs the hosts no disk, and hashing happens
-# after the window, not inline.
+# The hosts' sums (and nothing else of the downloads) go to a private tmpfs.
 max_n=0
 for n in $FLEET; do ((n > max_n)) && max_n=$n; done
 DL=$T/dl
 mkdir -p "$DL"
-mount -t tmpfs -o size=$((max_n * SIZE_MIB + 64))m shoal-fleet "$DL"
+mount -t tmpfs -o size=64m shoal-fleet "$DL"
 on_exit "umount '$DL' 2>/dev/null || umount -l '$DL'"
 
 report=$T/report.txt
