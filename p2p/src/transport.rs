@@ -27,6 +27,22 @@ pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
 /// 64 KiB sent.
 pub const NOT_SENT_LOW_WATER: u32 = 128 * 1024;
 
+/// Set an `int` socket option at `SOL_SOCKET`; whether the kernel took it.
+fn set_socket_int(stream: &TcpStream, name: libc::c_int, value: libc::c_int) -> bool {
+    // SAFETY: a socket descriptor the stream keeps open, and a pointer to a c_int that
+    // outlives the call, with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
+}
+
 /// Nagle off (requests and `have`s are small and urgent) and the unsent-bytes bound.
 fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
@@ -83,22 +99,19 @@ struct LowWaterReader {
 
 impl LowWaterReader {
     fn adjust(&mut self) {
+        let need = self.need.get();
+        // Most reads change nothing: the receive buffer is only asked for when they may.
+        let may_lower = self.current > need.max(1);
+        let may_raise =
+            need >= RECV_LOW_WATER_MIN && need.min(RECV_LOW_WATER_MAX) >= self.current.saturating_mul(2);
+        if !may_lower && !may_raise {
+            return;
+        }
         let stream: &TcpStream = self.inner.as_ref();
         let recv_buffer = socket2::SockRef::from(stream).recv_buffer_size().unwrap_or(0);
-        let Some(mark) = low_water(self.need.get(), self.current, recv_buffer) else { return };
+        let Some(mark) = low_water(need, self.current, recv_buffer) else { return };
         let value = libc::c_int::try_from(mark).unwrap_or(1);
-        // SAFETY: a valid socket descriptor this half keeps open, and a pointer to a c_int
-        // that outlives the call, with its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVLOWAT,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
+        if set_socket_int(stream, libc::SO_RCVLOWAT, value) {
             self.current = mark;
         }
     }
