@@ -45,9 +45,11 @@
 #                              /tmp/m.h<i> (the last run's; for finding where bytes went)
 #   BENCH_PLOT=                e.g. docs/fleet.svg: draw this run's rows there
 #                              (integration/bench/plot_fleet.py); unset, nothing is drawn
+#   BENCH_AGENT_CONFIG=        a TOML file every agent reads (`--config`, docs/configuration.md),
+#                              e.g. to compare max_connections_per_blob; unset, the defaults
 #
 # Figures, per system × N × repeat:
-#   p50 p90 max   each host's completion time (from the common start to its last byte on disk)
+#   p50 p90 max   each host's completion time (from the common start to its last byte hashed)
 #                 ÷ the time its own link needs for the blob (size ÷ link rate); percentiles over
 #                 the hosts by nearest rank. tbf counts whole frames, so ~1.05 is the floor.
 #                 A central registry behind ORIGIN cannot do better than N × HOST ÷ ORIGIN.
@@ -78,6 +80,8 @@ SIZE_MIB=${BENCH_SIZE_MIB:-128}
 HOST_MBIT=${BENCH_HOST_MBIT:-50}
 ORIGIN_MBIT=${BENCH_ORIGIN_MBIT:-500}
 REPEATS=${BENCH_REPEATS:-1}
+FLEET_AGENT_ARGS=()
+if [[ -n ${BENCH_AGENT_CONFIG:-} ]]; then FLEET_AGENT_ARGS=(--config "$(realpath "$BENCH_AGENT_CONFIG")"); fi
 STRAGGLERS=${BENCH_STRAGGLERS:-0}
 SYSTEMS=${BENCH_SYSTEMS:-shoal registry}
 RESULTS=${BENCH_RESULTS:-/tmp/shoal-fleet-results.txt}

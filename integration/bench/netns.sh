@@ -219,6 +219,7 @@ FLEET_ORIGIN_PEER=$FLEET_ORIGIN_ADDR:5200         # the origin's peer listener
 FLEET_AGENT_URL=http://127.0.0.1:5000             # every host's own agent, in its own namespace
 FLEET_AGENT_PEER_PORT=7001
 FLEET_ORIGIN_ARGS=() # more flags for the origin (e.g. --upstream)
+FLEET_AGENT_ARGS=()  # more flags for every agent (e.g. --config FILE)
 
 # fleet_setup N HOST_MBIT ORIGIN_MBIT [SLOW]: the origin namespace, its link at ORIGIN_MBIT, and
 # N hosts at HOST_MBIT, of which the last SLOW (default 0) are at HOST_MBIT / 5.
@@ -278,7 +279,8 @@ fleet_start_shoal() {
     fi
     ns_bg "${FLEET_NS[i]}" "${FLEET_AGENT_LOGS[i]}" "$SHOAL_BIN" agent --listen "${FLEET_AGENT_URL#*://}" \
       --peer-listen "0.0.0.0:$FLEET_AGENT_PEER_PORT" --peer-advertise "${FLEET_ADDR[i]}:$FLEET_AGENT_PEER_PORT" \
-      --origin "$FLEET_ORIGIN_URL" --tracker "$FLEET_TRACKER_URL" --data-dir "$dir/agent$i" "${tls_a[@]}"
+      --origin "$FLEET_ORIGIN_URL" --tracker "$FLEET_TRACKER_URL" --data-dir "$dir/agent$i" "${tls_a[@]}" \
+      "${FLEET_AGENT_ARGS[@]}"
     FLEET_AGENT_PIDS[i]=$NS_PID
   done
   wait_ready 30 "$FLEET_TRACKER_PID" "shoal tracker" in_ns "$FLEET_ORIGIN_NS" curl "${CURL_TLS[@]}" -sf --max-time 2 "$FLEET_TRACKER_URL/healthz" ||
