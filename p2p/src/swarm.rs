@@ -210,6 +210,7 @@ impl Swarm {
             Event::Conn(ConnEvent::Connected { peer, addr, bitfield, commands, received }) => {
                 // Dropping `commands` of a refused connection closes it.
                 if self.state.connected(peer, addr, bitfield, now) {
+                    tracing::trace!(%peer, %addr, "peer connected");
                     self.deps.metrics.connections.with_label_values(&["out"]).inc();
                     self.peers.insert(peer, Peer { commands, received });
                 }
@@ -220,7 +221,10 @@ impl Swarm {
             }
             Event::Conn(ConnEvent::Have { peer, index }) => self.state.have(&peer, index, now),
             Event::Conn(ConnEvent::Declined { peer, index }) => self.state.declined(peer, index, now),
-            Event::Conn(ConnEvent::Piece { peer, index, data }) => self.store(peer, index, data),
+            Event::Conn(ConnEvent::Piece { peer, index, data }) => {
+                tracing::trace!(%peer, index, "piece received");
+                self.store(peer, index, data)
+            }
             Event::Conn(ConnEvent::Closed { peer, reason }) => {
                 tracing::debug!(%peer, %reason, "peer connection closed");
                 self.state.closed(&peer);
@@ -266,12 +270,16 @@ impl Swarm {
             match action {
                 Action::Connect(addr) => self.connect(addr),
                 Action::Request { peer, index } => {
+                    tracing::trace!(%peer, index, "piece requested");
                     let sent = self.peers.get(&peer).map(|p| p.commands.try_send(Command::Request(index)));
                     if !matches!(sent, Some(Ok(()))) {
                         self.state.request_failed(&peer, index);
                     }
                 }
-                Action::Cancel { peer, index } => self.cancel(&peer, index),
+                Action::Cancel { peer, index } => {
+                    tracing::trace!(%peer, index, "piece request cancelled");
+                    self.cancel(&peer, index)
+                }
                 Action::TimedOut { peer, index } => {
                     tracing::info!(%peer, index, "piece request timed out: no bytes from the peer");
                     self.deps.metrics.piece_timeouts.inc();
