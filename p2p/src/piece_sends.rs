@@ -3,14 +3,22 @@
 //! A fleet that pulls one blob together spreads each piece from its first holders, and the
 //! time a hand-off takes is the fleet's ramp. An agent that had just received a piece sent it
 //! to every peer that asked (up to its dozen) side by side, each at a twelfth of its uplink,
-//! so none of them could pass it on for two seconds. Sent to four at a time, the first four
-//! have it in half a second and pass it on while the rest wait their turn (hearing
-//! keep-alives, as at an origin's send slots). Once the fleet holds many pieces, peers ask
-//! for different ones and the limit does not bind, so the uplink stays full. In `shoal-sim`
-//! (128 MiB, 50 Mbit/s hosts, seed 1), p50 / p99 × the link time with 4 against none: 1,000
-//! hosts 1.24 / 1.28 against 1.31 / 1.36, 3,000 hosts 1.27 / 1.32 against 1.36 / 1.43; two
-//! gave the same, a limit on all of an agent's sends at once (four or eight pieces, whatever
-//! they are) left links idle and was not kept (docs/benchmarks.md).
+//! so none of them could pass it on for two seconds. Sent to a few at a time, the first ones
+//! have it soon and pass it on while the rest wait their turn (hearing keep-alives, as at an
+//! origin's send slots). Once the fleet holds many pieces, peers ask for different ones and
+//! the limit does not bind, so the uplink stays full. In `shoal-sim` (128 MiB, 50 Mbit/s
+//! hosts, seed 1), p50 / p99 × the link time with 4 against none: 1,000 hosts 1.24 / 1.28
+//! against 1.31 / 1.36, 3,000 hosts 1.27 / 1.32 against 1.36 / 1.43; 2 gave the same there
+//! (1.23 / 1.30 at 1,000, 1.27 / 1.34 at 10,000). A limit on all of an agent's sends at once
+//! (four or eight pieces, whatever they are) left links idle and was not kept.
+//!
+//! Two, not four: the same happens at a download's end. The origin hands its last pieces to
+//! whoever asks first, and every other host then wants them from that one uplink. Sent to
+//! all four of a 5-host fleet's other hosts at a quarter of the uplink each, no copy could be
+//! passed on until all were done (a traced real run: the last 8 pieces took 3 s). Real fleets
+//! on 50 Mbit/s links, alternated with 4 (docs/benchmarks.md, session 18): 5 hosts 1.04 ×
+//! the link time in four runs of four against 1.04-1.08, 10 hosts 1.05 against 1.06-1.07,
+//! 20 hosts 1.08-1.10 against 1.08-1.09, stragglers' fast hosts 1.08 against 1.09.
 //!
 //! The count is the server's per-key cap ([`KeyedSlots`], as for addresses and blobs), keyed
 //! by (digest, piece); `shoal-sim` holds the same slots keyed by its own blob numbers.
@@ -24,10 +32,10 @@ use tokio::sync::watch;
 use crate::inbound::{KeyedSlot, KeyedSlots};
 
 /// Peers one piece is sent to at once by default (the agent's `max_sends_per_piece`).
-pub const DEFAULT_SENDS_PER_PIECE: usize = 4;
+pub const DEFAULT_SENDS_PER_PIECE: usize = 2;
 
-/// A send counts against its piece's limit for at most this long, then goes on outside it. A
-/// piece at a quarter of a 50 Mbit/s uplink takes 0.7 s, so the fleet's first hand-offs are
+/// A send counts against its piece's limit for at most this long, then goes on outside it
+/// (chosen with a limit of 4). A piece at a quarter of a 50 Mbit/s uplink takes 0.7 s, so the fleet's first hand-offs are
 /// limited; a send to a slow peer is not for long, or four stragglers could hold a piece for
 /// seconds while fast hosts wait for it (`shoal-sim --scenario stragglers`, 20 hosts, seeds
 /// 1-4: the fast hosts' slowest at 1.18-1.38 × their link time with no bound, 1.15-1.29 with
