@@ -22,7 +22,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use async_trait::async_trait;
 use bytes::Bytes;
 use shoal_p2p::blob::BlobPieces;
-use shoal_p2p::piece_store::is_disk_full;
 use shoal_p2p::swarm::{self, Fallback, SwarmConfig, SwarmDeps};
 use shoal_p2p::{Metainfo, PieceError};
 use shoal_registry::range::ByteRange;
@@ -300,18 +299,14 @@ impl Downloads {
                     tracing::warn!(error = %e, "could not delete a failed download's piece file");
                 }
             }
-            let size = metainfo.size();
-            cache.make_room(size);
-            let metainfo = Arc::new(metainfo);
-            // The piece file is allocated whole when it is created: a full disk shows here.
-            let pieces = match BlobPieces::partial(&path, metainfo.clone()) {
-                Err(PieceError::Io(e)) if is_disk_full(&e) && cache.reclaim(size) => {
-                    BlobPieces::partial(&path, metainfo)
-                }
-                other => other,
-            };
+            cache.make_room(metainfo.size());
             let reclaim = cache.clone();
-            pieces.map(|p| Arc::new(p.reclaiming(Arc::new(move |need| reclaim.reclaim(need)))))
+            BlobPieces::partial_reclaiming(
+                &path,
+                Arc::new(metainfo),
+                Arc::new(move |need| reclaim.reclaim(need)),
+            )
+            .map(Arc::new)
         })
         .await
         .map_err(join_error)?

@@ -130,6 +130,35 @@ pub struct BlobPieces {
     fresh: std::sync::Mutex<fresh::Fresh>,
 }
 
+/// Run `write`; when it finds the disk full, ask `reclaim` (if any) for `need()` bytes and run
+/// it again, up to [`DISK_FULL_RETRIES`] times: the one policy for a download's writes and for
+/// the allocation of its piece file.
+fn retry_when_full<T>(
+    reclaim: Option<&Reclaim>,
+    metainfo: &Metainfo,
+    need: impl Fn() -> u64,
+    mut write: impl FnMut() -> Result<T, PieceError>,
+) -> Result<T, PieceError> {
+    let mut attempts = 0;
+    loop {
+        match write() {
+            Err(PieceError::Io(e)) if is_disk_full(&e) && attempts < DISK_FULL_RETRIES => {
+                let Some(reclaim) = reclaim else { return Err(PieceError::Io(e)) };
+                attempts += 1;
+                let missing = need();
+                tracing::warn!(
+                    digest = %metainfo.digest(), missing, attempt = attempts,
+                    "disk full while writing a download; making room"
+                );
+                if !reclaim(missing) {
+                    return Err(PieceError::Io(e));
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
 impl BlobPieces {
     /// A complete blob file (a cache entry or an origin's blob). Blocking.
     pub fn complete(path: &Path, metainfo: Arc<Metainfo>) -> Result<BlobPieces, PieceError> {
@@ -171,6 +200,20 @@ impl BlobPieces {
     pub fn reclaiming(mut self, reclaim: Reclaim) -> BlobPieces {
         self.reclaim = Some(reclaim);
         self
+    }
+
+    /// [`BlobPieces::partial`], then [`BlobPieces::reclaiming`]; the piece file's allocation
+    /// (the whole blob, at creation) asks `reclaim` for room too when the disk is full.
+    /// Blocking.
+    pub fn partial_reclaiming(
+        path: &Path,
+        metainfo: Arc<Metainfo>,
+        reclaim: Reclaim,
+    ) -> Result<BlobPieces, PieceError> {
+        let size = metainfo.size();
+        let open = || BlobPieces::partial(path, metainfo.clone());
+        let blob = retry_when_full(Some(&reclaim), &metainfo, || size, open)?;
+        Ok(blob.reclaiming(reclaim))
     }
 
     /// A blob being downloaded into the piece file at `path` (resumed if it exists). Blocking.
@@ -338,25 +381,8 @@ impl BlobPieces {
 
     /// Run `write`; when it finds the disk full, ask the reclaimer (if any) for room for the
     /// rest of the download and run it again, a few times at most.
-    fn retry_when_full<T>(&self, mut write: impl FnMut() -> Result<T, PieceError>) -> Result<T, PieceError> {
-        let mut attempts = 0;
-        loop {
-            match write() {
-                Err(PieceError::Io(e)) if is_disk_full(&e) && attempts < DISK_FULL_RETRIES => {
-                    let Some(reclaim) = &self.reclaim else { return Err(PieceError::Io(e)) };
-                    attempts += 1;
-                    let missing = self.bytes_missing();
-                    tracing::warn!(
-                        digest = %self.metainfo.digest(), missing, attempt = attempts,
-                        "disk full while writing a download; making room"
-                    );
-                    if !reclaim(missing) {
-                        return Err(PieceError::Io(e));
-                    }
-                }
-                other => return other,
-            }
-        }
+    fn retry_when_full<T>(&self, write: impl FnMut() -> Result<T, PieceError>) -> Result<T, PieceError> {
+        retry_when_full(self.reclaim.as_ref(), &self.metainfo, || self.bytes_missing(), write)
     }
 
     /// About how many bytes this download has still to write (whole pieces missing).

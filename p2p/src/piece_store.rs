@@ -87,7 +87,12 @@ fn allocate(file: &File, size: u64) -> io::Result<()> {
     match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size) {
         Ok(()) => Ok(()),
         Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => Ok(()),
-        Err(e) => Err(e.into()),
+        Err(e) => {
+            // Back to empty, so a retry (after room was made) allocates again instead of
+            // taking the sparse file for one of the right size.
+            let _ = file.set_len(0);
+            Err(e.into())
+        }
     }
 }
 
