@@ -93,6 +93,13 @@ impl InboundCodec {
     }
 }
 
+/// The length in the prefix of the frame `src` starts with, once the prefix is there.
+fn frame_len(src: &[u8]) -> Option<usize> {
+    let prefix = src.get(..LEN_PREFIX)?;
+    let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+    Some(usize::try_from(len).unwrap_or(usize::MAX))
+}
+
 impl Decoder for InboundCodec {
     type Item = Message;
     type Error = WireError;
@@ -101,13 +108,9 @@ impl Decoder for InboundCodec {
         let message = self.decode_frame(src);
         let need = match &message {
             Ok(None) if self.skipping > 0 => self.skipping,
-            Ok(None) => match src.get(..LEN_PREFIX) {
-                Some(p) => {
-                    let len = u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize;
-                    (LEN_PREFIX + len).saturating_sub(src.len())
-                }
-                None => 0,
-            },
+            Ok(None) => {
+                frame_len(src).map_or(0, |len| LEN_PREFIX.saturating_add(len).saturating_sub(src.len()))
+            }
             _ => 0,
         };
         self.need.set(need);
@@ -122,9 +125,7 @@ impl InboundCodec {
             if !self.skip(src) {
                 return Ok(None);
             }
-            if let Some(prefix) = src.get(..LEN_PREFIX) {
-                let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
-                let len = usize::try_from(len).unwrap_or(usize::MAX);
+            if let Some(len) = frame_len(src) {
                 if len > self.codec.max_frame {
                     return Err(WireError::FrameTooLarge { len, max: self.codec.max_frame });
                 }
