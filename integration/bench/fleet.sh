@@ -278,8 +278,7 @@ run_shoal() {
     secs=$(grep -h 'blob downloaded and verified' "${FLEET_AGENT_LOGS[i]}" | grep -o 'swarm_secs=[0-9.]*' | tail -1 | cut -d= -f2)
     [[ -n $secs ]] && swarm+=("$(awk -v t="$secs" -v l="$(ideal_secs "$i")" 'BEGIN {printf "%.4f", t / l}')")
   done
-  ((${#swarm[@]} > 0)) && swarm_max=$(printf '%s
-' "${swarm[@]}" | pct 100)
+  ((${#swarm[@]} > 0)) && swarm_max=$(printf '%s\n' "${swarm[@]}" | pct 100)
   RECORD_EXTRA="${RECORD_EXTRA:+$RECORD_EXTRA }swarm_max=$swarm_max"
   record "$label" "$n" "$rep" "$BLOB_DIGEST" "$timeouts" "$logto" "$fallback" "$gib" "$dup"
   fleet_stop_shoal
