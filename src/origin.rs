@@ -454,6 +454,8 @@ async fn start_seeding(
         piece_sends: None,
         // Send each piece to one agent and let the swarm spread it.
         super_seed: Some(shoal_p2p::super_seed::SuperSeed::new(Duration::from_secs(3))),
+        // Its uplink is many hosts' links: paced, it does not burst into their queues.
+        pace: true,
     });
     tokio::spawn(server.serve(listener));
     tracing::info!(peer_listen = %bound, %advertise, %peer_id, "seeding blobs to the swarm");

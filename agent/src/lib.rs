@@ -150,6 +150,7 @@ impl Agent {
             piece_sends: (config.max_sends_per_piece > 0)
                 .then(|| shoal_p2p::piece_sends::PieceSendGate::new(config.max_sends_per_piece)),
             super_seed: None,
+            pace: false,
         });
         let auth = {
             let origin = origin.clone();

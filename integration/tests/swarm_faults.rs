@@ -172,6 +172,7 @@ impl CorruptPeer {
             upload_slots: None,
             piece_sends: None,
             super_seed: None,
+            pace: false,
         });
         let serve = tokio::spawn(server.serve(listener));
 

@@ -97,6 +97,9 @@ pub struct PeerServer {
     /// Super-seeding (origins): a piece sent to one peer is declined to others for this
     /// long, so they fetch it from that peer and the seeder sends each piece about once.
     pub super_seed: Option<SuperSeed>,
+    /// Pace the TCP sending of every accepted connection ([`transport::pace`]): origins,
+    /// whose fast uplinks otherwise burst into hosts' queues.
+    pub pace: bool,
 }
 
 impl PeerServer {
@@ -137,6 +140,9 @@ impl PeerServer {
     }
 
     async fn handle(&self, stream: TcpStream, per_blob: &Arc<BlobSlots>) -> Result<(), String> {
+        if self.pace && !transport::pace(&stream) {
+            tracing::debug!("TCP pacing not available on a peer connection");
+        }
         let (read, write) = transport::accept(stream, HANDSHAKE_TIMEOUT).await?;
         // Small frames only, for good: a downloader sends handshakes and control messages,
         // and the pieces it has no business sending are skipped unread.
@@ -324,6 +330,7 @@ impl PeerServer {
                     let count = pieces.metainfo().piece_count();
                     if self.super_seed.as_ref().is_some_and(|s| !s.claim(digest, index, remote, count, Instant::now())) {
                         // Declined: another peer just got it and can pass it on.
+                        tracing::trace!(%digest, index, %remote, "piece declined");
                         if let Err(e) = sink.send(Message::Cancel(index)).await {
                             break Err(e.to_string());
                         }
@@ -357,6 +364,7 @@ impl PeerServer {
                         s.sent_in_full(digest, index, remote, Instant::now());
                     }
                     self.metrics.sent_bytes.inc_by(len);
+                    tracing::trace!(%digest, index, %remote, "piece sent");
                 },
                 _ = reminder.tick(), if waiting.is_some() || blocked => {
                     if let Err(e) = sink.send(Message::KeepAlive).await {

@@ -49,6 +49,38 @@ fn tune(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_notsent_lowat(NOT_SENT_LOW_WATER);
 }
 
+/// The cap given to `SO_MAX_PACING_RATE` to pace a socket: none (all ones but the last bit;
+/// all ones means "not paced"). Any value turns on the kernel's own TCP pacing, which sends a
+/// connection's window spread over its round trip at about its congestion window's rate
+/// instead of in line-rate bursts.
+pub const PACED_WITHOUT_CAP: u64 = u64::MAX - 1;
+
+/// Turn on the kernel's TCP pacing for a seeder's socket ([`PACED_WITHOUT_CAP`]); whether the
+/// kernel took it.
+///
+/// Why the origins pace: an origin's uplink is many times a host's, so unpaced it delivers
+/// each connection's window into the host's switch queue as one burst, and a full drop-tail
+/// queue drops bursts first. On 20 emulated 50 Mbit/s hosts behind a 500 Mbit/s origin, the
+/// origin's segments were retransmitted 4-6 times as often as the hosts' own (which their
+/// slower links space out), and every retransmission is a byte the origin sends twice:
+/// 1.11-1.13 x the blob unpaced, 1.08-1.10 paced, the pull's time the same
+/// (docs/benchmarks.md). Pacing every agent's socket too gained nothing more.
+pub fn pace(stream: &TcpStream) -> bool {
+    let rate = PACED_WITHOUT_CAP;
+    // SAFETY: a socket descriptor the stream keeps open, and a pointer to a u64 (the kernel's
+    // unsigned long on 64-bit Linux) that outlives the call, with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MAX_PACING_RATE,
+            (&rate as *const u64).cast(),
+            std::mem::size_of::<u64>() as libc::socklen_t,
+        )
+    };
+    rc == 0
+}
+
 /// Most bytes a downloading connection lets the kernel gather before waking its reader
 /// (`SO_RCVLOWAT`). A peer's share of a 50 Mbit/s link arrives a jumbo frame at a time; woken
 /// for each, the reader pays a wake-up, a `recv` and a decoder pass per 9 KB. 64 KiB is
@@ -201,6 +233,36 @@ mod tests {
             assert_eq!(socket2::SockRef::from(stream).tcp_notsent_lowat().unwrap(), NOT_SENT_LOW_WATER);
             assert!(stream.nodelay().unwrap());
         }
+    }
+
+    fn pacing_cap(stream: &TcpStream) -> u64 {
+        let mut value: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: an open socket and an out-pointer with its length.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MAX_PACING_RATE,
+                (&mut value as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        value
+    }
+
+    /// A paced socket carries the no-cap cap (which turns pacing on); others carry none.
+    #[tokio::test]
+    async fn a_paced_socket_has_pacing_on_without_a_cap() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (client, (server, _)) = (client.unwrap(), accepted.unwrap());
+        assert_eq!(pacing_cap(&server), u64::MAX, "unpaced by default");
+        assert!(pace(&server));
+        assert_eq!(pacing_cap(&server), PACED_WITHOUT_CAP);
+        assert_eq!(pacing_cap(&client), u64::MAX, "the other end is untouched");
     }
 
     /// The mark rises to a share of the frame once its length is known, falls to what is

@@ -42,6 +42,7 @@ fn server_of(pieces: Arc<BlobPieces>) -> PeerServer {
         upload_slots: None,
         piece_sends: None,
         super_seed: None,
+        pace: false,
     }
 }
 
