@@ -58,7 +58,9 @@
 #                 headers included; veth counts a GSO packet's headers once, so one copy is ~1.01)
 #   o_rtx         TCP segments the origin namespace retransmitted ÷ the segments it sent, in
 #                 the window (/proc/net/snmp): what of `origin` was sent twice by TCP, not
-#                 by the application (a frame dropped at a full host queue is sent again)
+#                 by the application (a frame dropped at a full host queue is sent again).
+#                 The segments sent include pure ACKs, so by bytes the share is higher
+#                 (about 9-10 % where o_rtx says 6-7 %: docs/benchmarks.md, session 19)
 #   received      bytes into the hosts' veths ÷ (N × size)
 #   timeouts      Σ shoal_agent_piece_timeouts_total over the agents ("n/a" if no agent has it)
 #   log_timeouts  Σ agent log lines with "timed out" (piece requests given up)
