@@ -121,17 +121,20 @@ pub async fn run(
             return;
         }
     };
+    // Only a seeder of the whole blob hears which pieces this side gains: a super-seeding
+    // origin declines pieces that a connected peer can pass on instead, and origins seed
+    // whole blobs. An agent's server has no use for them, and sent to every peer each piece
+    // gained woke every connection of the download to write a frame the other side dropped.
+    let tell_gains = bitfield.is_complete();
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
     if events.send(ConnEvent::Connected { peer, addr, bitfield, commands: cmd_tx, received }).await.is_err() {
         return;
     }
-    // Tell the server which pieces this side gains: a super-seeding origin declines pieces
-    // that a connected peer can pass on instead.
     let mut progress = pieces.subscribe();
     let mut advertised = pieces.have();
     let reason = loop {
         tokio::select! {
-            changed = progress.changed() => {
+            changed = progress.changed(), if tell_gains => {
                 if changed.is_err() {
                     // Cannot happen while this connection holds the piece store.
                     break "piece store closed".to_string();
@@ -226,5 +229,92 @@ async fn handshake(
         Some(Ok(other)) => Err(format!("expected handshake, got {}", other.name())),
         Some(Err(e)) => Err(e.to_string()),
         None => Err("closed during handshake".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metainfo::Metainfo;
+    use futures_util::SinkExt;
+    use shoal_registry::Algorithm;
+    use tokio::net::TcpListener;
+
+    /// What a raw server whose handshake lists every piece (`seeder`) or only the last hears
+    /// from a downloader that gains piece 0 after connecting: the `have`s within half a second.
+    async fn haves_heard(seeder: bool) -> Vec<u32> {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = dir.path().join("seed");
+        std::fs::write(&seed, vec![7u8; 3 << 20]).unwrap();
+        let meta = Arc::new(Metainfo::compute_file(&seed, Algorithm::Sha256).unwrap());
+        let complete = BlobPieces::complete(&seed, meta.clone()).unwrap();
+        let want = Arc::new(BlobPieces::partial(&dir.path().join("want"), meta.clone()).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+
+        let (tx, mut events) = mpsc::channel(16);
+        let timeouts = ConnTimeouts {
+            connect: Duration::from_secs(5),
+            handshake: Duration::from_secs(5),
+            idle: Duration::from_secs(30),
+        };
+        let downloader = want.clone();
+        tokio::spawn(async move {
+            let counter = Arc::new(AtomicU64::new(0));
+            run(
+                addr,
+                PeerId::random(),
+                downloader,
+                Arc::new(RateLimiter::unlimited()),
+                counter,
+                timeouts,
+                tx,
+            )
+            .await;
+        });
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut server = tokio_util::codec::Framed::new(stream, PeerCodec::default());
+        let hello = server.next().await.unwrap().unwrap();
+        assert!(matches!(hello, Message::Handshake { .. }), "{hello:?}");
+        let mut has = Bitfield::new(meta.piece_count());
+        for i in 0..meta.piece_count() {
+            if seeder || i + 1 == meta.piece_count() {
+                has.set(i).unwrap();
+            }
+        }
+        server
+            .send(Message::Handshake {
+                version: PROTOCOL_VERSION,
+                digest: meta.digest().clone(),
+                peer_id: PeerId::random(),
+                bitfield: has.to_bytes().into(),
+            })
+            .await
+            .unwrap();
+        // Held to the end: dropping its command sender closes the connection.
+        let connected = events.recv().await;
+        assert!(matches!(connected, Some(ConnEvent::Connected { .. })), "{connected:?}");
+
+        assert!(want.write_piece(0, &complete.read_piece(0).unwrap()).unwrap(), "piece 0 verifies");
+        let mut heard = Vec::new();
+        let end = tokio::time::Instant::now() + Duration::from_millis(500);
+        while let Ok(Some(Ok(m))) = tokio::time::timeout_at(end, server.next()).await {
+            match m {
+                Message::Have(i) => heard.push(i),
+                Message::KeepAlive => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(tokio::time::Instant::now() >= end, "the connection stayed up");
+        drop(connected);
+        heard
+    }
+
+    /// A seeder of the whole blob (an origin, which super-seeds) hears each piece the
+    /// downloader gains; a peer still downloading, which has no use for it, hears nothing.
+    #[tokio::test]
+    async fn only_a_seeder_of_the_whole_blob_hears_what_a_download_gains() {
+        assert_eq!(haves_heard(true).await, [0]);
+        assert_eq!(haves_heard(false).await, Vec::<u32>::new());
     }
 }

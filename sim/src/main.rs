@@ -62,7 +62,7 @@ struct Args {
     #[arg(long)]
     agent_upload_slots: Option<usize>,
     /// Peers an agent sends one piece to at once (the agent's `max_sends_per_piece`, default
-    /// 4; 0: no limit).
+    /// 2; 0: no limit).
     #[arg(long)]
     max_sends_per_piece: Option<usize>,
     /// Piece length in KiB, a power of two from 64 to 4096 (default: what the origins choose
