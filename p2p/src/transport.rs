@@ -63,7 +63,7 @@ pub const PACED_WITHOUT_CAP: u64 = u64::MAX - 1;
 /// queue drops bursts first. On 20 emulated 50 Mbit/s hosts behind a 500 Mbit/s origin, the
 /// origin's segments were retransmitted 4-6 times as often as the hosts' own (which their
 /// slower links space out), and every retransmission is a byte the origin sends twice:
-/// 1.11-1.13 x the blob unpaced, 1.08-1.10 paced, the pull's time the same
+/// 1.11-1.13 x the blob unpaced, 1.08-1.11 paced (median 1.10), the pull's time the same
 /// (docs/benchmarks.md). Pacing every agent's socket too gained nothing more.
 pub fn pace(stream: &TcpStream) -> bool {
     let rate = PACED_WITHOUT_CAP;
