@@ -27,17 +27,19 @@ pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
 /// 64 KiB sent.
 pub const NOT_SENT_LOW_WATER: u32 = 128 * 1024;
 
-/// Set an `int` socket option at `SOL_SOCKET`; whether the kernel took it.
-fn set_socket_int(stream: &TcpStream, name: libc::c_int, value: libc::c_int) -> bool {
-    // SAFETY: a socket descriptor the stream keeps open, and a pointer to a c_int that
+/// Set a socket option at `SOL_SOCKET` to `value` (the C type the option takes: `c_int` for
+/// most, the kernel's `unsigned long`, a `u64` here, for `SO_MAX_PACING_RATE`); whether the
+/// kernel took it. Neither socket2 nor rustix wraps the options this is used for.
+fn set_socket_option<T: Copy>(stream: &TcpStream, name: libc::c_int, value: T) -> bool {
+    // SAFETY: a socket descriptor the stream keeps open, and a pointer to a plain value that
     // outlives the call, with its size.
     let rc = unsafe {
         libc::setsockopt(
             stream.as_raw_fd(),
             libc::SOL_SOCKET,
             name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            (&value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     rc == 0
@@ -66,19 +68,7 @@ pub const PACED_WITHOUT_CAP: u64 = u64::MAX - 1;
 /// 1.11-1.13 x the blob unpaced, 1.08-1.11 paced (median 1.10), the pull's time the same
 /// (docs/benchmarks.md). Pacing every agent's socket too gained nothing more.
 pub fn pace(stream: &TcpStream) -> bool {
-    let rate = PACED_WITHOUT_CAP;
-    // SAFETY: a socket descriptor the stream keeps open, and a pointer to a u64 (the kernel's
-    // unsigned long on 64-bit Linux) that outlives the call, with its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MAX_PACING_RATE,
-            (&rate as *const u64).cast(),
-            std::mem::size_of::<u64>() as libc::socklen_t,
-        )
-    };
-    rc == 0
+    set_socket_option(stream, libc::SO_MAX_PACING_RATE, PACED_WITHOUT_CAP)
 }
 
 /// Most bytes a downloading connection lets the kernel gather before waking its reader
@@ -143,7 +133,7 @@ impl LowWaterReader {
         let recv_buffer = socket2::SockRef::from(stream).recv_buffer_size().unwrap_or(0);
         let Some(mark) = low_water(need, self.current, recv_buffer) else { return };
         let value = libc::c_int::try_from(mark).unwrap_or(1);
-        if set_socket_int(stream, libc::SO_RCVLOWAT, value) {
+        if set_socket_option(stream, libc::SO_RCVLOWAT, value) {
             self.current = mark;
         }
     }
@@ -235,21 +225,19 @@ mod tests {
         }
     }
 
-    fn pacing_cap(stream: &TcpStream) -> u64 {
-        let mut value: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    /// A `SOL_SOCKET` option's value, read back as `T`.
+    fn socket_option<T: Copy + Default>(fd: i32, name: libc::c_int) -> T {
+        let mut value = T::default();
+        let mut len = std::mem::size_of::<T>() as libc::socklen_t;
         // SAFETY: an open socket and an out-pointer with its length.
-        let rc = unsafe {
-            libc::getsockopt(
-                stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_MAX_PACING_RATE,
-                (&mut value as *mut u64).cast(),
-                &mut len,
-            )
-        };
+        let rc =
+            unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, name, (&mut value as *mut T).cast(), &mut len) };
         assert_eq!(rc, 0);
         value
+    }
+
+    fn pacing_cap(stream: &TcpStream) -> u64 {
+        socket_option(stream.as_raw_fd(), libc::SO_MAX_PACING_RATE)
     }
 
     /// A paced socket carries the no-cap cap (which turns pacing on); others carry none.
@@ -281,20 +269,7 @@ mod tests {
     }
 
     fn rcvlowat(fd: i32) -> i32 {
-        let mut value: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: an open socket and an out-pointer with its length.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVLOWAT,
-                (&mut value as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0);
-        value
+        socket_option(fd, libc::SO_RCVLOWAT)
     }
 
     /// Over a real socket: while a piece's bytes trickle in, the reader sleeps until tens of
