@@ -6,6 +6,7 @@ mod certs;
 mod config;
 mod http;
 mod http_server;
+mod malloc;
 mod node;
 mod origin;
 mod origin_admin;
@@ -73,6 +74,7 @@ pub(crate) async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    malloc::tune();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&cli.log)?)
