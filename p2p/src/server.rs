@@ -61,6 +61,13 @@ pub const DEFAULT_ORIGIN_UPLOAD_SLOTS: usize = 16;
 /// withdrawn and asked elsewhere. Well inside the requester's stall window
 /// (`flow::STALL_AFTER`, 3 s).
 pub const TURN_REMINDER: Duration = Duration::from_secs(1);
+/// How long a server gathers the pieces its blob gains before telling a downloader, in one
+/// write. Told one by one, every piece gained woke each of a partial seeder's connections
+/// (about ten in a fleet) to write a frame, and woke the downloader at the other end to read
+/// it; gathered, a 20-host fleet made 5 % fewer system calls and pulled as fast (1.07-1.09
+/// × the link's time; docs/benchmarks.md, session 20). Short against a piece's transfer
+/// (a 512 KiB piece takes about a second at a peer's share of a 50 Mbit/s link).
+pub const HAVE_BATCH: Duration = Duration::from_millis(250);
 /// Error code sent when the blob is unknown here.
 pub const ERROR_UNKNOWN_BLOB: u16 = 404;
 /// Error code sent when this node already serves the blob to as many peers as it will.
@@ -218,6 +225,10 @@ impl PeerServer {
             }
         });
         let mut progress = pieces.subscribe();
+        // Pieces gained are told `HAVE_BATCH` after the first of them, all in one write.
+        let mut haves_due = false;
+        let haves_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(haves_timer);
         let mut queue: VecDeque<u32> = VecDeque::new();
         // This connection's place in the line for a send slot, and its turn once it has one.
         let mut waiting: Option<TurnWait> = None;
@@ -288,10 +299,17 @@ impl PeerServer {
                     Some(Message::Error { code, message }) => break Err(format!("peer error {code}: {message}")),
                     Some(_) => {}
                 },
-                changed = progress.changed() => {
+                changed = progress.changed(), if !haves_due => {
                     if changed.is_err() {
                         continue;
                     }
+                    haves_due = true;
+                    haves_timer.as_mut().reset(tokio::time::Instant::now() + HAVE_BATCH);
+                },
+                _ = &mut haves_timer, if haves_due => {
+                    haves_due = false;
+                    // Seen before the snapshot: a piece gained after it wakes the next batch.
+                    progress.borrow_and_update();
                     if let Err(e) = send_new_haves(&mut sink, &mut advertised, pieces.have()).await {
                         break Err(e.to_string());
                     }

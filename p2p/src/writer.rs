@@ -34,13 +34,18 @@ impl<W: AsyncWrite + Unpin> PeerWriter<W> {
 
     /// Send one message, within [`SEND_TIMEOUT`].
     pub async fn send(&mut self, msg: Message) -> Result<(), WireError> {
-        match tokio::time::timeout(SEND_TIMEOUT, self.write(msg)).await {
-            Ok(result) => result,
-            Err(_) => Err(WireError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "peer did not read for too long",
-            ))),
+        within_send_timeout(self.write(msg)).await
+    }
+
+    /// Send small messages in one write (a piece goes through [`send`](Self::send)), within
+    /// [`SEND_TIMEOUT`]: a batch of haves costs the peer one wake-up, not one per piece.
+    pub async fn send_batch(&mut self, msgs: impl IntoIterator<Item = Message>) -> Result<(), WireError> {
+        self.buf.clear();
+        for msg in msgs {
+            self.codec.encode(msg, &mut self.buf)?;
         }
+        let buf = &mut self.buf;
+        within_send_timeout(async { Ok(self.io.write_all_buf(buf).await?) }).await
     }
 
     async fn write(&mut self, msg: Message) -> Result<(), WireError> {
@@ -60,6 +65,19 @@ impl<W: AsyncWrite + Unpin> PeerWriter<W> {
     }
 }
 
+/// `send` fails with a timeout past [`SEND_TIMEOUT`].
+async fn within_send_timeout(
+    send: impl std::future::Future<Output = Result<(), WireError>>,
+) -> Result<(), WireError> {
+    match tokio::time::timeout(SEND_TIMEOUT, send).await {
+        Ok(result) => result,
+        Err(_) => Err(WireError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "peer did not read for too long",
+        ))),
+    }
+}
+
 /// Send `have` for every piece in `now` that `advertised` lacks, then remember `now` as
 /// advertised: how each side of a connection keeps the other up to date.
 pub async fn send_new_haves<W>(
@@ -72,10 +90,10 @@ where
 {
     let new: Vec<u32> = now.iter_set().filter(|&i| !advertised.get(i)).collect();
     *advertised = now;
-    for index in new {
-        sink.send(Message::Have(index)).await?;
+    if new.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    sink.send_batch(new.into_iter().map(Message::Have)).await
 }
 
 #[cfg(test)]

@@ -216,3 +216,27 @@ async fn a_blob_serves_at_most_its_cap_of_peers_and_frees_a_place_when_one_leave
     drop(second);
     serving.abort();
 }
+
+#[tokio::test]
+async fn pieces_gained_together_are_told_once_after_the_batch_time_in_one_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (meta, seed) = seeded(&dir);
+    let growing = Arc::new(BlobPieces::partial(&dir.path().join("growing"), meta.clone()).unwrap());
+    let (addr, server) = start(server_of(growing.clone())).await;
+    let mut peer = raw_peer(addr, &meta).await;
+    let gained = tokio::time::Instant::now();
+    for index in 0..3 {
+        let data = seed.read_piece(index).unwrap();
+        assert!(growing.write_piece(index, &data).unwrap());
+    }
+    let first = tokio::time::timeout(Duration::from_secs(10), peer.next()).await.unwrap();
+    assert!(matches!(first, Some(Ok(Message::Have(0)))), "{first:?}");
+    let waited = gained.elapsed();
+    assert!(waited >= HAVE_BATCH.saturating_sub(Duration::from_millis(20)), "told after {waited:?}");
+    // The other two came in the same write: already read, decoded without waiting.
+    for index in 1..3 {
+        let next = futures_util::FutureExt::now_or_never(peer.next());
+        assert!(matches!(next, Some(Some(Ok(Message::Have(i)))) if i == index), "{next:?}");
+    }
+    server.abort();
+}
