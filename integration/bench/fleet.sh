@@ -47,6 +47,8 @@
 #                              (integration/bench/plot_fleet.py); unset, nothing is drawn
 #   BENCH_AGENT_CONFIG=        a TOML file every agent reads (`--config`, docs/configuration.md),
 #                              e.g. to compare max_connections_per_blob; unset, the defaults
+#   BENCH_LOOPBACK_ROUNDS=3    rounds of the loopback one-seeder pull (swarm.sh part 1, 1 GiB)
+#                              run first, for x_loop; 0: skip it (x_loop n/a)
 #
 # Figures, per system × N × repeat:
 #   p50 p90 max   each host's completion time (from the common start to its last byte hashed)
@@ -69,6 +71,10 @@
 #   cpu           busy share of the whole machine during the window (/proc/stat); above 0.85
 #                 the run measures the machine, not the network: "SATURATED (not counted)"
 #   cpu_s_per_gib the agents' user+system CPU seconds ÷ GiB they received (shoal only)
+#   x_loop        cpu_s_per_gib ÷ the same figure of the loopback one-seeder pull measured at
+#                 the start of this invocation (swarm.sh part 1's median agent CPU per GiB):
+#                 this machine's CPU per byte drifts by 2x with its memory state
+#                 (docs/benchmarks.md), so the two are compared only within one run
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../clients/lib.sh
@@ -99,6 +105,8 @@ UPSTREAM_ADDR=10.77.0.2
 UPSTREAM_URL=http://$UPSTREAM_ADDR:5000
 UPSTREAM_MBIT=${BENCH_UPSTREAM_MBIT:-$ORIGIN_MBIT}
 RECORD_EXTRA= # more key=value figures for the next record (shoal_upstream)
+LOOPBACK_ROUNDS=${BENCH_LOOPBACK_ROUNDS:-3}
+LOOP_CPU=n/a # the loopback one-seeder pull's agent CPU-s per GiB, once measured
 RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)-$$
 SIZE=$((SIZE_MIB * 1024 * 1024))
 
@@ -223,11 +231,14 @@ record() {
   local origin received
   origin=$(ratio "$WIN_ORIGIN_TX" "$SIZE")
   received=$(ratio "$WIN_HOSTS_RX" "$((n * SIZE))")
-  ROWS+=("$(printf '%-8s %3s %3s  %5s %5s %5s %8s  %6s %5s %8s  %8s %6s %8s %7s  %4s %7s  %s' "$sys" "$n" "$rep" \
-    "$p50" "$p90" "$max" "$fast_max" "$origin" "$WIN_ORIGIN_RTX" "$received" "$timeouts" "$logto" "$fallback" "$dup" "$WIN_CPU" "$cpugib" "$note")")
+  local x_loop=n/a
+  [[ $cpugib != n/a && $LOOP_CPU != n/a ]] && x_loop=$(ratio "$cpugib" "$LOOP_CPU")
+  ROWS+=("$(printf '%-8s %3s %3s  %5s %5s %5s %8s  %6s %5s %8s  %8s %6s %8s %7s  %4s %7s %6s  %s' "$sys" "$n" "$rep" \
+    "$p50" "$p90" "$max" "$fast_max" "$origin" "$WIN_ORIGIN_RTX" "$received" "$timeouts" "$logto" "$fallback" "$dup" "$WIN_CPU" "$cpugib" "$x_loop" "$note")")
   say "${ROWS[-1]}"
   echo "fleet: system=$sys n=$n p50=$p50 p90=$p90 max=$max origin=$origin origin_rtx=$WIN_ORIGIN_RTX received=$received" \
     "timeouts=$timeouts fallback_mib=$fallback dup_mib=$dup cpu=$WIN_CPU cpu_s_per_gib=$cpugib fast_max=$fast_max" \
+    "loop_cpu_s_per_gib=$LOOP_CPU cpu_x_loop=$x_loop" \
     "log_timeouts=$logto saturated=$sat ok=$ok/$n repeat=$rep size_mib=$SIZE_MIB host_mbit=$HOST_MBIT" \
     "origin_mbit=$ORIGIN_MBIT mtu=$MTU cc=$CC stragglers=$STRAGGLERS run=$RUN_ID${RECORD_EXTRA:+ $RECORD_EXTRA}" >>"$RESULTS"
   RECORD_EXTRA=
@@ -365,8 +376,23 @@ EOF
 }
 
 header() {
-  printf '%-8s %3s %3s  %5s %5s %5s %8s  %6s %5s %8s  %8s %6s %8s %7s  %4s %7s  %s' system N rep p50 p90 max fast_max \
-    origin o_rtx received timeouts tmo_log fb_MiB dup_MiB cpu cpu_s/G note
+  printf '%-8s %3s %3s  %5s %5s %5s %8s  %6s %5s %8s  %8s %6s %8s %7s  %4s %7s %6s  %s' system N rep p50 p90 max fast_max \
+    origin o_rtx received timeouts tmo_log fb_MiB dup_MiB cpu cpu_s/G x_loop note
+}
+
+# loopback_reference: the loopback one-seeder pull (swarm.sh part 1, 1 GiB, LOOPBACK_ROUNDS
+# rounds) on this machine now; sets LOOP_CPU to its median agent CPU-s per GiB.
+loopback_reference() {
+  local out cpu
+  ((LOOPBACK_ROUNDS > 0)) || return 0
+  [[ " $SYSTEMS " == *" shoal"* ]] || return 0
+  log "loopback reference: swarm.sh part 1, $LOOPBACK_ROUNDS rounds"
+  out=$(BENCH_PARTS=1 BENCH_BIG_MIB=1024 BENCH_BIG_ROUNDS=$LOOPBACK_ROUNDS BENCH_BIG_RATE_MIB= bash "$here/swarm.sh" 2>&1) ||
+    die "the loopback reference failed: $(tail -5 <<<"$out")"
+  cpu=$(sed -n 's/^agent CPU per pull: median \([0-9.]*\) s.*/\1/p' <<<"$out")
+  [[ -n $cpu ]] || die "no 'agent CPU per pull' in the loopback reference's output: $(tail -5 <<<"$out")"
+  LOOP_CPU=$cpu
+  say "loopback one-seeder pull (swarm.sh part 1, 1 GiB): $(grep -E '^(agent \(swarm|agent CPU|throughput ratio)' <<<"$out" | paste -sd';')"
 }
 
 say "== fleet benchmark over shaped links, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ), run $RUN_ID"
@@ -374,6 +400,7 @@ say "blob ${SIZE_MIB} MiB, hosts ${HOST_MBIT} Mbit/s, origin ${ORIGIN_MBIT} Mbit
   "repeats $REPEATS, systems: $SYSTEMS; shoal: $SHOAL_BIN"
 say "times ÷ (size ÷ host link) = $(awk -v s="$SIZE" -v m="$HOST_MBIT" 'BEGIN {printf "%.1f", s * 8 / (m * 1e6)}')s" \
   "at $HOST_MBIT Mbit/s; a central registry's floor is N × $HOST_MBIT ÷ $ORIGIN_MBIT when that exceeds 1"
+loopback_reference
 say "$(header)"
 for n in $FLEET; do
   slow=0
@@ -396,7 +423,8 @@ say "== summary (run $RUN_ID; results appended to $RESULTS)"
 say "$(header)"
 for r in "${ROWS[@]}"; do say "$r"; done
 say "(p50/p90/max: completion ÷ the host link's time for the blob; origin: origin-link bytes ÷ size;"
-say " received: host-link bytes ÷ (N × size); cpu: machine busy share, > $SATURATED = not counted)"
+say " received: host-link bytes ÷ (N × size); cpu: machine busy share, > $SATURATED = not counted;"
+say " x_loop: cpu_s/G ÷ the loopback one-seeder pull's agent CPU-s per GiB, $LOOP_CPU, measured first)"
 say "load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 cp "$report" "${BENCH_REPORT:-/tmp/shoal-fleet-bench.txt}"
 if [[ -n $PLOT ]]; then
