@@ -101,15 +101,17 @@ impl<R: AsyncRead + Unpin> AsyncRead for CountingReader<R> {
 }
 
 /// Connect to `addr` and run the connection until it closes or `commands` is dropped.
-/// `node_received` counts the bytes read into the node's total.
-pub async fn run(
+/// `node_received` counts the bytes read into the node's total. Events go straight into the
+/// caller's channel as `E` (the swarm's own event type), with no forwarding task between: a
+/// hop there was a second task wake-up for every piece and `have` a connection reads.
+pub async fn run<E: From<ConnEvent>>(
     addr: SocketAddr,
     me: PeerId,
     pieces: Arc<BlobPieces>,
     ingress: Arc<RateLimiter>,
     node_received: Arc<AtomicU64>,
     timeouts: ConnTimeouts,
-    events: mpsc::Sender<ConnEvent>,
+    events: mpsc::Sender<E>,
 ) {
     let received = Arc::new(AtomicU64::new(0));
     let counters = (received.clone(), node_received);
@@ -117,7 +119,7 @@ pub async fn run(
     {
         Ok(ok) => ok,
         Err(reason) => {
-            let _ = events.send(ConnEvent::ConnectFailed { addr, reason }).await;
+            let _ = events.send(E::from(ConnEvent::ConnectFailed { addr, reason })).await;
             return;
         }
     };
@@ -127,7 +129,11 @@ pub async fn run(
     // gained woke every connection of the download to write a frame the other side dropped.
     let tell_gains = bitfield.is_complete();
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
-    if events.send(ConnEvent::Connected { peer, addr, bitfield, commands: cmd_tx, received }).await.is_err() {
+    if events
+        .send(E::from(ConnEvent::Connected { peer, addr, bitfield, commands: cmd_tx, received }))
+        .await
+        .is_err()
+    {
         return;
     }
     let mut progress = pieces.subscribe();
@@ -164,18 +170,18 @@ pub async fn run(
                 Ok(Some(Ok(Message::Piece { index, data }))) => {
                     // Waiting here stops reading the socket, so TCP pushes back on the sender.
                     ingress.acquire(data.len() as u64).await;
-                    if events.send(ConnEvent::Piece { peer, index, data }).await.is_err() {
+                    if events.send(E::from(ConnEvent::Piece { peer, index, data })).await.is_err() {
                         break "swarm gone".to_string();
                     }
                 }
                 Ok(Some(Ok(Message::Have(index)))) => {
-                    if events.send(ConnEvent::Have { peer, index }).await.is_err() {
+                    if events.send(E::from(ConnEvent::Have { peer, index })).await.is_err() {
                         break "swarm gone".to_string();
                     }
                 }
                 Ok(Some(Ok(Message::Cancel(index)))) => {
                     stream.decoder_mut().forget(index);
-                    if events.send(ConnEvent::Declined { peer, index }).await.is_err() {
+                    if events.send(E::from(ConnEvent::Declined { peer, index })).await.is_err() {
                         break "swarm gone".to_string();
                     }
                 }
@@ -188,7 +194,7 @@ pub async fn run(
     if dropped > 0 {
         tracing::debug!(%peer, %addr, dropped, "peer sent bytes of pieces that were not requested");
     }
-    let _ = events.send(ConnEvent::Closed { peer, reason }).await;
+    let _ = events.send(E::from(ConnEvent::Closed { peer, reason })).await;
 }
 
 type PeerReader = FramedRead<CountingReader<ReadHalf>, InboundCodec>;

@@ -85,6 +85,12 @@ pub enum SwarmError {
     Storage(String),
 }
 
+impl From<ConnEvent> for Event {
+    fn from(event: ConnEvent) -> Event {
+        Event::Conn(event)
+    }
+}
+
 enum Event {
     Conn(ConnEvent),
     Written { from: PeerId, index: u32, result: Result<bool, PieceError> },
@@ -317,15 +323,7 @@ impl Swarm {
         let node_received = self.deps.node.counter();
         tokio::spawn(async move {
             let _slot = slot;
-            let (tx, mut rx) = mpsc::channel(64);
-            let forward = async {
-                while let Some(e) = rx.recv().await {
-                    if events.send(Event::Conn(e)).await.is_err() {
-                        return;
-                    }
-                }
-            };
-            tokio::join!(conn::run(addr, me, pieces, ingress, node_received, timeouts, tx), forward);
+            conn::run(addr, me, pieces, ingress, node_received, timeouts, events).await;
         });
     }
 
