@@ -238,6 +238,24 @@ async fn handshake(
     }
 }
 
+/// Tests' downloader: `pieces` fetched from `addr` with a random peer id, no rate limit and
+/// generous timeouts, its events sent to `events`.
+#[cfg(test)]
+pub(crate) fn spawn_test_download(
+    addr: SocketAddr,
+    pieces: Arc<BlobPieces>,
+    events: mpsc::Sender<ConnEvent>,
+) {
+    let timeouts = ConnTimeouts {
+        connect: Duration::from_secs(5),
+        handshake: Duration::from_secs(5),
+        idle: Duration::from_secs(30),
+    };
+    let ingress = Arc::new(RateLimiter::unlimited());
+    let counter = Arc::new(AtomicU64::new(0));
+    tokio::spawn(run(addr, PeerId::random(), pieces, ingress, counter, timeouts, events));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,25 +277,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
 
         let (tx, mut events) = mpsc::channel(16);
-        let timeouts = ConnTimeouts {
-            connect: Duration::from_secs(5),
-            handshake: Duration::from_secs(5),
-            idle: Duration::from_secs(30),
-        };
-        let downloader = want.clone();
-        tokio::spawn(async move {
-            let counter = Arc::new(AtomicU64::new(0));
-            run(
-                addr,
-                PeerId::random(),
-                downloader,
-                Arc::new(RateLimiter::unlimited()),
-                counter,
-                timeouts,
-                tx,
-            )
-            .await;
-        });
+        spawn_test_download(addr, want.clone(), tx);
         let (stream, _) = listener.accept().await.unwrap();
         let mut server = tokio_util::codec::Framed::new(stream, PeerCodec::default());
         let hello = server.next().await.unwrap().unwrap();

@@ -10,8 +10,9 @@
 //! hosts, seed 1), p50 / p99 × the link time with 4 against none: 1,000 hosts 1.24 / 1.28
 //! against 1.31 / 1.36, 3,000 hosts 1.27 / 1.32 against 1.36 / 1.43; 2 gave the same there
 //! (1.23 / 1.30 at 1,000, 1.27 / 1.34 at 10,000), and with 512 KiB pieces 1.17 / 1.22 and
-//! 1.19 / 1.26 against 1.18 / 1.22 and 1.21 / 1.28 with 4 (session 19). A limit on all of an agent's sends at once
-//! (four or eight pieces, whatever they are) left links idle and was not kept.
+//! 1.19 / 1.26 against 1.18 / 1.22 and 1.21 / 1.28 with 4 (session 19). A limit on all of an
+//! agent's sends at once (four or eight pieces, whatever they are) left links idle and was
+//! not kept.
 //!
 //! Two, not four: the same happens at a download's end. The origin hands its last pieces to
 //! whoever asks first, and every other host then wants them from that one uplink. Sent to
@@ -35,13 +36,13 @@ use crate::inbound::{KeyedSlot, KeyedSlots};
 /// Peers one piece is sent to at once by default (the agent's `max_sends_per_piece`).
 pub const DEFAULT_SENDS_PER_PIECE: usize = 2;
 
-/// A send counts against its piece's limit for at most this long, then goes on outside it
-/// (chosen with a limit of 4). A piece at a quarter of a 50 Mbit/s uplink takes 0.7 s, so the
-/// fleet's first hand-offs are limited; a send to a slow peer is not for long, or four stragglers could hold a piece for
-/// seconds while fast hosts wait for it (`shoal-sim --scenario stragglers`, 20 hosts, seeds
-/// 1-4: the fast hosts' slowest at 1.18-1.38 × their link time with no bound, 1.15-1.29 with
-/// 1 s, 1.12-1.15 with 0.5 s and 0.75 s, 1.13-1.17 without a limit; 1,000 hosts without
-/// stragglers p50 / p99 1.24 / 1.28 with 0.75 s and no bound, 1.26 / 1.30 with 0.5 s).
+/// A send counts against its piece's limit for at most this long, then goes on outside it (chosen
+/// with a limit of 4). A piece at a quarter of a 50 Mbit/s uplink takes 0.7 s, so the fleet's first
+/// hand-offs are limited; a send to a slow peer is not for long, or four stragglers could hold a
+/// piece for seconds while fast hosts wait for it (`shoal-sim --scenario stragglers`, 20 hosts,
+/// seeds 1-4: the fast hosts' slowest at 1.18-1.38 × their link time with no bound, 1.15-1.29 with
+/// 1 s, 1.12-1.15 with 0.5 s and 0.75 s, 1.13-1.17 without a limit; 1,000 hosts without stragglers
+/// p50 / p99 1.24 / 1.28 with 0.75 s and no bound, 1.26 / 1.30 with 0.5 s).
 pub const SEND_HOLD: Duration = Duration::from_millis(750);
 
 /// Sends in progress per (digest, piece), shared by a peer server's connections: a

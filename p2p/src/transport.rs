@@ -208,14 +208,19 @@ pub async fn accept(stream: TcpStream, handshake: Duration) -> Result<(ReadHalf,
 mod tests {
     use super::*;
 
+    /// Both ends of a fresh loopback connection: the client's and the accepted one.
+    async fn connected_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
     /// Both ends of a peer connection bound their unsent bytes: the server's, which sends
     /// pieces, and the client's.
     #[tokio::test]
     async fn both_ends_bound_their_unsent_bytes() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let (client, (server, _)) = (client.unwrap(), accepted.unwrap());
+        let (client, server) = connected_pair().await;
         for stream in [&client, &server] {
             let before = socket2::SockRef::from(stream).tcp_notsent_lowat().unwrap();
             assert_ne!(before, NOT_SENT_LOW_WATER, "the kernel's default is unbounded");
@@ -243,10 +248,7 @@ mod tests {
     /// A paced socket carries the no-cap cap (which turns pacing on); others carry none.
     #[tokio::test]
     async fn a_paced_socket_has_pacing_on_without_a_cap() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let (client, (server, _)) = (client.unwrap(), accepted.unwrap());
+        let (client, server) = connected_pair().await;
         assert_eq!(pacing_cap(&server), u64::MAX, "unpaced by default");
         assert!(pace(&server));
         assert_eq!(pacing_cap(&server), PACED_WITHOUT_CAP);
@@ -283,10 +285,7 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         use tokio_util::codec::{Encoder, FramedRead};
 
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let (client, (mut server, _)) = (client.unwrap(), accepted.unwrap());
+        let (client, mut server) = connected_pair().await;
         let fd = client.as_raw_fd();
         let mut codec = InboundCodec::new();
         codec.allow_pieces();

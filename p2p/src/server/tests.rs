@@ -1,14 +1,12 @@
 //! The peer server over real TCP: the per-blob cap, an origin's send slots and an agent's
 //! per-piece sends, each against a real downloader's handshake or raw frames.
 
-use std::sync::atomic::AtomicU64;
-
 use futures_util::SinkExt;
 use shoal_registry::Algorithm;
 use tokio::task::JoinHandle;
 
 use super::*;
-use crate::conn::{self, ConnEvent, ConnTimeouts};
+use crate::conn::{self, ConnEvent};
 use crate::metainfo::Metainfo;
 
 struct OneBlob(Arc<BlobPieces>);
@@ -56,17 +54,7 @@ async fn start(server: PeerServer) -> (std::net::SocketAddr, JoinHandle<()>) {
 /// Connect a downloader of `want` to `addr`; its first event.
 async fn dial(addr: std::net::SocketAddr, want: &Arc<BlobPieces>) -> ConnEvent {
     let (tx, mut rx) = mpsc::channel(16);
-    let timeouts = ConnTimeouts {
-        connect: Duration::from_secs(5),
-        handshake: Duration::from_secs(5),
-        idle: Duration::from_secs(30),
-    };
-    let pieces = want.clone();
-    tokio::spawn(async move {
-        let counter = Arc::new(AtomicU64::new(0));
-        let ingress = Arc::new(RateLimiter::unlimited());
-        conn::run(addr, PeerId::random(), pieces, ingress, counter, timeouts, tx).await;
-    });
+    conn::spawn_test_download(addr, want.clone(), tx);
     rx.recv().await.expect("the connection reports how it started")
 }
 
