@@ -43,6 +43,9 @@
 #   BENCH_RESULTS=/tmp/shoal-fleet-results.txt   machine-readable `fleet: ...` lines appended here
 #   BENCH_DUMP_METRICS=        e.g. /tmp/m: each agent's /metrics after the window, saved to
 #                              /tmp/m.h<i> (the last run's; for finding where bytes went)
+#   BENCH_TIMELINE=            e.g. /tmp/tl: each run's link rates, per host and the origin's,
+#                              every second of the pull, saved to /tmp/tl.<system>-<N>-<rep>
+#                              (for seeing where a slow run's time went: which links idled)
 #   BENCH_PLOT=                e.g. docs/fleet.svg: draw this run's rows there
 #                              (integration/bench/plot_fleet.py); unset, nothing is drawn
 #   BENCH_AGENT_CONFIG=        a TOML file every agent reads (`--config`, docs/configuration.md),
@@ -168,6 +171,39 @@ tcp_segs() {
   in_ns "$1" awk '$1 == "Tcp:" && $2 ~ /^[0-9]+$/ {print $12, $13}' /proc/net/snmp
 }
 
+# link_timeline START: from START until $T/timeline.stop exists, every 0.5 s a line of the
+# time and the bridge's counters: each host's download and upload (its port's tx and rx), then
+# the origin's upload. One `ip netns exec` per line, so the sampling costs little.
+link_timeline() {
+  local files=() i
+  for ((i = 0; i < FLEET_N; i++)); do
+    files+=("/sys/class/net/${FLEET_DEV[i]}b/statistics/tx_bytes" "/sys/class/net/${FLEET_DEV[i]}b/statistics/rx_bytes")
+  done
+  files+=("/sys/class/net/${FLEET_ORIGIN_DEV}b/statistics/rx_bytes")
+  sleep_until "$1"
+  while [[ ! -e $T/timeline.stop ]]; do
+    echo "$EPOCHREALTIME $(ip netns exec "$NETNS_BR" cat "${files[@]}" | paste -sd' ')"
+    sleep 0.5
+  done
+}
+
+# save_timeline NAME: the last pull's link_timeline as Mbit/s per second, to
+# $BENCH_TIMELINE.NAME (when BENCH_TIMELINE is set).
+save_timeline() {
+  [[ -n ${BENCH_TIMELINE:-} && -s $T/timeline ]] || return 0
+  awk -v n="$FLEET_N" '
+    NR == 1 { t0 = $1; printf "%5s  %-*s| %-*s| %s\n", "secs", 4 * n, "download, Mbit/s", 4 * n, "upload", "origin" }
+    { if (NR > 1 && $1 - pt >= 0.99) {
+        dt = $1 - pt; line = sprintf("%5.1f  ", $1 - t0)
+        for (i = 0; i < n; i++) line = line sprintf("%3.0f ", ($(2 + 2 * i) - p[2 + 2 * i]) * 8 / dt / 1e6)
+        line = line "| "
+        for (i = 0; i < n; i++) line = line sprintf("%3.0f ", ($(3 + 2 * i) - p[3 + 2 * i]) * 8 / dt / 1e6)
+        print line sprintf("| %4.0f", ($(2 + 2 * n) - p[2 + 2 * n]) * 8 / dt / 1e6)
+      }
+      if (NR == 1 || $1 - pt >= 0.99) { pt = $1; for (i = 2; i <= NF; i++) p[i] = $i } }
+  ' "$T/timeline" >"$BENCH_TIMELINE.$1"
+}
+
 # timed_pull URL SAMPLE_PIDS...: every host fetches URL at one instant; measures the window.
 # Sets WIN_CPU WIN_PROC_CPU (Σ CPU seconds of SAMPLE_PIDS) WIN_ORIGIN_TX WIN_HOSTS_RX
 # WIN_ORIGIN_RTX.
@@ -184,9 +220,18 @@ timed_pull() {
     cpu_ticks >"$T/ticks0"
     if (($# > 0)); then cpu_seconds "$@" >"$T/proc0"; else echo 0 >"$T/proc0"; fi
   ) &
-  local sampler=$!
+  local sampler=$! timeline=
+  rm -f "$T/timeline" "$T/timeline.stop"
+  if [[ -n ${BENCH_TIMELINE:-} ]]; then
+    link_timeline "$start" >"$T/timeline" &
+    timeline=$!
+  fi
   fleet_pull "$url" "$DL" "$start"
   wait "$sampler"
+  if [[ -n $timeline ]]; then
+    touch "$T/timeline.stop"
+    wait "$timeline" || true
+  fi
   WIN_CPU=$(busy_share "$(cat "$T/ticks0")" "$(cpu_ticks)")
   proc0=$(cat "$T/proc0")
   WIN_PROC_CPU=0
@@ -260,6 +305,7 @@ run_shoal() {
   fi
   sync # the blob on disk, not in dirty pages written back during the window
   timed_pull "$FLEET_AGENT_URL/v2/$path/blobs/$BLOB_DIGEST" "${FLEET_AGENT_PIDS[@]}"
+  save_timeline "$label-$n-$rep"
   if [[ -n ${4:-} ]]; then
     RECORD_EXTRA="upstream=$(ratio "$(($(link_bytes "$UPSTREAM_NS" "$UPSTREAM_DEV" tx) - up_tx0))" "$SIZE")"
     RECORD_EXTRA+=" upstream_gets=$(grep -c "\"GET /v2/$BLOB_REPO/blobs/$BLOB_DIGEST " "$T/shoal_upstream-$n-$rep/upstream.log" || true)"
@@ -370,6 +416,7 @@ EOF
   rm -f "$BLOB"
   sync # the blob on disk, not in dirty pages written back during the window
   timed_pull "$REGISTRY_URL/v2/$BLOB_REPO/blobs/$BLOB_DIGEST"
+  save_timeline "registry-$n-$rep"
   record registry "$n" "$rep" "$BLOB_DIGEST" n/a n/a n/a n/a
   ns_stop "$pid"
   rm -rf "$dir/data"
