@@ -171,17 +171,19 @@ tcp_segs() {
   in_ns "$1" awk '$1 == "Tcp:" && $2 ~ /^[0-9]+$/ {print $12, $13}' /proc/net/snmp
 }
 
-# link_timeline START: from START until $T/timeline.stop exists, every 0.5 s a line of the
-# time and the bridge's counters: each host's download and upload (its port's tx and rx), then
-# the origin's upload. One `ip netns exec` per line, so the sampling costs little.
+# link_timeline START: from START until $T/timeline.stop exists (or the bridge is gone, if
+# the run died), every 0.5 s a line of the time and the bridge's counters: each host's
+# download and upload (its port's tx and rx), then the origin's upload. One `ip netns exec`
+# per line, so the sampling costs little.
 link_timeline() {
-  local files=() i
+  local files=() i port
   for ((i = 0; i < FLEET_N; i++)); do
-    files+=("/sys/class/net/${FLEET_DEV[i]}b/statistics/tx_bytes" "/sys/class/net/${FLEET_DEV[i]}b/statistics/rx_bytes")
+    port=/sys/class/net/$(netns_port "${FLEET_DEV[i]}")/statistics
+    files+=("$port/tx_bytes" "$port/rx_bytes")
   done
-  files+=("/sys/class/net/${FLEET_ORIGIN_DEV}b/statistics/rx_bytes")
+  files+=("/sys/class/net/$(netns_port "$FLEET_ORIGIN_DEV")/statistics/rx_bytes")
   sleep_until "$1"
-  while [[ ! -e $T/timeline.stop ]]; do
+  while [[ ! -e $T/timeline.stop && -e /run/netns/$NETNS_BR ]]; do
     echo "$EPOCHREALTIME $(ip netns exec "$NETNS_BR" cat "${files[@]}" | paste -sd' ')"
     sleep 0.5
   done
@@ -192,15 +194,18 @@ link_timeline() {
 save_timeline() {
   [[ -n ${BENCH_TIMELINE:-} && -s $T/timeline ]] || return 0
   awk -v n="$FLEET_N" '
+    function mbit(f) { return ($f - p[f]) * 8 / dt / 1e6 }
     NR == 1 { t0 = $1; printf "%5s  %-*s| %-*s| %s\n", "secs", 4 * n, "download, Mbit/s", 4 * n, "upload", "origin" }
-    { if (NR > 1 && $1 - pt >= 0.99) {
+    NR == 1 || $1 - pt >= 0.99 {
+      if (NR > 1) {
         dt = $1 - pt; line = sprintf("%5.1f  ", $1 - t0)
-        for (i = 0; i < n; i++) line = line sprintf("%3.0f ", ($(2 + 2 * i) - p[2 + 2 * i]) * 8 / dt / 1e6)
+        for (i = 0; i < n; i++) line = line sprintf("%3.0f ", mbit(2 + 2 * i))
         line = line "| "
-        for (i = 0; i < n; i++) line = line sprintf("%3.0f ", ($(3 + 2 * i) - p[3 + 2 * i]) * 8 / dt / 1e6)
-        print line sprintf("| %4.0f", ($(2 + 2 * n) - p[2 + 2 * n]) * 8 / dt / 1e6)
+        for (i = 0; i < n; i++) line = line sprintf("%3.0f ", mbit(3 + 2 * i))
+        print line sprintf("| %4.0f", mbit(2 + 2 * n))
       }
-      if (NR == 1 || $1 - pt >= 0.99) { pt = $1; for (i = 2; i <= NF; i++) p[i] = $i } }
+      pt = $1; for (i = 2; i <= NF; i++) p[i] = $i
+    }
   ' "$T/timeline" >"$BENCH_TIMELINE.$1"
 }
 

@@ -102,6 +102,9 @@ netns_shape() {
   tc -n "$1" qdisc replace dev "$2" root tbf rate "$3mbit" burst "$(netns_burst "$3")" latency 50ms
 }
 
+# netns_port DEV: the bridge's end of host veth DEV (its port on the switch).
+netns_port() { echo "${1}b"; }
+
 # netns_add_host NAME ADDR MBIT: namespace $NETNS_PREFIX-NAME with ADDR/16 on veth "<tag>NAME"
 # (bridge side "<tag>NAMEb"), both ends shaped at MBIT. NAME: at most 6 bytes.
 netns_add_host() {
@@ -109,7 +112,7 @@ netns_add_host() {
   netns_bridge
   ns=$NETNS_PREFIX-$name
   dev=$NETNS_TAG$name
-  peer=${dev}b
+  peer=$(netns_port "$dev")
   ((${#peer} <= 15)) || die "interface name $peer is longer than 15 bytes"
   _netns_add "$ns"
   ip link add "$dev" netns "$ns" type veth peer name "$peer" netns "$NETNS_BR"
