@@ -76,6 +76,20 @@ fn reader_window_goes_first() {
 }
 
 #[test]
+fn in_order_picks_take_the_readers_windows_then_the_next_pieces_not_the_rarest() {
+    let mut p = picker(20, 3);
+    p.add_peer(peer(1), Bitfield::full(20)).unwrap();
+    // Piece 19 is the rarest: rarest first would take it right after the window.
+    p.add_peer(peer(2), bits(20, &(0..19).collect::<Vec<_>>())).unwrap();
+    p.mark_have(6);
+    p.set_reader_positions(vec![4]);
+    let now = Instant::now();
+    // The window is pieces 4-7 (6 is here).
+    assert_eq!(p.pick_in_order_where(&peer(1), now, 4, |i, _| i != 8), vec![4, 5, 7, 0]);
+    assert_eq!(p.pick_in_order_where(&peer(1), now, 8, |i, _| i != 8), vec![1, 2, 3, 9]);
+}
+
+#[test]
 fn reader_window_skips_pieces_we_have_or_the_peer_lacks() {
     let mut p = picker(10, 3);
     p.mark_have(2);

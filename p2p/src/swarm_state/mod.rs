@@ -14,8 +14,9 @@
 //!   keep arriving are never timed out, unless no piece has come of them for
 //!   [`flow::MAX_PIECE_WAIT`] (a peer sending only keep-alives). Stalls in a row get a peer
 //!   banned (`blacklist`).
-//! - **Super-seeding origins** are asked only for pieces no other connected peer has, and not
-//!   again soon after they declined one.
+//! - **Super-seeding origins** are asked only for pieces no other connected peer has, the
+//!   next ones the readers need, not again soon after they declined one, and not while this
+//!   host still holds [`UNSHARED_ORIGIN_PIECES`] of theirs that no peer has yet.
 //! - **HTTP fallback** only for pieces no connected peer has (while the swarm delivers), or
 //!   for anything after a real stall.
 //! - **Endgame** duplicates only where they help, cancelled as soon as one copy is stored.
@@ -75,6 +76,23 @@ pub const MAX_FALLBACK_FAILURES: u32 = 5;
 /// peers and nothing to ask for opened 4 HTTP fetches after 3 s, and the origin's link,
 /// shared by 25,000 of them, no longer fed the swarm. So with nothing to ask for, this is
 /// how long a download waits.
+/// A download asks an origin for another piece only while it holds fewer than this many
+/// pieces from an origin that none of its peers has announced yet: the origin then sends no
+/// faster than the hosts pass its pieces on. Every piece an origin sends one host of an
+/// N-host fleet must leave that host's uplink about N - 1 times (directly or through the
+/// hosts it reaches first), so a fleet can take at most its uplinks' sum ÷ (N - 1) from the
+/// origin; an origin that serves whoever asks sent a 5-host fleet 72 Mbit/s where its 50 Mbit/s
+/// uplinks could pass on 62, and the host that asked most (67 of 256 pieces, against 41 for
+/// another) had 22 s of upload in a 21.5 s pull: for its last 6 s it fed four hosts at a
+/// quarter of its uplink each while theirs idled. Real fleet runs (128 MiB, 50 Mbit/s hosts,
+/// docs/benchmarks.md, session 22), slowest host ÷ the link time: 5 hosts 1.02-1.06 (median
+/// 1.03, 10 runs) against 1.04-1.41 without; 2 pieces gave 1.09-1.19 (the origin then idles
+/// while hosts wait), 6 and 8 gave 1.03-1.04 and 1.04-1.09.
+pub const UNSHARED_ORIGIN_PIECES: usize = 4;
+/// A piece from an origin counts against [`UNSHARED_ORIGIN_PIECES`] for at most this long:
+/// peers that never ask for it (they download elsewhere, or are not connected to us) must not
+/// keep the download from the origin for good.
+pub const UNSHARED_MEMORY: Duration = Duration::from_secs(5);
 pub const FALLBACK_PATIENCE: Duration = Duration::from_secs(15);
 
 /// Tunables of the decisions; [`SchedulerConfig::default`] documents each default.
@@ -198,6 +216,8 @@ pub struct SwarmState<R = StdRng> {
     declined: HashMap<u32, Instant>,
     /// Pieces a peer declined recently, not asked of it again yet.
     declined_by: HashMap<(PeerId, u32), Instant>,
+    /// Pieces an origin sent us lately, the oldest first (see [`UNSHARED_ORIGIN_PIECES`]).
+    from_origin: std::collections::VecDeque<(Instant, u32)>,
     connecting: HashSet<SocketAddr>,
     /// Peers the tracker handed out, the latest handout first.
     candidates: Vec<Candidate>,
@@ -255,6 +275,7 @@ impl<R: Rng + Clone> SwarmState<R> {
             blacklist,
             peers: HashMap::new(),
             declined: HashMap::new(),
+            from_origin: std::collections::VecDeque::new(),
             declined_by: HashMap::new(),
             connecting: HashSet::new(),
             candidates: Vec::new(),
@@ -421,6 +442,9 @@ impl<R: Rng + Clone> SwarmState<R> {
                 if from == ORIGIN_PEER {
                     self.fallback_failures = 0;
                 } else if let Some(p) = self.peers.get_mut(&from) {
+                    if p.origin {
+                        self.from_origin.push_back((now, index));
+                    }
                     p.last_piece = now;
                     self.blacklist.delivered(&p.addr);
                 }

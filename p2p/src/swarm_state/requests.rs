@@ -1,5 +1,5 @@
 //! Which pieces a download asks of whom now: the node's in-flight budget, each peer's
-//! pipelining depth, the origin's narrow share, endgame duplicates only where they help, and
+//! pipelining depth, the origin's narrow share (paced by how fast this host passes its pieces on), endgame duplicates only where they help, and
 //! the HTTP fallback's top-up.
 
 use std::collections::{HashMap, HashSet};
@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use rand::seq::SliceRandom;
 
-use super::{Action, SwarmState, ORIGIN_PEER};
+use super::{Action, SwarmState, ORIGIN_PEER, UNSHARED_MEMORY, UNSHARED_ORIGIN_PIECES};
 use crate::flow;
 use crate::peer::PeerId;
 
@@ -108,8 +108,10 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
 
     /// Ask `id` for pieces until it has `limit` requests in flight; returns how many. An
     /// origin among other peers gets only pieces none of them has and it did not just
-    /// decline; anyone gets a piece already requested only if that request is late, or this
-    /// peer would deliver it much sooner (`flow::worth_duplicating`).
+    /// decline, the next ones the readers will reach first, and nothing while this download
+    /// holds [`UNSHARED_ORIGIN_PIECES`] from an origin that no peer has yet; anyone gets a
+    /// piece already requested only if that request is late, or this peer would deliver it
+    /// much sooner (`flow::worth_duplicating`).
     fn request_from(
         &mut self,
         id: PeerId,
@@ -127,8 +129,11 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
                 || o.late.contains(&index)
                 || o.left.get(&index).is_some_and(|&l| flow::worth_duplicating(l, piece_length, rate))
         };
+        if origin_only && self.unshared_origin_pieces(now, origins) >= UNSHARED_ORIGIN_PIECES {
+            return 0;
+        }
         let picked = if origin_only {
-            self.picker.pick_where(&id, now, limit, |index, availability| {
+            self.picker.pick_in_order_where(&id, now, limit, |index, availability| {
                 availability <= origins && !self.declined.contains_key(&index) && fresh_or_late(index)
             })
         } else {
@@ -146,6 +151,19 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
         outlook.requested.extend(picked.iter().copied());
         actions.extend(picked.iter().map(|&index| Action::Request { peer: id, index }));
         picked.len()
+    }
+
+    /// Pieces an origin sent this download within [`UNSHARED_MEMORY`] that no connected peer
+    /// other than an origin has announced yet (forgetting older ones).
+    fn unshared_origin_pieces(&mut self, now: Instant, origins: u32) -> usize {
+        while self
+            .from_origin
+            .front()
+            .is_some_and(|&(at, _)| now.saturating_duration_since(at) >= UNSHARED_MEMORY)
+        {
+            self.from_origin.pop_front();
+        }
+        self.from_origin.iter().filter(|&&(_, index)| self.picker.availability(index) <= origins).count()
     }
 
     /// The requests already out, for endgame decisions (see [`Outlook`]).

@@ -95,6 +95,37 @@ fn an_origin_is_asked_only_for_what_no_other_peer_has() {
 }
 
 #[test]
+fn an_origin_is_asked_no_faster_than_this_host_passes_its_pieces_on() {
+    let t0 = Instant::now();
+    let mut s = state(16, SchedulerConfig::default(), t0);
+    s.announced(Some(vec![info(9, true), info(1, false)]), Duration::from_secs(5), t0);
+    assert!(s.connected(peer(9), addr(9), Bitfield::full(16), t0));
+    let mut bf = Bitfield::new(16);
+    bf.set(15).unwrap();
+    assert!(s.connected(peer(1), addr(1), bf, t0));
+    let from_origin = |actions: &[Action]| -> Vec<u32> {
+        requests(actions).into_iter().filter(|r| r.0 == peer(9)).map(|r| r.1).collect()
+    };
+    // One piece at a time, in the order a reader will want them, until four of them are
+    // here that the other peer has not announced.
+    let mut t = t0;
+    for expected in 0..UNSHARED_ORIGIN_PIECES as u32 {
+        assert_eq!(from_origin(&s.fill(t, None, 0)), vec![expected]);
+        t += Duration::from_millis(100);
+        s.stored(peer(9), expected, Stored::Ok, t).unwrap();
+    }
+    assert_eq!(from_origin(&s.fill(t, None, 0)), Vec::<u32>::new(), "four unshared pieces: wait");
+    // The peer got one of them (from us): the origin is asked for the next.
+    s.have(&peer(1), 2, t);
+    assert_eq!(from_origin(&s.fill(t, None, 0)), vec![4]);
+    s.stored(peer(9), 4, Stored::Ok, t).unwrap();
+    assert_eq!(from_origin(&s.fill(t, None, 0)), Vec::<u32>::new());
+    // Pieces no peer has asked for in a while do not keep the origin away for good.
+    let later = t0 + UNSHARED_MEMORY + Duration::from_millis(150);
+    assert_eq!(from_origin(&s.fill(later, None, 0)), vec![5]);
+}
+
+#[test]
 fn endgame_duplicates_only_late_requests_and_cancels_them_when_one_copy_arrives() {
     let t0 = Instant::now();
     let mut s = state(2, SchedulerConfig::default(), t0);
