@@ -25,7 +25,7 @@
 //!
 //! Requests are decided in `requests`, connections in `peers`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,7 @@ pub const MAX_FALLBACK_FAILURES: u32 = 5;
 /// peers and nothing to ask for opened 4 HTTP fetches after 3 s, and the origin's link,
 /// shared by 25,000 of them, no longer fed the swarm. So with nothing to ask for, this is
 /// how long a download waits.
+pub const FALLBACK_PATIENCE: Duration = Duration::from_secs(15);
 /// A download asks an origin for another piece only while it holds fewer than this many
 /// pieces from an origin that none of its peers has announced yet: the origin then sends no
 /// faster than the hosts pass its pieces on. Every piece an origin sends one host of an
@@ -93,7 +94,6 @@ pub const UNSHARED_ORIGIN_PIECES: usize = 4;
 /// peers that never ask for it (they download elsewhere, or are not connected to us) must not
 /// keep the download from the origin for good.
 pub const UNSHARED_MEMORY: Duration = Duration::from_secs(5);
-pub const FALLBACK_PATIENCE: Duration = Duration::from_secs(15);
 
 /// Tunables of the decisions; [`SchedulerConfig::default`] documents each default.
 #[derive(Clone, Debug)]
@@ -217,7 +217,7 @@ pub struct SwarmState<R = StdRng> {
     /// Pieces a peer declined recently, not asked of it again yet.
     declined_by: HashMap<(PeerId, u32), Instant>,
     /// Pieces an origin sent us lately, the oldest first (see [`UNSHARED_ORIGIN_PIECES`]).
-    from_origin: std::collections::VecDeque<(Instant, u32)>,
+    from_origin: VecDeque<(Instant, u32)>,
     connecting: HashSet<SocketAddr>,
     /// Peers the tracker handed out, the latest handout first.
     candidates: Vec<Candidate>,
@@ -275,7 +275,7 @@ impl<R: Rng + Clone> SwarmState<R> {
             blacklist,
             peers: HashMap::new(),
             declined: HashMap::new(),
-            from_origin: std::collections::VecDeque::new(),
+            from_origin: VecDeque::new(),
             declined_by: HashMap::new(),
             connecting: HashSet::new(),
             candidates: Vec::new(),

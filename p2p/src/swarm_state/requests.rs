@@ -1,6 +1,6 @@
 //! Which pieces a download asks of whom now: the node's in-flight budget, each peer's
-//! pipelining depth, the origin's narrow share (paced by how fast this host passes its pieces on), endgame duplicates only where they help, and
-//! the HTTP fallback's top-up.
+//! pipelining depth, the origin's narrow share (paced by how fast this host passes its pieces
+//! on), endgame duplicates only where they help, and the HTTP fallback's top-up.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
