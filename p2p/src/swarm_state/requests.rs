@@ -7,9 +7,27 @@ use std::time::{Duration, Instant};
 
 use rand::seq::SliceRandom;
 
-use super::{Action, SwarmState, ORIGIN_PEER, UNSHARED_MEMORY, UNSHARED_ORIGIN_PIECES};
+use super::{Action, SwarmState, ORIGIN_PEER};
 use crate::flow;
 use crate::peer::PeerId;
+
+/// A download asks an origin for another piece only while it holds fewer than this many
+/// pieces from an origin that none of its peers has announced yet: the origin then sends no
+/// faster than the hosts pass its pieces on. Every piece an origin sends one host of an
+/// N-host fleet must leave that host's uplink about N - 1 times (directly or through the
+/// hosts it reaches first), so a fleet can take at most its uplinks' sum ÷ (N - 1) from the
+/// origin; an origin that serves whoever asks sent a 5-host fleet 72 Mbit/s where its 50 Mbit/s
+/// uplinks could pass on 62, and the host that asked most (67 of 256 pieces, against 41 for
+/// another) had 22 s of upload in a 21.5 s pull: for its last 6 s it fed four hosts at a
+/// quarter of its uplink each while theirs idled. Real fleet runs (128 MiB, 50 Mbit/s hosts,
+/// docs/benchmarks.md, session 22), slowest host ÷ the link time: 5 hosts 1.02-1.06 (median
+/// 1.03, 10 runs) against 1.04-1.41 without; 2 pieces gave 1.09-1.19 (the origin then idles
+/// while hosts wait), 6 and 8 gave 1.03-1.04 and 1.04-1.09.
+pub const UNSHARED_ORIGIN_PIECES: usize = 4;
+/// A piece from an origin counts against [`UNSHARED_ORIGIN_PIECES`] for at most this long:
+/// peers that never ask for it (they download elsewhere, or are not connected to us) must not
+/// keep the download from the origin for good.
+pub const UNSHARED_MEMORY: Duration = Duration::from_secs(5);
 
 /// What one `fill` knows about the requests already out.
 struct Outlook {
