@@ -107,7 +107,7 @@ SATURATED=0.85
 # A run whose average is below SATURATED can still spend half its window with the machine at
 # its limit (docs/benchmarks.md, session 23: 20 hosts at 0.73-0.82 on average, 0.98-1.00 for
 # their second half). PEGGED_BUSY is a half-second sample's busy share that counts as at the
-# limit; a run with more than PEGGED_SHARE of its samples there is not counted either.
+# limit; a run with more than PEGGED_SHARE of its window there is not counted either.
 PEGGED_BUSY=0.95
 PEGGED_SHARE=0.25
 PEGGED_SAMPLE_SECS=0.5
@@ -232,8 +232,8 @@ save_timeline() {
 }
 
 # timed_pull URL SAMPLE_PIDS...: every host fetches URL at one instant; measures the window.
-# Sets WIN_CPU WIN_PEGGED (share of the window at the machine's limit) WIN_PROC_CPU (Σ CPU seconds of SAMPLE_PIDS) WIN_ORIGIN_TX WIN_HOSTS_RX
-# WIN_ORIGIN_RTX.
+# Sets WIN_CPU WIN_PEGGED (share of the window at the machine's limit) WIN_PROC_CPU (Σ CPU
+# seconds of SAMPLE_PIDS) WIN_ORIGIN_TX WIN_HOSTS_RX WIN_ORIGIN_RTX.
 timed_pull() {
   local url=$1 i start tx0 rx0=0 rx1=0 proc0=0 segs0
   shift
