@@ -50,6 +50,8 @@
 #                              (integration/bench/plot_fleet.py); unset, nothing is drawn
 #   BENCH_AGENT_CONFIG=        a TOML file every agent reads (`--config`, docs/configuration.md),
 #                              e.g. to compare max_connections_per_blob; unset, the defaults
+#   BENCH_HOLD_MEMORY_MIB=     memory made cheap to touch before the runs (guest_memory.sh;
+#                              default 2 × (largest N + 2) × size); 0: leave the VM as it is
 #   BENCH_LOOPBACK_ROUNDS=3    rounds of the loopback one-seeder pull (swarm.sh part 1, 1 GiB)
 #                              run first, for x_loop; 0: skip it (x_loop n/a)
 #
@@ -86,6 +88,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../clients/lib.sh"
 # shellcheck source=netns.sh
 source "$here/netns.sh"
+# shellcheck source=guest_memory.sh
+source "$here/guest_memory.sh"
 lib_init fleet-bench
 
 FLEET=${BENCH_FLEET:-5 10 20}
@@ -145,6 +149,9 @@ DL=$T/dl
 mkdir -p "$DL"
 mount -t tmpfs -o size=64m shoal-fleet "$DL"
 on_exit "umount '$DL' 2>/dev/null || umount -l '$DL'"
+# Every agent, the origin and the registry each keep a copy; twice that covers the pieces
+# written before the cached copy.
+hold_guest_memory $((2 * (max_n + 2) * SIZE_MIB))
 
 report=$T/report.txt
 say() { echo "$*" | tee -a "$report"; }
@@ -482,7 +489,7 @@ loopback_reference() {
 
 say "== fleet benchmark over shaped links, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ), run $RUN_ID"
 say "blob ${SIZE_MIB} MiB, hosts ${HOST_MBIT} Mbit/s, origin ${ORIGIN_MBIT} Mbit/s, MTU $MTU, TCP $CC, stragglers $STRAGGLERS," \
-  "repeats $REPEATS, systems: $SYSTEMS; shoal: $SHOAL_BIN"
+  "repeats $REPEATS, systems: $SYSTEMS; shoal: $SHOAL_BIN; guest memory $GUEST_MEMORY"
 say "times ÷ (size ÷ host link) = $(awk -v s="$SIZE" -v m="$HOST_MBIT" 'BEGIN {printf "%.1f", s * 8 / (m * 1e6)}')s" \
   "at $HOST_MBIT Mbit/s; a central registry's floor is N × $HOST_MBIT ÷ $ORIGIN_MBIT when that exceeds 1"
 loopback_reference

@@ -13,13 +13,16 @@
 #   SHOAL_BIN=target/release/shoal bash integration/bench/swarm.sh
 # Environment: BENCH_BIG_MIB (1024), BENCH_BIG_ROUNDS (3), BENCH_SMALL_ROUNDS (11), BENCH_FLEET ("2 4 8 16"),
 # BENCH_FLEET_MIB (512), BENCH_RATE_MIB (25, per agent, MiB/s), BENCH_RSS_MIB (2048),
-# BENCH_PARTS ("1 2 3 4"), BENCH_SETTLE_SECS (8: see settle_memory), BENCH_BIG_RATE_MIB (part 1's agent
+# BENCH_PARTS ("1 2 3 4"), BENCH_HOLD_MEMORY_MIB (guest_memory.sh; default 3 × the larger of
+# BENCH_BIG_MIB and BENCH_RSS_MIB; 0: leave the VM as it is), BENCH_SETTLE_SECS (8: see settle_memory), BENCH_BIG_RATE_MIB (part 1's agent
 # ingress and egress limit in MiB/s, so the network sets the pace; unset: none), BENCH_PERF (a path:
 # part 1 records the agent's pull with `perf record -g` into PATH.ROUND).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../clients/lib.sh
 source "$here/../clients/lib.sh"
+# shellcheck source=guest_memory.sh
+source "$here/guest_memory.sh"
 lib_init swarm-bench
 
 BIG_MIB=${BENCH_BIG_MIB:-1024}
@@ -39,7 +42,9 @@ pct() { sort -g | awk -v p="$1" '{a[NR]=$1} END {i=int((NR-1)*p/100+0.5)+1; if (
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b == 0) ? 0 : a / b}'; }
 report=$T/report.txt
 say() { echo "$*" | tee -a "$report"; }
-say "== swarm benchmarks, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ)"
+hold_guest_memory $((3 * (BIG_MIB > RSS_MIB ? BIG_MIB : RSS_MIB)))
+say "== swarm benchmarks, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ)," \
+  "guest memory $GUEST_MEMORY"
 
 # A random blob of N MiB, in a file; prints its path.
 random_blob() {
