@@ -162,10 +162,23 @@ impl PeerFlow {
     /// (the fleet benchmark with `BENCH_STRAGGLERS=1`: 36 timeouts at N = 10, 319-344 at
     /// N = 20, every one of them a straggler's request), and each withdrawal threw away the
     /// part of a piece already received. One piece time left 206-225 at N = 20, two 147-150.
-    pub fn stall_after(&self, base: Duration, piece_length: u64) -> Duration {
-        let piece_time = self
-            .rate_at_last_byte
-            .filter(|r| *r > 0.0)
+    ///
+    /// `link_share` is what each connection gets when the node's own link is the limit (its
+    /// measured ingress ÷ its connections, [`SwarmState`]'s `link_share`); the
+    /// slower of that and the peer's own rate sets the piece time. A peer's rate alone is no
+    /// guide there: a new connection has none, and a straggler waiting on 17-19 peers at once
+    /// (the default one request per idle peer) gives each about 70 KB/s, a 512 KiB piece in
+    /// 8 s, so TCP's backing off left healthy peers silent past 3 s: 314-339 timeouts per
+    /// 20-host straggler run (session 24), every one at a straggler.
+    ///
+    /// [`SwarmState`]: crate::swarm_state::SwarmState
+    pub fn stall_after(&self, base: Duration, piece_length: u64, link_share: Option<f64>) -> Duration {
+        let own = self.rate_at_last_byte.filter(|r| *r > 0.0);
+        let rate = match (own, link_share.filter(|r| *r > 0.0)) {
+            (Some(own), Some(share)) => Some(own.min(share)),
+            (own, share) => own.or(share),
+        };
+        let piece_time = rate
             .and_then(|r| Duration::try_from_secs_f64(STALL_PIECE_TIMES * piece_length as f64 / r).ok())
             .unwrap_or(Duration::ZERO);
         base.max(piece_time.min(MAX_STALL_AFTER))
@@ -384,19 +397,19 @@ mod tests {
     fn a_slow_peer_may_stay_silent_for_two_piece_times_but_not_forever() {
         let t0 = Instant::now();
         let mut f = PeerFlow::new(t0);
-        assert_eq!(f.stall_after(STALL_AFTER, MIB), STALL_AFTER, "unmeasured: the base");
+        assert_eq!(f.stall_after(STALL_AFTER, MIB, None), STALL_AFTER, "unmeasured: the base");
         // 250 KB/s for 10 s: a 1 MiB piece takes 4.2 s at that rate, two 8.4 s.
         for i in 1..=50u64 {
             f.sample(t0 + Duration::from_millis(200 * i), i * 50_000, true);
         }
-        let window = f.stall_after(STALL_AFTER, MIB);
+        let window = f.stall_after(STALL_AFTER, MIB, None);
         assert!(window > Duration::from_secs(8) && window < Duration::from_secs(9), "{window:?}");
         let last = t0 + Duration::from_secs(10);
         // Silence decays the meter but not the window.
         for i in 1..=40u64 {
             f.sample(last + Duration::from_millis(200 * i), 50 * 50_000, true);
         }
-        assert_eq!(f.stall_after(STALL_AFTER, MIB), window);
+        assert_eq!(f.stall_after(STALL_AFTER, MIB, None), window);
         assert!(!f.is_stalled(last + Duration::from_secs(5), t0, window), "5 s of silence is normal here");
         assert!(f.is_stalled(last + window, t0, window));
         // Slower still: the cap holds.
@@ -404,13 +417,22 @@ mod tests {
         for i in 1..=50u64 {
             g.sample(t0 + Duration::from_millis(200 * i), i * 100, true);
         }
-        assert_eq!(g.stall_after(STALL_AFTER, MIB), MAX_STALL_AFTER);
+        assert_eq!(g.stall_after(STALL_AFTER, MIB, None), MAX_STALL_AFTER);
         // A fast peer keeps the base.
         let mut h = PeerFlow::new(t0);
         for i in 1..=50u64 {
             h.sample(t0 + Duration::from_millis(200 * i), i * 1_250_000, true);
         }
-        assert_eq!(h.stall_after(STALL_AFTER, MIB), STALL_AFTER);
+        assert_eq!(h.stall_after(STALL_AFTER, MIB, None), STALL_AFTER);
+        // ... unless the node's own link gives each of its connections less: 18 connections
+        // sharing 1.25 MB/s get about 70 KB/s each, two 1 MiB pieces in 30 s (the cap).
+        assert_eq!(h.stall_after(STALL_AFTER, MIB, Some(1_250_000.0 / 18.0)), MAX_STALL_AFTER);
+        let shared = h.stall_after(STALL_AFTER, MIB, Some(250_000.0));
+        assert!(shared > Duration::from_secs(8) && shared < Duration::from_secs(9), "{shared:?}");
+        // An unmeasured peer on such a link gets the share's time, not the base.
+        assert_eq!(PeerFlow::new(t0).stall_after(STALL_AFTER, MIB, Some(250_000.0)), shared);
+        // A fast node's share changes nothing: 6.25 MB/s among 10 peers, 0.84 s a 512 KiB piece.
+        assert_eq!(h.stall_after(STALL_AFTER, MIB / 2, Some(625_000.0)), STALL_AFTER);
     }
 
     #[test]

@@ -218,6 +218,9 @@ pub struct SwarmState<R = StdRng> {
     last_sign_of_life: Instant,
     /// Outbound connections the node's budget still allows (set by the I/O side).
     node_room: usize,
+    /// The node's measured ingress (bytes/s) as of the last `fill`, for the share of it each
+    /// connection can expect when the node's own link is what limits them.
+    node_rate: Option<f64>,
     rotations: Rotations,
     duplicate_requests: DuplicateRequests,
     rng: R,
@@ -271,6 +274,7 @@ impl<R: Rng + Clone> SwarmState<R> {
             last_progress: now,
             last_sign_of_life: now,
             node_room: usize::MAX,
+            node_rate: None,
             rotations: Rotations::default(),
             duplicate_requests: DuplicateRequests::default(),
             rng,
@@ -504,6 +508,7 @@ impl<R: Rng + Clone> SwarmState<R> {
             .cfg
             .peer_stall
             .saturating_add(flow::limiter_delay(self.cfg.ingress_limit, self.piece_length));
+        let share = self.link_share();
         for &(id, bytes) in received {
             let busy = self.picker.in_flight_for(&id) > 0;
             let Some(peer) = self.peers.get_mut(&id) else { continue };
@@ -513,8 +518,8 @@ impl<R: Rng + Clone> SwarmState<R> {
                 self.last_progress = now;
             }
             let Some(oldest) = self.picker.oldest_request_to(&id) else { continue };
-            let stalled =
-                peer.flow.is_stalled(now, oldest, peer.flow.stall_after(stall_after, self.piece_length));
+            let window = peer.flow.stall_after(stall_after, self.piece_length, share);
+            let stalled = peer.flow.is_stalled(now, oldest, window);
             let starved = now.saturating_duration_since(oldest.max(peer.last_piece)) >= flow::MAX_PIECE_WAIT;
             if !stalled && !starved {
                 continue;
@@ -536,6 +541,15 @@ impl<R: Rng + Clone> SwarmState<R> {
         actions.extend(self.rotate(now));
         self.consider_fallback(now, waiting)?;
         Ok(actions)
+    }
+
+    /// The rate each connection can expect when the node's own link is the limit: its
+    /// measured ingress shared evenly among the connected peers (`None` until measured). All
+    /// of them, not only those with requests out at this instant: when several peers finish
+    /// their pieces at once, the one still silent would otherwise be judged at the whole
+    /// link's rate for a moment.
+    fn link_share(&self) -> Option<f64> {
+        self.node_rate.map(|rate| rate / self.peers.len().max(1) as f64)
     }
 
     /// Brings in the HTTP fallback after `fallback_after` with requests outstanding and

@@ -47,6 +47,7 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
     /// `elsewhere` the bytes the node's other downloads have in flight: the budget is the
     /// node's, shared by all of them.
     pub fn fill(&mut self, now: Instant, node_rate: Option<f64>, elsewhere: u64) -> Vec<Action> {
+        self.node_rate = node_rate;
         let budget = flow::in_flight_budget(node_rate, self.cfg.ingress_limit).saturating_sub(elsewhere);
         self.picker.set_reader_window(flow::reader_window(node_rate, self.piece_length));
         let cap = flow::in_flight_pieces(budget, self.piece_length);

@@ -67,6 +67,32 @@ fn a_slow_peer_that_goes_quiet_for_less_than_two_piece_times_keeps_its_requests(
 }
 
 #[test]
+fn on_a_slow_link_shared_by_many_peers_silence_is_judged_at_each_ones_share() {
+    let t0 = Instant::now();
+    let mut s = state(64, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 10, t0);
+    // A straggler's 10 Mbit/s link: one request to each idle peer, 10 connections sharing it.
+    let node_rate = Some(1_250_000.0);
+    let first = requests(&s.fill(t0, node_rate, 0));
+    assert!(first.iter().any(|r| r.0 == peer(10)), "{first:?}");
+    let mut counters = HashMap::new();
+    // 9 peers deliver their share (125 KB/s, a 1 MiB piece in 8.4 s); one loses TCP's
+    // contention on the link and sends nothing for 10 s, less than two pieces' time at its
+    // share: it keeps its request.
+    let mut rates: HashMap<PeerId, u64> = (1..=9).map(|i| (peer(i), 1_250_000 / 10)).collect();
+    rates.insert(peer(10), 0);
+    let (t, actions) = run(&mut s, t0, &mut counters, &rates, 50, node_rate);
+    let timed_out: Vec<&Action> = actions.iter().filter(|a| matches!(a, Action::TimedOut { .. })).collect();
+    assert!(timed_out.is_empty(), "{timed_out:?}");
+    // Silent past the cap: withdrawn all the same.
+    let (_, actions) = run(&mut s, t, &mut counters, &rates, 26, node_rate);
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::TimedOut { peer: p, .. } if *p == peer(10))),
+        "{actions:?}"
+    );
+}
+
+#[test]
 fn stalls_in_a_row_ban_a_peer_and_a_delivery_forgives_them() {
     let t0 = Instant::now();
     let mut s = state(64, SchedulerConfig::default(), t0);
