@@ -41,7 +41,7 @@ use crate::picker::{PickerConfig, PickerError, PiecePicker};
 use crate::tracker_client::PeerInfo;
 
 pub use counts::{DuplicateRequests, Rotations};
-pub use requests::{UNSHARED_MEMORY, UNSHARED_ORIGIN_PIECES};
+pub use requests::{unshared_origin_limit, SHARING_LOOP, UNSHARED_MEMORY, UNSHARED_ORIGIN_PIECES};
 
 mod counts;
 mod peers;

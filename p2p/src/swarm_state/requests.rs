@@ -10,8 +10,10 @@ use rand::seq::SliceRandom;
 use super::{Action, SwarmState, ORIGIN_PEER};
 use crate::flow;
 use crate::peer::PeerId;
+use crate::server::HAVE_BATCH;
 
 /// A download asks an origin for another piece only while it holds fewer than this many
+/// (or more at a fast node: [`unshared_origin_limit`])
 /// pieces from an origin that none of its peers has announced yet: the origin then sends no
 /// faster than the hosts pass its pieces on. Every piece an origin sends one host of an
 /// N-host fleet must leave that host's uplink about N - 1 times (directly or through the
@@ -24,6 +26,26 @@ use crate::peer::PeerId;
 /// 1.03, 10 runs) against 1.04-1.41 without; 2 pieces gave 1.09-1.19 (the origin then idles
 /// while hosts wait), 6 and 8 gave 1.03-1.04 and 1.04-1.09.
 pub const UNSHARED_ORIGIN_PIECES: usize = 4;
+/// How long after a peer takes a piece from us that piece counts as shared: our server
+/// gathers the pieces we gain for [`HAVE_BATCH`] before telling the peer, and the peer's
+/// server gathers as long before telling us it has it.
+pub const SHARING_LOOP: Duration = HAVE_BATCH.saturating_mul(2);
+
+/// How many unshared origin pieces a download may hold: [`UNSHARED_ORIGIN_PIECES`], or what
+/// the node receives in one [`SHARING_LOOP`] if that is more. A fixed count is a window over
+/// that loop, and at a fast node the loop, not the peers' uplinks, set the origin's pace: two
+/// agents at 25 MiB/s each (1 MiB pieces, `swarm.sh` part 3) took 1.39-1.59 × the ideal time
+/// with 4, 0.98 without a limit (session 24). A 50 Mbit/s host with 512 KiB pieces gets 6,
+/// which gave 1.03-1.04 at 5 hosts in session 22 (4: 1.02-1.06).
+pub fn unshared_origin_limit(node_rate: Option<f64>, piece_length: u64) -> usize {
+    let per_loop = node_rate
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .map(|r| (r * SHARING_LOOP.as_secs_f64() / piece_length.max(1) as f64).ceil())
+        .unwrap_or(0.0);
+    // `as` saturates for absurd rates; the floor is the constant.
+    (per_loop as usize).max(UNSHARED_ORIGIN_PIECES)
+}
+
 /// A piece from an origin counts against [`UNSHARED_ORIGIN_PIECES`] for at most this long:
 /// peers that never ask for it (they download elsewhere, or are not connected to us) must not
 /// keep the download from the origin for good.
@@ -148,7 +170,10 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
                 || o.late.contains(&index)
                 || o.left.get(&index).is_some_and(|&l| flow::worth_duplicating(l, piece_length, rate))
         };
-        if origin_only && self.unshared_origin_pieces(now, origins) >= UNSHARED_ORIGIN_PIECES {
+        if origin_only
+            && self.unshared_origin_pieces(now, origins)
+                >= unshared_origin_limit(self.node_rate, piece_length)
+        {
             return 0;
         }
         let picked = if origin_only {

@@ -126,6 +126,40 @@ fn an_origin_is_asked_no_faster_than_this_host_passes_its_pieces_on() {
 }
 
 #[test]
+fn a_fast_node_may_hold_what_it_receives_while_its_peers_tell_it_they_have_them() {
+    // Unmeasured, slow or absurd: the constant.
+    assert_eq!(unshared_origin_limit(None, PIECE), UNSHARED_ORIGIN_PIECES);
+    assert_eq!(unshared_origin_limit(Some(1_000_000.0), PIECE), UNSHARED_ORIGIN_PIECES);
+    assert_eq!(unshared_origin_limit(Some(f64::NAN), PIECE), UNSHARED_ORIGIN_PIECES);
+    assert_eq!(unshared_origin_limit(Some(f64::INFINITY), PIECE), UNSHARED_ORIGIN_PIECES);
+    // A 50 Mbit/s host, 512 KiB pieces: 6. 25 MiB/s, 1 MiB pieces: 13.
+    assert_eq!(unshared_origin_limit(Some(6_250_000.0), PIECE / 2), 6);
+    assert_eq!(unshared_origin_limit(Some(25.0 * PIECE as f64), PIECE), 13);
+
+    // In a download: at 25 MiB/s the origin is asked for 13 pieces before the wait.
+    let t0 = Instant::now();
+    let mut s = state(32, SchedulerConfig::default(), t0);
+    s.announced(Some(vec![info(9, true), info(1, false)]), Duration::from_secs(5), t0);
+    assert!(s.connected(peer(9), addr(9), Bitfield::full(32), t0));
+    let mut bf = Bitfield::new(32);
+    bf.set(31).unwrap();
+    assert!(s.connected(peer(1), addr(1), bf, t0));
+    let rate = Some(25.0 * PIECE as f64);
+    let mut t = t0;
+    let mut asked = Vec::new();
+    for _ in 0..20 {
+        let got: Vec<u32> =
+            requests(&s.fill(t, rate, 0)).into_iter().filter(|r| r.0 == peer(9)).map(|r| r.1).collect();
+        t += Duration::from_millis(40);
+        for index in got {
+            s.stored(peer(9), index, Stored::Ok, t).unwrap();
+            asked.push(index);
+        }
+    }
+    assert_eq!(asked, (0..13).collect::<Vec<u32>>());
+}
+
+#[test]
 fn endgame_duplicates_only_late_requests_and_cancels_them_when_one_copy_arrives() {
     let t0 = Instant::now();
     let mut s = state(2, SchedulerConfig::default(), t0);
