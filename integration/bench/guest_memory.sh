@@ -36,7 +36,9 @@ hold_guest_memory() {
   on_exit "echo $old >$GUEST_REPORTING_ORDER"
   f=$(mktemp /dev/shm/shoal-bench-hold.XXXXXX)
   t0=$EPOCHREALTIME
-  dd if=/dev/zero of="$f" bs=1M count="$mib" status=none || true
+  if ! dd if=/dev/zero of="$f" bs=1M count="$mib" status=none; then
+    log "guest memory: could not write $mib MiB to /dev/shm; reporting is off, but less is held"
+  fi
   rm -f "$f"
   GUEST_MEMORY="held ${mib} MiB (page_reporting_order $old -> $GUEST_NO_REPORTING_ORDER for the run)"
   log "guest memory: $GUEST_MEMORY, touched in $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.1f", b - a}') s"

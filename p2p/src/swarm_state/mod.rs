@@ -10,20 +10,22 @@
 //!   flight; neither depends on a configured rate, which only caps them.
 //! - **Stalls, not deadlines**: a peer's requests are withdrawn only when its connection
 //!   delivered no byte for [`flow::STALL_AFTER`], or for twice the time a piece takes at the
-//!   rate the peer has shown if that is longer ([`flow::PeerFlow::stall_after`]); bytes that
+//!   rate the peer has shown (or at the node's measured ingress shared among its peers, if
+//!   slower) if that is longer ([`flow::PeerFlow::stall_after`]); bytes that
 //!   keep arriving are never timed out, unless no piece has come of them for
 //!   [`flow::MAX_PIECE_WAIT`] (a peer sending only keep-alives). Stalls in a row get a peer
 //!   banned (`blacklist`).
 //! - **Super-seeding origins** are asked only for pieces no other connected peer has, the
 //!   next ones the readers need, not again soon after they declined one, and not while this
-//!   host still holds [`UNSHARED_ORIGIN_PIECES`] of theirs that no peer has yet.
+//!   host still holds [`UNSHARED_ORIGIN_PIECES`] of theirs that no peer has yet (more at a
+//!   fast node: [`unshared_origin_limit`]).
 //! - **HTTP fallback** only for pieces no connected peer has (while the swarm delivers), or
 //!   for anything after a real stall.
 //! - **Endgame** duplicates only where they help, cancelled as soon as one copy is stored.
 //! - **Peers**: candidates up to the per-blob and node limits; a full download trades its
 //!   least useful peer for a new seeder.
 //!
-//! Requests are decided in `requests`, connections in `peers`.
+//! Requests are decided in `requests`, connections in `peers`, stalls in `stalls`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -46,6 +48,7 @@ pub use requests::{unshared_origin_limit, SHARING_LOOP, UNSHARED_MEMORY, UNSHARE
 mod counts;
 mod peers;
 mod requests;
+mod stalls;
 
 /// The pseudo-peer id of the HTTP origin fallback inside the picker.
 pub const ORIGIN_PEER: PeerId = PeerId([0xff; 20]);
@@ -504,35 +507,7 @@ impl<R: Rng + Clone> SwarmState<R> {
         let mut actions = Vec::new();
         // Whether we are waiting for bytes, before this tick withdraws a stalled peer's requests.
         let waiting = self.in_flight_bytes() > 0;
-        let stall_after = self
-            .cfg
-            .peer_stall
-            .saturating_add(flow::limiter_delay(self.cfg.ingress_limit, self.piece_length));
-        let share = self.link_share();
-        for &(id, bytes) in received {
-            let busy = self.picker.in_flight_for(&id) > 0;
-            let Some(peer) = self.peers.get_mut(&id) else { continue };
-            if peer.flow.sample(now, bytes, busy) && busy {
-                // Bytes of requested pieces arriving are progress, whether or not a piece is
-                // complete yet: on a slow link several pieces arrive at once, each for seconds.
-                self.last_progress = now;
-            }
-            let Some(oldest) = self.picker.oldest_request_to(&id) else { continue };
-            let window = peer.flow.stall_after(stall_after, self.piece_length, share);
-            let stalled = peer.flow.is_stalled(now, oldest, window);
-            let starved = now.saturating_duration_since(oldest.max(peer.last_piece)) >= flow::MAX_PIECE_WAIT;
-            if !stalled && !starved {
-                continue;
-            }
-            let addr = peer.addr;
-            for index in self.picker.withdraw(&id) {
-                actions.push(Action::TimedOut { peer: id, index });
-            }
-            if self.blacklist.timeout(addr, now) {
-                self.closed(&id);
-                actions.push(Action::Disconnect(id));
-            }
-        }
+        actions.extend(self.withdraw_stalled(now, received));
         self.blacklist.prune(now);
         self.declined.retain(|_, at| now.duration_since(*at) < DECLINE_BACKOFF);
         self.declined_by.retain(|_, at| now.duration_since(*at) < DECLINE_BACKOFF);
@@ -541,15 +516,6 @@ impl<R: Rng + Clone> SwarmState<R> {
         actions.extend(self.rotate(now));
         self.consider_fallback(now, waiting)?;
         Ok(actions)
-    }
-
-    /// The rate each connection can expect when the node's own link is the limit: its
-    /// measured ingress shared evenly among the connected peers (`None` until measured). All
-    /// of them, not only those with requests out at this instant: when several peers finish
-    /// their pieces at once, the one still silent would otherwise be judged at the whole
-    /// link's rate for a moment.
-    fn link_share(&self) -> Option<f64> {
-        self.node_rate.map(|rate| rate / self.peers.len().max(1) as f64)
     }
 
     /// Brings in the HTTP fallback after `fallback_after` with requests outstanding and

@@ -94,15 +94,22 @@ fn an_origin_is_asked_only_for_what_no_other_peer_has() {
     assert!(!again.contains(&(peer(9), from_origin[0])), "{again:?}");
 }
 
+/// A download of `pieces` connected to an origin (peer 9, every piece) and to one other
+/// peer (1) that holds only the last piece.
+fn origin_and_one_peer(pieces: u32, t0: Instant) -> SwarmState {
+    let mut s = state(pieces, SchedulerConfig::default(), t0);
+    s.announced(Some(vec![info(9, true), info(1, false)]), Duration::from_secs(5), t0);
+    assert!(s.connected(peer(9), addr(9), Bitfield::full(pieces), t0));
+    let mut bf = Bitfield::new(pieces);
+    bf.set(pieces - 1).unwrap();
+    assert!(s.connected(peer(1), addr(1), bf, t0));
+    s
+}
+
 #[test]
 fn an_origin_is_asked_no_faster_than_this_host_passes_its_pieces_on() {
     let t0 = Instant::now();
-    let mut s = state(16, SchedulerConfig::default(), t0);
-    s.announced(Some(vec![info(9, true), info(1, false)]), Duration::from_secs(5), t0);
-    assert!(s.connected(peer(9), addr(9), Bitfield::full(16), t0));
-    let mut bf = Bitfield::new(16);
-    bf.set(15).unwrap();
-    assert!(s.connected(peer(1), addr(1), bf, t0));
+    let mut s = origin_and_one_peer(16, t0);
     let from_origin = |actions: &[Action]| -> Vec<u32> {
         requests(actions).into_iter().filter(|r| r.0 == peer(9)).map(|r| r.1).collect()
     };
@@ -138,12 +145,7 @@ fn a_fast_node_may_hold_what_it_receives_while_its_peers_tell_it_they_have_them(
 
     // In a download: at 25 MiB/s the origin is asked for 13 pieces before the wait.
     let t0 = Instant::now();
-    let mut s = state(32, SchedulerConfig::default(), t0);
-    s.announced(Some(vec![info(9, true), info(1, false)]), Duration::from_secs(5), t0);
-    assert!(s.connected(peer(9), addr(9), Bitfield::full(32), t0));
-    let mut bf = Bitfield::new(32);
-    bf.set(31).unwrap();
-    assert!(s.connected(peer(1), addr(1), bf, t0));
+    let mut s = origin_and_one_peer(32, t0);
     let rate = Some(25.0 * PIECE as f64);
     let mut t = t0;
     let mut asked = Vec::new();

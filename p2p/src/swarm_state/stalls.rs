@@ -1,0 +1,58 @@
+//! Stalls, the one reason a download gives up on a request: each connection's bytes are
+//! sampled on the timer, and a connection silent for longer than its window (the peer's rate,
+//! or the node's link shared among its peers, [`flow::PeerFlow::stall_after`]) loses its
+//! requests; stalls in a row get it banned.
+
+use std::time::Instant;
+
+use super::{Action, SwarmState};
+use crate::flow;
+use crate::peer::PeerId;
+
+impl<R: rand::Rng + Clone> SwarmState<R> {
+    /// Samples each connection's cumulative bytes (`received`), counts bytes of requested
+    /// pieces as progress, and withdraws the requests of connections that stalled or
+    /// delivered no piece for [`flow::MAX_PIECE_WAIT`], banning repeat offenders.
+    pub(super) fn withdraw_stalled(&mut self, now: Instant, received: &[(PeerId, u64)]) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let stall_after = self
+            .cfg
+            .peer_stall
+            .saturating_add(flow::limiter_delay(self.cfg.ingress_limit, self.piece_length));
+        let share = self.link_share();
+        for &(id, bytes) in received {
+            let busy = self.picker.in_flight_for(&id) > 0;
+            let Some(peer) = self.peers.get_mut(&id) else { continue };
+            if peer.flow.sample(now, bytes, busy) && busy {
+                // Bytes of requested pieces arriving are progress, whether or not a piece is
+                // complete yet: on a slow link several pieces arrive at once, each for seconds.
+                self.last_progress = now;
+            }
+            let Some(oldest) = self.picker.oldest_request_to(&id) else { continue };
+            let window = peer.flow.stall_after(stall_after, self.piece_length, share);
+            let stalled = peer.flow.is_stalled(now, oldest, window);
+            let starved = now.saturating_duration_since(oldest.max(peer.last_piece)) >= flow::MAX_PIECE_WAIT;
+            if !stalled && !starved {
+                continue;
+            }
+            let addr = peer.addr;
+            for index in self.picker.withdraw(&id) {
+                actions.push(Action::TimedOut { peer: id, index });
+            }
+            if self.blacklist.timeout(addr, now) {
+                self.closed(&id);
+                actions.push(Action::Disconnect(id));
+            }
+        }
+        actions
+    }
+
+    /// The rate each connection can expect when the node's own link is the limit: its
+    /// measured ingress shared evenly among the connected peers (`None` until measured). All
+    /// of them, not only those with requests out at this instant: when several peers finish
+    /// their pieces at once, the one still silent would otherwise be judged at the whole
+    /// link's rate for a moment.
+    fn link_share(&self) -> Option<f64> {
+        self.node_rate.map(|rate| rate / self.peers.len().max(1) as f64)
+    }
+}
