@@ -257,9 +257,10 @@ async fn tracker_down_pull_finishes_through_origin() {
 /// at most what it had not verified before the crash (plus one piece):
 /// verified pieces survive a crash.
 ///
-/// Download bitfields are persisted at most every 500 ms (on a piece write),
-/// so the agent runs 700 ms past the 30% mark before the kill: everything
-/// counted at the mark is on disk by then.
+/// Download bitfields are persisted on a piece write once 500 ms have passed
+/// and 8 MiB were verified since the last time (or 4 s have passed), so the
+/// agent runs at least 700 ms and 9 MiB past the 30% mark before the kill:
+/// everything counted at the mark is on disk by then.
 #[tokio::test(flavor = "multi_thread")]
 async fn restarted_agent_keeps_verified_pieces() {
     skip_if_external!(SKIP);
@@ -274,6 +275,10 @@ async fn restarted_agent_keeps_verified_pieces() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(700)).await;
+    wait_for("the agent to verify 9 MiB past the 30% mark", Duration::from_secs(60), || async {
+        received(&cluster, 0).await.filter(|&n| n >= mark + 9 * MIB)
+    })
+    .await;
     let at_kill = received(&cluster, 0).await.unwrap_or(mark);
     assert!(at_kill < size, "the pull finished before the kill: the throttle did not hold ({at_kill} bytes)");
     cluster.kill_agent(0);

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures_util::StreamExt;
 use shoal_registry::Digest;
 use tokio::net::{TcpListener, TcpStream};
@@ -356,13 +357,21 @@ impl PeerServer {
                     }
                     let len = pieces.metainfo().piece_len(index).unwrap_or(0);
                     self.egress.acquire(len).await;
-                    let source = pieces.clone();
-                    let data = tokio::task::spawn_blocking(move || source.read_piece(index)).await;
-                    let Ok(Ok(data)) = data else {
-                        break Err(format!("reading piece {index} failed"));
+                    // A piece this node just verified is still in memory (peers ask for it
+                    // within a second or two); older ones are read back on the blocking pool.
+                    let data = match pieces.piece_in_memory(index) {
+                        Some(data) => data,
+                        None => {
+                            let source = pieces.clone();
+                            let data = tokio::task::spawn_blocking(move || source.read_piece(index)).await;
+                            let Ok(Ok(data)) = data else {
+                                break Err(format!("reading piece {index} failed"));
+                            };
+                            Bytes::from(data)
+                        }
                     };
                     let sent = {
-                        let send = sink.send(Message::Piece { index, data: data.into() });
+                        let send = sink.send(Message::Piece { index, data });
                         tokio::pin!(send);
                         // The send counts against its piece's limit for `SEND_HOLD` at most.
                         let hold = tokio::time::sleep(SEND_HOLD);

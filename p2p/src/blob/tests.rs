@@ -189,17 +189,43 @@ fn discard_deletes_a_partial_download() {
 
 #[test]
 fn a_restarted_download_keeps_the_pieces_persisted_on_the_way() {
-    let (dir, data, meta) = setup(6);
+    // FLUSH_BYTES and a bit more, from piece 4 on.
+    let (dir, data, meta) = setup((FLUSH_BYTES as usize * 9 / 8) >> 16);
     let path = dir.path().join("b.part");
     let blob = BlobPieces::partial(&path, meta.clone()).unwrap();
-    blob.write_piece(4, piece(&meta, &data, 4)).unwrap();
+    let written: Vec<u32> = (4..meta.piece_count()).collect();
+    for &i in &written {
+        blob.write_piece(i, piece(&meta, &data, i)).unwrap();
+    }
+    let (start, _) = meta.piece_range(4).unwrap();
+    assert!(meta.size() - start >= FLUSH_BYTES, "enough bytes to persist");
     std::thread::sleep(FLUSH_INTERVAL + Duration::from_millis(20));
     // This write is due to persist the bitfield.
     blob.write_piece(2, piece(&meta, &data, 2)).unwrap();
     drop(blob);
     let again = BlobPieces::partial(&path, meta.clone()).unwrap();
-    assert_eq!(again.have().iter_set().collect::<Vec<_>>(), [2, 4]);
+    let expected: Vec<u32> = std::iter::once(2).chain(written).collect();
+    assert_eq!(again.have().iter_set().collect::<Vec<_>>(), expected);
     assert_eq!(again.read_piece(4).unwrap(), piece(&meta, &data, 4));
+}
+
+#[test]
+fn a_slow_download_is_not_persisted_before_enough_bytes() {
+    let (dir, data, meta) = setup(6);
+    let path = dir.path().join("b.part");
+    let blob = BlobPieces::partial(&path, meta.clone()).unwrap();
+    blob.write_piece(4, piece(&meta, &data, 4)).unwrap();
+    std::thread::sleep(FLUSH_INTERVAL + Duration::from_millis(20));
+    blob.write_piece(2, piece(&meta, &data, 2)).unwrap();
+    drop(blob);
+    // Not persisted (a killed agent fetches these two again); `persist` on shutdown would.
+    let again = BlobPieces::partial(&path, meta.clone()).unwrap();
+    assert_eq!(again.have().count(), 0);
+    again.write_piece(2, piece(&meta, &data, 2)).unwrap();
+    again.persist().unwrap();
+    drop(again);
+    let third = BlobPieces::partial(&path, meta.clone()).unwrap();
+    assert_eq!(third.have().iter_set().collect::<Vec<_>>(), [2]);
 }
 
 #[test]
@@ -257,29 +283,67 @@ fn verified_pieces_ahead_of_a_reader_are_served_from_memory_until_it_passes_them
     let (start2, len2) = meta.piece_range(2).unwrap();
     // No reader: nothing is kept.
     download(&blob, &meta, &data, &[0]);
-    blob.keep_for_readers(0, bytes(0));
+    blob.keep_verified(0, bytes(0));
     assert!(blob.fresh_at(0).is_none());
     // A reader at piece 1: pieces 1.. within the window are kept once held, not before.
     blob.set_reader_floor(Some(1));
-    blob.keep_for_readers(2, bytes(2));
+    blob.keep_verified(2, bytes(2));
     assert!(blob.fresh_at(start2).is_none(), "not held yet");
     download(&blob, &meta, &data, &[2, 7]);
-    blob.keep_for_readers(2, bytes(2));
-    blob.keep_for_readers(7, bytes(7));
+    blob.keep_verified(2, bytes(2));
+    blob.keep_verified(7, bytes(7));
     assert_eq!(blob.fresh_at(start2 + 10).unwrap(), piece(&meta, &data, 2)[10..]);
     assert!(blob.fresh_at(meta.piece_range(7).unwrap().0).is_none(), "beyond the window");
     assert!(blob.fresh_at(start2 + len2).is_none(), "piece 3 is not held");
     // Bytes of the wrong length are not kept.
     download(&blob, &meta, &data, &[3]);
-    blob.keep_for_readers(3, bytes(3).slice(1..));
+    blob.keep_verified(3, bytes(3).slice(1..));
     assert!(blob.fresh_at(start2 + len2).is_none());
     // The reader moved past piece 2.
     blob.set_reader_floor(Some(3));
     assert!(blob.fresh_at(start2).is_none());
     // A discarded download serves nothing from memory either.
     blob.set_reader_floor(Some(2));
-    blob.keep_for_readers(2, bytes(2));
+    blob.keep_verified(2, bytes(2));
     assert!(blob.fresh_at(start2).is_some());
     blob.discard().unwrap();
     assert!(blob.fresh_at(start2).is_none());
+}
+
+#[test]
+fn a_slow_download_persists_after_enough_bytes_or_at_the_longest_wait() {
+    let t0 = std::time::Instant::now();
+    let after = |bytes: u64| Unflushed { since: t0, bytes };
+    // A fast download persists every FLUSH_INTERVAL, as before.
+    assert!(!after(64 << 20).due(t0 + FLUSH_INTERVAL - Duration::from_millis(1)));
+    assert!(after(FLUSH_BYTES).due(t0 + FLUSH_INTERVAL));
+    // A slow one waits for FLUSH_BYTES...
+    assert!(!after(FLUSH_BYTES - 1).due(t0 + FLUSH_INTERVAL * 3));
+    // ...but never past FLUSH_MAX_INTERVAL.
+    assert!(!after(1).due(t0 + FLUSH_MAX_INTERVAL - Duration::from_millis(1)));
+    assert!(after(1).due(t0 + FLUSH_MAX_INTERVAL));
+}
+
+#[test]
+fn the_newest_pieces_are_in_memory_for_peers_until_the_blob_is_finished() {
+    let (dir, data, meta) = setup(6);
+    let count = meta.piece_count();
+    let blob = BlobPieces::partial(&dir.path().join("b.part"), meta.clone()).unwrap();
+    let bytes = |i: u32| Bytes::copy_from_slice(piece(&meta, &data, i));
+    // Not held yet: not kept.
+    blob.keep_verified(1, bytes(1));
+    assert!(blob.piece_in_memory(1).is_none());
+    // Held, no reader: kept for peers.
+    let all: Vec<u32> = (0..count).collect();
+    download(&blob, &meta, &data, &all[..count as usize - 1]);
+    blob.keep_verified(1, bytes(1));
+    assert_eq!(blob.piece_in_memory(1).unwrap(), piece(&meta, &data, 1));
+    assert!(blob.fresh_at(meta.piece_range(1).unwrap().0).is_none(), "no reader, nothing for one");
+    assert!(blob.piece_in_memory(2).is_none(), "never kept");
+    // Finished: the file serves, nothing stays in memory, and nothing new is kept.
+    download(&blob, &meta, &data, &[count - 1]);
+    blob.finish(&dir.path().join("final")).unwrap();
+    assert!(blob.piece_in_memory(1).is_none());
+    blob.keep_verified(2, bytes(2));
+    assert!(blob.piece_in_memory(2).is_none());
 }

@@ -228,3 +228,41 @@ async fn pieces_gained_together_are_told_once_after_the_batch_time_in_one_write(
     }
     server.abort();
 }
+
+#[tokio::test]
+async fn a_piece_just_verified_is_sent_from_memory_and_an_older_one_from_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (meta, seed) = seeded(&dir);
+    let path = dir.path().join("growing");
+    let growing = Arc::new(BlobPieces::partial(&path, meta.clone()).unwrap());
+    for index in 0..2 {
+        let data = seed.read_piece(index).unwrap();
+        assert!(growing.write_piece(index, &data).unwrap());
+    }
+    // Piece 0 was verified just now and kept; piece 1 was not (e.g. resumed from disk).
+    growing.keep_verified(0, Bytes::from(seed.read_piece(0).unwrap()));
+    // Both pieces' bytes on disk go bad, so where each send came from shows in its bytes.
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        for index in 0..2 {
+            let (start, len) = meta.piece_range(index).unwrap();
+            file.write_all_at(&vec![0xEE; len as usize], start).unwrap();
+        }
+    }
+    let (addr, server) = start(server_of(growing.clone())).await;
+    let mut peer = raw_peer(addr, &meta).await;
+    for index in 0..2 {
+        peer.send(Message::Request { index }).await.unwrap();
+        let sent = loop {
+            match tokio::time::timeout(Duration::from_secs(10), peer.next()).await.unwrap() {
+                Some(Ok(Message::Piece { index: i, data })) if i == index => break data,
+                Some(Ok(Message::Have(_) | Message::KeepAlive)) => continue,
+                other => panic!("piece {index}: {other:?}"),
+            }
+        };
+        let from_memory = meta.verify_piece(index, &sent);
+        assert_eq!(from_memory, index == 0, "piece {index}: sent from memory: {from_memory}");
+    }
+    server.abort();
+}
