@@ -42,6 +42,9 @@ struct Switchable {
 enum GateOn {
     /// The first link tombstone of a collection (none has applied yet).
     Tombstone,
+    /// Every link tombstone on every gated member, until the gate opens (see
+    /// [`hold_tombstones`]).
+    EveryTombstone,
     /// The first batch of records with a live tag in it (repair handing records over).
     TagApply,
     Quarantine(Digest),
@@ -53,6 +56,8 @@ struct Gate {
     on: GateOn,
     reached: Arc<tokio::sync::Notify>,
     release: Arc<tokio::sync::Notify>,
+    /// For [`GateOn::EveryTombstone`]: `true` once the held calls may go on.
+    open: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Switchable {
@@ -68,14 +73,21 @@ impl Switchable {
 
     /// Wait at the gate if `call` is what it stops.
     async fn pass(&self, call: GateOn) {
-        let taken = {
+        let calls = |on: &GateOn| *on == call || (*on == GateOn::EveryTombstone && call == GateOn::Tombstone);
+        let (taken, held) = {
             let mut gate = self.gate.lock().unwrap();
-            if gate.as_ref().is_some_and(|g| g.on == call) {
-                gate.take()
-            } else {
-                None
+            match gate.as_ref() {
+                Some(g) if calls(&g.on) && g.on == GateOn::EveryTombstone => {
+                    (None, g.open.clone().map(|open| (g.reached.clone(), open)))
+                }
+                Some(g) if calls(&g.on) => (gate.take(), None),
+                _ => (None, None),
             }
         };
+        if let Some((reached, mut open)) = held {
+            reached.notify_one();
+            let _ = open.wait_for(|&o| o).await;
+        }
         if let Some(g) = taken {
             g.reached.notify_one();
             g.release.notified().await;
@@ -409,8 +421,23 @@ fn manifest(config: &Digest, layer: &Digest) -> NewManifest {
 /// Close the gate at `on` (the first such call on any member stops); returns (reached, release).
 fn gate(world: &World, on: GateOn) -> (Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>) {
     let (reached, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
-    *world.gate.lock().unwrap() = Some(Gate { on, reached: reached.clone(), release: release.clone() });
+    *world.gate.lock().unwrap() =
+        Some(Gate { on, reached: reached.clone(), release: release.clone(), open: None });
     (reached, release)
+}
+
+/// Hold every link tombstone on every gated member: `reached` fires at the first; sending
+/// `true` lets them all go on.
+fn hold_tombstones(world: &World) -> (Arc<tokio::sync::Notify>, tokio::sync::watch::Sender<bool>) {
+    let reached = Arc::new(tokio::sync::Notify::new());
+    let (open_tx, open) = tokio::sync::watch::channel(false);
+    *world.gate.lock().unwrap() = Some(Gate {
+        on: GateOn::EveryTombstone,
+        reached: reached.clone(),
+        release: Arc::new(tokio::sync::Notify::new()),
+        open: Some(open),
+    });
+    (reached, open_tx)
 }
 
 /// An image whose manifest was deleted: its layer and config are garbage, old enough for any
@@ -443,21 +470,36 @@ fn quick_gc() -> GcSettings {
 #[tokio::test]
 async fn gc_keeps_a_layer_a_manifest_reused_between_mark_and_unlink() {
     let (world, cs) = world().await;
-    let repo: RepoName = "team/app".parse().unwrap();
+    // A repository the leader does not own: the gate is on the members' wrappers, and a
+    // coordinator calls its own member directly, so the leader's own copy of a tombstone
+    // would apply at once (and, under load, before the put below reads the links).
+    let lead = leading(&cs);
+    let repo: RepoName = (0..)
+        .map(|i| format!("team/app{i}"))
+        .find(|r| !owners(r).contains(lead.me()))
+        .unwrap()
+        .parse()
+        .unwrap();
     let (config, layer) = garbage_image(&cs, &repo, b"layer").await;
-    let (reached, release) = gate(&world, GateOn::Tombstone);
+    let (reached, open) = hold_tombstones(&world);
     let gc = tokio::spawn({
-        let c = leading(&cs);
+        let c = lead.clone();
         async move { shoal_origin::cluster::gc::collect(&c, quick_gc()).await }
     });
     tokio::time::timeout(Duration::from_secs(20), reached.notified()).await.expect("gc reached the gate");
-    // GC has marked and is about to unlink the layer: a manifest reusing it is put now.
+    // GC has marked and is about to unlink the layer: no owner has applied a tombstone yet.
+    for owner in owners(repo.as_str()) {
+        let keys = [RecordKey::Link(config.clone()), RecordKey::Link(layer.clone())];
+        let links = world.nodes[&owner].inner.records_get(repo.as_str(), &keys).await.unwrap();
+        assert!(links.iter().all(|l| l.as_ref().is_some_and(|r| r.is_live())), "{owner}: {links:?}");
+    }
+    // A manifest reusing the layer is put now.
     let again = manifest(&config, &layer);
     ClusterStore::new(cs[1].clone())
         .manifest_put(&repo, Some(&"v2".parse().unwrap()), again.clone())
         .await
         .unwrap();
-    release.notify_one();
+    open.send(true).unwrap();
     let report = gc.await.unwrap().unwrap();
     assert!(report.links_refreshed >= 1, "{report:?}");
     for c in &cs {
