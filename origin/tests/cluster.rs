@@ -148,7 +148,7 @@ async fn gc_keeps_a_layer_a_manifest_reused_between_mark_and_unlink() {
         .parse()
         .unwrap();
     let (config, layer) = garbage_image(&cs, &repo, b"layer").await;
-    let (reached, open) = hold_tombstones(&world);
+    let (reached, open) = hold_every(&world, GateOn::Tombstone);
     let gc = tokio::spawn({
         let c = lead.clone();
         async move { shoal_origin::cluster::gc::collect(&c, quick_gc()).await }
@@ -175,6 +175,69 @@ async fn gc_keeps_a_layer_a_manifest_reused_between_mark_and_unlink() {
         assert_eq!(got.digest, again.digest);
         assert_eq!(read_blob(&store, &repo, &layer).await, b"layer", "through {}", c.me());
         assert_eq!(read_blob(&store, &repo, &config).await, b"{}");
+    }
+    assert_eq!(holders(&world, &layer).await, owners(&layer.to_string()));
+}
+
+/// The same race, with the put's write slow to reach the owners: it read the layer's live
+/// link before GC unlinked it, but its records land after GC's tombstone. The refresh is newer
+/// than the link GC marked, and the tombstone outranks only that version, so the refresh wins
+/// on every owner and in every read: the acknowledged image stays whole. (With tombstones
+/// versioned by the collector's clock, the refresh lost to the later tombstone and reads of the
+/// layer said BLOB_UNKNOWN.)
+#[tokio::test]
+async fn gc_tombstone_loses_to_a_refresh_that_lands_after_it() {
+    let (world, cs) = world().await;
+    // Put through the one origin that does not own the repository, so every copy of its write
+    // crosses a gated member.
+    let repo: RepoName = "team/slow".parse().unwrap();
+    let owned = owners(repo.as_str());
+    let putter = cs.iter().find(|c| !owned.contains(c.me())).unwrap().clone();
+    let (config, layer) = garbage_image(&cs, &repo, b"layer").await;
+    let again = manifest(&config, &layer);
+    let (reached, open) = hold_every(&world, GateOn::LiveLink);
+    let put = tokio::spawn({
+        let (repo, again) = (repo.clone(), again.clone());
+        async move { ClusterStore::new(putter).manifest_put(&repo, Some(&"v2".parse().unwrap()), again).await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), reached.notified())
+        .await
+        .expect("the put reached the owners");
+    // The put has read the live links and its records wait at both owners. GC runs now.
+    let settings = GcSettings { grace: Duration::from_millis(1), quarantine: Duration::from_secs(3) };
+    let gc = tokio::spawn({
+        let c = leading(&cs);
+        async move { shoal_origin::cluster::gc::collect(&c, settings).await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    'unlinked: loop {
+        let mut dead = 0;
+        for owner in &owned {
+            let link =
+                world.nodes[owner].inner.records_get(repo.as_str(), &[RecordKey::Link(layer.clone())]).await;
+            dead += usize::from(link.unwrap()[0].as_ref().is_some_and(|r| !r.is_live()));
+        }
+        if dead == owned.len() {
+            break 'unlinked;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "GC did not unlink the layer on every owner");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // GC's tombstone is on every owner; the put's records arrive now, and it is acknowledged.
+    open.send(true).unwrap();
+    put.await.unwrap().expect("the put read live links in time: acknowledged");
+    for c in &cs {
+        let store = ClusterStore::new(c.clone());
+        let got = store.manifest_get(&repo, &Reference::Tag("v2".parse().unwrap())).await.unwrap().unwrap();
+        assert_eq!(got.digest, again.digest);
+        assert_eq!(read_blob(&store, &repo, &layer).await, b"layer", "through {}", c.me());
+        assert_eq!(read_blob(&store, &repo, &config).await, b"{}");
+    }
+    let report = gc.await.unwrap().unwrap();
+    assert_eq!(report.swept_blobs, 0, "{report:?}");
+    for c in &cs {
+        let store = ClusterStore::new(c.clone());
+        assert_eq!(read_blob(&store, &repo, &layer).await, b"layer", "after GC, through {}", c.me());
     }
     assert_eq!(holders(&world, &layer).await, owners(&layer.to_string()));
 }

@@ -192,12 +192,14 @@ async fn set_aside(c: &Coordinator, grace: Duration, report: &mut GcReport) -> R
         }
     }
     report.young_blobs = young.len() as u64;
-    // Unlink: each live link goes only if it still has the version the mark saw.
+    // Unlink: each live link goes only if it still has the version the mark saw, and its
+    // tombstone outranks that version only (`Version::just_after`), never a refresh written
+    // since, wherever the two meet (an owner, a read's merge, repair).
     for digest in candidates.keys() {
         for (repo, version) in first.live_links.get(digest).into_iter().flatten() {
             let tombstone = Record {
                 key: RecordKey::Link(digest.clone()),
-                version: c.clock.next(),
+                version: version.just_after(),
                 value: None,
                 expect: Some(version.clone()),
             };

@@ -34,6 +34,18 @@ impl Version {
     pub fn new(millis: u64, node: impl Into<String>) -> Version {
         Version { millis, logical: 0, node: node.into() }
     }
+
+    /// The least version greater than this one: the same reading, from a node id that sorts
+    /// right after this one's. Every version a [`VersionClock`] hands out after observing
+    /// `self` has a later reading, so it is greater still.
+    ///
+    /// Garbage collection's tombstones carry it: a tombstone must win over the link version it
+    /// marked and nothing newer. One from the collector's own clock could outrank a manifest
+    /// put's refresh of the link when the refresh reached an owner after the tombstone (a slow
+    /// write, or the collector's clock ahead), and an acknowledged image would lose its layer.
+    pub fn just_after(&self) -> Version {
+        Version { millis: self.millis, logical: self.logical, node: format!("{}\0", self.node) }
+    }
 }
 
 impl Ord for Version {
@@ -315,6 +327,34 @@ mod tests {
         assert!(tombstone.stored().expect.is_none());
         let plain = tag(v(11, "a"), None);
         assert!(plain.applies_over(Some(&marked)) && plain.applies_over(None));
+    }
+
+    #[test]
+    fn just_after_outranks_only_the_version_itself() {
+        let marked = Version { millis: 10, logical: 3, node: "o2:5000".into() };
+        let tombstone = marked.just_after();
+        assert!(tombstone > marked);
+        // Nothing sorts between them: no version a writer can produce.
+        for node in ["o2:5000", "o1:5000", "o3:5000", "o2:50000", ""] {
+            for (millis, logical) in [(10, 3), (10, 2), (9, 99)] {
+                let v = Version { millis, logical, node: node.into() };
+                assert!(v <= marked || v >= tombstone, "{v:?}");
+            }
+        }
+        // Any later reading wins over it, whichever node wrote it.
+        assert!(Version { millis: 10, logical: 4, node: "a".into() } > tombstone);
+        assert!(Version::new(11, "") > tombstone);
+        // Above all, a write that read the marked version first (a manifest put refreshing
+        // its layer's link), from a clock behind the marked one or on the same millisecond.
+        for node in ["a", "o2:5000", "zzz"] {
+            let clock = VersionClock::new(node);
+            assert!(clock.observe(&marked));
+            assert!(clock.next() > tombstone, "{node}");
+        }
+        let now = Version::new(now_millis(), "o1:5000");
+        let clock = VersionClock::new("o0:5000");
+        assert!(clock.observe(&now));
+        assert!(clock.next() > now.just_after());
     }
 
     #[test]

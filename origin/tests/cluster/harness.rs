@@ -32,27 +32,25 @@ pub(crate) struct Switchable {
     pub(crate) gate: Arc<Mutex<Option<Gate>>>,
 }
 
-/// Where a [`Gate`] stops: garbage collection's first link tombstone, or its quarantine of a
-/// blob.
+/// The calls a [`Gate`] stops.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) enum GateOn {
-    /// The first link tombstone of a collection (none has applied yet).
+    /// A batch of records with a link tombstone in it (garbage collection unlinking).
     Tombstone,
-    /// Every link tombstone on every gated member, until the gate opens (see
-    /// [`hold_tombstones`]).
-    EveryTombstone,
-    /// The first batch of records with a live tag in it (repair handing records over).
+    /// A batch of records with a live link in it (a push or a manifest put linking a blob).
+    LiveLink,
+    /// A batch of records with a live tag in it (repair handing records over).
     TagApply,
     Quarantine(Digest),
 }
 
-/// Stops the first matching call on any gated member: `reached` fires, then the call waits for
-/// `release`.
+/// Stops calls on any gated member: `reached` fires, then the call waits. Without `open`, only
+/// the first matching call stops, until `release`; with it, every matching call does, until
+/// `open` turns `true` ([`hold_every`]).
 pub(crate) struct Gate {
     pub(crate) on: GateOn,
     pub(crate) reached: Arc<tokio::sync::Notify>,
     pub(crate) release: Arc<tokio::sync::Notify>,
-    /// For [`GateOn::EveryTombstone`]: `true` once the held calls may go on.
     pub(crate) open: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
@@ -72,7 +70,7 @@ impl Switchable {
         let (taken, held) = {
             let mut gate = self.gate.lock().unwrap();
             match gate.as_ref() {
-                Some(g) if g.on == GateOn::EveryTombstone && call == GateOn::Tombstone => {
+                Some(g) if g.on == call && g.open.is_some() => {
                     (None, g.open.clone().map(|open| (g.reached.clone(), open)))
                 }
                 Some(g) if g.on == call => (gate.take(), None),
@@ -157,6 +155,9 @@ impl Node for Switchable {
         self.check()?;
         if records.iter().any(|r| r.value.is_none() && matches!(r.key, RecordKey::Link(_))) {
             self.pass(GateOn::Tombstone).await;
+        }
+        if records.iter().any(|r| r.is_live() && matches!(r.key, RecordKey::Link(_))) {
+            self.pass(GateOn::LiveLink).await;
         }
         if records.iter().any(|r| r.is_live() && matches!(r.key, RecordKey::Tag(_))) {
             self.pass(GateOn::TagApply).await;
@@ -313,13 +314,16 @@ pub(crate) fn gate(world: &World, on: GateOn) -> (Arc<tokio::sync::Notify>, Arc<
     (reached, release)
 }
 
-/// Hold every link tombstone on every gated member: `reached` fires at the first; sending
+/// Hold every call `on` matches on every gated member: `reached` fires at the first; sending
 /// `true` lets them all go on.
-pub(crate) fn hold_tombstones(world: &World) -> (Arc<tokio::sync::Notify>, tokio::sync::watch::Sender<bool>) {
+pub(crate) fn hold_every(
+    world: &World,
+    on: GateOn,
+) -> (Arc<tokio::sync::Notify>, tokio::sync::watch::Sender<bool>) {
     let reached = Arc::new(tokio::sync::Notify::new());
     let (open_tx, open) = tokio::sync::watch::channel(false);
     *world.gate.lock().unwrap() = Some(Gate {
-        on: GateOn::EveryTombstone,
+        on,
         reached: reached.clone(),
         release: Arc::new(tokio::sync::Notify::new()),
         open: Some(open),
