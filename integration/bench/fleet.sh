@@ -82,6 +82,18 @@
 #                 the start of this invocation (swarm.sh part 1's median agent CPU per GiB):
 #                 this machine's CPU per byte drifts by 2x with its memory state
 #                 (docs/benchmarks.md), so the two are compared only within one run
+# Results file only (where a fleet agent's CPU goes, docs/benchmarks.md, session 26):
+#   usr_s_per_gib sys_s_per_gib   cpu_s_per_gib split into user and system time
+#   sent_per_received   the agents' piece bytes sent to peers ÷ those they received: a fleet
+#                 agent also serves its peers, the loopback reference's agent does not
+#   loop_seed_cpu_s_per_gib   the loopback reference's seeder (the origin) per GiB it served
+#   x_link        cpu_s_per_gib ÷ the median of this invocation's N = 1 Shoal runs so far (one
+#                 agent pulling from the origin alone over the same shaped link; put 1 first
+#                 in BENCH_FLEET): the swarm's CPU per byte against a single pull's on the
+#                 same link, apart from what the link's rate costs every pull
+#   machine_{usr,sys,softirq}_s_per_gib   the whole machine's CPU seconds of each kind per GiB
+#                 the hosts received: every process plus the emulated network (bridge, tbf,
+#                 veth), whose softirq time the kernel charges to whatever process it interrupts
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../clients/lib.sh
@@ -123,6 +135,9 @@ UPSTREAM_MBIT=${BENCH_UPSTREAM_MBIT:-$ORIGIN_MBIT}
 RECORD_EXTRA= # more key=value figures for the next record (shoal_upstream)
 LOOPBACK_ROUNDS=${BENCH_LOOPBACK_ROUNDS:-3}
 LOOP_CPU=n/a # the loopback one-seeder pull's agent CPU-s per GiB, once measured
+LOOP_SEED_CPU=n/a # and its seeder's (the origin serving the pieces)
+LINK_CPUS=() # CPU-s/GiB of the N = 1 Shoal runs so far: one agent, one seeder, the same link
+LINK_CPU=n/a # their median
 RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)-$$
 SIZE=$((SIZE_MIB * 1024 * 1024))
 
@@ -163,12 +178,14 @@ busy_share() {
   awk -v a="$1" -v b="$2" 'BEGIN {split(a, x, " "); split(b, y, " "); t = y[2] - x[2];
     printf "%.2f", (t > 0) ? (y[1] - x[1]) / t : 0}'
 }
-# cpu_seconds PID...: user + system CPU seconds the processes have used so far, summed.
+# cpu_seconds PID...: "USER SYSTEM" CPU seconds the processes have used so far, summed.
 cpu_seconds() {
   local p hz
   hz=$(getconf CLK_TCK)
-  for p in "$@"; do cat "/proc/$p/stat"; done | awk -v hz="$hz" '{s += $14 + $15} END {printf "%.2f", s / hz}'
+  for p in "$@"; do cat "/proc/$p/stat"; done | awk -v hz="$hz" '{u += $14; s += $15} END {printf "%.2f %.2f", u / hz, s / hz}'
 }
+# cpu_kinds: the whole machine's "USER SYSTEM SOFTIRQ" jiffies so far (user includes nice).
+cpu_kinds() { awk '/^cpu / {print $2 + $3, $4, $8}' /proc/stat; }
 # busy_samples: the machine's busy share over each PEGGED_SAMPLE_SECS and the sample's length
 # in ticks, one per line, until $T/busy.stop exists. (A loaded machine stretches the samples,
 # so they are weighed by length.)
@@ -240,7 +257,8 @@ save_timeline() {
 
 # timed_pull URL SAMPLE_PIDS...: every host fetches URL at one instant; measures the window.
 # Sets WIN_CPU WIN_PEGGED (share of the window at the machine's limit) WIN_PROC_CPU (Σ CPU
-# seconds of SAMPLE_PIDS) WIN_ORIGIN_TX WIN_HOSTS_RX WIN_ORIGIN_RTX.
+# seconds of SAMPLE_PIDS; WIN_PROC_USR + WIN_PROC_SYS) WIN_MUSR WIN_MSYS WIN_MSOFTIRQ (the
+# whole machine's user, system and softirq CPU seconds) WIN_ORIGIN_TX WIN_HOSTS_RX WIN_ORIGIN_RTX.
 timed_pull() {
   local url=$1 i start tx0 rx0=0 rx1=0 proc0=0 segs0
   shift
@@ -252,7 +270,8 @@ timed_pull() {
   (
     sleep_until "$start"
     cpu_ticks >"$T/ticks0"
-    if (($# > 0)); then cpu_seconds "$@" >"$T/proc0"; else echo 0 >"$T/proc0"; fi
+    cpu_kinds >"$T/kinds0"
+    if (($# > 0)); then cpu_seconds "$@" >"$T/proc0"; else echo "0 0" >"$T/proc0"; fi
   ) &
   local sampler=$! timeline= busy
   rm -f "$T/busy" "$T/busy.stop"
@@ -277,8 +296,14 @@ timed_pull() {
   wait "$busy" || true
   WIN_PEGGED=$(awk -v p="$PEGGED_BUSY" '{n += $2; if ($1 >= p) k += $2} END {printf "%.2f", n ? k / n : 0}' "$T/busy")
   proc0=$(cat "$T/proc0")
-  WIN_PROC_CPU=0
-  (($# > 0)) && WIN_PROC_CPU=$(awk -v a="$proc0" -v b="$(cpu_seconds "$@")" 'BEGIN {printf "%.2f", b - a}')
+  WIN_PROC_USR=0 WIN_PROC_SYS=0
+  if (($# > 0)); then
+    read -r WIN_PROC_USR WIN_PROC_SYS < <(awk -v a="$proc0" -v b="$(cpu_seconds "$@")" 'BEGIN {
+      split(a, x, " "); split(b, y, " "); printf "%.2f %.2f\n", y[1] - x[1], y[2] - x[2] }')
+  fi
+  WIN_PROC_CPU=$(awk -v u="$WIN_PROC_USR" -v s="$WIN_PROC_SYS" 'BEGIN {printf "%.2f", u + s}')
+  read -r WIN_MUSR WIN_MSYS WIN_MSOFTIRQ < <(awk -v a="$(cat "$T/kinds0")" -v b="$(cpu_kinds)" -v hz="$(getconf CLK_TCK)" 'BEGIN {
+    split(a, x, " "); split(b, y, " "); printf "%.2f %.2f %.2f\n", (y[1] - x[1]) / hz, (y[2] - x[2]) / hz, (y[3] - x[3]) / hz }')
   WIN_ORIGIN_TX=$(($(link_bytes "$FLEET_ORIGIN_NS" "$FLEET_ORIGIN_DEV" tx) - tx0))
   for ((i = 0; i < FLEET_N; i++)); do rx1=$((rx1 + $(link_bytes "${FLEET_NS[i]}" "${FLEET_DEV[i]}" rx))); done
   WIN_HOSTS_RX=$((rx1 - rx0))
@@ -321,14 +346,18 @@ record() {
   local origin received
   origin=$(ratio "$WIN_ORIGIN_TX" "$SIZE")
   received=$(ratio "$WIN_HOSTS_RX" "$((n * SIZE))")
-  local x_loop=n/a
+  local x_loop=n/a machine
   [[ $cpugib != n/a && $LOOP_CPU != n/a ]] && x_loop=$(ratio "$cpugib" "$LOOP_CPU")
+  # The whole machine's CPU per GiB the hosts received, by kind: what the run cost, the
+  # emulated network's kernel work (bridge, tbf, veth; softirq) included.
+  machine=$(awk -v u="$WIN_MUSR" -v s="$WIN_MSYS" -v q="$WIN_MSOFTIRQ" -v b="$WIN_HOSTS_RX" 'BEGIN {
+    g = b / 1073741824; if (g == 0) g = 1; printf "machine_usr_s_per_gib=%.2f machine_sys_s_per_gib=%.2f machine_softirq_s_per_gib=%.2f", u / g, s / g, q / g }')
   ROWS+=("$(printf '%-8s %3s %3s  %5s %5s %5s %8s  %6s %5s %8s  %8s %6s %8s %7s  %4s %7s %6s  %s' "$sys" "$n" "$rep" \
     "$p50" "$p90" "$max" "$fast_max" "$origin" "$WIN_ORIGIN_RTX" "$received" "$timeouts" "$logto" "$fallback" "$dup" "$WIN_CPU" "$cpugib" "$x_loop" "$note")")
   say "${ROWS[-1]}"
   echo "fleet: system=$sys n=$n p50=$p50 p90=$p90 max=$max origin=$origin origin_rtx=$WIN_ORIGIN_RTX received=$received" \
     "timeouts=$timeouts fallback_mib=$fallback dup_mib=$dup cpu=$WIN_CPU cpu_pegged=$WIN_PEGGED cpu_s_per_gib=$cpugib fast_max=$fast_max" \
-    "loop_cpu_s_per_gib=$LOOP_CPU cpu_x_loop=$x_loop" \
+    "loop_cpu_s_per_gib=$LOOP_CPU loop_seed_cpu_s_per_gib=$LOOP_SEED_CPU cpu_x_loop=$x_loop $machine" \
     "log_timeouts=$logto saturated=$sat ok=$ok/$n repeat=$rep size_mib=$SIZE_MIB host_mbit=$HOST_MBIT" \
     "origin_mbit=$ORIGIN_MBIT mtu=$MTU cc=$CC stragglers=$STRAGGLERS run=$RUN_ID${RECORD_EXTRA:+ $RECORD_EXTRA}" >>"$RESULTS"
   RECORD_EXTRA=
@@ -370,6 +399,22 @@ run_shoal() {
   [[ $received == n/a ]] && received=0
   gib=n/a
   ((received > 0)) && gib=$(awk -v c="$WIN_PROC_CPU" -v b="$received" 'BEGIN {printf "%.2f", c / (b / 1073741824)}')
+  # N = 1 is the same pull as the loopback reference's (one agent, one seeder, no peers to
+  # serve) over this run's shaped link: the reference x_link divides by, so the swarm's own
+  # cost is seen apart from what the link's rate costs (docs/benchmarks.md, session 26).
+  if ((n == 1)) && [[ $gib != n/a && $label == shoal ]]; then
+    LINK_CPUS+=("$gib")
+    LINK_CPU=$(printf '%s\n' "${LINK_CPUS[@]}" | sort -g | awk '{a[NR] = $1} END {m = (NR + 1) / 2; printf "%.2f", (NR % 2) ? a[int(m)] : (a[m - 0.5] + a[m + 0.5]) / 2}')
+  fi
+  [[ $gib != n/a && $LINK_CPU != n/a ]] && RECORD_EXTRA="${RECORD_EXTRA:+$RECORD_EXTRA }x_link=$(ratio "$gib" "$LINK_CPU")"
+  # The agents' CPU split into user and system time per GiB received, and the bytes they sent
+  # their peers ÷ the bytes they received: a fleet agent uploads about as much as it
+  # downloads, the loopback reference's agent only downloads.
+  local sent
+  sent=$(fleet_agents_metric shoal_agent_peer_sent_bytes_total)
+  [[ $sent == n/a ]] && sent=0
+  ((received > 0)) && RECORD_EXTRA="${RECORD_EXTRA:+$RECORD_EXTRA }$(awk -v u="$WIN_PROC_USR" -v s="$WIN_PROC_SYS" -v b="$received" -v o="$sent" 'BEGIN {
+    g = b / 1073741824; printf "usr_s_per_gib=%.2f sys_s_per_gib=%.2f sent_per_received=%.2f", u / g, s / g, o / b }')"
   for ((i = 0; i < n; i++)); do
     logto=$((logto + $(grep -c 'timed out' "${FLEET_AGENT_LOGS[i]}" || true)))
   done
@@ -484,7 +529,8 @@ loopback_reference() {
   cpu=$(sed -n 's/^agent CPU per pull: median \([0-9.]*\) s.*/\1/p' <<<"$out")
   [[ -n $cpu ]] || die "no 'agent CPU per pull' in the loopback reference's output: $(tail -5 <<<"$out")"
   LOOP_CPU=$cpu
-  say "loopback one-seeder pull (swarm.sh part 1, 1 GiB): $(grep -E '^(agent \(swarm|agent CPU|throughput ratio)' <<<"$out" | paste -sd';')"
+  LOOP_SEED_CPU=$(sed -n 's/^seeder (origin) CPU per pull: median \([0-9.]*\) s.*/\1/p' <<<"$out")
+  say "loopback one-seeder pull (swarm.sh part 1, 1 GiB): $(grep -E '^(agent \(swarm|agent CPU|seeder|throughput ratio)' <<<"$out" | paste -sd';')"
 }
 
 say "== fleet benchmark over shaped links, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ), run $RUN_ID"

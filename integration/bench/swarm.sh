@@ -84,9 +84,14 @@ busy_share() {
     printf "%.2f", (t > 0) ? (y[1] - x[1]) / t : 0}'
 }
 
-# cpu_seconds PID: user + system CPU seconds the process has used so far.
+# cpu_seconds PID: "USER SYSTEM" CPU seconds the process has used so far.
 cpu_seconds() {
-  awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"
+  awk -v hz="$(getconf CLK_TCK)" '{print $14 / hz, $15 / hz}' "/proc/$1/stat"
+}
+# cpu_delta "U0 S0" "U1 S1": "USER SYSTEM TOTAL" seconds in between.
+cpu_delta() {
+  awk -v a="$1" -v b="$2" 'BEGIN {split(a, x, " "); split(b, y, " "); u = y[1] - x[1]; s = y[2] - x[2]
+    printf "%.2f %.2f %.2f\n", u, s, u + s}'
 }
 
 # settle_memory: let memory freed by earlier steps go back to the hypervisor before a measured
@@ -116,7 +121,7 @@ part1() {
   say ""
   say "-- 1. one seeder -> one cold agent, ${BIG_MIB} MiB, loopback, ${BIG_RATE_MIB:+agent paced at $BIG_RATE_MIB MiB/s, }unshaped, $BIG_ROUNDS rounds (fresh blob each)"
   local f d cfg reg_url round t0
-  local t_swarm=() t_null=() t_file=() t_verify=() cpu=() floor=()
+  local t_swarm=() t_null=() t_file=() t_verify=() cpu=() cpu_usr=() cpu_sys=() cpu_seed=() floor=() u sy tot seed_before
   cfg=$T/agent1.toml
   agent_config "$cfg" "$BIG_RATE_MIB"
   command -v openssl >/dev/null || die "openssl is needed for the verify baseline"
@@ -158,8 +163,12 @@ part1() {
       sleep 0.5
     fi
     cpu_before=$(cpu_seconds "$AGENT_PID")
+    seed_before=$(cpu_seconds "$ORIGIN_PID")
     t_swarm+=("$(curl -sf -o /dev/null -w '%{time_total}' "$AGENT_URL/v2/bench/big/blobs/$d")")
-    cpu+=("$(awk -v a="$cpu_before" -v b="$(cpu_seconds "$AGENT_PID")" 'BEGIN {printf "%.2f", b - a}')")
+    read -r u sy tot < <(cpu_delta "$cpu_before" "$(cpu_seconds "$AGENT_PID")")
+    cpu+=("$tot") cpu_usr+=("$u") cpu_sys+=("$sy")
+    read -r _ _ tot < <(cpu_delta "$seed_before" "$(cpu_seconds "$ORIGIN_PID")")
+    cpu_seed+=("$tot")
     if [[ -n $perf_pid ]]; then
       kill -INT "$perf_pid"
       wait "$perf_pid" || true
@@ -180,6 +189,10 @@ part1() {
   say "docker-registry, curl > file, then openssl dgst -sha256 file (fetch, store, verify):"
   say "                                     median ${m_verify}s  $(mbs "$m_verify") MB/s  (all: ${t_verify[*]})"
   say "agent CPU per pull: median $(printf '%s\n' "${cpu[@]}" | median) s  (all: ${cpu[*]}; user + system)"
+  # The seeder's side of the same transfer: the origin serving the pieces (a fleet's agent
+  # does both, receiving a blob and serving about as much of it to its peers).
+  say "seeder (origin) CPU per pull: median $(printf '%s\n' "${cpu_seed[@]}" | median) s  (all: ${cpu_seed[*]}; user + system)"
+  say "agent CPU per pull by kind: user median $(printf '%s\n' "${cpu_usr[@]}" | median) s, system median $(printf '%s\n' "${cpu_sys[@]}" | median) s  (user: ${cpu_usr[*]}; system: ${cpu_sys[*]})"
   say "page-cache floor: dd of ${BIG_MIB} MiB into a fresh file after the same settling: median $(printf '%s\n' "${floor[@]}" | median) system CPU-s  (all: ${floor[*]})"
   say "throughput ratio agent/registry: $(ratio "$m_null" "$m_swarm") (to /dev/null), $(ratio "$m_file" "$m_swarm") (to a file), $(ratio "$m_verify" "$m_swarm") (stored and verified)  (goal >= 1)"
 }
