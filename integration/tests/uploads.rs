@@ -583,7 +583,12 @@ async fn chunked_push(client: &Client, repo: &str, data: &[u8]) -> StatusCode {
         reply.expect(StatusCode::ACCEPTED);
         location = client.url(reply.must_header("location"));
     }
-    client.finish_upload(&location, &sha256(data), b"").await.status
+    let reply = client.finish_upload(&location, &sha256(data), b"").await;
+    if reply.status != StatusCode::CREATED {
+        // The status alone did not say why when this failed once against a cluster.
+        eprintln!("finishing the upload: {} {}", reply.status, String::from_utf8_lossy(&reply.body));
+    }
+    reply.status
 }
 
 /// A request body of unknown length (sent with chunked transfer encoding).
