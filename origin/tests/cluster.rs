@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use shoal_origin::cluster::coordinator::Coordinator;
-use shoal_origin::cluster::gc::{GcError, GcSettings};
+use shoal_origin::cluster::gc::{GcError, GcSettings, READ_TO_WRITE_DEADLINE};
 use shoal_origin::cluster::node::Node;
 use shoal_origin::cluster::record::{Record, RecordKey, RecordValue, Version};
 use shoal_origin::cluster::repair::Repairer;
@@ -240,6 +240,58 @@ async fn gc_tombstone_loses_to_a_refresh_that_lands_after_it() {
         assert_eq!(read_blob(&store, &repo, &layer).await, b"layer", "after GC, through {}", c.me());
     }
     assert_eq!(holders(&world, &layer).await, owners(&layer.to_string()));
+}
+
+/// GC's safety rests on every write that read a live link *landing* within
+/// `READ_TO_WRITE_DEADLINE` of the read: its last mark, a quarantine after the unlink, must see
+/// it. A manifest put whose records the owners hold past the deadline therefore fails (503, the
+/// client retries) rather than being acknowledged after GC may have deleted its layer; and the
+/// retry, once the owners answer again, succeeds.
+#[tokio::test]
+async fn a_manifest_put_that_cannot_land_within_the_gc_deadline_fails() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/late".parse().unwrap();
+    let owned = owners(repo.as_str());
+    let putter = cs.iter().find(|c| !owned.contains(c.me())).unwrap().clone();
+    let store = ClusterStore::new(putter.clone());
+    let config = push(&store, &repo, b"{}").await.unwrap();
+    let layer = push(&store, &repo, b"late").await.unwrap();
+    let m = manifest(&config, &layer);
+    let (reached, open) = hold_every(&world, GateOn::LiveLink);
+    let started = std::time::Instant::now();
+    let put = tokio::spawn({
+        let (store, repo, m) = (ClusterStore::new(putter.clone()), repo.clone(), m.clone());
+        async move { store.manifest_put(&repo, Some(&"v1".parse().unwrap()), m).await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), reached.notified())
+        .await
+        .expect("the put reached the owners");
+    let result = tokio::time::timeout(READ_TO_WRITE_DEADLINE + Duration::from_secs(10), put)
+        .await
+        .expect("the put gave up at its deadline")
+        .unwrap();
+    assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+    assert!(
+        started.elapsed() >= READ_TO_WRITE_DEADLINE.mul_f32(0.9),
+        "gave up early: {:?}",
+        started.elapsed()
+    );
+    // Nothing was acknowledged, and no owner took the held records.
+    for owner in &owned {
+        let got = world.nodes[owner]
+            .inner
+            .records_get(repo.as_str(), &[RecordKey::Manifest(m.digest.clone())])
+            .await;
+        assert!(got.unwrap()[0].is_none(), "{owner} holds the manifest");
+    }
+    open.send(true).unwrap();
+    store.manifest_put(&repo, Some(&"v1".parse().unwrap()), m.clone()).await.expect("the retry lands");
+    for c in &cs {
+        let store = ClusterStore::new(c.clone());
+        let got = store.manifest_get(&repo, &Reference::Tag("v1".parse().unwrap())).await.unwrap().unwrap();
+        assert_eq!(got.digest, m.digest);
+        assert_eq!(read_blob(&store, &repo, &layer).await, b"late", "through {}", c.me());
+    }
 }
 
 /// The later window: GC has unlinked a layer and is setting its files aside when the layer is

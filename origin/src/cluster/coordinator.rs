@@ -146,7 +146,7 @@ impl Coordinator {
 
     /// Queue `item` for repair on this origin; losing the entry would lose a copy, so a
     /// failure to queue fails the write.
-    async fn enqueue(&self, item: String) -> Result<(), StoreError> {
+    pub(crate) async fn enqueue(&self, item: String) -> Result<(), StoreError> {
         self.local.store().repair_enqueue(item).await?;
         self.metrics.repair_queue_length.inc();
         Ok(())

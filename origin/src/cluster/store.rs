@@ -146,8 +146,34 @@ impl ClusterStore {
         if let Some(tag) = tag {
             records.push(self.record(RecordKey::Tag(tag.to_string()), Some(RecordValue::Tag { digest })));
         }
-        within_gc_deadline(read_at)?;
-        self.c().write_records(repo.as_str(), records).await
+        self.write_after_read(read_at, repo.as_str(), records).await
+    }
+
+    /// Write records that rely on links read at `read_at` (a manifest put, a mount). They must
+    /// *land* within garbage collection's deadline of the read: GC's last mark, a quarantine
+    /// after it unlinked a blob, has to see every such write (see `cluster::gc`). So the write
+    /// fails, and the client retries, if the deadline passes before it starts or while it runs
+    /// (an owner slow to answer). A write cut off may have reached some owners: the client was
+    /// not told it succeeded, and the repository is queued for repair as after any write that
+    /// missed its quorum.
+    async fn write_after_read(
+        &self,
+        read_at: std::time::Instant,
+        repo: &str,
+        records: Vec<Record>,
+    ) -> Result<(), StoreError> {
+        let late = || {
+            StoreError::Unavailable("the blobs this write references were checked too long ago; retry".into())
+        };
+        let left =
+            crate::cluster::gc::READ_TO_WRITE_DEADLINE.checked_sub(read_at.elapsed()).ok_or_else(late)?;
+        match tokio::time::timeout(left, self.c().write_records(repo, records)).await {
+            Ok(written) => written,
+            Err(_) => {
+                let _ = self.c().enqueue(format!("repo:{repo}")).await;
+                Err(late())
+            }
+        }
     }
 
     /// Link a blob the cluster already holds (under any repository) into `repo`: its size, or
@@ -158,9 +184,8 @@ impl ClusterStore {
         for id in self.c().owners(&digest.to_string()) {
             let Some(node) = self.c().node(&id) else { continue };
             if let Ok(Some(size)) = node.blob_stat(digest).await {
-                within_gc_deadline(read_at)?;
                 let link = self.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size }));
-                self.c().write_records(repo.as_str(), vec![link]).await?;
+                self.write_after_read(read_at, repo.as_str(), vec![link]).await?;
                 return Ok(Some(size));
             }
         }
@@ -201,17 +226,6 @@ impl ClusterStore {
         let record = self.record(key, Some(RecordValue::Tag { digest: digest.clone() }));
         self.c().write_records(repo.as_str(), vec![record]).await
     }
-}
-
-/// A write that read a live link must land within garbage collection's deadline of the read,
-/// or GC may already have decided the blob is garbage (see `cluster::gc`); the client retries.
-fn within_gc_deadline(read_at: std::time::Instant) -> Result<(), StoreError> {
-    if read_at.elapsed() > crate::cluster::gc::READ_TO_WRITE_DEADLINE {
-        return Err(StoreError::Unavailable(
-            "the blobs this write references were checked too long ago; retry".into(),
-        ));
-    }
-    Ok(())
 }
 
 /// Sort, skip to after `last`, and cut a page of `limit` names.
@@ -276,9 +290,8 @@ impl RegistryStore for ClusterStore {
         let Some(size) = self.link(from, digest).await?.and_then(|r| r.link_size()) else {
             return Ok(false);
         };
-        within_gc_deadline(read_at)?;
         let link = self.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size }));
-        self.c().write_records(repo.as_str(), vec![link]).await?;
+        self.write_after_read(read_at, repo.as_str(), vec![link]).await?;
         Ok(true)
     }
 
