@@ -530,6 +530,7 @@ loopback_reference() {
   [[ -n $cpu ]] || die "no 'agent CPU per pull' in the loopback reference's output: $(tail -5 <<<"$out")"
   LOOP_CPU=$cpu
   LOOP_SEED_CPU=$(sed -n 's/^seeder (origin) CPU per pull: median \([0-9.]*\) s.*/\1/p' <<<"$out")
+  LOOP_SEED_CPU=${LOOP_SEED_CPU:-n/a}
   say "loopback one-seeder pull (swarm.sh part 1, 1 GiB): $(grep -E '^(agent \(swarm|agent CPU|seeder|throughput ratio)' <<<"$out" | paste -sd';')"
 }
 
