@@ -5,7 +5,9 @@
 //! 1. **Mark** every live manifest and link of every repository (merged across owners).
 //! 2. **Unlink** each unreferenced blob with *conditional* tombstones: a link's tombstone
 //!    applies only where the link still has the version the mark saw (compare-and-set in the
-//!    record store), so a link a manifest put refreshed meanwhile survives.
+//!    record store), so a link a manifest put refreshed meanwhile survives; and it is versioned
+//!    just after that version ([`Version::just_after`]), so a refresh that reaches an owner
+//!    after the tombstone still wins there, and in every merge.
 //! 3. **Mark again**; a blob that is referenced or linked anywhere now is kept.
 //! 4. **Quarantine** the rest: the files move aside, unlisted and unserved, but any request
 //!    for the blob (a read through a link refreshed after step 3, a copy being placed)
