@@ -169,13 +169,7 @@ async fn gc_keeps_a_layer_a_manifest_reused_between_mark_and_unlink() {
     open.send(true).unwrap();
     let report = gc.await.unwrap().unwrap();
     assert!(report.links_refreshed >= 1, "{report:?}");
-    for c in &cs {
-        let store = ClusterStore::new(c.clone());
-        let got = store.manifest_get(&repo, &Reference::Tag("v2".parse().unwrap())).await.unwrap().unwrap();
-        assert_eq!(got.digest, again.digest);
-        assert_eq!(read_blob(&store, &repo, &layer).await, b"layer", "through {}", c.me());
-        assert_eq!(read_blob(&store, &repo, &config).await, b"{}");
-    }
+    assert_image_whole(&cs, &repo, "v2", &again.digest, &[(&layer, b"layer"), (&config, b"{}")]).await;
     assert_eq!(holders(&world, &layer).await, owners(&layer.to_string()));
 }
 
@@ -192,7 +186,7 @@ async fn gc_tombstone_loses_to_a_refresh_that_lands_after_it() {
     // crosses a gated member.
     let repo: RepoName = "team/slow".parse().unwrap();
     let owned = owners(repo.as_str());
-    let putter = cs.iter().find(|c| !owned.contains(c.me())).unwrap().clone();
+    let putter = non_owner(&cs, &repo);
     let (config, layer) = garbage_image(&cs, &repo, b"layer").await;
     let again = manifest(&config, &layer);
     let (reached, open) = hold_every(&world, GateOn::LiveLink);
@@ -226,19 +220,10 @@ async fn gc_tombstone_loses_to_a_refresh_that_lands_after_it() {
     // GC's tombstone is on every owner; the put's records arrive now, and it is acknowledged.
     open.send(true).unwrap();
     put.await.unwrap().expect("the put read live links in time: acknowledged");
-    for c in &cs {
-        let store = ClusterStore::new(c.clone());
-        let got = store.manifest_get(&repo, &Reference::Tag("v2".parse().unwrap())).await.unwrap().unwrap();
-        assert_eq!(got.digest, again.digest);
-        assert_eq!(read_blob(&store, &repo, &layer).await, b"layer", "through {}", c.me());
-        assert_eq!(read_blob(&store, &repo, &config).await, b"{}");
-    }
+    assert_image_whole(&cs, &repo, "v2", &again.digest, &[(&layer, b"layer"), (&config, b"{}")]).await;
     let report = gc.await.unwrap().unwrap();
     assert_eq!(report.swept_blobs, 0, "{report:?}");
-    for c in &cs {
-        let store = ClusterStore::new(c.clone());
-        assert_eq!(read_blob(&store, &repo, &layer).await, b"layer", "after GC, through {}", c.me());
-    }
+    assert_blob_everywhere(&cs, &repo, &layer, b"layer", "after GC").await;
     assert_eq!(holders(&world, &layer).await, owners(&layer.to_string()));
 }
 
@@ -252,7 +237,7 @@ async fn a_manifest_put_that_cannot_land_within_the_gc_deadline_fails() {
     let (world, cs) = world().await;
     let repo: RepoName = "team/late".parse().unwrap();
     let owned = owners(repo.as_str());
-    let putter = cs.iter().find(|c| !owned.contains(c.me())).unwrap().clone();
+    let putter = non_owner(&cs, &repo);
     let store = ClusterStore::new(putter.clone());
     let config = push(&store, &repo, b"{}").await.unwrap();
     let layer = push(&store, &repo, b"late").await.unwrap();
@@ -286,12 +271,7 @@ async fn a_manifest_put_that_cannot_land_within_the_gc_deadline_fails() {
     }
     open.send(true).unwrap();
     store.manifest_put(&repo, Some(&"v1".parse().unwrap()), m.clone()).await.expect("the retry lands");
-    for c in &cs {
-        let store = ClusterStore::new(c.clone());
-        let got = store.manifest_get(&repo, &Reference::Tag("v1".parse().unwrap())).await.unwrap().unwrap();
-        assert_eq!(got.digest, m.digest);
-        assert_eq!(read_blob(&store, &repo, &layer).await, b"late", "through {}", c.me());
-    }
+    assert_image_whole(&cs, &repo, "v1", &m.digest, &[(&layer, b"late")]).await;
 }
 
 /// The later window: GC has unlinked a layer and is setting its files aside when the layer is
@@ -342,19 +322,10 @@ async fn gc_restores_a_layer_pushed_again_while_it_was_being_set_aside() {
     while aside().await < 2 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    for c in &cs {
-        let store = ClusterStore::new(c.clone());
-        assert_eq!(read_blob(&store, &repo, &layer).await, content, "during gc, through {}", c.me());
-    }
+    assert_blob_everywhere(&cs, &repo, &layer, &content, "during gc").await;
     let report = gc.await.unwrap().unwrap();
     println!("{report:?}");
-    for c in &cs {
-        let store = ClusterStore::new(c.clone());
-        let got = store.manifest_get(&repo, &Reference::Tag("v2".parse().unwrap())).await.unwrap().unwrap();
-        assert_eq!(got.digest, again.digest);
-        assert_eq!(read_blob(&store, &repo, &layer).await, content, "after gc, through {}", c.me());
-        assert_eq!(read_blob(&store, &repo, &config).await, b"{}");
-    }
+    assert_image_whole(&cs, &repo, "v2", &again.digest, &[(&layer, &content), (&config, b"{}")]).await;
     // Nothing was lost, and nothing is left aside.
     for node in world.nodes.values() {
         assert!(node.inner.quarantine_list(None, 10).await.unwrap().is_empty());

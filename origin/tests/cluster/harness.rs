@@ -348,6 +348,46 @@ pub(crate) async fn garbage_image(
     (config, layer)
 }
 
+/// The coordinator of an origin that does not own `repo`'s records: every copy of a write it
+/// makes to them crosses a gated member (a coordinator calls its own member directly).
+pub(crate) fn non_owner(cs: &[Arc<Coordinator>], repo: &RepoName) -> Arc<Coordinator> {
+    let owned = owners(repo.as_str());
+    cs.iter().find(|c| !owned.contains(c.me())).unwrap().clone()
+}
+
+/// Through every origin, blob `digest` of `repo` reads back as `data` (`when` names the moment
+/// in a failure).
+pub(crate) async fn assert_blob_everywhere(
+    cs: &[Arc<Coordinator>],
+    repo: &RepoName,
+    digest: &Digest,
+    data: &[u8],
+    when: &str,
+) {
+    for c in cs {
+        let store = ClusterStore::new(c.clone());
+        assert_eq!(read_blob(&store, repo, digest).await, data, "{when}, through {}", c.me());
+    }
+}
+
+/// Through every origin, `tag` names manifest `digest` and each of `blobs` reads back whole.
+pub(crate) async fn assert_image_whole(
+    cs: &[Arc<Coordinator>],
+    repo: &RepoName,
+    tag: &str,
+    digest: &Digest,
+    blobs: &[(&Digest, &[u8])],
+) {
+    for c in cs {
+        let store = ClusterStore::new(c.clone());
+        let got = store.manifest_get(repo, &Reference::Tag(tag.parse().unwrap())).await.unwrap().unwrap();
+        assert_eq!(&got.digest, digest, "through {}", c.me());
+    }
+    for (blob, data) in blobs {
+        assert_blob_everywhere(cs, repo, blob, data, "image").await;
+    }
+}
+
 /// The coordinator of the origin that leads garbage collection.
 pub(crate) fn leading(cs: &[Arc<Coordinator>]) -> Arc<Coordinator> {
     let leader = shoal_origin::cluster::gc::leader(&cs[0]).unwrap();
