@@ -147,8 +147,14 @@ async fn a_full_disk_during_a_pull_evicts_and_the_pull_succeeds() {
     assert!(full >= 1.0, "48 MiB onto a 40 MiB disk never found it full");
     assert!(evictions >= 1.0, "the full disk evicted nothing");
     assert!(!cached_path(&data, &blobs[0]).exists(), "the least recently used blob was evicted");
-    assert_eq!(file_digest(&cached_path(&data, &blobs[3])), blobs[3].digest, "the last blob is cached");
-    assert!(std::fs::read_dir(data.join("partial").join("sha256")).map_or(0, |d| d.count()) == 0);
+    // The client can hold its last byte a moment before the download's file moves into the
+    // cache and its bitfield is removed: wait for both, as the other pulls here do.
+    assert_eq!(
+        wait_for_digest(&cached_path(&data, &blobs[3]), &blobs[3].digest).await,
+        blobs[3].digest,
+        "the last blob is cached"
+    );
+    assert_eq!(wait_for_no_partials(&data).await, 0, "a finished download left partial files");
 }
 
 /// Watermarks as a share of the filesystem (Dragonfly's model): with `70%`/`40%` on a
@@ -242,6 +248,20 @@ async fn wait_for_digest(path: &Path, want: &str) -> String {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     last
+}
+
+/// Files left in `<data>/partial/sha256` once the downloads that had them finish (the last
+/// one, the bitfield, goes a moment after the blob moves into the cache); waits a moment.
+async fn wait_for_no_partials(data: &Path) -> usize {
+    let dir = data.join("partial").join("sha256");
+    let count = || std::fs::read_dir(&dir).map_or(0, |d| d.count());
+    for _ in 0..100 {
+        if count() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    count()
 }
 
 /// The metainfo beside a cached blob is garbage (written by an older agent without a rename,
