@@ -91,6 +91,12 @@
 #                 agent pulling from the origin alone over the same shaped link; put 1 first
 #                 in BENCH_FLEET): the swarm's CPU per byte against a single pull's on the
 #                 same link, apart from what the link's rate costs every pull
+#   cs_per_mib    the agents' context switches (voluntary and not, over their threads) per MiB
+#                 received: each is a sleep and a wake-up, which a slow link multiplies per
+#                 byte and this VM charges tens of microseconds for (session 27)
+#   wake_us busy_wake_us sha_gbs   this machine's state at the start of the invocation
+#                 (integration/bench/machine.sh): CPU per wake-up round trip between threads
+#                 that go idle in between and between busy ones, openssl's SHA-256 rate
 #   machine_{usr,sys,softirq}_s_per_gib   the whole machine's CPU seconds of each kind per GiB
 #                 the hosts received: every process plus the emulated network (bridge, tbf,
 #                 veth), whose softirq time the kernel charges to whatever process it interrupts
@@ -184,6 +190,14 @@ cpu_seconds() {
   hz=$(getconf CLK_TCK)
   for p in "$@"; do cat "/proc/$p/stat"; done | awk -v hz="$hz" '{u += $14; s += $15} END {printf "%.2f %.2f", u / hz, s / hz}'
 }
+# context_switches PID...: the processes' context switches so far, voluntary and not, summed
+# over their threads (a thread that exits takes its count along: the agents' tokio workers
+# live throughout, their blocking threads idle 10 s before exiting, longer than a window's gaps).
+context_switches() {
+  local p
+  for p in "$@"; do cat /proc/"$p"/task/*/status 2>/dev/null; done |
+    awk '/^(voluntary|nonvoluntary)_ctxt_switches:/ {c += $2} END {printf "%d", c}'
+}
 # cpu_kinds: the whole machine's "USER SYSTEM SOFTIRQ" jiffies so far (user includes nice).
 cpu_kinds() { awk '/^cpu / {print $2 + $3, $4, $8}' /proc/stat; }
 # busy_samples: the machine's busy share over each PEGGED_SAMPLE_SECS and the sample's length
@@ -257,8 +271,9 @@ save_timeline() {
 
 # timed_pull URL SAMPLE_PIDS...: every host fetches URL at one instant; measures the window.
 # Sets WIN_CPU WIN_PEGGED (share of the window at the machine's limit) WIN_PROC_CPU (Σ CPU
-# seconds of SAMPLE_PIDS; WIN_PROC_USR + WIN_PROC_SYS) WIN_MUSR WIN_MSYS WIN_MSOFTIRQ (the
-# whole machine's user, system and softirq CPU seconds) WIN_ORIGIN_TX WIN_HOSTS_RX WIN_ORIGIN_RTX.
+# seconds of SAMPLE_PIDS; WIN_PROC_USR + WIN_PROC_SYS) WIN_PROC_CS (their context switches)
+# WIN_MUSR WIN_MSYS WIN_MSOFTIRQ (the whole machine's user, system and softirq CPU seconds)
+# WIN_ORIGIN_TX WIN_HOSTS_RX WIN_ORIGIN_RTX.
 timed_pull() {
   local url=$1 i start tx0 rx0=0 rx1=0 proc0=0 segs0
   shift
@@ -272,6 +287,7 @@ timed_pull() {
     cpu_ticks >"$T/ticks0"
     cpu_kinds >"$T/kinds0"
     if (($# > 0)); then cpu_seconds "$@" >"$T/proc0"; else echo "0 0" >"$T/proc0"; fi
+    context_switches "$@" >"$T/cs0"
   ) &
   local sampler=$! timeline= busy
   rm -f "$T/busy" "$T/busy.stop"
@@ -302,6 +318,7 @@ timed_pull() {
       split(a, x, " "); split(b, y, " "); printf "%.2f %.2f\n", y[1] - x[1], y[2] - x[2] }')
   fi
   WIN_PROC_CPU=$(awk -v u="$WIN_PROC_USR" -v s="$WIN_PROC_SYS" 'BEGIN {printf "%.2f", u + s}')
+  WIN_PROC_CS=$(($(context_switches "$@") - $(cat "$T/cs0")))
   read -r WIN_MUSR WIN_MSYS WIN_MSOFTIRQ < <(awk -v a="$(cat "$T/kinds0")" -v b="$(cpu_kinds)" -v hz="$(getconf CLK_TCK)" 'BEGIN {
     split(a, x, " "); split(b, y, " "); printf "%.2f %.2f %.2f\n", (y[1] - x[1]) / hz, (y[2] - x[2]) / hz, (y[3] - x[3]) / hz }')
   WIN_ORIGIN_TX=$(($(link_bytes "$FLEET_ORIGIN_NS" "$FLEET_ORIGIN_DEV" tx) - tx0))
@@ -359,7 +376,7 @@ record() {
     "timeouts=$timeouts fallback_mib=$fallback dup_mib=$dup cpu=$WIN_CPU cpu_pegged=$WIN_PEGGED cpu_s_per_gib=$cpugib fast_max=$fast_max" \
     "loop_cpu_s_per_gib=$LOOP_CPU loop_seed_cpu_s_per_gib=$LOOP_SEED_CPU cpu_x_loop=$x_loop $machine" \
     "log_timeouts=$logto saturated=$sat ok=$ok/$n repeat=$rep size_mib=$SIZE_MIB host_mbit=$HOST_MBIT" \
-    "origin_mbit=$ORIGIN_MBIT mtu=$MTU cc=$CC stragglers=$STRAGGLERS run=$RUN_ID${RECORD_EXTRA:+ $RECORD_EXTRA}" >>"$RESULTS"
+    "origin_mbit=$ORIGIN_MBIT mtu=$MTU cc=$CC stragglers=$STRAGGLERS run=$RUN_ID $MACHINE${RECORD_EXTRA:+ $RECORD_EXTRA}" >>"$RESULTS"
   RECORD_EXTRA=
 }
 
@@ -415,6 +432,7 @@ run_shoal() {
   [[ $sent == n/a ]] && sent=0
   ((received > 0)) && RECORD_EXTRA="${RECORD_EXTRA:+$RECORD_EXTRA }$(awk -v u="$WIN_PROC_USR" -v s="$WIN_PROC_SYS" -v b="$received" -v o="$sent" 'BEGIN {
     g = b / 1073741824; printf "usr_s_per_gib=%.2f sys_s_per_gib=%.2f sent_per_received=%.2f", u / g, s / g, o / b }')"
+  ((received > 0)) && RECORD_EXTRA+=" cs_per_mib=$(awk -v c="$WIN_PROC_CS" -v b="$received" 'BEGIN {printf "%.1f", c / (b / 1048576)}')"
   for ((i = 0; i < n; i++)); do
     logto=$((logto + $(grep -c 'timed out' "${FLEET_AGENT_LOGS[i]}" || true)))
   done
@@ -534,9 +552,10 @@ loopback_reference() {
   say "loopback one-seeder pull (swarm.sh part 1, 1 GiB): $(grep -E '^(agent \(swarm|agent CPU|seeder|throughput ratio)' <<<"$out" | paste -sd';')"
 }
 
+MACHINE=$(bash "$here/machine.sh")
 say "== fleet benchmark over shaped links, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ), run $RUN_ID"
 say "blob ${SIZE_MIB} MiB, hosts ${HOST_MBIT} Mbit/s, origin ${ORIGIN_MBIT} Mbit/s, MTU $MTU, TCP $CC, stragglers $STRAGGLERS," \
-  "repeats $REPEATS, systems: $SYSTEMS; shoal: $SHOAL_BIN; guest memory $GUEST_MEMORY"
+  "repeats $REPEATS, systems: $SYSTEMS; shoal: $SHOAL_BIN; guest memory $GUEST_MEMORY; machine: $MACHINE"
 say "times ÷ (size ÷ host link) = $(awk -v s="$SIZE" -v m="$HOST_MBIT" 'BEGIN {printf "%.1f", s * 8 / (m * 1e6)}')s" \
   "at $HOST_MBIT Mbit/s; a central registry's floor is N × $HOST_MBIT ÷ $ORIGIN_MBIT when that exceeds 1"
 loopback_reference
