@@ -73,9 +73,20 @@ pub fn pace(stream: &TcpStream) -> bool {
 
 /// Most bytes a downloading connection lets the kernel gather before waking its reader
 /// (`SO_RCVLOWAT`). A peer's share of a 50 Mbit/s link arrives a jumbo frame at a time; woken
-/// for each, the reader pays a wake-up, a `recv` and a decoder pass per 9 KB. 64 KiB is
-/// 10 ms at 50 Mbit/s and 200 ms on a 2.5 Mbit/s share, well inside any piece deadline.
-pub const RECV_LOW_WATER_MAX: usize = 64 * 1024;
+/// for each, the reader pays a wake-up, a `recv` and a decoder pass per 9 KB, and on a VM
+/// every sleep and wake-up costs about 15 us of CPU besides. The mark never exceeds what the
+/// frame still lacks, so a piece completes when its last byte arrives whatever the mark;
+/// what waits is only the count of bytes seen, at most one piece's worth, and a connection
+/// is stalled only after two piece times of silence. 256 KiB (a whole default piece) took
+/// a single 50 Mbit/s pull from 34 context switches per MiB to 22-25, and 3.0-3.2 agent
+/// CPU-s per GiB to 2.9-3.0, against 64 KiB (docs/benchmarks.md, session 27).
+pub const RECV_LOW_WATER_MAX: usize = 256 * 1024;
+
+/// The mark is at most the receive buffer divided by this. The kernel grows the buffer for a
+/// mark whose bytes (with their per-packet overhead) would not fit, and clamps the receive
+/// window to the mark while it does, which would cap a fast link's throughput; a third
+/// leaves room for that overhead (about 1.4 x the data with 9000-byte frames).
+pub const RECV_LOW_WATER_BUFFER_SHARE: usize = 3;
 
 /// Below this many missing bytes the reader takes whatever arrives (low-water mark 1): a
 /// setting per few packets would cost more than the wake-ups it saves.
@@ -103,11 +114,14 @@ impl FrameNeed {
 ///
 /// Lowered at once when the current mark exceeds what is missing (or the peer's last bytes
 /// would wait for the idle timeout); raised only when that at least doubles it, to keep the
-/// `setsockopt`s to a few per piece. At most a quarter of the receive buffer: the kernel
-/// clamps the receive window to a mark it has to grow the buffer for.
+/// `setsockopt`s to a few per piece. At most a third of the receive buffer
+/// ([`RECV_LOW_WATER_BUFFER_SHARE`]).
 fn low_water(need: usize, current: usize, recv_buffer: usize) -> Option<usize> {
-    let want =
-        if need >= RECV_LOW_WATER_MIN { need.min(RECV_LOW_WATER_MAX).min(recv_buffer / 4).max(1) } else { 1 };
+    let want = if need >= RECV_LOW_WATER_MIN {
+        need.min(RECV_LOW_WATER_MAX).min(recv_buffer / RECV_LOW_WATER_BUFFER_SHARE).max(1)
+    } else {
+        1
+    };
     let too_high = current > need.max(1);
     (too_high || want >= current.saturating_mul(2)).then_some(want).filter(|&w| w != current)
 }
@@ -262,9 +276,9 @@ mod tests {
         let buffer = 1 << 20;
         assert_eq!(low_water(0, 1, buffer), None, "between frames: take what comes");
         assert_eq!(low_water(1 << 20, 1, buffer), Some(RECV_LOW_WATER_MAX));
-        assert_eq!(low_water(1 << 20, 1, 128 * 1024), Some(32 * 1024), "a quarter of the buffer");
+        assert_eq!(low_water(1 << 20, 1, 384 * 1024), Some(128 * 1024), "a third of the buffer");
         assert_eq!(low_water(1 << 20, RECV_LOW_WATER_MAX, buffer), None);
-        assert_eq!(low_water(40 * 1024, RECV_LOW_WATER_MAX, buffer), Some(40 * 1024), "never above the need");
+        assert_eq!(low_water(96 * 1024, RECV_LOW_WATER_MAX, buffer), Some(96 * 1024), "not above the need");
         assert_eq!(low_water(50 * 1024, 40 * 1024, buffer), None, "no setsockopt for a small rise");
         assert_eq!(low_water(9000, 40 * 1024, buffer), Some(1), "the last packets: each as it comes");
         assert_eq!(low_water(0, 40 * 1024, buffer), Some(1));
