@@ -78,14 +78,14 @@ pub fn pace(stream: &TcpStream) -> bool {
 /// frame still lacks, so a piece completes when its last byte arrives whatever the mark;
 /// what waits is only the count of bytes seen, at most one piece's worth, and a connection
 /// is stalled only after two piece times of silence. 256 KiB (a whole default piece) took
-/// a single 50 Mbit/s pull from 34 context switches per MiB to 22-25, and 3.0-3.2 agent
-/// CPU-s per GiB to 2.9-3.0, against 64 KiB (docs/benchmarks.md, session 27).
+/// a single 50 Mbit/s pull from 34 context switches per MiB to 22-24 and its CPU down by
+/// 3-5 %, against 64 KiB (docs/benchmarks.md, session 27).
 pub const RECV_LOW_WATER_MAX: usize = 256 * 1024;
 
 /// The mark is at most the receive buffer divided by this. The kernel grows the buffer for a
 /// mark whose bytes (with their per-packet overhead) would not fit, and clamps the receive
 /// window to the mark while it does, which would cap a fast link's throughput; a third
-/// leaves room for that overhead (about 1.4 x the data with 9000-byte frames).
+/// leaves room for that overhead.
 pub const RECV_LOW_WATER_BUFFER_SHARE: usize = 3;
 
 /// Below this many missing bytes the reader takes whatever arrives (low-water mark 1): a
