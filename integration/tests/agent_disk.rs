@@ -237,31 +237,28 @@ async fn a_corrupted_cached_file_is_detected_and_fetched_again() {
 
 /// The refetched blob lands in the cache once its download finishes; wait for it a moment.
 async fn wait_for_digest(path: &Path, want: &str) -> String {
-    let mut last = String::new();
-    for _ in 0..100 {
-        if path.exists() {
-            last = file_digest(path);
-            if last == want {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    last
+    settle(|| if path.exists() { file_digest(path) } else { String::new() }, |digest| digest == want).await
 }
 
 /// Files left in `<data>/partial/sha256` once the downloads that had them finish (the last
 /// one, the bitfield, goes a moment after the blob moves into the cache); waits a moment.
 async fn wait_for_no_partials(data: &Path) -> usize {
     let dir = data.join("partial").join("sha256");
-    let count = || std::fs::read_dir(&dir).map_or(0, |d| d.count());
+    settle(|| std::fs::read_dir(&dir).map_or(0, |d| d.count()), |&files| files == 0).await
+}
+
+/// Reads `probe` every 50 ms for up to 5 s until `done` holds; the last reading either way
+/// (the caller asserts on it, so a failure shows what was there).
+async fn settle<T>(probe: impl Fn() -> T, done: impl Fn(&T) -> bool) -> T {
+    let mut last = probe();
     for _ in 0..100 {
-        if count() == 0 {
+        if done(&last) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+        last = probe();
     }
-    count()
+    last
 }
 
 /// The metainfo beside a cached blob is garbage (written by an older agent without a rename,
