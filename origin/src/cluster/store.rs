@@ -154,8 +154,9 @@ impl ClusterStore {
     /// after it unlinked a blob, has to see every such write (see `cluster::gc`). So the write
     /// fails, and the client retries, if the deadline passes before it starts or while it runs
     /// (an owner slow to answer). A write cut off may have reached some owners: the client was
-    /// not told it succeeded, and the repository is queued for repair as after any write that
-    /// missed its quorum.
+    /// not told it succeeded, and the repository is queued for repair. Unlike a write that
+    /// missed its quorum, no copy is added here: a link written after the deadline is what GC's
+    /// last mark might not see.
     async fn write_after_read(
         &self,
         read_at: std::time::Instant,
