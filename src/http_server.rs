@@ -316,6 +316,86 @@ impl hyper::body::Body for BodyGuard {
 mod tests {
     use super::*;
 
+    /// A node asks its origins for things every 30 s (the authorization policy, the upstream
+    /// registries), which is also how long a Shoal server keeps an idle connection open. Over
+    /// a link with latency, the server's close reaches the client late, so a request sent on
+    /// a pooled connection about then meets a closed socket ("connection closed before
+    /// message completed"): 8 of 20 agents logged one in a 20-host fleet run. Shoal's client
+    /// must not reuse a connection that long idle: requests sent around the moment the
+    /// server's keep-alive time runs out, each on a connection idle since the same instant,
+    /// through a proxy that delays every byte and close by 100 ms, all get their answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_request_goes_out_on_a_connection_the_server_is_closing() {
+        const REQUESTS: u64 = 200;
+        let latency = Duration::from_millis(100);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, app, HttpLimits::default(), None, async {
+            let _ = stopped.await;
+        }));
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", proxy.local_addr().unwrap());
+        let proxy = tokio::spawn(delaying_proxy(proxy, server_addr, latency));
+        let client = shoal_tls::http_client_with(&shoal_tls::Tls::plain()).build().unwrap();
+        let ask = |client: reqwest::Client, url: String| async move {
+            let r = client.get(&url).send().await.map_err(|e| format!("{e:?}"))?;
+            r.text().await.map_err(|e| format!("{e:?}"))
+        };
+        // Open the connections at once, so they all go idle together.
+        let opened =
+            futures_util::future::join_all((0..REQUESTS).map(|_| ask(client.clone(), url.clone()))).await;
+        assert!(opened.iter().all(|r| r.as_deref() == Ok("ok")), "{opened:?}");
+        // The server's idle time began a latency before the answers arrived; ask again every
+        // 2 ms from 200 ms before the server closes to 200 ms after.
+        let closes = tokio::time::Instant::now() - latency + HttpLimits::default().header_read_timeout;
+        let start = closes - Duration::from_millis(REQUESTS);
+        let again = (0..REQUESTS).map(|i| {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                tokio::time::sleep_until(start + Duration::from_millis(2 * i)).await;
+                ask(client, url).await
+            }
+        });
+        let again = futures_util::future::join_all(again).await;
+        let failed: Vec<&String> = again.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert!(failed.is_empty(), "{} of {REQUESTS} failed, first: {:?}", failed.len(), failed.first());
+        let _ = stop.send(());
+        server.await.unwrap();
+        proxy.abort();
+    }
+
+    /// Forwards each connection to `to`, every chunk and the close `delay` late in both
+    /// directions: a link's latency on loopback.
+    async fn delaying_proxy(listener: TcpListener, to: std::net::SocketAddr, delay: Duration) {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(to).await else { return };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::join!(pump(client_read, server_write, delay), pump(server_read, client_write, delay));
+            });
+        }
+    }
+
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        delay: Duration,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            let n = from.read(&mut buf).await.unwrap_or(0);
+            tokio::time::sleep(delay).await;
+            if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+                let _ = to.shutdown().await;
+                return;
+            }
+        }
+    }
+
     #[test]
     fn a_window_asks_for_at_least_one_byte() {
         let limits = HttpLimits { body_min_rate: 0, ..HttpLimits::default() };
