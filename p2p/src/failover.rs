@@ -121,6 +121,8 @@ impl Failover {
             }
             if self.urls.len() > 1 {
                 tracing::warn!(origin = %url, error = %why, "origin request failed; trying the next origin");
+            } else {
+                tracing::warn!(origin = %url, error = %why, "origin request failed");
             }
             last = why;
         }
