@@ -268,7 +268,8 @@ pub const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// The one HTTP client builder of the workspace: TLS from this process's context (trusted
 /// roots, the node's client certificate), HTTP/1.1, no proxy from the environment (every
 /// peer of a Shoal process is named in its configuration), idle connections dropped after
-/// [`POOL_IDLE_TIMEOUT`]. Callers add their timeouts.
+/// [`POOL_IDLE_TIMEOUT`], and a read that met a connection closing under it sent once more
+/// ([`retry_reads_on_closed_connections`]). Callers add their timeouts.
 pub fn http_client() -> reqwest::ClientBuilder {
     http_client_with(&current())
 }
@@ -279,6 +280,57 @@ pub fn http_client_with(tls: &Tls) -> reqwest::ClientBuilder {
         .use_preconfigured_tls((*tls.client).clone())
         .no_proxy()
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .retry(retry_reads_on_closed_connections())
+}
+
+/// How many more times a read that met a closing connection is sent (see
+/// [`retry_reads_on_closed_connections`]).
+pub const CLOSED_CONNECTION_RETRIES: u32 = 3;
+
+/// Any host: the retry policy below applies to every server the client talks to.
+struct AnyHost;
+
+impl PartialEq<&str> for AnyHost {
+    fn eq(&self, _: &&str) -> bool {
+        true
+    }
+}
+
+/// A GET or HEAD that failed because its connection closed before the answer came (the
+/// server closed an idle connection just as the request went out on it: a server with a
+/// shorter keep-alive than [`POOL_IDLE_TIMEOUT`], or one restarting) is sent again, as Go's
+/// HTTP client does. Reads only: a write may have been applied. The pool may hand the retry
+/// another connection the server closed in the same instant (with one retry, 2 of 100 reads
+/// still failed in `src/http_server.rs`'s test; with three, none in 7 runs), so up to
+/// [`CLOSED_CONNECTION_RETRIES`]; never more, so no retry storm can follow.
+fn retry_reads_on_closed_connections() -> reqwest::retry::Builder {
+    let retries = CLOSED_CONNECTION_RETRIES;
+    reqwest::retry::for_host(AnyHost).no_budget().max_retries_per_request(retries).classify_fn(|attempt| {
+        let read = matches!(*attempt.method(), reqwest::Method::GET | reqwest::Method::HEAD);
+        if read && attempt.error().is_some_and(closed_under_request) {
+            attempt.retryable()
+        } else {
+            attempt.success()
+        }
+    })
+}
+
+/// Whether an error (or one of its sources) is a connection that closed or was reset before
+/// the answer arrived.
+fn closed_under_request(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_incomplete_message) {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(io.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// A builder for clients of registries outside the cluster (pull-through upstreams): the
