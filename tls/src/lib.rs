@@ -336,7 +336,9 @@ fn closed_under_request(error: &(dyn std::error::Error + 'static)) -> bool {
 /// A builder for clients of registries outside the cluster (pull-through upstreams): the
 /// system's roots, `--tls-ca`, and `extra_ca` (a PEM file) trusted; no client certificate
 /// (a node's identity is for its cluster); proxies from the environment (`HTTPS_PROXY`,
-/// `NO_PROXY`), which the cluster's own client ignores. Reads files: call at start.
+/// `NO_PROXY`), which the cluster's own client ignores; reads that meet a connection closing
+/// under them sent again as by [`http_client`] (an upstream's keep-alive is its own, often
+/// shorter than the pool's). Reads files: call at start.
 pub fn upstream_http_client(extra_ca: Option<&std::path::Path>) -> Result<reqwest::ClientBuilder, TlsError> {
     let mut roots = public_roots(current().settings())?;
     if let Some(path) = extra_ca {
@@ -350,7 +352,7 @@ pub fn upstream_http_client(extra_ca: Option<&std::path::Path>) -> Result<reqwes
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![HTTP_ALPN.to_vec()];
-    Ok(reqwest::Client::builder().use_preconfigured_tls(config))
+    Ok(reqwest::Client::builder().use_preconfigured_tls(config).retry(retry_reads_on_closed_connections()))
 }
 
 /// The certificates of a PEM file (for tests and tools).
