@@ -261,14 +261,14 @@ pub fn current() -> Arc<Tls> {
 /// keep one open (30 s, their `header_read_timeout`). A node asks its origins for things
 /// every 30 s, and over a busy link a server's close arrives late: a request sent on a
 /// connection the server was closing failed with "connection closed before message
-/// completed" (8 of 20 agents in a 20-host fleet run, once each). A new connection costs a
+/// completed" (on 4 to 13 of 20 agents in each 20-host fleet run). A new connection costs a
 /// round trip.
 pub const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// The one HTTP client builder of the workspace: TLS from this process's context (trusted
 /// roots, the node's client certificate), HTTP/1.1, no proxy from the environment (every
 /// peer of a Shoal process is named in its configuration), idle connections dropped after
-/// [`POOL_IDLE_TIMEOUT`], and a read that met a connection closing under it sent once more
+/// [`POOL_IDLE_TIMEOUT`], and a read that met a connection closing under it sent again
 /// ([`retry_reads_on_closed_connections`]). Callers add their timeouts.
 pub fn http_client() -> reqwest::ClientBuilder {
     http_client_with(&current())
