@@ -333,7 +333,7 @@ mod tests {
 
     /// With a keep-alive shorter than the client's pool keeps connections (an operator's
     /// `header_read_timeout` of 2 s), the same race happens, and the client sends each read
-    /// that met it once more: all 100 get their answers.
+    /// that met it again: all 100 get their answers.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_read_that_meets_a_closing_connection_is_sent_again() {
         let failed = requests_around_the_keep_alive_deadline(Duration::from_secs(2)).await;
