@@ -119,11 +119,8 @@ impl Failover {
             if let Some(failures) = &self.failures {
                 failures.with_label_values(&[url.as_str()]).inc();
             }
-            if self.urls.len() > 1 {
-                tracing::warn!(origin = %url, error = %why, "origin request failed; trying the next origin");
-            } else {
-                tracing::warn!(origin = %url, error = %why, "origin request failed");
-            }
+            let then = if self.urls.len() > 1 { "trying the next origin" } else { "no other origin to try" };
+            tracing::warn!(origin = %url, error = %why, "origin request failed; {then}");
             last = why;
         }
         Err(FailoverError::AllFailed(last))
