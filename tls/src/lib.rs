@@ -287,7 +287,9 @@ pub fn http_client_with(tls: &Tls) -> reqwest::ClientBuilder {
 /// [`retry_reads_on_closed_connections`]).
 pub const CLOSED_CONNECTION_RETRIES: u32 = 3;
 
-/// Any host: the retry policy below applies to every server the client talks to.
+/// Any host: the retry policy below applies to every server the client talks to. reqwest
+/// builds a scoped policy only from a host to match (its scope trait is private), so this
+/// host matches every name.
 struct AnyHost;
 
 impl PartialEq<&str> for AnyHost {
