@@ -97,6 +97,10 @@
 #   wake_us busy_wake_us sha_gbs   this machine's state at the start of the invocation
 #                 (integration/bench/machine.sh): CPU per wake-up round trip between threads
 #                 that go idle in between and between busy ones, openssl's SHA-256 rate
+#   floor_*       the least a host spends per GiB on these links (integration/bench/
+#                 link_floor.sh, run once when Shoal is benchmarked; BENCH_FLOOR=0 skips it):
+#                 floor_x_loop is a bare receiver's CPU over one host link ÷ over loopback,
+#                 the part of x_loop the link itself accounts for
 #   machine_{usr,sys,softirq}_s_per_gib   the whole machine's CPU seconds of each kind per GiB
 #                 the hosts received: every process plus the emulated network (bridge, tbf,
 #                 veth), whose softirq time the kernel charges to whatever process it interrupts
@@ -553,6 +557,10 @@ loopback_reference() {
 }
 
 MACHINE=$(bash "$here/machine.sh")
+if [[ ${BENCH_FLOOR:-1} != 0 && " $SYSTEMS " == *" shoal"* ]]; then
+  log "the links' floor: link_floor.sh"
+  MACHINE+=" $(bash "$here/link_floor.sh")"
+fi
 say "== fleet benchmark over shaped links, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ), run $RUN_ID"
 say "blob ${SIZE_MIB} MiB, hosts ${HOST_MBIT} Mbit/s, origin ${ORIGIN_MBIT} Mbit/s, MTU $MTU, TCP $CC, stragglers $STRAGGLERS," \
   "repeats $REPEATS, systems: $SYSTEMS; shoal: $SHOAL_BIN; guest memory $GUEST_MEMORY; machine: $MACHINE"
