@@ -3,8 +3,8 @@
 # a blob over one shaped link, against the same over loopback (not a benchmark of Shoal).
 # min_peer.py moves the bytes with nothing else (no disk, no scheduler, one SHA-256 on
 # receipt), with Shoal's socket settings (a 256 KiB receive low-water mark, 128 KiB unsent);
-# so its link ÷ loopback ratio is what the link itself costs any implementation on this
-# machine, the floor under fleet.sh's x_loop. Prints one line:
+# so its link ÷ loopback ratio is what the link itself costs a host that does nothing else
+# on this machine, the floor under fleet.sh's x_loop. Prints one line:
 #   floor_rx_loop floor_rx_link   min_peer fetch's CPU-s per GiB over loopback / the link
 #   floor_x_loop                  their ratio, as fleet.sh's x_loop divides
 #   floor_tx_loop floor_tx_link   min_peer serve's CPU-s per GiB sent over loopback / the link
@@ -44,10 +44,12 @@ fetch() {
   sed -n 's/.*cpu_s_per_gib=\([0-9.]*\).*/\1/p' <<<"$out"
 }
 median() { sort -g | awk '{a[NR] = $1} END {printf "%.3f", a[int((NR + 1) / 2)]}'; }
+# sends_logged SERVER_NS COUNT: whether the server has printed COUNT figures yet.
+sends_logged() { (($(grep -c '^sent ' "$T/serve-$1.log") >= $2)); }
 # sent SERVER_NS COUNT: the server's first COUNT figures, one per line, once it has printed
 # them (it does after the client's close, so just after `fetch` returns).
 sent() {
-  wait_until 10 "$2 sends logged by min_peer in $1" test "$(grep -c '^sent ' "$T/serve-$1.log")" -ge "$2"
+  wait_until 10 "$2 sends logged by min_peer in $1" sends_logged "$1" "$2"
   sed -n 's/^sent cpu_s_per_gib=//p' "$T/serve-$1.log" | head -n "$2"
 }
 rx_loop=$(for ((i = 0; i < LOOP_ROUNDS; i++)); do fetch "$O" "$O"; done | median)
