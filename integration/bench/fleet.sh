@@ -425,7 +425,7 @@ run_shoal() {
   # cost is seen apart from what the link's rate costs (docs/benchmarks.md, session 26).
   if ((n == 1)) && [[ $gib != n/a && $label == shoal ]]; then
     LINK_CPUS+=("$gib")
-    LINK_CPU=$(printf '%s\n' "${LINK_CPUS[@]}" | sort -g | awk '{a[NR] = $1} END {m = (NR + 1) / 2; printf "%.2f", (NR % 2) ? a[int(m)] : (a[m - 0.5] + a[m + 0.5]) / 2}')
+    LINK_CPU=$(printf '%.2f' "$(printf '%s\n' "${LINK_CPUS[@]}" | median_lines)")
   fi
   [[ $gib != n/a && $LINK_CPU != n/a ]] && RECORD_EXTRA="${RECORD_EXTRA:+$RECORD_EXTRA }x_link=$(ratio "$gib" "$LINK_CPU")"
   # The agents' CPU split into user and system time per GiB received, and the bytes they sent

@@ -43,7 +43,6 @@ fetch() {
   [[ $out == *" bytes=$SIZE "* ]] || die "min_peer fetch from $2 in $1: $out"
   sed -n 's/.*cpu_s_per_gib=\([0-9.]*\).*/\1/p' <<<"$out"
 }
-median() { sort -g | awk '{a[NR] = $1} END {printf "%.3f", a[int((NR + 1) / 2)]}'; }
 # sends_logged SERVER_NS COUNT: whether the server has printed COUNT figures yet.
 sends_logged() { (($(grep -c '^sent ' "$T/serve-$1.log") >= $2)); }
 # sent SERVER_NS COUNT: the server's first COUNT figures, one per line, once it has printed
@@ -52,10 +51,10 @@ sent() {
   wait_until 10 "$2 sends logged by min_peer in $1" sends_logged "$1" "$2"
   sed -n 's/^sent cpu_s_per_gib=//p' "$T/serve-$1.log" | head -n "$2"
 }
-rx_loop=$(for ((i = 0; i < LOOP_ROUNDS; i++)); do fetch "$O" "$O"; done | median)
+rx_loop=$(for ((i = 0; i < LOOP_ROUNDS; i++)); do fetch "$O" "$O"; done | median_lines)
 rx_link=$(fetch "$H" "$O")
 for ((i = 0; i < LOOP_ROUNDS; i++)); do fetch "$H" "$H" >/dev/null; done
-tx_loop=$(sent "$H" "$LOOP_ROUNDS" | median)
+tx_loop=$(sent "$H" "$LOOP_ROUNDS" | median_lines)
 fetch "$O" "$H" >/dev/null
 tx_link=$(sent "$H" $((LOOP_ROUNDS + 1)) | tail -1)
 netns_del_all

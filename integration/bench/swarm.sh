@@ -37,7 +37,6 @@ PARTS=${BENCH_PARTS:-1 2 3 4}
 [[ -x $SHOAL_BIN ]] || die "no shoal binary at SHOAL_BIN=$SHOAL_BIN"
 [[ $SHOAL_BIN == */debug/* ]] && log "WARNING: $SHOAL_BIN looks like a debug build; figures will be meaningless"
 
-median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) {print "nan"; exit} m=(NR+1)/2; print (NR%2) ? a[int(m)] : (a[m-0.5]+a[m+0.5])/2}'; }
 pct() { sort -g | awk -v p="$1" '{a[NR]=$1} END {i=int((NR-1)*p/100+0.5)+1; if (i>NR) i=NR; print a[i]}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b == 0) ? 0 : a / b}'; }
 report=$T/report.txt
@@ -178,22 +177,22 @@ part1() {
     floor+=("$(page_cache_floor "$BIG_MIB")")
   done
   local m_swarm m_null m_file m_verify
-  m_swarm=$(printf '%s\n' "${t_swarm[@]}" | median)
-  m_null=$(printf '%s\n' "${t_null[@]}" | median)
-  m_file=$(printf '%s\n' "${t_file[@]}" | median)
-  m_verify=$(printf '%s\n' "${t_verify[@]}" | median)
+  m_swarm=$(printf '%s\n' "${t_swarm[@]}" | median_lines)
+  m_null=$(printf '%s\n' "${t_null[@]}" | median_lines)
+  m_file=$(printf '%s\n' "${t_file[@]}" | median_lines)
+  m_verify=$(printf '%s\n' "${t_verify[@]}" | median_lines)
   mbs() { awk -v s="$BIG_MIB" -v t="$1" 'BEGIN {printf "%.0f", s*1.048576/t}'; }
   say "agent (swarm, cold):                 median ${m_swarm}s  $(mbs "$m_swarm") MB/s  (all: ${t_swarm[*]})"
   say "docker-registry, curl > /dev/null:   median ${m_null}s  $(mbs "$m_null") MB/s  (all: ${t_null[*]})"
   say "docker-registry, curl > file:        median ${m_file}s  $(mbs "$m_file") MB/s  (all: ${t_file[*]})"
   say "docker-registry, curl > file, then openssl dgst -sha256 file (fetch, store, verify):"
   say "                                     median ${m_verify}s  $(mbs "$m_verify") MB/s  (all: ${t_verify[*]})"
-  say "agent CPU per pull: median $(printf '%s\n' "${cpu[@]}" | median) s  (all: ${cpu[*]}; user + system)"
+  say "agent CPU per pull: median $(printf '%s\n' "${cpu[@]}" | median_lines) s  (all: ${cpu[*]}; user + system)"
   # The seeder's side of the same transfer: the origin serving the pieces (a fleet's agent
   # does both, receiving a blob and serving about as much of it to its peers).
-  say "seeder (origin) CPU per pull: median $(printf '%s\n' "${cpu_seed[@]}" | median) s  (all: ${cpu_seed[*]}; user + system)"
-  say "agent CPU per pull by kind: user median $(printf '%s\n' "${cpu_usr[@]}" | median) s, system median $(printf '%s\n' "${cpu_sys[@]}" | median) s  (user: ${cpu_usr[*]}; system: ${cpu_sys[*]})"
-  say "page-cache floor: dd of ${BIG_MIB} MiB into a fresh file after the same settling: median $(printf '%s\n' "${floor[@]}" | median) system CPU-s  (all: ${floor[*]})"
+  say "seeder (origin) CPU per pull: median $(printf '%s\n' "${cpu_seed[@]}" | median_lines) s  (all: ${cpu_seed[*]}; user + system)"
+  say "agent CPU per pull by kind: user median $(printf '%s\n' "${cpu_usr[@]}" | median_lines) s, system median $(printf '%s\n' "${cpu_sys[@]}" | median_lines) s  (user: ${cpu_usr[*]}; system: ${cpu_sys[*]})"
+  say "page-cache floor: dd of ${BIG_MIB} MiB into a fresh file after the same settling: median $(printf '%s\n' "${floor[@]}" | median_lines) system CPU-s  (all: ${floor[*]})"
   say "throughput ratio agent/registry: $(ratio "$m_null" "$m_swarm") (to /dev/null), $(ratio "$m_file" "$m_swarm") (to a file), $(ratio "$m_verify" "$m_swarm") (stored and verified)  (goal >= 1)"
 }
 
@@ -213,8 +212,8 @@ part2() {
     ttfb+=("$a") total+=("$b")
     rm -f "$f"
   done
-  say "time to first byte: median $(printf '%s\n' "${ttfb[@]}" | median)s  (all: ${ttfb[*]})"
-  say "total time:         median $(printf '%s\n' "${total[@]}" | median)s"
+  say "time to first byte: median $(printf '%s\n' "${ttfb[@]}" | median_lines)s  (all: ${ttfb[*]})"
+  say "total time:         median $(printf '%s\n' "${total[@]}" | median_lines)s"
   stop_cluster
 }
 
@@ -250,7 +249,7 @@ part3() {
     egress=$((peer_egress + http_egress))
     times=$(cat "$T/times")
     say "$(printf '%-4s %-10s %-10s %-19s %-9s (peer protocol %s, HTTP fallback %s)' "$n" \
-      "$(ratio "$(echo "$times" | median)" "$ideal")" \
+      "$(ratio "$(echo "$times" | median_lines)" "$ideal")" \
       "$(ratio "$(echo "$times" | pct 99)" "$ideal")" \
       "$(ratio "$egress" "$((FLEET_MIB * 1024 * 1024))")" "$busy" \
       "$(ratio "$peer_egress" "$((FLEET_MIB * 1024 * 1024))")" \

@@ -24,7 +24,6 @@ ROUNDS=${BENCH_TLS_ROUNDS:-3}
 [[ -x $SHOAL_BIN ]] || die "no shoal binary at SHOAL_BIN=$SHOAL_BIN"
 [[ $SHOAL_BIN == */debug/* ]] && log "WARNING: $SHOAL_BIN looks like a debug build; figures will be meaningless"
 
-median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) {print "nan"; exit} m=(NR+1)/2; print (NR%2) ? a[int(m)] : (a[m-0.5]+a[m+0.5])/2}'; }
 cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
 cpu_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t}' /proc/stat; }
 busy_share() {
@@ -95,9 +94,9 @@ mbs() { awk -v s="$MIB" -v t="$1" 'BEGIN {printf "%.0f", s * 1.048576 / t}'; }
 declare -A med
 for mode in plain https tls; do
   # shellcheck disable=SC2086 # word lists on purpose
-  med[$mode]=$(printf '%s\n' ${times[$mode]} | median)
+  med[$mode]=$(printf '%s\n' ${times[$mode]} | median_lines)
   # shellcheck disable=SC2086
-  say "$(printf '%-6s' "$mode") median ${med[$mode]}s  $(mbs "${med[$mode]}") MB/s  agent CPU $(printf '%s\n' ${cpus[$mode]} | median) s  (all: ${times[$mode]})"
+  say "$(printf '%-6s' "$mode") median ${med[$mode]}s  $(mbs "${med[$mode]}") MB/s  agent CPU $(printf '%s\n' ${cpus[$mode]} | median_lines) s  (all: ${times[$mode]})"
 done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
 say "peer TLS on / off (tls / https): $(ratio "${med[https]}" "${med[tls]}") (goal >= 0.9);" \

@@ -177,6 +177,10 @@ wait_ready() {
 # peak_rss_kib PID: VmHWM (peak resident set) of a live process, in KiB.
 peak_rss_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 
+# median_lines: the median of the numbers on stdin, one per line (the mean of the middle two
+# for an even count; nan for none). The benchmarks' one median.
+median_lines() { sort -g | awk '{a[NR]=$1} END {if (NR==0) {print "nan"; exit} m=(NR+1)/2; print (NR%2) ? a[int(m)] : (a[m-0.5]+a[m+0.5])/2}'; }
+
 # ---------------------------------------------------------------------------------------
 # the registry under test
 
