@@ -184,10 +184,14 @@ impl PeerFlow {
         base.max(piece_time.min(MAX_STALL_AFTER))
     }
 
+    /// Since when requests outstanding since `oldest_request` have seen no byte.
+    pub fn quiet_since(&self, oldest_request: Instant) -> Instant {
+        self.last_byte.max(oldest_request)
+    }
+
     /// Whether requests outstanding since `oldest_request` have seen no byte for `stall_after`.
     pub fn is_stalled(&self, now: Instant, oldest_request: Instant, stall_after: Duration) -> bool {
-        let quiet_since = self.last_byte.max(oldest_request);
-        now.saturating_duration_since(quiet_since) >= stall_after
+        now.saturating_duration_since(self.quiet_since(oldest_request)) >= stall_after
     }
 }
 

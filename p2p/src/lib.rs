@@ -39,6 +39,7 @@ pub mod conn;
 pub mod failover;
 pub mod flow;
 pub mod inbound;
+pub mod incast;
 pub mod limiter;
 pub mod metainfo;
 pub mod metrics;

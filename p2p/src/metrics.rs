@@ -31,6 +31,9 @@ pub struct SwarmMetrics {
     /// Peer connections refused because this node already served their blob to as many
     /// peers as it will (`max_peers_per_blob`).
     pub refused_busy: IntCounter,
+    /// Times the node's cap on peers sending to it at once fell after a sign of incast
+    /// (`crate::incast`).
+    pub incast_backoffs: IntCounter,
 }
 
 impl SwarmMetrics {
@@ -100,7 +103,12 @@ impl SwarmMetrics {
                 format!("shoal_{component}_peer_refused_busy_total"),
                 "Peer connections refused because the blob already had as many peers as this node serves",
             )?,
+            incast_backoffs: IntCounter::new(
+                format!("shoal_{component}_incast_backoffs_total"),
+                "Times the cap on peers sending to this node at once fell because a busy connection went silent while others delivered",
+            )?,
         };
+        registry.register(Box::new(m.incast_backoffs.clone()))?;
         registry.register(Box::new(m.refused_busy.clone()))?;
         registry.register(Box::new(m.peer_rotations.clone()))?;
         registry.register(Box::new(m.duplicate_requests.clone()))?;

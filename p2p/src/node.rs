@@ -4,7 +4,8 @@
 //! link, and five in-flight budgets of two seconds each would queue ten; twenty layers with
 //! ten connections each would open two hundred. A peer that sent a bad piece of a blob is
 //! still banned when the blob's download starts again (a client retrying a failed pull, a
-//! blob pulled again after eviction).
+//! blob pulled again after eviction). Incast is the link's too: the cap on peers sending at
+//! once ([`SenderCap`]) counts the senders of every download.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -15,6 +16,7 @@ use shoal_registry::Digest;
 
 use crate::blacklist::Blacklist;
 use crate::flow::RateMeter;
+use crate::incast::SenderCap;
 
 /// Default outbound peer connections per node, across all its downloads.
 pub const DEFAULT_MAX_OUTBOUND_CONNECTIONS: usize = 128;
@@ -53,7 +55,9 @@ impl Drop for ConnectionSlot {
 struct Inner {
     meter: RateMeter,
     next_id: u64,
-    in_flight: HashMap<u64, u64>,
+    /// Each download's bytes in flight and peers sending to it.
+    in_flight: HashMap<u64, (u64, usize)>,
+    senders: SenderCap,
     /// Each blob's blacklist while no download of it runs, and when it was put back.
     blacklists: HashMap<Digest, (Instant, Blacklist)>,
 }
@@ -103,7 +107,7 @@ impl NodeFlow {
         let mut inner = self.lock();
         inner.next_id += 1;
         let id = inner.next_id;
-        inner.in_flight.insert(id, 0);
+        inner.in_flight.insert(id, (0, 0));
         DownloadSlot { node: self.clone(), id }
     }
 
@@ -140,17 +144,44 @@ impl NodeFlow {
     }
 }
 
+/// What a download learns from its node on each update.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NodeView {
+    /// The node's measured ingress (bytes/s), once measured.
+    pub rate: Option<f64>,
+    /// Bytes the node's other downloads have in flight.
+    pub elsewhere: u64,
+    /// How many more peers may start sending to this download: the node's [`SenderCap`]
+    /// less the peers sending to all its downloads (`usize::MAX` without a cap).
+    pub sender_room: usize,
+}
+
 impl DownloadSlot {
-    /// Record this download's bytes in flight at `now`, and return the node's measured ingress
-    /// rate (bytes/s, once measured) and the bytes the node's other downloads have in flight.
-    pub fn update(&self, now: Instant, in_flight: u64) -> (Option<f64>, u64) {
+    /// Record this download's bytes in flight and the peers sending them at `now`, and
+    /// return what the node's other downloads and its link leave for it.
+    pub fn update(&self, now: Instant, in_flight: u64, senders: usize) -> NodeView {
         let total = self.node.received.load(Ordering::Relaxed);
         let mut inner = self.node.lock();
-        inner.in_flight.insert(self.id, in_flight);
-        let busy = inner.in_flight.values().any(|&b| b > 0);
+        inner.in_flight.insert(self.id, (in_flight, senders));
+        let busy = inner.in_flight.values().any(|&(b, _)| b > 0);
         inner.meter.sample(now, total, busy);
-        let elsewhere = inner.in_flight.iter().filter(|(&id, _)| id != self.id).map(|(_, &b)| b).sum();
-        (inner.meter.rate(), elsewhere)
+        let elsewhere = inner.in_flight.iter().filter(|(&id, _)| id != self.id).map(|(_, &(b, _))| b).sum();
+        let sending = inner.in_flight.values().map(|&(_, n)| n).sum();
+        let sender_room = inner.senders.room(now, sending);
+        NodeView { rate: inner.meter.rate(), elsewhere, sender_room }
+    }
+
+    /// A sign of incast on one of this download's connections ([`crate::incast`]); returns
+    /// whether the node's cap on senders fell.
+    pub fn incast(&self, now: Instant) -> bool {
+        let mut inner = self.node.lock();
+        let sending = inner.in_flight.values().map(|&(_, n)| n).sum();
+        inner.senders.incast(now, sending)
+    }
+
+    /// The node's cap on peers sending at once, if any.
+    pub fn sender_cap(&self, now: Instant) -> Option<usize> {
+        self.node.lock().senders.cap(now)
     }
 }
 
@@ -223,21 +254,37 @@ mod tests {
         let counter = node.counter();
         let (a, b) = (node.join(), node.join());
         let t0 = Instant::now();
-        assert_eq!(a.update(t0, 4_000_000), (None, 0));
-        assert_eq!(b.update(t0, 1_000_000).1, 4_000_000);
+        let first = a.update(t0, 4_000_000, 3);
+        assert_eq!((first.rate, first.elsewhere), (None, 0));
+        assert_eq!(b.update(t0, 1_000_000, 1).elsewhere, 4_000_000);
         for i in 1..=10u64 {
             counter.fetch_add(1_000_000, Ordering::Relaxed);
-            a.update(t0 + Duration::from_millis(100 * i), 4_000_000);
+            a.update(t0 + Duration::from_millis(100 * i), 4_000_000, 3);
         }
-        let (rate, elsewhere) = a.update(t0 + Duration::from_millis(1100), 4_000_000);
-        assert_eq!(elsewhere, 1_000_000);
-        let rate = rate.unwrap();
+        let view = a.update(t0 + Duration::from_millis(1100), 4_000_000, 3);
+        assert_eq!(view.elsewhere, 1_000_000);
+        let rate = view.rate.unwrap();
         assert!((rate - 10e6).abs() < 1.5e6, "{rate}");
         drop(b);
         assert_eq!(
-            a.update(t0 + Duration::from_millis(1200), 0).1,
+            a.update(t0 + Duration::from_millis(1200), 0, 0).elsewhere,
             0,
             "a finished download no longer counts"
         );
+    }
+
+    #[test]
+    fn one_cap_on_senders_counts_every_download() {
+        let node = NodeFlow::default();
+        let (a, b) = (node.join(), node.join());
+        let t0 = Instant::now();
+        assert_eq!(a.update(t0, 1, 6).sender_room, usize::MAX, "no cap before a sign of incast");
+        assert_eq!(b.update(t0, 1, 4).sender_room, usize::MAX);
+        assert!(b.incast(t0), "a sign on one download caps the node");
+        assert_eq!(a.sender_cap(t0), Some(5), "half of the 10 peers sending to both");
+        assert_eq!(a.update(t0, 1, 2).sender_room, 0, "2 + 4 already over the cap");
+        assert_eq!(b.update(t0, 1, 1).sender_room, 2);
+        drop(b);
+        assert_eq!(a.update(t0, 1, 2).sender_room, 3, "a finished download's senders no longer count");
     }
 }

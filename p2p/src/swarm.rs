@@ -191,8 +191,13 @@ pub async fn download(
                 now
             }
         };
-        let (node_rate, elsewhere) = slot.update(now, swarm.state.in_flight_bytes());
-        let actions = swarm.state.fill(now, node_rate, elsewhere);
+        if swarm.state.take_incast_signs() > 0 && slot.incast(now) {
+            swarm.deps.metrics.incast_backoffs.inc();
+            tracing::debug!(%digest, cap = ?slot.sender_cap(now), "incast: fewer peers may send at once");
+        }
+        let view = slot.update(now, swarm.state.in_flight_bytes(), swarm.state.senders());
+        swarm.state.set_sender_room(view.sender_room);
+        let actions = swarm.state.fill(now, view.rate, view.elsewhere);
         swarm.act(actions);
         let duplicates = swarm.state.take_duplicate_requests();
         if duplicates != DuplicateRequests::default() {

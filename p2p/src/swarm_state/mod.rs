@@ -22,6 +22,9 @@
 //! - **HTTP fallback** only for pieces no connected peer has (while the swarm delivers), or
 //!   for anything after a real stall.
 //! - **Endgame** duplicates only where they help, cancelled as soon as one copy is stored.
+//! - **Incast**: a busy connection silent for [`crate::incast::INCAST_SILENCE`] while others
+//!   deliver is reported to the node, whose cap on peers sending at once
+//!   ([`crate::incast::SenderCap`]) then keeps idle peers from being asked until senders finish.
 //! - **Peers**: candidates up to the per-blob and node limits; a full download trades its
 //!   least useful peer for a new seeder.
 //!
@@ -171,6 +174,8 @@ struct Peer {
     /// Traded away by [`SwarmState::rotate`]: asked for nothing more, and disconnected once
     /// the pieces it is sending have arrived (or it stalls), so their bytes are not wasted.
     retiring: bool,
+    /// Its current silence was reported as a sign of incast (cleared when bytes arrive).
+    silence_reported: bool,
 }
 
 /// A peer the tracker handed out, its id parsed once: candidates are looked at on every tick
@@ -224,6 +229,11 @@ pub struct SwarmState<R = StdRng> {
     /// The node's measured ingress (bytes/s) as of the last `fill`, for the share of it each
     /// connection can expect when the node's own link is what limits them.
     node_rate: Option<f64>,
+    /// Peers that may start sending to this download under the node's cap on senders (set
+    /// by the I/O side; `usize::MAX` without a cap).
+    sender_room: usize,
+    /// Signs of incast seen since the I/O side last took them.
+    incast_signs: u32,
     rotations: Rotations,
     duplicate_requests: DuplicateRequests,
     rng: R,
@@ -278,6 +288,8 @@ impl<R: Rng + Clone> SwarmState<R> {
             last_sign_of_life: now,
             node_room: usize::MAX,
             node_rate: None,
+            sender_room: usize::MAX,
+            incast_signs: 0,
             rotations: Rotations::default(),
             duplicate_requests: DuplicateRequests::default(),
             rng,
@@ -359,9 +371,26 @@ impl<R: Rng + Clone> SwarmState<R> {
                 connected_at: now,
                 last_piece: now,
                 retiring: false,
+                silence_reported: false,
             },
         );
         true
+    }
+
+    /// How many more peers may start sending to this download under the node's cap on
+    /// senders ([`crate::node::NodeView::sender_room`]).
+    pub fn set_sender_room(&mut self, room: usize) {
+        self.sender_room = room;
+    }
+
+    /// Peers with requests of this download out: the senders the node's cap counts.
+    pub fn senders(&self) -> usize {
+        self.peers.keys().filter(|id| self.picker.in_flight_for(id) > 0).count()
+    }
+
+    /// The signs of incast seen since the last call, for the node's cap on senders.
+    pub fn take_incast_signs(&mut self) -> u32 {
+        std::mem::take(&mut self.incast_signs)
     }
 
     /// How many more outbound connections the node's shared budget allows right now.

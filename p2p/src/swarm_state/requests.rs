@@ -1,6 +1,7 @@
 //! Which pieces a download asks of whom now: the node's in-flight budget, each peer's
 //! pipelining depth, the origin's narrow share (paced by how fast this host passes its pieces
-//! on), endgame duplicates only where they help, and the HTTP fallback's top-up.
+//! on), endgame duplicates only where they help, the node's cap on senders, and the HTTP
+//! fallback's top-up.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -79,6 +80,9 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
         let order = self.peer_order(outlook.others_connected);
         let mut actions = Vec::new();
 
+        // Peers with nothing in flight start sending only within the node's cap on senders
+        // (`crate::incast`; no cap until its link shows incast).
+        let mut starts = self.sender_room;
         // Without a configured limit, every idle peer first gets one request whatever the
         // budget: the budget keeps requests from queueing behind our own link, but when each
         // peer's upload is shared by many downloaders the link fills only with many peers
@@ -87,9 +91,13 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
         // link for 30 s while the rest of a 20-host fleet ran at full speed.
         if self.cfg.ingress_limit.is_none() {
             for &(id, _) in &order {
+                if starts == 0 {
+                    break;
+                }
                 if self.picker.in_flight_for(&id) == 0 {
                     let picked = self.request_from(id, 1, now, &mut outlook, &mut actions);
                     room = room.saturating_sub(picked);
+                    starts -= usize::from(picked > 0);
                 }
             }
         }
@@ -98,8 +106,14 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
             if room == 0 {
                 break;
             }
+            let idle = self.picker.in_flight_for(&id) == 0;
+            if idle && starts == 0 {
+                continue;
+            }
             let limit = depth.min(self.picker.in_flight_for(&id).saturating_add(room));
-            room = room.saturating_sub(self.request_from(id, limit, now, &mut outlook, &mut actions));
+            let picked = self.request_from(id, limit, now, &mut outlook, &mut actions);
+            room = room.saturating_sub(picked);
+            starts -= usize::from(idle && picked > 0);
         }
 
         if self.fallback_active {

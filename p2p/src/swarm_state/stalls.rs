@@ -1,13 +1,14 @@
 //! Stalls, the one reason a download gives up on a request: each connection's bytes are
 //! sampled on the timer, and a connection silent for longer than its window (the peer's rate,
 //! or the node's link shared among its peers, [`flow::PeerFlow::stall_after`]) loses its
-//! requests; stalls in a row get it banned.
+//! requests; stalls in a row get it banned. A shorter silence while other connections
+//! deliver is a sign of incast ([`crate::incast`]), counted for the node's cap on senders.
 
 use std::time::Instant;
 
 use super::{Action, SwarmState};
-use crate::flow;
 use crate::peer::PeerId;
+use crate::{flow, incast};
 
 impl<R: rand::Rng + Clone> SwarmState<R> {
     /// Samples each connection's cumulative bytes (`received`), counts bytes of requested
@@ -19,16 +20,34 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
             .cfg
             .peer_stall
             .saturating_add(flow::limiter_delay(self.cfg.ingress_limit, self.piece_length));
-        let share = self.link_share();
+        // Every connection's bytes first, so a silence below is judged against what all the
+        // others delivered up to now.
         for &(id, bytes) in received {
             let busy = self.picker.in_flight_for(&id) > 0;
             let Some(peer) = self.peers.get_mut(&id) else { continue };
-            if peer.flow.sample(now, bytes, busy) && busy {
-                // Bytes of requested pieces arriving are progress, whether or not a piece is
-                // complete yet: on a slow link several pieces arrive at once, each for seconds.
-                self.last_progress = now;
+            if peer.flow.sample(now, bytes, busy) {
+                peer.silence_reported = false;
+                if busy {
+                    // Bytes of requested pieces arriving are progress, whether or not a piece
+                    // is complete yet: on a slow link several pieces arrive at once, each for
+                    // seconds.
+                    self.last_progress = now;
+                }
             }
+        }
+        let share = self.link_share();
+        for &(id, _) in received {
             let Some(oldest) = self.picker.oldest_request_to(&id) else { continue };
+            let Some(peer) = self.peers.get_mut(&id) else { continue };
+            let quiet_since = peer.flow.quiet_since(oldest);
+            // Silent while others delivered: a sign of incast, once per silence.
+            if !peer.silence_reported
+                && now.saturating_duration_since(quiet_since) >= incast::INCAST_SILENCE
+                && self.last_progress > quiet_since
+            {
+                peer.silence_reported = true;
+                self.incast_signs += 1;
+            }
             let window = peer.flow.stall_after(stall_after, self.piece_length, share);
             let stalled = peer.flow.is_stalled(now, oldest, window);
             let starved = now.saturating_duration_since(oldest.max(peer.last_piece)) >= flow::MAX_PIECE_WAIT;

@@ -546,8 +546,12 @@ impl Sim {
             let Some(d) = n.downloads[blob].as_mut() else { continue };
             d.fill_pending = false;
             d.state.set_node_room(room);
-            let (rate, elsewhere) = d.slot.update(now, d.state.in_flight_bytes());
-            let actions = d.state.fill(now, rate, elsewhere);
+            if d.state.take_incast_signs() > 0 {
+                d.slot.incast(now);
+            }
+            let view = d.slot.update(now, d.state.in_flight_bytes(), d.state.senders());
+            d.state.set_sender_room(view.sender_room);
+            let actions = d.state.fill(now, view.rate, view.elsewhere);
             self.counters.duplicate_requests += d.state.take_duplicate_requests();
             self.act(node, blob, actions);
         }

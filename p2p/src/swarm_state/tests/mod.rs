@@ -7,6 +7,7 @@ use shoal_registry::{Algorithm, Digest};
 const PIECE: u64 = 1024 * 1024;
 
 mod fallback;
+mod incast;
 mod peers;
 mod requests;
 mod stalls;

@@ -1,0 +1,163 @@
+//! How many peers may send to a node at once: unlimited until its link shows incast, then
+//! halved and grown back one at a time (additive increase, multiplicative decrease).
+//!
+//! Incast is many senders converging on one receiver's link. Each TCP flow needs a few
+//! segments in flight to recover a loss by fast retransmit; when the link's queue cannot
+//! hold a few per flow, it overflows all the time, losses become timeouts, and a flow whose
+//! retransmissions are lost too backs off for seconds while the others carry on. A download
+//! asks every idle peer for a piece (see `swarm_state::requests`), which a fast host needs
+//! (its peers' uplinks are shared by many downloaders), but a slow host's link cannot carry
+//! that many flows: in the fleet benchmark's straggler runs (10 Mbit/s hosts with a 50 ms
+//! queue, about ten 9000-byte frames) a straggler had 17-19 peers sending at once, its link
+//! dropped 18 % of the frames sent to it, and its downloads gave up on 30-40 requests each
+//! after connections went silent for up to 15 s. Capped at two or three senders (a scratch
+//! build), the same runs had no timeouts at all, and the stragglers finished as fast.
+//!
+//! The cap cannot be set from the link's rate: a host whose peers' uplinks are busy also
+//! measures a low rate, and capping it would keep it low (a host that asked only two peers
+//! stayed at 3-7 Mbit/s of a 25 Mbit/s link, `swarm_state::requests`). So it waits for the
+//! symptom, a busy connection silent for [`INCAST_SILENCE`] while others deliver (the
+//! swarm's stall rule notices the same silences only seconds later), and a node that never
+//! shows it is never capped.
+
+use std::time::{Duration, Instant};
+
+/// A connection with requests out that has received nothing for this long, while the node's
+/// other connections delivered, is a sign of incast: TCP's retransmission timer (200 ms at
+/// least, doubling) has fired three times or more. Long against the keep-alive a waiting
+/// request hears every second (`server::TURN_REMINDER`), short against the stall windows
+/// (`flow::STALL_AFTER`, 3 s, and more on a slow link), so the cap falls before requests
+/// are given up on.
+pub const INCAST_SILENCE: Duration = Duration::from_secs(2);
+/// The cap never goes below this many senders.
+pub const MIN_SENDERS: usize = 2;
+/// After a decrease, further signs are ignored this long: the senders over the new cap
+/// finish the pieces they are sending before the cap takes effect.
+pub const DECREASE_COOLDOWN: Duration = Duration::from_secs(3);
+/// Without a sign of incast, the cap grows by one sender this often.
+pub const INCREASE_EVERY: Duration = Duration::from_secs(3);
+/// A cap grown to this many senders is lifted (more than a node's downloads keep busy).
+pub const UNCAPPED_AT: usize = 64;
+
+/// The node's cap on peers sending to it at once.
+#[derive(Clone, Debug, Default)]
+pub struct SenderCap {
+    /// `None`: no cap.
+    cap: Option<usize>,
+    /// Increases are counted in whole [`INCREASE_EVERY`]s from here.
+    grown_at: Option<Instant>,
+    /// The last decrease, for its cooldown.
+    decreased_at: Option<Instant>,
+}
+
+impl SenderCap {
+    /// The cap at `now`, after the increases due since the last change.
+    pub fn cap(&mut self, now: Instant) -> Option<usize> {
+        let (Some(cap), Some(at)) = (self.cap, self.grown_at) else { return self.cap };
+        let steps = now.saturating_duration_since(at).as_nanos() / INCREASE_EVERY.as_nanos().max(1);
+        if steps == 0 {
+            return self.cap;
+        }
+        let grown = cap.saturating_add(usize::try_from(steps).unwrap_or(usize::MAX));
+        if grown >= UNCAPPED_AT {
+            *self = SenderCap::default();
+        } else {
+            self.cap = Some(grown);
+            // `grown < UNCAPPED_AT` bounds `steps`, and whole steps do not pass `now`.
+            self.grown_at = Some(at + INCREASE_EVERY * u32::try_from(steps).unwrap_or(u32::MAX));
+        }
+        self.cap
+    }
+
+    /// A sign of incast at `now`, with `busy` peers sending to the node: halve the senders
+    /// (at least [`MIN_SENDERS`]), unless the last decrease is within its cooldown. Returns
+    /// whether the cap fell. Any sign restarts the wait for the next increase.
+    pub fn incast(&mut self, now: Instant, busy: usize) -> bool {
+        let current = self.cap(now);
+        // Growth starts over from here, decrease or not: the link just showed its limit.
+        if current.is_some() {
+            self.grown_at = Some(now);
+        }
+        if self.decreased_at.is_some_and(|at| now.saturating_duration_since(at) < DECREASE_COOLDOWN) {
+            return false;
+        }
+        let halved = (current.unwrap_or(usize::MAX).min(busy) / 2).max(MIN_SENDERS);
+        self.grown_at = Some(now);
+        if current.is_some_and(|c| halved >= c) {
+            return false;
+        }
+        self.cap = Some(halved);
+        self.decreased_at = Some(now);
+        true
+    }
+
+    /// How many more peers may start sending, with `busy` sending now.
+    pub fn room(&mut self, now: Instant, busy: usize) -> usize {
+        self.cap(now).map_or(usize::MAX, |cap| cap.saturating_sub(busy))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_that_shows_no_incast_is_never_capped() {
+        let mut c = SenderCap::default();
+        let t0 = Instant::now();
+        assert_eq!(c.cap(t0), None);
+        assert_eq!(c.room(t0 + Duration::from_secs(100), 40), usize::MAX);
+    }
+
+    #[test]
+    fn a_sign_halves_the_busy_senders_down_to_the_floor() {
+        let mut c = SenderCap::default();
+        let t0 = Instant::now();
+        assert!(c.incast(t0, 17));
+        assert_eq!(c.cap(t0), Some(8));
+        assert_eq!(c.room(t0, 17), 0, "over the cap: nobody new until senders finish");
+        assert_eq!(c.room(t0, 5), 3);
+        assert!(!c.incast(t0 + DECREASE_COOLDOWN / 2, 17), "within the cooldown");
+        let t1 = t0 + DECREASE_COOLDOWN;
+        // The increase due at t1 comes first (8 + 1), then the halving of min(9, 17).
+        assert!(c.incast(t1, 17));
+        assert_eq!(c.cap(t1), Some(4));
+        let t2 = t1 + DECREASE_COOLDOWN;
+        assert!(c.incast(t2, 3), "halves what is busy when fewer than the cap send");
+        assert_eq!(c.cap(t2), Some(MIN_SENDERS));
+        for i in 1..10 {
+            c.incast(t2 + DECREASE_COOLDOWN * i, 1);
+            assert!(c.cap(t2 + DECREASE_COOLDOWN * i) >= Some(MIN_SENDERS), "never below the floor");
+        }
+    }
+
+    #[test]
+    fn signs_in_a_row_keep_the_cap_from_growing() {
+        let mut c = SenderCap::default();
+        let t0 = Instant::now();
+        assert!(c.incast(t0, 4));
+        let mut t = t0;
+        for _ in 0..20 {
+            t += INCREASE_EVERY / 2;
+            c.incast(t, 2);
+        }
+        assert_eq!(c.cap(t), Some(MIN_SENDERS));
+    }
+
+    #[test]
+    fn the_cap_grows_by_one_per_step_and_is_lifted_at_the_top() {
+        let mut c = SenderCap::default();
+        let t0 = Instant::now();
+        assert!(c.incast(t0, 4));
+        assert_eq!(c.cap(t0), Some(2));
+        assert_eq!(c.cap(t0 + INCREASE_EVERY - Duration::from_millis(1)), Some(2));
+        assert_eq!(c.cap(t0 + INCREASE_EVERY), Some(3));
+        assert_eq!(c.cap(t0 + INCREASE_EVERY * 3 + Duration::from_millis(1)), Some(5));
+        // Steps counted once: asking again later adds only the steps since.
+        assert_eq!(c.cap(t0 + INCREASE_EVERY * 4), Some(6));
+        let top = (UNCAPPED_AT - 2) as u32;
+        assert_eq!(c.cap(t0 + INCREASE_EVERY * top), None);
+        assert!(c.incast(t0 + INCREASE_EVERY * top, 30), "a new sign caps it again");
+        assert_eq!(c.cap(t0 + INCREASE_EVERY * top), Some(15));
+    }
+}

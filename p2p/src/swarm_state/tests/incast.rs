@@ -1,0 +1,88 @@
+//! Signs of incast and the node's cap on senders: a silence while others deliver is reported
+//! once; idle peers wait while the cap is full.
+
+use super::*;
+use crate::incast::INCAST_SILENCE;
+
+/// Ticks of 200 ms in `d`.
+fn ticks(d: Duration) -> u32 {
+    (d.as_millis() / 200) as u32
+}
+
+#[test]
+fn a_busy_peer_silent_while_others_deliver_is_one_sign_until_its_bytes_resume() {
+    let t0 = Instant::now();
+    let mut s = state(64, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 2, t0);
+    assert!(requests(&s.fill(t0, None, 0)).iter().any(|r| r.0 == peer(2)));
+    let mut counters = HashMap::new();
+    let rates = HashMap::from([(peer(1), 6_000_000), (peer(2), 0)]);
+    let (t, _) = run(&mut s, t0, &mut counters, &rates, ticks(INCAST_SILENCE) - 1, None);
+    assert_eq!(s.take_incast_signs(), 0, "not silent long enough yet");
+    let (t, _) = run(&mut s, t, &mut counters, &rates, 1, None);
+    assert_eq!(s.take_incast_signs(), 1);
+    let (t, actions) = run(&mut s, t, &mut counters, &rates, 3, None);
+    assert_eq!(s.take_incast_signs(), 0, "one sign per silence");
+    assert!(!actions.iter().any(|a| matches!(a, Action::TimedOut { .. })), "a sign is not a stall");
+    // Its bytes resume, then it goes silent again: a new sign.
+    let resumed = HashMap::from([(peer(1), 6_000_000), (peer(2), 500_000)]);
+    let (t, _) = run(&mut s, t, &mut counters, &resumed, 2, None);
+    assert_eq!(s.take_incast_signs(), 0);
+    run(&mut s, t, &mut counters, &rates, ticks(INCAST_SILENCE), None);
+    assert_eq!(s.take_incast_signs(), 1);
+}
+
+#[test]
+fn no_sign_when_no_connection_delivers() {
+    // Every connection silent is a dead link or a swarm with nothing to give: the stall and
+    // fallback rules deal with it, fewer senders would not help.
+    let t0 = Instant::now();
+    let mut s = state(64, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 3, t0);
+    s.fill(t0, None, 0);
+    let mut counters = HashMap::new();
+    let rates: HashMap<PeerId, u64> = (1..=3).map(|i| (peer(i), 0)).collect();
+    run(&mut s, t0, &mut counters, &rates, ticks(INCAST_SILENCE) * 2, None);
+    assert_eq!(s.take_incast_signs(), 0);
+}
+
+#[test]
+fn keep_alives_of_a_request_waiting_its_turn_are_no_sign() {
+    // A request waiting for a server's send slot hears a keep-alive (4 bytes) a second.
+    let t0 = Instant::now();
+    let mut s = state(64, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 2, t0);
+    s.fill(t0, None, 0);
+    let (mut t, mut fast, mut waiting) = (t0, 0u64, 0u64);
+    for n in 1..=50 {
+        t += Duration::from_millis(200);
+        fast += 1_200_000;
+        if n % 5 == 0 {
+            waiting += 4;
+        }
+        s.tick(t, &[(peer(1), fast), (peer(2), waiting)]).unwrap();
+    }
+    assert_eq!(s.take_incast_signs(), 0);
+}
+
+#[test]
+fn under_the_nodes_cap_idle_peers_wait_until_it_has_room() {
+    let t0 = Instant::now();
+    let mut s = state(64, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 10, t0);
+    s.set_sender_room(2);
+    let first = requests(&s.fill(t0, None, 0));
+    let asked: HashSet<PeerId> = first.iter().map(|r| r.0).collect();
+    assert_eq!(asked.len(), 2, "{first:?}");
+    assert_eq!(s.senders(), 2);
+    // The senders already busy still get their pipelines filled; nobody new while the cap
+    // is full.
+    s.set_sender_room(0);
+    let more = requests(&s.fill(t0 + Duration::from_millis(200), Some(1_250_000.0), 0));
+    assert!(more.iter().all(|r| asked.contains(&r.0)), "{more:?}");
+    // Room again (the cap grew, or senders finished): idle peers are asked.
+    s.set_sender_room(usize::MAX);
+    let rest = requests(&s.fill(t0 + Duration::from_millis(400), None, 0));
+    assert!(rest.iter().any(|r| !asked.contains(&r.0)), "{rest:?}");
+    assert_eq!(s.senders(), 10);
+}
