@@ -56,8 +56,8 @@ pub const DEFAULT_MAX_PEERS_PER_BLOB: usize = 12;
 /// host's rate (an origin's link is typically ten or more hosts' wide), and the swarm starts
 /// spreading the first of them within a fraction of a second. See [`TURN_REMINDER`].
 pub const DEFAULT_ORIGIN_UPLOAD_SLOTS: usize = 16;
-/// While a connection's requests wait for a send slot, the server sends it a keep-alive this
-/// often: the requester counts any bytes on a connection as a sign that its requests are
+/// While a connection's requests wait for a send slot (or for the node's egress limit), the
+/// server sends it a keep-alive this often: the requester counts any bytes on a connection as a sign that its requests are
 /// not stalled (`swarm_state`'s stall rule), so requests that wait their turn are not
 /// withdrawn and asked elsewhere. Well inside the requester's stall window
 /// (`flow::STALL_AFTER`, 3 s).
@@ -356,7 +356,9 @@ impl PeerServer {
                         continue;
                     }
                     let len = pieces.metainfo().piece_len(index).unwrap_or(0);
-                    self.egress.acquire(len).await;
+                    if let Err(e) = acquire_egress(&self.egress, len, &mut sink).await {
+                        break Err(e.to_string());
+                    }
                     // A piece this node just verified is still in memory (peers ask for it
                     // within a second or two); older ones are read back on the blocking pool.
                     let data = match pieces.piece_in_memory(index) {
@@ -405,6 +407,27 @@ impl PeerServer {
             self.egress.release(pieces.metainfo().piece_len(index).unwrap_or(0));
         }
         result
+    }
+}
+
+/// Wait until the node's egress limit lets `len` bytes go, sending a keep-alive every
+/// [`TURN_REMINDER`] meanwhile. Admission bounds the wait at about [`MAX_EGRESS_WAIT`] (more
+/// for a piece bigger than that much of the rate): silent that long, the request would look
+/// stalled or, after 2 s, like a flow lost to incast (`crate::incast`) to its requester.
+async fn acquire_egress(
+    egress: &RateLimiter,
+    len: u64,
+    sink: &mut PeerWriter<WriteHalf>,
+) -> Result<(), crate::wire::WireError> {
+    let acquire = egress.acquire(len);
+    tokio::pin!(acquire);
+    let start = tokio::time::Instant::now() + TURN_REMINDER;
+    let mut reminder = tokio::time::interval_at(start, TURN_REMINDER);
+    loop {
+        tokio::select! {
+            () = &mut acquire => return Ok(()),
+            _ = reminder.tick() => sink.send(Message::KeepAlive).await?,
+        }
     }
 }
 

@@ -1,5 +1,6 @@
-//! The peer server over real TCP: the per-blob cap, an origin's send slots and an agent's
-//! per-piece sends, each against a real downloader's handshake or raw frames.
+//! The peer server over real TCP: the per-blob cap, an origin's send slots, an agent's
+//! per-piece sends and its egress limit, each against a real downloader's handshake or raw
+//! frames.
 
 use futures_util::SinkExt;
 use shoal_registry::Algorithm;
@@ -130,6 +131,26 @@ async fn requests_wait_their_turn_for_a_send_slot_hearing_keep_alives_and_are_se
     let a = tokio::time::timeout(Duration::from_secs(5), order.recv()).await.unwrap().unwrap();
     let b = tokio::time::timeout(Duration::from_secs(5), order.recv()).await.unwrap().unwrap();
     assert_eq!((a.0, a.1, b.0, b.1), ("first", 0, "second", 1));
+    serving.abort();
+}
+
+#[tokio::test]
+async fn a_request_waiting_for_the_egress_limit_hears_keep_alives() {
+    let dir = tempfile::tempdir().unwrap();
+    let (meta, seeded) = seeded(&dir);
+    let len = meta.piece_len(0).unwrap();
+    // The burst sends the first piece at once; the second waits 3 s for its tokens.
+    let egress = Arc::new(RateLimiter::new(Some(len / 3), len));
+    let (addr, serving) = start(PeerServer { egress, ..server_of(seeded) }).await;
+    let mut peer = raw_peer(addr, &meta).await;
+    peer.send(Message::Request { index: 0 }).await.unwrap();
+    peer.send(Message::Request { index: 1 }).await.unwrap();
+    let (_, got) = hear_until(&mut peer, tokio::time::Instant::now() + Duration::from_millis(500)).await;
+    assert_eq!(got, vec![0]);
+    // Silent for 3 s, the requester would stall the request or take the silence for incast.
+    let (heard, got) = hear_until(&mut peer, tokio::time::Instant::now() + Duration::from_secs(5)).await;
+    assert_eq!(got, vec![1]);
+    assert!(heard >= 2, "{heard} keep-alives in a 3 s wait for the egress limit");
     serving.abort();
 }
 
