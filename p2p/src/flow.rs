@@ -153,6 +153,12 @@ impl PeerFlow {
         self.meter.rate()
     }
 
+    /// The rate measured when the last byte arrived: what the peer delivered before its
+    /// current silence (the meter's rate decays while it lasts).
+    pub fn rate_at_last_byte(&self) -> Option<f64> {
+        self.rate_at_last_byte
+    }
+
     /// How long this connection may stay silent, with requests outstanding, before it is
     /// stalled: `base`, or [`STALL_PIECE_TIMES`] the time a piece of `piece_length` takes at
     /// the rate the peer had shown when its last byte arrived if that is longer, at most

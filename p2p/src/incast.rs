@@ -16,9 +16,9 @@
 //! The cap cannot be set from the link's rate: a host whose peers' uplinks are busy also
 //! measures a low rate, and capping it would keep it low (a host that asked only two peers
 //! stayed at 3-7 Mbit/s of a 25 Mbit/s link, `swarm_state::requests`). So it waits for the
-//! symptom, a busy connection silent for [`INCAST_SILENCE`] while others deliver (the
-//! swarm's stall rule notices the same silences only seconds later), and a node that never
-//! shows it is never capped.
+//! symptom, a busy connection that had its share of the node's link ([`FAIR_SHARE`]) silent
+//! for [`INCAST_SILENCE`] while others deliver (the swarm's stall rule notices the same
+//! silences only seconds later), and a node that never shows it is never capped.
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,14 @@ use std::time::{Duration, Instant};
 /// (`flow::STALL_AFTER`, 3 s, and more on a slow link), so the cap falls before requests
 /// are given up on.
 pub const INCAST_SILENCE: Duration = Duration::from_secs(2);
+/// A silence is a sign only on a flow that had at least this share of what the node's link
+/// gives each of its connections (`swarm_state`'s `link_share`) before it went silent. A flow
+/// held well below that was limited elsewhere, and fewer senders here would not help it (a
+/// straggler peer's 10 Mbit/s uplink, shared by a dozen downloaders, gives a fast host a
+/// sixth of its share). Without this rule, in a 20-host straggler run at 1500-byte frames 14
+/// of the 15 fast hosts had their cap fall (the fast hosts' slowest 1.22 × the link time);
+/// with it 4 and 7 did (1.14, 1.19), and none at 9000-byte frames.
+pub const FAIR_SHARE: f64 = 0.5;
 /// The cap never goes below this many senders.
 pub const MIN_SENDERS: usize = 2;
 /// After a decrease, further signs are ignored this long: the senders over the new cap

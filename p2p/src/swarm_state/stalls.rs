@@ -40,8 +40,15 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
             let Some(oldest) = self.picker.oldest_request_to(&id) else { continue };
             let Some(peer) = self.peers.get_mut(&id) else { continue };
             let quiet_since = peer.flow.quiet_since(oldest);
-            // Silent while others delivered: a sign of incast, once per silence.
+            // Silent while others delivered, after it had its share of the link: a sign of
+            // incast, once per silence.
+            let had_share = peer
+                .flow
+                .rate_at_last_byte()
+                .zip(share)
+                .is_some_and(|(rate, share)| rate >= share * incast::FAIR_SHARE);
             if !peer.silence_reported
+                && had_share
                 && now.saturating_duration_since(quiet_since) >= incast::INCAST_SILENCE
                 && self.last_progress > quiet_since
             {
