@@ -175,7 +175,9 @@ impl PeerFlow {
     /// guide there: a new connection has none, and a straggler waiting on 17-19 peers at once
     /// (the default one request per idle peer) gives each about 70 KB/s, a 512 KiB piece in
     /// 8 s, so TCP's backing off left healthy peers silent past 3 s: 314-339 timeouts per
-    /// 20-host straggler run (session 24), every one at a straggler.
+    /// 20-host straggler run (session 24), every one at a straggler. (So many senders were
+    /// the deeper trouble: the node now caps them once its link shows incast,
+    /// [`crate::incast`].)
     ///
     /// [`SwarmState`]: crate::swarm_state::SwarmState
     pub fn stall_after(&self, base: Duration, piece_length: u64, link_share: Option<f64>) -> Duration {

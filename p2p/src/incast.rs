@@ -83,14 +83,11 @@ impl SenderCap {
     pub fn incast(&mut self, now: Instant, busy: usize) -> bool {
         let current = self.cap(now);
         // Growth starts over from here, decrease or not: the link just showed its limit.
-        if current.is_some() {
-            self.grown_at = Some(now);
-        }
+        self.grown_at = Some(now);
         if self.decreased_at.is_some_and(|at| now.saturating_duration_since(at) < DECREASE_COOLDOWN) {
             return false;
         }
         let halved = (current.unwrap_or(usize::MAX).min(busy) / 2).max(MIN_SENDERS);
-        self.grown_at = Some(now);
         if current.is_some_and(|c| halved >= c) {
             return false;
         }
