@@ -222,7 +222,7 @@ impl BlobPieces {
     }
 
     /// When a write of this download finds the disk full, ask `reclaim` for room and try again
-    /// (up to [`DISK_FULL_RETRIES`] times) before failing.
+    /// (up to `DISK_FULL_RETRIES` times) before failing.
     pub fn reclaiming(mut self, reclaim: Reclaim) -> BlobPieces {
         self.reclaim = Some(reclaim);
         self

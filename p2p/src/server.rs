@@ -57,10 +57,10 @@ pub const DEFAULT_MAX_PEERS_PER_BLOB: usize = 12;
 /// spreading the first of them within a fraction of a second. See [`TURN_REMINDER`].
 pub const DEFAULT_ORIGIN_UPLOAD_SLOTS: usize = 16;
 /// While a connection's requests wait for a send slot (or for the node's egress limit), the
-/// server sends it a keep-alive this often: the requester counts any bytes on a connection as a sign that its requests are
-/// not stalled (`swarm_state`'s stall rule), so requests that wait their turn are not
-/// withdrawn and asked elsewhere. Well inside the requester's stall window
-/// (`flow::STALL_AFTER`, 3 s).
+/// server sends it a keep-alive this often: the requester counts any bytes on a connection as
+/// a sign that its requests are not stalled (`swarm_state`'s stall rule), so requests that
+/// wait their turn are not withdrawn and asked elsewhere. Well inside the requester's stall
+/// window (`flow::STALL_AFTER`, 3 s).
 pub const TURN_REMINDER: Duration = Duration::from_secs(1);
 /// How long a server gathers the pieces its blob gains before telling a downloader, in one
 /// write. Told one by one, every piece gained woke each of a partial seeder's connections

@@ -22,9 +22,10 @@
 //! - **HTTP fallback** only for pieces no connected peer has (while the swarm delivers), or
 //!   for anything after a real stall.
 //! - **Endgame** duplicates only where they help, cancelled as soon as one copy is stored.
-//! - **Incast**: a busy connection silent for [`crate::incast::INCAST_SILENCE`] while others
-//!   deliver is reported to the node, whose cap on peers sending at once
-//!   ([`crate::incast::SenderCap`]) then keeps idle peers from being asked until senders finish.
+//! - **Incast**: a busy connection that had its share of the node's link, silent for
+//!   [`crate::incast::INCAST_SILENCE`] while others deliver, is reported to the node, whose
+//!   cap on peers sending at once ([`crate::incast::SenderCap`]) then keeps idle peers from
+//!   being asked until senders finish.
 //! - **Peers**: candidates up to the per-blob and node limits; a full download trades its
 //!   least useful peer for a new seeder.
 //!
