@@ -414,21 +414,25 @@ impl PeerServer {
 /// [`TURN_REMINDER`] meanwhile. Admission bounds the wait at about [`MAX_EGRESS_WAIT`] (more
 /// for a piece bigger than that much of the rate): silent that long, the request would look
 /// stalled or, after 2 s, like a flow lost to incast (`crate::incast`) to its requester.
+/// Without a wait (no limit, or tokens at hand) no timer is set: this runs for every piece.
 async fn acquire_egress(
     egress: &RateLimiter,
     len: u64,
     sink: &mut PeerWriter<WriteHalf>,
 ) -> Result<(), crate::wire::WireError> {
-    let acquire = egress.acquire(len);
-    tokio::pin!(acquire);
-    let start = tokio::time::Instant::now() + TURN_REMINDER;
-    let mut reminder = tokio::time::interval_at(start, TURN_REMINDER);
-    loop {
-        tokio::select! {
-            () = &mut acquire => return Ok(()),
-            _ = reminder.tick() => sink.send(Message::KeepAlive).await?,
-        }
+    let wait = egress.reserve(len, Instant::now());
+    let start = tokio::time::Instant::now();
+    let until = start + wait;
+    let mut reminder = start + TURN_REMINDER;
+    while reminder < until {
+        tokio::time::sleep_until(reminder).await;
+        sink.send(Message::KeepAlive).await?;
+        reminder += TURN_REMINDER;
     }
+    if !wait.is_zero() {
+        tokio::time::sleep_until(until).await;
+    }
+    Ok(())
 }
 
 /// A connection waiting in line for a send slot (tokio's semaphore serves waiters first
