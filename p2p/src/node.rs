@@ -62,6 +62,13 @@ struct Inner {
     blacklists: HashMap<Digest, (Instant, Blacklist)>,
 }
 
+impl Inner {
+    /// Peers sending to all the node's downloads.
+    fn sending(&self) -> usize {
+        self.in_flight.values().map(|&(_, n)| n).sum()
+    }
+}
+
 /// One download's registration; its in-flight bytes are forgotten when it is dropped.
 pub struct DownloadSlot {
     node: NodeFlow,
@@ -166,22 +173,21 @@ impl DownloadSlot {
         let busy = inner.in_flight.values().any(|&(b, _)| b > 0);
         inner.meter.sample(now, total, busy);
         let elsewhere = inner.in_flight.iter().filter(|(&id, _)| id != self.id).map(|(_, &(b, _))| b).sum();
-        let sending = inner.in_flight.values().map(|&(_, n)| n).sum();
+        let sending = inner.sending();
         let sender_room = inner.senders.room(now, sending);
         NodeView { rate: inner.meter.rate(), elsewhere, sender_room }
     }
 
     /// A sign of incast on one of this download's connections ([`crate::incast`]); returns
-    /// whether the node's cap on senders fell.
-    pub fn incast(&self, now: Instant) -> bool {
+    /// the node's new cap on senders if it fell.
+    pub fn incast(&self, now: Instant) -> Option<usize> {
         let mut inner = self.node.lock();
-        let sending = inner.in_flight.values().map(|&(_, n)| n).sum();
-        inner.senders.incast(now, sending)
-    }
-
-    /// The node's cap on peers sending at once, if any.
-    pub fn sender_cap(&self, now: Instant) -> Option<usize> {
-        self.node.lock().senders.cap(now)
+        let sending = inner.sending();
+        if inner.senders.incast(now, sending) {
+            inner.senders.cap(now)
+        } else {
+            None
+        }
     }
 }
 
@@ -280,8 +286,11 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(a.update(t0, 1, 6).sender_room, usize::MAX, "no cap before a sign of incast");
         assert_eq!(b.update(t0, 1, 4).sender_room, usize::MAX);
-        assert!(b.incast(t0), "a sign on one download caps the node");
-        assert_eq!(a.sender_cap(t0), Some(5), "half of the 10 peers sending to both");
+        assert_eq!(
+            b.incast(t0),
+            Some(5),
+            "a sign on one download caps the node at half of the 10 peers sending to both"
+        );
         assert_eq!(a.update(t0, 1, 2).sender_room, 0, "2 + 4 already over the cap");
         assert_eq!(b.update(t0, 1, 1).sender_room, 2);
         drop(b);

@@ -191,9 +191,11 @@ pub async fn download(
                 now
             }
         };
-        if swarm.state.take_incast_signs() > 0 && slot.incast(now) {
-            swarm.deps.metrics.incast_backoffs.inc();
-            tracing::debug!(%digest, cap = ?slot.sender_cap(now), "incast: fewer peers may send at once");
+        if swarm.state.take_incast_signs() > 0 {
+            if let Some(cap) = slot.incast(now) {
+                swarm.deps.metrics.incast_backoffs.inc();
+                tracing::debug!(%digest, cap, "incast: fewer peers may send at once");
+            }
         }
         let view = slot.update(now, swarm.state.in_flight_bytes(), swarm.state.senders());
         swarm.state.set_sender_room(view.sender_room);
