@@ -226,27 +226,48 @@ async fn a_blob_serves_at_most_its_cap_of_peers_and_frees_a_place_when_one_leave
     serving.abort();
 }
 
+/// The next message from the server, which must be a `have`.
+async fn next_have(peer: &mut RawPeer) -> u32 {
+    match tokio::time::timeout(Duration::from_secs(10), peer.next()).await.unwrap() {
+        Some(Ok(Message::Have(index))) => index,
+        other => panic!("expected a have: {other:?}"),
+    }
+}
+
 #[tokio::test]
-async fn pieces_gained_together_are_told_once_after_the_batch_time_in_one_write() {
+async fn a_piece_gained_after_a_quiet_spell_is_told_at_once_and_the_next_ones_after_the_batch_time_in_one_write(
+) {
     let dir = tempfile::tempdir().unwrap();
     let (meta, seed) = seeded(&dir);
     let growing = Arc::new(BlobPieces::partial(&dir.path().join("growing"), meta.clone()).unwrap());
     let (addr, server) = start(server_of(growing.clone())).await;
     let mut peer = raw_peer(addr, &meta).await;
+    let gain = |index: u32| assert!(growing.write_piece(index, &seed.read_piece(index).unwrap()).unwrap());
+    // The first piece: told without waiting for a batch.
     let gained = tokio::time::Instant::now();
-    for index in 0..3 {
-        let data = seed.read_piece(index).unwrap();
-        assert!(growing.write_piece(index, &data).unwrap());
-    }
-    let first = tokio::time::timeout(Duration::from_secs(10), peer.next()).await.unwrap();
-    assert!(matches!(first, Some(Ok(Message::Have(0)))), "{first:?}");
+    gain(0);
+    assert_eq!(next_have(&mut peer).await, 0);
     let waited = gained.elapsed();
+    assert!(waited < HAVE_BATCH / 2, "the first piece was told after {waited:?}");
+
+    // Two more right after: gathered until the batch time since the first has passed.
+    let told = tokio::time::Instant::now();
+    gain(1);
+    gain(2);
+    assert_eq!(next_have(&mut peer).await, 1);
+    let waited = told.elapsed();
     assert!(waited >= HAVE_BATCH.saturating_sub(Duration::from_millis(20)), "told after {waited:?}");
-    // The other two came in the same write: already read, decoded without waiting.
-    for index in 1..3 {
-        let next = futures_util::FutureExt::now_or_never(peer.next());
-        assert!(matches!(next, Some(Some(Ok(Message::Have(i)))) if i == index), "{next:?}");
-    }
+    // The other came in the same write: already read, decoded without waiting.
+    let next = futures_util::FutureExt::now_or_never(peer.next());
+    assert!(matches!(next, Some(Some(Ok(Message::Have(2))))), "{next:?}");
+
+    // After a quiet spell, at once again.
+    tokio::time::sleep(HAVE_BATCH * 2).await;
+    let gained = tokio::time::Instant::now();
+    gain(3);
+    assert_eq!(next_have(&mut peer).await, 3);
+    let waited = gained.elapsed();
+    assert!(waited < HAVE_BATCH / 2, "a piece after a quiet spell was told after {waited:?}");
     server.abort();
 }
 

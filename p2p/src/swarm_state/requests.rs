@@ -27,9 +27,9 @@ use crate::server::HAVE_BATCH;
 /// 1.03, 10 runs) against 1.04-1.41 without; 2 pieces gave 1.09-1.19 (the origin then idles
 /// while hosts wait), 6 and 8 gave 1.03-1.04 and 1.04-1.09.
 pub const UNSHARED_ORIGIN_PIECES: usize = 4;
-/// How long after a peer takes a piece from us that piece counts as shared: our server
-/// gathers the pieces we gain for [`HAVE_BATCH`] before telling the peer, and the peer's
-/// server gathers as long before telling us it has it.
+/// How long after a peer takes a piece from us that piece counts as shared: our server may
+/// gather the pieces we gain for up to [`HAVE_BATCH`] before telling the peer, and the peer's
+/// server as long before telling us it has it.
 pub const SHARING_LOOP: Duration = HAVE_BATCH.saturating_mul(2);
 
 /// How many unshared origin pieces a download may hold: [`UNSHARED_ORIGIN_PIECES`], or what
