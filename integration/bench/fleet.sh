@@ -42,7 +42,8 @@
 #                              namespace inherits from the machine. Recorded as cc=
 #   BENCH_RESULTS=/tmp/shoal-fleet-results.txt   machine-readable `fleet: ...` lines appended here
 #   BENCH_DUMP_METRICS=        e.g. /tmp/m: each agent's /metrics after the window, saved to
-#                              /tmp/m.h<i> (the last run's; for finding where bytes went)
+#                              /tmp/m.h<i>, and its log to /tmp/m.h<i>.log (the last run's; for
+#                              finding where bytes went; integration/bench/piece_spread.py)
 #   BENCH_TIMELINE=            e.g. /tmp/tl: each run's link rates, per host and the origin's,
 #                              every second of the pull, saved to /tmp/tl.<system>-<N>-<rep>
 #                              (for seeing where a slow run's time went: which links idled)
@@ -408,6 +409,7 @@ run_shoal() {
   if [[ -n ${BENCH_DUMP_METRICS:-} ]]; then
     for ((i = 0; i < n; i++)); do
       ip netns exec "${FLEET_NS[i]}" curl -sf "$FLEET_AGENT_URL/metrics" >"$BENCH_DUMP_METRICS.h$i" || true
+      cp "${FLEET_AGENT_LOGS[i]}" "$BENCH_DUMP_METRICS.h$i.log" || true
     done
   fi
   timeouts=$(fleet_agents_metric shoal_agent_piece_timeouts_total)

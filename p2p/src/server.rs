@@ -70,7 +70,7 @@ pub const TURN_REMINDER: Duration = Duration::from_secs(1);
 /// × the link's time; docs/benchmarks.md, session 20). Short against a piece's transfer
 /// (a 512 KiB piece takes about a second at a peer's share of a 50 Mbit/s link). Told only
 /// at the end of a batch, every download's first pieces reached its peers a quarter second
-/// late while their uplinks idled; told at once, a 20-host fleet held 16 % more bytes one
+/// late while their uplinks idled; told at once, a 20-host fleet held 12 % more bytes one
 /// second in (docs/benchmarks.md, session 31).
 pub const HAVE_BATCH: Duration = Duration::from_millis(250);
 /// Error code sent when the blob is unknown here.
