@@ -378,22 +378,6 @@ impl<R: Rng + Clone> SwarmState<R> {
         true
     }
 
-    /// How many more peers may start sending to this download under the node's cap on
-    /// senders ([`crate::node::NodeView::sender_room`]).
-    pub fn set_sender_room(&mut self, room: usize) {
-        self.sender_room = room;
-    }
-
-    /// Peers with requests of this download out: the senders the node's cap counts.
-    pub fn senders(&self) -> usize {
-        self.peers.keys().filter(|id| self.picker.in_flight_for(id) > 0).count()
-    }
-
-    /// The signs of incast seen since the last call, for the node's cap on senders.
-    pub fn take_incast_signs(&mut self) -> u32 {
-        std::mem::take(&mut self.incast_signs)
-    }
-
     /// How many more outbound connections the node's shared budget allows right now.
     pub fn set_node_room(&mut self, room: usize) {
         self.node_room = room;

@@ -66,6 +66,17 @@ struct Outlook {
 }
 
 impl<R: rand::Rng + Clone> SwarmState<R> {
+    /// How many more peers may start sending to this download under the node's cap on
+    /// senders ([`crate::node::NodeView::sender_room`]).
+    pub fn set_sender_room(&mut self, room: usize) {
+        self.sender_room = room;
+    }
+
+    /// Peers with requests of this download out: the senders the node's cap counts.
+    pub fn senders(&self) -> usize {
+        self.peers.keys().filter(|id| self.picker.in_flight_for(id) > 0).count()
+    }
+
     /// The requests to send now. `node_rate` is the node's measured ingress (bytes/s) and
     /// `elsewhere` the bytes the node's other downloads have in flight: the budget is the
     /// node's, shared by all of them.

@@ -11,6 +11,11 @@ use crate::peer::PeerId;
 use crate::{flow, incast};
 
 impl<R: rand::Rng + Clone> SwarmState<R> {
+    /// The signs of incast seen since the last call, for the node's cap on senders.
+    pub fn take_incast_signs(&mut self) -> u32 {
+        std::mem::take(&mut self.incast_signs)
+    }
+
     /// Samples each connection's cumulative bytes (`received`), counts bytes of requested
     /// pieces as progress, and withdraws the requests of connections that stalled or
     /// delivered no piece for [`flow::MAX_PIECE_WAIT`], banning repeat offenders.
