@@ -248,7 +248,8 @@ async fn a_piece_gained_after_a_quiet_spell_is_told_at_once_and_the_next_ones_af
     gain(0);
     assert_eq!(next_have(&mut peer).await, 0);
     let waited = gained.elapsed();
-    assert!(waited < HAVE_BATCH / 2, "the first piece was told after {waited:?}");
+    // A batch's timer never fires early, so a wait under it means no batch was waited for.
+    assert!(waited < HAVE_BATCH, "the first piece was told after {waited:?}");
 
     // Two more right after: gathered until the batch time since the first has passed.
     let told = tokio::time::Instant::now();
@@ -267,7 +268,7 @@ async fn a_piece_gained_after_a_quiet_spell_is_told_at_once_and_the_next_ones_af
     gain(3);
     assert_eq!(next_have(&mut peer).await, 3);
     let waited = gained.elapsed();
-    assert!(waited < HAVE_BATCH / 2, "a piece after a quiet spell was told after {waited:?}");
+    assert!(waited < HAVE_BATCH, "a piece after a quiet spell was told after {waited:?}");
     server.abort();
 }
 
