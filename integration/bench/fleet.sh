@@ -41,9 +41,8 @@
 #                              segments retransmitted at N = 5, MTU 9000); empty: what a new
 #                              namespace inherits from the machine. Recorded as cc=
 #   BENCH_RESULTS=/tmp/shoal-fleet-results.txt   machine-readable `fleet: ...` lines appended here
-#   BENCH_DUMP_METRICS=        e.g. /tmp/m: each agent's /metrics after the window, saved to
-#                              /tmp/m.h<i>, and its log to /tmp/m.h<i>.log (the last run's; for
-#                              finding where bytes went; integration/bench/piece_spread.py)
+#   BENCH_DUMP_METRICS=        e.g. /tmp/m: each agent's /metrics and log after the window, in
+#                              /tmp/m.h<i> and .h<i>.log (the last run's; bench/piece_spread.py)
 #   BENCH_TIMELINE=            e.g. /tmp/tl: each run's link rates, per host and the origin's,
 #                              every second of the pull, saved to /tmp/tl.<system>-<N>-<rep>
 #                              (for seeing where a slow run's time went: which links idled)
