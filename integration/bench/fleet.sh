@@ -112,6 +112,10 @@ source "$here/../clients/lib.sh"
 source "$here/netns.sh"
 # shellcheck source=guest_memory.sh
 source "$here/guest_memory.sh"
+# shellcheck source=cpu.sh
+source "$here/cpu.sh"
+# shellcheck source=link_timeline.sh
+source "$here/link_timeline.sh"
 lib_init fleet-bench
 
 FLEET=${BENCH_FLEET:-5 10 20}
@@ -182,41 +186,6 @@ report=$T/report.txt
 say() { echo "$*" | tee -a "$report"; }
 pct() { sort -g | awk -v p="$1" '{a[NR]=$1} END {if (NR==0) {print "nan"; exit} i=int((NR-1)*p/100+0.5)+1; if (i>NR) i=NR; printf "%.2f", a[i]}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b == 0) ? 0 : a / b}'; }
-# cpu_ticks: "busy total" jiffies of the whole machine so far (busy: all but idle and iowait).
-cpu_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t}' /proc/stat; }
-busy_share() {
-  awk -v a="$1" -v b="$2" 'BEGIN {split(a, x, " "); split(b, y, " "); t = y[2] - x[2];
-    printf "%.2f", (t > 0) ? (y[1] - x[1]) / t : 0}'
-}
-# cpu_seconds PID...: "USER SYSTEM" CPU seconds the processes have used so far, summed.
-cpu_seconds() {
-  local p hz
-  hz=$(getconf CLK_TCK)
-  for p in "$@"; do cat "/proc/$p/stat"; done | awk -v hz="$hz" '{u += $14; s += $15} END {printf "%.2f %.2f", u / hz, s / hz}'
-}
-# context_switches PID...: the processes' context switches so far, voluntary and not, summed
-# over their threads (a thread that exits takes its count along: the agents' tokio workers
-# live throughout, their blocking threads idle 10 s before exiting, longer than a window's gaps).
-context_switches() {
-  local p
-  for p in "$@"; do cat /proc/"$p"/task/*/status 2>/dev/null; done |
-    awk '/^(voluntary|nonvoluntary)_ctxt_switches:/ {c += $2} END {printf "%d", c}'
-}
-# cpu_kinds: the whole machine's "USER SYSTEM SOFTIRQ" jiffies so far (user includes nice).
-cpu_kinds() { awk '/^cpu / {print $2 + $3, $4, $8}' /proc/stat; }
-# busy_samples: the machine's busy share over each PEGGED_SAMPLE_SECS and the sample's length
-# in ticks, one per line, until $T/busy.stop exists. (A loaded machine stretches the samples,
-# so they are weighed by length.)
-busy_samples() {
-  local a b
-  a=$(cpu_ticks)
-  while [[ ! -e $T/busy.stop ]]; do
-    sleep "$PEGGED_SAMPLE_SECS"
-    b=$(cpu_ticks)
-    echo "$(busy_share "$a" "$b") $((${b#* } - ${a#* }))"
-    a=$b
-  done
-}
 # sleep_until EPOCH (fractional seconds)
 sleep_until() { sleep "$(awk -v s="$1" -v n="$EPOCHREALTIME" 'BEGIN {d = s - n; printf "%.6f", (d > 0) ? d : 0}')"; }
 
@@ -233,44 +202,6 @@ ideal_secs() { awk -v s="$SIZE" -v m="${FLEET_MBIT[$1]}" 'BEGIN {print s * 8 / (
 # tcp_segs NS: "OutSegs RetransSegs" of NS's TCP stack so far.
 tcp_segs() {
   in_ns "$1" awk '$1 == "Tcp:" && $2 ~ /^[0-9]+$/ {print $12, $13}' /proc/net/snmp
-}
-
-# link_timeline START: from START until $T/timeline.stop exists (or the bridge is gone, if
-# the run died), every 0.5 s a line of the time and the bridge's counters: each host's
-# download and upload (its port's tx and rx), then the origin's upload. One `ip netns exec`
-# per line, so the sampling costs little.
-link_timeline() {
-  local files=() i port
-  for ((i = 0; i < FLEET_N; i++)); do
-    port=/sys/class/net/$(netns_port "${FLEET_DEV[i]}")/statistics
-    files+=("$port/tx_bytes" "$port/rx_bytes")
-  done
-  files+=("/sys/class/net/$(netns_port "$FLEET_ORIGIN_DEV")/statistics/rx_bytes")
-  sleep_until "$1"
-  while [[ ! -e $T/timeline.stop && -e /run/netns/$NETNS_BR ]]; do
-    echo "$EPOCHREALTIME $(ip netns exec "$NETNS_BR" cat "${files[@]}" | paste -sd' ')"
-    sleep 0.5
-  done
-}
-
-# save_timeline NAME: the last pull's link_timeline as Mbit/s per second, to
-# $BENCH_TIMELINE.NAME (when BENCH_TIMELINE is set).
-save_timeline() {
-  [[ -n ${BENCH_TIMELINE:-} && -s $T/timeline ]] || return 0
-  awk -v n="$FLEET_N" '
-    function mbit(f) { return ($f - p[f]) * 8 / dt / 1e6 }
-    NR == 1 { t0 = $1; printf "%5s  %-*s| %-*s| %s\n", "secs", 4 * n, "download, Mbit/s", 4 * n, "upload", "origin" }
-    NR == 1 || $1 - pt >= 0.99 {
-      if (NR > 1) {
-        dt = $1 - pt; line = sprintf("%5.1f  ", $1 - t0)
-        for (i = 0; i < n; i++) line = line sprintf("%3.0f ", mbit(2 + 2 * i))
-        line = line "| "
-        for (i = 0; i < n; i++) line = line sprintf("%3.0f ", mbit(3 + 2 * i))
-        print line sprintf("| %4.0f", mbit(2 + 2 * n))
-      }
-      pt = $1; for (i = 2; i <= NF; i++) p[i] = $i
-    }
-  ' "$T/timeline" >"$BENCH_TIMELINE.$1"
 }
 
 # timed_pull URL SAMPLE_PIDS...: every host fetches URL at one instant; measures the window.
@@ -297,7 +228,7 @@ timed_pull() {
   rm -f "$T/busy" "$T/busy.stop"
   (
     sleep_until "$start"
-    busy_samples
+    busy_samples "$PEGGED_SAMPLE_SECS" "$T/busy.stop"
   ) >"$T/busy" &
   busy=$!
   rm -f "$T/timeline" "$T/timeline.stop"

@@ -23,6 +23,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../clients/lib.sh"
 # shellcheck source=guest_memory.sh
 source "$here/guest_memory.sh"
+# shellcheck source=cpu.sh
+source "$here/cpu.sh"
 lib_init swarm-bench
 
 BIG_MIB=${BENCH_BIG_MIB:-1024}
@@ -70,27 +72,6 @@ agent_config() { # agent_config FILE [RATE_MIB]
       echo "egress_rate = \"${2}MiB\""
     fi
   } >"$1"
-}
-
-# cpu_ticks: "busy total" jiffies of the whole machine so far, from /proc/stat.
-cpu_ticks() {
-  awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t}' /proc/stat
-}
-
-# busy_share "B0 T0" "B1 T1": the share of the machine's CPU time that was busy in between.
-busy_share() {
-  awk -v a="$1" -v b="$2" 'BEGIN {split(a, x, " "); split(b, y, " "); t = y[2] - x[2];
-    printf "%.2f", (t > 0) ? (y[1] - x[1]) / t : 0}'
-}
-
-# cpu_seconds PID: "USER SYSTEM" CPU seconds the process has used so far.
-cpu_seconds() {
-  awk -v hz="$(getconf CLK_TCK)" '{print $14 / hz, $15 / hz}' "/proc/$1/stat"
-}
-# cpu_delta "U0 S0" "U1 S1": "USER SYSTEM TOTAL" seconds in between.
-cpu_delta() {
-  awk -v a="$1" -v b="$2" 'BEGIN {split(a, x, " "); split(b, y, " "); u = y[1] - x[1]; s = y[2] - x[2]
-    printf "%.2f %.2f %.2f\n", u, s, u + s}'
 }
 
 # settle_memory: let memory freed by earlier steps go back to the hypervisor before a measured

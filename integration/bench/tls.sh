@@ -17,6 +17,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../clients/lib.sh
 source "$here/../clients/lib.sh"
+# shellcheck source=cpu.sh
+source "$here/cpu.sh"
 lib_init tls-bench
 
 MIB=${BENCH_TLS_MIB:-1024}
@@ -24,12 +26,6 @@ ROUNDS=${BENCH_TLS_ROUNDS:-3}
 [[ -x $SHOAL_BIN ]] || die "no shoal binary at SHOAL_BIN=$SHOAL_BIN"
 [[ $SHOAL_BIN == */debug/* ]] && log "WARNING: $SHOAL_BIN looks like a debug build; figures will be meaningless"
 
-cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
-cpu_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t}' /proc/stat; }
-busy_share() {
-  awk -v a="$1" -v b="$2" 'BEGIN {split(a, x, " "); split(b, y, " "); t = y[2] - x[2];
-    printf "%.2f", (t > 0) ? (y[1] - x[1]) / t : 0}'
-}
 report=$T/report.txt
 say() { echo "$*" | tee -a "$report"; }
 say "== TLS cost: one seeder -> one cold agent, ${MIB} MiB, loopback, $ROUNDS rounds each," \
@@ -75,7 +71,7 @@ one_round() {
   cpu0=$(cpu_seconds "$AGENT_PID")
   ticks0=$(cpu_ticks)
   secs=$(curl -sf "${CURL_TLS[@]}" -o /dev/null -w '%{time_total}' "$AGENT_URL/v2/bench/tls/blobs/$d")
-  echo "$secs $(awk -v a="$cpu0" -v b="$(cpu_seconds "$AGENT_PID")" 'BEGIN {printf "%.2f", b - a}') $(busy_share "$ticks0" "$(cpu_ticks)")"
+  echo "$secs $(cpu_delta "$cpu0" "$(cpu_seconds "$AGENT_PID")" | cut -d' ' -f3) $(busy_share "$ticks0" "$(cpu_ticks)")"
   stop_cluster
   TLS_DIR= CURL_TLS=()
 }
