@@ -94,9 +94,10 @@
 #   cs_per_mib    the agents' context switches (voluntary and not, over their threads) per MiB
 #                 received: each is a sleep and a wake-up, which a slow link multiplies per
 #                 byte and this VM charges tens of microseconds for (session 27)
-#   wake_us busy_wake_us sha_gbs   this machine's state at the start of the invocation
-#                 (integration/bench/machine.sh): CPU per wake-up round trip between threads
-#                 that go idle in between and between busy ones, openssl's SHA-256 rate
+#   wake_us busy_wake_us exit_us sha_gbs   this machine's state at the start of the
+#                 invocation (integration/bench/machine.sh): CPU per wake-up round trip between
+#                 threads that go idle in between and between busy ones, the cost of one trip
+#                 to the hypervisor, openssl's SHA-256 rate
 #   floor_*       the least a host spends per GiB on these links (integration/bench/
 #                 link_floor.sh, run once when Shoal is benchmarked; BENCH_FLOOR=0 skips it):
 #                 floor_x_loop is a bare receiver's CPU over one host link ÷ over loopback,
