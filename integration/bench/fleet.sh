@@ -8,6 +8,12 @@
 #             `shoal tracker` in the origin namespace;
 #   registry  straight from Debian's docker-registry in the origin namespace (storage on
 #             disk): the central registry a fleet pulls from without Shoal (the baseline).
+#   bare      the floor under Shoal at the same N (no Shoal): the origin namespace serves the
+#             blob from memory to host 0, and each host passes what it receives on to the
+#             next as it arrives, hashing it (integration/bench/min_peer.py relay): a chain of
+#             hosts that receive the blob and send it on once, as a 20-host swarm's agents
+#             about do, with nothing else (no disk, client, scheduler or protocol). Its CPU per
+#             GiB is in the same machine state and emulated network as Shoal's (x_bare)
 #   shoal_upstream  pull-through: the blob is only in a docker-registry in an "upstream"
 #             namespace (10.77.0.2, its own link of BENCH_UPSTREAM_MBIT); the origin is
 #             started with --upstream upstream.test=<it>, and every host asks its agent for
@@ -28,7 +34,7 @@
 #   BENCH_ORIGIN_MBIT=500      the origin namespace's link
 #   BENCH_REPEATS=1            runs per system and N (each: fresh processes, data dirs, blob)
 #   BENCH_STRAGGLERS=0         1: a quarter of the hosts (the last ones) at a fifth of HOST
-#   BENCH_SYSTEMS="shoal registry"  (also shoal_tls: Shoal with TLS everywhere and mutual TLS
+#   BENCH_SYSTEMS="bare shoal registry"  (also shoal_tls: Shoal with TLS everywhere and mutual TLS
 #                              between peers, certificates from a CA made for the run;
 #                              shoal_upstream: pull-through, below)
 #   BENCH_UPSTREAM_MBIT=ORIGIN the upstream namespace's link (shoal_upstream)
@@ -77,12 +83,16 @@
 #                 the run measures the machine, not the network: "SATURATED (not counted)"
 #   cpu_pegged    share of the window in half-second samples with the machine >= 0.95 busy;
 #                 above 0.25 the run is not counted either (results file only)
-#   cpu_s_per_gib the agents' user+system CPU seconds ÷ GiB they received (shoal only)
+#   cpu_s_per_gib the agents' user+system CPU seconds ÷ GiB they received (shoal; for bare,
+#                 the relays' own)
 #   x_loop        cpu_s_per_gib ÷ the same figure of the loopback one-seeder pull measured at
 #                 the start of this invocation (swarm.sh part 1's median agent CPU per GiB):
 #                 this machine's CPU per byte drifts by 2x with its memory state
 #                 (docs/benchmarks.md), so the two are compared only within one run
-# Results file only (where a fleet agent's CPU goes, docs/benchmarks.md, session 26):
+# Results file only (where a fleet agent's CPU goes, docs/benchmarks.md, sessions 26, 32):
+#   x_bare        cpu_s_per_gib ÷ the bare chain's at the same N in this invocation (put bare
+#                 before shoal in BENCH_SYSTEMS): Shoal's CPU per byte against hosts that only
+#                 receive, hash and send on, on the same links and machine at once
 #   usr_s_per_gib sys_s_per_gib   cpu_s_per_gib split into user and system time
 #   sent_per_received   the agents' piece bytes sent to peers ÷ those they received: a fleet
 #                 agent also serves its peers, the loopback reference's agent does not
@@ -105,6 +115,8 @@
 #   machine_{usr,sys,softirq}_s_per_gib   the whole machine's CPU seconds of each kind per GiB
 #                 the hosts received: every process plus the emulated network (bridge, tbf,
 #                 veth), whose softirq time the kernel charges to whatever process it interrupts
+#   rx_frames_per_mib   frames the hosts' links delivered per MiB they carried (data and
+#                 ACKs): each frame costs the emulated network a timer and a softirq pass
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../clients/lib.sh
@@ -127,7 +139,7 @@ REPEATS=${BENCH_REPEATS:-1}
 FLEET_AGENT_ARGS=()
 if [[ -n ${BENCH_AGENT_CONFIG:-} ]]; then FLEET_AGENT_ARGS=(--config "$(realpath "$BENCH_AGENT_CONFIG")"); fi
 STRAGGLERS=${BENCH_STRAGGLERS:-0}
-SYSTEMS=${BENCH_SYSTEMS:-shoal registry}
+SYSTEMS=${BENCH_SYSTEMS:-bare shoal registry}
 RESULTS=${BENCH_RESULTS:-/tmp/shoal-fleet-results.txt}
 PLOT=${BENCH_PLOT:-}
 MTU=${BENCH_MTU:-1500}
@@ -153,6 +165,9 @@ LOOP_CPU=n/a # the loopback one-seeder pull's agent CPU-s per GiB, once measured
 LOOP_SEED_CPU=n/a # and its seeder's (the origin serving the pieces)
 LINK_CPUS=() # CPU-s/GiB of the N = 1 Shoal runs so far: one agent, one seeder, the same link
 LINK_CPU=n/a # their median
+declare -A BARE_CPU # N -> the bare chain's CPU-s per GiB at N in this invocation (its last run)
+BARE_PORT=8080
+PULL=fleet_pull # how timed_pull's hosts fetch: curl through fleet_pull, or bare_pull
 RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)-$$
 SIZE=$((SIZE_MIB * 1024 * 1024))
 
@@ -166,7 +181,8 @@ for s in $SYSTEMS; do
     [[ -x $SHOAL_BIN && -x $DOCKER_REGISTRY ]] || die "shoal_upstream needs SHOAL_BIN and $DOCKER_REGISTRY"
     ;;
   registry) [[ -x $DOCKER_REGISTRY ]] || die "$DOCKER_REGISTRY missing (apt-get install docker-registry)" ;;
-  *) die "unknown system '$s' in BENCH_SYSTEMS (shoal, shoal_tls, shoal_upstream, registry)" ;;
+  bare) ;;
+  *) die "unknown system '$s' in BENCH_SYSTEMS (bare, shoal, shoal_tls, shoal_upstream, registry)" ;;
   esac
 done
 for c in curl jq sha256sum openssl awk python3; do command -v "$c" >/dev/null || die "$c missing"; done
@@ -209,11 +225,14 @@ tcp_segs() {
 # Sets WIN_CPU WIN_PEGGED (share of the window at the machine's limit) WIN_PROC_CPU (Σ CPU
 # seconds of SAMPLE_PIDS; WIN_PROC_USR + WIN_PROC_SYS) WIN_PROC_CS (their context switches)
 # WIN_MUSR WIN_MSYS WIN_MSOFTIRQ (the whole machine's user, system and softirq CPU seconds)
-# WIN_ORIGIN_TX WIN_HOSTS_RX WIN_ORIGIN_RTX.
+# WIN_ORIGIN_TX WIN_HOSTS_RX WIN_HOSTS_RX_PKTS (frames) WIN_ORIGIN_RTX.
 timed_pull() {
-  local url=$1 i start tx0 rx0=0 rx1=0 proc0=0 segs0
+  local url=$1 i start tx0 rx0=0 rx1=0 pk0=0 pk1=0 proc0=0 segs0
   shift
-  for ((i = 0; i < FLEET_N; i++)); do rx0=$((rx0 + $(link_bytes "${FLEET_NS[i]}" "${FLEET_DEV[i]}" rx))); done
+  for ((i = 0; i < FLEET_N; i++)); do
+    rx0=$((rx0 + $(link_bytes "${FLEET_NS[i]}" "${FLEET_DEV[i]}" rx)))
+    pk0=$((pk0 + $(link_bytes "${FLEET_NS[i]}" "${FLEET_DEV[i]}" rx packets)))
+  done
   tx0=$(link_bytes "$FLEET_ORIGIN_NS" "$FLEET_ORIGIN_DEV" tx)
   segs0=$(tcp_segs "$FLEET_ORIGIN_NS")
   # The pulls are launched first and wait for START; the window's samples are taken at START.
@@ -237,7 +256,7 @@ timed_pull() {
     link_timeline "$start" >"$T/timeline" &
     timeline=$!
   fi
-  fleet_pull "$url" "$DL" "$start"
+  "$PULL" "$url" "$DL" "$start"
   wait "$sampler"
   if [[ -n $timeline ]]; then
     touch "$T/timeline.stop"
@@ -258,8 +277,11 @@ timed_pull() {
   read -r WIN_MUSR WIN_MSYS WIN_MSOFTIRQ < <(awk -v a="$(cat "$T/kinds0")" -v b="$(cpu_kinds)" -v hz="$(getconf CLK_TCK)" 'BEGIN {
     split(a, x, " "); split(b, y, " "); printf "%.2f %.2f %.2f\n", (y[1] - x[1]) / hz, (y[2] - x[2]) / hz, (y[3] - x[3]) / hz }')
   WIN_ORIGIN_TX=$(($(link_bytes "$FLEET_ORIGIN_NS" "$FLEET_ORIGIN_DEV" tx) - tx0))
-  for ((i = 0; i < FLEET_N; i++)); do rx1=$((rx1 + $(link_bytes "${FLEET_NS[i]}" "${FLEET_DEV[i]}" rx))); done
-  WIN_HOSTS_RX=$((rx1 - rx0))
+  for ((i = 0; i < FLEET_N; i++)); do
+    rx1=$((rx1 + $(link_bytes "${FLEET_NS[i]}" "${FLEET_DEV[i]}" rx)))
+    pk1=$((pk1 + $(link_bytes "${FLEET_NS[i]}" "${FLEET_DEV[i]}" rx packets)))
+  done
+  WIN_HOSTS_RX=$((rx1 - rx0)) WIN_HOSTS_RX_PKTS=$((pk1 - pk0))
   WIN_ORIGIN_RTX=$(awk -v a="$segs0" -v b="$(tcp_segs "$FLEET_ORIGIN_NS")" 'BEGIN {
     split(a, x, " "); split(b, y, " "); out = y[1] - x[1]
     if (out > 0) printf "%.3f", (y[2] - x[2]) / out; else print "n/a" }')
@@ -305,6 +327,7 @@ record() {
   # emulated network's kernel work (bridge, tbf, veth; softirq) included.
   machine=$(awk -v u="$WIN_MUSR" -v s="$WIN_MSYS" -v q="$WIN_MSOFTIRQ" -v b="$WIN_HOSTS_RX" 'BEGIN {
     g = b / 1073741824; if (g == 0) g = 1; printf "machine_usr_s_per_gib=%.2f machine_sys_s_per_gib=%.2f machine_softirq_s_per_gib=%.2f", u / g, s / g, q / g }')
+  machine+=" rx_frames_per_mib=$(awk -v p="$WIN_HOSTS_RX_PKTS" -v b="$WIN_HOSTS_RX" 'BEGIN {printf "%.1f", b ? p / (b / 1048576) : 0}')"
   ROWS+=("$(printf '%-8s %3s %3s  %5s %5s %5s %8s  %6s %5s %8s  %8s %6s %8s %7s  %4s %7s %6s  %s' "$sys" "$n" "$rep" \
     "$p50" "$p90" "$max" "$fast_max" "$origin" "$WIN_ORIGIN_RTX" "$received" "$timeouts" "$logto" "$fallback" "$dup" "$WIN_CPU" "$cpugib" "$x_loop" "$note")")
   say "${ROWS[-1]}"
@@ -361,6 +384,7 @@ run_shoal() {
     LINK_CPU=$(printf '%.2f' "$(printf '%s\n' "${LINK_CPUS[@]}" | median_lines)")
   fi
   [[ $gib != n/a && $LINK_CPU != n/a ]] && RECORD_EXTRA="${RECORD_EXTRA:+$RECORD_EXTRA }x_link=$(ratio "$gib" "$LINK_CPU")"
+  [[ $gib != n/a && -n ${BARE_CPU[$n]:-} ]] && RECORD_EXTRA="${RECORD_EXTRA:+$RECORD_EXTRA }x_bare=$(ratio "$gib" "${BARE_CPU[$n]}")"
   # The agents' CPU split into user and system time per GiB received, and the bytes they sent
   # their peers ÷ the bytes they received: a fleet agent uploads about as much as it
   # downloads, the loopback reference's agent only downloads.
@@ -465,6 +489,51 @@ EOF
   record registry "$n" "$rep" "$BLOB_DIGEST" n/a n/a n/a n/a
   ns_stop "$pid"
   rm -rf "$dir/data"
+}
+
+# bare_pull URL OUT START: timed_pull's hosts as the bare chain (URL unused): host i relays
+# from host i-1 (host 0 from the origin namespace's server) to host i+1, hashing what passes.
+# Sets FLEET_RC FLEET_SECS FLEET_LATE as fleet_pull does; each host's CPU is in OUT/h<i>.cpu.
+bare_pull() {
+  local out=$2 start=$3 i up last pids=() r began end
+  for ((i = 0; i < FLEET_N; i++)); do
+    up=$FLEET_ORIGIN_ADDR
+    ((i > 0)) && up=${FLEET_ADDR[i - 1]}
+    last=()
+    ((i == FLEET_N - 1)) && last=(last)
+    rm -f "$out/h$i.result" "$out/h$i.cpu"
+    ns_bg "${FLEET_NS[i]}" "$T/bare-$i.log" python3 "$here/min_peer.py" relay "$up" "$BARE_PORT" "${FLEET_ADDR[i]}" \
+      "$start" "$out/h$i" "${last[@]}"
+    pids[i]=$NS_PID
+  done
+  for ((i = 0; i < FLEET_N; i++)); do ns_wait "${pids[i]}" || true; done
+  FLEET_RC=() FLEET_SECS=() FLEET_LATE=0
+  for ((i = 0; i < FLEET_N; i++)); do
+    if [[ -s $out/h$i.result ]]; then
+      read -r r began end _ <"$out/h$i.result"
+      FLEET_RC[i]=$r
+      FLEET_SECS[i]=$(awk -v s="$start" -v e="$end" 'BEGIN {printf "%.3f", e - s}')
+      FLEET_LATE=$(awk -v s="$start" -v b="$began" -v l="$FLEET_LATE" 'BEGIN {d = b - s; printf "%.3f", (d > l) ? d : l}')
+    else
+      FLEET_RC[i]=255 FLEET_SECS[i]=nan
+    fi
+  done
+}
+
+# run_bare N REP: the bare chain (see the header): its times and its relays' CPU per GiB, the
+# floor x_bare divides Shoal's by at the same N.
+run_bare() {
+  local n=$1 rep=$2 pid digest gib
+  ns_bg "$FLEET_ORIGIN_NS" "$T/bare-server.log" python3 "$here/min_peer.py" serve "$FLEET_ORIGIN_ADDR" "$BARE_PORT" "$SIZE"
+  pid=$NS_PID
+  wait_until 60 "the bare chain's server" grep -q '^ready' "$T/bare-server.log"
+  digest=sha256:$(sed -n 's/^ready sha256=//p' "$T/bare-server.log")
+  PULL=bare_pull timed_pull unused
+  save_timeline "bare-$n-$rep"
+  gib=$(cat "$DL"/h*.cpu 2>/dev/null | awk '{c += $1; b += $2} END {if (b > 0) printf "%.2f", c / (b / 1073741824); else print "n/a"}')
+  [[ $gib == n/a ]] || BARE_CPU[$n]=$gib
+  record bare "$n" "$rep" "$digest" n/a n/a n/a "$gib"
+  ns_stop "$pid"
 }
 
 header() {

@@ -6,6 +6,14 @@
   python3 min_peer.py fetch ADDR PORT        GET /, read the body into a 1 MiB buffer with a
                                              256 KiB receive low-water mark (as Shoal's downloads)
                                              and SHA-256 it; print CPU-s per GiB
+  python3 min_peer.py relay UP_ADDR PORT ADDR START OUT [last]
+                                             at START (epoch seconds) fetch from UP_ADDR:PORT as
+                                             `fetch` does and pass each read on, as it arrives, to
+                                             the one client that GETs ADDR:PORT (none if `last`):
+                                             a member of a pipelined chain (fleet.sh's `bare`
+                                             system). Writes OUT.sha256, OUT.cpu ("CPU-seconds
+                                             bytes") and OUT.result ("rc began end code", as
+                                             fleet.sh's pulls do)
 
 No disk, no second client, no scheduler: what is left is the kernel's TCP receive or send and
 one hash, so what this costs over a shaped link against loopback is the link's own price.
@@ -16,6 +24,7 @@ import os
 import resource
 import socket
 import sys
+import time
 
 CHUNK = 1 << 20
 RECV_LOW_WATER = 256 * 1024
@@ -39,7 +48,7 @@ def serve(addr, port, size):
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind((addr, port))
     ls.listen(16)
-    print("ready", flush=True)
+    print(f"ready sha256={hashlib.sha256(blob).hexdigest()}", flush=True)
     while True:
         c, _ = ls.accept()
         with c:
@@ -80,10 +89,88 @@ def fetch(addr, port):
     print(f"received cpu_s_per_gib={per_gib(cpu_seconds() - c0, body or 0):.3f} bytes={body} sha256={h.hexdigest()}")
 
 
+def connect_when_listening(addr, port, within):
+    """Connect to ADDR:PORT, trying again while nothing listens there yet (a chain's members
+    start within a second of each other), for up to WITHIN seconds."""
+    deadline = time.time() + within
+    while True:
+        try:
+            return socket.create_connection((addr, port), timeout=TIMEOUT_SECS)
+        except ConnectionRefusedError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def relay(up_addr, port, addr, start, out, last):
+    listener = None
+    if not last:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((addr, port))
+        listener.listen(1)
+        listener.settimeout(TIMEOUT_SECS)
+    time.sleep(max(0.0, start - time.time()))
+    began, c0 = time.time(), cpu_seconds()
+    rc, body, h = 1, 0, hashlib.sha256()
+    try:
+        s = connect_when_listening(up_addr, port, 5)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, RECV_LOW_WATER)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        down = None
+        if listener is not None:
+            down, _ = listener.accept()
+            down.settimeout(TIMEOUT_SECS)
+            down.recv(4096)  # the request; its content does not matter
+            down.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOT_SENT_LOW_WATER)
+        buf = memoryview(bytearray(CHUNK))
+        head, length = b"", None
+        while True:
+            n = s.recv_into(buf)
+            if n == 0:
+                break
+            data = buf[:n]
+            if length is None:
+                head += bytes(data)
+                end = head.find(b"\r\n\r\n")
+                if end < 0:
+                    continue
+                for line in head[:end].split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                if length is None:
+                    raise ValueError("no Content-Length from upstream")
+                if down is not None:
+                    down.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % length)
+                data = memoryview(head[end + 4:])
+            h.update(data)
+            body += len(data)
+            if down is not None:
+                down.sendall(data)
+        s.close()
+        done = time.time()
+        if down is not None:
+            down.shutdown(socket.SHUT_WR)
+            down.recv(1)  # the client's close: every byte has left
+            down.close()
+        rc = 0 if length is not None and body == length else 1
+    except (OSError, ValueError) as e:
+        print(f"relay failed: {e}", file=sys.stderr)
+        done = time.time()
+    with open(out + ".sha256", "w") as f:
+        f.write(f"{h.hexdigest()} *stdin\n")
+    with open(out + ".cpu", "w") as f:
+        f.write(f"{cpu_seconds() - c0:.3f} {body}\n")
+    with open(out + ".result", "w") as f:
+        f.write(f"{rc} {began:.6f} {done:.6f} {200 if rc == 0 else '000'}\n")
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "serve":
         serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif len(sys.argv) == 4 and sys.argv[1] == "fetch":
         fetch(sys.argv[2], int(sys.argv[3]))
+    elif len(sys.argv) in (7, 8) and sys.argv[1] == "relay" and sys.argv[7:] in ([], ["last"]):
+        relay(sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5]), sys.argv[6], len(sys.argv) == 8)
     else:
         sys.exit(__doc__)

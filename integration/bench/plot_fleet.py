@@ -21,8 +21,13 @@ LABELS = {
     "shoal": "Shoal (agents, peer swarm)",
     "shoal_tls": "Shoal, TLS and mutual-TLS peers",
     "registry": "central registry (docker-registry)",
+    "bare": "bare relay chain (the floor)",
 }
-COLORS = {"shoal": "#1f77b4", "shoal_tls": "#2ca02c", "registry": "#d62728"}
+COLORS = {"shoal": "#1f77b4", "shoal_tls": "#2ca02c", "registry": "#d62728", "bare": "#7f7f7f"}
+# The bare chain is the floor under the others, drawn dashed and without values: they would
+# sit on Shoal's and the registry's at every N.
+DASHES = {"bare": ' stroke-dasharray="6 4"'}
+UNLABELLED = {"bare"}
 PARAMS = ("size_mib", "host_mbit", "origin_mbit", "stragglers")
 
 
@@ -117,9 +122,13 @@ def svg(rows, title, subtitle, dropped):
         color = COLORS.get(s, "#2ca02c")
         pts = points[s]
         path = " ".join(f"{X(n):.1f},{Y(y):.1f}" for n, y in pts)
-        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2.5"/>')
+        dash = DASHES.get(s, "")
+        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2.5"{dash}/>')
         dy = -7 if s == "shoal" else 16  # values above Shoal's points, below the others'
         for n, y in pts:
+            if s in UNLABELLED:
+                out.append(f'<circle cx="{X(n):.1f}" cy="{Y(y):.1f}" r="3" fill="{color}"/>')
+                continue
             out.append(f'<circle cx="{X(n):.1f}" cy="{Y(y):.1f}" r="4" fill="{color}"/>')
             out.append(f'<text x="{X(n) + 7:.1f}" y="{Y(y) + dy:.1f}" fill="{color}" font-size="11">{y:.2f}</text>')
     # legend
@@ -131,7 +140,9 @@ def svg(rows, title, subtitle, dropped):
     for i, s in enumerate(names):
         y = ly + 22 * i
         color = COLORS.get(s, "#2ca02c")
-        out.append(f'<line x1="{lx}" y1="{y}" x2="{lx + 26}" y2="{y}" stroke="{color}" stroke-width="2.5"/>')
+        out.append(
+            f'<line x1="{lx}" y1="{y}" x2="{lx + 26}" y2="{y}" stroke="{color}" stroke-width="2.5"{DASHES.get(s, "")}/>'
+        )
         out.append(f'<text x="{lx + 34}" y="{y + 4}">{escape(LABELS.get(s, s))}</text>')
     if dropped:
         out.append(
