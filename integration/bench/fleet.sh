@@ -114,7 +114,9 @@
 #                 the part of x_loop the link itself accounts for
 #   machine_{usr,sys,softirq}_s_per_gib   the whole machine's CPU seconds of each kind per GiB
 #                 the hosts received: every process plus the emulated network (bridge, tbf,
-#                 veth), whose softirq time the kernel charges to whatever process it interrupts
+#                 veth), whose softirq time the kernel charges to whatever process it interrupts;
+#                 without IRQ time accounting softirq is sampled by the tick, which idle CPUs
+#                 do not take, so it grows with how busy the machine is (benchmarks.md, s. 33)
 #   rx_frames_per_mib   frames the hosts' links delivered per MiB they carried (data and
 #                 ACKs): each frame costs the emulated network a timer and a softirq pass
 set -euo pipefail
