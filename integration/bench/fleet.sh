@@ -497,7 +497,7 @@ EOF
 # from host i-1 (host 0 from the origin namespace's server) to host i+1, hashing what passes.
 # Sets FLEET_RC FLEET_SECS FLEET_LATE as fleet_pull does; each host's CPU is in OUT/h<i>.cpu.
 bare_pull() {
-  local out=$2 start=$3 i up last pids=() r began end
+  local out=$2 start=$3 i up last pids=()
   for ((i = 0; i < FLEET_N; i++)); do
     up=$FLEET_ORIGIN_ADDR
     ((i > 0)) && up=${FLEET_ADDR[i - 1]}
@@ -508,18 +508,12 @@ bare_pull() {
       "$start" "$out/h$i" "${last[@]}"
     pids[i]=$NS_PID
   done
-  for ((i = 0; i < FLEET_N; i++)); do ns_wait "${pids[i]}" || true; done
-  FLEET_RC=() FLEET_SECS=() FLEET_LATE=0
+  local results=()
   for ((i = 0; i < FLEET_N; i++)); do
-    if [[ -s $out/h$i.result ]]; then
-      read -r r began end _ <"$out/h$i.result"
-      FLEET_RC[i]=$r
-      FLEET_SECS[i]=$(awk -v s="$start" -v e="$end" 'BEGIN {printf "%.3f", e - s}')
-      FLEET_LATE=$(awk -v s="$start" -v b="$began" -v l="$FLEET_LATE" 'BEGIN {d = b - s; printf "%.3f", (d > l) ? d : l}')
-    else
-      FLEET_RC[i]=255 FLEET_SECS[i]=nan
-    fi
+    ns_wait "${pids[i]}" || true
+    results[i]=$out/h$i.result
   done
+  fleet_read_results "$start" "${results[@]}"
 }
 
 # run_bare N REP: the bare chain (see the header): its times and its relays' CPU per GiB, the

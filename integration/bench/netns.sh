@@ -352,7 +352,7 @@ fleet_agents_metric() {
 # Sets FLEET_RC[i] (curl's exit status; 22 for an HTTP status other than 200), FLEET_SECS[i]
 # (completion time from START), FLEET_LATE (the latest start after START, seconds).
 fleet_pull() {
-  local url=$1 out=$2 start=$3 i pids=() r began end
+  local url=$1 out=$2 start=$3 i pids=()
   _fleet_pull_script
   for ((i = 0; i < FLEET_N; i++)); do
     rm -f "$T/pull-result-$i"
@@ -360,16 +360,27 @@ fleet_pull() {
     pids[i]=$NS_PID
   done
   for ((i = 0; i < FLEET_N; i++)); do ns_wait "${pids[i]}" || true; done
+  local results=()
+  for ((i = 0; i < FLEET_N; i++)); do results[i]=$T/pull-result-$i; done
+  fleet_read_results "$start" "${results[@]}"
+}
+
+# fleet_read_results START RESULT...: each host's "rc began end code" file, in host order, into
+# FLEET_RC FLEET_SECS FLEET_LATE (see fleet_pull); a missing or empty file is a failed pull.
+fleet_read_results() {
+  local start=$1 i=0 f r began end
+  shift
   FLEET_RC=() FLEET_SECS=() FLEET_LATE=0
-  for ((i = 0; i < FLEET_N; i++)); do
-    if [[ -s $T/pull-result-$i ]]; then
-      read -r r began end _ <"$T/pull-result-$i"
+  for f in "$@"; do
+    if [[ -s $f ]]; then
+      read -r r began end _ <"$f"
       FLEET_RC[i]=$r
       FLEET_SECS[i]=$(awk -v s="$start" -v e="$end" 'BEGIN {printf "%.3f", e - s}')
       FLEET_LATE=$(awk -v s="$start" -v b="$began" -v l="$FLEET_LATE" 'BEGIN {d = b - s; printf "%.3f", (d > l) ? d : l}')
     else
       FLEET_RC[i]=255 FLEET_SECS[i]=nan
     fi
+    i=$((i + 1))
   done
 }
 
