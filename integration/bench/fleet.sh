@@ -10,7 +10,9 @@
 #             disk): the central registry a fleet pulls from without Shoal (the baseline).
 #   bare      the floor under Shoal at the same N (no Shoal): the origin namespace serves the
 #             blob from memory to host 0, and each host passes what it receives on to the
-#             next as it arrives, hashing it (integration/bench/min_peer.py relay): a chain of
+#             next as it arrives, hashing it and keeping in memory what the next has not
+#             taken yet, so a straggler further down holds no one back
+#             (integration/bench/min_peer.py relay): a chain of
 #             hosts that receive the blob and send it on once, as a 20-host swarm's agents
 #             about do, with nothing else (no disk, client, scheduler or protocol). Its CPU per
 #             GiB is in the same machine state and emulated network as Shoal's (x_bare)

@@ -9,7 +9,8 @@
   python3 min_peer.py relay UP_ADDR PORT ADDR START OUT [last]
                                              at START (epoch seconds) fetch from UP_ADDR:PORT as
                                              `fetch` does and pass each read on, as it arrives, to
-                                             the one client that GETs ADDR:PORT (none if `last`):
+                                             the one client that GETs ADDR:PORT (none if `last`),
+                                             holding in memory what that client has not taken yet:
                                              a member of a pipelined chain (fleet.sh's `bare`
                                              system). Writes OUT.sha256, OUT.cpu ("CPU-seconds
                                              bytes") and OUT.result ("rc began end code", as
@@ -19,6 +20,7 @@ No disk, no second client, no scheduler: what is left is the kernel's TCP receiv
 one hash, so what this costs over a shaped link against loopback is the link's own price.
 """
 
+import collections
 import hashlib
 import os
 import resource
@@ -103,6 +105,11 @@ def connect_when_listening(addr, port, within):
 
 
 def relay(up_addr, port, addr, start, out, last):
+    """One member of the chain: blocking reads from upstream into one reused buffer, each
+    passed on at once with a non-blocking send; what the downstream cannot take yet is copied
+    into a backlog, sent ahead of the next read's bytes, and the rest at the end. So a slower
+    host further down (a straggler) does not hold back this one's receive, as a swarm agent's
+    store would not, and with equal links nothing is copied: this is a plain pipe."""
     listener = None
     if not last:
         listener = socket.socket()
@@ -112,7 +119,29 @@ def relay(up_addr, port, addr, start, out, last):
         listener.settimeout(TIMEOUT_SECS)
     time.sleep(max(0.0, start - time.time()))
     began, c0 = time.time(), cpu_seconds()
-    rc, body, h = 1, 0, hashlib.sha256()
+    rc, body, h, done = 1, 0, hashlib.sha256(), None
+    backlog = collections.deque()  # bytes the downstream has not taken yet, in order
+
+    def forward(data):
+        """Send DATA after the backlog without blocking; keep a copy of what is not taken."""
+        while backlog:
+            try:
+                n = down.send(backlog[0])
+            except BlockingIOError:
+                break
+            if n == len(backlog[0]):
+                backlog.popleft()
+            else:
+                backlog[0] = backlog[0][n:]
+        n = 0
+        if not backlog:
+            try:
+                n = down.send(data)
+            except BlockingIOError:
+                pass
+        if n < len(data):
+            backlog.append(memoryview(bytes(data[n:])))
+
     try:
         s = connect_when_listening(up_addr, port, 5)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, RECV_LOW_WATER)
@@ -123,6 +152,7 @@ def relay(up_addr, port, addr, start, out, last):
             down.settimeout(TIMEOUT_SECS)
             down.recv(4096)  # the request; its content does not matter
             down.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOT_SENT_LOW_WATER)
+            down.setblocking(False)
         buf = memoryview(bytearray(CHUNK))
         head, length = b"", None
         while True:
@@ -141,22 +171,25 @@ def relay(up_addr, port, addr, start, out, last):
                 if length is None:
                     raise ValueError("no Content-Length from upstream")
                 if down is not None:
-                    down.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % length)
+                    forward(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % length)
                 data = memoryview(head[end + 4:])
             h.update(data)
             body += len(data)
-            if down is not None:
-                down.sendall(data)
+            if down is not None and len(data):
+                forward(data)
         s.close()
         done = time.time()
         if down is not None:
+            down.settimeout(TIMEOUT_SECS)
+            for b in backlog:
+                down.sendall(b)
             down.shutdown(socket.SHUT_WR)
             down.recv(1)  # the client's close: every byte has left
             down.close()
         rc = 0 if length is not None and body == length else 1
     except (OSError, ValueError) as e:
         print(f"relay failed: {e}", file=sys.stderr)
-        done = time.time()
+    done = done or time.time()
     with open(out + ".sha256", "w") as f:
         f.write(f"{h.hexdigest()} *stdin\n")
     with open(out + ".cpu", "w") as f:
