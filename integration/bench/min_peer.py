@@ -33,6 +33,27 @@ RECV_LOW_WATER = 256 * 1024
 NOT_SENT_LOW_WATER = 128 * 1024
 TCP_NOTSENT_LOWAT = 25  # linux/tcp.h; not in Python's socket module everywhere
 TIMEOUT_SECS = 120
+REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+def response_head(length):
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % length
+
+
+def read_head(s, buf):
+    """Read a response's head from S through BUF; return its Content-Length (None if it has
+    none) and the body bytes that came with the head."""
+    head = b""
+    while (end := head.find(b"\r\n\r\n")) < 0:
+        n = s.recv_into(buf)
+        if n == 0:
+            raise ValueError("the connection closed inside the response head")
+        head += bytes(buf[:n])
+    length = None
+    for line in head[:end].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return length, head[end + 4:]
 
 
 def cpu_seconds():
@@ -58,7 +79,7 @@ def serve(addr, port, size):
             c.recv(4096)  # the request; its content does not matter
             c.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOT_SENT_LOW_WATER)
             c0 = cpu_seconds()
-            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % size)
+            c.sendall(response_head(size))
             for off in range(0, size, CHUNK):
                 c.sendall(blob[off:off + CHUNK])
             c.shutdown(socket.SHUT_WR)
@@ -70,25 +91,15 @@ def fetch(addr, port):
     c0 = cpu_seconds()
     s = socket.create_connection((addr, port), timeout=TIMEOUT_SECS)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, RECV_LOW_WATER)
-    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.sendall(REQUEST)
     buf = memoryview(bytearray(CHUNK))
-    h, head, body = hashlib.sha256(), b"", None
-    while True:
-        n = s.recv_into(buf)
-        if n == 0:
-            break
-        if body is None:
-            head += bytes(buf[:n])
-            end = head.find(b"\r\n\r\n")
-            if end < 0:
-                continue
-            body = len(head) - end - 4
-            h.update(head[end + 4:])
-            continue
+    _, first = read_head(s, buf)
+    h, body = hashlib.sha256(first), len(first)
+    while n := s.recv_into(buf):
         h.update(buf[:n])
         body += n
     s.close()
-    print(f"received cpu_s_per_gib={per_gib(cpu_seconds() - c0, body or 0):.3f} bytes={body} sha256={h.hexdigest()}")
+    print(f"received cpu_s_per_gib={per_gib(cpu_seconds() - c0, body):.3f} bytes={body} sha256={h.hexdigest()}")
 
 
 def connect_when_listening(addr, port, within):
@@ -120,7 +131,9 @@ def relay(up_addr, port, addr, start, out, last):
     time.sleep(max(0.0, start - time.time()))
     began, c0 = time.time(), cpu_seconds()
     rc, body, h, done = 1, 0, hashlib.sha256(), None
-    backlog = collections.deque()  # bytes the downstream has not taken yet, in order
+    # Bytes the downstream has not taken yet, in order: at most the blob, which the upstream's
+    # Content-Length bounds.
+    backlog = collections.deque()
 
     def forward(data):
         """Send DATA after the backlog without blocking; keep a copy of what is not taken."""
@@ -145,7 +158,7 @@ def relay(up_addr, port, addr, start, out, last):
     try:
         s = connect_when_listening(up_addr, port, 5)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, RECV_LOW_WATER)
-        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        s.sendall(REQUEST)
         down = None
         if listener is not None:
             down, _ = listener.accept()
@@ -154,29 +167,20 @@ def relay(up_addr, port, addr, start, out, last):
             down.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOT_SENT_LOW_WATER)
             down.setblocking(False)
         buf = memoryview(bytearray(CHUNK))
-        head, length = b"", None
+        length, data = read_head(s, buf)
+        if length is None:
+            raise ValueError("no Content-Length from upstream")
+        if down is not None:
+            forward(response_head(length))
         while True:
-            n = s.recv_into(buf)
-            if n == 0:
-                break
-            data = buf[:n]
-            if length is None:
-                head += bytes(data)
-                end = head.find(b"\r\n\r\n")
-                if end < 0:
-                    continue
-                for line in head[:end].split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                if length is None:
-                    raise ValueError("no Content-Length from upstream")
-                if down is not None:
-                    forward(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % length)
-                data = memoryview(head[end + 4:])
             h.update(data)
             body += len(data)
             if down is not None and len(data):
                 forward(data)
+            n = s.recv_into(buf)
+            if n == 0:
+                break
+            data = buf[:n]
         s.close()
         done = time.time()
         if down is not None:
@@ -186,7 +190,7 @@ def relay(up_addr, port, addr, start, out, last):
             down.shutdown(socket.SHUT_WR)
             down.recv(1)  # the client's close: every byte has left
             down.close()
-        rc = 0 if length is not None and body == length else 1
+        rc = 0 if body == length else 1
     except (OSError, ValueError) as e:
         print(f"relay failed: {e}", file=sys.stderr)
     done = done or time.time()
