@@ -133,6 +133,8 @@ source "$here/guest_memory.sh"
 source "$here/cpu.sh"
 # shellcheck source=link_timeline.sh
 source "$here/link_timeline.sh"
+# shellcheck source=bare_chain.sh
+source "$here/bare_chain.sh"
 lib_init fleet-bench
 
 FLEET=${BENCH_FLEET:-5 10 20}
@@ -169,8 +171,6 @@ LOOP_CPU=n/a # the loopback one-seeder pull's agent CPU-s per GiB, once measured
 LOOP_SEED_CPU=n/a # and its seeder's (the origin serving the pieces)
 LINK_CPUS=() # CPU-s/GiB of the N = 1 Shoal runs so far: one agent, one seeder, the same link
 LINK_CPU=n/a # their median
-declare -A BARE_CPU # N -> the bare chain's CPU-s per GiB at N in this invocation (its last run)
-BARE_PORT=8080
 PULL=fleet_pull # how timed_pull's hosts fetch: curl through fleet_pull, or bare_pull
 RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)-$$
 SIZE=$((SIZE_MIB * 1024 * 1024))
@@ -225,18 +225,22 @@ tcp_segs() {
   in_ns "$1" awk '$1 == "Tcp:" && $2 ~ /^[0-9]+$/ {print $12, $13}' /proc/net/snmp
 }
 
+# hosts_rx: "BYTES FRAMES" the hosts' links have received so far, summed.
+hosts_rx() {
+  local i
+  for ((i = 0; i < FLEET_N; i++)); do link_counts "${FLEET_NS[i]}" "${FLEET_DEV[i]}" rx; done |
+    awk '{b += $1; f += $2} END {print b + 0, f + 0}'
+}
+
 # timed_pull URL SAMPLE_PIDS...: every host fetches URL at one instant; measures the window.
 # Sets WIN_CPU WIN_PEGGED (share of the window at the machine's limit) WIN_PROC_CPU (Σ CPU
 # seconds of SAMPLE_PIDS; WIN_PROC_USR + WIN_PROC_SYS) WIN_PROC_CS (their context switches)
 # WIN_MUSR WIN_MSYS WIN_MSOFTIRQ (the whole machine's user, system and softirq CPU seconds)
 # WIN_ORIGIN_TX WIN_HOSTS_RX WIN_HOSTS_RX_PKTS (frames) WIN_ORIGIN_RTX.
 timed_pull() {
-  local url=$1 i start tx0 rx0=0 rx1=0 pk0=0 pk1=0 proc0=0 segs0
+  local url=$1 start tx0 rx0 rx1 proc0=0 segs0
   shift
-  for ((i = 0; i < FLEET_N; i++)); do
-    rx0=$((rx0 + $(link_bytes "${FLEET_NS[i]}" "${FLEET_DEV[i]}" rx)))
-    pk0=$((pk0 + $(link_bytes "${FLEET_NS[i]}" "${FLEET_DEV[i]}" rx packets)))
-  done
+  rx0=$(hosts_rx)
   tx0=$(link_bytes "$FLEET_ORIGIN_NS" "$FLEET_ORIGIN_DEV" tx)
   segs0=$(tcp_segs "$FLEET_ORIGIN_NS")
   # The pulls are launched first and wait for START; the window's samples are taken at START.
@@ -281,11 +285,8 @@ timed_pull() {
   read -r WIN_MUSR WIN_MSYS WIN_MSOFTIRQ < <(awk -v a="$(cat "$T/kinds0")" -v b="$(cpu_kinds)" -v hz="$(getconf CLK_TCK)" 'BEGIN {
     split(a, x, " "); split(b, y, " "); printf "%.2f %.2f %.2f\n", (y[1] - x[1]) / hz, (y[2] - x[2]) / hz, (y[3] - x[3]) / hz }')
   WIN_ORIGIN_TX=$(($(link_bytes "$FLEET_ORIGIN_NS" "$FLEET_ORIGIN_DEV" tx) - tx0))
-  for ((i = 0; i < FLEET_N; i++)); do
-    rx1=$((rx1 + $(link_bytes "${FLEET_NS[i]}" "${FLEET_DEV[i]}" rx)))
-    pk1=$((pk1 + $(link_bytes "${FLEET_NS[i]}" "${FLEET_DEV[i]}" rx packets)))
-  done
-  WIN_HOSTS_RX=$((rx1 - rx0)) WIN_HOSTS_RX_PKTS=$((pk1 - pk0))
+  rx1=$(hosts_rx)
+  WIN_HOSTS_RX=$((${rx1% *} - ${rx0% *})) WIN_HOSTS_RX_PKTS=$((${rx1#* } - ${rx0#* }))
   WIN_ORIGIN_RTX=$(awk -v a="$segs0" -v b="$(tcp_segs "$FLEET_ORIGIN_NS")" 'BEGIN {
     split(a, x, " "); split(b, y, " "); out = y[1] - x[1]
     if (out > 0) printf "%.3f", (y[2] - x[2]) / out; else print "n/a" }')
@@ -493,45 +494,6 @@ EOF
   record registry "$n" "$rep" "$BLOB_DIGEST" n/a n/a n/a n/a
   ns_stop "$pid"
   rm -rf "$dir/data"
-}
-
-# bare_pull URL OUT START: timed_pull's hosts as the bare chain (URL unused): host i relays
-# from host i-1 (host 0 from the origin namespace's server) to host i+1, hashing what passes.
-# Sets FLEET_RC FLEET_SECS FLEET_LATE as fleet_pull does; each host's CPU is in OUT/h<i>.cpu.
-bare_pull() {
-  local out=$2 start=$3 i up last pids=()
-  for ((i = 0; i < FLEET_N; i++)); do
-    up=$FLEET_ORIGIN_ADDR
-    ((i > 0)) && up=${FLEET_ADDR[i - 1]}
-    last=()
-    ((i == FLEET_N - 1)) && last=(last)
-    rm -f "$out/h$i.result" "$out/h$i.cpu"
-    ns_bg "${FLEET_NS[i]}" "$T/bare-$i.log" python3 "$here/min_peer.py" relay "$up" "$BARE_PORT" "${FLEET_ADDR[i]}" \
-      "$start" "$out/h$i" "${last[@]}"
-    pids[i]=$NS_PID
-  done
-  local results=()
-  for ((i = 0; i < FLEET_N; i++)); do
-    ns_wait "${pids[i]}" || true
-    results[i]=$out/h$i.result
-  done
-  fleet_read_results "$start" "${results[@]}"
-}
-
-# run_bare N REP: the bare chain (see the header): its times and its relays' CPU per GiB, the
-# floor x_bare divides Shoal's by at the same N.
-run_bare() {
-  local n=$1 rep=$2 pid digest gib
-  ns_bg "$FLEET_ORIGIN_NS" "$T/bare-server.log" python3 "$here/min_peer.py" serve "$FLEET_ORIGIN_ADDR" "$BARE_PORT" "$SIZE"
-  pid=$NS_PID
-  wait_until 60 "the bare chain's server" grep -q '^ready' "$T/bare-server.log"
-  digest=sha256:$(sed -n 's/^ready sha256=//p' "$T/bare-server.log")
-  PULL=bare_pull timed_pull unused
-  save_timeline "bare-$n-$rep"
-  gib=$(cat "$DL"/h*.cpu 2>/dev/null | awk '{c += $1; b += $2} END {if (b > 0) printf "%.2f", c / (b / 1073741824); else print "n/a"}')
-  [[ $gib == n/a ]] || BARE_CPU[$n]=$gib
-  record bare "$n" "$rep" "$digest" n/a n/a n/a "$gib"
-  ns_stop "$pid"
 }
 
 header() {

@@ -178,9 +178,16 @@ netns_del_all() {
   NETNS_ALL=() NETNS_BR='' NETNS_HOSTS=0
 }
 
-# link_bytes NS DEV rx|tx [packets]: bytes (or frames) through DEV in NS so far.
+# link_counts NS DEV rx|tx: "BYTES FRAMES" through DEV in NS so far.
+link_counts() {
+  ip -n "$1" -s -j link show dev "$2" | jq -r --arg d "$3" '.[0].stats64[$d] | "\(.bytes) \(.packets)"'
+}
+
+# link_bytes NS DEV rx|tx: bytes through DEV in NS so far.
 link_bytes() {
-  ip -n "$1" -s -j link show dev "$2" | jq -r --arg d "$3" --arg f "${4:-bytes}" '.[0].stats64[$d][$f]'
+  local c
+  c=$(link_counts "$@")
+  echo "${c% *}"
 }
 
 # ns_push NS BASE_URL REPO FILE DIGEST: push a blob (POST, then PUT ?digest=) from inside NS;

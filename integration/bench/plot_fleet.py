@@ -24,10 +24,10 @@ LABELS = {
     "bare": "bare relay chain (the floor)",
 }
 COLORS = {"shoal": "#1f77b4", "shoal_tls": "#2ca02c", "registry": "#d62728", "bare": "#7f7f7f"}
-# The bare chain is the floor under the others, drawn dashed and without values: they would
-# sit on Shoal's and the registry's at every N.
-DASHES = {"bare": ' stroke-dasharray="6 4"'}
-UNLABELLED = {"bare"}
+# Floors under the others (the bare chain), drawn dashed and without values: they would sit
+# on Shoal's and the registry's at every N.
+FLOORS = {"bare"}
+FLOOR_DASH = ' stroke-dasharray="6 4"'
 PARAMS = ("size_mib", "host_mbit", "origin_mbit", "stragglers")
 
 
@@ -122,11 +122,11 @@ def svg(rows, title, subtitle, dropped):
         color = COLORS.get(s, "#2ca02c")
         pts = points[s]
         path = " ".join(f"{X(n):.1f},{Y(y):.1f}" for n, y in pts)
-        dash = DASHES.get(s, "")
+        dash = FLOOR_DASH if s in FLOORS else ""
         out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2.5"{dash}/>')
         dy = -7 if s == "shoal" else 16  # values above Shoal's points, below the others'
         for n, y in pts:
-            if s in UNLABELLED:
+            if s in FLOORS:
                 out.append(f'<circle cx="{X(n):.1f}" cy="{Y(y):.1f}" r="3" fill="{color}"/>')
                 continue
             out.append(f'<circle cx="{X(n):.1f}" cy="{Y(y):.1f}" r="4" fill="{color}"/>')
@@ -141,7 +141,7 @@ def svg(rows, title, subtitle, dropped):
         y = ly + 22 * i
         color = COLORS.get(s, "#2ca02c")
         out.append(
-            f'<line x1="{lx}" y1="{y}" x2="{lx + 26}" y2="{y}" stroke="{color}" stroke-width="2.5"{DASHES.get(s, "")}/>'
+            f'<line x1="{lx}" y1="{y}" x2="{lx + 26}" y2="{y}" stroke="{color}" stroke-width="2.5"{FLOOR_DASH if s in FLOORS else ""}/>'
         )
         out.append(f'<text x="{lx + 34}" y="{y + 4}">{escape(LABELS.get(s, s))}</text>')
     if dropped:
