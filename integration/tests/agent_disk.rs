@@ -198,9 +198,8 @@ fn shoal_used_share(dir: &Path) -> f64 {
 /// blob, and the cache holds the exact bytes afterwards.
 ///
 /// The bad files are put in the stopped agent's cache (as a pull would have left them, then
-/// damaged): an agent that pulled a blob through the origin's peer port is, for a minute
-/// after, counted by the origin's super-seeding as holding it, and asking again then waits
-/// ~10 s for the origin to stop declining (a separate issue; see the report of issue 10).
+/// damaged), so the agent meets them first when it starts; a blob lost by a running agent is
+/// `a_blob_lost_right_after_its_pull_is_fetched_again_at_once`.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupted_cached_file_is_detected_and_fetched_again() {
     skip_if_external!(SKIP);
@@ -233,6 +232,54 @@ async fn a_corrupted_cached_file_is_detected_and_fetched_again() {
         assert_eq!(digest, blob.digest, "the refetched cache entry");
     }
     pull_exact(&cluster, 0, &flipped, "pull after the refetch").await;
+}
+
+/// Longer than a pull of a few MiB takes here, shorter than the origin's decline of a piece
+/// a departed peer holds (two re-asks, 20 s) or the agent's HTTP fallback (15 s).
+const REFETCH_LIMIT: Duration = Duration::from_secs(10);
+
+/// An agent loses a blob right after pulling it (here its cached file is cut short; eviction
+/// is the same) and is asked for it again within the minute the origin's super-seeding still
+/// counts a departed agent's pieces as held (`HOLDER_LINGER`). The agent's own old copy is no
+/// reason to send it elsewhere: the pull is served over the peer protocol at once, where it
+/// used to wait for the origin's declines to run out (about 20 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blob_lost_right_after_its_pull_is_fetched_again_at_once() {
+    skip_if_external!(SKIP);
+    let cluster = Cluster::start(1).await;
+    let data = cluster.agent_data_dir(0);
+    let blob = cluster.push_random_blob(3 * MIB).await;
+    pull_exact(&cluster, 0, &blob, "first pull").await;
+    let path = cached_path(&data, &blob);
+    assert_eq!(wait_for_digest(&path, &blob.digest).await, blob.digest, "the blob is cached");
+    // The agent's connection to the origin ends with its download: the origin now counts it
+    // as a departed holder of every piece.
+    let inbound = [("direction", "in")];
+    for _ in 0..100 {
+        if cluster.origin_metric("shoal_origin_peer_connections", &inbound).await == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(cluster.origin_metric("shoal_origin_peer_connections", &inbound).await, 0.0);
+    let file = std::fs::OpenOptions::new().write(true).open(&path).expect("open the cached blob");
+    file.set_len(MIB).expect("cut the cached blob short");
+    drop(file);
+    let before = cluster.agent_received(0).await;
+
+    let started = std::time::Instant::now();
+    pull_exact(&cluster, 0, &blob, "pull after the loss").await;
+    let took = started.elapsed();
+    println!("pulled again in {took:?}");
+    assert_eq!(cluster.agent_metric(0, "shoal_agent_cache_corrupt_total", &[]).await, 1.0);
+    let after = cluster.agent_received(0).await;
+    assert_eq!(after.origin, before.origin, "nothing came over the HTTP fallback");
+    assert!(after.peer - before.peer >= 3 * MIB, "the blob came over the peer protocol again");
+    assert!(
+        took < REFETCH_LIMIT,
+        "the pull after the loss took {took:?}: the origin declined the agent's own pieces"
+    );
+    assert_eq!(wait_for_digest(&path, &blob.digest).await, blob.digest, "the refetched cache entry");
 }
 
 /// The refetched blob lands in the cache once its download finishes; wait for it a moment.

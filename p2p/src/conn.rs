@@ -30,11 +30,26 @@ pub enum Command {
     Cancel(u32),
 }
 
-/// What a connection reports to the event loop.
+/// One connection of this process, told apart from any other (the peer id alone is what the
+/// remote side claims: a second connection claiming a connected peer's id, refused as a
+/// duplicate, must not speak for or close the first, nor must a closed connection's last
+/// events speak for a newer one to the same peer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnId(u64);
+
+impl ConnId {
+    pub(crate) fn next() -> ConnId {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        ConnId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// What a connection reports to the event loop, each event naming its connection.
 #[derive(Debug)]
 pub enum ConnEvent {
     Connected {
         peer: PeerId,
+        conn: ConnId,
         addr: SocketAddr,
         bitfield: Bitfield,
         commands: mpsc::Sender<Command>,
@@ -48,20 +63,24 @@ pub enum ConnEvent {
     },
     Have {
         peer: PeerId,
+        conn: ConnId,
         index: u32,
     },
     /// The peer declined a request (a super-seeding origin that sent the piece elsewhere).
     Declined {
         peer: PeerId,
+        conn: ConnId,
         index: u32,
     },
     Piece {
         peer: PeerId,
+        conn: ConnId,
         index: u32,
         data: Bytes,
     },
     Closed {
         peer: PeerId,
+        conn: ConnId,
         reason: String,
     },
 }
@@ -113,6 +132,7 @@ pub async fn run<E: From<ConnEvent>>(
     timeouts: ConnTimeouts,
     events: mpsc::Sender<E>,
 ) {
+    let conn = ConnId::next();
     let received = Arc::new(AtomicU64::new(0));
     let counters = (received.clone(), node_received);
     let (peer, bitfield, mut stream, mut sink) = match handshake(addr, me, &pieces, timeouts, counters).await
@@ -130,7 +150,7 @@ pub async fn run<E: From<ConnEvent>>(
     let tell_gains = bitfield.is_complete();
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
     if events
-        .send(E::from(ConnEvent::Connected { peer, addr, bitfield, commands: cmd_tx, received }))
+        .send(E::from(ConnEvent::Connected { peer, conn, addr, bitfield, commands: cmd_tx, received }))
         .await
         .is_err()
     {
@@ -170,18 +190,18 @@ pub async fn run<E: From<ConnEvent>>(
                 Ok(Some(Ok(Message::Piece { index, data }))) => {
                     // Waiting here stops reading the socket, so TCP pushes back on the sender.
                     ingress.acquire(data.len() as u64).await;
-                    if events.send(E::from(ConnEvent::Piece { peer, index, data })).await.is_err() {
+                    if events.send(E::from(ConnEvent::Piece { peer, conn, index, data })).await.is_err() {
                         break "swarm gone".to_string();
                     }
                 }
                 Ok(Some(Ok(Message::Have(index)))) => {
-                    if events.send(E::from(ConnEvent::Have { peer, index })).await.is_err() {
+                    if events.send(E::from(ConnEvent::Have { peer, conn, index })).await.is_err() {
                         break "swarm gone".to_string();
                     }
                 }
                 Ok(Some(Ok(Message::Cancel(index)))) => {
                     stream.decoder_mut().forget(index);
-                    if events.send(E::from(ConnEvent::Declined { peer, index })).await.is_err() {
+                    if events.send(E::from(ConnEvent::Declined { peer, conn, index })).await.is_err() {
                         break "swarm gone".to_string();
                     }
                 }
@@ -194,7 +214,7 @@ pub async fn run<E: From<ConnEvent>>(
     if dropped > 0 {
         tracing::debug!(%peer, %addr, dropped, "peer sent bytes of pieces that were not requested");
     }
-    let _ = events.send(E::from(ConnEvent::Closed { peer, reason })).await;
+    let _ = events.send(E::from(ConnEvent::Closed { peer, conn, reason })).await;
 }
 
 type PeerReader = FramedRead<CountingReader<ReadHalf>, InboundCodec>;

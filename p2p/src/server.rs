@@ -194,12 +194,12 @@ impl PeerServer {
         let digest = pieces.metainfo().digest().clone();
         // The pieces this peer counts as holding, for super-seeding.
         let mut counted = match &self.super_seed {
-            Some(s) => s.join(&digest, &claimed),
+            Some(s) => s.join(&digest, &claimed, remote),
             None => Bitfield::new(piece_count),
         };
         let result = self.exchange(reader, writer, &pieces, remote, advertised, &mut counted).await;
         if let Some(s) = &self.super_seed {
-            s.leave(&digest, &counted, Instant::now());
+            s.leave(&digest, &counted, remote, Instant::now());
         }
         result
     }
@@ -278,6 +278,11 @@ impl PeerServer {
                         if queue.len() >= MAX_QUEUED_REQUESTS {
                             let _ = sink.send(error(ERROR_PROTOCOL, "too many requests queued")).await;
                             break Err("request flood".to_string());
+                        }
+                        // Asked again while queued: it is sent once, and admitted once (a
+                        // cancel takes every copy out and gives one admission back).
+                        if queue.contains(&index) {
+                            continue;
                         }
                         let len = pieces.metainfo().piece_len(index).unwrap_or(0);
                         if !self.egress.admit(len, MAX_EGRESS_WAIT) {

@@ -32,8 +32,9 @@ pub struct SuperSeed {
     holders: std::sync::Mutex<std::collections::HashMap<Digest, Holders>>,
     /// When each peer was first told to fetch a piece elsewhere.
     declined: std::sync::Mutex<std::collections::HashMap<(Digest, u32, PeerId), std::time::Instant>>,
-    /// Peers that disconnected, whose pieces still count for [`HOLDER_LINGER`].
-    departed: std::sync::Mutex<VecDeque<(std::time::Instant, Digest, Bitfield)>>,
+    /// Peers that disconnected, whose pieces still count for [`HOLDER_LINGER`] unless the same
+    /// peer connects for the blob again first.
+    departed: std::sync::Mutex<DepartedPeers>,
     /// The pieces of each blob this server has sent at least once.
     sent_once: std::sync::Mutex<std::collections::HashMap<Digest, Bitfield>>,
     /// Sizes past which `sent` and `declined` are pruned next (see [`PRUNE_FLOOR`]).
@@ -83,6 +84,57 @@ const DECLINE_MEMORY: Duration = Duration::from_secs(30);
 /// 100,000 scanned the whole map on every request once a big fleet kept more than that
 /// alive (`shoal-sim` at 1,000 hosts: 85 % of the time in `retain`).
 const PRUNE_FLOOR: usize = 100_000;
+
+/// A peer that disconnected from one blob, with the pieces it counted as holding.
+struct Departed {
+    at: Instant,
+    digest: Digest,
+    peer: PeerId,
+    have: Bitfield,
+}
+
+/// Departed peers, oldest first, and how many records each (blob, peer) has among them, so a
+/// peer that connects again is looked for in the queue only when it is there.
+#[derive(Default)]
+struct DepartedPeers {
+    queue: VecDeque<Departed>,
+    index: std::collections::HashMap<(Digest, PeerId), u32>,
+}
+
+impl DepartedPeers {
+    fn push(&mut self, d: Departed) {
+        *self.index.entry((d.digest.clone(), d.peer)).or_insert(0) += 1;
+        self.queue.push_back(d);
+    }
+
+    fn pop_front(&mut self) -> Option<Departed> {
+        let d = self.queue.pop_front()?;
+        let key = (d.digest.clone(), d.peer);
+        if let Some(n) = self.index.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.index.remove(&key);
+            }
+        }
+        Some(d)
+    }
+
+    /// Take out every record of `peer` for `digest`.
+    fn take(&mut self, digest: &Digest, peer: PeerId) -> Vec<Bitfield> {
+        if self.index.remove(&(digest.clone(), peer)).is_none() {
+            return Vec::new();
+        }
+        let mut taken = Vec::new();
+        self.queue.retain(|d| {
+            let same = d.peer == peer && &d.digest == digest;
+            if same {
+                taken.push(d.have.clone());
+            }
+            !same
+        });
+        taken
+    }
+}
 
 /// How many connected peers hold each piece of one blob.
 struct Holders {
@@ -136,9 +188,15 @@ impl SuperSeed {
         let _ = bits.set(index);
     }
 
-    /// A peer connected claiming `have`; returns the pieces that count as held by it (see
+    /// Peer `peer` connected claiming `have`; returns the pieces that count as held by it (see
     /// [`SuperSeed`]), which [`SuperSeed::leave`] gets back.
-    pub fn join(&self, digest: &Digest, have: &Bitfield) -> Bitfield {
+    ///
+    /// What this peer held when it last left the blob stops counting: its handshake says what
+    /// it holds now. An agent that lost a blob (evicted, or removed as corrupt) and pulled it
+    /// again within [`HOLDER_LINGER`] was otherwise counted as holding it, declined by the
+    /// origin, and waited a re-ask (20 s) for pieces nobody had.
+    pub fn join(&self, digest: &Digest, have: &Bitfield, peer: PeerId) -> Bitfield {
+        self.forget_departed(digest, peer);
         let mut counted = Bitfield::new(have.len());
         for i in have.iter_set().filter(|&i| self.was_sent(digest, i)) {
             let _ = counted.set(i);
@@ -170,23 +228,22 @@ impl SuperSeed {
         true
     }
 
-    /// A peer whose counted pieces are `have` disconnected: they stop counting after
-    /// [`HOLDER_LINGER`]. `now` is the current time.
-    pub fn leave(&self, digest: &Digest, have: &Bitfield, now: Instant) {
+    /// Peer `peer`, whose counted pieces are `have`, disconnected: they stop counting after
+    /// [`HOLDER_LINGER`], or when the same peer connects for the blob again. `now` is the
+    /// current time.
+    pub fn leave(&self, digest: &Digest, have: &Bitfield, peer: PeerId, now: Instant) {
         let mut departed = self.departed.lock().unwrap_or_else(|p| p.into_inner());
-        departed.push_back((now, digest.clone(), have.clone()));
+        departed.push(Departed { at: now, digest: digest.clone(), peer, have: have.clone() });
         let mut expired = Vec::new();
-        while let Some((at, _, _)) = departed.front() {
-            if now.duration_since(*at) < self.linger && departed.len() <= MAX_DEPARTED {
+        while let Some(d) = departed.queue.front() {
+            if now.duration_since(d.at) < self.linger && departed.queue.len() <= MAX_DEPARTED {
                 break;
             }
-            if let Some(d) = departed.pop_front() {
-                expired.push(d);
-            }
+            expired.extend(departed.pop_front());
         }
         drop(departed);
-        for (_, digest, have) in expired {
-            self.forget(&digest, &have);
+        for d in expired {
+            self.forget(&d.digest, &d.have);
         }
     }
 
@@ -194,14 +251,20 @@ impl SuperSeed {
     fn expire_departed(&self, now: Instant) {
         let mut departed = self.departed.lock().unwrap_or_else(|p| p.into_inner());
         let mut expired = Vec::new();
-        while departed.front().is_some_and(|(at, _, _)| now.duration_since(*at) >= self.linger) {
-            if let Some(d) = departed.pop_front() {
-                expired.push(d);
-            }
+        while departed.queue.front().is_some_and(|d| now.duration_since(d.at) >= self.linger) {
+            expired.extend(departed.pop_front());
         }
         drop(departed);
-        for (_, digest, have) in expired {
-            self.forget(&digest, &have);
+        for d in expired {
+            self.forget(&d.digest, &d.have);
+        }
+    }
+
+    /// Stop counting what `peer` held when it last left `digest` (it is back, and says anew).
+    fn forget_departed(&self, digest: &Digest, peer: PeerId) {
+        let gone = self.departed.lock().unwrap_or_else(|p| p.into_inner()).take(digest, peer);
+        for have in gone {
+            self.forget(digest, &have);
         }
     }
 
@@ -310,15 +373,16 @@ mod tests {
         let (d, a, b) = (digest(), PeerId::random(), PeerId::random());
         send_out(&s, &d, &[1, 2]);
         std::thread::sleep(Duration::from_millis(5));
-        let holder = s.join(&d, &bits(N, &[1]));
-        let mut other = s.join(&d, &bits(N, &[]));
+        let holder_id = PeerId::random();
+        let holder = s.join(&d, &bits(N, &[1]), holder_id);
+        let mut other = s.join(&d, &bits(N, &[]), PeerId::random());
         assert!(!s.claim(&d, 1, a, N, Instant::now()), "peer holding piece 1 is connected");
         assert!(!s.claim(&d, 1, a, N, Instant::now()), "asking again at once changes nothing");
         assert!(s.claim(&d, 0, a, N, Instant::now()), "nobody holds piece 0");
         assert!(s.gained(&d, 2));
         other.set(2).unwrap();
         assert!(!s.claim(&d, 2, b, N, Instant::now()), "announced with have");
-        s.leave(&d, &holder, Instant::now());
+        s.leave(&d, &holder, holder_id, Instant::now());
         assert!(!s.claim(&d, 1, b, N, Instant::now()), "a peer that just left still seeds what it has");
         s.forget(&d, &holder);
         assert!(s.claim(&d, 1, b, N, Instant::now()), "the only holder of piece 1 is gone");
@@ -346,7 +410,7 @@ mod tests {
         let s = SuperSeed::new(Duration::from_millis(1));
         let (d, a) = (digest(), PeerId::random());
         // A liar claims the whole blob before anything was sent.
-        let counted = s.join(&d, &bits(N, &[0, 1, 2, 3]));
+        let counted = s.join(&d, &bits(N, &[0, 1, 2, 3]), PeerId::random());
         assert_eq!(counted.count(), 0);
         assert!(!s.gained(&d, 3), "a have for a piece never sent out is ignored too");
         for i in 0..N {
@@ -354,7 +418,7 @@ mod tests {
         }
         std::thread::sleep(Duration::from_millis(5));
         // Once a piece is out, a holder's claim to it counts.
-        let honest = s.join(&d, &bits(N, &[2]));
+        let honest = s.join(&d, &bits(N, &[2]), PeerId::random());
         assert_eq!(honest.iter_set().collect::<Vec<_>>(), [2]);
         assert!(!s.claim(&d, 2, PeerId::random(), N, Instant::now()));
     }
@@ -376,7 +440,7 @@ mod tests {
         let s = SuperSeed::with_timing(Duration::from_millis(1), reask, HOLDER_LINGER);
         let (d, a) = (digest(), PeerId::random());
         send_out(&s, &d, &[2]);
-        s.join(&d, &bits(N, &[2]));
+        s.join(&d, &bits(N, &[2]), PeerId::random());
         let t = Instant::now();
         assert!(!s.claim(&d, 2, a, N, t));
         let later = t + reask + Duration::from_millis(50);
@@ -396,8 +460,8 @@ mod tests {
         let (d, a) = (digest(), PeerId::random());
         send_out(&s, &d, &[2]);
         std::thread::sleep(Duration::from_millis(5));
-        s.join(&d, &bits(N, &[2]));
-        s.join(&d, &bits(N, &[2]));
+        s.join(&d, &bits(N, &[2]), PeerId::random());
+        s.join(&d, &bits(N, &[2]), PeerId::random());
         let t = Instant::now();
         assert!(!s.claim(&d, 2, a, N, t));
         // Two agents hold it: a requester whose own peers lack it will find it soon, and in
@@ -419,10 +483,40 @@ mod tests {
         let (d, a) = (digest(), PeerId::random());
         send_out(&s, &d, &[0, 1]);
         std::thread::sleep(Duration::from_millis(5));
-        let holder = s.join(&d, &bits(N, &[0, 1]));
-        s.leave(&d, &holder, Instant::now());
+        let holder_id = PeerId::random();
+        let holder = s.join(&d, &bits(N, &[0, 1]), holder_id);
+        s.leave(&d, &holder, holder_id, Instant::now());
         assert!(!s.claim(&d, 0, a, N, Instant::now()), "it just finished and still seeds");
         std::thread::sleep(linger + Duration::from_millis(50));
         assert!(s.claim(&d, 1, a, N, Instant::now()), "long gone: the origin serves it");
+    }
+
+    #[test]
+    fn a_departed_peer_that_connects_again_counts_for_what_it_holds_now() {
+        let s = SuperSeed::new(Duration::from_millis(1));
+        let (d, a, b) = (digest(), PeerId::random(), PeerId::random());
+        send_out(&s, &d, &[0, 1, 2]);
+        std::thread::sleep(Duration::from_millis(5));
+        let held = s.join(&d, &bits(N, &[0, 1, 2]), a);
+        s.leave(&d, &held, a, Instant::now());
+        let other = s.join(&d, &bits(N, &[2]), b);
+        s.leave(&d, &other, b, Instant::now());
+        assert!(!s.claim(&d, 0, b, N, Instant::now()), "`a` left just now and still seeds piece 0");
+        // `a` lost the blob and asks for it again: its own old copy is no reason to send it away.
+        let again = s.join(&d, &bits(N, &[]), a);
+        assert_eq!(again.count(), 0);
+        assert!(s.claim(&d, 0, a, N, Instant::now()), "nobody but `a` itself ever held piece 0");
+        assert!(!s.claim(&d, 2, a, N, Instant::now()), "`b`, gone just now, still seeds piece 2");
+        s.leave(&d, &again, a, Instant::now());
+        // Coming back twice (and a third time) is counted once.
+        let mut twice = s.join(&d, &bits(N, &[1]), a);
+        s.leave(&d, &twice, a, Instant::now());
+        twice = s.join(&d, &bits(N, &[1]), a);
+        assert_eq!(
+            s.holders().get(&d).map(|h| (h.connections, h.counts[1])),
+            Some((2, 1)),
+            "`a` now, `b` departed"
+        );
+        s.leave(&d, &twice, a, Instant::now());
     }
 }

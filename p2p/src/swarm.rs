@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::announcer::Announcer;
 use crate::blob::BlobPieces;
-use crate::conn::{self, Command, ConnEvent, ConnTimeouts};
+use crate::conn::{self, Command, ConnEvent, ConnId, ConnTimeouts};
 use crate::limiter::RateLimiter;
 use crate::metrics::SwarmMetrics;
 use crate::node::NodeFlow;
@@ -106,6 +106,8 @@ enum Event {
 }
 
 struct Peer {
+    /// The accepted connection to this peer (see [`ConnId`]).
+    conn: ConnId,
     commands: mpsc::Sender<Command>,
     received: Arc<AtomicU64>,
 }
@@ -248,28 +250,42 @@ impl Swarm {
     /// Feed one event to the state machine; returns what it decided.
     fn handle(&mut self, event: Event, now: Instant) -> Result<Vec<Action>, SwarmError> {
         match event {
-            Event::Conn(ConnEvent::Connected { peer, addr, bitfield, commands, received }) => {
+            Event::Conn(ConnEvent::Connected { peer, conn, addr, bitfield, commands, received }) => {
                 // Dropping `commands` of a refused connection closes it.
                 if self.state.connected(peer, addr, bitfield, now) {
                     tracing::trace!(%peer, %addr, "peer connected");
                     self.deps.metrics.connections.with_label_values(&["out"]).inc();
-                    self.peers.insert(peer, Peer { commands, received });
+                    self.peers.insert(peer, Peer { conn, commands, received });
                 }
             }
             Event::Conn(ConnEvent::ConnectFailed { addr, reason }) => {
                 tracing::debug!(%addr, %reason, "peer connect failed");
                 self.state.connect_failed(addr);
             }
-            Event::Conn(ConnEvent::Have { peer, index }) => self.state.have(&peer, index, now),
-            Event::Conn(ConnEvent::Declined { peer, index }) => self.state.declined(peer, index, now),
-            Event::Conn(ConnEvent::Piece { peer, index, data }) => {
-                tracing::trace!(%peer, index, "piece received");
-                self.store(peer, index, data)
+            Event::Conn(ConnEvent::Have { peer, conn, index }) => {
+                if self.is_live(&peer, conn) {
+                    self.state.have(&peer, index, now);
+                }
             }
-            Event::Conn(ConnEvent::Closed { peer, reason }) => {
+            Event::Conn(ConnEvent::Declined { peer, conn, index }) => {
+                if self.is_live(&peer, conn) {
+                    self.state.declined(peer, index, now);
+                }
+            }
+            Event::Conn(ConnEvent::Piece { peer, conn, index, data }) => {
+                if self.is_live(&peer, conn) {
+                    tracing::trace!(%peer, index, "piece received");
+                    self.store(peer, index, data);
+                }
+            }
+            Event::Conn(ConnEvent::Closed { peer, conn, reason }) => {
                 tracing::debug!(%peer, %reason, "peer connection closed");
-                self.state.closed(&peer);
-                self.forget(&peer);
+                // A refused connection (a duplicate of a connected peer's id) closes too, and
+                // one the swarm dropped closes after the fact: neither is the peer's now.
+                if self.is_live(&peer, conn) {
+                    self.state.closed(&peer);
+                    self.forget(&peer);
+                }
             }
             Event::Written { from, index, result } => {
                 let outcome = match result {
@@ -340,6 +356,11 @@ impl Swarm {
     }
 
     /// Drop a connection (closing it, if still open).
+    /// Whether `conn` is `peer`'s accepted connection.
+    fn is_live(&self, peer: &PeerId, conn: ConnId) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.conn == conn)
+    }
+
     fn forget(&mut self, peer: &PeerId) {
         if self.peers.remove(peer).is_some() {
             self.deps.metrics.connections.with_label_values(&["out"]).dec();
@@ -440,5 +461,92 @@ impl Swarm {
             }
             let _ = events.send(Event::Written { from, index, result }).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bitfield::Bitfield;
+    use crate::metainfo::Metainfo;
+    use shoal_registry::Algorithm;
+
+    struct NoFallback;
+
+    #[async_trait]
+    impl Fallback for NoFallback {
+        async fn fetch(&self, _offset: u64, _len: u64) -> Result<Bytes, String> {
+            Err("no fallback in this test".into())
+        }
+    }
+
+    /// A download of a 3 MiB blob holding nothing, with no tracker to reach.
+    fn swarm(dir: &tempfile::TempDir) -> Swarm {
+        let seed = dir.path().join("seed");
+        std::fs::write(&seed, vec![3u8; 3 << 20]).unwrap();
+        let meta = Arc::new(Metainfo::compute_file(&seed, Algorithm::Sha256).unwrap());
+        let pieces = Arc::new(BlobPieces::partial(&dir.path().join("want"), meta.clone()).unwrap());
+        let cfg = SwarmConfig::new(PeerId::random(), "127.0.0.1:1".parse().unwrap());
+        let tracker = Arc::new(TrackerClient::new(Vec::new(), Duration::from_secs(1)).unwrap());
+        let deps = SwarmDeps {
+            announcer: Announcer::spawn(tracker.clone()),
+            tracker,
+            ingress: Arc::new(RateLimiter::unlimited()),
+            metrics: SwarmMetrics::unregistered(),
+            node: NodeFlow::new(16),
+        };
+        let state = SwarmState::new(
+            cfg.scheduler.clone(),
+            cfg.peer_id,
+            cfg.advertise,
+            &meta,
+            pieces.have(),
+            Instant::now(),
+        )
+        .unwrap();
+        let (events_tx, _) = mpsc::channel(16);
+        Swarm { cfg, deps, pieces, fallback: Arc::new(NoFallback), state, peers: HashMap::new(), events_tx }
+    }
+
+    fn connected(s: &Swarm, peer: PeerId, conn: ConnId, port: u16) -> (Event, mpsc::Receiver<Command>) {
+        let (commands, rx) = mpsc::channel(4);
+        let event = ConnEvent::Connected {
+            peer,
+            conn,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            bitfield: Bitfield::full(s.pieces.metainfo().piece_count()),
+            commands,
+            received: Arc::new(AtomicU64::new(0)),
+        };
+        (Event::Conn(event), rx)
+    }
+
+    #[tokio::test]
+    async fn a_second_connection_claiming_a_connected_peers_id_neither_speaks_for_nor_closes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = swarm(&dir);
+        let now = Instant::now();
+        let (p, first, second) = (PeerId::random(), ConnId::next(), ConnId::next());
+        let (event, mut real) = connected(&s, p, first, 4001);
+        s.handle(event, now).unwrap();
+        // An impostor (or the same peer dialled at a second address) is refused as a duplicate:
+        // its command sender is dropped, and its task reports what it read, then its close.
+        let (event, mut refused) = connected(&s, p, second, 4002);
+        s.handle(event, now).unwrap();
+        assert!(refused.recv().await.is_none(), "the duplicate is closed");
+        s.handle(Event::Conn(ConnEvent::Have { peer: p, conn: second, index: 0 }), now).unwrap();
+        s.handle(Event::Conn(ConnEvent::Closed { peer: p, conn: second, reason: "refused".into() }), now)
+            .unwrap();
+        assert_eq!(s.state.peer_count(), 1, "the connected peer is still there");
+        assert!(s.peers.contains_key(&p));
+        assert!(
+            matches!(real.try_recv(), Err(mpsc::error::TryRecvError::Empty)),
+            "the connected peer's connection is still open"
+        );
+        // Its own close does close it.
+        s.handle(Event::Conn(ConnEvent::Closed { peer: p, conn: first, reason: "gone".into() }), now)
+            .unwrap();
+        assert_eq!(s.state.peer_count(), 0);
+        assert!(!s.peers.contains_key(&p));
     }
 }

@@ -309,3 +309,33 @@ async fn a_piece_just_verified_is_sent_from_memory_and_an_older_one_from_the_fil
     }
     server.abort();
 }
+
+#[tokio::test]
+async fn a_request_repeated_then_cancelled_leaves_nothing_promised_against_the_egress_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (meta, seeded) = seeded(&dir);
+    let len = meta.piece_len(0).unwrap();
+    // A piece a second: the limit admits two seconds' worth, two pieces, behind others.
+    let egress = Arc::new(RateLimiter::new(Some(len), len));
+    // No send slot ever comes free, so the request stays queued until cancelled.
+    let slots = Arc::new(Semaphore::new(0));
+    let server = PeerServer { egress: egress.clone(), upload_slots: Some(slots), ..server_of(seeded) };
+    let (addr, serving) = start(server).await;
+    let mut peer = raw_peer(addr, &meta).await;
+    for _ in 0..8 {
+        peer.send(Message::Request { index: 0 }).await.unwrap();
+    }
+    peer.send(Message::Cancel(0)).await.unwrap();
+    // Once the server has read it all, nothing is promised (the connection stays open, so its
+    // end gives nothing back): a request bigger than the whole budget is admitted, as it is
+    // only when nothing waits.
+    let end = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut admitted = false;
+    while !admitted && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        admitted = egress.admit(3 * len, MAX_EGRESS_WAIT);
+    }
+    assert!(admitted, "the repeated request kept bytes promised after its cancel");
+    drop(peer);
+    serving.abort();
+}

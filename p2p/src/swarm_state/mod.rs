@@ -347,10 +347,16 @@ impl<R: Rng + Clone> SwarmState<R> {
     }
 
     /// A connection's handshake succeeded. Returns whether to keep it (not banned, not a
-    /// duplicate, not ourselves, a bitfield of the right length).
+    /// duplicate, not ourselves, not posing as the HTTP fallback, a bitfield of the right
+    /// length). A peer naming itself [`ORIGIN_PEER`] would be asked for the fallback's pieces
+    /// and a bad one from it would end the download, or replace the fallback's bitfield.
     pub fn connected(&mut self, peer: PeerId, addr: SocketAddr, bitfield: Bitfield, now: Instant) -> bool {
         self.connecting.remove(&addr);
-        if self.blacklist.is_banned(&addr, now) || self.peers.contains_key(&peer) || peer == self.me {
+        if self.blacklist.is_banned(&addr, now)
+            || self.peers.contains_key(&peer)
+            || peer == self.me
+            || peer == ORIGIN_PEER
+        {
             return false;
         }
         // A new peer holding pieces we lack shows the swarm is alive, as a `have` does: our

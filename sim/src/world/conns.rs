@@ -87,8 +87,9 @@ impl Sim {
             return;
         };
         let (peer, addr) = (s.peer_id, s.addr);
+        let client_id = self.nodes[node].peer_id;
         let counted = match (&s.super_seed, &self.nodes[node].have[blob]) {
-            (Some(ss), Some(theirs)) => Some(ss.join(self.metas[blob].digest(), theirs)),
+            (Some(ss), Some(theirs)) => Some(ss.join(self.metas[blob].digest(), theirs, client_id)),
             _ => None,
         };
         let s = &mut self.nodes[server];
@@ -130,11 +131,12 @@ impl Sim {
         let counted = self.conn_mut(c).and_then(|k| k.counted.take());
         let now = self.instant();
         if established {
+            let client_id = self.nodes[node].peer_id;
             let s = &mut self.nodes[server];
             s.inbound_count -= 1;
             s.inbound[blob].retain(|&x| x != c);
             if let (Some(ss), Some(counted)) = (&s.super_seed, counted) {
-                ss.leave(self.metas[blob].digest(), &counted, now);
+                ss.leave(self.metas[blob].digest(), &counted, client_id, now);
             }
         }
         let peer = self.nodes[server].peer_id;

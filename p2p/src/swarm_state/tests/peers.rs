@@ -242,3 +242,13 @@ fn a_retiring_peer_keeps_the_piece_on_the_wire_and_gives_back_its_queue() {
     let stored = s.stored(peer(2), times[0].1, Stored::Ok, t + Duration::from_millis(300)).unwrap();
     assert!(stored.contains(&Action::Disconnect(peer(2))), "{stored:?}");
 }
+
+#[test]
+fn a_peer_posing_as_the_http_fallback_is_refused() {
+    let t0 = Instant::now();
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    s.announced(Some(vec![info(9, false)]), Duration::from_secs(5), t0);
+    assert!(!s.connected(ORIGIN_PEER, addr(9), Bitfield::full(4), t0), "the fallback's id is not a peer's");
+    assert_eq!(s.peer_count(), 0);
+    assert!(requests(&s.fill(t0, None, 0)).is_empty(), "nothing asked of it");
+}
