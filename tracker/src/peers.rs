@@ -68,6 +68,12 @@ impl Default for PeerStoreLimits {
     }
 }
 
+/// The least time between two sweeps of expired entries that refused announces start. A
+/// sweep walks every entry under the tracker's lock, so an announcer at its quota (or a full
+/// store) that kept announcing new digests made every one of its requests' 256 announces a
+/// walk of the whole store; the periodic sweep (`api.rs`) runs besides.
+pub const ON_DEMAND_SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 /// Announced peers per digest.
 pub struct PeerStore {
     limits: PeerStoreLimits,
@@ -75,6 +81,9 @@ pub struct PeerStore {
     swarms: HashMap<Digest, BTreeMap<String, Entry>>,
     /// Live announcements per announcer.
     held: HashMap<Arc<str>, usize>,
+    /// When expired entries were last dropped, and how many times that has been done.
+    last_sweep: Option<Instant>,
+    sweeps: u64,
 }
 
 /// One fewer announcement held by `announcer`.
@@ -89,7 +98,7 @@ fn release(held: &mut HashMap<Arc<str>, usize>, announcer: &Arc<str>) {
 
 impl PeerStore {
     pub fn new(limits: PeerStoreLimits) -> PeerStore {
-        PeerStore { limits, swarms: HashMap::new(), held: HashMap::new() }
+        PeerStore { limits, swarms: HashMap::new(), held: HashMap::new(), last_sweep: None, sweeps: 0 }
     }
 
     /// Record (or refresh) an announcement, charged to the peer itself; `false` if refused.
@@ -123,13 +132,13 @@ impl PeerStore {
         };
         if !refresh && self.held.get(announcer).copied().unwrap_or(0) >= self.limits.max_entries_per_announcer
         {
-            self.expire(now);
+            self.expire_if_due(now);
             if self.held.get(announcer).copied().unwrap_or(0) >= self.limits.max_entries_per_announcer {
                 return Err(Refused::AnnouncerFull);
             }
         }
         if !self.swarms.contains_key(digest) && self.swarms.len() >= self.limits.max_digests {
-            self.expire(now);
+            self.expire_if_due(now);
             if self.swarms.len() >= self.limits.max_digests {
                 return Err(Refused::StoreFull);
             }
@@ -190,8 +199,18 @@ impl PeerStore {
         }
     }
 
+    /// [`PeerStore::expire`], unless that was done less than [`ON_DEMAND_SWEEP_EVERY`] ago.
+    fn expire_if_due(&mut self, now: Instant) {
+        if self.last_sweep.is_some_and(|at| now.saturating_duration_since(at) < ON_DEMAND_SWEEP_EVERY) {
+            return;
+        }
+        self.expire(now);
+    }
+
     /// Drop expired announcements.
     pub fn expire(&mut self, now: Instant) {
+        self.last_sweep = Some(now);
+        self.sweeps += 1;
         let held = &mut self.held;
         self.swarms.retain(|_, swarm| {
             swarm.retain(|_, e| {
@@ -386,5 +405,35 @@ mod tests {
         // Once it has expired, the id is free again.
         let later = now + store.limits.ttl + Duration::from_secs(1);
         assert_eq!(store.announce_by("intruder", &d, "p", addr(66), true, later), Ok(()));
+    }
+
+    #[test]
+    fn refused_announces_sweep_the_store_at_most_once_a_second() {
+        let now = Instant::now();
+        let limits =
+            PeerStoreLimits { max_entries_per_announcer: 3, max_digests: 5, ..PeerStoreLimits::default() };
+        let mut store = PeerStore::new(limits);
+        for i in 0..3 {
+            assert_eq!(store.announce_by("node-a", &digest(&i.to_string()), "p", addr(1), true, now), Ok(()));
+        }
+        for i in 3..5 {
+            assert_eq!(store.announce_by("node-b", &digest(&i.to_string()), "p", addr(2), true, now), Ok(()));
+        }
+        // An announcer at its quota, and another facing a full store, keep asking.
+        for i in 0..1000 {
+            let d = digest(&format!("new-{i}"));
+            assert_eq!(store.announce_by("node-a", &d, "p", addr(1), true, now), Err(Refused::AnnouncerFull));
+            assert_eq!(store.announce_by("node-c", &d, "p", addr(3), true, now), Err(Refused::StoreFull));
+        }
+        assert_eq!(store.sweeps, 1, "2,000 refusals in the same second walked the store once");
+        let later = now + ON_DEMAND_SWEEP_EVERY;
+        assert_eq!(
+            store.announce_by("node-a", &digest("x"), "p", addr(1), true, later),
+            Err(Refused::AnnouncerFull)
+        );
+        assert_eq!(store.sweeps, 2);
+        // What expires is still found by the next sweep.
+        let expired = now + store.limits.ttl + Duration::from_secs(1);
+        assert_eq!(store.announce_by("node-c", &digest("x"), "p", addr(3), true, expired), Ok(()));
     }
 }
