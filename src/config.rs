@@ -139,6 +139,9 @@ pub struct Limits {
     pub body_idle_timeout: Duration,
     /// Slowest accepted request body, bytes per second averaged over `body_idle_timeout`.
     pub body_min_rate: ByteSize,
+    /// A response the client takes no byte of this long closes its connection.
+    #[serde(with = "humantime_serde")]
+    pub send_idle_timeout: Duration,
     /// Peer connections from one IP address at once; more are closed at once.
     pub max_peer_connections_per_address: usize,
     /// On SIGTERM, `/readyz` answers 503 this long before the listener closes.
@@ -158,6 +161,7 @@ impl Default for Limits {
             header_read_timeout: crate::http_server::DEFAULT_HEADER_READ_TIMEOUT,
             body_idle_timeout: crate::http_server::DEFAULT_BODY_IDLE_TIMEOUT,
             body_min_rate: ByteSize::b(crate::http_server::DEFAULT_BODY_MIN_RATE),
+            send_idle_timeout: crate::http_server::DEFAULT_SEND_IDLE_TIMEOUT,
             max_peer_connections_per_address: shoal_p2p::server::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             drain_delay: crate::http_server::DEFAULT_DRAIN_DELAY,
             shutdown_timeout: crate::http_server::DEFAULT_SHUTDOWN_TIMEOUT,
@@ -173,6 +177,7 @@ impl Limits {
             header_read_timeout: self.header_read_timeout,
             body_idle_timeout: self.body_idle_timeout,
             body_min_rate: self.body_min_rate.as_u64(),
+            send_idle_timeout: self.send_idle_timeout,
             drain_delay: self.drain_delay,
             shutdown_timeout: self.shutdown_timeout,
         }
@@ -320,6 +325,7 @@ mod tests {
             header_read_timeout = "5s"
             body_idle_timeout = "10s"
             body_min_rate = "2KiB"
+            send_idle_timeout = "45s"
             max_connections = 100
             max_peer_connections_per_address = 8
             [auth]
@@ -336,6 +342,7 @@ mod tests {
         assert_eq!(http.header_read_timeout, Duration::from_secs(5));
         assert_eq!(http.body_idle_timeout, Duration::from_secs(10));
         assert_eq!(http.body_min_rate, 2048);
+        assert_eq!(http.send_idle_timeout, Duration::from_secs(45));
         assert_eq!(http.max_connections, 100);
         assert_eq!(c.limits.max_peer_connections_per_address, 8);
         assert_eq!(c.auth.users.len(), 1);

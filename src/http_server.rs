@@ -6,7 +6,9 @@
 //! Together with uploads that never wait for the network on a blocking thread, these keep a
 //! server answering while clients trickle bytes: a trickling body fails after one window
 //! (its upload session stays resumable), a half-sent head is dropped after
-//! `header_read_timeout`, and a connection flood queues in the kernel's backlog instead of
+//! `header_read_timeout`, a response the client stops reading is dropped after
+//! `send_idle_timeout` (with what it held: an agent's blob stays pinned against eviction while
+//! it is served), and a connection flood queues in the kernel's backlog instead of
 //! exhausting file descriptors.
 
 use std::future::Future;
@@ -38,6 +40,9 @@ pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default slowest accepted request body, in bytes per second averaged over a window: far
 /// below any real link, far above a byte a second.
 pub const DEFAULT_BODY_MIN_RATE: u64 = 1024;
+/// Default time a response may wait for the client to take another byte (as nginx's
+/// `send_timeout`): a client whose receive window stays shut this long has stopped reading.
+pub const DEFAULT_SEND_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default time `/readyz` answers 503 before the listener closes. Zero: a process outside
 /// Kubernetes stops at once; the Helm chart sets a few seconds.
@@ -67,6 +72,9 @@ pub struct HttpLimits {
     pub body_idle_timeout: Duration,
     /// Bytes per second; see `body_idle_timeout`.
     pub body_min_rate: u64,
+    /// A write to the client that makes no progress this long closes the connection, and with
+    /// it the response and whatever it held. Zero: no limit.
+    pub send_idle_timeout: Duration,
     /// After the process is asked to stop, `/readyz` answers 503 this long before the listener
     /// closes (time for load balancers and Kubernetes endpoints to stop sending).
     pub drain_delay: Duration,
@@ -82,6 +90,7 @@ impl Default for HttpLimits {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
             body_min_rate: DEFAULT_BODY_MIN_RATE,
+            send_idle_timeout: DEFAULT_SEND_IDLE_TIMEOUT,
             drain_delay: DEFAULT_DRAIN_DELAY,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
         }
@@ -202,6 +211,7 @@ async fn serve_connection<S>(
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new());
     builder.header_read_timeout(nonzero(limits.header_read_timeout));
+    let stream = SendGuard::new(stream, nonzero(limits.send_idle_timeout));
     let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(stream), service));
     let mut stopping = false;
     loop {
@@ -222,6 +232,86 @@ async fn serve_connection<S>(
 
 fn nonzero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
+}
+
+/// A connection's byte stream whose writes fail with `TimedOut` once one has waited `limit`
+/// without the client taking a byte. Hyper has no write timeout of its own: a client that
+/// asks for a blob and never reads would hold its connection, the response's task and (on an
+/// agent) the blob's pin against eviction for good. Any progress starts the wait anew, so a
+/// slow reader is never cut off, only one that stopped.
+struct SendGuard<S> {
+    inner: S,
+    limit: Option<Duration>,
+    /// Set while a write is blocked: when it gives up.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> SendGuard<S> {
+    fn new(inner: S, limit: Option<Duration>) -> SendGuard<S> {
+        SendGuard { inner, limit, stalled: None }
+    }
+
+    /// What a write that returned `poll` means: progress clears the stall, a block starts or
+    /// checks its deadline.
+    fn judge<T>(&mut self, cx: &mut Context<'_>, poll: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let Some(limit) = self.limit else { return Poll::Pending };
+        let deadline = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => {
+                let message = format!("the client took no byte of the response for {}s", limit.as_secs_f64());
+                Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, message)))
+            }
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for SendGuard<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for SendGuard<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.judge(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.judge(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.judge(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.judge(cx, poll)
+    }
 }
 
 /// A request body that fails with `TimedOut` when the client sends it too slowly: fewer than

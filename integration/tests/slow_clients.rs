@@ -240,6 +240,78 @@ async fn slow_heads_and_bodies_are_cut_off_and_uploads_resume() {
     client.finish_upload(&chunked, &shoal_integration::sha256(&whole), &[]).await.expect(StatusCode::CREATED);
 }
 
+/// A GET of `path` on a new connection to `addr`.
+async fn blob_request(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect for a blob");
+    let head = format!("GET {path} HTTP/1.1\r\nHost: reader\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.expect("send the request");
+    stream
+}
+
+/// Reads `stream` until it ends (end of stream, a reset, or `limit` without a byte); the bytes
+/// read and whether the server closed it.
+async fn read_to_end_or_close(stream: &mut TcpStream, limit: Duration) -> (usize, bool) {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        match tokio::time::timeout(limit, stream.read(&mut buf)).await {
+            Err(_) => return (total, false),
+            Ok(Ok(0)) | Ok(Err(_)) => return (total, true),
+            Ok(Ok(n)) => total += n,
+        }
+    }
+}
+
+/// A client that asks for a blob and stops reading loses its connection after
+/// `send_idle_timeout` (the server holds nothing for it any longer); one that reads slowly,
+/// pausing less than that between reads, gets the whole blob.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_a_blob_is_cut_off_and_a_slow_one_is_not() {
+    skip_if_external!(SKIP);
+    let origin = Origin::start_with_config("[limits]\nsend_idle_timeout = \"3s\"\n").await;
+    let client = origin.client();
+    let repo = unique_repo("stalled");
+    // More than loopback's socket buffers and the server's own hold, so the sender blocks.
+    let data = random_bytes(32 << 20);
+    let digest = client.push_blob(&repo, &data).await;
+    let path = format!("/v2/{repo}/blobs/{digest}");
+    let addr = http_addr(&origin);
+
+    let mut stopped = blob_request(addr, &path).await;
+    let mut slow = blob_request(addr, &path).await;
+    // The slow reader takes a MiB every 400 ms for 4 s, then the rest at once. (The server's
+    // socket turns writable again once a third or so of its send buffer is free, so each of
+    // its writes waits up to two of these reads.)
+    let slow_reader = async {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0;
+        let until = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let mut chunk = 0;
+            while chunk < buf.len() {
+                match slow.read(&mut buf[chunk..]).await {
+                    Ok(0) | Err(_) => return (total + chunk, true),
+                    Ok(n) => chunk += n,
+                }
+            }
+            total += chunk;
+        }
+        let (rest, closed) = read_to_end_or_close(&mut slow, Duration::from_secs(2)).await;
+        (total + rest, closed)
+    };
+    let ((slow_bytes, slow_closed), ()) =
+        tokio::join!(slow_reader, tokio::time::sleep(Duration::from_secs(5)));
+    let (stopped_bytes, stopped_closed) = read_to_end_or_close(&mut stopped, Duration::from_secs(5)).await;
+    eprintln!(
+        "stopped reader: {stopped_bytes} bytes, closed {stopped_closed}; slow reader: {slow_bytes} bytes"
+    );
+    assert!(stopped_closed, "a reader that stopped kept its connection");
+    assert!(stopped_bytes < data.len(), "a reader that stopped for 5 s got the whole blob: not cut off");
+    assert!(slow_bytes > data.len(), "the slow reader got {slow_bytes} bytes of a {} byte blob", data.len());
+    assert!(!slow_closed, "the slow reader's keep-alive connection was closed");
+}
+
 /// Connects to `to` from `from` (any 127.0.0.0/8 address works on loopback), so a flood can
 /// come from addresses other than the real peer's.
 async fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
