@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod disk;
 pub mod downloads;
+pub mod manifest_cache;
 pub mod mirror;
 pub mod origin_client;
 pub mod preheat;

@@ -1,6 +1,7 @@
 //! [`AgentStore`]: the agent's read-only registry storage. Tags are resolved at the origin
-//! (cached a few seconds at most), manifests are cached by digest, blobs come from the local
-//! cache or the swarm. Writes never reach it: the agent's router is read-only.
+//! (cached a few seconds at most), manifests are cached by digest within a byte budget
+//! ([`ManifestCache`]), blobs come from the local cache or the swarm. Writes never reach it:
+//! the agent's router is read-only.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,11 +18,10 @@ use shoal_registry::auth::{forwarded_authorization, FORWARD_AUTHORIZATION};
 use shoal_registry::mirror::wait_for_fetch;
 
 use crate::downloads::Downloads;
+use crate::manifest_cache::{ManifestCache, DEFAULT_MANIFEST_CACHE_BYTES};
 use crate::mirror::{upstream_credentials, Registries};
 use crate::origin_client::OriginClient;
 
-/// Manifests kept in memory (they are small and content-addressed).
-const MAX_MANIFESTS: usize = 10_000;
 /// (repository, blob) pairs the origin confirmed, so cached blobs need no round trip.
 const MAX_CONFIRMED: usize = 100_000;
 
@@ -29,9 +29,7 @@ const MAX_CONFIRMED: usize = 100_000;
 pub struct AgentStore {
     origin: OriginClient,
     downloads: Arc<Downloads>,
-    tag_ttl: Duration,
-    tags: Mutex<HashMap<(RepoName, Tag), (Instant, StoredManifest)>>,
-    manifests: Mutex<HashMap<(RepoName, Digest), StoredManifest>>,
+    manifests: ManifestCache,
     confirmed: Mutex<HashMap<(RepoName, Digest), u64>>,
     /// With access control on, a blob is served through a repository only once the origin
     /// confirmed it belongs there (see `blob_size`).
@@ -67,9 +65,7 @@ impl AgentStore {
         AgentStore {
             origin,
             downloads,
-            tag_ttl,
-            tags: Mutex::new(HashMap::new()),
-            manifests: Mutex::new(HashMap::new()),
+            manifests: ManifestCache::new(tag_ttl, DEFAULT_MANIFEST_CACHE_BYTES),
             confirmed: Mutex::new(HashMap::new()),
             auth,
             registries,
@@ -265,28 +261,22 @@ impl RegistryStore for AgentStore {
         }
         match reference {
             Reference::Digest(d) => {
-                let key = (repo.clone(), d.clone());
-                if let Some(m) = lock(&self.manifests).get(&key) {
-                    return Ok(Some(m.clone()));
+                if let Some(m) = self.manifests.by_digest(repo, d) {
+                    return Ok(Some(m));
                 }
                 let found = self.origin.manifest(repo, &d.to_string()).await?;
                 if let Some(m) = &found {
-                    bounded_insert(&mut lock(&self.manifests), MAX_MANIFESTS, key, m.clone());
+                    self.manifests.insert(repo, None, m, Instant::now());
                 }
                 Ok(found)
             }
             Reference::Tag(t) => {
-                let key = (repo.clone(), t.clone());
-                if let Some((at, m)) = lock(&self.tags).get(&key) {
-                    if at.elapsed() < self.tag_ttl {
-                        return Ok(Some(m.clone()));
-                    }
+                if let Some(m) = self.manifests.by_tag(repo, t, Instant::now()) {
+                    return Ok(Some(m));
                 }
                 let found = self.origin.manifest(repo, t.as_str()).await?;
                 if let Some(m) = &found {
-                    bounded_insert(&mut lock(&self.tags), MAX_MANIFESTS, key, (Instant::now(), m.clone()));
-                    let by_digest = (repo.clone(), m.digest.clone());
-                    bounded_insert(&mut lock(&self.manifests), MAX_MANIFESTS, by_digest, m.clone());
+                    self.manifests.insert(repo, Some(t), m, Instant::now());
                 }
                 Ok(found)
             }

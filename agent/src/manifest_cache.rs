@@ -1,0 +1,175 @@
+//! The manifests an agent keeps in memory, so a pull's repeated asks (a tag, then its
+//! digest, then an index's platform manifest) need no round trip to the origin.
+//!
+//! A manifest may be up to 4 MiB and any client of port 5000 chooses which ones are asked
+//! for, so what is kept is bounded in bytes, not in entries: 10,000 entries of up to 4 MiB,
+//! once for each tag and again by digest, was up to 80 GiB. A tag keeps only its digest for
+//! `tag_ttl` (tags move), so its manifest's bytes are held once, by digest. Past the budget
+//! everything is dropped at once: entries are cheap to fetch again, and a cache that a client
+//! fills with junk then costs refetches, never memory.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use shoal_registry::store::StoredManifest;
+use shoal_registry::{Digest, RepoName, Tag};
+
+/// Default bytes of manifests kept (with [`ENTRY_OVERHEAD`] each): thousands of typical
+/// manifests (a few KiB each), sixteen of the largest allowed.
+pub const DEFAULT_MANIFEST_CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// Bytes charged per entry besides the manifest's own (keys, map slots), so many tiny
+/// manifests count too.
+const ENTRY_OVERHEAD: usize = 512;
+/// Tags remembered at once (each a name and a digest); past it, all are forgotten.
+const MAX_TAGS: usize = 10_000;
+
+/// Manifests by repository and digest within a byte budget, and each tag's digest for a while.
+pub struct ManifestCache {
+    budget: usize,
+    tag_ttl: Duration,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    by_digest: HashMap<(RepoName, Digest), StoredManifest>,
+    /// What `by_digest` holds, charged as in [`charge`].
+    bytes: usize,
+    tags: HashMap<(RepoName, Tag), (Instant, Digest)>,
+}
+
+fn charge(m: &StoredManifest) -> usize {
+    m.bytes.len() + ENTRY_OVERHEAD
+}
+
+impl ManifestCache {
+    /// A cache of at most `budget` bytes whose tags are trusted for `tag_ttl`.
+    pub fn new(tag_ttl: Duration, budget: usize) -> ManifestCache {
+        ManifestCache { budget, tag_ttl, inner: Mutex::new(Inner::default()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The manifest `digest` of `repo`, if kept.
+    pub fn by_digest(&self, repo: &RepoName, digest: &Digest) -> Option<StoredManifest> {
+        self.lock().by_digest.get(&(repo.clone(), digest.clone())).cloned()
+    }
+
+    /// The manifest `tag` of `repo` pointed to less than `tag_ttl` before `now`, if kept.
+    pub fn by_tag(&self, repo: &RepoName, tag: &Tag, now: Instant) -> Option<StoredManifest> {
+        let inner = self.lock();
+        let (at, digest) = inner.tags.get(&(repo.clone(), tag.clone()))?;
+        if now.saturating_duration_since(*at) >= self.tag_ttl {
+            return None;
+        }
+        inner.by_digest.get(&(repo.clone(), digest.clone())).cloned()
+    }
+
+    /// Keep `manifest` of `repo`, fetched at `now` by `tag` if given (else by its digest). One
+    /// bigger than the whole budget is not kept.
+    pub fn insert(&self, repo: &RepoName, tag: Option<&Tag>, manifest: &StoredManifest, now: Instant) {
+        let cost = charge(manifest);
+        if cost > self.budget {
+            return;
+        }
+        let mut inner = self.lock();
+        let key = (repo.clone(), manifest.digest.clone());
+        if let Some(old) = inner.by_digest.remove(&key) {
+            inner.bytes -= charge(&old);
+        }
+        if inner.bytes + cost > self.budget {
+            inner.by_digest.clear();
+            inner.tags.clear();
+            inner.bytes = 0;
+        }
+        inner.by_digest.insert(key, manifest.clone());
+        inner.bytes += cost;
+        if let Some(tag) = tag {
+            if inner.tags.len() >= MAX_TAGS {
+                inner.tags.clear();
+            }
+            inner.tags.insert((repo.clone(), tag.clone()), (now, manifest.digest.clone()));
+        }
+    }
+
+    /// Bytes kept now, as charged against the budget.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use shoal_registry::Algorithm;
+
+    fn manifest(seed: u32, len: usize) -> StoredManifest {
+        let mut bytes = vec![0u8; len];
+        bytes[..4].copy_from_slice(&seed.to_le_bytes());
+        StoredManifest {
+            digest: Digest::of(Algorithm::Sha256, &bytes),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            bytes: Bytes::from(bytes),
+        }
+    }
+
+    fn repo() -> RepoName {
+        "team/app".parse().unwrap()
+    }
+
+    fn tag(i: usize) -> Tag {
+        format!("t{i}").parse().unwrap()
+    }
+
+    #[test]
+    fn many_tags_of_one_manifest_hold_its_bytes_once() {
+        let cache = ManifestCache::new(Duration::from_secs(5), DEFAULT_MANIFEST_CACHE_BYTES);
+        let now = Instant::now();
+        for i in 0..300 {
+            // Each fetch by tag brings its own copy of the same bytes.
+            cache.insert(&repo(), Some(&tag(i)), &manifest(1, 1 << 20), now);
+        }
+        assert_eq!(cache.bytes(), (1 << 20) + ENTRY_OVERHEAD);
+        let m = manifest(1, 1 << 20);
+        assert_eq!(cache.by_tag(&repo(), &tag(7), now).map(|k| k.digest), Some(m.digest.clone()));
+        assert_eq!(cache.by_digest(&repo(), &m.digest).map(|k| k.bytes.len()), Some(1 << 20));
+    }
+
+    #[test]
+    fn what_is_kept_stays_within_the_budget() {
+        let budget = 16 << 20;
+        let cache = ManifestCache::new(Duration::from_secs(5), budget);
+        let now = Instant::now();
+        for i in 0..300 {
+            cache.insert(&repo(), Some(&tag(i)), &manifest(i as u32, 1 << 20), now);
+            assert!(cache.bytes() <= budget, "{} bytes kept after {i}", cache.bytes());
+        }
+        let last = manifest(299, 1 << 20);
+        assert!(cache.by_digest(&repo(), &last.digest).is_some(), "the newest is kept");
+        // One bigger than the budget is served but not kept.
+        cache.insert(&repo(), None, &manifest(9, budget), now);
+        assert!(cache.by_digest(&repo(), &manifest(9, budget).digest).is_none());
+        assert!(cache.by_digest(&repo(), &last.digest).is_some(), "and pushes nothing out");
+    }
+
+    #[test]
+    fn a_tag_is_trusted_for_its_ttl_and_per_repository() {
+        let cache = ManifestCache::new(Duration::from_secs(5), DEFAULT_MANIFEST_CACHE_BYTES);
+        let now = Instant::now();
+        let m = manifest(3, 100);
+        cache.insert(&repo(), Some(&tag(1)), &m, now);
+        assert!(cache.by_tag(&repo(), &tag(1), now + Duration::from_secs(4)).is_some());
+        assert!(
+            cache.by_tag(&repo(), &tag(1), now + Duration::from_secs(5)).is_none(),
+            "the tag may have moved"
+        );
+        assert!(cache.by_digest(&repo(), &m.digest).is_some(), "the digest does not move");
+        let other: RepoName = "team/other".parse().unwrap();
+        assert!(cache.by_tag(&other, &tag(1), now).is_none());
+        assert!(cache.by_digest(&other, &m.digest).is_none(), "only where the origin said it is");
+    }
+}
