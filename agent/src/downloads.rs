@@ -272,7 +272,12 @@ impl Downloads {
         let task = download.clone();
         let digest = digest.clone();
         tokio::spawn(async move {
-            let result = this.run(&task, fallback, &digest, source, &claim).await;
+            // A panic must still end the download: left in `active`, its digest would be
+            // joined by every later pull and never finish.
+            let run = std::panic::AssertUnwindSafe(this.run(&task, fallback, &digest, source, &claim));
+            let result = futures_util::FutureExt::catch_unwind(run)
+                .await
+                .unwrap_or_else(|_| Err("the download panicked".to_string()));
             if let Err(e) = &result {
                 tracing::warn!(%digest, error = %e, "download failed");
             }
