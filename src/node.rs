@@ -346,31 +346,53 @@ impl SetupPlan {
     }
 }
 
+/// Copy the CA certificate at `source` into `data_dir` as [`MIRROR_CA_FILE`] (a new file,
+/// synced, renamed over the old one); where it went.
+fn write_mirror_ca(source: &Path, data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let pem = std::fs::read(source).with_context(|| format!("reading {}", source.display()))?;
+    anyhow::ensure!(
+        String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----"),
+        "{} holds no PEM certificate",
+        source.display()
+    );
+    let target = data_dir.join(MIRROR_CA_FILE);
+    let tmp = data_dir.join(format!("{MIRROR_CA_FILE}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(&pem).with_context(|| format!("writing {}", tmp.display()))?;
+    file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &target).with_context(|| format!("renaming to {}", target.display()))?;
+    Ok(target)
+}
+
 /// Do `setup`; returns one line per thing done.
 fn setup_blocking(plan: &SetupPlan) -> anyhow::Result<Vec<String>> {
     let mut report = Vec::new();
     if let Some(data_dir) = &plan.data_dir {
         std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        if let Some((source, _)) = &plan.mirror_ca {
+            // Written while this process owns the directory: the chart's init container is
+            // root with CAP_CHOWN alone (no CAP_DAC_OVERRIDE), so in a directory already
+            // handed to the agent's user (a pod's restart) it could not create a file.
+            if plan.owner.is_some() {
+                let me = (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw());
+                std::os::unix::fs::chown(data_dir, Some(me.0), Some(me.1))
+                    .with_context(|| format!("chown {}:{} {}", me.0, me.1, data_dir.display()))?;
+            }
+            let target = write_mirror_ca(source, data_dir)?;
+            report.push(format!("mirror CA: {}", target.display()));
+        }
         match plan.owner {
             Some((uid, gid)) => {
                 std::os::unix::fs::chown(data_dir, Some(uid), Some(gid))
                     .with_context(|| format!("chown {uid}:{gid} {}", data_dir.display()))?;
-                report.push(format!("data dir {}: ready, owned by {uid}:{gid}", data_dir.display()));
+                report.insert(0, format!("data dir {}: ready, owned by {uid}:{gid}", data_dir.display()));
             }
-            None => report.push(format!("data dir {}: ready", data_dir.display())),
-        }
-        if let Some((source, _)) = &plan.mirror_ca {
-            let pem = std::fs::read(source).with_context(|| format!("reading {}", source.display()))?;
-            anyhow::ensure!(
-                String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----"),
-                "{} holds no PEM certificate",
-                source.display()
-            );
-            let target = data_dir.join(MIRROR_CA_FILE);
-            let tmp = data_dir.join(format!("{MIRROR_CA_FILE}.tmp"));
-            std::fs::write(&tmp, &pem).with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::rename(&tmp, &target).with_context(|| format!("renaming to {}", target.display()))?;
-            report.push(format!("mirror CA: {}", target.display()));
+            None => report.insert(0, format!("data dir {}: ready", data_dir.display())),
         }
     }
     for registry in &plan.registries {
