@@ -14,7 +14,7 @@ use std::time::Duration;
 use shoal_origin::cluster::coordinator::Coordinator;
 use shoal_origin::cluster::gc::{GcError, GcSettings, READ_TO_WRITE_DEADLINE};
 use shoal_origin::cluster::node::Node;
-use shoal_origin::cluster::record::{Record, RecordKey, RecordValue, Version};
+use shoal_origin::cluster::record::{Record, RecordKey, RecordKind, RecordValue, Version};
 use shoal_origin::cluster::repair::Repairer;
 use shoal_origin::cluster::store::ClusterStore;
 use shoal_registry::store::Reference;
@@ -128,6 +128,48 @@ async fn a_write_that_cannot_reach_its_quorum_fails_and_links_nothing() {
     assert_eq!(store0.blob_size(&repo, &d).await.unwrap(), None, "a failed push is not visible");
     let tag = store0.manifest_get(&repo, &Reference::Tag("latest".parse().unwrap())).await.unwrap();
     assert!(tag.is_none());
+}
+
+/// GC's mark must see every owner's manifests. When the owners of a repository fail to list
+/// them (a scan that times out, or an answer too big to take) and the other origin answers
+/// that it does not know the repository, GC used to mark the repository empty and unlink, then
+/// delete, the layers of its live images. Now GC stops, and the image stays whole; reads of
+/// the repository's records say "unavailable", not "unknown".
+#[tokio::test]
+async fn gc_stops_when_the_owners_cannot_list_a_repositorys_manifests() {
+    let (world, cs) = world().await;
+    let lead = leading(&cs);
+    let repo: RepoName = (0..)
+        .map(|i| format!("team/listed{i}"))
+        .find(|r| !owners(r).contains(lead.me()))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let store = ClusterStore::new(cs[0].clone());
+    let config = push(&store, &repo, b"{}").await.unwrap();
+    let layer = push(&store, &repo, b"layer").await.unwrap();
+    let m = manifest(&config, &layer);
+    store.manifest_put(&repo, Some(&"v1".parse().unwrap()), m.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for owner in owners(repo.as_str()) {
+        world.nodes[&owner].failing_manifest_scans.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    let scanned = lead.scan_records(repo.as_str(), RecordKind::Manifest, None).await;
+    assert!(matches!(scanned, Err(StoreError::Unavailable(_))), "{scanned:?}");
+    for _ in 0..3 {
+        let result = shoal_origin::cluster::gc::collect(&lead, quick_gc()).await;
+        assert!(matches!(result, Err(GcError::Store(StoreError::Unavailable(_)))), "{result:?}");
+        tokio::time::sleep(quick_gc().quarantine).await;
+    }
+    for owner in owners(repo.as_str()) {
+        world.nodes[&owner].failing_manifest_scans.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+    assert_image_whole(&cs, &repo, "v1", &m.digest, &[(&layer, b"layer"), (&config, b"{}")]).await;
+    assert_eq!(holders(&world, &layer).await, owners(&layer.to_string()));
+    // With the owners answering again, GC runs and finds nothing to take.
+    let report = shoal_origin::cluster::gc::collect(&lead, quick_gc()).await.unwrap();
+    assert_image_whole(&cs, &repo, "v1", &m.digest, &[(&layer, b"layer"), (&config, b"{}")]).await;
+    assert_eq!((report.quarantined_blobs, report.swept_blobs), (0, 0), "{report:?}");
 }
 
 /// The race users hit: GC marks a layer unreferenced, then `docker push` of a new image that

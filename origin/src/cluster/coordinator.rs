@@ -260,23 +260,25 @@ impl Coordinator {
         let r = self.replication.replicas.min(ranked.len());
         let answers = self.ask(&ranked[..r], |n| async move { n.records_get(repo, keys).await }).await;
         let mut merged: Vec<Option<Record>> = vec![None; keys.len()];
-        let mut answered = 0;
+        let mut owners_answered = 0;
         for (_, answer) in &answers {
             if let Ok(records) = answer {
-                answered += 1;
+                owners_answered += 1;
                 merge_into(&mut merged, records);
             }
         }
-        if merged.iter().any(Option::is_none) || answered == 0 {
+        if merged.iter().any(Option::is_none) || owners_answered == 0 {
             let more = self.ask(&ranked[r..], |n| async move { n.records_get(repo, keys).await }).await;
             for (_, answer) in &more {
                 if let Ok(records) = answer {
-                    answered += 1;
                     merge_into(&mut merged, records);
                 }
             }
         }
-        if answered == 0 {
+        // What the other origins hold is only added to an owner's answer: with no owner
+        // answering, "not found" is not known (a client would take a 404 for good, a manifest
+        // put would call its blobs unknown), only what some origin still had.
+        if owners_answered == 0 && merged.iter().any(Option::is_none) {
             let why = answers.into_iter().find_map(|(_, a)| a.err()).map(|e| e.to_string());
             return Err(unavailable(&format!("metadata of {repo}"), why));
         }
@@ -286,23 +288,51 @@ impl Coordinator {
     }
 
     /// Every record of `kind` in `repo` across its owners, newest copy of each key; `None`
-    /// when no origin knows the repository.
+    /// when no origin knows the repository (and an owner answered so). An owner
+    /// that fails is left out when another answers: see [`Coordinator::scan_every_owner`]
+    /// for a scan that must miss nothing.
     pub async fn scan_records(
         &self,
         repo: &str,
         kind: RecordKind,
         subject: Option<&Digest>,
     ) -> Result<Option<Vec<Record>>, StoreError> {
+        self.scan(repo, kind, subject, false).await
+    }
+
+    /// [`Coordinator::scan_records`] that fails unless every owner answered: garbage
+    /// collection's mark, where a record missed (an owner's scan timed out, or its answer was
+    /// too big) is a blob taken for garbage while a manifest still uses it.
+    pub async fn scan_every_owner(
+        &self,
+        repo: &str,
+        kind: RecordKind,
+    ) -> Result<Option<Vec<Record>>, StoreError> {
+        self.scan(repo, kind, None, true).await
+    }
+
+    async fn scan(
+        &self,
+        repo: &str,
+        kind: RecordKind,
+        subject: Option<&Digest>,
+        every_owner: bool,
+    ) -> Result<Option<Vec<Record>>, StoreError> {
         let ranked = self.ranked(repo);
         let r = self.replication.replicas.min(ranked.len());
         let scan = |n: Arc<dyn Node>| async move { n.records_scan(repo, kind, subject).await };
         let mut answers = self.ask(&ranked[..r], scan).await;
+        let owner_failed = answers.iter().any(|(_, a)| a.is_err());
+        let owner_answered = answers.iter().any(|(_, a)| a.is_ok());
         let known =
             |answers: &[Answer<Option<Vec<Record>>>]| answers.iter().any(|(_, a)| matches!(a, Ok(Some(_))));
         if !known(&answers) {
             answers.extend(self.ask(&ranked[r..], scan).await);
         }
-        if answers.iter().all(|(_, a)| a.is_err()) {
+        // Unknown only if an owner says so: the other origins may have nothing of a repository
+        // whose owners all failed to answer.
+        let unknown_unproven = !known(&answers) && !owner_answered;
+        if (every_owner && owner_failed) || unknown_unproven {
             let why = answers.into_iter().find_map(|(_, a)| a.err()).map(|e| e.to_string());
             return Err(unavailable(&format!("metadata of {repo}"), why));
         }

@@ -27,6 +27,9 @@ use shoal_registry::{Algorithm, ByteStream, Digest, RegistryStore, RepoName, Sto
 pub(crate) struct Switchable {
     pub(crate) inner: Arc<LocalNode>,
     pub(crate) down: AtomicBool,
+    /// Scans of manifest records fail (as one that times out, or whose answer is too big),
+    /// while every other call works.
+    pub(crate) failing_manifest_scans: AtomicBool,
     /// Holds one call (the first that matches, on any member) back until the test has done
     /// something in the middle of it; shared by all members.
     pub(crate) gate: Arc<Mutex<Option<Gate>>>,
@@ -149,6 +152,12 @@ impl Node for Switchable {
         subject: Option<&Digest>,
     ) -> Result<Option<Vec<Record>>, NodeError> {
         self.check()?;
+        if kind == RecordKind::Manifest && self.failing_manifest_scans.load(Ordering::SeqCst) {
+            return Err(NodeError::Unreachable {
+                node: self.inner.id().to_string(),
+                reason: "manifest scan timed out".into(),
+            });
+        }
         self.inner.records_scan(repo, kind, subject).await
     }
     async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<(), NodeError> {
@@ -236,7 +245,12 @@ pub(crate) async fn world() -> (Arc<World>, Vec<Arc<Coordinator>>) {
         let local = LocalNode::new(id, store);
         nodes.insert(
             id.to_string(),
-            Arc::new(Switchable { inner: local.clone(), down: AtomicBool::new(false), gate: gate.clone() }),
+            Arc::new(Switchable {
+                inner: local.clone(),
+                down: AtomicBool::new(false),
+                failing_manifest_scans: AtomicBool::new(false),
+                gate: gate.clone(),
+            }),
         );
         locals.push(local);
         dirs.push(dir);
