@@ -254,6 +254,27 @@ async fn upload_first_chunk_not_at_zero_returns_416() {
     client.patch_chunk(&location, 500, &random_bytes(500)).await.expect(StatusCode::RANGE_NOT_SATISFIABLE);
 }
 
+/// A `Content-Range` that ends at the last byte a u64 can count has a length no u64 holds:
+/// 416, not a dropped connection (a debug build overflowed computing it), and the session
+/// can still be completed.
+#[tokio::test]
+async fn upload_chunk_with_a_range_past_u64_returns_416() {
+    let origin = Origin::start().await;
+    let client = origin.client();
+    let repo = unique_repo("uploads");
+    let data = random_bytes(100);
+    let location = client.start_upload(&repo).await;
+    client
+        .patch(&location)
+        .header("content-type", "application/octet-stream")
+        .header("content-range", format!("0-{}", u64::MAX))
+        .body(data.clone())
+        .reply()
+        .await
+        .expect(StatusCode::RANGE_NOT_SATISFIABLE);
+    client.finish_upload(&location, &sha256(&data), &data).await.expect(StatusCode::CREATED);
+}
+
 /// end-13: GET on an active upload is 204 with `Location` and
 /// `Range: 0-<end-of-range>`.
 #[tokio::test]

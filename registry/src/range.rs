@@ -81,7 +81,8 @@ pub fn parse_content_range(header: &str) -> Result<ByteRange, ContentRangeError>
     let (a, b) = s.split_once('-').ok_or(ContentRangeError)?;
     let start: u64 = a.trim().parse().map_err(|_| ContentRangeError)?;
     let end: u64 = b.trim().parse().map_err(|_| ContentRangeError)?;
-    if end < start {
+    // A range ending at the last u64 has a length past u64 (and no blob is that big).
+    if end < start || end == u64::MAX {
         return Err(ContentRangeError);
     }
     Ok(ByteRange { start, end })
@@ -116,5 +117,7 @@ mod tests {
         assert_eq!(parse_content_range("5-4"), Err(ContentRangeError));
         assert_eq!(parse_content_range("abc"), Err(ContentRangeError));
         assert_eq!(parse_content_range("-5"), Err(ContentRangeError));
+        assert_eq!(parse_content_range("0-18446744073709551615"), Err(ContentRangeError));
+        assert_eq!(parse_content_range("0-18446744073709551614").map(|r| r.len()), Ok(u64::MAX));
     }
 }
