@@ -441,6 +441,38 @@ async fn upload_session_is_scoped_to_its_repository() {
     client.upload_status(&location).await.expect(StatusCode::NO_CONTENT);
 }
 
+/// The same while a PATCH streams into the session: the repository check neither waits for
+/// the request in progress nor lets the foreign path through (it used to skip the check for
+/// a busy session, then wait for it and answer). The PATCH then completes as usual.
+#[tokio::test]
+async fn upload_session_is_scoped_to_its_repository_while_a_patch_streams() {
+    let origin = Origin::start().await;
+    let client = origin.client();
+    let repo_a = unique_repo("uploads-a");
+    let repo_b = unique_repo("uploads-b");
+    client.push_blob(&repo_b, &random_bytes(10)).await;
+    let location = client.start_upload(&repo_a).await;
+    let foreign = location.replacen(&format!("/v2/{repo_a}/"), &format!("/v2/{repo_b}/"), 1);
+    let mut patch = RawConnection::open(
+        client.base(),
+        Method::PATCH,
+        &request_target(&location),
+        &[("Content-Type", "application/octet-stream".to_string()), ("Content-Length", "10".to_string())],
+    )
+    .await;
+    patch.send(b"hello").await.expect("send half the chunk");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = tokio::time::timeout(Duration::from_secs(5), client.upload_status(&foreign))
+        .await
+        .expect("a foreign path is answered while the session is busy");
+    status.expect_error(StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN");
+    patch.send(b"world").await.expect("send the rest");
+    patch.finish().await.expect(StatusCode::ACCEPTED);
+    let status = client.upload_status(&location).await;
+    status.expect(StatusCode::NO_CONTENT);
+    assert_eq!(status.upload_offset(), 10);
+}
+
 /// Digests of other algorithms: a blob pushed as `sha512:<hex>` is pulled by
 /// that digest.
 #[tokio::test]

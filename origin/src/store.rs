@@ -104,13 +104,7 @@ impl OriginStore {
     }
 
     fn session(&self, repo: &RepoName, id: &str) -> Result<Arc<tokio::sync::Mutex<Session>>, StoreError> {
-        let session = self.inner.sessions.get(id).ok_or(StoreError::UploadUnknown)?;
-        // A session is only reachable through the repository it was opened on.
-        let same_repo = session.try_lock().map(|s| &s.repo == repo).unwrap_or(true);
-        if !same_repo {
-            return Err(StoreError::UploadUnknown);
-        }
-        Ok(session)
+        self.inner.sessions.get_in(repo, id).ok_or(StoreError::UploadUnknown)
     }
 
     async fn discard_session(&self, id: &str) -> Result<(), StoreError> {

@@ -29,11 +29,16 @@ pub struct Session {
     pub touched: Instant,
 }
 
-/// Open sessions by id. The async mutex serialises requests on one session.
+/// Open sessions by id, each with the repository it was opened on (kept outside the session's
+/// lock, so checking it never waits for, or skips, a request in progress). The async mutex
+/// serialises requests on one session.
 #[derive(Default)]
 pub struct Sessions {
-    map: StdMutex<HashMap<String, Arc<Mutex<Session>>>>,
+    map: StdMutex<HashMap<String, OpenSession>>,
 }
+
+/// A session in [`Sessions`]: the repository it was opened on, and the session.
+type OpenSession = (RepoName, Arc<Mutex<Session>>);
 
 impl Sessions {
     /// Sessions open now.
@@ -42,11 +47,14 @@ impl Sessions {
     }
 
     pub fn insert(&self, id: String, session: Session) {
-        self.lock().insert(id, Arc::new(Mutex::new(session)));
+        let repo = session.repo.clone();
+        self.lock().insert(id, (repo, Arc::new(Mutex::new(session))));
     }
 
-    pub fn get(&self, id: &str) -> Option<Arc<Mutex<Session>>> {
-        self.lock().get(id).cloned()
+    /// Session `id` if it was opened on `repo`: a session is reachable only through its own
+    /// repository.
+    pub fn get_in(&self, repo: &RepoName, id: &str) -> Option<Arc<Mutex<Session>>> {
+        self.lock().get(id).filter(|(opened_on, _)| opened_on == repo).map(|(_, s)| s.clone())
     }
 
     pub fn remove(&self, id: &str) {
@@ -58,12 +66,12 @@ impl Sessions {
         let now = Instant::now();
         self.lock()
             .iter()
-            .filter(|(_, s)| s.try_lock().is_ok_and(|s| now.duration_since(s.touched) > idle))
+            .filter(|(_, (_, s))| s.try_lock().is_ok_and(|s| now.duration_since(s.touched) > idle))
             .map(|(id, _)| id.clone())
             .collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Mutex<Session>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, OpenSession>> {
         // A panic while holding this lock cannot leave the map inconsistent (single inserts and
         // removes), so a poisoned lock is still usable.
         self.map.lock().unwrap_or_else(|p| p.into_inner())
