@@ -66,17 +66,23 @@ fn parse_role(s: &str) -> Result<Role, String> {
         .ok_or_else(|| format!("{s:?} is not a role: origin, tracker, agent or admin"))
 }
 
-/// Write `contents` to `path`; private keys readable by the owner only.
+/// Write `contents` to `path` through a new file renamed over it, so a private key is
+/// readable by its owner only even where an older file was not (a mode given when opening
+/// applies only to a file the open creates), and a reader never sees half a file.
 fn write(path: &Path, contents: &str, private: bool) -> anyhow::Result<()> {
+    let tmp = path.with_extension("pem.tmp");
+    let _ = std::fs::remove_file(&tmp);
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     if private {
         use std::os::unix::fs::OpenOptionsExt as _;
         options.mode(0o600);
     }
-    let mut file = options.open(path).with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(contents.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    let mut file = options.open(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(contents.as_bytes()).with_context(|| format!("writing {}", tmp.display()))?;
+    file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
 }
 
@@ -89,9 +95,18 @@ pub fn read_ca(dir: &Path) -> anyhow::Result<Issued> {
     Ok(Issued { cert_pem: read("ca.pem")?, key_pem: read("ca-key.pem")? })
 }
 
-/// Write a new CA into `dir`.
+/// Write a new CA into `dir`, which must not hold one: a CA's key replaced is every
+/// certificate it issued no longer trusted by nodes given the new one, and the old key gone.
 pub fn write_ca(dir: &Path, name: &str, days: u32) -> anyhow::Result<Issued> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for file in ["ca.pem", "ca-key.pem"] {
+        let path = dir.join(file);
+        anyhow::ensure!(
+            !path.exists(),
+            "{} exists: this directory already holds a CA (remove it first, or choose another --out)",
+            path.display()
+        );
+    }
     let ca = shoal_tls::new_ca(name, days)?;
     write(&dir.join("ca-key.pem"), &ca.key_pem, true)?;
     write(&dir.join("ca.pem"), &ca.cert_pem, false)?;
@@ -110,6 +125,11 @@ pub fn write_issued(
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
     if name.contains(['/', '\\']) || name.starts_with('.') {
         anyhow::bail!("{name:?} cannot be a file name");
+    }
+    // NAME.pem and NAME-key.pem must not be the CA's own files (`--out` defaults to the CA's
+    // directory).
+    if name == "ca" || name == "ca-key" {
+        anyhow::bail!("{name:?} would overwrite the CA's own files; choose another --name");
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let issued = shoal_tls::issue(ca, name, role, dns, ips, days)?;
@@ -133,4 +153,41 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_is_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = write_ca(dir.path(), "first", 30).unwrap();
+        let err = write_ca(dir.path(), "second", 30).unwrap_err();
+        assert!(err.to_string().contains("already holds a CA"), "{err}");
+        assert_eq!(read_ca(dir.path()).unwrap().key_pem, first.key_pem, "the first CA's key is kept");
+        for name in ["ca", "ca-key"] {
+            let err = write_issued(&first, dir.path(), name, Role::Agent, &[], &[], 1).unwrap_err();
+            assert!(err.to_string().contains("overwrite the CA"), "{name}: {err}");
+        }
+        assert_eq!(read_ca(dir.path()).unwrap().key_pem, first.key_pem);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_issued_key_is_private_even_over_a_readable_file() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = write_ca(dir.path(), "ca", 30).unwrap();
+        let key = dir.path().join("node-key.pem");
+        std::fs::write(&key, "old").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (_, written) = write_issued(&ca, dir.path(), "node", Role::Agent, &[], &[], 1).unwrap();
+        assert_eq!(written, key);
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(std::fs::read_to_string(&key).unwrap().contains("PRIVATE KEY"));
+        let ca_key = std::fs::metadata(dir.path().join("ca-key.pem")).unwrap().permissions().mode();
+        assert_eq!(ca_key & 0o777, 0o600);
+        assert!(!dir.path().join("node-key.pem.tmp").exists());
+    }
 }
