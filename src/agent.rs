@@ -146,6 +146,11 @@ impl AgentArgs {
             c.data_dir = v.clone();
         }
         c.tls = c.tls.overridden_by(&self.tls.settings());
+        crate::config::at_least(
+            "announce_interval",
+            c.announce_interval,
+            crate::config::MIN_ANNOUNCE_INTERVAL,
+        )?;
         Ok(c)
     }
 }

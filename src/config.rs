@@ -213,6 +213,31 @@ impl Default for OriginConfig {
     }
 }
 
+/// Shortest announce period accepted (agents' re-announces, the tracker's interval): zero
+/// made every agent re-announce all it seeds in a busy loop, a flood on the trackers, and the
+/// tracker's expiry sweep a busy loop under its lock.
+pub const MIN_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(1);
+/// Shortest accepted period of scheduled garbage collection: each run scans every repository
+/// of the cluster, and zero ran them back to back.
+pub const MIN_GC_INTERVAL: Duration = Duration::from_secs(60);
+
+/// `value` of setting `name`, refused below `min`.
+pub fn at_least(name: &str, value: Duration, min: Duration) -> anyhow::Result<Duration> {
+    anyhow::ensure!(
+        value >= min,
+        "{name} = {} is below its minimum of {}",
+        humantime::format_duration(value),
+        humantime::format_duration(min)
+    );
+    Ok(value)
+}
+
+/// A `--announce-interval` flag's value: a duration of at least [`MIN_ANNOUNCE_INTERVAL`].
+pub fn parse_announce_interval(s: &str) -> Result<Duration, String> {
+    let value = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    at_least("the announce interval", value, MIN_ANNOUNCE_INTERVAL).map_err(|e| e.to_string())
+}
+
 /// Read a component's TOML config file; no `path` gives the defaults.
 pub fn load_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> anyhow::Result<T> {
     let Some(path) = path else { return Ok(T::default()) };
@@ -310,6 +335,25 @@ impl OriginConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn periods_below_their_minimum_are_refused_where_they_are_read() {
+        assert!(parse_announce_interval("0s").unwrap_err().contains("below its minimum of 1s"));
+        assert!(parse_announce_interval("300ms").is_err());
+        assert_eq!(parse_announce_interval("3s"), Ok(Duration::from_secs(3)));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "announce_interval = \"0s\"\n").unwrap();
+        let agent = crate::agent::AgentArgs { config: Some(file.clone()), ..Default::default() };
+        let err = agent.resolve().unwrap_err().to_string();
+        assert!(err.contains("announce_interval = 0s is below its minimum of 1s"), "{err}");
+        std::fs::write(&file, "[cluster]\ngc_interval = \"0s\"\n").unwrap();
+        let origin = crate::origin::OriginArgs { config: Some(file.clone()), ..Default::default() };
+        let err = origin.resolve().unwrap_err().to_string();
+        assert!(err.contains("cluster.gc_interval = 0s is below its minimum of 1m"), "{err}");
+        std::fs::write(&file, "[cluster]\ngc_interval = \"24h\"\n").unwrap();
+        assert!(origin.resolve().is_ok());
+    }
 
     #[test]
     fn parses_a_full_config() {

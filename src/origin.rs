@@ -129,6 +129,9 @@ impl OriginArgs {
         for flag in &self.upstream {
             config.upstream.push(upstream_flag(flag)?);
         }
+        if let Some(every) = config.cluster.gc_interval {
+            crate::config::at_least("cluster.gc_interval", every, crate::config::MIN_GC_INTERVAL)?;
+        }
         Ok(config)
     }
 }

@@ -18,7 +18,7 @@ pub struct TrackerArgs {
     #[arg(long, env = "SHOAL_ORIGIN", value_delimiter = ',', required = true)]
     pub origin: Vec<String>,
     /// How often agents re-announce
-    #[arg(long, env = "SHOAL_ANNOUNCE_INTERVAL", default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SHOAL_ANNOUNCE_INTERVAL", default_value = "3s", value_parser = crate::config::parse_announce_interval)]
     pub announce_interval: Duration,
     /// Peers handed out per announce
     #[arg(long, env = "SHOAL_HANDOUT_LIMIT", default_value_t = 50)]
