@@ -14,6 +14,8 @@ use sha2::{Digest as _, Sha256};
 pub const MAX_TOKENS: usize = 10_000;
 /// A token's life when the token server does not say (Docker's spec default).
 pub const DEFAULT_TOKEN_LIFE: Duration = Duration::from_secs(60);
+/// Longest a token is used, whatever its server says: a day.
+pub const MAX_TOKEN_LIFE: Duration = Duration::from_secs(24 * 3600);
 /// A token is not used in the last part of its life (clock skew, request time).
 pub const TOKEN_MARGIN: Duration = Duration::from_secs(5);
 
@@ -136,8 +138,11 @@ impl TokenAnswer {
         HeaderValue::from_str(&format!("Bearer {t}")).ok()
     }
 
+    /// How long the token may be used: what the token server said, at most
+    /// [`MAX_TOKEN_LIFE`] (an `expires_in` of 2^63 seconds or more overflowed the instant it
+    /// ends at, a panic in the request).
     pub fn life(&self) -> Duration {
-        self.expires_in.map(Duration::from_secs).unwrap_or(DEFAULT_TOKEN_LIFE)
+        self.expires_in.map(Duration::from_secs).unwrap_or(DEFAULT_TOKEN_LIFE).min(MAX_TOKEN_LIFE)
     }
 }
 
@@ -157,6 +162,7 @@ impl Tokens {
     }
 
     pub fn put(&self, repo: &str, key: [u8; 32], token: HeaderValue, life: Duration) {
+        let life = life.min(MAX_TOKEN_LIFE);
         let usable = life.saturating_sub(TOKEN_MARGIN.min(life / 2));
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_TOKENS {
@@ -173,6 +179,16 @@ impl Tokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_that_claims_to_live_for_ever_is_kept_a_day() {
+        let answer = TokenAnswer { token: Some("t".into()), access_token: None, expires_in: Some(u64::MAX) };
+        assert_eq!(answer.life(), MAX_TOKEN_LIFE);
+        let tokens = Tokens::default();
+        let bearer = answer.bearer().unwrap();
+        tokens.put("r", [0; 32], bearer.clone(), Duration::MAX);
+        assert_eq!(tokens.get("r", [0; 32]), Some(bearer));
+    }
 
     #[test]
     fn challenges_parse() {

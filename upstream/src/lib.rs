@@ -318,8 +318,14 @@ impl Upstream {
         if r.status() != StatusCode::UNAUTHORIZED {
             return self.checked(r);
         }
-        let challenge =
-            r.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).and_then(parse_challenge);
+        // The first challenge Shoal can answer, of however many the upstream sent (one may be
+        // a scheme such as Negotiate first).
+        let challenge = r
+            .headers()
+            .get_all(WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(parse_challenge);
         let authorization = match challenge {
             Some(Challenge::Bearer { realm, service, scope }) => {
                 self.tokens.forget(repo, key);

@@ -38,6 +38,13 @@ fn challenge(fake: &Fake, repo: &str) -> Response {
     let addr = fake.addr.lock().unwrap().clone();
     let value =
         format!("Bearer realm=\"http://{addr}/token\",service=\"fake\",scope=\"repository:{repo}:pull\"");
+    if repo.starts_with("negotiate/") {
+        // A scheme Shoal does not speak, offered first.
+        let mut response = StatusCode::UNAUTHORIZED.into_response();
+        response.headers_mut().append(header::WWW_AUTHENTICATE, "Negotiate".parse().unwrap());
+        response.headers_mut().append(header::WWW_AUTHENTICATE, value.parse().unwrap());
+        return response;
+    }
     (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, value)]).into_response()
 }
 
@@ -187,6 +194,15 @@ fn tempfile_dir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("shoal-upstream-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+#[tokio::test]
+async fn a_bearer_challenge_after_one_of_another_scheme_is_answered() {
+    let (fake, url) = fake().await;
+    let up = upstream(&url, "");
+    let digest = up.resolve_tag("negotiate/app", "v1", None).await.unwrap();
+    assert_eq!(digest, Digest::of(Algorithm::Sha256, MANIFEST));
+    assert_eq!(fake.tokens.lock().unwrap().get("anonymous"), Some(&1));
 }
 
 #[tokio::test]
