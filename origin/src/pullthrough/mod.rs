@@ -232,11 +232,7 @@ impl PullThrough {
     }
 
     fn remember_access<T>(&self, repo: &RepoName, creds: &Credentials, result: &Result<T, UpstreamError>) {
-        let allowed = match result {
-            Ok(_) | Err(UpstreamError::NotFound) => true,
-            Err(UpstreamError::Unauthorized(_)) => false,
-            Err(_) => return,
-        };
+        let Some(allowed) = access_shown(result) else { return };
         let mut access = lock(&self.access);
         if access.len() >= MAX_ACCESS_DECISIONS {
             access.clear();
@@ -267,7 +263,9 @@ impl PullThrough {
         let result = up.blob_head(path, probe, Some(&creds)).await;
         self.remember_access(repo, &creds, &result);
         match result {
-            Ok(_) | Err(UpstreamError::NotFound) => Ok(()),
+            Ok(_) => Ok(()),
+            // Not found with these credentials is no proof of access: registries that hide
+            // private repositories answer 404 to users without it.
             Err(e) => Err(store_error(up.registry(), e)),
         }
     }
@@ -716,5 +714,30 @@ impl RegistryStore for PullThrough {
         digest: &Digest,
     ) -> Result<Vec<ReferrerDescriptor>, StoreError> {
         self.inner.referrers(repo, digest).await
+    }
+}
+
+/// What an upstream's answer to a client's credentials shows about their access to a private
+/// repository: allowed (an answer), refused (401), or nothing (a 404 proves nothing, since
+/// registries that hide private repositories answer it to users without access; nor does an
+/// outage).
+fn access_shown<T>(result: &Result<T, UpstreamError>) -> Option<bool> {
+    match result {
+        Ok(_) => Some(true),
+        Err(UpstreamError::Unauthorized(_)) => Some(false),
+        Err(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod access_tests {
+    use super::*;
+
+    #[test]
+    fn only_an_answer_shows_access_to_a_private_repository() {
+        assert_eq!(access_shown(&Ok::<(), _>(())), Some(true));
+        assert_eq!(access_shown::<()>(&Err(UpstreamError::Unauthorized("no".into()))), Some(false));
+        assert_eq!(access_shown::<()>(&Err(UpstreamError::NotFound)), None, "a hiding registry's 404");
+        assert_eq!(access_shown::<()>(&Err(UpstreamError::Unavailable("down".into()))), None);
     }
 }
