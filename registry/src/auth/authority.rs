@@ -466,12 +466,20 @@ async fn published(State(auth): State<Arc<Authority>>, headers: HeaderMap) -> Re
     Json(auth.published(&headers)).into_response()
 }
 
-/// Every `scope` parameter (repeatable; each may hold several scopes separated by spaces).
+/// Scopes one token request is granted at most; the rest are not granted. Clients ask for one
+/// to a few (a push with mounts: the target and each source); every scope granted is a search
+/// of those granted before, and a line in the token, so thousands in one request (a query
+/// string may hold about 13,000) cost the server quadratic time and the client a huge token.
+pub const MAX_TOKEN_SCOPES: usize = 64;
+
+/// Every `scope` parameter (repeatable; each may hold several scopes separated by spaces), the
+/// first [`MAX_TOKEN_SCOPES`] of them.
 fn scopes_of(pairs: &[(String, String)]) -> Vec<Scope> {
     pairs
         .iter()
         .filter(|(k, _)| k == "scope")
-        .flat_map(|(_, v)| v.split(' ').filter_map(Scope::parse).collect::<Vec<_>>())
+        .flat_map(|(_, v)| v.split(' ').filter_map(Scope::parse))
+        .take(MAX_TOKEN_SCOPES)
         .collect()
 }
 

@@ -143,3 +143,12 @@ async fn node_identity_pulls_everything_but_pushes_nothing() {
     assert!(a.authorize(&check).await.is_err());
     assert!(a.node_api_allows(&headers, Some(&id)));
 }
+
+#[test]
+fn a_token_request_is_granted_at_most_its_cap_of_scopes() {
+    let many: String = (0..10_000).map(|i| format!("repository:pub/r{i}:pull")).collect::<Vec<_>>().join(" ");
+    let pairs = vec![("scope".to_string(), many), ("scope".to_string(), "registry:catalog:*".to_string())];
+    let scopes = scopes_of(&pairs);
+    assert_eq!(scopes.len(), MAX_TOKEN_SCOPES);
+    assert_eq!(scopes[0], Scope::Repository { name: "pub/r0".into(), actions: vec![Action::Pull] });
+}
