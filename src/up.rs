@@ -61,8 +61,28 @@ fn install_tls(dir: &std::path::Path, listen: SocketAddr) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Agents `shoal up` runs at most: the tracker takes the origin's port + 100, and agent i
+/// the ports + i and + 200 + i.
+const MAX_UP_AGENTS: u16 = 99;
+
+/// `base`'s port + `offset`; the caller has checked it fits ([`check_ports`]).
 fn port(base: SocketAddr, offset: u16) -> SocketAddr {
-    SocketAddr::new(base.ip(), base.port() + offset)
+    SocketAddr::new(base.ip(), base.port().saturating_add(offset))
+}
+
+/// Whether every port `shoal up` takes above `base` exists and no two collide.
+fn check_ports(base: SocketAddr, agents: u16) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=MAX_UP_AGENTS).contains(&agents),
+        "--agents {agents}: between 1 and {MAX_UP_AGENTS} (each takes the ports after the origin's)"
+    );
+    let top = 200 + agents;
+    anyhow::ensure!(
+        base.port().checked_add(top).is_some(),
+        "--listen port {} leaves no room for the {top} ports after it that the tracker and agents take",
+        base.port()
+    );
+    Ok(())
 }
 
 pub async fn run(
@@ -70,6 +90,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let base = args.listen;
+    check_ports(base, args.agents)?;
     let pki = args.data_dir.join("pki");
     if args.tls {
         install_tls(&pki, base)?;
@@ -149,4 +170,19 @@ pub async fn run(
         result??;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_past_the_last_or_into_each_other_are_refused() {
+        let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        assert!(check_ports(at(5000), 3).is_ok());
+        assert!(check_ports(at(65_332), 3).is_ok(), "the third agent's peer port is 65,535");
+        assert!(check_ports(at(65_333), 3).unwrap_err().to_string().contains("leaves no room"));
+        assert!(check_ports(at(5000), 100).is_err(), "agent 100 would take the tracker's port");
+        assert!(check_ports(at(5000), 0).is_err());
+    }
 }

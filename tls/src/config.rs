@@ -9,6 +9,9 @@ use crate::TlsError;
 
 /// Default time between checks of the certificate and key files for a change.
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+/// Longest accepted reload period (a day): the reload timer overflowed on one near
+/// `u64::MAX` seconds and its task died, silently ending certificate reloads.
+pub const MAX_RELOAD_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
 /// Where a process finds its TLS material. All optional: without `cert` and `key` its
 /// listeners speak plain HTTP.
@@ -68,7 +71,7 @@ impl TlsSettings {
         self.reload_seconds
             .map(Duration::from_secs)
             .unwrap_or(DEFAULT_RELOAD_INTERVAL)
-            .max(Duration::from_secs(1))
+            .clamp(Duration::from_secs(1), MAX_RELOAD_INTERVAL)
     }
 
     /// `self`, with every field `other` sets taken from `other` (command-line flags over
@@ -99,6 +102,15 @@ impl TlsSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reload_period_is_between_a_second_and_a_day() {
+        let at = |s| TlsSettings { reload_seconds: Some(s), ..Default::default() }.reload_interval();
+        assert_eq!(at(0), Duration::from_secs(1));
+        assert_eq!(at(30), Duration::from_secs(30));
+        assert_eq!(at(u64::MAX), MAX_RELOAD_INTERVAL);
+        assert_eq!(TlsSettings::default().reload_interval(), DEFAULT_RELOAD_INTERVAL);
+    }
 
     #[test]
     fn cert_needs_key_and_peer_needs_everything() {
