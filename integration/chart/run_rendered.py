@@ -12,7 +12,8 @@ No control plane can run here, so this plays kubelet for the rendered objects:
   (pod name and IP, node name and IP, namespace), `secretKeyRef` read from the rendered Secret,
   `$(VAR)` expanded as Kubernetes does; volumes become directories (PVCs and emptyDirs per pod,
   hostPaths per node, ConfigMaps written out) and paths in args are mapped onto them; each
-  container runs as its securityContext's user (setpriv), init containers first;
+  container runs as its securityContext's user (setpriv), a root one with only the
+  capabilities its securityContext leaves it (setpriv's bounding set), init containers first;
 - pods are ready when their rendered readinessProbe answers.
 
 Then, as a user would: push an image to the origin Service's name, `ctr images pull` it on two
@@ -121,10 +122,15 @@ class Cluster:
             with open(f"/etc/netns/{ns}/hosts", "w") as f:
                 f.write("\n".join(lines) + "\n")
 
-    def start(self, name, ns, argv, env, user, log_path):
+    def start(self, name, ns, argv, env, user, log_path, caps=None):
         cmd = ["ip", "netns", "exec", ns]
         if user is not None and user != 0:
             cmd += ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+        elif caps is not None:
+            # A root container keeps only the capabilities its securityContext leaves it
+            # (what it gets on exec is the bounding set): without CAP_DAC_OVERRIDE root is
+            # held to permission bits like anyone else.
+            cmd += ["setpriv", f"--bounding-set={caps}", "--inh-caps=-all"]
         cmd += argv
         logf = open(log_path, "w")
         p = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
@@ -254,12 +260,25 @@ class Pod:
         sc = c.get("securityContext", {})
         return sc.get("runAsUser", self.spec.get("securityContext", {}).get("runAsUser"))
 
+    @staticmethod
+    def caps(c):
+        """setpriv's --bounding-set for a container's securityContext.capabilities, or None."""
+        caps = c.get("securityContext", {}).get("capabilities")
+        if not caps:
+            return None
+        drop = [d.lower() for d in caps.get("drop", [])]
+        add = [a.lower() for a in caps.get("add", [])]
+        if "all" in drop:
+            return ",".join(["-all"] + [f"+{a}" for a in add])
+        return ",".join([f"-{d}" for d in drop] + [f"+{a}" for a in add]) or None
+
     def run_init(self):
         for c in self.spec.get("initContainers", []):
             env = self.env(c)
             argv = self.argv(c, env)
             log_path = os.path.join(self.dir, f"{c['name']}.log")
-            p = self.cluster.start(f"{self.name}/{c['name']}", self.ns, argv, env, self.user(c), log_path)
+            p = self.cluster.start(f"{self.name}/{c['name']}", self.ns, argv, env, self.user(c), log_path,
+                                   self.caps(c))
             if p.wait(60) != 0:
                 raise Failure(f"init container {self.name}/{c['name']} failed: {open(log_path).read()[-2000:]}")
             log(f"{self.name}: init container {c['name']} done")
@@ -270,7 +289,8 @@ class Pod:
             env = self.env(c)
             argv = self.argv(c, env)
             log_path = os.path.join(self.dir, f"{c['name']}.log")
-            self.procs.append((c, self.cluster.start(f"{self.name}/{c['name']}", self.ns, argv, env, self.user(c), log_path)))
+            self.procs.append((c, self.cluster.start(f"{self.name}/{c['name']}", self.ns, argv, env, self.user(c),
+                                                     log_path, self.caps(c))))
 
     def probe_ok(self, c):
         probe = c.get("readinessProbe", {}).get("httpGet")
