@@ -17,7 +17,7 @@ use shoal_origin::cluster::node::Node;
 use shoal_origin::cluster::record::{Record, RecordKey, RecordKind, RecordValue, Version};
 use shoal_origin::cluster::repair::Repairer;
 use shoal_origin::cluster::store::ClusterStore;
-use shoal_registry::store::Reference;
+use shoal_registry::store::{NewManifest, Reference};
 use shoal_registry::{Algorithm, Digest, RegistryStore, RepoName, StoreError};
 
 use harness::*;
@@ -170,6 +170,53 @@ async fn gc_stops_when_the_owners_cannot_list_a_repositorys_manifests() {
     let report = shoal_origin::cluster::gc::collect(&lead, quick_gc()).await.unwrap();
     assert_image_whole(&cs, &repo, "v1", &m.digest, &[(&layer, b"layer"), (&config, b"{}")]).await;
     assert_eq!((report.quarantined_blobs, report.swept_blobs), (0, 0), "{report:?}");
+}
+
+/// A referrer deleted while one owner was down is not listed once that owner is back, before
+/// repair reaches it: the subject index of the owners that took the delete says nothing of the
+/// referrer, the stale owner's still lists it, and the listing weighs the newer tombstone.
+#[tokio::test]
+async fn a_deleted_referrer_is_not_listed_while_one_owner_still_holds_it() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/signed".parse().unwrap();
+    let store = ClusterStore::new(cs[0].clone());
+    let config = push(&store, &repo, b"{}").await.unwrap();
+    let layer = push(&store, &repo, b"layer").await.unwrap();
+    let subject = manifest(&config, &layer);
+    store.manifest_put(&repo, Some(&"v1".parse().unwrap()), subject.clone()).await.unwrap();
+    let bytes = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","artifactType":"application/vnd.example.sig","config":{{"mediaType":"application/vnd.oci.empty.v1+json","digest":"{config}","size":2}},"layers":[],"subject":{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":{}}}}}"#,
+        subject.digest,
+        subject.bytes.len()
+    )
+    .into_bytes();
+    let parsed = shoal_registry::manifest::parse_manifest(None, &bytes).unwrap();
+    let referrer = NewManifest { digest: Digest::of(Algorithm::Sha256, &bytes), bytes: bytes.into(), parsed };
+    store.manifest_put(&repo, None, referrer.clone()).await.unwrap();
+    let listed = store.referrers(&repo, &subject.digest).await.unwrap();
+    assert_eq!(listed.iter().map(|r| &r.digest).collect::<Vec<_>>(), [&referrer.digest]);
+    // The delete reached one owner only (the other was down, and is back before repair).
+    let owned: Vec<String> = owners(repo.as_str()).into_iter().collect();
+    let tombstone = Record {
+        key: RecordKey::Manifest(referrer.digest.clone()),
+        version: Version {
+            millis: shoal_origin::cluster::record::now_millis() + 1000,
+            logical: 0,
+            node: owned[0].clone(),
+        },
+        value: None,
+        expect: None,
+    };
+    world.nodes[&owned[0]].inner.records_apply(repo.as_str(), &[tombstone]).await.unwrap();
+    for c in &cs {
+        let listed = ClusterStore::new(c.clone()).referrers(&repo, &subject.digest).await.unwrap();
+        assert!(listed.is_empty(), "through {}: {listed:?}", c.me());
+        let gone = ClusterStore::new(c.clone())
+            .manifest_get(&repo, &Reference::Digest(referrer.digest.clone()))
+            .await
+            .unwrap();
+        assert!(gone.is_none(), "through {}", c.me());
+    }
 }
 
 /// The race users hit: GC marks a layer unreferenced, then `docker push` of a new image that

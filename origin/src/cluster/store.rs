@@ -418,13 +418,27 @@ impl RegistryStore for ClusterStore {
             .scan_records(repo.as_str(), RecordKind::Manifest, Some(digest))
             .await?
             .unwrap_or_default();
+        // The subject index lists live manifests only, so an owner that has a referrer's
+        // tombstone says nothing of it while one that missed the delete still lists it: the
+        // candidates are read again by key, which weighs the tombstone (and repairs the stale
+        // owner), so a deleted referrer is not listed.
         let mut seen = HashSet::new();
-        Ok(records
+        let keys: Vec<RecordKey> = records
             .iter()
+            .filter(|r| r.manifest().is_some_and(|m| m.subject.as_ref() == Some(digest)))
+            .map(|r| r.key.clone())
+            .filter(|k| seen.insert(k.clone()))
+            .collect();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let current = self.c().read_records(repo.as_str(), &keys).await?;
+        Ok(current
+            .iter()
+            .flatten()
             .filter_map(|r| r.manifest())
             .filter(|m| m.subject.as_ref() == Some(digest))
             .filter_map(|m| m.referrer.clone())
-            .filter(|d| seen.insert(d.digest.clone()))
             .collect())
     }
 }
