@@ -229,7 +229,7 @@ tcp_segs() {
 hosts_rx() {
   local i
   for ((i = 0; i < FLEET_N; i++)); do link_counts "${FLEET_NS[i]}" "${FLEET_DEV[i]}" rx; done |
-    awk '{b += $1; f += $2} END {print b + 0, f + 0}'
+    awk '{b += $1; f += $2} END {printf "%.0f %.0f\n", b, f}' # mawk prints past 2^31 as 2.7e+09
 }
 
 # timed_pull URL SAMPLE_PIDS...: every host fetches URL at one instant; measures the window.
