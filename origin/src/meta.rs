@@ -412,25 +412,28 @@ impl Meta {
         Ok(items)
     }
 
-    /// Queue an item for repair (idempotent).
+    /// Queue an item for repair. An item already queued stays queued once, with a new ticket:
+    /// a pass that took the old ticket must not remove what was queued while it ran
+    /// ([`Meta::repair_done`]).
     pub fn repair_enqueue(&self, item: &str) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
             let mut table = txn.open_table(REPAIR).map_err(db_err)?;
-            if table.get(item).map_err(db_err)?.is_none() {
-                table.insert(item, now_millis()).map_err(db_err)?;
-            }
+            let old = table.get(item).map_err(db_err)?.map(|v| v.value());
+            let ticket = old.map_or(0, |t| t.saturating_add(1)).max(now_millis());
+            table.insert(item, ticket).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)
     }
 
-    /// Up to `limit` queued items, oldest key order.
-    pub fn repair_pending(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+    /// Up to `limit` queued items, oldest key order, each with its ticket.
+    pub fn repair_pending(&self, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(REPAIR).map_err(db_err)?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(db_err)?.take(limit) {
-            out.push(entry.map_err(db_err)?.0.value().to_string());
+            let entry = entry.map_err(db_err)?;
+            out.push((entry.0.value().to_string(), entry.1.value()));
         }
         Ok(out)
     }
@@ -440,9 +443,17 @@ impl Meta {
         txn.open_table(REPAIR).map_err(db_err)?.len().map_err(db_err)
     }
 
-    pub fn repair_done(&self, item: &str) -> Result<(), StoreError> {
+    /// Take `item` off the queue if it is still queued with `ticket`: queued again since (a
+    /// write that missed its owners while the pass ran), it stays for the next pass.
+    pub fn repair_done(&self, item: &str, ticket: u64) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(REPAIR).map_err(db_err)?.remove(item).map_err(db_err)?;
+        {
+            let mut table = txn.open_table(REPAIR).map_err(db_err)?;
+            let current = table.get(item).map_err(db_err)?.map(|v| v.value());
+            if current == Some(ticket) {
+                table.remove(item).map_err(db_err)?;
+            }
+        }
         txn.commit().map_err(db_err)
     }
 

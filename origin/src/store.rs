@@ -517,7 +517,7 @@ impl OriginStore {
         blocking(move || inner.meta.repair_enqueue(&item)).await
     }
 
-    pub async fn repair_pending(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+    pub async fn repair_pending(&self, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
         let inner = self.inner.clone();
         blocking(move || inner.meta.repair_pending(limit)).await
     }
@@ -527,9 +527,9 @@ impl OriginStore {
         blocking(move || inner.meta.repair_len()).await
     }
 
-    pub async fn repair_done(&self, item: String) -> Result<(), StoreError> {
+    pub async fn repair_done(&self, item: String, ticket: u64) -> Result<(), StoreError> {
         let inner = self.inner.clone();
-        blocking(move || inner.meta.repair_done(&item)).await
+        blocking(move || inner.meta.repair_done(&item, ticket)).await
     }
 }
 

@@ -314,3 +314,24 @@ async fn upload_sessions_are_capped_and_a_finished_one_frees_a_slot() {
 fn gc_settings(grace: Duration) -> shoal_origin::cluster::gc::GcSettings {
     shoal_origin::cluster::gc::GcSettings { grace, quarantine: Duration::from_millis(50) }
 }
+
+/// A repair pass takes an item off the queue only if nothing queued it again while the pass
+/// ran: a write that missed its owners then (and queued the same repository) stays queued,
+/// so GC, which waits for empty queues, cannot run before it is placed.
+#[tokio::test]
+async fn an_item_queued_again_during_its_repair_stays_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = OriginStore::open(config(dir.path())).await.unwrap();
+    store.repair_enqueue("repo:team/app".into()).await.unwrap();
+    let taken = store.repair_pending(10).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    // While the pass works on it, a write queues the same repository again.
+    store.repair_enqueue("repo:team/app".into()).await.unwrap();
+    let (item, ticket) = taken[0].clone();
+    store.repair_done(item.clone(), ticket).await.unwrap();
+    assert_eq!(store.repair_len().await.unwrap(), 1, "the second queueing was lost");
+    // The next pass settles it.
+    let (item, ticket) = store.repair_pending(10).await.unwrap()[0].clone();
+    store.repair_done(item, ticket).await.unwrap();
+    assert_eq!(store.repair_len().await.unwrap(), 0);
+}

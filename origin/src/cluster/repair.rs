@@ -165,7 +165,7 @@ impl Repairer {
                 return;
             }
         };
-        for item in items {
+        for (item, ticket) in items {
             let before = report.failures;
             let mut settled = true;
             if let Some(digest) = item.strip_prefix("blob:") {
@@ -183,7 +183,7 @@ impl Repairer {
                 self.reconcile_repo(repo, report).await;
             }
             if settled && report.failures == before {
-                if let Err(e) = store.repair_done(item).await {
+                if let Err(e) = store.repair_done(item, ticket).await {
                     tracing::warn!(error = %e, "repair could not update its queue");
                 }
             }
