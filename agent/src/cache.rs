@@ -64,6 +64,20 @@ struct Partial {
 struct State {
     entries: HashMap<Digest, Entry>,
     partials: HashMap<Digest, Partial>,
+    /// Pins still held on copies removed while pinned (found corrupt, or gone from disk): their
+    /// drops are taken here first, so they never unpin a newer copy's entry.
+    orphan_pins: HashMap<Digest, u32>,
+}
+
+impl State {
+    /// Remove `digest`'s entry, keeping count of the pins still held on it.
+    fn remove_entry(&mut self, digest: &Digest) -> Option<Entry> {
+        let e = self.entries.remove(digest)?;
+        if e.pins > 0 {
+            *self.orphan_pins.entry(digest.clone()).or_insert(0) += e.pins;
+        }
+        Some(e)
+    }
 }
 
 /// Cache metrics (`shoal_agent_cache_*`, `shoal_agent_partial_bytes`, `shoal_agent_disk_full_total`).
@@ -127,7 +141,13 @@ pub struct Pin {
 
 impl Drop for Pin {
     fn drop(&mut self) {
-        if let Some(e) = self.cache.lock().entries.get_mut(&self.digest) {
+        let mut state = self.cache.lock();
+        if let Some(n) = state.orphan_pins.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                state.orphan_pins.remove(&self.digest);
+            }
+        } else if let Some(e) = state.entries.get_mut(&self.digest) {
             e.pins = e.pins.saturating_sub(1);
         }
     }
@@ -356,7 +376,10 @@ impl BlobCache {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         {
             let mut state = self.lock();
-            state.entries.insert(digest.clone(), Entry { size, last_used: tick, pins: 0, generation });
+            // A copy written over one still pinned (a second download of a blob already
+            // cached) keeps its pins: they are the readers' and seeders' of this digest.
+            let pins = state.entries.get(digest).map_or(0, |e| e.pins);
+            state.entries.insert(digest.clone(), Entry { size, last_used: tick, pins, generation });
             self.publish(&state);
         }
         self.make_room(0);
@@ -441,7 +464,7 @@ impl BlobCache {
                         doomed.extend(set_aside(&bitfield_path(&path)));
                     }
                     Victim::Blob(digest) => {
-                        let Some(e) = state.entries.remove(&digest) else { continue };
+                        let Some(e) = state.remove_entry(&digest) else { continue };
                         freed += e.size;
                         evicted += 1;
                         tracing::info!(%digest, size = e.size, "evicting blob from cache");
@@ -510,7 +533,7 @@ impl BlobCache {
             if state.entries.get(digest).is_none_or(|e| e.generation != generation) {
                 return;
             }
-            state.entries.remove(digest);
+            state.remove_entry(digest);
             doomed.extend(set_aside(&self.blob_path(digest)));
             doomed.extend(set_aside(&self.metainfo_path(digest)));
             self.publish(&state);
@@ -579,7 +602,7 @@ impl BlobCache {
     fn forget(&self, digest: &Digest, generation: u64) {
         let mut state = self.lock();
         if state.entries.get(digest).is_some_and(|e| e.generation == generation) {
-            state.entries.remove(digest);
+            state.remove_entry(digest);
             self.publish(&state);
         }
     }

@@ -291,3 +291,46 @@ fn metainfo_is_written_by_temp_file_and_rename() {
     assert!(matches!(c.open_blob(&d), Cached::Ready(_)));
     assert_eq!(std::fs::read_dir(&meta_dir).unwrap().count(), 1);
 }
+
+/// A second copy of a blob written over one that readers hold (a download of a blob already
+/// cached) keeps the readers' pins: with the old reader gone and a new one reading, the blob
+/// is not evicted for room; once nobody reads it, it is.
+#[test]
+fn a_copy_written_over_a_pinned_one_keeps_its_pins() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cache(dir.path(), 300 * 1024, 150 * 1024);
+    let (d, data) = put_real(&c, 200 * 1024);
+    let Cached::Ready(old) = c.open_blob(&d) else { panic!("the blob opens") };
+    // The same blob again (its file replaced, its entry recorded anew).
+    std::fs::write(c.blob_path(&d), &data).unwrap();
+    c.insert(&d, data.len() as u64);
+    let Cached::Ready(new) = c.open_blob(&d) else { panic!("the new copy opens") };
+    drop(old);
+    put(&c, 7, 200 * 1024);
+    assert!(c.contains(&d), "a blob being read was evicted");
+    drop(new);
+    put(&c, 8, 200 * 1024);
+    assert!(!c.contains(&d), "with no reader left the blob is evictable again");
+}
+
+/// Pins on a copy removed as corrupt do not unpin the copy fetched after it.
+#[test]
+fn pins_of_a_removed_copy_do_not_unpin_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cache(dir.path(), 300 * 1024, 150 * 1024);
+    let (d, data) = put_real(&c, 200 * 1024);
+    let Cached::Ready(old) = c.open_blob(&d) else { panic!("the blob opens") };
+    // The file is cut short on disk: the next open finds it and removes the entry.
+    std::fs::write(c.blob_path(&d), &data[..1000]).unwrap();
+    assert!(matches!(c.open_blob(&d), Cached::Missing));
+    // Fetched again: blob and metainfo written, the entry recorded.
+    std::fs::write(c.blob_path(&d), &data).unwrap();
+    let meta = Metainfo::compute(&data[..], data.len() as u64, shoal_registry::Algorithm::Sha256).unwrap();
+    c.write_metainfo(&meta).unwrap();
+    c.insert(&d, data.len() as u64);
+    let Cached::Ready(new) = c.open_blob(&d) else { panic!("the refetched copy opens") };
+    drop(old);
+    put(&c, 9, 200 * 1024);
+    assert!(c.contains(&d), "the old copy's pin unpinned the new copy, which was evicted while read");
+    drop(new);
+}
