@@ -15,7 +15,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use shoal_registry::auth::remote::RemoteAuth;
 use shoal_registry::mirror::{self, Target};
 use shoal_registry::RepoName;
@@ -39,17 +39,25 @@ pub fn upstream_credentials() -> Option<HeaderValue> {
 
 /// The upstream registry names the origins pull through, refreshed in the background.
 pub struct Registries {
-    names: Mutex<Vec<String>>,
+    /// `None` until an origin first answered: "no upstream registries" and "not known yet"
+    /// must not look alike.
+    names: Mutex<Option<Vec<String>>>,
     origin: OriginClient,
 }
 
 impl Registries {
     pub fn new(origin: OriginClient) -> Arc<Registries> {
-        Arc::new(Registries { names: Mutex::new(Vec::new()), origin })
+        Arc::new(Registries { names: Mutex::new(None), origin })
     }
 
+    /// The names known (none before an origin first answered).
     pub fn names(&self) -> Vec<String> {
-        self.names.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.names.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default()
+    }
+
+    /// Whether an origin has answered at least once.
+    pub fn known(&self) -> bool {
+        self.names.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
     /// Whether `repo` is upstream content (explicit form).
@@ -61,7 +69,7 @@ impl Registries {
     pub async fn refresh(&self) -> bool {
         match self.origin.upstream_registries().await {
             Ok(names) => {
-                *self.names.lock().unwrap_or_else(|p| p.into_inner()) = names;
+                *self.names.lock().unwrap_or_else(|p| p.into_inner()) = Some(names);
                 true
             }
             Err(e) => {
@@ -122,6 +130,15 @@ pub async fn map_names(State(s): State<MirrorState>, mut req: Request, next: Nex
         return UPSTREAM_CREDENTIALS.scope(creds, next.run(req)).await;
     };
     let ns = query_value(req.uri(), "ns");
+    // A mirror request (containerd's `?ns=`) before the agent knows which registries the
+    // origins pull through would be answered from the pushed repository of that name: another
+    // registry's content. It waits for the names (one ask), or is refused as unavailable.
+    if ns.is_some() && !s.registries.known() && !s.registries.refresh().await {
+        let err = shoal_registry::StoreError::Unavailable(
+            "the origins' upstream registries are not known yet".into(),
+        );
+        return shoal_registry::ApiError::from(err).into_response();
+    }
     let target = mirror::target(name, ns.as_deref(), &s.registries.names());
     let tail = tail.to_string();
     match target {
@@ -159,6 +176,34 @@ fn query_value(uri: &Uri, key: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Before an origin has said which registries it pulls through, a mirror request for
+    /// `org/app` of ghcr.io must not be answered with the pushed `org/app`; a request without
+    /// `ns` is served as always.
+    #[tokio::test]
+    async fn a_mirror_request_before_the_registries_are_known_is_not_answered_with_pushed_content() {
+        use tower::ServiceExt as _;
+        let unreachable = vec!["http://127.0.0.1:9".to_string()];
+        let origin =
+            OriginClient::new(unreachable, Duration::from_millis(500), &prometheus::Registry::new()).unwrap();
+        let auth = RemoteAuth::new(Arc::new(|| Box::pin(async { None })));
+        let state = MirrorState { registries: Registries::new(origin), auth };
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let app = axum::Router::new()
+            .fallback(move |req: Request| {
+                record.lock().unwrap().push(req.uri().to_string());
+                async { StatusCode::OK }
+            })
+            .layer(axum::middleware::from_fn_with_state(state, map_names));
+        let ask = |uri: &str| Request::get(uri).body(Body::empty()).unwrap();
+        let mirrored = app.clone().oneshot(ask("/v2/org/app/manifests/1?ns=ghcr.io")).await.unwrap();
+        assert_eq!(mirrored.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(seen.lock().unwrap().is_empty(), "{:?}", seen.lock().unwrap());
+        let pushed = app.oneshot(ask("/v2/org/app/manifests/1")).await.unwrap();
+        assert_eq!(pushed.status(), StatusCode::OK);
+        assert_eq!(*seen.lock().unwrap(), ["/v2/org/app/manifests/1"]);
+    }
 
     #[test]
     fn paths_split_at_the_last_endpoint() {
