@@ -2,7 +2,6 @@
 //! cluster can run mutual TLS without other tools. (Certificates from cert-manager or any CA
 //! work too, when their subject carries the role; see docs/security.md.)
 
-use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -66,24 +65,11 @@ fn parse_role(s: &str) -> Result<Role, String> {
         .ok_or_else(|| format!("{s:?} is not a role: origin, tracker, agent or admin"))
 }
 
-/// Write `contents` to `path` through a new file renamed over it, so a private key is
-/// readable by its owner only even where an older file was not (a mode given when opening
-/// applies only to a file the open creates), and a reader never sees half a file.
+/// Write `contents` to `path` whole or not at all (a new file renamed over the old one), so a
+/// private key is readable by its owner only even where an older file was not (a mode given
+/// when opening applies only to a file the open creates).
 fn write(path: &Path, contents: &str, private: bool) -> anyhow::Result<()> {
-    let tmp = path.with_extension("pem.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
-    }
-    let mut file = options.open(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(contents.as_bytes()).with_context(|| format!("writing {}", tmp.display()))?;
-    file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
+    crate::atomic_file::write(path, contents.as_bytes(), private.then_some(0o600))
 }
 
 /// The CA in `dir`.
@@ -188,6 +174,6 @@ mod tests {
         assert!(std::fs::read_to_string(&key).unwrap().contains("PRIVATE KEY"));
         let ca_key = std::fs::metadata(dir.path().join("ca-key.pem")).unwrap().permissions().mode();
         assert_eq!(ca_key & 0o777, 0o600);
-        assert!(!dir.path().join("node-key.pem.tmp").exists());
+        assert!(!crate::atomic_file::temp_path(&key).exists());
     }
 }

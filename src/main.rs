@@ -2,6 +2,7 @@
 //! logging and hands over to the role's module.
 
 mod agent;
+mod atomic_file;
 mod certs;
 mod config;
 mod http;

@@ -13,12 +13,13 @@
 //! tokio's blocking pool.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+
+use crate::atomic_file;
 
 /// The first line of every `hosts.toml` we write: `restore` only touches files that start with it.
 pub const MARKER_LINE: &str =
@@ -27,8 +28,6 @@ pub const MARKER_LINE: &str =
 const HOSTS_FILE: &str = "hosts.toml";
 /// Where `setup` keeps the user's own `hosts.toml` until `restore` puts it back.
 const BACKUP_FILE: &str = "hosts.toml.shoal-backup";
-/// Temporary file of the atomic write; containerd ignores it.
-const TEMP_FILE: &str = ".hosts.toml.shoal-tmp";
 /// containerd's usual `config_path`.
 const DEFAULT_HOSTS_DIR: &str = "/etc/containerd/certs.d";
 /// Docker Hub's registry API: what containerd itself uses for `docker.io`.
@@ -284,26 +283,6 @@ fn exists(path: &Path) -> anyhow::Result<bool> {
     path.try_exists().with_context(|| format!("checking {}", path.display()))
 }
 
-fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing directory {}", dir.display()))
-}
-
-/// Write `dir/hosts.toml` so containerd sees the old file or the new one, never half of one.
-fn write_atomically(dir: &Path, content: &[u8]) -> anyhow::Result<()> {
-    let temp = dir.join(TEMP_FILE);
-    let mut file = std::fs::File::create(&temp).with_context(|| format!("creating {}", temp.display()))?;
-    file.write_all(content)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", temp.display()))?;
-    drop(file);
-    let target = dir.join(HOSTS_FILE);
-    std::fs::rename(&temp, &target)
-        .with_context(|| format!("renaming {} to {}", temp.display(), target.display()))?;
-    sync_dir(dir)
-}
-
 /// Everything `setup` needs, checked.
 struct SetupPlan {
     hosts_dir: PathBuf,
@@ -346,8 +325,7 @@ impl SetupPlan {
     }
 }
 
-/// Copy the CA certificate at `source` into `data_dir` as [`MIRROR_CA_FILE`] (a new file,
-/// synced, renamed over the old one); where it went.
+/// Copy the CA certificate at `source` into `data_dir` as [`MIRROR_CA_FILE`]; where it went.
 fn write_mirror_ca(source: &Path, data_dir: &Path) -> anyhow::Result<PathBuf> {
     let pem = std::fs::read(source).with_context(|| format!("reading {}", source.display()))?;
     anyhow::ensure!(
@@ -356,16 +334,7 @@ fn write_mirror_ca(source: &Path, data_dir: &Path) -> anyhow::Result<PathBuf> {
         source.display()
     );
     let target = data_dir.join(MIRROR_CA_FILE);
-    let tmp = data_dir.join(format!("{MIRROR_CA_FILE}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(&pem).with_context(|| format!("writing {}", tmp.display()))?;
-    file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &target).with_context(|| format!("renaming to {}", target.display()))?;
+    atomic_file::write(&target, &pem, None)?;
     Ok(target)
 }
 
@@ -407,13 +376,13 @@ fn setup_blocking(plan: &SetupPlan) -> anyhow::Result<Vec<String>> {
         let line = match plan_setup(current.as_deref(), exists(&backup)?, wanted.as_bytes()) {
             SetupAction::Unchanged => format!("unchanged {}", hosts.display()),
             SetupAction::Write => {
-                write_atomically(&dir, wanted.as_bytes())?;
+                atomic_file::write(&hosts, wanted.as_bytes(), None)?;
                 wrote
             }
             SetupAction::BackUpThenWrite => {
                 std::fs::rename(&hosts, &backup)
                     .with_context(|| format!("renaming {} to {}", hosts.display(), backup.display()))?;
-                write_atomically(&dir, wanted.as_bytes())?;
+                atomic_file::write(&hosts, wanted.as_bytes(), None)?;
                 format!("backed up {} to {BACKUP_FILE}; {wrote}", hosts.display())
             }
             SetupAction::Conflict => anyhow::bail!(
@@ -460,13 +429,13 @@ fn restore_blocking(hosts_dir: &Path) -> anyhow::Result<Vec<String>> {
             RestoreAction::PutBack => {
                 std::fs::rename(&backup, &hosts)
                     .with_context(|| format!("renaming {} to {}", backup.display(), hosts.display()))?;
-                sync_dir(&dir)?;
+                atomic_file::sync_dir(&dir)?;
                 report.push(format!("restored {} from {BACKUP_FILE}", hosts.display()));
             }
             RestoreAction::Remove => {
                 std::fs::remove_file(&hosts).with_context(|| format!("removing {}", hosts.display()))?;
                 // A setup that died mid-write leaves its temporary file behind.
-                let temp = dir.join(TEMP_FILE);
+                let temp = atomic_file::temp_path(&hosts);
                 if let Err(e) = std::fs::remove_file(&temp) {
                     if e.kind() != std::io::ErrorKind::NotFound {
                         return Err(e).with_context(|| format!("removing {}", temp.display()));
@@ -475,7 +444,7 @@ fn restore_blocking(hosts_dir: &Path) -> anyhow::Result<Vec<String>> {
                 match std::fs::remove_dir(&dir) {
                     Ok(()) => report.push(format!("removed {} and its directory", hosts.display())),
                     Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
-                        sync_dir(&dir)?;
+                        atomic_file::sync_dir(&dir)?;
                         report.push(format!("removed {} (other files kept)", hosts.display()));
                     }
                     Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),

@@ -33,7 +33,7 @@ for run in first restart; do
   setup >"$T/setup-$run.log" 2>&1 || { cat "$T/setup-$run.log" >&2; die "node setup failed on its $run run"; }
   [[ $(stat -c %u:%g "$data") == "$owner:$owner" ]] || die "$run run: data dir owned by $(stat -c %u:%g "$data")"
   cmp -s "$ca" "$data/mirror-ca.pem" || die "$run run: the mirror CA in the data dir is not the CA"
-  [[ ! -e $data/mirror-ca.pem.tmp ]] || die "$run run: left its temp file"
+  [[ ! -e $data/.mirror-ca.pem.shoal-tmp ]] || die "$run run: left its temp file"
   grep -q 'ca = "/var/lib/shoal/agent/mirror-ca.pem"' "$hosts/docker.io/hosts.toml" ||
     die "$run run: hosts.toml does not name the CA: $(cat "$hosts/docker.io/hosts.toml")"
   log "$run run: ok"
