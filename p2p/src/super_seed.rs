@@ -119,6 +119,19 @@ impl DepartedPeers {
         Some(d)
     }
 
+    /// Take out the records past `linger` at `now`, and the oldest past [`MAX_DEPARTED`].
+    fn expire(&mut self, now: Instant, linger: Duration) -> Vec<Departed> {
+        let mut expired = Vec::new();
+        while self
+            .queue
+            .front()
+            .is_some_and(|d| now.duration_since(d.at) >= linger || self.queue.len() > MAX_DEPARTED)
+        {
+            expired.extend(self.pop_front());
+        }
+        expired
+    }
+
     /// Take out every record of `peer` for `digest`.
     fn take(&mut self, digest: &Digest, peer: PeerId) -> Vec<Bitfield> {
         if self.index.remove(&(digest.clone(), peer)).is_none() {
@@ -234,27 +247,13 @@ impl SuperSeed {
     pub fn leave(&self, digest: &Digest, have: &Bitfield, peer: PeerId, now: Instant) {
         let mut departed = self.departed.lock().unwrap_or_else(|p| p.into_inner());
         departed.push(Departed { at: now, digest: digest.clone(), peer, have: have.clone() });
-        let mut expired = Vec::new();
-        while let Some(d) = departed.queue.front() {
-            if now.duration_since(d.at) < self.linger && departed.queue.len() <= MAX_DEPARTED {
-                break;
-            }
-            expired.extend(departed.pop_front());
-        }
         drop(departed);
-        for d in expired {
-            self.forget(&d.digest, &d.have);
-        }
+        self.expire_departed(now);
     }
 
     /// Age out departed peers whose linger time is over.
     fn expire_departed(&self, now: Instant) {
-        let mut departed = self.departed.lock().unwrap_or_else(|p| p.into_inner());
-        let mut expired = Vec::new();
-        while departed.queue.front().is_some_and(|d| now.duration_since(d.at) >= self.linger) {
-            expired.extend(departed.pop_front());
-        }
-        drop(departed);
+        let expired = self.departed.lock().unwrap_or_else(|p| p.into_inner()).expire(now, self.linger);
         for d in expired {
             self.forget(&d.digest, &d.have);
         }

@@ -262,30 +262,23 @@ impl Swarm {
                 tracing::debug!(%addr, %reason, "peer connect failed");
                 self.state.connect_failed(addr);
             }
-            Event::Conn(ConnEvent::Have { peer, conn, index }) => {
-                if self.is_live(&peer, conn) {
-                    self.state.have(&peer, index, now);
+            Event::Conn(event) if !self.speaks_for_its_peer(&event) => {
+                // A refused connection (a duplicate of a connected peer's id), or one the
+                // swarm dropped, reporting after the fact: neither is its peer's now.
+                if let ConnEvent::Closed { peer, reason, .. } = event {
+                    tracing::debug!(%peer, %reason, "a connection that was not the peer's closed");
                 }
             }
-            Event::Conn(ConnEvent::Declined { peer, conn, index }) => {
-                if self.is_live(&peer, conn) {
-                    self.state.declined(peer, index, now);
-                }
+            Event::Conn(ConnEvent::Have { peer, index, .. }) => self.state.have(&peer, index, now),
+            Event::Conn(ConnEvent::Declined { peer, index, .. }) => self.state.declined(peer, index, now),
+            Event::Conn(ConnEvent::Piece { peer, index, data, .. }) => {
+                tracing::trace!(%peer, index, "piece received");
+                self.store(peer, index, data)
             }
-            Event::Conn(ConnEvent::Piece { peer, conn, index, data }) => {
-                if self.is_live(&peer, conn) {
-                    tracing::trace!(%peer, index, "piece received");
-                    self.store(peer, index, data);
-                }
-            }
-            Event::Conn(ConnEvent::Closed { peer, conn, reason }) => {
+            Event::Conn(ConnEvent::Closed { peer, reason, .. }) => {
                 tracing::debug!(%peer, %reason, "peer connection closed");
-                // A refused connection (a duplicate of a connected peer's id) closes too, and
-                // one the swarm dropped closes after the fact: neither is the peer's now.
-                if self.is_live(&peer, conn) {
-                    self.state.closed(&peer);
-                    self.forget(&peer);
-                }
+                self.state.closed(&peer);
+                self.forget(&peer);
             }
             Event::Written { from, index, result } => {
                 let outcome = match result {
@@ -356,8 +349,16 @@ impl Swarm {
     }
 
     /// Drop a connection (closing it, if still open).
-    /// Whether `conn` is `peer`'s accepted connection.
-    fn is_live(&self, peer: &PeerId, conn: ConnId) -> bool {
+    /// Whether `event` comes from its peer's accepted connection (a connection's first event,
+    /// `Connected` or `ConnectFailed`, is always taken).
+    fn speaks_for_its_peer(&self, event: &ConnEvent) -> bool {
+        let (peer, conn) = match event {
+            ConnEvent::Connected { .. } | ConnEvent::ConnectFailed { .. } => return true,
+            ConnEvent::Have { peer, conn, .. }
+            | ConnEvent::Declined { peer, conn, .. }
+            | ConnEvent::Piece { peer, conn, .. }
+            | ConnEvent::Closed { peer, conn, .. } => (peer, *conn),
+        };
         self.peers.get(peer).is_some_and(|p| p.conn == conn)
     }
 
