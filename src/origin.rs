@@ -168,6 +168,7 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         replication: Replication { replicas: cluster.replicas, write_quorum: cluster.write_quorum },
         metrics: ClusterMetrics::new(&metrics.registry)?,
         gc_lock: Default::default(),
+        skews: Default::default(),
     });
     membership.on_reply(shoal_origin::cluster::clock_sync::reply_hook(Arc::downgrade(&coordinator)));
     // Not ready, and no new copies, while the data disk is nearly full.

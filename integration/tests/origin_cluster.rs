@@ -618,6 +618,20 @@ async fn upload_session_spans_origins() {
 /// libfaketime, which shifts one process's wall clock (Debian package `faketime`).
 const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
+/// `spec` with member `i`'s wall clock shifted by `offset` (libfaketime's syntax, `+5m`);
+/// its timers keep the real monotonic clock.
+fn skewed(spec: ClusterSpec, i: usize, offset: &str) -> ClusterSpec {
+    assert!(
+        std::path::Path::new(FAKETIME_LIB).exists(),
+        "{FAKETIME_LIB} is missing: apt-get install faketime"
+    );
+    spec.member_env(i, "LD_PRELOAD", FAKETIME_LIB).member_env(i, "FAKETIME", offset).member_env(
+        i,
+        "FAKETIME_DONT_FAKE_MONOTONIC",
+        "1",
+    )
+}
+
 /// Clock skew: origin 1's wall clock runs 5 minutes ahead, origin 2's 3 seconds ahead
 /// (libfaketime; timers keep the real monotonic clock). One tag is pushed again and again,
 /// through each origin in turn, each push a new image. After every `201`, every origin serves
@@ -627,17 +641,6 @@ const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 #[tokio::test(flavor = "multi_thread")]
 async fn later_pushes_win_whatever_the_clocks_say() {
     skip_if_external!(SKIP);
-    assert!(
-        std::path::Path::new(FAKETIME_LIB).exists(),
-        "{FAKETIME_LIB} is missing: apt-get install faketime"
-    );
-    let skewed = |spec: ClusterSpec, i: usize, offset: &str| {
-        spec.member_env(i, "LD_PRELOAD", FAKETIME_LIB).member_env(i, "FAKETIME", offset).member_env(
-            i,
-            "FAKETIME_DONT_FAKE_MONOTONIC",
-            "1",
-        )
-    };
     let spec = skewed(skewed(ClusterSpec::new(3), 1, "+5m"), 2, "+3s");
     let cluster = OriginCluster::start_cluster(spec).await;
     let repo = unique_repo("skew");
@@ -670,6 +673,64 @@ async fn later_pushes_win_whatever_the_clocks_say() {
     assert!(acknowledged >= 8, "the origins with sane clocks took every push");
     let skew = cluster.metric_sum(&[0], "shoal_origin_clock_skew_seconds").await;
     assert!(skew >= 250.0, "origin 0 reports the 5-minute skew: {skew}");
+}
+
+/// A re-tag through an origin whose clock is 5 minutes off, ahead and then behind, in a
+/// repository that origin owns. Ahead, the other owners refuse its versions; behind, its
+/// versions are older than the tag it replaces. Either way it must not answer `201` for a
+/// write that loses, nor keep a copy of a refused one that wins reads over the later pushes
+/// of the origins with sane clocks. It refuses the write (it sees that its clock disagrees
+/// with both others'), and every origin serves what was acknowledged.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_origin_with_a_wrong_clock_acknowledges_no_write_that_loses() {
+    skip_if_external!(SKIP);
+    for offset in ["+5m", "-5m"] {
+        let cluster = OriginCluster::start_cluster(skewed(ClusterSpec::new(3), 1, offset)).await;
+        let repo = std::iter::repeat_with(|| unique_repo("wrong-clock"))
+            .find(|repo| cluster.owners(repo, &[0, 1, 2]).contains(&1))
+            .expect("some repository is owned by origin 1");
+        // Origin 1 has measured the others' clocks (health replies every few hundred ms).
+        let measured = Instant::now();
+        while cluster.metric_sum(&[1], "shoal_origin_clock_skew_seconds").await < 250.0 {
+            assert!(measured.elapsed() < Duration::from_secs(30), "origin 1 never measured the skew");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let first = TestImage::random(&repo, "t", &[random_size(1024, 8 * KIB)]);
+        cluster.check(try_push_image(&cluster.client(0), &first).await, "push through origin 0");
+        let retag = TestImage::random(&repo, "t", &[random_size(1024, 8 * KIB)]);
+        for blob in retag.blobs() {
+            cluster.check(try_push_blob(&cluster.client(0), &repo, blob).await, "blob through origin 0");
+        }
+        let through_odd = try_put_manifest(&cluster.client(1), &retag).await;
+        println!("re-tag through origin 1 ({offset}): {through_odd:?}");
+        let serves_everywhere = |step: &'static str, expected: String| {
+            let (cluster, repo, through_odd) = (&cluster, &repo, &through_odd);
+            async move {
+                for reader in 0..3 {
+                    let reply =
+                        cluster.client(reader).get(&format!("/v2/{repo}/manifests/t")).try_reply().await;
+                    let served = reply
+                        .as_ref()
+                        .ok()
+                        .and_then(|r| r.header("docker-content-digest"))
+                        .map(str::to_string);
+                    if served.as_deref() != Some(expected.as_str()) {
+                        cluster.fail(&format!(
+                            "clock {offset}: after the {step}, origin {reader} serves {served:?} for the tag, not {expected} (re-tag: {through_odd:?})"
+                        ));
+                    }
+                }
+            }
+        };
+        let expected = if through_odd.is_ok() { &retag } else { &first };
+        serves_everywhere("re-tag through origin 1", expected.manifest_digest().to_string()).await;
+        let last = TestImage::random(&repo, "t", &[random_size(1024, 8 * KIB)]);
+        cluster.check(try_push_image(&cluster.client(2), &last).await, "push through origin 2");
+        serves_everywhere("later push through origin 2", last.manifest_digest().to_string()).await;
+        if through_odd.is_ok() {
+            cluster.fail(&format!("clock {offset}: origin 1 acknowledged a write that lost"));
+        }
+    }
 }
 
 /// SIGTERM in the middle of a push (a rollout while CI pushes): the origin drains, the upload

@@ -14,7 +14,7 @@ use std::time::Duration;
 use shoal_origin::cluster::coordinator::Coordinator;
 use shoal_origin::cluster::gc::{GcError, GcSettings, READ_TO_WRITE_DEADLINE};
 use shoal_origin::cluster::node::Node;
-use shoal_origin::cluster::record::{Record, RecordKey, RecordKind, RecordValue, Version};
+use shoal_origin::cluster::record::{now_millis, Record, RecordKey, RecordKind, RecordValue, Version};
 use shoal_origin::cluster::repair::Repairer;
 use shoal_origin::cluster::store::ClusterStore;
 use shoal_registry::store::{NewManifest, Reference};
@@ -535,5 +535,68 @@ async fn placement_skips_an_origin_whose_disk_is_nearly_full() {
             ClusterStore::new(c.clone()).blob_size(&repo, &pushed).await.unwrap(),
             Some(data.len() as u64)
         );
+    }
+}
+
+/// An owner whose clock runs minutes behind refuses this origin's records as too far ahead.
+/// While this origin has not measured that clock, it cannot tell whose clock is wrong: the
+/// write ends there, failed, with no copy on this origin or on a fallback (a copy would win
+/// reads over later writes, and spread once the clocks agree). Once it has measured the other
+/// clock as the odd one, the write goes past it as past a dead owner. An origin whose clock
+/// disagrees with most others', or that read a version its clock cannot follow, writes nothing.
+#[tokio::test]
+async fn a_write_refused_for_its_clock_lands_nowhere_unless_the_refusing_clock_is_the_odd_one() {
+    let (world, cs) = world().await;
+    let repo = "team/app";
+    let coordinator = |id: &str| cs[IDS.iter().position(|i| *i == id).unwrap()].clone();
+    let repo_owners: Vec<String> = owners(repo).into_iter().collect();
+    let (writer, refuser) = (coordinator(&repo_owners[0]), &repo_owners[1]);
+    let third = IDS.iter().find(|id| !repo_owners.contains(&id.to_string())).unwrap().to_string();
+    let minutes = 5 * 60_000;
+    world.nodes[refuser].clock_behind_ms.store(minutes, std::sync::atomic::Ordering::SeqCst);
+    let key = RecordKey::Tag("latest".into());
+    let target = |c: char| -> Digest { format!("sha256:{}", c.to_string().repeat(64)).parse().unwrap() };
+    let tag = |c: &Coordinator, d: char| {
+        Record::new(key.clone(), c.clock.next(), Some(RecordValue::Tag { digest: target(d) }))
+    };
+    let held = |id: String| {
+        let world = world.clone();
+        let key = key.clone();
+        async move { world.nodes[&id].inner.records_get(repo, &[key]).await.unwrap()[0].clone() }
+    };
+
+    let err = writer.write_records(repo, vec![tag(&writer, 'a')]).await.unwrap_err();
+    assert!(matches!(&err, StoreError::Unavailable(why) if why.contains("clocks in sync")), "{err:?}");
+    for id in IDS {
+        assert_eq!(held(id.to_string()).await, None, "{id} holds a write that failed");
+    }
+
+    // Measured: the refusing clock is the odd one out (the third agrees with the writer).
+    writer.skews.update(refuser, -(minutes as i64));
+    writer.skews.update(&third, 40);
+    writer.write_records(repo, vec![tag(&writer, 'b')]).await.unwrap();
+    assert_eq!(held(refuser.clone()).await, None);
+    for id in [writer.me().to_string(), third.clone()] {
+        assert_eq!(held(id.clone()).await.and_then(|r| r.tag_target().cloned()), Some(target('b')), "{id}");
+    }
+
+    // The writer's clock is the odd one: most others disagree with it.
+    writer.skews.update(&third, minutes as i64);
+    let err = writer.write_records(repo, vec![tag(&writer, 'c')]).await.unwrap_err();
+    assert!(matches!(&err, StoreError::Unavailable(why) if why.contains("2 of the 2")), "{err:?}");
+
+    // An origin that read a version far ahead of its clock would write an older one.
+    let behind = coordinator(&third);
+    let future = Version::new(now_millis() + minutes, refuser);
+    assert!(!behind.clock.observe(&future));
+    let err = behind.write_records(repo, vec![tag(&behind, 'd')]).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Unavailable(why) if why.contains("behind a version it has read")),
+        "{err:?}"
+    );
+    for id in IDS {
+        let kept = held(id.to_string()).await.and_then(|r| r.tag_target().cloned());
+        assert_ne!(kept, Some(target('c')), "{id}");
+        assert_ne!(kept, Some(target('d')), "{id}");
     }
 }

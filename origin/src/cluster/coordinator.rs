@@ -13,6 +13,7 @@ use shoal_registry::range::ByteRange;
 use shoal_registry::store::file_range_stream;
 use shoal_registry::{ByteStream, Digest, StoreError};
 
+use crate::cluster::clock_sync::Skews;
 use crate::cluster::local::LocalNode;
 use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::node::{Node, NodeError};
@@ -52,6 +53,8 @@ pub struct Coordinator {
     pub metrics: ClusterMetrics,
     /// Held while garbage collection runs here (one at a time).
     pub gc_lock: crate::cluster::gc::GcLock,
+    /// The other origins' clocks, as measured from their health replies.
+    pub skews: Skews,
 }
 
 fn unavailable(what: &str, why: Option<String>) -> StoreError {
@@ -91,7 +94,10 @@ impl Coordinator {
     }
 
     /// Run `op` on the owners of `key`, falling back to the next origins in the ranking for
-    /// each owner that fails, until R origins took it or none is left.
+    /// each owner that fails, until R origins took it or none is left. This origin takes its
+    /// part last, after the others answered: a write another origin refuses as coming from a
+    /// clock too far ahead (when that origin's clock is not known to be the wrong one) ends
+    /// there, with no copy left here and no fallback, and fails.
     pub async fn place<F, Fut>(&self, key: &str, op: F) -> Result<Placed, StoreError>
     where
         F: Fn(Arc<dyn Node>) -> Fut,
@@ -99,24 +105,34 @@ impl Coordinator {
     {
         let ranked = self.ranked(key);
         let r = self.replication.replicas.min(ranked.len());
-        let mut placed = Placed { all_owners: true, ..Placed::default() };
-        let attempts = ranked[..r].iter().map(|id| {
+        let me = self.me();
+        let attempt = |id: &String| {
             let node = self.node(id).filter(|_| self.topology.accepts_writes(id));
             let op = &op;
+            let id = id.clone();
             async move {
-                match node {
+                let result = match node {
                     Some(n) => op(n).await,
                     None => Err(NodeError::Unreachable {
                         node: id.clone(),
                         reason: "not a member, or its disk is nearly full".into(),
                     }),
-                }
+                };
+                (id, result)
             }
-        });
+        };
+        let (owners_here, owners_elsewhere): (Vec<&String>, Vec<&String>) =
+            ranked[..r].iter().partition(|id| *id == me);
+        let mut results = join_all(owners_elsewhere.into_iter().map(attempt)).await;
+        self.stop_if_clock_refused(&results)?;
+        for id in owners_here {
+            results.push(attempt(id).await);
+        }
+        let mut placed = Placed { all_owners: true, ..Placed::default() };
         let mut failed = 0;
-        for (id, result) in ranked[..r].iter().zip(join_all(attempts).await) {
+        for (id, result) in results {
             match result {
-                Ok(()) => placed.ok.push(id.clone()),
+                Ok(()) => placed.ok.push(id),
                 Err(NodeError::Corrupt(d)) => return Err(node_to_store(NodeError::Corrupt(d))),
                 Err(e) => {
                     tracing::warn!(origin = %id, %key, error = %e, "owner could not take a write");
@@ -127,14 +143,21 @@ impl Coordinator {
                 }
             }
         }
-        for id in ranked[r..].iter() {
+        // The other origins first, this one last (as above).
+        let (fallback_here, fallback_elsewhere): (Vec<&String>, Vec<&String>) =
+            ranked[r..].iter().partition(|id| *id == me);
+        for id in fallback_elsewhere.into_iter().chain(fallback_here) {
             if failed == 0 {
                 break;
             }
-            let Some(node) = self.node(id).filter(|_| self.topology.accepts_writes(id)) else { continue };
-            match op(node).await {
+            if self.node(id).is_none() || !self.topology.accepts_writes(id) {
+                continue;
+            }
+            let answer = attempt(id).await;
+            self.stop_if_clock_refused(std::slice::from_ref(&answer))?;
+            match answer.1 {
                 Ok(()) => {
-                    placed.ok.push(id.clone());
+                    placed.ok.push(answer.0);
                     failed -= 1;
                 }
                 Err(NodeError::Corrupt(d)) => return Err(node_to_store(NodeError::Corrupt(d))),
@@ -142,6 +165,47 @@ impl Coordinator {
             }
         }
         Ok(placed)
+    }
+
+    /// The end of a write that an origin refused for its versions, unless that origin's
+    /// clock is known to be out of sync with this one's (then the other origins, which agree
+    /// with this one, take the write: see [`Skews::write_refusal`]).
+    fn stop_if_clock_refused(&self, answers: &[Answer<()>]) -> Result<(), StoreError> {
+        for (id, answer) in answers {
+            if let Err(e @ NodeError::ClockRefused { .. }) = answer {
+                if !self.skews.out_of_sync(id) {
+                    tracing::warn!(origin = %id, error = %e, "write refused for this origin's clock: not written anywhere else");
+                    return Err(StoreError::Unavailable(format!(
+                        "{e} (the write was stopped: keep the origins' clocks in sync with NTP)"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this origin may hand out versions for a write now: not while it has read a
+    /// version its clock cannot follow (its write would be older and lose after its `201`),
+    /// nor while most other live origins' clocks disagree with its own.
+    fn may_write(&self) -> Result<(), StoreError> {
+        let why = match self.clock.unfollowed_ahead() {
+            Some(ms) => Some(format!(
+                "this origin's clock is {:.1} s behind a version it has read: writes are refused until the clocks agree (fix NTP)",
+                ms as f64 / 1000.0
+            )),
+            None => {
+                let others: Vec<String> =
+                    self.topology.live().into_iter().filter(|id| id != self.me()).collect();
+                self.skews.write_refusal(&others)
+            }
+        };
+        match why {
+            Some(why) => {
+                tracing::warn!(reason = %why, "write refused");
+                Err(StoreError::Unavailable(why))
+            }
+            None => Ok(()),
+        }
     }
 
     /// Queue `item` for repair on this origin; losing the entry would lose a copy, so a
@@ -154,6 +218,7 @@ impl Coordinator {
 
     /// Write records to the owners of `repo` with the write quorum.
     pub async fn write_records(&self, repo: &str, records: Vec<Record>) -> Result<(), StoreError> {
+        self.may_write()?;
         let records = Arc::new(records);
         let placed = self
             .place(repo, |node| {

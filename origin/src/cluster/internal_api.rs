@@ -7,6 +7,8 @@
 //!   also content that does not match its digest or size ([`NodeError::Corrupt`]).
 //! - 401: missing or wrong secret (and no certificate of an allowed role). 411: a blob `PUT` without `Content-Length`.
 //! - 413: a JSON body over [`MAX_RECORDS_BODY`] or more than [`MAX_RECORD_KEYS`] keys.
+//! - 409: records whose versions are too far ahead of this origin's clock
+//!   ([`NodeError::ClockRefused`]).
 //! - 422: the node refused ([`NodeError::Refused`]): another replica would refuse too.
 //! - 500: a storage failure ([`NodeError::Storage`]). 507: storage full.
 //! - 502: the node could not reach something it needed ([`NodeError::Unreachable`]): the
@@ -177,6 +179,7 @@ impl From<NodeError> for Failure {
             NodeError::Storage { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             NodeError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             NodeError::Refused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            NodeError::ClockRefused { .. } => StatusCode::CONFLICT,
         };
         if status.is_server_error() {
             tracing::warn!(error = %e, "internal API call failed");
@@ -386,7 +389,7 @@ async fn records_apply(
     if let Some(r) = records.iter().find(|r| crate::cluster::record::too_far_ahead(&r.version)) {
         let ahead = r.version.millis.saturating_sub(crate::cluster::record::now_millis());
         return Err(Failure::new(
-            StatusCode::BAD_REQUEST,
+            StatusCode::CONFLICT,
             format!(
                 "record version from {} is {} ms ahead of this origin's clock (at most {} ms allowed): fix the clocks",
                 r.version.node,

@@ -18,6 +18,11 @@ pub enum NodeError {
     /// The node answered with a refusal that another replica would repeat.
     #[error("origin {node} refused: {reason}")]
     Refused { node: String, reason: String },
+    /// The node refused records whose versions are too far ahead of its wall clock (see
+    /// `record::MAX_CLOCK_AHEAD`): one of the two clocks is wrong, and which one decides
+    /// whether the write may go elsewhere (see `Coordinator::place`).
+    #[error("origin {node} refused a version too far ahead of its clock: {reason}")]
+    ClockRefused { node: String, reason: String },
     /// Content did not match its digest or declared size.
     #[error("content does not match {0}")]
     Corrupt(Digest),

@@ -233,54 +233,95 @@ pub fn too_far_ahead(v: &Version) -> bool {
 #[derive(Debug)]
 pub struct VersionClock {
     node: String,
+    state: std::sync::Mutex<ClockState>,
+}
+
+#[derive(Debug, Default)]
+struct ClockState {
     /// The latest (millis, logical) handed out or observed.
-    last: std::sync::Mutex<(u64, u32)>,
+    last: (u64, u32),
+    /// The latest version seen but not followed because it was too far ahead: a write from
+    /// here would get an older version and lose to it, so writes wait until the wall clock
+    /// has come within [`MAX_CLOCK_AHEAD`] of it ([`VersionClock::unfollowed_ahead`]).
+    unfollowed: Option<(u64, u32)>,
 }
 
 impl VersionClock {
     pub fn new(node: impl Into<String>) -> VersionClock {
-        VersionClock { node: node.into(), last: std::sync::Mutex::new((0, 0)) }
+        VersionClock { node: node.into(), state: std::sync::Mutex::new(ClockState::default()) }
     }
 
     pub fn node(&self) -> &str {
         &self.node
     }
 
-    fn last(&self) -> std::sync::MutexGuard<'_, (u64, u32)> {
-        // Two integers: a panic while holding the lock cannot leave them torn.
-        self.last.lock().unwrap_or_else(|p| p.into_inner())
+    fn state(&self) -> std::sync::MutexGuard<'_, ClockState> {
+        // Plain integers: a panic while holding the lock cannot leave them torn.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A version later than every one this clock handed out or observed before.
     pub fn next(&self) -> Version {
         let now = now_millis();
-        let mut last = self.last();
-        *last = if now > last.0 {
+        let mut state = self.state();
+        let last = state.last;
+        state.last = if now > last.0 {
             (now, 0)
         } else if last.1 < u32::MAX {
             (last.0, last.1 + 1)
         } else {
             (last.0 + 1, 0)
         };
-        Version { millis: last.0, logical: last.1, node: self.node.clone() }
+        Version { millis: state.last.0, logical: state.last.1, node: self.node.clone() }
     }
 
-    /// Move past `v` (a version read or received), unless it is too far ahead (then `false`).
+    /// Move past `v`, the version of a record read, unless it is too far ahead: then `false`,
+    /// and it is remembered for [`VersionClock::unfollowed_ahead`].
     pub fn observe(&self, v: &Version) -> bool {
+        self.observe_version(v, true)
+    }
+
+    /// Move past `v`, another origin's clock reading, unless it is too far ahead (then
+    /// `false`). Not remembered: a clock far ahead is that origin's problem, which the skew
+    /// rule judges (`clock_sync`), while a record far ahead is one a write here would lose to.
+    pub fn observe_reading(&self, v: &Version) -> bool {
+        self.observe_version(v, false)
+    }
+
+    fn observe_version(&self, v: &Version, remember: bool) -> bool {
+        let seen = (v.millis, v.logical);
+        let mut state = self.state();
         if too_far_ahead(v) {
+            if remember {
+                state.unfollowed = state.unfollowed.max(Some(seen));
+            }
             return false;
         }
-        let mut last = self.last();
-        if (v.millis, v.logical) > *last {
-            *last = (v.millis, v.logical);
-        }
+        state.last = state.last.max(seen);
         true
+    }
+
+    /// How far (ms) the newest version this clock saw but could not follow is ahead of the
+    /// wall clock, while it is still too far ahead to follow: a version written now would be
+    /// older than one already read, and the write would lose to it after its `201`. Once the
+    /// wall clock has come within [`MAX_CLOCK_AHEAD`], the version is followed and this is
+    /// `None` again.
+    pub fn unfollowed_ahead(&self) -> Option<u64> {
+        let now = now_millis();
+        let mut state = self.state();
+        let seen = state.unfollowed?;
+        if seen.0 > now.saturating_add(MAX_CLOCK_AHEAD.as_millis() as u64) {
+            return Some(seen.0 - now);
+        }
+        state.last = state.last.max(seen);
+        state.unfollowed = None;
+        None
     }
 
     /// The clock's reading without advancing it: the later of the wall clock and the last
     /// version handed out or observed.
     pub fn reading(&self) -> Version {
-        let last = *self.last();
+        let last = self.state().last;
         let (millis, logical) = last.max((now_millis(), 0));
         Version { millis, logical, node: self.node.clone() }
     }
@@ -381,6 +422,29 @@ mod tests {
         assert!(!clock.observe(&far), "ten minutes ahead is refused");
         assert!(clock.next() < far, "and does not drag the clock along");
         assert!(clock.reading() >= next);
+    }
+
+    #[test]
+    fn a_version_too_far_ahead_to_follow_is_remembered_until_the_clock_catches_up() {
+        let clock = VersionClock::new("b");
+        assert_eq!(clock.unfollowed_ahead(), None);
+        let far = Version::new(now_millis() + 10 * 60_000, "c");
+        let farther = Version::new(now_millis() + 11 * 60_000, "c");
+        assert!(!clock.observe(&farther) && !clock.observe(&far));
+        let ahead = clock.unfollowed_ahead().expect("a write now would lose to what was read");
+        assert!((10 * 60_000..=11 * 60_000).contains(&ahead), "the newest one counts: {ahead}");
+        assert!(clock.unfollowed_ahead().is_some(), "and stays until the clocks agree");
+        let readings = VersionClock::new("b");
+        assert!(!readings.observe_reading(&far), "a member's clock reading is not followed either");
+        assert_eq!(readings.unfollowed_ahead(), None, "but a member's clock is judged by its skew");
+        // Seen when it was far ahead, now within the bound (the wall clock caught up, here
+        // simulated by a version that was only just too far): followed, and writes go on.
+        let clock = VersionClock::new("b");
+        let edge = Version::new(now_millis() + MAX_CLOCK_AHEAD.as_millis() as u64 + 50, "c");
+        assert!(!clock.observe(&edge));
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(clock.unfollowed_ahead(), None);
+        assert!(clock.next() > edge, "the version once refused is followed now");
     }
 
     #[test]

@@ -139,6 +139,7 @@ impl RemoteNode {
         let reason = format!("{status}: {}", String::from_utf8_lossy(&text).trim());
         match status {
             StatusCode::INSUFFICIENT_STORAGE => NodeError::StorageFull,
+            StatusCode::CONFLICT => NodeError::ClockRefused { node: self.id.clone(), reason },
             StatusCode::INTERNAL_SERVER_ERROR => NodeError::Storage { node: self.id.clone(), reason },
             StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
                 self.unreachable(reason)

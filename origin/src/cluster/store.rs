@@ -56,6 +56,7 @@ impl ClusterStore {
             replication: Replication { replicas: 1, write_quorum: 1 },
             metrics,
             gc_lock: Default::default(),
+            skews: Default::default(),
         })))
     }
 

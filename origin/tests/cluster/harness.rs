@@ -2,7 +2,7 @@
 //! gate that stops a call in the middle, and the helpers that push and read through them.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +14,9 @@ use shoal_origin::cluster::gc::GcSettings;
 use shoal_origin::cluster::local::LocalNode;
 use shoal_origin::cluster::metrics::ClusterMetrics;
 use shoal_origin::cluster::node::{BlobEntry, Node, NodeError};
-use shoal_origin::cluster::record::{Record, RecordKey, RecordKind, VersionClock};
+use shoal_origin::cluster::record::{
+    now_millis, Record, RecordKey, RecordKind, VersionClock, MAX_CLOCK_AHEAD,
+};
 use shoal_origin::cluster::store::ClusterStore;
 use shoal_origin::cluster::topology::Topology;
 use shoal_origin::{OriginStore, StoreConfig};
@@ -30,6 +32,9 @@ pub(crate) struct Switchable {
     /// Scans of manifest records fail (as one that times out, or whose answer is too big),
     /// while every other call works.
     pub(crate) failing_manifest_scans: AtomicBool,
+    /// How far (ms) this member's wall clock runs behind: it refuses records whose versions
+    /// are more than `record::MAX_CLOCK_AHEAD` ahead of that clock, as the internal API does.
+    pub(crate) clock_behind_ms: AtomicU64,
     /// Holds one call (the first that matches, on any member) back until the test has done
     /// something in the middle of it; shared by all members.
     pub(crate) gate: Arc<Mutex<Option<Gate>>>,
@@ -162,6 +167,13 @@ impl Node for Switchable {
     }
     async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<(), NodeError> {
         self.check()?;
+        let wall = now_millis().saturating_sub(self.clock_behind_ms.load(Ordering::SeqCst));
+        if records.iter().any(|r| r.version.millis > wall + MAX_CLOCK_AHEAD.as_millis() as u64) {
+            return Err(NodeError::ClockRefused {
+                node: self.inner.id().to_string(),
+                reason: "version too far ahead of this clock".into(),
+            });
+        }
         if records.iter().any(|r| r.value.is_none() && matches!(r.key, RecordKey::Link(_))) {
             self.pass(GateOn::Tombstone).await;
         }
@@ -249,6 +261,7 @@ pub(crate) async fn world() -> (Arc<World>, Vec<Arc<Coordinator>>) {
                 inner: local.clone(),
                 down: AtomicBool::new(false),
                 failing_manifest_scans: AtomicBool::new(false),
+                clock_behind_ms: AtomicU64::new(0),
                 gate: gate.clone(),
             }),
         );
@@ -273,6 +286,7 @@ pub(crate) async fn world() -> (Arc<World>, Vec<Arc<Coordinator>>) {
                 replication: Replication { replicas: 2, write_quorum: 2 },
                 metrics: ClusterMetrics::unregistered().unwrap(),
                 gc_lock: Default::default(),
+                skews: Default::default(),
             })
         })
         .collect();
