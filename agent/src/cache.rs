@@ -402,6 +402,16 @@ impl BlobCache {
         self.evict(|held| disk::bytes_to_free(&self.limits, held, fs, incoming))
     }
 
+    /// [`make_room`](Self::make_room) for a download of `digest` (`size` bytes) that starts
+    /// now: what its partial file already occupies (a resumed download) is on the filesystem
+    /// already, so only the rest is incoming. Blocking (one stat).
+    pub fn make_room_for_download(&self, digest: &Digest, size: u64) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let allocated =
+            std::fs::metadata(self.partial_path(digest)).map_or(0, |m| m.blocks().saturating_mul(512));
+        self.make_room(size.saturating_sub(allocated))
+    }
+
     /// A write found the disk full: remove at least `need` bytes (what the download still has
     /// to write), or what the watermarks ask if more. Whether anything was removed. Blocking.
     pub fn reclaim(&self, need: u64) -> bool {

@@ -149,6 +149,30 @@ pub struct Downloads {
     seeding: std::sync::OnceLock<Arc<Seeding>>,
 }
 
+/// What a request for a blob that was not cached when it looked gets from [`Downloads::join`].
+pub enum Joined {
+    /// The download of it, running or just started.
+    Download(Arc<Download>),
+    /// The cached copy (opened, pinned): a download finished since the caller looked.
+    Cached(Arc<BlobPieces>),
+}
+
+/// Why [`Downloads::start`] did not start a download.
+enum NotStarted {
+    Cached,
+    Failed(StoreError),
+}
+
+impl From<StoreError> for NotStarted {
+    fn from(e: StoreError) -> NotStarted {
+        NotStarted::Failed(e)
+    }
+}
+
+/// Rounds of [`Downloads::join`]: each finds the blob cached but its copy gone (evicted, or
+/// found bad and removed) when opened; the next one starts a download unless it is cached again.
+const MAX_JOIN_ROUNDS: usize = 3;
+
 impl Downloads {
     pub fn new(
         cache: Arc<BlobCache>,
@@ -236,18 +260,28 @@ impl Downloads {
         }
     }
 
-    /// Join (or start) the download of `digest`, falling back to the origin via `repo`.
-    pub async fn join(
-        self: &Arc<Self>,
-        repo: &RepoName,
-        digest: &Digest,
-    ) -> Result<Arc<Download>, StoreError> {
-        let cell = self.active().entry(digest.clone()).or_default().clone();
-        let download = cell.get_or_try_init(|| self.start(repo, digest)).await;
-        if download.is_err() {
-            self.forget(digest, &cell);
+    /// Join (or start) the download of `digest`, falling back to the origin via `repo`; or,
+    /// when the blob was cached after the caller looked (a download that finished meanwhile),
+    /// the cached copy, rather than a second download of it.
+    pub async fn join(self: &Arc<Self>, repo: &RepoName, digest: &Digest) -> Result<Joined, StoreError> {
+        // A cached copy found bad when opened is removed: the next round downloads it.
+        for _ in 0..MAX_JOIN_ROUNDS {
+            let cell = self.active().entry(digest.clone()).or_default().clone();
+            match cell.get_or_try_init(|| self.start(repo, digest)).await {
+                Ok(download) => return Ok(Joined::Download(download.clone())),
+                Err(NotStarted::Failed(e)) => {
+                    self.forget(digest, &cell);
+                    return Err(e);
+                }
+                Err(NotStarted::Cached) => {
+                    self.forget(digest, &cell);
+                    if let Some(pieces) = self.open_cached(digest).await {
+                        return Ok(Joined::Cached(pieces));
+                    }
+                }
+            }
         }
-        download.cloned()
+        Err(StoreError::Unavailable(format!("{digest}: its cached copy keeps disappearing")))
     }
 
     fn forget(&self, digest: &Digest, cell: &Arc<OnceCell<Arc<Download>>>) {
@@ -257,7 +291,12 @@ impl Downloads {
         }
     }
 
-    async fn start(self: &Arc<Self>, repo: &RepoName, digest: &Digest) -> Result<Arc<Download>, StoreError> {
+    /// Start a download of `digest`, unless it is cached: no download of it runs (the caller
+    /// holds its `active` cell), so one that just finished has put it there.
+    async fn start(self: &Arc<Self>, repo: &RepoName, digest: &Digest) -> Result<Arc<Download>, NotStarted> {
+        if self.cache.contains(digest) {
+            return Err(NotStarted::Cached);
+        }
         let (metainfo, source) = self.metainfo_with_source(digest).await?;
         let claim = Arc::new(self.cache.claim_partial(digest, metainfo.size()));
         let pieces = self.open_partial(digest, metainfo, None).await?;
@@ -304,7 +343,7 @@ impl Downloads {
                     tracing::warn!(error = %e, "could not delete a failed download's piece file");
                 }
             }
-            cache.make_room(metainfo.size());
+            cache.make_room_for_download(metainfo.digest(), metainfo.size());
             let reclaim = cache.clone();
             BlobPieces::partial_reclaiming(
                 &path,
@@ -450,4 +489,68 @@ fn decode_metainfo(json: &[u8], digest: &Digest) -> Result<Metainfo, StoreError>
         return Err(StoreError::Internal(format!("metainfo for another blob than {digest}")));
     }
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use shoal_p2p::announcer::Announcer;
+    use shoal_p2p::limiter::RateLimiter;
+    use shoal_p2p::node::NodeFlow;
+    use shoal_p2p::tracker_client::TrackerClient;
+    use shoal_p2p::{PeerId, SwarmMetrics};
+
+    use super::*;
+    use crate::cache::CacheMetrics;
+    use crate::disk::CacheLimits;
+
+    /// Downloads whose origin and tracker are a closed port: any download started fails.
+    fn downloads(dir: &std::path::Path) -> Arc<Downloads> {
+        let registry = prometheus::Registry::new();
+        let limits = CacheLimits::bytes(1 << 30, 1 << 29);
+        let metrics = CacheMetrics::new(&registry).unwrap();
+        let cache =
+            Arc::new(BlobCache::open(&dir.join("cache"), &dir.join("partial"), limits, metrics).unwrap());
+        let nowhere = vec!["http://127.0.0.1:1".to_string()];
+        let origin = OriginClient::new(nowhere.clone(), Duration::from_secs(1), &registry).unwrap();
+        let tracker = Arc::new(TrackerClient::new(nowhere, Duration::from_secs(1)).unwrap());
+        let deps = SwarmDeps {
+            tracker: tracker.clone(),
+            announcer: Announcer::spawn(tracker),
+            ingress: Arc::new(RateLimiter::new(None, 1 << 20)),
+            metrics: SwarmMetrics::new("agent", &registry).unwrap(),
+            node: NodeFlow::new(16),
+        };
+        let swarm = SwarmConfig::new(PeerId::random(), "127.0.0.1:1".parse().unwrap());
+        Arc::new(Downloads::new(cache, origin, deps, swarm))
+    }
+
+    /// A request that found the blob missing, then joins after a download of it finished (a
+    /// second client of the same blob), gets the cached copy: no second download starts.
+    #[tokio::test]
+    async fn joining_a_blob_cached_meanwhile_gets_the_copy_not_a_second_download() {
+        let dir = tempfile::tempdir().unwrap();
+        let downloads = downloads(dir.path());
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let meta =
+            Metainfo::compute(&data[..], data.len() as u64, shoal_registry::Algorithm::Sha256).unwrap();
+        let digest = meta.digest().clone();
+        let repo: RepoName = "team/app".parse().unwrap();
+        assert!(
+            downloads.join(&repo, &digest).await.is_err(),
+            "not cached: a download starts, and fails here"
+        );
+        let path = downloads.cache.blob_path(&digest);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &data).unwrap();
+        downloads.cache.write_metainfo(&meta).unwrap();
+        downloads.cache.insert(&digest, data.len() as u64);
+        match downloads.join(&repo, &digest).await {
+            Ok(Joined::Cached(pieces)) => assert_eq!(pieces.metainfo().digest(), &digest),
+            Ok(Joined::Download(_)) => panic!("a second download of a cached blob started"),
+            Err(e) => panic!("a cached blob was downloaded again (and failed): {e}"),
+        }
+        assert!(downloads.running(&digest).is_none());
+    }
 }

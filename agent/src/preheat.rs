@@ -10,17 +10,17 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use shoal_registry::manifest::parse_manifest;
 use shoal_registry::store::Reference;
 use shoal_registry::{Digest, RegistryStore, RepoName};
 use tokio::sync::mpsc;
 
-use shoal_registry::auth::{
-    forwarded_authorization as forwarded, AccessCheck, Action, Authorize, Need, FORWARD_AUTHORIZATION,
-};
+use shoal_registry::auth::{AccessCheck, Action, Authorize, Need, FORWARD_AUTHORIZATION};
 use shoal_registry::identity::TransportIdentity;
 
+use crate::downloads::Joined;
 use crate::store::AgentStore;
 
 /// A preheat request: `image` is `repo:tag` or `repo@digest`; `platform` is `os/arch[/variant]`.
@@ -60,6 +60,10 @@ pub enum PreheatEvent {
 
 /// How often a running preheat reports the bytes it holds.
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// Blobs one preheat downloads at once (as a container runtime pulls a few layers at once):
+/// an image of fifty layers does not start fifty downloads, and its first layers finish early.
+pub const PREHEAT_PARALLEL_BLOBS: usize = 4;
 
 /// Verified bytes of `digest` held here: all of a cached blob, the pieces of a running download.
 fn held_bytes(store: &AgentStore, digest: &Digest, size: u64) -> u64 {
@@ -224,32 +228,34 @@ pub async fn preheat(
             progress.abort();
             let _ = progress.await;
         };
-        let mut joins = Vec::new();
-        for (digest, size) in blobs.clone() {
+        let fetches = blobs.clone().into_iter().map(|(digest, size)| {
             let store = store.clone();
             let repo = repo.clone();
-            let blob = async move {
+            async move {
                 if store.downloads().cache.get(&digest).is_some() || size == 0 {
                     return Ok((digest, size));
                 }
-                let download = store.join(&repo, &digest).await.map_err(|e| e.to_string())?;
-                download.wait().await?;
+                match store.join_held(&repo, &digest).await.map_err(|e| format!("{digest}: {e}"))? {
+                    Joined::Download(download) => {
+                        download.wait().await.map_err(|e| format!("{digest}: {e}"))?
+                    }
+                    Joined::Cached(_) => {}
+                }
                 Ok::<_, String>((digest, size))
-            };
-            joins.push(tokio::spawn(FORWARD_AUTHORIZATION.scope(forwarded(), blob)));
-        }
-        for j in joins {
-            let event = match j.await {
-                Ok(Ok((digest, size))) => PreheatEvent::BlobDone { digest: digest.to_string(), size },
-                Ok(Err(message)) => PreheatEvent::Failed { message },
-                Err(e) => PreheatEvent::Failed { message: e.to_string() },
-            };
-            if matches!(event, PreheatEvent::Failed { .. }) {
-                stop_progress().await;
-                let _ = tx.send(event).await;
-                return;
             }
-            let _ = tx.send(event).await;
+        });
+        let mut done = futures_util::stream::iter(fetches).buffer_unordered(PREHEAT_PARALLEL_BLOBS);
+        while let Some(result) = done.next().await {
+            match result {
+                Ok((digest, size)) => {
+                    let _ = tx.send(PreheatEvent::BlobDone { digest: digest.to_string(), size }).await;
+                }
+                Err(message) => {
+                    stop_progress().await;
+                    let _ = tx.send(PreheatEvent::Failed { message }).await;
+                    return;
+                }
+            }
         }
         stop_progress().await;
         // The last word on bytes: everything is held (also when it took less than one tick).

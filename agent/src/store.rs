@@ -17,7 +17,7 @@ use shoal_registry::auth::remote::RemoteAuth;
 use shoal_registry::auth::{forwarded_authorization, FORWARD_AUTHORIZATION};
 use shoal_registry::mirror::wait_for_fetch;
 
-use crate::downloads::Downloads;
+use crate::downloads::{Downloads, Joined};
 use crate::manifest_cache::{ManifestCache, DEFAULT_MANIFEST_CACHE_BYTES};
 use crate::mirror::{upstream_credentials, Registries};
 use crate::origin_client::OriginClient;
@@ -115,11 +115,7 @@ impl AgentStore {
     /// Join (or start) the download of `digest` through `repo`, with the client's token, or
     /// without one an anonymous token where the origins want one (plain HTTP, access control
     /// on: their node API then asks for a token).
-    pub async fn join(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-    ) -> Result<Arc<crate::downloads::Download>, StoreError> {
+    pub async fn join(&self, repo: &RepoName, digest: &Digest) -> Result<Joined, StoreError> {
         let mut credentials = forwarded_authorization();
         if credentials.is_none() {
             if let Some(policy) = self.auth.policy().filter(|p| p.tokens) {
@@ -127,6 +123,17 @@ impl AgentStore {
             }
         }
         FORWARD_AUTHORIZATION.scope(credentials, self.downloads.join(repo, digest)).await
+    }
+
+    /// [`join`](Self::join), for an upstream blob that no download here has yet only once the
+    /// origins hold it: until their fetch commits it, no tracker knows its pieces ("blob
+    /// unknown"). `BlobUnknown` if the upstream has no such blob.
+    pub async fn join_held(&self, repo: &RepoName, digest: &Digest) -> Result<Joined, StoreError> {
+        let here = self.downloads.running(digest).is_some() || self.downloads.cache.contains(digest);
+        if self.registries.is_upstream(repo) && !here && self.fetch_upstream(repo, digest).await?.is_none() {
+            return Err(StoreError::BlobUnknown);
+        }
+        self.join(repo, digest).await
     }
 
     /// A cached blob, streamed with every piece checked (see `Downloads::stream_cached`).
@@ -204,12 +211,11 @@ impl RegistryStore for AgentStore {
                     }
                 }
             }
-            if self.fetch_upstream(repo, digest).await?.is_none() {
-                return Err(StoreError::BlobUnknown);
-            }
         }
-        let download = self.join(repo, digest).await?;
-        Ok(self.downloads.stream(repo, download, range))
+        match self.join_held(repo, digest).await? {
+            Joined::Download(download) => Ok(self.downloads.stream(repo, download, range)),
+            Joined::Cached(pieces) => Ok(self.downloads.stream_cached(repo, pieces, range)),
+        }
     }
 
     async fn blob_delete(&self, _: &RepoName, _: &Digest) -> Result<bool, StoreError> {

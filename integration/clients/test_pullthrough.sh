@@ -220,6 +220,20 @@ log "shoal preheat of an upstream image (explicit name) through agent 0"
   { cat "$T/preheat.log" >&2; die "preheat of upstream.test/library/multi:v1 failed"; }
 grep -q 'preheated upstream.test/library/multi:v1' "$T/preheat.log" || die "preheat said: $(cat "$T/preheat.log")"
 
+log "shoal preheat of an upstream image nothing has pulled yet (the origins fetch while it waits)"
+$MKIMAGE random "$T/fresh" v1 4M,1M >/dev/null
+push_up "$T/fresh" v1 library/fresh
+"$SHOAL_BIN" preheat "${AGENT_URLS[1]}" upstream.test/library/fresh:v1 >"$T/preheat-fresh.log" 2>&1 ||
+  { cat "$T/preheat-fresh.log" >&2; die "preheat of upstream.test/library/fresh:v1 failed"; }
+fresh_digest=$(skopeo_ inspect --raw --cert-dir "$T/certs.d" docker://upstream.test/library/fresh:v1 | sha256sum | cut -d' ' -f1)
+mapfile -t fresh_blobs < <(layout_blobs "$T/fresh" | grep -v "sha256:$fresh_digest")
+for b in "${fresh_blobs[@]}"; do
+  assert_eq 1 "$(upstream_blob_gets "$b")" "times the upstream sent $b (preheated)"
+  # Held by agent 1 now: a pull through it takes nothing from the origins' fetch again.
+  assert_eq "$b" "sha256:$(curl -sf "${AGENT_URLS[1]}/v2/library/fresh/blobs/$b?ns=upstream.test" | sha256sum | cut -d' ' -f1)" \
+    "blob $b through agent 1 after its preheat"
+done
+
 log "the tag moves upstream: agents serve the new target within the origin's and their tag_ttl"
 $MKIMAGE random "$T/app2" v1 1M >/dev/null
 push_up "$T/app2" v1 library/app

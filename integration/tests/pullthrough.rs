@@ -9,8 +9,9 @@
 //! Agents, containerd mirrors, Docker, TLS and token auth upstream are in
 //! `integration/clients/test_pullthrough.sh`.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -219,6 +220,124 @@ async fn slow_upstream(data: Vec<u8>, digest: String) -> (String, Arc<AtomicUsiz
         }
     });
     (url, gets)
+}
+
+/// A slow upstream that holds one image, `app:v1` of `manifest` and `blobs`, answering GET and
+/// HEAD: manifests and the config at once, a layer's bytes trickled as in [`slow_upstream`].
+/// Counts GETs of each blob.
+async fn slow_upstream_image(
+    manifest: Manifest,
+    blobs: Vec<Blob>,
+) -> (String, Arc<Mutex<HashMap<String, usize>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let gets = Arc::new(Mutex::new(HashMap::new()));
+    let (manifest, blobs, counter) = (Arc::new(manifest), Arc::new(blobs), gets.clone());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (manifest, blobs, counter) = (manifest.clone(), blobs.clone(), counter.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if conn.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let line = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_string();
+                let mut words = line.split(' ');
+                let (method, path) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
+                let path = path.split('?').next().unwrap_or_default();
+                let found: Option<(String, Vec<u8>, bool)> = if path.ends_with("/manifests/v1")
+                    || path.ends_with(&format!("/manifests/{}", manifest.digest))
+                {
+                    Some((manifest.media_type.clone(), manifest.bytes.clone(), false))
+                } else {
+                    blobs
+                        .iter()
+                        .enumerate()
+                        .find(|(_, b)| path.ends_with(&format!("/blobs/{}", b.digest)))
+                        .map(|(i, b)| {
+                            if method == "GET" {
+                                *counter.lock().unwrap().entry(b.digest.clone()).or_insert(0) += 1;
+                            }
+                            ("application/octet-stream".to_string(), b.data.clone(), i > 0)
+                        })
+                };
+                let Some((content_type, body, slow)) = found else {
+                    let _ = conn
+                        .write_all(
+                            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        )
+                        .await;
+                    return;
+                };
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nDocker-Content-Digest: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    sha256(&body),
+                    body.len()
+                );
+                if conn.write_all(head.as_bytes()).await.is_err() || method != "GET" {
+                    return;
+                }
+                let chunk = if slow { TRICKLE_CHUNK } else { body.len().max(1) };
+                for piece in body.chunks(chunk) {
+                    if conn.write_all(piece).await.is_err() {
+                        return;
+                    }
+                    if slow {
+                        tokio::time::sleep(TRICKLE_EVERY).await;
+                    }
+                }
+            });
+        }
+    });
+    (url, gets)
+}
+
+/// Preheat of an upstream image that nothing has pulled yet, through an agent: its layer takes
+/// the origin ~2 s to fetch. The preheat waits for the origins' fetch (as a pull does) instead
+/// of asking the trackers for a blob the origins do not hold yet ("blob unknown"), holds the
+/// image when it says `done`, and the upstream sends each blob once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn preheat_of_an_upstream_image_waits_for_the_origins_fetch() {
+    skip_if_external!(SKIP);
+    let kind = ImageKind::Oci;
+    let config = Blob::config(kind.config_type());
+    let layer = Blob::random_layer(kind.layer_type(), 3 * MIB);
+    let value = oci::image_manifest_value(kind.manifest_type(), &config, std::slice::from_ref(&layer));
+    let manifest = Manifest::from_value(kind.manifest_type(), &value);
+    let (url, gets) = slow_upstream_image(manifest, vec![config.clone(), layer.clone()]).await;
+    let cluster = Cluster::start_with_origin(
+        1,
+        &format!("[[upstream]]\nregistry = \"slow.test\"\nurl = \"{url}\"\n"),
+        "",
+    )
+    .await;
+    // Agents learn the upstream registries at start (every 2 s until an origin answers).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let reply = reqwest::Client::new()
+        .post(format!("{}/v1/preheat", cluster.agent_url(0)))
+        .json(&serde_json::json!({ "image": "slow.test/app:v1" }))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .expect("POST /v1/preheat");
+    assert_eq!(reply.status(), StatusCode::OK);
+    let events = reply.text().await.expect("preheat events");
+    assert!(events.lines().last().is_some_and(|l| l.contains("\"done\"")), "preheat events:\n{events}");
+    for blob in [&config, &layer] {
+        let r = Client::new(&cluster.agent_url(0)).get_blob("slow.test/app", &blob.digest).await;
+        r.expect(StatusCode::OK);
+        assert_eq!(sha256(&r.body), blob.digest);
+        assert_eq!(
+            gets.lock().unwrap().get(&blob.digest),
+            Some(&1),
+            "{} left the upstream once",
+            blob.digest
+        );
+    }
 }
 
 const TRICKLE_CHUNK: usize = 128 * 1024;

@@ -334,3 +334,36 @@ fn pins_of_a_removed_copy_do_not_unpin_the_next() {
     assert!(c.contains(&d), "the old copy's pin unpinned the new copy, which was evicted while read");
     drop(new);
 }
+
+/// A resumed download's partial file is on the filesystem already: under share watermarks,
+/// only the bytes it has still to write count as incoming, so resuming does not evict blobs
+/// for room it has.
+#[test]
+fn a_resumed_download_makes_room_only_for_what_it_has_still_to_write() {
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let limits =
+        CacheLimits::new(Watermark::Share(0.9), Watermark::Share(0.5), Duration::from_secs(3600)).unwrap();
+    let c = Arc::new(
+        BlobCache::open_with_usage(
+            &dir.path().join("cache"),
+            &dir.path().join("partial"),
+            limits,
+            metrics(),
+            // 85 of 100 MiB used, the partial file's 4 MiB included.
+            Box::new(|| Some(FsUsage { total: 100 * MIB, used: 85 * MIB })),
+        )
+        .unwrap(),
+    );
+    put(&c, 1, (10 * MIB) as usize);
+    let resumed = digest(2);
+    let path = c.partial_path(&resumed);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, vec![7u8; (4 * MIB) as usize]).unwrap();
+    let _claim = c.claim_partial(&resumed, 8 * MIB);
+    assert_eq!(c.make_room_for_download(&resumed, 8 * MIB), 0, "89% with the 4 MiB to come: under 90%");
+    assert_eq!(c.total(), 10 * MIB);
+    // A fresh download of the same size has all 8 MiB to write: 93% → down to 50%.
+    let _fresh = c.claim_partial(&digest(3), 8 * MIB);
+    assert_eq!(c.make_room_for_download(&digest(3), 8 * MIB), 10 * MIB);
+}

@@ -14,7 +14,7 @@ use shoal_p2p::{Metainfo, PieceError};
 use shoal_registry::range::ByteRange;
 use shoal_registry::{ByteStream, Digest, RepoName};
 
-use super::{Attempt, Download, Downloads};
+use super::{Attempt, Download, Downloads, Joined};
 
 /// Most bytes handed to a client per read of a download's file (a cached blob is read a
 /// piece at a time). In a swarm, pieces arrive in rarest-first order, far ahead of the reader,
@@ -118,11 +118,15 @@ impl Reader {
                 Err(PieceError::HashMismatch { index }) => {
                     // The cache has dropped the file: go on from a download of the blob.
                     tracing::warn!(digest = %self.digest, index, "a cached blob went bad while read; fetching it again");
+                    self.ahead = None;
                     match self.downloads.join(&self.repo, &self.digest).await {
-                        Ok(download) => {
-                            self.ahead = None;
+                        Ok(Joined::Download(download)) => {
                             self.source = Source::Download(download.clone());
                             self.read_download(download).await
+                        }
+                        Ok(Joined::Cached(pieces)) => {
+                            self.source = Source::Cached(pieces.clone());
+                            self.read_cached(pieces).await.map_err(io_error)
                         }
                         Err(e) => Err(io_error(format!("refetching a bad cached blob: {e}"))),
                     }
