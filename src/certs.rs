@@ -174,6 +174,6 @@ mod tests {
         assert!(std::fs::read_to_string(&key).unwrap().contains("PRIVATE KEY"));
         let ca_key = std::fs::metadata(dir.path().join("ca-key.pem")).unwrap().permissions().mode();
         assert_eq!(ca_key & 0o777, 0o600);
-        assert!(!crate::atomic_file::temp_path(&key).exists());
+        assert!(shoal_registry::durable::leftovers(&key).unwrap().is_empty());
     }
 }

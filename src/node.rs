@@ -435,12 +435,7 @@ fn restore_blocking(hosts_dir: &Path) -> anyhow::Result<Vec<String>> {
             RestoreAction::Remove => {
                 std::fs::remove_file(&hosts).with_context(|| format!("removing {}", hosts.display()))?;
                 // A setup that died mid-write leaves its temporary file behind.
-                let temp = atomic_file::temp_path(&hosts);
-                if let Err(e) = std::fs::remove_file(&temp) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        return Err(e).with_context(|| format!("removing {}", temp.display()));
-                    }
-                }
+                atomic_file::remove_leftovers(&hosts)?;
                 match std::fs::remove_dir(&dir) {
                     Ok(()) => report.push(format!("removed {} and its directory", hosts.display())),
                     Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {

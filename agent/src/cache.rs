@@ -20,7 +20,6 @@
 //!   which other programs fill too).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,8 +40,6 @@ pub const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(60);
 const METAINFO_DIR: &str = "metainfo";
 /// Suffix of a file set aside for deletion (renamed under the lock, unlinked after it).
 const EVICTED_SUFFIX: &str = ".evicted";
-/// Suffix of a temp file being written (a metainfo; bitfields use `.bitfield.tmp`).
-const TMP_SUFFIX: &str = ".tmp";
 
 struct Entry {
     size: u64,
@@ -406,9 +403,7 @@ impl BlobCache {
     /// now: what its partial file already occupies (a resumed download) is on the filesystem
     /// already, so only the rest is incoming. Blocking (one stat).
     pub fn make_room_for_download(&self, digest: &Digest, size: u64) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        let allocated =
-            std::fs::metadata(self.partial_path(digest)).map_or(0, |m| m.blocks().saturating_mul(512));
+        let allocated = std::fs::metadata(self.partial_path(digest)).map_or(0, |m| on_disk(&m));
         self.make_room(size.saturating_sub(allocated))
     }
 
@@ -651,7 +646,11 @@ impl BlobCache {
         let path = self.metainfo_path(metainfo.digest());
         let mut attempts = 0;
         loop {
-            match write_atomically(&path, &json) {
+            let written = match path.parent() {
+                Some(dir) => std::fs::create_dir_all(dir),
+                None => Err(std::io::Error::other("a metainfo path has a parent")),
+            };
+            match written.and_then(|()| shoal_registry::durable::replace(&path, &json, None)) {
                 Err(e) if is_disk_full(&e) && attempts < 2 => {
                     attempts += 1;
                     if !self.reclaim(json.len() as u64) {
@@ -669,27 +668,6 @@ impl BlobCache {
             remove_logged(&self.metainfo_path(digest));
         }
     }
-}
-
-/// Temp file, fsync, rename over `path`, fsync the directory.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let dir = path.parent().ok_or_else(|| std::io::Error::other("a metainfo path has a parent"))?;
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.{}{TMP_SUFFIX}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
-    let tmp = PathBuf::from(tmp);
-    let written = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
 }
 
 /// Bytes a file occupies on disk (a partial download is sparse until filled).

@@ -505,9 +505,10 @@ async fn partial_files_left_by_a_crash_are_cleaned() {
 
     let old_path = write_partial(&data, &old, &old_meta, 0..4);
     let recent_path = write_partial(&data, &recent, &recent_meta, 0..4);
-    let mut tmp_name = old_path.clone().into_os_string();
-    tmp_name.push(".bitfield.tmp");
-    let tmp = PathBuf::from(tmp_name);
+    // What a bitfield write cut short by a crash leaves (`shoal_registry::durable`).
+    let name = old_path.file_name().expect("a file name").to_string_lossy().into_owned();
+    let tmp =
+        old_path.with_file_name(format!(".{name}.bitfield.1.2{}", shoal_registry::durable::TEMP_SUFFIX));
     std::fs::write(&tmp, b"SHOALBF1 torn").expect("write a torn bitfield temp file");
     let two_hours_ago = SystemTime::now() - Duration::from_secs(2 * 3600);
     let mut old_bitfield = old_path.clone().into_os_string();

@@ -4,10 +4,7 @@
 use std::fs;
 use std::path::Path;
 
-/// fsync a directory so a rename or unlink inside it survives a crash.
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    fs::File::open(dir)?.sync_all()
-}
+pub use shoal_registry::durable::sync_dir;
 
 /// Move a finished, fsynced file to `dest` (creating its parent). If `dest` already exists the
 /// content is identical (content addressing), so the new copy is simply dropped.

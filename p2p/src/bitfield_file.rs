@@ -3,8 +3,8 @@
 //! by atomic replacement and tied to one exact metainfo; see [`crate::piece_store`] for the
 //! crash-safety invariant it keeps.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::bitfield::Bitfield;
@@ -70,23 +70,5 @@ pub(crate) fn load_bitfield(path: &Path, metainfo: &Metainfo) -> Option<Bitfield
 /// Atomically replace the bitfield file: write a temp file, fsync it, rename it over, fsync the
 /// directory.
 pub(crate) fn write_bitfield(path: &Path, metainfo: &Metainfo, have: &Bitfield) -> io::Result<()> {
-    let encoded = encode_bitfield(metainfo, have);
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    let mut file = File::create(&tmp)?;
-    file.write_all(&encoded)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp, path)?;
-    if let Some(parent) = path.parent() {
-        sync_dir(parent)?;
-    }
-    Ok(())
-}
-
-/// Fsync a directory so a rename in it survives a crash.
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-    File::open(dir)?.sync_all()
+    shoal_registry::durable::replace(path, &encode_bitfield(metainfo, have), None)
 }

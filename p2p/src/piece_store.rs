@@ -19,8 +19,9 @@ use std::path::{Path, PathBuf};
 
 use crate::bitfield::Bitfield;
 pub use crate::bitfield_file::bitfield_path;
-use crate::bitfield_file::{load_bitfield, sync_dir, write_bitfield};
+use crate::bitfield_file::{load_bitfield, write_bitfield};
 use crate::metainfo::Metainfo;
+use shoal_registry::durable::sync_dir;
 
 /// Why a piece could not be stored or read, or the blob could not be finished.
 #[derive(Debug, thiserror::Error)]

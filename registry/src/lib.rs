@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod digest;
+pub mod durable;
 pub mod error;
 pub mod file_write;
 pub mod identity;

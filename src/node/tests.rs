@@ -114,7 +114,9 @@ fn setup_backs_up_once_and_restore_puts_back_the_original() {
     );
     let foo = std::fs::read_to_string(hosts_dir.join("foo:5000/hosts.toml")).unwrap();
     assert!(foo.contains("server = \"https://foo:5000\""), "{foo}");
-    assert!(!atomic_file::temp_path(&hosts_dir.join("docker.io").join(HOSTS_FILE)).exists());
+    assert!(shoal_registry::durable::leftovers(&hosts_dir.join("docker.io").join(HOSTS_FILE))
+        .unwrap()
+        .is_empty());
 
     // A pod restart runs setup again: nothing changes, the backup keeps the user's bytes.
     let report = setup_blocking(&plan).unwrap();

@@ -159,7 +159,8 @@ fn open_cleans_partial_leftovers_by_age_and_counts_the_rest() {
         std::fs::write(p, vec![7u8; 8192]).unwrap();
         std::fs::write(bitfield_path(p), b"bits").unwrap();
     }
-    let stray_tmp = partial.join(format!("{}.bitfield.tmp", digest(2).hex()));
+    let stray_tmp =
+        partial.join(format!(".{}.bitfield.1.2{}", digest(2).hex(), shoal_registry::durable::TEMP_SUFFIX));
     let orphan_bitfield = partial.join(format!("{}.bitfield", digest(3).hex()));
     std::fs::write(&stray_tmp, b"torn").unwrap();
     std::fs::write(&orphan_bitfield, b"bits").unwrap();
@@ -285,7 +286,8 @@ fn metainfo_is_written_by_temp_file_and_rename() {
         .collect();
     assert_eq!(names, [d.hex().to_string()], "no temp file left behind");
     // A temp file a crash left is not mistaken for anything, and goes at the next start.
-    std::fs::write(meta_dir.join(format!("{}.1.2{TMP_SUFFIX}", d.hex())), b"{\"dig").unwrap();
+    let temp = format!(".{}.1.2{}", d.hex(), shoal_registry::durable::TEMP_SUFFIX);
+    std::fs::write(meta_dir.join(temp), b"{\"dig").unwrap();
     drop(c);
     let c = cache(dir.path(), 1 << 30, 1 << 29);
     assert!(matches!(c.open_blob(&d), Cached::Ready(_)));

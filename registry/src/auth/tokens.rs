@@ -192,9 +192,7 @@ impl SigningKey {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir)?;
                 }
-                let tmp = path.with_extension("tmp");
-                write_private(&tmp, pem.as_bytes())?;
-                std::fs::rename(&tmp, path)?;
+                crate::durable::replace(path, pem.as_bytes(), Some(0o600))?;
                 Ok(key)
             }
             Err(e) => Err(e.into()),
@@ -207,17 +205,6 @@ impl SigningKey {
         header.kid = Some(self.public.kid.clone());
         jsonwebtoken::encode(&header, claims, &self.encoding).map_err(|e| AuthError::Token(e.to_string()))
     }
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut f = options.open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }
 
 /// A verification key from a PEM file: a `PUBLIC KEY` (SPKI) or a `PRIVATE KEY` (PKCS#8),
