@@ -1,5 +1,6 @@
 use super::*;
 use crate::disk::Watermark;
+use shoal_p2p::Metainfo;
 
 fn digest(i: u32) -> Digest {
     Digest::of(shoal_registry::Algorithm::Sha256, &i.to_be_bytes())
