@@ -29,7 +29,8 @@ use crate::writer::{send_new_haves, PeerWriter};
 
 /// How long a new connection may take to say which blob it wants.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection silent this long is closed (peers send keep-alives).
+/// A connection that asks for nothing and tells nothing this long is closed (keep-alives do
+/// not count: a peer may not hold a blob slot without using it).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Requests queued per connection; more is a protocol violation.
 const MAX_QUEUED_REQUESTS: usize = 64;
@@ -217,10 +218,15 @@ impl PeerServer {
         // Incoming messages go through a small queue so requests keep arriving (and cancels
         // take effect) while a piece is being sent.
         let (in_tx, mut in_rx) = mpsc::channel::<Message>(MAX_QUEUED_REQUESTS);
+        // Keep-alives do not keep a connection: one that has asked and told nothing for
+        // `IDLE_TIMEOUT` gives its blob slot and connection slot back.
         let reader = tokio::spawn(async move {
+            let mut deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
             loop {
-                match tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await {
+                match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Ok(Some(Ok(Message::KeepAlive))) => {}
                     Ok(Some(Ok(m))) => {
+                        deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
                         if in_tx.send(m).await.is_err() {
                             return;
                         }
@@ -345,7 +351,7 @@ impl PeerServer {
                 _ = wait_freed(&mut freed), if blocked => {},
                 _ = std::future::ready(()), if may_send => {
                     // One piece per turn: the next one waits at the back of the line.
-                    let _turn = turn.take();
+                    let mut held_turn = turn.take();
                     let digest = pieces.metainfo().digest();
                     let (index, mut piece_send) = match &self.piece_sends {
                         None => match queue.pop_front() {
@@ -367,7 +373,7 @@ impl PeerServer {
                         continue;
                     }
                     let count = pieces.metainfo().piece_count();
-                    if self.super_seed.as_ref().is_some_and(|s| !s.claim(digest, index, remote, count, Instant::now())) {
+                    if self.super_seed.as_ref().is_some_and(|s| !s.claim(digest, index, remote, Instant::now())) {
                         // Declined: another peer just got it and can pass it on.
                         tracing::trace!(%digest, index, %remote, "piece declined");
                         if let Err(e) = sink.send(Message::Cancel(index)).await {
@@ -395,22 +401,27 @@ impl PeerServer {
                     let sent = {
                         let send = sink.send(Message::Piece { index, data });
                         tokio::pin!(send);
-                        // The send counts against its piece's limit for `SEND_HOLD` at most.
+                        // The send holds its piece's limit and its upload slot for `SEND_HOLD`
+                        // at most: a peer that reads slowly (or not at all) keeps neither from
+                        // the others for the minute its send may take.
                         let hold = tokio::time::sleep(SEND_HOLD);
                         tokio::pin!(hold);
                         loop {
                             tokio::select! {
                                 sent = &mut send => break sent,
-                                _ = &mut hold, if piece_send.is_some() => piece_send = None,
+                                _ = &mut hold, if piece_send.is_some() || held_turn.is_some() => {
+                                    piece_send = None;
+                                    held_turn = None;
+                                }
                             }
                         }
                     };
-                    drop(piece_send);
+                    drop((piece_send, held_turn));
                     if let Err(e) = sent {
                         break Err(e.to_string());
                     }
                     if let Some(s) = &self.super_seed {
-                        s.sent_in_full(digest, index, remote, Instant::now());
+                        s.sent_in_full(digest, index, remote, count, Instant::now());
                     }
                     self.metrics.sent_bytes.inc_by(len);
                     tracing::trace!(%digest, index, %remote, "piece sent");

@@ -286,7 +286,7 @@ impl SuperSeed {
     /// Declined: a piece another connected peer holds (take it from that peer) unless this
     /// peer was already sent away for it [`REASK_AFTER`] ago, or one sent to another peer
     /// within the window (it is on its way there).
-    pub fn claim(&self, digest: &Digest, index: u32, peer: PeerId, piece_count: u32, now: Instant) -> bool {
+    pub fn claim(&self, digest: &Digest, index: u32, peer: PeerId, now: Instant) -> bool {
         self.expire_departed(now);
         let holders =
             self.holders().get(digest).and_then(|h| h.counts.get(index as usize)).copied().unwrap_or(0);
@@ -316,8 +316,6 @@ impl SuperSeed {
             Some((at, to)) if *to != peer && now.duration_since(*at) < self.window => false,
             _ => {
                 sent.insert((digest.clone(), index), (now, peer));
-                drop(sent);
-                self.record_sent(digest, index, piece_count);
                 true
             }
         }
@@ -330,13 +328,20 @@ impl SuperSeed {
     /// ran out while a slow transfer was still under way (1 MiB at a 25 Mbit/s host's share of
     /// its link takes longer than the 3 s window), nobody held the piece yet, and the origin
     /// sent it again: 1.15-1.30 x the blob from the origin at 25 Mbit/s against 1.02-1.11 at 50.
-    pub fn sent_in_full(&self, digest: &Digest, index: u32, peer: PeerId, now: Instant) {
+    ///
+    /// Only from now on do claims to hold the piece count (see [`SuperSeed`]): counted from the
+    /// claim, a peer that asked for every piece and read none, then claimed them all over two
+    /// connections, had every piece declined to everyone (two holders wait out the decline
+    /// memory) and sent the whole fleet to the HTTP fallback.
+    pub fn sent_in_full(&self, digest: &Digest, index: u32, peer: PeerId, piece_count: u32, now: Instant) {
         let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = sent.get_mut(&(digest.clone(), index)) {
-            if entry.1 == peer {
-                entry.0 = now;
-            }
+        let Some(entry) = sent.get_mut(&(digest.clone(), index)) else { return };
+        if entry.1 != peer {
+            return;
         }
+        entry.0 = now;
+        drop(sent);
+        self.record_sent(digest, index, piece_count);
     }
 }
 
@@ -362,7 +367,8 @@ mod tests {
     fn send_out(s: &SuperSeed, d: &Digest, pieces: &[u32]) {
         let first = PeerId::random();
         for &i in pieces {
-            assert!(s.claim(d, i, first, N, Instant::now()), "piece {i} is free to send");
+            assert!(s.claim(d, i, first, Instant::now()), "piece {i} is free to send");
+            s.sent_in_full(d, i, first, N, Instant::now());
         }
     }
 
@@ -375,33 +381,33 @@ mod tests {
         let holder_id = PeerId::random();
         let holder = s.join(&d, &bits(N, &[1]), holder_id);
         let mut other = s.join(&d, &bits(N, &[]), PeerId::random());
-        assert!(!s.claim(&d, 1, a, N, Instant::now()), "peer holding piece 1 is connected");
-        assert!(!s.claim(&d, 1, a, N, Instant::now()), "asking again at once changes nothing");
-        assert!(s.claim(&d, 0, a, N, Instant::now()), "nobody holds piece 0");
+        assert!(!s.claim(&d, 1, a, Instant::now()), "peer holding piece 1 is connected");
+        assert!(!s.claim(&d, 1, a, Instant::now()), "asking again at once changes nothing");
+        assert!(s.claim(&d, 0, a, Instant::now()), "nobody holds piece 0");
         assert!(s.gained(&d, 2));
         other.set(2).unwrap();
-        assert!(!s.claim(&d, 2, b, N, Instant::now()), "announced with have");
+        assert!(!s.claim(&d, 2, b, Instant::now()), "announced with have");
         s.leave(&d, &holder, holder_id, Instant::now());
-        assert!(!s.claim(&d, 1, b, N, Instant::now()), "a peer that just left still seeds what it has");
+        assert!(!s.claim(&d, 1, b, Instant::now()), "a peer that just left still seeds what it has");
         s.forget(&d, &holder);
-        assert!(s.claim(&d, 1, b, N, Instant::now()), "the only holder of piece 1 is gone");
+        assert!(s.claim(&d, 1, b, Instant::now()), "the only holder of piece 1 is gone");
         assert!(!s.gained(&d, 9), "out of range: ignored, no panic");
-        assert!(!s.claim(&d, 2, a, N, Instant::now()), "the other peer still holds piece 2");
+        assert!(!s.claim(&d, 2, a, Instant::now()), "the other peer still holds piece 2");
     }
 
     #[test]
     fn the_window_starts_again_when_the_piece_has_been_sent_in_full() {
         let s = SuperSeed::with_timing(Duration::from_millis(50), REASK_AFTER, HOLDER_LINGER);
         let (d, a, b) = (digest(), PeerId::random(), PeerId::random());
-        assert!(s.claim(&d, 0, a, N, Instant::now()));
+        assert!(s.claim(&d, 0, a, Instant::now()));
         // The transfer to `a` takes longer than the window.
         std::thread::sleep(Duration::from_millis(60));
-        s.sent_in_full(&d, 0, a, Instant::now());
-        assert!(!s.claim(&d, 0, b, N, Instant::now()), "declined: `a` only just got it");
+        s.sent_in_full(&d, 0, a, N, Instant::now());
+        assert!(!s.claim(&d, 0, b, Instant::now()), "declined: `a` only just got it");
         std::thread::sleep(Duration::from_millis(60));
-        assert!(s.claim(&d, 0, b, N, Instant::now()), "served once the window after the send has passed");
-        s.sent_in_full(&d, 0, a, Instant::now());
-        assert!(s.claim(&d, 0, b, N, Instant::now()), "a stale completion by another peer changes nothing");
+        assert!(s.claim(&d, 0, b, Instant::now()), "served once the window after the send has passed");
+        s.sent_in_full(&d, 0, a, N, Instant::now());
+        assert!(s.claim(&d, 0, b, Instant::now()), "a stale completion by another peer changes nothing");
     }
 
     #[test]
@@ -413,24 +419,36 @@ mod tests {
         assert_eq!(counted.count(), 0);
         assert!(!s.gained(&d, 3), "a have for a piece never sent out is ignored too");
         for i in 0..N {
-            assert!(s.claim(&d, i, a, N, Instant::now()), "piece {i} is served: nobody can hold it yet");
+            assert!(s.claim(&d, i, a, Instant::now()), "piece {i} is served: nobody can hold it yet");
         }
         std::thread::sleep(Duration::from_millis(5));
+        // Asked for, but not sent in full yet (or never read): claims to it do not count. A
+        // peer that asked for every piece, read none and then claimed them all over two
+        // connections once had every piece declined to everyone.
+        let (liar, accomplice) = (PeerId::random(), PeerId::random());
+        assert_eq!(s.join(&d, &bits(N, &[0, 1, 2, 3]), liar).count(), 0);
+        assert_eq!(s.join(&d, &bits(N, &[0, 1, 2, 3]), accomplice).count(), 0);
+        for i in 0..N {
+            assert!(s.claim(&d, i, a, Instant::now()), "piece {i} is still served");
+        }
         // Once a piece is out, a holder's claim to it counts.
-        let honest = s.join(&d, &bits(N, &[2]), PeerId::random());
-        assert_eq!(honest.iter_set().collect::<Vec<_>>(), [2]);
-        assert!(!s.claim(&d, 2, PeerId::random(), N, Instant::now()));
+        s.sent_in_full(&d, 2, a, N, Instant::now());
+        s.sent_in_full(&d, 1, PeerId::random(), N, Instant::now());
+        std::thread::sleep(Duration::from_millis(5));
+        let honest = s.join(&d, &bits(N, &[1, 2]), PeerId::random());
+        assert_eq!(honest.iter_set().collect::<Vec<_>>(), [2], "piece 1 went to someone else");
+        assert!(!s.claim(&d, 2, PeerId::random(), Instant::now()));
     }
 
     #[test]
     fn the_window_lets_the_recipient_ask_again_but_not_others() {
         let s = SuperSeed::new(Duration::from_millis(50));
         let (d, a, b) = (digest(), PeerId::random(), PeerId::random());
-        assert!(s.claim(&d, 3, a, N, Instant::now()));
-        assert!(s.claim(&d, 3, a, N, Instant::now()), "the same peer may ask again (a retry)");
-        assert!(!s.claim(&d, 3, b, N, Instant::now()));
+        assert!(s.claim(&d, 3, a, Instant::now()));
+        assert!(s.claim(&d, 3, a, Instant::now()), "the same peer may ask again (a retry)");
+        assert!(!s.claim(&d, 3, b, Instant::now()));
         std::thread::sleep(Duration::from_millis(80));
-        assert!(s.claim(&d, 3, b, N, Instant::now()), "after the window nobody is known to hold it");
+        assert!(s.claim(&d, 3, b, Instant::now()), "after the window nobody is known to hold it");
     }
 
     #[test]
@@ -441,15 +459,12 @@ mod tests {
         send_out(&s, &d, &[2]);
         s.join(&d, &bits(N, &[2]), PeerId::random());
         let t = Instant::now();
-        assert!(!s.claim(&d, 2, a, N, t));
+        assert!(!s.claim(&d, 2, a, t));
         let later = t + reask + Duration::from_millis(50);
-        assert!(!s.claim(&d, 2, a, N, later), "one holder: two waits, not one");
+        assert!(!s.claim(&d, 2, a, later), "one holder: two waits, not one");
         let later = later + reask;
-        assert!(s.claim(&d, 2, a, N, later), "none of its peers had it for a while: it is starved");
-        assert!(
-            !s.claim(&d, 2, PeerId::random(), N, later),
-            "a first ask from another peer is still declined"
-        );
+        assert!(s.claim(&d, 2, a, later), "none of its peers had it for a while: it is starved");
+        assert!(!s.claim(&d, 2, PeerId::random(), later), "a first ask from another peer is still declined");
     }
 
     #[test]
@@ -462,15 +477,12 @@ mod tests {
         s.join(&d, &bits(N, &[2]), PeerId::random());
         s.join(&d, &bits(N, &[2]), PeerId::random());
         let t = Instant::now();
-        assert!(!s.claim(&d, 2, a, N, t));
+        assert!(!s.claim(&d, 2, a, t));
         // Two agents hold it: a requester whose own peers lack it will find it soon, and in
         // a big fleet every host would otherwise come back for its share after one wait.
+        assert!(!s.claim(&d, 2, a, t + 2 * reask + Duration::from_millis(500)), "two waits are not enough");
         assert!(
-            !s.claim(&d, 2, a, N, t + 2 * reask + Duration::from_millis(500)),
-            "two waits are not enough"
-        );
-        assert!(
-            s.claim(&d, 2, a, N, t + 3 * reask + Duration::from_millis(1)),
+            s.claim(&d, 2, a, t + 3 * reask + Duration::from_millis(1)),
             "a wait per holder, and one more"
         );
     }
@@ -485,9 +497,9 @@ mod tests {
         let holder_id = PeerId::random();
         let holder = s.join(&d, &bits(N, &[0, 1]), holder_id);
         s.leave(&d, &holder, holder_id, Instant::now());
-        assert!(!s.claim(&d, 0, a, N, Instant::now()), "it just finished and still seeds");
+        assert!(!s.claim(&d, 0, a, Instant::now()), "it just finished and still seeds");
         std::thread::sleep(linger + Duration::from_millis(50));
-        assert!(s.claim(&d, 1, a, N, Instant::now()), "long gone: the origin serves it");
+        assert!(s.claim(&d, 1, a, Instant::now()), "long gone: the origin serves it");
     }
 
     #[test]
@@ -500,12 +512,12 @@ mod tests {
         s.leave(&d, &held, a, Instant::now());
         let other = s.join(&d, &bits(N, &[2]), b);
         s.leave(&d, &other, b, Instant::now());
-        assert!(!s.claim(&d, 0, b, N, Instant::now()), "`a` left just now and still seeds piece 0");
+        assert!(!s.claim(&d, 0, b, Instant::now()), "`a` left just now and still seeds piece 0");
         // `a` lost the blob and asks for it again: its own old copy is no reason to send it away.
         let again = s.join(&d, &bits(N, &[]), a);
         assert_eq!(again.count(), 0);
-        assert!(s.claim(&d, 0, a, N, Instant::now()), "nobody but `a` itself ever held piece 0");
-        assert!(!s.claim(&d, 2, a, N, Instant::now()), "`b`, gone just now, still seeds piece 2");
+        assert!(s.claim(&d, 0, a, Instant::now()), "nobody but `a` itself ever held piece 0");
+        assert!(!s.claim(&d, 2, a, Instant::now()), "`b`, gone just now, still seeds piece 2");
         s.leave(&d, &again, a, Instant::now());
         // Coming back twice (and a third time) is counted once.
         let mut twice = s.join(&d, &bits(N, &[1]), a);

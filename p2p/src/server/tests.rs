@@ -339,3 +339,76 @@ async fn a_request_repeated_then_cancelled_leaves_nothing_promised_against_the_e
     drop(peer);
     serving.abort();
 }
+
+/// A 16 MiB blob (256 KiB pieces: more than a stalled socket takes) held complete in `dir`.
+fn seeded_large(dir: &tempfile::TempDir) -> (Arc<Metainfo>, Arc<BlobPieces>) {
+    let seed = dir.path().join("large");
+    std::fs::write(&seed, vec![3u8; 16 << 20]).unwrap();
+    let meta = Arc::new(Metainfo::compute_file(&seed, Algorithm::Sha256).unwrap());
+    let pieces = Arc::new(BlobPieces::complete(&seed, meta.clone()).unwrap());
+    (meta, pieces)
+}
+
+/// A downloader that asks for a piece and then reads nothing holds the only send slot for
+/// `SEND_HOLD` at most: the next in line gets its piece within about a second, not after the
+/// stalled send's minute-long timeout (a few such connections stopped an origin's serving).
+#[tokio::test]
+async fn a_peer_that_stops_reading_gives_its_send_slot_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (meta, seeded) = seeded_large(&dir);
+    assert!(meta.piece_length() >= 256 << 10);
+    let slots = Arc::new(Semaphore::new(1));
+    let (addr, serving) = start(PeerServer { upload_slots: Some(slots), ..server_of(seeded) }).await;
+
+    // The stalled peer: a tiny receive buffer, one request, then nothing read.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled =
+        tokio_util::codec::Framed::new(socket.connect(addr).await.unwrap(), PeerCodec::default());
+    let hello = Message::Handshake {
+        version: PROTOCOL_VERSION,
+        digest: meta.digest().clone(),
+        peer_id: PeerId::random(),
+        bitfield: Bitfield::new(meta.piece_count()).to_bytes().into(),
+    };
+    stalled.send(hello).await.unwrap();
+    assert!(matches!(stalled.next().await, Some(Ok(Message::Handshake { .. }))));
+    stalled.send(Message::Request { index: 0 }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut next = raw_peer(addr, &meta).await;
+    next.send(Message::Request { index: 1 }).await.unwrap();
+    let (_, got) =
+        hear_until(&mut next, tokio::time::Instant::now() + SEND_HOLD + Duration::from_secs(2)).await;
+    assert_eq!(got, [1], "the next downloader waited behind a peer that reads nothing");
+    drop(stalled);
+    serving.abort();
+}
+
+/// Keep-alives alone do not keep a connection: one that asks for nothing and tells nothing
+/// for `IDLE_TIMEOUT` is closed, and gives its place among the blob's peers back.
+#[tokio::test(start_paused = true)]
+async fn a_connection_that_only_sends_keep_alives_is_closed_when_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let (meta, seeded) = seeded(&dir);
+    let (addr, serving) = start(server_of(seeded)).await;
+    let mut idle = raw_peer(addr, &meta).await;
+    let mut active = raw_peer(addr, &meta).await;
+    let started = tokio::time::Instant::now();
+    let closed_at = loop {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let _ = idle.send(Message::KeepAlive).await;
+        active.send(Message::Have(0)).await.unwrap();
+        match tokio::time::timeout(Duration::from_millis(10), idle.next()).await {
+            Ok(None | Some(Err(_))) => break started.elapsed(),
+            _ => assert!(started.elapsed() < IDLE_TIMEOUT * 2, "still open after {:?}", started.elapsed()),
+        }
+    };
+    assert!(closed_at >= IDLE_TIMEOUT, "closed after {closed_at:?}");
+    // The peer that keeps telling its progress stays (a piece read on the blocking pool would
+    // not finish in paused time: only that the connection is open is checked).
+    active.send(Message::Have(1)).await.unwrap();
+    let heard = tokio::time::timeout(Duration::from_millis(10), active.next()).await;
+    assert!(heard.is_err(), "the active peer heard {heard:?}");
+    serving.abort();
+}

@@ -242,7 +242,7 @@ impl Sim {
             let claimed = held
                 && s.super_seed.as_ref().is_none_or(|ss| {
                     let meta = &self.metas[blob];
-                    ss.claim(meta.digest(), index, self.nodes[client].peer_id, meta.piece_count(), now)
+                    ss.claim(meta.digest(), index, self.nodes[client].peer_id, now)
                 });
             if !claimed {
                 if held {
@@ -370,7 +370,13 @@ impl Sim {
         let s = &self.nodes[server];
         if let Some(ss) = &s.super_seed {
             self.counters.origin_bytes += len;
-            ss.sent_in_full(self.metas[blob].digest(), index, self.nodes[client].peer_id, now);
+            ss.sent_in_full(
+                self.metas[blob].digest(),
+                index,
+                self.nodes[client].peer_id,
+                self.metas[blob].piece_count(),
+                now,
+            );
         }
         self.after(self.half_rtt, Ev::PieceArrives(c, index));
         // One piece per turn: the slot goes to the first in line, and this connection asks
