@@ -40,6 +40,13 @@ const LOGIN_CACHE_TTL: Duration = Duration::from_secs(60);
 /// Remembered logins at most (cleared when full).
 const LOGIN_CACHE_MAX: usize = 10_000;
 
+/// Slow password checks (argon2: about 19 MiB and tens of milliseconds each, on the blocking
+/// pool the storage also uses) running at once. Unbounded, a flood of logins under made-up
+/// names took gigabytes and stalled the origin's disk work.
+pub const MAX_PASSWORD_CHECKS: usize = 4;
+/// How long a login waits for a password check to start before it is answered 429.
+pub const PASSWORD_CHECK_WAIT: Duration = Duration::from_secs(5);
+
 /// Fetches the other origins' published keys; `None` if none answered.
 pub type FetchKeys =
     Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, Option<Vec<super::tokens::Jwk>>> + Send + Sync>;
@@ -57,6 +64,8 @@ pub struct Authority {
     last_peer_refresh: Mutex<Option<Instant>>,
     failures: FailedLogins,
     recent: Mutex<HashMap<[u8; 32], Instant>>,
+    /// Slow password checks running ([`MAX_PASSWORD_CHECKS`]).
+    checks: Arc<tokio::sync::Semaphore>,
     cluster_secret: Option<[u8; 32]>,
 }
 
@@ -130,6 +139,7 @@ impl Authority {
             peers: OnceLock::new(),
             last_peer_refresh: Mutex::new(None),
             recent: Mutex::new(HashMap::new()),
+            checks: Arc::new(tokio::sync::Semaphore::new(MAX_PASSWORD_CHECKS)),
             cluster_secret: cluster_secret
                 .filter(|s| !s.is_empty())
                 .map(|s| Sha256::digest(s.as_bytes()).into()),
@@ -208,30 +218,53 @@ impl Authority {
     }
 
     /// Check a user's password: `Ok(Some(user))`, `Ok(None)` for wrong credentials, or 429
-    /// once the name has used up its failed attempts.
+    /// once the name has used up its failed attempts (or too many checks wait to run).
     pub async fn login(&self, name: &str, password: &str) -> Result<Option<User>, ApiError> {
+        let too_many = |why: &str| {
+            ApiError::new(ErrorCode::TooManyRequests, format!("{why}; try again later"))
+                .with_header(header::RETRY_AFTER, axum::http::HeaderValue::from_static("60"))
+        };
+        let refuse_if_blocked = || {
+            if self.failures.blocked(name, Instant::now()) {
+                tracing::warn!(user = %name, "login refused: too many failed attempts");
+                return Err(too_many("too many failed logins"));
+            }
+            Ok(())
+        };
+        refuse_if_blocked()?;
+        let user = self.user(name).cloned();
+        let key: [u8; 32] = Sha256::digest(format!("{name}\0{password}").as_bytes()).into();
+        let cached = user.is_some() && {
+            let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            recent.get(&key).is_some_and(|at| at.elapsed() < LOGIN_CACHE_TTL)
+        };
+        // An unknown name is checked against a decoy argon2 hash, as slow as a wrong password,
+        // so response times do not tell which names exist.
+        let slow = !cached && user.as_ref().is_none_or(User::slow_hash);
+        let _permit = if slow {
+            let permit = tokio::time::timeout(PASSWORD_CHECK_WAIT, self.checks.clone().acquire_owned()).await;
+            let Ok(Ok(permit)) = permit else {
+                tracing::warn!(user = %name, "login refused: too many password checks waiting");
+                return Err(too_many("too many logins at once"));
+            };
+            // Failures of the checks that ran while this one waited count: concurrent guesses
+            // get no more checks than one after the other (give or take the checks at once).
+            refuse_if_blocked()?;
+            Some(permit)
+        } else {
+            None
+        };
         let now = Instant::now();
-        if self.failures.blocked(name, now) {
-            tracing::warn!(user = %name, "login refused: too many failed attempts");
-            return Err(ApiError::new(ErrorCode::TooManyRequests, "too many failed logins; try again later")
-                .with_header(header::RETRY_AFTER, axum::http::HeaderValue::from_static("60")));
-        }
-        let Some(user) = self.user(name).cloned() else {
-            // As slow as a wrong password, so response times do not tell which names exist.
+        let Some(user) = user else {
             let decoy = decoy_user();
             let p = password.to_string();
             let _ = tokio::task::spawn_blocking(move || decoy.verify(&p)).await;
             self.failures.failed(name, now);
             return Ok(None);
         };
-        let key: [u8; 32] = Sha256::digest(format!("{name}\0{password}").as_bytes()).into();
-        let cached = {
-            let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            recent.get(&key).is_some_and(|at| at.elapsed() < LOGIN_CACHE_TTL)
-        };
         let ok = if cached {
             true
-        } else if user.slow_hash() {
+        } else if slow {
             let (u, p) = (user.clone(), password.to_string());
             tokio::task::spawn_blocking(move || u.verify(&p)).await.unwrap_or(false)
         } else {

@@ -130,6 +130,34 @@ async fn failed_logins_are_rate_limited() {
     assert!(a.login("ci", "c").await.unwrap().is_some());
 }
 
+/// A burst of concurrent wrong guesses for one name gets about as many password checks as
+/// guesses one after the other would (the failure limit, plus the checks that run at once:
+/// every slow check, a made-up name's decoy too, takes one of `MAX_PASSWORD_CHECKS`). Before,
+/// every guess of a burst was checked at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_guesses_get_no_more_checks_than_sequential_ones() {
+    let dir = tempfile_dir::Dir::new();
+    let mut cfg = config();
+    cfg.users[0].password = None;
+    cfg.users[0].password_argon2 = Some(crate::auth::users::hash_password("right").unwrap());
+    let a = Arc::new(Authority::new(cfg, &dir.0, None).unwrap());
+    let guesses = (0..24).map(|i| {
+        let a = a.clone();
+        tokio::spawn(async move { a.login("alice", &format!("guess {i}")).await })
+    });
+    let mut checked = 0;
+    for g in futures_util::future::join_all(guesses).await {
+        match g.unwrap() {
+            Ok(None) => checked += 1,
+            Ok(Some(_)) => panic!("a wrong guess logged in"),
+            Err(e) => assert_eq!(e.code, ErrorCode::TooManyRequests),
+        }
+    }
+    // `login_failures` is 2 here.
+    assert!(checked <= 2 + MAX_PASSWORD_CHECKS - 1, "{checked} of 24 concurrent guesses were checked");
+    assert!(a.login("alice", "right").await.is_err(), "the name is blocked for the window");
+}
+
 #[tokio::test]
 async fn node_identity_pulls_everything_but_pushes_nothing() {
     let (a, _d) = authority();
