@@ -204,3 +204,46 @@ async fn limits_open_upload_sessions_over_limit_return_429() {
     client.delete(&first).reply().await.expect(StatusCode::NO_CONTENT);
     client.start_upload(&repo).await;
 }
+
+/// A cross-repository mount from a repository the user may not pull is no mount: the answer
+/// is a new upload session (202), as the spec asks of a mount that cannot be done, not 403
+/// (containerd fails the whole push on a 403 there; it retries without the mount on 202).
+#[tokio::test]
+async fn a_mount_from_a_repository_the_user_cannot_read_starts_an_upload_instead() {
+    skip_if_external!("needs a Shoal config file");
+    let origin = Origin::start_with_config(
+        r#"[auth]
+anonymous = "none"
+users = [
+  { name = "ci", password = "s3cret", access = "none" },
+  { name = "owner", password = "o", access = "none" },
+]
+[[auth.rules]]
+repositories = "conformance/mount-src-*"
+pull = ["owner"]
+push = ["owner"]
+[[auth.rules]]
+repositories = "conformance/mount-dst-*"
+pull = ["ci", "owner"]
+push = ["ci", "owner"]
+"#,
+    )
+    .await;
+    let (source, target) = (unique_repo("mount-src"), unique_repo("mount-dst"));
+    let owner = origin.client().with_basic_auth("owner", "o");
+    let digest = owner.push_blob(&source, &random_bytes(4096)).await;
+    let ci = ci(&origin);
+    let reply =
+        ci.post(&format!("/v2/{target}/blobs/uploads/?mount={digest}&from={source}")).send().await.unwrap();
+    assert_eq!(reply.status(), StatusCode::ACCEPTED, "mount by a user who cannot read the source");
+    assert!(reply.headers().get("location").is_some(), "a new upload session");
+    ci.head_blob(&target, &digest).await.expect(StatusCode::NOT_FOUND);
+    // Who may read the source mounts.
+    let reply = owner
+        .post(&format!("/v2/{target}/blobs/uploads/?mount={digest}&from={source}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::CREATED);
+    ci.head_blob(&target, &digest).await.expect(StatusCode::OK);
+}

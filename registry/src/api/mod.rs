@@ -141,14 +141,26 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
         return with_version(err.into_response());
     };
     let is_read = parts.method == Method::GET || parts.method == Method::HEAD;
-    let query = Query::<HashMap<String, String>>::try_from_uri(&parts.uri).map(|q| q.0).unwrap_or_default();
-    let needs = needs(&route, &parts.method, &query);
+    let mut query =
+        Query::<HashMap<String, String>>::try_from_uri(&parts.uri).map(|q| q.0).unwrap_or_default();
+    let needs = needs(&route, &parts.method);
     let identity = parts.extensions.get::<crate::identity::TransportIdentity>();
     let check = AccessCheck { headers: &parts.headers, identity, needs: &needs };
     let principal = match app.config.auth.0.authorize(&check).await {
         Ok(p) => p,
         Err(e) => return with_version(e.into_response()),
     };
+    // A cross-repository mount reads its source. Without pull there it is no mount, and the
+    // spec's answer to a mount that cannot be done is a new upload session (202), not a
+    // refusal: containerd fails a push on a 403 there.
+    if let (Route::UploadStart { .. }, Some(_), Some(from)) = (&route, query.get("mount"), query.get("from"))
+    {
+        let source = [Need::Repo(from.clone(), Action::Pull)];
+        let check = AccessCheck { headers: &parts.headers, identity, needs: &source };
+        if app.config.auth.0.authorize(&check).await.is_err() {
+            query.remove("mount");
+        }
+    }
     // A bearer token that authorized this request goes along to the origin (agents, plain HTTP).
     let forward = parts
         .headers
@@ -180,7 +192,7 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
 }
 
 /// What a request needs, by endpoint and method.
-fn needs(route: &Route<'_>, method: &Method, query: &HashMap<String, String>) -> Vec<Need> {
+fn needs(route: &Route<'_>, method: &Method) -> Vec<Need> {
     let read = *method == Method::GET || *method == Method::HEAD;
     let repo = |name: &str, action| vec![Need::Repo(name.to_string(), action)];
     match route {
@@ -193,14 +205,8 @@ fn needs(route: &Route<'_>, method: &Method, query: &HashMap<String, String>) ->
             _ => repo(name, Action::Push),
         },
         Route::Upload { name, .. } => repo(name, Action::Push),
-        Route::UploadStart { name } => {
-            let mut needs = repo(name, Action::Push);
-            // A cross-repository mount reads the source.
-            if let (Some(_), Some(from)) = (query.get("mount"), query.get("from")) {
-                needs.push(Need::Repo(from.clone(), Action::Pull));
-            }
-            needs
-        }
+        // A cross-repository mount's source is checked apart (see `dispatch`).
+        Route::UploadStart { name } => repo(name, Action::Push),
     }
 }
 
