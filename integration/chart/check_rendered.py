@@ -187,6 +187,9 @@ def main():
             problems.append(f"{wname}: selector {sel} does not match its pod labels")
         if spec.get("automountServiceAccountToken") is not False:
             problems.append(f"{wname}: mounts a service account token (Shoal never uses the API)")
+        pod_sc = spec.get("securityContext", {})
+        if "fsGroup" in pod_sc and pod_sc.get("fsGroupChangePolicy") != "OnRootMismatch":
+            problems.append(f"{wname}: fsGroup without fsGroupChangePolicy OnRootMismatch (every start chowns the volume)")
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         claim_names = {c["metadata"]["name"] for c in w["spec"].get("volumeClaimTemplates", [])}
         for v in volumes.values():

@@ -47,6 +47,10 @@ render defaults
 for f in "$chart"/ci/*-values.yaml; do
   render "$(basename "$f" -values.yaml)" -f "$f"
 done
+# TLS from Secrets made beforehand, cert-manager off: every component's Secret named.
+render tls-own-secrets --set tls.enabled=true --set tls.certManager.enabled=false \
+  --set tls.existingSecrets.origin=own-origin-tls --set tls.existingSecrets.tracker=own-tracker-tls \
+  --set tls.existingSecrets.agent=own-agent-tls
 
 # What the renderings must contain.
 grep -q '^kind: ServiceMonitor' "$T/all-on.yaml" || die "metrics.serviceMonitor.enabled rendered no ServiceMonitor"
@@ -60,6 +64,15 @@ if grep -q 'helm.sh/hook' "$T/one-origin.yaml"; then die "containerd.enabled=fal
 if grep -q -- '--hosts-dir' "$T/one-origin.yaml"; then die "containerd.enabled=false still writes hosts.toml"; fi
 grep -q -- '--registry=registry.example.com,docker.io,ghcr.io=https://ghcr.io' "$T/all-on.yaml" ||
   die "the mirrored registries are not passed to shoal node setup"
+# The origin's volume is chowned only when its root does not match (check_rendered.py checks
+# every fsGroup has the policy; this that the origin keeps its fsGroup and the policy).
+grep -q 'fsGroupChangePolicy: OnRootMismatch' "$T/defaults.yaml" || die "the origin volume is chowned on every start"
+# agent.priorityClassQuota.create: a quota scoped to the agents' PriorityClass, and one more
+# for the post-delete hook (the release's is gone by then).
+[[ $(grep -c '^kind: ResourceQuota' "$T/all-on.yaml") == 2 ]] || die "all-on: want the agents' and the hook's ResourceQuota"
+grep -A3 'scopeName: PriorityClass' "$T/all-on.yaml" | grep -q 'values: \["system-node-critical"\]' ||
+  die "all-on: the ResourceQuota is not scoped to the agents' PriorityClass"
+if grep -q '^kind: ResourceQuota' "$T/defaults.yaml"; then die "a ResourceQuota without agent.priorityClassQuota.create"; fi
 
 # Upstreams (check_rendered.py compares each rendering with its values: [[upstream]]
 # sections, the password and CA files from the Secrets named, the registries the nodes mirror).
@@ -112,6 +125,14 @@ refuse "an upstream listed twice" "docker.io.*twice" --set 'upstreams[0].registr
 refuse "an upstream named like the origins' registry" "registryName" --set containerd.registryName=registry.example.com \
   --set 'upstreams[0].registry=registry.example.com' --set 'upstreams[0].url=https://h'
 refuse "cert-manager without an issuer" "name" --set tls.enabled=true
+refuse "TLS without cert-manager or certificate Secrets" \
+  "tls.existingSecrets.origin, tls.existingSecrets.tracker, tls.existingSecrets.agent" \
+  --set tls.enabled=true --set tls.certManager.enabled=false
+refuse "TLS without cert-manager, the agents' Secret missing" "set tls.existingSecrets.agent " \
+  --set tls.enabled=true --set tls.certManager.enabled=false \
+  --set tls.existingSecrets.origin=o --set tls.existingSecrets.tracker=t
+refuse "a priority quota without a PriorityClass" "agent.priorityClassName" \
+  --set agent.priorityClassQuota.create=true --set agent.priorityClassName=
 
 # TLS: certificates from cert-manager where no Secret is named, https everywhere, the
 # origins' internal listener as their member address, containerd trusting the agent's CA.
@@ -128,4 +149,32 @@ grep -q -- '--mirror=https://127.0.0.1:5000' "$t" || die "tls: containerd's mirr
 grep -q -- '--mirror-ca=/etc/shoal-tls/ca.crt' "$t" || die "tls: containerd is not given the CA"
 grep -q 'scheme: HTTPS' "$t" || die "tls: probes do not use https"
 if grep -q -- '--tls-cert' "$T/defaults.yaml"; then die "TLS flags without tls.enabled"; fi
+t=$T/tls-own-secrets.yaml
+if grep -q '^kind: Certificate' "$t"; then die "tls-own-secrets: Certificates without cert-manager"; fi
+for c in origin tracker agent; do
+  grep -q "secretName: own-$c-tls" "$t" || die "tls-own-secrets: the $c Secret is not mounted"
+done
+
+# NOTES.txt (helm template does not render it: a copy of the chart renders it as a value).
+notes() { # NAME [helm args...]: the NOTES of that install into $T/NAME.notes
+  local name=$1
+  shift
+  rm -rf "$T/notes-chart" && cp -r "$chart" "$T/notes-chart"
+  cp "$chart/templates/NOTES.txt" "$T/notes-chart/notes.txt"
+  printf '%s\n' 'notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}' >"$T/notes-chart/templates/zz-notes.yaml"
+  "$HELM" template shoal "$T/notes-chart" --namespace shoal --show-only templates/zz-notes.yaml "$@" |
+    python3 -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["notes"])' >"$T/$name.notes" ||
+    die "NOTES.txt ($name) did not render"
+}
+notes plain
+notes tls -f "$chart/ci/tls-values.yaml"
+grep -q 'http://127.0.0.1:5000/shoal/v1/admin/gc' "$T/plain.notes" || die "NOTES: no plain GC command"
+if grep -q 'https' "$T/plain.notes"; then die "NOTES: https without tls.enabled"; fi
+# With TLS the admin API is only on the internal listener, behind a cluster certificate.
+grep -q 'port-forward pod/shoal-origin-0 6443:6443' "$T/tls.notes" || die "NOTES (tls): no port-forward to the internal port"
+grep -q -- '--cert origin.crt --key origin.key https://127.0.0.1:6443/shoal/v1/admin/gc' "$T/tls.notes" ||
+  die "NOTES (tls): GC is not sent to the internal listener with a certificate"
+grep -q "get secret shoal-origin-tls -o jsonpath='{.data.tls\\\\.key}'" "$T/tls.notes" ||
+  die "NOTES (tls): the certificate does not come from the origin's Secret"
+if grep -q 'http://' "$T/tls.notes"; then die "NOTES (tls): a plain http:// command"; fi
 log "schema refuses bad values"

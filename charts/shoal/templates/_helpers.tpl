@@ -102,6 +102,23 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (printf "%s-%s-tls" (include "shoal.fullname" $ctx) $component) (index $ctx.Values.tls.existingSecrets $component) -}}
 {{- end -}}
 
+{{/* With TLS but without cert-manager, every component needs a Secret named in
+     tls.existingSecrets: nothing else creates RELEASE-shoal-COMPONENT-tls, and pods mounting
+     it never start. Renders nothing. */}}
+{{- define "shoal.tls.check" -}}
+{{- if and .Values.tls.enabled (not .Values.tls.certManager.enabled) -}}
+{{- $missing := list -}}
+{{- range $component := list "origin" "tracker" "agent" -}}
+{{- if not (index $.Values.tls.existingSecrets $component) -}}
+{{- $missing = append $missing (printf "tls.existingSecrets.%s" $component) -}}
+{{- end -}}
+{{- end -}}
+{{- if $missing -}}
+{{- fail (printf "tls.enabled with tls.certManager.enabled=false needs a certificate Secret for every component: set %s (or enable tls.certManager)" (join ", " $missing)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The flags that give a process its certificate and the cluster CA. */}}
 {{- define "shoal.tls.args" -}}
 {{- if .Values.tls.enabled }}
