@@ -295,6 +295,18 @@ async fn token_endpoint_password_grant_rate_limit_and_published_keys() {
     assert_eq!(http.get(&metainfo).send().await.unwrap().status(), StatusCode::UNAUTHORIZED);
     let t = token(&url, Some(("alice", "alice-pass")), &format!("repository:{repo}:pull")).await;
     assert_eq!(http.get(&metainfo).bearer_auth(&t).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    // Acting for a repository (pull-through's fetch progress and byte stream), the token must
+    // grant pull there: any token used to start fetches of any upstream repository and read
+    // their bytes, whatever `[auth]` says of it.
+    for route in ["", "/stream"] {
+        let upstream = format!("{url}/shoal/v1/upstream/blobs/{digest}{route}");
+        for other in ["docker.io/acme/secret", "conformance/private-other"] {
+            let r = http.get(&upstream).query(&[("repo", other)]).bearer_auth(&t).send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{route} for {other} with a token for {repo}");
+        }
+        let r = http.get(&upstream).query(&[("repo", repo.as_str())]).bearer_auth(&t).send().await.unwrap();
+        assert_ne!(r.status(), StatusCode::UNAUTHORIZED, "{route} for {repo} with its token");
+    }
 }
 
 /// A private image pulled through an agent once with a token stays private there: the agent

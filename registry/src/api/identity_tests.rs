@@ -134,11 +134,8 @@ fn what_each_endpoint_needs() {
     use super::needs;
     use crate::api::route::parse_route;
     use crate::auth::{Action, Need};
-    use std::collections::HashMap;
-    let need = |method: Method, path: &str, query: &[(&str, &str)]| {
-        let q: HashMap<String, String> = query.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        needs(&parse_route(path).unwrap(), &method, &q)
-    };
+    let need =
+        |method: Method, path: &str, _query: &[(&str, &str)]| needs(&parse_route(path).unwrap(), &method);
     let repo = |a| vec![Need::Repo("a/b".into(), a)];
     assert_eq!(need(Method::GET, "/v2/", &[]), vec![Need::Base]);
     assert_eq!(need(Method::GET, "/v2/_catalog", &[]), vec![Need::Catalog]);
@@ -148,8 +145,9 @@ fn what_each_endpoint_needs() {
     assert_eq!(need(Method::DELETE, "/v2/a/b/blobs/sha256:00", &[]), repo(Action::Delete));
     assert_eq!(need(Method::GET, "/v2/a/b/tags/list", &[]), repo(Action::Pull));
     assert_eq!(need(Method::GET, "/v2/a/b/blobs/uploads/x", &[]), repo(Action::Push));
+    // A mount's source is checked apart: without pull there, the mount becomes an upload.
     assert_eq!(
         need(Method::POST, "/v2/a/b/blobs/uploads/", &[("mount", "sha256:00"), ("from", "c/d")]),
-        vec![Need::Repo("a/b".into(), Action::Push), Need::Repo("c/d".into(), Action::Pull)]
+        repo(Action::Push)
     );
 }

@@ -387,9 +387,15 @@ impl Authority {
     }
 
     /// Whether a node-API request may go ahead: a cluster node by transport identity, the
-    /// cluster secret, or a valid token that grants something (an agent forwarding its
-    /// client's token in plain-HTTP setups).
-    pub fn node_api_allows(&self, headers: &HeaderMap, identity: Option<&TransportIdentity>) -> bool {
+    /// cluster secret, or a valid token (an agent forwarding its client's token in plain-HTTP
+    /// setups) that grants pull on `repo` when the request names one (the pull-through
+    /// routes: a fetch of an upstream repository's blob and its bytes), else anything.
+    pub fn node_api_allows(
+        &self,
+        headers: &HeaderMap,
+        identity: Option<&TransportIdentity>,
+        repo: Option<&str>,
+    ) -> bool {
         if !self.enabled() || identity.is_some_and(|i| i.role.is_node()) {
             return true;
         }
@@ -404,7 +410,10 @@ impl Authority {
                 return true;
             }
         }
-        self.keys().verify(&token, &self.policy.service).is_ok_and(|c| !c.access.is_empty())
+        self.keys().verify(&token, &self.policy.service).is_ok_and(|c| match repo {
+            Some(repo) => c.grants(repo, super::Action::Pull),
+            None => !c.access.is_empty(),
+        })
     }
 
     /// Wrap `routes` (the node API) with [`node_api_allows`](Self::node_api_allows).
@@ -431,7 +440,11 @@ fn decoy_user() -> User {
 }
 
 async fn node_api_guard(State(auth): State<Arc<Authority>>, req: Request, next: Next) -> Response {
-    if auth.node_api_allows(req.headers(), req.extensions().get::<TransportIdentity>()) {
+    // The repository a pull-through route acts for: a token must grant pull on it.
+    let repo = axum::extract::Query::<HashMap<String, String>>::try_from_uri(req.uri())
+        .ok()
+        .and_then(|q| q.0.get("repo").cloned());
+    if auth.node_api_allows(req.headers(), req.extensions().get::<TransportIdentity>(), repo.as_deref()) {
         let node = req.extensions().get::<TransportIdentity>().map(|i| Principal::Node(i.name.clone()));
         let mut resp = next.run(req).await;
         if let Some(p) = node {

@@ -105,8 +105,11 @@ async fn tokens_round_trip_through_the_checks() {
     let published = a.published(&HeaderMap::new());
     assert!(KeySet::new(published.keys).verify(&t.token, "shoal").is_ok());
     assert!(published.policy.rules.iter().all(|r| r.pull.is_empty() && r.push.is_empty()));
-    assert!(a.node_api_allows(&headers, None));
-    assert!(!a.node_api_allows(&HeaderMap::new(), None));
+    assert!(a.node_api_allows(&headers, None, None));
+    assert!(!a.node_api_allows(&HeaderMap::new(), None, None));
+    // Acting for a repository (pull-through's fetch and stream), a token must grant pull there.
+    assert!(a.node_api_allows(&headers, None, Some("priv/app")));
+    assert!(!a.node_api_allows(&headers, None, Some("docker.io/acme/secret")));
 }
 
 #[test]
@@ -169,7 +172,7 @@ async fn node_identity_pulls_everything_but_pushes_nothing() {
     let push = [Need::Repo("priv/app".into(), Action::Push)];
     let check = AccessCheck { headers: &headers, identity: Some(&id), needs: &push };
     assert!(a.authorize(&check).await.is_err());
-    assert!(a.node_api_allows(&headers, Some(&id)));
+    assert!(a.node_api_allows(&headers, Some(&id), Some("any/repo")));
 }
 
 #[test]
