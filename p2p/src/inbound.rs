@@ -201,9 +201,19 @@ impl<K: Eq + Hash + Clone> KeyedSlots<K> {
 }
 
 impl KeyedSlots<IpAddr> {
-    /// A slot for a connection from `ip` (IPv4-mapped IPv6 counts as IPv4).
+    /// A slot for a connection from `ip`'s host ([`host_key`]).
     pub fn take_address(self: &Arc<Self>, ip: IpAddr) -> Option<KeyedSlot<IpAddr>> {
-        self.take(ip.to_canonical())
+        self.take(host_key(ip))
+    }
+}
+
+/// The host an address counts for in per-address limits: an IPv4 address (IPv4-mapped IPv6
+/// too), or an IPv6 address's /64, one host's share of addresses (counted per address, a host
+/// with a /64 had 2^64 allowances).
+pub fn host_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        v4 => v4,
     }
 }
 
@@ -355,6 +365,13 @@ mod tests {
         drop(first);
         assert_eq!(slots.open(&a), 1);
         assert!(slots.take_address(a).is_some());
+        // IPv6: one host's /64 is one address.
+        let (x, y): (IpAddr, IpAddr) =
+            ("2001:db8:1:2::1".parse().unwrap(), "2001:db8:1:2:ab::9".parse().unwrap());
+        let _x = slots.take_address(x).unwrap();
+        let _y = slots.take_address(y).unwrap();
+        assert!(slots.take_address("2001:db8:1:2::ffff".parse().unwrap()).is_none(), "a third from one /64");
+        assert!(slots.take_address("2001:db8:1:3::1".parse().unwrap()).is_some(), "another /64");
     }
 
     #[test]

@@ -159,14 +159,25 @@ fn not_a_node() -> Response {
         .into_response()
 }
 
-/// Who is calling: its node identity, or without one its address. `None` when the tracker
-/// needs an identity and there is none.
+/// Who is calling, as its announce quota is charged: its node identity and its address, or
+/// without an identity its address (IPv6: its /64, `host_key`). `None` when the tracker needs an identity and there is
+/// none. The address counts with an identity too: a chart's agents share one certificate
+/// (one identity), and charged by identity alone a fleet shared one node's quota.
 fn caller(t: &Tracker, client: &Client) -> Option<String> {
-    let Client { identity, remote } = client;
+    caller_key(client.identity.as_ref(), client.remote, t.config.require_node_identity)
+}
+
+fn caller_key(
+    identity: Option<&TransportIdentity>,
+    remote: Option<SocketAddr>,
+    require: bool,
+) -> Option<String> {
+    let address =
+        remote.map_or_else(|| "unknown".to_string(), |a| shoal_p2p::inbound::host_key(a.ip()).to_string());
     match identity {
-        Some(id) if id.role.is_node() => Some(id.to_string()),
-        _ if t.config.require_node_identity => None,
-        _ => Some(remote.map_or_else(|| "unknown".to_string(), |a| a.ip().to_string())),
+        Some(id) if id.role.is_node() => Some(format!("{id}@{address}")),
+        _ if require => None,
+        _ => Some(address),
     }
 }
 
@@ -292,5 +303,29 @@ async fn metainfo(State(t): State<Arc<Tracker>>, client: Client, Path(digest): P
             (StatusCode::NOT_FOUND, "blob unknown to the origins").into_response()
         }
         Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_registry::identity::Role;
+
+    #[test]
+    fn quotas_are_charged_per_node_and_address() {
+        let agent = TransportIdentity { name: "agent".into(), role: Role::Agent };
+        let at = |a: &str| Some(a.parse::<SocketAddr>().unwrap());
+        let one = caller_key(Some(&agent), at("10.0.0.1:9000"), true).unwrap();
+        let two = caller_key(Some(&agent), at("10.0.0.2:9000"), true).unwrap();
+        assert_ne!(one, two, "agents sharing a certificate are charged apart");
+        assert_eq!(one, caller_key(Some(&agent), at("10.0.0.1:9001"), true).unwrap());
+        assert_eq!(caller_key(None, at("10.0.0.1:1"), true), None, "an identity is required");
+        let ops = TransportIdentity { name: "ops".into(), role: Role::Admin };
+        assert_eq!(caller_key(Some(&ops), at("10.0.0.1:1"), true), None, "not a node");
+        // Without identities, by address; IPv6 by its /64.
+        let v6 = |a: &str| caller_key(None, at(a), false).unwrap();
+        assert_eq!(v6("[2001:db8:1:2::1]:1"), v6("[2001:db8:1:2:ffff::9]:2"));
+        assert_ne!(v6("[2001:db8:1:2::1]:1"), v6("[2001:db8:1:3::1]:1"));
+        assert_eq!(v6("[::ffff:10.0.0.1]:1"), "10.0.0.1");
     }
 }
