@@ -63,6 +63,10 @@ pub struct AgentFile {
     /// How long a tag resolution is reused.
     #[serde(with = "humantime_serde")]
     pub tag_ttl: Duration,
+    /// How long the origin's word that a blob or a manifest (by digest) is in a repository is
+    /// reused: a delete at the origin reaches the agent within it.
+    #[serde(with = "humantime_serde")]
+    pub confirm_ttl: Duration,
     /// Timeout of each call to the origin or a tracker.
     #[serde(with = "humantime_serde")]
     pub http_timeout: Duration,
@@ -106,6 +110,7 @@ impl Default for AgentFile {
             cache_low_watermark: Watermark::Bytes(ByteSize::gib(16).as_u64()),
             partial_max_age: shoal_agent::disk::DEFAULT_PARTIAL_MAX_AGE,
             tag_ttl: Duration::from_secs(2),
+            confirm_ttl: shoal_agent::store::DEFAULT_CONFIRM_TTL,
             http_timeout: Duration::from_secs(10),
             egress_rate: None,
             ingress_rate: None,
@@ -173,6 +178,7 @@ pub async fn bind(file: AgentFile) -> anyhow::Result<BoundServer> {
         cache: CacheLimits::new(file.cache_high_watermark, file.cache_low_watermark, file.partial_max_age)
             .context("cache_high_watermark / cache_low_watermark")?,
         tag_ttl: file.tag_ttl,
+        confirm_ttl: file.confirm_ttl,
         http_timeout: file.http_timeout,
         egress_rate: file.egress_rate.map(|r| r.as_u64()),
         ingress_rate: file.ingress_rate.map(|r| r.as_u64()),

@@ -52,6 +52,8 @@ pub struct AgentConfig {
     pub cache: CacheLimits,
     /// How long a tag's resolution may be reused.
     pub tag_ttl: Duration,
+    /// How long the origin's word that a blob or manifest is in a repository is reused.
+    pub confirm_ttl: Duration,
     /// Timeout of each call to the origin or a tracker.
     pub http_timeout: Duration,
     /// Node-wide peer traffic limits in bytes per second (None: unlimited).
@@ -167,6 +169,7 @@ impl Agent {
             origin,
             downloads.clone(),
             config.tag_ttl,
+            config.confirm_ttl,
             auth.clone(),
             registries.clone(),
         ));

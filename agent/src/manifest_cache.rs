@@ -28,12 +28,14 @@ const MAX_TAGS: usize = 10_000;
 pub struct ManifestCache {
     budget: usize,
     tag_ttl: Duration,
+    confirm_ttl: Duration,
     inner: Mutex<Inner>,
 }
 
 #[derive(Default)]
 struct Inner {
-    by_digest: HashMap<(RepoName, Digest), StoredManifest>,
+    /// Manifests by digest, with when the origin last confirmed each.
+    by_digest: HashMap<(RepoName, Digest), (StoredManifest, Instant)>,
     /// What `by_digest` holds, charged as in [`charge`].
     bytes: usize,
     tags: HashMap<(RepoName, Tag), (Instant, Digest)>,
@@ -44,18 +46,35 @@ fn charge(m: &StoredManifest) -> usize {
 }
 
 impl ManifestCache {
-    /// A cache of at most `budget` bytes whose tags are trusted for `tag_ttl`.
-    pub fn new(tag_ttl: Duration, budget: usize) -> ManifestCache {
-        ManifestCache { budget, tag_ttl, inner: Mutex::new(Inner::default()) }
+    /// A cache of at most `budget` bytes whose tags are trusted for `tag_ttl`, and manifests by
+    /// digest for `confirm_ttl` (then asked again: one deleted at the origin goes).
+    pub fn new(tag_ttl: Duration, confirm_ttl: Duration, budget: usize) -> ManifestCache {
+        ManifestCache { budget, tag_ttl, confirm_ttl, inner: Mutex::new(Inner::default()) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The manifest `digest` of `repo`, if kept.
-    pub fn by_digest(&self, repo: &RepoName, digest: &Digest) -> Option<StoredManifest> {
-        self.lock().by_digest.get(&(repo.clone(), digest.clone())).cloned()
+    /// The manifest `digest` of `repo`, if kept, and whether the origin confirmed it less
+    /// than `confirm_ttl` before `now`.
+    pub fn by_digest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        now: Instant,
+    ) -> Option<(StoredManifest, bool)> {
+        let inner = self.lock();
+        let (m, at) = inner.by_digest.get(&(repo.clone(), digest.clone()))?;
+        Some((m.clone(), now.saturating_duration_since(*at) < self.confirm_ttl))
+    }
+
+    /// Forget the manifest `digest` of `repo` (the origin no longer has it).
+    pub fn remove(&self, repo: &RepoName, digest: &Digest) {
+        let mut inner = self.lock();
+        if let Some((old, _)) = inner.by_digest.remove(&(repo.clone(), digest.clone())) {
+            inner.bytes -= charge(&old);
+        }
     }
 
     /// The manifest `tag` of `repo` pointed to less than `tag_ttl` before `now`, if kept.
@@ -65,7 +84,7 @@ impl ManifestCache {
         if now.saturating_duration_since(*at) >= self.tag_ttl {
             return None;
         }
-        inner.by_digest.get(&(repo.clone(), digest.clone())).cloned()
+        inner.by_digest.get(&(repo.clone(), digest.clone())).map(|(m, _)| m.clone())
     }
 
     /// Keep `manifest` of `repo`, fetched at `now` by `tag` if given (else by its digest). One
@@ -77,7 +96,7 @@ impl ManifestCache {
         }
         let mut inner = self.lock();
         let key = (repo.clone(), manifest.digest.clone());
-        if let Some(old) = inner.by_digest.remove(&key) {
+        if let Some((old, _)) = inner.by_digest.remove(&key) {
             inner.bytes -= charge(&old);
         }
         if inner.bytes + cost > self.budget {
@@ -85,7 +104,7 @@ impl ManifestCache {
             inner.tags.clear();
             inner.bytes = 0;
         }
-        inner.by_digest.insert(key, manifest.clone());
+        inner.by_digest.insert(key, (manifest.clone(), now));
         inner.bytes += cost;
         if let Some(tag) = tag {
             if inner.tags.len() >= MAX_TAGS {
@@ -127,7 +146,8 @@ mod tests {
 
     #[test]
     fn many_tags_of_one_manifest_hold_its_bytes_once() {
-        let cache = ManifestCache::new(Duration::from_secs(5), DEFAULT_MANIFEST_CACHE_BYTES);
+        let cache =
+            ManifestCache::new(Duration::from_secs(5), Duration::from_secs(60), DEFAULT_MANIFEST_CACHE_BYTES);
         let now = Instant::now();
         for i in 0..300 {
             // Each fetch by tag brings its own copy of the same bytes.
@@ -136,29 +156,30 @@ mod tests {
         assert_eq!(cache.bytes(), (1 << 20) + ENTRY_OVERHEAD);
         let m = manifest(1, 1 << 20);
         assert_eq!(cache.by_tag(&repo(), &tag(7), now).map(|k| k.digest), Some(m.digest.clone()));
-        assert_eq!(cache.by_digest(&repo(), &m.digest).map(|k| k.bytes.len()), Some(1 << 20));
+        assert_eq!(cache.by_digest(&repo(), &m.digest, now).map(|(k, _)| k.bytes.len()), Some(1 << 20));
     }
 
     #[test]
     fn what_is_kept_stays_within_the_budget() {
         let budget = 16 << 20;
-        let cache = ManifestCache::new(Duration::from_secs(5), budget);
+        let cache = ManifestCache::new(Duration::from_secs(5), Duration::from_secs(60), budget);
         let now = Instant::now();
         for i in 0..300 {
             cache.insert(&repo(), Some(&tag(i)), &manifest(i as u32, 1 << 20), now);
             assert!(cache.bytes() <= budget, "{} bytes kept after {i}", cache.bytes());
         }
         let last = manifest(299, 1 << 20);
-        assert!(cache.by_digest(&repo(), &last.digest).is_some(), "the newest is kept");
+        assert!(cache.by_digest(&repo(), &last.digest, now).is_some(), "the newest is kept");
         // One bigger than the budget is served but not kept.
         cache.insert(&repo(), None, &manifest(9, budget), now);
-        assert!(cache.by_digest(&repo(), &manifest(9, budget).digest).is_none());
-        assert!(cache.by_digest(&repo(), &last.digest).is_some(), "and pushes nothing out");
+        assert!(cache.by_digest(&repo(), &manifest(9, budget).digest, now).is_none());
+        assert!(cache.by_digest(&repo(), &last.digest, now).is_some(), "and pushes nothing out");
     }
 
     #[test]
     fn a_tag_is_trusted_for_its_ttl_and_per_repository() {
-        let cache = ManifestCache::new(Duration::from_secs(5), DEFAULT_MANIFEST_CACHE_BYTES);
+        let cache =
+            ManifestCache::new(Duration::from_secs(5), Duration::from_secs(60), DEFAULT_MANIFEST_CACHE_BYTES);
         let now = Instant::now();
         let m = manifest(3, 100);
         cache.insert(&repo(), Some(&tag(1)), &m, now);
@@ -167,9 +188,31 @@ mod tests {
             cache.by_tag(&repo(), &tag(1), now + Duration::from_secs(5)).is_none(),
             "the tag may have moved"
         );
-        assert!(cache.by_digest(&repo(), &m.digest).is_some(), "the digest does not move");
+        assert!(cache.by_digest(&repo(), &m.digest, now).is_some(), "the digest does not move");
         let other: RepoName = "team/other".parse().unwrap();
         assert!(cache.by_tag(&other, &tag(1), now).is_none());
-        assert!(cache.by_digest(&other, &m.digest).is_none(), "only where the origin said it is");
+        assert!(cache.by_digest(&other, &m.digest, now).is_none(), "only where the origin said it is");
+    }
+
+    #[test]
+    fn a_manifest_by_digest_is_trusted_for_the_confirm_ttl_then_asked_again() {
+        let cache =
+            ManifestCache::new(Duration::from_secs(5), Duration::from_secs(60), DEFAULT_MANIFEST_CACHE_BYTES);
+        let (m, now) = (manifest(1, 100), Instant::now());
+        cache.insert(&repo(), None, &m, now);
+        assert!(matches!(
+            cache.by_digest(&repo(), &m.digest, now + Duration::from_secs(59)),
+            Some((_, true))
+        ));
+        let later = now + Duration::from_secs(61);
+        assert!(
+            matches!(cache.by_digest(&repo(), &m.digest, later), Some((_, false))),
+            "kept, but to be confirmed"
+        );
+        cache.insert(&repo(), None, &m, later);
+        assert!(matches!(cache.by_digest(&repo(), &m.digest, later), Some((_, true))), "confirmed again");
+        cache.remove(&repo(), &m.digest);
+        assert!(cache.by_digest(&repo(), &m.digest, later).is_none(), "deleted at the origin");
+        assert_eq!(cache.bytes(), 0);
     }
 }

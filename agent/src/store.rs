@@ -25,12 +25,19 @@ use crate::origin_client::OriginClient;
 /// (repository, blob) pairs the origin confirmed, so cached blobs need no round trip.
 const MAX_CONFIRMED: usize = 100_000;
 
+/// How long the origin's word that a blob or a manifest (by digest) is in a repository is
+/// reused (`confirm_ttl`): a `DELETE` at the origin reaches agents within it. A confirmation
+/// older than that still serves while the origin cannot be asked.
+pub const DEFAULT_CONFIRM_TTL: Duration = Duration::from_secs(60);
+
 /// The agent's storage behind the read-only registry API.
 pub struct AgentStore {
     origin: OriginClient,
     downloads: Arc<Downloads>,
     manifests: ManifestCache,
-    confirmed: Mutex<HashMap<(RepoName, Digest), u64>>,
+    /// Blob sizes the origin confirmed in a repository, and when.
+    confirmed: Mutex<HashMap<(RepoName, Digest), (u64, Instant)>>,
+    confirm_ttl: Duration,
     /// With access control on, a blob is served through a repository only once the origin
     /// confirmed it belongs there (see `blob_size`).
     auth: Arc<RemoteAuth>,
@@ -59,14 +66,16 @@ impl AgentStore {
         origin: OriginClient,
         downloads: Arc<Downloads>,
         tag_ttl: Duration,
+        confirm_ttl: Duration,
         auth: Arc<RemoteAuth>,
         registries: Arc<Registries>,
     ) -> AgentStore {
         AgentStore {
             origin,
             downloads,
-            manifests: ManifestCache::new(tag_ttl, DEFAULT_MANIFEST_CACHE_BYTES),
+            manifests: ManifestCache::new(tag_ttl, confirm_ttl, DEFAULT_MANIFEST_CACHE_BYTES),
             confirmed: Mutex::new(HashMap::new()),
+            confirm_ttl,
             auth,
             registries,
         }
@@ -148,8 +157,11 @@ impl RegistryStore for AgentStore {
     async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, StoreError> {
         let key = (repo.clone(), digest.clone());
         let cacheable = self.cacheable(repo);
-        if let Some(size) = lock(&self.confirmed).get(&key).filter(|_| cacheable) {
-            return Ok(Some(*size));
+        let confirmed = lock(&self.confirmed).get(&key).copied().filter(|_| cacheable);
+        if let Some((size, at)) = confirmed {
+            if at.elapsed() < self.confirm_ttl {
+                return Ok(Some(size));
+            }
         }
         // Upstream content: the size as soon as the origins' fetch knows it (their `HEAD`
         // would wait for the whole fetch, longer than a call to them may take); once they hold
@@ -166,12 +178,20 @@ impl RegistryStore for AgentStore {
         match asked {
             Ok(Some(size)) => {
                 if cacheable {
-                    bounded_insert(&mut lock(&self.confirmed), MAX_CONFIRMED, key, size);
+                    bounded_insert(&mut lock(&self.confirmed), MAX_CONFIRMED, key, (size, Instant::now()));
                 }
                 Ok(Some(size))
             }
-            Ok(None) => Ok(None),
+            Ok(None) => {
+                lock(&self.confirmed).remove(&key);
+                Ok(None)
+            }
             Err(e @ (StoreError::UpstreamUnauthorized { .. } | StoreError::Denied(_))) => Err(e),
+            // Confirmed before, and the origin cannot be asked now: still served.
+            Err(e) if confirmed.is_some() => {
+                tracing::warn!(%digest, error = %e, "origin unreachable; serving a blob it confirmed before");
+                Ok(confirmed.map(|(size, _)| size))
+            }
             // The origin is unreachable: a blob already here is still served, unless access
             // is controlled: then only through a repository the origin confirmed it in (above),
             // or a private blob could be read through a public repository's name.
@@ -267,12 +287,24 @@ impl RegistryStore for AgentStore {
         }
         match reference {
             Reference::Digest(d) => {
-                if let Some(m) = self.manifests.by_digest(repo, d) {
-                    return Ok(Some(m));
-                }
-                let found = self.origin.manifest(repo, &d.to_string()).await?;
-                if let Some(m) = &found {
-                    self.manifests.insert(repo, None, m, Instant::now());
+                let now = Instant::now();
+                let kept = match self.manifests.by_digest(repo, d, now) {
+                    Some((m, true)) => return Ok(Some(m)),
+                    Some((m, false)) => Some(m),
+                    None => None,
+                };
+                // Asked again after `confirm_ttl`: deleted at the origin, it is gone here too;
+                // kept while the origin cannot be asked.
+                let found = match self.origin.manifest(repo, &d.to_string()).await {
+                    Err(e) if kept.is_some() && !matches!(e, StoreError::Denied(_)) => {
+                        tracing::warn!(%repo, digest = %d, error = %e, "origin unreachable; serving a manifest it confirmed before");
+                        return Ok(kept);
+                    }
+                    other => other?,
+                };
+                match &found {
+                    Some(m) => self.manifests.insert(repo, None, m, now),
+                    None => self.manifests.remove(repo, d),
                 }
                 Ok(found)
             }

@@ -406,3 +406,30 @@ async fn sigterm_drains_an_agent_and_keeps_its_verified_pieces() {
         "pieces verified before SIGTERM were fetched again ({after} bytes)"
     );
 }
+
+/// What an origin deletes, agents stop serving within `confirm_ttl` (1 s here): a manifest
+/// pulled by digest and a blob the agent holds in its cache answer 404 once the origin says
+/// they are gone. Before, the agent's confirmations never expired: a leaked secret or a
+/// vulnerable image deleted at the origin stayed pullable from every node that had served it.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_the_origin_deletes_agents_stop_serving() {
+    skip_if_external!(SKIP);
+    let cluster = Cluster::start_with(1, "confirm_ttl = \"1s\"\n").await;
+    let repo = unique_repo("deleted");
+    let origin = cluster.origin.client();
+    let image = origin.push_image(&repo, ImageKind::Oci, None, 2 * MIB as usize).await;
+    let agent = Client::new(&cluster.agent_url(0));
+    let (manifest, layer) = (&image.manifest.digest, &image.layers[0].digest);
+    agent.get_manifest(&repo, manifest).await.expect(StatusCode::OK);
+    agent.get_blob(&repo, layer).await.expect(StatusCode::OK);
+
+    origin.delete(&format!("/v2/{repo}/manifests/{manifest}")).send().await.unwrap();
+    origin.delete(&format!("/v2/{repo}/blobs/{layer}")).send().await.unwrap();
+    origin.get_manifest(&repo, manifest).await.expect(StatusCode::NOT_FOUND);
+    origin.head_blob(&repo, layer).await.expect(StatusCode::NOT_FOUND);
+    // Within the TTL the agent may still answer from what the origin confirmed; after it, not.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    agent.get_manifest(&repo, manifest).await.expect(StatusCode::NOT_FOUND);
+    agent.head_blob(&repo, layer).await.expect(StatusCode::NOT_FOUND);
+    agent.get_blob(&repo, layer).await.expect(StatusCode::NOT_FOUND);
+}
