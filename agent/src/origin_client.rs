@@ -330,13 +330,25 @@ impl OriginClient {
 
     /// A listing endpoint (tags, catalog, referrers) as raw JSON, `None` on 404.
     pub async fn listing(&self, path_and_query: &str) -> Result<Option<Bytes>, StoreError> {
+        Ok(self.listing_page(path_and_query).await?.map(|(body, _)| body))
+    }
+
+    /// [`listing`](Self::listing), with the `last` of the next page its `Link` names, if any.
+    pub async fn listing_page(
+        &self,
+        path_and_query: &str,
+    ) -> Result<Option<(Bytes, Option<String>)>, StoreError> {
         let r = self
             .origins
             .send(|base| self.authed(self.http.get(format!("{base}{path_and_query}"))))
             .await
             .map_err(all_failed)?;
         match r.status() {
-            StatusCode::OK => Ok(Some(r.bytes().await.map_err(unreachable)?)),
+            StatusCode::OK => {
+                let next =
+                    r.headers().get(reqwest::header::LINK).and_then(|v| v.to_str().ok()).and_then(next_last);
+                Ok(Some((r.bytes().await.map_err(unreachable)?, next)))
+            }
             StatusCode::NOT_FOUND => Ok(None),
             s => Err(unexpected(s)),
         }
@@ -404,5 +416,25 @@ impl OriginClient {
     /// A blob's metainfo JSON, straight from the origin.
     pub async fn metainfo(&self, digest: &Digest) -> Result<Option<Bytes>, StoreError> {
         self.listing(&shoal_p2p::tracker_client::metainfo_path(digest)).await
+    }
+}
+/// The `last` parameter of a `Link: <...?n=N&last=X>; rel="next"` header.
+fn next_last(link: &str) -> Option<String> {
+    let target = link.split(';').next()?.trim().strip_prefix('<')?.strip_suffix('>')?;
+    let url = reqwest::Url::parse("http://origin").ok()?.join(target).ok()?;
+    let last = url.query_pairs().find(|(k, _)| k == "last")?.1.into_owned();
+    (!last.is_empty()).then_some(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_last;
+
+    #[test]
+    fn the_next_page_starts_where_the_link_says() {
+        assert_eq!(next_last("</v2/_catalog?n=2&last=team/b>; rel=\"next\"").as_deref(), Some("team/b"));
+        assert_eq!(next_last("</v2/a/tags/list?last=v%2B1&n=5>; rel=\"next\"").as_deref(), Some("v+1"));
+        assert_eq!(next_last("</v2/_catalog?n=2>; rel=\"next\""), None);
+        assert_eq!(next_last("garbage"), None);
     }
 }

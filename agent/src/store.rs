@@ -330,21 +330,15 @@ impl RegistryStore for AgentStore {
     }
 
     async fn tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> Result<Page, StoreError> {
-        let mut path = format!("/v2/{repo}/tags/list?n={}", limit + 1);
-        if let Some(last) = last {
-            path.push_str(&format!("&last={last}"));
-        }
-        let body = self.origin.listing(&path).await?.ok_or(StoreError::NameUnknown)?;
-        page_of(&body, "tags", limit)
+        let path = listing_path(&format!("/v2/{repo}/tags/list"), last, limit);
+        let (body, next) = self.origin.listing_page(&path).await?.ok_or(StoreError::NameUnknown)?;
+        page_of(&body, "tags", limit, next)
     }
 
     async fn repositories(&self, last: Option<&str>, limit: usize) -> Result<Page, StoreError> {
-        let mut path = format!("/v2/_catalog?n={}", limit + 1);
-        if let Some(last) = last {
-            path.push_str(&format!("&last={last}"));
-        }
-        let body = self.origin.listing(&path).await?.unwrap_or_default();
-        page_of(&body, "repositories", limit)
+        let path = listing_path("/v2/_catalog", last, limit);
+        let (body, next) = self.origin.listing_page(&path).await?.unwrap_or_default();
+        page_of(&body, "repositories", limit, next)
     }
 
     async fn referrers(
@@ -402,8 +396,18 @@ fn verified(body: ByteStream, digest: Digest, size: u64) -> ByteStream {
     }))
 }
 
-/// One page of a listing the origin returned with one extra item (to know whether more follow).
-fn page_of(body: &[u8], key: &str, limit: usize) -> Result<Page, StoreError> {
+/// The origin's listing at `base` of `limit` items after `last`.
+fn listing_path(base: &str, last: Option<&str>, limit: usize) -> String {
+    let mut path = format!("{base}?n={limit}");
+    if let Some(last) = last {
+        path.push_str(&format!("&last={last}"));
+    }
+    path
+}
+
+/// One page of a listing as the origin returned it, `next` from its `Link` (the origin caps
+/// a page, and filters the catalog for its reader: counting items cannot tell what follows).
+fn page_of(body: &[u8], key: &str, limit: usize, next: Option<String>) -> Result<Page, StoreError> {
     let value: serde_json::Value = if body.is_empty() {
         serde_json::json!({})
     } else {
@@ -414,7 +418,6 @@ fn page_of(body: &[u8], key: &str, limit: usize) -> Result<Page, StoreError> {
         .and_then(|v| v.as_array())
         .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
         .unwrap_or_default();
-    let more = items.len() > limit;
     items.truncate(limit);
-    Ok(Page { items, more })
+    Ok(Page { items, next })
 }

@@ -433,3 +433,34 @@ async fn what_the_origin_deletes_agents_stop_serving() {
     agent.head_blob(&repo, layer).await.expect(StatusCode::NOT_FOUND);
     agent.get_blob(&repo, layer).await.expect(StatusCode::NOT_FOUND);
 }
+
+/// Tag and catalog listings through an agent are the origin's pages: `n` items and a `Link`
+/// whenever more follow, to the last item. The agent once decided "more follow" by counting
+/// items, which cut a listing short wherever the origin capped or filtered a page.
+#[tokio::test(flavor = "multi_thread")]
+async fn listings_through_an_agent_follow_the_origins_pages() {
+    skip_if_external!(SKIP);
+    let cluster = Cluster::start(1).await;
+    let repo = unique_repo("listing");
+    let origin = cluster.origin.client();
+    let image = origin.push_image(&repo, ImageKind::Oci, Some("t0"), 1024).await;
+    let tags: Vec<String> = (0..5).map(|i| format!("t{i}")).collect();
+    for tag in &tags[1..] {
+        origin.push_manifest(&repo, tag, &image.manifest).await;
+    }
+    let agent = Client::new(&cluster.agent_url(0));
+    let (mut seen, mut query) = (Vec::new(), "?n=2".to_string());
+    loop {
+        let reply = agent.tags(&repo, &query).await;
+        reply.expect(StatusCode::OK);
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        let page: Vec<String> =
+            body["tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().into()).collect();
+        assert!(page.len() <= 2, "{page:?}");
+        seen.extend(page.clone());
+        let Some(link) = reply.header("link") else { break };
+        assert!(link.contains(&format!("last={}", page.last().unwrap())), "{link}");
+        query = format!("?n=2&last={}", page.last().unwrap());
+    }
+    assert_eq!(seen, tags);
+}

@@ -242,9 +242,12 @@ async fn manifests_tags_and_referrers() {
     assert_eq!(got.digest, image_digest);
     assert_eq!(got.bytes, image.bytes);
     let page = store.tags(&r, None, 2).await.unwrap();
-    assert_eq!((page.items.clone(), page.more), (vec!["v1".to_string(), "v2".to_string()], true));
+    assert_eq!(
+        (page.items.clone(), page.next),
+        (vec!["v1".to_string(), "v2".to_string()], Some("v2".into()))
+    );
     let page = store.tags(&r, Some("v2"), 2).await.unwrap();
-    assert_eq!((page.items, page.more), (vec!["v3".to_string()], false));
+    assert_eq!((page.items, page.next), (vec!["v3".to_string()], None));
     assert!(matches!(store.tags(&repo("nope"), None, 10).await, Err(StoreError::NameUnknown)));
 
     let sig = new_manifest(manifest_json(&config_d, &layer, Some(&image_digest)));

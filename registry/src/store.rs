@@ -65,11 +65,24 @@ pub struct NewManifest {
     pub parsed: ParsedManifest,
 }
 
-/// One page of a sorted listing, and whether more follow it.
+/// One page of a sorted listing, and where the next one starts (after `next`), if more follow.
+/// `next` is usually the page's last item, but not always: a page filtered for its reader (the
+/// catalog) may hide its own last item, or all of them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Page {
     pub items: Vec<String>,
-    pub more: bool,
+    pub next: Option<String>,
+}
+
+impl Page {
+    /// The first `limit` of `items` (sorted, each after the previous page), with the next
+    /// page after the last of them if any were left out.
+    pub fn cut(mut items: Vec<String>, limit: usize) -> Page {
+        let more = items.len() > limit;
+        items.truncate(limit);
+        let next = if more { items.last().cloned() } else { None };
+        Page { items, next }
+    }
 }
 
 /// Storage behind the registry API. Every method is repository-scoped where the spec is.

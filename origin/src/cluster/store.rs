@@ -234,10 +234,8 @@ impl ClusterStore {
 fn page(mut names: Vec<String>, last: Option<&str>, limit: usize) -> Page {
     names.sort();
     names.dedup();
-    let mut items: Vec<String> = names.into_iter().filter(|n| last.is_none_or(|l| n.as_str() > l)).collect();
-    let more = items.len() > limit;
-    items.truncate(limit);
-    Page { items, more }
+    let items: Vec<String> = names.into_iter().filter(|n| last.is_none_or(|l| n.as_str() > l)).collect();
+    Page::cut(items, limit)
 }
 
 #[async_trait]

@@ -29,25 +29,14 @@ fn page_params(ctx: &Ctx) -> Result<(usize, Option<String>), ApiError> {
     Ok((n, ctx.query.get("last").cloned()))
 }
 
+/// `page` as JSON under `key`, with a `Link` to the next page if more follow (a filtered page
+/// may hide its own last item: the link starts after what the store said).
 fn paged(base: &str, key: &str, head: serde_json::Value, page: Page, n: usize) -> Response {
-    let next = page.more.then(|| page.items.last().cloned()).flatten();
-    paged_after(base, key, head, page, n, next)
-}
-
-/// [`paged`] with the next page's `last` given (a filtered page may hide its own last item).
-fn paged_after(
-    base: &str,
-    key: &str,
-    head: serde_json::Value,
-    page: Page,
-    n: usize,
-    next: Option<String>,
-) -> Response {
     let mut body = head;
     body[key] = json!(page.items);
     let mut response =
         (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
-    if let Some(last) = next {
+    if let Some(last) = page.next {
         let link = format!("<{base}?n={n}&last={last}>; rel=\"next\"");
         response.headers_mut().insert(header::LINK, hv(link));
     }
@@ -63,12 +52,11 @@ pub(super) async fn tags(ctx: &mut Ctx, name: &RepoName) -> ApiResult {
 pub(super) async fn catalog(ctx: &mut Ctx) -> ApiResult {
     let (n, last) = page_params(ctx)?;
     let mut page = ctx.store.repositories(last.as_deref(), n).await?;
-    let next = page.more.then(|| page.items.last().cloned()).flatten();
     // Only the repositories the client may pull (a page may come out short; the link goes on).
     if let Some(visible) = &ctx.visible {
         page.items.retain(|name| visible(name));
     }
-    Ok(paged_after("/v2/_catalog", "repositories", json!({}), page, n, next))
+    Ok(paged("/v2/_catalog", "repositories", json!({}), page, n))
 }
 
 pub(super) async fn referrers(ctx: &mut Ctx, name: &RepoName, digest: &str) -> ApiResult {
