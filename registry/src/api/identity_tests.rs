@@ -74,7 +74,7 @@ impl RegistryStore for Empty {
         Err(StoreError::NameUnknown)
     }
     async fn repositories(&self, _: Option<&str>, _: usize) -> Result<Page, StoreError> {
-        Ok(Page::default())
+        Ok(Page { items: vec!["private/app".into(), "public/app".into()], next: None })
     }
     async fn referrers(&self, _: &RepoName, _: &Digest) -> Result<Vec<ReferrerDescriptor>, StoreError> {
         Ok(Vec::new())
@@ -84,7 +84,10 @@ impl RegistryStore for Empty {
 fn router(identity: Option<TransportIdentity>) -> axum::Router {
     let config = AuthConfig {
         tokens: true,
-        rules: vec![Rule { repositories: "private/*".into(), ..Rule::default() }],
+        rules: vec![
+            Rule { repositories: "private/*".into(), ..Rule::default() },
+            Rule { repositories: "public/*".into(), anonymous_pull: true, ..Rule::default() },
+        ],
         anonymous: Some(crate::auth::Access::None),
         ..AuthConfig::default()
     };
@@ -115,7 +118,8 @@ async fn a_node_identity_pulls_private_repositories_and_nothing_more() {
     let uploads = "/v2/private/app/blobs/uploads/";
     // Without an identity: a challenge.
     assert_eq!(status(router(None), Method::GET, manifest).await, StatusCode::UNAUTHORIZED);
-    assert_eq!(status(router(None), Method::GET, "/v2/_catalog").await, StatusCode::UNAUTHORIZED);
+    // (The catalog is open to anonymous clients: `public/*` may be pulled anonymously.)
+    assert_eq!(status(router(None), Method::GET, "/v2/_catalog").await, StatusCode::OK);
     for role in [Role::Agent, Role::Origin, Role::Tracker] {
         let id = TransportIdentity { name: "node-1".into(), role };
         // Allowed through to the (empty) store.
@@ -150,4 +154,18 @@ fn what_each_endpoint_needs() {
         need(Method::POST, "/v2/a/b/blobs/uploads/", &[("mount", "sha256:00"), ("from", "c/d")]),
         repo(Action::Push)
     );
+}
+
+/// An agent lists the catalog with its node certificate for a client of its own: the origin
+/// shows what that client may pull (by the credentials the agent forwards; none: anonymous),
+/// not everything a node may pull.
+#[tokio::test]
+async fn a_node_lists_the_catalog_as_its_client_would_see_it() {
+    let agent = TransportIdentity { name: "node-1".into(), role: Role::Agent };
+    let req = Request::builder().uri("/v2/_catalog").body(Body::empty()).unwrap();
+    let reply = router(Some(agent)).oneshot(req).await.unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+    let body = axum::body::to_bytes(reply.into_body(), 1 << 20).await.unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(listed["repositories"], serde_json::json!(["public/app"]), "{listed}");
 }

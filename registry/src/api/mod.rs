@@ -22,7 +22,9 @@ use axum::Router;
 use futures_util::TryStreamExt;
 use tokio::sync::Semaphore;
 
-use crate::auth::{AccessCheck, Action, AuthGate, Need, ServedPrincipal, FORWARD_AUTHORIZATION};
+use crate::auth::{
+    AccessCheck, Action, AuthGate, Need, Principal, ServedPrincipal, Visible, FORWARD_AUTHORIZATION,
+};
 use crate::error::{ApiError, ErrorCode};
 use crate::name::RepoName;
 use crate::store::{ByteStream, RegistryStore};
@@ -167,6 +169,11 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
         .get(header::AUTHORIZATION)
         .filter(|v| v.as_bytes().len() > 7 && v.as_bytes()[..7].eq_ignore_ascii_case(b"bearer "))
         .cloned();
+    let visible = if matches!(route, Route::Catalog) {
+        catalog_visibility(&app, &parts.headers, &principal).await
+    } else {
+        None
+    };
     let mut ctx = Ctx {
         store: app.store.clone(),
         config: app.config.clone(),
@@ -174,7 +181,7 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
         headers: parts.headers,
         query,
         body,
-        visible: if matches!(route, Route::Catalog) { app.config.auth.0.visible(&principal) } else { None },
+        visible,
     };
     let result = if !is_read && app.config.read_only {
         Err(ApiError::new(ErrorCode::Unsupported, "this registry is read-only; push to an origin"))
@@ -189,6 +196,19 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
     }
     response.extensions_mut().insert(ServedPrincipal(principal));
     with_version(response)
+}
+
+/// Which repositories the catalog shows. A node (an agent, with its certificate) lists it for a
+/// client of its own: what that client may pull, by the credentials the node forwarded (none:
+/// an anonymous client's view). Shown everything, an agent's clients saw private names.
+async fn catalog_visibility(app: &App, headers: &HeaderMap, principal: &Principal) -> Option<Visible> {
+    let auth = &app.config.auth.0;
+    let Principal::Node(_) = principal else { return auth.visible(principal) };
+    let needs = [Need::Catalog];
+    match auth.authorize(&AccessCheck { headers, identity: None, needs: &needs }).await {
+        Ok(client) => auth.visible(&client),
+        Err(_) => Some(Arc::new(|_: &str| false)),
+    }
 }
 
 /// What a request needs, by endpoint and method.
