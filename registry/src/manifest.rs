@@ -163,10 +163,12 @@ pub fn parse_manifest(content_type: Option<&str>, bytes: &[u8]) -> Result<Parsed
                     blobs.push(digest_of(layer)?);
                 }
             }
+            // Empty or missing: the config's media type (the spec's referrers rule).
             let artifact_type = m
                 .artifact_type()
                 .as_ref()
                 .map(|a| a.to_string())
+                .filter(|a| !a.is_empty())
                 .or_else(|| Some(m.config().media_type().to_string()));
             Ok(ParsedManifest {
                 media_type,
@@ -191,7 +193,8 @@ pub fn parse_manifest(content_type: Option<&str>, bytes: &[u8]) -> Result<Parsed
                 foreign: Vec::new(),
                 children,
                 subject: i.subject().as_ref().map(digest_of).transpose()?,
-                artifact_type: i.artifact_type().as_ref().map(|a| a.to_string()),
+                // Empty or missing: none (the spec's referrers rule for an index).
+                artifact_type: i.artifact_type().as_ref().map(|a| a.to_string()).filter(|a| !a.is_empty()),
                 annotations: i.annotations().clone(),
             })
         }
@@ -239,6 +242,18 @@ mod tests {
         assert_eq!(m.blobs.len(), 2);
         assert_eq!(m.artifact_type.as_deref(), Some("application/vnd.oci.image.config.v1+json"));
         assert!(m.subject.is_none());
+    }
+
+    #[test]
+    fn an_empty_artifact_type_counts_as_missing() {
+        let body = image(Some(OCI_MANIFEST)).replacen('{', r#"{"artifactType":"","#, 1);
+        let m = parse_manifest(Some(OCI_MANIFEST), body.as_bytes()).unwrap();
+        assert_eq!(m.artifact_type.as_deref(), Some("application/vnd.oci.image.config.v1+json"));
+        let index = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","artifactType":"","manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{}","size":5}}]}}"#,
+            d("a")
+        );
+        assert_eq!(parse_manifest(Some(OCI_INDEX), index.as_bytes()).unwrap().artifact_type, None);
     }
 
     #[test]
