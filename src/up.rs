@@ -70,6 +70,19 @@ fn port(base: SocketAddr, offset: u16) -> SocketAddr {
     SocketAddr::new(base.ip(), base.port().saturating_add(offset))
 }
 
+/// Where the processes of `shoal up` reach each other (and clients on this machine reach
+/// them): `listen` itself, or loopback for a wildcard (`--listen 0.0.0.0:5000` binds every
+/// address; the peers and URLs name 127.0.0.1).
+fn reachable(listen: SocketAddr) -> SocketAddr {
+    match listen.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], listen.port())),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), listen.port())
+        }
+        _ => listen,
+    }
+}
+
 /// Whether every port `shoal up` takes above `base` exists and no two collide.
 fn check_ports(base: SocketAddr, agents: u16) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -89,8 +102,9 @@ pub async fn run(
     args: UpArgs,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let base = args.listen;
-    check_ports(base, args.agents)?;
+    let bind = args.listen;
+    check_ports(bind, args.agents)?;
+    let base = reachable(bind);
     let pki = args.data_dir.join("pki");
     if args.tls {
         install_tls(&pki, base)?;
@@ -99,15 +113,16 @@ pub async fn run(
     let origin_url = format!("{scheme}://{base}");
     let tracker_addr = port(base, 100);
     let origin = origin::bind(OriginConfig {
-        listen: base,
-        peer_listen: Some(port(base, 200)),
+        listen: bind,
+        peer_listen: Some(port(bind, 200)),
+        peer_advertise: Some(port(base, 200)),
         data_dir: args.data_dir.join("origin"),
         upstream: args.upstream.iter().map(|f| origin::upstream_flag(f)).collect::<anyhow::Result<_>>()?,
         ..OriginConfig::default()
     })
     .await?;
     let tracker = tracker::bind(TrackerArgs {
-        listen: tracker_addr,
+        listen: port(bind, 100),
         origin: vec![origin_url.clone()],
         announce_interval: std::time::Duration::from_secs(3),
         handout_limit: 50,
@@ -117,14 +132,15 @@ pub async fn run(
     let mut agents = Vec::new();
     for i in 1..=args.agents {
         let file = AgentFile {
-            listen: port(base, i),
-            peer_listen: port(base, 200 + i),
+            listen: port(bind, i),
+            peer_listen: port(bind, 200 + i),
+            peer_advertise: Some(port(base, 200 + i)),
             origin: Some(origin_url.clone()),
             trackers: vec![format!("{scheme}://{tracker_addr}")],
             data_dir: args.data_dir.join(format!("agent{i}")),
             ..AgentFile::default()
         };
-        agents.push((file.listen, agent::bind(file).await?));
+        agents.push((port(base, i), agent::bind(file).await?));
     }
     let first_agent = port(base, 1);
     println!("Shoal is up (data in {}).", args.data_dir.display());
@@ -184,5 +200,13 @@ mod tests {
         assert!(check_ports(at(65_333), 3).unwrap_err().to_string().contains("leaves no room"));
         assert!(check_ports(at(5000), 100).is_err(), "agent 100 would take the tracker's port");
         assert!(check_ports(at(5000), 0).is_err());
+    }
+
+    #[test]
+    fn a_wildcard_listen_is_reached_on_loopback() {
+        let reach = |s: &str| reachable(s.parse().unwrap()).to_string();
+        assert_eq!(reach("0.0.0.0:5000"), "127.0.0.1:5000");
+        assert_eq!(reach("[::]:5000"), "[::1]:5000");
+        assert_eq!(reach("10.1.2.3:5000"), "10.1.2.3:5000");
     }
 }
