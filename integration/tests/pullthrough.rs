@@ -176,6 +176,18 @@ async fn tags_follow_the_upstream_and_survive_its_outage_for_serve_stale() {
     assert_eq!(digest_of(&r), second.digest);
 }
 
+/// The request line of the next request on `conn` (its headers read and dropped); `None` if
+/// the connection ends first.
+async fn request_line(conn: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        conn.read_exact(&mut byte).await.ok()?;
+        head.push(byte[0]);
+    }
+    Some(String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_string())
+}
+
 /// A slow upstream run by the test: `GET .../blobs/<digest>` of `data` trickles
 /// [`TRICKLE_CHUNK`] bytes every [`TRICKLE_EVERY`]; anything else is 404. Counts blob GETs.
 async fn slow_upstream(data: Vec<u8>, digest: String) -> (String, Arc<AtomicUsize>) {
@@ -187,15 +199,7 @@ async fn slow_upstream(data: Vec<u8>, digest: String) -> (String, Arc<AtomicUsiz
         while let Ok((mut conn, _)) = listener.accept().await {
             let (data, digest, counter) = (data.clone(), digest.clone(), counter.clone());
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if conn.read_exact(&mut byte).await.is_err() {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let line = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_string();
+                let Some(line) = request_line(&mut conn).await else { return };
                 if !(line.starts_with("GET ") && line.contains(&format!("/blobs/{digest} "))) {
                     let _ = conn
                         .write_all(
@@ -237,15 +241,7 @@ async fn slow_upstream_image(
         while let Ok((mut conn, _)) = listener.accept().await {
             let (manifest, blobs, counter) = (manifest.clone(), blobs.clone(), counter.clone());
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if conn.read_exact(&mut byte).await.is_err() {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let line = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_string();
+                let Some(line) = request_line(&mut conn).await else { return };
                 let mut words = line.split(' ');
                 let (method, path) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
                 let path = path.split('?').next().unwrap_or_default();

@@ -63,7 +63,11 @@ type RawPeer = tokio_util::codec::Framed<TcpStream, PeerCodec>;
 
 /// A downloader of `meta`'s blob holding nothing, handshaken with the server at `addr`.
 async fn raw_peer(addr: std::net::SocketAddr, meta: &Metainfo) -> RawPeer {
-    let stream = TcpStream::connect(addr).await.unwrap();
+    raw_peer_on(TcpStream::connect(addr).await.unwrap(), meta).await
+}
+
+/// [`raw_peer`] on a connected `stream`.
+async fn raw_peer_on(stream: TcpStream, meta: &Metainfo) -> RawPeer {
     let mut framed = tokio_util::codec::Framed::new(stream, PeerCodec::default());
     let hello = Message::Handshake {
         version: PROTOCOL_VERSION,
@@ -363,16 +367,7 @@ async fn a_peer_that_stops_reading_gives_its_send_slot_back() {
     // The stalled peer: a tiny receive buffer, one request, then nothing read.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    let mut stalled =
-        tokio_util::codec::Framed::new(socket.connect(addr).await.unwrap(), PeerCodec::default());
-    let hello = Message::Handshake {
-        version: PROTOCOL_VERSION,
-        digest: meta.digest().clone(),
-        peer_id: PeerId::random(),
-        bitfield: Bitfield::new(meta.piece_count()).to_bytes().into(),
-    };
-    stalled.send(hello).await.unwrap();
-    assert!(matches!(stalled.next().await, Some(Ok(Message::Handshake { .. }))));
+    let mut stalled = raw_peer_on(socket.connect(addr).await.unwrap(), &meta).await;
     stalled.send(Message::Request { index: 0 }).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
