@@ -43,6 +43,8 @@ pub(crate) struct Inner {
     /// metadata change together: publish, remove, quarantine, restore, purge. Without it a
     /// publish that reuses an existing file could interleave with its removal.
     blob_files: std::sync::Mutex<()>,
+    /// One metainfo computation per blob at a time (see `seeding.rs`).
+    pub(crate) hashing: crate::seeding::Hashing,
 }
 
 /// The origin's storage: blob files plus redb metadata under one data directory.
@@ -88,6 +90,7 @@ impl OriginStore {
             blob_bytes,
             config,
             blob_files: std::sync::Mutex::new(()),
+            hashing: Default::default(),
         });
         tokio::spawn(expire_sessions(Arc::downgrade(&inner)));
         Ok(OriginStore { inner })
