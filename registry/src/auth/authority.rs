@@ -34,18 +34,6 @@ use crate::identity::TransportIdentity;
 pub const PUBLISHED_PATH: &str = "/shoal/v1/auth";
 /// The token endpoint's path (the default realm is this path on the client's host).
 pub const TOKEN_PATH: &str = "/token";
-/// How long a successful argon2 check is remembered, so a Basic client (which sends its
-/// password on every request) costs one slow hash per this period, not per request.
-const LOGIN_CACHE_TTL: Duration = Duration::from_secs(60);
-/// Remembered logins at most (cleared when full).
-const LOGIN_CACHE_MAX: usize = 10_000;
-
-/// Slow password checks (argon2: about 19 MiB and tens of milliseconds each, on the blocking
-/// pool the storage also uses) running at once. Unbounded, a flood of logins under made-up
-/// names took gigabytes and stalled the origin's disk work.
-pub const MAX_PASSWORD_CHECKS: usize = 4;
-/// How long a login waits for a password check to start before it is answered 429.
-pub const PASSWORD_CHECK_WAIT: Duration = Duration::from_secs(5);
 
 /// Fetches the other origins' published keys; `None` if none answered.
 pub type FetchKeys =
@@ -217,75 +205,6 @@ impl Authority {
         self.config.users.iter().find(|u| u.name == name)
     }
 
-    /// Check a user's password: `Ok(Some(user))`, `Ok(None)` for wrong credentials, or 429
-    /// once the name has used up its failed attempts (or too many checks wait to run).
-    pub async fn login(&self, name: &str, password: &str) -> Result<Option<User>, ApiError> {
-        let too_many = |why: &str| {
-            ApiError::new(ErrorCode::TooManyRequests, format!("{why}; try again later"))
-                .with_header(header::RETRY_AFTER, axum::http::HeaderValue::from_static("60"))
-        };
-        let refuse_if_blocked = || {
-            if self.failures.blocked(name, Instant::now()) {
-                tracing::warn!(user = %name, "login refused: too many failed attempts");
-                return Err(too_many("too many failed logins"));
-            }
-            Ok(())
-        };
-        refuse_if_blocked()?;
-        let user = self.user(name).cloned();
-        let key: [u8; 32] = Sha256::digest(format!("{name}\0{password}").as_bytes()).into();
-        let cached = user.is_some() && {
-            let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            recent.get(&key).is_some_and(|at| at.elapsed() < LOGIN_CACHE_TTL)
-        };
-        // An unknown name is checked against a decoy argon2 hash, as slow as a wrong password,
-        // so response times do not tell which names exist.
-        let slow = !cached && user.as_ref().is_none_or(User::slow_hash);
-        let _permit = if slow {
-            let permit = tokio::time::timeout(PASSWORD_CHECK_WAIT, self.checks.clone().acquire_owned()).await;
-            let Ok(Ok(permit)) = permit else {
-                tracing::warn!(user = %name, "login refused: too many password checks waiting");
-                return Err(too_many("too many logins at once"));
-            };
-            // Failures of the checks that ran while this one waited count: concurrent guesses
-            // get no more checks than one after the other (give or take the checks at once).
-            refuse_if_blocked()?;
-            Some(permit)
-        } else {
-            None
-        };
-        let now = Instant::now();
-        let Some(user) = user else {
-            let decoy = decoy_user();
-            let p = password.to_string();
-            let _ = tokio::task::spawn_blocking(move || decoy.verify(&p)).await;
-            self.failures.failed(name, now);
-            return Ok(None);
-        };
-        let ok = if cached {
-            true
-        } else if slow {
-            let (u, p) = (user.clone(), password.to_string());
-            tokio::task::spawn_blocking(move || u.verify(&p)).await.unwrap_or(false)
-        } else {
-            user.verify(password)
-        };
-        if !ok {
-            self.failures.failed(name, now);
-            tracing::info!(user = %name, "failed login");
-            return Ok(None);
-        }
-        self.failures.succeeded(name);
-        if user.slow_hash() && !cached {
-            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            if recent.len() >= LOGIN_CACHE_MAX {
-                recent.clear();
-            }
-            recent.insert(key, Instant::now());
-        }
-        Ok(Some(user))
-    }
-
     /// The access a token for `principal` gets: what was asked, narrowed to what the rules allow.
     pub fn grant(&self, principal: &Principal, default: Access, scopes: &[Scope]) -> Vec<ResourceActions> {
         let mut out: Vec<ResourceActions> = Vec::new();
@@ -419,23 +338,6 @@ impl Authority {
     /// Wrap `routes` (the node API) with [`node_api_allows`](Self::node_api_allows).
     pub fn guard_node_api(self: &Arc<Self>, routes: Router) -> Router {
         routes.layer(axum::middleware::from_fn_with_state(self.clone(), node_api_guard))
-    }
-}
-
-/// A user with an argon2 hash of a random password: checked for unknown names.
-fn decoy_user() -> User {
-    static DECOY: OnceLock<Option<String>> = OnceLock::new();
-    let hash = DECOY.get_or_init(|| {
-        let mut secret = [0u8; 16];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).ok()?;
-        super::users::hash_password(&hex::encode(secret)).ok()
-    });
-    User {
-        name: String::new(),
-        password: None,
-        password_sha256: None,
-        password_argon2: hash.clone(),
-        access: Access::None,
     }
 }
 
@@ -598,6 +500,9 @@ async fn token_post(State(auth): State<Arc<Authority>>, body: Bytes) -> Response
         Err(e) => e.into_response(),
     }
 }
+
+mod login;
+pub use login::{MAX_PASSWORD_CHECKS, PASSWORD_CHECK_WAIT};
 
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,115 @@
+//! Basic logins: a user's password checked (argon2 on the blocking pool, at most
+//! [`MAX_PASSWORD_CHECKS`] at once; an unknown name against a decoy hash, as slow as a wrong
+//! password), failed attempts limited per name, successful argon2 checks remembered a while.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use axum::http::header;
+use sha2::{Digest as _, Sha256};
+
+use super::Authority;
+use crate::auth::rules::Access;
+use crate::auth::users::User;
+use crate::error::{ApiError, ErrorCode};
+
+/// How long a successful argon2 check is remembered, so a Basic client (which sends its
+/// password on every request) costs one slow hash per this period, not per request.
+const LOGIN_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Remembered logins at most (cleared when full).
+const LOGIN_CACHE_MAX: usize = 10_000;
+
+/// Slow password checks (argon2: about 19 MiB and tens of milliseconds each, on the blocking
+/// pool the storage also uses) running at once. Unbounded, a flood of logins under made-up
+/// names took gigabytes and stalled the origin's disk work.
+pub const MAX_PASSWORD_CHECKS: usize = 4;
+/// How long a login waits for a password check to start before it is answered 429.
+pub const PASSWORD_CHECK_WAIT: Duration = Duration::from_secs(5);
+
+impl Authority {
+    /// Check a user's password: `Ok(Some(user))`, `Ok(None)` for wrong credentials, or 429
+    /// once the name has used up its failed attempts (or too many checks wait to run).
+    pub async fn login(&self, name: &str, password: &str) -> Result<Option<User>, ApiError> {
+        let too_many = |why: &str| {
+            ApiError::new(ErrorCode::TooManyRequests, format!("{why}; try again later"))
+                .with_header(header::RETRY_AFTER, axum::http::HeaderValue::from_static("60"))
+        };
+        let refuse_if_blocked = || {
+            if self.failures.blocked(name, Instant::now()) {
+                tracing::warn!(user = %name, "login refused: too many failed attempts");
+                return Err(too_many("too many failed logins"));
+            }
+            Ok(())
+        };
+        refuse_if_blocked()?;
+        let user = self.user(name).cloned();
+        let key: [u8; 32] = Sha256::digest(format!("{name}\0{password}").as_bytes()).into();
+        let cached = user.is_some() && {
+            let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            recent.get(&key).is_some_and(|at| at.elapsed() < LOGIN_CACHE_TTL)
+        };
+        // An unknown name is checked against a decoy argon2 hash, as slow as a wrong password,
+        // so response times do not tell which names exist.
+        let slow = !cached && user.as_ref().is_none_or(User::slow_hash);
+        let _permit = if slow {
+            let permit = tokio::time::timeout(PASSWORD_CHECK_WAIT, self.checks.clone().acquire_owned()).await;
+            let Ok(Ok(permit)) = permit else {
+                tracing::warn!(user = %name, "login refused: too many password checks waiting");
+                return Err(too_many("too many logins at once"));
+            };
+            // Failures of the checks that ran while this one waited count: concurrent guesses
+            // get no more checks than one after the other (give or take the checks at once).
+            refuse_if_blocked()?;
+            Some(permit)
+        } else {
+            None
+        };
+        let now = Instant::now();
+        let Some(user) = user else {
+            let decoy = decoy_user();
+            let p = password.to_string();
+            let _ = tokio::task::spawn_blocking(move || decoy.verify(&p)).await;
+            self.failures.failed(name, now);
+            return Ok(None);
+        };
+        let ok = if cached {
+            true
+        } else if slow {
+            let (u, p) = (user.clone(), password.to_string());
+            tokio::task::spawn_blocking(move || u.verify(&p)).await.unwrap_or(false)
+        } else {
+            user.verify(password)
+        };
+        if !ok {
+            self.failures.failed(name, now);
+            tracing::info!(user = %name, "failed login");
+            return Ok(None);
+        }
+        self.failures.succeeded(name);
+        if user.slow_hash() && !cached {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.len() >= LOGIN_CACHE_MAX {
+                recent.clear();
+            }
+            recent.insert(key, Instant::now());
+        }
+        Ok(Some(user))
+    }
+}
+
+/// A user with an argon2 hash of a random password: checked for unknown names.
+fn decoy_user() -> User {
+    static DECOY: OnceLock<Option<String>> = OnceLock::new();
+    let hash = DECOY.get_or_init(|| {
+        let mut secret = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).ok()?;
+        crate::auth::users::hash_password(&hex::encode(secret)).ok()
+    });
+    User {
+        name: String::new(),
+        password: None,
+        password_sha256: None,
+        password_argon2: hash.clone(),
+        access: Access::None,
+    }
+}
