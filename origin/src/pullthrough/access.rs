@@ -1,0 +1,162 @@
+//! Who may read a mirrored repository: whether the upstream marked it private (a cluster
+//! record every origin reads), the calls to the upstream with the client's credentials for
+//! one that is, and the upstream's recent yes or no to those credentials ([`ACCESS_TTL`]).
+
+use super::*;
+
+/// How long an upstream's yes or no to a client's credentials for a repository is reused.
+pub const ACCESS_TTL: Duration = Duration::from_secs(60);
+/// Access decisions kept (cleared when full).
+const MAX_ACCESS_DECISIONS: usize = 10_000;
+
+impl PullThrough {
+    pub(super) fn denied(repo: &RepoName) -> StoreError {
+        StoreError::Denied(format!("{repo} mirrors an upstream registry and is read-only"))
+    }
+
+    /// Whether the upstream keeps `repo` private: known here, else the cluster's marker (a
+    /// repository found private through any origin is private through all, also after
+    /// restarts). Fails closed: a marker that cannot be read is an error, not "public".
+    pub(super) async fn is_private(&self, repo: &RepoName) -> Result<bool, StoreError> {
+        if lock(&self.private).contains_key(repo.as_str()) {
+            return Ok(true);
+        }
+        let marked = self.inner.marked_private(repo).await?;
+        if marked {
+            self.remember_private(repo);
+        }
+        Ok(marked)
+    }
+
+    pub(super) fn remember_private(&self, repo: &RepoName) {
+        let mut private = lock(&self.private);
+        if private.len() >= MAX_ACCESS_DECISIONS {
+            // Forgetting only costs a read of the cluster's marker.
+            private.clear();
+        }
+        private.insert(repo.as_str().to_string(), Instant::now());
+    }
+
+    pub(super) async fn mark_private(&self, repo: &RepoName) -> Result<(), StoreError> {
+        self.inner.mark_private(repo).await?;
+        self.remember_private(repo);
+        Ok(())
+    }
+
+    /// Call the upstream with the configured credentials (or none), then, if it refuses and
+    /// the client sent credentials, with the client's. A repository only the client's
+    /// credentials open is marked private.
+    pub(super) async fn call<T, F, Fut>(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        f: F,
+    ) -> Result<T, UpstreamError>
+    where
+        F: Fn(Option<Credentials>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, UpstreamError>>,
+    {
+        let client = client_credentials();
+        let private = match self.is_private(repo).await {
+            Ok(p) => p,
+            Err(e) => return Err(UpstreamError::Unavailable(format!("repository records: {e}"))),
+        };
+        if private {
+            let Some(creds) = client else {
+                return Err(UpstreamError::Unauthorized("this repository needs credentials".into()));
+            };
+            let result = f(Some(creds.clone())).await;
+            self.remember_access(repo, &creds, &result);
+            return result;
+        }
+        match f(None).await {
+            Err(UpstreamError::Unauthorized(why)) => match client {
+                Some(creds) => {
+                    let result = f(Some(creds.clone())).await;
+                    if result.is_ok() {
+                        tracing::info!(registry = up.registry(), %repo, "private upstream repository");
+                        if let Err(e) = self.mark_private(repo).await {
+                            // Not recorded: refuse rather than cache what could leak.
+                            return Err(UpstreamError::Unavailable(format!(
+                                "recording {repo} as private: {e}"
+                            )));
+                        }
+                    }
+                    self.remember_access(repo, &creds, &result);
+                    result
+                }
+                None => Err(UpstreamError::Unauthorized(why)),
+            },
+            other => other,
+        }
+    }
+
+    pub(super) fn remember_access<T>(
+        &self,
+        repo: &RepoName,
+        creds: &Credentials,
+        result: &Result<T, UpstreamError>,
+    ) {
+        let Some(allowed) = access_shown(result) else { return };
+        let mut access = lock(&self.access);
+        if access.len() >= MAX_ACCESS_DECISIONS {
+            access.clear();
+        }
+        access.insert((repo.as_str().to_string(), creds.fingerprint()), (Instant::now(), allowed));
+    }
+
+    /// Before serving cached content of a private repository: the client's credentials must
+    /// have been accepted by the upstream within [`ACCESS_TTL`] (asked now if not).
+    pub(super) async fn check_access(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        path: &str,
+        probe: &Digest,
+    ) -> Result<(), StoreError> {
+        if !self.is_private(repo).await? {
+            return Ok(());
+        }
+        let unauthorized = || StoreError::UpstreamUnauthorized { registry: up.registry().to_string() };
+        let creds = client_credentials().ok_or_else(unauthorized)?;
+        let key = (repo.as_str().to_string(), creds.fingerprint());
+        if let Some((at, allowed)) = lock(&self.access).get(&key).copied() {
+            if at.elapsed() < ACCESS_TTL {
+                return if allowed { Ok(()) } else { Err(unauthorized()) };
+            }
+        }
+        let result = up.blob_head(path, probe, Some(&creds)).await;
+        self.remember_access(repo, &creds, &result);
+        match result {
+            Ok(_) => Ok(()),
+            // Not found with these credentials is no proof of access: registries that hide
+            // private repositories answer 404 to users without it.
+            Err(e) => Err(store_error(up.registry(), e)),
+        }
+    }
+}
+
+/// What an upstream's answer to a client's credentials shows about their access to a private
+/// repository: allowed (an answer), refused (401), or nothing (a 404 proves nothing, since
+/// registries that hide private repositories answer it to users without access; nor does an
+/// outage).
+fn access_shown<T>(result: &Result<T, UpstreamError>) -> Option<bool> {
+    match result {
+        Ok(_) => Some(true),
+        Err(UpstreamError::Unauthorized(_)) => Some(false),
+        Err(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod access_tests {
+    use super::*;
+
+    #[test]
+    pub(super) fn only_an_answer_shows_access_to_a_private_repository() {
+        assert_eq!(access_shown(&Ok::<(), _>(())), Some(true));
+        assert_eq!(access_shown::<()>(&Err(UpstreamError::Unauthorized("no".into()))), Some(false));
+        assert_eq!(access_shown::<()>(&Err(UpstreamError::NotFound)), None, "a hiding registry's 404");
+        assert_eq!(access_shown::<()>(&Err(UpstreamError::Unavailable("down".into()))), None);
+    }
+}
