@@ -169,6 +169,7 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         metrics: ClusterMetrics::new(&metrics.registry)?,
         gc_lock: Default::default(),
         skews: Default::default(),
+        read_repairs: Default::default(),
     });
     membership.on_reply(shoal_origin::cluster::clock_sync::reply_hook(Arc::downgrade(&coordinator)));
     // Not ready, and no new copies, while the data disk is nearly full.

@@ -11,7 +11,7 @@ mod harness;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use shoal_origin::cluster::coordinator::Coordinator;
+use shoal_origin::cluster::coordinator::{Coordinator, MAX_READ_REPAIRS};
 use shoal_origin::cluster::gc::{GcError, GcSettings, READ_TO_WRITE_DEADLINE};
 use shoal_origin::cluster::node::Node;
 use shoal_origin::cluster::record::{now_millis, Record, RecordKey, RecordKind, RecordValue, Version};
@@ -63,6 +63,68 @@ async fn reads_return_the_newest_tag_and_repair_the_stale_owner() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("the stale owner was not repaired");
+}
+
+/// An owner whose applies hang: reads that find it stale start one repair for it per
+/// repository, and at most `MAX_READ_REPAIRS` in all, however many reads there are; once it
+/// answers, the repairs end and the owner holds the newest records.
+#[tokio::test]
+async fn read_repairs_are_one_per_owner_and_repository_and_capped() {
+    let (world, cs) = world().await;
+    let target = |c: char| -> Digest { format!("sha256:{}", c.to_string().repeat(64)).parse().unwrap() };
+    let record = |millis, d| Record {
+        key: RecordKey::Tag("latest".into()),
+        version: Version::new(millis, "o0:5000"),
+        value: Some(RecordValue::Tag { digest: d }),
+        expect: None,
+    };
+    let key = [RecordKey::Tag("latest".into())];
+    let repos: Vec<String> = (0..3 * MAX_READ_REPAIRS).map(|i| format!("team/app{i}")).collect();
+    let mut stale_owners = Vec::new();
+    for repo in &repos {
+        let repo_owners: Vec<String> = owners(repo).into_iter().collect();
+        world.nodes[&repo_owners[0]].inner.records_apply(repo, &[record(20, target('b'))]).await.unwrap();
+        world.nodes[&repo_owners[1]].inner.records_apply(repo, &[record(10, target('a'))]).await.unwrap();
+        stale_owners.push(repo_owners[1].clone());
+    }
+    let (_reached, open) = hold_every(&world, GateOn::TagApply);
+    let applies =
+        || world.nodes.values().map(|n| n.applies.load(std::sync::atomic::Ordering::SeqCst)).sum::<u64>();
+    for _ in 0..200 {
+        let got = cs[0].read_records(&repos[0], &key).await.unwrap();
+        assert_eq!(got[0].as_ref().and_then(|r| r.tag_target()), Some(&target('b')));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(applies(), 1, "200 reads of one stale repository started one repair");
+    for repo in &repos {
+        cs[0].read_records(repo, &key).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(applies() as usize, MAX_READ_REPAIRS, "the cap holds across repositories");
+    assert_eq!(cs[0].read_repairs.running(), MAX_READ_REPAIRS);
+
+    open.send(true).unwrap();
+    for _ in 0..200 {
+        if cs[0].read_repairs.running() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(cs[0].read_repairs.running(), 0, "finished repairs leave the set");
+    // Later reads repair the rest.
+    for repo in &repos {
+        cs[0].read_records(repo, &key).await.unwrap();
+        for _ in 0..100 {
+            if cs[0].read_repairs.running() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    for (repo, stale) in repos.iter().zip(&stale_owners) {
+        let now = world.nodes[stale].inner.records_get(repo, &key).await.unwrap();
+        assert_eq!(now[0].as_ref().and_then(|r| r.tag_target()), Some(&target('b')), "{repo} on {stale}");
+    }
 }
 
 #[tokio::test]

@@ -4,9 +4,9 @@
 //! rightful owner is queued for repair. Reads merge the owners' answers, newest version wins,
 //! and push the winner back to owners that were stale (read repair).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures_util::future::join_all;
 use shoal_registry::range::ByteRange;
@@ -55,6 +55,49 @@ pub struct Coordinator {
     pub gc_lock: crate::cluster::gc::GcLock,
     /// The other origins' clocks, as measured from their health replies.
     pub skews: Skews,
+    /// Read repairs running in the background.
+    pub read_repairs: Arc<ReadRepairs>,
+}
+
+/// Read repairs that may run at once. A read that finds a stale owner while this many run
+/// leaves it to the repair pass and to the next read of the same records.
+pub const MAX_READ_REPAIRS: usize = 32;
+
+/// The read repairs in flight, at most [`MAX_READ_REPAIRS`] and one per origin and
+/// repository: an owner that keeps failing the apply (or answers slowly) would otherwise
+/// collect one background task per read of its stale records.
+#[derive(Debug, Default)]
+pub struct ReadRepairs {
+    running: Mutex<HashSet<(String, String)>>,
+}
+
+/// One running read repair; it leaves the set when dropped.
+struct RepairSlot {
+    repairs: Arc<ReadRepairs>,
+    key: (String, String),
+}
+
+impl ReadRepairs {
+    /// A slot for repairing `repo` on `origin`, unless one runs already or the cap is reached.
+    fn claim(self: &Arc<Self>, origin: &str, repo: &str) -> Option<RepairSlot> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if running.len() >= MAX_READ_REPAIRS {
+            return None;
+        }
+        let key = (origin.to_string(), repo.to_string());
+        running.insert(key.clone()).then(|| RepairSlot { repairs: self.clone(), key })
+    }
+
+    /// How many run now.
+    pub fn running(&self) -> usize {
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Drop for RepairSlot {
+    fn drop(&mut self) {
+        self.repairs.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+    }
 }
 
 fn unavailable(what: &str, why: Option<String>) -> StoreError {
@@ -466,7 +509,8 @@ impl Coordinator {
         join_all(calls).await
     }
 
-    /// Send the winning copies to owners whose answer was older or missing (best effort).
+    /// Send the winning copies to owners whose answer was older or missing (best effort, in
+    /// the background, within [`ReadRepairs`]' limits).
     fn repair_on_read(
         &self,
         repo: &str,
@@ -487,9 +531,14 @@ impl Coordinator {
                 continue;
             }
             let Some(node) = self.node(id) else { continue };
+            let Some(slot) = self.read_repairs.claim(id, repo) else {
+                tracing::debug!(origin = %id, %repo, "read repair skipped: one runs already, or too many do");
+                continue;
+            };
             let repo = repo.to_string();
             tracing::info!(origin = %id, %repo, records = stale.len(), "read repair");
             tokio::spawn(async move {
+                let _slot = slot;
                 if let Err(e) = node.records_apply(&repo, &stale).await {
                     tracing::warn!(%repo, error = %e, "read repair failed");
                 }

@@ -57,6 +57,7 @@ impl ClusterStore {
             metrics,
             gc_lock: Default::default(),
             skews: Default::default(),
+            read_repairs: Default::default(),
         })))
     }
 

@@ -38,6 +38,8 @@ pub(crate) struct Switchable {
     /// Holds one call (the first that matches, on any member) back until the test has done
     /// something in the middle of it; shared by all members.
     pub(crate) gate: Arc<Mutex<Option<Gate>>>,
+    /// Calls of `records_apply` that reached this member.
+    pub(crate) applies: AtomicU64,
 }
 
 /// The calls a [`Gate`] stops.
@@ -167,6 +169,7 @@ impl Node for Switchable {
     }
     async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<(), NodeError> {
         self.check()?;
+        self.applies.fetch_add(1, Ordering::SeqCst);
         let wall = now_millis().saturating_sub(self.clock_behind_ms.load(Ordering::SeqCst));
         if records.iter().any(|r| r.version.millis > wall + MAX_CLOCK_AHEAD.as_millis() as u64) {
             return Err(NodeError::ClockRefused {
@@ -263,6 +266,7 @@ pub(crate) async fn world() -> (Arc<World>, Vec<Arc<Coordinator>>) {
                 failing_manifest_scans: AtomicBool::new(false),
                 clock_behind_ms: AtomicU64::new(0),
                 gate: gate.clone(),
+                applies: AtomicU64::new(0),
             }),
         );
         locals.push(local);
@@ -287,6 +291,7 @@ pub(crate) async fn world() -> (Arc<World>, Vec<Arc<Coordinator>>) {
                 metrics: ClusterMetrics::unregistered().unwrap(),
                 gc_lock: Default::default(),
                 skews: Default::default(),
+                read_repairs: Default::default(),
             })
         })
         .collect();
