@@ -888,6 +888,13 @@ mod tests {
         let ids: Vec<String> = m.members().into_iter().map(|i| i.id).collect();
         assert_eq!(ids, vec![me.to_string(), "origin-1.origin.test:5001".to_string()]);
         assert_eq!(m.live(), ids);
+        let local =
+            crate::cluster::remote::RemoteNode::new(me.into(), url_of(me), None, Duration::from_secs(1))
+                .expect("client");
+        use crate::cluster::topology::{MemberTopology, Topology};
+        let topology = MemberTopology::new(m.clone(), Arc::new(local), None, Duration::from_secs(1));
+        assert!(topology.node("origin-1.origin.test:5001").is_some());
+        assert_eq!(topology.clients(), vec!["origin-1.origin.test:5001".to_string()]);
 
         let mut changes = m.changes();
         changes.borrow_and_update();
@@ -897,5 +904,9 @@ mod tests {
         assert!(changes.has_changed().expect("alive"));
         assert_eq!(m.live(), vec![me.to_string(), "origin-2.origin.test:5000".to_string()]);
         assert_eq!(m.url("origin-1.origin.test:5001"), None);
+        // The departed member's client goes with it.
+        assert!(topology.node("origin-1.origin.test:5001").is_none());
+        assert!(topology.node("origin-2.origin.test:5000").is_some());
+        assert_eq!(topology.clients(), vec!["origin-2.origin.test:5000".to_string()]);
     }
 }

@@ -58,13 +58,22 @@ impl Topology for SingleTopology {
 }
 
 /// The cluster as membership sees it: live origins from health checks, each reached over the
-/// internal API through a client created on first use.
+/// internal API through a client created on first use and dropped once its origin leaves the
+/// member list (or its address changes).
 pub struct MemberTopology {
     membership: Arc<crate::cluster::membership::Membership>,
     local: Arc<dyn Node>,
     secret: Option<String>,
     call_timeout: std::time::Duration,
-    remotes: std::sync::Mutex<std::collections::HashMap<String, Arc<dyn Node>>>,
+    remotes: std::sync::Mutex<Remotes>,
+}
+
+/// The clients of other origins, as of one membership generation.
+#[derive(Default)]
+struct Remotes {
+    generation: u64,
+    /// By origin id: the base URL the client was made for, and the client.
+    nodes: std::collections::HashMap<String, (String, Arc<dyn Node>)>,
 }
 
 impl MemberTopology {
@@ -79,6 +88,14 @@ impl MemberTopology {
 
     pub fn membership(&self) -> &Arc<crate::cluster::membership::Membership> {
         &self.membership
+    }
+
+    /// The origins this topology holds a client for, sorted.
+    pub fn clients(&self) -> Vec<String> {
+        let remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ids: Vec<String> = remotes.nodes.keys().cloned().collect();
+        ids.sort();
+        ids
     }
 }
 
@@ -104,20 +121,28 @@ impl Topology for MemberTopology {
             return Some(self.local.clone());
         }
         let url = self.membership.url(id)?;
+        let generation = self.generation();
         let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(node) = remotes.get(id) {
-            return Some(node.clone());
+        if remotes.generation != generation {
+            let membership = &self.membership;
+            remotes.nodes.retain(|id, (url, _)| membership.url(id).as_deref() == Some(url.as_str()));
+            remotes.generation = generation;
+        }
+        if let Some((made_for, node)) = remotes.nodes.get(id) {
+            if *made_for == url {
+                return Some(node.clone());
+            }
         }
         let node = crate::cluster::remote::RemoteNode::new(
             id.to_string(),
-            url,
+            url.clone(),
             self.secret.clone(),
             self.call_timeout,
         )
         .map_err(|e| tracing::warn!(origin = %id, error = %e, "cannot build a client"))
         .ok()?;
         let node: Arc<dyn Node> = Arc::new(node);
-        remotes.insert(id.to_string(), node.clone());
+        remotes.nodes.insert(id.to_string(), (url, node.clone()));
         Some(node)
     }
 
