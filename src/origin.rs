@@ -205,7 +205,11 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
     }
     let registry =
         Arc::new(pull_through(&config, &coordinator, &membership, &metrics, cluster.call_timeout)?);
-    let forwarder = crate::origin_forward::Forwarder::new(membership.clone(), cluster.call_timeout)?;
+    let forwarder = crate::origin_forward::Forwarder::new(
+        membership.clone(),
+        cluster.call_timeout,
+        config.limits.body_idle_timeout,
+    )?;
     let gate = shoal_registry::auth::AuthGate(authority.clone());
     let credentials =
         axum::middleware::from_fn_with_state(authority.enabled(), pullthrough::routes::pass_credentials);

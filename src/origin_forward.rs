@@ -2,6 +2,8 @@
 //! but behind a load balancer a client's next PATCH or PUT may reach another origin. The
 //! session id names its home origin, so this layer forwards such requests there, unchanged
 //! (credentials included), and streams the answer back. Requests are forwarded at most once.
+//! A home that stops reading the body, or gives no answer within the commit timeout of the
+//! body's end, fails the request with 503 (an upload watchdog, as for copies between origins).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +15,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
 use shoal_origin::cluster::membership::Membership;
+use shoal_origin::cluster::remote::commit_timeout;
+use shoal_origin::upload_watch;
 
 /// Marks a forwarded request so it is never forwarded again.
 const FORWARDED: HeaderName = HeaderName::from_static("x-shoal-forwarded-by");
@@ -25,14 +29,29 @@ const HOP_BY_HOP: [&str; 5] = ["connection", "host", "keep-alive", "transfer-enc
 pub struct Forwarder {
     membership: Arc<Membership>,
     client: reqwest::Client,
+    /// Longest time the home may take no body chunk (the client's own pauses included).
+    idle: Duration,
+    /// Longest wait for the home's answer after the body's end.
+    commit: Duration,
 }
 
 impl Forwarder {
     /// The client only bounds connecting: an upload body may stream for as long as the
-    /// client keeps sending, exactly as it could to the home origin itself.
-    pub fn new(membership: Arc<Membership>, connect_timeout: Duration) -> anyhow::Result<Forwarder> {
-        let client = shoal_tls::http_client().connect_timeout(connect_timeout).build()?;
-        Ok(Forwarder { membership, client })
+    /// client keeps sending, exactly as it could to the home origin itself. `body_idle` is
+    /// the longest pause this origin's server allows a client's body; the home gets that
+    /// plus `call_timeout` to take each chunk, and [`commit_timeout`] to answer.
+    pub fn new(
+        membership: Arc<Membership>,
+        call_timeout: Duration,
+        body_idle: Duration,
+    ) -> anyhow::Result<Forwarder> {
+        let client = shoal_tls::http_client().connect_timeout(call_timeout).build()?;
+        Ok(Forwarder {
+            membership,
+            client,
+            idle: body_idle + call_timeout,
+            commit: commit_timeout(call_timeout),
+        })
     }
 
     /// The base URL of the live origin, other than this one, that holds the session `path`
@@ -47,7 +66,7 @@ impl Forwarder {
         self.membership.url(&home)
     }
 
-    async fn forward(&self, base: &str, req: Request) -> Result<Response, reqwest::Error> {
+    async fn forward(&self, base: &str, req: Request) -> anyhow::Result<Response> {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let mut out = self.client.request(parts.method.clone(), format!("{base}{path}"));
@@ -59,8 +78,9 @@ impl Forwarder {
         if let Ok(me) = HeaderValue::from_str(self.membership.me()) {
             out = out.header(FORWARDED, me);
         }
-        let stream = body.into_data_stream().map_err(std::io::Error::other);
-        let answer = out.body(reqwest::Body::wrap_stream(stream)).send().await?;
+        let (stream, watch) = upload_watch::watch(body.into_data_stream().map_err(std::io::Error::other));
+        let send = out.body(reqwest::Body::wrap_stream(stream)).send();
+        let answer = watch.run(send, self.idle, self.commit).await.map_err(anyhow::Error::msg)??;
         let mut response = Response::builder().status(answer.status());
         for (name, value) in answer.headers() {
             if !HOP_BY_HOP.contains(&name.as_str()) && name != reqwest::header::CONTENT_LENGTH {
@@ -83,7 +103,7 @@ pub async fn forward_uploads(State(f): State<Forwarder>, req: Request, next: Nex
         Err(e) => {
             tracing::warn!(home = %base, error = %e, "forwarding an upload request failed");
             let body = serde_json::json!({"errors": [{"code": "UNKNOWN",
-                "message": format!("the origin holding this upload session is unreachable: {e}")}]});
+                "message": format!("the origin holding this upload session is unreachable: {e:#}")}]});
             (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
         }
     }

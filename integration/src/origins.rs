@@ -466,6 +466,17 @@ impl OriginCluster {
         }
     }
 
+    /// SIGSTOP (`hang = true`) or SIGCONT origin `i`: a process that is hung, not dead (its
+    /// sockets accept and buffer, nothing answers).
+    pub fn hang(&self, i: usize, hang: bool) {
+        let Some(child) = &self.nodes[i].child else { return };
+        let pid = libc::pid_t::try_from(child.id()).expect("a pid fits pid_t");
+        let signal = if hang { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) has no memory effects; `pid` is our own child, not yet reaped.
+        let sent = unsafe { libc::kill(pid, signal) };
+        assert_eq!(sent, 0, "could not signal origin {i} (pid {pid})");
+    }
+
     /// SIGTERM origin `i` and wait until it has exited (a graceful shutdown). Fails the test
     /// if it is still running after 30 s.
     pub async fn stop(&mut self, i: usize) {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shoal_integration::api::SendExt;
+use shoal_integration::api::{parse_upload_range, SendExt};
 use shoal_integration::oci::{self, Blob};
 use shoal_integration::origins::{
     random_size, try_pull_blob, try_pull_image, try_push_blob, try_push_image, try_put_manifest, ClusterSpec,
@@ -613,6 +613,65 @@ async fn upload_session_spans_origins() {
     }
     // The session is gone once committed, whichever origin is asked.
     cluster.client(1).upload_status(&location).await.expect(StatusCode::NOT_FOUND);
+}
+
+/// An upload request forwarded to a session's home origin that hangs (SIGSTOP: its socket
+/// accepts and buffers, nothing reads or answers) fails with 503 once the home stops taking
+/// the body, instead of holding the client for good; once the home is back, the session
+/// resumes from the offset it reports and the blob is whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forwarded_upload_to_a_hung_home_fails_and_the_session_resumes() {
+    skip_if_external!(SKIP);
+    let spec =
+        ClusterSpec::new(3).cluster("call_timeout = \"1s\"").config("[limits]\nbody_idle_timeout = \"2s\"");
+    let cluster = OriginCluster::start_cluster(spec).await;
+    let repo = unique_repo("hung-home");
+    let data = random_bytes(64 * MIB);
+    let digest = sha256(&data);
+    let absolute = cluster.client(0).start_upload(&repo).await;
+    let location = absolute.strip_prefix(&cluster.url(0)).unwrap_or(&absolute).to_string();
+
+    cluster.hang(0, true);
+    let started = std::time::Instant::now();
+    let patch = tokio::time::timeout(
+        Duration::from_secs(30),
+        cluster
+            .client(1)
+            .patch(&location)
+            .header("content-type", "application/octet-stream")
+            .header("content-range", format!("0-{}", data.len() - 1))
+            .body(data.clone())
+            .try_reply(),
+    )
+    .await;
+    let took = started.elapsed();
+    cluster.hang(0, false);
+    match patch {
+        Err(_) => cluster.fail("the PATCH forwarded to the hung home got no answer in 30 s"),
+        Ok(Ok(reply)) => {
+            reply.expect(StatusCode::SERVICE_UNAVAILABLE);
+            println!("forwarded PATCH to a hung home: 503 after {took:?}");
+        }
+        // The origin may close the client's connection while it still sends the body.
+        Ok(Err(why)) => println!("forwarded PATCH to a hung home: connection ended after {took:?}: {why}"),
+    }
+    assert!(took < Duration::from_secs(20), "the forwarder gave up after {took:?}");
+
+    cluster.wait_converged().await;
+    let status = cluster.client(0).upload_status(&location).await;
+    status.expect(StatusCode::NO_CONTENT);
+    // `0-0` is read as nothing received: the home takes the body in chunks far above a byte.
+    let end = parse_upload_range(status.must_header("range")).expect("a 0-<end> range") as usize;
+    let offset = if end == 0 { 0 } else { end + 1 };
+    println!("the home holds {offset} of {} bytes of the session", data.len());
+    if offset < data.len() {
+        cluster.client(0).patch_chunk(&location, offset, &data[offset..]).await.expect(StatusCode::ACCEPTED);
+    }
+    cluster.client(0).finish_upload(&location, &digest, &[]).await.expect(StatusCode::CREATED);
+    for origin in [0, 1, 2] {
+        let result = try_pull_blob(&cluster.client(origin), &repo, &digest).await;
+        cluster.check(result, &format!("blob through origin {origin}"));
+    }
 }
 
 /// libfaketime, which shifts one process's wall clock (Debian package `faketime`).

@@ -8,6 +8,7 @@ pub mod pullthrough;
 mod recovery;
 mod seeding;
 mod store;
+pub mod upload_watch;
 mod uploads;
 
 pub use layout::Layout;

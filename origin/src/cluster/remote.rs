@@ -5,20 +5,15 @@
 //! - small calls have a total timeout (`call_timeout`);
 //! - blob reads have a connect timeout and a per-read timeout, but no total one, since a large
 //!   blob may take long yet must never stall;
-//! - blob writes have a connect timeout and a watchdog: the upload fails when no body chunk is
-//!   taken for `call_timeout`, or when no answer arrives within [`commit_timeout`] of the last
-//!   byte. (reqwest's `read_timeout` cannot serve here: its first timer runs from the start of
-//!   the request until the answer's head, so it would cut off any upload slower than it.)
+//! - blob writes have a connect timeout and a watchdog ([`crate::upload_watch`]): the upload
+//!   fails when no body chunk is taken for `call_timeout`, or when no answer arrives within
+//!   [`commit_timeout`] of the last byte.
 
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use futures_util::{Stream, TryStreamExt};
+use futures_util::TryStreamExt;
 use reqwest::header::{self, HeaderValue};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
@@ -233,61 +228,6 @@ fn io_error(e: reqwest::Error) -> std::io::Error {
     std::io::Error::new(kind, error_chain(&e))
 }
 
-/// When an upload last made progress, shared between its body stream and its watchdog.
-struct Progress {
-    start: Instant,
-    /// Milliseconds since `start` of the last chunk handed to the connection.
-    last_ms: AtomicU64,
-    /// Milliseconds since `start` (plus one) when the body ended; 0 while it runs.
-    done_ms: AtomicU64,
-}
-
-impl Progress {
-    fn new() -> Progress {
-        Progress { start: Instant::now(), last_ms: AtomicU64::new(0), done_ms: AtomicU64::new(0) }
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
-    }
-
-    /// Why the upload should be given up, if it should.
-    fn stalled(&self, idle: Duration, commit: Duration) -> Option<String> {
-        let now = self.now_ms();
-        match self.done_ms.load(Ordering::Relaxed) {
-            0 if now.saturating_sub(self.last_ms.load(Ordering::Relaxed)) > idle.as_millis() as u64 => {
-                Some(format!("upload made no progress for {idle:?}"))
-            }
-            0 => None,
-            done if now.saturating_sub(done - 1) > commit.as_millis() as u64 => {
-                Some(format!("no answer within {commit:?} of the upload's end"))
-            }
-            _ => None,
-        }
-    }
-}
-
-/// A body stream that reports its progress to a watchdog.
-struct Watched {
-    inner: ByteStream,
-    progress: Arc<Progress>,
-}
-
-impl Stream for Watched {
-    type Item = Result<Bytes, std::io::Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let polled = self.inner.as_mut().poll_next(cx);
-        let p = &self.progress;
-        match &polled {
-            Poll::Ready(Some(_)) => p.last_ms.store(p.now_ms(), Ordering::Relaxed),
-            Poll::Ready(None) => p.done_ms.store(p.now_ms() + 1, Ordering::Relaxed),
-            Poll::Pending => {}
-        }
-        polled
-    }
-}
-
 #[async_trait]
 impl Node for RemoteNode {
     fn id(&self) -> &str {
@@ -329,27 +269,15 @@ impl Node for RemoteNode {
     }
 
     async fn blob_put(&self, digest: &Digest, size: u64, body: ByteStream) -> Result<(), NodeError> {
-        let progress = Arc::new(Progress::new());
-        let watched = Watched { inner: body, progress: progress.clone() };
+        let (watched, watch) = crate::upload_watch::watch(body);
         let rb = self
             .request(&self.upload, Method::PUT, &blob_path(digest))
             .header(header::CONTENT_LENGTH, size)
             .header(header::CONTENT_TYPE, "application/octet-stream")
             .body(reqwest::Body::wrap_stream(watched));
-        let send = self.send(rb);
-        tokio::pin!(send);
         let (idle, commit) = (self.call_timeout, commit_timeout(self.call_timeout));
-        let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(10)));
-        let resp = loop {
-            tokio::select! {
-                resp = &mut send => break resp?,
-                _ = tick.tick() => {
-                    if let Some(reason) = progress.stalled(idle, commit) {
-                        return Err(self.unreachable(reason));
-                    }
-                }
-            }
-        };
+        let resp =
+            watch.run(self.send(rb), idle, commit).await.map_err(|reason| self.unreachable(reason))??;
         match resp.status() {
             StatusCode::CREATED | StatusCode::OK | StatusCode::NO_CONTENT => Ok(()),
             StatusCode::BAD_REQUEST => Err(NodeError::Corrupt(digest.clone())),
@@ -494,6 +422,7 @@ impl Node for RemoteNode {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+    use std::time::Instant;
 
     use futures_util::StreamExt;
     use shoal_registry::Algorithm;
