@@ -1,6 +1,9 @@
 //! Basic logins: a user's password checked (argon2 on the blocking pool, at most
-//! [`MAX_PASSWORD_CHECKS`] at once; an unknown name against a decoy hash, as slow as a wrong
-//! password), failed attempts limited per name, successful argon2 checks remembered a while.
+//! [`MAX_PASSWORD_CHECKS`] at once), failed attempts limited per name, successful checks
+//! remembered a while. Every check that is not remembered costs one argon2 hash, whatever
+//! the name: an unknown name is checked against a decoy hash, and a user with a SHA-256 or
+//! plain password pays the decoy's hash besides the quick comparison, so response times do
+//! not tell which names exist.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -13,8 +16,8 @@ use crate::auth::rules::Access;
 use crate::auth::users::User;
 use crate::error::{ApiError, ErrorCode};
 
-/// How long a successful argon2 check is remembered, so a Basic client (which sends its
-/// password on every request) costs one slow hash per this period, not per request.
+/// How long a successful check is remembered, so a Basic client (which sends its password on
+/// every request) costs one slow hash per this period, not per request.
 const LOGIN_CACHE_TTL: Duration = Duration::from_secs(60);
 /// Remembered logins at most (cleared when full).
 const LOGIN_CACHE_MAX: usize = 10_000;
@@ -48,9 +51,7 @@ impl Authority {
             let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             recent.get(&key).is_some_and(|at| at.elapsed() < LOGIN_CACHE_TTL)
         };
-        // An unknown name is checked against a decoy argon2 hash, as slow as a wrong password,
-        // so response times do not tell which names exist.
-        let slow = !cached && user.as_ref().is_none_or(User::slow_hash);
+        let slow = !cached;
         let _permit = if slow {
             let permit = tokio::time::timeout(PASSWORD_CHECK_WAIT, self.checks.clone().acquire_owned()).await;
             let Ok(Ok(permit)) = permit else {
@@ -72,13 +73,9 @@ impl Authority {
             self.failures.failed(name, now);
             return Ok(None);
         };
-        let ok = if cached {
-            true
-        } else if slow {
+        let ok = cached || {
             let (u, p) = (user.clone(), password.to_string());
-            tokio::task::spawn_blocking(move || u.verify(&p)).await.unwrap_or(false)
-        } else {
-            user.verify(password)
+            tokio::task::spawn_blocking(move || check_evenly(&u, &p)).await.unwrap_or(false)
         };
         if !ok {
             self.failures.failed(name, now);
@@ -86,7 +83,7 @@ impl Authority {
             return Ok(None);
         }
         self.failures.succeeded(name);
-        if user.slow_hash() && !cached {
+        if !cached {
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             if recent.len() >= LOGIN_CACHE_MAX {
                 recent.clear();
@@ -95,6 +92,15 @@ impl Authority {
         }
         Ok(Some(user))
     }
+}
+
+/// `user`'s password check at the price of an argon2 hash: a quick (SHA-256 or plain) one pays
+/// the decoy's hash too, as an unknown name does.
+fn check_evenly(user: &User, password: &str) -> bool {
+    if !user.slow_hash() {
+        let _ = decoy_user().verify(password);
+    }
+    user.verify(password)
 }
 
 /// A user with an argon2 hash of a random password: checked for unknown names.

@@ -133,6 +133,42 @@ async fn failed_logins_are_rate_limited() {
     assert!(a.login("ci", "c").await.unwrap().is_some());
 }
 
+/// A wrong password for a user with a SHA-256 password takes about as long as one for a name
+/// that does not exist (which is checked against an argon2 decoy): the times do not tell the
+/// names. Before, the SHA-256 user's answer came thousands of times sooner.
+#[tokio::test]
+async fn a_quick_hash_user_answers_as_slowly_as_an_unknown_name() {
+    let dir = tempfile_dir::Dir::new();
+    let mut cfg = config();
+    cfg.users[0].password = None;
+    cfg.users[0].password_sha256 = Some(crate::auth::users::sha256_hex("right"));
+    cfg.login_failures = 100;
+    let a = Authority::new(cfg, &dir.0, None).unwrap();
+    let time = |name: &'static str| {
+        let a = &a;
+        async move {
+            let started = Instant::now();
+            assert!(a.login(name, "wrong").await.unwrap().is_none());
+            started.elapsed()
+        }
+    };
+    let (mut known, mut unknown) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        known.push(time("alice").await);
+        unknown.push(time("nobody").await);
+    }
+    let (known, unknown) = (known.iter().min().unwrap(), unknown.iter().min().unwrap());
+    assert!(
+        known.as_secs_f64() > 0.3 * unknown.as_secs_f64(),
+        "a SHA-256 user {known:?}, an unknown name {unknown:?}"
+    );
+    // The right password still logs in, and is then remembered.
+    assert!(a.login("alice", "right").await.unwrap().is_some());
+    let started = Instant::now();
+    assert!(a.login("alice", "right").await.unwrap().is_some());
+    assert!(started.elapsed() < *unknown / 10, "a remembered login is quick: {:?}", started.elapsed());
+}
+
 /// A burst of concurrent wrong guesses for one name gets about as many password checks as
 /// guesses one after the other would (the failure limit, plus the checks that run at once:
 /// every slow check, a made-up name's decoy too, takes one of `MAX_PASSWORD_CHECKS`). Before,
