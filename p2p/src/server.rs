@@ -1,7 +1,7 @@
 //! The peer server: answers other peers' requests for pieces of the blobs this node holds
 //! (complete or still downloading) and tells them about new pieces as they arrive.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -243,6 +243,10 @@ impl PeerServer {
         let haves_timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(haves_timer);
         let mut queue: VecDeque<u32> = VecDeque::new();
+        // Queued requests whose egress admission was given back while a send to this peer
+        // was slow: admitted again (or declined) when their turn comes.
+        let mut unadmitted: HashSet<u32> = HashSet::new();
+        let piece_len = |index: u32| pieces.metainfo().piece_len(index).unwrap_or(0);
         // This connection's place in the line for a send slot, and its turn once it has one.
         let mut waiting: Option<TurnWait> = None;
         let mut turn: Option<OwnedSemaphorePermit> = None;
@@ -290,7 +294,7 @@ impl PeerServer {
                         if queue.contains(&index) {
                             continue;
                         }
-                        let len = pieces.metainfo().piece_len(index).unwrap_or(0);
+                        let len = piece_len(index);
                         if !self.egress.admit(len, MAX_EGRESS_WAIT) {
                             if let Err(e) = sink.send(Message::Cancel(index)).await {
                                 break Err(e.to_string());
@@ -302,8 +306,8 @@ impl PeerServer {
                     Some(Message::Cancel(index)) => {
                         let before = queue.len();
                         queue.retain(|&i| i != index);
-                        if queue.len() < before {
-                            self.egress.release(pieces.metainfo().piece_len(index).unwrap_or(0));
+                        if queue.len() < before && !unadmitted.remove(&index) {
+                            self.egress.release(piece_len(index));
                         }
                     }
                     Some(Message::Have(index)) => {
@@ -367,7 +371,13 @@ impl PeerServer {
                             None => continue,
                         },
                     };
-                    self.egress.release(pieces.metainfo().piece_len(index).unwrap_or(0));
+                    if unadmitted.remove(&index) && !self.egress.admit(piece_len(index), MAX_EGRESS_WAIT) {
+                        if let Err(e) = sink.send(Message::Cancel(index)).await {
+                            break Err(e.to_string());
+                        }
+                        continue;
+                    }
+                    self.egress.release(piece_len(index));
                     if !pieces.has(index) {
                         let _ = sink.send(error(ERROR_PROTOCOL, "piece not held")).await;
                         continue;
@@ -381,7 +391,7 @@ impl PeerServer {
                         }
                         continue;
                     }
-                    let len = pieces.metainfo().piece_len(index).unwrap_or(0);
+                    let len = piece_len(index);
                     if let Err(e) = acquire_egress(&self.egress, len, &mut sink).await {
                         break Err(e.to_string());
                     }
@@ -401,17 +411,25 @@ impl PeerServer {
                     let sent = {
                         let send = sink.send(Message::Piece { index, data });
                         tokio::pin!(send);
-                        // The send holds its piece's limit and its upload slot for `SEND_HOLD`
-                        // at most: a peer that reads slowly (or not at all) keeps neither from
-                        // the others for the minute its send may take.
+                        // The send holds its piece's limit, its upload slot and the egress
+                        // admission of the requests queued behind it for `SEND_HOLD` at most: a
+                        // peer that reads slowly (or not at all) keeps none of them from the
+                        // others for the minute its send may take.
                         let hold = tokio::time::sleep(SEND_HOLD);
                         tokio::pin!(hold);
+                        let mut holding = true;
                         loop {
                             tokio::select! {
                                 sent = &mut send => break sent,
-                                _ = &mut hold, if piece_send.is_some() || held_turn.is_some() => {
+                                _ = &mut hold, if holding => {
+                                    holding = false;
                                     piece_send = None;
                                     held_turn = None;
+                                    for &queued in &queue {
+                                        if unadmitted.insert(queued) {
+                                            self.egress.release(piece_len(queued));
+                                        }
+                                    }
                                 }
                             }
                         }
@@ -435,7 +453,9 @@ impl PeerServer {
         };
         reader.abort();
         for index in queue {
-            self.egress.release(pieces.metainfo().piece_len(index).unwrap_or(0));
+            if !unadmitted.contains(&index) {
+                self.egress.release(piece_len(index));
+            }
         }
         result
     }

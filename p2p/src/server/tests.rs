@@ -380,6 +380,50 @@ async fn a_peer_that_stops_reading_gives_its_send_slot_back() {
     serving.abort();
 }
 
+/// With an egress limit, a peer that queues requests and then reads nothing keeps their
+/// admission for `SEND_HOLD` at most: another peer's requests made after that are all taken
+/// and served, not declined as if the node's two seconds of sending were promised.
+#[tokio::test]
+async fn a_peer_that_stops_reading_gives_its_egress_admission_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (meta, seeded) = seeded_large(&dir);
+    let len = meta.piece_len(0).unwrap();
+    assert!(meta.piece_count() >= 16);
+    // Four pieces a second: the limit admits two seconds' worth, eight pieces.
+    let egress = Arc::new(RateLimiter::new(Some(4 * len), len));
+    // The one send slot comes free once the stalled peer's requests are all queued.
+    let slots = Arc::new(Semaphore::new(0));
+    let server = PeerServer { egress, upload_slots: Some(slots.clone()), ..server_of(seeded) };
+    let (addr, serving) = start(server).await;
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = raw_peer_on(socket.connect(addr).await.unwrap(), &meta).await;
+    for index in 0..10 {
+        stalled.send(Message::Request { index }).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    slots.add_permits(1);
+    tokio::time::sleep(SEND_HOLD + Duration::from_millis(250)).await;
+
+    let mut next = raw_peer(addr, &meta).await;
+    for index in 10..13 {
+        next.send(Message::Request { index }).await.unwrap();
+    }
+    let end = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        match tokio::time::timeout_at(end, next.next()).await {
+            Ok(Some(Ok(Message::Piece { index, .. }))) => got.push(index),
+            Ok(Some(Ok(Message::KeepAlive))) => {}
+            other => panic!("after {got:?}: {other:?} (declined while a stalled peer held the limit?)"),
+        }
+    }
+    assert_eq!(got, [10, 11, 12]);
+    drop(stalled);
+    serving.abort();
+}
+
 /// Keep-alives alone do not keep a connection: one that asks for nothing and tells nothing
 /// for `IDLE_TIMEOUT` is closed, and gives its place among the blob's peers back.
 #[tokio::test(start_paused = true)]
