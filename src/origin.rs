@@ -18,7 +18,6 @@ use shoal_origin::cluster::internal_api;
 use shoal_origin::cluster::local::LocalNode;
 use shoal_origin::cluster::membership::{HealthReply, Membership, PeerIdentity};
 use shoal_origin::cluster::metrics::ClusterMetrics;
-use shoal_origin::cluster::node::Node;
 use shoal_origin::cluster::record::VersionClock;
 use shoal_origin::cluster::repair::Repairer;
 use shoal_origin::cluster::store::ClusterStore;
@@ -515,15 +514,17 @@ async fn metainfo(State(s): State<SeedingState>, Path(digest): Path<String>) -> 
     }
 }
 
-/// The peer listeners of the live owners of a blob (and of this origin if it holds a copy):
-/// the seeders a tracker hands out.
+/// The peer listeners of the live owners of a blob (and of this origin if it holds a copy
+/// outside quarantine): the seeders a tracker hands out.
 async fn locations(State(s): State<SeedingState>, Path(digest): Path<String>) -> Response {
     let Ok(digest) = digest.parse::<Digest>() else {
         return (StatusCode::BAD_REQUEST, "invalid digest").into_response();
     };
     let c = &s.coordinator;
     let mut found = Locations::default();
-    let here = matches!(c.local.blob_stat(&digest).await, Ok(Some(_)));
+    // Asked for every agent's announce: a quarantined blob stays in quarantine (agents still
+    // seeding a deleted image's blob must not keep it from garbage collection).
+    let here = matches!(c.local.store().blob_held(&digest).await, Ok(Some(_)));
     if let (Some(seeder), true) = (s.seeder, here) {
         found.seeders.push(Seeder { peer_id: seeder.peer_id.to_string(), addr: seeder.advertise });
     }

@@ -426,7 +426,9 @@ async fn delete_manifest(cluster: &OriginCluster, origin: usize, image: &TestIma
 /// manifest is deleted by digest and GC runs from one origin. A's config and L1 (referenced
 /// by nothing now) are gone from every disk; B's config, L2 and L3 are still on exactly
 /// their owners; B is served in full by every origin; A's manifest, tag and L1 are 404
-/// everywhere.
+/// everywhere. Throughout the GC a tracker asks every origin who seeds A's blobs (as it does
+/// for each announce of agents still holding them): that is no use of the blobs, and does not
+/// bring them back from quarantine.
 #[tokio::test(flavor = "multi_thread")]
 async fn gc_removes_unreferenced_blobs() {
     skip_if_external!(SKIP);
@@ -444,7 +446,28 @@ async fn gc_removes_unreferenced_blobs() {
     push_through(&cluster, 1, &b).await;
     delete_manifest(&cluster, 2, &a).await;
 
+    let asking = {
+        let urls: Vec<String> = all
+            .iter()
+            .flat_map(|&i| {
+                [&a.image.config, &l1]
+                    .map(|b| format!("{}/shoal/v1/blobs/{}/locations", cluster.url(i), b.digest))
+            })
+            .collect();
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            loop {
+                for url in &urls {
+                    if let Ok(reply) = http.get(url).send().await {
+                        assert_eq!(reply.status(), StatusCode::OK, "{url}");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
     let report = cluster.gc(0).await;
+    asking.abort();
     println!("gc: {report:?}");
     let garbage = [&a.image.config, &l1];
     for blob in garbage {
