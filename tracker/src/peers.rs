@@ -255,13 +255,16 @@ impl PeerStore {
             complete: e.complete,
             origin: false,
         };
-        // A random `limit` of each class in random order, as a whole shuffle would give, but
-        // without shuffling (or cloning) all of a 5,000-peer swarm for every announce.
-        let (complete, _) = complete.partial_shuffle(rng, limit);
-        let mut out: Vec<PeerInfo> = complete.iter().map(info).collect();
+        // The origins always have their places: complete peers are only what their announcers
+        // claim, and enough made-up ones would otherwise keep every seeder out of the handout.
         let mut origins: Vec<PeerInfo> = origins.iter().filter(|o| o.peer_id != requester).cloned().collect();
         origins.shuffle(rng);
-        out.extend(origins.into_iter().take(limit - out.len()));
+        origins.truncate(limit);
+        // A random share of each class in random order, as a whole shuffle would give, but
+        // without shuffling (or cloning) all of a 5,000-peer swarm for every announce.
+        let (complete, _) = complete.partial_shuffle(rng, limit - origins.len());
+        let mut out: Vec<PeerInfo> = complete.iter().map(info).collect();
+        out.extend(origins);
         let (incomplete, _) = incomplete.partial_shuffle(rng, limit - out.len());
         out.extend(incomplete.iter().map(info));
         out
@@ -314,6 +317,29 @@ mod tests {
         let limited = store.handout(&d, "me", &[], 1, now, &mut rng);
         assert_eq!(limited.len(), 1);
         assert!(limited[0].complete);
+    }
+
+    /// Announcers may claim to be complete: however many do, the origins (the seeders that
+    /// surely hold the blob) are in every handout, after the complete peers it has room for.
+    #[test]
+    fn claimed_complete_peers_cannot_crowd_the_origins_out() {
+        let now = Instant::now();
+        let mut store = PeerStore::new(PeerStoreLimits::default());
+        let d = digest("a");
+        for i in 0..200u16 {
+            store.announce(&d, &format!("fake{i}"), addr(1000 + i), true, now);
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let origins = [origin("o1", 9), origin("o2", 10)];
+        let peers = store.handout(&d, "me", &origins, 50, now, &mut rng);
+        assert_eq!(peers.len(), 50);
+        assert!(peers[..48].iter().all(|p| p.complete && !p.origin));
+        let ids: std::collections::BTreeSet<&str> = peers[48..].iter().map(|p| p.peer_id.as_str()).collect();
+        assert_eq!(ids, std::collections::BTreeSet::from(["o1", "o2"]));
+        // An origin asking is not handed itself, and a limit below the origins keeps origins.
+        let peers = store.handout(&d, "o1", &origins, 1, now, &mut rng);
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].peer_id, "o2");
     }
 
     #[test]
