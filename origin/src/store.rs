@@ -193,7 +193,10 @@ impl OriginStore {
         Ok(UploadState { id: id.to_string(), offset: session.offset })
     }
 
-    /// Append a chunk; see `RegistryStore::upload_append` for the contract.
+    /// Append a chunk; see `RegistryStore::upload_append` for the contract. The append runs
+    /// in a task of its own, to its end, even if the request is dropped (its client gone, or
+    /// a forwarding origin giving up): dropped halfway, the session kept its old offset while
+    /// the file had grown, and the blob came out corrupt.
     pub async fn upload_append(
         &self,
         repo: &RepoName,
@@ -203,14 +206,27 @@ impl OriginStore {
         body: ByteStream,
     ) -> Result<UploadState, StoreError> {
         let session = self.session(repo, id)?;
-        let mut session = session.lock().await;
-        uploads::append(&mut session, start, len, body).await?;
-        Ok(UploadState { id: id.to_string(), offset: session.offset })
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let mut session = session.lock_owned().await;
+            uploads::append(&mut session, start, len, body).await?;
+            Ok(UploadState { id, offset: session.offset })
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("upload task: {e}")))?
     }
 
     /// Verify the session's content against `digest` and publish it as a blob file here; the
-    /// session ends either way. Returns the blob's size.
+    /// session ends either way. Returns the blob's size. Runs to its end in a task of its own,
+    /// as [`upload_append`](Self::upload_append) does.
     pub async fn upload_finish(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError> {
+        let (store, repo, id, digest) = (self.clone(), repo.clone(), id.to_string(), digest.clone());
+        tokio::spawn(async move { store.finish_session(&repo, &id, &digest).await })
+            .await
+            .map_err(|e| StoreError::Internal(format!("upload task: {e}")))?
+    }
+
+    async fn finish_session(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError> {
         let session = self.session(repo, id)?;
         let session = session.lock().await;
         let actual = uploads::digest_of(&session, digest.algorithm()).await?;

@@ -142,6 +142,54 @@ async fn dropped_stream_keeps_progress_and_resumes() {
     assert_eq!(read_all(&store, &r, &digest).await, content);
 }
 
+/// A PATCH whose request is dropped halfway (its client gone, or the origin forwarding it
+/// giving up) still ends consistently: the session's offset is what its file holds, and the
+/// upload resumes from it to a whole blob. Before, the dropped append left the old offset with
+/// a file that had grown, and the final PUT failed the digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_whose_request_is_dropped_keeps_the_session_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_single(config(dir.path())).await.unwrap();
+    let r = repo("x");
+    let content = data(3 << 20);
+    let up = store.upload_start(&r).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let chunks: ByteStream = Box::pin(tokio_stream_of(rx));
+    let request = {
+        let (store, r, id) = (store.clone(), r.clone(), up.id.clone());
+        tokio::spawn(async move { store.upload_append(&r, &id, None, None, chunks).await })
+    };
+    tx.send(Ok(Bytes::copy_from_slice(&content[..1 << 20]))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    request.abort();
+    let _ = request.await;
+    // The client's connection then ends (the body is gone already if the append was dropped).
+    let _ = tx.send(Err(std::io::Error::other("connection reset"))).await;
+    drop(tx);
+    let mut offset = 0;
+    for _ in 0..50 {
+        offset = store.upload_status(&r, &up.id).await.unwrap().offset;
+        if offset > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let on_disk = std::fs::metadata(dir.path().join("uploads").join(&up.id)).unwrap().len();
+    assert_eq!(offset, on_disk, "the session's offset is what its file holds");
+    assert_eq!(offset, 1 << 20);
+    store.upload_append(&r, &up.id, Some(offset), None, body(&content[offset as usize..])).await.unwrap();
+    let digest = Digest::of(Algorithm::Sha256, &content);
+    store.upload_complete(&r, &up.id, &digest).await.unwrap();
+    assert_eq!(read_all(&store, &r, &digest).await, content);
+}
+
+/// The chunks a channel receives, as a body stream.
+fn tokio_stream_of(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
 #[tokio::test]
 async fn sessions_and_blobs_survive_restart_and_leftovers_are_removed() {
     let dir = tempfile::tempdir().unwrap();

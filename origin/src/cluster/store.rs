@@ -315,12 +315,20 @@ impl RegistryStore for ClusterStore {
         self.c().local.store().upload_append(repo, id, start, len, body).await
     }
 
+    /// Runs to its end in a task of its own, even if the request is dropped (its client gone,
+    /// or a forwarding origin giving up): the blob is then committed, copied and linked, so a
+    /// client that asks again (a `HEAD`) finds it.
     async fn upload_complete(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError> {
-        let size = self.c().local.store().upload_finish(repo, id, digest).await?;
-        self.c().replicate_blob(digest, size).await?;
-        let link = self.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size }));
-        self.c().write_records(repo.as_str(), vec![link]).await?;
-        Ok(size)
+        let (store, repo, id, digest) = (self.clone(), repo.clone(), id.to_string(), digest.clone());
+        tokio::spawn(async move {
+            let size = store.c().local.store().upload_finish(&repo, &id, &digest).await?;
+            store.c().replicate_blob(&digest, size).await?;
+            let link = store.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size }));
+            store.c().write_records(repo.as_str(), vec![link]).await?;
+            Ok(size)
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("upload task: {e}")))?
     }
 
     async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {
