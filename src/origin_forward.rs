@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
@@ -31,7 +31,7 @@ pub struct Forwarder {
     client: reqwest::Client,
     /// Longest time the home may take no body chunk (the client's own pauses included).
     idle: Duration,
-    /// Longest wait for the home's answer after the body's end.
+    /// Longest wait for the home's answer after the body's end, but for the final `PUT`.
     commit: Duration,
 }
 
@@ -39,7 +39,10 @@ impl Forwarder {
     /// The client only bounds connecting: an upload body may stream for as long as the
     /// client keeps sending, exactly as it could to the home origin itself. `body_idle` is
     /// the longest pause this origin's server allows a client's body; the home gets that
-    /// plus `call_timeout` to take each chunk, and [`commit_timeout`] to answer.
+    /// plus `call_timeout` to take each chunk, and [`commit_timeout`] to answer, except for
+    /// the final `PUT`: the home answers it after copying the blob to its other owners, which
+    /// takes as long as the blob is big. Whatever the request, the wait ends when membership
+    /// counts the home as down (a hung origin fails its health checks).
     pub fn new(
         membership: Arc<Membership>,
         call_timeout: Duration,
@@ -54,19 +57,20 @@ impl Forwarder {
         })
     }
 
-    /// The base URL of the live origin, other than this one, that holds the session `path`
-    /// names, if it names one.
-    fn home_url(&self, path: &str) -> Option<String> {
+    /// The id and base URL of the live origin, other than this one, that holds the session
+    /// `path` names, if it names one.
+    fn home(&self, path: &str) -> Option<(String, String)> {
         let (_, id) = path.strip_prefix("/v2/")?.split_once("/blobs/uploads/")?;
         let id = id.rsplit('/').next()?;
         let home = shoal_origin::upload_home(id)?;
         if home == self.membership.me() || !self.membership.live().contains(&home) {
             return None;
         }
-        self.membership.url(&home)
+        let url = self.membership.url(&home)?;
+        Some((home, url))
     }
 
-    async fn forward(&self, base: &str, req: Request) -> anyhow::Result<Response> {
+    async fn forward(&self, home: &str, base: &str, req: Request) -> anyhow::Result<Response> {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let mut out = self.client.request(parts.method.clone(), format!("{base}{path}"));
@@ -80,7 +84,12 @@ impl Forwarder {
         }
         let (stream, watch) = upload_watch::watch(body.into_data_stream().map_err(std::io::Error::other));
         let send = out.body(reqwest::Body::wrap_stream(stream)).send();
-        let answer = watch.run(send, self.idle, self.commit).await.map_err(anyhow::Error::msg)??;
+        let commit = (parts.method != Method::PUT).then_some(self.commit);
+        let gone = || {
+            let down = !self.membership.live().iter().any(|id| id == home);
+            down.then(|| format!("the home origin {home} is down"))
+        };
+        let answer = watch.run_checked(send, self.idle, commit, gone).await.map_err(anyhow::Error::msg)??;
         let mut response = Response::builder().status(answer.status());
         for (name, value) in answer.headers() {
             if !HOP_BY_HOP.contains(&name.as_str()) && name != reqwest::header::CONTENT_LENGTH {
@@ -97,8 +106,8 @@ pub async fn forward_uploads(State(f): State<Forwarder>, req: Request, next: Nex
     if req.headers().contains_key(&FORWARDED) {
         return next.run(req).await;
     }
-    let Some(base) = f.home_url(req.uri().path()) else { return next.run(req).await };
-    match f.forward(&base, req).await {
+    let Some((home, base)) = f.home(req.uri().path()) else { return next.run(req).await };
+    match f.forward(&home, &base, req).await {
         Ok(response) => response,
         Err(e) => {
             tracing::warn!(home = %base, error = %e, "forwarding an upload request failed");

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shoal_integration::api::{parse_upload_range, SendExt};
+use shoal_integration::api::{parse_upload_range, with_query, SendExt};
 use shoal_integration::oci::{self, Blob};
 use shoal_integration::origins::{
     random_size, try_pull_blob, try_pull_image, try_push_blob, try_push_image, try_put_manifest, ClusterSpec,
@@ -456,17 +456,21 @@ async fn gc_removes_unreferenced_blobs() {
             .collect();
         tokio::spawn(async move {
             let http = reqwest::Client::new();
-            loop {
+            let mut answered = 0;
+            for _ in 0..400 {
                 for url in &urls {
                     if let Ok(reply) = http.get(url).send().await {
                         assert_eq!(reply.status(), StatusCode::OK, "{url}");
+                        answered += 1;
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            answered
         })
     };
     let report = cluster.gc(0).await;
+    assert!(!asking.is_finished(), "the locations questions ended early: {:?}", asking.await);
     asking.abort();
     println!("gc: {report:?}");
     let garbage = [&a.image.config, &l1];
@@ -690,7 +694,29 @@ async fn a_forwarded_upload_to_a_hung_home_fails_and_the_session_resumes() {
     if offset < data.len() {
         cluster.client(0).patch_chunk(&location, offset, &data[offset..]).await.expect(StatusCode::ACCEPTED);
     }
-    cluster.client(0).finish_upload(&location, &digest, &[]).await.expect(StatusCode::CREATED);
+
+    // The final PUT, forwarded to the home while it hangs: no bound on the home's answer
+    // (it copies the blob to its owners first), but the home's failed health checks end it.
+    cluster.hang(0, true);
+    let started = std::time::Instant::now();
+    let put = tokio::time::timeout(
+        Duration::from_secs(40),
+        cluster.client(1).put(&with_query(&location, "digest", &digest)).try_reply(),
+    )
+    .await;
+    let took = started.elapsed();
+    cluster.hang(0, false);
+    match put {
+        Err(_) => cluster.fail("the PUT forwarded to the hung home got no answer in 40 s"),
+        Ok(reply) => println!("forwarded PUT to a hung home: {:?} after {took:?}", reply.map(|r| r.status)),
+    }
+    cluster.wait_converged().await;
+    // Answered or not, the home commits the PUT it had taken once it runs again, or the
+    // session is still there to finish.
+    let head = cluster.client(0).head_blob(&repo, &digest).await;
+    if head.status != StatusCode::OK {
+        cluster.client(0).finish_upload(&location, &digest, &[]).await.expect(StatusCode::CREATED);
+    }
     for origin in [0, 1, 2] {
         let result = try_pull_blob(&cluster.client(origin), &repo, &digest).await;
         cluster.check(result, &format!("blob through origin {origin}"));

@@ -1,7 +1,7 @@
 //! A watchdog for a request body sent over HTTP: the request fails when no body chunk is
-//! taken for `idle`, or when no answer arrives within `commit` of the body's end. Origins use
-//! it for blob copies to other origins and for upload requests forwarded to a session's home
-//! origin. (reqwest's `read_timeout` cannot serve here: its first timer runs from the start of
+//! taken for `idle`, when no answer arrives within `commit` (if bounded) of the body's end,
+//! or when the caller's own check says the other side is gone. Origins use it for blob copies
+//! to other origins and for upload requests forwarded to a session's home origin. (reqwest's `read_timeout` cannot serve here: its first timer runs from the start of
 //! the request until the answer's head, so it would cut off any upload slower than it.)
 
 use std::future::Future;
@@ -30,17 +30,16 @@ impl Progress {
     }
 
     /// Why the upload should be given up, if it should.
-    fn stalled(&self, idle: Duration, commit: Duration) -> Option<String> {
+    fn stalled(&self, idle: Duration, commit: Option<Duration>) -> Option<String> {
         let now = self.now_ms();
         match self.done_ms.load(Ordering::Relaxed) {
             0 if now.saturating_sub(self.last_ms.load(Ordering::Relaxed)) > idle.as_millis() as u64 => {
                 Some(format!("upload made no progress for {idle:?}"))
             }
             0 => None,
-            done if now.saturating_sub(done - 1) > commit.as_millis() as u64 => {
-                Some(format!("no answer within {commit:?} of the upload's end"))
-            }
-            _ => None,
+            done => commit
+                .filter(|c| now.saturating_sub(done - 1) > c.as_millis() as u64)
+                .map(|c| format!("no answer within {c:?} of the upload's end")),
         }
     }
 }
@@ -72,13 +71,27 @@ impl UploadWatch {
         idle: Duration,
         commit: Duration,
     ) -> Result<F::Output, String> {
+        self.run_checked(send, idle, Some(commit), || None).await
+    }
+
+    /// [`run`](Self::run) with no bound on the wait for the answer when `commit` is `None`,
+    /// and `gone` asked on every tick: a reason from it ends the wait too.
+    pub async fn run_checked<F: Future>(
+        self,
+        send: F,
+        idle: Duration,
+        commit: Option<Duration>,
+        mut gone: impl FnMut() -> Option<String>,
+    ) -> Result<F::Output, String> {
         tokio::pin!(send);
-        let mut tick = tokio::time::interval((idle.min(commit) / 4).max(Duration::from_millis(10)));
+        let shortest = commit.map_or(idle, |c| idle.min(c));
+        let mut tick =
+            tokio::time::interval((shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)));
         loop {
             tokio::select! {
                 answer = &mut send => return Ok(answer),
                 _ = tick.tick() => {
-                    if let Some(reason) = self.progress.stalled(idle, commit) {
+                    if let Some(reason) = self.progress.stalled(idle, commit).or_else(&mut gone) {
                         return Err(reason);
                     }
                 }
@@ -141,6 +154,19 @@ mod tests {
         let result = watch.run(std::future::pending::<()>(), idle, Duration::from_secs(30)).await;
         assert!(result.expect_err("the body was never taken").contains("no progress"));
         assert!(started.elapsed() >= idle && started.elapsed() < idle * 2, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_commit_bound_only_the_check_ends_the_wait() {
+        let chunks: Vec<Chunk> = vec![Ok(Bytes::from_static(b"abc"))];
+        let (body, watch) = watch(futures_util::stream::iter(chunks));
+        let started = tokio::time::Instant::now();
+        let down_at = started + Duration::from_secs(600);
+        let gone = || (tokio::time::Instant::now() >= down_at).then(|| "the other side is down".to_string());
+        let result = watch.run_checked(read_then_hang(body), Duration::from_secs(3), None, gone).await;
+        assert_eq!(result, Err("the other side is down".to_string()));
+        let took = started.elapsed();
+        assert!(took >= Duration::from_secs(600) && took < Duration::from_secs(602), "{took:?}");
     }
 
     #[tokio::test(start_paused = true)]
