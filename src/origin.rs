@@ -524,7 +524,7 @@ async fn locations(State(s): State<SeedingState>, Path(digest): Path<String>) ->
     let mut found = Locations::default();
     // Asked for every agent's announce: a quarantined blob stays in quarantine (agents still
     // seeding a deleted image's blob must not keep it from garbage collection).
-    let here = matches!(c.local.store().blob_held(&digest).await, Ok(Some(_)));
+    let here = matches!(c.local.store().has_blob(&digest).await, Ok(true));
     if let (Some(seeder), true) = (s.seeder, here) {
         found.seeders.push(Seeder { peer_id: seeder.peer_id.to_string(), addr: seeder.advertise });
     }

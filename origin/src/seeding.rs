@@ -78,7 +78,9 @@ impl OriginStore {
             .map_err(|e| StoreError::Internal(format!("metainfo task: {e}")))?
     }
 
-    /// Whether this origin holds the blob's file.
+    /// Whether this origin holds the blob's file outside quarantine. Unlike `blob_size`, a
+    /// quarantined blob stays there: for questions that are no use of the blob (a tracker
+    /// asking who seeds it, for agents that still announce a deleted image's blobs).
     pub async fn has_blob(&self, digest: &Digest) -> Result<bool, StoreError> {
         let inner = self.inner.clone();
         let digest = digest.clone();

@@ -299,17 +299,6 @@ impl OriginStore {
         Ok(None)
     }
 
-    /// Size of the blob's file if this origin holds it outside quarantine. Unlike
-    /// [`blob_size`](Self::blob_size) this leaves a quarantined blob where it is: for questions
-    /// that are no use of the blob (a tracker asking who seeds it for agents that announce it),
-    /// which would otherwise keep a deleted image's blobs from garbage collection for as long
-    /// as agents hold them.
-    pub async fn blob_held(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        let inner = self.inner.clone();
-        let d = digest.clone();
-        blocking(move || inner.meta.blob_size(&d)).await
-    }
-
     /// The blob's bytes (a range of them) if this origin holds it.
     pub async fn blob_read(
         &self,

@@ -59,7 +59,7 @@ impl Topology for SingleTopology {
 
 /// The cluster as membership sees it: live origins from health checks, each reached over the
 /// internal API through a client created on first use and dropped once its origin leaves the
-/// member list (or its address changes).
+/// member list.
 pub struct MemberTopology {
     membership: Arc<crate::cluster::membership::Membership>,
     local: Arc<dyn Node>,
@@ -72,8 +72,8 @@ pub struct MemberTopology {
 #[derive(Default)]
 struct Remotes {
     generation: u64,
-    /// By origin id: the base URL the client was made for, and the client.
-    nodes: std::collections::HashMap<String, (String, Arc<dyn Node>)>,
+    /// By origin id (its address: the URL follows from it).
+    nodes: std::collections::HashMap<String, Arc<dyn Node>>,
 }
 
 impl MemberTopology {
@@ -125,24 +125,22 @@ impl Topology for MemberTopology {
         let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
         if remotes.generation != generation {
             let membership = &self.membership;
-            remotes.nodes.retain(|id, (url, _)| membership.url(id).as_deref() == Some(url.as_str()));
+            remotes.nodes.retain(|id, _| membership.url(id).is_some());
             remotes.generation = generation;
         }
-        if let Some((made_for, node)) = remotes.nodes.get(id) {
-            if *made_for == url {
-                return Some(node.clone());
-            }
+        if let Some(node) = remotes.nodes.get(id) {
+            return Some(node.clone());
         }
         let node = crate::cluster::remote::RemoteNode::new(
             id.to_string(),
-            url.clone(),
+            url,
             self.secret.clone(),
             self.call_timeout,
         )
         .map_err(|e| tracing::warn!(origin = %id, error = %e, "cannot build a client"))
         .ok()?;
         let node: Arc<dyn Node> = Arc::new(node);
-        remotes.nodes.insert(id.to_string(), (url, node.clone()));
+        remotes.nodes.insert(id.to_string(), node.clone());
         Some(node)
     }
 
