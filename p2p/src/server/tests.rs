@@ -404,7 +404,7 @@ async fn a_peer_that_stops_reading_gives_its_egress_admission_back() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     slots.add_permits(1);
-    tokio::time::sleep(SEND_HOLD + Duration::from_millis(250)).await;
+    tokio::time::sleep(SEND_HOLD + Duration::from_secs(1)).await;
 
     let mut next = raw_peer(addr, &meta).await;
     for index in 10..13 {
