@@ -16,8 +16,8 @@ use crate::auth::rules::Access;
 use crate::auth::users::User;
 use crate::error::{ApiError, ErrorCode};
 
-/// How long a successful check is remembered, so a Basic client (which sends its password on
-/// every request) costs one slow hash per this period, not per request.
+/// How long a successful check is remembered after its last use, so a Basic client (which
+/// sends its password on every request) costs one slow hash, not one per request.
 const LOGIN_CACHE_TTL: Duration = Duration::from_secs(60);
 /// Remembered logins at most (cleared when full).
 const LOGIN_CACHE_MAX: usize = 10_000;
@@ -47,9 +47,18 @@ impl Authority {
         refuse_if_blocked()?;
         let user = self.user(name).cloned();
         let key: [u8; 32] = Sha256::digest(format!("{name}\0{password}").as_bytes()).into();
+        // A login in use stays remembered (users are read at start only, so a remembered
+        // password cannot have changed): a busy client whose entry ran out would otherwise
+        // send all its requests of that moment to the argon2 checks at once.
         let cached = user.is_some() && {
-            let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            recent.get(&key).is_some_and(|at| at.elapsed() < LOGIN_CACHE_TTL)
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            match recent.get_mut(&key) {
+                Some(at) if at.elapsed() < LOGIN_CACHE_TTL => {
+                    *at = Instant::now();
+                    true
+                }
+                _ => false,
+            }
         };
         let slow = !cached;
         let _permit = if slow {
