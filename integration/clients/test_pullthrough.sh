@@ -11,7 +11,9 @@
 #   - the arm64 image of the index through a mirror;
 #   - docker pulls the explicit form <agent>/upstream.test/library/app:v1 (same image ID);
 #   - private/app: ctr --user alice gets it; without credentials the agent answers 401, also
-#     for a blob it has cached; with them, 200;
+#     for a blob it has cached; with them, 200; another user the upstream admits reads its
+#     manifest by digest; its tag list only with credentials; with the upstream down, its
+#     stale tag only with credentials the upstream accepted before;
 #   - a push into upstream.test/... at the origin is refused (403).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -89,6 +91,7 @@ auth:
 EOF
 UP_LOG=$T/upstream.log
 start_bg upstream "$UP_LOG" "$DOCKER_REGISTRY" serve "$T/upstream.yml"
+UP_PID=$BG_PID
 wait_until 20 "the upstream registry" bash -c "[[ \$(curl -s -o /dev/null -w '%{http_code}' ${UP_CURL[*]} https://upstream.test/v2/) == 401 ]]"
 log "upstream registry at https://upstream.test (token auth at :8443)"
 
@@ -203,6 +206,15 @@ for b in "${private_blobs[@]}"; do
 done
 assert_eq 401 "$(curl -s -o /dev/null -w '%{http_code}' "${AGENT_URLS[1]}/v2/upstream.test/private/app/manifests/v1")" \
   "anonymous manifest of private/app at agent 1"
+# Another user the upstream lets in: access is checked on the manifest itself (a HEAD of a
+# manifest digest at /blobs/ is a 404 at registries that keep manifests apart).
+assert_eq 200 "$(curl -s -o /dev/null -w '%{http_code}' -u admin:admin-secret \
+  -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+  "$ORIGIN_URL/v2/upstream.test/private/app/manifests/sha256:$private_digest")" "admin's manifest of private/app by digest"
+assert_eq 401 "$(curl -s -o /dev/null -w '%{http_code}' "$ORIGIN_URL/v2/upstream.test/private/app/tags/list")" \
+  "anonymous tag list of private/app"
+assert_eq 200 "$(curl -s -o /dev/null -w '%{http_code}' -u alice:alice-secret "$ORIGIN_URL/v2/upstream.test/private/app/tags/list")" \
+  "alice's tag list of private/app"
 # The origin forgets what it knew in memory: the cluster's record keeps private/app private.
 stop_pid "$ORIGIN_PID" origin
 shoal_bg origin-again "$T/origin-again.log" origin --listen "$ORIGIN" --peer-listen "$ORIGIN_PEER" \
@@ -252,4 +264,15 @@ log "mirrored repositories are read-only"
 assert_eq 403 "$(curl -s -o /dev/null -w '%{http_code}' -X POST "$ORIGIN_URL/v2/upstream.test/library/app/blobs/uploads/")" \
   "POST upload into upstream.test/library/app"
 metric "$ORIGIN_URL" shoal_upstream_cache_total >/dev/null || die "no shoal_upstream_cache_total on the origin"
+
+log "the upstream goes down: a private tag's last target only to credentials it accepted"
+stop_pid "$UP_PID" upstream
+sleep 2.5 # past tag_ttl: the origin must ask the upstream, and cannot
+private_tag="$ORIGIN_URL/v2/upstream.test/private/app/manifests/v1"
+accept='Accept: application/vnd.oci.image.manifest.v1+json'
+assert_eq 200 "$(curl -s -o /dev/null -w '%{http_code}' -H "$accept" -u alice:alice-secret "$private_tag")" \
+  "alice's stale private tag"
+assert_eq 401 "$(curl -s -o /dev/null -w '%{http_code}' -H "$accept" -u alice:wrong "$private_tag")" \
+  "a wrong password's stale private tag"
+assert_eq 401 "$(curl -s -o /dev/null -w '%{http_code}' -H "$accept" "$private_tag")" "anonymous stale private tag"
 log "PASS"

@@ -179,18 +179,34 @@ async fn tags_follow_the_upstream_and_survive_its_outage_for_serve_stale() {
 /// The request line of the next request on `conn` (its headers read and dropped); `None` if
 /// the connection ends first.
 async fn request_line(conn: &mut tokio::net::TcpStream) -> Option<String> {
+    Some(request_head(conn).await?.lines().next().unwrap_or_default().to_string())
+}
+
+/// The whole head of the next request on `conn`.
+async fn request_head(conn: &mut tokio::net::TcpStream) -> Option<String> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         conn.read_exact(&mut byte).await.ok()?;
         head.push(byte[0]);
     }
-    Some(String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_string())
+    Some(String::from_utf8_lossy(&head).to_string())
 }
 
 /// A slow upstream run by the test: `GET .../blobs/<digest>` of `data` trickles
-/// [`TRICKLE_CHUNK`] bytes every [`TRICKLE_EVERY`]; anything else is 404. Counts blob GETs.
+/// [`TRICKLE_CHUNK`] bytes every [`TRICKLE_EVERY`] (`HEAD` answers at once); anything else is
+/// 404. Counts blob GETs.
 async fn slow_upstream(data: Vec<u8>, digest: String) -> (String, Arc<AtomicUsize>) {
+    slow_upstream_for(data, digest, None).await
+}
+
+/// [`slow_upstream`] that answers `401` (a Basic challenge) to requests without
+/// `Authorization: <authorization>` when that is given: every repository is private.
+async fn slow_upstream_for(
+    data: Vec<u8>,
+    digest: String,
+    authorization: Option<String>,
+) -> (String, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let gets = Arc::new(AtomicUsize::new(0));
@@ -198,9 +214,27 @@ async fn slow_upstream(data: Vec<u8>, digest: String) -> (String, Arc<AtomicUsiz
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             let (data, digest, counter) = (data.clone(), digest.clone(), counter.clone());
+            let authorization = authorization.clone();
             tokio::spawn(async move {
-                let Some(line) = request_line(&mut conn).await else { return };
-                if !(line.starts_with("GET ") && line.contains(&format!("/blobs/{digest} "))) {
+                let Some(head) = request_head(&mut conn).await else { return };
+                let line = head.lines().next().unwrap_or_default();
+                if let Some(want) = &authorization {
+                    let sent = head.lines().any(|h| {
+                        h.split_once(':').is_some_and(|(name, value)| {
+                            name.trim().eq_ignore_ascii_case("authorization") && value.trim() == want
+                        })
+                    });
+                    if !sent {
+                        let _ = conn
+                            .write_all(
+                                b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"slow\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                            )
+                            .await;
+                        return;
+                    }
+                }
+                let head_only = line.starts_with("HEAD ");
+                if !((line.starts_with("GET ") || head_only) && line.contains(&format!("/blobs/{digest} "))) {
                     let _ = conn
                         .write_all(
                             b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
@@ -208,10 +242,12 @@ async fn slow_upstream(data: Vec<u8>, digest: String) -> (String, Arc<AtomicUsiz
                         .await;
                     return;
                 }
-                counter.fetch_add(1, Ordering::SeqCst);
+                if !head_only {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
                 let head =
                     format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", data.len());
-                if conn.write_all(head.as_bytes()).await.is_err() {
+                if conn.write_all(head.as_bytes()).await.is_err() || head_only {
                     return;
                 }
                 for chunk in data.chunks(TRICKLE_CHUNK) {
@@ -383,6 +419,61 @@ async fn the_first_requesters_get_bytes_while_the_origin_fetches() {
         }
     }
     assert!(early >= 1, "no reader got bytes before the upstream had sent half the blob");
+    assert_eq!(gets.load(Ordering::SeqCst), 1, "the upstream sent the blob more than once");
+}
+
+/// An upstream that keeps every repository private (Basic credentials). Alice's request for a
+/// blob of `secret` starts the origin's fetch; meanwhile an anonymous client asks for the same
+/// digest under another repository name: it gets `401`, not Alice's bytes streamed (fetches
+/// are shared by digest, their bytes are their repository's). And the blob fetched with
+/// Alice's credentials first marks `secret` private: anonymous reads of it are refused after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_private_blob_fetch_streams_to_no_other_repository_and_marks_its_own_private() {
+    skip_if_external!(SKIP);
+    let data = shoal_integration::random_bytes(4 * MIB);
+    let digest = sha256(&data);
+    let alice = format!(
+        "Basic {}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "alice:alice-secret")
+    );
+    let (url, gets) = slow_upstream_for(data.clone(), digest.clone(), Some(alice.clone())).await;
+    let cluster = Cluster::start_with_origin(
+        2,
+        &format!("[[upstream]]\nregistry = \"slow.test\"\nurl = \"{url}\"\n"),
+        "",
+    )
+    .await;
+    // Agents learn the upstream registries at start (every 2 s until an origin answers).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let http = reqwest::Client::new();
+    let alices = {
+        let (http, url) =
+            (http.clone(), format!("{}/v2/slow.test/secret/blobs/{digest}", cluster.agent_url(0)));
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            let r = http.get(url).header("authorization", alice).send().await.expect("GET");
+            (r.status(), r.bytes().await.map(|b| sha256(&b)).unwrap_or_default())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let other = format!("{}/v2/slow.test/other/blobs/{digest}", cluster.agent_url(1));
+    let anonymous = tokio::time::timeout(Duration::from_secs(90), http.get(&other).send())
+        .await
+        .expect("the anonymous request got no answer")
+        .expect("GET");
+    let status = anonymous.status();
+    let body = anonymous.bytes().await.unwrap_or_default();
+    assert!(
+        status != StatusCode::OK && sha256(&body) != digest,
+        "an anonymous client read a private blob under another repository name: {status}"
+    );
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, got) = alices.await.expect("alice's request");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(got, digest, "alice got the blob");
+    let secret = format!("{}/v2/slow.test/secret/blobs/{digest}", cluster.agent_url(1));
+    let after = http.get(&secret).send().await.expect("GET");
+    assert_eq!(after.status(), StatusCode::UNAUTHORIZED, "secret is private once a blob needed credentials");
     assert_eq!(gets.load(Ordering::SeqCst), 1, "the upstream sent the blob more than once");
 }
 

@@ -105,14 +105,33 @@ impl PullThrough {
         access.insert((repo.as_str().to_string(), creds.fingerprint()), (Instant::now(), allowed));
     }
 
+    /// Whether the upstream accepted the client's credentials for `repo` when last asked,
+    /// however long ago: what serving a private repository's content needs while the
+    /// upstream cannot be asked (its stale tags).
+    pub(super) fn accepted_before(&self, repo: &RepoName) -> bool {
+        let Some(creds) = client_credentials() else { return false };
+        let key = (repo.as_str().to_string(), creds.fingerprint());
+        lock(&self.access).get(&key).is_some_and(|&(_, allowed)| allowed)
+    }
+
+    /// For a private repository, [`accepted_before`](Self::accepted_before) or the error to
+    /// answer; nothing for a public one.
+    pub(super) async fn require_accepted(&self, up: &Upstream, repo: &RepoName) -> Result<(), StoreError> {
+        if self.is_private(repo).await? && !self.accepted_before(repo) {
+            return Err(StoreError::UpstreamUnauthorized { registry: up.registry().to_string() });
+        }
+        Ok(())
+    }
+
     /// Before serving cached content of a private repository: the client's credentials must
-    /// have been accepted by the upstream within [`ACCESS_TTL`] (asked now if not).
+    /// have been accepted by the upstream within [`ACCESS_TTL`] (asked now if not, with a
+    /// `HEAD` of `probe`: a blob, or a manifest, which registries serve only as manifests).
     pub(super) async fn check_access(
         &self,
         up: &Upstream,
         repo: &RepoName,
         path: &str,
-        probe: &Digest,
+        probe: Probe<'_>,
     ) -> Result<(), StoreError> {
         if !self.is_private(repo).await? {
             return Ok(());
@@ -125,7 +144,12 @@ impl PullThrough {
                 return if allowed { Ok(()) } else { Err(unauthorized()) };
             }
         }
-        let result = up.blob_head(path, probe, Some(&creds)).await;
+        let result = match probe {
+            Probe::Blob(digest) => up.blob_head(path, digest, Some(&creds)).await.map(|_| ()),
+            Probe::Manifest(digest) => {
+                up.resolve_tag(path, &digest.to_string(), Some(&creds)).await.map(|_| ())
+            }
+        };
         self.remember_access(repo, &creds, &result);
         match result {
             Ok(_) => Ok(()),
@@ -134,6 +158,13 @@ impl PullThrough {
             Err(e) => Err(store_error(up.registry(), e)),
         }
     }
+}
+
+/// What [`PullThrough::check_access`] asks the upstream about.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Probe<'a> {
+    Blob(&'a Digest),
+    Manifest(&'a Digest),
 }
 
 /// What an upstream's answer to a client's credentials shows about their access to a private

@@ -33,6 +33,11 @@ const STREAM_CHUNK: u64 = 1024 * 1024;
 /// One running (or just finished) fetch.
 #[derive(Default)]
 pub struct Fetch {
+    /// The repository it fetches into: its bytes and outcome are that repository's, and no
+    /// other's (the upstream may keep one and not the other, or one private).
+    repo: String,
+    /// The upstream refused the blob without the client's credentials: nothing of it streams.
+    private: std::sync::atomic::AtomicBool,
     size: AtomicU64,
     received: AtomicU64,
     outcome: Mutex<Option<(Instant, Outcome)>>,
@@ -47,8 +52,28 @@ pub struct Fetch {
 const UNKNOWN: u64 = u64::MAX;
 
 impl Fetch {
-    fn new() -> Fetch {
-        Fetch { size: AtomicU64::new(UNKNOWN), ..Fetch::default() }
+    fn new(repo: &str) -> Fetch {
+        Fetch { repo: repo.to_string(), size: AtomicU64::new(UNKNOWN), ..Fetch::default() }
+    }
+
+    /// The repository this fetch is for.
+    pub fn repo(&self) -> &str {
+        &self.repo
+    }
+
+    /// The blob needed the client's credentials: no reader gets its bytes while they arrive.
+    pub fn set_private(&self) {
+        self.private.store(true, Ordering::Release);
+    }
+
+    /// Whether the fetch has ended (its outcome is known).
+    pub fn finished(&self) -> bool {
+        lock(&self.outcome).is_some()
+    }
+
+    /// Whether it ended in a failure.
+    fn failed(&self) -> bool {
+        lock(&self.outcome).as_ref().is_some_and(|(_, o)| o.is_err())
     }
 
     pub fn set_size(&self, size: u64) {
@@ -71,7 +96,7 @@ impl Fetch {
     pub async fn stream(self: &Arc<Self>) -> Option<(u64, shoal_registry::ByteStream)> {
         let size = self.size.load(Ordering::Acquire);
         let path = lock(&self.file).clone()?;
-        if size == UNKNOWN || lock(&self.outcome).is_some() {
+        if size == UNKNOWN || lock(&self.outcome).is_some() || self.private.load(Ordering::Acquire) {
             return None;
         }
         let granted = self.streams.fetch_add(1, Ordering::AcqRel);
@@ -194,20 +219,26 @@ pub enum Joined {
 }
 
 impl Fetches {
-    /// The fetch of `digest`, registering a new one if none runs. A finished fetch's outcome
-    /// stays visible for [`OUTCOME_LINGER`], so every poller sees how the fetch it waited on
-    /// ended (a failure included); after that, asking again starts a new one.
-    pub fn join(&self, digest: &Digest) -> Result<Joined, usize> {
+    /// The fetch of `digest`, registering a new one into `repo` if none runs. A finished
+    /// fetch's outcome stays visible for [`OUTCOME_LINGER`], so every poller sees how the
+    /// fetch it waited on ended (a failure included); after that, asking again starts a new
+    /// one. Another repository's failure is not this one's: asking through `repo` replaces it.
+    /// A fetch for another repository that runs or succeeded is returned as it is: the caller
+    /// must not show its bytes or outcome for `repo`.
+    pub fn join(&self, digest: &Digest, repo: &str) -> Result<Joined, usize> {
         let mut running = lock(&self.running);
         let cutoff = Instant::now() - OUTCOME_LINGER;
         running.retain(|_, f| !f.finished_before(cutoff));
         if let Some(f) = running.get(digest) {
-            return Ok(Joined::Existing(f.clone()));
+            if f.repo == repo || !f.failed() {
+                return Ok(Joined::Existing(f.clone()));
+            }
+            running.remove(digest);
         }
         if running.len() >= MAX_RUNNING_FETCHES {
             return Err(running.len());
         }
-        let f = Arc::new(Fetch::new());
+        let f = Arc::new(Fetch::new(repo));
         running.insert(digest.clone(), f.clone());
         Ok(Joined::Started(f))
     }
@@ -217,9 +248,9 @@ impl Fetches {
         lock(&self.running).get(digest).cloned()
     }
 
-    /// Whether a fetch of `digest` is registered (running or lingering).
+    /// Whether a fetch of `digest` runs (registered and not finished).
     pub fn running(&self, digest: &Digest) -> bool {
-        lock(&self.running).contains_key(digest)
+        lock(&self.running).get(digest).is_some_and(|f| !f.finished())
     }
 
     /// Fetches registered now (running or lingering).
@@ -243,16 +274,16 @@ mod tests {
     #[test]
     fn one_fetch_per_digest() {
         let f = Fetches::default();
-        assert!(matches!(f.join(&d(1)), Ok(Joined::Started(_))));
-        assert!(matches!(f.join(&d(1)), Ok(Joined::Existing(_))));
-        assert!(matches!(f.join(&d(2)), Ok(Joined::Started(_))));
+        assert!(matches!(f.join(&d(1), "r"), Ok(Joined::Started(_))));
+        assert!(matches!(f.join(&d(1), "r"), Ok(Joined::Existing(_))));
+        assert!(matches!(f.join(&d(2), "r"), Ok(Joined::Started(_))));
         assert_eq!(f.len(), 2);
     }
 
     #[test]
     fn progress_reports_size_bytes_and_outcome() {
         let f = Fetches::default();
-        let Ok(Joined::Started(fetch)) = f.join(&d(1)) else { panic!("not started") };
+        let Ok(Joined::Started(fetch)) = f.join(&d(1), "r") else { panic!("not started") };
         assert_eq!(fetch.progress(), Progress::default());
         fetch.set_size(10);
         fetch.add_received(4);
@@ -264,14 +295,26 @@ mod tests {
     #[test]
     fn a_failed_fetch_is_seen_by_pollers_then_replaced() {
         let f = Fetches::default();
-        let Ok(Joined::Started(fetch)) = f.join(&d(1)) else { panic!("not started") };
+        let Ok(Joined::Started(fetch)) = f.join(&d(1), "r") else { panic!("not started") };
         fetch.finish(Err(("upstream down".into(), None)));
-        let Ok(Joined::Existing(seen)) = f.join(&d(1)) else { panic!("a poller restarted it") };
+        let Ok(Joined::Existing(seen)) = f.join(&d(1), "r") else { panic!("a poller restarted it") };
         assert_eq!(seen.progress().error.as_deref(), Some("upstream down"));
         // Once the outcome's time is over, a new request starts a new fetch.
         *lock(&seen.outcome) =
             Some((Instant::now() - OUTCOME_LINGER - Duration::from_millis(1), Err(("x".into(), None))));
-        assert!(matches!(f.join(&d(1)), Ok(Joined::Started(_))));
+        assert!(matches!(f.join(&d(1), "r"), Ok(Joined::Started(_))));
+    }
+
+    #[test]
+    fn another_repositorys_failure_is_not_this_ones() {
+        let f = Fetches::default();
+        let Ok(Joined::Started(fetch)) = f.join(&d(1), "a") else { panic!("not started") };
+        // Running or succeeded, it is the one fetch of the digest (the caller hides it).
+        let Ok(Joined::Existing(seen)) = f.join(&d(1), "b") else { panic!("a second fetch ran") };
+        assert_eq!(seen.repo(), "a");
+        fetch.finish(Err(("not found in a".into(), Some(404))));
+        let Ok(Joined::Started(mine)) = f.join(&d(1), "b") else { panic!("b got a's failure") };
+        assert_eq!(mine.repo(), "b");
     }
 
     #[test]
@@ -279,8 +322,8 @@ mod tests {
         let f = Fetches::default();
         for i in 0..MAX_RUNNING_FETCHES {
             let digest = Digest::of(shoal_registry::Algorithm::Sha256, &(i as u64).to_le_bytes());
-            assert!(f.join(&digest).is_ok());
+            assert!(f.join(&digest, "r").is_ok());
         }
-        assert_eq!(f.join(&d(1)).err(), Some(MAX_RUNNING_FETCHES));
+        assert_eq!(f.join(&d(1), "r").err(), Some(MAX_RUNNING_FETCHES));
     }
 }

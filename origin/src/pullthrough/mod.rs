@@ -23,6 +23,7 @@ pub mod fetch;
 pub mod routes;
 pub mod tags;
 
+use access::Probe;
 pub use access::ACCESS_TTL;
 
 use std::collections::HashMap;
@@ -214,7 +215,7 @@ impl PullThrough {
         if let (tags::Before::Fresh, Some((digest, _))) =
             (tags::before_asking(confirmed, now_millis(), up.config().tag_ttl), &known)
         {
-            self.check_access(up, repo, path, digest).await?;
+            self.check_access(up, repo, path, Probe::Manifest(digest)).await?;
             self.metrics.cache(up.registry(), true);
             return self.inner.manifest_get(repo, &Reference::Digest(digest.clone())).await;
         }
@@ -229,6 +230,8 @@ impl PullThrough {
             Err(e) if cannot_ask(&e) => {
                 match (tags::on_failure(confirmed, now_millis(), up.config().serve_stale), known) {
                     (tags::OnFailure::ServeStale, Some((digest, at))) => {
+                        // A private repository's: only to credentials the upstream accepted.
+                        self.require_accepted(up, repo).await?;
                         tracing::warn!(
                             registry = up.registry(), %repo, %tag, error = %e,
                             age_s = now_millis().saturating_sub(at) / 1000,
@@ -257,7 +260,7 @@ impl PullThrough {
             return Err(StoreError::NameUnknown);
         };
         if let Some(size) = self.inner.blob_size(repo, digest).await? {
-            self.check_access(&up, repo, path, digest).await?;
+            self.check_access(&up, repo, path, Probe::Blob(digest)).await?;
             return Ok(Progress { size: Some(size), received: size, complete: true, ..Progress::default() });
         }
         if !here {
@@ -268,7 +271,11 @@ impl PullThrough {
         if let Some(size) = self.link_if_held(&up, repo, path, digest).await? {
             return Ok(Progress { size: Some(size), received: size, complete: true, ..Progress::default() });
         }
-        let fetch = match self.fetches.join(digest) {
+        let fetch = match self.fetches.join(digest, repo.as_str()) {
+            // Another repository's fetch of the same bytes: nothing of it is this repository's
+            // to show (the upstream may refuse this client here). Once it has committed the
+            // blob, `link_if_held` asks the upstream about this repository.
+            Ok(Joined::Existing(f)) if f.repo() != repo.as_str() => return Ok(Progress::default()),
             Ok(Joined::Existing(f)) => f,
             Ok(Joined::Started(f)) => {
                 self.metrics.cache(up.registry(), false);
@@ -342,6 +349,10 @@ impl PullThrough {
             return Ok(None);
         }
         if let Some(f) = self.fetches.get(digest) {
+            // Only a fetch into this repository streams to its readers.
+            if f.repo() != repo.as_str() {
+                return Ok(None);
+            }
             return Ok(f.stream().await);
         }
         if here {
@@ -434,9 +445,24 @@ async fn run_fetch(
     fetch: &Arc<Fetch>,
 ) -> fetch::Outcome {
     let attempt = |c: Option<Credentials>| async move { up.blob(path, digest, c.as_ref()).await };
+    if private {
+        fetch.set_private();
+    }
     let first = if private { attempt(creds.clone()).await } else { attempt(None).await };
     let blob = match first {
-        Err(UpstreamError::Unauthorized(_)) if !private && creds.is_some() => attempt(creds).await,
+        Err(UpstreamError::Unauthorized(_)) if !private && creds.is_some() => {
+            // Only the client's credentials open it: the repository is private, recorded
+            // before any byte is kept (or streamed), or nothing is fetched.
+            fetch.set_private();
+            let blob = attempt(creds).await;
+            if blob.is_ok() {
+                tracing::info!(registry = up.registry(), %repo, "private upstream repository");
+                if let Err(e) = store.mark_private(repo).await {
+                    return Err((format!("recording {repo} as private: {e}"), None));
+                }
+            }
+            blob
+        }
         other => other,
     };
     let blob = blob.map_err(|e| {
@@ -474,7 +500,7 @@ impl RegistryStore for PullThrough {
         };
         match self.inner.blob_size(repo, digest).await? {
             Some(size) => {
-                self.check_access(&up, repo, path, digest).await?;
+                self.check_access(&up, repo, path, Probe::Blob(digest)).await?;
                 Ok(Some(size))
             }
             None => self.wait_for_blob(repo, digest).await,
@@ -558,7 +584,7 @@ impl RegistryStore for PullThrough {
             Reference::Digest(digest) => {
                 let found = self.mirrored_manifest(&up, repo, path, digest, None).await?;
                 if found.is_some() {
-                    self.check_access(&up, repo, path, digest).await?;
+                    self.check_access(&up, repo, path, Probe::Manifest(digest)).await?;
                 }
                 Ok(found)
             }
@@ -584,7 +610,11 @@ impl RegistryStore for PullThrough {
         }
     }
 
+    /// A private mirrored repository's tags only to credentials the upstream accepted.
     async fn tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> Result<Page, StoreError> {
+        if let Some((up, _)) = self.upstream_of(repo) {
+            self.require_accepted(&up, repo).await?;
+        }
         self.inner.tags(repo, last, limit).await
     }
 
@@ -597,6 +627,9 @@ impl RegistryStore for PullThrough {
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<Vec<ReferrerDescriptor>, StoreError> {
+        if let Some((up, path)) = self.upstream_of(repo) {
+            self.check_access(&up, repo, path, Probe::Manifest(digest)).await?;
+        }
         self.inner.referrers(repo, digest).await
     }
 }
