@@ -15,67 +15,91 @@ use crate::store::{Inner, OriginStore};
 /// Blobs whose metainfo is being computed. A fleet that pulls a blob right after its push asks
 /// for its metainfo many times before the first hash pass (seconds for a big layer) ends, and
 /// every caller that gave up and asked again started one more pass over the whole file: each
-/// computation now waits for the one under way and takes its result.
+/// computation now waits for the one under way and takes its result. The wait is
+/// asynchronous: waiting on the blocking pool, a fleet's askers (HTTP metainfo requests, peer
+/// handshakes) filled its threads for the length of the hash and stalled every file and
+/// metadata operation of the origin.
 #[derive(Default)]
 pub(crate) struct Hashing {
-    running: Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
+    running: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     /// Hash passes over blob files so far.
     passes: std::sync::atomic::AtomicU64,
 }
 
 impl Hashing {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<Mutex<()>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<tokio::sync::Mutex<()>>>> {
         // Inserts and removals only: a panic cannot leave the map torn.
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Run `f` (blocking) alone among the computations of `digest`.
-    fn alone<T>(&self, digest: &Digest, f: impl FnOnce() -> T) -> T {
+    /// Run `f` (blocking, on the blocking pool) alone among the computations of `digest`,
+    /// waiting for the one under way without holding a thread.
+    async fn alone<T: Send + 'static>(
+        &self,
+        digest: &Digest,
+        f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let turn = self.lock().entry(digest.clone()).or_default().clone();
         let result = {
-            let _guard = turn.lock().unwrap_or_else(|p| p.into_inner());
-            f()
+            let _guard = turn.lock().await;
+            tokio::task::spawn_blocking(f)
+                .await
+                .map_err(|e| StoreError::Internal(format!("metainfo task: {e}")))
         };
         let mut all = self.lock();
         // The map's reference and this one: nobody else waits, the entry goes.
         if Arc::strong_count(&turn) == 2 {
             all.remove(digest);
         }
-        result
+        result?
     }
 }
 
-/// The metainfo of a blob held here, recorded or computed and recorded (one computation per
-/// blob at a time; a caller that waited for another takes what it recorded). Blocking.
-fn metainfo_blocking(inner: &Inner, digest: &Digest) -> Result<Option<Metainfo>, StoreError> {
-    let recorded = |inner: &Inner| -> Result<Option<Metainfo>, StoreError> {
-        Ok(inner.meta.metainfo(digest)?.and_then(|json| serde_json::from_slice::<Metainfo>(&json).ok()))
-    };
+/// The metainfo recorded for a blob held here: `None` if the blob is not here, `Some(None)` if
+/// it is but no metainfo is recorded yet. Blocking.
+fn recorded_blocking(inner: &Inner, digest: &Digest) -> Result<Option<Option<Metainfo>>, StoreError> {
     if inner.meta.blob_size(digest)?.is_none() {
         return Ok(None);
     }
-    if let Some(m) = recorded(inner)? {
-        return Ok(Some(m));
+    Ok(Some(inner.meta.metainfo(digest)?.and_then(|json| serde_json::from_slice::<Metainfo>(&json).ok())))
+}
+
+/// The metainfo of a blob held here, recorded or computed and recorded (one computation per
+/// blob at a time; a caller that waited for another takes what it recorded).
+async fn metainfo_of(inner: &Arc<Inner>, digest: &Digest) -> Result<Option<Metainfo>, StoreError> {
+    let lookup = {
+        let (inner, digest) = (inner.clone(), digest.clone());
+        move || recorded_blocking(&inner, &digest)
+    };
+    let found = tokio::task::spawn_blocking(lookup.clone())
+        .await
+        .map_err(|e| StoreError::Internal(format!("metainfo task: {e}")))??;
+    match found {
+        None => return Ok(None),
+        Some(Some(m)) => return Ok(Some(m)),
+        Some(None) => {}
     }
-    inner.hashing.alone(digest, || {
-        if let Some(m) = recorded(inner)? {
-            return Ok(Some(m));
-        }
-        inner.hashing.passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (m, json) = compute(&inner.layout.blob(digest), digest)?;
-        inner.meta.put_metainfo(digest, &json)?;
-        Ok(Some(m))
-    })
+    let (held, digest) = (inner.clone(), digest.clone());
+    inner
+        .hashing
+        .alone(&digest.clone(), move || {
+            match lookup()? {
+                None => return Ok(None),
+                Some(Some(m)) => return Ok(Some(m)),
+                Some(None) => {}
+            }
+            held.hashing.passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (m, json) = compute(&held.layout.blob(&digest), &digest)?;
+            held.meta.put_metainfo(&digest, &json)?;
+            Ok(Some(m))
+        })
+        .await
 }
 
 impl OriginStore {
     /// The metainfo of a blob held here, computing and recording it on first use.
     pub async fn metainfo(&self, digest: &Digest) -> Result<Option<Arc<Metainfo>>, StoreError> {
-        let inner = self.inner.clone();
-        let digest = digest.clone();
-        tokio::task::spawn_blocking(move || Ok(metainfo_blocking(&inner, &digest)?.map(Arc::new)))
-            .await
-            .map_err(|e| StoreError::Internal(format!("metainfo task: {e}")))?
+        Ok(metainfo_of(&self.inner, digest).await?.map(Arc::new))
     }
 
     /// Whether this origin holds the blob's file outside quarantine. Unlike `blob_size`, a
@@ -95,9 +119,9 @@ impl OriginStore {
     pub fn precompute_metainfo(&self, digest: &Digest) {
         let weak = Arc::downgrade(&self.inner);
         let digest = digest.clone();
-        tokio::task::spawn_blocking(move || {
+        tokio::spawn(async move {
             let Some(inner) = weak.upgrade() else { return }; // the store closed
-            if let Err(e) = metainfo_blocking(&inner, &digest) {
+            if let Err(e) = metainfo_of(&inner, &digest).await {
                 tracing::warn!(%digest, error = %e, "computing metainfo failed");
             }
         });
@@ -161,5 +185,52 @@ mod tests {
         }
         assert_eq!(store.inner.hashing.passes.load(Ordering::Relaxed), 1);
         assert!(store.inner.hashing.lock().is_empty(), "nothing left behind");
+    }
+
+    /// Askers waiting for a hash pass hold no thread of the blocking pool: with a pool of two,
+    /// one hashing and six askers waiting, a metadata lookup still answers while the pass
+    /// runs. Before, the waiters parked on the pool's threads and the lookup waited for the
+    /// whole pass.
+    #[test]
+    fn waiting_for_a_hash_pass_holds_no_blocking_thread() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let config = StoreConfig {
+                data_dir: dir.path().to_path_buf(),
+                upload_idle_timeout: Duration::from_secs(3600),
+                max_upload_sessions: 100,
+            };
+            let store = OriginStore::open(config).await.unwrap();
+            let data = bytes::Bytes::from(vec![7u8; 256 << 20]);
+            let digest = Digest::of(Algorithm::Sha256, &data);
+            let body: shoal_registry::ByteStream = Box::pin(futures_util::stream::iter([Ok(data.clone())]));
+            store.blob_put(&digest, data.len() as u64, body).await.unwrap();
+            let started = std::time::Instant::now();
+            let asks: Vec<_> = (0..6)
+                .map(|_| {
+                    let (store, digest) = (store.clone(), digest.clone());
+                    tokio::spawn(async move { store.metainfo(&digest).await })
+                })
+                .collect();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let other = Digest::of(Algorithm::Sha256, b"other");
+            assert!(!store.has_blob(&other).await.unwrap());
+            let looked_up = started.elapsed();
+            for ask in futures_util::future::join_all(asks).await {
+                assert!(ask.unwrap().unwrap().is_some());
+            }
+            let hashed = started.elapsed();
+            assert_eq!(store.inner.hashing.passes.load(Ordering::Relaxed), 1);
+            assert!(
+                looked_up < hashed / 2,
+                "a lookup took {looked_up:?} while the askers waited for a {hashed:?} hash pass"
+            );
+        });
     }
 }
