@@ -296,7 +296,14 @@ impl RegistryStore for AgentStore {
                 // Asked again after `confirm_ttl`: deleted at the origin, it is gone here too;
                 // kept while the origin cannot be asked.
                 let found = match self.origin.manifest(repo, &d.to_string()).await {
-                    Err(e) if kept.is_some() && !matches!(e, StoreError::Denied(_)) => {
+                    // Unless the origin refused this client (as for blobs, below).
+                    Err(e)
+                        if kept.is_some()
+                            && !matches!(
+                                e,
+                                StoreError::Denied(_) | StoreError::UpstreamUnauthorized { .. }
+                            ) =>
+                    {
                         tracing::warn!(%repo, digest = %d, error = %e, "origin unreachable; serving a manifest it confirmed before");
                         return Ok(kept);
                     }
@@ -398,11 +405,7 @@ fn verified(body: ByteStream, digest: Digest, size: u64) -> ByteStream {
 
 /// The origin's listing at `base` of `limit` items after `last`.
 fn listing_path(base: &str, last: Option<&str>, limit: usize) -> String {
-    let mut path = format!("{base}?n={limit}");
-    if let Some(last) = last {
-        path.push_str(&format!("&last={last}"));
-    }
-    path
+    format!("{base}?{}", Page::query(limit, last))
 }
 
 /// One page of a listing as the origin returned it, `next` from its `Link` (the origin caps

@@ -75,6 +75,16 @@ pub struct Page {
 }
 
 impl Page {
+    /// The query of a listing's page: `n=<limit>`, and `&last=<last>` percent-encoded (`last`
+    /// comes from clients: pasted as it is, `a&n=1` or `#` changed the query).
+    pub fn query(limit: usize, last: Option<&str>) -> String {
+        let mut pairs = vec![("n", limit.to_string())];
+        if let Some(last) = last {
+            pairs.push(("last", last.to_string()));
+        }
+        serde_urlencoded::to_string(&pairs).unwrap_or_else(|_| format!("n={limit}"))
+    }
+
     /// The first `limit` of `items` (sorted, each after the previous page), with the next
     /// page after the last of them if any were left out.
     pub fn cut(mut items: Vec<String>, limit: usize) -> Page {
@@ -162,4 +172,17 @@ pub trait RegistryStore: Send + Sync + 'static {
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<Vec<ReferrerDescriptor>, StoreError>;
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::Page;
+
+    #[test]
+    fn a_page_query_keeps_a_clients_last_in_its_place() {
+        assert_eq!(Page::query(10, None), "n=10");
+        assert_eq!(Page::query(10, Some("team/app")), "n=10&last=team%2Fapp");
+        // Pasted as it was, this `last` set `n` (and a `#` cut the query short).
+        assert_eq!(Page::query(10, Some("x&n=1#y")), "n=10&last=x%26n%3D1%23y");
+    }
 }

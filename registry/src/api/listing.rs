@@ -37,7 +37,7 @@ fn paged(base: &str, key: &str, head: serde_json::Value, page: Page, n: usize) -
     let mut response =
         (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
     if let Some(last) = page.next {
-        let link = format!("<{base}?n={n}&last={last}>; rel=\"next\"");
+        let link = format!("<{base}?{}>; rel=\"next\"", Page::query(n, Some(&last)));
         response.headers_mut().insert(header::LINK, hv(link));
     }
     response
