@@ -1,7 +1,8 @@
 //! [`Failover`]: one request, several equivalent origins. Origins form a cluster in which any
 //! origin answers any request the same way, so a client (agent or tracker) that lists several
 //! can survive the loss of one: a request that meets a connection error, a timeout, or a 5xx/429
-//! answer is sent to the next origin, each origin at most once per request. The origin that
+//! answer is sent to the next origin, each origin at most once per request (and when none
+//! answers otherwise, a 429 is the answer). The origin that
 //! answered becomes the preferred one for later requests (sticky), so a dead origin costs one
 //! failed attempt, not one per request. Any other answer, 404 included, is the answer.
 //!
@@ -99,16 +100,25 @@ impl Failover {
 
     /// Sends the request `build` makes for a base URL to each origin in [`order`](Self::order)
     /// until one answers (anything but a connection error, timeout, 5xx or 429), and returns
-    /// that answer. Only the start of the request is covered: a body that breaks later is the
-    /// caller's to handle. `build` must set any timeout the request needs beyond the client's.
+    /// that answer. When none does but one answered 429, that 429 is the answer (with its
+    /// `Retry-After`): the cluster, or the upstream registry behind it, says to slow down,
+    /// which the client must hear rather than "no origin answered". Only the start of the
+    /// request is covered: a body that breaks later is the caller's to handle. `build` must
+    /// set any timeout the request needs beyond the client's.
     pub async fn send<B>(&self, build: B) -> Result<Response, FailoverError>
     where
         B: Fn(&str) -> RequestBuilder,
     {
         let mut last = String::new();
+        let mut throttled = None;
         for index in self.order() {
             let url = &self.urls[index];
             let why = match build(url).send().await {
+                Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => {
+                    let why = format!("{url} answered {}", r.status());
+                    throttled = Some(r);
+                    why
+                }
                 Ok(r) if fails_over(r.status()) => format!("{url} answered {}", r.status()),
                 Ok(r) => {
                     self.answered(index);
@@ -123,7 +133,10 @@ impl Failover {
             tracing::warn!(origin = %url, error = %why, "origin request failed; {then}");
             last = why;
         }
-        Err(FailoverError::AllFailed(last))
+        match throttled {
+            Some(r) => Ok(r),
+            None => Err(FailoverError::AllFailed(last)),
+        }
     }
 }
 
@@ -246,5 +259,35 @@ mod tests {
         let none = Failover::new(vec![dead.clone()]).unwrap();
         let err = none.send(|base| http.get(format!("{base}/x"))).await.unwrap_err();
         assert!(matches!(err, FailoverError::AllFailed(ref e) if e.contains(&dead)), "{err}");
+    }
+
+    /// Every origin tried, one of them saying 429 (here behind a dead one): that 429 is the
+    /// answer, with its `Retry-After`, not "every origin failed" (which clients saw as 503).
+    #[tokio::test]
+    async fn when_no_origin_answers_a_429_is_the_answer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let busy = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else { return };
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = [0u8; 1024];
+                    let _ = sock.read(&mut buf).await;
+                    let _ = sock
+                        .write_all(b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 7\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                });
+            }
+        });
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        let f = Failover::new(vec![busy.clone(), dead]).unwrap();
+        let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build().unwrap();
+        let r = f.send(|base| http.get(format!("{base}/x"))).await.unwrap();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("7"));
     }
 }

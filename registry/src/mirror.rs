@@ -77,6 +77,8 @@ where
                 Some(401) | Some(403) => {
                     Err(StoreError::UpstreamUnauthorized { registry: registry.to_string() })
                 }
+                // The upstream throttles: the client hears it (and when to come back).
+                Some(429) => Err(StoreError::Throttled { retry_after_secs: THROTTLED_RETRY_SECS }),
                 _ => Err(StoreError::Unavailable(e)),
             };
         }
@@ -91,6 +93,10 @@ where
         tokio::time::sleep(PROGRESS_POLL).await;
     }
 }
+
+/// Seconds a client is told to wait when the upstream throttled a blob fetch (its own
+/// `Retry-After` stays with the origin that asked).
+const THROTTLED_RETRY_SECS: u64 = 10;
 
 /// Docker Hub's name as containerd sends it in `ns`, and the one implicit-`library/` registry.
 pub const DOCKER_HUB: &str = "docker.io";
@@ -163,6 +169,21 @@ mod tests {
 
     fn ups(names: &[&str]) -> Vec<String> {
         names.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A fetch the upstream throttled is a 429 for the waiting client (was 503 `UNKNOWN`).
+    #[tokio::test]
+    async fn a_throttled_fetch_is_a_429_for_its_waiters() {
+        let digest = crate::Digest::of(crate::Algorithm::Sha256, b"x");
+        let throttled = || async {
+            Ok(Progress {
+                error: Some("upstream docker.io: the upstream is throttling requests".into()),
+                status: Some(429),
+                ..Progress::default()
+            })
+        };
+        let got = wait_for_fetch("docker.io", &digest, throttled).await;
+        assert!(matches!(got, Err(crate::StoreError::Throttled { .. })), "{got:?}");
     }
 
     #[test]

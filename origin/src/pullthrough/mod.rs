@@ -292,7 +292,11 @@ impl PullThrough {
                 });
                 f
             }
-            Err(n) => return Err(StoreError::Unavailable(format!("{n} upstream fetches running; retry"))),
+            // Load shed: a client told to come back (429 with Retry-After), not "unavailable".
+            Err(n) => {
+                tracing::warn!(running = n, "upstream fetches at their cap; a request is asked to retry");
+                return Err(StoreError::Throttled { retry_after_secs: FETCHES_FULL_RETRY_SECS });
+            }
         };
         Ok(fetch.progress())
     }
@@ -427,6 +431,9 @@ impl PullThrough {
     }
 }
 
+/// Seconds a client is told to wait when this origin runs as many upstream fetches as it may.
+const FETCHES_FULL_RETRY_SECS: u64 = 5;
+
 /// Header that carries a client's upstream credentials between Shoal's processes (agents to
 /// origins, origins to the fetching origin) without touching Shoal's own `Authorization`.
 pub const UPSTREAM_AUTHORIZATION: &str = "x-shoal-upstream-authorization";
@@ -469,6 +476,7 @@ async fn run_fetch(
         let status = match &e {
             UpstreamError::NotFound => Some(404),
             UpstreamError::Unauthorized(_) => Some(401),
+            UpstreamError::TooManyRequests { .. } => Some(429),
             _ => None,
         };
         (format!("upstream {}: {e}", up.registry()), status)
