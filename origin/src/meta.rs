@@ -3,7 +3,9 @@
 //! sessions. Every change is one redb transaction, so a crash leaves each record either fully
 //! written or absent. All calls block: run them on the blocking pool.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -43,21 +45,47 @@ pub struct UploadRecord {
 }
 
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
-    StoreError::Internal(format!("metadata database: {}", e.into()))
+    describe(&e.into())
+}
+
+/// A redb error as the store reports it: a full disk as such (507 for uploads), the rest as
+/// internal errors.
+fn describe(e: &redb::Error) -> StoreError {
+    match e {
+        redb::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => StoreError::StorageFull,
+        other => StoreError::Internal(format!("metadata database: {other}")),
+    }
+}
+
+fn closed() -> StoreError {
+    StoreError::Internal("metadata database: closed after an I/O error; reopening".into())
 }
 
 fn json_err(e: serde_json::Error) -> StoreError {
     StoreError::Internal(format!("metadata record: {e}"))
 }
 
-/// The origin's metadata database.
+/// The origin's metadata database. redb stops at its first I/O error (a full disk during a
+/// commit): every later transaction fails with `PreviousIo` until the database is opened
+/// again. Kept as it was, one full disk left the origin answering 500 to every write until it
+/// restarted, though the space came back at once; so an I/O error marks the handle broken,
+/// and the next call closes and opens the file again.
 pub struct Meta {
-    db: Database,
+    path: PathBuf,
+    /// `None` only between closing a broken handle and opening the file again (or while that
+    /// fails).
+    db: RwLock<Option<Database>>,
+    broken: AtomicBool,
 }
 
 impl Meta {
     /// Open (or create) the database and make sure every table exists.
     pub fn open(path: &Path) -> Result<Meta, StoreError> {
+        let db = Self::open_db(path)?;
+        Ok(Meta { path: path.to_path_buf(), db: RwLock::new(Some(db)), broken: AtomicBool::new(false) })
+    }
+
+    fn open_db(path: &Path) -> Result<Database, StoreError> {
         let db = Database::create(path).map_err(db_err)?;
         let txn = db.begin_write().map_err(db_err)?;
         {
@@ -71,78 +99,142 @@ impl Meta {
             txn.open_table(QUARANTINE).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
-        Ok(Meta { db })
+        Ok(db)
+    }
+
+    /// The database, opened again first if an I/O error broke the handle. Transactions run on
+    /// the handle they began on; one still running when the file is opened again keeps the
+    /// old handle's lock, and opening waits for a later call.
+    fn db(&self) -> Result<RwLockReadGuard<'_, Option<Database>>, StoreError> {
+        if self.broken.load(Ordering::Acquire) {
+            self.reopen();
+        }
+        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+        if db.is_none() {
+            return Err(closed());
+        }
+        Ok(db)
+    }
+
+    fn reopen(&self) {
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if !self.broken.load(Ordering::Acquire) {
+            return; // another call did it
+        }
+        // redb locks its file: the broken handle goes first.
+        drop(db.take());
+        match Self::open_db(&self.path) {
+            Ok(fresh) => {
+                *db = Some(fresh);
+                self.broken.store(false, Ordering::Release);
+                tracing::warn!(path = %self.path.display(), "metadata database opened again after an I/O error");
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "cannot open the metadata database again")
+            }
+        }
+    }
+
+    /// A read transaction (see [`db`](Self::db)).
+    fn read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        match self.db()?.as_ref() {
+            Some(db) => db.begin_read().map_err(|e| self.fail(e)),
+            None => Err(closed()),
+        }
+    }
+
+    /// A write transaction (see [`db`](Self::db)).
+    fn write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        match self.db()?.as_ref() {
+            Some(db) => db.begin_write().map_err(|e| self.fail(e)),
+            None => Err(closed()),
+        }
+    }
+
+    /// Map a redb error, marking the handle broken on an I/O error.
+    fn fail(&self, e: impl Into<redb::Error>) -> StoreError {
+        let e = e.into();
+        if matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
+            self.broken.store(true, Ordering::Release);
+        }
+        describe(&e)
     }
 
     /// Sum of the sizes of all blob files, for the storage metric.
     pub fn total_blob_bytes(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(BLOBS).map_err(db_err)?;
+        let txn = self.read()?;
+        let table = txn.open_table(BLOBS).map_err(|e| self.fail(e))?;
         let mut total = 0u64;
-        for entry in table.iter().map_err(db_err)? {
-            total += entry.map_err(db_err)?.1.value().0;
+        for entry in table.iter().map_err(|e| self.fail(e))? {
+            total += entry.map_err(|e| self.fail(e))?.1.value().0;
         }
         Ok(total)
     }
 
     /// Size of a blob file present on this origin.
     pub fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(BLOBS).map_err(db_err)?;
+        let txn = self.read()?;
+        let table = txn.open_table(BLOBS).map_err(|e| self.fail(e))?;
         let d = digest.to_string();
-        Ok(table.get(d.as_str()).map_err(db_err)?.map(|v| v.value().0))
+        Ok(table.get(d.as_str()).map_err(|e| self.fail(e))?.map(|v| v.value().0))
     }
 
     pub fn metainfo(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(METAINFO).map_err(db_err)?;
+        let txn = self.read()?;
+        let table = txn.open_table(METAINFO).map_err(|e| self.fail(e))?;
         let d = digest.to_string();
-        Ok(table.get(d.as_str()).map_err(db_err)?.map(|v| v.value().to_vec()))
+        Ok(table.get(d.as_str()).map_err(|e| self.fail(e))?.map(|v| v.value().to_vec()))
     }
 
     pub fn put_metainfo(&self, digest: &Digest, json: &[u8]) -> Result<(), StoreError> {
         let d = digest.to_string();
-        let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(METAINFO).map_err(db_err)?.insert(d.as_str(), json).map_err(db_err)?;
-        txn.commit().map_err(db_err)
+        let txn = self.write()?;
+        txn.open_table(METAINFO)
+            .map_err(|e| self.fail(e))?
+            .insert(d.as_str(), json)
+            .map_err(|e| self.fail(e))?;
+        txn.commit().map_err(|e| self.fail(e))
     }
 
     pub fn blob_count(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        txn.open_table(BLOBS).map_err(db_err)?.len().map_err(db_err)
+        let txn = self.read()?;
+        txn.open_table(BLOBS).map_err(|e| self.fail(e))?.len().map_err(|e| self.fail(e))
     }
 
     /// Record a blob file that was just published (and end its upload session, if any, in the
     /// same transaction); returns whether the file is new here.
     pub fn commit_blob(&self, digest: &Digest, size: u64, upload: Option<&str>) -> Result<bool, StoreError> {
         let d = digest.to_string();
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.write()?;
         let new = {
-            let mut blobs = txn.open_table(BLOBS).map_err(db_err)?;
-            let new = blobs.get(d.as_str()).map_err(db_err)?.is_none();
+            let mut blobs = txn.open_table(BLOBS).map_err(|e| self.fail(e))?;
+            let new = blobs.get(d.as_str()).map_err(|e| self.fail(e))?.is_none();
             if new {
-                blobs.insert(d.as_str(), (size, now_millis())).map_err(db_err)?;
+                blobs.insert(d.as_str(), (size, now_millis())).map_err(|e| self.fail(e))?;
             }
             if let Some(id) = upload {
-                txn.open_table(UPLOADS).map_err(db_err)?.remove(id).map_err(db_err)?;
+                txn.open_table(UPLOADS).map_err(|e| self.fail(e))?.remove(id).map_err(|e| self.fail(e))?;
             }
             new
         };
-        txn.commit().map_err(db_err)?;
+        txn.commit().map_err(|e| self.fail(e))?;
         Ok(new)
     }
 
     /// Forget a blob file (before it is unlinked); returns its size if it was recorded.
     pub fn remove_blob(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
         let d = digest.to_string();
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.write()?;
         let size = {
-            let mut blobs = txn.open_table(BLOBS).map_err(db_err)?;
-            let size = blobs.remove(d.as_str()).map_err(db_err)?.map(|v| v.value().0);
-            txn.open_table(METAINFO).map_err(db_err)?.remove(d.as_str()).map_err(db_err)?;
+            let mut blobs = txn.open_table(BLOBS).map_err(|e| self.fail(e))?;
+            let size = blobs.remove(d.as_str()).map_err(|e| self.fail(e))?.map(|v| v.value().0);
+            txn.open_table(METAINFO)
+                .map_err(|e| self.fail(e))?
+                .remove(d.as_str())
+                .map_err(|e| self.fail(e))?;
             size
         };
-        txn.commit().map_err(db_err)?;
+        txn.commit().map_err(|e| self.fail(e))?;
         Ok(size)
     }
 
@@ -150,29 +242,32 @@ impl Meta {
     /// was recorded here.
     pub fn quarantine_blob(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
         let d = digest.to_string();
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.write()?;
         let size = {
-            let mut blobs = txn.open_table(BLOBS).map_err(db_err)?;
-            let size = blobs.remove(d.as_str()).map_err(db_err)?.map(|v| v.value().0);
+            let mut blobs = txn.open_table(BLOBS).map_err(|e| self.fail(e))?;
+            let size = blobs.remove(d.as_str()).map_err(|e| self.fail(e))?.map(|v| v.value().0);
             if let Some(size) = size {
-                txn.open_table(METAINFO).map_err(db_err)?.remove(d.as_str()).map_err(db_err)?;
+                txn.open_table(METAINFO)
+                    .map_err(|e| self.fail(e))?
+                    .remove(d.as_str())
+                    .map_err(|e| self.fail(e))?;
                 txn.open_table(QUARANTINE)
-                    .map_err(db_err)?
+                    .map_err(|e| self.fail(e))?
                     .insert(d.as_str(), (size, now_millis()))
-                    .map_err(db_err)?;
+                    .map_err(|e| self.fail(e))?;
             }
             size
         };
-        txn.commit().map_err(db_err)?;
+        txn.commit().map_err(|e| self.fail(e))?;
         Ok(size)
     }
 
     /// A quarantined blob's (size, ms when set aside).
     pub fn quarantined(&self, digest: &Digest) -> Result<Option<(u64, u64)>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(QUARANTINE).map_err(db_err)?;
+        let txn = self.read()?;
+        let table = txn.open_table(QUARANTINE).map_err(|e| self.fail(e))?;
         let d = digest.to_string();
-        Ok(table.get(d.as_str()).map_err(db_err)?.map(|v| v.value()))
+        Ok(table.get(d.as_str()).map_err(|e| self.fail(e))?.map(|v| v.value()))
     }
 
     /// Take a blob out of quarantine (after its file is back, or because a new copy was
@@ -180,23 +275,23 @@ impl Meta {
     /// starts over. Returns its size if it was quarantined.
     pub fn unquarantine_blob(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
         let d = digest.to_string();
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.write()?;
         let size = {
             let size = txn
                 .open_table(QUARANTINE)
-                .map_err(db_err)?
+                .map_err(|e| self.fail(e))?
                 .remove(d.as_str())
-                .map_err(db_err)?
+                .map_err(|e| self.fail(e))?
                 .map(|v| v.value().0);
             if let Some(size) = size {
-                let mut blobs = txn.open_table(BLOBS).map_err(db_err)?;
-                if blobs.get(d.as_str()).map_err(db_err)?.is_none() {
-                    blobs.insert(d.as_str(), (size, now_millis())).map_err(db_err)?;
+                let mut blobs = txn.open_table(BLOBS).map_err(|e| self.fail(e))?;
+                if blobs.get(d.as_str()).map_err(|e| self.fail(e))?.is_none() {
+                    blobs.insert(d.as_str(), (size, now_millis())).map_err(|e| self.fail(e))?;
                 }
             }
             size
         };
-        txn.commit().map_err(db_err)?;
+        txn.commit().map_err(|e| self.fail(e))?;
         Ok(size)
     }
 
@@ -204,19 +299,19 @@ impl Meta {
     /// and was set aside again later is not forgotten early); returns its size.
     pub fn purge_quarantined(&self, digest: &Digest, since: u64) -> Result<Option<u64>, StoreError> {
         let d = digest.to_string();
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.write()?;
         let size = {
-            let mut table = txn.open_table(QUARANTINE).map_err(db_err)?;
-            let found = table.get(d.as_str()).map_err(db_err)?.map(|v| v.value());
+            let mut table = txn.open_table(QUARANTINE).map_err(|e| self.fail(e))?;
+            let found = table.get(d.as_str()).map_err(|e| self.fail(e))?.map(|v| v.value());
             match found {
                 Some((size, at)) if at == since => {
-                    table.remove(d.as_str()).map_err(db_err)?;
+                    table.remove(d.as_str()).map_err(|e| self.fail(e))?;
                     Some(size)
                 }
                 _ => None,
             }
         };
-        txn.commit().map_err(db_err)?;
+        txn.commit().map_err(|e| self.fail(e))?;
         Ok(size)
     }
 
@@ -242,12 +337,12 @@ impl Meta {
         after: Option<&Digest>,
         limit: usize,
     ) -> Result<Vec<BlobEntry>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(table).map_err(db_err)?;
+        let txn = self.read()?;
+        let table = txn.open_table(table).map_err(|e| self.fail(e))?;
         let after = after.map(|d| d.to_string());
         let mut out = Vec::new();
-        for entry in table.range(after.as_deref().unwrap_or("")..).map_err(db_err)? {
-            let (k, v) = entry.map_err(db_err)?;
+        for entry in table.range(after.as_deref().unwrap_or("")..).map_err(|e| self.fail(e))? {
+            let (k, v) = entry.map_err(|e| self.fail(e))?;
             if after.as_deref() == Some(k.value()) {
                 continue;
             }
@@ -263,12 +358,12 @@ impl Meta {
 
     /// The records for `keys` of `repo`, in the same order.
     pub fn records_get(&self, repo: &str, keys: &[RecordKey]) -> Result<Vec<Option<Record>>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(RECORDS).map_err(db_err)?;
+        let txn = self.read()?;
+        let table = txn.open_table(RECORDS).map_err(|e| self.fail(e))?;
         keys.iter()
             .map(|k| {
                 let name = k.name();
-                let value = table.get((repo, k.kind().as_str(), name.as_str())).map_err(db_err)?;
+                let value = table.get((repo, k.kind().as_str(), name.as_str())).map_err(|e| self.fail(e))?;
                 value.map(|v| serde_json::from_str(v.value()).map_err(json_err)).transpose()
             })
             .collect()
@@ -282,24 +377,24 @@ impl Meta {
         kind: RecordKind,
         subject: Option<&Digest>,
     ) -> Result<Option<Vec<Record>>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        if txn.open_table(REPOS).map_err(db_err)?.get(repo).map_err(db_err)?.is_none() {
+        let txn = self.read()?;
+        if txn.open_table(REPOS).map_err(|e| self.fail(e))?.get(repo).map_err(|e| self.fail(e))?.is_none() {
             return Ok(None);
         }
-        let table = txn.open_table(RECORDS).map_err(db_err)?;
+        let table = txn.open_table(RECORDS).map_err(|e| self.fail(e))?;
         let mut out = Vec::new();
         match subject {
             Some(subject) => {
                 let s = subject.to_string();
-                let index = txn.open_table(SUBJECTS).map_err(db_err)?;
-                for entry in index.range((repo, s.as_str(), "")..).map_err(db_err)? {
-                    let (k, _) = entry.map_err(db_err)?;
+                let index = txn.open_table(SUBJECTS).map_err(|e| self.fail(e))?;
+                for entry in index.range((repo, s.as_str(), "")..).map_err(|e| self.fail(e))? {
+                    let (k, _) = entry.map_err(|e| self.fail(e))?;
                     let (r, subj, digest) = k.value();
                     if r != repo || subj != s {
                         break;
                     }
                     if let Some(v) =
-                        table.get((repo, RecordKind::Manifest.as_str(), digest)).map_err(db_err)?
+                        table.get((repo, RecordKind::Manifest.as_str(), digest)).map_err(|e| self.fail(e))?
                     {
                         out.push(serde_json::from_str(v.value()).map_err(json_err)?);
                     }
@@ -307,8 +402,8 @@ impl Meta {
             }
             None => {
                 let kind = kind.as_str();
-                for entry in table.range((repo, kind, "")..).map_err(db_err)? {
-                    let (k, v) = entry.map_err(db_err)?;
+                for entry in table.range((repo, kind, "")..).map_err(|e| self.fail(e))? {
+                    let (k, v) = entry.map_err(|e| self.fail(e))?;
                     let (r, kd, _) = k.value();
                     if r != repo || kd != kind {
                         break;
@@ -323,40 +418,44 @@ impl Meta {
     /// Merge records into `repo`, keeping the newer version of each key; returns how many
     /// changed something here.
     pub fn records_apply(&self, repo: &str, records: &[Record]) -> Result<usize, StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.write()?;
         let mut changed = 0;
         {
-            let mut table = txn.open_table(RECORDS).map_err(db_err)?;
-            let mut subjects = txn.open_table(SUBJECTS).map_err(db_err)?;
+            let mut table = txn.open_table(RECORDS).map_err(|e| self.fail(e))?;
+            let mut subjects = txn.open_table(SUBJECTS).map_err(|e| self.fail(e))?;
             for record in records {
                 let (kind, name) = (record.key.kind().as_str(), record.key.name());
                 let key = (repo, kind, name.as_str());
                 let existing: Option<Record> = table
                     .get(key)
-                    .map_err(db_err)?
+                    .map_err(|e| self.fail(e))?
                     .map(|v| serde_json::from_str(v.value()).map_err(json_err))
                     .transpose()?;
                 if !record.applies_over(existing.as_ref()) {
                     continue;
                 }
                 let json = serde_json::to_string(&record.stored()).map_err(json_err)?;
-                table.insert(key, json.as_str()).map_err(db_err)?;
+                table.insert(key, json.as_str()).map_err(|e| self.fail(e))?;
                 let old_subject =
                     existing.as_ref().and_then(|r| r.manifest()).and_then(|m| m.subject.clone());
                 let new_subject = record.manifest().and_then(|m| m.subject.clone());
                 if let Some(s) = old_subject {
-                    subjects.remove((repo, s.to_string().as_str(), name.as_str())).map_err(db_err)?;
+                    subjects
+                        .remove((repo, s.to_string().as_str(), name.as_str()))
+                        .map_err(|e| self.fail(e))?;
                 }
                 if let Some(s) = new_subject {
-                    subjects.insert((repo, s.to_string().as_str(), name.as_str()), 0).map_err(db_err)?;
+                    subjects
+                        .insert((repo, s.to_string().as_str(), name.as_str()), 0)
+                        .map_err(|e| self.fail(e))?;
                 }
                 changed += 1;
             }
             if !records.is_empty() {
-                txn.open_table(REPOS).map_err(db_err)?.insert(repo, 0).map_err(db_err)?;
+                txn.open_table(REPOS).map_err(|e| self.fail(e))?.insert(repo, 0).map_err(|e| self.fail(e))?;
             }
         }
-        txn.commit().map_err(db_err)?;
+        txn.commit().map_err(|e| self.fail(e))?;
         Ok(changed)
     }
 
@@ -364,42 +463,44 @@ impl Meta {
     /// transaction; a record that changed since is kept, and so is the repository while any of
     /// its records remains.
     pub fn records_forget(&self, repo: &str, confirmed: &[Record]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.write()?;
         {
-            let mut table = txn.open_table(RECORDS).map_err(db_err)?;
-            let mut subjects = txn.open_table(SUBJECTS).map_err(db_err)?;
+            let mut table = txn.open_table(RECORDS).map_err(|e| self.fail(e))?;
+            let mut subjects = txn.open_table(SUBJECTS).map_err(|e| self.fail(e))?;
             for record in confirmed {
                 let (kind, name) = (record.key.kind().as_str(), record.key.name());
                 let key = (repo, kind, name.as_str());
                 let stored: Option<Record> = table
                     .get(key)
-                    .map_err(db_err)?
+                    .map_err(|e| self.fail(e))?
                     .map(|v| serde_json::from_str(v.value()).map_err(json_err))
                     .transpose()?;
                 let Some(stored) = stored.filter(|s| s.version == record.version) else { continue };
-                table.remove(key).map_err(db_err)?;
+                table.remove(key).map_err(|e| self.fail(e))?;
                 if let Some(subject) = stored.manifest().and_then(|m| m.subject.clone()) {
-                    subjects.remove((repo, subject.to_string().as_str(), name.as_str())).map_err(db_err)?;
+                    subjects
+                        .remove((repo, subject.to_string().as_str(), name.as_str()))
+                        .map_err(|e| self.fail(e))?;
                 }
             }
-            let remaining = match table.range((repo, "", "")..).map_err(db_err)?.next() {
-                Some(entry) => entry.map_err(db_err)?.0.value().0 == repo,
+            let remaining = match table.range((repo, "", "")..).map_err(|e| self.fail(e))?.next() {
+                Some(entry) => entry.map_err(|e| self.fail(e))?.0.value().0 == repo,
                 None => false,
             };
             if !remaining {
-                txn.open_table(REPOS).map_err(db_err)?.remove(repo).map_err(db_err)?;
+                txn.open_table(REPOS).map_err(|e| self.fail(e))?.remove(repo).map_err(|e| self.fail(e))?;
             }
         }
-        txn.commit().map_err(db_err)
+        txn.commit().map_err(|e| self.fail(e))
     }
 
     /// Repositories with records here, in order, after `after`, at most `limit`.
     pub fn repos(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(REPOS).map_err(db_err)?;
+        let txn = self.read()?;
+        let table = txn.open_table(REPOS).map_err(|e| self.fail(e))?;
         let mut items = Vec::new();
-        for entry in table.range(after.unwrap_or("")..).map_err(db_err)? {
-            let (k, _) = entry.map_err(db_err)?;
+        for entry in table.range(after.unwrap_or("")..).map_err(|e| self.fail(e))? {
+            let (k, _) = entry.map_err(|e| self.fail(e))?;
             let name = k.value();
             if after == Some(name) {
                 continue;
@@ -416,68 +517,74 @@ impl Meta {
     /// a pass that took the old ticket must not remove what was queued while it ran
     /// ([`Meta::repair_done`]).
     pub fn repair_enqueue(&self, item: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.write()?;
         {
-            let mut table = txn.open_table(REPAIR).map_err(db_err)?;
-            let old = table.get(item).map_err(db_err)?.map(|v| v.value());
+            let mut table = txn.open_table(REPAIR).map_err(|e| self.fail(e))?;
+            let old = table.get(item).map_err(|e| self.fail(e))?.map(|v| v.value());
             let ticket = old.map_or(0, |t| t.saturating_add(1)).max(now_millis());
-            table.insert(item, ticket).map_err(db_err)?;
+            table.insert(item, ticket).map_err(|e| self.fail(e))?;
         }
-        txn.commit().map_err(db_err)
+        txn.commit().map_err(|e| self.fail(e))
     }
 
     /// Up to `limit` queued items, oldest key order, each with its ticket.
     pub fn repair_pending(&self, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(REPAIR).map_err(db_err)?;
+        let txn = self.read()?;
+        let table = txn.open_table(REPAIR).map_err(|e| self.fail(e))?;
         let mut out = Vec::new();
-        for entry in table.iter().map_err(db_err)?.take(limit) {
-            let entry = entry.map_err(db_err)?;
+        for entry in table.iter().map_err(|e| self.fail(e))?.take(limit) {
+            let entry = entry.map_err(|e| self.fail(e))?;
             out.push((entry.0.value().to_string(), entry.1.value()));
         }
         Ok(out)
     }
 
     pub fn repair_len(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        txn.open_table(REPAIR).map_err(db_err)?.len().map_err(db_err)
+        let txn = self.read()?;
+        txn.open_table(REPAIR).map_err(|e| self.fail(e))?.len().map_err(|e| self.fail(e))
     }
 
     /// Take `item` off the queue if it is still queued with `ticket`: queued again since (a
     /// write that missed its owners while the pass ran), it stays for the next pass.
     pub fn repair_done(&self, item: &str, ticket: u64) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.write()?;
         {
-            let mut table = txn.open_table(REPAIR).map_err(db_err)?;
-            let current = table.get(item).map_err(db_err)?.map(|v| v.value());
+            let mut table = txn.open_table(REPAIR).map_err(|e| self.fail(e))?;
+            let current = table.get(item).map_err(|e| self.fail(e))?.map(|v| v.value());
             if current == Some(ticket) {
-                table.remove(item).map_err(db_err)?;
+                table.remove(item).map_err(|e| self.fail(e))?;
             }
         }
-        txn.commit().map_err(db_err)
+        txn.commit().map_err(|e| self.fail(e))
     }
 
     pub fn add_upload(&self, id: &str, record: &UploadRecord) -> Result<(), StoreError> {
         let json = serde_json::to_string(record).map_err(json_err)?;
-        let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(UPLOADS).map_err(db_err)?.insert(id, json.as_str()).map_err(db_err)?;
-        txn.commit().map_err(db_err)
+        let txn = self.write()?;
+        txn.open_table(UPLOADS)
+            .map_err(|e| self.fail(e))?
+            .insert(id, json.as_str())
+            .map_err(|e| self.fail(e))?;
+        txn.commit().map_err(|e| self.fail(e))
     }
 
     pub fn remove_upload(&self, id: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(UPLOADS).map_err(db_err)?.remove(id).map_err(db_err)?;
-        txn.commit().map_err(db_err)
+        let txn = self.write()?;
+        txn.open_table(UPLOADS).map_err(|e| self.fail(e))?.remove(id).map_err(|e| self.fail(e))?;
+        txn.commit().map_err(|e| self.fail(e))
     }
 
     pub fn uploads(&self) -> Result<Vec<(String, UploadRecord)>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(UPLOADS).map_err(db_err)?;
+        let txn = self.read()?;
+        let table = txn.open_table(UPLOADS).map_err(|e| self.fail(e))?;
         let mut out = Vec::new();
-        for entry in table.iter().map_err(db_err)? {
-            let (k, v) = entry.map_err(db_err)?;
+        for entry in table.iter().map_err(|e| self.fail(e))? {
+            let (k, v) = entry.map_err(|e| self.fail(e))?;
             out.push((k.value().to_string(), serde_json::from_str(v.value()).map_err(json_err)?));
         }
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests;
