@@ -429,3 +429,50 @@ async fn origins_accept_each_others_tokens() {
         Some("invalid_token"),
     );
 }
+
+/// A private blob an agent has cached goes bad on disk; the next read, with a valid token,
+/// finds the bad piece while streaming and goes on from a new download. That download runs
+/// after the request's handler returned: it must still carry the client's token, or the
+/// origins refuse its HTTP fallback (the tracker is down here, so the fallback is all there
+/// is) and the client's stream breaks. Before, it broke.
+#[tokio::test]
+async fn a_bad_cached_private_blob_is_fetched_again_with_the_clients_token() {
+    skip_if_external!("starts its own cluster");
+    let mut cluster = Cluster::start_with_origin(1, &auth_toml(), "").await;
+    let url = cluster.origin.url().to_string();
+    let private = unique_repo("private");
+    let scope = format!("repository:{private}:pull,push");
+    let ci = cluster.origin.client().with_bearer(&token(&url, Some(("ci", "ci-pass")), &scope).await);
+    let image = ci.push_image(&private, ImageKind::Oci, Some("v1"), 3 << 20).await;
+    let layer = &image.layers[0];
+    let pull = format!("repository:{private}:pull");
+    let alice = Client::new(&cluster.agent_url(0))
+        .with_bearer(&token(&url, Some(("alice", "alice-pass")), &pull).await);
+    let first = alice.get_blob(&private, &layer.digest).await;
+    first.expect(StatusCode::OK);
+    assert_eq!(first.body, layer.data);
+
+    let hex = layer.digest.trim_start_matches("sha256:");
+    let cached = cluster.agent_data_dir(0).join("cache").join("sha256").join(hex);
+    for _ in 0..100 {
+        if cached.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&cached).expect("the cached blob");
+        let offset = (2 << 20) + 11;
+        let mut buf = [0u8; 8];
+        file.read_exact_at(&mut buf, offset).unwrap();
+        for b in &mut buf {
+            *b ^= 0x5a;
+        }
+        file.write_all_at(&buf, offset).unwrap();
+    }
+    cluster.kill_tracker();
+    let again = alice.get_blob(&private, &layer.digest).await;
+    again.expect(StatusCode::OK);
+    assert!(again.body == layer.data, "the blob read again after its cached copy went bad");
+}

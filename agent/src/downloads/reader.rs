@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::HeaderValue;
 use bytes::Bytes;
 use futures_util::stream;
 use shoal_p2p::blob::BlobPieces;
@@ -39,6 +40,11 @@ pub(super) enum Source {
 /// A client's read position; unregisters itself from its download when dropped.
 pub(super) struct Reader {
     downloads: Arc<Downloads>,
+    /// The client's credentials for the origins and for upstreams, as its request carried
+    /// them: a download started from inside the stream (a cached file gone bad) runs after the
+    /// request's handler returned, outside the scopes that hold them.
+    forward: Option<HeaderValue>,
+    upstream: Option<HeaderValue>,
     repo: RepoName,
     digest: Digest,
     source: Source,
@@ -94,6 +100,8 @@ impl Reader {
     ) -> ByteStream {
         let reader = Reader {
             downloads,
+            forward: shoal_registry::auth::forwarded_authorization(),
+            upstream: crate::mirror::upstream_credentials(),
             repo,
             digest,
             source,
@@ -119,7 +127,10 @@ impl Reader {
                     // The cache has dropped the file: go on from a download of the blob.
                     tracing::warn!(digest = %self.digest, index, "a cached blob went bad while read; fetching it again");
                     self.ahead = None;
-                    match self.downloads.join(&self.repo, &self.digest).await {
+                    let join = self.downloads.join(&self.repo, &self.digest);
+                    let join = crate::mirror::UPSTREAM_CREDENTIALS.scope(self.upstream.clone(), join);
+                    match shoal_registry::auth::FORWARD_AUTHORIZATION.scope(self.forward.clone(), join).await
+                    {
                         Ok(Joined::Download(download)) => {
                             self.source = Source::Download(download.clone());
                             self.read_download(download).await
