@@ -1,12 +1,16 @@
 //! Startup recovery. Every write is ordered (file fsynced, renamed, then the metadata
 //! transaction), so recovery only has to drop leftovers: scratch files, upload data without a
-//! session record, and session records whose data vanished.
+//! session record, session records whose data vanished, and blob files (in `blobs/` or
+//! `quarantine/`) that no record names: a crash between a file's rename and its commit (never
+//! acknowledged), or between a record's removal and the unlink (removed on purpose). Left,
+//! they took disk space nothing counted or could reclaim.
 
 use std::collections::HashSet;
 use std::fs;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use shoal_registry::{RepoName, StoreError};
+use shoal_registry::{Digest, RepoName, StoreError};
 
 use crate::layout::Layout;
 use crate::meta::Meta;
@@ -50,12 +54,56 @@ pub fn recover(layout: &Layout) -> Result<(Meta, Sessions), StoreError> {
             orphans += 1;
         }
     }
+    let mut strays = 0;
+    for (digest, path) in blob_files(layout)? {
+        if meta.blob_size(&digest)?.is_none() && meta.quarantined(&digest)?.is_none() {
+            tracing::warn!(%digest, path = %path.display(), "removing a blob file no record names");
+            fs::remove_file(&path).map_err(io)?;
+            strays += 1;
+        }
+    }
     tracing::info!(
         sessions = live.len(),
         removed_scratch = scratch,
         removed_orphan_uploads = orphans,
+        removed_stray_blob_files = strays,
         blobs = meta.blob_count()?,
         "storage recovered"
     );
     Ok((meta, sessions))
+}
+
+/// Every blob file under `blobs/<alg>/<aa>/<hex>` and `quarantine/<alg>-<hex>`, with the digest
+/// its name gives (files whose names give none are left alone).
+fn blob_files(layout: &Layout) -> Result<Vec<(Digest, PathBuf)>, StoreError> {
+    let mut out = Vec::new();
+    let blobs = layout.root().join("blobs");
+    for alg in dir_entries(&blobs)? {
+        let Some(alg_name) = alg.file_name().and_then(|n| n.to_str()).map(str::to_string) else { continue };
+        for prefix in dir_entries(&alg)? {
+            for file in dir_entries(&prefix)? {
+                let Some(hex) = file.file_name().and_then(|n| n.to_str()) else { continue };
+                if let Ok(digest) = format!("{alg_name}:{hex}").parse::<Digest>() {
+                    out.push((digest, file));
+                }
+            }
+        }
+    }
+    for file in dir_entries(&layout.quarantine())? {
+        let Some(name) = file.file_name().and_then(|n| n.to_str()) else { continue };
+        let Some((alg, hex)) = name.split_once('-') else { continue };
+        if let Ok(digest) = format!("{alg}:{hex}").parse::<Digest>() {
+            out.push((digest, file));
+        }
+    }
+    Ok(out)
+}
+
+/// The entries of `dir` (none if it does not exist).
+fn dir_entries(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    match fs::read_dir(dir) {
+        Ok(read) => read.map(|e| e.map(|e| e.path()).map_err(io)).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io(e)),
+    }
 }

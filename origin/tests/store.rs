@@ -205,12 +205,22 @@ async fn sessions_and_blobs_survive_restart_and_leftovers_are_removed() {
     // Background metainfo hashing may still hold the closed store for a moment; a real crash
     // has no such stragglers.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // Debris a crash could leave: a scratch file and upload data without a session.
+    // Debris a crash could leave: a scratch file, upload data without a session, a blob file
+    // renamed into place whose commit never happened, a purged quarantine file not unlinked.
     std::fs::write(dir.path().join("tmp/partial"), b"x").unwrap();
     std::fs::write(dir.path().join("uploads/orphan"), b"x").unwrap();
+    let stray = Digest::of(Algorithm::Sha256, b"renamed, never committed");
+    let stray_path = dir.path().join("blobs/sha256").join(&stray.hex()[..2]).join(stray.hex());
+    std::fs::create_dir_all(stray_path.parent().unwrap()).unwrap();
+    std::fs::write(&stray_path, b"renamed, never committed").unwrap();
+    let purged = Digest::of(Algorithm::Sha256, b"purged");
+    let purged_path = dir.path().join("quarantine").join(format!("sha256-{}", purged.hex()));
+    std::fs::write(&purged_path, b"purged").unwrap();
     let store = open_single(config(dir.path())).await.unwrap();
     assert!(!dir.path().join("tmp/partial").exists());
     assert!(!dir.path().join("uploads/orphan").exists());
+    assert!(!stray_path.exists(), "a blob file no record names was left");
+    assert!(!purged_path.exists(), "a quarantine file no record names was left");
     assert_eq!(read_all(&store, &r, &kept).await, b"committed before the crash");
     assert_eq!(store.upload_status(&r, &id).await.unwrap().offset, 10_000);
     store.upload_append(&r, &id, Some(10_000), None, body(&content[10_000..])).await.unwrap();
