@@ -46,9 +46,11 @@ impl Hashing {
                 .await
                 .map_err(|e| StoreError::Internal(format!("metainfo task: {e}")))
         };
+        // References are taken only under the map's lock: dropped under it too, a count of one
+        // (the map's) means nobody else waits, and the entry goes.
         let mut all = self.lock();
-        // The map's reference and this one: nobody else waits, the entry goes.
-        if Arc::strong_count(&turn) == 2 {
+        drop(turn);
+        if all.get(digest).is_some_and(|t| Arc::strong_count(t) == 1) {
             all.remove(digest);
         }
         result?
@@ -184,7 +186,15 @@ mod tests {
             assert_eq!(m.digest(), &digest);
         }
         assert_eq!(store.inner.hashing.passes.load(Ordering::Relaxed), 1);
+        // The background computation may still be finishing its own wait.
+        for _ in 0..100 {
+            if store.inner.hashing.lock().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert!(store.inner.hashing.lock().is_empty(), "nothing left behind");
+        assert_eq!(store.inner.hashing.passes.load(Ordering::Relaxed), 1);
     }
 
     /// Askers waiting for a hash pass hold no thread of the blocking pool: with a pool of two,
