@@ -35,11 +35,16 @@ pub enum OriginsBuildError {
     Http(#[from] reqwest::Error),
 }
 
+/// Bytes of metainfo kept at most. A metainfo grows with its blob (64 hex characters per
+/// piece: ~65 KB per GiB), so a count alone let 10,000 large layers take gigabytes.
+pub const MAX_METAINFO_CACHE_BYTES: usize = 64 << 20;
+
 /// Client of the origins with small bounded caches.
 pub struct Origins {
     origins: Failover,
     http: reqwest::Client,
-    metainfo: Mutex<HashMap<Digest, Bytes>>,
+    /// Cached metainfo, and the bytes it holds.
+    metainfo: Mutex<(HashMap<Digest, Bytes>, usize)>,
     seeders: Mutex<HashMap<Digest, (Instant, Vec<PeerInfo>)>>,
     max_cached: usize,
     seeder_ttl: Duration,
@@ -53,7 +58,7 @@ impl Origins {
         Ok(Origins {
             origins,
             http,
-            metainfo: Mutex::new(HashMap::new()),
+            metainfo: Mutex::new((HashMap::new(), 0)),
             seeders: Mutex::new(HashMap::new()),
             max_cached: 10_000,
             seeder_ttl: Duration::from_secs(10),
@@ -62,7 +67,7 @@ impl Origins {
 
     /// The blob's metainfo JSON, from the cache or the first origin that answers.
     pub async fn metainfo(&self, digest: &Digest) -> Result<Bytes, OriginError> {
-        if let Some(m) = lock(&self.metainfo).get(digest) {
+        if let Some(m) = lock(&self.metainfo).0.get(digest) {
             return Ok(m.clone());
         }
         let path = metainfo_path(digest);
@@ -78,10 +83,16 @@ impl Origins {
         }
         let body = r.bytes().await.map_err(|e| OriginError::Unreachable(e.to_string()))?;
         let mut cache = lock(&self.metainfo);
-        if cache.len() >= self.max_cached {
-            cache.clear(); // crude but bounded; metainfo is cheap to refetch
+        let (entries, bytes) = &mut *cache;
+        if entries.len() >= self.max_cached || *bytes + body.len() > MAX_METAINFO_CACHE_BYTES {
+            // Crude but bounded; metainfo is cheap to refetch.
+            entries.clear();
+            *bytes = 0;
         }
-        cache.insert(digest.clone(), body.clone());
+        if let Some(old) = entries.insert(digest.clone(), body.clone()) {
+            *bytes -= old.len();
+        }
+        *bytes += body.len();
         Ok(body)
     }
 
@@ -187,6 +198,24 @@ mod tests {
         let missing = fake_origin(Http::NOT_FOUND).await;
         let origins = Origins::new(vec![missing, live], Duration::from_secs(5)).unwrap();
         assert!(matches!(origins.metainfo(&digest("x")).await, Err(OriginError::Unknown(_))));
+    }
+
+    /// Large blobs' metainfo is bounded in bytes, not only in entries.
+    #[tokio::test]
+    async fn cached_metainfo_is_bounded_in_bytes() {
+        let big = "x".repeat(1 << 20);
+        let app = axum::Router::new()
+            .route("/shoal/v1/blobs/{digest}/metainfo", get(move || async move { big.clone() }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let origins = Origins::new(vec![url], Duration::from_secs(5)).unwrap();
+        for i in 0..100 {
+            origins.metainfo(&digest(&i.to_string())).await.unwrap();
+            let (entries, bytes) = &*lock(&origins.metainfo);
+            assert!(*bytes <= MAX_METAINFO_CACHE_BYTES, "{bytes} bytes cached after {i}");
+            assert_eq!(*bytes, entries.values().map(Bytes::len).sum::<usize>());
+        }
     }
 
     #[tokio::test]
