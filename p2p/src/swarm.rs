@@ -120,6 +120,9 @@ struct Swarm {
     state: SwarmState,
     peers: HashMap<PeerId, Peer>,
     events_tx: mpsc::Sender<Event>,
+    /// The scheduled (sleeping) announce, cancelled when the download ends: left to run, it
+    /// told the tracker "incomplete" after the final "complete" and listed a failed download.
+    pending_announce: Option<tokio::task::AbortHandle>,
 }
 
 /// Download every missing piece of `pieces`, from peers and, if they stall, from the origin.
@@ -149,7 +152,16 @@ pub async fn download(
     }
     let (events_tx, mut events) = mpsc::channel::<Event>(256);
     let slot = deps.node.join();
-    let mut swarm = Swarm { cfg, deps, pieces, fallback, state, peers: HashMap::new(), events_tx };
+    let mut swarm = Swarm {
+        cfg,
+        deps,
+        pieces,
+        fallback,
+        state,
+        peers: HashMap::new(),
+        events_tx,
+        pending_announce: None,
+    };
     swarm.deps.metrics.active_swarms.inc();
     // Readers that were waiting before this download started: `changed` reports only later
     // moves.
@@ -218,9 +230,10 @@ pub async fn download(
     for _ in swarm.peers.drain() {
         swarm.deps.metrics.connections.with_label_values(&["out"]).dec();
     }
-    if result.is_ok() {
-        swarm.announce_final();
+    if let Some(pending) = swarm.pending_announce.take() {
+        pending.abort();
     }
+    swarm.announce_final(result.is_ok());
     result
 }
 
@@ -397,7 +410,7 @@ impl Swarm {
         });
     }
 
-    fn announce(&self, after: Duration) {
+    fn announce(&mut self, after: Duration) {
         let announcer = self.deps.announcer.clone();
         let req = AnnounceRequest {
             digest: self.pieces.metainfo().digest().clone(),
@@ -407,7 +420,10 @@ impl Swarm {
             stopped: false,
         };
         let events = self.events_tx.clone();
-        tokio::spawn(async move {
+        if let Some(previous) = self.pending_announce.take() {
+            previous.abort();
+        }
+        let task = tokio::spawn(async move {
             tokio::time::sleep(after).await;
             let (result, interval) = match announcer.announce(req).await {
                 Ok(r) => (Ok(r.peers), Duration::from_secs(r.interval_secs.clamp(1, 300))),
@@ -415,17 +431,19 @@ impl Swarm {
             };
             let _ = events.send(Event::Announced(result, interval)).await;
         });
+        self.pending_announce = Some(task.abort_handle());
     }
 
-    /// Tell the tracker we are a seeder now (best effort, in the background).
-    fn announce_final(&self) {
+    /// Tell the tracker how the download ended (best effort, in the background): a seeder now,
+    /// or, failed, no longer a peer of the blob.
+    fn announce_final(&self, complete: bool) {
         let announcer = self.deps.announcer.clone();
         let req = AnnounceRequest {
             digest: self.pieces.metainfo().digest().clone(),
             peer_id: self.cfg.peer_id.to_string(),
             addr: self.cfg.advertise,
-            complete: true,
-            stopped: false,
+            complete,
+            stopped: !complete,
         };
         tokio::spawn(async move {
             let _ = announcer.announce(req).await;
@@ -506,7 +524,32 @@ mod tests {
         )
         .unwrap();
         let (events_tx, _) = mpsc::channel(16);
-        Swarm { cfg, deps, pieces, fallback: Arc::new(NoFallback), state, peers: HashMap::new(), events_tx }
+        Swarm {
+            cfg,
+            deps,
+            pieces,
+            fallback: Arc::new(NoFallback),
+            state,
+            peers: HashMap::new(),
+            events_tx,
+            pending_announce: None,
+        }
+    }
+
+    /// One announce is scheduled at a time: a new one cancels the sleeping one (the download's
+    /// end cancels the last, so no "incomplete" follows its final announce).
+    #[tokio::test]
+    async fn a_scheduled_announce_is_cancelled_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = swarm(&dir);
+        s.announce(Duration::from_secs(3600));
+        let first = s.pending_announce.clone().expect("scheduled");
+        s.announce(Duration::from_secs(3600));
+        tokio::task::yield_now().await;
+        assert!(first.is_finished(), "the first scheduled announce still sleeps");
+        let second = s.pending_announce.take().expect("scheduled");
+        assert!(!second.is_finished());
+        second.abort();
     }
 
     fn connected(s: &Swarm, peer: PeerId, conn: ConnId, port: u16) -> (Event, mpsc::Receiver<Command>) {
