@@ -60,8 +60,9 @@ impl Seeding {
         advertise: std::net::SocketAddr,
         interval: Duration,
     ) {
+        let mut period = interval;
         loop {
-            tokio::time::sleep(interval).await;
+            tokio::time::sleep(period).await;
             // Still held? Asking must not count as a use: every recently used blob is checked
             // each interval, in no particular order, which would scramble the
             // least-recently-used order eviction relies on.
@@ -78,11 +79,38 @@ impl Seeding {
                 })
                 .collect();
             // One request per tracker (per 256 blobs), not one per blob.
+            let mut asked = None::<u64>;
             for result in tracker.announce_many(&reqs).await {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "seeding announce failed");
+                match result {
+                    Ok(r) => asked = Some(asked.map_or(r.interval_secs, |a| a.min(r.interval_secs))),
+                    Err(e) => tracing::debug!(error = %e, "seeding announce failed"),
                 }
             }
+            period = seeding_period(interval, asked);
         }
+    }
+}
+
+/// How long the seeding loop waits between rounds: the configured interval, but never longer
+/// than the trackers ask (they forget a peer after three of their own intervals; an agent
+/// configured slower than its trackers was listed a third of the time).
+fn seeding_period(configured: Duration, asked_secs: Option<u64>) -> Duration {
+    match asked_secs {
+        Some(secs) => configured.min(Duration::from_secs(secs.max(1))),
+        None => configured,
+    }
+}
+
+#[cfg(test)]
+mod period_tests {
+    use super::*;
+
+    #[test]
+    fn the_trackers_interval_caps_the_seeding_period() {
+        let s = Duration::from_secs;
+        assert_eq!(seeding_period(s(30), Some(3)), s(3), "a tracker that forgets after 9 s");
+        assert_eq!(seeding_period(s(3), Some(30)), s(3), "announcing more often than asked is fine");
+        assert_eq!(seeding_period(s(3), None), s(3), "no answer: the configured interval");
+        assert_eq!(seeding_period(s(3), Some(0)), s(1), "a zero interval is not a busy loop");
     }
 }
