@@ -126,8 +126,8 @@ impl PeerStore {
     ) -> Result<(), Refused> {
         let existing = self.swarms.get(digest).and_then(|s| s.get(peer_id));
         let refresh = match existing {
-            Some(e) if e.expires > now && &*e.announcer != announcer => return Err(Refused::NotOwner),
-            Some(e) => &*e.announcer == announcer,
+            Some(e) if e.expires > now && !owns(e, announcer, addr) => return Err(Refused::NotOwner),
+            Some(e) => owns(e, announcer, addr),
             None => false,
         };
         if !refresh && self.held.get(announcer).copied().unwrap_or(0) >= self.limits.max_entries_per_announcer
@@ -192,8 +192,11 @@ impl PeerStore {
 
     /// Forget a peer if `announcer` holds its entry (a `stopped` announce).
     pub fn remove_by(&mut self, announcer: &str, digest: &Digest, peer_id: &str) {
-        let owned =
-            self.swarms.get(digest).and_then(|s| s.get(peer_id)).is_some_and(|e| &*e.announcer == announcer);
+        let owned = self
+            .swarms
+            .get(digest)
+            .and_then(|s| s.get(peer_id))
+            .is_some_and(|e| &*e.announcer == announcer || same_identity(&e.announcer, announcer));
         if owned {
             self.remove(digest, peer_id);
         }
@@ -278,6 +281,23 @@ impl PeerStore {
     /// Total announcements held (a metric).
     pub fn peers(&self) -> usize {
         self.swarms.values().map(BTreeMap::len).sum()
+    }
+}
+
+/// Whether `announcer` may refresh `entry`: the announcer that made it, or the same node
+/// seen from another source address (its identity is the same and it announces the same
+/// peer address: behind SNAT, or over another address family, a node's source address
+/// changes between connections, and its own entries were refused as another's).
+fn owns(entry: &Entry, announcer: &str, addr: SocketAddr) -> bool {
+    &*entry.announcer == announcer || (entry.addr == addr && same_identity(&entry.announcer, announcer))
+}
+
+/// Whether two announcer keys (`identity@address`, or an address alone without node
+/// identities) name the same identity; two keys without one do not.
+fn same_identity(a: &str, b: &str) -> bool {
+    match (a.rsplit_once('@'), b.rsplit_once('@')) {
+        (Some((a, _)), Some((b, _))) => a == b,
+        _ => false,
     }
 }
 
@@ -431,6 +451,30 @@ mod tests {
         // Once it has expired, the id is free again.
         let later = now + store.limits.ttl + Duration::from_secs(1);
         assert_eq!(store.announce_by("intruder", &d, "p", addr(66), true, later), Ok(()));
+    }
+
+    /// The same node (identity) from another source address refreshes and stops its own
+    /// entry, as long as it announces the same peer address; another identity cannot.
+    #[test]
+    fn a_node_behind_changing_source_addresses_keeps_its_entries() {
+        let now = Instant::now();
+        let mut store = PeerStore::new(PeerStoreLimits::default());
+        let d = digest("a");
+        assert_eq!(store.announce_by("agent-1@10.0.0.1", &d, "p", addr(1), false, now), Ok(()));
+        assert_eq!(store.announce_by("agent-1@10.0.0.2", &d, "p", addr(1), true, now), Ok(()));
+        assert_eq!(
+            store.announce_by("agent-1@10.0.0.3", &d, "p", addr(66), true, now),
+            Err(Refused::NotOwner)
+        );
+        assert_eq!(
+            store.announce_by("agent-2@10.0.0.1", &d, "p", addr(1), true, now),
+            Err(Refused::NotOwner)
+        );
+        // Without node identities an address is all there is: another one is another node.
+        assert_eq!(store.announce_by("10.0.0.9", &d, "q", addr(2), true, now), Ok(()));
+        assert_eq!(store.announce_by("10.0.0.8", &d, "q", addr(2), true, now), Err(Refused::NotOwner));
+        store.remove_by("agent-1@10.0.0.4", &d, "p");
+        assert_eq!(store.peers(), 1, "the node's stop from another address removed its entry");
     }
 
     #[test]
