@@ -234,6 +234,63 @@ async fn gc_stops_when_the_owners_cannot_list_a_repositorys_manifests() {
     assert_eq!((report.quarantined_blobs, report.swept_blobs), (0, 0), "{report:?}");
 }
 
+/// R = 1. An image is pushed while its repository's owner is down: its records land on the
+/// next origin in the ranking, and nothing is queued (every live owner took the write). The
+/// owner comes back, holding an older image of the same repository, before any repair pass.
+/// GC must read the repository everywhere: asking only the owner (which knows the repository,
+/// so nobody else was asked), it missed the new image and purged its layer.
+#[tokio::test]
+async fn gc_reads_what_a_write_left_beside_a_down_owner() {
+    let (world, cs) = world_with(1).await;
+    let all: Vec<String> = IDS.iter().map(|s| s.to_string()).collect();
+    let repo: RepoName = "team/moved".parse().unwrap();
+    let owner = shoal_origin::cluster::placement::owners(repo.as_str(), &all, 1)[0].clone();
+    let through = cs.iter().find(|c| c.me() != owner).unwrap().clone();
+    let store = ClusterStore::new(through.clone());
+    let old_config = push(&store, &repo, b"{\"old\":1}").await.unwrap();
+    let old_layer = push(&store, &repo, b"old layer").await.unwrap();
+    store.manifest_put(&repo, Some(&"v0".parse().unwrap()), manifest(&old_config, &old_layer)).await.unwrap();
+
+    switch(&world, &owner, true);
+    world.live.lock().unwrap().retain(|id| *id != owner);
+    let config = push(&store, &repo, b"{}").await.unwrap();
+    let layer = push(&store, &repo, b"new layer").await.unwrap();
+    let m = manifest(&config, &layer);
+    store.manifest_put(&repo, Some(&"v1".parse().unwrap()), m.clone()).await.unwrap();
+    switch(&world, &owner, false);
+    *world.live.lock().unwrap() = all.clone();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    let lead = leading(&cs);
+    let report = shoal_origin::cluster::gc::collect(&lead, quick_gc()).await.unwrap();
+    assert_eq!(report.swept_blobs, 0, "{report:?}");
+    assert_image_whole(&cs, &repo, "v1", &m.digest, &[(&layer, b"new layer"), (&config, b"{}")]).await;
+}
+
+/// Origins whose repository lists fail (timing out) would hide the repositories only they
+/// hold: GC stops instead of taking those repositories' blobs for garbage.
+#[tokio::test]
+async fn gc_stops_when_an_origin_cannot_list_its_repositories() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/unlisted".parse().unwrap();
+    let store = ClusterStore::new(cs[0].clone());
+    let config = push(&store, &repo, b"{}").await.unwrap();
+    let layer = push(&store, &repo, b"unlisted layer").await.unwrap();
+    let m = manifest(&config, &layer);
+    store.manifest_put(&repo, Some(&"v1".parse().unwrap()), m.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for owner in owners(repo.as_str()) {
+        world.nodes[&owner].failing_repo_lists.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    let lead = leading(&cs);
+    let result = shoal_origin::cluster::gc::collect(&lead, quick_gc()).await;
+    assert!(matches!(result, Err(GcError::Store(StoreError::Unavailable(_)))), "{result:?}");
+    for owner in owners(repo.as_str()) {
+        world.nodes[&owner].failing_repo_lists.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+    assert_image_whole(&cs, &repo, "v1", &m.digest, &[(&layer, b"unlisted layer"), (&config, b"{}")]).await;
+}
+
 /// A referrer deleted while one owner was down is not listed once that owner is back, before
 /// repair reaches it: the subject index of the owners that took the delete says nothing of the
 /// referrer, the stale owner's still lists it, and the listing weighs the newer tombstone.

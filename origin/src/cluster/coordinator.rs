@@ -397,7 +397,7 @@ impl Coordinator {
 
     /// Every record of `kind` in `repo` across its owners, newest copy of each key; `None`
     /// when no origin knows the repository (and an owner answered so). An owner
-    /// that fails is left out when another answers: see [`Coordinator::scan_every_owner`]
+    /// that fails is left out when another answers: see [`Coordinator::scan_everywhere`]
     /// for a scan that must miss nothing.
     pub async fn scan_records(
         &self,
@@ -405,18 +405,27 @@ impl Coordinator {
         kind: RecordKind,
         subject: Option<&Digest>,
     ) -> Result<Option<Vec<Record>>, StoreError> {
-        self.scan(repo, kind, subject, false).await
+        self.scan(repo, kind, subject).await
     }
 
-    /// [`Coordinator::scan_records`] that fails unless every owner answered: garbage
-    /// collection's mark, where a record missed (an owner's scan timed out, or its answer was
-    /// too big) is a blob taken for garbage while a manifest still uses it.
-    pub async fn scan_every_owner(
+    /// [`Coordinator::scan_records`] over every live origin, failing unless every one
+    /// answered: garbage collection's mark, where a record missed is a blob taken for garbage
+    /// while a manifest still uses it. Owners alone are not enough: a write made while an
+    /// owner was down landed on the next origins in the ranking, with nothing queued for
+    /// repair, and stays there until a full repair pass moves it; an owner that answers with
+    /// older records of the repository would hide it.
+    pub async fn scan_everywhere(
         &self,
         repo: &str,
         kind: RecordKind,
     ) -> Result<Option<Vec<Record>>, StoreError> {
-        self.scan(repo, kind, None, true).await
+        let ranked = self.ranked(repo);
+        let scan = |n: Arc<dyn Node>| async move { n.records_scan(repo, kind, None).await };
+        let answers = self.ask(&ranked, scan).await;
+        if let Some(e) = answers.iter().find_map(|(_, a)| a.as_ref().err()) {
+            return Err(unavailable(&format!("metadata of {repo}"), Some(e.to_string())));
+        }
+        Ok(self.merge_scans(&answers))
     }
 
     async fn scan(
@@ -424,13 +433,11 @@ impl Coordinator {
         repo: &str,
         kind: RecordKind,
         subject: Option<&Digest>,
-        every_owner: bool,
     ) -> Result<Option<Vec<Record>>, StoreError> {
         let ranked = self.ranked(repo);
         let r = self.replication.replicas.min(ranked.len());
         let scan = |n: Arc<dyn Node>| async move { n.records_scan(repo, kind, subject).await };
         let mut answers = self.ask(&ranked[..r], scan).await;
-        let owner_failed = answers.iter().any(|(_, a)| a.is_err());
         let owner_answered = answers.iter().any(|(_, a)| a.is_ok());
         let known =
             |answers: &[Answer<Option<Vec<Record>>>]| answers.iter().any(|(_, a)| matches!(a, Ok(Some(_))));
@@ -440,15 +447,20 @@ impl Coordinator {
         // Unknown only if an owner says so: the other origins may have nothing of a repository
         // whose owners all failed to answer.
         let unknown_unproven = !known(&answers) && !owner_answered;
-        if (every_owner && owner_failed) || unknown_unproven {
+        if unknown_unproven {
             let why = answers.into_iter().find_map(|(_, a)| a.err()).map(|e| e.to_string());
             return Err(unavailable(&format!("metadata of {repo}"), why));
         }
-        if !known(&answers) {
-            return Ok(None);
+        Ok(self.merge_scans(&answers))
+    }
+
+    /// The newest copy of each key the scans answered; `None` if none knew the repository.
+    fn merge_scans(&self, answers: &[Answer<Option<Vec<Record>>>]) -> Option<Vec<Record>> {
+        if !answers.iter().any(|(_, a)| matches!(a, Ok(Some(_)))) {
+            return None;
         }
         let mut by_key: BTreeMap<RecordKey, Record> = BTreeMap::new();
-        for (_, answer) in &answers {
+        for (_, answer) in answers {
             if let Ok(Some(records)) = answer {
                 for rec in records {
                     if rec.supersedes(by_key.get(&rec.key)) {
@@ -458,7 +470,7 @@ impl Coordinator {
             }
         }
         self.observe(by_key.values());
-        Ok(Some(by_key.into_values().collect()))
+        Some(by_key.into_values().collect())
     }
 
     /// Move the version clock past the versions of records read, so a write that follows
@@ -471,16 +483,40 @@ impl Coordinator {
         }
     }
 
-    /// Repository names across every live origin, sorted, after `after`, at most `limit`.
+    /// Repository names across every live origin, sorted, after `after`, at most `limit`
+    /// (origins that fail are left out while one answers).
     pub async fn repos(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.list_repos(after, limit, false).await
+    }
+
+    /// [`repos`](Self::repos) that fails unless every live origin answered: garbage
+    /// collection's list, where a repository missed is a repository whose blobs look unused.
+    pub async fn repos_everywhere(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.list_repos(after, limit, true).await
+    }
+
+    async fn list_repos(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        all_must_answer: bool,
+    ) -> Result<Vec<String>, StoreError> {
         let live = self.topology.live();
         let answers = self.ask(&live, |n| async move { n.repos(after, limit).await }).await;
         let mut all = std::collections::BTreeSet::new();
         let mut answered = false;
         for (_, answer) in answers {
-            if let Ok(names) = answer {
-                answered = true;
-                all.extend(names);
+            match answer {
+                Ok(names) => {
+                    answered = true;
+                    all.extend(names);
+                }
+                Err(e) if all_must_answer => return Err(unavailable("repository list", Some(e.to_string()))),
+                Err(_) => {}
             }
         }
         if !answered {

@@ -295,7 +295,7 @@ async fn all_repos(c: &Coordinator) -> Result<Vec<String>, StoreError> {
     let mut out = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let page = c.repos(after.as_deref(), PAGE).await?;
+        let page = c.repos_everywhere(after.as_deref(), PAGE).await?;
         out.extend(page.iter().cloned());
         match page.last() {
             Some(last) if page.len() == PAGE => after = Some(last.clone()),
@@ -308,11 +308,11 @@ async fn all_repos(c: &Coordinator) -> Result<Vec<String>, StoreError> {
 async fn mark(c: &Coordinator) -> Result<Marks, StoreError> {
     let mut marks = Marks::default();
     for repo in all_repos(c).await? {
-        let manifests = c.scan_every_owner(&repo, RecordKind::Manifest).await?.unwrap_or_default();
+        let manifests = c.scan_everywhere(&repo, RecordKind::Manifest).await?.unwrap_or_default();
         for m in manifests.iter().filter_map(Record::manifest) {
             marks.referenced.extend(m.blobs.iter().cloned());
         }
-        let links = c.scan_every_owner(&repo, RecordKind::Link).await?.unwrap_or_default();
+        let links = c.scan_everywhere(&repo, RecordKind::Link).await?.unwrap_or_default();
         for link in links {
             let RecordKey::Link(digest) = &link.key else { continue };
             let newest = marks.newest_link.entry(digest.clone()).or_default();

@@ -40,6 +40,8 @@ pub(crate) struct Switchable {
     pub(crate) gate: Arc<Mutex<Option<Gate>>>,
     /// Calls of `records_apply` that reached this member.
     pub(crate) applies: AtomicU64,
+    /// Its repository list fails (as one that times out), while every other call works.
+    pub(crate) failing_repo_lists: AtomicBool,
 }
 
 /// The calls a [`Gate`] stops.
@@ -194,6 +196,12 @@ impl Node for Switchable {
     }
     async fn repos(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, NodeError> {
         self.check()?;
+        if self.failing_repo_lists.load(Ordering::SeqCst) {
+            return Err(NodeError::Unreachable {
+                node: self.inner.id().to_string(),
+                reason: "repository list timed out".into(),
+            });
+        }
         self.inner.repos(after, limit).await
     }
     async fn metainfo(&self, d: &Digest) -> Result<Option<Bytes>, NodeError> {
@@ -244,6 +252,11 @@ impl Topology for View {
 pub(crate) const IDS: [&str; 3] = ["o0:5000", "o1:5000", "o2:5000"];
 
 pub(crate) async fn world() -> (Arc<World>, Vec<Arc<Coordinator>>) {
+    world_with(2).await
+}
+
+/// [`world`] with `replicas` copies (and as many for a write's quorum).
+pub(crate) async fn world_with(replicas: usize) -> (Arc<World>, Vec<Arc<Coordinator>>) {
     let mut dirs = Vec::new();
     let mut nodes = HashMap::new();
     let gate = Arc::new(Mutex::new(None));
@@ -267,6 +280,7 @@ pub(crate) async fn world() -> (Arc<World>, Vec<Arc<Coordinator>>) {
                 clock_behind_ms: AtomicU64::new(0),
                 gate: gate.clone(),
                 applies: AtomicU64::new(0),
+                failing_repo_lists: AtomicBool::new(false),
             }),
         );
         locals.push(local);
@@ -287,7 +301,7 @@ pub(crate) async fn world() -> (Arc<World>, Vec<Arc<Coordinator>>) {
                 topology: Arc::new(View { me: local.id().to_string(), world: world.clone() }),
                 clock: VersionClock::new(local.id()),
                 local,
-                replication: Replication { replicas: 2, write_quorum: 2 },
+                replication: Replication { replicas, write_quorum: replicas },
                 metrics: ClusterMetrics::unregistered().unwrap(),
                 gc_lock: Default::default(),
                 skews: Default::default(),
