@@ -435,6 +435,30 @@ async fn gc_tombstone_loses_to_a_refresh_that_lands_after_it() {
     assert_eq!(holders(&world, &layer).await, owners(&layer.to_string()));
 }
 
+/// An upload of a blob the owners already hold (an old copy, a GC candidate) links it with a
+/// write that must land within `READ_TO_WRITE_DEADLINE` of the owners' check, as a mount's or
+/// a manifest put's must: held past it, the upload fails (the client retries) instead of
+/// being acknowledged after GC may have purged the copies it counted on.
+#[tokio::test]
+async fn an_upload_whose_link_cannot_land_within_the_gc_deadline_fails() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/relinked".parse().unwrap();
+    let store = ClusterStore::new(non_owner(&cs, &repo));
+    push(&store, &repo, b"held already").await.unwrap();
+    let (reached, open) = hold_every(&world, GateOn::LiveLink);
+    let upload = tokio::spawn({
+        let (store, repo) = (store.clone(), repo.clone());
+        async move { push(&store, &repo, b"held already").await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), reached.notified())
+        .await
+        .expect("the upload's link reached the owners");
+    tokio::time::sleep(READ_TO_WRITE_DEADLINE + Duration::from_secs(1)).await;
+    open.send(true).unwrap();
+    let result = upload.await.unwrap();
+    assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+}
+
 /// GC's safety rests on every write that read a live link *landing* within
 /// `READ_TO_WRITE_DEADLINE` of the read: its last mark, a quarantine after the unlink, must see
 /// it. A manifest put whose records the owners hold past the deadline therefore fails (503, the
