@@ -239,8 +239,10 @@ async fn settle_quarantine(
     report: &mut GcReport,
     older_than: Option<Duration>,
 ) -> Result<(), GcError> {
-    let marks = mark(c).await?;
+    // The time the mark starts: a copy is purged only if set aside `older_than` before what
+    // the mark read (taken after a long mark, a copy quarantined while it ran could pass).
     let now = now_millis();
+    let marks = mark(c).await?;
     let hold = older_than.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let mut swept = HashSet::new();
     let mut restored = HashSet::new();
