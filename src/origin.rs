@@ -255,8 +255,13 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         (Some(addr), Some(routes)) => {
             // The public API too: other origins forward clients' requests here.
             let app = with_basics(api.clone().merge(routes), metrics.clone(), readiness.clone());
-            let acceptor = shoal_tls::current().mutual_acceptor().context("internal listener TLS")?;
-            let mutual = acceptor.is_some();
+            // Mutual TLS with a cluster CA; with a certificate but no cluster CA, plain server
+            // TLS (the other origins reach members at https:// whenever a certificate is set;
+            // plain HTTP here failed every health check, and no member was ever up).
+            let tls = shoal_tls::current();
+            let mutual_acceptor = tls.mutual_acceptor().context("internal listener TLS")?;
+            let mutual = mutual_acceptor.is_some();
+            let acceptor = mutual_acceptor.or_else(|| tls.acceptor());
             let server = BoundServer::bind(addr, app, config.limits.http(), readiness.clone())
                 .await?
                 .with_tls(acceptor);

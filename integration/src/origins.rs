@@ -91,6 +91,9 @@ pub struct ClusterSpec {
     pub internal_listeners: bool,
     /// Top-level TOML put before `[cluster]` (e.g. `[[upstream]]` sections).
     pub top_toml: String,
+    /// With `tls`: certificates but no cluster CA (server TLS only; the shared secret
+    /// authenticates the origins to each other).
+    pub server_tls_only: bool,
 }
 
 impl Default for ClusterSpec {
@@ -105,6 +108,7 @@ impl Default for ClusterSpec {
             secret: None,
             internal_listeners: false,
             top_toml: String::new(),
+            server_tls_only: false,
         }
     }
 }
@@ -138,6 +142,14 @@ impl ClusterSpec {
     /// Node certificates instead of a shared secret (see [`ClusterSpec::tls`]).
     pub fn with_tls(mut self) -> ClusterSpec {
         self.tls = true;
+        self
+    }
+
+    /// HTTPS listeners with certificates from the test PKI but no cluster CA: the shared
+    /// secret, not node certificates, tells origins apart.
+    pub fn with_server_tls(mut self) -> ClusterSpec {
+        self.tls = true;
+        self.server_tls_only = true;
         self
     }
 
@@ -236,6 +248,7 @@ pub struct OriginCluster {
     secret: String,
     replicas: usize,
     tls: bool,
+    server_tls_only: bool,
     internal_listeners: bool,
     nodes: Vec<Member>,
     http: reqwest::Client,
@@ -256,11 +269,14 @@ impl OriginCluster {
             .prefix("shoal-origins-")
             .tempdir()
             .expect("create a temporary directory");
-        let http = if spec.tls {
+        let http = if spec.tls && !spec.server_tls_only {
             // The PKI first: it installs the harness's TLS context, which every client uses.
             let operator = crate::tls::pki().identity("operator", shoal_registry::identity::Role::Admin);
             shoal_tls::http_client_with(&operator)
         } else {
+            if spec.tls {
+                crate::tls::pki(); // trust the test CA
+            }
             shoal_tls::http_client()
         };
         let http = http.timeout(ADMIN_TIMEOUT).build().expect("build an HTTP client");
@@ -270,6 +286,7 @@ impl OriginCluster {
             secret: spec.secret.clone().unwrap_or_else(|| format!("it-secret-{}", unique_token())),
             replicas: spec.replicas,
             tls: spec.tls,
+            server_tls_only: spec.server_tls_only,
             internal_listeners: spec.internal_listeners,
             nodes: Vec::new(),
             http,
@@ -335,7 +352,13 @@ impl OriginCluster {
                 let mut config = config.to_string();
                 if self.tls {
                     let role = shoal_registry::identity::Role::Origin;
-                    config.push_str(&crate::tls::pki().toml(&format!("origin-{port}"), role));
+                    let name = format!("origin-{port}");
+                    let pki = crate::tls::pki();
+                    config.push_str(&if self.server_tls_only {
+                        pki.server_toml(&name, role)
+                    } else {
+                        pki.toml(&name, role)
+                    });
                 }
                 std::fs::write(dir.join("config.toml"), config).expect("write an origin's config");
                 let scheme = if self.tls { "https" } else { "http" };
@@ -397,7 +420,7 @@ impl OriginCluster {
             .arg(node.members.join(","))
             .arg("--replicas")
             .arg(self.replicas.to_string())
-            .envs((!self.tls).then_some((SECRET_ENV, &self.secret)))
+            .envs((!self.tls || self.server_tls_only).then_some((SECRET_ENV, &self.secret)))
             .envs(node.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         if let Some(port) = node.internal_port {
             command.arg("--internal-listen").arg(format!("127.0.0.1:{port}"));

@@ -89,6 +89,18 @@ impl TestPki {
         ]
     }
 
+    /// A `[tls]` config section with a certificate and no cluster CA (server TLS only); the
+    /// test CA is trusted as any extra root (`ca`), as a public CA would be by the system's.
+    pub fn server_toml(&self, name: &str, role: Role) -> String {
+        let (cert, key) = self.issue(name, role);
+        format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\nreload_seconds = 1\n",
+            cert.display().to_string(),
+            key.display().to_string(),
+            self.ca_path().display().to_string()
+        )
+    }
+
     /// A `[tls]` config section for a process named `name`, checking its files every second.
     pub fn toml(&self, name: &str, role: Role) -> String {
         let (cert, key) = self.issue(name, role);

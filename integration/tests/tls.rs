@@ -241,6 +241,26 @@ async fn the_cluster_secret_rotates_one_origin_at_a_time() {
     }
 }
 
+/// Certificates without a cluster CA, a shared secret and internal listeners: the internal
+/// listeners speak TLS too (the origins reach each other at https:// whenever a certificate is
+/// set), so the members see each other up and pushes replicate. Before, the internal listener
+/// fell back to plain HTTP, every health check failed its handshake, and no member was up.
+#[tokio::test]
+async fn internal_listeners_speak_tls_without_a_cluster_ca() {
+    use shoal_integration::origins::{try_pull_image, try_push_image, ClusterSpec, OriginCluster, TestImage};
+    skip_if_external!("starts its own origins");
+    let spec = ClusterSpec::new(3).with_server_tls().with_internal_listeners();
+    let cluster = OriginCluster::start_cluster(spec).await;
+    let image = TestImage::random(&shoal_integration::unique_repo("server-tls"), "v1", &[100_000]);
+    cluster.check(try_push_image(&cluster.client(0), &image).await, "push to origin 0");
+    for i in 0..3 {
+        cluster.check(try_pull_image(&cluster.client(i), &image).await, &format!("pull from origin {i}"));
+    }
+    for digest in image.blob_digests() {
+        assert_eq!(cluster.holders(&digest).len(), 2, "{digest} is not on two origins");
+    }
+}
+
 #[tokio::test]
 async fn internal_and_admin_apis_live_on_their_own_mutual_tls_listener() {
     use shoal_integration::origins::{try_pull_image, try_push_image, ClusterSpec, OriginCluster, TestImage};
