@@ -301,6 +301,13 @@ impl OriginConfig {
         })
     }
 
+    /// The cluster secrets this origin accepts: its own and those still accepted during a
+    /// rotation, blanks left out.
+    pub fn cluster_secrets(&self) -> Vec<String> {
+        let c = &self.cluster;
+        c.secret.iter().chain(&c.accepted_secrets).filter(|s| !s.is_empty()).cloned().collect()
+    }
+
     /// Who may call this origin's internal API (other origins: their certificate or a
     /// secret) and its admin API (operators' certificates, origins relaying, or a secret).
     /// `None` when there is nothing to check them with (a lone origin without TLS): the
@@ -311,9 +318,7 @@ impl OriginConfig {
     {
         use shoal_origin::cluster::internal_api::Guard;
         use shoal_registry::identity::Role;
-        let c = &self.cluster;
-        let secrets: Vec<String> =
-            c.secret.iter().chain(&c.accepted_secrets).filter(|s| !s.is_empty()).cloned().collect();
+        let secrets = self.cluster_secrets();
         let node_identity = self.tls.serves_tls() && self.tls.cluster_ca.is_some();
         let roles = |r: &[Role]| if node_identity { r.to_vec() } else { Vec::new() };
         let internal = Guard { secrets: secrets.clone(), roles: roles(&[Role::Origin]) };

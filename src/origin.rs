@@ -187,7 +187,7 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         shoal_registry::auth::authority::Authority::new(
             config.auth.clone(),
             &config.data_dir,
-            cluster.secret.as_deref(),
+            &config.cluster_secrets(),
         )
         .context("[auth]")?,
     );
@@ -328,6 +328,7 @@ fn pull_through(
     let peers = Peers {
         membership: membership.clone(),
         http: shoal_tls::http_client().connect_timeout(call_timeout).build()?,
+        secret: config.cluster.secret.clone().filter(|s| !s.is_empty()),
     };
     Ok(PullThrough::new(ClusterStore::new(coordinator.clone()), upstreams, Some(peers), upstream_metrics))
 }

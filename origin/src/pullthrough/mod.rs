@@ -84,6 +84,20 @@ type AccessKey = (String, [u8; 32]);
 pub struct Peers {
     pub membership: Arc<Membership>,
     pub http: reqwest::Client,
+    /// The cluster's shared secret, sent to the fetching origin's node API (which wants a
+    /// token or a node certificate when `[auth]` is on).
+    pub secret: Option<String>,
+}
+
+impl Peers {
+    /// A call to another origin's node API, with the cluster secret if there is one.
+    fn get(&self, url: String) -> reqwest::RequestBuilder {
+        let req = self.http.get(url);
+        match &self.secret {
+            Some(secret) => req.bearer_auth(secret),
+            None => req,
+        }
+    }
 }
 
 /// The registry storage of an origin with upstreams: [`ClusterStore`] plus pull-through.
@@ -372,7 +386,6 @@ impl PullThrough {
         let Some(base) = peers.membership.url(&primary) else { return Ok(None) };
         let url = format!("{base}{}/stream", mirror::progress_path(digest));
         let answer = peers
-            .http
             .get(url)
             .query(&[("repo", repo.as_str()), ("here", "1")])
             .timeout(STREAM_CALL_TIMEOUT)
@@ -398,11 +411,8 @@ impl PullThrough {
         }
         let base = peers.membership.url(&primary)?;
         let url = format!("{base}{}", mirror::progress_path(digest));
-        let mut req = peers
-            .http
-            .get(url)
-            .query(&[("repo", repo.as_str()), ("here", "1")])
-            .timeout(PROGRESS_CALL_TIMEOUT);
+        let mut req =
+            peers.get(url).query(&[("repo", repo.as_str()), ("here", "1")]).timeout(PROGRESS_CALL_TIMEOUT);
         if let Some(c) = client_credentials() {
             req = req.header(UPSTREAM_AUTHORIZATION, c.to_authorization());
         }

@@ -92,7 +92,7 @@ fn router(identity: Option<TransportIdentity>) -> axum::Router {
         ..AuthConfig::default()
     };
     let dir = std::env::temp_dir().join(format!("shoal-identity-test-{}", std::process::id()));
-    let authority = Authority::new(config, &dir, None).unwrap();
+    let authority = Authority::new(config, &dir, &[]).unwrap();
     let api = ApiConfig { auth: AuthGate(Arc::new(authority)), ..ApiConfig::default() };
     let router = crate::router(Arc::new(Empty), api);
     match identity {

@@ -54,7 +54,7 @@ pub struct Authority {
     recent: Mutex<HashMap<[u8; 32], Instant>>,
     /// Slow password checks running ([`MAX_PASSWORD_CHECKS`]).
     checks: Arc<tokio::sync::Semaphore>,
-    cluster_secret: Option<[u8; 32]>,
+    cluster_secrets: Vec<[u8; 32]>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -74,12 +74,13 @@ pub struct TokenReply {
 
 impl Authority {
     /// From the `[auth]` section; with `tokens`, the signing key comes from `token_key_file`
-    /// or `<data_dir>/auth/token-key.pem` (created if missing). `cluster_secret` is also
-    /// accepted on the node API.
+    /// or `<data_dir>/auth/token-key.pem` (created if missing). The cluster's secrets (the
+    /// current one and those still accepted during a rotation) are also accepted on the node
+    /// API: other origins send one when they ask about a pull-through fetch.
     pub fn new(
         config: AuthConfig,
         data_dir: &Path,
-        cluster_secret: Option<&str>,
+        cluster_secrets: &[String],
     ) -> Result<Authority, AuthError> {
         let signing = if config.tokens {
             Some(match &config.token_key_file {
@@ -128,9 +129,11 @@ impl Authority {
             last_peer_refresh: Mutex::new(None),
             recent: Mutex::new(HashMap::new()),
             checks: Arc::new(tokio::sync::Semaphore::new(MAX_PASSWORD_CHECKS)),
-            cluster_secret: cluster_secret
+            cluster_secrets: cluster_secrets
+                .iter()
                 .filter(|s| !s.is_empty())
-                .map(|s| Sha256::digest(s.as_bytes()).into()),
+                .map(|s| Sha256::digest(s.as_bytes()).into())
+                .collect(),
         })
     }
 
@@ -323,11 +326,12 @@ impl Authority {
         else {
             return false;
         };
-        if let Some(secret) = &self.cluster_secret {
-            let given: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-            if constant_time_eq(&given, secret) {
-                return true;
-            }
+        let given: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        // Every secret compared, so the time tells nothing of which one matched.
+        let matched =
+            self.cluster_secrets.iter().fold(false, |any, secret| constant_time_eq(&given, secret) | any);
+        if matched {
+            return true;
         }
         self.keys().verify(&token, &self.policy.service).is_ok_and(|c| match repo {
             Some(repo) => c.grants(repo, super::Action::Pull),

@@ -42,7 +42,7 @@ fn config() -> AuthConfig {
 
 fn authority() -> (Authority, tempfile_dir::Dir) {
     let dir = tempfile_dir::Dir::new();
-    (Authority::new(config(), &dir.0, None).unwrap(), dir)
+    (Authority::new(config(), &dir.0, &[]).unwrap(), dir)
 }
 
 mod tempfile_dir {
@@ -143,7 +143,7 @@ async fn a_quick_hash_user_answers_as_slowly_as_an_unknown_name() {
     cfg.users[0].password = None;
     cfg.users[0].password_sha256 = Some(crate::auth::users::sha256_hex("right"));
     cfg.login_failures = 100;
-    let a = Authority::new(cfg, &dir.0, None).unwrap();
+    let a = Authority::new(cfg, &dir.0, &[]).unwrap();
     let time = |name: &'static str| {
         let a = &a;
         async move {
@@ -179,7 +179,7 @@ async fn concurrent_guesses_get_no_more_checks_than_sequential_ones() {
     let mut cfg = config();
     cfg.users[0].password = None;
     cfg.users[0].password_argon2 = Some(crate::auth::users::hash_password("right").unwrap());
-    let a = Arc::new(Authority::new(cfg, &dir.0, None).unwrap());
+    let a = Arc::new(Authority::new(cfg, &dir.0, &[]).unwrap());
     let guesses = (0..24).map(|i| {
         let a = a.clone();
         tokio::spawn(async move { a.login("alice", &format!("guess {i}")).await })
@@ -218,4 +218,22 @@ fn a_token_request_is_granted_at_most_its_cap_of_scopes() {
     let scopes = scopes_of(&pairs);
     assert_eq!(scopes.len(), MAX_TOKEN_SCOPES);
     assert_eq!(scopes[0], Scope::Repository { name: "pub/r0".into(), actions: vec![Action::Pull] });
+}
+
+/// The node API takes every cluster secret still accepted (the current one, and the old one
+/// during a rotation), and nothing else, from a caller without a node certificate.
+#[test]
+fn the_node_api_takes_every_accepted_cluster_secret() {
+    let dir = tempfile_dir::Dir::new();
+    let secrets = ["new-secret".to_string(), "old-secret".to_string()];
+    let a = Authority::new(config(), &dir.0, &secrets).unwrap();
+    let with = |token: &str| {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+        a.node_api_allows(&headers, None, Some("any/repo"))
+    };
+    assert!(with("new-secret"));
+    assert!(with("old-secret"), "a rotation's old secret still works");
+    assert!(!with("another-secret"));
+    assert!(!a.node_api_allows(&HeaderMap::new(), None, Some("any/repo")));
 }
