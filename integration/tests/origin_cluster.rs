@@ -711,11 +711,23 @@ async fn a_forwarded_upload_to_a_hung_home_fails_and_the_session_resumes() {
         Ok(reply) => println!("forwarded PUT to a hung home: {:?} after {took:?}", reply.map(|r| r.status)),
     }
     cluster.wait_converged().await;
-    // Answered or not, the home commits the PUT it had taken once it runs again, or the
-    // session is still there to finish.
-    let head = cluster.client(0).head_blob(&repo, &digest).await;
-    if head.status != StatusCode::OK {
-        cluster.client(0).finish_upload(&location, &digest, &[]).await.expect(StatusCode::CREATED);
+    // Answered or not, the home commits the PUT it had taken once it runs again (it may still
+    // be copying and linking the blob), or the session is still there to finish.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if cluster.client(0).head_blob(&repo, &digest).await.status == StatusCode::OK {
+            break;
+        }
+        if cluster.client(0).upload_status(&location).await.status == StatusCode::NO_CONTENT {
+            // The taken PUT may end the session between the two calls: 404, then the blob.
+            let done = cluster.client(0).finish_upload(&location, &digest, &[]).await;
+            if done.status == StatusCode::CREATED {
+                break;
+            }
+            done.expect(StatusCode::NOT_FOUND);
+        }
+        assert!(std::time::Instant::now() < deadline, "the blob neither committed nor its session resumable");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for origin in [0, 1, 2] {
         let result = try_pull_blob(&cluster.client(origin), &repo, &digest).await;
