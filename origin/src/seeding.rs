@@ -161,21 +161,27 @@ mod tests {
     use super::*;
     use crate::StoreConfig;
 
-    /// A fleet asking for a fresh blob's metainfo at once (and the background computation
-    /// after its commit) gets one hash pass over the file, not one per asker.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_askers_share_one_hash_pass() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A store in `dir` holding one blob of `len` bytes of `byte`, whose metainfo is not known.
+    async fn store_holding(dir: &tempfile::TempDir, byte: u8, len: usize) -> (OriginStore, Digest) {
         let config = StoreConfig {
             data_dir: dir.path().to_path_buf(),
             upload_idle_timeout: Duration::from_secs(3600),
             max_upload_sessions: 100,
         };
         let store = OriginStore::open(config).await.unwrap();
-        let data = bytes::Bytes::from(vec![5u8; 32 << 20]);
+        let data = bytes::Bytes::from(vec![byte; len]);
         let digest = Digest::of(Algorithm::Sha256, &data);
         let body: shoal_registry::ByteStream = Box::pin(futures_util::stream::iter([Ok(data.clone())]));
         store.blob_put(&digest, data.len() as u64, body).await.unwrap();
+        (store, digest)
+    }
+
+    /// A fleet asking for a fresh blob's metainfo at once (and the background computation
+    /// after its commit) gets one hash pass over the file, not one per asker.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_askers_share_one_hash_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, digest) = store_holding(&dir, 5, 32 << 20).await;
         store.precompute_metainfo(&digest);
         let asks = (0..8).map(|_| {
             let (store, digest) = (store.clone(), digest.clone());
@@ -211,16 +217,7 @@ mod tests {
             .unwrap();
         runtime.block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let config = StoreConfig {
-                data_dir: dir.path().to_path_buf(),
-                upload_idle_timeout: Duration::from_secs(3600),
-                max_upload_sessions: 100,
-            };
-            let store = OriginStore::open(config).await.unwrap();
-            let data = bytes::Bytes::from(vec![7u8; 256 << 20]);
-            let digest = Digest::of(Algorithm::Sha256, &data);
-            let body: shoal_registry::ByteStream = Box::pin(futures_util::stream::iter([Ok(data.clone())]));
-            store.blob_put(&digest, data.len() as u64, body).await.unwrap();
+            let (store, digest) = store_holding(&dir, 7, 256 << 20).await;
             let started = std::time::Instant::now();
             let asks: Vec<_> = (0..6)
                 .map(|_| {

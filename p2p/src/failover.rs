@@ -221,11 +221,10 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_refused_connection_moves_on_and_sticks_to_the_origin_that_answered() {
-        // A real listener that answers 404, and a port nothing listens on.
+    /// A listener that answers every request with `answer`; its base URL.
+    async fn answering(answer: &'static [u8]) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let live = format!("http://{}", listener.local_addr().unwrap());
+        let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move {
             loop {
                 let Ok((mut sock, _)) = listener.accept().await else { return };
@@ -233,18 +232,25 @@ mod tests {
                     use tokio::io::{AsyncReadExt, AsyncWriteExt};
                     let mut buf = [0u8; 1024];
                     let _ = sock.read(&mut buf).await;
-                    let _ = sock
-                        .write_all(
-                            b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-                        )
-                        .await;
+                    let _ = sock.write_all(answer).await;
                 });
             }
         });
-        let dead = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            format!("http://{}", l.local_addr().unwrap())
-        };
+        url
+    }
+
+    /// A base URL nothing listens on.
+    fn closed_port() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_moves_on_and_sticks_to_the_origin_that_answered() {
+        // A real listener that answers 404, and a port nothing listens on.
+        let live =
+            answering(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+        let dead = closed_port();
         let counter = IntCounterVec::new(prometheus::Opts::new("f", "f"), &["origin"]).unwrap();
         let f = Failover::new(vec![dead.clone(), live.clone()]).unwrap().count_failures(counter.clone());
         let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build().unwrap();
@@ -265,25 +271,11 @@ mod tests {
     /// answer, with its `Retry-After`, not "every origin failed" (which clients saw as 503).
     #[tokio::test]
     async fn when_no_origin_answers_a_429_is_the_answer() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let busy = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut sock, _)) = listener.accept().await else { return };
-                tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    let mut buf = [0u8; 1024];
-                    let _ = sock.read(&mut buf).await;
-                    let _ = sock
-                        .write_all(b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 7\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                        .await;
-                });
-            }
-        });
-        let dead = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            format!("http://{}", l.local_addr().unwrap())
-        };
+        let busy = answering(
+            b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 7\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        let dead = closed_port();
         let f = Failover::new(vec![busy.clone(), dead]).unwrap();
         let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build().unwrap();
         let r = f.send(|base| http.get(format!("{base}/x"))).await.unwrap();
