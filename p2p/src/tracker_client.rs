@@ -3,7 +3,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{stream, StreamExt};
@@ -119,24 +120,47 @@ pub enum TrackerError {
     AllFailed(String),
 }
 
+/// How long a tracker that did not answer (a timeout, a refused connection) is tried after
+/// the others. Tried first again and again, one hung tracker cost every announce of the node
+/// the whole request timeout, longer than a tracker remembers a peer.
+pub const TRACKER_DOWN_FOR: Duration = Duration::from_secs(30);
+
 /// Client of one or more trackers.
 pub struct TrackerClient {
     urls: Vec<String>,
     http: reqwest::Client,
+    /// Trackers that did not answer, and until when they go last.
+    down: Mutex<HashMap<String, Instant>>,
 }
 
 impl TrackerClient {
     pub fn new(urls: Vec<String>, timeout: Duration) -> Result<TrackerClient, reqwest::Error> {
         let http = shoal_tls::http_client().timeout(timeout).connect_timeout(timeout).build()?;
         let urls = urls.into_iter().map(|u| u.trim_end_matches('/').to_string()).collect();
-        Ok(TrackerClient { urls, http })
+        Ok(TrackerClient { urls, http, down: Mutex::new(HashMap::new()) })
     }
 
-    /// Trackers in the order to try for `digest`: the rendezvous winner first. The ranking's
-    /// hash is pinned (see [`rendezvous`]), so agents of every build pick the same tracker for
-    /// a digest and its swarm is not split.
+    /// Trackers in the order to try for `digest`: the rendezvous winner first, but trackers
+    /// that just failed to answer after the others. The ranking's hash is pinned (see
+    /// [`rendezvous`]), so agents of every build pick the same tracker for a digest and its
+    /// swarm is not split.
     pub fn order_for(&self, digest: &Digest) -> Vec<String> {
-        rendezvous::ranked(&digest.to_string(), &self.urls)
+        let ranked = rendezvous::ranked(&digest.to_string(), &self.urls);
+        let now = Instant::now();
+        let down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        let (up, late): (Vec<String>, Vec<String>) =
+            ranked.into_iter().partition(|url| !down.get(url).is_some_and(|until| *until > now));
+        up.into_iter().chain(late).collect()
+    }
+
+    /// Whether `url` answered (anything: a status is an answer) or not (a transport error).
+    fn answered(&self, url: &str, answered: bool) {
+        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        if answered {
+            down.remove(url);
+        } else {
+            down.insert(url.to_string(), Instant::now() + TRACKER_DOWN_FOR);
+        }
     }
 
     /// Announce to the digest's tracker, failing over to the next ones.
@@ -153,6 +177,7 @@ impl TrackerClient {
 
     async fn announce_at(&self, url: &str, req: &AnnounceRequest) -> Result<AnnounceResponse, String> {
         let r = self.http.post(format!("{url}/v1/announce")).json(req).send().await;
+        self.answered(url, r.is_ok());
         match r {
             Ok(r) if r.status().is_success() => r.json().await.map_err(|e| format!("{url}: {e}")),
             Ok(r) => Err(format!("{url}: status {}", r.status())),
@@ -219,6 +244,7 @@ impl TrackerClient {
         let all_failed = |e: String| (0..n).map(|_| Err(e.clone())).collect::<Vec<_>>();
         let body = AnnounceBatch { announces: batch };
         let sent = self.http.post(format!("{url}/v1/announces")).json(&body).send().await;
+        self.answered(url, sent.is_ok());
         let resp = match sent {
             Ok(r) if r.status().is_success() => match r.json::<AnnounceBatchResponse>().await {
                 Ok(resp) if resp.results.len() == n => resp,
@@ -253,7 +279,9 @@ impl TrackerClient {
         let mut last = None;
         let mut not_found = false;
         for url in self.order_for(digest) {
-            match self.http.get(format!("{url}/v1/metainfo/{digest}")).send().await {
+            let sent = self.http.get(format!("{url}/v1/metainfo/{digest}")).send().await;
+            self.answered(&url, sent.is_ok());
+            match sent {
                 Ok(r) if r.status().is_success() => match r.bytes().await {
                     Ok(b) => return Ok(Some(b)),
                     Err(e) => last = Some(format!("{url}: {e}")),
@@ -290,5 +318,80 @@ mod tests {
             firsts.insert(order[0].clone());
         }
         assert_eq!(firsts.len(), 3, "every tracker leads for some digests");
+    }
+
+    /// A tracker that accepts and never answers costs one announce its timeout; the ones after
+    /// go to the next tracker at once (it is tried last for a while), where every announce to
+    /// it used to wait the timeout first.
+    #[tokio::test]
+    async fn a_hung_tracker_is_tried_last_after_it_failed() {
+        let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hung_url = format!("http://{}", hung.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = hung.accept().await {
+                held.push(sock); // accepted, never answered
+            }
+        });
+        // A tracker that answers one announce per batch, enough for this test.
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_url = format!("http://{}", live.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = live.accept().await {
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Ok(n) = sock.read(&mut chunk).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        let Some(end) = text.find("\r\n\r\n") else { continue };
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().to_string())
+                            })
+                            .and_then(|v| v.parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if buf.len() < end + 4 + length {
+                            continue;
+                        }
+                        let body = r#"{"interval_secs":3,"results":[{"peers":[]}]}"#;
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = sock.write_all(answer.as_bytes()).await;
+                        buf.clear();
+                    }
+                });
+            }
+        });
+        let timeout = Duration::from_millis(800);
+        let client = TrackerClient::new(vec![hung_url.clone(), live_url], timeout).unwrap();
+        let led_by_hung = (0..100)
+            .map(|i| Digest::of(shoal_registry::Algorithm::Sha256, format!("{i}").as_bytes()))
+            .find(|d| client.order_for(d)[0] == hung_url)
+            .unwrap();
+        let req = AnnounceRequest {
+            digest: led_by_hung.clone(),
+            peer_id: "a".repeat(40),
+            addr: "127.0.0.1:7000".parse().unwrap(),
+            complete: true,
+            stopped: false,
+        };
+        let started = Instant::now();
+        assert!(client.announce_many(std::slice::from_ref(&req)).await[0].is_ok());
+        assert!(started.elapsed() >= timeout, "the first announce met the hung tracker");
+        let started = Instant::now();
+        assert!(client.announce_many(std::slice::from_ref(&req)).await[0].is_ok());
+        assert!(started.elapsed() < timeout / 2, "the second waited {:?}", started.elapsed());
+        assert_ne!(client.order_for(&led_by_hung)[0], hung_url);
     }
 }
