@@ -149,7 +149,7 @@ impl TrackerClient {
         let now = Instant::now();
         let down = self.down.lock().unwrap_or_else(|p| p.into_inner());
         let (up, late): (Vec<String>, Vec<String>) =
-            ranked.into_iter().partition(|url| !down.get(url).is_some_and(|until| *until > now));
+            ranked.into_iter().partition(|url| down.get(url).is_none_or(|until| *until <= now));
         up.into_iter().chain(late).collect()
     }
 
