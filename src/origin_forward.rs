@@ -2,8 +2,9 @@
 //! but behind a load balancer a client's next PATCH or PUT may reach another origin. The
 //! session id names its home origin, so this layer forwards such requests there, unchanged
 //! (credentials included), and streams the answer back. Requests are forwarded at most once.
-//! A home that stops reading the body, or gives no answer within the commit timeout of the
-//! body's end, fails the request with 503 (an upload watchdog, as for copies between origins).
+//! A forwarded request fails with 503 when membership counts the home down, when the home
+//! stops taking the body, or (but for the final `PUT`) gives no answer within the commit
+//! timeout of the body's end (the upload watchdog copies between origins use too).
 
 use std::sync::Arc;
 use std::time::Duration;

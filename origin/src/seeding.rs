@@ -117,7 +117,8 @@ impl OriginStore {
 
     /// Compute a blob's metainfo in the background (unless known) so the first pull does not
     /// wait for it.
-    /// Holds the store only weakly, so a closing store is not kept open by the hashing.
+    /// Holds the store only weakly until the task starts (a store closed by then is left
+    /// alone); the computation itself holds it, as every caller's does.
     pub fn precompute_metainfo(&self, digest: &Digest) {
         let weak = Arc::downgrade(&self.inner);
         let digest = digest.clone();
