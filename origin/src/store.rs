@@ -217,16 +217,10 @@ impl OriginStore {
     }
 
     /// Verify the session's content against `digest` and publish it as a blob file here; the
-    /// session ends either way. Returns the blob's size. Runs to its end in a task of its own,
-    /// as [`upload_append`](Self::upload_append) does.
+    /// session ends either way. Returns the blob's size. The caller
+    /// (`ClusterStore::upload_complete`) runs it in a task of its own, so a dropped request
+    /// cannot stop it halfway.
     pub async fn upload_finish(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError> {
-        let (store, repo, id, digest) = (self.clone(), repo.clone(), id.to_string(), digest.clone());
-        tokio::spawn(async move { store.finish_session(&repo, &id, &digest).await })
-            .await
-            .map_err(|e| StoreError::Internal(format!("upload task: {e}")))?
-    }
-
-    async fn finish_session(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError> {
         let session = self.session(repo, id)?;
         let session = session.lock().await;
         let actual = uploads::digest_of(&session, digest.algorithm()).await?;
