@@ -4,9 +4,9 @@
 //! rightful owner is queued for repair. Reads merge the owners' answers, newest version wins,
 //! and push the winner back to owners that were stale (read repair).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures_util::future::join_all;
 use shoal_registry::range::ByteRange;
@@ -18,6 +18,7 @@ use crate::cluster::local::LocalNode;
 use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::node::{Node, NodeError};
 use crate::cluster::placement;
+pub use crate::cluster::read_repair::{ReadRepairs, MAX_READ_REPAIRS};
 use crate::cluster::record::{Record, RecordKey, RecordKind, VersionClock};
 use crate::cluster::topology::Topology;
 
@@ -57,47 +58,6 @@ pub struct Coordinator {
     pub skews: Skews,
     /// Read repairs running in the background.
     pub read_repairs: Arc<ReadRepairs>,
-}
-
-/// Read repairs that may run at once. A read that finds a stale owner while this many run
-/// leaves it to the repair pass and to the next read of the same records.
-pub const MAX_READ_REPAIRS: usize = 32;
-
-/// The read repairs in flight, at most [`MAX_READ_REPAIRS`] and one per origin and
-/// repository: an owner that keeps failing the apply (or answers slowly) would otherwise
-/// collect one background task per read of its stale records.
-#[derive(Debug, Default)]
-pub struct ReadRepairs {
-    running: Mutex<HashSet<(String, String)>>,
-}
-
-/// One running read repair; it leaves the set when dropped.
-struct RepairSlot {
-    repairs: Arc<ReadRepairs>,
-    key: (String, String),
-}
-
-impl ReadRepairs {
-    /// A slot for repairing `repo` on `origin`, unless one runs already or the cap is reached.
-    fn claim(self: &Arc<Self>, origin: &str, repo: &str) -> Option<RepairSlot> {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        if running.len() >= MAX_READ_REPAIRS {
-            return None;
-        }
-        let key = (origin.to_string(), repo.to_string());
-        running.insert(key.clone()).then(|| RepairSlot { repairs: self.clone(), key })
-    }
-
-    /// How many run now.
-    pub fn running(&self) -> usize {
-        self.running.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-}
-
-impl Drop for RepairSlot {
-    fn drop(&mut self) {
-        self.repairs.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
-    }
 }
 
 fn unavailable(what: &str, why: Option<String>) -> StoreError {

@@ -12,6 +12,7 @@ pub mod membership;
 pub mod metrics;
 pub mod node;
 pub mod placement;
+pub mod read_repair;
 pub mod record;
 pub mod remote;
 pub mod repair;
