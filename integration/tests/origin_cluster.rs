@@ -422,6 +422,55 @@ async fn delete_manifest(cluster: &OriginCluster, origin: usize, image: &TestIma
     cluster.client(origin).delete(&path).reply().await.expect(StatusCode::ACCEPTED);
 }
 
+/// A repository whose manifests take more than one internal answer (34 manifests of 4 MiB
+/// of JSON whitespace, 8 MiB each as records, 272 MiB in all against the 256 MiB a caller
+/// reads at once): garbage collection's scan reads them page by page from the other origin
+/// and completes, keeping the blobs they use and sweeping an unreferenced one. Before paging,
+/// every collection failed on such a repository until its manifests were deleted.
+#[tokio::test(flavor = "multi_thread")]
+async fn gc_pages_a_repository_larger_than_one_answer() {
+    skip_if_external!(SKIP);
+    let cluster = OriginCluster::start_cluster(
+        ClusterSpec::new(2).cluster("gc_grace = \"0s\"\ngc_quarantine = \"10s\""),
+    )
+    .await;
+    let repo = unique_repo("gc-pages");
+    let client = cluster.client(0);
+    let (config, layer) = (Blob::config(oci::OCI_CONFIG), Blob::random_layer(oci::OCI_LAYER, 64 * KIB));
+    client.push_blob(&repo, &config.data).await;
+    client.push_blob(&repo, &layer.data).await;
+    let orphan = client.push_blob(&repo, &random_bytes(32 * KIB)).await;
+    let started = Instant::now();
+    let mut last = None;
+    for i in 0..34 {
+        let mut value = oci::image_manifest_value(oci::OCI_MANIFEST, &config, std::slice::from_ref(&layer));
+        value["annotations"] = oci::annotations_value(&[("test.n", &i.to_string())]);
+        let mut bytes = serde_json::to_vec(&value).expect("manifest JSON");
+        bytes.resize(4 * MIB - 4 * KIB, b'\n');
+        let manifest = oci::Manifest::from_bytes(oci::OCI_MANIFEST, bytes);
+        client.push_manifest(&repo, &manifest.digest, &manifest).await;
+        last = Some(manifest);
+    }
+    println!("34 manifests of 4 MiB pushed in {:?}", started.elapsed());
+
+    let started = Instant::now();
+    let report = cluster.gc(0).await;
+    println!("gc in {:?}: {report:?}", started.elapsed());
+    if !cluster.holders(&orphan).is_empty() {
+        cluster.fail(&format!(
+            "the unreferenced blob {orphan} is still on origins {:?}",
+            cluster.holders(&orphan)
+        ));
+    }
+    cluster.assert_placed(&[config.digest.clone(), layer.digest.clone()], &[0, 1], "after gc");
+    let last = last.expect("a manifest");
+    for origin in [0, 1] {
+        let got = cluster.client(origin).get_manifest(&repo, &last.digest).await;
+        got.expect(StatusCode::OK);
+        assert_eq!(got.body.len(), last.bytes.len(), "manifest through origin {origin}");
+    }
+}
+
 /// With no grace period: image A (layers L1, L2) and image B (L2, L3) share a repository; A's
 /// manifest is deleted by digest and GC runs from one origin. A's config and L1 (referenced
 /// by nothing now) are gone from every disk; B's config, L2 and L3 are still on exactly

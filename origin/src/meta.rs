@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use shoal_registry::{Digest, StoreError};
 
 use crate::cluster::node::BlobEntry;
-use crate::cluster::record::{now_millis, Record, RecordKey, RecordKind};
+use crate::cluster::record::now_millis;
 
 /// digest → (size, ms since the epoch when stored) of every blob file present.
 const BLOBS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("blob_files");
@@ -356,163 +356,6 @@ impl Meta {
         Ok(out)
     }
 
-    /// The records for `keys` of `repo`, in the same order.
-    pub fn records_get(&self, repo: &str, keys: &[RecordKey]) -> Result<Vec<Option<Record>>, StoreError> {
-        let txn = self.read()?;
-        let table = txn.open_table(RECORDS).map_err(|e| self.fail(e))?;
-        keys.iter()
-            .map(|k| {
-                let name = k.name();
-                let value = table.get((repo, k.kind().as_str(), name.as_str())).map_err(|e| self.fail(e))?;
-                value.map(|v| serde_json::from_str(v.value()).map_err(json_err)).transpose()
-            })
-            .collect()
-    }
-
-    /// Every record of `kind` in `repo` (only manifests referring to `subject` if given);
-    /// `None` if no record of the repository is held here.
-    pub fn records_scan(
-        &self,
-        repo: &str,
-        kind: RecordKind,
-        subject: Option<&Digest>,
-    ) -> Result<Option<Vec<Record>>, StoreError> {
-        let txn = self.read()?;
-        if txn.open_table(REPOS).map_err(|e| self.fail(e))?.get(repo).map_err(|e| self.fail(e))?.is_none() {
-            return Ok(None);
-        }
-        let table = txn.open_table(RECORDS).map_err(|e| self.fail(e))?;
-        let mut out = Vec::new();
-        match subject {
-            Some(subject) => {
-                let s = subject.to_string();
-                let index = txn.open_table(SUBJECTS).map_err(|e| self.fail(e))?;
-                for entry in index.range((repo, s.as_str(), "")..).map_err(|e| self.fail(e))? {
-                    let (k, _) = entry.map_err(|e| self.fail(e))?;
-                    let (r, subj, digest) = k.value();
-                    if r != repo || subj != s {
-                        break;
-                    }
-                    if let Some(v) =
-                        table.get((repo, RecordKind::Manifest.as_str(), digest)).map_err(|e| self.fail(e))?
-                    {
-                        out.push(serde_json::from_str(v.value()).map_err(json_err)?);
-                    }
-                }
-            }
-            None => {
-                let kind = kind.as_str();
-                for entry in table.range((repo, kind, "")..).map_err(|e| self.fail(e))? {
-                    let (k, v) = entry.map_err(|e| self.fail(e))?;
-                    let (r, kd, _) = k.value();
-                    if r != repo || kd != kind {
-                        break;
-                    }
-                    out.push(serde_json::from_str(v.value()).map_err(json_err)?);
-                }
-            }
-        }
-        Ok(Some(out))
-    }
-
-    /// Merge records into `repo`, keeping the newer version of each key; returns how many
-    /// changed something here.
-    pub fn records_apply(&self, repo: &str, records: &[Record]) -> Result<usize, StoreError> {
-        let txn = self.write()?;
-        let mut changed = 0;
-        {
-            let mut table = txn.open_table(RECORDS).map_err(|e| self.fail(e))?;
-            let mut subjects = txn.open_table(SUBJECTS).map_err(|e| self.fail(e))?;
-            for record in records {
-                let (kind, name) = (record.key.kind().as_str(), record.key.name());
-                let key = (repo, kind, name.as_str());
-                let existing: Option<Record> = table
-                    .get(key)
-                    .map_err(|e| self.fail(e))?
-                    .map(|v| serde_json::from_str(v.value()).map_err(json_err))
-                    .transpose()?;
-                if !record.applies_over(existing.as_ref()) {
-                    continue;
-                }
-                let json = serde_json::to_string(&record.stored()).map_err(json_err)?;
-                table.insert(key, json.as_str()).map_err(|e| self.fail(e))?;
-                let old_subject =
-                    existing.as_ref().and_then(|r| r.manifest()).and_then(|m| m.subject.clone());
-                let new_subject = record.manifest().and_then(|m| m.subject.clone());
-                if let Some(s) = old_subject {
-                    subjects
-                        .remove((repo, s.to_string().as_str(), name.as_str()))
-                        .map_err(|e| self.fail(e))?;
-                }
-                if let Some(s) = new_subject {
-                    subjects
-                        .insert((repo, s.to_string().as_str(), name.as_str()), 0)
-                        .map_err(|e| self.fail(e))?;
-                }
-                changed += 1;
-            }
-            if !records.is_empty() {
-                txn.open_table(REPOS).map_err(|e| self.fail(e))?.insert(repo, 0).map_err(|e| self.fail(e))?;
-            }
-        }
-        txn.commit().map_err(|e| self.fail(e))?;
-        Ok(changed)
-    }
-
-    /// Forget exactly the `confirmed` records of `repo` (same key and version) in one
-    /// transaction; a record that changed since is kept, and so is the repository while any of
-    /// its records remains.
-    pub fn records_forget(&self, repo: &str, confirmed: &[Record]) -> Result<(), StoreError> {
-        let txn = self.write()?;
-        {
-            let mut table = txn.open_table(RECORDS).map_err(|e| self.fail(e))?;
-            let mut subjects = txn.open_table(SUBJECTS).map_err(|e| self.fail(e))?;
-            for record in confirmed {
-                let (kind, name) = (record.key.kind().as_str(), record.key.name());
-                let key = (repo, kind, name.as_str());
-                let stored: Option<Record> = table
-                    .get(key)
-                    .map_err(|e| self.fail(e))?
-                    .map(|v| serde_json::from_str(v.value()).map_err(json_err))
-                    .transpose()?;
-                let Some(stored) = stored.filter(|s| s.version == record.version) else { continue };
-                table.remove(key).map_err(|e| self.fail(e))?;
-                if let Some(subject) = stored.manifest().and_then(|m| m.subject.clone()) {
-                    subjects
-                        .remove((repo, subject.to_string().as_str(), name.as_str()))
-                        .map_err(|e| self.fail(e))?;
-                }
-            }
-            let remaining = match table.range((repo, "", "")..).map_err(|e| self.fail(e))?.next() {
-                Some(entry) => entry.map_err(|e| self.fail(e))?.0.value().0 == repo,
-                None => false,
-            };
-            if !remaining {
-                txn.open_table(REPOS).map_err(|e| self.fail(e))?.remove(repo).map_err(|e| self.fail(e))?;
-            }
-        }
-        txn.commit().map_err(|e| self.fail(e))
-    }
-
-    /// Repositories with records here, in order, after `after`, at most `limit`.
-    pub fn repos(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
-        let txn = self.read()?;
-        let table = txn.open_table(REPOS).map_err(|e| self.fail(e))?;
-        let mut items = Vec::new();
-        for entry in table.range(after.unwrap_or("")..).map_err(|e| self.fail(e))? {
-            let (k, _) = entry.map_err(|e| self.fail(e))?;
-            let name = k.value();
-            if after == Some(name) {
-                continue;
-            }
-            if items.len() == limit {
-                break;
-            }
-            items.push(name.to_string());
-        }
-        Ok(items)
-    }
-
     /// Queue an item for repair. An item already queued stays queued once, with a new ticket:
     /// a pass that took the old ticket must not remove what was queued while it ran
     /// ([`Meta::repair_done`]).
@@ -585,6 +428,8 @@ impl Meta {
         Ok(out)
     }
 }
+
+mod records;
 
 #[cfg(test)]
 mod tests;

@@ -12,7 +12,7 @@ use shoal_registry::range::ByteRange;
 use shoal_registry::store::{file_range_stream, UploadState};
 use shoal_registry::{Algorithm, ByteStream, Digest, RepoName, StoreError};
 
-use crate::cluster::node::BlobEntry;
+use crate::cluster::node::{BlobEntry, RecordPage, ScanPage};
 use crate::cluster::record::{Record, RecordKey, RecordKind};
 use crate::fsutil;
 use crate::layout::Layout;
@@ -499,9 +499,20 @@ impl OriginStore {
         kind: RecordKind,
         subject: Option<&Digest>,
     ) -> Result<Option<Vec<Record>>, StoreError> {
+        Ok(self.records_page(repo, kind, subject, &ScanPage::ALL).await?.map(|page| page.records))
+    }
+
+    /// One page of [`OriginStore::records_scan`] (see [`Meta::records_page`]).
+    pub async fn records_page(
+        &self,
+        repo: &str,
+        kind: RecordKind,
+        subject: Option<&Digest>,
+        page: &ScanPage,
+    ) -> Result<Option<RecordPage>, StoreError> {
         let inner = self.inner.clone();
-        let (repo, subject) = (repo.to_string(), subject.cloned());
-        blocking(move || inner.meta.records_scan(&repo, kind, subject.as_ref())).await
+        let (repo, subject, page) = (repo.to_string(), subject.cloned(), page.clone());
+        blocking(move || inner.meta.records_page(&repo, kind, subject.as_ref(), &page)).await
     }
 
     pub async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<usize, StoreError> {

@@ -31,13 +31,14 @@ use shoal_registry::identity::{Role, TransportIdentity};
 use shoal_registry::range::{parse_range, RangeRequest};
 use shoal_registry::{ByteStream, Digest, RepoName};
 
-use crate::cluster::node::{BlobEntry, Node, NodeError};
+use crate::cluster::node::{BlobEntry, Node, NodeError, ScanPage};
 use crate::cluster::record::{Record, RecordKey};
 use crate::cluster::wire::PurgeQuery;
 use crate::cluster::wire::{
     list_limit, BlobListQuery, HealthReply, RepoListQuery, RepoQuery, ScanQuery, BLOBS, BLOB_ROUTE, HEALTH,
     MAX_RECORDS_BODY, MAX_RECORD_KEYS, METAINFO_ROUTE, QUARANTINE, QUARANTINE_BLOB_ROUTE, QUARANTINE_ROUTE,
     RECORDS_APPLY, RECORDS_FORGET, RECORDS_GET, RECORDS_SCAN, REPAIR_PENDING, REPOS, RESTORE_BLOB_ROUTE,
+    SCAN_MORE, SCAN_PAGE_BYTES,
 };
 
 /// What `GET /health` answers, asked fresh on every call so it reflects the current state.
@@ -371,10 +372,21 @@ async fn records_get(
     Ok(Json(s.node.records_get(repo.as_str(), &keys).await?))
 }
 
-async fn records_scan(State(s): State<ApiState>, Query(q): Query<ScanQuery>) -> Answer<Json<Vec<Record>>> {
+/// Every record in one answer for callers of earlier releases; one page for those that ask.
+async fn records_scan(State(s): State<ApiState>, Query(q): Query<ScanQuery>) -> Answer<Response> {
     let repo = parse_repo(&q.repo)?;
-    let records = s.node.records_scan(repo.as_str(), q.kind, q.subject.as_ref()).await?;
-    Ok(Json(records.ok_or_else(Failure::not_found)?))
+    let Some(max_bytes) = q.max_bytes else {
+        let records = s.node.records_scan(repo.as_str(), q.kind, q.subject.as_ref()).await?;
+        return Ok(Json(records.ok_or_else(Failure::not_found)?).into_response());
+    };
+    let page = ScanPage { after: q.after, max_bytes: max_bytes.clamp(1, SCAN_PAGE_BYTES) };
+    let answer = s.node.records_page(repo.as_str(), q.kind, q.subject.as_ref(), &page).await?;
+    let answer = answer.ok_or_else(Failure::not_found)?;
+    let mut response = Json(answer.records).into_response();
+    if answer.more {
+        response.headers_mut().insert(SCAN_MORE, HeaderValue::from_static("1"));
+    }
+    Ok(response)
 }
 
 async fn records_apply(

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use shoal_registry::range::ByteRange;
 use shoal_registry::{ByteStream, Digest, StoreError};
 
-use crate::cluster::node::{BlobEntry, Node, NodeError};
+use crate::cluster::node::{BlobEntry, Node, NodeError, RecordPage, ScanPage};
 use crate::cluster::record::{Record, RecordKey, RecordKind};
 use crate::store::OriginStore;
 
@@ -107,6 +107,16 @@ impl Node for LocalNode {
         subject: Option<&Digest>,
     ) -> Result<Option<Vec<Record>>, NodeError> {
         self.store.records_scan(repo, kind, subject).await.map_err(|e| self.err(e))
+    }
+
+    async fn records_page(
+        &self,
+        repo: &str,
+        kind: RecordKind,
+        subject: Option<&Digest>,
+        page: &ScanPage,
+    ) -> Result<Option<RecordPage>, NodeError> {
+        self.store.records_page(repo, kind, subject, page).await.map_err(|e| self.err(e))
     }
 
     async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<(), NodeError> {

@@ -41,6 +41,30 @@ pub struct BlobEntry {
     pub stored_millis: u64,
 }
 
+/// Where one page of a record scan starts and how much it may hold: the internal API pages
+/// scans so that a repository with many large manifests never answers more than one
+/// response may carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanPage {
+    /// The key name (digest or tag) the previous page ended with.
+    pub after: Option<String>,
+    /// The stored JSON a page may hold; a single record larger than this is a page alone.
+    pub max_bytes: usize,
+}
+
+impl ScanPage {
+    /// Everything in one page: in-process scans.
+    pub const ALL: ScanPage = ScanPage { after: None, max_bytes: usize::MAX };
+}
+
+/// One page of a record scan.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecordPage {
+    pub records: Vec<Record>,
+    /// Records follow this page's last one.
+    pub more: bool,
+}
+
 /// How this origin reaches itself and the other origins.
 #[async_trait]
 pub trait Node: Send + Sync + 'static {
@@ -99,6 +123,18 @@ pub trait Node: Send + Sync + 'static {
         kind: RecordKind,
         subject: Option<&Digest>,
     ) -> Result<Option<Vec<Record>>, NodeError>;
+
+    /// One page of [`Node::records_scan`], for the internal API. Nodes that hold their
+    /// records in memory (tests) answer everything in one page.
+    async fn records_page(
+        &self,
+        repo: &str,
+        kind: RecordKind,
+        subject: Option<&Digest>,
+        _page: &ScanPage,
+    ) -> Result<Option<RecordPage>, NodeError> {
+        Ok(self.records_scan(repo, kind, subject).await?.map(|records| RecordPage { records, more: false }))
+    }
 
     /// Merge records into `repo`: each replaces the stored one only if its version is newer.
     async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<(), NodeError>;

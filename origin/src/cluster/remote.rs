@@ -20,12 +20,13 @@ use serde::de::DeserializeOwned;
 use shoal_registry::range::ByteRange;
 use shoal_registry::{ByteStream, Digest};
 
-use crate::cluster::node::{BlobEntry, Node, NodeError};
+use crate::cluster::node::{BlobEntry, Node, NodeError, RecordPage, ScanPage};
 use crate::cluster::record::{Record, RecordKey, RecordKind};
 use crate::cluster::wire::{
     blob_path, metainfo_path, BlobListQuery, HealthReply, PurgeQuery, RepoListQuery, RepoQuery, ScanQuery,
     BLOBS, HEALTH, MAX_ERROR_TEXT, MAX_JSON_RESPONSE, MAX_RECORDS_BODY, MAX_RECORD_KEYS, QUARANTINE,
-    RECORDS_APPLY, RECORDS_FORGET, RECORDS_GET, RECORDS_SCAN, REPAIR_PENDING, REPOS,
+    RECORDS_APPLY, RECORDS_FORGET, RECORDS_GET, RECORDS_SCAN, REPAIR_PENDING, REPOS, SCAN_MORE,
+    SCAN_PAGE_BYTES,
 };
 
 /// The shortest wait for a blob write's answer after its last byte: the remote verifies and
@@ -375,16 +376,61 @@ impl Node for RemoteNode {
         Ok(out)
     }
 
+    /// Page by page, so a repository with many large manifests never needs one answer larger
+    /// than the client reads; an origin of an earlier release answers everything at once
+    /// and never says more follows.
     async fn records_scan(
         &self,
         repo: &str,
         kind: RecordKind,
         subject: Option<&Digest>,
     ) -> Result<Option<Vec<Record>>, NodeError> {
-        let query = ScanQuery { repo: repo.to_string(), kind, subject: subject.cloned() };
+        let mut page = ScanPage { after: None, max_bytes: SCAN_PAGE_BYTES };
+        let mut out = Vec::new();
+        loop {
+            let Some(answer) = self.records_page(repo, kind, subject, &page).await? else {
+                // A repository forgotten between pages has no records left here.
+                return Ok(if page.after.is_none() { None } else { Some(out) });
+            };
+            let last = answer.records.last().map(|r| r.key.name());
+            out.extend(answer.records);
+            if !answer.more {
+                return Ok(Some(out));
+            }
+            // Pages go forward in key order; one that does not would be asked again forever.
+            match last {
+                Some(last) if page.after.as_ref().is_none_or(|after| last > *after) => {
+                    page.after = Some(last)
+                }
+                _ => {
+                    return Err(
+                        self.refused("a records page that said more follow did not move on".to_string())
+                    )
+                }
+            }
+        }
+    }
+
+    async fn records_page(
+        &self,
+        repo: &str,
+        kind: RecordKind,
+        subject: Option<&Digest>,
+        page: &ScanPage,
+    ) -> Result<Option<RecordPage>, NodeError> {
+        let query = ScanQuery {
+            repo: repo.to_string(),
+            kind,
+            subject: subject.cloned(),
+            max_bytes: Some(page.max_bytes),
+            after: page.after.clone(),
+        };
         let resp = self.send(self.request(&self.http, Method::GET, RECORDS_SCAN).query(&query)).await?;
         match resp.status() {
-            StatusCode::OK => Ok(Some(self.json(resp).await?)),
+            StatusCode::OK => {
+                let more = resp.headers().contains_key(SCAN_MORE);
+                Ok(Some(RecordPage { records: self.json(resp).await?, more }))
+            }
             StatusCode::NOT_FOUND => Ok(None),
             _ => Err(self.refusal(resp).await),
         }

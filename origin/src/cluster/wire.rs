@@ -19,8 +19,12 @@ pub const BLOB_ROUTE: &str = "/shoal/internal/v1/blobs/{digest}";
 pub const METAINFO_ROUTE: &str = "/shoal/internal/v1/blobs/{digest}/metainfo";
 /// `POST ?repo=` with `[RecordKey]`: `[Option<Record>]`.
 pub const RECORDS_GET: &str = "/shoal/internal/v1/records/get";
-/// `GET ?repo=&kind=[&subject=]`: `[Record]`, 404 for an unknown repository.
+/// `GET ?repo=&kind=[&subject=][&max_bytes=[&after=]]`: `[Record]`, 404 for an unknown
+/// repository. With `max_bytes` the answer is one page ([`ScanQuery`]).
 pub const RECORDS_SCAN: &str = "/shoal/internal/v1/records/scan";
+/// Set (to `1`) on a `records/scan` page that more records follow; the next page starts
+/// after the last key this one holds.
+pub const SCAN_MORE: &str = "shoal-scan-more";
 /// `POST ?repo=` with `[Record]`: 204.
 pub const RECORDS_APPLY: &str = "/shoal/internal/v1/records/apply";
 /// `DELETE ?repo=`: 204.
@@ -36,8 +40,12 @@ pub const MAX_LIST_LIMIT: usize = 10_000;
 pub const MAX_RECORD_KEYS: usize = 10_000;
 /// Largest JSON request body (`records/get`, `records/apply`): 64 MiB.
 pub const MAX_RECORDS_BODY: usize = 64 * 1024 * 1024;
-/// Largest JSON answer the client reads (a scan of a repository with many manifests): 256 MiB.
+/// Largest JSON answer the client reads: 256 MiB.
 pub const MAX_JSON_RESPONSE: usize = 256 * 1024 * 1024;
+/// Stored record JSON the client asks one `records/scan` page to hold: 32 MiB, so a page's
+/// answer stays well inside [`MAX_JSON_RESPONSE`] with any one record (a manifest is at most
+/// 4 MiB) on top.
+pub const SCAN_PAGE_BYTES: usize = 32 * 1024 * 1024;
 /// Longest error text the client keeps from a refusal.
 pub const MAX_ERROR_TEXT: usize = 1024;
 
@@ -105,6 +113,15 @@ pub struct ScanQuery {
     pub kind: RecordKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<Digest>,
+    /// Page the answer: stored record JSON per page (capped at [`SCAN_PAGE_BYTES`]). Without
+    /// it every record comes in one answer, as origins of earlier releases ask and answer:
+    /// they ignore these fields and never set [`SCAN_MORE`], so a paging client reads their
+    /// one answer as the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<usize>,
+    /// The key name the previous page ended with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
 }
 
 /// The listing page size to use for a requested `n`: the default when absent, capped.
