@@ -14,7 +14,7 @@ pub fn publish(src: &Path, dest: &Path) -> std::io::Result<()> {
         fs::remove_file(src)?;
         return Ok(());
     }
-    fs::create_dir_all(parent)?;
+    shoal_registry::durable::create_dir_all(parent)?;
     fs::rename(src, dest)?;
     sync_dir(parent)
 }

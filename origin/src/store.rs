@@ -415,7 +415,7 @@ impl OriginStore {
                 remove_if_present(&from)?;
             } else {
                 if let Some(parent) = to.parent() {
-                    std::fs::create_dir_all(parent).map_err(StoreError::from_io)?;
+                    shoal_registry::durable::create_dir_all(parent).map_err(StoreError::from_io)?;
                 }
                 match std::fs::rename(&from, &to) {
                     // A crash between the quarantine's metadata and its rename leaves the file

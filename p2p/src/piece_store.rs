@@ -296,9 +296,7 @@ impl PieceFile {
         }
         self.file.sync_all()?;
         if let Some(parent) = dest.parent() {
-            if !parent.as_os_str().is_empty() {
-                fs::create_dir_all(parent)?;
-            }
+            shoal_registry::durable::create_dir_all(parent)?;
         }
         fs::rename(&self.path, dest)?;
         if let Some(parent) = dest.parent() {

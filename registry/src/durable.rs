@@ -83,6 +83,26 @@ pub fn leftovers(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(found)
 }
 
+/// Create `dir` and its missing ancestors durably: after each one is created its parent is
+/// synced, so a power loss on a filesystem that does not order metadata cannot keep a file
+/// renamed into `dir` (and synced there) while losing `dir`'s own entry. A directory that
+/// exists already costs one `stat`; one created by another thread a moment before is taken as
+/// it is (its creator syncs its parent within microseconds).
+pub fn create_dir_all(dir: &Path) -> std::io::Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(up) = dir.parent() {
+        create_dir_all(up)?;
+    }
+    match std::fs::create_dir(dir) {
+        // Lost a race with another creator: sync its entry here too rather than rely on it.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        other => other?,
+    }
+    sync_dir(parent(dir))
+}
+
 fn parent(path: &Path) -> &Path {
     path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
@@ -90,6 +110,17 @@ fn parent(path: &Path) -> &Path {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn create_dir_all_makes_every_missing_level_and_accepts_existing_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a/b/c");
+        create_dir_all(&deep).unwrap();
+        assert!(deep.is_dir());
+        create_dir_all(&deep).unwrap();
+        std::fs::write(dir.path().join("file"), b"x").unwrap();
+        assert!(create_dir_all(&dir.path().join("file/below")).is_err(), "a file in the way");
+    }
     use std::os::unix::fs::PermissionsExt as _;
 
     #[test]

@@ -130,7 +130,7 @@ impl BlobCache {
         let mut attempts = 0;
         loop {
             let written = match path.parent() {
-                Some(dir) => std::fs::create_dir_all(dir),
+                Some(dir) => shoal_registry::durable::create_dir_all(dir),
                 None => Err(std::io::Error::other("a metainfo path has a parent")),
             };
             match written.and_then(|()| shoal_registry::durable::replace(&path, &json, None)) {
