@@ -263,11 +263,18 @@ impl Downloads {
     /// Join (or start) the download of `digest`, falling back to the origin via `repo`; or,
     /// when the blob was cached after the caller looked (a download that finished meanwhile),
     /// the cached copy, rather than a second download of it.
-    pub async fn join(self: &Arc<Self>, repo: &RepoName, digest: &Digest) -> Result<Joined, StoreError> {
+    /// `size`, when the caller knows it from the origins, is checked against the metainfo a
+    /// new download starts from (see [`Downloads::start`]).
+    pub async fn join(
+        self: &Arc<Self>,
+        repo: &RepoName,
+        digest: &Digest,
+        size: Option<u64>,
+    ) -> Result<Joined, StoreError> {
         // A cached copy found bad when opened is removed: the next round downloads it.
         for _ in 0..MAX_JOIN_ROUNDS {
             let cell = self.active().entry(digest.clone()).or_default().clone();
-            match cell.get_or_try_init(|| self.start(repo, digest)).await {
+            match cell.get_or_try_init(|| self.start(repo, digest, size)).await {
                 Ok(download) => return Ok(Joined::Download(download.clone())),
                 Err(NotStarted::Failed(e)) => {
                     self.forget(digest, &cell);
@@ -293,11 +300,35 @@ impl Downloads {
 
     /// Start a download of `digest`, unless it is cached: no download of it runs (the caller
     /// holds its `active` cell), so one that just finished has put it there.
-    async fn start(self: &Arc<Self>, repo: &RepoName, digest: &Digest) -> Result<Arc<Download>, NotStarted> {
+    ///
+    /// A tracker's metainfo is checked against the digest's chain only piece by piece: one
+    /// that claims a larger size could vouch, with a chain of its own, for the bytes of a
+    /// range that ends before the last piece (which alone must make the digest). So a
+    /// metainfo whose size is not the size the origins confirmed is replaced by the origin's
+    /// own, and a download starts only from a metainfo of that size.
+    async fn start(
+        self: &Arc<Self>,
+        repo: &RepoName,
+        digest: &Digest,
+        size: Option<u64>,
+    ) -> Result<Arc<Download>, NotStarted> {
         if self.cache.contains(digest) {
             return Err(NotStarted::Cached);
         }
-        let (metainfo, source) = self.metainfo_with_source(digest).await?;
+        let (mut metainfo, mut source) = self.metainfo_with_source(digest).await?;
+        if let Some(size) = size.filter(|&s| s != metainfo.size()) {
+            if source == MetainfoSource::Tracker {
+                tracing::warn!(%digest, size, claimed = metainfo.size(), "the tracker's metainfo has the wrong size; using the origin's");
+                (metainfo, source) = (self.origin_metainfo(digest).await?, MetainfoSource::Origin);
+            }
+            if metainfo.size() != size {
+                return Err(StoreError::Unavailable(format!(
+                    "{digest}: the metainfo says {} bytes, the origins {size}",
+                    metainfo.size()
+                ))
+                .into());
+            }
+        }
         let claim = Arc::new(self.cache.claim_partial(digest, metainfo.size()));
         let pieces = self.open_partial(digest, metainfo, None).await?;
         let download = Arc::new(Download::new(pieces));
@@ -507,12 +538,17 @@ mod tests {
 
     /// Downloads whose origin and tracker are a closed port: any download started fails.
     fn downloads(dir: &std::path::Path) -> Arc<Downloads> {
+        downloads_at(dir, "http://127.0.0.1:1")
+    }
+
+    /// Downloads whose origin and tracker are both `url`.
+    fn downloads_at(dir: &std::path::Path, url: &str) -> Arc<Downloads> {
         let registry = prometheus::Registry::new();
         let limits = CacheLimits::bytes(1 << 30, 1 << 29);
         let metrics = CacheMetrics::new(&registry).unwrap();
         let cache =
             Arc::new(BlobCache::open(&dir.join("cache"), &dir.join("partial"), limits, metrics).unwrap());
-        let nowhere = vec!["http://127.0.0.1:1".to_string()];
+        let nowhere = vec![url.to_string()];
         let origin = OriginClient::new(nowhere.clone(), Duration::from_secs(1), &registry).unwrap();
         let tracker = Arc::new(TrackerClient::new(nowhere, Duration::from_secs(1)).unwrap());
         let deps = SwarmDeps {
@@ -538,7 +574,7 @@ mod tests {
         let digest = meta.digest().clone();
         let repo: RepoName = "team/app".parse().unwrap();
         assert!(
-            downloads.join(&repo, &digest).await.is_err(),
+            downloads.join(&repo, &digest, None).await.is_err(),
             "not cached: a download starts, and fails here"
         );
         let path = downloads.cache.blob_path(&digest);
@@ -546,11 +582,41 @@ mod tests {
         std::fs::write(&path, &data).unwrap();
         downloads.cache.write_metainfo(&meta).unwrap();
         downloads.cache.insert(&digest, data.len() as u64);
-        match downloads.join(&repo, &digest).await {
+        match downloads.join(&repo, &digest, None).await {
             Ok(Joined::Cached(pieces)) => assert_eq!(pieces.metainfo().digest(), &digest),
             Ok(Joined::Download(_)) => panic!("a second download of a cached blob started"),
             Err(e) => panic!("a cached blob was downloaded again (and failed): {e}"),
         }
         assert!(downloads.running(&digest).is_none());
+    }
+
+    /// A tracker hands out a metainfo that claims twice the blob's size (with a chain of its
+    /// own): a download joined with the size the origins confirmed starts from the origin's
+    /// metainfo instead, so no range is served against the forged chain.
+    #[tokio::test]
+    async fn a_trackers_metainfo_of_the_wrong_size_gives_way_to_the_origins() {
+        use axum::routing::get;
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let size = data.len() as u64;
+        let real = Metainfo::compute(&data[..], size, shoal_registry::Algorithm::Sha256).unwrap();
+        let digest = real.digest().clone();
+        let forged = Metainfo::unverifiable(digest.clone(), 2 * size, real.piece_length()).unwrap();
+        let (real, forged) = (serde_json::to_vec(&real).unwrap(), serde_json::to_vec(&forged).unwrap());
+        let app = axum::Router::new()
+            .route(&format!("/v1/metainfo/{digest}"), get(move || async move { forged }))
+            .route(&shoal_p2p::tracker_client::metainfo_path(&digest), get(move || async move { real }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let dir = tempfile::tempdir().unwrap();
+        let downloads = downloads_at(dir.path(), &url);
+        assert_eq!(downloads.metainfo(&digest).await.unwrap().size(), 2 * size, "the tracker's answer");
+        let repo: RepoName = "team/app".parse().unwrap();
+        match downloads.join(&repo, &digest, Some(size)).await {
+            Ok(Joined::Download(download)) => assert_eq!(download.pieces().metainfo().size(), size),
+            Ok(Joined::Cached(_)) => panic!("nothing is cached"),
+            Err(e) => panic!("the download did not start: {e}"),
+        }
     }
 }

@@ -235,7 +235,7 @@ pub async fn preheat(
                 if store.downloads().cache.get(&digest).is_some() || size == 0 {
                     return Ok((digest, size));
                 }
-                match store.join_held(&repo, &digest).await.map_err(|e| format!("{digest}: {e}"))? {
+                match store.join_held(&repo, &digest, size).await.map_err(|e| format!("{digest}: {e}"))? {
                     Joined::Download(download) => {
                         download.wait().await.map_err(|e| format!("{digest}: {e}"))?
                     }

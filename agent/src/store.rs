@@ -124,25 +124,31 @@ impl AgentStore {
     /// Join (or start) the download of `digest` through `repo`, with the client's token, or
     /// without one an anonymous token where the origins want one (plain HTTP, access control
     /// on: their node API then asks for a token).
-    pub async fn join(&self, repo: &RepoName, digest: &Digest) -> Result<Joined, StoreError> {
+    /// `size`: what the origins confirmed, if the caller asked them (see `Downloads::join`).
+    pub async fn join(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: Option<u64>,
+    ) -> Result<Joined, StoreError> {
         let mut credentials = forwarded_authorization();
         if credentials.is_none() {
             if let Some(policy) = self.auth.policy().filter(|p| p.tokens) {
                 credentials = self.origin.anonymous_token(&policy.realm, &policy.service, repo).await;
             }
         }
-        FORWARD_AUTHORIZATION.scope(credentials, self.downloads.join(repo, digest)).await
+        FORWARD_AUTHORIZATION.scope(credentials, self.downloads.join(repo, digest, size)).await
     }
 
     /// [`join`](Self::join), for an upstream blob that no download here has yet only once the
     /// origins hold it: until their fetch commits it, no tracker knows its pieces ("blob
     /// unknown"). `BlobUnknown` if the upstream has no such blob.
-    pub async fn join_held(&self, repo: &RepoName, digest: &Digest) -> Result<Joined, StoreError> {
+    pub async fn join_held(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<Joined, StoreError> {
         let here = self.downloads.running(digest).is_some() || self.downloads.cache.contains(digest);
         if self.registries.is_upstream(repo) && !here && self.fetch_upstream(repo, digest).await?.is_none() {
             return Err(StoreError::BlobUnknown);
         }
-        self.join(repo, digest).await
+        self.join(repo, digest, Some(size)).await
     }
 
     /// A cached blob, streamed with every piece checked (see `Downloads::stream_cached`).
@@ -232,7 +238,12 @@ impl RegistryStore for AgentStore {
                 }
             }
         }
-        match self.join_held(repo, digest).await? {
+        match self.join_held(repo, digest, size).await? {
+            // A download started elsewhere without the origins' size (a reader's restart):
+            // its bytes are not served against a size they do not have.
+            Joined::Download(download) if download.pieces().metainfo().size() != size => Err(
+                StoreError::Unavailable(format!("{digest}: the running download's size is not the origins'")),
+            ),
             Joined::Download(download) => Ok(self.downloads.stream(repo, download, range)),
             Joined::Cached(pieces) => Ok(self.downloads.stream_cached(repo, pieces, range)),
         }

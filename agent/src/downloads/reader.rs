@@ -122,12 +122,12 @@ impl Reader {
             return None;
         }
         let result = match self.source.clone() {
-            Source::Cached(pieces) => match self.read_cached(pieces).await {
+            Source::Cached(pieces) => match self.read_cached(pieces.clone()).await {
                 Err(PieceError::HashMismatch { index }) => {
                     // The cache has dropped the file: go on from a download of the blob.
                     tracing::warn!(digest = %self.digest, index, "a cached blob went bad while read; fetching it again");
                     self.ahead = None;
-                    let join = self.downloads.join(&self.repo, &self.digest);
+                    let join = self.downloads.join(&self.repo, &self.digest, Some(pieces.metainfo().size()));
                     let join = crate::mirror::UPSTREAM_CREDENTIALS.scope(self.upstream.clone(), join);
                     match shoal_registry::auth::FORWARD_AUTHORIZATION.scope(self.forward.clone(), join).await
                     {
