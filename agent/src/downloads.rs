@@ -20,10 +20,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
+use axum::http::HeaderValue;
 use bytes::Bytes;
 use shoal_p2p::blob::BlobPieces;
 use shoal_p2p::swarm::{self, Fallback, SwarmConfig, SwarmDeps};
 use shoal_p2p::{Metainfo, PieceError};
+use shoal_registry::auth::remote::RemoteAuth;
 use shoal_registry::range::ByteRange;
 use shoal_registry::{ByteStream, Digest, RepoName, StoreError};
 use tokio::sync::{watch, OnceCell};
@@ -147,6 +149,8 @@ pub struct Downloads {
     active: Mutex<HashMap<Digest, Arc<OnceCell<Arc<Download>>>>>,
     next_reader: AtomicU64,
     seeding: std::sync::OnceLock<Arc<Seeding>>,
+    /// The origins' access policy, for anonymous tokens ([`Downloads::credentials`]).
+    auth: std::sync::OnceLock<Arc<RemoteAuth>>,
 }
 
 /// What a request for a blob that was not cached when it looked gets from [`Downloads::join`].
@@ -188,7 +192,25 @@ impl Downloads {
             active: Mutex::new(HashMap::new()),
             next_reader: AtomicU64::new(1),
             seeding: std::sync::OnceLock::new(),
+            auth: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The origins' access policy, which decides when origin calls need an anonymous token.
+    pub fn set_auth(&self, auth: Arc<RemoteAuth>) {
+        let _ = self.auth.set(auth);
+    }
+
+    /// What a download's origin calls for `repo` carry: the client's credentials, or for a
+    /// client that sent none an anonymous token where the origins want one (tokens on, plain
+    /// HTTP: their node API then asks for a token). Asked when a download starts, not for
+    /// every cached read, so a cached blob is served while the token endpoint is down.
+    pub async fn credentials(&self, repo: &RepoName, client: Option<HeaderValue>) -> Option<HeaderValue> {
+        if client.is_some() {
+            return client;
+        }
+        let policy = self.auth.get()?.policy().filter(|p| p.tokens)?;
+        self.origin.anonymous_token(&policy.realm, &policy.service, repo).await
     }
 
     /// Where finished blobs are registered for seeding.

@@ -70,6 +70,7 @@ impl AgentStore {
         auth: Arc<RemoteAuth>,
         registries: Arc<Registries>,
     ) -> AgentStore {
+        downloads.set_auth(auth.clone());
         AgentStore {
             origin,
             downloads,
@@ -131,12 +132,7 @@ impl AgentStore {
         digest: &Digest,
         size: Option<u64>,
     ) -> Result<Joined, StoreError> {
-        let mut credentials = forwarded_authorization();
-        if credentials.is_none() {
-            if let Some(policy) = self.auth.policy().filter(|p| p.tokens) {
-                credentials = self.origin.anonymous_token(&policy.realm, &policy.service, repo).await;
-            }
-        }
+        let credentials = self.downloads.credentials(repo, forwarded_authorization()).await;
         FORWARD_AUTHORIZATION.scope(credentials, self.downloads.join(repo, digest, size)).await
     }
 

@@ -441,14 +441,33 @@ async fn a_bad_cached_private_blob_is_fetched_again_with_the_clients_token() {
     let mut cluster = Cluster::start_with_origin(1, &auth_toml(), "").await;
     let url = cluster.origin.url().to_string();
     let private = unique_repo("private");
-    let scope = format!("repository:{private}:pull,push");
-    let ci = cluster.origin.client().with_bearer(&token(&url, Some(("ci", "ci-pass")), &scope).await);
-    let image = ci.push_image(&private, ImageKind::Oci, Some("v1"), 3 << 20).await;
-    let layer = &image.layers[0];
     let pull = format!("repository:{private}:pull");
     let alice = Client::new(&cluster.agent_url(0))
         .with_bearer(&token(&url, Some(("alice", "alice-pass")), &pull).await);
-    let first = alice.get_blob(&private, &layer.digest).await;
+    read_a_cached_blob_gone_bad(&mut cluster, &private, &alice).await;
+}
+
+/// The same for an anonymous client of a public repository: the agent (plain HTTP, no node
+/// certificate) shows the origins an anonymous token for it, and the new download must get
+/// one too. Before, it went without and the origins refused its fallback.
+#[tokio::test]
+async fn a_bad_cached_public_blob_is_fetched_again_for_an_anonymous_client() {
+    skip_if_external!("starts its own cluster");
+    let mut cluster = Cluster::start_with_origin(1, &auth_toml(), "").await;
+    let public = unique_repo("public");
+    let anonymous = Client::new(&cluster.agent_url(0));
+    read_a_cached_blob_gone_bad(&mut cluster, &public, &anonymous).await;
+}
+
+/// Pushes an image to `repo`, reads its first layer through agent 0 as `reader`, flips bytes
+/// of the cached copy's third MiB, stops the tracker, and reads it again in full.
+async fn read_a_cached_blob_gone_bad(cluster: &mut Cluster, repo: &str, reader: &Client) {
+    let url = cluster.origin.url().to_string();
+    let scope = format!("repository:{repo}:pull,push");
+    let ci = cluster.origin.client().with_bearer(&token(&url, Some(("ci", "ci-pass")), &scope).await);
+    let image = ci.push_image(repo, ImageKind::Oci, Some("v1"), 3 << 20).await;
+    let layer = &image.layers[0];
+    let first = reader.get_blob(repo, &layer.digest).await;
     first.expect(StatusCode::OK);
     assert_eq!(first.body, layer.data);
 
@@ -472,7 +491,7 @@ async fn a_bad_cached_private_blob_is_fetched_again_with_the_clients_token() {
         file.write_all_at(&buf, offset).unwrap();
     }
     cluster.kill_tracker();
-    let again = alice.get_blob(&private, &layer.digest).await;
+    let again = reader.get_blob(repo, &layer.digest).await;
     again.expect(StatusCode::OK);
     assert!(again.body == layer.data, "the blob read again after its cached copy went bad");
 }

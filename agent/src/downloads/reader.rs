@@ -129,8 +129,8 @@ impl Reader {
                     self.ahead = None;
                     let join = self.downloads.join(&self.repo, &self.digest, Some(pieces.metainfo().size()));
                     let join = crate::mirror::UPSTREAM_CREDENTIALS.scope(self.upstream.clone(), join);
-                    match shoal_registry::auth::FORWARD_AUTHORIZATION.scope(self.forward.clone(), join).await
-                    {
+                    let forward = self.downloads.credentials(&self.repo, self.forward.clone()).await;
+                    match shoal_registry::auth::FORWARD_AUTHORIZATION.scope(forward, join).await {
                         Ok(Joined::Download(download)) => {
                             self.source = Source::Download(download.clone());
                             self.read_download(download).await
