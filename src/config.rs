@@ -258,6 +258,13 @@ impl OriginConfig {
             }
             None => reached_at.to_string(),
         };
+        let max_manifest = shoal_origin::cluster::wire::MAX_MANIFEST_SIZE;
+        if self.max_manifest_size.as_u64() > max_manifest {
+            anyhow::bail!(
+                "max_manifest_size must be at most {} (a manifest is copied between origins as a record of up to twice its size)",
+                ByteSize::b(max_manifest)
+            );
+        }
         let min_quarantine = shoal_origin::cluster::gc::MIN_QUARANTINE;
         if c.gc_quarantine < min_quarantine {
             anyhow::bail!(
@@ -358,6 +365,16 @@ mod tests {
         assert!(err.contains("cluster.gc_interval = 0s is below its minimum of 1m"), "{err}");
         std::fs::write(&file, "[cluster]\ngc_interval = \"24h\"\n").unwrap();
         assert!(origin.resolve().is_ok());
+    }
+
+    /// A manifest limit whose records could not travel between origins is refused at start.
+    #[test]
+    fn a_manifest_limit_larger_than_records_carry_is_refused() {
+        let big: OriginConfig = toml::from_str("max_manifest_size = \"17MiB\"").unwrap();
+        let err = big.cluster().unwrap_err().to_string();
+        assert!(err.contains("max_manifest_size must be at most 16.0 MiB"), "{err}");
+        let fits: OriginConfig = toml::from_str("max_manifest_size = \"16MiB\"").unwrap();
+        assert!(fits.cluster().is_ok());
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub const MAX_LIST_LIMIT: usize = 10_000;
 pub const MAX_RECORD_KEYS: usize = 10_000;
 /// Largest JSON request body (`records/get`, `records/apply`): 64 MiB.
 pub const MAX_RECORDS_BODY: usize = 64 * 1024 * 1024;
+/// Largest manifest an origin may be configured to accept: 16 MiB. A manifest travels between
+/// origins as a record, a JSON string of up to twice its size (whitespace, quotes and
+/// backslashes are escaped), which must fit a [`MAX_RECORDS_BODY`] and a scan page.
+pub const MAX_MANIFEST_SIZE: u64 = 16 * 1024 * 1024;
 /// Largest JSON answer the client reads: 256 MiB.
 pub const MAX_JSON_RESPONSE: usize = 256 * 1024 * 1024;
 /// Stored record JSON the client asks one `records/scan` page to hold: 32 MiB, so a page's
