@@ -59,8 +59,10 @@ struct Attempt {
 
 /// One blob being downloaded.
 pub struct Download {
-    /// The piece file of the current attempt.
-    pieces: RwLock<Arc<BlobPieces>>,
+    /// The piece file of the current attempt, and its number: one lock, so a reader never
+    /// takes one attempt's pieces for another's (its check of what it sent would be skipped).
+    current: RwLock<(Arc<BlobPieces>, Attempt)>,
+    /// The attempt number again, for readers to wait on a restart.
     attempt: watch::Sender<Attempt>,
     readers: Mutex<HashMap<u64, u32>>,
     positions: watch::Sender<Vec<u32>>,
@@ -70,7 +72,7 @@ pub struct Download {
 impl Download {
     fn new(pieces: Arc<BlobPieces>) -> Download {
         Download {
-            pieces: RwLock::new(pieces),
+            current: RwLock::new((pieces, Attempt { number: 1 })),
             attempt: watch::Sender::new(Attempt { number: 1 }),
             readers: Mutex::new(HashMap::new()),
             positions: watch::Sender::new(Vec::new()),
@@ -80,13 +82,23 @@ impl Download {
 
     /// The pieces of the current attempt (to serve peers, persist on shutdown, read).
     pub fn pieces(&self) -> Arc<BlobPieces> {
-        self.pieces.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current().0
+    }
+
+    /// The pieces of the current attempt with its number, read together.
+    fn current(&self) -> (Arc<BlobPieces>, Attempt) {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Start the next attempt on `pieces`.
     fn restart(&self, pieces: Arc<BlobPieces>) {
-        *self.pieces.write().unwrap_or_else(|p| p.into_inner()) = pieces;
-        self.attempt.send_modify(|a| *a = Attempt { number: a.number + 1 });
+        let next = {
+            let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+            let next = Attempt { number: current.1.number + 1 };
+            *current = (pieces, next);
+            next
+        };
+        self.attempt.send_replace(next);
     }
 
     fn set_reader(&self, id: u64, piece: Option<u32>) {
@@ -640,5 +652,40 @@ mod tests {
             Ok(Joined::Cached(_)) => panic!("nothing is cached"),
             Err(e) => panic!("the download did not start: {e}"),
         }
+    }
+
+    /// Restarts race readers: whatever a reader takes, the pieces are the attempt's own
+    /// (attempts alternate between two blobs' piece files, odd and even).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_never_takes_one_attempts_pieces_for_anothers() {
+        let dir = tempfile::tempdir().unwrap();
+        let downloads = downloads(dir.path());
+        let mut files = Vec::new();
+        for seed in [1u8, 2] {
+            let data = vec![seed; 100_000];
+            let meta =
+                Metainfo::compute(&data[..], data.len() as u64, shoal_registry::Algorithm::Sha256).unwrap();
+            files.push(downloads.open_partial(&meta.digest().clone(), meta, None).await.unwrap());
+        }
+        let download = Arc::new(Download::new(files[0].clone()));
+        let odd = files[0].metainfo().digest().clone();
+        let reader = {
+            let download = download.clone();
+            std::thread::spawn(move || {
+                for _ in 0..200_000 {
+                    let (pieces, attempt) = download.current();
+                    assert_eq!(
+                        pieces.metainfo().digest() == &odd,
+                        attempt.number % 2 == 1,
+                        "attempt {}",
+                        attempt.number
+                    );
+                }
+            })
+        };
+        for i in 0..20_000 {
+            download.restart(files[(i + 1) % 2].clone());
+        }
+        reader.join().unwrap();
     }
 }

@@ -179,9 +179,10 @@ impl Reader {
     async fn read_download(&mut self, download: Arc<Download>) -> Result<Bytes, std::io::Error> {
         let deadline = tokio::time::Instant::now() + READER_STALL;
         loop {
+            // Subscribed first: a restart after the read below wakes the wait.
             let mut attempts = download.attempt.subscribe();
-            let attempt = *attempts.borrow_and_update();
-            let pieces = download.pieces();
+            attempts.borrow_and_update();
+            let (pieces, attempt) = download.current();
             if let Some(sent) = &mut self.sent {
                 if !sent.still_holds(attempt, pieces.metainfo()) {
                     return Err(io_error(
