@@ -204,6 +204,8 @@ pub struct SwarmState<R = StdRng> {
     picker: PiecePicker<R>,
     blacklist: Blacklist,
     peers: HashMap<PeerId, Peer>,
+    /// The last connections that closed, oldest first (see [`SwarmState::address_of`]).
+    departed: VecDeque<(PeerId, SocketAddr)>,
     /// Pieces an origin declined recently; not asked of an origin again until the swarm had
     /// a chance to pass them on.
     declined: HashMap<u32, Instant>,
@@ -282,6 +284,7 @@ impl<R: Rng + Clone> SwarmState<R> {
             candidates: Vec::new(),
             origin_addrs: HashSet::new(),
             fallback_active: false,
+            departed: VecDeque::new(),
             fallback_failures: 0,
             announced_once: false,
             announces: 0,
@@ -427,12 +430,6 @@ impl<R: Rng + Clone> SwarmState<R> {
         self.declined_by.insert((peer, index), now);
     }
 
-    /// A connection closed.
-    pub fn closed(&mut self, peer: &PeerId) {
-        self.peers.remove(peer);
-        self.picker.remove_peer(peer);
-    }
-
     /// A piece from `from` (or [`ORIGIN_PEER`]) was verified and stored, or failed its hash.
     pub fn stored(
         &mut self,
@@ -466,8 +463,9 @@ impl<R: Rng + Clone> SwarmState<R> {
                 if from == ORIGIN_PEER {
                     return Err(Fatal::Fallback(format!("origin sent a bad piece {index}")));
                 }
-                if let Some(p) = self.peers.get(&from) {
-                    self.blacklist.bad_piece(p.addr, now);
+                // The peer may have closed while its piece was checked: banned all the same.
+                if let Some(addr) = self.address_of(&from) {
+                    self.blacklist.bad_piece(addr, now);
                 }
                 self.closed(&from);
                 actions.push(Action::Disconnect(from));

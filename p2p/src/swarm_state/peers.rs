@@ -9,7 +9,29 @@ use rand::seq::IndexedRandom;
 use super::{Action, Candidate, SwarmState, ROTATE_AFTER, ROTATE_SLOW_SHARE};
 use crate::peer::PeerId;
 
+/// Closed connections whose addresses a download keeps: a piece is verified on the blocking
+/// pool, and a peer that sent a bad one and closed at once is gone from `peers` when the
+/// verdict arrives; it is banned by the address kept here.
+const DEPARTED_KEPT: usize = 64;
+
 impl<R: rand::Rng + Clone> SwarmState<R> {
+    /// A connection closed.
+    pub fn closed(&mut self, peer: &PeerId) {
+        if let Some(p) = self.peers.remove(peer) {
+            if self.departed.len() == DEPARTED_KEPT {
+                self.departed.pop_front();
+            }
+            self.departed.push_back((*peer, p.addr));
+        }
+        self.picker.remove_peer(peer);
+    }
+
+    /// The address of a connected peer, or of one whose connection closed lately.
+    pub(super) fn address_of(&self, peer: &PeerId) -> Option<SocketAddr> {
+        let departed = || self.departed.iter().rev().find(|(id, _)| id == peer).map(|(_, addr)| *addr);
+        self.peers.get(peer).map(|p| p.addr).or_else(departed)
+    }
+
     /// Whether `c` is someone we could connect to now: not ourselves, not banned, not
     /// connected or being connected to already.
     fn is_new_candidate(&self, c: &Candidate, now: Instant) -> bool {

@@ -120,6 +120,23 @@ fn a_bad_piece_bans_and_drops_the_peer_and_a_bad_origin_piece_is_fatal() {
     assert!(s.stored(ORIGIN_PEER, 0, Stored::BadPiece, t0).is_err());
 }
 
+/// A peer that sends a bad piece and closes before the piece's check ends (the check runs on
+/// the blocking pool, the close arrives first) is banned all the same: not reconnected when
+/// the tracker hands it out again.
+#[test]
+fn a_peer_that_closes_before_its_bad_piece_is_checked_is_banned() {
+    let t0 = Instant::now();
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 1, t0);
+    let reqs = requests(&s.fill(t0, None, 0));
+    s.closed(&peer(1));
+    s.stored(peer(1), reqs[0].1, Stored::BadPiece, t0).unwrap();
+    let t1 = t0 + Duration::from_secs(1);
+    let again = s.announced(Some(vec![info(1, false)]), Duration::from_secs(5), t1);
+    assert!(!again.contains(&Action::Connect(addr(1))), "reconnected to the peer that lied: {again:?}");
+    assert!(!s.tick(t1, &[]).unwrap().contains(&Action::Connect(addr(1))));
+}
+
 #[test]
 fn a_ban_follows_the_peers_address_and_outlives_the_download_on_the_node() {
     let t0 = Instant::now();
