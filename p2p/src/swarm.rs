@@ -320,7 +320,7 @@ impl Swarm {
                 Ok(data) => self.store(ORIGIN_PEER, index, data),
                 Err(e) => {
                     tracing::warn!(index, error = %e, "origin fallback fetch failed");
-                    self.state.fetch_failed(index, &e)?;
+                    self.state.fetch_failed(index, &e, now)?;
                 }
             },
         }

@@ -72,8 +72,16 @@ pub const ROTATE_SLOW_SHARE: f64 = 0.85;
 /// 50 peers per announce; a list that kept every peer ever handed out grew with the fleet,
 /// and merging each handout into it cost a linear search per peer.
 pub const MAX_CANDIDATES: usize = 200;
-/// Consecutive failed fallback fetches, with no peer connected, that fail the download.
+/// Consecutive rounds of failed fallback fetches, with no peer connected, that fail the
+/// download.
 pub const MAX_FALLBACK_FAILURES: u32 = 5;
+/// The wait before the fallback fetches again after a failed round, doubled per round in a
+/// row up to [`FALLBACK_BACKOFF_MAX`]: an origin answering 429 or 404 at once was asked
+/// again at once, by every agent of a fleet, and one second of 429s failed a download with
+/// no peers in two rounds.
+pub const FALLBACK_BACKOFF: Duration = Duration::from_millis(250);
+/// The longest wait between fallback rounds.
+pub const FALLBACK_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a download whose swarm is alive but has not delivered to it (peers announce
 /// pieces it lacks, an origin declines its requests because agents hold them) waits before
 /// the HTTP fallback comes in anyway. A big fleet that starts at once has little to give
@@ -219,7 +227,10 @@ pub struct SwarmState<R = StdRng> {
     /// Addresses the tracker named as origins, kept even when their candidate entry is gone.
     origin_addrs: HashSet<SocketAddr>,
     fallback_active: bool,
+    /// Failed fallback rounds in a row (failures while backing off join the round).
     fallback_failures: u32,
+    /// No fallback fetch before this, after a failed round.
+    fallback_retry_at: Option<Instant>,
     announced_once: bool,
     announces: u32,
     last_progress: Instant,
@@ -286,6 +297,7 @@ impl<R: Rng + Clone> SwarmState<R> {
             fallback_active: false,
             departed: VecDeque::new(),
             fallback_failures: 0,
+            fallback_retry_at: None,
             announced_once: false,
             announces: 0,
             last_progress: now,
@@ -449,6 +461,7 @@ impl<R: Rng + Clone> SwarmState<R> {
                 }
                 if from == ORIGIN_PEER {
                     self.fallback_failures = 0;
+                    self.fallback_retry_at = None;
                 } else if let Some(p) = self.peers.get_mut(&from) {
                     if p.origin {
                         self.from_origin.push_back((now, index));
@@ -474,10 +487,17 @@ impl<R: Rng + Clone> SwarmState<R> {
         Ok(actions)
     }
 
-    /// A fallback fetch failed. Fatal after [`MAX_FALLBACK_FAILURES`] in a row with no peer.
-    pub fn fetch_failed(&mut self, index: u32, error: &str) -> Result<(), Fatal> {
+    /// A fallback fetch failed: no fallback fetch until a backoff has passed. Fatal after
+    /// [`MAX_FALLBACK_FAILURES`] failed rounds in a row with no peer.
+    pub fn fetch_failed(&mut self, index: u32, error: &str, now: Instant) -> Result<(), Fatal> {
         self.picker.failed(&ORIGIN_PEER, index);
+        if self.fallback_retry_at.is_some_and(|at| now < at) {
+            // Another fetch of the round that already failed.
+            return Ok(());
+        }
         self.fallback_failures += 1;
+        let backoff = FALLBACK_BACKOFF.saturating_mul(1 << self.fallback_failures.min(8).saturating_sub(1));
+        self.fallback_retry_at = Some(now + backoff.min(FALLBACK_BACKOFF_MAX));
         if self.fallback_failures >= MAX_FALLBACK_FAILURES && self.peers.is_empty() {
             return Err(Fatal::Fallback(error.to_string()));
         }

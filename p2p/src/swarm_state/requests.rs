@@ -60,7 +60,8 @@ struct Outlook {
     late: HashSet<u32>,
     /// For the others, the least time left until one of their requests is expected done.
     left: HashMap<u32, Duration>,
-    /// Connected origins, and whether any other peer is connected.
+    /// Holders no agent is: connected origins, and the HTTP fallback once it came in; and
+    /// whether any other peer is connected.
     origins: u32,
     others_connected: bool,
 }
@@ -127,7 +128,7 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
             starts -= usize::from(idle && picked > 0);
         }
 
-        if self.fallback_active {
+        if self.fallback_active && self.fallback_retry_at.is_none_or(|at| now >= at) {
             // While peers deliver, the fallback only tops up what none of them has (the
             // fallback pseudo-peer counts in the availability itself); after a stall it
             // fetches anything missing.
@@ -138,7 +139,7 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
                     &ORIGIN_PEER,
                     now,
                     self.cfg.fallback_parallel,
-                    |index, availability| availability <= origins + 1 && !self.declined.contains_key(&index),
+                    |index, availability| availability <= origins && !self.declined.contains_key(&index),
                 )
             } else {
                 self.picker.pick(&ORIGIN_PEER, now, self.cfg.fallback_parallel)
@@ -257,8 +258,11 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
             }
         }
         let late = requested.difference(&on_time).copied().collect();
-        let origins = self.peers.values().filter(|p| p.origin).count() as u32;
-        let others_connected = self.peers.len() > origins as usize;
+        let connected_origins = self.peers.values().filter(|p| p.origin).count();
+        let others_connected = self.peers.len() > connected_origins;
+        // The fallback's pseudo-peer holds every piece: counted with the origins, so a piece
+        // "only origins hold" is still one no agent has once the fallback came in.
+        let origins = connected_origins as u32 + u32::from(self.fallback_active);
         Outlook { requested, late, left, origins, others_connected }
     }
 }

@@ -112,3 +112,55 @@ fn an_origins_declines_hold_the_fallback_back_until_its_patience_runs_out() {
     s.tick(t0 + FALLBACK_PATIENCE, &[]).unwrap();
     assert!(s.fallback_active(), "no bytes for the whole patience: the origin comes in anyway");
 }
+
+fn fetches(actions: &[Action]) -> Vec<u32> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Fetch { index } => Some(*index),
+            _ => None,
+        })
+        .collect()
+}
+
+/// An origin that fails every fallback fetch at once (429, 404) is not asked again at once:
+/// a failed round waits 250 ms, then twice that per round in a row; the fetches of one round
+/// fail it once, so the download with no peer fails after five rounds (3.75 s of waits), not
+/// after the second round's first failure.
+#[test]
+fn failed_fallback_rounds_back_off_and_five_in_a_row_without_peers_fail() {
+    let t0 = Instant::now();
+    let mut s = state(8, SchedulerConfig::default(), t0);
+    s.announced(Some(vec![]), Duration::from_secs(5), t0);
+    let mut t = t0 + FALLBACK_PATIENCE;
+    s.tick(t, &[]).unwrap();
+    assert!(s.fallback_active());
+    let mut round = fetches(&s.fill(t, None, 0));
+    assert_eq!(round.len(), 4);
+    for backoff in [250, 500, 1000, 2000] {
+        for &index in &round {
+            s.fetch_failed(index, "429", t).unwrap();
+        }
+        assert!(fetches(&s.fill(t, None, 0)).is_empty(), "asked again at once");
+        t += Duration::from_millis(backoff - 1);
+        assert!(fetches(&s.fill(t, None, 0)).is_empty(), "asked again before {backoff} ms");
+        t += Duration::from_millis(1);
+        round = fetches(&s.fill(t, None, 0));
+        assert_eq!(round.len(), 4, "asked again after {backoff} ms");
+    }
+    assert!(s.fetch_failed(round[0], "429", t).is_err(), "the fifth failed round");
+}
+
+/// A fallback piece that arrives ends the backoff: the next round starts at once.
+#[test]
+fn a_fallback_piece_that_arrives_ends_the_backoff() {
+    let t0 = Instant::now();
+    let mut s = state(8, SchedulerConfig::default(), t0);
+    s.announced(Some(vec![]), Duration::from_secs(5), t0);
+    let t = t0 + FALLBACK_PATIENCE;
+    s.tick(t, &[]).unwrap();
+    let round = fetches(&s.fill(t, None, 0));
+    s.fetch_failed(round[0], "reset", t).unwrap();
+    s.stored(ORIGIN_PEER, round[1], Stored::Ok, t).unwrap();
+    assert!(!fetches(&s.fill(t, None, 0)).is_empty());
+}

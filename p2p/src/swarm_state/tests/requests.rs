@@ -106,6 +106,26 @@ fn origin_and_one_peer(pieces: u32, t0: Instant) -> SwarmState {
     s
 }
 
+/// Once the HTTP fallback came in (it counts as one more holder of every piece), a connected
+/// origin is still asked for the pieces only origins hold; before, no piece was "only the
+/// origins'" any more, and the origin's super-seeded connection sat idle for the rest of the
+/// download while the fallback fetched over HTTP.
+#[test]
+fn an_origin_is_still_asked_once_the_fallback_came_in() {
+    let t0 = Instant::now();
+    let mut s = origin_and_one_peer(16, t0);
+    let first: Vec<u32> =
+        requests(&s.fill(t0, None, 0)).into_iter().filter(|r| r.0 == peer(9)).map(|r| r.1).collect();
+    assert_eq!(first.len(), 1);
+    let t = t0 + Duration::from_secs(4);
+    s.tick(t, &[]).unwrap();
+    assert!(s.fallback_active(), "no bytes for 4 s");
+    s.stored(peer(9), first[0], Stored::Ok, t).unwrap();
+    let asked: Vec<u32> =
+        requests(&s.fill(t, None, 0)).into_iter().filter(|r| r.0 == peer(9)).map(|r| r.1).collect();
+    assert_eq!(asked.len(), 1, "the origin is asked for the next piece only it holds");
+}
+
 #[test]
 fn an_origin_is_asked_no_faster_than_this_host_passes_its_pieces_on() {
     let t0 = Instant::now();
