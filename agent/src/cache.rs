@@ -368,17 +368,28 @@ impl BlobCache {
 
     /// Record a blob just finished into `blob_path`, then apply the watermarks. Blocking.
     pub fn insert(&self, digest: &Digest, size: u64) {
+        self.record(digest, size, 0);
+        self.make_room(0);
+    }
+
+    /// [`insert`](Self::insert), pinned before the watermarks apply: for a finished download,
+    /// whose clients and peers go on reading the file after it moved into the cache.
+    pub fn insert_pinned(self: &Arc<Self>, digest: &Digest, size: u64) -> Pin {
+        self.record(digest, size, 1);
+        let pin = Pin { cache: self.clone(), digest: digest.clone() };
+        self.make_room(0);
+        pin
+    }
+
+    fn record(&self, digest: &Digest, size: u64, pins: u32) {
         let tick = self.clock.fetch_add(1, Ordering::Relaxed);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut state = self.lock();
-            // A copy written over one still pinned (a second download of a blob already
-            // cached) keeps its pins: they are the readers' and seeders' of this digest.
-            let pins = state.entries.get(digest).map_or(0, |e| e.pins);
-            state.entries.insert(digest.clone(), Entry { size, last_used: tick, pins, generation });
-            self.publish(&state);
-        }
-        self.make_room(0);
+        let mut state = self.lock();
+        // A copy written over one still pinned (a second download of a blob already cached)
+        // keeps its pins: they are the readers' and seeders' of this digest.
+        let pins = state.entries.get(digest).map_or(0, |e| e.pins) + pins;
+        state.entries.insert(digest.clone(), Entry { size, last_used: tick, pins, generation });
+        self.publish(&state);
     }
 
     /// Bytes of complete blobs held.

@@ -30,7 +30,7 @@ use shoal_registry::range::ByteRange;
 use shoal_registry::{ByteStream, Digest, RepoName, StoreError};
 use tokio::sync::{watch, OnceCell};
 
-use crate::cache::{BlobCache, Cached, PartialClaim};
+use crate::cache::{BlobCache, Cached, PartialClaim, Pin};
 use crate::origin_client::OriginClient;
 use crate::seeding::Seeding;
 
@@ -67,6 +67,9 @@ pub struct Download {
     readers: Mutex<HashMap<u64, u32>>,
     positions: watch::Sender<Vec<u32>>,
     outcome: watch::Sender<Outcome>,
+    /// The finished blob's pin in the cache: the clients and peers that joined the download
+    /// read its file until the last of them lets the download go, and eviction must wait.
+    cached: Mutex<Option<Pin>>,
 }
 
 impl Download {
@@ -77,6 +80,7 @@ impl Download {
             readers: Mutex::new(HashMap::new()),
             positions: watch::Sender::new(Vec::new()),
             outcome: watch::Sender::new(None),
+            cached: Mutex::new(None),
         }
     }
 
@@ -451,7 +455,10 @@ impl Downloads {
             // from the tracker that lies about the chain makes it fail at the last piece.
             let why = match swarmed {
                 Ok(()) => match self.finish(&pieces, digest, claim).await {
-                    Ok(()) => break,
+                    Ok(pin) => {
+                        *download.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some(pin);
+                        break;
+                    }
                     Err(e) => return Err(e.to_string()),
                 },
                 Err(e) => e.to_string(),
@@ -492,7 +499,7 @@ impl Downloads {
         pieces: &Arc<BlobPieces>,
         digest: &Digest,
         claim: &Arc<PartialClaim>,
-    ) -> Result<(), PieceError> {
+    ) -> Result<Pin, PieceError> {
         let pieces = pieces.clone();
         let cache = self.cache.clone();
         let digest = digest.clone();
@@ -505,8 +512,7 @@ impl Downloads {
             }
             // Counted as a cached blob from here on, not as a partial download too.
             claim.finished();
-            cache.insert(&digest, pieces.metainfo().size());
-            Ok(())
+            Ok(cache.insert_pinned(&digest, pieces.metainfo().size()))
         })
         .await
         .map_err(|e| PieceError::Io(std::io::Error::other(e.to_string())))?
@@ -577,8 +583,12 @@ mod tests {
 
     /// Downloads whose origin and tracker are both `url`.
     fn downloads_at(dir: &std::path::Path, url: &str) -> Arc<Downloads> {
+        downloads_with(dir, url, CacheLimits::bytes(1 << 30, 1 << 29))
+    }
+
+    /// Downloads whose origin and tracker are both `url`, with these cache limits.
+    fn downloads_with(dir: &std::path::Path, url: &str, limits: CacheLimits) -> Arc<Downloads> {
         let registry = prometheus::Registry::new();
-        let limits = CacheLimits::bytes(1 << 30, 1 << 29);
         let metrics = CacheMetrics::new(&registry).unwrap();
         let cache =
             Arc::new(BlobCache::open(&dir.join("cache"), &dir.join("partial"), limits, metrics).unwrap());
@@ -687,5 +697,64 @@ mod tests {
             download.restart(files[(i + 1) % 2].clone());
         }
         reader.join().unwrap();
+    }
+
+    /// An origin (and tracker) serving one blob: its metainfo at both paths, its bytes by
+    /// range under any repository; no announce route, so a download fetches over HTTP.
+    async fn serve_blob(data: Vec<u8>) -> (String, Digest) {
+        use axum::http::{header, HeaderMap, StatusCode};
+        use axum::routing::get;
+        let meta =
+            Metainfo::compute(&data[..], data.len() as u64, shoal_registry::Algorithm::Sha256).unwrap();
+        let digest = meta.digest().clone();
+        let json = serde_json::to_vec(&meta).unwrap();
+        let (tracker_json, data) = (json.clone(), Arc::new(data));
+        let ranged = move |headers: HeaderMap| {
+            let data = data.clone();
+            async move {
+                let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+                let (a, b) = range.trim_start_matches("bytes=").split_once('-').unwrap_or(("0", ""));
+                let a: usize = a.parse().unwrap_or(0);
+                let b: usize = b.parse().unwrap_or(data.len() - 1).min(data.len() - 1);
+                (StatusCode::PARTIAL_CONTENT, data[a..=b].to_vec())
+            }
+        };
+        let app = axum::Router::new()
+            .route(&format!("/v1/metainfo/{digest}"), get(move || async move { tracker_json }))
+            .route(&shoal_p2p::tracker_client::metainfo_path(&digest), get(move || async move { json }))
+            .route("/v2/{*rest}", get(ranged));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, digest)
+    }
+
+    /// A finished download moves its blob into the cache pinned while anyone still holds the
+    /// download (a client's stream, a peer): a blob alone over the high watermark stays while
+    /// it is read, and goes once the last holder lets go. Before, the watermarks evicted it
+    /// the moment it was inserted, under its readers.
+    #[tokio::test]
+    async fn a_finished_downloads_blob_stays_cached_while_the_download_is_held() {
+        let data: Vec<u8> = (0..400_000u32).map(|i| (i % 249) as u8).collect();
+        let (url, digest) = serve_blob(data).await;
+        let dir = tempfile::tempdir().unwrap();
+        let downloads = downloads_with(dir.path(), &url, CacheLimits::bytes(300_000, 100_000));
+        let repo: RepoName = "team/app".parse().unwrap();
+        let Ok(Joined::Download(download)) = downloads.join(&repo, &digest, Some(400_000)).await else {
+            panic!("a download starts");
+        };
+        download.wait().await.unwrap();
+        assert!(downloads.cache.contains(&digest), "evicted under its readers");
+        assert!(downloads.cache.blob_path(&digest).exists());
+        drop(download);
+        // The download's own task lets go of it just after it ends.
+        for _ in 0..100 {
+            downloads.cache.make_room(0);
+            if !downloads.cache.contains(&digest) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("kept after the last holder let go");
     }
 }

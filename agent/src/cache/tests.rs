@@ -38,6 +38,27 @@ fn put_real(c: &BlobCache, size: usize) -> (Digest, Vec<u8>) {
     (d, data)
 }
 
+/// A download's blob moves into the cache pinned (its clients and peers still read the file):
+/// the watermarks do not take it, even when it alone is over them, until the pin goes.
+#[test]
+fn a_blob_inserted_pinned_stays_until_its_pin_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cache(dir.path(), 300, 150);
+    put(&c, 1, 100);
+    let d = digest(2);
+    let path = c.blob_path(&d);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, vec![0u8; 400]).unwrap();
+    let pin = c.insert_pinned(&d, 400);
+    assert_eq!(c.get(&d), Some(400), "kept although over the high watermark alone");
+    assert!(path.exists());
+    assert!(c.get(&digest(1)).is_none(), "the unpinned one made room");
+    drop(pin);
+    c.make_room(0);
+    assert!(c.get(&d).is_none(), "evicted once unpinned");
+    assert!(!path.exists());
+}
+
 #[test]
 fn evicts_lru_down_to_low_watermark_but_never_pinned() {
     let dir = tempfile::tempdir().unwrap();
