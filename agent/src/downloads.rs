@@ -177,6 +177,29 @@ pub enum Joined {
     Cached(Arc<BlobPieces>),
 }
 
+/// A join's hold on its digest's cell: a join dropped before the cell holds a download (its
+/// client went away while the metainfo or the piece file was on its way) takes the cell out
+/// of `active` unless another join waits on it, so abandoned starts do not pile up there.
+struct Abandoned<'a> {
+    downloads: &'a Downloads,
+    digest: &'a Digest,
+    cell: Arc<OnceCell<Arc<Download>>>,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.cell.initialized() {
+            return;
+        }
+        let mut active = self.downloads.active();
+        // The map's and this join's: no other join holds the cell (they take it under the lock).
+        let alone = Arc::strong_count(&self.cell) == 2;
+        if alone && active.get(self.digest).is_some_and(|c| Arc::ptr_eq(c, &self.cell)) {
+            active.remove(self.digest);
+        }
+    }
+}
+
 /// Why [`Downloads::start`] did not start a download.
 enum NotStarted {
     Cached,
@@ -312,14 +335,16 @@ impl Downloads {
         // A cached copy found bad when opened is removed: the next round downloads it.
         for _ in 0..MAX_JOIN_ROUNDS {
             let cell = self.active().entry(digest.clone()).or_default().clone();
+            let joined = Abandoned { downloads: self, digest, cell };
+            let cell = &joined.cell;
             match cell.get_or_try_init(|| self.start(repo, digest, size)).await {
                 Ok(download) => return Ok(Joined::Download(download.clone())),
                 Err(NotStarted::Failed(e)) => {
-                    self.forget(digest, &cell);
+                    self.forget(digest, cell);
                     return Err(e);
                 }
                 Err(NotStarted::Cached) => {
-                    self.forget(digest, &cell);
+                    self.forget(digest, cell);
                     if let Some(pieces) = self.open_cached(digest).await {
                         return Ok(Joined::Cached(pieces));
                     }
@@ -329,6 +354,7 @@ impl Downloads {
         Err(StoreError::Unavailable(format!("{digest}: its cached copy keeps disappearing")))
     }
 
+    /// Remove `digest`'s cell from `active` if it is still `cell`.
     fn forget(&self, digest: &Digest, cell: &Arc<OnceCell<Arc<Download>>>) {
         let mut active = self.active();
         if active.get(digest).is_some_and(|c| Arc::ptr_eq(c, cell)) {
@@ -756,5 +782,32 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("kept after the last holder let go");
+    }
+
+    /// A client that goes away while its download is starting (the tracker is slow to answer
+    /// the metainfo) leaves nothing in the running downloads; before, every such abandoned
+    /// start stayed there for the life of the agent.
+    #[tokio::test]
+    async fn a_join_dropped_while_its_download_starts_leaves_nothing_behind() {
+        use axum::routing::get;
+        let app = axum::Router::new().route(
+            "/v1/metainfo/{digest}",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                "{}"
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let dir = tempfile::tempdir().unwrap();
+        let downloads = downloads_at(dir.path(), &url);
+        let repo: RepoName = "team/app".parse().unwrap();
+        for i in 0..3u8 {
+            let digest = Digest::of(shoal_registry::Algorithm::Sha256, &[i]);
+            let join = downloads.join(&repo, &digest, None);
+            assert!(tokio::time::timeout(Duration::from_millis(100), join).await.is_err());
+        }
+        assert!(downloads.active().is_empty(), "{} abandoned starts kept", downloads.active().len());
     }
 }
