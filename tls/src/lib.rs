@@ -106,6 +106,7 @@ fn server_config(
     let verifier = |roots: Arc<RootCertStore>| {
         rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
     };
+    let verifies_clients = !matches!(clients, ClientCerts::None);
     let builder = match clients {
         ClientCerts::None => builder.with_no_client_auth(),
         ClientCerts::Optional(roots) => {
@@ -115,6 +116,14 @@ fn server_config(
     };
     let mut config = builder.with_cert_resolver(key);
     config.alpn_protocols = vec![alpn.to_vec()];
+    if verifies_clients {
+        // A resumed TLS 1.3 session carries the client certificate of its first handshake
+        // unchecked, and resumption issues new tickets: a node could keep its role past its
+        // certificate's expiry, the only revocation there is. Every connection that may
+        // present a certificate makes a full handshake.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(config))
 }
 
@@ -268,8 +277,12 @@ pub const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// The one HTTP client builder of the workspace: TLS from this process's context (trusted
 /// roots, the node's client certificate), HTTP/1.1, no proxy from the environment (every
 /// peer of a Shoal process is named in its configuration), idle connections dropped after
-/// [`POOL_IDLE_TIMEOUT`], and a read that met a connection closing under it sent again
-/// ([`retry_reads_on_closed_connections`]). Callers add their timeouts.
+/// [`POOL_IDLE_TIMEOUT`], a read that met a connection closing under it sent again
+/// ([`retry_reads_on_closed_connections`]), and no redirect followed: no Shoal server sends
+/// one, and a followed redirect keeps headers such as the client's upstream credentials
+/// (reqwest drops only `Authorization` and cookies, and only across hosts). Callers add
+/// their timeouts. Upstream registries, whose blobs redirect to object storage, have their
+/// own client ([`upstream_http_client`]).
 pub fn http_client() -> reqwest::ClientBuilder {
     http_client_with(&current())
 }
@@ -281,6 +294,7 @@ pub fn http_client_with(tls: &Tls) -> reqwest::ClientBuilder {
         .no_proxy()
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .retry(retry_reads_on_closed_connections())
+        .redirect(reqwest::redirect::Policy::none())
 }
 
 /// How many more times a read that met a closing connection is sent (see

@@ -212,3 +212,69 @@ async fn a_replaced_certificate_is_served_to_new_connections() {
     assert_ne!(before, after);
     assert_eq!(after.as_ref(), shoal_tls::read_certs(settings.cert.as_ref().unwrap()).unwrap()[0].as_ref());
 }
+
+/// A node that connects again is not resumed: a resumed TLS 1.3 session would carry its first
+/// handshake's certificate unchecked (and hand out new tickets), so a node could keep its
+/// role past the certificate's expiry. Both the registry listener (optional client
+/// certificates) and the peer port (required ones) make every handshake in full.
+#[tokio::test]
+async fn a_node_that_connects_again_makes_a_full_handshake() {
+    let pki = Pki::new();
+    let server = Tls::load(&pki.settings("origin-0", Role::Origin)).unwrap();
+    let client = Tls::load(&pki.settings("agent-0", Role::Agent)).unwrap();
+    let http = identity_server(Arc::new(Tls::load(&pki.settings("origin-1", Role::Origin)).unwrap())).await;
+    let peer = peer_echo(&server).await;
+    let registry = shoal_tls::TlsConnector::from(client.client_config());
+    let connectors = [(http, &registry), (peer, &client.peer().unwrap().connector)];
+    for (addr, connector) in connectors {
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        for attempt in 0..3 {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut s = connector.connect(name.clone(), tcp).await.unwrap();
+            // TLS 1.3 tickets arrive after the handshake: read until the server closes.
+            let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got).await;
+            let kind = s.get_ref().1.handshake_kind();
+            assert_eq!(kind, Some(rustls::HandshakeKind::Full), "connection {attempt} to {addr}");
+        }
+    }
+}
+
+/// The workspace's HTTP client follows no redirect: a 307 from anything between two Shoal
+/// processes is answered to the caller, and the place it names is never sent the request's
+/// headers (a client's upstream credentials, the cluster secret).
+#[tokio::test]
+async fn the_http_client_follows_no_redirect() {
+    let elsewhere = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = elsewhere.local_addr().unwrap();
+    let visited = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = visited.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = elsewhere.accept().await {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+        }
+    });
+    let redirecting = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = redirecting.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = redirecting.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let reply = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://{target}/\r\ncontent-length: 0\r\n\r\n"
+            );
+            let _ = s.write_all(reply.as_bytes()).await;
+        }
+    });
+    let client = shoal_tls::http_client_with(&Tls::plain()).build().unwrap();
+    let reply = client
+        .get(format!("http://{addr}/v2/team/app/blobs/sha256:00"))
+        .header("x-shoal-upstream-authorization", "Basic c2VjcmV0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), reqwest::StatusCode::TEMPORARY_REDIRECT);
+    assert_eq!(visited.load(std::sync::atomic::Ordering::SeqCst), 0, "the redirect was followed");
+}
