@@ -61,8 +61,7 @@ impl Forwarder {
     /// The id and base URL of the live origin, other than this one, that holds the session
     /// `path` names, if it names one.
     fn home(&self, path: &str) -> Option<(String, String)> {
-        let (_, id) = path.strip_prefix("/v2/")?.split_once("/blobs/uploads/")?;
-        let id = id.rsplit('/').next()?;
+        let id = upload_id(path)?;
         let home = shoal_origin::upload_home(id)?;
         if home == self.membership.me() || !self.membership.live().contains(&home) {
             return None;
@@ -116,5 +115,31 @@ pub async fn forward_uploads(State(f): State<Forwarder>, req: Request, next: Nex
                 "message": format!("the origin holding this upload session is unreachable: {e:#}")}]});
             (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
         }
+    }
+}
+
+/// The upload session a request's path names, parsed as the registry routes it: only
+/// requests to an upload session are forwarded to its home. A looser match (any path with
+/// `/blobs/uploads/` in it) forwarded, say, a manifest read of a repository named
+/// `t/blobs/uploads/x` to another origin, which saw this origin's node identity on it.
+fn upload_id(path: &str) -> Option<&str> {
+    match shoal_registry::api::route::parse_route(path)? {
+        shoal_registry::api::route::Route::Upload { id, .. } => Some(id),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::upload_id;
+
+    #[test]
+    fn only_requests_to_an_upload_session_name_one() {
+        assert_eq!(upload_id("/v2/team/app/blobs/uploads/abc.3132"), Some("abc.3132"));
+        assert_eq!(upload_id("/v2/team/app/blobs/uploads/"), None, "a new upload has no home yet");
+        let disguised = "/v2/t/blobs/uploads/x/manifests/v.3132372e302e302e313a31";
+        assert_eq!(upload_id(disguised), None, "a manifest of repository t/blobs/uploads/x");
+        assert_eq!(upload_id("/v2/t/blobs/uploads/x/blobs/sha256:00.3132"), None);
+        assert_eq!(upload_id("/v2/t/blobs/uploads/x/tags/list"), None);
     }
 }
