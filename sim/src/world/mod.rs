@@ -475,8 +475,9 @@ impl Sim {
             Ev::FetchStart { node, blob, index, origin } => self.fetch_start(node, blob, index, origin),
             Ev::FetchArrives(node, blob, index) => self.receive(node, blob, ORIGIN_PEER, index),
             Ev::FetchFailed(node, blob, index) => {
+                let now = self.instant();
                 let Some(d) = self.download(node, blob) else { return };
-                if d.state.fetch_failed(index, "origin unreachable").is_err() {
+                if d.state.fetch_failed(index, "origin unreachable", now).is_err() {
                     self.fail(node);
                 } else {
                     self.want_fill(node, blob);
