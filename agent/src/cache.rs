@@ -228,6 +228,7 @@ impl BlobCache {
         std::fs::create_dir_all(partial_root)?;
         let generation = AtomicU64::new(1);
         let mut state = State::default();
+        let mut found = Vec::new();
         for (alg, dir) in subdirs(root)? {
             if alg == METAINFO_DIR {
                 continue;
@@ -238,10 +239,17 @@ impl BlobCache {
                     continue;
                 }
                 let Ok(digest) = format!("{alg}:{name}").parse::<Digest>() else { continue };
-                let size = std::fs::metadata(&path)?.len();
-                let generation = generation.fetch_add(1, Ordering::Relaxed);
-                state.entries.insert(digest, Entry { size, last_used: 0, pins: 0, generation });
+                let meta = std::fs::metadata(&path)?;
+                found.push((last_touched(&meta), digest, meta.len()));
             }
+        }
+        // Uses before the restart, as well as the files tell them: least recently used first.
+        found.sort();
+        let mut tick = 0;
+        for (_, digest, size) in found {
+            tick += 1;
+            let generation = generation.fetch_add(1, Ordering::Relaxed);
+            state.entries.insert(digest, Entry { size, last_used: tick, pins: 0, generation });
         }
         // Metainfo without its blob (a crash between the two), temp files of metainfo writes.
         for (alg, dir) in subdirs(&root.join(METAINFO_DIR))? {
@@ -286,7 +294,7 @@ impl BlobCache {
             partial_root: partial_root.to_path_buf(),
             limits,
             state: Mutex::new(state),
-            clock: AtomicU64::new(1),
+            clock: AtomicU64::new(tick + 1),
             generation,
             metrics,
             usage,
@@ -401,6 +409,14 @@ impl BlobCache {
     pub fn partial_total(&self) -> u64 {
         self.lock().partials.values().map(|p| p.bytes).sum()
     }
+}
+
+/// When a cached blob's file was last written or (as far as the mount records reads, e.g.
+/// `relatime`: about daily) read: its place in the eviction order after a restart, which
+/// before took blobs in digest order, a layer pulled a minute ago as soon as a stale one.
+fn last_touched(meta: &std::fs::Metadata) -> SystemTime {
+    let written = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+    meta.accessed().map_or(written, |read| read.max(written))
 }
 
 /// Bytes a file occupies on disk (a partial download is sparse until filled).

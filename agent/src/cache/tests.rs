@@ -59,6 +59,32 @@ fn a_blob_inserted_pinned_stays_until_its_pin_goes() {
     assert!(!path.exists());
 }
 
+/// After a restart the eviction order follows the files' last use (written or read), not the
+/// digests: the blob untouched for a day goes first, although its digest sorts last.
+#[test]
+fn a_restart_keeps_the_recently_used_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, recent) = {
+        let c = cache(dir.path(), 1000, 500);
+        put(&c, 1, 100);
+        put(&c, 2, 100);
+        // The stale one is the one whose digest sorts last: digest order would keep it.
+        if digest(1) > digest(2) {
+            (digest(1), digest(2))
+        } else {
+            (digest(2), digest(1))
+        }
+    };
+    let day_ago = SystemTime::now() - Duration::from_secs(86_400);
+    let times = std::fs::FileTimes::new().set_accessed(day_ago).set_modified(day_ago);
+    let c = cache(dir.path(), 1000, 500);
+    std::fs::File::options().write(true).open(c.blob_path(&old)).unwrap().set_times(times).unwrap();
+    drop(c);
+    let c = cache(dir.path(), 150, 100);
+    assert!(c.contains(&recent), "the blob used lately was evicted");
+    assert!(!c.contains(&old));
+}
+
 #[test]
 fn evicts_lru_down_to_low_watermark_but_never_pinned() {
     let dir = tempfile::tempdir().unwrap();
