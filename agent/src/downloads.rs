@@ -533,7 +533,7 @@ impl Downloads {
         tokio::task::spawn_blocking(move || {
             cache.write_metainfo(pieces.metainfo())?;
             if let Err(e) = pieces.finish(&cache.blob_path(&digest)) {
-                cache.remove_metainfo(&digest);
+                cache.discard_unfinished(&digest);
                 return Err(e);
             }
             // Counted as a cached blob from here on, not as a partial download too.

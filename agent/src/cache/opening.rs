@@ -145,10 +145,13 @@ impl BlobCache {
         }
     }
 
-    /// Remove a metainfo written for a blob that did not make it into the cache. Blocking.
-    pub fn remove_metainfo(&self, digest: &Digest) {
+    /// Remove what a download that did not make it into the cache left there: its metainfo,
+    /// and its blob file if a step after the move failed (a directory sync): uncounted, that
+    /// file would sit in the cache until a restart. Nothing of a copy the cache holds. Blocking.
+    pub fn discard_unfinished(&self, digest: &Digest) {
         if !self.lock().entries.contains_key(digest) {
             remove_logged(&self.metainfo_path(digest));
+            remove_logged(&self.blob_path(digest));
         }
     }
 }

@@ -85,6 +85,24 @@ fn a_restart_keeps_the_recently_used_blobs() {
     assert!(!c.contains(&old));
 }
 
+/// What a failed download's finish left in the cache (its metainfo; its moved file when a
+/// later step failed) goes; a copy the cache holds is left alone.
+#[test]
+fn an_unfinished_downloads_files_go_and_a_cached_copy_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cache(dir.path(), 1 << 20, 1 << 19);
+    let (kept, _) = put_real(&c, 1000);
+    let stray = digest(9);
+    std::fs::create_dir_all(c.blob_path(&stray).parent().unwrap()).unwrap();
+    std::fs::write(c.blob_path(&stray), b"moved, then a directory sync failed").unwrap();
+    std::fs::create_dir_all(c.metainfo_path(&stray).parent().unwrap()).unwrap();
+    std::fs::write(c.metainfo_path(&stray), b"{}").unwrap();
+    c.discard_unfinished(&stray);
+    c.discard_unfinished(&kept);
+    assert!(!c.blob_path(&stray).exists() && !c.metainfo_path(&stray).exists());
+    assert!(c.blob_path(&kept).exists() && c.metainfo_path(&kept).exists());
+}
+
 #[test]
 fn evicts_lru_down_to_low_watermark_but_never_pinned() {
     let dir = tempfile::tempdir().unwrap();
