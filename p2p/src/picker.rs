@@ -71,6 +71,9 @@ pub enum PickerError {
 struct Request {
     peer: PeerId,
     sent_at: Instant,
+    /// Order among requests sent at one instant: a peer serves them as they were sent, and
+    /// one `fill` sends many at once (rarest first, not in index order).
+    seq: u64,
 }
 
 /// The scheduler state for one blob; see the module docs for the policies.
@@ -85,6 +88,8 @@ pub struct PiecePicker<R = StdRng> {
     peers: HashMap<PeerId, Bitfield>,
     /// Outstanding requests by piece; never holds an empty list or a piece we have.
     in_flight: BTreeMap<u32, Vec<Request>>,
+    /// The next request's [`Request::seq`].
+    next_seq: u64,
     reader_positions: Vec<u32>,
     /// The reader window in force: the configured one, or more (see `set_reader_window`).
     reader_window: u32,
@@ -120,6 +125,7 @@ impl<R: Rng> PiecePicker<R> {
             availability: vec![0; count as usize],
             peers: HashMap::new(),
             in_flight: BTreeMap::new(),
+            next_seq: 0,
             reader_positions: Vec::new(),
             reader_window,
             rng,
@@ -249,15 +255,17 @@ impl<R: Rng> PiecePicker<R> {
         self.request_times_to(peer).into_iter().map(|(_, i)| i).collect()
     }
 
-    /// [`Self::requests_to`] with the time each request was sent.
+    /// [`Self::requests_to`] with the time each request was sent, in the order they were sent.
     pub fn request_times_to(&self, peer: &PeerId) -> Vec<(Instant, u32)> {
-        let mut reqs: Vec<(Instant, u32)> = self
+        let mut reqs: Vec<(Instant, u64, u32)> = self
             .in_flight
             .iter()
-            .flat_map(|(&i, reqs)| reqs.iter().filter(|r| r.peer == *peer).map(move |r| (r.sent_at, i)))
+            .flat_map(|(&i, reqs)| {
+                reqs.iter().filter(|r| r.peer == *peer).map(move |r| (r.sent_at, r.seq, i))
+            })
             .collect();
         reqs.sort_unstable();
-        reqs
+        reqs.into_iter().map(|(at, _, i)| (at, i)).collect()
     }
 
     /// Bytes requested from `peer` and not yet received.
@@ -393,7 +401,9 @@ impl<R: Rng> PiecePicker<R> {
         }
 
         for &i in &picked {
-            self.in_flight.entry(i).or_default().push(Request { peer: *peer, sent_at: now });
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.in_flight.entry(i).or_default().push(Request { peer: *peer, sent_at: now, seq });
         }
         picked
     }

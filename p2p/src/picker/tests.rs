@@ -289,3 +289,17 @@ fn bytes_in_flight_use_each_pieces_length() {
     assert_eq!(p.pick(&peer(1), Instant::now(), 2).len(), 2);
     assert_eq!(p.in_flight_bytes(), PIECE + 1);
 }
+
+/// Requests sent at one instant are listed in the order they were sent (the order the peer
+/// serves them), not by piece index: a retiring peer keeps the piece it is sending, and
+/// lateness counts the requests really ahead of each.
+#[test]
+fn requests_sent_at_one_instant_keep_their_order() {
+    let mut p = picker(16, 1);
+    p.add_peer(peer(1), Bitfield::full(16)).unwrap();
+    let now = Instant::now();
+    assert_eq!(p.pick_where(&peer(1), now, 1, |i, _| i == 9), vec![9]);
+    assert_eq!(p.pick_where(&peer(1), now, 2, |i, _| i == 2), vec![2]);
+    assert_eq!(p.pick_where(&peer(1), now, 3, |i, _| i == 5), vec![5]);
+    assert_eq!(p.requests_to(&peer(1)), vec![9, 2, 5]);
+}
