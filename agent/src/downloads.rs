@@ -30,7 +30,7 @@ use shoal_registry::range::ByteRange;
 use shoal_registry::{ByteStream, Digest, RepoName, StoreError};
 use tokio::sync::{watch, OnceCell};
 
-use crate::cache::{BlobCache, Cached, PartialClaim, Pin};
+use crate::cache::{BlobCache, Cached, PartialClaim};
 use crate::origin_client::OriginClient;
 use crate::seeding::Seeding;
 
@@ -67,9 +67,6 @@ pub struct Download {
     readers: Mutex<HashMap<u64, u32>>,
     positions: watch::Sender<Vec<u32>>,
     outcome: watch::Sender<Outcome>,
-    /// The finished blob's pin in the cache: the clients and peers that joined the download
-    /// read its file until the last of them lets the download go, and eviction must wait.
-    cached: Mutex<Option<Pin>>,
 }
 
 impl Download {
@@ -80,7 +77,6 @@ impl Download {
             readers: Mutex::new(HashMap::new()),
             positions: watch::Sender::new(Vec::new()),
             outcome: watch::Sender::new(None),
-            cached: Mutex::new(None),
         }
     }
 
@@ -188,14 +184,8 @@ struct Abandoned<'a> {
 
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
-        if self.cell.initialized() {
-            return;
-        }
-        let mut active = self.downloads.active();
-        // The map's and this join's: no other join holds the cell (they take it under the lock).
-        let alone = Arc::strong_count(&self.cell) == 2;
-        if alone && active.get(self.digest).is_some_and(|c| Arc::ptr_eq(c, &self.cell)) {
-            active.remove(self.digest);
+        if !self.cell.initialized() {
+            self.downloads.forget(self.digest, &self.cell);
         }
     }
 }
@@ -354,10 +344,14 @@ impl Downloads {
         Err(StoreError::Unavailable(format!("{digest}: its cached copy keeps disappearing")))
     }
 
-    /// Remove `digest`'s cell from `active` if it is still `cell`.
+    /// Remove `digest`'s cell from `active` if it is still `cell` and no other join holds it
+    /// (the map's and the caller's are the only references; joins take theirs under the
+    /// lock). A join still waiting on the cell starts the download itself; removed under it,
+    /// its download would run outside `active` and a third join would start a second one.
     fn forget(&self, digest: &Digest, cell: &Arc<OnceCell<Arc<Download>>>) {
         let mut active = self.active();
-        if active.get(digest).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+        let alone = Arc::strong_count(cell) == 2;
+        if alone && active.get(digest).is_some_and(|c| Arc::ptr_eq(c, cell)) {
             active.remove(digest);
         }
     }
@@ -417,7 +411,13 @@ impl Downloads {
             }
             task.outcome.send_replace(Some(result));
             // The download is over: later requests are served from the cache (or start anew).
-            this.active().remove(&digest);
+            // Its own cell only (not yet set if the download ended within the instant its
+            // join took to store it); another download's cell stays.
+            let mut active = this.active();
+            let own = |c: &Arc<OnceCell<Arc<Download>>>| c.get().is_none_or(|d| Arc::ptr_eq(d, &task));
+            if active.get(&digest).is_some_and(own) {
+                active.remove(&digest);
+            }
         });
         Ok(download)
     }
@@ -481,10 +481,7 @@ impl Downloads {
             // from the tracker that lies about the chain makes it fail at the last piece.
             let why = match swarmed {
                 Ok(()) => match self.finish(&pieces, digest, claim).await {
-                    Ok(pin) => {
-                        *download.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some(pin);
-                        break;
-                    }
+                    Ok(()) => break,
                     Err(e) => return Err(e.to_string()),
                 },
                 Err(e) => e.to_string(),
@@ -525,7 +522,7 @@ impl Downloads {
         pieces: &Arc<BlobPieces>,
         digest: &Digest,
         claim: &Arc<PartialClaim>,
-    ) -> Result<Pin, PieceError> {
+    ) -> Result<(), PieceError> {
         let pieces = pieces.clone();
         let cache = self.cache.clone();
         let digest = digest.clone();
@@ -538,7 +535,10 @@ impl Downloads {
             }
             // Counted as a cached blob from here on, not as a partial download too.
             claim.finished();
-            Ok(cache.insert_pinned(&digest, pieces.metainfo().size()))
+            // Clients' readers and peers' connections hold these pieces and read the file
+            // after it moved into the cache: pinned until the last of them lets go.
+            pieces.keep(cache.insert_pinned(&digest, pieces.metainfo().size()));
+            Ok(())
         })
         .await
         .map_err(|e| PieceError::Io(std::io::Error::other(e.to_string())))?
@@ -755,10 +755,10 @@ mod tests {
         (url, digest)
     }
 
-    /// A finished download moves its blob into the cache pinned while anyone still holds the
-    /// download (a client's stream, a peer): a blob alone over the high watermark stays while
-    /// it is read, and goes once the last holder lets go. Before, the watermarks evicted it
-    /// the moment it was inserted, under its readers.
+    /// A finished download moves its blob into the cache pinned while anyone still holds its
+    /// pieces (a client's stream through the download, a peer's connection): a blob alone over
+    /// the high watermark stays while it is read, and goes once the last holder lets go.
+    /// Before, the watermarks evicted it the moment it was inserted, under its readers.
     #[tokio::test]
     async fn a_finished_downloads_blob_stays_cached_while_the_download_is_held() {
         let data: Vec<u8> = (0..400_000u32).map(|i| (i % 249) as u8).collect();
@@ -772,7 +772,13 @@ mod tests {
         download.wait().await.unwrap();
         assert!(downloads.cache.contains(&digest), "evicted under its readers");
         assert!(downloads.cache.blob_path(&digest).exists());
+        // A peer's connection holds the pieces, not the download.
+        let peer = download.pieces();
         drop(download);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        downloads.cache.make_room(0);
+        assert!(downloads.cache.contains(&digest), "evicted under a peer's connection");
+        drop(peer);
         // The download's own task lets go of it just after it ends.
         for _ in 0..100 {
             downloads.cache.make_room(0);

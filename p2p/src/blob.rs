@@ -145,8 +145,9 @@ pub struct BlobPieces {
     /// (ext4 takes the inode lock), and writers left to race there spin on it: 8% of an
     /// agent's CPU in a profile. Waiting here sleeps instead, and readers are not involved.
     writing: std::sync::Mutex<()>,
-    /// Whatever must live as long as this blob is served (e.g. a cache pin against eviction).
-    _guard: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// Whatever must live as long as this blob is served (e.g. a cache pin against eviction):
+    /// set once, when it is opened from the cache or when its download moved it there.
+    guard: std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>,
     /// Where a write that finds the disk full asks for room (see [`BlobPieces::reclaiming`]).
     reclaim: Option<Reclaim>,
     /// For a complete blob: every piece read is checked against its hash, and a mismatch is
@@ -199,7 +200,7 @@ impl BlobPieces {
             state: RwLock::new(State::Complete { file }),
             progress: watch::Sender::new(count),
             writing: std::sync::Mutex::new(()),
-            _guard: None,
+            guard: std::sync::OnceLock::new(),
             reclaim: None,
             on_corrupt: None,
             fresh: Default::default(),
@@ -207,9 +208,16 @@ impl BlobPieces {
     }
 
     /// Keep `guard` alive for as long as this blob is (e.g. a cache pin while seeding).
-    pub fn with_guard(mut self, guard: impl std::any::Any + Send + Sync) -> BlobPieces {
-        self._guard = Some(Box::new(guard));
+    pub fn with_guard(self, guard: impl std::any::Any + Send + Sync) -> BlobPieces {
+        self.keep(guard);
         self
+    }
+
+    /// [`with_guard`](Self::with_guard) for a blob already shared: whoever holds it (a
+    /// client's reader, a peer's connection) keeps `guard` alive. Only the first guard is
+    /// kept; a later one is dropped at once (returns whether it was kept).
+    pub fn keep(&self, guard: impl std::any::Any + Send + Sync) -> bool {
+        self.guard.set(Box::new(guard)).is_ok()
     }
 
     /// Check every piece of a complete blob as it is read (for peers or local clients) against
@@ -278,7 +286,7 @@ impl BlobPieces {
             state: RwLock::new(state),
             progress: watch::Sender::new(count),
             writing: std::sync::Mutex::new(()),
-            _guard: None,
+            guard: std::sync::OnceLock::new(),
             reclaim: None,
             on_corrupt: None,
             fresh: Default::default(),
