@@ -37,6 +37,10 @@ pub enum OriginClientError {
 pub struct OriginClient {
     origins: Arc<Failover>,
     http: reqwest::Client,
+    /// For the token endpoint's anonymous GET alone: it carries no credentials, and the
+    /// realm clients are given is often an ingress that redirects (http to https), which
+    /// container runtimes follow; the cluster's own calls follow no redirect.
+    realm_http: reqwest::Client,
     /// Budget for one blob range, on top of `timeout`, per MiB requested.
     per_mib: Duration,
     /// A client's bearer token captured for work that outlives its request (a download's
@@ -59,8 +63,16 @@ fn all_failed(e: FailoverError) -> StoreError {
 }
 
 fn unexpected(status: StatusCode) -> StoreError {
+    if status.is_redirection() {
+        return StoreError::Internal(format!(
+            "origin answered {status}: Shoal follows no redirect between its processes; give the agent the URL the redirect names"
+        ));
+    }
     StoreError::Internal(format!("origin answered {status}"))
 }
+
+/// Redirects the anonymous token request follows (an ingress's http to https, a path).
+const REALM_REDIRECTS: usize = 3;
 
 /// Longest a stream of an upstream fetch in progress may take (the origin's reader fails
 /// sooner, after a minute without bytes).
@@ -126,9 +138,15 @@ impl OriginClient {
     ) -> Result<OriginClient, OriginClientError> {
         let origins = Failover::new(urls).map_err(|_| OriginClientError::NoOrigins)?.count_failures(failures);
         let http = shoal_tls::http_client().connect_timeout(timeout).read_timeout(timeout).build()?;
+        let realm_http = shoal_tls::http_client()
+            .connect_timeout(timeout)
+            .read_timeout(timeout)
+            .redirect(reqwest::redirect::Policy::limited(REALM_REDIRECTS))
+            .build()?;
         Ok(OriginClient {
             origins: Arc::new(origins),
             http,
+            realm_http,
             per_mib: Duration::from_millis(200),
             forward: None,
             anonymous: Default::default(),
@@ -170,7 +188,7 @@ impl OriginClient {
         }
         let scope = format!("repository:{repo}:pull");
         let r = self
-            .http
+            .realm_http
             .get(realm)
             .query(&[("service", service), ("scope", scope.as_str())])
             .timeout(Duration::from_secs(10))
@@ -428,7 +446,26 @@ fn next_last(link: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::next_last;
+    use super::*;
+
+    /// The anonymous token comes through a redirecting realm (an ingress sending http to
+    /// https, say), as container runtimes get theirs; the cluster's own calls follow none.
+    #[tokio::test]
+    async fn an_anonymous_token_is_fetched_through_a_redirecting_realm() {
+        use axum::routing::get;
+        let app = axum::Router::new()
+            .route("/old-token", get(|| async { axum::response::Redirect::permanent("/token") }))
+            .route("/token", get(|| async { axum::Json(serde_json::json!({"token": "t0k3n"})) }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let failures = IntCounterVec::new(prometheus::Opts::new("f", "f"), &["origin"]).unwrap();
+        let client =
+            OriginClient::with_failures(vec![base.clone()], Duration::from_secs(5), failures).unwrap();
+        let repo: RepoName = "team/app".parse().unwrap();
+        let token = client.anonymous_token(&format!("{base}/old-token"), "shoal", &repo).await;
+        assert_eq!(token.as_ref().and_then(|t| t.to_str().ok()), Some("Bearer t0k3n"));
+    }
 
     #[test]
     fn the_next_page_starts_where_the_link_says() {
