@@ -258,13 +258,6 @@ impl OriginConfig {
             }
             None => reached_at.to_string(),
         };
-        let max_manifest = shoal_origin::cluster::wire::MAX_MANIFEST_SIZE;
-        if self.max_manifest_size.as_u64() > max_manifest {
-            anyhow::bail!(
-                "max_manifest_size must be at most {} (a manifest is copied between origins as a record of up to twice its size)",
-                ByteSize::b(max_manifest)
-            );
-        }
         let min_quarantine = shoal_origin::cluster::gc::MIN_QUARANTINE;
         if c.gc_quarantine < min_quarantine {
             anyhow::bail!(
@@ -273,6 +266,13 @@ impl OriginConfig {
             );
         }
         let members = if c.members.is_empty() { vec![advertise.clone()] } else { c.members.clone() };
+        let max_manifest = shoal_origin::cluster::wire::MAX_MANIFEST_SIZE;
+        if members.len() > 1 && self.max_manifest_size.as_u64() > max_manifest {
+            anyhow::bail!(
+                "max_manifest_size must be at most {} in a cluster (a manifest is copied between origins as a record of up to twice its size)",
+                ByteSize::b(max_manifest)
+            );
+        }
         let secret = c.secret.clone().filter(|s| !s.is_empty());
         // Origins prove who they are to each other with a certificate or the secret.
         let node_identity = self.tls.serves_tls() && self.tls.cluster_ca.is_some();
@@ -370,11 +370,16 @@ mod tests {
     /// A manifest limit whose records could not travel between origins is refused at start.
     #[test]
     fn a_manifest_limit_larger_than_records_carry_is_refused() {
-        let big: OriginConfig = toml::from_str("max_manifest_size = \"17MiB\"").unwrap();
+        let cluster = "[cluster]\nsecret = \"s\"\nmembers = [\"a:1\", \"b:1\"]\nadvertise = \"a:1\"\n";
+        let big: OriginConfig = toml::from_str(&format!("max_manifest_size = \"17MiB\"\n{cluster}")).unwrap();
         let err = big.cluster().unwrap_err().to_string();
         assert!(err.contains("max_manifest_size must be at most 16.0 MiB"), "{err}");
-        let fits: OriginConfig = toml::from_str("max_manifest_size = \"16MiB\"").unwrap();
+        let fits: OriginConfig =
+            toml::from_str(&format!("max_manifest_size = \"16MiB\"\n{cluster}")).unwrap();
         assert!(fits.cluster().is_ok());
+        // A lone origin copies no record anywhere.
+        let lone: OriginConfig = toml::from_str("max_manifest_size = \"64MiB\"").unwrap();
+        assert!(lone.cluster().is_ok());
     }
 
     #[test]

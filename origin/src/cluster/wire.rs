@@ -47,8 +47,8 @@ pub const MAX_MANIFEST_SIZE: u64 = 16 * 1024 * 1024;
 /// Largest JSON answer the client reads: 256 MiB.
 pub const MAX_JSON_RESPONSE: usize = 256 * 1024 * 1024;
 /// Stored record JSON the client asks one `records/scan` page to hold: 32 MiB, so a page's
-/// answer stays well inside [`MAX_JSON_RESPONSE`] with any one record (a manifest is at most
-/// 4 MiB) on top.
+/// answer stays inside [`MAX_JSON_RESPONSE`] with any one record on top (a manifest is at
+/// most [`MAX_MANIFEST_SIZE`], its record at most twice that).
 pub const SCAN_PAGE_BYTES: usize = 32 * 1024 * 1024;
 /// Longest error text the client keeps from a refusal.
 pub const MAX_ERROR_TEXT: usize = 1024;

@@ -227,8 +227,11 @@ pub struct SwarmState<R = StdRng> {
     /// Addresses the tracker named as origins, kept even when their candidate entry is gone.
     origin_addrs: HashSet<SocketAddr>,
     fallback_active: bool,
-    /// Failed fallback rounds in a row (failures while backing off join the round).
+    /// Failed fallback rounds in a row: a round's fetches are those sent while this count
+    /// stood where it stands, and the first of them to fail counts for all.
     fallback_failures: u32,
+    /// Fallback fetches out, with the count of failed rounds when each was sent.
+    fallback_sent: HashMap<u32, u32>,
     /// No fallback fetch before this, after a failed round.
     fallback_retry_at: Option<Instant>,
     announced_once: bool,
@@ -297,6 +300,7 @@ impl<R: Rng + Clone> SwarmState<R> {
             fallback_active: false,
             departed: VecDeque::new(),
             fallback_failures: 0,
+            fallback_sent: HashMap::new(),
             fallback_retry_at: None,
             announced_once: false,
             announces: 0,
@@ -460,6 +464,7 @@ impl<R: Rng + Clone> SwarmState<R> {
                     }
                 }
                 if from == ORIGIN_PEER {
+                    self.fallback_sent.remove(&index);
                     self.fallback_failures = 0;
                     self.fallback_retry_at = None;
                 } else if let Some(p) = self.peers.get_mut(&from) {
@@ -491,8 +496,9 @@ impl<R: Rng + Clone> SwarmState<R> {
     /// [`MAX_FALLBACK_FAILURES`] failed rounds in a row with no peer.
     pub fn fetch_failed(&mut self, index: u32, error: &str, now: Instant) -> Result<(), Fatal> {
         self.picker.failed(&ORIGIN_PEER, index);
-        if self.fallback_retry_at.is_some_and(|at| now < at) {
-            // Another fetch of the round that already failed.
+        let round = self.fallback_sent.remove(&index).unwrap_or(self.fallback_failures);
+        if round < self.fallback_failures {
+            // Another fetch of a round that already failed (it may fail late: a slow origin).
             return Ok(());
         }
         self.fallback_failures += 1;

@@ -144,6 +144,8 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
             } else {
                 self.picker.pick(&ORIGIN_PEER, now, self.cfg.fallback_parallel)
             };
+            let round = self.fallback_failures;
+            self.fallback_sent.extend(picked.iter().map(|&index| (index, round)));
             actions.extend(picked.into_iter().map(|index| Action::Fetch { index }));
         }
         actions

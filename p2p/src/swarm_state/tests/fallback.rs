@@ -151,6 +151,35 @@ fn failed_fallback_rounds_back_off_and_five_in_a_row_without_peers_fail() {
     assert!(s.fetch_failed(round[0], "429", t).is_err(), "the fifth failed round");
 }
 
+/// A round's fetches that fail late (a slow origin answers each after a while) still count
+/// as one failed round, whenever they fail.
+#[test]
+fn a_rounds_late_failures_count_once() {
+    let t0 = Instant::now();
+    let mut s = state(8, SchedulerConfig::default(), t0);
+    s.announced(Some(vec![]), Duration::from_secs(5), t0);
+    let mut t = t0 + FALLBACK_PATIENCE;
+    s.tick(t, &[]).unwrap();
+    let round = fetches(&s.fill(t, None, 0));
+    assert_eq!(round.len(), 4);
+    // Each fails 3 s after the one before, long past every backoff.
+    for &index in &round {
+        s.fetch_failed(index, "timed out", t).unwrap();
+        t += Duration::from_secs(3);
+    }
+    // One failed round so far: four more may fail before the download does.
+    for _ in 0..3 {
+        let next = fetches(&s.fill(t, None, 0));
+        assert!(!next.is_empty());
+        for &index in &next {
+            s.fetch_failed(index, "timed out", t).unwrap();
+        }
+        t += FALLBACK_BACKOFF_MAX;
+    }
+    let last = fetches(&s.fill(t, None, 0));
+    assert!(s.fetch_failed(last[0], "timed out", t).is_err(), "the fifth failed round");
+}
+
 /// A fallback piece that arrives ends the backoff: the next round starts at once.
 #[test]
 fn a_fallback_piece_that_arrives_ends_the_backoff() {
