@@ -561,6 +561,52 @@ mod tests {
         }
     }
 
+    /// The paged scan over the wire against a real store: pages of the asked size that say
+    /// when more follow, `after` continuing where a page ended, and the whole answer for a
+    /// caller of an earlier release that asks no page.
+    #[tokio::test]
+    async fn record_scans_page_over_the_wire() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::StoreConfig {
+            data_dir: dir.path().to_path_buf(),
+            upload_idle_timeout: Duration::from_secs(3600),
+            max_upload_sessions: 10,
+        };
+        let store = crate::store::OriginStore::open(config).await.unwrap();
+        let records: Vec<Record> = (0..10u8)
+            .map(|i| manifest(&Digest::of(Algorithm::Sha256, &[i]), None, u64::from(i) + 1))
+            .collect();
+        store.records_apply("team/app", &records).await.unwrap();
+        let addr = serve(crate::cluster::local::LocalNode::new("a:1", store), None).await;
+        let remote = client(addr, None, TIMEOUT);
+        let one = serde_json::to_string(&records[0]).unwrap().len();
+
+        let mut page = ScanPage { after: None, max_bytes: 3 * one };
+        let mut seen = Vec::new();
+        let mut pages = 0;
+        loop {
+            let answer =
+                remote.records_page("team/app", RecordKind::Manifest, None, &page).await.unwrap().unwrap();
+            pages += 1;
+            assert!(answer.records.len() <= 3);
+            page.after = answer.records.last().map(|r| r.key.name());
+            seen.extend(answer.records);
+            if !answer.more {
+                break;
+            }
+        }
+        assert_eq!((pages, seen.len()), (4, 10));
+        let mut all = remote.records_scan("team/app", RecordKind::Manifest, None).await.unwrap().unwrap();
+        all.sort_by_key(|r| r.key.name());
+        assert_eq!(all, seen);
+
+        // A caller of an earlier release: no page asked, every record in one answer, no header.
+        let url = format!("http://{addr}{RECORDS_SCAN}?repo=team%2Fapp&kind=manifest");
+        let old = reqwest::get(url).await.unwrap();
+        assert!(!old.headers().contains_key(SCAN_MORE));
+        assert_eq!(old.json::<Vec<Record>>().await.unwrap().len(), 10);
+    }
+
     #[tokio::test]
     async fn records_round_trip() {
         let addr = serve(MemNode::new("a:1"), None).await;
