@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use axum::http::HeaderValue;
@@ -59,11 +59,10 @@ struct Attempt {
 
 /// One blob being downloaded.
 pub struct Download {
-    /// The piece file of the current attempt, and its number: one lock, so a reader never
-    /// takes one attempt's pieces for another's (its check of what it sent would be skipped).
-    current: RwLock<(Arc<BlobPieces>, Attempt)>,
-    /// The attempt number again, for readers to wait on a restart.
-    attempt: watch::Sender<Attempt>,
+    /// The piece file of the current attempt and its number, replaced together on a restart
+    /// (a reader never takes one attempt's pieces for another's: its check of what it sent
+    /// would be skipped); readers wait on it for a restart.
+    current: watch::Sender<(Arc<BlobPieces>, Attempt)>,
     readers: Mutex<HashMap<u64, u32>>,
     positions: watch::Sender<Vec<u32>>,
     outcome: watch::Sender<Outcome>,
@@ -72,8 +71,7 @@ pub struct Download {
 impl Download {
     fn new(pieces: Arc<BlobPieces>) -> Download {
         Download {
-            current: RwLock::new((pieces, Attempt { number: 1 })),
-            attempt: watch::Sender::new(Attempt { number: 1 }),
+            current: watch::Sender::new((pieces, Attempt { number: 1 })),
             readers: Mutex::new(HashMap::new()),
             positions: watch::Sender::new(Vec::new()),
             outcome: watch::Sender::new(None),
@@ -87,18 +85,15 @@ impl Download {
 
     /// The pieces of the current attempt with its number, read together.
     fn current(&self) -> (Arc<BlobPieces>, Attempt) {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current.borrow().clone()
     }
 
     /// Start the next attempt on `pieces`.
     fn restart(&self, pieces: Arc<BlobPieces>) {
-        let next = {
-            let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
-            let next = Attempt { number: current.1.number + 1 };
-            *current = (pieces, next);
-            next
-        };
-        self.attempt.send_replace(next);
+        self.current.send_modify(|(current, attempt)| {
+            *current = pieces;
+            attempt.number += 1;
+        });
     }
 
     fn set_reader(&self, id: u64, piece: Option<u32>) {
@@ -162,7 +157,7 @@ pub struct Downloads {
     next_reader: AtomicU64,
     seeding: std::sync::OnceLock<Arc<Seeding>>,
     /// The origins' access policy, for anonymous tokens ([`Downloads::credentials`]).
-    auth: std::sync::OnceLock<Arc<RemoteAuth>>,
+    auth: Arc<RemoteAuth>,
 }
 
 /// What a request for a blob that was not cached when it looked gets from [`Downloads::join`].
@@ -207,11 +202,14 @@ impl From<StoreError> for NotStarted {
 const MAX_JOIN_ROUNDS: usize = 3;
 
 impl Downloads {
+    /// `auth`: the origins' access policy, which decides when origin calls need an anonymous
+    /// token.
     pub fn new(
         cache: Arc<BlobCache>,
         origin: OriginClient,
         deps: SwarmDeps,
         swarm: SwarmConfig,
+        auth: Arc<RemoteAuth>,
     ) -> Downloads {
         Downloads {
             cache,
@@ -221,13 +219,8 @@ impl Downloads {
             active: Mutex::new(HashMap::new()),
             next_reader: AtomicU64::new(1),
             seeding: std::sync::OnceLock::new(),
-            auth: std::sync::OnceLock::new(),
+            auth,
         }
-    }
-
-    /// The origins' access policy, which decides when origin calls need an anonymous token.
-    pub fn set_auth(&self, auth: Arc<RemoteAuth>) {
-        let _ = self.auth.set(auth);
     }
 
     /// What a download's origin calls for `repo` carry: the client's credentials, or for a
@@ -238,7 +231,7 @@ impl Downloads {
         if client.is_some() {
             return client;
         }
-        let policy = self.auth.get()?.policy().filter(|p| p.tokens)?;
+        let policy = self.auth.policy().filter(|p| p.tokens)?;
         self.origin.anonymous_token(&policy.realm, &policy.service, repo).await
     }
 
@@ -589,231 +582,4 @@ fn decode_metainfo(json: &[u8], digest: &Digest) -> Result<Metainfo, StoreError>
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use shoal_p2p::announcer::Announcer;
-    use shoal_p2p::limiter::RateLimiter;
-    use shoal_p2p::node::NodeFlow;
-    use shoal_p2p::tracker_client::TrackerClient;
-    use shoal_p2p::{PeerId, SwarmMetrics};
-
-    use super::*;
-    use crate::cache::CacheMetrics;
-    use crate::disk::CacheLimits;
-
-    /// Downloads whose origin and tracker are a closed port: any download started fails.
-    fn downloads(dir: &std::path::Path) -> Arc<Downloads> {
-        downloads_at(dir, "http://127.0.0.1:1")
-    }
-
-    /// Downloads whose origin and tracker are both `url`.
-    fn downloads_at(dir: &std::path::Path, url: &str) -> Arc<Downloads> {
-        downloads_with(dir, url, CacheLimits::bytes(1 << 30, 1 << 29))
-    }
-
-    /// Downloads whose origin and tracker are both `url`, with these cache limits.
-    fn downloads_with(dir: &std::path::Path, url: &str, limits: CacheLimits) -> Arc<Downloads> {
-        let registry = prometheus::Registry::new();
-        let metrics = CacheMetrics::new(&registry).unwrap();
-        let cache =
-            Arc::new(BlobCache::open(&dir.join("cache"), &dir.join("partial"), limits, metrics).unwrap());
-        let nowhere = vec![url.to_string()];
-        let origin = OriginClient::new(nowhere.clone(), Duration::from_secs(1), &registry).unwrap();
-        let tracker = Arc::new(TrackerClient::new(nowhere, Duration::from_secs(1)).unwrap());
-        let deps = SwarmDeps {
-            tracker: tracker.clone(),
-            announcer: Announcer::spawn(tracker),
-            ingress: Arc::new(RateLimiter::new(None, 1 << 20)),
-            metrics: SwarmMetrics::new("agent", &registry).unwrap(),
-            node: NodeFlow::new(16),
-        };
-        let swarm = SwarmConfig::new(PeerId::random(), "127.0.0.1:1".parse().unwrap());
-        Arc::new(Downloads::new(cache, origin, deps, swarm))
-    }
-
-    /// A request that found the blob missing, then joins after a download of it finished (a
-    /// second client of the same blob), gets the cached copy: no second download starts.
-    #[tokio::test]
-    async fn joining_a_blob_cached_meanwhile_gets_the_copy_not_a_second_download() {
-        let dir = tempfile::tempdir().unwrap();
-        let downloads = downloads(dir.path());
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        let meta =
-            Metainfo::compute(&data[..], data.len() as u64, shoal_registry::Algorithm::Sha256).unwrap();
-        let digest = meta.digest().clone();
-        let repo: RepoName = "team/app".parse().unwrap();
-        assert!(
-            downloads.join(&repo, &digest, None).await.is_err(),
-            "not cached: a download starts, and fails here"
-        );
-        let path = downloads.cache.blob_path(&digest);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, &data).unwrap();
-        downloads.cache.write_metainfo(&meta).unwrap();
-        downloads.cache.insert(&digest, data.len() as u64);
-        match downloads.join(&repo, &digest, None).await {
-            Ok(Joined::Cached(pieces)) => assert_eq!(pieces.metainfo().digest(), &digest),
-            Ok(Joined::Download(_)) => panic!("a second download of a cached blob started"),
-            Err(e) => panic!("a cached blob was downloaded again (and failed): {e}"),
-        }
-        assert!(downloads.running(&digest).is_none());
-    }
-
-    /// A tracker hands out a metainfo that claims twice the blob's size (with a chain of its
-    /// own): a download joined with the size the origins confirmed starts from the origin's
-    /// metainfo instead, so no range is served against the forged chain.
-    #[tokio::test]
-    async fn a_trackers_metainfo_of_the_wrong_size_gives_way_to_the_origins() {
-        use axum::routing::get;
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        let size = data.len() as u64;
-        let real = Metainfo::compute(&data[..], size, shoal_registry::Algorithm::Sha256).unwrap();
-        let digest = real.digest().clone();
-        let forged = Metainfo::unverifiable(digest.clone(), 2 * size, real.piece_length()).unwrap();
-        let (real, forged) = (serde_json::to_vec(&real).unwrap(), serde_json::to_vec(&forged).unwrap());
-        let app = axum::Router::new()
-            .route(&format!("/v1/metainfo/{digest}"), get(move || async move { forged }))
-            .route(&shoal_p2p::tracker_client::metainfo_path(&digest), get(move || async move { real }));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-
-        let dir = tempfile::tempdir().unwrap();
-        let downloads = downloads_at(dir.path(), &url);
-        assert_eq!(downloads.metainfo(&digest).await.unwrap().size(), 2 * size, "the tracker's answer");
-        let repo: RepoName = "team/app".parse().unwrap();
-        match downloads.join(&repo, &digest, Some(size)).await {
-            Ok(Joined::Download(download)) => assert_eq!(download.pieces().metainfo().size(), size),
-            Ok(Joined::Cached(_)) => panic!("nothing is cached"),
-            Err(e) => panic!("the download did not start: {e}"),
-        }
-    }
-
-    /// Restarts race readers: whatever a reader takes, the pieces are the attempt's own
-    /// (attempts alternate between two blobs' piece files, odd and even).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_reader_never_takes_one_attempts_pieces_for_anothers() {
-        let dir = tempfile::tempdir().unwrap();
-        let downloads = downloads(dir.path());
-        let mut files = Vec::new();
-        for seed in [1u8, 2] {
-            let data = vec![seed; 100_000];
-            let meta =
-                Metainfo::compute(&data[..], data.len() as u64, shoal_registry::Algorithm::Sha256).unwrap();
-            files.push(downloads.open_partial(&meta.digest().clone(), meta, None).await.unwrap());
-        }
-        let download = Arc::new(Download::new(files[0].clone()));
-        let odd = files[0].metainfo().digest().clone();
-        let reader = {
-            let download = download.clone();
-            std::thread::spawn(move || {
-                for _ in 0..200_000 {
-                    let (pieces, attempt) = download.current();
-                    assert_eq!(
-                        pieces.metainfo().digest() == &odd,
-                        attempt.number % 2 == 1,
-                        "attempt {}",
-                        attempt.number
-                    );
-                }
-            })
-        };
-        for i in 0..20_000 {
-            download.restart(files[(i + 1) % 2].clone());
-        }
-        reader.join().unwrap();
-    }
-
-    /// An origin (and tracker) serving one blob: its metainfo at both paths, its bytes by
-    /// range under any repository; no announce route, so a download fetches over HTTP.
-    async fn serve_blob(data: Vec<u8>) -> (String, Digest) {
-        use axum::http::{header, HeaderMap, StatusCode};
-        use axum::routing::get;
-        let meta =
-            Metainfo::compute(&data[..], data.len() as u64, shoal_registry::Algorithm::Sha256).unwrap();
-        let digest = meta.digest().clone();
-        let json = serde_json::to_vec(&meta).unwrap();
-        let (tracker_json, data) = (json.clone(), Arc::new(data));
-        let ranged = move |headers: HeaderMap| {
-            let data = data.clone();
-            async move {
-                let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).unwrap_or_default();
-                let (a, b) = range.trim_start_matches("bytes=").split_once('-').unwrap_or(("0", ""));
-                let a: usize = a.parse().unwrap_or(0);
-                let b: usize = b.parse().unwrap_or(data.len() - 1).min(data.len() - 1);
-                (StatusCode::PARTIAL_CONTENT, data[a..=b].to_vec())
-            }
-        };
-        let app = axum::Router::new()
-            .route(&format!("/v1/metainfo/{digest}"), get(move || async move { tracker_json }))
-            .route(&shoal_p2p::tracker_client::metainfo_path(&digest), get(move || async move { json }))
-            .route("/v2/{*rest}", get(ranged));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        (url, digest)
-    }
-
-    /// A finished download moves its blob into the cache pinned while anyone still holds its
-    /// pieces (a client's stream through the download, a peer's connection): a blob alone over
-    /// the high watermark stays while it is read, and goes once the last holder lets go.
-    /// Before, the watermarks evicted it the moment it was inserted, under its readers.
-    #[tokio::test]
-    async fn a_finished_downloads_blob_stays_cached_while_the_download_is_held() {
-        let data: Vec<u8> = (0..400_000u32).map(|i| (i % 249) as u8).collect();
-        let (url, digest) = serve_blob(data).await;
-        let dir = tempfile::tempdir().unwrap();
-        let downloads = downloads_with(dir.path(), &url, CacheLimits::bytes(300_000, 100_000));
-        let repo: RepoName = "team/app".parse().unwrap();
-        let Ok(Joined::Download(download)) = downloads.join(&repo, &digest, Some(400_000)).await else {
-            panic!("a download starts");
-        };
-        download.wait().await.unwrap();
-        assert!(downloads.cache.contains(&digest), "evicted under its readers");
-        assert!(downloads.cache.blob_path(&digest).exists());
-        // A peer's connection holds the pieces, not the download.
-        let peer = download.pieces();
-        drop(download);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        downloads.cache.make_room(0);
-        assert!(downloads.cache.contains(&digest), "evicted under a peer's connection");
-        drop(peer);
-        // The download's own task lets go of it just after it ends.
-        for _ in 0..100 {
-            downloads.cache.make_room(0);
-            if !downloads.cache.contains(&digest) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("kept after the last holder let go");
-    }
-
-    /// A client that goes away while its download is starting (the tracker is slow to answer
-    /// the metainfo) leaves nothing in the running downloads; before, every such abandoned
-    /// start stayed there for the life of the agent.
-    #[tokio::test]
-    async fn a_join_dropped_while_its_download_starts_leaves_nothing_behind() {
-        use axum::routing::get;
-        let app = axum::Router::new().route(
-            "/v1/metainfo/{digest}",
-            get(|| async {
-                tokio::time::sleep(Duration::from_secs(30)).await;
-                "{}"
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        let dir = tempfile::tempdir().unwrap();
-        let downloads = downloads_at(dir.path(), &url);
-        let repo: RepoName = "team/app".parse().unwrap();
-        for i in 0..3u8 {
-            let digest = Digest::of(shoal_registry::Algorithm::Sha256, &[i]);
-            let join = downloads.join(&repo, &digest, None);
-            assert!(tokio::time::timeout(Duration::from_millis(100), join).await.is_err());
-        }
-        assert!(downloads.active().is_empty(), "{} abandoned starts kept", downloads.active().len());
-    }
-}
+mod tests;

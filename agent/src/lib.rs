@@ -129,7 +129,15 @@ impl Agent {
         let mut swarm = SwarmConfig::new(peer_id, config.advertise);
         swarm.scheduler.max_connections = config.max_connections_per_blob;
         swarm.scheduler.fallback_after = config.fallback_after;
-        let downloads = Arc::new(Downloads::new(cache, origin.clone(), deps, swarm));
+        let auth = {
+            let origin = origin.clone();
+            RemoteAuth::new(Arc::new(move || {
+                let origin = origin.clone();
+                Box::pin(async move { origin.auth_policy().await })
+            }))
+        };
+        auth.spawn_refresh(AUTH_REFRESH);
+        let downloads = Arc::new(Downloads::new(cache, origin.clone(), deps, swarm, auth.clone()));
         let seeding = Arc::new(Seeding::new(config.seed_window));
         downloads.set_seeding(seeding.clone());
         tokio::spawn(seeding.clone().announce_loop(
@@ -155,14 +163,6 @@ impl Agent {
             super_seed: None,
             pace: false,
         });
-        let auth = {
-            let origin = origin.clone();
-            RemoteAuth::new(Arc::new(move || {
-                let origin = origin.clone();
-                Box::pin(async move { origin.auth_policy().await })
-            }))
-        };
-        auth.spawn_refresh(AUTH_REFRESH);
         let registries = mirror::Registries::new(origin.clone());
         registries.spawn_refresh();
         let store = Arc::new(AgentStore::new(

@@ -70,7 +70,6 @@ impl AgentStore {
         auth: Arc<RemoteAuth>,
         registries: Arc<Registries>,
     ) -> AgentStore {
-        downloads.set_auth(auth.clone());
         AgentStore {
             origin,
             downloads,
@@ -125,15 +124,10 @@ impl AgentStore {
     /// Join (or start) the download of `digest` through `repo`, with the client's token, or
     /// without one an anonymous token where the origins want one (plain HTTP, access control
     /// on: their node API then asks for a token).
-    /// `size`: what the origins confirmed, if the caller asked them (see `Downloads::join`).
-    pub async fn join(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        size: Option<u64>,
-    ) -> Result<Joined, StoreError> {
+    /// `size`: what the origins confirmed (see `Downloads::join`).
+    async fn join(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<Joined, StoreError> {
         let credentials = self.downloads.credentials(repo, forwarded_authorization()).await;
-        FORWARD_AUTHORIZATION.scope(credentials, self.downloads.join(repo, digest, size)).await
+        FORWARD_AUTHORIZATION.scope(credentials, self.downloads.join(repo, digest, Some(size))).await
     }
 
     /// [`join`](Self::join), for an upstream blob that no download here has yet only once the
@@ -144,7 +138,7 @@ impl AgentStore {
         if self.registries.is_upstream(repo) && !here && self.fetch_upstream(repo, digest).await?.is_none() {
             return Err(StoreError::BlobUnknown);
         }
-        self.join(repo, digest, Some(size)).await
+        self.join(repo, digest, size).await
     }
 
     /// A cached blob, streamed with every piece checked (see `Downloads::stream_cached`).

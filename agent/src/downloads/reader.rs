@@ -179,10 +179,8 @@ impl Reader {
     async fn read_download(&mut self, download: Arc<Download>) -> Result<Bytes, std::io::Error> {
         let deadline = tokio::time::Instant::now() + READER_STALL;
         loop {
-            // Subscribed first: a restart after the read below wakes the wait.
-            let mut attempts = download.attempt.subscribe();
-            attempts.borrow_and_update();
-            let (pieces, attempt) = download.current();
+            let mut attempts = download.current.subscribe();
+            let (pieces, attempt) = attempts.borrow_and_update().clone();
             if let Some(sent) = &mut self.sent {
                 if !sent.still_holds(attempt, pieces.metainfo()) {
                     return Err(io_error(

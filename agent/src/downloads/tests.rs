@@ -1,0 +1,221 @@
+//! Downloads against local stand-ins for the origin and tracker (axum on loopback): joins,
+//! restarts, the metainfo size check, pins of finished blobs, abandoned starts.
+
+use std::time::Duration;
+
+use shoal_p2p::announcer::Announcer;
+use shoal_p2p::limiter::RateLimiter;
+use shoal_p2p::node::NodeFlow;
+use shoal_p2p::tracker_client::TrackerClient;
+use shoal_p2p::{PeerId, SwarmMetrics};
+
+use super::*;
+use crate::cache::CacheMetrics;
+use crate::disk::CacheLimits;
+
+/// Downloads whose origin and tracker are a closed port: any download started fails.
+fn downloads(dir: &std::path::Path) -> Arc<Downloads> {
+    downloads_at(dir, "http://127.0.0.1:1")
+}
+
+/// Downloads whose origin and tracker are both `url`.
+fn downloads_at(dir: &std::path::Path, url: &str) -> Arc<Downloads> {
+    downloads_with(dir, url, CacheLimits::bytes(1 << 30, 1 << 29))
+}
+
+/// Downloads whose origin and tracker are both `url`, with these cache limits.
+fn downloads_with(dir: &std::path::Path, url: &str, limits: CacheLimits) -> Arc<Downloads> {
+    let registry = prometheus::Registry::new();
+    let metrics = CacheMetrics::new(&registry).unwrap();
+    let cache = Arc::new(BlobCache::open(&dir.join("cache"), &dir.join("partial"), limits, metrics).unwrap());
+    let nowhere = vec![url.to_string()];
+    let origin = OriginClient::new(nowhere.clone(), Duration::from_secs(1), &registry).unwrap();
+    let tracker = Arc::new(TrackerClient::new(nowhere, Duration::from_secs(1)).unwrap());
+    let deps = SwarmDeps {
+        tracker: tracker.clone(),
+        announcer: Announcer::spawn(tracker),
+        ingress: Arc::new(RateLimiter::new(None, 1 << 20)),
+        metrics: SwarmMetrics::new("agent", &registry).unwrap(),
+        node: NodeFlow::new(16),
+    };
+    let swarm = SwarmConfig::new(PeerId::random(), "127.0.0.1:1".parse().unwrap());
+    let auth = RemoteAuth::new(Arc::new(|| Box::pin(async { None })));
+    Arc::new(Downloads::new(cache, origin, deps, swarm, auth))
+}
+
+/// A request that found the blob missing, then joins after a download of it finished (a
+/// second client of the same blob), gets the cached copy: no second download starts.
+#[tokio::test]
+async fn joining_a_blob_cached_meanwhile_gets_the_copy_not_a_second_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let downloads = downloads(dir.path());
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let meta = Metainfo::compute(&data[..], data.len() as u64, shoal_registry::Algorithm::Sha256).unwrap();
+    let digest = meta.digest().clone();
+    let repo: RepoName = "team/app".parse().unwrap();
+    assert!(
+        downloads.join(&repo, &digest, None).await.is_err(),
+        "not cached: a download starts, and fails here"
+    );
+    let path = downloads.cache.blob_path(&digest);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, &data).unwrap();
+    downloads.cache.write_metainfo(&meta).unwrap();
+    downloads.cache.insert(&digest, data.len() as u64);
+    match downloads.join(&repo, &digest, None).await {
+        Ok(Joined::Cached(pieces)) => assert_eq!(pieces.metainfo().digest(), &digest),
+        Ok(Joined::Download(_)) => panic!("a second download of a cached blob started"),
+        Err(e) => panic!("a cached blob was downloaded again (and failed): {e}"),
+    }
+    assert!(downloads.running(&digest).is_none());
+}
+
+/// A tracker hands out a metainfo that claims twice the blob's size (with a chain of its
+/// own): a download joined with the size the origins confirmed starts from the origin's
+/// metainfo instead, so no range is served against the forged chain.
+#[tokio::test]
+async fn a_trackers_metainfo_of_the_wrong_size_gives_way_to_the_origins() {
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let size = data.len() as u64;
+    let digest =
+        Metainfo::compute(&data[..], size, shoal_registry::Algorithm::Sha256).unwrap().digest().clone();
+    let forged = Metainfo::unverifiable(digest.clone(), 2 * size, 64 * 1024).unwrap();
+    let (url, _) = serve_blob(data, Some(serde_json::to_vec(&forged).unwrap())).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let downloads = downloads_at(dir.path(), &url);
+    assert_eq!(downloads.metainfo(&digest).await.unwrap().size(), 2 * size, "the tracker's answer");
+    let repo: RepoName = "team/app".parse().unwrap();
+    match downloads.join(&repo, &digest, Some(size)).await {
+        Ok(Joined::Download(download)) => assert_eq!(download.pieces().metainfo().size(), size),
+        Ok(Joined::Cached(_)) => panic!("nothing is cached"),
+        Err(e) => panic!("the download did not start: {e}"),
+    }
+}
+
+/// Restarts race readers: whatever a reader takes, the pieces are the attempt's own
+/// (attempts alternate between two blobs' piece files, odd and even).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_never_takes_one_attempts_pieces_for_anothers() {
+    let dir = tempfile::tempdir().unwrap();
+    let downloads = downloads(dir.path());
+    let mut files = Vec::new();
+    for seed in [1u8, 2] {
+        let data = vec![seed; 100_000];
+        let meta =
+            Metainfo::compute(&data[..], data.len() as u64, shoal_registry::Algorithm::Sha256).unwrap();
+        files.push(downloads.open_partial(&meta.digest().clone(), meta, None).await.unwrap());
+    }
+    let download = Arc::new(Download::new(files[0].clone()));
+    let odd = files[0].metainfo().digest().clone();
+    let reader = {
+        let download = download.clone();
+        std::thread::spawn(move || {
+            for _ in 0..200_000 {
+                let (pieces, attempt) = download.current();
+                assert_eq!(
+                    pieces.metainfo().digest() == &odd,
+                    attempt.number % 2 == 1,
+                    "attempt {}",
+                    attempt.number
+                );
+            }
+        })
+    };
+    for i in 0..20_000 {
+        download.restart(files[(i + 1) % 2].clone());
+    }
+    reader.join().unwrap();
+}
+
+/// An origin (and tracker) serving one blob: its metainfo at both paths (the tracker's is
+/// `tracker_metainfo` if given), its bytes by range under any repository; no announce
+/// route, so a download fetches over HTTP.
+async fn serve_blob(data: Vec<u8>, tracker_metainfo: Option<Vec<u8>>) -> (String, Digest) {
+    use axum::http::{header, HeaderMap, StatusCode};
+    use axum::routing::get;
+    let meta = Metainfo::compute(&data[..], data.len() as u64, shoal_registry::Algorithm::Sha256).unwrap();
+    let digest = meta.digest().clone();
+    let json = serde_json::to_vec(&meta).unwrap();
+    let (tracker_json, data) = (tracker_metainfo.unwrap_or_else(|| json.clone()), Arc::new(data));
+    let ranged = move |headers: HeaderMap| {
+        let data = data.clone();
+        async move {
+            let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+            let (a, b) = range.trim_start_matches("bytes=").split_once('-').unwrap_or(("0", ""));
+            let a: usize = a.parse().unwrap_or(0);
+            let b: usize = b.parse().unwrap_or(data.len() - 1).min(data.len() - 1);
+            (StatusCode::PARTIAL_CONTENT, data[a..=b].to_vec())
+        }
+    };
+    let app = axum::Router::new()
+        .route(&format!("/v1/metainfo/{digest}"), get(move || async move { tracker_json }))
+        .route(&shoal_p2p::tracker_client::metainfo_path(&digest), get(move || async move { json }))
+        .route("/v2/{*rest}", get(ranged));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, digest)
+}
+
+/// A finished download moves its blob into the cache pinned while anyone still holds its
+/// pieces (a client's stream through the download, a peer's connection): a blob alone over
+/// the high watermark stays while it is read, and goes once the last holder lets go.
+/// Before, the watermarks evicted it the moment it was inserted, under its readers.
+#[tokio::test]
+async fn a_finished_downloads_blob_stays_cached_while_the_download_is_held() {
+    let data: Vec<u8> = (0..400_000u32).map(|i| (i % 249) as u8).collect();
+    let (url, digest) = serve_blob(data, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let downloads = downloads_with(dir.path(), &url, CacheLimits::bytes(300_000, 100_000));
+    let repo: RepoName = "team/app".parse().unwrap();
+    let Ok(Joined::Download(download)) = downloads.join(&repo, &digest, Some(400_000)).await else {
+        panic!("a download starts");
+    };
+    download.wait().await.unwrap();
+    assert!(downloads.cache.contains(&digest), "evicted under its readers");
+    assert!(downloads.cache.blob_path(&digest).exists());
+    // A peer's connection holds the pieces, not the download.
+    let peer = download.pieces();
+    drop(download);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    downloads.cache.make_room(0);
+    assert!(downloads.cache.contains(&digest), "evicted under a peer's connection");
+    drop(peer);
+    // The download's own task lets go of it just after it ends.
+    for _ in 0..100 {
+        downloads.cache.make_room(0);
+        if !downloads.cache.contains(&digest) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("kept after the last holder let go");
+}
+
+/// A client that goes away while its download is starting (the tracker is slow to answer
+/// the metainfo) leaves nothing in the running downloads; before, every such abandoned
+/// start stayed there for the life of the agent.
+#[tokio::test]
+async fn a_join_dropped_while_its_download_starts_leaves_nothing_behind() {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/v1/metainfo/{digest}",
+        get(|| async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            "{}"
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = tempfile::tempdir().unwrap();
+    let downloads = downloads_at(dir.path(), &url);
+    let repo: RepoName = "team/app".parse().unwrap();
+    for i in 0..3u8 {
+        let digest = Digest::of(shoal_registry::Algorithm::Sha256, &[i]);
+        let join = downloads.join(&repo, &digest, None);
+        assert!(tokio::time::timeout(Duration::from_millis(100), join).await.is_err());
+    }
+    assert!(downloads.active().is_empty(), "{} abandoned starts kept", downloads.active().len());
+}
