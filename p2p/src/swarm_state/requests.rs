@@ -128,26 +128,7 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
             starts -= usize::from(idle && picked > 0);
         }
 
-        if self.fallback_active && self.fallback_retry_at.is_none_or(|at| now >= at) {
-            // While peers deliver, the fallback only tops up what none of them has (the
-            // fallback pseudo-peer counts in the availability itself); after a stall it
-            // fetches anything missing.
-            let stalled = now.duration_since(self.last_progress) >= self.cfg.fallback_after;
-            let origins = outlook.origins;
-            let picked = if outlook.others_connected && !stalled {
-                self.picker.pick_where(
-                    &ORIGIN_PEER,
-                    now,
-                    self.cfg.fallback_parallel,
-                    |index, availability| availability <= origins && !self.declined.contains_key(&index),
-                )
-            } else {
-                self.picker.pick(&ORIGIN_PEER, now, self.cfg.fallback_parallel)
-            };
-            let round = self.fallback_failures;
-            self.fallback_sent.extend(picked.iter().map(|&index| (index, round)));
-            actions.extend(picked.into_iter().map(|index| Action::Fetch { index }));
-        }
+        actions.extend(self.fallback_fetches(now, outlook.origins, outlook.others_connected));
         actions
     }
 
