@@ -308,7 +308,7 @@ impl Downloads {
     /// when the blob was cached after the caller looked (a download that finished meanwhile),
     /// the cached copy, rather than a second download of it.
     /// `size`, when the caller knows it from the origins, is checked against the metainfo a
-    /// new download starts from (see [`Downloads::start`]).
+    /// new download starts from (see [`Downloads::start`]), and against a running one's.
     pub async fn join(
         self: &Arc<Self>,
         repo: &RepoName,
@@ -321,6 +321,13 @@ impl Downloads {
             let joined = Abandoned { downloads: self, digest, cell };
             let cell = &joined.cell;
             match cell.get_or_try_init(|| self.start(repo, digest, size)).await {
+                // One started by a caller that did not know the size (a reader's restart):
+                // its bytes are not served against a size they do not have.
+                Ok(download) if size.is_some_and(|s| s != download.pieces().metainfo().size()) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "{digest}: the running download's size is not the origins'"
+                    )));
+                }
                 Ok(download) => return Ok(Joined::Download(download.clone())),
                 Err(NotStarted::Failed(e)) => {
                     self.forget(digest, cell);

@@ -229,11 +229,6 @@ impl RegistryStore for AgentStore {
             }
         }
         match self.join_held(repo, digest, size).await? {
-            // A download started elsewhere without the origins' size (a reader's restart):
-            // its bytes are not served against a size they do not have.
-            Joined::Download(download) if download.pieces().metainfo().size() != size => Err(
-                StoreError::Unavailable(format!("{digest}: the running download's size is not the origins'")),
-            ),
             Joined::Download(download) => Ok(self.downloads.stream(repo, download, range)),
             Joined::Cached(pieces) => Ok(self.downloads.stream_cached(repo, pieces, range)),
         }
