@@ -53,9 +53,12 @@ pub enum ConnEvent {
         addr: SocketAddr,
         bitfield: Bitfield,
         commands: mpsc::Sender<Command>,
-        /// Bytes read from this connection so far, counted as they arrive (not per piece),
-        /// so the swarm sees a piece in transit as progress.
+        /// Bytes read from this connection so far, counted as they arrive (not per piece):
+        /// a connection that reads is not stalled.
         received: Arc<AtomicU64>,
+        /// Of those, the bytes of pieces this side requested: the swarm sees a piece in
+        /// transit as progress, and keep-alives alone as none.
+        piece_bytes: Arc<AtomicU64>,
     },
     ConnectFailed {
         addr: SocketAddr,
@@ -149,11 +152,10 @@ pub async fn run<E: From<ConnEvent>>(
     // gained woke every connection of the download to write a frame the other side dropped.
     let tell_gains = bitfield.is_complete();
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
-    if events
-        .send(E::from(ConnEvent::Connected { peer, conn, addr, bitfield, commands: cmd_tx, received }))
-        .await
-        .is_err()
-    {
+    let piece_bytes = stream.decoder().piece_bytes();
+    let connected =
+        ConnEvent::Connected { peer, conn, addr, bitfield, commands: cmd_tx, received, piece_bytes };
+    if events.send(E::from(connected)).await.is_err() {
         return;
     }
     let mut progress = pieces.subscribe();

@@ -7,6 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BytesMut};
@@ -38,6 +39,11 @@ pub struct InboundCodec {
     dropped: u64,
     /// Bytes still missing of the frame being read, for the socket's low-water mark.
     need: FrameNeed,
+    /// Bytes of requested pieces read so far, counted as they arrive (the frame heads too):
+    /// the download's progress, which a connection's keep-alives and `have`s are not.
+    piece_bytes: Arc<AtomicU64>,
+    /// Bytes of the requested piece frame at the front of the buffer already counted.
+    counted: usize,
 }
 
 impl Default for InboundCodec {
@@ -55,7 +61,14 @@ impl InboundCodec {
             skipping: 0,
             dropped: 0,
             need: FrameNeed::default(),
+            piece_bytes: Arc::default(),
+            counted: 0,
         }
+    }
+
+    /// Where this codec counts the bytes of requested pieces it has read.
+    pub fn piece_bytes(&self) -> Arc<AtomicU64> {
+        self.piece_bytes.clone()
     }
 
     /// Where this codec reports the bytes missing of the frame it is reading.
@@ -137,13 +150,19 @@ impl InboundCodec {
                     if !self.requested.contains(&index) {
                         src.advance(LEN_PREFIX);
                         self.skipping = len;
+                        self.counted = 0;
                         continue;
                     }
+                    let here = src.len().min(LEN_PREFIX.saturating_add(len));
+                    let new = here.saturating_sub(self.counted);
+                    self.piece_bytes.fetch_add(new as u64, Ordering::Relaxed);
+                    self.counted = here;
                 }
             }
             let message = self.codec.decode(src)?;
             if let Some(Message::Piece { index, .. }) = &message {
                 self.requested.remove(index);
+                self.counted = 0;
             }
             return Ok(message);
         }
@@ -305,6 +324,41 @@ mod tests {
         assert_eq!(codec.decode(&mut buf).unwrap(), None);
         assert_eq!(need.get(), 0);
         assert!(buf.is_empty());
+    }
+
+    /// Only requested pieces' bytes count as progress, as they arrive and each once; a
+    /// connection's keep-alives, `have`s and unrequested pieces do not.
+    #[test]
+    fn bytes_of_requested_pieces_are_counted_as_they_arrive_and_nothing_else() {
+        let mut codec = InboundCodec::new();
+        codec.allow_pieces();
+        codec.expect(2);
+        codec.expect(4);
+        let counted = codec.piece_bytes();
+        let wanted = frame(piece(2, 100_000));
+        let mut stream = frame(Message::KeepAlive);
+        stream.extend_from_slice(&frame(Message::Have(5)));
+        stream.extend_from_slice(&frame(piece(1, 30_000)));
+        let before = stream.len();
+        stream.extend_from_slice(&wanted);
+        stream.extend_from_slice(&frame(Message::KeepAlive));
+        stream.extend_from_slice(&frame(piece(4, 7)));
+        let mut buf = BytesMut::new();
+        buf.put_slice(&stream[..before + 50_000]);
+        while codec.decode(&mut buf).unwrap().is_some() {}
+        assert_eq!(counted.load(Ordering::Relaxed), 50_000, "half of piece 2, counted before it is whole");
+        buf.put_slice(&stream[before + 50_000..]);
+        let mut messages = Vec::new();
+        while let Some(m) = codec.decode(&mut buf).unwrap() {
+            messages.push(m);
+        }
+        assert_eq!(messages, vec![piece(2, 100_000), Message::KeepAlive, piece(4, 7)]);
+        assert_eq!(counted.load(Ordering::Relaxed), (wanted.len() + frame(piece(4, 7)).len()) as u64);
+        // Split at every byte, a piece is still counted once.
+        codec.expect(9);
+        feed(&mut codec, &frame(piece(9, 300)), 1);
+        let all = wanted.len() + frame(piece(4, 7)).len() + frame(piece(9, 300)).len();
+        assert_eq!(counted.load(Ordering::Relaxed), all as u64);
     }
 
     #[test]

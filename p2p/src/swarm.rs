@@ -23,7 +23,7 @@ use crate::node::NodeFlow;
 use crate::peer::PeerId;
 use crate::piece_store::PieceError;
 use crate::swarm_state::{
-    Action, DuplicateRequests, Fatal, SchedulerConfig, Stored, SwarmState, ORIGIN_PEER,
+    Action, ConnBytes, DuplicateRequests, Fatal, SchedulerConfig, Stored, SwarmState, ORIGIN_PEER,
 };
 use crate::tracker_client::{AnnounceRequest, PeerInfo, TrackerClient};
 
@@ -110,6 +110,7 @@ struct Peer {
     conn: ConnId,
     commands: mpsc::Sender<Command>,
     received: Arc<AtomicU64>,
+    piece_bytes: Arc<AtomicU64>,
 }
 
 struct Swarm {
@@ -192,8 +193,14 @@ pub async fn download(
             }
             _ = tick.tick() => {
                 let now = Instant::now();
-                let received: Vec<(PeerId, u64)> =
-                    swarm.peers.iter().map(|(id, p)| (*id, p.received.load(Ordering::Relaxed))).collect();
+                let received: Vec<(PeerId, ConnBytes)> = swarm
+                    .peers
+                    .iter()
+                    .map(|(id, p)| {
+                        let all = p.received.load(Ordering::Relaxed);
+                        (*id, ConnBytes { all, pieces: p.piece_bytes.load(Ordering::Relaxed) })
+                    })
+                    .collect();
                 match swarm.state.tick(now, &received) {
                     Ok(actions) => swarm.act(actions),
                     Err(e) => break Err(e.into()),
@@ -263,12 +270,20 @@ impl Swarm {
     /// Feed one event to the state machine; returns what it decided.
     fn handle(&mut self, event: Event, now: Instant) -> Result<Vec<Action>, SwarmError> {
         match event {
-            Event::Conn(ConnEvent::Connected { peer, conn, addr, bitfield, commands, received }) => {
+            Event::Conn(ConnEvent::Connected {
+                peer,
+                conn,
+                addr,
+                bitfield,
+                commands,
+                received,
+                piece_bytes,
+            }) => {
                 // Dropping `commands` of a refused connection closes it.
                 if self.state.connected(peer, addr, bitfield, now) {
                     tracing::trace!(%peer, %addr, "peer connected");
                     self.deps.metrics.connections.with_label_values(&["out"]).inc();
-                    self.peers.insert(peer, Peer { conn, commands, received });
+                    self.peers.insert(peer, Peer { conn, commands, received, piece_bytes });
                 }
             }
             Event::Conn(ConnEvent::ConnectFailed { addr, reason }) => {
@@ -561,6 +576,7 @@ mod tests {
             bitfield: Bitfield::full(s.pieces.metainfo().piece_count()),
             commands,
             received: Arc::new(AtomicU64::new(0)),
+            piece_bytes: Arc::new(AtomicU64::new(0)),
         };
         (Event::Conn(event), rx)
     }

@@ -49,6 +49,7 @@ use crate::tracker_client::PeerInfo;
 
 pub use counts::{DuplicateRequests, Rotations};
 pub use requests::{unshared_origin_limit, SHARING_LOOP, UNSHARED_MEMORY, UNSHARED_ORIGIN_PIECES};
+pub use stalls::ConnBytes;
 
 mod counts;
 mod fallback;
@@ -167,6 +168,8 @@ struct Peer {
     retiring: bool,
     /// Its current silence was reported as a sign of incast (cleared when bytes arrive).
     silence_reported: bool,
+    /// Bytes of requested pieces read from this connection as of the last tick.
+    piece_bytes: u64,
 }
 
 /// A peer the tracker handed out, its id parsed once: candidates are looked at on every tick
@@ -380,6 +383,7 @@ impl<R: Rng + Clone> SwarmState<R> {
                 last_piece: now,
                 retiring: false,
                 silence_reported: false,
+                piece_bytes: 0,
             },
         );
         true
@@ -509,7 +513,7 @@ impl<R: Rng + Clone> SwarmState<R> {
     /// Housekeeping on a timer: `received` holds each connection's cumulative bytes read.
     /// Withdraws the requests of stalled peers, connects to more candidates, brings in the
     /// HTTP fallback, and fails the download after a long stall.
-    pub fn tick(&mut self, now: Instant, received: &[(PeerId, u64)]) -> Result<Vec<Action>, Fatal> {
+    pub fn tick(&mut self, now: Instant, received: &[(PeerId, ConnBytes)]) -> Result<Vec<Action>, Fatal> {
         let mut actions = Vec::new();
         // Whether we are waiting for bytes, before this tick withdraws a stalled peer's requests.
         let waiting = self.in_flight_bytes() > 0;

@@ -3,12 +3,35 @@
 //! or the node's link shared among its peers, [`flow::PeerFlow::stall_after`]) loses its
 //! requests; stalls in a row get it banned. A shorter silence while other connections
 //! deliver is a sign of incast ([`crate::incast`]), counted for the node's cap on senders.
+//!
+//! Only the bytes of requested pieces are progress. Any bytes keep a connection from
+//! stalling (a request waiting for a send slot hears a keep-alive every second), but an
+//! agent's keep-alives and `have`s alone are only a sign of life: counted as progress, a peer
+//! that held our requests and sent nothing else kept the HTTP fallback out and the download
+//! from failing until its requests starved a minute later. An origin's keep-alives still
+//! count: its line of waiting requests is honest and long (about 17 s at a thousand hosts),
+//! and the fallback coming in during it would fetch the blob over HTTP once per host.
 
 use std::time::Instant;
 
 use super::{Action, SwarmState};
 use crate::peer::PeerId;
 use crate::{flow, incast};
+
+/// What one connection has read so far (cumulative): all its bytes, and those that were bytes
+/// of pieces this side requested (counted as they arrive, before a piece is whole).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnBytes {
+    pub all: u64,
+    pub pieces: u64,
+}
+
+impl From<u64> for ConnBytes {
+    /// A connection that carried nothing but requested pieces (the simulator's, tests').
+    fn from(n: u64) -> ConnBytes {
+        ConnBytes { all: n, pieces: n }
+    }
+}
 
 impl<R: rand::Rng + Clone> SwarmState<R> {
     /// The signs of incast seen since the last call, for the node's cap on senders.
@@ -19,7 +42,7 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
     /// Samples each connection's cumulative bytes (`received`), counts bytes of requested
     /// pieces as progress, and withdraws the requests of connections that stalled or
     /// delivered no piece for [`flow::MAX_PIECE_WAIT`], banning repeat offenders.
-    pub(super) fn withdraw_stalled(&mut self, now: Instant, received: &[(PeerId, u64)]) -> Vec<Action> {
+    pub(super) fn withdraw_stalled(&mut self, now: Instant, received: &[(PeerId, ConnBytes)]) -> Vec<Action> {
         let mut actions = Vec::new();
         let stall_after = self
             .cfg
@@ -30,13 +53,17 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
         for &(id, bytes) in received {
             let busy = self.picker.in_flight_for(&id) > 0;
             let Some(peer) = self.peers.get_mut(&id) else { continue };
-            if peer.flow.sample(now, bytes, busy) {
+            let pieces_grew = bytes.pieces > peer.piece_bytes;
+            peer.piece_bytes = peer.piece_bytes.max(bytes.pieces);
+            if peer.flow.sample(now, bytes.all, busy) {
                 peer.silence_reported = false;
-                if busy {
+                if busy && (pieces_grew || peer.origin) {
                     // Bytes of requested pieces arriving are progress, whether or not a piece
                     // is complete yet: on a slow link several pieces arrive at once, each for
                     // seconds.
                     self.last_progress = now;
+                } else if busy {
+                    self.last_sign_of_life = now;
                 }
             }
         }

@@ -49,10 +49,10 @@ impl Sim {
 
     pub(super) fn tick(&mut self, node: usize, blob: usize) {
         let Some(d) = self.nodes[node].downloads[blob].as_ref() else { return };
-        let received: Vec<(PeerId, u64)> = d
+        let received: Vec<(PeerId, ConnBytes)> = d
             .outbound
             .iter()
-            .filter_map(|&c| self.conn(c).map(|k| (self.nodes[k.server].peer_id, self.conn_bytes(c))))
+            .filter_map(|&c| self.conn(c).map(|k| (self.nodes[k.server].peer_id, self.conn_bytes(c).into())))
             .collect();
         let now = self.instant();
         let Some(d) = self.download(node, blob) else { return };

@@ -26,7 +26,9 @@ use shoal_p2p::inbound::{BlobSlots, KeyedSlot, KeyedSlots};
 use shoal_p2p::metainfo::{piece_length_for, Metainfo};
 use shoal_p2p::node::{ConnectionSlot, DownloadSlot, NodeFlow};
 use shoal_p2p::super_seed::SuperSeed;
-use shoal_p2p::swarm_state::{Action, DuplicateRequests, Rotations, Stored, SwarmState, ORIGIN_PEER};
+use shoal_p2p::swarm_state::{
+    Action, ConnBytes, DuplicateRequests, Rotations, Stored, SwarmState, ORIGIN_PEER,
+};
 use shoal_p2p::tracker_client::PeerInfo;
 use shoal_p2p::{Bitfield, PeerId};
 use shoal_registry::{Algorithm, Digest};

@@ -14,11 +14,11 @@ fn fallback_only_for_pieces_no_peer_has_until_a_real_stall() {
     assert!(s.connected(peer(1), addr(1), bf, t0));
     assert_eq!(requests(&s.fill(t0, None, 0)).len(), 2);
     // Bytes arrive for 2.5 s without completing a piece: that is progress.
-    s.tick(t0 + Duration::from_millis(2500), &[(peer(1), 900_000)]).unwrap();
-    s.tick(t0 + secs(5), &[(peer(1), 900_000)]).unwrap();
+    s.tick(t0 + Duration::from_millis(2500), &[(peer(1), got(900_000))]).unwrap();
+    s.tick(t0 + secs(5), &[(peer(1), got(900_000))]).unwrap();
     assert!(!s.fallback_active(), "2.5 s since the last byte");
     // Then nothing for 3 s: the origin comes in.
-    s.tick(t0 + Duration::from_millis(5500), &[(peer(1), 900_000)]).unwrap();
+    s.tick(t0 + Duration::from_millis(5500), &[(peer(1), got(900_000))]).unwrap();
     assert!(s.fallback_active());
     // The peer delivers again: the fallback tops up only what no peer has, pieces 2 and 3.
     let t = t0 + secs(6);

@@ -35,6 +35,11 @@ fn state(pieces: u32, cfg: SchedulerConfig, t0: Instant) -> SwarmState {
         .unwrap()
 }
 
+/// A connection's cumulative bytes, all of them bytes of requested pieces.
+fn got(n: u64) -> ConnBytes {
+    n.into()
+}
+
 fn requests(actions: &[Action]) -> Vec<(PeerId, u32)> {
     actions
         .iter()
@@ -72,14 +77,14 @@ fn run(
         let mut samples = Vec::new();
         for (id, rate) in rates {
             if s.picker().in_flight_for(id) == 0 {
-                samples.push((*id, counters.get(id).copied().unwrap_or(0)));
+                samples.push((*id, got(counters.get(id).copied().unwrap_or(0))));
                 continue;
             }
             let c = counters.entry(*id).or_default();
             *c += rate / 5;
             let p = progress.entry(*id).or_default();
             *p += rate / 5;
-            samples.push((*id, *c));
+            samples.push((*id, got(*c)));
             // Deliver whole pieces in request order.
             while *p >= PIECE {
                 let next = s.picker().requests_to(id).first().copied();

@@ -44,8 +44,8 @@ fn a_full_download_trades_its_least_useful_peer_for_a_new_seeder() {
     let t2 = t0 + Duration::from_millis(2600);
     let asked = requests(&s.fill(t0, None, 0));
     assert!(asked.contains(&(peer(2), 2)), "{asked:?}");
-    s.tick(t0 + Duration::from_millis(1600), &[(peer(1), 3_000_000), (peer(2), 100_000)]).unwrap();
-    let actions = s.tick(t2, &[(peer(1), 6_000_000), (peer(2), 200_000)]).unwrap();
+    s.tick(t0 + Duration::from_millis(1600), &[(peer(1), got(3_000_000)), (peer(2), got(100_000))]).unwrap();
+    let actions = s.tick(t2, &[(peer(1), got(6_000_000)), (peer(2), got(200_000))]).unwrap();
     // Peer 2 still has piece 2 on its way: it retires rather than being cut off, and the
     // seeder connects beside it.
     assert!(!actions.iter().any(|a| matches!(a, Action::Disconnect(_))), "{actions:?}");
@@ -54,7 +54,9 @@ fn a_full_download_trades_its_least_useful_peer_for_a_new_seeder() {
         !requests(&s.fill(t2, None, 0)).iter().any(|(p, _)| *p == peer(2)),
         "a retiring peer is asked for nothing"
     );
-    let more = s.tick(t2 + Duration::from_millis(100), &[(peer(1), 6_000_000), (peer(2), 300_000)]).unwrap();
+    let more = s
+        .tick(t2 + Duration::from_millis(100), &[(peer(1), got(6_000_000)), (peer(2), got(300_000))])
+        .unwrap();
     assert!(
         !more.iter().any(|a| matches!(a, Action::Disconnect(_) | Action::Connect(_))),
         "no other trade while the replacement connects, and the retiring peer stays: {more:?}"
@@ -64,7 +66,7 @@ fn a_full_download_trades_its_least_useful_peer_for_a_new_seeder() {
     assert_eq!(s.peer_count(), 1);
     // Once the seeder is connected there is nothing better to trade for.
     assert!(s.connected(peer(3), addr(3), Bitfield::full(4), t2));
-    let later = s.tick(t2 + Duration::from_secs(3), &[(peer(1), 6_000_000), (peer(3), 0)]).unwrap();
+    let later = s.tick(t2 + Duration::from_secs(3), &[(peer(1), got(6_000_000)), (peer(3), got(0))]).unwrap();
     assert!(!later.iter().any(|a| matches!(a, Action::Disconnect(_))), "{later:?}");
 }
 
@@ -147,8 +149,11 @@ fn two_measured_peers(
     assert!(s.connected(peer(1), addr(1), Bitfield::full(4), t0));
     assert!(s.connected(peer(2), addr(2), half, t0));
     s.announced(Some(candidates), Duration::from_secs(5), t0);
-    s.tick(t0 + Duration::from_millis(1600), &[(peer(1), rate1 * 16 / 10), (peer(2), rate2 * 16 / 10)])
-        .unwrap();
+    s.tick(
+        t0 + Duration::from_millis(1600),
+        &[(peer(1), got(rate1 * 16 / 10)), (peer(2), got(rate2 * 16 / 10))],
+    )
+    .unwrap();
     (s, t0 + Duration::from_millis(2600))
 }
 
@@ -159,7 +164,7 @@ fn seeder(n: u8) -> PeerInfo {
 #[test]
 fn a_slow_peer_is_traded_even_when_no_seeder_is_known() {
     let (mut s, t) = two_measured_peers(7, 3_000_000, 500_000, vec![info(3, false)]);
-    let actions = s.tick(t, &[(peer(1), 7_800_000), (peer(2), 1_300_000)]).unwrap();
+    let actions = s.tick(t, &[(peer(1), got(7_800_000)), (peer(2), got(1_300_000))]).unwrap();
     assert!(actions.contains(&Action::Disconnect(peer(2))), "{actions:?}");
     assert!(actions.contains(&Action::Connect(addr(3))), "{actions:?}");
 }
@@ -169,7 +174,7 @@ fn peers_near_the_mean_rate_are_kept_even_for_a_seeder() {
     // 3 MB/s and 2.8 MB/s: both busy uplinks shared alike; trading one buys nothing, and
     // every host doing so would crowd onto the few seeders.
     let (mut s, t) = two_measured_peers(7, 3_000_000, 2_800_000, vec![seeder(3)]);
-    let actions = s.tick(t, &[(peer(1), 7_800_000), (peer(2), 7_280_000)]).unwrap();
+    let actions = s.tick(t, &[(peer(1), got(7_800_000)), (peer(2), got(7_280_000))]).unwrap();
     assert!(!actions.iter().any(|a| matches!(a, Action::Disconnect(_))), "{actions:?}");
 }
 
@@ -179,7 +184,7 @@ fn a_slow_seeder_is_traded_too_and_the_replacement_is_drawn_at_random() {
     let chosen = |seed: u64| {
         let candidates = (3..=10).map(seeder).collect();
         let (mut s, t) = two_measured_peers(seed, 500_000, 3_000_000, candidates);
-        let actions = s.tick(t, &[(peer(1), 1_300_000), (peer(2), 7_800_000)]).unwrap();
+        let actions = s.tick(t, &[(peer(1), got(1_300_000)), (peer(2), got(7_800_000))]).unwrap();
         assert!(actions.contains(&Action::Disconnect(peer(1))), "{actions:?}");
         actions
             .iter()
@@ -218,9 +223,9 @@ fn a_retiring_peer_keeps_the_piece_on_the_wire_and_gives_back_its_queue() {
     let times = s.picker().request_times_to(&peer(2));
     assert!(times.len() >= 2, "peer 2 has a queue: {times:?}");
     s.announced(Some(vec![info(3, false)]), Duration::from_secs(5), t0);
-    s.tick(t0 + Duration::from_millis(1600), &[(peer(1), 4_800_000), (peer(2), 800_000)]).unwrap();
+    s.tick(t0 + Duration::from_millis(1600), &[(peer(1), got(4_800_000)), (peer(2), got(800_000))]).unwrap();
     let t = t0 + Duration::from_millis(2600);
-    let actions = s.tick(t, &[(peer(1), 7_800_000), (peer(2), 1_300_000)]).unwrap();
+    let actions = s.tick(t, &[(peer(1), got(7_800_000)), (peer(2), got(1_300_000))]).unwrap();
     assert!(actions.contains(&Action::Connect(addr(3))), "{actions:?}");
     assert!(!actions.iter().any(|a| matches!(a, Action::Disconnect(_))), "{actions:?}");
     assert_eq!(s.take_rotations(), Rotations { immediate: 0, retiring: 1 });

@@ -174,43 +174,97 @@ fn a_download_with_no_progress_fails_after_the_stall_timeout() {
     assert!(matches!(err, Fatal::Stalled(..)), "{err}");
 }
 
-#[test]
-fn requests_waiting_their_turn_at_a_server_that_sends_keep_alives_are_not_withdrawn() {
-    // A busy origin keeps our request in line for its upload slots (`server::TURN_REMINDER`)
-    // and says so with a keep-alive (4 bytes) a second: that is not a stall, and no reason
-    // to fetch over HTTP instead.
-    let t0 = Instant::now();
+/// A download of 64 pieces connected to peer 1 (an origin or an agent) holding all of them,
+/// its first requests sent.
+fn waiting_on(origin: bool, t0: Instant) -> SwarmState {
     let mut s = state(64, SchedulerConfig::default(), t0);
-    with_seeders(&mut s, 1, t0);
+    s.announced(Some(vec![info(1, origin)]), Duration::from_secs(5), t0);
+    assert!(s.connected(peer(1), addr(1), Bitfield::full(64), t0));
     assert!(!requests(&s.fill(t0, None, 0)).is_empty());
-    let (mut t, mut bytes) = (t0, 0);
-    let tick = |s: &mut SwarmState, t: &mut Instant, bytes: u64| {
+    s
+}
+
+/// A keep-alive (4 bytes) a second for `ticks` ticks of 200 ms, no byte of a piece; the
+/// requests withdrawn meanwhile, or the first fatal error.
+fn keep_alives(
+    s: &mut SwarmState,
+    t: &mut Instant,
+    bytes: &mut u64,
+    ticks: u128,
+) -> Result<Vec<Action>, Fatal> {
+    let mut withdrawn = Vec::new();
+    for n in 1..=ticks {
         *t += Duration::from_millis(200);
-        s.tick(*t, &[(peer(1), bytes)]).unwrap()
-    };
-    for n in 1..=150 {
         if n % 5 == 0 {
-            bytes += 4;
+            *bytes += 4;
         }
-        let actions = tick(&mut s, &mut t, bytes);
-        assert!(
-            !actions.iter().any(|a| matches!(a, Action::TimedOut { .. })),
-            "after {n} ticks: {actions:?}"
-        );
+        let actions = s.tick(*t, &[(peer(1), ConnBytes { all: *bytes, pieces: 0 })])?;
+        withdrawn.extend(actions.into_iter().filter(|a| matches!(a, Action::TimedOut { .. })));
     }
-    assert!(!s.fallback_active(), "keep-alives from a server we wait on brought in the HTTP fallback");
-    // A server that falls silent is still caught.
+    Ok(withdrawn)
+}
+
+#[test]
+fn requests_waiting_their_turn_at_an_origin_that_sends_keep_alives_are_not_withdrawn() {
+    // A busy origin keeps our request in line for its upload slots (`server::TURN_REMINDER`)
+    // and says so with a keep-alive a second: that is not a stall, and no reason to fetch
+    // over HTTP instead.
+    let t0 = Instant::now();
+    let mut s = waiting_on(true, t0);
+    let (mut t, mut bytes) = (t0, 0);
+    let withdrawn = keep_alives(&mut s, &mut t, &mut bytes, 150).unwrap();
+    assert!(withdrawn.is_empty(), "{withdrawn:?}");
+    assert!(!s.fallback_active(), "keep-alives from an origin we wait on brought in the HTTP fallback");
+    // An origin that falls silent is still caught.
     let mut withdrawn = false;
     for _ in 0..(flow::MAX_STALL_AFTER.as_millis() / 200 + 1) {
-        withdrawn |= tick(&mut s, &mut t, bytes).iter().any(|a| matches!(a, Action::TimedOut { .. }));
+        t += Duration::from_millis(200);
+        let actions = s.tick(t, &[(peer(1), ConnBytes { all: bytes, pieces: 0 })]).unwrap();
+        withdrawn |= actions.iter().any(|a| matches!(a, Action::TimedOut { .. }));
     }
-    assert!(withdrawn, "requests to a silent server were never withdrawn");
+    assert!(withdrawn, "requests to a silent origin were never withdrawn");
+}
+
+#[test]
+fn an_agents_keep_alives_are_no_progress_the_fallback_comes_in_after_its_patience() {
+    // An agent holds our requests and sends keep-alives alone (a hostile or wedged peer):
+    // its connection is not stalled, but the download makes no progress, so the HTTP
+    // fallback comes in after its patience, and with nothing from it either the download
+    // fails for a stall.
+    let t0 = Instant::now();
+    let mut s = waiting_on(false, t0);
+    let (mut t, mut bytes) = (t0, 0);
+    let before = (FALLBACK_PATIENCE.as_millis() / 200) - 1;
+    assert!(keep_alives(&mut s, &mut t, &mut bytes, before).unwrap().is_empty());
+    assert!(!s.fallback_active(), "a sign of life holds the fallback for its patience");
+    keep_alives(&mut s, &mut t, &mut bytes, 1).unwrap();
+    assert!(s.fallback_active(), "keep-alives from an agent held the fallback past its patience");
+    let stall = SchedulerConfig::default().stall_timeout;
+    let rest = stall.as_millis() / 200 - before - 2;
+    assert!(keep_alives(&mut s, &mut t, &mut bytes, rest).is_ok());
+    let err = keep_alives(&mut s, &mut t, &mut bytes, 1).unwrap_err();
+    assert!(matches!(err, Fatal::Stalled(..)), "{err}");
+}
+
+#[test]
+fn an_agents_piece_bytes_are_progress_before_a_piece_is_whole() {
+    let t0 = Instant::now();
+    let mut s = waiting_on(false, t0);
+    let mut t = t0;
+    // 100 KB a second of a piece: slow, but progress; no fallback however long.
+    for n in 1..=(FALLBACK_PATIENCE.as_millis() / 200 + 10) as u64 {
+        t += Duration::from_millis(200);
+        s.tick(t, &[(peer(1), ConnBytes { all: n * 20_004, pieces: n * 20_000 })]).unwrap();
+    }
+    assert!(!s.fallback_active());
 }
 
 #[test]
 fn a_peer_that_sends_only_keep_alives_loses_its_requests_after_the_longest_piece_wait() {
     let t0 = Instant::now();
-    let mut s = state(64, SchedulerConfig::default(), t0);
+    // A download that does not fail first for its own lack of progress.
+    let cfg = SchedulerConfig { stall_timeout: flow::MAX_PIECE_WAIT * 2, ..SchedulerConfig::default() };
+    let mut s = state(64, cfg, t0);
     with_seeders(&mut s, 1, t0);
     let asked: Vec<u32> = requests(&s.fill(t0, None, 0)).iter().map(|r| r.1).collect();
     assert!(!asked.is_empty());
@@ -221,7 +275,7 @@ fn a_peer_that_sends_only_keep_alives_loses_its_requests_after_the_longest_piece
         if n % 5 == 0 {
             bytes += 4;
         }
-        for a in s.tick(t, &[(peer(1), bytes)]).unwrap() {
+        for a in s.tick(t, &[(peer(1), ConnBytes { all: bytes, pieces: 0 })]).unwrap() {
             if let Action::TimedOut { index, .. } = a {
                 assert!(n == ticks, "withdrawn after {n} ticks, before the longest piece wait");
                 withdrawn.push(index);
