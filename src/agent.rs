@@ -21,8 +21,9 @@ pub struct AgentArgs {
     /// Address for peer connections [default: 127.0.0.1:7001]
     #[arg(long, env = "SHOAL_PEER_LISTEN")]
     pub peer_listen: Option<SocketAddr>,
-    /// Peer address announced to others when --peer-listen is 0.0.0.0 or [::]
-    #[arg(long, env = "SHOAL_PEER_ADVERTISE")]
+    /// Peer address announced to others when --peer-listen is 0.0.0.0 or [::] (ip:port; an
+    /// IPv6 address with or without brackets)
+    #[arg(long, env = "SHOAL_PEER_ADVERTISE", value_parser = crate::peer_addr::parse_advertise)]
     pub peer_advertise: Option<SocketAddr>,
     /// Origin base URL(s), comma-separated, all of one origin cluster: requests go to one and
     /// fail over to the next on a connection error, timeout, 5xx or 429
@@ -97,6 +98,20 @@ pub struct AgentFile {
     pub tls: shoal_tls::TlsSettings,
 }
 
+impl AgentFile {
+    /// Refuse settings an agent cannot work with: a zero timeout failed every call at once,
+    /// a zero count refused every connection or was quietly taken as one.
+    fn check(&self) -> anyhow::Result<()> {
+        use crate::config::nonzero;
+        nonzero("http_timeout", self.http_timeout)?;
+        nonzero("max_connections_per_blob", self.max_connections_per_blob)?;
+        nonzero("max_peers_per_blob", self.max_peers_per_blob)?;
+        nonzero("max_peer_connections", self.max_peer_connections)?;
+        nonzero("max_outbound_connections", self.max_outbound_connections)?;
+        self.limits.check()
+    }
+}
+
 impl Default for AgentFile {
     fn default() -> Self {
         AgentFile {
@@ -156,6 +171,7 @@ impl AgentArgs {
             c.announce_interval,
             crate::config::MIN_ANNOUNCE_INTERVAL,
         )?;
+        c.check()?;
         Ok(c)
     }
 }
@@ -223,3 +239,21 @@ pub async fn bind(file: AgentFile) -> anyhow::Result<BoundServer> {
 
 /// How long a stopping agent may spend persisting partial downloads and leaving its swarms.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_timeouts_and_counts_are_refused_by_name() {
+        for (key, value) in
+            [("http_timeout", "\"0s\""), ("max_peers_per_blob", "0"), ("max_outbound_connections", "0")]
+        {
+            let file: AgentFile = toml::from_str(&format!("{key} = {value}\n")).unwrap();
+            assert_eq!(file.check().unwrap_err().to_string(), format!("{key} must be above zero"));
+        }
+        let file: AgentFile = toml::from_str("[limits]\nsend_idle_timeout = \"0s\"\n").unwrap();
+        assert_eq!(file.check().unwrap_err().to_string(), "limits.send_idle_timeout must be above zero");
+        assert!(AgentFile::default().check().is_ok());
+    }
+}

@@ -170,6 +170,17 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// Refuse limits no server can work with (drain_delay and shutdown_timeout may be zero).
+    pub fn check(&self) -> anyhow::Result<()> {
+        nonzero("limits.max_concurrent_requests", self.max_concurrent_requests)?;
+        nonzero("limits.max_upload_sessions", self.max_upload_sessions)?;
+        nonzero("limits.max_connections", self.max_connections)?;
+        nonzero("limits.max_peer_connections_per_address", self.max_peer_connections_per_address)?;
+        nonzero("limits.header_read_timeout", self.header_read_timeout)?;
+        nonzero("limits.body_idle_timeout", self.body_idle_timeout)?;
+        nonzero("limits.send_idle_timeout", self.send_idle_timeout)
+    }
+
     /// The HTTP server's share of these limits.
     pub fn http(&self) -> crate::http_server::HttpLimits {
         crate::http_server::HttpLimits {
@@ -232,6 +243,13 @@ pub fn at_least(name: &str, value: Duration, min: Duration) -> anyhow::Result<Du
     Ok(value)
 }
 
+/// Refuse a zero `value` of setting `name`: a zero timeout failed every call at once, a zero
+/// count was quietly taken as one.
+pub fn nonzero<T: PartialEq + Default>(name: &str, value: T) -> anyhow::Result<()> {
+    anyhow::ensure!(value != T::default(), "{name} must be above zero");
+    Ok(())
+}
+
 /// A `--announce-interval` flag's value: a duration of at least [`MIN_ANNOUNCE_INTERVAL`].
 pub fn parse_announce_interval(s: &str) -> Result<Duration, String> {
     let value = humantime::parse_duration(s).map_err(|e| e.to_string())?;
@@ -265,6 +283,14 @@ impl OriginConfig {
                 humantime::format_duration(min_quarantine)
             );
         }
+        nonzero("cluster.replicas", c.replicas)?;
+        nonzero("cluster.health_interval", c.health_interval)?;
+        nonzero("cluster.health_timeout", c.health_timeout)?;
+        nonzero("cluster.health_fails", c.health_fails)?;
+        nonzero("cluster.health_passes", c.health_passes)?;
+        nonzero("cluster.dns_refresh", c.dns_refresh)?;
+        nonzero("cluster.call_timeout", c.call_timeout)?;
+        nonzero("cluster.repair_interval", c.repair_interval)?;
         let members = if c.members.is_empty() { vec![advertise.clone()] } else { c.members.clone() };
         let max_manifest = shoal_origin::cluster::wire::MAX_MANIFEST_SIZE;
         if members.len() > 1 && self.max_manifest_size.as_u64() > max_manifest {
@@ -284,7 +310,7 @@ impl OriginConfig {
         }
         // A lone origin keeps one copy; asking for more could never succeed.
         let lone = members.len() == 1 && !members[0].contains('+');
-        let replicas = if lone { 1 } else { c.replicas.max(1) };
+        let replicas = if lone { 1 } else { c.replicas };
         let write_quorum = if lone { 1 } else { c.write_quorum.unwrap_or(replicas) };
         if write_quorum == 0 || write_quorum > replicas {
             anyhow::bail!("cluster.write_quorum must be between 1 and replicas ({replicas})");
@@ -380,6 +406,31 @@ mod tests {
         // A lone origin copies no record anywhere.
         let lone: OriginConfig = toml::from_str("max_manifest_size = \"64MiB\"").unwrap();
         assert!(lone.cluster().is_ok());
+    }
+
+    /// Zero timeouts and counts are refused with the setting's name, not taken as one or
+    /// left to fail every call.
+    #[test]
+    fn zero_timeouts_and_counts_are_refused_by_name() {
+        let cluster = "secret = \"s\"\nmembers = [\"a:1\", \"b:1\"]\nadvertise = \"a:1\"\n";
+        for (key, value) in [
+            ("replicas", "0"),
+            ("health_timeout", "\"0s\""),
+            ("call_timeout", "\"0s\""),
+            ("health_fails", "0"),
+            ("repair_interval", "\"0s\""),
+        ] {
+            let c: OriginConfig = toml::from_str(&format!("[cluster]\n{cluster}{key} = {value}\n")).unwrap();
+            let err = c.cluster().unwrap_err().to_string();
+            assert_eq!(err, format!("cluster.{key} must be above zero"));
+        }
+        for (key, value) in [("max_connections", "0"), ("header_read_timeout", "\"0s\"")] {
+            let c: OriginConfig = toml::from_str(&format!("[limits]\n{key} = {value}\n")).unwrap();
+            let err = c.limits.check().unwrap_err().to_string();
+            assert_eq!(err, format!("limits.{key} must be above zero"));
+        }
+        let fine: OriginConfig = toml::from_str(&format!("[cluster]\n{cluster}")).unwrap();
+        assert!(fine.cluster().is_ok() && fine.limits.check().is_ok());
     }
 
     #[test]

@@ -45,8 +45,9 @@ pub struct OriginArgs {
     /// Address for peer connections (seeding into the swarm)
     #[arg(long, env = "SHOAL_PEER_LISTEN")]
     pub peer_listen: Option<std::net::SocketAddr>,
-    /// Peer address announced to others when --peer-listen is 0.0.0.0 or [::]
-    #[arg(long, env = "SHOAL_PEER_ADVERTISE")]
+    /// Peer address announced to others when --peer-listen is 0.0.0.0 or [::] (ip:port; an
+    /// IPv6 address with or without brackets)
+    #[arg(long, env = "SHOAL_PEER_ADVERTISE", value_parser = crate::peer_addr::parse_advertise)]
     pub peer_advertise: Option<std::net::SocketAddr>,
     /// Directory for blobs, uploads and metadata [default: shoal-data/origin]
     #[arg(long, env = "SHOAL_DATA_DIR")]
@@ -137,6 +138,7 @@ impl OriginArgs {
 
 /// Open the origin's storage, join the cluster, start seeding, and bind its HTTP server.
 pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
+    config.limits.check()?;
     let cluster = config.cluster()?;
     let store = OriginStore::open(StoreConfig {
         data_dir: config.data_dir.clone(),
