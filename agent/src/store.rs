@@ -117,6 +117,12 @@ impl AgentStore {
         wait_for_fetch(registry, digest, || self.origin.upstream_progress(repo, digest)).await
     }
 
+    /// Whether every blob the origins hold is public: access is not controlled and they pull
+    /// through no upstream registry (as far as an origin has told this agent).
+    fn nothing_private(&self) -> bool {
+        self.auth.enabled() == Some(false) && self.registries.known() && self.registries.names().is_empty()
+    }
+
     pub fn downloads(&self) -> &Arc<Downloads> {
         &self.downloads
     }
@@ -188,10 +194,13 @@ impl RegistryStore for AgentStore {
                 tracing::warn!(%digest, error = %e, "origin unreachable; serving a blob it confirmed before");
                 Ok(confirmed.map(|(size, _)| size))
             }
-            // The origin is unreachable: a blob already here is still served, unless access
-            // is controlled: then only through a repository the origin confirmed it in (above),
-            // or a private blob could be read through a public repository's name.
-            Err(e) => match self.downloads.cache.get(digest).filter(|_| self.auth.enabled() == Some(false)) {
+            // The origin is unreachable: a blob already here is still served, unless it may be
+            // private: then only through a repository the origin confirmed it in (above), or it
+            // could be read through another repository's name. It may be private where access
+            // is controlled, and where the origins pull through upstream registries (or this
+            // agent has not heard whether they do): an upstream's private blob, fetched with a
+            // client's credentials, lands in the same cache.
+            Err(e) => match self.downloads.cache.get(digest).filter(|_| self.nothing_private()) {
                 Some(size) => {
                     tracing::warn!(%digest, error = %e, "origin unreachable; serving the cached blob");
                     Ok(Some(size))

@@ -437,7 +437,7 @@ async fn a_private_blob_fetch_streams_to_no_other_repository_and_marks_its_own_p
         base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "alice:alice-secret")
     );
     let (url, gets) = slow_upstream_for(data.clone(), digest.clone(), Some(alice.clone())).await;
-    let cluster = Cluster::start_with_origin(
+    let mut cluster = Cluster::start_with_origin(
         2,
         &format!("[[upstream]]\nregistry = \"slow.test\"\nurl = \"{url}\"\n"),
         "",
@@ -475,6 +475,25 @@ async fn a_private_blob_fetch_streams_to_no_other_repository_and_marks_its_own_p
     let after = http.get(&secret).send().await.expect("GET");
     assert_eq!(after.status(), StatusCode::UNAUTHORIZED, "secret is private once a blob needed credentials");
     assert_eq!(gets.load(Ordering::SeqCst), 1, "the upstream sent the blob more than once");
+    // Alice reads it again once the origin holds it: agent 0 downloads and caches it. With the
+    // origin down, that copy is served to nobody through a repository the origin never
+    // confirmed it in.
+    let mine = format!("{}/v2/slow.test/secret/blobs/{digest}", cluster.agent_url(0));
+    let again = http.get(&mine).header("authorization", alice).send().await.expect("GET");
+    assert_eq!(again.status(), StatusCode::OK);
+    assert_eq!(sha256(&again.bytes().await.expect("body")), digest);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.origin.kill();
+    for repo in ["team/app", "slow.test/other"] {
+        let url = format!("{}/v2/{repo}/blobs/{digest}", cluster.agent_url(0));
+        let r = http.get(&url).send().await.expect("GET");
+        let status = r.status();
+        let body = r.bytes().await.unwrap_or_default();
+        assert!(
+            status != StatusCode::OK && sha256(&body) != digest,
+            "with the origin down, an anonymous client read the cached private blob as {repo}: {status}"
+        );
+    }
 }
 
 /// An upstream that sends other bytes than the digest names: a reader streaming them while the
