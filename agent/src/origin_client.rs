@@ -368,7 +368,8 @@ impl OriginClient {
                 Ok(Some((r.bytes().await.map_err(unreachable)?, next)))
             }
             StatusCode::NOT_FOUND => Ok(None),
-            s => Err(unexpected(s)),
+            // A private upstream repository's challenge reaches the client, as for manifests.
+            _ => Err(refusal(&r)),
         }
     }
 
@@ -465,6 +466,31 @@ mod tests {
         let repo: RepoName = "team/app".parse().unwrap();
         let token = client.anonymous_token(&format!("{base}/old-token"), "shoal", &repo).await;
         assert_eq!(token.as_ref().and_then(|t| t.to_str().ok()), Some("Bearer t0k3n"));
+    }
+
+    /// A listing the origin refuses with a challenge (a private upstream repository's tags)
+    /// is the client's challenge, not a 500 it could never answer with credentials.
+    #[tokio::test]
+    async fn a_refused_listing_carries_the_challenge() {
+        use axum::routing::get;
+        let refuse = || async {
+            (StatusCode::UNAUTHORIZED, [(reqwest::header::WWW_AUTHENTICATE, "Basic realm=\"ghcr.io\"")], "")
+        };
+        let app = axum::Router::new()
+            .route("/v2/ghcr.io/a/b/tags/list", get(refuse))
+            .route("/v2/ghcr.io/a/c/tags/list", get(|| async { StatusCode::FORBIDDEN }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let failures = IntCounterVec::new(prometheus::Opts::new("f", "f"), &["origin"]).unwrap();
+        let client = OriginClient::with_failures(vec![base], Duration::from_secs(5), failures).unwrap();
+        let err = client.listing_page("/v2/ghcr.io/a/b/tags/list").await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::UpstreamUnauthorized { registry } if registry == "ghcr.io"),
+            "{err:?}"
+        );
+        let err = client.listing_page("/v2/ghcr.io/a/c/tags/list").await.unwrap_err();
+        assert!(matches!(err, StoreError::Denied(_)), "{err:?}");
     }
 
     #[test]

@@ -169,3 +169,36 @@ async fn a_node_lists_the_catalog_as_its_client_would_see_it() {
     let listed: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(listed["repositories"], serde_json::json!(["public/app"]), "{listed}");
 }
+
+/// A read-only registry (an agent) answers every upload route with 405 `UNSUPPORTED`,
+/// reads of an upload session's status included (they reached the store, whose refusal was a
+/// 500 and an error in the log).
+#[tokio::test]
+async fn a_read_only_registry_refuses_every_upload_route() {
+    let api = ApiConfig { read_only: true, ..ApiConfig::default() };
+    let router = crate::router(Arc::new(Empty), api);
+    let session = "/v2/team/app/blobs/uploads/abc";
+    for (method, path) in [
+        (Method::GET, session),
+        (Method::HEAD, session),
+        (Method::PATCH, session),
+        (Method::PUT, session),
+        (Method::DELETE, session),
+        (Method::POST, "/v2/team/app/blobs/uploads/"),
+    ] {
+        assert_eq!(
+            status(router.clone(), method.clone(), path).await,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}"
+        );
+    }
+    assert_eq!(
+        status(
+            router,
+            Method::GET,
+            "/v2/team/app/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000"
+        )
+        .await,
+        StatusCode::NOT_FOUND
+    );
+}

@@ -183,7 +183,9 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
         body,
         visible,
     };
-    let result = if !is_read && app.config.read_only {
+    // Upload sessions are a write's, whatever the method: a read-only registry has none.
+    let writes = !is_read || matches!(route, Route::Upload { .. } | Route::UploadStart { .. });
+    let result = if writes && app.config.read_only {
         Err(ApiError::new(ErrorCode::Unsupported, "this registry is read-only; push to an origin"))
     } else {
         FORWARD_AUTHORIZATION.scope(forward, handle(route, &mut ctx)).await
