@@ -475,6 +475,22 @@ async fn a_private_blob_fetch_streams_to_no_other_repository_and_marks_its_own_p
     let after = http.get(&secret).send().await.expect("GET");
     assert_eq!(after.status(), StatusCode::UNAUTHORIZED, "secret is private once a blob needed credentials");
     assert_eq!(gets.load(Ordering::SeqCst), 1, "the upstream sent the blob more than once");
+    // Pushing an image built on it: a mount from the private repository without its
+    // credentials is a new upload session, as is a mount of a digest that does not parse;
+    // with them, a mount.
+    let uploads = format!("{}/v2/team/app/blobs/uploads/", cluster.origin.url());
+    for (query, auth, want) in [
+        (format!("mount={digest}&from=slow.test/secret"), None, StatusCode::ACCEPTED),
+        ("mount=sha384:abc&from=team/base".to_string(), None, StatusCode::ACCEPTED),
+        (format!("mount={digest}&from=slow.test/secret"), Some(alice.clone()), StatusCode::CREATED),
+    ] {
+        let mut post = http.post(format!("{uploads}?{query}"));
+        if let Some(auth) = &auth {
+            post = post.header("authorization", auth);
+        }
+        let r = post.send().await.expect("POST");
+        assert_eq!(r.status(), want, "{query} with credentials: {}", auth.is_some());
+    }
     // Alice reads it again once the origin holds it: agent 0 downloads and caches it. With the
     // origin down, that copy is served to nobody through a repository the origin never
     // confirmed it in.

@@ -285,8 +285,19 @@ impl RegistryStore for PullThrough {
         if self.upstream_of(repo).is_some() {
             return Err(Self::denied(repo));
         }
-        if self.upstream_of(from).is_some() && self.blob_size(from, digest).await?.is_none() {
-            return Ok(false);
+        if self.upstream_of(from).is_some() {
+            // A source this client may not read (a private upstream repository without its
+            // credentials), or cannot be asked now, is no mount: the spec's answer is a new
+            // upload session (202), and buildkit pushes of an image built FROM a private
+            // mirrored base mount from it.
+            match self.blob_size(from, digest).await {
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(false),
+                Err(e) => {
+                    tracing::debug!(%from, %digest, error = %e, "mount source not readable; a new upload instead");
+                    return Ok(false);
+                }
+            }
         }
         self.inner.blob_mount(repo, from, digest).await
     }

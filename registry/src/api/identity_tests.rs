@@ -4,82 +4,15 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use tower::ServiceExt as _;
 
+use super::test_store::Empty;
 use crate::auth::authority::Authority;
 use crate::auth::{AuthConfig, AuthGate, Rule};
 use crate::identity::{Role, TransportIdentity};
-use crate::manifest::ReferrerDescriptor;
-use crate::range::ByteRange;
-use crate::store::{NewManifest, Page, Reference, StoredManifest, UploadState};
-use crate::{ApiConfig, ByteStream, Digest, RegistryStore, RepoName, StoreError, Tag};
-
-/// A store with nothing in it: every read is "unknown", every write refused.
-struct Empty;
-
-#[async_trait]
-impl RegistryStore for Empty {
-    async fn blob_size(&self, _: &RepoName, _: &Digest) -> Result<Option<u64>, StoreError> {
-        Ok(None)
-    }
-    async fn blob_read(
-        &self,
-        _: &RepoName,
-        _: &Digest,
-        _: Option<ByteRange>,
-    ) -> Result<ByteStream, StoreError> {
-        Err(StoreError::BlobUnknown)
-    }
-    async fn blob_delete(&self, _: &RepoName, _: &Digest) -> Result<bool, StoreError> {
-        Ok(false)
-    }
-    async fn blob_mount(&self, _: &RepoName, _: &RepoName, _: &Digest) -> Result<bool, StoreError> {
-        Ok(false)
-    }
-    async fn upload_start(&self, _: &RepoName) -> Result<UploadState, StoreError> {
-        Ok(UploadState { id: "u".into(), offset: 0 })
-    }
-    async fn upload_status(&self, _: &RepoName, _: &str) -> Result<UploadState, StoreError> {
-        Err(StoreError::UploadUnknown)
-    }
-    async fn upload_append(
-        &self,
-        _: &RepoName,
-        _: &str,
-        _: Option<u64>,
-        _: Option<u64>,
-        _: ByteStream,
-    ) -> Result<UploadState, StoreError> {
-        Err(StoreError::UploadUnknown)
-    }
-    async fn upload_complete(&self, _: &RepoName, _: &str, _: &Digest) -> Result<u64, StoreError> {
-        Err(StoreError::UploadUnknown)
-    }
-    async fn upload_cancel(&self, _: &RepoName, _: &str) -> Result<(), StoreError> {
-        Err(StoreError::UploadUnknown)
-    }
-    async fn manifest_get(&self, _: &RepoName, _: &Reference) -> Result<Option<StoredManifest>, StoreError> {
-        Ok(None)
-    }
-    async fn manifest_put(&self, _: &RepoName, _: Option<&Tag>, _: NewManifest) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn manifest_delete(&self, _: &RepoName, _: &Reference) -> Result<bool, StoreError> {
-        Ok(false)
-    }
-    async fn tags(&self, _: &RepoName, _: Option<&str>, _: usize) -> Result<Page, StoreError> {
-        Err(StoreError::NameUnknown)
-    }
-    async fn repositories(&self, _: Option<&str>, _: usize) -> Result<Page, StoreError> {
-        Ok(Page { items: vec!["private/app".into(), "public/app".into()], next: None })
-    }
-    async fn referrers(&self, _: &RepoName, _: &Digest) -> Result<Vec<ReferrerDescriptor>, StoreError> {
-        Ok(Vec::new())
-    }
-}
+use crate::ApiConfig;
 
 fn router(identity: Option<TransportIdentity>) -> axum::Router {
     let config = AuthConfig {
@@ -168,37 +101,4 @@ async fn a_node_lists_the_catalog_as_its_client_would_see_it() {
     let body = axum::body::to_bytes(reply.into_body(), 1 << 20).await.unwrap();
     let listed: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(listed["repositories"], serde_json::json!(["public/app"]), "{listed}");
-}
-
-/// A read-only registry (an agent) answers every upload route with 405 `UNSUPPORTED`,
-/// reads of an upload session's status included (they reached the store, whose refusal was a
-/// 500 and an error in the log).
-#[tokio::test]
-async fn a_read_only_registry_refuses_every_upload_route() {
-    let api = ApiConfig { read_only: true, ..ApiConfig::default() };
-    let router = crate::router(Arc::new(Empty), api);
-    let session = "/v2/team/app/blobs/uploads/abc";
-    for (method, path) in [
-        (Method::GET, session),
-        (Method::HEAD, session),
-        (Method::PATCH, session),
-        (Method::PUT, session),
-        (Method::DELETE, session),
-        (Method::POST, "/v2/team/app/blobs/uploads/"),
-    ] {
-        assert_eq!(
-            status(router.clone(), method.clone(), path).await,
-            StatusCode::METHOD_NOT_ALLOWED,
-            "{method} {path}"
-        );
-    }
-    assert_eq!(
-        status(
-            router,
-            Method::GET,
-            "/v2/team/app/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000"
-        )
-        .await,
-        StatusCode::NOT_FOUND
-    );
 }

@@ -50,7 +50,9 @@ async fn read_limited(ctx: &mut Ctx, limit: u64) -> Result<Bytes, ApiError> {
         let chunk =
             chunk.map_err(|e| ApiError::new(ErrorCode::ManifestInvalid, format!("reading body: {e}")))?;
         seen += chunk.len() as u64;
-        if seen > DRAIN_LIMIT {
+        // Past the limit, drain a little more for the client to see the answer; never stop
+        // reading below it (a limit above 64 MiB was cut there and taken as the whole body).
+        if seen > limit.saturating_add(DRAIN_LIMIT) {
             break;
         }
         if seen <= limit {
@@ -70,6 +72,10 @@ async fn read_limited(ctx: &mut Ctx, limit: u64) -> Result<Bytes, ApiError> {
 pub(super) async fn put(ctx: &mut Ctx, name: &RepoName, reference: &str) -> ApiResult {
     let reference = parse_reference(reference)?;
     let bytes = read_limited(ctx, ctx.config.max_manifest_size).await?;
+    // JSON is UTF-8; serde_json does not check the strings of fields it skips, and a store
+    // that keeps manifests as text then failed with a 500.
+    std::str::from_utf8(&bytes)
+        .map_err(|e| ApiError::new(ErrorCode::ManifestInvalid, format!("manifest is not UTF-8: {e}")))?;
     let parsed = parse_manifest(ctx.header(header::CONTENT_TYPE), &bytes)
         .map_err(|e| ApiError::new(ErrorCode::ManifestInvalid, e.to_string()))?;
     let (digest, tag) = match &reference {

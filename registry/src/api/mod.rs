@@ -9,7 +9,11 @@ mod identity_tests;
 mod listing;
 mod manifests;
 pub mod route;
+#[cfg(test)]
+mod test_store;
 mod uploads;
+#[cfg(test)]
+mod write_tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;

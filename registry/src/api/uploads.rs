@@ -43,10 +43,11 @@ fn digest_param(ctx: &Ctx) -> Result<Option<Digest>, ApiError> {
 
 pub(super) async fn start(ctx: &mut Ctx, name: &RepoName) -> ApiResult {
     if let Some(mount) = ctx.query.get("mount") {
-        let digest: Digest = mount.parse()?;
-        // A missing or invalid `from`, or a source without the blob, falls back to a session
-        // as the spec requires.
-        if let Some(from) = ctx.query.get("from").and_then(|f| f.parse::<RepoName>().ok()) {
+        // An invalid `mount` digest or `from`, or a source without the blob, falls back to a
+        // session as the spec requires.
+        let digest = mount.parse::<Digest>().ok();
+        let from = ctx.query.get("from").and_then(|f| f.parse::<RepoName>().ok());
+        if let (Some(digest), Some(from)) = (digest, from) {
             if ctx.store.blob_mount(name, &from, &digest).await? {
                 return Ok(created_response(name, &digest));
             }

@@ -1,0 +1,105 @@
+//! What the router answers to writes: a read-only registry (an agent) refuses every upload
+//! route; a manifest body is read whole up to its limit, or refused, never cut short; a
+//! manifest must be UTF-8 (JSON is).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use tower::ServiceExt as _;
+
+use super::test_store::Empty;
+use super::DIGEST_HEADER;
+use crate::digest::{Algorithm, Digest};
+use crate::ApiConfig;
+
+async fn status(router: axum::Router, method: Method, path: &str) -> StatusCode {
+    let req = Request::builder().method(method).uri(path).body(Body::empty()).unwrap();
+    router.oneshot(req).await.unwrap().status()
+}
+
+/// A read-only registry (an agent) answers every upload route with 405 `UNSUPPORTED`,
+/// reads of an upload session's status included (they reached the store, whose refusal was a
+/// 500 and an error in the log).
+#[tokio::test]
+async fn a_read_only_registry_refuses_every_upload_route() {
+    let api = ApiConfig { read_only: true, ..ApiConfig::default() };
+    let router = crate::router(Arc::new(Empty), api);
+    let session = "/v2/team/app/blobs/uploads/abc";
+    for (method, path) in [
+        (Method::GET, session),
+        (Method::HEAD, session),
+        (Method::PATCH, session),
+        (Method::PUT, session),
+        (Method::DELETE, session),
+        (Method::POST, "/v2/team/app/blobs/uploads/"),
+    ] {
+        assert_eq!(
+            status(router.clone(), method.clone(), path).await,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}"
+        );
+    }
+    assert_eq!(
+        status(
+            router,
+            Method::GET,
+            "/v2/team/app/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000"
+        )
+        .await,
+        StatusCode::NOT_FOUND
+    );
+}
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+fn manifest_json(extra: &str) -> Vec<u8> {
+    let d = format!("sha256:{}", "0".repeat(64));
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}",{extra}"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{d}","size":2}},"layers":[]}}"#
+    )
+    .into_bytes()
+}
+
+async fn put(config: ApiConfig, body: Vec<u8>) -> axum::response::Response {
+    let router = crate::router(Arc::new(Empty), config);
+    let req = Request::builder()
+        .method(Method::PUT)
+        .uri("/v2/team/app/manifests/v1")
+        .header(header::CONTENT_TYPE, OCI_MANIFEST)
+        .body(Body::from(body))
+        .unwrap();
+    router.oneshot(req).await.unwrap()
+}
+
+/// A limit above the bytes read past a limit before a 413 (64 MiB): the body was cut there
+/// and the rest stored as the manifest, under a digest the client never pushed.
+#[tokio::test]
+async fn a_manifest_above_64_mib_under_its_limit_is_read_whole() {
+    let mut body = manifest_json("");
+    body.resize(65 << 20, b' ');
+    let whole = Digest::of(Algorithm::Sha256, &body).to_string();
+    let config = ApiConfig { max_manifest_size: 128 << 20, ..ApiConfig::default() };
+    let r = put(config.clone(), body.clone()).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(r.headers()[DIGEST_HEADER].to_str().unwrap(), whole);
+    // Over its limit: refused, not cut.
+    body.resize(129 << 20, b' ');
+    assert_eq!(put(config, body).await.status(), StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn a_manifest_that_is_not_utf8_is_invalid() {
+    // An unknown field: serde_json skips its string without checking it.
+    let mut body = manifest_json(r#""x":"ff","#);
+    let at = body.windows(2).position(|w| w == b"ff").unwrap();
+    body[at] = 0xff;
+    let r = put(ApiConfig::default(), body).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let text = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&text).contains("MANIFEST_INVALID"),
+        "{}",
+        String::from_utf8_lossy(&text)
+    );
+}
