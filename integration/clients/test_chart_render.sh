@@ -163,7 +163,7 @@ notes() { # NAME [helm args...]: the NOTES of that install into $T/NAME.notes
   cp "$chart/templates/NOTES.txt" "$T/notes-chart/notes.txt"
   printf '%s\n' 'notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}' >"$T/notes-chart/templates/zz-notes.yaml"
   "$HELM" template shoal "$T/notes-chart" --namespace shoal --show-only templates/zz-notes.yaml "$@" |
-    python3 -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["notes"])' >"$T/$name.notes" ||
+    PYTHONPATH=$CHART_PYTHONPATH python3 -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["notes"])' >"$T/$name.notes" ||
     die "NOTES.txt ($name) did not render"
 }
 notes plain

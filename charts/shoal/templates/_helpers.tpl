@@ -60,6 +60,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "shoal.agent.service" -}}{{ include "shoal.fullname" . }}-agent{{- end -}}
 {{- define "shoal.restore.service" -}}{{ include "shoal.fullname" . }}-restore{{- end -}}
 
+{{/* Where the uninstall hook's restore pods listen: the wildcard of agent.listenAddress's
+     family ([::] for an IPv6 address, with or without brackets; else 0.0.0.0) and
+     containerd.restorePort. The restore pods are not on the host network, so they take the
+     agent's address family, not its address. */}}
+{{- define "shoal.restore.listen" -}}
+{{- ternary "[::]" "0.0.0.0" (contains ":" .Values.agent.listenAddress) }}:{{ .Values.containerd.restorePort }}
+{{- end -}}
+
 {{/* The DNS suffix of the release's namespace: NS.svc.DOMAIN */}}
 {{- define "shoal.svcSuffix" -}}{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}{{- end -}}
 
@@ -103,7 +111,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{/* With TLS but without cert-manager, every component needs a Secret named in
-     tls.existingSecrets: nothing else creates RELEASE-shoal-COMPONENT-tls, and pods mounting
+     tls.existingSecrets: nothing else creates FULLNAME-COMPONENT-tls, and pods mounting
      it never start. Renders nothing. */}}
 {{- define "shoal.tls.check" -}}
 {{- if and .Values.tls.enabled (not .Values.tls.certManager.enabled) -}}
