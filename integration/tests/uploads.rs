@@ -216,7 +216,8 @@ async fn upload_final_chunk_in_closing_put() {
 }
 
 /// "If a chunk is uploaded out of order, the registry MUST respond with a
-/// 416"; the session keeps its offset and can still be completed.
+/// 416", whose `Range`, `Location` and `Docker-Upload-UUID` say where the session stands; the
+/// session keeps its offset and can still be completed.
 #[tokio::test]
 async fn upload_out_of_order_chunk_returns_416() {
     let origin = Origin::start().await;
@@ -230,7 +231,11 @@ async fn upload_out_of_order_chunk_returns_416() {
     reply.expect(StatusCode::ACCEPTED);
     let location = client.url(reply.must_header("location"));
 
-    client.patch_chunk(&location, 2000, &data[2000..]).await.expect(StatusCode::RANGE_NOT_SATISFIABLE);
+    let refused = client.patch_chunk(&location, 2000, &data[2000..]).await;
+    refused.expect(StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(refused.must_header("range"), "0-999");
+    assert_eq!(client.url(refused.must_header("location")), location);
+    assert!(location.ends_with(refused.must_header("docker-upload-uuid")), "{}", refused.describe());
 
     let status = client.upload_status(&location).await;
     status.expect(StatusCode::NO_CONTENT);
@@ -264,10 +269,21 @@ async fn upload_chunk_with_a_range_past_u64_returns_416() {
     let repo = unique_repo("uploads");
     let data = random_bytes(100);
     let location = client.start_upload(&repo).await;
-    client
+    let refused = client
         .patch(&location)
         .header("content-type", "application/octet-stream")
         .header("content-range", format!("0-{}", u64::MAX))
+        .body(data.clone())
+        .reply()
+        .await;
+    refused.expect(StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(refused.must_header("range"), "0-0", "a malformed range's 416 says where the session stands");
+    // A Content-Range that is not text is malformed too, not absent (the chunk was appended
+    // unchecked).
+    client
+        .patch(&location)
+        .header("content-type", "application/octet-stream")
+        .header("content-range", reqwest::header::HeaderValue::from_bytes(b"0-\xff").unwrap())
         .body(data.clone())
         .reply()
         .await

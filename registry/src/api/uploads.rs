@@ -10,6 +10,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::name::RepoName;
 use crate::range::parse_content_range;
 use crate::store::UploadState;
+use crate::RegistryStore;
 
 fn session_response(status: StatusCode, name: &RepoName, state: &UploadState) -> Response {
     let location = format!("/v2/{name}/blobs/uploads/{}", state.id);
@@ -83,16 +84,18 @@ pub(super) async fn status(ctx: &mut Ctx, name: &RepoName, id: &str) -> ApiResul
     Ok(session_response(StatusCode::NO_CONTENT, name, &state))
 }
 
-/// Start and length of the chunk a request carries, from `Content-Range` when present.
+/// Start and length of the chunk a request carries, from `Content-Range` when present (a
+/// header that is not text is malformed, not absent: the chunk was appended unchecked).
 fn chunk_bounds(ctx: &Ctx) -> Result<(Option<u64>, Option<u64>), ApiError> {
     let declared = ctx.content_length()?;
-    match ctx.header(header::CONTENT_RANGE) {
+    let malformed = |e: String| {
+        ApiError::new(ErrorCode::BlobUploadInvalid, e).with_status(StatusCode::RANGE_NOT_SATISFIABLE)
+    };
+    match ctx.headers.get(header::CONTENT_RANGE).map(|v| v.to_str()) {
         None => Ok((None, declared)),
-        Some(cr) => {
-            let range = parse_content_range(cr).map_err(|e| {
-                ApiError::new(ErrorCode::BlobUploadInvalid, e.to_string())
-                    .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
-            })?;
+        Some(Err(_)) => Err(malformed("Content-Range is not text".into())),
+        Some(Ok(cr)) => {
+            let range = parse_content_range(cr).map_err(|e| malformed(e.to_string()))?;
             if declared.is_some_and(|l| l != range.len()) {
                 return Err(ApiError::new(
                     ErrorCode::SizeInvalid,
@@ -104,21 +107,64 @@ fn chunk_bounds(ctx: &Ctx) -> Result<(Option<u64>, Option<u64>), ApiError> {
     }
 }
 
-pub(super) async fn patch(ctx: &mut Ctx, name: &RepoName, id: &str) -> ApiResult {
-    let (start, len) = chunk_bounds(ctx)?;
+/// A 416 says where the session stands, as its 202s do (`Location`, `Range`,
+/// `Docker-Upload-UUID`), so the client resumes without asking first.
+async fn where_it_stands(store: &dyn RegistryStore, name: &RepoName, id: &str, err: ApiError) -> ApiError {
+    if err.status != StatusCode::RANGE_NOT_SATISFIABLE {
+        return err;
+    }
+    match store.upload_status(name, id).await {
+        Ok(state) => err
+            .with_header(header::LOCATION, hv(format!("/v2/{name}/blobs/uploads/{}", state.id)))
+            .with_header(header::RANGE, upload_range(state.offset))
+            .with_header(HeaderName::from_static(UPLOAD_UUID_HEADER), hv(&state.id)),
+        Err(_) => err,
+    }
+}
+
+/// The chunk's bounds, its 416 saying where the session stands.
+async fn checked_bounds(
+    ctx: &mut Ctx,
+    name: &RepoName,
+    id: &str,
+) -> Result<(Option<u64>, Option<u64>), ApiError> {
+    let bounds = chunk_bounds(ctx);
+    let store = ctx.store.clone();
+    match bounds {
+        Ok(bounds) => Ok(bounds),
+        Err(e) => Err(where_it_stands(store.as_ref(), name, id, e).await),
+    }
+}
+
+/// Append the request's body at `start`; an out-of-order chunk's 416 says where the session
+/// stands.
+async fn append(
+    ctx: &mut Ctx,
+    name: &RepoName,
+    id: &str,
+    (start, len): (Option<u64>, Option<u64>),
+) -> Result<UploadState, ApiError> {
     let body = ctx.take_body();
-    let state = ctx.store.upload_append(name, id, start, len, body).await?;
+    let store = ctx.store.clone();
+    match store.upload_append(name, id, start, len, body).await {
+        Ok(state) => Ok(state),
+        Err(e) => Err(where_it_stands(store.as_ref(), name, id, e.into()).await),
+    }
+}
+
+pub(super) async fn patch(ctx: &mut Ctx, name: &RepoName, id: &str) -> ApiResult {
+    let bounds = checked_bounds(ctx, name, id).await?;
+    let state = append(ctx, name, id, bounds).await?;
     Ok(session_response(StatusCode::ACCEPTED, name, &state))
 }
 
 pub(super) async fn finish(ctx: &mut Ctx, name: &RepoName, id: &str) -> ApiResult {
     let digest = digest_param(ctx)?
         .ok_or_else(|| ApiError::new(ErrorCode::DigestInvalid, "the digest query parameter is required"))?;
-    let (start, len) = chunk_bounds(ctx)?;
-    if len != Some(0) {
+    let bounds = checked_bounds(ctx, name, id).await?;
+    if bounds.1 != Some(0) {
         // The final chunk may ride on the PUT; an empty body appends nothing.
-        let body = ctx.take_body();
-        ctx.store.upload_append(name, id, start, len, body).await?;
+        append(ctx, name, id, bounds).await?;
     }
     ctx.store.upload_complete(name, id, &digest).await?;
     Ok(created_response(name, &digest))
