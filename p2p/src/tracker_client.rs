@@ -124,6 +124,11 @@ pub enum TrackerError {
 /// the others. Tried first again and again, one hung tracker cost every announce of the node
 /// the whole request timeout, longer than a tracker remembers a peer.
 pub const TRACKER_DOWN_FOR: Duration = Duration::from_secs(30);
+/// How long an announce waits for a tracker that has not answered before it goes to the next
+/// tracker for its digest (the last one gets the whole request timeout). A tracker answers in
+/// milliseconds; a hung one held the first batch to meet it, and with it every download
+/// waiting for its first peers, for the whole timeout (10 s on agents).
+pub const TRACKER_FAILOVER_AFTER: Duration = Duration::from_secs(2);
 
 /// Client of one or more trackers.
 pub struct TrackerClient {
@@ -207,12 +212,14 @@ impl TrackerClient {
                     }
                 }
             }
+            // Not the last tracker to try: the next one rather than the whole timeout.
+            let deadline = (rank + 1 < self.urls.len()).then_some(TRACKER_FAILOVER_AFTER);
             let mut sends = Vec::new();
             for (url, entries) in groups {
                 for chunk in entries.chunks(MAX_ANNOUNCE_BATCH) {
                     let batch: Vec<AnnounceRequest> = chunk.iter().map(|&i| reqs[i].clone()).collect();
                     let entries = chunk.to_vec();
-                    sends.push(async move { (entries, self.post_batch(url, batch).await) });
+                    sends.push(async move { (entries, self.post_batch_within(url, batch, deadline).await) });
                 }
             }
             let answers = futures_util::future::join_all(sends).await;
@@ -232,6 +239,26 @@ impl TrackerClient {
                 r.unwrap_or_else(|| Err(last.map_or(TrackerError::NoTracker, TrackerError::AllFailed)))
             })
             .collect()
+    }
+
+    /// [`TrackerClient::post_batch`] within `deadline` if there is one: a tracker that has not
+    /// answered by then is tried after the others for a while, and the batch fails over.
+    async fn post_batch_within(
+        &self,
+        url: &str,
+        batch: Vec<AnnounceRequest>,
+        deadline: Option<Duration>,
+    ) -> Vec<Result<AnnounceResponse, String>> {
+        let n = batch.len();
+        let Some(deadline) = deadline else { return self.post_batch(url, batch).await };
+        match tokio::time::timeout(deadline, self.post_batch(url, batch)).await {
+            Ok(results) => results,
+            Err(_) => {
+                self.answered(url, false);
+                let e = format!("{url}: no answer within {deadline:?}");
+                (0..n).map(|_| Err(e.clone())).collect()
+            }
+        }
     }
 
     /// One batch to one tracker: a result per announce, in order.
@@ -278,8 +305,23 @@ impl TrackerClient {
     pub async fn metainfo(&self, digest: &Digest) -> Result<Option<Bytes>, TrackerError> {
         let mut last = None;
         let mut not_found = false;
-        for url in self.order_for(digest) {
-            let sent = self.http.get(format!("{url}/v1/metainfo/{digest}")).send().await;
+        let order = self.order_for(digest);
+        let count = order.len();
+        for (rank, url) in order.into_iter().enumerate() {
+            let send = self.http.get(format!("{url}/v1/metainfo/{digest}")).send();
+            // As announces do: the next tracker after TRACKER_FAILOVER_AFTER, unless none is left.
+            let sent = if rank + 1 < count {
+                match tokio::time::timeout(TRACKER_FAILOVER_AFTER, send).await {
+                    Ok(sent) => sent,
+                    Err(_) => {
+                        self.answered(&url, false);
+                        last = Some(format!("{url}: no answer within {TRACKER_FAILOVER_AFTER:?}"));
+                        continue;
+                    }
+                }
+            } else {
+                send.await
+            };
             self.answered(&url, sent.is_ok());
             match sent {
                 Ok(r) if r.status().is_success() => match r.bytes().await {
@@ -374,7 +416,7 @@ mod tests {
             }
         });
         let timeout = Duration::from_millis(800);
-        let client = TrackerClient::new(vec![hung_url.clone(), live_url], timeout).unwrap();
+        let client = TrackerClient::new(vec![hung_url.clone(), live_url.clone()], timeout).unwrap();
         let led_by_hung = (0..100)
             .map(|i| Digest::of(shoal_registry::Algorithm::Sha256, format!("{i}").as_bytes()))
             .find(|d| client.order_for(d)[0] == hung_url)
@@ -393,5 +435,25 @@ mod tests {
         assert!(client.announce_many(std::slice::from_ref(&req)).await[0].is_ok());
         assert!(started.elapsed() < timeout / 2, "the second waited {:?}", started.elapsed());
         assert_ne!(client.order_for(&led_by_hung)[0], hung_url);
+
+        // With the agents' 10 s timeout, the first batch to meet the hung tracker goes to the
+        // next one after TRACKER_FAILOVER_AFTER, not after the timeout.
+        let client =
+            TrackerClient::new(vec![hung_url.clone(), live_url.clone()], Duration::from_secs(10)).unwrap();
+        let started = Instant::now();
+        assert!(client.announce_many(std::slice::from_ref(&req)).await[0].is_ok());
+        let took = started.elapsed();
+        assert!(took >= TRACKER_FAILOVER_AFTER && took < TRACKER_FAILOVER_AFTER * 2, "took {took:?}");
+        assert_ne!(client.order_for(&led_by_hung)[0], hung_url);
+        // A metainfo lookup fails over as soon (what the stand-in answers does not matter here).
+        let fresh = TrackerClient::new(vec![hung_url.clone(), live_url], Duration::from_secs(10)).unwrap();
+        let started = Instant::now();
+        let _ = fresh.metainfo(&led_by_hung).await;
+        assert!(started.elapsed() < TRACKER_FAILOVER_AFTER * 2, "metainfo took {:?}", started.elapsed());
+        // The last tracker left gets the whole timeout: no failing over to nobody.
+        let alone = TrackerClient::new(vec![hung_url], Duration::from_millis(2500)).unwrap();
+        let started = Instant::now();
+        assert!(alone.announce_many(std::slice::from_ref(&req)).await[0].is_err());
+        assert!(started.elapsed() >= Duration::from_millis(2500), "{:?}", started.elapsed());
     }
 }
