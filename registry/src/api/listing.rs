@@ -12,19 +12,21 @@ use crate::manifest::OCI_INDEX;
 use crate::name::RepoName;
 use crate::store::Page;
 
-/// Page size when the client gives no `n`; clients that want everything get it in a few pages.
-const DEFAULT_PAGE: usize = 10_000;
+/// Most entries in one answer, and the page size when the client gives no `n` (the spec's
+/// "whole list": a longer one goes on behind a `Link`). An `n` above it is refused rather than
+/// quietly answered with fewer (the spec wants `n` results where there are that many).
+pub(crate) const MAX_PAGE: usize = 100_000;
 
 fn page_params(ctx: &Ctx) -> Result<(usize, Option<String>), ApiError> {
+    let bad =
+        |message: String| ApiError::new(ErrorCode::Unsupported, message).with_status(StatusCode::BAD_REQUEST);
     let n = match ctx.query.get("n") {
-        None => DEFAULT_PAGE,
-        Some(n) => n
-            .parse::<usize>()
-            .map_err(|_| {
-                ApiError::new(ErrorCode::Unsupported, "n must be a non-negative integer")
-                    .with_status(StatusCode::BAD_REQUEST)
-            })?
-            .min(DEFAULT_PAGE),
+        None => MAX_PAGE,
+        Some(n) => match n.parse::<usize>() {
+            Ok(n) if n <= MAX_PAGE => n,
+            Ok(_) => return Err(bad(format!("n may be at most {MAX_PAGE}"))),
+            Err(_) => return Err(bad("n must be a non-negative integer".into())),
+        },
     };
     Ok((n, ctx.query.get("last").cloned()))
 }

@@ -1,6 +1,6 @@
-//! What the router answers to writes: a read-only registry (an agent) refuses every upload
-//! route; a manifest body is read whole up to its limit, or refused, never cut short; a
-//! manifest must be UTF-8 (JSON is).
+//! What the router answers to writes, and to listings too large for one answer: a read-only
+//! registry (an agent) refuses every upload route; a manifest body is read whole up to its
+//! limit, or refused, never cut short; a manifest must be UTF-8 (JSON is).
 
 use std::sync::Arc;
 
@@ -102,4 +102,16 @@ async fn a_manifest_that_is_not_utf8_is_invalid() {
         "{}",
         String::from_utf8_lossy(&text)
     );
+}
+
+/// An `n` above the most one answer holds is refused, not answered with fewer.
+#[tokio::test]
+async fn a_listing_larger_than_one_answer_is_refused() {
+    let router = crate::router(Arc::new(Empty), ApiConfig::default());
+    let max = super::listing::MAX_PAGE;
+    let over = format!("/v2/team/app/tags/list?n={}", max + 1);
+    assert_eq!(status(router.clone(), Method::GET, &over).await, StatusCode::BAD_REQUEST);
+    let within = format!("/v2/team/app/tags/list?n={max}");
+    // The empty store knows no repository: the request got through to it.
+    assert_eq!(status(router, Method::GET, &within).await, StatusCode::NOT_FOUND);
 }
