@@ -124,11 +124,12 @@ pub enum TrackerError {
 /// the others. Tried first again and again, one hung tracker cost every announce of the node
 /// the whole request timeout, longer than a tracker remembers a peer.
 pub const TRACKER_DOWN_FOR: Duration = Duration::from_secs(30);
-/// How long an announce waits for a tracker that has not answered before it goes to the next
-/// tracker for its digest (the last one gets the whole request timeout). A tracker answers in
-/// milliseconds; a hung one held the first batch to meet it, and with it every download
-/// waiting for its first peers, for the whole timeout (10 s on agents).
-pub const TRACKER_FAILOVER_AFTER: Duration = Duration::from_secs(2);
+/// How long an announce or a metainfo lookup waits for a tracker before it also asks the next
+/// tracker for the digest, still waiting for the first: whichever answers first is taken. A
+/// hung tracker held the first batch to meet it, and every download waiting for its first
+/// peers, for the whole request timeout (10 s on agents); a slow but working one (a cold
+/// lookup asks the origins, up to 5 s each) is not given up on, nor marked down.
+pub const TRACKER_HEDGE_AFTER: Duration = Duration::from_secs(2);
 
 /// Client of one or more trackers.
 pub struct TrackerClient {
@@ -191,47 +192,56 @@ impl TrackerClient {
     }
 
     /// Announce many blobs at once: each goes to its digest's tracker, one request per
-    /// tracker (of at most [`MAX_ANNOUNCE_BATCH`]), and an announce its tracker did not take
-    /// goes to the next tracker for its digest, as [`TrackerClient::announce`] does. A
-    /// tracker without the batch endpoint (an older release) is sent the announces one by
-    /// one. The results are in `reqs`' order.
+    /// tracker (of at most [`MAX_ANNOUNCE_BATCH`]). An announce its tracker did not take goes
+    /// to the next tracker for its digest, as [`TrackerClient::announce`] does, and one its
+    /// tracker has not answered within [`TRACKER_HEDGE_AFTER`] goes there too, the first
+    /// answer winning. A tracker without the batch endpoint (an older release) is sent the
+    /// announces one by one. The results are in `reqs`' order.
     pub async fn announce_many(
         &self,
         reqs: &[AnnounceRequest],
     ) -> Vec<Result<AnnounceResponse, TrackerError>> {
-        let orders: Vec<Vec<String>> = reqs.iter().map(|r| self.order_for(&r.digest)).collect();
+        let mut tries = Tries::new(reqs.iter().map(|r| self.order_for(&r.digest)).collect());
         let mut results: Vec<Option<Result<AnnounceResponse, TrackerError>>> =
             (0..reqs.len()).map(|_| None).collect();
         let mut last: Vec<Option<String>> = vec![None; reqs.len()];
-        for rank in 0..self.urls.len() {
-            let mut groups: HashMap<&str, Vec<usize>> = HashMap::new();
-            for (i, order) in orders.iter().enumerate() {
-                if results[i].is_none() {
-                    if let Some(url) = order.get(rank) {
-                        groups.entry(url.as_str()).or_default().push(i);
+        let mut pending = futures_util::stream::FuturesUnordered::new();
+        // Each batch out: its tracker and when it went.
+        let mut out: HashMap<u64, (String, Instant)> = HashMap::new();
+        let mut ids = 0..;
+        let all: Vec<usize> = (0..reqs.len()).collect();
+        pending.extend(self.batches(reqs, tries.next_rank(&all, Instant::now()), &mut ids, &mut out));
+        while !pending.is_empty() && results.iter().any(Option::is_none) {
+            let hedge = tries.hedge_at(|i| results[i].is_none());
+            tokio::select! {
+                Some((id, entries, answers)) = pending.next() => {
+                    out.remove(&id);
+                    let mut failed = Vec::new();
+                    for (i, outcome) in entries.into_iter().zip(answers) {
+                        tries.ended(i);
+                        if results[i].is_some() {
+                            continue;
+                        }
+                        match outcome {
+                            Ok(resp) => results[i] = Some(Ok(resp)),
+                            Err(e) => {
+                                last[i] = Some(e);
+                                if !tries.waiting(i) {
+                                    failed.push(i);
+                                }
+                            }
+                        }
                     }
+                    pending.extend(self.batches(reqs, tries.next_rank(&failed, Instant::now()), &mut ids, &mut out));
                 }
-            }
-            // Not the last tracker to try: the next one rather than the whole timeout.
-            let deadline = (rank + 1 < self.urls.len()).then_some(TRACKER_FAILOVER_AFTER);
-            let mut sends = Vec::new();
-            for (url, entries) in groups {
-                for chunk in entries.chunks(MAX_ANNOUNCE_BATCH) {
-                    let batch: Vec<AnnounceRequest> = chunk.iter().map(|&i| reqs[i].clone()).collect();
-                    let entries = chunk.to_vec();
-                    sends.push(async move { (entries, self.post_batch_within(url, batch, deadline).await) });
-                }
-            }
-            let answers = futures_util::future::join_all(sends).await;
-            for (entries, answer) in answers {
-                for (i, outcome) in entries.into_iter().zip(answer) {
-                    match outcome {
-                        Ok(resp) => results[i] = Some(Ok(resp)),
-                        Err(e) => last[i] = Some(e),
-                    }
+                _ = sleep_until_opt(hedge) => {
+                    let now = Instant::now();
+                    let slow = tries.due(now, |i| results[i].is_none());
+                    pending.extend(self.batches(reqs, tries.next_rank(&slow, now), &mut ids, &mut out));
                 }
             }
         }
+        self.overtaken(out.into_values());
         results
             .into_iter()
             .zip(last)
@@ -241,22 +251,39 @@ impl TrackerClient {
             .collect()
     }
 
-    /// [`TrackerClient::post_batch`] within `deadline` if there is one: a tracker that has not
-    /// answered by then is tried after the others for a while, and the batch fails over.
-    async fn post_batch_within(
-        &self,
-        url: &str,
-        batch: Vec<AnnounceRequest>,
-        deadline: Option<Duration>,
-    ) -> Vec<Result<AnnounceResponse, String>> {
-        let n = batch.len();
-        let Some(deadline) = deadline else { return self.post_batch(url, batch).await };
-        match tokio::time::timeout(deadline, self.post_batch(url, batch)).await {
-            Ok(results) => results,
-            Err(_) => {
-                self.answered(url, false);
-                let e = format!("{url}: no answer within {deadline:?}");
-                (0..n).map(|_| Err(e.clone())).collect()
+    /// The requests for `groups` (a tracker and the announces it gets), at most
+    /// [`MAX_ANNOUNCE_BATCH`] each, answering with the announces' indexes.
+    /// Each is numbered from `ids` and listed in `out` with its tracker and start.
+    fn batches<'a>(
+        &'a self,
+        reqs: &'a [AnnounceRequest],
+        groups: Vec<(String, Vec<usize>)>,
+        ids: &mut std::ops::RangeFrom<u64>,
+        out: &mut HashMap<u64, (String, Instant)>,
+    ) -> Vec<BatchSend<'a>> {
+        let mut sends: Vec<BatchSend<'a>> = Vec::new();
+        for (url, entries) in groups {
+            for chunk in entries.chunks(MAX_ANNOUNCE_BATCH) {
+                let batch: Vec<AnnounceRequest> = chunk.iter().map(|&i| reqs[i].clone()).collect();
+                let entries = chunk.to_vec();
+                let Some(id) = ids.next() else { continue };
+                out.insert(id, (url.clone(), Instant::now()));
+                let url = url.clone();
+                sends.push(Box::pin(async move { (id, entries, self.post_batch(&url, batch).await) }));
+            }
+        }
+        sends
+    }
+
+    /// Requests still out when another tracker answered for them: those out for longer than
+    /// [`TRACKER_HEDGE_AFTER`] were overtaken by their hedge, and their tracker goes last for a
+    /// while as if it had timed out (a hung tracker would otherwise cost every batch the
+    /// hedge's wait). One that answers in time, however slowly, is never marked.
+    fn overtaken(&self, out: impl IntoIterator<Item = (String, Instant)>) {
+        for (url, began) in out {
+            if began.elapsed() >= TRACKER_HEDGE_AFTER {
+                tracing::debug!(%url, "a tracker was overtaken by the next one; tried last for a while");
+                self.answered(&url, false);
             }
         }
     }
@@ -301,42 +328,133 @@ impl TrackerClient {
             .collect()
     }
 
-    /// A blob's metainfo JSON from the digest's tracker; `None` if no tracker knows it.
+    /// A blob's metainfo JSON from the digest's tracker; `None` if no tracker knows it. A
+    /// tracker that has not answered within [`TRACKER_HEDGE_AFTER`] is joined by the next one,
+    /// the first to have it winning.
     pub async fn metainfo(&self, digest: &Digest) -> Result<Option<Bytes>, TrackerError> {
+        let order = self.order_for(digest);
         let mut last = None;
         let mut not_found = false;
-        let order = self.order_for(digest);
-        let count = order.len();
-        for (rank, url) in order.into_iter().enumerate() {
-            let send = self.http.get(format!("{url}/v1/metainfo/{digest}")).send();
-            // As announces do: the next tracker after TRACKER_FAILOVER_AFTER, unless none is left.
-            let sent = if rank + 1 < count {
-                match tokio::time::timeout(TRACKER_FAILOVER_AFTER, send).await {
-                    Ok(sent) => sent,
-                    Err(_) => {
-                        self.answered(&url, false);
-                        last = Some(format!("{url}: no answer within {TRACKER_FAILOVER_AFTER:?}"));
-                        continue;
+        let mut pending = futures_util::stream::FuturesUnordered::new();
+        let mut out: HashMap<String, Instant> = HashMap::new();
+        let mut next = 0;
+        let mut hedge: Option<Instant> = None;
+        loop {
+            // The next tracker when none is out, or when the one out is slow.
+            let slow = hedge.is_some_and(|at| Instant::now() >= at);
+            if let Some(url) = order.get(next).filter(|_| pending.is_empty() || slow) {
+                out.insert(url.clone(), Instant::now());
+                pending.push(async move { (url, self.metainfo_at(url, digest).await) });
+                next += 1;
+                hedge = Some(Instant::now() + TRACKER_HEDGE_AFTER);
+            }
+            if pending.is_empty() {
+                break;
+            }
+            tokio::select! {
+                Some((url, outcome)) = pending.next() => {
+                    out.remove(url);
+                    match outcome {
+                        Ok(Some(bytes)) => {
+                            self.overtaken(out);
+                            return Ok(Some(bytes));
+                        }
+                        Ok(None) => not_found = true,
+                        Err(e) => last = Some(e),
                     }
                 }
-            } else {
-                send.await
-            };
-            self.answered(&url, sent.is_ok());
-            match sent {
-                Ok(r) if r.status().is_success() => match r.bytes().await {
-                    Ok(b) => return Ok(Some(b)),
-                    Err(e) => last = Some(format!("{url}: {e}")),
-                },
-                Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => not_found = true,
-                Ok(r) => last = Some(format!("{url}: status {}", r.status())),
-                Err(e) => last = Some(format!("{url}: {e}")),
+                _ = sleep_until_opt(hedge.filter(|_| next < order.len())) => {}
             }
         }
         if not_found {
             return Ok(None);
         }
         Err(last.map_or(TrackerError::NoTracker, TrackerError::AllFailed))
+    }
+
+    /// The metainfo from one tracker: `None` if it does not know the digest.
+    async fn metainfo_at(&self, url: &str, digest: &Digest) -> Result<Option<Bytes>, String> {
+        let sent = self.http.get(format!("{url}/v1/metainfo/{digest}")).send().await;
+        self.answered(url, sent.is_ok());
+        match sent {
+            Ok(r) if r.status().is_success() => r.bytes().await.map(Some).map_err(|e| format!("{url}: {e}")),
+            Ok(r) if r.status() == StatusCode::NOT_FOUND => Ok(None),
+            Ok(r) => Err(format!("{url}: status {}", r.status())),
+            Err(e) => Err(format!("{url}: {e}")),
+        }
+    }
+}
+
+/// One batch's request to one tracker, answering with its number and its announces' indexes.
+type BatchSend<'a> =
+    futures_util::future::BoxFuture<'a, (u64, Vec<usize>, Vec<Result<AnnounceResponse, String>>)>;
+
+/// Sleep until `at`, or forever without one (a `select!` branch that never fires).
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Which tracker each announce of a batch tries next, the attempts of it still out, and when
+/// its latest began (for the hedge).
+struct Tries {
+    orders: Vec<Vec<String>>,
+    next: Vec<usize>,
+    out: Vec<usize>,
+    began: Vec<Option<Instant>>,
+}
+
+impl Tries {
+    fn new(orders: Vec<Vec<String>>) -> Tries {
+        let n = orders.len();
+        Tries { orders, next: vec![0; n], out: vec![0; n], began: vec![None; n] }
+    }
+
+    /// Send `entries` to their next tracker (those with one left), grouped by tracker.
+    fn next_rank(&mut self, entries: &[usize], now: Instant) -> Vec<(String, Vec<usize>)> {
+        let mut groups: HashMap<String, Vec<usize>> = HashMap::new();
+        for &i in entries {
+            let Some(url) = self.orders[i].get(self.next[i]) else { continue };
+            groups.entry(url.clone()).or_default().push(i);
+            self.next[i] += 1;
+            self.out[i] += 1;
+            self.began[i] = Some(now);
+        }
+        groups.into_iter().collect()
+    }
+
+    /// An attempt for announce `i` ended.
+    fn ended(&mut self, i: usize) {
+        self.out[i] = self.out[i].saturating_sub(1);
+    }
+
+    /// Whether an attempt for announce `i` is still out.
+    fn waiting(&self, i: usize) -> bool {
+        self.out[i] > 0
+    }
+
+    /// Announces still `open` whose latest attempt has waited [`TRACKER_HEDGE_AFTER`] and
+    /// that have a tracker left to try.
+    fn due(&self, now: Instant, open: impl Fn(usize) -> bool) -> Vec<usize> {
+        (0..self.orders.len())
+            .filter(|&i| open(i) && self.hedgeable(i))
+            .filter(|&i| self.began[i].is_some_and(|b| now.duration_since(b) >= TRACKER_HEDGE_AFTER))
+            .collect()
+    }
+
+    /// When the next hedge is due, if an announce still `open` could have one.
+    fn hedge_at(&self, open: impl Fn(usize) -> bool) -> Option<Instant> {
+        (0..self.orders.len())
+            .filter(|&i| open(i) && self.hedgeable(i))
+            .filter_map(|i| self.began[i].map(|b| b + TRACKER_HEDGE_AFTER))
+            .min()
+    }
+
+    /// Whether announce `i` waits on an attempt and has a tracker left to ask beside it.
+    fn hedgeable(&self, i: usize) -> bool {
+        self.out[i] > 0 && self.next[i] < self.orders[i].len()
     }
 }
 
@@ -362,22 +480,24 @@ mod tests {
         assert_eq!(firsts.len(), 3, "every tracker leads for some digests");
     }
 
-    /// A tracker that accepts and never answers costs one announce its timeout; the ones after
-    /// go to the next tracker at once (it is tried last for a while), where every announce to
-    /// it used to wait the timeout first.
-    #[tokio::test]
-    async fn a_hung_tracker_is_tried_last_after_it_failed() {
+    /// A tracker that accepts and never answers.
+    async fn hung_tracker() -> String {
         let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let hung_url = format!("http://{}", hung.local_addr().unwrap());
+        let url = format!("http://{}", hung.local_addr().unwrap());
         tokio::spawn(async move {
             let mut held = Vec::new();
             while let Ok((sock, _)) = hung.accept().await {
                 held.push(sock); // accepted, never answered
             }
         });
-        // A tracker that answers one announce per batch, enough for this test.
+        url
+    }
+
+    /// A tracker that answers every request `delay` after it is whole, with one announce's
+    /// result (enough for these tests; a metainfo lookup gets the same body).
+    async fn tracker_answering_after(delay: Duration) -> String {
         let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let live_url = format!("http://{}", live.local_addr().unwrap());
+        let url = format!("http://{}", live.local_addr().unwrap());
         tokio::spawn(async move {
             while let Ok((mut sock, _)) = live.accept().await {
                 tokio::spawn(async move {
@@ -404,6 +524,7 @@ mod tests {
                         if buf.len() < end + 4 + length {
                             continue;
                         }
+                        tokio::time::sleep(delay).await;
                         let body = r#"{"interval_secs":3,"results":[{"peers":[]}]}"#;
                         let answer = format!(
                             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
@@ -415,45 +536,77 @@ mod tests {
                 });
             }
         });
-        let timeout = Duration::from_millis(800);
-        let client = TrackerClient::new(vec![hung_url.clone(), live_url.clone()], timeout).unwrap();
-        let led_by_hung = (0..100)
+        url
+    }
+
+    /// An announce of a digest that `client` ranks to `first` first.
+    fn announce_led_by(client: &TrackerClient, first: &str) -> AnnounceRequest {
+        let digest = (0..100)
             .map(|i| Digest::of(shoal_registry::Algorithm::Sha256, format!("{i}").as_bytes()))
-            .find(|d| client.order_for(d)[0] == hung_url)
+            .find(|d| client.order_for(d)[0] == first)
             .unwrap();
-        let req = AnnounceRequest {
-            digest: led_by_hung.clone(),
+        AnnounceRequest {
+            digest,
             peer_id: "a".repeat(40),
             addr: "127.0.0.1:7000".parse().unwrap(),
             complete: true,
             stopped: false,
-        };
-        let started = Instant::now();
-        assert!(client.announce_many(std::slice::from_ref(&req)).await[0].is_ok());
-        assert!(started.elapsed() >= timeout, "the first announce met the hung tracker");
-        let started = Instant::now();
-        assert!(client.announce_many(std::slice::from_ref(&req)).await[0].is_ok());
-        assert!(started.elapsed() < timeout / 2, "the second waited {:?}", started.elapsed());
-        assert_ne!(client.order_for(&led_by_hung)[0], hung_url);
+        }
+    }
 
-        // With the agents' 10 s timeout, the first batch to meet the hung tracker goes to the
-        // next one after TRACKER_FAILOVER_AFTER, not after the timeout.
-        let client =
-            TrackerClient::new(vec![hung_url.clone(), live_url.clone()], Duration::from_secs(10)).unwrap();
+    /// A tracker that accepts and never answers costs the first batch to meet it the hedge's
+    /// wait (the next tracker answers), not the request timeout; then it goes last for a
+    /// while, and the batches after go to the next tracker at once.
+    #[tokio::test]
+    async fn a_hung_tracker_costs_one_batch_the_hedge_and_is_tried_last_after() {
+        let (hung, live) = (hung_tracker().await, tracker_answering_after(Duration::ZERO).await);
+        let client = TrackerClient::new(vec![hung.clone(), live], Duration::from_secs(10)).unwrap();
+        let req = announce_led_by(&client, &hung);
         let started = Instant::now();
         assert!(client.announce_many(std::slice::from_ref(&req)).await[0].is_ok());
         let took = started.elapsed();
-        assert!(took >= TRACKER_FAILOVER_AFTER && took < TRACKER_FAILOVER_AFTER * 2, "took {took:?}");
-        assert_ne!(client.order_for(&led_by_hung)[0], hung_url);
-        // A metainfo lookup fails over as soon (what the stand-in answers does not matter here).
-        let fresh = TrackerClient::new(vec![hung_url.clone(), live_url], Duration::from_secs(10)).unwrap();
+        assert!(took >= TRACKER_HEDGE_AFTER && took < TRACKER_HEDGE_AFTER * 2, "took {took:?}");
+        assert_ne!(client.order_for(&req.digest)[0], hung, "the overtaken tracker goes last");
         let started = Instant::now();
-        let _ = fresh.metainfo(&led_by_hung).await;
-        assert!(started.elapsed() < TRACKER_FAILOVER_AFTER * 2, "metainfo took {:?}", started.elapsed());
-        // The last tracker left gets the whole timeout: no failing over to nobody.
-        let alone = TrackerClient::new(vec![hung_url], Duration::from_millis(2500)).unwrap();
+        assert!(client.announce_many(std::slice::from_ref(&req)).await[0].is_ok());
+        assert!(started.elapsed() < TRACKER_HEDGE_AFTER / 2, "the second waited {:?}", started.elapsed());
+    }
+
+    /// A tracker slower than the hedge but answering (a cold lookup at the origins) is
+    /// waited for and keeps its place: its answer comes before its hedge's.
+    #[tokio::test]
+    async fn a_slow_tracker_that_answers_keeps_its_place() {
+        let slow = Duration::from_secs(3);
+        let (a, b) = (tracker_answering_after(slow).await, tracker_answering_after(slow).await);
+        let client = TrackerClient::new(vec![a.clone(), b], Duration::from_secs(10)).unwrap();
+        let req = announce_led_by(&client, &a);
+        let started = Instant::now();
+        assert!(client.announce_many(std::slice::from_ref(&req)).await[0].is_ok());
+        let took = started.elapsed();
+        assert!(took >= slow && took < slow + Duration::from_secs(1), "took {took:?}");
+        assert_eq!(client.order_for(&req.digest)[0], a, "a tracker that answered was marked down");
+        let started = Instant::now();
+        assert!(client.metainfo(&req.digest).await.is_ok());
+        assert!(started.elapsed() < slow + Duration::from_secs(1), "metainfo took {:?}", started.elapsed());
+        assert_eq!(client.order_for(&req.digest)[0], a);
+    }
+
+    /// The last tracker left gets the whole timeout; a metainfo lookup is hedged as
+    /// announces are.
+    #[tokio::test]
+    async fn the_last_tracker_gets_the_whole_timeout_and_lookups_are_hedged() {
+        let (hung, live) = (hung_tracker().await, tracker_answering_after(Duration::ZERO).await);
+        let alone = TrackerClient::new(vec![hung.clone()], Duration::from_millis(2500)).unwrap();
+        let req = announce_led_by(&alone, &hung);
         let started = Instant::now();
         assert!(alone.announce_many(std::slice::from_ref(&req)).await[0].is_err());
         assert!(started.elapsed() >= Duration::from_millis(2500), "{:?}", started.elapsed());
+        let client = TrackerClient::new(vec![hung.clone(), live], Duration::from_secs(10)).unwrap();
+        let req = announce_led_by(&client, &hung);
+        let started = Instant::now();
+        assert!(client.metainfo(&req.digest).await.is_ok_and(|m| m.is_some()));
+        let took = started.elapsed();
+        assert!(took >= TRACKER_HEDGE_AFTER && took < TRACKER_HEDGE_AFTER * 2, "took {took:?}");
+        assert_ne!(client.order_for(&req.digest)[0], hung);
     }
 }
