@@ -252,8 +252,8 @@ mod tests {
             let file: AgentFile = toml::from_str(&format!("{key} = {value}\n")).unwrap();
             assert_eq!(file.check().unwrap_err().to_string(), format!("{key} must be above zero"));
         }
-        let file: AgentFile = toml::from_str("[limits]\nsend_idle_timeout = \"0s\"\n").unwrap();
-        assert_eq!(file.check().unwrap_err().to_string(), "limits.send_idle_timeout must be above zero");
+        let file: AgentFile = toml::from_str("[limits]\nmax_connections = 0\n").unwrap();
+        assert_eq!(file.check().unwrap_err().to_string(), "limits.max_connections must be above zero");
         assert!(AgentFile::default().check().is_ok());
     }
 }

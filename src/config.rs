@@ -170,15 +170,13 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Refuse limits no server can work with (drain_delay and shutdown_timeout may be zero).
+    /// Refuse counts no server can work with. The timeouts may be zero: `0s` is "no limit"
+    /// for the three idle timeouts (configuration.md), and no wait for the stop's two.
     pub fn check(&self) -> anyhow::Result<()> {
         nonzero("limits.max_concurrent_requests", self.max_concurrent_requests)?;
         nonzero("limits.max_upload_sessions", self.max_upload_sessions)?;
         nonzero("limits.max_connections", self.max_connections)?;
-        nonzero("limits.max_peer_connections_per_address", self.max_peer_connections_per_address)?;
-        nonzero("limits.header_read_timeout", self.header_read_timeout)?;
-        nonzero("limits.body_idle_timeout", self.body_idle_timeout)?;
-        nonzero("limits.send_idle_timeout", self.send_idle_timeout)
+        nonzero("limits.max_peer_connections_per_address", self.max_peer_connections_per_address)
     }
 
     /// The HTTP server's share of these limits.
@@ -424,11 +422,15 @@ mod tests {
             let err = c.cluster().unwrap_err().to_string();
             assert_eq!(err, format!("cluster.{key} must be above zero"));
         }
-        for (key, value) in [("max_connections", "0"), ("header_read_timeout", "\"0s\"")] {
-            let c: OriginConfig = toml::from_str(&format!("[limits]\n{key} = {value}\n")).unwrap();
+        for key in ["max_connections", "max_upload_sessions"] {
+            let c: OriginConfig = toml::from_str(&format!("[limits]\n{key} = 0\n")).unwrap();
             let err = c.limits.check().unwrap_err().to_string();
             assert_eq!(err, format!("limits.{key} must be above zero"));
         }
+        // The idle timeouts' `0s` is documented as no limit.
+        let no_limit: OriginConfig =
+            toml::from_str("[limits]\nheader_read_timeout = \"0s\"\nsend_idle_timeout = \"0s\"\n").unwrap();
+        assert!(no_limit.limits.check().is_ok());
         let fine: OriginConfig = toml::from_str(&format!("[cluster]\n{cluster}")).unwrap();
         assert!(fine.cluster().is_ok() && fine.limits.check().is_ok());
     }
