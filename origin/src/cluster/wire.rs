@@ -34,8 +34,10 @@ pub const REPOS: &str = "/shoal/internal/v1/repos";
 
 /// Listing page size when the caller names none.
 pub const DEFAULT_LIST_LIMIT: usize = 1000;
-/// Largest listing page, so one call's answer stays small.
-pub const MAX_LIST_LIMIT: usize = 10_000;
+/// Largest listing page, so one call's answer stays small: the registry API's largest
+/// answer, since a cluster's catalog merges one page from every origin (shorter, it would
+/// skip the names held only on the others).
+pub const MAX_LIST_LIMIT: usize = shoal_registry::api::MAX_PAGE;
 /// Most record keys one `records/get` call may ask for.
 pub const MAX_RECORD_KEYS: usize = 10_000;
 /// Largest JSON request body (`records/get`, `records/apply`): 64 MiB.

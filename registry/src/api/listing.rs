@@ -12,10 +12,12 @@ use crate::manifest::OCI_INDEX;
 use crate::name::RepoName;
 use crate::store::Page;
 
-/// Most entries in one answer, and the page size when the client gives no `n` (the spec's
-/// "whole list": a longer one goes on behind a `Link`). An `n` above it is refused rather than
-/// quietly answered with fewer (the spec wants `n` results where there are that many).
-pub(crate) const MAX_PAGE: usize = 100_000;
+/// Most entries in one answer, and the page size when the client gives no `n` (a longer
+/// list goes on behind a `Link`). An `n` above it is refused rather than quietly answered with
+/// fewer (the spec wants `n` results where there are that many). A cluster's catalog merges
+/// the origins' pages, each at most this long (`MAX_LIST_LIMIT` in the origin's wire module
+/// must not be shorter, or the merge would skip names held only elsewhere).
+pub const MAX_PAGE: usize = 10_000;
 
 fn page_params(ctx: &Ctx) -> Result<(usize, Option<String>), ApiError> {
     let bad =

@@ -7,6 +7,7 @@ mod blobs;
 #[cfg(test)]
 mod identity_tests;
 mod listing;
+pub use listing::MAX_PAGE;
 mod manifests;
 pub mod route;
 #[cfg(test)]

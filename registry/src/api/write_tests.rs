@@ -108,7 +108,7 @@ async fn a_manifest_that_is_not_utf8_is_invalid() {
 #[tokio::test]
 async fn a_listing_larger_than_one_answer_is_refused() {
     let router = crate::router(Arc::new(Empty), ApiConfig::default());
-    let max = super::listing::MAX_PAGE;
+    let max = super::MAX_PAGE;
     let over = format!("/v2/team/app/tags/list?n={}", max + 1);
     assert_eq!(status(router.clone(), Method::GET, &over).await, StatusCode::BAD_REQUEST);
     let within = format!("/v2/team/app/tags/list?n={max}");
