@@ -67,9 +67,9 @@ pub const STALL_PIECE_TIMES: f64 = 2.0;
 pub const MAX_STALL_AFTER: Duration = Duration::from_secs(15);
 
 /// The longest a peer may keep our requests without completing a piece, whatever bytes it
-/// sends meanwhile: keep-alives count as progress (a request waiting for an origin's send
-/// slot, or for a piece's send at an agent, hears them), so a peer that sent nothing else
-/// would otherwise hold its requests until endgame. Honest waits are far shorter: at an
+/// sends meanwhile: keep-alives keep its connection from stalling (a request waiting for an
+/// origin's send slot, or for a piece's send at an agent, hears them), so a peer that sent
+/// nothing else would otherwise hold its requests until endgame. Honest waits are far shorter: at an
 /// origin, the line of its connections (about 17 s for 1,024 of them); at an agent, a piece
 /// time per send ahead; and a peer slower than a piece a minute is of no use anyway.
 pub const MAX_PIECE_WAIT: Duration = Duration::from_secs(60);

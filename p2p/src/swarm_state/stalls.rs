@@ -27,7 +27,7 @@ pub struct ConnBytes {
 }
 
 impl From<u64> for ConnBytes {
-    /// A connection that carried nothing but requested pieces (the simulator's, tests').
+    /// A connection that carried nothing but requested pieces (the tests').
     fn from(n: u64) -> ConnBytes {
         ConnBytes { all: n, pieces: n }
     }

@@ -115,7 +115,7 @@ impl Sim {
         let Some(conn) = self.conn(c) else { return };
         let (node, server, blob, established, flow) =
             (conn.client, conn.server, conn.blob, conn.established, conn.flow);
-        let bytes = self.conn_bytes(c);
+        let bytes = self.conn_bytes(c).all;
         if let Some(f) = flow {
             self.counters.wasted_bytes += self.net.sent(f, self.now) as u64;
             self.net.remove_flow(f);

@@ -52,7 +52,7 @@ impl Sim {
         let received: Vec<(PeerId, ConnBytes)> = d
             .outbound
             .iter()
-            .filter_map(|&c| self.conn(c).map(|k| (self.nodes[k.server].peer_id, self.conn_bytes(c).into())))
+            .filter_map(|&c| self.conn(c).map(|k| (self.nodes[k.server].peer_id, self.conn_bytes(c))))
             .collect();
         let now = self.instant();
         let Some(d) = self.download(node, blob) else { return };

@@ -560,19 +560,19 @@ impl Sim {
         }
     }
 
-    /// Bytes a connection has delivered so far, counting the piece under way.
-    fn conn_bytes(&self, c: ConnId) -> u64 {
-        self.conn(c).map_or(0, |k| {
-            k.bytes_done
-                + k.flow.map_or(0, |f| self.net.sent(f, self.now) as u64)
-                + k.keep_alive_bytes(self.now)
+    /// Bytes a connection has delivered so far: all of them (keep-alives too) and those of
+    /// pieces, counting the piece under way, as the real connection counts them.
+    fn conn_bytes(&self, c: ConnId) -> ConnBytes {
+        self.conn(c).map_or(ConnBytes::default(), |k| {
+            let pieces = k.bytes_done + k.flow.map_or(0, |f| self.net.sent(f, self.now) as u64);
+            ConnBytes { all: pieces + k.keep_alive_bytes(self.now), pieces }
         })
     }
 
     fn node_received(&self, node: usize) -> u64 {
         let n = &self.nodes[node];
         let open: u64 =
-            n.downloads.iter().flatten().flat_map(|d| &d.outbound).map(|&c| self.conn_bytes(c)).sum();
+            n.downloads.iter().flatten().flat_map(|d| &d.outbound).map(|&c| self.conn_bytes(c).all).sum();
         n.closed_bytes + open
     }
 }

@@ -81,7 +81,8 @@ fn keep_alives_of_a_request_waiting_its_turn_are_no_sign() {
         if n % 5 == 0 {
             waiting += 4;
         }
-        s.tick(t, &[(peer(1), got(fast)), (peer(2), got(waiting))]).unwrap();
+        s.tick(t, &[(peer(1), got(fast)), (peer(2), ConnBytes { all: waiting, pieces: counters[&peer(2)] })])
+            .unwrap();
         s.fill(t, LINK, 0);
     }
     assert_eq!(s.take_incast_signs(), 0);
