@@ -9,6 +9,7 @@
 mod harness;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use shoal_origin::cluster::coordinator::{Coordinator, MAX_READ_REPAIRS};
@@ -34,6 +35,36 @@ async fn a_push_lands_on_exactly_the_owners_whichever_origin_takes_it() {
             assert_eq!(size, Some(6), "visible from every origin");
         }
     }
+}
+
+/// The origins cap the repository lists they answer: the catalog asked of an origin that
+/// holds none of them, whose two others hold the same names, got a page of exactly `n` names
+/// with no `Link` (it asked each for one more, and both gave `n`), and the rest were lost.
+#[tokio::test]
+async fn a_catalog_of_capped_answers_still_links_to_the_rest() {
+    let (world, cs) = world().await;
+    let store = ClusterStore::new(cs[0].clone());
+    let elsewhere: BTreeSet<String> = [IDS[1], IDS[2]].iter().map(|s| s.to_string()).collect();
+    let names: Vec<String> =
+        (0..200).map(|i| format!("team/r{i:03}")).filter(|n| owners(n) == elsewhere).take(12).collect();
+    assert_eq!(names.len(), 12);
+    for (i, name) in names.iter().enumerate() {
+        push(&store, &name.parse().unwrap(), format!("blob {i}").as_bytes()).await.unwrap();
+    }
+    for node in world.nodes.values() {
+        node.repo_list_cap.store(5, Ordering::SeqCst);
+    }
+    let (mut listed, mut last) = (Vec::new(), None::<String>);
+    for _ in 0..10 {
+        let page = store.repositories(last.as_deref(), 5).await.unwrap();
+        assert!(page.items.len() <= 5);
+        listed.extend(page.items);
+        match page.next {
+            Some(next) => last = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(listed, names, "every repository, once, in order");
 }
 
 #[tokio::test]

@@ -444,8 +444,10 @@ impl Coordinator {
     }
 
     /// Repository names across every live origin, sorted, after `after`, at most `limit`
-    /// (origins that fail are left out while one answers).
-    pub async fn repos(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+    /// (origins that fail are left out while one answers), and whether any origin had
+    /// `limit` to give: more may follow even when the merged list is no longer (origins that
+    /// cap their answers below what was asked, holding the same names).
+    pub async fn repos(&self, after: Option<&str>, limit: usize) -> Result<(Vec<String>, bool), StoreError> {
         self.list_repos(after, limit, false).await
     }
 
@@ -456,7 +458,7 @@ impl Coordinator {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        self.list_repos(after, limit, true).await
+        Ok(self.list_repos(after, limit, true).await?.0)
     }
 
     async fn list_repos(
@@ -464,15 +466,17 @@ impl Coordinator {
         after: Option<&str>,
         limit: usize,
         all_must_answer: bool,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<(Vec<String>, bool), StoreError> {
         let live = self.topology.live();
         let answers = self.ask(&live, |n| async move { n.repos(after, limit).await }).await;
         let mut all = std::collections::BTreeSet::new();
         let mut answered = false;
+        let mut full = false;
         for (_, answer) in answers {
             match answer {
                 Ok(names) => {
                     answered = true;
+                    full |= names.len() >= limit.min(crate::cluster::wire::MAX_LIST_LIMIT);
                     all.extend(names);
                 }
                 Err(e) if all_must_answer => return Err(unavailable("repository list", Some(e.to_string()))),
@@ -482,7 +486,7 @@ impl Coordinator {
         if !answered {
             return Err(unavailable("repository list", None));
         }
-        Ok(all.into_iter().take(limit).collect())
+        Ok((all.into_iter().take(limit).collect(), full))
     }
 
     /// Ask each of `ids` concurrently.

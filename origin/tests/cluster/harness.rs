@@ -2,7 +2,7 @@
 //! gate that stops a call in the middle, and the helpers that push and read through them.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +42,9 @@ pub(crate) struct Switchable {
     pub(crate) applies: AtomicU64,
     /// Its repository list fails (as one that times out), while every other call works.
     pub(crate) failing_repo_lists: AtomicBool,
+    /// The most names its repository list gives, as the internal API caps them
+    /// (`wire::MAX_LIST_LIMIT`, smaller here).
+    pub(crate) repo_list_cap: AtomicUsize,
 }
 
 /// The calls a [`Gate`] stops.
@@ -202,7 +205,7 @@ impl Node for Switchable {
                 reason: "repository list timed out".into(),
             });
         }
-        self.inner.repos(after, limit).await
+        self.inner.repos(after, limit.min(self.repo_list_cap.load(Ordering::SeqCst))).await
     }
     async fn metainfo(&self, d: &Digest) -> Result<Option<Bytes>, NodeError> {
         self.check()?;
@@ -281,6 +284,7 @@ pub(crate) async fn world_with(replicas: usize) -> (Arc<World>, Vec<Arc<Coordina
                 gate: gate.clone(),
                 applies: AtomicU64::new(0),
                 failing_repo_lists: AtomicBool::new(false),
+                repo_list_cap: AtomicUsize::new(usize::MAX),
             }),
         );
         locals.push(local);
