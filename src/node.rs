@@ -174,6 +174,11 @@ fn check_registry_name(name: &str) -> Result<(), String> {
     if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!("registry name {name:?} must not contain whitespace"));
     }
+    // containerd's `_default` directory holds the configuration of every registry without
+    // one of its own: a mirror written there would take them all.
+    if name.starts_with('_') {
+        return Err(format!("registry name {name:?} must not start with '_' (containerd's _default)"));
+    }
     Ok(())
 }
 
@@ -254,7 +259,8 @@ enum RestoreAction {
     Nothing,
     /// Not ours, but a backup is there too: left alone, worth saying.
     ForeignWithBackup,
-    /// Ours, with the user's original beside it: put the original back.
+    /// Ours (or none: a setup stopped midway), with the user's original beside it: put the
+    /// original back.
     PutBack,
     /// Ours, with nothing to put back: delete it, and the directory if that empties it.
     Remove,
@@ -262,6 +268,8 @@ enum RestoreAction {
 
 fn plan_restore(current: Option<&[u8]>, backup_exists: bool) -> RestoreAction {
     match current {
+        // A setup that stopped between setting the original aside and writing ours.
+        None if backup_exists => RestoreAction::PutBack,
         None => RestoreAction::Nothing,
         Some(c) if !is_ours(c) && backup_exists => RestoreAction::ForeignWithBackup,
         Some(c) if !is_ours(c) => RestoreAction::Nothing,
@@ -364,17 +372,35 @@ fn setup_blocking(plan: &SetupPlan) -> anyhow::Result<Vec<String>> {
             None => report.insert(0, format!("data dir {}: ready", data_dir.display())),
         }
     }
+    // Every registry is planned before any is written: a conflict in the last one must not
+    // leave the first ones pointing at an agent that never starts.
+    let mut planned = Vec::new();
     for registry in &plan.registries {
         let dir = plan.hosts_dir.join(&registry.name);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let hosts = dir.join(HOSTS_FILE);
         let backup = dir.join(BACKUP_FILE);
         let ca = plan.mirror_ca.as_ref().map(|(_, seen)| seen.as_path());
         let wanted = hosts_toml(&registry.server, &plan.mirror, &plan.dial_timeout, ca);
         let current = read_if_exists(&hosts)?;
+        let action = plan_setup(current.as_deref(), exists(&backup)?, wanted.as_bytes());
+        anyhow::ensure!(
+            action != SetupAction::Conflict,
+            "{} was not written by shoal, and {} already holds an earlier original; \
+             move one of them away and run setup again (nothing was written)",
+            hosts.display(),
+            backup.display()
+        );
+        planned.push((registry, dir, wanted, action));
+    }
+    for (registry, dir, wanted, action) in planned {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let hosts = dir.join(HOSTS_FILE);
+        let backup = dir.join(BACKUP_FILE);
         let wrote = format!("wrote {} (mirror {}, then {})", hosts.display(), plan.mirror, registry.server);
-        let line = match plan_setup(current.as_deref(), exists(&backup)?, wanted.as_bytes()) {
+        let line = match action {
             SetupAction::Unchanged => format!("unchanged {}", hosts.display()),
+            // Refused above, before anything was written.
+            SetupAction::Conflict => continue,
             SetupAction::Write => {
                 atomic_file::write(&hosts, wanted.as_bytes(), None)?;
                 wrote
@@ -385,68 +411,103 @@ fn setup_blocking(plan: &SetupPlan) -> anyhow::Result<Vec<String>> {
                 atomic_file::write(&hosts, wanted.as_bytes(), None)?;
                 format!("backed up {} to {BACKUP_FILE}; {wrote}", hosts.display())
             }
-            SetupAction::Conflict => anyhow::bail!(
-                "{} was not written by shoal, and {} already holds an earlier original; \
-                 move one of them away and run setup again",
-                hosts.display(),
-                backup.display()
-            ),
         };
         report.push(format!("{}: {line}", registry.name));
+    }
+    // A registry no longer listed (dropped from the chart's values) keeps no file of ours:
+    // its pulls would go on reaching the agent, and the user's original stay set aside.
+    if !plan.registries.is_empty() {
+        let listed: BTreeSet<&str> = plan.registries.iter().map(|r| r.name.as_str()).collect();
+        for dir in registry_dirs(&plan.hosts_dir)? {
+            let unlisted = dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| !listed.contains(n));
+            if unlisted {
+                // Someone else's directory that cannot be read is not a reason to fail setup.
+                match restore_dir(&dir) {
+                    Ok(Some(line)) => report.push(format!("no longer listed: {line}")),
+                    Ok(None) => {}
+                    Err(e) => report.push(format!("could not check {}: {e:#}", dir.display())),
+                }
+            }
+        }
     }
     Ok(report)
 }
 
-/// Do `restore` in every directory of `hosts_dir`; returns one line per thing done.
-fn restore_blocking(hosts_dir: &Path) -> anyhow::Result<Vec<String>> {
+/// The registry directories under `hosts_dir` (none if it does not exist), sorted; symlinks
+/// to elsewhere are not ours to walk into.
+fn registry_dirs(hosts_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let entries = match std::fs::read_dir(hosts_dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(vec![format!("{} does not exist: nothing to restore", hosts_dir.display())])
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("listing {}", hosts_dir.display())),
     };
     let mut dirs = Vec::new();
     for entry in entries {
         let entry = entry.with_context(|| format!("listing {}", hosts_dir.display()))?;
-        // file_type does not follow symlinks: a link to elsewhere is not ours to walk into.
+        // file_type does not follow symlinks.
         if entry.file_type().with_context(|| format!("inspecting {}", entry.path().display()))?.is_dir() {
             dirs.push(entry.path());
         }
     }
     dirs.sort();
-    let mut report = Vec::new();
-    for dir in dirs {
-        let hosts = dir.join(HOSTS_FILE);
-        let backup = dir.join(BACKUP_FILE);
-        let current = read_if_exists(&hosts)?;
-        match plan_restore(current.as_deref(), exists(&backup)?) {
-            RestoreAction::Nothing => {}
-            RestoreAction::ForeignWithBackup => report.push(format!(
-                "left alone {}: not written by shoal (and {BACKUP_FILE} kept beside it)",
-                hosts.display()
-            )),
-            RestoreAction::PutBack => {
-                std::fs::rename(&backup, &hosts)
-                    .with_context(|| format!("renaming {} to {}", backup.display(), hosts.display()))?;
-                atomic_file::sync_dir(&dir)?;
-                report.push(format!("restored {} from {BACKUP_FILE}", hosts.display()));
-            }
-            RestoreAction::Remove => {
-                std::fs::remove_file(&hosts).with_context(|| format!("removing {}", hosts.display()))?;
-                // A setup that died mid-write leaves its temporary file behind.
-                atomic_file::remove_leftovers(&hosts)?;
-                match std::fs::remove_dir(&dir) {
-                    Ok(()) => report.push(format!("removed {} and its directory", hosts.display())),
-                    Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
-                        atomic_file::sync_dir(&dir)?;
-                        report.push(format!("removed {} (other files kept)", hosts.display()));
-                    }
-                    Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
+    Ok(dirs)
+}
+
+/// Undo `setup` in one registry directory; a line saying what was done, if anything.
+fn restore_dir(dir: &Path) -> anyhow::Result<Option<String>> {
+    let hosts = dir.join(HOSTS_FILE);
+    let backup = dir.join(BACKUP_FILE);
+    let current = read_if_exists(&hosts)?;
+    let line = match plan_restore(current.as_deref(), exists(&backup)?) {
+        RestoreAction::Nothing => return Ok(None),
+        RestoreAction::ForeignWithBackup => {
+            format!("left alone {}: not written by shoal (and {BACKUP_FILE} kept beside it)", hosts.display())
+        }
+        RestoreAction::PutBack => {
+            std::fs::rename(&backup, &hosts)
+                .with_context(|| format!("renaming {} to {}", backup.display(), hosts.display()))?;
+            atomic_file::sync_dir(dir)?;
+            format!("restored {} from {BACKUP_FILE}", hosts.display())
+        }
+        RestoreAction::Remove => {
+            std::fs::remove_file(&hosts).with_context(|| format!("removing {}", hosts.display()))?;
+            // A setup that died mid-write leaves its temporary file behind.
+            atomic_file::remove_leftovers(&hosts)?;
+            match std::fs::remove_dir(dir) {
+                Ok(()) => format!("removed {} and its directory", hosts.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+                    atomic_file::sync_dir(dir)?;
+                    format!("removed {} (other files kept)", hosts.display())
                 }
+                Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
             }
         }
+    };
+    Ok(Some(line))
+}
+
+/// Do `restore` in every directory of `hosts_dir`; returns one line per thing done. A
+/// directory that cannot be restored (unreadable, say) does not stop the others: they are all
+/// tried, then the failures are the error.
+fn restore_blocking(hosts_dir: &Path) -> anyhow::Result<Vec<String>> {
+    if !exists(hosts_dir)? {
+        return Ok(vec![format!("{} does not exist: nothing to restore", hosts_dir.display())]);
     }
+    let mut report = Vec::new();
+    let mut failed = Vec::new();
+    for dir in registry_dirs(hosts_dir)? {
+        match restore_dir(&dir) {
+            Ok(Some(line)) => report.push(line),
+            Ok(None) => {}
+            Err(e) => failed.push(format!("{:#}", e)),
+        }
+    }
+    anyhow::ensure!(
+        failed.is_empty(),
+        "restored what could be ({}); failed: {}",
+        report.join("; "),
+        failed.join("; ")
+    );
     if report.is_empty() {
         report.push(format!("nothing of shoal's in {}", hosts_dir.display()));
     }

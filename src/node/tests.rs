@@ -36,7 +36,19 @@ fn registry_defaults_and_names() {
         "http://foo:5000",
         "an explicit server, trailing slash dropped"
     );
-    for bad in ["", "..", ".", "a/b", "../etc", "a b", "a\tb", "docker.io=ftp://x", "x=http://a\"b"] {
+    for bad in [
+        "",
+        "..",
+        ".",
+        "a/b",
+        "../etc",
+        "a b",
+        "a\tb",
+        "docker.io=ftp://x",
+        "x=http://a\"b",
+        "_default",
+        "_x",
+    ] {
         assert!(parse_registry(bad).is_err(), "{bad:?} accepted");
     }
     assert!(parse(&["setup", "--registry", "a/b", "--mirror", "http://m"]).is_err());
@@ -82,7 +94,8 @@ fn plans() {
     assert_eq!(plan_setup(Some(other_ours.as_bytes()), true, ours.as_bytes()), SetupAction::Write);
     assert_eq!(plan_setup(Some(FOREIGN), false, ours.as_bytes()), SetupAction::BackUpThenWrite);
     assert_eq!(plan_setup(Some(FOREIGN), true, ours.as_bytes()), SetupAction::Conflict);
-    assert_eq!(plan_restore(None, true), RestoreAction::Nothing);
+    assert_eq!(plan_restore(None, true), RestoreAction::PutBack, "a setup stopped after the backup");
+    assert_eq!(plan_restore(None, false), RestoreAction::Nothing);
     assert_eq!(plan_restore(Some(FOREIGN), false), RestoreAction::Nothing);
     assert_eq!(plan_restore(Some(FOREIGN), true), RestoreAction::ForeignWithBackup);
     assert_eq!(plan_restore(Some(ours.as_bytes()), true), RestoreAction::PutBack);
@@ -125,12 +138,16 @@ fn setup_backs_up_once_and_restore_puts_back_the_original() {
     // A new mirror rewrites ours, still without touching the backup.
     let mut moved = setup_plan(&hosts_dir, "docker.io");
     moved.mirror = "http://127.0.0.1:6000".into();
+    // foo:5000 is no longer listed: its file of ours goes (its pulls would go on reaching the
+    // agent).
     let report = setup_blocking(&moved).unwrap();
     assert!(report[0].starts_with("docker.io: wrote"), "{report:?}");
+    assert!(report[1].starts_with("no longer listed: removed"), "{report:?}");
+    assert!(!hosts_dir.join("foo:5000").exists());
     assert_eq!(std::fs::read(hosts_dir.join("docker.io/hosts.toml.shoal-backup")).unwrap(), FOREIGN);
 
     let report = restore_blocking(&hosts_dir).unwrap();
-    assert_eq!(report.len(), 2, "{report:?}");
+    assert_eq!(report.len(), 1, "{report:?}");
     assert_eq!(std::fs::read(hosts_dir.join("docker.io/hosts.toml")).unwrap(), FOREIGN);
     assert!(!hosts_dir.join("docker.io/hosts.toml.shoal-backup").exists());
     assert_eq!(std::fs::read(hosts_dir.join("docker.io/ca.crt")).unwrap(), b"cert");
@@ -179,6 +196,39 @@ fn restore_leaves_foreign_files_and_dirs_alone() {
 
     // A hosts dir that is not there is nothing to do.
     assert!(restore_blocking(&hosts_dir.join("missing")).unwrap()[0].contains("does not exist"));
+}
+
+/// A conflict in any registry is found before anything is written: the first ones must not be
+/// left pointing at an agent whose init container keeps failing.
+#[test]
+fn a_conflict_anywhere_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hosts_dir = tmp.path();
+    std::fs::create_dir(hosts_dir.join("quay.io")).unwrap();
+    std::fs::write(hosts_dir.join("quay.io/hosts.toml"), FOREIGN).unwrap();
+    std::fs::write(hosts_dir.join("quay.io/hosts.toml.shoal-backup"), b"older").unwrap();
+    let err = setup_blocking(&setup_plan(hosts_dir, "docker.io,quay.io")).unwrap_err();
+    assert!(err.to_string().contains("nothing was written"), "{err:#}");
+    assert!(!hosts_dir.join("docker.io").exists());
+}
+
+/// A setup that stopped between setting the user's file aside and writing ours leaves only
+/// the backup: restore puts it back. A directory that cannot be restored does not keep the
+/// others from being restored, and fails the run.
+#[test]
+fn restore_puts_back_a_lone_backup_and_goes_past_a_directory_it_cannot_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hosts_dir = tmp.path();
+    // Unreadable even for root: its hosts.toml is a directory. Setup goes past it.
+    std::fs::create_dir_all(hosts_dir.join("b.io/hosts.toml")).unwrap();
+    let report = setup_blocking(&setup_plan(hosts_dir, "c.io")).unwrap();
+    assert!(report.iter().any(|l| l.starts_with("could not check")), "{report:?}");
+    std::fs::create_dir(hosts_dir.join("a.io")).unwrap();
+    std::fs::write(hosts_dir.join("a.io/hosts.toml.shoal-backup"), FOREIGN).unwrap();
+    let err = restore_blocking(hosts_dir).unwrap_err().to_string();
+    assert!(err.contains("b.io"), "{err}");
+    assert_eq!(std::fs::read(hosts_dir.join("a.io/hosts.toml")).unwrap(), FOREIGN);
+    assert!(!hosts_dir.join("c.io").exists(), "the directory after the failing one was restored");
 }
 
 #[test]
