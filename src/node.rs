@@ -278,17 +278,27 @@ fn plan_restore(current: Option<&[u8]>, backup_exists: bool) -> RestoreAction {
     }
 }
 
-/// The file's bytes, or `None` when it does not exist.
+/// The file's bytes, or `None` when it does not exist. A symlink whose target this process
+/// cannot see (an absolute link into the host's tree, read from a container) is the user's
+/// file all the same: empty bytes, never ours, so it is backed up, not written over.
 fn read_if_exists(path: &Path) -> anyhow::Result<Option<Vec<u8>>> {
     match std::fs::read(path) {
         Ok(bytes) => Ok(Some(bytes)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match exists(path)? {
+            true => Ok(Some(Vec::new())),
+            false => Ok(None),
+        },
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
 }
 
+/// Whether there is anything at `path`, a symlink that leads nowhere included.
 fn exists(path: &Path) -> anyhow::Result<bool> {
-    path.try_exists().with_context(|| format!("checking {}", path.display()))
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("checking {}", path.display())),
+    }
 }
 
 /// Everything `setup` needs, checked.
@@ -417,9 +427,14 @@ fn setup_blocking(plan: &SetupPlan) -> anyhow::Result<Vec<String>> {
     // A registry no longer listed (dropped from the chart's values) keeps no file of ours:
     // its pulls would go on reaching the agent, and the user's original stay set aside.
     if !plan.registries.is_empty() {
-        let listed: BTreeSet<&str> = plan.registries.iter().map(|r| r.name.as_str()).collect();
+        // By where they lead: a listed registry's directory may be a symlink to another one.
+        let listed: BTreeSet<PathBuf> = plan
+            .registries
+            .iter()
+            .filter_map(|r| std::fs::canonicalize(plan.hosts_dir.join(&r.name)).ok())
+            .collect();
         for dir in registry_dirs(&plan.hosts_dir)? {
-            let unlisted = dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| !listed.contains(n));
+            let unlisted = std::fs::canonicalize(&dir).is_ok_and(|real| !listed.contains(&real));
             if unlisted {
                 // Someone else's directory that cannot be read is not a reason to fail setup.
                 match restore_dir(&dir) {
@@ -433,8 +448,9 @@ fn setup_blocking(plan: &SetupPlan) -> anyhow::Result<Vec<String>> {
     Ok(report)
 }
 
-/// The registry directories under `hosts_dir` (none if it does not exist), sorted; symlinks
-/// to elsewhere are not ours to walk into.
+/// The registry directories under `hosts_dir` (none if it does not exist), sorted: a symlink
+/// to a directory counts as one (setup writes through it, so restore must look there too);
+/// one whose target cannot be seen from here does not.
 fn registry_dirs(hosts_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let entries = match std::fs::read_dir(hosts_dir) {
         Ok(entries) => entries,
@@ -444,8 +460,9 @@ fn registry_dirs(hosts_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut dirs = Vec::new();
     for entry in entries {
         let entry = entry.with_context(|| format!("listing {}", hosts_dir.display()))?;
-        // file_type does not follow symlinks.
-        if entry.file_type().with_context(|| format!("inspecting {}", entry.path().display()))?.is_dir() {
+        let kind = entry.file_type().with_context(|| format!("inspecting {}", entry.path().display()))?;
+        let linked_dir = kind.is_symlink() && std::fs::metadata(entry.path()).is_ok_and(|m| m.is_dir());
+        if kind.is_dir() || linked_dir {
             dirs.push(entry.path());
         }
     }
@@ -473,6 +490,10 @@ fn restore_dir(dir: &Path) -> anyhow::Result<Option<String>> {
             std::fs::remove_file(&hosts).with_context(|| format!("removing {}", hosts.display()))?;
             // A setup that died mid-write leaves its temporary file behind.
             atomic_file::remove_leftovers(&hosts)?;
+            if std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_symlink()) {
+                atomic_file::sync_dir(dir)?;
+                return Ok(Some(format!("removed {} (its directory is a link, kept)", hosts.display())));
+            }
             match std::fs::remove_dir(dir) {
                 Ok(()) => format!("removed {} and its directory", hosts.display()),
                 Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {

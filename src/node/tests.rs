@@ -231,6 +231,28 @@ fn restore_puts_back_a_lone_backup_and_goes_past_a_directory_it_cannot_read() {
     assert!(!hosts_dir.join("c.io").exists(), "the directory after the failing one was restored");
 }
 
+/// A registry directory that is a symlink is written through by setup and restored through
+/// by restore; a hosts.toml that is a symlink leading nowhere from here (an absolute link into
+/// the host's tree) is the user's: backed up as the link it is, and put back.
+#[test]
+fn symlinked_directories_and_files_are_restored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hosts_dir = tmp.path().join("certs.d");
+    std::fs::create_dir_all(hosts_dir.join("real")).unwrap();
+    std::os::unix::fs::symlink(hosts_dir.join("real"), hosts_dir.join("a.io")).unwrap();
+    std::fs::create_dir_all(hosts_dir.join("b.io")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/hosts.toml", hosts_dir.join("b.io/hosts.toml")).unwrap();
+    setup_blocking(&setup_plan(&hosts_dir, "a.io,b.io")).unwrap();
+    assert!(is_ours(&std::fs::read(hosts_dir.join("real/hosts.toml")).unwrap()));
+    let backup = hosts_dir.join("b.io/hosts.toml.shoal-backup");
+    assert!(std::fs::symlink_metadata(&backup).unwrap().is_symlink(), "the user's link was not kept");
+    restore_blocking(&hosts_dir).unwrap();
+    assert!(!hosts_dir.join("real/hosts.toml").exists(), "ours stayed behind the linked directory");
+    let link = std::fs::read_link(hosts_dir.join("b.io/hosts.toml")).unwrap();
+    assert_eq!(link, PathBuf::from("/nonexistent/hosts.toml"));
+    assert!(std::fs::symlink_metadata(&backup).is_err());
+}
+
 #[test]
 fn setup_creates_the_data_dir() {
     let tmp = tempfile::tempdir().unwrap();
