@@ -433,9 +433,13 @@ fn setup_blocking(plan: &SetupPlan) -> anyhow::Result<Vec<String>> {
             .iter()
             .filter_map(|r| std::fs::canonicalize(plan.hosts_dir.join(&r.name)).ok())
             .collect();
+        let mirror_line = format!("[host.\"{}\"]", plan.mirror);
         for dir in registry_dirs(&plan.hosts_dir)? {
             let unlisted = std::fs::canonicalize(&dir).is_ok_and(|real| !listed.contains(&real));
-            if unlisted {
+            // Not files of ours that name another mirror: another install's stay.
+            let other_mirror = std::fs::read(dir.join(HOSTS_FILE))
+                .is_ok_and(|c| is_ours(&c) && !String::from_utf8_lossy(&c).contains(&mirror_line));
+            if unlisted && !other_mirror {
                 // Someone else's directory that cannot be read is not a reason to fail setup.
                 match restore_dir(&dir) {
                     Ok(Some(line)) => report.push(format!("no longer listed: {line}")),

@@ -135,15 +135,22 @@ fn setup_backs_up_once_and_restore_puts_back_the_original() {
     let report = setup_blocking(&plan).unwrap();
     assert!(report.iter().all(|l| l.contains("unchanged")), "{report:?}");
     assert_eq!(std::fs::read(hosts_dir.join("docker.io/hosts.toml.shoal-backup")).unwrap(), FOREIGN);
+    // foo:5000 is no longer listed: its file of ours goes (its pulls would go on reaching the
+    // agent); another install of Shoal (another mirror) keeps its files.
+    let mut other = setup_plan(&hosts_dir, "bar:5000");
+    other.mirror = "http://127.0.0.1:7000".into();
+    setup_blocking(&other).unwrap();
+    let report = setup_blocking(&setup_plan(&hosts_dir, "docker.io")).unwrap();
+    assert!(report[1].starts_with("no longer listed: removed"), "{report:?}");
+    assert_eq!(report.len(), 2, "{report:?}");
+    assert!(!hosts_dir.join("foo:5000").exists());
+    assert!(hosts_dir.join("bar:5000/hosts.toml").exists());
+    std::fs::remove_dir_all(hosts_dir.join("bar:5000")).unwrap();
     // A new mirror rewrites ours, still without touching the backup.
     let mut moved = setup_plan(&hosts_dir, "docker.io");
     moved.mirror = "http://127.0.0.1:6000".into();
-    // foo:5000 is no longer listed: its file of ours goes (its pulls would go on reaching the
-    // agent).
     let report = setup_blocking(&moved).unwrap();
     assert!(report[0].starts_with("docker.io: wrote"), "{report:?}");
-    assert!(report[1].starts_with("no longer listed: removed"), "{report:?}");
-    assert!(!hosts_dir.join("foo:5000").exists());
     assert_eq!(std::fs::read(hosts_dir.join("docker.io/hosts.toml.shoal-backup")).unwrap(), FOREIGN);
 
     let report = restore_blocking(&hosts_dir).unwrap();
