@@ -278,10 +278,15 @@ fn plan_restore(current: Option<&[u8]>, backup_exists: bool) -> RestoreAction {
     }
 }
 
-/// The file's bytes, or `None` when it does not exist. A symlink whose target this process
-/// cannot see (an absolute link into the host's tree, read from a container) is the user's
-/// file all the same: empty bytes, never ours, so it is backed up, not written over.
+/// The file's bytes, or `None` when it does not exist. A symlink is the user's file, whether
+/// or not its target can be seen from here (an absolute link into the host's tree, read from a
+/// container): empty bytes, never ours, so it is backed up, not written over or removed.
 fn read_if_exists(path: &Path) -> anyhow::Result<Option<Vec<u8>>> {
+    // Setup only ever writes regular files: a link is the user's, wherever it leads (to our
+    // file in another registry's directory, even).
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_symlink()) {
+        return Ok(Some(Vec::new()));
+    }
     match std::fs::read(path) {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => match exists(path)? {
@@ -387,6 +392,11 @@ fn setup_blocking(plan: &SetupPlan) -> anyhow::Result<Vec<String>> {
     let mut planned = Vec::new();
     for registry in &plan.registries {
         let dir = plan.hosts_dir.join(&registry.name);
+        anyhow::ensure!(
+            !exists(&dir)? || dir.is_dir(),
+            "{} is not a directory (or a link to one this container can see); no hosts.toml was written",
+            dir.display()
+        );
         let hosts = dir.join(HOSTS_FILE);
         let backup = dir.join(BACKUP_FILE);
         let ca = plan.mirror_ca.as_ref().map(|(_, seen)| seen.as_path());
@@ -396,7 +406,7 @@ fn setup_blocking(plan: &SetupPlan) -> anyhow::Result<Vec<String>> {
         anyhow::ensure!(
             action != SetupAction::Conflict,
             "{} was not written by shoal, and {} already holds an earlier original; \
-             move one of them away and run setup again (nothing was written)",
+             move one of them away and run setup again (no hosts.toml was written)",
             hosts.display(),
             backup.display()
         );
@@ -425,8 +435,9 @@ fn setup_blocking(plan: &SetupPlan) -> anyhow::Result<Vec<String>> {
         report.push(format!("{}: {line}", registry.name));
     }
     // A registry no longer listed (dropped from the chart's values) keeps no file of ours:
-    // its pulls would go on reaching the agent, and the user's original stay set aside.
-    if !plan.registries.is_empty() {
+    // its pulls would go on reaching the agent, and the user's original stay set aside. (With
+    // a mirror given and no registry listed, none stays.)
+    if !plan.mirror.is_empty() {
         // By where they lead: a listed registry's directory may be a symlink to another one.
         let listed: BTreeSet<PathBuf> = plan
             .registries

@@ -67,6 +67,39 @@ async fn a_catalog_of_capped_answers_still_links_to_the_rest() {
     assert_eq!(listed, names, "every repository, once, in order");
 }
 
+/// Spread over the origins, no origin holds a page's worth while together they hold more:
+/// the page still links to the rest.
+#[tokio::test]
+async fn a_catalog_spread_over_origins_still_links_to_the_rest() {
+    let (_world, cs) = world().await;
+    let store = ClusterStore::new(cs[0].clone());
+    // Four names for each pair of owners (R = 2 of 3): every origin holds 8, 12 together.
+    let mut per_pair: std::collections::BTreeMap<BTreeSet<String>, usize> = Default::default();
+    let mut names = Vec::new();
+    for i in 0..1000 {
+        let name = format!("team/s{i:03}");
+        let count = per_pair.entry(owners(&name)).or_default();
+        if *count < 4 {
+            *count += 1;
+            names.push(name);
+        }
+    }
+    assert_eq!(names.len(), 12);
+    for (i, name) in names.iter().enumerate() {
+        push(&store, &name.parse().unwrap(), format!("spread {i}").as_bytes()).await.unwrap();
+    }
+    let (mut listed, mut last) = (Vec::new(), None::<String>);
+    for _ in 0..10 {
+        let page = store.repositories(last.as_deref(), 10).await.unwrap();
+        listed.extend(page.items);
+        match page.next {
+            Some(next) => last = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(listed, names, "every repository, once, in order");
+}
+
 #[tokio::test]
 async fn reads_return_the_newest_tag_and_repair_the_stale_owner() {
     let (world, cs) = world().await;

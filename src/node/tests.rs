@@ -215,7 +215,7 @@ fn a_conflict_anywhere_writes_nothing() {
     std::fs::write(hosts_dir.join("quay.io/hosts.toml"), FOREIGN).unwrap();
     std::fs::write(hosts_dir.join("quay.io/hosts.toml.shoal-backup"), b"older").unwrap();
     let err = setup_blocking(&setup_plan(hosts_dir, "docker.io,quay.io")).unwrap_err();
-    assert!(err.to_string().contains("nothing was written"), "{err:#}");
+    assert!(err.to_string().contains("no hosts.toml was written"), "{err:#}");
     assert!(!hosts_dir.join("docker.io").exists());
 }
 
@@ -258,6 +258,27 @@ fn symlinked_directories_and_files_are_restored() {
     let link = std::fs::read_link(hosts_dir.join("b.io/hosts.toml")).unwrap();
     assert_eq!(link, PathBuf::from("/nonexistent/hosts.toml"));
     assert!(std::fs::symlink_metadata(&backup).is_err());
+}
+
+/// A hosts.toml that is a link to ours in a listed registry's directory is the user's: the
+/// sweep of unlisted registries and restore leave it (it was removed, its directory too).
+#[test]
+fn a_link_to_our_file_is_not_ours() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hosts_dir = tmp.path();
+    std::fs::create_dir_all(hosts_dir.join("b.io")).unwrap();
+    std::os::unix::fs::symlink("../a.io/hosts.toml", hosts_dir.join("b.io/hosts.toml")).unwrap();
+    let report = setup_blocking(&setup_plan(hosts_dir, "a.io")).unwrap();
+    assert_eq!(report.len(), 1, "{report:?}");
+    assert!(std::fs::symlink_metadata(hosts_dir.join("b.io/hosts.toml")).unwrap().is_symlink());
+    restore_blocking(hosts_dir).unwrap();
+    assert!(std::fs::symlink_metadata(hosts_dir.join("b.io/hosts.toml")).unwrap().is_symlink());
+    // A listed registry's directory that is a link leading nowhere from here: refused before
+    // any hosts.toml is written.
+    std::os::unix::fs::symlink("/nonexistent/dir", hosts_dir.join("c.io")).unwrap();
+    let err = setup_blocking(&setup_plan(hosts_dir, "a.io,c.io")).unwrap_err().to_string();
+    assert!(err.contains("not a directory"), "{err}");
+    assert!(!hosts_dir.join("a.io/hosts.toml").exists());
 }
 
 #[test]

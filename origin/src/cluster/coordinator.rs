@@ -444,9 +444,9 @@ impl Coordinator {
     }
 
     /// Repository names across every live origin, sorted, after `after`, at most `limit`
-    /// (origins that fail are left out while one answers), and whether any origin had
-    /// `limit` to give: more may follow even when the merged list is no longer (origins that
-    /// cap their answers below what was asked, holding the same names).
+    /// (origins that fail are left out while one answers), and whether more may follow: the
+    /// origins gave more than `limit` together, or one of them gave a full answer (capped
+    /// answers of the same names merge to no more than `limit`).
     pub async fn repos(&self, after: Option<&str>, limit: usize) -> Result<(Vec<String>, bool), StoreError> {
         self.list_repos(after, limit, false).await
     }
@@ -486,7 +486,10 @@ impl Coordinator {
         if !answered {
             return Err(unavailable("repository list", None));
         }
-        Ok((all.into_iter().take(limit).collect(), full))
+        // More follow when the origins together gave more than `limit`, or when one of them
+        // gave a full answer (it may hold more than it said).
+        let more = full || all.len() > limit;
+        Ok((all.into_iter().take(limit).collect(), more))
     }
 
     /// Ask each of `ids` concurrently.

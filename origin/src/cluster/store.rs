@@ -416,9 +416,9 @@ impl RegistryStore for ClusterStore {
 
     async fn repositories(&self, last: Option<&str>, limit: usize) -> Result<Page, StoreError> {
         // `limit`, not one more: the origins cap their answers at the largest page, so one
-        // more was not given, and `limit` capped answers of the same names merged to exactly
-        // `limit`, with no sign that more followed. An origin that gave a full page is that
-        // sign (the last page may then come out empty).
+        // more was not given, and capped answers of the same names merged to exactly `limit`,
+        // with no sign that more followed. More than `limit` together, or an origin that gave
+        // a full page, is that sign (the last page may then come out empty).
         let (names, more) = self.c().repos(last, limit).await?;
         let mut page = page(names, last, limit);
         if more && page.next.is_none() {
