@@ -54,17 +54,7 @@ async fn a_catalog_of_capped_answers_still_links_to_the_rest() {
     for node in world.nodes.values() {
         node.repo_list_cap.store(5, Ordering::SeqCst);
     }
-    let (mut listed, mut last) = (Vec::new(), None::<String>);
-    for _ in 0..10 {
-        let page = store.repositories(last.as_deref(), 5).await.unwrap();
-        assert!(page.items.len() <= 5);
-        listed.extend(page.items);
-        match page.next {
-            Some(next) => last = Some(next),
-            None => break,
-        }
-    }
-    assert_eq!(listed, names, "every repository, once, in order");
+    assert_eq!(catalog(&store, 5).await, names, "every repository, once, in order");
 }
 
 /// Spread over the origins, no origin holds a page's worth while together they hold more:
@@ -88,16 +78,22 @@ async fn a_catalog_spread_over_origins_still_links_to_the_rest() {
     for (i, name) in names.iter().enumerate() {
         push(&store, &name.parse().unwrap(), format!("spread {i}").as_bytes()).await.unwrap();
     }
+    assert_eq!(catalog(&store, 10).await, names, "every repository, once, in order");
+}
+
+/// The whole catalog, `n` names a page, following each page's link (at most 10 pages).
+async fn catalog(store: &ClusterStore, n: usize) -> Vec<String> {
     let (mut listed, mut last) = (Vec::new(), None::<String>);
     for _ in 0..10 {
-        let page = store.repositories(last.as_deref(), 10).await.unwrap();
+        let page = store.repositories(last.as_deref(), n).await.unwrap();
+        assert!(page.items.len() <= n);
         listed.extend(page.items);
         match page.next {
             Some(next) => last = Some(next),
             None => break,
         }
     }
-    assert_eq!(listed, names, "every repository, once, in order");
+    listed
 }
 
 #[tokio::test]
