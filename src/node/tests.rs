@@ -266,13 +266,14 @@ fn symlinked_directories_and_files_are_restored() {
 fn a_link_to_our_file_is_not_ours() {
     let tmp = tempfile::tempdir().unwrap();
     let hosts_dir = tmp.path();
-    std::fs::create_dir_all(hosts_dir.join("b.io")).unwrap();
-    std::os::unix::fs::symlink("../a.io/hosts.toml", hosts_dir.join("b.io/hosts.toml")).unwrap();
+    // Named to sort before a.io: restore meets the link while our file is still there.
+    std::fs::create_dir_all(hosts_dir.join("0.io")).unwrap();
+    std::os::unix::fs::symlink("../a.io/hosts.toml", hosts_dir.join("0.io/hosts.toml")).unwrap();
     let report = setup_blocking(&setup_plan(hosts_dir, "a.io")).unwrap();
     assert_eq!(report.len(), 1, "{report:?}");
-    assert!(std::fs::symlink_metadata(hosts_dir.join("b.io/hosts.toml")).unwrap().is_symlink());
+    assert!(std::fs::symlink_metadata(hosts_dir.join("0.io/hosts.toml")).unwrap().is_symlink());
     restore_blocking(hosts_dir).unwrap();
-    assert!(std::fs::symlink_metadata(hosts_dir.join("b.io/hosts.toml")).unwrap().is_symlink());
+    assert!(std::fs::symlink_metadata(hosts_dir.join("0.io/hosts.toml")).unwrap().is_symlink());
     // A listed registry's directory that is a link leading nowhere from here: refused before
     // any hosts.toml is written.
     std::os::unix::fs::symlink("/nonexistent/dir", hosts_dir.join("c.io")).unwrap();
