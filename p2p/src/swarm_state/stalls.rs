@@ -26,13 +26,6 @@ pub struct ConnBytes {
     pub pieces: u64,
 }
 
-impl From<u64> for ConnBytes {
-    /// A connection that carried nothing but requested pieces (the tests').
-    fn from(n: u64) -> ConnBytes {
-        ConnBytes { all: n, pieces: n }
-    }
-}
-
 impl<R: rand::Rng + Clone> SwarmState<R> {
     /// The signs of incast seen since the last call, for the node's cap on senders.
     pub fn take_incast_signs(&mut self) -> u32 {

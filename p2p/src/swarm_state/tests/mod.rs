@@ -37,7 +37,7 @@ fn state(pieces: u32, cfg: SchedulerConfig, t0: Instant) -> SwarmState {
 
 /// A connection's cumulative bytes, all of them bytes of requested pieces.
 fn got(n: u64) -> ConnBytes {
-    n.into()
+    ConnBytes { all: n, pieces: n }
 }
 
 fn requests(actions: &[Action]) -> Vec<(PeerId, u32)> {
