@@ -28,6 +28,10 @@ const UPLOADS: TableDefinition<&str, &str> = TableDefinition::new("uploads");
 /// "blob:<digest>" or "repo:<name>" → ms since the epoch when queued: copies a write could
 /// not place on an owner, kept until repair has placed them.
 const REPAIR: TableDefinition<&str, u64> = TableDefinition::new("repair_queue");
+/// The prefix of a repository's item in the repair queue (`repo:<name>`).
+const REPO_ITEMS: &str = "repo:";
+/// The first key past every repository's item (`;` follows `:`).
+const REPO_ITEMS_END: &str = "repo;";
 /// digest → metainfo JSON (piece length and chaining values), computed once per blob; one
 /// stored by an older version (per-piece hashes) no longer decodes and is computed again.
 const METAINFO: TableDefinition<&str, &[u8]> = TableDefinition::new("metainfo");
@@ -370,12 +374,17 @@ impl Meta {
         txn.commit().map_err(|e| self.fail(e))
     }
 
-    /// Up to `limit` queued items, oldest key order, each with its ticket.
+    /// Up to `limit` queued items, each with its ticket: the repositories (`repo:…`) first,
+    /// then everything else, each in key order. Records go home first: they are what reads
+    /// compare, and a long queue of blobs must not hold them back.
     pub fn repair_pending(&self, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
         let txn = self.read()?;
         let table = txn.open_table(REPAIR).map_err(|e| self.fail(e))?;
         let mut out = Vec::new();
-        for entry in table.iter().map_err(|e| self.fail(e))?.take(limit) {
+        let repos = table.range(REPO_ITEMS..REPO_ITEMS_END).map_err(|e| self.fail(e))?;
+        let before = table.range(..REPO_ITEMS).map_err(|e| self.fail(e))?;
+        let after = table.range(REPO_ITEMS_END..).map_err(|e| self.fail(e))?;
+        for entry in repos.chain(before).chain(after).take(limit) {
             let entry = entry.map_err(|e| self.fail(e))?;
             out.push((entry.0.value().to_string(), entry.1.value()));
         }

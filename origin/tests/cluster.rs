@@ -700,6 +700,62 @@ async fn repair_forgets_only_what_the_owners_confirmed() {
     }
 }
 
+/// A retag written while a repository's only owner (R = 1) was unreachable lands on another
+/// origin; reads ask the owner and see the old tag until the record comes home. The pass that
+/// follows the owner's return works the queue before its walk over every blob held here
+/// (held at the first blob check here, as a walk over a large store would be), so the
+/// record is home within seconds.
+#[tokio::test]
+async fn a_write_that_fell_back_goes_home_before_the_walk_over_every_blob() {
+    let (world, cs) = world_with(1).await;
+    let all: Vec<String> = IDS.iter().map(|s| s.to_string()).collect();
+    let repo = "team/app";
+    let owner = shoal_origin::cluster::placement::owners(repo, &all, 1).remove(0);
+    let writer = cs.iter().find(|c| c.me() != owner).unwrap().clone();
+    let tag = |d: &Digest| {
+        Record::new(
+            RecordKey::Tag("v1".into()),
+            writer.clock.next(),
+            Some(RecordValue::Tag { digest: d.clone() }),
+        )
+    };
+    let (old, new) = (Digest::of(Algorithm::Sha256, b"old"), Digest::of(Algorithm::Sha256, b"new"));
+    writer.write_records(repo, vec![tag(&old)]).await.unwrap();
+    switch(&world, &owner, true);
+    writer.write_records(repo, vec![tag(&new)]).await.unwrap();
+    switch(&world, &owner, false);
+    let read = || async {
+        let got = cs[0].read_records(repo, &[RecordKey::Tag("v1".into())]).await.unwrap();
+        got[0].as_ref().and_then(|r| r.tag_target()).cloned()
+    };
+    assert_eq!(read().await, Some(old.clone()), "the owner answers reads with what it holds");
+
+    // A blob held here that another origin owns: the walk stops at its check.
+    let data = (0..).map(|i| format!("blob {i}")).find(|d| {
+        let key = Digest::of(Algorithm::Sha256, d.as_bytes()).to_string();
+        shoal_origin::cluster::placement::owners(&key, &all, 1)[0] != writer.me()
+    });
+    let data = data.unwrap().into_bytes();
+    let digest = Digest::of(Algorithm::Sha256, &data);
+    writer.local.blob_put(&digest, data.len() as u64, body(&data)).await.unwrap();
+    let (reached, open) = hold_every(&world, GateOn::BlobStat);
+
+    let _repairer = Repairer::start(writer.clone(), 1 << 30, Duration::from_secs(3600));
+    // The membership changes once the loop has taken note of the generation it started in.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    world.generation.fetch_add(1, Ordering::SeqCst);
+    let home = async {
+        while read().await != Some(new.clone()) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(10), home).await;
+    let walked = tokio::time::timeout(Duration::from_secs(1), reached.notified()).await.is_ok();
+    let _ = open.send(true);
+    assert!(outcome.is_ok(), "the retag stayed away from its owner while the blobs were walked");
+    assert!(walked, "the pass went on to the blobs");
+}
+
 /// Two collections asked of the leader at once: one runs, the other is refused while it does.
 #[tokio::test]
 async fn only_one_collection_runs_at_a_time() {

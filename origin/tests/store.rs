@@ -396,3 +396,30 @@ async fn an_item_queued_again_during_its_repair_stays_queued() {
     store.repair_done(item, ticket).await.unwrap();
     assert_eq!(store.repair_len().await.unwrap(), 0);
 }
+
+/// The queue hands out repositories before blobs, however many blobs are queued ahead of them
+/// by key order and whatever the batch size: a repository's records are what reads compare.
+#[tokio::test]
+async fn repositories_leave_the_repair_queue_before_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = OriginStore::open(config(dir.path())).await.unwrap();
+    for i in 0..5 {
+        store.repair_enqueue(format!("blob:sha256:{i:064}")).await.unwrap();
+    }
+    store.repair_enqueue("repo:team/b".into()).await.unwrap();
+    store.repair_enqueue("repo:team/a".into()).await.unwrap();
+    store.repair_enqueue("zzz".into()).await.unwrap();
+    let names = |items: Vec<(String, u64)>| items.into_iter().map(|(item, _)| item).collect::<Vec<_>>();
+    assert_eq!(names(store.repair_pending(2).await.unwrap()), ["repo:team/a", "repo:team/b"]);
+    let all = names(store.repair_pending(100).await.unwrap());
+    assert_eq!(all.len(), 8);
+    assert_eq!(
+        &all[..3],
+        [
+            "repo:team/a",
+            "repo:team/b",
+            "blob:sha256:0000000000000000000000000000000000000000000000000000000000000000"
+        ]
+    );
+    assert_eq!(all[7], "zzz", "an item after the repositories by key order still comes");
+}

@@ -110,9 +110,15 @@ impl Repairer {
         }
     }
 
-    /// Check every blob and repository held here, then the queue.
+    /// Work the queue, check every blob and repository held here, then the queue again.
+    ///
+    /// The queue goes first because it names exactly what was written while an owner was
+    /// unreachable: a full pass follows an owner's return, and a walk over every blob held
+    /// here can take minutes in a large store, while reads ask the owners only and would see
+    /// an owner's older records (a retag) until its records came home.
     pub async fn full_pass(&self) -> RepairReport {
         let mut report = RepairReport::default();
+        self.queue_pass(&mut report).await;
         let local = self.coordinator.local.clone();
         let mut after: Option<Digest> = None;
         loop {
@@ -155,7 +161,9 @@ impl Repairer {
         report
     }
 
-    /// Work through the persistent queue; items that still fail stay queued.
+    /// Work through the persistent queue; items that still fail stay queued. Repositories'
+    /// records come first (`Meta::repair_pending`): they are small, and they are what reads
+    /// compare (a blob is found on any live origin while it is away from its owners).
     async fn queue_pass(&self, report: &mut RepairReport) {
         let store = self.coordinator.local.store().clone();
         let items = match store.repair_pending(QUEUE_BATCH).await {

@@ -57,6 +57,8 @@ pub(crate) enum GateOn {
     /// A batch of records with a live tag in it (repair handing records over).
     TagApply,
     Quarantine(Digest),
+    /// Any `blob_stat` (a repair pass checking who holds a blob).
+    BlobStat,
 }
 
 /// Stops calls on any gated member: `reached` fires, then the call waits. Without `open`, only
@@ -110,6 +112,7 @@ impl Node for Switchable {
     }
     async fn blob_stat(&self, d: &Digest) -> Result<Option<u64>, NodeError> {
         self.check()?;
+        self.pass(GateOn::BlobStat).await;
         self.inner.blob_stat(d).await
     }
     async fn blob_get(&self, d: &Digest, r: Option<ByteRange>) -> Result<Option<ByteStream>, NodeError> {
