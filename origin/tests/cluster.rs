@@ -96,6 +96,58 @@ async fn catalog(store: &ClusterStore, n: usize) -> Vec<String> {
     listed
 }
 
+/// `tags/list` pages read about what they show from each owner, not every tag each time,
+/// and still merge the owners: a tag one owner deleted (a newer tombstone) is not listed from
+/// the other's live copy, a tag only one owner holds is, and an owner of an earlier release
+/// that answers every record at once is merged the same way.
+#[tokio::test]
+async fn tag_pages_read_about_what_they_show_and_merge_the_owners() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/app".parse().unwrap();
+    let (a, b) = {
+        let mut o = owners(repo.as_str()).into_iter();
+        (o.next().unwrap(), o.next().unwrap())
+    };
+    let digest = Digest::of(Algorithm::Sha256, b"m");
+    let tag = |name: String, millis: u64, live: bool| Record {
+        key: RecordKey::Tag(name),
+        version: Version::new(millis, "o0:5000"),
+        value: live.then(|| RecordValue::Tag { digest: digest.clone() }),
+        expect: None,
+    };
+    let all: Vec<Record> = (0..300).map(|i| tag(format!("t{i:03}"), 10, true)).collect();
+    world.nodes[&a].inner.records_apply(repo.as_str(), &all).await.unwrap();
+    world.nodes[&b].inner.records_apply(repo.as_str(), &all[..250]).await.unwrap();
+    // Deleted on b after both had it; a still holds its live copy.
+    let deleted: Vec<Record> = (100..110).map(|i| tag(format!("t{i:03}"), 20, false)).collect();
+    world.nodes[&b].inner.records_apply(repo.as_str(), &deleted).await.unwrap();
+    let expected: Vec<String> =
+        (0..300).filter(|i| !(100..110).contains(i)).map(|i| format!("t{i:03}")).collect();
+    let store = ClusterStore::new(cs[0].clone());
+
+    for whole in [false, true] {
+        world.nodes[&a].pages_whole.store(whole, Ordering::SeqCst);
+        let mut listed = Vec::new();
+        let mut last: Option<String> = None;
+        loop {
+            let before = world.nodes[&b].records_read.load(Ordering::SeqCst);
+            let page = store.tags(&repo, last.as_deref(), 20).await.unwrap();
+            let read = world.nodes[&b].records_read.load(Ordering::SeqCst) - before;
+            assert!(read <= 2 * 21 + 10, "a page of 20 read {read} records from an owner");
+            listed.extend(page.items);
+            match page.next {
+                Some(next) => last = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(listed, expected, "whole answers from one owner: {whole}");
+    }
+    let everything = store.tags(&repo, None, 10_000).await.unwrap();
+    assert_eq!((everything.items, everything.next), (expected, None));
+    let missing: RepoName = "team/none".parse().unwrap();
+    assert!(matches!(store.tags(&missing, None, 10).await, Err(StoreError::NameUnknown)));
+}
+
 #[tokio::test]
 async fn reads_return_the_newest_tag_and_repair_the_stale_owner() {
     let (world, cs) = world().await;

@@ -16,11 +16,12 @@ use shoal_registry::{ByteStream, Digest, StoreError};
 use crate::cluster::clock_sync::Skews;
 use crate::cluster::local::LocalNode;
 use crate::cluster::metrics::ClusterMetrics;
-use crate::cluster::node::{Node, NodeError};
+use crate::cluster::node::{Node, NodeError, RecordPage, ScanPage};
 use crate::cluster::placement;
 pub use crate::cluster::read_repair::{ReadRepairs, MAX_READ_REPAIRS};
 use crate::cluster::record::{Record, RecordKey, RecordKind, VersionClock};
 use crate::cluster::topology::Topology;
+use crate::cluster::wire::SCAN_PAGE_BYTES;
 
 /// One origin's answer to a question asked of several.
 type Answer<T> = (String, Result<T, NodeError>);
@@ -394,24 +395,82 @@ impl Coordinator {
         kind: RecordKind,
         subject: Option<&Digest>,
     ) -> Result<Option<Vec<Record>>, StoreError> {
+        let scan = |n: Arc<dyn Node>| async move { n.records_scan(repo, kind, subject).await };
+        let answers = self.ask_owners_first(repo, scan).await?;
+        Ok(self.merge_scans(&answers))
+    }
+
+    /// One page of `repo`'s records of `kind` whose key names follow `after`, merged across
+    /// its owners as [`Coordinator::scan_records`] merges whole scans, each owner asked for
+    /// at most `max_records`. The page ends at the smallest last key of an answer that says
+    /// more follow (past it, that owner's newer copy or tombstone of a key is still unread);
+    /// that key comes back as where the next page starts, `None` after the last page. `None`
+    /// if no origin knows the repository.
+    pub async fn scan_page(
+        &self,
+        repo: &str,
+        kind: RecordKind,
+        after: Option<&str>,
+        max_records: usize,
+    ) -> Result<Option<(Vec<Record>, Option<String>)>, StoreError> {
+        let page = ScanPage { after: after.map(str::to_string), max_bytes: SCAN_PAGE_BYTES, max_records };
+        let page = &page;
+        let scan = |n: Arc<dyn Node>| async move { n.records_page(repo, kind, None, page).await };
+        let answers = self.ask_owners_first(repo, scan).await?;
+        let pages: Vec<&RecordPage> =
+            answers.iter().filter_map(|(_, a)| a.as_ref().ok().and_then(Option::as_ref)).collect();
+        if pages.is_empty() {
+            return Ok(None);
+        }
+        let end =
+            pages.iter().filter(|p| p.more).filter_map(|p| p.records.last()).map(|r| r.key.name()).min();
+        if let (Some(end), Some(after)) = (&end, after) {
+            if end.as_str() <= after {
+                return Err(unavailable(
+                    &format!("metadata of {repo}"),
+                    Some("a page did not move on".into()),
+                ));
+            }
+        }
+        let mut by_key: BTreeMap<RecordKey, Record> = BTreeMap::new();
+        // Origins that do not page (tests' nodes, earlier releases) answer everything.
+        let wanted =
+            |name: &String| after.is_none_or(|a| name.as_str() > a) && end.as_ref().is_none_or(|e| name <= e);
+        for rec in pages.into_iter().flat_map(|p| &p.records) {
+            if wanted(&rec.key.name()) && rec.supersedes(by_key.get(&rec.key)) {
+                by_key.insert(rec.key.clone(), rec.clone());
+            }
+        }
+        self.observe(by_key.values());
+        Ok(Some((by_key.into_values().collect(), end)))
+    }
+
+    /// Ask `repo`'s owners, and the other live origins too when none of them knows it
+    /// (ownership may have just moved). Fails when nothing knows it unless an owner answered
+    /// (then the repository is unknown; the other origins may have nothing of a repository
+    /// whose owners all failed to answer).
+    async fn ask_owners_first<'a, T, F, Fut>(
+        &self,
+        repo: &str,
+        op: F,
+    ) -> Result<Vec<Answer<Option<T>>>, StoreError>
+    where
+        F: Fn(Arc<dyn Node>) -> Fut,
+        Fut: Future<Output = Result<Option<T>, NodeError>> + 'a,
+    {
         let ranked = self.ranked(repo);
         let r = self.replication.replicas.min(ranked.len());
-        let scan = |n: Arc<dyn Node>| async move { n.records_scan(repo, kind, subject).await };
-        let mut answers = self.ask(&ranked[..r], scan).await;
+        let mut answers = self.ask(&ranked[..r], &op).await;
         let owner_answered = answers.iter().any(|(_, a)| a.is_ok());
-        let known =
-            |answers: &[Answer<Option<Vec<Record>>>]| answers.iter().any(|(_, a)| matches!(a, Ok(Some(_))));
+        let known = |answers: &[Answer<Option<T>>]| answers.iter().any(|(_, a)| matches!(a, Ok(Some(_))));
         if !known(&answers) {
-            answers.extend(self.ask(&ranked[r..], scan).await);
+            answers.extend(self.ask(&ranked[r..], &op).await);
         }
-        // Unknown only if an owner says so: the other origins may have nothing of a repository
-        // whose owners all failed to answer.
-        let unknown_unproven = !known(&answers) && !owner_answered;
-        if unknown_unproven {
+        if !known(&answers) && !owner_answered {
             let why = answers.into_iter().find_map(|(_, a)| a.err()).map(|e| e.to_string());
             return Err(unavailable(&format!("metadata of {repo}"), why));
         }
-        Ok(self.merge_scans(&answers))
+        Ok(answers)
     }
 
     /// The newest copy of each key the scans answered; `None` if none knew the repository.

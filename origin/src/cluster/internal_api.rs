@@ -379,7 +379,11 @@ async fn records_scan(State(s): State<ApiState>, Query(q): Query<ScanQuery>) -> 
         let records = s.node.records_scan(repo.as_str(), q.kind, q.subject.as_ref()).await?;
         return Ok(Json(records.ok_or_else(Failure::not_found)?).into_response());
     };
-    let page = ScanPage { after: q.after, max_bytes: max_bytes.clamp(1, SCAN_PAGE_BYTES) };
+    let page = ScanPage {
+        after: q.after,
+        max_bytes: max_bytes.clamp(1, SCAN_PAGE_BYTES),
+        max_records: q.max_records.unwrap_or(usize::MAX).max(1),
+    };
     let answer = s.node.records_page(repo.as_str(), q.kind, q.subject.as_ref(), &page).await?;
     let answer = answer.ok_or_else(Failure::not_found)?;
     let mut response = Json(answer.records).into_response();

@@ -50,11 +50,18 @@ pub struct ScanPage {
     pub after: Option<String>,
     /// The stored JSON a page may hold; a single record larger than this is a page alone.
     pub max_bytes: usize,
+    /// The records a page may hold (a listing's page needs about as many as it shows).
+    pub max_records: usize,
 }
 
 impl ScanPage {
     /// Everything in one page: in-process scans.
-    pub const ALL: ScanPage = ScanPage { after: None, max_bytes: usize::MAX };
+    pub const ALL: ScanPage = ScanPage { after: None, max_bytes: usize::MAX, max_records: usize::MAX };
+
+    /// A page of at most `max_bytes` of stored JSON, any number of records.
+    pub fn of_bytes(max_bytes: usize) -> ScanPage {
+        ScanPage { after: None, max_bytes, max_records: usize::MAX }
+    }
 }
 
 /// One page of a record scan.
@@ -125,7 +132,8 @@ pub trait Node: Send + Sync + 'static {
     ) -> Result<Option<Vec<Record>>, NodeError>;
 
     /// One page of [`Node::records_scan`], for the internal API. Nodes that hold their
-    /// records in memory (tests) answer everything in one page.
+    /// records in memory (tests) answer everything in one page, `after` or not, as origins of
+    /// releases before paging do: callers drop what a page repeats.
     async fn records_page(
         &self,
         repo: &str,

@@ -385,7 +385,7 @@ impl Node for RemoteNode {
         kind: RecordKind,
         subject: Option<&Digest>,
     ) -> Result<Option<Vec<Record>>, NodeError> {
-        let mut page = ScanPage { after: None, max_bytes: SCAN_PAGE_BYTES };
+        let mut page = ScanPage::of_bytes(SCAN_PAGE_BYTES);
         let mut out = Vec::new();
         loop {
             let Some(answer) = self.records_page(repo, kind, subject, &page).await? else {
@@ -424,6 +424,7 @@ impl Node for RemoteNode {
             subject: subject.cloned(),
             max_bytes: Some(page.max_bytes),
             after: page.after.clone(),
+            max_records: (page.max_records != usize::MAX).then_some(page.max_records),
         };
         let resp = self.send(self.request(&self.http, Method::GET, RECORDS_SCAN).query(&query)).await?;
         match resp.status() {

@@ -401,16 +401,33 @@ impl RegistryStore for ClusterStore {
         }
     }
 
+    /// Read from the owners a page at a time from `last` on, until one more live tag than
+    /// the page shows is known (then more follow) or the tags end: a page costs about what
+    /// it shows, not every tag of the repository.
     async fn tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> Result<Page, StoreError> {
-        let Some(records) = self.c().scan_records(repo.as_str(), RecordKind::Tag, None).await? else {
-            return Err(StoreError::NameUnknown);
-        };
-        let names = records
-            .into_iter()
-            .filter(Record::is_live)
-            .map(|r| r.key.name())
-            .filter(|name| !name.starts_with(MARKER_PREFIX))
-            .collect();
+        let mut names = Vec::new();
+        let mut after = last.map(str::to_string);
+        loop {
+            let want = limit.saturating_add(1).saturating_sub(names.len()).max(1);
+            let scanned = self.c().scan_page(repo.as_str(), RecordKind::Tag, after.as_deref(), want).await?;
+            let Some((records, next)) = scanned else {
+                if after.as_deref() == last {
+                    return Err(StoreError::NameUnknown);
+                }
+                break; // forgotten between two reads: nothing left to list
+            };
+            names.extend(
+                records
+                    .into_iter()
+                    .filter(Record::is_live)
+                    .map(|r| r.key.name())
+                    .filter(|name| !name.starts_with(MARKER_PREFIX)),
+            );
+            match next {
+                Some(next) if names.len() <= limit => after = Some(next),
+                _ => break,
+            }
+        }
         Ok(page(names, last, limit))
     }
 

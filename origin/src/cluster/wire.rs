@@ -128,6 +128,10 @@ pub struct ScanQuery {
     /// The key name the previous page ended with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<String>,
+    /// At most this many records per page (with `max_bytes`; origins of releases before
+    /// session 39 ignore it and fill the page by bytes alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_records: Option<usize>,
 }
 
 /// The listing page size to use for a requested `n`: the default when absent, capped.

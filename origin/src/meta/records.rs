@@ -194,7 +194,9 @@ struct Filler<'a> {
 impl Filler<'_> {
     /// Add one stored record; `false` (and `more` set) once it does not fit.
     fn push(&mut self, json: &str) -> Result<bool, StoreError> {
-        if !self.answer.records.is_empty() && self.bytes.saturating_add(json.len()) > self.page.max_bytes {
+        let full = self.bytes.saturating_add(json.len()) > self.page.max_bytes
+            || self.answer.records.len() >= self.page.max_records;
+        if !self.answer.records.is_empty() && full {
             self.answer.more = true;
             return Ok(false);
         }
@@ -230,7 +232,7 @@ mod tests {
 
     /// Reads pages of at most `max_bytes` until the last, as a remote caller does.
     fn all_pages(meta: &Meta, subject: Option<&Digest>, max_bytes: usize) -> Vec<Vec<Record>> {
-        let mut page = ScanPage { after: None, max_bytes };
+        let mut page = ScanPage::of_bytes(max_bytes);
         let mut pages = Vec::new();
         loop {
             let answer = meta.records_page("r", RecordKind::Manifest, subject, &page).unwrap().unwrap();

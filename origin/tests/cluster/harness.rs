@@ -13,7 +13,7 @@ use shoal_origin::cluster::coordinator::{Coordinator, Replication};
 use shoal_origin::cluster::gc::GcSettings;
 use shoal_origin::cluster::local::LocalNode;
 use shoal_origin::cluster::metrics::ClusterMetrics;
-use shoal_origin::cluster::node::{BlobEntry, Node, NodeError};
+use shoal_origin::cluster::node::{BlobEntry, Node, NodeError, RecordPage, ScanPage};
 use shoal_origin::cluster::record::{
     now_millis, Record, RecordKey, RecordKind, VersionClock, MAX_CLOCK_AHEAD,
 };
@@ -45,6 +45,11 @@ pub(crate) struct Switchable {
     /// The most names its repository list gives, as the internal API caps them
     /// (`wire::MAX_LIST_LIMIT`, smaller here).
     pub(crate) repo_list_cap: AtomicUsize,
+    /// Answers record scans in one page, whatever was asked, as origins of releases before
+    /// paging do.
+    pub(crate) pages_whole: AtomicBool,
+    /// Records its scans and scan pages have answered.
+    pub(crate) records_read: AtomicU64,
 }
 
 /// The calls a [`Gate`] stops.
@@ -173,7 +178,27 @@ impl Node for Switchable {
                 reason: "manifest scan timed out".into(),
             });
         }
-        self.inner.records_scan(repo, kind, subject).await
+        let answer = self.inner.records_scan(repo, kind, subject).await?;
+        let answered = answer.as_ref().map_or(0, Vec::len);
+        self.records_read.fetch_add(answered as u64, Ordering::SeqCst);
+        Ok(answer)
+    }
+    async fn records_page(
+        &self,
+        repo: &str,
+        kind: RecordKind,
+        subject: Option<&Digest>,
+        page: &ScanPage,
+    ) -> Result<Option<RecordPage>, NodeError> {
+        if self.pages_whole.load(Ordering::SeqCst) {
+            let records = self.records_scan(repo, kind, subject).await?;
+            return Ok(records.map(|records| RecordPage { records, more: false }));
+        }
+        self.check()?;
+        let answer = self.inner.records_page(repo, kind, subject, page).await?;
+        let answered = answer.as_ref().map_or(0, |p| p.records.len());
+        self.records_read.fetch_add(answered as u64, Ordering::SeqCst);
+        Ok(answer)
     }
     async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<(), NodeError> {
         self.check()?;
@@ -288,6 +313,8 @@ pub(crate) async fn world_with(replicas: usize) -> (Arc<World>, Vec<Arc<Coordina
                 applies: AtomicU64::new(0),
                 failing_repo_lists: AtomicBool::new(false),
                 repo_list_cap: AtomicUsize::new(usize::MAX),
+                pages_whole: AtomicBool::new(false),
+                records_read: AtomicU64::new(0),
             }),
         );
         locals.push(local);

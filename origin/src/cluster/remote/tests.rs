@@ -113,7 +113,7 @@ async fn record_scans_page_over_the_wire() {
     let remote = client(addr, None, TIMEOUT);
     let one = serde_json::to_string(&records[0]).unwrap().len();
 
-    let mut page = ScanPage { after: None, max_bytes: 3 * one };
+    let mut page = ScanPage::of_bytes(3 * one);
     let mut seen = Vec::new();
     let mut pages = 0;
     loop {
@@ -128,6 +128,19 @@ async fn record_scans_page_over_the_wire() {
         }
     }
     assert_eq!((pages, seen.len()), (4, 10));
+    // Pages of at most four records (a listing's page), whatever their bytes.
+    let mut page = ScanPage { max_records: 4, ..ScanPage::of_bytes(usize::MAX) };
+    let mut counts = Vec::new();
+    loop {
+        let answer =
+            remote.records_page("team/app", RecordKind::Manifest, None, &page).await.unwrap().unwrap();
+        counts.push(answer.records.len());
+        page.after = answer.records.last().map(|r| r.key.name());
+        if !answer.more {
+            break;
+        }
+    }
+    assert_eq!(counts, [4, 4, 2]);
     let mut all = remote.records_scan("team/app", RecordKind::Manifest, None).await.unwrap().unwrap();
     all.sort_by_key(|r| r.key.name());
     assert_eq!(all, seen);
