@@ -50,7 +50,7 @@ pub struct Authority {
     keys: RwLock<KeySet>,
     peers: OnceLock<FetchKeys>,
     last_peer_refresh: Mutex<Option<Instant>>,
-    failures: FailedLogins,
+    failures: Arc<FailedLogins>,
     recent: Mutex<HashMap<[u8; 32], Instant>>,
     /// Slow password checks running ([`MAX_PASSWORD_CHECKS`]).
     checks: Arc<tokio::sync::Semaphore>,
@@ -119,7 +119,7 @@ impl Authority {
             anonymous: config.anonymous_access(),
         };
         Ok(Authority {
-            failures: FailedLogins::new(config.login_failures, config.login_window),
+            failures: Arc::new(FailedLogins::new(config.login_failures, config.login_window)),
             config,
             policy,
             signing,
@@ -506,7 +506,7 @@ async fn token_post(State(auth): State<Arc<Authority>>, body: Bytes) -> Response
 }
 
 mod login;
-pub use login::{MAX_PASSWORD_CHECKS, PASSWORD_CHECK_WAIT};
+pub use login::{MAX_LOGIN_NAME_BYTES, MAX_PASSWORD_CHECKS, PASSWORD_CHECK_WAIT};
 
 #[cfg(test)]
 mod tests;

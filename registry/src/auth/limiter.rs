@@ -7,13 +7,25 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Names tracked at once; past this, entries whose window has passed are dropped.
+/// Names tracked at once; past this, entries whose window has passed are dropped, and if
+/// none has, the unknown name whose window started first (made-up names must not grow the
+/// table without end; names are at most `MAX_LOGIN_NAME_BYTES` long). Configured users'
+/// entries are never pushed out: a flood of made-up names must not reset a real user's
+/// count. Unknown names are counted at all so that a 429 does not tell which names exist.
 const MAX_TRACKED: usize = 10_000;
+
+/// Failures of one name in its current window.
+struct Entry {
+    count: u32,
+    since: Instant,
+    /// The name is a configured user's.
+    known: bool,
+}
 
 pub struct FailedLogins {
     max: u32,
     window: Duration,
-    seen: Mutex<HashMap<String, (u32, Instant)>>,
+    seen: Mutex<HashMap<String, Entry>>,
 }
 
 impl FailedLogins {
@@ -21,7 +33,7 @@ impl FailedLogins {
         FailedLogins { max: max.max(1), window, seen: Mutex::new(HashMap::new()) }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u32, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -29,21 +41,34 @@ impl FailedLogins {
     pub fn blocked(&self, name: &str, now: Instant) -> bool {
         self.lock()
             .get(name)
-            .is_some_and(|(count, since)| *count >= self.max && now.duration_since(*since) < self.window)
+            .is_some_and(|e| e.count >= self.max && now.duration_since(e.since) < self.window)
     }
 
-    /// Count a failure for `name`.
-    pub fn failed(&self, name: &str, now: Instant) {
+    /// Count a failure for `name` (`known`: a configured user's).
+    pub fn failed(&self, name: &str, known: bool, now: Instant) {
         let mut seen = self.lock();
-        if seen.len() >= MAX_TRACKED {
+        if seen.len() >= MAX_TRACKED && !seen.contains_key(name) {
             let window = self.window;
-            seen.retain(|_, (_, since)| now.duration_since(*since) < window);
+            seen.retain(|_, e| now.duration_since(e.since) < window);
+            if seen.len() >= MAX_TRACKED {
+                let unknown = seen.iter().filter(|(_, e)| !e.known);
+                let oldest = unknown.min_by_key(|(_, e)| e.since).map(|(n, _)| n.clone());
+                if let Some(oldest) = oldest {
+                    seen.remove(&oldest);
+                }
+            }
         }
-        let entry = seen.entry(name.to_string()).or_insert((0, now));
-        if now.duration_since(entry.1) >= self.window {
-            *entry = (0, now);
+        let entry = seen.entry(name.to_string()).or_insert(Entry { count: 0, since: now, known });
+        if now.duration_since(entry.since) >= self.window {
+            (entry.count, entry.since) = (0, now);
         }
-        entry.0 += 1;
+        entry.count += 1;
+    }
+
+    /// Names tracked now (tests).
+    #[cfg(test)]
+    pub fn lock_len(&self) -> usize {
+        self.lock().len()
     }
 
     /// A success clears the count.
@@ -62,12 +87,30 @@ mod tests {
         let t = Instant::now();
         for _ in 0..3 {
             assert!(!l.blocked("a", t));
-            l.failed("a", t);
+            l.failed("a", true, t);
         }
         assert!(l.blocked("a", t));
         assert!(!l.blocked("b", t));
         assert!(!l.blocked("a", t + Duration::from_secs(61)));
         l.succeeded("a");
         assert!(!l.blocked("a", t));
+    }
+
+    /// Made-up names within one window do not grow the table past its bound; the made-up
+    /// name whose window started first makes room, a configured user's entry never does.
+    #[test]
+    fn the_table_stays_bounded_within_one_window() {
+        let l = FailedLogins::new(3, Duration::from_secs(60));
+        let t = Instant::now();
+        for _ in 0..3 {
+            l.failed("user", true, t);
+        }
+        for i in 0..MAX_TRACKED + 500 {
+            l.failed(&format!("made-up {i}"), false, t + Duration::from_micros(i as u64 + 1));
+        }
+        assert!(l.lock().len() <= MAX_TRACKED, "{} names tracked", l.lock().len());
+        assert!(l.blocked("user", t), "a configured user's count stays");
+        assert!(!l.lock().contains_key("made-up 0"), "the oldest made-up name made room");
+        assert!(l.lock().contains_key(&format!("made-up {}", MAX_TRACKED + 499)));
     }
 }

@@ -29,10 +29,20 @@ pub const MAX_PASSWORD_CHECKS: usize = 4;
 /// How long a login waits for a password check to start before it is answered 429.
 pub const PASSWORD_CHECK_WAIT: Duration = Duration::from_secs(5);
 
+/// The longest user name a login is checked for. Longer names are wrong credentials at
+/// once (no configured user can have one worth a hash), and are never stored or logged: the
+/// failure table and the logs hold names as sent.
+pub const MAX_LOGIN_NAME_BYTES: usize = 256;
+
 impl Authority {
     /// Check a user's password: `Ok(Some(user))`, `Ok(None)` for wrong credentials, or 429
-    /// once the name has used up its failed attempts (or too many checks wait to run).
+    /// once the name has used up its failed attempts (or too many checks wait to run). A
+    /// remembered login (the same name and password checked recently) is not refused: it
+    /// proves the password, and guesses under that name must not lock its owner out.
     pub async fn login(&self, name: &str, password: &str) -> Result<Option<User>, ApiError> {
+        if name.len() > MAX_LOGIN_NAME_BYTES {
+            return Ok(None);
+        }
         let too_many = |why: &str| {
             ApiError::new(ErrorCode::TooManyRequests, format!("{why}; try again later"))
                 .with_header(header::RETRY_AFTER, axum::http::HeaderValue::from_static("60"))
@@ -44,7 +54,6 @@ impl Authority {
             }
             Ok(())
         };
-        refuse_if_blocked()?;
         let user = self.user(name).cloned();
         let key: [u8; 32] = Sha256::digest(format!("{name}\0{password}").as_bytes()).into();
         // A login in use stays remembered (users are read at start only, so a remembered
@@ -60,45 +69,51 @@ impl Authority {
                 _ => false,
             }
         };
-        let slow = !cached;
-        let _permit = if slow {
-            let permit = tokio::time::timeout(PASSWORD_CHECK_WAIT, self.checks.clone().acquire_owned()).await;
-            let Ok(Ok(permit)) = permit else {
-                tracing::warn!(user = %name, "login refused: too many password checks waiting");
-                return Err(too_many("too many logins at once"));
+        if cached {
+            self.failures.succeeded(name);
+            return Ok(user);
+        }
+        refuse_if_blocked()?;
+        let permit = tokio::time::timeout(PASSWORD_CHECK_WAIT, self.checks.clone().acquire_owned()).await;
+        let Ok(Ok(permit)) = permit else {
+            tracing::warn!(user = %name, "login refused: too many password checks waiting");
+            return Err(too_many("too many logins at once"));
+        };
+        // Failures of the checks that ran while this one waited count: concurrent guesses
+        // get no more checks than one after the other (give or take the checks at once).
+        refuse_if_blocked()?;
+        // The permit and the failure's count go with the hash: a client that hangs up while
+        // it runs (its request is dropped, the hash is not) frees no check early and still
+        // spends one of its name's attempts.
+        let (failures, who, now) = (self.failures.clone(), name.to_string(), Instant::now());
+        let (checked, p) = (user.clone(), password.to_string());
+        let check = move || {
+            let _permit = permit;
+            let ok = match &checked {
+                Some(user) => check_evenly(user, &p),
+                None => {
+                    let _ = decoy_user().verify(&p);
+                    false
+                }
             };
-            // Failures of the checks that ran while this one waited count: concurrent guesses
-            // get no more checks than one after the other (give or take the checks at once).
-            refuse_if_blocked()?;
-            Some(permit)
-        } else {
-            None
-        };
-        let now = Instant::now();
-        let Some(user) = user else {
-            let decoy = decoy_user();
-            let p = password.to_string();
-            let _ = tokio::task::spawn_blocking(move || decoy.verify(&p)).await;
-            self.failures.failed(name, now);
-            return Ok(None);
-        };
-        let ok = cached || {
-            let (u, p) = (user.clone(), password.to_string());
-            tokio::task::spawn_blocking(move || check_evenly(&u, &p)).await.unwrap_or(false)
-        };
-        if !ok {
-            self.failures.failed(name, now);
-            tracing::info!(user = %name, "failed login");
-            return Ok(None);
-        }
-        self.failures.succeeded(name);
-        if !cached {
-            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            if recent.len() >= LOGIN_CACHE_MAX {
-                recent.clear();
+            if !ok {
+                failures.failed(&who, checked.is_some(), now);
             }
-            recent.insert(key, Instant::now());
+            ok
+        };
+        let ok = tokio::task::spawn_blocking(check).await.unwrap_or(false);
+        let Some(user) = user.filter(|_| ok) else {
+            if self.user(name).is_some() {
+                tracing::info!(user = %name, "failed login");
+            }
+            return Ok(None);
+        };
+        self.failures.succeeded(name);
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() >= LOGIN_CACHE_MAX {
+            recent.clear();
         }
+        recent.insert(key, Instant::now());
         Ok(Some(user))
     }
 }

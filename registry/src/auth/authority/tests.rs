@@ -125,12 +125,62 @@ fn catalog_shows_what_the_principal_may_pull() {
 #[tokio::test]
 async fn failed_logins_are_rate_limited() {
     let (a, _d) = authority();
-    assert!(a.login("alice", "a").await.unwrap().is_some());
     assert!(a.login("alice", "x").await.unwrap().is_none());
     assert!(a.login("alice", "y").await.unwrap().is_none());
+    // The right password is refused too while the name is blocked (unless it was checked
+    // within the minute: `guesses_do_not_lock_out_a_remembered_login`).
     let err = a.login("alice", "a").await.unwrap_err();
     assert_eq!(err.code, ErrorCode::TooManyRequests);
     assert!(a.login("ci", "c").await.unwrap().is_some());
+}
+
+/// Guesses under a user's name do not lock out a client whose login is remembered (its
+/// password was proven within the minute); before, the fifth bad guess for `ci` made every
+/// request of the real CI answer 429.
+#[tokio::test]
+async fn guesses_do_not_lock_out_a_remembered_login() {
+    let (a, _d) = authority();
+    assert!(a.login("alice", "a").await.unwrap().is_some());
+    for guess in ["x", "y"] {
+        assert!(a.login("alice", guess).await.unwrap().is_none());
+    }
+    assert_eq!(a.login("alice", "z").await.unwrap_err().code, ErrorCode::TooManyRequests);
+    assert!(a.login("alice", "a").await.unwrap().is_some(), "the remembered login goes on");
+    // A name longer than any user's is wrong at once: nothing hashed, nothing tracked.
+    let long = "n".repeat(MAX_LOGIN_NAME_BYTES + 1);
+    assert!(a.login(&long, "x").await.unwrap().is_none());
+    assert!(a.failures.lock_len() <= 1);
+}
+
+/// A login whose client hangs up while its password is hashed keeps its check's slot until
+/// the hash ends: the hash runs on. Before, the slot came free at once, so clients that
+/// closed each connection right after sending made-up credentials had argon2 hashes (19 MiB
+/// each) running without limit on the blocking pool the storage also uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_dropped_while_its_hash_runs_keeps_its_slot() {
+    let (a, _d) = authority();
+    let a = Arc::new(a);
+    let logins: Vec<_> = (0..2 * MAX_PASSWORD_CHECKS)
+        .map(|i| {
+            let a = a.clone();
+            tokio::spawn(async move { a.login(&format!("made-up {i}"), "x").await })
+        })
+        .collect();
+    // Every slot taken, hashes running.
+    let started = Instant::now();
+    while a.checks.available_permits() > 0 && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for login in &logins {
+        login.abort();
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(a.checks.available_permits(), 0, "dropped logins freed their slots while hashing");
+    // The hashes end, their slots come back, and their failures were counted.
+    while a.checks.available_permits() < MAX_PASSWORD_CHECKS {
+        assert!(started.elapsed() < Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// A wrong password for a user with a SHA-256 password takes about as long as one for a name
