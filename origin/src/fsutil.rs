@@ -6,15 +6,18 @@ use std::path::Path;
 
 pub use shoal_registry::durable::sync_dir;
 
-/// Move a finished, fsynced file to `dest` (creating its parent). If `dest` already exists the
-/// content is identical (content addressing), so the new copy is simply dropped.
-pub fn publish(src: &Path, dest: &Path) -> std::io::Result<()> {
+/// Move a finished, fsynced file to `dest` (creating its parent); `true` if it moved. If
+/// `dest` already exists the content is identical (content addressing): `src` stays where it
+/// is for the caller to drop once it no longer needs it, and the directory is synced all the
+/// same (the rename that put `dest` there may have had its sync fail).
+pub fn publish(src: &Path, dest: &Path) -> std::io::Result<bool> {
     let parent = dest.parent().ok_or_else(|| std::io::Error::other("blob path has no parent"))?;
     if dest.exists() {
-        fs::remove_file(src)?;
-        return Ok(());
+        sync_dir(parent)?;
+        return Ok(false);
     }
     shoal_registry::durable::create_dir_all(parent)?;
     fs::rename(src, dest)?;
-    sync_dir(parent)
+    sync_dir(parent)?;
+    Ok(true)
 }

@@ -441,4 +441,4 @@ impl Meta {
 mod records;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

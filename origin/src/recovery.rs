@@ -42,7 +42,7 @@ pub fn recover(layout: &Layout) -> Result<(Meta, Sessions), StoreError> {
         // The running hash is lost with the process; it is recomputed from the file at commit.
         sessions.insert(
             id.clone(),
-            Session { repo, path, offset: md.len(), hasher: None, touched: Instant::now() },
+            Session { repo, path, offset: md.len(), hasher: None, touched: Instant::now(), ended: false },
         );
         live.insert(id);
     }

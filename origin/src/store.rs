@@ -125,6 +125,15 @@ impl OriginStore {
     }
 }
 
+/// A locked session, unless it has ended (expired, finished or cancelled) while the caller
+/// waited for its lock.
+fn live<S: std::ops::Deref<Target = Session>>(session: S) -> Result<S, StoreError> {
+    if session.ended {
+        return Err(StoreError::UploadUnknown);
+    }
+    Ok(session)
+}
+
 /// Periodically drop sessions idle past the configured timeout; ends with the store.
 async fn expire_sessions(inner: Weak<Inner>) {
     loop {
@@ -132,7 +141,7 @@ async fn expire_sessions(inner: Weak<Inner>) {
         let idle = strong.config.upload_idle_timeout;
         let period = (idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(60));
         let store = OriginStore { inner: strong };
-        for id in store.inner.sessions.expired(idle) {
+        for id in store.inner.sessions.take_expired(idle) {
             tracing::info!(upload = %id, "upload session expired");
             if let Err(e) = store.discard_session(&id).await {
                 tracing::warn!(upload = %id, error = %e, "could not discard expired upload");
@@ -176,6 +185,7 @@ impl OriginStore {
             offset: 0,
             hasher: Some(Algorithm::Sha256.hasher()),
             touched: Instant::now(),
+            ended: false,
         };
         self.inner.sessions.insert(id.clone(), session);
         Ok(UploadState { id, offset: 0 })
@@ -189,7 +199,7 @@ impl OriginStore {
 
     pub async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<UploadState, StoreError> {
         let session = self.session(repo, id)?;
-        let session = session.lock().await;
+        let session = live(session.lock().await)?;
         Ok(UploadState { id: id.to_string(), offset: session.offset })
     }
 
@@ -208,7 +218,7 @@ impl OriginStore {
         let session = self.session(repo, id)?;
         let id = id.to_string();
         tokio::spawn(async move {
-            let mut session = session.lock_owned().await;
+            let mut session = live(session.lock_owned().await)?;
             uploads::append(&mut session, start, len, body).await?;
             Ok(UploadState { id, offset: session.offset })
         })
@@ -222,15 +232,26 @@ impl OriginStore {
     /// cannot stop it halfway.
     pub async fn upload_finish(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError> {
         let session = self.session(repo, id)?;
-        let session = session.lock().await;
+        let mut session = live(session.lock().await)?;
         let actual = uploads::digest_of(&session, digest.algorithm()).await?;
         if &actual != digest {
+            session.ended = true;
             drop(session);
             self.discard_session(id).await?;
             return Err(StoreError::DigestMismatch { expected: digest.clone(), actual });
         }
         let size = session.offset;
-        self.publish(session.path.clone(), digest, size, Some(id.to_string())).await?;
+        if let Err(e) = self.publish(session.path.clone(), digest, size, Some(id.to_string())).await {
+            // Still whole (a full disk at the commit): the client may retry the same `PUT`.
+            // Gone (a failed fsync took the bytes with it): the upload is over.
+            if !tokio::fs::try_exists(&session.path).await.unwrap_or(false) {
+                session.ended = true;
+                drop(session);
+                let _ = self.discard_session(id).await;
+            }
+            return Err(e);
+        }
+        session.ended = true;
         drop(session);
         self.inner.sessions.remove(id);
         Ok(size)
@@ -238,14 +259,20 @@ impl OriginStore {
 
     pub async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {
         let session = self.session(repo, id)?;
-        let guard = session.lock().await;
-        drop(guard);
+        let mut session = live(session.lock().await)?;
+        session.ended = true;
+        drop(session);
         self.discard_session(id).await
     }
 
     /// fsync a verified file, rename it into the blob store and record it; `true` if the blob
     /// is new here. Metainfo is left to the caller: a copy about to move to its owners does
     /// not need it.
+    ///
+    /// On failure `src` is either back where it was (the record could not be committed: a
+    /// full disk; nothing of it stays in the blob store, where no record would ever count or
+    /// collect it) or removed (its fsync failed: Linux reports a failed writeback once, so a
+    /// later fsync of the same bytes would pass without them being on disk).
     async fn publish(
         &self,
         src: PathBuf,
@@ -257,10 +284,25 @@ impl OriginStore {
         let d = digest.clone();
         let new = blocking(move || {
             let dest = inner.layout.blob(&d);
-            std::fs::File::open(&src).and_then(|f| f.sync_all()).map_err(StoreError::from_io)?;
+            if let Err(e) = std::fs::File::open(&src).and_then(|f| f.sync_all()) {
+                let _ = std::fs::remove_file(&src);
+                return Err(StoreError::from_io(e));
+            }
             let _files = inner.lock_blob_files();
-            fsutil::publish(&src, &dest).map_err(StoreError::from_io)?;
-            inner.meta.commit_blob(&d, size, upload.as_deref())
+            let moved = fsutil::publish(&src, &dest).map_err(StoreError::from_io)?;
+            let committed = inner.meta.commit_blob(&d, size, upload.as_deref());
+            match (&committed, moved) {
+                (Err(_), true) => {
+                    if let Err(e) = std::fs::rename(&dest, &src) {
+                        tracing::warn!(digest = %d, error = %e, "could not take back an unrecorded blob file");
+                    }
+                }
+                (Ok(_), false) => {
+                    let _ = std::fs::remove_file(&src);
+                }
+                _ => {}
+            }
+            committed
         })
         .await?;
         if new {
@@ -310,13 +352,23 @@ impl OriginStore {
     }
 
     /// Store a blob sent by another origin: written to scratch space while hashed, checked
-    /// against `digest` and `size`, then published like a committed upload.
+    /// against `digest` and `size`, then published like a committed upload. The copy runs
+    /// in a task of its own, to its end (the body's end or error): dropped with its request
+    /// (a sender that gave up and closed the connection), it left its scratch file behind
+    /// until the next start, one per retry.
     pub async fn blob_put(&self, digest: &Digest, size: u64, body: ByteStream) -> Result<(), StoreError> {
         if self.blob_size(digest).await?.is_some() {
             // Content addressing: the copy here is already this content. Drain nothing; the
             // sender sees success and stops.
             return Ok(());
         }
+        let (store, digest) = (self.clone(), digest.clone());
+        tokio::spawn(async move { store.blob_copy_in(&digest, size, body).await })
+            .await
+            .map_err(|e| StoreError::Internal(format!("blob copy task: {e}")))?
+    }
+
+    async fn blob_copy_in(&self, digest: &Digest, size: u64, body: ByteStream) -> Result<(), StoreError> {
         let path = self.inner.layout.tmp().join(uuid::Uuid::new_v4().to_string());
         {
             let path = path.clone();
@@ -328,6 +380,7 @@ impl OriginStore {
             offset: 0,
             hasher: Some(digest.algorithm().hasher()),
             touched: Instant::now(),
+            ended: false,
         };
         let result = async {
             uploads::append(&mut session, Some(0), Some(size), body).await?;
@@ -577,3 +630,6 @@ fn remove_if_present(path: &std::path::Path) -> Result<(), StoreError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -27,6 +27,10 @@ pub struct Session {
     /// SHA-256 of those bytes so far; `None` after a restart, when it is recomputed at commit.
     pub hasher: Option<Hasher>,
     pub touched: Instant,
+    /// Expired (set under the session's lock as it leaves [`Sessions`]): a request that
+    /// reached the session before then and locks it after finds it gone, rather than
+    /// appending to a file about to be deleted and answering `202`.
+    pub ended: bool,
 }
 
 /// Open sessions by id, each with the repository it was opened on (kept outside the session's
@@ -61,14 +65,22 @@ impl Sessions {
         self.lock().remove(id);
     }
 
-    /// Ids of sessions idle for longer than `idle` and not busy right now.
-    pub fn expired(&self, idle: std::time::Duration) -> Vec<String> {
+    /// Take out the sessions idle for longer than `idle` and not busy right now, marked
+    /// [`Session::ended`]; returns their ids (their files and records are the caller's to
+    /// remove).
+    pub fn take_expired(&self, idle: std::time::Duration) -> Vec<String> {
         let now = Instant::now();
-        self.lock()
-            .iter()
-            .filter(|(_, (_, s))| s.try_lock().is_ok_and(|s| now.duration_since(s.touched) > idle))
-            .map(|(id, _)| id.clone())
-            .collect()
+        let mut taken = Vec::new();
+        self.lock().retain(|id, (_, session)| {
+            let Ok(mut session) = session.try_lock() else { return true };
+            if now.duration_since(session.touched) <= idle {
+                return true;
+            }
+            session.ended = true;
+            taken.push(id.clone());
+            false
+        });
+        taken
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, OpenSession>> {
@@ -300,7 +312,7 @@ pub async fn append(
             if let Err(e) = truncated {
                 // The file no longer matches any known offset: force a rehash at commit.
                 tracing::error!(error = %e, "could not roll back a failed upload chunk");
-                session.offset = std::fs::metadata(&session.path).map(|m| m.len()).unwrap_or(offset);
+                session.offset = tokio::fs::metadata(&session.path).await.map(|m| m.len()).unwrap_or(offset);
                 session.hasher = None;
             } else {
                 session.offset = offset;
@@ -393,7 +405,30 @@ mod tests {
             offset: 0,
             hasher: Some(Algorithm::Sha256.hasher()),
             touched: Instant::now(),
+            ended: false,
         }
+    }
+
+    /// Expiry takes an idle session out and marks it ended under its lock, so a request
+    /// that reached the session just before (and locks it just after) finds it ended; a busy
+    /// session or a fresh one stays.
+    #[tokio::test]
+    async fn expiry_ends_a_session_a_request_already_holds() {
+        let sessions = Sessions::default();
+        let repo: RepoName = "a/b".parse().unwrap();
+        sessions.insert("idle".into(), empty_session("x".into()));
+        sessions.insert("busy".into(), empty_session("y".into()));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        sessions.insert("fresh".into(), empty_session("z".into()));
+        let reached = sessions.get_in(&repo, "idle").unwrap();
+        let busy = sessions.get_in(&repo, "busy").unwrap();
+        let held = busy.lock().await;
+        assert_eq!(sessions.take_expired(Duration::from_millis(20)), ["idle"]);
+        assert!(reached.lock().await.ended, "the request that reached it sees it ended");
+        assert!(sessions.get_in(&repo, "idle").is_none());
+        assert_eq!(sessions.len(), 2);
+        drop(held);
+        assert!(!busy.lock().await.ended);
     }
 
     /// A body that fails keeps, without a declared length, every byte that arrived before

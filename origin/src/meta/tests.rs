@@ -7,10 +7,10 @@ use shoal_registry::Algorithm;
 use super::*;
 
 /// A tmpfs of `mib` MiB on `dir` while it lives; `None` (with a note) when not root.
-struct Tmpfs(PathBuf);
+pub(crate) struct Tmpfs(PathBuf);
 
 impl Tmpfs {
-    fn mount(dir: &Path, mib: u64) -> Option<Tmpfs> {
+    pub(crate) fn mount(dir: &Path, mib: u64) -> Option<Tmpfs> {
         let uid = std::process::Command::new("id").arg("-u").output().ok()?;
         if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
             eprintln!("skipped: mounting a small tmpfs needs root");

@@ -1,0 +1,98 @@
+//! The store's failure paths that need its insides: a full disk at an upload's commit, and a
+//! copy from another origin dropped halfway.
+
+use bytes::Bytes;
+use futures_util::stream;
+use shoal_registry::Algorithm;
+
+use super::*;
+use crate::meta::tests::Tmpfs;
+
+fn body(data: &[u8]) -> ByteStream {
+    Box::pin(stream::iter(vec![Ok(Bytes::copy_from_slice(data))]))
+}
+
+async fn open(dir: &std::path::Path) -> OriginStore {
+    OriginStore::open(StoreConfig {
+        data_dir: dir.to_path_buf(),
+        upload_idle_timeout: Duration::from_secs(3600),
+        max_upload_sessions: 10,
+    })
+    .await
+    .unwrap()
+}
+
+/// An upload whose commit meets a full disk fails as "storage full" and leaves nothing in
+/// the blob store; once space is back, the same `PUT` finishes it. Before, the verified file
+/// had already moved into the blob store (with no record: never counted, listed or
+/// collected) and every retry failed with a 500 (its session's file was gone).
+#[tokio::test]
+async fn a_commit_on_a_full_disk_can_be_retried_once_space_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_tmpfs) = Tmpfs::mount(dir.path(), 16) else { return };
+    let store = open(dir.path()).await;
+    let repo: RepoName = "team/app".parse().unwrap();
+    let data = vec![5u8; 256 << 10];
+    let digest = Digest::of(Algorithm::Sha256, &data);
+    let up = store.upload_start(&repo, "o:1").await.unwrap();
+    store.upload_append(&repo, &up.id, Some(0), None, body(&data)).await.unwrap();
+    let filler = dir.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+    }
+    // Use up the metadata file's free pages too.
+    for i in 0u32..400 {
+        let d = Digest::of(Algorithm::Sha256, &i.to_le_bytes());
+        if store.inner.meta.put_metainfo(&d, &vec![7u8; 32 << 10]).is_err() {
+            break;
+        }
+    }
+    let err = store.upload_finish(&repo, &up.id, &digest).await.unwrap_err();
+    assert!(matches!(err, StoreError::StorageFull), "{err:?}");
+    assert!(!store.blob_path(&digest).exists(), "an unrecorded file was left in the blob store");
+    std::fs::remove_file(&filler).unwrap();
+    let size = store.upload_finish(&repo, &up.id, &digest).await.expect("the retry once space is back");
+    assert_eq!(size, data.len() as u64);
+    assert_eq!(store.blob_size(&digest).await.unwrap(), Some(size));
+}
+
+/// A copy from another origin whose request is dropped halfway (the sender gave up) still
+/// ends, and removes its scratch file, when its body does. Before, the scratch file stayed
+/// until the next start.
+#[tokio::test]
+async fn a_copy_dropped_halfway_leaves_no_scratch_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let digest = Digest::of(Algorithm::Sha256, b"whole");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    tx.send(Ok(Bytes::from_static(b"who"))).await.unwrap();
+    let stream: ByteStream =
+        Box::pin(futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|item| (item, rx)) },
+        ));
+    let put = {
+        let store = store.clone();
+        let digest = digest.clone();
+        tokio::spawn(async move { store.blob_put(&digest, 5, stream).await })
+    };
+    let scratch = |store: &OriginStore| std::fs::read_dir(store.inner.layout.tmp()).unwrap().count();
+    let started = Instant::now();
+    while scratch(&store) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "the copy never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    put.abort();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The sender's connection closes: the body ends in an error.
+    let _ = tx.send(Err(std::io::Error::other("connection reset"))).await;
+    drop(tx);
+    while scratch(&store) > 0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "the scratch file stayed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.blob_size(&digest).await.unwrap(), None);
+}
