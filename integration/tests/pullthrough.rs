@@ -10,7 +10,7 @@
 //! `integration/clients/test_pullthrough.sh`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -197,15 +197,17 @@ async fn request_head(conn: &mut tokio::net::TcpStream) -> Option<String> {
 /// [`TRICKLE_CHUNK`] bytes every [`TRICKLE_EVERY`] (`HEAD` answers at once); anything else is
 /// 404. Counts blob GETs.
 async fn slow_upstream(data: Vec<u8>, digest: String) -> (String, Arc<AtomicUsize>) {
-    slow_upstream_for(data, digest, None).await
+    slow_upstream_for(data, digest, None, Arc::default()).await
 }
 
 /// [`slow_upstream`] that answers `401` (a Basic challenge) to requests without
-/// `Authorization: <authorization>` when that is given: every repository is private.
+/// `Authorization: <authorization>` when that is given: every repository is private, until
+/// `public` is set.
 async fn slow_upstream_for(
     data: Vec<u8>,
     digest: String,
     authorization: Option<String>,
+    public: Arc<AtomicBool>,
 ) -> (String, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
@@ -214,7 +216,7 @@ async fn slow_upstream_for(
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             let (data, digest, counter) = (data.clone(), digest.clone(), counter.clone());
-            let authorization = authorization.clone();
+            let authorization = authorization.clone().filter(|_| !public.load(Ordering::SeqCst));
             tokio::spawn(async move {
                 let Some(head) = request_head(&mut conn).await else { return };
                 let line = head.lines().next().unwrap_or_default();
@@ -436,7 +438,8 @@ async fn a_private_blob_fetch_streams_to_no_other_repository_and_marks_its_own_p
         "Basic {}",
         base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "alice:alice-secret")
     );
-    let (url, gets) = slow_upstream_for(data.clone(), digest.clone(), Some(alice.clone())).await;
+    let (url, gets) =
+        slow_upstream_for(data.clone(), digest.clone(), Some(alice.clone()), Arc::default()).await;
     let mut cluster = Cluster::start_with_origin(
         2,
         &format!("[[upstream]]\nregistry = \"slow.test\"\nurl = \"{url}\"\n"),
@@ -510,6 +513,49 @@ async fn a_private_blob_fetch_streams_to_no_other_repository_and_marks_its_own_p
             "with the origin down, an anonymous client read the cached private blob as {repo}: {status}"
         );
     }
+}
+
+/// A repository found private (only a client's credentials opened it) is asked about without
+/// them again after `private_recheck`: made public upstream (or opened to the configured
+/// credentials once they are fixed), it is served to anonymous clients again. Before, the
+/// mark was for good: credentials that failed once left, say, `docker.io/library/nginx`
+/// closed to every client without pull secrets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_private_repository_made_public_is_served_to_everyone_again() {
+    skip_if_external!(SKIP);
+    let data = shoal_integration::random_bytes(64 * 1024);
+    let digest = sha256(&data);
+    let alice = format!(
+        "Basic {}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "alice:alice-secret")
+    );
+    let public = Arc::new(AtomicBool::new(false));
+    let (url, _gets) =
+        slow_upstream_for(data.clone(), digest.clone(), Some(alice.clone()), public.clone()).await;
+    let upstream =
+        format!("[[upstream]]\nregistry = \"slow.test\"\nurl = \"{url}\"\nprivate_recheck = \"1s\"\n");
+    let cluster = Cluster::start_with_origin(1, &upstream, "").await;
+    // Agents learn the upstream registries at start (every 2 s until an origin answers).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let http = reqwest::Client::new();
+    let blob = format!("{}/v2/slow.test/lib/app/blobs/{digest}", cluster.agent_url(0));
+    let got = http.get(&blob).header("authorization", &alice).send().await.expect("GET");
+    assert_eq!(got.status(), StatusCode::OK);
+    assert_eq!(sha256(&got.bytes().await.expect("body")), digest);
+    let anonymous = http.get(&blob).send().await.expect("GET");
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED, "private while the upstream says so");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let anonymous = http.get(&blob).send().await.expect("GET");
+    assert_eq!(
+        anonymous.status(),
+        StatusCode::UNAUTHORIZED,
+        "still private after a recheck that was refused"
+    );
+    public.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let anonymous = http.get(&blob).send().await.expect("GET");
+    assert_eq!(anonymous.status(), StatusCode::OK, "public again upstream, served to everyone");
+    assert_eq!(sha256(&anonymous.bytes().await.expect("body")), digest);
 }
 
 /// An upstream that sends other bytes than the digest names: a reader streaming them while the

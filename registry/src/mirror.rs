@@ -65,7 +65,7 @@ where
     Fut: std::future::Future<Output = Result<Progress, crate::StoreError>>,
 {
     use crate::StoreError;
-    let mut last = (0, std::time::Instant::now());
+    let mut last = (0, tokio::time::Instant::now());
     loop {
         let p = ask().await?;
         if p.complete {
@@ -82,8 +82,10 @@ where
                 _ => Err(StoreError::Unavailable(e)),
             };
         }
-        if p.received > last.0 {
-            last = (p.received, std::time::Instant::now());
+        // Any change is progress: the fetch waited on may be replaced by a new one (another
+        // repository's or client's failed), whose count starts again at 0.
+        if p.received != last.0 {
+            last = (p.received, tokio::time::Instant::now());
         } else if last.1.elapsed() > FETCH_STALL {
             return Err(StoreError::Unavailable(format!(
                 "the upstream fetch of {digest} made no progress for {} s",
@@ -166,6 +168,29 @@ pub fn target(name: &str, ns: Option<&str>, upstreams: &[String]) -> Target {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fetch whose count of bytes keeps changing is waited on, also when it starts again
+    /// from 0 (the fetch waited on was replaced); one whose count stands still for
+    /// `FETCH_STALL` is given up.
+    #[tokio::test(start_paused = true)]
+    async fn waiters_give_up_only_on_a_count_that_stands_still() {
+        let digest = crate::Digest::of(crate::Algorithm::Sha256, b"x");
+        let mut polls = 0u64;
+        let restarted = wait_for_fetch("r", &digest, || {
+            polls += 1;
+            // 1,000 bytes, then a new fetch that gains a byte a poll, done after 20 minutes.
+            let received = if polls < 10 { polls * 100 } else { polls - 10 };
+            let complete = polls > 6_000;
+            async move { Ok(Progress { size: Some(10), received, complete, ..Progress::default() }) }
+        })
+        .await;
+        assert_eq!(restarted.unwrap(), Some(10));
+        let started = tokio::time::Instant::now();
+        let stalled =
+            wait_for_fetch("r", &digest, || async { Ok(Progress { received: 5, ..Progress::default() }) });
+        assert!(matches!(stalled.await, Err(crate::StoreError::Unavailable(_))));
+        assert!(started.elapsed() >= FETCH_STALL);
+    }
 
     fn ups(names: &[&str]) -> Vec<String> {
         names.iter().map(|s| s.to_string()).collect()

@@ -12,6 +12,9 @@ use crate::UpstreamError;
 pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(30);
 /// How long a tag's last target is served while the upstream cannot answer, by default.
 pub const DEFAULT_SERVE_STALE: Duration = Duration::from_secs(3600);
+/// How long a repository found private is taken as private before the upstream is asked
+/// without a client's credentials again, by default.
+pub const DEFAULT_PRIVATE_RECHECK: Duration = Duration::from_secs(300);
 
 fn default_tag_ttl() -> Duration {
     DEFAULT_TAG_TTL
@@ -19,6 +22,10 @@ fn default_tag_ttl() -> Duration {
 
 fn default_serve_stale() -> Duration {
     DEFAULT_SERVE_STALE
+}
+
+fn default_private_recheck() -> Duration {
+    DEFAULT_PRIVATE_RECHECK
 }
 
 /// One `[[upstream]]` section of the origin's config.
@@ -44,6 +51,12 @@ pub struct UpstreamConfig {
     /// How long a tag's last target is served while the upstream cannot answer.
     #[serde(default = "default_serve_stale", with = "humantime_serde")]
     pub serve_stale: Duration,
+    /// How long a repository found private (only a client's credentials opened it) stays
+    /// private before the upstream is asked with the configured credentials, or none, again:
+    /// made public, or opened to the configured credentials once they are fixed, it is then
+    /// served to every client.
+    #[serde(default = "default_private_recheck", with = "humantime_serde")]
+    pub private_recheck: Duration,
 }
 
 impl UpstreamConfig {
@@ -68,6 +81,9 @@ impl UpstreamConfig {
         if self.username.is_some() && self.password_file.is_none() {
             return bad("username without password_file".into());
         }
+        if self.private_recheck.is_zero() {
+            return bad("private_recheck must be above zero".into());
+        }
         Ok(())
     }
 
@@ -91,14 +107,16 @@ mod tests {
     fn defaults_and_full_sections() {
         let c = parse("registry = \"docker.io\"\nurl = \"https://registry-1.docker.io/\"").unwrap();
         assert_eq!((c.tag_ttl, c.serve_stale), (DEFAULT_TAG_TTL, DEFAULT_SERVE_STALE));
+        assert_eq!(c.private_recheck, DEFAULT_PRIVATE_RECHECK);
         assert_eq!(c.base(), "https://registry-1.docker.io");
         let c = parse(
             "registry = \"ghcr.io\"\nurl = \"https://ghcr.io\"\nusername = \"u\"\npassword_file = \"/p\"\n\
-             ca_file = \"/ca.pem\"\ntag_ttl = \"5s\"\nserve_stale = \"2h\"",
+             ca_file = \"/ca.pem\"\ntag_ttl = \"5s\"\nserve_stale = \"2h\"\nprivate_recheck = \"1m\"",
         )
         .unwrap();
         assert_eq!(c.tag_ttl, Duration::from_secs(5));
         assert_eq!(c.serve_stale, Duration::from_secs(7200));
+        assert_eq!(c.private_recheck, Duration::from_secs(60));
     }
 
     #[test]
@@ -113,6 +131,7 @@ mod tests {
             "registry = \"docker.io\"\nurl = \"https://x\"\nusername = \"u\"",
             "registry = \"docker.io\"\nurl = \"https://x\"\nunknown = 1",
             "url = \"https://x\"",
+            "registry = \"docker.io\"\nurl = \"https://x\"\nprivate_recheck = \"0s\"",
         ] {
             assert!(parse(bad).is_err(), "accepted: {bad}");
         }

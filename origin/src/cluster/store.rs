@@ -214,6 +214,15 @@ impl ClusterStore {
         self.c().write_records(repo.as_str(), vec![record]).await
     }
 
+    /// Take back [`mark_private`](Self::mark_private): the upstream answers without a
+    /// client's credentials again.
+    pub async fn unmark_private(&self, repo: &RepoName) -> Result<(), StoreError> {
+        let key = RecordKey::Tag(PRIVATE_MARKER.into());
+        // Reading first moves the clock past the mark's version, so this write wins.
+        self.c().read_records(repo.as_str(), std::slice::from_ref(&key)).await?;
+        self.c().write_records(repo.as_str(), vec![self.record(key, None)]).await
+    }
+
     /// Whether [`mark_private`](Self::mark_private) was recorded for `repo`.
     pub async fn marked_private(&self, repo: &RepoName) -> Result<bool, StoreError> {
         let found = self.c().read_records(repo.as_str(), &[RecordKey::Tag(PRIVATE_MARKER.into())]).await?;

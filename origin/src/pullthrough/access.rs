@@ -43,6 +43,39 @@ impl PullThrough {
         Ok(())
     }
 
+    /// Whether `repo`, private, was last found so here more than the upstream's
+    /// `private_recheck` ago: then this caller asks the upstream without the client's
+    /// credentials again ([`Self::recheck`]); the others that come meanwhile do not.
+    fn recheck_due(&self, up: &Upstream, repo: &RepoName) -> bool {
+        let mut private = lock(&self.private);
+        match private.get_mut(repo.as_str()) {
+            Some(at) if at.elapsed() >= up.config().private_recheck => {
+                *at = Instant::now();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// What the upstream's answer without a client's credentials shows about a repository
+    /// marked private: an answer, that it is not private any more (the mark goes, for every
+    /// origin); a refusal, that it still is (found so now). A repository marked private
+    /// while the configured credentials were broken, or private for a while, is served to
+    /// every client again once the upstream says so.
+    async fn recheck<T>(&self, repo: &RepoName, result: &Result<T, UpstreamError>) {
+        match result {
+            Ok(_) => {
+                tracing::info!(%repo, "upstream repository no longer private");
+                lock(&self.private).remove(repo.as_str());
+                if let Err(e) = self.inner.unmark_private(repo).await {
+                    tracing::warn!(%repo, error = %e, "could not record the repository as public again");
+                }
+            }
+            Err(UpstreamError::Unauthorized(_)) => self.remember_private(repo),
+            Err(_) => {}
+        }
+    }
+
     /// Call the upstream with the configured credentials (or none), then, if it refuses and
     /// the client sent credentials, with the client's. A repository only the client's
     /// credentials open is marked private.
@@ -61,6 +94,13 @@ impl PullThrough {
             Ok(p) => p,
             Err(e) => return Err(UpstreamError::Unavailable(format!("repository records: {e}"))),
         };
+        if private && self.recheck_due(up, repo) {
+            let result = f(None).await;
+            self.recheck(repo, &result).await;
+            if result.is_ok() {
+                return result;
+            }
+        }
         if private {
             let Some(creds) = client else {
                 return Err(UpstreamError::Unauthorized("this repository needs credentials".into()));
@@ -125,7 +165,8 @@ impl PullThrough {
 
     /// Before serving cached content of a private repository: the client's credentials must
     /// have been accepted by the upstream within [`ACCESS_TTL`] (asked now if not, with a
-    /// `HEAD` of `probe`: a blob, or a manifest, which registries serve only as manifests).
+    /// `HEAD` of `probe`: a blob, or a manifest, which registries serve only as manifests),
+    /// or, while the upstream cannot be asked, at any time before.
     pub(super) async fn check_access(
         &self,
         up: &Upstream,
@@ -135,6 +176,16 @@ impl PullThrough {
     ) -> Result<(), StoreError> {
         if !self.is_private(repo).await? {
             return Ok(());
+        }
+        if self.recheck_due(up, repo) {
+            let result = match probe {
+                Probe::Blob(digest) => up.blob_head(path, digest, None).await.map(|_| ()),
+                Probe::Manifest(digest) => up.resolve_tag(path, &digest.to_string(), None).await.map(|_| ()),
+            };
+            self.recheck(repo, &result).await;
+            if result.is_ok() {
+                return Ok(());
+            }
         }
         let unauthorized = || StoreError::UpstreamUnauthorized { registry: up.registry().to_string() };
         let creds = client_credentials().ok_or_else(unauthorized)?;
@@ -153,6 +204,13 @@ impl PullThrough {
         self.remember_access(repo, &creds, &result);
         match result {
             Ok(_) => Ok(()),
+            // The upstream cannot be asked now (down, throttling): credentials it accepted
+            // before still read what is cached, as a private tag is served stale then.
+            Err(UpstreamError::Unavailable(_) | UpstreamError::TooManyRequests { .. })
+                if self.accepted_before(repo) =>
+            {
+                Ok(())
+            }
             // Not found with these credentials is no proof of access: registries that hide
             // private repositories answer 404 to users without it.
             Err(e) => Err(store_error(up.registry(), e)),

@@ -50,18 +50,23 @@ impl PullThrough {
             return Ok(Progress { size: Some(size), received: size, complete: true, ..Progress::default() });
         }
         if !here {
-            if let Some(p) = self.progress_at_primary(repo, digest).await {
+            if let Some(p) = self.progress_at_primary(repo, digest).await? {
                 return Ok(p);
             }
         }
         if let Some(size) = self.link_if_held(&up, repo, path, digest).await? {
             return Ok(Progress { size: Some(size), received: size, complete: true, ..Progress::default() });
         }
-        let fetch = match self.fetches.join(digest, repo.as_str()) {
+        let client = client_credentials().map(|c| c.fingerprint());
+        let fetch = match self.fetches.join(digest, repo.as_str(), client) {
             // Another repository's fetch of the same bytes: nothing of it is this repository's
-            // to show (the upstream may refuse this client here). Once it has committed the
-            // blob, `link_if_held` asks the upstream about this repository.
-            Ok(Joined::Existing(f)) if f.repo() != repo.as_str() => return Ok(Progress::default()),
+            // to show (the upstream may refuse this client here), but for how many bytes have
+            // come, so a waiter on a long fetch (a shared multi-GB base layer) does not take it
+            // for a stalled one. Once it has committed the blob, `link_if_held` asks the
+            // upstream about this repository.
+            Ok(Joined::Existing(f)) if f.repo() != repo.as_str() => {
+                return Ok(Progress { received: f.progress().received, ..Progress::default() })
+            }
             Ok(Joined::Existing(f)) => f,
             Ok(Joined::Started(f)) => {
                 self.metrics.cache(up.registry(), false);
@@ -174,14 +179,22 @@ impl PullThrough {
         }
     }
 
-    /// Ask the digest's primary owner, if that is another origin; `None`: fetch here.
-    pub(super) async fn progress_at_primary(&self, repo: &RepoName, digest: &Digest) -> Option<Progress> {
-        let peers = self.peers.as_ref()?;
-        let primary = self.inner.coordinator.ranked(&digest.to_string()).into_iter().next()?;
+    /// Ask the digest's primary owner, if that is another origin; `Ok(None)`: fetch here. A
+    /// primary at its cap of fetches (429) passes its answer on: fetching here instead would
+    /// take each digest from the upstream once per origin, past the cap.
+    pub(super) async fn progress_at_primary(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<Progress>, StoreError> {
+        let Some(peers) = self.peers.as_ref() else { return Ok(None) };
+        let Some(primary) = self.inner.coordinator.ranked(&digest.to_string()).into_iter().next() else {
+            return Ok(None);
+        };
         if primary == self.inner.coordinator.me() {
-            return None;
+            return Ok(None);
         }
-        let base = peers.membership.url(&primary)?;
+        let Some(base) = peers.membership.url(&primary) else { return Ok(None) };
         let url = format!("{base}{}", mirror::progress_path(digest));
         let mut req =
             peers.get(url).query(&[("repo", repo.as_str()), ("here", "1")]).timeout(PROGRESS_CALL_TIMEOUT);
@@ -190,17 +203,20 @@ impl PullThrough {
         }
         let answer = match req.send().await {
             Ok(r) if r.status().is_success() => r.json::<Progress>().await,
+            Ok(r) if r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {
+                return Err(StoreError::Throttled { retry_after_secs: FETCHES_FULL_RETRY_SECS });
+            }
             Ok(r) => {
                 tracing::warn!(origin = %primary, status = %r.status(), "primary owner refused an upstream fetch; fetching here");
-                return None;
+                return Ok(None);
             }
             Err(e) => Err(e),
         };
         match answer {
-            Ok(p) => Some(p),
+            Ok(p) => Ok(Some(p)),
             Err(e) => {
                 tracing::warn!(origin = %primary, error = %e, "primary owner unreachable; fetching here");
-                None
+                Ok(None)
             }
         }
     }

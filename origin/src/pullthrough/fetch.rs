@@ -36,6 +36,9 @@ pub struct Fetch {
     /// The repository it fetches into: its bytes and outcome are that repository's, and no
     /// other's (the upstream may keep one and not the other, or one private).
     repo: String,
+    /// Whose credentials it asks the upstream with (their fingerprint; `None`: the
+    /// configured ones): a refusal is theirs alone.
+    client: Option<[u8; 32]>,
     /// The upstream refused the blob without the client's credentials: nothing of it streams.
     private: std::sync::atomic::AtomicBool,
     size: AtomicU64,
@@ -52,8 +55,8 @@ pub struct Fetch {
 const UNKNOWN: u64 = u64::MAX;
 
 impl Fetch {
-    fn new(repo: &str) -> Fetch {
-        Fetch { repo: repo.to_string(), size: AtomicU64::new(UNKNOWN), ..Fetch::default() }
+    fn new(repo: &str, client: Option<[u8; 32]>) -> Fetch {
+        Fetch { repo: repo.to_string(), client, size: AtomicU64::new(UNKNOWN), ..Fetch::default() }
     }
 
     /// The repository this fetch is for.
@@ -74,6 +77,12 @@ impl Fetch {
     /// Whether it ended in a failure.
     fn failed(&self) -> bool {
         lock(&self.outcome).as_ref().is_some_and(|(_, o)| o.is_err())
+    }
+
+    /// Whether it ended in the upstream's refusal of its credentials (401, 403, or the 404
+    /// of a registry that hides what a client may not see): another client's may do better.
+    fn refused(&self) -> bool {
+        lock(&self.outcome).as_ref().is_some_and(|(_, o)| matches!(o, Err((_, Some(401 | 403 | 404)))))
     }
 
     pub fn set_size(&self, size: u64) {
@@ -224,13 +233,15 @@ impl Fetches {
     /// fetch it waited on ended (a failure included); after that, asking again starts a new
     /// one. Another repository's failure is not this one's: asking through `repo` replaces it.
     /// A fetch for another repository that runs or succeeded is returned as it is: the caller
-    /// must not show its bytes or outcome for `repo`.
-    pub fn join(&self, digest: &Digest, repo: &str) -> Result<Joined, usize> {
+    /// must not show its bytes or outcome for `repo`. Nor is another `client`'s refusal
+    /// this one's (an anonymous client's 401 is not Alice's): asking replaces it too.
+    pub fn join(&self, digest: &Digest, repo: &str, client: Option<[u8; 32]>) -> Result<Joined, usize> {
         let mut running = lock(&self.running);
         let cutoff = Instant::now() - OUTCOME_LINGER;
         running.retain(|_, f| !f.finished_before(cutoff));
         if let Some(f) = running.get(digest) {
-            if f.repo == repo || !f.failed() {
+            let theirs = f.failed() && (f.repo != repo || (f.refused() && f.client != client));
+            if !theirs {
                 return Ok(Joined::Existing(f.clone()));
             }
             running.remove(digest);
@@ -238,7 +249,7 @@ impl Fetches {
         if running.len() >= MAX_RUNNING_FETCHES {
             return Err(running.len());
         }
-        let f = Arc::new(Fetch::new(repo));
+        let f = Arc::new(Fetch::new(repo, client));
         running.insert(digest.clone(), f.clone());
         Ok(Joined::Started(f))
     }
@@ -274,16 +285,16 @@ mod tests {
     #[test]
     fn one_fetch_per_digest() {
         let f = Fetches::default();
-        assert!(matches!(f.join(&d(1), "r"), Ok(Joined::Started(_))));
-        assert!(matches!(f.join(&d(1), "r"), Ok(Joined::Existing(_))));
-        assert!(matches!(f.join(&d(2), "r"), Ok(Joined::Started(_))));
+        assert!(matches!(f.join(&d(1), "r", None), Ok(Joined::Started(_))));
+        assert!(matches!(f.join(&d(1), "r", None), Ok(Joined::Existing(_))));
+        assert!(matches!(f.join(&d(2), "r", None), Ok(Joined::Started(_))));
         assert_eq!(f.len(), 2);
     }
 
     #[test]
     fn progress_reports_size_bytes_and_outcome() {
         let f = Fetches::default();
-        let Ok(Joined::Started(fetch)) = f.join(&d(1), "r") else { panic!("not started") };
+        let Ok(Joined::Started(fetch)) = f.join(&d(1), "r", None) else { panic!("not started") };
         assert_eq!(fetch.progress(), Progress::default());
         fetch.set_size(10);
         fetch.add_received(4);
@@ -295,26 +306,40 @@ mod tests {
     #[test]
     fn a_failed_fetch_is_seen_by_pollers_then_replaced() {
         let f = Fetches::default();
-        let Ok(Joined::Started(fetch)) = f.join(&d(1), "r") else { panic!("not started") };
+        let Ok(Joined::Started(fetch)) = f.join(&d(1), "r", None) else { panic!("not started") };
         fetch.finish(Err(("upstream down".into(), None)));
-        let Ok(Joined::Existing(seen)) = f.join(&d(1), "r") else { panic!("a poller restarted it") };
+        let Ok(Joined::Existing(seen)) = f.join(&d(1), "r", None) else { panic!("a poller restarted it") };
         assert_eq!(seen.progress().error.as_deref(), Some("upstream down"));
         // Once the outcome's time is over, a new request starts a new fetch.
         *lock(&seen.outcome) =
             Some((Instant::now() - OUTCOME_LINGER - Duration::from_millis(1), Err(("x".into(), None))));
-        assert!(matches!(f.join(&d(1), "r"), Ok(Joined::Started(_))));
+        assert!(matches!(f.join(&d(1), "r", None), Ok(Joined::Started(_))));
     }
 
     #[test]
     fn another_repositorys_failure_is_not_this_ones() {
         let f = Fetches::default();
-        let Ok(Joined::Started(fetch)) = f.join(&d(1), "a") else { panic!("not started") };
+        let Ok(Joined::Started(fetch)) = f.join(&d(1), "a", None) else { panic!("not started") };
         // Running or succeeded, it is the one fetch of the digest (the caller hides it).
-        let Ok(Joined::Existing(seen)) = f.join(&d(1), "b") else { panic!("a second fetch ran") };
+        let Ok(Joined::Existing(seen)) = f.join(&d(1), "b", None) else { panic!("a second fetch ran") };
         assert_eq!(seen.repo(), "a");
         fetch.finish(Err(("not found in a".into(), Some(404))));
-        let Ok(Joined::Started(mine)) = f.join(&d(1), "b") else { panic!("b got a's failure") };
+        let Ok(Joined::Started(mine)) = f.join(&d(1), "b", None) else { panic!("b got a's failure") };
         assert_eq!(mine.repo(), "b");
+    }
+
+    /// One client's refusal (an anonymous 401) is not shown to another client of the same
+    /// repository: it starts its own fetch with its credentials. An outage is everyone's.
+    #[test]
+    fn another_clients_refusal_is_not_this_ones() {
+        let f = Fetches::default();
+        let alice = Some([7u8; 32]);
+        let Ok(Joined::Started(fetch)) = f.join(&d(1), "r", None) else { panic!("not started") };
+        fetch.finish(Err(("unauthorized".into(), Some(401))));
+        assert!(matches!(f.join(&d(1), "r", None), Ok(Joined::Existing(_))), "the same client sees it");
+        let Ok(Joined::Started(mine)) = f.join(&d(1), "r", alice) else { panic!("alice got the 401") };
+        mine.finish(Err(("upstream down".into(), Some(503))));
+        assert!(matches!(f.join(&d(1), "r", None), Ok(Joined::Existing(_))), "an outage is shared");
     }
 
     #[test]
@@ -322,8 +347,8 @@ mod tests {
         let f = Fetches::default();
         for i in 0..MAX_RUNNING_FETCHES {
             let digest = Digest::of(shoal_registry::Algorithm::Sha256, &(i as u64).to_le_bytes());
-            assert!(f.join(&digest, "r").is_ok());
+            assert!(f.join(&digest, "r", None).is_ok());
         }
-        assert_eq!(f.join(&d(1), "r").err(), Some(MAX_RUNNING_FETCHES));
+        assert_eq!(f.join(&d(1), "r", None).err(), Some(MAX_RUNNING_FETCHES));
     }
 }

@@ -248,13 +248,16 @@ impl RegistryStore for PullThrough {
         let Some((up, path)) = self.upstream_of(repo) else {
             return self.inner.blob_size(repo, digest).await;
         };
-        match self.inner.blob_size(repo, digest).await? {
-            Some(size) => {
-                self.check_access(&up, repo, path, Probe::Blob(digest)).await?;
-                Ok(Some(size))
-            }
-            None => self.wait_for_blob(repo, digest).await,
+        let size = match self.inner.blob_size(repo, digest).await? {
+            Some(size) => Some(size),
+            None => self.wait_for_blob(repo, digest).await?,
+        };
+        // Also after waiting: a fetch that ended while this caller looked on (with another
+        // client's credentials) may have just marked the repository private.
+        if size.is_some() {
+            self.check_access(&up, repo, path, Probe::Blob(digest)).await?;
         }
+        Ok(size)
     }
 
     async fn blob_read(
