@@ -66,6 +66,42 @@ async fn a_node_identity_pulls_private_repositories_and_nothing_more() {
     assert_eq!(status(router(Some(admin)), Method::GET, manifest).await, StatusCode::UNAUTHORIZED);
 }
 
+/// Logins waiting for a password check (made-up names, more than the checks that run at
+/// once) do not hold the requests in flight: an anonymous pull of a public repository is
+/// answered meanwhile. Before, the waiting logins took every slot and it got 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_waiting_for_a_password_check_hold_no_request_slot() {
+    let config = AuthConfig {
+        rules: vec![Rule { repositories: "public/*".into(), anonymous_pull: true, ..Rule::default() }],
+        anonymous: Some(crate::auth::Access::None),
+        ..AuthConfig::default()
+    };
+    let dir = std::env::temp_dir().join(format!("shoal-slots-test-{}", std::process::id()));
+    let authority = Authority::new(config, &dir, &[]).unwrap();
+    let api =
+        ApiConfig { auth: AuthGate(Arc::new(authority)), max_concurrent_requests: 4, ..ApiConfig::default() };
+    let router = crate::router(Arc::new(Empty), api);
+    let logins: Vec<_> = (0..12)
+        .map(|i| {
+            let router = router.clone();
+            let basic =
+                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("made-up-{i}:x"));
+            let req = Request::builder()
+                .uri("/v2/public/app/tags/list")
+                .header("authorization", format!("Basic {basic}"))
+                .body(Body::empty())
+                .unwrap();
+            tokio::spawn(async move { router.oneshot(req).await.unwrap().status() })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let anonymous = status(router.clone(), Method::GET, "/v2/public/app/tags/list").await;
+    assert_ne!(anonymous, StatusCode::TOO_MANY_REQUESTS, "waiting logins took every request slot");
+    for login in logins {
+        login.await.unwrap();
+    }
+}
+
 #[test]
 fn what_each_endpoint_needs() {
     use super::needs;

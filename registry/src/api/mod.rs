@@ -142,11 +142,6 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
     let Some(route) = parse_route(parts.uri.path()) else {
         return with_version(StatusCode::NOT_FOUND.into_response());
     };
-    let Ok(_permit) = app.in_flight.clone().try_acquire_owned() else {
-        let err = ApiError::new(ErrorCode::TooManyRequests, "too many requests in flight; retry shortly")
-            .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return with_version(err.into_response());
-    };
     let is_read = parts.method == Method::GET || parts.method == Method::HEAD;
     let mut query =
         Query::<HashMap<String, String>>::try_from_uri(&parts.uri).map(|q| q.0).unwrap_or_default();
@@ -168,6 +163,14 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
             query.remove("mount");
         }
     }
+    // Taken once the request is authorized: a login waits up to `PASSWORD_CHECK_WAIT` for
+    // one of the few password checks, and logins under made-up names holding these slots
+    // while they waited turned every other client away with 429.
+    let Ok(_permit) = app.in_flight.clone().try_acquire_owned() else {
+        let err = ApiError::new(ErrorCode::TooManyRequests, "too many requests in flight; retry shortly")
+            .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return with_version(err.into_response());
+    };
     // A bearer token that authorized this request goes along to the origin (agents, plain HTTP).
     let forward = parts
         .headers

@@ -46,19 +46,22 @@ impl Published {
         }
     }
 
-    /// Several origins' publications as one: the first's policy, every origin's keys.
+    /// Several origins' publications as one: the policy of the first that controls access
+    /// (else the first's), every origin's keys. Access control on at one origin is on: an
+    /// open policy (an origin of an older build, or a URL that is not a Shoal origin, first
+    /// in the list) must not stand for it, or anonymous clients would read private
+    /// repositories through the agent's node identity.
     pub fn merge(all: Vec<Published>) -> Option<Published> {
-        let mut iter = all.into_iter();
-        let mut first = iter.next()?;
-        for p in iter {
-            first.enabled |= p.enabled;
+        let lead = all.iter().position(|p| p.enabled).unwrap_or(0);
+        let mut merged = all.get(lead)?.clone();
+        for p in all {
             for k in p.keys {
-                if !first.keys.iter().any(|x| x.kid == k.kid) {
-                    first.keys.push(k);
+                if !merged.keys.iter().any(|x| x.kid == k.kid) {
+                    merged.keys.push(k);
                 }
             }
         }
-        Some(first)
+        Some(merged)
     }
 }
 
@@ -297,5 +300,18 @@ mod tests {
         let merged = Published::merge(vec![published(&a), published(&b), published(&a)]).unwrap();
         assert_eq!(merged.keys.len(), 2);
         assert!(Published::merge(vec![]).is_none());
+    }
+
+    /// An open publication first in the list (an origin of an older build, which answers
+    /// 404) does not open an agent whose other origins control access. Before, the merge
+    /// kept the first's policy (anonymous push) with access control on.
+    #[test]
+    fn an_open_origin_first_does_not_open_the_policy() {
+        let (a, _) = SigningKey::generate().unwrap();
+        let merged = Published::merge(vec![Published::open(), published(&a)]).unwrap();
+        assert!(merged.enabled);
+        assert_eq!(merged.policy, published(&a).policy);
+        let open = Published::merge(vec![Published::open(), Published::open()]).unwrap();
+        assert_eq!(open, Published::open());
     }
 }
