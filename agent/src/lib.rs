@@ -226,6 +226,6 @@ impl Agent {
     pub fn routes(&self) -> axum::Router {
         axum::Router::new()
             .route("/v1/preheat", axum::routing::post(preheat::preheat))
-            .with_state(preheat::PreheatState { store: self.store.clone(), auth: self.auth.clone() })
+            .with_state(preheat::PreheatState::new(self.store.clone(), self.auth.clone()))
     }
 }

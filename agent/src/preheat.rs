@@ -169,11 +169,24 @@ async fn plan(
     Ok(blobs)
 }
 
-/// What the preheat handler needs: the store, and who decides access.
+/// Preheats running at once on one agent; more are answered 429. A preheat runs on after its
+/// client hangs up (the image is still wanted), so without a bound a client posting and
+/// closing in a loop started jobs, origin requests and cache churn without end.
+pub const MAX_RUNNING_PREHEATS: usize = 16;
+
+/// What the preheat handler needs: the store, who decides access, and the running preheats'
+/// slots ([`MAX_RUNNING_PREHEATS`]).
 #[derive(Clone)]
 pub struct PreheatState {
     pub store: Arc<AgentStore>,
     pub auth: Arc<dyn Authorize>,
+    pub running: Arc<tokio::sync::Semaphore>,
+}
+
+impl PreheatState {
+    pub fn new(store: Arc<AgentStore>, auth: Arc<dyn Authorize>) -> PreheatState {
+        PreheatState { store, auth, running: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING_PREHEATS)) }
+    }
 }
 
 /// The preheat handler. It needs what a pull of the image needs: a token with pull scope for a
@@ -195,10 +208,15 @@ pub async fn preheat(
     if let Err(e) = state.auth.authorize(&check).await {
         return e.into_response();
     }
+    let Ok(slot) = state.running.clone().try_acquire_owned() else {
+        let busy = format!("{MAX_RUNNING_PREHEATS} preheats are running; retry later\n");
+        return (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "10")], busy).into_response();
+    };
     let forward = parts.headers.get(header::AUTHORIZATION).cloned();
     let store = state.store;
     let (tx, rx) = mpsc::channel::<PreheatEvent>(64);
     let work = async move {
+        let _slot = slot;
         let blobs = match plan(&store, &repo, &reference, req.platform.as_deref()).await {
             Ok(b) => b,
             Err(message) => {

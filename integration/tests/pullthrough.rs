@@ -333,7 +333,8 @@ async fn slow_upstream_image(
 /// Preheat of an upstream image that nothing has pulled yet, through an agent: its layer takes
 /// the origin ~2 s to fetch. The preheat waits for the origins' fetch (as a pull does) instead
 /// of asking the trackers for a blob the origins do not hold yet ("blob unknown"), holds the
-/// image when it says `done`, and the upstream sends each blob once.
+/// image when it says `done`, and the upstream sends each blob once. Preheats running at once
+/// are bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn preheat_of_an_upstream_image_waits_for_the_origins_fetch() {
     skip_if_external!(SKIP);
@@ -351,14 +352,26 @@ async fn preheat_of_an_upstream_image_waits_for_the_origins_fetch() {
     .await;
     // Agents learn the upstream registries at start (every 2 s until an origin answers).
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let reply = reqwest::Client::new()
-        .post(format!("{}/v1/preheat", cluster.agent_url(0)))
-        .json(&serde_json::json!({ "image": "slow.test/app:v1" }))
-        .timeout(Duration::from_secs(60))
-        .send()
-        .await
-        .expect("POST /v1/preheat");
+    let http = reqwest::Client::new();
+    let post = || {
+        http.post(format!("{}/v1/preheat", cluster.agent_url(0)))
+            .json(&serde_json::json!({ "image": "slow.test/app:v1" }))
+            .timeout(Duration::from_secs(60))
+            .send()
+    };
+    let reply = post().await.expect("POST /v1/preheat");
     assert_eq!(reply.status(), StatusCode::OK);
+    // While it runs, as many more as an agent runs at once (16, `MAX_RUNNING_PREHEATS`)
+    // are taken, and the next is told to come back.
+    let mut more = Vec::new();
+    for _ in 1..16 {
+        let r = post().await.expect("POST /v1/preheat");
+        assert_eq!(r.status(), StatusCode::OK);
+        more.push(r);
+    }
+    let over = post().await.expect("POST /v1/preheat");
+    assert_eq!(over.status(), StatusCode::TOO_MANY_REQUESTS, "preheats past the agent's bound");
+    assert!(over.headers().contains_key("retry-after"));
     let events = reply.text().await.expect("preheat events");
     assert!(events.lines().last().is_some_and(|l| l.contains("\"done\"")), "preheat events:\n{events}");
     for blob in [&config, &layer] {
