@@ -144,6 +144,8 @@ pub struct Limits {
     pub send_idle_timeout: Duration,
     /// Peer connections from one IP address at once; more are closed at once.
     pub max_peer_connections_per_address: usize,
+    /// HTTP connections from one IP address at once (per listener); more are closed at once.
+    pub max_connections_per_address: usize,
     /// On SIGTERM, `/readyz` answers 503 this long before the listener closes.
     #[serde(with = "humantime_serde")]
     pub drain_delay: Duration,
@@ -163,6 +165,7 @@ impl Default for Limits {
             body_min_rate: ByteSize::b(crate::http_server::DEFAULT_BODY_MIN_RATE),
             send_idle_timeout: crate::http_server::DEFAULT_SEND_IDLE_TIMEOUT,
             max_peer_connections_per_address: shoal_p2p::server::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            max_connections_per_address: crate::http_server::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             drain_delay: crate::http_server::DEFAULT_DRAIN_DELAY,
             shutdown_timeout: crate::http_server::DEFAULT_SHUTDOWN_TIMEOUT,
         }
@@ -176,6 +179,7 @@ impl Limits {
         nonzero("limits.max_concurrent_requests", self.max_concurrent_requests)?;
         nonzero("limits.max_upload_sessions", self.max_upload_sessions)?;
         nonzero("limits.max_connections", self.max_connections)?;
+        nonzero("limits.max_connections_per_address", self.max_connections_per_address)?;
         nonzero("limits.max_peer_connections_per_address", self.max_peer_connections_per_address)
     }
 
@@ -183,6 +187,7 @@ impl Limits {
     pub fn http(&self) -> crate::http_server::HttpLimits {
         crate::http_server::HttpLimits {
             max_connections: self.max_connections,
+            max_connections_per_address: self.max_connections_per_address,
             header_read_timeout: self.header_read_timeout,
             body_idle_timeout: self.body_idle_timeout,
             body_min_rate: self.body_min_rate.as_u64(),

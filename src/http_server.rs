@@ -3,6 +3,8 @@
 //! must keep arriving. `axum::serve` offers none of these (it sets no timer, so hyper's
 //! header timeout is off), so connections are served with hyper's HTTP/1 builder directly.
 //!
+//! One client address may hold only part of the connections (`max_connections_per_address`).
+//!
 //! Together with uploads that never wait for the network on a blocking thread, these keep a
 //! server answering while clients trickle bytes: a trickling body fails after one window
 //! (its upload session stays resumable), a half-sent head is dropped after
@@ -22,6 +24,7 @@ use axum::Router;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use shoal_p2p::inbound::AddressSlots;
 use shoal_registry::identity::TransportIdentity;
 use shoal_tls::TlsAcceptor;
 use tokio::net::TcpListener;
@@ -32,6 +35,12 @@ use tower::ServiceExt;
 /// (`max_concurrent_requests`, 1024) so idle keep-alive connections do not count against
 /// them; at the cap the server stops accepting until a connection closes.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default cap on open connections from one client address (an IPv4 address, an IPv6 /64)
+/// per listener: a quarter of [`DEFAULT_MAX_CONNECTIONS`], so one host that opens idle
+/// connections (each may hold a half-sent head of up to hyper's 400 KiB buffer for
+/// `header_read_timeout`) cannot take them all, while a load balancer or a node's containerd,
+/// which bring many clients from one address, still get plenty.
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 1024;
 /// Default time a client has to send a whole request head, also how long an idle
 /// keep-alive connection stays open (hyper's own default).
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -63,6 +72,9 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_secs(1);
 pub struct HttpLimits {
     /// Connections open at once; at the cap, accepting waits for one to close.
     pub max_connections: usize,
+    /// Connections open at once from one client address; more are closed as soon as they
+    /// are accepted.
+    pub max_connections_per_address: usize,
     /// A request head not complete this long after its first byte (or after the previous
     /// response, on a keep-alive connection) closes the connection. Zero: no limit.
     pub header_read_timeout: Duration,
@@ -87,6 +99,7 @@ impl Default for HttpLimits {
     fn default() -> Self {
         HttpLimits {
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
             body_min_rate: DEFAULT_BODY_MIN_RATE,
@@ -115,6 +128,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let per_address = AddressSlots::new(limits.max_connections_per_address);
     // `true` asks every connection to finish; each holds a `done` receiver until it ends.
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, done_rx) = watch::channel(());
@@ -136,6 +150,10 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let Some(address_slot) = per_address.take_address(remote.ip()) else {
+            tracing::debug!(%remote, "connection refused: too many from this address");
+            continue;
+        };
         let (app, stop, done, tls) = (app.clone(), stop_rx.clone(), done_rx.clone(), tls.clone());
         tokio::spawn(async move {
             match tls {
@@ -155,7 +173,7 @@ pub async fn serve(
                     }
                 }
             }
-            drop((permit, done));
+            drop((permit, address_slot, done));
         });
     }
     drop(listener);
@@ -405,6 +423,45 @@ impl hyper::body::Body for BodyGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One address holding its share of connections (idle, as a slow-head flood keeps them)
+    /// cannot keep another client out: its next connection is closed at once, another
+    /// address is served. Before, one host could take every connection of a listener.
+    #[tokio::test]
+    async fn one_address_cannot_take_every_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let limits =
+            HttpLimits { max_connections: 4, max_connections_per_address: 2, ..HttpLimits::default() };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, app, limits, None, async {
+            let _ = stopped.await;
+        }));
+        let connect_from = |ip: [u8; 4]| async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(std::net::SocketAddr::from((ip, 0))).unwrap();
+            socket.connect(addr).await.unwrap()
+        };
+        let _held = (connect_from([127, 0, 0, 1]).await, connect_from([127, 0, 0, 1]).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut third = connect_from([127, 0, 0, 1]).await;
+        let mut buf = [0u8; 1];
+        use tokio::io::AsyncReadExt as _;
+        let closed = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "the third connection from one address stayed open"
+        );
+        let mut other = connect_from([127, 0, 0, 2]).await;
+        use tokio::io::AsyncWriteExt as _;
+        other.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), other.read_to_end(&mut answer)).await.unwrap().unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+        let _ = stop.send(());
+        server.abort();
+    }
 
     /// A node asks its origins for things every 30 s (the authorization policy, the upstream
     /// registries), which is also how long a Shoal server keeps an idle connection open. Over
