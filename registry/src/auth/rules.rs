@@ -37,7 +37,7 @@ impl Action {
         match s {
             "pull" => Some(Action::Pull),
             "push" => Some(Action::Push),
-            "delete" | "*" => Some(Action::Delete),
+            "delete" => Some(Action::Delete),
             _ => None,
         }
     }

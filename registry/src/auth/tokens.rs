@@ -70,13 +70,22 @@ pub enum Scope {
 
 impl Scope {
     /// Parse one scope; unknown types and actions are dropped (a token server grants less,
-    /// never fails, for what it does not know).
+    /// never fails, for what it does not know). `*` asks for every action (as Docker's token
+    /// servers read it); what is granted is still what the rules allow.
     pub fn parse(s: &str) -> Option<Scope> {
         let (kind, rest) = s.split_once(':')?;
         let (name, actions) = rest.rsplit_once(':')?;
         match kind {
             "repository" => {
-                let actions = actions.split(',').filter_map(Action::parse).collect();
+                let mut actions: Vec<Action> = actions
+                    .split(',')
+                    .flat_map(|a| match a {
+                        "*" => vec![Action::Pull, Action::Push, Action::Delete],
+                        a => Action::parse(a).into_iter().collect(),
+                    })
+                    .collect();
+                actions.sort();
+                actions.dedup();
                 Some(Scope::Repository { name: name.to_string(), actions })
             }
             "registry" if name == "catalog" => Some(Scope::Catalog),
@@ -392,6 +401,12 @@ mod tests {
         );
         assert_eq!(Scope::parse("registry:catalog:*"), Some(Scope::Catalog));
         assert_eq!(Scope::parse("bogus"), None);
+        // `*` is every action (it meant delete alone: a `*` token could not even pull).
+        let all = vec![Action::Pull, Action::Push, Action::Delete];
+        assert_eq!(
+            Scope::parse("repository:a:*"),
+            Some(Scope::Repository { name: "a".into(), actions: all })
+        );
     }
 
     #[test]
