@@ -63,6 +63,9 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a TLS handshake may take when requests heads have no deadline.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Fewest seconds between two log lines about connections refused for their address.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// How long the accept loop pauses after an error that is not one connection's (out of file
 /// descriptors, say), so it does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_secs(1);
@@ -129,6 +132,7 @@ pub async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let per_address = AddressSlots::new(limits.max_connections_per_address);
+    let mut refusals_logged: Option<tokio::time::Instant> = None;
     // `true` asks every connection to finish; each holds a `done` receiver until it ends.
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, done_rx) = watch::channel(());
@@ -151,7 +155,14 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let Some(address_slot) = per_address.take_address(remote.ip()) else {
-            tracing::debug!(%remote, "connection refused: too many from this address");
+            if refusals_logged.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_EVERY) {
+                refusals_logged = Some(tokio::time::Instant::now());
+                tracing::warn!(
+                    %remote,
+                    cap = limits.max_connections_per_address,
+                    "connections refused: too many from one address (limits.max_connections_per_address; raise it behind a load balancer that hides client addresses)"
+                );
+            }
             continue;
         };
         let (app, stop, done, tls) = (app.clone(), stop_rx.clone(), done_rx.clone(), tls.clone());

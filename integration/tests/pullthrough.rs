@@ -361,8 +361,8 @@ async fn preheat_of_an_upstream_image_waits_for_the_origins_fetch() {
     };
     let reply = post().await.expect("POST /v1/preheat");
     assert_eq!(reply.status(), StatusCode::OK);
-    // While it runs, as many more as an agent runs at once (16, `MAX_RUNNING_PREHEATS`)
-    // are taken, and the next is told to come back.
+    // While it runs, 15 more (16 in all, `MAX_RUNNING_PREHEATS`) are taken, and the next is
+    // told to come back.
     let mut more = Vec::new();
     for _ in 1..16 {
         let r = post().await.expect("POST /v1/preheat");

@@ -146,18 +146,21 @@ impl PullThrough {
     }
 
     /// Whether the upstream accepted the client's credentials for `repo` when last asked,
-    /// however long ago: what serving a private repository's content needs while the
-    /// upstream cannot be asked (its stale tags).
-    pub(super) fn accepted_before(&self, repo: &RepoName) -> bool {
+    /// within the upstream's `serve_stale`: what serving a private repository's content
+    /// needs while the upstream cannot be asked (its stale tags, its cached blobs). Not
+    /// longer: a user the upstream dropped must not read on through every outage.
+    pub(super) fn accepted_before(&self, up: &Upstream, repo: &RepoName) -> bool {
         let Some(creds) = client_credentials() else { return false };
         let key = (repo.as_str().to_string(), creds.fingerprint());
-        lock(&self.access).get(&key).is_some_and(|&(_, allowed)| allowed)
+        lock(&self.access)
+            .get(&key)
+            .is_some_and(|&(at, allowed)| allowed && at.elapsed() < up.config().serve_stale)
     }
 
     /// For a private repository, [`accepted_before`](Self::accepted_before) or the error to
     /// answer; nothing for a public one.
     pub(super) async fn require_accepted(&self, up: &Upstream, repo: &RepoName) -> Result<(), StoreError> {
-        if self.is_private(repo).await? && !self.accepted_before(repo) {
+        if self.is_private(repo).await? && !self.accepted_before(up, repo) {
             return Err(StoreError::UpstreamUnauthorized { registry: up.registry().to_string() });
         }
         Ok(())
@@ -207,7 +210,7 @@ impl PullThrough {
             // The upstream cannot be asked now (down, throttling): credentials it accepted
             // before still read what is cached, as a private tag is served stale then.
             Err(UpstreamError::Unavailable(_) | UpstreamError::TooManyRequests { .. })
-                if self.accepted_before(repo) =>
+                if self.accepted_before(up, repo) =>
             {
                 Ok(())
             }

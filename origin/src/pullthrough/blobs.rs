@@ -180,8 +180,9 @@ impl PullThrough {
     }
 
     /// Ask the digest's primary owner, if that is another origin; `Ok(None)`: fetch here. A
-    /// primary at its cap of fetches (429) passes its answer on: fetching here instead would
-    /// take each digest from the upstream once per origin, past the cap.
+    /// primary's 429 (at its cap of fetches, or the upstream throttling it) is passed on with
+    /// its `Retry-After`: fetching here instead would take each digest from the upstream once
+    /// per origin, past the cap or the upstream's limit.
     pub(super) async fn progress_at_primary(
         &self,
         repo: &RepoName,
@@ -204,7 +205,12 @@ impl PullThrough {
         let answer = match req.send().await {
             Ok(r) if r.status().is_success() => r.json::<Progress>().await,
             Ok(r) if r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {
-                return Err(StoreError::Throttled { retry_after_secs: FETCHES_FULL_RETRY_SECS });
+                let retry_after_secs = r
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok()?.trim().parse().ok())
+                    .unwrap_or(FETCHES_FULL_RETRY_SECS);
+                return Err(StoreError::Throttled { retry_after_secs });
             }
             Ok(r) => {
                 tracing::warn!(origin = %primary, status = %r.status(), "primary owner refused an upstream fetch; fetching here");

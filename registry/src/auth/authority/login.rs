@@ -70,7 +70,11 @@ impl Authority {
             }
         };
         if cached {
-            self.failures.succeeded(name);
+            // Proven, so let through; but a name blocked by guesses stays blocked for them
+            // (clearing its count here gave a guesser five more tries per real login).
+            if !self.failures.blocked(name, Instant::now()) {
+                self.failures.succeeded(name);
+            }
             return Ok(user);
         }
         refuse_if_blocked()?;

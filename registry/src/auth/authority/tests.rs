@@ -146,6 +146,11 @@ async fn guesses_do_not_lock_out_a_remembered_login() {
     }
     assert_eq!(a.login("alice", "z").await.unwrap_err().code, ErrorCode::TooManyRequests);
     assert!(a.login("alice", "a").await.unwrap().is_some(), "the remembered login goes on");
+    assert_eq!(
+        a.login("alice", "w").await.unwrap_err().code,
+        ErrorCode::TooManyRequests,
+        "a remembered login does not unblock the name for guesses"
+    );
     // A name longer than any user's is wrong at once: nothing hashed, nothing tracked.
     let long = "n".repeat(MAX_LOGIN_NAME_BYTES + 1);
     assert!(a.login(&long, "x").await.unwrap().is_none());
