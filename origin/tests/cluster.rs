@@ -808,6 +808,64 @@ async fn a_write_that_fell_back_goes_home_before_the_walk_over_every_blob() {
     assert!(walked, "the pass went on to the blobs");
 }
 
+/// The same when the owner comes back while a pass (the one its leaving started) walks the
+/// blobs: the walk works the queue as soon as the membership changes, not at its end.
+#[tokio::test]
+async fn a_write_that_fell_back_goes_home_when_its_owner_returns_during_a_walk() {
+    let (world, cs) = world_with(1).await;
+    let all: Vec<String> = IDS.iter().map(|s| s.to_string()).collect();
+    let repo = "team/app";
+    let owner = shoal_origin::cluster::placement::owners(repo, &all, 1).remove(0);
+    let writer = cs.iter().find(|c| c.me() != owner).unwrap().clone();
+    let tag = |d: &Digest| {
+        Record::new(
+            RecordKey::Tag("v1".into()),
+            writer.clock.next(),
+            Some(RecordValue::Tag { digest: d.clone() }),
+        )
+    };
+    let (old, new) = (Digest::of(Algorithm::Sha256, b"old"), Digest::of(Algorithm::Sha256, b"new"));
+    writer.write_records(repo, vec![tag(&old)]).await.unwrap();
+    // Blobs held here that others own, each check 100 ms: a walk of many seconds.
+    let mut held = 0;
+    for i in 0.. {
+        let data = format!("blob {i}").into_bytes();
+        let digest = Digest::of(Algorithm::Sha256, &data);
+        if shoal_origin::cluster::placement::owners(&digest.to_string(), &all, 1)[0] == writer.me() {
+            continue;
+        }
+        writer.local.blob_put(&digest, data.len() as u64, body(&data)).await.unwrap();
+        held += 1;
+        if held == 200 {
+            break;
+        }
+    }
+    for node in world.nodes.values() {
+        node.stat_delay_ms.store(100, Ordering::SeqCst);
+    }
+    let _repairer = Repairer::start(writer.clone(), 1 << 30, Duration::from_secs(3600));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The owner leaves: a pass starts a tick or two later and walks the blobs.
+    switch(&world, &owner, true);
+    world.generation.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    writer.write_records(repo, vec![tag(&new)]).await.unwrap();
+    switch(&world, &owner, false);
+    world.generation.fetch_add(1, Ordering::SeqCst);
+    let read = || async {
+        let got = cs[0].read_records(repo, &[RecordKey::Tag("v1".into())]).await.unwrap();
+        got[0].as_ref().and_then(|r| r.tag_target()).cloned()
+    };
+    let home = async {
+        while read().await != Some(new.clone()) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), home)
+        .await
+        .expect("the retag waited for the end of the walk over the blobs");
+}
+
 /// Two collections asked of the leader at once: one runs, the other is refused while it does.
 #[tokio::test]
 async fn only_one_collection_runs_at_a_time() {

@@ -116,8 +116,12 @@ impl Repairer {
     /// unreachable: a full pass follows an owner's return, and a walk over every blob held
     /// here can take minutes in a large store, while reads ask the owners only and would see
     /// an owner's older records (a retag) until its records came home.
+    ///
+    /// A membership change during the walk (an owner back while it runs) has the queue
+    /// worked again at once, for the same reason.
     pub async fn full_pass(&self) -> RepairReport {
         let mut report = RepairReport::default();
+        let mut generation = self.coordinator.topology.generation();
         self.queue_pass(&mut report).await;
         let local = self.coordinator.local.clone();
         let mut after: Option<Digest> = None;
@@ -131,6 +135,7 @@ impl Repairer {
                 }
             };
             for entry in &page {
+                self.queue_pass_if_changed(&mut generation, &mut report).await;
                 self.reconcile_blob(entry, &mut report).await;
             }
             match page.last() {
@@ -149,6 +154,7 @@ impl Repairer {
                 }
             };
             for repo in &page {
+                self.queue_pass_if_changed(&mut generation, &mut report).await;
                 self.reconcile_repo(repo, &mut report).await;
             }
             match page.last() {
@@ -159,6 +165,15 @@ impl Repairer {
         self.queue_pass(&mut report).await;
         self.coordinator.metrics.repair_passes.inc();
         report
+    }
+
+    /// The queue pass a membership change since `generation` calls for, if there was one.
+    async fn queue_pass_if_changed(&self, generation: &mut u64, report: &mut RepairReport) {
+        let now = self.coordinator.topology.generation();
+        if now != *generation {
+            *generation = now;
+            self.queue_pass(report).await;
+        }
     }
 
     /// Work through the persistent queue; items that still fail stay queued. Repositories'

@@ -50,6 +50,8 @@ pub(crate) struct Switchable {
     pub(crate) pages_whole: AtomicBool,
     /// Records its scans and scan pages have answered.
     pub(crate) records_read: AtomicU64,
+    /// Each `blob_stat` answered takes this long (ms), as over a slow network.
+    pub(crate) stat_delay_ms: AtomicU64,
 }
 
 /// The calls a [`Gate`] stops.
@@ -118,6 +120,10 @@ impl Node for Switchable {
     async fn blob_stat(&self, d: &Digest) -> Result<Option<u64>, NodeError> {
         self.check()?;
         self.pass(GateOn::BlobStat).await;
+        let delay = self.stat_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         self.inner.blob_stat(d).await
     }
     async fn blob_get(&self, d: &Digest, r: Option<ByteRange>) -> Result<Option<ByteStream>, NodeError> {
@@ -315,6 +321,7 @@ pub(crate) async fn world_with(replicas: usize) -> (Arc<World>, Vec<Arc<Coordina
                 repo_list_cap: AtomicUsize::new(usize::MAX),
                 pages_whole: AtomicBool::new(false),
                 records_read: AtomicU64::new(0),
+                stat_delay_ms: AtomicU64::new(0),
             }),
         );
         locals.push(local);
