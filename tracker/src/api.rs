@@ -254,7 +254,7 @@ fn admit(t: &Tracker, announcer: &str, req: &AnnounceRequest) -> Result<bool, (S
         return Err((StatusCode::BAD_REQUEST, "peer_id must be 40 lowercase hex characters".into()));
     }
     if req.stopped {
-        lock(&t.peers).remove_by(announcer, &req.digest, &req.peer_id);
+        lock(&t.peers).remove_by(announcer, &req.digest, &req.peer_id, req.addr);
         t.announces.with_label_values(&["stopped"]).inc();
         return Ok(false);
     }

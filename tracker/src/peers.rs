@@ -190,13 +190,12 @@ impl PeerStore {
         }
     }
 
-    /// Forget a peer if `announcer` holds its entry (a `stopped` announce).
-    pub fn remove_by(&mut self, announcer: &str, digest: &Digest, peer_id: &str) {
-        let owned = self
-            .swarms
-            .get(digest)
-            .and_then(|s| s.get(peer_id))
-            .is_some_and(|e| &*e.announcer == announcer || same_identity(&e.announcer, announcer));
+    /// Forget a peer if `announcer` holds its entry (a `stopped` announce), by the rule a
+    /// refresh follows ([`owns`]): the same announcer, or the same identity announcing the
+    /// same peer address `addr`.
+    pub fn remove_by(&mut self, announcer: &str, digest: &Digest, peer_id: &str, addr: SocketAddr) {
+        let owned =
+            self.swarms.get(digest).and_then(|s| s.get(peer_id)).is_some_and(|e| owns(e, announcer, addr));
         if owned {
             self.remove(digest, peer_id);
         }
@@ -428,7 +427,7 @@ mod tests {
         // Others are not charged for it.
         assert_eq!(store.announce_by("node-b", &digest("3"), "p", addr(2), true, now), Ok(()));
         // A stopped entry or an expired one frees the quota.
-        store.remove_by("node-a", &digest("1"), "p");
+        store.remove_by("node-a", &digest("1"), "p", addr(1));
         assert_eq!(store.announce_by("node-a", &digest("4"), "p", addr(1), true, now), Ok(()));
         let later = now + store.limits.ttl + Duration::from_secs(1);
         assert_eq!(store.announce_by("node-a", &digest("5"), "p", addr(1), true, later), Ok(()));
@@ -443,7 +442,7 @@ mod tests {
         assert_eq!(store.announce_by("node-a", &d, "p", addr(1), true, now), Ok(()));
         // Another node cannot point peer p elsewhere, nor make it stop.
         assert_eq!(store.announce_by("intruder", &d, "p", addr(66), true, now), Err(Refused::NotOwner));
-        store.remove_by("intruder", &d, "p");
+        store.remove_by("intruder", &d, "p", addr(1));
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let peers = store.handout(&d, "x", &[], 10, now, &mut rng);
         assert_eq!(peers.len(), 1);
@@ -473,7 +472,11 @@ mod tests {
         // Without node identities an address is all there is: another one is another node.
         assert_eq!(store.announce_by("10.0.0.9", &d, "q", addr(2), true, now), Ok(()));
         assert_eq!(store.announce_by("10.0.0.8", &d, "q", addr(2), true, now), Err(Refused::NotOwner));
-        store.remove_by("agent-1@10.0.0.4", &d, "p");
+        // Its stop from another source address needs its peer address too (another node with
+        // the same identity, a chart's shared certificate, does not stop it by id alone).
+        store.remove_by("agent-1@10.0.0.5", &d, "p", addr(66));
+        assert_eq!(store.peers(), 2, "a stop naming another peer address removed the entry");
+        store.remove_by("agent-1@10.0.0.4", &d, "p", addr(1));
         assert_eq!(store.peers(), 1, "the node's stop from another address removed its entry");
     }
 
