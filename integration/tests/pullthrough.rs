@@ -387,6 +387,61 @@ async fn preheat_of_an_upstream_image_waits_for_the_origins_fetch() {
     }
 }
 
+/// A tag confirmed within `serve_stale` is served through an agent while its upstream hangs
+/// (accepts connections, never answers): the origin asks it for at most
+/// `STALE_ANSWER_AFTER` (5 s) and answers with the last target, within the agent's 10 s wait
+/// for an origin. Before, the origin waited out its 30 s header timeout, the agent gave up
+/// first and the pull failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hanging_upstream_still_has_its_stale_tags_served_through_agents() {
+    skip_if_external!(SKIP);
+    let kind = ImageKind::Oci;
+    let config = Blob::config(kind.config_type());
+    let layer = Blob::random_layer(kind.layer_type(), 64 * 1024);
+    let value = oci::image_manifest_value(kind.manifest_type(), &config, std::slice::from_ref(&layer));
+    let manifest = Manifest::from_value(kind.manifest_type(), &value);
+    let (url, _gets) = slow_upstream_image(manifest.clone(), vec![config, layer]).await;
+    let hang = Arc::new(AtomicBool::new(false));
+    let target: std::net::SocketAddr = url.trim_start_matches("http://").parse().expect("upstream address");
+    let proxy = hanging_proxy(target, hang.clone()).await;
+    let upstream = format!("[[upstream]]\nregistry = \"slow.test\"\nurl = \"{proxy}\"\ntag_ttl = \"1s\"\n");
+    let cluster = Cluster::start_with_origin(1, &upstream, "").await;
+    // Agents learn the upstream registries at start (every 2 s until an origin answers).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let client = Client::new(&cluster.agent_url(0));
+    let r = client.get_manifest("slow.test/app", "v1").await;
+    r.expect(StatusCode::OK);
+    hang.store(true, Ordering::SeqCst);
+    // Past the origin's tag_ttl (1 s) and the agent's own (2 s).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let started = Instant::now();
+    let r = client.get_manifest("slow.test/app", "v1").await;
+    r.expect(StatusCode::OK);
+    assert_eq!(r.must_header("docker-content-digest"), manifest.digest);
+    assert!(started.elapsed() < Duration::from_secs(9), "the stale tag took {:?}", started.elapsed());
+}
+
+/// A TCP proxy to `target` that, while `hang` is set, accepts connections and says nothing.
+async fn hanging_proxy(target: std::net::SocketAddr, hang: Arc<AtomicBool>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let hang = hang.clone();
+            tokio::spawn(async move {
+                if hang.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_secs(120)).await;
+                    drop(conn);
+                    return;
+                }
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+            });
+        }
+    });
+    url
+}
+
 const TRICKLE_CHUNK: usize = 128 * 1024;
 const TRICKLE_EVERY: Duration = Duration::from_millis(100);
 

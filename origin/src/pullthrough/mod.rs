@@ -107,6 +107,13 @@ fn store_error(registry: &str, e: UpstreamError) -> StoreError {
 }
 
 /// Whether an upstream failure means "cannot ask now" (serve stale) rather than an answer.
+/// How long the upstream may take to say what a tag points at when the tag's last target
+/// may still be served (`serve_stale`): then that is answered. Well inside an agent's wait
+/// for an origin (`http_timeout`, 10 s): an upstream that hangs (accepts, never answers)
+/// made the origin wait out its 30 s header timeout, every agent gave up first, and the stale
+/// tag was never served through agents.
+pub const STALE_ANSWER_AFTER: Duration = Duration::from_secs(5);
+
 fn cannot_ask(e: &UpstreamError) -> bool {
     matches!(
         e,
@@ -210,7 +217,21 @@ impl PullThrough {
             return self.inner.manifest_get(repo, &Reference::Digest(digest.clone())).await;
         }
         let t = tag.as_str();
-        match self.call(up, repo, |c| async move { up.resolve_tag(path, t, c.as_ref()).await }).await {
+        let ask = self.call(up, repo, |c| async move { up.resolve_tag(path, t, c.as_ref()).await });
+        let may_serve_stale = known.is_some()
+            && tags::on_failure(confirmed, now_millis(), up.config().serve_stale)
+                == tags::OnFailure::ServeStale;
+        let answer = if may_serve_stale {
+            tokio::time::timeout(STALE_ANSWER_AFTER, ask).await.unwrap_or_else(|_| {
+                Err(UpstreamError::Unavailable(format!(
+                    "no answer within {} s",
+                    STALE_ANSWER_AFTER.as_secs()
+                )))
+            })
+        } else {
+            ask.await
+        };
+        match answer {
             Ok(digest) => {
                 // The tag is written anew either way: its version's time records that its
                 // target was confirmed now.
