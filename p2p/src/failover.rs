@@ -6,10 +6,16 @@
 //! answered becomes the preferred one for later requests (sticky), so a dead origin costs one
 //! failed attempt, not one per request. Any other answer, 404 included, is the answer.
 //!
+//! When every origin failed to answer at all (a connection error or timeout) within
+//! [`ALL_DOWN_MEMORY`], a request tries only the first of them: an agent cut off from its
+//! origins answered each call after one timeout per origin (30 s with three), a blob `GET`
+//! twice over, before it served what it holds anyway.
+//!
 //! The ordering and stickiness ([`Failover::order`], [`Failover::answered`]) are pure and tested
 //! here without a network; [`Failover::send`] drives them with `reqwest`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use prometheus::IntCounterVec;
 use reqwest::{RequestBuilder, Response, StatusCode};
@@ -42,6 +48,10 @@ fn normalize(url: &str) -> String {
     url.trim().trim_end_matches('/').to_string()
 }
 
+/// How long an origin that could not be reached counts as unreachable for the rule that,
+/// with every origin unreachable, a request tries only one.
+pub const ALL_DOWN_MEMORY: Duration = Duration::from_secs(10);
+
 /// A list of equivalent origin base URLs and which one to ask first.
 #[derive(Debug)]
 pub struct Failover {
@@ -50,6 +60,10 @@ pub struct Failover {
     preferred: AtomicUsize,
     /// Failed attempts by origin URL, if the owner exports them.
     failures: Option<IntCounterVec>,
+    /// When each origin last could not be reached at all (milliseconds since `epoch`, 0:
+    /// not lately).
+    unreachable_at: Vec<AtomicU64>,
+    epoch: Instant,
 }
 
 impl Failover {
@@ -59,7 +73,48 @@ impl Failover {
         if urls.is_empty() {
             return Err(FailoverError::NoUrls);
         }
-        Ok(Failover { urls, preferred: AtomicUsize::new(0), failures: None })
+        let unreachable_at = urls.iter().map(|_| AtomicU64::new(0)).collect();
+        Ok(Failover {
+            urls,
+            preferred: AtomicUsize::new(0),
+            failures: None,
+            unreachable_at,
+            epoch: Instant::now(),
+        })
+    }
+
+    /// Milliseconds since `epoch` at `now`, plus one (so 0 means "never").
+    fn millis(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
+    }
+
+    /// Records that the origin at `index` could not be reached at `now`.
+    pub fn unreachable(&self, index: usize, now: Instant) {
+        if let Some(at) = self.unreachable_at.get(index) {
+            at.store(self.millis(now), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether every origin could not be reached within [`ALL_DOWN_MEMORY`] before `now`.
+    pub fn all_unreachable(&self, now: Instant) -> bool {
+        let now = self.millis(now);
+        let memory = ALL_DOWN_MEMORY.as_millis() as u64;
+        self.unreachable_at.iter().all(|at| {
+            let at = at.load(Ordering::Relaxed);
+            at != 0 && now.saturating_sub(at) < memory
+        })
+    }
+
+    /// The origins one request tries at `now`: all of them in [`order`](Self::order), or,
+    /// when every one was unreachable lately, only the first.
+    pub fn attempts(&self, now: Instant) -> Vec<usize> {
+        let mut order = self.order();
+        if self.all_unreachable(now) {
+            order.truncate(1);
+        }
+        order
     }
 
     /// Counts each failed attempt in `counter` (one label: the origin URL), so operators and
@@ -95,6 +150,7 @@ impl Failover {
     pub fn answered(&self, index: usize) {
         if index < self.urls.len() {
             self.preferred.store(index, Ordering::Relaxed);
+            self.unreachable_at[index].store(0, Ordering::Relaxed);
         }
     }
 
@@ -111,9 +167,14 @@ impl Failover {
     {
         let mut last = String::new();
         let mut throttled = None;
-        for index in self.order() {
+        for index in self.attempts(Instant::now()) {
             let url = &self.urls[index];
-            let why = match build(url).send().await {
+            let sent = build(url).send().await;
+            match &sent {
+                Ok(_) => self.unreachable_at[index].store(0, Ordering::Relaxed),
+                Err(_) => self.unreachable(index, Instant::now()),
+            }
+            let why = match sent {
                 Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => {
                     let why = format!("{url} answered {}", r.status());
                     throttled = Some(r);
@@ -183,6 +244,22 @@ mod tests {
         assert_eq!(f.order(), vec![2, 0, 1]);
     }
 
+    /// With every origin unreachable lately, a request tries one, not each in turn; one
+    /// that answers again, or time, ends that.
+    #[test]
+    fn every_origin_unreachable_lately_means_one_attempt() {
+        let f = three();
+        let t = Instant::now();
+        f.unreachable(0, t);
+        f.unreachable(1, t);
+        assert_eq!(f.attempts(t), vec![0, 1, 2], "one still reachable: all are tried");
+        f.unreachable(2, t);
+        assert_eq!(f.attempts(t + Duration::from_secs(1)), vec![0]);
+        assert_eq!(f.attempts(t + ALL_DOWN_MEMORY), vec![0, 1, 2], "forgotten after a while");
+        f.answered(1);
+        assert_eq!(f.attempts(t + Duration::from_secs(1)), vec![1, 2, 0]);
+    }
+
     #[test]
     fn out_of_range_answers_are_ignored() {
         let f = three();
@@ -243,6 +320,23 @@ mod tests {
     fn closed_port() -> String {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", l.local_addr().unwrap())
+    }
+
+    /// Origins none of which can be reached: the first request tries each, the next ones
+    /// one, until one answers again.
+    #[tokio::test]
+    async fn a_request_to_origins_all_unreachable_tries_one() {
+        let counter = IntCounterVec::new(prometheus::Opts::new("f", "f"), &["origin"]).unwrap();
+        let (a, b) = (closed_port(), closed_port());
+        let f = Failover::new(vec![a.clone(), b.clone()]).unwrap().count_failures(counter.clone());
+        let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build().unwrap();
+        let tried = || {
+            counter.with_label_values(&[a.as_str()]).get() + counter.with_label_values(&[b.as_str()]).get()
+        };
+        assert!(f.send(|base| http.get(format!("{base}/x"))).await.is_err());
+        assert_eq!(tried(), 2);
+        assert!(f.send(|base| http.get(format!("{base}/x"))).await.is_err());
+        assert_eq!(tried(), 3, "the second request tried both again");
     }
 
     #[tokio::test]
