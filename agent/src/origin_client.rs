@@ -87,14 +87,17 @@ const UPSTREAM_AUTHORIZATION: &str = "x-shoal-upstream-authorization";
 fn refusal(r: &reqwest::Response) -> StoreError {
     match r.status() {
         StatusCode::UNAUTHORIZED => {
-            let realm = r
-                .headers()
-                .get(reqwest::header::WWW_AUTHENTICATE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| {
-                    v.split_once("realm=\"").map(|(_, rest)| rest.trim_end_matches('"').to_string())
-                })
-                .unwrap_or_else(|| "upstream".to_string());
+            let challenge = r.headers().get(reqwest::header::WWW_AUTHENTICATE).and_then(|v| v.to_str().ok());
+            // The origins' own token auth (a token that expired on the way, say): its
+            // challenge as it is, so the client fetches a new token at the realm.
+            if let Some(bearer) = challenge.filter(|c| c.len() > 7 && c[..7].eq_ignore_ascii_case("bearer "))
+            {
+                return StoreError::Unauthorized { challenge: bearer.to_string() };
+            }
+            let realm = challenge
+                .and_then(|v| v.split_once("realm=\""))
+                .and_then(|(_, rest)| rest.split('"').next())
+                .map_or_else(|| "upstream".to_string(), str::to_string);
             StoreError::UpstreamUnauthorized { registry: realm }
         }
         StatusCode::FORBIDDEN => StoreError::Denied("the origin refused this repository".into()),
@@ -339,11 +342,22 @@ impl OriginClient {
                 unexpected(status)
             });
         }
-        let bytes = r.bytes().await.map_err(unreachable)?;
-        if (bytes.len() as u64) < len {
+        // Read no more than asked for: a proxy in front of an origin that ignores `Range` and
+        // answers 200 would otherwise have the whole blob buffered here.
+        let want = usize::try_from(len).map_err(|_| StoreError::Internal("range too large".into()))?;
+        let mut bytes = bytes::BytesMut::with_capacity(want.min(16 << 20));
+        let mut body = r.bytes_stream();
+        while bytes.len() < want {
+            match futures_util::StreamExt::next(&mut body).await {
+                Some(chunk) => bytes.extend_from_slice(&chunk.map_err(unreachable)?),
+                None => break,
+            }
+        }
+        if bytes.len() < want {
             return Err(StoreError::Internal(format!("origin sent {} of {len} bytes", bytes.len())));
         }
-        Ok(bytes.slice(..len as usize))
+        bytes.truncate(want);
+        Ok(bytes.freeze())
     }
 
     /// A listing endpoint (tags, catalog, referrers) as raw JSON, `None` on 404.
@@ -476,9 +490,16 @@ mod tests {
         let refuse = || async {
             (StatusCode::UNAUTHORIZED, [(reqwest::header::WWW_AUTHENTICATE, "Basic realm=\"ghcr.io\"")], "")
         };
+        let bearer = "Bearer realm=\"http://o/token\",service=\"shoal\",scope=\"repository:team/x:pull\"";
         let app = axum::Router::new()
             .route("/v2/ghcr.io/a/b/tags/list", get(refuse))
-            .route("/v2/ghcr.io/a/c/tags/list", get(|| async { StatusCode::FORBIDDEN }));
+            .route("/v2/ghcr.io/a/c/tags/list", get(|| async { StatusCode::FORBIDDEN }))
+            .route(
+                "/v2/team/x/tags/list",
+                get(move || async move {
+                    (StatusCode::UNAUTHORIZED, [(reqwest::header::WWW_AUTHENTICATE, bearer)], "")
+                }),
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -491,6 +512,43 @@ mod tests {
         );
         let err = client.listing_page("/v2/ghcr.io/a/c/tags/list").await.unwrap_err();
         assert!(matches!(err, StoreError::Denied(_)), "{err:?}");
+        // The origins' own token challenge (a token that expired on the way) reaches the
+        // client as it is, not as a Basic challenge with the rest of it in the realm.
+        let err = client.listing_page("/v2/team/x/tags/list").await.unwrap_err();
+        assert!(matches!(&err, StoreError::Unauthorized { challenge } if challenge == bearer), "{err:?}");
+    }
+
+    /// An origin (or a proxy before it) that ignores `Range` and answers a whole 256 MiB blob
+    /// with 200: the agent reads what it asked for and stops, it does not buffer the blob.
+    #[tokio::test]
+    async fn a_range_answered_with_the_whole_blob_is_read_only_as_far_as_asked() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let sent = Arc::new(AtomicU64::new(0));
+        let counted = sent.clone();
+        let whole = move || {
+            let counted = counted.clone();
+            async move {
+                let chunks = futures_util::StreamExt::map(futures_util::stream::iter(0..256u32), move |_| {
+                    counted.fetch_add(1 << 20, Ordering::SeqCst);
+                    Ok::<_, std::io::Error>(Bytes::from(vec![7u8; 1 << 20]))
+                });
+                axum::body::Body::from_stream(chunks)
+            }
+        };
+        let digest = Digest::of(shoal_registry::Algorithm::Sha256, b"x");
+        let app =
+            axum::Router::new().route(&format!("/v2/team/app/blobs/{digest}"), axum::routing::get(whole));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let failures = IntCounterVec::new(prometheus::Opts::new("f", "f"), &["origin"]).unwrap();
+        let client = OriginClient::with_failures(vec![base], Duration::from_secs(5), failures).unwrap();
+        let repo: RepoName = "team/app".parse().unwrap();
+        let got = client.blob_range(&repo, &digest, 0, 1 << 20).await.unwrap();
+        assert_eq!(got.len(), 1 << 20);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let sent = sent.load(Ordering::SeqCst);
+        assert!(sent < 64 << 20, "the origin got {} MiB out of the agent", sent >> 20);
     }
 
     #[test]

@@ -188,7 +188,11 @@ impl RegistryStore for AgentStore {
                 lock(&self.confirmed).remove(&key);
                 Ok(None)
             }
-            Err(e @ (StoreError::UpstreamUnauthorized { .. } | StoreError::Denied(_))) => Err(e),
+            Err(
+                e @ (StoreError::UpstreamUnauthorized { .. }
+                | StoreError::Unauthorized { .. }
+                | StoreError::Denied(_)),
+            ) => Err(e),
             // Confirmed before, and the origin cannot be asked now: still served.
             Err(e) if confirmed.is_some() => {
                 tracing::warn!(%digest, error = %e, "origin unreachable; serving a blob it confirmed before");
@@ -306,7 +310,9 @@ impl RegistryStore for AgentStore {
                         if kept.is_some()
                             && !matches!(
                                 e,
-                                StoreError::Denied(_) | StoreError::UpstreamUnauthorized { .. }
+                                StoreError::Denied(_)
+                                    | StoreError::UpstreamUnauthorized { .. }
+                                    | StoreError::Unauthorized { .. }
                             ) =>
                     {
                         tracing::warn!(%repo, digest = %d, error = %e, "origin unreachable; serving a manifest it confirmed before");

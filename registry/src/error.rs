@@ -205,6 +205,11 @@ pub enum StoreError {
     /// the client is asked for Basic credentials, which are passed on to the upstream.
     #[error("{registry} requires credentials for this repository")]
     UpstreamUnauthorized { registry: String },
+    /// The origins refused the client's credentials with their own challenge (`challenge`,
+    /// a `WWW-Authenticate` value: Shoal's token realm), passed on as it is so the client can
+    /// fetch a new token there.
+    #[error("the origin refused the client's credentials")]
+    Unauthorized { challenge: String },
     /// An upstream registry asked us to slow down; the client should retry after this long.
     #[error("upstream registry is throttling requests; retry in {retry_after_secs} s")]
     Throttled { retry_after_secs: u64 },
@@ -258,6 +263,13 @@ impl From<StoreError> for ApiError {
             StoreError::UpstreamUnauthorized { registry } => {
                 let mut err = ApiError::new(ErrorCode::Unauthorized, message);
                 let challenge = format!("Basic realm=\"{}\"", registry.replace('"', ""));
+                if let Ok(v) = HeaderValue::from_str(&challenge) {
+                    err = err.with_header(header::WWW_AUTHENTICATE, v);
+                }
+                err
+            }
+            StoreError::Unauthorized { challenge } => {
+                let mut err = ApiError::new(ErrorCode::Unauthorized, message);
                 if let Ok(v) = HeaderValue::from_str(&challenge) {
                     err = err.with_header(header::WWW_AUTHENTICATE, v);
                 }
