@@ -110,7 +110,11 @@ impl ManifestCache {
             if inner.tags.len() >= MAX_TAGS {
                 inner.tags.clear();
             }
-            inner.tags.insert((repo.clone(), tag.clone()), (now, manifest.digest.clone()));
+            // An answer to an earlier question that arrives after a later one's keeps out.
+            let key = (repo.clone(), tag.clone());
+            if inner.tags.get(&key).is_none_or(|(at, _)| *at <= now) {
+                inner.tags.insert(key, (now, manifest.digest.clone()));
+            }
         }
     }
 
@@ -157,6 +161,20 @@ mod tests {
         let m = manifest(1, 1 << 20);
         assert_eq!(cache.by_tag(&repo(), &tag(7), now).map(|k| k.digest), Some(m.digest.clone()));
         assert_eq!(cache.by_digest(&repo(), &m.digest, now).map(|(k, _)| k.bytes.len()), Some(1 << 20));
+    }
+
+    /// A tag's answer to an earlier question that arrives after the answer to a later one
+    /// (the tag moved in between) does not replace it.
+    #[test]
+    fn a_slow_older_answer_does_not_replace_a_newer_one() {
+        let cache =
+            ManifestCache::new(Duration::from_secs(5), Duration::from_secs(60), DEFAULT_MANIFEST_CACHE_BYTES);
+        let t0 = Instant::now();
+        let (old, new) = (manifest(1, 100), manifest(2, 100));
+        cache.insert(&repo(), Some(&tag(0)), &new, t0 + Duration::from_secs(2));
+        cache.insert(&repo(), Some(&tag(0)), &old, t0);
+        let now = t0 + Duration::from_secs(3);
+        assert_eq!(cache.by_tag(&repo(), &tag(0), now).map(|m| m.digest), Some(new.digest));
     }
 
     #[test]

@@ -330,9 +330,12 @@ impl RegistryStore for AgentStore {
                 if let Some(m) = self.manifests.by_tag(repo, t, Instant::now()) {
                     return Ok(Some(m));
                 }
+                // The answer is as old as the question: a slow answer must not replace one
+                // asked later, nor count as fresh from when it arrived.
+                let asked = Instant::now();
                 let found = self.origin.manifest(repo, t.as_str()).await?;
                 if let Some(m) = &found {
-                    self.manifests.insert(repo, Some(t), m, Instant::now());
+                    self.manifests.insert(repo, Some(t), m, asked);
                 }
                 Ok(found)
             }
