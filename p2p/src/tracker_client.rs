@@ -180,7 +180,10 @@ impl TrackerClient {
         let r = self.http.post(format!("{url}/v1/announce")).json(req).send().await;
         self.answered(url, r.is_ok());
         match r {
-            Ok(r) if r.status().is_success() => r.json().await.map_err(|e| format!("{url}: {e}")),
+            Ok(r) if r.status().is_success() => {
+                let body = read_limited(r, MAX_TRACKER_ANSWER).await.map_err(|e| format!("{url}: {e}"))?;
+                serde_json::from_slice(&body).map_err(|e| format!("{url}: {e}"))
+            }
             Ok(r) => Err(format!("{url}: status {}", r.status())),
             Err(e) => Err(format!("{url}: {e}")),
         }
@@ -295,13 +298,17 @@ impl TrackerClient {
         let sent = self.http.post(format!("{url}/v1/announces")).json(&body).send().await;
         self.answered(url, sent.is_ok());
         let resp = match sent {
-            Ok(r) if r.status().is_success() => match r.json::<AnnounceBatchResponse>().await {
-                Ok(resp) if resp.results.len() == n => resp,
-                Ok(resp) => {
-                    return all_failed(format!("{url}: {} results for {n} announces", resp.results.len()))
+            Ok(r) if r.status().is_success() => {
+                match read_limited(r, MAX_TRACKER_ANSWER).await.and_then(|body| {
+                    serde_json::from_slice::<AnnounceBatchResponse>(&body).map_err(|e| e.to_string())
+                }) {
+                    Ok(resp) if resp.results.len() == n => resp,
+                    Ok(resp) => {
+                        return all_failed(format!("{url}: {} results for {n} announces", resp.results.len()))
+                    }
+                    Err(e) => return all_failed(format!("{url}: {e}")),
                 }
-                Err(e) => return all_failed(format!("{url}: {e}")),
-            },
+            }
             Ok(r) if matches!(r.status(), StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED) => {
                 // A tracker from before batches: one request per announce.
                 let mut one_by_one = Vec::with_capacity(n);
@@ -372,7 +379,9 @@ impl TrackerClient {
         let sent = self.http.get(format!("{url}/v1/metainfo/{digest}")).send().await;
         self.answered(url, sent.is_ok());
         match sent {
-            Ok(r) if r.status().is_success() => r.bytes().await.map(Some).map_err(|e| format!("{url}: {e}")),
+            Ok(r) if r.status().is_success() => {
+                read_limited(r, MAX_TRACKER_ANSWER).await.map(Some).map_err(|e| format!("{url}: {e}"))
+            }
             Ok(r) if r.status() == StatusCode::NOT_FOUND => Ok(None),
             Ok(r) => Err(format!("{url}: status {}", r.status())),
             Err(e) => Err(format!("{url}: {e}")),
@@ -451,6 +460,25 @@ impl Tries {
     fn hedgeable(&self, i: usize) -> bool {
         self.out[i] > 0 && self.next[i] < self.orders[i].len()
     }
+}
+
+/// Most bytes of a tracker's answer read: a metainfo of a 100 GiB blob in 1 MiB pieces is
+/// about 6.5 MB of JSON, and a batch's handouts far less. A tracker that streams more (a
+/// broken or hostile one) fails the call instead of filling the agent's memory.
+pub const MAX_TRACKER_ANSWER: usize = 64 << 20;
+
+/// A body of at most `limit` bytes (the client's timeout bounds how long it may take).
+async fn read_limited(r: reqwest::Response, limit: usize) -> Result<Bytes, String> {
+    let mut out = bytes::BytesMut::new();
+    let mut body = r.bytes_stream();
+    while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        if out.len() + chunk.len() > limit {
+            return Err(format!("answer over {limit} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.freeze())
 }
 
 #[cfg(test)]

@@ -149,3 +149,35 @@ async fn the_last_tracker_gets_the_whole_timeout_and_lookups_are_hedged() {
     assert!(took >= TRACKER_HEDGE_AFTER && took < TRACKER_HEDGE_AFTER * 2, "took {took:?}");
     assert_ne!(client.order_for(&req.digest)[0], hung);
 }
+
+/// A tracker that streams a metainfo answer far larger than any real one: the lookup fails
+/// at `MAX_TRACKER_ANSWER` instead of filling the agent's memory with it.
+#[tokio::test]
+async fn an_endless_answer_is_cut_off() {
+    let endless = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", endless.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = endless.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut head = [0u8; 4096];
+                let _ = sock.read(&mut head).await;
+                let length = 4 * MAX_TRACKER_ANSWER;
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {length}\r\n\r\n");
+                if sock.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b'x'; 1 << 20];
+                for _ in 0..(length >> 20) {
+                    if sock.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let client = TrackerClient::new(vec![url], Duration::from_secs(30)).unwrap();
+    let digest = Digest::of(shoal_registry::Algorithm::Sha256, b"x");
+    let err = client.metainfo(&digest).await.unwrap_err();
+    assert!(err.to_string().contains("answer over"), "{err}");
+}
