@@ -38,7 +38,9 @@ struct Inner {
     by_digest: HashMap<(RepoName, Digest), (StoredManifest, Instant)>,
     /// What `by_digest` holds, charged as in [`charge`].
     bytes: usize,
-    tags: HashMap<(RepoName, Tag), (Instant, Digest)>,
+    /// When the answer arrived (its freshness runs from there), its digest, and when it was
+    /// asked (an answer to an earlier question does not replace one to a later question).
+    tags: HashMap<(RepoName, Tag), (Instant, Digest, Instant)>,
 }
 
 fn charge(m: &StoredManifest) -> usize {
@@ -80,7 +82,7 @@ impl ManifestCache {
     /// The manifest `tag` of `repo` pointed to less than `tag_ttl` before `now`, if kept.
     pub fn by_tag(&self, repo: &RepoName, tag: &Tag, now: Instant) -> Option<StoredManifest> {
         let inner = self.lock();
-        let (at, digest) = inner.tags.get(&(repo.clone(), tag.clone()))?;
+        let (at, digest, _) = inner.tags.get(&(repo.clone(), tag.clone()))?;
         if now.saturating_duration_since(*at) >= self.tag_ttl {
             return None;
         }
@@ -90,6 +92,18 @@ impl ManifestCache {
     /// Keep `manifest` of `repo`, fetched at `now` by `tag` if given (else by its digest). One
     /// bigger than the whole budget is not kept.
     pub fn insert(&self, repo: &RepoName, tag: Option<&Tag>, manifest: &StoredManifest, now: Instant) {
+        self.insert_answer(repo, tag, manifest, now, now);
+    }
+
+    /// [`insert`](Self::insert) of an answer asked for at `asked` that arrived at `now`.
+    pub fn insert_answer(
+        &self,
+        repo: &RepoName,
+        tag: Option<&Tag>,
+        manifest: &StoredManifest,
+        asked: Instant,
+        now: Instant,
+    ) {
         let cost = charge(manifest);
         if cost > self.budget {
             return;
@@ -112,8 +126,8 @@ impl ManifestCache {
             }
             // An answer to an earlier question that arrives after a later one's keeps out.
             let key = (repo.clone(), tag.clone());
-            if inner.tags.get(&key).is_none_or(|(at, _)| *at <= now) {
-                inner.tags.insert(key, (now, manifest.digest.clone()));
+            if inner.tags.get(&key).is_none_or(|(_, _, was_asked)| *was_asked <= asked) {
+                inner.tags.insert(key, (now, manifest.digest.clone(), asked));
             }
         }
     }
@@ -171,10 +185,13 @@ mod tests {
             ManifestCache::new(Duration::from_secs(5), Duration::from_secs(60), DEFAULT_MANIFEST_CACHE_BYTES);
         let t0 = Instant::now();
         let (old, new) = (manifest(1, 100), manifest(2, 100));
-        cache.insert(&repo(), Some(&tag(0)), &new, t0 + Duration::from_secs(2));
-        cache.insert(&repo(), Some(&tag(0)), &old, t0);
-        let now = t0 + Duration::from_secs(3);
-        assert_eq!(cache.by_tag(&repo(), &tag(0), now).map(|m| m.digest), Some(new.digest));
+        let s = Duration::from_secs;
+        cache.insert_answer(&repo(), Some(&tag(0)), &new, t0 + s(2), t0 + s(3));
+        cache.insert_answer(&repo(), Some(&tag(0)), &old, t0, t0 + s(6));
+        assert_eq!(cache.by_tag(&repo(), &tag(0), t0 + s(7)).map(|m| m.digest), Some(new.digest.clone()));
+        // Freshness runs from the answer: one that took 6 s is still kept for tag_ttl (5 s).
+        cache.insert_answer(&repo(), Some(&tag(1)), &new, t0, t0 + s(6));
+        assert_eq!(cache.by_tag(&repo(), &tag(1), t0 + s(9)).map(|m| m.digest), Some(new.digest));
     }
 
     #[test]

@@ -330,12 +330,11 @@ impl RegistryStore for AgentStore {
                 if let Some(m) = self.manifests.by_tag(repo, t, Instant::now()) {
                     return Ok(Some(m));
                 }
-                // The answer is as old as the question: a slow answer must not replace one
-                // asked later, nor count as fresh from when it arrived.
+                // A slow answer must not replace one to a question asked after it.
                 let asked = Instant::now();
                 let found = self.origin.manifest(repo, t.as_str()).await?;
                 if let Some(m) = &found {
-                    self.manifests.insert(repo, Some(t), m, asked);
+                    self.manifests.insert_answer(repo, Some(t), m, asked, Instant::now());
                 }
                 Ok(found)
             }

@@ -6,10 +6,11 @@
 //! answered becomes the preferred one for later requests (sticky), so a dead origin costs one
 //! failed attempt, not one per request. Any other answer, 404 included, is the answer.
 //!
-//! When every origin failed to answer at all (a connection error or timeout) within
-//! [`ALL_DOWN_MEMORY`], a request tries only the first of them: an agent cut off from its
-//! origins answered each call after one timeout per origin (30 s with three), a blob `GET`
-//! twice over, before it served what it holds anyway.
+//! When no origin could be connected to within [`ALL_DOWN_MEMORY`], a request tries only one
+//! of them, the one that failed longest ago (so they take turns, and one that is back is
+//! found within a few requests): an agent cut off from its origins answered each call after
+//! one connect timeout per origin (30 s with three), a blob `GET` twice over, before it served
+//! what it holds anyway. An origin that connects but answers slowly is not unreachable.
 //!
 //! The ordering and stickiness ([`Failover::order`], [`Failover::answered`]) are pure and tested
 //! here without a network; [`Failover::send`] drives them with `reqwest`.
@@ -48,9 +49,10 @@ fn normalize(url: &str) -> String {
     url.trim().trim_end_matches('/').to_string()
 }
 
-/// How long an origin that could not be reached counts as unreachable for the rule that,
-/// with every origin unreachable, a request tries only one.
-pub const ALL_DOWN_MEMORY: Duration = Duration::from_secs(10);
+/// How long an origin that could not be connected to counts as unreachable for the rule
+/// that, with every origin unreachable, a request tries only one. Longer than a round of
+/// connect timeouts over several origins, or that round would never end in the rule.
+pub const ALL_DOWN_MEMORY: Duration = Duration::from_secs(60);
 
 /// A list of equivalent origin base URLs and which one to ask first.
 #[derive(Debug)]
@@ -108,13 +110,13 @@ impl Failover {
     }
 
     /// The origins one request tries at `now`: all of them in [`order`](Self::order), or,
-    /// when every one was unreachable lately, only the first.
+    /// when every one was unreachable lately, only the one that failed longest ago.
     pub fn attempts(&self, now: Instant) -> Vec<usize> {
-        let mut order = self.order();
         if self.all_unreachable(now) {
-            order.truncate(1);
+            let oldest = (0..self.urls.len()).min_by_key(|&i| self.unreachable_at[i].load(Ordering::Relaxed));
+            return oldest.into_iter().collect();
         }
-        order
+        self.order()
     }
 
     /// Counts each failed attempt in `counter` (one label: the origin URL), so operators and
@@ -172,7 +174,8 @@ impl Failover {
             let sent = build(url).send().await;
             match &sent {
                 Ok(_) => self.unreachable_at[index].store(0, Ordering::Relaxed),
-                Err(_) => self.unreachable(index, Instant::now()),
+                Err(e) if e.is_connect() => self.unreachable(index, Instant::now()),
+                Err(_) => {}
             }
             let why = match sent {
                 Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => {
@@ -244,20 +247,24 @@ mod tests {
         assert_eq!(f.order(), vec![2, 0, 1]);
     }
 
-    /// With every origin unreachable lately, a request tries one, not each in turn; one
-    /// that answers again, or time, ends that.
+    /// With every origin unreachable lately (found one connect timeout after another), a
+    /// request tries one, not each in turn, taking them in turns; one that answers again, or
+    /// time, ends that.
     #[test]
     fn every_origin_unreachable_lately_means_one_attempt() {
         let f = three();
         let t = Instant::now();
-        f.unreachable(0, t);
-        f.unreachable(1, t);
-        assert_eq!(f.attempts(t), vec![0, 1, 2], "one still reachable: all are tried");
-        f.unreachable(2, t);
-        assert_eq!(f.attempts(t + Duration::from_secs(1)), vec![0]);
-        assert_eq!(f.attempts(t + ALL_DOWN_MEMORY), vec![0, 1, 2], "forgotten after a while");
+        let s = Duration::from_secs;
+        f.unreachable(0, t + s(10));
+        f.unreachable(1, t + s(20));
+        assert_eq!(f.attempts(t + s(20)), vec![0, 1, 2], "one still reachable: all are tried");
+        f.unreachable(2, t + s(30));
+        assert_eq!(f.attempts(t + s(30)), vec![0], "the one that failed longest ago");
+        f.unreachable(0, t + s(40));
+        assert_eq!(f.attempts(t + s(40)), vec![1], "then the next");
+        assert_eq!(f.attempts(t + s(80)), vec![0, 1, 2], "forgotten after a while");
         f.answered(1);
-        assert_eq!(f.attempts(t + Duration::from_secs(1)), vec![1, 2, 0]);
+        assert_eq!(f.attempts(t + s(41)), vec![1, 2, 0]);
     }
 
     #[test]

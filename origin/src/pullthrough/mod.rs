@@ -106,14 +106,15 @@ fn store_error(registry: &str, e: UpstreamError) -> StoreError {
     }
 }
 
-/// Whether an upstream failure means "cannot ask now" (serve stale) rather than an answer.
 /// How long the upstream may take to say what a tag points at when the tag's last target
-/// may still be served (`serve_stale`): then that is answered. Well inside an agent's wait
-/// for an origin (`http_timeout`, 10 s): an upstream that hangs (accepts, never answers)
-/// made the origin wait out its 30 s header timeout, every agent gave up first, and the stale
-/// tag was never served through agents.
+/// may still be served (`serve_stale`): then that is answered (and the upstream's answer, if
+/// it comes later, is not waited for: the next request after `tag_ttl` asks again). Well
+/// inside an agent's wait for an origin (`http_timeout`, 10 s): an upstream that hangs
+/// (accepts, never answers) made the origin wait out its 30 s header timeout, every agent
+/// gave up first, and the stale tag was never served through agents.
 pub const STALE_ANSWER_AFTER: Duration = Duration::from_secs(5);
 
+/// Whether an upstream failure means "cannot ask now" (serve stale) rather than an answer.
 fn cannot_ask(e: &UpstreamError) -> bool {
     matches!(
         e,
