@@ -752,6 +752,70 @@ async fn repair_forgets_only_what_the_owners_confirmed() {
     }
 }
 
+/// R = 1: the only owner of [`Retag::REPO`] and another origin that writes its `v1` tag.
+struct Retag {
+    world: std::sync::Arc<World>,
+    cs: Vec<std::sync::Arc<Coordinator>>,
+    owner: String,
+    writer: std::sync::Arc<Coordinator>,
+}
+
+impl Retag {
+    const REPO: &'static str = "team/app";
+
+    async fn new() -> Retag {
+        let (world, cs) = world_with(1).await;
+        let owner = shoal_origin::cluster::placement::owners(Self::REPO, &ids(), 1).remove(0);
+        let writer = cs.iter().find(|c| c.me() != owner).unwrap().clone();
+        Retag { world, cs, owner, writer }
+    }
+
+    /// Point `v1` at `digest`, through the writer.
+    async fn tag(&self, digest: &Digest) {
+        let value = Some(RecordValue::Tag { digest: digest.clone() });
+        let record = Record::new(RecordKey::Tag("v1".into()), self.writer.clock.next(), value);
+        self.writer.write_records(Self::REPO, vec![record]).await.unwrap();
+    }
+
+    /// What `v1` reads as now.
+    async fn read(&self) -> Option<Digest> {
+        let got = self.cs[0].read_records(Self::REPO, &[RecordKey::Tag("v1".into())]).await.unwrap();
+        got[0].as_ref().and_then(|r| r.tag_target()).cloned()
+    }
+
+    /// Whether `v1` reads as `digest` within `within`.
+    async fn reads_within(&self, digest: &Digest, within: Duration) -> bool {
+        let home = async {
+            while self.read().await.as_ref() != Some(digest) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(within, home).await.is_ok()
+    }
+
+    /// Put `n` blobs that other origins own on the writer, as a repair pass walks them.
+    async fn hold_foreign_blobs(&self, n: usize) {
+        let mut held = 0;
+        for i in 0.. {
+            let data = format!("blob {i}").into_bytes();
+            let digest = Digest::of(Algorithm::Sha256, &data);
+            if shoal_origin::cluster::placement::owners(&digest.to_string(), &ids(), 1)[0] == self.writer.me()
+            {
+                continue;
+            }
+            self.writer.local.blob_put(&digest, data.len() as u64, body(&data)).await.unwrap();
+            held += 1;
+            if held == n {
+                return;
+            }
+        }
+    }
+}
+
+fn ids() -> Vec<String> {
+    IDS.iter().map(|s| s.to_string()).collect()
+}
+
 /// A retag written while a repository's only owner (R = 1) was unreachable lands on another
 /// origin; reads ask the owner and see the old tag until the record comes home. The pass that
 /// follows the owner's return works the queue before its walk over every blob held here
@@ -759,52 +823,25 @@ async fn repair_forgets_only_what_the_owners_confirmed() {
 /// record is home within seconds.
 #[tokio::test]
 async fn a_write_that_fell_back_goes_home_before_the_walk_over_every_blob() {
-    let (world, cs) = world_with(1).await;
-    let all: Vec<String> = IDS.iter().map(|s| s.to_string()).collect();
-    let repo = "team/app";
-    let owner = shoal_origin::cluster::placement::owners(repo, &all, 1).remove(0);
-    let writer = cs.iter().find(|c| c.me() != owner).unwrap().clone();
-    let tag = |d: &Digest| {
-        Record::new(
-            RecordKey::Tag("v1".into()),
-            writer.clock.next(),
-            Some(RecordValue::Tag { digest: d.clone() }),
-        )
-    };
+    let r = Retag::new().await;
     let (old, new) = (Digest::of(Algorithm::Sha256, b"old"), Digest::of(Algorithm::Sha256, b"new"));
-    writer.write_records(repo, vec![tag(&old)]).await.unwrap();
-    switch(&world, &owner, true);
-    writer.write_records(repo, vec![tag(&new)]).await.unwrap();
-    switch(&world, &owner, false);
-    let read = || async {
-        let got = cs[0].read_records(repo, &[RecordKey::Tag("v1".into())]).await.unwrap();
-        got[0].as_ref().and_then(|r| r.tag_target()).cloned()
-    };
-    assert_eq!(read().await, Some(old.clone()), "the owner answers reads with what it holds");
+    r.tag(&old).await;
+    switch(&r.world, &r.owner, true);
+    r.tag(&new).await;
+    switch(&r.world, &r.owner, false);
+    assert_eq!(r.read().await, Some(old.clone()), "the owner answers reads with what it holds");
 
     // A blob held here that another origin owns: the walk stops at its check.
-    let data = (0..).map(|i| format!("blob {i}")).find(|d| {
-        let key = Digest::of(Algorithm::Sha256, d.as_bytes()).to_string();
-        shoal_origin::cluster::placement::owners(&key, &all, 1)[0] != writer.me()
-    });
-    let data = data.unwrap().into_bytes();
-    let digest = Digest::of(Algorithm::Sha256, &data);
-    writer.local.blob_put(&digest, data.len() as u64, body(&data)).await.unwrap();
-    let (reached, open) = hold_every(&world, GateOn::BlobStat);
-
-    let _repairer = Repairer::start(writer.clone(), 1 << 30, Duration::from_secs(3600));
+    r.hold_foreign_blobs(1).await;
+    let (reached, open) = hold_every(&r.world, GateOn::BlobStat);
+    let _repairer = Repairer::start(r.writer.clone(), 1 << 30, Duration::from_secs(3600));
     // The membership changes once the loop has taken note of the generation it started in.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    world.generation.fetch_add(1, Ordering::SeqCst);
-    let home = async {
-        while read().await != Some(new.clone()) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    let outcome = tokio::time::timeout(Duration::from_secs(10), home).await;
+    r.world.generation.fetch_add(1, Ordering::SeqCst);
+    let home = r.reads_within(&new, Duration::from_secs(10)).await;
     let walked = tokio::time::timeout(Duration::from_secs(1), reached.notified()).await.is_ok();
     let _ = open.send(true);
-    assert!(outcome.is_ok(), "the retag stayed away from its owner while the blobs were walked");
+    assert!(home, "the retag stayed away from its owner while the blobs were walked");
     assert!(walked, "the pass went on to the blobs");
 }
 
@@ -812,58 +849,27 @@ async fn a_write_that_fell_back_goes_home_before_the_walk_over_every_blob() {
 /// blobs: the walk works the queue as soon as the membership changes, not at its end.
 #[tokio::test]
 async fn a_write_that_fell_back_goes_home_when_its_owner_returns_during_a_walk() {
-    let (world, cs) = world_with(1).await;
-    let all: Vec<String> = IDS.iter().map(|s| s.to_string()).collect();
-    let repo = "team/app";
-    let owner = shoal_origin::cluster::placement::owners(repo, &all, 1).remove(0);
-    let writer = cs.iter().find(|c| c.me() != owner).unwrap().clone();
-    let tag = |d: &Digest| {
-        Record::new(
-            RecordKey::Tag("v1".into()),
-            writer.clock.next(),
-            Some(RecordValue::Tag { digest: d.clone() }),
-        )
-    };
+    let r = Retag::new().await;
     let (old, new) = (Digest::of(Algorithm::Sha256, b"old"), Digest::of(Algorithm::Sha256, b"new"));
-    writer.write_records(repo, vec![tag(&old)]).await.unwrap();
+    r.tag(&old).await;
     // Blobs held here that others own, each check 100 ms: a walk of many seconds.
-    let mut held = 0;
-    for i in 0.. {
-        let data = format!("blob {i}").into_bytes();
-        let digest = Digest::of(Algorithm::Sha256, &data);
-        if shoal_origin::cluster::placement::owners(&digest.to_string(), &all, 1)[0] == writer.me() {
-            continue;
-        }
-        writer.local.blob_put(&digest, data.len() as u64, body(&data)).await.unwrap();
-        held += 1;
-        if held == 200 {
-            break;
-        }
-    }
-    for node in world.nodes.values() {
+    r.hold_foreign_blobs(200).await;
+    for node in r.world.nodes.values() {
         node.stat_delay_ms.store(100, Ordering::SeqCst);
     }
-    let _repairer = Repairer::start(writer.clone(), 1 << 30, Duration::from_secs(3600));
+    let _repairer = Repairer::start(r.writer.clone(), 1 << 30, Duration::from_secs(3600));
     tokio::time::sleep(Duration::from_millis(100)).await;
     // The owner leaves: a pass starts a tick or two later and walks the blobs.
-    switch(&world, &owner, true);
-    world.generation.fetch_add(1, Ordering::SeqCst);
+    switch(&r.world, &r.owner, true);
+    r.world.generation.fetch_add(1, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    writer.write_records(repo, vec![tag(&new)]).await.unwrap();
-    switch(&world, &owner, false);
-    world.generation.fetch_add(1, Ordering::SeqCst);
-    let read = || async {
-        let got = cs[0].read_records(repo, &[RecordKey::Tag("v1".into())]).await.unwrap();
-        got[0].as_ref().and_then(|r| r.tag_target()).cloned()
-    };
-    let home = async {
-        while read().await != Some(new.clone()) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(3), home)
-        .await
-        .expect("the retag waited for the end of the walk over the blobs");
+    r.tag(&new).await;
+    switch(&r.world, &r.owner, false);
+    r.world.generation.fetch_add(1, Ordering::SeqCst);
+    assert!(
+        r.reads_within(&new, Duration::from_secs(3)).await,
+        "the retag waited for the end of the walk over the blobs"
+    );
 }
 
 /// Two collections asked of the leader at once: one runs, the other is refused while it does.
