@@ -9,15 +9,19 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use shoal_registry::range::ByteRange;
-use shoal_registry::store::{file_range_stream, UploadState};
-use shoal_registry::{Algorithm, ByteStream, Digest, RepoName, StoreError};
+use shoal_registry::store::file_range_stream;
+use shoal_registry::{ByteStream, Digest, StoreError};
 
 use crate::cluster::node::{BlobEntry, RecordPage, ScanPage};
 use crate::cluster::record::{Record, RecordKey, RecordKind};
 use crate::fsutil;
 use crate::layout::Layout;
-use crate::meta::{Meta, UploadRecord};
+use crate::meta::Meta;
 use crate::uploads::{self, Session, Sessions};
+
+mod sessions;
+use sessions::expire_sessions;
+pub use sessions::upload_home;
 
 /// Settings of the origin store.
 #[derive(Clone, Debug)]
@@ -105,166 +109,10 @@ impl OriginStore {
     pub fn stored_bytes(&self) -> u64 {
         self.inner.blob_bytes.load(Ordering::Relaxed)
     }
-
-    fn session(&self, repo: &RepoName, id: &str) -> Result<Arc<tokio::sync::Mutex<Session>>, StoreError> {
-        self.inner.sessions.get_in(repo, id).ok_or(StoreError::UploadUnknown)
-    }
-
-    async fn discard_session(&self, id: &str) -> Result<(), StoreError> {
-        self.inner.sessions.remove(id);
-        let inner = self.inner.clone();
-        let id = id.to_string();
-        blocking(move || {
-            inner.meta.remove_upload(&id)?;
-            match std::fs::remove_file(inner.layout.upload(&id)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::from_io(e)),
-                _ => Ok(()),
-            }
-        })
-        .await
-    }
 }
 
-/// A locked session, unless it has ended (expired, finished or cancelled) while the caller
-/// waited for its lock.
-fn live<S: std::ops::Deref<Target = Session>>(session: S) -> Result<S, StoreError> {
-    if session.ended {
-        return Err(StoreError::UploadUnknown);
-    }
-    Ok(session)
-}
-
-/// Periodically drop sessions idle past the configured timeout; ends with the store.
-async fn expire_sessions(inner: Weak<Inner>) {
-    loop {
-        let Some(strong) = inner.upgrade() else { return };
-        let idle = strong.config.upload_idle_timeout;
-        let period = (idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(60));
-        let store = OriginStore { inner: strong };
-        for id in store.inner.sessions.take_expired(idle) {
-            tracing::info!(upload = %id, "upload session expired");
-            if let Err(e) = store.discard_session(&id).await {
-                tracing::warn!(upload = %id, error = %e, "could not discard expired upload");
-            }
-        }
-        drop(store);
-        tokio::time::sleep(period).await;
-    }
-}
-
-/// The origin a session id names as its home (see [`OriginStore::upload_start`]).
-pub fn upload_home(id: &str) -> Option<String> {
-    let (_, home) = id.rsplit_once('.')?;
-    String::from_utf8(hex::decode(home).ok()?).ok()
-}
-
-/// Upload sessions: bytes from the client, kept on the origin that opened the session.
+/// Publishing verified files into the blob store (uploads and copies from other origins).
 impl OriginStore {
-    /// Open a session. `home` (this origin's cluster id) is written into the session id, so
-    /// that any other origin that receives a request for the session knows where it lives.
-    pub async fn upload_start(&self, repo: &RepoName, home: &str) -> Result<UploadState, StoreError> {
-        let max = self.inner.config.max_upload_sessions;
-        if self.inner.sessions.len() >= max {
-            return Err(StoreError::TooManyUploads(max));
-        }
-        let id = format!("{}.{}", uuid::Uuid::new_v4(), hex::encode(home));
-        let path = self.inner.layout.upload(&id);
-        let inner = self.inner.clone();
-        let record = UploadRecord { repo: repo.to_string(), created: now_unix() };
-        {
-            let (id, path) = (id.clone(), path.clone());
-            blocking(move || {
-                std::fs::File::create(&path).map_err(StoreError::from_io)?;
-                inner.meta.add_upload(&id, &record)
-            })
-            .await?;
-        }
-        let session = Session {
-            repo: repo.clone(),
-            path,
-            offset: 0,
-            hasher: Some(Algorithm::Sha256.hasher()),
-            touched: Instant::now(),
-            ended: false,
-        };
-        self.inner.sessions.insert(id.clone(), session);
-        Ok(UploadState { id, offset: 0 })
-    }
-
-    /// The file an upload session's bytes go to (a pull-through fetch streams it to its first
-    /// readers while it grows).
-    pub fn upload_path(&self, id: &str) -> PathBuf {
-        self.inner.layout.upload(id)
-    }
-
-    pub async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<UploadState, StoreError> {
-        let session = self.session(repo, id)?;
-        let session = live(session.lock().await)?;
-        Ok(UploadState { id: id.to_string(), offset: session.offset })
-    }
-
-    /// Append a chunk; see `RegistryStore::upload_append` for the contract. The append runs
-    /// in a task of its own, to its end, even if the request is dropped (its client gone, or
-    /// a forwarding origin giving up): dropped halfway, the session kept its old offset while
-    /// the file had grown, and the blob came out corrupt.
-    pub async fn upload_append(
-        &self,
-        repo: &RepoName,
-        id: &str,
-        start: Option<u64>,
-        len: Option<u64>,
-        body: ByteStream,
-    ) -> Result<UploadState, StoreError> {
-        let session = self.session(repo, id)?;
-        let id = id.to_string();
-        tokio::spawn(async move {
-            let mut session = live(session.lock_owned().await)?;
-            uploads::append(&mut session, start, len, body).await?;
-            Ok(UploadState { id, offset: session.offset })
-        })
-        .await
-        .map_err(|e| StoreError::Internal(format!("upload task: {e}")))?
-    }
-
-    /// Verify the session's content against `digest` and publish it as a blob file here; the
-    /// session ends either way. Returns the blob's size. The caller
-    /// (`ClusterStore::upload_complete`) runs it in a task of its own, so a dropped request
-    /// cannot stop it halfway.
-    pub async fn upload_finish(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError> {
-        let session = self.session(repo, id)?;
-        let mut session = live(session.lock().await)?;
-        let actual = uploads::digest_of(&session, digest.algorithm()).await?;
-        if &actual != digest {
-            session.ended = true;
-            drop(session);
-            self.discard_session(id).await?;
-            return Err(StoreError::DigestMismatch { expected: digest.clone(), actual });
-        }
-        let size = session.offset;
-        if let Err(e) = self.publish(session.path.clone(), digest, size, Some(id.to_string())).await {
-            // Still whole (a full disk at the commit): the client may retry the same `PUT`.
-            // Gone (a failed fsync took the bytes with it): the upload is over.
-            if !tokio::fs::try_exists(&session.path).await.unwrap_or(false) {
-                session.ended = true;
-                drop(session);
-                let _ = self.discard_session(id).await;
-            }
-            return Err(e);
-        }
-        session.ended = true;
-        drop(session);
-        self.inner.sessions.remove(id);
-        Ok(size)
-    }
-
-    pub async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {
-        let session = self.session(repo, id)?;
-        let mut session = live(session.lock().await)?;
-        session.ended = true;
-        drop(session);
-        self.discard_session(id).await
-    }
-
     /// fsync a verified file, rename it into the blob store and record it; `true` if the blob
     /// is new here. Metainfo is left to the caller: a copy about to move to its owners does
     /// not need it.

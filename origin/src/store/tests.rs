@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use futures_util::stream;
-use shoal_registry::Algorithm;
+use shoal_registry::{Algorithm, RepoName};
 
 use super::*;
 use crate::meta::tests::Tmpfs;
