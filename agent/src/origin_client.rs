@@ -345,19 +345,11 @@ impl OriginClient {
         // Read no more than asked for: a proxy in front of an origin that ignores `Range` and
         // answers 200 would otherwise have the whole blob buffered here.
         let want = usize::try_from(len).map_err(|_| StoreError::Internal("range too large".into()))?;
-        let mut bytes = bytes::BytesMut::with_capacity(want.min(16 << 20));
-        let mut body = r.bytes_stream();
-        while bytes.len() < want {
-            match futures_util::StreamExt::next(&mut body).await {
-                Some(chunk) => bytes.extend_from_slice(&chunk.map_err(unreachable)?),
-                None => break,
-            }
-        }
+        let bytes = shoal_tls::read_body(r, want, true).await.map_err(unreachable)?;
         if bytes.len() < want {
             return Err(StoreError::Internal(format!("origin sent {} of {len} bytes", bytes.len())));
         }
-        bytes.truncate(want);
-        Ok(bytes.freeze())
+        Ok(bytes)
     }
 
     /// A listing endpoint (tags, catalog, referrers) as raw JSON, `None` on 404.

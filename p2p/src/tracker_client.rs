@@ -181,7 +181,7 @@ impl TrackerClient {
         self.answered(url, r.is_ok());
         match r {
             Ok(r) if r.status().is_success() => {
-                let body = read_limited(r, MAX_TRACKER_ANSWER).await.map_err(|e| format!("{url}: {e}"))?;
+                let body = read_limited(r).await.map_err(|e| format!("{url}: {e}"))?;
                 serde_json::from_slice(&body).map_err(|e| format!("{url}: {e}"))
             }
             Ok(r) => Err(format!("{url}: status {}", r.status())),
@@ -299,7 +299,7 @@ impl TrackerClient {
         self.answered(url, sent.is_ok());
         let resp = match sent {
             Ok(r) if r.status().is_success() => {
-                match read_limited(r, MAX_TRACKER_ANSWER).await.and_then(|body| {
+                match read_limited(r).await.and_then(|body| {
                     serde_json::from_slice::<AnnounceBatchResponse>(&body).map_err(|e| e.to_string())
                 }) {
                     Ok(resp) if resp.results.len() == n => resp,
@@ -380,7 +380,7 @@ impl TrackerClient {
         self.answered(url, sent.is_ok());
         match sent {
             Ok(r) if r.status().is_success() => {
-                read_limited(r, MAX_TRACKER_ANSWER).await.map(Some).map_err(|e| format!("{url}: {e}"))
+                read_limited(r).await.map(Some).map_err(|e| format!("{url}: {e}"))
             }
             Ok(r) if r.status() == StatusCode::NOT_FOUND => Ok(None),
             Ok(r) => Err(format!("{url}: status {}", r.status())),
@@ -462,24 +462,15 @@ impl Tries {
     }
 }
 
+/// A tracker's answer, at most [`MAX_TRACKER_ANSWER`] bytes.
+async fn read_limited(r: reqwest::Response) -> Result<Bytes, String> {
+    shoal_tls::read_body(r, MAX_TRACKER_ANSWER, false).await.map_err(|e| e.to_string())
+}
+
 /// Most bytes of a tracker's answer read: a metainfo of a 100 GiB blob in 1 MiB pieces is
 /// about 6.5 MB of JSON, and a batch's handouts far less. A tracker that streams more (a
 /// broken or hostile one) fails the call instead of filling the agent's memory.
 pub const MAX_TRACKER_ANSWER: usize = 64 << 20;
-
-/// A body of at most `limit` bytes (the client's timeout bounds how long it may take).
-async fn read_limited(r: reqwest::Response, limit: usize) -> Result<Bytes, String> {
-    let mut out = bytes::BytesMut::new();
-    let mut body = r.bytes_stream();
-    while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
-        let chunk = chunk.map_err(|e| e.to_string())?;
-        if out.len() + chunk.len() > limit {
-            return Err(format!("answer over {limit} bytes"));
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out.freeze())
-}
 
 #[cfg(test)]
 mod tests;

@@ -287,6 +287,41 @@ pub fn http_client() -> reqwest::ClientBuilder {
     http_client_with(&current())
 }
 
+/// Why [`read_body`] gave no body.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("answer is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("reading the answer: {0}")]
+    Read(#[from] reqwest::Error),
+}
+
+/// An answer's body of at most `limit` bytes: beyond that [`BodyError::TooLarge`], or, with
+/// `truncate`, the first `limit` bytes (the rest is not read). Every Shoal client reads
+/// answers through it, so a peer that sends more than any real answer (or a proxy that
+/// ignores `Range`) cannot fill the reader's memory. The client's timeouts bound the time.
+pub async fn read_body(
+    mut resp: reqwest::Response,
+    limit: usize,
+    truncate: bool,
+) -> Result<bytes::Bytes, BodyError> {
+    if !truncate && resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge(limit));
+    }
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if buf.len() + chunk.len() > limit {
+            if truncate {
+                buf.extend_from_slice(&chunk[..limit - buf.len()]);
+                break;
+            }
+            return Err(BodyError::TooLarge(limit));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
 /// [`http_client`] with an explicit context (tests, tools).
 pub fn http_client_with(tls: &Tls) -> reqwest::ClientBuilder {
     reqwest::Client::builder()

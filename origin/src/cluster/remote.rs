@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::TryStreamExt;
 use reqwest::header::{self, HeaderValue};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
@@ -146,27 +146,11 @@ impl RemoteNode {
 
     /// The answer's body, at most `limit` bytes: beyond that an error, or (with `truncate`)
     /// the first `limit` bytes.
-    async fn read_bounded(
-        &self,
-        mut resp: Response,
-        limit: usize,
-        truncate: bool,
-    ) -> Result<Bytes, NodeError> {
-        if !truncate && resp.content_length().is_some_and(|n| n > limit as u64) {
-            return Err(self.refused(format!("answer is larger than {limit} bytes")));
-        }
-        let mut buf = BytesMut::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| self.unreachable(error_chain(&e)))? {
-            if buf.len() + chunk.len() > limit {
-                if truncate {
-                    buf.extend_from_slice(&chunk[..limit - buf.len()]);
-                    break;
-                }
-                return Err(self.refused(format!("answer is larger than {limit} bytes")));
-            }
-            buf.extend_from_slice(&chunk);
-        }
-        Ok(buf.freeze())
+    async fn read_bounded(&self, resp: Response, limit: usize, truncate: bool) -> Result<Bytes, NodeError> {
+        shoal_tls::read_body(resp, limit, truncate).await.map_err(|e| match e {
+            shoal_tls::BodyError::Read(e) => self.unreachable(error_chain(&e)),
+            too_large => self.refused(too_large.to_string()),
+        })
     }
 
     async fn json<T: DeserializeOwned>(&self, resp: Response) -> Result<T, NodeError> {
