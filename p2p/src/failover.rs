@@ -93,14 +93,14 @@ impl Failover {
     }
 
     /// Records that the origin at `index` could not be reached at `now`.
-    pub fn unreachable(&self, index: usize, now: Instant) {
+    fn unreachable(&self, index: usize, now: Instant) {
         if let Some(at) = self.unreachable_at.get(index) {
             at.store(self.millis(now), Ordering::Relaxed);
         }
     }
 
     /// Whether every origin could not be reached within [`ALL_DOWN_MEMORY`] before `now`.
-    pub fn all_unreachable(&self, now: Instant) -> bool {
+    fn all_unreachable(&self, now: Instant) -> bool {
         let now = self.millis(now);
         let memory = ALL_DOWN_MEMORY.as_millis() as u64;
         self.unreachable_at.iter().all(|at| {
@@ -111,7 +111,7 @@ impl Failover {
 
     /// The origins one request tries at `now`: all of them in [`order`](Self::order), or,
     /// when every one was unreachable lately, only the one that failed longest ago.
-    pub fn attempts(&self, now: Instant) -> Vec<usize> {
+    fn attempts(&self, now: Instant) -> Vec<usize> {
         if self.all_unreachable(now) {
             let oldest = (0..self.urls.len()).min_by_key(|&i| self.unreachable_at[i].load(Ordering::Relaxed));
             return oldest.into_iter().collect();

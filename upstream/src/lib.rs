@@ -436,13 +436,7 @@ impl Upstream {
 
     /// Remember a `429`'s `Retry-After`; the error to return.
     fn throttle(&self, r: &reqwest::Response) -> UpstreamError {
-        let wait = r
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after)
-            .unwrap_or(DEFAULT_RETRY_AFTER)
-            .min(MAX_RETRY_AFTER);
+        let wait = retry_after(r.headers()).unwrap_or(DEFAULT_RETRY_AFTER);
         self.metrics.throttled(self.registry());
         tracing::warn!(registry = self.registry(), retry_after_s = wait.as_secs(), "upstream answered 429");
         *self.throttled_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wait);
@@ -457,6 +451,12 @@ impl Upstream {
             _ => Ok(()),
         }
     }
+}
+
+/// A 429's `Retry-After` (seconds or an HTTP date), at most [`MAX_RETRY_AFTER`].
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let wait = parse_retry_after(headers.get(RETRY_AFTER)?.to_str().ok()?)?;
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 /// `Retry-After` as seconds or an HTTP date.

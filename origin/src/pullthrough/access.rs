@@ -57,6 +57,22 @@ impl PullThrough {
         }
     }
 
+    /// If `repo`'s private mark is due a recheck: `ask` (without the client's credentials),
+    /// its answer taken as [`Self::recheck`] says; the answer, if one came.
+    async fn recheck_if_due<T>(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        ask: impl std::future::Future<Output = Result<T, UpstreamError>>,
+    ) -> Option<T> {
+        if !self.recheck_due(up, repo) {
+            return None;
+        }
+        let result = ask.await;
+        self.recheck(repo, &result).await;
+        result.ok()
+    }
+
     /// What the upstream's answer without a client's credentials shows about a repository
     /// marked private: an answer, that it is not private any more (the mark goes, for every
     /// origin); a refusal, that it still is (found so now). A repository marked private
@@ -94,11 +110,9 @@ impl PullThrough {
             Ok(p) => p,
             Err(e) => return Err(UpstreamError::Unavailable(format!("repository records: {e}"))),
         };
-        if private && self.recheck_due(up, repo) {
-            let result = f(None).await;
-            self.recheck(repo, &result).await;
-            if result.is_ok() {
-                return result;
+        if private {
+            if let Some(answer) = self.recheck_if_due(up, repo, f(None)).await {
+                return Ok(answer);
             }
         }
         if private {
@@ -180,15 +194,8 @@ impl PullThrough {
         if !self.is_private(repo).await? {
             return Ok(());
         }
-        if self.recheck_due(up, repo) {
-            let result = match probe {
-                Probe::Blob(digest) => up.blob_head(path, digest, None).await.map(|_| ()),
-                Probe::Manifest(digest) => up.resolve_tag(path, &digest.to_string(), None).await.map(|_| ()),
-            };
-            self.recheck(repo, &result).await;
-            if result.is_ok() {
-                return Ok(());
-            }
+        if self.recheck_if_due(up, repo, ask(up, path, probe, None)).await.is_some() {
+            return Ok(());
         }
         let unauthorized = || StoreError::UpstreamUnauthorized { registry: up.registry().to_string() };
         let creds = client_credentials().ok_or_else(unauthorized)?;
@@ -198,12 +205,7 @@ impl PullThrough {
                 return if allowed { Ok(()) } else { Err(unauthorized()) };
             }
         }
-        let result = match probe {
-            Probe::Blob(digest) => up.blob_head(path, digest, Some(&creds)).await.map(|_| ()),
-            Probe::Manifest(digest) => {
-                up.resolve_tag(path, &digest.to_string(), Some(&creds)).await.map(|_| ())
-            }
-        };
+        let result = ask(up, path, probe, Some(&creds)).await;
         self.remember_access(repo, &creds, &result);
         match result {
             Ok(_) => Ok(()),
@@ -218,6 +220,19 @@ impl PullThrough {
             // private repositories answer 404 to users without it.
             Err(e) => Err(store_error(up.registry(), e)),
         }
+    }
+}
+
+/// A `HEAD` of what `probe` names, with `creds` (the configured credentials without them).
+async fn ask(
+    up: &Upstream,
+    path: &str,
+    probe: Probe<'_>,
+    creds: Option<&Credentials>,
+) -> Result<(), UpstreamError> {
+    match probe {
+        Probe::Blob(digest) => up.blob_head(path, digest, creds).await.map(|_| ()),
+        Probe::Manifest(digest) => up.resolve_tag(path, &digest.to_string(), creds).await.map(|_| ()),
     }
 }
 

@@ -205,11 +205,8 @@ impl PullThrough {
         let answer = match req.send().await {
             Ok(r) if r.status().is_success() => r.json::<Progress>().await,
             Ok(r) if r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {
-                let retry_after_secs = r
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok()?.trim().parse().ok())
-                    .unwrap_or(FETCHES_FULL_RETRY_SECS);
+                let retry_after_secs =
+                    shoal_upstream::retry_after(r.headers()).map_or(FETCHES_FULL_RETRY_SECS, |d| d.as_secs());
                 return Err(StoreError::Throttled { retry_after_secs });
             }
             Ok(r) => {

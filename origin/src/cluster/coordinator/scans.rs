@@ -90,17 +90,13 @@ impl Coordinator {
                 ));
             }
         }
-        let mut by_key: BTreeMap<RecordKey, Record> = BTreeMap::new();
         // Origins that do not page (tests' nodes, earlier releases) answer everything.
-        let wanted =
-            |name: &String| after.is_none_or(|a| name.as_str() > a) && end.as_ref().is_none_or(|e| name <= e);
-        for rec in pages.into_iter().flat_map(|p| &p.records) {
-            if wanted(&rec.key.name()) && rec.supersedes(by_key.get(&rec.key)) {
-                by_key.insert(rec.key.clone(), rec.clone());
-            }
-        }
-        self.observe(by_key.values());
-        Ok(Some((by_key.into_values().collect(), end)))
+        let wanted = |rec: &&Record| {
+            let name = rec.key.name();
+            after.is_none_or(|a| name.as_str() > a) && end.as_ref().is_none_or(|e| &name <= e)
+        };
+        let records = self.newest(pages.into_iter().flat_map(|p| &p.records).filter(wanted));
+        Ok(Some((records, end)))
     }
 
     /// Ask `repo`'s owners, and the other live origins too when none of them knows it
@@ -136,18 +132,20 @@ impl Coordinator {
         if !answers.iter().any(|(_, a)| matches!(a, Ok(Some(_)))) {
             return None;
         }
+        let records = answers.iter().filter_map(|(_, a)| a.as_ref().ok().and_then(Option::as_ref)).flatten();
+        Some(self.newest(records))
+    }
+
+    /// The newest copy of each key among `records`, in key order; the clock moves past them.
+    fn newest<'a>(&self, records: impl Iterator<Item = &'a Record>) -> Vec<Record> {
         let mut by_key: BTreeMap<RecordKey, Record> = BTreeMap::new();
-        for (_, answer) in answers {
-            if let Ok(Some(records)) = answer {
-                for rec in records {
-                    if rec.supersedes(by_key.get(&rec.key)) {
-                        by_key.insert(rec.key.clone(), rec.clone());
-                    }
-                }
+        for rec in records {
+            if rec.supersedes(by_key.get(&rec.key)) {
+                by_key.insert(rec.key.clone(), rec.clone());
             }
         }
         self.observe(by_key.values());
-        Some(by_key.into_values().collect())
+        by_key.into_values().collect()
     }
 
     /// Repository names across every live origin, sorted, after `after`, at most `limit`
