@@ -334,28 +334,33 @@ impl TrackerClient {
     /// tracker that has not answered within [`TRACKER_HEDGE_AFTER`] is joined by the next one,
     /// the first to have it winning.
     pub async fn metainfo(&self, digest: &Digest) -> Result<Option<Bytes>, TrackerError> {
-        let order = self.order_for(digest);
+        // A batch of one, tried as announces are ([`Tries`]).
+        let mut tries = Tries::new(vec![self.order_for(digest)]);
         let mut last = None;
         let mut not_found = false;
         let mut pending = futures_util::stream::FuturesUnordered::new();
         let mut out: HashMap<String, Instant> = HashMap::new();
-        let mut next = 0;
-        let mut hedge: Option<Instant> = None;
         loop {
-            // The next tracker when none is out, or when the one out is slow.
-            let slow = hedge.is_some_and(|at| Instant::now() >= at);
-            if let Some(url) = order.get(next).filter(|_| pending.is_empty() || slow) {
-                out.insert(url.clone(), Instant::now());
-                pending.push(async move { (url, self.metainfo_at(url, digest).await) });
-                next += 1;
-                hedge = Some(Instant::now() + TRACKER_HEDGE_AFTER);
+            // The next tracker when none is out, or beside the one out when it is slow.
+            let now = Instant::now();
+            let mut ask = tries.due(now, |_| true);
+            if !tries.waiting(0) {
+                ask.push(0);
+            }
+            for (url, _) in tries.next_rank(&ask, now) {
+                out.insert(url.clone(), now);
+                pending.push(async move {
+                    let outcome = self.metainfo_at(&url, digest).await;
+                    (url, outcome)
+                });
             }
             if pending.is_empty() {
                 break;
             }
             tokio::select! {
                 Some((url, outcome)) = pending.next() => {
-                    out.remove(url);
+                    tries.ended(0);
+                    out.remove(&url);
                     match outcome {
                         Ok(Some(bytes)) => {
                             self.overtaken(out);
@@ -365,7 +370,7 @@ impl TrackerClient {
                         Err(e) => last = Some(e),
                     }
                 }
-                _ = sleep_until_opt(hedge.filter(|_| next < order.len())) => {}
+                _ = sleep_until_opt(tries.hedge_at(|_| true)) => {}
             }
         }
         if not_found {
@@ -429,7 +434,7 @@ impl Tries {
         groups.into_iter().collect()
     }
 
-    /// An attempt for announce `i` ended.
+    /// An attempt for announce (or lookup) `i` ended.
     fn ended(&mut self, i: usize) {
         self.out[i] = self.out[i].saturating_sub(1);
     }
