@@ -1,0 +1,375 @@
+//! Garbage collection across the cluster: what a collection may delete, what stops it, and
+//! writes that race its mark, unlink and quarantine.
+
+use super::*;
+
+/// GC's mark must see every owner's manifests. When the owners of a repository fail to list
+/// them (a scan that times out, or an answer too big to take) and the other origin answers
+/// that it does not know the repository, GC used to mark the repository empty and unlink, then
+/// delete, the layers of its live images. Now GC stops, and the image stays whole; reads of
+/// the repository's records say "unavailable", not "unknown".
+#[tokio::test]
+async fn gc_stops_when_the_owners_cannot_list_a_repositorys_manifests() {
+    let (world, cs) = world().await;
+    let lead = leading(&cs);
+    let repo: RepoName = (0..)
+        .map(|i| format!("team/listed{i}"))
+        .find(|r| !owners(r).contains(lead.me()))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let store = ClusterStore::new(cs[0].clone());
+    let config = push(&store, &repo, b"{}").await.unwrap();
+    let layer = push(&store, &repo, b"layer").await.unwrap();
+    let m = manifest(&config, &layer);
+    store.manifest_put(&repo, Some(&"v1".parse().unwrap()), m.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for owner in owners(repo.as_str()) {
+        world.nodes[&owner].failing_manifest_scans.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    let scanned = lead.scan_records(repo.as_str(), RecordKind::Manifest, None).await;
+    assert!(matches!(scanned, Err(StoreError::Unavailable(_))), "{scanned:?}");
+    for _ in 0..3 {
+        let result = shoal_origin::cluster::gc::collect(&lead, quick_gc()).await;
+        assert!(matches!(result, Err(GcError::Store(StoreError::Unavailable(_)))), "{result:?}");
+        tokio::time::sleep(quick_gc().quarantine).await;
+    }
+    for owner in owners(repo.as_str()) {
+        world.nodes[&owner].failing_manifest_scans.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+    assert_image_whole(&cs, &repo, "v1", &m.digest, &[(&layer, b"layer"), (&config, b"{}")]).await;
+    assert_eq!(holders(&world, &layer).await, owners(&layer.to_string()));
+    // With the owners answering again, GC runs and finds nothing to take.
+    let report = shoal_origin::cluster::gc::collect(&lead, quick_gc()).await.unwrap();
+    assert_image_whole(&cs, &repo, "v1", &m.digest, &[(&layer, b"layer"), (&config, b"{}")]).await;
+    assert_eq!((report.quarantined_blobs, report.swept_blobs), (0, 0), "{report:?}");
+}
+
+/// R = 1. An image is pushed while its repository's owner is down: its records land on the
+/// next origin in the ranking, and nothing is queued (every live owner took the write). The
+/// owner comes back, holding an older image of the same repository, before any repair pass.
+/// GC must read the repository everywhere: asking only the owner (which knows the repository,
+/// so nobody else was asked), it missed the new image and purged its layer.
+#[tokio::test]
+async fn gc_reads_what_a_write_left_beside_a_down_owner() {
+    let (world, cs) = world_with(1).await;
+    let all: Vec<String> = IDS.iter().map(|s| s.to_string()).collect();
+    let repo: RepoName = "team/moved".parse().unwrap();
+    let owner = shoal_origin::cluster::placement::owners(repo.as_str(), &all, 1)[0].clone();
+    let through = cs.iter().find(|c| c.me() != owner).unwrap().clone();
+    let store = ClusterStore::new(through.clone());
+    let old_config = push(&store, &repo, b"{\"old\":1}").await.unwrap();
+    let old_layer = push(&store, &repo, b"old layer").await.unwrap();
+    store.manifest_put(&repo, Some(&"v0".parse().unwrap()), manifest(&old_config, &old_layer)).await.unwrap();
+
+    switch(&world, &owner, true);
+    world.live.lock().unwrap().retain(|id| *id != owner);
+    let config = push(&store, &repo, b"{}").await.unwrap();
+    let layer = push(&store, &repo, b"new layer").await.unwrap();
+    let m = manifest(&config, &layer);
+    store.manifest_put(&repo, Some(&"v1".parse().unwrap()), m.clone()).await.unwrap();
+    switch(&world, &owner, false);
+    *world.live.lock().unwrap() = all.clone();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    let lead = leading(&cs);
+    let report = shoal_origin::cluster::gc::collect(&lead, quick_gc()).await.unwrap();
+    assert_eq!(report.swept_blobs, 0, "{report:?}");
+    assert_image_whole(&cs, &repo, "v1", &m.digest, &[(&layer, b"new layer"), (&config, b"{}")]).await;
+}
+
+/// Origins whose repository lists fail (timing out) would hide the repositories only they
+/// hold: GC stops instead of taking those repositories' blobs for garbage.
+#[tokio::test]
+async fn gc_stops_when_an_origin_cannot_list_its_repositories() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/unlisted".parse().unwrap();
+    let store = ClusterStore::new(cs[0].clone());
+    let config = push(&store, &repo, b"{}").await.unwrap();
+    let layer = push(&store, &repo, b"unlisted layer").await.unwrap();
+    let m = manifest(&config, &layer);
+    store.manifest_put(&repo, Some(&"v1".parse().unwrap()), m.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for owner in owners(repo.as_str()) {
+        world.nodes[&owner].failing_repo_lists.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    let lead = leading(&cs);
+    let result = shoal_origin::cluster::gc::collect(&lead, quick_gc()).await;
+    assert!(matches!(result, Err(GcError::Store(StoreError::Unavailable(_)))), "{result:?}");
+    for owner in owners(repo.as_str()) {
+        world.nodes[&owner].failing_repo_lists.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+    assert_image_whole(&cs, &repo, "v1", &m.digest, &[(&layer, b"unlisted layer"), (&config, b"{}")]).await;
+}
+
+/// The race users hit: GC marks a layer unreferenced, then `docker push` of a new image that
+/// reuses it (HEAD says the layer exists, so only the manifest is put) refreshes the layer's
+/// link before GC's tombstone lands. The tombstone is conditional on the marked version, so it
+/// does not apply; the new image stays whole, on every origin.
+#[tokio::test]
+async fn gc_keeps_a_layer_a_manifest_reused_between_mark_and_unlink() {
+    let (world, cs) = world().await;
+    // A repository the leader does not own: the gate is on the members' wrappers, and a
+    // coordinator calls its own member directly, so the leader's own copy of a tombstone
+    // would apply at once (and, under load, before the put below reads the links).
+    let lead = leading(&cs);
+    let repo: RepoName = (0..)
+        .map(|i| format!("team/app{i}"))
+        .find(|r| !owners(r).contains(lead.me()))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (config, layer) = garbage_image(&cs, &repo, b"layer").await;
+    let (reached, open) = hold_every(&world, GateOn::Tombstone);
+    let gc = tokio::spawn({
+        let c = lead.clone();
+        async move { shoal_origin::cluster::gc::collect(&c, quick_gc()).await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), reached.notified()).await.expect("gc reached the gate");
+    // GC has marked and is about to unlink the layer: no owner has applied a tombstone yet.
+    for owner in owners(repo.as_str()) {
+        let keys = [RecordKey::Link(config.clone()), RecordKey::Link(layer.clone())];
+        let links = world.nodes[&owner].inner.records_get(repo.as_str(), &keys).await.unwrap();
+        assert!(links.iter().all(|l| l.as_ref().is_some_and(|r| r.is_live())), "{owner}: {links:?}");
+    }
+    // A manifest reusing the layer is put now.
+    let again = manifest(&config, &layer);
+    ClusterStore::new(cs[1].clone())
+        .manifest_put(&repo, Some(&"v2".parse().unwrap()), again.clone())
+        .await
+        .unwrap();
+    open.send(true).unwrap();
+    let report = gc.await.unwrap().unwrap();
+    assert!(report.links_refreshed >= 1, "{report:?}");
+    assert_image_whole(&cs, &repo, "v2", &again.digest, &[(&layer, b"layer"), (&config, b"{}")]).await;
+    assert_eq!(holders(&world, &layer).await, owners(&layer.to_string()));
+}
+
+/// The same race, with the put's write slow to reach the owners: it read the layer's live
+/// link before GC unlinked it, but its records land after GC's tombstone. The refresh is newer
+/// than the link GC marked, and the tombstone outranks only that version, so the refresh wins
+/// on every owner and in every read: the acknowledged image stays whole. (With tombstones
+/// versioned by the collector's clock, the refresh lost to the later tombstone and reads of the
+/// layer said BLOB_UNKNOWN.)
+#[tokio::test]
+async fn gc_tombstone_loses_to_a_refresh_that_lands_after_it() {
+    let (world, cs) = world().await;
+    // Put through the one origin that does not own the repository, so every copy of its write
+    // crosses a gated member.
+    let repo: RepoName = "team/slow".parse().unwrap();
+    let owned = owners(repo.as_str());
+    let putter = non_owner(&cs, &repo);
+    let (config, layer) = garbage_image(&cs, &repo, b"layer").await;
+    let again = manifest(&config, &layer);
+    let (reached, open) = hold_every(&world, GateOn::LiveLink);
+    let put = tokio::spawn({
+        let (repo, again) = (repo.clone(), again.clone());
+        async move { ClusterStore::new(putter).manifest_put(&repo, Some(&"v2".parse().unwrap()), again).await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), reached.notified())
+        .await
+        .expect("the put reached the owners");
+    // The put has read the live links and its records wait at both owners. GC runs now.
+    let settings = GcSettings { grace: Duration::from_millis(1), quarantine: Duration::from_secs(3) };
+    let gc = tokio::spawn({
+        let c = leading(&cs);
+        async move { shoal_origin::cluster::gc::collect(&c, settings).await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    'unlinked: loop {
+        let mut dead = 0;
+        for owner in &owned {
+            let link =
+                world.nodes[owner].inner.records_get(repo.as_str(), &[RecordKey::Link(layer.clone())]).await;
+            dead += usize::from(link.unwrap()[0].as_ref().is_some_and(|r| !r.is_live()));
+        }
+        if dead == owned.len() {
+            break 'unlinked;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "GC did not unlink the layer on every owner");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // GC's tombstone is on every owner; the put's records arrive now, and it is acknowledged.
+    open.send(true).unwrap();
+    put.await.unwrap().expect("the put read live links in time: acknowledged");
+    assert_image_whole(&cs, &repo, "v2", &again.digest, &[(&layer, b"layer"), (&config, b"{}")]).await;
+    let report = gc.await.unwrap().unwrap();
+    assert_eq!(report.swept_blobs, 0, "{report:?}");
+    assert_blob_everywhere(&cs, &repo, &layer, b"layer", "after GC").await;
+    assert_eq!(holders(&world, &layer).await, owners(&layer.to_string()));
+}
+
+/// An upload of a blob the owners already hold (an old copy, a GC candidate) links it with a
+/// write that must land within `READ_TO_WRITE_DEADLINE` of the owners' check, as a mount's or
+/// a manifest put's must: held past it, the upload fails (the client retries) instead of
+/// being acknowledged after GC may have purged the copies it counted on.
+#[tokio::test]
+async fn an_upload_whose_link_cannot_land_within_the_gc_deadline_fails() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/relinked".parse().unwrap();
+    let store = ClusterStore::new(non_owner(&cs, &repo));
+    push(&store, &repo, b"held already").await.unwrap();
+    let (reached, open) = hold_every(&world, GateOn::LiveLink);
+    let upload = tokio::spawn({
+        let (store, repo) = (store.clone(), repo.clone());
+        async move { push(&store, &repo, b"held already").await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), reached.notified())
+        .await
+        .expect("the upload's link reached the owners");
+    tokio::time::sleep(READ_TO_WRITE_DEADLINE + Duration::from_secs(1)).await;
+    open.send(true).unwrap();
+    let result = upload.await.unwrap();
+    assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+}
+
+/// GC's safety rests on every write that read a live link *landing* within
+/// `READ_TO_WRITE_DEADLINE` of the read: its last mark, a quarantine after the unlink, must see
+/// it. A manifest put whose records the owners hold past the deadline therefore fails (503, the
+/// client retries) rather than being acknowledged after GC may have deleted its layer; and the
+/// retry, once the owners answer again, succeeds.
+#[tokio::test]
+async fn a_manifest_put_that_cannot_land_within_the_gc_deadline_fails() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/late".parse().unwrap();
+    let owned = owners(repo.as_str());
+    let putter = non_owner(&cs, &repo);
+    let store = ClusterStore::new(putter.clone());
+    let config = push(&store, &repo, b"{}").await.unwrap();
+    let layer = push(&store, &repo, b"late").await.unwrap();
+    let m = manifest(&config, &layer);
+    let (reached, open) = hold_every(&world, GateOn::LiveLink);
+    let started = std::time::Instant::now();
+    let put = tokio::spawn({
+        let (store, repo, m) = (ClusterStore::new(putter.clone()), repo.clone(), m.clone());
+        async move { store.manifest_put(&repo, Some(&"v1".parse().unwrap()), m).await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), reached.notified())
+        .await
+        .expect("the put reached the owners");
+    let result = tokio::time::timeout(READ_TO_WRITE_DEADLINE + Duration::from_secs(10), put)
+        .await
+        .expect("the put gave up at its deadline")
+        .unwrap();
+    assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+    assert!(
+        started.elapsed() >= READ_TO_WRITE_DEADLINE.mul_f32(0.9),
+        "gave up early: {:?}",
+        started.elapsed()
+    );
+    // Nothing was acknowledged, and no owner took the held records.
+    for owner in &owned {
+        let got = world.nodes[owner]
+            .inner
+            .records_get(repo.as_str(), &[RecordKey::Manifest(m.digest.clone())])
+            .await;
+        assert!(got.unwrap()[0].is_none(), "{owner} holds the manifest");
+    }
+    open.send(true).unwrap();
+    store.manifest_put(&repo, Some(&"v1".parse().unwrap()), m.clone()).await.expect("the retry lands");
+    assert_image_whole(&cs, &repo, "v1", &m.digest, &[(&layer, b"late")]).await;
+}
+
+/// The later window: GC has unlinked a layer and is setting its files aside when the layer is
+/// uploaded again and a manifest using it is put (`201`). The files go to quarantine, but
+/// reading the image brings them back at once, and GC's last mark restores rather than
+/// deletes anything a live manifest uses.
+#[tokio::test]
+async fn gc_restores_a_layer_pushed_again_while_it_was_being_set_aside() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/app".parse().unwrap();
+    // A layer the leader does not hold, so the gate (on the remote members) stops GC before
+    // it sets aside the first copy, and the push below finds every copy still in place.
+    let lead = leading(&cs);
+    let content = (0..)
+        .map(|i| format!("layer {i}").into_bytes())
+        .find(|c| !owners(&Digest::of(Algorithm::Sha256, c).to_string()).contains(lead.me()))
+        .unwrap();
+    let (config, layer) = garbage_image(&cs, &repo, &content).await;
+    let (reached, release) = gate(&world, GateOn::Quarantine(layer.clone()));
+    let gc = tokio::spawn({
+        let c = lead.clone();
+        async move { shoal_origin::cluster::gc::collect(&c, quick_gc()).await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), reached.notified()).await.expect("gc reached the gate");
+    // The layer's link is a tombstone now: a client pushes it again, then the manifest.
+    let store = ClusterStore::new(cs[2].clone());
+    assert_eq!(push(&store, &repo, &content).await.unwrap(), layer);
+    assert_eq!(push(&store, &repo, b"{}").await.unwrap(), config);
+    let again = manifest(&config, &layer);
+    store.manifest_put(&repo, Some(&"v2".parse().unwrap()), again.clone()).await.unwrap();
+    release.notify_one();
+    // Every copy is set aside now; while GC waits out the quarantine, the acknowledged image
+    // is readable everywhere (a read brings the files back).
+    let aside = || async {
+        let mut n = 0;
+        for node in world.nodes.values() {
+            n += node
+                .inner
+                .quarantine_list(None, 10)
+                .await
+                .unwrap()
+                .iter()
+                .filter(|e| e.digest == layer)
+                .count();
+        }
+        n
+    };
+    while aside().await < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_blob_everywhere(&cs, &repo, &layer, &content, "during gc").await;
+    let report = gc.await.unwrap().unwrap();
+    println!("{report:?}");
+    assert_image_whole(&cs, &repo, "v2", &again.digest, &[(&layer, &content), (&config, b"{}")]).await;
+    // Nothing was lost, and nothing is left aside.
+    for node in world.nodes.values() {
+        assert!(node.inner.quarantine_list(None, 10).await.unwrap().is_empty());
+    }
+}
+
+/// Garbage that nothing races is deleted, only after the quarantine, and GC refuses to run
+/// with a member down or from an origin that does not lead.
+#[tokio::test]
+async fn gc_deletes_garbage_after_quarantine_and_only_on_a_whole_cluster() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/app".parse().unwrap();
+    let (config, layer) = garbage_image(&cs, &repo, b"layer").await;
+    let leader = shoal_origin::cluster::gc::leader(&cs[0]).unwrap();
+    let (lead, follower) = {
+        let i = IDS.iter().position(|id| *id == leader).unwrap();
+        (cs[i].clone(), cs[(i + 1) % 3].clone())
+    };
+    match shoal_origin::cluster::gc::collect(&follower, quick_gc()).await {
+        Err(GcError::NotLeader { leader: l }) => assert_eq!(l, leader),
+        other => panic!("a follower collected: {other:?}"),
+    }
+    switch(&world, IDS[0], true);
+    world.live.lock().unwrap().retain(|id| id != IDS[0]);
+    assert!(matches!(
+        shoal_origin::cluster::gc::collect(&lead, quick_gc()).await,
+        Err(GcError::MemberDown(_)) | Err(GcError::NotLeader { .. })
+    ));
+    switch(&world, IDS[0], false);
+    *world.live.lock().unwrap() = IDS.iter().map(|s| s.to_string()).collect();
+    let report = shoal_origin::cluster::gc::collect(&lead, quick_gc()).await.unwrap();
+    assert_eq!((report.quarantined_blobs, report.swept_blobs), (2, 2), "{report:?}");
+    assert!(holders(&world, &layer).await.is_empty() && holders(&world, &config).await.is_empty());
+}
+
+/// Two collections asked of the leader at once: one runs, the other is refused while it does.
+#[tokio::test]
+async fn only_one_collection_runs_at_a_time() {
+    let (_world, cs) = world().await;
+    let repo: RepoName = "team/app".parse().unwrap();
+    garbage_image(&cs, &repo, b"layer").await;
+    let lead = leading(&cs);
+    let settings = GcSettings { grace: Duration::from_millis(1), quarantine: Duration::from_millis(500) };
+    let (a, b) = tokio::join!(
+        shoal_origin::cluster::gc::collect(&lead, settings),
+        shoal_origin::cluster::gc::collect(&lead, settings)
+    );
+    let refused = [&a, &b].iter().filter(|r| matches!(r, Err(GcError::Running))).count();
+    let ran = [&a, &b].iter().filter(|r| r.is_ok()).count();
+    assert_eq!((ran, refused), (1, 1), "{a:?} {b:?}");
+}

@@ -1,0 +1,219 @@
+//! Repair: writes that fell back past an owner, queued and brought home when it returns, and
+//! what a repair pass may forget.
+
+use super::*;
+
+#[tokio::test]
+async fn a_dead_owner_is_skipped_queued_and_repaired_when_it_returns() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/app".parse().unwrap();
+    // Find content whose owners include o2, and push it through o0 while o2 is down but not
+    // yet known to be (health checks have not caught up): the write falls back to the third
+    // origin and is queued for repair.
+    let mut data = Vec::new();
+    for i in 0.. {
+        data = format!("payload {i}").into_bytes();
+        if owners(&Digest::of(Algorithm::Sha256, &data).to_string()).contains("o2:5000") {
+            break;
+        }
+    }
+    switch(&world, "o2:5000", true);
+    let store0 = ClusterStore::new(cs[0].clone());
+    let d = push(&store0, &repo, &data).await.unwrap();
+    let all: BTreeSet<String> = IDS.iter().map(|s| s.to_string()).collect();
+    let expected_now: BTreeSet<String> = all.iter().filter(|id| *id != "o2:5000").cloned().collect();
+    assert_eq!(holders(&world, &d).await, expected_now, "two copies, on the live origins");
+    let queued = cs.iter().map(|c| c.local.store().clone());
+    let mut total = 0;
+    for s in queued {
+        total += s.repair_len().await.unwrap();
+    }
+    assert!(total >= 1, "the missed copy is queued");
+    assert!(cs[0].metrics.replication_failures.get() >= 1);
+
+    // o2 comes back; a full repair pass on every origin moves the copy home and removes the
+    // extra one.
+    switch(&world, "o2:5000", false);
+    let handles: Vec<_> =
+        cs.iter().map(|c| Repairer::start(c.clone(), 1 << 30, Duration::from_secs(3600))).collect();
+    // An owner copies to the owner that missed it; the origin holding the surplus copy drops
+    // it once both owners confirm, which may take it a second pass.
+    for _round in 0..2 {
+        for handle in &handles {
+            handle.run_now().await.unwrap();
+        }
+    }
+    assert_eq!(holders(&world, &d).await, owners(&d.to_string()));
+    for c in &cs {
+        assert_eq!(c.local.store().repair_len().await.unwrap(), 0, "{}: queue drained", c.me());
+    }
+    let got = ClusterStore::new(cs[2].clone()).blob_size(&repo, &d).await.unwrap();
+    assert_eq!(got, Some(data.len() as u64));
+}
+
+/// Repair racing a write: a non-owner holds a repository's records (written while an owner was
+/// unreachable); while its repair hands them to the owners, another write lands on it the same
+/// way. Repair then forgets exactly the records the owners confirmed: the new one stays here
+/// (repair hands it over next time) instead of being dropped with the rest.
+#[tokio::test]
+async fn repair_forgets_only_what_the_owners_confirmed() {
+    let (world, cs) = world().await;
+    let x = "o2:5000";
+    let repo = (0..).map(|i| format!("team/app{i}")).find(|r| !owners(r).contains(x)).unwrap();
+    let down = owners(&repo).into_iter().nth(1).unwrap();
+    let digest = Digest::of(Algorithm::Sha256, b"m");
+    let tag = |name: &str, c: &Coordinator| {
+        Record::new(
+            RecordKey::Tag(name.into()),
+            c.clock.next(),
+            Some(RecordValue::Tag { digest: digest.clone() }),
+        )
+    };
+    // Written while an owner is unreachable: the records fall back to x.
+    switch(&world, &down, true);
+    cs[0].write_records(&repo, vec![tag("t1", &cs[0])]).await.unwrap();
+    switch(&world, &down, false);
+    let x_node = &world.nodes[x].inner;
+    assert!(x_node.records_get(&repo, &[RecordKey::Tag("t1".into())]).await.unwrap()[0].is_some());
+
+    let (reached, release) = gate(&world, GateOn::TagApply);
+    let i = IDS.iter().position(|id| *id == x).unwrap();
+    let repairer = Repairer::start(cs[i].clone(), 1 << 30, Duration::from_secs(3600));
+    let run = tokio::spawn(async move { repairer.run_now().await });
+    tokio::time::timeout(Duration::from_secs(20), reached.notified()).await.expect("repair reached the gate");
+    // While repair hands t1 over, t2 is written the same way.
+    switch(&world, &down, true);
+    cs[0].write_records(&repo, vec![tag("t2", &cs[0])]).await.unwrap();
+    switch(&world, &down, false);
+    release.notify_one();
+    run.await.unwrap().unwrap();
+
+    let held =
+        x_node.records_get(&repo, &[RecordKey::Tag("t1".into()), RecordKey::Tag("t2".into())]).await.unwrap();
+    assert!(held[0].is_none(), "t1 went to the owners and was forgotten here");
+    assert!(held[1].is_some(), "t2, which the owners had not confirmed, is still here");
+    for owner in owners(&repo) {
+        let got = world.nodes[&owner].inner.records_get(&repo, &[RecordKey::Tag("t1".into())]).await.unwrap();
+        assert!(got[0].is_some(), "{owner} has t1");
+    }
+}
+
+/// R = 1: the only owner of [`Retag::REPO`] and another origin that writes its `v1` tag.
+struct Retag {
+    world: std::sync::Arc<World>,
+    cs: Vec<std::sync::Arc<Coordinator>>,
+    owner: String,
+    writer: std::sync::Arc<Coordinator>,
+}
+
+impl Retag {
+    const REPO: &'static str = "team/app";
+
+    async fn new() -> Retag {
+        let (world, cs) = world_with(1).await;
+        let owner = shoal_origin::cluster::placement::owners(Self::REPO, &ids(), 1).remove(0);
+        let writer = cs.iter().find(|c| c.me() != owner).unwrap().clone();
+        Retag { world, cs, owner, writer }
+    }
+
+    /// Point `v1` at `digest`, through the writer.
+    async fn tag(&self, digest: &Digest) {
+        let value = Some(RecordValue::Tag { digest: digest.clone() });
+        let record = Record::new(RecordKey::Tag("v1".into()), self.writer.clock.next(), value);
+        self.writer.write_records(Self::REPO, vec![record]).await.unwrap();
+    }
+
+    /// What `v1` reads as now.
+    async fn read(&self) -> Option<Digest> {
+        let got = self.cs[0].read_records(Self::REPO, &[RecordKey::Tag("v1".into())]).await.unwrap();
+        got[0].as_ref().and_then(|r| r.tag_target()).cloned()
+    }
+
+    /// Whether `v1` reads as `digest` within `within`.
+    async fn reads_within(&self, digest: &Digest, within: Duration) -> bool {
+        let home = async {
+            while self.read().await.as_ref() != Some(digest) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(within, home).await.is_ok()
+    }
+
+    /// Put `n` blobs that other origins own on the writer, as a repair pass walks them.
+    async fn hold_foreign_blobs(&self, n: usize) {
+        let mut held = 0;
+        for i in 0.. {
+            let data = format!("blob {i}").into_bytes();
+            let digest = Digest::of(Algorithm::Sha256, &data);
+            if shoal_origin::cluster::placement::owners(&digest.to_string(), &ids(), 1)[0] == self.writer.me()
+            {
+                continue;
+            }
+            self.writer.local.blob_put(&digest, data.len() as u64, body(&data)).await.unwrap();
+            held += 1;
+            if held == n {
+                return;
+            }
+        }
+    }
+}
+
+fn ids() -> Vec<String> {
+    IDS.iter().map(|s| s.to_string()).collect()
+}
+
+/// A retag written while a repository's only owner (R = 1) was unreachable lands on another
+/// origin; reads ask the owner and see the old tag until the record comes home. The pass that
+/// follows the owner's return works the queue before its walk over every blob held here
+/// (held at the first blob check here, as a walk over a large store would be), so the
+/// record is home within seconds.
+#[tokio::test]
+async fn a_write_that_fell_back_goes_home_before_the_walk_over_every_blob() {
+    let r = Retag::new().await;
+    let (old, new) = (Digest::of(Algorithm::Sha256, b"old"), Digest::of(Algorithm::Sha256, b"new"));
+    r.tag(&old).await;
+    switch(&r.world, &r.owner, true);
+    r.tag(&new).await;
+    switch(&r.world, &r.owner, false);
+    assert_eq!(r.read().await, Some(old.clone()), "the owner answers reads with what it holds");
+
+    // A blob held here that another origin owns: the walk stops at its check.
+    r.hold_foreign_blobs(1).await;
+    let (reached, open) = hold_every(&r.world, GateOn::BlobStat);
+    let _repairer = Repairer::start(r.writer.clone(), 1 << 30, Duration::from_secs(3600));
+    // The membership changes once the loop has taken note of the generation it started in.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    r.world.generation.fetch_add(1, Ordering::SeqCst);
+    let home = r.reads_within(&new, Duration::from_secs(10)).await;
+    let walked = tokio::time::timeout(Duration::from_secs(1), reached.notified()).await.is_ok();
+    let _ = open.send(true);
+    assert!(home, "the retag stayed away from its owner while the blobs were walked");
+    assert!(walked, "the pass went on to the blobs");
+}
+
+/// The same when the owner comes back while a pass (the one its leaving started) walks the
+/// blobs: the walk works the queue as soon as the membership changes, not at its end.
+#[tokio::test]
+async fn a_write_that_fell_back_goes_home_when_its_owner_returns_during_a_walk() {
+    let r = Retag::new().await;
+    let (old, new) = (Digest::of(Algorithm::Sha256, b"old"), Digest::of(Algorithm::Sha256, b"new"));
+    r.tag(&old).await;
+    // Blobs held here that others own, each check 100 ms: a walk of many seconds.
+    r.hold_foreign_blobs(200).await;
+    for node in r.world.nodes.values() {
+        node.stat_delay_ms.store(100, Ordering::SeqCst);
+    }
+    let _repairer = Repairer::start(r.writer.clone(), 1 << 30, Duration::from_secs(3600));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The owner leaves: a pass starts a tick or two later and walks the blobs.
+    switch(&r.world, &r.owner, true);
+    r.world.generation.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    r.tag(&new).await;
+    switch(&r.world, &r.owner, false);
+    r.world.generation.fetch_add(1, Ordering::SeqCst);
+    assert!(
+        r.reads_within(&new, Duration::from_secs(3)).await,
+        "the retag waited for the end of the walk over the blobs"
+    );
+}
