@@ -57,6 +57,19 @@ struct Attempt {
     number: u32,
 }
 
+/// Whom a download's origin fallback asks as: a client request that joined it, through the
+/// repository it asked for (confirmed by the origins to hold the blob) with its own
+/// credentials (`None`: an anonymous client, asked as with an agent-fetched anonymous token).
+#[derive(Clone, PartialEq)]
+struct Asker {
+    repo: RepoName,
+    client: Option<HeaderValue>,
+}
+
+/// Most [`Asker`]s a download keeps: the newest, and a few before it in case the newest
+/// client's token expires first.
+const MAX_ASKERS: usize = 4;
+
 /// One blob being downloaded.
 pub struct Download {
     /// The piece file of the current attempt and its number, replaced together on a restart
@@ -66,15 +79,40 @@ pub struct Download {
     readers: Mutex<HashMap<u64, u32>>,
     positions: watch::Sender<Vec<u32>>,
     outcome: watch::Sender<Outcome>,
+    /// The clients the origin fallback asks as, newest first (see [`OriginFallback`]).
+    askers: Mutex<Vec<Asker>>,
 }
 
 impl Download {
-    fn new(pieces: Arc<BlobPieces>) -> Download {
+    fn new(pieces: Arc<BlobPieces>, asker: Asker) -> Download {
         Download {
             current: watch::Sender::new((pieces, Attempt { number: 1 })),
             readers: Mutex::new(HashMap::new()),
             positions: watch::Sender::new(Vec::new()),
             outcome: watch::Sender::new(None),
+            askers: Mutex::new(vec![asker]),
+        }
+    }
+
+    fn askers(&self) -> std::sync::MutexGuard<'_, Vec<Asker>> {
+        self.askers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A client request joined: the fallback asks as it first from now on (its token is the
+    /// newest; a client whose token expired during a long download retries with a new one).
+    fn asked_by(&self, asker: Asker) {
+        let mut askers = self.askers();
+        askers.retain(|a| *a != asker);
+        askers.insert(0, asker);
+        askers.truncate(MAX_ASKERS);
+    }
+
+    /// The origins refused `asker`'s credentials (an expired token): not asked as again,
+    /// unless it is the last one left.
+    fn refused(&self, asker: &Asker) {
+        let mut askers = self.askers();
+        if askers.len() > 1 {
+            askers.retain(|a| a != asker);
         }
     }
 
@@ -128,17 +166,50 @@ impl Download {
     }
 }
 
-/// Fetches missing ranges straight from an origin, through the repository the client asked.
+/// Fetches missing ranges straight from an origin as the clients reading the download:
+/// through the newest one's repository with its credentials, then (their tokens expired) as
+/// the ones before it, then anonymously (a public repository needs no client token). Without
+/// node TLS the origins' node API wants a client's token, which lives 5 minutes; a download
+/// can take longer.
 struct OriginFallback {
-    origin: OriginClient,
-    repo: RepoName,
+    downloads: Arc<Downloads>,
+    download: Arc<Download>,
     digest: Digest,
+}
+
+impl OriginFallback {
+    async fn fetch_as(
+        &self,
+        repo: &RepoName,
+        client: Option<HeaderValue>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, StoreError> {
+        let credentials = self.downloads.credentials(repo, client).await;
+        self.downloads.origin.with_credentials(credentials).blob_range(repo, &self.digest, offset, len).await
+    }
 }
 
 #[async_trait]
 impl Fallback for OriginFallback {
     async fn fetch(&self, offset: u64, len: u64) -> Result<Bytes, String> {
-        self.origin.blob_range(&self.repo, &self.digest, offset, len).await.map_err(|e| e.to_string())
+        let askers = self.download.askers().clone();
+        let mut refused = None;
+        for asker in &askers {
+            match self.fetch_as(&asker.repo, asker.client.clone(), offset, len).await {
+                Err(e @ StoreError::Unauthorized { .. }) => {
+                    self.download.refused(asker);
+                    refused = Some(e);
+                }
+                other => return other.map_err(|e| e.to_string()),
+            }
+        }
+        match askers.first() {
+            Some(newest) if newest.client.is_some() => {
+                self.fetch_as(&newest.repo, None, offset, len).await.map_err(|e| e.to_string())
+            }
+            _ => Err(refused.map_or_else(|| "no client to fetch as".to_string(), |e| e.to_string())),
+        }
     }
 }
 
@@ -225,9 +296,10 @@ impl Downloads {
 
     /// What a download's origin calls for `repo` carry: the client's credentials, or for a
     /// client that sent none an anonymous token where the origins want one (tokens on, plain
-    /// HTTP: their node API then asks for a token). Asked when a download starts, not for
-    /// every cached read, so a cached blob is served while the token endpoint is down.
-    pub async fn credentials(&self, repo: &RepoName, client: Option<HeaderValue>) -> Option<HeaderValue> {
+    /// HTTP: their node API then asks for a token). Asked when a download starts or is
+    /// joined, and by its fallback, not for every cached read, so a cached blob is served
+    /// while the token endpoint is down.
+    async fn credentials(&self, repo: &RepoName, client: Option<HeaderValue>) -> Option<HeaderValue> {
         if client.is_some() {
             return client;
         }
@@ -309,9 +381,24 @@ impl Downloads {
     /// the cached copy, rather than a second download of it.
     /// `size`, when the caller knows it from the origins, is checked against the metainfo a
     /// new download starts from (see [`Downloads::start`]), and against a running one's.
+    /// `client`: the credentials the client's request carried (see [`Downloads::credentials`]);
+    /// the download's origin calls carry them, and its fallback asks as the newest joiner.
     pub async fn join(
         self: &Arc<Self>,
         repo: &RepoName,
+        digest: &Digest,
+        size: Option<u64>,
+        client: Option<HeaderValue>,
+    ) -> Result<Joined, StoreError> {
+        let credentials = self.credentials(repo, client.clone()).await;
+        let asker = Asker { repo: repo.clone(), client };
+        let join = self.join_as(asker, digest, size);
+        shoal_registry::auth::FORWARD_AUTHORIZATION.scope(credentials, join).await
+    }
+
+    async fn join_as(
+        self: &Arc<Self>,
+        asker: Asker,
         digest: &Digest,
         size: Option<u64>,
     ) -> Result<Joined, StoreError> {
@@ -320,7 +407,7 @@ impl Downloads {
             let cell = self.active().entry(digest.clone()).or_default().clone();
             let joined = Abandoned { downloads: self, digest, cell };
             let cell = &joined.cell;
-            match cell.get_or_try_init(|| self.start(repo, digest, size)).await {
+            match cell.get_or_try_init(|| self.start(&asker, digest, size)).await {
                 // One started by a caller that did not know the size (a reader's restart):
                 // its bytes are not served against a size they do not have.
                 Ok(download) if size.is_some_and(|s| s != download.pieces().metainfo().size()) => {
@@ -328,7 +415,10 @@ impl Downloads {
                         "{digest}: the running download's size is not the origins'"
                     )));
                 }
-                Ok(download) => return Ok(Joined::Download(download.clone())),
+                Ok(download) => {
+                    download.asked_by(asker);
+                    return Ok(Joined::Download(download.clone()));
+                }
                 Err(NotStarted::Failed(e)) => {
                     self.forget(digest, cell);
                     return Err(e);
@@ -366,7 +456,7 @@ impl Downloads {
     /// own, and a download starts only from a metainfo of that size.
     async fn start(
         self: &Arc<Self>,
-        repo: &RepoName,
+        asker: &Asker,
         digest: &Digest,
         size: Option<u64>,
     ) -> Result<Arc<Download>, NotStarted> {
@@ -389,11 +479,10 @@ impl Downloads {
         }
         let claim = Arc::new(self.cache.claim_partial(digest, metainfo.size()));
         let pieces = self.open_partial(digest, metainfo, None).await?;
-        let download = Arc::new(Download::new(pieces));
+        let download = Arc::new(Download::new(pieces, asker.clone()));
         let fallback = Arc::new(OriginFallback {
-            // The token of the client that started the download, for a private repository.
-            origin: self.origin.with_current_credentials(),
-            repo: repo.clone(),
+            downloads: self.clone(),
+            download: download.clone(),
             digest: digest.clone(),
         });
         let this = self.clone();

@@ -156,9 +156,9 @@ impl OriginClient {
         })
     }
 
-    /// This client with the current request's bearer token (if any) kept for later calls.
-    pub fn with_current_credentials(&self) -> OriginClient {
-        OriginClient { forward: shoal_registry::auth::forwarded_authorization(), ..self.clone() }
+    /// This client with `token` (if any) kept for later calls, outside a request's scope.
+    pub fn with_credentials(&self, token: Option<HeaderValue>) -> OriginClient {
+        OriginClient { forward: token, ..self.clone() }
     }
 
     /// `request` with the client's bearer token: an agent without a transport identity reads
@@ -336,11 +336,8 @@ impl OriginClient {
             .map_err(all_failed)?;
         let status = r.status();
         if status != StatusCode::PARTIAL_CONTENT && !(status == StatusCode::OK && offset == 0) {
-            return Err(if status == StatusCode::NOT_FOUND {
-                StoreError::BlobUnknown
-            } else {
-                unexpected(status)
-            });
+            // A refused token (one that expired during a download) as such: see `refusal`.
+            return Err(if status == StatusCode::NOT_FOUND { StoreError::BlobUnknown } else { refusal(&r) });
         }
         // Read no more than asked for: a proxy in front of an origin that ignores `Range` and
         // answers 200 would otherwise have the whole blob buffered here.

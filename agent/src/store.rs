@@ -13,8 +13,8 @@ use shoal_registry::range::ByteRange;
 use shoal_registry::store::{NewManifest, Page, Reference, StoredManifest, UploadState};
 use shoal_registry::{ByteStream, Digest, RegistryStore, RepoName, StoreError, Tag};
 
+use shoal_registry::auth::forwarded_authorization;
 use shoal_registry::auth::remote::RemoteAuth;
-use shoal_registry::auth::{forwarded_authorization, FORWARD_AUTHORIZATION};
 use shoal_registry::mirror::wait_for_fetch;
 
 use crate::downloads::{Downloads, Joined};
@@ -132,8 +132,7 @@ impl AgentStore {
     /// on: their node API then asks for a token).
     /// `size`: what the origins confirmed (see `Downloads::join`).
     async fn join(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<Joined, StoreError> {
-        let credentials = self.downloads.credentials(repo, forwarded_authorization()).await;
-        FORWARD_AUTHORIZATION.scope(credentials, self.downloads.join(repo, digest, Some(size))).await
+        self.downloads.join(repo, digest, Some(size), forwarded_authorization()).await
     }
 
     /// [`join`](Self::join), for an upstream blob that no download here has yet only once the

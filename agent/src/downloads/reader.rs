@@ -127,10 +127,9 @@ impl Reader {
                     // The cache has dropped the file: go on from a download of the blob.
                     tracing::warn!(digest = %self.digest, index, "a cached blob went bad while read; fetching it again");
                     self.ahead = None;
-                    let join = self.downloads.join(&self.repo, &self.digest, Some(pieces.metainfo().size()));
-                    let join = crate::mirror::UPSTREAM_CREDENTIALS.scope(self.upstream.clone(), join);
-                    let forward = self.downloads.credentials(&self.repo, self.forward.clone()).await;
-                    match shoal_registry::auth::FORWARD_AUTHORIZATION.scope(forward, join).await {
+                    let size = Some(pieces.metainfo().size());
+                    let join = self.downloads.join(&self.repo, &self.digest, size, self.forward.clone());
+                    match crate::mirror::UPSTREAM_CREDENTIALS.scope(self.upstream.clone(), join).await {
                         Ok(Joined::Download(download)) => {
                             self.source = Source::Download(download.clone());
                             self.read_download(download).await

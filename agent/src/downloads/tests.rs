@@ -25,6 +25,17 @@ fn downloads_at(dir: &std::path::Path, url: &str) -> Arc<Downloads> {
 
 /// Downloads whose origin and tracker are both `url`, with these cache limits.
 fn downloads_with(dir: &std::path::Path, url: &str, limits: CacheLimits) -> Arc<Downloads> {
+    let auth = RemoteAuth::new(Arc::new(|| Box::pin(async { None })));
+    downloads_authed(dir, url, limits, auth)
+}
+
+/// Downloads whose origin and tracker are both `url`, with these cache limits and this policy.
+fn downloads_authed(
+    dir: &std::path::Path,
+    url: &str,
+    limits: CacheLimits,
+    auth: Arc<RemoteAuth>,
+) -> Arc<Downloads> {
     let registry = prometheus::Registry::new();
     let metrics = CacheMetrics::new(&registry).unwrap();
     let cache = Arc::new(BlobCache::open(&dir.join("cache"), &dir.join("partial"), limits, metrics).unwrap());
@@ -39,7 +50,6 @@ fn downloads_with(dir: &std::path::Path, url: &str, limits: CacheLimits) -> Arc<
         node: NodeFlow::new(16),
     };
     let swarm = SwarmConfig::new(PeerId::random(), "127.0.0.1:1".parse().unwrap());
-    let auth = RemoteAuth::new(Arc::new(|| Box::pin(async { None })));
     Arc::new(Downloads::new(cache, origin, deps, swarm, auth))
 }
 
@@ -54,7 +64,7 @@ async fn joining_a_blob_cached_meanwhile_gets_the_copy_not_a_second_download() {
     let digest = meta.digest().clone();
     let repo: RepoName = "team/app".parse().unwrap();
     assert!(
-        downloads.join(&repo, &digest, None).await.is_err(),
+        downloads.join(&repo, &digest, None, None).await.is_err(),
         "not cached: a download starts, and fails here"
     );
     let path = downloads.cache.blob_path(&digest);
@@ -62,7 +72,7 @@ async fn joining_a_blob_cached_meanwhile_gets_the_copy_not_a_second_download() {
     std::fs::write(&path, &data).unwrap();
     downloads.cache.write_metainfo(&meta).unwrap();
     downloads.cache.insert(&digest, data.len() as u64);
-    match downloads.join(&repo, &digest, None).await {
+    match downloads.join(&repo, &digest, None, None).await {
         Ok(Joined::Cached(pieces)) => assert_eq!(pieces.metainfo().digest(), &digest),
         Ok(Joined::Download(_)) => panic!("a second download of a cached blob started"),
         Err(e) => panic!("a cached blob was downloaded again (and failed): {e}"),
@@ -86,7 +96,7 @@ async fn a_trackers_metainfo_of_the_wrong_size_gives_way_to_the_origins() {
     let downloads = downloads_at(dir.path(), &url);
     assert_eq!(downloads.metainfo(&digest).await.unwrap().size(), 2 * size, "the tracker's answer");
     let repo: RepoName = "team/app".parse().unwrap();
-    match downloads.join(&repo, &digest, Some(size)).await {
+    match downloads.join(&repo, &digest, Some(size), None).await {
         Ok(Joined::Download(download)) => assert_eq!(download.pieces().metainfo().size(), size),
         Ok(Joined::Cached(_)) => panic!("nothing is cached"),
         Err(e) => panic!("the download did not start: {e}"),
@@ -106,7 +116,8 @@ async fn a_reader_never_takes_one_attempts_pieces_for_anothers() {
             Metainfo::compute(&data[..], data.len() as u64, shoal_registry::Algorithm::Sha256).unwrap();
         files.push(downloads.open_partial(&meta.digest().clone(), meta, None).await.unwrap());
     }
-    let download = Arc::new(Download::new(files[0].clone()));
+    let asker = Asker { repo: "team/app".parse().unwrap(), client: None };
+    let download = Arc::new(Download::new(files[0].clone(), asker));
     let odd = files[0].metainfo().digest().clone();
     let reader = {
         let download = download.clone();
@@ -169,7 +180,7 @@ async fn a_finished_downloads_blob_stays_cached_while_the_download_is_held() {
     let dir = tempfile::tempdir().unwrap();
     let downloads = downloads_with(dir.path(), &url, CacheLimits::bytes(300_000, 100_000));
     let repo: RepoName = "team/app".parse().unwrap();
-    let Ok(Joined::Download(download)) = downloads.join(&repo, &digest, Some(400_000)).await else {
+    let Ok(Joined::Download(download)) = downloads.join(&repo, &digest, Some(400_000), None).await else {
         panic!("a download starts");
     };
     download.wait().await.unwrap();
@@ -214,8 +225,174 @@ async fn a_join_dropped_while_its_download_starts_leaves_nothing_behind() {
     let repo: RepoName = "team/app".parse().unwrap();
     for i in 0..3u8 {
         let digest = Digest::of(shoal_registry::Algorithm::Sha256, &[i]);
-        let join = downloads.join(&repo, &digest, None);
+        let join = downloads.join(&repo, &digest, None, None);
         assert!(tokio::time::timeout(Duration::from_millis(100), join).await.is_err());
     }
     assert!(downloads.active().is_empty(), "{} abandoned starts kept", downloads.active().len());
+}
+
+/// What [`serve_blob_to_tokens`]'s origin accepts and has done.
+#[derive(Default)]
+struct Tokens {
+    /// Client tokens it accepts now (one that expires is taken out).
+    accepted: Vec<String>,
+    /// Anonymous tokens it handed out, with when: each is good for [`ANONYMOUS_LIFE`].
+    issued: Vec<(String, std::time::Instant)>,
+    /// Ranges it served, and refused.
+    served: usize,
+    refused: usize,
+}
+
+/// How long [`serve_blob_to_tokens`]'s anonymous tokens are good for: the agent keeps a token
+/// until 30 s before the `expires_in` it was given (31 s here), so for the same second.
+const ANONYMOUS_LIFE: Duration = Duration::from_secs(1);
+
+/// An origin (and tracker) serving one blob by range, slowly (`delay` a range), only to the
+/// tokens `Tokens` says are good; anonymous tokens at `/token`.
+async fn serve_blob_to_tokens(data: Vec<u8>, delay: Duration) -> (String, Digest, Arc<Mutex<Tokens>>) {
+    use axum::http::{header, HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    let meta = Metainfo::compute(&data[..], data.len() as u64, shoal_registry::Algorithm::Sha256).unwrap();
+    let digest = meta.digest().clone();
+    let json = serde_json::to_vec(&meta).unwrap();
+    let tracker_json = json.clone();
+    let (data, tokens) = (Arc::new(data), Arc::new(Mutex::new(Tokens::default())));
+    let (ranges, issuing) = (tokens.clone(), tokens.clone());
+    let ranged = move |headers: HeaderMap| {
+        let (data, tokens) = (data.clone(), ranges.clone());
+        async move {
+            let token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or_default();
+            let good = {
+                let t = tokens.lock().unwrap();
+                t.accepted.iter().any(|a| a == token)
+                    || t.issued.iter().any(|(a, at)| a == token && at.elapsed() < ANONYMOUS_LIFE)
+            };
+            if !good {
+                tokens.lock().unwrap().refused += 1;
+                let challenge = [(header::WWW_AUTHENTICATE, "Bearer realm=\"http://x/token\",service=\"s\"")];
+                return (StatusCode::UNAUTHORIZED, challenge, Vec::new()).into_response();
+            }
+            tokio::time::sleep(delay).await;
+            let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+            let (a, b) = range.trim_start_matches("bytes=").split_once('-').unwrap_or(("0", ""));
+            let a: usize = a.parse().unwrap_or(0);
+            let b: usize = b.parse().unwrap_or(data.len() - 1).min(data.len() - 1);
+            tokens.lock().unwrap().served += 1;
+            (StatusCode::PARTIAL_CONTENT, data[a..=b].to_vec()).into_response()
+        }
+    };
+    let token = move || {
+        let tokens = issuing.clone();
+        async move {
+            let mut t = tokens.lock().unwrap();
+            let token = format!("anon-{}", t.issued.len());
+            t.issued.push((format!("Bearer {token}"), std::time::Instant::now()));
+            axum::Json(serde_json::json!({ "token": token, "expires_in": 31 }))
+        }
+    };
+    let app = axum::Router::new()
+        .route(&format!("/v1/metainfo/{digest}"), get(move || async move { tracker_json }))
+        .route(&shoal_p2p::tracker_client::metainfo_path(&digest), get(move || async move { json }))
+        .route("/token", get(token))
+        .route("/v2/{*rest}", get(ranged));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, digest, tokens)
+}
+
+/// A client token that expires during a download (no node TLS: the origin fallback carries
+/// clients' tokens) is replaced by the next client that joins it, here the same client
+/// retrying with a new token. Before, the fallback kept the starting client's token for the
+/// whole download, and five rounds of 401 failed it.
+#[tokio::test]
+async fn a_download_outlives_the_token_it_started_with_when_a_client_joins_with_a_new_one() {
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 247) as u8).collect();
+    let (url, digest, tokens) = serve_blob_to_tokens(data, Duration::from_millis(100)).await;
+    tokens.lock().unwrap().accepted.push("Bearer old".into());
+    let dir = tempfile::tempdir().unwrap();
+    let downloads = downloads_at(dir.path(), &url);
+    let repo: RepoName = "team/app".parse().unwrap();
+    let bearer = |t: &str| Some(HeaderValue::from_str(&format!("Bearer {t}")).unwrap());
+    let Ok(Joined::Download(download)) = downloads.join(&repo, &digest, Some(2_000_000), bearer("old")).await
+    else {
+        panic!("a download starts");
+    };
+    while tokens.lock().unwrap().served == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The first client's token expires; it comes back with a new one.
+    tokens.lock().unwrap().accepted = vec!["Bearer new".into()];
+    let Ok(Joined::Download(joined)) = downloads.join(&repo, &digest, Some(2_000_000), bearer("new")).await
+    else {
+        panic!("the download is joined");
+    };
+    assert!(Arc::ptr_eq(&download, &joined));
+    download.wait().await.unwrap();
+    assert!(downloads.cache.contains(&digest));
+}
+
+/// An anonymous client's download asks the origins with an anonymous token fetched by the
+/// agent, kept until shortly before it expires: a download that outlives one fetches the
+/// next (here a token lives a second; the download takes several). Before, the token
+/// fetched when the download started was used to its end.
+#[tokio::test]
+async fn an_anonymous_download_fetches_a_new_token_when_its_token_expires() {
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 241) as u8).collect();
+    let (url, digest, tokens) = serve_blob_to_tokens(data, Duration::from_millis(300)).await;
+    let realm = format!("{url}/token");
+    let auth = RemoteAuth::new(Arc::new(move || {
+        let realm = realm.clone();
+        Box::pin(async move {
+            let mut published = shoal_registry::auth::remote::Published::open();
+            published.enabled = true;
+            published.policy.tokens = true;
+            published.policy.realm = realm;
+            published.policy.service = "s".into();
+            Some(published)
+        })
+    }));
+    assert!(auth.refresh().await);
+    let dir = tempfile::tempdir().unwrap();
+    let downloads = downloads_authed(dir.path(), &url, CacheLimits::bytes(1 << 30, 1 << 29), auth);
+    let repo: RepoName = "library/app".parse().unwrap();
+    let Ok(Joined::Download(download)) = downloads.join(&repo, &digest, Some(2_000_000), None).await else {
+        panic!("a download starts");
+    };
+    download.wait().await.unwrap();
+    assert!(downloads.cache.contains(&digest));
+    let t = tokens.lock().unwrap();
+    assert!(t.issued.len() > 1, "one token for the whole download ({} ranges)", t.served);
+}
+
+/// A client's token refused with nobody newer to ask as: the fallback asks anonymously, which
+/// the origins allow for a public repository.
+#[tokio::test]
+async fn a_refused_client_token_falls_back_to_an_anonymous_one() {
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 239) as u8).collect();
+    let (url, digest, tokens) = serve_blob_to_tokens(data, Duration::ZERO).await;
+    let realm = format!("{url}/token");
+    let auth = RemoteAuth::new(Arc::new(move || {
+        let realm = realm.clone();
+        Box::pin(async move {
+            let mut published = shoal_registry::auth::remote::Published::open();
+            published.enabled = true;
+            published.policy.tokens = true;
+            published.policy.realm = realm;
+            Some(published)
+        })
+    }));
+    assert!(auth.refresh().await);
+    let dir = tempfile::tempdir().unwrap();
+    let downloads = downloads_authed(dir.path(), &url, CacheLimits::bytes(1 << 30, 1 << 29), auth);
+    let repo: RepoName = "library/app".parse().unwrap();
+    let expired = Some(HeaderValue::from_static("Bearer expired"));
+    let Ok(Joined::Download(download)) = downloads.join(&repo, &digest, Some(1_000_000), expired).await
+    else {
+        panic!("a download starts");
+    };
+    download.wait().await.unwrap();
+    assert!(downloads.cache.contains(&digest));
+    assert!(tokens.lock().unwrap().refused > 0, "the client's token was never refused");
 }
