@@ -247,7 +247,11 @@ fn interval_secs(t: &Tracker) -> u64 {
 }
 
 /// Take one announce from `announcer`: list (or forget, if it is leaving) the peer. `Ok(true)`
-/// if it is listed and may be handed peers.
+/// if it may be handed peers: it is listed, or the tracker (or the digest's swarm) is full. A
+/// full tracker still hands out what it knows, the origins' seeders first among them: a few
+/// announcers that filled it with made-up complete peers must not leave every downloader of
+/// the cluster with no peer at all (each then fetched the whole blob from the origins over
+/// HTTP). Such a downloader is not handed to others until there is room.
 fn admit(t: &Tracker, announcer: &str, req: &AnnounceRequest) -> Result<bool, (StatusCode, String)> {
     if !valid_peer_id(&req.peer_id) {
         t.announces.with_label_values(&["invalid"]).inc();
@@ -274,7 +278,10 @@ fn admit(t: &Tracker, announcer: &str, req: &AnnounceRequest) -> Result<bool, (S
         Err(Refused::NotOwner) => ("refused", StatusCode::FORBIDDEN),
     };
     t.announces.with_label_values(&[outcome]).inc();
-    admitted.map(|()| true).map_err(|why| (status, why.to_string()))
+    match admitted {
+        Ok(()) | Err(Refused::StoreFull) => Ok(true),
+        Err(why) => Err((status, why.to_string())),
+    }
 }
 
 /// Peers for an admitted announce: the origins' seeders of the blob and a share of its swarm.

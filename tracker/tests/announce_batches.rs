@@ -27,8 +27,13 @@ fn closed_port() -> String {
 /// 404, as a tracker from before batches does. Its origin is down (the seeders it would add
 /// to a handout are not what these tests are about).
 async fn tracker(old: bool) -> (String, Registry) {
+    tracker_with(old, TrackerConfig::default()).await
+}
+
+/// [`tracker`] with `config` (its origins replaced by a closed port).
+async fn tracker_with(old: bool, config: TrackerConfig) -> (String, Registry) {
     let registry = Registry::new();
-    let config = TrackerConfig { origins: vec![closed_port()], ..TrackerConfig::default() };
+    let config = TrackerConfig { origins: vec![closed_port()], ..config };
     let mut app = router(config, &registry).expect("router");
     if old {
         app = app.layer(middleware::from_fn(|req: Request, next: Next| async move {
@@ -107,6 +112,25 @@ async fn a_batch_is_answered_in_order_and_a_refused_announce_fails_alone() {
     assert_eq!(counter(&registry, "shoal_tracker_announce_batches_total", None), 3);
     assert_eq!(counter(&registry, "shoal_tracker_announces_total", Some("ok")), 449);
     assert_eq!(counter(&registry, "shoal_tracker_announces_total", Some("invalid")), 1);
+}
+
+/// One announcer that filled a digest's swarm with made-up complete peers (20,000, the most
+/// a digest keeps) does not leave an honest downloader with nothing: it is handed peers, not
+/// refused with 503 (it then fetched the whole blob from the origins over HTTP). It is not
+/// listed (there is no room), which the metrics count as `full`.
+#[tokio::test]
+async fn a_full_swarm_still_hands_out_peers() {
+    let config = TrackerConfig { max_entries_per_announcer: 30_000, ..TrackerConfig::default() };
+    let (url, registry) = tracker_with(false, config).await;
+    let tracker = client(vec![url]);
+    let made_up: Vec<AnnounceRequest> = (0..shoal_tracker::peers::DEFAULT_MAX_PEERS_PER_DIGEST)
+        .map(|i| req(0, PeerId::random(), 1000 + (i % 60_000) as u16, true))
+        .collect();
+    assert!(tracker.announce_many(&made_up).await.iter().all(|r| r.is_ok()));
+    let honest =
+        tracker.announce(&req(0, PeerId::random(), 7002, false)).await.expect("handed peers, not refused");
+    assert!(!honest.peers.is_empty(), "no peers for a downloader of a full swarm");
+    assert_eq!(counter(&registry, "shoal_tracker_announces_total", Some("full")), 1);
 }
 
 #[tokio::test]
