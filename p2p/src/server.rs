@@ -218,15 +218,29 @@ impl PeerServer {
         // Incoming messages go through a small queue so requests keep arriving (and cancels
         // take effect) while a piece is being sent.
         let (in_tx, mut in_rx) = mpsc::channel::<Message>(MAX_QUEUED_REQUESTS);
-        // Keep-alives do not keep a connection: one that has asked and told nothing for
-        // `IDLE_TIMEOUT` gives its blob slot and connection slot back.
+        // Only asking for a piece, or telling one not told before, keeps a connection: one
+        // that has done neither for `IDLE_TIMEOUT` gives its blob slot and connection slot
+        // back, and with them its pin on a cached blob. Keep-alives, the same `have` again or
+        // anything else every two minutes kept a blob from eviction for good.
+        let mut told = vec![false; pieces.metainfo().piece_count() as usize];
         let reader = tokio::spawn(async move {
             let mut deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
             loop {
                 match tokio::time::timeout_at(deadline, stream.next()).await {
-                    Ok(Some(Ok(Message::KeepAlive))) => {}
                     Ok(Some(Ok(m))) => {
-                        deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
+                        let keeps = match &m {
+                            Message::Request { index } => (*index as usize) < told.len(),
+                            Message::Have(index) => {
+                                told.get_mut(*index as usize).is_some_and(|t| !std::mem::replace(t, true))
+                            }
+                            _ => false,
+                        };
+                        if keeps {
+                            deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
+                        }
+                        if matches!(m, Message::KeepAlive) {
+                            continue;
+                        }
                         if in_tx.send(m).await.is_err() {
                             return;
                         }

@@ -424,29 +424,54 @@ async fn a_peer_that_stops_reading_gives_its_egress_admission_back() {
     serving.abort();
 }
 
-/// Keep-alives alone do not keep a connection: one that asks for nothing and tells nothing
-/// for `IDLE_TIMEOUT` is closed, and gives its place among the blob's peers back.
+/// Keep-alives alone do not keep a connection, nor the same `have` told again: one that asks
+/// for nothing and tells nothing new for `IDLE_TIMEOUT` is closed, and gives its place among
+/// the blob's peers (and its pin on a cached blob) back. Before, the repeated `have` kept its
+/// connection open for good.
 #[tokio::test(start_paused = true)]
 async fn a_connection_that_only_sends_keep_alives_is_closed_when_idle() {
     let dir = tempfile::tempdir().unwrap();
     let (meta, seeded) = seeded(&dir);
     let (addr, serving) = start(server_of(seeded)).await;
     let mut idle = raw_peer(addr, &meta).await;
+    let mut repeating = raw_peer(addr, &meta).await;
     let mut active = raw_peer(addr, &meta).await;
     let started = tokio::time::Instant::now();
-    let closed_at = loop {
+    let mut closed = [None, None];
+    for told in 0u32.. {
         tokio::time::sleep(Duration::from_secs(30)).await;
         let _ = idle.send(Message::KeepAlive).await;
-        active.send(Message::Have(0)).await.unwrap();
-        match tokio::time::timeout(Duration::from_millis(10), idle.next()).await {
-            Ok(None | Some(Err(_))) => break started.elapsed(),
-            _ => assert!(started.elapsed() < IDLE_TIMEOUT * 2, "still open after {:?}", started.elapsed()),
+        let _ = repeating.send(Message::Have(0)).await;
+        active
+            .send(Message::Have(told))
+            .await
+            .unwrap_or_else(|e| panic!("told {told} at {:?}: {e}", started.elapsed()));
+        // Let the server read them before paused time jumps on (its reads wait on epoll).
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(1));
+            tokio::task::yield_now().await;
         }
-    };
-    assert!(closed_at >= IDLE_TIMEOUT, "closed after {closed_at:?}");
+        for (peer, at) in [&mut idle, &mut repeating].into_iter().zip(&mut closed) {
+            if at.is_none()
+                && matches!(
+                    tokio::time::timeout(Duration::from_millis(10), peer.next()).await,
+                    Ok(None | Some(Err(_)))
+                )
+            {
+                *at = Some(started.elapsed());
+            }
+        }
+        if closed.iter().all(Option::is_some) {
+            break;
+        }
+        assert!(started.elapsed() < IDLE_TIMEOUT * 2, "still open after {:?}: {closed:?}", started.elapsed());
+    }
+    for at in closed.into_iter().flatten() {
+        assert!(at >= IDLE_TIMEOUT, "closed after {at:?}");
+    }
     // The peer that keeps telling its progress stays (a piece read on the blocking pool would
     // not finish in paused time: only that the connection is open is checked).
-    active.send(Message::Have(1)).await.unwrap();
+    active.send(Message::Have(15)).await.unwrap();
     let heard = tokio::time::timeout(Duration::from_millis(10), active.next()).await;
     assert!(heard.is_err(), "the active peer heard {heard:?}");
     serving.abort();
