@@ -140,6 +140,37 @@ async fn auth_anonymous_pull_allows_reads_only() {
     reply.must_header("www-authenticate");
 }
 
+/// Basic auth with `anonymous = "pull"` and no TLS (the chart's default and its documented
+/// example): an anonymous client pulls through an agent, whose download and tracker read the
+/// origins' node API with no credentials at all. Before, that API wanted a node certificate
+/// or a token, so every blob through an agent failed (401) while manifests worked.
+#[tokio::test]
+async fn basic_auth_with_anonymous_pull_serves_blobs_through_agents() {
+    skip_if_external!("starts its own cluster");
+    let cluster = shoal_integration::cluster::Cluster::start_with_origin(
+        1,
+        &format!("[auth]\nanonymous = \"pull\"\n{USERS}"),
+        "",
+    )
+    .await;
+    let repo = unique_repo("auth");
+    let pusher = cluster.origin.client().with_basic_auth("ci", "s3cret");
+    let image = pusher.push_image(&repo, ImageKind::Oci, Some("v1"), 300_000).await;
+    let agent = Client::new(&cluster.agent_url(0));
+    let m = agent.get_manifest(&repo, "v1").await;
+    m.expect(StatusCode::OK);
+    assert_eq!(m.body, image.manifest.bytes);
+    for layer in &image.layers {
+        let b = agent.get_blob(&repo, &layer.digest).await;
+        b.expect(StatusCode::OK);
+        assert_eq!(b.body, layer.data, "a layer through the agent");
+    }
+    // What stays closed: the node API's pull-through routes for a repository anonymous
+    // clients may not read, and pushes.
+    let reply = agent.post(&format!("/v2/{repo}/blobs/uploads/")).header("content-length", "0").reply().await;
+    assert_ne!(reply.status, StatusCode::ACCEPTED);
+}
+
 /// `/healthz` is never authenticated.
 #[tokio::test]
 async fn auth_healthz_needs_no_credentials() {

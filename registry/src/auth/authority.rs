@@ -312,6 +312,10 @@ impl Authority {
     /// cluster secret, or a valid token (an agent forwarding its client's token in plain-HTTP
     /// setups) that grants pull on `repo` when the request names one (the pull-through
     /// routes: a fetch of an upstream repository's blob and its bytes), else anything.
+    /// Without a token, what an anonymous client may read: pull on `repo`, or anonymous pull
+    /// somewhere for the routes that name none (a blob's metainfo and seeders, by digest). An
+    /// anonymous token would grant as much; with Basic auth and no TLS (agents and trackers
+    /// with no identity, no tokens to fetch) this is how agents serve public repositories.
     pub fn node_api_allows(
         &self,
         headers: &HeaderMap,
@@ -324,7 +328,7 @@ impl Authority {
         let Credentials::Bearer(token) =
             parse_authorization(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()))
         else {
-            return false;
+            return self.policy.anonymous_reads(repo);
         };
         let given: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         // Every secret compared, so the time tells nothing of which one matched.

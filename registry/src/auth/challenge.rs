@@ -188,6 +188,14 @@ impl Policy {
     pub fn anonymous_pull(&self, repo: &str) -> bool {
         allowed(&self.rules, &Principal::Anonymous, self.anonymous, repo).contains(&Action::Pull)
     }
+
+    /// May a client without credentials pull `repo`, or with `None` some repository?
+    pub fn anonymous_reads(&self, repo: Option<&str>) -> bool {
+        match repo {
+            Some(repo) => self.anonymous_pull(repo),
+            None => self.anonymous >= super::Access::Pull || self.rules.iter().any(|r| r.anonymous_pull),
+        }
+    }
 }
 
 #[cfg(test)]

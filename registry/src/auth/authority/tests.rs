@@ -106,10 +106,30 @@ async fn tokens_round_trip_through_the_checks() {
     assert!(KeySet::new(published.keys).verify(&t.token, "shoal").is_ok());
     assert!(published.policy.rules.iter().all(|r| r.pull.is_empty() && r.push.is_empty()));
     assert!(a.node_api_allows(&headers, None, None));
-    assert!(!a.node_api_allows(&HeaderMap::new(), None, None));
     // Acting for a repository (pull-through's fetch and stream), a token must grant pull there.
     assert!(a.node_api_allows(&headers, None, Some("priv/app")));
     assert!(!a.node_api_allows(&headers, None, Some("docker.io/acme/secret")));
+    // Without a token, what an anonymous client may read (`pub/*`): as an anonymous token.
+    assert!(a.node_api_allows(&HeaderMap::new(), None, None));
+    assert!(a.node_api_allows(&HeaderMap::new(), None, Some("pub/app")));
+    assert!(!a.node_api_allows(&HeaderMap::new(), None, Some("priv/app")));
+    let basic = |u: &str, p: &str| {
+        let mut h = HeaderMap::new();
+        let v = format!(
+            "Basic {}",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("{u}:{p}"))
+        );
+        h.insert(header::AUTHORIZATION, v.parse().unwrap());
+        h
+    };
+    assert!(!a.node_api_allows(&basic("alice", "a"), None, Some("priv/app")), "Basic is not a node's");
+    // Nothing anonymous anywhere: nothing without a token.
+    let other = tempfile_dir::Dir::new();
+    let closed =
+        Authority::new(AuthConfig { rules: config().rules[..1].to_vec(), ..config() }, &other.0, &[])
+            .unwrap();
+    assert!(!closed.node_api_allows(&HeaderMap::new(), None, None));
+    assert!(!closed.node_api_allows(&HeaderMap::new(), None, Some("any/repo")));
 }
 
 #[test]
