@@ -167,14 +167,28 @@ impl Download {
 }
 
 /// Fetches missing ranges straight from an origin as the clients reading the download:
-/// through the newest one's repository with its credentials, then (their tokens expired) as
-/// the ones before it, then anonymously (a public repository needs no client token). Without
-/// node TLS the origins' node API wants a client's token, which lives 5 minutes; a download
-/// can take longer.
+/// through the newest one's repository with its credentials, then (its token expired, its
+/// access revoked, the blob unlinked from its repository) as the ones before it, then
+/// anonymously through each of their repositories (a public repository needs no client
+/// token). Without node TLS the origins' node API wants a client's token, which lives 5
+/// minutes; a download can take longer. Holds the download weakly: a fetch still running
+/// when the download ends does not keep its pieces (and so a cached blob's pin).
 struct OriginFallback {
     downloads: Arc<Downloads>,
-    download: Arc<Download>,
+    download: std::sync::Weak<Download>,
     digest: Digest,
+}
+
+/// Whether an origin's answer refused this client or this repository only (another asker may
+/// be served), rather than telling of the origins themselves (down, busy: the same for all).
+fn refused_to_asker(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Unauthorized { .. }
+            | StoreError::UpstreamUnauthorized { .. }
+            | StoreError::Denied(_)
+            | StoreError::BlobUnknown
+    )
 }
 
 impl OriginFallback {
@@ -193,23 +207,33 @@ impl OriginFallback {
 #[async_trait]
 impl Fallback for OriginFallback {
     async fn fetch(&self, offset: u64, len: u64) -> Result<Bytes, String> {
-        let askers = self.download.askers().clone();
+        let Some(download) = self.download.upgrade() else {
+            return Err("the download has ended".into());
+        };
+        let askers = download.askers().clone();
         let mut refused = None;
         for asker in &askers {
             match self.fetch_as(&asker.repo, asker.client.clone(), offset, len).await {
-                Err(e @ StoreError::Unauthorized { .. }) => {
-                    self.download.refused(asker);
+                Err(e) if refused_to_asker(&e) => {
+                    download.refused(asker);
                     refused = Some(e);
                 }
                 other => return other.map_err(|e| e.to_string()),
             }
         }
-        match askers.first() {
-            Some(newest) if newest.client.is_some() => {
-                self.fetch_as(&newest.repo, None, offset, len).await.map_err(|e| e.to_string())
+        let mut anonymous: Vec<&RepoName> = Vec::new();
+        for asker in askers.iter().filter(|a| a.client.is_some()) {
+            if !anonymous.contains(&&asker.repo) {
+                anonymous.push(&asker.repo);
             }
-            _ => Err(refused.map_or_else(|| "no client to fetch as".to_string(), |e| e.to_string())),
         }
+        for repo in anonymous {
+            match self.fetch_as(repo, None, offset, len).await {
+                Err(e) if refused_to_asker(&e) => refused = Some(e),
+                other => return other.map_err(|e| e.to_string()),
+            }
+        }
+        Err(refused.map_or_else(|| "no client to fetch as".to_string(), |e| e.to_string()))
     }
 }
 
@@ -482,7 +506,7 @@ impl Downloads {
         let download = Arc::new(Download::new(pieces, asker.clone()));
         let fallback = Arc::new(OriginFallback {
             downloads: self.clone(),
-            download: download.clone(),
+            download: Arc::downgrade(&download),
             digest: digest.clone(),
         });
         let this = self.clone();
@@ -578,7 +602,15 @@ impl Downloads {
             if source != MetainfoSource::Tracker || attempt >= DOWNLOAD_ATTEMPTS {
                 return Err(why);
             }
-            let origin = match self.origin_metainfo(digest).await {
+            // Asked as the newest client (this task runs outside any request's scope).
+            let asker = download.askers().first().cloned();
+            let credentials = match asker {
+                Some(a) => self.credentials(&a.repo, a.client).await,
+                None => None,
+            };
+            let asked =
+                shoal_registry::auth::FORWARD_AUTHORIZATION.scope(credentials, self.origin_metainfo(digest));
+            let origin = match asked.await {
                 Ok(m) => m,
                 Err(e) => return Err(format!("{why} (and the origin's metainfo: {e})")),
             };

@@ -259,9 +259,13 @@ async fn serve_blob_to_tokens(data: Vec<u8>, delay: Duration) -> (String, Digest
     let tracker_json = json.clone();
     let (data, tokens) = (Arc::new(data), Arc::new(Mutex::new(Tokens::default())));
     let (ranges, issuing) = (tokens.clone(), tokens.clone());
-    let ranged = move |headers: HeaderMap| {
+    let ranged = move |uri: axum::http::Uri, headers: HeaderMap| {
         let (data, tokens) = (data.clone(), ranges.clone());
         async move {
+            // A repository the blob was unlinked from.
+            if uri.path().starts_with("/v2/gone/") {
+                return (StatusCode::NOT_FOUND, Vec::new()).into_response();
+            }
             let token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or_default();
             let good = {
                 let t = tokens.lock().unwrap();
@@ -395,4 +399,28 @@ async fn a_refused_client_token_falls_back_to_an_anonymous_one() {
     download.wait().await.unwrap();
     assert!(downloads.cache.contains(&digest));
     assert!(tokens.lock().unwrap().refused > 0, "the client's token was never refused");
+}
+
+/// A client that joined through a repository the blob was then unlinked from (404 there) does
+/// not fail the download for the clients before it: the fallback asks as them. Before, any
+/// answer but a 401 to the newest joiner ended every fallback fetch, and the download.
+#[tokio::test]
+async fn a_joiner_whose_repository_lost_the_blob_does_not_fail_the_download() {
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 233) as u8).collect();
+    let (url, digest, tokens) = serve_blob_to_tokens(data, Duration::from_millis(100)).await;
+    tokens.lock().unwrap().accepted.push("Bearer t".into());
+    let dir = tempfile::tempdir().unwrap();
+    let downloads = downloads_at(dir.path(), &url);
+    let bearer = Some(HeaderValue::from_static("Bearer t"));
+    let (team, gone): (RepoName, RepoName) = ("team/app".parse().unwrap(), "gone/app".parse().unwrap());
+    let Ok(Joined::Download(download)) =
+        downloads.join(&team, &digest, Some(2_000_000), bearer.clone()).await
+    else {
+        panic!("a download starts");
+    };
+    let Ok(Joined::Download(_)) = downloads.join(&gone, &digest, Some(2_000_000), bearer).await else {
+        panic!("the download is joined");
+    };
+    download.wait().await.unwrap();
+    assert!(downloads.cache.contains(&digest));
 }
