@@ -175,7 +175,8 @@ pub async fn serve(
                     // sends half a request head.
                     let deadline = nonzero(limits.header_read_timeout).unwrap_or(TLS_HANDSHAKE_TIMEOUT);
                     match tokio::time::timeout(deadline, acceptor.accept(shoal_tls::buffered(stream))).await {
-                        Ok(Ok(stream)) => {
+                        Ok(Ok(mut stream)) => {
+                            stream.get_mut().0.grow();
                             let identity = shoal_tls::identity_of(stream.get_ref().1);
                             serve_connection(stream, remote, true, identity, app, limits, stop).await;
                         }

@@ -194,10 +194,12 @@ pub async fn connect(
         return Ok((Box::new(LowWaterReader { inner: read, need, current: 1 }), Box::new(write)));
     };
     let name = shoal_tls::ServerName::IpAddress(addr.ip().into());
-    let stream = tokio::time::timeout(handshake, peer.connector.connect(name, shoal_tls::buffered(stream)))
-        .await
-        .map_err(|_| "TLS handshake timeout".to_string())?
-        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let mut stream =
+        tokio::time::timeout(handshake, peer.connector.connect(name, shoal_tls::buffered(stream)))
+            .await
+            .map_err(|_| "TLS handshake timeout".to_string())?
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+    stream.get_mut().0.grow();
     Ok(halves(stream))
 }
 
@@ -207,12 +209,15 @@ pub async fn accept(stream: TcpStream, handshake: Duration) -> Result<(ReadHalf,
     tune(&stream);
     let tls = shoal_tls::current();
     let Some(peer) = tls.peer() else { return Ok(tcp_halves(stream)) };
-    let stream = tokio::time::timeout(handshake, peer.acceptor.accept(shoal_tls::buffered(stream)))
+    let mut stream = tokio::time::timeout(handshake, peer.acceptor.accept(shoal_tls::buffered(stream)))
         .await
         .map_err(|_| "TLS handshake timeout".to_string())?
         .map_err(|e| format!("TLS handshake: {e}"))?;
     match shoal_tls::identity_of(stream.get_ref().1) {
-        Some(id) if id.role.is_node() => Ok(halves(stream)),
+        Some(id) if id.role.is_node() => {
+            stream.get_mut().0.grow();
+            Ok(halves(stream))
+        }
         Some(id) => Err(format!("{id} is not a node")),
         None => Err("the client certificate names no Shoal role".into()),
     }

@@ -9,6 +9,7 @@
 //! [`http_client`], and the peer protocol takes its connector and acceptor from
 //! [`Tls::peer`].
 
+mod buffered;
 mod certs;
 mod config;
 mod identity;
@@ -22,6 +23,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::RootCertStore;
 use shoal_registry::identity::TransportIdentity;
 
+pub use buffered::{buffered, Buffered, TLS_HANDSHAKE_READ_BUFFER, TLS_READ_BUFFER};
 pub use certs::{issue, new_ca, CertsError, Issued};
 pub use config::{TlsSettings, DEFAULT_RELOAD_INTERVAL};
 pub use identity::identity_of;
@@ -409,18 +411,6 @@ pub fn upstream_http_client(extra_ca: Option<&std::path::Path>) -> Result<reqwes
 /// The certificates of a PEM file (for tests and tools).
 pub fn read_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     pem::certs(path)
-}
-
-/// Size of the read buffer under a TLS stream that carries bulk data. rustls reads the
-/// socket 4 KiB at a time (a 16 KiB record takes four reads, and its buffer shrinks back
-/// whenever it drains); reading the socket in large pieces underneath turns those system
-/// calls into copies.
-pub const TLS_READ_BUFFER: usize = 256 * 1024;
-
-/// `stream` with [`TLS_READ_BUFFER`] of read buffering, for a TLS layer on top. Writes pass
-/// straight through (no flush is ever needed).
-pub fn buffered<S: tokio::io::AsyncRead + tokio::io::AsyncWrite>(stream: S) -> tokio::io::BufReader<S> {
-    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, stream)
 }
 
 /// The URL scheme of this process's listeners, and so of its cluster's: every origin of a
