@@ -107,6 +107,10 @@ pub async fn forward_uploads(State(f): State<Forwarder>, req: Request, next: Nex
         return next.run(req).await;
     }
     let Some((home, base)) = f.home(req.uri().path()) else { return next.run(req).await };
+    if !sent_as_parsed(&base, req.uri()) {
+        // Not an upload session's path once the URL parser has read it: served here (404).
+        return next.run(req).await;
+    }
     match f.forward(&home, &base, req).await {
         Ok(response) => response,
         Err(e) => {
@@ -116,6 +120,15 @@ pub async fn forward_uploads(State(f): State<Forwarder>, req: Request, next: Nex
             (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
         }
     }
+}
+
+/// Whether `uri`, sent to `base`, reaches the path the registry parsed: the URL parser folds
+/// `..` and `.` segments (`%2e` too) and turns `\` into `/`, so
+/// `/v2/pub/blobs/uploads/..\..\..\priv/manifests/t.<home>` parsed as an upload session
+/// here would reach another origin as a manifest read, with this origin's node identity.
+fn sent_as_parsed(base: &str, uri: &axum::http::Uri) -> bool {
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    reqwest::Url::parse(&format!("{base}{path}")).is_ok_and(|url| url.path() == uri.path())
 }
 
 /// The upload session a request's path names, parsed as the registry routes it: only
@@ -131,7 +144,27 @@ fn upload_id(path: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
-    use super::upload_id;
+    use super::{sent_as_parsed, upload_id};
+
+    /// A path the URL parser would rewrite (dot segments, backslashes) is not forwarded.
+    #[test]
+    fn only_paths_sent_as_parsed_are_forwarded() {
+        let base = "https://o1.shoal:5000";
+        let uri = |p: &str| p.parse::<axum::http::Uri>().unwrap();
+        assert!(sent_as_parsed(base, &uri("/v2/team/app/blobs/uploads/abc.3132?digest=sha256:00")));
+        for trick in [
+            "/v2/pub/blobs/uploads/../../../priv/manifests/t.3132",
+            "/v2/pub/blobs/uploads/%2e%2e/%2e%2e/priv/manifests/t.3132",
+            "/v2/pub/blobs/uploads/./t.3132",
+        ] {
+            assert!(!sent_as_parsed(base, &uri(trick)), "{trick}");
+        }
+        if let Ok(backslashes) =
+            "/v2/pub/blobs/uploads/..\\..\\priv/manifests/t.3132".parse::<axum::http::Uri>()
+        {
+            assert!(!sent_as_parsed(base, &backslashes));
+        }
+    }
 
     #[test]
     fn only_requests_to_an_upload_session_name_one() {
