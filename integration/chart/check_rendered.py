@@ -102,7 +102,7 @@ def check_configs(by_kind, values):
         problems.append("origin.toml: a registry in two [[upstream]] sections (the origin keeps the last)")
     if checked and [u.get("registry") for u in upstreams] != list(want):
         problems.append(f"origin.toml upstreams {[u.get('registry') for u in upstreams]}, values {list(want)}")
-    known = {"registry", "url", "username", "password_file", "ca_file", "tag_ttl", "serve_stale"}
+    known = {"registry", "url", "username", "password_file", "ca_file", "tag_ttl", "serve_stale", "private_recheck"}
     for u in upstreams:
         name = u.get("registry")
         if set(u) - known:

@@ -133,12 +133,27 @@ refuse "TLS without cert-manager, the agents' Secret missing" "set tls.existingS
   --set tls.existingSecrets.origin=o --set tls.existingSecrets.tracker=t
 refuse "a priority quota without a PriorityClass" "agent.priorityClassName" \
   --set agent.priorityClassQuota.create=true --set agent.priorityClassName=
+refuse "an extra registry named like the origins' registry" "extraRegistries.*twice" \
+  --set containerd.registryName=reg.example.com --set 'containerd.extraRegistries[0].name=reg.example.com'
+refuse "an extra registry listed twice" "extraRegistries\\[1\\].*twice" \
+  --set 'containerd.extraRegistries[0].name=ghcr.io' --set 'containerd.extraRegistries[1].name=ghcr.io'
+refuse "a dial timeout shorter than 1ms" "dialTimeout" --set containerd.dialTimeout=500us
+refuse "a dial timeout of zero" "dialTimeout" --set containerd.dialTimeout=0ms
+refuse "containerd's config_path list" "configPath" \
+  --set 'containerd.configPath=/etc/containerd/certs.d:/etc/docker/certs.d'
+refuse "an upstream's private recheck of zero" "privateRecheck" --set 'upstreams[0].registry=docker.io' \
+  --set 'upstreams[0].url=https://h' --set 'upstreams[0].privateRecheck=0s'
 
 # TLS: certificates from cert-manager where no Secret is named, https everywhere, the
 # origins' internal listener as their member address, containerd trusting the agent's CA.
 t=$T/tls.yaml
 [[ $(grep -c '^kind: Certificate' "$t") == 2 ]] || die "tls: want Certificates for the origin and the tracker only"
 grep -q 'organizationalUnits: \[shoal-origin\]' "$t" || die "tls: the origin certificate has no role"
+# Every name docs/kubernetes.md tells users to push to.
+for n in shoal-origin.shoal.svc.cluster.local shoal-origin.shoal.svc shoal-origin.shoal shoal-origin; do
+  grep -q -- "^    - \"$n\"$" "$t" || die "tls: the origin certificate does not name $n"
+done
+grep -q 'private_recheck = "10m"' "$T/upstream.yaml" || die "upstream: privateRecheck is not rendered"
 grep -q 'secretName: shoal-agent-tls-made-by-hand' "$t" || die "tls: the agents' own Secret is not mounted"
 grep -q -- '--internal-listen=0.0.0.0:6443' "$t" || die "tls: no internal listener"
 grep -q -- '--cluster=shoal-origin-0.shoal-origin-headless.shoal.svc.cluster.local:6443,' "$t" ||

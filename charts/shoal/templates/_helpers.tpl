@@ -163,7 +163,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $regs = append $regs (printf "%s=%s://%s" (include "shoal.registryName" .) (include "shoal.scheme" .) (include "shoal.registryName" .)) -}}
 {{- end -}}
 {{- end -}}
-{{- range .Values.containerd.extraRegistries -}}
+{{- range $i, $r := .Values.containerd.extraRegistries -}}
+{{- if has $r.name $named -}}
+{{- fail (printf "containerd.extraRegistries[%d].name %q is listed twice (or is containerd.registryName, mirrored already): shoal node setup refuses a registry given twice" $i $r.name) -}}
+{{- end -}}
 {{- $named = append $named .name -}}
 {{- if .server -}}
 {{- $regs = append $regs (printf "%s=%s" .name .server) -}}
