@@ -110,19 +110,25 @@ impl Repairer {
         }
     }
 
-    /// Work the queue, check every blob and repository held here, then the queue again.
+    /// Work the queue, check every repository and blob held here, then the queue again.
     ///
     /// The queue goes first because it names exactly what was written while an owner was
     /// unreachable: a full pass follows an owner's return, and a walk over every blob held
     /// here can take minutes in a large store, while reads ask the owners only and would see
-    /// an owner's older records (a retag) until its records came home.
+    /// an owner's older records (a retag) until its records came home. Repositories go
+    /// before blobs for the same reason: a write made while its owner was counted down (out
+    /// of the live list) landed on the next origin in the ranking, its owner then, and was
+    /// not queued; their records are small, and a blob is found on any live origin while it
+    /// is away from its owners.
     ///
     /// A membership change during the walk (an owner back while it runs) has the queue
-    /// worked again at once, for the same reason.
+    /// worked again at once, and the repositories walked again, for the same reason.
     pub async fn full_pass(&self) -> RepairReport {
         let mut report = RepairReport::default();
         let mut generation = self.coordinator.topology.generation();
         self.queue_pass(&mut report).await;
+        let mut walked_at = generation;
+        self.repos_pass(&mut generation, &mut report).await;
         let local = self.coordinator.local.clone();
         let mut after: Option<Digest> = None;
         loop {
@@ -136,6 +142,11 @@ impl Repairer {
             };
             for entry in &page {
                 self.queue_pass_if_changed(&mut generation, &mut report).await;
+                if generation != walked_at {
+                    // An owner came back (or went) during the walk: its repositories first.
+                    walked_at = generation;
+                    self.repos_pass(&mut generation, &mut report).await;
+                }
                 self.reconcile_blob(entry, &mut report).await;
             }
             match page.last() {
@@ -143,6 +154,14 @@ impl Repairer {
                 _ => break,
             }
         }
+        self.queue_pass(&mut report).await;
+        self.coordinator.metrics.repair_passes.inc();
+        report
+    }
+
+    /// Check every repository held here (see [`full_pass`](Self::full_pass)).
+    async fn repos_pass(&self, generation: &mut u64, report: &mut RepairReport) {
+        let local = self.coordinator.local.clone();
         let mut after: Option<String> = None;
         loop {
             let page = match local.repos(after.as_deref(), PAGE).await {
@@ -154,17 +173,14 @@ impl Repairer {
                 }
             };
             for repo in &page {
-                self.queue_pass_if_changed(&mut generation, &mut report).await;
-                self.reconcile_repo(repo, &mut report).await;
+                self.queue_pass_if_changed(generation, report).await;
+                self.reconcile_repo(repo, report).await;
             }
             match page.last() {
                 Some(last) if page.len() == PAGE => after = Some(last.clone()),
                 _ => break,
             }
         }
-        self.queue_pass(&mut report).await;
-        self.coordinator.metrics.repair_passes.inc();
-        report
     }
 
     /// The queue pass a membership change since `generation` calls for, if there was one.

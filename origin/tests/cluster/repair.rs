@@ -191,6 +191,63 @@ async fn a_write_that_fell_back_goes_home_before_the_walk_over_every_blob() {
     assert!(walked, "the pass went on to the blobs");
 }
 
+/// A write made while its owner was counted down (out of the live list, so the next origin
+/// in the ranking was its owner then and nothing was queued) goes home before the walk over
+/// every blob: repositories are reconciled first. Before, the owner answered reads with its
+/// older records until the walk over every blob held here had ended.
+#[tokio::test]
+async fn a_write_made_while_its_owner_was_down_goes_home_before_the_walk_over_every_blob() {
+    let (world, cs) = world_with(1).await;
+    let ranked = shoal_origin::cluster::placement::owners(Retag::REPO, &ids(), 2);
+    let writer = cs.iter().find(|c| c.me() == ranked[1]).unwrap().clone();
+    let r = Retag { world, cs, owner: ranked[0].clone(), writer };
+    let (old, new) = (Digest::of(Algorithm::Sha256, b"old"), Digest::of(Algorithm::Sha256, b"new"));
+    r.tag(&old).await;
+    r.world.live.lock().unwrap().retain(|id| *id != r.owner);
+    r.world.generation.fetch_add(1, Ordering::SeqCst);
+    r.tag(&new).await;
+    assert_eq!(r.read().await, Some(new.clone()), "the write landed on the next origin");
+    r.world.live.lock().unwrap().push(r.owner.clone());
+    assert_eq!(r.read().await, Some(old.clone()), "the owner answers reads with what it holds");
+
+    r.hold_foreign_blobs(1).await;
+    let (_reached, open) = hold_every(&r.world, GateOn::BlobStat);
+    let _repairer = Repairer::start(r.writer.clone(), 1 << 30, Duration::from_secs(3600));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    r.world.generation.fetch_add(1, Ordering::SeqCst);
+    let home = r.reads_within(&new, Duration::from_secs(10)).await;
+    let _ = open.send(true);
+    assert!(home, "the retag stayed away from its owner while the blobs were walked");
+}
+
+/// The same when the owner, counted down, comes back while a pass (the one its leaving
+/// started) walks the blobs: the repositories are walked again at once.
+#[tokio::test]
+async fn a_write_made_while_its_owner_was_down_goes_home_when_it_returns_during_a_walk() {
+    let (world, cs) = world_with(1).await;
+    let ranked = shoal_origin::cluster::placement::owners(Retag::REPO, &ids(), 2);
+    let writer = cs.iter().find(|c| c.me() == ranked[1]).unwrap().clone();
+    let r = Retag { world, cs, owner: ranked[0].clone(), writer };
+    let (old, new) = (Digest::of(Algorithm::Sha256, b"old"), Digest::of(Algorithm::Sha256, b"new"));
+    r.tag(&old).await;
+    r.hold_foreign_blobs(200).await;
+    for node in r.world.nodes.values() {
+        node.stat_delay_ms.store(100, Ordering::SeqCst);
+    }
+    let _repairer = Repairer::start(r.writer.clone(), 1 << 30, Duration::from_secs(3600));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    r.world.live.lock().unwrap().retain(|id| *id != r.owner);
+    r.world.generation.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    r.tag(&new).await;
+    r.world.live.lock().unwrap().push(r.owner.clone());
+    r.world.generation.fetch_add(1, Ordering::SeqCst);
+    assert!(
+        r.reads_within(&new, Duration::from_secs(3)).await,
+        "the retag waited for the end of the walk over the blobs"
+    );
+}
+
 /// The same when the owner comes back while a pass (the one its leaving started) walks the
 /// blobs: the walk works the queue as soon as the membership changes, not at its end.
 #[tokio::test]
