@@ -289,10 +289,15 @@ async fn token_endpoint_password_grant_rate_limit_and_published_keys() {
     assert_eq!(published["keys"][0]["kid"], origin_key(&origin).public.kid);
     assert!(!published.to_string().contains("alice"), "user names published: {published}");
 
-    // The node API needs a node identity, the cluster secret or a token.
+    // The node API needs a node identity, the cluster secret or a token, except for what an
+    // anonymous client may read: metainfo (anonymous pull is allowed for `public-*`), not the
+    // pull-through routes of a private repository.
     let digest = shoal_integration::sha256(b"x");
     let metainfo = format!("{url}/shoal/v1/blobs/{digest}/metainfo");
-    assert_eq!(http.get(&metainfo).send().await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(http.get(&metainfo).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    let upstream = format!("{url}/shoal/v1/upstream/blobs/{digest}");
+    let anonymous = http.get(&upstream).query(&[("repo", "conformance/private-other")]).send().await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
     let t = token(&url, Some(("alice", "alice-pass")), &format!("repository:{repo}:pull")).await;
     assert_eq!(http.get(&metainfo).bearer_auth(&t).send().await.unwrap().status(), StatusCode::NOT_FOUND);
     // Acting for a repository (pull-through's fetch progress and byte stream), the token must

@@ -357,6 +357,29 @@ async fn gc_deletes_garbage_after_quarantine_and_only_on_a_whole_cluster() {
     assert!(holders(&world, &layer).await.is_empty() && holders(&world, &config).await.is_empty());
 }
 
+/// GC refuses to run while a member's health replies name another member list than the
+/// leader's (a scale-up whose new list has not reached every origin): marks that list and
+/// scan only the leader's members would miss repositories moved to origins it does not know,
+/// and delete blobs their manifests use.
+#[tokio::test]
+async fn gc_refuses_while_the_members_disagree_on_the_member_list() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/app".parse().unwrap();
+    let (config, layer) = garbage_image(&cs, &repo, b"layer").await;
+    let leader = shoal_origin::cluster::gc::leader(&cs[0]).unwrap();
+    let lead = cs[IDS.iter().position(|id| *id == leader).unwrap()].clone();
+    let other = IDS.iter().find(|id| **id != leader).unwrap().to_string();
+    *world.disagrees.lock().unwrap() = Some(other.clone());
+    match shoal_origin::cluster::gc::collect(&lead, quick_gc()).await {
+        Err(GcError::MembersDisagree(id)) => assert_eq!(id, other),
+        other => panic!("collected while the member lists differ: {other:?}"),
+    }
+    assert!(!holders(&world, &layer).await.is_empty() && !holders(&world, &config).await.is_empty());
+    *world.disagrees.lock().unwrap() = None;
+    let report = shoal_origin::cluster::gc::collect(&lead, quick_gc()).await.unwrap();
+    assert_eq!((report.quarantined_blobs, report.swept_blobs), (2, 2), "{report:?}");
+}
+
 /// Two collections asked of the leader at once: one runs, the other is refused while it does.
 #[tokio::test]
 async fn only_one_collection_runs_at_a_time() {

@@ -257,6 +257,8 @@ pub(crate) struct World {
     /// Members whose health replies say their disk is nearly full.
     pub(crate) full: Mutex<BTreeSet<String>>,
     pub(crate) generation: std::sync::atomic::AtomicU64,
+    /// A member whose last health reply named another member list than this world's.
+    pub(crate) disagrees: Mutex<Option<String>>,
 }
 
 /// One origin's view of the world.
@@ -283,6 +285,9 @@ impl Topology for View {
     }
     fn generation(&self) -> u64 {
         self.world.generation.load(Ordering::SeqCst)
+    }
+    fn disagreeing_member(&self) -> Option<String> {
+        self.world.disagrees.lock().unwrap().clone()
     }
 }
 
@@ -334,6 +339,7 @@ pub(crate) async fn world_with(replicas: usize) -> (Arc<World>, Vec<Arc<Coordina
         live: Mutex::new(IDS.iter().map(|s| s.to_string()).collect()),
         full: Mutex::new(BTreeSet::new()),
         generation: Default::default(),
+        disagrees: Mutex::new(None),
     });
     let coordinators = locals
         .into_iter()
