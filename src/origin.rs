@@ -234,6 +234,7 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
                     clock: c.upgrade().map(|c| c.clock.reading()),
                     wall_millis: Some(shoal_origin::cluster::record::now_millis()),
                     disk_full: m.self_disk_full(),
+                    members: Some(m.members_fingerprint()),
                 })
             };
             cluster_only = Some(internal_api::router(local.clone(), internal, health).merge(

@@ -87,6 +87,8 @@ pub enum GcError {
     MemberDown(String),
     #[error("garbage collection waits for repair: origin {origin} has {pending} items queued")]
     RepairPending { origin: String, pending: u64 },
+    #[error("garbage collection waits until every origin has the same member list; {0} names another")]
+    MembersDisagree(String),
     #[error("garbage collection runs on origin {leader}, not here")]
     NotLeader { leader: String },
     #[error("a garbage collection is already running")]
@@ -123,11 +125,26 @@ pub fn leader(c: &Coordinator) -> Option<String> {
     c.ranked(LEADER_KEY).into_iter().next()
 }
 
-/// Whether this origin may collect now: every member up, no repair pending, and it leads.
+/// How long a collection waits for every member to name the same member list (a member that
+/// has not answered a health check since it came up has named none).
+pub const MEMBER_LIST_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether this origin may collect now: every member up and naming the same members, no
+/// repair pending, and it leads. The marks list and scan this origin's members only: while a
+/// member list changes (a scale-up rolled out to some origins), repositories moved to an
+/// origin this one does not know yet would go unseen and their blobs be collected.
 async fn precheck(c: &Coordinator) -> Result<(), GcError> {
     let live: HashSet<String> = c.topology.live().into_iter().collect();
     if let Some(down) = c.topology.members().into_iter().find(|m| !live.contains(m)) {
         return Err(GcError::MemberDown(down));
+    }
+    // A member just up (or just back) has not told its list yet: a few health intervals.
+    let waited_until = std::time::Instant::now() + MEMBER_LIST_WAIT;
+    while let Some(other) = c.topology.disagreeing_member() {
+        if std::time::Instant::now() >= waited_until {
+            return Err(GcError::MembersDisagree(other));
+        }
+        tokio::time::sleep(MEMBER_LIST_WAIT / 20).await;
     }
     let leader = leader(c).unwrap_or_else(|| c.me().to_string());
     if leader != c.me() {

@@ -61,6 +61,10 @@ pub struct HealthReply {
     /// Its data disk is nearly full: placement gives it no new copies.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disk_full: bool,
+    /// The fingerprint of its member list ([`Membership::members_fingerprint`]): GC runs only
+    /// while every member's is the leader's. Absent from origins before session 40.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<String>,
 }
 
 /// One member as seen by this origin, for status pages and the tracker's seeder list.
@@ -132,6 +136,8 @@ struct Member {
     peer: Option<PeerIdentity>,
     /// Its last health reply said its disk is nearly full.
     disk_full: bool,
+    /// The fingerprint of the member list its last health reply named.
+    members: Option<String>,
     /// It answered with this origin's own id: another name for us, so not a member.
     is_self: bool,
     /// It answered with an id other than the one we know it by (warned once).
@@ -140,7 +146,14 @@ struct Member {
 
 impl Member {
     fn new() -> Member {
-        Member { health: Health::new(), peer: None, disk_full: false, is_self: false, warned_id: false }
+        Member {
+            health: Health::new(),
+            peer: None,
+            disk_full: false,
+            members: None,
+            is_self: false,
+            warned_id: false,
+        }
     }
 
     fn live(&self) -> bool {
@@ -324,6 +337,27 @@ impl Membership {
         all
     }
 
+    /// A fingerprint of the member list (every id, this origin's included, sorted): origins
+    /// that name the same members have the same one.
+    pub fn members_fingerprint(&self) -> String {
+        use sha2::Digest as _;
+        let ids: Vec<String> = self.members().into_iter().map(|m| m.id).collect();
+        hex::encode(&sha2::Sha256::digest(ids.join("\n").as_bytes())[..16])
+    }
+
+    /// A live member whose last health reply named another member list than this origin's
+    /// (or none: an older build), if there is one. Such a cluster is mid-change: what one
+    /// origin scans, another may have moved to a member the first does not know.
+    pub fn disagreeing_member(&self) -> Option<String> {
+        let mine = self.members_fingerprint();
+        let table = self.lock();
+        table
+            .others
+            .iter()
+            .find(|(_, m)| m.live() && m.members.as_deref() != Some(mine.as_str()))
+            .map(|(id, _)| id.clone())
+    }
+
     /// Base URL of a known member's API (`http://host:port`, IPv6 bracketed).
     pub fn url(&self, id: &str) -> Option<String> {
         (id == self.me || self.lock().others.contains_key(id)).then(|| url_of(id))
@@ -415,6 +449,7 @@ impl Membership {
                 }
                 member.peer = reply.peer;
                 member.disk_full = reply.disk_full;
+                member.members = reply.members;
                 if member.health.record(true, self.health_fails, self.health_passes) {
                     info!(member = id, "cluster member up");
                 }
@@ -604,6 +639,7 @@ mod tests {
         secret: Option<String>,
         peer: Option<PeerIdentity>,
         hits: AtomicUsize,
+        members: Mutex<Option<String>>,
     }
 
     async fn health(State(fake): State<Arc<Fake>>, headers: HeaderMap) -> Response {
@@ -618,8 +654,16 @@ mod tests {
             return StatusCode::SERVICE_UNAVAILABLE.into_response();
         }
         let id = fake.id.lock().expect("id").clone();
-        Json(HealthReply { id, peer: fake.peer.clone(), clock: None, wall_millis: None, disk_full: false })
-            .into_response()
+        let members = fake.members.lock().expect("members").clone();
+        Json(HealthReply {
+            id,
+            peer: fake.peer.clone(),
+            clock: None,
+            wall_millis: None,
+            disk_full: false,
+            members,
+        })
+        .into_response()
     }
 
     fn fake(id: &str, secret: Option<&str>) -> Arc<Fake> {
@@ -632,6 +676,7 @@ mod tests {
                 addr: "127.0.0.1:7000".parse().expect("addr"),
             }),
             hits: AtomicUsize::new(0),
+            members: Mutex::new(None),
         })
     }
 
@@ -676,6 +721,23 @@ mod tests {
         assert!(h.up);
         let mut zero = Health::new();
         assert!(zero.record(false, 0, 0), "thresholds of zero count as one");
+    }
+
+    /// A member that names another member list (or none) disagrees until it names ours.
+    #[tokio::test]
+    async fn members_that_name_another_member_list_disagree() {
+        let (id, fake) = spawn_fake(None).await;
+        let me = "127.0.0.1:1";
+        let m = Membership::start(config(me, &[me, &id]), None, client()).await.expect("start");
+        eventually("first health reply", || m.peer(&id).is_some()).await;
+        assert_eq!(m.disagreeing_member(), Some(id.clone()), "an origin that names no list");
+        *fake.members.lock().expect("members") = Some(m.members_fingerprint());
+        eventually("the same list", || m.disagreeing_member().is_none()).await;
+        let other =
+            Membership::start(config(me, &[me, &id, "127.0.0.1:2"]), None, client()).await.expect("start");
+        assert_ne!(other.members_fingerprint(), m.members_fingerprint());
+        *fake.members.lock().expect("members") = Some(other.members_fingerprint());
+        eventually("another list", || m.disagreeing_member() == Some(id.clone())).await;
     }
 
     #[tokio::test]

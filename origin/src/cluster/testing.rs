@@ -236,6 +236,7 @@ pub async fn serve(node: Arc<dyn Node>, secret: Option<&str>) -> SocketAddr {
         clock: None,
         wall_millis: None,
         disk_full: false,
+        members: None,
     });
     let guard = crate::cluster::internal_api::Guard {
         secrets: secret.map(str::to_string).into_iter().collect(),

@@ -21,6 +21,10 @@ pub trait Topology: Send + Sync + 'static {
     fn node(&self, id: &str) -> Option<Arc<dyn Node>>;
     /// A counter that changes whenever the live set does (repair watches it).
     fn generation(&self) -> u64;
+    /// A live member that names another member list than this origin's, if any (GC waits).
+    fn disagreeing_member(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A cluster of one: a lone origin, or a test.
@@ -114,6 +118,10 @@ impl Topology for MemberTopology {
 
     fn accepts_writes(&self, id: &str) -> bool {
         self.membership.accepts_writes(id)
+    }
+
+    fn disagreeing_member(&self) -> Option<String> {
+        self.membership.disagreeing_member()
     }
 
     fn node(&self, id: &str) -> Option<Arc<dyn Node>> {

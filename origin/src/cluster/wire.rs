@@ -151,13 +151,21 @@ mod tests {
             clock: None,
             wall_millis: None,
             disk_full: false,
+            members: None,
         };
         let json = serde_json::to_value(&reply).unwrap();
         assert_eq!(json, serde_json::json!({"id": "a:1", "peer": {"peer_id": "p", "addr": "127.0.0.1:7"}}));
         let bare: HealthReply = serde_json::from_str(r#"{"id":"b:2"}"#).unwrap();
         assert_eq!(
             bare,
-            HealthReply { id: "b:2".into(), peer: None, clock: None, wall_millis: None, disk_full: false }
+            HealthReply {
+                id: "b:2".into(),
+                peer: None,
+                clock: None,
+                wall_millis: None,
+                disk_full: false,
+                members: None
+            }
         );
     }
 
