@@ -41,6 +41,8 @@ pub struct TrackerConfig {
     pub require_node_identity: bool,
     /// Live announcements one announcer (node identity, or client address) may hold.
     pub max_entries_per_announcer: usize,
+    /// Digests tracked at once ([`PeerStoreLimits::max_digests`]; tests lower it).
+    pub max_digests: usize,
 }
 
 impl Default for TrackerConfig {
@@ -52,6 +54,7 @@ impl Default for TrackerConfig {
             origin_timeout: Duration::from_secs(5),
             require_node_identity: false,
             max_entries_per_announcer: crate::peers::DEFAULT_MAX_ENTRIES_PER_ANNOUNCER,
+            max_digests: PeerStoreLimits::default().max_digests,
         }
     }
 }
@@ -92,6 +95,7 @@ pub fn router(config: TrackerConfig, registry: &Registry) -> Result<Router, Buil
     let limits = PeerStoreLimits {
         ttl: config.announce_interval * 3,
         max_entries_per_announcer: config.max_entries_per_announcer,
+        max_digests: config.max_digests,
         ..PeerStoreLimits::default()
     };
     let origins = Origins::new(config.origins.clone(), config.origin_timeout)?;
@@ -191,8 +195,8 @@ async fn announce(State(t): State<Arc<Tracker>>, client: Client, body: axum::bod
         return bad_request("announce body must be JSON {digest, peer_id, addr, complete}");
     };
     let peers = match admit(&t, &announcer, &req) {
-        Ok(true) => handout(&t, &req).await,
-        Ok(false) => Vec::new(),
+        Ok(Handout::Nothing) => Vec::new(),
+        Ok(kind) => handout(&t, &req, kind).await,
         Err((status, why)) => return (status, why).into_response(),
     };
     Json(AnnounceResponse { interval_secs: interval_secs(&t), peers }).into_response()
@@ -216,12 +220,13 @@ async fn announce_batch(State(t): State<Arc<Tracker>>, client: Client, body: axu
         return bad_request(&format!("at most {MAX_ANNOUNCE_BATCH} announces per batch"));
     }
     t.batches.inc();
-    let admitted: Vec<Result<bool, (StatusCode, String)>> =
+    let admitted: Vec<Result<Handout, (StatusCode, String)>> =
         batch.announces.iter().map(|req| admit(&t, &announcer, req)).collect();
     let mut handouts = Vec::new();
     for (req, admitted) in batch.announces.iter().zip(&admitted) {
-        if matches!(admitted, Ok(true)) && !req.complete {
-            handouts.push(handout(&t, req));
+        match admitted {
+            Ok(kind) if *kind != Handout::Nothing && !req.complete => handouts.push(handout(&t, req, *kind)),
+            _ => {}
         }
     }
     let mut handouts = futures_util::future::join_all(handouts).await.into_iter();
@@ -230,7 +235,7 @@ async fn announce_batch(State(t): State<Arc<Tracker>>, client: Client, body: axu
         .iter()
         .zip(admitted)
         .map(|(req, admitted)| match admitted {
-            Ok(true) if !req.complete => {
+            Ok(kind) if kind != Handout::Nothing && !req.complete => {
                 AnnounceResult { peers: handouts.next().unwrap_or_default(), error: None }
             }
             Ok(_) => AnnounceResult::default(),
@@ -246,13 +251,26 @@ fn interval_secs(t: &Tracker) -> u64 {
     t.config.announce_interval.as_secs().max(1)
 }
 
-/// Take one announce from `announcer`: list (or forget, if it is leaving) the peer. `Ok(true)`
-/// if it may be handed peers: it is listed, or the tracker (or the digest's swarm) is full. A
-/// full tracker still hands out what it knows, the origins' seeders first among them: a few
-/// announcers that filled it with made-up complete peers must not leave every downloader of
-/// the cluster with no peer at all (each then fetched the whole blob from the origins over
-/// HTTP). Such a downloader is not handed to others until there is room.
-fn admit(t: &Tracker, announcer: &str, req: &AnnounceRequest) -> Result<bool, (StatusCode, String)> {
+/// What an admitted announce is handed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handout {
+    /// No peers (a peer leaving).
+    Nothing,
+    /// The origins' seeders (asked if not cached) and a share of the swarm.
+    Peers,
+    /// The tracker is full and the digest unknown to it: the origins' seeders if cached, and
+    /// no call to an origin (announces of made-up digests, which no quota charges when
+    /// nothing is listed, would each cost one).
+    Cached,
+}
+
+/// Take one announce from `announcer`: list (or forget, if it is leaving) the peer, and say
+/// what it is handed. A full tracker (or a digest's swarm full of complete peers) still
+/// hands out what it knows: a few announcers that filled it with made-up complete peers must
+/// not leave every downloader of the cluster with no peer at all (each then fetched the whole
+/// blob from the origins over HTTP). Such a downloader is not handed to others until there is
+/// room.
+fn admit(t: &Tracker, announcer: &str, req: &AnnounceRequest) -> Result<Handout, (StatusCode, String)> {
     if !valid_peer_id(&req.peer_id) {
         t.announces.with_label_values(&["invalid"]).inc();
         return Err((StatusCode::BAD_REQUEST, "peer_id must be 40 lowercase hex characters".into()));
@@ -260,7 +278,7 @@ fn admit(t: &Tracker, announcer: &str, req: &AnnounceRequest) -> Result<bool, (S
     if req.stopped {
         lock(&t.peers).remove_by(announcer, &req.digest, &req.peer_id, req.addr);
         t.announces.with_label_values(&["stopped"]).inc();
-        return Ok(false);
+        return Ok(Handout::Nothing);
     }
     // Admission first: a refused announce never makes the tracker call an origin.
     let admitted = lock(&t.peers).announce_by(
@@ -271,22 +289,27 @@ fn admit(t: &Tracker, announcer: &str, req: &AnnounceRequest) -> Result<bool, (S
         req.complete,
         Instant::now(),
     );
-    let (outcome, status) = match &admitted {
-        Ok(()) => ("ok", StatusCode::OK),
-        Err(Refused::StoreFull) => ("full", StatusCode::SERVICE_UNAVAILABLE),
-        Err(Refused::AnnouncerFull) => ("quota", StatusCode::TOO_MANY_REQUESTS),
-        Err(Refused::NotOwner) => ("refused", StatusCode::FORBIDDEN),
+    let outcome = match &admitted {
+        Ok(()) => "ok",
+        Err(Refused::StoreFull | Refused::SwarmFull) => "full",
+        Err(Refused::AnnouncerFull) => "quota",
+        Err(Refused::NotOwner) => "refused",
     };
     t.announces.with_label_values(&[outcome]).inc();
     match admitted {
-        Ok(()) | Err(Refused::StoreFull) => Ok(true),
-        Err(why) => Err((status, why.to_string())),
+        Ok(()) | Err(Refused::SwarmFull) => Ok(Handout::Peers),
+        Err(Refused::StoreFull) => Ok(Handout::Cached),
+        Err(why @ Refused::AnnouncerFull) => Err((StatusCode::TOO_MANY_REQUESTS, why.to_string())),
+        Err(why @ Refused::NotOwner) => Err((StatusCode::FORBIDDEN, why.to_string())),
     }
 }
 
 /// Peers for an admitted announce: the origins' seeders of the blob and a share of its swarm.
-async fn handout(t: &Tracker, req: &AnnounceRequest) -> Vec<PeerInfo> {
-    let seeders = t.origins.seeders(&req.digest).await;
+async fn handout(t: &Tracker, req: &AnnounceRequest, kind: Handout) -> Vec<PeerInfo> {
+    let seeders = match kind {
+        Handout::Cached => t.origins.cached_seeders(&req.digest),
+        _ => t.origins.seeders(&req.digest).await,
+    };
     lock(&t.peers).handout(
         &req.digest,
         &req.peer_id,

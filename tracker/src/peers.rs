@@ -38,6 +38,8 @@ pub const DEFAULT_MAX_PEERS_PER_DIGEST: usize = 20_000;
 pub enum Refused {
     #[error("the tracker is full")]
     StoreFull,
+    #[error("this blob's swarm is full")]
+    SwarmFull,
     #[error("this announcer holds too many announcements")]
     AnnouncerFull,
     #[error("another announcer holds this peer id for this blob")]
@@ -162,7 +164,7 @@ impl PeerStore {
                     .map(|(k, _)| k.clone());
                 match victim.and_then(|v| swarm.remove(&v)) {
                     Some(gone) => release(held, &gone.announcer),
-                    None => return Err(Refused::StoreFull),
+                    None => return Err(Refused::SwarmFull),
                 }
             }
         }
@@ -401,6 +403,16 @@ mod tests {
         assert!(store.announce(&d, "a", addr(2), false, now));
         // Full: the incomplete peer gives way, the seeder stays.
         assert!(store.announce(&d, "b", addr(3), false, now + Duration::from_secs(1)));
+        assert_eq!(
+            store.announce_by("c", &d, "c", addr(3), true, now + Duration::from_secs(2)),
+            Ok(()),
+            "an incomplete peer gives way to a seeder"
+        );
+        assert_eq!(
+            store.announce_by("d", &d, "d", addr(3), true, now + Duration::from_secs(2)),
+            Err(Refused::SwarmFull),
+            "nothing gives way to a third seeder"
+        );
         assert_eq!(store.peers(), 2);
         assert!(!store.announce(&digest("other"), "c", addr(4), false, now));
         assert!(store.announce(&digest("other"), "c", addr(4), false, now + Duration::from_secs(20)));

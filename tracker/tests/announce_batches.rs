@@ -32,8 +32,12 @@ async fn tracker(old: bool) -> (String, Registry) {
 
 /// [`tracker`] with `config` (its origins replaced by a closed port).
 async fn tracker_with(old: bool, config: TrackerConfig) -> (String, Registry) {
+    tracker_of(old, TrackerConfig { origins: vec![closed_port()], ..config }).await
+}
+
+/// A real tracker with `config` as it is.
+async fn tracker_of(old: bool, config: TrackerConfig) -> (String, Registry) {
     let registry = Registry::new();
-    let config = TrackerConfig { origins: vec![closed_port()], ..config };
     let mut app = router(config, &registry).expect("router");
     if old {
         app = app.layer(middleware::from_fn(|req: Request, next: Next| async move {
@@ -131,6 +135,37 @@ async fn a_full_swarm_still_hands_out_peers() {
         tracker.announce(&req(0, PeerId::random(), 7002, false)).await.expect("handed peers, not refused");
     assert!(!honest.peers.is_empty(), "no peers for a downloader of a full swarm");
     assert_eq!(counter(&registry, "shoal_tracker_announces_total", Some("full")), 1);
+}
+
+/// A tracker full of digests hands a downloader of a digest it does not know what it has
+/// (the origins' seeders if cached) without calling an origin: such announces are not
+/// listed, so no quota charges them, and each would otherwise cost an origin call.
+#[tokio::test]
+async fn a_full_tracker_hands_out_without_calling_the_origins() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let origin = axum::Router::new().fallback(move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { StatusCode::NOT_FOUND }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let origin_url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, origin).await });
+    let config = TrackerConfig { origins: vec![origin_url], max_digests: 10, ..TrackerConfig::default() };
+    let (url, registry) = tracker_of(false, config).await;
+    let tracker = client(vec![url]);
+    let seeds: Vec<AnnounceRequest> = (0..10).map(|i| req(i, PeerId::random(), 7001, true)).collect();
+    assert!(tracker.announce_many(&seeds).await.iter().all(|r| r.is_ok()));
+    let downloads: Vec<AnnounceRequest> = (100..200).map(|i| req(i, PeerId::random(), 7002, false)).collect();
+    for result in tracker.announce_many(&downloads).await {
+        assert!(result.expect("handed peers, not refused").peers.is_empty());
+    }
+    assert_eq!(counter(&registry, "shoal_tracker_announces_total", Some("full")), 100);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0, "a full tracker called an origin");
+    // A digest it tracks is handed out as always (seeders asked of the origins).
+    let known = tracker.announce(&req(0, PeerId::random(), 7003, false)).await.expect("announced");
+    assert_eq!(known.peers.len(), 1);
+    assert!(calls.load(std::sync::atomic::Ordering::SeqCst) > 0);
 }
 
 #[tokio::test]
