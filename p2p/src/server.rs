@@ -32,6 +32,15 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection that asks for nothing and tells nothing this long is closed (keep-alives do
 /// not count: a peer may not hold a blob slot without using it).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What a connection's sending side tells its reader, which closes an idle connection.
+#[derive(Default)]
+struct Activity {
+    /// Pieces sent so far.
+    sent: std::sync::atomic::AtomicU64,
+    /// Requests queued now (waiting for a send slot or the egress limit).
+    queued: std::sync::atomic::AtomicUsize,
+}
 /// Requests queued per connection; more is a protocol violation.
 const MAX_QUEUED_REQUESTS: usize = 64;
 /// A request that would wait longer than this behind the node's egress limit is declined at
@@ -218,25 +227,37 @@ impl PeerServer {
         // Incoming messages go through a small queue so requests keep arriving (and cancels
         // take effect) while a piece is being sent.
         let (in_tx, mut in_rx) = mpsc::channel::<Message>(MAX_QUEUED_REQUESTS);
-        // Only asking for a piece, or telling one not told before, keeps a connection: one
-        // that has done neither for `IDLE_TIMEOUT` gives its blob slot and connection slot
-        // back, and with them its pin on a cached blob. Keep-alives, the same `have` again or
-        // anything else every two minutes kept a blob from eviction for good.
+        // Only a piece sent, a request waiting to be sent, or a `have` of a piece not told
+        // before keeps a connection: one with none of these for `IDLE_TIMEOUT` gives its blob
+        // slot and connection slot back, and with them its pin on a cached blob. Keep-alives,
+        // the same `have` again, or a request cancelled before it was sent, every two minutes,
+        // kept a blob from eviction for good.
         let mut told = vec![false; pieces.metainfo().piece_count() as usize];
+        let activity = Arc::new(Activity::default());
+        let seen = activity.clone();
         let reader = tokio::spawn(async move {
             let mut deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
+            let mut sent_before = 0;
             loop {
-                match tokio::time::timeout_at(deadline, stream.next()).await {
-                    Ok(Some(Ok(m))) => {
-                        let keeps = match &m {
-                            Message::Request { index } => (*index as usize) < told.len(),
-                            Message::Have(index) => {
-                                told.get_mut(*index as usize).is_some_and(|t| !std::mem::replace(t, true))
+                let next = match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        let sent = seen.sent.load(std::sync::atomic::Ordering::Relaxed);
+                        let waiting = seen.queued.load(std::sync::atomic::Ordering::Relaxed) > 0;
+                        if sent == sent_before && !waiting {
+                            return;
+                        }
+                        sent_before = sent;
+                        deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
+                        continue;
+                    }
+                };
+                match next {
+                    Some(Ok(m)) => {
+                        if let Message::Have(index) = &m {
+                            if told.get_mut(*index as usize).is_some_and(|t| !std::mem::replace(t, true)) {
+                                deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
                             }
-                            _ => false,
-                        };
-                        if keeps {
-                            deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
                         }
                         if matches!(m, Message::KeepAlive) {
                             continue;
@@ -271,6 +292,7 @@ impl PeerServer {
         let mut freed = self.piece_sends.as_ref().map(|g| g.freed());
         let mut blocked = false;
         let result = loop {
+            activity.queued.store(queue.len(), std::sync::atomic::Ordering::Relaxed);
             match &self.upload_slots {
                 // A connection with nothing to send leaves the line (or gives its turn back).
                 _ if queue.is_empty() => {
@@ -456,6 +478,7 @@ impl PeerServer {
                         s.sent_in_full(digest, index, remote, count, Instant::now());
                     }
                     self.metrics.sent_bytes.inc_by(len);
+                    activity.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::trace!(%digest, index, %remote, "piece sent");
                 },
                 _ = reminder.tick(), if waiting.is_some() || blocked => {

@@ -424,10 +424,10 @@ async fn a_peer_that_stops_reading_gives_its_egress_admission_back() {
     serving.abort();
 }
 
-/// Keep-alives alone do not keep a connection, nor the same `have` told again: one that asks
-/// for nothing and tells nothing new for `IDLE_TIMEOUT` is closed, and gives its place among
-/// the blob's peers (and its pin on a cached blob) back. Before, the repeated `have` kept its
-/// connection open for good.
+/// Keep-alives alone do not keep a connection, nor the same `have` told again, nor a request
+/// cancelled before it is sent: one that is sent nothing and tells nothing new for
+/// `IDLE_TIMEOUT` is closed, and gives its place among the blob's peers (and its pin on a
+/// cached blob) back. Before, the repeated `have` or request kept its connection open for good.
 #[tokio::test(start_paused = true)]
 async fn a_connection_that_only_sends_keep_alives_is_closed_when_idle() {
     let dir = tempfile::tempdir().unwrap();
@@ -435,13 +435,17 @@ async fn a_connection_that_only_sends_keep_alives_is_closed_when_idle() {
     let (addr, serving) = start(server_of(seeded)).await;
     let mut idle = raw_peer(addr, &meta).await;
     let mut repeating = raw_peer(addr, &meta).await;
+    let mut cancelling = raw_peer(addr, &meta).await;
     let mut active = raw_peer(addr, &meta).await;
     let started = tokio::time::Instant::now();
-    let mut closed = [None, None];
+    let mut closed = [None, None, None];
     for told in 0u32.. {
         tokio::time::sleep(Duration::from_secs(30)).await;
         let _ = idle.send(Message::KeepAlive).await;
         let _ = repeating.send(Message::Have(0)).await;
+        // Asked and cancelled at once: nothing is sent.
+        let _ = cancelling.send(Message::Request { index: 0 }).await;
+        let _ = cancelling.send(Message::Cancel(0)).await;
         active
             .send(Message::Have(told))
             .await
@@ -451,7 +455,7 @@ async fn a_connection_that_only_sends_keep_alives_is_closed_when_idle() {
             std::thread::sleep(Duration::from_millis(1));
             tokio::task::yield_now().await;
         }
-        for (peer, at) in [&mut idle, &mut repeating].into_iter().zip(&mut closed) {
+        for (peer, at) in [&mut idle, &mut repeating, &mut cancelling].into_iter().zip(&mut closed) {
             if at.is_none()
                 && matches!(
                     tokio::time::timeout(Duration::from_millis(10), peer.next()).await,
