@@ -232,6 +232,7 @@ async fn serve_connection<S>(
         request.extensions_mut().insert(axum::extract::ConnectInfo(remote));
         if tls {
             request.headers_mut().insert("x-forwarded-proto", axum::http::HeaderValue::from_static("https"));
+            request.extensions_mut().insert(shoal_registry::identity::TlsTransport);
         }
         if let Some(id) = &identity {
             request.extensions_mut().insert(id.clone());

@@ -51,6 +51,11 @@ impl fmt::Display for Role {
     }
 }
 
+/// Marks a request that came over a TLS connection (the HTTP server puts it in the request's
+/// extensions: a header could be sent by anyone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsTransport;
+
 /// The identity of a client that proved, during the TLS handshake, that it holds a
 /// certificate the cluster CA signed.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -9,8 +9,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
+use shoal_registry::auth::authority::NodeApiCaller;
 use shoal_registry::mirror::Registries;
 use shoal_registry::{ApiError, Digest, RepoName};
 use shoal_upstream::Credentials;
@@ -37,15 +38,23 @@ async fn registries(State(pull): State<Arc<PullThrough>>) -> Json<Registries> {
     Json(Registries { registries: pull.registries().to_vec() })
 }
 
+/// Whether a request may fetch on this origin itself (`here`): only a node may (an origin
+/// asking on its primary's behalf); a client's `here` would have every origin fetch the
+/// same blob from the upstream, past the one fetch per digest.
+fn here(q: &ProgressQuery, caller: Option<Extension<NodeApiCaller>>) -> bool {
+    q.here.is_some() && caller.is_some_and(|Extension(c)| c == NodeApiCaller::Node)
+}
+
 async fn progress(
     State(pull): State<Arc<PullThrough>>,
     Path(digest): Path<String>,
     Query(q): Query<ProgressQuery>,
+    caller: Option<Extension<NodeApiCaller>>,
 ) -> Response {
     let (Ok(digest), Ok(repo)) = (digest.parse::<Digest>(), q.repo.parse::<RepoName>()) else {
         return (StatusCode::BAD_REQUEST, "bad digest or repository name").into_response();
     };
-    match pull.progress(&repo, &digest, q.here.is_some()).await {
+    match pull.progress(&repo, &digest, here(&q, caller)).await {
         Ok(p) => Json(p).into_response(),
         Err(e) => ApiError::from(e).into_response(),
     }
@@ -60,11 +69,12 @@ async fn stream(
     State(pull): State<Arc<PullThrough>>,
     Path(digest): Path<String>,
     Query(q): Query<ProgressQuery>,
+    caller: Option<Extension<NodeApiCaller>>,
 ) -> Response {
     let (Ok(digest), Ok(repo)) = (digest.parse::<Digest>(), q.repo.parse::<RepoName>()) else {
         return (StatusCode::BAD_REQUEST, "bad digest or repository name").into_response();
     };
-    match pull.stream(&repo, &digest, q.here.is_some()).await {
+    match pull.stream(&repo, &digest, here(&q, caller)).await {
         Ok(Some((size, body))) => {
             ([(header::CONTENT_LENGTH, size.to_string())], axum::body::Body::from_stream(body))
                 .into_response()

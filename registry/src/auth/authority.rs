@@ -308,45 +308,71 @@ impl Authority {
         router.with_state(self)
     }
 
-    /// Whether a node-API request may go ahead: a cluster node by transport identity, the
-    /// cluster secret, or a valid token (an agent forwarding its client's token in plain-HTTP
-    /// setups) that grants pull on `repo` when the request names one (the pull-through
-    /// routes: a fetch of an upstream repository's blob and its bytes), else anything.
-    /// Without a token, what an anonymous client may read: pull on `repo`, or anonymous pull
-    /// somewhere for the routes that name none (a blob's metainfo and seeders, by digest). An
-    /// anonymous token would grant as much; with Basic auth and no TLS (agents and trackers
-    /// with no identity, no tokens to fetch) this is how agents serve public repositories.
-    pub fn node_api_allows(
+    /// Who may make a node-API request, if anyone: a cluster node by transport identity or
+    /// the cluster secret ([`NodeApiCaller::Node`]); a client with a valid token (an agent
+    /// forwarding its client's token in plain-HTTP setups) that grants pull on `repo` when
+    /// the request names one (the pull-through routes: a fetch of an upstream repository's
+    /// blob and its bytes), else anything. Without a token, on a plain connection, what an
+    /// anonymous client may read: pull on `repo`, or anonymous pull somewhere for the routes
+    /// that name none (a blob's metainfo and seeders, by digest). An anonymous token would
+    /// grant as much; with Basic auth and no TLS (agents and trackers with no identity, no
+    /// tokens to fetch) this is how agents serve public repositories. Over TLS the nodes have
+    /// certificates, and a caller without one gets nothing without a token.
+    pub fn node_api_caller(
         &self,
         headers: &HeaderMap,
         identity: Option<&TransportIdentity>,
         repo: Option<&str>,
-    ) -> bool {
+        tls: bool,
+    ) -> Option<NodeApiCaller> {
         if !self.enabled() || identity.is_some_and(|i| i.role.is_node()) {
-            return true;
+            return Some(NodeApiCaller::Node);
         }
         let Credentials::Bearer(token) =
             parse_authorization(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()))
         else {
-            return self.policy.anonymous_reads(repo);
+            return (!tls && self.policy.anonymous_reads(repo)).then_some(NodeApiCaller::Client);
         };
         let given: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         // Every secret compared, so the time tells nothing of which one matched.
         let matched =
             self.cluster_secrets.iter().fold(false, |any, secret| constant_time_eq(&given, secret) | any);
         if matched {
-            return true;
+            return Some(NodeApiCaller::Node);
         }
-        self.keys().verify(&token, &self.policy.service).is_ok_and(|c| match repo {
+        let granted = self.keys().verify(&token, &self.policy.service).is_ok_and(|c| match repo {
             Some(repo) => c.grants(repo, super::Action::Pull),
             None => !c.access.is_empty(),
-        })
+        });
+        granted.then_some(NodeApiCaller::Client)
     }
 
-    /// Wrap `routes` (the node API) with [`node_api_allows`](Self::node_api_allows).
+    /// Whether [`node_api_caller`](Self::node_api_caller) lets a request over a plain
+    /// connection go ahead.
+    pub fn node_api_allows(
+        &self,
+        headers: &HeaderMap,
+        identity: Option<&TransportIdentity>,
+        repo: Option<&str>,
+    ) -> bool {
+        self.node_api_caller(headers, identity, repo, false).is_some()
+    }
+
+    /// Wrap `routes` (the node API) with [`node_api_caller`](Self::node_api_caller); the
+    /// request carries the [`NodeApiCaller`] in its extensions.
     pub fn guard_node_api(self: &Arc<Self>, routes: Router) -> Router {
         routes.layer(axum::middleware::from_fn_with_state(self.clone(), node_api_guard))
     }
+}
+
+/// Who a node-API request came from (see [`Authority::node_api_caller`]), in its extensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeApiCaller {
+    /// A cluster node (its certificate, or the cluster secret); any caller with access control
+    /// off.
+    Node,
+    /// A client: a token, or no credentials where anonymous clients may read.
+    Client,
 }
 
 async fn node_api_guard(State(auth): State<Arc<Authority>>, req: Request, next: Next) -> Response {
@@ -354,7 +380,16 @@ async fn node_api_guard(State(auth): State<Arc<Authority>>, req: Request, next: 
     let repo = axum::extract::Query::<HashMap<String, String>>::try_from_uri(req.uri())
         .ok()
         .and_then(|q| q.0.get("repo").cloned());
-    if auth.node_api_allows(req.headers(), req.extensions().get::<TransportIdentity>(), repo.as_deref()) {
+    let tls = req.extensions().get::<crate::identity::TlsTransport>().is_some();
+    let caller = auth.node_api_caller(
+        req.headers(),
+        req.extensions().get::<TransportIdentity>(),
+        repo.as_deref(),
+        tls,
+    );
+    if let Some(caller) = caller {
+        let mut req = req;
+        req.extensions_mut().insert(caller);
         let node = req.extensions().get::<TransportIdentity>().map(|i| Principal::Node(i.name.clone()));
         let mut resp = next.run(req).await;
         if let Some(p) = node {

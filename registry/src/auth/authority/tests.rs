@@ -123,6 +123,9 @@ async fn tokens_round_trip_through_the_checks() {
         h
     };
     assert!(!a.node_api_allows(&basic("alice", "a"), None, Some("priv/app")), "Basic is not a node's");
+    // Over TLS the nodes have certificates: nothing for a caller without one or a token.
+    assert_eq!(a.node_api_caller(&HeaderMap::new(), None, Some("pub/app"), true), None);
+    assert_eq!(a.node_api_caller(&headers, None, Some("priv/app"), true), Some(NodeApiCaller::Client));
     // Nothing anonymous anywhere: nothing without a token.
     let other = tempfile_dir::Dir::new();
     let closed =
