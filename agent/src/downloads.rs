@@ -191,49 +191,14 @@ fn refused_to_asker(e: &StoreError) -> bool {
     )
 }
 
-impl OriginFallback {
-    async fn fetch_as(
-        &self,
-        repo: &RepoName,
-        client: Option<HeaderValue>,
-        offset: u64,
-        len: u64,
-    ) -> Result<Bytes, StoreError> {
-        let credentials = self.downloads.credentials(repo, client).await;
-        self.downloads.origin.with_credentials(credentials).blob_range(repo, &self.digest, offset, len).await
-    }
-}
-
 #[async_trait]
 impl Fallback for OriginFallback {
     async fn fetch(&self, offset: u64, len: u64) -> Result<Bytes, String> {
-        let Some(download) = self.download.upgrade() else {
-            return Err("the download has ended".into());
+        let digest = &self.digest;
+        let fetch = |origin: OriginClient, repo: RepoName| async move {
+            origin.blob_range(&repo, digest, offset, len).await
         };
-        let askers = download.askers().clone();
-        let mut refused = None;
-        for asker in &askers {
-            match self.fetch_as(&asker.repo, asker.client.clone(), offset, len).await {
-                Err(e) if refused_to_asker(&e) => {
-                    download.refused(asker);
-                    refused = Some(e);
-                }
-                other => return other.map_err(|e| e.to_string()),
-            }
-        }
-        let mut anonymous: Vec<&RepoName> = Vec::new();
-        for asker in askers.iter().filter(|a| a.client.is_some()) {
-            if !anonymous.contains(&&asker.repo) {
-                anonymous.push(&asker.repo);
-            }
-        }
-        for repo in anonymous {
-            match self.fetch_as(repo, None, offset, len).await {
-                Err(e) if refused_to_asker(&e) => refused = Some(e),
-                other => return other.map_err(|e| e.to_string()),
-            }
-        }
-        Err(refused.map_or_else(|| "no client to fetch as".to_string(), |e| e.to_string()))
+        self.downloads.as_clients(&self.download, fetch).await.map_err(|e| e.to_string())
     }
 }
 
@@ -329,6 +294,52 @@ impl Downloads {
         }
         let policy = self.auth.policy().filter(|p| p.tokens)?;
         self.origin.anonymous_token(&policy.realm, &policy.service, repo).await
+    }
+
+    /// `op` on an origin client with the credentials of the clients reading `download`, each
+    /// through its own repository: the newest first, then (refused: its token expired, its
+    /// access revoked, the blob unlinked from its repository) the ones before it, then
+    /// anonymously through each of their repositories (see [`OriginFallback`]). An answer
+    /// that tells of the origins themselves (down, busy) is the answer. Holds the download
+    /// only to read and update its askers: not while it waits on an origin.
+    async fn as_clients<T, F, Fut>(
+        &self,
+        download: &std::sync::Weak<Download>,
+        op: F,
+    ) -> Result<T, StoreError>
+    where
+        F: Fn(OriginClient, RepoName) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let ended = || StoreError::Unavailable("the download has ended".into());
+        let askers = download.upgrade().ok_or_else(ended)?.askers().clone();
+        let mut refused = None;
+        for asker in &askers {
+            let credentials = self.credentials(&asker.repo, asker.client.clone()).await;
+            match op(self.origin.with_credentials(credentials), asker.repo.clone()).await {
+                Err(e) if refused_to_asker(&e) => {
+                    if let Some(download) = download.upgrade() {
+                        download.refused(asker);
+                    }
+                    refused = Some(e);
+                }
+                other => return other,
+            }
+        }
+        let mut anonymous: Vec<&RepoName> = Vec::new();
+        for asker in askers.iter().filter(|a| a.client.is_some()) {
+            if !anonymous.contains(&&asker.repo) {
+                anonymous.push(&asker.repo);
+            }
+        }
+        for repo in anonymous {
+            let credentials = self.credentials(repo, None).await;
+            match op(self.origin.with_credentials(credentials), repo.clone()).await {
+                Err(e) if refused_to_asker(&e) => refused = Some(e),
+                other => return other,
+            }
+        }
+        Err(refused.unwrap_or_else(|| StoreError::Unavailable("no client to ask the origins as".into())))
     }
 
     /// Where finished blobs are registered for seeding.
@@ -602,15 +613,12 @@ impl Downloads {
             if source != MetainfoSource::Tracker || attempt >= DOWNLOAD_ATTEMPTS {
                 return Err(why);
             }
-            // Asked as the newest client (this task runs outside any request's scope).
-            let asker = download.askers().first().cloned();
-            let credentials = match asker {
-                Some(a) => self.credentials(&a.repo, a.client).await,
-                None => None,
+            // Asked as the clients (this task runs outside any request's scope).
+            let ask = |origin: OriginClient, _: RepoName| async move {
+                let json = origin.metainfo(digest).await?.ok_or(StoreError::BlobUnknown)?;
+                decode_metainfo(&json, digest)
             };
-            let asked =
-                shoal_registry::auth::FORWARD_AUTHORIZATION.scope(credentials, self.origin_metainfo(digest));
-            let origin = match asked.await {
+            let origin = match self.as_clients(&Arc::downgrade(download), ask).await {
                 Ok(m) => m,
                 Err(e) => return Err(format!("{why} (and the origin's metainfo: {e})")),
             };
