@@ -128,7 +128,11 @@ impl Repairer {
         let mut generation = self.coordinator.topology.generation();
         self.queue_pass(&mut report).await;
         let mut walked_at = generation;
+        let started = Instant::now();
         self.repos_pass(&mut generation, &mut report).await;
+        // A walk over the repositories again waits as long as the last one took: a member
+        // that keeps flapping leaves the blobs at least half of the pass.
+        let (mut walk_took, mut walk_ended) = (started.elapsed(), Instant::now());
         let local = self.coordinator.local.clone();
         let mut after: Option<Digest> = None;
         loop {
@@ -142,10 +146,12 @@ impl Repairer {
             };
             for entry in &page {
                 self.queue_pass_if_changed(&mut generation, &mut report).await;
-                if generation != walked_at {
+                if generation != walked_at && walk_ended.elapsed() >= walk_took {
                     // An owner came back (or went) during the walk: its repositories first.
                     walked_at = generation;
+                    let started = Instant::now();
                     self.repos_pass(&mut generation, &mut report).await;
+                    (walk_took, walk_ended) = (started.elapsed(), Instant::now());
                 }
                 self.reconcile_blob(entry, &mut report).await;
             }
