@@ -417,9 +417,19 @@ impl OriginStore {
     }
 
     pub async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<usize, StoreError> {
+        self.records_apply_by(repo, records, None).await
+    }
+
+    /// [`records_apply`](Self::records_apply), committing nothing past `deadline`.
+    pub async fn records_apply_by(
+        &self,
+        repo: &str,
+        records: &[Record],
+        deadline: Option<Instant>,
+    ) -> Result<usize, StoreError> {
         let inner = self.inner.clone();
         let (repo, records) = (repo.to_string(), records.to_vec());
-        blocking(move || inner.meta.records_apply(&repo, &records)).await
+        blocking(move || inner.meta.records_apply_by(&repo, &records, deadline)).await
     }
 
     pub async fn records_forget(&self, repo: &str, confirmed: &[Record]) -> Result<(), StoreError> {

@@ -223,13 +223,29 @@ impl Coordinator {
 
     /// Write records to the owners of `repo` with the write quorum.
     pub async fn write_records(&self, repo: &str, records: Vec<Record>) -> Result<(), StoreError> {
+        self.write_records_by(repo, records, None).await
+    }
+
+    /// [`write_records`](Self::write_records) where no copy commits past `deadline`, on
+    /// whichever origin it lands (see `Node::records_apply_by`).
+    pub async fn write_records_by(
+        &self,
+        repo: &str,
+        records: Vec<Record>,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<(), StoreError> {
         self.may_write()?;
         let records = Arc::new(records);
         let placed = self
             .place(repo, |node| {
                 let records = records.clone();
                 let repo = repo.to_string();
-                async move { node.records_apply(&repo, &records).await }
+                async move {
+                    match deadline {
+                        Some(deadline) => node.records_apply_by(&repo, &records, deadline).await,
+                        None => node.records_apply(&repo, &records).await,
+                    }
+                }
             })
             .await?;
         if placed.ok.len() < self.replication.write_quorum {
@@ -237,7 +253,7 @@ impl Coordinator {
             // repository so repair brings every owner to the same state.
             if !placed.ok.is_empty() {
                 if !placed.ok.iter().any(|id| id == self.me()) {
-                    let _ = self.local.records_apply(repo, &records).await;
+                    let _ = self.apply_here(repo, &records, deadline).await;
                 }
                 let _ = self.enqueue(format!("repo:{repo}")).await;
             }
@@ -250,11 +266,24 @@ impl Coordinator {
             // A copy of the records is on this origin only if it took part; make sure one is,
             // so repair has a source.
             if !placed.ok.iter().any(|id| id == self.me()) {
-                self.local.records_apply(repo, &records).await.map_err(node_to_store)?;
+                self.apply_here(repo, &records, deadline).await.map_err(node_to_store)?;
             }
             self.enqueue(format!("repo:{repo}")).await?;
         }
         Ok(())
+    }
+
+    /// A copy of `records` on this origin, within `deadline` if there is one.
+    async fn apply_here(
+        &self,
+        repo: &str,
+        records: &[Record],
+        deadline: Option<std::time::Instant>,
+    ) -> Result<(), NodeError> {
+        match deadline {
+            Some(deadline) => self.local.records_apply_by(repo, records, deadline).await,
+            None => self.local.records_apply(repo, records).await,
+        }
     }
 
     /// Copy the blob this origin holds to the owners of its digest; drop the local copy when

@@ -35,10 +35,10 @@ use crate::cluster::node::{BlobEntry, Node, NodeError, ScanPage};
 use crate::cluster::record::{Record, RecordKey};
 use crate::cluster::wire::PurgeQuery;
 use crate::cluster::wire::{
-    list_limit, BlobListQuery, HealthReply, RepoListQuery, RepoQuery, ScanQuery, BLOBS, BLOB_ROUTE, HEALTH,
-    MAX_RECORDS_BODY, MAX_RECORD_KEYS, METAINFO_ROUTE, QUARANTINE, QUARANTINE_BLOB_ROUTE, QUARANTINE_ROUTE,
-    RECORDS_APPLY, RECORDS_FORGET, RECORDS_GET, RECORDS_SCAN, REPAIR_PENDING, REPOS, RESTORE_BLOB_ROUTE,
-    SCAN_MORE, SCAN_PAGE_BYTES,
+    list_limit, BlobListQuery, HealthReply, RepoListQuery, RepoQuery, ScanQuery, APPLY_DEADLINE_MS, BLOBS,
+    BLOB_ROUTE, HEALTH, MAX_RECORDS_BODY, MAX_RECORD_KEYS, METAINFO_ROUTE, QUARANTINE, QUARANTINE_BLOB_ROUTE,
+    QUARANTINE_ROUTE, RECORDS_APPLY, RECORDS_FORGET, RECORDS_GET, RECORDS_SCAN, REPAIR_PENDING, REPOS,
+    RESTORE_BLOB_ROUTE, SCAN_MORE, SCAN_PAGE_BYTES,
 };
 
 /// What `GET /health` answers, asked fresh on every call so it reflects the current state.
@@ -414,7 +414,16 @@ async fn records_apply(
             ),
         ));
     }
-    s.node.records_apply(repo.as_str(), &records).await?;
+    // The time the writer gave it, counted from now: what is late commits nothing.
+    let left =
+        headers.get(APPLY_DEADLINE_MS).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    match left {
+        Some(ms) => {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+            s.node.records_apply_by(repo.as_str(), &records, deadline).await?;
+        }
+        None => s.node.records_apply(repo.as_str(), &records).await?,
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

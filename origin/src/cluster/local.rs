@@ -123,6 +123,16 @@ impl Node for LocalNode {
         self.store.records_apply(repo, records).await.map(|_| ()).map_err(|e| self.err(e))
     }
 
+    async fn records_apply_by(
+        &self,
+        repo: &str,
+        records: &[Record],
+        deadline: std::time::Instant,
+    ) -> Result<(), NodeError> {
+        let applied = self.store.records_apply_by(repo, records, Some(deadline)).await;
+        applied.map(|_| ()).map_err(|e| self.err(e))
+    }
+
     async fn records_forget(&self, repo: &str, confirmed: &[Record]) -> Result<(), NodeError> {
         self.store.records_forget(repo, confirmed).await.map_err(|e| self.err(e))
     }

@@ -147,6 +147,24 @@ pub trait Node: Send + Sync + 'static {
     /// Merge records into `repo`: each replaces the stored one only if its version is newer.
     async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<(), NodeError>;
 
+    /// [`records_apply`](Self::records_apply) that commits nothing past `deadline`, on the
+    /// node that stores them (a caller's timeout only stops its waiting): a write that relies
+    /// on links read must land within garbage collection's deadline of the read or not at
+    /// all (`cluster::gc::READ_TO_WRITE_DEADLINE`). This default checks around the apply.
+    async fn records_apply_by(
+        &self,
+        repo: &str,
+        records: &[Record],
+        deadline: std::time::Instant,
+    ) -> Result<(), NodeError> {
+        let late =
+            || NodeError::Unreachable { node: self.id().to_string(), reason: "deadline passed".into() };
+        if std::time::Instant::now() >= deadline {
+            return Err(late());
+        }
+        self.records_apply(repo, records).await
+    }
+
     /// Forget exactly these records of `repo` (key and version; after its owners confirmed
     /// their copies): a record that changed since is kept, as is the repository if any record
     /// remains.

@@ -24,8 +24,8 @@ use crate::cluster::node::{BlobEntry, Node, NodeError, RecordPage, ScanPage};
 use crate::cluster::record::{Record, RecordKey, RecordKind};
 use crate::cluster::wire::{
     blob_path, metainfo_path, BlobListQuery, HealthReply, PurgeQuery, RepoListQuery, RepoQuery, ScanQuery,
-    BLOBS, HEALTH, MAX_ERROR_TEXT, MAX_JSON_RESPONSE, MAX_RECORDS_BODY, MAX_RECORD_KEYS, QUARANTINE,
-    RECORDS_APPLY, RECORDS_FORGET, RECORDS_GET, RECORDS_SCAN, REPAIR_PENDING, REPOS, SCAN_MORE,
+    APPLY_DEADLINE_MS, BLOBS, HEALTH, MAX_ERROR_TEXT, MAX_JSON_RESPONSE, MAX_RECORDS_BODY, MAX_RECORD_KEYS,
+    QUARANTINE, RECORDS_APPLY, RECORDS_FORGET, RECORDS_GET, RECORDS_SCAN, REPAIR_PENDING, REPOS, SCAN_MORE,
     SCAN_PAGE_BYTES,
 };
 
@@ -160,7 +160,13 @@ impl RemoteNode {
 
     /// One `records/apply` call with an already serialised JSON array.
     /// POST `records` to `path` as JSON arrays, each within the body limit.
-    async fn post_records(&self, path: &str, repo: &str, records: &[Record]) -> Result<(), NodeError> {
+    async fn post_records(
+        &self,
+        path: &str,
+        repo: &str,
+        records: &[Record],
+        deadline: Option<std::time::Instant>,
+    ) -> Result<(), NodeError> {
         let mut batch = Vec::new();
         for record in records {
             let json =
@@ -170,24 +176,40 @@ impl RemoteNode {
             }
             if !batch.is_empty() && batch.len() + json.len() + 2 > MAX_RECORDS_BODY {
                 batch.push(b']');
-                self.post_batch(path, repo, std::mem::take(&mut batch)).await?;
+                self.post_batch(path, repo, std::mem::take(&mut batch), deadline).await?;
             }
             batch.push(if batch.is_empty() { b'[' } else { b',' });
             batch.extend_from_slice(&json);
         }
         if !batch.is_empty() {
             batch.push(b']');
-            self.post_batch(path, repo, batch).await?;
+            self.post_batch(path, repo, batch, deadline).await?;
         }
         Ok(())
     }
 
-    async fn post_batch(&self, path: &str, repo: &str, body: Vec<u8>) -> Result<(), NodeError> {
-        let rb = self
+    async fn post_batch(
+        &self,
+        path: &str,
+        repo: &str,
+        body: Vec<u8>,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<(), NodeError> {
+        let mut rb = self
             .request(&self.http, Method::POST, path)
             .query(&RepoQuery { repo: repo.to_string() })
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body);
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(NodeError::Unreachable {
+                    node: self.id.clone(),
+                    reason: "deadline passed".into(),
+                });
+            }
+            rb = rb.header(APPLY_DEADLINE_MS, left.as_millis().to_string());
+        }
+        let rb = rb.body(body);
         let resp = self.send(rb).await?;
         match resp.status() {
             StatusCode::NO_CONTENT | StatusCode::OK => Ok(()),
@@ -424,11 +446,22 @@ impl Node for RemoteNode {
     /// Sent in batches that each fit the server's body limit; merging is idempotent, so a
     /// failure part-way leaves nothing a retry cannot complete.
     async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<(), NodeError> {
-        self.post_records(RECORDS_APPLY, repo, records).await
+        self.post_records(RECORDS_APPLY, repo, records, None).await
+    }
+
+    /// The time left goes along with each batch ([`APPLY_DEADLINE_MS`]): the receiver
+    /// commits nothing once it has passed there.
+    async fn records_apply_by(
+        &self,
+        repo: &str,
+        records: &[Record],
+        deadline: std::time::Instant,
+    ) -> Result<(), NodeError> {
+        self.post_records(RECORDS_APPLY, repo, records, Some(deadline)).await
     }
 
     async fn records_forget(&self, repo: &str, confirmed: &[Record]) -> Result<(), NodeError> {
-        self.post_records(RECORDS_FORGET, repo, confirmed).await
+        self.post_records(RECORDS_FORGET, repo, confirmed, None).await
     }
 
     async fn repos(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, NodeError> {

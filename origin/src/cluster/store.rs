@@ -170,7 +170,10 @@ impl ClusterStore {
         };
         let left =
             crate::cluster::gc::READ_TO_WRITE_DEADLINE.checked_sub(read_at.elapsed()).ok_or_else(late)?;
-        match tokio::time::timeout(left, self.c().write_records(repo, records)).await {
+        // The deadline goes with the write: an origin that takes it late (its disk stalled)
+        // commits nothing, rather than a link GC's last mark did not see.
+        let deadline = std::time::Instant::now() + left;
+        match tokio::time::timeout(left, self.c().write_records_by(repo, records, Some(deadline))).await {
             Ok(written) => written,
             Err(_) => {
                 let _ = self.c().enqueue(format!("repo:{repo}")).await;

@@ -26,6 +26,8 @@ struct State {
     quarantine: BTreeMap<Digest, (Bytes, u64)>,
     metainfo: BTreeMap<Digest, Bytes>,
     repos: BTreeMap<String, BTreeMap<RecordKey, Record>>,
+    /// The deadline the last `records_apply_by` was given.
+    apply_deadline: Option<std::time::Instant>,
 }
 
 /// A node holding everything in maps; `blob_put` checks size and digest like a real node.
@@ -37,6 +39,11 @@ pub struct MemNode {
 }
 
 impl MemNode {
+    /// The deadline the last `records_apply_by` reached this node with.
+    pub fn apply_deadline(&self) -> Option<std::time::Instant> {
+        self.state().apply_deadline
+    }
+
     pub fn new(id: &str) -> Arc<MemNode> {
         Arc::new(MemNode {
             id: id.to_string(),
@@ -188,6 +195,19 @@ impl Node for MemNode {
                 .cloned()
                 .collect()
         }))
+    }
+
+    async fn records_apply_by(
+        &self,
+        repo: &str,
+        records: &[Record],
+        deadline: std::time::Instant,
+    ) -> Result<(), NodeError> {
+        self.state().apply_deadline = Some(deadline);
+        if std::time::Instant::now() >= deadline {
+            return Err(NodeError::Unreachable { node: self.id.clone(), reason: "deadline passed".into() });
+        }
+        self.records_apply(repo, records).await
     }
 
     async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<(), NodeError> {

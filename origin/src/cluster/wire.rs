@@ -27,6 +27,9 @@ pub const RECORDS_SCAN: &str = "/shoal/internal/v1/records/scan";
 pub const SCAN_MORE: &str = "shoal-scan-more";
 /// `POST ?repo=` with `[Record]`: 204.
 pub const RECORDS_APPLY: &str = "/shoal/internal/v1/records/apply";
+/// Milliseconds a `records/apply` has left to commit, from when the receiver reads it; past
+/// them it commits nothing (see `Node::records_apply_by`).
+pub const APPLY_DEADLINE_MS: &str = "shoal-apply-deadline-ms";
 /// `DELETE ?repo=`: 204.
 pub const RECORDS_FORGET: &str = "/shoal/internal/v1/records/forget";
 /// `GET ?after=&n=`: repository names, as `[String]`.

@@ -85,10 +85,30 @@ impl Meta {
         Ok(Some(out.answer))
     }
 
-    /// Merge records into `repo`, keeping the newer version of each key; returns how many
-    /// changed something here.
+    /// `records_apply_by` with no deadline (tests).
+    #[cfg(test)]
     pub fn records_apply(&self, repo: &str, records: &[Record]) -> Result<usize, StoreError> {
+        self.records_apply_by(repo, records, None)
+    }
+
+    /// Merge records into `repo`, keeping the newer version of each key; returns how many
+    /// changed something here. Commits nothing if `deadline` has passed once the database's
+    /// writer lock is taken or when the records are ready to commit.
+    pub fn records_apply_by(
+        &self,
+        repo: &str,
+        records: &[Record],
+        deadline: Option<std::time::Instant>,
+    ) -> Result<usize, StoreError> {
+        let late = || {
+            deadline.is_some_and(|d| std::time::Instant::now() >= d).then(|| {
+                StoreError::Unavailable("the write's deadline passed before it could commit; retry".into())
+            })
+        };
         let txn = self.write()?;
+        if let Some(e) = late() {
+            return Err(e);
+        }
         let mut changed = 0;
         {
             let mut table = txn.open_table(RECORDS).map_err(|e| self.fail(e))?;
@@ -124,6 +144,9 @@ impl Meta {
             if !records.is_empty() {
                 txn.open_table(REPOS).map_err(|e| self.fail(e))?.insert(repo, 0).map_err(|e| self.fail(e))?;
             }
+        }
+        if let Some(e) = late() {
+            return Err(e);
         }
         txn.commit().map_err(|e| self.fail(e))?;
         Ok(changed)
@@ -282,5 +305,30 @@ mod tests {
         let whole = meta.records_page("r", RecordKind::Manifest, None, &ScanPage::ALL).unwrap().unwrap();
         assert_eq!((whole.records.len(), whole.more), (41, false));
         assert_eq!(meta.records_page("none", RecordKind::Manifest, None, &ScanPage::ALL).unwrap(), None);
+    }
+
+    /// A write that waited for the database's writer lock past its deadline (another write
+    /// held it: a stalled disk) commits nothing: GC's last mark may have run meanwhile.
+    #[test]
+    fn a_write_past_its_deadline_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = std::sync::Arc::new(Meta::open(&dir.path().join("meta.redb")).unwrap());
+        let holding = meta.write().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = meta.clone();
+        let late = std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+            tx.send(()).unwrap();
+            writer.records_apply_by("r", &[manifest(1, None, 0)], Some(deadline))
+        });
+        rx.recv().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(holding);
+        assert!(matches!(late.join().unwrap(), Err(StoreError::Unavailable(_))));
+        let found = meta.records_page("r", RecordKind::Manifest, None, &ScanPage::of_bytes(1 << 20)).unwrap();
+        assert!(found.is_none_or(|p| p.records.is_empty()), "the late write landed");
+        // In time, it lands.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        assert_eq!(meta.records_apply_by("r", &[manifest(1, None, 0)], Some(deadline)).unwrap(), 1);
     }
 }

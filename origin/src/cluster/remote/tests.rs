@@ -373,3 +373,28 @@ fn bad_urls_and_secrets_are_refused() {
     assert!(matches!(new("http://host:1", Some("bad\nsecret")), Err(NodeError::Refused { .. })));
     assert!(new("http://host:1/", Some("ok")).is_ok());
 }
+
+/// A write's deadline travels with it as the time left: the receiver applies it against its
+/// own clock (a caller's timeout would only stop the caller's waiting), and one already
+/// past is not sent.
+#[tokio::test]
+async fn a_writes_deadline_reaches_the_node_that_applies_it() {
+    let node = MemNode::new("a:1");
+    let addr = serve(node.clone(), None).await;
+    let remote = client(addr, None, TIMEOUT);
+    let tag = Record::new(
+        RecordKey::Tag("v1".into()),
+        Version::new(1, "a:1"),
+        Some(RecordValue::Tag { digest: digest_of(b"m") }),
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    remote.records_apply_by("r", std::slice::from_ref(&tag), deadline).await.unwrap();
+    let got = node.apply_deadline().expect("a deadline reached the node");
+    assert!(
+        got <= deadline + Duration::from_millis(50) && got + Duration::from_millis(500) >= deadline,
+        "{got:?} for {deadline:?}"
+    );
+    let past = Instant::now() - Duration::from_millis(1);
+    assert!(remote.records_apply_by("other", &[tag], past).await.is_err());
+    assert!(node.records_scan("other", RecordKind::Tag, None).await.unwrap().is_none());
+}
