@@ -17,6 +17,48 @@ use prometheus::{Encoder, HistogramVec, IntCounter, IntCounterVec, Registry, Tex
 use crate::http_server::HttpLimits;
 use crate::readiness::Readiness;
 
+/// `shoal_<component>_tls_certificate_expiry_timestamp_seconds`: when the certificate this
+/// process serves and presents stops being valid, read at each scrape (a reload shows at
+/// once); absent without one. The chart alerts a week before.
+struct CertificateExpiry {
+    name: String,
+    desc: prometheus::core::Desc,
+}
+
+const CERTIFICATE_EXPIRY_HELP: &str =
+    "When the TLS certificate in use stops being valid (seconds since the epoch)";
+
+impl CertificateExpiry {
+    fn new(component: &str) -> prometheus::Result<CertificateExpiry> {
+        let name = format!("shoal_{component}_tls_certificate_expiry_timestamp_seconds");
+        let desc = prometheus::core::Desc::new(
+            name.clone(),
+            CERTIFICATE_EXPIRY_HELP.into(),
+            Vec::new(),
+            std::collections::HashMap::new(),
+        )?;
+        Ok(CertificateExpiry { name, desc })
+    }
+}
+
+impl prometheus::core::Collector for CertificateExpiry {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let Some(until) = shoal_tls::current().certificate_expires() else { return Vec::new() };
+        let secs = until.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        match prometheus::Gauge::new(self.name.clone(), CERTIFICATE_EXPIRY_HELP) {
+            Ok(gauge) => {
+                gauge.set(secs);
+                prometheus::core::Collector::collect(&gauge)
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
 /// HTTP metrics of one component, named `shoal_<component>_http_*`.
 #[derive(Clone)]
 pub struct HttpMetrics {
@@ -53,6 +95,7 @@ impl HttpMetrics {
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(bytes_in.clone()))?;
         registry.register(Box::new(bytes_out.clone()))?;
+        registry.register(Box::new(CertificateExpiry::new(component)?))?;
         Ok(HttpMetrics { registry, requests, duration, bytes_in, bytes_out })
     }
 }

@@ -17,7 +17,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::Router;
@@ -177,7 +177,8 @@ pub async fn serve(
                     match tokio::time::timeout(deadline, acceptor.accept(shoal_tls::buffered(stream))).await {
                         Ok(Ok(mut stream)) => {
                             stream.get_mut().0.grow();
-                            let identity = shoal_tls::identity_of(stream.get_ref().1);
+                            let identity = shoal_tls::identity_of(stream.get_ref().1)
+                                .map(|id| (id, shoal_tls::identity_expires(stream.get_ref().1)));
                             serve_connection(stream, remote, true, identity, app, limits, stop).await;
                         }
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
@@ -220,13 +221,17 @@ async fn serve_connection<S>(
     stream: S,
     remote: std::net::SocketAddr,
     tls: bool,
-    identity: Option<TransportIdentity>,
+    identity: Option<(TransportIdentity, Option<SystemTime>)>,
     app: Router,
     limits: HttpLimits,
     mut stop: watch::Receiver<bool>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let expires_in = identity
+        .as_ref()
+        .and_then(|(_, until)| *until)
+        .map(|until| until.duration_since(SystemTime::now()).unwrap_or_default());
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let mut request = request.map(|body| Body::new(BodyGuard::new(body, &limits)));
         request.extensions_mut().insert(axum::extract::ConnectInfo(remote));
@@ -234,11 +239,19 @@ async fn serve_connection<S>(
             request.headers_mut().insert("x-forwarded-proto", axum::http::HeaderValue::from_static("https"));
             request.extensions_mut().insert(shoal_registry::identity::TlsTransport);
         }
-        if let Some(id) = &identity {
+        // The role a certificate proved is good while the certificate is: a connection kept
+        // busy would otherwise carry it past its expiry (and closes then, below).
+        if let Some((id, _)) =
+            identity.as_ref().filter(|(_, until)| until.is_none_or(|t| SystemTime::now() < t))
+        {
             request.extensions_mut().insert(id.clone());
         }
         app.clone().oneshot(request)
     });
+
+    // tokio sleeps about 30 years for a duration past its clock's range.
+    let expired = tokio::time::sleep(expires_in.unwrap_or(Duration::MAX));
+    tokio::pin!(expired);
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new());
     builder.header_read_timeout(nonzero(limits.header_read_timeout));
@@ -254,6 +267,11 @@ async fn serve_connection<S>(
                 return;
             }
             _ = stop.wait_for(|stop| *stop), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            // The client's certificate expired: it reconnects with its renewed one.
+            _ = &mut expired, if expires_in.is_some() && !stopping => {
                 stopping = true;
                 conn.as_mut().graceful_shutdown();
             }
@@ -436,6 +454,61 @@ impl hyper::body::Body for BodyGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client certificate's role is carried while the certificate is valid: a connection
+    /// kept busy past its expiry is closed then (the client reconnects with its renewed
+    /// certificate). Before, it kept the role for as long as it was used.
+    #[tokio::test]
+    async fn a_connection_closes_when_its_client_certificate_expires() {
+        use shoal_registry::identity::Role;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = shoal_tls::new_ca("test", 1).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).unwrap();
+        let settings = |name: &str, issued: shoal_tls::Issued| {
+            let (cert, key) =
+                (dir.path().join(format!("{name}.pem")), dir.path().join(format!("{name}-key.pem")));
+            std::fs::write(&cert, &issued.cert_pem).unwrap();
+            std::fs::write(&key, &issued.key_pem).unwrap();
+            shoal_tls::TlsSettings {
+                cert: Some(cert),
+                key: Some(key),
+                cluster_ca: Some(dir.path().join("ca.pem")),
+                ..Default::default()
+            }
+        };
+        let ips = ["127.0.0.1".parse().unwrap()];
+        let server_cert = shoal_tls::issue(&ca, "o", Role::Origin, &[], &ips, 1).unwrap();
+        let server = shoal_tls::Tls::load(&settings("server", server_cert)).unwrap();
+        let short = shoal_tls::issue_for(&ca, "a", Role::Origin, &[], &ips, Duration::from_secs(3)).unwrap();
+        let client = shoal_tls::Tls::load(&settings("client", short)).unwrap();
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route(
+            "/",
+            axum::routing::get(|req: axum::extract::Request| async move {
+                req.extensions().get::<TransportIdentity>().map_or("anonymous".to_string(), |i| i.to_string())
+            }),
+        );
+        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, app, HttpLimits::default(), server.acceptor(), async {
+            let _ = stopped.await;
+        }));
+        let connector = shoal_tls::TlsConnector::from(client.client_config());
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = shoal_tls::ServerName::IpAddress(addr.ip().into());
+        let mut stream = connector.connect(name, tcp).await.unwrap();
+        stream.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = stream.read(&mut buf).await.unwrap();
+        let reply = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(reply.ends_with("/a"), "the client's identity: {reply}");
+        assert!(!reply.contains("anonymous"), "{reply}");
+        // Past the certificate's expiry the server closes the connection.
+        let closed = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await;
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "still open after the certificate expired");
+    }
 
     /// One address holding its share of connections (idle, as a slow-head flood keeps them)
     /// cannot keep another client out: its next connection is closed at once, another

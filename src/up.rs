@@ -32,13 +32,27 @@ pub struct UpArgs {
 }
 
 /// Validity of the certificate `shoal up --tls` issues, in days (it is re-issued at every
-/// start).
+/// start, and once a third of it is left: [`spawn_renewal`]).
 const UP_CERT_DAYS: u32 = 30;
 
 /// Make (or reuse) the local CA in `dir`, issue this run's certificate for `listen`'s
 /// address and localhost, and install TLS with them. One process runs every role, so it
 /// has one identity: an origin's, which every role accepts from a node.
 fn install_tls(dir: &std::path::Path, listen: SocketAddr) -> anyhow::Result<()> {
+    let (cert, key) = issue_up_cert(dir, listen)?;
+    let settings = shoal_tls::TlsSettings {
+        cert: Some(cert),
+        key: Some(key),
+        cluster_ca: Some(dir.join("ca.pem")),
+        ..Default::default()
+    };
+    crate::tls::install(&settings)?;
+    spawn_renewal(dir.to_path_buf(), listen);
+    Ok(())
+}
+
+/// Make (or reuse) the local CA in `dir` and issue the certificate of this run.
+fn issue_up_cert(dir: &std::path::Path, listen: SocketAddr) -> anyhow::Result<(PathBuf, PathBuf)> {
     let ca = if dir.join("ca.pem").exists() {
         crate::certs::read_ca(dir)?
     } else {
@@ -49,16 +63,32 @@ fn install_tls(dir: &std::path::Path, listen: SocketAddr) -> anyhow::Result<()> 
         ips.push(listen.ip());
     }
     let role = shoal_registry::identity::Role::Origin;
-    let (cert, key) =
-        crate::certs::write_issued(&ca, dir, "shoal-up", role, &["localhost".into()], &ips, UP_CERT_DAYS)?;
-    let settings = shoal_tls::TlsSettings {
-        cert: Some(cert),
-        key: Some(key),
-        cluster_ca: Some(dir.join("ca.pem")),
-        ..Default::default()
-    };
-    crate::tls::install(&settings)?;
-    Ok(())
+    crate::certs::write_issued(&ca, dir, "shoal-up", role, &["localhost".into()], &ips, UP_CERT_DAYS)
+}
+
+/// How often a `shoal up --tls` left running checks its certificate.
+const UP_RENEW_CHECK: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Issue the certificate again once a third of its validity is left (the TLS context
+/// reloads the files): a `shoal up` left running past 30 days kept serving an expired one,
+/// and every handshake between its processes failed.
+fn spawn_renewal(dir: PathBuf, listen: SocketAddr) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(UP_RENEW_CHECK).await;
+            let Some(expires) = shoal_tls::current().certificate_expires() else { continue };
+            let left = expires.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+            if left > std::time::Duration::from_secs(u64::from(UP_CERT_DAYS) * 86_400 / 3) {
+                continue;
+            }
+            let (dir, listen) = (dir.clone(), listen);
+            match tokio::task::spawn_blocking(move || issue_up_cert(&dir, listen)).await {
+                Ok(Ok(_)) => tracing::info!("shoal up: certificate issued again before it expires"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "shoal up: could not issue the certificate again"),
+                Err(e) => tracing::warn!(error = %e, "shoal up: could not issue the certificate again"),
+            }
+        }
+    });
 }
 
 /// Agents `shoal up` runs at most: the tracker takes the origin's port + 100, and agent i

@@ -34,9 +34,14 @@ fn validity(params: &mut CertificateParams, days: u32) -> Result<(), CertsError>
     if days == 0 {
         return Err(CertsError::Invalid("a certificate must be valid for at least one day".into()));
     }
+    validity_for(params, std::time::Duration::from_secs(u64::from(days) * 86_400))
+}
+
+fn validity_for(params: &mut CertificateParams, life: std::time::Duration) -> Result<(), CertsError> {
     let now = time::OffsetDateTime::now_utc();
+    let life = time::Duration::try_from(life).map_err(|_| CertsError::Invalid("validity too long".into()))?;
     params.not_before = now - BACKDATE;
-    params.not_after = now + time::Duration::days(i64::from(days));
+    params.not_after = now + life;
     let serial: [u8; 16] = rand::random();
     // Positive, as X.509 requires.
     let mut serial = serial.to_vec();
@@ -68,6 +73,21 @@ pub fn issue(
     ips: &[IpAddr],
     days: u32,
 ) -> Result<Issued, CertsError> {
+    if days == 0 {
+        return Err(CertsError::Invalid("a certificate must be valid for at least one day".into()));
+    }
+    issue_for(ca, name, role, dns, ips, std::time::Duration::from_secs(u64::from(days) * 86_400))
+}
+
+/// [`issue`], valid for `life` from now (tests of expiry, renewals).
+pub fn issue_for(
+    ca: &Issued,
+    name: &str,
+    role: Role,
+    dns: &[String],
+    ips: &[IpAddr],
+    life: std::time::Duration,
+) -> Result<Issued, CertsError> {
     if name.is_empty() {
         return Err(CertsError::Invalid("a certificate needs a name".into()));
     }
@@ -86,7 +106,7 @@ pub fn issue(
     params.extended_key_usages =
         vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
-    validity(&mut params, days)?;
+    validity_for(&mut params, life)?;
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
     Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })

@@ -24,9 +24,9 @@ use rustls::RootCertStore;
 use shoal_registry::identity::TransportIdentity;
 
 pub use buffered::{buffered, Buffered, TLS_HANDSHAKE_READ_BUFFER, TLS_READ_BUFFER};
-pub use certs::{issue, new_ca, CertsError, Issued};
+pub use certs::{issue, issue_for, new_ca, CertsError, Issued};
 pub use config::{TlsSettings, DEFAULT_RELOAD_INTERVAL};
-pub use identity::identity_of;
+pub use identity::{identity_expires, identity_of, validity};
 pub use reload::ReloadingKey;
 pub use rustls::pki_types::ServerName;
 pub use tokio_rustls::{client::TlsStream as ClientTlsStream, server::TlsStream as ServerTlsStream};
@@ -235,6 +235,12 @@ impl Tls {
     /// Whether clients can prove node identity to this process's listeners.
     pub fn verifies_nodes(&self) -> bool {
         self.cluster_roots.is_some() && self.server.is_some()
+    }
+
+    /// When this node's own certificate stops being valid (the one in use now).
+    pub fn certificate_expires(&self) -> Option<std::time::SystemTime> {
+        let key = self.key.as_ref()?.current();
+        identity::validity(key.cert.first()?).map(|(_, until)| until)
     }
 
     /// This node's own identity, read from its certificate.

@@ -10,6 +10,9 @@ use rustls::sign::CertifiedKey;
 
 use crate::{pem, TlsError};
 
+/// Least time between two warnings that the certificate in use is expiring or expired.
+pub const EXPIRY_WARNING_EVERY: Duration = Duration::from_secs(3600);
+
 /// What identifies one version of a file without reading it.
 type Stamp = Option<(SystemTime, u64)>;
 
@@ -106,17 +109,52 @@ impl ReloadingKey {
         }
     }
 
-    /// Check the files every `interval` on the blocking pool, for as long as the runtime runs.
+    /// Check the files every `interval` on the blocking pool, for as long as the runtime runs,
+    /// and warn (at most every [`EXPIRY_WARNING_EVERY`]) while the certificate in use is
+    /// outside its validity or in the last third of it: a renewal that stopped (cert-manager
+    /// down, `shoal up` left running) shows before every handshake with it fails at once.
     pub fn spawn_watch(self: Arc<Self>, interval: Duration) {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut warned: Option<std::time::Instant> = None;
             loop {
                 tick.tick().await;
                 let this = self.clone();
                 let _ = tokio::task::spawn_blocking(move || this.reload_if_changed()).await;
+                if warned.is_some_and(|at| at.elapsed() < EXPIRY_WARNING_EVERY) {
+                    continue;
+                }
+                if let Some(problem) = self.validity_problem(SystemTime::now()) {
+                    tracing::warn!(cert = %self.cert_path.display(), "{problem}");
+                    warned = Some(std::time::Instant::now());
+                }
             }
         });
+    }
+
+    /// What is wrong with the validity of the certificate in use at `now`, if anything:
+    /// expired, not yet valid, or in the last third of its validity (a renewal is due).
+    pub fn validity_problem(&self, now: SystemTime) -> Option<String> {
+        let key = self.current();
+        let (from, until) = crate::identity::validity(key.cert.first()?)?;
+        let secs = |d: Duration| d.as_secs();
+        if now >= until {
+            return Some(format!(
+                "TLS certificate expired {} s ago: every handshake with it fails",
+                secs(now.duration_since(until).unwrap_or_default())
+            ));
+        }
+        if now < from {
+            return Some(format!(
+                "TLS certificate is not valid for another {} s (check the clock)",
+                secs(from.duration_since(now).unwrap_or_default())
+            ));
+        }
+        let life = until.duration_since(from).unwrap_or_default();
+        let left = until.duration_since(now).unwrap_or_default();
+        (left < life / 3)
+            .then(|| format!("TLS certificate expires in {} s and has not been renewed", secs(left)))
     }
 }
 
@@ -133,5 +171,32 @@ impl rustls::client::ResolvesClientCert for ReloadingKey {
 
     fn has_certs(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_registry::identity::Role;
+
+    /// Quiet through the first two thirds of a certificate's validity, then warned about:
+    /// renewal due, then expired; and before its start.
+    #[test]
+    fn the_validity_problem_is_told_in_the_last_third_and_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::new_ca("test", 1).unwrap();
+        let issued = crate::issue(&ca, "n", Role::Agent, &["localhost".into()], &[], 30).unwrap();
+        let (cert, key) = (dir.path().join("n.pem"), dir.path().join("n-key.pem"));
+        std::fs::write(&cert, &issued.cert_pem).unwrap();
+        std::fs::write(&key, &issued.key_pem).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let loaded = ReloadingKey::load(&cert, &key, provider).unwrap();
+        let now = SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        assert_eq!(loaded.validity_problem(now), None);
+        assert_eq!(loaded.validity_problem(now + day * 15), None);
+        assert!(loaded.validity_problem(now + day * 25).is_some_and(|p| p.contains("has not been renewed")));
+        assert!(loaded.validity_problem(now + day * 31).is_some_and(|p| p.contains("expired")));
+        assert!(loaded.validity_problem(now - day).is_some_and(|p| p.contains("not valid for another")));
     }
 }
