@@ -400,6 +400,18 @@ async fn records_apply(
     body: Body,
 ) -> Answer<StatusCode> {
     let repo = parse_repo(&q.repo)?;
+    // The time the writer gave it counts from the request's head, not from its body read
+    // (a slow read must not add to it), and never beyond the read-to-write deadline.
+    let deadline = match headers.get(APPLY_DEADLINE_MS) {
+        None => None,
+        Some(v) => {
+            let ms = v.to_str().ok().and_then(|v| v.parse::<u64>().ok()).ok_or_else(|| {
+                Failure::bad_request(format!("{APPLY_DEADLINE_MS} must be a number of milliseconds"))
+            })?;
+            let left = std::time::Duration::from_millis(ms).min(crate::cluster::gc::READ_TO_WRITE_DEADLINE);
+            Some(std::time::Instant::now() + left)
+        }
+    };
     let records: Vec<Record> = json_body(&headers, body, MAX_RECORDS_BODY).await?;
     // A writer whose clock is far ahead would make its records win over every later write.
     if let Some(r) = records.iter().find(|r| crate::cluster::record::too_far_ahead(&r.version)) {
@@ -414,14 +426,9 @@ async fn records_apply(
             ),
         ));
     }
-    // The time the writer gave it, counted from now: what is late commits nothing.
-    let left =
-        headers.get(APPLY_DEADLINE_MS).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    match left {
-        Some(ms) => {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(ms);
-            s.node.records_apply_by(repo.as_str(), &records, deadline).await?;
-        }
+    // What is late commits nothing.
+    match deadline {
+        Some(deadline) => s.node.records_apply_by(repo.as_str(), &records, deadline).await?,
         None => s.node.records_apply(repo.as_str(), &records).await?,
     }
     Ok(StatusCode::NO_CONTENT)

@@ -398,3 +398,35 @@ async fn a_writes_deadline_reaches_the_node_that_applies_it() {
     assert!(remote.records_apply_by("other", &[tag], past).await.is_err());
     assert!(node.records_scan("other", RecordKind::Tag, None).await.unwrap().is_none());
 }
+
+/// The time left a writer sends is checked: a value that is not a number is refused (a write
+/// must not go ahead with no deadline because its header was garbled), and one past the
+/// read-to-write deadline is cut to it (it cannot overflow the clock either).
+#[tokio::test]
+async fn a_writes_deadline_header_is_checked_and_capped() {
+    let node = MemNode::new("a:1");
+    let addr = serve(node.clone(), None).await;
+    let http = reqwest::Client::new();
+    let tag = Record::new(
+        RecordKey::Tag("v1".into()),
+        Version::new(1, "a:1"),
+        Some(RecordValue::Tag { digest: digest_of(b"m") }),
+    );
+    let body = serde_json::to_vec(&[tag]).unwrap();
+    let post = |value: &str| {
+        http.post(format!("http://{addr}{RECORDS_APPLY}?repo=r"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(APPLY_DEADLINE_MS, value)
+            .body(body.clone())
+            .send()
+    };
+    assert_eq!(post("soon").await.unwrap().status(), StatusCode::BAD_REQUEST);
+    assert!(
+        node.records_scan("r", RecordKind::Tag, None).await.unwrap().is_none(),
+        "applied without a deadline"
+    );
+    let sent = Instant::now();
+    assert_eq!(post(&u64::MAX.to_string()).await.unwrap().status(), StatusCode::NO_CONTENT);
+    let got = node.apply_deadline().unwrap();
+    assert!(got <= sent + crate::cluster::gc::READ_TO_WRITE_DEADLINE + Duration::from_secs(1), "not capped");
+}
