@@ -228,6 +228,8 @@ async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // Whether a node would have shown its certificate here (TLS with a cluster CA).
+    let nodes_verified = tls && shoal_tls::current().verifies_nodes();
     let expires_in = identity
         .as_ref()
         .and_then(|(_, until)| *until)
@@ -237,7 +239,9 @@ async fn serve_connection<S>(
         request.extensions_mut().insert(axum::extract::ConnectInfo(remote));
         if tls {
             request.headers_mut().insert("x-forwarded-proto", axum::http::HeaderValue::from_static("https"));
-            request.extensions_mut().insert(shoal_registry::identity::TlsTransport);
+        }
+        if nodes_verified {
+            request.extensions_mut().insert(shoal_registry::identity::NodesVerified);
         }
         // The role a certificate proved is good while the certificate is: a connection kept
         // busy would otherwise carry it past its expiry (and closes then, below).

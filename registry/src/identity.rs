@@ -51,10 +51,11 @@ impl fmt::Display for Role {
     }
 }
 
-/// Marks a request that came over a TLS connection (the HTTP server puts it in the request's
-/// extensions: a header could be sent by anyone).
+/// Marks a request that came over TLS to a listener that verifies node certificates, where a
+/// node would have shown one (the HTTP server puts it in the request's extensions: a header
+/// could be sent by anyone).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TlsTransport;
+pub struct NodesVerified;
 
 /// The identity of a client that proved, during the TLS handshake, that it holds a
 /// certificate the cluster CA signed.

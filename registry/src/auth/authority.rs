@@ -309,37 +309,47 @@ impl Authority {
     }
 
     /// Who may make a node-API request, if anyone: a cluster node by transport identity or
-    /// the cluster secret ([`NodeApiCaller::Node`]); a client with a valid token (an agent
-    /// forwarding its client's token in plain-HTTP setups) that grants pull on `repo` when
-    /// the request names one (the pull-through routes: a fetch of an upstream repository's
-    /// blob and its bytes), else anything. Without a token, on a plain connection, what an
-    /// anonymous client may read: pull on `repo`, or anonymous pull somewhere for the routes
-    /// that name none (a blob's metainfo and seeders, by digest). An anonymous token would
-    /// grant as much; with Basic auth and no TLS (agents and trackers with no identity, no
-    /// tokens to fetch) this is how agents serve public repositories. Over TLS the nodes have
-    /// certificates, and a caller without one gets nothing without a token.
+    /// the cluster secret ([`NodeApiCaller::Node`]); with access control off, anyone else
+    /// as a client; a client with a valid token (an agent forwarding its client's token in
+    /// plain-HTTP setups) that grants pull on `repo` when the request names one (the
+    /// pull-through routes: a fetch of an upstream repository's blob and its bytes), else
+    /// anything. Without a token, where nodes are not verified (`nodes_verified`: TLS with a
+    /// cluster CA), what an anonymous client may read: pull on `repo`, or anonymous pull
+    /// somewhere for the routes that name none (a blob's metainfo and seeders, by digest).
+    /// An anonymous token would grant as much; with Basic auth and no node certificates
+    /// (agents and trackers with no identity, no tokens to fetch) this is how agents serve
+    /// public repositories. Where nodes are verified they have certificates, and a caller
+    /// without one or a token gets nothing.
     pub fn node_api_caller(
         &self,
         headers: &HeaderMap,
         identity: Option<&TransportIdentity>,
         repo: Option<&str>,
-        tls: bool,
+        nodes_verified: bool,
     ) -> Option<NodeApiCaller> {
-        if !self.enabled() || identity.is_some_and(|i| i.role.is_node()) {
+        if identity.is_some_and(|i| i.role.is_node()) {
             return Some(NodeApiCaller::Node);
         }
-        let Credentials::Bearer(token) =
-            parse_authorization(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()))
-        else {
-            return (!tls && self.policy.anonymous_reads(repo)).then_some(NodeApiCaller::Client);
+        let token =
+            match parse_authorization(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())) {
+                Credentials::Bearer(token) => Some(token),
+                _ => None,
+            };
+        if let Some(token) = &token {
+            let given: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+            // Every secret compared, so the time tells nothing of which one matched.
+            let matched =
+                self.cluster_secrets.iter().fold(false, |any, secret| constant_time_eq(&given, secret) | any);
+            if matched {
+                return Some(NodeApiCaller::Node);
+            }
+        }
+        if !self.enabled() {
+            return Some(NodeApiCaller::Client);
+        }
+        let Some(token) = token else {
+            return (!nodes_verified && self.policy.anonymous_reads(repo)).then_some(NodeApiCaller::Client);
         };
-        let given: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        // Every secret compared, so the time tells nothing of which one matched.
-        let matched =
-            self.cluster_secrets.iter().fold(false, |any, secret| constant_time_eq(&given, secret) | any);
-        if matched {
-            return Some(NodeApiCaller::Node);
-        }
         let granted = self.keys().verify(&token, &self.policy.service).is_ok_and(|c| match repo {
             Some(repo) => c.grants(repo, super::Action::Pull),
             None => !c.access.is_empty(),
@@ -347,8 +357,8 @@ impl Authority {
         granted.then_some(NodeApiCaller::Client)
     }
 
-    /// Whether [`node_api_caller`](Self::node_api_caller) lets a request over a plain
-    /// connection go ahead.
+    /// Whether [`node_api_caller`](Self::node_api_caller) lets a request go ahead where nodes
+    /// are not verified.
     pub fn node_api_allows(
         &self,
         headers: &HeaderMap,
@@ -380,12 +390,12 @@ async fn node_api_guard(State(auth): State<Arc<Authority>>, req: Request, next: 
     let repo = axum::extract::Query::<HashMap<String, String>>::try_from_uri(req.uri())
         .ok()
         .and_then(|q| q.0.get("repo").cloned());
-    let tls = req.extensions().get::<crate::identity::TlsTransport>().is_some();
+    let nodes_verified = req.extensions().get::<crate::identity::NodesVerified>().is_some();
     let caller = auth.node_api_caller(
         req.headers(),
         req.extensions().get::<TransportIdentity>(),
         repo.as_deref(),
-        tls,
+        nodes_verified,
     );
     if let Some(caller) = caller {
         let mut req = req;

@@ -312,6 +312,17 @@ fn the_node_api_takes_every_accepted_cluster_secret() {
     };
     assert!(with("new-secret"));
     assert!(with("old-secret"), "a rotation's old secret still works");
+    // Access control off: anyone may call, but only the secret (or a node certificate) makes
+    // a node (which may ask an origin to fetch an upstream blob itself).
+    let open = Authority::new(AuthConfig::default(), &dir.0, &secrets).unwrap();
+    assert!(!open.enabled());
+    assert_eq!(
+        open.node_api_caller(&HeaderMap::new(), None, Some("any/repo"), false),
+        Some(NodeApiCaller::Client)
+    );
+    let mut secret = HeaderMap::new();
+    secret.insert(header::AUTHORIZATION, "Bearer new-secret".parse().unwrap());
+    assert_eq!(open.node_api_caller(&secret, None, None, true), Some(NodeApiCaller::Node));
     assert!(!with("another-secret"));
     assert!(!a.node_api_allows(&HeaderMap::new(), None, Some("any/repo")));
 }
