@@ -76,7 +76,15 @@ struct Tracker {
     batches: IntCounter,
     digests: IntGauge,
     peer_count: IntGauge,
+    /// When a full tracker may next ask the origins about a digest it does not know.
+    next_full_lookup: Mutex<Instant>,
 }
+
+/// Least time between two origin lookups a full tracker makes for digests it does not know
+/// (seeders not cached): announces that find it full are charged to no quota, so made-up
+/// digests cost the origins at most this rate, while a new image's digests, announced by
+/// every downloader, are looked up once and then served from the cache.
+pub const FULL_LOOKUP_EVERY: Duration = Duration::from_millis(100);
 
 /// Build the tracker's router, registering its metrics in `registry`.
 pub fn router(config: TrackerConfig, registry: &Registry) -> Result<Router, BuildError> {
@@ -107,6 +115,7 @@ pub fn router(config: TrackerConfig, registry: &Registry) -> Result<Router, Buil
         batches,
         digests,
         peer_count,
+        next_full_lookup: Mutex::new(Instant::now()),
     });
     tokio::spawn(expire_loop(Arc::downgrade(&tracker)));
     Ok(Router::new()
@@ -258,9 +267,9 @@ enum Handout {
     Nothing,
     /// The origins' seeders (asked if not cached) and a share of the swarm.
     Peers,
-    /// The tracker is full and the digest unknown to it: the origins' seeders if cached, and
-    /// no call to an origin (announces of made-up digests, which no quota charges when
-    /// nothing is listed, would each cost one).
+    /// The tracker is full and the digest unknown to it: the origins' seeders if cached, else
+    /// asked at most every [`FULL_LOOKUP_EVERY`] (announces of made-up digests, which no
+    /// quota charges when nothing is listed, would each cost a call).
     Cached,
 }
 
@@ -304,10 +313,26 @@ fn admit(t: &Tracker, announcer: &str, req: &AnnounceRequest) -> Result<Handout,
     }
 }
 
+/// Whether a full tracker may ask the origins about an unknown digest now (and if so, the
+/// next may in [`FULL_LOOKUP_EVERY`]).
+fn full_lookup_due(t: &Tracker) -> bool {
+    let mut next = lock(&t.next_full_lookup);
+    let now = Instant::now();
+    if now < *next {
+        return false;
+    }
+    *next = now + FULL_LOOKUP_EVERY;
+    true
+}
+
 /// Peers for an admitted announce: the origins' seeders of the blob and a share of its swarm.
 async fn handout(t: &Tracker, req: &AnnounceRequest, kind: Handout) -> Vec<PeerInfo> {
     let seeders = match kind {
-        Handout::Cached => t.origins.cached_seeders(&req.digest),
+        Handout::Cached => match t.origins.cached_seeders(&req.digest) {
+            Some(cached) => cached,
+            None if full_lookup_due(t) => t.origins.seeders(&req.digest).await,
+            None => Vec::new(),
+        },
         _ => t.origins.seeders(&req.digest).await,
     };
     lock(&t.peers).handout(

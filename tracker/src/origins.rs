@@ -96,10 +96,10 @@ impl Origins {
         Ok(body)
     }
 
-    /// The seeders [`seeders`](Self::seeders) last found for the blob, however long ago; empty
-    /// if it was never asked (or the cache was cleared). Calls no origin.
-    pub fn cached_seeders(&self, digest: &Digest) -> Vec<PeerInfo> {
-        lock(&self.seeders).get(digest).map(|(_, s)| s.clone()).unwrap_or_default()
+    /// The seeders [`seeders`](Self::seeders) last found for the blob, however long ago;
+    /// `None` if it was never asked (or the cache was cleared). Calls no origin.
+    pub fn cached_seeders(&self, digest: &Digest) -> Option<Vec<PeerInfo>> {
+        lock(&self.seeders).get(digest).map(|(_, s)| s.clone())
     }
 
     /// Origins' peer listeners that hold the blob, as the first origin that answers lists them;
