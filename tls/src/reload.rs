@@ -111,7 +111,7 @@ impl ReloadingKey {
 
     /// Check the files every `interval` on the blocking pool, for as long as the runtime runs,
     /// and warn (at most every [`EXPIRY_WARNING_EVERY`]) while the certificate in use is
-    /// outside its validity or in the last third of it: a renewal that stopped (cert-manager
+    /// outside its validity or in the last quarter of it: a renewal that stopped (cert-manager
     /// down, `shoal up` left running) shows before every handshake with it fails at once.
     pub fn spawn_watch(self: Arc<Self>, interval: Duration) {
         tokio::spawn(async move {
@@ -134,7 +134,8 @@ impl ReloadingKey {
     }
 
     /// What is wrong with the validity of the certificate in use at `now`, if anything:
-    /// expired, not yet valid, or in the last third of its validity (a renewal is due).
+    /// expired, not yet valid, or in the last quarter of its validity (renewals come at a
+    /// third left: one is overdue).
     pub fn validity_problem(&self, now: SystemTime) -> Option<String> {
         let key = self.current();
         let (from, until) = crate::identity::validity(key.cert.first()?)?;
@@ -153,7 +154,8 @@ impl ReloadingKey {
         }
         let life = until.duration_since(from).unwrap_or_default();
         let left = until.duration_since(now).unwrap_or_default();
-        (left < life / 3)
+        // cert-manager (and `shoal up`) renew at a third left: a quarter is a renewal missed.
+        (left < life / 4)
             .then(|| format!("TLS certificate expires in {} s and has not been renewed", secs(left)))
     }
 }
