@@ -247,6 +247,24 @@ struct Tokens {
 /// until 30 s before the `expires_in` it was given (31 s here), so for the same second.
 const ANONYMOUS_LIFE: Duration = Duration::from_secs(1);
 
+/// Downloads from `url` whose origins want tokens (their anonymous ones from `url/token`).
+async fn downloads_with_token_auth(dir: &std::path::Path, url: &str) -> Arc<Downloads> {
+    let realm = format!("{url}/token");
+    let auth = RemoteAuth::new(Arc::new(move || {
+        let realm = realm.clone();
+        Box::pin(async move {
+            let mut published = shoal_registry::auth::remote::Published::open();
+            published.enabled = true;
+            published.policy.tokens = true;
+            published.policy.realm = realm;
+            published.policy.service = "s".into();
+            Some(published)
+        })
+    }));
+    assert!(auth.refresh().await);
+    downloads_authed(dir, url, CacheLimits::bytes(1 << 30, 1 << 29), auth)
+}
+
 /// An origin (and tracker) serving one blob by range, slowly (`delay` a range), only to the
 /// tokens `Tokens` says are good; anonymous tokens at `/token`.
 async fn serve_blob_to_tokens(data: Vec<u8>, delay: Duration) -> (String, Digest, Arc<Mutex<Tokens>>) {
@@ -345,21 +363,8 @@ async fn a_download_outlives_the_token_it_started_with_when_a_client_joins_with_
 async fn an_anonymous_download_fetches_a_new_token_when_its_token_expires() {
     let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 241) as u8).collect();
     let (url, digest, tokens) = serve_blob_to_tokens(data, Duration::from_millis(300)).await;
-    let realm = format!("{url}/token");
-    let auth = RemoteAuth::new(Arc::new(move || {
-        let realm = realm.clone();
-        Box::pin(async move {
-            let mut published = shoal_registry::auth::remote::Published::open();
-            published.enabled = true;
-            published.policy.tokens = true;
-            published.policy.realm = realm;
-            published.policy.service = "s".into();
-            Some(published)
-        })
-    }));
-    assert!(auth.refresh().await);
     let dir = tempfile::tempdir().unwrap();
-    let downloads = downloads_authed(dir.path(), &url, CacheLimits::bytes(1 << 30, 1 << 29), auth);
+    let downloads = downloads_with_token_auth(dir.path(), &url).await;
     let repo: RepoName = "library/app".parse().unwrap();
     let Ok(Joined::Download(download)) = downloads.join(&repo, &digest, Some(2_000_000), None).await else {
         panic!("a download starts");
@@ -376,20 +381,8 @@ async fn an_anonymous_download_fetches_a_new_token_when_its_token_expires() {
 async fn a_refused_client_token_falls_back_to_an_anonymous_one() {
     let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 239) as u8).collect();
     let (url, digest, tokens) = serve_blob_to_tokens(data, Duration::ZERO).await;
-    let realm = format!("{url}/token");
-    let auth = RemoteAuth::new(Arc::new(move || {
-        let realm = realm.clone();
-        Box::pin(async move {
-            let mut published = shoal_registry::auth::remote::Published::open();
-            published.enabled = true;
-            published.policy.tokens = true;
-            published.policy.realm = realm;
-            Some(published)
-        })
-    }));
-    assert!(auth.refresh().await);
     let dir = tempfile::tempdir().unwrap();
-    let downloads = downloads_authed(dir.path(), &url, CacheLimits::bytes(1 << 30, 1 << 29), auth);
+    let downloads = downloads_with_token_auth(dir.path(), &url).await;
     let repo: RepoName = "library/app".parse().unwrap();
     let expired = Some(HeaderValue::from_static("Bearer expired"));
     let Ok(Joined::Download(download)) = downloads.join(&repo, &digest, Some(1_000_000), expired).await

@@ -116,6 +116,24 @@ impl Retag {
         Retag { world, cs, owner, writer }
     }
 
+    /// A cluster whose writer is the next origin in the repository's ranking after its owner:
+    /// the owner's stand-in while it is counted down.
+    async fn next_in_line() -> Retag {
+        let (world, cs) = world_with(1).await;
+        let ranked = shoal_origin::cluster::placement::owners(Self::REPO, &ids(), 2);
+        let writer = cs.iter().find(|c| c.me() == ranked[1]).unwrap().clone();
+        Retag { world, cs, owner: ranked[0].clone(), writer }
+    }
+
+    /// The owner goes `away` (`gone`), or comes back.
+    fn set_away(&self, away: Away, gone: bool) {
+        match away {
+            Away::CountedDown if gone => self.world.live.lock().unwrap().retain(|id| *id != self.owner),
+            Away::CountedDown => self.world.live.lock().unwrap().push(self.owner.clone()),
+            Away::Unreachable => switch(&self.world, &self.owner, gone),
+        }
+    }
+
     /// Point `v1` at `digest`, through the writer.
     async fn tag(&self, digest: &Digest) {
         let value = Some(RecordValue::Tag { digest: digest.clone() });
@@ -197,17 +215,14 @@ async fn a_write_that_fell_back_goes_home_before_the_walk_over_every_blob() {
 /// older records until the walk over every blob held here had ended.
 #[tokio::test]
 async fn a_write_made_while_its_owner_was_down_goes_home_before_the_walk_over_every_blob() {
-    let (world, cs) = world_with(1).await;
-    let ranked = shoal_origin::cluster::placement::owners(Retag::REPO, &ids(), 2);
-    let writer = cs.iter().find(|c| c.me() == ranked[1]).unwrap().clone();
-    let r = Retag { world, cs, owner: ranked[0].clone(), writer };
+    let r = Retag::next_in_line().await;
     let (old, new) = (Digest::of(Algorithm::Sha256, b"old"), Digest::of(Algorithm::Sha256, b"new"));
     r.tag(&old).await;
-    r.world.live.lock().unwrap().retain(|id| *id != r.owner);
+    r.set_away(Away::CountedDown, true);
     r.world.generation.fetch_add(1, Ordering::SeqCst);
     r.tag(&new).await;
     assert_eq!(r.read().await, Some(new.clone()), "the write landed on the next origin");
-    r.world.live.lock().unwrap().push(r.owner.clone());
+    r.set_away(Away::CountedDown, false);
     assert_eq!(r.read().await, Some(old.clone()), "the owner answers reads with what it holds");
 
     r.hold_foreign_blobs(1).await;
@@ -224,35 +239,28 @@ async fn a_write_made_while_its_owner_was_down_goes_home_before_the_walk_over_ev
 /// started) walks the blobs: the repositories are walked again at once.
 #[tokio::test]
 async fn a_write_made_while_its_owner_was_down_goes_home_when_it_returns_during_a_walk() {
-    let (world, cs) = world_with(1).await;
-    let ranked = shoal_origin::cluster::placement::owners(Retag::REPO, &ids(), 2);
-    let writer = cs.iter().find(|c| c.me() == ranked[1]).unwrap().clone();
-    let r = Retag { world, cs, owner: ranked[0].clone(), writer };
-    let (old, new) = (Digest::of(Algorithm::Sha256, b"old"), Digest::of(Algorithm::Sha256, b"new"));
-    r.tag(&old).await;
-    r.hold_foreign_blobs(200).await;
-    for node in r.world.nodes.values() {
-        node.stat_delay_ms.store(100, Ordering::SeqCst);
-    }
-    let _repairer = Repairer::start(r.writer.clone(), 1 << 30, Duration::from_secs(3600));
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    r.world.live.lock().unwrap().retain(|id| *id != r.owner);
-    r.world.generation.fetch_add(1, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    r.tag(&new).await;
-    r.world.live.lock().unwrap().push(r.owner.clone());
-    r.world.generation.fetch_add(1, Ordering::SeqCst);
-    assert!(
-        r.reads_within(&new, Duration::from_secs(3)).await,
-        "the retag waited for the end of the walk over the blobs"
-    );
+    goes_home_when_its_owner_returns_during_a_walk(Retag::next_in_line().await, Away::CountedDown).await;
 }
 
 /// The same when the owner comes back while a pass (the one its leaving started) walks the
 /// blobs: the walk works the queue as soon as the membership changes, not at its end.
 #[tokio::test]
 async fn a_write_that_fell_back_goes_home_when_its_owner_returns_during_a_walk() {
-    let r = Retag::new().await;
+    goes_home_when_its_owner_returns_during_a_walk(Retag::new().await, Away::Unreachable).await;
+}
+
+/// How an owner is away: out of the live list (the next origin in the ranking stands in as
+/// owner, nothing is queued), or unreachable while still counted live (writes fall back past
+/// it and are queued).
+#[derive(Clone, Copy)]
+enum Away {
+    CountedDown,
+    Unreachable,
+}
+
+/// `r`'s owner goes `away` once a repair loop runs, a retag is written meanwhile, and the
+/// owner comes back while the pass walks many slow blobs: the retag reads home within 3 s.
+async fn goes_home_when_its_owner_returns_during_a_walk(r: Retag, away: Away) {
     let (old, new) = (Digest::of(Algorithm::Sha256, b"old"), Digest::of(Algorithm::Sha256, b"new"));
     r.tag(&old).await;
     // Blobs held here that others own, each check 100 ms: a walk of many seconds.
@@ -263,11 +271,11 @@ async fn a_write_that_fell_back_goes_home_when_its_owner_returns_during_a_walk()
     let _repairer = Repairer::start(r.writer.clone(), 1 << 30, Duration::from_secs(3600));
     tokio::time::sleep(Duration::from_millis(100)).await;
     // The owner leaves: a pass starts a tick or two later and walks the blobs.
-    switch(&r.world, &r.owner, true);
+    r.set_away(away, true);
     r.world.generation.fetch_add(1, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     r.tag(&new).await;
-    switch(&r.world, &r.owner, false);
+    r.set_away(away, false);
     r.world.generation.fetch_add(1, Ordering::SeqCst);
     assert!(
         r.reads_within(&new, Duration::from_secs(3)).await,
