@@ -29,8 +29,9 @@ use crate::writer::{send_new_haves, PeerWriter};
 
 /// How long a new connection may take to say which blob it wants.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection that asks for nothing and tells nothing this long is closed (keep-alives do
-/// not count: a peer may not hold a blob slot without using it).
+/// A connection sent no piece, with no request waiting and no `have` of a new piece, this
+/// long is closed (keep-alives do not count: a peer may not hold a blob slot, or a cached
+/// blob's pin, without using it).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What a connection's sending side tells its reader, which closes an idle connection.
