@@ -13,6 +13,8 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo build (the shoal binary the tests start)"
 cargo build --workspace --bins --locked
+# The tests' origins refuse writes once their disk is 95 % full: say how full it is.
+df -h . | tail -n 1
 step "unit and API tests"
 cargo test --workspace --locked
 step "real clients: docker, containerd, skopeo"
