@@ -213,9 +213,8 @@ impl Meta {
         let new = {
             let mut blobs = txn.open_table(BLOBS).map_err(|e| self.fail(e))?;
             let new = blobs.get(d.as_str()).map_err(|e| self.fail(e))?.is_none();
-            if new {
-                blobs.insert(d.as_str(), (size, now_millis())).map_err(|e| self.fail(e))?;
-            }
+            // A blob stored again is young again: a client is about to use it (GC's grace).
+            blobs.insert(d.as_str(), (size, now_millis())).map_err(|e| self.fail(e))?;
             if let Some(id) = upload {
                 txn.open_table(UPLOADS).map_err(|e| self.fail(e))?.remove(id).map_err(|e| self.fail(e))?;
             }

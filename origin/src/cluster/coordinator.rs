@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures_util::future::join_all;
 use shoal_registry::range::ByteRange;
@@ -35,6 +36,10 @@ pub struct Replication {
     /// Copies that must be durable before a write succeeds.
     pub write_quorum: usize,
 }
+
+/// How many times an upload looks at the copies it placed, at most (see
+/// [`Coordinator::replicate_blob`]): each look after the first follows a copy sent again.
+const LOOKS_AFTER_PLACING: usize = 3;
 
 /// Where a write landed.
 #[derive(Debug, Default)]
@@ -287,11 +292,16 @@ impl Coordinator {
     }
 
     /// Copy the blob this origin holds to the owners of its digest; drop the local copy when
-    /// this origin is not an owner and every owner confirmed.
-    pub async fn replicate_blob(&self, digest: &Digest, size: u64) -> Result<(), StoreError> {
+    /// this origin is not an owner and every owner confirmed. Returns when the copies it counts
+    /// were last seen: placing a large blob takes minutes, and a copy counted at the start (an
+    /// owner's old copy, which garbage collection may be setting aside) can go meanwhile. So
+    /// once all are placed every copy is looked at again (a look brings a quarantined copy
+    /// back; one deleted is sent again), and a link relying on them must land within GC's
+    /// read-to-write deadline of that look (see `cluster::gc`).
+    pub async fn replicate_blob(&self, digest: &Digest, size: u64) -> Result<Instant, StoreError> {
         let path = self.local.store().blob_path(digest);
         let me = self.me().to_string();
-        let placed = self
+        let mut placed = self
             .place(&digest.to_string(), |node| {
                 let path = path.clone();
                 let me = me.clone();
@@ -304,6 +314,7 @@ impl Coordinator {
                 }
             })
             .await?;
+        let seen_at = self.look_again(digest, size, &mut placed).await;
         if placed.ok.len() < self.replication.write_quorum {
             self.enqueue(format!("blob:{digest}")).await?;
             return Err(unavailable(&format!("blob {digest} reached too few origins"), placed.last_error));
@@ -318,7 +329,61 @@ impl Coordinator {
             // This copy stays and will be seeded: hash its pieces now, not at the first pull.
             self.local.store().precompute_metainfo(digest);
         }
-        Ok(())
+        Ok(seen_at)
+    }
+
+    /// Look at every copy `placed` counts, all at once; send again from this origin's copy
+    /// any that went, then look at the others again (that send may have been long), at most
+    /// [`LOOKS_AFTER_PLACING`] times. A copy that cannot be seen or sent is no longer counted.
+    /// Returns when the last look started.
+    async fn look_again(&self, digest: &Digest, size: u64, placed: &mut Placed) -> Instant {
+        let path = self.local.store().blob_path(digest);
+        let mut seen_at = Instant::now();
+        for _ in 0..LOOKS_AFTER_PLACING {
+            seen_at = Instant::now();
+            let looks = join_all(placed.ok.iter().map(|id| {
+                let path = &path;
+                async move {
+                    let Some(node) = self.node(id) else {
+                        return (
+                            id.clone(),
+                            Err(NodeError::Unreachable { node: id.clone(), reason: "not a member".into() }),
+                        );
+                    };
+                    let answer = match node.blob_stat(digest).await {
+                        Ok(Some(_)) => Ok(false),
+                        // Only this origin's own copy is the source; without it, nothing to send.
+                        Ok(None) if id == self.me() => Err(NodeError::Storage {
+                            node: id.clone(),
+                            reason: format!("its copy of {digest} went while it was being placed"),
+                        }),
+                        Ok(None) => match open_file(path, size).await {
+                            Ok(body) => node.blob_put(digest, size, body).await.map(|()| true),
+                            Err(e) => Err(e),
+                        },
+                        Err(e) => Err(e),
+                    };
+                    (id.clone(), answer)
+                }
+            }))
+            .await;
+            let mut sent_again = false;
+            for (id, answer) in looks {
+                match answer {
+                    Ok(sent) => sent_again |= sent,
+                    Err(e) => {
+                        tracing::warn!(origin = %id, %digest, error = %e, "a copy counted as placed went");
+                        placed.ok.retain(|o| o != &id);
+                        placed.all_owners = false;
+                        placed.last_error = Some(e.to_string());
+                    }
+                }
+            }
+            if !sent_again {
+                break;
+            }
+        }
+        seen_at
     }
 
     /// Stream a blob from wherever a copy is: here, its owners, then any live origin.

@@ -210,6 +210,9 @@ async fn set_aside(c: &Coordinator, grace: Duration, report: &mut GcReport) -> R
             }
         }
     }
+    // Young is decided per blob: one fresh copy (an upload placing the blob now, whose link
+    // is still to come) keeps the old copies its placing counted on.
+    candidates.retain(|digest, _| !young.contains(digest));
     report.young_blobs = young.len() as u64;
     // Unlink: each live link goes only if it still has the version the mark saw, and its
     // tombstone outranks that version only (`Version::just_after`), never a refresh written

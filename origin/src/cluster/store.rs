@@ -334,10 +334,9 @@ impl RegistryStore for ClusterStore {
         let (store, repo, id, digest) = (self.clone(), repo.clone(), id.to_string(), digest.clone());
         tokio::spawn(async move {
             let size = store.c().local.store().upload_finish(&repo, &id, &digest).await?;
-            store.c().replicate_blob(&digest, size).await?;
-            // The owners' copies were just checked (an old copy counts as placed): the link
+            // The copies were last seen at `read_at` (an old copy counts as placed): the link
             // lands within GC's read-to-write deadline of that, as a mount's does, or fails.
-            let read_at = std::time::Instant::now();
+            let read_at = store.c().replicate_blob(&digest, size).await?;
             let link = store.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size }));
             store.write_after_read(read_at, repo.as_str(), vec![link]).await?;
             Ok(size)

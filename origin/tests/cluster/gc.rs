@@ -270,6 +270,86 @@ async fn a_manifest_put_that_cannot_land_within_the_gc_deadline_fails() {
     assert_image_whole(&cs, &repo, "v1", &m.digest, &[(&layer, b"late")]).await;
 }
 
+/// A blob held by one owner as a copy `age` old and by the other not at all, uploaded again
+/// through the origin that owns neither: the old copy counts as placed at once, and the
+/// upload then waits on the copy it sends the other owner. Returns the layer, its owners (the
+/// old copy's first), and the upload, waiting at that send (`release` lets it go on).
+async fn upload_waiting_on_one_owner(
+    world: &World,
+    cs: &[std::sync::Arc<Coordinator>],
+    repo: &RepoName,
+    content: &[u8],
+    age: Duration,
+) -> (
+    Digest,
+    [String; 2],
+    tokio::task::JoinHandle<Result<Digest, StoreError>>,
+    std::sync::Arc<tokio::sync::Notify>,
+) {
+    let layer = Digest::of(Algorithm::Sha256, content);
+    let owned: Vec<String> = owners(&layer.to_string()).into_iter().collect();
+    let through = cs.iter().find(|c| !owned.contains(&c.me().to_string())).unwrap().clone();
+    let store = ClusterStore::new(through);
+    assert_eq!(push(&store, repo, content).await.unwrap(), layer);
+    tokio::time::sleep(age).await;
+    assert!(world.nodes[&owned[1]].inner.blob_remove(&layer).await.unwrap());
+    assert_eq!(holders(world, &layer).await, BTreeSet::from([owned[0].clone()]));
+    let (reached, release) = gate(world, GateOn::BlobPut(layer.clone()));
+    let upload = tokio::spawn({
+        let (repo, content) = (repo.clone(), content.to_vec());
+        async move { push(&store, &repo, &content).await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), reached.notified())
+        .await
+        .expect("the upload sends the blob to the owner without it");
+    (layer, [owned[0].clone(), owned[1].clone()], upload, release)
+}
+
+/// Placing a large blob can take minutes, and an owner's old copy counted at the start may be
+/// collected meanwhile (by a GC whose listing saw neither a link nor a young copy: done
+/// directly here). The upload used to be acknowledged resting on the one copy it sent; it now
+/// looks at every copy again once all are placed, and sends the one that went.
+#[tokio::test]
+async fn an_old_copy_collected_while_an_upload_places_the_blob_is_sent_again() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/counted".parse().unwrap();
+    let content = b"an old copy counted at the start";
+    let (layer, [old, _], upload, release) =
+        upload_waiting_on_one_owner(&world, &cs, &repo, content, Duration::ZERO).await;
+    let node = &world.nodes[&old].inner;
+    assert!(node.blob_quarantine(&layer).await.unwrap());
+    let aside = node.quarantine_list(None, 10).await.unwrap();
+    let since = aside.iter().find(|e| e.digest == layer).unwrap().stored_millis;
+    assert!(node.blob_purge(&layer, since).await.unwrap().is_some());
+    release.notify_one();
+    assert_eq!(upload.await.unwrap().unwrap(), layer);
+    assert_eq!(holders(&world, &layer).await, owners(&layer.to_string()));
+    assert_blob_everywhere(&cs, &repo, &layer, content, "after the upload").await;
+}
+
+/// The same race with a real collection (its grace period a multiple of the time it takes):
+/// GC runs to its end while the upload waits on one owner. The blob is unreferenced and its
+/// link old, but the uploading origin's fresh copy makes it young, on every origin: the old
+/// copy is not set aside (GC used to decide per copy, and purged it under the upload).
+#[tokio::test]
+async fn gc_during_an_upload_leaves_the_old_copy_it_counted() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/young".parse().unwrap();
+    let content = b"young on one origin, old on another";
+    let grace = Duration::from_secs(2);
+    let old_enough = grace + Duration::from_millis(500);
+    let (layer, [old, _], upload, release) =
+        upload_waiting_on_one_owner(&world, &cs, &repo, content, old_enough).await;
+    let settings = GcSettings { grace, quarantine: quick_gc().quarantine };
+    let report = shoal_origin::cluster::gc::collect(&leading(&cs), settings).await.unwrap();
+    assert_eq!((report.quarantined_blobs, report.swept_blobs), (0, 0), "{report:?}");
+    assert!(holders(&world, &layer).await.contains(&old));
+    release.notify_one();
+    assert_eq!(upload.await.unwrap().unwrap(), layer);
+    assert_eq!(holders(&world, &layer).await, owners(&layer.to_string()));
+    assert_blob_everywhere(&cs, &repo, &layer, content, "after the upload").await;
+}
+
 /// The later window: GC has unlinked a layer and is setting its files aside when the layer is
 /// uploaded again and a manifest using it is put (`201`). The files go to quarantine, but
 /// reading the image brings them back at once, and GC's last mark restores rather than

@@ -66,6 +66,8 @@ pub(crate) enum GateOn {
     Quarantine(Digest),
     /// Any `blob_stat` (a repair pass checking who holds a blob).
     BlobStat,
+    /// A copy of this blob being sent to a member (an upload or repair placing it).
+    BlobPut(Digest),
 }
 
 /// Stops calls on any gated member: `reached` fires, then the call waits. Without `open`, only
@@ -132,6 +134,7 @@ impl Node for Switchable {
     }
     async fn blob_put(&self, d: &Digest, size: u64, body: ByteStream) -> Result<(), NodeError> {
         self.check()?;
+        self.pass(GateOn::BlobPut(d.clone())).await;
         self.inner.blob_put(d, size, body).await
     }
     async fn blob_remove(&self, d: &Digest) -> Result<bool, NodeError> {
