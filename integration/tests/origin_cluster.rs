@@ -844,6 +844,83 @@ async fn later_pushes_win_whatever_the_clocks_say() {
     assert!(skew >= 250.0, "origin 0 reports the 5-minute skew: {skew}");
 }
 
+/// A blob deleted through an origin whose clock runs 3 s ahead, then pushed again at once
+/// through an origin with a sane clock, mounted into a second repository deleted the same
+/// way, and a manifest deleted and put again the same way: each `201` must hold, through
+/// every origin. The new records were versioned by their own origin's clock alone, older
+/// than the tombstones, and lost to them (201, then 404); each write now reads the records it
+/// replaces first, and its versions follow what it read.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_push_right_after_a_delete_through_a_clock_ahead_holds() {
+    skip_if_external!(SKIP);
+    let cluster = OriginCluster::start_cluster(skewed(ClusterSpec::new(3), 2, "+3s")).await;
+    let (repo, other) = (unique_repo("relink"), unique_repo("remount"));
+    let found_everywhere = |repo: &str, digest: &str, step: &str| {
+        let (cluster, path, step) = (&cluster, format!("/v2/{repo}/blobs/{digest}"), step.to_string());
+        async move {
+            for reader in 0..3 {
+                let status = cluster.client(reader).head(&path).try_reply().await.map(|r| r.status);
+                if status.as_ref().ok() != Some(&StatusCode::OK) {
+                    cluster.fail(&format!("{step}: origin {reader} answers {status:?} for {path}"));
+                }
+            }
+        }
+    };
+    for round in 0..5 {
+        let blob = Blob::random_layer(oci::OCI_LAYER, 4 * KIB);
+        let digest = blob.digest.to_string();
+        cluster.check(try_push_blob(&cluster.client(0), &repo, &blob).await, "first push");
+        cluster.check(try_push_blob(&cluster.client(0), &other, &blob).await, "push to the other");
+        for r in [&repo, &other] {
+            let deleted = cluster.client(2).delete(&format!("/v2/{r}/blobs/{digest}")).try_reply().await;
+            assert_eq!(
+                deleted.map(|r| r.status).ok(),
+                Some(StatusCode::ACCEPTED),
+                "round {round}: delete in {r}"
+            );
+        }
+        cluster.check(try_push_blob(&cluster.client(0), &repo, &blob).await, "push after the delete");
+        found_everywhere(&repo, &digest, &format!("round {round}, pushed again")).await;
+        let mounted = cluster
+            .client(1)
+            .post(&format!("/v2/{other}/blobs/uploads/?mount={digest}&from={repo}"))
+            .try_reply()
+            .await;
+        assert_eq!(mounted.map(|r| r.status).ok(), Some(StatusCode::CREATED), "round {round}: mount");
+        found_everywhere(&other, &digest, &format!("round {round}, mounted again")).await;
+        let image = TestImage::random(&repo, "t", &[4 * KIB]);
+        cluster.check(try_push_image(&cluster.client(0), &image).await, "image push");
+        let manifest = format!("/v2/{repo}/manifests/{}", image.manifest_digest());
+        let deleted = cluster.client(2).delete(&manifest).try_reply().await;
+        assert_eq!(
+            deleted.map(|r| r.status).ok(),
+            Some(StatusCode::ACCEPTED),
+            "round {round}: manifest delete"
+        );
+        // Put again by digest: a tag's tombstone, read by a put under the tag, would move the
+        // clock past the others anyway.
+        let put = cluster
+            .client(0)
+            .put(&manifest)
+            .header("content-type", image.image.manifest.media_type.as_str())
+            .body(image.image.manifest.bytes.clone())
+            .try_reply()
+            .await;
+        assert_eq!(
+            put.map(|r| r.status).ok(),
+            Some(StatusCode::CREATED),
+            "round {round}: manifest put again"
+        );
+        for reader in 0..3 {
+            let status = cluster.client(reader).get(&manifest).try_reply().await.map(|r| r.status);
+            if status.as_ref().ok() != Some(&StatusCode::OK) {
+                cluster
+                    .fail(&format!("round {round}, manifest put again: origin {reader} answers {status:?}"));
+            }
+        }
+    }
+}
+
 /// A re-tag through an origin whose clock is 5 minutes off, ahead and then behind, in a
 /// repository that origin owns. Ahead, the other owners refuse its versions; behind, its
 /// versions are older than the tag it replaces. Either way it must not answer `201` for a

@@ -74,6 +74,15 @@ impl ClusterStore {
         Record::new(key, self.c().clock.next(), value)
     }
 
+    /// A new live link of `digest` in `repo`, versioned after the link it replaces: that one
+    /// is read first (a read moves this origin's clock past what it sees), so a re-push or a
+    /// mount right after a `DELETE` through an origin whose clock is ahead wins over its
+    /// tombstone instead of losing to it after its `201`.
+    async fn new_link(&self, repo: &str, digest: &Digest, size: u64) -> Result<Record, StoreError> {
+        self.c().read_records(repo, &[RecordKey::Link(digest.clone())]).await?;
+        Ok(self.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size })))
+    }
+
     /// The live link of `digest` in `repo`.
     async fn link(&self, repo: &RepoName, digest: &Digest) -> Result<Option<Record>, StoreError> {
         let found = self.c().read_records(repo.as_str(), &[RecordKey::Link(digest.clone())]).await?;
@@ -105,8 +114,11 @@ impl ClusterStore {
         let mut keys: Vec<RecordKey> = parsed.blobs.iter().cloned().map(RecordKey::Link).collect();
         keys.extend(parsed.children.iter().cloned().map(RecordKey::Manifest));
         let checked = keys.len();
-        // The tag's current record is read too: reading moves the version clock past it, so
-        // this write wins over the one a client saw acknowledged before.
+        // The records this write replaces are read too (the tag, and the manifest and its link,
+        // perhaps tombstones of a `DELETE`): reading moves the version clock past them, so
+        // this write wins over what a client saw acknowledged before.
+        keys.push(RecordKey::Manifest(digest.clone()));
+        keys.push(RecordKey::Link(digest.clone()));
         if let Some(tag) = tag {
             keys.push(RecordKey::Tag(tag.to_string()));
         }
@@ -190,7 +202,7 @@ impl ClusterStore {
         for id in self.c().owners(&digest.to_string()) {
             let Some(node) = self.c().node(&id) else { continue };
             if let Ok(Some(size)) = node.blob_stat(digest).await {
-                let link = self.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size }));
+                let link = self.new_link(repo.as_str(), digest, size).await?;
                 self.write_after_read(read_at, repo.as_str(), vec![link]).await?;
                 return Ok(Some(size));
             }
@@ -303,7 +315,7 @@ impl RegistryStore for ClusterStore {
         let Some(size) = self.link(from, digest).await?.and_then(|r| r.link_size()) else {
             return Ok(false);
         };
-        let link = self.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size }));
+        let link = self.new_link(repo.as_str(), digest, size).await?;
         self.write_after_read(read_at, repo.as_str(), vec![link]).await?;
         Ok(true)
     }
@@ -337,7 +349,7 @@ impl RegistryStore for ClusterStore {
             // The copies were last seen at `read_at` (an old copy counts as placed): the link
             // lands within GC's read-to-write deadline of that, as a mount's does, or fails.
             let read_at = store.c().replicate_blob(&digest, size).await?;
-            let link = store.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size }));
+            let link = store.new_link(repo.as_str(), &digest, size).await?;
             store.write_after_read(read_at, repo.as_str(), vec![link]).await?;
             Ok(size)
         })
