@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
 use shoal_p2p::blob::BlobPieces;
@@ -37,7 +37,7 @@ pub const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The directory of metainfo files inside the cache root.
 const METAINFO_DIR: &str = "metainfo";
-/// Suffix of a file set aside for deletion (renamed under the lock, unlinked after it).
+/// Suffix of a file set aside for deletion (renamed, then unlinked; see [`BlobCache::set_aside_all`]).
 const EVICTED_SUFFIX: &str = ".evicted";
 
 struct Entry {
@@ -63,6 +63,10 @@ struct State {
     /// Pins still held on copies removed while pinned (found corrupt, or gone from disk): their
     /// drops are taken here first, so they never unpin a newer copy's entry.
     orphan_pins: HashMap<Digest, u32>,
+    /// Digests whose files are being renamed aside (outside the lock): a writer of one of
+    /// their files waits until that is done ([`BlobCache::wait_set_aside`]). A count, as an
+    /// eviction and a corrupt copy's removal may overlap.
+    setting_aside: HashMap<Digest, u32>,
 }
 
 impl State {
@@ -73,6 +77,11 @@ impl State {
             *self.orphan_pins.entry(digest.clone()).or_insert(0) += e.pins;
         }
         Some(e)
+    }
+
+    /// `digest`'s files are about to be renamed aside, outside the lock.
+    fn begin_set_aside(&mut self, digest: &Digest) {
+        *self.setting_aside.entry(digest.clone()).or_insert(0) += 1;
     }
 }
 
@@ -123,6 +132,11 @@ pub struct BlobCache {
     partial_root: PathBuf,
     limits: CacheLimits,
     state: Mutex<State>,
+    /// Signalled when files set aside outside the lock are out of the way.
+    set_aside_done: Condvar,
+    /// Runs before files are renamed aside (tests hold an eviction there).
+    #[cfg(test)]
+    before_set_aside: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
     clock: AtomicU64,
     generation: AtomicU64,
     metrics: CacheMetrics,
@@ -294,6 +308,9 @@ impl BlobCache {
             partial_root: partial_root.to_path_buf(),
             limits,
             state: Mutex::new(state),
+            set_aside_done: Condvar::new(),
+            #[cfg(test)]
+            before_set_aside: Mutex::new(None),
             clock: AtomicU64::new(tick + 1),
             generation,
             metrics,
@@ -306,6 +323,45 @@ impl BlobCache {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rename the files of `victims` aside, outside the lock (async requests take it, and a
+    /// disk slow on metadata must not stall them while thousands of small layers go), then
+    /// let the writers waiting on those digests go on. Each digest was entered with
+    /// [`State::begin_set_aside`] under the lock that took it out of the index. Returns the
+    /// renamed files, to unlink. Blocking.
+    fn set_aside_all(&self, victims: Vec<(Digest, [PathBuf; 2])>) -> Vec<PathBuf> {
+        if victims.is_empty() {
+            return Vec::new();
+        }
+        #[cfg(test)]
+        if let Some(hook) = self.before_set_aside.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            hook();
+        }
+        let doomed =
+            victims.iter().flat_map(|(_, paths)| paths.iter().filter_map(|p| set_aside(p))).collect();
+        let mut state = self.lock();
+        for (digest, _) in &victims {
+            if let Some(n) = state.setting_aside.get_mut(digest) {
+                *n -= 1;
+                if *n == 0 {
+                    state.setting_aside.remove(digest);
+                }
+            }
+        }
+        drop(state);
+        self.set_aside_done.notify_all();
+        doomed
+    }
+
+    /// Wait until no file of `digest` is being renamed aside: call before writing one (a
+    /// partial download's file, a metainfo, a finished blob), so the rename cannot take the
+    /// new file. Blocking.
+    pub fn wait_set_aside(&self, digest: &Digest) {
+        let mut state = self.lock();
+        while state.setting_aside.contains_key(digest) {
+            state = self.set_aside_done.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     fn publish(&self, state: &State) {

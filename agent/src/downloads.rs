@@ -433,6 +433,8 @@ impl Downloads {
                 }
             }
             cache.make_room_for_download(metainfo.digest(), metainfo.size());
+            // An eviction of this digest's idle partial may still be renaming its files aside.
+            cache.wait_set_aside(metainfo.digest());
             let reclaim = cache.clone();
             BlobPieces::partial_reclaiming(
                 &path,

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use shoal_p2p::piece_store::bitfield_path;
 use shoal_registry::Digest;
 
-use super::{on_disk, remove_logged, set_aside, BlobCache};
+use super::{on_disk, remove_logged, BlobCache};
 use crate::disk::{self, BlobUse, FsUsage, PartialUse, Victim};
 
 impl BlobCache {
@@ -46,11 +46,11 @@ impl BlobCache {
         }
     }
 
-    /// Remove what [`disk::plan_eviction`] picks for `need(held)` bytes. Victims are renamed
-    /// aside under the lock (so a new download or copy of the same blob cannot be caught by
-    /// the removal) and unlinked after it.
+    /// Remove what [`disk::plan_eviction`] picks for `need(held)` bytes. Victims leave the
+    /// index under the lock, their files are renamed aside after it (a new download or copy
+    /// of the same blob waits for that: [`BlobCache::wait_set_aside`]) and then unlinked.
     fn evict(&self, need: impl FnOnce(u64) -> u64) -> u64 {
-        let mut doomed = Vec::new();
+        let mut aside = Vec::new();
         let mut freed = 0u64;
         let mut evicted = 0u64;
         {
@@ -85,23 +85,23 @@ impl BlobCache {
                         freed += p.bytes;
                         let path = self.partial_path(&digest);
                         tracing::info!(%digest, bytes = p.bytes, "removing an idle partial download");
-                        doomed.extend(set_aside(&path));
-                        doomed.extend(set_aside(&bitfield_path(&path)));
+                        state.begin_set_aside(&digest);
+                        aside.push((digest, [bitfield_path(&path), path]));
                     }
                     Victim::Blob(digest) => {
                         let Some(e) = state.remove_entry(&digest) else { continue };
                         freed += e.size;
                         evicted += 1;
                         tracing::info!(%digest, size = e.size, "evicting blob from cache");
-                        doomed.extend(set_aside(&self.blob_path(&digest)));
-                        doomed.extend(set_aside(&self.metainfo_path(&digest)));
+                        state.begin_set_aside(&digest);
+                        aside.push((digest.clone(), [self.blob_path(&digest), self.metainfo_path(&digest)]));
                     }
                 }
             }
             self.publish(&state);
         }
         self.metrics.evictions.inc_by(evicted);
-        for path in doomed {
+        for path in self.set_aside_all(aside) {
             remove_logged(&path);
         }
         freed

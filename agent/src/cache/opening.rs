@@ -9,23 +9,23 @@ use shoal_p2p::piece_store::is_disk_full;
 use shoal_p2p::Metainfo;
 use shoal_registry::Digest;
 
-use super::{remove_logged, set_aside, BlobCache, Cached, Pin};
+use super::{remove_logged, BlobCache, Cached, Pin};
 
 impl BlobCache {
     /// Remove the cached copy of `digest` whose piece `index` did not match (if it is still
     /// the copy of `generation`: a newer one is left alone). Blocking.
     fn remove_corrupt(&self, digest: &Digest, generation: u64, index: Option<u32>) {
-        let mut doomed = Vec::new();
         {
             let mut state = self.lock();
             if state.entries.get(digest).is_none_or(|e| e.generation != generation) {
                 return;
             }
             state.remove_entry(digest);
-            doomed.extend(set_aside(&self.blob_path(digest)));
-            doomed.extend(set_aside(&self.metainfo_path(digest)));
+            state.begin_set_aside(digest);
             self.publish(&state);
         }
+        let doomed =
+            self.set_aside_all(vec![(digest.clone(), [self.blob_path(digest), self.metainfo_path(digest)])]);
         self.metrics.corrupt.inc();
         tracing::warn!(%digest, ?index, "cached blob does not match its digest; removed, it will be fetched again");
         for path in doomed {
@@ -127,6 +127,8 @@ impl BlobCache {
     pub fn write_metainfo(&self, metainfo: &Metainfo) -> std::io::Result<()> {
         let json = serde_json::to_vec(metainfo).map_err(std::io::Error::other)?;
         let path = self.metainfo_path(metainfo.digest());
+        // An eviction renaming this digest's files aside would take the new one too.
+        self.wait_set_aside(metainfo.digest());
         let mut attempts = 0;
         loop {
             let written = match path.parent() {

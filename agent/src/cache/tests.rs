@@ -435,3 +435,59 @@ fn a_resumed_download_makes_room_only_for_what_it_has_still_to_write() {
     let _fresh = c.claim_partial(&digest(3), 8 * MIB);
     assert_eq!(c.make_room_for_download(&digest(3), 8 * MIB), 10 * MIB);
 }
+
+/// An eviction renames its victims' files outside the index lock: while a rename is held up
+/// (a disk slow on metadata), the checks async requests make (`contains`, `get`) answer at
+/// once. A writer of the same digest's files (a new download, a metainfo) waits until the old
+/// files are out of the way, so the rename cannot take the new file.
+#[test]
+fn an_eviction_renames_outside_the_lock_and_writers_of_its_digest_wait() {
+    use std::sync::mpsc;
+    let dir = tempfile::tempdir().unwrap();
+    let c = cache(dir.path(), 300, 150);
+    put(&c, 1, 200);
+    let (held_tx, held_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let go_rx = Mutex::new(go_rx);
+    *c.before_set_aside.lock().unwrap() = Some(Box::new(move || {
+        let _ = held_tx.send(());
+        let _ = go_rx.lock().unwrap().recv();
+    }));
+    let evicting = std::thread::spawn({
+        let c = c.clone();
+        // Over the high watermark: the older blob goes.
+        move || put(&c, 2, 150)
+    });
+    held_rx.recv_timeout(Duration::from_secs(10)).expect("the eviction reached its renames");
+    let (answer_tx, answer_rx) = mpsc::channel();
+    std::thread::spawn({
+        let c = c.clone();
+        move || {
+            let _ = answer_tx.send((c.contains(&digest(1)), c.get(&digest(2))));
+        }
+    });
+    let answer =
+        answer_rx.recv_timeout(Duration::from_secs(2)).expect("the index answers during the renames");
+    assert_eq!(answer, (false, Some(150)));
+    let (wrote_tx, wrote_rx) = mpsc::channel();
+    let path = c.blob_path(&digest(1));
+    let writer = std::thread::spawn({
+        let (c, path) = (c.clone(), path.clone());
+        move || {
+            c.wait_set_aside(&digest(1));
+            std::fs::write(&path, b"the new copy").unwrap();
+            let _ = wrote_tx.send(());
+        }
+    });
+    assert!(wrote_rx.recv_timeout(Duration::from_millis(300)).is_err(), "the writer waited");
+    go_tx.send(()).unwrap();
+    evicting.join().unwrap();
+    writer.join().unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"the new copy");
+    let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(EVICTED_SUFFIX))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
