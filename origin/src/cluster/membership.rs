@@ -140,6 +140,10 @@ struct Member {
     members: Option<String>,
     /// It answered with this origin's own id: another name for us, so not a member.
     is_self: bool,
+    /// It answered with the id of another entry of this table: the same origin under a second
+    /// address (the A and AAAA records of one `dns+` name), so not a member of its own; every
+    /// origin then names the same members. Decided again at each reply.
+    alias: bool,
     /// It answered with an id other than the one we know it by (warned once).
     warned_id: bool,
 }
@@ -152,12 +156,13 @@ impl Member {
             disk_full: false,
             members: None,
             is_self: false,
+            alias: false,
             warned_id: false,
         }
     }
 
     fn live(&self) -> bool {
-        self.health.up && !self.is_self
+        self.health.up && !self.is_self && !self.alias
     }
 }
 
@@ -319,7 +324,7 @@ impl Membership {
         let mut all: Vec<MemberInfo> = table
             .others
             .iter()
-            .filter(|(_, m)| !m.is_self)
+            .filter(|(_, m)| !m.is_self && !m.alias)
             .map(|(id, m)| MemberInfo {
                 id: id.clone(),
                 url: url_of(id),
@@ -422,8 +427,9 @@ impl Membership {
         {
             let mut table = self.lock();
             for (id, result) in results {
+                let alias = matches!(&result, Ok(r) if r.id != id && table.others.contains_key(&r.id));
                 if let Some(member) = table.others.get_mut(&id) {
-                    changed |= self.apply(&id, member, result);
+                    changed |= self.apply(&id, member, result, alias);
                 }
             }
         }
@@ -432,9 +438,10 @@ impl Membership {
         }
     }
 
-    /// Count one check's result against `member`; `true` if it joined or left the live set.
-    fn apply(&self, id: &str, member: &mut Member, result: Result<HealthReply, String>) -> bool {
-        let was_live = member.live();
+    /// Count one check's result against `member` (`alias`: it answered as another entry of
+    /// the table); `true` if it joined or left the live set, or the member list.
+    fn apply(&self, id: &str, member: &mut Member, result: Result<HealthReply, String>, alias: bool) -> bool {
+        let (was_live, was_alias) = (member.live(), member.alias);
         match result {
             Ok(reply) => {
                 if let Some(hook) = self.on_reply.get() {
@@ -443,10 +450,15 @@ impl Membership {
                 if reply.id == self.me {
                     info!(member = id, "cluster member is this origin under another name; ignoring it");
                     member.is_self = true;
+                } else if alias {
+                    if !member.alias {
+                        info!(member = id, answered = %reply.id, "cluster member is another member under a second address; counting it once");
+                    }
                 } else if reply.id != id && !member.warned_id {
                     warn!(member = id, answered = %reply.id, "cluster member answers with another id");
                     member.warned_id = true;
                 }
+                member.alias = alias && reply.id != self.me;
                 member.peer = reply.peer;
                 member.disk_full = reply.disk_full;
                 member.members = reply.members;
@@ -460,7 +472,7 @@ impl Membership {
                 }
             }
         }
-        was_live != member.live()
+        was_live != member.live() || was_alias != member.alias
     }
 
     /// One health check: a 200 with a parseable [`HealthReply`] passes, anything else fails.
@@ -507,7 +519,7 @@ impl Membership {
             for id in gone {
                 if let Some(m) = table.others.remove(&id) {
                     info!(member = %id, "cluster member left the member list");
-                    changed |= !m.is_self;
+                    changed |= !m.is_self && !m.alias;
                 }
             }
             for id in wanted {

@@ -292,6 +292,38 @@ async fn self_under_another_name_is_dropped() {
     assert_eq!(fake.hits.load(Ordering::SeqCst), hits, "this origin is not checked");
 }
 
+/// One origin under two addresses (the A and AAAA records of one `dns+` name; here two
+/// loopback addresses) answers both with its own id: it is one member, so every origin names
+/// the same member list (GC compares them, and waited forever before) and places alike.
+#[tokio::test]
+async fn another_member_under_a_second_address_is_counted_once() {
+    let first = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = first.local_addr().expect("addr").port();
+    let Ok(second) = tokio::net::TcpListener::bind(("127.0.0.2", port)).await else {
+        println!("skipping: cannot bind 127.0.0.2:{port}");
+        return;
+    };
+    let (id, alias) = (format!("127.0.0.1:{port}"), format!("127.0.0.2:{port}"));
+    let fake = fake(&id, None);
+    serve(first, fake.clone());
+    serve(second, fake.clone());
+    let me = "127.0.0.1:1";
+    let m = Membership::start(config(me, &[me, &id, &alias]), None, client()).await.expect("start");
+    eventually("the second address known as the first", || {
+        !m.live().contains(&alias) && m.peer(&id).is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(m.live(), vec![me.to_string(), id.clone()]);
+    let ids: Vec<String> = m.members().into_iter().map(|i| i.id).collect();
+    assert_eq!(ids, vec![me.to_string(), id.clone()]);
+    // The other origin names the same list: the two agree.
+    let other = Membership::start(config(&id, &[&id, me]), None, client()).await.expect("start");
+    *fake.members.lock().expect("members") = Some(other.members_fingerprint());
+    assert_eq!(other.members_fingerprint(), m.members_fingerprint());
+    eventually("agreement", || m.disagreeing_member().is_none()).await;
+}
+
 #[tokio::test]
 async fn tasks_end_when_membership_is_dropped() {
     let (id, fake) = spawn_fake(None).await;
