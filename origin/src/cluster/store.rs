@@ -74,13 +74,13 @@ impl ClusterStore {
         Record::new(key, self.c().clock.next(), value)
     }
 
-    /// A new live link of `digest` in `repo`, versioned after the link it replaces: that one
-    /// is read first (a read moves this origin's clock past what it sees), so a re-push or a
-    /// mount right after a `DELETE` through an origin whose clock is ahead wins over its
-    /// tombstone instead of losing to it after its `201`.
-    async fn new_link(&self, repo: &str, digest: &Digest, size: u64) -> Result<Record, StoreError> {
-        self.c().read_records(repo, &[RecordKey::Link(digest.clone())]).await?;
-        Ok(self.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size })))
+    /// Read the records a write is about to replace, for their versions only: a read moves
+    /// this origin's clock past what it sees, so the write's records are made later than
+    /// them, and a re-push or a mount right after a `DELETE` through an origin whose clock is
+    /// ahead wins over its tombstones instead of losing to them after its `201`. Done before
+    /// a write's read-to-write deadline starts: a key no owner has is asked of every origin.
+    async fn read_replaced(&self, repo: &str, keys: &[RecordKey]) -> Result<(), StoreError> {
+        self.c().read_records(repo, keys).await.map(drop)
     }
 
     /// The live link of `digest` in `repo`.
@@ -106,6 +106,9 @@ impl ClusterStore {
         references: References,
     ) -> Result<(), StoreError> {
         let NewManifest { digest, bytes, parsed } = manifest;
+        let mut replaced = vec![RecordKey::Manifest(digest.clone()), RecordKey::Link(digest.clone())];
+        replaced.extend(tag.map(|t| RecordKey::Tag(t.to_string())));
+        self.read_replaced(repo.as_str(), &replaced).await?;
         let read_at = std::time::Instant::now();
         let text = String::from_utf8(bytes.to_vec())
             .map_err(|_| StoreError::Internal("a parsed manifest is not UTF-8".into()))?;
@@ -113,17 +116,7 @@ impl ClusterStore {
         // What it references, checked to be in the repository when that is required.
         let mut keys: Vec<RecordKey> = parsed.blobs.iter().cloned().map(RecordKey::Link).collect();
         keys.extend(parsed.children.iter().cloned().map(RecordKey::Manifest));
-        let checked = keys.len();
-        // The records this write replaces are read too (the tag, and the manifest and its link,
-        // perhaps tombstones of a `DELETE`): reading moves the version clock past them, so
-        // this write wins over what a client saw acknowledged before.
-        keys.push(RecordKey::Manifest(digest.clone()));
-        keys.push(RecordKey::Link(digest.clone()));
-        if let Some(tag) = tag {
-            keys.push(RecordKey::Tag(tag.to_string()));
-        }
         let found = self.c().read_records(repo.as_str(), &keys).await?;
-        let (keys, found) = (&keys[..checked], &found[..checked]);
         let mut refreshed = Vec::new();
         for (key, rec) in keys.iter().zip(found) {
             let live = rec.as_ref().filter(|r| r.is_live());
@@ -198,11 +191,12 @@ impl ClusterStore {
     /// `None` if none of its owners holds it. For mirrored content, whose blobs many
     /// repositories share (base layers): the bytes are not fetched again.
     pub async fn link_held(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        self.read_replaced(repo.as_str(), &[RecordKey::Link(digest.clone())]).await?;
         let read_at = std::time::Instant::now();
         for id in self.c().owners(&digest.to_string()) {
             let Some(node) = self.c().node(&id) else { continue };
             if let Ok(Some(size)) = node.blob_stat(digest).await {
-                let link = self.new_link(repo.as_str(), digest, size).await?;
+                let link = self.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size }));
                 self.write_after_read(read_at, repo.as_str(), vec![link]).await?;
                 return Ok(Some(size));
             }
@@ -311,11 +305,12 @@ impl RegistryStore for ClusterStore {
         from: &RepoName,
         digest: &Digest,
     ) -> Result<bool, StoreError> {
+        self.read_replaced(repo.as_str(), &[RecordKey::Link(digest.clone())]).await?;
         let read_at = std::time::Instant::now();
         let Some(size) = self.link(from, digest).await?.and_then(|r| r.link_size()) else {
             return Ok(false);
         };
-        let link = self.new_link(repo.as_str(), digest, size).await?;
+        let link = self.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size }));
         self.write_after_read(read_at, repo.as_str(), vec![link]).await?;
         Ok(true)
     }
@@ -346,10 +341,11 @@ impl RegistryStore for ClusterStore {
         let (store, repo, id, digest) = (self.clone(), repo.clone(), id.to_string(), digest.clone());
         tokio::spawn(async move {
             let size = store.c().local.store().upload_finish(&repo, &id, &digest).await?;
+            store.read_replaced(repo.as_str(), &[RecordKey::Link(digest.clone())]).await?;
             // The copies were last seen at `read_at` (an old copy counts as placed): the link
             // lands within GC's read-to-write deadline of that, as a mount's does, or fails.
             let read_at = store.c().replicate_blob(&digest, size).await?;
-            let link = store.new_link(repo.as_str(), &digest, size).await?;
+            let link = store.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size }));
             store.write_after_read(read_at, repo.as_str(), vec![link]).await?;
             Ok(size)
         })
@@ -406,7 +402,11 @@ impl RegistryStore for ClusterStore {
                 Ok(true)
             }
             Reference::Digest(d) => {
-                if self.manifest_record(repo, d).await?.is_none() {
+                // The link is read with the manifest: its tombstone must follow it too (a
+                // mount of the manifest's bytes through an origin whose clock is ahead).
+                let keys = [RecordKey::Manifest(d.clone()), RecordKey::Link(d.clone())];
+                let found = self.c().read_records(repo.as_str(), &keys).await?;
+                if !found.first().and_then(Option::as_ref).is_some_and(Record::is_live) {
                     return Ok(false);
                 }
                 let tags =
