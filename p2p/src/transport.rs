@@ -2,6 +2,7 @@
 //! TLS context has it ([`shoal_tls::Tls::peer`]), so only the cluster's own nodes can ask
 //! for pieces or serve them. The rest of the protocol sees two boxed halves either way.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
@@ -193,14 +194,26 @@ pub async fn connect(
         let (read, write) = stream.into_split();
         return Ok((Box::new(LowWaterReader { inner: read, need, current: 1 }), Box::new(write)));
     };
+    connect_tls(peer, addr, stream, handshake).await
+}
+
+/// The TLS half of [`connect`], with `peer`'s configuration. The connection ends when the
+/// server's certificate does.
+async fn connect_tls(
+    peer: &shoal_tls::PeerTls,
+    addr: SocketAddr,
+    stream: TcpStream,
+    handshake: Duration,
+) -> Result<(ReadHalf, WriteHalf), String> {
     let name = shoal_tls::ServerName::IpAddress(addr.ip().into());
     let mut stream =
         tokio::time::timeout(handshake, peer.connector.connect(name, shoal_tls::buffered(stream)))
             .await
             .map_err(|_| "TLS handshake timeout".to_string())?
             .map_err(|e| format!("TLS handshake: {e}"))?;
+    let expires = shoal_tls::server_expires(stream.get_ref().1);
     stream.get_mut().0.grow();
-    Ok(halves(stream))
+    until_expiry(halves(stream), expires)
 }
 
 /// Accept a peer's connection: the TLS handshake (if on) within `handshake`, from a client
@@ -209,23 +222,127 @@ pub async fn accept(stream: TcpStream, handshake: Duration) -> Result<(ReadHalf,
     tune(&stream);
     let tls = shoal_tls::current();
     let Some(peer) = tls.peer() else { return Ok(tcp_halves(stream)) };
+    accept_tls(peer, stream, handshake).await
+}
+
+/// The TLS half of [`accept`], with `peer`'s configuration. The role the client's certificate
+/// proves is good while the certificate is: the connection ends at its expiry (a download
+/// under way then goes on through a new connection, with the renewed certificate).
+async fn accept_tls(
+    peer: &shoal_tls::PeerTls,
+    stream: TcpStream,
+    handshake: Duration,
+) -> Result<(ReadHalf, WriteHalf), String> {
     let mut stream = tokio::time::timeout(handshake, peer.acceptor.accept(shoal_tls::buffered(stream)))
         .await
         .map_err(|_| "TLS handshake timeout".to_string())?
         .map_err(|e| format!("TLS handshake: {e}"))?;
     match shoal_tls::identity_of(stream.get_ref().1) {
         Some(id) if id.role.is_node() => {
+            let expires = shoal_tls::identity_expires(stream.get_ref().1);
             stream.get_mut().0.grow();
-            Ok(halves(stream))
+            until_expiry(halves(stream), expires)
         }
         Some(id) => Err(format!("{id} is not a node")),
         None => Err("the client certificate names no Shoal role".into()),
     }
 }
 
+/// A TLS connection's halves, its read half ending at `expires` (the other end's
+/// certificate's expiry; a connection reads for as long as it lives, so its loop ends then).
+fn until_expiry(
+    (read, write): (ReadHalf, WriteHalf),
+    expires: Option<std::time::SystemTime>,
+) -> Result<(ReadHalf, WriteHalf), String> {
+    let Some(expires) = expires else { return Ok((read, write)) };
+    let left = expires
+        .duration_since(std::time::SystemTime::now())
+        .map_err(|_| "the other end's certificate has expired".to_string())?;
+    Ok((Box::new(UntilExpiry { inner: read, expiry: Box::pin(tokio::time::sleep(left)) }), write))
+}
+
+/// A read half that fails once its connection's certificate has expired.
+struct UntilExpiry {
+    inner: ReadHalf,
+    expiry: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl AsyncRead for UntilExpiry {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.expiry.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the peer's certificate expired",
+            )));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Peer TLS with the cluster CA `ca`, as node `name` whose certificate lives `life`.
+    fn peer_tls(dir: &std::path::Path, ca: &shoal_tls::Issued, name: &str, life: Duration) -> shoal_tls::Tls {
+        let ips = ["127.0.0.1".parse().unwrap()];
+        let issued =
+            shoal_tls::issue_for(ca, name, shoal_registry::identity::Role::Agent, &[], &ips, life).unwrap();
+        let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}-key.pem")));
+        std::fs::write(&cert, &issued.cert_pem).unwrap();
+        std::fs::write(&key, &issued.key_pem).unwrap();
+        std::fs::write(dir.join("ca.pem"), &ca.cert_pem).unwrap();
+        shoal_tls::Tls::load(&shoal_tls::TlsSettings {
+            cert: Some(cert),
+            key: Some(key),
+            cluster_ca: Some(dir.join("ca.pem")),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    /// Over mutual TLS a peer connection ends when the other end's certificate does: the
+    /// role it proved at the handshake is good only while the certificate is (a download
+    /// under way outlived it before). Both ends' reads fail at the expiry of the other's
+    /// certificate, though nothing arrives.
+    #[tokio::test]
+    async fn a_peer_connection_ends_when_the_other_ends_certificate_expires() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = shoal_tls::new_ca("test", 1).unwrap();
+        let server = peer_tls(dir.path(), &ca, "server", Duration::from_secs(3600));
+        let client = peer_tls(dir.path(), &ca, "client", Duration::from_secs(3));
+        let (to_server, at_server) = connected_pair().await;
+        let addr = to_server.peer_addr().unwrap();
+        let handshake = Duration::from_secs(5);
+        let (connected, accepted) = tokio::join!(
+            connect_tls(client.peer().unwrap(), addr, to_server, handshake),
+            accept_tls(server.peer().unwrap(), at_server, handshake),
+        );
+        let ((_client_read, mut client_write), (mut server_read, _server_write)) =
+            (connected.unwrap(), accepted.unwrap());
+        client_write.write_all(b"ping").await.unwrap();
+        client_write.flush().await.unwrap();
+        let mut buf = [0u8; 4];
+        server_read.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping", "served while the certificate is valid");
+        let started = std::time::Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(10), server_read.read(&mut buf)).await;
+        let err = ended.expect("the read ends at the expiry").expect_err("an error, not data");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted, "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        // A certificate already expired is refused at the handshake's end.
+        let (to_server, at_server) = connected_pair().await;
+        let (_, accepted) = tokio::join!(
+            connect_tls(client.peer().unwrap(), addr, to_server, handshake),
+            accept_tls(server.peer().unwrap(), at_server, handshake),
+        );
+        assert!(accepted.is_err());
+    }
 
     /// Both ends of a fresh loopback connection: the client's and the accepted one.
     async fn connected_pair() -> (TcpStream, TcpStream) {

@@ -27,6 +27,11 @@ pub fn identity_expires(conn: &rustls::ServerConnection) -> Option<SystemTime> {
     validity(conn.peer_certificates()?.first()?).map(|(_, until)| until)
 }
 
+/// When the certificate a TLS client connection's server presented stops being valid.
+pub fn server_expires(conn: &rustls::ClientConnection) -> Option<SystemTime> {
+    validity(conn.peer_certificates()?.first()?).map(|(_, until)| until)
+}
+
 /// A certificate's validity period: not before, not after.
 pub fn validity(cert: &CertificateDer<'_>) -> Option<(SystemTime, SystemTime)> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;

@@ -26,7 +26,7 @@ use shoal_registry::identity::TransportIdentity;
 pub use buffered::{buffered, Buffered, TLS_HANDSHAKE_READ_BUFFER, TLS_READ_BUFFER};
 pub use certs::{issue, issue_for, new_ca, CertsError, Issued};
 pub use config::{TlsSettings, DEFAULT_RELOAD_INTERVAL};
-pub use identity::{identity_expires, identity_of, validity};
+pub use identity::{identity_expires, identity_of, server_expires, validity};
 pub use reload::ReloadingKey;
 pub use rustls::pki_types::ServerName;
 pub use tokio_rustls::{client::TlsStream as ClientTlsStream, server::TlsStream as ServerTlsStream};
