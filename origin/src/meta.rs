@@ -190,9 +190,20 @@ impl Meta {
         Ok(table.get(d.as_str()).map_err(|e| self.fail(e))?.map(|v| v.value().to_vec()))
     }
 
+    /// Record a blob's metainfo, if the blob is still here: one computed while its blob was
+    /// removed (GC, repair) or set aside is not written back, where nothing would remove it.
     pub fn put_metainfo(&self, digest: &Digest, json: &[u8]) -> Result<(), StoreError> {
         let d = digest.to_string();
         let txn = self.write()?;
+        let held = txn
+            .open_table(BLOBS)
+            .map_err(|e| self.fail(e))?
+            .get(d.as_str())
+            .map_err(|e| self.fail(e))?
+            .is_some();
+        if !held {
+            return Ok(());
+        }
         txn.open_table(METAINFO)
             .map_err(|e| self.fail(e))?
             .insert(d.as_str(), json)

@@ -55,7 +55,10 @@ fn a_full_disk_does_not_break_the_metadata_for_good() {
     }
     let mut failure = None;
     for i in 1..400 {
-        if let Err(e) = meta.put_metainfo(&digest(i), &vec![7u8; 32 << 10]) {
+        let written = meta
+            .commit_blob(&digest(i), 10, None)
+            .and_then(|_| meta.put_metainfo(&digest(i), &vec![7u8; 32 << 10]));
+        if let Err(e) = written {
             failure = Some(e);
             break;
         }
@@ -66,4 +69,20 @@ fn a_full_disk_does_not_break_the_metadata_for_good() {
     assert!(meta.commit_blob(&digest(1000), 20, None).expect("writes work once space is back"));
     assert_eq!(meta.blob_size(&digest(0)).unwrap(), Some(10));
     assert_eq!(meta.blob_size(&digest(1000)).unwrap(), Some(20));
+}
+
+/// A metainfo computed while its blob was removed (GC, repair) is not written back: nothing
+/// would ever remove it from the table.
+#[test]
+fn a_metainfo_for_a_blob_no_longer_here_is_not_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = Meta::open(&dir.path().join("meta.redb")).unwrap();
+    assert!(meta.commit_blob(&digest(1), 10, None).unwrap());
+    meta.put_metainfo(&digest(1), b"{}").unwrap();
+    assert_eq!(meta.metainfo(&digest(1)).unwrap().as_deref(), Some(&b"{}"[..]));
+    assert_eq!(meta.remove_blob(&digest(1)).unwrap(), Some(10));
+    meta.put_metainfo(&digest(1), b"{}").unwrap();
+    assert_eq!(meta.metainfo(&digest(1)).unwrap(), None);
+    meta.put_metainfo(&digest(2), b"{}").unwrap();
+    assert_eq!(meta.metainfo(&digest(2)).unwrap(), None);
 }

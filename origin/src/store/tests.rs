@@ -46,7 +46,8 @@ async fn a_commit_on_a_full_disk_can_be_retried_once_space_is_back() {
     // Use up the metadata file's free pages too.
     for i in 0u32..400 {
         let d = Digest::of(Algorithm::Sha256, &i.to_le_bytes());
-        if store.inner.meta.put_metainfo(&d, &vec![7u8; 32 << 10]).is_err() {
+        let meta = &store.inner.meta;
+        if meta.commit_blob(&d, 10, None).and_then(|_| meta.put_metainfo(&d, &vec![7u8; 32 << 10])).is_err() {
             break;
         }
     }
