@@ -67,6 +67,8 @@ struct State {
     /// their files waits until that is done ([`BlobCache::wait_set_aside`]). A count, as an
     /// eviction and a corrupt copy's removal may overlap.
     setting_aside: HashMap<Digest, u32>,
+    /// Digests whose partial download's file is being opened ([`BlobCache::open_alone`]).
+    opening: std::collections::HashSet<Digest>,
 }
 
 impl State {
@@ -132,11 +134,15 @@ pub struct BlobCache {
     partial_root: PathBuf,
     limits: CacheLimits,
     state: Mutex<State>,
-    /// Signalled when files set aside outside the lock are out of the way.
-    set_aside_done: Condvar,
+    /// Signalled when a digest's files are free again: those set aside outside the lock are
+    /// out of the way, or an opening of its partial file ended.
+    files_free: Condvar,
     /// Runs before files are renamed aside (tests hold an eviction there).
     #[cfg(test)]
     before_set_aside: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    /// Runs once a partial file's opening has its digest to itself (tests hold one there).
+    #[cfg(test)]
+    pub(crate) before_open: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
     clock: AtomicU64,
     generation: AtomicU64,
     metrics: CacheMetrics,
@@ -160,6 +166,43 @@ impl Drop for Pin {
         } else if let Some(e) = state.entries.get_mut(&self.digest) {
             e.pins = e.pins.saturating_sub(1);
         }
+    }
+}
+
+/// Ends a [`State::begin_set_aside`] of each victim's digest when dropped, and wakes the
+/// writers waiting on them.
+struct SetAsideEnd<'a> {
+    cache: &'a BlobCache,
+    victims: &'a [(Digest, [PathBuf; 2])],
+}
+
+impl Drop for SetAsideEnd<'_> {
+    fn drop(&mut self) {
+        let mut state = self.cache.lock();
+        for (digest, _) in self.victims {
+            if let Some(n) = state.setting_aside.get_mut(digest) {
+                *n -= 1;
+                if *n == 0 {
+                    state.setting_aside.remove(digest);
+                }
+            }
+        }
+        drop(state);
+        self.cache.files_free.notify_all();
+    }
+}
+
+/// A partial file's opening that has its digest to itself ([`BlobCache::open_alone`]); the
+/// next one may start once this drops.
+pub struct OpenAlone<'a> {
+    cache: &'a BlobCache,
+    digest: Digest,
+}
+
+impl Drop for OpenAlone<'_> {
+    fn drop(&mut self) {
+        self.cache.lock().opening.remove(&self.digest);
+        self.cache.files_free.notify_all();
     }
 }
 
@@ -308,9 +351,11 @@ impl BlobCache {
             partial_root: partial_root.to_path_buf(),
             limits,
             state: Mutex::new(state),
-            set_aside_done: Condvar::new(),
+            files_free: Condvar::new(),
             #[cfg(test)]
             before_set_aside: Mutex::new(None),
+            #[cfg(test)]
+            before_open: Mutex::new(None),
             clock: AtomicU64::new(tick + 1),
             generation,
             metrics,
@@ -334,24 +379,13 @@ impl BlobCache {
         if victims.is_empty() {
             return Vec::new();
         }
+        // Ends the set-aside however this returns, so no writer of these digests waits for good.
+        let _end = SetAsideEnd { cache: self, victims: &victims };
         #[cfg(test)]
         if let Some(hook) = self.before_set_aside.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             hook();
         }
-        let doomed =
-            victims.iter().flat_map(|(_, paths)| paths.iter().filter_map(|p| set_aside(p))).collect();
-        let mut state = self.lock();
-        for (digest, _) in &victims {
-            if let Some(n) = state.setting_aside.get_mut(digest) {
-                *n -= 1;
-                if *n == 0 {
-                    state.setting_aside.remove(digest);
-                }
-            }
-        }
-        drop(state);
-        self.set_aside_done.notify_all();
-        doomed
+        victims.iter().flat_map(|(_, paths)| paths.iter().filter_map(|p| set_aside(p))).collect()
     }
 
     /// Wait until no file of `digest` is being renamed aside: call before writing one (a
@@ -360,8 +394,37 @@ impl BlobCache {
     pub fn wait_set_aside(&self, digest: &Digest) {
         let mut state = self.lock();
         while state.setting_aside.contains_key(digest) {
-            state = self.set_aside_done.wait(state).unwrap_or_else(|p| p.into_inner());
+            state = self.files_free.wait(state).unwrap_or_else(|p| p.into_inner());
         }
+    }
+
+    /// Have `digest`'s partial download file to this opening alone until the guard drops:
+    /// waits until no other opening of it runs, nor a renaming aside of its files. A start
+    /// whose client went away goes on opening the file in the blocking pool (checking a
+    /// resumed file's pieces takes a while); a retry's start must not open, check and
+    /// rewrite the same file and bitfield beside it. Blocking.
+    pub fn open_alone(&self, digest: &Digest) -> OpenAlone<'_> {
+        let mut state = self.lock();
+        while state.opening.contains(digest) || state.setting_aside.contains_key(digest) {
+            state = self.files_free.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        state.opening.insert(digest.clone());
+        drop(state);
+        let alone = OpenAlone { cache: self, digest: digest.clone() };
+        #[cfg(test)]
+        {
+            let hook = self.before_open.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(hook) = hook {
+                hook();
+            }
+        }
+        alone
+    }
+
+    /// How many downloads claim `digest`'s partial file (tests).
+    #[cfg(test)]
+    pub(crate) fn claims(&self, digest: &Digest) -> u32 {
+        self.lock().partials.get(digest).map_or(0, |p| p.active)
     }
 
     fn publish(&self, state: &State) {

@@ -383,7 +383,7 @@ impl Downloads {
             }
         }
         let claim = Arc::new(self.cache.claim_partial(digest, metainfo.size()));
-        let pieces = self.open_partial(digest, metainfo, None).await?;
+        let pieces = self.open_partial(digest, metainfo, None, Some(claim.clone())).await?;
         let download = Arc::new(Download::new(pieces, asker.clone()));
         let fallback = Arc::new(OriginFallback {
             downloads: self.clone(),
@@ -418,15 +418,22 @@ impl Downloads {
 
     /// Make room for a download of `metainfo` and open its piece file (resumed if it exists),
     /// after discarding `previous` (a failed attempt's). Full-disk writes evict and retry.
+    /// The opening has the digest's files to itself, and `claim` (the download's, when it
+    /// starts) is held until it ends: when its caller goes away (a client that left while
+    /// the download started) the opening runs on in the blocking pool, and neither a retry's
+    /// opening nor an eviction of the idle partial may touch the file meanwhile.
     async fn open_partial(
         &self,
         digest: &Digest,
         metainfo: Metainfo,
         previous: Option<Arc<BlobPieces>>,
+        claim: Option<Arc<PartialClaim>>,
     ) -> Result<Arc<BlobPieces>, StoreError> {
         let cache = self.cache.clone();
         let path = cache.partial_path(digest);
         tokio::task::spawn_blocking(move || {
+            let _claim = claim;
+            let _alone = cache.open_alone(metainfo.digest());
             if let Some(previous) = previous {
                 if let Err(e) = previous.discard() {
                     tracing::warn!(error = %e, "could not delete a failed download's piece file");
@@ -503,7 +510,8 @@ impl Downloads {
                 "download failed in a way a bad metainfo explains; \
                  starting again from the origin's metainfo"
             );
-            let fresh = self.open_partial(digest, origin, Some(pieces)).await.map_err(|e| e.to_string())?;
+            let fresh =
+                self.open_partial(digest, origin, Some(pieces), None).await.map_err(|e| e.to_string())?;
             download.restart(fresh);
             source = MetainfoSource::Origin;
             attempt += 1;

@@ -114,7 +114,7 @@ async fn a_reader_never_takes_one_attempts_pieces_for_anothers() {
         let data = vec![seed; 100_000];
         let meta =
             Metainfo::compute(&data[..], data.len() as u64, shoal_registry::Algorithm::Sha256).unwrap();
-        files.push(downloads.open_partial(&meta.digest().clone(), meta, None).await.unwrap());
+        files.push(downloads.open_partial(&meta.digest().clone(), meta, None, None).await.unwrap());
     }
     let asker = Asker { repo: "team/app".parse().unwrap(), client: None };
     let download = Arc::new(Download::new(files[0].clone(), asker));
@@ -229,6 +229,64 @@ async fn a_join_dropped_while_its_download_starts_leaves_nothing_behind() {
         assert!(tokio::time::timeout(Duration::from_millis(100), join).await.is_err());
     }
     assert!(downloads.active().is_empty(), "{} abandoned starts kept", downloads.active().len());
+}
+
+/// A client that goes away while its download opens the piece file leaves that opening
+/// running in the blocking pool; a retry's start waits for it instead of opening, checking
+/// and rewriting the same file beside it, and the abandoned opening keeps the partial
+/// claimed (an eviction must not take its file meanwhile). Before, the two ran at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_does_not_open_the_piece_file_beside_an_abandoned_start() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::sync::mpsc;
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let size = data.len() as u64;
+    let (url, digest) = serve_blob(data, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let downloads = downloads_at(dir.path(), &url);
+    let (inside, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (entered_tx, entered_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (go_rx, first) = (Mutex::new(go_rx), AtomicBool::new(true));
+    *downloads.cache.before_open.lock().unwrap() = Some(Arc::new({
+        let (inside, most) = (inside.clone(), most.clone());
+        move || {
+            let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            let _ = entered_tx.send(());
+            if first.swap(false, Ordering::SeqCst) {
+                // The abandoned start's opening, held here until the test lets it go.
+                let _ = go_rx.lock().unwrap().recv();
+            } else {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            inside.fetch_sub(1, Ordering::SeqCst);
+        }
+    }));
+    let entered = Arc::new(Mutex::new(entered_rx));
+    let wait_entered = |limit: Duration| {
+        let entered = entered.clone();
+        tokio::task::spawn_blocking(move || entered.lock().unwrap().recv_timeout(limit).is_ok())
+    };
+    let repo: RepoName = "team/app".parse().unwrap();
+    let join = |downloads: Arc<Downloads>| {
+        let (repo, digest) = (repo.clone(), digest.clone());
+        tokio::spawn(async move { downloads.join(&repo, &digest, Some(size), None).await.map(|_| ()) })
+    };
+    let abandoned = join(downloads.clone());
+    assert!(wait_entered(Duration::from_secs(10)).await.unwrap(), "the first start reached its opening");
+    abandoned.abort();
+    let _ = abandoned.await;
+    let retry = join(downloads.clone());
+    assert!(
+        !wait_entered(Duration::from_millis(500)).await.unwrap(),
+        "the retry opened the piece file beside the abandoned start"
+    );
+    assert_eq!(downloads.cache.claims(&digest), 2, "the retry and the abandoned opening claim the partial");
+    go_tx.send(()).unwrap();
+    let started = tokio::time::timeout(Duration::from_secs(10), retry).await;
+    assert!(matches!(started, Ok(Ok(Ok(())))), "the retry's download started: {started:?}");
+    assert_eq!(most.load(Ordering::SeqCst), 1, "two openings of one piece file ran at once");
 }
 
 /// What [`serve_blob_to_tokens`]'s origin accepts and has done.
