@@ -6,9 +6,10 @@
 use super::*;
 
 /// Longest a stream of a fetch in progress may take, proxied from another origin (its own
-/// reader fails sooner, after a minute without bytes).
+/// reader fails sooner, after a minute without bytes). Its answer's head must come within
+/// [`PROGRESS_CALL_TIMEOUT`].
 const STREAM_CALL_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
-/// Timeout of one progress call to another origin.
+/// Timeout of one progress call to another origin, and of the head of a stream's answer.
 const PROGRESS_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How another origin is asked for a fetch's progress.
@@ -162,14 +163,16 @@ impl PullThrough {
         }
         let Some(base) = peers.membership.url(&primary) else { return Ok(None) };
         let url = format!("{base}{}/stream", mirror::progress_path(digest));
-        let answer = peers
+        let send = peers
             .get(url)
             .query(&[("repo", repo.as_str()), ("here", "1")])
             .timeout(STREAM_CALL_TIMEOUT)
-            .send()
-            .await;
-        match answer {
-            Ok(r) if r.status() == reqwest::StatusCode::OK => {
+            .send();
+        // The answer's head comes as soon as the primary looked (its progress call's work);
+        // bounded apart from the long body, so a request the HTTP client's pool loses (see
+        // `shoal_tls::http_client`) or a hung primary costs this reader seconds, not hours.
+        match tokio::time::timeout(PROGRESS_CALL_TIMEOUT, send).await {
+            Ok(Ok(r)) if r.status() == reqwest::StatusCode::OK => {
                 let Some(size) = r.content_length() else { return Ok(None) };
                 let body =
                     futures_util::StreamExt::map(r.bytes_stream(), |c| c.map_err(std::io::Error::other));
