@@ -503,6 +503,7 @@ impl Membership {
             }
         }
         let mut changed = false;
+        let joined: Vec<String>;
         {
             let mut table = self.lock();
             for (index, ids) in answers {
@@ -522,17 +523,51 @@ impl Membership {
                     changed |= !m.is_self && !m.alias;
                 }
             }
-            for id in wanted {
-                if let std::collections::btree_map::Entry::Vacant(slot) = table.others.entry(id) {
-                    info!(member = %slot.key(), "cluster member joined the member list");
-                    slot.insert(Member::new());
-                    changed = true;
-                }
-            }
+            joined = wanted.into_iter().filter(|id| !table.others.contains_key(id)).collect();
         }
+        changed |= self.admit(joined).await;
         if changed {
             self.bump();
         }
+    }
+
+    /// Put entries new to the member list in it once each has been checked once: before its
+    /// first reply an entry cannot be told apart from this origin or another member under a
+    /// second address, and counted live meanwhile it would be placed on as a member of its
+    /// own (a write's two owners one origin) and named in the member list GC compares. An
+    /// entry whose check fails comes in up all the same, so a cluster whose origins start
+    /// together works at once (it goes down after `health_fails` failures, as any member).
+    /// `true` if the member list changed.
+    async fn admit(&self, joined: Vec<String>) -> bool {
+        if joined.is_empty() {
+            return false;
+        }
+        let results: Vec<(String, Result<HealthReply, String>)> = stream::iter(joined)
+            .map(|id| async move {
+                let result = self.check(&id).await;
+                (id, result)
+            })
+            .buffer_unordered(MAX_CONCURRENT_CHECKS)
+            .collect()
+            .await;
+        let mut table = self.lock();
+        let mut admitted = Vec::new();
+        for (id, result) in results {
+            if let std::collections::btree_map::Entry::Vacant(slot) = table.others.entry(id.clone()) {
+                info!(member = %id, "cluster member joined the member list");
+                slot.insert(Member::new());
+                admitted.push((id, result));
+            }
+        }
+        let mut changed = false;
+        for (id, result) in admitted {
+            let alias = matches!(&result, Ok(r) if r.id != id && table.others.contains_key(&r.id));
+            if let Some(member) = table.others.get_mut(&id) {
+                self.apply(&id, member, result, alias);
+                changed |= !member.is_self && !member.alias;
+            }
+        }
+        changed
     }
 
     /// Members behind `dns+host:port`: one per A/AAAA address.
