@@ -53,6 +53,14 @@ pub struct OriginClient {
 /// Most anonymous tokens kept (cleared when full).
 const MAX_ANONYMOUS_TOKENS: usize = 10_000;
 
+/// Largest manifest read from an origin. Origins may be configured past the spec's 4 MiB, so
+/// well above that; the bound only keeps a broken answer from filling memory.
+const MAX_MANIFEST_ANSWER: usize = 256 << 20;
+/// Largest page of a listing (tags, referrers, catalog) read from an origin.
+const MAX_LISTING_ANSWER: usize = 256 << 20;
+/// Largest small JSON answer (a token, the access policy, a fetch's progress).
+const MAX_SMALL_ANSWER: usize = 1 << 20;
+
 fn unreachable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("origin unreachable: {e}"))
 }
@@ -208,7 +216,8 @@ impl OriginClient {
             #[serde(default)]
             expires_in: Option<u64>,
         }
-        let reply: Reply = serde_json::from_slice(&r.bytes().await.ok()?).ok()?;
+        let reply: Reply =
+            serde_json::from_slice(&shoal_tls::read_body(r, MAX_SMALL_ANSWER, false).await.ok()?).ok()?;
         let value = HeaderValue::from_str(&format!("Bearer {}", reply.token)).ok()?;
         let life = Duration::from_secs(reply.expires_in.unwrap_or(60).saturating_sub(30).max(1));
         let mut cache = self.anonymous.lock().unwrap_or_else(|p| p.into_inner());
@@ -229,7 +238,10 @@ impl OriginClient {
             async move {
                 let r = request.send().await.ok()?;
                 match r.status() {
-                    StatusCode::OK => serde_json::from_slice(&r.bytes().await.ok()?).ok(),
+                    StatusCode::OK => {
+                        serde_json::from_slice(&shoal_tls::read_body(r, MAX_SMALL_ANSWER, false).await.ok()?)
+                            .ok()
+                    }
                     StatusCode::NOT_FOUND => Some(Published::open()),
                     _ => None,
                 }
@@ -276,7 +288,7 @@ impl OriginClient {
             .unwrap_or_else(|| OCI_MANIFEST.to_string());
         let claimed =
             r.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(str::to_string);
-        let bytes = r.bytes().await.map_err(unreachable)?;
+        let bytes = shoal_tls::read_body(r, MAX_MANIFEST_ANSWER, false).await.map_err(unreachable)?;
         let expected: Option<Digest> = match reference.parse::<Digest>() {
             Ok(d) => Some(d),
             Err(_) => claimed.and_then(|c| c.parse().ok()),
@@ -368,7 +380,10 @@ impl OriginClient {
             StatusCode::OK => {
                 let next =
                     r.headers().get(reqwest::header::LINK).and_then(|v| v.to_str().ok()).and_then(next_last);
-                Ok(Some((r.bytes().await.map_err(unreachable)?, next)))
+                Ok(Some((
+                    shoal_tls::read_body(r, MAX_LISTING_ANSWER, false).await.map_err(unreachable)?,
+                    next,
+                )))
             }
             StatusCode::NOT_FOUND => Ok(None),
             // A private upstream repository's challenge reaches the client, as for manifests.
@@ -403,7 +418,7 @@ impl OriginClient {
         if r.status() != StatusCode::OK {
             return Err(refusal(&r));
         }
-        let body = r.bytes().await.map_err(unreachable)?;
+        let body = shoal_tls::read_body(r, MAX_SMALL_ANSWER, false).await.map_err(unreachable)?;
         serde_json::from_slice(&body).map_err(|e| StoreError::Internal(format!("origin progress: {e}")))
     }
 

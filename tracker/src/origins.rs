@@ -5,9 +5,14 @@
 //! cluster (metainfo from an owner's copy, locations as every live owner's peer listener), so
 //! each question goes to one origin, failing over to the next on a connection error, timeout,
 //! 5xx or 429 ([`Failover`]), and the origin that answered is asked first next time.
+//!
+//! A fleet that starts pulling a new image announces each layer from every node within a
+//! second: one question per digest is in flight at a time ([`Flights`]), and whoever asks
+//! meanwhile waits for its answer, or is handed the last one (seeders past their time) while
+//! it is asked anew. Each announce used to ask the origins itself.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,7 +23,7 @@ use shoal_registry::Digest;
 use crate::proto::{locations_path, metainfo_path, Locations, PeerInfo};
 
 /// Why the origins could not answer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum OriginError {
     #[error("no origin knows blob {0}")]
     Unknown(Digest),
@@ -38,6 +43,53 @@ pub enum OriginsBuildError {
 /// Bytes of metainfo kept at most. A metainfo grows with its blob (64 hex characters per
 /// piece: ~65 KB per GiB), so a count alone let 10,000 large layers take gigabytes.
 pub const MAX_METAINFO_CACHE_BYTES: usize = 64 << 20;
+/// Largest metainfo answer read from an origin: a 1 TiB blob's in 1 MiB pieces (~65 KB per
+/// GiB of blob).
+const MAX_METAINFO_BYTES: usize = 80 << 20;
+/// Largest locations answer read from an origin (a few hundred bytes per seeding origin).
+const MAX_LOCATIONS_BYTES: usize = 1 << 20;
+
+/// The questions about each digest that are being asked of the origins now: a caller that
+/// asks one meanwhile waits for that answer instead of asking again.
+struct Flights<T> {
+    running: Mutex<HashMap<Digest, Arc<tokio::sync::OnceCell<T>>>>,
+    max: usize,
+}
+
+impl<T: Clone> Flights<T> {
+    fn new(max: usize) -> Flights<T> {
+        Flights { running: Mutex::new(HashMap::new()), max }
+    }
+
+    /// Whether a question about `digest` is in flight.
+    fn running(&self, digest: &Digest) -> bool {
+        lock(&self.running).contains_key(digest)
+    }
+
+    /// The answer of the question about `digest` in flight, or of `ask` (asked now, as the
+    /// one in flight). If the caller asking is dropped, a caller waiting takes the question
+    /// over (a `OnceCell`'s initialisation); the flight ends with its answer.
+    async fn answer<F, Fut>(&self, digest: &Digest, ask: F) -> T
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        let cell = {
+            let mut running = lock(&self.running);
+            if running.len() >= self.max {
+                // Flights whose every caller went away before an answer: no one waits on them.
+                running.retain(|_, c| Arc::strong_count(c) > 1);
+            }
+            running.entry(digest.clone()).or_default().clone()
+        };
+        let answer = cell.get_or_init(ask).await.clone();
+        let mut running = lock(&self.running);
+        if running.get(digest).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            running.remove(digest);
+        }
+        answer
+    }
+}
 
 /// Client of the origins with small bounded caches.
 pub struct Origins {
@@ -46,6 +98,8 @@ pub struct Origins {
     /// Cached metainfo, and the bytes it holds.
     metainfo: Mutex<(HashMap<Digest, Bytes>, usize)>,
     seeders: Mutex<HashMap<Digest, (Instant, Vec<PeerInfo>)>>,
+    metainfo_flights: Flights<Result<Bytes, OriginError>>,
+    seeder_flights: Flights<Vec<PeerInfo>>,
     max_cached: usize,
     seeder_ttl: Duration,
 }
@@ -60,6 +114,8 @@ impl Origins {
             http,
             metainfo: Mutex::new((HashMap::new(), 0)),
             seeders: Mutex::new(HashMap::new()),
+            metainfo_flights: Flights::new(10_000),
+            seeder_flights: Flights::new(10_000),
             max_cached: 10_000,
             seeder_ttl: Duration::from_secs(10),
         })
@@ -70,6 +126,10 @@ impl Origins {
         if let Some(m) = lock(&self.metainfo).0.get(digest) {
             return Ok(m.clone());
         }
+        self.metainfo_flights.answer(digest, || self.fetch_metainfo(digest)).await
+    }
+
+    async fn fetch_metainfo(&self, digest: &Digest) -> Result<Bytes, OriginError> {
         let path = metainfo_path(digest);
         let r = self
             .origins
@@ -81,7 +141,13 @@ impl Origins {
             StatusCode::NOT_FOUND => return Err(OriginError::Unknown(digest.clone())),
             s => return Err(OriginError::Unreachable(format!("origin answered {s}"))),
         }
-        let body = r.bytes().await.map_err(|e| OriginError::Unreachable(e.to_string()))?;
+        let body = shoal_tls::read_body(r, MAX_METAINFO_BYTES, false)
+            .await
+            .map_err(|e| OriginError::Unreachable(format!("metainfo: {e}")))?;
+        if body.len() > MAX_METAINFO_CACHE_BYTES {
+            // Served, not kept: it alone would be more than the cache may hold.
+            return Ok(body);
+        }
         let mut cache = lock(&self.metainfo);
         let (entries, bytes) = &mut *cache;
         if entries.len() >= self.max_cached || *bytes + body.len() > MAX_METAINFO_CACHE_BYTES {
@@ -103,26 +169,36 @@ impl Origins {
     }
 
     /// Origins' peer listeners that hold the blob, as the first origin that answers lists them;
-    /// empty when none answers.
+    /// empty when none answers. Past their time, the last ones found are handed out while
+    /// one caller asks again.
     pub async fn seeders(&self, digest: &Digest) -> Vec<PeerInfo> {
-        if let Some((at, s)) = lock(&self.seeders).get(digest) {
-            if at.elapsed() < self.seeder_ttl {
+        let last = lock(&self.seeders).get(digest).cloned();
+        if let Some((at, s)) = &last {
+            if at.elapsed() < self.seeder_ttl || self.seeder_flights.running(digest) {
                 return s.clone();
             }
         }
-        let found = match self.fetch_seeders(digest).await {
-            Ok(found) => found,
-            Err(e) => {
-                tracing::warn!(%digest, error = %e, "no origin listed the blob's seeders");
-                Vec::new()
+        let ask = || async {
+            let found = match self.fetch_seeders(digest).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(%digest, error = %e, "no origin listed the blob's seeders");
+                    Vec::new()
+                }
+            };
+            let mut cache = lock(&self.seeders);
+            if cache.len() >= self.max_cached {
+                // Past their time first (made-up digests' empty answers among them).
+                let ttl = self.seeder_ttl;
+                cache.retain(|_, (at, _)| at.elapsed() < ttl);
+                if cache.len() >= self.max_cached {
+                    cache.clear();
+                }
             }
+            cache.insert(digest.clone(), (Instant::now(), found.clone()));
+            found
         };
-        let mut cache = lock(&self.seeders);
-        if cache.len() >= self.max_cached {
-            cache.clear();
-        }
-        cache.insert(digest.clone(), (Instant::now(), found.clone()));
-        found
+        self.seeder_flights.answer(digest, ask).await
     }
 
     async fn fetch_seeders(&self, digest: &Digest) -> Result<Vec<PeerInfo>, OriginError> {
@@ -135,7 +211,9 @@ impl Origins {
         if !r.status().is_success() {
             return Err(OriginError::Unreachable(format!("origin answered {}", r.status())));
         }
-        let body = r.bytes().await.map_err(|e| OriginError::Unreachable(e.to_string()))?;
+        let body = shoal_tls::read_body(r, MAX_LOCATIONS_BYTES, false)
+            .await
+            .map_err(|e| OriginError::Unreachable(format!("locations: {e}")))?;
         let loc = serde_json::from_slice::<Locations>(&body)
             .map_err(|e| OriginError::Unreachable(format!("origin locations: {e}")))?;
         let mut found: Vec<PeerInfo> = loc
@@ -222,6 +300,91 @@ mod tests {
             assert!(*bytes <= MAX_METAINFO_CACHE_BYTES, "{bytes} bytes cached after {i}");
             assert_eq!(*bytes, entries.values().map(Bytes::len).sum::<usize>());
         }
+    }
+
+    /// An origin that answers both questions after `delay`, counting the questions.
+    async fn slow_origin(delay: Duration) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let asked = Arc::new(AtomicUsize::new(0));
+        let (a, b) = (asked.clone(), asked.clone());
+        let app = axum::Router::new()
+            .route(
+                "/shoal/v1/blobs/{digest}/locations",
+                get(move || async move {
+                    a.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
+                    axum::Json(serde_json::json!({
+                        "seeders": [{"peer_id": "a".repeat(40), "addr": "127.0.0.1:7001"}]
+                    }))
+                }),
+            )
+            .route(
+                "/shoal/v1/blobs/{digest}/metainfo",
+                get(move || async move {
+                    b.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
+                    "{}"
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (url, asked)
+    }
+
+    /// A fleet announcing a new layer at once asks the origins once per question, not once per
+    /// announce; past their time, seeders are handed out as they were while one caller asks
+    /// again, and a caller that gives up hands the question to one still waiting.
+    #[tokio::test]
+    async fn simultaneous_questions_about_a_digest_go_to_the_origins_once() {
+        use std::sync::atomic::Ordering;
+        let (url, asked) = slow_origin(Duration::from_millis(300)).await;
+        let origins = Arc::new(Origins::new(vec![url], Duration::from_secs(5)).unwrap());
+        let d = digest("layer");
+        let many = |f: fn(Arc<Origins>, Digest) -> tokio::task::JoinHandle<usize>| {
+            (0..20).map(|_| f(origins.clone(), d.clone())).collect::<Vec<_>>()
+        };
+        let seeders = many(|o, d| tokio::spawn(async move { o.seeders(&d).await.len() }));
+        for s in seeders {
+            assert_eq!(s.await.unwrap(), 1);
+        }
+        assert_eq!(asked.swap(0, Ordering::SeqCst), 1, "seeders asked once for 20 announces");
+        let metainfo = many(|o, d| tokio::spawn(async move { o.metainfo(&d).await.unwrap().len() }));
+        for m in metainfo {
+            assert_eq!(m.await.unwrap(), 2);
+        }
+        assert_eq!(asked.swap(0, Ordering::SeqCst), 1, "metainfo asked once for 20 callers");
+
+        // Past their time: one caller asks again, the others get the last answer at once.
+        lock(&origins.seeders).get_mut(&d).unwrap().0 -= Duration::from_secs(11);
+        let asking = tokio::spawn({
+            let (o, d) = (origins.clone(), d.clone());
+            async move { o.seeders(&d).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        for _ in 0..10 {
+            assert_eq!(origins.seeders(&d).await.len(), 1);
+        }
+        assert!(started.elapsed() < Duration::from_millis(200), "waited for the refresh");
+        assert_eq!(asking.await.unwrap().len(), 1);
+        assert_eq!(asked.swap(0, Ordering::SeqCst), 1, "refreshed once");
+
+        // The caller asking goes away: one waiting takes the question over.
+        let e = digest("another");
+        let first = tokio::spawn({
+            let (o, e) = (origins.clone(), e.clone());
+            async move { o.metainfo(&e).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let second = tokio::spawn({
+            let (o, e) = (origins.clone(), e.clone());
+            async move { o.metainfo(&e).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        first.abort();
+        assert_eq!(&second.await.unwrap().unwrap()[..], b"{}");
+        assert!(lock(&origins.metainfo_flights.running).is_empty(), "the flight ended");
     }
 
     #[tokio::test]
