@@ -68,16 +68,83 @@ pub struct Download {
     outcome: watch::Sender<Outcome>,
     /// The clients the origin fallback asks as, newest first (see [`OriginFallback`]).
     askers: Mutex<Vec<Asker>>,
+    /// Where the first attempt's metainfo came from, and (from a tracker) whether it was
+    /// found to be the origins' own (see [`Download::confirm_metainfo`]). Later attempts
+    /// start from the origins' metainfo.
+    first_source: MetainfoSource,
+    confirmed: tokio::sync::OnceCell<()>,
 }
 
 impl Download {
-    fn new(pieces: Arc<BlobPieces>, asker: Asker) -> Download {
+    fn new(pieces: Arc<BlobPieces>, asker: Asker, source: MetainfoSource) -> Download {
         Download {
             current: watch::Sender::new((pieces, Attempt { number: 1 })),
             readers: Mutex::new(HashMap::new()),
             positions: watch::Sender::new(Vec::new()),
             outcome: watch::Sender::new(None),
             askers: Mutex::new(vec![asker]),
+            first_source: source,
+            confirmed: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// Whether the metainfo that checks `attempt`'s pieces is known good for a range that
+    /// ends before the blob's last piece, confirming it if need be. The metainfo's chain is
+    /// vouched for by the digest only through the last piece, so a tracker's metainfo of the
+    /// right size but a chain of its own (a tracker not to be trusted, or its answer changed
+    /// on a plain-HTTP path) would pass made-up pieces of any range short of the end, and a
+    /// client reading such a range (a lazy-pulling snapshotter) would get them as a complete
+    /// answer. Good: the origins' metainfo (every attempt after the first, or a first from
+    /// the origins), a tracker's found equal to the origins' (asked once per download), or a
+    /// download that finished (its digest checked). If the origins cannot be asked, the
+    /// download's end decides, within `deadline`.
+    async fn confirm_metainfo(
+        &self,
+        downloads: &Downloads,
+        attempt: Attempt,
+        metainfo: &Metainfo,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), String> {
+        if attempt.number > 1 || self.first_source == MetainfoSource::Origin || self.confirmed.initialized() {
+            return Ok(());
+        }
+        let digest = metainfo.digest();
+        // `Err(None)`: the origins answered with another metainfo; `Err(Some(_))`: no answer.
+        let asked: Result<&(), Option<String>> = self
+            .confirmed
+            .get_or_try_init(|| async {
+                let origins = downloads.origin_metainfo(digest).await.map_err(|e| Some(e.to_string()))?;
+                if origins != *metainfo {
+                    tracing::warn!(%digest, "the tracker's metainfo is not the origins'; not serving a range by it");
+                    return Err(None);
+                }
+                Ok(())
+            })
+            .await;
+        match asked.map(|_| ()) {
+            Ok(()) => Ok(()),
+            Err(None) => {
+                Err("the tracker's metainfo for this blob is not the origins'; retry the pull".into())
+            }
+            Err(Some(e)) => {
+                tracing::debug!(%digest, error = %e, "cannot confirm a tracker's metainfo; waiting for the download's end");
+                let mut outcome = self.outcome.subscribe();
+                loop {
+                    match outcome.borrow_and_update().clone() {
+                        Some(Ok(())) => return Ok(()),
+                        Some(Err(e)) => return Err(format!("download failed: {e}")),
+                        None => {}
+                    }
+                    tokio::select! {
+                        changed = outcome.changed() => if changed.is_err() {
+                            return Err("download abandoned".into());
+                        },
+                        _ = tokio::time::sleep_until(deadline) => {
+                            return Err(format!("cannot confirm the blob's metainfo with the origins: {e}"));
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -384,7 +451,7 @@ impl Downloads {
         }
         let claim = Arc::new(self.cache.claim_partial(digest, metainfo.size()));
         let pieces = self.open_partial(digest, metainfo, None, Some(claim.clone())).await?;
-        let download = Arc::new(Download::new(pieces, asker.clone()));
+        let download = Arc::new(Download::new(pieces, asker.clone(), source));
         let fallback = Arc::new(OriginFallback {
             downloads: self.clone(),
             download: Arc::downgrade(&download),

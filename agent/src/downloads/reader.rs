@@ -222,6 +222,15 @@ impl Reader {
             if buf.is_empty() {
                 return Err(io_error("blob ended early"));
             }
+            let finishes = self.pos + buf.len() as u64 >= self.end;
+            if finishes && self.end < metainfo.size() {
+                // The range's last bytes go only once its metainfo is known good: before
+                // them the client cannot take the answer for complete.
+                download
+                    .confirm_metainfo(&self.downloads, attempt, &metainfo, deadline)
+                    .await
+                    .map_err(io_error)?;
+            }
             let last = metainfo.piece_index_at(pos + buf.len() as u64 - 1).unwrap_or(index);
             let first = self.sent.as_ref().map_or(index, |s| s.first.min(index));
             self.sent = Some(Sent {

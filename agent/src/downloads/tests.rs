@@ -103,6 +103,78 @@ async fn a_trackers_metainfo_of_the_wrong_size_gives_way_to_the_origins() {
     }
 }
 
+/// A tracker's metainfo of the right size but with a chain of made-up pieces (a tracker not
+/// to be trusted, or an answer changed on its way) vouches for any range that ends before
+/// the last piece. A client reading such a range gets an error, not the made-up bytes as a
+/// complete answer; with the tracker's metainfo the origins' own, the range is served.
+#[tokio::test]
+async fn a_range_is_not_served_by_a_trackers_made_up_metainfo() {
+    use axum::http::{header, HeaderMap, StatusCode};
+    use axum::routing::get;
+    use futures_util::StreamExt;
+    let real: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let size = real.len() as u64;
+    let mut made_up = real.clone();
+    made_up[10] ^= 0xff;
+    let algorithm = shoal_registry::Algorithm::Sha256;
+    let origins = Metainfo::compute(&real[..], size, algorithm).unwrap();
+    let digest = origins.digest().clone();
+    let chain = Metainfo::compute(&made_up[..], size, algorithm).unwrap();
+    let forged = Metainfo::new(digest.clone(), size, chain.piece_length(), chain.chain().to_vec()).unwrap();
+    assert!(origins.piece_count() > 2);
+    let range = ByteRange { start: 0, end: 999 };
+
+    // The tracker hands out `tracker`, the origins' metainfo is the real one, and the bytes
+    // come (over the fallback here; from a peer in the real case) as `bytes`.
+    async fn serve(tracker: Metainfo, origins: Metainfo, bytes: Vec<u8>) -> String {
+        let digest = origins.digest().clone();
+        let (tracker, origins, bytes) =
+            (serde_json::to_vec(&tracker).unwrap(), serde_json::to_vec(&origins).unwrap(), Arc::new(bytes));
+        let ranged = move |headers: HeaderMap| {
+            let bytes = bytes.clone();
+            async move {
+                let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+                let (a, b) = range.trim_start_matches("bytes=").split_once('-').unwrap_or(("0", ""));
+                let a: usize = a.parse().unwrap_or(0);
+                let b: usize = b.parse().unwrap_or(bytes.len() - 1).min(bytes.len() - 1);
+                (StatusCode::PARTIAL_CONTENT, bytes[a..=b].to_vec())
+            }
+        };
+        let app = axum::Router::new()
+            .route(&format!("/v1/metainfo/{digest}"), get(move || async move { tracker }))
+            .route(&shoal_p2p::tracker_client::metainfo_path(&digest), get(move || async move { origins }))
+            .route("/v2/{*rest}", get(ranged));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+    async fn read(url: &str, digest: &Digest, size: u64, range: ByteRange) -> Result<Vec<u8>, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let downloads = downloads_at(dir.path(), url);
+        let repo: RepoName = "team/app".parse().unwrap();
+        let download = match downloads.join(&repo, digest, Some(size), None).await {
+            Ok(Joined::Download(d)) => d,
+            Ok(Joined::Cached(_)) => panic!("nothing is cached"),
+            Err(e) => panic!("the download did not start: {e}"),
+        };
+        let mut stream = downloads.stream(&repo, download, range);
+        let mut got = Vec::new();
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(20), stream.next()).await.unwrap() {
+            got.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
+        }
+        Ok(got)
+    }
+
+    let url = serve(forged.clone(), origins.clone(), made_up).await;
+    match read(&url, &digest, size, range).await {
+        Ok(got) => panic!("{} made-up bytes served as a complete range", got.len()),
+        Err(e) => assert!(e.contains("not the origins'"), "{e}"),
+    }
+    let url = serve(origins.clone(), origins, real.clone()).await;
+    assert_eq!(read(&url, &digest, size, range).await.unwrap(), real[..1000].to_vec());
+}
+
 /// Restarts race readers: whatever a reader takes, the pieces are the attempt's own
 /// (attempts alternate between two blobs' piece files, odd and even).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,7 +189,7 @@ async fn a_reader_never_takes_one_attempts_pieces_for_anothers() {
         files.push(downloads.open_partial(&meta.digest().clone(), meta, None, None).await.unwrap());
     }
     let asker = Asker { repo: "team/app".parse().unwrap(), client: None };
-    let download = Arc::new(Download::new(files[0].clone(), asker));
+    let download = Arc::new(Download::new(files[0].clone(), asker, MetainfoSource::Origin));
     let odd = files[0].metainfo().digest().clone();
     let reader = {
         let download = download.clone();
