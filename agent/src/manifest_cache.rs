@@ -89,6 +89,14 @@ impl ManifestCache {
         inner.by_digest.get(&(repo.clone(), digest.clone())).map(|(m, _)| m.clone())
     }
 
+    /// The manifest `tag` of `repo` last pointed to, however long ago, if kept: for when the
+    /// origins cannot be asked.
+    pub fn by_tag_kept(&self, repo: &RepoName, tag: &Tag) -> Option<StoredManifest> {
+        let inner = self.lock();
+        let (_, digest, _) = inner.tags.get(&(repo.clone(), tag.clone()))?;
+        inner.by_digest.get(&(repo.clone(), digest.clone())).map(|(m, _)| m.clone())
+    }
+
     /// Keep `manifest` of `repo`, fetched at `now` by `tag` if given (else by its digest). One
     /// bigger than the whole budget is not kept.
     pub fn insert(&self, repo: &RepoName, tag: Option<&Tag>, manifest: &StoredManifest, now: Instant) {

@@ -187,11 +187,7 @@ impl RegistryStore for AgentStore {
                 lock(&self.confirmed).remove(&key);
                 Ok(None)
             }
-            Err(
-                e @ (StoreError::UpstreamUnauthorized { .. }
-                | StoreError::Unauthorized { .. }
-                | StoreError::Denied(_)),
-            ) => Err(e),
+            Err(e) if refused_client(&e) => Err(e),
             // Confirmed before, and the origin cannot be asked now: still served.
             Err(e) if confirmed.is_some() => {
                 tracing::warn!(%digest, error = %e, "origin unreachable; serving a blob it confirmed before");
@@ -305,15 +301,7 @@ impl RegistryStore for AgentStore {
                 // kept while the origin cannot be asked.
                 let found = match self.origin.manifest(repo, &d.to_string()).await {
                     // Unless the origin refused this client (as for blobs, below).
-                    Err(e)
-                        if kept.is_some()
-                            && !matches!(
-                                e,
-                                StoreError::Denied(_)
-                                    | StoreError::UpstreamUnauthorized { .. }
-                                    | StoreError::Unauthorized { .. }
-                            ) =>
-                    {
+                    Err(e) if kept.is_some() && !refused_client(&e) => {
                         tracing::warn!(%repo, digest = %d, error = %e, "origin unreachable; serving a manifest it confirmed before");
                         return Ok(kept);
                     }
@@ -331,7 +319,21 @@ impl RegistryStore for AgentStore {
                 }
                 // A slow answer must not replace one to a question asked after it.
                 let asked = Instant::now();
-                let found = self.origin.manifest(repo, t.as_str()).await?;
+                let found = match self.origin.manifest(repo, t.as_str()).await {
+                    // The origins cannot be asked: where the tag last pointed, so the images
+                    // a node holds still start (a pod's `imagePullPolicy: Always` resolves its
+                    // tag at every start), as a manifest by digest is kept. Not for a client
+                    // the origins refused.
+                    Err(e) if !refused_client(&e) => match self.manifests.by_tag_kept(repo, t) {
+                        Some(m) => {
+                            tracing::warn!(%repo, tag = %t, digest = %m.digest, error = %e,
+                                "origin unreachable; serving where the tag last pointed");
+                            return Ok(Some(m));
+                        }
+                        None => return Err(e),
+                    },
+                    other => other?,
+                };
                 if let Some(m) = &found {
                     self.manifests.insert_answer(repo, Some(t), m, asked, Instant::now());
                 }
@@ -377,6 +379,15 @@ impl RegistryStore for AgentStore {
             .map_err(|e| StoreError::Internal(format!("origin referrers: {e}")))?;
         Ok(index.manifests)
     }
+}
+
+/// Whether an origin's error refused this client (its credentials, its access), rather
+/// than told of the origins themselves (down, busy): kept answers are not served past it.
+fn refused_client(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Denied(_) | StoreError::UpstreamUnauthorized { .. } | StoreError::Unauthorized { .. }
+    )
 }
 
 /// `body` as it arrives, hashed on the way: if its bytes do not make `digest` (or are not

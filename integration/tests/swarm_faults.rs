@@ -434,6 +434,39 @@ async fn what_the_origin_deletes_agents_stop_serving() {
     agent.get_blob(&repo, layer).await.expect(StatusCode::NOT_FOUND);
 }
 
+/// The origins go down (here the only one is killed): an image a node pulled before still
+/// pulls from its agent by tag, as by digest, where the tag last pointed (a pod with
+/// `imagePullPolicy: Always` resolves its tag at every start). Before, past `tag_ttl` (2 s)
+/// the tag answered 503 while every byte of the image was on the node. A tag never resolved
+/// there has nothing to fall back on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pulled_image_still_pulls_by_tag_while_the_origins_are_down() {
+    skip_if_external!(SKIP);
+    let mut cluster = Cluster::start_with(1, "confirm_ttl = \"1s\"\n").await;
+    let repo = unique_repo("outage");
+    let origin = cluster.origin.client();
+    let image = origin.push_image(&repo, ImageKind::Oci, Some("v1"), 2 * MIB as usize).await;
+    origin.push_manifest(&repo, "v2", &image.manifest).await;
+    let agent = Client::new(&cluster.agent_url(0));
+    let pull = || async {
+        let manifest = agent.get_manifest(&repo, "v1").await;
+        manifest.expect(StatusCode::OK);
+        assert_eq!(sha256(&manifest.body), image.manifest.digest, "manifest digest");
+        for blob in std::iter::once(&image.config).chain(&image.layers) {
+            let reply = agent.get_blob(&repo, &blob.digest).await;
+            reply.expect(StatusCode::OK);
+            assert_eq!(sha256(&reply.body), blob.digest, "blob digest");
+        }
+    };
+    pull().await;
+    cluster.origin.kill();
+    // Past `tag_ttl` and `confirm_ttl`: the agent asks the origin, which does not answer.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    pull().await;
+    agent.get_manifest(&repo, &image.manifest.digest).await.expect(StatusCode::OK);
+    agent.get_manifest(&repo, "v2").await.expect(StatusCode::SERVICE_UNAVAILABLE);
+}
+
 /// Tag and catalog listings through an agent are the origin's pages: `n` items and a `Link`
 /// whenever more follow, to the last item. The agent once decided "more follow" by counting
 /// items, which cut a listing short wherever the origin capped or filtered a page.
