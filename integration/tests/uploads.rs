@@ -2,7 +2,7 @@
 //! and streamed PATCH, cross-repository mounts (end-11), resumption after a
 //! dropped connection or a restart, and session expiry.
 
-use shoal_integration::api::{with_query, Client};
+use shoal_integration::api::{with_query, Client, ImageKind};
 use shoal_integration::content::{absent_digest, contains_uuid};
 use shoal_integration::raw::{request_target, RawConnection};
 use shoal_integration::{
@@ -416,6 +416,35 @@ async fn upload_mount_missing_source_starts_a_session() {
     let location = client.url(reply.must_header("location"));
     client.finish_upload(&location, &digest, &data).await.expect(StatusCode::CREATED);
     client.get_blob(&target, &digest).await.expect(StatusCode::OK);
+}
+
+/// A manifest's digest is readable as a blob of its own repository (from the manifest
+/// record), but it is no blob copy to link elsewhere: a mount of it starts a session. Before,
+/// the mount answered 201 and the target's `HEAD` 200, and every `GET` of it failed (503).
+#[tokio::test]
+async fn upload_mount_of_a_manifest_digest_starts_a_session() {
+    // Another registry may keep manifests as blobs and mount them.
+    skip_if_external!("Shoal's manifests are records, not blob copies");
+    let origin = Origin::start().await;
+    let client = origin.client();
+    let source = unique_repo("mount-src");
+    let target = unique_repo("mount-dst");
+    let image = client.push_image(&source, ImageKind::Oci, Some("v1"), 1000).await;
+    let digest = &image.manifest.digest;
+    client.get_blob(&source, digest).await.expect(StatusCode::OK);
+
+    let reply = client
+        .post(&format!("/v2/{target}/blobs/uploads/?mount={digest}&from={source}"))
+        .header("content-length", "0")
+        .reply()
+        .await;
+    reply.expect(StatusCode::ACCEPTED);
+    client.head_blob(&target, digest).await.expect(StatusCode::NOT_FOUND);
+    let location = client.url(reply.must_header("location"));
+    client.finish_upload(&location, digest, &image.manifest.bytes).await.expect(StatusCode::CREATED);
+    let blob = client.get_blob(&target, digest).await;
+    blob.expect(StatusCode::OK);
+    assert_eq!(sha256(&blob.body), *digest);
 }
 
 /// end-5/6/13 failure: an upload id the registry never issued is 404

@@ -307,7 +307,17 @@ impl RegistryStore for ClusterStore {
     ) -> Result<bool, StoreError> {
         self.read_replaced(repo.as_str(), &[RecordKey::Link(digest.clone())]).await?;
         let read_at = std::time::Instant::now();
-        let Some(size) = self.link(from, digest).await?.and_then(|r| r.link_size()) else {
+        let keys = [RecordKey::Link(digest.clone()), RecordKey::Manifest(digest.clone())];
+        let mut found =
+            self.c().read_records(from.as_str(), &keys).await?.into_iter().map(|r| r.filter(Record::is_live));
+        let (link, manifest) = (found.next().flatten(), found.next().flatten());
+        // A manifest's own link (its bytes readable as a blob of its repository) is served
+        // from the manifest record there, not from a blob copy: linked into another
+        // repository it would answer `HEAD` and fail every `GET`. The client uploads instead.
+        if manifest.is_some() {
+            return Ok(false);
+        }
+        let Some(size) = link.and_then(|r| r.link_size()) else {
             return Ok(false);
         };
         let link = self.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size }));

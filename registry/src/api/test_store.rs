@@ -27,7 +27,11 @@ impl RegistryStore for Empty {
     async fn blob_delete(&self, _: &RepoName, _: &Digest) -> Result<bool, StoreError> {
         Ok(false)
     }
-    async fn blob_mount(&self, _: &RepoName, _: &RepoName, _: &Digest) -> Result<bool, StoreError> {
+    /// A source repository named `down/...` cannot be read (its owners are down).
+    async fn blob_mount(&self, _: &RepoName, from: &RepoName, _: &Digest) -> Result<bool, StoreError> {
+        if from.as_str().starts_with("down/") {
+            return Err(StoreError::Unavailable("the source's owners are down".into()));
+        }
         Ok(false)
     }
     async fn upload_start(&self, _: &RepoName) -> Result<UploadState, StoreError> {

@@ -48,21 +48,30 @@ pub(super) async fn start(ctx: &mut Ctx, name: &RepoName) -> ApiResult {
         // session as the spec requires.
         let digest = mount.parse::<Digest>().ok();
         let from = ctx.query.get("from").and_then(|f| f.parse::<RepoName>().ok());
+        // So does a mount that fails (the source's records cannot be read now, the link
+        // missed its deadline): an upload session works where the mount did not, and the
+        // spec asks a registry unable to mount for a session.
         if let (Some(digest), Some(from)) = (digest, from) {
-            if ctx.store.blob_mount(name, &from, &digest).await? {
-                return Ok(created_response(name, &digest));
+            match ctx.store.blob_mount(name, &from, &digest).await {
+                Ok(true) => return Ok(created_response(name, &digest)),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(%name, %from, %digest, error = %e, "mount failed; starting an upload instead")
+                }
             }
         }
         let state = ctx.store.upload_start(name).await?;
         return Ok(session_response(StatusCode::ACCEPTED, name, &state));
     }
     let digest = digest_param(ctx)?;
+    // Checked before a session opens: a bad request leaves none behind (sessions count
+    // against `max_upload_sessions` until they expire).
+    let len = if digest.is_some() { ctx.content_length()? } else { None };
     let state = ctx.store.upload_start(name).await?;
     let Some(digest) = digest else {
         return Ok(session_response(StatusCode::ACCEPTED, name, &state));
     };
     // Monolithic upload: the whole blob is this request's body.
-    let len = ctx.content_length()?;
     let body = ctx.take_body();
     let result = async {
         ctx.store.upload_append(name, &state.id, Some(0), len, body).await?;

@@ -115,3 +115,17 @@ async fn a_listing_larger_than_one_answer_is_refused() {
     // The empty store knows no repository: the request got through to it.
     assert_eq!(status(router, Method::GET, &within).await, StatusCode::NOT_FOUND);
 }
+
+/// A mount that fails (the source repository's records cannot be read now) starts an upload
+/// session, as one whose source lacks the blob does: the spec asks a registry unable to
+/// mount for a 202, and the upload works where the mount did not. Before, it was a 503.
+#[tokio::test]
+async fn a_mount_that_fails_starts_an_upload_session() {
+    let router = crate::router(Arc::new(Empty), ApiConfig::default());
+    let digest = format!("sha256:{}", "0".repeat(64));
+    let path = format!("/v2/team/app/blobs/uploads/?mount={digest}&from=down/app");
+    let req = Request::builder().method(Method::POST).uri(&path).body(Body::empty()).unwrap();
+    let resp = router.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert_eq!(resp.headers()[header::LOCATION], "/v2/team/app/blobs/uploads/u");
+}
