@@ -694,6 +694,35 @@ async fn upload_session_spans_origins() {
     cluster.client(1).upload_status(&location).await.expect(StatusCode::NOT_FOUND);
 }
 
+/// A final `PUT` whose blob could not be copied to enough owners (the other owner is dead
+/// but still counted live) fails with 503, which tells the client to retry; once the owner
+/// is back the same `PUT` succeeds and the blob is on both. Before, the session had ended with
+/// the 503, and the retry got 404: the client had to upload every byte again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_final_put_that_failed_to_copy_succeeds_when_retried() {
+    skip_if_external!(SKIP);
+    // Slow to count a member down: the dead owner stays in the placement.
+    let spec = ClusterSpec::new(2).cluster("call_timeout = \"1s\"\nhealth_fails = 1000");
+    let mut cluster = OriginCluster::start_cluster(spec).await;
+    let repo = unique_repo("put-retry");
+    let data = random_bytes(300 * KIB);
+    let digest = sha256(&data);
+    let location = cluster.client(0).start_upload(&repo).await;
+    cluster.client(0).patch_chunk(&location, 0, &data).await.expect(StatusCode::ACCEPTED);
+    cluster.kill(1);
+    let failed = cluster.client(0).finish_upload(&location, &digest, &[]).await;
+    failed.expect(StatusCode::SERVICE_UNAVAILABLE);
+    cluster.client(0).head_blob(&repo, &digest).await.expect(StatusCode::NOT_FOUND);
+    cluster.start(1).await;
+    cluster.wait_converged().await;
+    cluster.client(0).finish_upload(&location, &digest, &[]).await.expect(StatusCode::CREATED);
+    for origin in [0, 1] {
+        let result = try_pull_blob(&cluster.client(origin), &repo, &digest).await;
+        cluster.check(result, &format!("blob through origin {origin}"));
+    }
+    assert_eq!(cluster.holders(&digest), vec![0, 1], "a copy on each owner");
+}
+
 /// An upload request forwarded to a session's home origin that hangs (SIGSTOP: its socket
 /// accepts and buffers, nothing reads or answers) fails with 503 once the home stops taking
 /// the body, instead of holding the client for good; once the home is back, the session

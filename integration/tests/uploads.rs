@@ -447,6 +447,35 @@ async fn upload_mount_of_a_manifest_digest_starts_a_session() {
     assert_eq!(sha256(&blob.body), *digest);
 }
 
+/// A final `PUT` sent again (its 201 lost on the way, the client retries) is answered 201
+/// again, with or without the final chunk on it, for the digest it published; another digest
+/// finds no session (404 `BLOB_UPLOAD_UNKNOWN`). Before, any retry found the session ended.
+#[tokio::test]
+async fn upload_final_put_sent_again_is_answered_again() {
+    // Other registries may answer 404 to a retry, as the spec allows.
+    skip_if_external!("a retried final PUT is answered from the finished session");
+    let origin = Origin::start().await;
+    let client = origin.client();
+    let repo = unique_repo("put-again");
+    let data = random_bytes(50_000);
+    let digest = sha256(&data);
+    let location = client.start_upload(&repo).await;
+    client.patch_chunk(&location, 0, &data[..30_000]).await.expect(StatusCode::ACCEPTED);
+    client.finish_upload(&location, &digest, &data[30_000..]).await.expect(StatusCode::CREATED);
+    for body in [&data[30_000..], &[][..]] {
+        let again = client.finish_upload(&location, &digest, body).await;
+        again.expect(StatusCode::CREATED);
+        assert_eq!(again.header("docker-content-digest"), Some(digest.as_str()));
+    }
+    let other = sha256(b"other");
+    let reply = client.finish_upload(&location, &other, &[]).await;
+    reply.expect(StatusCode::NOT_FOUND);
+    assert!(String::from_utf8_lossy(&reply.body).contains("BLOB_UPLOAD_UNKNOWN"), "{reply:?}");
+    let blob = client.get_blob(&repo, &digest).await;
+    blob.expect(StatusCode::OK);
+    assert!(blob.body == data, "the blob is the bytes sent once");
+}
+
 /// end-5/6/13 failure: an upload id the registry never issued is 404
 /// BLOB_UPLOAD_UNKNOWN for GET, PATCH, PUT and DELETE.
 #[tokio::test]

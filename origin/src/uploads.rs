@@ -39,7 +39,26 @@ pub struct Session {
 #[derive(Default)]
 pub struct Sessions {
     map: StdMutex<HashMap<String, OpenSession>>,
+    /// Sessions published as a blob lately, by id: a retried final `PUT` (its answer lost, or
+    /// a 503 from the copying and linking after the publish) is answered from here rather
+    /// than with 404 for a session that no longer exists.
+    finished: StdMutex<HashMap<String, Finished>>,
 }
+
+/// A session that was published as a blob.
+#[derive(Clone)]
+struct Finished {
+    repo: RepoName,
+    digest: Digest,
+    size: u64,
+    at: Instant,
+}
+
+/// How long a finished session answers a retried final `PUT`: longer than clients back off
+/// between retries of a request.
+pub const FINISHED_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
+/// Finished sessions remembered at most (oldest forgotten first).
+const MAX_FINISHED: usize = 10_000;
 
 /// A session in [`Sessions`]: the repository it was opened on, and the session.
 type OpenSession = (RepoName, Arc<Mutex<Session>>);
@@ -63,6 +82,30 @@ impl Sessions {
 
     pub fn remove(&self, id: &str) {
         self.lock().remove(id);
+    }
+
+    /// Session `id` of `repo` was published as blob `digest` of `size` bytes: it leaves the
+    /// open sessions and is remembered for [`FINISHED_KEPT`].
+    pub fn finish(&self, id: &str, repo: &RepoName, digest: &Digest, size: u64) {
+        self.remove(id);
+        let now = Instant::now();
+        let mut finished = self.finished.lock().unwrap_or_else(|p| p.into_inner());
+        finished.retain(|_, f| now.duration_since(f.at) < FINISHED_KEPT);
+        if finished.len() >= MAX_FINISHED {
+            if let Some(oldest) = finished.iter().min_by_key(|(_, f)| f.at).map(|(id, _)| id.clone()) {
+                finished.remove(&oldest);
+            }
+        }
+        let entry = Finished { repo: repo.clone(), digest: digest.clone(), size, at: now };
+        finished.insert(id.to_string(), entry);
+    }
+
+    /// The size of the blob session `id` of `repo` was published as, if that was `digest`
+    /// within [`FINISHED_KEPT`].
+    pub fn finished(&self, repo: &RepoName, id: &str, digest: &Digest) -> Option<u64> {
+        let finished = self.finished.lock().unwrap_or_else(|p| p.into_inner());
+        let f = finished.get(id)?;
+        (&f.repo == repo && &f.digest == digest && f.at.elapsed() < FINISHED_KEPT).then_some(f.size)
     }
 
     /// Take out the sessions idle for longer than `idle` and not busy right now, marked

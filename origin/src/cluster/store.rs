@@ -346,11 +346,19 @@ impl RegistryStore for ClusterStore {
 
     /// Runs to its end in a task of its own, even if the request is dropped (its client gone,
     /// or a forwarding origin giving up): the blob is then committed, copied and linked, so a
-    /// client that asks again (a `HEAD`) finds it.
+    /// client that asks again (a `HEAD`) finds it. A session already published as `digest`
+    /// (a retried final `PUT`: its answer was lost, or the copying or linking failed) is
+    /// copied and linked again, which changes nothing where they were done.
     async fn upload_complete(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError> {
         let (store, repo, id, digest) = (self.clone(), repo.clone(), id.to_string(), digest.clone());
         tokio::spawn(async move {
-            let size = store.c().local.store().upload_finish(&repo, &id, &digest).await?;
+            let local = store.c().local.store();
+            let size = match local.upload_finish(&repo, &id, &digest).await {
+                Err(StoreError::UploadUnknown) => {
+                    local.upload_finished(&repo, &id, &digest).ok_or(StoreError::UploadUnknown)?
+                }
+                other => other?,
+            };
             store.read_replaced(repo.as_str(), &[RecordKey::Link(digest.clone())]).await?;
             // The copies were last seen at `read_at` (an old copy counts as placed): the link
             // lands within GC's read-to-write deadline of that, as a mount's does, or fails.

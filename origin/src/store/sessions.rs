@@ -127,8 +127,14 @@ impl OriginStore {
         }
         session.ended = true;
         drop(session);
-        self.inner.sessions.remove(id);
+        self.inner.sessions.finish(id, repo, digest, size);
         Ok(size)
+    }
+
+    /// The size of the blob session `id` of `repo` was published as, if it was `digest` and
+    /// lately (see `Sessions::finished`): its final `PUT` is being retried.
+    pub fn upload_finished(&self, repo: &RepoName, id: &str, digest: &Digest) -> Option<u64> {
+        self.inner.sessions.finished(repo, id, digest)
     }
 
     pub async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {

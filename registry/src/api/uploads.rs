@@ -171,9 +171,15 @@ pub(super) async fn finish(ctx: &mut Ctx, name: &RepoName, id: &str) -> ApiResul
     let digest = digest_param(ctx)?
         .ok_or_else(|| ApiError::new(ErrorCode::DigestInvalid, "the digest query parameter is required"))?;
     let bounds = checked_bounds(ctx, name, id).await?;
-    if bounds.1 != Some(0) {
-        // The final chunk may ride on the PUT; an empty body appends nothing.
-        append(ctx, name, id, bounds).await?;
+    // The final chunk may ride on the PUT; an empty body appends nothing.
+    let appended = if bounds.1 != Some(0) { append(ctx, name, id, bounds).await.map(|_| ()) } else { Ok(()) };
+    match appended {
+        Ok(()) => {}
+        // No open session: a retry of a `PUT` whose session was published already (its
+        // answer lost, or a 503 from what followed) is the store's to recognise, by its
+        // digest; its body was appended the first time. Any other session is unknown there.
+        Err(e) if e.code == ErrorCode::BlobUploadUnknown => {}
+        Err(e) => return Err(e),
     }
     ctx.store.upload_complete(name, id, &digest).await?;
     Ok(created_response(name, &digest))
