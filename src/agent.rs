@@ -181,6 +181,7 @@ pub async fn bind(file: AgentFile) -> anyhow::Result<BoundServer> {
     let origins = shoal_p2p::failover::split_urls(file.origin.as_deref().unwrap_or_default());
     anyhow::ensure!(!origins.is_empty(), "an agent needs --origin URL[,URL...]");
     anyhow::ensure!(!file.trackers.is_empty(), "an agent needs --tracker URL");
+    file.limits.apply();
     let peer_listener = tokio::net::TcpListener::bind(file.peer_listen)
         .await
         .with_context(|| format!("binding peer listener {}", file.peer_listen))?;

@@ -146,6 +146,9 @@ pub struct Limits {
     pub max_peer_connections_per_address: usize,
     /// HTTP connections from one IP address at once (per listener); more are closed at once.
     pub max_connections_per_address: usize,
+    /// Leading bits of an IPv6 address that name one host in the per-address limits (64: a
+    /// host's /64; 128 where the cluster's nodes share one subnet).
+    pub ipv6_host_prefix: u8,
     /// On SIGTERM, `/readyz` answers 503 this long before the listener closes.
     #[serde(with = "humantime_serde")]
     pub drain_delay: Duration,
@@ -166,6 +169,7 @@ impl Default for Limits {
             send_idle_timeout: crate::http_server::DEFAULT_SEND_IDLE_TIMEOUT,
             max_peer_connections_per_address: shoal_p2p::server::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             max_connections_per_address: crate::http_server::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            ipv6_host_prefix: shoal_p2p::inbound::DEFAULT_IPV6_HOST_PREFIX,
             drain_delay: crate::http_server::DEFAULT_DRAIN_DELAY,
             shutdown_timeout: crate::http_server::DEFAULT_SHUTDOWN_TIMEOUT,
         }
@@ -180,7 +184,17 @@ impl Limits {
         nonzero("limits.max_upload_sessions", self.max_upload_sessions)?;
         nonzero("limits.max_connections", self.max_connections)?;
         nonzero("limits.max_connections_per_address", self.max_connections_per_address)?;
-        nonzero("limits.max_peer_connections_per_address", self.max_peer_connections_per_address)
+        nonzero("limits.max_peer_connections_per_address", self.max_peer_connections_per_address)?;
+        anyhow::ensure!(
+            (1..=128).contains(&self.ipv6_host_prefix),
+            "limits.ipv6_host_prefix must be from 1 to 128 (bits of an IPv6 address)"
+        );
+        Ok(())
+    }
+
+    /// Apply the process-wide part of these limits (how addresses group into hosts).
+    pub fn apply(&self) {
+        shoal_p2p::inbound::set_ipv6_host_prefix(self.ipv6_host_prefix);
     }
 
     /// The HTTP server's share of these limits.
@@ -432,6 +446,14 @@ mod tests {
             let err = c.limits.check().unwrap_err().to_string();
             assert_eq!(err, format!("limits.{key} must be above zero"));
         }
+        for prefix in [0, 129] {
+            let c: OriginConfig =
+                toml::from_str(&format!("[limits]\nipv6_host_prefix = {prefix}\n")).unwrap();
+            let err = c.limits.check().unwrap_err().to_string();
+            assert!(err.starts_with("limits.ipv6_host_prefix must be from 1 to 128"), "{err}");
+        }
+        let host: OriginConfig = toml::from_str("[limits]\nipv6_host_prefix = 128\n").unwrap();
+        assert!(host.limits.check().is_ok());
         // The idle timeouts' `0s` is documented as no limit.
         let no_limit: OriginConfig =
             toml::from_str("[limits]\nheader_read_timeout = \"0s\"\nsend_idle_timeout = \"0s\"\n").unwrap();

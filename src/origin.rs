@@ -139,6 +139,7 @@ impl OriginArgs {
 /// Open the origin's storage, join the cluster, start seeding, and bind its HTTP server.
 pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
     config.limits.check()?;
+    config.limits.apply();
     let cluster = config.cluster()?;
     let store = OriginStore::open(StoreConfig {
         data_dir: config.data_dir.clone(),

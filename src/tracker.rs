@@ -23,6 +23,11 @@ pub struct TrackerArgs {
     /// Peers handed out per announce
     #[arg(long, env = "SHOAL_HANDOUT_LIMIT", default_value_t = 50)]
     pub handout_limit: usize,
+    /// Leading bits of an IPv6 address that name one announcer for the announce quota (64: a
+    /// host's /64; 128 where the cluster's nodes share one subnet)
+    #[arg(long, env = "SHOAL_IPV6_HOST_PREFIX", default_value_t = shoal_p2p::inbound::DEFAULT_IPV6_HOST_PREFIX,
+          value_parser = clap::value_parser!(u8).range(1..=128))]
+    pub ipv6_host_prefix: u8,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
 }
@@ -30,6 +35,7 @@ pub struct TrackerArgs {
 /// Bind the tracker's HTTP server.
 pub async fn bind(args: TrackerArgs) -> anyhow::Result<BoundServer> {
     let metrics = HttpMetrics::new("tracker")?;
+    shoal_p2p::inbound::set_ipv6_host_prefix(args.ipv6_host_prefix);
     let config = TrackerConfig {
         origins: args.origin.clone(),
         announce_interval: args.announce_interval,

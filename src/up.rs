@@ -156,6 +156,7 @@ pub async fn run(
         origin: vec![origin_url.clone()],
         announce_interval: std::time::Duration::from_secs(3),
         handout_limit: 50,
+        ipv6_host_prefix: shoal_p2p::inbound::DEFAULT_IPV6_HOST_PREFIX,
         tls: Default::default(),
     })
     .await?;

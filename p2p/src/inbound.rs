@@ -226,12 +226,38 @@ impl KeyedSlots<IpAddr> {
     }
 }
 
+/// Default leading bits of an IPv6 address that name one host in per-address limits: a /64,
+/// what one host may take addresses from (SLAAC, privacy addresses); counted per address, a
+/// host with a /64 had 2^64 allowances.
+pub const DEFAULT_IPV6_HOST_PREFIX: u8 = 64;
+
+/// This process's IPv6 host prefix ([`set_ipv6_host_prefix`]).
+static IPV6_HOST_PREFIX: std::sync::atomic::AtomicU8 =
+    std::sync::atomic::AtomicU8::new(DEFAULT_IPV6_HOST_PREFIX);
+
+/// Set, at start, how many leading bits of an IPv6 address name one host in this process's
+/// per-address limits (1 to 128; `[limits] ipv6_host_prefix`, the tracker's
+/// `--ipv6-host-prefix`). A cluster whose nodes share one IPv6 subnet (Kubernetes nodes on
+/// host networking, all in one /64) needs 128, or the whole fleet counts as one host: one
+/// peer-connection cap at each origin, one announce quota at each tracker.
+pub fn set_ipv6_host_prefix(bits: u8) {
+    IPV6_HOST_PREFIX.store(bits.clamp(1, 128), std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The host an address counts for in per-address limits: an IPv4 address (IPv4-mapped IPv6
-/// too), or an IPv6 address's /64, one host's share of addresses (counted per address, a host
-/// with a /64 had 2^64 allowances).
+/// too), or an IPv6 address's leading bits as set by [`set_ipv6_host_prefix`] (a /64 by
+/// default).
 pub fn host_key(ip: IpAddr) -> IpAddr {
+    host_key_with(ip, IPV6_HOST_PREFIX.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// [`host_key`] with an IPv6 prefix of `bits` (1 to 128).
+pub fn host_key_with(ip: IpAddr, bits: u8) -> IpAddr {
     match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(bits.clamp(1, 128))).unwrap_or(u128::MAX);
+            IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & mask))
+        }
         v4 => v4,
     }
 }
@@ -426,6 +452,22 @@ mod tests {
         let _y = slots.take_address(y).unwrap();
         assert!(slots.take_address("2001:db8:1:2::ffff".parse().unwrap()).is_none(), "a third from one /64");
         assert!(slots.take_address("2001:db8:1:3::1".parse().unwrap()).is_some(), "another /64");
+    }
+
+    /// With 128 bits every IPv6 address is a host of its own (nodes of one subnet); other
+    /// prefixes keep the leading bits only; IPv4 is never masked.
+    #[test]
+    fn the_ipv6_host_prefix_decides_what_one_host_is() {
+        let a: IpAddr = "2001:db8:1:2:aaaa:bbbb:cccc:dddd".parse().unwrap();
+        let at = |bits| host_key_with(a, bits).to_string();
+        assert_eq!(at(128), "2001:db8:1:2:aaaa:bbbb:cccc:dddd");
+        assert_eq!(at(64), "2001:db8:1:2::");
+        assert_eq!(at(56), "2001:db8:1::");
+        assert_eq!(at(1), "::");
+        assert_eq!(at(0), "::", "below 1: 1");
+        assert_eq!(at(200), at(128), "above 128: 128");
+        let v4: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(host_key_with(v4, 1).to_string(), "10.0.0.1");
     }
 
     #[test]
