@@ -193,12 +193,17 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
     };
     // Upload sessions are a write's, whatever the method: a read-only registry has none.
     let writes = !is_read || matches!(route, Route::Upload { .. } | Route::UploadStart { .. });
+    let allow = allowed_methods(&route, app.config.read_only);
     let result = if writes && app.config.read_only {
         Err(ApiError::new(ErrorCode::Unsupported, "this registry is read-only; push to an origin"))
     } else {
         FORWARD_AUTHORIZATION.scope(forward, handle(route, &mut ctx)).await
     };
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+        // RFC 9110: a 405 names the methods the resource takes (none: an empty list).
+        response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    }
     if parts.method == Method::HEAD {
         // HEAD answers carry the headers of GET but never a body.
         let (p, _) = response.into_parts();
@@ -307,6 +312,20 @@ async fn handle(route: Route<'_>, ctx: &mut Ctx) -> ApiResult {
 
 fn repo(name: &str) -> Result<RepoName, ApiError> {
     Ok(name.parse()?)
+}
+
+/// The methods `route` takes here, as a 405's `Allow` lists them (a read-only registry, an
+/// agent, takes reads only, and no upload method at all).
+fn allowed_methods(route: &Route<'_>, read_only: bool) -> &'static str {
+    match (route, read_only) {
+        (Route::Base | Route::Catalog | Route::Tags { .. } | Route::Referrers { .. }, _) => "GET, HEAD",
+        (Route::Blob { .. } | Route::Manifest { .. }, true) => "GET, HEAD",
+        (Route::Upload { .. } | Route::UploadStart { .. }, true) => "",
+        (Route::Blob { .. }, false) => "GET, HEAD, DELETE",
+        (Route::Manifest { .. }, false) => "GET, HEAD, PUT, DELETE",
+        (Route::UploadStart { .. }, false) => "POST",
+        (Route::Upload { .. }, false) => "GET, HEAD, PATCH, PUT, DELETE",
+    }
 }
 
 fn method_not_allowed() -> ApiError {

@@ -129,3 +129,22 @@ async fn a_mount_that_fails_starts_an_upload_session() {
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
     assert_eq!(resp.headers()[header::LOCATION], "/v2/team/app/blobs/uploads/u");
 }
+
+/// A 405 names the methods its resource takes (RFC 9110): an agent's manifests and blobs take
+/// reads only and its upload routes nothing; an origin's manifests take reads, `PUT` and
+/// `DELETE`.
+#[tokio::test]
+async fn a_405_names_the_methods_its_resource_takes() {
+    let allow = |read_only: bool, method: Method, path: &'static str| async move {
+        let router = crate::router(Arc::new(Empty), ApiConfig { read_only, ..ApiConfig::default() });
+        let req = Request::builder().method(method).uri(path).body(Body::empty()).unwrap();
+        let resp = router.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "{path}");
+        resp.headers().get(header::ALLOW).map(|v| v.to_str().unwrap().to_string())
+    };
+    let manifest = "/v2/team/app/manifests/v1";
+    assert_eq!(allow(true, Method::PUT, manifest).await.as_deref(), Some("GET, HEAD"));
+    assert_eq!(allow(false, Method::POST, manifest).await.as_deref(), Some("GET, HEAD, PUT, DELETE"));
+    assert_eq!(allow(true, Method::POST, "/v2/team/app/blobs/uploads/").await.as_deref(), Some(""));
+    assert_eq!(allow(false, Method::PUT, "/v2/team/app/tags/list").await.as_deref(), Some("GET, HEAD"));
+}
