@@ -73,7 +73,13 @@ pub struct Download {
     /// start from the origins' metainfo.
     first_source: MetainfoSource,
     confirmed: tokio::sync::OnceCell<()>,
+    /// When a confirmation last found the origins unreachable.
+    confirm_failed: Mutex<Option<std::time::Instant>>,
 }
+
+/// How long a confirmation that found the origins unreachable is not tried again (readers
+/// wait for the download's end meanwhile).
+const CONFIRM_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Download {
     fn new(pieces: Arc<BlobPieces>, asker: Asker, source: MetainfoSource) -> Download {
@@ -85,6 +91,7 @@ impl Download {
             askers: Mutex::new(vec![asker]),
             first_source: source,
             confirmed: tokio::sync::OnceCell::new(),
+            confirm_failed: Mutex::new(None),
         }
     }
 
@@ -95,8 +102,10 @@ impl Download {
     /// on a plain-HTTP path) would pass made-up pieces of any range short of the end, and a
     /// client reading such a range (a lazy-pulling snapshotter) would get them as a complete
     /// answer. Good: the origins' metainfo (every attempt after the first, or a first from
-    /// the origins), a tracker's found equal to the origins' (asked once per download), or a
-    /// download that finished (its digest checked). If the origins cannot be asked, the
+    /// the origins), a download that finished (its digest checked), or a tracker's found
+    /// equal to the origins' (asked once per download, as the reading client, within
+    /// `deadline`). If the origins cannot be asked (a failure is remembered for
+    /// [`CONFIRM_RETRY`], so concurrent readers do not each wait on them in turn), the
     /// download's end decides, within `deadline`.
     async fn confirm_metainfo(
         &self,
@@ -108,27 +117,42 @@ impl Download {
         if attempt.number > 1 || self.first_source == MetainfoSource::Origin || self.confirmed.initialized() {
             return Ok(());
         }
+        let mut outcome = self.outcome.subscribe();
+        if matches!(*outcome.borrow_and_update(), Some(Ok(()))) {
+            return Ok(());
+        }
         let digest = metainfo.digest();
-        // `Err(None)`: the origins answered with another metainfo; `Err(Some(_))`: no answer.
-        let asked: Result<&(), Option<String>> = self
-            .confirmed
-            .get_or_try_init(|| async {
+        let failed_lately = self
+            .confirm_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at.elapsed() < CONFIRM_RETRY);
+        let asked: Result<(), Option<String>> = if failed_lately {
+            Err(Some("the origins could not be asked a moment ago".into()))
+        } else {
+            // `Err(None)`: the origins answered with another metainfo; `Err(Some(_))`: no answer.
+            let ask = self.confirmed.get_or_try_init(|| async {
                 let origins = downloads.origin_metainfo(digest).await.map_err(|e| Some(e.to_string()))?;
                 if origins != *metainfo {
                     tracing::warn!(%digest, "the tracker's metainfo is not the origins'; not serving a range by it");
                     return Err(None);
                 }
                 Ok(())
-            })
-            .await;
-        match asked.map(|_| ()) {
+            });
+            match tokio::time::timeout_at(deadline, ask).await {
+                Ok(asked) => asked.map(|_| ()),
+                Err(_) => Err(Some("the origins did not answer in time".into())),
+            }
+        };
+        match asked {
             Ok(()) => Ok(()),
             Err(None) => {
                 Err("the tracker's metainfo for this blob is not the origins'; retry the pull".into())
             }
             Err(Some(e)) => {
+                *self.confirm_failed.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(std::time::Instant::now());
                 tracing::debug!(%digest, error = %e, "cannot confirm a tracker's metainfo; waiting for the download's end");
-                let mut outcome = self.outcome.subscribe();
                 loop {
                     match outcome.borrow_and_update().clone() {
                         Some(Ok(())) => return Ok(()),

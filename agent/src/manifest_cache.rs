@@ -89,6 +89,11 @@ impl ManifestCache {
         inner.by_digest.get(&(repo.clone(), digest.clone())).map(|(m, _)| m.clone())
     }
 
+    /// Forget where `tag` of `repo` pointed (the origins say it is gone).
+    pub fn forget_tag(&self, repo: &RepoName, tag: &Tag) {
+        self.lock().tags.remove(&(repo.clone(), tag.clone()));
+    }
+
     /// The manifest `tag` of `repo` last pointed to, however long ago, if kept: for when the
     /// origins cannot be asked.
     pub fn by_tag_kept(&self, repo: &RepoName, tag: &Tag) -> Option<StoredManifest> {

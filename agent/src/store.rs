@@ -334,8 +334,10 @@ impl RegistryStore for AgentStore {
                     },
                     other => other?,
                 };
-                if let Some(m) = &found {
-                    self.manifests.insert_answer(repo, Some(t), m, asked, Instant::now());
+                match &found {
+                    Some(m) => self.manifests.insert_answer(repo, Some(t), m, asked, Instant::now()),
+                    // Gone at the origins: not served from memory through a later outage.
+                    None => self.manifests.forget_tag(repo, t),
                 }
                 Ok(found)
             }

@@ -459,12 +459,20 @@ async fn a_pulled_image_still_pulls_by_tag_while_the_origins_are_down() {
         }
     };
     pull().await;
+    // A tag the node resolved, then deleted at the origin and seen gone there, is not served
+    // from memory through the outage.
+    origin.push_manifest(&repo, "gone", &image.manifest).await;
+    agent.get_manifest(&repo, "gone").await.expect(StatusCode::OK);
+    origin.delete(&format!("/v2/{repo}/manifests/gone")).send().await.unwrap().error_for_status().unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    agent.get_manifest(&repo, "gone").await.expect(StatusCode::NOT_FOUND);
     cluster.origin.kill();
     // Past `tag_ttl` and `confirm_ttl`: the agent asks the origin, which does not answer.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     pull().await;
     agent.get_manifest(&repo, &image.manifest.digest).await.expect(StatusCode::OK);
     agent.get_manifest(&repo, "v2").await.expect(StatusCode::SERVICE_UNAVAILABLE);
+    agent.get_manifest(&repo, "gone").await.expect(StatusCode::SERVICE_UNAVAILABLE);
 }
 
 /// Tag and catalog listings through an agent are the origin's pages: `n` items and a `Link`

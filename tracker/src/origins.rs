@@ -61,14 +61,16 @@ impl<T: Clone> Flights<T> {
         Flights { running: Mutex::new(HashMap::new()), max }
     }
 
-    /// Whether a question about `digest` is in flight.
+    /// Whether a question about `digest` is in flight: asked by a caller still waiting for it
+    /// (a flight whose callers all went away is not, and the next caller asks anew).
     fn running(&self, digest: &Digest) -> bool {
-        lock(&self.running).contains_key(digest)
+        lock(&self.running).get(digest).is_some_and(|c| Arc::strong_count(c) > 1)
     }
 
     /// The answer of the question about `digest` in flight, or of `ask` (asked now, as the
     /// one in flight). If the caller asking is dropped, a caller waiting takes the question
-    /// over (a `OnceCell`'s initialisation); the flight ends with its answer.
+    /// over (a `OnceCell`'s initialisation); the flight ends with its answer, or when its
+    /// last caller goes away without one.
     async fn answer<F, Fut>(&self, digest: &Digest, ask: F) -> T
     where
         F: FnOnce() -> Fut,
@@ -82,12 +84,27 @@ impl<T: Clone> Flights<T> {
             }
             running.entry(digest.clone()).or_default().clone()
         };
-        let answer = cell.get_or_init(ask).await.clone();
-        let mut running = lock(&self.running);
-        if running.get(digest).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            running.remove(digest);
+        let ticket = Ticket { flights: self, digest, cell };
+        ticket.cell.get_or_init(ask).await.clone()
+    }
+}
+
+/// A caller's hold on a flight: when the last holder lets go (answered, or dropped before an
+/// answer came), the flight leaves the map, so the next caller asks again.
+struct Ticket<'a, T> {
+    flights: &'a Flights<T>,
+    digest: &'a Digest,
+    cell: Arc<tokio::sync::OnceCell<T>>,
+}
+
+impl<T> Drop for Ticket<'_, T> {
+    fn drop(&mut self) {
+        let mut running = lock(&self.flights.running);
+        let ours = running.get(self.digest).is_some_and(|c| Arc::ptr_eq(c, &self.cell));
+        // The map's reference and this one: no other caller holds the flight.
+        if ours && (self.cell.initialized() || Arc::strong_count(&self.cell) == 2) {
+            running.remove(self.digest);
         }
-        answer
     }
 }
 
@@ -385,6 +402,23 @@ mod tests {
         first.abort();
         assert_eq!(&second.await.unwrap().unwrap()[..], b"{}");
         assert!(lock(&origins.metainfo_flights.running).is_empty(), "the flight ended");
+
+        // The one refreshing goes away with no one waiting: the flight ends with it, and the
+        // next caller asks again (it was handed the stale answer for good before).
+        asked.store(0, Ordering::SeqCst);
+        lock(&origins.seeders).get_mut(&d).unwrap().0 -= Duration::from_secs(11);
+        let lone = tokio::spawn({
+            let (o, d) = (origins.clone(), d.clone());
+            async move { o.seeders(&d).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        lone.abort();
+        let _ = lone.await;
+        assert!(lock(&origins.seeder_flights.running).is_empty(), "the abandoned flight ended");
+        let started = Instant::now();
+        assert_eq!(origins.seeders(&d).await.len(), 1);
+        assert!(started.elapsed() >= Duration::from_millis(250), "asked again, not handed the stale answer");
+        assert_eq!(asked.load(Ordering::SeqCst), 2, "the abandoned question and the new one");
     }
 
     #[tokio::test]

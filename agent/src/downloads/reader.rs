@@ -226,8 +226,11 @@ impl Reader {
             if finishes && self.end < metainfo.size() {
                 // The range's last bytes go only once its metainfo is known good: before
                 // them the client cannot take the answer for complete.
-                download
-                    .confirm_metainfo(&self.downloads, attempt, &metainfo, deadline)
+                // Asked as the reading client (the stream is read outside its request's scope).
+                let credentials = self.downloads.credentials(&self.repo, self.forward.clone()).await;
+                let confirm = download.confirm_metainfo(&self.downloads, attempt, &metainfo, deadline);
+                shoal_registry::auth::FORWARD_AUTHORIZATION
+                    .scope(credentials, confirm)
                     .await
                     .map_err(io_error)?;
             }

@@ -103,7 +103,8 @@ struct Health {
 }
 
 impl Health {
-    /// New members start up, so a fresh cluster works before its first round of checks.
+    /// New members start up: one is live from its first reply (`Member::answered`), not
+    /// after `health_passes` of them.
     fn new() -> Health {
         Health { up: true, fails: 0, passes: 0 }
     }
@@ -146,6 +147,11 @@ struct Member {
     alias: bool,
     /// It answered with an id other than the one we know it by (warned once).
     warned_id: bool,
+    /// It has answered a check at least once. An entry whose first check failed (an origin
+    /// not up yet, or this origin under another name before its listener is up) is not
+    /// live until it answers: its reply is what tells it apart from this origin or another
+    /// member.
+    answered: bool,
 }
 
 impl Member {
@@ -158,11 +164,12 @@ impl Member {
             is_self: false,
             alias: false,
             warned_id: false,
+            answered: false,
         }
     }
 
     fn live(&self) -> bool {
-        self.health.up && !self.is_self && !self.alias
+        self.health.up && self.answered && !self.is_self && !self.alias
     }
 }
 
@@ -328,7 +335,7 @@ impl Membership {
             .map(|(id, m)| MemberInfo {
                 id: id.clone(),
                 url: url_of(id),
-                up: m.health.up,
+                up: m.health.up && m.answered,
                 peer: m.peer.clone(),
             })
             .collect();
@@ -459,6 +466,7 @@ impl Membership {
                     member.warned_id = true;
                 }
                 member.alias = alias && reply.id != self.me;
+                member.answered = true;
                 member.peer = reply.peer;
                 member.disk_full = reply.disk_full;
                 member.members = reply.members;
@@ -535,9 +543,9 @@ impl Membership {
     /// first reply an entry cannot be told apart from this origin or another member under a
     /// second address, and counted live meanwhile it would be placed on as a member of its
     /// own (a write's two owners one origin) and named in the member list GC compares. An
-    /// entry whose check fails comes in up all the same, so a cluster whose origins start
-    /// together works at once (it goes down after `health_fails` failures, as any member).
-    /// `true` if the member list changed.
+    /// entry whose check fails joins the list but is not live until it answers (see
+    /// [`Member::answered`]): at start that is also this origin under another name, whose
+    /// listener is not up yet. `true` if the member list changed.
     async fn admit(&self, joined: Vec<String>) -> bool {
         if joined.is_empty() {
             return false;

@@ -217,8 +217,11 @@ async fn wrong_secret_fails_the_check() {
     let mut cfg = config(me, &[&good_id, &bad_id]);
     cfg.secret = Some("s3cret".to_string());
     let m = Membership::start(cfg, None, client()).await.expect("start");
-    eventually("wrong-secret member down", || !m.live().contains(&bad_id)).await;
-    assert!(bad.hits.load(Ordering::SeqCst) >= 2);
+    // Its admitting check failed: listed, never live (it has not answered).
+    assert!(!m.live().contains(&bad_id));
+    assert!(m.members().iter().any(|i| i.id == bad_id));
+    eventually("more checks of the wrong-secret member", || bad.hits.load(Ordering::SeqCst) >= 3).await;
+    assert!(!m.live().contains(&bad_id));
     assert!(m.live().contains(&good_id));
     assert!(m.live().contains(&me.to_string()), "self is a member even when not listed");
 
@@ -386,7 +389,8 @@ async fn srv_records_become_members_and_leave_on_refresh() {
     let m = Membership::start_with_nameserver(cfg, None, client(), Some(ns)).await.expect("start");
     let ids: Vec<String> = m.members().into_iter().map(|i| i.id).collect();
     assert_eq!(ids, vec![me.to_string(), "origin-1.origin.test:5001".to_string()]);
-    assert_eq!(m.live(), ids);
+    // Nothing answers for origin-1: listed, not live until it does.
+    assert_eq!(m.live(), vec![me.to_string()]);
     let local = crate::cluster::remote::RemoteNode::new(me.into(), url_of(me), None, Duration::from_secs(1))
         .expect("client");
     use crate::cluster::topology::{MemberTopology, Topology};
@@ -398,9 +402,11 @@ async fn srv_records_become_members_and_leave_on_refresh() {
     changes.borrow_and_update();
     targets.lock().expect("targets").push(("origin-2.origin.test".to_string(), 5000));
     targets.lock().expect("targets").retain(|(t, _)| !t.starts_with("Origin-1"));
-    eventually("refresh", || m.live().contains(&"origin-2.origin.test:5000".to_string())).await;
+    let ids = || m.members().into_iter().map(|i| i.id).collect::<Vec<_>>();
+    eventually("refresh", || ids().contains(&"origin-2.origin.test:5000".to_string())).await;
     assert!(changes.has_changed().expect("alive"));
-    assert_eq!(m.live(), vec![me.to_string(), "origin-2.origin.test:5000".to_string()]);
+    assert_eq!(ids(), vec![me.to_string(), "origin-2.origin.test:5000".to_string()]);
+    assert_eq!(m.live(), vec![me.to_string()], "neither answers");
     assert_eq!(m.url("origin-1.origin.test:5001"), None);
     // The departed member's client goes with it.
     assert!(topology.node("origin-1.origin.test:5001").is_none());
