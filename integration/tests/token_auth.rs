@@ -240,6 +240,18 @@ async fn anonymous_pull_of_public_pattern_works_private_refused() {
     };
     let seen = names(anonymous.get("/v2/_catalog?n=1000").reply().await);
     assert!(seen.contains(&public) && !seen.contains(&private), "anonymous catalog: {seen:?}");
+    // A page at a time, the links name no hidden repository either (they named the store's
+    // last name, seen or not, so following them told every private name).
+    let (mut path, mut walked) = ("/v2/_catalog?n=1".to_string(), Vec::new());
+    for _ in 0..100 {
+        let reply = anonymous.get(&path).reply().await;
+        let link = reply.header("link").map(str::to_string);
+        walked.extend(names(reply));
+        let Some(link) = link else { break };
+        assert!(!link.contains(&private), "a catalog link names a private repository: {link}");
+        path = link.trim_start_matches('<').split('>').next().unwrap().to_string();
+    }
+    assert_eq!(walked, seen, "the pages make the whole visible catalog");
     let alice = origin.client().with_basic_auth("alice", "alice-pass");
     let seen = names(alice.get("/v2/_catalog?n=1000").reply().await);
     assert!(seen.contains(&public) && seen.contains(&private), "alice's catalog: {seen:?}");

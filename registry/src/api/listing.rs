@@ -33,8 +33,7 @@ fn page_params(ctx: &Ctx) -> Result<(usize, Option<String>), ApiError> {
     Ok((n, ctx.query.get("last").cloned()))
 }
 
-/// `page` as JSON under `key`, with a `Link` to the next page if more follow (a filtered page
-/// may hide its own last item: the link starts after what the store said).
+/// `page` as JSON under `key`, with a `Link` to the next page if more follow.
 fn paged(base: &str, key: &str, head: serde_json::Value, page: Page, n: usize) -> Response {
     let mut body = head;
     body[key] = json!(page.items);
@@ -53,14 +52,38 @@ pub(super) async fn tags(ctx: &mut Ctx, name: &RepoName) -> ApiResult {
     Ok(paged(&format!("/v2/{name}/tags/list"), "tags", json!({ "name": name.to_string() }), page, n))
 }
 
+/// Names of the store's catalog a filtered catalog page reads at most, past those the client
+/// may not see, before it answers with what it found.
+const CATALOG_SCAN_BUDGET: usize = 100_000;
+
 pub(super) async fn catalog(ctx: &mut Ctx) -> ApiResult {
     let (n, last) = page_params(ctx)?;
-    let mut page = ctx.store.repositories(last.as_deref(), n).await?;
-    // Only the repositories the client may pull (a page may come out short; the link goes on).
-    if let Some(visible) = &ctx.visible {
-        page.items.retain(|name| visible(name));
-    }
-    Ok(paged("/v2/_catalog", "repositories", json!({}), page, n))
+    let Some(visible) = ctx.visible.clone() else {
+        let page = ctx.store.repositories(last.as_deref(), n).await?;
+        return Ok(paged("/v2/_catalog", "repositories", json!({}), page, n));
+    };
+    // Only the repositories the client may pull, and a link that names one of them: the
+    // store's own `next` (its last name, seen or not) told the client every hidden name, a
+    // page at a time. So the store is read on past hidden names until the page holds `n`
+    // visible ones, the catalog ends, or the budget is spent; the link then goes on from
+    // the last visible name (after a budget spent on hidden names alone, the listing ends).
+    let mut items = Vec::new();
+    let (mut cursor, mut scanned) = (last, 0usize);
+    let more = loop {
+        if items.len() >= n {
+            break true;
+        }
+        let page = ctx.store.repositories(cursor.as_deref(), n - items.len()).await?;
+        scanned += page.items.len();
+        items.extend(page.items.into_iter().filter(|name| visible(name)));
+        match page.next {
+            Some(next) if scanned < CATALOG_SCAN_BUDGET => cursor = Some(next),
+            Some(_) => break true,
+            None => break false,
+        }
+    };
+    let next = if more { items.last().cloned() } else { None };
+    Ok(paged("/v2/_catalog", "repositories", json!({}), Page { items, next }, n))
 }
 
 pub(super) async fn referrers(ctx: &mut Ctx, name: &RepoName, digest: &str) -> ApiResult {

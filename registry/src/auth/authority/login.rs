@@ -70,11 +70,10 @@ impl Authority {
             }
         };
         if cached {
-            // Proven, so let through; but a name blocked by guesses stays blocked for them
-            // (clearing its count here gave a guesser five more tries per real login).
-            if !self.failures.blocked(name, Instant::now()) {
-                self.failures.succeeded(name);
-            }
+            // Proven, so let through; but the guesses under its name keep counting: clearing
+            // them here (as a checked password does) gave a guesser `login_failures` more
+            // tries per request of a busy real client, and for a name already blocked, five
+            // more per real login.
             return Ok(user);
         }
         refuse_if_blocked()?;

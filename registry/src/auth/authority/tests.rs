@@ -180,6 +180,21 @@ async fn guesses_do_not_lock_out_a_remembered_login() {
     assert!(a.failures.lock_len() <= 1);
 }
 
+/// A busy client's remembered login does not clear the guesses made under its name in
+/// between: before, each of its requests reset the count, so a guesser interleaving with it
+/// was never blocked.
+#[tokio::test]
+async fn a_remembered_login_does_not_reset_the_guesses() {
+    let (a, _d) = authority();
+    assert!(a.login("alice", "a").await.unwrap().is_some());
+    for guess in ["x", "y"] {
+        assert!(a.login("alice", guess).await.unwrap().is_none());
+        assert!(a.login("alice", "a").await.unwrap().is_some(), "the real client goes on");
+    }
+    assert_eq!(a.login("alice", "z").await.unwrap_err().code, ErrorCode::TooManyRequests);
+    assert!(a.login("alice", "a").await.unwrap().is_some(), "the remembered login still goes on");
+}
+
 /// A login whose client hangs up while its password is hashed keeps its check's slot until
 /// the hash ends: the hash runs on. Before, the slot came free at once, so clients that
 /// closed each connection right after sending made-up credentials had argon2 hashes (19 MiB
