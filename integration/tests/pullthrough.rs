@@ -66,6 +66,22 @@ async fn an_upstream_image_leaves_the_upstream_once_per_cluster() {
     .await;
     let repo = format!("{REGISTRY}/{path}");
 
+    // A rollout: 30 requests for the new tag at once, spread over the three origins. Each
+    // origin asks the upstream once (a HEAD for the tag, a GET for its manifest) and the
+    // others find the answer in the cluster; each request asked for itself before (Docker
+    // Hub counts every manifest GET against its pull limit).
+    let asked_before = upstream.manifest_requests(&path);
+    let rollout = (0..30).map(|n| {
+        let (client, repo) = (cluster.client(n % 3), repo.clone());
+        async move { client.get_manifest(&repo, "v1").await }
+    });
+    for m in join_all(rollout).await {
+        m.expect(StatusCode::OK);
+        assert_eq!(sha256(&m.body), manifest.digest);
+    }
+    let asked = upstream.manifest_requests(&path) - asked_before;
+    assert!(asked <= 6, "{asked} manifest requests reached the upstream for 30 at once:\n{}", upstream.log());
+
     // Every origin answers the tag, with the upstream's bytes.
     for i in 0..3 {
         let m = cluster.client(i).get_manifest(&repo, "v1").await;

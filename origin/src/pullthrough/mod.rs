@@ -22,6 +22,7 @@ mod access;
 mod blobs;
 pub mod fetch;
 pub mod routes;
+mod serial;
 pub mod tags;
 
 use access::Probe;
@@ -88,6 +89,8 @@ pub struct PullThrough {
     private: Mutex<HashMap<String, Instant>>,
     /// (repository, client fingerprint) → (decided at, allowed).
     access: Mutex<HashMap<AccessKey, (Instant, bool)>>,
+    /// Manifest requests for one upstream manifest take turns ([`serial`]).
+    manifest_turns: serial::Serial,
 }
 
 /// Map an upstream's error to what the registry API answers.
@@ -139,6 +142,7 @@ impl PullThrough {
             metrics,
             private: Mutex::new(HashMap::new()),
             access: Mutex::new(HashMap::new()),
+            manifest_turns: serial::Serial::default(),
         }
     }
 
@@ -365,6 +369,13 @@ impl RegistryStore for PullThrough {
         let Some((up, path)) = self.upstream_of(repo) else {
             return self.inner.manifest_get(repo, reference).await;
         };
+        // After the request before it with the same key, this one finds its answer stored.
+        let client = client_credentials().map(|c| hex::encode(c.fingerprint())).unwrap_or_default();
+        let reference_text = match reference {
+            Reference::Tag(t) => t.to_string(),
+            Reference::Digest(d) => d.to_string(),
+        };
+        let _turn = self.manifest_turns.turn(format!("{repo}\n{reference_text}\n{client}")).await;
         match reference {
             Reference::Tag(tag) => self.mirrored_tag(&up, repo, path, tag).await,
             Reference::Digest(digest) => {
