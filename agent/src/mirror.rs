@@ -118,7 +118,10 @@ fn with_name(uri: &Uri, name: &str, tail: &str) -> Option<Uri> {
 
 /// Middleware: map names to upstream content and pass on upstream credentials.
 pub async fn map_names(State(s): State<MirrorState>, mut req: Request, next: Next) -> Response {
-    let creds = if s.auth.enabled() == Some(true) {
+    // A client's Basic credentials are its upstream's only where Shoal checks none: with the
+    // origins' policy not known yet (the agent just started), it is asked first, or a Shoal
+    // password could go to an upstream's token realm.
+    let creds = if s.auth.enabled_now().await != Some(false) {
         None
     } else {
         req.headers()

@@ -242,7 +242,7 @@ impl OriginClient {
                         serde_json::from_slice(&shoal_tls::read_body(r, MAX_SMALL_ANSWER, false).await.ok()?)
                             .ok()
                     }
-                    StatusCode::NOT_FOUND => Some(Published::open()),
+                    StatusCode::NOT_FOUND => Some(Published::unpublished()),
                     _ => None,
                 }
             }

@@ -295,7 +295,7 @@ impl Authority {
                 ..Rule::default()
             })
             .collect();
-        Published { enabled: self.enabled(), policy, keys: self.own.clone() }
+        Published { enabled: self.enabled(), policy, keys: self.own.clone(), unpublished: false }
     }
 
     /// `/token` (GET with Basic credentials or none; POST `grant_type=password`) when token

@@ -28,6 +28,10 @@ pub struct Published {
     pub enabled: bool,
     pub policy: Policy,
     pub keys: Vec<Jwk>,
+    /// Not published: the origin answered 404 (an older build, or a URL that is not a Shoal
+    /// origin). Taken as open, but never in place of a policy that controls access.
+    #[serde(skip)]
+    pub unpublished: bool,
 }
 
 impl Published {
@@ -43,7 +47,13 @@ impl Published {
                 anonymous: super::Access::Push,
             },
             keys: Vec::new(),
+            unpublished: false,
         }
+    }
+
+    /// What an origin answering 404 for the publication stands for ([`Published::unpublished`]).
+    pub fn unpublished() -> Published {
+        Published { unpublished: true, ..Published::open() }
     }
 
     /// Several origins' publications as one: the policy of the first that controls access
@@ -52,7 +62,11 @@ impl Published {
     /// in the list) must not stand for it, or anonymous clients would read private
     /// repositories through the agent's node identity.
     pub fn merge(all: Vec<Published>) -> Option<Published> {
-        let lead = all.iter().position(|p| p.enabled).unwrap_or(0);
+        let lead = all
+            .iter()
+            .position(|p| p.enabled)
+            .or_else(|| all.iter().position(|p| !p.unpublished))
+            .unwrap_or(0);
         let mut merged = all.get(lead)?.clone();
         for p in all {
             for k in p.keys {
@@ -101,10 +115,18 @@ impl RemoteAuth {
         *self.known.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Known { published, keys }));
     }
 
-    /// Fetch the policy now; `false` if no origin answered (the old one stays).
+    /// Fetch the policy now; `false` if no origin answered (the old one stays). Origins that
+    /// only answer 404 (none of those that control access reachable) do not open an agent
+    /// whose policy controls access: that counts as no answer.
     pub async fn refresh(&self) -> bool {
         let _one = self.refreshing.lock().await;
         match (self.fetch)().await {
+            Some(p) if p.unpublished && self.enabled() == Some(true) => {
+                tracing::warn!(
+                    "only origins without a published access policy answered; keeping the last one"
+                );
+                false
+            }
             Some(p) => {
                 self.set(p);
                 true
@@ -149,6 +171,15 @@ impl RemoteAuth {
     /// Whether access control is on (`None`: not known yet).
     pub fn enabled(&self) -> Option<bool> {
         self.current().map(|k| k.published.enabled)
+    }
+
+    /// [`enabled`](Self::enabled), asking the origins first if it is not known yet (at most
+    /// once per [`MIN_REFRESH`]), as a request's authorization does.
+    pub async fn enabled_now(&self) -> Option<bool> {
+        if self.current().is_none() {
+            self.refresh_soon().await;
+        }
+        self.enabled()
     }
 }
 
@@ -212,6 +243,7 @@ mod tests {
                 anonymous: Access::None,
             },
             keys: vec![key.public.clone()],
+            unpublished: false,
         }
     }
 
@@ -313,5 +345,33 @@ mod tests {
         assert_eq!(merged.policy, published(&a).policy);
         let open = Published::merge(vec![Published::open(), Published::open()]).unwrap();
         assert_eq!(open, Published::open());
+        let explicit = Published::merge(vec![Published::unpublished(), Published::open()]).unwrap();
+        assert!(!explicit.unpublished, "an explicit publication leads an unpublished one");
+    }
+
+    /// An agent whose origins control access is not opened by a refresh that reached only an
+    /// origin answering 404 (an older build, a URL that is no Shoal origin): before, the
+    /// agent let anonymous clients do everything until a later refresh. A publication that
+    /// says access control is off does open it.
+    #[tokio::test]
+    async fn only_unpublished_answers_do_not_open_a_controlled_agent() {
+        let (a, _) = SigningKey::generate().unwrap();
+        let answers = Arc::new(Mutex::new(vec![published(&a)]));
+        let fetch: FetchPolicy = {
+            let answers = answers.clone();
+            Arc::new(move || {
+                let answers = answers.lock().unwrap().clone();
+                Box::pin(async move { Published::merge(answers) })
+            })
+        };
+        let auth = RemoteAuth::new(fetch);
+        assert!(auth.refresh().await);
+        assert_eq!(auth.enabled(), Some(true));
+        *answers.lock().unwrap() = vec![Published::unpublished()];
+        assert!(!auth.refresh().await, "taken as no answer");
+        assert_eq!(auth.enabled(), Some(true), "still controlled");
+        *answers.lock().unwrap() = vec![Published::open()];
+        assert!(auth.refresh().await);
+        assert_eq!(auth.enabled(), Some(false), "turned off at the origins: open");
     }
 }
