@@ -230,6 +230,13 @@ impl SetupPlan {
             (Some(ca), Some(data_dir)) => {
                 let seen_by_containerd = args.host_data_dir.as_ref().unwrap_or(data_dir).join(MIRROR_CA_FILE);
                 anyhow::ensure!(seen_by_containerd.is_absolute(), "--host-data-dir must be an absolute path");
+                // Written into hosts.toml as a TOML string: nothing that would end or escape it.
+                let text = seen_by_containerd.to_str().unwrap_or("\"");
+                anyhow::ensure!(
+                    !text.chars().any(|c| c == '"' || c == '\\' || c.is_control()),
+                    "the mirror CA's path {} has a quote, backslash or control character; hosts.toml could not name it",
+                    seen_by_containerd.display()
+                );
                 Some((ca.clone(), seen_by_containerd))
             }
             _ => None,

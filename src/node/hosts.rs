@@ -122,6 +122,11 @@ pub(super) fn write_registries(plan: &SetupPlan, report: &mut Vec<String>) -> an
     // Every registry is planned before any is written: a conflict in the last one must not
     // leave the first ones pointing at an agent that never starts.
     let mut planned = Vec::new();
+    // Registries whose directories are one (a link between them): containerd reads one file
+    // there, the first listed's. Planned twice, the second backed up our first file over the
+    // user's original.
+    let mut same = Vec::new();
+    let mut seen: Vec<(PathBuf, &str)> = Vec::new();
     for registry in &plan.registries {
         let dir = plan.hosts_dir.join(&registry.name);
         anyhow::ensure!(
@@ -129,6 +134,12 @@ pub(super) fn write_registries(plan: &SetupPlan, report: &mut Vec<String>) -> an
             "{} is not a directory (or a link to one this container can see); no hosts.toml was written",
             dir.display()
         );
+        let real = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
+        if let Some((_, first)) = seen.iter().find(|(r, _)| *r == real) {
+            same.push(format!("{}: the directory of {first}; its hosts.toml serves both", registry.name));
+            continue;
+        }
+        seen.push((real, registry.name.as_str()));
         let hosts = dir.join(HOSTS_FILE);
         let backup = dir.join(BACKUP_FILE);
         let ca = plan.mirror_ca.as_ref().map(|(_, seen)| seen.as_path());
@@ -158,14 +169,17 @@ pub(super) fn write_registries(plan: &SetupPlan, report: &mut Vec<String>) -> an
                 wrote
             }
             SetupAction::BackUpThenWrite => {
-                std::fs::rename(&hosts, &backup)
-                    .with_context(|| format!("renaming {} to {}", hosts.display(), backup.display()))?;
+                // A link, not a rename: it fails rather than replace a backup that appeared
+                // since the plan (the user's original is never written over).
+                std::fs::hard_link(&hosts, &backup)
+                    .with_context(|| format!("keeping {} as {}", hosts.display(), backup.display()))?;
                 atomic_file::write(&hosts, wanted.as_bytes(), None)?;
                 format!("backed up {} to {BACKUP_FILE}; {wrote}", hosts.display())
             }
         };
         report.push(format!("{}: {line}", registry.name));
     }
+    report.extend(same);
     // A registry no longer listed (dropped from the chart's values) keeps no file of ours:
     // its pulls would go on reaching the agent, and the user's original stay set aside. (With
     // a mirror given and no registry listed, none stays.)

@@ -260,6 +260,29 @@ fn symlinked_directories_and_files_are_restored() {
     assert!(std::fs::symlink_metadata(&backup).is_err());
 }
 
+/// Two listed registries whose directories are one (a link between them) get one file, and
+/// the user's original stays the backup. Before, the second registry's backup step renamed
+/// our first file over the original: it was lost, and restore put back a file of ours.
+#[test]
+fn two_registries_in_one_directory_keep_the_users_original() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hosts_dir = tmp.path();
+    std::fs::create_dir_all(hosts_dir.join("docker.io")).unwrap();
+    std::os::unix::fs::symlink(hosts_dir.join("docker.io"), hosts_dir.join("index.docker.io")).unwrap();
+    std::fs::write(hosts_dir.join("docker.io/hosts.toml"), FOREIGN).unwrap();
+    let report = setup_blocking(&setup_plan(hosts_dir, "docker.io,index.docker.io")).unwrap();
+    assert!(
+        report.iter().any(|l| l.starts_with("index.docker.io: the directory of docker.io")),
+        "{report:?}"
+    );
+    let backup = hosts_dir.join("docker.io/hosts.toml.shoal-backup");
+    assert_eq!(std::fs::read(&backup).unwrap(), FOREIGN, "the user's original is the backup");
+    assert!(is_ours(&std::fs::read(hosts_dir.join("docker.io/hosts.toml")).unwrap()));
+    restore_blocking(hosts_dir).unwrap();
+    assert_eq!(std::fs::read(hosts_dir.join("docker.io/hosts.toml")).unwrap(), FOREIGN);
+    assert!(!backup.exists());
+}
+
 /// A hosts.toml that is a link to ours in a listed registry's directory is the user's: the
 /// sweep of unlisted registries and restore leave it (it was removed, its directory too).
 #[test]
@@ -381,4 +404,10 @@ fn an_https_mirror_gets_its_ca_copied_into_the_data_dir_and_named_in_hosts_toml(
     let NodeCommand::Setup(setup) = parse(&args).unwrap() else { panic!("not setup") };
     assert!(setup_blocking(&SetupPlan::new(setup).unwrap()).is_err());
     assert!(parse(&["setup", "--registry", "r", "--mirror", "https://m", "--mirror-ca", "/x"]).is_err());
+    // A path hosts.toml cannot hold as a string (it would end it, and inject keys) is refused.
+    let mut bad = args;
+    bad[12] = "/var/lib/shoal\"\nskip_verify = true\n#";
+    let NodeCommand::Setup(setup) = parse(&bad).unwrap() else { panic!("not setup") };
+    let err = SetupPlan::new(setup).err().expect("refused").to_string();
+    assert!(err.contains("quote, backslash or control character"), "{err}");
 }
