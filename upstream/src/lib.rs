@@ -56,6 +56,10 @@ pub enum UpstreamError {
     TooManyRequests { retry_after: Duration },
     #[error("{0}")]
     Unavailable(String),
+    /// The upstream does not take this method here (405, 501): a `HEAD` is asked again as a
+    /// `GET`.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
@@ -140,7 +144,7 @@ impl Upstream {
     }
 
     /// The digest `tag` points at now: `HEAD` of the manifest (its `Docker-Content-Digest`),
-    /// else a `GET` hashed here.
+    /// else (no such header, or a registry that takes no `HEAD` there) a `GET` hashed here.
     pub async fn resolve_tag(
         &self,
         repo: &str,
@@ -148,7 +152,12 @@ impl Upstream {
         client: Option<&Credentials>,
     ) -> Result<Digest, UpstreamError> {
         let url = format!("{}/v2/{repo}/manifests/{tag}", self.config.base());
-        let r = self.send(reqwest::Method::HEAD, &url, repo, client, "tag").await?;
+        let r = match self.send(reqwest::Method::HEAD, &url, repo, client, "tag").await {
+            Err(UpstreamError::MethodNotAllowed(_)) => {
+                return Ok(self.manifest(repo, tag, client).await?.digest)
+            }
+            other => other?,
+        };
         if let Some(d) = r.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()) {
             if let Ok(d) = d.parse::<Digest>() {
                 return Ok(d);
@@ -179,17 +188,22 @@ impl Upstream {
         if expected.as_ref().is_some_and(|e| e != &digest) {
             return Err(UpstreamError::Invalid(format!("manifest {reference} arrived as {digest}")));
         }
-        let media_type = content_type
-            .map(|c| c.split(';').next().unwrap_or("").trim().to_string())
-            .filter(|c| !c.is_empty() && c != "application/json" && c != "text/plain")
+        // The manifest's own `mediaType` first (the answer's Content-Type may be a generic
+        // one, `application/octet-stream` say), then a Content-Type that names a manifest
+        // kind, then its shape: an index lists `manifests`.
+        let body = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
+        let media_type = body
+            .as_ref()
+            .and_then(|b| b.get("mediaType")?.as_str().map(str::to_string))
             .or_else(|| {
-                serde_json::from_slice::<serde_json::Value>(&bytes)
-                    .ok()?
-                    .get("mediaType")?
-                    .as_str()
-                    .map(str::to_string)
+                content_type
+                    .map(|c| c.split(';').next().unwrap_or("").trim().to_string())
+                    .filter(|c| c.starts_with("application/vnd."))
             })
-            .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_string());
+            .unwrap_or_else(|| match body.as_ref().and_then(|b| b.get("manifests")) {
+                Some(_) => "application/vnd.oci.image.index.v1+json".to_string(),
+                None => "application/vnd.oci.image.manifest.v1+json".to_string(),
+            });
         Ok(UpstreamManifest { digest, media_type, bytes })
     }
 
@@ -202,12 +216,29 @@ impl Upstream {
     ) -> Result<UpstreamBlob, UpstreamError> {
         let url = format!("{}/v2/{repo}/blobs/{digest}", self.config.base());
         let r = self.send(reqwest::Method::GET, &url, repo, client, "blob").await?;
-        let size = r
+        let size = match r
             .headers()
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .ok_or_else(|| UpstreamError::Invalid(format!("blob {digest} came without Content-Length")))?;
+            .and_then(|v| v.parse().ok())
+        {
+            Some(size) => size,
+            // A chunked answer (some object stores and proxies send one): the registry's own
+            // `HEAD` gives the size; the commit checks it with the digest.
+            None => match self.blob_head_size(repo, digest, client).await {
+                Ok(Some(size)) => size,
+                Ok(None) => {
+                    return Err(UpstreamError::Invalid(format!(
+                        "blob {digest} came without Content-Length, and so did its HEAD"
+                    )))
+                }
+                Err(e) => {
+                    return Err(UpstreamError::Invalid(format!(
+                        "blob {digest} came without Content-Length, and its HEAD failed: {e}"
+                    )))
+                }
+            },
+        };
         let (registry, metrics, idle) =
             (self.registry().to_string(), self.metrics.clone(), self.idle_timeout);
         let stream = r.bytes_stream();
@@ -242,13 +273,19 @@ impl Upstream {
         digest: &Digest,
         client: Option<&Credentials>,
     ) -> Result<u64, UpstreamError> {
+        Ok(self.blob_head_size(repo, digest, client).await?.unwrap_or(0))
+    }
+
+    /// `HEAD` of a blob: its `Content-Length`, if the answer had one.
+    async fn blob_head_size(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        client: Option<&Credentials>,
+    ) -> Result<Option<u64>, UpstreamError> {
         let url = format!("{}/v2/{repo}/blobs/{digest}", self.config.base());
         let r = self.send(reqwest::Method::HEAD, &url, repo, client, "blob_head").await?;
-        Ok(r.headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0))
+        Ok(r.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()))
     }
 
     /// Read at most `limit` bytes of a body (each read bounded by the idle timeout).
@@ -430,6 +467,9 @@ impl Upstream {
                 Err(UpstreamError::Unauthorized(format!("{} answered {status}", self.registry())))
             }
             StatusCode::TOO_MANY_REQUESTS => Err(self.throttle(&r)),
+            s @ (StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED) => {
+                Err(UpstreamError::MethodNotAllowed(format!("{} answered {s}", self.registry())))
+            }
             s => Err(UpstreamError::Unavailable(format!("{} answered {s}", self.registry()))),
         }
     }

@@ -51,6 +51,7 @@ fn challenge(fake: &Fake, repo: &str) -> Response {
 async fn handle(State(fake): State<Arc<Fake>>, req: Request) -> Response {
     let path = req.uri().path().to_string();
     let h = req.headers().clone();
+    let head = req.method() == axum::http::Method::HEAD;
     if path == "/token" {
         let user = match basic_user(&h) {
             Some((u, p)) if u == "alice" && p == "secret" => "alice".to_string(),
@@ -96,6 +97,17 @@ async fn handle(State(fake): State<Arc<Fake>>, req: Request) -> Response {
         }
     }
     match kind {
+        // A registry that takes no HEAD for manifests.
+        "manifests" if head && repo.starts_with("nohead/") => StatusCode::METHOD_NOT_ALLOWED.into_response(),
+        "manifests" if repo.starts_with("generic/") => {
+            // The right bytes, a generic Content-Type.
+            ([(header::CONTENT_TYPE, "application/octet-stream")], MANIFEST.to_vec()).into_response()
+        }
+        "manifests" if repo.starts_with("bare-index/") => {
+            // An index without `mediaType`, served as plain JSON.
+            let body = br#"{"schemaVersion":2,"manifests":[]}"#.to_vec();
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
         "manifests" => {
             let body: &[u8] = if repo.starts_with("bad/") { b"{}" } else { MANIFEST };
             let digest = Digest::of(Algorithm::Sha256, MANIFEST).to_string();
@@ -115,6 +127,13 @@ async fn handle(State(fake): State<Arc<Fake>>, req: Request) -> Response {
             if repo.starts_with("redirect/") {
                 return (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, format!("/data/{reference}"))])
                     .into_response();
+            }
+            if repo.starts_with("chunked/") && !head {
+                // A body without Content-Length (chunked), as some object stores send.
+                let body = futures_util::stream::once(async {
+                    Ok::<_, std::io::Error>(bytes::Bytes::from_static(BLOB))
+                });
+                return Body::from_stream(body).into_response();
             }
             if repo.starts_with("stall/") {
                 let first = futures_util::stream::once(async {
@@ -231,6 +250,35 @@ async fn blobs_stream_follow_redirects_and_time_out_when_stalled() {
     let results: Vec<_> =
         tokio::time::timeout(Duration::from_secs(5), stalled.body.collect::<Vec<_>>()).await.unwrap();
     assert!(results.last().unwrap().as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::TimedOut));
+}
+
+/// A blob answered without Content-Length (chunked) takes its size from the registry's
+/// `HEAD`; a tag of a registry that takes no `HEAD` for manifests (405) is resolved by a
+/// `GET`. Before, the first was never pullable and the second never resolved.
+#[tokio::test]
+async fn a_chunked_blob_and_a_registry_without_head_still_work() {
+    let (_fake, url) = fake().await;
+    let up = upstream(&url, "");
+    let digest = Digest::of(Algorithm::Sha256, BLOB);
+    let blob = up.blob("chunked/app", &digest, None).await.unwrap();
+    assert_eq!(blob.size, BLOB.len() as u64);
+    let bytes: Vec<u8> = blob.body.map(|c| c.unwrap().to_vec()).concat().await;
+    assert_eq!(bytes, BLOB);
+    let tag = up.resolve_tag("nohead/app", "v1", None).await.unwrap();
+    assert_eq!(tag, Digest::of(Algorithm::Sha256, MANIFEST));
+}
+
+/// A manifest's kind comes from its own `mediaType` before the answer's Content-Type (a
+/// generic one passed on to clients as the manifest's type before), and an index without
+/// either is known by its `manifests` (taken for an image manifest and refused before).
+#[tokio::test]
+async fn a_manifests_kind_comes_from_its_bytes_first() {
+    let (_fake, url) = fake().await;
+    let up = upstream(&url, "");
+    let generic = up.manifest("generic/app", "v1", None).await.unwrap();
+    assert_eq!(generic.media_type, "application/vnd.oci.image.manifest.v1+json");
+    let index = up.manifest("bare-index/app", "v1", None).await.unwrap();
+    assert_eq!(index.media_type, "application/vnd.oci.image.index.v1+json");
 }
 
 #[tokio::test]

@@ -101,7 +101,9 @@ fn store_error(registry: &str, e: UpstreamError) -> StoreError {
         UpstreamError::TooManyRequests { retry_after } => {
             StoreError::Throttled { retry_after_secs: retry_after.as_secs().max(1) }
         }
-        UpstreamError::Unavailable(m) => StoreError::Unavailable(format!("upstream {registry}: {m}")),
+        UpstreamError::Unavailable(m) | UpstreamError::MethodNotAllowed(m) => {
+            StoreError::Unavailable(format!("upstream {registry}: {m}"))
+        }
         UpstreamError::Invalid(m) => {
             StoreError::Unavailable(format!("upstream {registry} answered badly: {m}"))
         }
@@ -121,7 +123,10 @@ pub const STALE_ANSWER_AFTER: Duration = Duration::from_secs(5);
 fn cannot_ask(e: &UpstreamError) -> bool {
     matches!(
         e,
-        UpstreamError::Unavailable(_) | UpstreamError::TooManyRequests { .. } | UpstreamError::Invalid(_)
+        UpstreamError::Unavailable(_)
+            | UpstreamError::TooManyRequests { .. }
+            | UpstreamError::Invalid(_)
+            | UpstreamError::MethodNotAllowed(_)
     )
 }
 
