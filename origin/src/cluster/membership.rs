@@ -103,8 +103,7 @@ struct Health {
 }
 
 impl Health {
-    /// New members start up: one is live from its first reply (`Member::answered`), not
-    /// after `health_passes` of them.
+    /// New members start up, so a fresh cluster works before its first round of checks.
     fn new() -> Health {
         Health { up: true, fails: 0, passes: 0 }
     }
@@ -147,11 +146,6 @@ struct Member {
     alias: bool,
     /// It answered with an id other than the one we know it by (warned once).
     warned_id: bool,
-    /// It has answered a check at least once. An entry whose first check failed (an origin
-    /// not up yet, or this origin under another name before its listener is up) is not
-    /// live until it answers: its reply is what tells it apart from this origin or another
-    /// member.
-    answered: bool,
 }
 
 impl Member {
@@ -164,12 +158,11 @@ impl Member {
             is_self: false,
             alias: false,
             warned_id: false,
-            answered: false,
         }
     }
 
     fn live(&self) -> bool {
-        self.health.up && self.answered && !self.is_self && !self.alias
+        self.health.up && !self.is_self && !self.alias
     }
 }
 
@@ -335,7 +328,7 @@ impl Membership {
             .map(|(id, m)| MemberInfo {
                 id: id.clone(),
                 url: url_of(id),
-                up: m.health.up && m.answered,
+                up: m.health.up,
                 peer: m.peer.clone(),
             })
             .collect();
@@ -466,7 +459,6 @@ impl Membership {
                     member.warned_id = true;
                 }
                 member.alias = alias && reply.id != self.me;
-                member.answered = true;
                 member.peer = reply.peer;
                 member.disk_full = reply.disk_full;
                 member.members = reply.members;
@@ -543,9 +535,10 @@ impl Membership {
     /// first reply an entry cannot be told apart from this origin or another member under a
     /// second address, and counted live meanwhile it would be placed on as a member of its
     /// own (a write's two owners one origin) and named in the member list GC compares. An
-    /// entry whose check fails joins the list but is not live until it answers (see
-    /// [`Member::answered`]): at start that is also this origin under another name, whose
-    /// listener is not up yet. `true` if the member list changed.
+    /// entry whose check fails joins up all the same, so origins that start together work
+    /// at once (it goes down after `health_fails` failures, as any member), unless it is
+    /// this origin's own address ([`Membership::is_own_address`]): at start this origin's
+    /// listener is not up yet to answer for it. `true` if the member list changed.
     async fn admit(&self, joined: Vec<String>) -> bool {
         if joined.is_empty() {
             return false;
@@ -571,11 +564,27 @@ impl Membership {
         for (id, result) in admitted {
             let alias = matches!(&result, Ok(r) if r.id != id && table.others.contains_key(&r.id));
             if let Some(member) = table.others.get_mut(&id) {
+                if result.is_err() && self.is_own_address(&id) {
+                    info!(member = %id, "cluster member is this origin's own address; ignoring it");
+                    member.is_self = true;
+                }
                 self.apply(&id, member, result, alias);
                 changed |= !member.is_self && !member.alias;
             }
         }
         changed
+    }
+
+    /// Whether entry `id` is an address of this host with this origin's advertised port: the
+    /// address a `dns+` name gives for this origin (its pod's IP), checked without asking it
+    /// (an address is this host's when a socket can be bound to it).
+    fn is_own_address(&self, id: &str) -> bool {
+        let (Ok(entry), Some(port)) =
+            (id.parse::<SocketAddr>(), self.me.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()))
+        else {
+            return false;
+        };
+        entry.port() == port && std::net::UdpSocket::bind((entry.ip(), 0)).is_ok()
     }
 
     /// Members behind `dns+host:port`: one per A/AAAA address.
