@@ -408,7 +408,12 @@ impl PeerServer {
                             None => continue,
                         },
                     };
+                    // A turn and a piece's send are for sending that piece: every other answer
+                    // (a cancel, a decline, an error) lets them go first. Held through such a
+                    // write to a peer that stopped reading, each kept one of the origin's few
+                    // send slots for the write's whole timeout.
                     if unadmitted.remove(&index) && !self.egress.admit(piece_len(index), MAX_EGRESS_WAIT) {
+                        drop((held_turn.take(), piece_send.take()));
                         if let Err(e) = sink.send(Message::Cancel(index)).await {
                             break Err(e.to_string());
                         }
@@ -416,13 +421,16 @@ impl PeerServer {
                     }
                     self.egress.release(piece_len(index));
                     if !pieces.has(index) {
+                        // Asked for a piece it was never told of (or past the blob's end).
+                        drop((held_turn.take(), piece_send.take()));
                         let _ = sink.send(error(ERROR_PROTOCOL, "piece not held")).await;
-                        continue;
+                        break Err(format!("peer asked for piece {index}, which is not held"));
                     }
                     let count = pieces.metainfo().piece_count();
                     if self.super_seed.as_ref().is_some_and(|s| !s.claim(digest, index, remote, Instant::now())) {
                         // Declined: another peer just got it and can pass it on.
                         tracing::trace!(%digest, index, %remote, "piece declined");
+                        drop((held_turn.take(), piece_send.take()));
                         if let Err(e) = sink.send(Message::Cancel(index)).await {
                             break Err(e.to_string());
                         }

@@ -28,7 +28,9 @@ pub struct SuperSeed {
     window: Duration,
     reask_after: Duration,
     linger: Duration,
-    sent: std::sync::Mutex<std::collections::HashMap<(Digest, u32), (std::time::Instant, PeerId)>>,
+    /// Each piece's last claim: when its window started, to whom, and whether it was sent in
+    /// full since (the window restarts at the first full send only).
+    sent: std::sync::Mutex<std::collections::HashMap<(Digest, u32), LastClaim>>,
     holders: std::sync::Mutex<std::collections::HashMap<Digest, Holders>>,
     /// When each peer was first told to fetch a piece elsewhere.
     declined: std::sync::Mutex<std::collections::HashMap<(Digest, u32, PeerId), std::time::Instant>>,
@@ -41,6 +43,10 @@ pub struct SuperSeed {
     prune_sent_at: std::sync::atomic::AtomicUsize,
     prune_declined_at: std::sync::atomic::AtomicUsize,
 }
+
+/// A piece's last claim: when its window started, to whom, and whether it was sent in full
+/// since.
+type LastClaim = (Instant, PeerId, bool);
 
 /// Blobs whose sent pieces are remembered; past this, blobs no peer is connected for are
 /// forgotten first.
@@ -309,13 +315,17 @@ impl SuperSeed {
         }
         let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
         if sent.len() > self.prune_sent_at.load(Ordering::Relaxed) {
-            sent.retain(|_, (at, _)| now.duration_since(*at) < self.window);
+            sent.retain(|_, (at, _, _)| now.duration_since(*at) < self.window);
             self.prune_sent_at.store((sent.len() * 2).max(PRUNE_FLOOR), Ordering::Relaxed);
         }
         match sent.get(&(digest.clone(), index)) {
-            Some((at, to)) if *to != peer && now.duration_since(*at) < self.window => false,
+            Some((at, to, _)) if *to != peer && now.duration_since(*at) < self.window => false,
+            // The same peer again within its window: served, but the window does not start
+            // again. Restarted by each of its requests, a peer asking every 3 s for a piece it
+            // never passed on kept it from everyone else for good.
+            Some((at, to, _)) if *to == peer && now.duration_since(*at) < self.window => true,
             _ => {
-                sent.insert((digest.clone(), index), (now, peer));
+                sent.insert((digest.clone(), index), (now, peer, false));
                 true
             }
         }
@@ -339,7 +349,11 @@ impl SuperSeed {
         if entry.1 != peer {
             return;
         }
-        entry.0 = now;
+        // Its first full send only: sent to the same peer again, it does not hold the piece
+        // back from the others for another window.
+        if !entry.2 {
+            (entry.0, entry.2) = (now, true);
+        }
         drop(sent);
         self.record_sent(digest, index, piece_count);
     }
@@ -408,6 +422,33 @@ mod tests {
         assert!(s.claim(&d, 0, b, Instant::now()), "served once the window after the send has passed");
         s.sent_in_full(&d, 0, a, N, Instant::now());
         assert!(s.claim(&d, 0, b, Instant::now()), "a stale completion by another peer changes nothing");
+    }
+
+    /// A peer that asks for the same piece again and again (and reads it, or not) does not
+    /// keep it from the others past one window after its first full send. Before, each of
+    /// its requests started the window again.
+    #[test]
+    fn asking_again_does_not_hold_a_piece_back_from_the_others() {
+        let s = SuperSeed::with_timing(Duration::from_millis(100), REASK_AFTER, HOLDER_LINGER);
+        let (d, a, b) = (digest(), PeerId::random(), PeerId::random());
+        assert!(s.claim(&d, 0, a, Instant::now()));
+        s.sent_in_full(&d, 0, a, N, Instant::now());
+        // Asked again and sent again within the window, which does not start again.
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(s.claim(&d, 0, a, Instant::now()), "the same peer is served again");
+            s.sent_in_full(&d, 0, a, N, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(s.claim(&d, 0, b, Instant::now()), "one window after the first full send, others are served");
+        // Asked again before any full send: the window runs from the first claim.
+        assert!(s.claim(&d, 1, a, Instant::now()));
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(s.claim(&d, 1, a, Instant::now()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(s.claim(&d, 1, b, Instant::now()), "requests alone do not hold it back either");
     }
 
     #[test]
