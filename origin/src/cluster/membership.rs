@@ -411,18 +411,23 @@ impl Membership {
         self.generation.send_modify(|g| *g = g.wrapping_add(1));
     }
 
-    /// One round of health checks: every other member, concurrently.
-    async fn check_all(&self) {
-        let targets: Vec<String> =
-            self.lock().others.iter().filter(|(_, m)| !m.is_self).map(|(id, _)| id.clone()).collect();
-        let results: Vec<(String, Result<HealthReply, String>)> = stream::iter(targets)
+    /// Check each of `ids`, a few at a time.
+    async fn check_each(&self, ids: Vec<String>) -> Vec<(String, Result<HealthReply, String>)> {
+        stream::iter(ids)
             .map(|id| async move {
                 let result = self.check(&id).await;
                 (id, result)
             })
             .buffer_unordered(MAX_CONCURRENT_CHECKS)
             .collect()
-            .await;
+            .await
+    }
+
+    /// One round of health checks: every other member, concurrently.
+    async fn check_all(&self) {
+        let targets: Vec<String> =
+            self.lock().others.iter().filter(|(_, m)| !m.is_self).map(|(id, _)| id.clone()).collect();
+        let results = self.check_each(targets).await;
         let mut changed = false;
         {
             let mut table = self.lock();
@@ -543,14 +548,7 @@ impl Membership {
         if joined.is_empty() {
             return false;
         }
-        let results: Vec<(String, Result<HealthReply, String>)> = stream::iter(joined)
-            .map(|id| async move {
-                let result = self.check(&id).await;
-                (id, result)
-            })
-            .buffer_unordered(MAX_CONCURRENT_CHECKS)
-            .collect()
-            .await;
+        let results = self.check_each(joined).await;
         let mut table = self.lock();
         let mut admitted = Vec::new();
         for (id, result) in results {
