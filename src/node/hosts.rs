@@ -107,6 +107,15 @@ pub(super) fn read_if_exists(path: &Path) -> anyhow::Result<Option<Vec<u8>>> {
     }
 }
 
+/// Whether `a` and `b` are one file (hard links of it), not following symlinks.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::symlink_metadata(a), std::fs::symlink_metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 /// Whether there is anything at `path`, a symlink that leads nowhere included.
 pub(super) fn exists(path: &Path) -> anyhow::Result<bool> {
     match std::fs::symlink_metadata(path) {
@@ -145,7 +154,12 @@ pub(super) fn write_registries(plan: &SetupPlan, report: &mut Vec<String>) -> an
         let ca = plan.mirror_ca.as_ref().map(|(_, seen)| seen.as_path());
         let wanted = hosts_toml(&registry.server, &plan.mirror, &plan.dial_timeout, ca);
         let current = read_if_exists(&hosts)?;
-        let action = plan_setup(current.as_deref(), exists(&backup)?, wanted.as_bytes());
+        let mut action = plan_setup(current.as_deref(), exists(&backup)?, wanted.as_bytes());
+        if action == SetupAction::Conflict && same_file(&hosts, &backup) {
+            // A setup stopped between keeping the original and writing ours: the backup is
+            // the user's file already.
+            action = SetupAction::Write;
+        }
         anyhow::ensure!(
             action != SetupAction::Conflict,
             "{} was not written by shoal, and {} already holds an earlier original; \
@@ -171,8 +185,23 @@ pub(super) fn write_registries(plan: &SetupPlan, report: &mut Vec<String>) -> an
             SetupAction::BackUpThenWrite => {
                 // A link, not a rename: it fails rather than replace a backup that appeared
                 // since the plan (the user's original is never written over).
-                std::fs::hard_link(&hosts, &backup)
-                    .with_context(|| format!("keeping {} as {}", hosts.display(), backup.display()))?;
+                match std::fs::hard_link(&hosts, &backup) {
+                    Ok(()) => {}
+                    // A file system without hard links: a rename, the backup checked absent.
+                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists && !exists(&backup)? => {
+                        std::fs::rename(&hosts, &backup).with_context(|| {
+                            format!(
+                                "renaming {} to {} (no hard link: {e})",
+                                hosts.display(),
+                                backup.display()
+                            )
+                        })?
+                    }
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("keeping {} as {}", hosts.display(), backup.display()))
+                    }
+                }
                 atomic_file::write(&hosts, wanted.as_bytes(), None)?;
                 format!("backed up {} to {BACKUP_FILE}; {wrote}", hosts.display())
             }

@@ -281,6 +281,12 @@ fn two_registries_in_one_directory_keep_the_users_original() {
     restore_blocking(hosts_dir).unwrap();
     assert_eq!(std::fs::read(hosts_dir.join("docker.io/hosts.toml")).unwrap(), FOREIGN);
     assert!(!backup.exists());
+    // A setup stopped between keeping the original (a hard link) and writing ours: the next
+    // one writes ours, the backup stays the user's.
+    std::fs::hard_link(hosts_dir.join("docker.io/hosts.toml"), &backup).unwrap();
+    setup_blocking(&setup_plan(hosts_dir, "docker.io")).unwrap();
+    assert!(is_ours(&std::fs::read(hosts_dir.join("docker.io/hosts.toml")).unwrap()));
+    assert_eq!(std::fs::read(&backup).unwrap(), FOREIGN);
 }
 
 /// A hosts.toml that is a link to ours in a listed registry's directory is the user's: the

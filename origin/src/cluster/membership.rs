@@ -146,6 +146,10 @@ struct Member {
     alias: bool,
     /// It answered with an id other than the one we know it by (warned once).
     warned_id: bool,
+    /// Its first check failed and it is an address of this host with this origin's port
+    /// ([`Membership::is_own_address`]): most likely this origin, whose listener was not up
+    /// yet. Not a member until a reply decides (checked as any member).
+    maybe_self: bool,
 }
 
 impl Member {
@@ -158,11 +162,12 @@ impl Member {
             is_self: false,
             alias: false,
             warned_id: false,
+            maybe_self: false,
         }
     }
 
     fn live(&self) -> bool {
-        self.health.up && !self.is_self && !self.alias
+        self.health.up && !self.is_self && !self.alias && !self.maybe_self
     }
 }
 
@@ -324,7 +329,7 @@ impl Membership {
         let mut all: Vec<MemberInfo> = table
             .others
             .iter()
-            .filter(|(_, m)| !m.is_self && !m.alias)
+            .filter(|(_, m)| !m.is_self && !m.alias && !m.maybe_self)
             .map(|(id, m)| MemberInfo {
                 id: id.clone(),
                 url: url_of(id),
@@ -464,6 +469,7 @@ impl Membership {
                     member.warned_id = true;
                 }
                 member.alias = alias && reply.id != self.me;
+                member.maybe_self = false;
                 member.peer = reply.peer;
                 member.disk_full = reply.disk_full;
                 member.members = reply.members;
@@ -563,11 +569,11 @@ impl Membership {
             let alias = matches!(&result, Ok(r) if r.id != id && table.others.contains_key(&r.id));
             if let Some(member) = table.others.get_mut(&id) {
                 if result.is_err() && self.is_own_address(&id) {
-                    info!(member = %id, "cluster member is this origin's own address; ignoring it");
-                    member.is_self = true;
+                    info!(member = %id, "cluster member looks like this origin's own address; not counted until it answers");
+                    member.maybe_self = true;
                 }
                 self.apply(&id, member, result, alias);
-                changed |= !member.is_self && !member.alias;
+                changed |= !member.is_self && !member.alias && !member.maybe_self;
             }
         }
         changed

@@ -211,11 +211,11 @@ impl PullThrough {
             Ok(_) => Ok(()),
             // The upstream cannot be asked now (down, throttling): credentials it accepted
             // before still read what is cached, as a private tag is served stale then.
-            Err(UpstreamError::Unavailable(_) | UpstreamError::TooManyRequests { .. })
-                if self.accepted_before(up, repo) =>
-            {
-                Ok(())
-            }
+            Err(
+                UpstreamError::Unavailable(_)
+                | UpstreamError::TooManyRequests { .. }
+                | UpstreamError::MethodNotAllowed(_),
+            ) if self.accepted_before(up, repo) => Ok(()),
             // Not found with these credentials is no proof of access: registries that hide
             // private repositories answer 404 to users without it.
             Err(e) => Err(store_error(up.registry(), e)),

@@ -162,6 +162,13 @@ impl PullThrough {
         Some((self.upstreams.get(registry)?.clone(), path))
     }
 
+    /// This request's turn to ask the upstream about `reference` of `repo` (see [`serial`]):
+    /// taken on a miss only, so answers the cluster holds never wait.
+    async fn upstream_turn(&self, repo: &RepoName, reference: &str) -> Option<serial::Turn<'_>> {
+        let client = client_credentials().map(|c| hex::encode(c.fingerprint())).unwrap_or_default();
+        self.manifest_turns.turn(format!("{repo}\n{reference}\n{client}")).await
+    }
+
     /// A manifest of an upstream repository by digest: from the cluster, else the upstream.
     async fn mirrored_manifest(
         &self,
@@ -171,7 +178,17 @@ impl PullThrough {
         digest: &Digest,
         tag: Option<&Tag>,
     ) -> Result<Option<StoredManifest>, StoreError> {
-        if let Some(m) = self.inner.manifest_get(repo, &Reference::Digest(digest.clone())).await? {
+        let stored = self.inner.manifest_get(repo, &Reference::Digest(digest.clone())).await?;
+        // On a miss, after the request before this one with the same question (which may have
+        // stored the answer meanwhile).
+        let (stored, _turn) = match stored {
+            Some(m) => (Some(m), None),
+            None => {
+                let turn = self.upstream_turn(repo, &digest.to_string()).await;
+                (self.inner.manifest_get(repo, &Reference::Digest(digest.clone())).await?, turn)
+            }
+        };
+        if let Some(m) = stored {
             self.metrics.cache(up.registry(), true);
             if let Some(tag) = tag {
                 self.inner.write_tag(repo, tag, digest).await?;
@@ -217,15 +234,26 @@ impl PullThrough {
         path: &str,
         tag: &Tag,
     ) -> Result<Option<StoredManifest>, StoreError> {
-        let known = self.inner.tag_written(repo, tag).await?;
-        let confirmed = known.as_ref().map(|(_, at)| *at);
-        if let (tags::Before::Fresh, Some((digest, _))) =
-            (tags::before_asking(confirmed, now_millis(), up.config().tag_ttl), &known)
-        {
-            self.check_access(up, repo, path, Probe::Manifest(digest)).await?;
-            self.metrics.cache(up.registry(), true);
-            return self.inner.manifest_get(repo, &Reference::Digest(digest.clone())).await;
+        let mut known = self.inner.tag_written(repo, tag).await?;
+        let mut turn = None;
+        loop {
+            let confirmed = known.as_ref().map(|(_, at)| *at);
+            if let (tags::Before::Fresh, Some((digest, _))) =
+                (tags::before_asking(confirmed, now_millis(), up.config().tag_ttl), &known)
+            {
+                self.check_access(up, repo, path, Probe::Manifest(digest)).await?;
+                self.metrics.cache(up.registry(), true);
+                return self.inner.manifest_get(repo, &Reference::Digest(digest.clone())).await;
+            }
+            if turn.is_some() {
+                break;
+            }
+            // To be asked: after the request before this one with the same question, which
+            // may have confirmed the tag meanwhile.
+            turn = Some(self.upstream_turn(repo, tag.as_str()).await);
+            known = self.inner.tag_written(repo, tag).await?;
         }
+        let confirmed = known.as_ref().map(|(_, at)| *at);
         let t = tag.as_str();
         let ask = self.call(up, repo, |c| async move { up.resolve_tag(path, t, c.as_ref()).await });
         let may_serve_stale = known.is_some()
@@ -374,13 +402,6 @@ impl RegistryStore for PullThrough {
         let Some((up, path)) = self.upstream_of(repo) else {
             return self.inner.manifest_get(repo, reference).await;
         };
-        // After the request before it with the same key, this one finds its answer stored.
-        let client = client_credentials().map(|c| hex::encode(c.fingerprint())).unwrap_or_default();
-        let reference_text = match reference {
-            Reference::Tag(t) => t.to_string(),
-            Reference::Digest(d) => d.to_string(),
-        };
-        let _turn = self.manifest_turns.turn(format!("{repo}\n{reference_text}\n{client}")).await;
         match reference {
             Reference::Tag(tag) => self.mirrored_tag(&up, repo, path, tag).await,
             Reference::Digest(digest) => {

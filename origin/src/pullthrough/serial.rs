@@ -1,10 +1,12 @@
 //! One upstream question per origin at a time for the same manifest: a rollout's nodes ask
 //! every origin for a new image's tag and manifests within a second, and each request that
 //! missed the cluster asked the upstream itself (Docker Hub counts every manifest `GET`
-//! against the pull limit, and its 429 stops every pull from it for minutes). A request for
-//! a key (repository, reference, the client's credentials) waits for the one before it, up
-//! to [`SERIAL_WAIT`], then finds the answer that one stored in the cluster. Each request
-//! still makes its own access checks; nothing one client was given is handed to another.
+//! against the pull limit, and its 429 stops every pull from it for minutes). A request that
+//! missed the cluster and would ask the upstream about a key (repository, reference, the
+//! client's credentials) waits for the one before it, up to [`SERIAL_WAIT`], then looks in
+//! the cluster again, where that one stored the answer; answers the cluster holds never wait.
+//! Each request still makes its own access checks; nothing one client was given is handed
+//! to another.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -55,6 +55,9 @@ pub(super) async fn tags(ctx: &mut Ctx, name: &RepoName) -> ApiResult {
 /// Names of the store's catalog a filtered catalog page reads at most, past those the client
 /// may not see, before it answers with what it found.
 const CATALOG_SCAN_BUDGET: usize = 100_000;
+/// Fewest names a filtered catalog page asks the store for at once (a page of `n=1` read one
+/// name per store call, up to the whole budget in calls).
+const CATALOG_SCAN_BATCH: usize = 1_000;
 
 pub(super) async fn catalog(ctx: &mut Ctx) -> ApiResult {
     let (n, last) = page_params(ctx)?;
@@ -67,15 +70,22 @@ pub(super) async fn catalog(ctx: &mut Ctx) -> ApiResult {
     // page at a time. So the store is read on past hidden names until the page holds `n`
     // visible ones, the catalog ends, or the budget is spent; the link then goes on from
     // the last visible name (after a budget spent on hidden names alone, the listing ends).
-    let mut items = Vec::new();
+    let mut items: Vec<String> = Vec::new();
     let (mut cursor, mut scanned) = (last, 0usize);
     let more = loop {
         if items.len() >= n {
             break true;
         }
-        let page = ctx.store.repositories(cursor.as_deref(), n - items.len()).await?;
+        let want = (n - items.len()).clamp(CATALOG_SCAN_BATCH, MAX_PAGE);
+        let page = ctx.store.repositories(cursor.as_deref(), want).await?;
         scanned += page.items.len();
-        items.extend(page.items.into_iter().filter(|name| visible(name)));
+        let mut visible_here = page.items.into_iter().filter(|name| visible(name));
+        items.extend(visible_here.by_ref().take(n - items.len()));
+        if visible_here.next().is_some() {
+            // More visible names in this batch than the page takes: the link goes on after
+            // the last one taken.
+            break true;
+        }
         match page.next {
             Some(next) if scanned < CATALOG_SCAN_BUDGET => cursor = Some(next),
             Some(_) => break true,

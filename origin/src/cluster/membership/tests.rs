@@ -293,6 +293,8 @@ async fn self_under_another_name_is_dropped() {
 /// This origin's own address among the entries (its pod IP from a `dns+` name), at start,
 /// before its listener answers: not a member, though its check failed. Before, an entry whose
 /// first check failed joined up, and for a health interval this origin counted itself twice.
+/// Only until it answers: another origin on this host with the same port (127.0.0.3 here)
+/// that was not up yet at start is a member once it answers.
 #[tokio::test]
 async fn this_origins_own_address_is_not_a_member_before_it_answers() {
     let port = {
@@ -300,14 +302,19 @@ async fn this_origins_own_address_is_not_a_member_before_it_answers() {
         l.local_addr().expect("addr").port()
     };
     let me = format!("origin-0.test:{port}");
-    let own = format!("127.0.0.2:{port}");
+    let (own, neighbour) = (format!("127.0.0.2:{port}"), format!("127.0.0.3:{port}"));
     let (other, _fake) = spawn_fake(None).await;
-    let mut cfg = config(&me, &[&own, &other]);
-    cfg.health_interval = Duration::from_secs(3600);
-    let m = Membership::start(cfg, None, client()).await.expect("start");
+    let m = Membership::start(config(&me, &[&own, &neighbour, &other]), None, client()).await.expect("start");
     assert!(!m.live().contains(&own), "this origin counted twice");
     assert!(m.members().iter().all(|i| i.id != own));
     assert!(m.live().contains(&other), "another member is live");
+    let Ok(listener) = tokio::net::TcpListener::bind(("127.0.0.3", port)).await else {
+        println!("skipping the neighbour: cannot bind 127.0.0.3:{port}");
+        return;
+    };
+    serve(listener, fake(&neighbour, None));
+    eventually("the neighbour answers and counts", || m.live().contains(&neighbour)).await;
+    assert!(!m.live().contains(&own));
 }
 
 /// One origin under two addresses (the A and AAAA records of one `dns+` name; here two
