@@ -33,8 +33,10 @@ use crate::origin_client::OriginClient;
 use crate::seeding::Seeding;
 
 mod askers;
+mod confirm;
 mod reader;
 use askers::{Asker, OriginFallback};
+use confirm::MetainfoCheck;
 use reader::{Reader, Source};
 
 /// Attempts of one download: the first, and one from the origin's metainfo (see the module docs).
@@ -68,18 +70,9 @@ pub struct Download {
     outcome: watch::Sender<Outcome>,
     /// The clients the origin fallback asks as, newest first (see [`OriginFallback`]).
     askers: Mutex<Vec<Asker>>,
-    /// Where the first attempt's metainfo came from, and (from a tracker) whether it was
-    /// found to be the origins' own (see [`Download::confirm_metainfo`]). Later attempts
-    /// start from the origins' metainfo.
-    first_source: MetainfoSource,
-    confirmed: tokio::sync::OnceCell<()>,
-    /// When a confirmation last found the origins unreachable.
-    confirm_failed: Mutex<Option<std::time::Instant>>,
+    /// Whether its metainfo may vouch for a range short of the blob's end ([`confirm`]).
+    check: MetainfoCheck,
 }
-
-/// How long a confirmation that found the origins unreachable is not tried again (readers
-/// wait for the download's end meanwhile).
-const CONFIRM_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Download {
     fn new(pieces: Arc<BlobPieces>, asker: Asker, source: MetainfoSource) -> Download {
@@ -89,86 +82,7 @@ impl Download {
             positions: watch::Sender::new(Vec::new()),
             outcome: watch::Sender::new(None),
             askers: Mutex::new(vec![asker]),
-            first_source: source,
-            confirmed: tokio::sync::OnceCell::new(),
-            confirm_failed: Mutex::new(None),
-        }
-    }
-
-    /// Whether the metainfo that checks `attempt`'s pieces is known good for a range that
-    /// ends before the blob's last piece, confirming it if need be. The metainfo's chain is
-    /// vouched for by the digest only through the last piece, so a tracker's metainfo of the
-    /// right size but a chain of its own (a tracker not to be trusted, or its answer changed
-    /// on a plain-HTTP path) would pass made-up pieces of any range short of the end, and a
-    /// client reading such a range (a lazy-pulling snapshotter) would get them as a complete
-    /// answer. Good: the origins' metainfo (every attempt after the first, or a first from
-    /// the origins), a download that finished (its digest checked), or a tracker's found
-    /// equal to the origins' (asked once per download, as the reading client, within
-    /// `deadline`). If the origins cannot be asked (a failure is remembered for
-    /// [`CONFIRM_RETRY`], so concurrent readers do not each wait on them in turn), the
-    /// download's end decides, within `deadline`.
-    async fn confirm_metainfo(
-        &self,
-        downloads: &Downloads,
-        attempt: Attempt,
-        metainfo: &Metainfo,
-        deadline: tokio::time::Instant,
-    ) -> Result<(), String> {
-        if attempt.number > 1 || self.first_source == MetainfoSource::Origin || self.confirmed.initialized() {
-            return Ok(());
-        }
-        let mut outcome = self.outcome.subscribe();
-        if matches!(*outcome.borrow_and_update(), Some(Ok(()))) {
-            return Ok(());
-        }
-        let digest = metainfo.digest();
-        let failed_lately = self
-            .confirm_failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|at| at.elapsed() < CONFIRM_RETRY);
-        let asked: Result<(), Option<String>> = if failed_lately {
-            Err(Some("the origins could not be asked a moment ago".into()))
-        } else {
-            // `Err(None)`: the origins answered with another metainfo; `Err(Some(_))`: no answer.
-            let ask = self.confirmed.get_or_try_init(|| async {
-                let origins = downloads.origin_metainfo(digest).await.map_err(|e| Some(e.to_string()))?;
-                if origins != *metainfo {
-                    tracing::warn!(%digest, "the tracker's metainfo is not the origins'; not serving a range by it");
-                    return Err(None);
-                }
-                Ok(())
-            });
-            match tokio::time::timeout_at(deadline, ask).await {
-                Ok(asked) => asked.map(|_| ()),
-                Err(_) => Err(Some("the origins did not answer in time".into())),
-            }
-        };
-        match asked {
-            Ok(()) => Ok(()),
-            Err(None) => {
-                Err("the tracker's metainfo for this blob is not the origins'; retry the pull".into())
-            }
-            Err(Some(e)) => {
-                *self.confirm_failed.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(std::time::Instant::now());
-                tracing::debug!(%digest, error = %e, "cannot confirm a tracker's metainfo; waiting for the download's end");
-                loop {
-                    match outcome.borrow_and_update().clone() {
-                        Some(Ok(())) => return Ok(()),
-                        Some(Err(e)) => return Err(format!("download failed: {e}")),
-                        None => {}
-                    }
-                    tokio::select! {
-                        changed = outcome.changed() => if changed.is_err() {
-                            return Err("download abandoned".into());
-                        },
-                        _ = tokio::time::sleep_until(deadline) => {
-                            return Err(format!("cannot confirm the blob's metainfo with the origins: {e}"));
-                        }
-                    }
-                }
-            }
+            check: MetainfoCheck::new(source),
         }
     }
 

@@ -554,21 +554,31 @@ impl Membership {
         if joined.is_empty() {
             return false;
         }
-        let results = self.check_each(joined).await;
+        // Whether a failed entry is this host's own address is a system call: asked before
+        // the table's lock is taken.
+        let results: Vec<_> = self
+            .check_each(joined)
+            .await
+            .into_iter()
+            .map(|(id, result)| {
+                let own = result.is_err() && self.is_own_address(&id);
+                (id, result, own)
+            })
+            .collect();
         let mut table = self.lock();
         let mut admitted = Vec::new();
-        for (id, result) in results {
+        for (id, result, own) in results {
             if let std::collections::btree_map::Entry::Vacant(slot) = table.others.entry(id.clone()) {
                 info!(member = %id, "cluster member joined the member list");
                 slot.insert(Member::new());
-                admitted.push((id, result));
+                admitted.push((id, result, own));
             }
         }
         let mut changed = false;
-        for (id, result) in admitted {
+        for (id, result, own) in admitted {
             let alias = matches!(&result, Ok(r) if r.id != id && table.others.contains_key(&r.id));
             if let Some(member) = table.others.get_mut(&id) {
-                if result.is_err() && self.is_own_address(&id) {
+                if own {
                     info!(member = %id, "cluster member looks like this origin's own address; not counted until it answers");
                     member.maybe_self = true;
                 }

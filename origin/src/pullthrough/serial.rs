@@ -32,7 +32,7 @@ pub struct Turn<'a> {
     serial: &'a Serial,
     key: String,
     lock: Arc<tokio::sync::Mutex<()>>,
-    _guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl Serial {
@@ -47,7 +47,7 @@ impl Serial {
             keys.entry(key.clone()).or_default().clone()
         };
         let guard = tokio::time::timeout(SERIAL_WAIT, lock.clone().lock_owned()).await.ok();
-        Some(Turn { serial: self, key, lock, _guard: guard })
+        Some(Turn { serial: self, key, lock, guard })
     }
 }
 
@@ -55,7 +55,7 @@ impl Drop for Turn<'_> {
     fn drop(&mut self) {
         let mut keys = self.serial.keys.lock().unwrap_or_else(|p| p.into_inner());
         // The map's reference, this turn's, and its guard's (when it got the lock).
-        let own = 2 + usize::from(self._guard.is_some());
+        let own = 2 + usize::from(self.guard.is_some());
         if keys.get(&self.key).is_some_and(|l| Arc::ptr_eq(l, &self.lock))
             && Arc::strong_count(&self.lock) <= own
         {
@@ -82,7 +82,7 @@ mod tests {
             tokio::spawn(async move {
                 let started = std::time::Instant::now();
                 let turn = serial.turn("a".into()).await;
-                (started.elapsed(), turn.is_some_and(|t| t._guard.is_some()))
+                (started.elapsed(), turn.is_some_and(|t| t.guard.is_some()))
             })
         };
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -94,7 +94,7 @@ mod tests {
         let held = serial.turn("c".into()).await.expect("a turn");
         let started = std::time::Instant::now();
         let late = serial.turn("c".into()).await.expect("a turn");
-        assert!(late._guard.is_none() && started.elapsed() >= SERIAL_WAIT, "waited past the bound");
+        assert!(late.guard.is_none() && started.elapsed() >= SERIAL_WAIT, "waited past the bound");
         drop((held, late));
         assert!(serial.keys.lock().unwrap().is_empty());
     }
