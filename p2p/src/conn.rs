@@ -175,7 +175,7 @@ pub async fn run<E: From<ConnEvent>>(
                 let msg = match cmd {
                     None => break "swarm closed the connection".to_string(),
                     Some(Command::Request(index)) => {
-                        stream.decoder_mut().expect(index);
+                        stream.decoder_mut().expect(index, pieces.metainfo().piece_len(index).unwrap_or(0));
                         Message::Request { index }
                     }
                     // A piece already on its way is still taken: it may be the first to arrive.

@@ -1,10 +1,10 @@
 //! Limits on what untrusted peers may make a node hold: how many connections one address
 //! may open to a peer server ([`AddressSlots`]) and how many peers one blob serves at once
 //! ([`BlobSlots`]), and how frames are read ([`InboundCodec`]):
-//! small until the handshake is done, and a piece nobody asked for is skipped as its bytes
-//! arrive instead of being buffered whole.
+//! small until the handshake is done, a requested piece only at its own length, and a piece
+//! nobody asked for is skipped as its bytes arrive instead of being buffered whole.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,11 +29,14 @@ const PIECE_HEAD: usize = LEN_PREFIX + 1 + 4;
 /// Decodes what a peer sends: [`PeerCodec`] with a frame limit that starts at
 /// [`MAX_HANDSHAKE_FRAME`], and a filter that lets through only the pieces this side
 /// requested. Any other piece frame is skipped from its header on: its data is counted and
-/// discarded as it arrives, never held.
+/// discarded as it arrives, never held. A requested piece's frame must be exactly that
+/// piece's length, checked from its header: a peer cannot make the reader reserve the frame
+/// limit (4 MiB) for a piece of 256 KiB.
 #[derive(Debug)]
 pub struct InboundCodec {
     codec: PeerCodec,
-    requested: HashSet<u32>,
+    /// Requested pieces and the frame length each must come in (type, index and data).
+    requested: HashMap<u32, usize>,
     /// Bytes of an unrequested piece still to be skipped.
     skipping: usize,
     dropped: u64,
@@ -57,7 +60,7 @@ impl InboundCodec {
     pub fn new() -> InboundCodec {
         InboundCodec {
             codec: PeerCodec::new(MAX_HANDSHAKE_FRAME),
-            requested: HashSet::new(),
+            requested: HashMap::new(),
             skipping: 0,
             dropped: 0,
             need: FrameNeed::default(),
@@ -81,9 +84,11 @@ impl InboundCodec {
         self.codec.max_frame = DEFAULT_MAX_FRAME;
     }
 
-    /// Piece `index` was requested: let it through once.
-    pub fn expect(&mut self, index: u32) {
-        self.requested.insert(index);
+    /// Piece `index`, of `piece_len` bytes, was requested: let it through once, at that
+    /// length only.
+    pub fn expect(&mut self, index: u32, piece_len: u64) {
+        let frame = usize::try_from(piece_len).unwrap_or(usize::MAX).saturating_add(PIECE_HEAD - LEN_PREFIX);
+        self.requested.insert(index, frame);
     }
 
     /// Piece `index` will not come (the peer declined it).
@@ -147,11 +152,14 @@ impl InboundCodec {
                 if len >= PIECE_HEAD - LEN_PREFIX && src.get(LEN_PREFIX) == Some(&TYPE_PIECE) {
                     let Some(head) = src.get(..PIECE_HEAD) else { return Ok(None) };
                     let index = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
-                    if !self.requested.contains(&index) {
+                    let Some(&expected) = self.requested.get(&index) else {
                         src.advance(LEN_PREFIX);
                         self.skipping = len;
                         self.counted = 0;
                         continue;
+                    };
+                    if len != expected {
+                        return Err(WireError::PieceLength { index, len, expected });
                     }
                     let here = src.len().min(LEN_PREFIX.saturating_add(len));
                     let new = here.saturating_sub(self.counted);
@@ -308,7 +316,7 @@ mod tests {
     fn an_unrequested_piece_is_skipped_without_being_held() {
         let mut codec = InboundCodec::new();
         codec.allow_pieces();
-        codec.expect(2);
+        codec.expect(2, 1000);
         let mut stream = frame(Message::KeepAlive);
         stream.extend_from_slice(&frame(piece(1, 1 << 20)));
         stream.extend_from_slice(&frame(Message::Have(5)));
@@ -328,7 +336,7 @@ mod tests {
     fn the_bytes_missing_of_a_frame_are_reported_exactly() {
         let mut codec = InboundCodec::new();
         codec.allow_pieces();
-        codec.expect(2);
+        codec.expect(2, 100000);
         let need = codec.need();
         let mut stream = frame(piece(2, 100_000));
         stream.extend_from_slice(&frame(piece(1, 50_000)));
@@ -358,8 +366,8 @@ mod tests {
     fn bytes_of_requested_pieces_are_counted_as_they_arrive_and_nothing_else() {
         let mut codec = InboundCodec::new();
         codec.allow_pieces();
-        codec.expect(2);
-        codec.expect(4);
+        codec.expect(2, 100000);
+        codec.expect(4, 7);
         let counted = codec.piece_bytes();
         let wanted = frame(piece(2, 100_000));
         let mut stream = frame(Message::KeepAlive);
@@ -381,7 +389,7 @@ mod tests {
         assert_eq!(messages, vec![piece(2, 100_000), Message::KeepAlive, piece(4, 7)]);
         assert_eq!(counted.load(Ordering::Relaxed), (wanted.len() + frame(piece(4, 7)).len()) as u64);
         // Split at every byte, a piece is still counted once.
-        codec.expect(9);
+        codec.expect(9, 300);
         feed(&mut codec, &frame(piece(9, 300)), 1);
         let all = wanted.len() + frame(piece(4, 7)).len() + frame(piece(9, 300)).len();
         assert_eq!(counted.load(Ordering::Relaxed), all as u64);
@@ -391,10 +399,10 @@ mod tests {
     fn a_requested_piece_split_at_every_byte_still_comes_through() {
         let mut codec = InboundCodec::new();
         codec.allow_pieces();
-        codec.expect(9);
+        codec.expect(9, 300);
         let (messages, _) = feed(&mut codec, &frame(piece(9, 300)), 1);
         assert_eq!(messages, vec![piece(9, 300)]);
-        codec.expect(3);
+        codec.expect(3, 10);
         codec.forget(3);
         let (messages, _) = feed(&mut codec, &frame(piece(3, 10)), 1);
         assert!(messages.is_empty(), "a declined piece is not expected any more");
@@ -408,7 +416,7 @@ mod tests {
         assert!(matches!(codec.decode(&mut buf), Err(WireError::FrameTooLarge { .. })));
         // A piece header says the same even for a requested piece.
         let mut codec = InboundCodec::new();
-        codec.expect(0);
+        codec.expect(0, 100 * 1024);
         let mut buf = frame(piece(0, 100 * 1024));
         assert!(matches!(codec.decode(&mut buf), Err(WireError::FrameTooLarge { .. })));
         // A handshake fits.
@@ -420,6 +428,27 @@ mod tests {
         };
         let (messages, _) = feed(&mut InboundCodec::new(), &frame(hello.clone()), 1000);
         assert_eq!(messages, vec![hello]);
+    }
+
+    /// A requested piece's header names its frame's length; any but the piece's own is an
+    /// error before the reader reserves room for it.
+    #[test]
+    fn a_requested_piece_of_another_length_is_refused_from_its_header() {
+        for len in [1000, 1024, 4 * 1024 * 1024 - 64] {
+            let mut codec = InboundCodec::new();
+            codec.allow_pieces();
+            codec.expect(3, 1024);
+            let mut buf = frame(piece(3, len)).split_to(PIECE_HEAD);
+            let before = buf.capacity();
+            let result = codec.decode(&mut buf);
+            if len == 1024 {
+                assert_eq!(result.unwrap(), None, "the right length waits for its data");
+            } else {
+                let err = result.unwrap_err();
+                assert!(matches!(err, WireError::PieceLength { index: 3, expected: 1029, .. }), "{err}");
+                assert_eq!(buf.capacity(), before, "nothing reserved for a {len}-byte piece");
+            }
+        }
     }
 
     #[test]

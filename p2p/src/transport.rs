@@ -425,7 +425,7 @@ mod tests {
         let fd = client.as_raw_fd();
         let mut codec = InboundCodec::new();
         codec.allow_pieces();
-        codec.expect(7);
+        codec.expect(7, 1 << 20);
         let need = codec.need();
         let (read, _write) = client.into_split();
         let mut frames = FramedRead::new(LowWaterReader { inner: read, need, current: 1 }, codec);

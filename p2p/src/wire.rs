@@ -83,6 +83,8 @@ pub enum WireError {
     Io(#[from] std::io::Error),
     #[error("frame of {len} bytes exceeds the limit of {max}")]
     FrameTooLarge { len: usize, max: usize },
+    #[error("piece {index} came in a frame of {len} bytes, not its {expected}")]
+    PieceLength { index: u32, len: usize, expected: usize },
     #[error("unknown message type {0}")]
     UnknownType(u8),
     #[error("{message} frame is truncated")]
