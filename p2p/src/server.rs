@@ -33,6 +33,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// long is closed (keep-alives do not count: a peer may not hold a blob slot, or a cached
 /// blob's pin, without using it).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long after its last piece (or its start) a connection's `have`s of new pieces keep it
+/// open: a downloader that gets its pieces elsewhere for a while keeps its connection (and
+/// the origin's super-seeding hears of its gains), but a peer that tells a new `have` every
+/// two minutes and asks for nothing held a cached blob's pin for piece count x 2 minutes (a
+/// day for a 1 GiB blob), so `have`s alone keep it this long at most, then `IDLE_TIMEOUT`.
+const HAVES_KEEP: Duration = Duration::from_secs(600);
 
 /// What a connection's sending side tells its reader, which closes an idle connection.
 #[derive(Default)]
@@ -232,13 +238,17 @@ impl PeerServer {
         // before keeps a connection: one with none of these for `IDLE_TIMEOUT` gives its blob
         // slot and connection slot back, and with them its pin on a cached blob. Keep-alives,
         // the same `have` again, or a request cancelled before it was sent, every two minutes,
-        // kept a blob from eviction for good.
+        // kept a blob from eviction for good; `have`s count for `HAVES_KEEP` after the last
+        // piece sent only.
         let mut told = vec![false; pieces.metainfo().piece_count() as usize];
         let activity = Arc::new(Activity::default());
         let seen = activity.clone();
         let reader = tokio::spawn(async move {
             let mut deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
             let mut sent_before = 0;
+            // When a piece was last seen sent or a request waiting (or the connection began),
+            // to an `IDLE_TIMEOUT`'s precision: what `have`s are counted from.
+            let mut useful_at = tokio::time::Instant::now();
             loop {
                 let next = match tokio::time::timeout_at(deadline, stream.next()).await {
                     Ok(next) => next,
@@ -249,15 +259,19 @@ impl PeerServer {
                             return;
                         }
                         sent_before = sent;
-                        deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
+                        useful_at = tokio::time::Instant::now();
+                        deadline = useful_at + IDLE_TIMEOUT;
                         continue;
                     }
                 };
                 match next {
                     Some(Ok(m)) => {
                         if let Message::Have(index) = &m {
-                            if told.get_mut(*index as usize).is_some_and(|t| !std::mem::replace(t, true)) {
-                                deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
+                            let now = tokio::time::Instant::now();
+                            if told.get_mut(*index as usize).is_some_and(|t| !std::mem::replace(t, true))
+                                && now < useful_at + HAVES_KEEP
+                            {
+                                deadline = now + IDLE_TIMEOUT;
                             }
                         }
                         if matches!(m, Message::KeepAlive) {

@@ -480,3 +480,39 @@ async fn a_connection_that_only_sends_keep_alives_is_closed_when_idle() {
     assert!(heard.is_err(), "the active peer heard {heard:?}");
     serving.abort();
 }
+
+/// A peer that tells a new `have` every 30 s and asks for nothing keeps its connection (and a
+/// cached blob's pin) for `HAVES_KEEP` and one `IDLE_TIMEOUT` more at most, not for as long as
+/// the blob has pieces to tell (64 here: 32 minutes; a day for a 1 GiB blob at one `have`
+/// every two minutes).
+#[tokio::test(start_paused = true)]
+async fn new_haves_alone_keep_a_connection_for_a_while_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (meta, seeded) = seeded_large(&dir);
+    assert!(meta.piece_count() >= 64);
+    let (addr, serving) = start(server_of(seeded)).await;
+    let mut telling = raw_peer(addr, &meta).await;
+    let started = tokio::time::Instant::now();
+    let closed = 'told: {
+        for told in 0..meta.piece_count() {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            if telling.send(Message::Have(told)).await.is_err() {
+                break 'told started.elapsed();
+            }
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(1));
+                tokio::task::yield_now().await;
+            }
+            if matches!(
+                tokio::time::timeout(Duration::from_millis(10), telling.next()).await,
+                Ok(None | Some(Err(_)))
+            ) {
+                break 'told started.elapsed();
+            }
+        }
+        panic!("still open after telling every piece, {:?}", started.elapsed());
+    };
+    assert!(closed >= HAVES_KEEP, "closed after {closed:?}");
+    assert!(closed <= HAVES_KEEP + IDLE_TIMEOUT + Duration::from_secs(60), "closed after {closed:?}");
+    serving.abort();
+}
