@@ -18,8 +18,13 @@
 //! stayed at 3-7 Mbit/s of a 25 Mbit/s link, `swarm_state::requests`). So it waits for the
 //! symptom, a busy connection that had its share of the node's link ([`FAIR_SHARE`]) silent
 //! for [`INCAST_SILENCE`] while others deliver (the swarm's stall rule notices the same
-//! silences only seconds later), and a node that never shows it is never capped.
+//! silences only seconds later), and a node that never shows it is never capped. Incast
+//! silences many senders; one peer silent again and again is that peer (or a hostile one
+//! holding its victim's cap at the floor), so each host's silence counts once per
+//! [`SIGN_MEMORY`].
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 /// A connection with requests out that has received nothing for this long, while the node's
@@ -46,6 +51,11 @@ pub const DECREASE_COOLDOWN: Duration = Duration::from_secs(3);
 pub const INCREASE_EVERY: Duration = Duration::from_secs(3);
 /// A cap grown to this many senders is lifted (more than a node's downloads keep busy).
 pub const UNCAPPED_AT: usize = 64;
+/// After a sign from one host, its next signs are ignored this long (they neither lower the
+/// cap nor hold back its growth). A peer that sent a piece and went silent every 2.5 s held
+/// its receiver's cap at [`MIN_SENDERS`] for every download; alone it now halves the cap at
+/// most once in this time, against ten steps of growth.
+pub const SIGN_MEMORY: Duration = Duration::from_secs(30);
 
 /// The node's cap on peers sending to it at once.
 #[derive(Clone, Debug, Default)]
@@ -56,6 +66,8 @@ pub struct SenderCap {
     grown_at: Option<Instant>,
     /// The last decrease, for its cooldown.
     decreased_at: Option<Instant>,
+    /// Hosts whose sign counted within [`SIGN_MEMORY`] (host keys, `inbound::host_key`).
+    signed: HashMap<IpAddr, Instant>,
 }
 
 impl SenderCap {
@@ -68,7 +80,7 @@ impl SenderCap {
         }
         let grown = cap.saturating_add(usize::try_from(steps).unwrap_or(usize::MAX));
         if grown >= UNCAPPED_AT {
-            *self = SenderCap::default();
+            (self.cap, self.grown_at, self.decreased_at) = (None, None, None);
         } else {
             self.cap = Some(grown);
             // `grown < UNCAPPED_AT` bounds `steps`, and whole steps do not pass `now`.
@@ -77,10 +89,17 @@ impl SenderCap {
         self.cap
     }
 
-    /// A sign of incast at `now`, with `busy` peers sending to the node: halve the senders
-    /// (at least [`MIN_SENDERS`]), unless the last decrease is within its cooldown. Returns
-    /// whether the cap fell. Any sign restarts the wait for the next increase.
-    pub fn incast(&mut self, now: Instant, busy: usize) -> bool {
+    /// A sign of incast at `now` on the connection to `from`, with `busy` peers sending to
+    /// the node: halve the senders (at least [`MIN_SENDERS`]), unless the last decrease is
+    /// within its cooldown or `from`'s host signed within [`SIGN_MEMORY`]. Returns whether
+    /// the cap fell. Any sign counted restarts the wait for the next increase.
+    pub fn incast(&mut self, now: Instant, busy: usize, from: IpAddr) -> bool {
+        self.signed.retain(|_, at| now.saturating_duration_since(*at) < SIGN_MEMORY);
+        let host = crate::inbound::host_key(from);
+        if self.signed.contains_key(&host) {
+            return false;
+        }
+        self.signed.insert(host, now);
         let current = self.cap(now);
         // Growth starts over from here, decrease or not: the link just showed its limit.
         self.grown_at = Some(now);
@@ -105,6 +124,13 @@ impl SenderCap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A host that has not signed before.
+    fn fresh() -> IpAddr {
+        static NEXT: AtomicU32 = AtomicU32::new(1);
+        IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + NEXT.fetch_add(1, Ordering::Relaxed)))
+    }
 
     #[test]
     fn a_node_that_shows_no_incast_is_never_capped() {
@@ -118,20 +144,20 @@ mod tests {
     fn a_sign_halves_the_busy_senders_down_to_the_floor() {
         let mut c = SenderCap::default();
         let t0 = Instant::now();
-        assert!(c.incast(t0, 17));
+        assert!(c.incast(t0, 17, fresh()));
         assert_eq!(c.cap(t0), Some(8));
         assert_eq!(c.room(t0, 17), 0, "over the cap: nobody new until senders finish");
         assert_eq!(c.room(t0, 5), 3);
-        assert!(!c.incast(t0 + DECREASE_COOLDOWN / 2, 17), "within the cooldown");
+        assert!(!c.incast(t0 + DECREASE_COOLDOWN / 2, 17, fresh()), "within the cooldown");
         let t1 = t0 + DECREASE_COOLDOWN;
         // The increase due at t1 comes first (8 + 1), then the halving of min(9, 17).
-        assert!(c.incast(t1, 17));
+        assert!(c.incast(t1, 17, fresh()));
         assert_eq!(c.cap(t1), Some(4));
         let t2 = t1 + DECREASE_COOLDOWN;
-        assert!(c.incast(t2, 3), "halves what is busy when fewer than the cap send");
+        assert!(c.incast(t2, 3, fresh()), "halves what is busy when fewer than the cap send");
         assert_eq!(c.cap(t2), Some(MIN_SENDERS));
         for i in 1..10 {
-            c.incast(t2 + DECREASE_COOLDOWN * i, 1);
+            c.incast(t2 + DECREASE_COOLDOWN * i, 1, fresh());
             assert!(c.cap(t2 + DECREASE_COOLDOWN * i) >= Some(MIN_SENDERS), "never below the floor");
         }
     }
@@ -140,11 +166,11 @@ mod tests {
     fn signs_in_a_row_keep_the_cap_from_growing() {
         let mut c = SenderCap::default();
         let t0 = Instant::now();
-        assert!(c.incast(t0, 4));
+        assert!(c.incast(t0, 4, fresh()));
         let mut t = t0;
         for _ in 0..20 {
             t += INCREASE_EVERY / 2;
-            c.incast(t, 2);
+            c.incast(t, 2, fresh());
         }
         assert_eq!(c.cap(t), Some(MIN_SENDERS));
     }
@@ -153,7 +179,7 @@ mod tests {
     fn the_cap_grows_by_one_per_step_and_is_lifted_at_the_top() {
         let mut c = SenderCap::default();
         let t0 = Instant::now();
-        assert!(c.incast(t0, 4));
+        assert!(c.incast(t0, 4, fresh()));
         assert_eq!(c.cap(t0), Some(2));
         assert_eq!(c.cap(t0 + INCREASE_EVERY - Duration::from_millis(1)), Some(2));
         assert_eq!(c.cap(t0 + INCREASE_EVERY), Some(3));
@@ -162,7 +188,35 @@ mod tests {
         assert_eq!(c.cap(t0 + INCREASE_EVERY * 4), Some(6));
         let top = (UNCAPPED_AT - 2) as u32;
         assert_eq!(c.cap(t0 + INCREASE_EVERY * top), None);
-        assert!(c.incast(t0 + INCREASE_EVERY * top, 30), "a new sign caps it again");
+        assert!(c.incast(t0 + INCREASE_EVERY * top, 30, fresh()), "a new sign caps it again");
         assert_eq!(c.cap(t0 + INCREASE_EVERY * top), Some(15));
+    }
+
+    /// One host silent again and again (a hostile peer that sends a piece and goes quiet
+    /// every 2.5 s) lowers the cap once per `SIGN_MEMORY` and does not hold back its growth;
+    /// signs from other hosts still count meanwhile.
+    #[test]
+    fn one_hosts_repeated_silences_count_once_per_memory() {
+        let mut c = SenderCap::default();
+        let hostile = fresh();
+        let t0 = Instant::now();
+        assert!(c.incast(t0, 16, hostile));
+        assert_eq!(c.cap(t0), Some(8));
+        let mut t = t0;
+        while t < t0 + SIGN_MEMORY - Duration::from_millis(2500) {
+            t += Duration::from_millis(2500);
+            assert!(!c.incast(t, 8, hostile), "a repeated sign at {:?}", t - t0);
+        }
+        let grown = c.cap(t).unwrap();
+        assert!(grown >= 8 + 9, "grew to {grown} in {:?}", t - t0);
+        // Another host's sign counts while the first is remembered.
+        assert!(c.incast(t, grown, fresh()));
+        // Once the memory has passed, its sign counts again.
+        assert!(c.incast(t0 + SIGN_MEMORY + DECREASE_COOLDOWN, 30, hostile));
+        // An IPv6 host is one /64 by default.
+        let (a, b): (IpAddr, IpAddr) = ("2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap());
+        let later = t0 + SIGN_MEMORY * 3;
+        assert!(c.incast(later, 30, a));
+        assert!(!c.incast(later + DECREASE_COOLDOWN, 30, b), "the same /64");
     }
 }

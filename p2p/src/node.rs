@@ -178,12 +178,12 @@ impl DownloadSlot {
         NodeView { rate: inner.meter.rate(), elsewhere, sender_room }
     }
 
-    /// A sign of incast on one of this download's connections ([`crate::incast`]); returns
-    /// the node's new cap on senders if it fell.
-    pub fn incast(&self, now: Instant) -> Option<usize> {
+    /// A sign of incast on one of this download's connections, to the peer at `from`
+    /// ([`crate::incast`]); returns the node's new cap on senders if it fell.
+    pub fn incast(&self, now: Instant, from: std::net::IpAddr) -> Option<usize> {
         let mut inner = self.node.lock();
         let sending = inner.sending();
-        if inner.senders.incast(now, sending) {
+        if inner.senders.incast(now, sending, from) {
             inner.senders.cap(now)
         } else {
             None
@@ -287,7 +287,7 @@ mod tests {
         assert_eq!(a.update(t0, 1, 6).sender_room, usize::MAX, "no cap before a sign of incast");
         assert_eq!(b.update(t0, 1, 4).sender_room, usize::MAX);
         assert_eq!(
-            b.incast(t0),
+            b.incast(t0, std::net::Ipv4Addr::LOCALHOST.into()),
             Some(5),
             "a sign on one download caps the node at half of the 10 peers sending to both"
         );

@@ -212,10 +212,10 @@ pub async fn download(
                 now
             }
         };
-        if swarm.state.take_incast_signs() > 0 {
-            if let Some(cap) = slot.incast(now) {
+        for silent in swarm.state.take_incast_signs() {
+            if let Some(cap) = slot.incast(now, silent.ip()) {
                 swarm.deps.metrics.incast_backoffs.inc();
-                tracing::debug!(%digest, cap, "incast: fewer peers may send at once");
+                tracing::debug!(%digest, cap, %silent, "incast: fewer peers may send at once");
             }
         }
         let view = slot.update(now, swarm.state.in_flight_bytes(), swarm.state.senders());

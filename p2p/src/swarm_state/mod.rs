@@ -235,7 +235,7 @@ pub struct SwarmState<R = StdRng> {
     /// by the I/O side; `usize::MAX` without a cap).
     sender_room: usize,
     /// Signs of incast seen since the I/O side last took them.
-    incast_signs: u32,
+    incast_signs: Vec<std::net::SocketAddr>,
     rotations: Rotations,
     duplicate_requests: DuplicateRequests,
     rng: R,
@@ -294,7 +294,7 @@ impl<R: Rng + Clone> SwarmState<R> {
             node_room: usize::MAX,
             node_rate: None,
             sender_room: usize::MAX,
-            incast_signs: 0,
+            incast_signs: Vec::new(),
             rotations: Rotations::default(),
             duplicate_requests: DuplicateRequests::default(),
             rng,

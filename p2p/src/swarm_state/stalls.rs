@@ -27,8 +27,9 @@ pub struct ConnBytes {
 }
 
 impl<R: rand::Rng + Clone> SwarmState<R> {
-    /// The signs of incast seen since the last call, for the node's cap on senders.
-    pub fn take_incast_signs(&mut self) -> u32 {
+    /// The signs of incast seen since the last call (the silent peers' addresses), for the
+    /// node's cap on senders.
+    pub fn take_incast_signs(&mut self) -> Vec<std::net::SocketAddr> {
         std::mem::take(&mut self.incast_signs)
     }
 
@@ -78,7 +79,7 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
                 && self.last_progress > quiet_since
             {
                 peer.silence_reported = true;
-                self.incast_signs += 1;
+                self.incast_signs.push(peer.addr);
             }
             let window = peer.flow.stall_after(stall_after, self.piece_length, share);
             let stalled = peer.flow.is_stalled(now, oldest, window);
