@@ -100,7 +100,7 @@ impl From<ConnEvent> for Event {
 
 enum Event {
     Conn(ConnEvent),
-    Written { from: PeerId, index: u32, result: Result<bool, PieceError> },
+    Written { from: PeerId, over: Option<SocketAddr>, index: u32, result: Result<bool, PieceError> },
     Announced(Result<Vec<PeerInfo>, String>, Duration),
     Fetched { index: u32, result: Result<Bytes, String> },
 }
@@ -108,6 +108,8 @@ enum Event {
 struct Peer {
     /// The accepted connection to this peer (see [`ConnId`]).
     conn: ConnId,
+    /// Where that connection goes.
+    addr: SocketAddr,
     commands: mpsc::Sender<Command>,
     received: Arc<AtomicU64>,
     piece_bytes: Arc<AtomicU64>,
@@ -283,7 +285,7 @@ impl Swarm {
                 if self.state.connected(peer, addr, bitfield, now) {
                     tracing::trace!(%peer, %addr, "peer connected");
                     self.deps.metrics.connections.with_label_values(&["out"]).inc();
-                    self.peers.insert(peer, Peer { conn, commands, received, piece_bytes });
+                    self.peers.insert(peer, Peer { conn, addr, commands, received, piece_bytes });
                 }
             }
             Event::Conn(ConnEvent::ConnectFailed { addr, reason }) => {
@@ -301,21 +303,22 @@ impl Swarm {
             Event::Conn(ConnEvent::Declined { peer, index, .. }) => self.state.declined(peer, index, now),
             Event::Conn(ConnEvent::Piece { peer, index, data, .. }) => {
                 tracing::trace!(%peer, index, "piece received");
-                self.store(peer, index, data)
+                let over = self.peers.get(&peer).map(|p| p.addr);
+                self.store(peer, over, index, data)
             }
             Event::Conn(ConnEvent::Closed { peer, reason, .. }) => {
                 tracing::debug!(%peer, %reason, "peer connection closed");
                 self.state.closed(&peer);
                 self.forget(&peer);
             }
-            Event::Written { from, index, result } => {
+            Event::Written { from, over, index, result } => {
                 let outcome = match result {
                     Ok(_) => Stored::Ok,
                     Err(PieceError::HashMismatch { .. }) => {
                         if from != ORIGIN_PEER {
-                            tracing::warn!(peer = %from, index, "peer sent a bad piece; blacklisted");
+                            tracing::warn!(peer = %from, ?over, index, "peer sent a bad piece; blacklisted");
                         }
-                        Stored::BadPiece
+                        Stored::BadPiece { over }
                     }
                     Err(e) => return Err(SwarmError::Storage(e.to_string())),
                 };
@@ -332,7 +335,7 @@ impl Swarm {
                 return Ok(self.state.announced(peers, interval, now));
             }
             Event::Fetched { index, result } => match result {
-                Ok(data) => self.store(ORIGIN_PEER, index, data),
+                Ok(data) => self.store(ORIGIN_PEER, None, index, data),
                 Err(e) => {
                     tracing::warn!(index, error = %e, "origin fallback fetch failed");
                     self.state.fetch_failed(index, &e, now)?;
@@ -468,7 +471,8 @@ impl Swarm {
     /// Verify and write a piece on the blocking pool; the result comes back as an event.
     /// Metrics are counted here, not in the event loop, which may already have finished when
     /// the last piece's event arrives.
-    fn store(&self, from: PeerId, index: u32, data: Bytes) {
+    /// Verify and write a piece from `from`, which came over the connection to `over`.
+    fn store(&self, from: PeerId, over: Option<SocketAddr>, index: u32, data: Bytes) {
         let pieces = self.pieces.clone();
         let events = self.events_tx.clone();
         let metrics = self.deps.metrics.clone();
@@ -493,7 +497,7 @@ impl Swarm {
                 Err(PieceError::HashMismatch { .. }) => metrics.pieces_rejected.inc(),
                 Err(_) => {}
             }
-            let _ = events.send(Event::Written { from, index, result }).await;
+            let _ = events.send(Event::Written { from, over, index, result }).await;
         });
     }
 }

@@ -143,8 +143,12 @@ pub enum Action {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stored {
     Ok,
-    /// The piece failed its hash.
-    BadPiece,
+    /// The piece failed its hash. `over`: the address of the connection it came over (`None`
+    /// for the origin's HTTP fallback), which is what is banned: by the time the check ends
+    /// the peer id may be another connection's (peer ids are only claimed in a handshake).
+    BadPiece {
+        over: Option<SocketAddr>,
+    },
 }
 
 /// Why the download cannot go on.
@@ -460,17 +464,20 @@ impl<R: Rng + Clone> SwarmState<R> {
                 }
                 actions.extend(self.release_retired());
             }
-            Stored::BadPiece => {
+            Stored::BadPiece { over } => {
                 self.picker.failed(&from, index);
                 if from == ORIGIN_PEER {
                     return Err(Fatal::Fallback(format!("origin sent a bad piece {index}")));
                 }
                 // The peer may have closed while its piece was checked: banned all the same.
-                if let Some(addr) = self.address_of(&from) {
-                    self.blacklist.bad_piece(addr, now);
+                let Some(addr) = over.or_else(|| self.address_of(&from)) else { return Ok(actions) };
+                self.blacklist.bad_piece(addr, now);
+                // Dropped only if the id is still that connection's: a peer that claimed an
+                // honest one's id, sent a bad piece and left has not the honest one cut off.
+                if self.peers.get(&from).is_some_and(|p| p.addr == addr) {
+                    self.closed(&from);
+                    actions.push(Action::Disconnect(from));
                 }
-                self.closed(&from);
-                actions.push(Action::Disconnect(from));
             }
         }
         Ok(actions)

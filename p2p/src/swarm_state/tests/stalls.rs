@@ -114,10 +114,10 @@ fn a_bad_piece_bans_and_drops_the_peer_and_a_bad_origin_piece_is_fatal() {
     let mut s = state(4, SchedulerConfig::default(), t0);
     with_seeders(&mut s, 1, t0);
     let reqs = requests(&s.fill(t0, None, 0));
-    let actions = s.stored(peer(1), reqs[0].1, Stored::BadPiece, t0).unwrap();
+    let actions = s.stored(peer(1), reqs[0].1, Stored::BadPiece { over: Some(addr(1)) }, t0).unwrap();
     assert_eq!(actions, vec![Action::Disconnect(peer(1))]);
     assert!(!s.connected(peer(1), addr(1), Bitfield::full(4), t0), "banned");
-    assert!(s.stored(ORIGIN_PEER, 0, Stored::BadPiece, t0).is_err());
+    assert!(s.stored(ORIGIN_PEER, 0, Stored::BadPiece { over: None }, t0).is_err());
 }
 
 /// A peer that sends a bad piece and closes before the piece's check ends (the check runs on
@@ -130,11 +130,31 @@ fn a_peer_that_closes_before_its_bad_piece_is_checked_is_banned() {
     with_seeders(&mut s, 1, t0);
     let reqs = requests(&s.fill(t0, None, 0));
     s.closed(&peer(1));
-    s.stored(peer(1), reqs[0].1, Stored::BadPiece, t0).unwrap();
+    s.stored(peer(1), reqs[0].1, Stored::BadPiece { over: Some(addr(1)) }, t0).unwrap();
     let t1 = t0 + Duration::from_secs(1);
     let again = s.announced(Some(vec![info(1, false)]), Duration::from_secs(5), t1);
     assert!(!again.contains(&Action::Connect(addr(1))), "reconnected to the peer that lied: {again:?}");
     assert!(!s.tick(t1, &[]).unwrap().contains(&Action::Connect(addr(1))));
+}
+
+/// A peer that connected under another's id, sent a bad piece and left before the piece's
+/// check ended, while the id's owner connected from its own address: the liar's address is
+/// banned, not the owner's, and the owner's connection stays.
+#[test]
+fn a_bad_piece_is_blamed_on_the_address_it_came_over_not_the_id() {
+    let t0 = Instant::now();
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    with_seeders(&mut s, 1, t0);
+    let reqs = requests(&s.fill(t0, None, 0));
+    s.closed(&peer(1));
+    assert!(s.connected(peer(1), addr(2), Bitfield::full(4), t0), "the id's owner, from its address");
+    let actions = s.stored(peer(1), reqs[0].1, Stored::BadPiece { over: Some(addr(1)) }, t0).unwrap();
+    assert!(!actions.contains(&Action::Disconnect(peer(1))), "{actions:?}");
+    assert_eq!(s.peer_count(), 1);
+    let t1 = t0 + Duration::from_secs(1);
+    let again = s.announced(Some(vec![info(1, false), info(2, false)]), Duration::from_secs(5), t1);
+    assert!(!again.contains(&Action::Connect(addr(1))), "reconnected to the address that lied: {again:?}");
+    assert!(!s.connected(peer(9), addr(1), Bitfield::full(4), t1), "the liar's address is banned");
 }
 
 #[test]
@@ -146,7 +166,7 @@ fn a_ban_follows_the_peers_address_and_outlives_the_download_on_the_node() {
     with_seeders(&mut s, 2, t0);
     let reqs = requests(&s.fill(t0, None, 0));
     let (bad, index) = reqs.iter().copied().find(|(p, _)| *p == peer(1)).expect("a request to peer 1");
-    s.stored(bad, index, Stored::BadPiece, t0).unwrap();
+    s.stored(bad, index, Stored::BadPiece { over: Some(addr(1)) }, t0).unwrap();
     // The broken agent restarts with a new random id at the same address.
     assert!(!s.connected(peer(7), addr(1), Bitfield::full(4), t0), "the address is banned, not the id");
     node.keep_blacklist(&digest, s.take_blacklist(), t0);
