@@ -71,7 +71,7 @@ pub enum BuildError {
 struct Tracker {
     config: TrackerConfig,
     peers: Mutex<PeerStore>,
-    origins: Origins,
+    origins: Arc<Origins>,
     announces: IntCounterVec,
     batches: IntCounter,
     digests: IntGauge,
@@ -106,7 +106,7 @@ pub fn router(config: TrackerConfig, registry: &Registry) -> Result<Router, Buil
         max_digests: config.max_digests,
         ..PeerStoreLimits::default()
     };
-    let origins = Origins::new(config.origins.clone(), config.origin_timeout)?;
+    let origins = Arc::new(Origins::new(config.origins.clone(), config.origin_timeout)?);
     let tracker = Arc::new(Tracker {
         config,
         peers: Mutex::new(PeerStore::new(limits)),

@@ -9,7 +9,9 @@
 //! A fleet that starts pulling a new image announces each layer from every node within a
 //! second: one question per digest is in flight at a time ([`Flights`]), and whoever asks
 //! meanwhile waits for its answer, or is handed the last one (seeders past their time) while
-//! it is asked anew. Each announce used to ask the origins itself.
+//! it is asked anew. Each announce used to ask the origins itself. An announce waits for a
+//! digest's first seeders [`SEEDER_WAIT`] at most: the question goes on without it, so a
+//! slow origin costs a new layer's first announces a second, not the origins' timeouts.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -48,6 +50,12 @@ pub const MAX_METAINFO_CACHE_BYTES: usize = 64 << 20;
 const MAX_METAINFO_BYTES: usize = 80 << 20;
 /// Largest locations answer read from an origin (a few hundred bytes per seeding origin).
 const MAX_LOCATIONS_BYTES: usize = 1 << 20;
+/// How long a caller waits for the origins' first answer about a digest's seeders before it
+/// is handed none (an announce then gets the swarm's peers alone, and announces again soon).
+/// The question goes on, and its answer is cached for the callers after. Origins answer in
+/// milliseconds; one that hangs made every announce of a new layer wait the origins' timeout
+/// (5 s) per origin tried.
+pub const SEEDER_WAIT: Duration = Duration::from_secs(1);
 
 /// The questions about each digest that are being asked of the origins now: a caller that
 /// asks one meanwhile waits for that answer instead of asking again.
@@ -186,36 +194,49 @@ impl Origins {
     }
 
     /// Origins' peer listeners that hold the blob, as the first origin that answers lists them;
-    /// empty when none answers. Past their time, the last ones found are handed out while
-    /// one caller asks again.
-    pub async fn seeders(&self, digest: &Digest) -> Vec<PeerInfo> {
+    /// empty when none answers, or none within [`SEEDER_WAIT`] of a first question. Past
+    /// their time, the last ones found are handed out while the origins are asked again.
+    pub async fn seeders(self: &Arc<Self>, digest: &Digest) -> Vec<PeerInfo> {
         let last = lock(&self.seeders).get(digest).cloned();
         if let Some((at, s)) = &last {
             if at.elapsed() < self.seeder_ttl || self.seeder_flights.running(digest) {
                 return s.clone();
             }
         }
-        let ask = || async {
-            let found = match self.fetch_seeders(digest).await {
-                Ok(found) => found,
-                Err(e) => {
-                    tracing::warn!(%digest, error = %e, "no origin listed the blob's seeders");
-                    Vec::new()
-                }
-            };
-            let mut cache = lock(&self.seeders);
-            if cache.len() >= self.max_cached {
-                // Past their time first (made-up digests' empty answers among them).
-                let ttl = self.seeder_ttl;
-                cache.retain(|_, (at, _)| at.elapsed() < ttl);
-                if cache.len() >= self.max_cached {
-                    cache.clear();
-                }
+        // Asked in a task of its own, which holds the flight until it ends whoever waits.
+        let asking = tokio::spawn({
+            let (this, digest) = (self.clone(), digest.clone());
+            async move { this.seeder_flights.answer(&digest, || this.lookup_seeders(&digest)).await }
+        });
+        if let Some((_, stale)) = last {
+            return stale;
+        }
+        match tokio::time::timeout(SEEDER_WAIT, asking).await {
+            Ok(Ok(found)) => found,
+            _ => Vec::new(),
+        }
+    }
+
+    /// Ask the origins for the blob's seeders and cache the answer (none if none answers).
+    async fn lookup_seeders(&self, digest: &Digest) -> Vec<PeerInfo> {
+        let found = match self.fetch_seeders(digest).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "no origin listed the blob's seeders");
+                Vec::new()
             }
-            cache.insert(digest.clone(), (Instant::now(), found.clone()));
-            found
         };
-        self.seeder_flights.answer(digest, ask).await
+        let mut cache = lock(&self.seeders);
+        if cache.len() >= self.max_cached {
+            // Past their time first (made-up digests' empty answers among them).
+            let ttl = self.seeder_ttl;
+            cache.retain(|_, (at, _)| at.elapsed() < ttl);
+            if cache.len() >= self.max_cached {
+                cache.clear();
+            }
+        }
+        cache.insert(digest.clone(), (Instant::now(), found.clone()));
+        found
     }
 
     async fn fetch_seeders(&self, digest: &Digest) -> Result<Vec<PeerInfo>, OriginError> {
@@ -280,7 +301,8 @@ mod tests {
     #[tokio::test]
     async fn seeders_and_metainfo_fail_over_past_a_dead_origin() {
         let live = fake_origin(Http::OK).await;
-        let origins = Origins::new(vec![closed_port(), live.clone()], Duration::from_secs(5)).unwrap();
+        let origins =
+            Arc::new(Origins::new(vec![closed_port(), live.clone()], Duration::from_secs(5)).unwrap());
         let seeders = origins.seeders(&digest("x")).await;
         assert_eq!(seeders.len(), 1);
         assert!(seeders[0].origin && seeders[0].complete);
@@ -403,27 +425,51 @@ mod tests {
         assert_eq!(&second.await.unwrap().unwrap()[..], b"{}");
         assert!(lock(&origins.metainfo_flights.running).is_empty(), "the flight ended");
 
-        // The one refreshing goes away with no one waiting: the flight ends with it, and the
-        // next caller asks again (it was handed the stale answer for good before).
+        // A refresh goes on after the caller that started it is handed the stale answer (or
+        // goes away), and its answer is cached for the next.
         asked.store(0, Ordering::SeqCst);
         lock(&origins.seeders).get_mut(&d).unwrap().0 -= Duration::from_secs(11);
-        let lone = tokio::spawn({
-            let (o, d) = (origins.clone(), d.clone());
-            async move { o.seeders(&d).await }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        lone.abort();
-        let _ = lone.await;
-        assert!(lock(&origins.seeder_flights.running).is_empty(), "the abandoned flight ended");
         let started = Instant::now();
         assert_eq!(origins.seeders(&d).await.len(), 1);
-        assert!(started.elapsed() >= Duration::from_millis(250), "asked again, not handed the stale answer");
-        assert_eq!(asked.load(Ordering::SeqCst), 2, "the abandoned question and the new one");
+        assert!(started.elapsed() < Duration::from_millis(200), "waited for the refresh");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(lock(&origins.seeders)[&d].0.elapsed() < Duration::from_millis(400), "refreshed");
+        assert!(lock(&origins.seeder_flights.running).is_empty(), "the flight ended");
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
+    }
+
+    /// An origin that hangs over a digest's first question: announces wait `SEEDER_WAIT` at
+    /// most and are handed no seeders, the question goes on once, and its answer serves the
+    /// announces after at once. Each announce used to wait the origin's whole answer.
+    #[tokio::test]
+    async fn a_first_question_waits_a_second_at_most_and_goes_on() {
+        use std::sync::atomic::Ordering;
+        let (url, asked) = slow_origin(SEEDER_WAIT * 3).await;
+        let origins = Arc::new(Origins::new(vec![url], Duration::from_secs(10)).unwrap());
+        let d = digest("new layer");
+        let started = Instant::now();
+        let waiting: Vec<_> = (0..10)
+            .map(|_| {
+                let (o, d) = (origins.clone(), d.clone());
+                tokio::spawn(async move { o.seeders(&d).await })
+            })
+            .collect();
+        for w in waiting {
+            assert!(w.await.unwrap().is_empty(), "handed seeders before the origin answered");
+        }
+        let waited = started.elapsed();
+        assert!(waited >= SEEDER_WAIT && waited < SEEDER_WAIT * 2, "waited {waited:?}");
+        tokio::time::sleep(SEEDER_WAIT * 2 + Duration::from_millis(300)).await;
+        let again = Instant::now();
+        assert_eq!(origins.seeders(&d).await.len(), 1, "the question's answer, cached");
+        assert!(again.elapsed() < Duration::from_millis(100));
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "asked once");
     }
 
     #[tokio::test]
     async fn no_live_origin_means_no_seeders_and_unreachable_metainfo() {
-        let origins = Origins::new(vec![closed_port(), closed_port()], Duration::from_secs(5)).unwrap();
+        let origins =
+            Arc::new(Origins::new(vec![closed_port(), closed_port()], Duration::from_secs(5)).unwrap());
         assert!(origins.seeders(&digest("x")).await.is_empty());
         assert!(matches!(origins.metainfo(&digest("x")).await, Err(OriginError::Unreachable(_))));
         assert!(matches!(Origins::new(vec![], Duration::from_secs(1)), Err(OriginsBuildError::NoOrigins)));
