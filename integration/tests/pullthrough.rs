@@ -543,6 +543,18 @@ async fn a_private_blob_fetch_streams_to_no_other_repository_and_marks_its_own_p
         })
     };
     tokio::time::sleep(Duration::from_millis(800)).await;
+    // Nor does Alice's fetch in progress tell an anonymous client the blob's size.
+    let secret = format!("{}/v2/slow.test/secret/blobs/{digest}", cluster.agent_url(1));
+    let head = tokio::time::timeout(Duration::from_secs(30), http.head(&secret).send())
+        .await
+        .expect("the anonymous HEAD got no answer")
+        .expect("HEAD");
+    assert_eq!(
+        head.status(),
+        StatusCode::UNAUTHORIZED,
+        "an anonymous HEAD during a private fetch (length {:?})",
+        head.headers().get("content-length")
+    );
     let other = format!("{}/v2/slow.test/other/blobs/{digest}", cluster.agent_url(1));
     let anonymous = tokio::time::timeout(Duration::from_secs(90), http.get(&other).send())
         .await
@@ -558,7 +570,6 @@ async fn a_private_blob_fetch_streams_to_no_other_repository_and_marks_its_own_p
     let (status, got) = alices.await.expect("alice's request");
     assert_eq!(status, StatusCode::OK);
     assert_eq!(got, digest, "alice got the blob");
-    let secret = format!("{}/v2/slow.test/secret/blobs/{digest}", cluster.agent_url(1));
     let after = http.get(&secret).send().await.expect("GET");
     assert_eq!(after.status(), StatusCode::UNAUTHORIZED, "secret is private once a blob needed credentials");
     assert_eq!(gets.load(Ordering::SeqCst), 1, "the upstream sent the blob more than once");

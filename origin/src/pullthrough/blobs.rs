@@ -68,6 +68,19 @@ impl PullThrough {
             Ok(Joined::Existing(f)) if f.repo() != repo.as_str() => {
                 return Ok(Progress { received: f.progress().received, ..Progress::default() })
             }
+            // Another client's fetch of a private blob: nothing of it (not even its size) is
+            // shown to this client before the upstream says it may read the blob. Found
+            // private but not yet recorded so (a moment after the upstream's refusal of the
+            // anonymous attempt): nothing is shown yet.
+            Ok(Joined::Existing(f))
+                if f.client() != client && (f.is_private() || self.is_private(repo).await?) =>
+            {
+                if !self.is_private(repo).await? {
+                    return Ok(Progress::default());
+                }
+                self.check_access(&up, repo, path, Probe::Blob(digest)).await?;
+                f
+            }
             Ok(Joined::Existing(f)) => f,
             Ok(Joined::Started(f)) => {
                 self.metrics.cache(up.registry(), false);

@@ -69,6 +69,16 @@ impl Fetch {
         self.private.store(true, Ordering::Release);
     }
 
+    /// Whether the blob needed the client's credentials ([`set_private`](Self::set_private)).
+    pub fn is_private(&self) -> bool {
+        self.private.load(Ordering::Acquire)
+    }
+
+    /// Whose credentials it asks the upstream with (their fingerprint).
+    pub fn client(&self) -> Option<[u8; 32]> {
+        self.client
+    }
+
     /// Whether the fetch has ended (its outcome is known).
     pub fn finished(&self) -> bool {
         lock(&self.outcome).is_some()
