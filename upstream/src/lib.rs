@@ -33,6 +33,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEADERS_TIMEOUT: Duration = Duration::from_secs(30);
 /// A blob body with no new byte for this long fails.
 pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A body (a blob's or a manifest's) that averages less than this many bytes a second over a
+/// window of twice the idle timeout (60 s) fails: an upstream that sent a byte just inside
+/// each idle timeout held a fetch, and the clients waiting on it, without end. 64 KiB/s is
+/// half a megabit, far below any registry's link.
+pub const MIN_BODY_RATE: u64 = 64 * 1024;
 /// Largest manifest accepted from an upstream.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 /// Waiting after a `429` without `Retry-After`.
@@ -242,14 +247,18 @@ impl Upstream {
         let (registry, metrics, idle) =
             (self.registry().to_string(), self.metrics.clone(), self.idle_timeout);
         let stream = r.bytes_stream();
-        let body = futures_util::stream::unfold(Some(Box::pin(stream)), move |state| {
+        let state = Some((Box::pin(stream), Pace::new(idle)));
+        let body = futures_util::stream::unfold(state, move |state| {
             let (registry, metrics) = (registry.clone(), metrics.clone());
             async move {
-                let mut stream = state?;
+                let (mut stream, mut pace) = state?;
                 match tokio::time::timeout(idle, stream.next()).await {
                     Ok(Some(Ok(chunk))) => {
                         metrics.bytes(&registry, chunk.len() as u64);
-                        Some((Ok(chunk), Some(stream)))
+                        if let Err(e) = pace.count(chunk.len() as u64) {
+                            return Some((Err(std::io::Error::new(std::io::ErrorKind::TimedOut, e)), None));
+                        }
+                        Some((Ok(chunk), Some((stream, pace))))
                     }
                     Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), None)),
                     Ok(None) => None,
@@ -292,6 +301,7 @@ impl Upstream {
     async fn read_limited(&self, r: reqwest::Response, limit: usize) -> Result<Bytes, UpstreamError> {
         let mut out = Vec::new();
         let mut stream = r.bytes_stream();
+        let mut pace = Pace::new(self.idle_timeout);
         loop {
             match tokio::time::timeout(self.idle_timeout, stream.next()).await {
                 Ok(Some(Ok(chunk))) => {
@@ -299,6 +309,7 @@ impl Upstream {
                         return Err(UpstreamError::Invalid(format!("answer over {limit} bytes")));
                     }
                     out.extend_from_slice(&chunk);
+                    pace.count(chunk.len() as u64).map_err(UpstreamError::Unavailable)?;
                 }
                 Ok(Some(Err(e))) => {
                     return Err(UpstreamError::Unavailable(format!("reading the answer: {e}")))
@@ -506,6 +517,39 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
     }
     let when = httpdate::parse_http_date(v.trim()).ok()?;
     Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+/// Whether a body keeps [`MIN_BODY_RATE`]: bytes counted per window of twice the idle
+/// timeout, checked as each chunk arrives.
+struct Pace {
+    window: Duration,
+    started: Instant,
+    bytes: u64,
+}
+
+impl Pace {
+    fn new(idle: Duration) -> Pace {
+        Pace { window: idle.saturating_mul(2), started: Instant::now(), bytes: 0 }
+    }
+
+    /// Count `n` bytes just received; an error once a whole window passed below the rate.
+    fn count(&mut self, n: u64) -> Result<(), String> {
+        self.bytes = self.bytes.saturating_add(n);
+        let elapsed = self.started.elapsed();
+        if elapsed < self.window {
+            return Ok(());
+        }
+        let rate = self.bytes as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
+        if rate < MIN_BODY_RATE as f64 {
+            return Err(format!(
+                "upstream sent {} bytes in {:.0} s, under the minimum of {MIN_BODY_RATE} bytes/s",
+                self.bytes,
+                elapsed.as_secs_f64()
+            ));
+        }
+        (self.started, self.bytes) = (Instant::now(), 0);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

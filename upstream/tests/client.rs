@@ -135,6 +135,15 @@ async fn handle(State(fake): State<Arc<Fake>>, req: Request) -> Response {
                 });
                 return Body::from_stream(body).into_response();
             }
+            if repo.starts_with("drip/") {
+                // A byte every 300 ms, inside the test's 500 ms idle timeout every time.
+                let drip = futures_util::stream::iter(BLOB.iter().copied()).then(|b| async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b]))
+                });
+                return ([(header::CONTENT_LENGTH, BLOB.len().to_string())], Body::from_stream(drip))
+                    .into_response();
+            }
             if repo.starts_with("stall/") {
                 let first = futures_util::stream::once(async {
                     Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"the"))
@@ -250,6 +259,15 @@ async fn blobs_stream_follow_redirects_and_time_out_when_stalled() {
     let results: Vec<_> =
         tokio::time::timeout(Duration::from_secs(5), stalled.body.collect::<Vec<_>>()).await.unwrap();
     assert!(results.last().unwrap().as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::TimedOut));
+    // A byte just inside each idle timeout: failed once a window (twice the idle timeout)
+    // passed below the minimum rate, not after the whole blob's 16 drips (4.8 s).
+    let started = std::time::Instant::now();
+    let dripping = up.blob("drip/app", &digest, None).await.unwrap();
+    let results: Vec<_> =
+        tokio::time::timeout(Duration::from_secs(10), dripping.body.collect::<Vec<_>>()).await.unwrap();
+    let last = results.last().unwrap();
+    assert!(last.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::TimedOut), "{last:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "failed after {:?}", started.elapsed());
 }
 
 /// A blob answered without Content-Length (chunked) takes its size from the registry's
