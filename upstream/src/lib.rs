@@ -14,6 +14,7 @@ mod auth;
 mod config;
 mod metrics;
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -44,6 +45,8 @@ pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(10);
 /// The longest `Retry-After` honoured.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+/// Credentials whose `Retry-After` is remembered at once (the table is cleared when full).
+const MAX_THROTTLED_CLIENTS: usize = 10_000;
 
 /// Every manifest type, as clients ask for them.
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
@@ -93,8 +96,11 @@ pub struct Upstream {
     tokens: auth::Tokens,
     /// The upstream asked for Basic credentials: send them up front from now on.
     basic: std::sync::atomic::AtomicBool,
-    /// No request before this instant (a `429`'s `Retry-After`).
-    throttled_until: Mutex<Option<Instant>>,
+    /// No request before this instant (a `429`'s `Retry-After`), per credentials the
+    /// requests go with (their fingerprint; zeros: none): registries count their limits per
+    /// account (and per address for anonymous pulls), so one client's 429, its own
+    /// account's quota, does not stop the others.
+    throttled_until: Mutex<HashMap<[u8; 32], Instant>>,
     metrics: UpstreamMetrics,
     idle_timeout: Duration,
 }
@@ -134,7 +140,7 @@ impl Upstream {
             http,
             tokens: auth::Tokens::default(),
             basic: Default::default(),
-            throttled_until: Mutex::new(None),
+            throttled_until: Mutex::new(HashMap::new()),
             metrics,
             idle_timeout,
         })
@@ -354,9 +360,9 @@ impl Upstream {
         repo: &str,
         client: Option<&Credentials>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        self.check_throttle()?;
         let creds = self.credentials(client);
         let key = creds.map(Credentials::fingerprint).unwrap_or([0; 32]);
+        self.check_throttle(&key)?;
         let authorization = self.tokens.get(repo, key).or_else(|| {
             creds
                 .filter(|_| self.basic.load(std::sync::atomic::Ordering::Relaxed))
@@ -364,7 +370,7 @@ impl Upstream {
         });
         let r = self.once(method.clone(), url, authorization).await?;
         if r.status() != StatusCode::UNAUTHORIZED {
-            return self.checked(r);
+            return self.checked(r, &key);
         }
         // The first challenge Shoal can answer, of however many the upstream sent (one may be
         // a scheme such as Negotiate first).
@@ -377,7 +383,8 @@ impl Upstream {
         let authorization = match challenge {
             Some(Challenge::Bearer { realm, service, scope }) => {
                 self.tokens.forget(repo, key);
-                let token = self.token(&realm, service.as_deref(), scope.as_deref(), repo, creds).await?;
+                let token =
+                    self.token(&realm, service.as_deref(), scope.as_deref(), repo, creds, &key).await?;
                 self.tokens.put(repo, key, token.0.clone(), token.1);
                 token.0
             }
@@ -391,7 +398,7 @@ impl Upstream {
             None => return Err(UpstreamError::Unauthorized("401 without a usable challenge".into())),
         };
         let r = self.once(method, url, Some(authorization)).await?;
-        self.checked(r)
+        self.checked(r, &key)
     }
 
     /// A bearer token for `repo` from the token endpoint `realm`, with its life.
@@ -402,6 +409,7 @@ impl Upstream {
         scope: Option<&str>,
         repo: &str,
         creds: Option<&Credentials>,
+        key: &[u8; 32],
     ) -> Result<(HeaderValue, Duration), UpstreamError> {
         let pull = format!("repository:{repo}:pull");
         let mut query = vec![("scope", scope.unwrap_or(&pull))];
@@ -431,7 +439,7 @@ impl Upstream {
         }
         if status == StatusCode::TOO_MANY_REQUESTS {
             self.metrics.request(self.registry(), "token", "throttled");
-            return Err(self.throttle(&r));
+            return Err(self.throttle(&r, key));
         }
         if !status.is_success() {
             self.metrics.request(self.registry(), "token", "error");
@@ -468,8 +476,9 @@ impl Upstream {
         }
     }
 
-    /// A success answer, or the error its status means.
-    fn checked(&self, r: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
+    /// A success answer, or the error its status means (a 429 throttles requests with the
+    /// credentials of `key`).
+    fn checked(&self, r: reqwest::Response, key: &[u8; 32]) -> Result<reqwest::Response, UpstreamError> {
         let status = r.status();
         match status {
             s if s.is_success() => Ok(r),
@@ -477,7 +486,7 @@ impl Upstream {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 Err(UpstreamError::Unauthorized(format!("{} answered {status}", self.registry())))
             }
-            StatusCode::TOO_MANY_REQUESTS => Err(self.throttle(&r)),
+            StatusCode::TOO_MANY_REQUESTS => Err(self.throttle(&r, key)),
             s @ (StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED) => {
                 Err(UpstreamError::MethodNotAllowed(format!("{} answered {s}", self.registry())))
             }
@@ -485,18 +494,27 @@ impl Upstream {
         }
     }
 
-    /// Remember a `429`'s `Retry-After`; the error to return.
-    fn throttle(&self, r: &reqwest::Response) -> UpstreamError {
+    /// Remember a `429`'s `Retry-After` for the credentials of `key`; the error to return.
+    fn throttle(&self, r: &reqwest::Response, key: &[u8; 32]) -> UpstreamError {
         let wait = retry_after(r.headers()).unwrap_or(DEFAULT_RETRY_AFTER);
         self.metrics.throttled(self.registry());
         tracing::warn!(registry = self.registry(), retry_after_s = wait.as_secs(), "upstream answered 429");
-        *self.throttled_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wait);
+        let now = Instant::now();
+        let mut throttled = self.throttled_until.lock().unwrap_or_else(|p| p.into_inner());
+        if throttled.len() >= MAX_THROTTLED_CLIENTS {
+            throttled.retain(|_, until| *until > now);
+            if throttled.len() >= MAX_THROTTLED_CLIENTS {
+                throttled.clear();
+            }
+        }
+        throttled.insert(*key, now + wait);
         UpstreamError::TooManyRequests { retry_after: wait }
     }
 
-    /// Within a `Retry-After` window: refuse without sending anything.
-    fn check_throttle(&self) -> Result<(), UpstreamError> {
-        let until = *self.throttled_until.lock().unwrap_or_else(|p| p.into_inner());
+    /// Within a `Retry-After` window of the credentials of `key`: refuse without sending
+    /// anything.
+    fn check_throttle(&self, key: &[u8; 32]) -> Result<(), UpstreamError> {
+        let until = self.throttled_until.lock().unwrap_or_else(|p| p.into_inner()).get(key).copied();
         match until.map(|u| u.saturating_duration_since(Instant::now())) {
             Some(left) if !left.is_zero() => Err(UpstreamError::TooManyRequests { retry_after: left }),
             _ => Ok(()),

@@ -320,6 +320,12 @@ async fn a_429_is_honoured_without_sending_until_retry_after() {
     let second = up.resolve_tag("library/app", "v1", None).await;
     assert!(matches!(second, Err(UpstreamError::TooManyRequests { .. })), "{second:?}");
     assert_eq!(fake.requests.load(Ordering::SeqCst), sent, "a request went out inside Retry-After");
+    // The 429 was the anonymous client's quota: a client with its own account still pulls.
+    assert!(up.resolve_tag("library/app", "v1", Some(&alice())).await.is_ok(), "another account throttled");
+    assert!(matches!(
+        up.resolve_tag("library/app", "v1", None).await,
+        Err(UpstreamError::TooManyRequests { .. })
+    ));
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert!(up.resolve_tag("library/app", "v1", None).await.is_ok());
 }
