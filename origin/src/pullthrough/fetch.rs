@@ -22,8 +22,10 @@ pub const OUTCOME_LINGER: Duration = Duration::from_secs(5);
 /// about the blob or the client rather than the upstream's health).
 pub type Outcome = Result<(), (String, Option<u16>)>;
 
-/// Readers a fetch streams its bytes to while they arrive (the first requesters); the others
-/// wait for the blob to be committed and take it from the swarm.
+/// Readers a fetch streams its bytes to at once while they arrive (the first requesters); the
+/// others wait for the blob to be committed and take it from the swarm. A reader that goes
+/// away gives its place back (a reading origin whose wait for the stream's head timed out
+/// spent one for the fetch's whole life).
 pub const STREAM_FIRST: u32 = 2;
 /// A streaming reader that sees no new byte for this long fails.
 pub const STREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -48,7 +50,7 @@ pub struct Fetch {
     file: Mutex<Option<std::path::PathBuf>>,
     /// Woken on every chunk received and when the fetch ends.
     changed: tokio::sync::Notify,
-    /// Streams granted so far (at most [`STREAM_FIRST`]).
+    /// Streams open now (at most [`STREAM_FIRST`]).
     streams: std::sync::atomic::AtomicU32,
 }
 
@@ -119,13 +121,16 @@ impl Fetch {
         if size == UNKNOWN || lock(&self.outcome).is_some() || self.private.load(Ordering::Acquire) {
             return None;
         }
-        let granted = self.streams.fetch_add(1, Ordering::AcqRel);
-        if granted >= STREAM_FIRST {
+        let granted = self
+            .streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < STREAM_FIRST).then_some(n + 1));
+        if granted.is_err() {
             return None;
         }
+        let grant = StreamGrant(self.clone());
         // Opened before the session is committed (renamed): the open file stays readable.
         let file = tokio::fs::File::open(&path).await.ok()?;
-        let tail = Tail { fetch: self.clone(), file, offset: 0, size };
+        let tail = Tail { fetch: self.clone(), file, offset: 0, size, _grant: grant };
         Some((size, Box::pin(futures_util::stream::unfold(tail, Tail::next))))
     }
 
@@ -165,6 +170,16 @@ struct Tail {
     file: tokio::fs::File,
     offset: u64,
     size: u64,
+    _grant: StreamGrant,
+}
+
+/// One of a fetch's [`STREAM_FIRST`] places, given back when its reader is dropped.
+struct StreamGrant(Arc<Fetch>);
+
+impl Drop for StreamGrant {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How often a reader looks again for bytes received but not yet written to the file (the
@@ -365,5 +380,30 @@ mod tests {
             assert!(f.join(&digest, "r", None).is_ok());
         }
         assert_eq!(f.join(&d(1), "r", None).err(), Some(MAX_RUNNING_FETCHES));
+    }
+
+    /// At most `STREAM_FIRST` readers stream at once, and one that goes away gives its place
+    /// to the next requester.
+    #[tokio::test]
+    async fn a_reader_that_goes_away_gives_its_stream_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("session");
+        std::fs::write(&path, b"abcd").unwrap();
+        let f = Fetches::default();
+        let Ok(Joined::Started(fetch)) = f.join(&d(1), "r", None) else { panic!("not started") };
+        fetch.set_size(10);
+        fetch.set_file(path);
+        fetch.add_received(4);
+        let mut readers: Vec<_> = Vec::new();
+        for _ in 0..STREAM_FIRST {
+            readers.push(fetch.stream().await.expect("a first requester streams"));
+        }
+        assert!(fetch.stream().await.is_none(), "a third reader at once");
+        assert!(fetch.stream().await.is_none(), "asked again");
+        drop(readers.pop());
+        let (size, mut body) = fetch.stream().await.expect("the place given back");
+        assert_eq!(size, 10);
+        assert_eq!(&futures_util::StreamExt::next(&mut body).await.unwrap().unwrap()[..], b"abcd");
+        assert!(fetch.stream().await.is_none());
     }
 }
