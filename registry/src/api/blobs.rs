@@ -23,8 +23,10 @@ pub(super) async fn get(ctx: &mut Ctx, name: &RepoName, digest: &Digest) -> ApiR
     let (status, range) = match range {
         RangeRequest::Full => (StatusCode::OK, None),
         RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, Some(r)),
+        // The blob is known: its code is not `BLOB_UNKNOWN` (the spec names none for a range;
+        // the request's size is what is wrong).
         RangeRequest::Unsatisfiable => {
-            let err = ApiError::new(ErrorCode::BlobUnknown, "requested range is outside the blob")
+            let err = ApiError::new(ErrorCode::SizeInvalid, "requested range is outside the blob")
                 .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
                 .with_header(header::CONTENT_RANGE, hv(format!("bytes */{size}")));
             return Err(err);

@@ -144,6 +144,10 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
         return with_version(StatusCode::NOT_FOUND.into_response());
     };
     let is_read = parts.method == Method::GET || parts.method == Method::HEAD;
+    if let Some(name) = repeated_digest_parameter(&parts.uri) {
+        let err = ApiError::new(ErrorCode::DigestInvalid, format!("more than one `{name}` parameter"));
+        return with_version(err.into_response());
+    }
     let mut query =
         Query::<HashMap<String, String>>::try_from_uri(&parts.uri).map(|q| q.0).unwrap_or_default();
     let needs = needs(&route, &parts.method);
@@ -216,6 +220,14 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
     let (parts, body) = response.into_parts();
     let body = Body::new(Permitted { body, _permit: permit });
     with_version(Response::from_parts(parts, body))
+}
+
+/// A digest-bearing parameter (`digest`, `mount`) given more than once: only the last would
+/// be read, so an upload closed with `?digest=<right>&digest=<wrong>` was checked against one
+/// digest while a proxy or log in front saw another. Refused as ambiguous.
+fn repeated_digest_parameter(uri: &http::Uri) -> Option<&'static str> {
+    let pairs = Query::<Vec<(String, String)>>::try_from_uri(uri).map(|q| q.0).unwrap_or_default();
+    ["digest", "mount"].into_iter().find(|name| pairs.iter().filter(|(k, _)| k == name).count() > 1)
 }
 
 /// A response body that holds its request's permit until it is sent or dropped.

@@ -174,3 +174,24 @@ async fn a_streaming_read_holds_its_request_permit_until_its_body_is_done() {
         assert_eq!(length, Some(super::test_store::STREAMED.len().into()));
     }
 }
+
+/// Of several `digest` (or `mount`) parameters only the last was read: an upload closed with
+/// two digests was checked against the last. Refused as ambiguous (400 `DIGEST_INVALID`).
+#[tokio::test]
+async fn a_repeated_digest_parameter_is_refused() {
+    let router = crate::router(Arc::new(Empty), ApiConfig::default());
+    let (a, b) = (Digest::of(Algorithm::Sha256, b"a"), Digest::of(Algorithm::Sha256, b"b"));
+    for (method, path) in [
+        (Method::PUT, format!("/v2/team/app/blobs/uploads/u?digest={a}&digest={b}")),
+        (Method::POST, format!("/v2/team/app/blobs/uploads/?digest={a}&digest={a}")),
+        (Method::POST, format!("/v2/team/app/blobs/uploads/?mount={a}&from=x/y&mount={b}")),
+    ] {
+        let req = Request::builder().method(method).uri(path.as_str()).body(Body::empty()).unwrap();
+        let r = router.clone().oneshot(req).await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{path}");
+        let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        assert!(String::from_utf8_lossy(&body).contains("DIGEST_INVALID"), "{path}");
+    }
+    let one = format!("/v2/team/app/blobs/uploads/?mount={a}&from=x/y");
+    assert_eq!(status(router, Method::POST, &one).await, StatusCode::ACCEPTED, "one mount is fine");
+}
