@@ -474,6 +474,11 @@ async fn upload_final_put_sent_again_is_answered_again() {
     let blob = client.get_blob(&repo, &digest).await;
     blob.expect(StatusCode::OK);
     assert!(blob.body == data, "the blob is the bytes sent once");
+    // Deleted since: the retry finds no session and does not link the blob again.
+    client.delete(&format!("/v2/{repo}/blobs/{digest}")).reply().await.expect(StatusCode::ACCEPTED);
+    let after = client.finish_upload(&location, &digest, &[]).await;
+    after.expect_error(StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN");
+    client.head_blob(&repo, &digest).await.expect(StatusCode::NOT_FOUND);
 }
 
 /// end-5/6/13 failure: an upload id the registry never issued is 404

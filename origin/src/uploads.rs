@@ -52,6 +52,9 @@ struct Finished {
     digest: Digest,
     size: u64,
     at: Instant,
+    /// Its blob was linked into `repo`: a retry answers from the link as it stands (gone
+    /// after a `DELETE`) rather than linking again.
+    linked: bool,
 }
 
 /// How long a finished session answers a retried final `PUT`: longer than clients back off
@@ -96,16 +99,25 @@ impl Sessions {
                 finished.remove(&oldest);
             }
         }
-        let entry = Finished { repo: repo.clone(), digest: digest.clone(), size, at: now };
+        let entry = Finished { repo: repo.clone(), digest: digest.clone(), size, at: now, linked: false };
         finished.insert(id.to_string(), entry);
     }
 
     /// The size of the blob session `id` of `repo` was published as, if that was `digest`
-    /// within [`FINISHED_KEPT`].
-    pub fn finished(&self, repo: &RepoName, id: &str, digest: &Digest) -> Option<u64> {
+    /// within [`FINISHED_KEPT`], and whether it was linked ([`linked`](Self::linked)).
+    pub fn finished(&self, repo: &RepoName, id: &str, digest: &Digest) -> Option<(u64, bool)> {
         let finished = self.finished.lock().unwrap_or_else(|p| p.into_inner());
         let f = finished.get(id)?;
-        (&f.repo == repo && &f.digest == digest && f.at.elapsed() < FINISHED_KEPT).then_some(f.size)
+        (&f.repo == repo && &f.digest == digest && f.at.elapsed() < FINISHED_KEPT)
+            .then_some((f.size, f.linked))
+    }
+
+    /// Finished session `id`'s blob was linked into its repository.
+    pub fn linked(&self, id: &str) {
+        let mut finished = self.finished.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = finished.get_mut(id) {
+            f.linked = true;
+        }
     }
 
     /// Take out the sessions idle for longer than `idle` and not busy right now, marked

@@ -348,14 +348,23 @@ impl RegistryStore for ClusterStore {
     /// or a forwarding origin giving up): the blob is then committed, copied and linked, so a
     /// client that asks again (a `HEAD`) finds it. A session already published as `digest`
     /// (a retried final `PUT`: its answer was lost, or the copying or linking failed) is
-    /// copied and linked again, which changes nothing where they were done.
+    /// copied and linked again if its link was not written; if it was, the retry is answered
+    /// from the link as it stands: a blob deleted since is not linked again.
     async fn upload_complete(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError> {
         let (store, repo, id, digest) = (self.clone(), repo.clone(), id.to_string(), digest.clone());
         tokio::spawn(async move {
             let local = store.c().local.store();
             let size = match local.upload_finish(&repo, &id, &digest).await {
                 Err(StoreError::UploadUnknown) => {
-                    local.upload_finished(&repo, &id, &digest).ok_or(StoreError::UploadUnknown)?
+                    let (size, linked) =
+                        local.upload_finished(&repo, &id, &digest).ok_or(StoreError::UploadUnknown)?;
+                    if linked {
+                        return match store.link(&repo, &digest).await? {
+                            Some(_) => Ok(size),
+                            None => Err(StoreError::UploadUnknown),
+                        };
+                    }
+                    size
                 }
                 other => other?,
             };
@@ -365,6 +374,7 @@ impl RegistryStore for ClusterStore {
             let read_at = store.c().replicate_blob(&digest, size).await?;
             let link = store.record(RecordKey::Link(digest.clone()), Some(RecordValue::Link { size }));
             store.write_after_read(read_at, repo.as_str(), vec![link]).await?;
+            local.upload_linked(&id);
             Ok(size)
         })
         .await

@@ -132,9 +132,15 @@ impl OriginStore {
     }
 
     /// The size of the blob session `id` of `repo` was published as, if it was `digest` and
-    /// lately (see `Sessions::finished`): its final `PUT` is being retried.
-    pub fn upload_finished(&self, repo: &RepoName, id: &str, digest: &Digest) -> Option<u64> {
+    /// lately, and whether it was linked (see `Sessions::finished`): its final `PUT` is being
+    /// retried.
+    pub fn upload_finished(&self, repo: &RepoName, id: &str, digest: &Digest) -> Option<(u64, bool)> {
         self.inner.sessions.finished(repo, id, digest)
+    }
+
+    /// Finished session `id`'s blob was linked into its repository.
+    pub fn upload_linked(&self, id: &str) {
+        self.inner.sessions.linked(id)
     }
 
     pub async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {
