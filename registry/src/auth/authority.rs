@@ -280,21 +280,14 @@ impl Authority {
     }
 
     /// What agents fetch: keys, realm (absolute, as the caller reached this origin), service,
-    /// and the rules with their user lists left out (only anonymous pull matters there).
+    /// and the rules as [`Rule::published`] writes them (user lists left out, since only
+    /// anonymous pull matters there; exact names hashed, so the publication lists no names).
     pub fn published(&self, headers: &HeaderMap) -> Published {
         let mut policy = self.policy.clone();
         if policy.tokens {
             policy.realm = self.policy.realm_url(headers);
         }
-        policy.rules = policy
-            .rules
-            .iter()
-            .map(|r| Rule {
-                repositories: r.repositories.clone(),
-                anonymous_pull: r.anonymous_pull,
-                ..Rule::default()
-            })
-            .collect();
+        policy.rules = policy.rules.iter().map(Rule::published).collect();
         Published { enabled: self.enabled(), policy, keys: self.own.clone(), unpublished: false }
     }
 

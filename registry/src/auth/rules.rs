@@ -110,7 +110,41 @@ fn listed(list: &[String], user: &str) -> bool {
 
 /// The first rule matching `repo`.
 pub fn rule_for<'a>(rules: &'a [Rule], repo: &str) -> Option<&'a Rule> {
-    rules.iter().find(|r| matches(&r.repositories, repo))
+    rules.iter().find(|r| r.matches(repo))
+}
+
+/// How the published policy (what agents, and anyone who asks, read) writes an exact
+/// repository name, a pattern without `*`: `sha256:` and the name's SHA-256 in hex. An agent
+/// matches a name it is asked for; the publication no longer lists private repositories'
+/// names (a guessed name can still be checked). Names never hold `:`, so no configured
+/// pattern is taken for one.
+pub const HASHED_NAME: &str = "sha256:";
+
+/// A repository name as [`HASHED_NAME`] writes it.
+pub fn hashed_name(name: &str) -> String {
+    use sha2::Digest as _;
+    format!("{HASHED_NAME}{}", hex::encode(sha2::Sha256::digest(name.as_bytes())))
+}
+
+impl Rule {
+    /// Whether this rule's pattern (or its hashed exact name) takes `repo`.
+    pub fn matches(&self, repo: &str) -> bool {
+        if self.repositories.starts_with(HASHED_NAME) {
+            return self.repositories == hashed_name(repo);
+        }
+        matches(&self.repositories, repo)
+    }
+
+    /// This rule as the policy publishes it: an exact name hashed, the user lists left out
+    /// (agents decide anonymous pulls alone; users' rights are in their tokens).
+    pub fn published(&self) -> Rule {
+        let repositories = if self.repositories.contains('*') || self.repositories.starts_with(HASHED_NAME) {
+            self.repositories.clone()
+        } else {
+            hashed_name(&self.repositories)
+        };
+        Rule { repositories, anonymous_pull: self.anonymous_pull, ..Rule::default() }
+    }
 }
 
 /// The actions `principal` may take in `repo`. `default` is the access where no rule
@@ -180,6 +214,27 @@ mod tests {
                 ..Rule::default()
             },
         ]
+    }
+
+    /// The published form of a rule hides an exact name and decides as the rule does; a
+    /// pattern stays as it is.
+    #[test]
+    fn a_published_exact_name_is_hashed_and_matches_the_same() {
+        let exact =
+            Rule { repositories: "team/secret-app".into(), pull: vec!["alice".into()], ..Rule::default() };
+        let published = exact.published();
+        assert!(!published.repositories.contains("secret"), "{}", published.repositories);
+        assert!(published.pull.is_empty());
+        for name in ["team/secret-app", "team/secret-ap", "team/secret-app2", "team"] {
+            assert_eq!(published.matches(name), exact.matches(name), "{name}");
+        }
+        let public = Rule { repositories: "pub/*".into(), anonymous_pull: true, ..Rule::default() };
+        assert_eq!(public.published().repositories, "pub/*");
+        assert_eq!(published.published(), published, "publishing twice changes nothing");
+        let rules = vec![exact.published(), public.published()];
+        let anonymous = |repo| allowed(&rules, &Principal::Anonymous, Access::Pull, repo);
+        assert_eq!(anonymous("team/secret-app"), vec![], "the hashed rule still shadows the default");
+        assert_eq!(anonymous("team/other"), vec![Action::Pull]);
     }
 
     #[test]
