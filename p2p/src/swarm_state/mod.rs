@@ -428,11 +428,14 @@ impl<R: Rng + Clone> SwarmState<R> {
             // The answer to a cancel of ours (a stall, a retiring peer, endgame), not a refusal.
             return;
         }
+        // Only an origin's decline (super-seeding: the piece went to another peer, to be
+        // passed on) keeps the piece from every origin for a while; an agent's (out of egress)
+        // says nothing about the origins.
         if self.peers.get(&peer).is_some_and(|p| p.origin) {
             self.last_sign_of_life = now;
+            self.declined.insert(index, now);
         }
         self.picker.failed(&peer, index);
-        self.declined.insert(index, now);
         self.declined_by.insert((peer, index), now);
     }
 

@@ -94,6 +94,29 @@ fn an_origin_is_asked_only_for_what_no_other_peer_has() {
     assert!(!again.contains(&(peer(9), from_origin[0])), "{again:?}");
 }
 
+/// An agent's decline (out of egress) keeps the piece from that agent for a while, not from
+/// the origins; an origin's keeps it from every origin.
+#[test]
+fn only_an_origins_decline_keeps_a_piece_from_the_origins() {
+    let t0 = Instant::now();
+    let mut s = state(4, SchedulerConfig::default(), t0);
+    s.announced(Some(vec![info(9, true), info(1, false)]), Duration::from_secs(5), t0);
+    assert!(s.connected(peer(9), addr(9), Bitfield::full(4), t0));
+    let mut bf = Bitfield::new(4);
+    bf.set(0).unwrap();
+    bf.set(1).unwrap();
+    assert!(s.connected(peer(1), addr(1), bf, t0));
+    let reqs = requests(&s.fill(t0, None, 0));
+    let (agent, origin) = (peer(1), peer(9));
+    let to_agent = reqs.iter().find(|r| r.0 == agent).expect("a request to the agent").1;
+    s.declined(agent, to_agent, t0);
+    assert!(s.declined_by.contains_key(&(agent, to_agent)));
+    assert!(!s.declined.contains_key(&to_agent), "an agent's decline kept the piece from the origins");
+    let to_origin = reqs.iter().find(|r| r.0 == origin).expect("a request to the origin").1;
+    s.declined(origin, to_origin, t0);
+    assert!(s.declined.contains_key(&to_origin));
+}
+
 /// A download of `pieces` connected to an origin (peer 9, every piece) and to one other
 /// peer (1) that holds only the last piece.
 fn origin_and_one_peer(pieces: u32, t0: Instant) -> SwarmState {
