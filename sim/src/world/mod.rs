@@ -549,8 +549,8 @@ impl Sim {
             let Some(d) = n.downloads[blob].as_mut() else { continue };
             d.fill_pending = false;
             d.state.set_node_room(room);
-            if d.state.take_incast_signs() > 0 {
-                d.slot.incast(now);
+            for silent in d.state.take_incast_signs() {
+                d.slot.incast(now, silent.ip());
             }
             let view = d.slot.update(now, d.state.in_flight_bytes(), d.state.senders());
             d.state.set_sender_room(view.sender_room);
