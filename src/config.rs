@@ -125,8 +125,7 @@ impl Default for ClusterSection {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Registry requests served at once (a blob read until its body is sent); more get 429
-    /// `TOOMANYREQUESTS`.
+    /// Registry requests served at once; more get 429 `TOOMANYREQUESTS`.
     pub max_concurrent_requests: usize,
     /// Upload sessions open at once; more get 429 `TOOMANYREQUESTS`.
     pub max_upload_sessions: usize,

@@ -49,8 +49,7 @@ pub struct ApiConfig {
     pub read_only: bool,
     /// Largest manifest accepted, in bytes.
     pub max_manifest_size: u64,
-    /// Requests served at once before new ones get 429 `TOOMANYREQUESTS`; a request counts
-    /// until its answer's body is sent (a blob read while its bytes stream).
+    /// Requests served at once before new ones get 429 `TOOMANYREQUESTS`.
     pub max_concurrent_requests: usize,
     /// Who may do what; the default allows everything.
     pub auth: AuthGate,
@@ -171,7 +170,7 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
     // Taken once the request is authorized: a login waits up to `PASSWORD_CHECK_WAIT` for
     // one of the few password checks, and logins under made-up names holding these slots
     // while they waited turned every other client away with 429.
-    let Ok(permit) = app.in_flight.clone().try_acquire_owned() else {
+    let Ok(_permit) = app.in_flight.clone().try_acquire_owned() else {
         let err = ApiError::new(ErrorCode::TooManyRequests, "too many requests in flight; retry shortly")
             .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return with_version(err.into_response());
@@ -215,11 +214,7 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
         response = Response::from_parts(p, Body::empty());
     }
     response.extensions_mut().insert(ServedPrincipal(principal));
-    // The permit goes with the body: a blob's bytes stream long after the handler returned,
-    // and released there, `max_concurrent_requests` bounded none of the streaming reads.
-    let (parts, body) = response.into_parts();
-    let body = Body::new(Permitted { body, _permit: permit });
-    with_version(Response::from_parts(parts, body))
+    with_version(response)
 }
 
 /// A digest-bearing parameter (`digest`, `mount`) given more than once: only the last would
@@ -228,32 +223,6 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
 fn repeated_digest_parameter(uri: &http::Uri) -> Option<&'static str> {
     let pairs = Query::<Vec<(String, String)>>::try_from_uri(uri).map(|q| q.0).unwrap_or_default();
     ["digest", "mount"].into_iter().find(|name| pairs.iter().filter(|(k, _)| k == name).count() > 1)
-}
-
-/// A response body that holds its request's permit until it is sent or dropped.
-struct Permitted {
-    body: Body,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl http_body::Body for Permitted {
-    type Data = bytes::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
 }
 
 /// Which repositories the catalog shows. A node (an agent, with its certificate) lists it for a
