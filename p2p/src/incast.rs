@@ -91,15 +91,17 @@ impl SenderCap {
 
     /// A sign of incast at `now` on the connection to `from`, with `busy` peers sending to
     /// the node: halve the senders (at least [`MIN_SENDERS`]), unless the last decrease is
-    /// within its cooldown or `from`'s host signed within [`SIGN_MEMORY`]. Returns whether
-    /// the cap fell. Any sign counted restarts the wait for the next increase.
+    /// within its cooldown or a sign of `from`'s host lowered the cap within [`SIGN_MEMORY`]
+    /// (such a sign is ignored altogether). Returns whether the cap fell. Any other sign
+    /// restarts the wait for the next increase. Only a sign that lowered the cap is
+    /// remembered: several senders silent at once (real incast) fall in one cooldown, and
+    /// remembered then, their next silences would have been ignored for the whole memory.
     pub fn incast(&mut self, now: Instant, busy: usize, from: IpAddr) -> bool {
         self.signed.retain(|_, at| now.saturating_duration_since(*at) < SIGN_MEMORY);
         let host = crate::inbound::host_key(from);
         if self.signed.contains_key(&host) {
             return false;
         }
-        self.signed.insert(host, now);
         let current = self.cap(now);
         // Growth starts over from here, decrease or not: the link just showed its limit.
         self.grown_at = Some(now);
@@ -112,6 +114,7 @@ impl SenderCap {
         }
         self.cap = Some(halved);
         self.decreased_at = Some(now);
+        self.signed.insert(host, now);
         true
     }
 
@@ -211,8 +214,14 @@ mod tests {
         assert!(grown >= 8 + 9, "grew to {grown} in {:?}", t - t0);
         // Another host's sign counts while the first is remembered.
         assert!(c.incast(t, grown, fresh()));
+        // Signs in that decrease's cooldown are not remembered: the same hosts' next
+        // silences count (several senders fall silent at once in real incast).
+        let (x, y) = (fresh(), fresh());
+        assert!(!c.incast(t + Duration::from_secs(1), 8, x));
+        assert!(!c.incast(t + Duration::from_secs(1), 8, y));
+        assert!(c.incast(t + DECREASE_COOLDOWN, 8, x), "x's next silence after the cooldown");
         // Once the memory has passed, its sign counts again.
-        assert!(c.incast(t0 + SIGN_MEMORY + DECREASE_COOLDOWN, 30, hostile));
+        assert!(c.incast(t0 + SIGN_MEMORY + DECREASE_COOLDOWN * 2, 30, hostile));
         // An IPv6 host is one /64 by default.
         let (a, b): (IpAddr, IpAddr) = ("2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap());
         let later = t0 + SIGN_MEMORY * 3;
