@@ -247,8 +247,9 @@ impl PeerServer {
             let mut deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
             let mut sent_before = 0;
             // When a piece was last seen sent or a request waiting (or the connection began),
-            // to an `IDLE_TIMEOUT`'s precision: what `have`s are counted from.
+            // looked at on each message and at each deadline: what `have`s are counted from.
             let mut useful_at = tokio::time::Instant::now();
+            let mut sent_seen = 0;
             loop {
                 let next = match tokio::time::timeout_at(deadline, stream.next()).await {
                     Ok(next) => next,
@@ -268,6 +269,11 @@ impl PeerServer {
                     Some(Ok(m)) => {
                         if let Message::Have(index) = &m {
                             let now = tokio::time::Instant::now();
+                            let sent = seen.sent.load(std::sync::atomic::Ordering::Relaxed);
+                            if sent != sent_seen || seen.queued.load(std::sync::atomic::Ordering::Relaxed) > 0
+                            {
+                                (sent_seen, useful_at) = (sent, now);
+                            }
                             if told.get_mut(*index as usize).is_some_and(|t| !std::mem::replace(t, true))
                                 && now < useful_at + HAVES_KEEP
                             {
