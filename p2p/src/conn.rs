@@ -20,7 +20,7 @@ use crate::inbound::InboundCodec;
 use crate::limiter::RateLimiter;
 use crate::peer::PeerId;
 use crate::transport::{self, ReadHalf, WriteHalf};
-use crate::wire::{Message, PeerCodec, PROTOCOL_VERSION};
+use crate::wire::{Message, PeerCodec, WireError, PROTOCOL_VERSION};
 use crate::writer::{send_new_haves, PeerWriter};
 
 /// Commands from the event loop to a connection.
@@ -71,6 +71,13 @@ pub enum ConnEvent {
     },
     /// The peer declined a request (a super-seeding origin that sent the piece elsewhere).
     Declined {
+        peer: PeerId,
+        conn: ConnId,
+        index: u32,
+    },
+    /// The peer sent a requested piece in a frame of another length: a bad piece, known
+    /// before its bytes came.
+    BadPiece {
         peer: PeerId,
         conn: ConnId,
         index: u32,
@@ -188,6 +195,11 @@ pub async fn run<E: From<ConnEvent>>(
             incoming = tokio::time::timeout(timeouts.idle, stream.next()) => match incoming {
                 Err(_) => break "idle timeout".to_string(),
                 Ok(None) => break "closed by peer".to_string(),
+                Ok(Some(Err(WireError::PieceLength { index, len, expected }))) => {
+                    // A requested piece that cannot be its piece: banned as a bad piece is.
+                    let _ = events.send(E::from(ConnEvent::BadPiece { peer, conn, index })).await;
+                    break format!("piece {index} came in {len} bytes, not {expected}");
+                }
                 Ok(Some(Err(e))) => break format!("protocol error: {e}"),
                 Ok(Some(Ok(Message::Piece { index, data }))) => {
                     // Waiting here stops reading the socket, so TCP pushes back on the sender.

@@ -301,6 +301,11 @@ impl Swarm {
             }
             Event::Conn(ConnEvent::Have { peer, index, .. }) => self.state.have(&peer, index, now),
             Event::Conn(ConnEvent::Declined { peer, index, .. }) => self.state.declined(peer, index, now),
+            Event::Conn(ConnEvent::BadPiece { peer, index, .. }) => {
+                let over = self.peers.get(&peer).map(|p| p.addr);
+                tracing::warn!(%peer, ?over, index, "peer sent a piece of the wrong length; blacklisted");
+                return Ok(self.state.stored(peer, index, Stored::BadPiece { over }, now)?);
+            }
             Event::Conn(ConnEvent::Piece { peer, index, data, .. }) => {
                 tracing::trace!(%peer, index, "piece received");
                 let over = self.peers.get(&peer).map(|p| p.addr);
@@ -387,6 +392,7 @@ impl Swarm {
             ConnEvent::Connected { .. } | ConnEvent::ConnectFailed { .. } => return true,
             ConnEvent::Have { peer, conn, .. }
             | ConnEvent::Declined { peer, conn, .. }
+            | ConnEvent::BadPiece { peer, conn, .. }
             | ConnEvent::Piece { peer, conn, .. }
             | ConnEvent::Closed { peer, conn, .. } => (peer, *conn),
         };
@@ -612,5 +618,26 @@ mod tests {
             .unwrap();
         assert_eq!(s.state.peer_count(), 0);
         assert!(!s.peers.contains_key(&p));
+    }
+
+    /// A piece of the wrong length (refused from its header) bans its connection's address
+    /// as a bad piece does, and drops the connection.
+    #[tokio::test]
+    async fn a_piece_of_the_wrong_length_bans_its_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = swarm(&dir);
+        let now = Instant::now();
+        let (p, conn) = (PeerId::random(), ConnId::next());
+        let (event, _commands) = connected(&s, p, conn, 4001);
+        s.handle(event, now).unwrap();
+        let actions = s.handle(Event::Conn(ConnEvent::BadPiece { peer: p, conn, index: 0 }), now).unwrap();
+        assert!(actions.contains(&Action::Disconnect(p)), "{actions:?}");
+        s.act(actions);
+        assert!(!s.peers.contains_key(&p), "still connected");
+        let full = Bitfield::full(s.pieces.metainfo().piece_count());
+        let other = SocketAddr::from(([127, 0, 0, 1], 4002));
+        assert!(s.state.connected(PeerId::random(), other, full.clone(), now), "another address is taken");
+        let again = s.state.connected(PeerId::random(), SocketAddr::from(([127, 0, 0, 1], 4001)), full, now);
+        assert!(!again, "the address is not banned");
     }
 }
