@@ -72,9 +72,7 @@ impl PullThrough {
             // shown to this client before the upstream says it may read the blob. Found
             // private but not yet recorded so (a moment after the upstream's refusal of the
             // anonymous attempt): nothing is shown yet.
-            Ok(Joined::Existing(f))
-                if f.client() != client && (f.is_private() || self.is_private(repo).await?) =>
-            {
+            Ok(Joined::Existing(f)) if f.client() != client && f.is_private() => {
                 if !self.is_private(repo).await? {
                     return Ok(Progress::default());
                 }

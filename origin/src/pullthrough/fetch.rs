@@ -92,10 +92,16 @@ impl Fetch {
     }
 
     /// Whether it ended in the upstream's refusal of its credentials (401, 403, or the 404
-    /// of a registry that hides what a client may not see) or in their quota (429, counted
-    /// per account): another client's may do better.
+    /// of a registry that hides what a client may not see), or in their quota (a 429 of a
+    /// private fetch, asked with the client's own credentials: counted per account; a public
+    /// one is asked anonymously, whose 429 is everyone's): another client's may do better.
     fn refused(&self) -> bool {
-        lock(&self.outcome).as_ref().is_some_and(|(_, o)| matches!(o, Err((_, Some(401 | 403 | 404 | 429)))))
+        let private = self.private.load(Ordering::Acquire);
+        lock(&self.outcome).as_ref().is_some_and(|(_, o)| match o {
+            Err((_, Some(401 | 403 | 404))) => true,
+            Err((_, Some(429))) => private,
+            _ => false,
+        })
     }
 
     pub fn set_size(&self, size: u64) {
@@ -366,10 +372,15 @@ mod tests {
         let Ok(Joined::Started(mine)) = f.join(&d(1), "r", alice) else { panic!("alice got the 401") };
         mine.finish(Err(("upstream down".into(), Some(503))));
         assert!(matches!(f.join(&d(1), "r", None), Ok(Joined::Existing(_))), "an outage is shared");
-        // A 429 is the quota of the account asked with: another account asks for itself.
+        // A private fetch's 429 is the quota of the account asked with: another account asks
+        // for itself. A public fetch asks anonymously: its 429 is everyone's.
         let Ok(Joined::Started(throttled)) = f.join(&d(2), "r", None) else { panic!("not started") };
+        throttled.set_private();
         throttled.finish(Err(("throttled".into(), Some(429))));
         assert!(matches!(f.join(&d(2), "r", alice), Ok(Joined::Started(_))), "alice got the 429");
+        let Ok(Joined::Started(public)) = f.join(&d(3), "r", None) else { panic!("not started") };
+        public.finish(Err(("throttled".into(), Some(429))));
+        assert!(matches!(f.join(&d(3), "r", alice), Ok(Joined::Existing(_))), "a public 429 is shared");
     }
 
     #[test]
