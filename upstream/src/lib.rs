@@ -45,7 +45,8 @@ pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(10);
 /// The longest `Retry-After` honoured.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
-/// Credentials whose `Retry-After` is remembered at once (the table is cleared when full).
+/// Credentials whose `Retry-After` is remembered at once (when full, the window that ends
+/// first is dropped).
 const MAX_THROTTLED_CLIENTS: usize = 10_000;
 
 /// Every manifest type, as clients ask for them.
@@ -503,8 +504,12 @@ impl Upstream {
         let mut throttled = self.throttled_until.lock().unwrap_or_else(|p| p.into_inner());
         if throttled.len() >= MAX_THROTTLED_CLIENTS {
             throttled.retain(|_, until| *until > now);
-            if throttled.len() >= MAX_THROTTLED_CLIENTS {
-                throttled.clear();
+            // Still full: the window ending first goes (clearing all reopened the anonymous
+            // window too).
+            if let Some(first) = throttled.iter().min_by_key(|(_, until)| **until).map(|(k, _)| *k) {
+                if throttled.len() >= MAX_THROTTLED_CLIENTS {
+                    throttled.remove(&first);
+                }
             }
         }
         throttled.insert(*key, now + wait);
