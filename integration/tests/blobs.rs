@@ -91,9 +91,10 @@ async fn blob_unsatisfiable_range_returns_416() {
     if let Some(range) = reply.header("content-range") {
         assert_eq!(range, "bytes */1000");
     }
-    // The blob exists: its 416 does not say BLOB_UNKNOWN.
-    let code = reply.json()["errors"][0]["code"].clone();
-    assert_eq!(code, "SIZE_INVALID");
+    // The blob exists: Shoal's 416 does not say BLOB_UNKNOWN (others may send no JSON).
+    if shoal_integration::external_registry().is_none() {
+        assert_eq!(reply.json()["errors"][0]["code"], "SIZE_INVALID");
+    }
 }
 
 /// Deleting blobs: DELETE is 202; afterwards GET is 404 BLOB_UNKNOWN.
