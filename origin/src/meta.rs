@@ -108,10 +108,15 @@ impl Meta {
 
     /// The database, opened again first if an I/O error broke the handle. Transactions run on
     /// the handle they began on; one still running when the file is opened again keeps the
-    /// old handle's lock, and opening waits for a later call.
+    /// old handle's lock, and opening waits for a later call. A call that finds the handle
+    /// broken and cannot open it now (another call is opening it, which can take long: redb
+    /// repairs the file) fails at once rather than waiting behind the opening.
     fn db(&self) -> Result<RwLockReadGuard<'_, Option<Database>>, StoreError> {
         if self.broken.load(Ordering::Acquire) {
             self.reopen();
+            if self.broken.load(Ordering::Acquire) {
+                return Err(closed());
+            }
         }
         let db = self.db.read().unwrap_or_else(|p| p.into_inner());
         if db.is_none() {
@@ -121,7 +126,12 @@ impl Meta {
     }
 
     fn reopen(&self) {
-        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        // Not waited for: every metadata call would queue behind a repair of the file.
+        let mut db = match self.db.try_write() {
+            Ok(db) => db,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
         if !self.broken.load(Ordering::Acquire) {
             return; // another call did it
         }

@@ -86,3 +86,24 @@ fn a_metainfo_for_a_blob_no_longer_here_is_not_recorded() {
     meta.put_metainfo(&digest(2), b"{}").unwrap();
     assert_eq!(meta.metainfo(&digest(2)).unwrap(), None);
 }
+
+/// While a broken handle is being opened again (here: the lock held, as a long repair of
+/// the file holds it), other calls fail at once with an error instead of waiting for it;
+/// once opened, they work. Before, every metadata call queued behind the opening.
+#[test]
+fn calls_during_a_reopen_fail_at_once_instead_of_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = std::sync::Arc::new(Meta::open(&dir.path().join("meta.redb")).unwrap());
+    assert!(meta.commit_blob(&digest(0), 10, None).unwrap());
+    meta.broken.store(true, std::sync::atomic::Ordering::Release);
+    let opening = meta.db.read().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let asking = meta.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(asking.blob_size(&digest(0)).is_err());
+    });
+    let failed = rx.recv_timeout(std::time::Duration::from_secs(5));
+    drop(opening);
+    assert_eq!(failed, Ok(true), "a call waited for the opening (or succeeded on a broken handle)");
+    assert_eq!(meta.blob_size(&digest(0)).unwrap(), Some(10), "opened again by the next call");
+}
