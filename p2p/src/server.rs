@@ -245,9 +245,9 @@ impl PeerServer {
         let seen = activity.clone();
         let reader = tokio::spawn(async move {
             let mut deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
-            let mut sent_before = 0;
             // When a piece was last seen sent or a request waiting (or the connection began),
-            // looked at on each message and at each deadline: what `have`s are counted from.
+            // looked at on each `have` and at each deadline: what `have`s are counted from;
+            // one count of pieces seen for both, so a piece is credited once.
             let mut useful_at = tokio::time::Instant::now();
             let mut sent_seen = 0;
             loop {
@@ -256,10 +256,10 @@ impl PeerServer {
                     Err(_) => {
                         let sent = seen.sent.load(std::sync::atomic::Ordering::Relaxed);
                         let waiting = seen.queued.load(std::sync::atomic::Ordering::Relaxed) > 0;
-                        if sent == sent_before && !waiting {
+                        if sent == sent_seen && !waiting {
                             return;
                         }
-                        sent_before = sent;
+                        sent_seen = sent;
                         useful_at = tokio::time::Instant::now();
                         deadline = useful_at + IDLE_TIMEOUT;
                         continue;
