@@ -66,8 +66,12 @@ pub struct SenderCap {
     grown_at: Option<Instant>,
     /// The last decrease, for its cooldown.
     decreased_at: Option<Instant>,
-    /// Hosts whose sign counted within [`SIGN_MEMORY`] (host keys, `inbound::host_key`).
+    /// Hosts whose sign lowered the cap within [`SIGN_MEMORY`] (host keys,
+    /// `inbound::host_key`): their signs are ignored.
     signed: HashMap<IpAddr, Instant>,
+    /// Hosts whose sign held growth back (without lowering the cap) within [`SIGN_MEMORY`]:
+    /// their next signs may still lower it, but not hold growth back again.
+    held: HashMap<IpAddr, Instant>,
 }
 
 impl SenderCap {
@@ -91,31 +95,34 @@ impl SenderCap {
 
     /// A sign of incast at `now` on the connection to `from`, with `busy` peers sending to
     /// the node: halve the senders (at least [`MIN_SENDERS`]), unless the last decrease is
-    /// within its cooldown or a sign of `from`'s host lowered the cap within [`SIGN_MEMORY`]
-    /// (such a sign is ignored altogether). Returns whether the cap fell. Any other sign
-    /// restarts the wait for the next increase. Only a sign that lowered the cap is
-    /// remembered: several senders silent at once (real incast) fall in one cooldown, and
-    /// remembered then, their next silences would have been ignored for the whole memory.
+    /// within its cooldown or the cap is at its floor. Returns whether the cap fell. Per host
+    /// ([`SIGN_MEMORY`]): a host whose sign lowered the cap is ignored for the memory; one
+    /// whose sign did not lower it (a cooldown, the floor) restarts the wait for growth once
+    /// in the memory, and may still lower the cap meanwhile. So one peer silent again and
+    /// again lowers the cap once and holds growth back once per 30 s, while several senders
+    /// silent at once (real incast) each count.
     pub fn incast(&mut self, now: Instant, busy: usize, from: IpAddr) -> bool {
         self.signed.retain(|_, at| now.saturating_duration_since(*at) < SIGN_MEMORY);
+        self.held.retain(|_, at| now.saturating_duration_since(*at) < SIGN_MEMORY);
         let host = crate::inbound::host_key(from);
         if self.signed.contains_key(&host) {
             return false;
         }
         let current = self.cap(now);
-        // Growth starts over from here, decrease or not: the link just showed its limit.
-        self.grown_at = Some(now);
-        if self.decreased_at.is_some_and(|at| now.saturating_duration_since(at) < DECREASE_COOLDOWN) {
-            return false;
-        }
+        let cooling =
+            self.decreased_at.is_some_and(|at| now.saturating_duration_since(at) < DECREASE_COOLDOWN);
         let halved = (current.unwrap_or(usize::MAX).min(busy) / 2).max(MIN_SENDERS);
-        if current.is_some_and(|c| halved >= c) {
-            return false;
+        if !cooling && !current.is_some_and(|c| halved >= c) {
+            // Growth starts over from here: the link just showed its limit.
+            (self.cap, self.decreased_at, self.grown_at) = (Some(halved), Some(now), Some(now));
+            self.signed.insert(host, now);
+            return true;
         }
-        self.cap = Some(halved);
-        self.decreased_at = Some(now);
-        self.signed.insert(host, now);
-        true
+        if !self.held.contains_key(&host) {
+            self.grown_at = Some(now);
+            self.held.insert(host, now);
+        }
+        false
     }
 
     /// How many more peers may start sending, with `busy` sending now.
@@ -220,6 +227,20 @@ mod tests {
         assert!(!c.incast(t + Duration::from_secs(1), 8, x));
         assert!(!c.incast(t + Duration::from_secs(1), 8, y));
         assert!(c.incast(t + DECREASE_COOLDOWN, 8, x), "x's next silence after the cooldown");
+        // At the floor, another host silent every 2.5 s holds growth back and lowers the cap
+        // at most once each per memory: the cap still grows.
+        let mut f = SenderCap::default();
+        let (lowering, pinning) = (fresh(), fresh());
+        assert!(f.incast(t0, 3, lowering));
+        assert_eq!(f.cap(t0), Some(MIN_SENDERS));
+        let (mut at, mut lowered) = (t0, 0);
+        while at < t0 + SIGN_MEMORY - Duration::from_millis(2500) {
+            at += Duration::from_millis(2500);
+            lowered += usize::from(f.incast(at, MIN_SENDERS, pinning));
+        }
+        assert!(lowered <= 1, "lowered {lowered} times by one host");
+        let grown = f.cap(at).unwrap();
+        assert!(grown >= MIN_SENDERS + 5, "one host pinned the cap at {grown}");
         // Once the memory has passed, its sign counts again.
         assert!(c.incast(t0 + SIGN_MEMORY + DECREASE_COOLDOWN * 2, 30, hostile));
         // An IPv6 host is one /64 by default.
