@@ -357,4 +357,47 @@ mod tests {
         assert_eq!(haves_heard(true).await, [0]);
         assert_eq!(haves_heard(false).await, Vec::<u32>::new());
     }
+
+    /// A requested piece sent in a frame of another length is reported as a bad piece (the
+    /// swarm bans the address), then the connection closes, before its bytes are read.
+    #[tokio::test]
+    async fn a_piece_of_the_wrong_length_is_reported_as_bad() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = dir.path().join("seed");
+        std::fs::write(&seed, vec![7u8; 3 << 20]).unwrap();
+        let meta = Arc::new(Metainfo::compute_file(&seed, Algorithm::Sha256).unwrap());
+        let want = Arc::new(BlobPieces::partial(&dir.path().join("want"), meta.clone()).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut events) = mpsc::channel(16);
+        spawn_test_download(addr, want, tx);
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut server = tokio_util::codec::Framed::new(stream, PeerCodec::default());
+        let hello = server.next().await.unwrap().unwrap();
+        assert!(matches!(hello, Message::Handshake { .. }), "{hello:?}");
+        let handshake = Message::Handshake {
+            version: PROTOCOL_VERSION,
+            digest: meta.digest().clone(),
+            peer_id: PeerId::random(),
+            bitfield: Bitfield::full(meta.piece_count()).to_bytes().into(),
+        };
+        server.send(handshake).await.unwrap();
+        let Some(ConnEvent::Connected { commands, .. }) = events.recv().await else {
+            panic!("not connected")
+        };
+        commands.send(Command::Request(0)).await.unwrap();
+        loop {
+            match server.next().await.unwrap().unwrap() {
+                Message::Request { index: 0 } => break,
+                Message::KeepAlive | Message::Have(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let short = meta.piece_len(0).unwrap() as usize - 1;
+        server.send(Message::Piece { index: 0, data: vec![1u8; short].into() }).await.unwrap();
+        let reported = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap();
+        assert!(matches!(reported, Some(ConnEvent::BadPiece { index: 0, .. })), "{reported:?}");
+        let closed = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap();
+        assert!(matches!(closed, Some(ConnEvent::Closed { .. })), "{closed:?}");
+    }
 }
