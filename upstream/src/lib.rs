@@ -502,12 +502,17 @@ impl Upstream {
         tracing::warn!(registry = self.registry(), retry_after_s = wait.as_secs(), "upstream answered 429");
         let now = Instant::now();
         let mut throttled = self.throttled_until.lock().unwrap_or_else(|p| p.into_inner());
-        if throttled.len() >= MAX_THROTTLED_CLIENTS {
+        if throttled.len() >= MAX_THROTTLED_CLIENTS && !throttled.contains_key(key) {
             throttled.retain(|_, until| *until > now);
-            // Still full: the window ending first goes (clearing all reopened the anonymous
-            // window too).
-            if let Some(first) = throttled.iter().min_by_key(|(_, until)| **until).map(|(k, _)| *k) {
-                if throttled.len() >= MAX_THROTTLED_CLIENTS {
+            // Still full: the client window ending first goes; never the anonymous or the
+            // configured one, which every client without credentials goes by.
+            if throttled.len() >= MAX_THROTTLED_CLIENTS {
+                let shared = self.configured.as_ref().map(Credentials::fingerprint).unwrap_or([0; 32]);
+                let first = throttled
+                    .iter()
+                    .filter(|(k, _)| **k != [0; 32] && **k != shared)
+                    .min_by_key(|(_, u)| **u);
+                if let Some(first) = first.map(|(k, _)| *k) {
                     throttled.remove(&first);
                 }
             }
