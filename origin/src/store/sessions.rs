@@ -20,16 +20,23 @@ impl OriginStore {
         self.inner.sessions.get_in(repo, id).ok_or(StoreError::UploadUnknown)
     }
 
+    /// Take a session out: its file first, then its record. A record left behind (the
+    /// database failing: a full disk, a reopen under way) names a file that is gone, which
+    /// recovery drops at the next start; the file left behind by the other order held its
+    /// disk space, on the disk that was full, until a restart brought the session back.
     async fn discard_session(&self, id: &str) -> Result<(), StoreError> {
         self.inner.sessions.remove(id);
         let inner = self.inner.clone();
         let id = id.to_string();
         blocking(move || {
-            inner.meta.remove_upload(&id)?;
             match std::fs::remove_file(inner.layout.upload(&id)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::from_io(e)),
-                _ => Ok(()),
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(StoreError::from_io(e)),
+                _ => {}
             }
+            if let Err(e) = inner.meta.remove_upload(&id) {
+                tracing::warn!(session = %id, error = %e, "an ended upload session's record stays until the next start");
+            }
+            Ok(())
         })
         .await
     }
@@ -38,9 +45,11 @@ impl OriginStore {
     /// that any other origin that receives a request for the session knows where it lives.
     pub async fn upload_start(&self, repo: &RepoName, home: &str) -> Result<UploadState, StoreError> {
         let max = self.inner.config.max_upload_sessions;
-        if self.inner.sessions.len() >= max {
+        // Counted from here to the insert: `POST`s at once all passed a check of the open
+        // sessions alone, past the limit.
+        let Some(_starting) = self.inner.sessions.reserve(max) else {
             return Err(StoreError::TooManyUploads(max));
-        }
+        };
         let id = format!("{}.{}", uuid::Uuid::new_v4(), hex::encode(home));
         let path = self.inner.layout.upload(&id);
         let inner = self.inner.clone();
@@ -49,7 +58,10 @@ impl OriginStore {
             let (id, path) = (id.clone(), path.clone());
             blocking(move || {
                 std::fs::File::create(&path).map_err(StoreError::from_io)?;
-                inner.meta.add_upload(&id, &record)
+                // Without its record the file is no session's: removed, not left to a restart.
+                inner.meta.add_upload(&id, &record).inspect_err(|_| {
+                    let _ = std::fs::remove_file(&path);
+                })
             })
             .await?;
         }
