@@ -39,10 +39,21 @@ pub struct Session {
 #[derive(Default)]
 pub struct Sessions {
     map: StdMutex<HashMap<String, OpenSession>>,
+    /// Sessions being opened (counted against the limit with the open ones).
+    starting: std::sync::atomic::AtomicUsize,
     /// Sessions published as a blob lately, by id: a retried final `PUT` (its answer lost, or
     /// a 503 from the copying and linking after the publish) is answered from here rather
     /// than with 404 for a session that no longer exists.
     finished: StdMutex<HashMap<String, Finished>>,
+}
+
+/// A session being opened, counted against the limit ([`Sessions::reserve`]).
+pub struct Starting<'a>(&'a Sessions);
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        self.0.starting.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// A session that was published as a blob.
@@ -67,9 +78,17 @@ const MAX_FINISHED: usize = 10_000;
 type OpenSession = (RepoName, Arc<Mutex<Session>>);
 
 impl Sessions {
-    /// Sessions open now.
-    pub fn len(&self) -> usize {
-        self.lock().len()
+    /// A place for a session being opened, if fewer than `max` are open or being opened;
+    /// given back when dropped (after the session is inserted, or its opening failed).
+    pub fn reserve(&self, max: usize) -> Option<Starting<'_>> {
+        use std::sync::atomic::Ordering;
+        let open = self.lock();
+        if open.len() + self.starting.load(Ordering::Acquire) >= max {
+            return None;
+        }
+        self.starting.fetch_add(1, Ordering::AcqRel);
+        drop(open);
+        Some(Starting(self))
     }
 
     pub fn insert(&self, id: String, session: Session) {
@@ -481,7 +500,7 @@ mod tests {
         assert_eq!(sessions.take_expired(Duration::from_millis(20)), ["idle"]);
         assert!(reached.lock().await.ended, "the request that reached it sees it ended");
         assert!(sessions.get_in(&repo, "idle").is_none());
-        assert_eq!(sessions.len(), 2);
+        assert_eq!(sessions.lock().len(), 2);
         drop(held);
         assert!(!busy.lock().await.ended);
     }
@@ -506,5 +525,19 @@ mod tests {
             let expected = Digest::of(Algorithm::Sha256, &b"hello"[..kept as usize]);
             assert_eq!(digest_of(&session, Algorithm::Sha256).await.unwrap(), expected);
         }
+    }
+
+    /// Places for sessions being opened count against the limit with the open ones, until
+    /// dropped: `POST`s at once passed a check of the open ones alone.
+    #[test]
+    fn sessions_being_opened_count_against_the_limit() {
+        let sessions = Sessions::default();
+        sessions.insert("open".into(), empty_session("z".into()));
+        let first = sessions.reserve(3).expect("a second place");
+        let second = sessions.reserve(3).expect("a third place");
+        assert!(sessions.reserve(3).is_none(), "one open and two being opened fill 3");
+        drop(first);
+        assert!(sessions.reserve(3).is_some(), "a place given back");
+        drop(second);
     }
 }
