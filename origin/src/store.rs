@@ -82,11 +82,16 @@ impl OriginStore {
     /// expiry of idle upload sessions.
     pub async fn open(config: StoreConfig) -> Result<OriginStore, StoreError> {
         let layout = Layout::new(&config.data_dir);
-        let (meta, sessions) = {
+        let (meta, sessions, blob_bytes) = {
             let layout = layout.clone();
-            blocking(move || crate::recovery::recover(&layout)).await?
+            blocking(move || {
+                let (meta, sessions) = crate::recovery::recover(&layout)?;
+                let bytes = meta.total_blob_bytes()?;
+                Ok((meta, sessions, bytes))
+            })
+            .await?
         };
-        let blob_bytes = AtomicU64::new(meta.total_blob_bytes()?);
+        let blob_bytes = AtomicU64::new(blob_bytes);
         let inner = Arc::new(Inner {
             layout,
             meta,
@@ -172,8 +177,12 @@ impl OriginStore {
     pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
         let inner = self.inner.clone();
         let d = digest.clone();
-        if let Some(size) = blocking(move || inner.meta.blob_size(&d)).await? {
-            return Ok(Some(size));
+        // Read without the blob files' lock: a blob neither held nor quarantined (every copy
+        // being placed asks first) waited behind every publish's fsync for nothing.
+        let (size, quarantined) =
+            blocking(move || Ok((inner.meta.blob_size(&d)?, inner.meta.quarantined(&d)?.is_some()))).await?;
+        if size.is_some() || !quarantined {
+            return Ok(size);
         }
         if self.blob_restore(digest).await? {
             let inner = self.inner.clone();
