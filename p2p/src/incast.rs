@@ -51,10 +51,11 @@ pub const DECREASE_COOLDOWN: Duration = Duration::from_secs(3);
 pub const INCREASE_EVERY: Duration = Duration::from_secs(3);
 /// A cap grown to this many senders is lifted (more than a node's downloads keep busy).
 pub const UNCAPPED_AT: usize = 64;
-/// After a sign from one host, its next signs are ignored this long (they neither lower the
-/// cap nor hold back its growth). A peer that sent a piece and went silent every 2.5 s held
-/// its receiver's cap at [`MIN_SENDERS`] for every download; alone it now halves the cap at
-/// most once in this time, against ten steps of growth.
+/// Per host, within this long a sign lowers the cap at most once (the host's next signs are
+/// then ignored) and, not lowering it, holds its growth back at most once. A peer that sent a
+/// piece and went silent every 2.5 s held its receiver's cap at [`MIN_SENDERS`] for every
+/// download; alone it now halves the cap and holds growth back at most once each in this
+/// time, against ten steps of growth.
 pub const SIGN_MEMORY: Duration = Duration::from_secs(30);
 
 /// The node's cap on peers sending to it at once.
@@ -112,7 +113,7 @@ impl SenderCap {
         let cooling =
             self.decreased_at.is_some_and(|at| now.saturating_duration_since(at) < DECREASE_COOLDOWN);
         let halved = (current.unwrap_or(usize::MAX).min(busy) / 2).max(MIN_SENDERS);
-        if !cooling && !current.is_some_and(|c| halved >= c) {
+        if !cooling && current.is_none_or(|c| halved < c) {
             // Growth starts over from here: the link just showed its limit.
             (self.cap, self.decreased_at, self.grown_at) = (Some(halved), Some(now), Some(now));
             self.signed.insert(host, now);
