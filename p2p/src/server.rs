@@ -272,7 +272,10 @@ impl PeerServer {
                             let sent = seen.sent.load(std::sync::atomic::Ordering::Relaxed);
                             if sent != sent_seen || seen.queued.load(std::sync::atomic::Ordering::Relaxed) > 0
                             {
+                                // Credited here, the piece keeps the connection as the
+                                // deadline would have.
                                 (sent_seen, useful_at) = (sent, now);
+                                deadline = deadline.max(now + IDLE_TIMEOUT);
                             }
                             if told.get_mut(*index as usize).is_some_and(|t| !std::mem::replace(t, true))
                                 && now < useful_at + HAVES_KEEP
