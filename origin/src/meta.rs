@@ -193,6 +193,18 @@ impl Meta {
         Ok(table.get(d.as_str()).map_err(|e| self.fail(e))?.map(|v| v.value().0))
     }
 
+    /// The blob's size if stored here, and whether it is quarantined, read in one transaction
+    /// (a restore between two reads made a blob that is here look absent).
+    pub fn blob_or_quarantined(&self, digest: &Digest) -> Result<(Option<u64>, bool), StoreError> {
+        let txn = self.read()?;
+        let d = digest.to_string();
+        let blobs = txn.open_table(BLOBS).map_err(|e| self.fail(e))?;
+        let size = blobs.get(d.as_str()).map_err(|e| self.fail(e))?.map(|v| v.value().0);
+        let quarantine = txn.open_table(QUARANTINE).map_err(|e| self.fail(e))?;
+        let quarantined = quarantine.get(d.as_str()).map_err(|e| self.fail(e))?.is_some();
+        Ok((size, quarantined))
+    }
+
     pub fn metainfo(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
         let txn = self.read()?;
         let table = txn.open_table(METAINFO).map_err(|e| self.fail(e))?;

@@ -179,17 +179,15 @@ impl OriginStore {
         let d = digest.clone();
         // Read without the blob files' lock: a blob neither held nor quarantined (every copy
         // being placed asks first) waited behind every publish's fsync for nothing.
-        let (size, quarantined) =
-            blocking(move || Ok((inner.meta.blob_size(&d)?, inner.meta.quarantined(&d)?.is_some()))).await?;
+        let (size, quarantined) = blocking(move || inner.meta.blob_or_quarantined(&d)).await?;
         if size.is_some() || !quarantined {
             return Ok(size);
         }
-        if self.blob_restore(digest).await? {
-            let inner = self.inner.clone();
-            let d = digest.clone();
-            return blocking(move || inner.meta.blob_size(&d)).await;
-        }
-        Ok(None)
+        // Brought back by this call or by another one meanwhile: it is here either way.
+        self.blob_restore(digest).await?;
+        let inner = self.inner.clone();
+        let d = digest.clone();
+        blocking(move || inner.meta.blob_size(&d)).await
     }
 
     /// The blob's bytes (a range of them) if this origin holds it.
