@@ -54,27 +54,34 @@ impl OriginStore {
         let path = self.inner.layout.upload(&id);
         let inner = self.inner.clone();
         let record = UploadRecord { repo: repo.to_string(), created: now_unix() };
-        {
-            let (id, path) = (id.clone(), path.clone());
-            blocking(move || {
-                std::fs::File::create(&path).map_err(StoreError::from_io)?;
-                // Without its record the file is no session's: removed, not left to a restart.
-                inner.meta.add_upload(&id, &record).inspect_err(|_| {
-                    let _ = std::fs::remove_file(&path);
+        let repo = repo.clone();
+        // In a task of its own: a request dropped while the file and record are made (the
+        // client gone) still ends with the session open (it expires when idle), never with a
+        // file and record and no session, which a restart brought back as a live session.
+        let opening = tokio::spawn(async move {
+            {
+                let (inner, id, path) = (inner.clone(), id.clone(), path.clone());
+                blocking(move || {
+                    std::fs::File::create(&path).map_err(StoreError::from_io)?;
+                    // Without its record the file is no session's: removed, not left to a restart.
+                    inner.meta.add_upload(&id, &record).inspect_err(|_| {
+                        let _ = std::fs::remove_file(&path);
+                    })
                 })
-            })
-            .await?;
-        }
-        let session = Session {
-            repo: repo.clone(),
-            path,
-            offset: 0,
-            hasher: Some(Algorithm::Sha256.hasher()),
-            touched: Instant::now(),
-            ended: false,
-        };
-        self.inner.sessions.insert(id.clone(), session);
-        Ok(UploadState { id, offset: 0 })
+                .await?;
+            }
+            let session = Session {
+                repo,
+                path,
+                offset: 0,
+                hasher: Some(Algorithm::Sha256.hasher()),
+                touched: Instant::now(),
+                ended: false,
+            };
+            inner.sessions.insert(id.clone(), session);
+            Ok(UploadState { id, offset: 0 })
+        });
+        opening.await.map_err(|e| StoreError::Internal(format!("upload start task: {e}")))?
     }
 
     /// The file an upload session's bytes go to (a pull-through fetch streams it to its first
