@@ -371,6 +371,32 @@ async fn upload_sessions_are_capped_and_a_finished_one_frees_a_slot() {
     store.upload_start(&r).await.unwrap();
 }
 
+/// `POST`s at once do not overshoot the cap: sessions being opened count with the open
+/// ones. Before, each passed a check of the open sessions alone and then made its file and
+/// record, so a burst opened about as many sessions as it had requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_sessions_started_at_once_do_not_overshoot_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(
+        open_single(StoreConfig { max_upload_sessions: 2, ..config(dir.path()) }).await.unwrap(),
+    );
+    let starts: Vec<_> = (0..20)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.upload_start(&repo("x")).await })
+        })
+        .collect();
+    let mut opened = 0;
+    for start in starts {
+        match start.await.unwrap() {
+            Ok(_) => opened += 1,
+            Err(StoreError::TooManyUploads(2)) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(opened, 2, "{opened} sessions opened under a cap of 2");
+}
+
 /// GC settings with a short quarantine: nothing races these collections.
 fn gc_settings(grace: Duration) -> shoal_origin::cluster::gc::GcSettings {
     shoal_origin::cluster::gc::GcSettings { grace, quarantine: Duration::from_millis(50) }
