@@ -45,8 +45,8 @@ pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(10);
 /// The longest `Retry-After` honoured.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
-/// Credentials whose `Retry-After` is remembered at once (when full, the window that ends
-/// first is dropped).
+/// Credentials whose `Retry-After` is remembered at once (when full, the client window that
+/// ends first is dropped; never the anonymous or the configured one).
 const MAX_THROTTLED_CLIENTS: usize = 10_000;
 
 /// Every manifest type, as clients ask for them.
@@ -500,7 +500,12 @@ impl Upstream {
         let wait = retry_after(r.headers()).unwrap_or(DEFAULT_RETRY_AFTER);
         self.metrics.throttled(self.registry());
         tracing::warn!(registry = self.registry(), retry_after_s = wait.as_secs(), "upstream answered 429");
-        let now = Instant::now();
+        self.remember_throttle(key, Instant::now(), wait);
+        UpstreamError::TooManyRequests { retry_after: wait }
+    }
+
+    /// No request with the credentials of `key` for `wait` from `now`.
+    fn remember_throttle(&self, key: &[u8; 32], now: Instant, wait: Duration) {
         let mut throttled = self.throttled_until.lock().unwrap_or_else(|p| p.into_inner());
         if throttled.len() >= MAX_THROTTLED_CLIENTS && !throttled.contains_key(key) {
             throttled.retain(|_, until| *until > now);
@@ -518,7 +523,6 @@ impl Upstream {
             }
         }
         throttled.insert(*key, now + wait);
-        UpstreamError::TooManyRequests { retry_after: wait }
     }
 
     /// Within a `Retry-After` window of the credentials of `key`: refuse without sending
@@ -592,5 +596,37 @@ mod tests {
         assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
         assert_eq!(parse_retry_after(&httpdate::fmt_http_date(SystemTime::UNIX_EPOCH)), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    /// A full table of live windows drops the client window that ends first for a new key,
+    /// never the anonymous one (ending first here), and nothing for a key already there.
+    #[test]
+    fn a_full_throttle_table_keeps_the_shared_window() {
+        let config: UpstreamConfig =
+            toml::from_str("registry = \"fake.test\"\nurl = \"http://127.0.0.1:1\"\n").unwrap();
+        let up = Upstream::new(config, UpstreamMetrics::unregistered()).unwrap();
+        let now = Instant::now();
+        let key = |i: usize| {
+            let mut k = [0u8; 32];
+            k[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+            k
+        };
+        up.remember_throttle(&[0; 32], now, Duration::from_secs(5));
+        for i in 0..MAX_THROTTLED_CLIENTS - 1 {
+            up.remember_throttle(&key(i), now, Duration::from_secs(60 + i as u64));
+        }
+        assert_eq!(up.throttled_until.lock().unwrap().len(), MAX_THROTTLED_CLIENTS);
+        up.remember_throttle(&key(0), now, Duration::from_secs(600));
+        assert_eq!(
+            up.throttled_until.lock().unwrap().len(),
+            MAX_THROTTLED_CLIENTS,
+            "an update evicts nothing"
+        );
+        up.remember_throttle(&key(MAX_THROTTLED_CLIENTS), now, Duration::from_secs(600));
+        let table = up.throttled_until.lock().unwrap();
+        assert_eq!(table.len(), MAX_THROTTLED_CLIENTS);
+        assert!(table.contains_key(&[0; 32]), "the anonymous window was dropped");
+        assert!(!table.contains_key(&key(1)), "the client window ending first goes");
+        assert!(table.contains_key(&key(0)), "updated, no longer first");
     }
 }
