@@ -13,9 +13,9 @@
 mod auth;
 mod config;
 mod metrics;
+mod pace;
+mod throttle;
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -27,6 +27,8 @@ use shoal_registry::{ByteStream, Digest};
 pub use auth::{parse_challenge, Challenge, Credentials};
 pub use config::{UpstreamConfig, DEFAULT_SERVE_STALE, DEFAULT_TAG_TTL};
 pub use metrics::UpstreamMetrics;
+use pace::Pace;
+pub use pace::MIN_BODY_RATE;
 
 /// Connecting to an upstream gives up after this long.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,20 +36,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEADERS_TIMEOUT: Duration = Duration::from_secs(30);
 /// A blob body with no new byte for this long fails.
 pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// A body (a blob's or a manifest's) that averages less than this many bytes a second over a
-/// window of twice the idle timeout (60 s) fails: an upstream that sent a byte just inside
-/// each idle timeout held a fetch, and the clients waiting on it, without end. 64 KiB/s is
-/// half a megabit, far below any registry's link.
-pub const MIN_BODY_RATE: u64 = 64 * 1024;
 /// Largest manifest accepted from an upstream.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 /// Waiting after a `429` without `Retry-After`.
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(10);
 /// The longest `Retry-After` honoured.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
-/// Credentials whose `Retry-After` is remembered at once (when full, the client window that
-/// ends first is dropped; never the anonymous or the configured one).
-const MAX_THROTTLED_CLIENTS: usize = 10_000;
 
 /// Every manifest type, as clients ask for them.
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
@@ -97,11 +91,8 @@ pub struct Upstream {
     tokens: auth::Tokens,
     /// The upstream asked for Basic credentials: send them up front from now on.
     basic: std::sync::atomic::AtomicBool,
-    /// No request before this instant (a `429`'s `Retry-After`), per credentials the
-    /// requests go with (their fingerprint; zeros: none): registries count their limits per
-    /// account (and per address for anonymous pulls), so one client's 429, its own
-    /// account's quota, does not stop the others.
-    throttled_until: Mutex<HashMap<[u8; 32], Instant>>,
+    /// `Retry-After` windows, per credentials the requests go with.
+    throttles: throttle::Throttles,
     metrics: UpstreamMetrics,
     idle_timeout: Duration,
 }
@@ -135,13 +126,14 @@ impl Upstream {
             .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .map_err(|e| UpstreamError::Config(format!("HTTP client: {e}")))?;
+        let shared = configured.as_ref().map(Credentials::fingerprint).unwrap_or([0; 32]);
         Ok(Upstream {
             config,
             configured,
             http,
             tokens: auth::Tokens::default(),
             basic: Default::default(),
-            throttled_until: Mutex::new(HashMap::new()),
+            throttles: throttle::Throttles::new(shared),
             metrics,
             idle_timeout,
         })
@@ -500,38 +492,16 @@ impl Upstream {
         let wait = retry_after(r.headers()).unwrap_or(DEFAULT_RETRY_AFTER);
         self.metrics.throttled(self.registry());
         tracing::warn!(registry = self.registry(), retry_after_s = wait.as_secs(), "upstream answered 429");
-        self.remember_throttle(key, Instant::now(), wait);
+        self.throttles.remember(key, Instant::now(), wait);
         UpstreamError::TooManyRequests { retry_after: wait }
-    }
-
-    /// No request with the credentials of `key` for `wait` from `now`.
-    fn remember_throttle(&self, key: &[u8; 32], now: Instant, wait: Duration) {
-        let mut throttled = self.throttled_until.lock().unwrap_or_else(|p| p.into_inner());
-        if throttled.len() >= MAX_THROTTLED_CLIENTS && !throttled.contains_key(key) {
-            throttled.retain(|_, until| *until > now);
-            // Still full: the client window ending first goes; never the anonymous or the
-            // configured one, which every client without credentials goes by.
-            if throttled.len() >= MAX_THROTTLED_CLIENTS {
-                let shared = self.configured.as_ref().map(Credentials::fingerprint).unwrap_or([0; 32]);
-                let first = throttled
-                    .iter()
-                    .filter(|(k, _)| **k != [0; 32] && **k != shared)
-                    .min_by_key(|(_, u)| **u);
-                if let Some(first) = first.map(|(k, _)| *k) {
-                    throttled.remove(&first);
-                }
-            }
-        }
-        throttled.insert(*key, now + wait);
     }
 
     /// Within a `Retry-After` window of the credentials of `key`: refuse without sending
     /// anything.
     fn check_throttle(&self, key: &[u8; 32]) -> Result<(), UpstreamError> {
-        let until = self.throttled_until.lock().unwrap_or_else(|p| p.into_inner()).get(key).copied();
-        match until.map(|u| u.saturating_duration_since(Instant::now())) {
-            Some(left) if !left.is_zero() => Err(UpstreamError::TooManyRequests { retry_after: left }),
-            _ => Ok(()),
+        match self.throttles.left(key, Instant::now()) {
+            Some(left) => Err(UpstreamError::TooManyRequests { retry_after: left }),
+            None => Ok(()),
         }
     }
 }
@@ -551,39 +521,6 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
     Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
 }
 
-/// Whether a body keeps [`MIN_BODY_RATE`]: bytes counted per window of twice the idle
-/// timeout, checked as each chunk arrives.
-struct Pace {
-    window: Duration,
-    started: Instant,
-    bytes: u64,
-}
-
-impl Pace {
-    fn new(idle: Duration) -> Pace {
-        Pace { window: idle.saturating_mul(2), started: Instant::now(), bytes: 0 }
-    }
-
-    /// Count `n` bytes just received; an error once a whole window passed below the rate.
-    fn count(&mut self, n: u64) -> Result<(), String> {
-        self.bytes = self.bytes.saturating_add(n);
-        let elapsed = self.started.elapsed();
-        if elapsed < self.window {
-            return Ok(());
-        }
-        let rate = self.bytes as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
-        if rate < MIN_BODY_RATE as f64 {
-            return Err(format!(
-                "upstream sent {} bytes in {:.0} s, under the minimum of {MIN_BODY_RATE} bytes/s",
-                self.bytes,
-                elapsed.as_secs_f64()
-            ));
-        }
-        (self.started, self.bytes) = (Instant::now(), 0);
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -596,37 +533,5 @@ mod tests {
         assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
         assert_eq!(parse_retry_after(&httpdate::fmt_http_date(SystemTime::UNIX_EPOCH)), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon"), None);
-    }
-
-    /// A full table of live windows drops the client window that ends first for a new key,
-    /// never the anonymous one (ending first here), and nothing for a key already there.
-    #[test]
-    fn a_full_throttle_table_keeps_the_shared_window() {
-        let config: UpstreamConfig =
-            toml::from_str("registry = \"fake.test\"\nurl = \"http://127.0.0.1:1\"\n").unwrap();
-        let up = Upstream::new(config, UpstreamMetrics::unregistered()).unwrap();
-        let now = Instant::now();
-        let key = |i: usize| {
-            let mut k = [0u8; 32];
-            k[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
-            k
-        };
-        up.remember_throttle(&[0; 32], now, Duration::from_secs(5));
-        for i in 0..MAX_THROTTLED_CLIENTS - 1 {
-            up.remember_throttle(&key(i), now, Duration::from_secs(60 + i as u64));
-        }
-        assert_eq!(up.throttled_until.lock().unwrap().len(), MAX_THROTTLED_CLIENTS);
-        up.remember_throttle(&key(0), now, Duration::from_secs(600));
-        assert_eq!(
-            up.throttled_until.lock().unwrap().len(),
-            MAX_THROTTLED_CLIENTS,
-            "an update evicts nothing"
-        );
-        up.remember_throttle(&key(MAX_THROTTLED_CLIENTS), now, Duration::from_secs(600));
-        let table = up.throttled_until.lock().unwrap();
-        assert_eq!(table.len(), MAX_THROTTLED_CLIENTS);
-        assert!(table.contains_key(&[0; 32]), "the anonymous window was dropped");
-        assert!(!table.contains_key(&key(1)), "the client window ending first goes");
-        assert!(table.contains_key(&key(0)), "updated, no longer first");
     }
 }
