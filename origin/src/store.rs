@@ -73,6 +73,16 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Internal(format!("blocking task: {e}")))?
 }
 
+/// Run `work` in a task of its own, to its end, even if the caller is dropped (its client
+/// gone, a forwarding origin giving up): a write stopped halfway left a session's offset, a
+/// scratch file or a record disagreeing with the disk. `what` names it in a join error.
+pub(crate) async fn to_the_end<T: Send + 'static>(
+    what: &'static str,
+    work: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::spawn(work).await.map_err(|e| StoreError::Internal(format!("{what} task: {e}")))?
+}
+
 fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -218,9 +228,7 @@ impl OriginStore {
             return Ok(());
         }
         let (store, digest) = (self.clone(), digest.clone());
-        tokio::spawn(async move { store.blob_copy_in(&digest, size, body).await })
-            .await
-            .map_err(|e| StoreError::Internal(format!("blob copy task: {e}")))?
+        to_the_end("blob copy", async move { store.blob_copy_in(&digest, size, body).await }).await
     }
 
     async fn blob_copy_in(&self, digest: &Digest, size: u64, body: ByteStream) -> Result<(), StoreError> {

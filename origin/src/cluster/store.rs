@@ -352,7 +352,7 @@ impl RegistryStore for ClusterStore {
     /// from the link as it stands: a blob deleted since is not linked again.
     async fn upload_complete(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError> {
         let (store, repo, id, digest) = (self.clone(), repo.clone(), id.to_string(), digest.clone());
-        tokio::spawn(async move {
+        crate::store::to_the_end("upload", async move {
             let local = store.c().local.store();
             let size = match local.upload_finish(&repo, &id, &digest).await {
                 Err(StoreError::UploadUnknown) => {
@@ -378,7 +378,6 @@ impl RegistryStore for ClusterStore {
             Ok(size)
         })
         .await
-        .map_err(|e| StoreError::Internal(format!("upload task: {e}")))?
     }
 
     async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use shoal_registry::store::UploadState;
 use shoal_registry::{Algorithm, ByteStream, Digest, RepoName, StoreError};
 
-use super::{blocking, now_unix, Inner, OriginStore};
+use super::{blocking, now_unix, to_the_end, Inner, OriginStore};
 use crate::meta::UploadRecord;
 use crate::uploads::{self, Session};
 
@@ -58,7 +58,7 @@ impl OriginStore {
         // In a task of its own: a request dropped while the file and record are made (the
         // client gone) still ends with the session open (it expires when idle), never with a
         // file and record and no session, which a restart brought back as a live session.
-        let opening = tokio::spawn(async move {
+        to_the_end("upload start", async move {
             {
                 let (inner, id, path) = (inner.clone(), id.clone(), path.clone());
                 blocking(move || {
@@ -80,8 +80,8 @@ impl OriginStore {
             };
             inner.sessions.insert(id.clone(), session);
             Ok(UploadState { id, offset: 0 })
-        });
-        opening.await.map_err(|e| StoreError::Internal(format!("upload start task: {e}")))?
+        })
+        .await
     }
 
     /// The file an upload session's bytes go to (a pull-through fetch streams it to its first
@@ -110,13 +110,12 @@ impl OriginStore {
     ) -> Result<UploadState, StoreError> {
         let session = self.session(repo, id)?;
         let id = id.to_string();
-        tokio::spawn(async move {
+        to_the_end("upload", async move {
             let mut session = live(session.lock_owned().await)?;
             uploads::append(&mut session, start, len, body).await?;
             Ok(UploadState { id, offset: session.offset })
         })
         .await
-        .map_err(|e| StoreError::Internal(format!("upload task: {e}")))?
     }
 
     /// Verify the session's content against `digest` and publish it as a blob file here; the
