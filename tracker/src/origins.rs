@@ -341,17 +341,22 @@ mod tests {
         }
     }
 
-    /// An origin that answers both questions after `delay`, counting the questions.
-    async fn slow_origin(delay: Duration) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    /// An origin that answers both questions once its gate is open (`true`), counting the
+    /// questions. The tests hold questions in flight with the gate, not with sleeps that
+    /// race the tracker's own waits on a loaded machine.
+    async fn gated_origin() -> (String, Arc<std::sync::atomic::AtomicUsize>, tokio::sync::watch::Sender<bool>)
+    {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let asked = Arc::new(AtomicUsize::new(0));
+        let (gate, open) = tokio::sync::watch::channel(false);
         let (a, b) = (asked.clone(), asked.clone());
+        let (open_a, open_b) = (open.clone(), open);
         let app = axum::Router::new()
             .route(
                 "/shoal/v1/blobs/{digest}/locations",
                 get(move || async move {
                     a.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(delay).await;
+                    let _ = open_a.clone().wait_for(|open| *open).await;
                     axum::Json(serde_json::json!({
                         "seeders": [{"peer_id": "a".repeat(40), "addr": "127.0.0.1:7001"}]
                     }))
@@ -361,14 +366,28 @@ mod tests {
                 "/shoal/v1/blobs/{digest}/metainfo",
                 get(move || async move {
                     b.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(delay).await;
+                    let _ = open_b.clone().wait_for(|open| *open).await;
                     "{}"
                 }),
             );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        (url, asked)
+        (url, asked, gate)
+    }
+
+    /// Waits (up to 10 s) until the origin has been asked `n` questions in all.
+    async fn asked_reaches(asked: &std::sync::atomic::AtomicUsize, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while asked.load(std::sync::atomic::Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "the origin was never asked");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Lets the spawned callers (on this test's one thread) reach their wait.
+    async fn let_callers_wait() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     /// A fleet announcing a new layer at once asks the origins once per question, not once per
@@ -377,61 +396,78 @@ mod tests {
     #[tokio::test]
     async fn simultaneous_questions_about_a_digest_go_to_the_origins_once() {
         use std::sync::atomic::Ordering;
-        let (url, asked) = slow_origin(Duration::from_millis(600)).await;
+        let (url, asked, gate) = gated_origin().await;
         let origins = Arc::new(Origins::new(vec![url], Duration::from_secs(5)).unwrap());
         let d = digest("layer");
         let many = |f: fn(Arc<Origins>, Digest) -> tokio::task::JoinHandle<usize>| {
             (0..20).map(|_| f(origins.clone(), d.clone())).collect::<Vec<_>>()
         };
+        // Every announce waits for the one question (opened well within `SEEDER_WAIT`).
         let seeders = many(|o, d| tokio::spawn(async move { o.seeders(&d).await.len() }));
+        asked_reaches(&asked, 1).await;
+        let_callers_wait().await;
+        gate.send_replace(true);
         for s in seeders {
             assert_eq!(s.await.unwrap(), 1);
         }
         assert_eq!(asked.swap(0, Ordering::SeqCst), 1, "seeders asked once for 20 announces");
+        gate.send_replace(false);
         let metainfo = many(|o, d| tokio::spawn(async move { o.metainfo(&d).await.unwrap().len() }));
+        asked_reaches(&asked, 1).await;
+        let_callers_wait().await;
+        gate.send_replace(true);
         for m in metainfo {
             assert_eq!(m.await.unwrap(), 2);
         }
         assert_eq!(asked.swap(0, Ordering::SeqCst), 1, "metainfo asked once for 20 callers");
 
         // Past their time: one caller asks again, the others get the last answer at once.
+        gate.send_replace(false);
         lock(&origins.seeders).get_mut(&d).unwrap().0 -= Duration::from_secs(11);
         let asking = tokio::spawn({
             let (o, d) = (origins.clone(), d.clone());
             async move { o.seeders(&d).await }
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let started = Instant::now();
+        asked_reaches(&asked, 1).await;
         for _ in 0..10 {
-            assert_eq!(origins.seeders(&d).await.len(), 1);
+            assert_eq!(origins.seeders(&d).await.len(), 1, "the last answer, while the origin hangs");
         }
-        assert!(started.elapsed() < Duration::from_millis(400), "waited for the refresh");
-        assert_eq!(asking.await.unwrap().len(), 1);
+        assert_eq!(asking.await.unwrap().len(), 1, "the asking caller, handed the stale answer");
+        gate.send_replace(true);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&origins.seeders)[&d].0.elapsed() > Duration::from_secs(5) {
+            assert!(Instant::now() < deadline, "never refreshed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(asked.swap(0, Ordering::SeqCst), 1, "refreshed once");
 
         // The caller asking goes away: one waiting takes the question over.
+        gate.send_replace(false);
         let e = digest("another");
         let first = tokio::spawn({
             let (o, e) = (origins.clone(), e.clone());
             async move { o.metainfo(&e).await }
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        asked_reaches(&asked, 1).await;
         let second = tokio::spawn({
             let (o, e) = (origins.clone(), e.clone());
             async move { o.metainfo(&e).await }
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let_callers_wait().await;
         first.abort();
+        asked_reaches(&asked, 2).await;
+        gate.send_replace(true);
         assert_eq!(&second.await.unwrap().unwrap()[..], b"{}");
         assert!(lock(&origins.metainfo_flights.running).is_empty(), "the flight ended");
 
         // A refresh goes on after the caller that started it is handed the stale answer (or
         // goes away), and its answer is cached for the next.
+        gate.send_replace(false);
         asked.store(0, Ordering::SeqCst);
         lock(&origins.seeders).get_mut(&d).unwrap().0 -= Duration::from_secs(11);
-        let started = Instant::now();
-        assert_eq!(origins.seeders(&d).await.len(), 1);
-        assert!(started.elapsed() < Duration::from_millis(400), "waited for the refresh");
+        assert_eq!(origins.seeders(&d).await.len(), 1, "the last answer, while the origin hangs");
+        asked_reaches(&asked, 1).await;
+        gate.send_replace(true);
         let deadline = Instant::now() + Duration::from_secs(10);
         while lock(&origins.seeders)[&d].0.elapsed() > Duration::from_secs(5) {
             assert!(Instant::now() < deadline, "never refreshed");
@@ -450,8 +486,8 @@ mod tests {
     #[tokio::test]
     async fn a_first_question_waits_a_second_at_most_and_goes_on() {
         use std::sync::atomic::Ordering;
-        let (url, asked) = slow_origin(SEEDER_WAIT * 3).await;
-        let origins = Arc::new(Origins::new(vec![url], Duration::from_secs(10)).unwrap());
+        let (url, asked, gate) = gated_origin().await;
+        let origins = Arc::new(Origins::new(vec![url], Duration::from_secs(30)).unwrap());
         let d = digest("new layer");
         let started = Instant::now();
         let waiting: Vec<_> = (0..10)
@@ -463,13 +499,16 @@ mod tests {
         for w in waiting {
             assert!(w.await.unwrap().is_empty(), "handed seeders before the origin answered");
         }
+        // The origin still hangs: the announces waited `SEEDER_WAIT`, not for it.
         let waited = started.elapsed();
-        assert!(waited >= SEEDER_WAIT && waited < SEEDER_WAIT * 2, "waited {waited:?}");
+        assert!(waited >= SEEDER_WAIT && waited < SEEDER_WAIT * 3, "waited {waited:?}");
+        gate.send_replace(true);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !lock(&origins.seeders).contains_key(&d) {
             assert!(Instant::now() < deadline, "the question never ended");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        gate.send_replace(false);
         let again = Instant::now();
         assert_eq!(origins.seeders(&d).await.len(), 1, "the question's answer, cached");
         assert!(again.elapsed() < SEEDER_WAIT, "waited for the origin again");
