@@ -50,6 +50,16 @@ impl Download {
             askers.retain(|a| a != asker);
         }
     }
+
+    /// The origins could not answer as `asker` (503, a timeout, 429): that may be its
+    /// repository's alone (its metadata owners down while the blob's are up), so the askers
+    /// through that repository go last, and the next attempt (after the fallback's back-off)
+    /// asks through another. Nothing more is asked now: in an outage of the origins
+    /// themselves, every asker would get the same answer.
+    fn unanswered(&self, asker: &Asker) {
+        // A stable sort: the order within each group is kept.
+        self.askers().sort_by_key(|a| a.repo == asker.repo);
+    }
 }
 
 /// Fetches missing ranges straight from an origin as the clients reading the download:
@@ -109,8 +119,9 @@ impl Downloads {
     /// `op` on an origin client with the credentials of the clients reading `download`, each
     /// through its own repository: the newest first, then (refused: its token expired, its
     /// access revoked, the blob unlinked from its repository) the ones before it, then
-    /// anonymously through each of their repositories (see [`OriginFallback`]). An answer
-    /// that tells of the origins themselves (down, busy) is the answer. Holds the download
+    /// anonymously through each of their repositories (see [`OriginFallback`]). Any other
+    /// error (down, busy) is the answer, and its repository's askers go last for the next
+    /// call (see [`Download::unanswered`]). Holds the download
     /// only to read and update its askers: not while it waits on an origin.
     pub(super) async fn as_clients<T, F, Fut>(
         &self,
@@ -133,7 +144,13 @@ impl Downloads {
                     }
                     refused = Some(e);
                 }
-                other => return other,
+                Err(e) => {
+                    if let Some(download) = download.upgrade() {
+                        download.unanswered(asker);
+                    }
+                    return Err(e);
+                }
+                ok => return ok,
             }
         }
         let mut anonymous: Vec<&RepoName> = Vec::new();

@@ -421,6 +421,10 @@ async fn serve_blob_to_tokens(data: Vec<u8>, delay: Duration) -> (String, Digest
             if uri.path().starts_with("/v2/gone/") {
                 return (StatusCode::NOT_FOUND, Vec::new()).into_response();
             }
+            // A repository whose metadata cannot be read (its owners down), the blob's fine.
+            if uri.path().starts_with("/v2/sick/") {
+                return (StatusCode::SERVICE_UNAVAILABLE, Vec::new()).into_response();
+            }
             let token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or_default();
             let good = {
                 let t = tokens.lock().unwrap();
@@ -549,6 +553,31 @@ async fn a_joiner_whose_repository_lost_the_blob_does_not_fail_the_download() {
         panic!("a download starts");
     };
     let Ok(Joined::Download(_)) = downloads.join(&gone, &digest, Some(2_000_000), bearer).await else {
+        panic!("the download is joined");
+    };
+    download.wait().await.unwrap();
+    assert!(downloads.cache.contains(&digest));
+}
+
+/// A client that joined through a repository the origins cannot answer for (503: its
+/// metadata's owners down, while the blob's are up) does not fail the download for the
+/// clients before it: the next fallback round asks through their repository. Before, every
+/// round asked as the newest joiner, met the same 503, and the download failed.
+#[tokio::test]
+async fn a_joiner_whose_repository_is_unavailable_does_not_fail_the_download() {
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 233) as u8).collect();
+    let (url, digest, tokens) = serve_blob_to_tokens(data, Duration::from_millis(100)).await;
+    tokens.lock().unwrap().accepted.push("Bearer t".into());
+    let dir = tempfile::tempdir().unwrap();
+    let downloads = downloads_at(dir.path(), &url);
+    let bearer = Some(HeaderValue::from_static("Bearer t"));
+    let (team, sick): (RepoName, RepoName) = ("team/app".parse().unwrap(), "sick/app".parse().unwrap());
+    let Ok(Joined::Download(download)) =
+        downloads.join(&team, &digest, Some(2_000_000), bearer.clone()).await
+    else {
+        panic!("a download starts");
+    };
+    let Ok(Joined::Download(_)) = downloads.join(&sick, &digest, Some(2_000_000), bearer).await else {
         panic!("the download is joined");
     };
     download.wait().await.unwrap();
