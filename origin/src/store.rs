@@ -12,7 +12,7 @@ use shoal_registry::range::ByteRange;
 use shoal_registry::store::file_range_stream;
 use shoal_registry::{ByteStream, Digest, StoreError};
 
-use crate::cluster::node::{BlobEntry, RecordPage, ScanPage};
+use crate::cluster::node::{BlobEntry, Holding, RecordPage, ScanPage};
 use crate::cluster::record::{Record, RecordKey, RecordKind};
 use crate::fsutil;
 use crate::layout::Layout;
@@ -198,6 +198,19 @@ impl OriginStore {
         let inner = self.inner.clone();
         let d = digest.clone();
         blocking(move || inner.meta.blob_size(&d)).await
+    }
+
+    /// Whether this origin holds the blob, or holds it in quarantine, without bringing it
+    /// back (see [`crate::cluster::node::Node::blob_peek`]).
+    pub async fn blob_holding(&self, digest: &Digest) -> Result<Holding, StoreError> {
+        let inner = self.inner.clone();
+        let d = digest.clone();
+        let (size, quarantined) = blocking(move || inner.meta.blob_or_quarantined(&d)).await?;
+        Ok(match size {
+            Some(size) => Holding::Held(size),
+            None if quarantined => Holding::Quarantined,
+            None => Holding::Absent,
+        })
     }
 
     /// The blob's bytes (a range of them) if this origin holds it.

@@ -31,14 +31,14 @@ use shoal_registry::identity::{Role, TransportIdentity};
 use shoal_registry::range::{parse_range, RangeRequest};
 use shoal_registry::{ByteStream, Digest, RepoName};
 
-use crate::cluster::node::{BlobEntry, Node, NodeError, ScanPage};
+use crate::cluster::node::{BlobEntry, Holding, Node, NodeError, ScanPage};
 use crate::cluster::record::{Record, RecordKey};
 use crate::cluster::wire::PurgeQuery;
 use crate::cluster::wire::{
-    list_limit, BlobListQuery, HealthReply, RepoListQuery, RepoQuery, ScanQuery, APPLY_DEADLINE_MS, BLOBS,
-    BLOB_ROUTE, HEALTH, MAX_RECORDS_BODY, MAX_RECORD_KEYS, METAINFO_ROUTE, QUARANTINE, QUARANTINE_BLOB_ROUTE,
-    QUARANTINE_ROUTE, RECORDS_APPLY, RECORDS_FORGET, RECORDS_GET, RECORDS_SCAN, REPAIR_PENDING, REPOS,
-    RESTORE_BLOB_ROUTE, SCAN_MORE, SCAN_PAGE_BYTES,
+    list_limit, BlobListQuery, HealthReply, RepoListQuery, RepoQuery, ScanQuery, StatQuery,
+    APPLY_DEADLINE_MS, BLOBS, BLOB_ROUTE, HEALTH, MAX_RECORDS_BODY, MAX_RECORD_KEYS, METAINFO_ROUTE,
+    QUARANTINE, QUARANTINED_HEADER, QUARANTINE_BLOB_ROUTE, QUARANTINE_ROUTE, RECORDS_APPLY, RECORDS_FORGET,
+    RECORDS_GET, RECORDS_SCAN, REPAIR_PENDING, REPOS, RESTORE_BLOB_ROUTE, SCAN_MORE, SCAN_PAGE_BYTES,
 };
 
 /// What `GET /health` answers, asked fresh on every call so it reflects the current state.
@@ -252,10 +252,23 @@ async fn blob_get(
     State(s): State<ApiState>,
     Path(raw): Path<String>,
     method: Method,
+    Query(q): Query<StatQuery>,
     headers: HeaderMap,
 ) -> Answer<Response> {
     let digest = parse_digest(&raw)?;
-    let size = s.node.blob_stat(&digest).await?.ok_or_else(Failure::not_found)?;
+    let size = if q.peek && method == Method::HEAD {
+        match s.node.blob_peek(&digest).await? {
+            Holding::Held(size) => size,
+            Holding::Quarantined => {
+                let mut response = Failure::not_found().into_response();
+                response.headers_mut().insert(QUARANTINED_HEADER, HeaderValue::from_static("1"));
+                return Ok(response);
+            }
+            Holding::Absent => return Err(Failure::not_found()),
+        }
+    } else {
+        s.node.blob_stat(&digest).await?.ok_or_else(Failure::not_found)?
+    };
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         None => None,
         Some(r) => match parse_range(r, size) {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use shoal_registry::range::ByteRange;
 use shoal_registry::{ByteStream, Digest, StoreError};
 
-use crate::cluster::node::{BlobEntry, Node, NodeError, RecordPage, ScanPage};
+use crate::cluster::node::{BlobEntry, Holding, Node, NodeError, RecordPage, ScanPage};
 use crate::cluster::record::{Record, RecordKey, RecordKind};
 use crate::store::OriginStore;
 
@@ -47,6 +47,10 @@ impl Node for LocalNode {
 
     async fn blob_stat(&self, digest: &Digest) -> Result<Option<u64>, NodeError> {
         self.store.blob_size(digest).await.map_err(|e| self.err(e))
+    }
+
+    async fn blob_peek(&self, digest: &Digest) -> Result<Holding, NodeError> {
+        self.store.blob_holding(digest).await.map_err(|e| self.err(e))
     }
 
     async fn blob_get(

@@ -72,14 +72,29 @@ pub struct RecordPage {
     pub more: bool,
 }
 
+/// Whether a node holds a blob, as [`Node::blob_peek`] tells without changing it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holding {
+    /// Held, with its size.
+    Held(u64),
+    /// Set aside by garbage collection (see [`Node::blob_quarantine`]).
+    Quarantined,
+    Absent,
+}
+
 /// How this origin reaches itself and the other origins.
 #[async_trait]
 pub trait Node: Send + Sync + 'static {
     /// The node's cluster id (its advertised `host:port`).
     fn id(&self) -> &str;
 
-    /// Size of the blob file if this node holds it.
+    /// Size of the blob file if this node holds it. A quarantined copy is brought back
+    /// (whoever asks needs it: a read through a live link, a copy being placed).
     async fn blob_stat(&self, digest: &Digest) -> Result<Option<u64>, NodeError>;
+
+    /// Whether this node holds the blob, without bringing a quarantined copy back: for
+    /// repair, which must leave a blob garbage collection is setting aside to it.
+    async fn blob_peek(&self, digest: &Digest) -> Result<Holding, NodeError>;
 
     /// The blob's bytes (or a range of them) if this node holds it.
     async fn blob_get(

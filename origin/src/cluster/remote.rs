@@ -20,13 +20,13 @@ use serde::de::DeserializeOwned;
 use shoal_registry::range::ByteRange;
 use shoal_registry::{ByteStream, Digest};
 
-use crate::cluster::node::{BlobEntry, Node, NodeError, RecordPage, ScanPage};
+use crate::cluster::node::{BlobEntry, Holding, Node, NodeError, RecordPage, ScanPage};
 use crate::cluster::record::{Record, RecordKey, RecordKind};
 use crate::cluster::wire::{
     blob_path, metainfo_path, BlobListQuery, HealthReply, PurgeQuery, RepoListQuery, RepoQuery, ScanQuery,
-    APPLY_DEADLINE_MS, BLOBS, HEALTH, MAX_ERROR_TEXT, MAX_JSON_RESPONSE, MAX_RECORDS_BODY, MAX_RECORD_KEYS,
-    QUARANTINE, RECORDS_APPLY, RECORDS_FORGET, RECORDS_GET, RECORDS_SCAN, REPAIR_PENDING, REPOS, SCAN_MORE,
-    SCAN_PAGE_BYTES,
+    StatQuery, APPLY_DEADLINE_MS, BLOBS, HEALTH, MAX_ERROR_TEXT, MAX_JSON_RESPONSE, MAX_RECORDS_BODY,
+    MAX_RECORD_KEYS, QUARANTINE, QUARANTINED_HEADER, RECORDS_APPLY, RECORDS_FORGET, RECORDS_GET,
+    RECORDS_SCAN, REPAIR_PENDING, REPOS, SCAN_MORE, SCAN_PAGE_BYTES,
 };
 
 /// The shortest wait for a blob write's answer after its last byte: the remote verifies and
@@ -252,6 +252,25 @@ impl Node for RemoteNode {
                 }
             }
             StatusCode::NOT_FOUND => Ok(None),
+            _ => Err(self.refusal(resp).await),
+        }
+    }
+
+    async fn blob_peek(&self, digest: &Digest) -> Result<Holding, NodeError> {
+        let rb = self.request(&self.http, Method::HEAD, &blob_path(digest)).query(&StatQuery { peek: true });
+        let resp = self.send(rb).await?;
+        match resp.status() {
+            StatusCode::OK => {
+                let size = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok());
+                match size.and_then(|s| s.parse().ok()) {
+                    Some(size) => Ok(Holding::Held(size)),
+                    None => Err(self.refused("HEAD answer without a valid Content-Length".into())),
+                }
+            }
+            StatusCode::NOT_FOUND if resp.headers().contains_key(QUARANTINED_HEADER) => {
+                Ok(Holding::Quarantined)
+            }
+            StatusCode::NOT_FOUND => Ok(Holding::Absent),
             _ => Err(self.refusal(resp).await),
         }
     }

@@ -13,7 +13,7 @@ use shoal_registry::{ByteStream, Digest};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::cluster::coordinator::{open_file, Coordinator};
-use crate::cluster::node::{BlobEntry, Node, NodeError};
+use crate::cluster::node::{BlobEntry, Holding, Node, NodeError};
 use crate::cluster::record::{Record, RecordKind};
 
 /// Blobs or repositories read from the local store per page.
@@ -215,12 +215,14 @@ impl Repairer {
             let mut settled = true;
             if let Some(digest) = item.strip_prefix("blob:") {
                 if let Ok(digest) = digest.parse::<Digest>() {
-                    match self.coordinator.local.blob_stat(&digest).await {
-                        Ok(Some(size)) => {
+                    match self.coordinator.local.blob_peek(&digest).await {
+                        Ok(Holding::Held(size)) => {
                             let entry = BlobEntry { digest, size, stored_millis: 0 };
                             settled = self.reconcile_blob(&entry, report).await;
                         }
-                        Ok(None) => {} // gone (collected): nothing left to place
+                        // Gone (collected), or being collected: garbage collection brings a
+                        // copy back if its last look finds it linked.
+                        Ok(Holding::Absent | Holding::Quarantined) => {}
                         Err(_) => report.failures += 1,
                     }
                 }
@@ -249,6 +251,8 @@ impl Repairer {
         // one, so that an owner (which repairs too) and a former owner do not both send it.
         let mut missing = Vec::new();
         let mut confirmed = 0;
+        // Owners whose copy garbage collection has set aside.
+        let mut set_aside = 0;
         for id in &owners {
             if id == c.me() {
                 confirmed += 1;
@@ -258,14 +262,24 @@ impl Repairer {
                 report.failures += 1;
                 continue;
             };
-            match node.blob_stat(&entry.digest).await {
-                Ok(Some(_)) => confirmed += 1,
-                Ok(None) => missing.push(node),
+            // A peek: a stat would bring a set-aside copy back, young, and leave it an
+            // unlinked orphan for a whole grace period after the collection.
+            match node.blob_peek(&entry.digest).await {
+                Ok(Holding::Held(_)) => confirmed += 1,
+                Ok(Holding::Quarantined) => set_aside += 1,
+                Ok(Holding::Absent) => missing.push(node),
                 Err(e) => {
                     tracing::warn!(digest = %entry.digest, origin = %id, error = %e, "repair check failed");
                     report.failures += 1;
                 }
             }
+        }
+        if set_aside > 0 {
+            // Garbage collection is deciding this blob's fate: it brings every copy back if
+            // its last look finds the blob linked, and purges them all if not. Sending a copy
+            // (a write brings the set-aside one back too) or dropping this one, on the strength
+            // of copies about to be purged, would undo or pre-empt that.
+            return true;
         }
         if !owner_here && confirmed > 0 {
             missing.clear();

@@ -12,7 +12,7 @@ use shoal_registry::range::ByteRange;
 use shoal_registry::{ByteStream, Digest};
 
 use crate::cluster::internal_api::router;
-use crate::cluster::node::{BlobEntry, Node, NodeError};
+use crate::cluster::node::{BlobEntry, Holding, Node, NodeError};
 use crate::cluster::record::{Record, RecordKey, RecordKind};
 use crate::cluster::wire::HealthReply;
 
@@ -77,6 +77,15 @@ impl Node for MemNode {
 
     async fn blob_stat(&self, digest: &Digest) -> Result<Option<u64>, NodeError> {
         Ok(self.state().blobs.get(digest).map(|(b, _)| b.len() as u64))
+    }
+
+    async fn blob_peek(&self, digest: &Digest) -> Result<Holding, NodeError> {
+        let state = self.state();
+        Ok(match state.blobs.get(digest) {
+            Some((bytes, _)) => Holding::Held(bytes.len() as u64),
+            None if state.quarantine.contains_key(digest) => Holding::Quarantined,
+            None => Holding::Absent,
+        })
     }
 
     async fn blob_get(

@@ -89,6 +89,18 @@ pub fn metainfo_path(digest: &Digest) -> String {
 /// What `GET /health` answers; defined beside the membership checks that read it.
 pub use crate::cluster::membership::{HealthReply, PeerIdentity};
 
+/// Query of `HEAD /blobs/{digest}`: with `peek`, a quarantined copy is not brought back, and
+/// a 404 says it is there with [`QUARANTINED_HEADER`] (origins of earlier releases ignore
+/// the query, and bring it back).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StatQuery {
+    #[serde(default)]
+    pub peek: bool,
+}
+
+/// Header of a peek's 404 for a quarantined copy.
+pub const QUARANTINED_HEADER: &str = "shoal-quarantined";
+
 /// Query of `GET /blobs`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct BlobListQuery {

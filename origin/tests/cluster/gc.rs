@@ -494,3 +494,41 @@ async fn only_one_collection_runs_at_a_time() {
     let ran = [&a, &b].iter().filter(|r| r.is_ok()).count();
     assert_eq!((ran, refused), (1, 1), "{a:?} {b:?}");
 }
+
+/// A repair pass that runs while garbage collection has set one owner's copy of an
+/// unreferenced layer aside (its loop over the holders part way) leaves it aside: it neither
+/// brings it back (a stat did, young again, so the collection purged only the other copies
+/// and left that one an unlinked orphan for a whole grace period) nor sends or drops a copy.
+#[tokio::test]
+async fn a_repair_pass_leaves_a_copy_gc_set_aside() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/aside-repair".parse().unwrap();
+    let (_, layer) = garbage_image(&cs, &repo, b"set aside while repair runs").await;
+    let owned = owners(&layer.to_string());
+    let [a, b]: [String; 2] = owned.iter().cloned().collect::<Vec<_>>().try_into().unwrap();
+    assert!(world.nodes[&a].inner.blob_quarantine(&layer).await.unwrap());
+    for at in [&b, &a] {
+        let coordinator = cs.iter().find(|c| c.me() == at.as_str()).unwrap().clone();
+        let report =
+            Repairer::start(coordinator, 1 << 30, Duration::from_secs(3600)).run_now().await.unwrap();
+        assert_eq!((report.copied_blobs, report.removed_blobs), (0, 0), "{report:?}");
+        let aside = world.nodes[&a].inner.quarantine_list(None, 10).await.unwrap();
+        assert!(aside.iter().any(|e| e.digest == layer), "the repair pass at {at} brought the copy back");
+        assert_eq!(holders(&world, &layer).await, BTreeSet::from([b.clone()]));
+    }
+}
+
+/// A push of a layer whose copy garbage collection has set aside brings it back (repair no
+/// longer does): the placement's look at each owner is a stat.
+#[tokio::test]
+async fn a_push_brings_a_set_aside_copy_back() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/aside-push".parse().unwrap();
+    let content = b"set aside, then pushed again";
+    let (_, layer) = garbage_image(&cs, &repo, content).await;
+    let a = owners(&layer.to_string()).into_iter().next().unwrap();
+    assert!(world.nodes[&a].inner.blob_quarantine(&layer).await.unwrap());
+    assert_eq!(push(&ClusterStore::new(cs[0].clone()), &repo, content).await.unwrap(), layer);
+    assert!(world.nodes[&a].inner.quarantine_list(None, 10).await.unwrap().is_empty());
+    assert_eq!(holders(&world, &layer).await, owners(&layer.to_string()));
+}

@@ -13,7 +13,7 @@ use shoal_origin::cluster::coordinator::{Coordinator, Replication};
 use shoal_origin::cluster::gc::GcSettings;
 use shoal_origin::cluster::local::LocalNode;
 use shoal_origin::cluster::metrics::ClusterMetrics;
-use shoal_origin::cluster::node::{BlobEntry, Node, NodeError, RecordPage, ScanPage};
+use shoal_origin::cluster::node::{BlobEntry, Holding, Node, NodeError, RecordPage, ScanPage};
 use shoal_origin::cluster::record::{
     now_millis, Record, RecordKey, RecordKind, VersionClock, MAX_CLOCK_AHEAD,
 };
@@ -50,7 +50,7 @@ pub(crate) struct Switchable {
     pub(crate) pages_whole: AtomicBool,
     /// Records its scans and scan pages have answered.
     pub(crate) records_read: AtomicU64,
-    /// Each `blob_stat` answered takes this long (ms), as over a slow network.
+    /// Each `blob_stat` or `blob_peek` answered takes this long (ms), as over a slow network.
     pub(crate) stat_delay_ms: AtomicU64,
 }
 
@@ -64,7 +64,7 @@ pub(crate) enum GateOn {
     /// A batch of records with a live tag in it (repair handing records over).
     TagApply,
     Quarantine(Digest),
-    /// Any `blob_stat` (a repair pass checking who holds a blob).
+    /// Any `blob_stat` or `blob_peek` (a repair pass checking who holds a blob).
     BlobStat,
     /// A copy of this blob being sent to a member (an upload or repair placing it).
     BlobPut(Digest),
@@ -127,6 +127,15 @@ impl Node for Switchable {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
         self.inner.blob_stat(d).await
+    }
+    async fn blob_peek(&self, d: &Digest) -> Result<Holding, NodeError> {
+        self.check()?;
+        self.pass(GateOn::BlobStat).await;
+        let delay = self.stat_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        self.inner.blob_peek(d).await
     }
     async fn blob_get(&self, d: &Digest, r: Option<ByteRange>) -> Result<Option<ByteStream>, NodeError> {
         self.check()?;
@@ -379,10 +388,12 @@ pub(crate) async fn push(store: &ClusterStore, repo: &RepoName, data: &[u8]) -> 
     Ok(digest)
 }
 
+/// The origins holding the blob (a copy set aside by garbage collection is not held, and
+/// stays set aside: looking changes nothing).
 pub(crate) async fn holders(world: &World, digest: &Digest) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for (id, node) in &world.nodes {
-        if node.inner.blob_stat(digest).await.unwrap().is_some() {
+        if matches!(node.inner.blob_peek(digest).await.unwrap(), Holding::Held(_)) {
             out.insert(id.clone());
         }
     }

@@ -430,3 +430,31 @@ async fn a_writes_deadline_header_is_checked_and_capped() {
     let got = node.apply_deadline().unwrap();
     assert!(got <= sent + crate::cluster::gc::READ_TO_WRITE_DEADLINE + Duration::from_secs(1), "not capped");
 }
+
+/// A peek over the wire against a real store tells a held, a set-aside and an absent copy
+/// apart, and leaves the set-aside one where it is; a stat brings it back.
+#[tokio::test]
+async fn a_peek_leaves_a_quarantined_copy_set_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::StoreConfig {
+        data_dir: dir.path().to_path_buf(),
+        upload_idle_timeout: Duration::from_secs(3600),
+        max_upload_sessions: 10,
+    };
+    let store = crate::store::OriginStore::open(config).await.unwrap();
+    let addr = serve(crate::cluster::local::LocalNode::new("a:1", store), None).await;
+    let remote = client(addr, None, TIMEOUT);
+    let data = b"set aside by garbage collection";
+    let d = digest_of(data);
+    assert_eq!(remote.blob_peek(&d).await.unwrap(), Holding::Absent);
+    remote.blob_put(&d, data.len() as u64, stream_of(data)).await.unwrap();
+    assert_eq!(remote.blob_peek(&d).await.unwrap(), Holding::Held(data.len() as u64));
+    assert!(remote.blob_quarantine(&d).await.unwrap());
+    for _ in 0..2 {
+        assert_eq!(remote.blob_peek(&d).await.unwrap(), Holding::Quarantined);
+    }
+    let aside = remote.quarantine_list(None, 10).await.unwrap();
+    assert_eq!(aside.iter().map(|e| &e.digest).collect::<Vec<_>>(), [&d], "still set aside");
+    assert_eq!(remote.blob_stat(&d).await.unwrap(), Some(data.len() as u64), "a stat brings it back");
+    assert!(remote.quarantine_list(None, 10).await.unwrap().is_empty());
+}
