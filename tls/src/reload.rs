@@ -28,6 +28,8 @@ pub struct ReloadingKey {
     provider: Arc<rustls::crypto::CryptoProvider>,
     /// Never held across an await or while reading files: swapped in one step.
     current: RwLock<Loaded>,
+    /// The files' stamps when a pair outside its validity was last held back (warned once).
+    held_back: std::sync::Mutex<Option<(Stamp, Stamp)>>,
 }
 
 struct Loaded {
@@ -69,6 +71,7 @@ impl ReloadingKey {
             key_path: key.to_path_buf(),
             provider,
             current: RwLock::new(Loaded { key: Arc::new(pair), stamps }),
+            held_back: std::sync::Mutex::new(None),
         })
     }
 
@@ -82,8 +85,17 @@ impl ReloadingKey {
 
     /// Reload if either file changed since the last load (blocking). A pair that does not
     /// load (a half-written file, a key for another certificate) is skipped: the old pair
-    /// stays until the next check finds a good one. Returns whether a new pair is in use.
+    /// stays until the next check finds a good one. So is a pair outside its validity while
+    /// the one in use is inside it (a rolled-back Secret, a restored backup, a certificate
+    /// from a CA whose clock runs ahead): every handshake with it would fail. Returns whether
+    /// a new pair is in use.
     pub fn reload_if_changed(&self) -> bool {
+        self.reload_at(SystemTime::now())
+    }
+
+    /// [`reload_if_changed`](Self::reload_if_changed) with `now` as the time validity is
+    /// judged at.
+    fn reload_at(&self, now: SystemTime) -> bool {
         let stamps = (stamp(&self.cert_path), stamp(&self.key_path));
         let unchanged = match self.current.read() {
             Ok(l) => l.stamps == stamps,
@@ -93,6 +105,18 @@ impl ReloadingKey {
             return false;
         }
         match load_pair(&self.cert_path, &self.key_path, &self.provider) {
+            Ok(pair) if !valid_at(&pair, now) && valid_at(&self.current(), now) => {
+                // Looked at again on every check (it may become valid), told once.
+                let mut held = self.held_back.lock().unwrap_or_else(|p| p.into_inner());
+                if *held != Some(stamps) {
+                    *held = Some(stamps);
+                    tracing::warn!(
+                        cert = %self.cert_path.display(),
+                        "TLS certificate changed to one outside its validity; keeping the old one"
+                    );
+                }
+                false
+            }
             Ok(pair) => {
                 let mut guard = match self.current.write() {
                     Ok(g) => g,
@@ -160,6 +184,13 @@ impl ReloadingKey {
     }
 }
 
+/// Whether the pair's certificate is within its validity at `now` (one whose dates cannot be
+/// read counts as valid: the handshake decides).
+fn valid_at(pair: &CertifiedKey, now: SystemTime) -> bool {
+    let Some((from, until)) = pair.cert.first().and_then(crate::identity::validity) else { return true };
+    from <= now && now < until
+}
+
 impl rustls::server::ResolvesServerCert for ReloadingKey {
     fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current())
@@ -200,5 +231,39 @@ mod tests {
         assert!(loaded.validity_problem(now + day * 25).is_some_and(|p| p.contains("has not been renewed")));
         assert!(loaded.validity_problem(now + day * 31).is_some_and(|p| p.contains("expired")));
         assert!(loaded.validity_problem(now - day).is_some_and(|p| p.contains("not valid for another")));
+    }
+
+    /// A pair that expired (here: judged two days on, a one-day certificate replacing a
+    /// 30-day one) is not put in place of one that is valid; a valid one that follows is,
+    /// and an expired one replaces one that expired too (it is no worse).
+    #[test]
+    fn an_expired_pair_does_not_replace_a_valid_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::new_ca("test", 1).unwrap();
+        let (cert, key) = (dir.path().join("n.pem"), dir.path().join("n-key.pem"));
+        let write = |days: u32, name: &str| {
+            let issued = crate::issue(&ca, name, Role::Agent, &["localhost".into()], &[], days).unwrap();
+            std::fs::write(&cert, &issued.cert_pem).unwrap();
+            std::fs::write(&key, &issued.key_pem).unwrap();
+            issued.cert_pem
+        };
+        write(30, "first");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let loaded = ReloadingKey::load(&cert, &key, provider).unwrap();
+        let first = loaded.current();
+        let later = SystemTime::now() + Duration::from_secs(2 * 86_400);
+        write(1, "short-lived");
+        for _ in 0..2 {
+            assert!(!loaded.reload_at(later), "an expired pair was put in use");
+            assert!(Arc::ptr_eq(&loaded.current(), &first));
+        }
+        write(60, "renewed");
+        assert!(loaded.reload_at(later), "a valid pair is put in use");
+        let renewed = loaded.current();
+        // Both outside their validity: the newer files win.
+        let much_later = SystemTime::now() + Duration::from_secs(400 * 86_400);
+        write(1, "also expired");
+        assert!(loaded.reload_at(much_later));
+        assert!(!Arc::ptr_eq(&loaded.current(), &renewed));
     }
 }
