@@ -18,6 +18,11 @@ use super::{Attempt, Download, Downloads, MetainfoSource};
 /// wait for the download's end meanwhile, rather than each wait on the origins in turn).
 const CONFIRM_RETRY: Duration = Duration::from_secs(10);
 
+/// Why a range read from an attempt the download discarded (its metainfo found bad at the
+/// end) is not answered.
+const DISCARDED: &str =
+    "the download started again with the origins' metainfo after this range was read; retry the pull";
+
 /// A download's state for [`Download::confirm_metainfo`].
 pub(super) struct MetainfoCheck {
     /// Where the first attempt's metainfo came from (later attempts start from the origins').
@@ -50,8 +55,11 @@ impl Download {
         {
             return Ok(());
         }
+        // A finished download vouches only for the attempt that finished: the reader's
+        // bytes may come from an earlier one, discarded for its made-up chain.
+        let finished_as = |d: &Download| d.current().1.number == attempt.number;
         if matches!(*self.outcome.borrow(), Some(Ok(()))) {
-            return Ok(());
+            return if finished_as(self) { Ok(()) } else { Err(DISCARDED.into()) };
         }
         let digest = metainfo.digest();
         let failed = || check.failed.lock().unwrap_or_else(|p| p.into_inner());
@@ -82,7 +90,8 @@ impl Download {
                 *failed() = Some(Instant::now());
                 tracing::debug!(%digest, error = %e, "cannot confirm a tracker's metainfo; waiting for the download's end");
                 match tokio::time::timeout_at(deadline, self.wait()).await {
-                    Ok(Ok(())) => Ok(()),
+                    Ok(Ok(())) if finished_as(self) => Ok(()),
+                    Ok(Ok(())) => Err(DISCARDED.into()),
                     Ok(Err(failure)) => Err(format!("download failed: {failure}")),
                     Err(_) => Err(format!("cannot confirm the blob's metainfo with the origins: {e}")),
                 }

@@ -175,6 +175,93 @@ async fn a_range_is_not_served_by_a_trackers_made_up_metainfo() {
     assert_eq!(read(&url, &digest, size, range).await.unwrap(), real[..1000].to_vec());
 }
 
+/// The same made-up metainfo, with the origins out of reach when the reader asks them (its
+/// check then waits for the download's end): the download finds the chain bad at its end and
+/// finishes on a second attempt with the origins' metainfo and the real bytes. The reader's
+/// range, read from the first attempt, is not answered: the download's end vouched for the
+/// second attempt only, and served the made-up bytes as a complete range.
+#[tokio::test]
+async fn a_range_read_from_a_discarded_attempt_is_not_served() {
+    use axum::http::{header, HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    use futures_util::StreamExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let real: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let size = real.len() as u64;
+    let mut made_up = real.clone();
+    made_up[10] ^= 0xff;
+    let algorithm = shoal_registry::Algorithm::Sha256;
+    let origins = Metainfo::compute(&real[..], size, algorithm).unwrap();
+    let digest = origins.digest().clone();
+    let chain = Metainfo::compute(&made_up[..], size, algorithm).unwrap();
+    let forged = Metainfo::new(digest.clone(), size, chain.piece_length(), chain.chain().to_vec()).unwrap();
+    // The origins' metainfo: 503 to its first question (the reader's), then the real one;
+    // the bytes: made up until the origins' metainfo was handed out, then real.
+    let asked = Arc::new(AtomicUsize::new(0));
+    let (tracker, origins) = (serde_json::to_vec(&forged).unwrap(), serde_json::to_vec(&origins).unwrap());
+    let metainfo = {
+        let asked = asked.clone();
+        move || {
+            let (asked, origins) = (asked.clone(), origins.clone());
+            async move {
+                if asked.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return (StatusCode::SERVICE_UNAVAILABLE, Vec::new()).into_response();
+                }
+                origins.into_response()
+            }
+        }
+    };
+    let (made_up, real_bytes) = (Arc::new(made_up), Arc::new(real.clone()));
+    let ranged = {
+        let asked = asked.clone();
+        move |headers: HeaderMap| {
+            let bytes = if asked.load(Ordering::SeqCst) >= 2 { real_bytes.clone() } else { made_up.clone() };
+            async move {
+                let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+                let (a, b) = range.trim_start_matches("bytes=").split_once('-').unwrap_or(("0", ""));
+                let a: usize = a.parse().unwrap_or(0);
+                let b: usize = b.parse().unwrap_or(bytes.len() - 1).min(bytes.len() - 1);
+                (StatusCode::PARTIAL_CONTENT, bytes[a..=b].to_vec())
+            }
+        }
+    };
+    let app = axum::Router::new()
+        .route(&format!("/v1/metainfo/{digest}"), get(move || async move { tracker }))
+        .route(&shoal_p2p::tracker_client::metainfo_path(&digest), get(metainfo))
+        .route("/v2/{*rest}", get(ranged));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let downloads = downloads_at(dir.path(), &url);
+    let repo: RepoName = "team/app".parse().unwrap();
+    let Ok(Joined::Download(download)) = downloads.join(&repo, &digest, Some(size), None).await else {
+        panic!("a download starts");
+    };
+    let mut stream = downloads.stream(&repo, download.clone(), ByteRange { start: 0, end: 999 });
+    let mut got = Vec::new();
+    let mut error = None;
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(30), stream.next()).await.unwrap() {
+        match chunk {
+            Ok(c) => got.extend_from_slice(&c),
+            Err(e) => {
+                error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    assert!(asked.load(Ordering::SeqCst) >= 2, "the download never started again");
+    let Some(error) = error else {
+        let what = if got == real[..1000] { "real" } else { "made-up" };
+        panic!("{} {what} bytes served from the discarded attempt as a complete range", got.len());
+    };
+    assert!(error.contains("retry"), "{error}");
+    download.wait().await.unwrap();
+    assert!(downloads.cache.contains(&digest), "the download itself finished");
+}
+
 /// Restarts race readers: whatever a reader takes, the pieces are the attempt's own
 /// (attempts alternate between two blobs' piece files, odd and even).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
