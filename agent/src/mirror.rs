@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use shoal_registry::auth::remote::RemoteAuth;
@@ -116,19 +116,23 @@ fn with_name(uri: &Uri, name: &str, tail: &str) -> Option<Uri> {
     format!("/v2/{name}{tail}{query}").parse().ok()
 }
 
+/// The client's upstream credentials in `headers`: its `Authorization: Basic`, which is its
+/// upstream's only where Shoal checks none. With the origins' policy not known yet (the agent
+/// just started), it is asked first, or a Shoal password could go to an upstream's token
+/// realm.
+pub async fn client_upstream_credentials(auth: &RemoteAuth, headers: &HeaderMap) -> Option<HeaderValue> {
+    if auth.enabled_now().await != Some(false) {
+        return None;
+    }
+    headers
+        .get(header::AUTHORIZATION)
+        .filter(|v| v.as_bytes().len() > 6 && v.as_bytes()[..6].eq_ignore_ascii_case(b"basic "))
+        .cloned()
+}
+
 /// Middleware: map names to upstream content and pass on upstream credentials.
 pub async fn map_names(State(s): State<MirrorState>, mut req: Request, next: Next) -> Response {
-    // A client's Basic credentials are its upstream's only where Shoal checks none: with the
-    // origins' policy not known yet (the agent just started), it is asked first, or a Shoal
-    // password could go to an upstream's token realm.
-    let creds = if s.auth.enabled_now().await != Some(false) {
-        None
-    } else {
-        req.headers()
-            .get(header::AUTHORIZATION)
-            .filter(|v| v.as_bytes().len() > 6 && v.as_bytes()[..6].eq_ignore_ascii_case(b"basic "))
-            .cloned()
-    };
+    let creds = client_upstream_credentials(&s.auth, req.headers()).await;
     let Some((name, tail)) = split_path(req.uri().path()) else {
         return UPSTREAM_CREDENTIALS.scope(creds, next.run(req)).await;
     };

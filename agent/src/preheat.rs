@@ -21,6 +21,7 @@ use shoal_registry::auth::{AccessCheck, Action, Authorize, Need, FORWARD_AUTHORI
 use shoal_registry::identity::TransportIdentity;
 
 use crate::downloads::Joined;
+use crate::mirror::UPSTREAM_CREDENTIALS;
 use crate::store::AgentStore;
 
 /// A preheat request: `image` is `repo:tag` or `repo@digest`; `platform` is `os/arch[/variant]`.
@@ -212,7 +213,14 @@ pub async fn preheat(
         let busy = format!("{MAX_RUNNING_PREHEATS} preheats are running; retry later\n");
         return (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "10")], busy).into_response();
     };
-    let forward = parts.headers.get(header::AUTHORIZATION).cloned();
+    // As for a pull: a bearer token goes to the origins, Basic credentials (Shoal checking
+    // none) are the client's upstream's, so nothing they fetch is cached for other clients.
+    let forward = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .filter(|v| v.as_bytes().len() > 7 && v.as_bytes()[..7].eq_ignore_ascii_case(b"bearer "))
+        .cloned();
+    let upstream = crate::mirror::client_upstream_credentials(state.store.auth(), &parts.headers).await;
     let store = state.store;
     let (tx, rx) = mpsc::channel::<PreheatEvent>(64);
     let work = async move {
@@ -280,7 +288,7 @@ pub async fn preheat(
         let _ = tx.send(PreheatEvent::Progress { bytes }).await;
         let _ = tx.send(PreheatEvent::Done { blobs: blobs.len(), bytes }).await;
     };
-    tokio::spawn(FORWARD_AUTHORIZATION.scope(forward, work));
+    tokio::spawn(FORWARD_AUTHORIZATION.scope(forward, UPSTREAM_CREDENTIALS.scope(upstream, work)));
     let lines = futures_util::stream::unfold(rx, |mut rx| async move {
         let event = rx.recv().await?;
         let mut line = serde_json::to_vec(&event).unwrap_or_default();

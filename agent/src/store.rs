@@ -85,8 +85,14 @@ impl AgentStore {
     /// for a client that sent upstream credentials for upstream content, so what an upstream
     /// allows one client is never served to another; the origins check those every time
     /// (and keep the upstream's decision briefly).
+    /// Until the origins named their upstream registries, every repository may be one.
     fn cacheable(&self, repo: &RepoName) -> bool {
-        upstream_credentials().is_none() || !self.registries.is_upstream(repo)
+        upstream_credentials().is_none() || (self.registries.known() && !self.registries.is_upstream(repo))
+    }
+
+    /// The access control the origins publish, as this agent follows it.
+    pub fn auth(&self) -> &Arc<RemoteAuth> {
+        &self.auth
     }
 
     /// An upstream blob's size and whether the origins hold it yet, polling the progress of

@@ -192,13 +192,7 @@ async fn tags_follow_the_upstream_and_survive_its_outage_for_serve_stale() {
     assert_eq!(digest_of(&r), second.digest);
 }
 
-/// The request line of the next request on `conn` (its headers read and dropped); `None` if
-/// the connection ends first.
-async fn request_line(conn: &mut tokio::net::TcpStream) -> Option<String> {
-    Some(request_head(conn).await?.lines().next().unwrap_or_default().to_string())
-}
-
-/// The whole head of the next request on `conn`.
+/// The whole head of the next request on `conn`; `None` if the connection ends first.
 async fn request_head(conn: &mut tokio::net::TcpStream) -> Option<String> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
@@ -282,10 +276,12 @@ async fn slow_upstream_for(
 
 /// A slow upstream that holds one image, `app:v1` of `manifest` and `blobs`, answering GET and
 /// HEAD: manifests and the config at once, a layer's bytes trickled as in [`slow_upstream`].
-/// Counts GETs of each blob.
+/// Counts GETs of each blob. With `authorization`, a request without that `Authorization` is
+/// answered `401` (a Basic challenge): a private image.
 async fn slow_upstream_image(
     manifest: Manifest,
     blobs: Vec<Blob>,
+    authorization: Option<String>,
 ) -> (String, Arc<Mutex<HashMap<String, usize>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
@@ -294,8 +290,25 @@ async fn slow_upstream_image(
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             let (manifest, blobs, counter) = (manifest.clone(), blobs.clone(), counter.clone());
+            let authorization = authorization.clone();
             tokio::spawn(async move {
-                let Some(line) = request_line(&mut conn).await else { return };
+                let Some(head) = request_head(&mut conn).await else { return };
+                let line = head.lines().next().unwrap_or_default().to_string();
+                if let Some(want) = &authorization {
+                    let sent = head.lines().any(|h| {
+                        h.split_once(':').is_some_and(|(name, value)| {
+                            name.trim().eq_ignore_ascii_case("authorization") && value.trim() == want
+                        })
+                    });
+                    if !sent {
+                        let _ = conn
+                            .write_all(
+                                b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"slow\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                            )
+                            .await;
+                        return;
+                    }
+                }
                 let mut words = line.split(' ');
                 let (method, path) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
                 let path = path.split('?').next().unwrap_or_default();
@@ -359,7 +372,7 @@ async fn preheat_of_an_upstream_image_waits_for_the_origins_fetch() {
     let layer = Blob::random_layer(kind.layer_type(), 3 * MIB);
     let value = oci::image_manifest_value(kind.manifest_type(), &config, std::slice::from_ref(&layer));
     let manifest = Manifest::from_value(kind.manifest_type(), &value);
-    let (url, gets) = slow_upstream_image(manifest, vec![config.clone(), layer.clone()]).await;
+    let (url, gets) = slow_upstream_image(manifest, vec![config.clone(), layer.clone()], None).await;
     let cluster = Cluster::start_with_origin(
         1,
         &format!("[[upstream]]\nregistry = \"slow.test\"\nurl = \"{url}\"\n"),
@@ -403,6 +416,61 @@ async fn preheat_of_an_upstream_image_waits_for_the_origins_fetch() {
     }
 }
 
+/// A preheat of a private upstream image with the client's Basic credentials (Shoal checking
+/// none) fetches it as that client, and what it fetched is not served from the agent's caches
+/// to a client without them: the preheat used to send the credentials as Shoal's own, so its
+/// manifests went into the caches every client reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_preheat_with_upstream_credentials_caches_nothing_for_other_clients() {
+    skip_if_external!(SKIP);
+    let kind = ImageKind::Oci;
+    let config = Blob::config(kind.config_type());
+    let layer = Blob::random_layer(kind.layer_type(), 64 * 1024);
+    let value = oci::image_manifest_value(kind.manifest_type(), &config, std::slice::from_ref(&layer));
+    let manifest = Manifest::from_value(kind.manifest_type(), &value);
+    let alice = format!(
+        "Basic {}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "alice:alice-secret")
+    );
+    let (url, _gets) =
+        slow_upstream_image(manifest.clone(), vec![config.clone(), layer.clone()], Some(alice.clone())).await;
+    let cluster = Cluster::start_with_origin(
+        1,
+        &format!("[[upstream]]\nregistry = \"slow.test\"\nurl = \"{url}\"\n"),
+        "",
+    )
+    .await;
+    // Agents learn the upstream registries at start (every 2 s until an origin answers).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let http = reqwest::Client::new();
+    let reply = http
+        .post(format!("{}/v1/preheat", cluster.agent_url(0)))
+        .header("authorization", &alice)
+        .json(&serde_json::json!({ "image": "slow.test/app:v1" }))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .expect("POST /v1/preheat");
+    assert_eq!(reply.status(), StatusCode::OK);
+    let events = reply.text().await.expect("preheat events");
+    assert!(events.lines().last().is_some_and(|l| l.contains("\"done\"")), "preheat events:\n{events}");
+    let agent = cluster.agent_url(0);
+    for reference in [manifest.digest.as_str(), "v1"] {
+        let url = format!("{agent}/v2/slow.test/app/manifests/{reference}");
+        let r = http.get(&url).send().await.expect("GET");
+        assert_eq!(
+            r.status(),
+            StatusCode::UNAUTHORIZED,
+            "an anonymous client read the manifest by {reference}"
+        );
+        let r = http.get(&url).header("authorization", &alice).send().await.expect("GET");
+        assert_eq!(r.status(), StatusCode::OK, "alice reads the manifest by {reference}");
+    }
+    let url = format!("{agent}/v2/slow.test/app/blobs/{}", layer.digest);
+    let r = http.get(&url).send().await.expect("GET");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "an anonymous client read the layer");
+}
+
 /// A tag confirmed within `serve_stale` is served through an agent while its upstream hangs
 /// (accepts connections, never answers): the origin asks it for at most
 /// `STALE_ANSWER_AFTER` (5 s) and answers with the last target, within the agent's 10 s wait
@@ -416,7 +484,7 @@ async fn a_hanging_upstream_still_has_its_stale_tags_served_through_agents() {
     let layer = Blob::random_layer(kind.layer_type(), 64 * 1024);
     let value = oci::image_manifest_value(kind.manifest_type(), &config, std::slice::from_ref(&layer));
     let manifest = Manifest::from_value(kind.manifest_type(), &value);
-    let (url, _gets) = slow_upstream_image(manifest.clone(), vec![config, layer]).await;
+    let (url, _gets) = slow_upstream_image(manifest.clone(), vec![config, layer], None).await;
     let hang = Arc::new(AtomicBool::new(false));
     let target: std::net::SocketAddr = url.trim_start_matches("http://").parse().expect("upstream address");
     let proxy = hanging_proxy(target, hang.clone()).await;
