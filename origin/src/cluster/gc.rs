@@ -93,6 +93,8 @@ pub enum GcError {
     NotLeader { leader: String },
     #[error("a garbage collection is already running")]
     Running,
+    #[error("the origins' membership changed while garbage collection ran; it stopped")]
+    MembershipChanged,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -162,27 +164,50 @@ async fn precheck(c: &Coordinator) -> Result<(), GcError> {
 
 /// Collect garbage across the cluster now (see the module doc).
 pub async fn collect(c: &Coordinator, settings: GcSettings) -> Result<GcReport, GcError> {
+    // Taken before the check that every member is up: each mark must see that same live set.
+    let run = Run { c, generation: c.topology.generation() };
     precheck(c).await?;
     let _running = c.gc_lock.0.try_lock().map_err(|_| GcError::Running)?;
     let quarantine = settings.quarantine;
     let mut report = GcReport::default();
     // Leftovers of an earlier run that stopped halfway.
-    settle_quarantine(c, &mut report, Some(quarantine)).await?;
-    set_aside(c, settings.grace, &mut report).await?;
+    settle_quarantine(&run, &mut report, Some(quarantine)).await?;
+    set_aside(&run, settings.grace, &mut report).await?;
     if report.quarantined_blobs > 0 {
         tokio::time::sleep(quarantine).await;
         precheck(c).await?;
-        settle_quarantine(c, &mut report, Some(quarantine)).await?;
+        settle_quarantine(&run, &mut report, Some(quarantine)).await?;
     }
     tracing::info!(?report, "garbage collection done");
     Ok(report)
 }
 
+/// One collection: the coordinator, and the membership generation every member was up in.
+struct Run<'a> {
+    c: &'a Coordinator,
+    generation: u64,
+}
+
+impl Run<'_> {
+    /// Mark (see [`mark`]), and make sure the live set did not change meanwhile. The scans
+    /// ask the origins live at each call: a member counted down while a mark ran (or between
+    /// two marks) went unasked without an error, and with its repositories' manifests
+    /// unseen (R = 1, or every owner of R) their layers were collected.
+    async fn mark(&self) -> Result<Marks, GcError> {
+        let marks = mark(self.c).await?;
+        if self.c.topology.generation() != self.generation {
+            return Err(GcError::MembershipChanged);
+        }
+        Ok(marks)
+    }
+}
+
 /// Steps 1-4: mark, unlink with conditional tombstones, mark again, quarantine.
-async fn set_aside(c: &Coordinator, grace: Duration, report: &mut GcReport) -> Result<(), GcError> {
+async fn set_aside(run: &Run<'_>, grace: Duration, report: &mut GcReport) -> Result<(), GcError> {
+    let c = run.c;
     let started = now_millis();
     let cutoff = started.saturating_sub(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
-    let first = mark(c).await?;
+    let first = run.mark().await?;
     let mut candidates: HashMap<Digest, Vec<String>> = HashMap::new();
     let mut young = HashSet::new();
     for id in c.topology.live() {
@@ -229,7 +254,7 @@ async fn set_aside(c: &Coordinator, grace: Duration, report: &mut GcReport) -> R
         }
     }
     // Mark again: a manifest put or a mount since the first mark keeps what it uses.
-    let second = mark(c).await?;
+    let second = run.mark().await?;
     report.marked_blobs = second.referenced.len() as u64;
     for (digest, holders) in candidates {
         if second.keeps(&digest) {
@@ -255,14 +280,15 @@ async fn set_aside(c: &Coordinator, grace: Duration, report: &mut GcReport) -> R
 /// Step 5: every quarantined copy set aside at least `older_than` ago is restored if
 /// anything references or links its blob, and deleted otherwise.
 async fn settle_quarantine(
-    c: &Coordinator,
+    run: &Run<'_>,
     report: &mut GcReport,
     older_than: Option<Duration>,
 ) -> Result<(), GcError> {
+    let c = run.c;
     // The time the mark starts: a copy is purged only if set aside `older_than` before what
     // the mark read (taken after a long mark, a copy quarantined while it ran could pass).
     let now = now_millis();
-    let marks = mark(c).await?;
+    let marks = run.mark().await?;
     let hold = older_than.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let mut swept = HashSet::new();
     let mut restored = HashSet::new();

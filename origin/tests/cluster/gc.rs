@@ -532,3 +532,33 @@ async fn a_push_brings_a_set_aside_copy_back() {
     assert!(world.nodes[&a].inner.quarantine_list(None, 10).await.unwrap().is_empty());
     assert_eq!(holders(&world, &layer).await, owners(&layer.to_string()));
 }
+
+/// The live set changes while a collection runs (here: between its first and second mark,
+/// while it unlinks): it stops. Marks ask the origins live at each call, so a member counted
+/// down during one went unasked without an error; with its repositories' manifests unseen
+/// (R = 1, or every owner of R), their layers were set aside and purged.
+#[tokio::test]
+async fn a_membership_change_during_a_collection_stops_it() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/flapping".parse().unwrap();
+    let (_, layer) = garbage_image(&cs, &repo, b"garbage, but not this time").await;
+    let before = holders(&world, &layer).await;
+    let (reached, release) = gate(&world, GateOn::Tombstone);
+    let gc = tokio::spawn({
+        let c = leading(&cs);
+        async move { shoal_origin::cluster::gc::collect(&c, quick_gc()).await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), reached.notified()).await.expect("gc reached the gate");
+    // A member went down and came back (membership counts each change).
+    world.generation.fetch_add(2, Ordering::SeqCst);
+    release.notify_one();
+    let result = gc.await.unwrap();
+    assert!(matches!(result, Err(GcError::MembershipChanged)), "{result:?}");
+    assert_eq!(holders(&world, &layer).await, before, "a copy was set aside");
+    for node in world.nodes.values() {
+        assert!(node.inner.quarantine_list(None, 10).await.unwrap().is_empty());
+    }
+    // The next collection, in a steady membership, takes the garbage.
+    shoal_origin::cluster::gc::collect(&leading(&cs), quick_gc()).await.unwrap();
+    assert!(holders(&world, &layer).await.is_empty());
+}
