@@ -428,6 +428,18 @@ impl Meta {
         txn.open_table(REPAIR).map_err(|e| self.fail(e))?.len().map_err(|e| self.fail(e))
     }
 
+    /// Repositories queued for repair (their records not yet on every owner).
+    pub fn repair_repos_len(&self) -> Result<u64, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(REPAIR).map_err(|e| self.fail(e))?;
+        let mut n = 0;
+        for entry in table.range(REPO_ITEMS..REPO_ITEMS_END).map_err(|e| self.fail(e))? {
+            entry.map_err(|e| self.fail(e))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Take `item` off the queue if it is still queued with `ticket`: queued again since (a
     /// write that missed its owners while the pass ran), it stays for the next pass.
     pub fn repair_done(&self, item: &str, ticket: u64) -> Result<(), StoreError> {

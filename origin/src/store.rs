@@ -490,6 +490,12 @@ impl OriginStore {
         blocking(move || inner.meta.repair_len()).await
     }
 
+    /// Repositories queued for repair (see [`crate::cluster::node::Node::repair_pending`]).
+    pub async fn repair_repos_len(&self) -> Result<u64, StoreError> {
+        let inner = self.inner.clone();
+        blocking(move || inner.meta.repair_repos_len()).await
+    }
+
     pub async fn repair_done(&self, item: String, ticket: u64) -> Result<(), StoreError> {
         let inner = self.inner.clone();
         blocking(move || inner.meta.repair_done(&item, ticket)).await

@@ -97,7 +97,7 @@ impl Node for LocalNode {
     }
 
     async fn repair_pending(&self) -> Result<u64, NodeError> {
-        self.store.repair_len().await.map_err(|e| self.err(e))
+        self.store.repair_repos_len().await.map_err(|e| self.err(e))
     }
 
     async fn records_get(&self, repo: &str, keys: &[RecordKey]) -> Result<Vec<Option<Record>>, NodeError> {

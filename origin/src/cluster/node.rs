@@ -131,7 +131,10 @@ pub trait Node: Send + Sync + 'static {
     /// Delete a quarantined copy set aside exactly at `since`; its size if it was deleted.
     async fn blob_purge(&self, digest: &Digest, since: u64) -> Result<Option<u64>, NodeError>;
 
-    /// Items in this node's repair queue (copies it could not place yet).
+    /// Repositories in this node's repair queue: records it could not place on their owners
+    /// yet, which garbage collection waits for (its marks read repositories from their
+    /// owners). Blobs still to be copied do not count: a mark lists every live origin's
+    /// blobs, and a disk too full to take a copy must not stop the collection that frees it.
     async fn repair_pending(&self) -> Result<u64, NodeError>;
 
     /// The records for `keys` of `repo` (same order; `None` where the node has none).

@@ -284,6 +284,10 @@ impl Repairer {
         if !owner_here && confirmed > 0 {
             missing.clear();
         }
+        // An owner whose disk is nearly full takes no copies, as it takes no writes: repair
+        // filled it to the brim, and then nothing could be written there at all. The blob
+        // stays short of a copy (and a queued item queued) until it has room again.
+        missing.retain(|node| c.topology.accepts_writes(node.id()));
         for node in missing {
             let id = node.id().to_string();
             match self.send_blob(node.as_ref(), entry).await {

@@ -51,6 +51,55 @@ async fn a_dead_owner_is_skipped_queued_and_repaired_when_it_returns() {
     assert_eq!(got, Some(data.len() as u64));
 }
 
+/// An owner whose disk is nearly full takes no writes, and no repair copies either: the blob
+/// stays on the origin it fell back to, queued, and garbage collection (which frees disks)
+/// still runs; once the owner has room again the copy goes home. Repair used to send it
+/// anyway, filling that disk to the brim, and the queued item then held every collection
+/// back with `RepairPending`.
+#[tokio::test]
+async fn a_nearly_full_owner_gets_no_repair_copy_and_gc_still_runs() {
+    let (world, cs) = world().await;
+    const FULL: &str = "o2:5000";
+    let repo: RepoName =
+        (0..).map(|i| format!("team/full{i}")).find(|r| !owners(r).contains(FULL)).unwrap().parse().unwrap();
+    let data = (0..)
+        .map(|i| format!("payload {i}").into_bytes())
+        .find(|d| owners(&Digest::of(Algorithm::Sha256, d).to_string()).contains(FULL))
+        .unwrap();
+    world.full.lock().unwrap().insert(FULL.to_string());
+    let store = ClusterStore::new(cs[0].clone());
+    let d = push(&store, &repo, &data).await.unwrap();
+    let config = push(&store, &repo, b"{}").await.unwrap();
+    store.manifest_put(&repo, Some(&"v1".parse().unwrap()), manifest(&config, &d)).await.unwrap();
+    assert!(!holders(&world, &d).await.contains(FULL), "a write went to the full disk");
+    let handles: Vec<_> =
+        cs.iter().map(|c| Repairer::start(c.clone(), 1 << 30, Duration::from_secs(3600))).collect();
+    for _round in 0..2 {
+        for handle in &handles {
+            handle.run_now().await.unwrap();
+        }
+    }
+    assert!(!holders(&world, &d).await.contains(FULL), "repair copied to the full disk");
+    let mut queued = 0;
+    for c in &cs {
+        queued += c.local.store().repair_len().await.unwrap();
+        assert_eq!(c.local.repair_pending().await.unwrap(), 0, "{}: no repository queued", c.me());
+    }
+    assert!(queued >= 1, "the missing copy is no longer queued");
+    shoal_origin::cluster::gc::collect(&leading(&cs), quick_gc()).await.expect("gc runs");
+
+    world.full.lock().unwrap().clear();
+    for _round in 0..2 {
+        for handle in &handles {
+            handle.run_now().await.unwrap();
+        }
+    }
+    assert_eq!(holders(&world, &d).await, owners(&d.to_string()));
+    for c in &cs {
+        assert_eq!(c.local.store().repair_len().await.unwrap(), 0, "{}: queue drained", c.me());
+    }
+}
+
 /// Repair racing a write: a non-owner holds a repository's records (written while an owner was
 /// unreachable); while its repair hands them to the owners, another write lands on it the same
 /// way. Repair then forgets exactly the records the owners confirmed: the new one stays here
