@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use shoal_p2p::limiter::RateLimiter;
@@ -26,6 +27,13 @@ const FULL_PASS_EVERY: u32 = 10;
 const TICK: Duration = Duration::from_secs(1);
 /// Admin requests for a pass waiting at once.
 const REQUEST_QUEUE: usize = 8;
+/// A copy's bytes go out in pieces of at most this share of a second at `repair_rate`, so
+/// the receiving end sees progress at least that often: a 1 MiB chunk read from the file
+/// waited a whole second per MiB/s of rate for its tokens, and below about 200 KiB/s the
+/// upload's no-progress watchdog (the call timeout) failed every copy of a large blob.
+const PIECE_OF_A_SECOND: u64 = 4;
+/// The smallest piece a copy is cut into.
+const MIN_PIECE: u64 = 4096;
 
 /// What one repair pass did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +65,8 @@ impl RepairHandle {
 pub struct Repairer {
     coordinator: Arc<Coordinator>,
     limiter: Arc<RateLimiter>,
+    /// Bytes a copy sends between two waits for the bucket (see [`PIECE_OF_A_SECOND`]).
+    piece: u64,
     interval: Duration,
 }
 
@@ -65,7 +75,8 @@ impl Repairer {
     pub fn start(coordinator: Arc<Coordinator>, rate: u64, interval: Duration) -> RepairHandle {
         let limiter = Arc::new(RateLimiter::new(Some(rate.max(1)), rate.max(1 << 20)));
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
-        let repairer = Repairer { coordinator, limiter, interval };
+        let piece = (rate / PIECE_OF_A_SECOND).max(MIN_PIECE);
+        let repairer = Repairer { coordinator, limiter, piece, interval };
         tokio::spawn(repairer.run(rx));
         RepairHandle { requests: tx }
     }
@@ -326,7 +337,7 @@ impl Repairer {
     /// Send the local blob to `node` (which was just found without it).
     async fn send_blob(&self, node: &dyn Node, entry: &BlobEntry) -> Result<(), NodeError> {
         let path = self.coordinator.local.store().blob_path(&entry.digest);
-        let body = throttled(open_file(&path, entry.size).await?, self.limiter.clone());
+        let body = throttled(open_file(&path, entry.size).await?, self.limiter.clone(), self.piece);
         node.blob_put(&entry.digest, entry.size, body).await
     }
 
@@ -384,9 +395,20 @@ impl Repairer {
     }
 }
 
-/// A stream that waits for the bucket's tokens before each chunk.
-fn throttled(body: ByteStream, limiter: Arc<RateLimiter>) -> ByteStream {
-    Box::pin(body.then(move |chunk| {
+/// A stream of `body` in pieces of at most `piece` bytes, each after the bucket's tokens.
+fn throttled(body: ByteStream, limiter: Arc<RateLimiter>, piece: u64) -> ByteStream {
+    let piece = usize::try_from(piece).unwrap_or(usize::MAX).max(1);
+    let pieces = body.flat_map(move |chunk| {
+        let parts: Vec<std::io::Result<Bytes>> = match chunk {
+            Ok(bytes) => (0..bytes.len())
+                .step_by(piece)
+                .map(|at| Ok(bytes.slice(at..bytes.len().min(at + piece))))
+                .collect(),
+            Err(e) => vec![Err(e)],
+        };
+        futures_util::stream::iter(parts)
+    });
+    Box::pin(pieces.then(move |chunk| {
         let limiter = limiter.clone();
         async move {
             if let Ok(bytes) = &chunk {
@@ -395,4 +417,29 @@ fn throttled(body: ByteStream, limiter: Arc<RateLimiter>) -> ByteStream {
             chunk
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A copy goes out in pieces of a quarter second's worth at most, every byte in order
+    /// (1 MiB chunks read from the file used to wait for a second's tokens each at 1 MiB/s).
+    #[tokio::test]
+    async fn a_throttled_copy_goes_in_small_pieces() {
+        let data: Vec<u8> = (0..(3 << 20) + 123u32).map(|i| (i % 251) as u8).collect();
+        let chunks: Vec<std::io::Result<Bytes>> =
+            data.chunks(1 << 20).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        // 256 KiB/s: pieces of 64 KiB (the bucket here is large, so the test does not wait).
+        let piece = (256 << 10) / PIECE_OF_A_SECOND;
+        let limiter = Arc::new(RateLimiter::new(Some(1 << 30), 1 << 30));
+        let mut out = throttled(Box::pin(futures_util::stream::iter(chunks)), limiter, piece);
+        let mut got = Vec::new();
+        while let Some(part) = out.next().await {
+            let part = part.unwrap();
+            assert!(part.len() as u64 <= piece, "a piece of {} bytes", part.len());
+            got.extend_from_slice(&part);
+        }
+        assert_eq!(got, data);
+    }
 }
