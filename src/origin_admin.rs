@@ -52,10 +52,22 @@ async fn repair(State(s): State<AdminState>) -> Response {
     }
 }
 
+/// How long a relayed collection's answer is waited for: a hung leader (or a request the
+/// HTTP client's pool lost) must not hold the caller for ever. A collection that runs
+/// longer goes on at the leader; the caller is told to look there.
+const GC_RELAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Collect now. Only one origin collects (see `cluster::gc`): any other hands the request to
-/// it and relays its answer, so the caller may ask any origin.
+/// it and relays its answer, so the caller may ask any origin. The collection runs in a task
+/// of its own: a caller that hangs up (a timed-out `curl`, a relaying origin giving up) no
+/// longer stops it midway, with copies set aside until the next one.
 async fn gc(State(s): State<AdminState>) -> Response {
-    match shoal_origin::cluster::gc::collect(&s.admin.coordinator, s.admin.gc).await {
+    let (coordinator, settings) = (s.admin.coordinator.clone(), s.admin.gc);
+    let run = tokio::spawn(async move { shoal_origin::cluster::gc::collect(&coordinator, settings).await });
+    let Ok(result) = run.await else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "garbage collection stopped").into_response();
+    };
+    match result {
         Ok(report) => axum::Json(report).into_response(),
         Err(GcError::NotLeader { leader }) => forward_gc(&s.admin, &leader).await,
         Err(e @ GcError::Running) => (StatusCode::CONFLICT, e.to_string()).into_response(),
@@ -68,7 +80,7 @@ async fn forward_gc(admin: &Admin, leader: &str) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("gc leader {leader} is not a known member"))
             .into_response();
     };
-    let mut request = admin.http.post(format!("{url}/shoal/v1/admin/gc"));
+    let mut request = admin.http.post(format!("{url}/shoal/v1/admin/gc")).timeout(GC_RELAY_TIMEOUT);
     if let Some(secret) = &admin.secret {
         request = request.bearer_auth(secret);
     }
