@@ -33,6 +33,10 @@ use shoal_upstream::{Upstream, UpstreamMetrics};
 use crate::config::OriginConfig;
 use crate::http::{with_basics, BoundServer, HttpMetrics};
 
+/// Cluster secrets shorter than this are warned about at start: they can be guessed online
+/// (nothing counts failed tries); the chart makes 48-character ones.
+const MIN_SECRET_LEN: usize = 32;
+
 /// How often the storage gauges are refreshed.
 const GAUGE_PERIOD: Duration = Duration::from_secs(2);
 
@@ -224,6 +228,13 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         .merge(authority.clone().routes());
     // What only the cluster's processes call: the internal and admin APIs.
     let mut cluster_only = None;
+    if config.cluster_secrets().iter().any(|s| s.len() < MIN_SECRET_LEN) {
+        tracing::warn!(
+            "a cluster secret is shorter than {MIN_SECRET_LEN} bytes: it guards the internal and \
+             admin APIs (blob deletes, records, GC), which anyone who reaches the listener may \
+             try secrets against; use a random one (e.g. `openssl rand -hex 32`)"
+        );
+    }
     match config.guards() {
         Some((internal, admin)) => {
             let health = {
