@@ -52,9 +52,9 @@ async fn repair(State(s): State<AdminState>) -> Response {
     }
 }
 
-/// How long a relayed collection's answer is waited for: a hung leader (or a request the
-/// HTTP client's pool lost) must not hold the caller for ever. A collection that runs
-/// longer goes on at the leader; the caller is told to look there.
+/// How long a relayed collection's answer is waited for past the quarantine it waits out: a
+/// hung leader (or a request the HTTP client's pool lost) must not hold the caller for ever.
+/// A collection that runs longer goes on at the leader.
 const GC_RELAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Collect now. Only one origin collects (see `cluster::gc`): any other hands the request to
@@ -80,7 +80,8 @@ async fn forward_gc(admin: &Admin, leader: &str) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("gc leader {leader} is not a known member"))
             .into_response();
     };
-    let mut request = admin.http.post(format!("{url}/shoal/v1/admin/gc")).timeout(GC_RELAY_TIMEOUT);
+    let timeout = admin.gc.quarantine.saturating_add(GC_RELAY_TIMEOUT);
+    let mut request = admin.http.post(format!("{url}/shoal/v1/admin/gc")).timeout(timeout);
     if let Some(secret) = &admin.secret {
         request = request.bearer_auth(secret);
     }

@@ -349,8 +349,9 @@ impl Coordinator {
     /// looked at again (that send may have been long); the last of the
     /// [`LOOKS_AFTER_PLACING`] looks sends nothing, so the instant returned (when the last
     /// look started) is after every send. A copy gone that cannot be sent again is no longer
-    /// counted; one that cannot be looked at (a timeout) still is, and repair is left to
-    /// check it (GC waits for the repair queue before it deletes anything).
+    /// counted; one that cannot be looked at (a timeout) still is, and is queued for repair
+    /// (this origin keeps its own copy meanwhile). If GC set it aside, GC's last mark sees
+    /// the upload's link and brings it back; if the upload fails, it was garbage.
     async fn look_again(&self, digest: &Digest, size: u64, placed: &mut Placed) -> Instant {
         let path = self.local.store().blob_path(digest);
         let mut seen_at = Instant::now();

@@ -17,8 +17,10 @@
 //!    step 2 finishes within [`READ_TO_WRITE_DEADLINE`] or fails, and the quarantine lasts
 //!    longer than that, so the last mark sees every link such a write made.
 //!
-//! GC runs only when every member is up and no repair queue holds anything (records written
-//! to fallback origins are then on their owners, where the mark looks), and only on one
+//! GC runs only when every member is up and no repair queue holds a repository (records
+//! written to fallback origins are then on their owners, where the mark looks; blobs still
+//! to be copied change nothing it decides), stops if the live set changes while it marks,
+//! and runs only on one
 //! origin: the first of the full member list by rendezvous hash of [`LEADER_KEY`]. With all
 //! members up, every origin agrees on which one that is; it runs one collection at a time.
 
@@ -164,7 +166,8 @@ async fn precheck(c: &Coordinator) -> Result<(), GcError> {
 
 /// Collect garbage across the cluster now (see the module doc).
 pub async fn collect(c: &Coordinator, settings: GcSettings) -> Result<GcReport, GcError> {
-    // Taken before the check that every member is up: each mark must see that same live set.
+    // Taken before the check that every member is up: each mark must see that same live set
+    // (one for the marks that set copies aside, a fresh one for the last, after the wait).
     let run = Run { c, generation: c.topology.generation() };
     precheck(c).await?;
     let _running = c.gc_lock.0.try_lock().map_err(|_| GcError::Running)?;
@@ -175,8 +178,11 @@ pub async fn collect(c: &Coordinator, settings: GcSettings) -> Result<GcReport, 
     set_aside(&run, settings.grace, &mut report).await?;
     if report.quarantined_blobs > 0 {
         tokio::time::sleep(quarantine).await;
+        // A member that went down and came back during the wait changes nothing the last
+        // mark sees: it checks the live set from here.
+        let last = Run { c, generation: c.topology.generation() };
         precheck(c).await?;
-        settle_quarantine(&run, &mut report, Some(quarantine)).await?;
+        settle_quarantine(&last, &mut report, Some(quarantine)).await?;
     }
     tracing::info!(?report, "garbage collection done");
     Ok(report)

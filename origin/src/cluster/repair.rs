@@ -231,9 +231,11 @@ impl Repairer {
                             let entry = BlobEntry { digest, size, stored_millis: 0 };
                             settled = self.reconcile_blob(&entry, report).await;
                         }
-                        // Gone (collected), or being collected: garbage collection brings a
-                        // copy back if its last look finds it linked.
-                        Ok(Holding::Absent | Holding::Quarantined) => {}
+                        Ok(Holding::Absent) => {} // gone (collected): nothing left to place
+                        // Being collected: left to garbage collection, which brings the copy
+                        // back if its last mark finds the blob used; the item stays (it no
+                        // longer holds collections back) until the copy is back or gone.
+                        Ok(Holding::Quarantined) => settled = false,
                         Err(_) => report.failures += 1,
                     }
                 }
@@ -289,8 +291,9 @@ impl Repairer {
             // Garbage collection is deciding this blob's fate: it brings every copy back if
             // its last look finds the blob linked, and purges them all if not. Sending a copy
             // (a write brings the set-aside one back too) or dropping this one, on the strength
-            // of copies about to be purged, would undo or pre-empt that.
-            return true;
+            // of copies about to be purged, would undo or pre-empt that. A queued item stays
+            // (blobs do not hold collections back) and is looked at again next pass.
+            return false;
         }
         if !owner_here && confirmed > 0 {
             missing.clear();

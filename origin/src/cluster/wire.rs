@@ -71,7 +71,8 @@ pub const QUARANTINE_ROUTE: &str = "/shoal/internal/v1/quarantine/{digest}";
 pub const QUARANTINE_BLOB_ROUTE: &str = "/shoal/internal/v1/blobs/{digest}/quarantine";
 /// `POST`: bring a quarantined blob back.
 pub const RESTORE_BLOB_ROUTE: &str = "/shoal/internal/v1/blobs/{digest}/restore";
-/// `GET`: the length of the node's repair queue (JSON number).
+/// `GET`: the repositories in the node's repair queue (JSON number; origins before session
+/// 44 answer the whole queue's length).
 pub const REPAIR_PENDING: &str = "/shoal/internal/v1/repair-queue";
 
 /// Query of `DELETE /quarantine/{digest}`.

@@ -516,6 +516,16 @@ async fn a_repair_pass_leaves_a_copy_gc_set_aside() {
         assert!(aside.iter().any(|e| e.digest == layer), "the repair pass at {at} brought the copy back");
         assert_eq!(holders(&world, &layer).await, BTreeSet::from([b.clone()]));
     }
+    // A queued item for the blob stays queued while a copy is set aside (it holds no
+    // collection back), and goes once the copy is back.
+    let at_b = cs.iter().find(|c| c.me() == b).unwrap().clone();
+    at_b.local.store().repair_enqueue(format!("blob:{layer}")).await.unwrap();
+    let repairer = Repairer::start(at_b.clone(), 1 << 30, Duration::from_secs(3600));
+    repairer.run_now().await.unwrap();
+    assert_eq!(at_b.local.store().repair_len().await.unwrap(), 1, "the item was dropped");
+    assert!(world.nodes[&a].inner.blob_restore(&layer).await.unwrap());
+    repairer.run_now().await.unwrap();
+    assert_eq!(at_b.local.store().repair_len().await.unwrap(), 0, "the item stayed");
 }
 
 /// A push of a layer whose copy garbage collection has set aside brings it back (repair no
@@ -559,6 +569,10 @@ async fn a_membership_change_during_a_collection_stops_it() {
         assert!(node.inner.quarantine_list(None, 10).await.unwrap().is_empty());
     }
     // The next collection, in a steady membership, takes the garbage.
-    shoal_origin::cluster::gc::collect(&leading(&cs), quick_gc()).await.unwrap();
+    let report = shoal_origin::cluster::gc::collect(&leading(&cs), quick_gc()).await.unwrap();
+    assert!(report.swept_blobs >= 1, "{report:?}");
     assert!(holders(&world, &layer).await.is_empty());
+    for node in world.nodes.values() {
+        assert!(node.inner.quarantine_list(None, 10).await.unwrap().is_empty());
+    }
 }
