@@ -395,3 +395,34 @@ async fn a_write_refused_for_its_clock_lands_nowhere_unless_the_refusing_clock_i
         assert_ne!(kept, Some(target('d')), "{id}");
     }
 }
+
+/// An index that names one child many times (and a manifest naming one layer many times)
+/// checks each once: every key read loads its record, a child's whole manifest, on every
+/// owner, and a 4 MiB index naming one padded child 35,000 times read tens of GB.
+#[tokio::test]
+async fn an_index_naming_one_child_many_times_reads_it_once() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/repeats".parse().unwrap();
+    let store = ClusterStore::new(cs[0].clone());
+    let config = push(&store, &repo, b"{}").await.unwrap();
+    let layer = push(&store, &repo, b"layer").await.unwrap();
+    let child = manifest(&config, &layer);
+    store.manifest_put(&repo, None, child.clone()).await.unwrap();
+    let entry = format!(
+        r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":{}}}"#,
+        child.digest,
+        child.bytes.len()
+    );
+    let bytes = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{}]}}"#,
+        vec![entry; 500].join(",")
+    )
+    .into_bytes();
+    let parsed = shoal_registry::manifest::parse_manifest(None, &bytes).unwrap();
+    let index = NewManifest { digest: Digest::of(Algorithm::Sha256, &bytes), bytes: bytes.into(), parsed };
+    let before: u64 = world.nodes.values().map(|n| n.keys_read.load(Ordering::SeqCst)).sum();
+    store.manifest_put(&repo, Some(&"multi".parse().unwrap()), index).await.unwrap();
+    let read: u64 = world.nodes.values().map(|n| n.keys_read.load(Ordering::SeqCst)).sum::<u64>() - before;
+    // The index's own records first (manifest, link, tag), then its one child, per owner.
+    assert!(read <= 2 * 4 + 4, "the index's put read {read} keys");
+}

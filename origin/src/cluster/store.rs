@@ -114,8 +114,13 @@ impl ClusterStore {
             .map_err(|_| StoreError::Internal("a parsed manifest is not UTF-8".into()))?;
         let size = bytes.len() as u64;
         // What it references, checked to be in the repository when that is required.
+        // Each once: an index may name one child (or a manifest one layer) any number of
+        // times, and every key read loads its record (a child's whole manifest), on every
+        // owner: a 4 MiB index naming one padded child 35,000 times took tens of GB.
         let mut keys: Vec<RecordKey> = parsed.blobs.iter().cloned().map(RecordKey::Link).collect();
         keys.extend(parsed.children.iter().cloned().map(RecordKey::Manifest));
+        let mut seen = std::collections::HashSet::new();
+        keys.retain(|k| seen.insert(k.clone()));
         let found = self.c().read_records(repo.as_str(), &keys).await?;
         let mut refreshed = Vec::new();
         for (key, rec) in keys.iter().zip(found) {

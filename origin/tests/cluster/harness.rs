@@ -50,6 +50,8 @@ pub(crate) struct Switchable {
     pub(crate) pages_whole: AtomicBool,
     /// Records its scans and scan pages have answered.
     pub(crate) records_read: AtomicU64,
+    /// Keys its `records_get` calls have asked for.
+    pub(crate) keys_read: AtomicU64,
     /// Each `blob_stat` or `blob_peek` answered takes this long (ms), as over a slow network.
     pub(crate) stat_delay_ms: AtomicU64,
 }
@@ -181,6 +183,7 @@ impl Node for Switchable {
     }
     async fn records_get(&self, repo: &str, keys: &[RecordKey]) -> Result<Vec<Option<Record>>, NodeError> {
         self.check()?;
+        self.keys_read.fetch_add(keys.len() as u64, Ordering::SeqCst);
         self.inner.records_get(repo, keys).await
     }
     async fn records_scan(
@@ -338,6 +341,7 @@ pub(crate) async fn world_with(replicas: usize) -> (Arc<World>, Vec<Arc<Coordina
                 repo_list_cap: AtomicUsize::new(usize::MAX),
                 pages_whole: AtomicBool::new(false),
                 records_read: AtomicU64::new(0),
+                keys_read: AtomicU64::new(0),
                 stat_delay_ms: AtomicU64::new(0),
             }),
         );
