@@ -426,3 +426,32 @@ async fn an_index_naming_one_child_many_times_reads_it_once() {
     // The index's own records first (manifest, link, tag), then its one child, per owner.
     assert!(read <= 2 * 4 + 4, "the index's put read {read} keys");
 }
+
+/// A page of `tags/list` past a run of deleted tags (tombstones, which stay) asks the owners
+/// a few times, not once per deleted tag: each round asked only for the live tags still
+/// missing, one record when a page of one lacked one.
+#[tokio::test]
+async fn a_tag_page_past_many_deleted_tags_takes_few_rounds() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/retention".parse().unwrap();
+    let store = ClusterStore::new(cs[0].clone());
+    let config = push(&store, &repo, b"{}").await.unwrap();
+    let layer = push(&store, &repo, b"layer").await.unwrap();
+    let old = manifest(&config, &layer);
+    for i in 0..300 {
+        store.manifest_put(&repo, Some(&format!("b{i:04}").parse().unwrap()), old.clone()).await.unwrap();
+    }
+    assert!(store.manifest_delete(&repo, &Reference::Digest(old.digest.clone())).await.unwrap());
+    let other = manifest(&layer, &config);
+    for tag in ["a", "c"] {
+        store.manifest_put(&repo, Some(&tag.parse().unwrap()), other.clone()).await.unwrap();
+    }
+    let asked = || world.nodes.values().map(|n| n.pages_asked.load(Ordering::SeqCst)).sum::<u64>();
+    let first = store.tags(&repo, None, 1).await.unwrap();
+    assert_eq!(first.items, ["a"]);
+    let before = asked();
+    let next = store.tags(&repo, first.next.as_deref(), 1).await.unwrap();
+    assert_eq!(next.items, ["c"]);
+    let rounds = asked() - before;
+    assert!(rounds <= 3 * 12, "a page past 300 deleted tags asked the origins {rounds} times");
+}

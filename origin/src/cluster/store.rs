@@ -24,6 +24,8 @@ use crate::store::OriginStore;
 const MARKER_PREFIX: &str = ".";
 /// Marks a mirrored repository the upstream keeps private (see [`ClusterStore::mark_private`]).
 const PRIVATE_MARKER: &str = ".shoal-private";
+/// The most tag records a page of `tags/list` asks the owners for in one round.
+const TAG_SCAN_MAX: usize = 10_000;
 
 /// Whether a stored manifest's references must already be in the repository.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -458,12 +460,19 @@ impl RegistryStore for ClusterStore {
 
     /// Read from the owners a page at a time from `last` on, until one more live tag than
     /// the page shows is known (then more follow) or the tags end: a page costs about what
-    /// it shows, not every tag of the repository.
+    /// it shows, not every tag of the repository. From the third round on, each asks for at
+    /// least twice what the last did: deleted tags stay as tombstones, and asking for only
+    /// the live tags still missing read a run of 5,000 of them one round trip each.
     async fn tags(&self, repo: &RepoName, last: Option<&str>, limit: usize) -> Result<Page, StoreError> {
         let mut names = Vec::new();
         let mut after = last.map(str::to_string);
+        let (mut asked, mut round) = (0usize, 0);
         loop {
-            let want = limit.saturating_add(1).saturating_sub(names.len()).max(1);
+            let missing = limit.saturating_add(1).saturating_sub(names.len()).max(1);
+            // The first two rounds ask for what is missing: a few deleted tags cost little.
+            let grown = if round < 2 { 0 } else { asked.saturating_mul(2) };
+            let want = missing.max(grown).min(TAG_SCAN_MAX);
+            (asked, round) = (want, round + 1);
             let scanned = self.c().scan_page(repo.as_str(), RecordKind::Tag, after.as_deref(), want).await?;
             let Some((records, next)) = scanned else {
                 if after.as_deref() == last {

@@ -52,6 +52,8 @@ pub(crate) struct Switchable {
     pub(crate) records_read: AtomicU64,
     /// Keys its `records_get` calls have asked for.
     pub(crate) keys_read: AtomicU64,
+    /// Its `records_page` calls.
+    pub(crate) pages_asked: AtomicU64,
     /// Each `blob_stat` or `blob_peek` answered takes this long (ms), as over a slow network.
     pub(crate) stat_delay_ms: AtomicU64,
 }
@@ -216,6 +218,7 @@ impl Node for Switchable {
             return Ok(records.map(|records| RecordPage { records, more: false }));
         }
         self.check()?;
+        self.pages_asked.fetch_add(1, Ordering::SeqCst);
         let answer = self.inner.records_page(repo, kind, subject, page).await?;
         let answered = answer.as_ref().map_or(0, |p| p.records.len());
         self.records_read.fetch_add(answered as u64, Ordering::SeqCst);
@@ -342,6 +345,7 @@ pub(crate) async fn world_with(replicas: usize) -> (Arc<World>, Vec<Arc<Coordina
                 pages_whole: AtomicBool::new(false),
                 records_read: AtomicU64::new(0),
                 keys_read: AtomicU64::new(0),
+                pages_asked: AtomicU64::new(0),
                 stat_delay_ms: AtomicU64::new(0),
             }),
         );
