@@ -309,8 +309,10 @@ impl OriginConfig {
         nonzero("cluster.call_timeout", c.call_timeout)?;
         nonzero("cluster.repair_interval", c.repair_interval)?;
         let members = if c.members.is_empty() { vec![advertise.clone()] } else { c.members.clone() };
+        // A lone origin: one member that names one address (a `dns+`/`srv+` name can name many).
+        let lone = members.len() == 1 && !members[0].contains('+');
         let max_manifest = shoal_origin::cluster::wire::MAX_MANIFEST_SIZE;
-        if members.len() > 1 && self.max_manifest_size.as_u64() > max_manifest {
+        if !lone && self.max_manifest_size.as_u64() > max_manifest {
             anyhow::bail!(
                 "max_manifest_size must be at most {} in a cluster (a manifest is copied between origins as a record of up to twice its size)",
                 ByteSize::b(max_manifest)
@@ -319,14 +321,13 @@ impl OriginConfig {
         let secret = c.secret.clone().filter(|s| !s.is_empty());
         // Origins prove who they are to each other with a certificate or the secret.
         let node_identity = self.tls.serves_tls() && self.tls.cluster_ca.is_some();
-        if members.len() > 1 && secret.is_none() && !node_identity {
+        if !lone && secret.is_none() && !node_identity {
             anyhow::bail!(
                 "a cluster of origins needs node certificates ([tls] cert, key and cluster_ca) or a \
                  shared secret (SHOAL_CLUSTER_SECRET or cluster.secret)"
             );
         }
         // A lone origin keeps one copy; asking for more could never succeed.
-        let lone = members.len() == 1 && !members[0].contains('+');
         let replicas = if lone { 1 } else { c.replicas };
         let write_quorum = if lone { 1 } else { c.write_quorum.unwrap_or(replicas) };
         if write_quorum == 0 || write_quorum > replicas {
@@ -423,6 +424,14 @@ mod tests {
         // A lone origin copies no record anywhere.
         let lone: OriginConfig = toml::from_str("max_manifest_size = \"64MiB\"").unwrap();
         assert!(lone.cluster().is_ok());
+        // One `dns+` member is a cluster (the name gives every origin's address).
+        let named = "[cluster]\nsecret = \"s\"\nmembers = [\"dns+origins:1\"]\nadvertise = \"a:1\"\n";
+        let big: OriginConfig = toml::from_str(&format!("max_manifest_size = \"17MiB\"\n{named}")).unwrap();
+        let err = big.cluster().unwrap_err().to_string();
+        assert!(err.contains("max_manifest_size must be at most 16.0 MiB"), "{err}");
+        let unguarded: OriginConfig =
+            toml::from_str("[cluster]\nmembers = [\"dns+origins:1\"]\nadvertise = \"a:1\"\n").unwrap();
+        assert!(unguarded.cluster().unwrap_err().to_string().contains("needs node certificates"));
     }
 
     /// Zero timeouts and counts are refused with the setting's name, not taken as one or
