@@ -89,6 +89,32 @@ grep -q 'password_file = "/var/run/shoal-upstream/registry.corp.example/password
   die "upstream: no password_file for registry.corp.example"
 grep -q '^      max_concurrent_requests = 512$' "$T/upstream.yaml" || die "upstream: origin.config's integer is not an integer"
 
+# Each component's pods restart on a change of its own config only: one checksum over the
+# whole ConfigMap rolled every node's agent for an origin setting, and the origins for an
+# agent's.
+config_checksums() { # helm-args...: "<agents' checksum> <origins' checksum>"
+  "$HELM" template shoal "$chart" --namespace shoal "$@" >"$T/checksums.yaml" || die "helm template $* failed"
+  PYTHONPATH=$CHART_PYTHONPATH python3 - "$T/checksums.yaml" <<'PY'
+import sys, yaml
+sums = {}
+for doc in yaml.safe_load_all(open(sys.argv[1])):
+    if doc and doc.get("kind") in ("DaemonSet", "StatefulSet"):
+        meta = doc["spec"]["template"]["metadata"]
+        component = meta["labels"].get("app.kubernetes.io/component")
+        if component in ("agent", "origin"):
+            sums[component] = meta["annotations"]["checksum/config"]
+print(sums["agent"], sums["origin"])
+PY
+}
+read -r agent0 origin0 <<<"$(config_checksums)"
+read -r agent1 origin1 <<<"$(config_checksums --set origin.config.limits.drain_delay=9s)"
+[[ $agent1 == "$agent0" ]] || die "an origin setting changes the agents' pod template (every node's agent restarts)"
+[[ $origin1 != "$origin0" ]] || die "an origin setting does not restart the origins"
+read -r agent2 origin2 <<<"$(config_checksums --set agent.config.cache_low_watermark=15GiB)"
+[[ $origin2 == "$origin0" ]] || die "an agent setting changes the origins' pod template"
+[[ $agent2 != "$agent0" ]] || die "an agent setting does not restart the agents"
+log "config checksums: each component restarts on its own settings only"
+
 # Values the schema (or the templates) must refuse, each with a message naming the problem.
 refuse() { # WHAT PATTERN helm-args...
   local what=$1 pattern=$2
@@ -100,6 +126,8 @@ refuse "an unknown key" "bogus" --set origin.bogus=1
 refuse "R above the origin count" "replicationFactor" --set origin.replicas=1
 refuse "a relative hostPath" "hostPath" --set agent.hostPath=var/lib
 refuse "a port out of range" "port" --set agent.port=70000
+refuse "no agent down at once in a rollout" "maxUnavailable" --set agent.updateStrategy.maxUnavailable=0
+refuse "0 % of the agents down at once" "maxUnavailable" --set agent.updateStrategy.maxUnavailable=0%
 refuse "a bad registry name" "registryName" --set containerd.registryName=http://x/y
 refuse "an upstream with a port" "registry" --set 'upstreams[0].registry=host:5000' --set 'upstreams[0].url=https://h'
 refuse "an upstream in upper case" "registry" --set 'upstreams[0].registry=Docker.io' --set 'upstreams[0].url=https://h'
