@@ -114,6 +114,19 @@ read -r agent2 origin2 <<<"$(config_checksums --set agent.config.cache_low_water
 [[ $origin2 == "$origin0" ]] || die "an agent setting changes the origins' pod template"
 [[ $agent2 != "$agent0" ]] || die "an agent setting does not restart the agents"
 log "config checksums: each component restarts on its own settings only"
+# The uninstall's wait Job runs where the origins may (all-on taints their pool).
+PYTHONPATH=$CHART_PYTHONPATH python3 - "$T/all-on.yaml" <<'PY' || die "all-on: the restore-wait Job lacks the origins' tolerations"
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+def pod(kind, component):
+    for d in docs:
+        if d["kind"] == kind and d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == component:
+            return d["spec"]["template"]["spec"]
+origin, wait = pod("StatefulSet", "origin"), pod("Job", "restore-wait")
+assert origin.get("tolerations"), "all-on sets origin tolerations"
+assert wait.get("tolerations") == origin["tolerations"], wait.get("tolerations")
+assert wait.get("nodeSelector") == origin.get("nodeSelector"), wait.get("nodeSelector")
+PY
 
 # Values the schema (or the templates) must refuse, each with a message naming the problem.
 refuse() { # WHAT PATTERN helm-args...
