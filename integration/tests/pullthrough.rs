@@ -192,6 +192,83 @@ async fn tags_follow_the_upstream_and_survive_its_outage_for_serve_stale() {
     assert_eq!(digest_of(&r), second.digest);
 }
 
+/// An upstream whose tag `app:v1` names `first` until `moved` is set, then another digest
+/// whose manifest it will not send (429: Docker Hub's pull limit counts only a manifest's
+/// `GET`, so its `HEAD` still answers).
+async fn moving_tag_upstream(first: Manifest, moved: Arc<AtomicBool>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let second = format!("sha256:{}", "5".repeat(64));
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (first, moved, second) = (first.clone(), moved.clone(), second.clone());
+            tokio::spawn(async move {
+                let Some(head) = request_head(&mut conn).await else { return };
+                let line = head.lines().next().unwrap_or_default().to_string();
+                let mut words = line.split(' ');
+                let (method, path) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
+                let path = path.split('?').next().unwrap_or_default();
+                let tag = path.ends_with("/manifests/v1");
+                let moved = moved.load(Ordering::SeqCst);
+                let answer = if (tag && moved && method == "HEAD")
+                    || path.ends_with(&format!("/manifests/{second}")) && method == "HEAD"
+                {
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nDocker-Content-Digest: {second}\r\nContent-Length: 100\r\nConnection: close\r\n\r\n",
+                        first.media_type
+                    )
+                    .into_bytes()
+                } else if (tag && moved) || path.ends_with(&format!("/manifests/{second}")) {
+                    b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 30\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec()
+                } else if tag || path.ends_with(&format!("/manifests/{}", first.digest)) {
+                    let mut answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nDocker-Content-Digest: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        first.media_type,
+                        first.digest,
+                        first.bytes.len()
+                    )
+                    .into_bytes();
+                    if method == "GET" {
+                        answer.extend_from_slice(&first.bytes);
+                    }
+                    answer
+                } else {
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec()
+                };
+                let _ = conn.write_all(&answer).await;
+            });
+        }
+    });
+    url
+}
+
+/// A tag that moved upstream while the new target's manifest cannot be had (its `HEAD`
+/// answers, its `GET` is throttled) is answered with its last target within `serve_stale`:
+/// the pull works as when the upstream cannot be asked at all. It used to fail with the
+/// upstream's 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_moved_tag_whose_new_manifest_is_throttled_serves_the_last_target() {
+    skip_if_external!(SKIP);
+    let kind = ImageKind::Oci;
+    let config = Blob::config(kind.config_type());
+    let layer = Blob::random_layer(kind.layer_type(), 1024);
+    let value = oci::image_manifest_value(kind.manifest_type(), &config, std::slice::from_ref(&layer));
+    let first = Manifest::from_value(kind.manifest_type(), &value);
+    let moved = Arc::new(AtomicBool::new(false));
+    let url = moving_tag_upstream(first.clone(), moved.clone()).await;
+    let cluster =
+        OriginCluster::start_cluster(ClusterSpec::new(1).config(&upstream_toml(&url, "1s", "60s"))).await;
+    let repo = format!("{REGISTRY}/app");
+    let r = cluster.client(0).get_manifest(&repo, "v1").await;
+    r.expect(StatusCode::OK);
+    assert_eq!(r.must_header("docker-content-digest"), first.digest);
+    moved.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let r = cluster.client(0).get_manifest(&repo, "v1").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.describe());
+    assert_eq!(r.must_header("docker-content-digest"), first.digest, "the last target");
+}
+
 /// The whole head of the next request on `conn`; `None` if the connection ends first.
 async fn request_head(conn: &mut tokio::net::TcpStream) -> Option<String> {
     let mut head = Vec::new();

@@ -273,27 +273,53 @@ impl PullThrough {
             Ok(digest) => {
                 // The tag is written anew either way: its version's time records that its
                 // target was confirmed now.
-                self.mirrored_manifest(up, repo, path, &digest, Some(tag)).await
+                let fetched = self.mirrored_manifest(up, repo, path, &digest, Some(tag)).await;
+                match (fetched, known) {
+                    // The tag moved, but the new target cannot be had (the upstream's `HEAD`
+                    // answered, its `GET` is throttled or failing: Docker Hub's pull limit
+                    // counts only the `GET`): the last target, while it may be served.
+                    (
+                        Err(e @ (StoreError::Unavailable(_) | StoreError::Throttled { .. })),
+                        Some((old, at)),
+                    ) if may_serve_stale && old != digest => {
+                        self.serve_stale(up, repo, tag, e.to_string(), old, at).await
+                    }
+                    (fetched, _) => fetched,
+                }
             }
             Err(UpstreamError::NotFound) => Ok(None),
             Err(e) if cannot_ask(&e) => {
                 match (tags::on_failure(confirmed, now_millis(), up.config().serve_stale), known) {
                     (tags::OnFailure::ServeStale, Some((digest, at))) => {
-                        // A private repository's: only to credentials the upstream accepted.
-                        self.require_accepted(up, repo).await?;
-                        tracing::warn!(
-                            registry = up.registry(), %repo, %tag, error = %e,
-                            age_s = now_millis().saturating_sub(at) / 1000,
-                            "upstream cannot answer; serving the tag's last known target"
-                        );
-                        self.metrics.stale(up.registry());
-                        self.inner.manifest_get(repo, &Reference::Digest(digest)).await
+                        self.serve_stale(up, repo, tag, e.to_string(), digest, at).await
                     }
                     _ => Err(store_error(up.registry(), e)),
                 }
             }
             Err(e) => Err(store_error(up.registry(), e)),
         }
+    }
+
+    /// The tag's last known target (`digest`, confirmed at `at`), served while the upstream
+    /// cannot answer for it (`error`).
+    async fn serve_stale(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+        error: String,
+        digest: Digest,
+        at: u64,
+    ) -> Result<Option<StoredManifest>, StoreError> {
+        // A private repository's: only to credentials the upstream accepted.
+        self.require_accepted(up, repo).await?;
+        tracing::warn!(
+            registry = up.registry(), %repo, %tag, error = %error,
+            age_s = now_millis().saturating_sub(at) / 1000,
+            "upstream cannot answer; serving the tag's last known target"
+        );
+        self.metrics.stale(up.registry());
+        self.inner.manifest_get(repo, &Reference::Digest(digest)).await
     }
 }
 
