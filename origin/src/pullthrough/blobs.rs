@@ -84,9 +84,15 @@ impl PullThrough {
                 self.metrics.cache(up.registry(), false);
                 let (store, repo, path, digest) =
                     (self.inner.clone(), repo.clone(), path.to_string(), digest.clone());
-                let (creds, private) = (client_credentials(), self.is_private(&repo).await.unwrap_or(true));
+                // Nothing awaited between the fetch's registration and its task: a request
+                // dropped there (a client or a calling origin giving up while the cluster's
+                // private marker was read) left a fetch that never ran and never ended, the
+                // digest stuck at "no progress" on this origin and a fetch slot lost.
+                let known_private = lock(&self.private).contains_key(repo.as_str());
+                let creds = client_credentials();
                 let fetch = f.clone();
                 tokio::spawn(async move {
+                    let private = known_private || store.marked_private(&repo).await.unwrap_or(true);
                     let outcome = run_fetch(&store, &up, &repo, &path, &digest, creds, private, &fetch).await;
                     if let Err((e, _)) = &outcome {
                         tracing::warn!(%repo, %digest, error = %e, "upstream blob fetch failed");
