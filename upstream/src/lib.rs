@@ -404,6 +404,11 @@ impl Upstream {
         creds: Option<&Credentials>,
         key: &[u8; 32],
     ) -> Result<(HeaderValue, Duration), UpstreamError> {
+        if !realm_may_have_credentials(self.config.base(), realm, creds.is_some()) {
+            return Err(UpstreamError::Unauthorized(format!(
+                "the upstream's token realm {realm} is not https; refusing to send credentials there"
+            )));
+        }
         let pull = format!("repository:{repo}:pull");
         let mut query = vec![("scope", scope.unwrap_or(&pull))];
         if let Some(s) = service {
@@ -521,9 +526,28 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
     Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
 }
 
+/// Whether credentials may go to the token `realm` an upstream at `base` names: never in the
+/// clear from an upstream reached over TLS (a hostile or misconfigured challenge would take
+/// the password, or a client's).
+fn realm_may_have_credentials(base: &str, realm: &str, credentials: bool) -> bool {
+    let https = |url: &str| url.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+    !credentials || !https(base) || https(realm)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_go_to_a_plain_http_realm_only_from_a_plain_http_upstream() {
+        let (tls, plain) = ("https://registry.example", "http://registry.example:5000");
+        assert!(realm_may_have_credentials(tls, "https://auth.example/token", true));
+        assert!(realm_may_have_credentials(tls, "HTTPS://auth.example/token", true));
+        assert!(!realm_may_have_credentials(tls, "http://auth.example/token", true));
+        assert!(!realm_may_have_credentials(tls, "http://127.0.0.1/token", true));
+        assert!(realm_may_have_credentials(tls, "http://auth.example/token", false), "anonymous");
+        assert!(realm_may_have_credentials(plain, "http://auth.example/token", true));
+    }
 
     #[test]
     fn retry_after_takes_seconds_and_dates() {
