@@ -309,8 +309,7 @@ impl OriginConfig {
         nonzero("cluster.call_timeout", c.call_timeout)?;
         nonzero("cluster.repair_interval", c.repair_interval)?;
         let members = if c.members.is_empty() { vec![advertise.clone()] } else { c.members.clone() };
-        // A lone origin: one member that names one address (a `dns+`/`srv+` name can name many).
-        let lone = members.len() == 1 && !members[0].contains('+');
+        let lone = shoal_origin::cluster::lone(&members);
         let max_manifest = shoal_origin::cluster::wire::MAX_MANIFEST_SIZE;
         if !lone && self.max_manifest_size.as_u64() > max_manifest {
             anyhow::bail!(

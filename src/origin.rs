@@ -206,7 +206,9 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
             "access control on"
         );
     }
-    if config.auth.tokens && cluster.members.len() > 1 {
+    // Every origin of a cluster signs with its own key unless they share one: each follows
+    // the others' (a `dns+` member is a cluster too, as in the config's checks).
+    if config.auth.tokens && !shoal_origin::cluster::lone(&cluster.members) {
         authority.follow_peers(peer_keys(membership.clone(), cluster.call_timeout)?, PEER_KEYS_REFRESH);
     }
     let registry =

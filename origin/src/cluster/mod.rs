@@ -24,6 +24,13 @@ pub mod wire;
 
 use std::time::Duration;
 
+/// Whether `members` (this origin included) make a lone origin: one entry naming one address.
+/// A `dns+`/`srv+` entry names every origin the name gives, so it is a cluster however many
+/// it gives today.
+pub fn lone(members: &[String]) -> bool {
+    members.len() == 1 && !members[0].contains('+')
+}
+
 /// Settings of the cluster layer (the `[cluster]` section of the origin's config).
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
