@@ -138,8 +138,13 @@ async fn plan(
         manifests.push(top);
     } else {
         let index: IndexEntries = serde_json::from_slice(&top.bytes).map_err(|e| e.to_string())?;
+        // Each child once: an index may name one any number of times, and each would be
+        // fetched and parsed again (35,000 times a 4 MiB child in a 4 MiB index).
+        let mut seen = BTreeSet::new();
         for entry in index.manifests {
-            if platform.is_some_and(|p| !platform_matches(&entry.platform, p)) {
+            if platform.is_some_and(|p| !platform_matches(&entry.platform, p))
+                || !seen.insert(entry.digest.clone())
+            {
                 continue;
             }
             let child = store
