@@ -92,8 +92,9 @@ grep -q '^      max_concurrent_requests = 512$' "$T/upstream.yaml" || die "upstr
 # Each component's pods restart on a change of its own config only: one checksum over the
 # whole ConfigMap rolled every node's agent for an origin setting, and the origins for an
 # agent's.
-config_checksums() { # helm-args...: "<agents' checksum> <origins' checksum>"
-  "$HELM" template shoal "$chart" --namespace shoal "$@" >"$T/checksums.yaml" || die "helm template $* failed"
+config_checksums() { # helm-args...: "<agents' checksum> <origins' checksum>" (run in $(...))
+  "$HELM" template shoal "$chart" --namespace shoal "$@" >"$T/checksums.yaml" 2>"$T/checksums.err" ||
+    { cat "$T/checksums.err" >&2; echo "helm template $* failed"; return 1; }
   PYTHONPATH=$CHART_PYTHONPATH python3 - "$T/checksums.yaml" <<'PY'
 import sys, yaml
 sums = {}
@@ -106,11 +107,14 @@ for doc in yaml.safe_load_all(open(sys.argv[1])):
 print(sums["agent"], sums["origin"])
 PY
 }
-read -r agent0 origin0 <<<"$(config_checksums)"
-read -r agent1 origin1 <<<"$(config_checksums --set origin.config.limits.drain_delay=9s)"
+sums=$(config_checksums) || die "$sums"
+read -r agent0 origin0 <<<"$sums"
+sums=$(config_checksums --set origin.config.limits.drain_delay=9s) || die "$sums"
+read -r agent1 origin1 <<<"$sums"
 [[ $agent1 == "$agent0" ]] || die "an origin setting changes the agents' pod template (every node's agent restarts)"
 [[ $origin1 != "$origin0" ]] || die "an origin setting does not restart the origins"
-read -r agent2 origin2 <<<"$(config_checksums --set agent.config.cache_low_watermark=15GiB)"
+sums=$(config_checksums --set agent.config.cache_low_watermark=15GiB) || die "$sums"
+read -r agent2 origin2 <<<"$sums"
 [[ $origin2 == "$origin0" ]] || die "an agent setting changes the origins' pod template"
 [[ $agent2 != "$agent0" ]] || die "an agent setting does not restart the agents"
 log "config checksums: each component restarts on its own settings only"
