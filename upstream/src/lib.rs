@@ -405,6 +405,10 @@ impl Upstream {
         key: &[u8; 32],
     ) -> Result<(HeaderValue, Duration), UpstreamError> {
         if !realm_may_have_credentials(self.config.base(), realm, creds.is_some()) {
+            tracing::warn!(
+                registry = self.registry(), realm,
+                "the upstream's token realm is not https: no credentials sent there (fix the registry's external URL)"
+            );
             return Err(UpstreamError::Unauthorized(format!(
                 "the upstream's token realm {realm} is not https; refusing to send credentials there"
             )));

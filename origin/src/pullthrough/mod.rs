@@ -111,6 +111,19 @@ fn store_error(registry: &str, e: UpstreamError) -> StoreError {
     }
 }
 
+/// Why a mirrored manifest could not be had: the upstream's answer (a stale tag may be served
+/// instead), or the cluster's own failure (never hidden behind a stale answer).
+enum ManifestFailure {
+    Upstream(UpstreamError),
+    Cluster(StoreError),
+}
+
+impl From<StoreError> for ManifestFailure {
+    fn from(e: StoreError) -> ManifestFailure {
+        ManifestFailure::Cluster(e)
+    }
+}
+
 /// How long the upstream may take to say what a tag points at when the tag's last target
 /// may still be served (`serve_stale`): then that is answered (and the upstream's answer, if
 /// it comes later, is not waited for: the next request after `tag_ttl` asks again). Well
@@ -178,6 +191,24 @@ impl PullThrough {
         digest: &Digest,
         tag: Option<&Tag>,
     ) -> Result<Option<StoredManifest>, StoreError> {
+        self.mirrored_manifest_within(up, repo, path, digest, tag, None).await.map_err(|f| match f {
+            ManifestFailure::Upstream(e) => store_error(up.registry(), e),
+            ManifestFailure::Cluster(e) => e,
+        })
+    }
+
+    /// [`mirrored_manifest`](Self::mirrored_manifest), the upstream's answer awaited `within`
+    /// at most (an upstream that has not answered by then cannot), and its failures told apart
+    /// from the cluster's.
+    async fn mirrored_manifest_within(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        path: &str,
+        digest: &Digest,
+        tag: Option<&Tag>,
+        within: Option<Duration>,
+    ) -> Result<Option<StoredManifest>, ManifestFailure> {
         let stored = self.inner.manifest_get(repo, &Reference::Digest(digest.clone())).await?;
         // On a miss, after the request before this one with the same question (which may have
         // stored the answer meanwhile).
@@ -198,20 +229,24 @@ impl PullThrough {
         self.metrics.cache(up.registry(), false);
         let reference = digest.to_string();
         let reference = reference.as_str();
-        let fetched = match self
-            .call(up, repo, |c| async move { up.manifest(path, reference, c.as_ref()).await })
-            .await
-        {
+        let ask = self.call(up, repo, |c| async move { up.manifest(path, reference, c.as_ref()).await });
+        let answer = match within {
+            Some(within) => tokio::time::timeout(within, ask).await.unwrap_or_else(|_| {
+                Err(UpstreamError::Unavailable(format!("no answer within {} s", within.as_secs())))
+            }),
+            None => ask.await,
+        };
+        let fetched = match answer {
             Ok(m) => m,
             Err(UpstreamError::NotFound) => return Ok(None),
-            Err(e) => return Err(store_error(up.registry(), e)),
+            Err(e) => return Err(ManifestFailure::Upstream(e)),
         };
         if &fetched.digest != digest {
-            return Err(StoreError::Unavailable(format!(
+            return Err(ManifestFailure::Cluster(StoreError::Unavailable(format!(
                 "upstream {} sent manifest {} for {digest}",
                 up.registry(),
                 fetched.digest
-            )));
+            ))));
         }
         let parsed = parse_manifest(Some(&fetched.media_type), &fetched.bytes).map_err(|e| {
             StoreError::Unavailable(format!("upstream {} sent a bad manifest: {e}", up.registry()))
@@ -273,18 +308,23 @@ impl PullThrough {
             Ok(digest) => {
                 // The tag is written anew either way: its version's time records that its
                 // target was confirmed now.
-                let fetched = self.mirrored_manifest(up, repo, path, &digest, Some(tag)).await;
+                let within = may_serve_stale.then_some(STALE_ANSWER_AFTER);
+                let fetched = self.mirrored_manifest_within(up, repo, path, &digest, Some(tag), within).await;
+                let stale_now = tags::on_failure(confirmed, now_millis(), up.config().serve_stale)
+                    == tags::OnFailure::ServeStale;
                 match (fetched, known) {
-                    // The tag moved, but the new target cannot be had (the upstream's `HEAD`
-                    // answered, its `GET` is throttled or failing: Docker Hub's pull limit
-                    // counts only the `GET`): the last target, while it may be served.
-                    (
-                        Err(e @ (StoreError::Unavailable(_) | StoreError::Throttled { .. })),
-                        Some((old, at)),
-                    ) if may_serve_stale && old != digest => {
+                    (Ok(found), _) => Ok(found),
+                    // The tag moved, but the upstream will not send the new target (its `HEAD`
+                    // answered, its `GET` is throttled, failing or slow: Docker Hub's pull
+                    // limit counts only the `GET`): the last target, while it may be served.
+                    // The cluster's own failures are not the upstream's: they are answered.
+                    (Err(ManifestFailure::Upstream(e)), Some((old, at)))
+                        if cannot_ask(&e) && stale_now && old != digest =>
+                    {
                         self.serve_stale(up, repo, tag, e.to_string(), old, at).await
                     }
-                    (fetched, _) => fetched,
+                    (Err(ManifestFailure::Upstream(e)), _) => Err(store_error(up.registry(), e)),
+                    (Err(ManifestFailure::Cluster(e)), _) => Err(e),
                 }
             }
             Err(UpstreamError::NotFound) => Ok(None),
