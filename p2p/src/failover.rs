@@ -325,8 +325,14 @@ mod tests {
 
     /// A base URL nothing listens on.
     fn closed_port() -> String {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
+        // Bound but not listening, and kept for the test process's life: a connection is refused
+        // at once, and no other test's listener (tests run in parallel) can be given the port, as
+        // it could one bound and dropped.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(([127, 0, 0, 1], 0).into()).expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        std::mem::forget(socket);
+        format!("http://{addr}")
     }
 
     /// Origins none of which can be reached: the first request tries each, the next ones

@@ -19,8 +19,14 @@ use shoal_tracker::{router, TrackerConfig};
 
 /// A loopback address nothing listens on.
 fn closed_port() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    format!("http://{}", listener.local_addr().expect("addr"))
+    // Bound but not listening, and kept for the test process's life: a connection is refused
+    // at once, and no other test's listener (tests run in parallel) can be given the port, as
+    // it could one bound and dropped (a "dead" tracker then answered another test's announces).
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(([127, 0, 0, 1], 0).into()).expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    std::mem::forget(socket);
+    format!("http://{addr}")
 }
 
 /// A real tracker on an ephemeral loopback port; `old` makes it answer `/v1/announces` with
