@@ -269,6 +269,20 @@ async fn a_moved_tag_whose_new_manifest_is_throttled_serves_the_last_target() {
     assert_eq!(r.must_header("docker-content-digest"), first.digest, "the last target");
 }
 
+/// A fake upstream's 401 asking for Basic credentials.
+const BASIC_CHALLENGE: &[u8] =
+    b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"slow\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+/// Whether a request `head` carries `Authorization: <want>` (anything passes without `want`).
+fn authorized(head: &str, want: Option<&str>) -> bool {
+    let Some(want) = want else { return true };
+    head.lines().any(|h| {
+        h.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("authorization") && value.trim() == want
+        })
+    })
+}
+
 /// The whole head of the next request on `conn`; `None` if the connection ends first.
 async fn request_head(conn: &mut tokio::net::TcpStream) -> Option<String> {
     let mut head = Vec::new();
@@ -307,20 +321,9 @@ async fn slow_upstream_for(
             tokio::spawn(async move {
                 let Some(head) = request_head(&mut conn).await else { return };
                 let line = head.lines().next().unwrap_or_default();
-                if let Some(want) = &authorization {
-                    let sent = head.lines().any(|h| {
-                        h.split_once(':').is_some_and(|(name, value)| {
-                            name.trim().eq_ignore_ascii_case("authorization") && value.trim() == want
-                        })
-                    });
-                    if !sent {
-                        let _ = conn
-                            .write_all(
-                                b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"slow\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                            )
-                            .await;
-                        return;
-                    }
+                if !authorized(&head, authorization.as_deref()) {
+                    let _ = conn.write_all(BASIC_CHALLENGE).await;
+                    return;
                 }
                 let head_only = line.starts_with("HEAD ");
                 if !((line.starts_with("GET ") || head_only) && line.contains(&format!("/blobs/{digest} "))) {
@@ -371,20 +374,9 @@ async fn slow_upstream_image(
             tokio::spawn(async move {
                 let Some(head) = request_head(&mut conn).await else { return };
                 let line = head.lines().next().unwrap_or_default().to_string();
-                if let Some(want) = &authorization {
-                    let sent = head.lines().any(|h| {
-                        h.split_once(':').is_some_and(|(name, value)| {
-                            name.trim().eq_ignore_ascii_case("authorization") && value.trim() == want
-                        })
-                    });
-                    if !sent {
-                        let _ = conn
-                            .write_all(
-                                b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"slow\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                            )
-                            .await;
-                        return;
-                    }
+                if !authorized(&head, authorization.as_deref()) {
+                    let _ = conn.write_all(BASIC_CHALLENGE).await;
+                    return;
                 }
                 let mut words = line.split(' ');
                 let (method, path) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());

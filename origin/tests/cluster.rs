@@ -17,7 +17,7 @@ use shoal_origin::cluster::coordinator::{Coordinator, MAX_READ_REPAIRS};
 use shoal_origin::cluster::gc::{GcError, GcSettings, READ_TO_WRITE_DEADLINE};
 use shoal_origin::cluster::node::Node;
 use shoal_origin::cluster::record::{now_millis, Record, RecordKey, RecordKind, RecordValue, Version};
-use shoal_origin::cluster::repair::Repairer;
+use shoal_origin::cluster::repair::{RepairHandle, Repairer};
 use shoal_origin::cluster::store::ClusterStore;
 use shoal_registry::store::{NewManifest, Reference};
 use shoal_registry::{Algorithm, Digest, RegistryStore, RepoName, StoreError};

@@ -95,6 +95,17 @@ impl Switchable {
         Ok(())
     }
 
+    /// What a look at a blob (a stat or a peek) meets first: the switch, the gate, the delay.
+    async fn before_stat(&self) -> Result<(), NodeError> {
+        self.check()?;
+        self.pass(GateOn::BlobStat).await;
+        let delay = self.stat_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        Ok(())
+    }
+
     /// Wait at the gate if `call` is what it stops.
     async fn pass(&self, call: GateOn) {
         let (taken, held) = {
@@ -124,21 +135,11 @@ impl Node for Switchable {
         self.inner.id()
     }
     async fn blob_stat(&self, d: &Digest) -> Result<Option<u64>, NodeError> {
-        self.check()?;
-        self.pass(GateOn::BlobStat).await;
-        let delay = self.stat_delay_ms.load(Ordering::SeqCst);
-        if delay > 0 {
-            tokio::time::sleep(Duration::from_millis(delay)).await;
-        }
+        self.before_stat().await?;
         self.inner.blob_stat(d).await
     }
     async fn blob_peek(&self, d: &Digest) -> Result<Holding, NodeError> {
-        self.check()?;
-        self.pass(GateOn::BlobStat).await;
-        let delay = self.stat_delay_ms.load(Ordering::SeqCst);
-        if delay > 0 {
-            tokio::time::sleep(Duration::from_millis(delay)).await;
-        }
+        self.before_stat().await?;
         self.inner.blob_peek(d).await
     }
     async fn blob_get(&self, d: &Digest, r: Option<ByteRange>) -> Result<Option<ByteStream>, NodeError> {

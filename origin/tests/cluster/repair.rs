@@ -3,6 +3,31 @@
 
 use super::*;
 
+/// `n` full repair passes on every origin, one origin after another.
+async fn full_passes(handles: &[RepairHandle], n: usize) {
+    for _round in 0..n {
+        for handle in handles {
+            handle.run_now().await.unwrap();
+        }
+    }
+}
+
+/// Two full passes on every origin (an owner copies to the owner that missed it; the origin
+/// holding a surplus copy drops it once both owners confirm, which may take it a second
+/// pass) leave `d` on exactly its owners and every repair queue empty.
+async fn passes_bring_home(
+    world: &World,
+    cs: &[std::sync::Arc<Coordinator>],
+    handles: &[RepairHandle],
+    d: &Digest,
+) {
+    full_passes(handles, 2).await;
+    assert_eq!(holders(world, d).await, owners(&d.to_string()));
+    for c in cs {
+        assert_eq!(c.local.store().repair_len().await.unwrap(), 0, "{}: queue drained", c.me());
+    }
+}
+
 #[tokio::test]
 async fn a_dead_owner_is_skipped_queued_and_repaired_when_it_returns() {
     let (world, cs) = world().await;
@@ -36,17 +61,7 @@ async fn a_dead_owner_is_skipped_queued_and_repaired_when_it_returns() {
     switch(&world, "o2:5000", false);
     let handles: Vec<_> =
         cs.iter().map(|c| Repairer::start(c.clone(), 1 << 30, Duration::from_secs(3600))).collect();
-    // An owner copies to the owner that missed it; the origin holding the surplus copy drops
-    // it once both owners confirm, which may take it a second pass.
-    for _round in 0..2 {
-        for handle in &handles {
-            handle.run_now().await.unwrap();
-        }
-    }
-    assert_eq!(holders(&world, &d).await, owners(&d.to_string()));
-    for c in &cs {
-        assert_eq!(c.local.store().repair_len().await.unwrap(), 0, "{}: queue drained", c.me());
-    }
+    passes_bring_home(&world, &cs, &handles, &d).await;
     let got = ClusterStore::new(cs[2].clone()).blob_size(&repo, &d).await.unwrap();
     assert_eq!(got, Some(data.len() as u64));
 }
@@ -74,11 +89,7 @@ async fn a_nearly_full_owner_gets_no_repair_copy_and_gc_still_runs() {
     assert!(!holders(&world, &d).await.contains(FULL), "a write went to the full disk");
     let handles: Vec<_> =
         cs.iter().map(|c| Repairer::start(c.clone(), 1 << 30, Duration::from_secs(3600))).collect();
-    for _round in 0..2 {
-        for handle in &handles {
-            handle.run_now().await.unwrap();
-        }
-    }
+    full_passes(&handles, 2).await;
     assert!(!holders(&world, &d).await.contains(FULL), "repair copied to the full disk");
     let mut queued = 0;
     for c in &cs {
@@ -89,15 +100,7 @@ async fn a_nearly_full_owner_gets_no_repair_copy_and_gc_still_runs() {
     shoal_origin::cluster::gc::collect(&leading(&cs), quick_gc()).await.expect("gc runs");
 
     world.full.lock().unwrap().clear();
-    for _round in 0..2 {
-        for handle in &handles {
-            handle.run_now().await.unwrap();
-        }
-    }
-    assert_eq!(holders(&world, &d).await, owners(&d.to_string()));
-    for c in &cs {
-        assert_eq!(c.local.store().repair_len().await.unwrap(), 0, "{}: queue drained", c.me());
-    }
+    passes_bring_home(&world, &cs, &handles, &d).await;
 }
 
 /// Repair racing a write: a non-owner holds a repository's records (written while an owner was

@@ -27,6 +27,16 @@ async fn collect(stream: ByteStream) -> Vec<u8> {
     stream.map(|c| c.unwrap().to_vec()).concat().await
 }
 
+/// An origin's store in `dir`, as the tests against a real store use it.
+async fn real_store(dir: &std::path::Path) -> crate::store::OriginStore {
+    let config = crate::StoreConfig {
+        data_dir: dir.to_path_buf(),
+        upload_idle_timeout: Duration::from_secs(3600),
+        max_upload_sessions: 10,
+    };
+    crate::store::OriginStore::open(config).await.unwrap()
+}
+
 fn digest_of(data: &[u8]) -> Digest {
     Digest::of(Algorithm::Sha256, data)
 }
@@ -100,12 +110,7 @@ fn manifest(digest: &Digest, subject: Option<&Digest>, millis: u64) -> Record {
 #[tokio::test]
 async fn record_scans_page_over_the_wire() {
     let dir = tempfile::tempdir().unwrap();
-    let config = crate::StoreConfig {
-        data_dir: dir.path().to_path_buf(),
-        upload_idle_timeout: Duration::from_secs(3600),
-        max_upload_sessions: 10,
-    };
-    let store = crate::store::OriginStore::open(config).await.unwrap();
+    let store = real_store(dir.path()).await;
     let records: Vec<Record> =
         (0..10u8).map(|i| manifest(&Digest::of(Algorithm::Sha256, &[i]), None, u64::from(i) + 1)).collect();
     store.records_apply("team/app", &records).await.unwrap();
@@ -436,12 +441,7 @@ async fn a_writes_deadline_header_is_checked_and_capped() {
 #[tokio::test]
 async fn a_peek_leaves_a_quarantined_copy_set_aside() {
     let dir = tempfile::tempdir().unwrap();
-    let config = crate::StoreConfig {
-        data_dir: dir.path().to_path_buf(),
-        upload_idle_timeout: Duration::from_secs(3600),
-        max_upload_sessions: 10,
-    };
-    let store = crate::store::OriginStore::open(config).await.unwrap();
+    let store = real_store(dir.path()).await;
     let addr = serve(crate::cluster::local::LocalNode::new("a:1", store), None).await;
     let remote = client(addr, None, TIMEOUT);
     let data = b"set aside by garbage collection";
