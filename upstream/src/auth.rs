@@ -1,9 +1,12 @@
 //! Credentials and the challenges upstream registries answer with: parsing
 //! `WWW-Authenticate`, and the bearer tokens of Docker's token flow, kept per repository and
 //! credentials until shortly before they expire, so a burst of requests fetches one token.
+//! Requests that meet a `401` together share one fetch (a flight): a rollout's hundred pulls of
+//! a new image asked the token server a hundred times, and public token servers throttle.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -149,10 +152,33 @@ impl TokenAnswer {
 /// A token's key: (repository, credentials fingerprint; zeros for anonymous).
 type TokenKey = (String, [u8; 32]);
 
+/// One token fetch that requests waiting on the same key share, with its outcome.
+type Flight = Arc<tokio::sync::OnceCell<Result<HeaderValue, crate::UpstreamError>>>;
+
 /// Bearer tokens with the instant they stop being used.
 #[derive(Default)]
 pub struct Tokens {
     map: Mutex<HashMap<TokenKey, (HeaderValue, Instant)>>,
+    /// Fetches under way; an entry lives only while its fetch does (at most one per request
+    /// waiting, so bounded by the requests in progress).
+    flights: Mutex<HashMap<TokenKey, Flight>>,
+}
+
+/// Takes a flight out of the table when its request ends, answered or dropped: a later `401`
+/// asks again, and a flight whose every waiter went away leaves nothing behind.
+struct FlightEnd<'a> {
+    tokens: &'a Tokens,
+    key: TokenKey,
+    flight: Flight,
+}
+
+impl Drop for FlightEnd<'_> {
+    fn drop(&mut self) {
+        let mut flights = self.tokens.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if flights.get(&self.key).is_some_and(|f| Arc::ptr_eq(f, &self.flight)) {
+            flights.remove(&self.key);
+        }
+    }
 }
 
 impl Tokens {
@@ -173,6 +199,42 @@ impl Tokens {
 
     pub fn forget(&self, repo: &str, key: [u8; 32]) {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&(repo.to_string(), key));
+    }
+
+    /// A new token for `repo` and `key` after a request sent with `sent` (or none) met a
+    /// `401`: a token put since is used as it is; otherwise one `fetch` runs for every request
+    /// that asks meanwhile, and they all get its outcome (its error too: the token server
+    /// said it once). Waiting is bounded by the fetch's own timeouts; if the request running
+    /// the fetch is dropped, a waiter runs it.
+    pub async fn refresh<F, Fut>(
+        &self,
+        repo: &str,
+        key: [u8; 32],
+        sent: Option<&HeaderValue>,
+        fetch: F,
+    ) -> Result<HeaderValue, crate::UpstreamError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(HeaderValue, Duration), crate::UpstreamError>>,
+    {
+        if let Some(token) = self.get(repo, key).filter(|t| Some(t) != sent) {
+            return Ok(token);
+        }
+        let k = (repo.to_string(), key);
+        let flight = {
+            let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+            flights.entry(k.clone()).or_default().clone()
+        };
+        let end = FlightEnd { tokens: self, key: k, flight };
+        end.flight
+            .get_or_init(|| async {
+                self.forget(repo, key);
+                let (token, life) = fetch().await?;
+                self.put(repo, key, token.clone(), life);
+                Ok(token)
+            })
+            .await
+            .clone()
     }
 }
 
@@ -237,6 +299,30 @@ mod tests {
             c.fingerprint(),
             Credentials { username: "alice".into(), password: "x".into() }.fingerprint()
         );
+    }
+
+    #[tokio::test]
+    async fn a_refresh_uses_a_newer_token_and_survives_its_fetcher_being_dropped() {
+        let t = Tokens::default();
+        let old = HeaderValue::from_static("Bearer old");
+        let new = HeaderValue::from_static("Bearer new");
+        t.put("a", [0; 32], new.clone(), Duration::from_secs(60));
+        // Sent with the old token, a newer one is in: no fetch.
+        let got = t.refresh("a", [0; 32], Some(&old), || async { panic!("fetched") }).await;
+        assert_eq!(got.unwrap(), new);
+        // Sent with the newest token: it failed, so a fetch runs.
+        let fresh = HeaderValue::from_static("Bearer fresh");
+        let f = fresh.clone();
+        let got = t.refresh("a", [0; 32], Some(&new), || async move { Ok((f, Duration::from_secs(60))) });
+        assert_eq!(got.await.unwrap(), fresh);
+        // A fetcher dropped mid-fetch leaves no flight behind, and the next request fetches.
+        let hung = t.refresh("b", [0; 32], None, || std::future::pending());
+        assert!(tokio::time::timeout(Duration::from_millis(20), hung).await.is_err());
+        assert!(t.flights.lock().unwrap().is_empty());
+        let got = t.refresh("b", [0; 32], None, || async { Err(crate::UpstreamError::NotFound) });
+        assert!(matches!(got.await, Err(crate::UpstreamError::NotFound)));
+        assert!(t.flights.lock().unwrap().is_empty());
+        assert!(t.get("b", [0; 32]).is_none());
     }
 
     #[test]

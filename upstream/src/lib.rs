@@ -49,7 +49,7 @@ application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docke
 application/vnd.docker.distribution.manifest.v1+prettyjws, application/json;q=0.5";
 
 /// What went wrong at an upstream.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("not found at the upstream")]
     NotFound,
@@ -356,7 +356,8 @@ impl Upstream {
         let creds = self.credentials(client);
         let key = creds.map(Credentials::fingerprint).unwrap_or([0; 32]);
         self.check_throttle(&key)?;
-        let authorization = self.tokens.get(repo, key).or_else(|| {
+        let bearer = self.tokens.get(repo, key);
+        let authorization = bearer.clone().or_else(|| {
             creds
                 .filter(|_| self.basic.load(std::sync::atomic::Ordering::Relaxed))
                 .map(Credentials::to_authorization)
@@ -375,11 +376,8 @@ impl Upstream {
             .find_map(parse_challenge);
         let authorization = match challenge {
             Some(Challenge::Bearer { realm, service, scope }) => {
-                self.tokens.forget(repo, key);
-                let token =
-                    self.token(&realm, service.as_deref(), scope.as_deref(), repo, creds, &key).await?;
-                self.tokens.put(repo, key, token.0.clone(), token.1);
-                token.0
+                let fetch = || self.token(&realm, service.as_deref(), scope.as_deref(), repo, creds, &key);
+                self.tokens.refresh(repo, key, bearer.as_ref(), fetch).await?
             }
             Some(Challenge::Basic) => match creds {
                 Some(c) => {

@@ -59,6 +59,10 @@ async fn handle(State(fake): State<Arc<Fake>>, req: Request) -> Response {
             None => "anonymous".to_string(),
         };
         *fake.tokens.lock().unwrap().entry(user.clone()).or_default() += 1;
+        if req.uri().query().is_some_and(|q| q.contains("slowtoken")) {
+            // A token server slow enough that a burst's 401s all arrive while it answers.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         return axum::Json(serde_json::json!({"token": format!("tok-{user}"), "expires_in": 300}))
             .into_response();
     }
@@ -194,6 +198,34 @@ async fn the_token_flow_fetches_one_token_for_many_requests() {
     assert_eq!(fake.tokens.lock().unwrap().get("anonymous"), Some(&1));
     // One 401 to learn the realm, then 21 requests with the token.
     assert_eq!(fake.requests.load(Ordering::SeqCst), 22);
+}
+
+#[tokio::test]
+async fn a_burst_that_meets_401_together_fetches_one_token() {
+    let (fake, url) = fake().await;
+    let up = Arc::new(upstream(&url, ""));
+    let manifest_digest = Digest::of(Algorithm::Sha256, MANIFEST);
+    let pulls: Vec<_> = (0..20)
+        .map(|_| {
+            let up = up.clone();
+            tokio::spawn(async move { up.resolve_tag("slowtoken/app", "v1", None).await })
+        })
+        .collect();
+    for pull in pulls {
+        assert_eq!(pull.await.unwrap().unwrap(), manifest_digest);
+    }
+    assert_eq!(fake.tokens.lock().unwrap().get("anonymous"), Some(&1));
+    // With a client's credentials too: one fetch for their key.
+    let again: Vec<_> = (0..5)
+        .map(|_| {
+            let up = up.clone();
+            tokio::spawn(async move { up.resolve_tag("private/slowtoken", "v1", Some(&alice())).await })
+        })
+        .collect();
+    for pull in again {
+        assert_eq!(pull.await.unwrap().unwrap(), manifest_digest);
+    }
+    assert_eq!(fake.tokens.lock().unwrap().get("alice"), Some(&1));
 }
 
 #[tokio::test]
