@@ -402,6 +402,15 @@ impl Upstream {
         creds: Option<&Credentials>,
         key: &[u8; 32],
     ) -> Result<(HeaderValue, Duration), UpstreamError> {
+        if !realm_is_reachable_from(self.config.base(), realm) {
+            tracing::warn!(
+                registry = self.registry(), realm,
+                "the upstream's token realm is on this host or a link-local address (a cloud metadata service, say); not asked"
+            );
+            return Err(UpstreamError::Unauthorized(format!(
+                "the upstream's token realm {realm} is a local address the upstream is not on; not asked"
+            )));
+        }
         if !realm_may_have_credentials(self.config.base(), realm, creds.is_some()) {
             tracing::warn!(
                 registry = self.registry(), realm,
@@ -536,9 +545,67 @@ fn realm_may_have_credentials(base: &str, realm: &str, credentials: bool) -> boo
     !credentials || !https(base) || https(realm)
 }
 
+/// Whether a token `realm` may be asked by an origin for an upstream at `base`: a realm on
+/// this host (loopback, `localhost`) or on a link-local address (where clouds serve instance
+/// metadata and credentials) only if the upstream is there too. A challenge is the upstream's
+/// to write: a hostile one would otherwise make the origin fetch from its own host.
+/// Unparseable URLs are refused.
+fn realm_is_reachable_from(base: &str, realm: &str) -> bool {
+    fn local(url: &reqwest::Url) -> Option<bool> {
+        let host = url.host_str()?.trim_start_matches('[').trim_end_matches(']');
+        let v4 = |ip: std::net::Ipv4Addr| ip.is_loopback() || ip.is_link_local() || ip.is_unspecified();
+        Some(match host.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => v4(ip),
+            Ok(std::net::IpAddr::V6(ip)) => {
+                ip.is_loopback()
+                    || ip.is_unspecified()
+                    || ip.is_unicast_link_local()
+                    || ip.to_ipv4_mapped().is_some_and(v4)
+            }
+            Err(_) => {
+                let d = host.trim_end_matches('.').to_ascii_lowercase();
+                d == "localhost" || d.ends_with(".localhost")
+            }
+        })
+    }
+    let (Ok(base), Ok(realm)) = (reqwest::Url::parse(base), reqwest::Url::parse(realm)) else {
+        return false;
+    };
+    match (local(&base), local(&realm)) {
+        (_, Some(false)) => true,
+        (Some(true), Some(true)) => true,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_realm_on_a_local_address_is_asked_only_for_a_local_upstream() {
+        let public = "https://registry.example";
+        assert!(realm_is_reachable_from(public, "https://auth.example/token"));
+        assert!(realm_is_reachable_from(public, "http://10.0.0.7/token"), "a private network is fine");
+        for local in [
+            "http://169.254.169.254/latest/meta-data/",
+            "http://127.0.0.1:8080/token",
+            "http://127.9.9.9/token",
+            "http://localhost/token",
+            "http://LocalHost./token",
+            "http://metadata.localhost/token",
+            "http://[::1]/token",
+            "http://[fe80::1]/token",
+            "http://[::ffff:169.254.169.254]/token",
+            "http://0.0.0.0/token",
+            "not a url",
+            "file:///etc/passwd",
+        ] {
+            assert!(!realm_is_reachable_from(public, local), "{local}");
+        }
+        assert!(realm_is_reachable_from("http://127.0.0.1:5000", "http://127.0.0.1:5001/token"));
+        assert!(realm_is_reachable_from("http://localhost:5000", "http://[::1]:5001/token"));
+    }
 
     #[test]
     fn credentials_go_to_a_plain_http_realm_only_from_a_plain_http_upstream() {
