@@ -58,16 +58,19 @@ impl Forwarder {
         })
     }
 
-    /// The id and base URL of the live origin, other than this one, that holds the session
-    /// `path` names, if it names one.
-    fn home(&self, path: &str) -> Option<(String, String)> {
-        let id = upload_id(path)?;
-        let home = shoal_origin::upload_home(id)?;
-        if home == self.membership.me() || !self.membership.live().contains(&home) {
-            return None;
+    /// Where the session `path` names is held: here (or nowhere: not a session, or a home no
+    /// longer in the cluster, answered here with 404), at another live origin, or at a member
+    /// counted down.
+    fn home(&self, path: &str) -> Home {
+        let Some(home) = upload_id(path).and_then(shoal_origin::upload_home) else { return Home::Here };
+        if home == self.membership.me() {
+            return Home::Here;
         }
-        let url = self.membership.url(&home)?;
-        Some((home, url))
+        let Some(url) = self.membership.url(&home) else { return Home::Here };
+        if !self.membership.live().contains(&home) {
+            return Home::Down(home);
+        }
+        Home::At(home, url)
     }
 
     async fn forward(&self, home: &str, base: &str, req: Request) -> anyhow::Result<Response> {
@@ -106,7 +109,15 @@ pub async fn forward_uploads(State(f): State<Forwarder>, req: Request, next: Nex
     if req.headers().contains_key(&FORWARDED) {
         return next.run(req).await;
     }
-    let Some((home, base)) = f.home(req.uri().path()) else { return next.run(req).await };
+    let (home, base) = match f.home(req.uri().path()) {
+        Home::Here => return next.run(req).await,
+        // The session is on a member that is restarting or stalled, and will be there again
+        // (sessions outlive restarts): a 404 here told the client to start over.
+        Home::Down(home) => {
+            return unavailable(&format!("the origin holding this upload session ({home}) is down; retry"))
+        }
+        Home::At(home, base) => (home, base),
+    };
     if !sent_as_parsed(&base, req.uri()) {
         // Not an upload session's path once the URL parser has read it: served here (404).
         return next.run(req).await;
@@ -115,11 +126,23 @@ pub async fn forward_uploads(State(f): State<Forwarder>, req: Request, next: Nex
         Ok(response) => response,
         Err(e) => {
             tracing::warn!(home = %base, error = %e, "forwarding an upload request failed");
-            let body = serde_json::json!({"errors": [{"code": "UNKNOWN",
-                "message": format!("the origin holding this upload session is unreachable: {e:#}")}]});
-            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+            unavailable(&format!("the origin holding this upload session is unreachable: {e:#}"))
         }
     }
+}
+
+/// Where an upload session is held, as [`Forwarder::home`] finds it.
+enum Home {
+    Here,
+    At(String, String),
+    Down(String),
+}
+
+/// A 503 the client retries after a while (the home's health checks take seconds).
+fn unavailable(message: &str) -> Response {
+    let body = serde_json::json!({"errors": [{"code": "UNKNOWN", "message": message}]});
+    (StatusCode::SERVICE_UNAVAILABLE, [(axum::http::header::RETRY_AFTER, "5")], axum::Json(body))
+        .into_response()
 }
 
 /// Whether `uri`, sent to `base`, reaches the path the registry parsed: the URL parser folds

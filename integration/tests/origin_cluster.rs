@@ -816,6 +816,46 @@ async fn a_forwarded_upload_to_a_hung_home_fails_and_the_session_resumes() {
     }
 }
 
+/// A chunk sent through another origin while the session's home is down (restarting) gets
+/// 503 with `Retry-After` all along, never 404 `BLOB_UPLOAD_UNKNOWN` (which tells a client to
+/// give the upload up): once the others counted the home down, they served the request
+/// themselves and found no such session. Back up, the home finishes the same session.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunk_for_a_home_that_is_down_is_retried_not_refused() {
+    skip_if_external!(SKIP);
+    let mut cluster = OriginCluster::start_cluster(ClusterSpec::new(3)).await;
+    let repo = unique_repo("home-down");
+    let data = random_bytes(256 * KIB);
+    let digest = sha256(&data);
+    let absolute = cluster.client(0).start_upload(&repo).await;
+    let location = absolute.strip_prefix(&cluster.url(0)).unwrap_or(&absolute).to_string();
+    cluster.client(1).patch_chunk(&location, 0, &data[..100 * KIB]).await.expect(StatusCode::ACCEPTED);
+    cluster.kill(0);
+    // Health checks every 200 ms, two fails: counted down within a second; ask for three.
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut answers = 0;
+    while Instant::now() < until {
+        let reply = cluster.client(1).patch_chunk(&location, 100 * KIB, &data[100 * KIB..]).await;
+        reply.expect(StatusCode::SERVICE_UNAVAILABLE);
+        reply.must_header("retry-after");
+        answers += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answers > 5, "{answers} answers");
+    cluster.start(0).await;
+    cluster.wait_converged().await;
+    cluster
+        .client(1)
+        .patch_chunk(&location, 100 * KIB, &data[100 * KIB..])
+        .await
+        .expect(StatusCode::ACCEPTED);
+    cluster.client(2).finish_upload(&location, &digest, &[]).await.expect(StatusCode::CREATED);
+    for origin in [0, 1, 2] {
+        let result = try_pull_blob(&cluster.client(origin), &repo, &digest).await;
+        cluster.check(result, &format!("blob through origin {origin}"));
+    }
+}
+
 /// SIGTERM in the middle of a push (a rollout while CI pushes): the origin drains, the upload
 /// in flight either completes (201, and then the blob is whole everywhere) or fails cleanly,
 /// and after the restart no trace of a partial blob is visible: HEAD and GET answer 404 on
