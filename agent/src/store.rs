@@ -275,6 +275,10 @@ impl RegistryStore for AgentStore {
         Err(read_only())
     }
 
+    async fn upload_rewind(&self, _: &RepoName, _: &str, _: u64) -> Result<UploadState, StoreError> {
+        Err(read_only())
+    }
+
     async fn upload_complete(&self, _: &RepoName, _: &str, _: &Digest) -> Result<u64, StoreError> {
         Err(read_only())
     }

@@ -377,24 +377,31 @@ pub async fn append(
         Some(err) => {
             // All or nothing: cut the file back to where this chunk began.
             let (offset, hasher) = before;
-            let path = session.path.clone();
-            let truncated = tokio::task::spawn_blocking(move || {
-                OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(offset))
-            })
-            .await
-            .map_err(|e| StoreError::Internal(format!("truncate: {e}")))?;
-            if let Err(e) = truncated {
-                // The file no longer matches any known offset: force a rehash at commit.
-                tracing::error!(error = %e, "could not roll back a failed upload chunk");
-                session.offset = tokio::fs::metadata(&session.path).await.map(|m| m.len()).unwrap_or(offset);
-                session.hasher = None;
-            } else {
-                session.offset = offset;
-                session.hasher = hasher;
-            }
+            cut_back(session, offset, hasher).await?;
             Err(err)
         }
     }
+}
+
+/// Cut a session's file back to `offset` bytes, whose hash state is `hasher` (`None`: hashed
+/// again at commit). If the file cannot be cut, the session takes the file's length as it is
+/// and hashes it again at commit.
+pub async fn cut_back(session: &mut Session, offset: u64, hasher: Option<Hasher>) -> Result<(), StoreError> {
+    let path = session.path.clone();
+    let truncated = tokio::task::spawn_blocking(move || {
+        OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(offset))
+    })
+    .await
+    .map_err(|e| StoreError::Internal(format!("truncate: {e}")))?;
+    if let Err(e) = truncated {
+        tracing::error!(error = %e, "could not cut an upload session back");
+        session.offset = tokio::fs::metadata(&session.path).await.map(|m| m.len()).unwrap_or(offset);
+        session.hasher = None;
+    } else {
+        session.offset = offset;
+        session.hasher = hasher;
+    }
+    Ok(())
 }
 
 /// Digest of a session's content, from the running hash when possible, else by rereading.

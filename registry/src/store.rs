@@ -138,6 +138,11 @@ pub trait RegistryStore: Send + Sync + 'static {
     /// digest mismatch the session is discarded and nothing is stored.
     async fn upload_complete(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError>;
 
+    /// Cut session `id` back to its first `offset` bytes (no-op if it holds no more): a final
+    /// `PUT`'s body, appended before its commit failed with the session still open, so the
+    /// client can send the same `PUT` again.
+    async fn upload_rewind(&self, repo: &RepoName, id: &str, offset: u64) -> Result<UploadState, StoreError>;
+
     /// Abandon a session and its data.
     async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError>;
 

@@ -387,6 +387,10 @@ impl RegistryStore for ClusterStore {
         .await
     }
 
+    async fn upload_rewind(&self, repo: &RepoName, id: &str, offset: u64) -> Result<UploadState, StoreError> {
+        self.c().local.store().upload_rewind(repo, id, offset).await
+    }
+
     async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {
         self.c().local.store().upload_cancel(repo, id).await
     }

@@ -456,6 +456,10 @@ impl RegistryStore for PullThrough {
         self.inner.upload_complete(repo, id, digest).await
     }
 
+    async fn upload_rewind(&self, repo: &RepoName, id: &str, offset: u64) -> Result<UploadState, StoreError> {
+        self.inner.upload_rewind(repo, id, offset).await
+    }
+
     async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {
         self.inner.upload_cancel(repo, id).await
     }

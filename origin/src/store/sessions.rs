@@ -161,6 +161,23 @@ impl OriginStore {
         self.inner.sessions.linked(id)
     }
 
+    /// Cut session `id` back to `offset` bytes if it holds more (see
+    /// `RegistryStore::upload_rewind`).
+    pub async fn upload_rewind(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        offset: u64,
+    ) -> Result<UploadState, StoreError> {
+        let session = self.session(repo, id)?;
+        let mut session = live(session.lock().await)?;
+        if offset < session.offset {
+            // The running hash covers the cut bytes: the commit hashes the file again.
+            uploads::cut_back(&mut session, offset, None).await?;
+        }
+        Ok(UploadState { id: id.to_string(), offset: session.offset })
+    }
+
     pub async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {
         let session = self.session(repo, id)?;
         let mut session = live(session.lock().await)?;

@@ -60,6 +60,64 @@ async fn a_commit_on_a_full_disk_can_be_retried_once_space_is_back() {
     assert_eq!(store.blob_size(&digest).await.unwrap(), Some(size));
 }
 
+/// A final `PUT` carrying the last bytes whose commit meets a full disk (507) can be sent
+/// again as it was once space is back: its body is cut off the session when the commit
+/// fails. Before, the retry appended the body a second time, the digest no longer matched,
+/// and the session was discarded (400 `DIGEST_INVALID`, then 404 for every retry).
+#[tokio::test]
+async fn a_final_put_with_a_body_can_be_sent_again_after_a_full_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_tmpfs) = Tmpfs::mount(dir.path(), 16) else { return };
+    let store = open(dir.path()).await;
+    let api = shoal_registry::api::router(
+        std::sync::Arc::new(crate::cluster::store::ClusterStore::single(store.clone(), "o:1").unwrap()),
+        shoal_registry::api::ApiConfig::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, api).await });
+    let http = reqwest::Client::new();
+    // The first PATCH ends inside a page, so the PUT's few bytes need no new one on the
+    // full disk: the append succeeds and the commit (the metadata file) fails.
+    let data: Vec<u8> = (0..(256u32 << 10) - 50).map(|i| (i % 251) as u8).collect();
+    let (head, tail) = data.split_at(data.len() - 50);
+    let digest = Digest::of(Algorithm::Sha256, &data);
+    let started = http.post(format!("{base}/v2/team/app/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(started.status(), 202);
+    let location = format!("{base}{}", started.headers()["location"].to_str().unwrap());
+    let patch = http
+        .patch(&location)
+        .header("content-range", format!("0-{}", head.len() - 1))
+        .body(head.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patch.status(), 202);
+    let filler = dir.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 4 << 10];
+        while f.write_all(&chunk).is_ok() {}
+    }
+    for i in 0u32..400 {
+        let d = Digest::of(Algorithm::Sha256, &i.to_le_bytes());
+        let meta = &store.inner.meta;
+        if meta.commit_blob(&d, 10, None).and_then(|_| meta.put_metainfo(&d, &vec![7u8; 32 << 10])).is_err() {
+            break;
+        }
+    }
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let put = || http.put(format!("{location}{sep}digest={digest}")).body(tail.to_vec()).send();
+    let failed = put().await.unwrap();
+    assert_eq!(failed.status(), 507, "{:?}", failed.text().await);
+    std::fs::remove_file(&filler).unwrap();
+    let retried = put().await.unwrap();
+    assert_eq!(retried.status(), 201, "{:?}", retried.text().await);
+    let got = http.get(format!("{base}/v2/team/app/blobs/{digest}")).send().await.unwrap();
+    assert_eq!(got.bytes().await.unwrap().as_ref(), data.as_slice());
+}
+
 /// A copy from another origin whose request is dropped halfway (the sender gave up) still
 /// ends, and removes its scratch file, when its body does. Before, the scratch file stayed
 /// until the next start.

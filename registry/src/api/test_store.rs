@@ -53,6 +53,9 @@ impl RegistryStore for Empty {
     async fn upload_complete(&self, _: &RepoName, _: &str, _: &Digest) -> Result<u64, StoreError> {
         Err(StoreError::UploadUnknown)
     }
+    async fn upload_rewind(&self, _: &RepoName, _: &str, _: u64) -> Result<UploadState, StoreError> {
+        Err(StoreError::UploadUnknown)
+    }
     async fn upload_cancel(&self, _: &RepoName, _: &str) -> Result<(), StoreError> {
         Err(StoreError::UploadUnknown)
     }

@@ -171,17 +171,32 @@ pub(super) async fn finish(ctx: &mut Ctx, name: &RepoName, id: &str) -> ApiResul
     let digest = digest_param(ctx)?
         .ok_or_else(|| ApiError::new(ErrorCode::DigestInvalid, "the digest query parameter is required"))?;
     let bounds = checked_bounds(ctx, name, id).await?;
-    // The final chunk may ride on the PUT; an empty body appends nothing.
-    let appended = if bounds.1 != Some(0) { append(ctx, name, id, bounds).await.map(|_| ()) } else { Ok(()) };
-    match appended {
-        Ok(()) => {}
-        // No open session: a retry of a `PUT` whose session was published already (its
-        // answer lost, or a 503 from what followed) is the store's to recognise, by its
-        // digest; its body was appended the first time. Any other session is unknown there.
-        Err(e) if e.code == ErrorCode::BlobUploadUnknown => {}
-        Err(e) => return Err(e),
+    // The final chunk may ride on the PUT; an empty body appends nothing. Where the session
+    // stood before it is kept: if the commit fails with the session still open (a full
+    // disk), the body is cut off again, so the client's retry of the same `PUT` does not
+    // append it twice (a digest mismatch that ended the session).
+    let mut before = None;
+    if bounds.1 != Some(0) {
+        let start = match bounds.0 {
+            Some(start) => Some(start),
+            None => ctx.store.upload_status(name, id).await.ok().map(|s| s.offset),
+        };
+        match append(ctx, name, id, bounds).await {
+            Ok(_) => before = start,
+            // No open session: a retry of a `PUT` whose session was published already (its
+            // answer lost, or a 503 from what followed) is the store's to recognise, by its
+            // digest; its body was appended the first time. Any other session is unknown there.
+            Err(e) if e.code == ErrorCode::BlobUploadUnknown => {}
+            Err(e) => return Err(e),
+        }
     }
-    ctx.store.upload_complete(name, id, &digest).await?;
+    if let Err(e) = ctx.store.upload_complete(name, id, &digest).await {
+        if let Some(offset) = before {
+            // Nothing to cut if the session ended (published, discarded): unknown, ignored.
+            let _ = ctx.store.upload_rewind(name, id, offset).await;
+        }
+        return Err(e.into());
+    }
     Ok(created_response(name, &digest))
 }
 
