@@ -358,6 +358,10 @@ impl<R: Rng + Clone> SwarmState<R> {
     /// duplicate, not ourselves, not posing as the HTTP fallback, a bitfield of the right
     /// length). A peer naming itself [`ORIGIN_PEER`] would be asked for the fallback's pieces
     /// and a bad one from it would end the download, or replace the fallback's bitfield.
+    ///
+    /// A refused address stops being a candidate (as one that could not be reached does)
+    /// until a handout names it again: kept, it was dialled again on every tick, and a
+    /// handful of such addresses listed as seeders took every connection from honest peers.
     pub fn connected(&mut self, peer: PeerId, addr: SocketAddr, bitfield: Bitfield, now: Instant) -> bool {
         self.connecting.remove(&addr);
         if self.blacklist.is_banned(&addr, now)
@@ -365,12 +369,14 @@ impl<R: Rng + Clone> SwarmState<R> {
             || peer == self.me
             || peer == ORIGIN_PEER
         {
+            self.candidates.retain(|c| c.addr != addr);
             return false;
         }
         // A new peer holding pieces we lack shows the swarm is alive, as a `have` does: our
         // request to it may wait for the peer's send slot before any byte comes.
         let news = bitfield.iter_set().any(|i| !self.picker.have().get(i));
         if self.picker.add_peer(peer, bitfield).is_err() {
+            self.candidates.retain(|c| c.addr != addr);
             return false;
         }
         if news {

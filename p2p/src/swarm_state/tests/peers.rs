@@ -248,6 +248,33 @@ fn a_retiring_peer_keeps_the_piece_on_the_wire_and_gives_back_its_queue() {
     assert!(stored.contains(&Action::Disconnect(peer(2))), "{stored:?}");
 }
 
+/// Addresses whose handshake is refused (one posing as the fallback, one answering with our
+/// own id, one with a connected peer's) are not dialled again on the next ticks, so they
+/// cannot keep honest candidates from the connection budget.
+#[test]
+fn a_refused_handshake_drops_its_candidate() {
+    let t0 = Instant::now();
+    let cfg = SchedulerConfig { max_connections: 3, ..SchedulerConfig::default() };
+    let mut s = state(4, cfg, t0);
+    let seeder = |n| PeerInfo { complete: true, ..info(n, false) };
+    let handout = vec![info(1, false), info(5, false), seeder(2), seeder(3), seeder(4)];
+    let connects = s.announced(Some(handout), Duration::from_secs(5), t0);
+    let dialled = |actions: &[Action]| -> Vec<SocketAddr> {
+        actions.iter().filter_map(|a| if let Action::Connect(to) = a { Some(*to) } else { None }).collect()
+    };
+    assert_eq!(dialled(&connects), vec![addr(2), addr(3), addr(4)], "seeders first");
+    assert!(!s.connected(ORIGIN_PEER, addr(2), Bitfield::full(4), t0), "posing as the fallback");
+    assert!(!s.connected(peer(0), addr(3), Bitfield::full(4), t0), "our own id");
+    assert!(s.connected(peer(7), addr(4), Bitfield::full(4), t0));
+    let next = s.tick(t0 + Duration::from_millis(200), &[]).unwrap();
+    assert_eq!(dialled(&next), vec![addr(1), addr(5)], "the honest candidates get the budget");
+    assert!(!s.connected(peer(7), addr(1), Bitfield::full(4), t0), "a connected peer's id");
+    for i in 2..=10 {
+        let later = s.tick(t0 + Duration::from_millis(200 * i), &[]).unwrap();
+        assert!(dialled(&later).is_empty(), "re-dialled: {later:?}");
+    }
+}
+
 #[test]
 fn a_peer_posing_as_the_http_fallback_is_refused() {
     let t0 = Instant::now();
