@@ -23,6 +23,11 @@ use crate::wire::{Message, PeerCodec, WireError, DEFAULT_MAX_FRAME, LEN_PREFIX, 
 /// does not, so a connection cannot make a node buffer that much before it says who it is.
 pub const MAX_HANDSHAKE_FRAME: usize = 64 * 1024 + 256;
 
+/// Largest frame other than a piece read once pieces may come: a `have`, a `cancel`, an
+/// `error` with its longest message. Without it, any type of frame could be as long as a
+/// whole piece (4 MiB) and the codec reserved room for it, on each of a node's connections.
+pub const MAX_CONTROL_FRAME: usize = 64 + crate::wire::MAX_ERROR_MESSAGE;
+
 /// Bytes of a piece frame before its data: length prefix, type and index.
 const PIECE_HEAD: usize = LEN_PREFIX + 1 + 4;
 
@@ -146,6 +151,13 @@ impl InboundCodec {
             if let Some(len) = frame_len(src) {
                 if len > self.codec.max_frame {
                     return Err(WireError::FrameTooLarge { len, max: self.codec.max_frame });
+                }
+                if len > MAX_CONTROL_FRAME && self.codec.max_frame > MAX_HANDSHAKE_FRAME {
+                    match src.get(LEN_PREFIX) {
+                        None => return Ok(None),
+                        Some(&TYPE_PIECE) => {}
+                        Some(_) => return Err(WireError::FrameTooLarge { len, max: MAX_CONTROL_FRAME }),
+                    }
                 }
                 // A keep-alive has no type byte; a piece frame too short for its index is
                 // left to the codec, which reports it as truncated.
@@ -296,6 +308,30 @@ mod tests {
 
     fn piece(index: u32, len: usize) -> Message {
         Message::Piece { index, data: Bytes::from(vec![7u8; len]) }
+    }
+
+    /// Once pieces may come, a frame of another type as long as a piece is refused before
+    /// anything is buffered for it; a piece, an error with its longest message and a second
+    /// small handshake still pass.
+    #[test]
+    fn only_pieces_may_be_long_once_they_may_come() {
+        let mut codec = InboundCodec::new();
+        codec.allow_pieces();
+        let mut buf = BytesMut::new();
+        buf.put_u32(4 << 20);
+        assert!(codec.decode(&mut buf).unwrap().is_none(), "waits for the type byte");
+        buf.put_u8(1);
+        assert!(matches!(codec.decode(&mut buf), Err(WireError::FrameTooLarge { .. })));
+        assert!(buf.capacity() < 64 * 1024, "{} bytes reserved", buf.capacity());
+
+        let mut codec = InboundCodec::new();
+        codec.allow_pieces();
+        codec.expect(3, 1 << 20);
+        let long_error = Message::Error { code: 1, message: "x".repeat(crate::wire::MAX_ERROR_MESSAGE) };
+        let (out, _) =
+            feed(&mut codec, &[frame(long_error.clone()), frame(piece(3, 1 << 20))].concat(), 4096);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0], long_error);
     }
 
     /// Feed `bytes` in `step`-sized parts, as a socket would, collecting the messages and the
