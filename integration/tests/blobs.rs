@@ -97,6 +97,27 @@ async fn blob_unsatisfiable_range_returns_416() {
     }
 }
 
+/// RFC 9110 (14.2): `Range` is defined for GET only, so a HEAD ignores it: 200 with the
+/// blob's whole size, even for a range past the end. A client probing a blob's size with
+/// HEAD while reusing its range header read a size of 1, or an error for a blob that exists.
+#[tokio::test]
+async fn a_head_ignores_range() {
+    if shoal_integration::external_registry().is_some() {
+        return; // Go's file server answers ranges to HEAD too.
+    }
+    let origin = Origin::start().await;
+    let client = origin.client();
+    let repo = unique_repo("blobs");
+    let data = random_bytes(1000);
+    let digest = client.push_blob(&repo, &data).await;
+    for range in ["bytes=0-0", "bytes=5000-"] {
+        let reply = client.head(&format!("/v2/{repo}/blobs/{digest}")).header("range", range).reply().await;
+        reply.expect(StatusCode::OK);
+        assert_eq!(reply.must_header("content-length"), "1000", "{range}");
+        assert!(reply.header("content-range").is_none(), "{range}");
+    }
+}
+
 /// Deleting blobs: DELETE is 202; afterwards GET is 404 BLOB_UNKNOWN.
 #[tokio::test]
 async fn blob_delete_returns_202_then_404() {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::{Action, Fatal, SwarmState, ORIGIN_PEER};
 use crate::bitfield::Bitfield;
+use crate::flow;
 
 /// Consecutive rounds of failed fallback fetches, with no peer connected, that fail the
 /// download.
@@ -34,12 +35,17 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
     /// Brings in the HTTP fallback after `fallback_after` with requests outstanding and
     /// neither bytes for us nor a sign that the swarm is alive, after [`FALLBACK_PATIENCE`]
     /// without bytes whatever the swarm shows (with nothing to ask for, too: our peers have
-    /// nothing yet), or at once without peers.
+    /// nothing yet), at once without peers, or after [`flow::MAX_PIECE_WAIT`] with requests
+    /// out and no piece stored, whatever bytes arrive: a peer claiming every piece and
+    /// sending each one's last bytes a few at a time, reconnecting before its connection was
+    /// judged starved, kept the fallback out and the download waiting for ever.
     pub(super) fn consider_fallback(&mut self, now: Instant, waiting: bool) -> Result<(), Fatal> {
         let idle = now.duration_since(self.last_progress);
         let quiet = now.duration_since(self.last_progress.max(self.last_sign_of_life));
         let no_peers = self.announced_once && self.peers.is_empty() && self.connecting.is_empty();
-        let stalled = (waiting && quiet >= self.cfg.fallback_after) || idle >= FALLBACK_PATIENCE;
+        let stalled = (waiting && quiet >= self.cfg.fallback_after)
+            || idle >= FALLBACK_PATIENCE
+            || self.starved(now, waiting);
         if !self.fallback_active && (stalled || no_peers) {
             let full = Bitfield::full(self.picker.piece_count());
             if self.picker.add_peer(ORIGIN_PEER, full).is_ok() {
@@ -50,6 +56,11 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
             return Err(Fatal::Stalled(self.cfg.stall_timeout, self.describe()));
         }
         Ok(())
+    }
+
+    /// Requests out and no piece stored for [`flow::MAX_PIECE_WAIT`].
+    fn starved(&self, now: Instant, waiting: bool) -> bool {
+        waiting && now.duration_since(self.last_stored) >= flow::MAX_PIECE_WAIT
     }
 
     /// Whether the HTTP fallback has been brought in.
@@ -69,7 +80,8 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
         if !self.fallback_active || self.fallback_retry_at.is_some_and(|at| now < at) {
             return Vec::new();
         }
-        let stalled = now.duration_since(self.last_progress) >= self.cfg.fallback_after;
+        let stalled = now.duration_since(self.last_progress) >= self.cfg.fallback_after
+            || self.starved(now, self.in_flight_bytes() > 0);
         let picked = if others_connected && !stalled {
             self.picker.pick_where(&ORIGIN_PEER, now, self.cfg.fallback_parallel, |index, availability| {
                 availability <= origins && !self.declined.contains_key(&index)

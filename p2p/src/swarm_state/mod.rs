@@ -226,6 +226,10 @@ pub struct SwarmState<R = StdRng> {
     announced_once: bool,
     announces: u32,
     last_progress: Instant,
+    /// When a piece was last verified and stored, from anyone: bytes of pieces are progress,
+    /// but a peer sending a piece's last bytes a few at a time (and reconnecting before its
+    /// own connection is judged) would be progress for ever (see `consider_fallback`).
+    last_stored: Instant,
     /// When the swarm last showed it is alive without delivering to us: a peer announced a
     /// piece we lack (or connected holding one), or an origin declined a request because an
     /// agent holds the piece.
@@ -294,6 +298,7 @@ impl<R: Rng + Clone> SwarmState<R> {
             announced_once: false,
             announces: 0,
             last_progress: now,
+            last_stored: now,
             last_sign_of_life: now,
             node_room: usize::MAX,
             node_rate: None,
@@ -457,6 +462,7 @@ impl<R: Rng + Clone> SwarmState<R> {
         match outcome {
             Stored::Ok => {
                 self.last_progress = now;
+                self.last_stored = now;
                 for other in self.picker.received(&from, index) {
                     if self.peers.contains_key(&other) {
                         actions.push(Action::Cancel { peer: other, index });

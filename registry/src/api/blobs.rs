@@ -16,7 +16,8 @@ pub(super) async fn get(ctx: &mut Ctx, name: &RepoName, digest: &Digest) -> ApiR
         .blob_size(name, digest)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::BlobUnknown, "blob unknown to registry"))?;
-    let range = match ctx.header(header::RANGE) {
+    // RFC 9110 defines `Range` for GET only: a HEAD answers for the whole blob.
+    let range = match ctx.header(header::RANGE).filter(|_| ctx.method == Method::GET) {
         None => RangeRequest::Full,
         Some(r) => parse_range(r, size),
     };

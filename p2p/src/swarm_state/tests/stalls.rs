@@ -307,3 +307,44 @@ fn a_peer_that_sends_only_keep_alives_loses_its_requests_after_the_longest_piece
     asked.sort_unstable();
     assert_eq!(withdrawn, asked, "keep-alives alone held the requests past {:?}", flow::MAX_PIECE_WAIT);
 }
+
+/// A peer that claims every piece, sends each requested piece's bytes a few at a time (so
+/// its connection never stalls) and reconnects before its requests are judged starved,
+/// does not hold the download for ever: once no piece was stored for the longest piece
+/// wait with requests out, the HTTP fallback comes in and fetches what is missing. Before,
+/// the trickle was progress and the download waited on it without end.
+#[test]
+fn a_peer_trickling_bytes_and_reconnecting_does_not_keep_the_fallback_out() {
+    let t0 = Instant::now();
+    let cfg = SchedulerConfig { stall_timeout: Duration::from_secs(600), ..SchedulerConfig::default() };
+    let mut s = state(64, cfg, t0);
+    s.announced(Some(vec![info(1, false)]), Duration::from_secs(5), t0);
+    assert!(s.connected(peer(1), addr(1), Bitfield::full(64), t0));
+    assert!(!requests(&s.fill(t0, None, 0)).is_empty());
+    let (mut t, mut bytes, mut fetched) = (t0, 0u64, Vec::new());
+    for n in 1..=(3 * flow::MAX_PIECE_WAIT.as_millis() / 200) {
+        t += Duration::from_millis(200);
+        bytes += 20;
+        let actions = s.tick(t, &[(peer(1), ConnBytes { all: bytes, pieces: bytes })]).unwrap();
+        assert!(!actions.contains(&Action::Disconnect(peer(1))) || s.fallback_active());
+        if n % 250 == 0 {
+            // Every 50 s, before the peer's own minute is up: a new connection.
+            s.closed(&peer(1));
+            bytes = 0;
+            if !s.connected(peer(1), addr(1), Bitfield::full(64), t) {
+                break;
+            }
+        }
+        for a in s.fill(t, None, 0) {
+            if let Action::Fetch { index } = a {
+                fetched.push(index);
+            }
+        }
+        if !fetched.is_empty() {
+            break;
+        }
+    }
+    assert!(s.fallback_active(), "the fallback never came in");
+    assert!(!fetched.is_empty(), "the fallback fetched nothing");
+    assert!(t - t0 <= flow::MAX_PIECE_WAIT + Duration::from_secs(1), "came in after {:?}", t - t0);
+}
