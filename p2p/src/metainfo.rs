@@ -188,6 +188,19 @@ impl Metainfo {
         &self.chain
     }
 
+    /// What tells this metainfo from another of the same blob (its cut and its chaining
+    /// values): a node's kept bans are this metainfo's, since a wrong one fails honest
+    /// peers' pieces.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update(self.digest.to_string().as_bytes());
+        h.update(self.size.to_be_bytes());
+        h.update(self.piece_length.to_be_bytes());
+        h.update(&self.chain);
+        h.finalize().into()
+    }
+
     /// Whether `other` checks pieces `first..=last` exactly as this one does: same blob, same
     /// cut, and the same states around those pieces.
     pub fn checks_alike(&self, other: &Metainfo, first: u32, last: u32) -> bool {

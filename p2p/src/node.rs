@@ -17,6 +17,7 @@ use shoal_registry::Digest;
 use crate::blacklist::Blacklist;
 use crate::flow::RateMeter;
 use crate::incast::SenderCap;
+use crate::metainfo::Metainfo;
 
 /// Default outbound peer connections per node, across all its downloads.
 pub const DEFAULT_MAX_OUTBOUND_CONNECTIONS: usize = 128;
@@ -58,8 +59,9 @@ struct Inner {
     /// Each download's bytes in flight and peers sending to it.
     in_flight: HashMap<u64, (u64, usize)>,
     senders: SenderCap,
-    /// Each blob's blacklist while no download of it runs, and when it was put back.
-    blacklists: HashMap<Digest, (Instant, Blacklist)>,
+    /// Each blob's blacklist while no download of it runs, when it was put back, and the
+    /// fingerprint of the metainfo its download checked pieces with.
+    blacklists: HashMap<Digest, (Instant, [u8; 32], Blacklist)>,
 }
 
 impl Inner {
@@ -118,23 +120,34 @@ impl NodeFlow {
         DownloadSlot { node: self.clone(), id }
     }
 
-    /// The blacklist of `digest`'s peers kept from its earlier downloads, for a download that
-    /// starts at `now` (it owns the list until it gives it back with [`NodeFlow::keep_blacklist`]).
-    pub fn blacklist_for(&self, digest: &Digest, now: Instant) -> Option<Blacklist> {
-        let (_, mut list) = self.lock().blacklists.remove(digest)?;
+    /// The blacklist of a blob's peers kept from its earlier downloads, for a download of
+    /// `meta` that starts at `now` (it owns the list until it gives it back with
+    /// [`NodeFlow::keep_blacklist`]). Only a list kept under the same metainfo: a download
+    /// that checked pieces with a wrong one (a tracker's that disagreed with the origin's)
+    /// banned every honest peer that sent one, and its retry with the origin's metainfo
+    /// refused them all for the ban's five minutes.
+    pub fn blacklist_for(&self, meta: &Metainfo, now: Instant) -> Option<Blacklist> {
+        let (_, fingerprint, mut list) = self.lock().blacklists.remove(meta.digest())?;
+        if fingerprint != meta.fingerprint() {
+            return None;
+        }
         list.prune(now);
         (!list.is_empty()).then_some(list)
     }
 
-    /// A download of `digest` ended: keep its blacklist for the next one, merged with any
-    /// another download of the blob gave back meanwhile.
-    pub fn keep_blacklist(&self, digest: &Digest, mut list: Blacklist, now: Instant) {
+    /// A download of `meta`'s blob ended: keep its blacklist for the next one, merged with any
+    /// another download of the blob under the same metainfo gave back meanwhile.
+    pub fn keep_blacklist(&self, meta: &Metainfo, mut list: Blacklist, now: Instant) {
+        let fingerprint = meta.fingerprint();
+        let digest = meta.digest();
         let mut inner = self.lock();
-        if let Some((_, kept)) = inner.blacklists.remove(digest) {
-            list.merge(kept);
+        if let Some((_, kept_under, kept)) = inner.blacklists.remove(digest) {
+            if kept_under == fingerprint {
+                list.merge(kept);
+            }
         }
         list.prune(now);
-        inner.blacklists.retain(|_, (_, l)| {
+        inner.blacklists.retain(|_, (_, _, l)| {
             l.prune(now);
             !l.is_empty()
         });
@@ -142,12 +155,12 @@ impl NodeFlow {
             return;
         }
         if inner.blacklists.len() >= MAX_KEPT_BLACKLISTS {
-            let oldest = inner.blacklists.iter().min_by_key(|(_, (at, _))| *at).map(|(d, _)| d.clone());
+            let oldest = inner.blacklists.iter().min_by_key(|(_, (at, _, _))| *at).map(|(d, _)| d.clone());
             if let Some(oldest) = oldest {
                 inner.blacklists.remove(&oldest);
             }
         }
-        inner.blacklists.insert(digest.clone(), (now, list));
+        inner.blacklists.insert(digest.clone(), (now, fingerprint, list));
     }
 }
 
@@ -204,13 +217,15 @@ mod tests {
     use std::net::SocketAddr;
     use std::time::Duration;
 
+    fn meta(blob: &[u8], piece_length: u64) -> Metainfo {
+        let digest = Digest::of(shoal_registry::Algorithm::Sha256, blob);
+        Metainfo::unverifiable(digest, 4 * 1024 * 1024, piece_length).unwrap()
+    }
+
     #[test]
     fn a_blobs_bans_outlive_its_download_and_stay_with_that_blob() {
         let node = NodeFlow::default();
-        let (a, b) = (
-            Digest::of(shoal_registry::Algorithm::Sha256, b"a"),
-            Digest::of(shoal_registry::Algorithm::Sha256, b"b"),
-        );
+        let (a, b) = (meta(b"a", 1 << 20), meta(b"b", 1 << 20));
         let bad = SocketAddr::from(([10, 0, 0, 1], 7000));
         let t0 = Instant::now();
         assert!(node.blacklist_for(&a, t0).is_none());
@@ -226,6 +241,27 @@ mod tests {
         assert!(node.blacklist_for(&a, later).is_none(), "an expired ban is not kept");
     }
 
+    /// Bans a download made while checking pieces with one metainfo do not follow the blob
+    /// into a download with another (a tracker's metainfo that disagreed with the origin's
+    /// failed every honest peer's pieces; the retry with the origin's refused them all).
+    #[test]
+    fn bans_stay_with_the_metainfo_they_were_made_under() {
+        let node = NodeFlow::default();
+        let (wrong, right) = (meta(b"a", 1 << 20), meta(b"a", 2 << 20));
+        assert_eq!(wrong.digest(), right.digest());
+        let honest = SocketAddr::from(([10, 0, 0, 1], 7000));
+        let t0 = Instant::now();
+        let mut list = Blacklist::new(BlacklistConfig::default());
+        list.bad_piece(honest, t0);
+        node.keep_blacklist(&wrong, list, t0);
+        assert!(node.blacklist_for(&right, t0).is_none(), "the retry trusts the peer");
+        let mut list = Blacklist::new(BlacklistConfig::default());
+        list.bad_piece(honest, t0);
+        node.keep_blacklist(&wrong, list, t0);
+        node.keep_blacklist(&right, Blacklist::new(BlacklistConfig::default()), t0);
+        assert!(node.blacklist_for(&wrong, t0).is_none(), "not merged into the other's list");
+    }
+
     #[test]
     fn kept_blacklists_are_bounded() {
         let node = NodeFlow::default();
@@ -233,12 +269,14 @@ mod tests {
         for i in 0..MAX_KEPT_BLACKLISTS + 10 {
             let mut list = Blacklist::new(BlacklistConfig::default());
             list.bad_piece(SocketAddr::from(([10, 0, 0, 1], 7000)), t0);
-            let digest = Digest::of(shoal_registry::Algorithm::Sha256, i.to_string().as_bytes());
-            node.keep_blacklist(&digest, list, t0 + Duration::from_millis(i as u64));
+            node.keep_blacklist(
+                &meta(i.to_string().as_bytes(), 1 << 20),
+                list,
+                t0 + Duration::from_millis(i as u64),
+            );
         }
         assert_eq!(node.lock().blacklists.len(), MAX_KEPT_BLACKLISTS);
-        let first = Digest::of(shoal_registry::Algorithm::Sha256, b"0");
-        assert!(node.blacklist_for(&first, t0).is_none(), "the oldest went first");
+        assert!(node.blacklist_for(&meta(b"0", 1 << 20), t0).is_none(), "the oldest went first");
     }
 
     #[test]

@@ -150,7 +150,7 @@ pub async fn download(
     let mut state =
         SwarmState::new(scheduler, cfg.peer_id, cfg.advertise, pieces.metainfo(), pieces.have(), started)
             .map_err(|e| SwarmError::Storage(e.to_string()))?;
-    if let Some(blacklist) = deps.node.blacklist_for(&digest, started) {
+    if let Some(blacklist) = deps.node.blacklist_for(pieces.metainfo(), started) {
         state = state.with_blacklist(blacklist);
     }
     let (events_tx, mut events) = mpsc::channel::<Event>(256);
@@ -233,7 +233,7 @@ pub async fn download(
     };
     drop(slot);
     let blacklist = swarm.state.take_blacklist();
-    swarm.deps.node.keep_blacklist(&digest, blacklist, Instant::now());
+    swarm.deps.node.keep_blacklist(swarm.pieces.metainfo(), blacklist, Instant::now());
     swarm.deps.metrics.active_swarms.dec();
     // Dropping the command senders closes every connection.
     for _ in swarm.peers.drain() {

@@ -316,7 +316,7 @@ mod tests {
         let got = t.refresh("a", [0; 32], Some(&new), || async move { Ok((f, Duration::from_secs(60))) });
         assert_eq!(got.await.unwrap(), fresh);
         // A fetcher dropped mid-fetch leaves no flight behind, and the next request fetches.
-        let hung = t.refresh("b", [0; 32], None, || std::future::pending());
+        let hung = t.refresh("b", [0; 32], None, std::future::pending);
         assert!(tokio::time::timeout(Duration::from_millis(20), hung).await.is_err());
         assert!(t.flights.lock().unwrap().is_empty());
         let got = t.refresh("b", [0; 32], None, || async { Err(crate::UpstreamError::NotFound) });

@@ -571,11 +571,8 @@ fn realm_is_reachable_from(base: &str, realm: &str) -> bool {
     let (Ok(base), Ok(realm)) = (reqwest::Url::parse(base), reqwest::Url::parse(realm)) else {
         return false;
     };
-    match (local(&base), local(&realm)) {
-        (_, Some(false)) => true,
-        (Some(true), Some(true)) => true,
-        _ => false,
-    }
+    // A realm not on a local address, or an upstream that is local too.
+    matches!((local(&base), local(&realm)), (_, Some(false)) | (Some(true), Some(true)))
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ impl Sim {
                     return;
                 }
             };
-            if let Some(blacklist) = n.flow.blacklist_for(meta.digest(), now) {
+            if let Some(blacklist) = n.flow.blacklist_for(meta, now) {
                 state = state.with_blacklist(blacklist);
             }
             let actions = state.start();
@@ -250,7 +250,7 @@ impl Sim {
         let now = self.instant();
         if let Some(mut d) = self.nodes[node].downloads[blob].take() {
             let blacklist = d.state.take_blacklist();
-            self.nodes[node].flow.keep_blacklist(self.metas[blob].digest(), blacklist, now);
+            self.nodes[node].flow.keep_blacklist(&self.metas[blob], blacklist, now);
         }
         if !self.cfg.tracker_dead {
             let n = &self.nodes[node];

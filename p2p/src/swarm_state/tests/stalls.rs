@@ -161,7 +161,7 @@ fn a_bad_piece_is_blamed_on_the_address_it_came_over_not_the_id() {
 fn a_ban_follows_the_peers_address_and_outlives_the_download_on_the_node() {
     let t0 = Instant::now();
     let node = crate::node::NodeFlow::default();
-    let digest = meta(4).digest().clone();
+    let digest = meta(4);
     let mut s = state(4, SchedulerConfig::default(), t0);
     with_seeders(&mut s, 2, t0);
     let reqs = requests(&s.fill(t0, None, 0));
@@ -179,7 +179,7 @@ fn a_ban_follows_the_peers_address_and_outlives_the_download_on_the_node() {
     assert!(connects.contains(&Action::Connect(addr(2))));
     assert!(!connects.contains(&Action::Connect(addr(1))), "not reconnected to the peer that lied");
     // Another blob's download on the node trusts it.
-    let other = Digest::of(Algorithm::Sha256, b"other");
+    let other = Metainfo::unverifiable(Digest::of(Algorithm::Sha256, b"other"), 4 * PIECE, PIECE).unwrap();
     assert!(node.blacklist_for(&other, t1).is_none());
 }
 
