@@ -146,6 +146,12 @@ struct Member {
     alias: bool,
     /// It answered with an id other than the one we know it by (warned once).
     warned_id: bool,
+    /// The id its last successful reply gave (`None` until it answers once).
+    answered: Option<String>,
+    /// It is in the member list only through a DNS source (`dns+`, `srv+`), whose addresses
+    /// may be a second address of another member: until it answers once it takes no writes
+    /// (see [`Membership::accepts_writes`]).
+    named_by_dns: bool,
     /// Its first check failed and it is an address of this host with this origin's port
     /// ([`Membership::is_own_address`]): most likely this origin, whose listener was not up
     /// yet. Not a member until a reply decides (checked as any member).
@@ -163,6 +169,8 @@ impl Member {
             alias: false,
             warned_id: false,
             maybe_self: false,
+            answered: None,
+            named_by_dns: false,
         }
     }
 
@@ -293,12 +301,16 @@ impl Membership {
     }
 
     /// Whether member `id` (this origin included) takes new copies: its disk is not nearly
-    /// full, as far as its last health reply said.
+    /// full, as far as its last health reply said, and it has answered once if a DNS name
+    /// gave it. Before its first reply such an entry may be a second address of another
+    /// member (the A and AAAA records of a pod that is not listening yet): counted up, both
+    /// addresses were a write's two owners once the origin listened, and a write was
+    /// acknowledged on one machine until the next round of checks told them apart.
     pub fn accepts_writes(&self, id: &str) -> bool {
         if id == self.me {
             return !self.self_disk_full();
         }
-        !self.lock().others.get(id).is_some_and(|m| m.disk_full)
+        !self.lock().others.get(id).is_some_and(|m| m.disk_full || (m.named_by_dns && m.answered.is_none()))
     }
 
     /// This origin's id (its normalised advertise address).
@@ -470,6 +482,7 @@ impl Membership {
                 }
                 member.alias = alias && reply.id != self.me;
                 member.maybe_self = false;
+                member.answered = Some(reply.id.clone());
                 member.peer = reply.peer;
                 member.disk_full = reply.disk_full;
                 member.members = reply.members;
@@ -570,7 +583,8 @@ impl Membership {
         for (id, result, own) in results {
             if let std::collections::btree_map::Entry::Vacant(slot) = table.others.entry(id.clone()) {
                 info!(member = %id, "cluster member joined the member list");
-                slot.insert(Member::new());
+                let fixed = self.sources.iter().any(|s| matches!(s, Source::Fixed(f) if *f == id));
+                slot.insert(Member { named_by_dns: !fixed, ..Member::new() });
                 admitted.push((id, result, own));
             }
         }
@@ -584,6 +598,19 @@ impl Membership {
                 }
                 self.apply(&id, member, result, alias);
                 changed |= !member.is_self && !member.alias && !member.maybe_self;
+            }
+        }
+        // An older entry that answered as one of these is a second address of it from now
+        // on, not at its next check: counted until then, it was a second owner on the same
+        // machine.
+        let known: BTreeSet<String> = table.others.keys().cloned().collect();
+        for (id, member) in table.others.iter_mut() {
+            let second =
+                member.answered.as_ref().is_some_and(|a| a != id && *a != self.me && known.contains(a));
+            if second && !member.alias {
+                info!(member = %id, answered = ?member.answered, "cluster member is another member under a second address; counting it once");
+                changed |= member.live();
+                member.alias = true;
             }
         }
         changed

@@ -351,6 +351,58 @@ async fn another_member_under_a_second_address_is_counted_once() {
     eventually("agreement", || m.disagreeing_member().is_none()).await;
 }
 
+/// An entry a DNS name gives takes no writes before it has answered once: it may be a second
+/// address of another member, not listening yet (the A and AAAA records of a pod that just
+/// started), and counted as two owners both would be the same machine. Once it answers it
+/// does; a member named outright is trusted at once, as before.
+#[tokio::test]
+async fn a_dns_entry_takes_writes_only_once_it_answered() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let v4 = format!("127.0.0.1:{port}");
+    let (fixed, fixed_fake) = spawn_fake(None).await;
+    fixed_fake.ok.store(false, Ordering::SeqCst);
+    let me = "origin-0.test:5000";
+    let m = Membership::start(config(me, &[&format!("dns+localhost:{port}"), &fixed]), None, client())
+        .await
+        .expect("start");
+    assert!(m.live().contains(&v4), "joins up, as before");
+    assert!(!m.accepts_writes(&v4), "a DNS entry that never answered took writes");
+    assert!(m.accepts_writes(&fixed), "a named member is trusted before it answers");
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
+    serve(listener, fake(&v4, None));
+    eventually("it answers and takes writes", || m.accepts_writes(&v4)).await;
+}
+
+/// An entry that answered as another origin not (yet) in the table is that origin's second
+/// address as soon as the other joins, not at the next round of checks (for which it was a
+/// second owner on the same machine).
+#[tokio::test]
+async fn an_entry_that_answered_as_a_later_member_is_its_alias_at_once() {
+    let first = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = first.local_addr().expect("addr").port();
+    let Ok(second) = tokio::net::TcpListener::bind(("127.0.0.2", port)).await else {
+        println!("skipping: cannot bind 127.0.0.2:{port}");
+        return;
+    };
+    let (id, alias) = (format!("127.0.0.1:{port}"), format!("127.0.0.2:{port}"));
+    let fake = fake(&id, None);
+    serve(first, fake.clone());
+    serve(second, fake);
+    let targets = Arc::new(Mutex::new(vec![("127.0.0.2.".to_string(), port)]));
+    let ns = spawn_dns(targets.clone()).await;
+    let me = "origin-0.origin.test:5000";
+    let mut cfg = config(me, &["srv+_shoal._tcp.origin.test"]);
+    cfg.health_interval = Duration::from_secs(3600);
+    let m = Membership::start_with_nameserver(cfg, None, client(), Some(ns)).await.expect("start");
+    assert!(m.live().contains(&alias), "alone, it counts under the address it has");
+    targets.lock().expect("targets").push(("127.0.0.1.".to_string(), port));
+    eventually("the origin joins under its own id", || m.live().contains(&id)).await;
+    assert!(!m.live().contains(&alias), "its second address still counted");
+}
+
 #[tokio::test]
 async fn tasks_end_when_membership_is_dropped() {
     let (id, fake) = spawn_fake(None).await;
