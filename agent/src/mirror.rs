@@ -26,6 +26,9 @@ use crate::origin_client::OriginClient;
 pub const REGISTRIES_REFRESH: Duration = Duration::from_secs(30);
 /// How often they are asked while no origin has answered yet.
 const REGISTRIES_RETRY: Duration = Duration::from_secs(2);
+/// Names without `ns` last answered from their upstream that are remembered (the set is
+/// cleared when full: forgetting one costs only its answer while the origins are down).
+const MAX_UPSTREAM_ANSWERED: usize = 4096;
 
 tokio::task_local! {
     /// The client's `Authorization: Basic` for upstreams while its request is handled.
@@ -42,12 +45,34 @@ pub struct Registries {
     /// `None` until an origin first answered: "no upstream registries" and "not known yet"
     /// must not look alike.
     names: Mutex<Option<Vec<String>>>,
+    /// Names asked without `ns` (Docker Engine's mirror requests) whose last answer came
+    /// from their upstream form: while the origins are down the pushed name answers 503,
+    /// not 404, and those pulls need the upstream form's kept answer.
+    upstream_answered: Mutex<std::collections::HashSet<String>>,
     origin: OriginClient,
 }
 
 impl Registries {
     pub fn new(origin: OriginClient) -> Arc<Registries> {
-        Arc::new(Registries { names: Mutex::new(None), origin })
+        Arc::new(Registries { names: Mutex::new(None), upstream_answered: Mutex::default(), origin })
+    }
+
+    /// Whether `name`'s last answer came from its upstream form.
+    fn answered_upstream(&self, name: &str) -> bool {
+        self.upstream_answered.lock().unwrap_or_else(|p| p.into_inner()).contains(name)
+    }
+
+    /// Remember which form of `name` answered last.
+    fn set_answered_upstream(&self, name: &str, upstream: bool) {
+        let mut set = self.upstream_answered.lock().unwrap_or_else(|p| p.into_inner());
+        if !upstream {
+            set.remove(name);
+            return;
+        }
+        if set.len() >= MAX_UPSTREAM_ANSWERED && !set.contains(name) {
+            set.clear();
+        }
+        set.insert(name.to_string());
     }
 
     /// The names known (none before an origin first answered).
@@ -163,15 +188,37 @@ pub async fn map_names(State(s): State<MirrorState>, mut req: Request, next: Nex
             let (parts, _) = req.into_parts();
             let first = Request::from_parts(parts.clone(), Body::empty());
             let answer = UPSTREAM_CREDENTIALS.scope(creds.clone(), next.clone().run(first)).await;
-            if answer.status() != StatusCode::NOT_FOUND {
+            let status = answer.status();
+            if status.is_success() {
+                s.registries.set_answered_upstream(name_of(&parts.uri), false);
+                return answer;
+            }
+            // A 404 is "not pushed": the upstream form is asked. A server error (the origins
+            // down) is asked there too if that is where the name was last answered from,
+            // whose kept answers an agent serves while the origins are down; otherwise it
+            // stands (the pushed content may be what was asked for).
+            let name = name_of(&parts.uri).to_string();
+            let upstream_before = s.registries.answered_upstream(&name);
+            if status != StatusCode::NOT_FOUND && !(status.is_server_error() && upstream_before) {
                 return answer;
             }
             let Some(uri) = with_name(&parts.uri, &full, &tail) else { return answer };
             let mut second = Request::from_parts(parts, Body::empty());
             *second.uri_mut() = uri;
-            UPSTREAM_CREDENTIALS.scope(creds, next.run(second)).await
+            let upstream = UPSTREAM_CREDENTIALS.scope(creds, next.run(second)).await;
+            if upstream.status().is_success() {
+                s.registries.set_answered_upstream(&name, true);
+            } else if status.is_server_error() {
+                return answer;
+            }
+            upstream
         }
     }
+}
+
+/// The repository part of a request's path (empty if it names none).
+fn name_of(uri: &Uri) -> &str {
+    split_path(uri.path()).map_or("", |(name, _)| name)
 }
 
 /// The value of `key` in the URI's query (percent-decoded), if present.
@@ -210,6 +257,55 @@ mod tests {
         let pushed = app.oneshot(ask("/v2/org/app/manifests/1")).await.unwrap();
         assert_eq!(pushed.status(), StatusCode::OK);
         assert_eq!(*seen.lock().unwrap(), ["/v2/org/app/manifests/1"]);
+    }
+
+    /// Docker Engine's mirror requests name Docker Hub images without `ns`: the pushed name
+    /// answers 404 and the upstream form is asked. With the origins down the pushed name
+    /// answers 503; a name last answered from upstream is then asked there too (the agent
+    /// keeps those answers), so the images a node holds still start. A name whose pushed
+    /// form answered last keeps the 503 (the pushed content may be what was asked for).
+    #[tokio::test]
+    async fn a_name_last_answered_upstream_is_asked_there_while_the_origins_are_down() {
+        use std::sync::atomic::{AtomicU16, Ordering};
+        use tower::ServiceExt as _;
+        let unreachable = vec!["http://127.0.0.1:9".to_string()];
+        let origin =
+            OriginClient::new(unreachable, Duration::from_millis(500), &prometheus::Registry::new()).unwrap();
+        let registries = Registries::new(origin);
+        *registries.names.lock().unwrap() = Some(vec!["docker.io".to_string()]);
+        let auth = RemoteAuth::new(Arc::new(|| Box::pin(async { None })));
+        let state = MirrorState { registries, auth };
+        let pushed = Arc::new(AtomicU16::new(404));
+        let upstream_asked = Arc::new(AtomicU16::new(0));
+        let (p, u) = (pushed.clone(), upstream_asked.clone());
+        let app = axum::Router::new()
+            .fallback(move |req: Request| {
+                let path = req.uri().path().to_string();
+                let (p, u) = (p.clone(), u.clone());
+                async move {
+                    if path.starts_with("/v2/docker.io/") {
+                        u.fetch_add(1, Ordering::SeqCst);
+                        return StatusCode::OK;
+                    }
+                    StatusCode::from_u16(p.load(Ordering::SeqCst)).unwrap_or(StatusCode::OK)
+                }
+            })
+            .layer(axum::middleware::from_fn_with_state(state, map_names));
+        let ask = |uri: &str| Request::get(uri).body(Body::empty()).unwrap();
+        let status = |app: axum::Router, uri: &'static str| async move {
+            app.oneshot(ask(uri)).await.unwrap().status()
+        };
+        assert_eq!(status(app.clone(), "/v2/library/alpine/manifests/1").await, StatusCode::OK);
+        assert_eq!(upstream_asked.load(Ordering::SeqCst), 1);
+        pushed.store(200, Ordering::SeqCst);
+        assert_eq!(status(app.clone(), "/v2/team/app/manifests/1").await, StatusCode::OK);
+        // The origins go down.
+        pushed.store(503, Ordering::SeqCst);
+        assert_eq!(status(app.clone(), "/v2/library/alpine/manifests/1").await, StatusCode::OK);
+        assert_eq!(status(app.clone(), "/v2/library/alpine/blobs/sha256:00").await, StatusCode::OK);
+        assert_eq!(upstream_asked.load(Ordering::SeqCst), 3);
+        assert_eq!(status(app.clone(), "/v2/team/app/manifests/1").await, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(upstream_asked.load(Ordering::SeqCst), 3, "a pushed name is not asked upstream");
     }
 
     #[test]
