@@ -40,6 +40,24 @@ impl MetainfoCheck {
 }
 
 impl Download {
+    /// What [`Download::confirm_metainfo`] answers without asking the origins, if it needs
+    /// not ask them: the reader asks this first, so it does not fetch the client's
+    /// credentials (an anonymous token, from a realm that may be slow) for nothing.
+    pub(super) fn metainfo_settled(&self, attempt: Attempt) -> Option<Result<(), String>> {
+        let check = &self.check;
+        if attempt.number > 1 || check.first_source == MetainfoSource::Origin || check.confirmed.initialized()
+        {
+            return Some(Ok(()));
+        }
+        // A finished download vouches only for the attempt that finished: the reader's
+        // bytes may come from an earlier one, discarded for its made-up chain.
+        if matches!(*self.outcome.borrow(), Some(Ok(()))) {
+            let finished_as = self.current().1.number == attempt.number;
+            return Some(if finished_as { Ok(()) } else { Err(DISCARDED.into()) });
+        }
+        None
+    }
+
     /// Whether the metainfo that checks `attempt`'s pieces is known good for a range short of
     /// the blob's end (see the module docs), confirming it with the origins if need be within
     /// `deadline`; if they cannot be asked, the download's end decides, within `deadline`.
@@ -50,17 +68,11 @@ impl Download {
         metainfo: &Metainfo,
         deadline: tokio::time::Instant,
     ) -> Result<(), String> {
+        if let Some(settled) = self.metainfo_settled(attempt) {
+            return settled;
+        }
         let check = &self.check;
-        if attempt.number > 1 || check.first_source == MetainfoSource::Origin || check.confirmed.initialized()
-        {
-            return Ok(());
-        }
-        // A finished download vouches only for the attempt that finished: the reader's
-        // bytes may come from an earlier one, discarded for its made-up chain.
         let finished_as = |d: &Download| d.current().1.number == attempt.number;
-        if matches!(*self.outcome.borrow(), Some(Ok(()))) {
-            return if finished_as(self) { Ok(()) } else { Err(DISCARDED.into()) };
-        }
         let digest = metainfo.digest();
         let failed = || check.failed.lock().unwrap_or_else(|p| p.into_inner());
         let failed_lately = failed().is_some_and(|at| at.elapsed() < CONFIRM_RETRY);
