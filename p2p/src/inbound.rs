@@ -311,8 +311,7 @@ mod tests {
     }
 
     /// Once pieces may come, a frame of another type as long as a piece is refused before
-    /// anything is buffered for it; a piece, an error with its longest message and a second
-    /// small handshake still pass.
+    /// anything is buffered for it; a piece and an error with its longest message still pass.
     #[test]
     fn only_pieces_may_be_long_once_they_may_come() {
         let mut codec = InboundCodec::new();

@@ -59,9 +59,9 @@ struct Inner {
     /// Each download's bytes in flight and peers sending to it.
     in_flight: HashMap<u64, (u64, usize)>,
     senders: SenderCap,
-    /// Each blob's blacklist while no download of it runs, when it was put back, and the
-    /// fingerprint of the metainfo its download checked pieces with.
-    blacklists: HashMap<Digest, (Instant, [u8; 32], Blacklist)>,
+    /// Each blob's blacklist while no download of it runs, by the blob and the fingerprint
+    /// of the metainfo its download checked pieces with, and when it was put back.
+    blacklists: HashMap<(Digest, [u8; 32]), (Instant, Blacklist)>,
 }
 
 impl Inner {
@@ -127,10 +127,8 @@ impl NodeFlow {
     /// banned every honest peer that sent one, and its retry with the origin's metainfo
     /// refused them all for the ban's five minutes.
     pub fn blacklist_for(&self, meta: &Metainfo, now: Instant) -> Option<Blacklist> {
-        let (_, fingerprint, mut list) = self.lock().blacklists.remove(meta.digest())?;
-        if fingerprint != meta.fingerprint() {
-            return None;
-        }
+        let key = (meta.digest().clone(), meta.fingerprint());
+        let (_, mut list) = self.lock().blacklists.remove(&key)?;
         list.prune(now);
         (!list.is_empty()).then_some(list)
     }
@@ -138,16 +136,13 @@ impl NodeFlow {
     /// A download of `meta`'s blob ended: keep its blacklist for the next one, merged with any
     /// another download of the blob under the same metainfo gave back meanwhile.
     pub fn keep_blacklist(&self, meta: &Metainfo, mut list: Blacklist, now: Instant) {
-        let fingerprint = meta.fingerprint();
-        let digest = meta.digest();
+        let key = (meta.digest().clone(), meta.fingerprint());
         let mut inner = self.lock();
-        if let Some((_, kept_under, kept)) = inner.blacklists.remove(digest) {
-            if kept_under == fingerprint {
-                list.merge(kept);
-            }
+        if let Some((_, kept)) = inner.blacklists.remove(&key) {
+            list.merge(kept);
         }
         list.prune(now);
-        inner.blacklists.retain(|_, (_, _, l)| {
+        inner.blacklists.retain(|_, (_, l)| {
             l.prune(now);
             !l.is_empty()
         });
@@ -155,12 +150,12 @@ impl NodeFlow {
             return;
         }
         if inner.blacklists.len() >= MAX_KEPT_BLACKLISTS {
-            let oldest = inner.blacklists.iter().min_by_key(|(_, (at, _, _))| *at).map(|(d, _)| d.clone());
+            let oldest = inner.blacklists.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| k.clone());
             if let Some(oldest) = oldest {
                 inner.blacklists.remove(&oldest);
             }
         }
-        inner.blacklists.insert(digest.clone(), (now, fingerprint, list));
+        inner.blacklists.insert(key, (now, list));
     }
 }
 
@@ -255,11 +250,18 @@ mod tests {
         list.bad_piece(honest, t0);
         node.keep_blacklist(&wrong, list, t0);
         assert!(node.blacklist_for(&right, t0).is_none(), "the retry trusts the peer");
+        // The other way round: a ban made under the right metainfo (a real liar) outlives a
+        // download under a wrong one, whose own list is kept apart.
+        let liar = SocketAddr::from(([10, 0, 0, 2], 7000));
+        let mut list = Blacklist::new(BlacklistConfig::default());
+        list.bad_piece(liar, t0);
+        node.keep_blacklist(&right, list, t0);
+        assert!(node.blacklist_for(&wrong, t0).is_some_and(|l| !l.is_banned(&liar, t0)));
         let mut list = Blacklist::new(BlacklistConfig::default());
         list.bad_piece(honest, t0);
         node.keep_blacklist(&wrong, list, t0);
-        node.keep_blacklist(&right, Blacklist::new(BlacklistConfig::default()), t0);
-        assert!(node.blacklist_for(&wrong, t0).is_none(), "not merged into the other's list");
+        let kept = node.blacklist_for(&right, t0).expect("the right metainfo's list is kept");
+        assert!(kept.is_banned(&liar, t0) && !kept.is_banned(&honest, t0));
     }
 
     #[test]

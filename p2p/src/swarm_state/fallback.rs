@@ -1,6 +1,7 @@
 //! The HTTP fallback: the origin as a pseudo-peer ([`ORIGIN_PEER`]) over HTTP range
 //! requests, when it comes in (a real stall, a swarm that gives nothing for
-//! [`FALLBACK_PATIENCE`], no peers at all), what it fetches (while peers deliver, only what
+//! [`FALLBACK_PATIENCE`], no peers at all, no piece from a peer for
+//! [`flow::MAX_PIECE_WAIT`] with requests out), what it fetches (while peers deliver, only what
 //! no agent holds), and how it backs off after a failed round.
 
 use std::time::{Duration, Instant};
@@ -36,9 +37,10 @@ impl<R: rand::Rng + Clone> SwarmState<R> {
     /// neither bytes for us nor a sign that the swarm is alive, after [`FALLBACK_PATIENCE`]
     /// without bytes whatever the swarm shows (with nothing to ask for, too: our peers have
     /// nothing yet), at once without peers, or after [`flow::MAX_PIECE_WAIT`] with requests
-    /// out and no piece stored, whatever bytes arrive: a peer claiming every piece and
-    /// sending each one's last bytes a few at a time, reconnecting before its connection was
-    /// judged starved, kept the fallback out and the download waiting for ever.
+    /// out and no piece stored from a peer, whatever bytes arrive: a peer claiming every
+    /// piece and sending each one's last bytes a few at a time, reconnecting before its
+    /// connection was judged starved, kept the fallback out and the download waiting for
+    /// ever. Starved, the fallback fetches anything missing until a peer delivers again.
     pub(super) fn consider_fallback(&mut self, now: Instant, waiting: bool) -> Result<(), Fatal> {
         let idle = now.duration_since(self.last_progress);
         let quiet = now.duration_since(self.last_progress.max(self.last_sign_of_life));

@@ -20,7 +20,8 @@
 //!   host still holds [`UNSHARED_ORIGIN_PIECES`] of theirs that no peer has yet (more at a
 //!   fast node: [`unshared_origin_limit`]).
 //! - **HTTP fallback** only for pieces no connected peer has (while the swarm delivers), or
-//!   for anything after a real stall.
+//!   for anything after a real stall, or while no peer has completed a piece for
+//!   [`flow::MAX_PIECE_WAIT`] with requests out (bytes arriving or not).
 //! - **Endgame** duplicates only where they help, cancelled as soon as one copy is stored.
 //! - **Incast**: a busy connection that had its share of the node's link, silent for
 //!   [`crate::incast::INCAST_SILENCE`] while others deliver, is reported to the node, whose
@@ -226,9 +227,12 @@ pub struct SwarmState<R = StdRng> {
     announced_once: bool,
     announces: u32,
     last_progress: Instant,
-    /// When a piece was last verified and stored, from anyone: bytes of pieces are progress,
-    /// but a peer sending a piece's last bytes a few at a time (and reconnecting before its
-    /// own connection is judged) would be progress for ever (see `consider_fallback`).
+    /// When a piece from a peer (not the HTTP fallback) was last verified and stored: bytes
+    /// of pieces are progress, but a peer sending a piece's last bytes a few at a time (and
+    /// reconnecting before its own connection is judged) would be progress for ever (see
+    /// `consider_fallback`). The fallback's own pieces do not count: they would take the
+    /// download out of "fetch anything" after each piece, and a trickling peer claiming
+    /// every piece would keep it to a few pieces a minute.
     last_stored: Instant,
     /// When the swarm last showed it is alive without delivering to us: a peer announced a
     /// piece we lack (or connected holding one), or an origin declined a request because an
@@ -462,7 +466,9 @@ impl<R: Rng + Clone> SwarmState<R> {
         match outcome {
             Stored::Ok => {
                 self.last_progress = now;
-                self.last_stored = now;
+                if from != ORIGIN_PEER {
+                    self.last_stored = now;
+                }
                 for other in self.picker.received(&from, index) {
                     if self.peers.contains_key(&other) {
                         actions.push(Action::Cancel { peer: other, index });
