@@ -164,8 +164,10 @@ pub struct Tokens {
     flights: Mutex<HashMap<TokenKey, Flight>>,
 }
 
-/// Takes a flight out of the table when its request ends, answered or dropped: a later `401`
-/// asks again, and a flight whose every waiter went away leaves nothing behind.
+/// Takes a flight out of the table when a request on it ends with its answer (a later `401`
+/// asks again), or when the last request waiting on it is dropped unanswered (nothing left
+/// behind). A dropped fetcher's flight stays while others wait on it: one of them runs the
+/// fetch, and requests arriving meanwhile join it rather than start another.
 struct FlightEnd<'a> {
     tokens: &'a Tokens,
     key: TokenKey,
@@ -175,7 +177,11 @@ struct FlightEnd<'a> {
 impl Drop for FlightEnd<'_> {
     fn drop(&mut self) {
         let mut flights = self.tokens.flights.lock().unwrap_or_else(|p| p.into_inner());
-        if flights.get(&self.key).is_some_and(|f| Arc::ptr_eq(f, &self.flight)) {
+        // The table's reference and this one: no other request waits.
+        let alone = Arc::strong_count(&self.flight) <= 2;
+        if flights.get(&self.key).is_some_and(|f| Arc::ptr_eq(f, &self.flight))
+            && (self.flight.initialized() || alone)
+        {
             flights.remove(&self.key);
         }
     }
@@ -323,6 +329,38 @@ mod tests {
         assert!(matches!(got.await, Err(crate::UpstreamError::NotFound)));
         assert!(t.flights.lock().unwrap().is_empty());
         assert!(t.get("b", [0; 32]).is_none());
+    }
+
+    /// A fetcher dropped while another request waits on its flight: the waiter runs the
+    /// fetch, and a request arriving meanwhile joins that flight instead of starting another.
+    #[tokio::test]
+    async fn a_dropped_fetchers_flight_is_taken_over_and_joined() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let t = Tokens::default();
+        let fetches = AtomicUsize::new(0);
+        let (release, released) = tokio::sync::watch::channel(false);
+        let fetch = || {
+            fetches.fetch_add(1, Ordering::SeqCst);
+            let mut released = released.clone();
+            async move {
+                let _ = released.wait_for(|r| *r).await;
+                Ok((HeaderValue::from_static("Bearer t"), Duration::from_secs(60)))
+            }
+        };
+        let first = t.refresh("c", [0; 32], None, fetch);
+        let second = t.refresh("c", [0; 32], None, fetch);
+        let third = t.refresh("c", [0; 32], None, fetch);
+        tokio::pin!(first, second, third);
+        // The first starts the fetch, the second waits on it; then the first is dropped.
+        assert!(tokio::time::timeout(Duration::from_millis(10), &mut first).await.is_err());
+        assert!(tokio::time::timeout(Duration::from_millis(10), &mut second).await.is_err());
+        first.set(t.refresh("c", [0; 32], None, fetch));
+        assert!(!t.flights.lock().unwrap().is_empty(), "the waited-on flight left the table");
+        let _ = release.send(true);
+        let (a, b, c) = tokio::join!(first, second, third);
+        assert!(a.is_ok() && b.is_ok() && c.is_ok());
+        assert_eq!(fetches.load(Ordering::SeqCst), 2, "the dropped fetch and the one that took over");
+        assert!(t.flights.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod auth;
 mod config;
 mod metrics;
 mod pace;
+mod realm;
 mod throttle;
 
 use std::time::{Duration, Instant, SystemTime};
@@ -89,6 +90,11 @@ pub struct Upstream {
     configured: Option<Credentials>,
     http: reqwest::Client,
     tokens: auth::Tokens,
+    /// The client token requests go out on: its resolver and redirect policy keep realms off
+    /// local addresses the upstream is not on (see `realm`).
+    token_http: reqwest::Client,
+    /// Where the upstream is, for its realms (worked out at the first token fetch).
+    place: realm::UpstreamPlace,
     /// The upstream asked for Basic credentials: send them up front from now on.
     basic: std::sync::atomic::AtomicBool,
     /// `Retry-After` windows, per credentials the requests go with.
@@ -126,12 +132,29 @@ impl Upstream {
             .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .map_err(|e| UpstreamError::Config(format!("HTTP client: {e}")))?;
+        // Known at once for an address or `localhost`; a name is resolved at the first
+        // token fetch.
+        let place = realm::UpstreamPlace::default();
+        let base_host =
+            reqwest::Url::parse(config.base()).ok().and_then(|u| u.host_str().map(str::to_string));
+        if let Some(known) = base_host.as_deref().and_then(realm::place_of_host) {
+            place.set(known);
+        }
+        let token_http = shoal_tls::upstream_http_client(config.ca_file.as_deref())
+            .map_err(|e| UpstreamError::Config(format!("ca_file: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .dns_resolver(std::sync::Arc::new(realm::RealmResolver(place.clone())))
+            .redirect(realm::redirect_policy(place.clone()))
+            .build()
+            .map_err(|e| UpstreamError::Config(format!("HTTP client: {e}")))?;
         let shared = configured.as_ref().map(Credentials::fingerprint).unwrap_or([0; 32]);
         Ok(Upstream {
             config,
             configured,
             http,
             tokens: auth::Tokens::default(),
+            token_http,
+            place,
             basic: Default::default(),
             throttles: throttle::Throttles::new(shared),
             metrics,
@@ -402,7 +425,7 @@ impl Upstream {
         creds: Option<&Credentials>,
         key: &[u8; 32],
     ) -> Result<(HeaderValue, Duration), UpstreamError> {
-        if !realm_is_reachable_from(self.config.base(), realm) {
+        if !self.realm_allowed(realm).await {
             tracing::warn!(
                 registry = self.registry(), realm,
                 "the upstream's token realm is on this host or a link-local address (a cloud metadata service, say); not asked"
@@ -425,7 +448,7 @@ impl Upstream {
         if let Some(s) = service {
             query.push(("service", s));
         }
-        let mut req = self.http.get(realm).query(&query);
+        let mut req = self.token_http.get(realm).query(&query);
         if let Some(c) = creds {
             req = req.basic_auth(&c.username, Some(&c.password));
         }
@@ -461,6 +484,24 @@ impl Upstream {
             answer.bearer().ok_or_else(|| UpstreamError::Invalid("token answer without a token".into()))?;
         self.metrics.request(self.registry(), "token", "ok");
         Ok((token, answer.life()))
+    }
+
+    /// Whether `realm`, as written, may be asked (see `realm`; its name's addresses and its
+    /// redirects are checked by the token client). Unparseable realms are not.
+    async fn realm_allowed(&self, realm: &str) -> bool {
+        let upstream = match self.place.get() {
+            Some(place) => place,
+            None => {
+                let place = realm::place_of_base(self.config.base(), CONNECT_TIMEOUT).await;
+                self.place.set(place);
+                place
+            }
+        };
+        let Ok(url) = reqwest::Url::parse(realm) else { return false };
+        match url.host_str() {
+            Some(host) => realm::place_of_host(host).is_none_or(|place| realm::allowed(upstream, place)),
+            None => false,
+        }
     }
 
     /// One request, its headers within [`HEADERS_TIMEOUT`].
@@ -545,64 +586,9 @@ fn realm_may_have_credentials(base: &str, realm: &str, credentials: bool) -> boo
     !credentials || !https(base) || https(realm)
 }
 
-/// Whether a token `realm` may be asked by an origin for an upstream at `base`: a realm on
-/// this host (loopback, `localhost`) or on a link-local address (where clouds serve instance
-/// metadata and credentials) only if the upstream is there too. A challenge is the upstream's
-/// to write: a hostile one would otherwise make the origin fetch from its own host.
-/// Unparseable URLs are refused.
-fn realm_is_reachable_from(base: &str, realm: &str) -> bool {
-    fn local(url: &reqwest::Url) -> Option<bool> {
-        let host = url.host_str()?.trim_start_matches('[').trim_end_matches(']');
-        let v4 = |ip: std::net::Ipv4Addr| ip.is_loopback() || ip.is_link_local() || ip.is_unspecified();
-        Some(match host.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(ip)) => v4(ip),
-            Ok(std::net::IpAddr::V6(ip)) => {
-                ip.is_loopback()
-                    || ip.is_unspecified()
-                    || ip.is_unicast_link_local()
-                    || ip.to_ipv4_mapped().is_some_and(v4)
-            }
-            Err(_) => {
-                let d = host.trim_end_matches('.').to_ascii_lowercase();
-                d == "localhost" || d.ends_with(".localhost")
-            }
-        })
-    }
-    let (Ok(base), Ok(realm)) = (reqwest::Url::parse(base), reqwest::Url::parse(realm)) else {
-        return false;
-    };
-    // A realm not on a local address, or an upstream that is local too.
-    matches!((local(&base), local(&realm)), (_, Some(false)) | (Some(true), Some(true)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_realm_on_a_local_address_is_asked_only_for_a_local_upstream() {
-        let public = "https://registry.example";
-        assert!(realm_is_reachable_from(public, "https://auth.example/token"));
-        assert!(realm_is_reachable_from(public, "http://10.0.0.7/token"), "a private network is fine");
-        for local in [
-            "http://169.254.169.254/latest/meta-data/",
-            "http://127.0.0.1:8080/token",
-            "http://127.9.9.9/token",
-            "http://localhost/token",
-            "http://LocalHost./token",
-            "http://metadata.localhost/token",
-            "http://[::1]/token",
-            "http://[fe80::1]/token",
-            "http://[::ffff:169.254.169.254]/token",
-            "http://0.0.0.0/token",
-            "not a url",
-            "file:///etc/passwd",
-        ] {
-            assert!(!realm_is_reachable_from(public, local), "{local}");
-        }
-        assert!(realm_is_reachable_from("http://127.0.0.1:5000", "http://127.0.0.1:5001/token"));
-        assert!(realm_is_reachable_from("http://localhost:5000", "http://[::1]:5001/token"));
-    }
 
     #[test]
     fn credentials_go_to_a_plain_http_realm_only_from_a_plain_http_upstream() {
