@@ -275,11 +275,13 @@ impl RegistryStore for AgentStore {
         Err(read_only())
     }
 
-    async fn upload_rewind(&self, _: &RepoName, _: &str, _: u64) -> Result<UploadState, StoreError> {
-        Err(read_only())
-    }
-
-    async fn upload_complete(&self, _: &RepoName, _: &str, _: &Digest) -> Result<u64, StoreError> {
+    async fn upload_commit(
+        &self,
+        _: &RepoName,
+        _: &str,
+        _: &Digest,
+        _: Option<u64>,
+    ) -> Result<u64, StoreError> {
         Err(read_only())
     }
 

@@ -136,12 +136,21 @@ pub trait RegistryStore: Send + Sync + 'static {
 
     /// Verify the upload's content against `digest` and commit it as a blob of `repo`. On a
     /// digest mismatch the session is discarded and nothing is stored.
-    async fn upload_complete(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError>;
+    async fn upload_complete(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError> {
+        self.upload_commit(repo, id, digest, None).await
+    }
 
-    /// Cut session `id` back to its first `offset` bytes (no-op if it holds no more): a final
-    /// `PUT`'s body, appended before its commit failed with the session still open, so the
-    /// client can send the same `PUT` again.
-    async fn upload_rewind(&self, repo: &RepoName, id: &str, offset: u64) -> Result<UploadState, StoreError>;
+    /// [`upload_complete`](Self::upload_complete) for a final `PUT` whose body was appended
+    /// from offset `body_from`: if the commit fails with the session still open (a full
+    /// disk), the session is cut back there, under the lock the commit held, so the client
+    /// can send the same `PUT` again (appended twice, the digest no longer matched).
+    async fn upload_commit(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        body_from: Option<u64>,
+    ) -> Result<u64, StoreError>;
 
     /// Abandon a session and its data.
     async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError>;

@@ -357,11 +357,17 @@ impl RegistryStore for ClusterStore {
     /// (a retried final `PUT`: its answer was lost, or the copying or linking failed) is
     /// copied and linked again if its link was not written; if it was, the retry is answered
     /// from the link as it stands: a blob deleted since is not linked again.
-    async fn upload_complete(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError> {
+    async fn upload_commit(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        body_from: Option<u64>,
+    ) -> Result<u64, StoreError> {
         let (store, repo, id, digest) = (self.clone(), repo.clone(), id.to_string(), digest.clone());
         crate::store::to_the_end("upload", async move {
             let local = store.c().local.store();
-            let size = match local.upload_finish(&repo, &id, &digest).await {
+            let size = match local.upload_finish(&repo, &id, &digest, body_from).await {
                 Err(StoreError::UploadUnknown) => {
                     let (size, linked) =
                         local.upload_finished(&repo, &id, &digest).ok_or(StoreError::UploadUnknown)?;
@@ -385,10 +391,6 @@ impl RegistryStore for ClusterStore {
             Ok(size)
         })
         .await
-    }
-
-    async fn upload_rewind(&self, repo: &RepoName, id: &str, offset: u64) -> Result<UploadState, StoreError> {
-        self.c().local.store().upload_rewind(repo, id, offset).await
     }
 
     async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {

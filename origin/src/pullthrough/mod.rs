@@ -452,12 +452,14 @@ impl RegistryStore for PullThrough {
         self.inner.upload_append(repo, id, start, len, body).await
     }
 
-    async fn upload_complete(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError> {
-        self.inner.upload_complete(repo, id, digest).await
-    }
-
-    async fn upload_rewind(&self, repo: &RepoName, id: &str, offset: u64) -> Result<UploadState, StoreError> {
-        self.inner.upload_rewind(repo, id, offset).await
+    async fn upload_commit(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        body_from: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        self.inner.upload_commit(repo, id, digest, body_from).await
     }
 
     async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {

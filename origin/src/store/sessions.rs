@@ -119,10 +119,18 @@ impl OriginStore {
     }
 
     /// Verify the session's content against `digest` and publish it as a blob file here; the
-    /// session ends either way. Returns the blob's size. The caller
-    /// (`ClusterStore::upload_complete`) runs it in a task of its own, so a dropped request
+    /// session ends either way, unless the publish fails with its file whole (a full disk at
+    /// the commit): then it is cut back to `body_from` if given (the final `PUT`'s body goes
+    /// again with its retry). Returns the blob's size. The caller
+    /// (`ClusterStore::upload_commit`) runs it in a task of its own, so a dropped request
     /// cannot stop it halfway.
-    pub async fn upload_finish(&self, repo: &RepoName, id: &str, digest: &Digest) -> Result<u64, StoreError> {
+    pub async fn upload_finish(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        body_from: Option<u64>,
+    ) -> Result<u64, StoreError> {
         let session = self.session(repo, id)?;
         let mut session = live(session.lock().await)?;
         let actual = uploads::digest_of(&session, digest.algorithm()).await?;
@@ -140,6 +148,9 @@ impl OriginStore {
                 session.ended = true;
                 drop(session);
                 let _ = self.discard_session(id).await;
+            } else if let Some(offset) = body_from.filter(|&o| o < session.offset) {
+                // The running hash covers the cut bytes: the retry's commit hashes the file.
+                uploads::cut_back(&mut session, offset, None).await?;
             }
             return Err(e);
         }
@@ -159,23 +170,6 @@ impl OriginStore {
     /// Finished session `id`'s blob was linked into its repository.
     pub fn upload_linked(&self, id: &str) {
         self.inner.sessions.linked(id)
-    }
-
-    /// Cut session `id` back to `offset` bytes if it holds more (see
-    /// `RegistryStore::upload_rewind`).
-    pub async fn upload_rewind(
-        &self,
-        repo: &RepoName,
-        id: &str,
-        offset: u64,
-    ) -> Result<UploadState, StoreError> {
-        let session = self.session(repo, id)?;
-        let mut session = live(session.lock().await)?;
-        if offset < session.offset {
-            // The running hash covers the cut bytes: the commit hashes the file again.
-            uploads::cut_back(&mut session, offset, None).await?;
-        }
-        Ok(UploadState { id: id.to_string(), offset: session.offset })
     }
 
     pub async fn upload_cancel(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {

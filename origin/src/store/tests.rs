@@ -51,11 +51,11 @@ async fn a_commit_on_a_full_disk_can_be_retried_once_space_is_back() {
             break;
         }
     }
-    let err = store.upload_finish(&repo, &up.id, &digest).await.unwrap_err();
+    let err = store.upload_finish(&repo, &up.id, &digest, None).await.unwrap_err();
     assert!(matches!(err, StoreError::StorageFull), "{err:?}");
     assert!(!store.blob_path(&digest).exists(), "an unrecorded file was left in the blob store");
     std::fs::remove_file(&filler).unwrap();
-    let size = store.upload_finish(&repo, &up.id, &digest).await.expect("the retry once space is back");
+    let size = store.upload_finish(&repo, &up.id, &digest, None).await.expect("the retry once space is back");
     assert_eq!(size, data.len() as u64);
     assert_eq!(store.blob_size(&digest).await.unwrap(), Some(size));
 }

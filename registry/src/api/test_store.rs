@@ -50,10 +50,13 @@ impl RegistryStore for Empty {
     ) -> Result<UploadState, StoreError> {
         Err(StoreError::UploadUnknown)
     }
-    async fn upload_complete(&self, _: &RepoName, _: &str, _: &Digest) -> Result<u64, StoreError> {
-        Err(StoreError::UploadUnknown)
-    }
-    async fn upload_rewind(&self, _: &RepoName, _: &str, _: u64) -> Result<UploadState, StoreError> {
+    async fn upload_commit(
+        &self,
+        _: &RepoName,
+        _: &str,
+        _: &Digest,
+        _: Option<u64>,
+    ) -> Result<u64, StoreError> {
         Err(StoreError::UploadUnknown)
     }
     async fn upload_cancel(&self, _: &RepoName, _: &str) -> Result<(), StoreError> {

@@ -172,9 +172,9 @@ pub(super) async fn finish(ctx: &mut Ctx, name: &RepoName, id: &str) -> ApiResul
         .ok_or_else(|| ApiError::new(ErrorCode::DigestInvalid, "the digest query parameter is required"))?;
     let bounds = checked_bounds(ctx, name, id).await?;
     // The final chunk may ride on the PUT; an empty body appends nothing. Where the session
-    // stood before it is kept: if the commit fails with the session still open (a full
-    // disk), the body is cut off again, so the client's retry of the same `PUT` does not
-    // append it twice (a digest mismatch that ended the session).
+    // stood before it goes with the commit: if that fails with the session still open (a
+    // full disk), the body is cut off again, so the client's retry of the same `PUT` does
+    // not append it twice (a digest mismatch that ended the session).
     let mut before = None;
     if bounds.1 != Some(0) {
         let start = match bounds.0 {
@@ -190,13 +190,7 @@ pub(super) async fn finish(ctx: &mut Ctx, name: &RepoName, id: &str) -> ApiResul
             Err(e) => return Err(e),
         }
     }
-    if let Err(e) = ctx.store.upload_complete(name, id, &digest).await {
-        if let Some(offset) = before {
-            // Nothing to cut if the session ended (published, discarded): unknown, ignored.
-            let _ = ctx.store.upload_rewind(name, id, offset).await;
-        }
-        return Err(e.into());
-    }
+    ctx.store.upload_commit(name, id, &digest, before).await?;
     Ok(created_response(name, &digest))
 }
 
