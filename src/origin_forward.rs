@@ -58,12 +58,14 @@ impl Forwarder {
         })
     }
 
-    /// Where the session `path` names is held: here (or nowhere: not a session, or a home no
-    /// longer in the cluster, answered here with 404), at another live origin, or at a member
-    /// counted down.
+    /// Where the session `path` names is held: here (or nowhere: not a session, or a home
+    /// that is not a member, answered here with 404), at another live origin, or at a member
+    /// counted down. Only a member of its own can be down: an entry that is this origin
+    /// under another name, or another's second address, is never live, and a session named
+    /// for it got 503 for ever.
     fn home(&self, path: &str) -> Home {
         let Some(home) = upload_id(path).and_then(shoal_origin::upload_home) else { return Home::Here };
-        if home == self.membership.me() {
+        if home == self.membership.me() || !self.membership.is_member(&home) {
             return Home::Here;
         }
         let Some(url) = self.membership.url(&home) else { return Home::Here };

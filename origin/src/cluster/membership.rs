@@ -175,7 +175,13 @@ impl Member {
     }
 
     fn live(&self) -> bool {
-        self.health.up && !self.is_self && !self.alias && !self.maybe_self
+        self.health.up && self.is_member()
+    }
+
+    /// A member of its own, up or down: not this origin, nor another's second address, nor
+    /// (until it answers) maybe this origin.
+    fn is_member(&self) -> bool {
+        !self.is_self && !self.alias && !self.maybe_self
     }
 }
 
@@ -341,7 +347,7 @@ impl Membership {
         let mut all: Vec<MemberInfo> = table
             .others
             .iter()
-            .filter(|(_, m)| !m.is_self && !m.alias && !m.maybe_self)
+            .filter(|(_, m)| m.is_member())
             .map(|(id, m)| MemberInfo {
                 id: id.clone(),
                 url: url_of(id),
@@ -383,6 +389,12 @@ impl Membership {
     /// Base URL of a known member's API (`http://host:port`, IPv6 bracketed).
     pub fn url(&self, id: &str) -> Option<String> {
         (id == self.me || self.lock().others.contains_key(id)).then(|| url_of(id))
+    }
+
+    /// Whether `id` is a member of the cluster, up or down (this origin included), as
+    /// [`Membership::members`] lists them.
+    pub fn is_member(&self, id: &str) -> bool {
+        id == self.me || self.lock().others.get(id).is_some_and(Member::is_member)
     }
 
     /// A member's peer-protocol identity, from its last health reply (ours for this origin).
