@@ -26,9 +26,9 @@ use crate::origin_client::OriginClient;
 pub const REGISTRIES_REFRESH: Duration = Duration::from_secs(30);
 /// How often they are asked while no origin has answered yet.
 const REGISTRIES_RETRY: Duration = Duration::from_secs(2);
-/// Names without `ns` last answered from their upstream that are remembered (the set is
-/// cleared when full: forgetting one costs only its answer while the origins are down).
-const MAX_UPSTREAM_ANSWERED: usize = 4096;
+/// Names without `ns` whose answering form is remembered (the table is cleared when full:
+/// forgetting one costs only its answers while the origins are down).
+const MAX_ANSWERED_NAMES: usize = 4096;
 
 tokio::task_local! {
     /// The client's `Authorization: Basic` for upstreams while its request is handled.
@@ -45,34 +45,33 @@ pub struct Registries {
     /// `None` until an origin first answered: "no upstream registries" and "not known yet"
     /// must not look alike.
     names: Mutex<Option<Vec<String>>>,
-    /// Names asked without `ns` (Docker Engine's mirror requests) whose last answer came
-    /// from their upstream form: while the origins are down the pushed name answers 503,
-    /// not 404, and those pulls need the upstream form's kept answer.
-    upstream_answered: Mutex<std::collections::HashSet<String>>,
+    /// Names asked without `ns` (Docker Engine's mirror requests) by which form answered
+    /// them: `true` only upstream so far, `false` once the pushed name did (for good: a
+    /// pushed repository's missing tag is a 404 too, then answered upstream). While the
+    /// origins are down the pushed name answers 503, not 404, and an upstream-only name's
+    /// pulls need the upstream form's kept answer.
+    answered_by: Mutex<std::collections::HashMap<String, bool>>,
     origin: OriginClient,
 }
 
 impl Registries {
     pub fn new(origin: OriginClient) -> Arc<Registries> {
-        Arc::new(Registries { names: Mutex::new(None), upstream_answered: Mutex::default(), origin })
+        Arc::new(Registries { names: Mutex::new(None), answered_by: Mutex::default(), origin })
     }
 
-    /// Whether `name`'s last answer came from its upstream form.
-    fn answered_upstream(&self, name: &str) -> bool {
-        self.upstream_answered.lock().unwrap_or_else(|p| p.into_inner()).contains(name)
+    /// Whether `name` was answered by its upstream form only, so far.
+    fn answered_upstream_only(&self, name: &str) -> bool {
+        self.answered_by.lock().unwrap_or_else(|p| p.into_inner()).get(name) == Some(&true)
     }
 
-    /// Remember which form of `name` answered last.
-    fn set_answered_upstream(&self, name: &str, upstream: bool) {
-        let mut set = self.upstream_answered.lock().unwrap_or_else(|p| p.into_inner());
-        if !upstream {
-            set.remove(name);
-            return;
+    /// `name` was answered by its upstream form (`true`) or its pushed one (`false`, for good).
+    fn answered(&self, name: &str, upstream: bool) {
+        let mut table = self.answered_by.lock().unwrap_or_else(|p| p.into_inner());
+        if table.len() >= MAX_ANSWERED_NAMES && !table.contains_key(name) {
+            table.clear();
         }
-        if set.len() >= MAX_UPSTREAM_ANSWERED && !set.contains(name) {
-            set.clear();
-        }
-        set.insert(name.to_string());
+        let pushed_once = table.get(name) == Some(&false);
+        table.insert(name.to_string(), upstream && !pushed_once);
     }
 
     /// The names known (none before an origin first answered).
@@ -190,16 +189,16 @@ pub async fn map_names(State(s): State<MirrorState>, mut req: Request, next: Nex
             let answer = UPSTREAM_CREDENTIALS.scope(creds.clone(), next.clone().run(first)).await;
             let status = answer.status();
             if status.is_success() {
-                s.registries.set_answered_upstream(name_of(&parts.uri), false);
+                s.registries.answered(name_of(&parts.uri), false);
                 return answer;
             }
             // A 404 is "not pushed": the upstream form is asked. A server error (the origins
-            // down) is asked there too if that is where the name was last answered from,
-            // whose kept answers an agent serves while the origins are down; otherwise it
-            // stands (the pushed content may be what was asked for).
+            // down) is asked there too for a name only its upstream form has answered, whose
+            // kept answers an agent serves while the origins are down; otherwise it stands
+            // (pushed content may be what was asked for).
             let name = name_of(&parts.uri).to_string();
-            let upstream_before = s.registries.answered_upstream(&name);
-            if status != StatusCode::NOT_FOUND && !(status.is_server_error() && upstream_before) {
+            let upstream_only = s.registries.answered_upstream_only(&name);
+            if status != StatusCode::NOT_FOUND && !(status.is_server_error() && upstream_only) {
                 return answer;
             }
             let Some(uri) = with_name(&parts.uri, &full, &tail) else { return answer };
@@ -207,7 +206,7 @@ pub async fn map_names(State(s): State<MirrorState>, mut req: Request, next: Nex
             *second.uri_mut() = uri;
             let upstream = UPSTREAM_CREDENTIALS.scope(creds, next.run(second)).await;
             if upstream.status().is_success() {
-                s.registries.set_answered_upstream(&name, true);
+                s.registries.answered(&name, true);
             } else if status.is_server_error() {
                 return answer;
             }
@@ -299,13 +298,17 @@ mod tests {
         assert_eq!(upstream_asked.load(Ordering::SeqCst), 1);
         pushed.store(200, Ordering::SeqCst);
         assert_eq!(status(app.clone(), "/v2/team/app/manifests/1").await, StatusCode::OK);
+        // A tag the pushed repository lacks is answered upstream: the name stays pushed.
+        pushed.store(404, Ordering::SeqCst);
+        assert_eq!(status(app.clone(), "/v2/team/app/manifests/latest").await, StatusCode::OK);
+        assert_eq!(upstream_asked.load(Ordering::SeqCst), 2);
         // The origins go down.
         pushed.store(503, Ordering::SeqCst);
         assert_eq!(status(app.clone(), "/v2/library/alpine/manifests/1").await, StatusCode::OK);
         assert_eq!(status(app.clone(), "/v2/library/alpine/blobs/sha256:00").await, StatusCode::OK);
-        assert_eq!(upstream_asked.load(Ordering::SeqCst), 3);
+        assert_eq!(upstream_asked.load(Ordering::SeqCst), 4);
         assert_eq!(status(app.clone(), "/v2/team/app/manifests/1").await, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(upstream_asked.load(Ordering::SeqCst), 3, "a pushed name is not asked upstream");
+        assert_eq!(upstream_asked.load(Ordering::SeqCst), 4, "a pushed name is not asked upstream");
     }
 
     #[test]

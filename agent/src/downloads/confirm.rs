@@ -10,7 +10,9 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use axum::http::HeaderValue;
 use shoal_p2p::Metainfo;
+use shoal_registry::RepoName;
 
 use super::{Attempt, Download, Downloads, MetainfoSource};
 
@@ -41,9 +43,8 @@ impl MetainfoCheck {
 
 impl Download {
     /// What [`Download::confirm_metainfo`] answers without asking the origins, if it needs
-    /// not ask them: the reader asks this first, so it does not fetch the client's
-    /// credentials (an anonymous token, from a realm that may be slow) for nothing.
-    pub(super) fn metainfo_settled(&self, attempt: Attempt) -> Option<Result<(), String>> {
+    /// not ask them.
+    fn metainfo_settled(&self, attempt: Attempt) -> Option<Result<(), String>> {
         let check = &self.check;
         if attempt.number > 1 || check.first_source == MetainfoSource::Origin || check.confirmed.initialized()
         {
@@ -60,12 +61,15 @@ impl Download {
 
     /// Whether the metainfo that checks `attempt`'s pieces is known good for a range short of
     /// the blob's end (see the module docs), confirming it with the origins if need be within
-    /// `deadline`; if they cannot be asked, the download's end decides, within `deadline`.
+    /// `deadline`, asked as the reading client (`client`'s credentials for `repo`, fetched only
+    /// when the origins are asked: an anonymous client's token comes from a realm that may be
+    /// slow); if they cannot be asked, the download's end decides, within `deadline`.
     pub(super) async fn confirm_metainfo(
         &self,
         downloads: &Downloads,
         attempt: Attempt,
         metainfo: &Metainfo,
+        (repo, client): (&RepoName, Option<HeaderValue>),
         deadline: tokio::time::Instant,
     ) -> Result<(), String> {
         if let Some(settled) = self.metainfo_settled(attempt) {
@@ -81,7 +85,9 @@ impl Download {
             Err(Some("the origins could not be asked a moment ago".into()))
         } else {
             let ask = check.confirmed.get_or_try_init(|| async {
-                let origins = downloads.origin_metainfo(digest).await.map_err(|e| Some(e.to_string()))?;
+                let credentials = downloads.credentials(repo, client).await;
+                let asked = shoal_registry::auth::FORWARD_AUTHORIZATION.scope(credentials, downloads.origin_metainfo(digest));
+                let origins = asked.await.map_err(|e| Some(e.to_string()))?;
                 if origins != *metainfo {
                     tracing::warn!(%digest, "the tracker's metainfo is not the origins'; not serving a range by it");
                     return Err(None);

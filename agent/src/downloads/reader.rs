@@ -226,20 +226,12 @@ impl Reader {
             if finishes && self.end < metainfo.size() {
                 // The range's last bytes go only once its metainfo is known good: before
                 // them the client cannot take the answer for complete.
-                match download.metainfo_settled(attempt) {
-                    Some(settled) => settled.map_err(io_error)?,
-                    None => {
-                        // Asked as the reading client (the stream is read outside its
-                        // request's scope).
-                        let credentials = self.downloads.credentials(&self.repo, self.forward.clone()).await;
-                        let confirm =
-                            download.confirm_metainfo(&self.downloads, attempt, &metainfo, deadline);
-                        shoal_registry::auth::FORWARD_AUTHORIZATION
-                            .scope(credentials, confirm)
-                            .await
-                            .map_err(io_error)?;
-                    }
-                }
+                // Asked as the reading client (the stream is read outside its request's scope).
+                let client = (&self.repo, self.forward.clone());
+                download
+                    .confirm_metainfo(&self.downloads, attempt, &metainfo, client, deadline)
+                    .await
+                    .map_err(io_error)?;
             }
             let last = metainfo.piece_index_at(pos + buf.len() as u64 - 1).unwrap_or(index);
             let first = self.sent.as_ref().map_or(index, |s| s.first.min(index));

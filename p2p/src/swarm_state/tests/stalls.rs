@@ -334,7 +334,7 @@ fn a_peer_trickling_bytes_and_reconnecting_does_not_hold_the_download() {
         bytes += 20;
         let connected = s.peer_count() > 0;
         s.tick(t, &[(peer(1), ConnBytes { all: bytes, pieces: bytes })]).unwrap();
-        if connected && (t - t0).as_millis() % 50_000 == 0 {
+        if connected && (t - t0).as_millis().is_multiple_of(50_000) {
             // Every 50 s, before the peer's own minute is up: a new connection.
             s.closed(&peer(1));
             bytes = 0;
