@@ -7,6 +7,12 @@ use shoal_tracker::TrackerConfig;
 
 use crate::http::{with_basics, BoundServer, HttpMetrics};
 
+/// Default connections a tracker keeps open at once. Every agent of a fleet keeps one
+/// (pooled, used every few seconds: never idle long enough to be closed), so this is the
+/// largest fleet a tracker serves; at the listeners' default of 4,096 a larger fleet's
+/// agents waited in the backlog, timed out, and pulled from the origins over HTTP.
+pub const DEFAULT_TRACKER_MAX_CONNECTIONS: usize = 65_536;
+
 /// Flags of `shoal tracker`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrackerArgs {
@@ -28,6 +34,11 @@ pub struct TrackerArgs {
     #[arg(long, env = "SHOAL_IPV6_HOST_PREFIX", default_value_t = shoal_p2p::inbound::DEFAULT_IPV6_HOST_PREFIX,
           value_parser = clap::value_parser!(u8).range(1..=128))]
     pub ipv6_host_prefix: u8,
+    /// Connections open at once (one per agent of the fleet, and the origins'); at the cap,
+    /// new ones wait for one to close. Needs as many open files (`ulimit -n`)
+    #[arg(long, env = "SHOAL_MAX_CONNECTIONS", default_value_t = DEFAULT_TRACKER_MAX_CONNECTIONS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_048_576))]
+    pub max_connections: usize,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
 }
@@ -45,8 +56,9 @@ pub async fn bind(args: TrackerArgs) -> anyhow::Result<BoundServer> {
         ..TrackerConfig::default()
     };
     let api = shoal_tracker::router(config, &metrics.registry)?;
-    // No config file: the default limits.
-    let limits = crate::http_server::HttpLimits::default();
+    // No config file: the default limits but the connection cap.
+    let limits =
+        crate::http_server::HttpLimits { max_connections: args.max_connections, ..Default::default() };
     let readiness = crate::readiness::Readiness::new(vec![]);
     let server =
         BoundServer::bind(args.listen, with_basics(api, metrics, readiness.clone()), limits, readiness)

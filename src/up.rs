@@ -157,6 +157,7 @@ pub async fn run(
         announce_interval: std::time::Duration::from_secs(3),
         handout_limit: 50,
         ipv6_host_prefix: shoal_p2p::inbound::DEFAULT_IPV6_HOST_PREFIX,
+        max_connections: tracker::DEFAULT_TRACKER_MAX_CONNECTIONS,
         tls: Default::default(),
     })
     .await?;

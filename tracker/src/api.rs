@@ -306,10 +306,14 @@ fn admit(t: &Tracker, announcer: &str, req: &AnnounceRequest) -> Result<Handout,
     };
     t.announces.with_label_values(&[outcome]).inc();
     match admitted {
-        Ok(()) | Err(Refused::SwarmFull) => Ok(Handout::Peers),
+        // Another announcer holds this peer id's entry (peer ids are in every handout, so a
+        // hostile one can squat a victim's id on digests it has not announced yet): the
+        // entry stays the holder's, but the downloader still gets its peers. Refused with
+        // 403, it failed over to another tracker (splitting the swarm) or fetched the blob
+        // over HTTP, for as long as the squatter refreshed.
+        Ok(()) | Err(Refused::SwarmFull | Refused::NotOwner) => Ok(Handout::Peers),
         Err(Refused::StoreFull) => Ok(Handout::Cached),
         Err(why @ Refused::AnnouncerFull) => Err((StatusCode::TOO_MANY_REQUESTS, why.to_string())),
-        Err(why @ Refused::NotOwner) => Err((StatusCode::FORBIDDEN, why.to_string())),
     }
 }
 

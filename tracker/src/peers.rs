@@ -57,7 +57,15 @@ pub struct PeerStoreLimits {
     pub max_digests: usize,
     /// Live announcements one announcer may hold.
     pub max_entries_per_announcer: usize,
+    /// Live announcements held in all: new ones are refused past it until entries expire.
+    /// Per-announcer quotas alone let a few hundred announcer keys (a host with many IPv6
+    /// addresses where the prefix is 128) grow the store past the tracker's memory.
+    pub max_entries: usize,
 }
+
+/// Default [`PeerStoreLimits::max_entries`]: about 150-200 bytes each, so ~200 MB at most,
+/// and fifty fleets of 20,000 hosts with a blob each.
+pub const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
 
 impl Default for PeerStoreLimits {
     fn default() -> Self {
@@ -66,6 +74,7 @@ impl Default for PeerStoreLimits {
             max_peers_per_digest: DEFAULT_MAX_PEERS_PER_DIGEST,
             max_digests: 100_000,
             max_entries_per_announcer: DEFAULT_MAX_ENTRIES_PER_ANNOUNCER,
+            max_entries: DEFAULT_MAX_ENTRIES,
         }
     }
 }
@@ -81,26 +90,51 @@ pub struct PeerStore {
     limits: PeerStoreLimits,
     /// Per digest, peers by id: a `BTreeMap`, so handouts from a seeded RNG are reproducible.
     swarms: HashMap<Digest, BTreeMap<String, Entry>>,
-    /// Live announcements per announcer.
-    held: HashMap<Arc<str>, usize>,
+    /// Live announcements per announcer, and in all.
+    held: Held,
     /// When expired entries were last dropped, and how many times that has been done.
     last_sweep: Option<Instant>,
     sweeps: u64,
 }
 
-/// One fewer announcement held by `announcer`.
-fn release(held: &mut HashMap<Arc<str>, usize>, announcer: &Arc<str>) {
-    if let Some(n) = held.get_mut(announcer) {
-        *n -= 1;
-        if *n == 0 {
-            held.remove(announcer);
+/// Live announcements per announcer, and their total.
+#[derive(Default)]
+struct Held {
+    by: HashMap<Arc<str>, usize>,
+    total: usize,
+}
+
+impl Held {
+    fn of(&self, announcer: &str) -> usize {
+        self.by.get(announcer).copied().unwrap_or(0)
+    }
+
+    /// `announcer` as a shared key (the one already held, if any).
+    fn key(&self, announcer: &str) -> Arc<str> {
+        self.by.get_key_value(announcer).map_or_else(|| Arc::from(announcer), |(k, _)| k.clone())
+    }
+
+    /// One more announcement held by `announcer`.
+    fn charge(&mut self, announcer: Arc<str>) {
+        *self.by.entry(announcer).or_insert(0) += 1;
+        self.total += 1;
+    }
+
+    /// One fewer announcement held by `announcer`.
+    fn release(&mut self, announcer: &Arc<str>) {
+        if let Some(n) = self.by.get_mut(announcer) {
+            *n -= 1;
+            self.total -= 1;
+            if *n == 0 {
+                self.by.remove(announcer);
+            }
         }
     }
 }
 
 impl PeerStore {
     pub fn new(limits: PeerStoreLimits) -> PeerStore {
-        PeerStore { limits, swarms: HashMap::new(), held: HashMap::new(), last_sweep: None, sweeps: 0 }
+        PeerStore { limits, swarms: HashMap::new(), held: Held::default(), last_sweep: None, sweeps: 0 }
     }
 
     /// Record (or refresh) an announcement, charged to the peer itself; `false` if refused.
@@ -127,16 +161,22 @@ impl PeerStore {
         now: Instant,
     ) -> Result<(), Refused> {
         let existing = self.swarms.get(digest).and_then(|s| s.get(peer_id));
+        let new_entry = existing.is_none();
         let refresh = match existing {
             Some(e) if e.expires > now && !owns(e, announcer, addr) => return Err(Refused::NotOwner),
             Some(e) => owns(e, announcer, addr),
             None => false,
         };
-        if !refresh && self.held.get(announcer).copied().unwrap_or(0) >= self.limits.max_entries_per_announcer
-        {
+        if !refresh && self.held.of(announcer) >= self.limits.max_entries_per_announcer {
             self.expire_if_due(now);
-            if self.held.get(announcer).copied().unwrap_or(0) >= self.limits.max_entries_per_announcer {
+            if self.held.of(announcer) >= self.limits.max_entries_per_announcer {
                 return Err(Refused::AnnouncerFull);
+            }
+        }
+        if new_entry && self.held.total >= self.limits.max_entries {
+            self.expire_if_due(now);
+            if self.held.total >= self.limits.max_entries {
+                return Err(Refused::StoreFull);
             }
         }
         if !self.swarms.contains_key(digest) && self.swarms.len() >= self.limits.max_digests {
@@ -151,7 +191,7 @@ impl PeerStore {
             swarm.retain(|_, e| {
                 let live = e.expires > now;
                 if !live {
-                    release(held, &e.announcer);
+                    held.release(&e.announcer);
                 }
                 live
             });
@@ -163,20 +203,17 @@ impl PeerStore {
                     .min_by_key(|(_, e)| e.expires)
                     .map(|(k, _)| k.clone());
                 match victim.and_then(|v| swarm.remove(&v)) {
-                    Some(gone) => release(held, &gone.announcer),
+                    Some(gone) => held.release(&gone.announcer),
                     None => return Err(Refused::SwarmFull),
                 }
             }
         }
-        let announcer: Arc<str> = match held.get_key_value(announcer) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(announcer),
-        };
+        let announcer = held.key(announcer);
         let entry = Entry { addr, complete, expires: now + self.limits.ttl, announcer: announcer.clone() };
         if let Some(old) = swarm.insert(peer_id.to_string(), entry) {
-            release(held, &old.announcer);
+            held.release(&old.announcer);
         }
-        *held.entry(announcer).or_insert(0) += 1;
+        held.charge(announcer);
         Ok(())
     }
 
@@ -184,7 +221,7 @@ impl PeerStore {
     pub fn remove(&mut self, digest: &Digest, peer_id: &str) {
         if let Some(swarm) = self.swarms.get_mut(digest) {
             if let Some(gone) = swarm.remove(peer_id) {
-                release(&mut self.held, &gone.announcer);
+                self.held.release(&gone.announcer);
             }
             if swarm.is_empty() {
                 self.swarms.remove(digest);
@@ -220,7 +257,7 @@ impl PeerStore {
             swarm.retain(|_, e| {
                 let live = e.expires > now;
                 if !live {
-                    release(held, &e.announcer);
+                    held.release(&e.announcer);
                 }
                 live
             });
@@ -490,6 +527,38 @@ mod tests {
         assert_eq!(store.peers(), 2, "a stop naming another peer address removed the entry");
         store.remove_by("agent-1@10.0.0.4", &d, "p", addr(1));
         assert_eq!(store.peers(), 1, "the node's stop from another address removed its entry");
+    }
+
+    /// Announcements in all are bounded whatever the number of announcers: past the cap a
+    /// new one is refused as the store being full (its announcer still gets peers), a
+    /// refresh still goes through, and room comes back as entries go.
+    #[test]
+    fn the_store_holds_at_most_so_many_announcements_in_all() {
+        let now = Instant::now();
+        let mut store = PeerStore::new(PeerStoreLimits { max_entries: 5, ..PeerStoreLimits::default() });
+        for i in 0..5 {
+            let announcer = format!("10.0.0.{i}");
+            assert_eq!(
+                store.announce_by(&announcer, &digest("a"), &format!("p{i}"), addr(i), true, now),
+                Ok(())
+            );
+        }
+        assert_eq!(
+            store.announce_by("10.0.0.9", &digest("a"), "p9", addr(9), true, now),
+            Err(Refused::StoreFull)
+        );
+        assert_eq!(
+            store.announce_by("10.0.0.9", &digest("b"), "p9", addr(9), true, now),
+            Err(Refused::StoreFull)
+        );
+        assert_eq!(
+            store.announce_by("10.0.0.1", &digest("a"), "p1", addr(1), false, now),
+            Ok(()),
+            "a refresh"
+        );
+        store.remove_by("10.0.0.0", &digest("a"), "p0", addr(0));
+        assert_eq!(store.announce_by("10.0.0.9", &digest("a"), "p9", addr(9), true, now), Ok(()));
+        assert_eq!(store.peers(), 5);
     }
 
     #[test]

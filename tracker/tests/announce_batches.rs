@@ -124,6 +124,39 @@ async fn a_batch_is_answered_in_order_and_a_refused_announce_fails_alone() {
     assert_eq!(counter(&registry, "shoal_tracker_announces_total", Some("invalid")), 1);
 }
 
+/// An announcer that took another node's peer id first (ids are in every handout) does not
+/// lock that node out: its announce is not recorded (the entry is the squatter's until it
+/// expires) but it is handed the peers. Before, it got 403 and failed over to another
+/// tracker or fetched the blob over HTTP, for as long as the squatter refreshed.
+#[tokio::test]
+async fn a_squatted_peer_id_still_gets_its_peers() {
+    let (url, registry) = tracker(false).await;
+    let tracker = client(vec![url.clone()]);
+    let (victim, seeder) = (PeerId::random(), PeerId::random());
+    assert!(tracker.announce_many(&[req(0, seeder, 7001, true)]).await[0].is_ok());
+    let squatter = reqwest::Client::builder()
+        .no_proxy()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .expect("client");
+    let body = serde_json::to_vec(&req(0, victim, 6666, true)).expect("json");
+    let squat = squatter
+        .post(format!("{url}/v1/announce"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await;
+    let Ok(squat) = squat else {
+        println!("skipping: cannot send from 127.0.0.2");
+        return;
+    };
+    assert!(squat.status().is_success(), "{}", squat.status());
+    let answered = tracker.announce_many(&[req(0, victim, 7002, false)]).await;
+    let peers = &answered[0].as_ref().expect("the victim is answered").peers;
+    assert!(peers.iter().any(|p| p.peer_id == seeder.to_string()), "{peers:?}");
+    assert_eq!(counter(&registry, "shoal_tracker_announces_total", Some("refused")), 1);
+}
+
 /// One announcer that filled a digest's swarm with made-up complete peers (20,000, the most
 /// a digest keeps) does not leave an honest downloader with nothing: it is handed peers, not
 /// refused with 503 (it then fetched the whole blob from the origins over HTTP). It is not
