@@ -332,6 +332,17 @@ impl OriginConfig {
         if write_quorum == 0 || write_quorum > replicas {
             anyhow::bail!("cluster.write_quorum must be between 1 and replicas ({replicas})");
         }
+        // Members named outright (no DNS source that may name more): a write quorum above
+        // their number could never be met, and every push failed with 503.
+        let named = members.iter().all(|m| !m.starts_with("dns+") && !m.starts_with("srv+"));
+        let distinct: std::collections::BTreeSet<&String> = members.iter().chain([&advertise]).collect();
+        if !lone && named && write_quorum > distinct.len() {
+            anyhow::bail!(
+                "cluster.write_quorum ({write_quorum}) is more than the {} origins cluster.members names: \
+                 every write would fail (lower cluster.replicas, or cluster.write_quorum)",
+                distinct.len()
+            );
+        }
         Ok(shoal_origin::cluster::ClusterConfig {
             advertise,
             members,
@@ -431,6 +442,22 @@ mod tests {
         let unguarded: OriginConfig =
             toml::from_str("[cluster]\nmembers = [\"dns+origins:1\"]\nadvertise = \"a:1\"\n").unwrap();
         assert!(unguarded.cluster().unwrap_err().to_string().contains("needs node certificates"));
+    }
+
+    /// A write quorum more origins than the members named outright could never be met: refused
+    /// at start (every push failed with 503, `/readyz` 200). A `dns+` member may name more.
+    #[test]
+    fn a_write_quorum_above_the_named_members_is_refused() {
+        let two = "[cluster]\nsecret = \"s\"\nmembers = [\"a:1\", \"b:1\"]\nadvertise = \"a:1\"\n";
+        let three: OriginConfig = toml::from_str(&format!("{two}replicas = 3\n")).unwrap();
+        let err = three.cluster().unwrap_err().to_string();
+        assert!(err.contains("more than the 2 origins"), "{err}");
+        let quorum_two: OriginConfig =
+            toml::from_str(&format!("{two}replicas = 3\nwrite_quorum = 2\n")).unwrap();
+        assert!(quorum_two.cluster().is_ok());
+        let named =
+            "[cluster]\nsecret = \"s\"\nmembers = [\"dns+origins:1\"]\nadvertise = \"a:1\"\nreplicas = 3\n";
+        assert!(toml::from_str::<OriginConfig>(named).unwrap().cluster().is_ok());
     }
 
     /// Zero timeouts and counts are refused with the setting's name, not taken as one or
