@@ -168,7 +168,8 @@ mod tests {
         let key = dir.path().join("node-key.pem");
         std::fs::write(&key, "old").unwrap();
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let (_, written) = write_issued(&ca, dir.path(), "node", Role::Agent, &[], &[], 1).unwrap();
+        let ips = ["127.0.0.1".parse().unwrap()];
+        let (_, written) = write_issued(&ca, dir.path(), "node", Role::Agent, &[], &ips, 1).unwrap();
         assert_eq!(written, key);
         assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(std::fs::read_to_string(&key).unwrap().contains("PRIVATE KEY"));

@@ -217,7 +217,7 @@ mod tests {
     #[test]
     fn the_validity_problem_is_told_in_the_last_third_and_after() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = crate::new_ca("test", 1).unwrap();
+        let ca = crate::new_ca("test", 365).unwrap();
         let issued = crate::issue(&ca, "n", Role::Agent, &["localhost".into()], &[], 30).unwrap();
         let (cert, key) = (dir.path().join("n.pem"), dir.path().join("n-key.pem"));
         std::fs::write(&cert, &issued.cert_pem).unwrap();
@@ -239,7 +239,7 @@ mod tests {
     #[test]
     fn an_expired_pair_does_not_replace_a_valid_one() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = crate::new_ca("test", 1).unwrap();
+        let ca = crate::new_ca("test", 365).unwrap();
         let (cert, key) = (dir.path().join("n.pem"), dir.path().join("n-key.pem"));
         let write = |days: u32, name: &str| {
             let issued = crate::issue(&ca, name, Role::Agent, &["localhost".into()], &[], days).unwrap();
