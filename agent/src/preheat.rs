@@ -123,7 +123,25 @@ fn platform_matches(p: &Option<PlatformJson>, want: &str) -> bool {
     full == want || format!("{}/{}", p.os, p.architecture) == want
 }
 
+/// Most child manifests one preheat follows (an index of every platform has a few dozen).
+pub const MAX_PREHEAT_MANIFESTS: usize = 1024;
+/// Most distinct blobs one preheat plans.
+pub const MAX_PREHEAT_BLOBS: usize = 10_000;
+
+/// Add the blobs manifest `bytes` names to `digests`, at most [`MAX_PREHEAT_BLOBS`] in all.
+fn add_blobs(digests: &mut BTreeSet<Digest>, media_type: &str, bytes: &[u8]) -> Result<(), String> {
+    let parsed = parse_manifest(Some(media_type), bytes).map_err(|e| e.to_string())?;
+    digests.extend(parsed.blobs);
+    if digests.len() > MAX_PREHEAT_BLOBS {
+        return Err(format!("the image names more than {MAX_PREHEAT_BLOBS} blobs; not preheated"));
+    }
+    Ok(())
+}
+
 /// Every blob (with size) of the image, following an index into its (matching) manifests.
+/// Each child is read and parsed in turn, its bytes dropped before the next: kept until all
+/// were read, an index of a few hundred distinct 4 MiB children took a GiB, the agent's
+/// whole memory, per preheat.
 async fn plan(
     store: &AgentStore,
     repo: &RepoName,
@@ -133,11 +151,12 @@ async fn plan(
     let top =
         store.manifest_get(repo, reference).await.map_err(|e| e.to_string())?.ok_or("manifest unknown")?;
     let parsed = parse_manifest(Some(&top.media_type), &top.bytes).map_err(|e| e.to_string())?;
-    let mut manifests = Vec::new();
+    let mut digests = BTreeSet::new();
     if parsed.children.is_empty() {
-        manifests.push(top);
+        add_blobs(&mut digests, &top.media_type, &top.bytes)?;
     } else {
         let index: IndexEntries = serde_json::from_slice(&top.bytes).map_err(|e| e.to_string())?;
+        drop(top);
         // Each child once: an index may name one any number of times, and each would be
         // fetched and parsed again (35,000 times a 4 MiB child in a 4 MiB index).
         let mut seen = BTreeSet::new();
@@ -147,21 +166,21 @@ async fn plan(
             {
                 continue;
             }
+            if seen.len() > MAX_PREHEAT_MANIFESTS {
+                return Err(format!(
+                    "the index names more than {MAX_PREHEAT_MANIFESTS} manifests; not preheated"
+                ));
+            }
             let child = store
                 .manifest_get(repo, &Reference::Digest(entry.digest.clone()))
                 .await
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| format!("child manifest {} unknown", entry.digest))?;
-            manifests.push(child);
+            add_blobs(&mut digests, &child.media_type, &child.bytes)?;
         }
-        if manifests.is_empty() {
+        if seen.is_empty() {
             return Err(format!("no manifest for platform {}", platform.unwrap_or("")));
         }
-    }
-    let mut digests = BTreeSet::new();
-    for m in &manifests {
-        let p = parse_manifest(Some(&m.media_type), &m.bytes).map_err(|e| e.to_string())?;
-        digests.extend(p.blobs);
     }
     let mut blobs = Vec::new();
     for d in digests {
@@ -306,6 +325,31 @@ pub async fn preheat(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A plan's blobs are bounded: an image naming more than [`MAX_PREHEAT_BLOBS`] distinct
+    /// blobs is refused, not planned.
+    #[test]
+    fn a_plan_holds_at_most_so_many_blobs() {
+        let manifest = |from: usize, n: usize| {
+            let layer = |i: usize| {
+                let d = Digest::of(shoal_registry::Algorithm::Sha256, &i.to_le_bytes());
+                serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d.to_string(), "size": 1})
+            };
+            let config = layer(usize::MAX - from);
+            let layers: Vec<_> = (from..from + n).map(layer).collect();
+            let m = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config["digest"], "size": 1},
+                "layers": layers});
+            serde_json::to_vec(&m).unwrap()
+        };
+        let oci = "application/vnd.oci.image.manifest.v1+json";
+        let mut digests = BTreeSet::new();
+        add_blobs(&mut digests, oci, &manifest(0, MAX_PREHEAT_BLOBS / 2)).unwrap();
+        assert_eq!(digests.len(), MAX_PREHEAT_BLOBS / 2 + 1);
+        let err =
+            add_blobs(&mut digests, oci, &manifest(MAX_PREHEAT_BLOBS, MAX_PREHEAT_BLOBS / 2)).unwrap_err();
+        assert!(err.contains("more than"), "{err}");
+    }
 
     #[test]
     fn parses_image_references() {
