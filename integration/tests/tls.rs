@@ -167,10 +167,19 @@ async fn the_tracker_takes_announces_only_from_the_clusters_nodes() {
     let body: serde_json::Value = resp.json().await.unwrap();
     assert!(body["peers"].as_array().is_some_and(|p| !p.is_empty()), "{body}");
 
-    // Another node cannot take over that peer id while it is live.
+    // Another node cannot take over that peer id while it is live: it is handed peers (a
+    // squatter must not lock a node out either), but the entry stays the first node's.
     let other = client_as("node-y", Role::Agent);
     let resp = other.post(&url).json(&fake).send().await.unwrap();
-    assert_eq!(resp.status(), reqwest::StatusCode::FORBIDDEN);
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    let third = client_as("node-z", Role::Agent);
+    let mut asking = real.clone();
+    asking["peer_id"] = "cd".repeat(20).into();
+    asking["addr"] = "127.0.0.1:10".into();
+    let body: serde_json::Value = third.post(&url).json(&asking).send().await.unwrap().json().await.unwrap();
+    let listed = body["peers"].as_array().cloned().unwrap_or_default();
+    let entry = listed.iter().find(|p| p["peer_id"] == "ab".repeat(20)).expect("the first node's entry");
+    assert_eq!(entry["addr"], "127.0.0.1:9", "{body}");
 }
 
 /// A client presenting a certificate of `role` from the test PKI.
