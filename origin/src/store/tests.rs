@@ -12,6 +12,25 @@ fn body(data: &[u8]) -> ByteStream {
     Box::pin(stream::iter(vec![Ok(Bytes::copy_from_slice(data))]))
 }
 
+/// Fill the disk at `dir` (a small tmpfs) up to less than a page, then the store's metadata
+/// file's free pages: the next commit meets a full disk. Returns the file to remove to make
+/// room again.
+fn fill_disk(dir: &std::path::Path, store: &OriginStore) -> std::path::PathBuf {
+    use std::io::Write;
+    let filler = dir.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 4 << 10];
+    while f.write_all(&chunk).is_ok() {}
+    for i in 0u32..400 {
+        let d = Digest::of(Algorithm::Sha256, &i.to_le_bytes());
+        let meta = &store.inner.meta;
+        if meta.commit_blob(&d, 10, None).and_then(|_| meta.put_metainfo(&d, &vec![7u8; 32 << 10])).is_err() {
+            break;
+        }
+    }
+    filler
+}
+
 async fn open(dir: &std::path::Path) -> OriginStore {
     OriginStore::open(StoreConfig {
         data_dir: dir.to_path_buf(),
@@ -36,21 +55,7 @@ async fn a_commit_on_a_full_disk_can_be_retried_once_space_is_back() {
     let digest = Digest::of(Algorithm::Sha256, &data);
     let up = store.upload_start(&repo, "o:1").await.unwrap();
     store.upload_append(&repo, &up.id, Some(0), None, body(&data)).await.unwrap();
-    let filler = dir.path().join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let chunk = vec![0u8; 64 << 10];
-        while f.write_all(&chunk).is_ok() {}
-    }
-    // Use up the metadata file's free pages too.
-    for i in 0u32..400 {
-        let d = Digest::of(Algorithm::Sha256, &i.to_le_bytes());
-        let meta = &store.inner.meta;
-        if meta.commit_blob(&d, 10, None).and_then(|_| meta.put_metainfo(&d, &vec![7u8; 32 << 10])).is_err() {
-            break;
-        }
-    }
+    let filler = fill_disk(dir.path(), &store);
     let err = store.upload_finish(&repo, &up.id, &digest, None).await.unwrap_err();
     assert!(matches!(err, StoreError::StorageFull), "{err:?}");
     assert!(!store.blob_path(&digest).exists(), "an unrecorded file was left in the blob store");
@@ -93,20 +98,7 @@ async fn a_final_put_with_a_body_can_be_sent_again_after_a_full_disk() {
         .await
         .unwrap();
     assert_eq!(patch.status(), 202);
-    let filler = dir.path().join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let chunk = vec![0u8; 4 << 10];
-        while f.write_all(&chunk).is_ok() {}
-    }
-    for i in 0u32..400 {
-        let d = Digest::of(Algorithm::Sha256, &i.to_le_bytes());
-        let meta = &store.inner.meta;
-        if meta.commit_blob(&d, 10, None).and_then(|_| meta.put_metainfo(&d, &vec![7u8; 32 << 10])).is_err() {
-            break;
-        }
-    }
+    let filler = fill_disk(dir.path(), &store);
     let sep = if location.contains('?') { '&' } else { '?' };
     let put = || http.put(format!("{location}{sep}digest={digest}")).body(tail.to_vec()).send();
     let failed = put().await.unwrap();
