@@ -127,26 +127,18 @@ impl Upstream {
             }
             _ => None,
         };
-        let http = shoal_tls::upstream_http_client(config.ca_file.as_deref())
-            .map_err(|e| UpstreamError::Config(format!("ca_file: {e}")))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .build()
-            .map_err(|e| UpstreamError::Config(format!("HTTP client: {e}")))?;
-        // Known at once for an address or `localhost`; a name is resolved at the first
-        // token fetch.
-        let place = realm::UpstreamPlace::default();
-        let base_host =
-            reqwest::Url::parse(config.base()).ok().and_then(|u| u.host_str().map(str::to_string));
-        if let Some(known) = base_host.as_deref().and_then(realm::place_of_host) {
-            place.set(known);
-        }
-        let token_http = shoal_tls::upstream_http_client(config.ca_file.as_deref())
-            .map_err(|e| UpstreamError::Config(format!("ca_file: {e}")))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .dns_resolver(std::sync::Arc::new(realm::RealmResolver(place.clone())))
-            .redirect(realm::redirect_policy(place.clone()))
-            .build()
-            .map_err(|e| UpstreamError::Config(format!("HTTP client: {e}")))?;
+        let client = |realm: Option<&realm::UpstreamPlace>| {
+            let builder = shoal_tls::upstream_http_client(config.ca_file.as_deref())
+                .map_err(|e| UpstreamError::Config(format!("ca_file: {e}")))?
+                .connect_timeout(CONNECT_TIMEOUT);
+            let builder = match realm {
+                Some(place) => place.token_client(builder),
+                None => builder,
+            };
+            builder.build().map_err(|e| UpstreamError::Config(format!("HTTP client: {e}")))
+        };
+        let place = realm::UpstreamPlace::for_base(config.base());
+        let (http, token_http) = (client(None)?, client(Some(&place))?);
         let shared = configured.as_ref().map(Credentials::fingerprint).unwrap_or([0; 32]);
         Ok(Upstream {
             config,
@@ -425,7 +417,7 @@ impl Upstream {
         creds: Option<&Credentials>,
         key: &[u8; 32],
     ) -> Result<(HeaderValue, Duration), UpstreamError> {
-        if !self.realm_allowed(realm).await {
+        if !self.place.allows_realm(self.config.base(), realm, CONNECT_TIMEOUT).await {
             tracing::warn!(
                 registry = self.registry(), realm,
                 "the upstream's token realm is on this host or a link-local address (a cloud metadata service, say); not asked"
@@ -484,24 +476,6 @@ impl Upstream {
             answer.bearer().ok_or_else(|| UpstreamError::Invalid("token answer without a token".into()))?;
         self.metrics.request(self.registry(), "token", "ok");
         Ok((token, answer.life()))
-    }
-
-    /// Whether `realm`, as written, may be asked (see `realm`; its name's addresses and its
-    /// redirects are checked by the token client). Unparseable realms are not.
-    async fn realm_allowed(&self, realm: &str) -> bool {
-        let upstream = match self.place.get() {
-            Some(place) => place,
-            None => {
-                let place = realm::place_of_base(self.config.base(), CONNECT_TIMEOUT).await;
-                self.place.set(place);
-                place
-            }
-        };
-        let Ok(url) = reqwest::Url::parse(realm) else { return false };
-        match url.host_str() {
-            Some(host) => realm::place_of_host(host).is_none_or(|place| realm::allowed(upstream, place)),
-            None => false,
-        }
     }
 
     /// One request, its headers within [`HEADERS_TIMEOUT`].

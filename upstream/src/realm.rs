@@ -122,6 +122,42 @@ impl UpstreamPlace {
     fn allows(&self, realm: Place) -> bool {
         allowed(self.get().unwrap_or(Place::Elsewhere), realm)
     }
+
+    /// The place of an upstream at `base`: known at once for an address or `localhost`; a
+    /// name is resolved at the first token fetch ([`UpstreamPlace::allows_realm`]).
+    pub fn for_base(base: &str) -> UpstreamPlace {
+        let place = UpstreamPlace::default();
+        let host = reqwest::Url::parse(base).ok().and_then(|u| u.host_str().map(str::to_string));
+        if let Some(known) = host.as_deref().and_then(place_of_host) {
+            place.set(known);
+        }
+        place
+    }
+
+    /// `builder` as the client token requests go out on: its resolver and redirect policy
+    /// keep realms off the addresses this place does not allow.
+    pub fn token_client(&self, builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
+        builder.dns_resolver(Arc::new(RealmResolver(self.clone()))).redirect(redirect_policy(self.clone()))
+    }
+
+    /// Whether `realm`, as written, may be asked for the upstream at `base` (its name's
+    /// addresses and its redirects are checked by the token client). Unparseable realms are
+    /// not. Resolves `base` (within `timeout`) the first time if it is a name.
+    pub async fn allows_realm(&self, base: &str, realm: &str, timeout: std::time::Duration) -> bool {
+        let upstream = match self.get() {
+            Some(place) => place,
+            None => {
+                let place = place_of_base(base, timeout).await;
+                self.set(place);
+                place
+            }
+        };
+        let Ok(url) = reqwest::Url::parse(realm) else { return false };
+        match url.host_str() {
+            Some(host) => place_of_host(host).is_none_or(|place| allowed(upstream, place)),
+            None => false,
+        }
+    }
 }
 
 /// The token client's resolver: a realm's name resolves only to the addresses the upstream's
