@@ -1,7 +1,9 @@
 //! The tracker's soft state: per blob digest, the peers that announced it, with a TTL, and the
 //! handout policy. Pure and synchronous (time is an argument) so the policy is unit-tested,
 //! and deterministic for a seeded RNG (peers are kept in id order, not a hash map's random
-//! order), so `shoal-sim` replays a fleet's handouts exactly.
+//! order, and each class's list changes only by the store's own operations), so `shoal-sim`
+//! replays a fleet's handouts exactly. A handout samples its peers in O(limit), not in the
+//! swarm's size: it runs under the tracker's lock for every announce of a download.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -19,6 +21,105 @@ struct Entry {
     expires: Instant,
     /// Who announced it (a node identity, or an address without TLS): its quota is charged.
     announcer: Arc<str>,
+    /// Its index in its class's list ([`Swarm::complete`] or [`Swarm::incomplete`]).
+    slot: usize,
+}
+
+/// One digest's announcements: by peer id (id order, so sweeps are reproducible), and each
+/// class's ids in a list a handout samples by index without walking the swarm.
+#[derive(Default)]
+struct Swarm {
+    entries: BTreeMap<Arc<str>, Entry>,
+    complete: Vec<Arc<str>>,
+    incomplete: Vec<Arc<str>>,
+}
+
+impl Swarm {
+    fn class(&mut self, complete: bool) -> &mut Vec<Arc<str>> {
+        if complete {
+            &mut self.complete
+        } else {
+            &mut self.incomplete
+        }
+    }
+
+    fn get(&self, id: &str) -> Option<&Entry> {
+        self.entries.get(id)
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Record `entry` under `id`, in place of any entry it had (returned).
+    fn insert(&mut self, id: &str, mut entry: Entry) -> Option<Entry> {
+        let old = self.remove(id);
+        let id: Arc<str> = Arc::from(id);
+        let class = self.class(entry.complete);
+        entry.slot = class.len();
+        class.push(id.clone());
+        self.entries.insert(id, entry);
+        old
+    }
+
+    /// Forget `id`'s entry: its class's list fills the hole with its last id.
+    fn remove(&mut self, id: &str) -> Option<Entry> {
+        let gone = self.entries.remove(id)?;
+        let class = self.class(gone.complete);
+        class.swap_remove(gone.slot);
+        if let Some(moved) = class.get(gone.slot).cloned() {
+            if let Some(e) = self.entries.get_mut(&moved) {
+                e.slot = gone.slot;
+            }
+        }
+        Some(gone)
+    }
+
+    /// Drop the entries `keep` refuses (calling it once per entry, in id order), then rebuild
+    /// the class lists in id order if any went.
+    fn retain(&mut self, mut keep: impl FnMut(&Entry) -> bool) {
+        let before = self.entries.len();
+        self.entries.retain(|_, e| keep(e));
+        if self.entries.len() == before {
+            return;
+        }
+        self.complete.clear();
+        self.incomplete.clear();
+        for (id, e) in &mut self.entries {
+            let class = if e.complete { &mut self.complete } else { &mut self.incomplete };
+            e.slot = class.len();
+            class.push(id.clone());
+        }
+    }
+}
+
+/// Up to `want` distinct indices below `len`, in uniformly random order, of which `keep`
+/// holds: a Fisher-Yates shuffle done lazily (only the positions drawn are remembered),
+/// stopping once `want` are found, so it costs O(want + refused), not O(len).
+fn sample_where(
+    len: usize,
+    want: usize,
+    rng: &mut impl Rng,
+    mut keep: impl FnMut(usize) -> bool,
+) -> Vec<usize> {
+    let mut out = Vec::with_capacity(want.min(len));
+    // Positions below `i` are done; a position at or past it holds `moved[p]`, or else `p`.
+    let mut moved: HashMap<usize, usize> = HashMap::new();
+    let mut i = 0;
+    while out.len() < want && i < len {
+        let j = rng.random_range(i..len);
+        let at_i = moved.remove(&i).unwrap_or(i);
+        let drawn = if j == i { at_i } else { moved.insert(j, at_i).unwrap_or(j) };
+        if keep(drawn) {
+            out.push(drawn);
+        }
+        i += 1;
+    }
+    out
 }
 
 /// Default cap on live announcements from one announcer: an agent holding ten thousand
@@ -29,8 +130,8 @@ pub const DEFAULT_MAX_ENTRIES_PER_ANNOUNCER: usize = 10_000;
 /// nobody, so nobody downloads from it and its uplink idles: with 5,000, a simulated fleet of
 /// 10,000 hosts pulling one blob kept ~1,600 uplinks idle throughout (links at 0.81 of their
 /// rate; p50 / p99 1.63 / 1.72 × the link time); with room for all of them, 0.95 and
-/// 1.42 / 1.47 (`shoal-sim --peers 10000`, docs/benchmarks.md). Every announce costs a pass
-/// over the digest's peers either way (the handout, or the eviction when full).
+/// 1.42 / 1.47 (`shoal-sim --peers 10000`, docs/benchmarks.md). Only a new peer of a full
+/// swarm costs a pass over the digest's peers (the eviction); a handout samples.
 pub const DEFAULT_MAX_PEERS_PER_DIGEST: usize = 20_000;
 
 /// Why an announcement was not recorded.
@@ -89,7 +190,7 @@ pub const ON_DEMAND_SWEEP_EVERY: Duration = Duration::from_secs(1);
 pub struct PeerStore {
     limits: PeerStoreLimits,
     /// Per digest, peers by id: a `BTreeMap`, so handouts from a seeded RNG are reproducible.
-    swarms: HashMap<Digest, BTreeMap<String, Entry>>,
+    swarms: HashMap<Digest, Swarm>,
     /// Live announcements per announcer, and in all.
     held: Held,
     /// When expired entries were last dropped, and how many times that has been done.
@@ -187,8 +288,8 @@ impl PeerStore {
         }
         let held = &mut self.held;
         let swarm = self.swarms.entry(digest.clone()).or_default();
-        if !swarm.contains_key(peer_id) && swarm.len() >= self.limits.max_peers_per_digest {
-            swarm.retain(|_, e| {
+        if swarm.get(peer_id).is_none() && swarm.len() >= self.limits.max_peers_per_digest {
+            swarm.retain(|e| {
                 let live = e.expires > now;
                 if !live {
                     held.release(&e.announcer);
@@ -198,6 +299,7 @@ impl PeerStore {
             if swarm.len() >= self.limits.max_peers_per_digest {
                 // Make room by dropping the incomplete peer closest to expiry.
                 let victim = swarm
+                    .entries
                     .iter()
                     .filter(|(_, e)| !e.complete)
                     .min_by_key(|(_, e)| e.expires)
@@ -209,8 +311,9 @@ impl PeerStore {
             }
         }
         let announcer = held.key(announcer);
-        let entry = Entry { addr, complete, expires: now + self.limits.ttl, announcer: announcer.clone() };
-        if let Some(old) = swarm.insert(peer_id.to_string(), entry) {
+        let entry =
+            Entry { addr, complete, expires: now + self.limits.ttl, announcer: announcer.clone(), slot: 0 };
+        if let Some(old) = swarm.insert(peer_id, entry) {
             held.release(&old.announcer);
         }
         held.charge(announcer);
@@ -254,7 +357,7 @@ impl PeerStore {
         self.sweeps += 1;
         let held = &mut self.held;
         self.swarms.retain(|_, swarm| {
-            swarm.retain(|_, e| {
+            swarm.retain(|e| {
                 let live = e.expires > now;
                 if !live {
                     held.release(&e.announcer);
@@ -276,38 +379,36 @@ impl PeerStore {
         now: Instant,
         rng: &mut impl Rng,
     ) -> Vec<PeerInfo> {
-        let mut complete = Vec::new();
-        let mut incomplete = Vec::new();
-        if let Some(swarm) = self.swarms.get(digest) {
-            for (id, e) in swarm {
-                if id == requester || e.expires <= now {
-                    continue;
-                }
-                if e.complete {
-                    complete.push((id, e));
-                } else {
-                    incomplete.push((id, e));
-                }
-            }
-        }
-        let info = |(id, e): &(&String, &Entry)| PeerInfo {
-            peer_id: (*id).clone(),
-            addr: e.addr,
-            complete: e.complete,
-            origin: false,
-        };
         // The origins always have their places: complete peers are only what their announcers
         // claim, and enough made-up ones would otherwise keep every seeder out of the handout.
         let mut origins: Vec<PeerInfo> = origins.iter().filter(|o| o.peer_id != requester).cloned().collect();
         origins.shuffle(rng);
         origins.truncate(limit);
-        // A random share of each class in random order, as a whole shuffle would give, but
-        // without shuffling (or cloning) all of a 5,000-peer swarm for every announce.
-        let (complete, _) = complete.partial_shuffle(rng, limit - origins.len());
-        let mut out: Vec<PeerInfo> = complete.iter().map(info).collect();
+        let Some(swarm) = self.swarms.get(digest) else { return origins };
+        // A random share of each class in random order, as a whole shuffle would give, drawn
+        // without visiting (or cloning) the rest of a 20,000-peer swarm for every announce.
+        let mut share = |class: &[Arc<str>], want: usize| -> Vec<PeerInfo> {
+            let live = |i: usize| {
+                let id = &class[i];
+                &**id != requester && swarm.get(id).is_some_and(|e| e.expires > now)
+            };
+            sample_where(class.len(), want, rng, live)
+                .into_iter()
+                .filter_map(|i| {
+                    let id = &class[i];
+                    swarm.get(id).map(|e| PeerInfo {
+                        peer_id: id.to_string(),
+                        addr: e.addr,
+                        complete: e.complete,
+                        origin: false,
+                    })
+                })
+                .collect()
+        };
+        let mut out = share(&swarm.complete, limit - origins.len());
         out.extend(origins);
-        let (incomplete, _) = incomplete.partial_shuffle(rng, limit - out.len());
-        out.extend(incomplete.iter().map(info));
+        let rest = limit - out.len();
+        out.extend(share(&swarm.incomplete, rest));
         out
     }
 
@@ -318,7 +419,7 @@ impl PeerStore {
 
     /// Total announcements held (a metric).
     pub fn peers(&self) -> usize {
-        self.swarms.values().map(BTreeMap::len).sum()
+        self.swarms.values().map(Swarm::len).sum()
     }
 }
 
@@ -398,6 +499,88 @@ mod tests {
         let peers = store.handout(&d, "o1", &origins, 1, now, &mut rng);
         assert_eq!(peers.len(), 1);
         assert_eq!(peers[0].peer_id, "o2");
+    }
+
+    /// A handout draws what it needs: asking for 50 of 20,000 looks at about 50 (plus the
+    /// ones it refuses), and every index is as likely as any other.
+    #[test]
+    fn sampling_costs_what_is_drawn_and_is_uniform() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut looked = 0;
+        let got = sample_where(20_000, 50, &mut rng, |_| {
+            looked += 1;
+            true
+        });
+        assert_eq!((got.len(), looked), (50, 50));
+        let distinct: std::collections::BTreeSet<usize> = got.iter().copied().collect();
+        assert_eq!(distinct.len(), 50);
+        assert!(got.iter().all(|&i| i < 20_000));
+        // Half refused: about twice as many looked at, never the whole list.
+        let mut looked = 0;
+        let got = sample_where(20_000, 50, &mut rng, |i| {
+            looked += 1;
+            i % 2 == 0
+        });
+        assert_eq!(got.len(), 50);
+        assert!(got.iter().all(|i| i % 2 == 0));
+        assert!(looked < 300, "looked at {looked} of 20,000 for 50");
+        // Too few kept: each index is looked at once, and all the kept ones come back.
+        let mut looked = 0;
+        let got = sample_where(100, 50, &mut rng, |i| {
+            looked += 1;
+            i < 10
+        });
+        assert_eq!((got.len(), looked), (10, 100));
+        // Uniform: 3 of 10, 30,000 times, each index near 9,000 times, each first near 3,000.
+        let mut counts = [0u32; 10];
+        let mut firsts = [0u32; 10];
+        for _ in 0..30_000 {
+            let got = sample_where(10, 3, &mut rng, |_| true);
+            firsts[got[0]] += 1;
+            for i in got {
+                counts[i] += 1;
+            }
+        }
+        assert!(counts.iter().all(|&c| (8_500..9_500).contains(&c)), "{counts:?}");
+        assert!(firsts.iter().all(|&c| (2_700..3_300).contains(&c)), "{firsts:?}");
+    }
+
+    /// However entries come, change class and go, each class's list holds exactly its
+    /// entries, each at the slot the entry records, and handouts see every live one.
+    #[test]
+    fn class_lists_follow_every_change() {
+        let now = Instant::now();
+        let limits =
+            PeerStoreLimits { ttl: Duration::from_secs(10), max_peers_per_digest: 40, ..Default::default() };
+        let mut store = PeerStore::new(limits);
+        let d = digest("a");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for step in 0..5_000u64 {
+            let at = now + Duration::from_millis(step * 7);
+            let id = format!("p{}", rng.random_range(0..60u16));
+            match rng.random_range(0..10) {
+                0..=5 => {
+                    let _ = store.announce(&d, &id, addr(1), rng.random_bool(0.5), at);
+                }
+                6..=7 => store.remove(&d, &id),
+                8 => store.expire(at),
+                _ => {
+                    let all = store.handout(&d, "nobody", &[], usize::MAX / 2, at, &mut rng);
+                    let live = store
+                        .swarms
+                        .get(&d)
+                        .map_or(0, |s| s.entries.values().filter(|e| e.expires > at).count());
+                    assert_eq!(all.len(), live, "step {step}");
+                }
+            }
+            if let Some(swarm) = store.swarms.get(&d) {
+                assert_eq!(swarm.complete.len() + swarm.incomplete.len(), swarm.entries.len());
+                for (id, e) in &swarm.entries {
+                    let class = if e.complete { &swarm.complete } else { &swarm.incomplete };
+                    assert_eq!(&class[e.slot], id, "step {step}");
+                }
+            }
+        }
     }
 
     #[test]
