@@ -124,6 +124,13 @@ async fn an_upstream_image_leaves_the_upstream_once_per_cluster() {
     let client = cluster.client(0);
     let refused = client.post(&format!("/v2/{repo}/blobs/uploads/")).send().await.expect("POST");
     assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    // Nothing in it can be deleted: the spec's answer to a disabled delete is 405.
+    for path in [format!("/v2/{repo}/manifests/v1"), format!("/v2/{repo}/blobs/{}", blobs[0].digest)] {
+        let r = client.delete(&path).send().await.expect("DELETE");
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED, "DELETE {path}");
+        assert_eq!(r.headers()["allow"], "GET, HEAD", "DELETE {path}");
+    }
+    client.get_manifest(&repo, "v1").await.expect(StatusCode::OK);
     let pushed = unique_repo("pushed");
     client.push_blob(&pushed, b"pushed content").await;
     // Unknown content upstream is unknown here, without a stuck request.
@@ -710,6 +717,13 @@ async fn a_private_blob_fetch_streams_to_no_other_repository_and_marks_its_own_p
     let after = http.get(&secret).send().await.expect("GET");
     assert_eq!(after.status(), StatusCode::UNAUTHORIZED, "secret is private once a blob needed credentials");
     assert_eq!(gets.load(Ordering::SeqCst), 1, "the upstream sent the blob more than once");
+    // The referrers of a subject the upstream does not have: an empty list, never a 404
+    // (spec, "Listing Referrers"; the upstream's 404 to the access check was passed on).
+    let referrers = format!("{}/v2/slow.test/secret/referrers/{}", cluster.origin.url(), digest);
+    let r = http.get(&referrers).header("authorization", &alice).send().await.expect("GET");
+    assert_eq!(r.status(), StatusCode::OK, "referrers of a subject the upstream lacks");
+    let index: serde_json::Value = r.json().await.expect("an image index");
+    assert_eq!(index["manifests"], serde_json::json!([]));
     // Pushing an image built on it: a mount from the private repository without its
     // credentials is a new upload session, as is a mount of a digest that does not parse;
     // with them, a mount.

@@ -201,6 +201,11 @@ pub enum StoreError {
     /// mirrors an upstream registry).
     #[error("{0}")]
     Denied(String),
+    /// The operation is not offered on this repository (e.g. a delete in a repository that
+    /// mirrors an upstream): the spec's answer to a disabled delete is 405 `UNSUPPORTED`.
+    /// Such a repository takes reads only, which its `Allow` says.
+    #[error("{0}")]
+    Unsupported(String),
     /// An upstream registry wants credentials this client did not give (or gave wrong ones):
     /// the client is asked for Basic credentials, which are passed on to the upstream.
     #[error("{registry} requires credentials for this repository")]
@@ -260,6 +265,8 @@ impl From<StoreError> for ApiError {
             }
             StoreError::BodyRead(_) => ApiError::new(ErrorCode::BlobUploadInvalid, message),
             StoreError::Denied(_) => ApiError::new(ErrorCode::Denied, message),
+            StoreError::Unsupported(_) => ApiError::new(ErrorCode::Unsupported, message)
+                .with_header(header::ALLOW, HeaderValue::from_static("GET, HEAD")),
             StoreError::UpstreamUnauthorized { registry } => {
                 let mut err = ApiError::new(ErrorCode::Unauthorized, message);
                 let challenge = format!("Basic realm=\"{}\"", registry.replace('"', ""));

@@ -14,6 +14,11 @@ impl PullThrough {
         StoreError::Denied(format!("{repo} mirrors an upstream registry and is read-only"))
     }
 
+    /// A delete in a mirrored repository: the spec's answer to a disabled delete is 405.
+    pub(super) fn no_deletes(repo: &RepoName) -> StoreError {
+        StoreError::Unsupported(format!("{repo} mirrors an upstream registry: nothing in it can be deleted"))
+    }
+
     /// Whether the upstream keeps `repo` private: known here, else the cluster's marker (a
     /// repository found private through any origin is private through all, also after
     /// restarts). Fails closed: a marker that cannot be read is an error, not "public".

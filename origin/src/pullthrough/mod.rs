@@ -399,7 +399,7 @@ impl RegistryStore for PullThrough {
 
     async fn blob_delete(&self, repo: &RepoName, digest: &Digest) -> Result<bool, StoreError> {
         match self.upstream_of(repo) {
-            Some(_) => Err(Self::denied(repo)),
+            Some(_) => Err(Self::no_deletes(repo)),
             None => self.inner.blob_delete(repo, digest).await,
         }
     }
@@ -500,7 +500,7 @@ impl RegistryStore for PullThrough {
 
     async fn manifest_delete(&self, repo: &RepoName, reference: &Reference) -> Result<bool, StoreError> {
         match self.upstream_of(repo) {
-            Some(_) => Err(Self::denied(repo)),
+            Some(_) => Err(Self::no_deletes(repo)),
             None => self.inner.manifest_delete(repo, reference).await,
         }
     }
@@ -523,7 +523,13 @@ impl RegistryStore for PullThrough {
         digest: &Digest,
     ) -> Result<Vec<ReferrerDescriptor>, StoreError> {
         if let Some((up, path)) = self.upstream_of(repo) {
-            self.check_access(&up, repo, path, Probe::Manifest(digest)).await?;
+            match self.check_access(&up, repo, path, Probe::Manifest(digest)).await {
+                Ok(()) => {}
+                // The referrers API never answers 404 (spec, "Listing Referrers"): a subject
+                // the upstream lacks has none, and nothing held here is shown for it.
+                Err(StoreError::ManifestUnknown) => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            }
         }
         self.inner.referrers(repo, digest).await
     }

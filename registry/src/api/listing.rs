@@ -13,8 +13,8 @@ use crate::name::RepoName;
 use crate::store::Page;
 
 /// Most entries in one answer, and the page size when the client gives no `n` (a longer
-/// list goes on behind a `Link`). An `n` above it is refused rather than quietly answered with
-/// fewer (the spec wants `n` results where there are that many). A cluster's catalog merges
+/// list goes on behind a `Link`). A larger `n` gets this many and the `Link` (the spec lets
+/// an answer hold fewer than `n` when a `Link` follows it). A cluster's catalog merges
 /// the origins' pages, each at most this long (`MAX_LIST_LIMIT` in the origin's wire module
 /// must not be shorter, or the merge would skip names held only elsewhere).
 pub const MAX_PAGE: usize = 10_000;
@@ -25,8 +25,7 @@ fn page_params(ctx: &Ctx) -> Result<(usize, Option<String>), ApiError> {
     let n = match ctx.query.get("n") {
         None => MAX_PAGE,
         Some(n) => match n.parse::<usize>() {
-            Ok(n) if n <= MAX_PAGE => n,
-            Ok(_) => return Err(bad(format!("n may be at most {MAX_PAGE}"))),
+            Ok(n) => n.min(MAX_PAGE),
             Err(_) => return Err(bad("n must be a non-negative integer".into())),
         },
     };

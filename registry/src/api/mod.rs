@@ -143,6 +143,15 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
         return with_version(StatusCode::NOT_FOUND.into_response());
     };
     let is_read = parts.method == Method::GET || parts.method == Method::HEAD;
+    // Upload sessions are a write's, whatever the method: a read-only registry has none.
+    let writes = !is_read || matches!(route, Route::Upload { .. } | Route::UploadStart { .. });
+    let allow = allowed_methods(&route, app.config.read_only);
+    if writes && app.config.read_only {
+        // Before authorization: an agent's writes are refused as unsupported whoever asks
+        // (behind a 401 or 403 first, `docker push` said "unauthorized", never "read-only").
+        let err = ApiError::new(ErrorCode::Unsupported, "this registry is read-only; push to an origin");
+        return with_version(finish(err.into_response(), &parts.method, allow));
+    }
     if let Some(name) = repeated_digest_parameter(&parts.uri) {
         let err = ApiError::new(ErrorCode::DigestInvalid, format!("more than one `{name}` parameter"));
         return with_version(err.into_response());
@@ -195,26 +204,31 @@ async fn dispatch(State(app): State<Arc<App>>, request: Request) -> Response {
         body,
         visible,
     };
-    // Upload sessions are a write's, whatever the method: a read-only registry has none.
-    let writes = !is_read || matches!(route, Route::Upload { .. } | Route::UploadStart { .. });
-    let allow = allowed_methods(&route, app.config.read_only);
-    let result = if writes && app.config.read_only {
-        Err(ApiError::new(ErrorCode::Unsupported, "this registry is read-only; push to an origin"))
-    } else {
-        FORWARD_AUTHORIZATION.scope(forward, handle(route, &mut ctx)).await
-    };
-    let mut response = result.unwrap_or_else(IntoResponse::into_response);
-    if response.status() == StatusCode::METHOD_NOT_ALLOWED {
-        // RFC 9110: a 405 names the methods the resource takes (none: an empty list).
+    let result = FORWARD_AUTHORIZATION.scope(forward, handle(route, &mut ctx)).await;
+    let mut response = finish(result.unwrap_or_else(IntoResponse::into_response), &ctx.method, allow);
+    response.extensions_mut().insert(ServedPrincipal(principal));
+    with_version(response)
+}
+
+/// The last touches every routed answer gets: a 405 names the methods its resource takes
+/// (RFC 9110; none: an empty list) unless the store named them, and a HEAD answer carries GET's headers but no body.
+fn finish(mut response: Response, method: &Method, allow: &'static str) -> Response {
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED && !response.headers().contains_key(header::ALLOW)
+    {
         response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
     }
-    if parts.method == Method::HEAD {
-        // HEAD answers carry the headers of GET but never a body.
+    if method == Method::HEAD {
+        // The length GET's body would have (RFC 9110 8.6), where the answer did not say it
+        // itself: once the body is gone, the server would otherwise announce 0.
+        if !response.headers().contains_key(header::CONTENT_LENGTH) {
+            if let Some(n) = axum::body::HttpBody::size_hint(response.body()).exact() {
+                response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
+        }
         let (p, _) = response.into_parts();
         response = Response::from_parts(p, Body::empty());
     }
-    response.extensions_mut().insert(ServedPrincipal(principal));
-    with_version(response)
+    response
 }
 
 /// A digest-bearing parameter (`digest`, `mount`) given more than once: only the last would

@@ -105,15 +105,88 @@ async fn a_manifest_that_is_not_utf8_is_invalid() {
 }
 
 /// An `n` above the most one answer holds is refused, not answered with fewer.
+/// An `n` above one answer's most is served as that most (the spec lets an answer hold
+/// fewer than `n` when a `Link` follows); it was refused with 400. Not a number still is.
 #[tokio::test]
-async fn a_listing_larger_than_one_answer_is_refused() {
+async fn a_listing_larger_than_one_answer_is_served_a_page_at_a_time() {
     let router = crate::router(Arc::new(Empty), ApiConfig::default());
     let max = super::MAX_PAGE;
-    let over = format!("/v2/team/app/tags/list?n={}", max + 1);
-    assert_eq!(status(router.clone(), Method::GET, &over).await, StatusCode::BAD_REQUEST);
-    let within = format!("/v2/team/app/tags/list?n={max}");
     // The empty store knows no repository: the request got through to it.
-    assert_eq!(status(router, Method::GET, &within).await, StatusCode::NOT_FOUND);
+    for n in [max, max + 1, 1_000_000] {
+        let path = format!("/v2/team/app/tags/list?n={n}");
+        assert_eq!(status(router.clone(), Method::GET, &path).await, StatusCode::NOT_FOUND, "n={n}");
+    }
+    assert_eq!(status(router, Method::GET, "/v2/team/app/tags/list?n=x").await, StatusCode::BAD_REQUEST);
+}
+
+/// Refuses every repository write and upload with a challenge, as origins with `[auth]` do
+/// to an agent's anonymous client.
+struct Challenging;
+
+#[async_trait::async_trait]
+impl crate::auth::Authorize for Challenging {
+    async fn authorize(
+        &self,
+        check: &crate::auth::AccessCheck<'_>,
+    ) -> Result<crate::auth::Principal, crate::error::ApiError> {
+        let writes = check
+            .needs
+            .iter()
+            .any(|n| matches!(n, crate::auth::Need::Repo(_, a) if *a != crate::auth::Action::Pull));
+        if writes {
+            return Err(crate::error::ApiError::new(crate::error::ErrorCode::Unauthorized, "log in"));
+        }
+        crate::auth::Open.authorize(check).await
+    }
+}
+
+/// A read-only registry (an agent) answers writes with 405 `UNSUPPORTED` and its `Allow`
+/// whatever the client's credentials: with access control on it answered 401, so `docker
+/// push` to an agent said "unauthorized", never "read-only".
+#[tokio::test]
+async fn a_read_only_registry_refuses_writes_before_asking_for_credentials() {
+    let api = ApiConfig {
+        read_only: true,
+        auth: crate::auth::AuthGate(Arc::new(Challenging)),
+        ..ApiConfig::default()
+    };
+    let router = crate::router(Arc::new(Empty), api);
+    let blob = format!("/v2/team/app/blobs/sha256:{}", "0".repeat(64));
+    for (method, path, allow) in [
+        (Method::PUT, "/v2/team/app/manifests/v1", "GET, HEAD"),
+        (Method::DELETE, "/v2/team/app/manifests/v1", "GET, HEAD"),
+        (Method::DELETE, blob.as_str(), "GET, HEAD"),
+        (Method::POST, "/v2/team/app/blobs/uploads/", ""),
+        (Method::HEAD, "/v2/team/app/blobs/uploads/abc", ""),
+    ] {
+        let req = Request::builder().method(method.clone()).uri(path).body(Body::empty()).unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert_eq!(resp.headers()[header::ALLOW], allow, "{method} {path}");
+    }
+    // Reads still meet the gate's answer (here: open for pulls).
+    assert_eq!(status(router, Method::GET, &blob).await, StatusCode::NOT_FOUND);
+}
+
+/// A HEAD answer says the length GET's body has (RFC 9110 8.6) or none: it said 0 for every
+/// answer that did not set its length itself (`/v2/`, listings, every error).
+#[tokio::test]
+async fn a_head_answer_carries_the_length_of_the_get_body() {
+    let router = crate::router(Arc::new(Empty), ApiConfig::default());
+    let blob = format!("/v2/team/app/blobs/sha256:{}", "0".repeat(64));
+    for path in ["/v2/", blob.as_str(), "/v2/team/app/tags/list"] {
+        let get = Request::builder().method(Method::GET).uri(path).body(Body::empty()).unwrap();
+        let get = router.clone().oneshot(get).await.unwrap();
+        let status = get.status();
+        let body = axum::body::to_bytes(get.into_body(), 1 << 20).await.unwrap();
+        let head = Request::builder().method(Method::HEAD).uri(path).body(Body::empty()).unwrap();
+        let head = router.clone().oneshot(head).await.unwrap();
+        assert_eq!(head.status(), status, "{path}");
+        if let Some(len) = head.headers().get(header::CONTENT_LENGTH) {
+            assert_eq!(len.to_str().unwrap(), body.len().to_string(), "{path}");
+        }
+        assert!(axum::body::to_bytes(head.into_body(), 1 << 20).await.unwrap().is_empty());
+    }
 }
 
 /// A mount that fails (the source repository's records cannot be read now) starts an upload
