@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Checks on a rendered Shoal chart that schema validation cannot make: the wiring between
+"""Checks on a rendered Shoal chart that schema validation cannot make: every document is YAML
+without a duplicate key (parsers keep the last silently, kubectl refuses), the wiring between
 objects (Service selectors match pods, named ports exist, referenced ConfigMaps and Secrets are
-rendered), the security settings every container must have, and the shape of the two CRDs
-(ServiceMonitor, PrometheusRule) for which no schema is bundled.
+rendered, spread constraints select their own pods), the security settings every container
+must have, the origin's config file in a Secret (never a ConfigMap), and the shape of the two
+CRDs (ServiceMonitor, PrometheusRule) for which no schema is bundled.
 
     check_rendered.py RENDERED.yaml [--existing-secret NAME] [--values VALUES.yaml ...]
 
@@ -12,6 +14,7 @@ origin.toml and node setup are checked against the `upstreams` value too.
 Prints one line per problem and exits 1 if there is any.
 """
 import argparse
+import base64
 import json
 import re
 import sys
@@ -20,6 +23,24 @@ import yaml
 
 WORKLOADS = ("StatefulSet", "DaemonSet", "Deployment", "Job")
 DURATION = re.compile(r"^[0-9]+(ms|s|m|h|d|w|y)$")
+
+
+class StrictLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping."""
+
+
+def _no_duplicates(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
 
 
 def pod_spec(obj):
@@ -64,14 +85,29 @@ def file_source(spec, container, path):
     secrets = [volume["secret"] | {"name": volume["secret"].get("secretName")}] if "secret" in volume else [
         src["secret"] for src in volume.get("projected", {}).get("sources", []) if "secret" in src]
     for sec in secrets:
+        if "items" not in sec and "/" not in rel:
+            return (sec["name"], rel)  # every key of the Secret, at its own name
         for item in sec.get("items", []):
             if item["path"] == rel:
                 return (sec["name"], item["key"])
     return f"{path}: no Secret item of volume {mount['name']} is put there"
 
 
+def config_files(by_kind):
+    """(kind, name, key, text) of every origin.toml and agent.toml rendered, Secrets decoded."""
+    for kind in ("ConfigMap", "Secret"):
+        for obj in by_kind.get(kind, []):
+            for key in ("origin.toml", "agent.toml"):
+                if kind == "ConfigMap" and key in obj.get("data", {}):
+                    yield kind, obj["metadata"]["name"], key, obj["data"][key]
+                elif kind == "Secret" and key in obj.get("data", {}):
+                    yield kind, obj["metadata"]["name"], key, base64.b64decode(obj["data"][key]).decode()
+
+
 def check_configs(by_kind, values):
-    """origin.toml and agent.toml parse as TOML without floats. Every [[upstream]] is one of
+    """origin.toml (in a Secret: it may hold passwords and cluster secrets, which a ConfigMap
+    shows to the `view` role) and agent.toml parse as TOML without floats, and the origin
+    mounts its file from that Secret. Every [[upstream]] is one of
     `upstreams`, its password_file and ca_file the Secret items named there, mounted into the
     origin container (never a password in the ConfigMap), and the agents' node-setup init
     container passes every upstream with mirrorOnNodes to `shoal node setup --registry`, with
@@ -81,22 +117,31 @@ def check_configs(by_kind, values):
     problems = []
     upstreams = []
     checked, values = values is not None, values or {}
-    for cm in by_kind.get("ConfigMap", []):
-        for key in ("origin.toml", "agent.toml"):
-            text = cm.get("data", {}).get(key)
-            if text is None:
+    origin_secret = None
+    for kind, name, key, text in config_files(by_kind):
+        if key == "origin.toml":
+            if kind != "Secret":
+                problems.append(f"{kind}/{name}: origin.toml outside a Secret (it may hold passwords)")
                 continue
-            try:
-                parsed = tomllib.loads(text)
-            except tomllib.TOMLDecodeError as e:
-                problems.append(f"ConfigMap/{cm['metadata']['name']}: {key} is not TOML: {e}")
-                continue
-            problems += [f"{key}: {f} is a float (Shoal's settings are integers)" for f in floats(parsed, "")]
-            if key == "origin.toml":
-                upstreams = parsed.get("upstream", [])
+            origin_secret = name
+        try:
+            parsed = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            problems.append(f"{kind}/{name}: {key} is not TOML: {e}")
+            continue
+        problems += [f"{key}: {f} is a float (Shoal's settings are integers)" for f in floats(parsed, "")]
+        if key == "origin.toml":
+            upstreams = parsed.get("upstream", [])
     origin = next((s for s in by_kind.get("StatefulSet", []) if s["metadata"]["name"].endswith("-origin")), None)
     spec = pod_spec(origin) if origin else {}
     container = next((c for c in spec.get("containers", []) if c["name"] == "origin"), {})
+    if origin:
+        config_arg = next((a.split("=", 1)[1] for a in container.get("args", []) if a.startswith("--config=")), None)
+        source = file_source(spec, container, config_arg) if config_arg else "no --config"
+        if origin_secret is None:
+            problems.append("no Secret holds origin.toml")
+        elif source != (origin_secret, "origin.toml"):
+            problems.append(f"the origin's {config_arg} comes from {source}, not Secret {origin_secret}")
     want = {u["registry"]: u for u in values.get("upstreams", [])}
     if len({u.get("registry") for u in upstreams}) != len(upstreams):
         problems.append("origin.toml: a registry in two [[upstream]] sections (the origin keeps the last)")
@@ -109,7 +154,7 @@ def check_configs(by_kind, values):
             problems.append(f"upstream {name}: keys the origin refuses: {sorted(set(u) - known)}")
         v = want.get(name, {})
         if u.get("password"):
-            problems.append(f"upstream {name}: a password in the ConfigMap")
+            problems.append(f"upstream {name}: a password in origin.toml (the chart mounts password_file)")
         if not checked:
             v = {"url": u.get("url"), "username": u.get("username"), "tagTtl": u.get("tag_ttl"),
                  "serveStale": u.get("serve_stale")}
@@ -167,7 +212,12 @@ def main():
     values = None
     for f in args.values:
         values = merge(values or {}, yaml.safe_load(open(f)) or {})
-    docs = [d for d in yaml.safe_load_all(open(args.rendered)) if d]
+    try:
+        docs = [d for d in yaml.load_all(open(args.rendered), Loader=StrictLoader) if d]
+    except yaml.YAMLError as e:
+        print(f"{args.rendered}: {e}")
+        print("0 objects, 1 problems")
+        return 1
     problems = []
     by_kind = {}
     for d in docs:
@@ -187,9 +237,14 @@ def main():
             problems.append(f"{wname}: selector {sel} does not match its pod labels")
         if spec.get("automountServiceAccountToken") is not False:
             problems.append(f"{wname}: mounts a service account token (Shoal never uses the API)")
-        pod_sc = spec.get("securityContext", {})
-        if "fsGroup" in pod_sc and pod_sc.get("fsGroupChangePolicy") != "OnRootMismatch":
+        pod_sc = spec.get("securityContext") or {}
+        if (w["spec"].get("volumeClaimTemplates") and "fsGroup" in pod_sc
+                and pod_sc.get("fsGroupChangePolicy") != "OnRootMismatch"):
             problems.append(f"{wname}: fsGroup without fsGroupChangePolicy OnRootMismatch (every start chowns the volume)")
+        for t in spec.get("topologySpreadConstraints", []):
+            tsel = t.get("labelSelector", {}).get("matchLabels", {})
+            if not tsel or any(pod_labels(w).get(k) != v for k, v in tsel.items()):
+                problems.append(f"{wname}: topologySpreadConstraint selector {tsel} does not select its own pods")
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         claim_names = {c["metadata"]["name"] for c in w["spec"].get("volumeClaimTemplates", [])}
         for v in volumes.values():

@@ -209,6 +209,14 @@ class Pod:
                     with open(os.path.join(d, key), "w") as f:
                         f.write(text)
                     os.chmod(os.path.join(d, key), 0o644)
+            elif "secret" in v:
+                secret = self.objects[("Secret", v["secret"]["secretName"])]
+                d = os.path.join(self.dir, f"secret-{v['name']}")
+                os.makedirs(d, exist_ok=True)
+                for key, b64 in secret.get("data", {}).items():
+                    with open(os.path.join(d, key), "wb") as f:
+                        f.write(base64.b64decode(b64))
+                    os.chmod(os.path.join(d, key), 0o644)
             else:
                 raise Failure(f"{self.name}: volume kind not emulated: {v}")
             out[v["name"]] = d

@@ -68,6 +68,34 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- ternary "[::]" "0.0.0.0" (contains ":" .Values.agent.listenAddress) }}:{{ .Values.containerd.restorePort }}
 {{- end -}}
 
+{{/* ADDRESS:PORT for a listen flag, an IPv6 literal in brackets: "::" gives [::]:5000 (the
+     binary refuses :::5000); "[::]" and IPv4 addresses are kept. (list ADDRESS PORT) */}}
+{{- define "shoal.hostPort" -}}
+{{- $a := index . 0 -}}
+{{- if and (contains ":" $a) (not (hasPrefix "[" $a)) }}[{{ $a }}]{{ else }}{{ $a }}{{ end }}:{{ index . 1 | int }}
+{{- end -}}
+
+{{/* Fails when two listeners of one process share a port: the second cannot bind and the pod
+     crashes at start. (list (list NAME PORT) ...) Renders nothing. */}}
+{{- define "shoal.ports.distinct" -}}
+{{- $seen := dict -}}
+{{- range $p := . -}}
+{{- $port := index $p 1 | int | toString -}}
+{{- if hasKey $seen $port -}}
+{{- fail (printf "%s and %s are both %s: one process listens on both and the second listener cannot bind (the pods crash at start); give each its own port" (get $seen $port) (index $p 0) $port) -}}
+{{- end -}}
+{{- $_ := set $seen $port (index $p 0) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A pod's securityContext: the chart's settings for that pod (a dict) with
+     podSecurityContext merged over them, the user's value winning key by key (one YAML map:
+     writing both out gave duplicate keys). (list $ DICT) */}}
+{{- define "shoal.podSecurityContext" -}}
+{{- $sc := mustMergeOverwrite (deepCopy (index . 1)) (deepCopy ((index . 0).Values.podSecurityContext | default dict)) -}}
+{{- if $sc }}{{ toYaml $sc }}{{ else }}{}{{ end -}}
+{{- end -}}
+
 {{/* The DNS suffix of the release's namespace: NS.svc.DOMAIN */}}
 {{- define "shoal.svcSuffix" -}}{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}{{- end -}}
 
@@ -204,6 +232,91 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and $.Values.containerd.mirrorOrigins (eq $u.registry (include "shoal.registryName" $)) -}}
 {{- fail (printf "upstreams[%d].registry %q is containerd.registryName, the origins' own registry: pulls by that name would go to the upstream" $i $u.registry) -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Fails when CONFIG (origin.config or agent.config) sets a key the chart also sets by a
+     flag or the environment, which would override it without a word. KEYS maps each dotted
+     key to what to set instead. (list CONFIG "origin.config" KEYS) Renders nothing. */}}
+{{- define "shoal.config.flagKeys" -}}
+{{- $config := index . 0 | default dict -}}
+{{- $value := index . 1 -}}
+{{- range $path, $use := index . 2 -}}
+{{- $node := $config -}}
+{{- $found := true -}}
+{{- range $k := splitList "." $path -}}
+{{- if and $found (kindIs "map" $node) (hasKey $node $k) -}}
+{{- $node = index $node $k -}}
+{{- else -}}
+{{- $found = false -}}
+{{- end -}}
+{{- end -}}
+{{- if $found -}}
+{{- fail (printf "%s.%s is set by the chart with a flag, which overrides the config file: remove it and set %s" $value $path $use) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The origin's config file (origin.toml): origin.config, then one [[upstream]] section per
+     entry of `upstreams`. It may hold passwords (auth.users) and cluster secrets
+     (cluster.accepted_secrets): it goes into a Secret (origin-config.yaml), never the
+     ConfigMap. Upstream passwords and CAs are files on a volume of the origin pods
+     (origin-statefulset.yaml), never in it either. */}}
+{{- define "shoal.origin.toml" -}}
+# Rendered from the chart's origin.config and upstreams (see docs/configuration.md).
+{{- with .Values.origin.config }}
+{{ include "shoal.toToml" . }}
+{{- end }}
+{{- $sections := list }}
+{{- range .Values.upstreams }}
+{{- $s := dict "registry" .registry "url" .url }}
+{{- if .username }}
+{{- $_ := set $s "username" .username }}
+{{- $_ := set $s "password_file" (printf "%s/password" (include "shoal.upstream.dir" .registry)) }}
+{{- end }}
+{{- if .caSecret }}
+{{- $_ := set $s "ca_file" (printf "%s/ca.pem" (include "shoal.upstream.dir" .registry)) }}
+{{- end }}
+{{- with .tagTtl }}
+{{- $_ := set $s "tag_ttl" . }}
+{{- end }}
+{{- with .serveStale }}
+{{- $_ := set $s "serve_stale" . }}
+{{- end }}
+{{- with .privateRecheck }}
+{{- $_ := set $s "private_recheck" . }}
+{{- end }}
+{{- $sections = append $sections $s }}
+{{- end }}
+{{- with $sections }}
+{{ toToml (dict "upstream" .) }}
+{{- end }}
+{{- end -}}
+
+{{/* A duration of the schema's form (Go's h, m and s units, e.g. 2160h, 1h30m, 0.5h) in
+     seconds, as a string ("%f"). */}}
+{{- define "shoal.duration.seconds" -}}
+{{- $total := 0.0 -}}
+{{- range $part := regexFindAll "[0-9]+(\\.[0-9]+)?[hms]" . -1 -}}
+{{- $unit := regexFind "[hms]$" $part -}}
+{{- $total = addf $total (mulf (trimSuffix $unit $part | float64) (get (dict "h" 3600 "m" 60 "s" 1) $unit)) -}}
+{{- end -}}
+{{- printf "%f" $total -}}
+{{- end -}}
+
+{{/* cert-manager renews a certificate when renewBefore is left. Shoal warns about one in the
+     last quarter of its life (a renewal missed: renewals come at a third) and the
+     PrometheusRule's ShoalCertificateExpiring fires below 7 days for an hour, so a renewal
+     later than either warns every pod, or pages, every cycle. Renders nothing. */}}
+{{- define "shoal.tls.renewCheck" -}}
+{{- $cm := .Values.tls.certManager -}}
+{{- $life := include "shoal.duration.seconds" $cm.duration | float64 -}}
+{{- $renew := include "shoal.duration.seconds" $cm.renewBefore | float64 -}}
+{{- if lt $renew (divf $life 4) -}}
+{{- fail (printf "tls.certManager.renewBefore %s is less than a quarter of tls.certManager.duration %s: Shoal warns about a certificate in the last quarter of its life; renew at a third (e.g. renewBefore 720h with duration 2160h)" $cm.renewBefore $cm.duration) -}}
+{{- end -}}
+{{- if and .Values.metrics.prometheusRule.enabled (le $renew (mulf 169 3600)) -}}
+{{- fail (printf "tls.certManager.renewBefore %s must be more than 169h with metrics.prometheusRule.enabled: ShoalCertificateExpiring fires once a certificate has less than 7 days left for an hour, before such a renewal" $cm.renewBefore) -}}
 {{- end -}}
 {{- end -}}
 
