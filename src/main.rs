@@ -9,6 +9,7 @@ mod http;
 mod http_server;
 mod malloc;
 mod node;
+mod open_files;
 mod origin;
 mod origin_admin;
 mod origin_forward;
@@ -76,6 +77,7 @@ pub(crate) async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     malloc::tune();
+    let open_files = open_files::raise();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&cli.log)?)
@@ -83,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    open_files::report(open_files);
     match cli.command {
         Command::Origin(args) => {
             let config = args.resolve()?;

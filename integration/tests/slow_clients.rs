@@ -437,3 +437,56 @@ async fn peer_port_flood_does_not_lock_out_a_real_peer() {
         .expect("a real peer gets a piece during the flood");
     drop((silent, idle_handshakes, big));
 }
+
+/// A role started with the soft open-file limit of 1,024 that systemd, Docker and containerd
+/// give raises it to the hard limit at once: below its connection caps (4,096 per listener,
+/// 1,024 per address), one host's connections used every descriptor before (accept failed
+/// with EMFILE, blob files could not be opened).
+#[test]
+fn a_role_raises_its_open_file_limit_to_the_hard_one() {
+    use std::os::unix::process::CommandExt as _;
+    let mut hard = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes the struct passed to it.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) }, 0);
+    if hard.rlim_max != libc::RLIM_INFINITY && hard.rlim_max <= 1024 {
+        eprintln!("skipped: the hard open-file limit is {} here", hard.rlim_max);
+        return;
+    }
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut command = std::process::Command::new(shoal_integration::origin::shoal_binary());
+    command.args(["tracker", "--origin", "http://127.0.0.1:9", "--listen", &listen]);
+    command.stderr(std::process::Stdio::null());
+    // SAFETY: only setrlimit, which is async-signal-safe, runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            limit.rlim_cur = 1024;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().expect("start shoal tracker");
+    let limits = format!("/proc/{}/limits", child.id());
+    let soft = |text: &str| {
+        let line = text.lines().find(|l| l.starts_with("Max open files")).unwrap_or_default().to_string();
+        line.split_whitespace().nth(3).unwrap_or_default().to_string()
+    };
+    let want = if hard.rlim_max == libc::RLIM_INFINITY {
+        "unlimited".to_string()
+    } else {
+        hard.rlim_max.to_string()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = String::new();
+    while Instant::now() < deadline {
+        seen = soft(&std::fs::read_to_string(&limits).unwrap_or_default());
+        if seen == want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(seen, want, "the tracker's soft open-file limit stayed below the hard one");
+}
