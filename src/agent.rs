@@ -223,7 +223,14 @@ pub async fn bind(file: AgentFile) -> anyhow::Result<BoundServer> {
         shoal_registry::router(agent.store.clone() as Arc<dyn shoal_registry::RegistryStore>, api_config)
             .layer(axum::middleware::from_fn_with_state(mirror, shoal_agent::mirror::map_names))
             .merge(agent.routes());
-    let readiness = crate::readiness::Readiness::new(vec![]);
+    // Until an origin has answered with its access policy every registry request gets 503:
+    // not ready, so a rollout with a broken origin URL or TLS setting stops at its first pods.
+    let auth = agent.auth.clone();
+    let readiness = crate::readiness::Readiness::new(vec![Box::new(move || {
+        auth.enabled()
+            .is_none()
+            .then(|| "no origin has answered yet (its access policy is not known)".to_string())
+    })]);
     let server = BoundServer::bind(
         file.listen,
         with_basics(api, metrics, readiness.clone()),

@@ -505,3 +505,44 @@ async fn listings_through_an_agent_follow_the_origins_pages() {
     }
     assert_eq!(seen, tags);
 }
+
+/// An agent whose origins have never answered (a wrong URL, a TLS mistake) is not ready: it
+/// answers every registry request with 503 until one does, and a rollout must stop at its
+/// first pods rather than pass over the fleet. With its origin up it is ready at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_is_not_ready_until_an_origin_has_answered() {
+    skip_if_external!(SKIP);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nowhere = format!("http://127.0.0.1:{}", shoal_integration::origin::free_port());
+    let args: Vec<std::ffi::OsString> = vec![
+        "agent".into(),
+        "--peer-listen".into(),
+        "127.0.0.1:0".into(),
+        "--origin".into(),
+        nowhere.clone().into(),
+        "--tracker".into(),
+        nowhere.into(),
+        "--data-dir".into(),
+        dir.path().join("data").into(),
+    ];
+    let agent =
+        shoal_integration::cluster::Process::spawn("lone agent".into(), args, dir.path().join("agent.log"))
+            .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let readyz = reqwest::get(format!("{}/readyz", agent.url())).await.expect("GET /readyz");
+    assert_eq!(readyz.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(readyz.text().await.unwrap_or_default().contains("no origin has answered"));
+    let v2 = reqwest::get(format!("{}/v2/", agent.url())).await.expect("GET /v2/");
+    assert_eq!(v2.status(), StatusCode::SERVICE_UNAVAILABLE, "the registry it would be serving");
+
+    let cluster = Cluster::start(1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = reqwest::get(format!("{}/readyz", cluster.agent_url(0))).await.map(|r| r.status());
+        if status.as_ref().is_ok_and(|s| *s == StatusCode::OK) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "an agent with its origin up is not ready: {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

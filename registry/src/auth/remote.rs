@@ -21,6 +21,9 @@ use crate::error::{ApiError, ErrorCode};
 /// Fewest seconds between two refreshes asked for by requests (unknown key, unknown policy).
 pub const MIN_REFRESH: Duration = Duration::from_secs(3);
 
+/// How often the policy is asked for while no origin has answered yet.
+pub const UNKNOWN_POLICY_RETRY: Duration = Duration::from_secs(2);
+
 /// What an origin publishes.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Published {
@@ -148,7 +151,9 @@ impl RemoteAuth {
         }
     }
 
-    /// Refresh every `every` for as long as the agent runs.
+    /// Refresh every `every` for as long as the agent runs, and every
+    /// [`UNKNOWN_POLICY_RETRY`] at most until an origin has answered once (the agent answers
+    /// 503 and is not ready until then).
     pub fn spawn_refresh(self: &Arc<Self>, every: Duration) {
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -157,8 +162,9 @@ impl RemoteAuth {
                 if !auth.refresh().await {
                     tracing::warn!("no origin answered for the authorization policy; keeping the last one");
                 }
+                let wait = if auth.enabled().is_some() { every } else { every.min(UNKNOWN_POLICY_RETRY) };
                 drop(auth);
-                tokio::time::sleep(every).await;
+                tokio::time::sleep(wait).await;
             }
         });
     }
