@@ -102,12 +102,12 @@ impl AgentFile {
     /// Refuse settings an agent cannot work with: a zero timeout failed every call at once,
     /// a zero count refused every connection or was quietly taken as one.
     fn check(&self) -> anyhow::Result<()> {
-        use crate::config::nonzero;
+        use crate::config::{count, nonzero};
         nonzero("http_timeout", self.http_timeout)?;
-        nonzero("max_connections_per_blob", self.max_connections_per_blob)?;
-        nonzero("max_peers_per_blob", self.max_peers_per_blob)?;
-        nonzero("max_peer_connections", self.max_peer_connections)?;
-        nonzero("max_outbound_connections", self.max_outbound_connections)?;
+        count("max_connections_per_blob", self.max_connections_per_blob)?;
+        count("max_peers_per_blob", self.max_peers_per_blob)?;
+        count("max_peer_connections", self.max_peer_connections)?;
+        count("max_outbound_connections", self.max_outbound_connections)?;
         self.limits.check()
     }
 }
@@ -263,5 +263,23 @@ mod tests {
         let file: AgentFile = toml::from_str("[limits]\nmax_connections = 0\n").unwrap();
         assert_eq!(file.check().unwrap_err().to_string(), "limits.max_connections must be above zero");
         assert!(AgentFile::default().check().is_ok());
+    }
+
+    /// A count past what a semaphore takes panicked (the peer server's task died, its port
+    /// closed, while the agent still announced itself): refused at start by name.
+    #[test]
+    fn counts_past_any_machine_are_refused_by_name() {
+        for key in ["max_peer_connections", "max_outbound_connections", "max_peers_per_blob"] {
+            let file: AgentFile = toml::from_str(&format!("{key} = 9223372036854775807\n")).unwrap();
+            assert_eq!(file.check().unwrap_err().to_string(), format!("{key} must be at most 1048576"));
+        }
+        let file: AgentFile =
+            toml::from_str("[limits]\nmax_concurrent_requests = 2305843009213693952\n").unwrap();
+        assert_eq!(
+            file.check().unwrap_err().to_string(),
+            "limits.max_concurrent_requests must be at most 1048576"
+        );
+        let file: AgentFile = toml::from_str("max_peer_connections = 1048576\n").unwrap();
+        assert!(file.check().is_ok());
     }
 }

@@ -180,11 +180,11 @@ impl Limits {
     /// Refuse counts no server can work with. The timeouts may be zero: `0s` is "no limit"
     /// for the three idle timeouts (configuration.md), and no wait for the stop's two.
     pub fn check(&self) -> anyhow::Result<()> {
-        nonzero("limits.max_concurrent_requests", self.max_concurrent_requests)?;
-        nonzero("limits.max_upload_sessions", self.max_upload_sessions)?;
-        nonzero("limits.max_connections", self.max_connections)?;
-        nonzero("limits.max_connections_per_address", self.max_connections_per_address)?;
-        nonzero("limits.max_peer_connections_per_address", self.max_peer_connections_per_address)?;
+        count("limits.max_concurrent_requests", self.max_concurrent_requests)?;
+        count("limits.max_upload_sessions", self.max_upload_sessions)?;
+        count("limits.max_connections", self.max_connections)?;
+        count("limits.max_connections_per_address", self.max_connections_per_address)?;
+        count("limits.max_peer_connections_per_address", self.max_peer_connections_per_address)?;
         anyhow::ensure!(
             (1..=128).contains(&self.ipv6_host_prefix),
             "limits.ipv6_host_prefix must be from 1 to 128 (bits of an IPv6 address)"
@@ -267,6 +267,23 @@ pub fn nonzero<T: PartialEq + Default>(name: &str, value: T) -> anyhow::Result<(
     Ok(())
 }
 
+/// Largest count of connections, requests, sessions or slots a setting may name: far past
+/// any machine's descriptors, and far below what tokio's semaphores take (they panicked at
+/// start, or in the peer server's task, above `usize::MAX >> 3`).
+pub const MAX_COUNT: usize = 1 << 20;
+
+/// Refuse a count of setting `name` that is zero or above [`MAX_COUNT`].
+pub fn count(name: &str, value: usize) -> anyhow::Result<()> {
+    nonzero(name, value)?;
+    at_most_count(name, value)
+}
+
+/// Refuse a count of setting `name` above [`MAX_COUNT`] (for counts where zero means "no limit").
+pub fn at_most_count(name: &str, value: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(value <= MAX_COUNT, "{name} must be at most {MAX_COUNT}");
+    Ok(())
+}
+
 /// A `--announce-interval` flag's value: a duration of at least [`MIN_ANNOUNCE_INTERVAL`].
 pub fn parse_announce_interval(s: &str) -> Result<Duration, String> {
     let value = humantime::parse_duration(s).map_err(|e| e.to_string())?;
@@ -281,6 +298,18 @@ pub fn load_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) 
 }
 
 impl OriginConfig {
+    /// Refuse the origin's own settings no server can work with (the cluster's are checked by
+    /// [`OriginConfig::cluster`], the limits by [`Limits::check`]): a zero upload idle timeout
+    /// dropped sessions between a client's requests, a zero manifest size refused every
+    /// manifest, a zero repair rate crawled at a byte a second.
+    pub fn check(&self) -> anyhow::Result<()> {
+        nonzero("upload_idle_timeout", self.upload_idle_timeout)?;
+        nonzero("max_manifest_size", self.max_manifest_size.as_u64())?;
+        nonzero("cluster.repair_rate", self.cluster.repair_rate.as_u64())?;
+        at_most_count("peer_upload_slots", self.peer_upload_slots)?;
+        self.limits.check()
+    }
+
     /// The cluster settings, checked: a cluster of more than one needs a secret, and this
     /// origin needs an address the others can reach.
     pub fn cluster(&self) -> anyhow::Result<shoal_origin::cluster::ClusterConfig> {
@@ -419,6 +448,29 @@ mod tests {
         assert!(err.contains("cluster.gc_interval = 0s is below its minimum of 1m"), "{err}");
         std::fs::write(&file, "[cluster]\ngc_interval = \"24h\"\n").unwrap();
         assert!(origin.resolve().is_ok());
+    }
+
+    /// Zero where zero cannot work, and counts past any machine, are refused by name before
+    /// the origin opens anything: a zero upload idle timeout dropped sessions between a
+    /// client's requests, a zero repair rate copied a byte a second.
+    #[test]
+    fn an_origin_refuses_settings_it_cannot_work_with() {
+        for (toml, err) in [
+            ("upload_idle_timeout = \"0s\"", "upload_idle_timeout must be above zero"),
+            ("max_manifest_size = \"0B\"", "max_manifest_size must be above zero"),
+            ("[cluster]\nrepair_rate = \"0B\"", "cluster.repair_rate must be above zero"),
+            ("peer_upload_slots = 9223372036854775807", "peer_upload_slots must be at most 1048576"),
+            (
+                "[limits]\nmax_connections = 9223372036854775807",
+                "limits.max_connections must be at most 1048576",
+            ),
+        ] {
+            let config: OriginConfig = toml::from_str(toml).unwrap();
+            assert_eq!(config.check().unwrap_err().to_string(), err, "{toml}");
+        }
+        let unlimited: OriginConfig = toml::from_str("peer_upload_slots = 0").unwrap();
+        assert!(unlimited.check().is_ok(), "0 peer upload slots is no limit");
+        assert!(OriginConfig::default().check().is_ok());
     }
 
     /// A manifest limit whose records could not travel between origins is refused at start.

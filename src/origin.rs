@@ -142,7 +142,7 @@ impl OriginArgs {
 
 /// Open the origin's storage, join the cluster, start seeding, and bind its HTTP server.
 pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
-    config.limits.check()?;
+    config.check()?;
     config.limits.apply();
     let cluster = config.cluster()?;
     let store = OriginStore::open(StoreConfig {

@@ -119,6 +119,10 @@ fn check_ports(base: SocketAddr, agents: u16) -> anyhow::Result<()> {
         (1..=MAX_UP_AGENTS).contains(&agents),
         "--agents {agents}: between 1 and {MAX_UP_AGENTS} (each takes the ports after the origin's)"
     );
+    anyhow::ensure!(
+        base.port() != 0,
+        "--listen needs a fixed port: the tracker's, the agents' and the peer ports are counted from it"
+    );
     let top = 200 + agents;
     anyhow::ensure!(
         base.port().checked_add(top).is_some(),
@@ -192,7 +196,8 @@ pub async fn run(
     println!("Try it:");
     println!("  docker tag busybox {base}/demo/busybox:1 && docker push {base}/demo/busybox:1");
     println!("  docker pull {first_agent}/demo/busybox:1");
-    println!("  shoal preheat {scheme}://{first_agent} demo/busybox:1");
+    let trust = if args.tls { format!(" --tls-ca {}", pki.join("ca.pem").display()) } else { String::new() };
+    println!("  shoal preheat{trust} {scheme}://{first_agent} demo/busybox:1");
     println!("Press Ctrl-C to stop.");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -232,6 +237,7 @@ mod tests {
         assert!(check_ports(at(65_333), 3).unwrap_err().to_string().contains("leaves no room"));
         assert!(check_ports(at(5000), 100).is_err(), "agent 100 would take the tracker's port");
         assert!(check_ports(at(5000), 0).is_err());
+        assert!(check_ports(at(0), 3).unwrap_err().to_string().contains("needs a fixed port"));
     }
 
     #[test]

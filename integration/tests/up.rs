@@ -121,6 +121,11 @@ async fn push_and_pull_through_agents(tls: bool) {
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(text.contains("peer_tls=true"), "{text}");
     }
+    // The preheat command it prints works as printed: with --tls it names the CA to trust.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let preheat = text.lines().find(|l| l.trim_start().starts_with("shoal preheat")).expect("a preheat line");
+    let names_ca = preheat.contains(&format!("--tls-ca {}", ca.display()));
+    assert_eq!(names_ca, tls, "{preheat}");
 }
 
 /// One test, plain then TLS: two `shoal up`s at once could pick overlapping port blocks.
