@@ -270,6 +270,11 @@ fn write_mirror_ca(source: &Path, data_dir: &Path) -> anyhow::Result<PathBuf> {
 fn setup_blocking(plan: &SetupPlan) -> anyhow::Result<Vec<String>> {
     let mut report = Vec::new();
     if let Some(data_dir) = &plan.data_dir {
+        // Who owned it before this setup (the mirror CA's write below takes it for a moment).
+        let before = std::fs::symlink_metadata(data_dir).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt as _;
+            (m.uid(), m.gid())
+        });
         std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
         if let Some((source, _)) = &plan.mirror_ca {
             // Written while this process owns the directory: the chart's init container is
@@ -284,6 +289,19 @@ fn setup_blocking(plan: &SetupPlan) -> anyhow::Result<Vec<String>> {
             report.push(format!("mirror CA: {}", target.display()));
         }
         match plan.owner {
+            Some((uid, gid)) if before.is_some_and(|b| b != (uid, gid)) => {
+                // The agent's user changed (agent.runAsUser): what the old one made, its cache
+                // and partial downloads, goes to the new one too, or every pull of a blob not
+                // cached fails on a directory it cannot write.
+                let changed = chown_tree(data_dir, uid, gid)?;
+                report.insert(
+                    0,
+                    format!(
+                        "data dir {}: ready, owned by {uid}:{gid} ({changed} entries handed over)",
+                        data_dir.display()
+                    ),
+                );
+            }
             Some((uid, gid)) => {
                 std::os::unix::fs::chown(data_dir, Some(uid), Some(gid))
                     .with_context(|| format!("chown {uid}:{gid} {}", data_dir.display()))?;
@@ -294,6 +312,25 @@ fn setup_blocking(plan: &SetupPlan) -> anyhow::Result<Vec<String>> {
     }
     hosts::write_registries(plan, &mut report)?;
     Ok(report)
+}
+
+/// Give `dir` and everything under it to `uid:gid`, links themselves and not what they point
+/// at; returns how many entries were handed over.
+fn chown_tree(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<usize> {
+    let mut changed = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
+            .with_context(|| format!("chown {uid}:{gid} {}", path.display()))?;
+        changed += 1;
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).with_context(|| format!("reading {}", path.display()))? {
+                pending.push(entry.with_context(|| format!("reading {}", path.display()))?.path());
+            }
+        }
+    }
+    Ok(changed)
 }
 
 /// Whether `wait` may stop: every address ready, and the same addresses, for `settle`.

@@ -326,6 +326,44 @@ fn setup_creates_the_data_dir() {
     assert!(report[0].contains(&format!("owned by {}:{}", meta.uid(), meta.gid())), "{report:?}");
 }
 
+/// A data directory another user made (the agent's uid changed in the chart) is handed over
+/// whole, its cache and partial downloads too: before, only the directory itself was, and the
+/// new user could write nothing under it. Needs root (chown to others).
+#[test]
+fn a_data_dir_of_another_user_is_handed_over_whole() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("agent");
+    std::fs::create_dir_all(data.join("cache/sha256")).unwrap();
+    std::fs::create_dir_all(data.join("partial")).unwrap();
+    std::fs::write(data.join("cache/sha256/blob"), b"x").unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", data.join("partial/link")).unwrap();
+    let owned = |p: &Path| {
+        let m = std::fs::symlink_metadata(p).unwrap();
+        (m.uid(), m.gid())
+    };
+    let etc_hostname = owned(Path::new("/etc/hostname"));
+    for p in ["", "cache", "cache/sha256", "cache/sha256/blob", "partial", "partial/link"] {
+        std::os::unix::fs::lchown(data.join(p), Some(1000), Some(1000)).unwrap();
+    }
+    let mut plan = setup_plan(&tmp.path().join("certs.d"), "x:1");
+    plan.data_dir = Some(data.clone());
+    plan.owner = Some((2000, 2001));
+    let report = setup_blocking(&plan).unwrap();
+    assert!(report[0].contains("owned by 2000:2001 (6 entries handed over)"), "{report:?}");
+    for p in ["", "cache", "cache/sha256", "cache/sha256/blob", "partial", "partial/link"] {
+        assert_eq!(owned(&data.join(p)), (2000, 2001), "{p}");
+    }
+    assert_eq!(owned(Path::new("/etc/hostname")), etc_hostname, "a link's target is not followed");
+    // The same owner again: nothing to hand over.
+    let report = setup_blocking(&plan).unwrap();
+    assert!(report[0].ends_with("owned by 2000:2001"), "{report:?}");
+}
+
 #[test]
 fn settle_tracker() {
     let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
