@@ -24,6 +24,8 @@ use crate::cluster::record::{Record, RecordKey, VersionClock};
 use crate::cluster::topology::Topology;
 
 mod scans;
+#[cfg(test)]
+mod tests;
 
 /// One origin's answer to a question asked of several.
 type Answer<T> = (String, Result<T, NodeError>);
@@ -62,6 +64,16 @@ pub struct Placed {
     pub all_owners: bool,
     /// The last failure seen, for the error message.
     pub last_error: Option<String>,
+}
+
+/// What a placement puts on its owners. An origin whose disk is nearly full takes no blob
+/// copies but still takes records (a few KiB each): skipped for those too, every write to one
+/// of its repositories queued a repair item, and garbage collection, which waits for the
+/// repair queues to empty, hardly ever ran to free the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Copies {
+    Records,
+    Blob,
 }
 
 /// Replicated operations over the cluster.
@@ -115,12 +127,20 @@ impl Coordinator {
         self.topology.node(id)
     }
 
+    /// Whether origin `id` takes `what`.
+    fn takes(&self, id: &str, what: Copies) -> bool {
+        match what {
+            Copies::Records => self.topology.takes_records(id),
+            Copies::Blob => self.topology.accepts_writes(id),
+        }
+    }
+
     /// Run `op` on the owners of `key`, falling back to the next origins in the ranking for
     /// each owner that fails, until R origins took it or none is left. This origin takes its
     /// part last, after the others answered: a write another origin refuses as coming from a
     /// clock too far ahead (when that origin's clock is not known to be the wrong one) ends
     /// there, with no copy left here and no fallback, and fails.
-    pub async fn place<F, Fut>(&self, key: &str, op: F) -> Result<Placed, StoreError>
+    pub async fn place<F, Fut>(&self, key: &str, what: Copies, op: F) -> Result<Placed, StoreError>
     where
         F: Fn(Arc<dyn Node>) -> Fut,
         Fut: Future<Output = Result<(), NodeError>>,
@@ -129,7 +149,7 @@ impl Coordinator {
         let r = self.replication.replicas.min(ranked.len());
         let me = self.me();
         let attempt = |id: &String| {
-            let node = self.node(id).filter(|_| self.topology.accepts_writes(id));
+            let node = self.node(id).filter(|_| self.takes(id, what));
             let op = &op;
             let id = id.clone();
             async move {
@@ -172,7 +192,7 @@ impl Coordinator {
             if failed == 0 {
                 break;
             }
-            if self.node(id).is_none() || !self.topology.accepts_writes(id) {
+            if self.node(id).is_none() || !self.takes(id, what) {
                 continue;
             }
             let answer = attempt(id).await;
@@ -254,7 +274,7 @@ impl Coordinator {
         self.may_write()?;
         let records = Arc::new(records);
         let placed = self
-            .place(repo, |node| {
+            .place(repo, Copies::Records, |node| {
                 let records = records.clone();
                 let repo = repo.to_string();
                 async move {
@@ -314,7 +334,7 @@ impl Coordinator {
         let path = self.local.store().blob_path(digest);
         let me = self.me().to_string();
         let mut placed = self
-            .place(&digest.to_string(), |node| {
+            .place(&digest.to_string(), Copies::Blob, |node| {
                 let path = path.clone();
                 let me = me.clone();
                 async move {

@@ -319,6 +319,12 @@ impl Membership {
         !self.lock().others.get(id).is_some_and(|m| m.disk_full || (m.named_by_dns && m.answered.is_none()))
     }
 
+    /// Whether member `id` takes a repository's records: every member but a DNS entry that
+    /// has not answered yet (see [`accepts_writes`](Self::accepts_writes)), whatever its disk.
+    pub fn takes_records(&self, id: &str) -> bool {
+        id == self.me || !self.lock().others.get(id).is_some_and(|m| m.named_by_dns && m.answered.is_none())
+    }
+
     /// This origin's id (its normalised advertise address).
     pub fn me(&self) -> &str {
         &self.me

@@ -17,6 +17,11 @@ pub trait Topology: Send + Sync + 'static {
     fn accepts_writes(&self, _id: &str) -> bool {
         true
     }
+    /// Whether member `id` takes a repository's records: as [`accepts_writes`](Self::accepts_writes)
+    /// but whatever its disk (records are a few KiB).
+    fn takes_records(&self, _id: &str) -> bool {
+        true
+    }
     /// A handle on an origin (this one included), if it is a member.
     fn node(&self, id: &str) -> Option<Arc<dyn Node>>;
     /// A counter that changes whenever the live set does (repair watches it).
@@ -118,6 +123,10 @@ impl Topology for MemberTopology {
 
     fn accepts_writes(&self, id: &str) -> bool {
         self.membership.accepts_writes(id)
+    }
+
+    fn takes_records(&self, id: &str) -> bool {
+        self.membership.takes_records(id)
     }
 
     fn disagreeing_member(&self) -> Option<String> {
