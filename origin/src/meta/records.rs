@@ -109,7 +109,7 @@ impl Meta {
         if let Some(e) = late() {
             return Err(e);
         }
-        let mut changed = 0;
+        let (mut changed, mut unchanged) = (0, false);
         {
             let mut table = txn.open_table(RECORDS).map_err(|e| self.fail(e))?;
             let mut subjects = txn.open_table(SUBJECTS).map_err(|e| self.fail(e))?;
@@ -142,11 +142,23 @@ impl Meta {
                 changed += 1;
             }
             if !records.is_empty() {
-                txn.open_table(REPOS).map_err(|e| self.fail(e))?.insert(repo, 0).map_err(|e| self.fail(e))?;
+                let mut repos = txn.open_table(REPOS).map_err(|e| self.fail(e))?;
+                if changed == 0 && repos.get(repo).map_err(|e| self.fail(e))?.is_some() {
+                    unchanged = true;
+                } else {
+                    repos.insert(repo, 0).map_err(|e| self.fail(e))?;
+                }
             }
         }
         if let Some(e) = late() {
             return Err(e);
+        }
+        if unchanged {
+            // Records this origin already holds (every full repair pass sends each owner its
+            // repositories' records again): no commit, so no fsync under the one writer lock
+            // that client writes wait on.
+            txn.abort().map_err(|e| self.fail(e))?;
+            return Ok(0);
         }
         txn.commit().map_err(|e| self.fail(e))?;
         Ok(changed)
@@ -251,6 +263,30 @@ mod tests {
             Version::new(1, "a:1"),
             Some(RecordValue::Manifest(Box::new(value))),
         )
+    }
+
+    /// Records the store already holds commit nothing (each full repair pass sends every
+    /// owner its repositories' records again: one fsync each under the writer lock), and the
+    /// database file is left as it was; anything new still commits.
+    #[test]
+    fn records_already_held_commit_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        let meta = Meta::open(&path).unwrap();
+        let records: Vec<Record> = (0..5).map(|i| manifest(i, None, 10)).collect();
+        assert_eq!(meta.records_apply("r", &records).unwrap(), 5);
+        let written = |p: &std::path::Path| std::fs::metadata(p).unwrap().modified().unwrap();
+        let before = written(&path);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        for _ in 0..3 {
+            assert_eq!(meta.records_apply("r", &records).unwrap(), 0);
+            assert_eq!(meta.records_apply("r", &records[..2]).unwrap(), 0);
+        }
+        assert_eq!(written(&path), before, "applying held records wrote the database");
+        // A repository not listed yet is listed, and a new record commits.
+        assert_eq!(meta.records_apply("r", &[manifest(9, None, 10)]).unwrap(), 1);
+        assert_ne!(written(&path), before);
+        assert_eq!(meta.records_apply("r", &records).unwrap(), 0);
     }
 
     /// Reads pages of at most `max_bytes` until the last, as a remote caller does.
