@@ -134,13 +134,17 @@ impl Repairer {
     ///
     /// A membership change during the walk (an owner back while it runs) has the queue
     /// worked again at once, and the repositories walked again, for the same reason.
+    ///
+    /// The queue is also worked every repair interval during the walk: a walk of a large
+    /// store takes minutes, and an item queued meanwhile (a write an owner missed) waited for
+    /// its end, holding garbage collection back as long.
     pub async fn full_pass(&self) -> RepairReport {
         let mut report = RepairReport::default();
-        let mut generation = self.coordinator.topology.generation();
+        let mut walk = Walk { generation: self.coordinator.topology.generation(), queued_at: Instant::now() };
         self.queue_pass(&mut report).await;
-        let mut walked_at = generation;
+        let mut walked_at = walk.generation;
         let started = Instant::now();
-        self.repos_pass(&mut generation, &mut report).await;
+        self.repos_pass(&mut walk, &mut report).await;
         // A walk over the repositories again waits as long as the last one took: a member
         // that keeps flapping leaves the blobs at least half of the pass.
         let (mut walk_took, mut walk_ended) = (started.elapsed(), Instant::now());
@@ -156,12 +160,12 @@ impl Repairer {
                 }
             };
             for entry in &page {
-                self.queue_pass_if_changed(&mut generation, &mut report).await;
-                if generation != walked_at && walk_ended.elapsed() >= walk_took {
+                self.queue_pass_if_due(&mut walk, &mut report).await;
+                if walk.generation != walked_at && walk_ended.elapsed() >= walk_took {
                     // An owner came back (or went) during the walk: its repositories first.
-                    walked_at = generation;
+                    walked_at = walk.generation;
                     let started = Instant::now();
-                    self.repos_pass(&mut generation, &mut report).await;
+                    self.repos_pass(&mut walk, &mut report).await;
                     (walk_took, walk_ended) = (started.elapsed(), Instant::now());
                 }
                 self.reconcile_blob(entry, &mut report).await;
@@ -177,7 +181,7 @@ impl Repairer {
     }
 
     /// Check every repository held here (see [`full_pass`](Self::full_pass)).
-    async fn repos_pass(&self, generation: &mut u64, report: &mut RepairReport) {
+    async fn repos_pass(&self, walk: &mut Walk, report: &mut RepairReport) {
         let local = self.coordinator.local.clone();
         let mut after: Option<String> = None;
         loop {
@@ -190,7 +194,7 @@ impl Repairer {
                 }
             };
             for repo in &page {
-                self.queue_pass_if_changed(generation, report).await;
+                self.queue_pass_if_due(walk, report).await;
                 self.reconcile_repo(repo, report).await;
             }
             match page.last() {
@@ -200,12 +204,14 @@ impl Repairer {
         }
     }
 
-    /// The queue pass a membership change since `generation` calls for, if there was one.
-    async fn queue_pass_if_changed(&self, generation: &mut u64, report: &mut RepairReport) {
+    /// The queue pass a membership change since the walk's last look calls for, or a repair
+    /// interval since the last queue pass, if either.
+    async fn queue_pass_if_due(&self, walk: &mut Walk, report: &mut RepairReport) {
         let now = self.coordinator.topology.generation();
-        if now != *generation {
-            *generation = now;
+        if now != walk.generation || walk.queued_at.elapsed() >= self.interval {
+            walk.generation = now;
             self.queue_pass(report).await;
+            walk.queued_at = Instant::now();
         }
     }
 
@@ -422,9 +428,59 @@ fn throttled(body: ByteStream, limiter: Arc<RateLimiter>, piece: u64) -> ByteStr
     }))
 }
 
+/// Where a full pass's walk stands: the membership generation it last looked at, and when it
+/// last worked the queue.
+struct Walk {
+    generation: u64,
+    queued_at: Instant,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::record::{Record, RecordKey, RecordValue, Version};
+    use crate::cluster::testing::fixed_cluster;
+
+    /// An item queued while a full pass walks a large store is worked within a repair
+    /// interval or so, not at the walk's end: here every blob's check waits 100 ms on a slow
+    /// owner, so the walk takes seconds, and the records reach their owners in well under one.
+    #[tokio::test]
+    async fn the_queue_is_worked_during_a_long_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, b, other) = fixed_cluster(dir.path(), 3, &[]).await;
+        for i in 0..30u32 {
+            let data = Bytes::from(format!("blob {i}"));
+            let digest = Digest::of(shoal_registry::Algorithm::Sha256, &data);
+            let body: ByteStream = Box::pin(futures_util::stream::iter([Ok(data.clone())]));
+            c.local.blob_put(&digest, data.len() as u64, body).await.unwrap();
+        }
+        b.set_peek_delay(Duration::from_millis(100));
+        let coordinator = Arc::new(c);
+        let interval = Duration::from_millis(200);
+        let limiter = Arc::new(RateLimiter::new(Some(1 << 30), 1 << 30));
+        let repairer = Repairer { coordinator: coordinator.clone(), limiter, piece: 1 << 20, interval };
+        let started = Instant::now();
+        let pass = tokio::spawn(async move { repairer.full_pass().await });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // A write the other owners missed, queued here mid-walk.
+        let tag = Record {
+            key: RecordKey::Tag("v1".into()),
+            version: Version::new(1, "a:1"),
+            value: Some(RecordValue::Tag { digest: Digest::of(shoal_registry::Algorithm::Sha256, b"m") }),
+            expect: None,
+        };
+        coordinator.local.records_apply("team/x", std::slice::from_ref(&tag)).await.unwrap();
+        coordinator.enqueue("repo:team/x".into()).await.unwrap();
+        let queued = Instant::now();
+        while b.records_of("team/x").is_empty() || other.records_of("team/x").is_empty() {
+            assert!(!pass.is_finished(), "the records went out only at the walk's end");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let took = queued.elapsed();
+        let report = pass.await.unwrap();
+        assert!(started.elapsed() >= Duration::from_secs(2), "the walk was short: {:?}", started.elapsed());
+        assert!(took < Duration::from_secs(1), "the queued item waited {took:?}; {report:?}");
+    }
 
     /// A copy goes out in pieces of a quarter second's worth at most, every byte in order
     /// (1 MiB chunks read from the file used to wait for a second's tokens each at 1 MiB/s).

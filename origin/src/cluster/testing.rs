@@ -36,6 +36,8 @@ pub struct MemNode {
     state: Mutex<State>,
     /// When set, every `blob_put` fails with this error (after reading the body).
     put_failure: Mutex<Option<PutFailure>>,
+    /// How long each `blob_peek` takes (a slow owner).
+    peek_delay: Mutex<std::time::Duration>,
 }
 
 impl MemNode {
@@ -49,7 +51,18 @@ impl MemNode {
             id: id.to_string(),
             state: Mutex::new(State::default()),
             put_failure: Mutex::new(None),
+            peek_delay: Mutex::new(std::time::Duration::ZERO),
         })
+    }
+
+    /// Make every `blob_peek` take `delay`.
+    pub fn set_peek_delay(&self, delay: std::time::Duration) {
+        *self.peek_delay.lock().unwrap() = delay;
+    }
+
+    /// The records of `repo` held here.
+    pub fn records_of(&self, repo: &str) -> Vec<Record> {
+        self.state().repos.get(repo).map(|r| r.values().cloned().collect()).unwrap_or_default()
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -80,6 +93,10 @@ impl Node for MemNode {
     }
 
     async fn blob_peek(&self, digest: &Digest) -> Result<Holding, NodeError> {
+        let delay = *self.peek_delay.lock().unwrap();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let state = self.state();
         Ok(match state.blobs.get(digest) {
             Some((bytes, _)) => Holding::Held(bytes.len() as u64),
@@ -276,4 +293,69 @@ pub async fn serve(node: Arc<dyn Node>, secret: Option<&str>) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     addr
+}
+
+/// Members that never change; `full` ones say their disk is nearly full.
+pub struct FixedTopology {
+    me: String,
+    nodes: BTreeMap<String, Arc<dyn Node>>,
+    full: std::collections::BTreeSet<String>,
+}
+
+impl crate::cluster::topology::Topology for FixedTopology {
+    fn me(&self) -> &str {
+        &self.me
+    }
+    fn live(&self) -> Vec<String> {
+        self.nodes.keys().cloned().collect()
+    }
+    fn members(&self) -> Vec<String> {
+        self.live()
+    }
+    fn accepts_writes(&self, id: &str) -> bool {
+        !self.full.contains(id)
+    }
+    fn node(&self, id: &str) -> Option<Arc<dyn Node>> {
+        self.nodes.get(id).cloned()
+    }
+    fn generation(&self) -> u64 {
+        0
+    }
+}
+
+/// Three origins, `replicas` copies: this one, `a:1`, on a real store in `dir`, and `b:1` and
+/// `c:1` in memory; those named in `full` say their disk is nearly full.
+pub async fn fixed_cluster(
+    dir: &std::path::Path,
+    replicas: usize,
+    full: &[&str],
+) -> (crate::cluster::coordinator::Coordinator, Arc<MemNode>, Arc<MemNode>) {
+    use crate::cluster::coordinator::{Coordinator, Replication};
+    let store = crate::store::OriginStore::open(crate::StoreConfig {
+        data_dir: dir.to_path_buf(),
+        upload_idle_timeout: std::time::Duration::from_secs(3600),
+        max_upload_sessions: 10,
+    })
+    .await
+    .unwrap();
+    let local = crate::cluster::local::LocalNode::new("a:1", store);
+    let (b, c) = (MemNode::new("b:1"), MemNode::new("c:1"));
+    let nodes: BTreeMap<String, Arc<dyn Node>> = [
+        ("a:1".to_string(), local.clone() as Arc<dyn Node>),
+        ("b:1".to_string(), b.clone() as Arc<dyn Node>),
+        ("c:1".to_string(), c.clone() as Arc<dyn Node>),
+    ]
+    .into();
+    let full = full.iter().map(|s| s.to_string()).collect();
+    let coordinator = Coordinator {
+        topology: Arc::new(FixedTopology { me: "a:1".into(), nodes, full }),
+        local,
+        clock: crate::cluster::record::VersionClock::new("a:1"),
+        replication: Replication { replicas, write_quorum: replicas },
+        metrics: crate::cluster::metrics::ClusterMetrics::unregistered().unwrap(),
+        gc_lock: Default::default(),
+        skews: Default::default(),
+        read_repairs: Default::default(),
+    };
+    (coordinator, b, c)
 }

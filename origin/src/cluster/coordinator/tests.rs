@@ -1,74 +1,11 @@
-//! Placement over a fixed cluster: this origin on a real store, the others in memory.
-
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::time::Duration;
+//! Placement over a fixed cluster (`testing::fixed_cluster`): this origin on a real store,
+//! the others in memory.
 
 use shoal_registry::{Algorithm, ByteStream, Digest};
 
 use super::*;
-use crate::cluster::local::LocalNode;
-use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::record::{Record, RecordKey, RecordValue, Version};
-use crate::cluster::testing::MemNode;
-
-/// Members that never change; `full` ones say their disk is nearly full.
-struct Fixed {
-    me: String,
-    nodes: BTreeMap<String, Arc<dyn Node>>,
-    full: BTreeSet<String>,
-}
-
-impl Topology for Fixed {
-    fn me(&self) -> &str {
-        &self.me
-    }
-    fn live(&self) -> Vec<String> {
-        self.nodes.keys().cloned().collect()
-    }
-    fn members(&self) -> Vec<String> {
-        self.live()
-    }
-    fn accepts_writes(&self, id: &str) -> bool {
-        !self.full.contains(id)
-    }
-    fn node(&self, id: &str) -> Option<Arc<dyn Node>> {
-        self.nodes.get(id).cloned()
-    }
-    fn generation(&self) -> u64 {
-        0
-    }
-}
-
-async fn cluster(dir: &std::path::Path, full: &[&str]) -> (Coordinator, Arc<MemNode>, Arc<MemNode>) {
-    let store = crate::store::OriginStore::open(crate::StoreConfig {
-        data_dir: dir.to_path_buf(),
-        upload_idle_timeout: Duration::from_secs(3600),
-        max_upload_sessions: 10,
-    })
-    .await
-    .unwrap();
-    let local = LocalNode::new("a:1", store);
-    let (b, c) = (MemNode::new("b:1"), MemNode::new("c:1"));
-    let nodes: BTreeMap<String, Arc<dyn Node>> = [
-        ("a:1".to_string(), local.clone() as Arc<dyn Node>),
-        ("b:1".to_string(), b.clone() as Arc<dyn Node>),
-        ("c:1".to_string(), c.clone() as Arc<dyn Node>),
-    ]
-    .into();
-    let topology = Fixed { me: "a:1".into(), nodes, full: full.iter().map(|s| s.to_string()).collect() };
-    let coordinator = Coordinator {
-        topology: Arc::new(topology),
-        local,
-        clock: VersionClock::new("a:1"),
-        replication: Replication { replicas: 2, write_quorum: 2 },
-        metrics: ClusterMetrics::unregistered().unwrap(),
-        gc_lock: Default::default(),
-        skews: Default::default(),
-        read_repairs: Default::default(),
-    };
-    (coordinator, b, c)
-}
+use crate::cluster::testing::fixed_cluster;
 
 /// A repository whose two owners are this origin and `b:1`.
 fn owned_with_b(c: &Coordinator) -> String {
@@ -86,7 +23,7 @@ fn owned_with_b(c: &Coordinator) -> String {
 #[tokio::test]
 async fn a_nearly_full_owner_takes_records_but_no_blob_copies() {
     let dir = tempfile::tempdir().unwrap();
-    let (c, b, other) = cluster(dir.path(), &["b:1"]).await;
+    let (c, b, other) = fixed_cluster(dir.path(), 2, &["b:1"]).await;
     let repo = owned_with_b(&c);
     let tag = Record {
         key: RecordKey::Tag("v1".into()),
