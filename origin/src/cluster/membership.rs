@@ -13,9 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt};
-use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig};
-use hickory_resolver::name_server::TokioConnectionProvider;
-use hickory_resolver::{ResolveError, TokioResolver};
+use hickory_resolver::ResolveError;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
@@ -205,10 +203,9 @@ pub struct Membership {
     health_timeout: Duration,
     health_fails: u32,
     health_passes: u32,
-    dns_timeout: Duration,
     http: reqwest::Client,
-    /// Only built when an entry needs SRV lookups.
-    srv: Option<TokioResolver>,
+    /// Answers for the `dns+` and `srv+` entries.
+    dns: dns::Lookups,
     table: Mutex<Table>,
     generation: watch::Sender<u64>,
     /// Called with every member's health reply (the origin moves its version clock and
@@ -257,11 +254,7 @@ impl Membership {
             }
         }
         let dynamic = sources.iter().any(|s| !matches!(s, Source::Fixed(_)));
-        let srv = if sources.iter().any(|s| matches!(s, Source::Srv(_))) {
-            Some(srv_resolver(nameserver, config.call_timeout)?)
-        } else {
-            None
-        };
+        let dns = dns::Lookups::new(&sources, nameserver, config.call_timeout)?;
         let (generation, _) = watch::channel(0);
         let membership = Arc::new(Membership {
             me,
@@ -271,9 +264,8 @@ impl Membership {
             health_timeout: config.health_timeout,
             health_fails: config.health_fails,
             health_passes: config.health_passes,
-            dns_timeout: config.call_timeout,
             http,
-            srv,
+            dns,
             table: Mutex::new(Table::default()),
             generation,
             on_reply: std::sync::OnceLock::new(),
@@ -529,173 +521,6 @@ impl Membership {
         }
         response.json::<HealthReply>().await.map_err(|e| format!("bad health reply: {e}"))
     }
-
-    /// Resolve every DNS source again and bring the member list in line with the answers.
-    async fn refresh(&self) {
-        let mut answers = Vec::new();
-        for (index, source) in self.sources.iter().enumerate() {
-            let answer = match source {
-                Source::Fixed(_) => continue,
-                Source::Dns { host, port } => self.lookup_addrs(host, *port).await,
-                Source::Srv(name) => self.lookup_srv(name).await,
-            };
-            match answer {
-                Ok(ids) => answers.push((index, ids)),
-                Err(reason) => warn!(?source, %reason, "cluster DNS lookup failed; keeping the last answer"),
-            }
-        }
-        let mut changed = false;
-        let joined: Vec<String>;
-        {
-            let mut table = self.lock();
-            for (index, ids) in answers {
-                table.resolved.insert(index, ids);
-            }
-            let mut wanted: BTreeSet<String> = table.resolved.values().flatten().cloned().collect();
-            for source in &self.sources {
-                if let Source::Fixed(id) = source {
-                    wanted.insert(id.clone());
-                }
-            }
-            wanted.remove(&self.me);
-            let gone: Vec<String> = table.others.keys().filter(|id| !wanted.contains(*id)).cloned().collect();
-            for id in gone {
-                if let Some(m) = table.others.remove(&id) {
-                    info!(member = %id, "cluster member left the member list");
-                    changed |= !m.is_self && !m.alias;
-                }
-            }
-            joined = wanted.into_iter().filter(|id| !table.others.contains_key(id)).collect();
-        }
-        changed |= self.admit(joined).await;
-        if changed {
-            self.bump();
-        }
-    }
-
-    /// Put entries new to the member list in it once each has been checked once: before its
-    /// first reply an entry cannot be told apart from this origin or another member under a
-    /// second address, and counted live meanwhile it would be placed on as a member of its
-    /// own (a write's two owners one origin) and named in the member list GC compares. An
-    /// entry whose check fails joins up all the same, so origins that start together work
-    /// at once (it goes down after `health_fails` failures, as any member), unless it is
-    /// this origin's own address ([`Membership::is_own_address`]): at start this origin's
-    /// listener is not up yet to answer for it. `true` if the member list changed.
-    async fn admit(&self, joined: Vec<String>) -> bool {
-        if joined.is_empty() {
-            return false;
-        }
-        // Whether a failed entry is this host's own address is a system call: asked before
-        // the table's lock is taken.
-        let results: Vec<_> = self
-            .check_each(joined)
-            .await
-            .into_iter()
-            .map(|(id, result)| {
-                let own = result.is_err() && self.is_own_address(&id);
-                (id, result, own)
-            })
-            .collect();
-        let mut table = self.lock();
-        let mut admitted = Vec::new();
-        for (id, result, own) in results {
-            if let std::collections::btree_map::Entry::Vacant(slot) = table.others.entry(id.clone()) {
-                info!(member = %id, "cluster member joined the member list");
-                let fixed = self.sources.iter().any(|s| matches!(s, Source::Fixed(f) if *f == id));
-                slot.insert(Member { named_by_dns: !fixed, ..Member::new() });
-                admitted.push((id, result, own));
-            }
-        }
-        let mut changed = false;
-        for (id, result, own) in admitted {
-            let alias = matches!(&result, Ok(r) if r.id != id && table.others.contains_key(&r.id));
-            if let Some(member) = table.others.get_mut(&id) {
-                if own {
-                    info!(member = %id, "cluster member looks like this origin's own address; not counted until it answers");
-                    member.maybe_self = true;
-                }
-                self.apply(&id, member, result, alias);
-                changed |= !member.is_self && !member.alias && !member.maybe_self;
-            }
-        }
-        // An older entry that answered as one of these is a second address of it from now
-        // on, not at its next check: counted until then, it was a second owner on the same
-        // machine.
-        let known: BTreeSet<String> = table.others.keys().cloned().collect();
-        for (id, member) in table.others.iter_mut() {
-            let second =
-                member.answered.as_ref().is_some_and(|a| a != id && *a != self.me && known.contains(a));
-            if second && !member.alias {
-                info!(member = %id, answered = ?member.answered, "cluster member is another member under a second address; counting it once");
-                changed |= member.live();
-                member.alias = true;
-            }
-        }
-        changed
-    }
-
-    /// Whether entry `id` is an address of this host with this origin's advertised port: the
-    /// address a `dns+` name gives for this origin (its pod's IP), checked without asking it
-    /// (an address is this host's when a socket can be bound to it).
-    fn is_own_address(&self, id: &str) -> bool {
-        let (Ok(entry), Some(port)) =
-            (id.parse::<SocketAddr>(), self.me.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()))
-        else {
-            return false;
-        };
-        entry.port() == port && std::net::UdpSocket::bind((entry.ip(), 0)).is_ok()
-    }
-
-    /// Members behind `dns+host:port`: one per A/AAAA address.
-    async fn lookup_addrs(&self, host: &str, port: u16) -> Result<BTreeSet<String>, String> {
-        let addrs = tokio::time::timeout(self.dns_timeout, tokio::net::lookup_host((host, port)))
-            .await
-            .map_err(|_| format!("timed out after {:?}", self.dns_timeout))?
-            .map_err(|e| e.to_string())?;
-        Ok(addrs.map(|a| a.to_string()).collect())
-    }
-
-    /// Members behind `srv+name`: one `target:port` per SRV record.
-    async fn lookup_srv(&self, name: &str) -> Result<BTreeSet<String>, String> {
-        let resolver = self.srv.as_ref().ok_or_else(|| "no SRV resolver".to_string())?;
-        let lookup = tokio::time::timeout(self.dns_timeout, resolver.srv_lookup(format!("{name}.")))
-            .await
-            .map_err(|_| format!("timed out after {:?}", self.dns_timeout))?
-            .map_err(|e| e.to_string())?;
-        let mut ids = BTreeSet::new();
-        for record in lookup.iter() {
-            let target = record.target().to_utf8();
-            let target = target.trim_end_matches('.');
-            if target.is_empty() {
-                continue; // "." means the service is deliberately unavailable.
-            }
-            match normalise(&format!("{target}:{}", record.port())) {
-                Ok(id) => {
-                    ids.insert(id);
-                }
-                Err(reason) => warn!(srv = name, target, %reason, "skipping SRV target"),
-            }
-        }
-        Ok(ids)
-    }
-}
-
-/// The resolver for SRV lookups: the system's, or `nameserver` alone.
-fn srv_resolver(nameserver: Option<SocketAddr>, timeout: Duration) -> Result<TokioResolver, MembershipError> {
-    let mut builder = match nameserver {
-        Some(ns) => {
-            let group = NameServerConfigGroup::from_ips_clear(&[ns.ip()], ns.port(), true);
-            TokioResolver::builder_with_config(
-                ResolverConfig::from_parts(None, vec![], group),
-                TokioConnectionProvider::default(),
-            )
-        }
-        None => TokioResolver::builder_tokio()?,
-    };
-    let options = builder.options_mut();
-    options.timeout = timeout;
-    options.attempts = 2;
-    Ok(builder.build())
 }
 
 /// Run `job` every `period` while the membership is alive. The first run is one period after
@@ -715,5 +540,7 @@ where
     }
 }
 
+mod dns;
+mod joining;
 #[cfg(test)]
 mod tests;
