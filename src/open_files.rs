@@ -17,7 +17,7 @@ pub fn raise() -> Result<u64, String> {
     let mut limit = getrlimit(Resource::Nofile);
     if limit.current < limit.maximum {
         limit.current = limit.maximum;
-        setrlimit(Resource::Nofile, limit.clone())
+        setrlimit(Resource::Nofile, limit)
             .map_err(|e| format!("raising the open-file limit to {:?}: {e}", limit.maximum))?;
     }
     // `None` is unlimited.
