@@ -20,7 +20,7 @@ use shoal_integration::cluster::Cluster;
 use shoal_integration::oci::{self, Blob, Manifest};
 use shoal_integration::origins::{ClusterSpec, OriginCluster};
 use shoal_integration::upstream::UpstreamRegistry;
-use shoal_integration::{sha256, skip_if_external, unique_repo, Client, StatusCode};
+use shoal_integration::{sha256, skip_if_external, unique_repo, Client, SendExt, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SKIP: &str = "pull-through tests start their own origins and upstream";
@@ -841,4 +841,66 @@ async fn a_streamed_blob_with_the_wrong_bytes_never_completes() {
     if again.status() == StatusCode::OK {
         assert!(again.bytes().await.is_err(), "the wrong blob was served whole after the fetch");
     }
+}
+
+/// The referrers of an upstream image (signatures, SBOMs) are listed through the origins as
+/// the upstream keeps them: Debian's `docker-registry` has no referrers API (its 404 sends the
+/// origin to the referrers tag schema, the index tagged `sha256-<hex>`), and the listed
+/// artifact is then served by digest like any mirrored manifest. Before, a mirrored
+/// repository listed only what the cluster held: `notation verify` through Shoal found no
+/// signature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_images_referrers_are_listed_through_the_origins() {
+    skip_if_external!(SKIP);
+    let Some(upstream) = UpstreamRegistry::start().await else { return };
+    let up = Client::new(&upstream.url());
+    let path = unique_repo("refs");
+    let (subject, _) = seed(&up, &path, "v1", 1).await;
+    let config = Blob::new(oci::OCI_EMPTY, b"{}".to_vec());
+    let layer = Blob::random_layer("application/vnd.example.signature", 300);
+    up.push_blob(&path, &config.data).await;
+    up.push_blob(&path, &layer.data).await;
+    let kind = "application/vnd.example.signature";
+    let artifact = Manifest::from_value(
+        oci::OCI_MANIFEST,
+        &oci::artifact_value(&subject, Some(kind), &config, &layer, &[("org.example", "sig")]),
+    );
+    up.push_manifest(&path, &artifact.digest, &artifact).await;
+    let mut entry = artifact.descriptor();
+    entry["artifactType"] = serde_json::json!(kind);
+    let index = Manifest::from_value(
+        oci::OCI_INDEX,
+        &serde_json::json!({ "schemaVersion": 2, "mediaType": oci::OCI_INDEX, "manifests": [entry] }),
+    );
+    let schema_tag = format!("sha256-{}", subject.digest.trim_start_matches("sha256:"));
+    up.push_manifest(&path, &schema_tag, &index).await;
+
+    let cluster = OriginCluster::start_cluster(ClusterSpec::new(1).config(&upstream_toml(
+        &upstream.url(),
+        "30s",
+        "1h",
+    )))
+    .await;
+    let client = cluster.client(0);
+    let repo = format!("{REGISTRY}/{path}");
+    for query in ["", &format!("?artifactType={kind}")] {
+        let reply = client.get(&format!("/v2/{repo}/referrers/{}{query}", subject.digest)).reply().await;
+        reply.expect(StatusCode::OK);
+        let listed = reply.json()["manifests"].clone();
+        assert_eq!(listed.as_array().map(Vec::len), Some(1), "{query}: {}", reply.describe());
+        assert_eq!(listed[0]["digest"], serde_json::json!(artifact.digest), "{query}");
+        assert_eq!(listed[0]["artifactType"], serde_json::json!(kind), "{query}");
+    }
+    // Another type filters it out; a subject with no referrers upstream has none.
+    let none = client.get(&format!("/v2/{repo}/referrers/{}?artifactType=x/y", subject.digest)).reply().await;
+    none.expect(StatusCode::OK);
+    assert_eq!(none.json()["manifests"], serde_json::json!([]));
+    let config_digest = shoal_integration::content::absent_digest();
+    let empty = client.get(&format!("/v2/{repo}/referrers/{config_digest}")).reply().await;
+    empty.expect(StatusCode::OK);
+    assert_eq!(empty.json()["manifests"], serde_json::json!([]));
+    // The listed artifact is served by digest, with the upstream's bytes.
+    let got = client.get_manifest(&repo, &artifact.digest).await;
+    got.expect(StatusCode::OK);
+    assert_eq!(sha256(&got.body), artifact.digest);
 }

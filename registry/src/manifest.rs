@@ -70,6 +70,26 @@ pub struct ReferrerDescriptor {
     pub annotations: Option<HashMap<String, String>>,
 }
 
+/// The tag under which a registry without the referrers API keeps an index of `subject`'s
+/// referrers (spec, "Referrers Tag Schema"): `<alg>-<hex>`, cut to a tag's 128 characters.
+pub fn referrers_tag(subject: &Digest) -> String {
+    let mut tag = format!("{}-{}", subject.algorithm().name(), subject.hex());
+    tag.truncate(128);
+    tag
+}
+
+/// The descriptors an image index lists: a referrers API answer, or the index a referrers tag
+/// names.
+pub fn index_descriptors(bytes: &[u8]) -> Result<Vec<ReferrerDescriptor>, ManifestError> {
+    #[derive(Deserialize)]
+    struct Index {
+        #[serde(default)]
+        manifests: Vec<ReferrerDescriptor>,
+    }
+    let index: Index = serde_json::from_slice(bytes).map_err(|e| ManifestError::Malformed(e.to_string()))?;
+    Ok(index.manifests)
+}
+
 /// What the registry must know about a manifest to store it.
 #[derive(Clone, Debug)]
 pub struct ParsedManifest {
@@ -198,6 +218,38 @@ pub fn parse_manifest(content_type: Option<&str>, bytes: &[u8]) -> Result<Parsed
                 annotations: i.annotations().clone(),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod referrers_tests {
+    use super::*;
+
+    #[test]
+    fn the_referrers_tag_is_the_digest_cut_to_a_tag() {
+        let d = Digest::of(crate::digest::Algorithm::Sha256, b"x");
+        assert_eq!(referrers_tag(&d), format!("sha256-{}", d.hex()));
+        let long = Digest::of(crate::digest::Algorithm::Sha512, b"x");
+        let tag = referrers_tag(&long);
+        assert_eq!(tag.len(), 128);
+        assert!(tag.parse::<crate::name::Tag>().is_ok(), "{tag}");
+    }
+
+    #[test]
+    fn an_index_gives_its_descriptors() {
+        let d = Digest::of(crate::digest::Algorithm::Sha256, b"sig");
+        let body = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{d}","size":12,"artifactType":"application/example","annotations":{{"a":"b"}},"platform":{{"os":"linux"}}}}]}}"#
+        );
+        let found = index_descriptors(body.as_bytes()).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].digest.clone(), found[0].size), (d, 12));
+        assert_eq!(found[0].artifact_type.as_deref(), Some("application/example"));
+        assert!(index_descriptors(b"{}").unwrap().is_empty());
+        assert!(index_descriptors(b"not json").is_err());
+        assert!(
+            index_descriptors(br#"{"manifests":[{"digest":"sha256:00","size":1,"mediaType":"x"}]}"#).is_err()
+        );
     }
 }
 

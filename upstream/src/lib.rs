@@ -23,6 +23,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, StatusCode};
+use shoal_registry::manifest::ReferrerDescriptor;
 use shoal_registry::{ByteStream, Digest};
 
 pub use auth::{parse_challenge, Challenge, Credentials};
@@ -224,6 +225,30 @@ impl Upstream {
                 None => "application/vnd.oci.image.manifest.v1+json".to_string(),
             });
         Ok(UpstreamManifest { digest, media_type, bytes })
+    }
+
+    /// The referrers of `digest` by the upstream's referrers API; `None` where the registry
+    /// answers 404 (no such API: the referrers tag schema is the caller's to read).
+    pub async fn referrers(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        client: Option<&Credentials>,
+    ) -> Result<Option<Vec<ReferrerDescriptor>>, UpstreamError> {
+        let url = format!("{}/v2/{repo}/referrers/{digest}", self.config.base());
+        let r = match self.send(reqwest::Method::GET, &url, repo, client, "referrers").await {
+            Err(UpstreamError::NotFound) => return Ok(None),
+            other => other?,
+        };
+        if r.content_length().is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
+            return Err(UpstreamError::Invalid(format!(
+                "referrers of {digest} over {MAX_MANIFEST_BYTES} bytes"
+            )));
+        }
+        let bytes = self.read_limited(r, MAX_MANIFEST_BYTES).await?;
+        shoal_registry::manifest::index_descriptors(&bytes)
+            .map(Some)
+            .map_err(|e| UpstreamError::Invalid(format!("referrers of {digest}: {e}")))
     }
 
     /// A blob's body (redirects to object storage followed); returns when headers arrive.

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
-use shoal_registry::manifest::{parse_manifest, ReferrerDescriptor};
+use shoal_registry::manifest::{index_descriptors, parse_manifest, referrers_tag, ReferrerDescriptor};
 use shoal_registry::mirror;
 use shoal_registry::range::ByteRange;
 use shoal_registry::store::{NewManifest, Page, Reference, StoredManifest, UploadState};
@@ -259,6 +259,28 @@ impl PullThrough {
         let new = NewManifest { digest: digest.clone(), bytes: fetched.bytes, parsed };
         self.inner.put_manifest(repo, tag, new, References::Fetched).await?;
         Ok(Some(stored))
+    }
+
+    /// The upstream's referrers of `digest`: by its referrers API, else (a registry without
+    /// one) from the index under its referrers tag (`<alg>-<hex>`), mirrored as any tag is.
+    async fn upstream_referrers(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        path: &str,
+        digest: &Digest,
+    ) -> Result<Vec<ReferrerDescriptor>, StoreError> {
+        let api = self.call(up, repo, |c| async move { up.referrers(path, digest, c.as_ref()).await }).await;
+        match api {
+            Ok(Some(found)) => return Ok(found),
+            Ok(None) => {}
+            Err(e) => return Err(store_error(up.registry(), e)),
+        }
+        let Ok(tag) = referrers_tag(digest).parse::<Tag>() else { return Ok(Vec::new()) };
+        let Some(index) = self.mirrored_tag(up, repo, path, &tag).await? else { return Ok(Vec::new()) };
+        index_descriptors(&index.bytes).map_err(|e| {
+            StoreError::Unavailable(format!("upstream {} keeps a bad referrers index: {e}", up.registry()))
+        })
     }
 
     /// A tag of an upstream repository (see the module docs).
@@ -522,15 +544,31 @@ impl RegistryStore for PullThrough {
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<Vec<ReferrerDescriptor>, StoreError> {
-        if let Some((up, path)) = self.upstream_of(repo) {
-            match self.check_access(&up, repo, path, Probe::Manifest(digest)).await {
-                Ok(()) => {}
-                // The referrers API never answers 404 (spec, "Listing Referrers"): a subject
-                // the upstream lacks has none, and nothing held here is shown for it.
-                Err(StoreError::ManifestUnknown) => return Ok(Vec::new()),
-                Err(e) => return Err(e),
+        let Some((up, path)) = self.upstream_of(repo) else {
+            return self.inner.referrers(repo, digest).await;
+        };
+        match self.check_access(&up, repo, path, Probe::Manifest(digest)).await {
+            Ok(()) => {}
+            // The referrers API never answers 404 (spec, "Listing Referrers"): a subject
+            // the upstream lacks has none, and nothing held here is shown for it.
+            Err(StoreError::ManifestUnknown) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        }
+        // What the cluster holds (referrers mirrored before), and what the upstream lists.
+        let mut found = self.inner.referrers(repo, digest).await?;
+        match self.upstream_referrers(&up, repo, path, digest).await {
+            Ok(theirs) => {
+                for d in theirs {
+                    if !found.iter().any(|f| f.digest == d.digest) {
+                        found.push(d);
+                    }
+                }
+            }
+            // The upstream cannot answer now: what the cluster holds.
+            Err(e) => {
+                tracing::warn!(registry = up.registry(), %repo, %digest, error = %e, "the upstream's referrers could not be listed")
             }
         }
-        self.inner.referrers(repo, digest).await
+        Ok(found)
     }
 }
