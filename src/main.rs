@@ -54,24 +54,44 @@ enum Command {
     Certs(certs::CertsArgs),
 }
 
-/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
-pub(crate) async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// A stop request (Ctrl-C or SIGTERM) to wait for.
+pub(crate) type Stop = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM), listening from the moment
+/// it is called: as PID 1 in a container a signal without a handler is ignored, and the
+/// handlers were installed only once a server served, after a start (recovery, the first
+/// membership view, the agent's cache) that may take minutes: a pod deleted meanwhile waited
+/// out its grace period, or started and served until killed, never draining.
+pub(crate) fn shutdown_signal() -> Stop {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (term, int) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    Box::pin(async move {
+        let received = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        tokio::select! { _ = received(term) => {}, _ = received(int) => {} }
+        tracing::info!("shutting down");
+    })
+}
+
+/// Serve what `bind` binds until `stop`; a stop while it binds ends the process there.
+async fn serve_unless_stopped(
+    bind: impl std::future::Future<Output = anyhow::Result<http::BoundServer>>,
+    mut stop: Stop,
+) -> anyhow::Result<()> {
+    let server = tokio::select! {
+        server = bind => server?,
+        () = &mut stop => {
+            tracing::info!("stopped while starting");
+            return Ok(());
         }
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("shutting down");
+    server.serve(stop).await
 }
 
 #[tokio::main]
@@ -88,18 +108,21 @@ async fn main() -> anyhow::Result<()> {
     open_files::report(open_files);
     match cli.command {
         Command::Origin(args) => {
+            let stop = shutdown_signal();
             let config = args.resolve()?;
             tls::install(&config.tls)?;
-            origin::bind(config).await?.serve(shutdown_signal()).await
+            serve_unless_stopped(origin::bind(config), stop).await
         }
         Command::Agent(args) => {
+            let stop = shutdown_signal();
             let config = args.resolve()?;
             tls::install(&config.tls)?;
-            agent::bind(config).await?.serve(shutdown_signal()).await
+            serve_unless_stopped(agent::bind(config), stop).await
         }
         Command::Tracker(args) => {
+            let stop = shutdown_signal();
             tls::install(&args.tls.settings())?;
-            tracker::bind(args).await?.serve(shutdown_signal()).await
+            serve_unless_stopped(tracker::bind(args), stop).await
         }
         Command::Up(args) => up::run(args, shutdown_signal()).await,
         Command::Preheat(args) => {

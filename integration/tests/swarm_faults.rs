@@ -546,3 +546,65 @@ async fn an_agent_is_not_ready_until_an_origin_has_answered() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A SIGTERM while an agent is still starting (here indexing 30,000 cached blobs) is handled,
+/// not lost: the handler is in place before the listener is, and the agent stops cleanly
+/// (exit 0) without serving. As PID 1 in a container a signal with no handler is ignored, and
+/// the handlers came only once a server served: a pod deleted while starting waited out its
+/// grace period, or started and served until killed.
+#[test]
+fn a_stop_during_a_slow_start_is_handled() {
+    use std::io::Write as _;
+    use std::os::unix::process::ExitStatusExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = dir.path().join("data/cache/sha256");
+    std::fs::create_dir_all(&cache).expect("cache dir");
+    for i in 0..30_000u32 {
+        let name = sha256(&i.to_le_bytes());
+        let mut f =
+            std::fs::File::create(cache.join(name.trim_start_matches("sha256:"))).expect("a cached blob");
+        f.write_all(&i.to_le_bytes()).expect("write");
+    }
+    let port = free_port();
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let mut child = std::process::Command::new(shoal_integration::origin::shoal_binary())
+        .args(["agent", "--listen", &format!("127.0.0.1:{port}"), "--peer-listen", "127.0.0.1:0"])
+        .args(["--origin", &nowhere, "--tracker", &nowhere, "--data-dir"])
+        .arg(dir.path().join("data"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start shoal agent");
+    // SIGTERM is signal 15: bit 14 of the caught-signal mask.
+    let catches_term = |pid: u32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let mask = status.lines().find_map(|l| l.strip_prefix("SigCgt:")).unwrap_or("0").trim().to_string();
+        u64::from_str_radix(&mask, 16).unwrap_or(0) & (1 << 14) != 0
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !catches_term(child.id()) {
+        assert!(Instant::now() < deadline, "the agent never handled SIGTERM");
+        assert!(child.try_wait().expect("wait").is_none(), "the agent exited while starting");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let listening = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
+    // SAFETY: kill(2) with a pid this test spawned and has not reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the agent did not stop within 20 s of a SIGTERM while starting");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!listening, "the SIGTERM handler came only after the listener (a stop while starting was lost)");
+    assert!(
+        status.success(),
+        "the agent was killed by the signal, not stopped: {status:?} {:?}",
+        status.signal()
+    );
+}
