@@ -124,7 +124,7 @@ async fn token_flow_refuses_missing_expired_tampered_wrong_scope_and_wrong_key_t
 
     // Expired, signed by the origin's own key.
     let key = origin_key(&origin);
-    let expired = key.sign(&claims(&repo, &["pull"], -60)).unwrap();
+    let expired = key.sign(&claims(&repo, &["pull"], -120)).unwrap();
     assert_bearer_refusal(
         &origin.client().with_bearer(&expired).get_manifest(&repo, "v1").await,
         Some("invalid_token"),
@@ -283,10 +283,19 @@ async fn token_endpoint_password_grant_rate_limit_and_published_keys() {
     let body: serde_json::Value = reply.json().await.unwrap();
     assert!(body["access_token"].as_str().is_some_and(|t| t.split('.').count() == 3));
 
-    // Wrong passwords: 401, then 429 once the name used up its attempts (5 by default).
-    for _ in 0..5 {
-        let r = http.get(format!("{url}/token")).basic_auth("mallory", Some("guess")).send().await.unwrap();
-        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // Wrong passwords: 401, then 429 once the name used up its attempts (5 by default). The
+    // same wrong password again is not another guess (a client's POST-then-GET of one login).
+    for i in 0..5 {
+        // The fifth is the last the name may make: sent once.
+        for _ in 0..if i < 4 { 2 } else { 1 } {
+            let r = http
+                .get(format!("{url}/token"))
+                .basic_auth("mallory", Some(format!("guess {i}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        }
     }
     let r = http.get(format!("{url}/token")).basic_auth("mallory", Some("m")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "the right password is refused while locked out");
@@ -374,7 +383,7 @@ async fn private_image_on_an_agent_stays_private() {
         &agent.with_bearer(&foreign).get_blob(&private, &layer.digest).await,
         Some("invalid_token"),
     );
-    let expired = origin_key(&cluster.origin).sign(&claims(&private, &["pull"], -60)).unwrap();
+    let expired = origin_key(&cluster.origin).sign(&claims(&private, &["pull"], -120)).unwrap();
     assert_bearer_refusal(
         &agent.with_bearer(&expired).get_blob(&private, &layer.digest).await,
         Some("invalid_token"),

@@ -152,9 +152,11 @@ impl Authority {
 
     /// Accept tokens signed by the other origins' `keys` too (a client may get its token
     /// from one origin and send the next request to another).
+    /// A peer key missing from `keys` (its origin did not answer this fetch) stays accepted
+    /// for a token's lifetime ([`KeySet::renewed`]).
     pub fn set_peer_keys(&self, keys: Vec<super::tokens::Jwk>) {
-        let set = KeySet::new(self.own.iter().cloned().chain(keys));
-        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = set;
+        let mut current = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        *current = current.renewed(self.own.iter().cloned().chain(keys), Instant::now());
     }
 
     /// How to fetch the other origins' keys: every `every`, and at most every

@@ -112,10 +112,13 @@ impl RemoteAuth {
         self.known.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Replace the policy.
+    /// Replace the policy. A key the origins no longer publish (one of them did not answer
+    /// this fetch) stays accepted for a token's lifetime ([`KeySet::renewed`]).
     pub fn set(&self, published: Published) {
-        let keys = KeySet::new(published.keys.clone());
-        *self.known.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Known { published, keys }));
+        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+        let before = known.as_ref().map(|k| k.keys.clone()).unwrap_or_default();
+        let keys = before.renewed(published.keys.clone(), Instant::now());
+        *known = Some(Arc::new(Known { published, keys }));
     }
 
     /// Fetch the policy now; `false` if no origin answered (the old one stays). Origins that
@@ -329,6 +332,21 @@ mod tests {
                 .is_err());
         }
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// Origins A and B each sign with their own key; B misses one fetch (restarting): the
+    /// tokens it signed still pull through the agent.
+    #[tokio::test]
+    async fn a_key_of_an_origin_that_missed_a_fetch_still_verifies() {
+        let (a, _) = SigningKey::generate().unwrap();
+        let (b, _) = SigningKey::generate().unwrap();
+        let auth = RemoteAuth::new(Arc::new(|| Box::pin(async { None })));
+        auth.set(Published::merge(vec![published(&a), published(&b)]).unwrap());
+        auth.set(Published::merge(vec![published(&a)]).unwrap());
+        let h = bearer(&token(&b, "priv/a"));
+        let pull = vec![Need::Repo("priv/a".into(), Action::Pull)];
+        let got = auth.authorize(&AccessCheck { headers: &h, identity: None, needs: &pull }).await;
+        assert!(got.is_ok(), "{got:?}");
     }
 
     #[test]

@@ -18,8 +18,12 @@ use super::AuthError;
 /// How long a token is valid by default (docker/distribution's token servers use minutes too:
 /// clients ask again when one expires).
 pub const DEFAULT_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(5 * 60);
-/// Clock skew tolerated on `exp` and `nbf` between the origin that signed and the verifier.
-pub const LEEWAY_SECS: u64 = 5;
+/// Clock skew tolerated on `exp` and `nbf` between the origin that signed and the verifier:
+/// origins take writes up to 20 s apart (`SKEW_WRITE_LIMIT_MS`) and agents' clocks are not
+/// checked at all, so with 5 s a token from an origin 9 s ahead was refused as not yet valid
+/// elsewhere (401 `invalid_token`, twice in a row behind a balanced realm: containerd gave
+/// up). distribution's verifier allows 60 s.
+pub const LEEWAY_SECS: u64 = 60;
 
 /// One entry of a token's `access` claim.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -239,11 +243,18 @@ pub enum TokenError {
     Invalid(String),
 }
 
+/// How long a key no longer published is still accepted after it was last seen: a token it
+/// signed lives this long at most (the default lifetime and the leeway).
+pub const RETIRED_KEY_GRACE: std::time::Duration =
+    std::time::Duration::from_secs(DEFAULT_TOKEN_TTL.as_secs() + LEEWAY_SECS);
+
 /// The keys tokens are verified with, by key id.
 #[derive(Clone, Default)]
 pub struct KeySet {
     keys: HashMap<String, DecodingKey>,
     published: Vec<Jwk>,
+    /// When each key was last among the keys this set was made or renewed from.
+    seen: HashMap<String, std::time::Instant>,
 }
 
 impl std::fmt::Debug for KeySet {
@@ -255,20 +266,45 @@ impl std::fmt::Debug for KeySet {
 impl KeySet {
     /// The set of `keys` (duplicates collapse; keys that are not P-256 JWKs are skipped).
     pub fn new(keys: impl IntoIterator<Item = Jwk>) -> KeySet {
+        let now = std::time::Instant::now();
         let mut set = KeySet::default();
         for jwk in keys {
-            if jwk.kty != "EC" || jwk.crv != "P-256" || set.keys.contains_key(&jwk.kid) {
-                continue;
-            }
-            match DecodingKey::from_ec_components(&jwk.x, &jwk.y) {
-                Ok(k) => {
-                    set.keys.insert(jwk.kid.clone(), k);
-                    set.published.push(jwk);
-                }
-                Err(e) => tracing::warn!(kid = %jwk.kid, error = %e, "skipping an unusable public key"),
-            }
+            set.add(jwk, now);
         }
         set
+    }
+
+    fn add(&mut self, jwk: Jwk, seen: std::time::Instant) {
+        if jwk.kty != "EC" || jwk.crv != "P-256" || self.keys.contains_key(&jwk.kid) {
+            return;
+        }
+        match DecodingKey::from_ec_components(&jwk.x, &jwk.y) {
+            Ok(k) => {
+                self.keys.insert(jwk.kid.clone(), k);
+                self.seen.insert(jwk.kid.clone(), seen);
+                self.published.push(jwk);
+            }
+            Err(e) => tracing::warn!(kid = %jwk.kid, error = %e, "skipping an unusable public key"),
+        }
+    }
+
+    /// This set brought up to `keys`, the keys published now (at `now`): a key of this set
+    /// missing from them is kept until [`RETIRED_KEY_GRACE`] after it was last seen. Its origin
+    /// may only have missed one fetch (restarting, counted down for a moment), and the tokens
+    /// it signed are still out there: dropped at once, every one of them was refused with 401
+    /// `invalid_token` for as long as that origin was away.
+    pub fn renewed(&self, keys: impl IntoIterator<Item = Jwk>, now: std::time::Instant) -> KeySet {
+        let mut next = KeySet::default();
+        for jwk in keys {
+            next.add(jwk, now);
+        }
+        for jwk in &self.published {
+            let last = self.seen.get(&jwk.kid).copied().unwrap_or(now);
+            if !next.keys.contains_key(&jwk.kid) && now.saturating_duration_since(last) < RETIRED_KEY_GRACE {
+                next.add(jwk.clone(), last);
+            }
+        }
+        next
     }
 
     pub fn jwks(&self) -> &[Jwk] {
@@ -363,7 +399,7 @@ mod tests {
         let (key, _) = SigningKey::generate().unwrap();
         let (other, _) = SigningKey::generate().unwrap();
         let set = KeySet::new([key.public.clone()]);
-        let expired = key.sign(&claims(pull("a"), -60)).unwrap();
+        let expired = key.sign(&claims(pull("a"), -(LEEWAY_SECS as i64) - 5)).unwrap();
         assert_eq!(set.verify(&expired, "shoal"), Err(TokenError::Expired));
         let foreign = other.sign(&claims(pull("a"), 60)).unwrap();
         assert_eq!(set.verify(&foreign, "shoal"), Err(TokenError::UnknownKey));
@@ -379,6 +415,44 @@ mod tests {
         let tampered = format!("{}.{}.{}", parts[0], widened, parts[2]);
         assert!(matches!(set.verify(&tampered, "shoal"), Err(TokenError::Invalid(_))));
         assert!(matches!(set.verify("garbage", "shoal"), Err(TokenError::Invalid(_))));
+    }
+
+    /// A key that stops being published (its origin missed a fetch) still verifies the
+    /// tokens it signed for [`RETIRED_KEY_GRACE`]; after that, or never seen, it does not.
+    #[test]
+    fn a_key_missing_from_one_fetch_is_kept_for_its_tokens_lifetime() {
+        let (a, _) = SigningKey::generate().unwrap();
+        let (b, _) = SigningKey::generate().unwrap();
+        let now = std::time::Instant::now();
+        let both = KeySet::default().renewed([a.public.clone(), b.public.clone()], now);
+        let from_b = b.sign(&claims(pull("x"), 300)).unwrap();
+        let later = now + std::time::Duration::from_secs(30);
+        let only_a = both.renewed([a.public.clone()], later);
+        assert!(only_a.verify(&from_b, "shoal").is_ok(), "b's token refused after b missed one fetch");
+        // Seen again: its grace starts over; gone for longer than the grace: refused.
+        let again = only_a.renewed([a.public.clone(), b.public.clone()], later);
+        let gone = again.renewed([a.public.clone()], later + RETIRED_KEY_GRACE);
+        assert_eq!(gone.verify(&from_b, "shoal"), Err(TokenError::UnknownKey));
+        let still =
+            again.renewed([a.public.clone()], later + RETIRED_KEY_GRACE - std::time::Duration::from_secs(1));
+        assert!(still.verify(&from_b, "shoal").is_ok());
+    }
+
+    /// A token signed on a clock up to the cluster's skew limit ahead (20 s) is valid at
+    /// once here, and one that expired within the leeway still is; past it, not.
+    #[test]
+    fn a_token_from_a_clock_ahead_is_valid_at_once() {
+        let (key, _) = SigningKey::generate().unwrap();
+        let set = KeySet::new([key.public.clone()]);
+        let mut ahead = claims(pull("a"), 300);
+        let skew = 20;
+        (ahead.nbf, ahead.iat) = (ahead.nbf + skew, ahead.iat + skew);
+        assert!(set.verify(&key.sign(&ahead).unwrap(), "shoal").is_ok(), "refused as not yet valid");
+        let just_expired = key.sign(&claims(pull("a"), -30)).unwrap();
+        assert!(set.verify(&just_expired, "shoal").is_ok());
+        let mut far_ahead = claims(pull("a"), 600);
+        far_ahead.nbf += LEEWAY_SECS + 30;
+        assert!(set.verify(&key.sign(&far_ahead).unwrap(), "shoal").is_err());
     }
 
     #[test]

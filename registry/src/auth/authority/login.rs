@@ -100,7 +100,7 @@ impl Authority {
                 }
             };
             if !ok {
-                failures.failed(&who, checked.is_some(), now);
+                failures.failed(&who, &p, checked.is_some(), now);
             }
             ok
         };
