@@ -138,6 +138,33 @@ fn add_blobs(digests: &mut BTreeSet<Digest>, media_type: &str, bytes: &[u8]) -> 
     Ok(())
 }
 
+/// The child manifests of index `bytes` a preheat follows: those for `platform` (all without
+/// one), each once (an index may name one any number of times, and each would be fetched and
+/// parsed again: 35,000 times a 4 MiB child in a 4 MiB index), at most
+/// [`MAX_PREHEAT_MANIFESTS`].
+fn children_to_follow(bytes: &[u8], platform: Option<&str>) -> Result<Vec<Digest>, String> {
+    let index: IndexEntries = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let mut seen = BTreeSet::new();
+    let mut children = Vec::new();
+    for entry in index.manifests {
+        if platform.is_some_and(|p| !platform_matches(&entry.platform, p))
+            || !seen.insert(entry.digest.clone())
+        {
+            continue;
+        }
+        if seen.len() > MAX_PREHEAT_MANIFESTS {
+            return Err(format!(
+                "the index names more than {MAX_PREHEAT_MANIFESTS} manifests; not preheated"
+            ));
+        }
+        children.push(entry.digest);
+    }
+    if children.is_empty() {
+        return Err(format!("no manifest for platform {}", platform.unwrap_or("")));
+    }
+    Ok(children)
+}
+
 /// Every blob (with size) of the image, following an index into its (matching) manifests.
 /// Each child is read and parsed in turn, its bytes dropped before the next: kept until all
 /// were read, an index of a few hundred distinct 4 MiB children took a GiB, the agent's
@@ -155,31 +182,15 @@ async fn plan(
     if parsed.children.is_empty() {
         add_blobs(&mut digests, &top.media_type, &top.bytes)?;
     } else {
-        let index: IndexEntries = serde_json::from_slice(&top.bytes).map_err(|e| e.to_string())?;
+        let children = children_to_follow(&top.bytes, platform)?;
         drop(top);
-        // Each child once: an index may name one any number of times, and each would be
-        // fetched and parsed again (35,000 times a 4 MiB child in a 4 MiB index).
-        let mut seen = BTreeSet::new();
-        for entry in index.manifests {
-            if platform.is_some_and(|p| !platform_matches(&entry.platform, p))
-                || !seen.insert(entry.digest.clone())
-            {
-                continue;
-            }
-            if seen.len() > MAX_PREHEAT_MANIFESTS {
-                return Err(format!(
-                    "the index names more than {MAX_PREHEAT_MANIFESTS} manifests; not preheated"
-                ));
-            }
+        for digest in children {
             let child = store
-                .manifest_get(repo, &Reference::Digest(entry.digest.clone()))
+                .manifest_get(repo, &Reference::Digest(digest.clone()))
                 .await
                 .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("child manifest {} unknown", entry.digest))?;
+                .ok_or_else(|| format!("child manifest {digest} unknown"))?;
             add_blobs(&mut digests, &child.media_type, &child.bytes)?;
-        }
-        if seen.is_empty() {
-            return Err(format!("no manifest for platform {}", platform.unwrap_or("")));
         }
     }
     let mut blobs = Vec::new();
@@ -349,6 +360,37 @@ mod tests {
         let err =
             add_blobs(&mut digests, oci, &manifest(MAX_PREHEAT_BLOBS, MAX_PREHEAT_BLOBS / 2)).unwrap_err();
         assert!(err.contains("more than"), "{err}");
+    }
+
+    /// An index's children are followed once each, for the platform asked, and at most
+    /// [`MAX_PREHEAT_MANIFESTS`] of them: past that the preheat is refused, not run.
+    #[test]
+    fn an_index_has_so_many_children_followed_at_most() {
+        let index = |digests: &[Digest]| {
+            let manifests: Vec<_> = digests
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let arch = if i % 2 == 0 { "amd64" } else { "arm64" };
+                    serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "digest": d.to_string(), "size": 1, "platform": {"os": "linux", "architecture": arch}})
+                })
+                .collect();
+            serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": manifests})).unwrap()
+        };
+        let digest = |i: usize| Digest::of(shoal_registry::Algorithm::Sha256, &i.to_le_bytes());
+        let all: Vec<Digest> = (0..MAX_PREHEAT_MANIFESTS).map(digest).collect();
+        assert_eq!(children_to_follow(&index(&all), None).unwrap(), all);
+        let amd64 = children_to_follow(&index(&all), Some("linux/amd64")).unwrap();
+        assert_eq!(amd64.len(), MAX_PREHEAT_MANIFESTS / 2);
+        // One child named 35,000 times is one child.
+        let same = vec![digest(7); 35_000];
+        assert_eq!(children_to_follow(&index(&same), None).unwrap(), vec![digest(7)]);
+        let over: Vec<Digest> = (0..=MAX_PREHEAT_MANIFESTS).map(digest).collect();
+        let err = children_to_follow(&index(&over), None).unwrap_err();
+        assert!(err.contains("more than 1024 manifests"), "{err}");
+        // A platform the index does not have.
+        assert!(children_to_follow(&index(&all), Some("linux/s390x")).unwrap_err().contains("no manifest"));
     }
 
     #[test]
