@@ -147,6 +147,8 @@ pub struct BlobCache {
     generation: AtomicU64,
     metrics: CacheMetrics,
     usage: UsageProbe,
+    /// A pass over the watermarks is queued on the blocking pool ([`BlobCache::unpinned`]).
+    room_queued: std::sync::atomic::AtomicBool,
 }
 
 /// Keeps a blob from being evicted while it lives.
@@ -157,14 +159,23 @@ pub struct Pin {
 
 impl Drop for Pin {
     fn drop(&mut self) {
-        let mut state = self.cache.lock();
-        if let Some(n) = state.orphan_pins.get_mut(&self.digest) {
-            *n -= 1;
-            if *n == 0 {
-                state.orphan_pins.remove(&self.digest);
+        let released = {
+            let mut state = self.cache.lock();
+            if let Some(n) = state.orphan_pins.get_mut(&self.digest) {
+                *n -= 1;
+                if *n == 0 {
+                    state.orphan_pins.remove(&self.digest);
+                }
+                false
+            } else if let Some(e) = state.entries.get_mut(&self.digest) {
+                e.pins = e.pins.saturating_sub(1);
+                e.pins == 0
+            } else {
+                false
             }
-        } else if let Some(e) = state.entries.get_mut(&self.digest) {
-            e.pins = e.pins.saturating_sub(1);
+        };
+        if released {
+            self.cache.unpinned();
         }
     }
 }
@@ -360,6 +371,7 @@ impl BlobCache {
             generation,
             metrics,
             usage,
+            room_queued: Default::default(),
         };
         cache.publish(&cache.lock());
         cache.make_room(0);
@@ -491,6 +503,31 @@ impl BlobCache {
         p.bytes = size;
         self.publish(&state);
         PartialClaim { cache: self.clone(), digest: digest.clone(), finished: Default::default() }
+    }
+
+    /// A blob's last pin went: apply the watermarks again, on the blocking pool (a pin is
+    /// dropped on the runtime), one pass at a time. Downloads that ran together move into
+    /// the cache while their clients still read them, when nothing can be evicted, and the
+    /// cache stayed over its high watermark until the next download or the minute's sweep.
+    /// With a byte watermark the pass is skipped while the cache is under it.
+    fn unpinned(self: &Arc<Self>) {
+        if let crate::disk::Watermark::Bytes(high) = self.limits.high {
+            let state = self.lock();
+            let held: u64 = state.entries.values().map(|e| e.size).sum::<u64>()
+                + state.partials.values().map(|p| p.bytes).sum::<u64>();
+            if held <= high {
+                return;
+            }
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        if self.room_queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let cache = self.clone();
+        runtime.spawn_blocking(move || {
+            cache.room_queued.store(false, Ordering::Release);
+            cache.make_room(0);
+        });
     }
 
     /// Record a blob just finished into `blob_path`, then apply the watermarks. Blocking.

@@ -38,6 +38,31 @@ fn put_real(c: &BlobCache, size: usize) -> (Digest, Vec<u8>) {
     (d, data)
 }
 
+/// Blobs that moved into the cache while still read (downloads that ran together), with
+/// nothing evictable then, are evicted once their readers let go, not at the next download
+/// or the minute's sweep: the cache stayed over its high watermark meanwhile.
+#[tokio::test]
+async fn the_watermarks_apply_when_the_last_reader_lets_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cache(dir.path(), 300, 150);
+    let mut pins = Vec::new();
+    for i in 1..=4 {
+        let d = digest(i);
+        let path = c.blob_path(&d);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, vec![0u8; 100]).unwrap();
+        pins.push(c.insert_pinned(&d, 100));
+    }
+    assert_eq!(c.total(), 400, "nothing evictable while every blob is read");
+    drop(pins);
+    let started = std::time::Instant::now();
+    while c.total() > 300 {
+        assert!(started.elapsed() < Duration::from_secs(5), "still {} bytes held", c.total());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(c.total() <= 150, "evicted down to the low watermark: {}", c.total());
+}
+
 /// A download's blob moves into the cache pinned (its clients and peers still read the file):
 /// the watermarks do not take it, even when it alone is over them, until the pin goes.
 #[test]
