@@ -19,10 +19,10 @@ struct Args {
     #[arg(long, default_value_t = 128.0)]
     blob_mib: f64,
     /// Each host's link rate, Mbit/s (both directions).
-    #[arg(long, default_value_t = 50.0)]
+    #[arg(long, value_parser = parse_positive, default_value_t = 50.0)]
     host_mbit: f64,
     /// The origin's link rate, Mbit/s.
-    #[arg(long, default_value_t = 500.0)]
+    #[arg(long, value_parser = parse_positive, default_value_t = 500.0)]
     origin_mbit: f64,
     /// Share of hosts at a fifth of the rate.
     #[arg(long)]
@@ -36,16 +36,16 @@ struct Args {
     #[arg(long)]
     layers: Option<usize>,
     /// Staggered: starts spread over this many seconds (default: the link time).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_seconds)]
     stagger_secs: Option<f64>,
     /// Churn: share of hosts that die mid-pull (default 0.1).
     #[arg(long)]
     churn: Option<f64>,
     /// Round trip between hosts in ms, queueing included (default 25.2).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_seconds)]
     rtt_ms: Option<f64>,
     /// Recompute rates at most every this many ms (0: exact; default 0 up to 200 peers, else 20).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_seconds)]
     rate_epoch_ms: Option<f64>,
     /// Outbound connections per download (the agent's `max_connections_per_blob`, default 10).
     #[arg(long)]
@@ -109,6 +109,25 @@ fn params(a: &Args, peers: usize) -> Params {
 
 /// The piece lengths the wire format and the origins accept: powers of two from
 /// `MIN_PIECE_LENGTH` to `MAX_PIECE_LENGTH`.
+/// A link rate: a number above zero (a zero rate made the link time infinite, and scenarios
+/// that place events along it panicked).
+fn parse_positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(_) => Err(format!("{s} must be a number above zero")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A time: a finite number, zero or more.
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(_) => Err(format!("{s} must be a number from zero up")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn parse_piece_kib(s: &str) -> Result<u64, String> {
     use shoal_p2p::metainfo::{MAX_PIECE_LENGTH, MIN_PIECE_LENGTH};
     let kib: u64 = s.parse().map_err(|e| format!("{e}"))?;

@@ -162,7 +162,10 @@ pub fn build(scenario: Scenario, p: &Params) -> FleetConfig {
         Scenario::Layers => {
             let layers = p.layers.unwrap_or(DEFAULT_LAYERS).max(1) as u64;
             let each = p.blob_bytes.div_ceil(layers);
-            cfg.layers = (0..layers).map(|i| each.min(p.blob_bytes - i * each)).filter(|&b| b > 0).collect();
+            cfg.layers = (0..layers)
+                .map(|i| each.min(p.blob_bytes.saturating_sub(i * each)))
+                .filter(|&b| b > 0)
+                .collect();
         }
         Scenario::DeadTracker => cfg.tracker_dead = true,
         Scenario::OriginLost => {
@@ -223,5 +226,19 @@ mod tests {
         assert_eq!(build(Scenario::Layers, &p).layers, vec![32 << 20, 32 << 20]);
         assert!(build(Scenario::DeadTracker, &p).tracker_dead);
         assert_eq!(build(Scenario::OriginLost, &p).origins, 2);
+    }
+
+    /// More layers than the image has bytes: each layer a byte, the image its own size (the
+    /// layers scenario subtracted past zero: a panic, or in release an image of twice the size).
+    #[test]
+    fn more_layers_than_bytes_make_one_byte_layers() {
+        let mut p = params(2);
+        p.blob_bytes = 10;
+        p.layers = Some(20);
+        for s in [Scenario::Layers, Scenario::AllAtOnce] {
+            let layers = build(s, &p).layers;
+            assert_eq!(layers.iter().sum::<u64>(), 10, "{}", s.name());
+            assert!(layers.iter().all(|&b| b == 1), "{}: {layers:?}", s.name());
+        }
     }
 }

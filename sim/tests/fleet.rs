@@ -127,3 +127,20 @@ fn stragglers_do_not_hold_the_fast_hosts_back() {
         assert!(fast.max <= 1.2, "seed {seed}: the fast hosts' slowest at {:.2}: {fast:?}", fast.max);
     }
 }
+
+#[test]
+fn a_slow_receiver_keeps_the_origins_upload_slot_for_send_hold_at_most() {
+    // One upload slot at the origin and 2 MiB pieces: a piece to the straggler (10 Mbit/s)
+    // takes 1.7 s, to the fast host 0.34 s. The real server lets the slot go after
+    // `SEND_HOLD` (750 ms) while the send goes on; holding it for the whole send, the fast
+    // host got a piece only between the straggler's: 5.82 × its link time, against 3.44 (the
+    // turns still alternate, each of the straggler's holding 750 ms).
+    let mut p = params(2, 32);
+    p.stragglers = Some(0.5);
+    p.origin_upload_slots = Some(1);
+    p.piece_length = Some(2 * MIB);
+    let out = run(build(Scenario::Stragglers, &p)).unwrap();
+    let fast = out.spread(|h| !h.straggler);
+    assert_eq!(fast.finished, 1, "{}", out.details());
+    assert!(fast.max <= 4.5, "the fast host at {:.2} × its link time: {}", fast.max, out.details());
+}

@@ -272,7 +272,9 @@ impl Sim {
                 conn.sending = Some(index);
             }
             // Free: `pick` found it so, and nothing was sent since.
-            if let Some(slot) = self.nodes[server].piece_sends.as_ref().and_then(|s| s.take((blob, index))) {
+            let slot = self.nodes[server].piece_sends.as_ref().and_then(|s| s.take((blob, index)));
+            let holds_turn = self.conn(c).is_some_and(|k| k.turn);
+            if slot.is_some() || holds_turn {
                 let id = self.next_send_id;
                 self.next_send_id += 1;
                 if let Some(conn) = self.conn_mut(c) {
@@ -284,18 +286,21 @@ impl Sim {
         }
     }
 
-    /// A send has counted against its piece's limit for `SEND_HOLD`: it goes on outside it.
+    /// A send has held its turn and counted against its piece's limit for `SEND_HOLD`: it
+    /// goes on outside both, as the real server's (`p2p/src/server.rs`) does, so a slow
+    /// receiver keeps neither an origin's upload slot nor a piece's send from the others.
     pub(super) fn send_hold_over(&mut self, c: ConnId, id: u64) {
         let Some(conn) = self.conn_mut(c) else { return };
         if conn.held_send.as_ref().map(|(held, _)| *held) != Some(id) {
             return;
         }
-        conn.held_send = None;
+        let (_, slot) = conn.held_send.take().unzip();
         let (server, blob, sending) = (conn.server, conn.blob, conn.sending);
         let mut work = VecDeque::new();
-        if let Some(index) = sending {
+        if let (Some(index), Some(Some(_))) = (sending, slot) {
             self.piece_send_ended(server, blob, index, &mut work);
         }
+        self.give_back_turn(c, &mut work);
         self.serve_all(work);
     }
 

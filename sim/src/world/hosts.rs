@@ -306,13 +306,18 @@ impl Sim {
                 self.close(c, true);
             }
         }
-        // Connections still being set up to it fail when their handshake is due.
-        let fetches: Vec<(FlowId, Owner)> =
-            self.net.flows_where(|o| matches!(o, Owner::Fetch { origin, .. } if *origin == node));
+        // Connections still being set up to it fail when their handshake is due. Its HTTP
+        // fetches end (no process reads them: left, they took the origin's uplink and counted
+        // as its bytes), and fetches from it (an origin lost) fail at their clients.
+        let fetches: Vec<(FlowId, Owner)> = self.net.flows_where(
+            |o| matches!(o, Owner::Fetch { origin, node: client, .. } if *origin == node || *client == node),
+        );
         for (f, owner) in fetches {
             self.net.remove_flow(f);
             if let Owner::Fetch { node: client, blob, index, .. } = owner {
-                self.after(self.half_rtt, Ev::FetchFailed(client, blob, index));
+                if client != node {
+                    self.after(self.half_rtt, Ev::FetchFailed(client, blob, index));
+                }
             }
         }
     }

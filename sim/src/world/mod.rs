@@ -67,6 +67,9 @@ struct ConnId {
     generation: u32,
 }
 
+/// A send's place among its piece's sends (blob, piece index).
+type PieceSlot = KeyedSlot<(usize, u32)>;
+
 /// What a flow carries.
 #[derive(Clone, Copy, Debug)]
 enum Owner {
@@ -189,9 +192,10 @@ struct Conn {
     waiting_since: Option<SimTime>,
     /// Keep-alive bytes the server sent while this connection waited for a slot, past waits.
     reminder_bytes: u64,
-    /// The send in progress counts against its piece's limit (`max_sends_per_piece`): its
-    /// id, and its place among the piece's sends (freed when dropped).
-    held_send: Option<(u64, KeyedSlot<(usize, u32)>)>,
+    /// The send in progress holds its turn (`turn`) and counts against its piece's limit
+    /// (`max_sends_per_piece`) for `SEND_HOLD` at most: its id, and its place among the
+    /// piece's sends if it took one (freed when dropped).
+    held_send: Option<(u64, Option<PieceSlot>)>,
 }
 
 /// Counters of the whole run.
