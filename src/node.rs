@@ -315,22 +315,27 @@ fn setup_blocking(plan: &SetupPlan) -> anyhow::Result<Vec<String>> {
 }
 
 /// Give `dir` and everything under it to `uid:gid`, links themselves and not what they point
-/// at; returns how many entries were handed over.
+/// at, `dir` itself last: a handover cut short (the init container killed) leaves `dir` the
+/// old user's, so the next setup sees the change and starts it again. Returns how many
+/// entries were handed over.
 fn chown_tree(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<usize> {
-    let mut changed = 0;
+    let mut order = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(path) = pending.pop() {
         let meta = std::fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
-        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
-            .with_context(|| format!("chown {uid}:{gid} {}", path.display()))?;
-        changed += 1;
         if meta.is_dir() {
             for entry in std::fs::read_dir(&path).with_context(|| format!("reading {}", path.display()))? {
                 pending.push(entry.with_context(|| format!("reading {}", path.display()))?.path());
             }
         }
+        order.push(path);
     }
-    Ok(changed)
+    // Every directory was listed before its entries: in reverse, `dir` goes last.
+    for path in order.iter().rev() {
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+            .with_context(|| format!("chown {uid}:{gid} {}", path.display()))?;
+    }
+    Ok(order.len())
 }
 
 /// Whether `wait` may stop: every address ready, and the same addresses, for `settle`.

@@ -285,10 +285,10 @@ for d in yaml.safe_load_all(open(sys.argv[1])):
     if d and d["kind"] == "StatefulSet" and d["metadata"]["name"].endswith("-origin"):
         print(json.dumps(d["spec"]["template"]["spec"].get("topologySpreadConstraints", []), sort_keys=True))' "$1"
 }
-want='[{"labelSelector": {"matchLabels": {"app.kubernetes.io/component": "origin", "app.kubernetes.io/instance": "shoal", "app.kubernetes.io/name": "shoal"}}, "maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule"}]'
+want='[{"labelSelector": {"matchLabels": {"app.kubernetes.io/component": "origin", "app.kubernetes.io/instance": "shoal", "app.kubernetes.io/name": "shoal"}}, "maxSkew": 1, "nodeTaintsPolicy": "Honor", "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway"}]'
 [[ $(spread "$T/defaults.yaml") == "$want" ]] || die "defaults: the origins are not spread over nodes: $(spread "$T/defaults.yaml")"
-"$HELM" template shoal "$chart" --set origin.topologySpread.whenUnsatisfiable=ScheduleAnyway >"$T/spread.yaml"
-[[ $(spread "$T/spread.yaml") == *'"whenUnsatisfiable": "ScheduleAnyway"'* ]] || die "origin.topologySpread.whenUnsatisfiable is not rendered"
+"$HELM" template shoal "$chart" --set origin.topologySpread.whenUnsatisfiable=DoNotSchedule >"$T/spread.yaml"
+[[ $(spread "$T/spread.yaml") == *'"whenUnsatisfiable": "DoNotSchedule"'* ]] || die "origin.topologySpread.whenUnsatisfiable is not rendered"
 "$HELM" template shoal "$chart" --set origin.topologySpread.enabled=false >"$T/spread.yaml"
 [[ $(spread "$T/spread.yaml") == "[]" ]] || die "origin.topologySpread.enabled=false still spreads"
 refuse "a spread that is neither DoNotSchedule nor ScheduleAnyway" "whenUnsatisfiable" \

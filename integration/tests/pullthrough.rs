@@ -579,6 +579,13 @@ async fn a_hanging_upstream_still_has_its_stale_tags_served_through_agents() {
     r.expect(StatusCode::OK);
     assert_eq!(r.must_header("docker-content-digest"), manifest.digest);
     assert!(started.elapsed() < Duration::from_secs(9), "the stale tag took {:?}", started.elapsed());
+    // The referrers too: what the cluster holds, once the upstream has had 5 s to list its own
+    // (an admission webhook checking signatures gives up after 10).
+    let started = Instant::now();
+    let origin = Client::new(cluster.origin.url());
+    let r = origin.get(&format!("/v2/slow.test/app/referrers/{}", manifest.digest)).reply().await;
+    r.expect(StatusCode::OK);
+    assert!(started.elapsed() < Duration::from_secs(8), "the referrers took {:?}", started.elapsed());
 }
 
 /// A TCP proxy to `target` that, while `hang` is set, accepts connections and says nothing.

@@ -554,15 +554,25 @@ impl RegistryStore for PullThrough {
             Err(StoreError::ManifestUnknown) => return Ok(Vec::new()),
             Err(e) => return Err(e),
         }
-        // What the cluster holds (referrers mirrored before), and what the upstream lists.
+        // What the cluster holds (referrers mirrored before), and what the upstream lists
+        // within `STALE_ANSWER_AFTER` (an upstream that hangs must not hold an admission
+        // webhook's signature check for its 30 s head timeout).
         let mut found = self.inner.referrers(repo, digest).await?;
-        match self.upstream_referrers(&up, repo, path, digest).await {
+        let theirs =
+            tokio::time::timeout(STALE_ANSWER_AFTER, self.upstream_referrers(&up, repo, path, digest))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Unavailable(format!(
+                        "no answer within {} s",
+                        STALE_ANSWER_AFTER.as_secs()
+                    )))
+                });
+        match theirs {
             Ok(theirs) => {
-                for d in theirs {
-                    if !found.iter().any(|f| f.digest == d.digest) {
-                        found.push(d);
-                    }
-                }
+                // By digest, in a set: a 4 MiB answer lists some 40,000 descriptors.
+                let mut held: std::collections::HashSet<Digest> =
+                    found.iter().map(|f| f.digest.clone()).collect();
+                found.extend(theirs.into_iter().filter(|d| held.insert(d.digest.clone())));
             }
             // The upstream cannot answer now: what the cluster holds.
             Err(e) => {

@@ -156,7 +156,8 @@ impl Authority {
     /// for a token's lifetime ([`KeySet::renewed`]).
     pub fn set_peer_keys(&self, keys: Vec<super::tokens::Jwk>) {
         let mut current = self.keys.write().unwrap_or_else(|p| p.into_inner());
-        *current = current.renewed(self.own.iter().cloned().chain(keys), Instant::now());
+        let grace = super::tokens::retired_key_grace(self.config.token_ttl);
+        *current = current.renewed(self.own.iter().cloned().chain(keys), Instant::now(), grace);
     }
 
     /// How to fetch the other origins' keys: every `every`, and at most every

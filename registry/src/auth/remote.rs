@@ -117,7 +117,7 @@ impl RemoteAuth {
     pub fn set(&self, published: Published) {
         let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
         let before = known.as_ref().map(|k| k.keys.clone()).unwrap_or_default();
-        let keys = before.renewed(published.keys.clone(), Instant::now());
+        let keys = before.renewed(published.keys.clone(), Instant::now(), super::tokens::RETIRED_KEY_GRACE);
         *known = Some(Arc::new(Known { published, keys }));
     }
 

@@ -243,10 +243,16 @@ pub enum TokenError {
     Invalid(String),
 }
 
-/// How long a key no longer published is still accepted after it was last seen: a token it
-/// signed lives this long at most (the default lifetime and the leeway).
+/// How long a key no longer published is still accepted after it was last seen, where the
+/// tokens' lifetime is not known (agents): a token it signed lives this long at most with the
+/// default lifetime and the leeway. Origins use their own `token_ttl` ([`retired_key_grace`]).
 pub const RETIRED_KEY_GRACE: std::time::Duration =
     std::time::Duration::from_secs(DEFAULT_TOKEN_TTL.as_secs() + LEEWAY_SECS);
+
+/// How long a key no longer published is still accepted when tokens live `token_ttl`.
+pub fn retired_key_grace(token_ttl: std::time::Duration) -> std::time::Duration {
+    token_ttl + std::time::Duration::from_secs(LEEWAY_SECS)
+}
 
 /// The keys tokens are verified with, by key id.
 #[derive(Clone, Default)]
@@ -289,18 +295,23 @@ impl KeySet {
     }
 
     /// This set brought up to `keys`, the keys published now (at `now`): a key of this set
-    /// missing from them is kept until [`RETIRED_KEY_GRACE`] after it was last seen. Its origin
+    /// missing from them is kept until `grace` after it was last seen. Its origin
     /// may only have missed one fetch (restarting, counted down for a moment), and the tokens
     /// it signed are still out there: dropped at once, every one of them was refused with 401
     /// `invalid_token` for as long as that origin was away.
-    pub fn renewed(&self, keys: impl IntoIterator<Item = Jwk>, now: std::time::Instant) -> KeySet {
+    pub fn renewed(
+        &self,
+        keys: impl IntoIterator<Item = Jwk>,
+        now: std::time::Instant,
+        grace: std::time::Duration,
+    ) -> KeySet {
         let mut next = KeySet::default();
         for jwk in keys {
             next.add(jwk, now);
         }
         for jwk in &self.published {
             let last = self.seen.get(&jwk.kid).copied().unwrap_or(now);
-            if !next.keys.contains_key(&jwk.kid) && now.saturating_duration_since(last) < RETIRED_KEY_GRACE {
+            if !next.keys.contains_key(&jwk.kid) && now.saturating_duration_since(last) < grace {
                 next.add(jwk.clone(), last);
             }
         }
@@ -417,24 +428,30 @@ mod tests {
         assert!(matches!(set.verify("garbage", "shoal"), Err(TokenError::Invalid(_))));
     }
 
+    fn again_ok(set: &KeySet, token: &str) -> bool {
+        set.verify(token, "shoal").is_ok()
+    }
+
     /// A key that stops being published (its origin missed a fetch) still verifies the
-    /// tokens it signed for [`RETIRED_KEY_GRACE`]; after that, or never seen, it does not.
+    /// tokens it signed for their lifetime and the leeway; after that it does not.
     #[test]
     fn a_key_missing_from_one_fetch_is_kept_for_its_tokens_lifetime() {
         let (a, _) = SigningKey::generate().unwrap();
         let (b, _) = SigningKey::generate().unwrap();
         let now = std::time::Instant::now();
-        let both = KeySet::default().renewed([a.public.clone(), b.public.clone()], now);
+        let g = retired_key_grace(std::time::Duration::from_secs(3600));
+        let both = KeySet::default().renewed([a.public.clone(), b.public.clone()], now, g);
         let from_b = b.sign(&claims(pull("x"), 300)).unwrap();
         let later = now + std::time::Duration::from_secs(30);
-        let only_a = both.renewed([a.public.clone()], later);
+        let only_a = both.renewed([a.public.clone()], later, g);
         assert!(only_a.verify(&from_b, "shoal").is_ok(), "b's token refused after b missed one fetch");
         // Seen again: its grace starts over; gone for longer than the grace: refused.
-        let again = only_a.renewed([a.public.clone(), b.public.clone()], later);
-        let gone = again.renewed([a.public.clone()], later + RETIRED_KEY_GRACE);
+        // An hour's tokens: kept past the default lifetime's 6 minutes.
+        assert!(again_ok(&only_a.renewed([a.public.clone()], later + RETIRED_KEY_GRACE, g), &from_b));
+        let again = only_a.renewed([a.public.clone(), b.public.clone()], later, g);
+        let gone = again.renewed([a.public.clone()], later + g, g);
         assert_eq!(gone.verify(&from_b, "shoal"), Err(TokenError::UnknownKey));
-        let still =
-            again.renewed([a.public.clone()], later + RETIRED_KEY_GRACE - std::time::Duration::from_secs(1));
+        let still = again.renewed([a.public.clone()], later + g - std::time::Duration::from_secs(1), g);
         assert!(still.verify(&from_b, "shoal").is_ok());
     }
 
