@@ -180,6 +180,17 @@ class Pod:
         os.makedirs(self.dir, exist_ok=True)
         self.mounts = self._volumes(workdir)
 
+    def _files(self, name, files):
+        """A directory of this pod's holding `files` (name -> bytes), as a ConfigMap or
+        Secret volume shows them: one file each, mode 0644."""
+        d = os.path.join(self.dir, name)
+        os.makedirs(d, exist_ok=True)
+        for key, data in files.items():
+            with open(os.path.join(d, key), "wb") as f:
+                f.write(data)
+            os.chmod(os.path.join(d, key), 0o644)
+        return d
+
     def _volumes(self, workdir):
         """Volume name -> host directory, as kubelet would provide them."""
         out = {}
@@ -203,20 +214,12 @@ class Pod:
                     os.makedirs(d, exist_ok=True)
             elif "configMap" in v:
                 cm = self.objects[("ConfigMap", v["configMap"]["name"])]
-                d = os.path.join(self.dir, f"cm-{v['name']}")
-                os.makedirs(d, exist_ok=True)
-                for key, text in cm.get("data", {}).items():
-                    with open(os.path.join(d, key), "w") as f:
-                        f.write(text)
-                    os.chmod(os.path.join(d, key), 0o644)
+                files = {k: t.encode() for k, t in cm.get("data", {}).items()}
+                d = self._files(f"cm-{v['name']}", files)
             elif "secret" in v:
                 secret = self.objects[("Secret", v["secret"]["secretName"])]
-                d = os.path.join(self.dir, f"secret-{v['name']}")
-                os.makedirs(d, exist_ok=True)
-                for key, b64 in secret.get("data", {}).items():
-                    with open(os.path.join(d, key), "wb") as f:
-                        f.write(base64.b64decode(b64))
-                    os.chmod(os.path.join(d, key), 0o644)
+                files = {k: base64.b64decode(b) for k, b in secret.get("data", {}).items()}
+                d = self._files(f"secret-{v['name']}", files)
             else:
                 raise Failure(f"{self.name}: volume kind not emulated: {v}")
             out[v["name"]] = d
