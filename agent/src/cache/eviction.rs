@@ -39,6 +39,31 @@ impl BlobCache {
         freed > 0
     }
 
+    /// A blob's last pin went: apply the watermarks again, on the blocking pool (a pin is
+    /// dropped on the runtime), one pass at a time. Downloads that ran together move into
+    /// the cache while their clients still read them, when nothing can be evicted, and the
+    /// cache stayed over its high watermark until the next download or the minute's sweep.
+    /// With a byte watermark the pass is skipped while the cache is under it.
+    pub(super) fn unpinned(self: &Arc<Self>) {
+        if let crate::disk::Watermark::Bytes(high) = self.limits.high {
+            let state = self.lock();
+            let held: u64 = state.entries.values().map(|e| e.size).sum::<u64>()
+                + state.partials.values().map(|p| p.bytes).sum::<u64>();
+            if held <= high {
+                return;
+            }
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        if self.room_queued.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let cache = self.clone();
+        runtime.spawn_blocking(move || {
+            cache.room_queued.store(false, std::sync::atomic::Ordering::Release);
+            cache.make_room(0);
+        });
+    }
+
     fn fs_usage_if_needed(&self) -> Option<FsUsage> {
         match self.limits.high {
             disk::Watermark::Share(_) => (self.usage)(),
