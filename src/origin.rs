@@ -12,6 +12,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus::IntGauge;
+use shoal_origin::cluster::collected::{self, Collections};
 use shoal_origin::cluster::coordinator::{Coordinator, Replication};
 use shoal_origin::cluster::gc::{GcError, GcSettings};
 use shoal_origin::cluster::internal_api;
@@ -167,6 +168,10 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
     let local = LocalNode::new(me.clone(), store.clone());
     let topology =
         MemberTopology::new(membership.clone(), local.clone(), cluster.secret.clone(), cluster.call_timeout);
+    let collections = {
+        let path = config.data_dir.join(collected::FILE_NAME);
+        Arc::new(tokio::task::spawn_blocking(move || Collections::load(path)).await?)
+    };
     let coordinator = Arc::new(Coordinator {
         topology: Arc::new(topology),
         local: local.clone(),
@@ -176,8 +181,16 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
         gc_lock: Default::default(),
         skews: Default::default(),
         read_repairs: Default::default(),
+        collections,
     });
-    membership.on_reply(shoal_origin::cluster::clock_sync::reply_hook(Arc::downgrade(&coordinator)));
+    let clock_hook = shoal_origin::cluster::clock_sync::reply_hook(Arc::downgrade(&coordinator));
+    let collections = coordinator.collections.clone();
+    membership.on_reply(Box::new(move |member, reply| {
+        clock_hook(member, reply);
+        if let Some(seen) = &reply.collected {
+            collections.offer(seen);
+        }
+    }));
     // Not ready, and no new copies, while the data disk is nearly full.
     spawn_disk_watch(membership.clone(), config.data_dir.clone());
     let disk_full = {
@@ -249,6 +262,7 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
                     wall_millis: Some(shoal_origin::cluster::record::now_millis()),
                     disk_full: m.self_disk_full(),
                     members: Some(m.members_fingerprint()),
+                    collected: c.upgrade().and_then(|c| c.collections.last()),
                 })
             };
             cluster_only = Some(internal_api::router(local.clone(), internal, health).merge(

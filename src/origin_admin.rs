@@ -5,12 +5,12 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use shoal_origin::cluster::coordinator::Coordinator;
-use shoal_origin::cluster::gc::{GcError, GcSettings};
+use shoal_origin::cluster::gc::{Departures, GcError, GcSettings};
 use shoal_origin::cluster::membership::Membership;
 use shoal_origin::cluster::repair::RepairHandle;
 
@@ -57,31 +57,52 @@ async fn repair(State(s): State<AdminState>) -> Response {
 /// A collection that runs longer goes on at the leader.
 const GC_RELAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// The query of `POST /shoal/v1/admin/gc`.
+#[derive(Debug, serde::Deserialize)]
+struct GcQuery {
+    /// `forget`: collect although R or more of the last collection's origins left the member
+    /// list (the operator says they are gone for good, and their repositories with them).
+    departed: Option<String>,
+}
+
 /// Collect now. Only one origin collects (see `cluster::gc`): any other hands the request to
 /// it and relays its answer, so the caller may ask any origin. The collection runs in a task
 /// of its own: a caller that hangs up (a timed-out `curl`, a relaying origin giving up) no
 /// longer stops it midway, with copies set aside until the next one.
-async fn gc(State(s): State<AdminState>) -> Response {
+async fn gc(State(s): State<AdminState>, Query(q): Query<GcQuery>) -> Response {
+    let departures = match q.departed.as_deref() {
+        None => Departures::Guard,
+        Some("forget") => Departures::Forget,
+        Some(other) => {
+            return (StatusCode::BAD_REQUEST, format!("departed={other:?}: the only value is \"forget\""))
+                .into_response()
+        }
+    };
     let (coordinator, settings) = (s.admin.coordinator.clone(), s.admin.gc);
-    let run = tokio::spawn(async move { shoal_origin::cluster::gc::collect(&coordinator, settings).await });
+    let run = tokio::spawn(async move {
+        shoal_origin::cluster::gc::collect_with(&coordinator, settings, departures).await
+    });
     let Ok(result) = run.await else {
         return (StatusCode::INTERNAL_SERVER_ERROR, "garbage collection stopped").into_response();
     };
     match result {
         Ok(report) => axum::Json(report).into_response(),
-        Err(GcError::NotLeader { leader }) => forward_gc(&s.admin, &leader).await,
+        Err(GcError::NotLeader { leader }) => forward_gc(&s.admin, &leader, departures).await,
         Err(e @ GcError::Running) => (StatusCode::CONFLICT, e.to_string()).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }
 
-async fn forward_gc(admin: &Admin, leader: &str) -> Response {
+async fn forward_gc(admin: &Admin, leader: &str, departures: Departures) -> Response {
     let Some(url) = admin.membership.url(leader) else {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("gc leader {leader} is not a known member"))
             .into_response();
     };
     let timeout = admin.gc.quarantine.saturating_add(GC_RELAY_TIMEOUT);
     let mut request = admin.http.post(format!("{url}/shoal/v1/admin/gc")).timeout(timeout);
+    if departures == Departures::Forget {
+        request = request.query(&[("departed", "forget")]);
+    }
     if let Some(secret) = &admin.secret {
         request = request.bearer_auth(secret);
     }

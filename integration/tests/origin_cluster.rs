@@ -542,6 +542,28 @@ async fn gc_removes_unreferenced_blobs() {
         cluster.fail(&format!("shoal_origin_gc_swept_blobs_total sums to {swept} over the cluster"));
     }
 
+    // The collection's member list reaches every origin (the leader's health replies) and is
+    // kept in its data directory: a later collection counts the origins missing since.
+    let ids: BTreeSet<String> = cluster.ids().into_iter().collect();
+    for origin in all {
+        let path = cluster.data_dir(origin).join(shoal_origin::cluster::collected::FILE_NAME);
+        let kept = cluster
+            .wait_for(
+                &format!("origin {origin} keeps the collection's member list"),
+                Duration::from_secs(10),
+                || {
+                    let path = path.clone();
+                    async move {
+                        let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
+                        serde_json::from_slice::<shoal_origin::cluster::collected::LastCollection>(&bytes)
+                            .map_err(|e| e.to_string())
+                    }
+                },
+            )
+            .await;
+        assert_eq!(kept.members, ids, "origin {origin}");
+    }
+
     pull_all(&cluster, std::slice::from_ref(&b), &all).await;
     for origin in all {
         let client = cluster.client(origin);

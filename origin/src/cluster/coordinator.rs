@@ -89,6 +89,8 @@ pub struct Coordinator {
     pub skews: Skews,
     /// Read repairs running in the background.
     pub read_repairs: Arc<ReadRepairs>,
+    /// The member list of the cluster's last garbage collection (see `cluster::collected`).
+    pub collections: Arc<crate::cluster::collected::Collections>,
 }
 
 fn unavailable(what: &str, why: Option<String>) -> StoreError {

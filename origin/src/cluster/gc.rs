@@ -19,7 +19,10 @@
 //!
 //! GC runs only when every member is up and no repair queue holds a repository (records
 //! written to fallback origins are then on their owners, where the mark looks; blobs still
-//! to be copied change nothing it decides), stops if the live set changes while it marks,
+//! to be copied change nothing it decides), not while R or more members of the last
+//! collection's member list are missing from the current one (their repositories' manifests
+//! are unseen, see `cluster::collected`; an operator may say they are gone for good with
+//! [`Departures::Forget`]), stops if the live set changes while it marks,
 //! and runs only on one
 //! origin: the first of the full member list by rendezvous hash of [`LEADER_KEY`]. With all
 //! members up, every origin agrees on which one that is; it runs one collection at a time.
@@ -91,6 +94,15 @@ pub enum GcError {
     RepairPending { origin: String, pending: u64 },
     #[error("garbage collection waits until every origin has the same member list; {0} names another")]
     MembersDisagree(String),
+    #[error(
+        "garbage collection waits: {} of the last collection's origins left the member list ({}), \
+         and with {replicas} copies of each repository, repositories whose every copy was on them are \
+         unseen and their layers would be deleted; bring them back, or, if they are gone for good, \
+         collect once with POST /shoal/v1/admin/gc?departed=forget",
+        departed.len(),
+        departed.join(", ")
+    )]
+    MembersLeft { departed: Vec<String>, replicas: usize },
     #[error("garbage collection runs on origin {leader}, not here")]
     NotLeader { leader: String },
     #[error("a garbage collection is already running")]
@@ -99,6 +111,16 @@ pub enum GcError {
     MembershipChanged,
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What a collection does about members of the last collection's list that left it (see
+/// `cluster::collected`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Departures {
+    /// Wait while R or more of them are missing.
+    Guard,
+    /// Collect all the same: an operator said they are gone for good.
+    Forget,
 }
 
 /// Held while a collection runs on this origin.
@@ -137,7 +159,7 @@ pub const MEMBER_LIST_WAIT: std::time::Duration = std::time::Duration::from_secs
 /// repair pending, and it leads. The marks list and scan this origin's members only: while a
 /// member list changes (a scale-up rolled out to some origins), repositories moved to an
 /// origin this one does not know yet would go unseen and their blobs be collected.
-async fn precheck(c: &Coordinator) -> Result<(), GcError> {
+async fn precheck(c: &Coordinator, departures: Departures) -> Result<(), GcError> {
     let live: HashSet<String> = c.topology.live().into_iter().collect();
     if let Some(down) = c.topology.members().into_iter().find(|m| !live.contains(m)) {
         return Err(GcError::MemberDown(down));
@@ -154,6 +176,16 @@ async fn precheck(c: &Coordinator) -> Result<(), GcError> {
     if leader != c.me() {
         return Err(GcError::NotLeader { leader });
     }
+    if departures == Departures::Guard {
+        let replicas = c.replication.replicas;
+        if let Some(last) = c.collections.last() {
+            let departed = last.departed(&c.topology.identities());
+            if departed.len() >= replicas {
+                let departed = departed.into_iter().map(str::to_string).collect();
+                return Err(GcError::MembersLeft { departed, replicas });
+            }
+        }
+    }
     for id in &live {
         let Some(node) = c.node(id) else { return Err(GcError::MemberDown(id.clone())) };
         let pending = node.repair_pending().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
@@ -166,10 +198,20 @@ async fn precheck(c: &Coordinator) -> Result<(), GcError> {
 
 /// Collect garbage across the cluster now (see the module doc).
 pub async fn collect(c: &Coordinator, settings: GcSettings) -> Result<GcReport, GcError> {
+    collect_with(c, settings, Departures::Guard).await
+}
+
+/// [`collect`], saying what to do about members of the last collection's list that left.
+pub async fn collect_with(
+    c: &Coordinator,
+    settings: GcSettings,
+    departures: Departures,
+) -> Result<GcReport, GcError> {
     // Taken before the check that every member is up: each mark must see that same live set
     // (one for the marks that set copies aside, a fresh one for the last, after the wait).
     let run = Run { c, generation: c.topology.generation() };
-    precheck(c).await?;
+    let members = c.topology.identities();
+    precheck(c, departures).await?;
     let _running = c.gc_lock.0.try_lock().map_err(|_| GcError::Running)?;
     let quarantine = settings.quarantine;
     let mut report = GcReport::default();
@@ -181,8 +223,11 @@ pub async fn collect(c: &Coordinator, settings: GcSettings) -> Result<GcReport, 
         // A member that went down and came back during the wait changes nothing the last
         // mark sees: it checks the live set from here.
         let last = Run { c, generation: c.topology.generation() };
-        precheck(c).await?;
+        precheck(c, departures).await?;
         settle_quarantine(&last, &mut report, Some(quarantine)).await?;
+    }
+    if c.topology.identities() == members {
+        c.collections.record(members.into_iter().collect());
     }
     tracing::info!(?report, "garbage collection done");
     Ok(report)

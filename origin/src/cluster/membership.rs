@@ -63,6 +63,10 @@ pub struct HealthReply {
     /// while every member's is the leader's. Absent from origins before session 40.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub members: Option<String>,
+    /// The newest member list of a completed garbage collection it knows (see
+    /// `cluster::collected`). Absent from origins before session 47, and before any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collected: Option<crate::cluster::collected::LastCollection>,
 }
 
 /// One member as seen by this origin, for status pages and the tracker's seeder list.
@@ -361,6 +365,23 @@ impl Membership {
         });
         all.sort_by(|a, b| a.id.cmp(&b.id));
         all
+    }
+
+    /// Every member as it names itself: its last health reply's id, or the address it is
+    /// listed under until it answers; this origin included, sorted (see
+    /// [`Topology::identities`](crate::cluster::topology::Topology::identities)).
+    pub fn identities(&self) -> Vec<String> {
+        let table = self.lock();
+        let mut ids: Vec<String> = table
+            .others
+            .iter()
+            .filter(|(_, m)| m.is_member())
+            .map(|(id, m)| m.answered.clone().unwrap_or_else(|| id.clone()))
+            .collect();
+        ids.push(self.me.clone());
+        ids.sort();
+        ids.dedup();
+        ids
     }
 
     /// A fingerprint of the member list (every id, this origin's included, sorted): origins

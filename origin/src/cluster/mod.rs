@@ -3,6 +3,7 @@
 //! one, so there is one code path.
 
 pub mod clock_sync;
+pub mod collected;
 pub mod coordinator;
 pub mod gc;
 pub mod internal_api;

@@ -60,6 +60,7 @@ impl ClusterStore {
             gc_lock: Default::default(),
             skews: Default::default(),
             read_repairs: Default::default(),
+            collections: Default::default(),
         })))
     }
 

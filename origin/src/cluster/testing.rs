@@ -283,6 +283,7 @@ pub async fn serve(node: Arc<dyn Node>, secret: Option<&str>) -> SocketAddr {
         wall_millis: None,
         disk_full: false,
         members: None,
+        collected: None,
     });
     let guard = crate::cluster::internal_api::Guard {
         secrets: secret.map(str::to_string).into_iter().collect(),
@@ -356,6 +357,7 @@ pub async fn fixed_cluster(
         gc_lock: Default::default(),
         skews: Default::default(),
         read_repairs: Default::default(),
+        collections: Default::default(),
     };
     (coordinator, b, c)
 }

@@ -13,6 +13,16 @@ pub trait Topology: Send + Sync + 'static {
     fn live(&self) -> Vec<String>;
     /// Ids of every known member, up or down, this one included.
     fn members(&self) -> Vec<String>;
+    /// Every known member as it names itself (its advertised id, once it has answered; else
+    /// the address it is listed under), this one included, sorted: what garbage collection
+    /// remembers of a member list (see `cluster::collected`). A member that comes back under
+    /// another address (a `dns+` name's new IP) is the same member.
+    fn identities(&self) -> Vec<String> {
+        let mut ids = self.members();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
     /// Whether member `id` takes new copies (its disk is not nearly full).
     fn accepts_writes(&self, _id: &str) -> bool {
         true
@@ -119,6 +129,10 @@ impl Topology for MemberTopology {
 
     fn members(&self) -> Vec<String> {
         self.membership.members().into_iter().map(|m| m.id).collect()
+    }
+
+    fn identities(&self) -> Vec<String> {
+        self.membership.identities()
     }
 
     fn accepts_writes(&self, id: &str) -> bool {

@@ -168,6 +168,7 @@ mod tests {
             wall_millis: None,
             disk_full: false,
             members: None,
+            collected: None,
         };
         let json = serde_json::to_value(&reply).unwrap();
         assert_eq!(json, serde_json::json!({"id": "a:1", "peer": {"peer_id": "p", "addr": "127.0.0.1:7"}}));
@@ -180,9 +181,22 @@ mod tests {
                 clock: None,
                 wall_millis: None,
                 disk_full: false,
-                members: None
+                members: None,
+                collected: None,
             }
         );
+    }
+
+    #[test]
+    fn a_health_reply_carries_the_last_collections_member_list() {
+        let collected = crate::cluster::collected::LastCollection {
+            at_millis: 7,
+            members: ["a:1".to_string(), "b:1".to_string()].into(),
+        };
+        let json = serde_json::json!({"id": "a:1", "peer": null, "collected": {"at_millis": 7, "members": ["a:1", "b:1"]}});
+        let reply: HealthReply = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(reply.collected, Some(collected));
+        assert_eq!(serde_json::to_value(&reply).unwrap(), json);
     }
 
     #[test]

@@ -576,3 +576,64 @@ async fn a_membership_change_during_a_collection_stops_it() {
         assert!(node.inner.quarantine_list(None, 10).await.unwrap().is_empty());
     }
 }
+
+/// R = 1. An origin that owns a repository leaves the member list (a scale-down, a renamed
+/// StatefulSet), while the image's layer stays on an origin that remains. A collection then
+/// saw no manifest naming the layer and deleted it: when the origin came back its image was
+/// broken. Now a collection waits while R or more of the last collection's members are
+/// missing, deletes nothing, and runs once they are back; an operator's `departed=forget`
+/// collects all the same (and, as it warns, takes the hidden repository's layers).
+#[tokio::test]
+async fn gc_waits_while_r_of_the_last_collections_origins_left_the_member_list() {
+    use shoal_origin::cluster::gc::{collect, collect_with, Departures};
+    let (world, cs) = world_with(1).await;
+    let lead = leading(&cs);
+    let all: Vec<String> = IDS.iter().map(|s| s.to_string()).collect();
+    let owner_of = |key: &str| shoal_origin::cluster::placement::owners(key, &all, 1)[0].clone();
+    let repo: RepoName =
+        (0..).map(|i| format!("team/hidden{i}")).find(|r| owner_of(r) != lead.me()).unwrap().parse().unwrap();
+    let leaving = owner_of(repo.as_str());
+    let data = (0..)
+        .map(|i| format!("layer {i}").into_bytes())
+        .find(|d| owner_of(&Digest::of(Algorithm::Sha256, d).to_string()) != leaving)
+        .unwrap();
+    let store = ClusterStore::new(lead.clone());
+    let config = push(&store, &repo, b"{}").await.unwrap();
+    let layer = push(&store, &repo, &data).await.unwrap();
+    let m = manifest(&config, &layer);
+    store.manifest_put(&repo, Some(&"v1".parse().unwrap()), m.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The first collection (nothing to take) records the member list.
+    let report = collect(&lead, quick_gc()).await.unwrap();
+    assert_eq!(report.swept_blobs, 0, "{report:?}");
+    let recorded = lead.collections.last().expect("a completed collection is recorded");
+    assert_eq!(recorded.members, all.iter().cloned().collect());
+
+    set_removed(&world, &[&leaving]);
+    for _ in 0..3 {
+        let result = collect(&lead, quick_gc()).await;
+        match result {
+            Err(GcError::MembersLeft { departed, replicas: 1 }) => {
+                assert_eq!(departed, vec![leaving.clone()])
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!holders(&world, &layer).await.is_empty(), "the hidden image's layer was taken");
+    }
+    assert_eq!(lead.collections.last(), Some(recorded.clone()), "a refused collection records nothing");
+
+    // Back: the image is whole, and collections run again.
+    set_removed(&world, &[]);
+    assert_image_whole(&cs, &repo, "v1", &m.digest, &[(&layer, &data), (&config, b"{}")]).await;
+    let report = collect(&lead, quick_gc()).await.unwrap();
+    assert_eq!(report.swept_blobs, 0, "{report:?}");
+
+    // Gone for good, the operator says: collected, and the remaining members recorded.
+    set_removed(&world, &[&leaving]);
+    let report = collect_with(&lead, quick_gc(), Departures::Forget).await.unwrap();
+    assert!(report.swept_blobs >= 1, "{report:?}");
+    assert!(holders(&world, &layer).await.is_empty());
+    let remaining: BTreeSet<String> = all.iter().filter(|id| **id != leaving).cloned().collect();
+    assert_eq!(lead.collections.last().unwrap().members, remaining);
+    collect(&lead, quick_gc()).await.unwrap();
+}

@@ -278,6 +278,8 @@ pub(crate) struct World {
     pub(crate) generation: std::sync::atomic::AtomicU64,
     /// A member whose last health reply named another member list than this world's.
     pub(crate) disagrees: Mutex<Option<String>>,
+    /// Origins taken out of the member list (a scale-down), as far as every origin knows.
+    pub(crate) removed: Mutex<BTreeSet<String>>,
 }
 
 /// One origin's view of the world.
@@ -294,7 +296,8 @@ impl Topology for View {
         self.world.live.lock().unwrap().clone()
     }
     fn members(&self) -> Vec<String> {
-        self.world.nodes.keys().cloned().collect()
+        let removed = self.world.removed.lock().unwrap();
+        self.world.nodes.keys().filter(|id| !removed.contains(*id)).cloned().collect()
     }
     fn accepts_writes(&self, id: &str) -> bool {
         !self.world.full.lock().unwrap().contains(id)
@@ -361,6 +364,7 @@ pub(crate) async fn world_with(replicas: usize) -> (Arc<World>, Vec<Arc<Coordina
         full: Mutex::new(BTreeSet::new()),
         generation: Default::default(),
         disagrees: Mutex::new(None),
+        removed: Mutex::new(BTreeSet::new()),
     });
     let coordinators = locals
         .into_iter()
@@ -374,10 +378,19 @@ pub(crate) async fn world_with(replicas: usize) -> (Arc<World>, Vec<Arc<Coordina
                 gc_lock: Default::default(),
                 skews: Default::default(),
                 read_repairs: Default::default(),
+                collections: Default::default(),
             })
         })
         .collect();
     (world, coordinators)
+}
+
+/// Take `ids` out of the member list, or put every origin back (an empty `ids`): the live set
+/// follows, and the generation changes as membership's would.
+pub(crate) fn set_removed(world: &World, ids: &[&str]) {
+    *world.removed.lock().unwrap() = ids.iter().map(|s| s.to_string()).collect();
+    *world.live.lock().unwrap() = IDS.iter().filter(|id| !ids.contains(id)).map(|s| s.to_string()).collect();
+    world.generation.fetch_add(1, Ordering::SeqCst);
 }
 
 pub(crate) fn switch(world: &World, id: &str, down: bool) {

@@ -69,6 +69,7 @@ async fn health(State(fake): State<Arc<Fake>>, headers: HeaderMap) -> Response {
         wall_millis: None,
         disk_full: false,
         members,
+        collected: None,
     })
     .into_response()
 }
