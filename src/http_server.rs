@@ -176,7 +176,7 @@ pub async fn serve(
                     let deadline = nonzero(limits.header_read_timeout).unwrap_or(TLS_HANDSHAKE_TIMEOUT);
                     match tokio::time::timeout(deadline, acceptor.accept(shoal_tls::buffered(stream))).await {
                         Ok(Ok(mut stream)) => {
-                            stream.get_mut().0.grow();
+                            stream.get_mut().0.grow_when_busy();
                             let identity = shoal_tls::identity_of(stream.get_ref().1)
                                 .map(|id| (id, shoal_tls::identity_expires(stream.get_ref().1)));
                             serve_connection(stream, remote, true, identity, app, limits, stop).await;

@@ -5,13 +5,14 @@
 //! is accepted, that buffer let every client that opened a connection and sent nothing hold
 //! 256 KiB until the handshake deadline: a listener's 4,096 connections were 1 GiB. The
 //! buffer is [`TLS_HANDSHAKE_READ_BUFFER`] until [`Buffered::grow`] (called once the
-//! handshake has passed), and grows at the first read that finds it empty.
+//! handshake has passed), and grows at the first read that finds it empty; or, with
+//! [`Buffered::grow_when_busy`] (an HTTP server's connections), only while bulk data arrives.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, BufReader, ReadBuf};
 
 /// Size of the read buffer under a TLS stream that carries bulk data, once its handshake is
 /// done. rustls reads the socket 4 KiB at a time (a 16 KiB record takes four reads, and its
@@ -23,17 +24,35 @@ pub const TLS_READ_BUFFER: usize = 256 * 1024;
 pub const TLS_HANDSHAKE_READ_BUFFER: usize = 4 * 1024;
 
 /// `stream` with read buffering for a TLS layer on top: [`TLS_HANDSHAKE_READ_BUFFER`] until
-/// [`Buffered::grow`], then [`TLS_READ_BUFFER`]. Writes pass straight through.
+/// [`Buffered::grow`] or [`Buffered::grow_when_busy`]. Writes pass straight through.
 pub fn buffered<S: AsyncRead + AsyncWrite + Unpin>(stream: S) -> Buffered<S> {
     let reader = Some(BufReader::with_capacity(TLS_HANDSHAKE_READ_BUFFER, stream));
-    Buffered { reader, grow: false, capacity: TLS_HANDSHAKE_READ_BUFFER }
+    Buffered { reader, growth: Growth::Never, grow: false, capacity: TLS_HANDSHAKE_READ_BUFFER }
+}
+
+/// When the read buffer is [`TLS_READ_BUFFER`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Growth {
+    /// Never: the handshake runs.
+    Never,
+    /// From the next read that finds the small buffer empty on (a peer connection: bulk data
+    /// both ways).
+    Always,
+    /// While bulk data arrives: after a read of the socket filled the small buffer, until a
+    /// read finds the buffer empty and the socket with nothing to read (then it is small
+    /// again). An HTTP server's connections mostly read request heads, and an idle one (a
+    /// pooled keep-alive, a client that finished its handshake and sent nothing) must not
+    /// hold 256 KiB: a listener's 4,096 connections were 1 GiB.
+    WhenBusy,
 }
 
 /// See [`buffered`].
 pub struct Buffered<S> {
     /// `None` only within a poll that swaps the buffer.
     reader: Option<BufReader<S>>,
-    /// The large buffer is due (the handshake is done) but not yet in place.
+    growth: Growth,
+    /// The large buffer is due but not yet in place (it is swapped in when the small one is
+    /// empty, so no buffered byte is lost).
     grow: bool,
     /// The read buffer's size.
     capacity: usize,
@@ -41,9 +60,16 @@ pub struct Buffered<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Buffered<S> {
     /// The handshake is done: the next read that finds the small buffer empty replaces it
-    /// with a [`TLS_READ_BUFFER`] one (bytes already buffered are read out first).
+    /// with a [`TLS_READ_BUFFER`] one (bytes already buffered are read out first), for good.
     pub fn grow(&mut self) {
+        self.growth = Growth::Always;
         self.grow = true;
+    }
+
+    /// The handshake is done: the buffer is large only while bulk data arrives (see
+    /// [`Growth::WhenBusy`]).
+    pub fn grow_when_busy(&mut self) {
+        self.growth = Growth::WhenBusy;
     }
 
     /// Bytes the read buffer can hold now.
@@ -51,13 +77,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Buffered<S> {
         self.capacity
     }
 
+    /// Put a buffer of `capacity` in place if the current one is empty.
+    fn swap(&mut self, capacity: usize) {
+        if self.reader.as_ref().is_some_and(|r| r.buffer().is_empty()) {
+            if let Some(old) = self.reader.take() {
+                self.reader = Some(BufReader::with_capacity(capacity, old.into_inner()));
+                self.capacity = capacity;
+            }
+        }
+    }
+
     fn reader(&mut self) -> io::Result<Pin<&mut BufReader<S>>> {
         if self.grow && self.reader.as_ref().is_some_and(|r| r.buffer().is_empty()) {
-            if let Some(small) = self.reader.take() {
-                self.reader = Some(BufReader::with_capacity(TLS_READ_BUFFER, small.into_inner()));
-                self.grow = false;
-                self.capacity = TLS_READ_BUFFER;
-            }
+            self.swap(TLS_READ_BUFFER);
+            self.grow = false;
         }
         match self.reader.as_mut() {
             Some(r) => Ok(Pin::new(r)),
@@ -72,10 +105,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Buffered<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.reader() {
-            Ok(r) => r.poll_read(cx, buf),
-            Err(e) => Poll::Ready(Err(e)),
+        if self.growth != Growth::WhenBusy {
+            return match self.reader() {
+                Ok(r) => r.poll_read(cx, buf),
+                Err(e) => Poll::Ready(Err(e)),
+            };
         }
+        let this = &mut *self;
+        let mut reader = match this.reader() {
+            Ok(r) => r,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        let reads_socket = reader.buffer().is_empty();
+        let filled = match reader.as_mut().poll_fill_buf(cx) {
+            Poll::Pending => {
+                // Nothing to read: idle, or between bursts. Small again until bulk comes.
+                if reads_socket && this.capacity == TLS_READ_BUFFER {
+                    this.swap(TLS_HANDSHAKE_READ_BUFFER);
+                }
+                return Poll::Pending;
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(data)) => {
+                let n = data.len().min(buf.remaining());
+                buf.put_slice(&data[..n]);
+                (n, data.len())
+            }
+        };
+        let (taken, available) = filled;
+        reader.consume(taken);
+        if reads_socket
+            && available == TLS_HANDSHAKE_READ_BUFFER
+            && this.capacity == TLS_HANDSHAKE_READ_BUFFER
+        {
+            this.grow = true;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -140,5 +205,45 @@ mod tests {
         got.extend(rest);
         assert_eq!(got, data);
         assert_eq!(stream.capacity(), TLS_READ_BUFFER);
+    }
+
+    /// An HTTP server's connection: small while it reads request heads or waits, large while
+    /// a body streams in, small again once the socket has nothing to read; every byte
+    /// arrives once, in order.
+    #[tokio::test]
+    async fn a_busy_buffer_is_large_only_while_bulk_data_arrives() {
+        let (mut far, near) = tokio::io::duplex(1 << 20);
+        let mut stream = buffered(near);
+        stream.grow_when_busy();
+        // A request head, then nothing: the buffer stays small.
+        far.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut head = [0u8; 18];
+        stream.read_exact(&mut head).await.unwrap();
+        let mut one = [0u8; 1];
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), stream.read(&mut one)).await;
+        assert!(waited.is_err(), "nothing was sent");
+        assert_eq!(stream.capacity(), TLS_HANDSHAKE_READ_BUFFER);
+        // A body: large while it streams.
+        let data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+        far.write_all(&data).await.unwrap();
+        let mut got = vec![0u8; data.len()];
+        let mut read = 0;
+        let mut largest = 0;
+        while read < data.len() {
+            let n = stream.read(&mut got[read..(read + 16 * 1024).min(data.len())]).await.unwrap();
+            read += n;
+            largest = largest.max(stream.capacity());
+        }
+        assert_eq!(got, data);
+        assert_eq!(largest, TLS_READ_BUFFER);
+        // Idle again: small.
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), stream.read(&mut one)).await;
+        assert!(waited.is_err(), "nothing was sent");
+        assert_eq!(stream.capacity(), TLS_HANDSHAKE_READ_BUFFER);
+        far.write_all(b"x").await.unwrap();
+        drop(far);
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"x");
     }
 }
