@@ -18,6 +18,12 @@ use tokio::sync::Mutex;
 /// hash): fewer, larger writes. An upload holds at most two such batches in memory.
 const WRITE_BATCH: usize = 1 << 20;
 
+/// A body that sends nothing for this long has what it sent so far written and its buffers
+/// let go: a client that stalls (or trickles just above `body_min_rate`) holds no memory, where
+/// it held two batches (2-4 MiB) for as long as its body lasted, and a thousand of them
+/// were more than an origin's memory limit.
+const IDLE_FLUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// One open upload session.
 pub struct Session {
     pub repo: RepoName,
@@ -295,6 +301,14 @@ impl Appender {
         self.slot = Slot::Writing(tokio::task::spawn_blocking(move || write_batch(&path, target, buf)));
     }
 
+    /// The body has gone quiet: write what was gathered and hold no buffer until more comes.
+    async fn idle(&mut self) {
+        self.flush().await;
+        self.settle().await;
+        self.buf = Vec::new();
+        self.spare = Vec::new();
+    }
+
     /// Write what is left and report.
     async fn finish(mut self) -> Written {
         self.flush().await;
@@ -329,7 +343,16 @@ pub async fn append(
     let mut appender = Appender::new(session.path.clone(), session.hasher.take());
     let mut received = 0u64;
     let mut stop = None;
-    while let Some(chunk) = body.next().await {
+    loop {
+        // `next` is cancel-safe: a wait cut short by the timeout loses no chunk.
+        let next = match tokio::time::timeout(IDLE_FLUSH_AFTER, body.next()).await {
+            Ok(next) => next,
+            Err(_) => {
+                appender.idle().await;
+                body.next().await
+            }
+        };
+        let Some(chunk) = next else { break };
         match chunk {
             Ok(chunk) => {
                 received += chunk.len() as u64;
@@ -476,6 +499,39 @@ mod tests {
             let digest = digest_of(&session, Algorithm::Sha256).await.unwrap();
             assert_eq!(digest, Digest::of(Algorithm::Sha256, b"abcdef"));
         });
+    }
+
+    /// A client that sends 1.5 MiB and goes quiet: what it sent is written (and its buffers
+    /// let go) within the idle delay, not held until its body ends; every byte lands once.
+    #[tokio::test]
+    async fn a_quiet_body_has_what_it_sent_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("session");
+        std::fs::write(&path, b"").unwrap();
+        let mut session = empty_session(path.clone());
+        let (tx, body) = body();
+        let upload =
+            tokio::spawn(async move { append(&mut session, None, None, body).await.map(|()| session) });
+        let data: Vec<u8> = (0..(3 << 19) as u32).map(|i| (i % 249) as u8).collect();
+        for chunk in data.chunks(64 * 1024) {
+            tx.send(Ok(Bytes::copy_from_slice(chunk))).await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::metadata(&path).unwrap().len() < data.len() as u64 {
+            assert!(Instant::now() < deadline, "the quiet body's bytes were held, not written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tx.send(Ok(Bytes::from_static(b"end"))).await.unwrap();
+        drop(tx);
+        let session = upload.await.unwrap().unwrap();
+        let mut all = data.clone();
+        all.extend_from_slice(b"end");
+        assert_eq!(session.offset, all.len() as u64);
+        assert_eq!(std::fs::read(&session.path).unwrap(), all);
+        assert_eq!(
+            digest_of(&session, Algorithm::Sha256).await.unwrap(),
+            Digest::of(Algorithm::Sha256, &all)
+        );
     }
 
     /// A fresh session over the (empty) file at `path`.
