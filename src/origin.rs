@@ -234,12 +234,14 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
     let gate = shoal_registry::auth::AuthGate(authority.clone());
     let credentials =
         axum::middleware::from_fn_with_state(authority.enabled(), pullthrough::routes::pass_credentials);
+    let registry_list = registry.clone();
     let node_api = seeding_routes(coordinator.clone(), membership.clone(), seeder)
         .merge(pullthrough::routes::routes(registry.clone()).layer(credentials.clone()));
     let mut api = shoal_registry::router(registry, config.api(gate))
         .layer(credentials)
         .layer(axum::middleware::from_fn_with_state(forwarder, crate::origin_forward::forward_uploads))
         .merge(authority.guard_node_api(node_api))
+        .merge(pullthrough::routes::public_routes(registry_list.clone()))
         .merge(authority.clone().routes());
     // What only the cluster's processes call: the internal and admin APIs.
     let mut cluster_only = None;

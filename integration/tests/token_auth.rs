@@ -335,6 +335,35 @@ async fn token_endpoint_password_grant_rate_limit_and_published_keys() {
     }
 }
 
+/// With tokens on and no repository an anonymous client may pull, the node API refuses
+/// requests without credentials, but the list of upstream registries is for anyone: agents
+/// without a node certificate ask for it with none, and behind the guard they never learnt
+/// it (every mirrored name then failed on them).
+#[tokio::test]
+async fn the_upstream_registries_need_no_credentials() {
+    skip_if_external!("needs a Shoal config");
+    let config = r#"
+[auth]
+tokens = true
+users = [{ name = "alice", password = "alice-pass", access = "none" }]
+[[auth.rules]]
+repositories = "conformance/private-*"
+pull = ["alice"]
+[[upstream]]
+registry = "docker.io"
+url = "http://127.0.0.1:9"
+"#;
+    let origin = Origin::start_with_config(config).await;
+    let url = origin.url().to_string();
+    let http = reqwest::Client::new();
+    let metainfo = format!("{url}/shoal/v1/blobs/{}/metainfo", shoal_integration::sha256(b"x"));
+    assert_eq!(http.get(&metainfo).send().await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    let listed = http.get(format!("{url}/shoal/v1/upstream/registries")).send().await.unwrap();
+    assert_eq!(listed.status(), StatusCode::OK);
+    let listed: serde_json::Value = listed.json().await.unwrap();
+    assert_eq!(listed["registries"], serde_json::json!(["docker.io"]));
+}
+
 /// A private image pulled through an agent once with a token stays private there: the agent
 /// answers 401 with the origin's realm to anonymous clients and to tokens without the scope,
 /// for the manifest and for the blobs it has cached, and a public repository's name does not

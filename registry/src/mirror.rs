@@ -104,7 +104,8 @@ const THROTTLED_RETRY_SECS: u64 = 10;
 pub const DOCKER_HUB: &str = "docker.io";
 
 /// Other spellings of Docker Hub that clients use.
-const DOCKER_HUB_ALIASES: [&str; 3] = ["index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"];
+pub const DOCKER_HUB_ALIASES: [&str; 3] =
+    ["index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"];
 
 /// Which repository a request is for.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -69,6 +69,14 @@ impl UpstreamConfig {
                 self.registry
             ));
         }
+        if shoal_registry::mirror::DOCKER_HUB_ALIASES.contains(&self.registry.as_str()) {
+            // Clients name Docker Hub `docker.io` (containerd's `ns`, the explicit form), and
+            // Docker's mirror requests carry no name at all: under an alias nothing matched.
+            return bad(format!(
+                "registry {:?} is Docker Hub: name it \"docker.io\" (its url stays {})",
+                self.registry, self.url
+            ));
+        }
         let Ok(url) = self.url.parse::<http::Uri>() else {
             return bad(format!("url {:?} is not a URL", self.url));
         };
@@ -101,6 +109,15 @@ mod tests {
         let c: UpstreamConfig = toml::from_str(toml_text).map_err(|e| e.to_string())?;
         c.validate().map_err(|e| e.to_string())?;
         Ok(c)
+    }
+
+    #[test]
+    fn docker_hubs_other_names_are_refused() {
+        for alias in ["index.docker.io", "registry-1.docker.io"] {
+            let e = parse(&format!("registry = \"{alias}\"\nurl = \"https://registry-1.docker.io\""))
+                .unwrap_err();
+            assert!(e.contains("name it \"docker.io\""), "{e}");
+        }
     }
 
     #[test]

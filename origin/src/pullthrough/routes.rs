@@ -27,11 +27,16 @@ struct ProgressQuery {
 
 /// The node-API routes of pull-through (guard them like the other node routes).
 pub fn routes(pull: Arc<PullThrough>) -> Router {
-    Router::new()
-        .route(PROGRESS_ROUTE, get(progress))
-        .route(STREAM_ROUTE, get(stream))
-        .route(REGISTRIES_ROUTE, get(registries))
-        .with_state(pull)
+    Router::new().route(PROGRESS_ROUTE, get(progress)).route(STREAM_ROUTE, get(stream)).with_state(pull)
+}
+
+/// The list of configured upstream registries, for anyone: agents map every request with it
+/// and ask for it with no credentials of their own (a client's token comes only with a
+/// client's request), so behind the node guard an agent without a node certificate never
+/// learnt it where `[auth]` lets no anonymous client pull, and every mirrored name failed.
+/// It names registries (host names), nothing of what they hold.
+pub fn public_routes(pull: Arc<PullThrough>) -> Router {
+    Router::new().route(REGISTRIES_ROUTE, get(registries)).with_state(pull)
 }
 
 async fn registries(State(pull): State<Arc<PullThrough>>) -> Json<Registries> {
