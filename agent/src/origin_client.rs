@@ -415,8 +415,12 @@ impl OriginClient {
             })
             .await
             .map_err(all_failed)?;
-        if r.status() != StatusCode::OK {
-            return Err(refusal(&r));
+        match r.status() {
+            StatusCode::OK => {}
+            // Not a blob the origins can fetch (the repository is not mirrored there, the
+            // upstream lacks it): the client's 404, not a 500.
+            StatusCode::NOT_FOUND => return Err(StoreError::BlobUnknown),
+            _ => return Err(refusal(&r)),
         }
         let body = shoal_tls::read_body(r, MAX_SMALL_ANSWER, false).await.map_err(unreachable)?;
         serde_json::from_slice(&body).map_err(|e| StoreError::Internal(format!("origin progress: {e}")))
@@ -520,6 +524,23 @@ mod tests {
         // client as it is, not as a Basic challenge with the rest of it in the realm.
         let err = client.listing_page("/v2/team/x/tags/list").await.unwrap_err();
         assert!(matches!(&err, StoreError::Unauthorized { challenge } if challenge == bearer), "{err:?}");
+    }
+
+    /// The origins cannot fetch an upstream blob (the repository is not mirrored there, or
+    /// their upstream lacks it): the client's 404 BLOB_UNKNOWN, not a 500.
+    #[tokio::test]
+    async fn an_upstream_blob_the_origins_do_not_know_is_unknown() {
+        let digest = Digest::of(shoal_registry::Algorithm::Sha256, b"x");
+        let path = shoal_registry::mirror::progress_path(&digest);
+        let app = axum::Router::new().route(&path, axum::routing::get(|| async { StatusCode::NOT_FOUND }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let failures = IntCounterVec::new(prometheus::Opts::new("f", "f"), &["origin"]).unwrap();
+        let client = OriginClient::with_failures(vec![base], Duration::from_secs(5), failures).unwrap();
+        let repo: RepoName = "docker.io/library/x".parse().unwrap();
+        let err = client.upstream_progress(&repo, &digest).await.unwrap_err();
+        assert!(matches!(err, StoreError::BlobUnknown), "{err:?}");
     }
 
     /// An origin (or a proxy before it) that ignores `Range` and answers a whole 256 MiB blob

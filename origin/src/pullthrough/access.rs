@@ -222,7 +222,8 @@ impl PullThrough {
                 | UpstreamError::MethodNotAllowed(_),
             ) if self.accepted_before(up, repo) => Ok(()),
             // Not found with these credentials is no proof of access: registries that hide
-            // private repositories answer 404 to users without it.
+            // private repositories answer 404 to users without it. A blob's is BLOB_UNKNOWN.
+            Err(UpstreamError::NotFound) if matches!(probe, Probe::Blob(_)) => Err(StoreError::BlobUnknown),
             Err(e) => Err(store_error(up.registry(), e)),
         }
     }
