@@ -93,6 +93,16 @@ const UPSTREAM_AUTHORIZATION: &str = "x-shoal-upstream-authorization";
 /// An origin's refusal that the client must see as such (an upstream's 401 asks the client for
 /// credentials; 403 and 429 pass through), else [`unexpected`].
 fn refusal(r: &reqwest::Response) -> StoreError {
+    let header = |name: &str| r.headers().get(name).and_then(|v| v.to_str().ok());
+    if let Some(registry) = header(shoal_registry::error::UPSTREAM_FAILURE_HEADER) {
+        return StoreError::UpstreamFailed {
+            registry: registry.to_string(),
+            reason: format!("the origins answered {}", r.status()),
+            retry_after_secs: (r.status() == StatusCode::TOO_MANY_REQUESTS).then(|| {
+                header(reqwest::header::RETRY_AFTER.as_str()).and_then(|v| v.parse().ok()).unwrap_or(10)
+            }),
+        };
+    }
     match r.status() {
         StatusCode::UNAUTHORIZED => {
             let challenge = r.headers().get(reqwest::header::WWW_AUTHENTICATE).and_then(|v| v.to_str().ok());

@@ -395,12 +395,16 @@ impl RegistryStore for AgentStore {
     }
 }
 
-/// Whether an origin's error refused this client (its credentials, its access), rather
-/// than told of the origins themselves (down, busy): kept answers are not served past it.
+/// Whether an origin's error refused this client (its credentials, its access), or said the
+/// upstream registry failed past what the origins may serve stale, rather than told of the
+/// origins themselves (down, busy): kept answers are not served past it.
 fn refused_client(e: &StoreError) -> bool {
     matches!(
         e,
-        StoreError::Denied(_) | StoreError::UpstreamUnauthorized { .. } | StoreError::Unauthorized { .. }
+        StoreError::Denied(_)
+            | StoreError::UpstreamUnauthorized { .. }
+            | StoreError::Unauthorized { .. }
+            | StoreError::UpstreamFailed { .. }
     )
 }
 

@@ -199,6 +199,43 @@ async fn tags_follow_the_upstream_and_survive_its_outage_for_serve_stale() {
     assert_eq!(digest_of(&r), second.digest);
 }
 
+/// Past `serve_stale` an agent serves no target of the tag it kept itself: the origin's
+/// 503 says the upstream failed (`shoal-upstream-failure`), which the agent passes on. Before,
+/// it took the 503 for the origins' own outage and served last week's target for as long as
+/// the upstream stayed down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_serves_no_tag_past_the_upstreams_serve_stale() {
+    skip_if_external!(SKIP);
+    let Some(mut upstream) = UpstreamRegistry::start().await else { return };
+    let up = Client::new(&upstream.url());
+    let path = unique_repo("stale");
+    let (first, _) = seed(&up, &path, "latest", 1).await;
+    let serve_stale = Duration::from_secs(4);
+    let cluster = Cluster::start_with_origin(1, &upstream_toml(&upstream.url(), "1s", "4s"), "").await;
+    // Agents learn the upstream registries at start (every 2 s until an origin answers).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let client = Client::new(&cluster.agent_url(0));
+    let repo = format!("{REGISTRY}/{path}");
+    let r = client.get_manifest(&repo, "latest").await;
+    r.expect(StatusCode::OK);
+    assert_eq!(r.must_header("docker-content-digest"), first.digest);
+    let confirmed = Instant::now();
+    upstream.stop();
+    // Past the origin's tag_ttl (1 s) and the agent's own (2 s), within serve_stale: served.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let r = client.get_manifest(&repo, "latest").await;
+    r.expect(StatusCode::OK);
+    assert_eq!(r.must_header("docker-content-digest"), first.digest);
+    let wait =
+        (confirmed + serve_stale + Duration::from_millis(500)).saturating_duration_since(Instant::now());
+    tokio::time::sleep(wait).await;
+    let r = client.get_manifest(&repo, "latest").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.describe());
+    assert!(r.text().contains(REGISTRY), "{}", r.text());
+    // By digest, what the node holds is served for good.
+    client.get_manifest(&repo, &first.digest).await.expect(StatusCode::OK);
+}
+
 /// An upstream whose tag `app:v1` names `first` until `moved` is set, then another digest
 /// whose manifest it will not send (429: Docker Hub's pull limit counts only a manifest's
 /// `GET`, so its `HEAD` still answers).

@@ -2,7 +2,8 @@
 //! origin answers any request the same way, so a client (agent or tracker) that lists several
 //! can survive the loss of one: a request that meets a connection error, a timeout, or a 5xx/429
 //! answer is sent to the next origin, each origin at most once per request (and when none
-//! answers otherwise, a 429 is the answer). The origin that
+//! answers otherwise, a 429 is the answer), unless the answer says the upstream registry
+//! behind the origins failed (`shoal-upstream-failure`). The origin that
 //! answered becomes the preferred one for later requests (sticky), so a dead origin costs one
 //! failed attempt, not one per request. Any other answer, 404 included, is the answer.
 //!
@@ -178,6 +179,12 @@ impl Failover {
                 Err(_) => {}
             }
             let why = match sent {
+                // The upstream registry's failure, not the origin's: every origin would say
+                // the same (and ask the upstream again).
+                Ok(r) if r.headers().contains_key(shoal_registry::error::UPSTREAM_FAILURE_HEADER) => {
+                    self.answered(index);
+                    return Ok(r);
+                }
                 Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => {
                     let why = format!("{url} answered {}", r.status());
                     throttled = Some(r);

@@ -218,7 +218,17 @@ pub enum StoreError {
     /// An upstream registry asked us to slow down; the client should retry after this long.
     #[error("upstream registry is throttling requests; retry in {retry_after_secs} s")]
     Throttled { retry_after_secs: u64 },
+    /// An upstream registry cannot answer (down, throttling: then `retry_after_secs`) and
+    /// what the cluster kept of this answer may no longer be served (its `serve_stale` has
+    /// run out). Marked with [`UPSTREAM_FAILURE_HEADER`]: the client's answer, which an agent
+    /// neither asks another origin for nor replaces with what it kept itself.
+    #[error("upstream {registry} cannot answer: {reason}")]
+    UpstreamFailed { registry: String, reason: String, retry_after_secs: Option<u64> },
 }
+
+/// The header that marks an origin's answer as the upstream registry's failure, not the
+/// origin's (see [`StoreError::UpstreamFailed`]); its value names the registry.
+pub const UPSTREAM_FAILURE_HEADER: &str = "shoal-upstream-failure";
 
 impl StoreError {
     /// Wrap an I/O error, recognising a full disk so it can get its own answer.
@@ -286,6 +296,18 @@ impl From<StoreError> for ApiError {
                 let mut err = ApiError::new(ErrorCode::TooManyRequests, message);
                 if let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string()) {
                     err = err.with_header(header::RETRY_AFTER, v);
+                }
+                err
+            }
+            StoreError::UpstreamFailed { registry, retry_after_secs, .. } => {
+                let mut err = match retry_after_secs {
+                    Some(secs) => ApiError::new(ErrorCode::TooManyRequests, message)
+                        .with_header(header::RETRY_AFTER, HeaderValue::from(secs)),
+                    None => ApiError::new(ErrorCode::Unknown, message)
+                        .with_status(StatusCode::SERVICE_UNAVAILABLE),
+                };
+                if let Ok(v) = HeaderValue::from_str(&registry) {
+                    err = err.with_header(header::HeaderName::from_static(UPSTREAM_FAILURE_HEADER), v);
                 }
                 err
             }

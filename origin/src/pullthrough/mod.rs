@@ -93,6 +93,24 @@ pub struct PullThrough {
     manifest_turns: serial::Serial,
 }
 
+/// A tag's upstream cannot answer and its last target may no longer be served (past
+/// `serve_stale`, or never confirmed): the client's answer, marked so an agent serves no
+/// target it kept itself either (it did, for as long as the upstream was down).
+fn upstream_failed(registry: &str, e: UpstreamError) -> StoreError {
+    let registry = registry.to_string();
+    match e {
+        UpstreamError::TooManyRequests { retry_after } => StoreError::UpstreamFailed {
+            registry,
+            reason: "it is throttling requests".into(),
+            retry_after_secs: Some(retry_after.as_secs().max(1)),
+        },
+        UpstreamError::Unavailable(reason) | UpstreamError::MethodNotAllowed(reason) => {
+            StoreError::UpstreamFailed { registry, reason, retry_after_secs: None }
+        }
+        other => store_error(&registry, other),
+    }
+}
+
 /// Map an upstream's error to what the registry API answers.
 fn store_error(registry: &str, e: UpstreamError) -> StoreError {
     match e {
@@ -345,7 +363,7 @@ impl PullThrough {
                     {
                         self.serve_stale(up, repo, tag, e.to_string(), old, at).await
                     }
-                    (Err(ManifestFailure::Upstream(e)), _) => Err(store_error(up.registry(), e)),
+                    (Err(ManifestFailure::Upstream(e)), _) => Err(upstream_failed(up.registry(), e)),
                     (Err(ManifestFailure::Cluster(e)), _) => Err(e),
                 }
             }
@@ -355,7 +373,7 @@ impl PullThrough {
                     (tags::OnFailure::ServeStale, Some((digest, at))) => {
                         self.serve_stale(up, repo, tag, e.to_string(), digest, at).await
                     }
-                    _ => Err(store_error(up.registry(), e)),
+                    _ => Err(upstream_failed(up.registry(), e)),
                 }
             }
             Err(e) => Err(store_error(up.registry(), e)),
