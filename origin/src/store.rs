@@ -21,7 +21,7 @@ use crate::uploads::{self, Session, Sessions};
 
 mod sessions;
 use sessions::expire_sessions;
-pub use sessions::upload_home;
+pub use sessions::{upload_home, Opener};
 
 /// Settings of the origin store.
 #[derive(Clone, Debug)]

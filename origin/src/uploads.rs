@@ -74,6 +74,12 @@ struct Finished {
     linked: bool,
 }
 
+/// How long a session that has no byte yet is kept untouched (at most; `upload_idle_timeout`
+/// if shorter): clients send a session's first bytes right after opening it, and one `POST`
+/// costs nothing, so a client in a loop of them held `max_upload_sessions` for a whole
+/// `upload_idle_timeout` (an hour), and every other client's push got 429.
+pub const EMPTY_SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// How long a finished session answers a retried final `PUT`: longer than clients back off
 /// between retries of a request.
 pub const FINISHED_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
@@ -148,12 +154,13 @@ impl Sessions {
     /// Take out the sessions idle for longer than `idle` and not busy right now, marked
     /// [`Session::ended`]; returns their ids (their files and records are the caller's to
     /// remove).
-    pub fn take_expired(&self, idle: std::time::Duration) -> Vec<String> {
+    pub fn take_expired(&self, idle: std::time::Duration, empty_idle: std::time::Duration) -> Vec<String> {
         let now = Instant::now();
         let mut taken = Vec::new();
         self.lock().retain(|id, (_, session)| {
             let Ok(mut session) = session.try_lock() else { return true };
-            if now.duration_since(session.touched) <= idle {
+            let limit = if session.offset == 0 { empty_idle } else { idle };
+            if now.duration_since(session.touched) <= limit {
                 return true;
             }
             session.ended = true;
@@ -560,12 +567,27 @@ mod tests {
         let reached = sessions.get_in(&repo, "idle").unwrap();
         let busy = sessions.get_in(&repo, "busy").unwrap();
         let held = busy.lock().await;
-        assert_eq!(sessions.take_expired(Duration::from_millis(20)), ["idle"]);
+        assert_eq!(sessions.take_expired(Duration::from_millis(20), Duration::from_millis(20)), ["idle"]);
         assert!(reached.lock().await.ended, "the request that reached it sees it ended");
         assert!(sessions.get_in(&repo, "idle").is_none());
         assert_eq!(sessions.lock().len(), 2);
         drop(held);
         assert!(!busy.lock().await.ended);
+    }
+
+    /// A session with no byte yet goes after the shorter idle time, one with bytes only
+    /// after the full one.
+    #[tokio::test]
+    async fn an_empty_session_expires_sooner() {
+        let sessions = Sessions::default();
+        let mut started = empty_session("x".into());
+        started.offset = 5;
+        sessions.insert("empty".into(), empty_session("y".into()));
+        sessions.insert("started".into(), started);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(sessions.take_expired(Duration::from_secs(3600), Duration::from_millis(20)), ["empty"]);
+        assert!(sessions.take_expired(Duration::from_secs(3600), Duration::from_millis(20)).is_empty());
+        assert_eq!(sessions.lock().len(), 1);
     }
 
     /// A body that fails keeps, without a declared length, every byte that arrived before

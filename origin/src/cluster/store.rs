@@ -47,6 +47,12 @@ impl ClusterStore {
         ClusterStore { coordinator }
     }
 
+    /// Open an upload session for this origin's own fetch of an upstream blob: not counted
+    /// against the clients' `max_upload_sessions` (fetches have their own cap).
+    pub async fn fetch_start(&self, repo: &RepoName) -> Result<UploadState, StoreError> {
+        self.local().upload_start_for(repo, self.c().me(), crate::store::Opener::Fetch).await
+    }
+
     /// A lone origin: a cluster of one, with one copy of everything.
     pub fn single(store: OriginStore, id: &str) -> Result<ClusterStore, StoreError> {
         let local = LocalNode::new(id, store);

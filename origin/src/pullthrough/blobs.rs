@@ -306,7 +306,7 @@ async fn run_fetch(
     let counter = fetch.clone();
     let body: ByteStream = Box::pin(blob.body.inspect_ok(move |b| counter.add_received(b.len() as u64)));
     let failed = |e: StoreError| (e.to_string(), None);
-    let session = store.upload_start(repo).await.map_err(failed)?;
+    let session = store.fetch_start(repo).await.map_err(failed)?;
     fetch.set_file(store.local().upload_path(&session.id));
     let committed = async {
         store.upload_append(repo, &session.id, Some(0), Some(blob.size), body).await?;

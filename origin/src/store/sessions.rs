@@ -14,6 +14,17 @@ use super::{blocking, now_unix, to_the_end, Inner, OriginStore};
 use crate::meta::UploadRecord;
 use crate::uploads::{self, Session};
 
+/// Who opens an upload session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opener {
+    /// A client's push: counted against `max_upload_sessions`.
+    Client,
+    /// This origin's own fetch of an upstream blob, capped by the fetches' own limit: clients
+    /// that filled `max_upload_sessions` (a `POST` loop) failed every pull-through cache miss
+    /// on the origin until their sessions expired.
+    Fetch,
+}
+
 /// Upload sessions: bytes from the client, kept on the origin that opened the session.
 impl OriginStore {
     fn session(&self, repo: &RepoName, id: &str) -> Result<Arc<tokio::sync::Mutex<Session>>, StoreError> {
@@ -44,7 +55,21 @@ impl OriginStore {
     /// Open a session. `home` (this origin's cluster id) is written into the session id, so
     /// that any other origin that receives a request for the session knows where it lives.
     pub async fn upload_start(&self, repo: &RepoName, home: &str) -> Result<UploadState, StoreError> {
-        let max = self.inner.config.max_upload_sessions;
+        self.upload_start_for(repo, home, Opener::Client).await
+    }
+
+    /// [`upload_start`](Self::upload_start) for `opener`: only clients' sessions count
+    /// against `max_upload_sessions`.
+    pub async fn upload_start_for(
+        &self,
+        repo: &RepoName,
+        home: &str,
+        opener: Opener,
+    ) -> Result<UploadState, StoreError> {
+        let max = match opener {
+            Opener::Client => self.inner.config.max_upload_sessions,
+            Opener::Fetch => usize::MAX,
+        };
         // Counted from here to the insert: `POST`s at once all passed a check of the open
         // sessions alone, past the limit.
         let Some(_starting) = self.inner.sessions.reserve(max) else {
@@ -195,9 +220,10 @@ pub(super) async fn expire_sessions(inner: Weak<Inner>) {
     loop {
         let Some(strong) = inner.upgrade() else { return };
         let idle = strong.config.upload_idle_timeout;
-        let period = (idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(60));
+        let period = (idle.min(uploads::EMPTY_SESSION_IDLE) / 4)
+            .clamp(Duration::from_millis(250), Duration::from_secs(60));
         let store = OriginStore { inner: strong };
-        for id in store.inner.sessions.take_expired(idle) {
+        for id in store.inner.sessions.take_expired(idle, idle.min(uploads::EMPTY_SESSION_IDLE)) {
             tracing::info!(upload = %id, "upload session expired");
             if let Err(e) = store.discard_session(&id).await {
                 tracing::warn!(upload = %id, error = %e, "could not discard expired upload");
