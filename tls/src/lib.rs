@@ -172,6 +172,9 @@ impl Tls {
             Some(path) => Some(Arc::new(pem::roots(path)?)),
             None => None,
         };
+        if let (Some(k), Some(roots)) = (&key, &cluster_roots) {
+            k.check_against(roots.clone());
+        }
         let mut trusted = public_roots(settings)?;
         if let Some(roots) = &cluster_roots {
             trusted.roots.extend(roots.roots.iter().cloned());

@@ -28,8 +28,10 @@ pub struct ReloadingKey {
     provider: Arc<rustls::crypto::CryptoProvider>,
     /// Never held across an await or while reading files: swapped in one step.
     current: RwLock<Loaded>,
-    /// The files' stamps when a pair outside its validity was last held back (warned once).
+    /// The files' stamps when a pair was last held back (warned once).
     held_back: std::sync::Mutex<Option<(Stamp, Stamp)>>,
+    /// The cluster CA, once the node has one (see [`ReloadingKey::check_against`]).
+    cluster: std::sync::OnceLock<Arc<rustls::RootCertStore>>,
 }
 
 struct Loaded {
@@ -72,7 +74,41 @@ impl ReloadingKey {
             provider,
             current: RwLock::new(Loaded { key: Arc::new(pair), stamps }),
             held_back: std::sync::Mutex::new(None),
+            cluster: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Hold back a new pair the cluster would refuse while the one in use is accepted: one
+    /// that does not chain to `roots` (the cluster CA), or names another role (or none). An
+    /// issuer changed on an upgrade (cert-manager issues at once, pods are not restarted) put
+    /// such a pair in place within 10 s, and every mutual handshake across the cluster failed.
+    pub fn check_against(&self, roots: Arc<rustls::RootCertStore>) {
+        let _ = self.cluster.set(roots);
+    }
+
+    /// Why the cluster would refuse `pair` at `now` (`None`: it accepts it, or there is no
+    /// cluster CA to judge by).
+    fn refused_by_cluster(&self, pair: &CertifiedKey, now: SystemTime) -> Option<String> {
+        let roots = self.cluster.get()?;
+        let leaf = pair.cert.first()?;
+        let at =
+            rustls::pki_types::UnixTime::since_unix_epoch(now.duration_since(SystemTime::UNIX_EPOCH).ok()?);
+        let chained = rustls::server::ParsedCertificate::try_from(leaf).and_then(|parsed| {
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &parsed,
+                roots,
+                &pair.cert[1..],
+                at,
+                self.provider.signature_verification_algorithms.all,
+            )
+        });
+        if let Err(e) = chained {
+            return Some(format!("it does not chain to the cluster CA ({e})"));
+        }
+        let role =
+            |key: &CertifiedKey| key.cert.first().and_then(crate::identity::from_der).map(|id| id.role);
+        let (was, is) = (role(&self.current()), role(pair));
+        (was != is).then(|| format!("it names the role {is:?}, the certificate in use {was:?}"))
     }
 
     /// The pair new connections use.
@@ -104,15 +140,27 @@ impl ReloadingKey {
         if unchanged {
             return false;
         }
-        match load_pair(&self.cert_path, &self.key_path, &self.provider) {
-            Ok(pair) if !valid_at(&pair, now) && valid_at(&self.current(), now) => {
-                // Looked at again on every check (it may become valid), told once.
+        let loaded = load_pair(&self.cert_path, &self.key_path, &self.provider);
+        let held_back = match &loaded {
+            Ok(pair) if !valid_at(pair, now) && valid_at(&self.current(), now) => {
+                Some("it is outside its validity".to_string())
+            }
+            // Only while the pair in use is accepted: no worse than it otherwise.
+            Ok(pair) => self
+                .refused_by_cluster(pair, now)
+                .filter(|_| self.refused_by_cluster(&self.current(), now).is_none()),
+            Err(_) => None,
+        };
+        match loaded {
+            Ok(_) if held_back.is_some() => {
+                // Looked at again on every check (it may become acceptable), told once.
                 let mut held = self.held_back.lock().unwrap_or_else(|p| p.into_inner());
                 if *held != Some(stamps) {
                     *held = Some(stamps);
                     tracing::warn!(
                         cert = %self.cert_path.display(),
-                        "TLS certificate changed to one outside its validity; keeping the old one"
+                        reason = held_back.as_deref().unwrap_or_default(),
+                        "TLS certificate changed to one every handshake would fail with; keeping the old one"
                     );
                 }
                 false
@@ -231,6 +279,37 @@ mod tests {
         assert!(loaded.validity_problem(now + day * 25).is_some_and(|p| p.contains("has not been renewed")));
         assert!(loaded.validity_problem(now + day * 31).is_some_and(|p| p.contains("expired")));
         assert!(loaded.validity_problem(now - day).is_some_and(|p| p.contains("not valid for another")));
+    }
+
+    /// With a cluster CA, a pair from another CA, or naming another role, is not put in
+    /// place of one the cluster accepts; a pair from the cluster CA with the same role is.
+    #[test]
+    fn a_pair_the_cluster_would_refuse_does_not_replace_one_it_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, other_ca) = (crate::new_ca("cluster", 365).unwrap(), crate::new_ca("other", 365).unwrap());
+        let (cert, key) = (dir.path().join("n.pem"), dir.path().join("n-key.pem"));
+        let write = |ca: &crate::Issued, role: Role, name: &str| {
+            let issued = crate::issue(ca, name, role, &["localhost".into()], &[], 30).unwrap();
+            std::fs::write(&cert, &issued.cert_pem).unwrap();
+            std::fs::write(&key, &issued.key_pem).unwrap();
+        };
+        write(&ca, Role::Agent, "first");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let loaded = ReloadingKey::load(&cert, &key, provider).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+        loaded.check_against(Arc::new(crate::pem::roots(&ca_file).unwrap()));
+        let first = loaded.current();
+        let now = SystemTime::now();
+        write(&other_ca, Role::Agent, "other issuer");
+        assert!(!loaded.reload_at(now), "a pair from another CA was put in use");
+        assert!(Arc::ptr_eq(&loaded.current(), &first));
+        write(&ca, Role::Origin, "other role");
+        assert!(!loaded.reload_at(now), "a pair naming another role was put in use");
+        assert!(Arc::ptr_eq(&loaded.current(), &first));
+        write(&ca, Role::Agent, "renewed");
+        assert!(loaded.reload_at(now), "a renewed pair is put in use");
+        assert!(!Arc::ptr_eq(&loaded.current(), &first));
     }
 
     /// A pair that expired (here: judged two days on, a one-day certificate replacing a
