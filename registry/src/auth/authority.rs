@@ -55,6 +55,8 @@ pub struct Authority {
     /// Slow password checks running ([`MAX_PASSWORD_CHECKS`]).
     checks: Arc<tokio::sync::Semaphore>,
     cluster_secrets: Vec<[u8; 32]>,
+    /// What an unknown name's password is checked against.
+    decoy: Arc<login::Decoy>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -118,6 +120,7 @@ impl Authority {
             rules: config.rules.clone(),
             anonymous: config.anonymous_access(),
         };
+        let decoy = Arc::new(login::Decoy::new(&config.users));
         Ok(Authority {
             failures: Arc::new(FailedLogins::new(config.login_failures, config.login_window)),
             config,
@@ -129,6 +132,7 @@ impl Authority {
             last_peer_refresh: Mutex::new(None),
             recent: Mutex::new(HashMap::new()),
             checks: Arc::new(tokio::sync::Semaphore::new(MAX_PASSWORD_CHECKS)),
+            decoy,
             cluster_secrets: cluster_secrets
                 .iter()
                 .filter(|s| !s.is_empty())

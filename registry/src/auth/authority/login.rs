@@ -89,13 +89,13 @@ impl Authority {
         // it runs (its request is dropped, the hash is not) frees no check early and still
         // spends one of its name's attempts.
         let (failures, who, now) = (self.failures.clone(), name.to_string(), Instant::now());
-        let (checked, p) = (user.clone(), password.to_string());
+        let (checked, p, decoy) = (user.clone(), password.to_string(), self.decoy.clone());
         let check = move || {
             let _permit = permit;
             let ok = match &checked {
-                Some(user) => check_evenly(user, &p),
+                Some(user) => check_evenly(user, &p, &decoy),
                 None => {
-                    let _ = decoy_user().verify(&p);
+                    let _ = decoy.user().verify(&p);
                     false
                 }
             };
@@ -123,26 +123,39 @@ impl Authority {
 
 /// `user`'s password check at the price of an argon2 hash: a quick (SHA-256 or plain) one pays
 /// the decoy's hash too, as an unknown name does.
-fn check_evenly(user: &User, password: &str) -> bool {
+fn check_evenly(user: &User, password: &str, decoy: &Decoy) -> bool {
     if !user.slow_hash() {
-        let _ = decoy_user().verify(password);
+        let _ = decoy.user().verify(password);
     }
     user.verify(password)
 }
 
-/// A user with an argon2 hash of a random password: checked for unknown names.
-fn decoy_user() -> User {
-    static DECOY: OnceLock<Option<String>> = OnceLock::new();
-    let hash = DECOY.get_or_init(|| {
-        let mut secret = [0u8; 16];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).ok()?;
-        crate::auth::users::hash_password(&hex::encode(secret)).ok()
-    });
-    User {
-        name: String::new(),
-        password: None,
-        password_sha256: None,
-        password_argon2: hash.clone(),
-        access: Access::None,
+/// A user with an argon2 hash of a random password, made as the configured users' hashes
+/// are ([`hash_like_users`](crate::auth::users::hash_like_users)): checked for unknown names.
+/// Made on first use (a password check, on the blocking pool).
+pub(super) struct Decoy {
+    users: Vec<User>,
+    user: OnceLock<User>,
+}
+
+impl Decoy {
+    pub(super) fn new(users: &[User]) -> Decoy {
+        Decoy { users: users.to_vec(), user: OnceLock::new() }
+    }
+
+    fn user(&self) -> &User {
+        self.user.get_or_init(|| {
+            let mut secret = [0u8; 16];
+            let hash = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+                .ok()
+                .and_then(|()| crate::auth::users::hash_like_users(&hex::encode(secret), &self.users).ok());
+            User {
+                name: String::new(),
+                password: None,
+                password_sha256: None,
+                password_argon2: hash,
+                access: Access::None,
+            }
+        })
     }
 }
