@@ -9,6 +9,18 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 secs=${CHAOS_SECS:-300}
 cargo build --release --bin shoal >/dev/null
+# The whole output goes to a log, the summary lines to the terminal as they come; the exit
+# status is cargo's (a failed or non-compiling test fails this script, with the log's end).
+log=$(mktemp /tmp/shoal-chaos.XXXXXX)
+set +e
 SHOAL_BIN=$PWD/target/release/shoal CHAOS_SECS=$secs \
-  cargo test --release -p shoal-integration --test chaos -- --nocapture 2>&1 |
-  grep -E '^chaos:|^final gc:|^test result|panicked|acknowledged reads failed' || true
+  cargo test --release -p shoal-integration --test chaos -- --nocapture 2>&1 | tee "$log" |
+  grep -E '^chaos:|^final gc:|^test result|panicked|acknowledged reads failed'
+rc=${PIPESTATUS[0]}
+set -e
+if ((rc != 0)); then
+  echo "cargo test failed (exit status $rc); the last 40 lines of $log:" >&2
+  tail -n 40 "$log" >&2
+  exit "$rc"
+fi
+rm -f "$log"

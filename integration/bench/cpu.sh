@@ -37,12 +37,14 @@ context_switches() {
 }
 
 # busy_samples SECS STOP_FILE: the machine's busy share over each SECS and the sample's
-# length in ticks, one per line, until STOP_FILE exists. (A loaded machine stretches the
-# samples, so they are weighed by length.)
+# length in ticks, one per line, until STOP_FILE exists, or its directory does not (the
+# script died and its temp dir went: no one will create STOP_FILE). (A loaded machine
+# stretches the samples, so they are weighed by length.)
 busy_samples() {
-  local a b
+  local a b dir
+  dir=$(dirname "$2")
   a=$(cpu_ticks)
-  while [[ ! -e $2 ]]; do
+  while [[ ! -e $2 && -d $dir ]]; do
     sleep "$1"
     b=$(cpu_ticks)
     echo "$(busy_share "$a" "$b") $((${b#* } - ${a#* }))"

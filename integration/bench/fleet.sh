@@ -66,7 +66,9 @@
 # Figures, per system × N × repeat:
 #   p50 p90 max   each host's completion time (from the common start to its last byte hashed)
 #                 ÷ the time its own link needs for the blob (size ÷ link rate); percentiles over
-#                 the hosts by nearest rank. tbf counts whole frames, so ~1.05 is the floor.
+#                 the hosts, the round(1 + p/100 × (N - 1))-th smallest (p50 of 10 hosts is the 6th,
+#                 the upper middle; kept so figures compare with every earlier session's).
+#                 tbf counts whole frames, so ~1.05 is the floor.
 #                 A central registry behind ORIGIN cannot do better than N × HOST ÷ ORIGIN.
 #   fast_max      (stragglers only) max over the full-rate hosts ÷ their own link's time
 #   origin        bytes out of the origin namespace's veth during the window ÷ size (frames and
@@ -205,6 +207,7 @@ hold_guest_memory $((2 * (max_n + 2) * SIZE_MIB))
 
 report=$T/report.txt
 say() { echo "$*" | tee -a "$report"; }
+# pct P: the P-th percentile of the numbers on stdin, as the header says.
 pct() { sort -g | awk -v p="$1" '{a[NR]=$1} END {if (NR==0) {print "nan"; exit} i=int((NR-1)*p/100+0.5)+1; if (i>NR) i=NR; printf "%.2f", a[i]}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b == 0) ? 0 : a / b}'; }
 # sleep_until EPOCH (fractional seconds)
@@ -231,6 +234,12 @@ hosts_rx() {
   for ((i = 0; i < FLEET_N; i++)); do link_counts "${FLEET_NS[i]}" "${FLEET_DEV[i]}" rx; done |
     awk '{b += $1; f += $2} END {printf "%.0f %.0f\n", b, f}' # mawk prints past 2^31 as 2.7e+09
 }
+
+# BUSY_PID: timed_pull's busy sampler while it runs; killed at exit if a run dies mid-pull
+# (it would sample until $T/busy.stop, which no one creates then).
+BUSY_PID=
+stop_busy_sampler() { [[ -z $BUSY_PID ]] || kill "$BUSY_PID" 2>/dev/null; }
+on_exit stop_busy_sampler
 
 # timed_pull URL SAMPLE_PIDS...: every host fetches URL at one instant; measures the window.
 # Sets WIN_CPU WIN_PEGGED (share of the window at the machine's limit) WIN_PROC_CPU (Σ CPU
@@ -259,6 +268,7 @@ timed_pull() {
     busy_samples "$PEGGED_SAMPLE_SECS" "$T/busy.stop"
   ) >"$T/busy" &
   busy=$!
+  BUSY_PID=$busy
   rm -f "$T/timeline" "$T/timeline.stop"
   if [[ -n ${BENCH_TIMELINE:-} ]]; then
     link_timeline "$start" >"$T/timeline" &
@@ -273,6 +283,7 @@ timed_pull() {
   WIN_CPU=$(busy_share "$(cat "$T/ticks0")" "$(cpu_ticks)")
   touch "$T/busy.stop"
   wait "$busy" || true
+  BUSY_PID=
   WIN_PEGGED=$(awk -v p="$PEGGED_BUSY" '{n += $2; if ($1 >= p) k += $2} END {printf "%.2f", n ? k / n : 0}' "$T/busy")
   proc0=$(cat "$T/proc0")
   WIN_PROC_USR=0 WIN_PROC_SYS=0

@@ -35,6 +35,7 @@ hold_guest_memory() {
   fi
   on_exit "echo $old >$GUEST_REPORTING_ORDER"
   f=$(mktemp /dev/shm/shoal-bench-hold.XXXXXX)
+  on_exit "rm -f '$f'" # an interrupted dd would leave gigabytes in tmpfs
   t0=$EPOCHREALTIME
   if ! dd if=/dev/zero of="$f" bs=1M count="$mib" status=none; then
     log "guest memory: could not write $mib MiB to /dev/shm; reporting is off, but less is held"

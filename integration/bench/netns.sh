@@ -75,10 +75,12 @@ _netns_add() {
   ip -n "$1" link set lo up
   if [[ -n ${NETNS_CC:-} ]]; then
     # A namespace other than the machine's may only pick an algorithm the machine allows.
+    # That list is the whole machine's (not per namespace): put back as it was at exit.
     local allowed
     allowed=$(sysctl -n net.ipv4.tcp_allowed_congestion_control)
     if [[ " $allowed " != *" $NETNS_CC "* ]]; then
       log "allowing TCP congestion control $NETNS_CC in namespaces (net.ipv4.tcp_allowed_congestion_control)"
+      on_exit "sysctl -qw net.ipv4.tcp_allowed_congestion_control='$allowed'"
       sysctl -qw net.ipv4.tcp_allowed_congestion_control="$allowed $NETNS_CC"
     fi
     ip netns exec "$1" sysctl -qw net.ipv4.tcp_congestion_control="$NETNS_CC" ||
@@ -214,7 +216,7 @@ ns_metric() {
     /^#/ { next }
     { key = $1; base = key; sub(/\{.*/, "", base) }
     base == n && (m == "" || index(key, m) > 0) { s += $2; seen = 1 }
-    END { if (seen) printf "%d\n", s; else print "n/a" }'
+    END { if (seen) printf "%.0f\n", s; else print "n/a" }' # not %d: mawk clamps that at 2^31 - 1
 }
 
 

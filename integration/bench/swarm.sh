@@ -39,6 +39,8 @@ PARTS=${BENCH_PARTS:-1 2 3 4}
 [[ -x $SHOAL_BIN ]] || die "no shoal binary at SHOAL_BIN=$SHOAL_BIN"
 [[ $SHOAL_BIN == */debug/* ]] && log "WARNING: $SHOAL_BIN looks like a debug build; figures will be meaningless"
 
+# pct P: the P-th percentile of the numbers on stdin, the round(1 + P/100 × (N - 1))-th smallest
+# (as fleet.sh; kept so figures compare with earlier sessions').
 pct() { sort -g | awk -v p="$1" '{a[NR]=$1} END {i=int((NR-1)*p/100+0.5)+1; if (i>NR) i=NR; print a[i]}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b == 0) ? 0 : a / b}'; }
 report=$T/report.txt
@@ -180,7 +182,7 @@ part1() {
 part2() {
   say ""
   say "-- 2. 1 MiB blobs through a cold agent, $SMALL_ROUNDS rounds (fresh blob each round)"
-  local cfg i f d ttfb=() total=()
+  local cfg i f d out code size ttfb=() total=()
   cfg=$T/agent2.toml
   agent_config "$cfg"
   SHOAL_AGENT_ARGS="--config $cfg" start_shoal_cluster 1
@@ -189,7 +191,14 @@ part2() {
     d=$(sha256_of "$f")
     push "$f" bench/small
     sleep 0.3
-    read -r a b < <(curl -sf -o /dev/null -w '%{time_starttransfer} %{time_total}\n' "$AGENT_URL/v2/bench/small/blobs/$d")
+    # curl prints the times of a failed pull too: its status, code and byte count say whether
+    # it was one. The digest is checked by a second read, outside the timing.
+    out=$(curl -s -o /dev/null -w '%{http_code} %{size_download} %{time_starttransfer} %{time_total}' \
+      "$AGENT_URL/v2/bench/small/blobs/$d") || die "pull of $d through the agent failed (curl status $?)"
+    read -r code size a b <<<"$out"
+    [[ $code == 200 && $size == $((1024 * 1024)) ]] || die "pull of $d through the agent answered $code with $size bytes"
+    [[ $(curl -sf "$AGENT_URL/v2/bench/small/blobs/$d" | sha256sum | cut -d' ' -f1) == "${d#sha256:}" ]] ||
+      die "the agent's bytes of $d do not hash to it"
     ttfb+=("$a") total+=("$b")
     rm -f "$f"
   done
@@ -213,22 +222,29 @@ part3() {
     push "$f" bench/fleet
     sleep 1
     : >"$T/times"
-    local pulls=() ticks_before
+    local pulls=() ticks_before p failed=0
     ticks_before=$(cpu_ticks)
     for ((i = 0; i < n; i++)); do
-      curl -sf -o /dev/null -w '%{time_total}\n' "${AGENT_URLS[i]}/v2/bench/fleet/blobs/$d" >>"$T/times" &
+      # With the status and byte count: curl prints the time of a failed pull too.
+      curl -s -o /dev/null -w '%{http_code} %{size_download} %{time_total}\n' "${AGENT_URLS[i]}/v2/bench/fleet/blobs/$d" >>"$T/times" &
       pulls+=($!)
     done
-    # Wait for the pulls only: the daemons are children of this shell too.
-    wait "${pulls[@]}" || true
+    # Wait for the pulls only (the daemons are children of this shell too), each one, so
+    # every curl's exit status counts.
+    for p in "${pulls[@]}"; do wait "$p" || failed=$((failed + 1)); done
     local busy
     busy=$(busy_share "$ticks_before" "$(cpu_ticks)")
-    [[ $(wc -l <"$T/times") -eq $n ]] || die "some pulls failed"
+    ((failed == 0)) || die "$failed of $n pulls failed (curl); code, bytes, time of each: $(paste -sd' ' "$T/times")"
+    # Only whole 200 answers count. No digest check: hashing N copies would load the machine
+    # this measures, and the agents verify every piece.
+    awk -v s="$((FLEET_MIB * 1024 * 1024))" '$1 == 200 && $2 == s {print $3}' "$T/times" >"$T/times.ok"
+    [[ $(wc -l <"$T/times.ok") -eq $n ]] ||
+      die "not all $n pulls answered 200 with ${FLEET_MIB} MiB; code, bytes, time of each: $(paste -sd' ' "$T/times")"
     local peer_egress http_egress
     peer_egress=$(metric "$ORIGIN_URL" shoal_origin_peer_sent_bytes_total)
     http_egress=$(metric "$ORIGIN_URL" shoal_origin_http_sent_bytes_total)
     egress=$((peer_egress + http_egress))
-    times=$(cat "$T/times")
+    times=$(cat "$T/times.ok")
     say "$(printf '%-4s %-10s %-10s %-19s %-9s (peer protocol %s, HTTP fallback %s)' "$n" \
       "$(ratio "$(echo "$times" | median_lines)" "$ideal")" \
       "$(ratio "$(echo "$times" | pct 99)" "$ideal")" \
@@ -260,13 +276,15 @@ part4() {
   stop_cluster
 }
 
-# stop_cluster: stop the current cluster's processes now (they are also registered at exit).
+# stop_cluster: stop the current cluster's processes now and wait for them. With stop_pid,
+# so their stops registered at exit are skipped: by then the kernel may have given their
+# PIDs to other processes.
 stop_cluster() {
-  local p
-  for p in "${AGENT_PIDS[@]}" "$TRACKER_PID" "$ORIGIN_PID" ${REG_PID:+"$REG_PID"}; do
-    kill "$p" 2>/dev/null || true
-  done
-  sleep 1
+  local p pids=("${AGENT_PIDS[@]}" "$TRACKER_PID" "$ORIGIN_PID")
+  # REG_PID: part 1's docker-registry; otherwise the origin again.
+  [[ -z ${REG_PID:-} || $REG_PID == "$ORIGIN_PID" ]] || pids+=("$REG_PID")
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done # all at once, then wait
+  for p in "${pids[@]}"; do stop_pid "$p" "pid $p"; done
   rm -rf "$T/cluster"
 }
 

@@ -39,27 +39,29 @@ nopeer_origin=$T/origin-nopeer.toml
 { cat "$cfg"; printf '[tls]\npeer = false\n'; } >"$nopeer_agent"
 printf '[tls]\npeer = false\n' >"$nopeer_origin"
 
+# stop_cluster: with stop_pid, which waits for each, so their stops registered at exit are
+# skipped: by then the kernel may have given their PIDs to other processes.
 stop_cluster() {
   local p
   for p in "${AGENT_PIDS[@]}" "$TRACKER_PID" "$ORIGIN_PID"; do kill "$p" 2>/dev/null || true; done
-  for p in "${AGENT_PIDS[@]}" "$TRACKER_PID" "$ORIGIN_PID"; do
-    while kill -0 "$p" 2>/dev/null; do sleep 0.1; done
-  done
+  for p in "${AGENT_PIDS[@]}" "$TRACKER_PID" "$ORIGIN_PID"; do stop_pid "$p" "pid $p"; done
   rm -rf "$T/cluster"
 }
 
-# one_round MODE: prints "seconds agent_cpu_seconds machine_busy_share".
+# one_round MODE: prints "seconds agent_cpu_seconds machine_busy_share". Run it in this
+# shell, not in a subshell: the cluster's stops at exit are registered here, and its die
+# ends the script.
 one_round() {
   local mode=$1 f d secs cpu0 ticks0 agent_cfg=$cfg origin_args=
   case $mode in
   plain) TLS_DIR= CURL_TLS=() ;;
   https)
-    make_tls_pki "$T/pki-$RANDOM" >/dev/null 2>&1
+    make_tls_pki "$T/pki-$RANDOM" >/dev/null
     agent_cfg=$nopeer_agent origin_args="--config $nopeer_origin"
     ;;
-  tls) make_tls_pki "$T/pki-$RANDOM" >/dev/null 2>&1 ;;
+  tls) make_tls_pki "$T/pki-$RANDOM" >/dev/null ;;
   esac
-  SHOAL_ORIGIN_ARGS=$origin_args SHOAL_AGENT_ARGS="--config $agent_cfg" start_shoal_cluster 1 2>/dev/null
+  SHOAL_ORIGIN_ARGS=$origin_args SHOAL_AGENT_ARGS="--config $agent_cfg" start_shoal_cluster 1
   if [[ $mode == https ]]; then grep -q 'peer_tls=false' "$AGENT_LOG" || die "the https setup runs peer TLS"; fi
   if [[ $mode == tls ]]; then grep -q 'peer_tls=true' "$AGENT_LOG" || die "the tls setup has no peer TLS"; fi
   f=$T/blob
@@ -70,7 +72,8 @@ one_round() {
   wait_until 60 "metainfo" curl -sf "${CURL_TLS[@]}" -o /dev/null "$ORIGIN_URL/shoal/v1/blobs/$d/metainfo"
   cpu0=$(cpu_seconds "$AGENT_PID")
   ticks0=$(cpu_ticks)
-  secs=$(curl -sf "${CURL_TLS[@]}" -o /dev/null -w '%{time_total}' "$AGENT_URL/v2/bench/tls/blobs/$d")
+  secs=$(curl -sf "${CURL_TLS[@]}" -o /dev/null -w '%{time_total}' "$AGENT_URL/v2/bench/tls/blobs/$d") ||
+    die "$mode: pull of $d through the agent failed (curl status $?)"
   echo "$secs $(cpu_delta "$cpu0" "$(cpu_seconds "$AGENT_PID")" | cut -d' ' -f3) $(busy_share "$ticks0" "$(cpu_ticks)")"
   stop_cluster
   TLS_DIR= CURL_TLS=()
@@ -80,7 +83,8 @@ declare -A times cpus
 busy=()
 for ((r = 0; r < ROUNDS; r++)); do
   for mode in plain https tls; do
-    read -r s c b < <(one_round "$mode")
+    one_round "$mode" >"$T/round"
+    read -r s c b <"$T/round"
     log "round $r $mode: ${s}s, agent ${c} CPU-s, machine busy $b"
     busy+=("$b")
     times[$mode]+="$s " cpus[$mode]+="$c "

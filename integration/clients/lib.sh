@@ -122,21 +122,31 @@ wait_until() {
   done
 }
 
+# PIDs stop_pid has dealt with: once reaped, the kernel may give the number to any other
+# process, so start_bg's stop at exit must not signal it again.
+declare -gA _STOPPED=()
+
 # start_bg NAME LOGFILE CMD...: start CMD in the background, write $T/NAME.pid, register
-# its stop at exit. Sets BG_PID.
+# its stop at exit (skipped if stop_pid stopped it before). Sets BG_PID.
 start_bg() {
   local name=$1 logf=$2
   shift 2
   "$@" >"$logf" 2>&1 &
   BG_PID=$!
+  unset "_STOPPED[$BG_PID]" # a number stop_pid saw before, now our new child's
   echo "$BG_PID" >"$T/$name.pid"
   register_log "$logf"
-  on_exit "stop_pid $BG_PID $name"
+  on_exit "_stop_bg $BG_PID $name"
 }
 
-# stop_pid PID NAME [TIMEOUT_S]: SIGTERM, then SIGKILL after the timeout. Only for PIDs we started.
+# _stop_bg PID NAME: start_bg's stop at exit, unless stop_pid already stopped PID.
+_stop_bg() { [[ -n ${_STOPPED[$1]:-} ]] || stop_pid "$@"; }
+
+# stop_pid PID NAME [TIMEOUT_S]: SIGTERM, then SIGKILL after the timeout; waits for it to
+# end. Only for PIDs we started.
 stop_pid() {
   local pid=$1 name=$2 timeout=${3:-15} i
+  [[ -z $pid ]] || _STOPPED[$pid]=1
   kill -0 "$pid" 2>/dev/null || return 0
   kill -TERM "$pid" 2>/dev/null || return 0
   for ((i = 0; i < timeout * 10; i++)); do
@@ -544,7 +554,7 @@ metric() {
     /^#/ { next }
     { key = $1; base = key; sub(/\{.*/, "", base) }
     base == n && (m == "" || index(key, m) > 0) { s += $2 }
-    END { printf "%d\n", s }'
+    END { printf "%.0f\n", s }' # not %d: mawk clamps that at 2^31 - 1
 }
 
 # agent_received AGENT_URL: piece bytes the agent received, from peers and origins together.
