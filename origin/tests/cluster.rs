@@ -262,6 +262,41 @@ async fn a_write_that_cannot_reach_its_quorum_fails_and_links_nothing() {
     assert!(tag.is_none());
 }
 
+/// R = 2. One owner of a repository takes every records write 6 s late (its fsyncs stall)
+/// while it answers reads and health checks at once. A manifest put read its blobs' links,
+/// then waited for that owner past garbage collection's 5 s read-to-write deadline and failed
+/// with "checked too long ago", the third origin never asked. Now the third origin takes the
+/// slow owner's copy after a second, the put succeeds, the repository is queued for repair,
+/// and once the owner catches up repair brings it the records.
+#[tokio::test]
+async fn a_slow_owner_does_not_fail_its_repositorys_writes() {
+    let (world, cs) = world().await;
+    let repo: RepoName = "team/slow".parse().unwrap();
+    let repo_owners = owners(repo.as_str());
+    let slow = repo_owners.iter().next().unwrap().clone();
+    let through = cs.iter().find(|c| c.me() != slow).unwrap().clone();
+    let store = ClusterStore::new(through.clone());
+    world.nodes[&slow].apply_delay_ms.store(6_000, Ordering::SeqCst);
+    let config = push(&store, &repo, b"{}").await.unwrap();
+    let layer = push(&store, &repo, b"slow owner layer").await.unwrap();
+    let m = manifest(&config, &layer);
+    let started = std::time::Instant::now();
+    store.manifest_put(&repo, Some(&"v1".parse().unwrap()), m.clone()).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(4), "the put took {:?}", started.elapsed());
+    for c in &cs {
+        let got =
+            ClusterStore::new(c.clone()).manifest_get(&repo, &Reference::Tag("v1".parse().unwrap())).await;
+        assert_eq!(got.unwrap().unwrap().digest, m.digest, "through {}", c.me());
+    }
+    // The owner catches up: repair brings it the records it missed.
+    world.nodes[&slow].apply_delay_ms.store(0, Ordering::SeqCst);
+    let repairer = Repairer::start(through.clone(), 1 << 30, Duration::from_secs(3600));
+    repairer.run_now().await.unwrap();
+    let held =
+        world.nodes[&slow].inner.records_get(repo.as_str(), &[RecordKey::Tag("v1".into())]).await.unwrap();
+    assert!(held[0].as_ref().is_some_and(|r| r.tag_target() == Some(&m.digest)), "{held:?}");
+}
+
 /// A referrer deleted while one owner was down is not listed once that owner is back, before
 /// repair reaches it: the subject index of the owners that took the delete says nothing of the
 /// referrer, the stale owner's still lists it, and the listing weighs the newer tombstone.

@@ -23,6 +23,7 @@ pub use crate::cluster::read_repair::{ReadRepairs, MAX_READ_REPAIRS};
 use crate::cluster::record::{Record, RecordKey, VersionClock};
 use crate::cluster::topology::Topology;
 
+mod hedge;
 mod scans;
 #[cfg(test)]
 mod tests;
@@ -165,15 +166,27 @@ impl Coordinator {
                 (id, result)
             }
         };
-        let (owners_here, owners_elsewhere): (Vec<&String>, Vec<&String>) =
-            ranked[..r].iter().partition(|id| *id == me);
-        let mut results = join_all(owners_elsewhere.into_iter().map(attempt)).await;
-        self.stop_if_clock_refused(&results)?;
-        for id in owners_here {
+        let (owners_here, owners_elsewhere): (Vec<String>, Vec<String>) =
+            ranked[..r].iter().cloned().partition(|id| id == me);
+        // The other origins first, this one last (as above), when falling back too.
+        let (fallback_here, fallback_elsewhere): (Vec<&String>, Vec<&String>) =
+            ranked[r..].iter().partition(|id| *id == me);
+        // Records only: a blob's second copy would cost its size (see `hedge`).
+        let hedge_after = (what == Copies::Records).then_some(hedge::HEDGE_AFTER);
+        let takers: Vec<String> = fallback_elsewhere
+            .iter()
+            .filter(|id| self.node(id).is_some() && self.takes(id, what))
+            .map(|id| id.to_string())
+            .collect();
+        let asked = hedge::ask_owners(&owners_elsewhere, &takers, hedge_after, attempt).await;
+        self.stop_if_clock_refused(&asked.owners)?;
+        self.stop_if_clock_refused(&asked.hedges)?;
+        let mut results = asked.owners;
+        for id in &owners_here {
             results.push(attempt(id).await);
         }
         let mut placed = Placed { all_owners: true, ..Placed::default() };
-        let mut failed = 0;
+        let mut failed: usize = 0;
         for (id, result) in results {
             match result {
                 Ok(()) => placed.ok.push(id),
@@ -187,14 +200,22 @@ impl Coordinator {
                 }
             }
         }
-        // The other origins first, this one last (as above).
-        let (fallback_here, fallback_elsewhere): (Vec<&String>, Vec<&String>) =
-            ranked[r..].iter().partition(|id| *id == me);
+        for (id, result) in asked.hedges {
+            match result {
+                Ok(()) => {
+                    placed.ok.push(id);
+                    // Stands for a slow owner's copy.
+                    failed = failed.saturating_sub(1);
+                }
+                Err(NodeError::Corrupt(d)) => return Err(node_to_store(NodeError::Corrupt(d))),
+                Err(e) => placed.last_error = Some(e.to_string()),
+            }
+        }
         for id in fallback_elsewhere.into_iter().chain(fallback_here) {
             if failed == 0 {
                 break;
             }
-            if self.node(id).is_none() || !self.takes(id, what) {
+            if asked.asked.contains(id) || self.node(id).is_none() || !self.takes(id, what) {
                 continue;
             }
             let answer = attempt(id).await;

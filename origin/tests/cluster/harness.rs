@@ -56,6 +56,9 @@ pub(crate) struct Switchable {
     pub(crate) pages_asked: AtomicU64,
     /// Each `blob_stat` or `blob_peek` answered takes this long (ms), as over a slow network.
     pub(crate) stat_delay_ms: AtomicU64,
+    /// Each `records_apply` takes this long (ms) before it commits, as on a disk whose
+    /// fsyncs stall.
+    pub(crate) apply_delay_ms: AtomicU64,
 }
 
 /// The calls a [`Gate`] stops.
@@ -228,6 +231,10 @@ impl Node for Switchable {
     async fn records_apply(&self, repo: &str, records: &[Record]) -> Result<(), NodeError> {
         self.check()?;
         self.applies.fetch_add(1, Ordering::SeqCst);
+        let delay = self.apply_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         let wall = now_millis().saturating_sub(self.clock_behind_ms.load(Ordering::SeqCst));
         if records.iter().any(|r| r.version.millis > wall + MAX_CLOCK_AHEAD.as_millis() as u64) {
             return Err(NodeError::ClockRefused {
@@ -351,6 +358,7 @@ pub(crate) async fn world_with(replicas: usize) -> (Arc<World>, Vec<Arc<Coordina
                 keys_read: AtomicU64::new(0),
                 pages_asked: AtomicU64::new(0),
                 stat_delay_ms: AtomicU64::new(0),
+                apply_delay_ms: AtomicU64::new(0),
             }),
         );
         locals.push(local);
