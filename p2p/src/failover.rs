@@ -2,8 +2,8 @@
 //! origin answers any request the same way, so a client (agent or tracker) that lists several
 //! can survive the loss of one: a request that meets a connection error, a timeout, or a 5xx/429
 //! answer is sent to the next origin, each origin at most once per request (and when none
-//! answers otherwise, a 429 is the answer), unless the answer says the upstream registry
-//! behind the origins failed (`shoal-upstream-failure`). The origin that
+//! answers otherwise, a 429 is the answer, or before it one that says the upstream registry
+//! behind the origins failed, `shoal-upstream-failure`). The origin that
 //! answered becomes the preferred one for later requests (sticky), so a dead origin costs one
 //! failed attempt, not one per request. Any other answer, 404 included, is the answer.
 //!
@@ -170,6 +170,7 @@ impl Failover {
     {
         let mut last = String::new();
         let mut throttled = None;
+        let mut upstream_failed = None;
         for index in self.attempts(Instant::now()) {
             let url = &self.urls[index];
             let sent = build(url).send().await;
@@ -179,11 +180,14 @@ impl Failover {
                 Err(_) => {}
             }
             let why = match sent {
-                // The upstream registry's failure, not the origin's: every origin would say
-                // the same (and ask the upstream again).
+                // The upstream registry's failure as this origin met it: another origin asks
+                // it from elsewhere (another node's address, which Docker Hub throttles
+                // apart; a working egress), so it is asked; if none answers otherwise, this
+                // is the answer (the client's, not "no origin answered").
                 Ok(r) if r.headers().contains_key(shoal_registry::error::UPSTREAM_FAILURE_HEADER) => {
-                    self.answered(index);
-                    return Ok(r);
+                    let why = format!("{url} answered {} (upstream failure)", r.status());
+                    upstream_failed = Some(r);
+                    why
                 }
                 Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => {
                     let why = format!("{url} answered {}", r.status());
@@ -204,7 +208,7 @@ impl Failover {
             tracing::warn!(origin = %url, error = %why, "origin request failed; {then}");
             last = why;
         }
-        match throttled {
+        match upstream_failed.or(throttled) {
             Some(r) => Ok(r),
             None => Err(FailoverError::AllFailed(last)),
         }
@@ -395,5 +399,28 @@ mod tests {
         let r = f.send(|base| http.get(format!("{base}/x"))).await.unwrap();
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("7"));
+    }
+
+    /// An origin that met the upstream's failure: another origin is asked (it reaches the
+    /// upstream from elsewhere), and answers; with none answering otherwise, the marked
+    /// failure is the answer, before a plain 429 and before "every origin failed".
+    #[tokio::test]
+    async fn an_upstream_failure_asks_the_next_origin_and_is_the_answer_if_none_does_better() {
+        const FAILED: &[u8] =
+            b"HTTP/1.1 503 Service Unavailable\r\nshoal-upstream-failure: docker.io\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        let failed = answering(FAILED).await;
+        let fine = answering(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+        let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build().unwrap();
+        let f = Failover::new(vec![failed.clone(), fine.clone()]).unwrap();
+        let r = f.send(|base| http.get(format!("{base}/x"))).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(f.preferred(), fine);
+        let busy =
+            answering(b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+        let f = Failover::new(vec![busy, failed, closed_port()]).unwrap();
+        let r = f.send(|base| http.get(format!("{base}/x"))).await.unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.headers().contains_key(shoal_registry::error::UPSTREAM_FAILURE_HEADER));
     }
 }

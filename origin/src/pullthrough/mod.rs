@@ -29,6 +29,7 @@ use access::Probe;
 pub use access::ACCESS_TTL;
 pub use blobs::Peers;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -104,7 +105,9 @@ fn upstream_failed(registry: &str, e: UpstreamError) -> StoreError {
             reason: "it is throttling requests".into(),
             retry_after_secs: Some(retry_after.as_secs().max(1)),
         },
-        UpstreamError::Unavailable(reason) | UpstreamError::MethodNotAllowed(reason) => {
+        UpstreamError::Unavailable(reason)
+        | UpstreamError::MethodNotAllowed(reason)
+        | UpstreamError::Invalid(reason) => {
             StoreError::UpstreamFailed { registry, reason, retry_after_secs: None }
         }
         other => store_error(&registry, other),
@@ -187,9 +190,17 @@ impl PullThrough {
         &self.names
     }
 
-    /// The upstream `repo` mirrors and its path there, if it mirrors one.
-    fn upstream_of<'a>(&self, repo: &'a RepoName) -> Option<(Arc<Upstream>, &'a str)> {
+    /// The upstream `repo` mirrors and its path there, if it mirrors one; Docker Hub's
+    /// implicit `library/` added to a one-component path (`docker.io/alpine` is
+    /// `library/alpine` there, as Docker's clients say: asked for `alpine`, Docker Hub
+    /// answered 401 as for a private repository).
+    fn upstream_of<'a>(&self, repo: &'a RepoName) -> Option<(Arc<Upstream>, Cow<'a, str>)> {
         let (registry, path) = mirror::split(repo.as_str(), &self.names)?;
+        let path = if registry == mirror::DOCKER_HUB && !path.contains('/') {
+            Cow::Owned(format!("library/{path}"))
+        } else {
+            Cow::Borrowed(path)
+        };
         Some((self.upstreams.get(registry)?.clone(), path))
     }
 
@@ -413,6 +424,7 @@ impl RegistryStore for PullThrough {
         let Some((up, path)) = self.upstream_of(repo) else {
             return self.inner.blob_size(repo, digest).await;
         };
+        let path: &str = &path;
         let size = match self.inner.blob_size(repo, digest).await? {
             Some(size) => Some(size),
             None => self.wait_for_blob(repo, digest).await?,
@@ -514,6 +526,7 @@ impl RegistryStore for PullThrough {
         let Some((up, path)) = self.upstream_of(repo) else {
             return self.inner.manifest_get(repo, reference).await;
         };
+        let path: &str = &path;
         match reference {
             Reference::Tag(tag) => self.mirrored_tag(&up, repo, path, tag).await,
             Reference::Digest(digest) => {
@@ -565,6 +578,7 @@ impl RegistryStore for PullThrough {
         let Some((up, path)) = self.upstream_of(repo) else {
             return self.inner.referrers(repo, digest).await;
         };
+        let path: &str = &path;
         match self.check_access(&up, repo, path, Probe::Manifest(digest)).await {
             Ok(()) => {}
             // The referrers API never answers 404 (spec, "Listing Referrers"): a subject
@@ -598,5 +612,33 @@ impl RegistryStore for PullThrough {
             }
         }
         Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every failure to ask the upstream ([`cannot_ask`]) is marked for agents past
+    /// `serve_stale`; a throttled one keeps its `Retry-After`.
+    #[test]
+    fn every_failure_to_ask_the_upstream_is_marked() {
+        let failures = [
+            UpstreamError::Unavailable("down".into()),
+            UpstreamError::MethodNotAllowed("no".into()),
+            UpstreamError::Invalid("an HTML page".into()),
+            UpstreamError::TooManyRequests { retry_after: Duration::from_secs(30) },
+        ];
+        for e in failures {
+            assert!(cannot_ask(&e));
+            let (text, throttled) = (e.to_string(), matches!(e, UpstreamError::TooManyRequests { .. }));
+            match upstream_failed("docker.io", e) {
+                StoreError::UpstreamFailed { registry, retry_after_secs, .. } => {
+                    assert_eq!(registry, "docker.io");
+                    assert_eq!(retry_after_secs, throttled.then_some(30), "{text}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
     }
 }
