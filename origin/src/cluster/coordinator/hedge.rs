@@ -31,7 +31,8 @@ pub(super) struct Asked {
 
 /// Ask every one of `owners` with `attempt`; with `hedge_after`, once it has passed, ask the
 /// next of `fallbacks` beside each owner still to answer, and stop waiting for owners once as
-/// many fallbacks have taken the write as owners are left waiting.
+/// many fallbacks have taken the write as owners are left waiting. Fallbacks asked are
+/// waited for while an owner has failed (they stand for it, as the caller's fallback would).
 pub(super) async fn ask_owners<A, Fut>(
     owners: &[String],
     fallbacks: &[String],
@@ -54,8 +55,12 @@ where
     let mut gathered = Asked { owners: Vec::new(), hedges: Vec::new(), asked: Vec::new() };
     loop {
         let waiting = owners.len() - gathered.owners.len();
+        let failed = gathered.owners.iter().filter(|(_, a)| a.is_err()).count();
         let covered = gathered.hedges.iter().filter(|(_, a)| a.is_ok()).count();
-        if waiting == 0 || waiting <= covered {
+        let hedges_pending = gathered.asked.len() - gathered.hedges.len();
+        // Everything that needs a copy elsewhere has one; or nothing more can come but
+        // fallbacks no owner needs (a failed owner is the caller's to fall back for).
+        if waiting + failed <= covered || (waiting <= covered && hedges_pending == 0) {
             break;
         }
         tokio::select! {
@@ -143,6 +148,16 @@ mod tests {
         let asked = ask_owners(&ids(&["slow"]), &ids(&["x-c"]), Some(HEDGE_AFTER), calls).await;
         assert!(asked.owners.iter().all(|(id, a)| id == "slow" && a.is_ok()));
         assert!(asked.hedges.iter().all(|(_, a)| a.is_err()));
+    }
+
+    /// An owner that fails after its fallback was asked: the fallback's answer still counts.
+    #[tokio::test(start_paused = true)]
+    async fn a_fallback_asked_for_an_owner_that_then_failed_is_waited_for() {
+        let calls = attempt(&[("x-slow", 1_020), ("c", 50)]);
+        let asked = ask_owners(&ids(&["x-slow"]), &ids(&["c"]), Some(HEDGE_AFTER), calls).await;
+        assert!(asked.owners.iter().all(|(id, a)| id == "x-slow" && a.is_err()));
+        assert_eq!(asked.hedges.len(), 1);
+        assert!(asked.hedges.iter().all(|(id, a)| id == "c" && a.is_ok()));
     }
 
     #[tokio::test(start_paused = true)]
