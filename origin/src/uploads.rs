@@ -19,10 +19,14 @@ use tokio::sync::Mutex;
 const WRITE_BATCH: usize = 1 << 20;
 
 /// A body that sends nothing for this long has what it sent so far written and its buffers
-/// let go: a client that stalls (or trickles just above `body_min_rate`) holds no memory, where
-/// it held two batches (2-4 MiB) for as long as its body lasted, and a thousand of them
-/// were more than an origin's memory limit.
+/// let go: a client that stalls holds no memory, where it held two batches (2-4 MiB) for as
+/// long as its body lasted, and a thousand of them were more than an origin's memory limit.
 const IDLE_FLUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A batch still short of [`WRITE_BATCH`] this long after its first byte is written and the
+/// buffers let go all the same: a client trickling just above `body_min_rate`, a few bytes
+/// at a time but never [`IDLE_FLUSH_AFTER`] apart, held them as a silent one did.
+const SLOW_FLUSH_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One open upload session.
 pub struct Session {
@@ -245,6 +249,8 @@ struct Appender {
     /// Bytes in the batch in flight.
     in_flight: u64,
     error: Option<std::io::Error>,
+    /// When the batch being gathered got its first byte.
+    gathering_since: Option<Instant>,
 }
 
 impl Appender {
@@ -257,6 +263,7 @@ impl Appender {
             written: 0,
             in_flight: 0,
             error: None,
+            gathering_since: None,
         }
     }
 
@@ -271,9 +278,14 @@ impl Appender {
         if self.buf.capacity() == 0 {
             self.buf = std::mem::take(&mut self.spare);
         }
+        if self.buf.is_empty() {
+            self.gathering_since = Some(Instant::now());
+        }
         self.buf.extend_from_slice(chunk);
         if self.buf.len() >= WRITE_BATCH {
             self.flush().await;
+        } else if self.gathering_since.is_some_and(|t| t.elapsed() >= SLOW_FLUSH_AFTER) {
+            self.idle().await;
         }
     }
 
@@ -303,6 +315,7 @@ impl Appender {
         }
         let Slot::Idle(target) = std::mem::replace(&mut self.slot, Slot::Failed) else { return };
         let buf = std::mem::take(&mut self.buf);
+        self.gathering_since = None;
         self.in_flight = buf.len() as u64;
         let path = self.path.clone();
         self.slot = Slot::Writing(tokio::task::spawn_blocking(move || write_batch(&path, target, buf)));
@@ -538,6 +551,38 @@ mod tests {
         assert_eq!(
             digest_of(&session, Algorithm::Sha256).await.unwrap(),
             Digest::of(Algorithm::Sha256, &all)
+        );
+    }
+
+    /// A client that sends 1.5 MiB and then trickles a few bytes every 50 ms (never quiet for
+    /// the idle delay): what it sent is written within about a second all the same.
+    #[tokio::test]
+    async fn a_trickling_body_has_what_it_sent_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("session");
+        std::fs::write(&path, b"").unwrap();
+        let mut session = empty_session(path.clone());
+        let (tx, body) = body();
+        let upload =
+            tokio::spawn(async move { append(&mut session, None, None, body).await.map(|()| session) });
+        let data: Vec<u8> = (0..(3 << 19) as u32).map(|i| (i % 247) as u8).collect();
+        for chunk in data.chunks(64 * 1024) {
+            tx.send(Ok(Bytes::copy_from_slice(chunk))).await.unwrap();
+        }
+        let mut sent = data.clone();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::metadata(&path).unwrap().len() < data.len() as u64 {
+            assert!(Instant::now() < deadline, "the trickling body's bytes were held, not written");
+            tx.send(Ok(Bytes::from_static(b"drip"))).await.unwrap();
+            sent.extend_from_slice(b"drip");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(tx);
+        let session = upload.await.unwrap().unwrap();
+        assert_eq!(std::fs::read(&session.path).unwrap(), sent);
+        assert_eq!(
+            digest_of(&session, Algorithm::Sha256).await.unwrap(),
+            Digest::of(Algorithm::Sha256, &sent)
         );
     }
 
