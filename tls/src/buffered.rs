@@ -27,7 +27,14 @@ pub const TLS_HANDSHAKE_READ_BUFFER: usize = 4 * 1024;
 /// [`Buffered::grow`] or [`Buffered::grow_when_busy`]. Writes pass straight through.
 pub fn buffered<S: AsyncRead + AsyncWrite + Unpin>(stream: S) -> Buffered<S> {
     let reader = Some(BufReader::with_capacity(TLS_HANDSHAKE_READ_BUFFER, stream));
-    Buffered { reader, growth: Growth::Never, grow: false, capacity: TLS_HANDSHAKE_READ_BUFFER }
+    Buffered {
+        reader,
+        growth: Growth::Never,
+        grow: false,
+        capacity: TLS_HANDSHAKE_READ_BUFFER,
+        grown: None,
+        episode: None,
+    }
 }
 
 /// When the read buffer is [`TLS_READ_BUFFER`].
@@ -40,11 +47,26 @@ enum Growth {
     Always,
     /// While bulk data arrives: after a read of the socket filled the small buffer, until a
     /// read finds the buffer empty and the socket with nothing to read (then it is small
-    /// again). An HTTP server's connections mostly read request heads, and an idle one (a
-    /// pooled keep-alive, a client that finished its handshake and sent nothing) must not
-    /// hold 256 KiB: a listener's 4,096 connections were 1 GiB.
+    /// again) once the stream has brought little ([`BULK_BYTES`]) or the large buffer has been in place a
+    /// while ([`BULK_KEPT`]). An HTTP server's connections mostly read request heads, and an
+    /// idle one (a pooled keep-alive, a client that finished its handshake and sent nothing)
+    /// must not hold 256 KiB: a listener's 4,096 connections were 1 GiB. An upload's socket
+    /// runs dry at most wake-ups; shrinking at each, every next one zero-filled 256 KiB anew.
     WhenBusy,
 }
+
+/// Bytes a stream must have brought (with no pause over [`EPISODE_GAP`]) for a dry socket
+/// not to shrink the large buffer ([`Growth::WhenBusy`]): a stream, not a request head that
+/// happened to fill 4 KiB.
+pub const BULK_BYTES: u64 = 1 << 20;
+
+/// A pause in the data longer than this ends a stream (see [`Growth::WhenBusy`]).
+pub const EPISODE_GAP: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How long a large buffer that reads a stream is kept through dry sockets
+/// ([`Growth::WhenBusy`]); then the next dry socket shrinks it (grown again at the next full
+/// read): at most one fresh buffer a second for a busy upload.
+pub const BULK_KEPT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// See [`buffered`].
 pub struct Buffered<S> {
@@ -56,6 +78,11 @@ pub struct Buffered<S> {
     grow: bool,
     /// The read buffer's size.
     capacity: usize,
+    /// When the large buffer was put in place.
+    grown: Option<std::time::Instant>,
+    /// The bytes read since data began to arrive with no gap over [`EPISODE_GAP`], and when
+    /// the last came.
+    episode: Option<(std::time::Instant, u64)>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Buffered<S> {
@@ -83,6 +110,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Buffered<S> {
             if let Some(old) = self.reader.take() {
                 self.reader = Some(BufReader::with_capacity(capacity, old.into_inner()));
                 self.capacity = capacity;
+                self.grown = (capacity == TLS_READ_BUFFER).then(std::time::Instant::now);
             }
         }
     }
@@ -119,8 +147,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Buffered<S> {
         let reads_socket = reader.buffer().is_empty();
         let filled = match reader.as_mut().poll_fill_buf(cx) {
             Poll::Pending => {
-                // Nothing to read: idle, or between bursts. Small again until bulk comes.
-                if reads_socket && this.capacity == TLS_READ_BUFFER {
+                // Nothing to read: idle, or between bursts. Small again until bulk comes,
+                // unless a stream is under way (see `Growth::WhenBusy`).
+                let streaming = this.episode.is_some_and(|(_, read)| read >= BULK_BYTES)
+                    && this.grown.is_some_and(|at| at.elapsed() < BULK_KEPT);
+                if reads_socket && this.capacity == TLS_READ_BUFFER && !streaming {
                     this.swap(TLS_HANDSHAKE_READ_BUFFER);
                 }
                 return Poll::Pending;
@@ -134,6 +165,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Buffered<S> {
         };
         let (taken, available) = filled;
         reader.consume(taken);
+        if reads_socket {
+            let now = std::time::Instant::now();
+            this.episode = match this.episode {
+                Some((last, read)) if now.duration_since(last) <= EPISODE_GAP => {
+                    Some((now, read + available as u64))
+                }
+                _ => Some((now, available as u64)),
+            };
+        }
         if reads_socket
             && available == TLS_HANDSHAKE_READ_BUFFER
             && this.capacity == TLS_HANDSHAKE_READ_BUFFER
@@ -236,7 +276,27 @@ mod tests {
         }
         assert_eq!(got, data);
         assert_eq!(largest, TLS_READ_BUFFER);
-        // Idle again: small.
+        // Idle again: small (600 KB is not a stream).
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), stream.read(&mut one)).await;
+        assert!(waited.is_err(), "nothing was sent");
+        assert_eq!(stream.capacity(), TLS_HANDSHAKE_READ_BUFFER);
+        // A stream (over BULK_BYTES) keeps its buffer through a dry socket for BULK_KEPT, then
+        // shrinks at the next.
+        let stream_data = vec![7u8; 2 << 20];
+        let sent = stream_data.clone();
+        // Past the duplex's 1 MiB: written while read.
+        let writer = tokio::spawn(async move {
+            far.write_all(&sent).await.unwrap();
+            far
+        });
+        let mut sink = vec![0u8; stream_data.len()];
+        stream.read_exact(&mut sink).await.unwrap();
+        assert_eq!(sink, stream_data);
+        let mut far = writer.await.unwrap();
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), stream.read(&mut one)).await;
+        assert!(waited.is_err(), "nothing was sent");
+        assert_eq!(stream.capacity(), TLS_READ_BUFFER, "a stream's buffer went at a dry socket");
+        tokio::time::sleep(BULK_KEPT).await;
         let waited = tokio::time::timeout(std::time::Duration::from_millis(50), stream.read(&mut one)).await;
         assert!(waited.is_err(), "nothing was sent");
         assert_eq!(stream.capacity(), TLS_HANDSHAKE_READ_BUFFER);
