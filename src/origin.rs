@@ -200,6 +200,7 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
     let readiness = crate::readiness::Readiness::new(vec![disk_full]);
     spawn_gauges(&store, &membership, &coordinator, &metrics)?;
     let repair = Repairer::start(coordinator.clone(), cluster.repair_rate, cluster.repair_interval);
+    spawn_member_watch(coordinator.clone());
     if let Some(every) = config.cluster.gc_interval {
         spawn_periodic_gc(coordinator.clone(), gc_settings(&cluster), every);
     }
@@ -447,6 +448,21 @@ fn spawn_disk_watch(membership: Arc<Membership>, data_dir: PathBuf) {
 
 fn gc_settings(cluster: &shoal_origin::cluster::ClusterConfig) -> GcSettings {
     GcSettings { grace: cluster.gc_grace, quarantine: cluster.gc_quarantine }
+}
+
+/// How often the members are added to the last collection's member list (see
+/// `cluster::collected`): one that joins and leaves again within it goes unremembered.
+const MEMBER_WATCH_PERIOD: Duration = Duration::from_secs(5);
+
+/// Add the members there are to the last collection's member list, every
+/// [`MEMBER_WATCH_PERIOD`], so a collection counts origins that joined since and left again.
+fn spawn_member_watch(coordinator: Arc<Coordinator>) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(MEMBER_WATCH_PERIOD).await;
+            coordinator.collections.observe(&coordinator.topology.identities());
+        }
+    });
 }
 
 /// Collect garbage every `every` (every origin runs the timer; only the leader collects); a

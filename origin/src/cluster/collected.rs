@@ -8,7 +8,10 @@
 //!
 //! The leader records the list when a collection completes; every origin's health replies
 //! carry the newest list it knows, and every origin keeps (and persists) the newest it has
-//! seen, so a new leader (the old one among those removed) knows it too.
+//! seen, so a new leader (the old one among those removed) knows it too. Members that join
+//! are added to it (repair moves their repositories' records onto them, off the origins that
+//! held them, so their leaving hides those too), and a cluster that has never collected
+//! starts the list with the members it has.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -39,12 +42,16 @@ impl LastCollection {
         self.members.iter().map(String::as_str).filter(|m| !current.contains(m)).collect()
     }
 
-    /// Whether this list is newer than `other` (the later collection; a tie is broken by the
-    /// lists, so every origin keeps the same one).
-    fn newer_than(&self, other: Option<&LastCollection>) -> bool {
-        match other {
-            None => true,
-            Some(o) => (self.at_millis, &self.members) > (o.at_millis, &o.members),
+    /// `self` merged with `other`: the later collection's list, or both lists' members for
+    /// the same collection (members seen joining since are added on every origin alike).
+    fn merged(&self, other: &LastCollection) -> LastCollection {
+        match self.at_millis.cmp(&other.at_millis) {
+            std::cmp::Ordering::Greater => self.clone(),
+            std::cmp::Ordering::Less => other.clone(),
+            std::cmp::Ordering::Equal => LastCollection {
+                at_millis: self.at_millis,
+                members: self.members.union(&other.members).cloned().collect(),
+            },
         }
     }
 }
@@ -95,21 +102,31 @@ impl Collections {
         self.last.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// Keep `seen` if it is newer than the list known (and not too large); `true` if kept.
-    /// The file is written in the background, off the async runtime.
+    /// Merge `seen` (another origin's list) into the list known: a later collection's
+    /// replaces it, the same collection's adds its members. `true` if the list changed. The
+    /// file is written in the background, off the async runtime.
     pub fn offer(&self, seen: &LastCollection) -> bool {
-        if seen.members.len() > MAX_MEMBERS {
-            return false;
-        }
         {
             let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-            if !seen.newer_than(last.as_ref()) {
+            let merged = match last.as_ref() {
+                None => seen.clone(),
+                Some(known) => known.merged(seen),
+            };
+            if merged.members.len() > MAX_MEMBERS || last.as_ref() == Some(&merged) {
                 return false;
             }
-            *last = Some(seen.clone());
+            *last = Some(merged);
         }
         self.persist();
         true
+    }
+
+    /// The members now (their identities): added to the list, or the list started with them
+    /// if no collection is known (a cluster that has never collected, or not since it ran a
+    /// release before this list). `true` if the list changed.
+    pub fn observe(&self, members: &[String]) -> bool {
+        let at_millis = self.last().map_or(0, |l| l.at_millis);
+        self.offer(&LastCollection { at_millis, members: members.iter().cloned().collect() })
     }
 
     /// Write the newest list to the file, in a blocking task (the list is read there, under
@@ -148,17 +165,34 @@ mod tests {
     }
 
     #[test]
-    fn only_a_newer_list_is_kept() {
+    fn a_later_list_replaces_and_the_same_collections_adds() {
         let c = Collections::default();
         assert!(c.offer(&list(10, &["a:1", "b:1"])));
         assert!(!c.offer(&list(9, &["a:1"])), "older");
         assert!(!c.offer(&list(10, &["a:1", "b:1"])), "the same");
-        assert!(c.offer(&list(10, &["b:1"])), "a tie goes to the larger list, on every origin");
+        assert!(c.offer(&list(10, &["c:1"])), "the same collection, a member joined since");
+        assert_eq!(c.last(), Some(list(10, &["a:1", "b:1", "c:1"])));
         assert!(c.offer(&list(11, &["a:1"])));
         assert_eq!(c.last(), Some(list(11, &["a:1"])));
         let huge =
-            LastCollection { at_millis: 12, members: (0..=MAX_MEMBERS).map(|i| format!("m{i}:1")).collect() };
+            LastCollection { at_millis: 11, members: (0..=MAX_MEMBERS).map(|i| format!("m{i}:1")).collect() };
         assert!(!c.offer(&huge), "too large to remember");
+    }
+
+    /// Members that join are added to the list (their leaving hides what repair moved onto
+    /// them); with no list, one starts from the members there are.
+    #[test]
+    fn members_that_join_are_added_and_a_list_starts_without_a_collection() {
+        let c = Collections::default();
+        assert!(c.observe(&["a:1".into(), "b:1".into()]));
+        assert_eq!(c.last(), Some(list(0, &["a:1", "b:1"])));
+        assert_eq!(c.last().unwrap().departed(&["a:1".into()]), vec!["b:1"]);
+        c.record(["a:1".to_string()].into());
+        let recorded = c.last().unwrap();
+        assert!(c.observe(&["a:1".into(), "d:1".into()]));
+        assert_eq!(c.last().unwrap().members, ["a:1".to_string(), "d:1".to_string()].into());
+        assert_eq!(c.last().unwrap().at_millis, recorded.at_millis);
+        assert!(!c.observe(&["a:1".into()]), "leaving removes nothing");
     }
 
     #[test]

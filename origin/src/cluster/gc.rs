@@ -176,6 +176,7 @@ async fn precheck(c: &Coordinator, departures: Departures) -> Result<(), GcError
     if leader != c.me() {
         return Err(GcError::NotLeader { leader });
     }
+    c.collections.observe(&c.topology.identities());
     if departures == Departures::Guard {
         let replicas = c.replication.replicas;
         if let Some(last) = c.collections.last() {

@@ -367,17 +367,15 @@ impl Membership {
         all
     }
 
-    /// Every member as it names itself: its last health reply's id, or the address it is
-    /// listed under until it answers; this origin included, sorted (see
-    /// [`Topology::identities`](crate::cluster::topology::Topology::identities)).
+    /// Every member that has answered, as it names itself (its last health reply's id), this
+    /// origin included, sorted (see
+    /// [`Topology::identities`](crate::cluster::topology::Topology::identities)). One that has
+    /// not answered yet is left out: a `dns+` entry's address is not the name it will answer
+    /// with, and remembered it would count as an origin that left.
     pub fn identities(&self) -> Vec<String> {
         let table = self.lock();
-        let mut ids: Vec<String> = table
-            .others
-            .iter()
-            .filter(|(_, m)| m.is_member())
-            .map(|(id, m)| m.answered.clone().unwrap_or_else(|| id.clone()))
-            .collect();
+        let mut ids: Vec<String> =
+            table.others.values().filter(|m| m.is_member()).filter_map(|m| m.answered.clone()).collect();
         ids.push(self.me.clone());
         ids.sort();
         ids.dedup();

@@ -13,10 +13,10 @@ pub trait Topology: Send + Sync + 'static {
     fn live(&self) -> Vec<String>;
     /// Ids of every known member, up or down, this one included.
     fn members(&self) -> Vec<String>;
-    /// Every known member as it names itself (its advertised id, once it has answered; else
-    /// the address it is listed under), this one included, sorted: what garbage collection
-    /// remembers of a member list (see `cluster::collected`). A member that comes back under
-    /// another address (a `dns+` name's new IP) is the same member.
+    /// Every known member that has answered, as it names itself (its advertised id), this
+    /// one included, sorted: what garbage collection remembers of a member list (see
+    /// `cluster::collected`). A member that comes back under another address (a `dns+`
+    /// name's new IP) is the same member.
     fn identities(&self) -> Vec<String> {
         let mut ids = self.members();
         ids.sort();

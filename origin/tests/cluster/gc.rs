@@ -637,3 +637,30 @@ async fn gc_waits_while_r_of_the_last_collections_origins_left_the_member_list()
     assert_eq!(lead.collections.last().unwrap().members, remaining);
     collect(&lead, quick_gc()).await.unwrap();
 }
+
+/// R = 2. Origins that joined after the last collection and left again before the next one
+/// count as having left: repair moved their repositories' records onto them (off the origins
+/// that held them before), so with them gone those repositories are hidden, and their layers
+/// on the remaining origins were collected.
+#[tokio::test]
+async fn gc_counts_origins_that_joined_since_the_last_collection() {
+    use shoal_origin::cluster::gc::collect;
+    let (world, cs) = world().await;
+    let lead = leading(&cs);
+    let others: Vec<String> = IDS.iter().filter(|id| **id != lead.me()).map(|s| s.to_string()).collect();
+    let others: Vec<&str> = others.iter().map(String::as_str).collect();
+    set_removed(&world, &others);
+    collect(&lead, quick_gc()).await.unwrap();
+    assert_eq!(lead.collections.last().unwrap().members, [lead.me().to_string()].into());
+    // They join; the origin's member watch adds them to the list.
+    set_removed(&world, &[]);
+    lead.collections.observe(&lead.topology.identities());
+    let all: BTreeSet<String> = IDS.iter().map(|s| s.to_string()).collect();
+    assert_eq!(lead.collections.last().unwrap().members, all);
+    // And leave again before any collection: it waits.
+    set_removed(&world, &others);
+    match collect(&lead, quick_gc()).await {
+        Err(GcError::MembersLeft { departed, replicas: 2 }) => assert_eq!(departed.len(), 2),
+        other => panic!("{other:?}"),
+    }
+}
