@@ -184,6 +184,17 @@ pub async fn map_names(State(s): State<MirrorState>, mut req: Request, next: Nex
             if req.method() != Method::GET && req.method() != Method::HEAD {
                 return UPSTREAM_CREDENTIALS.scope(creds, next.run(req)).await;
             }
+            // A referrers listing is 200 whatever the repository holds (an empty index for a
+            // subject it lacks), so it cannot tell pushed content from none: it goes where
+            // the name's manifests were last answered from, and tells nothing of the name.
+            if tail.starts_with("/referrers/") {
+                if s.registries.answered_upstream_only(name_of(req.uri())) {
+                    if let Some(uri) = with_name(req.uri(), &full, &tail) {
+                        *req.uri_mut() = uri;
+                    }
+                }
+                return UPSTREAM_CREDENTIALS.scope(creds, next.run(req)).await;
+            }
             let (parts, _) = req.into_parts();
             let first = Request::from_parts(parts.clone(), Body::empty());
             let answer = UPSTREAM_CREDENTIALS.scope(creds.clone(), next.clone().run(first)).await;
@@ -309,6 +320,54 @@ mod tests {
         assert_eq!(upstream_asked.load(Ordering::SeqCst), 4);
         assert_eq!(status(app.clone(), "/v2/team/app/manifests/1").await, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(upstream_asked.load(Ordering::SeqCst), 4, "a pushed name is not asked upstream");
+    }
+
+    /// Docker's mirror requests for referrers (no `ns`): a pushed repository answers 200 with
+    /// an empty index for any subject, which marked the name as pushed for good and never
+    /// asked the upstream form. Now a name answered upstream has its referrers asked there,
+    /// and a referrers answer marks nothing.
+    #[tokio::test]
+    async fn referrers_go_where_the_names_manifests_came_from() {
+        use tower::ServiceExt as _;
+        let unreachable = vec!["http://127.0.0.1:9".to_string()];
+        let origin =
+            OriginClient::new(unreachable, Duration::from_millis(500), &prometheus::Registry::new()).unwrap();
+        let registries = Registries::new(origin);
+        *registries.names.lock().unwrap() = Some(vec!["docker.io".to_string()]);
+        let auth = RemoteAuth::new(Arc::new(|| Box::pin(async { None })));
+        let state = MirrorState { registries: registries.clone(), auth };
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let app = axum::Router::new()
+            .fallback(move |req: Request| {
+                let path = req.uri().path().to_string();
+                record.lock().unwrap().push(path.clone());
+                // Pushed: no manifests; referrers always 200 (an empty index).
+                async move {
+                    if path.starts_with("/v2/docker.io/") || path.contains("/referrers/") {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::NOT_FOUND
+                    }
+                }
+            })
+            .layer(axum::middleware::from_fn_with_state(state, map_names));
+        let ask = |uri: &str| Request::get(uri).body(Body::empty()).unwrap();
+        // Before any manifest: the pushed form, and the name stays unmarked.
+        app.clone().oneshot(ask("/v2/library/alpine/referrers/sha256:00")).await.unwrap();
+        assert!(!registries.answered_by.lock().unwrap().contains_key("library/alpine"));
+        app.clone().oneshot(ask("/v2/library/alpine/manifests/1")).await.unwrap();
+        assert!(registries.answered_upstream_only("library/alpine"));
+        app.oneshot(ask("/v2/library/alpine/referrers/sha256:00")).await.unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                "/v2/library/alpine/referrers/sha256:00",
+                "/v2/library/alpine/manifests/1",
+                "/v2/docker.io/library/alpine/manifests/1",
+                "/v2/docker.io/library/alpine/referrers/sha256:00",
+            ]
+        );
     }
 
     #[test]

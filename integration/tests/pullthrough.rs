@@ -141,6 +141,24 @@ async fn an_upstream_image_leaves_the_upstream_once_per_cluster() {
     client.get_manifest(&format!("other.example/{path}"), "v1").await.expect(StatusCode::NOT_FOUND);
 }
 
+/// A one-component name under Docker Hub asked of an origin directly (`docker.io/alpine`, as
+/// a client that names the origin and not an agent writes it) is `library/alpine` at Docker
+/// Hub, as Docker's clients say: asked for `alpine`, Docker Hub answered 401, which read as a
+/// private repository.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_docker_hub_name_without_library_is_asked_with_it() {
+    skip_if_external!(SKIP);
+    let Some(upstream) = UpstreamRegistry::start().await else { return };
+    let up = Client::new(&upstream.url());
+    let name = unique_repo("lib").replace('/', "-");
+    let (manifest, _) = seed(&up, &format!("library/{name}"), "v1", 1).await;
+    let config = format!("[[upstream]]\nregistry = \"docker.io\"\nurl = \"{}\"\n", upstream.url());
+    let cluster = OriginCluster::start_cluster(ClusterSpec::new(1).config(&config)).await;
+    let r = cluster.client(0).get_manifest(&format!("docker.io/{name}"), "v1").await;
+    r.expect(StatusCode::OK);
+    assert_eq!(sha256(&r.body), manifest.digest);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tags_follow_the_upstream_and_survive_its_outage_for_serve_stale() {
     skip_if_external!(SKIP);

@@ -150,9 +150,12 @@ pub fn split<'a>(repo: &'a str, upstreams: &[String]) -> Option<(&'a str, &'a st
 /// name alone: nothing is ever sent to a registry nobody configured.
 pub fn target(name: &str, ns: Option<&str>, upstreams: &[String]) -> Target {
     let configured = |r: &str| upstreams.iter().any(|u| u == r);
-    if let Some(ns) = ns.map(canonical) {
-        return if configured(ns) { Target::Upstream(explicit(ns, name)) } else { Target::AsIs };
+    let ns = ns.map(canonical);
+    if let Some(ns) = ns.filter(|ns| configured(ns)) {
+        return Target::Upstream(explicit(ns, name));
     }
+    // Without `ns`, or with one nobody configured (the origins' own address, as a mirror):
+    // an explicit-form name is the upstream's all the same.
     if let Some((first, rest)) = name.split_once('/') {
         if configured(first) {
             // Already explicit; only Docker Hub's `library/` may be missing.
@@ -160,7 +163,7 @@ pub fn target(name: &str, ns: Option<&str>, upstreams: &[String]) -> Target {
             return if full == name { Target::AsIs } else { Target::Upstream(full) };
         }
     }
-    if configured(DOCKER_HUB) {
+    if ns.is_none() && configured(DOCKER_HUB) {
         return Target::PushedElse(explicit(DOCKER_HUB, name));
     }
     Target::AsIs
@@ -227,6 +230,13 @@ mod tests {
         // A registry nobody configured (e.g. the origins' own address): the origins' content.
         assert_eq!(target("team/app", Some("origin.example:5000"), &u), Target::AsIs);
         assert_eq!(target("team/app", Some("quay.io"), &u), Target::AsIs);
+        // Through the origins' own address, an explicit-form name still gets Docker Hub's
+        // `library/` (asked for `alpine`, Docker Hub answered 401).
+        assert_eq!(
+            target("docker.io/alpine", Some("origin.example:5000"), &u),
+            Target::Upstream("docker.io/library/alpine".into())
+        );
+        assert_eq!(target("docker.io/library/alpine", Some("origin.example:5000"), &u), Target::AsIs);
     }
 
     #[test]
