@@ -8,6 +8,7 @@
 //! handshake has passed), and grows at the first read that finds it empty; or, with
 //! [`Buffered::grow_when_busy`] (an HTTP server's connections), only while bulk data arrives.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -34,6 +35,7 @@ pub fn buffered<S: AsyncRead + AsyncWrite + Unpin>(stream: S) -> Buffered<S> {
         capacity: TLS_HANDSHAKE_READ_BUFFER,
         grown: None,
         episode: None,
+        shrink_at: None,
     }
 }
 
@@ -83,6 +85,8 @@ pub struct Buffered<S> {
     /// The bytes read since data began to arrive with no gap over [`EPISODE_GAP`], and when
     /// the last came.
     episode: Option<(std::time::Instant, u64)>,
+    /// Wakes the reader when a large buffer kept through a dry socket may go.
+    shrink_at: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Buffered<S> {
@@ -151,8 +155,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Buffered<S> {
                 // unless a stream is under way (see `Growth::WhenBusy`).
                 let streaming = this.episode.is_some_and(|(_, read)| read >= BULK_BYTES)
                     && this.grown.is_some_and(|at| at.elapsed() < BULK_KEPT);
-                if reads_socket && this.capacity == TLS_READ_BUFFER && !streaming {
-                    this.swap(TLS_HANDSHAKE_READ_BUFFER);
+                if reads_socket && this.capacity == TLS_READ_BUFFER {
+                    match this.grown.filter(|_| streaming) {
+                        // Kept through this dry socket, but woken when it may go: a stream
+                        // that has ended (a push's last layer) must not keep it while idle.
+                        Some(at) => {
+                            let until = tokio::time::Instant::from_std(at + BULK_KEPT);
+                            let timer = this
+                                .shrink_at
+                                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                            if timer.deadline() != until {
+                                timer.as_mut().reset(until);
+                            }
+                            if timer.as_mut().poll(cx).is_ready() {
+                                this.shrink_at = None;
+                                this.swap(TLS_HANDSHAKE_READ_BUFFER);
+                            }
+                        }
+                        None => {
+                            this.shrink_at = None;
+                            this.swap(TLS_HANDSHAKE_READ_BUFFER);
+                        }
+                    }
                 }
                 return Poll::Pending;
             }
@@ -296,10 +320,26 @@ mod tests {
         let waited = tokio::time::timeout(std::time::Duration::from_millis(50), stream.read(&mut one)).await;
         assert!(waited.is_err(), "nothing was sent");
         assert_eq!(stream.capacity(), TLS_READ_BUFFER, "a stream's buffer went at a dry socket");
-        tokio::time::sleep(BULK_KEPT).await;
-        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), stream.read(&mut one)).await;
-        assert!(waited.is_err(), "nothing was sent");
-        assert_eq!(stream.capacity(), TLS_HANDSHAKE_READ_BUFFER);
+        // Idle after the stream, with a read waiting (as hyper's for the next request head):
+        // its task is woken once BULK_KEPT has passed, with no byte sent, and the read it
+        // polls again lets the buffer go.
+        struct Wakes(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for Wakes {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let wakes = std::sync::Arc::new(Wakes(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        {
+            let mut read = std::pin::pin!(stream.read(&mut one));
+            assert!(read.as_mut().poll(&mut cx).is_pending());
+            tokio::time::sleep(BULK_KEPT + std::time::Duration::from_millis(300)).await;
+            assert!(wakes.0.load(std::sync::atomic::Ordering::SeqCst) >= 1, "not woken to let the buffer go");
+            assert!(read.as_mut().poll(&mut cx).is_pending(), "nothing was sent");
+        }
+        assert_eq!(stream.capacity(), TLS_HANDSHAKE_READ_BUFFER, "an idle stream's buffer stayed");
         far.write_all(b"x").await.unwrap();
         drop(far);
         let mut rest = Vec::new();
