@@ -186,7 +186,13 @@ impl Failover {
                 // is the answer (the client's, not "no origin answered").
                 Ok(r) if r.headers().contains_key(shoal_registry::error::UPSTREAM_FAILURE_HEADER) => {
                     let why = format!("{url} answered {} (upstream failure)", r.status());
-                    upstream_failed = Some(r);
+                    // A throttled one (429, with its `Retry-After`) stays the answer.
+                    let kept_429 = upstream_failed
+                        .as_ref()
+                        .is_some_and(|k: &Response| k.status() == StatusCode::TOO_MANY_REQUESTS);
+                    if !kept_429 {
+                        upstream_failed = Some(r);
+                    }
                     why
                 }
                 Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => {
@@ -415,6 +421,15 @@ mod tests {
         let r = f.send(|base| http.get(format!("{base}/x"))).await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(f.preferred(), fine);
+        // A throttled upstream failure's Retry-After is not lost to a later origin's 503.
+        let throttled = answering(
+            b"HTTP/1.1 429 Too Many Requests\r\nshoal-upstream-failure: docker.io\r\nretry-after: 7\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        let f = Failover::new(vec![throttled, failed.clone()]).unwrap();
+        let r = f.send(|base| http.get(format!("{base}/x"))).await.unwrap();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("7"));
         let busy =
             answering(b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
                 .await;

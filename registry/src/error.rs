@@ -220,8 +220,9 @@ pub enum StoreError {
     Throttled { retry_after_secs: u64 },
     /// An upstream registry cannot answer (down, throttling: then `retry_after_secs`) and
     /// what the cluster kept of this answer may no longer be served (its `serve_stale` has
-    /// run out). Marked with [`UPSTREAM_FAILURE_HEADER`]: the client's answer, which an agent
-    /// neither asks another origin for nor replaces with what it kept itself.
+    /// run out). Marked with [`UPSTREAM_FAILURE_HEADER`]: an agent asks another origin (which
+    /// reaches the upstream from elsewhere) and, if none answers otherwise, passes it on; it
+    /// never replaces it with what it kept itself.
     #[error("upstream {registry} cannot answer: {reason}")]
     UpstreamFailed { registry: String, reason: String, retry_after_secs: Option<u64> },
 }
