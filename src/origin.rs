@@ -241,6 +241,10 @@ pub async fn bind(config: OriginConfig) -> anyhow::Result<BoundServer> {
     let mut api = shoal_registry::router(registry, config.api(gate))
         .layer(credentials)
         .layer(axum::middleware::from_fn_with_state(forwarder, crate::origin_forward::forward_uploads))
+        .layer(axum::middleware::from_fn_with_state(
+            registry_list.clone(),
+            pullthrough::routes::explicit_names,
+        ))
         .merge(authority.guard_node_api(node_api))
         .merge(pullthrough::routes::public_routes(registry_list.clone()))
         .merge(authority.clone().routes());

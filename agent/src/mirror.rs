@@ -17,7 +17,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use shoal_registry::auth::remote::RemoteAuth;
-use shoal_registry::mirror::{self, Target};
+use shoal_registry::mirror::{self, split_path, with_name, Target};
 use shoal_registry::RepoName;
 
 use crate::origin_client::OriginClient;
@@ -122,22 +122,6 @@ impl Registries {
 pub struct MirrorState {
     pub registries: Arc<Registries>,
     pub auth: Arc<RemoteAuth>,
-}
-
-/// The repository part of a `/v2/<name>/(manifests|blobs|tags|referrers)/...` path, and the
-/// rest after it.
-fn split_path(path: &str) -> Option<(&str, &str)> {
-    let rest = path.strip_prefix("/v2/")?;
-    ["/manifests/", "/blobs/", "/tags/", "/referrers/"]
-        .iter()
-        .filter_map(|m| rest.rfind(m).map(|i| (&rest[..i], &rest[i..])))
-        .max_by_key(|(name, _)| name.len())
-}
-
-/// `uri` with its repository replaced by `name`.
-fn with_name(uri: &Uri, name: &str, tail: &str) -> Option<Uri> {
-    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-    format!("/v2/{name}{tail}{query}").parse().ok()
 }
 
 /// The client's upstream credentials in `headers`: its `Authorization: Basic`, which is its

@@ -11,6 +11,34 @@
 //!
 //! Pure functions: no I/O, so the rules are tested here once for agents and origins.
 
+/// The repository part of a `/v2/<name>/(manifests|blobs|tags|referrers)/...` path, and the
+/// rest after it.
+pub fn split_path(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix("/v2/")?;
+    ["/manifests/", "/blobs/", "/tags/", "/referrers/"]
+        .iter()
+        .filter_map(|m| rest.rfind(m).map(|i| (&rest[..i], &rest[i..])))
+        .max_by_key(|(name, _)| name.len())
+}
+
+/// `uri` with its repository replaced by `name`.
+pub fn with_name(uri: &http::Uri, name: &str, tail: &str) -> Option<http::Uri> {
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    format!("/v2/{name}{tail}{query}").parse().ok()
+}
+
+/// The explicit form of an explicit-form `name` that lacks Docker Hub's `library/`
+/// (`docker.io/alpine` → `docker.io/library/alpine`), if it is one: the one repository
+/// that content is kept and authorized under, however it was asked for.
+pub fn explicit_repo(name: &str, upstreams: &[String]) -> Option<String> {
+    let (first, rest) = name.split_once('/')?;
+    if !upstreams.iter().any(|u| u == first) {
+        return None;
+    }
+    let full = explicit(first, rest);
+    (full != name).then_some(full)
+}
+
 /// Path of the list of configured upstream registries an origin publishes to agents.
 pub const REGISTRIES_PATH: &str = "/shoal/v1/upstream/registries";
 
@@ -259,6 +287,16 @@ mod tests {
         );
         assert_eq!(target("library/alpine", None, &ups(&["ghcr.io"])), Target::AsIs);
         assert_eq!(target("library/alpine", None, &[]), Target::AsIs);
+    }
+
+    #[test]
+    fn explicit_repo_adds_docker_hubs_library_only() {
+        let u = ups(&["docker.io", "ghcr.io"]);
+        assert_eq!(explicit_repo("docker.io/alpine", &u), Some("docker.io/library/alpine".into()));
+        assert_eq!(explicit_repo("docker.io/library/alpine", &u), None);
+        assert_eq!(explicit_repo("ghcr.io/app", &u), None);
+        assert_eq!(explicit_repo("quay.io/app", &u), None);
+        assert_eq!(explicit_repo("alpine", &u), None);
     }
 
     #[test]

@@ -46,7 +46,6 @@ impl PullThrough {
         let Some((up, path)) = self.upstream_of(repo) else {
             return Err(StoreError::NameUnknown);
         };
-        let path: &str = &path;
         if let Some(size) = self.inner.blob_size(repo, digest).await? {
             self.check_access(&up, repo, path, Probe::Blob(digest)).await?;
             return Ok(Progress { size: Some(size), received: size, complete: true, ..Progress::default() });

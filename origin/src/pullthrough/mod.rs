@@ -29,7 +29,6 @@ use access::Probe;
 pub use access::ACCESS_TTL;
 pub use blobs::Peers;
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -190,17 +189,10 @@ impl PullThrough {
         &self.names
     }
 
-    /// The upstream `repo` mirrors and its path there, if it mirrors one; Docker Hub's
-    /// implicit `library/` added to a one-component path (`docker.io/alpine` is
-    /// `library/alpine` there, as Docker's clients say: asked for `alpine`, Docker Hub
-    /// answered 401 as for a private repository).
-    fn upstream_of<'a>(&self, repo: &'a RepoName) -> Option<(Arc<Upstream>, Cow<'a, str>)> {
+    /// The upstream `repo` mirrors and its path there, if it mirrors one. (A one-component
+    /// Docker Hub name never gets here: [`routes::explicit_names`] gives it its `library/`.)
+    fn upstream_of<'a>(&self, repo: &'a RepoName) -> Option<(Arc<Upstream>, &'a str)> {
         let (registry, path) = mirror::split(repo.as_str(), &self.names)?;
-        let path = if registry == mirror::DOCKER_HUB && !path.contains('/') {
-            Cow::Owned(format!("library/{path}"))
-        } else {
-            Cow::Borrowed(path)
-        };
         Some((self.upstreams.get(registry)?.clone(), path))
     }
 
@@ -424,7 +416,6 @@ impl RegistryStore for PullThrough {
         let Some((up, path)) = self.upstream_of(repo) else {
             return self.inner.blob_size(repo, digest).await;
         };
-        let path: &str = &path;
         let size = match self.inner.blob_size(repo, digest).await? {
             Some(size) => Some(size),
             None => self.wait_for_blob(repo, digest).await?,
@@ -526,7 +517,6 @@ impl RegistryStore for PullThrough {
         let Some((up, path)) = self.upstream_of(repo) else {
             return self.inner.manifest_get(repo, reference).await;
         };
-        let path: &str = &path;
         match reference {
             Reference::Tag(tag) => self.mirrored_tag(&up, repo, path, tag).await,
             Reference::Digest(digest) => {
@@ -578,7 +568,6 @@ impl RegistryStore for PullThrough {
         let Some((up, path)) = self.upstream_of(repo) else {
             return self.inner.referrers(repo, digest).await;
         };
-        let path: &str = &path;
         match self.check_access(&up, repo, path, Probe::Manifest(digest)).await {
             Ok(()) => {}
             // The referrers API never answers 404 (spec, "Listing Referrers"): a subject

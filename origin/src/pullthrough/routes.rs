@@ -43,6 +43,23 @@ async fn registries(State(pull): State<Arc<PullThrough>>) -> Json<Registries> {
     Json(Registries { registries: pull.registries().to_vec() })
 }
 
+/// Middleware on the registry API: a one-component Docker Hub name in the explicit form
+/// (`/v2/docker.io/alpine/...`, as a client that names the origin and not an agent writes
+/// it) is served as `docker.io/library/alpine`, the one repository that content is kept and
+/// authorized under. Asked of Docker Hub as `alpine`, it answered 401 as for a private
+/// repository; served under its own name, it was a second copy that access rules written
+/// for `docker.io/library/...` did not cover. Runs before authorization.
+pub async fn explicit_names(State(pull): State<Arc<PullThrough>>, mut req: Request, next: Next) -> Response {
+    let rewritten = shoal_registry::mirror::split_path(req.uri().path()).and_then(|(name, tail)| {
+        let full = shoal_registry::mirror::explicit_repo(name, pull.registries())?;
+        shoal_registry::mirror::with_name(req.uri(), &full, tail)
+    });
+    if let Some(uri) = rewritten {
+        *req.uri_mut() = uri;
+    }
+    next.run(req).await
+}
+
 /// Whether a request may fetch on this origin itself (`here`): only a node may (an origin
 /// asking on its primary's behalf); a client's `here` would have every origin fetch the
 /// same blob from the upstream, past the one fetch per digest.
