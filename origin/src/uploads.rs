@@ -521,12 +521,12 @@ mod tests {
         });
     }
 
-    /// A client that sends 1.5 MiB and goes quiet: what it sent is written (and its buffers
-    /// let go) within the idle delay, not held until its body ends; every byte lands once.
-    #[tokio::test]
-    async fn a_quiet_body_has_what_it_sent_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("session");
+    /// An append to a fresh session in `dir` whose client has sent 1.5 MiB (in 64 KiB
+    /// chunks) and holds its body open: the session file, the sender, the append, the bytes.
+    async fn an_upload_that_sent_1_5_mib(
+        dir: &std::path::Path,
+    ) -> (std::path::PathBuf, Sender, tokio::task::JoinHandle<Result<Session, StoreError>>, Vec<u8>) {
+        let path = dir.join("session");
         std::fs::write(&path, b"").unwrap();
         let mut session = empty_session(path.clone());
         let (tx, body) = body();
@@ -536,6 +536,15 @@ mod tests {
         for chunk in data.chunks(64 * 1024) {
             tx.send(Ok(Bytes::copy_from_slice(chunk))).await.unwrap();
         }
+        (path, tx, upload, data)
+    }
+
+    /// A client that sends 1.5 MiB and goes quiet: what it sent is written (and its buffers
+    /// let go) within the idle delay, not held until its body ends; every byte lands once.
+    #[tokio::test]
+    async fn a_quiet_body_has_what_it_sent_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, tx, upload, data) = an_upload_that_sent_1_5_mib(dir.path()).await;
         let deadline = Instant::now() + Duration::from_secs(5);
         while std::fs::metadata(&path).unwrap().len() < data.len() as u64 {
             assert!(Instant::now() < deadline, "the quiet body's bytes were held, not written");
@@ -559,16 +568,7 @@ mod tests {
     #[tokio::test]
     async fn a_trickling_body_has_what_it_sent_written() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("session");
-        std::fs::write(&path, b"").unwrap();
-        let mut session = empty_session(path.clone());
-        let (tx, body) = body();
-        let upload =
-            tokio::spawn(async move { append(&mut session, None, None, body).await.map(|()| session) });
-        let data: Vec<u8> = (0..(3 << 19) as u32).map(|i| (i % 247) as u8).collect();
-        for chunk in data.chunks(64 * 1024) {
-            tx.send(Ok(Bytes::copy_from_slice(chunk))).await.unwrap();
-        }
+        let (path, tx, upload, data) = an_upload_that_sent_1_5_mib(dir.path()).await;
         let mut sent = data.clone();
         let deadline = Instant::now() + Duration::from_secs(5);
         while std::fs::metadata(&path).unwrap().len() < data.len() as u64 {
