@@ -143,10 +143,10 @@ async fn an_upstream_image_leaves_the_upstream_once_per_cluster() {
 
 /// A one-component name under Docker Hub asked of an origin directly (`docker.io/alpine`, as
 /// a client that names the origin and not an agent writes it) is `library/alpine` at Docker
-/// Hub, as Docker's clients say: asked for `alpine`, Docker Hub answered 401, which read as a
-/// private repository.
+/// Hub: asked for `alpine`, Docker Hub answered 401, which read as a private repository. Now
+/// the origin answers 404 naming the repository to ask for, and that one is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_docker_hub_name_without_library_is_asked_with_it() {
+async fn a_docker_hub_name_without_library_is_told_its_library_name() {
     skip_if_external!(SKIP);
     let Some(upstream) = UpstreamRegistry::start().await else { return };
     let up = Client::new(&upstream.url());
@@ -154,7 +154,11 @@ async fn a_docker_hub_name_without_library_is_asked_with_it() {
     let (manifest, _) = seed(&up, &format!("library/{name}"), "v1", 1).await;
     let config = format!("[[upstream]]\nregistry = \"docker.io\"\nurl = \"{}\"\n", upstream.url());
     let cluster = OriginCluster::start_cluster(ClusterSpec::new(1).config(&config)).await;
-    let r = cluster.client(0).get_manifest(&format!("docker.io/{name}"), "v1").await;
+    let short = cluster.client(0).get_manifest(&format!("docker.io/{name}"), "v1").await;
+    assert_eq!(short.status, StatusCode::NOT_FOUND, "{}", short.describe());
+    assert!(short.text().contains("NAME_UNKNOWN"), "{}", short.text());
+    assert!(short.text().contains(&format!("docker.io/library/{name}")), "{}", short.text());
+    let r = cluster.client(0).get_manifest(&format!("docker.io/library/{name}"), "v1").await;
     r.expect(StatusCode::OK);
     assert_eq!(sha256(&r.body), manifest.digest);
 }

@@ -45,19 +45,24 @@ async fn registries(State(pull): State<Arc<PullThrough>>) -> Json<Registries> {
 
 /// Middleware on the registry API: a one-component Docker Hub name in the explicit form
 /// (`/v2/docker.io/alpine/...`, as a client that names the origin and not an agent writes
-/// it) is served as `docker.io/library/alpine`, the one repository that content is kept and
-/// authorized under. Asked of Docker Hub as `alpine`, it answered 401 as for a private
-/// repository; served under its own name, it was a second copy that access rules written
-/// for `docker.io/library/...` did not cover. Runs before authorization.
-pub async fn explicit_names(State(pull): State<Arc<PullThrough>>, mut req: Request, next: Next) -> Response {
-    let rewritten = shoal_registry::mirror::split_path(req.uri().path()).and_then(|(name, tail)| {
-        let full = shoal_registry::mirror::explicit_repo(name, pull.registries())?;
-        shoal_registry::mirror::with_name(req.uri(), &full, tail)
-    });
-    if let Some(uri) = rewritten {
-        *req.uri_mut() = uri;
+/// it) is answered 404 `NAME_UNKNOWN` naming `docker.io/library/alpine`, the one repository
+/// that content is kept and authorized under. Asked of Docker Hub as `alpine`, it answered
+/// 401 as for a private repository. Not served under either name: under its own it is a
+/// second copy that access rules written for `docker.io/library/...` do not cover, and
+/// rewritten here it would miss the token a client fetched for the name it asked for (Docker
+/// scopes its token by its own reference) and a mount's `from`. Agents rewrite such names
+/// before they ask (`mirror::target`). Runs before authorization.
+pub async fn explicit_names(State(pull): State<Arc<PullThrough>>, req: Request, next: Next) -> Response {
+    let full = shoal_registry::mirror::split_path(req.uri().path())
+        .and_then(|(name, _)| shoal_registry::mirror::explicit_repo(name, pull.registries()));
+    match full {
+        Some(full) => ApiError::new(
+            shoal_registry::ErrorCode::NameUnknown,
+            format!("Docker Hub keeps this repository as {full}: ask for that name"),
+        )
+        .into_response(),
+        None => next.run(req).await,
     }
-    next.run(req).await
 }
 
 /// Whether a request may fetch on this origin itself (`here`): only a node may (an origin
