@@ -20,6 +20,7 @@
 
 mod access;
 mod blobs;
+mod failures;
 pub mod fetch;
 pub mod routes;
 mod serial;
@@ -28,6 +29,7 @@ pub mod tags;
 use access::Probe;
 pub use access::ACCESS_TTL;
 pub use blobs::Peers;
+use failures::{cannot_ask, store_error, upstream_failed};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -93,44 +95,6 @@ pub struct PullThrough {
     manifest_turns: serial::Serial,
 }
 
-/// A tag's upstream cannot answer and its last target may no longer be served (past
-/// `serve_stale`, or never confirmed): the client's answer, marked so an agent serves no
-/// target it kept itself either (it did, for as long as the upstream was down).
-fn upstream_failed(registry: &str, e: UpstreamError) -> StoreError {
-    let registry = registry.to_string();
-    match e {
-        UpstreamError::TooManyRequests { retry_after } => StoreError::UpstreamFailed {
-            registry,
-            reason: "it is throttling requests".into(),
-            retry_after_secs: Some(retry_after.as_secs().max(1)),
-        },
-        UpstreamError::Unavailable(reason)
-        | UpstreamError::MethodNotAllowed(reason)
-        | UpstreamError::Invalid(reason) => {
-            StoreError::UpstreamFailed { registry, reason, retry_after_secs: None }
-        }
-        other => store_error(&registry, other),
-    }
-}
-
-/// Map an upstream's error to what the registry API answers.
-fn store_error(registry: &str, e: UpstreamError) -> StoreError {
-    match e {
-        UpstreamError::NotFound => StoreError::ManifestUnknown,
-        UpstreamError::Unauthorized(_) => StoreError::UpstreamUnauthorized { registry: registry.to_string() },
-        UpstreamError::TooManyRequests { retry_after } => {
-            StoreError::Throttled { retry_after_secs: retry_after.as_secs().max(1) }
-        }
-        UpstreamError::Unavailable(m) | UpstreamError::MethodNotAllowed(m) => {
-            StoreError::Unavailable(format!("upstream {registry}: {m}"))
-        }
-        UpstreamError::Invalid(m) => {
-            StoreError::Unavailable(format!("upstream {registry} answered badly: {m}"))
-        }
-        UpstreamError::Config(m) => StoreError::Internal(format!("upstream {registry}: {m}")),
-    }
-}
-
 /// Why a mirrored manifest could not be had: the upstream's answer (a stale tag may be served
 /// instead), or the cluster's own failure (never hidden behind a stale answer).
 enum ManifestFailure {
@@ -151,17 +115,6 @@ impl From<StoreError> for ManifestFailure {
 /// (accepts, never answers) made the origin wait out its 30 s header timeout, every agent
 /// gave up first, and the stale tag was never served through agents.
 pub const STALE_ANSWER_AFTER: Duration = Duration::from_secs(5);
-
-/// Whether an upstream failure means "cannot ask now" (serve stale) rather than an answer.
-fn cannot_ask(e: &UpstreamError) -> bool {
-    matches!(
-        e,
-        UpstreamError::Unavailable(_)
-            | UpstreamError::TooManyRequests { .. }
-            | UpstreamError::Invalid(_)
-            | UpstreamError::MethodNotAllowed(_)
-    )
-}
 
 impl PullThrough {
     pub fn new(
@@ -601,33 +554,5 @@ impl RegistryStore for PullThrough {
             }
         }
         Ok(found)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every failure to ask the upstream ([`cannot_ask`]) is marked for agents past
-    /// `serve_stale`; a throttled one keeps its `Retry-After`.
-    #[test]
-    fn every_failure_to_ask_the_upstream_is_marked() {
-        let failures = [
-            UpstreamError::Unavailable("down".into()),
-            UpstreamError::MethodNotAllowed("no".into()),
-            UpstreamError::Invalid("an HTML page".into()),
-            UpstreamError::TooManyRequests { retry_after: Duration::from_secs(30) },
-        ];
-        for e in failures {
-            assert!(cannot_ask(&e));
-            let (text, throttled) = (e.to_string(), matches!(e, UpstreamError::TooManyRequests { .. }));
-            match upstream_failed("docker.io", e) {
-                StoreError::UpstreamFailed { registry, retry_after_secs, .. } => {
-                    assert_eq!(registry, "docker.io");
-                    assert_eq!(retry_after_secs, throttled.then_some(30), "{text}");
-                }
-                other => panic!("{text}: {other:?}"),
-            }
-        }
     }
 }
