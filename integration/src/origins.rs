@@ -63,6 +63,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Admin calls run whole repair or GC passes: give them time.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long [`OriginCluster::gc`] waits for a collection already running to end (one sets
+/// copies aside for the quarantine, 10 s in the chaos test, then marks again).
+const GC_BUSY_WAIT: Duration = Duration::from_secs(60);
 /// Log lines of each origin quoted in a failure message.
 const TAIL_LINES: usize = 40;
 
@@ -592,9 +595,20 @@ impl OriginCluster {
         self.try_repair(i).await.unwrap_or_else(|e| self.fail(&format!("repair on origin {i}: {e}")))
     }
 
-    /// Runs a cluster-wide mark-and-sweep from origin `i` now.
+    /// Runs a cluster-wide mark-and-sweep from origin `i` now. A collection already running
+    /// (409: one whose caller hung up goes on, by design) is waited out, up to
+    /// [`GC_BUSY_WAIT`], and then asked again.
     pub async fn gc(&self, i: usize) -> GcReport {
-        self.admin_post(i, "gc").await.unwrap_or_else(|e| self.fail(&format!("gc on origin {i}: {e}")))
+        let deadline = Instant::now() + GC_BUSY_WAIT;
+        loop {
+            match self.admin_post(i, "gc").await {
+                Ok(report) => return report,
+                Err(e) if e.contains(" -> 409 ") && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(250)).await
+                }
+                Err(e) => self.fail(&format!("gc on origin {i}: {e}")),
+            }
+        }
     }
 
     async fn admin_post<T: for<'de> Deserialize<'de>>(&self, i: usize, what: &str) -> Result<T, String> {
