@@ -364,6 +364,55 @@ url = "http://127.0.0.1:9"
     assert_eq!(listed["registries"], serde_json::json!(["docker.io"]));
 }
 
+/// With Shoal's tokens on, a client cannot send credentials for an upstream (its
+/// `Authorization` is Shoal's), so an upstream repository that refuses the origins' own is
+/// answered 403 `DENIED` saying what would open it. Before, the origin sent a `Basic`
+/// challenge for the upstream that no client could meet: Docker sent Shoal's password back
+/// and was refused again.
+#[tokio::test]
+async fn a_private_upstream_repository_under_shoal_tokens_is_denied_not_challenged() {
+    skip_if_external!("needs a Shoal config");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that refuses every request without credentials.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let _ = conn
+                    .write_all(b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"up\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let config = format!(
+        r#"
+[auth]
+tokens = true
+users = [{{ name = "alice", password = "alice-pass", access = "none" }}]
+[[auth.rules]]
+repositories = "up.test/*"
+pull = ["alice"]
+[[upstream]]
+registry = "up.test"
+url = "{upstream}"
+"#
+    );
+    let origin = Origin::start_with_config(&config).await;
+    let url = origin.url().to_string();
+    let t = token(&url, Some(("alice", "alice-pass")), "repository:up.test/team/app:pull").await;
+    let http = reqwest::Client::new();
+    let r = http.get(format!("{url}/v2/up.test/team/app/manifests/v1")).bearer_auth(&t).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert!(r.headers().get("www-authenticate").is_none(), "{:?}", r.headers());
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "DENIED", "{body}");
+    let message = body["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("up.test") && message.contains("password_file"), "{message}");
+}
+
 /// A private image pulled through an agent once with a token stays private there: the agent
 /// answers 401 with the origin's realm to anonymous clients and to tokens without the scope,
 /// for the manifest and for the blobs it has cached, and a public repository's name does not

@@ -180,7 +180,7 @@ impl PullThrough {
     /// answer; nothing for a public one.
     pub(super) async fn require_accepted(&self, up: &Upstream, repo: &RepoName) -> Result<(), StoreError> {
         if self.is_private(repo).await? && !self.accepted_before(up, repo) {
-            return Err(StoreError::UpstreamUnauthorized { registry: up.registry().to_string() });
+            return Err(refused(up.registry()));
         }
         Ok(())
     }
@@ -202,7 +202,7 @@ impl PullThrough {
         if self.recheck_if_due(up, repo, ask(up, path, probe, None)).await.is_some() {
             return Ok(());
         }
-        let unauthorized = || StoreError::UpstreamUnauthorized { registry: up.registry().to_string() };
+        let unauthorized = || refused(up.registry());
         let creds = client_credentials().ok_or_else(unauthorized)?;
         let key = (repo.as_str().to_string(), creds.fingerprint());
         if let Some((at, allowed)) = lock(&self.access).get(&key).copied() {

@@ -252,7 +252,12 @@ impl PullThrough {
         digest: &Digest,
     ) -> Result<Option<u64>, StoreError> {
         let Some((up, _)) = self.upstream_of(repo) else { return Ok(None) };
-        mirror::wait_for_fetch(up.registry(), digest, || self.progress(repo, digest, false)).await
+        mirror::wait_for_fetch(up.registry(), digest, || self.progress(repo, digest, false)).await.map_err(
+            |e| match e {
+                StoreError::UpstreamUnauthorized { registry } => super::refused(&registry),
+                other => other,
+            },
+        )
     }
 }
 

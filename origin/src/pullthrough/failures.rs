@@ -40,7 +40,7 @@ pub(super) fn upstream_failed(registry: &str, e: UpstreamError) -> StoreError {
 pub(super) fn store_error(registry: &str, e: UpstreamError) -> StoreError {
     match e {
         UpstreamError::NotFound => StoreError::ManifestUnknown,
-        UpstreamError::Unauthorized(_) => StoreError::UpstreamUnauthorized { registry: registry.to_string() },
+        UpstreamError::Unauthorized(_) => super::refused(registry),
         UpstreamError::TooManyRequests { retry_after } => {
             StoreError::Throttled { retry_after_secs: retry_after.as_secs().max(1) }
         }

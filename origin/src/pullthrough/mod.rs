@@ -55,21 +55,44 @@ pub const PROGRESS_ROUTE: &str = "/shoal/v1/upstream/blobs/{digest}";
 /// Route of the configured registry names, which agents map requests with.
 pub const REGISTRIES_ROUTE: &str = mirror::REGISTRIES_PATH;
 
-tokio::task_local! {
+/// What a request says about its client's credentials for upstreams.
+#[derive(Clone, Debug, Default)]
+pub struct ClientCredentials {
     /// The client's Basic credentials for the upstream, when the request carried some.
-    static CLIENT_CREDENTIALS: Option<Credentials>;
+    pub creds: Option<Credentials>,
+    /// Whether the client could send some after an upstream's `Basic` challenge: not when
+    /// Shoal checks credentials itself (the client's `Authorization` is then Shoal's, never
+    /// passed on), so a challenge it cannot meet is not sent.
+    pub may_answer_challenge: bool,
+}
+
+tokio::task_local! {
+    static CLIENT_CREDENTIALS: ClientCredentials;
 }
 
 /// Run `fut` with the client's upstream credentials visible to [`PullThrough`].
-pub async fn with_client_credentials<F: std::future::Future>(
-    creds: Option<Credentials>,
-    fut: F,
-) -> F::Output {
+pub async fn with_client_credentials<F: std::future::Future>(creds: ClientCredentials, fut: F) -> F::Output {
     CLIENT_CREDENTIALS.scope(creds, fut).await
 }
 
 fn client_credentials() -> Option<Credentials> {
-    CLIENT_CREDENTIALS.try_with(Clone::clone).ok().flatten()
+    CLIENT_CREDENTIALS.try_with(|c| c.creds.clone()).ok().flatten()
+}
+
+/// What a client the upstream `registry` refused is answered: a `Basic` challenge to send
+/// credentials the upstream accepts, or, where it cannot send any (Shoal's own `[auth]` is
+/// on), 403 `DENIED` saying what would open the repository. Outside a request: the challenge.
+fn refused(registry: &str) -> StoreError {
+    let may_answer =
+        CLIENT_CREDENTIALS.try_with(|c| c.may_answer_challenge || c.creds.is_some()).unwrap_or(true);
+    if may_answer {
+        return StoreError::UpstreamUnauthorized { registry: registry.to_string() };
+    }
+    StoreError::Denied(format!(
+        "{registry} refuses the origins' credentials for this repository, and with Shoal's own \
+         authentication on no client's credentials are passed to it: the origins need credentials \
+         for {registry} that open it (username and password_file of its [[upstream]])"
+    ))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -16,7 +16,10 @@ use shoal_registry::mirror::Registries;
 use shoal_registry::{ApiError, Digest, RepoName};
 use shoal_upstream::Credentials;
 
-use super::{with_client_credentials, PullThrough, PROGRESS_ROUTE, REGISTRIES_ROUTE, UPSTREAM_AUTHORIZATION};
+use super::{
+    with_client_credentials, ClientCredentials, PullThrough, PROGRESS_ROUTE, REGISTRIES_ROUTE,
+    UPSTREAM_AUTHORIZATION,
+};
 
 #[derive(Deserialize)]
 struct ProgressQuery {
@@ -126,6 +129,9 @@ pub fn credentials_of(headers: &HeaderMap, shoal_auth: bool) -> Option<Credentia
 
 /// Middleware: run the request with the client's upstream credentials (see [`credentials_of`]).
 pub async fn pass_credentials(State(shoal_auth): State<bool>, req: Request, next: Next) -> Response {
-    let creds = credentials_of(req.headers(), shoal_auth);
+    let creds = ClientCredentials {
+        creds: credentials_of(req.headers(), shoal_auth),
+        may_answer_challenge: !shoal_auth,
+    };
     with_client_credentials(creds, next.run(req)).await
 }
