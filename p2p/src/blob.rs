@@ -48,6 +48,14 @@ impl Unflushed {
     }
 }
 
+/// Room a bitfield file needs when the disk is full: a bit per piece plus its header,
+/// rounded up to whole 64 KiB (a few filesystem blocks, whatever the filesystem).
+fn bitfield_room(metainfo: &Metainfo) -> u64 {
+    const UNIT: u64 = 64 * 1024;
+    let bytes = u64::from(metainfo.piece_count()).div_ceil(8) + 1024;
+    bytes.div_ceil(UNIT) * UNIT
+}
+
 /// How many times one write that finds the disk full asks for room and tries again.
 const DISK_FULL_RETRIES: u32 = 3;
 
@@ -407,9 +415,22 @@ impl BlobPieces {
         // whatever the disk's fsync takes. (Persisting a snapshot outside the lock let a slow
         // disk leave a crashed agent with nothing persisted after seconds of verified pieces.)
         flushed.bytes += data.len() as u64;
-        if flushed.due(std::time::Instant::now()) {
-            self.retry_when_full(|| file.flush())?;
-            *flushed = Unflushed::none();
+        let now = std::time::Instant::now();
+        if flushed.due(now) {
+            match self.flush_bitfield(file) {
+                Ok(()) => *flushed = Unflushed::none(),
+                // The piece is written and held: only its record is late, which a crash turns
+                // into pieces fetched again, not into a failed download. Asked again at the
+                // flush rule's pace.
+                Err(PieceError::Io(e)) if is_disk_full(&e) => {
+                    tracing::warn!(
+                        digest = %self.metainfo.digest(), unflushed = flushed.bytes,
+                        "disk full: the download's bitfield is not persisted yet"
+                    );
+                    flushed.since = now;
+                }
+                Err(e) => return Err(e),
+            }
         }
         let count = file.have().count();
         drop(state);
@@ -422,10 +443,18 @@ impl BlobPieces {
     pub fn persist(&self) -> Result<(), PieceError> {
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         if let State::Partial(file, flushed) = &mut *state {
-            self.retry_when_full(|| file.flush())?;
+            self.flush_bitfield(file)?;
             *flushed = Unflushed::none();
         }
         Ok(())
+    }
+
+    /// Persist `file`'s bitfield; when the disk is full, the room asked for is the bitfield
+    /// file's, not the rest of the download (whose piece file was allocated whole at its
+    /// start: asking for it evicted gigabytes of cached blobs for a file of kilobytes).
+    fn flush_bitfield(&self, file: &mut PieceFile) -> Result<(), PieceError> {
+        let room = bitfield_room(&self.metainfo);
+        retry_when_full(self.reclaim.as_ref(), &self.metainfo, || room, || file.flush())
     }
 
     /// Run `write`; when it finds the disk full, ask the reclaimer (if any) for room for the

@@ -145,8 +145,7 @@ pub async fn run<E: From<ConnEvent>>(
     let conn = ConnId::next();
     let received = Arc::new(AtomicU64::new(0));
     let counters = (received.clone(), node_received);
-    let (peer, bitfield, mut stream, mut sink) = match handshake(addr, me, &pieces, timeouts, counters).await
-    {
+    let shaken = match handshake(addr, me, &pieces, timeouts, counters).await {
         Ok(ok) => ok,
         Err(reason) => {
             let _ = events.send(E::from(ConnEvent::ConnectFailed { addr, reason })).await;
@@ -157,6 +156,8 @@ pub async fn run<E: From<ConnEvent>>(
     // origin declines pieces that a connected peer can pass on instead, and origins seed
     // whole blobs. An agent's server has no use for them, and sent to every peer each piece
     // gained woke every connection of the download to write a frame the other side dropped.
+    let Shaken { peer, bitfield, reader: mut stream, writer: mut sink, mut progress, mut advertised } =
+        shaken;
     let tell_gains = bitfield.is_complete();
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
     let piece_bytes = stream.decoder().piece_bytes();
@@ -165,8 +166,6 @@ pub async fn run<E: From<ConnEvent>>(
     if events.send(E::from(connected)).await.is_err() {
         return;
     }
-    let mut progress = pieces.subscribe();
-    let mut advertised = pieces.have();
     let reason = loop {
         tokio::select! {
             changed = progress.changed(), if tell_gains => {
@@ -233,24 +232,41 @@ pub async fn run<E: From<ConnEvent>>(
 
 type PeerReader = FramedRead<CountingReader<ReadHalf>, InboundCodec>;
 
+/// A connection whose handshake is done.
+struct Shaken {
+    peer: PeerId,
+    /// The pieces the peer said it holds.
+    bitfield: Bitfield,
+    reader: PeerReader,
+    writer: PeerWriter<WriteHalf>,
+    /// This side's pieces, watched from before the hello was made: a piece gained after it
+    /// is a change not yet seen, so it is told as a `have` (taken after the handshake, a
+    /// piece gained meanwhile was neither in the hello nor a change, and never told).
+    progress: tokio::sync::watch::Receiver<u32>,
+    /// The pieces the hello told.
+    advertised: Bitfield,
+}
+
 async fn handshake(
     addr: SocketAddr,
     me: PeerId,
     pieces: &BlobPieces,
     timeouts: ConnTimeouts,
     (conn, node): (Arc<AtomicU64>, Arc<AtomicU64>),
-) -> Result<(PeerId, Bitfield, PeerReader, PeerWriter<WriteHalf>), String> {
+) -> Result<Shaken, String> {
     // Small frames until the handshake is done; then whole pieces, but only requested ones.
     let codec = InboundCodec::new();
     let (read, write) = transport::connect(addr, timeouts.connect, timeouts.handshake, codec.need()).await?;
     let mut reader = FramedRead::new(CountingReader { inner: read, conn, node }, codec);
     let mut writer = PeerWriter::new(write, PeerCodec::default());
     let digest = pieces.metainfo().digest().clone();
+    let mut progress = pieces.subscribe();
+    let advertised = pieces.have();
     let hello = Message::Handshake {
         version: PROTOCOL_VERSION,
         digest: digest.clone(),
         peer_id: me,
-        bitfield: pieces.have().to_bytes().into(),
+        bitfield: advertised.to_bytes().into(),
     };
     writer.send(hello).await.map_err(|e| e.to_string())?;
     let reply =
@@ -263,7 +279,7 @@ async fn handshake(
             let bitfield = Bitfield::from_bytes(pieces.metainfo().piece_count(), &bitfield)
                 .map_err(|e| format!("bad bitfield: {e}"))?;
             reader.decoder_mut().allow_pieces();
-            Ok((peer_id, bitfield, reader, writer))
+            Ok(Shaken { peer: peer_id, bitfield, reader, writer, progress, advertised })
         }
         Some(Ok(Message::Error { code, message })) => Err(format!("peer refused ({code}): {message}")),
         Some(Ok(other)) => Err(format!("expected handshake, got {}", other.name())),
@@ -299,8 +315,9 @@ mod tests {
     use tokio::net::TcpListener;
 
     /// What a raw server whose handshake lists every piece (`seeder`) or only the last hears
-    /// from a downloader that gains piece 0 after connecting: the `have`s within half a second.
-    async fn haves_heard(seeder: bool) -> Vec<u32> {
+    /// from a downloader that gains piece 0 after connecting (`mid_handshake`: after its hello,
+    /// before the server's reply): the `have`s within half a second.
+    async fn haves_heard(seeder: bool, mid_handshake: bool) -> Vec<u32> {
         let dir = tempfile::tempdir().unwrap();
         let seed = dir.path().join("seed");
         std::fs::write(&seed, vec![7u8; 3 << 20]).unwrap();
@@ -316,6 +333,11 @@ mod tests {
         let mut server = tokio_util::codec::Framed::new(stream, PeerCodec::default());
         let hello = server.next().await.unwrap().unwrap();
         assert!(matches!(hello, Message::Handshake { .. }), "{hello:?}");
+        let gain =
+            || assert!(want.write_piece(0, &complete.read_piece(0).unwrap()).unwrap(), "piece 0 verifies");
+        if mid_handshake {
+            gain();
+        }
         let mut has = Bitfield::new(meta.piece_count());
         for i in 0..meta.piece_count() {
             if seeder || i + 1 == meta.piece_count() {
@@ -335,7 +357,9 @@ mod tests {
         let connected = events.recv().await;
         assert!(matches!(connected, Some(ConnEvent::Connected { .. })), "{connected:?}");
 
-        assert!(want.write_piece(0, &complete.read_piece(0).unwrap()).unwrap(), "piece 0 verifies");
+        if !mid_handshake {
+            gain();
+        }
         let mut heard = Vec::new();
         let end = tokio::time::Instant::now() + Duration::from_millis(500);
         while let Ok(Some(Ok(m))) = tokio::time::timeout_at(end, server.next()).await {
@@ -354,8 +378,16 @@ mod tests {
     /// downloader gains; a peer still downloading, which has no use for it, hears nothing.
     #[tokio::test]
     async fn only_a_seeder_of_the_whole_blob_hears_what_a_download_gains() {
-        assert_eq!(haves_heard(true).await, [0]);
-        assert_eq!(haves_heard(false).await, Vec::<u32>::new());
+        assert_eq!(haves_heard(true, false).await, [0]);
+        assert_eq!(haves_heard(false, false).await, Vec::<u32>::new());
+    }
+
+    /// A piece gained while the handshake is under way (in neither the hello nor, before,
+    /// any change watched) is told to a seeder too: a super-seeding origin otherwise never
+    /// counts this peer as holding it.
+    #[tokio::test]
+    async fn a_piece_gained_during_the_handshake_is_told() {
+        assert_eq!(haves_heard(true, true).await, [0]);
     }
 
     /// A requested piece sent in a frame of another length is reported as a bad piece (the

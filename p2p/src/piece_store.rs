@@ -302,7 +302,12 @@ impl PieceFile {
         if let Some(parent) = dest.parent() {
             sync_dir(parent)?;
         }
-        remove_if_exists(&self.bitfield_path)?;
+        // The blob is in place and durable: a bitfield left behind is only litter (a
+        // bitfield without its piece file is removed at start), never a reason to fail the
+        // finished blob, which the caller would then delete.
+        if let Err(e) = remove_if_exists(&self.bitfield_path) {
+            tracing::warn!(path = %self.bitfield_path.display(), error = %e, "could not delete a finished download's bitfield");
+        }
         Ok(())
     }
 

@@ -172,13 +172,16 @@ impl PeerServer {
         if self.pace && !transport::pace(&stream) {
             tracing::debug!("TCP pacing not available on a peer connection");
         }
+        // One deadline for the TLS handshake and the peer's hello together: each had its own,
+        // so a trickling client held a connection slot for twice the time.
+        let handshake_by = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
         let (read, write) = transport::accept(stream, HANDSHAKE_TIMEOUT).await?;
         // Small frames only, for good: a downloader sends handshakes and control messages,
         // and the pieces it has no business sending are skipped unread.
         let mut reader = FramedRead::new(read, InboundCodec::new());
         let mut writer = PeerWriter::new(write, PeerCodec::default());
         let first =
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await.map_err(|_| "handshake timeout")?;
+            tokio::time::timeout_at(handshake_by, reader.next()).await.map_err(|_| "handshake timeout")?;
         let Some(Ok(Message::Handshake { version, digest, peer_id: remote, bitfield: theirs })) = first
         else {
             return Err("expected a handshake".into());
@@ -197,6 +200,10 @@ impl PeerServer {
                 writer.send(error(ERROR_BLOB_BUSY, "serving this blob to as many peers as it will")).await;
             return Err(format!("blob {digest} busy"));
         };
+        // Watched from before the hello's snapshot: a piece gained after it is a change
+        // `exchange` tells (subscribed there, a piece gained meanwhile was told only with the
+        // next one, and never if it was the download's last).
+        let progress = pieces.subscribe();
         let advertised = pieces.have();
         let hello = Message::Handshake {
             version: PROTOCOL_VERSION,
@@ -214,7 +221,8 @@ impl PeerServer {
             Some(s) => s.join(&digest, &claimed, remote),
             None => Bitfield::new(piece_count),
         };
-        let result = self.exchange(reader, writer, &pieces, remote, advertised, &mut counted).await;
+        let told = (progress, advertised);
+        let result = self.exchange(reader, writer, &pieces, remote, told, &mut counted).await;
         if let Some(s) = &self.super_seed {
             s.leave(&digest, &counted, remote, Instant::now());
         }
@@ -228,7 +236,7 @@ impl PeerServer {
         mut sink: PeerWriter<WriteHalf>,
         pieces: &Arc<BlobPieces>,
         remote: PeerId,
-        mut advertised: Bitfield,
+        (mut progress, mut advertised): (tokio::sync::watch::Receiver<u32>, Bitfield),
         counted: &mut Bitfield,
     ) -> Result<(), String> {
         // Incoming messages go through a small queue so requests keep arriving (and cancels
@@ -294,7 +302,6 @@ impl PeerServer {
                 }
             }
         });
-        let mut progress = pieces.subscribe();
         // A piece gained after a quiet spell is told at once; pieces gained within
         // `HAVE_BATCH` of telling are told together when it has passed, in one write.
         let mut haves_due = false;

@@ -19,6 +19,8 @@ use tokio::net::TcpStream;
 pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
 /// The sending half of a peer connection.
 pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+/// An accepted peer connection over TLS, before it is split.
+type TlsServerStream = shoal_tls::ServerTlsStream<shoal_tls::Buffered<TcpStream>>;
 
 /// Unsent bytes a peer socket may hold before a write waits (`TCP_NOTSENT_LOWAT`). Without a
 /// bound the kernel takes megabytes of pieces at once, so the server counts a piece as sent
@@ -233,15 +235,26 @@ async fn accept_tls(
     stream: TcpStream,
     handshake: Duration,
 ) -> Result<(ReadHalf, WriteHalf), String> {
-    let mut stream = tokio::time::timeout(handshake, peer.acceptor.accept(shoal_tls::buffered(stream)))
+    let (stream, expires) = accept_tls_stream(peer, stream, handshake).await?;
+    until_expiry(halves(stream), expires)
+}
+
+/// The TLS stream [`accept_tls`] splits, and when the client's certificate expires. Its read
+/// buffer stays the handshake's small one: the serving side reads only requests and haves
+/// (a 256 KiB buffer on each of an origin's 1,024 peer connections was 256 MiB for nothing).
+async fn accept_tls_stream(
+    peer: &shoal_tls::PeerTls,
+    stream: TcpStream,
+    handshake: Duration,
+) -> Result<(TlsServerStream, Option<std::time::SystemTime>), String> {
+    let stream = tokio::time::timeout(handshake, peer.acceptor.accept(shoal_tls::buffered(stream)))
         .await
         .map_err(|_| "TLS handshake timeout".to_string())?
         .map_err(|e| format!("TLS handshake: {e}"))?;
     match shoal_tls::identity_of(stream.get_ref().1) {
         Some(id) if id.role.is_node() => {
             let expires = shoal_tls::identity_expires(stream.get_ref().1);
-            stream.get_mut().0.grow();
-            until_expiry(halves(stream), expires)
+            Ok((stream, expires))
         }
         Some(id) => Err(format!("{id} is not a node")),
         None => Err("the client certificate names no Shoal role".into()),
@@ -342,6 +355,37 @@ mod tests {
             accept_tls(server.peer().unwrap(), at_server, handshake),
         );
         assert!(accepted.is_err());
+    }
+
+    /// The serving side of a peer connection reads only requests and haves: its TLS read
+    /// buffer stays the handshake's 4 KiB however much arrives (it grew to 256 KiB for the
+    /// connection's life, 256 MiB on an origin at its 1,024 peer connections).
+    #[tokio::test]
+    async fn the_serving_side_keeps_a_small_tls_read_buffer() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = shoal_tls::new_ca("test", 1).unwrap();
+        let server = peer_tls(dir.path(), &ca, "server", Duration::from_secs(3600));
+        let client = peer_tls(dir.path(), &ca, "client", Duration::from_secs(3600));
+        let (to_server, at_server) = connected_pair().await;
+        let addr = to_server.peer_addr().unwrap();
+        let handshake = Duration::from_secs(5);
+        let (connected, accepted) = tokio::join!(
+            connect_tls(client.peer().unwrap(), addr, to_server, handshake),
+            accept_tls_stream(server.peer().unwrap(), at_server, handshake),
+        );
+        let ((_client_read, mut client_write), (mut stream, _)) = (connected.unwrap(), accepted.unwrap());
+        let sent = vec![7u8; 512 * 1024];
+        let writer = tokio::spawn(async move {
+            client_write.write_all(&sent).await.unwrap();
+            client_write.flush().await.unwrap();
+            client_write
+        });
+        let mut got = vec![0u8; 512 * 1024];
+        stream.read_exact(&mut got).await.unwrap();
+        let _client_write = writer.await.unwrap();
+        assert!(got.iter().all(|&b| b == 7));
+        assert_eq!(stream.get_ref().0.capacity(), shoal_tls::TLS_HANDSHAKE_READ_BUFFER);
     }
 
     /// Both ends of a fresh loopback connection: the client's and the accepted one.

@@ -347,3 +347,71 @@ fn the_newest_pieces_are_in_memory_for_peers_until_the_blob_is_finished() {
     blob.keep_verified(2, bytes(2));
     assert!(blob.piece_in_memory(2).is_none());
 }
+
+/// A small tmpfs mounted on a fresh directory for as long as it lives (root only).
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(mib: u64) -> Option<Tmpfs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting a small tmpfs needs root");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "shoal-unit-full"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount a tmpfs");
+        Some(Tmpfs(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+/// A full disk when the bitfield is due to be persisted fails no download: the piece file
+/// was allocated whole at the start, the pieces are written and held, and the room asked
+/// for is the bitfield file's (before, every piece missing: a half-done 10 GiB download
+/// evicted 5 GiB of cached blobs for a file of kilobytes, then failed when nothing could go).
+#[test]
+fn a_full_disk_at_a_bitfield_flush_fails_no_piece() {
+    let Some(fs) = Tmpfs::mount(16) else { return };
+    // 136 pieces of 64 KiB: past FLUSH_BYTES once all are written.
+    let (_dir, data, meta) = setup(136);
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let a = asked.clone();
+    let blob = BlobPieces::partial_reclaiming(
+        &fs.0.path().join("b.part"),
+        meta.clone(),
+        Arc::new(move |need| {
+            a.lock().unwrap().push(need);
+            false
+        }),
+    )
+    .unwrap();
+    // Everything else the filesystem has goes to another file.
+    let filler = fs.0.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[1u8; 4096]).is_ok() {}
+    }
+    std::thread::sleep(FLUSH_INTERVAL + Duration::from_millis(100));
+    let all: Vec<u32> = (0..meta.piece_count()).collect();
+    download(&blob, &meta, &data, &all);
+    let asked = asked.lock().unwrap().clone();
+    assert!(!asked.is_empty(), "the flush found the disk full");
+    assert!(asked.iter().all(|&n| n == bitfield_room(&meta)), "asked for {asked:?}");
+    // Room again: the download finishes.
+    std::fs::remove_file(&filler).unwrap();
+    blob.persist().unwrap();
+    let dest = fs.0.path().join("final");
+    blob.finish(&dest).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+}

@@ -67,6 +67,24 @@ fn out_of_order_writes_then_finish() {
     assert!(!bitfield_path(&f.path).exists());
 }
 
+/// A bitfield that cannot be deleted once the blob is renamed into place fails nothing: the
+/// finished blob is durable (its caller deleted it on any error, a good download lost).
+#[test]
+fn a_bitfield_that_cannot_be_deleted_fails_no_finished_blob() {
+    let f = fixture();
+    let mut pf = PieceFile::open(&f.path, f.meta.clone()).unwrap().with_persist_every(u32::MAX);
+    for i in 0..5 {
+        pf.write_piece(i, piece(&f.meta, &f.data, i)).unwrap();
+    }
+    // Something not a file where the bitfield is: its removal fails.
+    let bitfield = bitfield_path(&f.path);
+    let _ = fs::remove_file(&bitfield);
+    fs::create_dir_all(bitfield.join("busy")).unwrap();
+    let dest = f.path.parent().unwrap().join("final");
+    pf.finish(&dest).unwrap();
+    assert_eq!(fs::read(&dest).unwrap(), f.data);
+}
+
 #[test]
 fn pieces_written_and_marked_separately_persist_on_flush() {
     let f = fixture();
