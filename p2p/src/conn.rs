@@ -260,7 +260,7 @@ async fn handshake(
     let mut reader = FramedRead::new(CountingReader { inner: read, conn, node }, codec);
     let mut writer = PeerWriter::new(write, PeerCodec::default());
     let digest = pieces.metainfo().digest().clone();
-    let mut progress = pieces.subscribe();
+    let progress = pieces.subscribe();
     let advertised = pieces.have();
     let hello = Message::Handshake {
         version: PROTOCOL_VERSION,
