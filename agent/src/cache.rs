@@ -149,7 +149,14 @@ pub struct BlobCache {
     usage: UsageProbe,
     /// A pass over the watermarks is queued on the blocking pool ([`BlobCache::unpinned`]).
     room_queued: std::sync::atomic::AtomicBool,
+    /// The most recently used blobs found at start, newest first, with when (see
+    /// [`BlobCache::take_used_before_start`]).
+    used_before_start: Mutex<Vec<(Digest, SystemTime)>>,
 }
+
+/// Blobs [`BlobCache::take_used_before_start`] remembers from the start-up scan: as many as
+/// the agent seeds at once.
+const USED_BEFORE_START: usize = 1000;
 
 /// Keeps a blob from being evicted while it lives.
 pub struct Pin {
@@ -313,6 +320,8 @@ impl BlobCache {
         }
         // Uses before the restart, as well as the files tell them: least recently used first.
         found.sort();
+        let used_before_start =
+            found.iter().rev().take(USED_BEFORE_START).map(|(at, d, _)| (d.clone(), *at)).collect();
         let mut tick = 0;
         for (_, digest, size) in found {
             tick += 1;
@@ -372,6 +381,7 @@ impl BlobCache {
             metrics,
             usage,
             room_queued: Default::default(),
+            used_before_start: Mutex::new(used_before_start),
         };
         cache.publish(&cache.lock());
         cache.make_room(0);
@@ -537,6 +547,13 @@ impl BlobCache {
     }
 
     /// Bytes of partial downloads counted.
+    /// The blobs found in the cache at start, newest first, with when each was last written
+    /// or read as the files tell it (at most [`USED_BEFORE_START`]), once: a restarted agent
+    /// goes on seeding what it pulled within the seed window before.
+    pub fn take_used_before_start(&self) -> Vec<(Digest, SystemTime)> {
+        std::mem::take(&mut *self.used_before_start.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     pub fn partial_total(&self) -> u64 {
         self.lock().partials.values().map(|p| p.bytes).sum()
     }

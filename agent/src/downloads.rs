@@ -281,7 +281,14 @@ impl Downloads {
             other => other,
         };
         match opened {
-            Cached::Ready(pieces) => Some(pieces),
+            Cached::Ready(pieces) => {
+                // A use as a pull is: seeded for the window from now (before, only downloads
+                // and peers' lookups counted, so a layer pulled from the cache went unseeded).
+                if let Some(seeding) = self.seeding.get() {
+                    seeding.touch(digest);
+                }
+                Some(pieces)
+            }
             Cached::Missing | Cached::NeedsMetainfo => None,
         }
     }

@@ -139,6 +139,7 @@ impl Agent {
         auth.spawn_refresh(AUTH_REFRESH);
         let downloads = Arc::new(Downloads::new(cache, origin.clone(), deps, swarm, auth.clone()));
         let seeding = Arc::new(Seeding::new(config.seed_window));
+        seeding.resume(downloads.cache.take_used_before_start());
         downloads.set_seeding(seeding.clone());
         tokio::spawn(seeding.clone().announce_loop(
             tracker.clone(),

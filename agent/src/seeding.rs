@@ -32,13 +32,32 @@ impl Seeding {
 
     /// The blob was pulled or served: keep seeding it.
     pub fn touch(&self, digest: &Digest) {
+        self.touch_at(digest, Instant::now());
+    }
+
+    /// The blob was last used `at` (a use before a restart): seeded for what is left of the
+    /// window. A later use is never set back.
+    pub fn touch_at(&self, digest: &Digest, at: Instant) {
         let mut recent = self.lock();
-        recent.insert(digest.clone(), Instant::now());
+        let at = recent.get(digest).map_or(at, |&t| t.max(at));
+        recent.insert(digest.clone(), at);
         if recent.len() > MAX_SEEDED {
             let mut by_age: Vec<(Instant, Digest)> = recent.iter().map(|(d, t)| (*t, d.clone())).collect();
             by_age.sort();
             for (_, d) in by_age.into_iter().take(recent.len() - MAX_SEEDED) {
                 recent.remove(&d);
+            }
+        }
+    }
+
+    /// Seed the blobs of `used` (digest, last use as the files tell it) used within the
+    /// window before now: what the cache found at start.
+    pub fn resume(&self, used: Vec<(Digest, std::time::SystemTime)>) {
+        let (now, instant) = (std::time::SystemTime::now(), Instant::now());
+        for (digest, at) in used {
+            let age = now.duration_since(at).unwrap_or(Duration::ZERO);
+            if age < self.window {
+                self.touch_at(&digest, instant.checked_sub(age).unwrap_or(instant));
             }
         }
     }

@@ -661,3 +661,42 @@ async fn a_joiner_whose_repository_lost_the_blob_does_not_fail_the_download() {
 async fn a_joiner_whose_repository_is_unavailable_does_not_fail_the_download() {
     joined_through("sick/app").await;
 }
+
+/// A blob read from the cache (a pull, not a download) is seeded for the window from then,
+/// and an agent restarted over its cache goes on seeding what it pulled within the window
+/// before (before, only downloads and peers' lookups counted, and the list started empty:
+/// after a rolling upgrade no node seeded its layers).
+#[tokio::test]
+async fn cached_blobs_are_seeded_when_pulled_and_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let meta = Metainfo::compute(&data[..], data.len() as u64, shoal_registry::Algorithm::Sha256).unwrap();
+    let digest = meta.digest().clone();
+    {
+        let downloads = downloads(dir.path());
+        let seeding = Arc::new(Seeding::new(Duration::from_secs(600)));
+        downloads.set_seeding(seeding.clone());
+        let path = downloads.cache.blob_path(&digest);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &data).unwrap();
+        downloads.cache.write_metainfo(&meta).unwrap();
+        downloads.cache.insert(&digest, data.len() as u64);
+        assert!(seeding.current().is_empty());
+        assert!(downloads.open_cached(&digest).await.is_some());
+        assert_eq!(seeding.current(), std::slice::from_ref(&digest), "a pull from the cache is a use");
+    }
+    // A restart: the cache found on disk, written just now.
+    let downloads = downloads(dir.path());
+    let seeding = Seeding::new(Duration::from_secs(600));
+    seeding.resume(downloads.cache.take_used_before_start());
+    assert_eq!(seeding.current(), std::slice::from_ref(&digest), "seeded on after the restart");
+    // Used longer ago than the window: not seeded.
+    let old = Seeding::new(Duration::from_secs(600));
+    let long_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    old.resume(vec![(digest.clone(), long_ago)]);
+    assert!(old.current().is_empty());
+    // An earlier use never sets a later one back.
+    old.touch(&digest);
+    old.touch_at(&digest, std::time::Instant::now() - Duration::from_secs(3600));
+    assert_eq!(old.current(), [digest]);
+}
