@@ -13,6 +13,11 @@ use crate::http::{with_basics, BoundServer, HttpMetrics};
 /// agents waited in the backlog, timed out, and pulled from the origins over HTTP.
 pub const DEFAULT_TRACKER_MAX_CONNECTIONS: usize = 65_536;
 
+/// The most peers one announce may be handed: 0 handed out none (every download fell to the
+/// origins' HTTP without a word), and tens of thousands made each answer megabytes of JSON
+/// sampled under the peer store's lock.
+const MAX_HANDOUT_LIMIT: u64 = 1000;
+
 /// Flags of `shoal tracker`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrackerArgs {
@@ -27,7 +32,8 @@ pub struct TrackerArgs {
     #[arg(long, env = "SHOAL_ANNOUNCE_INTERVAL", default_value = "3s", value_parser = crate::config::parse_announce_interval)]
     pub announce_interval: Duration,
     /// Peers handed out per announce
-    #[arg(long, env = "SHOAL_HANDOUT_LIMIT", default_value_t = 50)]
+    #[arg(long, env = "SHOAL_HANDOUT_LIMIT", default_value_t = 50,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_HANDOUT_LIMIT))]
     pub handout_limit: usize,
     /// Leading bits of an IPv6 address that name one announcer for the announce quota (64: a
     /// host's /64; 128 where the cluster's nodes share one subnet)
@@ -65,4 +71,27 @@ pub async fn bind(args: TrackerArgs) -> anyhow::Result<BoundServer> {
             .await?;
     tracing::info!(listen = %server.local_addr()?, origins = ?args.origin, "tracker ready");
     Ok(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrackerArgs,
+    }
+
+    /// A handout of no peers (every download on the origins' HTTP, silently) or of whole
+    /// swarms is refused at start.
+    #[test]
+    fn the_handout_limit_is_checked() {
+        let parse =
+            |limit: &str| Cli::try_parse_from(["tracker", "--origin", "http://o", "--handout-limit", limit]);
+        assert!(parse("0").is_err());
+        assert!(parse("1001").is_err());
+        assert_eq!(parse("50").map(|c| c.args.handout_limit).ok(), Some(50));
+    }
 }

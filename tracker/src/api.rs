@@ -122,6 +122,7 @@ pub fn router(config: TrackerConfig, registry: &Registry) -> Result<Router, Buil
         .route("/v1/announce", post(announce))
         .route("/v1/announces", post(announce_batch))
         .route("/v1/metainfo/{digest}", get(metainfo))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_ANNOUNCE_BODY))
         .with_state(tracker))
 }
 
@@ -194,11 +195,39 @@ fn caller_key(
     }
 }
 
-async fn announce(State(t): State<Arc<Tracker>>, client: Client, body: axum::body::Bytes) -> Response {
-    let Some(announcer) = caller(&t, &client) else {
-        t.announces.with_label_values(&["refused"]).inc();
-        return not_a_node();
-    };
+/// The caller's quota key ([`caller`]), taken from the request's head: a caller the tracker
+/// refuses is answered before its body is read (the body came first, so any client without a
+/// certificate had the tracker hold its announce bodies).
+struct Announcer(String);
+
+impl FromRequestParts<Arc<Tracker>> for Announcer {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, t: &Arc<Tracker>) -> Result<Announcer, Response> {
+        let client = match Client::from_request_parts(parts, t).await {
+            Ok(client) => client,
+            Err(never) => match never {},
+        };
+        match caller(t, &client) {
+            Some(key) => Ok(Announcer(key)),
+            None => {
+                t.announces.with_label_values(&["refused"]).inc();
+                Err(not_a_node())
+            }
+        }
+    }
+}
+
+/// The largest announce body taken: a full batch ([`MAX_ANNOUNCE_BATCH`] announces of about
+/// 250 bytes) is about 64 KiB. Axum's default (2 MiB) let one host hold hundreds of MiB with
+/// a few hundred slow bodies.
+pub const MAX_ANNOUNCE_BODY: usize = 256 * 1024;
+
+async fn announce(
+    State(t): State<Arc<Tracker>>,
+    Announcer(announcer): Announcer,
+    body: axum::body::Bytes,
+) -> Response {
     let Ok(req) = serde_json::from_slice::<AnnounceRequest>(&body) else {
         t.announces.with_label_values(&["invalid"]).inc();
         return bad_request("announce body must be JSON {digest, peer_id, addr, complete}");
@@ -215,11 +244,11 @@ async fn announce(State(t): State<Arc<Tracker>>, client: Client, body: axum::bod
 /// in order; one refused announce does not fail the others. A complete peer (a seeder) is
 /// handed no peers: it does not download. The origins are asked for the downloads' seeders
 /// at once, not one after another.
-async fn announce_batch(State(t): State<Arc<Tracker>>, client: Client, body: axum::body::Bytes) -> Response {
-    let Some(announcer) = caller(&t, &client) else {
-        t.announces.with_label_values(&["refused"]).inc();
-        return not_a_node();
-    };
+async fn announce_batch(
+    State(t): State<Arc<Tracker>>,
+    Announcer(announcer): Announcer,
+    body: axum::body::Bytes,
+) -> Response {
     let Ok(batch) = serde_json::from_slice::<AnnounceBatch>(&body) else {
         t.announces.with_label_values(&["invalid"]).inc();
         return bad_request("body must be JSON {announces: [{digest, peer_id, addr, complete}, ...]}");

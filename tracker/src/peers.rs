@@ -164,6 +164,10 @@ impl PeerStore {
             Some(e) => owns(e, announcer, addr),
             None => false,
         };
+        // A refresh stays charged to whoever holds the entry: the same identity from another
+        // address (SNAT) is let refresh it, but moving the charge to its new address, unchecked,
+        // let one certificate on two addresses pile entries past its quota without end.
+        let owner = existing.filter(|_| refresh).map(|e| e.announcer.clone());
         if !refresh && self.held.of(announcer) >= self.limits.max_entries_per_announcer {
             self.expire_if_due(now);
             if self.held.of(announcer) >= self.limits.max_entries_per_announcer {
@@ -206,7 +210,7 @@ impl PeerStore {
                 }
             }
         }
-        let announcer = held.key(announcer);
+        let announcer = owner.unwrap_or_else(|| held.key(announcer));
         let entry =
             Entry { addr, complete, expires: now + self.limits.ttl, announcer: announcer.clone(), slot: 0 };
         if let Some(old) = swarm.insert(peer_id, entry) {
@@ -562,6 +566,32 @@ mod tests {
         assert_eq!(store.peers(), 2, "a stop naming another peer address removed the entry");
         store.remove_by("agent-1@10.0.0.4", &d, "p", addr(1));
         assert_eq!(store.peers(), 1, "the node's stop from another address removed its entry");
+    }
+
+    /// A refresh from another source address stays charged to the entry's holder: one
+    /// identity on two addresses cannot move entries to the second and make new ones on the
+    /// first without end (each address holds its quota at most).
+    #[test]
+    fn a_refresh_from_another_address_does_not_move_the_charge() {
+        let now = Instant::now();
+        let limits = PeerStoreLimits { max_entries_per_announcer: 3, ..PeerStoreLimits::default() };
+        let mut store = PeerStore::new(limits);
+        for round in 0..3 {
+            for i in 0..3 {
+                let (d, peer) = (digest(&format!("{round}-{i}")), format!("p{round}-{i}"));
+                let port = 100 * round + i;
+                let made = store.announce_by("n@A", &d, &peer, addr(port), false, now);
+                if round > 0 {
+                    assert_eq!(made, Err(Refused::AnnouncerFull), "round {round}: A holds its quota");
+                    continue;
+                }
+                assert_eq!(made, Ok(()));
+                assert_eq!(store.announce_by("n@B", &d, &peer, addr(port), false, now), Ok(()), "a refresh");
+            }
+        }
+        assert!(store.held.of("n@B") <= 3, "B holds {}", store.held.of("n@B"));
+        assert_eq!(store.held.of("n@A"), 3);
+        assert_eq!(store.peers(), 3);
     }
 
     /// Announcements in all are bounded whatever the number of announcers: past the cap a

@@ -256,3 +256,37 @@ async fn a_dead_tracker_is_failed_over_and_an_old_one_is_sent_announces_one_by_o
     let results = none.announce_many(&mine[..3]).await;
     assert!(results.iter().all(|r| r.is_err()));
 }
+
+/// A caller the tracker refuses (it requires a node certificate; none here) is answered from
+/// the request's head, while its body has not come (before, the body was read first: any host
+/// could have the tracker hold its slow announce bodies); and a body larger than any batch is
+/// refused with 413 (axum's 2 MiB default was 30 times a full batch).
+#[tokio::test]
+async fn refusals_come_before_the_body_and_bodies_are_bounded() {
+    use tokio::io::AsyncWriteExt;
+    let (url, _) =
+        tracker_with(false, TrackerConfig { require_node_identity: true, ..Default::default() }).await;
+    let addr = url.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // The head and a first part of a body that never ends.
+    let head = format!(
+        "POST /v1/announces HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 2000000\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&[b' '; 64 * 1024]).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(2), async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 1024];
+        let n = conn.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    })
+    .await
+    .expect("an answer before the body's end");
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+
+    let (url, _) = tracker(false).await;
+    let mut body = vec![b' '; 1 << 20];
+    body.extend_from_slice(br#"{"announces":[]}"#);
+    let r = reqwest::Client::new().post(format!("{url}/v1/announces")).body(body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+}
