@@ -76,6 +76,8 @@ struct Tracker {
     batches: IntCounter,
     digests: IntGauge,
     peer_count: IntGauge,
+    /// Each announcer's budget of seeder lookups the origins answer ([`crate::lookups`]).
+    lookups: crate::lookups::LookupBudgets,
     /// When a full tracker may next ask the origins about a digest it does not know.
     next_full_lookup: Mutex<Instant>,
 }
@@ -116,6 +118,7 @@ pub fn router(config: TrackerConfig, registry: &Registry) -> Result<Router, Buil
         digests,
         peer_count,
         next_full_lookup: Mutex::new(Instant::now()),
+        lookups: Default::default(),
     });
     tokio::spawn(expire_loop(Arc::downgrade(&tracker)));
     Ok(Router::new()
@@ -234,7 +237,7 @@ async fn announce(
     };
     let peers = match admit(&t, &announcer, &req) {
         Ok(Handout::Nothing) => Vec::new(),
-        Ok(kind) => handout(&t, &req, kind).await,
+        Ok(kind) => handout(&t, &announcer, &req, kind).await,
         Err((status, why)) => return (status, why).into_response(),
     };
     Json(AnnounceResponse { interval_secs: interval_secs(&t), peers }).into_response()
@@ -263,7 +266,9 @@ async fn announce_batch(
     let mut handouts = Vec::new();
     for (req, admitted) in batch.announces.iter().zip(&admitted) {
         match admitted {
-            Ok(kind) if *kind != Handout::Nothing && !req.complete => handouts.push(handout(&t, req, *kind)),
+            Ok(kind) if *kind != Handout::Nothing && !req.complete => {
+                handouts.push(handout(&t, &announcer, req, *kind))
+            }
             _ => {}
         }
     }
@@ -359,7 +364,18 @@ fn full_lookup_due(t: &Tracker) -> bool {
 }
 
 /// Peers for an admitted announce: the origins' seeders of the blob and a share of its swarm.
-async fn handout(t: &Tracker, req: &AnnounceRequest, kind: Handout) -> Vec<PeerInfo> {
+async fn handout(t: &Tracker, announcer: &str, req: &AnnounceRequest, kind: Handout) -> Vec<PeerInfo> {
+    // A digest no seeders are cached for costs the origins a call: within the announcer's
+    // budget (`crate::lookups`), else handed out as a full tracker hands out.
+    let kind = match kind {
+        Handout::Peers
+            if t.origins.cached_seeders(&req.digest).is_none()
+                && !t.lookups.take(announcer, Instant::now()) =>
+        {
+            Handout::Cached
+        }
+        other => other,
+    };
     let seeders = match kind {
         Handout::Cached => match t.origins.cached_seeders(&req.digest) {
             Some(cached) => cached,

@@ -2,6 +2,7 @@
 //! a good set of others. Soft state only; losing it loses no data.
 
 pub mod api;
+pub mod lookups;
 pub mod origins;
 pub mod peers;
 /// The tracker protocol lives in `shoal-p2p`, next to its client.

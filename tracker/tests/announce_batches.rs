@@ -290,3 +290,50 @@ async fn refusals_come_before_the_body_and_bodies_are_bounded() {
     let r = reqwest::Client::new().post(format!("{url}/v1/announces")).body(body).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
 }
+
+/// One announcer alternating batches of new digests and their stops (charged nothing: a stop
+/// frees its entry at once) makes the origins answer at most a burst and then a rate of
+/// seeder lookups, not one per digest without end.
+#[tokio::test]
+async fn new_digests_and_their_stops_cost_the_origins_a_bounded_rate_of_lookups() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let origin = axum::Router::new().fallback(move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { StatusCode::NOT_FOUND }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let origin_url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, origin).await });
+    let config = TrackerConfig { origins: vec![origin_url], ..TrackerConfig::default() };
+    let (url, _) = tracker_of(false, config).await;
+    let tracker = client(vec![url]);
+    let started = std::time::Instant::now();
+    let rounds = 6;
+    for round in 0..rounds {
+        let batch: Vec<AnnounceRequest> = (0..MAX_ANNOUNCE_BATCH)
+            .map(|i| req(10_000 * (round + 1) + i, PeerId::random(), 7002, false))
+            .collect();
+        for result in tracker.announce_many(&batch).await {
+            result.expect("handed peers, not refused");
+        }
+        let stops: Vec<AnnounceRequest> =
+            batch.into_iter().map(|r| AnnounceRequest { stopped: true, ..r }).collect();
+        for result in tracker.announce_many(&stops).await {
+            result.expect("a stop is taken");
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let full_every = shoal_tracker::api::FULL_LOOKUP_EVERY.as_secs_f64();
+    let allowed = shoal_tracker::lookups::LOOKUP_BURST
+        + secs * shoal_tracker::lookups::LOOKUPS_PER_SEC
+        + secs / full_every
+        + 2.0;
+    let asked = calls.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (asked as f64) <= allowed,
+        "{asked} origin calls for {} new digests in {secs:.2} s (allowed {allowed:.0})",
+        rounds * MAX_ANNOUNCE_BATCH
+    );
+    assert!(asked >= shoal_tracker::lookups::LOOKUP_BURST as usize, "the burst was asked: {asked}");
+}
