@@ -259,15 +259,18 @@ impl Downloads {
     }
 
     /// A cached blob, opened to be served (to a client or a peer): pinned, every piece read
-    /// checked. A missing or bad metainfo beside it is fetched again and the blob checked
-    /// against it. `None` if it is not cached (or was just found bad and removed).
+    /// checked. A missing or bad metainfo beside it is fetched again from the origins and the
+    /// blob checked against it. `None` if it is not cached (or was just found bad and
+    /// removed). Not a tracker's copy: the file is deleted if it does not match, and a
+    /// tracker's metainfo is not to be trusted (one with made-up chaining values deleted good
+    /// blobs).
     pub async fn open_cached(&self, digest: &Digest) -> Option<Arc<BlobPieces>> {
         let cache = self.cache.clone();
         let d = digest.clone();
         let opened = tokio::task::spawn_blocking(move || cache.open_blob(&d)).await.ok()?;
         let opened = match opened {
             Cached::NeedsMetainfo => {
-                let metainfo = match self.metainfo(digest).await {
+                let metainfo = match self.origin_metainfo(digest).await {
                     Ok(m) => m,
                     Err(e) => {
                         tracing::warn!(%digest, error = %e, "cannot fetch the metainfo of a cached blob");

@@ -80,6 +80,20 @@ impl BlobCache {
         let mut evicted = 0u64;
         {
             let mut state = self.lock();
+            // Most passes free nothing (under the watermarks, no stale partial): decided from
+            // sums, without copying and sorting the whole index under the lock async tasks
+            // take (a pass ran after every last pin dropped).
+            let held: u64 = state.entries.values().map(|e| e.size).sum::<u64>()
+                + state.partials.values().map(|p| p.bytes).sum::<u64>();
+            let need = need(held);
+            let now = SystemTime::now();
+            let stale = |p: &super::Partial| {
+                p.active == 0
+                    && now.duration_since(p.idle_since).unwrap_or_default() > self.limits.partial_max_age
+            };
+            if need == 0 && !state.partials.values().any(stale) {
+                return 0;
+            }
             let blobs: Vec<BlobUse> = state
                 .entries
                 .iter()
@@ -99,10 +113,7 @@ impl BlobCache {
                     idle_since: (p.active == 0).then_some(p.idle_since),
                 })
                 .collect();
-            let held = blobs.iter().map(|b| b.size).chain(partials.iter().map(|p| p.bytes)).sum();
-            let need = need(held);
-            let victims =
-                disk::plan_eviction(need, &blobs, &partials, SystemTime::now(), self.limits.partial_max_age);
+            let victims = disk::plan_eviction(need, &blobs, &partials, now, self.limits.partial_max_age);
             for victim in victims {
                 match victim {
                     Victim::Partial(digest) => {

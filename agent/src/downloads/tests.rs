@@ -700,3 +700,37 @@ async fn cached_blobs_are_seeded_when_pulled_and_after_a_restart() {
     old.touch_at(&digest, std::time::Instant::now() - Duration::from_secs(3600));
     assert_eq!(old.current(), [digest]);
 }
+
+/// A cached blob whose metainfo file went missing is checked against the origins' metainfo,
+/// not a tracker's: a tracker's copy with made-up chaining values (the right digest and size)
+/// made the good file look corrupt, and it was deleted.
+#[tokio::test]
+async fn a_cached_blobs_lost_metainfo_comes_from_the_origins_not_a_tracker() {
+    use axum::routing::get;
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let size = data.len() as u64;
+    let algorithm = shoal_registry::Algorithm::Sha256;
+    let origins = Metainfo::compute(&data[..], size, algorithm).unwrap();
+    let digest = origins.digest().clone();
+    let mut other = data.clone();
+    other[10] ^= 0xff;
+    let chain = Metainfo::compute(&other[..], size, algorithm).unwrap();
+    let forged = Metainfo::new(digest.clone(), size, chain.piece_length(), chain.chain().to_vec()).unwrap();
+    let (forged, right) = (serde_json::to_vec(&forged).unwrap(), serde_json::to_vec(&origins).unwrap());
+    let app = axum::Router::new()
+        .route(&format!("/v1/metainfo/{digest}"), get(move || async move { forged }))
+        .route(&shoal_p2p::tracker_client::metainfo_path(&digest), get(move || async move { right }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let downloads = downloads_at(dir.path(), &url);
+    let path = downloads.cache.blob_path(&digest);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, &data).unwrap();
+    downloads.cache.insert(&digest, size);
+    let opened = downloads.open_cached(&digest).await.expect("the cached blob opens");
+    assert_eq!(opened.metainfo().chain(), origins.chain());
+    assert_eq!(std::fs::read(&path).unwrap(), data, "the good file stays");
+}
