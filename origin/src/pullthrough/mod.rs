@@ -131,13 +131,12 @@ impl From<StoreError> for ManifestFailure {
     }
 }
 
-/// How long the upstream may take to say what a tag points at when the tag has a last
-/// target: within `serve_stale` that is answered, past it a marked failure (and the
-/// upstream's answer, if it comes later, is not waited for: the next request after `tag_ttl`
-/// asks again). Well inside an agent's wait for an origin (`http_timeout`, 10 s): an upstream
-/// that hangs (accepts, never answers) made the origin wait out its 30 s header timeout,
-/// every agent gave up first, and served the target it kept itself (past `serve_stale`) or
-/// failed the pull (within it).
+/// How long the upstream may take to say what a tag points at when the tag's last target
+/// may still be served (`serve_stale`): then that is answered (and the upstream's answer, if
+/// it comes later, is not waited for: the next request after `tag_ttl` asks again). Well
+/// inside an agent's wait for an origin (`http_timeout`, 10 s): an upstream that hangs
+/// (accepts, never answers) made the origin wait out its 30 s header timeout, every agent
+/// gave up first, and the stale tag was never served through agents.
 pub const STALE_ANSWER_AFTER: Duration = Duration::from_secs(5);
 
 impl PullThrough {
@@ -311,13 +310,10 @@ impl PullThrough {
         let confirmed = known.as_ref().map(|(_, at)| *at);
         let t = tag.as_str();
         let ask = self.call(up, repo, |c| async move { up.resolve_tag(path, t, c.as_ref()).await });
-        // With a target kept, served or not, the upstream gets `STALE_ANSWER_AFTER` too: past
-        // `serve_stale` the answer is a marked failure (`upstream_failed`), and it must reach
-        // the agents within their wait, or they count the origins out and serve the target
-        // they kept themselves. A first pull (nothing kept anywhere) waits as long as the
-        // upstream client's own timeouts allow.
-        let bounded = known.is_some();
-        let answer = if bounded {
+        let may_serve_stale = known.is_some()
+            && tags::on_failure(confirmed, now_millis(), up.config().serve_stale)
+                == tags::OnFailure::ServeStale;
+        let answer = if may_serve_stale {
             tokio::time::timeout(STALE_ANSWER_AFTER, ask).await.unwrap_or_else(|_| {
                 Err(UpstreamError::Unavailable(format!(
                     "no answer within {} s",
@@ -331,7 +327,7 @@ impl PullThrough {
             Ok(digest) => {
                 // The tag is written anew either way: its version's time records that its
                 // target was confirmed now.
-                let within = bounded.then_some(STALE_ANSWER_AFTER);
+                let within = may_serve_stale.then_some(STALE_ANSWER_AFTER);
                 let fetched = self.mirrored_manifest_within(up, repo, path, &digest, Some(tag), within).await;
                 let stale_now = tags::on_failure(confirmed, now_millis(), up.config().serve_stale)
                     == tags::OnFailure::ServeStale;
