@@ -92,7 +92,7 @@ const UPSTREAM_AUTHORIZATION: &str = "x-shoal-upstream-authorization";
 
 /// An origin's refusal that the client must see as such (an upstream's 401 asks the client for
 /// credentials; 403 and 429 pass through), else [`unexpected`].
-fn refusal(r: &reqwest::Response) -> StoreError {
+fn refusal_of(r: &reqwest::Response) -> StoreError {
     let header = |name: &str| r.headers().get(name).and_then(|v| v.to_str().ok());
     if let Some(registry) = header(shoal_registry::error::UPSTREAM_FAILURE_HEADER) {
         return StoreError::UpstreamFailed {
@@ -129,6 +129,20 @@ fn refusal(r: &reqwest::Response) -> StoreError {
         },
         s => unexpected(s),
     }
+}
+
+/// [`refusal_of`], with a 403's message as the origin gave it (it says why: a private
+/// upstream repository under Shoal's tokens names the settings that would open it).
+async fn refusal(r: reqwest::Response) -> StoreError {
+    let err = refusal_of(&r);
+    if !matches!(err, StoreError::Denied(_)) {
+        return err;
+    }
+    let body = shoal_tls::read_body(r, MAX_SMALL_ANSWER, false).await.ok();
+    let message = body
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["errors"][0]["message"].as_str().map(str::to_string));
+    message.map_or(err, StoreError::Denied)
 }
 
 impl OriginClient {
@@ -288,7 +302,7 @@ impl OriginClient {
         match r.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => return Ok(None),
-            _ => return Err(refusal(&r)),
+            _ => return Err(refusal(r).await),
         }
         let media_type = r
             .headers()
@@ -333,7 +347,7 @@ impl OriginClient {
                 .map(Some)
                 .ok_or_else(|| StoreError::Internal("origin sent no Content-Length for a blob".into())),
             StatusCode::NOT_FOUND => Ok(None),
-            _ => Err(refusal(&r)),
+            _ => Err(refusal(r).await),
         }
     }
 
@@ -359,7 +373,11 @@ impl OriginClient {
         let status = r.status();
         if status != StatusCode::PARTIAL_CONTENT && !(status == StatusCode::OK && offset == 0) {
             // A refused token (one that expired during a download) as such: see `refusal`.
-            return Err(if status == StatusCode::NOT_FOUND { StoreError::BlobUnknown } else { refusal(&r) });
+            return Err(if status == StatusCode::NOT_FOUND {
+                StoreError::BlobUnknown
+            } else {
+                refusal(r).await
+            });
         }
         // Read no more than asked for: a proxy in front of an origin that ignores `Range` and
         // answers 200 would otherwise have the whole blob buffered here.
@@ -397,7 +415,7 @@ impl OriginClient {
             }
             StatusCode::NOT_FOUND => Ok(None),
             // A private upstream repository's challenge reaches the client, as for manifests.
-            _ => Err(refusal(&r)),
+            _ => Err(refusal(r).await),
         }
     }
 
@@ -430,7 +448,7 @@ impl OriginClient {
             // Not a blob the origins can fetch (the repository is not mirrored there, the
             // upstream lacks it): the client's 404, not a 500.
             StatusCode::NOT_FOUND => return Err(StoreError::BlobUnknown),
-            _ => return Err(refusal(&r)),
+            _ => return Err(refusal(r).await),
         }
         let body = shoal_tls::read_body(r, MAX_SMALL_ANSWER, false).await.map_err(unreachable)?;
         serde_json::from_slice(&body).map_err(|e| StoreError::Internal(format!("origin progress: {e}")))
@@ -460,7 +478,7 @@ impl OriginClient {
                 Ok(Some((size, Box::pin(body))))
             }
             StatusCode::NOT_FOUND => Ok(None),
-            _ => Err(refusal(&r)),
+            _ => Err(refusal(r).await),
         }
     }
 
@@ -513,6 +531,13 @@ mod tests {
             .route("/v2/ghcr.io/a/b/tags/list", get(refuse))
             .route("/v2/ghcr.io/a/c/tags/list", get(|| async { StatusCode::FORBIDDEN }))
             .route(
+                "/v2/ghcr.io/a/d/tags/list",
+                get(|| async {
+                    let body = r#"{"errors":[{"code":"DENIED","message":"ghcr.io refuses the origins' credentials"}]}"#;
+                    (StatusCode::FORBIDDEN, body)
+                }),
+            )
+            .route(
                 "/v2/team/x/tags/list",
                 get(move || async move {
                     (StatusCode::UNAUTHORIZED, [(reqwest::header::WWW_AUTHENTICATE, bearer)], "")
@@ -530,6 +555,12 @@ mod tests {
         );
         let err = client.listing_page("/v2/ghcr.io/a/c/tags/list").await.unwrap_err();
         assert!(matches!(err, StoreError::Denied(_)), "{err:?}");
+        // The origin's reason reaches the client (it names what would open the repository).
+        let err = client.listing_page("/v2/ghcr.io/a/d/tags/list").await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Denied(m) if m == "ghcr.io refuses the origins' credentials"),
+            "{err:?}"
+        );
         // The origins' own token challenge (a token that expired on the way) reaches the
         // client as it is, not as a Basic challenge with the rest of it in the realm.
         let err = client.listing_page("/v2/team/x/tags/list").await.unwrap_err();

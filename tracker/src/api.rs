@@ -365,12 +365,12 @@ fn full_lookup_due(t: &Tracker) -> bool {
 
 /// Peers for an admitted announce: the origins' seeders of the blob and a share of its swarm.
 async fn handout(t: &Tracker, announcer: &str, req: &AnnounceRequest, kind: Handout) -> Vec<PeerInfo> {
-    // A digest no seeders are cached for costs the origins a call: within the announcer's
-    // budget (`crate::lookups`), else handed out as a full tracker hands out.
+    // A digest whose seeders are not cached, or cached past their time, costs the origins a
+    // call: within the announcer's budget (`crate::lookups`), else handed out as a full
+    // tracker hands out (the cached seeders, however old).
     let kind = match kind {
         Handout::Peers
-            if t.origins.cached_seeders(&req.digest).is_none()
-                && !t.lookups.take(announcer, Instant::now()) =>
+            if !t.origins.seeders_answered(&req.digest) && !t.lookups.take(announcer, Instant::now()) =>
         {
             Handout::Cached
         }

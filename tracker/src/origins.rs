@@ -193,6 +193,13 @@ impl Origins {
         lock(&self.seeders).get(digest).map(|(_, s)| s.clone())
     }
 
+    /// Whether [`seeders`](Self::seeders) would call no origin for the blob now: its seeders
+    /// were found within their time, or a question about them is under way.
+    pub fn seeders_answered(&self, digest: &Digest) -> bool {
+        let fresh = lock(&self.seeders).get(digest).is_some_and(|(at, _)| at.elapsed() < self.seeder_ttl);
+        fresh || self.seeder_flights.running(digest)
+    }
+
     /// Origins' peer listeners that hold the blob, as the first origin that answers lists them;
     /// empty when none answers, or none within [`SEEDER_WAIT`] of a first question. Past
     /// their time, the last ones found are handed out while the origins are asked again.
@@ -315,6 +322,22 @@ mod tests {
         assert!(seeders[0].origin && seeders[0].complete);
         assert_eq!(origins.origins.preferred(), live, "the origin that answered is asked first");
         assert_eq!(&origins.metainfo(&digest("y")).await.unwrap()[..], b"{}");
+    }
+
+    /// What the lookup budget charges: a digest never asked about, or asked about longer
+    /// ago than the seeders' time (a refresh calls an origin as a first question does).
+    #[tokio::test]
+    async fn seeders_are_answered_while_fresh_only() {
+        let live = fake_origin(Http::OK).await;
+        let origins = Arc::new(Origins::new(vec![live], Duration::from_secs(5)).unwrap());
+        let d = digest("x");
+        assert!(!origins.seeders_answered(&d), "never asked");
+        assert_eq!(origins.seeders(&d).await.len(), 1);
+        assert!(origins.seeders_answered(&d), "just asked");
+        let long_ago = Instant::now().checked_sub(origins.seeder_ttl + Duration::from_secs(1)).unwrap();
+        lock(&origins.seeders).get_mut(&d).unwrap().0 = long_ago;
+        assert!(!origins.seeders_answered(&d), "past their time");
+        assert!(origins.cached_seeders(&d).is_some(), "still handed out");
     }
 
     #[tokio::test]
