@@ -38,9 +38,20 @@ struct Inner {
     by_digest: HashMap<(RepoName, Digest), (StoredManifest, Instant)>,
     /// What `by_digest` holds, charged as in [`charge`].
     bytes: usize,
-    /// When the answer arrived (its freshness runs from there), its digest, and when it was
-    /// asked (an answer to an earlier question does not replace one to a later question).
-    tags: HashMap<(RepoName, Tag), (Instant, Digest, Instant)>,
+    tags: HashMap<(RepoName, Tag), TagAnswer>,
+}
+
+/// What the origins last answered for a tag.
+struct TagAnswer {
+    /// When the answer arrived (its freshness runs from there).
+    at: Instant,
+    digest: Digest,
+    /// When it was asked (an answer to an earlier question does not replace one to a later
+    /// question).
+    asked: Instant,
+    /// Until when (Unix seconds) it may be served while the origins cannot be asked
+    /// ([`StoredManifest::serve_stale_until`]); `None`: without limit.
+    serve_stale_until: Option<u64>,
 }
 
 fn charge(m: &StoredManifest) -> usize {
@@ -82,11 +93,11 @@ impl ManifestCache {
     /// The manifest `tag` of `repo` pointed to less than `tag_ttl` before `now`, if kept.
     pub fn by_tag(&self, repo: &RepoName, tag: &Tag, now: Instant) -> Option<StoredManifest> {
         let inner = self.lock();
-        let (at, digest, _) = inner.tags.get(&(repo.clone(), tag.clone()))?;
-        if now.saturating_duration_since(*at) >= self.tag_ttl {
+        let answer = inner.tags.get(&(repo.clone(), tag.clone()))?;
+        if now.saturating_duration_since(answer.at) >= self.tag_ttl {
             return None;
         }
-        inner.by_digest.get(&(repo.clone(), digest.clone())).map(|(m, _)| m.clone())
+        inner.by_digest.get(&(repo.clone(), answer.digest.clone())).map(|(m, _)| m.clone())
     }
 
     /// Forget where `tag` of `repo` pointed (the origins say it is gone).
@@ -94,12 +105,16 @@ impl ManifestCache {
         self.lock().tags.remove(&(repo.clone(), tag.clone()));
     }
 
-    /// The manifest `tag` of `repo` last pointed to, however long ago, if kept: for when the
-    /// origins cannot be asked.
-    pub fn by_tag_kept(&self, repo: &RepoName, tag: &Tag) -> Option<StoredManifest> {
+    /// The manifest `tag` of `repo` last pointed to, however long ago, if kept and the
+    /// origins said it may be served at `now_unix` (seconds; an upstream's tag: until
+    /// `serve_stale` past its last confirmation): for when the origins cannot be asked.
+    pub fn by_tag_kept(&self, repo: &RepoName, tag: &Tag, now_unix: u64) -> Option<StoredManifest> {
         let inner = self.lock();
-        let (_, digest, _) = inner.tags.get(&(repo.clone(), tag.clone()))?;
-        inner.by_digest.get(&(repo.clone(), digest.clone())).map(|(m, _)| m.clone())
+        let answer = inner.tags.get(&(repo.clone(), tag.clone()))?;
+        if answer.serve_stale_until.is_some_and(|until| now_unix >= until) {
+            return None;
+        }
+        inner.by_digest.get(&(repo.clone(), answer.digest.clone())).map(|(m, _)| m.clone())
     }
 
     /// Keep `manifest` of `repo`, fetched at `now` by `tag` if given (else by its digest). One
@@ -131,7 +146,9 @@ impl ManifestCache {
             inner.tags.clear();
             inner.bytes = 0;
         }
-        inner.by_digest.insert(key, (manifest.clone(), now));
+        // By digest without the tag's limit: a digest's content never changes.
+        let kept = StoredManifest { serve_stale_until: None, ..manifest.clone() };
+        inner.by_digest.insert(key, (kept, now));
         inner.bytes += cost;
         if let Some(tag) = tag {
             if inner.tags.len() >= MAX_TAGS {
@@ -139,8 +156,14 @@ impl ManifestCache {
             }
             // An answer to an earlier question that arrives after a later one's keeps out.
             let key = (repo.clone(), tag.clone());
-            if inner.tags.get(&key).is_none_or(|(_, _, was_asked)| *was_asked <= asked) {
-                inner.tags.insert(key, (now, manifest.digest.clone(), asked));
+            if inner.tags.get(&key).is_none_or(|was| was.asked <= asked) {
+                let answer = TagAnswer {
+                    at: now,
+                    digest: manifest.digest.clone(),
+                    asked,
+                    serve_stale_until: manifest.serve_stale_until,
+                };
+                inner.tags.insert(key, answer);
             }
         }
     }
@@ -164,6 +187,7 @@ mod tests {
             digest: Digest::of(Algorithm::Sha256, &bytes),
             media_type: "application/vnd.oci.image.manifest.v1+json".into(),
             bytes: Bytes::from(bytes),
+            serve_stale_until: None,
         }
     }
 
@@ -205,6 +229,28 @@ mod tests {
         // Freshness runs from the answer: one that took 6 s is still kept for tag_ttl (5 s).
         cache.insert_answer(&repo(), Some(&tag(1)), &new, t0, t0 + s(6));
         assert_eq!(cache.by_tag(&repo(), &tag(1), t0 + s(9)).map(|m| m.digest), Some(new.digest));
+    }
+
+    /// A kept upstream tag is served through an outage of the origins until the time its
+    /// answer named (`serve_stale` past the upstream's last confirmation), a pushed one (no
+    /// limit) for as long as it is kept; a later answer's limit replaces the earlier one's.
+    #[test]
+    fn a_kept_tag_is_served_only_until_the_origins_said() {
+        let cache =
+            ManifestCache::new(Duration::from_secs(5), Duration::from_secs(60), DEFAULT_MANIFEST_CACHE_BYTES);
+        let now = Instant::now();
+        let limited = StoredManifest { serve_stale_until: Some(1_000), ..manifest(1, 100) };
+        cache.insert(&repo(), Some(&tag(0)), &limited, now);
+        cache.insert(&repo(), Some(&tag(1)), &manifest(2, 100), now);
+        assert!(cache.by_tag_kept(&repo(), &tag(0), 999).is_some());
+        assert!(cache.by_tag_kept(&repo(), &tag(0), 1_000).is_none(), "past the limit");
+        assert!(cache.by_tag_kept(&repo(), &tag(1), u64::MAX).is_some(), "no limit");
+        // By digest the content is served whatever the tag's limit.
+        let (m, _) = cache.by_digest(&repo(), &limited.digest, now).unwrap();
+        assert_eq!(m.serve_stale_until, None);
+        let renewed = StoredManifest { serve_stale_until: Some(5_000), ..limited };
+        cache.insert(&repo(), Some(&tag(0)), &renewed, now);
+        assert!(cache.by_tag_kept(&repo(), &tag(0), 4_999).is_some(), "a later answer's limit");
     }
 
     #[test]

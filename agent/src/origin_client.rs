@@ -312,6 +312,11 @@ impl OriginClient {
             .unwrap_or_else(|| OCI_MANIFEST.to_string());
         let claimed =
             r.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let serve_stale_until = r
+            .headers()
+            .get(shoal_registry::api::SERVE_STALE_UNTIL_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
         let bytes = shoal_tls::read_body(r, MAX_MANIFEST_ANSWER, false).await.map_err(unreachable)?;
         let expected: Option<Digest> = match reference.parse::<Digest>() {
             Ok(d) => Some(d),
@@ -327,7 +332,7 @@ impl OriginClient {
         let known = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST];
         let media_type =
             known.iter().find(|k| media_type.starts_with(*k)).map_or(media_type.clone(), |k| k.to_string());
-        Ok(Some(StoredManifest { digest, media_type, bytes }))
+        Ok(Some(StoredManifest { digest, media_type, bytes, serve_stale_until }))
     }
 
     /// Size of a blob as the origin serves it through `repo` (which enforces repository links).

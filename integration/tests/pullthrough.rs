@@ -647,6 +647,47 @@ async fn a_hanging_upstream_still_has_its_stale_tags_served_through_agents() {
     assert!(started.elapsed() < Duration::from_secs(8), "the referrers took {:?}", started.elapsed());
 }
 
+/// Past `serve_stale`, an agent does not serve the tag's target it kept while its upstream
+/// hangs: the origin's answer said until when it may (`Shoal-Serve-Stale-Until`), and the
+/// origin's wait for the hanging upstream, past the agent's own 10 s, reads to the agent as
+/// an outage of the origins. Before, it served its kept target however old.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hanging_upstream_past_serve_stale_is_not_served_from_an_agents_memory() {
+    skip_if_external!(SKIP);
+    let kind = ImageKind::Oci;
+    let config = Blob::config(kind.config_type());
+    let layer = Blob::random_layer(kind.layer_type(), 64 * 1024);
+    let value = oci::image_manifest_value(kind.manifest_type(), &config, std::slice::from_ref(&layer));
+    let manifest = Manifest::from_value(kind.manifest_type(), &value);
+    let (url, _gets) = slow_upstream_image(manifest.clone(), vec![config, layer], None).await;
+    let hang = Arc::new(AtomicBool::new(false));
+    let target: std::net::SocketAddr = url.trim_start_matches("http://").parse().expect("upstream address");
+    let proxy = hanging_proxy(target, hang.clone()).await;
+    let serve_stale = Duration::from_secs(3);
+    let upstream = format!(
+        "[[upstream]]\nregistry = \"slow.test\"\nurl = \"{proxy}\"\ntag_ttl = \"1s\"\nserve_stale = \"3s\"\n"
+    );
+    let cluster = Cluster::start_with_origin(1, &upstream, "").await;
+    // Agents learn the upstream registries at start (every 2 s until an origin answers).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let client = Client::new(&cluster.agent_url(0));
+    let r = client.get_manifest("slow.test/app", "v1").await;
+    r.expect(StatusCode::OK);
+    let until: u64 = r.must_header("shoal-serve-stale-until").parse().expect("a time");
+    let confirmed = Instant::now();
+    hang.store(true, Ordering::SeqCst);
+    // Past serve_stale, and past the second the limit is counted in.
+    let wait =
+        (confirmed + serve_stale + Duration::from_millis(1500)).saturating_duration_since(Instant::now());
+    tokio::time::sleep(wait).await;
+    let now_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(now_unix >= until, "the limit ({until}) has passed ({now_unix})");
+    let r = client.get_manifest("slow.test/app", "v1").await;
+    assert_ne!(r.status, StatusCode::OK, "the agent served its kept target past serve_stale");
+    // By digest, what the node holds is served for good.
+    client.get_manifest("slow.test/app", &manifest.digest).await.expect(StatusCode::OK);
+}
+
 /// A TCP proxy to `target` that, while `hang` is set, accepts connections and says nothing.
 async fn hanging_proxy(target: std::net::SocketAddr, hang: Arc<AtomicBool>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

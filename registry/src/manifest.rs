@@ -71,11 +71,17 @@ pub struct ReferrerDescriptor {
 }
 
 /// The tag under which a registry without the referrers API keeps an index of `subject`'s
-/// referrers (spec, "Referrers Tag Schema"): `<alg>-<hex>`, cut to a tag's 128 characters.
+/// referrers (spec, "Referrers Tag Schema"): the algorithm cut to 32 characters, `-`, the
+/// encoded part cut to 64 (a sha512 subject's tag is `sha512-` and its first 64 hex
+/// characters, as clients push it), characters a tag may not hold replaced with `-`.
 pub fn referrers_tag(subject: &Digest) -> String {
-    let mut tag = format!("{}-{}", subject.algorithm().name(), subject.hex());
-    tag.truncate(128);
-    tag
+    let cut = |s: &str, n: usize| -> String {
+        s.chars()
+            .take(n)
+            .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') { c } else { '-' })
+            .collect()
+    };
+    format!("{}-{}", cut(subject.algorithm().name(), 32), cut(subject.hex(), 64))
 }
 
 /// The descriptors an image index lists: a referrers API answer, or the index a referrers tag
@@ -229,9 +235,10 @@ mod referrers_tests {
     fn the_referrers_tag_is_the_digest_cut_to_a_tag() {
         let d = Digest::of(crate::digest::Algorithm::Sha256, b"x");
         assert_eq!(referrers_tag(&d), format!("sha256-{}", d.hex()));
+        // The spec's example: the encoded part cut to 64 characters.
         let long = Digest::of(crate::digest::Algorithm::Sha512, b"x");
         let tag = referrers_tag(&long);
-        assert_eq!(tag.len(), 128);
+        assert_eq!(tag, format!("sha512-{}", &long.hex()[..64]));
         assert!(tag.parse::<crate::name::Tag>().is_ok(), "{tag}");
     }
 

@@ -55,6 +55,11 @@ pub struct StoredManifest {
     pub digest: Digest,
     pub media_type: String,
     pub bytes: Bytes,
+    /// Answered by tag for a repository of an upstream registry: until when (Unix seconds)
+    /// a node may serve the tag's target it kept while the origins cannot be asked (the
+    /// upstream's last confirmation plus `serve_stale`). `None`: no limit (pushed content,
+    /// or an answer by digest).
+    pub serve_stale_until: Option<u64>,
 }
 
 /// A manifest ready to be stored: validated and hashed by the API layer.

@@ -227,28 +227,51 @@ impl Upstream {
         Ok(UpstreamManifest { digest, media_type, bytes })
     }
 
-    /// The referrers of `digest` by the upstream's referrers API; `None` where the registry
-    /// answers 404 (no such API: the referrers tag schema is the caller's to read).
+    /// The referrers of `digest` by the upstream's referrers API, every page of it (the
+    /// spec's `Link: <...>; rel="next"`, on the upstream's own host, up to
+    /// [`MAX_REFERRER_PAGES`]); `None` where the registry answers 404 (no such API: the
+    /// referrers tag schema is the caller's to read).
     pub async fn referrers(
         &self,
         repo: &str,
         digest: &Digest,
         client: Option<&Credentials>,
     ) -> Result<Option<Vec<ReferrerDescriptor>>, UpstreamError> {
-        let url = format!("{}/v2/{repo}/referrers/{digest}", self.config.base());
-        let r = match self.send(reqwest::Method::GET, &url, repo, client, "referrers").await {
-            Err(UpstreamError::NotFound) => return Ok(None),
-            other => other?,
-        };
-        if r.content_length().is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
-            return Err(UpstreamError::Invalid(format!(
-                "referrers of {digest} over {MAX_MANIFEST_BYTES} bytes"
-            )));
+        let mut url = format!("{}/v2/{repo}/referrers/{digest}", self.config.base());
+        let mut found: Vec<ReferrerDescriptor> = Vec::new();
+        for page in 0..MAX_REFERRER_PAGES {
+            let r = match self.send(reqwest::Method::GET, &url, repo, client, "referrers").await {
+                Err(UpstreamError::NotFound) if page == 0 => return Ok(None),
+                // A later page gone (the list changed under the cursor): what was read.
+                Err(UpstreamError::NotFound) => return Ok(Some(found)),
+                other => other?,
+            };
+            if r.content_length().is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
+                return Err(UpstreamError::Invalid(format!(
+                    "referrers of {digest} over {MAX_MANIFEST_BYTES} bytes"
+                )));
+            }
+            let next = r
+                .headers()
+                .get_all(reqwest::header::LINK)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(|link| next_page(self.config.base(), link));
+            let bytes = self.read_limited(r, MAX_MANIFEST_BYTES).await?;
+            let listed = shoal_registry::manifest::index_descriptors(&bytes)
+                .map_err(|e| UpstreamError::Invalid(format!("referrers of {digest}: {e}")))?;
+            for d in listed {
+                if !found.iter().any(|f| f.digest == d.digest) {
+                    found.push(d);
+                }
+            }
+            match next {
+                Some(next) => url = next,
+                None => return Ok(Some(found)),
+            }
         }
-        let bytes = self.read_limited(r, MAX_MANIFEST_BYTES).await?;
-        shoal_registry::manifest::index_descriptors(&bytes)
-            .map(Some)
-            .map_err(|e| UpstreamError::Invalid(format!("referrers of {digest}: {e}")))
+        tracing::warn!(%repo, %digest, pages = MAX_REFERRER_PAGES, "upstream referrers cut at the page limit");
+        Ok(Some(found))
     }
 
     /// A blob's body (redirects to object storage followed); returns when headers arrive.
@@ -585,6 +608,29 @@ fn realm_may_have_credentials(base: &str, realm: &str, credentials: bool) -> boo
     !credentials || !https(base) || https(realm)
 }
 
+/// Pages of an upstream's referrers list followed at most (each up to `MAX_MANIFEST_BYTES`).
+pub const MAX_REFERRER_PAGES: usize = 16;
+
+/// The URL a `Link: <...>; rel="next"` header names, resolved against `base`, if it is on
+/// `base`'s own scheme, host and port (a link elsewhere is not followed: the client's
+/// credentials go with the request).
+fn next_page(base: &str, link: &str) -> Option<String> {
+    let mut parts = link.split(';');
+    let target = parts.next()?.trim().strip_prefix('<')?.strip_suffix('>')?;
+    let is_next = parts.any(|p| {
+        let p = p.trim();
+        p.eq_ignore_ascii_case("rel=\"next\"") || p.eq_ignore_ascii_case("rel=next")
+    });
+    if !is_next {
+        return None;
+    }
+    let base = reqwest::Url::parse(base).ok()?;
+    let url = base.join(target).ok()?;
+    let same = url.scheme() == base.scheme()
+        && url.host_str() == base.host_str()
+        && url.port_or_known_default() == base.port_or_known_default();
+    same.then(|| url.to_string())
+}
 #[cfg(test)]
 mod tests {
     use super::*;

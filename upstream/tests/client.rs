@@ -370,3 +370,58 @@ async fn an_unreachable_upstream_is_unavailable() {
     let up = upstream(&url, "");
     assert!(matches!(up.resolve_tag("library/app", "v1", None).await, Err(UpstreamError::Unavailable(_))));
 }
+
+/// An upstream whose referrers API pages its answer (the spec's `Link: <...>; rel="next"`) is
+/// read to its last page; a link to another host is not followed.
+#[tokio::test]
+async fn referrers_are_read_to_the_last_page_on_the_upstreams_own_host() {
+    use axum::routing::get;
+    let subject = Digest::of(Algorithm::Sha256, b"subject");
+    let descriptor = |name: &str| {
+        let d = Digest::of(Algorithm::Sha256, name.as_bytes());
+        format!(r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{d}","size":10}}"#)
+    };
+    let index = |entries: Vec<String>| {
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{}]}}"#,
+            entries.join(",")
+        )
+    };
+    let (first, second, third) =
+        (index(vec![descriptor("a")]), index(vec![descriptor("b")]), index(vec![descriptor("c")]));
+    let path = format!("/v2/r/referrers/{subject}");
+    let (next, elsewhere) = (
+        format!("<{path}?last=a>; rel=\"next\""),
+        format!("<http://other.invalid{path}?last=b>; rel=\"next\""),
+    );
+    let app = axum::Router::new().route(
+        &path,
+        get(move |q: axum::extract::RawQuery| {
+            let (first, second, third) = (first.clone(), second.clone(), third.clone());
+            let (next, elsewhere) = (next.clone(), elsewhere.clone());
+            async move {
+                let oci = "application/vnd.oci.image.index.v1+json";
+                match q.0.as_deref() {
+                    None => ([(header::CONTENT_TYPE, oci.to_string()), (header::LINK, next)], first)
+                        .into_response(),
+                    Some("last=a") => {
+                        ([(header::CONTENT_TYPE, oci.to_string()), (header::LINK, elsewhere)], second)
+                            .into_response()
+                    }
+                    Some(_) => ([(header::CONTENT_TYPE, oci)], third).into_response(),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let up = upstream(&url, "");
+    let found = up.referrers("r", &subject, None).await.unwrap().expect("an API");
+    let names: Vec<Digest> = found.iter().map(|d| d.digest.clone()).collect();
+    assert_eq!(
+        names,
+        vec![Digest::of(Algorithm::Sha256, b"a"), Digest::of(Algorithm::Sha256, b"b")],
+        "both pages of its own host, not the third elsewhere"
+    );
+}

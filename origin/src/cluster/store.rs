@@ -425,6 +425,7 @@ impl RegistryStore for ClusterStore {
             digest,
             media_type: m.media_type.clone(),
             bytes: bytes::Bytes::from(m.bytes.clone().into_bytes()),
+            serve_stale_until: None,
         }))
     }
 

@@ -252,6 +252,7 @@ impl PullThrough {
             digest: digest.clone(),
             media_type: fetched.media_type.clone(),
             bytes: fetched.bytes.clone(),
+            serve_stale_until: None,
         };
         let new = NewManifest { digest: digest.clone(), bytes: fetched.bytes, parsed };
         self.inner.put_manifest(repo, tag, new, References::Fetched).await?;
@@ -297,7 +298,8 @@ impl PullThrough {
             {
                 self.check_access(up, repo, path, Probe::Manifest(digest)).await?;
                 self.metrics.cache(up.registry(), true);
-                return self.inner.manifest_get(repo, &Reference::Digest(digest.clone())).await;
+                let found = self.inner.manifest_get(repo, &Reference::Digest(digest.clone())).await?;
+                return Ok(serve_stale_until(found, up, confirmed.unwrap_or(0)));
             }
             if turn.is_some() {
                 break;
@@ -332,7 +334,7 @@ impl PullThrough {
                 let stale_now = tags::on_failure(confirmed, now_millis(), up.config().serve_stale)
                     == tags::OnFailure::ServeStale;
                 match (fetched, known) {
-                    (Ok(found), _) => Ok(found),
+                    (Ok(found), _) => Ok(serve_stale_until(found, up, now_millis())),
                     // The tag moved, but the upstream will not send the new target (its `HEAD`
                     // answered, its `GET` is throttled, failing or slow: Docker Hub's pull
                     // limit counts only the `GET`): the last target, while it may be served.
@@ -378,8 +380,19 @@ impl PullThrough {
             "upstream cannot answer; serving the tag's last known target"
         );
         self.metrics.stale(up.registry());
-        self.inner.manifest_get(repo, &Reference::Digest(digest)).await
+        let found = self.inner.manifest_get(repo, &Reference::Digest(digest)).await?;
+        Ok(serve_stale_until(found, up, at))
     }
+}
+
+/// `found`, answered for a tag its upstream confirmed at `confirmed` (Unix milliseconds),
+/// with until when a node may serve it from what it kept: `serve_stale` past that. Agents
+/// keep it with the tag, and past it serve their kept target no more while the origins
+/// cannot be asked (an upstream that hangs past `serve_stale` holds the origin's answer past
+/// an agent's wait, which the agent takes for an outage of the origins).
+fn serve_stale_until(found: Option<StoredManifest>, up: &Upstream, confirmed: u64) -> Option<StoredManifest> {
+    let until = (confirmed / 1000).saturating_add(up.config().serve_stale.as_secs());
+    found.map(|m| StoredManifest { serve_stale_until: Some(until), ..m })
 }
 
 /// Header that carries a client's upstream credentials between Shoal's processes (agents to

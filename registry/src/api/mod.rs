@@ -38,6 +38,9 @@ use route::{parse_route, Route};
 /// Header every `/v2/` response carries so Docker clients recognise the API.
 pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
 pub const DIGEST_HEADER: &str = "docker-content-digest";
+/// On an upstream tag's manifest: [`StoredManifest::serve_stale_until`](crate::store::StoredManifest),
+/// which agents keep with the tag.
+pub const SERVE_STALE_UNTIL_HEADER: &str = "shoal-serve-stale-until";
 pub const UPLOAD_UUID_HEADER: &str = "docker-upload-uuid";
 pub const SUBJECT_HEADER: &str = "oci-subject";
 pub const FILTERS_APPLIED_HEADER: &str = "oci-filters-applied";

@@ -88,6 +88,25 @@ async fn a_manifest_above_64_mib_under_its_limit_is_read_whole() {
     assert_eq!(put(config, body).await.status(), StatusCode::PAYLOAD_TOO_LARGE);
 }
 
+/// A manifest body that stalls past the server's body timeout is 408, which a client may
+/// send again; it was 400 `MANIFEST_INVALID`, which says the content is wrong for good.
+#[tokio::test]
+async fn a_manifest_body_that_times_out_is_408_not_invalid() {
+    let router = crate::router(Arc::new(Empty), ApiConfig::default());
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = vec![
+        Ok(bytes::Bytes::from_static(b"{\"schemaVersion\":")),
+        Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no byte for 30 s")),
+    ];
+    let req = Request::builder()
+        .method(Method::PUT)
+        .uri("/v2/team/app/manifests/v1")
+        .header(header::CONTENT_TYPE, OCI_MANIFEST)
+        .body(Body::from_stream(futures_util::stream::iter(chunks)))
+        .unwrap();
+    let r = router.oneshot(req).await.unwrap();
+    assert_eq!(r.status(), StatusCode::REQUEST_TIMEOUT);
+}
+
 #[tokio::test]
 async fn a_manifest_that_is_not_utf8_is_invalid() {
     // An unknown field: serde_json skips its string without checking it.
