@@ -312,11 +312,13 @@ impl OriginClient {
             .unwrap_or_else(|| OCI_MANIFEST.to_string());
         let claimed =
             r.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(str::to_string);
+        // Seconds left, made a time by this node's clock.
         let serve_stale_until = r
             .headers()
-            .get(shoal_registry::api::SERVE_STALE_UNTIL_HEADER)
+            .get(shoal_registry::api::SERVE_STALE_FOR_HEADER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|left| shoal_registry::api::unix_now().saturating_add(left));
         let bytes = shoal_tls::read_body(r, MAX_MANIFEST_ANSWER, false).await.map_err(unreachable)?;
         let expected: Option<Digest> = match reference.parse::<Digest>() {
             Ok(d) => Some(d),

@@ -336,14 +336,16 @@ impl RegistryStore for AgentStore {
                     // a node holds still start (a pod's `imagePullPolicy: Always` resolves its
                     // tag at every start), as a manifest by digest is kept. Not for a client
                     // the origins refused.
-                    Err(e) if !refused_client(&e) => match self.manifests.by_tag_kept(repo, t, unix_now()) {
-                        Some(m) => {
-                            tracing::warn!(%repo, tag = %t, digest = %m.digest, error = %e,
+                    Err(e) if !refused_client(&e) => {
+                        match self.manifests.by_tag_kept(repo, t, shoal_registry::api::unix_now()) {
+                            Some(m) => {
+                                tracing::warn!(%repo, tag = %t, digest = %m.digest, error = %e,
                                 "origin unreachable; serving where the tag last pointed");
-                            return Ok(Some(m));
+                                return Ok(Some(m));
+                            }
+                            None => return Err(e),
                         }
-                        None => return Err(e),
-                    },
+                    }
                     other => other?,
                 };
                 match &found {
@@ -393,11 +395,6 @@ impl RegistryStore for AgentStore {
             .map_err(|e| StoreError::Internal(format!("origin referrers: {e}")))?;
         Ok(index.manifests)
     }
-}
-
-/// Seconds since the Unix epoch now (what an origin's `serve_stale_until` counts in).
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Whether an origin's error refused this client (its credentials, its access), or said the

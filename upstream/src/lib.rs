@@ -229,7 +229,9 @@ impl Upstream {
 
     /// The referrers of `digest` by the upstream's referrers API, every page of it (the
     /// spec's `Link: <...>; rel="next"`, on the upstream's own host, up to
-    /// [`MAX_REFERRER_PAGES`]); `None` where the registry answers 404 (no such API: the
+    /// [`MAX_REFERRER_PAGES`], pages after the first within [`REFERRER_PAGES_WITHIN`]: a
+    /// slow later page ends the list with what was read, rather than the caller's deadline
+    /// dropping every page); `None` where the registry answers 404 (no such API: the
     /// referrers tag schema is the caller's to read).
     pub async fn referrers(
         &self,
@@ -237,37 +239,50 @@ impl Upstream {
         digest: &Digest,
         client: Option<&Credentials>,
     ) -> Result<Option<Vec<ReferrerDescriptor>>, UpstreamError> {
+        let later_by = tokio::time::Instant::now() + REFERRER_PAGES_WITHIN;
         let mut url = format!("{}/v2/{repo}/referrers/{digest}", self.config.base());
         let mut found: Vec<ReferrerDescriptor> = Vec::new();
+        // By digest, in a set: a 4 MiB page lists some 40,000 descriptors.
+        let mut seen = std::collections::HashSet::new();
         for page in 0..MAX_REFERRER_PAGES {
-            let r = match self.send(reqwest::Method::GET, &url, repo, client, "referrers").await {
+            let read = async {
+                let r = self.send(reqwest::Method::GET, &url, repo, client, "referrers").await?;
+                if r.content_length().is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
+                    return Err(UpstreamError::Invalid(format!(
+                        "referrers of {digest} over {MAX_MANIFEST_BYTES} bytes"
+                    )));
+                }
+                let next = r
+                    .headers()
+                    .get_all(reqwest::header::LINK)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .find_map(|link| next_page(self.config.base(), &url, link));
+                Ok((self.read_limited(r, MAX_MANIFEST_BYTES).await?, next))
+            };
+            let read = if page == 0 {
+                read.await
+            } else {
+                match tokio::time::timeout_at(later_by, read).await {
+                    Ok(read) => read,
+                    Err(_) => {
+                        tracing::warn!(%repo, %digest, page, "upstream referrers: a later page too slow; listing what was read");
+                        return Ok(Some(found));
+                    }
+                }
+            };
+            let (bytes, next) = match read {
                 Err(UpstreamError::NotFound) if page == 0 => return Ok(None),
                 // A later page gone (the list changed under the cursor): what was read.
                 Err(UpstreamError::NotFound) => return Ok(Some(found)),
                 other => other?,
             };
-            if r.content_length().is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
-                return Err(UpstreamError::Invalid(format!(
-                    "referrers of {digest} over {MAX_MANIFEST_BYTES} bytes"
-                )));
-            }
-            let next = r
-                .headers()
-                .get_all(reqwest::header::LINK)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .find_map(|link| next_page(self.config.base(), link));
-            let bytes = self.read_limited(r, MAX_MANIFEST_BYTES).await?;
             let listed = shoal_registry::manifest::index_descriptors(&bytes)
                 .map_err(|e| UpstreamError::Invalid(format!("referrers of {digest}: {e}")))?;
-            for d in listed {
-                if !found.iter().any(|f| f.digest == d.digest) {
-                    found.push(d);
-                }
-            }
+            found.extend(listed.into_iter().filter(|d| seen.insert(d.digest.clone())));
             match next {
-                Some(next) => url = next,
-                None => return Ok(Some(found)),
+                Some(next) if next != url => url = next,
+                _ => return Ok(Some(found)),
             }
         }
         tracing::warn!(%repo, %digest, pages = MAX_REFERRER_PAGES, "upstream referrers cut at the page limit");
@@ -610,26 +625,58 @@ fn realm_may_have_credentials(base: &str, realm: &str, credentials: bool) -> boo
 
 /// Pages of an upstream's referrers list followed at most (each up to `MAX_MANIFEST_BYTES`).
 pub const MAX_REFERRER_PAGES: usize = 16;
+/// How long after the first page's request later pages are read: well inside the origin's
+/// `STALE_ANSWER_AFTER` (5 s) for the whole list.
+pub const REFERRER_PAGES_WITHIN: Duration = Duration::from_secs(3);
 
-/// The URL a `Link: <...>; rel="next"` header names, resolved against `base`, if it is on
-/// `base`'s own scheme, host and port (a link elsewhere is not followed: the client's
-/// credentials go with the request).
-fn next_page(base: &str, link: &str) -> Option<String> {
-    let mut parts = link.split(';');
-    let target = parts.next()?.trim().strip_prefix('<')?.strip_suffix('>')?;
-    let is_next = parts.any(|p| {
-        let p = p.trim();
-        p.eq_ignore_ascii_case("rel=\"next\"") || p.eq_ignore_ascii_case("rel=next")
-    });
-    if !is_next {
-        return None;
-    }
+/// The URL a `Link` header's `rel="next"` value names (RFC 8288: values separated by commas,
+/// each `<target>` with `;` parameters, `rel` a space-separated list), resolved against the
+/// page it came with (`page`), if it is on `base`'s own scheme, host and port (a link
+/// elsewhere is not followed: the client's credentials go with the request).
+fn next_page(base: &str, page: &str, link: &str) -> Option<String> {
+    let target = link_values(link).into_iter().find_map(|(target, params)| {
+        let is_next = params.iter().any(|p| {
+            let Some((name, value)) = p.split_once('=') else { return false };
+            name.trim().eq_ignore_ascii_case("rel")
+                && value.trim().trim_matches('"').split_whitespace().any(|r| r.eq_ignore_ascii_case("next"))
+        });
+        is_next.then_some(target)
+    })?;
     let base = reqwest::Url::parse(base).ok()?;
-    let url = base.join(target).ok()?;
+    let url = reqwest::Url::parse(page).ok()?.join(&target).ok()?;
     let same = url.scheme() == base.scheme()
         && url.host_str() == base.host_str()
         && url.port_or_known_default() == base.port_or_known_default();
     same.then(|| url.to_string())
+}
+
+/// A `Link` header's values: each target and its parameters. Commas inside `<...>` or
+/// quotes do not separate values.
+fn link_values(header: &str) -> Vec<(String, Vec<String>)> {
+    let mut values = Vec::new();
+    let (mut current, mut in_target, mut in_quotes) = (String::new(), false, false);
+    for c in header.chars() {
+        match c {
+            '<' if !in_quotes => in_target = true,
+            '>' if !in_quotes => in_target = false,
+            '"' if !in_target => in_quotes = !in_quotes,
+            ',' if !in_target && !in_quotes => {
+                values.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    values.push(current);
+    values
+        .into_iter()
+        .filter_map(|v| {
+            let mut parts = v.split(';');
+            let target = parts.next()?.trim().strip_prefix('<')?.strip_suffix('>')?.to_string();
+            Some((target, parts.map(|p| p.trim().to_string()).collect()))
+        })
+        .collect()
 }
 #[cfg(test)]
 mod tests {
@@ -644,6 +691,28 @@ mod tests {
         assert!(!realm_may_have_credentials(tls, "http://127.0.0.1/token", true));
         assert!(realm_may_have_credentials(tls, "http://auth.example/token", false), "anonymous");
         assert!(realm_may_have_credentials(plain, "http://auth.example/token", true));
+    }
+
+    #[test]
+    fn the_next_page_is_the_link_whose_rel_is_next() {
+        let (base, page) = ("https://r.example", "https://r.example/v2/a/referrers/d");
+        let next = |link: &str| next_page(base, page, link);
+        assert_eq!(
+            next("</v2/a/referrers/d?last=x>; rel=\"next\"").as_deref(),
+            Some("https://r.example/v2/a/referrers/d?last=x")
+        );
+        // Several values, in any order; a rel list; a query-only target against the page.
+        assert_eq!(
+            next("<?last=p>; rel=\"prev\", <?last=n>; rel=\"next\", <?last=z>; rel=\"last\"").as_deref(),
+            Some("https://r.example/v2/a/referrers/d?last=n")
+        );
+        assert_eq!(
+            next("<?n=1,2>; rel=\"last next\"").as_deref(),
+            Some("https://r.example/v2/a/referrers/d?n=1,2")
+        );
+        assert_eq!(next("<?last=p>; rel=\"prev\""), None);
+        assert_eq!(next("<https://elsewhere.example/v2/a/referrers/d?last=x>; rel=\"next\""), None);
+        assert_eq!(next("<http://r.example/v2/a/referrers/d?last=x>; rel=\"next\""), None, "another scheme");
     }
 
     #[test]

@@ -390,8 +390,9 @@ async fn referrers_are_read_to_the_last_page_on_the_upstreams_own_host() {
     let (first, second, third) =
         (index(vec![descriptor("a")]), index(vec![descriptor("b")]), index(vec![descriptor("c")]));
     let path = format!("/v2/r/referrers/{subject}");
+    // Several link values in one header (RFC 8288), the next one not first.
     let (next, elsewhere) = (
-        format!("<{path}?last=a>; rel=\"next\""),
+        format!("<{path}?last=z>; rel=\"last\", <{path}?last=a>; rel=\"next\""),
         format!("<http://other.invalid{path}?last=b>; rel=\"next\""),
     );
     let app = axum::Router::new().route(

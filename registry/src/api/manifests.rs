@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 
-use super::{hv, ApiResult, Ctx, DIGEST_HEADER, SERVE_STALE_UNTIL_HEADER, SUBJECT_HEADER};
+use super::{hv, ApiResult, Ctx, DIGEST_HEADER, SERVE_STALE_FOR_HEADER, SUBJECT_HEADER};
 use crate::digest::{Algorithm, Digest};
 use crate::error::{ApiError, ErrorCode};
 use crate::manifest::{parse_manifest, ParsedManifest};
@@ -35,7 +35,8 @@ pub(super) async fn get(ctx: &mut Ctx, name: &RepoName, reference: &str) -> ApiR
     headers.insert(header::ETAG, hv(format!("\"{}\"", manifest.digest)));
     headers.insert(HeaderName::from_static(DIGEST_HEADER), hv(manifest.digest.to_string()));
     if let Some(until) = manifest.serve_stale_until {
-        headers.insert(HeaderName::from_static(SERVE_STALE_UNTIL_HEADER), hv(until.to_string()));
+        let left = until.saturating_sub(super::unix_now());
+        headers.insert(HeaderName::from_static(SERVE_STALE_FOR_HEADER), hv(left.to_string()));
     }
     Ok(response)
 }

@@ -38,9 +38,15 @@ use route::{parse_route, Route};
 /// Header every `/v2/` response carries so Docker clients recognise the API.
 pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
 pub const DIGEST_HEADER: &str = "docker-content-digest";
-/// On an upstream tag's manifest: [`StoredManifest::serve_stale_until`](crate::store::StoredManifest),
-/// which agents keep with the tag.
-pub const SERVE_STALE_UNTIL_HEADER: &str = "shoal-serve-stale-until";
+/// On an upstream tag's manifest: the seconds left until
+/// [`StoredManifest::serve_stale_until`](crate::store::StoredManifest), which agents keep with
+/// the tag by their own clock (seconds left, not a time: nodes' clocks may disagree).
+pub const SERVE_STALE_FOR_HEADER: &str = "shoal-serve-stale-for";
+
+/// Seconds since the Unix epoch now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
 pub const UPLOAD_UUID_HEADER: &str = "docker-upload-uuid";
 pub const SUBJECT_HEADER: &str = "oci-subject";
 pub const FILTERS_APPLIED_HEADER: &str = "oci-filters-applied";
