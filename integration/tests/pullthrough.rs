@@ -614,15 +614,7 @@ async fn a_preheat_with_upstream_credentials_caches_nothing_for_other_clients() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hanging_upstream_still_has_its_stale_tags_served_through_agents() {
     skip_if_external!(SKIP);
-    let kind = ImageKind::Oci;
-    let config = Blob::config(kind.config_type());
-    let layer = Blob::random_layer(kind.layer_type(), 64 * 1024);
-    let value = oci::image_manifest_value(kind.manifest_type(), &config, std::slice::from_ref(&layer));
-    let manifest = Manifest::from_value(kind.manifest_type(), &value);
-    let (url, _gets) = slow_upstream_image(manifest.clone(), vec![config, layer], None).await;
-    let hang = Arc::new(AtomicBool::new(false));
-    let target: std::net::SocketAddr = url.trim_start_matches("http://").parse().expect("upstream address");
-    let proxy = hanging_proxy(target, hang.clone()).await;
+    let (manifest, proxy, hang) = hanging_image_upstream().await;
     let upstream = format!("[[upstream]]\nregistry = \"slow.test\"\nurl = \"{proxy}\"\ntag_ttl = \"1s\"\n");
     let cluster = Cluster::start_with_origin(1, &upstream, "").await;
     // Agents learn the upstream registries at start (every 2 s until an origin answers).
@@ -654,15 +646,7 @@ async fn a_hanging_upstream_still_has_its_stale_tags_served_through_agents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hanging_upstream_past_serve_stale_is_not_served_from_an_agents_memory() {
     skip_if_external!(SKIP);
-    let kind = ImageKind::Oci;
-    let config = Blob::config(kind.config_type());
-    let layer = Blob::random_layer(kind.layer_type(), 64 * 1024);
-    let value = oci::image_manifest_value(kind.manifest_type(), &config, std::slice::from_ref(&layer));
-    let manifest = Manifest::from_value(kind.manifest_type(), &value);
-    let (url, _gets) = slow_upstream_image(manifest.clone(), vec![config, layer], None).await;
-    let hang = Arc::new(AtomicBool::new(false));
-    let target: std::net::SocketAddr = url.trim_start_matches("http://").parse().expect("upstream address");
-    let proxy = hanging_proxy(target, hang.clone()).await;
+    let (manifest, proxy, hang) = hanging_image_upstream().await;
     let serve_stale = Duration::from_secs(3);
     let upstream = format!(
         "[[upstream]]\nregistry = \"slow.test\"\nurl = \"{proxy}\"\ntag_ttl = \"1s\"\nserve_stale = \"3s\"\n"
@@ -685,6 +669,21 @@ async fn a_hanging_upstream_past_serve_stale_is_not_served_from_an_agents_memory
     assert_ne!(r.status, StatusCode::OK, "the agent served its kept target past serve_stale");
     // By digest, what the node holds is served for good.
     client.get_manifest("slow.test/app", &manifest.digest).await.expect(StatusCode::OK);
+}
+
+/// An upstream holding one image (`app:v1`, its manifest returned) behind a proxy that hangs
+/// while the returned flag is set: the proxy's URL.
+async fn hanging_image_upstream() -> (Manifest, String, Arc<AtomicBool>) {
+    let kind = ImageKind::Oci;
+    let config = Blob::config(kind.config_type());
+    let layer = Blob::random_layer(kind.layer_type(), 64 * 1024);
+    let value = oci::image_manifest_value(kind.manifest_type(), &config, std::slice::from_ref(&layer));
+    let manifest = Manifest::from_value(kind.manifest_type(), &value);
+    let (url, _gets) = slow_upstream_image(manifest.clone(), vec![config, layer], None).await;
+    let hang = Arc::new(AtomicBool::new(false));
+    let target: std::net::SocketAddr = url.trim_start_matches("http://").parse().expect("upstream address");
+    let proxy = hanging_proxy(target, hang.clone()).await;
+    (manifest, proxy, hang)
 }
 
 /// A TCP proxy to `target` that, while `hang` is set, accepts connections and says nothing.

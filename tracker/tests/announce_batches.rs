@@ -176,12 +176,8 @@ async fn a_full_swarm_still_hands_out_peers() {
     assert_eq!(counter(&registry, "shoal_tracker_announces_total", Some("full")), 1);
 }
 
-/// A tracker full of digests still hands a downloader of a digest it does not know the
-/// origins' seeders, asking the origins about such digests at a bounded rate: those
-/// announces are not listed, so no quota charges them, and each asked of an origin would
-/// let anyone make the origins answer without end.
-#[tokio::test]
-async fn a_full_tracker_asks_the_origins_about_new_digests_at_a_bounded_rate() {
+/// An origin that answers every request 404 and counts them: its URL and the count.
+async fn counting_origin() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = calls.clone();
     let origin = axum::Router::new().fallback(move || {
@@ -191,6 +187,16 @@ async fn a_full_tracker_asks_the_origins_about_new_digests_at_a_bounded_rate() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let origin_url = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, origin).await });
+    (origin_url, calls)
+}
+
+/// A tracker full of digests still hands a downloader of a digest it does not know the
+/// origins' seeders, asking the origins about such digests at a bounded rate: those
+/// announces are not listed, so no quota charges them, and each asked of an origin would
+/// let anyone make the origins answer without end.
+#[tokio::test]
+async fn a_full_tracker_asks_the_origins_about_new_digests_at_a_bounded_rate() {
+    let (origin_url, calls) = counting_origin().await;
     let config = TrackerConfig { origins: vec![origin_url], max_digests: 10, ..TrackerConfig::default() };
     let (url, registry) = tracker_of(false, config).await;
     let tracker = client(vec![url]);
@@ -296,15 +302,7 @@ async fn refusals_come_before_the_body_and_bodies_are_bounded() {
 /// seeder lookups, not one per digest without end.
 #[tokio::test]
 async fn new_digests_and_their_stops_cost_the_origins_a_bounded_rate_of_lookups() {
-    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = calls.clone();
-    let origin = axum::Router::new().fallback(move || {
-        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        async { StatusCode::NOT_FOUND }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let origin_url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, origin).await });
+    let (origin_url, calls) = counting_origin().await;
     let config = TrackerConfig { origins: vec![origin_url], ..TrackerConfig::default() };
     let (url, _) = tracker_of(false, config).await;
     let tracker = client(vec![url]);
